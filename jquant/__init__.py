@@ -1,0 +1,1 @@
+"""jquant: quantization for diffusion transformers in JAX/Flax."""
