@@ -1,0 +1,121 @@
+"""The one place that decides how a (quantized) matmul runs.
+
+``linear(x, w, ...)`` contracts the last ``contract`` axes of ``x`` with the leading
+axes of ``w`` (Flax kernel layout (in..., out...)). Paths, in order of preference:
+
+1. Pallas GPU kernel (``pallas_kernels``) when on a GPU, the backend allows it and the
+   kernel supports the formats and shapes.
+2. XLA integer / fp8 path: int8 x int8 -> int32 (or fp8 x fp8 -> fp32) ``dot_general``
+   with the activation's per-token scale and the weight's per-channel scale applied
+   after, when both operands are 8-bit with scales constant along the contraction axis.
+3. XLA dequantize-then-dot: weight dequantized to the activation dtype (weight-only), and
+   for activation formats that cannot use (2) the activation is quantize-dequantized
+   first (numerically the quantized model; not faster).
+
+``JQUANT_BACKEND=xla|pallas|auto`` (environment) or the ``backend`` argument force a path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jquant.formats import QSpec
+from jquant.qarray import QArray, decode_scale, dequantize, quantize
+
+Array = jax.Array
+_INT8 = ("int8",)
+_FP8 = ("fp8_e4m3", "fp8_e5m2")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    env = os.environ.get("JQUANT_BACKEND", "").strip().lower()
+    b = env or backend
+    if b not in ("auto", "xla", "pallas"):
+        raise ValueError(f"JQUANT_BACKEND/backend must be auto, xla or pallas, got {b!r}")
+    return b
+
+
+def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray:
+    """Quantize activations [..., K]: dynamic per token, or with a static scale."""
+    if act_scale is not None:
+        spec = act if act.granularity == "tensor" else QSpec(act.fmt, "tensor", symmetric=act.symmetric, axis=-1)
+        return quantize(x, spec, scale=jnp.asarray(act_scale, jnp.float32).reshape((1,) * x.ndim))
+    if act.granularity != "token":
+        act = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1, scale_dtype=act.scale_dtype)
+    return quantize(x, act)
+
+
+def _weight_scale_row(w: QArray) -> Array | None:
+    """Per-output-channel scale [N] if ``w`` (2-D, (K, N)) has no scale variation along K."""
+    if w.ndim != 2 or w.zero_point is not None or w.scale.shape[0] != 1 or w.spec.scaling:
+        return None
+    return decode_scale(w)[0]
+
+
+def _int_path_ok(xq_fmt: str, w: QArray) -> bool:
+    same = (xq_fmt in _INT8 and w.spec.fmt in _INT8) or (xq_fmt in _FP8 and w.spec.fmt in _FP8)
+    return same and _weight_scale_row(w) is not None
+
+
+def linear(
+    x: Array,
+    w: QArray | Array,
+    *,
+    contract: int | None = 1,
+    act: QSpec | None = None,
+    act_scale: Array | None = None,
+    backend: str = "auto",
+) -> Array:
+    """``x [..., K...] @ w [K..., N...]`` with the fastest applicable quantized path."""
+    contract = contract or 1
+    out_dtype = x.dtype
+    if not isinstance(w, QArray):  # float layer (kept in float by the rules)
+        return _float_dot(x, w.astype(x.dtype), contract)
+    kshape = w.shape[:contract]
+    if tuple(x.shape[x.ndim - contract :]) != tuple(kshape):
+        raise ValueError(f"activation shape {x.shape} does not match kernel contraction dims {kshape}")
+    batch = x.shape[: x.ndim - contract]
+    feat = w.shape[contract:]
+    if contract != 1 or w.ndim != 2:  # multi-axis kernels: canonical 2-D float path
+        wf = dequantize(w, x.dtype).reshape(-1, math.prod(feat))
+        x2 = x.reshape(*batch, -1)
+        if act is not None:
+            x2 = dequantize(quantize_activation(x2, act, act_scale), x.dtype)
+        return (x2 @ wf).reshape(*batch, *feat)
+    b = resolve_backend(backend)
+    if b != "xla":
+        from pallas_kernels import dispatch as kd
+
+        y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=b == "pallas")
+        if y is not None:
+            return y
+    if act is None:
+        return x @ dequantize(w, x.dtype)
+    xq = quantize_activation(x, act, act_scale)
+    if _int_path_ok(act.fmt, w):
+        acc_t = jnp.int32 if act.fmt in _INT8 else jnp.float32
+        acc = jax.lax.dot_general(
+            xq.qvalue, w.qvalue, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_t
+        )
+        y = acc.astype(jnp.float32) * decode_scale(xq) * _weight_scale_row(w)
+        return y.astype(out_dtype)
+    return dequantize(xq, x.dtype) @ dequantize(w, x.dtype)
+
+
+def _float_dot(x: Array, w: Array, contract: int) -> Array:
+    nd = x.ndim
+    dims = ((tuple(range(nd - contract, nd)), tuple(range(contract))), ((), ()))
+    return jax.lax.dot_general(x, w, dims)
+
+
+def einsum(eq: str, x: Array, w: QArray | Array, *, act: QSpec | None = None, act_scale: Array | None = None) -> Array:
+    """Einsum layers: dequantize-then-einsum; activations quantize-dequantized per token."""
+    if isinstance(w, QArray):
+        w = dequantize(w, x.dtype)
+        if act is not None:
+            x = dequantize(quantize_activation(x, act, act_scale), x.dtype)
+    return jnp.einsum(eq, x, w.astype(x.dtype))

@@ -1,0 +1,245 @@
+"""Running unmodified Flax models with quantized weights (and activations).
+
+Interception, not editing: inside :func:`quantized` (or :func:`observe`), calls of
+``flax.linen.Dense / DenseGeneral / Einsum`` are intercepted with
+``flax.linen.intercept_methods`` and calls of ``flax.nnx.Linear / LinearGeneral /
+Einsum`` by swapping their ``__call__`` for the duration of the context. The
+replacement reads the layer's own kernel (a QArray or a float array) and bias and routes
+the matmul through :func:`jquant.dispatch.linear`, the one place that decides how a
+quantized matmul runs (XLA path or a Pallas kernel).
+
+Modes:
+  * weight-only (W*A16): ``act=None``.
+  * dynamic activations: ``act="int8/token"`` (or ``"fp8_e4m3/token"``).
+  * static activations: ``act="int8/t", static=True``; per-layer scales come from the
+    ``"jquant"`` variable collection (linen) or the ``aux`` mapping (NNX), entry
+    ``input_scale`` under the layer's module path.
+
+Per-layer auxiliary data (collection ``"jquant"`` / ``aux``), all optional:
+  ``input_scale`` static activation scale; ``input_mul`` per-input-channel multiplier
+  applied to x first (SmoothQuant/AWQ scales that could not be folded);
+  ``lowrank_a``/``lowrank_b`` a float low-rank branch ``(x @ A) @ B`` added to the output
+  (SVDQuant); ``hadamard`` online Hadamard on x (weights pre-rotated by H^T).
+Observers (calibration) see every intercepted layer's input, keyed by module path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jquant import dispatch
+from jquant.formats import QSpec, parse_spec
+from jquant.qarray import QArray, dequantize
+
+AUX_COLLECTION = "jquant"
+Observer = Callable[[str, jax.Array], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    act: QSpec | None = None
+    static: bool = False
+    backend: str = "auto"
+    aux: Mapping[str, Mapping[str, Any]] | None = None
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.config: QuantConfig | None = None
+        self.observers: list[Observer] = []
+        self.nnx_paths: dict[int, str] = {}
+
+
+_state = _State()
+
+
+# --- the replacement forward --------------------------------------------------------------
+def _aux_get(aux: Mapping[str, Any] | None, name: str):
+    return None if aux is None else aux.get(name)
+
+
+def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contract=None, einsum_str=None):
+    """Shared forward of every intercepted layer."""
+    cfg = _state.config or QuantConfig()
+    mul = _aux_get(aux, "input_mul")
+    if mul is not None:
+        x = x * mul.astype(x.dtype)
+    if _aux_get(aux, "hadamard") is not None:
+        from jquant.algorithms.hadamard import apply_hadamard
+
+        x = apply_hadamard(x, axis=-1).astype(x.dtype)
+    for obs in _state.observers:
+        obs(path, x)
+    if dtype is not None:
+        x = x.astype(dtype)
+    act_scale = _aux_get(aux, "input_scale") if cfg.static else None
+    if cfg.static and cfg.act is not None and act_scale is None and isinstance(kernel, QArray):
+        raise KeyError(f"{path}: static activation mode but no 'input_scale' in the {AUX_COLLECTION!r} collection/aux")
+    if einsum_str is not None:
+        y = dispatch.einsum(einsum_str, x, kernel, act=cfg.act, act_scale=act_scale)
+    else:
+        y = dispatch.linear(x, kernel, contract=contract, act=cfg.act, act_scale=act_scale, backend=cfg.backend)
+    a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
+    if a is not None:
+        xl = x.reshape(*x.shape[: x.ndim - (contract or 1)], -1)
+        y = y + ((xl @ a.astype(x.dtype)) @ b.astype(x.dtype)).reshape(y.shape)
+    if bias is not None:
+        bias = dequantize(bias).astype(y.dtype)
+        y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    return y
+
+
+def _active() -> bool:
+    return _state.config is not None or bool(_state.observers)
+
+
+# --- linen ----------------------------------------------------------------------------------
+def _linen_aux(module: nn.Module) -> dict | None:
+    if not module.has_variable(AUX_COLLECTION, "input_scale") and not any(
+        module.has_variable(AUX_COLLECTION, k) for k in ("input_mul", "lowrank_a", "hadamard")
+    ):
+        return None
+    names = ("input_scale", "input_mul", "lowrank_a", "lowrank_b", "hadamard")
+    return {k: module.get_variable(AUX_COLLECTION, k) for k in names if module.has_variable(AUX_COLLECTION, k)}
+
+
+def _linen_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        return next_fun(*args, **kwargs)
+    if not _active() or module.is_initializing() or not module.has_variable("params", "kernel"):
+        return next_fun(*args, **kwargs)
+    kernel = module.get_variable("params", "kernel")
+    aux = _linen_aux(module)
+    if not isinstance(kernel, QArray) and aux is None and _state.config is None and not _state.observers:
+        return next_fun(*args, **kwargs)
+    path = "/".join(module.scope.path)
+    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+    x = args[0] if args else kwargs["inputs"]
+    if isinstance(module, nn.Einsum):
+        eq = (args[1] if len(args) > 1 else kwargs.get("einsum_str")) or module.einsum_str
+        return _run_linear(path, x, kernel, bias, aux, dtype=module.dtype, einsum_str=eq.replace(" ", ""))
+    contract = 1
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        if module.batch_dims:
+            raise ValueError(f"{path}: quantized DenseGeneral with batch_dims is not supported")
+        nd = x.ndim
+        axis = tuple(sorted(a % nd for a in axis))
+        if axis != tuple(range(nd - len(axis), nd)):
+            x = jnp.moveaxis(x, axis, tuple(range(nd - len(axis), nd)))
+        contract = len(axis)
+    return _run_linear(path, x, kernel, bias, aux, dtype=module.dtype, contract=contract)
+
+
+# --- nnx --------------------------------------------------------------------------------------
+def _nnx_value(v):
+    if v is None:
+        return None
+    return v.get_value() if hasattr(v, "get_value") else v.value
+
+
+def _nnx_forward(cls_call):
+    def call(self, inputs, *args, **kwargs):
+        kernel = _nnx_value(self.kernel)
+        path = _state.nnx_paths.get(id(self), "")
+        cfg = _state.config
+        aux = None if cfg is None or cfg.aux is None else cfg.aux.get(path)
+        if not isinstance(kernel, QArray) and aux is None and cfg is None and not _state.observers:
+            return cls_call(self, inputs, *args, **kwargs)
+        bias = _nnx_value(getattr(self, "bias", None))
+        if isinstance(self, nnx.Einsum):
+            eq = (args[0] if args else kwargs.get("einsum_str")) or self.einsum_str
+            return _run_linear(path, inputs, kernel, bias, aux, dtype=self.dtype, einsum_str=eq.replace(" ", ""))
+        contract = 1
+        if isinstance(self, nnx.LinearGeneral):
+            axis = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+            contract = len(axis)
+            nd = inputs.ndim
+            axis = tuple(sorted(a % nd for a in axis))
+            if axis != tuple(range(nd - contract, nd)):
+                inputs = jnp.moveaxis(inputs, axis, tuple(range(nd - contract, nd)))
+        return _run_linear(path, inputs, kernel, bias, aux, dtype=self.dtype, contract=contract)
+
+    return call
+
+
+_NNX_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+@contextlib.contextmanager
+def _nnx_patched(model: nnx.Module | None) -> Iterator[None]:
+    originals = {cls: cls.__call__ for cls in _NNX_CLASSES}
+    paths = dict(_state.nnx_paths)
+    if model is not None:
+        for p, node in nnx.iter_graph(model):
+            if isinstance(node, _NNX_CLASSES):
+                _state.nnx_paths[id(node)] = "/".join(str(k) for k in p)
+    try:
+        for cls, orig in originals.items():
+            cls.__call__ = _nnx_forward(orig)
+        yield
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+        _state.nnx_paths = paths
+
+
+# --- public contexts ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def quantized(
+    act: QSpec | str | None = None,
+    *,
+    static: bool = False,
+    backend: str = "auto",
+    aux: Mapping[str, Mapping[str, Any]] | None = None,
+    nnx_model: nnx.Module | None = None,
+) -> Iterator[QuantConfig]:
+    """Run models inside this context with quantized matmuls (see module docstring).
+
+    ``nnx_model`` names the NNX model whose layer paths key ``aux`` and observers.
+    """
+    if backend not in ("auto", "xla", "pallas"):
+        raise ValueError(f"backend must be 'auto', 'xla' or 'pallas', got {backend!r}")
+    cfg = QuantConfig(None if act is None else parse_spec(act), static, backend, aux)
+    if cfg.act is not None and cfg.static and cfg.act.dynamic:
+        raise ValueError(f"static activation mode needs a static granularity (e.g. 'int8/t'), got {cfg.act}")
+    prev = _state.config
+    _state.config = cfg
+    try:
+        with nn.intercept_methods(_linen_interceptor), _nnx_patched(nnx_model):
+            yield cfg
+    finally:
+        _state.config = prev
+
+
+@contextlib.contextmanager
+def observe(fn: Observer, *, nnx_model: nnx.Module | None = None) -> Iterator[None]:
+    """Call ``fn(path, x)`` with the input of every Dense/Linear layer that runs inside."""
+    _state.observers.append(fn)
+    try:
+        with nn.intercept_methods(_linen_interceptor), _nnx_patched(nnx_model):
+            yield
+    finally:
+        _state.observers.remove(fn)
+
+
+def apply(model: nn.Module, variables: Mapping, *args, act=None, static: bool = False, backend: str = "auto", **kwargs):
+    """``model.apply(variables, *args, **kwargs)`` with quantized execution (linen)."""
+    with quantized(act, static=static, backend=backend):
+        return model.apply(variables, *args, **kwargs)
+
+
+def nnx_apply(graphdef, state, *args, act=None, static: bool = False, backend: str = "auto", aux=None, **kwargs):
+    """Merge an NNX (graphdef, state) and call it with quantized execution; jit-friendly."""
+    model = nnx.merge(graphdef, state)
+    with quantized(act, static=static, backend=backend, aux=aux, nnx_model=model):
+        return model(*args, **kwargs)

@@ -1,0 +1,334 @@
+"""QArray: the one quantized array type, and quantize / dequantize / fake_quant.
+
+A QArray is a registered pytree. Its children are arrays (codes, scales, optional zero
+points, an optional second-level tensor scale); its static metadata is the QSpec, the
+logical dtype and the packing padding. The logical shape is *derived* from the children
+(the block shape is ``logical_shape // scale.shape``), so a QArray stacked along new
+leading axes (vmap, scan over layers) stays valid with no metadata change.
+
+Layouts:
+  * int/uint codes are int8/uint8; fp8 codes are float8 arrays.
+  * 4-bit codes (int4, uint4, int3, nf4, fp4) are packed two per byte, and 2-bit codes
+    four per byte, along the contraction axis: element ``2j`` in the low nibble of byte
+    ``j``, element ``2j+1`` in the high nibble (nibbles hold the two's-complement code).
+  * GGUF codec formats store raw ggml blocks, contraction axis moved last:
+    ``uint8[..., n_blocks, block_bytes]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.formats import FORMATS, SCALE_DTYPES, QSpec, parse_spec
+
+Array = jax.Array
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class QArray:
+    """Packed values + scales (+ zero points) + static metadata."""
+
+    qvalue: Array
+    scale: Array | None
+    zero_point: Array | None = None
+    scale2: Array | None = None  # NVFP4 per-tensor fp32 scale
+    spec: QSpec = dataclasses.field(default=None)  # static
+    dtype: Any = jnp.float32  # static: logical dtype
+    pad: int = 0  # static: padding added along the packed axis
+
+    def tree_flatten(self):
+        return (self.qvalue, self.scale, self.zero_point, self.scale2), (self.spec, jnp.dtype(self.dtype).name, self.pad)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        spec, dtype, pad = aux
+        return cls(*children, spec=spec, dtype=jnp.dtype(dtype), pad=pad)
+
+    # --- shape ---------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical (unquantized) shape."""
+        s = list(self.qvalue.shape)
+        if self.spec.fmt not in FORMATS:  # codec blocks: [..., nb, bytes] with axis moved last
+            from jquant.algorithms.kquants import CODECS
+
+            codec = CODECS[self.spec.fmt]
+            s = s[:-2] + [s[-2] * codec.block_elems]
+            a = self.spec.contraction_axis(len(s))
+            s.insert(a, s.pop(-1))
+            return tuple(s)
+        if self.spec.packed:
+            a = self.spec.contraction_axis(len(s))
+            s[a] = s[a] * (8 // self.spec.format.bits) - self.pad
+        return tuple(s)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Real storage footprint in bytes: codes plus scales, zero points and tensor scale."""
+        return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in self.tree_flatten()[0] if x is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(self.size, 1)
+
+    def dequantize(self, dtype=None) -> Array:
+        return dequantize(self, dtype)
+
+    def __repr__(self) -> str:
+        return f"QArray({self.spec}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, nbytes={self.nbytes})"
+
+
+# --- packing --------------------------------------------------------------------------
+def pack(codes: Array, bits: int, axis: int) -> tuple[Array, int]:
+    """Pack 4- or 2-bit codes (int8/uint8, two's complement) into uint8 along ``axis``."""
+    per = 8 // bits
+    codes = jnp.moveaxis(codes, axis, -1)
+    n = codes.shape[-1]
+    pad = (-n) % per
+    if pad:
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    u = codes.astype(jnp.uint8) & jnp.uint8(2**bits - 1)
+    u = u.reshape(*u.shape[:-1], -1, per)
+    out = u[..., 0]
+    for i in range(1, per):
+        out = out | (u[..., i] << jnp.uint8(bits * i))
+    return jnp.moveaxis(out, -1, axis), pad
+
+
+def unpack(packed: Array, bits: int, axis: int, pad: int, signed: bool) -> Array:
+    """Inverse of :func:`pack`: int8 codes (sign-extended when ``signed``) or uint8."""
+    per = 8 // bits
+    p = jnp.moveaxis(packed, axis, -1)
+    mask = jnp.uint8(2**bits - 1)
+    parts = [(p >> jnp.uint8(bits * i)) & mask for i in range(per)]
+    u = jnp.stack(parts, axis=-1).reshape(*p.shape[:-1], -1)
+    if pad:
+        u = u[..., : u.shape[-1] - pad]
+    if signed:  # sign-extend from `bits`
+        shift = 8 - bits
+        u = (u.astype(jnp.int8) << shift) >> shift
+    return jnp.moveaxis(u, -1, axis)
+
+
+# --- block helpers ----------------------------------------------------------------------
+def _blocked(x: Array, block: tuple[int, ...]) -> Array:
+    """Reshape [s0, s1, ...] -> [s0/b0, b0, s1/b1, b1, ...]."""
+    new = []
+    for s, b in zip(x.shape, block):
+        new += [s // b, b]
+    return x.reshape(new)
+
+
+def _block_reduce(x: Array, block: tuple[int, ...], fn) -> Array:
+    xb = _blocked(x, block)
+    return fn(xb, axis=tuple(range(1, xb.ndim, 2)))
+
+
+def _broadcast_blocks(s: Array, shape: tuple[int, ...]) -> Array:
+    """Expand a per-block array [n0, n1, ...] to [n0, b0, n1, b1, ...] for broadcasting."""
+    new = []
+    for n in s.shape:
+        new += [n, 1]
+    del shape
+    return s.reshape(new)
+
+
+def _apply_blocks(x: Array, s: Array, op) -> Array:
+    """op(x, scale-broadcast-to-x) for per-block scales, returning x's shape."""
+    block = tuple(a // b for a, b in zip(x.shape, s.shape))
+    out = op(_blocked(x, block), _broadcast_blocks(s, x.shape))
+    return out.reshape(x.shape)
+
+
+def _nearest_code(y: Array, table: tuple[float, ...]) -> Array:
+    """Index of the nearest table value (ties to the lower value), as uint8."""
+    order = np.argsort(table, kind="stable")
+    vals = np.asarray(table, np.float32)[order]
+    mids = jnp.asarray((vals[1:] + vals[:-1]) / 2)
+    idx = jnp.searchsorted(mids, y, side="left")
+    return jnp.asarray(order.astype(np.uint8))[idx]
+
+
+def _check_finite(x: Array, path: str) -> None:
+    if isinstance(x, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(x))):
+        n = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(f"{path or 'array'}: {n} NaN/Inf value(s); refusing to quantize")
+
+
+# --- quantize / dequantize ---------------------------------------------------------------
+def compute_scales(x: Array, spec: QSpec, block: tuple[int, ...]) -> tuple[Array, Array | None, Array | None]:
+    """(scale, zero_point, scale2) for ``x`` under ``spec`` with the resolved block shape."""
+    f = spec.format
+    xf = x.astype(jnp.float32)
+    sdt = SCALE_DTYPES[spec.scale_dtype]
+    tiny = jnp.float32(1e-12)
+    if f.kind == "int" and not spec.symmetric:
+        lo = jnp.minimum(_block_reduce(xf, block, jnp.min), 0.0)
+        hi = jnp.maximum(_block_reduce(xf, block, jnp.max), 0.0)
+        scale = jnp.maximum((hi - lo) / f.qmax, tiny).astype(sdt)
+        zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, f.qmax).astype(jnp.uint8)
+        return scale, zero, None
+    amax = _block_reduce(jnp.abs(xf), block, jnp.max)
+    if spec.scaling == "mx":  # e8m0: 2^(floor(log2 amax) - emax(e2m1)=2), stored as biased exponent
+        e = jnp.floor(jnp.log2(jnp.maximum(amax, 2.0**-127))) - 2
+        return jnp.clip(e + 127, 0, 254).astype(jnp.uint8), None, None
+    if spec.scaling == "nv":  # e4m3 block scale relative to an fp32 tensor scale
+        s2 = jnp.maximum(jnp.max(amax) / (6.0 * 448.0), tiny)
+        bs = (amax / 6.0 / s2).astype(jnp.float8_e4m3fn)
+        bs = jnp.where(bs.astype(jnp.float32) == 0, jnp.float8_e4m3fn(2.0**-9), bs)
+        return bs, None, s2.astype(jnp.float32)
+    scale = jnp.maximum(amax / f.qmax, tiny).astype(sdt)
+    return scale, None, None
+
+
+def decode_scale(q: QArray) -> Array:
+    """Per-block multiplicative scale in fp32 (decodes e8m0 / e4m3 block scales)."""
+    if q.spec.scaling == "mx":
+        return jnp.exp2(q.scale.astype(jnp.float32) - 127.0)
+    s = q.scale.astype(jnp.float32)
+    if q.scale2 is not None:
+        s = s * q.scale2
+    return s
+
+
+def encode(x: Array, scale: Array, zero: Array | None, spec: QSpec) -> Array:
+    """Unpacked codes of ``x`` given per-block fp32 ``scale`` (and ``zero``)."""
+    f = spec.format
+    y = _apply_blocks(x.astype(jnp.float32), scale, lambda a, s: a / s)
+    if f.kind == "int":
+        if zero is not None:
+            y = _apply_blocks(y, zero.astype(jnp.float32), lambda a, z: a + z)
+        return jnp.clip(jnp.round(y), f.qmin, f.qmax).astype(f.storage)
+    if f.kind == "float":
+        return jnp.clip(y, -f.qmax, f.qmax).astype(f.storage)
+    return _nearest_code(jnp.clip(y, -f.qmax, f.qmax), f.table)
+
+
+def decode(codes: Array, scale: Array, zero: Array | None, spec: QSpec, dtype=jnp.float32) -> Array:
+    """Inverse of :func:`encode` (codes unpacked, ``scale`` decoded to fp32)."""
+    f = spec.format
+    if f.kind == "table":
+        y = jnp.asarray(np.asarray(f.table, np.float32))[codes.astype(jnp.int32)]
+    else:
+        y = codes.astype(jnp.float32)
+    if zero is not None:
+        y = _apply_blocks(y, zero.astype(jnp.float32), lambda a, z: a - z)
+    return _apply_blocks(y, scale, lambda a, s: a * s).astype(dtype)
+
+
+def quantize(x: Array, spec: QSpec | str, *, path: str = "", scale: Array | None = None) -> QArray:
+    """Quantize ``x`` to a QArray.
+
+    Args:
+      x: floating array (the dtype is kept as the QArray's logical dtype).
+      spec: a QSpec or spec string.
+      path: param path, used in error messages.
+      scale: optional precomputed per-block scale (static activation scales, clipping
+        searches); for asymmetric specs a zero point is still derived from the data.
+    """
+    spec = parse_spec(spec)
+    x = jnp.asarray(x)
+    where = f"{path}: " if path else ""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{where}can only quantize floating arrays, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{where}cannot quantize a scalar")
+    _check_finite(x, path)
+    if spec.fmt not in FORMATS:
+        return _quantize_codec(x, spec, path)
+    block = spec.block_shape(x.shape, path)
+    s, z, s2 = compute_scales(x, spec, block)
+    if scale is not None:
+        s = jnp.broadcast_to(jnp.asarray(scale), s.shape).astype(s.dtype)
+    q = QArray(None, s, z, s2, spec=spec, dtype=x.dtype)
+    codes = encode(x, decode_scale(q), z, spec)
+    pad = 0
+    if spec.packed:
+        codes, pad = pack(codes, spec.format.bits, spec.contraction_axis(x.ndim))
+    return QArray(codes, s, z, s2, spec=spec, dtype=x.dtype, pad=pad)
+
+
+def codes(q: QArray) -> Array:
+    """Unpacked codes of a QArray (int8/uint8/float8), logical shape."""
+    if not q.spec.packed:
+        return q.qvalue
+    f = q.spec.format
+    signed = f.kind == "int" and f.signed
+    return unpack(q.qvalue, f.bits, q.spec.contraction_axis(q.qvalue.ndim), q.pad, signed)
+
+
+def dequantize(q: QArray | Array, dtype=None) -> Array:
+    """Float array of a QArray's logical shape (plain arrays pass through)."""
+    if not isinstance(q, QArray):
+        return q if dtype is None else jnp.asarray(q).astype(dtype)
+    dtype = q.dtype if dtype is None else dtype
+    if q.spec.fmt not in FORMATS:
+        return _dequantize_codec(q, dtype)
+    return decode(codes(q), decode_scale(q), q.zero_point, q.spec, dtype)
+
+
+@jax.custom_vjp
+def _ste(x: Array, xq: Array) -> Array:
+    return xq
+
+
+def _ste_fwd(x, xq):
+    return xq, None
+
+
+def _ste_bwd(_, g):
+    return g, None
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def fake_quant(x: Array, spec: QSpec | str) -> Array:
+    """Quantize-dequantize ``x`` with a straight-through (identity) gradient, for QAT."""
+    spec = parse_spec(spec)
+    xq = jax.lax.stop_gradient(dequantize(quantize(x, spec), x.dtype))
+    return _ste(x, xq)
+
+
+# --- GGUF block codecs -------------------------------------------------------------------
+def _quantize_codec(x: Array, spec: QSpec, path: str) -> QArray:
+    from jquant.algorithms.kquants import CODECS
+
+    codec = CODECS[spec.fmt]
+    a = spec.contraction_axis(x.ndim, path)
+    xm = np.moveaxis(np.asarray(x, np.float32), a, -1)
+    if xm.shape[-1] % codec.block_elems:
+        raise ValueError(
+            f"{path or 'array'}: {spec.fmt} needs the contraction axis (size {xm.shape[-1]}) to be a multiple of {codec.block_elems}"
+        )
+    blocks = codec.encode(xm)
+    return QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype)
+
+
+def _dequantize_codec(q: QArray, dtype) -> Array:
+    from jquant.algorithms.kquants import CODECS
+
+    codec = CODECS[q.spec.fmt]
+    y = codec.decode(q.qvalue)
+    return jnp.moveaxis(y, -1, q.spec.contraction_axis(y.ndim)).astype(dtype)
+
+
+def is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)

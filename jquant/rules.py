@@ -1,0 +1,156 @@
+"""Rule-based quantization of a param tree.
+
+A rule list is an ordered list of ``(regex, spec_or_None)``; the first regex that
+``re.search``-matches a leaf's '/'-joined path decides it (None keeps it in float).
+Before the user's rules, defaults skip what is not a matmul weight: norms, biases,
+embedding tables and anything that is not a floating array of rank >= 2.
+Works on any pytree: linen variables, plain dicts, ``nnx.State``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jquant.formats import QSpec, parse_spec
+from jquant.qarray import QArray, quantize
+
+Rule = tuple[str, "QSpec | str | None"]
+
+# Leaves never quantized unless a rule names them explicitly with `force=True` semantics
+# (see `default_skip`): norms, biases, embedding tables, scalars/vectors.
+DEFAULT_SKIP = (r"(^|/)(bias|scale|embedding)$", r"norm", r"(^|/)(scale_shift_table|pos_embed)")
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'/'-joined string of a jax key path (dict keys, attributes, indices, nnx paths)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name in ("value", "raw_value"):  # nnx Variable payload
+                continue
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(getattr(k, "key", k)))
+    return "/".join(parts)
+
+
+def flatten_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """(path string, leaf) pairs; QArrays count as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def map_with_paths(fn, tree: Any) -> Any:
+    """Like ``jax.tree.map`` but ``fn(path_string, leaf)``; QArrays are leaves."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(path_str(p), x), tree, is_leaf=lambda x: isinstance(x, QArray)
+    )
+
+
+def is_matmul_weight(path: str, leaf: Any) -> bool:
+    """Default eligibility: floating, rank >= 2, not a norm/bias/embedding table."""
+    if isinstance(leaf, QArray) or not hasattr(leaf, "ndim") or leaf.ndim < 2:
+        return False
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return False
+    return not any(re.search(p, path) for p in DEFAULT_SKIP)
+
+
+def resolve(path: str, leaf: Any, rules: Iterable[Rule]) -> QSpec | None:
+    """The spec the first matching rule gives an eligible leaf, else None."""
+    if not is_matmul_weight(path, leaf):
+        return None
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return None if spec is None else parse_spec(spec)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    path: str
+    shape: tuple[int, ...]
+    spec: str  # "-" when kept in float
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Per-leaf record of what quantize_params did; prints as a table."""
+
+    rows: tuple[LeafReport, ...]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "leaves": [dataclasses.asdict(r) for r in self.rows],
+        }
+
+    def table(self, only_quantized: bool = False) -> str:
+        rows = [r for r in self.rows if r.spec != "-" or not only_quantized]
+        w = max([len(r.path) for r in rows] + [4])
+        lines = [f"{'path':<{w}}  {'shape':<16} {'spec':<14} {'before':>12} {'after':>12}"]
+        for r in rows:
+            lines.append(f"{r.path:<{w}}  {str(r.shape):<16} {r.spec:<14} {r.bytes_before:>12,} {r.bytes_after:>12,}")
+        ratio = self.bytes_after / max(self.bytes_before, 1)
+        lines.append(f"{'total':<{w}}  {'':<16} {'':<14} {self.bytes_before:>12,} {self.bytes_after:>12,}  ({ratio:.3f}x)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def leaf_nbytes(x: Any) -> int:
+    if isinstance(x, QArray):
+        return x.nbytes
+    return int(x.size) * jnp.dtype(x.dtype).itemsize if hasattr(x, "dtype") else 0
+
+
+def quantize_params(params: Any, rules: Sequence[Rule] | QSpec | str) -> tuple[Any, Report]:
+    """Quantize every leaf a rule assigns a spec to; returns (new tree, report).
+
+    ``rules`` may be a single spec (applied to every eligible leaf) or an ordered rule
+    list. Errors (NaN/Inf, indivisible groups, bad dtype) name the leaf's path.
+    """
+    if isinstance(rules, (str, QSpec)):
+        rules = [(".*", rules)]
+    rules = [(p, None if s is None else parse_spec(s)) for p, s in rules]
+    for p, _ in rules:
+        re.compile(p)
+    rows: list[LeafReport] = []
+
+    def one(path: str, leaf: Any) -> Any:
+        spec = resolve(path, leaf, rules)
+        before = leaf_nbytes(leaf)
+        if spec is None:
+            rows.append(LeafReport(path, tuple(getattr(leaf, "shape", ())), "-", before, before))
+            return leaf
+        q = quantize(leaf, spec, path=path)
+        rows.append(LeafReport(path, tuple(leaf.shape), str(spec), before, q.nbytes))
+        return q
+
+    out = map_with_paths(one, params)
+    return out, Report(tuple(rows))
+
+
+def count_quantized(tree: Any) -> int:
+    return sum(isinstance(x, QArray) for _, x in flatten_with_paths(tree))
