@@ -1,0 +1,47 @@
+"""Flax linen ports of diffusion transformers (Wan2.1, Flux, DiT) that load diffusers checkpoints.
+
+    model, params = models.load_pretrained("path/to/transformer", dtype=jnp.bfloat16)
+    out = model.apply({"params": params}, *inputs)
+"""
+
+from models.attention import apply_rope, attention
+from models.dit import DiTConfig, DiTTransformer2D
+from models.flux import FluxConfig, FluxTransformer2D
+from models.loading import (
+    PORTS,
+    CheckpointMismatchError,
+    init_params,
+    layer_roles,
+    load_pretrained,
+    param_shapes,
+    port_for_class,
+    port_for_config,
+    read_config,
+    save_pretrained,
+)
+from models.port import param_count
+from models.roles import ROLES
+from models.wan import WanConfig, WanTransformer3D
+
+__all__ = [
+    "PORTS",
+    "ROLES",
+    "CheckpointMismatchError",
+    "DiTConfig",
+    "DiTTransformer2D",
+    "FluxConfig",
+    "FluxTransformer2D",
+    "WanConfig",
+    "WanTransformer3D",
+    "apply_rope",
+    "attention",
+    "init_params",
+    "layer_roles",
+    "load_pretrained",
+    "param_count",
+    "param_shapes",
+    "port_for_class",
+    "port_for_config",
+    "read_config",
+    "save_pretrained",
+]

@@ -1,0 +1,65 @@
+"""Layer roles: labels on every linear kernel, so quantization recipes can target layer kinds.
+
+Each port lists (regex over the module path, roles) rules; `assign_roles` unions the roles of
+every matching rule and refuses a kernel that no rule covers, so a new layer cannot silently
+go unlabelled.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from flax import traverse_util
+
+ROLES: frozenset[str] = frozenset(
+    {
+        "attn.qkv",  # query/key/value projections
+        "attn.out",  # attention output projection
+        "cross_attn",  # any projection of a cross-attention layer
+        "cross_attn.kv",  # key/value projections of the conditioning (text/image) side
+        "ffn.up",
+        "ffn.down",
+        "modulation",  # produces adaLN shift/scale/gate vectors
+        "embedder",  # patch, timestep, text, class, pooled-text embedders
+        "final",  # output head
+        "double_stream",  # Flux MM-DiT blocks (separate text and image weights)
+        "single_stream",  # Flux single-stream blocks (shared weights over text+image)
+        "self_attn",
+        "temporal",  # mixes tokens across frames (Wan's space-time self-attention)
+        "text_fusion",  # where text and image/video tokens meet
+    }
+)
+
+RoleRules = Sequence[tuple[str, tuple[str, ...]]]
+
+
+def kernel_paths(params: Any) -> list[str]:
+    """'/'-joined paths of every Dense kernel (leaves named 'kernel') in a param tree."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return [path for path in flat if path.rsplit("/", 1)[-1] == "kernel"]
+
+
+def assign_roles(params: Any, rules: RoleRules) -> dict[str, tuple[str, ...]]:
+    """Map each kernel path to the union of roles of the rules whose regex fully matches its
+    module path (the kernel path without '/kernel'). Raises if a kernel matches no rule."""
+    compiled = []
+    for pattern, roles in rules:
+        bad = set(roles) - ROLES
+        if bad:
+            raise ValueError(f"rule {pattern!r}: unknown roles {sorted(bad)}; vocabulary: {sorted(ROLES)}")
+        compiled.append((re.compile(pattern), roles))
+    out: dict[str, tuple[str, ...]] = {}
+    unlabelled = []
+    for path in kernel_paths(params):
+        module_path = path[: -len("/kernel")]
+        roles: list[str] = []
+        for regex, rule_roles in compiled:
+            if regex.fullmatch(module_path):
+                roles.extend(r for r in rule_roles if r not in roles)
+        if not roles:
+            unlabelled.append(path)
+        out[path] = tuple(roles)
+    if unlabelled:
+        raise ValueError(f"no layer role for kernels: {unlabelled}")
+    return out
