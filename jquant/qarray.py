@@ -42,14 +42,16 @@ class QArray:
     spec: QSpec = dataclasses.field(default=None)  # static
     dtype: Any = jnp.float32  # static: logical dtype
     pad: int = 0  # static: padding added along the packed axis
+    axis: int = -2  # static: contraction axis counted from the end (stable under stacking)
 
     def tree_flatten(self):
-        return (self.qvalue, self.scale, self.zero_point, self.scale2), (self.spec, jnp.dtype(self.dtype).name, self.pad)
+        aux = (self.spec, jnp.dtype(self.dtype).name, self.pad, self.axis)
+        return (self.qvalue, self.scale, self.zero_point, self.scale2), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        spec, dtype, pad = aux
-        return cls(*children, spec=spec, dtype=jnp.dtype(dtype), pad=pad)
+        spec, dtype, pad, axis = aux
+        return cls(*children, spec=spec, dtype=jnp.dtype(dtype), pad=pad, axis=axis)
 
     # --- shape ---------------------------------------------------------------------
     @property
@@ -65,12 +67,11 @@ class QArray:
 
             codec = CODECS[self.spec.fmt]
             s = s[:-2] + [s[-2] * codec.block_elems]
-            a = self.spec.contraction_axis(len(s))
-            s.insert(a, s.pop(-1))
+            last = s.pop(-1)
+            s.insert(len(s) + 1 + self.axis, last)
             return tuple(s)
         if self.spec.packed:
-            a = self.spec.contraction_axis(len(s))
-            s[a] = s[a] * (8 // self.spec.format.bits) - self.pad
+            s[self.axis] = s[self.axis] * (8 // self.spec.format.bits) - self.pad
         return tuple(s)
 
     @property
@@ -257,12 +258,18 @@ def quantize(x: Array, spec: QSpec | str, *, path: str = "", scale: Array | None
     s, z, s2 = compute_scales(x, spec, block)
     if scale is not None:
         s = jnp.broadcast_to(jnp.asarray(scale), s.shape).astype(s.dtype)
-    q = QArray(None, s, z, s2, spec=spec, dtype=x.dtype)
-    codes = encode(x, decode_scale(q), z, spec)
+    axis = spec.contraction_axis(x.ndim, path) - x.ndim
+    q = QArray(None, s, z, s2, spec=spec, dtype=x.dtype, axis=axis)
+    return from_codes(encode(x, decode_scale(q), z, spec), s, z, s2, spec, x.dtype)
+
+
+def from_codes(codes: Array, scale: Array, zero: Array | None, scale2: Array | None, spec: QSpec, dtype) -> QArray:
+    """Build a QArray from unpacked codes (packs 4/2-bit codes along the contraction axis)."""
+    axis = spec.contraction_axis(codes.ndim) - codes.ndim
     pad = 0
     if spec.packed:
-        codes, pad = pack(codes, spec.format.bits, spec.contraction_axis(x.ndim))
-    return QArray(codes, s, z, s2, spec=spec, dtype=x.dtype, pad=pad)
+        codes, pad = pack(codes, spec.format.bits, axis)
+    return QArray(codes, scale, zero, scale2, spec=spec, dtype=dtype, pad=pad, axis=axis)
 
 
 def codes(q: QArray) -> Array:
@@ -271,7 +278,7 @@ def codes(q: QArray) -> Array:
         return q.qvalue
     f = q.spec.format
     signed = f.kind == "int" and f.signed
-    return unpack(q.qvalue, f.bits, q.spec.contraction_axis(q.qvalue.ndim), q.pad, signed)
+    return unpack(q.qvalue, f.bits, q.axis, q.pad, signed)
 
 
 def dequantize(q: QArray | Array, dtype=None) -> Array:
@@ -319,7 +326,7 @@ def _quantize_codec(x: Array, spec: QSpec, path: str) -> QArray:
             f"{path or 'array'}: {spec.fmt} needs the contraction axis (size {xm.shape[-1]}) to be a multiple of {codec.block_elems}"
         )
     blocks = codec.encode(xm)
-    return QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype)
+    return QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype, axis=a - x.ndim)
 
 
 def _dequantize_codec(q: QArray, dtype) -> Array:
@@ -327,7 +334,7 @@ def _dequantize_codec(q: QArray, dtype) -> Array:
 
     codec = CODECS[q.spec.fmt]
     y = codec.decode(q.qvalue)
-    return jnp.moveaxis(y, -1, q.spec.contraction_axis(y.ndim)).astype(dtype)
+    return jnp.moveaxis(y, -1, q.axis).astype(dtype)
 
 
 def is_qarray(x: Any) -> bool:

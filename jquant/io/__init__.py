@@ -1,0 +1,1 @@
+"""Checkpoints (orbax), safetensors and GGUF."""
