@@ -45,6 +45,13 @@ def test_every_dit_width_has_an_exact_construction(n):
     assert had.hadamard_construction(n) == WIDTH_CONSTRUCTIONS[n]
 
 
+@pytest.mark.parametrize("n", [384, 768, 1920, 2560, 4608, 6144, 7680, 9216, 10240, 14336])
+def test_other_transformer_widths_are_exact_too(n):
+    plan = had.hadamard_plan(n)
+    assert plan.exact and plan.block_orders == (n,)
+    assert "fallback" not in had.hadamard_construction(n)
+
+
 @pytest.mark.parametrize("n", SMALL_WIDTHS)
 def test_dense_matrix_is_orthogonal_with_entries_pm_inv_sqrt_n(n):
     h = np.asarray(had.hadamard_matrix(n, jnp.float32))
@@ -55,9 +62,9 @@ def test_dense_matrix_is_orthogonal_with_entries_pm_inv_sqrt_n(n):
     s = np.sign(h)
     gram = (s @ s.T).astype(np.float64) * np.float64(r) ** 2
     np.testing.assert_allclose(gram, np.eye(n), rtol=0, atol=1e-6)
-    # And the plain fp32 product (its error is the accumulation's, not the matrix's).
-    g32 = _dense(jnp.asarray(h), jnp.asarray(h).T)
-    chex.assert_trees_all_close(g32, jnp.eye(n), atol=1e-5, rtol=0)
+    if n <= 2048:  # the plain fp32 product too (its error is the accumulation's)
+        g32 = _dense(jnp.asarray(h), jnp.asarray(h).T)
+        chex.assert_trees_all_close(g32, jnp.eye(n), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("n", LARGE_WIDTHS)
@@ -144,8 +151,8 @@ def test_dtype_is_preserved_and_bf16_is_close():
     chex.assert_trees_all_close(y16.astype(jnp.float32), had.apply_hadamard(x), atol=3e-2)
 
 
-@settings(max_examples=12, deadline=None)
-@given(k=st.integers(0, 9), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=8, deadline=None)
+@given(k=st.integers(0, 8), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_fwht_matches_sylvester_matrix_for_powers_of_two(k, batch, seed):
     n = 2**k
     x = jax.random.normal(jax.random.key(seed), (batch, n), jnp.float32)
