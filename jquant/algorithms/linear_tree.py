@@ -1,0 +1,197 @@
+"""Reading and rewriting the linear layers of a linen variables tree, with their aux data.
+
+The algorithms of this package (rotations, low-rank splits, codebooks) are pure functions
+``(variables, stats, config) -> variables`` over linen variables
+``{"params": ..., "jquant": ...}``. A *layer* is addressed by its module path, the string
+:func:`jquant.nn.observe` reports (``'blocks_0/attn/to_q'``): its kernel is
+``params[...]['kernel']`` and its aux entries (``input_mul``, ``hadamard``,
+``lowrank_a``/``lowrank_b``, ``input_scale``) live at the same path in the ``"jquant"``
+collection, which is what :mod:`jquant.nn` reads at run time.
+
+Statistics (``stats``) map a module path to the layer's calibration statistics of its
+*effective* input, the ``x`` an observer sees (after any ``input_mul`` and ``hadamard``
+already in the tree): a mapping or object with ``hessian`` (``X^T X`` summed over tokens,
+[K, K]), optional ``count`` (tokens), ``absmax`` ([K]) and ``samples`` ([n, K]).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jquant.formats import QSpec, parse_spec
+from jquant.nn import AUX_COLLECTION
+from jquant.qarray import QArray
+from jquant.rules import Rule, resolve
+
+Array = jax.Array
+Variables = Mapping[str, Any]
+AUX_KEYS = ("input_scale", "input_mul", "hadamard", "lowrank_a", "lowrank_b")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(dict(tree or {}), sep="/")
+
+
+def _check_variables(variables: Variables, where: str) -> None:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(f"{where}: expected linen variables {{'params': ..., 'jquant': ...}}, got {type(variables).__name__}")
+
+
+def linear_paths(variables: Variables) -> list[str]:
+    """Module paths of every layer with a 'kernel' param (Dense-like layers), in tree order."""
+    _check_variables(variables, "linear_paths")
+    return [p[: -len("/kernel")] for p in _flat(variables["params"]) if p.endswith("/kernel") or p == "kernel"]
+
+
+def get_kernel(variables: Variables, path: str) -> Any:
+    flat = _flat(variables["params"])
+    key = f"{path}/kernel" if path else "kernel"
+    if key not in flat:
+        raise KeyError(f"no kernel at module path {path!r} (param {key!r} missing)")
+    return flat[key]
+
+
+def get_bias(variables: Variables, path: str) -> Array | None:
+    return _flat(variables["params"]).get(f"{path}/bias" if path else "bias")
+
+
+def get_aux(variables: Variables, path: str) -> dict[str, Any]:
+    """The aux entries of one layer (empty dict if none)."""
+    prefix = f"{path}/" if path else ""
+    flat = _flat(variables.get(AUX_COLLECTION))
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and k[len(prefix):] in AUX_KEYS}
+
+
+def update_layer(
+    variables: Variables,
+    path: str,
+    *,
+    kernel: Any = None,
+    bias: Any = None,
+    aux: Mapping[str, Any] | None = None,
+    drop_aux: Iterable[str] = (),
+) -> dict[str, Any]:
+    """A new variables dict with one layer's kernel / bias / aux entries replaced."""
+    _check_variables(variables, "update_layer")
+    out = dict(variables)
+    params = _flat(variables["params"])
+    prefix = f"{path}/" if path else ""
+    if kernel is not None:
+        if f"{prefix}kernel" not in params:
+            raise KeyError(f"no kernel at module path {path!r}")
+        params[f"{prefix}kernel"] = kernel
+    if bias is not None:
+        params[f"{prefix}bias"] = bias
+    out["params"] = traverse_util.unflatten_dict(params, sep="/")
+    if aux or drop_aux:
+        flat_aux = _flat(variables.get(AUX_COLLECTION))
+        for k in drop_aux:
+            flat_aux.pop(f"{prefix}{k}", None)
+        for k, v in (aux or {}).items():
+            if k not in AUX_KEYS:
+                raise ValueError(f"{path}: unknown aux entry {k!r}; known: {AUX_KEYS}")
+            flat_aux[f"{prefix}{k}"] = v
+        out[AUX_COLLECTION] = traverse_util.unflatten_dict(flat_aux, sep="/")
+    return out
+
+
+def select_layers(variables: Variables, rules: Sequence[Rule] | QSpec | str, method: str = "select_layers") -> list[tuple[str, QSpec]]:
+    """(module path, spec) for every float 2-D kernel a rule assigns a spec to.
+
+    ``rules`` follows :func:`jquant.rules.quantize_params`: one spec for every eligible
+    kernel, or an ordered ``(regex, spec_or_None)`` list matched against the kernel's param
+    path (``'.../kernel'``). Raises if nothing is selected (a method that silently does
+    nothing hides a wrong rule or an already quantized tree).
+    """
+    if isinstance(rules, (str, QSpec)):
+        rule_list = [(".*", rules)]
+    else:
+        rule_list = [(p, None if s is None else parse_spec(s)) for p, s in rules]
+    out = []
+    for path in linear_paths(variables):
+        kernel = get_kernel(variables, path)
+        if isinstance(kernel, QArray) or not hasattr(kernel, "ndim") or kernel.ndim != 2:
+            continue
+        spec = resolve(f"{path}/kernel", kernel, rule_list)
+        if spec is not None:
+            out.append((path, spec))
+    if not out:
+        raise ValueError(f"{method}: the rules {rules!r} select no float 2-D kernel among {linear_paths(variables)}")
+    return out
+
+
+def match_paths(variables: Variables, pattern: str) -> list[str]:
+    """Linear module paths that ``re.search``-match ``pattern``."""
+    rx = re.compile(pattern)
+    return [p for p in linear_paths(variables) if rx.search(p)]
+
+
+# --- statistics ------------------------------------------------------------------------------
+def layer_stat(stats: Any, path: str, name: str, *, required: bool = True) -> Any:
+    """``stats[path][name]`` (mapping or attribute access); a clear error if missing."""
+    entry = None
+    if stats is not None:
+        entry = stats.get(path) if isinstance(stats, Mapping) else getattr(stats, path, None)
+    value = None
+    if entry is not None:
+        value = entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
+    if value is None and required:
+        raise KeyError(f"{path}: statistics entry {name!r} missing (stats must map module path -> {{{name!r}: ...}})")
+    return value
+
+
+def hessian(stats: Any, path: str, *, damp: float = 0.0) -> Array:
+    """Mean ``X^T X / count`` of a layer (fp32), plus ``damp * mean(diag) * I``."""
+    h = jnp.asarray(layer_stat(stats, path, "hessian"), jnp.float32)
+    count = layer_stat(stats, path, "count", required=False)
+    if count is not None:
+        h = h / jnp.maximum(jnp.asarray(count, jnp.float32), 1.0)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"{path}: hessian must be square [K, K], got shape {h.shape}")
+    if damp:
+        h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
+    return h
+
+
+def collect_stats(
+    apply_fn, *args, samples: int = 0, **kwargs
+) -> dict[str, dict[str, Array]]:
+    """Run ``apply_fn(*args, **kwargs)`` under :func:`jquant.nn.observe` (not jitted) and
+    return per-layer ``hessian`` / ``count`` / ``absmax`` (and ``samples`` rows if asked).
+
+    A small eager collector for algorithms and tests; the calibration module streams the
+    same statistics over batches, timesteps and CFG branches.
+    """
+    from jquant.nn import observe
+
+    acc: dict[str, dict[str, Any]] = {}
+
+    def fn(path: str, x: Array) -> None:
+        x2 = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+        e = acc.setdefault(path, {"hessian": 0.0, "count": 0, "absmax": 0.0, "samples": []})
+        e["hessian"] = e["hessian"] + jnp.matmul(x2.T, x2, precision=_HIGHEST)
+        e["count"] += x2.shape[0]
+        e["absmax"] = jnp.maximum(e["absmax"], jnp.max(jnp.abs(x2), axis=0))
+        if samples:
+            e["samples"].append(x2)
+
+    with observe(fn):
+        apply_fn(*args, **kwargs)
+    out = {}
+    for path, e in acc.items():
+        d = {"hessian": e["hessian"], "count": e["count"], "absmax": e["absmax"]}
+        if samples:
+            d["samples"] = jnp.concatenate(e["samples"], 0)[:samples]
+        out[path] = d
+    return out
+
+
+def relative_error(y: Array, y_ref: Array) -> float:
+    y, y_ref = jnp.asarray(y, jnp.float32), jnp.asarray(y_ref, jnp.float32)
+    return float(jnp.linalg.norm(y - y_ref) / jnp.maximum(jnp.linalg.norm(y_ref), 1e-30))

@@ -1,0 +1,124 @@
+"""Small synthetic problems with DiT-like outliers, shared by tests, tables and docs.
+
+* :class:`TinyDiTBlock`: one adaLN-modulated DiT block (linen, every linear an
+  ``nn.Dense``): ``h = LN(x) * (1 + scale(c)) + shift(c)``, self-attention (optional
+  per-head RMSNorm on q/k and RoPE), ``x += gate * out_proj(attn)``, then the same around a
+  GELU MLP. Layer names follow diffusers: ``to_q/to_k/to_v/to_out``, ``ff_up/ff_down``,
+  ``adaLN`` (the modulation).
+* :func:`outlier_block`: a block whose weights and inputs carry the outliers real DiTs have
+  (a few massive residual channels, modulation scales that amplify some channels, outlier
+  value columns that hit ``to_out`` and up-projection units that fire large into
+  ``ff_down``).
+* :func:`outlier_layer`: one ``(x, W)`` pair with structured outlier channels, and
+  :func:`one_layer` to run it as a linen model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _layernorm(x: Array, eps: float = 1e-6) -> Array:
+    m = x.mean(-1, keepdims=True)
+    return (x - m) * jax.lax.rsqrt(jnp.square(x - m).mean(-1, keepdims=True) + eps)
+
+
+def rope(x: Array, base: float = 10000.0) -> Array:
+    """Rotary embedding over the last axis of ``x`` [B, T, heads, head_dim] (pairs 2i, 2i+1)."""
+    t, d = x.shape[1], x.shape[-1]
+    freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    ang = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None]  # [T, d/2]
+    cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+
+
+class TinyDiTBlock(nn.Module):
+    """One adaLN DiT block; ``__call__(x [B, T, D], c [B, D]) -> [B, T, D]``."""
+
+    dim: int = 128
+    heads: int = 4
+    mlp: int = 512
+    qk_norm: bool = False
+    use_rope: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array) -> Array:
+        d, nh = self.dim, self.heads
+        hd = d // nh
+        mod = nn.Dense(6 * d, name="adaLN")(nn.silu(c))[:, None]
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+        h = _layernorm(x) * (1 + scale1) + shift1
+        q = nn.Dense(d, name="to_q")(h).reshape(*x.shape[:2], nh, hd)
+        k = nn.Dense(d, name="to_k")(h).reshape(*x.shape[:2], nh, hd)
+        v = nn.Dense(d, name="to_v")(h).reshape(*x.shape[:2], nh, hd)
+        if self.qk_norm:
+            q = nn.RMSNorm(name="norm_q")(q)
+            k = nn.RMSNorm(name="norm_k")(k)
+        if self.use_rope:
+            q, k = rope(q), rope(k)
+        att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd), axis=-1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(x.shape)
+        x = x + gate1 * nn.Dense(d, name="to_out")(o)
+        h2 = _layernorm(x) * (1 + scale2) + shift2
+        u = nn.gelu(nn.Dense(self.mlp, name="ff_up")(h2))
+        return x + gate2 * nn.Dense(d, name="ff_down")(u)
+
+
+def outlier_block(
+    seed: int = 0, dim: int = 128, heads: int = 4, mlp: int = 512, tokens: int = 64, batch: int = 2, **block_kw
+) -> tuple[TinyDiTBlock, dict, tuple[Array, Array]]:
+    """(block, variables, (x, c)) with DiT-like activation outliers (see module docstring)."""
+    block = TinyDiTBlock(dim, heads, mlp, **block_kw)
+    k = jax.random.split(jax.random.key(seed), 8)
+    x = jax.random.normal(k[0], (batch, tokens, dim))
+    hot = jax.random.choice(k[1], dim, (max(2, dim // 32),), replace=False)
+    x = x.at[..., hot].multiply(25.0)  # massive residual channels
+    c = jax.random.normal(k[2], (batch, dim))
+    params = block.init(k[3], x, c)["params"]
+    amp = jnp.ones((dim,)).at[hot].set(4.0)
+    # modulation bias: scale1/scale2 amplify a few channels (adaLN), as trained DiTs do
+    bias = params["adaLN"]["bias"].reshape(6, dim)
+    bias = bias.at[1].set(amp - 1).at[4].set(amp - 1)
+    params["adaLN"]["bias"] = bias.reshape(-1)
+    vcols = jax.random.choice(k[4], dim, (max(2, dim // 32),), replace=False)
+    params["to_v"]["kernel"] = params["to_v"]["kernel"].at[:, vcols].multiply(12.0)
+    ucols = jax.random.choice(k[5], mlp, (max(2, mlp // 64),), replace=False)
+    params["ff_up"]["kernel"] = params["ff_up"]["kernel"].at[:, ucols].multiply(10.0)
+    return block, {"params": params}, (x, c)
+
+
+def outlier_layer(
+    seed: int = 0, k: int = 256, n: int = 256, tokens: int = 512, n_outliers: int = 8, scale: float = 30.0
+) -> tuple[Array, Array]:
+    """(x [tokens, K], W [K, N]) with ``n_outliers`` activation channels ``scale`` x larger
+    and correlated (structured) across tokens, and heavy-tailed weights."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(ks[0], (tokens, k))
+    ch = jax.random.choice(ks[1], k, (n_outliers,), replace=False)
+    common = jax.random.normal(ks[2], (tokens, 1))
+    x = x.at[:, ch].set(scale * (common + 0.3 * x[:, ch]))
+    w = jax.random.t(ks[3], 5.0, (k, n)) / math.sqrt(k)
+    return x, w
+
+
+class OneLayer(nn.Module):
+    """A single ``nn.Dense`` named ``layer``: the unit every per-layer table runs through."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return nn.Dense(self.features, name="layer")(x)
+
+
+def one_layer(w: Array, bias: Array | None = None) -> tuple[OneLayer, dict]:
+    """(model, variables) of :class:`OneLayer` holding kernel ``w`` [K, N] (zero bias by default)."""
+    b = jnp.zeros((w.shape[1],), w.dtype) if bias is None else bias
+    return OneLayer(w.shape[1]), {"params": {"layer": {"kernel": w, "bias": b}}}
