@@ -1,0 +1,477 @@
+"""GGUF files: write and read quantized DiT weights (ggml block layouts) with their config.
+
+Tensors are named as in diffusers checkpoints (``blocks.0.attn1.to_q.weight``) and stored
+in torch layout: a linear weight is (out, in), and a quantized tensor's blocks run along
+its last (contraction) axis, which is ggml's row axis. ggml lists dimensions innermost
+first, so a GGUF shape is the numpy shape reversed; the ``gguf`` package's reader and
+writer do that reversal.
+
+* :func:`save_gguf` writes QArrays (Q8_0/Q4_K/Q5_K/Q6_K blocks) and float arrays.
+* :func:`load_gguf` reads our files and other tools' GGUFs of the same models
+  (e.g. city96's ComfyUI-GGUF conversions, including their ``comfy.gguf.orig_shape`` reshapes).
+* :func:`export_gguf` quantizes a diffusers model directory per a mix (Q4_K_M, ...).
+* :func:`load_gguf_params` turns a GGUF into (Flax module, params) through the models
+  package's key map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+from jquant.algorithms.kquants import CODECS, MIX_BASE, plan_kquant_mix, roles_from_name
+from jquant.formats import parse_spec
+from jquant.qarray import QArray
+
+CONFIG_KEY = "jquant.config"  # diffusers config.json contents, as a JSON string
+MIX_KEY = "jquant.mix"
+ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."  # city96: tensor stored flattened to (-1, 256)
+DEFAULT_ARCH = "jquant"
+
+_CODEC_OF_TYPE = {GT(c.ggml_type): name for name, c in CODECS.items()}
+_FLOAT_TYPES = {GT.F32: np.float32, GT.F16: np.float16, GT.F64: np.float64,
+                GT.I8: np.int8, GT.I16: np.int16, GT.I32: np.int32, GT.I64: np.int64}
+SUPPORTED_TYPES = tuple(t.name for t in (*_FLOAT_TYPES, GT.BF16, *_CODEC_OF_TYPE))
+# llama.cpp's general.file_type values of the mixes.
+_FILE_TYPE = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7}
+# general.architecture of the ports (ComfyUI-GGUF's names where it has one).
+_ARCH_OF_CLASS = {"WanTransformer3DModel": "wan", "FluxTransformer2DModel": "flux", "DiTTransformer2DModel": "dit"}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read (truncated, malformed, or holding unsupported types)."""
+
+
+def codec_qarray(blocks: np.ndarray | jax.Array, codec: str, dtype: Any = jnp.float32) -> QArray:
+    """A QArray over raw ggml blocks u8[..., nb, block_bytes] in torch layout: the
+    contraction (row) axis is the last logical axis."""
+    return QArray(jnp.asarray(blocks), None, spec=parse_spec(f"{codec}/axis=-1"), dtype=dtype, axis=-1)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _tensor_payload(name: str, value: Any) -> tuple[np.ndarray, GT]:
+    """(array to write, ggml type) for one tensor; QArrays go out as raw blocks."""
+    if isinstance(value, QArray):
+        codec = CODECS.get(value.spec.fmt)
+        if codec is None:
+            raise ValueError(f"{name!r}: QArray format {value.spec.fmt!r} has no GGUF type; GGUF holds {sorted(CODECS)}")
+        blocks = np.asarray(value.qvalue)
+        if blocks.ndim < 2 or blocks.shape[-1] != codec.block_bytes:
+            raise ValueError(f"{name!r}: {codec.name} QArray blocks have shape {blocks.shape}, expected (..., nb, {codec.block_bytes})")
+        return np.ascontiguousarray(blocks.reshape(blocks.shape[:-2] + (-1,))), GT(codec.ggml_type)
+    a = np.asarray(value)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.dtype == ml_dtypes.bfloat16:
+        return np.ascontiguousarray(a).view(np.uint16), GT.BF16
+    for t, dt in _FLOAT_TYPES.items():
+        if a.dtype == dt:
+            return np.ascontiguousarray(a), t
+    raise ValueError(f"{name!r}: dtype {a.dtype} cannot be stored in GGUF (use float32/float16/bfloat16 or a QArray)")
+
+
+def _add_metadata(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, (int, np.integer)):
+        v = int(value)
+        writer.add_uint32(key, v) if 0 <= v < 2**32 else writer.add_int64(key, v)
+    elif isinstance(value, (float, np.floating)):
+        writer.add_float32(key, float(value))
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, Mapping):
+        writer.add_string(key, json.dumps(value, sort_keys=True))
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise ValueError(f"metadata {key!r}: cannot store a {type(value).__name__} in GGUF")
+
+
+def save_gguf(
+    path: str | os.PathLike,
+    tensors: Mapping[str, QArray | np.ndarray | jax.Array],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` and ``metadata`` to a GGUF file, atomically.
+
+    Args:
+      path: output file; written to a temporary file beside it and moved into place, so a
+        failure leaves any previous file untouched.
+      tensors: name -> QArray (codec blocks, written raw with their ggml type; the
+        contraction axis is the row axis, which makes a Flax (in, out) kernel come out in
+        torch (out, in) layout) or float array (F32/F16/BF16, written as given).
+      metadata: GGUF key -> value (str, int, float, bool, list; dicts become JSON
+        strings). ``general.architecture`` defaults to 'jquant'.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    arch = str(metadata.pop("general.architecture", DEFAULT_ARCH))
+    if not tensors:
+        raise ValueError("save_gguf: no tensors to write")
+    payloads = {name: _tensor_payload(name, v) for name, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value in metadata.items():
+            _add_metadata(writer, key, value)
+        for name, (array, ggml_type) in payloads.items():
+            writer.add_tensor(name, array, raw_dtype=ggml_type if ggml_type not in _FLOAT_TYPES else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """GGUFReader that checks tensor types and extents before building array views, so
+    unknown types and truncated files fail with the tensor's name."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        size = len(self.data)
+        for field in fields:
+            _len, name_data, _n_dims, dims, raw_dtype, offset = field.parts
+            name = bytes(name_data).decode("utf-8", "replace")
+            type_id = int(raw_dtype[0])
+            try:
+                ggml_type = GT(type_id)
+            except ValueError:
+                raise GGUFError(f"tensor {name!r}: unknown ggml type id {type_id}") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+            n = int(np.prod(dims.astype(np.uint64))) if len(dims) else 1
+            if n % block:
+                raise GGUFError(f"tensor {name!r}: {n} values is not a whole number of {ggml_type.name} blocks")
+            end = start_offs + int(offset[0]) + n // block * type_size
+            if end > size:
+                raise GGUFError(f"tensor {name!r}: data ends at byte {end} but the file has {size} bytes (truncated file?)")
+        super()._build_tensors(start_offs, fields)
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = _CheckedReader(path, "r")
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    if reader.byte_order != "I":
+        raise GGUFError(f"{path}: byte-swapped (big-endian) GGUF files are not supported")
+    return reader
+
+
+def _orig_shape(name: str, field: Any) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in field.contents())
+    except (TypeError, ValueError):
+        raise GGUFError(f"tensor {name!r}: bad {ORIG_SHAPE_PREFIX} metadata {field.contents()!r}") from None
+    return shape
+
+
+def _read_tensor(t: Any, orig_shape: tuple[int, ...] | None, dequantize_other: bool) -> QArray | np.ndarray:
+    """One ReaderTensor as a QArray (codec types) or a numpy array (float types), copied."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if t.tensor_type in _CODEC_OF_TYPE:
+        codec = CODECS[_CODEC_OF_TYPE[t.tensor_type]]
+        blocks = np.array(t.data, np.uint8).reshape(shape[:-1] + (shape[-1] // codec.block_elems, codec.block_bytes))
+        if orig_shape is None:
+            return codec_qarray(blocks, codec.name)
+        values = np.asarray(codec.decode(jnp.asarray(blocks)))
+    elif t.tensor_type == GT.BF16:
+        values = np.array(t.data).view("<u2").view(ml_dtypes.bfloat16).reshape(shape)
+    elif t.tensor_type in _FLOAT_TYPES:
+        values = np.array(t.data, _FLOAT_TYPES[t.tensor_type]).reshape(shape)
+    elif dequantize_other:
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(shape)
+    else:
+        raise AssertionError(t.tensor_type)  # filtered by load_gguf
+    if orig_shape is not None:
+        if math.prod(orig_shape) != values.size:
+            raise GGUFError(f"tensor {t.name!r}: {ORIG_SHAPE_PREFIX} {orig_shape} does not match its {values.size} values")
+        values = values.reshape(orig_shape)
+    return values
+
+
+def load_gguf(
+    path: str | os.PathLike, *, dequantize_other: bool = False
+) -> tuple[dict[str, QArray | np.ndarray], dict[str, Any]]:
+    """Read a GGUF file into ({name: QArray | np.ndarray}, metadata).
+
+    Q8_0/Q4_K/Q5_K/Q6_K tensors become QArrays in torch layout (blocks along the last
+    axis, spec axis -1); F32/F16/BF16 (and F64/I8..I64) become numpy arrays with the
+    numpy shape (ggml's dimensions reversed). city96-style ``comfy.gguf.orig_shape.NAME``
+    entries reshape their tensor back (a quantized one is decoded to float32, since its
+    blocks no longer run along a row) and are dropped from the returned metadata.
+
+    Other ggml types (Q4_0, IQ2_XXS, ...) raise :class:`GGUFError` naming the tensor and
+    type, unless ``dequantize_other`` is set: then the ``gguf`` package dequantizes them
+    to float32 arrays where it can. Every check runs before anything is returned: a
+    truncated or malformed file raises and yields nothing.
+    """
+    path = Path(path)
+    reader = _open(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    bad = []
+    for t in reader.tensors:
+        if t.tensor_type in _CODEC_OF_TYPE or t.tensor_type in _FLOAT_TYPES or t.tensor_type == GT.BF16:
+            continue
+        if dequantize_other and t.tensor_type.name in _dequantizable():
+            continue
+        bad.append(f"{t.name!r} ({t.tensor_type.name})")
+    if bad:
+        hint = "" if dequantize_other else "; dequantize_other=True loads types the gguf package can decode as float32"
+        raise GGUFError(f"{path}: unsupported tensor type(s) for {', '.join(bad)}; jquant loads {list(SUPPORTED_TYPES)}{hint}")
+    tensors: dict[str, QArray | np.ndarray] = {}
+    for t in reader.tensors:
+        field = fields.get(ORIG_SHAPE_PREFIX + t.name)
+        orig = None if field is None else _orig_shape(t.name, field)
+        tensors[t.name] = _read_tensor(t, orig, dequantize_other)
+    metadata = {k: f.contents() for k, f in fields.items() if not k.startswith(ORIG_SHAPE_PREFIX)}
+    del reader
+    return tensors, metadata
+
+
+def _dequantizable() -> set[str]:
+    """ggml type names the gguf package can dequantize."""
+    traits = getattr(gguf.quants, "_type_traits", {})
+    return {t.name for t in traits}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_gguf` wrote: the ggml type of every tensor and the sizes."""
+
+    path: Path
+    types: dict[str, str]
+    n_params: int
+    n_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.n_bytes / max(self.n_params, 1)
+
+
+def _open_safetensors(files: set[Path]):
+    from safetensors import safe_open
+
+    return {f: safe_open(f, framework="np") for f in files}
+
+
+def _get_tensor(handle: Any, file: Path, name: str) -> np.ndarray:
+    """A tensor from safetensors as numpy; BF16/F8 (which numpy's reader refuses) go
+    through safetensors' flax reader and come back as ml_dtypes arrays."""
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="flax") as f:
+            return np.asarray(f.get_tensor(name))
+    return handle.get_tensor(name)
+
+
+def _float_storage(name: str, a: np.ndarray) -> np.ndarray:
+    """Unquantized tensors: 1-D in F32 (ggml's convention for norms and biases); others keep
+    BF16/F16, and F32 becomes F16 unless values overflow it."""
+    if a.ndim <= 1:
+        return a.astype(np.float32)
+    if a.dtype in (ml_dtypes.bfloat16, np.float16):
+        return a
+    a32 = a.astype(np.float32)
+    if np.abs(a32).max(initial=0.0) < 65504:
+        return a32.astype(np.float16)
+    return a32
+
+
+def _model_roles(config: Mapping[str, Any], names: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
+    """Roles per diffusers tensor name: the port's role rules through its key map when the
+    model class has a Flax port, else guesses from the names."""
+    try:
+        from models.loading import port_for_class
+        from models.port import DiffusersConfig  # noqa: F401
+
+        port = port_for_class(config.get("_class_name", ""))
+    except (ImportError, ValueError):
+        return {n: roles_from_name(n) for n in names}
+    cfg = port.config_cls.from_diffusers(config)
+    by_flax = port.layer_roles(port.param_shapes(cfg))
+    out = {}
+    for e in port.key_map(cfg):
+        if e.torch_key in names:
+            out[e.torch_key] = tuple(by_flax.get(e.flax_path, ()))
+    for n in names:
+        out.setdefault(n, roles_from_name(n))
+    return out
+
+
+def export_gguf(
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    type: str = "Q4_K_M",  # noqa: A002 - mirrors the CLI flag
+    *,
+    progress: bool = False,
+) -> ExportReport:
+    """Quantize a diffusers model directory (config.json + safetensors) into a GGUF file.
+
+    Each tensor gets the codec :func:`jquant.algorithms.kquants.kquant_mix` picks for the
+    mix ``type`` (Q4_K_M, Q5_K_M, Q6_K, Q8_0) or stays float (1-D in F32; others in
+    F16/BF16). The config goes in as ``jquant.config``, the mix as ``jquant.mix``.
+    """
+    from jquant.io.safetensors import weight_files
+
+    if type not in MIX_BASE:
+        raise ValueError(f"unknown GGUF type {type!r}; choose one of {sorted(MIX_BASE)}")
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found (expected a diffusers model directory)")
+    config = json.loads(config_file.read_text())
+    files = weight_files(model_dir)
+    handles = _open_safetensors(set(files.values()))
+    shapes = {n: tuple(handles[f].get_slice(n).get_shape()) for n, f in files.items()}
+    plan = plan_kquant_mix(type, shapes, _model_roles(config, shapes))
+
+    from tqdm import tqdm
+
+    tensors: dict[str, QArray | np.ndarray] = {}
+    types: dict[str, str] = {}
+    for name in tqdm(sorted(files), desc=f"GGUF {type}", disable=not progress):
+        a = _get_tensor(handles[files[name]], files[name], name)
+        codec = plan[name]
+        if codec is not None:
+            blocks = CODECS[codec].encode(np.asarray(a, np.float32))
+            tensors[name] = codec_qarray(blocks, codec)
+            types[name] = codec.upper()
+        else:
+            tensors[name] = _float_storage(name, a)
+            types[name] = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(tensors[name].dtype, "BF16")
+    metadata = {
+        "general.architecture": _ARCH_OF_CLASS.get(config.get("_class_name", ""), DEFAULT_ARCH),
+        "general.name": model_dir.resolve().name,
+        "general.file_type": _FILE_TYPE[type],
+        CONFIG_KEY: json.dumps(config, sort_keys=True),
+        MIX_KEY: type,
+    }
+    out = save_gguf(out_path, tensors, metadata)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    n_bytes = sum(_tensor_payload(n, v)[0].nbytes for n, v in tensors.items())
+    return ExportReport(out, types, n_params, n_bytes)
+
+
+# ----------------------------------------------------------------------------- Flax params
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+def _strip_prefix(tensors: dict[str, Any], wanted: set[str]) -> dict[str, Any]:
+    """Drop a common checkpoint prefix (ComfyUI-style files) when that makes names match."""
+    if wanted & set(tensors):
+        return tensors
+    for p in _PREFIXES:
+        if any(k.startswith(p) for k in tensors):
+            return {k[len(p):] if k.startswith(p) else k: v for k, v in tensors.items()}
+    return tensors
+
+
+def _to_flax(entry: Any, value: QArray | np.ndarray) -> QArray | np.ndarray:
+    """Apply a key-map entry's layout change; a linear QArray only changes its spec axis."""
+    if not isinstance(value, QArray):
+        return entry.to_flax(value)
+    if entry.kind == "linear" and value.ndim == 2:  # (out, in) blocks read as an (in, out) kernel
+        return dataclasses.replace(value, spec=dataclasses.replace(value.spec, axis=0), axis=-2)
+    if entry.kind == "copy":
+        return value
+    return entry.to_flax(np.asarray(value.dequantize(jnp.float32)))
+
+
+def load_gguf_params(
+    path: str | os.PathLike,
+    config: Any = None,
+    *,
+    dtype: Any = jnp.float32,
+    dequantize_other: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Load a GGUF of a ported model into (Flax module, params) with QArray leaves.
+
+    The model comes from ``config`` (a DiffusersConfig, a config.json dict, or a diffusers
+    model directory) or, when None, from the file's ``jquant.config`` metadata. Names go
+    through the port's key map (``models.port``): linear weights stay QArrays with their
+    contraction axis set to 0 (Flax (in, out) kernels, no data movement); float params are
+    cast to ``dtype`` except the port's ``keep_fp32`` ones. Missing, unexpected or
+    mis-shaped tensors raise one error listing all of them.
+    """
+    from flax import traverse_util
+
+    from models.loading import CheckpointMismatchError, port_for_class, port_for_config, read_config
+    from models.port import DiffusersConfig
+
+    tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
+    if config is None:
+        if CONFIG_KEY not in metadata:
+            raise ValueError(f"{path}: no {CONFIG_KEY!r} metadata; pass config= (a config, config.json dict or model dir)")
+        config = json.loads(metadata[CONFIG_KEY])
+    if isinstance(config, DiffusersConfig):
+        port = port_for_config(config)
+    elif isinstance(config, Mapping):
+        port = port_for_class(str(config.get("_class_name", "")))
+        config = port.config_cls.from_diffusers(config)
+    else:
+        port, config = read_config(config)
+    entries = port.key_map(config)
+    tensors = _strip_prefix(tensors, {e.torch_key for e in entries})
+    shapes = traverse_util.flatten_dict(port.param_shapes(config), sep="/")
+    missing = sorted(e.torch_key for e in entries if e.torch_key not in tensors)
+    known = {e.torch_key for e in entries}
+    unexpected = sorted(k for k in tensors if k not in known and not any(re.search(p, k) for p in port.ignore_unexpected))
+    problems = []
+    flat: dict[str, Any] = {}
+    for e in entries:
+        if e.torch_key not in tensors:
+            continue
+        value = _to_flax(e, tensors[e.torch_key])
+        want = tuple(shapes[e.flax_path].shape)
+        if tuple(value.shape) != want:
+            problems.append(f"{e.torch_key} -> {e.flax_path}: got {tuple(value.shape)}, config needs {want}")
+            continue
+        keep = any(re.search(p, e.flax_path) for p in port.keep_fp32)
+        target = jnp.float32 if keep else dtype
+        if isinstance(value, QArray):
+            flat[e.flax_path] = dataclasses.replace(value, dtype=jnp.dtype(target))
+        else:
+            flat[e.flax_path] = jnp.asarray(value, target)
+    if missing or unexpected or problems:
+        raise CheckpointMismatchError(
+            f"{path} does not match the {port.module_cls.__name__} key map.\n"
+            f"missing ({len(missing)}): {missing}\nunexpected ({len(unexpected)}): {unexpected}\n"
+            f"wrong shapes ({len(problems)}): {problems}"
+        )
+    return port.module(config, dtype), traverse_util.unflatten_dict(flat, sep="/")
