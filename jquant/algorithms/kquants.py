@@ -320,6 +320,7 @@ def _nibbles(qs: jax.Array) -> jax.Array:
     return jnp.concatenate([qs & 0xF, qs >> 4], -2).reshape(qs.shape[:-3] + (8, 32))
 
 
+@jax.jit
 def decode_q8_0(blocks: jax.Array) -> jax.Array:
     """u8[..., nb, 34] Q8_0 blocks -> f32[..., nb * 32]."""
     blocks = _check_blocks(blocks, 34, "decode_q8_0")
@@ -327,6 +328,7 @@ def decode_q8_0(blocks: jax.Array) -> jax.Array:
     return _flatten_blocks(q * _f16_at(blocks, 0), blocks)
 
 
+@jax.jit
 def decode_q4_k(blocks: jax.Array) -> jax.Array:
     """u8[..., nb, 144] Q4_K blocks -> f32[..., nb * 256]."""
     blocks = _check_blocks(blocks, 144, "decode_q4_k")
@@ -337,6 +339,7 @@ def decode_q4_k(blocks: jax.Array) -> jax.Array:
     return _flatten_blocks(d * q - m, blocks)
 
 
+@jax.jit
 def decode_q5_k(blocks: jax.Array) -> jax.Array:
     """u8[..., nb, 176] Q5_K blocks -> f32[..., nb * 256]."""
     blocks = _check_blocks(blocks, 176, "decode_q5_k")
@@ -348,6 +351,7 @@ def decode_q5_k(blocks: jax.Array) -> jax.Array:
     return _flatten_blocks(d * q - m, blocks)
 
 
+@jax.jit
 def decode_q6_k(blocks: jax.Array) -> jax.Array:
     """u8[..., nb, 210] Q6_K blocks -> f32[..., nb * 256]."""
     blocks = _check_blocks(blocks, 210, "decode_q6_k")
