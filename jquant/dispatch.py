@@ -43,10 +43,10 @@ def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray
     """Quantize activations [..., K]: dynamic per token, or with a static scale."""
     if act_scale is not None:
         spec = act if act.granularity == "tensor" else QSpec(act.fmt, "tensor", symmetric=act.symmetric, axis=-1)
-        return quantize(x, spec, scale=jnp.asarray(act_scale, jnp.float32).reshape((1,) * x.ndim))
+        return quantize(x, spec, scale=jnp.asarray(act_scale, jnp.float32).reshape((1,) * x.ndim), check_finite=False)
     if act.granularity != "token":
         act = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1, scale_dtype=act.scale_dtype)
-    return quantize(x, act)
+    return quantize(x, act, check_finite=False)
 
 
 def _weight_scale_row(w: QArray) -> Array | None:

@@ -168,8 +168,9 @@ def _nearest_code(y: Array, table: tuple[float, ...]) -> Array:
 def _check_finite(x: Array, path: str) -> None:
     if isinstance(x, jax.core.Tracer):
         return
-    if not bool(jnp.all(jnp.isfinite(x))):
-        n = int(jnp.sum(~jnp.isfinite(x)))
+    finite = np.isfinite(np.asarray(x, np.float32))
+    if not finite.all():
+        n = int((~finite).sum())
         raise ValueError(f"{path or 'array'}: {n} NaN/Inf value(s); refusing to quantize")
 
 
@@ -234,7 +235,9 @@ def decode(codes: Array, scale: Array, zero: Array | None, spec: QSpec, dtype=jn
     return _apply_blocks(y, scale, lambda a, s: a * s).astype(dtype)
 
 
-def quantize(x: Array, spec: QSpec | str, *, path: str = "", scale: Array | None = None) -> QArray:
+def quantize(
+    x: Array, spec: QSpec | str, *, path: str = "", scale: Array | None = None, check_finite: bool = True
+) -> QArray:
     """Quantize ``x`` to a QArray.
 
     Args:
@@ -243,6 +246,7 @@ def quantize(x: Array, spec: QSpec | str, *, path: str = "", scale: Array | None
       path: param path, used in error messages.
       scale: optional precomputed per-block scale (static activation scales, clipping
         searches); for asymmetric specs a zero point is still derived from the data.
+      check_finite: reject NaN/Inf in concrete (non-traced) inputs; off for activations.
     """
     spec = parse_spec(spec)
     x = jnp.asarray(x)
@@ -251,7 +255,8 @@ def quantize(x: Array, spec: QSpec | str, *, path: str = "", scale: Array | None
         raise TypeError(f"{where}can only quantize floating arrays, got dtype {x.dtype}")
     if x.ndim == 0:
         raise ValueError(f"{where}cannot quantize a scalar")
-    _check_finite(x, path)
+    if check_finite:
+        _check_finite(x, path)
     if spec.fmt not in FORMATS:
         return _quantize_codec(x, spec, path)
     block = spec.block_shape(x.shape, path)
