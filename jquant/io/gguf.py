@@ -55,10 +55,12 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be read (truncated, malformed, or holding unsupported types)."""
 
 
-def codec_qarray(blocks: np.ndarray | jax.Array, codec: str, dtype: Any = jnp.float32) -> QArray:
+def codec_qarray(blocks: np.ndarray | jax.Array, codec: str, dtype: Any = jnp.float32, *, device: bool = True) -> QArray:
     """A QArray over raw ggml blocks u8[..., nb, block_bytes] in torch layout: the
-    contraction (row) axis is the last logical axis."""
-    return QArray(jnp.asarray(blocks), None, spec=parse_spec(f"{codec}/axis=-1"), dtype=dtype, axis=-1)
+    contraction (row) axis is the last logical axis. ``device=False`` keeps numpy blocks
+    (host memory), e.g. while assembling a file."""
+    qvalue = jnp.asarray(blocks) if device else np.asarray(blocks)
+    return QArray(qvalue, None, spec=parse_spec(f"{codec}/axis=-1"), dtype=dtype, axis=-1)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -299,7 +301,7 @@ def _get_tensor(handle: Any, file: Path, name: str) -> np.ndarray:
     return handle.get_tensor(name)
 
 
-def _float_storage(name: str, a: np.ndarray) -> np.ndarray:
+def _float_storage(a: np.ndarray) -> np.ndarray:
     """Unquantized tensors: 1-D in F32 (ggml's convention for norms and biases); others keep
     BF16/F16, and F32 becomes F16 unless values overflow it."""
     if a.ndim <= 1:
@@ -317,7 +319,6 @@ def _model_roles(config: Mapping[str, Any], names: Mapping[str, tuple[int, ...]]
     model class has a Flax port, else guesses from the names."""
     try:
         from models.loading import port_for_class
-        from models.port import DiffusersConfig  # noqa: F401
 
         port = port_for_class(config.get("_class_name", ""))
     except (ImportError, ValueError):
@@ -364,16 +365,19 @@ def export_gguf(
 
     tensors: dict[str, QArray | np.ndarray] = {}
     types: dict[str, str] = {}
+    n_bytes = 0
     for name in tqdm(sorted(files), desc=f"GGUF {type}", disable=not progress):
         a = _get_tensor(handles[files[name]], files[name], name)
         codec = plan[name]
         if codec is not None:
             blocks = CODECS[codec].encode(np.asarray(a, np.float32))
-            tensors[name] = codec_qarray(blocks, codec)
+            tensors[name] = codec_qarray(blocks, codec, device=False)
             types[name] = codec.upper()
+            n_bytes += blocks.nbytes
         else:
-            tensors[name] = _float_storage(name, a)
-            types[name] = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(tensors[name].dtype, "BF16")
+            tensors[name] = stored = _float_storage(a)
+            types[name] = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(stored.dtype, "BF16")
+            n_bytes += stored.nbytes
     metadata = {
         "general.architecture": _ARCH_OF_CLASS.get(config.get("_class_name", ""), DEFAULT_ARCH),
         "general.name": model_dir.resolve().name,
@@ -382,9 +386,7 @@ def export_gguf(
         MIX_KEY: type,
     }
     out = save_gguf(out_path, tensors, metadata)
-    n_params = sum(math.prod(s) for s in shapes.values())
-    n_bytes = sum(_tensor_payload(n, v)[0].nbytes for n, v in tensors.items())
-    return ExportReport(out, types, n_params, n_bytes)
+    return ExportReport(out, types, sum(math.prod(s) for s in shapes.values()), n_bytes)
 
 
 # ----------------------------------------------------------------------------- Flax params
