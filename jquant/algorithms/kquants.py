@@ -314,6 +314,12 @@ def _scale_min_k4(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sc.astype(jnp.float32), mn.astype(jnp.float32)
 
 
+def _sub_block_affine(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Q4_K/Q5_K per-sub-block scale d*sc_j and offset dmin*m_j, shaped (..., 8, 1)."""
+    sc, mn = _scale_min_k4(blocks[..., 4:16])
+    return (_f16_at(blocks, 0) * sc)[..., None], (_f16_at(blocks, 2) * mn)[..., None]
+
+
 def _nibbles(qs: jax.Array) -> jax.Array:
     """(..., 128) bytes -> (..., 8, 32) values 0..15 in element order."""
     qs = qs.reshape(qs.shape[:-1] + (4, 1, 32))
@@ -332,9 +338,7 @@ def decode_q8_0(blocks: jax.Array) -> jax.Array:
 def decode_q4_k(blocks: jax.Array) -> jax.Array:
     """u8[..., nb, 144] Q4_K blocks -> f32[..., nb * 256]."""
     blocks = _check_blocks(blocks, 144, "decode_q4_k")
-    sc, mn = _scale_min_k4(blocks[..., 4:16])
-    d = (_f16_at(blocks, 0) * sc)[..., None]
-    m = (_f16_at(blocks, 2) * mn)[..., None]
+    d, m = _sub_block_affine(blocks)
     q = _nibbles(blocks[..., 16:144]).astype(jnp.float32)
     return _flatten_blocks(d * q - m, blocks)
 
@@ -343,9 +347,7 @@ def decode_q4_k(blocks: jax.Array) -> jax.Array:
 def decode_q5_k(blocks: jax.Array) -> jax.Array:
     """u8[..., nb, 176] Q5_K blocks -> f32[..., nb * 256]."""
     blocks = _check_blocks(blocks, 176, "decode_q5_k")
-    sc, mn = _scale_min_k4(blocks[..., 4:16])
-    d = (_f16_at(blocks, 0) * sc)[..., None]
-    m = (_f16_at(blocks, 2) * mn)[..., None]
+    d, m = _sub_block_affine(blocks)
     qh = blocks[..., None, 16:48] >> jnp.arange(8, dtype=jnp.uint8)[:, None]  # (..., 8, 32)
     q = (_nibbles(blocks[..., 48:176]) | ((qh & 1) << 4)).astype(jnp.float32)
     return _flatten_blocks(d * q - m, blocks)
