@@ -1,0 +1,102 @@
+"""Shared helpers for the Mosaic GPU kernels: platform checks, padding, SM count.
+
+Every kernel in this package is a Pallas Mosaic GPU kernel that only lowers on a
+Hopper (sm_90) GPU; on any other backend the public wrappers fall back to their
+plain-JAX references. These helpers hold the decisions that the wrappers share so
+that each one reads the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+#: Environment variable that forces a path: "reference" (never use a kernel) or
+#: "kernel" (use the kernel whenever its shape/dtype checks pass, even where the
+#: platform check would say no; useful for lowering tests).
+FORCE_ENV = "JQUANT_PALLAS"
+
+
+def forced_mode() -> str | None:
+  """Returns "reference", "kernel" or None from ``$JQUANT_PALLAS``."""
+  value = os.environ.get(FORCE_ENV, "").strip().lower()
+  if value in ("", "auto"):
+    return None
+  if value not in ("reference", "kernel"):
+    raise ValueError(
+        f"${FORCE_ENV} must be 'auto', 'reference' or 'kernel', got {value!r}"
+    )
+  return value
+
+
+@functools.lru_cache(maxsize=None)
+def _default_device_is_hopper() -> bool:
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return False
+  if device.platform != "gpu":
+    return False
+  capability = getattr(device, "compute_capability", None)
+  if capability is None:
+    return False
+  major = int(str(capability).split(".")[0])
+  return major == 9
+
+
+def on_hopper() -> bool:
+  """True when the default JAX device is an sm_90 (Hopper) GPU."""
+  mode = forced_mode()
+  if mode == "reference":
+    return False
+  if mode == "kernel":
+    return True
+  return _default_device_is_hopper()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device (132 on an H100 SXM)."""
+  try:
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None)
+    if device.platform == "gpu" and count:
+      return int(count)
+  except RuntimeError:
+    pass
+  return 132
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+  return cdiv(a, b) * b
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  """Pads ``x`` with ``value`` along ``axis`` up to ``size`` (no-op if already there)."""
+  current = x.shape[axis]
+  if current == size:
+    return x
+  if current > size:
+    raise ValueError(f"cannot pad axis {axis} of size {current} down to {size}")
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - current)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def check_rank(name: str, x: jax.Array, rank: int) -> None:
+  if x.ndim != rank:
+    raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}")
+
+
+def check_dtype(name: str, x: jax.Array, dtypes) -> None:
+  allowed = tuple(jnp.dtype(d) for d in dtypes)
+  if jnp.dtype(x.dtype) not in allowed:
+    names = ", ".join(str(d) for d in allowed)
+    raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")

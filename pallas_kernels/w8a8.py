@@ -1,0 +1,407 @@
+"""W8A8 GEMMs on Hopper: int8 and fp8 (e4m3) operands, scales in the epilogue.
+
+Layouts (all K-major, as Hopper's 8-bit wgmma requires):
+
+* ``x_q``: ``[M, K]`` int8 or float8_e4m3fn, one row per token.
+* ``x_scale``: ``[M, 1]`` (or ``[M]``) float32, one scale per token.
+* ``w_q``: ``[N, K]`` same dtype as ``x_q``, one row per output channel.
+* ``w_scale``: ``[N]`` float32, one scale per output channel.
+* ``bias``: ``[N]`` float32 or None.
+
+``y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * x_scale[m] * w_scale[n] + bias[n]``,
+accumulated exactly in int32 (int8) or in fp32 (fp8), cast to ``out_dtype``.
+
+The kernel is a persistent, warp-specialized Mosaic GPU GEMM: one producer
+warpgroup streams ``[tile, 128]`` operand slabs through a multi-stage TMA
+pipeline into swizzled shared memory, two consumer warpgroups each own a
+``tile_m x tile_n`` accumulator in registers fed by wgmma, and the epilogue
+applies the per-token and per-channel scales and the bias in registers before a
+TMA store. Rows beyond ``M`` are read as zeros and never written (TMA bounds);
+``K`` is padded to a multiple of 128, ``M`` to 8 and ``N`` to 64 in the wrapper
+where needed (TMA tiles the minor dimension); real DiT shapes need no copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _common
+
+_INT8 = jnp.dtype(jnp.int8)
+_FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+  """Tiling of the warp-specialized 8-bit GEMM.
+
+  ``tile_m x tile_n`` is one consumer warpgroup's accumulator; the two consumer
+  warpgroups stack along ``wg_dim`` so the CTA computes twice that. ``tile_k``
+  counts elements (bytes for 8-bit types) and must be 128 so one operand row
+  fills one 128-byte swizzle line.
+  """
+
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 128
+  stages: int = 4
+  wg_dim: str = "n"
+  grid_minor: str = "n"
+  grid_tile_width: int = 8
+  epi_m: int = 64
+  epi_n: int = 32
+
+  @property
+  def cta_m(self) -> int:
+    return self.tile_m * (2 if self.wg_dim == "m" else 1)
+
+  @property
+  def cta_n(self) -> int:
+    return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+
+DEFAULT_CONFIG = GemmConfig()
+
+
+def _pick_config(m: int, n: int) -> GemmConfig:
+  """Heuristic tiling: wide-N CTAs for large problems, narrow ones when N is small."""
+  del m
+  if n <= 128:
+    return GemmConfig(wg_dim="m", tile_n=64)
+  return DEFAULT_CONFIG
+
+
+# --------------------------------------------------------------------------
+# References.
+# --------------------------------------------------------------------------
+
+
+def _scaled_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, acc_dtype):
+  acc = lax.dot_general(
+      x_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype
+  ).astype(jnp.float32)
+  y = acc * x_scale.reshape(-1, 1).astype(jnp.float32)
+  y = y * w_scale.reshape(1, -1).astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.reshape(1, -1).astype(jnp.float32)
+  return y.astype(out_dtype)
+
+
+def int8_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+  """Plain-JAX W8A8 int8 GEMM: exact int32 accumulation, scales, bias."""
+  _check_operands("int8_matmul", x_q, x_scale, w_q, w_scale, bias, (_INT8,))
+  return _scaled_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, jnp.int32)
+
+
+def fp8_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+  """Plain-JAX W8A8 fp8 (e4m3) GEMM: fp32 accumulation, scales, bias."""
+  _check_operands("fp8_matmul", x_q, x_scale, w_q, w_scale, bias, (_FP8,))
+  return _scaled_reference(
+      x_q, x_scale, w_q, w_scale, bias, out_dtype, jnp.float32
+  )
+
+
+def _check_operands(name, x_q, x_scale, w_q, w_scale, bias, dtypes):
+  _common.check_rank(f"{name}: x_q", x_q, 2)
+  _common.check_rank(f"{name}: w_q", w_q, 2)
+  _common.check_dtype(f"{name}: x_q", x_q, dtypes)
+  if w_q.dtype != x_q.dtype:
+    raise ValueError(
+        f"{name}: w_q dtype {w_q.dtype} must equal x_q dtype {x_q.dtype}"
+    )
+  m, k = x_q.shape
+  n, k2 = w_q.shape
+  if k != k2:
+    raise ValueError(
+        f"{name}: x_q is [M, K]={x_q.shape} and w_q must be [N, K] (K-major),"
+        f" got {w_q.shape}"
+    )
+  if x_scale.size != m:
+    raise ValueError(
+        f"{name}: x_scale must hold one scale per token ({m}), got shape"
+        f" {x_scale.shape}"
+    )
+  if w_scale.size != n:
+    raise ValueError(
+        f"{name}: w_scale must hold one scale per output channel ({n}), got"
+        f" shape {w_scale.shape}"
+    )
+  if bias is not None and bias.size != n:
+    raise ValueError(f"{name}: bias must have {n} entries, got {bias.shape}")
+
+
+# --------------------------------------------------------------------------
+# Kernel.
+# --------------------------------------------------------------------------
+
+
+def _swizzled(swizzle: int, elem_bytes: int):
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  return (
+      plgpu.TilingTransform((8, swizzle // elem_bytes)),
+      plgpu.SwizzleTransform(swizzle),
+  )
+
+
+def _load_vector(ref, reduced_dim: int, interpret):
+  """Loads a per-row (``reduced_dim=1``) or per-column vector in the wgmma layout."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  if interpret is not None:  # The CPU interpreter has no layouts.
+    return ref[...]
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim))
+
+
+def scaled_gemm_pallas(
+    x: jax.Array,
+    w: jax.Array,
+    xs: jax.Array,
+    wsb: jax.Array,
+    *,
+    out_dtype,
+    config: GemmConfig,
+    sms: int,
+    interpret=None,
+) -> jax.Array:
+  """Runs the Mosaic GPU kernel on prepared operands.
+
+  ``x`` is ``[M, K]``, ``w`` is ``[N, K]`` (8-bit; K a multiple of 128, M of 8,
+  N of 64),
+  ``xs`` is ``[M]`` float32 and ``wsb`` is ``[2, N]`` float32 holding the
+  per-channel scale (row 0) and bias (row 1). Returns ``[M, N]`` of ``out_dtype``.
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  cfg = config
+  m, k = x.shape
+  n = w.shape[0]
+  acc_dtype = jnp.int32 if x.dtype == _INT8 else jnp.float32
+  cta_m, cta_n = cfg.cta_m, cfg.cta_n
+  m_iters = _common.cdiv(m, cta_m)
+  n_iters = _common.cdiv(n, cta_n)
+  k_iters = _common.cdiv(k, cfg.tile_k)
+  swizzle = plgpu.find_swizzle(cfg.tile_k * 8, "operands")
+  in_transforms = _swizzled(swizzle, 1)
+  out_bytes = jnp.dtype(out_dtype).itemsize
+  out_swizzle = plgpu.find_swizzle(cfg.epi_n * out_bytes * 8, "out")
+  out_transforms = _swizzled(out_swizzle, out_bytes)
+  minor = 1 if cfg.grid_minor == "n" else 0
+  epi_m_count = cfg.tile_m // cfg.epi_m
+  epi_n_count = cfg.tile_n // cfg.epi_n
+  num_slots = min(2, epi_m_count * epi_n_count)
+
+  def kernel(x_gmem, w_gmem, xs_gmem, wsb_gmem, out_gmem,
+             out_smem, xs_smem, wsb_smem, scale_bar):
+
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body,
+          grid=(k_iters,),
+          memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec(
+                  (cta_m, cfg.tile_k), lambda kk: (0, kk),
+                  transforms=in_transforms, memory_space=plgpu.SMEM),
+              plgpu.BlockSpec(
+                  (cta_n, cfg.tile_k), lambda kk: (0, kk),
+                  transforms=in_transforms, memory_space=plgpu.SMEM),
+          ],
+          wg_axis="wg",
+          num_compute_wgs=2,
+          max_concurrent_steps=cfg.stages,
+          compute_context=compute_context,
+      )
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+        collective_axes="wg",
+    )
+    def _scope(allocs):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tile_loop(info):
+        (lin,) = info.index
+        mi, ni = plgpu.planar_snake(
+            lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
+        if cfg.wg_dim == "m":
+          row0 = mi * cta_m + wg * cfg.tile_m
+          col0 = ni * cta_n
+          wg_m_slice, wg_n_slice = pl.ds(wg * cfg.tile_m, cfg.tile_m), slice(None)
+        else:
+          row0 = mi * cta_m
+          col0 = ni * cta_n + wg * cfg.tile_n
+          wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * cfg.tile_n, cfg.tile_n)
+
+        def compute_context(eval_pipeline):
+          # Scales travel while the main loop runs; they are waited on after it.
+          plgpu.copy_gmem_to_smem(
+              xs_gmem.at[pl.ds(row0, cfg.tile_m)], xs_smem.at[wg],
+              scale_bar.at[2 * wg])
+          plgpu.copy_gmem_to_smem(
+              wsb_gmem.at[:, pl.ds(col0, cfg.tile_n)], wsb_smem.at[wg],
+              scale_bar.at[2 * wg + 1])
+
+          @functools.partial(
+              pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), acc_dtype))
+          def _acc_scope(acc_ref):
+            eval_pipeline(acc_ref)
+            plgpu.barrier_wait(scale_bar.at[2 * wg])
+            plgpu.barrier_wait(scale_bar.at[2 * wg + 1])
+            row_scale = _load_vector(xs_smem.at[wg], 1, interpret)
+            col_scale = _load_vector(wsb_smem.at[wg, 0], 0, interpret)
+            col_bias = _load_vector(wsb_smem.at[wg, 1], 0, interpret)
+            shape = (cfg.tile_m, cfg.tile_n)
+            y = acc_ref[...].astype(jnp.float32)
+            y = y * lax.broadcast_in_dim(row_scale, shape, [0])
+            y = y * lax.broadcast_in_dim(col_scale, shape, [1])
+            y = y + lax.broadcast_in_dim(col_bias, shape, [1])
+            y = y.astype(out_dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for ei in range(epi_m_count):
+              for ej in range(epi_n_count):
+                slot = (ei * epi_n_count + ej) % num_slots
+                plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
+                out_smem[wg, slot] = y[
+                    ei * cfg.epi_m:(ei + 1) * cfg.epi_m,
+                    ej * cfg.epi_n:(ej + 1) * cfg.epi_n]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[wg, slot],
+                    out_gmem.at[pl.ds(row0 + ei * cfg.epi_m, cfg.epi_m),
+                                pl.ds(col0 + ej * cfg.epi_n, cfg.epi_n)])
+
+        def mma_body(_, a_smem, b_smem, acc_ref):
+          plgpu.wgmma(
+              acc_ref, a_smem.at[wg_m_slice],
+              plgpu.transpose_ref(b_smem.at[wg_n_slice], (1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        get_pipeline(mma_body, compute_context)(
+            x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+            w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+            allocations=allocs,
+        )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(sms,),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      interpret=interpret,
+      scratch_types=dict(
+          out_smem=plgpu.SMEM(
+              (2, num_slots, cfg.epi_m, cfg.epi_n), out_dtype,
+              transforms=out_transforms),
+          xs_smem=plgpu.SMEM((2, cfg.tile_m), jnp.float32),
+          wsb_smem=plgpu.SMEM((2, 2, cfg.tile_n), jnp.float32),
+          scale_bar=plgpu.Barrier(num_barriers=4),
+      ),
+  )
+  return call(x, w, xs, wsb)
+
+
+def _prepare(x_q, x_scale, w_q, w_scale, bias, config: GemmConfig):
+  """Pads operands so TMA strides are 16-byte aligned and tiles never exceed arrays."""
+  m, k = x_q.shape
+  n = w_q.shape[0]
+  # TMA tiles the minor dimension of every operand: K must be a multiple of the
+  # 128-byte swizzle line, rows a multiple of 8 and N of the output tile width.
+  kp = _common.round_up(k, config.tile_k)
+  mp = max(_common.round_up(m, 8), config.cta_m)
+  np_ = max(_common.round_up(n, 64), config.cta_n)
+  x = _common.pad_axis(_common.pad_axis(x_q, 1, kp), 0, mp)
+  w = _common.pad_axis(_common.pad_axis(w_q, 1, kp), 0, np_)
+  xs = _common.pad_axis(x_scale.reshape(-1).astype(jnp.float32), 0,
+                        _common.round_up(mp, config.cta_m))
+  bias_row = (jnp.zeros((n,), jnp.float32) if bias is None
+              else bias.reshape(-1).astype(jnp.float32))
+  wsb = jnp.stack([w_scale.reshape(-1).astype(jnp.float32), bias_row])
+  wsb = _common.pad_axis(wsb, 1, _common.round_up(np_, config.cta_n))
+  return x, w, xs, wsb, (m, n)
+
+
+def supports(x_q: jax.Array, w_q: jax.Array, out_dtype=jnp.bfloat16) -> bool:
+  """True where the Mosaic GPU W8A8 kernel applies (Hopper, int8/e4m3, 2-D)."""
+  if not _common.on_hopper():
+    return False
+  if x_q.ndim != 2 or w_q.ndim != 2 or x_q.shape[1] != w_q.shape[1]:
+    return False
+  if jnp.dtype(x_q.dtype) not in (_INT8, _FP8) or w_q.dtype != x_q.dtype:
+    return False
+  if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return False
+  return min(x_q.shape) > 0 and w_q.shape[0] > 0
+
+
+def _scaled_matmul(name, reference, x_q, x_scale, w_q, w_scale, bias,
+                   out_dtype, config):
+  _check_operands(name, x_q, x_scale, w_q, w_scale, bias, (_INT8, _FP8))
+  if not supports(x_q, w_q, out_dtype):
+    return reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+  cfg = config or _pick_config(x_q.shape[0], w_q.shape[0])
+  x, w, xs, wsb, (m, n) = _prepare(x_q, x_scale, w_q, w_scale, bias, cfg)
+  y = scaled_gemm_pallas(
+      x, w, xs, wsb, out_dtype=out_dtype, config=cfg, sms=_common.num_sms())
+  return y[:m, :n]
+
+
+def int8_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    *,
+    config: GemmConfig | None = None,
+) -> jax.Array:
+  """W8A8 int8 GEMM ``[M,K] x [N,K]^T -> [M,N]``; kernel on Hopper, reference elsewhere."""
+  _common.check_dtype("int8_matmul: x_q", x_q, (_INT8,))
+  return _scaled_matmul("int8_matmul", int8_matmul_reference, x_q, x_scale,
+                        w_q, w_scale, bias, out_dtype, config)
+
+
+def fp8_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    *,
+    config: GemmConfig | None = None,
+) -> jax.Array:
+  """W8A8 fp8 e4m3 GEMM ``[M,K] x [N,K]^T -> [M,N]``; kernel on Hopper, reference elsewhere."""
+  _common.check_dtype("fp8_matmul: x_q", x_q, (_FP8,))
+  return _scaled_matmul("fp8_matmul", fp8_matmul_reference, x_q, x_scale,
+                        w_q, w_scale, bias, out_dtype, config)
