@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def test_published_param_counts() -> None:
 
 
 def test_init_params_matches_shapes() -> None:
-    config = TINY["dit"]
+    config = dataclasses.replace(TINY["dit"], num_layers=1)
     params = dit.init_params(config, jax.random.key(0))
     chex.assert_trees_all_equal_shapes_and_dtypes(params, models.param_shapes(config))
     chex.assert_tree_all_finite(params)
@@ -183,18 +184,21 @@ def test_assign_roles_rejects_gaps_and_unknown_roles() -> None:
 
 
 def test_attention_matches_softmax_reference() -> None:
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(k1, (2, 5, 3, 8))
-    k = jax.random.normal(k2, (2, 7, 3, 8))
-    v = jax.random.normal(k3, (2, 7, 3, 8))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
-    ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
-    chex.assert_trees_all_close(attention(q, k, v), ref, atol=1e-5)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+    k, v = rng.standard_normal((2, 2, 7, 3, 8)).astype(np.float32)
+
+    @jax.jit
+    def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+    chex.assert_trees_all_close(jax.jit(attention)(q, k, v), reference(q, k, v), atol=1e-5)
     with pytest.raises(ValueError, match="implementation"):
         attention(q, k, v, implementation="flash")
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(t=st.integers(1, 6), half=st.integers(1, 4), seed=st.integers(0, 100))
 def test_apply_rope_is_complex_rotation(t: int, half: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -209,7 +213,7 @@ def test_apply_rope_is_complex_rotation(t: int, half: int, seed: int) -> None:
     np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(patch=st.lists(st.integers(1, 3), min_size=2, max_size=3), grid_seed=st.integers(0, 1000))
 def test_patchify_dense_equals_strided_conv(patch: list[int], grid_seed: int) -> None:
     rng = np.random.default_rng(grid_seed)
