@@ -85,11 +85,7 @@ def _check_cfg(cond: PyTree, uncond: PyTree, batch: int) -> None:
         return
     if jax.tree_util.tree_structure(cond) != jax.tree_util.tree_structure(uncond):
         raise ValueError("uncond must have the same pytree structure as cond for batched CFG")
-    for path, c, u in zip(
-        (p for p, _ in jax.tree_util.tree_leaves_with_path(cond)),
-        jax.tree_util.tree_leaves(cond),
-        jax.tree_util.tree_leaves(uncond),
-    ):
+    for (path, c), u in zip(jax.tree_util.tree_leaves_with_path(cond), jax.tree_util.tree_leaves(uncond)):
         if np.ndim(c) == 0 or np.shape(c)[0] != batch or np.shape(c) != np.shape(u):
             raise ValueError(
                 f"cond leaf {jax.tree_util.keystr(path)}: cond {np.shape(c)} / uncond {np.shape(u)} must "
@@ -119,7 +115,14 @@ def _predict(
     return cfg_combine(pred_u, pred_c, guidance_scale)
 
 
-def _finish(x_T: Array, x: Array, traj: Array | None, return_trajectory: bool):
+def _scan_steps(update: Callable[[Array, Any], Array], x_T: Array, xs: Any, return_trajectory: bool):
+    """``lax.scan`` of ``x <- update(x, step)`` over ``xs``; x keeps x_T's dtype."""
+
+    def body(x, step):
+        x_new = update(x, step).astype(x.dtype)
+        return x_new, (x_new if return_trajectory else None)
+
+    x, traj = jax.lax.scan(body, x_T, xs)
     if not return_trajectory:
         return x
     return x, jnp.concatenate([x_T[None], traj], axis=0)
@@ -142,14 +145,12 @@ def _flow_scan(
     n = timesteps.shape[0]
     xs = (jnp.arange(n, dtype=jnp.int32), timesteps, sigmas[:-1], sigmas[1:], step_data)
 
-    def body(x, step):
+    def update(x, step):
         i, t, sigma, sigma_next, sd = step
         v = _predict(model_fn, x, t, cond, uncond, guidance_scale, sd, i, with_step_index)
-        x_new = (x.astype(jnp.float32) + (sigma_next - sigma) * v).astype(x.dtype)
-        return x_new, (x_new if return_trajectory else None)
+        return x.astype(jnp.float32) + (sigma_next - sigma) * v
 
-    x, traj = jax.lax.scan(body, x_T, xs)
-    return _finish(x_T, x, traj, return_trajectory)
+    return _scan_steps(update, x_T, xs, return_trajectory)
 
 
 def sample_flow_euler(
@@ -307,7 +308,7 @@ def _ddim_scan(
     n = timesteps.shape[0]
     xs = (jnp.arange(n, dtype=jnp.int32), timesteps, alpha_prod_t, alpha_prod_t_prev, step_data, keys)
 
-    def body(x, step):
+    def update(x, step):
         i, t, a_t, a_prev, sd, key = step
         pred = _predict(model_fn, x, t, cond, uncond, guidance_scale, sd, i, with_step_index)
         if learned_sigma:
@@ -324,11 +325,9 @@ def _ddim_scan(
             eta=eta,
             noise=noise,
         )
-        x_new = x_new.astype(x.dtype)
-        return x_new, (x_new if return_trajectory else None)
+        return x_new
 
-    x, traj = jax.lax.scan(body, x_T, xs)
-    return _finish(x_T, x, traj, return_trajectory)
+    return _scan_steps(update, x_T, xs, return_trajectory)
 
 
 def sample_ddim(
