@@ -155,6 +155,14 @@ class _CheckedReader(gguf.GGUFReader):
     """GGUFReader that checks tensor types and extents before building array views, so
     unknown types and truncated files fail with the tensor's name."""
 
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        # The base reader slices silently past the end; a corrupt array length then loops on
+        # empty reads. Refuse any read that does not fit in the file.
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if int(offset) < 0 or int(count) < 0 or end > len(self.data):
+            raise GGUFError(f"header field at byte {int(offset)} runs past the end of the file ({len(self.data)} bytes)")
+        return super()._get(offset, dtype, count, override_order)
+
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         size = len(self.data)
         for field in fields:
@@ -167,8 +175,8 @@ class _CheckedReader(gguf.GGUFReader):
                 raise GGUFError(f"tensor {name!r}: unknown ggml type id {type_id}") from None
             block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
             n = int(np.prod(dims.astype(np.uint64))) if len(dims) else 1
-            if n % block:
-                raise GGUFError(f"tensor {name!r}: {n} values is not a whole number of {ggml_type.name} blocks")
+            if len(dims) and int(dims[0]) % block:
+                raise GGUFError(f"tensor {name!r}: rows of {int(dims[0])} values are not whole {ggml_type.name} blocks of {block}")
             end = start_offs + int(offset[0]) + n // block * type_size
             if end > size:
                 raise GGUFError(f"tensor {name!r}: data ends at byte {end} but the file has {size} bytes (truncated file?)")
@@ -187,6 +195,13 @@ def _open(path: Path) -> gguf.GGUFReader:
     if reader.byte_order != "I":
         raise GGUFError(f"{path}: byte-swapped (big-endian) GGUF files are not supported")
     return reader
+
+
+def _metadata_value(path: Path, key: str, field: Any) -> Any:
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:
+        raise GGUFError(f"{path}: metadata {key!r} is not valid UTF-8 ({e})") from None
 
 
 def _orig_shape(name: str, field: Any) -> tuple[int, ...]:
@@ -255,7 +270,7 @@ def load_gguf(
         field = fields.get(ORIG_SHAPE_PREFIX + t.name)
         orig = None if field is None else _orig_shape(t.name, field)
         tensors[t.name] = _read_tensor(t, orig, dequantize_other)
-    metadata = {k: f.contents() for k, f in fields.items() if not k.startswith(ORIG_SHAPE_PREFIX)}
+    metadata = {k: _metadata_value(path, k, f) for k, f in fields.items() if not k.startswith(ORIG_SHAPE_PREFIX)}
     del reader
     return tensors, metadata
 
