@@ -296,3 +296,25 @@ def test_export_and_load_params(tiny_wan, tmp_path: Path) -> None:
                                                 out_channels=4, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=3))
     with pytest.raises(ValueError, match="unknown GGUF type"):
         export_gguf(model_dir, tmp_path / "x.gguf", "Q2_K")
+
+
+def test_export_model_without_port_guesses_roles_and_reads_f8(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    w = RNG.standard_normal((256, 512)).astype(ml_dtypes.float8_e4m3fn)
+    save_file({"transformer_blocks.0.ff.net.2.weight": w,
+               "transformer_blocks.0.attn.to_q.weight": RNG.standard_normal((256, 256)).astype(ml_dtypes.bfloat16),
+               "transformer_blocks.0.mystery.weight": RNG.standard_normal((256, 256)).astype(np.float32),
+               "transformer_blocks.0.norm.bias": RNG.standard_normal(256).astype(np.float32)},
+              str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "NoPortTransformer"}))
+    report = export_gguf(tmp_path, tmp_path / "o.gguf", "Q5_K_M")
+    assert report.types == {"transformer_blocks.0.ff.net.2.weight": "Q6_K",  # one-block stack: use_more_bits(0, 1)
+                            "transformer_blocks.0.attn.to_q.weight": "Q5_K",
+                            "transformer_blocks.0.mystery.weight": "F16",  # unknown role stays float
+                            "transformer_blocks.0.norm.bias": "F32"}
+    tensors, meta = load_gguf(report.path)
+    assert json.loads(meta[CONFIG_KEY]) == {"_class_name": "NoPortTransformer"} and meta["jquant.mix"] == "Q5_K_M"
+    y = np.asarray(dequantize(tensors["transformer_blocks.0.ff.net.2.weight"]))
+    ref = w.astype(np.float32)
+    assert np.sqrt(np.mean((y - ref) ** 2) / np.mean(ref**2)) < 0.03

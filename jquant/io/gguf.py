@@ -304,16 +304,21 @@ def _open_safetensors(files: set[Path]):
     return {f: safe_open(f, framework="np") for f in files}
 
 
-def _get_tensor(handle: Any, file: Path, name: str) -> np.ndarray:
-    """A tensor from safetensors as numpy; BF16/F8 (which numpy's reader refuses) go
-    through safetensors' flax reader and come back as ml_dtypes arrays."""
-    dtype = handle.get_slice(name).get_dtype()
-    if dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
-        from safetensors import safe_open
+_F8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
-        with safe_open(file, framework="flax") as f:
-            return np.asarray(f.get_tensor(name))
-    return handle.get_tensor(name)
+
+def _get_tensor(handle: Any, file: Path, name: str) -> np.ndarray:
+    """A tensor from safetensors as numpy (BF16 via ml_dtypes, imported above). F8, which
+    safetensors' numpy reader cannot name, is read from the file's header and byte range."""
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype not in _F8:
+        return handle.get_tensor(name)
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        info = json.loads(fh.read(n))[name]
+    begin, end = info["data_offsets"]
+    raw = np.fromfile(file, dtype=np.uint8, count=end - begin, offset=8 + n + begin)
+    return raw.view(_F8[dtype]).reshape(info["shape"])
 
 
 def _float_storage(a: np.ndarray) -> np.ndarray:
