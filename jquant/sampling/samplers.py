@@ -19,7 +19,7 @@ Model contract::
 the scan's ``xs``, so changing them never recompiles. The jit cache is keyed on ``model_fn``
 itself: pass the same function object every call (not a fresh lambda). To keep large weights
 out of the compiled program's constants, pass ``jax.tree_util.Partial(apply_fn, params)``:
-its bound arguments are traced inputs of the jitted sampler.
+its bound arguments (arrays or pytrees of arrays) are traced inputs of the jitted sampler.
 
 Classifier-free guidance (``uncond`` given) evaluates both branches in one model call on the
 batch ``[x; x]`` with conditioning ``[uncond; cond]`` (diffusers' order) and combines them
