@@ -37,6 +37,7 @@ calibration.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -186,8 +187,9 @@ class CalibConfig:
         return path in self.layers
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def batch_stats(x2: Array, config: CalibConfig) -> LayerStats:
-    """Statistics of one batch of inputs ``x2 [T, K]`` (traceable)."""
+    """Statistics of one batch of inputs ``x2 [T, K]`` (jitted; ``config`` static)."""
     x2 = x2.astype(jnp.float32)
     t, k = x2.shape
     ax = jnp.abs(x2)

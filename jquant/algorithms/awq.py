@@ -153,5 +153,5 @@ def awq(
             sc, z, s2, _ = clip_search(l.kernel, h, l.spec, grid=config.clip_grid, min_ratio=config.clip_min_ratio, path=p)
             new[p] = lw.build_qarray(l.kernel, l.spec, sc, z, s2)
         else:
-            new[p] = quantize(l.kernel, l.spec, path=p)
+            new[p] = lw.quantize_fast(l.kernel, l.spec, path=p)
     return lw.replace(params, new), aux

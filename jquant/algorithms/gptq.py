@@ -231,15 +231,24 @@ class _Quantizer:
 
 
 @functools.partial(jax.jit, static_argnames=("quantizer", "block", "sub"))
-def _gptq_core(w: Array, u: Array, perm: Array, ctx: Any, *, quantizer: _Quantizer, block: int, sub: int):
+def _gptq_core(w: Array, u: Array, perm: Array, *, quantizer: _Quantizer, block: int, sub: int):
+    """Sweep, un-permute, and return (codes [K, N], scale, zero, scale2) in QArray layout."""
     k, n = w.shape
     kp = math.ceil(k / block) * block
+    spec, rows, cb = quantizer.spec, quantizer.rows, quantizer.cb
+    ctx = None
+    if quantizer.static:  # scales from the original weights, looked up per (permuted) column
+        s, z, s2 = compute_scales(w.astype(jnp.float32), spec, (rows, cb))
+        dec = decode_scale(QArray(None, s, z, s2, spec=spec))
+        gidx = jnp.concatenate([perm // rows, jnp.full((kp - k,), k // rows - 1, perm.dtype)])
+        ctx = (dec, z, gidx)
     w_t, u = pad_problem(w.T.astype(jnp.float32)[:, perm], u, kp)
     codes, _, recs = blocked_sweep(w_t, u, ctx, quantizer, block=block, sub=sub)
-    inv = jnp.argsort(perm)
-    codes = codes[:, :k][:, inv].T
-    recs = jax.tree.map(lambda r: r[: k // sub], recs)
-    return codes, recs
+    codes = codes[:, :k][:, jnp.argsort(perm)].T
+    if not quantizer.static:
+        recs = jax.tree.map(lambda r: r[: k // sub], recs)
+        s, z, s2 = recs[0], (recs[1] if len(recs) > 1 else None), None
+    return codes, s, z, s2
 
 
 def check_spec(spec: QSpec, path: str, method: str) -> None:
@@ -285,20 +294,10 @@ def gptq_layer(w: Array, hessian: Array, spec: QSpec | str, config: GPTQConfig |
     u, used = inverse_cholesky(hessian, damp=config.damp, damp_limit=config.damp_limit, perm=perm, path=path)
     if used != config.damp:
         log.info("gptq: %s used damping %g", path, used)
-    if static:
-        s, z, s2 = compute_scales(w.astype(jnp.float32), spec, (rows, cb))
-        dec = decode_scale(QArray(None, s, z, s2, spec=spec))
-        kp = math.ceil(k / config.block_size) * config.block_size
-        gidx = jnp.concatenate([perm // rows, jnp.full((kp - k,), k // rows - 1, perm.dtype)])
-        q = _Quantizer(spec, rows, cb, n, True)
-        codes, _ = _gptq_core(w, u, perm, (dec, z, gidx), quantizer=q, block=config.block_size, sub=config.block_size)
-        return lw.build_qarray(w, spec, s, z, s2, codes=codes)
-    block, sub = sweep_geometry(k, rows, config.block_size, True)
-    q = _Quantizer(spec, rows, cb, n, False)
-    codes, recs = _gptq_core(w, u, perm, None, quantizer=q, block=block, sub=sub)
-    s = recs[0]
-    z = recs[1] if len(recs) > 1 else None
-    return lw.build_qarray(w, spec, s, z, None, codes=codes)
+    block, sub = sweep_geometry(k, rows, config.block_size, not static)
+    q = _Quantizer(spec, rows, cb, n, static)
+    codes, s, z, s2 = _gptq_core(w, u, perm, quantizer=q, block=block, sub=sub)
+    return lw.build_qarray(w, spec, s, z, s2, codes=codes)
 
 
 def gptq(

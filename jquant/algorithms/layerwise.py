@@ -11,6 +11,7 @@ method chose, and the bit accounting used in reports.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Collection, Mapping, Sequence
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.formats import QSpec, parse_spec
-from jquant.qarray import QArray, decode_scale, encode, pack
+from jquant.qarray import QArray, decode_scale, encode, pack, quantize
 from jquant.rules import Rule, flatten_with_paths, map_with_paths, resolve
 
 Array = jax.Array
@@ -156,8 +157,13 @@ def build_qarray(
     """A QArray with the given (stored-dtype) scales, laid out exactly as ``quantize`` does.
 
     ``codes`` (unpacked, kernel layout) are encoded from ``w`` with the given scales when
-    not supplied.
+    not supplied. Jitted (one compilation per shape and spec).
     """
+    return _build_qarray(w, scale, zero, scale2, codes, spec=spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _build_qarray(w, scale, zero, scale2, codes, *, spec: QSpec) -> QArray:
     proto = QArray(None, scale, zero, scale2, spec=spec, dtype=w.dtype)
     if codes is None:
         codes = encode(w, decode_scale(proto), zero, spec)
@@ -165,6 +171,24 @@ def build_qarray(
     if spec.packed:
         codes, pad = pack(codes, spec.format.bits, spec.contraction_axis(w.ndim))
     return QArray(codes, scale, zero, scale2, spec=spec, dtype=w.dtype, pad=pad)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _quantize_jit(w: Array, spec: QSpec) -> QArray:
+    return quantize(w, spec)
+
+
+def quantize_fast(w: Array, spec: QSpec | str, *, path: str = "") -> QArray:
+    """``jquant.qarray.quantize`` compiled once per shape and spec (eager quantize compiles
+    every small op separately, which dominates on small layers). Same checks and errors."""
+    spec = parse_spec(spec)
+    w = jnp.asarray(w)
+    if spec.format.kind == "codec" or not jnp.issubdtype(w.dtype, jnp.floating) or w.ndim == 0:
+        return quantize(w, spec, path=path)
+    spec.block_shape(tuple(w.shape), path)
+    if not np.all(np.isfinite(np.asarray(w, np.float32))):
+        return quantize(w, spec, path=path)  # raises the NaN/Inf error naming the path
+    return _quantize_jit(w, spec)
 
 
 def logical_bits(spec: QSpec) -> int:

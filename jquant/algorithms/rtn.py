@@ -21,8 +21,8 @@ import numpy as np
 
 from jquant.algorithms import layerwise as lw
 from jquant.formats import QSpec, parse_spec
-from jquant.qarray import QArray, compute_scales, decode, decode_scale, encode, quantize
-from jquant.rules import Rule, flatten_with_paths, quantize_params, resolve
+from jquant.qarray import QArray, compute_scales, decode, decode_scale, encode
+from jquant.rules import Rule, flatten_with_paths, resolve
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -98,7 +98,7 @@ def rtn_layer(w: Array, spec: QSpec | str, hessian: Array | None = None, config:
     spec = parse_spec(spec)
     w = jnp.asarray(w)
     if not config.clip_search:
-        return quantize(w, spec, path=path)
+        return lw.quantize_fast(w, spec, path=path)
     if hessian is None:
         raise ValueError(f"rtn: {path}: clip_search needs the layer's Hessian (calibration statistics)")
     s, z, s2, _ = clip_search(w, hessian, spec, grid=config.grid, min_ratio=config.min_ratio, path=path)
@@ -115,21 +115,20 @@ def rtn(
 ) -> Any:
     """Round-to-nearest over a param tree; ``stats`` is only needed for ``clip_search``.
 
-    Without clipping this is exactly :func:`jquant.rules.quantize_params` (restricted to
-    ``layers`` if given), for every format including the GGUF codecs.
+    Without clipping this quantizes exactly as :func:`jquant.rules.quantize_params` does
+    (restricted to ``layers`` if given), for every format including the GGUF codecs.
     """
     config = config or RTNConfig()
     if not config.clip_search:
-        if layers is None:
-            return quantize_params(params, rules)[0]
-        keep = set(layers)
         rl = lw.as_rules(rules)
-        sub = {p: resolve(p, leaf, rl) for p, leaf in flatten_with_paths(params) if p in keep}
-        unknown = sorted(keep - set(sub))
-        if unknown:
-            raise KeyError(f"rtn: layers {unknown} are not param paths of the tree")
-        flat = dict(flatten_with_paths(params))
-        return lw.replace(params, {p: quantize(flat[p], s, path=p) for p, s in sub.items() if s is not None})
+        flat = flatten_with_paths(params)
+        if layers is not None:
+            unknown = sorted(set(layers) - {p for p, _ in flat})
+            if unknown:
+                raise KeyError(f"rtn: layers {unknown} are not param paths of the tree")
+        todo = {p: resolve(p, leaf, rl) for p, leaf in flat if layers is None or p in layers}
+        leaves = dict(flat)
+        return lw.replace(params, {p: lw.quantize_fast(leaves[p], s, path=p) for p, s in todo.items() if s is not None})
     sel = lw.select(params, stats, rules, layers=layers, method="rtn")
     new = {}
     for layer in sel:

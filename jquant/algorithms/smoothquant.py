@@ -172,7 +172,7 @@ def smoothquant(
     scales, _ = smoothquant_search(params, stats, rules, config, fold_map=fold_map, layers=layers)
     params, aux = fold_lib.smooth(params, scales, fold_map, aux)
     sel = lw.select(params, stats, rules, layers=set(scales), method="smoothquant", need_hessian=False)
-    new = {l.path: quantize(l.kernel, l.spec, path=l.path) for l in sel}
+    new = {l.path: lw.quantize_fast(l.kernel, l.spec, path=l.path) for l in sel}
     if not config.act_spec.dynamic:
         for l in sel:
             entry = aux.setdefault(lw.module_path(l.path), {})
