@@ -23,8 +23,8 @@ def _formats(_: argparse.Namespace) -> int:
 def _export_gguf(a: argparse.Namespace) -> int:
     from jquant.io.gguf import export_gguf
 
-    out = export_gguf(a.model_dir, a.out, type=a.type)
-    print(f"wrote {out}")
+    report = export_gguf(a.model_dir, a.out, type=a.type, progress=True)
+    print(f"wrote {report.path} ({report.bits_per_weight:.2f} bits per weight)")
     return 0
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("export-gguf", help="write a diffusers model dir as a GGUF file (k-quant mix)")
     g.add_argument("model_dir")
     g.add_argument("out")
-    g.add_argument("--type", default="Q4_K_M", help="Q8_0, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M")
+    g.add_argument("--type", default="Q4_K_M", choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
     g.set_defaults(fn=_export_gguf)
     a = p.parse_args(argv)
     return a.fn(a)
