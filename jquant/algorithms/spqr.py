@@ -26,7 +26,8 @@ at 48 bits each (16-bit value + 16-bit row + 16-bit column), e.g. 3 + 0.375 + 0.
 
 The result is an :class:`SpQRArray` leaf, a :class:`~jquant.algorithms.coded.CodedArray`:
 ``dequantize()`` decodes the dense codes with the decoded statistics and writes the
-outliers back (an XLA scatter), so the execution path runs it like any decoded kernel.
+outliers back (an XLA scatter). :mod:`jquant.nn` runs it with no change to the core:
+the dispatch reads a non-QArray kernel as ``w.astype(x.dtype)``, which decodes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from jquant.algorithms import layerwise as lw
 from jquant.algorithms.coded import CodedArray
 from jquant.algorithms.gptq import blocked_sweep, inverse_cholesky
 from jquant.qarray import pack, unpack
-from jquant.rules import Rule, flatten_with_paths
+from jquant.rules import Rule
 
 Array = jax.Array
 _STAT_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -225,6 +226,11 @@ class SpQRArray(CodedArray):
         w = w.at[self.rows.astype(jnp.int32), self.cols.astype(jnp.int32)].set(self.values.astype(jnp.float32))
         return w.astype(dt)
 
+    def astype(self, dtype) -> Array:
+        """The dense kernel in ``dtype``: how :func:`jquant.dispatch.linear` reads a
+        non-QArray kernel (``w.astype(x.dtype)``), so SpQR layers run unchanged."""
+        return self.dequantize(dtype)
+
     def nominal_bits(self) -> float:
         """Paper accounting: codes and stat codes at their bit widths, second-level stats at
         their dtype, outliers at 16-bit value + 32-bit (row, col) index."""
@@ -314,8 +320,7 @@ def spqr(
 
 def bits_per_weight(tree: Any) -> dict[str, float]:
     """Average bits per weight over the SpQR leaves of a tree: nominal (paper) and storage."""
-    leaves = [x for _, x in flatten_with_paths(tree) if isinstance(x, SpQRArray)]
-    leaves = leaves or [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, SpQRArray)) if isinstance(x, SpQRArray)]
+    leaves = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, SpQRArray)) if isinstance(x, SpQRArray)]
     if not leaves:
         raise ValueError("no SpQR leaves in the tree")
     size = sum(math.prod(x.shape) for x in leaves)
