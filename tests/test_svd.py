@@ -9,7 +9,7 @@ import pytest
 import jquant.nn
 from jquant.algorithms import svd
 from jquant.algorithms.coded import LowRankArray, decode_tree
-from jquant.algorithms.linear_tree import collect_stats, get_aux, get_kernel, relative_error, update_layer
+from jquant.algorithms.linear_tree import get_aux, get_kernel, layer_statistics, relative_error, update_layer
 from jquant.algorithms.toy import one_layer, outlier_layer
 from jquant.qarray import QArray, dequantize
 from jquant.rules import quantize_params
@@ -21,7 +21,7 @@ HI = jax.lax.Precision.HIGHEST
 def layer():
     x, w = outlier_layer(seed=1, k=128, n=96, tokens=384)
     model, variables = one_layer(w)
-    stats = collect_stats(model.apply, variables, x)
+    stats = layer_statistics(model, variables, x)
     return x, w, model, variables, stats
 
 
@@ -49,7 +49,7 @@ def test_svd_llm_truncation_error_is_the_dropped_singular_values(rank):
 
 def test_svdquant_split_is_exact_in_float(layer):
     x, w, *_ , stats = layer
-    mul, a, b, res = svd.svdquant_split(w, stats["layer"]["absmax"], rank=16, alpha=0.5)
+    mul, a, b, res = svd.svdquant_split(w, stats["layer/kernel"].absmax, rank=16, alpha=0.5)
     y = jnp.matmul(x * mul, jnp.matmul(a, b, precision=HI) + res, precision=HI)
     chex.assert_trees_all_close(y, jnp.matmul(x, w, precision=HI), rtol=1e-5, atol=1e-4)
 
@@ -123,7 +123,7 @@ def test_errors_name_the_layer(layer):
     with pytest.raises(ValueError, match="layer: svdquant smoothing after an online Hadamard"):
         svd.svdquant(rotated, stats, svd.SVDQuantConfig(rules="int4/g32"))
     with pytest.raises(KeyError, match="absmax"):
-        svd.svdquant(variables, {"layer": {"hessian": stats["layer"]["hessian"]}}, svd.SVDQuantConfig(rules="int4/g32"))
+        svd.svdquant(variables, {"layer": {"hessian": stats["layer/kernel"].hessian}}, svd.SVDQuantConfig(rules="int4/g32"))
     with pytest.raises(ValueError, match="rank must be an integer"):
         svd.svd_lowrank(w, 0)
     with pytest.raises(ValueError, match="not in the same basis"):

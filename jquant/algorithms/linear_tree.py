@@ -8,10 +8,12 @@ The algorithms of this package (rotations, low-rank splits, codebooks) are pure 
 ``lowrank_a``/``lowrank_b``, ``input_scale``) live at the same path in the ``"jquant"``
 collection, which is what :mod:`jquant.nn` reads at run time.
 
-Statistics (``stats``) map a module path to the layer's calibration statistics of its
-*effective* input, the ``x`` an observer sees (after any ``input_mul`` and ``hadamard``
-already in the tree): a mapping or object with ``hessian`` (``X^T X`` summed over tokens,
-[K, K]), optional ``count`` (tokens), ``absmax`` ([K]) and ``samples`` ([n, K]).
+Statistics (``stats``) are :func:`jquant.calib.calibrate`'s ``{kernel path: LayerStats}``
+(a plain mapping keyed by kernel or module path with the same fields also works) of each
+layer's *effective* input, the ``x`` an observer sees after any ``input_mul`` and
+``hadamard`` already in the tree: ``hessian`` (``X^T X`` summed over tokens, [K, K]),
+``count`` (tokens) and ``absmax`` ([K]). After a method adds aux entries, calibrate the new
+tree again before a method that reads statistics of the rotated/smoothed input.
 """
 
 from __future__ import annotations
@@ -137,7 +139,10 @@ def layer_stat(stats: Any, path: str, name: str, *, required: bool = True) -> An
     """``stats[path][name]`` (mapping or attribute access); a clear error if missing."""
     entry = None
     if stats is not None:
-        entry = stats.get(path) if isinstance(stats, Mapping) else getattr(stats, path, None)
+        for key in (f"{path}/kernel", path):
+            entry = stats.get(key) if isinstance(stats, Mapping) else getattr(stats, key, None)
+            if entry is not None:
+                break
     value = None
     if entry is not None:
         value = entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
@@ -159,37 +164,30 @@ def hessian(stats: Any, path: str, *, damp: float = 0.0) -> Array:
     return h
 
 
-def collect_stats(
-    apply_fn, *args, samples: int = 0, **kwargs
-) -> dict[str, dict[str, Array]]:
-    """Run ``apply_fn(*args, **kwargs)`` under :func:`jquant.nn.observe` (not jitted) and
-    return per-layer ``hessian`` / ``count`` / ``absmax`` (and ``samples`` rows if asked).
+def layer_statistics(model: Any, variables: Variables, *inputs: Any, batches: Sequence[Any] | None = None) -> dict:
+    """:func:`jquant.calib.calibrate` of a linen ``model`` with ``variables`` (aux included)
+    on one input tuple (or a list of input tuples ``batches``): ``{kernel path: LayerStats}``."""
+    from jquant import calib
 
-    A small eager collector for algorithms and tests; the calibration module streams the
-    same statistics over batches, timesteps and CFG branches.
-    """
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return calib.calibrate(
+        lambda p, b: model.apply({**rest, "params": p}, *b),
+        variables["params"],
+        batches if batches is not None else [inputs],
+        calib.CalibConfig(histogram=False),
+        progress=False,
+    )
+
+
+def capture_inputs(model: Any, variables: Variables, *inputs: Any) -> dict[str, Array]:
+    """Eager run of ``model`` recording each linear layer's effective input, flattened to
+    [T, K], keyed by module path (for losses that need samples, e.g. SpinQuant's)."""
     from jquant.nn import observe
 
-    acc: dict[str, dict[str, Any]] = {}
-
-    def fn(path: str, x: Array) -> None:
-        x2 = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
-        e = acc.setdefault(path, {"hessian": 0.0, "count": 0, "absmax": 0.0, "samples": []})
-        e["hessian"] = e["hessian"] + jnp.matmul(x2.T, x2, precision=_HIGHEST)
-        e["count"] += x2.shape[0]
-        e["absmax"] = jnp.maximum(e["absmax"], jnp.max(jnp.abs(x2), axis=0))
-        if samples:
-            e["samples"].append(x2)
-
-    with observe(fn):
-        apply_fn(*args, **kwargs)
-    out = {}
-    for path, e in acc.items():
-        d = {"hessian": e["hessian"], "count": e["count"], "absmax": e["absmax"]}
-        if samples:
-            d["samples"] = jnp.concatenate(e["samples"], 0)[:samples]
-        out[path] = d
-    return out
+    seen: dict[str, list[Array]] = {}
+    with observe(lambda path, x: seen.setdefault(path, []).append(jnp.reshape(x, (-1, x.shape[-1])))):
+        model.apply(variables, *inputs)
+    return {p: jnp.concatenate(v, 0).astype(jnp.float32) for p, v in seen.items()}
 
 
 def relative_error(y: Array, y_ref: Array) -> float:

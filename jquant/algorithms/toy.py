@@ -71,26 +71,46 @@ class TinyDiTBlock(nn.Module):
         return x + gate2 * nn.Dense(d, name="ff_down")(u)
 
 
+TIMESTEP_OUTLIER = 4.0
+
+
 def outlier_block(
     seed: int = 0, dim: int = 128, heads: int = 4, mlp: int = 512, tokens: int = 64, batch: int = 2, **block_kw
 ) -> tuple[TinyDiTBlock, dict, tuple[Array, Array]]:
     """(block, variables, (x, c)) with DiT-like activation outliers (see module docstring)."""
     block = TinyDiTBlock(dim, heads, mlp, **block_kw)
-    k = jax.random.split(jax.random.key(seed), 8)
-    x = jax.random.normal(k[0], (batch, tokens, dim))
-    hot = jax.random.choice(k[1], dim, (max(2, dim // 32),), replace=False)
-    x = x.at[..., hot].multiply(25.0)  # massive residual channels
-    c = jax.random.normal(k[2], (batch, dim))
-    params = block.init(k[3], x, c)["params"]
-    amp = jnp.ones((dim,)).at[hot].set(4.0)
-    # modulation bias: scale1/scale2 amplify a few channels (adaLN), as trained DiTs do
-    bias = params["adaLN"]["bias"].reshape(6, dim)
-    bias = bias.at[1].set(amp - 1).at[4].set(amp - 1)
-    params["adaLN"]["bias"] = bias.reshape(-1)
-    vcols = jax.random.choice(k[4], dim, (max(2, dim // 32),), replace=False)
-    params["to_v"]["kernel"] = params["to_v"]["kernel"].at[:, vcols].multiply(12.0)
-    ucols = jax.random.choice(k[5], mlp, (max(2, mlp // 64),), replace=False)
-    params["ff_up"]["kernel"] = params["ff_up"]["kernel"].at[:, ucols].multiply(10.0)
+
+    @jax.jit
+    def make(key: Array):
+        k = jax.random.split(key, 8)
+        x = jax.random.normal(k[0], (batch, tokens, dim))
+        hot = jax.random.choice(k[1], dim, (max(2, dim // 32),), replace=False)
+        x = x.at[..., hot].multiply(25.0)  # massive residual channels
+        c = jax.random.normal(k[2], (batch, dim))
+        params = block.init(k[3], x, c)["params"]
+        # trained weights are heavy-tailed (flax's init is a truncated normal)
+        for i, name in enumerate(sorted(params)):
+            if "kernel" in params[name]:
+                kern = params[name]["kernel"]
+                t = heavy_tailed(jax.random.fold_in(k[6], i), kern.shape)
+                params[name] = {**params[name], "kernel": t * jnp.sqrt(0.6 / kern.shape[0])}
+        amp = jnp.ones((dim,)).at[hot].set(4.0)
+        # modulation bias: scale1/scale2 amplify a few channels (adaLN), as trained DiTs do
+        bias = params["adaLN"]["bias"].reshape(6, dim)
+        params["adaLN"]["bias"] = bias.at[1].set(amp - 1).at[4].set(amp - 1).reshape(-1)
+        # ... and which channels are amplified depends on the timestep embedding c
+        tcols = jax.random.choice(k[7], dim, (max(4, dim // 8),), replace=False)
+        kern = params["adaLN"]["kernel"].reshape(dim, 6, dim)
+        boost = TIMESTEP_OUTLIER * jax.random.normal(k[7], (dim, tcols.shape[0])) / jnp.sqrt(dim)
+        kern = kern.at[:, 1, tcols].set(boost).at[:, 4, tcols].set(boost[:, ::-1])
+        params["adaLN"]["kernel"] = kern.reshape(dim, 6 * dim)
+        vcols = jax.random.choice(k[4], dim, (max(2, dim // 32),), replace=False)
+        params["to_v"]["kernel"] = params["to_v"]["kernel"].at[:, vcols].multiply(12.0)
+        ucols = jax.random.choice(k[5], mlp, (max(2, mlp // 64),), replace=False)
+        params["ff_up"]["kernel"] = params["ff_up"]["kernel"].at[:, ucols].multiply(10.0)
+        return params, x, c
+
+    params, x, c = make(jax.random.key(seed))
     return block, {"params": params}, (x, c)
 
 
@@ -104,8 +124,15 @@ def outlier_layer(
     ch = jax.random.choice(ks[1], k, (n_outliers,), replace=False)
     common = jax.random.normal(ks[2], (tokens, 1))
     x = x.at[:, ch].set(scale * (common + 0.3 * x[:, ch]))
-    w = jax.random.t(ks[3], 5.0, (k, n)) / math.sqrt(k)
+    w = heavy_tailed(ks[3], (k, n)) / math.sqrt(k)
     return x, w
+
+
+def heavy_tailed(key: Array, shape: tuple[int, ...]) -> Array:
+    """Unit-variance heavy-tailed samples: a Gaussian scale mixture ``n1 * exp(n2 / 2)``
+    (kurtosis ~ 8, like trained transformer weights; cheap to sample)."""
+    n1, n2 = jax.random.normal(key, (2, *shape))
+    return n1 * jnp.exp(0.5 * n2) / math.e ** 0.25
 
 
 class OneLayer(nn.Module):

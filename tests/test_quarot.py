@@ -1,0 +1,117 @@
+"""QuaRot for DiTs (jquant.algorithms.quarot): exact rotations, then better 4-bit quality."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jquant.nn
+from jquant.algorithms import quarot as Q
+from jquant.algorithms.hadamard import random_hadamard
+from jquant.algorithms.linear_tree import get_aux, layer_statistics, relative_error, update_layer
+from jquant.algorithms.fold import aux_collection
+from jquant.algorithms.gptq import gptq
+from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant
+from jquant.algorithms.toy import one_layer, outlier_block, rope
+from jquant.rules import quantize_params
+
+W4 = [("adaLN", None), (".*", "int4")]  # the modulation stays in float
+
+
+def _block_config(**kw):
+    return Q.QuaRotConfig(skip="adaLN", vo_groups=((("to_v",), ("to_out",)),), head_dim=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def block():
+    blk, variables, (x, c) = outlier_block(seed=0, dim=128, heads=4, mlp=256, tokens=32, batch=4, qk_norm=True)
+    return blk, variables, x, c, blk.apply(variables, x, c)
+
+
+def _quantize(variables, rules=W4):
+    return {**variables, "params": quantize_params(variables["params"], rules)[0]}
+
+
+def _smoothquant(blk, variables, x, c, act):
+    """SmoothQuant (alpha 0.5) + RTN, by jquant.algorithms.smoothquant."""
+    stats = layer_statistics(blk, variables, x, c)
+    params, aux = smoothquant(variables["params"], stats, W4, SmoothQuantConfig(alpha=0.5, act=act))
+    return {"params": params, "jquant": aux_collection(aux)}
+
+
+def _gptq(blk, variables, x, c):
+    return {**variables, "params": gptq(variables["params"], layer_statistics(blk, variables, x, c), W4)}
+
+
+@pytest.mark.parametrize("k", [64, 96])
+def test_rotate_input_is_exact_and_composes_with_existing_aux(k):
+    kx, kw, ka, kb = jax.random.split(jax.random.key(k), 4)
+    x = jax.random.normal(kx, (16, k))
+    w = jax.random.normal(kw, (k, 24))
+    a, b = jax.random.normal(ka, (k, 4)), jax.random.normal(kb, (4, 24))
+    model, variables = one_layer(w)
+    mul = jnp.linspace(0.5, 2.0, k)
+    variables = update_layer(variables, "layer", aux={"input_mul": mul, "lowrank_a": a, "lowrank_b": b})
+    y = jquant.nn.apply(model, variables, x)
+    rotated = Q.rotate_input(variables, "layer", seed=3)
+    aux = get_aux(rotated, "layer")
+    assert "hadamard" in aux and not bool(jnp.allclose(aux["input_mul"], mul))
+    chex.assert_trees_all_close(jquant.nn.apply(model, rotated, x), y, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="layer: already has an online Hadamard"):
+        Q.rotate_input(rotated, "layer")
+
+
+def test_quarot_block_is_exact_in_float(block):
+    blk, variables, x, c, y = block
+    cfg = _block_config(qk_groups=((("to_q",), ("to_k",)),))
+    rotated = Q.quarot(variables, None, cfg)
+    for p in ("to_q", "to_k", "to_v", "to_out", "ff_up", "ff_down"):
+        assert "hadamard" in get_aux(rotated, p)
+    assert "hadamard" not in get_aux(rotated, "adaLN")
+    assert relative_error(jquant.nn.apply(blk, rotated, x, c), y) < 1e-5
+
+
+def test_qk_fold_needs_no_rope_online_rotation_after_rope_is_exact():
+    blk, variables, (x, c) = outlier_block(seed=1, dim=64, heads=2, mlp=128, tokens=16, use_rope=True)
+    y = blk.apply(variables, x, c)
+    # online inputs + V/O heads stay exact with RoPE; folding Q/K offline does not
+    exact = Q.quarot(variables, None, _block_config())
+    assert relative_error(jquant.nn.apply(blk, exact, x, c), y) < 1e-5
+    folded = Q.quarot(variables, None, _block_config(qk_groups=((("to_q",), ("to_k",)),)))
+    assert relative_error(jquant.nn.apply(blk, folded, x, c), y) > 1e-3
+    # applied after RoPE the rotation leaves the scores unchanged
+    q, k = jax.random.normal(jax.random.key(0), (2, 2, 10, 2, 32))
+    qr, kr = Q.rotate_qk_online(rope(q), rope(k), random_hadamard(32, 5))
+    s, sr = jnp.einsum("bqhd,bkhd->bhqk", rope(q), rope(k)), jnp.einsum("bqhd,bkhd->bhqk", qr, kr)
+    chex.assert_trees_all_close(sr, s, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", ["int4/token", "int8/token"])
+def test_quarot_beats_rtn_and_smoothquant(block, act):
+    """QuaRot as published (rotations + GPTQ) and with RTN, against RTN and SmoothQuant."""
+    blk, variables, x, c, y = block
+    rotated = Q.quarot(variables, None, _block_config())
+    trees = {
+        "rtn": _quantize(variables),
+        "smoothquant": _smoothquant(blk, variables, x, c, act),
+        "quarot_rtn": _quantize(rotated),
+        "quarot": _gptq(blk, rotated, x, c),
+    }
+    err = {k: relative_error(jquant.nn.apply(blk, v, x, c, act=act), y) for k, v in trees.items()}
+    assert err["quarot"] < err["rtn"] and err["quarot"] < err["smoothquant"], err
+    assert err["quarot_rtn"] < err["rtn"], err
+
+
+def test_bad_rotations_are_refused(block):
+    blk, variables, *_ = block
+    with pytest.raises(ValueError, match="not orthogonal"):
+        Q.rotate_heads(variables, ["to_v"], ["to_out"], jnp.ones((32, 32)))
+    with pytest.raises(ValueError, match="to_v: output width 128 is not a multiple of head_dim 48"):
+        Q.rotate_heads(variables, ["to_v"], ["to_out"], random_hadamard(48, 0))
+    with pytest.raises(ValueError, match="to_q: rotate_input must run before quantization"):
+        Q.rotate_input(_quantize(variables), "to_q")
+    online = Q.rotate_input(variables, "to_out")
+    with pytest.raises(ValueError, match="to_out: rotate_heads must run before aux"):
+        Q.rotate_heads(online, ["to_v"], ["to_out"], random_hadamard(32, 0))
+    with pytest.raises(ValueError, match="no layer matches"):
+        Q.quarot(variables, None, Q.QuaRotConfig(online="nothing"))
