@@ -4,7 +4,8 @@ and the most sensitive weights kept exactly in a sparse bf16 matrix.
 Per kernel W [K, N] (one GPTQ sweep over the input channels, :func:`gptq.blocked_sweep`):
 
 * first level: groups of ``group_size`` (16) consecutive input channels per output
-  column get an asymmetric min-max ``bits``-bit grid (scale s, float zero z);
+  column get an asymmetric min-max ``bits``-bit grid (scale s, float zero z; the range
+  always contains 0, as in GPTQ's quantizer, so z stays in [0, 2^bits - 1]);
 * second level: the vectors of s and z of each group are themselves quantized to
   ``stat_bits`` (3) bits, min-max in groups of ``stat_group`` (16) output columns, with a
   float16 step and minimum per such group;
@@ -125,8 +126,8 @@ _TINY = 1e-10
 def _minmax_stats(slab: Array, keep: Array, qmax: int) -> tuple[Array, Array]:
     lo = jnp.min(jnp.where(keep, slab, jnp.inf), axis=-1)
     hi = jnp.max(jnp.where(keep, slab, -jnp.inf), axis=-1)
-    lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
-    hi = jnp.where(jnp.isfinite(hi), hi, 0.0)
+    lo = jnp.minimum(jnp.where(jnp.isfinite(lo), lo, 0.0), 0.0)  # the grid contains 0 (as GPTQ's
+    hi = jnp.maximum(jnp.where(jnp.isfinite(hi), hi, 0.0), 0.0)  # quantizer): zeros stay in [0, qmax]
     s = jnp.maximum(hi - lo, _TINY) / qmax
     return s, -lo / s
 
