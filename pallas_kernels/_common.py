@@ -47,6 +47,21 @@ def _default_device_is_hopper() -> bool:
   return major == 9
 
 
+@functools.lru_cache(maxsize=None)
+def _default_device_is_gpu() -> bool:
+  try:
+    return jax.devices()[0].platform == "gpu"
+  except RuntimeError:
+    return False
+
+
+def on_gpu() -> bool:
+  """True when the default JAX device is a GPU (and ``$JQUANT_PALLAS`` allows kernels)."""
+  if forced_mode() == "reference":
+    return False
+  return _default_device_is_gpu()
+
+
 def on_hopper() -> bool:
   """True when the default JAX device is an sm_90 (Hopper) GPU."""
   mode = forced_mode()

@@ -20,7 +20,7 @@ import numpy as np
 L2_BYTES = 50 * 2**20
 
 
-def copies_for(bytes_per_set: float, limit: int = 8, budget: float = 6e9) -> int:
+def copies_for(bytes_per_set: float, limit: int = 24, budget: float = 6e9) -> int:
   """How many input sets to rotate so together they are >= 3x the L2 size."""
   need = int(np.ceil(3 * L2_BYTES / max(bytes_per_set, 1)))
   fit = max(1, int(budget // max(bytes_per_set, 1)))

@@ -172,6 +172,32 @@ def _load_vector(ref, reduced_dim: int, interpret):
   return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim))
 
 
+def store_tile(y, out_smem, out_gmem, row0, col0, epi_m: int, epi_n: int):
+  """Writes a register tile to ``out_gmem[row0:, col0:]`` through SMEM in TMA pieces.
+
+  ``out_smem`` is ``[slots, epi_m, epi_n]``; pieces alternate between slots so one
+  TMA store is in flight while the next piece is written. Rows or columns past
+  the array's end are dropped by the TMA unit.
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  tile_m, tile_n = y.shape
+  num_slots = out_smem.shape[0]
+  count_n = tile_n // epi_n
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  for ei in range(tile_m // epi_m):
+    for ej in range(count_n):
+      slot = (ei * count_n + ej) % num_slots
+      plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
+      out_smem[slot] = y[ei * epi_m:(ei + 1) * epi_m, ej * epi_n:(ej + 1) * epi_n]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          out_smem.at[slot],
+          out_gmem.at[pl.ds(row0 + ei * epi_m, epi_m),
+                      pl.ds(col0 + ej * epi_n, epi_n)])
+
+
 def scaled_gemm_pallas(
     x: jax.Array,
     w: jax.Array,
@@ -280,20 +306,8 @@ def scaled_gemm_pallas(
             y = y * lax.broadcast_in_dim(row_scale, shape, [0])
             y = y * lax.broadcast_in_dim(col_scale, shape, [1])
             y = y + lax.broadcast_in_dim(col_bias, shape, [1])
-            y = y.astype(out_dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            for ei in range(epi_m_count):
-              for ej in range(epi_n_count):
-                slot = (ei * epi_n_count + ej) % num_slots
-                plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
-                out_smem[wg, slot] = y[
-                    ei * cfg.epi_m:(ei + 1) * cfg.epi_m,
-                    ej * cfg.epi_n:(ej + 1) * cfg.epi_n]
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    out_smem.at[wg, slot],
-                    out_gmem.at[pl.ds(row0 + ei * cfg.epi_m, cfg.epi_m),
-                                pl.ds(col0 + ej * cfg.epi_n, cfg.epi_n)])
+            store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0,
+                       col0, cfg.epi_m, cfg.epi_n)
 
         def mma_body(_, a_smem, b_smem, acc_ref):
           plgpu.wgmma(
@@ -405,3 +419,254 @@ def fp8_matmul(
   _common.check_dtype("fp8_matmul: x_q", x_q, (_FP8,))
   return _scaled_matmul("fp8_matmul", fp8_matmul_reference, x_q, x_scale,
                         w_q, w_scale, bias, out_dtype, config)
+
+
+# --------------------------------------------------------------------------
+# fp8 with 1x128 activation and 128x128 weight block scales (DeepGEMM-style).
+# --------------------------------------------------------------------------
+
+BLOCK = 128
+# Weight scales travel per K step as 32 consecutive N blocks (128 bytes, the
+# smallest copy a warpgroup issues); the kernel picks its own block's entry.
+_WS_LANES = 32
+
+
+def _check_block_operands(x_q, x_scale, w_q, w_scale, bias):
+  name = "fp8_block_matmul"
+  _common.check_rank(f"{name}: x_q", x_q, 2)
+  _common.check_rank(f"{name}: w_q", w_q, 2)
+  _common.check_dtype(f"{name}: x_q", x_q, (_FP8,))
+  _common.check_dtype(f"{name}: w_q", w_q, (_FP8,))
+  m, k = x_q.shape
+  n, k2 = w_q.shape
+  if k != k2:
+    raise ValueError(f"{name}: x_q {x_q.shape} and w_q {w_q.shape} must share K")
+  kb, nb = _common.cdiv(k, BLOCK), _common.cdiv(n, BLOCK)
+  if x_scale.shape != (m, kb):
+    raise ValueError(
+        f"{name}: x_scale must be [M, ceil(K/128)]={(m, kb)} (one scale per token"
+        f" per 128-wide K slice), got {x_scale.shape}")
+  if w_scale.shape != (nb, kb):
+    raise ValueError(
+        f"{name}: w_scale must be [ceil(N/128), ceil(K/128)]={(nb, kb)}, got"
+        f" {w_scale.shape}")
+  if bias is not None and bias.size != n:
+    raise ValueError(f"{name}: bias must have {n} entries, got {bias.shape}")
+
+
+def fp8_block_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+  """Plain-JAX block-scaled fp8 GEMM: dequantize both operands to f32, f32 dot."""
+  _check_block_operands(x_q, x_scale, w_q, w_scale, bias)
+  m, k = x_q.shape
+  n = w_q.shape[0]
+  xs = jnp.repeat(x_scale.astype(jnp.float32), BLOCK, axis=1)[:, :k]
+  ws = jnp.repeat(jnp.repeat(w_scale.astype(jnp.float32), BLOCK, axis=0)[:n],
+                  BLOCK, axis=1)[:, :k]
+  x = x_q.astype(jnp.float32) * xs
+  w = w_q.astype(jnp.float32) * ws
+  y = lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                      precision=lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.reshape(1, -1).astype(jnp.float32)
+  return y.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Tiling of the block-scaled fp8 GEMM: two consumer warpgroups of 64 rows each."""
+
+  stages: int = 5
+  grid_minor: str = "n"
+  grid_tile_width: int = 8
+  epi_m: int = 64
+  epi_n: int = 32
+
+
+def block_fp8_gemm_pallas(
+    x: jax.Array,
+    w: jax.Array,
+    xs_t: jax.Array,
+    ws_t: jax.Array,
+    bias: jax.Array,
+    *,
+    out_dtype,
+    config: BlockConfig,
+    sms: int,
+) -> jax.Array:
+  """Runs the block-scaled kernel on prepared operands.
+
+  ``x`` ``[M, K]`` and ``w`` ``[N, K]`` are e4m3 with K a multiple of 128, ``xs_t``
+  is the activation scales transposed to ``[K/128, M]``, ``ws_t`` the weight
+  scales transposed to ``[K/128, ceil(N/128) rounded to 32]`` and ``bias`` ``[N]``.
+  Each 128-wide K slice goes through wgmma into a fresh fp32 accumulator that is
+  then added, times ``x_scale[m] * w_scale``, to the running fp32 sum.
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  cfg = config
+  m, k = x.shape
+  n = w.shape[0]
+  wg_m, cta_m, cta_n = 64, 128, BLOCK
+  m_iters = _common.cdiv(m, cta_m)
+  n_iters = _common.cdiv(n, cta_n)
+  k_iters = k // BLOCK
+  in_transforms = _swizzled(128, 1)
+  out_bytes = jnp.dtype(out_dtype).itemsize
+  out_transforms = _swizzled(
+      plgpu.find_swizzle(cfg.epi_n * out_bytes * 8, "out"), out_bytes)
+  minor = 1 if cfg.grid_minor == "n" else 0
+  num_slots = 2
+  wgmma_row = plgpu.Layout.WGMMA.reduce(1)
+  wgmma_col = plgpu.Layout.WGMMA.reduce(0)
+
+  def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem, out_gmem,
+             out_smem, bias_smem, bias_bar):
+
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body,
+          grid=(k_iters,),
+          memory_registers=40,
+          in_specs=[
+              plgpu.BlockSpec((cta_m, BLOCK), lambda kk: (0, kk),
+                              transforms=in_transforms, memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((cta_n, BLOCK), lambda kk: (0, kk),
+                              transforms=in_transforms, memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0),
+                              memory_space=plgpu.SMEM),
+              plgpu.BlockSpec((1, _WS_LANES), lambda kk: (kk, 0),
+                              memory_space=plgpu.SMEM),
+          ],
+          wg_axis="wg",
+          num_compute_wgs=2,
+          max_concurrent_steps=cfg.stages,
+          compute_context=compute_context,
+      )
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=get_pipeline(ignore, ignore).get_allocations(
+            x_gmem, w_gmem, xs_gmem, ws_gmem),
+        collective_axes="wg",
+    )
+    def _scope(allocs):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _tile_loop(info):
+        (lin,) = info.index
+        mi, ni = plgpu.planar_snake(
+            lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
+        row0 = mi * cta_m + wg * wg_m
+        col0 = ni * cta_n
+        n_group = lax.div(ni, _WS_LANES)
+        n_lane = lax.rem(ni, _WS_LANES)
+
+        def compute_context(eval_pipeline):
+          plgpu.copy_gmem_to_smem(
+              bias_gmem.at[pl.ds(col0, cta_n)], bias_smem.at[wg], bias_bar.at[wg])
+          zeros = plgpu.layout_cast(
+              jnp.full((wg_m, cta_n), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+          acc = eval_pipeline(zeros)
+          plgpu.barrier_wait(bias_bar.at[wg])
+          col_bias = plgpu.load(bias_smem.at[wg], (), layout=wgmma_col)
+          y = acc + lax.broadcast_in_dim(col_bias, (wg_m, cta_n), [1])
+          store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0, col0,
+                     cfg.epi_m, cfg.epi_n)
+
+        def body(_, a_smem, b_smem, xs_smem, ws_smem, acc):
+          def block_product(tmp_ref):
+            plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)],
+                        plgpu.transpose_ref(b_smem, (1, 0)))
+            return tmp_ref[...]
+
+          part = pl.run_scoped(
+              block_product, plgpu.ACC((wg_m, cta_n), jnp.float32))
+          row_scale = plgpu.load(
+              xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
+          scale = row_scale * ws_smem[0, n_lane]
+          return acc + part * lax.broadcast_in_dim(scale, (wg_m, cta_n), [0])
+
+        get_pipeline(body, compute_context)(
+            x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+            w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+            xs_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
+            ws_gmem.at[:, pl.ds(n_group * _WS_LANES, _WS_LANES)],
+            allocations=allocs,
+        )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(sms,),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      scratch_types=dict(
+          out_smem=plgpu.SMEM((2, num_slots, cfg.epi_m, cfg.epi_n), out_dtype,
+                              transforms=out_transforms),
+          bias_smem=plgpu.SMEM((2, cta_n), jnp.float32),
+          bias_bar=plgpu.Barrier(num_barriers=2),
+      ),
+  )
+  return call(x, w, xs_t, ws_t, bias)
+
+
+def _prepare_block(x_q, x_scale, w_q, w_scale, bias):
+  m, k = x_q.shape
+  n = w_q.shape[0]
+  kp = _common.round_up(k, BLOCK)
+  mp = max(_common.round_up(m, 8), 128)
+  np_ = max(_common.round_up(n, 64), BLOCK)
+  x = _common.pad_axis(_common.pad_axis(x_q, 1, kp), 0, mp)
+  w = _common.pad_axis(_common.pad_axis(w_q, 1, kp), 0, np_)
+  xs_t = _common.pad_axis(x_scale.astype(jnp.float32).T, 1,
+                          _common.round_up(mp, 128))
+  ws_t = w_scale.astype(jnp.float32).T
+  ws_t = _common.pad_axis(ws_t, 1, _common.round_up(ws_t.shape[1], _WS_LANES))
+  bias_v = (jnp.zeros((n,), jnp.float32) if bias is None
+            else bias.reshape(-1).astype(jnp.float32))
+  bias_v = _common.pad_axis(bias_v, 0, _common.round_up(np_, BLOCK))
+  return x, w, xs_t, ws_t, bias_v
+
+
+def supports_block(x_q: jax.Array, w_q: jax.Array, out_dtype=jnp.bfloat16) -> bool:
+  """True where the block-scaled fp8 kernel applies (Hopper, e4m3, 2-D)."""
+  return supports(x_q, w_q, out_dtype) and jnp.dtype(x_q.dtype) == _FP8
+
+
+def fp8_block_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    *,
+    config: BlockConfig | None = None,
+) -> jax.Array:
+  """Block-scaled fp8 GEMM: ``x_scale`` ``[M, K/128]``, ``w_scale`` ``[N/128, K/128]``.
+
+  Kernel on Hopper, :func:`fp8_block_matmul_reference` elsewhere.
+  """
+  _check_block_operands(x_q, x_scale, w_q, w_scale, bias)
+  if not supports_block(x_q, w_q, out_dtype):
+    return fp8_block_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+  m, n = x_q.shape[0], w_q.shape[0]
+  x, w, xs_t, ws_t, bias_v = _prepare_block(x_q, x_scale, w_q, w_scale, bias)
+  y = block_fp8_gemm_pallas(x, w, xs_t, ws_t, bias_v, out_dtype=out_dtype,
+                            config=config or BlockConfig(), sms=_common.num_sms())
+  return y[:m, :n]

@@ -1,0 +1,426 @@
+"""Flash attention with quantized operands on Hopper (Pallas Mosaic GPU).
+
+``quant_attention(q, k, v, ...)`` computes :func:`attention_ref.quant_attention_reference`
+(same signature, same quantization; see that module for the numerics) with an online
+softmax, in one kernel per (head, query tile pair, batch):
+
+* the wrapper rotates (optional Hadamard), smooths and quantizes Q, K and V in one XLA
+  pass (:func:`attention_ref.prepare`), pads the token axes to the tiles and folds the
+  softmax scale and ``log2(e)`` into the per-token Q scales;
+* two compute warpgroups each own 64 query rows; a third streams K and V tiles through a
+  ``stages``-deep TMA ring (the structure of JAX's FlashAttention-3 example,
+  ``jax/experimental/pallas/ops/gpu/attention_mgpu.py``);
+* S = Q K^T runs on the 8-bit wgmma (int8 -> int32, or e4m3 -> fp32), is scaled by the
+  per-token Q scale times the per-block K scale, and the online softmax runs in fp32 with
+  ``exp2``;
+* P V runs either in bf16 (P from registers, V as stored) or in fp8 e4m3 (P times 448
+  written to shared memory, V pre-transposed to ``[B, H, D, T]`` because 8-bit wgmma
+  operands must be K-major), with one V scale per channel applied at the end.
+
+Padding keys (the token axis rounded up to ``block_k``, or past ``kv_lengths``) are zero
+in K and V. A zero key code gives a score of exactly 0, so each padding key adds exactly
+``2^(0 - m)`` to the softmax denominator and nothing to the numerator; the kernel
+subtracts ``n_pad * 2^(-m)`` at the end instead of masking every tile. With K smoothed,
+the mean real score of each query is 0, so the real maximum is >= 0 and the subtraction
+cannot cancel catastrophically; without smoothing the wrapper falls back to the
+reference whenever padding exists. Causal masking uses an index mask on the diagonal
+tiles (padding keys then lie in the masked future of every real query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _common
+from pallas_kernels import attention_ref as ref
+from pallas_kernels.attention_ref import (  # noqa: F401  (re-exported API)
+    HEAD_DIMS,
+    PV_FORMATS,
+    QK_FORMATS,
+    exact_attention,
+    quant_attention_reference,
+    relative_l2,
+)
+
+#: Key blocks whose scales fit one kernel's shared memory (two copies of [n/32, 32] f32).
+MAX_KEY_BLOCKS = 4096
+#: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
+#: call off Hopper, runs the reference.
+KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset(
+    (qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Tiling: each compute warpgroup owns ``block_q`` (64) query rows; ``block_k`` keys per
+  step (also the K-scale block); ``stages`` K/V tiles in flight."""
+
+  block_q: int = 64
+  block_k: int = 128
+  stages: int = 2
+
+  def __post_init__(self):
+    if self.block_q != 64:
+      raise ValueError(f"AttentionConfig: block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}")
+    if self.block_k not in (64, 128, 256):
+      raise ValueError(f"AttentionConfig: block_k must be 64, 128 or 256, got {self.block_k}")
+    if self.stages < 2:
+      raise ValueError(f"AttentionConfig: stages must be >= 2, got {self.stages}")
+
+
+def _swizzle_transforms(row_bytes: int, elem_bytes: int):
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  swizzle = min(128, row_bytes)
+  return (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
+
+
+def _compiler_params():
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  try:
+    return plgpu.CompilerParams(approx_math=True)
+  except TypeError:  # a JAX without the flag
+    return plgpu.CompilerParams()
+
+
+def attention_pallas(
+    q8: jax.Array,
+    k8: jax.Array,
+    vv: jax.Array,
+    qrow: jax.Array,
+    ks: jax.Array,
+    vs: jax.Array,
+    *,
+    causal: bool,
+    config: AttentionConfig,
+) -> jax.Array:
+  """Runs the kernel on prepared, padded operands.
+
+  ``q8`` [B, Tq, H, D] and ``k8`` [B, Tk, H, D] 8-bit codes (Tq a multiple of
+  ``2 * block_q``, Tk of ``block_k``); ``vv`` bf16 [B, Tk, H, D] or e4m3 [B, H, D, Tk];
+  ``qrow`` f32 [B, H, 2, Tq] (row 0: Q scale * sm_scale * log2 e, row 1: padding-key
+  count); ``ks`` f32 [B, H, R, 32] K block scales (block j at [j // 32, j % 32]);
+  ``vs`` f32 [B, H, D] (V scale / 448 for fp8, unused for bf16). Returns bf16 [B, Tq, H, D].
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  batch_size, tq, heads, head_dim = q8.shape
+  tk = k8.shape[1]
+  block_q, block_kv = config.block_q, config.block_k
+  pv_fp8 = vv.dtype != jnp.bfloat16
+  int_qk = q8.dtype == jnp.int8
+  acc_qk_dtype = jnp.int32 if int_qk else jnp.float32
+  num_kv_steps = tk // block_kv
+  max_concurrent_steps = min(config.stages, num_kv_steps)
+  ks_rows = ks.shape[2]
+  compute_wgs = 2
+  num_q_tiles = tq // (compute_wgs * block_q)
+  out_dtype = jnp.bfloat16
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+  def kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, scoped):
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    q_tile = lax.axis_index("q_seq")
+    wg_idx = lax.axis_index("wg")
+    smem, bars, consumed, schedule_barrier = scoped
+    q_smem2, o_smem2, k_smem, v_smem, p_smem2, qrow_smem2, ks_smem2, vs_smem2 = smem
+    k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers = bars
+    k_consumed_barriers, v_consumed_barriers = consumed
+
+    def perform_schedule_barrier():
+      plgpu.barrier_arrive(schedule_barrier)
+      plgpu.barrier_wait(schedule_barrier)
+
+    if causal:
+      block_q_end = (q_tile + 1) * (compute_wgs * block_q)
+      block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
+    else:
+      block_max_kv_steps = num_kv_steps
+
+    @pl.when(wg_idx < compute_wgs)
+    def _compute_wg():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg_idx]
+      o_smem = o_smem2.at[wg_idx]
+      qrow_smem = qrow_smem2.at[wg_idx]
+      ks_smem = ks_smem2.at[wg_idx]
+      q_seq_base = q_tile * (compute_wgs * block_q) + wg_idx * block_q
+
+      if causal:
+        kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+      else:
+        kv_steps = block_max_kv_steps
+
+      plgpu.copy_gmem_to_smem(
+          q_ref.at[batch, pl.ds(q_seq_base, block_q), head], q_smem, q_barriers.at[wg_idx])
+      plgpu.copy_gmem_to_smem(
+          qrow_ref.at[batch, head, :, pl.ds(q_seq_base, block_q)], qrow_smem,
+          qrow_barriers.at[wg_idx])
+      plgpu.copy_gmem_to_smem(ks_ref.at[batch, head], ks_smem, ks_barriers.at[wg_idx])
+      if pv_fp8:
+        plgpu.copy_gmem_to_smem(vs_ref.at[batch, head], vs_smem2.at[wg_idx], vs_barriers.at[wg_idx])
+      plgpu.barrier_wait(qrow_barriers.at[wg_idx])
+      plgpu.barrier_wait(ks_barriers.at[wg_idx])
+      q_scale = plgpu.load(qrow_smem.at[0], (), layout=row_layout)
+      pad_count = plgpu.load(qrow_smem.at[1], (), layout=row_layout)
+      plgpu.barrier_wait(q_barriers.at[wg_idx])
+
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, dtype=jnp.float32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), row_layout)
+      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
+
+      @pl.when(kv_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_barriers.at[0])
+
+      pl.when(wg_idx == 1)(perform_schedule_barrier)
+
+      def kv_loop(kv_step, carry, causal_step: bool = False):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          perform_schedule_barrier()
+          return acc_ref[...]
+
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+        plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+        k_scale = ks_smem[lax.div(kv_step, 32), lax.rem(kv_step, 32)]
+        row_scale = q_scale * k_scale
+        s = qk.astype(jnp.float32) * lax.broadcast_in_dim(row_scale, qk.shape, [0])
+
+        if causal_step:
+          q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+          kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+          mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
+          s = jnp.where(mask, s, -jnp.inf)
+
+        # Scores are already in log2 units (log2 e is folded into the Q scale).
+        m_ij = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_ij)
+        m_i = m_ij
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_ij, s.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i *= alpha
+        if pv_fp8:
+          p_op = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn)
+        else:
+          p_op = p.astype(jnp.bfloat16)
+
+        def end_softmax_barriers():
+          plgpu.barrier_arrive(schedule_barrier)
+          plgpu.barrier_wait(v_barriers.at[slot])
+          plgpu.barrier_wait(schedule_barrier)
+
+        l_i += p.sum(axis=1)
+        acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+        end_softmax_barriers()
+
+        def compute_pv(acc_ref):
+          if pv_fp8:
+            p_smem = p_smem2.at[wg_idx]
+            p_smem[...] = p_op
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, p_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+          else:
+            plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
+          wait_step = kv_step + 1
+          wait_slot = lax.rem(wait_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+
+          @pl.when(wait_step < kv_steps)
+          def _wait():
+            plgpu.barrier_wait(k_barriers.at[wait_slot])
+
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+        return acc, m_i, l_i
+
+      if not causal:
+        acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
+      else:
+        def epilogue_kv_loop(kv_step, _):
+          slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+          plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+          plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+          perform_schedule_barrier()
+          perform_schedule_barrier()
+
+        causal_kv_loop = functools.partial(kv_loop, causal_step=True)
+        full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+        acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps, causal_kv_loop, (acc, m_i, l_i))
+        lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
+      pl.when(wg_idx == 0)(perform_schedule_barrier)
+
+      # Each zero padding key added exactly 2^(0 - m) to l and nothing to acc.
+      l_real = l_i - pad_count * jnp.exp2(-m_i)
+      inv = 1.0 / l_real
+      out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+      if pv_fp8:
+        plgpu.barrier_wait(vs_barriers.at[wg_idx])
+        v_scale = plgpu.load(vs_smem2.at[wg_idx], (), layout=col_layout)
+        out = out * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+      o_smem[...] = out.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg_idx == compute_wgs)
+    def _memory_wg():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def k_src(step):
+        return k_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
+
+      def v_src(step):
+        if pv_fp8:
+          return v_ref.at[batch, head, :, pl.ds(step * block_kv, block_kv)]
+        return v_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
+
+      for i in range(max_concurrent_steps):
+        plgpu.copy_gmem_to_smem(k_src(i), k_smem.at[i], k_barriers.at[i])
+        plgpu.copy_gmem_to_smem(v_src(i), v_smem.at[i], v_barriers.at[i])
+
+      @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
+      def _kv_loop(kv_step):
+        tma_step = kv_step + max_concurrent_steps
+        tma_slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+        plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
+        plgpu.copy_gmem_to_smem(k_src(tma_step), k_smem.at[tma_slot], k_barriers.at[tma_slot])
+        plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
+        plgpu.copy_gmem_to_smem(v_src(tma_step), v_smem.at[tma_slot], v_barriers.at[tma_slot])
+
+  def entry(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref):
+    qk_t = _swizzle_transforms(head_dim, 1)
+    q_scratch = plgpu.SMEM((compute_wgs, block_q, head_dim), q8.dtype, transforms=qk_t)
+    k_scratch = plgpu.SMEM((max_concurrent_steps, block_kv, head_dim), k8.dtype, transforms=qk_t)
+    o_scratch = plgpu.SMEM((compute_wgs, block_q, head_dim), out_dtype,
+                           transforms=_swizzle_transforms(head_dim * 2, 2))
+    if pv_fp8:
+      v_scratch = plgpu.SMEM((max_concurrent_steps, head_dim, block_kv), vv.dtype,
+                             transforms=_swizzle_transforms(block_kv, 1))
+      p_scratch = plgpu.SMEM((compute_wgs, block_q, block_kv), vv.dtype,
+                             transforms=_swizzle_transforms(block_kv, 1))
+      vs_scratch = plgpu.SMEM((compute_wgs, head_dim), jnp.float32)
+    else:
+      v_scratch = plgpu.SMEM((max_concurrent_steps, block_kv, head_dim), jnp.bfloat16,
+                             transforms=_swizzle_transforms(head_dim * 2, 2))
+      p_scratch = vs_scratch = None
+    qrow_scratch = plgpu.SMEM((compute_wgs, 2, block_q), jnp.float32)
+    ks_scratch = plgpu.SMEM((compute_wgs, ks_rows, 32), jnp.float32)
+    smem = (q_scratch, o_scratch, k_scratch, v_scratch, p_scratch, qrow_scratch, ks_scratch, vs_scratch)
+    per_wg = lambda: plgpu.Barrier(num_barriers=compute_wgs)
+    bars = (plgpu.Barrier(num_barriers=max_concurrent_steps),
+            plgpu.Barrier(num_barriers=max_concurrent_steps),
+            per_wg(), per_wg(), per_wg(), per_wg())
+    consumed = (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2
+    pl.run_scoped(
+        lambda *args: kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, args),
+        smem, bars, consumed, plgpu.Barrier(num_arrivals=compute_wgs),
+        collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct((batch_size, tq, heads, head_dim), out_dtype),
+      grid=(heads, num_q_tiles, batch_size),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=_compiler_params(),
+  )(q8, k8, vv, qrow, ks, vs)
+
+
+def prepare_kernel_operands(q, k, v, *, causal, kv_lengths, qk_format, pv_format, config: AttentionConfig,
+                            smooth_k: bool, hadamard: bool, sm_scale: float):
+  """Quantizes and pads the operands into the kernel's layouts (one XLA fusion)."""
+  b, tq, h, d = q.shape
+  tk = k.shape[1]
+  prep = ref.prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
+                     block_k=config.block_k, smooth_k=smooth_k, hadamard=hadamard)
+  tq_p = _common.round_up(tq, 2 * config.block_q)
+  tk_p = _common.round_up(tk, config.block_k)
+  q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
+  k8 = _common.pad_axis(prep.k_codes, 1, tk_p)
+  q_scale = _common.pad_axis(prep.q_scale, 1, tq_p, value=1.0) * (sm_scale * ref.LOG2E)
+  if causal:
+    pad_keys = jnp.zeros((b,), jnp.float32)  # the causal mask already hides them
+  else:
+    lengths = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+    pad_keys = (tk_p - lengths).astype(jnp.float32)
+  qrow = jnp.stack([jnp.transpose(q_scale, (0, 2, 1)),
+                    jnp.broadcast_to(pad_keys[:, None, None], (b, h, tq_p))], axis=2)
+  nkb = tk_p // config.block_k
+  rows = _common.cdiv(nkb, 32)
+  ks = _common.pad_axis(prep.k_scale, 2, rows * 32, value=1.0).reshape(b, h, rows, 32)
+  if pv_format == "fp8_e4m3":
+    vv = jnp.transpose(_common.pad_axis(prep.v, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
+    vs = prep.v_scale / ref.P_SCALE
+  else:
+    vv = _common.pad_axis(prep.v, 1, tk_p)
+    vs = prep.v_scale
+  return q8, k8, vv, qrow, ks, vs
+
+
+def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config: AttentionConfig) -> bool:
+  """True where the kernel applies: Hopper, known formats, few enough key blocks, and
+  padding only together with K smoothing (see the module docstring)."""
+  if not _common.on_hopper():
+    return False
+  if (qk_format, pv_format) not in KERNEL_FORMATS:
+    return False
+  tk = k.shape[1]
+  if _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
+    return False
+  has_padding = kv_lengths is not None or tk % config.block_k
+  if has_padding and not smooth_k and not causal:
+    return False
+  return q.shape[1] > 0 and tk > 0
+
+
+def quant_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    qk_format: str = "int8",
+    pv_format: str = "fp8_e4m3",
+    block_q: int = 64,
+    block_k: int = 128,
+    smooth_k: bool = True,
+    hadamard: bool = False,
+    sm_scale: float | None = None,
+    stages: int = 2,
+) -> jax.Array:
+  """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
+
+  Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` is the depth of
+  the kernel's K/V pipeline (no numerical effect).
+  """
+  ref.check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
+                   block_q=block_q, block_k=block_k)
+  config = AttentionConfig(block_q=block_q, block_k=block_k, stages=stages)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  if not supports(q, k, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
+                  smooth_k=smooth_k, config=config):
+    return quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
+                                     pv_format=pv_format, block_q=block_q, block_k=block_k,
+                                     smooth_k=smooth_k, hadamard=hadamard, sm_scale=scale)
+  operands = prepare_kernel_operands(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
+                                     pv_format=pv_format, config=config, smooth_k=smooth_k,
+                                     hadamard=hadamard, sm_scale=scale)
+  out = attention_pallas(*operands, causal=causal, config=config)
+  return out[:, :q.shape[1]]

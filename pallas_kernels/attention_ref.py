@@ -1,0 +1,301 @@
+"""Quantized attention in plain JAX: operand preparation and the reference.
+
+``quant_attention_reference(q, k, v, ...)`` has the signature of the Mosaic GPU
+kernel (:mod:`pallas_kernels.attention`) and computes what it computes, with an
+exact softmax instead of the kernel's online one:
+
+1. optional Hadamard rotation of Q and K along ``head_dim`` (``(q H)(k H)^T =
+   q k^T`` for an orthogonal ``H``; it spreads outlier channels before rounding);
+2. K smoothing: the mean of K over the valid tokens of each (batch, head) is
+   subtracted. ``q . (k_j - mean) = q . k_j - q . mean`` shifts every score of a
+   query by the same amount, which softmax ignores: exact in float;
+3. Q quantized per token (one scale per query row and head), K per block of
+   ``block_k`` tokens per head, to int8 or fp8 e4m3 (symmetric absmax);
+4. scores = the exact integer (int8) or exact-product fp32 (fp8) dot product of the
+   codes times both scales; masked keys (causal, or past ``kv_lengths``) get -inf;
+5. softmax in fp32;
+6. P V with P and V in fp8 e4m3 (P in [0, 1] scaled by 448, V one scale per
+   channel per head) or in bf16, accumulated in fp32; output bf16.
+
+Layout everywhere: ``[batch, tokens, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+QK_FORMATS: tuple[str, ...] = ("int8", "fp8_e4m3")
+PV_FORMATS: tuple[str, ...] = ("fp8_e4m3", "bf16")
+HEAD_DIMS: tuple[int, ...] = (64, 128)
+CODE_DTYPES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
+QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+#: P lies in [0, 1]; it is multiplied by this before the e4m3 cast (e4m3's largest
+#: finite value), and the product P V is divided by it again.
+P_SCALE = 448.0
+LOG2E = math.log2(math.e)
+_TINY = 1e-30
+
+
+def check_inputs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    kv_lengths,
+    qk_format: str,
+    pv_format: str,
+    block_q: int,
+    block_k: int,
+) -> None:
+  """Raises ValueError naming the argument when the inputs do not fit the signature."""
+  name = "quant_attention"
+  for arg, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name}: {arg} must be [batch, tokens, heads, head_dim], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name}: {arg} must be floating point, got {x.dtype}")
+  b, tq, h, d = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"{name}: k {k.shape} and v {v.shape} must have one shape")
+  if k.shape[0] != b or k.shape[2:] != (h, d):
+    raise ValueError(f"{name}: k {k.shape} must share batch, heads and head_dim with q {q.shape}")
+  if d not in HEAD_DIMS:
+    raise ValueError(f"{name}: head_dim must be one of {HEAD_DIMS}, got {d}")
+  if qk_format not in QK_FORMATS:
+    raise ValueError(f"{name}: qk_format={qk_format!r}, expected one of {QK_FORMATS}")
+  if pv_format not in PV_FORMATS:
+    raise ValueError(f"{name}: pv_format={pv_format!r}, expected one of {PV_FORMATS}")
+  if causal and tq != k.shape[1]:
+    raise ValueError(f"{name}: causal=True needs as many queries as keys, got q {tq} and k {k.shape[1]} tokens")
+  if block_q <= 0 or block_q % 64:
+    raise ValueError(f"{name}: block_q must be a positive multiple of 64, got {block_q}")
+  if block_k <= 0 or block_k % 64:
+    raise ValueError(f"{name}: block_k must be a positive multiple of 64, got {block_k}")
+  if kv_lengths is not None:
+    if jnp.ndim(kv_lengths) != 1 or jnp.shape(kv_lengths)[0] != b:
+      raise ValueError(f"{name}: kv_lengths must be [batch]={b} key counts, got shape {jnp.shape(kv_lengths)}")
+    if not isinstance(kv_lengths, jax.core.Tracer):
+      lengths = jax.device_get(kv_lengths)
+      if (lengths < 1).any() or (lengths > k.shape[1]).any():
+        raise ValueError(f"{name}: kv_lengths must lie in [1, {k.shape[1]}], got {lengths.tolist()}")
+
+
+def key_validity(batch: int, tokens: int, kv_lengths) -> jax.Array:
+  """Boolean [batch, tokens]: True where a key exists (all True without ``kv_lengths``)."""
+  pos = jnp.arange(tokens, dtype=jnp.int32)[None, :]
+  if kv_lengths is None:
+    return jnp.ones((batch, tokens), bool)
+  return pos < jnp.asarray(kv_lengths, jnp.int32)[:, None]
+
+
+def rotate(x: jax.Array) -> jax.Array:
+  """Normalized Hadamard rotation along head_dim (orthogonal: scores are unchanged)."""
+  from jquant.algorithms.hadamard import apply_hadamard  # pylint: disable=g-import-not-at-top
+
+  return apply_hadamard(x.astype(jnp.float32), axis=-1)
+
+
+def smooth_keys(k: jax.Array, valid: jax.Array) -> jax.Array:
+  """K minus its mean over the valid tokens of each (batch, head); invalid tokens -> 0."""
+  k = k.astype(jnp.float32)
+  w = valid[:, :, None, None].astype(jnp.float32)
+  mean = jnp.sum(k * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+  return (k - mean) * w
+
+
+def encode(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
+  """Codes of ``x / scale`` in ``fmt`` (int8: round to nearest, clip to ±127)."""
+  y = x / scale
+  if fmt == "int8":
+    return jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
+  return jnp.clip(y, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+
+
+def quantize_tokens(x: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
+  """Per-token symmetric quantization of x [B, T, H, D]: codes and scales [B, T, H]."""
+  x = x.astype(jnp.float32)
+  scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _TINY) / QMAX[fmt]
+  return encode(x, scale[..., None], fmt), scale
+
+
+def quantize_key_blocks(k: jax.Array, fmt: str, block_k: int) -> tuple[jax.Array, jax.Array]:
+  """Per-block quantization of k [B, T, H, D]: one scale per ``block_k`` tokens per head.
+
+  Blocks start at token 0. Returns codes [B, T, H, D] and scales [B, H, ceil(T / block_k)].
+  """
+  b, t, h, d = k.shape
+  nkb = -(-t // block_k)
+  kp = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nkb * block_k - t), (0, 0), (0, 0)))
+  blocks = kp.reshape(b, nkb, block_k, h, d)
+  scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(2, 4)), _TINY) / QMAX[fmt]  # [B, nkb, H]
+  codes = encode(blocks, scale[:, :, None, :, None], fmt).reshape(b, nkb * block_k, h, d)[:, :t]
+  return codes, jnp.transpose(scale, (0, 2, 1))
+
+
+def quantize_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """fp8 e4m3 V [B, T, H, D] with one scale per channel per head ([B, H, D]); invalid tokens -> 0."""
+  v = v.astype(jnp.float32) * valid[:, :, None, None]
+  scale = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _TINY) / QMAX["fp8_e4m3"]  # [B, H, D]
+  return encode(v, scale[:, None], "fp8_e4m3"), scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """Quantized operands shared by the reference and the kernel wrapper.
+
+  ``q_codes`` [B, Tq, H, D], ``q_scale`` [B, Tq, H]; ``k_codes`` [B, Tk, H, D] (zero past
+  each length), ``k_scale`` [B, H, nkb]; ``v`` [B, Tk, H, D] (fp8 codes or bf16, zero past
+  each length), ``v_scale`` [B, H, D] (ones for bf16); ``valid`` [B, Tk].
+  """
+
+  q_codes: jax.Array
+  q_scale: jax.Array
+  k_codes: jax.Array
+  k_scale: jax.Array
+  v: jax.Array
+  v_scale: jax.Array
+  valid: jax.Array
+
+
+def prepare(q, k, v, *, kv_lengths, qk_format, pv_format, block_k, smooth_k, hadamard) -> Prepared:
+  """Rotation, smoothing and quantization of Q, K and V (plain JAX, one fused XLA pass)."""
+  b, tk = k.shape[:2]
+  valid = key_validity(b, tk, kv_lengths)
+  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+  if hadamard:
+    qf, kf = rotate(qf), rotate(kf)
+  kf = smooth_keys(kf, valid) if smooth_k else kf * valid[:, :, None, None]
+  q_codes, q_scale = quantize_tokens(qf, qk_format)
+  k_codes, k_scale = quantize_key_blocks(kf, qk_format, block_k)
+  if pv_format == "fp8_e4m3":
+    v_codes, v_scale = quantize_values(v, valid)
+  else:
+    v_codes = (v.astype(jnp.float32) * valid[:, :, None, None]).astype(jnp.bfloat16)
+    v_scale = jnp.ones((b, k.shape[2], k.shape[3]), jnp.float32)
+  return Prepared(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, valid)
+
+
+def _code_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """Exact dot of codes: int8 -> int32; fp8 codes widen exactly to bf16, fp32 accumulation."""
+  if a.dtype == jnp.int8:
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+  return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
+                         preferred_element_type=jnp.float32)
+
+
+def _chunk_size(tq: int, tk: int, heads: int, batch: int, block_q: int) -> int:
+  """Query rows per step so that one step's scores stay near 2^27 floats."""
+  rows = max(block_q, (1 << 27) // max(tk * heads * batch, 1))
+  rows = max(block_q, (rows // block_q) * block_q)
+  return min(rows, -(-tq // block_q) * block_q)
+
+
+def attend_prepared(prep: Prepared, *, causal: bool, pv_format: str, sm_scale: float, block_q: int,
+                    block_k: int) -> jax.Array:
+  """Exact-softmax attention over prepared operands, in query chunks; fp32 [B, Tq, H, D]."""
+  b, tq, h, d = prep.q_codes.shape
+  tk = prep.k_codes.shape[1]
+  k_tok_scale = jnp.repeat(prep.k_scale, block_k, axis=-1)[..., :tk]  # [B, H, Tk]
+  chunk = _chunk_size(tq, tk, h, b, block_q)
+  n_chunks = -(-tq // chunk)
+  pad = n_chunks * chunk - tq
+  qc = jnp.pad(prep.q_codes, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qs = jnp.pad(prep.q_scale, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
+  qc = qc.reshape(b, n_chunks, chunk, h, d).swapaxes(0, 1)
+  qs = qs.reshape(b, n_chunks, chunk, h).swapaxes(0, 1)
+  key_pos = jnp.arange(tk, dtype=jnp.int32)
+
+  def one(args):
+    i, q_codes, q_scale = args
+    s = _code_dot(q_codes, prep.k_codes, (((3,), (3,)), ((0, 2), (0, 2))))  # [B, H, c, Tk]
+    s = s * jnp.swapaxes(q_scale, 1, 2)[..., None] * k_tok_scale[:, :, None, :] * sm_scale
+    keep = prep.valid[:, None, None, :]
+    if causal:
+      q_pos = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+      keep = keep & (key_pos[None, :] <= q_pos[:, None])[None, None]
+    s = jnp.where(keep, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1)  # [B, H, c]
+    if pv_format == "fp8_e4m3":
+      p_op = (p * P_SCALE).astype(jnp.float8_e4m3fn)
+      o = _code_dot(p_op, prep.v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, c, D]
+      o = o * prep.v_scale[:, :, None, :] / P_SCALE
+    else:
+      o = lax.dot_general(p.astype(jnp.bfloat16), prep.v.astype(jnp.bfloat16), (((3,), (1,)), ((0, 1), (0, 2))),
+                          preferred_element_type=jnp.float32)
+    o = o / l[..., None]
+    return jnp.transpose(o, (0, 2, 1, 3))  # [B, c, H, D]
+
+  out = lax.map(one, (jnp.arange(n_chunks, dtype=jnp.int32), qc, qs))  # [n, B, c, H, D]
+  return out.swapaxes(0, 1).reshape(b, n_chunks * chunk, h, d)[:, :tq]
+
+
+def quant_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    qk_format: str = "int8",
+    pv_format: str = "fp8_e4m3",
+    block_q: int = 64,
+    block_k: int = 128,
+    smooth_k: bool = True,
+    hadamard: bool = False,
+    sm_scale: float | None = None,
+) -> jax.Array:
+  """Quantized attention, plain JAX (see the module docstring); bf16 [B, Tq, H, D].
+
+  q [B, Tq, H, D]; k, v [B, Tk, H, D]; ``kv_lengths`` [B] int: keys at positions
+  ``>= kv_lengths[b]`` are padding (masked); ``block_q`` is the kernel's query tile (no
+  numerical effect here), ``block_k`` its key tile and the K-scale block;
+  ``sm_scale`` defaults to ``1/sqrt(head_dim)``.
+  """
+  check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
+               block_q=block_q, block_k=block_k)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+  prep = prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
+                 block_k=block_k, smooth_k=smooth_k, hadamard=hadamard)
+  out = attend_prepared(prep, causal=causal, pv_format=pv_format, sm_scale=scale, block_q=block_q,
+                        block_k=block_k)
+  return out.astype(jnp.bfloat16)
+
+
+def exact_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+  """fp32 softmax attention with the same masks (HIGHEST precision); fp32 [B, Tq, H, D]."""
+  d = q.shape[-1]
+  scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+  hi = lax.Precision.HIGHEST
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) * scale
+  keep = key_validity(k.shape[0], k.shape[1], kv_lengths)[:, None, None, :]
+  if causal:
+    keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+  s = jnp.where(keep, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32), precision=hi)
+
+
+def relative_l2(out: jax.Array, ref: jax.Array) -> float:
+  """||out - ref|| / ||ref|| over all elements, in float64 on the host."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

@@ -1,0 +1,134 @@
+"""Random inputs and a kernel registry shared by the GPU check, the benchmark and tests.
+
+Each :class:`KernelCase` names one kernel, its plain-JAX reference (same
+signature), a generator of random quantized inputs for an ``(M, K, N)`` problem,
+and the work it does (operations and the fewest bytes it must move), so that the
+scripts can time it against XLA and compare it with the reference without knowing
+anything kernel-specific.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common
+from pallas_kernels import act_quant
+from pallas_kernels import w8a8
+from pallas_kernels import weight_only
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+  """A kernel, its reference and how to build and size its inputs."""
+
+  name: str
+  kernel: Callable[..., jax.Array]
+  reference: Callable[..., jax.Array]
+  make_inputs: Callable[[jax.Array, int, int, int], tuple]
+  flops: Callable[[int, int, int], float]
+  min_bytes: Callable[[int, int, int], float]
+  xla_baseline: str | None = None  # "int8" / "fp8": which XLA low-bit GEMM to time beside it
+  rel_tol: float = 1e-2
+  # Maps inputs to (fn, inputs) for timing, for kernels whose weights a model
+  # converts once at load time (the conversion stays out of the timed call).
+  bench_form: Callable[[tuple], tuple[Callable[..., jax.Array], tuple]] | None = None
+
+
+def _int8(key, shape):
+  return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8)
+
+
+def _fp8(key, shape):
+  return (jax.random.normal(key, shape, jnp.float32) * 2.0).astype(jnp.float8_e4m3fn)
+
+
+def _scales(key, shape, lo=0.5, hi=1.5, scale=1.0):
+  return jax.random.uniform(key, shape, jnp.float32, lo, hi) * scale
+
+
+def w8a8_int8_inputs(key, m, k, n):
+  kx, kw, ks, kt, kb = jax.random.split(key, 5)
+  return (_int8(kx, (m, k)), _scales(ks, (m, 1), scale=1 / 127), _int8(kw, (n, k)),
+          _scales(kt, (n,), scale=1 / 127), jax.random.normal(kb, (n,), jnp.float32))
+
+
+def w8a8_fp8_inputs(key, m, k, n):
+  kx, kw, ks, kt, kb = jax.random.split(key, 5)
+  return (_fp8(kx, (m, k)), _scales(ks, (m, 1)), _fp8(kw, (n, k)),
+          _scales(kt, (n,)), jax.random.normal(kb, (n,), jnp.float32))
+
+
+def w8a8_fp8_block_inputs(key, m, k, n):
+  kx, kw, ks, kt, kb = jax.random.split(key, 5)
+  kb_ = _common.cdiv(k, 128)
+  nb = _common.cdiv(n, 128)
+  return (_fp8(kx, (m, k)), _scales(ks, (m, kb_)), _fp8(kw, (n, k)),
+          _scales(kt, (nb, kb_)), jax.random.normal(kb, (n,), jnp.float32))
+
+
+def w4a16_inputs(key, m, k, n, group=128):
+  kx, kw, ks = jax.random.split(key, 3)
+  q = jax.random.randint(kw, (n, k), -8, 8, jnp.int32)
+  packed = weight_only.pack_int4(q)
+  scales = _scales(ks, (n, _common.cdiv(k, group)), scale=0.02)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  return (x, packed, scales)
+
+
+def w8a16_inputs(key, m, k, n):
+  kx, kw, ks = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  return (x, _int8(kw, (n, k)), _scales(ks, (n,), scale=0.002))
+
+
+def act_quant_inputs(key, m, k, n):
+  del n
+  return (jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16) * 3,)
+
+
+def _w4a16_bench_form(inputs):
+  x, packed, scales = inputs
+  prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1])
+  return weight_only.w4a16_matmul_prepared, (x, prepared)
+
+
+def _gemm_flops(m, k, n):
+  return 2.0 * m * k * n
+
+
+CASES: dict[str, KernelCase] = {
+    "w8a8_int8": KernelCase(
+        "w8a8_int8", w8a8.int8_matmul, w8a8.int8_matmul_reference,
+        w8a8_int8_inputs, _gemm_flops,
+        lambda m, k, n: m * k + n * k + 2 * m * n, xla_baseline="int8"),
+    "w8a8_fp8": KernelCase(
+        "w8a8_fp8", w8a8.fp8_matmul, w8a8.fp8_matmul_reference,
+        w8a8_fp8_inputs, _gemm_flops,
+        lambda m, k, n: m * k + n * k + 2 * m * n, xla_baseline="fp8"),
+    "w8a8_fp8_block": KernelCase(
+        "w8a8_fp8_block", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference,
+        w8a8_fp8_block_inputs, _gemm_flops,
+        lambda m, k, n: m * k + n * k + 2 * m * n + 4 * m * k / 128,
+        xla_baseline="fp8"),
+    "w4a16": KernelCase(
+        "w4a16", weight_only.w4a16_matmul, weight_only.w4a16_matmul_reference,
+        w4a16_inputs, _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / 128 + 2 * m * n,
+        bench_form=_w4a16_bench_form),
+    "w8a16": KernelCase(
+        "w8a16", weight_only.w8a16_matmul, weight_only.w8a16_matmul_reference,
+        w8a16_inputs, _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n),
+    "act_quant": KernelCase(
+        "act_quant", act_quant.quantize_int8, act_quant.quantize_int8_reference,
+        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m),
+    "act_quant_fp8": KernelCase(
+        "act_quant_fp8", act_quant.quantize_fp8, act_quant.quantize_fp8_reference,
+        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m),
+}

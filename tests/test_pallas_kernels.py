@@ -1,0 +1,255 @@
+"""CPU tests for pallas_kernels: references, packing, padding, dispatch and lowering.
+
+The Mosaic GPU kernels only run on a Hopper GPU (scripts/check_kernels_gpu.py
+compares them with these references there; results in benchmarks/). Here we test
+the references against independent NumPy float64 computations, the int4 layout
+(including that XLA's int4 view of the packed bytes is the same layout the
+kernel reads), the quantizer kernel under the Pallas interpreter, the CPU
+fallback of every wrapper, and that every Mosaic GPU kernel lowers to a Mosaic
+GPU custom call for ragged shapes (which catches layout/tiling errors early).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pallas_kernels import _common, act_quant, testing, w8a8, weight_only
+
+RAGGED = [(1, 64, 8), (5, 200, 136), (33, 300, 77)]
+
+
+def _np(x):
+  return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------
+# W8A8 references.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k,n", RAGGED)
+def test_int8_reference_matches_numpy(m, k, n):
+  x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(m), m, k, n)
+  got = w8a8.int8_matmul_reference(x, xs, w, ws, b, out_dtype=jnp.float32)
+  want = (_np(x) @ _np(w).T) * _np(xs) * _np(ws)[None] + _np(b)[None]
+  np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", RAGGED)
+def test_fp8_reference_matches_numpy(m, k, n):
+  x, xs, w, ws, b = testing.w8a8_fp8_inputs(jax.random.key(m + 1), m, k, n)
+  got = w8a8.fp8_matmul_reference(x, xs, w, ws, None, out_dtype=jnp.float32)
+  want = (_np(x) @ _np(w).T) * _np(xs) * _np(ws)[None]
+  np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 256, 128), (5, 300, 200), (2, 100, 129)])
+def test_fp8_block_reference_matches_blockwise_sum(m, k, n):
+  x, xs, w, ws, b = testing.w8a8_fp8_block_inputs(jax.random.key(k), m, k, n)
+  got = w8a8.fp8_block_matmul_reference(x, xs, w, ws, b, out_dtype=jnp.float32)
+  xn, wn, xsn, wsn = _np(x), _np(w), _np(xs), _np(ws)
+  want = np.zeros((m, n)) + _np(b)[None]
+  for kb in range(xsn.shape[1]):
+    sl = slice(kb * 128, (kb + 1) * 128)
+    part = xn[:, sl] @ wn[:, sl].T
+    col = np.repeat(wsn[:, kb], 128)[:n]
+    want += part * xsn[:, kb:kb + 1] * col[None]
+  np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
+
+
+def test_w8a8_bad_shapes_raise_named_errors():
+  x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 4, 64, 8)
+  with pytest.raises(ValueError, match="K-major"):
+    w8a8.int8_matmul(x, xs, w.T, ws, b)
+  with pytest.raises(ValueError, match="x_scale"):
+    w8a8.int8_matmul(x, xs[:2], w, ws, b)
+  with pytest.raises(ValueError, match="w_scale"):
+    w8a8.int8_matmul(x, xs, w, ws[:3], b)
+  with pytest.raises(ValueError, match="bias"):
+    w8a8.int8_matmul(x, xs, w, ws, b[:1])
+  with pytest.raises(ValueError, match="dtype"):
+    w8a8.int8_matmul(x.astype(jnp.float8_e4m3fn), xs, w, ws, b)
+  xf, xsf, wf, wsf, _ = testing.w8a8_fp8_block_inputs(jax.random.key(0), 4, 256, 8)
+  with pytest.raises(ValueError, match=r"x_scale must be \[M, ceil\(K/128\)\]"):
+    w8a8.fp8_block_matmul(xf, xsf[:, :1], wf, wsf)
+
+
+# --------------------------------------------------------------------------
+# int4 packing and weight-only references.
+# --------------------------------------------------------------------------
+
+
+def test_int4_nibble_layout_is_low_first_twos_complement():
+  q = jnp.array([[1, 2, 7, -1, -8, 0]])
+  packed = weight_only.pack_int4(q)
+  chex.assert_trees_all_equal(packed, jnp.array([[0x21, 0xF7, 0x08]], jnp.uint8))
+  chex.assert_trees_all_equal(weight_only.unpack_int4(packed), q.astype(jnp.int8))
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 5), k=st.integers(1, 37), seed=st.integers(0, 2**16))
+def test_int4_pack_roundtrip(n, k, seed):
+  q = np.random.default_rng(seed).integers(-8, 8, size=(n, k))
+  packed = weight_only.pack_int4(jnp.asarray(q))
+  assert packed.shape == (n, (k + 1) // 2) and packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(weight_only.unpack_int4(packed, k)), q)
+
+
+def test_xla_int4_view_matches_packing():
+  """The kernel views packed bytes as int4[N, K]; XLA must read the same values."""
+  q = np.random.default_rng(0).integers(-8, 8, size=(6, 256))
+  prepared = weight_only.prepare_w4a16(
+      weight_only.pack_int4(jnp.asarray(q)), jnp.ones((6, 2)), 256)
+  assert prepared.w.dtype == jnp.int4 and prepared.w.shape == (128, 256)
+  np.testing.assert_array_equal(np.asarray(prepared.w[:6].astype(jnp.int32)), q)
+  assert prepared.s_t.shape == (2, 128)
+
+
+@pytest.mark.parametrize("m,k,n", RAGGED + [(3, 300, 130)])
+def test_w4a16_reference_matches_numpy(m, k, n):
+  x, packed, scales = testing.w4a16_inputs(jax.random.key(k), m, k, n)
+  got = weight_only.w4a16_matmul_reference(x, packed, scales, out_dtype=jnp.float32)
+  q = _np(weight_only.unpack_int4(packed, k))
+  w = q * np.repeat(_np(scales), 128, axis=1)[:, :k]
+  np.testing.assert_allclose(_np(got), _np(x) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,k,n", RAGGED)
+def test_w8a16_reference_matches_numpy(m, k, n):
+  x, w, s = testing.w8a16_inputs(jax.random.key(n), m, k, n)
+  b = jnp.arange(n, dtype=jnp.float32)
+  got = weight_only.w8a16_matmul_reference(x, w, s, b, out_dtype=jnp.float32)
+  want = (_np(x) @ _np(w).T) * _np(s)[None] + _np(b)[None]
+  np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_only_bad_shapes_raise_named_errors():
+  x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 2, 256, 8)
+  with pytest.raises(ValueError, match="w_packed must be"):
+    weight_only.w4a16_matmul(x, packed[:, :5], scales)
+  with pytest.raises(ValueError, match="w_scale must be"):
+    weight_only.w4a16_matmul(x, packed, scales[:, :1])
+  with pytest.raises(ValueError, match="prepared for"):
+    weight_only.w4a16_matmul_prepared(
+        x[:, :128], weight_only.prepare_w4a16(packed, scales, 256))
+  x8, w8, s8 = testing.w8a16_inputs(jax.random.key(0), 2, 64, 8)
+  with pytest.raises(ValueError, match="per-channel"):
+    weight_only.w8a16_matmul(x8, w8, s8[:2])
+
+
+def test_weight_only_split_config():
+  for k_steps in (12, 24, 70, 96, 40, 1):
+    cfg = weight_only._pick_config(16, 3072, k_steps, 132, 4)
+    assert k_steps % cfg.splits == 0 and cfg.tokens == 16 and 2 <= cfg.stages <= 8
+  assert weight_only._pick_config(100, 3072, 24, 132, 8).tokens == 128
+  assert weight_only._pick_config(1, 12288, 96, 132, 4).splits >= 2
+
+
+# --------------------------------------------------------------------------
+# Activation quantizer.
+# --------------------------------------------------------------------------
+
+
+def test_round_half_even_matches_jnp_round():
+  v = jnp.concatenate([jnp.arange(-130, 130, 0.25, dtype=jnp.float32),
+                       jnp.array([0.49999997, -0.49999997, 126.5, -126.5])])
+  chex.assert_trees_all_equal(act_quant._round_half_even(v), jnp.round(v))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k", [(1, 64), (6, 1100), (9, 2049)])
+def test_quantizer_kernel_interpret_matches_reference(fmt, m, k):
+  x = (jax.random.normal(jax.random.key(m * k), (m, k)) * 3).astype(jnp.bfloat16)
+  x = x.at[0].set(0.0)  # an all-zero row gets scale 1 and zeros
+  q, s = act_quant.quantize_pallas(x, fmt, interpret=True)
+  qr, sr = act_quant._reference(x, fmt)
+  chex.assert_trees_all_equal(q, qr)
+  chex.assert_trees_all_equal(s, sr)
+  assert float(s[0, 0]) == 1.0 and not np.any(_np(q[0]))
+
+
+def test_quantizer_error_bound():
+  x = jax.random.normal(jax.random.key(3), (7, 300)).astype(jnp.bfloat16)
+  q, s = act_quant.quantize_int8(x)
+  assert q.dtype == jnp.int8 and s.shape == (7, 1)
+  err = np.abs(_np(q) * _np(s) - _np(x))
+  assert np.all(err <= _np(s) / 2 + 1e-6)
+  assert np.max(np.abs(_np(q))) == 127
+
+
+def test_quantizer_feeds_int8_gemm():
+  x = jax.random.normal(jax.random.key(4), (5, 256)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(5), (12, 256))
+  wq, ws = act_quant.quantize_int8(w.astype(jnp.bfloat16))
+  xq, xs = act_quant.quantize_int8(x)
+  y = w8a8.int8_matmul(xq, xs, wq, ws[:, 0], out_dtype=jnp.float32)
+  want = _np(x) @ _np(w).T
+  assert np.linalg.norm(_np(y) - want) / np.linalg.norm(want) < 2e-2
+
+
+# --------------------------------------------------------------------------
+# Dispatch and lowering.
+# --------------------------------------------------------------------------
+
+
+def test_cpu_dispatch_falls_back_to_references(monkeypatch):
+  monkeypatch.delenv(_common.FORCE_ENV, raising=False)
+  x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(1), 3, 128, 16)
+  assert not w8a8.supports(x, w)
+  chex.assert_trees_all_equal(w8a8.int8_matmul(x, xs, w, ws, b),
+                              w8a8.int8_matmul_reference(x, xs, w, ws, b))
+  xw, pw, sw = testing.w4a16_inputs(jax.random.key(2), 3, 256, 16)
+  assert not weight_only.supports(xw)
+  chex.assert_trees_all_equal(weight_only.w4a16_matmul(xw, pw, sw),
+                              weight_only.w4a16_matmul_reference(xw, pw, sw))
+  assert not act_quant.supports(xw)
+
+
+def test_force_env(monkeypatch):
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  assert _common.on_hopper()
+  monkeypatch.setenv(_common.FORCE_ENV, "reference")
+  assert not _common.on_hopper() and not _common.on_gpu()
+  monkeypatch.setenv(_common.FORCE_ENV, "sometimes")
+  with pytest.raises(ValueError, match="JQUANT_PALLAS"):
+    _common.on_hopper()
+
+
+def test_w8a8_padding_keeps_tma_alignment():
+  cfg = w8a8.GemmConfig()
+  x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 5, 200, 77)
+  xp, wp, xsp, wsb, (m, n) = w8a8._prepare(x, xs, w, ws, b, cfg)
+  assert (m, n) == (5, 77)
+  assert xp.shape == (128, 256) and wp.shape == (256, 256)
+  assert xsp.shape == (128,) and wsb.shape == (2, 256)
+  chex.assert_trees_all_equal(xp[:5, :200], x)
+  assert not np.any(_np(xp[5:])) and not np.any(_np(wp[:, 200:]))
+
+
+def _lowers_to_mosaic(fn, *args) -> bool:
+  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  return "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("name", ["w8a8_int8", "w8a8_fp8", "w8a8_fp8_block", "w4a16",
+                                  "w8a16"])
+def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  case = testing.CASES[name]
+  for m, k, n in [(5, 300, 136), (130, 1000, 520)]:
+    args = case.make_inputs(jax.random.key(0), m, k, n)
+    assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
+
+
+def test_quantizer_lowers_to_triton():
+  x = jnp.zeros((10, 3000), jnp.bfloat16)
+  text = jax.jit(lambda v: act_quant.quantize_pallas(v, "int8")).trace(
+      jax.ShapeDtypeStruct(x.shape, x.dtype)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text
