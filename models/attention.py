@@ -33,17 +33,32 @@ def attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x [B, T, H, D] by angles with
-    cos/sin tables [T, D] (each angle repeated twice, as diffusers' `repeat_interleave_real`).
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: bool = True) -> jax.Array:
+    """Rotate channel pairs of x [B, T, H, D] by angles given as cos/sin tables.
+
+    Tables are [T, D] (shared by all heads), [T, H, D] (per head: Mochi, LTX's inner-dim RoPE)
+    or [B, T, H, D] (per sample: LTX/LTX-2 coordinates given at run time), each angle repeated
+    over its pair. `interleaved=True` pairs (x[2i], x[2i+1]) as diffusers'
+    `repeat_interleave_real` (Wan, Flux, HunyuanVideo, CogVideoX, LTX); `interleaved=False`
+    pairs (x[i], x[i + D/2]) as LTX-2's "split" RoPE, with tables [..., D] = [cos, cos].
 
     Computed in float32 and cast back to x's dtype, like diffusers' `apply_rotary_emb`.
-    Wan's and Flux's rotations are the same formula; only their tables differ.
     """
-    if cos.shape != sin.shape or cos.shape != (x.shape[1], x.shape[3]):
-        raise ValueError(f"apply_rope: tables {cos.shape}/{sin.shape} do not match x{x.shape} (want [T, D])")
+    if cos.shape != sin.shape:
+        raise ValueError(f"apply_rope: cos {cos.shape} and sin {sin.shape} differ")
+    b, t, h, d = x.shape
+    if cos.ndim == 2 and cos.shape == (t, d):
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    elif cos.ndim == 3 and cos.shape == (t, h, d):
+        cos, sin = cos[None], sin[None]
+    elif not (cos.ndim == 4 and cos.shape[1:] == (t, h, d) and cos.shape[0] in (1, b)):
+        raise ValueError(f"apply_rope: tables {cos.shape} do not match x{x.shape} (want [T, D], [T, H, D] or [B, T, H, D])")
     xf = x.astype(jnp.float32)
-    pairs = xf.reshape(*x.shape[:-1], -1, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    if interleaved:
+        pairs = xf.reshape(*x.shape[:-1], -1, 2)
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    else:
+        first, second = jnp.split(xf, 2, axis=-1)
+        rotated = jnp.concatenate([-second, first], axis=-1)
+    out = xf * cos + rotated * sin
     return out.astype(x.dtype)

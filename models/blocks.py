@@ -14,9 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import apply_rope, attention
-from models.embeddings import TimestepLabelEmbedding, activation
+from models.embeddings import EmbedMLP, TimestepLabelEmbedding, activation, timestep_embedding
 
-FF_ACTIVATIONS: dict[str, str] = {"gelu": "gelu", "gelu-approximate": "gelu_tanh"}
+# diffusers FeedForward activation_fn -> (activation, gated). Gated ("swiglu") projects to twice the
+# inner width and multiplies the first half by act(second half).
+FF_ACTIVATIONS: dict[str, tuple[str, bool]] = {
+    "gelu": ("gelu", False),
+    "gelu-approximate": ("gelu_tanh", False),
+    "linear-silu": ("silu", False),
+    "swiglu": ("silu", True),
+}
 
 
 class LayerNorm(nn.Module):
@@ -39,44 +46,57 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last axis in float32 with a learned `scale` (torch.nn.RMSNorm)."""
+    """RMSNorm over the last axis in float32 with a learned `scale` (torch.nn.RMSNorm); without
+    `affine` it has no params (diffusers' `RMSNorm(dim, eps, elementwise_affine=False)`)."""
 
     eps: float = 1e-6
+    affine: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
-        y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)).astype(jnp.float32)
+        if self.affine:
+            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)).astype(jnp.float32)
         return y.astype(x.dtype)
 
 
 class LinearAct(nn.Module):
-    """Dense `proj` then an activation (diffusers' `GELU` module, i.e. `ff.net.0`)."""
+    """Dense `proj` then an activation: diffusers' `GELU` / `LinearActivation` module (`ff.net.0`),
+    or with `gated` its `SwiGLU`: proj to 2*features, first half * act(second half)."""
 
     features: int
     act: str
     dtype: Any = jnp.float32
+    gated: bool = False
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return activation(self.act)(nn.Dense(self.features, dtype=self.dtype, name="proj")(x))
+        width = 2 * self.features if self.gated else self.features
+        h = nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype, name="proj")(x)
+        if self.gated:
+            h, gate = jnp.split(h, 2, axis=-1)
+            return h * activation(self.act)(gate)
+        return activation(self.act)(h)
 
 
 class FeedForward(nn.Module):
-    """diffusers `FeedForward` with a GELU activation: net_0 (proj + gelu) -> net_2."""
+    """diffusers `FeedForward`: net_0 (proj + activation, see FF_ACTIVATIONS) -> net_2."""
 
     inner_dim: int
     out_dim: int
     activation_fn: str = "gelu-approximate"
     dtype: Any = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.activation_fn not in FF_ACTIVATIONS:
             raise ValueError(f"FeedForward: activation_fn {self.activation_fn!r} not in {sorted(FF_ACTIVATIONS)}")
-        x = LinearAct(self.inner_dim, FF_ACTIVATIONS[self.activation_fn], self.dtype, name="net_0")(x)
-        return nn.Dense(self.out_dim, dtype=self.dtype, name="net_2")(x)
+        act, gated = FF_ACTIVATIONS[self.activation_fn]
+        x = LinearAct(self.inner_dim, act, self.dtype, gated, self.use_bias, name="net_0")(x)
+        return nn.Dense(self.out_dim, use_bias=self.use_bias, dtype=self.dtype, name="net_2")(x)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -89,12 +109,25 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-2], -1)
 
 
+def key_mask(mask: jax.Array | None) -> jax.Array | None:
+    """[B, Tk] boolean key mask (True = attend) -> [B, 1, 1, Tk] for `attention`; None passes through."""
+    if mask is None:
+        return None
+    if mask.ndim != 2:
+        raise ValueError(f"key mask must be [batch, tokens], got shape {mask.shape}")
+    return mask.astype(bool)[:, None, None, :]
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with to_q/to_k/to_v/to_out_0 Dense layers around `attention`.
 
-    diffusers' `Attention` (DiT: qk_norm=None) and `WanAttention` (qk_norm="rms_norm_across_heads":
-    RMSNorm of q and k over all heads; `added_kv` adds Wan I2V's image K/V branch, whose attention
-    output is summed with the text one).
+    diffusers' `Attention` (DiT, HunyuanVideo's token refiner: qk_norm=None), `WanAttention` and
+    `LTXAttention` / `LTX2Attention` (qk_norm="rms_norm_across_heads": RMSNorm of q and k over all
+    heads). `added_kv` adds Wan I2V's image K/V branch, whose attention output is summed with the
+    text one; `gated` adds LTX-2's per-head output gate `2 * sigmoid(to_gate_logits(x))`.
+    Call options: `mask` (boolean, broadcastable to [B, H, Tq, Tk]), `rope` for q (and k unless
+    `key_rope` is given: LTX-2's audio<->video attention), `perturb` [B, 1, 1, 1] in [0, 1]
+    (LTX-2's spatio-temporal guidance: output = v + perturb * (attention - v), self-attention only).
     """
 
     heads: int
@@ -105,6 +138,8 @@ class Attention(nn.Module):
     added_kv: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    out_bias: bool = True
+    gated: bool = False
 
     @nn.compact
     def __call__(
@@ -113,6 +148,10 @@ class Attention(nn.Module):
         context: jax.Array | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
         context_img: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        key_rope: tuple[jax.Array, jax.Array] | None = None,
+        perturb: jax.Array | None = None,
     ) -> jax.Array:
         if self.qk_norm not in (None, "rms_norm_across_heads"):
             raise ValueError(f"Attention: qk_norm {self.qk_norm!r} not in (None, 'rms_norm_across_heads')")
@@ -129,15 +168,137 @@ class Attention(nn.Module):
         k = split_heads(qk_norm(dense("to_k")(src), "norm_k"), self.heads)
         v = split_heads(dense("to_v")(src), self.heads)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, implementation=self.attention_impl)
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *(rope if key_rope is None else key_rope))
+        out = attention(q, k, v, mask, implementation=self.attention_impl)
+        if perturb is not None:
+            out = (v + perturb * (out - v)).astype(out.dtype)
         if self.added_kv:
             if context_img is None:
                 raise ValueError("Attention with added_kv needs context_img (the image embedding)")
             k_img = split_heads(qk_norm(dense("add_k_proj")(context_img), "norm_added_k"), self.heads)
             v_img = split_heads(dense("add_v_proj")(context_img), self.heads)
             out = out + attention(q, k_img, v_img, implementation=self.attention_impl)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(merge_heads(out))
+        if self.gated:
+            gates = 2.0 * nn.sigmoid(nn.Dense(self.heads, dtype=self.dtype, name="to_gate_logits")(x))
+            out = out * gates[..., None].astype(out.dtype)
+        return nn.Dense(x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(merge_heads(out))
+
+
+JOINT_OUTPUTS = ("split", "x_only", "shared", "none")
+
+
+class JointAttention(nn.Module):
+    """Joint attention: video/image tokens `x` and text tokens `context` in one softmax (MM-DiT).
+
+    Covers Flux's and HunyuanVideo's double- and single-stream attention, CogVideoX's expert
+    attention and Mochi's asymmetric attention (text width != video width):
+
+    - `shared_qkv=False`: context gets its own add_{q,k,v}_proj (and norm_added_{q,k});
+      `shared_qkv=True`: one to_{q,k,v} projects both (single-stream, CogVideoX).
+    - `qk_norm`: per-head "rms_norm" or "layer_norm" (affine), or None.
+    - `context_first`: softmax token order [context, x] (Flux, CogVideoX) instead of [x, context].
+    - `output`: "split" = to_out_0 on x and to_add_out on context (back to the context width);
+      "x_only" = to_out_0 on x, context output dropped (Mochi's last block, context_pre_only);
+      "shared" = one to_out_0 over all tokens (CogVideoX); "none" = raw attention (single-stream).
+    - `rope` rotates x's q/k, `context_rope` the context's (None = not rotated).
+    - `context_mask` [B, L] (True = real token) hides padded text keys. With
+      `compact_masked_context` (Mochi) the text outputs are left-aligned per sample and zeroed
+      after the valid count, as diffusers' per-sample gather does.
+
+    Returns (x_out, context_out) when `context` is given (context_out None for "x_only"), else x_out.
+    """
+
+    heads: int
+    head_dim: int
+    qk_norm: str | None = "rms_norm"
+    eps: float = 1e-6
+    use_bias: bool = True
+    added_bias: bool = True
+    out_bias: bool = True
+    shared_qkv: bool = False
+    context_first: bool = False
+    output: str = "split"
+    compact_masked_context: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+        context_rope: tuple[jax.Array, jax.Array] | None = None,
+        context_mask: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+        if self.qk_norm not in (None, "rms_norm", "layer_norm"):
+            raise ValueError(f"JointAttention: qk_norm {self.qk_norm!r} not in (None, 'rms_norm', 'layer_norm')")
+        if self.output not in JOINT_OUTPUTS:
+            raise ValueError(f"JointAttention: output {self.output!r} not in {JOINT_OUTPUTS}")
+        inner = self.heads * self.head_dim
+
+        def project(h: jax.Array, names: tuple[str, str, str], norms: tuple[str, str], bias: bool) -> list[jax.Array]:
+            q, k, v = (split_heads(nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=n)(h), self.heads) for n in names)
+            if self.qk_norm == "rms_norm":
+                q, k = RMSNorm(self.eps, name=norms[0])(q), RMSNorm(self.eps, name=norms[1])(k)
+            elif self.qk_norm == "layer_norm":
+                q = LayerNorm(self.eps, affine=True, name=norms[0])(q)
+                k = LayerNorm(self.eps, affine=True, name=norms[1])(k)
+            return [q, k, v]
+
+        def rotate(qkv: list[jax.Array], tables: tuple[jax.Array, jax.Array] | None) -> list[jax.Array]:
+            return qkv if tables is None else [apply_rope(qkv[0], *tables), apply_rope(qkv[1], *tables), qkv[2]]
+
+        own = ("to_q", "to_k", "to_v"), ("norm_q", "norm_k")
+        if context is None:
+            q, k, v = rotate(project(x, *own, self.use_bias), rope)
+            out = merge_heads(attention(q, k, v, implementation=self.attention_impl))
+            if self.output == "none":
+                return out
+            return nn.Dense(x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(out)
+
+        if self.shared_qkv:
+            n_ctx = context.shape[1]
+            joint = jnp.concatenate([context, x] if self.context_first else [x, context], axis=1)
+            qkv = project(joint, *own, self.use_bias)
+            ctx = [a[:, :n_ctx] if self.context_first else a[:, -n_ctx:] for a in qkv]
+            xs = [a[:, n_ctx:] if self.context_first else a[:, :-n_ctx] for a in qkv]
+        else:
+            xs = project(x, *own, self.use_bias)
+            added = ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k")
+            ctx = project(context, *added, self.added_bias)
+        xs, ctx = rotate(xs, rope), rotate(ctx, context_rope)
+        q, k, v = (jnp.concatenate([c, s] if self.context_first else [s, c], axis=1) for s, c in zip(xs, ctx))
+        mask = None
+        if context_mask is not None:
+            x_keys = jnp.ones((x.shape[0], x.shape[1]), bool)
+            keys = [context_mask.astype(bool), x_keys] if self.context_first else [x_keys, context_mask.astype(bool)]
+            mask = key_mask(jnp.concatenate(keys, axis=1))
+        out = merge_heads(attention(q, k, v, mask, implementation=self.attention_impl))
+
+        n_ctx = context.shape[1]
+        if self.output == "shared":
+            out = nn.Dense(x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(out)
+        x_out, ctx_out = (out[:, n_ctx:], out[:, :n_ctx]) if self.context_first else (out[:, :-n_ctx], out[:, -n_ctx:])
+        if self.output in ("shared", "none"):
+            return x_out, ctx_out
+        if self.compact_masked_context and context_mask is not None:
+            ctx_out = compact_tokens(ctx_out, context_mask)
+        x_out = nn.Dense(x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(x_out)
+        if self.output == "x_only":
+            return x_out, None
+        return x_out, nn.Dense(context.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_add_out")(ctx_out)
+
+
+def compact_tokens(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per sample, move the tokens where mask [B, T] is True to the front (keeping order) and zero
+    the rest: what gathering the valid tokens and zero-padding back to T gives."""
+    mask = mask.astype(bool)
+    order = jnp.argsort(~mask, axis=1, stable=True)
+    gathered = jnp.take_along_axis(x, order[..., None], axis=1)
+    keep = jnp.arange(x.shape[1])[None, :] < mask.sum(axis=1, keepdims=True)
+    return jnp.where(keep[..., None], gathered, jnp.zeros_like(gathered))
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -149,7 +310,8 @@ class AdaLayerNorm(nn.Module):
     """adaLN: `linear(silu(emb))` split into `num_chunks` vectors; the first two modulate LayerNorm(x).
 
     Covers diffusers' AdaLayerNormZero (6 chunks: shift, scale, gate, shift_mlp, scale_mlp, gate_mlp),
-    AdaLayerNormZeroSingle (3) and AdaLayerNormContinuous (2, `scale_first=True`). With
+    AdaLayerNormZeroSingle (3), AdaLayerNormContinuous (2, `scale_first=True`) and CogVideoX's
+    AdaLayerNorm(chunk_dim=1) (2, `affine=True`: the LayerNorm `norm` has scale and bias). With
     `num_embeddings` set it owns DiT's timestep+class embedder `emb`, as AdaLayerNormZero does.
     Returns (modulated x, remaining chunks, conditioning embedding).
     """
@@ -159,6 +321,7 @@ class AdaLayerNorm(nn.Module):
     scale_first: bool = False
     num_embeddings: int | None = None
     dtype: Any = jnp.float32
+    affine: bool = False
 
     @nn.compact
     def __call__(
@@ -178,7 +341,35 @@ class AdaLayerNorm(nn.Module):
         out = nn.Dense(self.num_chunks * dim, dtype=self.dtype, name="linear")(nn.silu(emb))
         chunks = jnp.split(out, self.num_chunks, axis=-1)
         shift, scale = (chunks[1], chunks[0]) if self.scale_first else (chunks[0], chunks[1])
-        return modulate(LayerNorm(self.eps)(x), shift, scale), chunks[2:], emb
+        return modulate(LayerNorm(self.eps, self.affine, name="norm")(x), shift, scale), chunks[2:], emb
+
+
+class TimestepEmbedder(nn.Module):
+    """diffusers' `Timesteps(256, flip_sin_to_cos=True, shift=0)` + `TimestepEmbedding` under the name
+    `timestep_embedder` (PixArt's `CombinedTimestepSizeEmbeddings` without size conditions)."""
+
+    dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, timestep: jax.Array) -> jax.Array:
+        t = timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0).astype(self.dtype)
+        return EmbedMLP(self.dim, "silu", self.dtype, name="timestep_embedder")(t)
+
+
+class AdaLayerNormSingle(nn.Module):
+    """PixArt's adaLN-single (LTX-Video, LTX-2): timestep [N] -> `emb` (TimestepEmbedder) -> embedded
+    [N, dim]; `linear(silu(embedded))` gives the [N, num_params * dim] modulation.
+    Returns (modulation, embedded)."""
+
+    dim: int
+    num_params: int = 6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, timestep: jax.Array) -> tuple[jax.Array, jax.Array]:
+        embedded = TimestepEmbedder(self.dim, self.dtype, name="emb")(timestep)
+        return nn.Dense(self.num_params * self.dim, dtype=self.dtype, name="linear")(nn.silu(embedded)), embedded
 
 
 def patchify(x: jax.Array, patch: Sequence[int]) -> tuple[jax.Array, tuple[int, ...]]:

@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.attention import apply_rope, attention
-from models.blocks import AdaLayerNorm, FeedForward, LayerNorm, RMSNorm, merge_heads, modulate, split_heads
+from models.blocks import AdaLayerNorm, FeedForward, JointAttention, LayerNorm, modulate
 from models.embeddings import EmbedMLP, axes_rope_tables, timestep_embedding
 from models.port import DiffusersConfig, KeyEntry, Port, linear, norm
 from models.roles import assign_roles
@@ -60,43 +59,19 @@ def _clip_fp16(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
 
 
-class FluxAttention(nn.Module):
-    """Joint attention: per-head RMSNorm on q/k, RoPE over [text, image] tokens.
-
-    With `context` (double-stream): text gets its own add_{q,k,v}_proj, and the output is split
-    back into (image -> to_out_0, text -> to_add_out). Without (single-stream, pre_only): the
-    raw attention output [B, T, inner] is returned.
-    """
-
-    heads: int
-    head_dim: int
-    dtype: Any = F32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], context: jax.Array | None = None
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        inner = self.heads * self.head_dim
-
-        def project(h: jax.Array, prefix: str, names: tuple[str, str, str]) -> list[jax.Array]:
-            out = [split_heads(nn.Dense(inner, dtype=self.dtype, name=n)(h), self.heads) for n in names]
-            out[0] = RMSNorm(1e-6, name=f"norm_{prefix}q")(out[0])
-            out[1] = RMSNorm(1e-6, name=f"norm_{prefix}k")(out[1])
-            return out
-
-        q, k, v = project(x, "", ("to_q", "to_k", "to_v"))
-        if context is not None:
-            cq, ck, cv = project(context, "added_", ("add_q_proj", "add_k_proj", "add_v_proj"))
-            q, k, v = (jnp.concatenate([c, s], axis=1) for c, s in ((cq, q), (ck, k), (cv, v)))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = merge_heads(attention(q, k, v, implementation=self.attention_impl))
-        if context is None:
-            return out
-        text_len = context.shape[1]
-        image_out = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out[:, text_len:])
-        text_out = nn.Dense(context.shape[-1], dtype=self.dtype, name="to_add_out")(out[:, :text_len])
-        return image_out, text_out
+def flux_attention(cfg: FluxConfig, dtype: Any, impl: str | None, double: bool) -> JointAttention:
+    """Flux's joint attention: per-head RMSNorm on q/k, [text, image] token order. Double-stream
+    blocks give text its own add_{q,k,v}_proj and to_add_out; single-stream blocks (pre_only)
+    return the raw attention output of the concatenated tokens."""
+    return JointAttention(
+        cfg.num_attention_heads,
+        cfg.attention_head_dim,
+        context_first=True,
+        output="split" if double else "none",
+        dtype=dtype,
+        attention_impl=impl,
+        name="attn",
+    )
 
 
 class FluxDoubleBlock(nn.Module):
@@ -116,8 +91,10 @@ class FluxDoubleBlock(nn.Module):
         norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp), _ = AdaLayerNorm(
             6, dtype=self.dtype, name="norm1_context"
         )(context, temb)
-        attn = FluxAttention(cfg.num_attention_heads, cfg.attention_head_dim, self.dtype, self.attention_impl, name="attn")
-        attn_x, attn_c = attn(norm_x, rope, norm_c)
+        text_len = context.shape[1]
+        rope_x, rope_c = (tuple(t[text_len:] for t in rope), tuple(t[:text_len] for t in rope))
+        attn = flux_attention(cfg, self.dtype, self.attention_impl, double=True)
+        attn_x, attn_c = attn(norm_x, norm_c, rope=rope_x, context_rope=rope_c)
 
         x = x + gate_msa[:, None] * attn_x
         h = modulate(LayerNorm(1e-6, name="norm2")(x), shift_mlp, scale_mlp)
@@ -146,8 +123,8 @@ class FluxSingleBlock(nn.Module):
         h = jnp.concatenate([context, x], axis=1)
         norm_h, (gate,), _ = AdaLayerNorm(3, dtype=self.dtype, name="norm")(h, temb)
         mlp = nn.gelu(nn.Dense(4 * dim, dtype=self.dtype, name="proj_mlp")(norm_h), approximate=True)
-        attn = FluxAttention(cfg.num_attention_heads, cfg.attention_head_dim, self.dtype, self.attention_impl, name="attn")
-        out = nn.Dense(dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn(norm_h, rope), mlp], axis=-1))
+        attn = flux_attention(cfg, self.dtype, self.attention_impl, double=False)
+        out = nn.Dense(dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn(norm_h, rope=rope), mlp], axis=-1))
         h = _clip_fp16(h + gate[:, None] * out)
         return h[:, :text_len], h[:, text_len:]
 
