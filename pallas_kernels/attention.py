@@ -213,10 +213,9 @@ def attention_pallas(
         p = jnp.exp2(s - lax.broadcast_in_dim(m_ij, s.shape, [0]))
         acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i *= alpha
-        if pv_fp8:
-          p_op = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn)
-        else:
-          p_op = p.astype(jnp.bfloat16)
+        # The optimization barrier cannot carry 2-element 8-bit register vectors, so
+        # the fp8 cast of P happens after it.
+        p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
 
         def end_softmax_barriers():
           plgpu.barrier_arrive(schedule_barrier)
@@ -225,6 +224,8 @@ def attention_pallas(
 
         l_i += p.sum(axis=1)
         acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+        if pv_fp8:
+          p_op = p_op.astype(jnp.float8_e4m3fn)
         end_softmax_barriers()
 
         def compute_pv(acc_ref):
@@ -383,6 +384,8 @@ def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config
   tk = k.shape[1]
   if _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
     return False
+  if causal and kv_lengths is not None:
+    return False  # rows past a length would see zero keys; the reference masks them
   has_padding = kv_lengths is not None or tk % config.block_k
   if has_padding and not smooth_k and not causal:
     return False

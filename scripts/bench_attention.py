@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Time quantized attention against cuDNN's and XLA's bf16 attention on video-DiT shapes.
+
+Shapes (batch 1, non-causal self-attention, head_dim 128): 12 heads at 8,190 and 32,760
+tokens (Wan2.1-1.3B at 480x832, 21 and 81 frames... 8,190 is the 5-second 240p-class
+size), 24 heads at 32,760 and 75,000 tokens (HunyuanVideo-class). Variants:
+
+* ``cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` in bf16;
+* ``xla``: the same with ``implementation="xla"`` (only where the scores fit in memory);
+* ``kernel <qk>/<pv>``: the Mosaic GPU kernel alone on operands quantized beforehand;
+* ``total <qk>/<pv>``: :func:`pallas_kernels.attention.quant_attention` from bf16 inputs,
+  quantization included (what a model pays).
+
+Off Hopper the kernel rows time the plain-JAX reference instead (marked ``reference``).
+Times are CUPTI kernel-time medians (``pallas_kernels.timing.time_fn``) over input sets
+rotated past L2. Writes ``benchmarks/attention-<device>.json`` after every row (and a
+copy under ``$OUT`` when set), so a run cut short keeps what it measured.
+
+    PYTHONPATH=. python3 scripts/bench_attention.py            # all shapes
+    PYTHONPATH=. python3 scripts/bench_attention.py --shapes 12x8190 --variants cudnn,kernel-int8-fp8
+    PYTHONPATH=. python3 scripts/bench_attention.py --tiny     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels import _common  # noqa: E402
+from pallas_kernels import attention as pa  # noqa: E402
+from pallas_kernels import attention_ref as ar  # noqa: E402
+from pallas_kernels import timing  # noqa: E402
+
+SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
+VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-fp8", "kernel-fp8-fp8", "total-int8-fp8",
+            "total-int8-bf16")
+DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-fp8", "total-int8-fp8")
+XLA_MAX_SCORE_BYTES = 8 << 30  # bf16 scores of one call; larger shapes skip the XLA row
+HEAD_DIM = 128
+ASSUMED_TFLOPS = 500.0  # only to pick iteration counts
+
+
+def device_slug(device: jax.Device) -> str:
+  return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
+
+
+def _formats(variant: str) -> tuple[str, str]:
+  qk, pv = variant.split("-")[1:]
+  return ("int8" if qk == "int8" else "fp8_e4m3"), ("bf16" if pv == "bf16" else "fp8_e4m3")
+
+
+def variant_fn(variant: str, block_k: int):
+  """(fn, prepare) for a variant: ``prepare(q, k, v)`` -> the args ``fn`` is timed on."""
+  if variant in ("cudnn", "xla"):
+    def fn(q, k, v):
+      return jax.nn.dot_product_attention(q, k, v, implementation=variant)
+    return fn, lambda q, k, v: (q, k, v)
+  qk, pv = _formats(variant)
+  if variant.startswith("total"):
+    def total(q, k, v):
+      return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, block_k=block_k)
+    return total, lambda q, k, v: (q, k, v)
+  config = pa.AttentionConfig(block_k=block_k)
+  on_kernel = pa.supports(jnp.zeros((1, 1, 1, HEAD_DIM)), jnp.zeros((1, 1, 1, HEAD_DIM)), causal=False,
+                          kv_lengths=None, qk_format=qk, pv_format=pv, smooth_k=True, config=config)
+  if not on_kernel:
+    def reference(q, k, v):
+      return ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv, block_k=block_k)
+    return reference, lambda q, k, v: (q, k, v)
+  scale = 1.0 / HEAD_DIM**0.5
+
+  def prepare(q, k, v):
+    return jax.jit(lambda q, k, v: pa.prepare_kernel_operands(
+        q, k, v, causal=False, kv_lengths=None, qk_format=qk, pv_format=pv, config=config, smooth_k=True,
+        hadamard=False, sm_scale=scale))(q, k, v)
+
+  def kernel(*operands):
+    return pa.attention_pallas(*operands, causal=False, config=config)
+  return kernel, prepare
+
+
+def time_variant(variant: str, heads: int, tokens: int, block_k: int, seed: int) -> dict:
+  fn, prepare = variant_fn(variant, block_k)
+  bytes_per_set = 3 * tokens * heads * HEAD_DIM * 2
+  copies = timing.copies_for(bytes_per_set, limit=4)
+  sets = []
+  for c in range(copies):
+    q, k, v = ar.sample_inputs(jax.random.key(seed + c), 1, tokens, tokens, heads, HEAD_DIM)
+    sets.append(tuple(prepare(q, k, v)))
+  flops = 4.0 * heads * tokens * tokens * HEAD_DIM
+  est_us = flops / (ASSUMED_TFLOPS * 1e6)
+  iterations = int(max(3, min(20, 3e5 / max(est_us * copies, 1.0))))
+  stats = timing.time_fn(fn, sets, iterations=iterations)
+  stats["tflops"] = flops / (stats["us"] * 1e6)
+  stats["iterations"] = iterations
+  return stats
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}")
+  parser.add_argument("--block-k", type=int, default=128)
+  parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+  parser.add_argument("--deadline-s", type=float, default=170.0, help="skip rows started after this")
+  parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
+  args = parser.parse_args()
+  shapes = {"2x256": (2, 256)} if args.tiny else {}
+  for name in ([] if args.tiny else args.shapes.split(",")):
+    if name not in SHAPES:
+      parser.error(f"--shapes: unknown shape {name!r}; choose from {list(SHAPES)}")
+    shapes[name] = SHAPES[name]
+  variants = args.variants.split(",")
+  for v in variants:
+    if v not in VARIANTS:
+      parser.error(f"--variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+  if jax.default_backend() != "gpu":
+    variants = [v for v in variants if v != "cudnn"]
+  start = time.perf_counter()
+  device = jax.devices()[0]
+  result = {
+      "benchmark": "attention",
+      "command": " ".join(["python", "scripts/bench_attention.py", *sys.argv[1:]]),
+      "device": device.device_kind, "jax_version": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "head_dim": HEAD_DIM, "batch": 1, "block_k": args.block_k, "kernel_on_device": _common.on_hopper(),
+      "rows": [],
+  }
+  paths = [args.out_dir / f"attention-{device_slug(device)}{'-tiny' if args.tiny else ''}.json"]
+  if os.environ.get("OUT"):
+    paths.append(Path(os.environ["OUT"]) / paths[0].name)
+
+  def save():
+    for p in paths:
+      p.parent.mkdir(parents=True, exist_ok=True)
+      p.write_text(json.dumps(result, indent=1))
+
+  for shape_name, (heads, tokens) in shapes.items():
+    cudnn_us = None
+    for variant in variants:
+      row = {"shape": shape_name, "heads": heads, "tokens": tokens, "variant": variant}
+      if time.perf_counter() - start > args.deadline_s:
+        row["skipped"] = "deadline"
+      elif variant == "xla" and heads * tokens * tokens * 2 > XLA_MAX_SCORE_BYTES:
+        row["skipped"] = "scores do not fit in memory"
+      else:
+        try:
+          row.update(time_variant(variant, heads, tokens, args.block_k, seed=len(result["rows"])))
+          if variant == "cudnn":
+            cudnn_us = row["us"]
+          if cudnn_us:
+            row["speedup_vs_cudnn"] = cudnn_us / row["us"]
+        except Exception as e:  # pylint: disable=broad-except
+          row["error"] = f"{type(e).__name__}: {e}"[:3000]
+          row["traceback"] = traceback.format_exc()[-4000:]
+      result["rows"].append(row)
+      save()
+      if "us" in row:
+        extra = f"  x{row['speedup_vs_cudnn']:.2f} vs cudnn" if "speedup_vs_cudnn" in row else ""
+        print(f"{shape_name:9s} {variant:18s} {row['us']:11.1f} us {row['tflops']:7.1f} TFLOP/s{extra}", flush=True)
+      else:
+        print(f"{shape_name:9s} {variant:18s} {row.get('skipped') or row.get('error', '')[:200]}", flush=True)
+  print(f"done in {time.perf_counter() - start:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
