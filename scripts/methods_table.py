@@ -309,15 +309,15 @@ def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], s
         x0 = clips_to_latents(render_clips(k2, labels, tw.data))
         sigma = jax.random.uniform(k3, (batch,), minval=0.05, maxval=0.95)
         xt = (1 - sigma)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * jax.random.normal(k4, x0.shape)
-        text = tw.text(labels) if branch == "cond" else tw.null_text(batch)
-        return branch, xt, sigma * 1000.0, text
+        text = tw.text(labels) if branch == 0 else tw.null_text(batch)
+        return branch, xt, sigma * 1000.0, text  # branch 0: conditional, 1: unconditional (CFG)
 
     keys = jax.random.split(jax.random.key(seed), n_batches + 1)
-    batches = [make_batch(keys[i], ("cond", "uncond")[i % 2]) for i in range(n_batches)]
-    held = make_batch(keys[-1], "cond")
+    batches = [make_batch(keys[i], i % 2) for i in range(n_batches)]
+    held = make_batch(keys[-1], 0)
     apply = lambda p, b: model.apply({"params": p}, b[1], b[2], b[3])  # noqa: E731
     t0 = time.time()
-    groups = calib.calibrate(apply, params, batches, calib.CalibConfig(layers=BLOCK_LINEARS), key_fn=lambda b: b[0], progress=False)
+    groups = calib.calibrate(apply, params, batches, calib.CalibConfig(layers=BLOCK_LINEARS), key_fn=lambda b: ("cond", "uncond")[b[0]], progress=False)
     stats = calib.merge(*groups.values())  # per-CFG-branch statistics, pooled for the methods
     held_stats = calib.calibrate(apply, params, [held], calib.CalibConfig(layers=BLOCK_LINEARS, histogram=False), progress=False)
     note = (f"{len(stats)} block linears of the bundled tiny Wan ({sum(np.prod(v.shape) for _, v in flatten_with_paths(params)):,} params); "

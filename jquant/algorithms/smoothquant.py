@@ -15,8 +15,8 @@ error estimated from the calibration statistics alone:
 
 (weight rounding error under the smoothed Hessian H', plus uniform activation rounding
 noise of step D = max_j(max|x'_j|) / 127 per element, capped by the channel's own energy
-when it rounds to zero). For dynamic per-token scales the per-tensor step is used as an
-upper bound.
+when it rounds to zero). For dynamic per-token scales the step of a typical token is
+estimated as max_j(p90(|x_j|) / s_j) / 127 from the calibration histogram.
 
 The division ``x / s`` is folded into the preceding op where exact (one shared helper
 with AWQ: :mod:`jquant.algorithms.fold`), else kept as ``input_mul``. With a static
@@ -89,7 +89,7 @@ def smooth_scales(act_absmax: Array, w_absmax: Array, alpha: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("wspec", "qmax"))
-def _w8a8_error(w: Array, hmean: Array, absmax: Array, s: Array, count: Array, wspec: QSpec, qmax: float) -> Array:
+def _w8a8_error(w: Array, hmean: Array, range_: Array, s: Array, count: Array, wspec: QSpec, qmax: float) -> Array:
     """Estimated W8A8 output error of one layer under smoothing s (see module docstring)."""
     k, n = w.shape
     rows, cb = wspec.block_shape((k, n))
@@ -98,10 +98,19 @@ def _w8a8_error(w: Array, hmean: Array, absmax: Array, s: Array, count: Array, w
     wq = _qdq(ws, wspec, sc, z, s2)
     h = hmean / s[:, None] / s[None, :]
     werr = lw.hessian_error(ws, wq, h)
-    step = jnp.max(absmax / s) / qmax
+    step = jnp.max(range_ / s) / qmax
     e2 = jnp.minimum(step**2 / 12.0, jnp.diagonal(h))
     aerr = jnp.sum(e2 * jnp.sum(wq**2, axis=1))
     return count * (werr + aerr)
+
+
+def _step_range(stats: Any, act: QSpec) -> Array:
+    """Per-channel |x| whose max over channels (after / s) sets the activation step: the
+    absmax for a static per-tensor scale; for per-token scales the typical token's max,
+    proxied by each channel's 90th percentile of |x| (the absmax without a histogram)."""
+    if act.dynamic and stats.hist.shape[-1]:
+        return stats.percentile(90.0)
+    return stats.absmax
 
 
 def _act_qmax(spec: QSpec) -> float:
@@ -129,12 +138,13 @@ def smoothquant_search(
     for _, members in fold_lib.fold_groups(list(selected), fold_map):
         ls = [selected[m] for m in members]
         amax = ls[0].stats.absmax
+        rng = _step_range(ls[0].stats, config.act_spec)
         wmax = jnp.max(jnp.stack([jnp.max(jnp.abs(l.kernel.astype(jnp.float32)), axis=1) for l in ls]), axis=0)
         if config.search:
             errs = []
             for a in grid:
                 s = smooth_scales(amax, wmax, a)
-                errs.append(sum(float(_w8a8_error(l.kernel, l.stats.hessian_mean, amax, s, l.stats.count, l.spec, qmax)) for l in ls))
+                errs.append(sum(float(_w8a8_error(l.kernel, l.stats.hessian_mean, rng, s, l.stats.count, l.spec, qmax)) for l in ls))
             best = float(grid[int(jnp.argmin(jnp.asarray(errs)))])
         else:
             best = config.alpha
