@@ -50,6 +50,14 @@ from pallas_kernels.attention_ref import (  # noqa: F401  (re-exported API)
 
 #: Key blocks whose scales fit one kernel's shared memory (two copies of [n/32, 32] f32).
 MAX_KEY_BLOCKS = 4096
+#: Whether causal calls take the kernel on Hopper. The causal path (index mask on the
+#: diagonal tiles, an epilogue draining the K/V ring) follows JAX's FA3 example, whose
+#: causal mode ptxas of CUDA 12.8.0-12.9.1 miscompiles; scripts/check_attention_gpu.py
+#: runs it explicitly.
+CAUSAL_ON_KERNEL = True
+INT_TO_FLOAT: tuple[str, ...] = ("cvt", "magic")
+_MAGIC_BITS = 0x4B400000  # float32 1.5 * 2^23: its unit in the last place is 1
+_MAGIC_VALUE = 12582912.0
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
 KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset(
@@ -59,13 +67,23 @@ KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset(
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """Tiling: each compute warpgroup owns ``block_q`` (64) query rows; ``block_k`` keys per
-  step (also the K-scale block); ``stages`` K/V tiles in flight."""
+  step (also the K-scale block); ``stages`` K/V tiles in flight.
+
+  ``int_to_float`` (int8 Q K^T only) turns the int32 scores into floats either with the
+  conversion instruction (``"cvt"``, quarter rate on Hopper) or exactly with the
+  magic-number trick (``"magic"``: add the bits of 1.5 * 2^23, reinterpret as f32; exact
+  for |x| < 2^22, and int8 dot products over <= 128 channels stay below 2^21), which costs
+  one integer add and folds the offset into the scaling FMA.
+  """
 
   block_q: int = 64
   block_k: int = 128
   stages: int = 2
+  int_to_float: str = "cvt"
 
   def __post_init__(self):
+    if self.int_to_float not in INT_TO_FLOAT:
+      raise ValueError(f"AttentionConfig: int_to_float must be one of {INT_TO_FLOAT}, got {self.int_to_float!r}")
     if self.block_q != 64:
       raise ValueError(f"AttentionConfig: block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}")
     if self.block_k not in (64, 128, 256):
@@ -198,7 +216,12 @@ def attention_pallas(
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
         k_scale = ks_smem[lax.div(kv_step, 32), lax.rem(kv_step, 32)]
         row_scale = q_scale * k_scale
-        s = qk.astype(jnp.float32) * lax.broadcast_in_dim(row_scale, qk.shape, [0])
+        if int_qk and config.int_to_float == "magic":
+          shifted = lax.bitcast_convert_type(qk + jnp.int32(_MAGIC_BITS), jnp.float32)
+          s = (shifted * lax.broadcast_in_dim(row_scale, qk.shape, [0])
+               + lax.broadcast_in_dim(row_scale * -_MAGIC_VALUE, qk.shape, [0]))
+        else:
+          s = qk.astype(jnp.float32) * lax.broadcast_in_dim(row_scale, qk.shape, [0])
 
         if causal_step:
           q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
@@ -384,6 +407,8 @@ def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config
   tk = k.shape[1]
   if _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
     return False
+  if causal and not CAUSAL_ON_KERNEL:
+    return False
   if causal and kv_lengths is not None:
     return False  # rows past a length would see zero keys; the reference masks them
   has_padding = kv_lengths is not None or tk % config.block_k
@@ -407,15 +432,16 @@ def quant_attention(
     hadamard: bool = False,
     sm_scale: float | None = None,
     stages: int = 2,
+    int_to_float: str = "cvt",
 ) -> jax.Array:
   """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
-  Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` is the depth of
-  the kernel's K/V pipeline (no numerical effect).
+  Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` and
+  ``int_to_float`` tune the kernel (see :class:`AttentionConfig`).
   """
   ref.check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
                    block_q=block_q, block_k=block_k)
-  config = AttentionConfig(block_q=block_q, block_k=block_k, stages=stages)
+  config = AttentionConfig(block_q=block_q, block_k=block_k, stages=stages, int_to_float=int_to_float)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   if not supports(q, k, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
                   smooth_k=smooth_k, config=config):

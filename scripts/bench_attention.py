@@ -44,8 +44,8 @@ from pallas_kernels import attention_ref as ar  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
-VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-fp8", "kernel-fp8-fp8", "total-int8-fp8",
-            "total-int8-bf16")
+VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-magic][-bk64|-bk256][-s3]"
+                " (magic: int8 scores to float by the magic-number add; bkN: key tile; sN: pipeline stages)")
 DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-fp8", "total-int8-fp8")
 XLA_MAX_SCORE_BYTES = 8 << 30  # bf16 scores of one call; larger shapes skip the XLA row
 HEAD_DIM = 128
@@ -56,9 +56,25 @@ def device_slug(device: jax.Device) -> str:
   return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
 
 
-def _formats(variant: str) -> tuple[str, str]:
-  qk, pv = variant.split("-")[1:]
-  return ("int8" if qk == "int8" else "fp8_e4m3"), ("bf16" if pv == "bf16" else "fp8_e4m3")
+def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.AttentionConfig]:
+  """``kernel-int8-fp8-magic-bk256`` -> ("kernel", "int8", "fp8_e4m3", config); raises ValueError."""
+  parts = variant.split("-")
+  if len(parts) < 3 or parts[0] not in ("kernel", "total") or parts[1] not in ("int8", "fp8") \
+      or parts[2] not in ("bf16", "fp8"):
+    raise ValueError(f"unknown variant {variant!r}: {VARIANT_HELP}")
+  options = {"block_k": block_k}
+  for extra in parts[3:]:
+    if extra == "magic":
+      options["int_to_float"] = "magic"
+    elif re.fullmatch(r"bk(64|128|256)", extra):
+      options["block_k"] = int(extra[2:])
+    elif re.fullmatch(r"s[2-6]", extra):
+      options["stages"] = int(extra[1:])
+    else:
+      raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
+  qk = "int8" if parts[1] == "int8" else "fp8_e4m3"
+  pv = "bf16" if parts[2] == "bf16" else "fp8_e4m3"
+  return parts[0], qk, pv, pa.AttentionConfig(**options)
 
 
 def variant_fn(variant: str, block_k: int):
@@ -67,17 +83,17 @@ def variant_fn(variant: str, block_k: int):
     def fn(q, k, v):
       return jax.nn.dot_product_attention(q, k, v, implementation=variant)
     return fn, lambda q, k, v: (q, k, v)
-  qk, pv = _formats(variant)
-  if variant.startswith("total"):
+  kind, qk, pv, config = parse_variant(variant, block_k)
+  if kind == "total":
     def total(q, k, v):
-      return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, block_k=block_k)
+      return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k,
+                                stages=config.stages, int_to_float=config.int_to_float)
     return total, lambda q, k, v: (q, k, v)
-  config = pa.AttentionConfig(block_k=block_k)
   on_kernel = pa.supports(jnp.zeros((1, 1, 1, HEAD_DIM)), jnp.zeros((1, 1, 1, HEAD_DIM)), causal=False,
                           kv_lengths=None, qk_format=qk, pv_format=pv, smooth_k=True, config=config)
   if not on_kernel:
     def reference(q, k, v):
-      return ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv, block_k=block_k)
+      return ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k)
     return reference, lambda q, k, v: (q, k, v)
   scale = 1.0 / HEAD_DIM**0.5
 
@@ -111,7 +127,7 @@ def time_variant(variant: str, heads: int, tokens: int, block_k: int, seed: int)
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
-  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}")
+  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {VARIANT_HELP}")
   parser.add_argument("--block-k", type=int, default=128)
   parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--deadline-s", type=float, default=170.0, help="skip rows started after this")
@@ -124,8 +140,11 @@ def main() -> int:
     shapes[name] = SHAPES[name]
   variants = args.variants.split(",")
   for v in variants:
-    if v not in VARIANTS:
-      parser.error(f"--variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+    if v not in ("cudnn", "xla"):
+      try:
+        parse_variant(v, args.block_k)
+      except ValueError as e:
+        parser.error(f"--variants: {e}")
   if jax.default_backend() != "gpu":
     variants = [v for v in variants if v != "cudnn"]
   start = time.perf_counter()

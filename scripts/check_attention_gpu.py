@@ -4,9 +4,10 @@
 For each case (formats, head_dim, causal, ragged lengths, random or realistic inputs: a few K
 channels 10-50x larger, V with channel means), fresh inputs are drawn and three relative L2
 errors are printed: kernel vs exact fp32 softmax attention, reference vs exact, and kernel vs
-reference. A case PASSES when the kernel output is finite and within 2e-2 of the reference
-(same quantization, online vs exact softmax); the error against exact attention is reported
-against the 3% target. Which path ran ("kernel" or "reference" fallback) is printed too.
+reference. A case PASSES when the kernel output is finite, within 1e-2 (bf16 P V) or 4e-2 (fp8 P V:
+P is rounded against the running maximum in the kernel, the final one in the reference) of
+the reference, and no more than 1.3x the reference's own error (+0.5%) from exact attention;
+the error against exact attention is also reported against the 3% target. Which path ran ("kernel" or "reference" fallback) is printed too.
 
 Writes ``benchmarks/check_attention-<device>.json`` (and a copy under ``$OUT`` when set).
 
@@ -34,7 +35,9 @@ import numpy as np  # noqa: E402
 from pallas_kernels import attention as pa  # noqa: E402
 from pallas_kernels import attention_ref as ar  # noqa: E402
 
-KERNEL_VS_REFERENCE_TOL = 2e-2
+# The kernel quantizes P against the running row maximum and the reference against the
+# final one, so with fp8 P the two round differently (each about 2.5% from exact).
+KERNEL_VS_REFERENCE_TOL = {"bf16": 1e-2, "fp8_e4m3": 4e-2}
 TARGET_VS_EXACT = 3e-2
 
 # (name, batch, q_tokens, kv_tokens, heads, head_dim, kind, options)
@@ -49,6 +52,10 @@ CASES = [
     ("int8/fp8 bk256", 1, 1000, 1000, 2, 128, "random", dict(qk_format="int8", pv_format="fp8_e4m3", block_k=256)),
     ("int8/bf16 bk64 stages3", 1, 1000, 1000, 2, 128, "random",
      dict(qk_format="int8", pv_format="bf16", block_k=64, stages=3)),
+    ("int8/fp8 magic d128", 2, 1000, 1000, 3, 128, "random",
+     dict(qk_format="int8", pv_format="fp8_e4m3", int_to_float="magic")),
+    ("int8/bf16 magic d64", 1, 777, 777, 2, 64, "random",
+     dict(qk_format="int8", pv_format="bf16", int_to_float="magic")),
     ("realistic int8/fp8 hadamard", 2, 2048, 2048, 4, 128, "realistic",
      dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True)),
     ("realistic int8/bf16 hadamard", 2, 2048, 2048, 4, 128, "realistic",
@@ -60,6 +67,8 @@ CASES = [
     ("int8/fp8 causal d128", 1, 1000, 1000, 2, 128, "random",
      dict(qk_format="int8", pv_format="fp8_e4m3", causal=True)),
     ("int8/bf16 causal d64", 1, 900, 900, 2, 64, "random", dict(qk_format="int8", pv_format="bf16", causal=True)),
+    ("realistic int8/fp8 hadamard magic causal", 1, 2048, 2048, 4, 128, "realistic",
+     dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True, int_to_float="magic", causal=True)),
 ]
 QUICK = {"int8/bf16 d128", "int8/fp8 d128", "int8/fp8 causal d128", "int8/fp8 lengths",
          "realistic int8/fp8 hadamard", "realistic int8/bf16 hadamard"}
@@ -75,9 +84,10 @@ def run_case(seed: int, case) -> dict:
   if "kv_lengths" in opts:
     opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
   q, k, v = ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind)
-  kernel_opts = {key: val for key, val in opts.items()}
-  ref_opts = {key: val for key, val in opts.items() if key != "stages"}
-  config = pa.AttentionConfig(block_k=opts.get("block_k", 128), stages=opts.get("stages", 2))
+  kernel_opts = dict(opts)
+  ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float")}
+  config = pa.AttentionConfig(block_k=opts.get("block_k", 128), stages=opts.get("stages", 2),
+                              int_to_float=opts.get("int_to_float", "cvt"))
   path = "kernel" if pa.supports(
       q, k, causal=opts.get("causal", False), kv_lengths=opts.get("kv_lengths"),
       qk_format=opts["qk_format"], pv_format=opts["pv_format"], smooth_k=True, config=config) else "reference"
@@ -96,7 +106,8 @@ def run_case(seed: int, case) -> dict:
       "options": {key: (list(val) if isinstance(val, tuple) else val) for key, val in options.items()},
       "path": path, "finite": finite, "kernel_vs_reference": rel_kr, "kernel_vs_exact": rel_ke,
       "reference_vs_exact": rel_re, "compile_and_run_s": seconds,
-      "pass": finite and rel_kr <= KERNEL_VS_REFERENCE_TOL,
+      "pass": (finite and rel_kr <= KERNEL_VS_REFERENCE_TOL[opts["pv_format"]]
+               and rel_ke <= 1.3 * rel_re + 5e-3),
       "meets_3pct_target": rel_ke <= TARGET_VS_EXACT,
   }
 
@@ -104,6 +115,7 @@ def run_case(seed: int, case) -> dict:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="only the core cases")
+  parser.add_argument("--only", default="", help="comma list of substrings: run the cases whose name has one")
   parser.add_argument("--deadline-s", type=float, default=150.0, help="skip cases started after this")
   parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
   args = parser.parse_args()
@@ -125,7 +137,9 @@ def main() -> int:
       p.parent.mkdir(parents=True, exist_ok=True)
       p.write_text(json.dumps(result, indent=1))
 
-  cases = [c for c in CASES if not args.quick or c[0] in QUICK]
+  pa.CAUSAL_ON_KERNEL = True  # exercise the causal kernel path whatever the default
+  only = [w for w in args.only.split(",") if w]
+  cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (not only or any(w in c[0] for w in only))]
   print(f"{'case':38s} {'path':9s} {'k-vs-ref':>9s} {'k-vs-exact':>10s} {'ref-vs-exact':>12s}  status")
   for i, case in enumerate(cases):
     if time.perf_counter() - start > args.deadline_s:
