@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 
 #: Environment variable that forces a path: "reference" (never use a kernel) or
-#: "kernel" (use the kernel whenever its shape/dtype checks pass, even where the
-#: platform check would say no; useful for lowering tests).
+#: "kernel" (use every kernel whenever its shape/dtype checks pass, also those not
+#: yet verified on a GPU, and even where the platform check would say no; the
+#: GPU check script and the CPU lowering tests use it). Unset or "auto": kernels
+#: verified on the GPU are used on a Hopper GPU, references elsewhere.
 FORCE_ENV = "JQUANT_PALLAS"
 
 
@@ -60,6 +62,18 @@ def on_gpu() -> bool:
   if forced_mode() == "reference":
     return False
   return _default_device_is_gpu()
+
+
+def kernel_enabled(verified_on_gpu: bool) -> bool:
+  """Whether a kernel may be dispatched by default.
+
+  Kernels whose GPU check (scripts/check_kernels_gpu.py) has not passed yet are
+  only used when ``$JQUANT_PALLAS=kernel`` asks for them.
+  """
+  mode = forced_mode()
+  if mode is not None:
+    return mode == "kernel"
+  return verified_on_gpu
 
 
 def on_hopper() -> bool:

@@ -132,3 +132,19 @@ CASES: dict[str, KernelCase] = {
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
         lambda m, k, n: 2 * m * k + m * k + 4 * m),
 }
+
+
+def kernel_path(name: str, inputs: tuple) -> str:
+  """Which implementation the public wrapper of ``name`` runs for ``inputs`` here."""
+  x = inputs[0]
+  if name in ("w8a8_int8", "w8a8_fp8"):
+    return "kernel" if w8a8.supports(inputs[0], inputs[2]) else "reference"
+  if name == "w8a8_fp8_block":
+    return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
+  if name in ("w4a16", "w8a16"):
+    if not _common.on_gpu():
+      return "reference"
+    return "kernel" if weight_only.supports(x) else "xla-dequant"
+  if name.startswith("act_quant"):
+    return "pallas" if act_quant.supports(x) else "xla"
+  raise ValueError(f"unknown kernel {name!r}")

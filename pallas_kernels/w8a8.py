@@ -364,9 +364,14 @@ def _prepare(x_q, x_scale, w_q, w_scale, bias, config: GemmConfig):
   return x, w, xs, wsb, (m, n)
 
 
+#: Both W8A8 kernels passed scripts/check_kernels_gpu.py on an H100 (JAX 0.11.2),
+#: see benchmarks/check_kernels-NVIDIA_H100_80GB_HBM3.txt.
+GPU_VERIFIED = True
+
+
 def supports(x_q: jax.Array, w_q: jax.Array, out_dtype=jnp.bfloat16) -> bool:
   """True where the Mosaic GPU W8A8 kernel applies (Hopper, int8/e4m3, 2-D)."""
-  if not _common.on_hopper():
+  if not _common.on_hopper() or not _common.kernel_enabled(GPU_VERIFIED):
     return False
   if x_q.ndim != 2 or w_q.ndim != 2 or x_q.shape[1] != w_q.shape[1]:
     return False

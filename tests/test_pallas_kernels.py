@@ -215,6 +215,11 @@ def test_force_env(monkeypatch):
   assert _common.on_hopper()
   monkeypatch.setenv(_common.FORCE_ENV, "reference")
   assert not _common.on_hopper() and not _common.on_gpu()
+  assert not _common.kernel_enabled(True)
+  monkeypatch.delenv(_common.FORCE_ENV)
+  assert _common.kernel_enabled(True) and not _common.kernel_enabled(False)
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  assert _common.kernel_enabled(False)
   monkeypatch.setenv(_common.FORCE_ENV, "sometimes")
   with pytest.raises(ValueError, match="JQUANT_PALLAS"):
     _common.on_hopper()
