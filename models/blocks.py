@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import apply_rope, attention
+from models.port import KeyEntry, linear, norm
 from models.embeddings import EmbedMLP, TimestepLabelEmbedding, activation, timestep_embedding
 
 # diffusers FeedForward activation_fn -> (activation, gated). Gated ("swiglu") projects to twice the
@@ -372,6 +373,136 @@ class AdaLayerNormSingle(nn.Module):
         return nn.Dense(self.num_params * self.dim, dtype=self.dtype, name="linear")(nn.silu(embedded)), embedded
 
 
+Rope = tuple[jax.Array, jax.Array]
+
+
+def clip_fp16(x: jax.Array) -> jax.Array:
+    """diffusers (Flux) clips the residual stream to the float16 range when running in float16."""
+    return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
+
+
+class DoubleStreamBlock(nn.Module):
+    """MM-DiT double-stream block (Flux, HunyuanVideo): separate adaLN-Zero (`norm1`,
+    `norm1_context`), FFNs (`ff`, `ff_context`) and q/k/v weights for image/video and text, one
+    joint attention `attn`. `context_first` is the softmax token order ([text, image] in Flux).
+    Returns (x, context)."""
+
+    heads: int
+    head_dim: int
+    mlp_dim: int
+    context_first: bool = False
+    clip_fp16: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        temb: jax.Array,
+        rope: Rope | None = None,
+        context_rope: Rope | None = None,
+        context_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        dim = x.shape[-1]
+        norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp), _ = AdaLayerNorm(6, dtype=self.dtype, name="norm1")(x, temb)
+        norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp), _ = AdaLayerNorm(
+            6, dtype=self.dtype, name="norm1_context"
+        )(context, temb)
+        attn = JointAttention(
+            self.heads,
+            self.head_dim,
+            context_first=self.context_first,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            name="attn",
+        )
+        attn_x, attn_c = attn(norm_x, norm_c, rope, context_rope, context_mask)
+
+        x = x + gate_msa[:, None] * attn_x
+        h = modulate(LayerNorm(1e-6, name="norm2")(x), shift_mlp, scale_mlp)
+        x = x + gate_mlp[:, None] * FeedForward(self.mlp_dim, dim, "gelu-approximate", self.dtype, name="ff")(h)
+
+        context = context + c_gate_msa[:, None] * attn_c
+        h = modulate(LayerNorm(1e-6, name="norm2_context")(context), c_shift_mlp, c_scale_mlp)
+        ff_c = FeedForward(self.mlp_dim, dim, "gelu-approximate", self.dtype, name="ff_context")(h)
+        context = context + c_gate_mlp[:, None] * ff_c
+        return x, (clip_fp16(context) if self.clip_fp16 else context)
+
+
+class SingleStreamBlock(nn.Module):
+    """Single-stream block (Flux, HunyuanVideo) over image/video and text tokens with shared weights:
+    adaLN (`norm`, 3 chunks), attention and a GELU MLP (`proj_mlp`) in parallel, one fused
+    `proj_out`. Returns (x, context)."""
+
+    heads: int
+    head_dim: int
+    mlp_dim: int
+    context_first: bool = False
+    clip_fp16: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        temb: jax.Array,
+        rope: Rope | None = None,
+        context_rope: Rope | None = None,
+        context_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        dim = x.shape[-1]
+        n_ctx = context.shape[1]
+        h = jnp.concatenate([context, x] if self.context_first else [x, context], axis=1)
+        norm_h, (gate,), _ = AdaLayerNorm(3, dtype=self.dtype, name="norm")(h, temb)
+        mlp = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="proj_mlp")(norm_h), approximate=True)
+        norm_c, norm_x = (norm_h[:, :n_ctx], norm_h[:, n_ctx:]) if self.context_first else (norm_h[:, -n_ctx:], norm_h[:, :-n_ctx])
+        attn = JointAttention(
+            self.heads,
+            self.head_dim,
+            shared_qkv=True,
+            context_first=self.context_first,
+            output="none",
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            name="attn",
+        )
+        attn_x, attn_c = attn(norm_x, norm_c, rope, context_rope, context_mask)
+        attn_out = jnp.concatenate([attn_c, attn_x] if self.context_first else [attn_x, attn_c], axis=1)
+        out = nn.Dense(dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn_out, mlp], axis=-1))
+        h = h + gate[:, None] * out
+        if self.clip_fp16:
+            h = clip_fp16(h)
+        return (h[:, n_ctx:], h[:, :n_ctx]) if self.context_first else (h[:, :-n_ctx], h[:, -n_ctx:])
+
+
+def double_stream_keys(f: str, t: str) -> list[KeyEntry]:
+    """Key map of a DoubleStreamBlock at Flax path `f` / diffusers prefix `t`."""
+    entries = linear(f"{f}/norm1/linear", f"{t}.norm1.linear") + linear(f"{f}/norm1_context/linear", f"{t}.norm1_context.linear")
+    for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        entries += linear(f"{f}/attn/{proj}", f"{t}.attn.{proj}")
+    entries += linear(f"{f}/attn/to_out_0", f"{t}.attn.to_out.0")
+    for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        entries += norm(f"{f}/attn/{n}", f"{t}.attn.{n}", bias=False)
+    for ff in ("ff", "ff_context"):
+        entries += linear(f"{f}/{ff}/net_0/proj", f"{t}.{ff}.net.0.proj") + linear(f"{f}/{ff}/net_2", f"{t}.{ff}.net.2")
+    return entries
+
+
+def single_stream_keys(f: str, t: str) -> list[KeyEntry]:
+    """Key map of a SingleStreamBlock at Flax path `f` / diffusers prefix `t`."""
+    entries = linear(f"{f}/norm/linear", f"{t}.norm.linear")
+    entries += linear(f"{f}/proj_mlp", f"{t}.proj_mlp") + linear(f"{f}/proj_out", f"{t}.proj_out")
+    for proj in ("to_q", "to_k", "to_v"):
+        entries += linear(f"{f}/attn/{proj}", f"{t}.attn.{proj}")
+    for n in ("norm_q", "norm_k"):
+        entries += norm(f"{f}/attn/{n}", f"{t}.attn.{n}", bias=False)
+    return entries
+
+
 def patchify(x: jax.Array, patch: Sequence[int]) -> tuple[jax.Array, tuple[int, ...]]:
     """[B, C, *S] -> tokens [B, prod(S/p), C*prod(p)] (features ordered C, p_1..p_n) and the grid S/p.
 
@@ -388,10 +519,32 @@ def patchify(x: jax.Array, patch: Sequence[int]) -> tuple[jax.Array, tuple[int, 
     return x.transpose(perm).reshape(b, math.prod(grid), c * math.prod(patch)), grid
 
 
-def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int]) -> jax.Array:
-    """Tokens [B, prod(grid), prod(patch)*C] (features ordered p_1..p_n, C) -> [B, C, *(grid*patch)]."""
+class PatchEmbed(nn.Module):
+    """Latents [B, C, *S] -> patch tokens via `patchify` and the Dense `proj` (a strided Conv in
+    diffusers: HunyuanVideo's `x_embedder`, Mochi's per-frame `patch_embed`). Returns (tokens, grid)."""
+
+    features: int
+    patch: tuple[int, ...]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        tokens, grid = patchify(x, self.patch)
+        return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, name="proj")(tokens), grid
+
+
+def unpatchify(
+    tokens: jax.Array, grid: Sequence[int], patch: Sequence[int], *, channel_major: bool = False
+) -> jax.Array:
+    """Tokens [B, prod(grid), prod(patch)*C] -> [B, C, *(grid*patch)]. Features are ordered
+    (p_1..p_n, C) (Wan, Mochi, DiT) or, with `channel_major`, (C, p_1..p_n) (HunyuanVideo)."""
     b = tokens.shape[0]
     n = len(patch)
-    x = tokens.reshape(b, *grid, *patch, -1)
-    perm = (0, 2 * n + 1, *[d for i in range(n) for d in (1 + i, 1 + n + i)])
+    if channel_major:
+        x = tokens.reshape(b, *grid, -1, *patch)
+        perm = (0, n + 1, *[d for i in range(n) for d in (1 + i, n + 2 + i)])
+    else:
+        x = tokens.reshape(b, *grid, *patch, -1)
+        perm = (0, 2 * n + 1, *[d for i in range(n) for d in (1 + i, 1 + n + i)])
     return x.transpose(perm).reshape(b, -1, *[g * p for g, p in zip(grid, patch)])

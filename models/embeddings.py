@@ -97,6 +97,23 @@ def axes_rope_tables(
     return _interleave(angles, jnp)
 
 
+def grid_positions(grid: Sequence[int]) -> np.ndarray:
+    """Integer coordinates of every cell of a token grid in row-major order -> [prod(grid), len(grid)]
+    float32 (the ids HunyuanVideo's and Flux-style axes RoPE take)."""
+    axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in grid], indexing="ij")
+    return np.stack([a.reshape(-1) for a in axes], axis=-1)
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """diffusers' `get_1d_sincos_pos_embed_from_grid`: positions [M] -> [M, dim] = [sin, cos] of
+    pos * 10000^(-i / (dim/2)), in float64."""
+    if dim % 2:
+        raise ValueError(f"sincos_1d: dim must be even, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(np.asarray(pos, np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
 def sincos_2d_pos_embed(embed_dim: int, grid: tuple[int, int], base_size: int) -> jax.Array:
     """DiT's fixed 2-D sin-cos position embedding for an (h, w) token grid -> [h*w, embed_dim].
 
@@ -109,13 +126,7 @@ def sincos_2d_pos_embed(embed_dim: int, grid: tuple[int, int], base_size: int) -
     rows = np.arange(h, dtype=np.float64) / (h / base_size)
     cols = np.arange(w, dtype=np.float64) / (w / base_size)
     col_grid, row_grid = np.meshgrid(cols, rows)  # each [h, w]
-    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
-
-    def one_axis(pos: np.ndarray) -> np.ndarray:
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    emb = np.concatenate([one_axis(col_grid), one_axis(row_grid)], axis=1)
+    emb = np.concatenate([sincos_1d(embed_dim // 2, col_grid), sincos_1d(embed_dim // 2, row_grid)], axis=1)
     return jnp.asarray(emb, jnp.float32)
 
 
@@ -158,3 +169,23 @@ class TimestepLabelEmbedding(nn.Module):
         t = timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=1).astype(self.dtype)
         t = EmbedMLP(self.features, "silu", self.dtype, name="timestep_embedder")(t)
         return t + LabelEmbedding(self.num_classes, self.features, name="class_embedder")(labels).astype(self.dtype)
+
+
+class CombinedTimestepTextEmbedding(nn.Module):
+    """Timestep (+ guidance) sinusoid(256) -> MLPs, plus the pooled text projection (silu), summed:
+    diffusers' `CombinedTimestep(Guidance)TextProjEmbeddings` (Flux, HunyuanVideo and its token
+    refiner). Submodules `timestep_embedder`, `guidance_embedder` (when guidance is given),
+    `text_embedder`."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, timestep: jax.Array, guidance: jax.Array | None, pooled: jax.Array) -> jax.Array:
+        def sinusoid(t: jax.Array) -> jax.Array:
+            return timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).astype(pooled.dtype)
+
+        emb = EmbedMLP(self.features, "silu", self.dtype, name="timestep_embedder")(sinusoid(timestep))
+        if guidance is not None:
+            emb = emb + EmbedMLP(self.features, "silu", self.dtype, name="guidance_embedder")(sinusoid(guidance))
+        return emb + EmbedMLP(self.features, "silu", self.dtype, name="text_embedder")(pooled)

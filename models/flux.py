@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.blocks import AdaLayerNorm, FeedForward, JointAttention, LayerNorm, modulate
-from models.embeddings import EmbedMLP, axes_rope_tables, timestep_embedding
-from models.port import DiffusersConfig, KeyEntry, Port, linear, norm
-from models.roles import assign_roles
+from models.blocks import AdaLayerNorm, DoubleStreamBlock, SingleStreamBlock, double_stream_keys, single_stream_keys
+from models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables
+from models.port import DiffusersConfig, KeyEntry, Port, linear
+from models.roles import STREAM_BLOCK_RULES, assign_roles
 
 F32 = jnp.float32
 
@@ -54,100 +54,6 @@ class FluxConfig(DiffusersConfig):
         return self.out_channels or self.in_channels
 
 
-def _clip_fp16(x: jax.Array) -> jax.Array:
-    """diffusers clips the residual stream to the float16 range when running in float16."""
-    return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
-
-
-def flux_attention(cfg: FluxConfig, dtype: Any, impl: str | None, double: bool) -> JointAttention:
-    """Flux's joint attention: per-head RMSNorm on q/k, [text, image] token order. Double-stream
-    blocks give text its own add_{q,k,v}_proj and to_add_out; single-stream blocks (pre_only)
-    return the raw attention output of the concatenated tokens."""
-    return JointAttention(
-        cfg.num_attention_heads,
-        cfg.attention_head_dim,
-        context_first=True,
-        output="split" if double else "none",
-        dtype=dtype,
-        attention_impl=impl,
-        name="attn",
-    )
-
-
-class FluxDoubleBlock(nn.Module):
-    """MM-DiT block: separate adaLN-Zero, FFN and projections for image and text, one attention."""
-
-    config: FluxConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, context: jax.Array, temb: jax.Array, rope: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        cfg = self.config
-        dim = cfg.inner_dim
-        norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp), _ = AdaLayerNorm(6, dtype=self.dtype, name="norm1")(x, temb)
-        norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp), _ = AdaLayerNorm(
-            6, dtype=self.dtype, name="norm1_context"
-        )(context, temb)
-        text_len = context.shape[1]
-        rope_x, rope_c = (tuple(t[text_len:] for t in rope), tuple(t[:text_len] for t in rope))
-        attn = flux_attention(cfg, self.dtype, self.attention_impl, double=True)
-        attn_x, attn_c = attn(norm_x, norm_c, rope=rope_x, context_rope=rope_c)
-
-        x = x + gate_msa[:, None] * attn_x
-        h = modulate(LayerNorm(1e-6, name="norm2")(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp[:, None] * FeedForward(4 * dim, dim, "gelu-approximate", self.dtype, name="ff")(h)
-
-        context = context + c_gate_msa[:, None] * attn_c
-        h = modulate(LayerNorm(1e-6, name="norm2_context")(context), c_shift_mlp, c_scale_mlp)
-        context = context + c_gate_mlp[:, None] * FeedForward(4 * dim, dim, "gelu-approximate", self.dtype, name="ff_context")(h)
-        return _clip_fp16(context), x
-
-
-class FluxSingleBlock(nn.Module):
-    """Single-stream block over [text, image]: attention and MLP in parallel, one fused proj_out."""
-
-    config: FluxConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, context: jax.Array, temb: jax.Array, rope: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        cfg = self.config
-        dim = cfg.inner_dim
-        text_len = context.shape[1]
-        h = jnp.concatenate([context, x], axis=1)
-        norm_h, (gate,), _ = AdaLayerNorm(3, dtype=self.dtype, name="norm")(h, temb)
-        mlp = nn.gelu(nn.Dense(4 * dim, dtype=self.dtype, name="proj_mlp")(norm_h), approximate=True)
-        attn = flux_attention(cfg, self.dtype, self.attention_impl, double=False)
-        out = nn.Dense(dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn(norm_h, rope=rope), mlp], axis=-1))
-        h = _clip_fp16(h + gate[:, None] * out)
-        return h[:, :text_len], h[:, text_len:]
-
-
-class FluxTimeTextEmbed(nn.Module):
-    """Timestep (+ guidance) sinusoid -> MLP, plus pooled text projection (silu)."""
-
-    config: FluxConfig
-    dtype: Any = F32
-
-    @nn.compact
-    def __call__(self, timestep: jax.Array, guidance: jax.Array | None, pooled: jax.Array) -> jax.Array:
-        dim = self.config.inner_dim
-
-        def sinusoid(t: jax.Array) -> jax.Array:
-            return timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).astype(pooled.dtype)
-
-        emb = EmbedMLP(dim, "silu", self.dtype, name="timestep_embedder")(sinusoid(timestep))
-        if guidance is not None:
-            emb = emb + EmbedMLP(dim, "silu", self.dtype, name="guidance_embedder")(sinusoid(guidance))
-        return emb + EmbedMLP(dim, "silu", self.dtype, name="text_embedder")(pooled)
-
-
 class FluxTransformer2D(nn.Module):
     """Flux transformer: packed latents [B, S, in], text [B, L, joint], pooled [B, pooled_dim],
     timestep [B] in [0, 1], img_ids [S, 3], txt_ids [L, 3], guidance [B] (guidance-distilled
@@ -177,15 +83,27 @@ class FluxTransformer2D(nn.Module):
         x = nn.Dense(cfg.inner_dim, dtype=dtype, name="x_embedder")(hidden_states.astype(dtype))
         timestep = timestep.astype(dtype) * 1000
         guidance = None if guidance is None else guidance.astype(dtype) * 1000
-        temb = FluxTimeTextEmbed(cfg, dtype, name="time_text_embed")(timestep, guidance, pooled_projections.astype(dtype))
+        temb = CombinedTimestepTextEmbedding(cfg.inner_dim, dtype, name="time_text_embed")(
+            timestep, guidance, pooled_projections.astype(dtype)
+        )
         context = nn.Dense(cfg.inner_dim, dtype=dtype, name="context_embedder")(encoder_hidden_states.astype(dtype))
-        rope = axes_rope_tables(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
-
+        rope = axes_rope_tables(img_ids, cfg.axes_dims_rope)
+        context_rope = axes_rope_tables(txt_ids, cfg.axes_dims_rope)
+        block_args = dict(
+            heads=cfg.num_attention_heads,
+            head_dim=cfg.attention_head_dim,
+            mlp_dim=4 * cfg.inner_dim,
+            context_first=True,
+            clip_fp16=True,
+            dtype=dtype,
+            attention_impl=self.attention_impl,
+        )
         for i in range(cfg.num_layers):
-            context, x = FluxDoubleBlock(cfg, dtype, self.attention_impl, name=f"transformer_blocks_{i}")(x, context, temb, rope)
+            block = DoubleStreamBlock(**block_args, name=f"transformer_blocks_{i}")
+            x, context = block(x, context, temb, rope, context_rope)
         for i in range(cfg.num_single_layers):
-            block = FluxSingleBlock(cfg, dtype, self.attention_impl, name=f"single_transformer_blocks_{i}")
-            context, x = block(x, context, temb, rope)
+            block = SingleStreamBlock(**block_args, name=f"single_transformer_blocks_{i}")
+            x, context = block(x, context, temb, rope, context_rope)
 
         x, _, _ = AdaLayerNorm(2, scale_first=True, dtype=dtype, name="norm_out")(x, temb)
         return nn.Dense(cfg.patch_size**2 * cfg.out_dim, dtype=dtype, name="proj_out")(x)
@@ -199,43 +117,15 @@ def key_map(cfg: FluxConfig) -> list[KeyEntry]:
     for e in embedders:
         entries += linear(f"{tte}/{e}/linear_1", f"{tte}.{e}.linear_1") + linear(f"{tte}/{e}/linear_2", f"{tte}.{e}.linear_2")
     for i in range(cfg.num_layers):
-        f, t = f"transformer_blocks_{i}", f"transformer_blocks.{i}"
-        entries += linear(f"{f}/norm1/linear", f"{t}.norm1.linear")
-        entries += linear(f"{f}/norm1_context/linear", f"{t}.norm1_context.linear")
-        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-            entries += linear(f"{f}/attn/{proj}", f"{t}.attn.{proj}")
-        entries += linear(f"{f}/attn/to_out_0", f"{t}.attn.to_out.0")
-        for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            entries += norm(f"{f}/attn/{n}", f"{t}.attn.{n}", bias=False)
-        for ff in ("ff", "ff_context"):
-            entries += linear(f"{f}/{ff}/net_0/proj", f"{t}.{ff}.net.0.proj") + linear(f"{f}/{ff}/net_2", f"{t}.{ff}.net.2")
+        entries += double_stream_keys(f"transformer_blocks_{i}", f"transformer_blocks.{i}")
     for i in range(cfg.num_single_layers):
-        f, t = f"single_transformer_blocks_{i}", f"single_transformer_blocks.{i}"
-        entries += linear(f"{f}/norm/linear", f"{t}.norm.linear")
-        entries += linear(f"{f}/proj_mlp", f"{t}.proj_mlp") + linear(f"{f}/proj_out", f"{t}.proj_out")
-        for proj in ("to_q", "to_k", "to_v"):
-            entries += linear(f"{f}/attn/{proj}", f"{t}.attn.{proj}")
-        for n in ("norm_q", "norm_k"):
-            entries += norm(f"{f}/attn/{n}", f"{t}.attn.{n}", bias=False)
+        entries += single_stream_keys(f"single_transformer_blocks_{i}", f"single_transformer_blocks.{i}")
     return entries + linear("norm_out/linear", "norm_out.linear") + linear("proj_out", "proj_out")
 
 
-_DOUBLE = r"transformer_blocks_\d+"
-_SINGLE = r"single_transformer_blocks_\d+"
 ROLE_RULES = (
     (r"x_embedder|context_embedder|time_text_embed/.*", ("embedder",)),
-    (rf"{_DOUBLE}/.*", ("double_stream",)),
-    (rf"{_DOUBLE}/norm1(_context)?/linear", ("modulation",)),
-    (rf"{_DOUBLE}/attn/.*", ("self_attn", "text_fusion")),
-    (rf"{_DOUBLE}/attn/(to_[qkv]|add_[qkv]_proj)", ("attn.qkv",)),
-    (rf"{_DOUBLE}/attn/(to_out_0|to_add_out)", ("attn.out",)),
-    (rf"{_DOUBLE}/ff(_context)?/net_0/proj", ("ffn.up",)),
-    (rf"{_DOUBLE}/ff(_context)?/net_2", ("ffn.down",)),
-    (rf"{_SINGLE}/.*", ("single_stream",)),
-    (rf"{_SINGLE}/norm/linear", ("modulation",)),
-    (rf"{_SINGLE}/attn/to_[qkv]", ("attn.qkv", "self_attn", "text_fusion")),
-    (rf"{_SINGLE}/proj_mlp", ("ffn.up",)),
-    (rf"{_SINGLE}/proj_out", ("attn.out", "ffn.down", "text_fusion")),
+    *STREAM_BLOCK_RULES,
     (r"norm_out/linear", ("modulation", "final")),
     (r"proj_out", ("final",)),
 )

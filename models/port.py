@@ -87,6 +87,11 @@ def linear(flax_prefix: str, torch_prefix: str, bias: bool = True) -> list[KeyEn
     return out
 
 
+def mlp(flax_prefix: str, torch_prefix: str, names: tuple[str, ...] = ("linear_1", "linear_2")) -> list[KeyEntry]:
+    """Entries of consecutive nn.Linear submodules (an EmbedMLP: `linear_1`, `linear_2`)."""
+    return [e for n in names for e in linear(f"{flax_prefix}/{n}", f"{torch_prefix}.{n}")]
+
+
 def norm(flax_prefix: str, torch_prefix: str, bias: bool = True) -> list[KeyEntry]:
     """Entries of an affine LayerNorm (bias=True) or RMSNorm (bias=False): weight -> scale."""
     out = [KeyEntry(f"{flax_prefix}/scale", f"{torch_prefix}.weight")]

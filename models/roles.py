@@ -23,8 +23,8 @@ ROLES: frozenset[str] = frozenset(
         "modulation",  # produces adaLN shift/scale/gate vectors
         "embedder",  # patch, timestep, text, class, pooled-text embedders
         "final",  # output head
-        "double_stream",  # Flux MM-DiT blocks (separate text and image weights)
-        "single_stream",  # Flux single-stream blocks (shared weights over text+image)
+        "double_stream",  # MM-DiT blocks with separate text and image/video weights (Flux, HunyuanVideo)
+        "single_stream",  # single-stream blocks with shared weights over text+image/video
         "self_attn",
         "temporal",  # mixes tokens across frames (Wan's space-time self-attention)
         "text_fusion",  # where text and image/video tokens meet
@@ -63,3 +63,22 @@ def assign_roles(params: Any, rules: RoleRules) -> dict[str, tuple[str, ...]]:
     if unlabelled:
         raise ValueError(f"no layer role for kernels: {unlabelled}")
     return out
+
+
+_DOUBLE = r"transformer_blocks_\d+"
+_SINGLE = r"single_transformer_blocks_\d+"
+# Roles inside DoubleStreamBlock / SingleStreamBlock (Flux, HunyuanVideo), at their diffusers names.
+STREAM_BLOCK_RULES: RoleRules = (
+    (rf"{_DOUBLE}/.*", ("double_stream",)),
+    (rf"{_DOUBLE}/norm1(_context)?/linear", ("modulation",)),
+    (rf"{_DOUBLE}/attn/.*", ("self_attn", "text_fusion")),
+    (rf"{_DOUBLE}/attn/(to_[qkv]|add_[qkv]_proj)", ("attn.qkv",)),
+    (rf"{_DOUBLE}/attn/(to_out_0|to_add_out)", ("attn.out",)),
+    (rf"{_DOUBLE}/ff(_context)?/net_0/proj", ("ffn.up",)),
+    (rf"{_DOUBLE}/ff(_context)?/net_2", ("ffn.down",)),
+    (rf"{_SINGLE}/.*", ("single_stream",)),
+    (rf"{_SINGLE}/norm/linear", ("modulation",)),
+    (rf"{_SINGLE}/attn/to_[qkv]", ("attn.qkv", "self_attn", "text_fusion")),
+    (rf"{_SINGLE}/proj_mlp", ("ffn.up",)),
+    (rf"{_SINGLE}/proj_out", ("attn.out", "ffn.down", "text_fusion")),
+)
