@@ -129,7 +129,7 @@ def _clip_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> 
     height = len(rows) * (h * scale + gap) + gap
     frames = []
     for t in range(f):
-        canvas = Image.new("L", (width, height), 0)
+        canvas = Image.new("L", (width, height), 48)  # grey gutters between black clip cells
         draw = ImageDraw.Draw(canvas)
         for r, (clips, name) in enumerate(zip(rows, names)):
             y = gap + r * (h * scale + gap)

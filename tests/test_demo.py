@@ -32,8 +32,8 @@ def test_demo_rows_metrics_and_files(result):
     # Measured on this model: W8A8 ~26-33 dB, W4A16 (int4/g64) ~15-19 dB against fp32.
     assert w8a8["psnr"] > w4["psnr"] + 3.0
     assert w8a8["ssim"] > w4["ssim"]
-    assert fp32["weight_bytes"] > 2.5 * w8a8["weight_bytes"] > 2.5 * w4["weight_bytes"] / 1.4
-    assert w8a8["weight_bytes"] > w4["weight_bytes"]
+    assert fp32["weight_bytes"] > 2.5 * w8a8["weight_bytes"]  # 7.08 MB -> 2.40 MB -> 1.67 MB
+    assert w8a8["weight_bytes"] > 1.3 * w4["weight_bytes"]
     assert fp32["accuracy"] >= 2 / 3  # the bundled model's samples are recognisable
     for r in res["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["sample_s"] >= 0 and r["compile_s"] >= 0

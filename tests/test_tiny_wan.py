@@ -71,6 +71,7 @@ def _train_tiny_module():
     return mod
 
 
+@pytest.mark.slow
 def test_train_tiny_quick_writes_a_loadable_diffusers_directory(tmp_path):
     out, report = tmp_path / "tiny", tmp_path / "report.json"
     assert _train_tiny_module().main(["--quick", "--out", str(out), "--report", str(report)]) == 0
