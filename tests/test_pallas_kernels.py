@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 from pallas_kernels import _common, act_quant, testing, w8a8, weight_only
 
-RAGGED = [(1, 64, 8), (5, 200, 136), (33, 300, 77)]
+RAGGED = [(1, 64, 8), (33, 300, 77)]
 
 
 def _np(x):
@@ -48,7 +48,7 @@ def test_fp8_reference_matches_numpy(m, k, n):
   np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("m,k,n", [(3, 256, 128), (5, 300, 200), (2, 100, 129)])
+@pytest.mark.parametrize("m,k,n", [(5, 300, 200), (2, 100, 129)])
 def test_fp8_block_reference_matches_blockwise_sum(m, k, n):
   x, xs, w, ws, b = testing.w8a8_fp8_block_inputs(jax.random.key(k), m, k, n)
   got = w8a8.fp8_block_matmul_reference(x, xs, w, ws, b, out_dtype=jnp.float32)
@@ -91,7 +91,7 @@ def test_int4_nibble_layout_is_low_first_twos_complement():
   chex.assert_trees_all_equal(weight_only.unpack_int4(packed), q.astype(jnp.int8))
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(n=st.integers(1, 5), k=st.integers(1, 37), seed=st.integers(0, 2**16))
 def test_int4_pack_roundtrip(n, k, seed):
   q = np.random.default_rng(seed).integers(-8, 8, size=(n, k))
