@@ -1,25 +1,89 @@
 """Kernel selection for jquant's dispatch: which Pallas kernel (if any) runs a matmul.
 
-``maybe_run`` returns the kernel's output, or None when no kernel applies (not on a GPU,
-formats or shapes the kernels do not cover); the caller then takes the XLA path.
+``maybe_run(x, w, act=..., act_scale=...)`` returns the kernel's output, or None when no
+kernel applies; :func:`jquant.dispatch.linear` then takes the XLA path. Kernels apply on
+a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
+
+* ``int8`` per-channel weights + ``int8`` activations -> ``w8a8.int8_matmul``
+* ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
+* weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 256 ->
+  ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (only where ``weight_only.supports``
+  says so: these are used by default only once checked on the GPU, see docs/kernels.md)
+
+The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
+transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is
+along K in both layouts, so packed bytes transpose unchanged). Activation quantization
+uses :func:`jquant.dispatch.quantize_activation`, the same function as the XLA path, so
+both paths see identical codes and scales.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jquant.formats import QSpec
-from jquant.qarray import QArray
+from jquant.qarray import QArray, decode_scale
 
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def _channel_scale(w: QArray):
+    """[N] weight scale if w is 2-D, symmetric, with one scale per output channel."""
+    if w.ndim != 2 or w.zero_point is not None or w.spec.scaling or w.scale.shape[0] != 1:
+        return None
+    return decode_scale(w)[0]
+
+
+def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype):
+    from jquant.dispatch import quantize_activation
+    from pallas_kernels import w8a8
+
+    fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
+    ws = _channel_scale(w)
+    if fmt is None or act.fmt != fmt or ws is None:
+        return None
+    xq = quantize_activation(x2, act, act_scale)
+    w_q = w.qvalue.T
+    if not w8a8.supports(xq.qvalue, w_q, out_dtype):
+        return None
+    xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
+    fn = w8a8.int8_matmul if fmt == "int8" else w8a8.fp8_matmul
+    return fn(xq.qvalue, xs, w_q, ws, None, out_dtype)
+
+
+def _weight_only(x2: jax.Array, w: QArray, out_dtype):
+    from pallas_kernels import weight_only
+
+    if w.ndim != 2 or w.zero_point is not None or w.spec.scaling:
+        return None
+    if w.spec.fmt == "int4" and w.spec.granularity == "group" and w.spec.group_size == weight_only.GROUP:
+        if not weight_only.supports(x2, w.spec.group_size):
+            return None
+        return weight_only.w4a16_matmul(x2.astype(jnp.bfloat16), w.qvalue.T, decode_scale(w).T, None, out_dtype)
+    ws = _channel_scale(w)
+    if w.spec.fmt == "int8" and ws is not None and weight_only.supports(x2):
+        return weight_only.w8a16_matmul(x2.astype(jnp.bfloat16), w.qvalue.T, ws, None, out_dtype)
+    return None
+
+
 def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: bool = False):
-    """Run ``x @ w`` with a Pallas kernel if one applies, else return None."""
+    """Run ``x @ w`` with a Pallas kernel if one applies, else return None.
+
+    ``force`` (``JQUANT_BACKEND=pallas``) turns "not on a GPU" into an error; shapes and
+    formats no kernel covers still fall back to XLA.
+    """
     if not on_gpu():
         if force:
             raise RuntimeError("JQUANT_BACKEND=pallas but the default JAX backend is not a GPU")
         return None
-    return None
+    out_dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    x2 = x.reshape(-1, x.shape[-1])
+    if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
+        return None  # per-token static tables: XLA path
+    y = _w8a8(x2, w, act, act_scale, out_dtype) if act is not None else _weight_only(x2, w, out_dtype)
+    if y is None:
+        return None
+    return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)

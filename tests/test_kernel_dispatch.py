@@ -1,0 +1,62 @@
+"""jquant's dispatch hands QArrays to the Pallas kernels with the right layouts and scales.
+
+On the CPU the kernels cannot run, so each kernel entry point is replaced by its plain-JAX
+reference (same signature) and the GPU checks are forced on; the result must equal the XLA
+path. scripts/check_kernels_gpu.py checks the kernels themselves against the references.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jquant
+from jquant.dispatch import linear
+from pallas_kernels import dispatch as kd
+from pallas_kernels import w8a8, weight_only
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kd, "on_gpu", lambda: True)
+    monkeypatch.setattr(w8a8, "supports", lambda *a, **k: True)
+    monkeypatch.setattr(weight_only, "supports", lambda *a, **k: True)
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(w8a8, "int8_matmul", spy("int8", w8a8.int8_matmul_reference))
+    monkeypatch.setattr(w8a8, "fp8_matmul", spy("fp8", w8a8.fp8_matmul_reference))
+    monkeypatch.setattr(weight_only, "w4a16_matmul", spy("w4a16", weight_only.w4a16_matmul_reference))
+    monkeypatch.setattr(weight_only, "w8a16_matmul", spy("w8a16", weight_only.w8a16_matmul_reference))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "wspec, act, kernel",
+    [("int8", "int8/token", "int8"), ("fp8_e4m3", "fp8_e4m3/token", "fp8"), ("int4/g128", None, "w4a16"), ("int8", None, "w8a16")],
+)
+def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 256), jnp.float32)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
+    a = None if act is None else jquant.parse_spec(act)
+    y_kernel = linear(x, w, act=a, backend="auto")
+    assert fake_gpu == [kernel]
+    y_xla = linear(x, w, act=a, backend="xla")
+    chex.assert_shape(y_kernel, (2, 5, 72))
+    assert y_kernel.dtype == x.dtype
+    err = float(jnp.linalg.norm(y_kernel - y_xla) / jnp.linalg.norm(y_xla))
+    assert err < 1e-2, err  # kernels write bf16 outputs; the f32 XLA path does not round
+
+
+def test_uncovered_formats_fall_back(fake_gpu):
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    for spec, act in [("uint4/g32", None), ("nf4/g64", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
+        w = jquant.quantize(jax.random.normal(jax.random.key(2), (64, 16)), spec)
+        y = linear(x, w, act=None if act is None else jquant.parse_spec(act))
+        chex.assert_shape(y, (4, 16))
+    assert fake_gpu == []
