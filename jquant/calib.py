@@ -297,6 +297,7 @@ def _observed_stats(apply_fn: Callable, config: CalibConfig, graphdef: Any, para
     """Run the model once under observation; return per-layer batch statistics (traceable)."""
     shapes = _kernel_shapes(params)
     parts: Stats = {}
+    reduce_cfg = dataclasses.replace(config, layers=None)  # one compiled reduction for any layer filter
 
     def obs(module_path: str, x: Array) -> None:
         path = f"{module_path}/kernel"
@@ -304,7 +305,7 @@ def _observed_stats(apply_fn: Callable, config: CalibConfig, graphdef: Any, para
             return
         c = _contract_dims(tuple(x.shape), shapes.get(path))
         x2 = x.reshape(-1, math.prod(x.shape[x.ndim - c :]))
-        s = batch_stats(x2, config)
+        s = batch_stats(x2, reduce_cfg)
         parts[path] = combine(parts[path], s) if path in parts else s
 
     if graphdef is not None:
@@ -386,10 +387,13 @@ def calibrate(
     Args:
       apply_fn: ``apply_fn(params, batch)`` (linen) or ``apply_fn(model, batch)`` with ``graphdef`` (NNX).
       params: the params tree given to ``apply_fn`` (for NNX: the state merged with ``graphdef``).
-      batches: an iterable of batches (any pytree ``apply_fn`` accepts).
+      batches: an iterable of batches: pytrees of arrays (or numbers) that ``apply_fn``
+        accepts; they are passed through ``jax.jit``, so no strings.
       config: what to collect (default :class:`CalibConfig`).
-      key_fn: if given, statistics are kept per ``key_fn(batch)`` (e.g. timestep group or
-        CFG branch) and a ``{key: Stats}`` dict is returned; pool with :func:`merge`.
+      key_fn: if given, statistics are kept per ``key_fn(batch)`` (a hashable computed on
+        the host, e.g. timestep group or CFG branch) and a ``{key: Stats}`` dict is
+        returned; pool with :func:`merge`. (By hand: keep a dict of Stats and call the
+        :func:`make_step` step on the entry of each batch's group.)
       progress: show a tqdm bar over batches.
 
     Raises:

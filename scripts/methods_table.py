@@ -185,8 +185,19 @@ Relative output error = `tr(dW^T H dW) / tr(W^T H W)` = `||X dW||^2 / ||X W||^2`
 real int8 x int8 output error `||y_q - y||^2 / ||y||^2`. Bits per weight: codes at their
 logical width + scales at their stored dtype + zero points (+ SpQR's statistics and
 outliers). Tests (`tests/test_gptq.py`, `tests/test_awq_smoothquant.py`, `tests/test_spqr.py`)
-assert the orderings: GPTQ < RTN at 4 and 3 bits, AWQ < RTN at 4 bits, SmoothQuant W8A8 <
-plain W8A8 with outliers, SpQR < GPTQ at equal or more bits.
+assert the orderings on synthetic layers of the same kind: GPTQ < RTN at 4 and 3 bits, AWQ <
+RTN at 4 bits, SmoothQuant W8A8 < plain W8A8 with outliers (static and dynamic activation
+scales), SpQR at 3.86 bits < GPTQ at 4.0 (int3/g16) and 4.125 (int4/g128) bits.
+
+Reading the tables: GPTQ (act-order best) has the lowest weight-only error at a given
+format on both the synthetic layer and the tiny Wan, and the ranking carries over to
+the model's output. AWQ is far below RTN; on the tiny Wan it is about level with RTN plus
+the clipping search alone (its weights and activations have milder outliers than the
+synthetic layer). SpQR's 3-bit codes with 16-element groups and 0.5% exact outliers beat
+GPTQ at 4.0 bits everywhere; on the tiny Wan, 4-bit GPTQ with 0.4 more bits per weight is
+still better. SmoothQuant cuts the static per-tensor W8A8 error by 20-50x on the outlier
+layer and about halves the tiny Wan's output error. Per-layer W8A8 errors need the
+activations, so the tiny-Wan W8A8 rows report the model output only.
 
 <!-- RESULTS -->
 """

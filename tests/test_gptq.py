@@ -110,3 +110,25 @@ def test_gptq_over_a_param_tree_runs_in_the_execution_path():
         G.gptq(params, stats, "int4/g32", G.GPTQConfig(act_order=True, static_groups=False))
     with pytest.raises(ValueError, match="GGUF block codec"):
         G.gptq_layer(W, H, "q4_k")
+
+
+def test_gptq_on_an_nnx_state():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(32, K, rngs=rngs)
+            self.down = nnx.Linear(K, N, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(nnx.gelu(self.up(x)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    x = jnp.asarray(X[:512, :32])
+    stats = calib.calibrate(lambda m, b: m(b), state, [x], graphdef=graphdef, progress=False)
+    q = G.gptq(state, stats, [("down", "int4/g32")], CFG)
+    assert isinstance(q["down"]["kernel"].get_value(), QArray)
+    ref = nnx.merge(graphdef, state)(x)
+    y = jnn.nnx_apply(graphdef, q, x)
+    rel = float(jnp.sum((y - ref) ** 2) / jnp.sum(ref**2))
+    assert 0 < rel < 1e-2

@@ -28,7 +28,7 @@ from jquant.algorithms import fold as fold_lib
 from jquant.algorithms import layerwise as lw
 from jquant.algorithms.rtn import _qdq, clip_search
 from jquant.formats import QSpec, parse_spec
-from jquant.qarray import compute_scales, quantize
+from jquant.qarray import compute_scales
 from jquant.rules import Rule
 
 Array = jax.Array
@@ -44,7 +44,8 @@ class AWQConfig:
       clip_search: run the clipping search after scaling.
       clip_grid, clip_min_ratio: clip ratios ``linspace(1, clip_min_ratio, clip_grid)``.
       quantize: return QArray kernels; False returns the smoothed float kernels (no
-        clipping) so that another method (e.g. GPTQ, with :func:`smoothed_stats`) follows.
+        clipping) so that another method (e.g. GPTQ, on statistics transformed with
+        :func:`jquant.algorithms.fold.smooth_stats`) follows.
     """
 
     grid: int = 20
@@ -55,7 +56,7 @@ class AWQConfig:
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.clip_grid < 1 or not 0 < self.clip_min_ratio <= 1:
-            raise ValueError(f"bad AWQ config {self}")
+            raise ValueError(f"AWQ needs grid >= 1, clip_grid >= 1 and 0 < clip_min_ratio <= 1, got {self}")
 
 
 def awq_scales(absmean: Array, alpha: Array) -> Array:

@@ -223,8 +223,6 @@ def aux_collection(aux: Aux) -> dict:
 
 def aux_from_collection(coll: Mapping) -> Aux:
     """Inverse of :func:`aux_collection`."""
-    from jquant.nn import AUX_COLLECTION  # noqa: F401  (documents where it comes from)
-
     out: Aux = {}
     names = ("input_scale", "input_mul", "lowrank_a", "lowrank_b", "hadamard")
 

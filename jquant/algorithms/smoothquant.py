@@ -39,7 +39,7 @@ from jquant.algorithms import fold as fold_lib
 from jquant.algorithms import layerwise as lw
 from jquant.algorithms.rtn import _qdq
 from jquant.formats import QSpec, parse_spec
-from jquant.qarray import compute_scales, quantize
+from jquant.qarray import compute_scales
 from jquant.rules import Rule
 
 Array = jax.Array

@@ -40,7 +40,6 @@ from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jquant.algorithms import layerwise as lw
