@@ -85,10 +85,10 @@ def test_aqlm_alternation_never_increases_the_error(problem):
 
 
 def test_codebook_methods_on_a_tree():
-    x, w = map(jnp.asarray, layer_problem(1, 64, 32, 256))
+    x, w = map(jnp.asarray, layer_problem(1, 128, 64, 512))
     model, variables = one_layer(w)
     stats = layer_statistics(model, variables, x)
-    for out in (QP.quip(variables, stats), A.aqlm(variables, None, A.AQLMConfig(bits=4, iters=1, kmeans_iters=2))):
+    for out in (QP.quip(variables, stats), A.aqlm(variables, None, A.AQLMConfig(bits=5, iters=1, kmeans_iters=4))):
         leaf = get_kernel(out, "layer")
         y = jquant.nn.apply(model, decode_tree(out), x)
         chex.assert_trees_all_close(y, x @ dequantize_any(leaf) + variables["params"]["layer"]["bias"], atol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import jquant.nn
 from jquant.algorithms import quarot as Q
 from jquant.algorithms.hadamard import random_hadamard
-from jquant.algorithms.linear_tree import get_aux, layer_statistics, relative_error, update_layer
+from jquant.algorithms.linear_tree import get_aux, jitted_apply, layer_statistics, relative_error, update_layer
 from jquant.algorithms.fold import aux_collection
 from jquant.algorithms.gptq import gptq
 from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant
@@ -25,7 +25,8 @@ def _block_config(**kw):
 @pytest.fixture(scope="module")
 def block():
     blk, variables, (x, c) = outlier_block(seed=0, dim=128, heads=4, mlp=256, tokens=32, batch=4, qk_norm=True)
-    return blk, variables, x, c, blk.apply(variables, x, c)
+    run = jitted_apply(blk)
+    return blk, variables, x, c, run(variables, x, c), run
 
 
 def _quantize(variables, rules=W4):
@@ -62,25 +63,26 @@ def test_rotate_input_is_exact_and_composes_with_existing_aux(k):
 
 
 def test_quarot_block_is_exact_in_float(block):
-    blk, variables, x, c, y = block
+    blk, variables, x, c, y, run = block
     cfg = _block_config(qk_groups=((("to_q",), ("to_k",)),))
     rotated = Q.quarot(variables, None, cfg)
     for p in ("to_q", "to_k", "to_v", "to_out", "ff_up", "ff_down"):
         assert "hadamard" in get_aux(rotated, p)
     assert "hadamard" not in get_aux(rotated, "adaLN")
-    assert relative_error(jquant.nn.apply(blk, rotated, x, c), y) < 1e-5
+    assert relative_error(run(rotated, x, c), y) < 1e-5
 
 
 def test_qk_fold_needs_no_rope_online_rotation_after_rope_is_exact():
-    blk, variables, (x, c) = outlier_block(seed=1, dim=64, heads=2, mlp=128, tokens=16, use_rope=True)
-    y = blk.apply(variables, x, c)
+    blk, variables, (x, c) = outlier_block(seed=1, dim=128, heads=4, mlp=256, tokens=32, batch=4, use_rope=True)
+    run = jitted_apply(blk)
+    y = run(variables, x, c)
     # online inputs + V/O heads stay exact with RoPE; folding Q/K offline does not
     exact = Q.quarot(variables, None, _block_config())
-    assert relative_error(jquant.nn.apply(blk, exact, x, c), y) < 1e-5
+    assert relative_error(run(exact, x, c), y) < 1e-5
     folded = Q.quarot(variables, None, _block_config(qk_groups=((("to_q",), ("to_k",)),)))
-    assert relative_error(jquant.nn.apply(blk, folded, x, c), y) > 1e-3
+    assert relative_error(run(folded, x, c), y) > 1e-3
     # applied after RoPE the rotation leaves the scores unchanged
-    q, k = jax.random.normal(jax.random.key(0), (2, 2, 10, 2, 32))
+    q, k = jax.random.normal(jax.random.key(0), (2, 2, 10, 4, 32))
     qr, kr = Q.rotate_qk_online(rope(q), rope(k), random_hadamard(32, 5))
     s, sr = jnp.einsum("bqhd,bkhd->bhqk", rope(q), rope(k)), jnp.einsum("bqhd,bkhd->bhqk", qr, kr)
     chex.assert_trees_all_close(sr, s, rtol=1e-5, atol=1e-4)
@@ -89,7 +91,7 @@ def test_qk_fold_needs_no_rope_online_rotation_after_rope_is_exact():
 @pytest.mark.parametrize("act", ["int4/token", "int8/token"])
 def test_quarot_beats_rtn_and_smoothquant(block, act):
     """QuaRot as published (rotations + GPTQ) and with RTN, against RTN and SmoothQuant."""
-    blk, variables, x, c, y = block
+    blk, variables, x, c, y, run = block
     rotated = Q.quarot(variables, None, _block_config())
     trees = {
         "rtn": _quantize(variables),
@@ -97,7 +99,7 @@ def test_quarot_beats_rtn_and_smoothquant(block, act):
         "quarot_rtn": _quantize(rotated),
         "quarot": _gptq(blk, rotated, x, c),
     }
-    err = {k: relative_error(jquant.nn.apply(blk, v, x, c, act=act), y) for k, v in trees.items()}
+    err = {k: relative_error(run(v, x, c, act=act), y) for k, v in trees.items()}
     assert err["quarot"] < err["rtn"] and err["quarot"] < err["smoothquant"], err
     assert err["quarot_rtn"] < err["rtn"], err
 

@@ -25,7 +25,7 @@ def layer():
     return x, w, model, variables, stats
 
 
-def _err(model, variables, x, y_ref, act=None):
+def _err(model, variables, x, y_ref, act=None):  # eager: one Dense, trees of many structures
     return relative_error(jquant.nn.apply(model, decode_tree(variables), x, act=act), y_ref)
 
 

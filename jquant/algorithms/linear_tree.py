@@ -18,6 +18,7 @@ tree again before a method that reads statistics of the rotated/smoothed input.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -193,3 +194,18 @@ def capture_inputs(model: Any, variables: Variables, *inputs: Any) -> dict[str, 
 def relative_error(y: Array, y_ref: Array) -> float:
     y, y_ref = jnp.asarray(y, jnp.float32), jnp.asarray(y_ref, jnp.float32)
     return float(jnp.linalg.norm(y - y_ref) / jnp.maximum(jnp.linalg.norm(y_ref), 1e-30))
+
+
+@functools.lru_cache(maxsize=32)
+def jitted_apply(model: Any):
+    """``run(variables, *inputs, act=None)``: :func:`jquant.nn.apply` under ``jax.jit``
+    (``act`` static), with CodedArray kernels decoded first. One compile per tree structure;
+    cached per (hashable) linen module."""
+    from jquant.algorithms.coded import decode_tree
+    from jquant.nn import apply
+
+    @functools.partial(jax.jit, static_argnames=("act",))
+    def run(variables: Variables, *inputs: Any, act: str | None = None) -> Any:
+        return apply(model, decode_tree(variables), *inputs, act=act)
+
+    return run

@@ -20,6 +20,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -74,65 +75,64 @@ class TinyDiTBlock(nn.Module):
 TIMESTEP_OUTLIER = 4.0
 
 
+def heavy_tailed(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Unit-variance heavy-tailed samples: a Gaussian scale mixture ``n1 * exp(n2 / 2)``
+    (kurtosis ~ 8, like trained transformer weights)."""
+    n1, n2 = rng.standard_normal((2, *shape))
+    return (n1 * np.exp(0.5 * n2) / math.e**0.25).astype(np.float32)
+
+
 def outlier_block(
     seed: int = 0, dim: int = 128, heads: int = 4, mlp: int = 512, tokens: int = 64, batch: int = 2, **block_kw
 ) -> tuple[TinyDiTBlock, dict, tuple[Array, Array]]:
-    """(block, variables, (x, c)) with DiT-like activation outliers (see module docstring)."""
+    """(block, variables, (x, c)) with DiT-like activation outliers (see module docstring).
+
+    Built with numpy from ``seed`` (no compilation; identical on every JAX version).
+    """
     block = TinyDiTBlock(dim, heads, mlp, **block_kw)
-
-    @jax.jit
-    def make(key: Array):
-        k = jax.random.split(key, 8)
-        x = jax.random.normal(k[0], (batch, tokens, dim))
-        hot = jax.random.choice(k[1], dim, (max(2, dim // 32),), replace=False)
-        x = x.at[..., hot].multiply(25.0)  # massive residual channels
-        c = jax.random.normal(k[2], (batch, dim))
-        params = block.init(k[3], x, c)["params"]
-        # trained weights are heavy-tailed (flax's init is a truncated normal)
-        for i, name in enumerate(sorted(params)):
-            if "kernel" in params[name]:
-                kern = params[name]["kernel"]
-                t = heavy_tailed(jax.random.fold_in(k[6], i), kern.shape)
-                params[name] = {**params[name], "kernel": t * jnp.sqrt(0.6 / kern.shape[0])}
-        amp = jnp.ones((dim,)).at[hot].set(4.0)
-        # modulation bias: scale1/scale2 amplify a few channels (adaLN), as trained DiTs do
-        bias = params["adaLN"]["bias"].reshape(6, dim)
-        params["adaLN"]["bias"] = bias.at[1].set(amp - 1).at[4].set(amp - 1).reshape(-1)
-        # ... and which channels are amplified depends on the timestep embedding c
-        tcols = jax.random.choice(k[7], dim, (max(4, dim // 8),), replace=False)
-        kern = params["adaLN"]["kernel"].reshape(dim, 6, dim)
-        boost = TIMESTEP_OUTLIER * jax.random.normal(k[7], (dim, tcols.shape[0])) / jnp.sqrt(dim)
-        kern = kern.at[:, 1, tcols].set(boost).at[:, 4, tcols].set(boost[:, ::-1])
-        params["adaLN"]["kernel"] = kern.reshape(dim, 6 * dim)
-        vcols = jax.random.choice(k[4], dim, (max(2, dim // 32),), replace=False)
-        params["to_v"]["kernel"] = params["to_v"]["kernel"].at[:, vcols].multiply(12.0)
-        ucols = jax.random.choice(k[5], mlp, (max(2, mlp // 64),), replace=False)
-        params["ff_up"]["kernel"] = params["ff_up"]["kernel"].at[:, ucols].multiply(10.0)
-        return params, x, c
-
-    params, x, c = make(jax.random.key(seed))
-    return block, {"params": params}, (x, c)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, tokens, dim)).astype(np.float32)
+    hot = rng.choice(dim, max(2, dim // 32), replace=False)
+    x[..., hot] *= 25.0  # massive residual channels
+    c = rng.standard_normal((batch, dim)).astype(np.float32)
+    shapes = jax.eval_shape(block.init, jax.random.key(0), x, c)["params"]
+    params: dict = {}
+    for name in sorted(shapes):  # trained weights are heavy-tailed (flax's init is a truncated normal)
+        params[name] = {k: np.zeros(v.shape, np.float32) for k, v in shapes[name].items()}
+        if "kernel" in shapes[name]:
+            fan_in = shapes[name]["kernel"].shape[0]
+            params[name]["kernel"] = heavy_tailed(rng, shapes[name]["kernel"].shape) * np.float32(math.sqrt(0.6 / fan_in))
+        if "bias" in shapes[name]:
+            params[name]["bias"] = (0.02 * rng.standard_normal(shapes[name]["bias"].shape)).astype(np.float32)
+        if "scale" in shapes[name]:
+            params[name]["scale"] = np.ones(shapes[name]["scale"].shape, np.float32)
+    # modulation: scale1/scale2 amplify a few channels (adaLN), as trained DiTs do ...
+    bias = params["adaLN"]["bias"].reshape(6, dim)
+    bias[1, hot] = bias[4, hot] = 3.0
+    # ... and which channels are amplified depends on the timestep embedding c
+    kern = params["adaLN"]["kernel"].reshape(dim, 6, dim)
+    tcols = rng.choice(dim, max(4, dim // 8), replace=False)
+    boost = TIMESTEP_OUTLIER * rng.standard_normal((dim, len(tcols))) / math.sqrt(dim)
+    kern[:, 1, tcols] = boost
+    kern[:, 4, tcols] = boost[:, ::-1]
+    params["to_v"]["kernel"][:, rng.choice(dim, max(2, dim // 32), replace=False)] *= 12.0  # outlier value columns
+    params["ff_up"]["kernel"][:, rng.choice(mlp, max(2, mlp // 64), replace=False)] *= 10.0  # large GELU units
+    params = jax.tree.map(jnp.asarray, params)
+    return block, {"params": params}, (jnp.asarray(x), jnp.asarray(c))
 
 
 def outlier_layer(
     seed: int = 0, k: int = 256, n: int = 256, tokens: int = 512, n_outliers: int = 8, scale: float = 30.0
 ) -> tuple[Array, Array]:
     """(x [tokens, K], W [K, N]) with ``n_outliers`` activation channels ``scale`` x larger
-    and correlated (structured) across tokens, and heavy-tailed weights."""
-    ks = jax.random.split(jax.random.key(seed), 4)
-    x = jax.random.normal(ks[0], (tokens, k))
-    ch = jax.random.choice(ks[1], k, (n_outliers,), replace=False)
-    common = jax.random.normal(ks[2], (tokens, 1))
-    x = x.at[:, ch].set(scale * (common + 0.3 * x[:, ch]))
-    w = heavy_tailed(ks[3], (k, n)) / math.sqrt(k)
-    return x, w
-
-
-def heavy_tailed(key: Array, shape: tuple[int, ...]) -> Array:
-    """Unit-variance heavy-tailed samples: a Gaussian scale mixture ``n1 * exp(n2 / 2)``
-    (kurtosis ~ 8, like trained transformer weights; cheap to sample)."""
-    n1, n2 = jax.random.normal(key, (2, *shape))
-    return n1 * jnp.exp(0.5 * n2) / math.e ** 0.25
+    and correlated (structured) across tokens, and heavy-tailed weights (numpy, seeded)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    ch = rng.choice(k, n_outliers, replace=False)
+    common = rng.standard_normal((tokens, 1)).astype(np.float32)
+    x[:, ch] = scale * (common + 0.3 * x[:, ch])
+    w = heavy_tailed(rng, (k, n)) / np.float32(math.sqrt(k))
+    return jnp.asarray(x), jnp.asarray(w)
 
 
 class OneLayer(nn.Module):
