@@ -129,6 +129,7 @@ class Attention(nn.Module):
     Call options: `mask` (boolean, broadcastable to [B, H, Tq, Tk]), `rope` for q (and k unless
     `key_rope` is given: LTX-2's audio<->video attention), `perturb` [B, 1, 1, 1] in [0, 1]
     (LTX-2's spatio-temporal guidance: output = v + perturb * (attention - v), self-attention only).
+    `interleaved_rope=False` selects LTX-2's "split" RoPE pairing (see `apply_rope`).
     """
 
     heads: int
@@ -141,6 +142,7 @@ class Attention(nn.Module):
     attention_impl: str | None = None
     out_bias: bool = True
     gated: bool = False
+    interleaved_rope: bool = True
 
     @nn.compact
     def __call__(
@@ -169,8 +171,8 @@ class Attention(nn.Module):
         k = split_heads(qk_norm(dense("to_k")(src), "norm_k"), self.heads)
         v = split_heads(dense("to_v")(src), self.heads)
         if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *(rope if key_rope is None else key_rope))
+            q = apply_rope(q, *rope, interleaved=self.interleaved_rope)
+            k = apply_rope(k, *(rope if key_rope is None else key_rope), interleaved=self.interleaved_rope)
         out = attention(q, k, v, mask, implementation=self.attention_impl)
         if perturb is not None:
             out = (v + perturb * (out - v)).astype(out.dtype)
