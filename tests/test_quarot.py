@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jquant.nn
@@ -14,6 +15,9 @@ from jquant.algorithms.gptq import gptq
 from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant
 from jquant.algorithms.toy import one_layer, outlier_block, rope
 from jquant.rules import quantize_params
+
+import models
+from models import dit, flux, wan
 
 W4 = [("adaLN", None), (".*", "int4")]  # the modulation stays in float
 
@@ -117,3 +121,46 @@ def test_bad_rotations_are_refused(block):
         Q.rotate_heads(online, ["to_v"], ["to_out"], random_hadamard(32, 0))
     with pytest.raises(ValueError, match="no layer matches"):
         Q.quarot(variables, None, Q.QuaRotConfig(online="nothing"))
+
+
+def _ported(name):
+    """A tiny config of each ported DiT, random params and random inputs with several tokens."""
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    if name == "wan":
+        cfg = wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=8,
+                            freq_dim=16, ffn_dim=32, num_layers=2)
+        inputs = dict(hidden_states=f32(1, 4, 2, 4, 4), timestep=jnp.array([500.0]), encoder_hidden_states=f32(1, 5, 8))
+    elif name == "wan_i2v":
+        cfg = wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, text_dim=8, freq_dim=16,
+                            ffn_dim=32, num_layers=1, image_dim=6, added_kv_proj_dim=24, cross_attn_norm=False)
+        inputs = dict(hidden_states=f32(1, 4, 1, 4, 4), timestep=jnp.array([500.0]),
+                      encoder_hidden_states=f32(1, 512, 8), encoder_hidden_states_image=f32(1, 3, 6))
+    elif name == "flux":
+        cfg = flux.FluxConfig(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
+                              guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        inputs = dict(hidden_states=f32(1, 6, 8), encoder_hidden_states=f32(1, 3, 12), pooled_projections=f32(1, 10),
+                      timestep=jnp.array([0.5]), img_ids=jnp.asarray(rng.integers(0, 4, (6, 3)), jnp.float32),
+                      txt_ids=jnp.zeros((3, 3)), guidance=jnp.array([3.5]))
+    else:
+        cfg = dit.DiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                            sample_size=8, num_embeds_ada_norm=10)
+        inputs = dict(hidden_states=f32(1, 4, 8, 8), timestep=jnp.array([500]), class_labels=jnp.array([3]))
+    shapes = models.param_shapes(cfg)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape).astype(np.float32)), shapes)
+    return cfg, models.port_for_config(cfg).module_cls(cfg), params, inputs
+
+
+@pytest.mark.parametrize("name", ["wan", "wan_i2v", "flux", "dit"])
+def test_quarot_on_ported_models_is_exact_in_float(name):
+    cfg, model, params, inputs = _ported(name)
+    plan = Q.dit_plan(params, models.layer_roles(cfg, params), cfg.attention_head_dim)
+    assert plan.vo_groups
+    rotated = Q.quarot({"params": params}, None, plan)
+    for kpath, r in models.layer_roles(cfg, params).items():  # online rotations exactly on the attention/FFN linears
+        rotated_here = "hadamard" in get_aux(rotated, kpath[: -len("/kernel")])
+        assert rotated_here == bool(set(r) & Q.ONLINE_ROLES and not set(r) & Q.NEVER_ROTATED), kpath
+    run = jitted_apply(model)
+    y = run({"params": params}, **inputs)
+    assert relative_error(run(rotated, **inputs), y) < 1e-5

@@ -198,14 +198,14 @@ def relative_error(y: Array, y_ref: Array) -> float:
 
 @functools.lru_cache(maxsize=32)
 def jitted_apply(model: Any):
-    """``run(variables, *inputs, act=None)``: :func:`jquant.nn.apply` under ``jax.jit``
+    """``run(variables, *inputs, act=None, **kw)``: :func:`jquant.nn.apply` under ``jax.jit``
     (``act`` static), with CodedArray kernels decoded first. One compile per tree structure;
     cached per (hashable) linen module."""
     from jquant.algorithms.coded import decode_tree
     from jquant.nn import apply
 
     @functools.partial(jax.jit, static_argnames=("act",))
-    def run(variables: Variables, *inputs: Any, act: str | None = None) -> Any:
-        return apply(model, decode_tree(variables), *inputs, act=act)
+    def run(variables: Variables, *inputs: Any, act: str | None = None, **kw: Any) -> Any:
+        return apply(model, decode_tree(variables), *inputs, act=act, **kw)
 
     return run

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +231,37 @@ def quarot(variables: Variables, stats: Any = None, config: QuaRotConfig = QuaRo
     for path in paths:
         out = rotate_input(out, path, seed)
     return out
+
+
+# --- plans for the ported DiTs ---------------------------------------------------------------------
+ONLINE_ROLES = frozenset({"attn.qkv", "attn.out", "ffn.up", "ffn.down"})
+NEVER_ROTATED = frozenset({"modulation", "embedder", "final"})
+_V_NAMES, _O_NAMES = ("to_v", "add_v_proj"), ("to_out_0", "to_add_out")
+
+
+def dit_plan(params: Any, roles: Mapping[str, Sequence[str]], head_dim: int, *, seed: int = 0, heads_offline: bool = True) -> QuaRotConfig:
+    """QuaRot for a ported DiT (diffusers layer names), from its layer roles.
+
+    Online RHT on every linear with an attention/FFN role (q/k/v, output projections, FFN
+    up/down, cross-attention K/V); never on modulation, embedders or the output head.
+    Head-wise V/O pairs per attention module: ``to_v`` (+ ``add_v_proj``: Wan I2V's image
+    branch, Flux's text stream) with ``to_out_0`` (+ ``to_add_out``); an attention without
+    its own output projection (Flux/HunyuanVideo single-stream blocks) pairs with the
+    block's ``proj_out`` rows ``0:inner`` (the attention half of ``concat(attn, mlp)``).
+    ``roles``: ``models.layer_roles(config, params)`` (kernel path -> roles).
+    """
+    mods = {k[: -len("/kernel")]: set(r) for k, r in roles.items()}
+    online = sorted(p for p, r in mods.items() if r & ONLINE_ROLES and not r & NEVER_ROTATED)
+    groups = []
+    for attn in sorted({p.rsplit("/", 1)[0] for p in mods if p.rsplit("/", 1)[-1] == "to_v"}):
+        v = tuple(f"{attn}/{n}" for n in _V_NAMES if f"{attn}/{n}" in mods)
+        o: tuple = tuple(f"{attn}/{n}" for n in _O_NAMES if f"{attn}/{n}" in mods)
+        if not o:
+            block = attn.rsplit("/", 1)[0]
+            if f"{block}/proj_out" not in mods:
+                raise ValueError(f"dit_plan: attention {attn!r} has no output projection (to_out_0 / block proj_out)")
+            inner = get_kernel({"params": params}, v[0]).shape[1]
+            o = ((f"{block}/proj_out", 0, inner),)
+        groups.append((v, o))
+    pattern = "^(?:" + "|".join(re.escape(p) for p in online) + ")$" if online else "(?!)"
+    return QuaRotConfig(online=pattern, vo_groups=tuple(groups) if heads_offline else (), head_dim=head_dim, seed=seed)
