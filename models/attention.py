@@ -30,6 +30,13 @@ def attention(
         raise ValueError(f"attention: implementation={implementation!r}, expected one of {IMPLEMENTATIONS}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: expected [B, T, H, D] inputs, got q{q.shape} k{k.shape} v{v.shape}")
+    # Inside `with jquant.attention.quantized_attention(...)` the calls that policy selects
+    # run as quantized attention (docs/attention.md); everything else is unchanged.
+    from jquant.attention import maybe_quantized
+
+    quantized = maybe_quantized(q, k, v, mask, implementation)
+    if quantized is not None:
+        return quantized
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 

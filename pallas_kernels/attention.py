@@ -79,7 +79,7 @@ class AttentionConfig:
   block_q: int = 64
   block_k: int = 128
   stages: int = 2
-  int_to_float: str = "cvt"
+  int_to_float: str = "magic"
 
   def __post_init__(self):
     if self.int_to_float not in INT_TO_FLOAT:
@@ -367,12 +367,16 @@ def attention_pallas(
 
 
 def prepare_kernel_operands(q, k, v, *, causal, kv_lengths, qk_format, pv_format, config: AttentionConfig,
-                            smooth_k: bool, hadamard: bool, sm_scale: float):
-  """Quantizes and pads the operands into the kernel's layouts (one XLA fusion)."""
+                            smooth_k: bool, hadamard: bool, sm_scale: float, smooth_v: bool = True):
+  """Quantizes and pads the operands into the kernel's layouts (one XLA fusion).
+
+  Returns ``(operands, v_mean)``: the six arguments of :func:`attention_pallas`, and the V
+  mean [B, H, D] to add to its output (None without V smoothing).
+  """
   b, tq, h, d = q.shape
   tk = k.shape[1]
   prep = ref.prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                     block_k=config.block_k, smooth_k=smooth_k, hadamard=hadamard)
+                     block_k=config.block_k, smooth_k=smooth_k, hadamard=hadamard, smooth_v=smooth_v)
   tq_p = _common.round_up(tq, 2 * config.block_q)
   tk_p = _common.round_up(tk, config.block_k)
   q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
@@ -394,7 +398,7 @@ def prepare_kernel_operands(q, k, v, *, causal, kv_lengths, qk_format, pv_format
   else:
     vv = _common.pad_axis(prep.v, 1, tk_p)
     vs = prep.v_scale
-  return q8, k8, vv, qrow, ks, vs
+  return (q8, k8, vv, qrow, ks, vs), prep.v_mean
 
 
 def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config: AttentionConfig) -> bool:
@@ -425,14 +429,15 @@ def quant_attention(
     causal: bool = False,
     kv_lengths: jax.Array | None = None,
     qk_format: str = "int8",
-    pv_format: str = "fp8_e4m3",
+    pv_format: str = "bf16",
     block_q: int = 64,
     block_k: int = 128,
     smooth_k: bool = True,
     hadamard: bool = False,
     sm_scale: float | None = None,
     stages: int = 2,
-    int_to_float: str = "cvt",
+    int_to_float: str = "magic",
+    smooth_v: bool = True,
 ) -> jax.Array:
   """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
@@ -447,9 +452,11 @@ def quant_attention(
                   smooth_k=smooth_k, config=config):
     return quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
                                      pv_format=pv_format, block_q=block_q, block_k=block_k,
-                                     smooth_k=smooth_k, hadamard=hadamard, sm_scale=scale)
-  operands = prepare_kernel_operands(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
-                                     pv_format=pv_format, config=config, smooth_k=smooth_k,
-                                     hadamard=hadamard, sm_scale=scale)
-  out = attention_pallas(*operands, causal=causal, config=config)
-  return out[:, :q.shape[1]]
+                                     smooth_k=smooth_k, hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v)
+  operands, v_mean = prepare_kernel_operands(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
+                                             pv_format=pv_format, config=config, smooth_k=smooth_k,
+                                             hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v)
+  out = attention_pallas(*operands, causal=causal, config=config)[:, :q.shape[1]]
+  if v_mean is not None:
+    out = (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
+  return out

@@ -15,7 +15,11 @@ exact softmax instead of the kernel's online one:
    codes times both scales; masked keys (causal, or past ``kv_lengths``) get -inf;
 5. softmax in fp32;
 6. P V with P and V in fp8 e4m3 (P in [0, 1] scaled by 448, V one scale per
-   channel per head) or in bf16, accumulated in fp32; output bf16.
+   channel per head) or in bf16, accumulated in fp32; output bf16. With fp8, V is
+   smoothed first (``smooth_v``): its per-channel mean over the valid tokens is
+   subtracted before rounding and added to the output after (exact, since each row of
+   the normalized P sums to 1), so the rounding errors of P and V scale with V's
+   variation around its mean instead of its magnitude.
 
 Layout everywhere: ``[batch, tokens, heads, head_dim]``.
 """
@@ -27,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 QK_FORMATS: tuple[str, ...] = ("int8", "fp8_e4m3")
@@ -80,9 +85,11 @@ def check_inputs(
   if kv_lengths is not None:
     if jnp.ndim(kv_lengths) != 1 or jnp.shape(kv_lengths)[0] != b:
       raise ValueError(f"{name}: kv_lengths must be [batch]={b} key counts, got shape {jnp.shape(kv_lengths)}")
-    if not isinstance(kv_lengths, jax.core.Tracer):
-      lengths = jax.device_get(kv_lengths)
-      if (lengths < 1).any() or (lengths > k.shape[1]).any():
+    try:
+      lengths = np.asarray(kv_lengths)
+    except jax.errors.TracerArrayConversionError:
+      lengths = None  # traced: checked by the caller's data
+    if lengths is not None and ((lengths < 1).any() or (lengths > k.shape[1]).any()):
         raise ValueError(f"{name}: kv_lengths must lie in [1, {k.shape[1]}], got {lengths.tolist()}")
 
 
@@ -138,6 +145,14 @@ def quantize_key_blocks(k: jax.Array, fmt: str, block_k: int) -> tuple[jax.Array
   return codes, jnp.transpose(scale, (0, 2, 1))
 
 
+def smooth_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """V minus its per-channel mean over the valid tokens (invalid tokens -> 0), and the mean [B, H, D]."""
+  v = v.astype(jnp.float32)
+  w = valid[:, :, None, None].astype(jnp.float32)
+  mean = jnp.sum(v * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+  return (v - mean[:, None]) * w, mean
+
+
 def quantize_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
   """fp8 e4m3 V [B, T, H, D] with one scale per channel per head ([B, H, D]); invalid tokens -> 0."""
   v = v.astype(jnp.float32) * valid[:, :, None, None]
@@ -151,7 +166,8 @@ class Prepared:
 
   ``q_codes`` [B, Tq, H, D], ``q_scale`` [B, Tq, H]; ``k_codes`` [B, Tk, H, D] (zero past
   each length), ``k_scale`` [B, H, nkb]; ``v`` [B, Tk, H, D] (fp8 codes or bf16, zero past
-  each length), ``v_scale`` [B, H, D] (ones for bf16); ``valid`` [B, Tk].
+  each length), ``v_scale`` [B, H, D] (ones for bf16); ``valid`` [B, Tk]; ``v_mean``
+  [B, H, D]: the mean taken out of V by ``smooth_v``, to add to the output (None without).
   """
 
   q_codes: jax.Array
@@ -161,9 +177,10 @@ class Prepared:
   v: jax.Array
   v_scale: jax.Array
   valid: jax.Array
+  v_mean: jax.Array | None = None
 
 
-def prepare(q, k, v, *, kv_lengths, qk_format, pv_format, block_k, smooth_k, hadamard) -> Prepared:
+def prepare(q, k, v, *, kv_lengths, qk_format, pv_format, block_k, smooth_k, hadamard, smooth_v=True) -> Prepared:
   """Rotation, smoothing and quantization of Q, K and V (plain JAX, one fused XLA pass)."""
   b, tk = k.shape[:2]
   valid = key_validity(b, tk, kv_lengths)
@@ -173,12 +190,15 @@ def prepare(q, k, v, *, kv_lengths, qk_format, pv_format, block_k, smooth_k, had
   kf = smooth_keys(kf, valid) if smooth_k else kf * valid[:, :, None, None]
   q_codes, q_scale = quantize_tokens(qf, qk_format)
   k_codes, k_scale = quantize_key_blocks(kf, qk_format, block_k)
+  v_mean = None
   if pv_format == "fp8_e4m3":
+    if smooth_v:
+      v, v_mean = smooth_values(v, valid)
     v_codes, v_scale = quantize_values(v, valid)
   else:
     v_codes = (v.astype(jnp.float32) * valid[:, :, None, None]).astype(jnp.bfloat16)
     v_scale = jnp.ones((b, k.shape[2], k.shape[3]), jnp.float32)
-  return Prepared(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, valid)
+  return Prepared(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, valid, v_mean)
 
 
 def _code_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
@@ -232,6 +252,8 @@ def attend_prepared(prep: Prepared, *, causal: bool, pv_format: str, sm_scale: f
       o = lax.dot_general(p.astype(jnp.bfloat16), prep.v.astype(jnp.bfloat16), (((3,), (1,)), ((0, 1), (0, 2))),
                           preferred_element_type=jnp.float32)
     o = o / l[..., None]
+    if prep.v_mean is not None:
+      o = o + prep.v_mean[:, :, None, :]
     return jnp.transpose(o, (0, 2, 1, 3))  # [B, c, H, D]
 
   out = lax.map(one, (jnp.arange(n_chunks, dtype=jnp.int32), qc, qs))  # [n, B, c, H, D]
@@ -246,25 +268,26 @@ def quant_attention_reference(
     causal: bool = False,
     kv_lengths: jax.Array | None = None,
     qk_format: str = "int8",
-    pv_format: str = "fp8_e4m3",
+    pv_format: str = "bf16",
     block_q: int = 64,
     block_k: int = 128,
     smooth_k: bool = True,
     hadamard: bool = False,
     sm_scale: float | None = None,
+    smooth_v: bool = True,
 ) -> jax.Array:
   """Quantized attention, plain JAX (see the module docstring); bf16 [B, Tq, H, D].
 
   q [B, Tq, H, D]; k, v [B, Tk, H, D]; ``kv_lengths`` [B] int: keys at positions
   ``>= kv_lengths[b]`` are padding (masked); ``block_q`` is the kernel's query tile (no
   numerical effect here), ``block_k`` its key tile and the K-scale block;
-  ``sm_scale`` defaults to ``1/sqrt(head_dim)``.
+  ``sm_scale`` defaults to ``1/sqrt(head_dim)``; ``smooth_v`` applies to fp8 P V only.
   """
   check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
                block_q=block_q, block_k=block_k)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   prep = prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                 block_k=block_k, smooth_k=smooth_k, hadamard=hadamard)
+                 block_k=block_k, smooth_k=smooth_k, hadamard=hadamard, smooth_v=smooth_v)
   out = attend_prepared(prep, causal=causal, pv_format=pv_format, sm_scale=scale, block_q=block_q,
                         block_k=block_k)
   return out.astype(jnp.bfloat16)
@@ -294,8 +317,6 @@ def exact_attention(
 
 def relative_l2(out: jax.Array, ref: jax.Array) -> float:
   """||out - ref|| / ||ref|| over all elements, in float64 on the host."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

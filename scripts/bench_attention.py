@@ -44,8 +44,9 @@ from pallas_kernels import attention_ref as ar  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
-VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-magic][-bk64|-bk256][-s3]"
-                " (magic: int8 scores to float by the magic-number add; bkN: key tile; sN: pipeline stages)")
+VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-bk64|-bk256][-s3]"
+                " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
+                " add; bkN: key tile; sN: pipeline stages)")
 DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-fp8", "total-int8-fp8")
 XLA_MAX_SCORE_BYTES = 8 << 30  # bf16 scores of one call; larger shapes skip the XLA row
 HEAD_DIM = 128
@@ -64,8 +65,8 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
     raise ValueError(f"unknown variant {variant!r}: {VARIANT_HELP}")
   options = {"block_k": block_k}
   for extra in parts[3:]:
-    if extra == "magic":
-      options["int_to_float"] = "magic"
+    if extra in ("magic", "cvt"):
+      options["int_to_float"] = extra
     elif re.fullmatch(r"bk(64|128|256)", extra):
       options["block_k"] = int(extra[2:])
     elif re.fullmatch(r"s[2-6]", extra):
@@ -100,7 +101,7 @@ def variant_fn(variant: str, block_k: int):
   def prepare(q, k, v):
     return jax.jit(lambda q, k, v: pa.prepare_kernel_operands(
         q, k, v, causal=False, kv_lengths=None, qk_format=qk, pv_format=pv, config=config, smooth_k=True,
-        hadamard=False, sm_scale=scale))(q, k, v)
+        hadamard=False, sm_scale=scale)[0])(q, k, v)
 
   def kernel(*operands):
     return pa.attention_pallas(*operands, causal=False, config=config)

@@ -87,7 +87,7 @@ def run_case(seed: int, case) -> dict:
   kernel_opts = dict(opts)
   ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float")}
   config = pa.AttentionConfig(block_k=opts.get("block_k", 128), stages=opts.get("stages", 2),
-                              int_to_float=opts.get("int_to_float", "cvt"))
+                              int_to_float=opts.get("int_to_float", "magic"))
   path = "kernel" if pa.supports(
       q, k, causal=opts.get("causal", False), kv_lengths=opts.get("kv_lengths"),
       qk_format=opts["qk_format"], pv_format=opts["pv_format"], smooth_k=True, config=config) else "reference"

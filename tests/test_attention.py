@@ -1,0 +1,319 @@
+"""Quantized attention: the reference against exact attention, its exact rewrites (K/V smoothing,
+Hadamard rotation), masks, the kernel's padding arithmetic, lowering of the Mosaic GPU kernel, and
+the `jquant.attention` policy inside a jitted sampler."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jquant.attention as jattn
+from models.attention import attention
+from pallas_kernels import attention as pa
+from pallas_kernels import attention_ref as ar
+
+# Relative L2 error against exact fp32 attention on N(0, 1) inputs (measured ~1.1%, 3.7%, 3.8%, 5%).
+TOLERANCE = {("int8", "bf16"): 0.025, ("int8", "fp8_e4m3"): 0.06, ("fp8_e4m3", "bf16"): 0.06,
+             ("fp8_e4m3", "fp8_e4m3"): 0.08}
+
+
+def _inputs(seed, b=1, tq=200, tk=200, h=2, d=64, kind="random"):
+    return ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("qk,pv", sorted(TOLERANCE))
+@pytest.mark.parametrize("d", [64, 128])
+def test_reference_close_to_exact(qk, pv, d):
+    q, k, v = _inputs(0, d=d)
+    out = ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv)
+    chex.assert_shape(out, q.shape)
+    assert out.dtype == jnp.bfloat16
+    assert ar.relative_l2(out, ar.exact_attention(q, k, v)) <= TOLERANCE[(qk, pv)]
+
+
+def test_hadamard_rescues_outlier_channels():
+    q, k, v = _inputs(1, tq=128, tk=256, h=1, d=128, kind="realistic")
+    exact = ar.exact_attention(q, k, v)
+    plain = ar.relative_l2(ar.quant_attention_reference(q, k, v, hadamard=False), exact)
+    rotated = ar.relative_l2(ar.quant_attention_reference(q, k, v, hadamard=True), exact)
+    assert rotated <= 0.03 < plain
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), tk=st.sampled_from([1, 37, 90]), causal=st.booleans())
+def test_smoothing_and_rotation_are_exact_in_float(seed, tk, causal):
+    q, k, v = _inputs(seed, tq=tk, tk=tk, h=1, d=64)
+    k = k + 3.0 * jax.random.normal(jax.random.key(seed + 1), (1, 1, 1, 64))  # a channel bias
+    exact = ar.exact_attention(q, k, v, causal=causal)
+    valid = ar.key_validity(1, tk, None)
+    smoothed = ar.exact_attention(q, ar.smooth_keys(k, valid), v, causal=causal)
+    rotated = ar.exact_attention(ar.rotate(q), ar.rotate(k), v, causal=causal)
+    v_smooth, v_mean = ar.smooth_values(v, valid)
+    v_shifted = ar.exact_attention(q, k, v_smooth, causal=causal) + v_mean[:, None]
+    for other in (smoothed, rotated, v_shifted):
+        np.testing.assert_allclose(other, exact, rtol=2e-5, atol=2e-5)
+
+
+def test_key_smoothing_uses_valid_tokens_only():
+    _, k, _ = _inputs(2, tk=10, h=1, d=64)
+    valid = ar.key_validity(1, 10, jnp.array([4]))
+    out = ar.smooth_keys(k, valid)
+    np.testing.assert_allclose(out[:, :4], k[:, :4] - k[:, :4].mean(axis=1, keepdims=True), rtol=1e-6, atol=1e-6)
+    assert not np.asarray(out[:, 4:]).any()
+
+
+def test_causal_mask_hides_the_future():
+    q, k, v = _inputs(3, tq=160, tk=160)
+    out = ar.quant_attention_reference(q, k, v, causal=True, pv_format="fp8_e4m3")
+    assert ar.relative_l2(out, ar.exact_attention(q, k, v, causal=True)) <= 0.06
+    assert ar.relative_l2(ar.exact_attention(q, k, v), ar.exact_attention(q, k, v, causal=True)) > 0.2
+    # Keys from 128 on (the second K-scale block) change nothing before them once smoothing,
+    # which averages every key, is off.
+    k2, v2 = k.at[:, 128:].set(50.0), v.at[:, 128:].set(-7.0)
+    plain = ar.quant_attention_reference(q, k, v, causal=True, smooth_k=False)
+    plain2 = ar.quant_attention_reference(q, k2, v2, causal=True, smooth_k=False)
+    np.testing.assert_array_equal(np.asarray(plain[:, :128], np.float32), np.asarray(plain2[:, :128], np.float32))
+    assert ar.relative_l2(plain2[:, 128:], plain[:, 128:]) > 0.1
+
+
+@pytest.mark.parametrize("pv", ["bf16", "fp8_e4m3"])
+def test_padding_mask_equals_truncation(pv):
+    q, k, v = _inputs(4, b=2, tq=70, tk=300)
+    lengths = jnp.array([300, 129])
+    garbage = k.at[1, 129:].set(1e3), v.at[1, 129:].set(-1e3)
+    out = ar.quant_attention_reference(q, *garbage, kv_lengths=lengths, pv_format=pv)
+    short = ar.quant_attention_reference(q[1:], k[1:, :129], v[1:, :129], pv_format=pv)
+    np.testing.assert_allclose(np.asarray(out[1], np.float32), np.asarray(short[0], np.float32), rtol=1e-2, atol=1e-2)
+    assert ar.relative_l2(out[1], short[0]) < 1e-3
+    assert ar.relative_l2(out, ar.exact_attention(q, k, v, kv_lengths=lengths)) <= TOLERANCE[("int8", pv)]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(qk_format="int4"), dict(pv_format="fp16"), dict(block_k=100), dict(block_q=32),
+    dict(kv_lengths=jnp.array([0])), dict(kv_lengths=jnp.array([5, 5])), dict(causal=True, tq=3),
+])
+def test_bad_arguments_raise(bad):
+    bad = dict(bad)
+    q, k, v = _inputs(5, tq=bad.pop("tq", 8), tk=8, h=1)
+    with pytest.raises(ValueError, match="quant_attention"):
+        ar.quant_attention_reference(q, k, v, **bad)
+
+
+def test_head_dim_must_be_supported():
+    q, k, v = _inputs(6, d=64)
+    with pytest.raises(ValueError, match="head_dim"):
+        ar.quant_attention_reference(q[..., :32], k[..., :32], v[..., :32])
+
+
+def test_kernel_wrapper_falls_back_off_gpu():
+    q, k, v = _inputs(7, tq=100, tk=100)
+    config = pa.AttentionConfig()
+    assert not pa.supports(q, k, causal=False, kv_lengths=None, qk_format="int8", pv_format="bf16", smooth_k=True,
+                           config=config)
+    out = pa.quant_attention(q, k, v, pv_format="fp8_e4m3")
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(ar.quant_attention_reference(q, k, v, pv_format="fp8_e4m3"), np.float32))
+
+
+def test_supports_rules(monkeypatch):
+    monkeypatch.setenv("JQUANT_PALLAS", "kernel")
+    q, k, _ = _inputs(8, tq=100, tk=100)
+    cfg = pa.AttentionConfig()
+    common = dict(qk_format="int8", pv_format="bf16", config=cfg)
+    assert pa.supports(q, k, causal=False, kv_lengths=None, smooth_k=True, **common)
+    assert not pa.supports(q, k, causal=False, kv_lengths=None, smooth_k=False, **common)  # 100 keys: padding
+    assert pa.supports(q[:, :, :, :], k[:, :, :, :], causal=True, kv_lengths=None, smooth_k=False, **common)
+    assert not pa.supports(q, k, causal=True, kv_lengths=jnp.array([50]), smooth_k=True, **common)
+    with pytest.raises(ValueError, match="block_k"):
+        pa.AttentionConfig(block_k=96)
+    with pytest.raises(ValueError, match="int_to_float"):
+        pa.AttentionConfig(int_to_float="round")
+
+
+def test_magic_number_int_to_float_is_exact():
+    x = jnp.asarray(np.random.default_rng(0).integers(-(2**22) + 1, 2**22, 4096), jnp.int32)
+    x = jnp.concatenate([x, jnp.array([127 * 127 * 128, -127 * 127 * 128, 0], jnp.int32)])
+    f = jax.lax.bitcast_convert_type(x + jnp.int32(0x4B400000), jnp.float32) - 12582912.0
+    np.testing.assert_array_equal(np.asarray(f), np.asarray(x, np.float32))
+
+
+def _emulate_kernel(operands, block_k: int, causal: bool) -> jax.Array:
+    """The kernel's arithmetic in jnp: online exp2 softmax over key tiles of zero-padded operands,
+    then the padding-key correction l - n_pad * 2^-m (no masking of padding keys)."""
+    q8, k8, vv, qrow, ks, vs = operands
+    b, tq, h, d = q8.shape
+    tk = k8.shape[1]
+    fp8 = vv.dtype != jnp.bfloat16
+    v = jnp.transpose(vv, (0, 3, 1, 2)) if fp8 else vv  # [B, Tk, H, D]
+    q_scale, pad = qrow[:, :, 0], qrow[:, :, 1]  # [B, H, Tq]
+    m = jnp.full((b, h, tq), -jnp.inf)
+    l = jnp.zeros((b, h, tq))
+    acc = jnp.zeros((b, h, tq, d))
+    for j in range(tk // block_k):
+        sl = slice(j * block_k, (j + 1) * block_k)
+        raw = jnp.einsum("bqhd,bkhd->bhqk", q8.astype(jnp.float32), k8[:, sl].astype(jnp.float32))
+        s = raw * (q_scale * ks.reshape(b, h, -1)[:, :, j, None])[..., None]
+        if causal:
+            keep = jnp.arange(tq)[:, None] >= (j * block_k + jnp.arange(block_k))[None, :]
+            s = jnp.where(keep, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[..., None])
+        p_op = (p * ar.P_SCALE).astype(jnp.float8_e4m3fn) if fp8 else p.astype(jnp.bfloat16)
+        acc = acc * alpha[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p_op.astype(jnp.float32),
+                                                  v[:, sl].astype(jnp.float32))
+        l = l * alpha + p.sum(-1)
+        m = m_new
+    out = acc / (l - pad * jnp.exp2(-m))[..., None]
+    if fp8:
+        out = out * vs[:, :, None, :]
+    return jnp.transpose(out, (0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("pv,causal,lengths", [
+    ("fp8_e4m3", False, (300, 77)), ("bf16", False, None), ("bf16", True, None), ("fp8_e4m3", True, None),
+])
+def test_kernel_arithmetic_matches_reference(pv, causal, lengths):
+    tq = 300 if causal else 180
+    q, k, v = _inputs(9, b=2, tq=tq, tk=300, d=64)
+    kv_lengths = None if lengths is None else jnp.array(lengths)
+    config = pa.AttentionConfig(block_k=128)
+    operands, v_mean = pa.prepare_kernel_operands(
+        q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format="int8", pv_format=pv, config=config,
+        smooth_k=True, hadamard=False, sm_scale=1 / 8)
+    q8, k8, vv, qrow, ks, vs = operands
+    chex.assert_shape(q8, (2, -(-tq // 128) * 128, 2, 64))
+    chex.assert_shape(k8, (2, 384, 2, 64))
+    chex.assert_shape(ks, (2, 2, 1, 32))
+    expected_pad = 0 if causal else 384 - np.asarray(lengths or (300, 300))
+    np.testing.assert_array_equal(np.asarray(qrow[:, 0, 1, 0]), expected_pad)
+    out = _emulate_kernel(operands, 128, causal)[:, :tq]
+    if v_mean is not None:
+        out = out + v_mean[:, None]
+    ref = ar.quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, pv_format=pv)
+    assert ar.relative_l2(out, ref) <= (0.005 if pv == "bf16" else 0.04)
+    assert ar.relative_l2(out, ar.exact_attention(q, k, v, causal=causal, kv_lengths=kv_lengths)) <= (
+        TOLERANCE[("int8", pv)])
+
+
+@pytest.mark.parametrize("pv,causal,d,int_to_float", [
+    ("fp8_e4m3", False, 128, "magic"), ("bf16", True, 64, "cvt"),
+])
+def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float):
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_PALLAS", "kernel")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float))
+    text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+class _TinyAttn(nn.Module):
+    """Two attention layers ("self" over x, "cross" over ctx) through models.attention."""
+
+    @nn.compact
+    def __call__(self, x, ctx):
+        def heads(y, name):
+            return nn.Dense(128, name=name)(y).reshape(*y.shape[:-1], 2, 64)
+
+        class Layer(nn.Module):
+            @nn.compact
+            def __call__(self, a, src):
+                out = attention(heads(a, "to_q"), heads(src, "to_k"), heads(src, "to_v"))
+                return nn.Dense(a.shape[-1], name="to_out_0")(out.reshape(*a.shape[:-1], 128))
+
+        x = x + Layer(name="self_attn")(x, x)
+        return x + Layer(name="cross_attn")(x, ctx)
+
+
+def _tiny_model():
+    model = _TinyAttn()
+    x = jax.random.normal(jax.random.key(10), (1, 96, 32))
+    ctx = jax.random.normal(jax.random.key(11), (1, 7, 32))
+    params = model.init(jax.random.key(12), x, ctx)
+    return model, params, x, ctx
+
+
+def test_policy_routes_selected_layers(monkeypatch):
+    model, params, x, ctx = _tiny_model()
+    seen = []
+    original = jattn._quantized
+
+    def spy(policy, q, k, v):
+        seen.append((jattn.current_module_path(), k.shape[1]))
+        return original(policy, q, k, v)
+
+    monkeypatch.setattr(jattn, "_quantized", spy)
+    base = model.apply(params, x, ctx)
+    with jattn.quantized_attention():
+        everywhere = model.apply(params, x, ctx)
+    assert [s[0] for s in seen] == ["self_attn", "cross_attn"]
+    seen.clear()
+    with jattn.quantized_attention(layers="self_attn", pv_format="fp8_e4m3"):
+        only_self = model.apply(params, x, ctx)
+    assert seen == [("self_attn", 96)]
+    seen.clear()
+    with jattn.quantized_attention(min_kv_tokens=8):
+        model.apply(params, x, ctx)
+    assert seen == [("self_attn", 96)]
+    seen.clear()
+    with jattn.quantized_attention(enabled=False):
+        off = model.apply(params, x, ctx)
+    assert seen == []
+    np.testing.assert_array_equal(off, base)
+    assert 0 < ar.relative_l2(everywhere, base) < 0.05 and 0 < ar.relative_l2(only_self, base) < 0.05
+    assert jattn.active_policy() is None
+
+
+def test_policy_roles_follow_the_model_rules():
+    assert "self_attn" in jattn.layer_roles("blocks_3/attn1")
+    assert "cross_attn" in jattn.layer_roles("blocks_0/attn2")
+    assert jattn.layer_roles("nowhere") == ()
+    policy = jattn.AttentionPolicy(roles=("cross_attn",))
+    q = jnp.zeros((1, 4, 2, 64))
+    assert jattn.selects(policy, "blocks_0/attn2", q, q, None)
+    assert not jattn.selects(policy, "blocks_0/attn1", q, q, None)
+    assert not jattn.selects(jattn.AttentionPolicy(), "x", q, q, jnp.ones((1, 1, 4, 4), bool))  # masks stay float
+    with pytest.raises(ValueError, match="roles"):
+        jattn.AttentionPolicy(roles=("attention",))
+    with pytest.raises(ValueError, match="pv_format"):
+        jattn.AttentionPolicy(pv_format="int4")
+
+
+def test_step_schedule():
+    np.testing.assert_array_equal(jattn.step_schedule(5, float_first=1, float_last=2), [False, True, True, False, False])
+    with pytest.raises(ValueError, match="step_schedule"):
+        jattn.step_schedule(3, float_last=4)
+
+
+def test_per_step_switch_inside_the_jitted_sampler():
+    from jquant.sampling import flow_match_schedule, sample_flow_euler
+
+    model, params, x0, ctx = _tiny_model()
+
+    def velocity(params, x, t, cond, step):
+        with jattn.quantized_attention(enabled=step):
+            return model.apply(params, x, cond) * (t / 1000.0)
+
+    fn = jax.tree_util.Partial(velocity, params)
+    run = lambda on: sample_flow_euler(fn, x0, ctx, num_steps=3, step_data=np.asarray(on))  # noqa: E731
+    mixed, all_on, all_off = run([True, False, True]), run([True] * 3), run([False] * 3)
+
+    sched = flow_match_schedule(3)
+    x = x0
+    for i, on in enumerate([True, False, True]):
+        ctx_mgr = jattn.quantized_attention() if on else jattn.quantized_attention(enabled=False)
+        with ctx_mgr:
+            v = model.apply(params, x, ctx) * (sched.timesteps[i] / 1000.0)
+        x = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * v
+    np.testing.assert_allclose(mixed, x, rtol=1e-4, atol=1e-4)
+    assert ar.relative_l2(mixed, all_on) > 1e-4 and ar.relative_l2(mixed, all_off) > 1e-4
+    assert math.isfinite(float(jnp.sum(mixed)))
