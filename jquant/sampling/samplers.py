@@ -229,6 +229,23 @@ def sample_flow_euler(
     )
 
 
+def predicted_x0_eps(
+    x: Array, pred: Array, alpha_prod_t: Array, prediction_type: PredictionType
+) -> tuple[Array, Array]:
+    """The clean sample and the noise implied by a model output (float32), as diffusers' DDIM-family
+    schedulers convert ``epsilon`` / ``sample`` / ``v_prediction`` outputs."""
+    x = x.astype(jnp.float32)
+    pred = pred.astype(jnp.float32)
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return (x - beta_prod_t**0.5 * pred) / alpha_prod_t**0.5, pred
+    if prediction_type == "sample":
+        return pred, (x - alpha_prod_t**0.5 * pred) / beta_prod_t**0.5
+    if prediction_type == "v_prediction":
+        return alpha_prod_t**0.5 * x - beta_prod_t**0.5 * pred, alpha_prod_t**0.5 * pred + beta_prod_t**0.5 * x
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
 def ddim_step(
     x: Array,
     pred: Array,
@@ -247,21 +264,8 @@ def ddim_step(
     when given; without it the step is deterministic whatever ``eta`` is.
     """
     x = x.astype(jnp.float32)
-    pred = pred.astype(jnp.float32)
     beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        x0 = (x - beta_prod_t**0.5 * pred) / alpha_prod_t**0.5
-        eps = pred
-    elif prediction_type == "sample":
-        x0 = pred
-        eps = (x - alpha_prod_t**0.5 * x0) / beta_prod_t**0.5
-    elif prediction_type == "v_prediction":
-        x0 = alpha_prod_t**0.5 * x - beta_prod_t**0.5 * pred
-        eps = alpha_prod_t**0.5 * pred + beta_prod_t**0.5 * x
-    else:
-        raise ValueError(
-            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}"
-        )
+    x0, eps = predicted_x0_eps(x, pred, alpha_prod_t, prediction_type)
     if clip_sample:
         x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
     variance = ((1 - alpha_prod_t_prev) / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
