@@ -62,16 +62,13 @@ def read_config(path: str | os.PathLike) -> tuple[Port, DiffusersConfig]:
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
-    """Map every tensor key to the safetensors file holding it (single file or sharded index)."""
-    index_file = path / INDEX_NAME
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return {key: path / name for key, name in weight_map.items()}
-    single = path / WEIGHTS_NAME
-    if not single.is_file():
+    """Map every tensor key to the safetensors file holding it (single file or sharded index),
+    through the core reader `jquant.io.safetensors.weight_files`."""
+    from jquant.io.safetensors import weight_files  # noqa: PLC0415 (keeps `import models` free of orbax)
+
+    if not path.is_dir() or not any(path.glob("*.safetensors*")):
         raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-    with safe_open(single, framework="np") as f:
-        return {key: single for key in f.keys()}
+    return weight_files(path)
 
 
 def _check_keys(expected: set[str], present: set[str], ignore: tuple[str, ...], where: str) -> None:
