@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import QSpec
-from jquant.qarray import QArray, decode_scale, dequantize, quantize
+from jquant.qarray import QArray, decode_scale, dequantize, is_coded, quantize
 
 Array = jax.Array
 _INT8 = ("int8",)
@@ -40,10 +40,22 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray:
-    """Quantize activations [..., K]: dynamic per token, or with a static scale."""
+    """Quantize activations [..., K]: dynamic per token, or with a static scale.
+
+    A static ``act_scale`` is either one scale (any size-1 array: per tensor) or a per-token
+    scale array broadcastable to ``x.shape[:-1] + (1,)`` (e.g. ``[B, 1, 1]``: one scale per
+    CFG branch row; ``[B, L, 1]``: one per token, as per-frame video tables expand to).
+    """
     if act_scale is not None:
-        spec = act if act.granularity == "tensor" else QSpec(act.fmt, "tensor", symmetric=act.symmetric, axis=-1)
-        return quantize(x, spec, scale=jnp.asarray(act_scale, jnp.float32).reshape((1,) * x.ndim), check_finite=False)
+        s = jnp.asarray(act_scale, jnp.float32)
+        if s.size == 1:
+            spec = act if act.granularity == "tensor" else QSpec(act.fmt, "tensor", symmetric=act.symmetric, axis=-1)
+            return quantize(x, spec, scale=s.reshape((1,) * x.ndim), check_finite=False)
+        want = x.shape[:-1] + (1,)
+        if s.ndim > x.ndim or not all(a in (1, b) for a, b in zip(s.shape[::-1], want[::-1])):
+            raise ValueError(f"static activation scale of shape {s.shape} does not broadcast to the per-token shape {want}")
+        spec = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1)
+        return quantize(x, spec, scale=jnp.broadcast_to(s, want), check_finite=False)
     if act.granularity != "token":
         act = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1, scale_dtype=act.scale_dtype)
     return quantize(x, act, check_finite=False)
@@ -73,6 +85,8 @@ def linear(
     """``x [..., K...] @ w [K..., N...]`` with the fastest applicable quantized path."""
     contract = contract or 1
     out_dtype = x.dtype
+    if is_coded(w):  # codebooks / low-rank / SpQR: decode with XLA ops, then the float path
+        w = w.dequantize(x.dtype)
     if not isinstance(w, QArray):  # float layer (kept in float by the rules)
         return _float_dot(x, w.astype(x.dtype), contract)
     kshape = w.shape[:contract]
@@ -114,7 +128,7 @@ def _float_dot(x: Array, w: Array, contract: int) -> Array:
 
 def einsum(eq: str, x: Array, w: QArray | Array, *, act: QSpec | None = None, act_scale: Array | None = None) -> Array:
     """Einsum layers: dequantize-then-einsum; activations quantize-dequantized per token."""
-    if isinstance(w, QArray):
+    if isinstance(w, QArray) or is_coded(w):
         w = dequantize(w, x.dtype)
         if act is not None:
             x = dequantize(quantize_activation(x, act, act_scale), x.dtype)

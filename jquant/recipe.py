@@ -1,0 +1,357 @@
+"""Recipes: named compositions of quantization methods, like ``optax.chain``.
+
+A :class:`Transform` is one named step ``(variables, ctx) -> variables`` over linen
+variables ``{"params": ..., "jquant": aux}``; :func:`chain` composes them in order. Steps
+that need statistics ask ``ctx.stats(variables)``, which replays the recorded denoising
+trajectory on *the variables as they are at that point* (so GPTQ after QuaRot sees the
+rotated inputs). A :class:`Recipe` is a transform plus the activation side: the activation
+format (None: weight-only) and either a static per-timestep scale table
+(:class:`~jquant.pipeline.tables.TableConfig`) or dynamic per-token scales.
+
+Building blocks (each a function returning a :class:`Transform`): :func:`rtn`,
+:func:`gptq`, :func:`awq`, :func:`smoothquant`, :func:`quarot`, :func:`svdquant`,
+:func:`correct` (low-rank correction of any quantizer), :func:`kquant`. Which layers a
+step quantizes, and to what, is a :class:`~jquant.pipeline.policy.Policy` (by role), so
+a recipe applies to any ported model. Compose your own::
+
+    mine = Recipe("w4a8-quarot-gptq", "QuaRot, GPTQ int4/g64, int8 per-token activations",
+                  chain(quarot(), gptq(policy.uniform("int4/g64"))), act="int8")
+
+:data:`RECIPES` holds the named recipes whose methods exist in this tree
+(:func:`get`, :func:`names`); :data:`MISSING` names the ones left out and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+from jquant.pipeline import policy as pol
+from jquant.pipeline.tables import TableConfig
+
+Variables = dict[str, Any]
+AUX = "jquant"
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a recipe step may use besides the variables.
+
+    Attributes:
+      roles: ``{kernel path: roles}`` of the model.
+      head_dim: attention head size (head-wise rotations).
+      width: model width (for default low-rank ranks).
+      stats: ``stats(variables) -> {kernel path: LayerStats}``: trajectory statistics of
+        the given variables (pooled over timestep groups and CFG branches).
+    """
+
+    roles: Mapping[str, tuple[str, ...]]
+    head_dim: int
+    width: int
+    stats: Callable[[Variables], Any]
+
+
+StepFn = Callable[[Variables, Context], Variables]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """One named step of a recipe: ``fn(variables, ctx) -> variables``."""
+
+    name: str
+    fn: StepFn
+    needs_stats: bool = False
+
+    def __call__(self, variables: Variables, ctx: Context) -> Variables:
+        return self.fn(variables, ctx)
+
+
+def chain(*steps: Transform) -> Transform:
+    """Run ``steps`` in order (the name lists them joined by ' -> ')."""
+    if not steps:
+        raise ValueError("chain needs at least one transform")
+    for s in steps:
+        if not isinstance(s, Transform):
+            raise TypeError(f"chain: {s!r} is not a Transform")
+
+    def fn(variables: Variables, ctx: Context) -> Variables:
+        for s in steps:
+            variables = s(variables, ctx)
+        return variables
+
+    return Transform(" -> ".join(s.name for s in steps), fn, any(s.needs_stats for s in steps))
+
+
+# --- aux helpers -----------------------------------------------------------------------------------
+def _flat_aux(v: Variables) -> dict[str, dict[str, Any]]:
+    from jquant.algorithms.fold import aux_from_collection
+
+    return aux_from_collection(v.get(AUX, {}))
+
+
+def _with(v: Variables, params: Any, aux: Mapping[str, Mapping[str, Any]] | None = None) -> Variables:
+    from jquant.algorithms.fold import aux_collection
+
+    out = {**v, "params": params}
+    if aux is not None:
+        out[AUX] = aux_collection(aux)
+    return out
+
+
+# --- building blocks -----------------------------------------------------------------------------------
+def rtn(policy: pol.Policy) -> Transform:
+    """Round-to-nearest per the policy (bf16 layers cast)."""
+    from jquant.rules import quantize_params
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        params, _ = quantize_params(v["params"], policy.rules(ctx.roles))
+        return _with(v, policy.cast(params, ctx.roles))
+
+    return Transform(f"rtn[{policy.name}]", fn)
+
+
+def gptq(policy: pol.Policy, config: Any = None) -> Transform:
+    """GPTQ (Hessian error feedback) per the policy, on trajectory statistics."""
+    from jquant.algorithms import gptq as G
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        params = G.gptq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config)
+        return _with(v, policy.cast(params, ctx.roles))
+
+    return Transform(f"gptq[{policy.name}]", fn, True)
+
+
+def awq(policy: pol.Policy, config: Any = None) -> Transform:
+    """AWQ (activation-aware scaling + clipping search); ``x / s`` kept as ``input_mul``."""
+    from jquant.algorithms import awq as A
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        params, aux = A.awq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config, aux=_flat_aux(v))
+        return _with(v, policy.cast(params, ctx.roles), aux)
+
+    return Transform(f"awq[{policy.name}]", fn, True)
+
+
+def smoothquant(policy: pol.Policy, alpha: float = 0.5, search: bool = True, act: str = "int8/t") -> Transform:
+    """SmoothQuant: activation outliers migrated into the weights (alpha searched per layer
+    on a grid when ``search``), then RTN per the policy. Any ``input_scale`` it stores is
+    superseded by the recipe's table at run time."""
+    from jquant.algorithms import smoothquant as S
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = S.SmoothQuantConfig(alpha=alpha, search=search, act=act)
+        params, aux = S.smoothquant(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg, aux=_flat_aux(v))
+        return _with(v, policy.cast(params, ctx.roles), aux)
+
+    return Transform(f"smoothquant[{policy.name}]", fn, True)
+
+
+def _keep_regex(ctx: Context, keep: Sequence[str]) -> str | None:
+    mods = sorted(p[: -len("/kernel")] for p, r in ctx.roles.items() if set(r) & set(keep))
+    return "^(" + "|".join(re.escape(m) for m in mods) + ")$" if mods else None
+
+
+def vo_groups(paths: Sequence[str]) -> tuple:
+    """``((to_v,), (to_out_0,))`` for every attention module whose only value projection
+    is ``to_v`` and whose only output projection is ``to_out_0`` (exact head-wise V/O)."""
+    mods = set(paths)
+    out = []
+    for p in sorted(mods):
+        if p.endswith("/to_v"):
+            base = p[: -len("/to_v")]
+            if f"{base}/to_out_0" in mods and not any(f"{base}/{x}" in mods for x in ("add_v_proj", "add_k_proj", "to_add_out")):
+                out.append(((p,), (f"{base}/to_out_0",)))
+    return tuple(out)
+
+
+def quarot(seed: int = 0, keep: Sequence[str] = pol.KEEP_ROLES, heads: bool = True) -> Transform:
+    """QuaRot: head-wise V/O rotations (offline, exact) and online randomized Hadamards on
+    every linear input except the layers with a role in ``keep``. Data-free."""
+    from jquant.algorithms import quarot as Q
+    from jquant.algorithms.linear_tree import linear_paths
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        skip = _keep_regex(ctx, keep)
+        vo = vo_groups(linear_paths(v)) if heads else ()
+        if skip is not None:
+            rx = re.compile(skip)
+            vo = tuple(g for g in vo if not any(rx.search(p) for p in (*g[0], *g[1])))
+        cfg = Q.QuaRotConfig(online=".*", skip=skip, vo_groups=vo, head_dim=ctx.head_dim, seed=seed)
+        return Q.quarot(v, None, cfg)
+
+    return Transform("quarot", fn)
+
+
+def _rank(rank: int | None, ctx: Context) -> int:
+    return int(rank) if rank is not None else max(1, min(32, ctx.width // 8))
+
+
+def svdquant(policy: pol.Policy, rank: int | None = None, alpha: float = 0.5) -> Transform:
+    """SVDQuant: smoothing, a rank-r bf16 branch (default ``min(32, width / 8)``), the
+    residual quantized per the policy."""
+    from jquant.algorithms import svd
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = svd.SVDQuantConfig(rules=policy.rules(ctx.roles), rank=_rank(rank, ctx), alpha=alpha)
+        out = svd.svdquant(v, ctx.stats(v), cfg)
+        return {**out, "params": policy.cast(out["params"], ctx.roles)}
+
+    return Transform(f"svdquant[{policy.name}]", fn, True)
+
+
+def correct(inner: Transform, rank: int | None = None) -> Transform:
+    """``inner`` then a rank-r low-rank correction of each quantized layer's error
+    (whitened by the layer's trajectory Hessian)."""
+    from jquant.algorithms import svd
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = svd.CorrectionConfig(rank=_rank(rank, ctx))
+        return svd.quantize_and_correct(v, ctx.stats(v), cfg, lambda vv, _st: inner(vv, ctx))
+
+    return Transform(f"{inner.name} + lowrank", fn, True)
+
+
+def kquant(mix: str) -> Transform:
+    """GGUF k-quant mix (``"Q4_K_M"``, ``"Q5_K_M"``, ``"Q6_K"``, ``"Q8_0"``) by role, as
+    llama.cpp/city96 lay it out (:func:`jquant.algorithms.kquants.kquant_mix`)."""
+    from jquant.algorithms.kquants import plan_kquant_mix
+    from jquant.rules import flatten_with_paths, quantize_params
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        shapes = {p: tuple(leaf.shape) for p, leaf in flatten_with_paths(v["params"]) if p in ctx.roles}
+        plan = plan_kquant_mix(mix, shapes, ctx.roles, axis=0)
+        rules = [(f"^{re.escape(p)}$", c) for p, c in plan.items()] + [(".*", None)]
+        return _with(v, quantize_params(v["params"], rules)[0])
+
+    return Transform(f"kquant[{mix}]", fn)
+
+
+# --- recipes -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named quantization recipe.
+
+    Attributes:
+      name: registry name.
+      doc: what it does, in one or two sentences.
+      transform: the weight side (a :class:`Transform`, usually a :func:`chain`).
+      act: activation format (``"int8"``, ``"fp8_e4m3"``, ``"int4"``) or None (weight-only).
+      table: static per-timestep scale table config; None quantizes activations
+        dynamically per token.
+    """
+
+    name: str
+    doc: str
+    transform: Transform
+    act: str | None = None
+    table: TableConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.act is not None:
+            from jquant.formats import parse_spec
+
+            parse_spec(self.act)
+            if "/" in self.act:
+                raise ValueError(f"Recipe.act is a bare format ('int8', 'fp8_e4m3'), got {self.act!r}")
+
+    @property
+    def act_spec(self) -> str | None:
+        """The spec ``jquant.nn.quantized`` runs with: ``<fmt>/t`` with a table, else ``<fmt>/token``."""
+        if self.act is None:
+            return None
+        return f"{self.act}/t" if self.table is not None else f"{self.act}/token"
+
+    @property
+    def label(self) -> str:
+        """``W..A..`` summary for tables."""
+        if self.act is None:
+            return "weight-only"
+        return f"A {self.act} " + ("static " + self.table.describe() if self.table is not None else "dynamic per token")
+
+    def with_activations(self, act: str | None = "keep", table: TableConfig | None | str = "keep") -> "Recipe":
+        """A copy with other activation settings (``"keep"`` leaves one as it is)."""
+        return dataclasses.replace(
+            self, act=self.act if act == "keep" else act, table=self.table if table == "keep" else table
+        )
+
+
+VARIANCE_TABLE = TableConfig("variance", groups=4)
+W4 = "int4/g64"
+
+
+def _available(module: str, *names: str) -> bool:
+    import importlib
+
+    try:
+        m = importlib.import_module(module)
+    except ImportError:
+        return False
+    return all(hasattr(m, n) for n in names)
+
+
+def _build() -> tuple[dict[str, Recipe], dict[str, str]]:
+    u = pol.uniform
+    have_quarot = _available("jquant.algorithms.quarot", "quarot", "QuaRotConfig")
+    out = [
+        Recipe("fp8-w", "fp8 e4m3 weights (per output channel), 16-bit activations.", rtn(u("fp8_e4m3"))),
+        Recipe("fp8-wa", "fp8 e4m3 weights and activations; static activation scales from a variance-aware "
+               "per-timestep table.", rtn(u("fp8_e4m3")), "fp8_e4m3", VARIANCE_TABLE),
+        Recipe("int8-w", "int8 weights (per output channel), 16-bit activations.", rtn(u("int8"))),
+        Recipe("int8-wa-smooth", "SmoothQuant (alpha searched per layer) then int8 weights; int8 activations with "
+               "static scales from a variance-aware per-timestep table.", smoothquant(u("int8")), "int8", VARIANCE_TABLE),
+        Recipe("w4a16-gptq", "GPTQ int4 weights in groups of 64 on trajectory Hessians; 16-bit activations.",
+               gptq(u(W4))),
+        Recipe("w4a16-awq", "AWQ (activation-aware scaling + clipping search) int4/g64 weights; 16-bit activations.",
+               awq(u(W4))),
+        Recipe("nf4", "NormalFloat-4 weights in groups of 64 (QLoRA's codebook); 16-bit activations.", rtn(u("nf4/g64"))),
+        Recipe("q4_k_m", "GGUF Q4_K_M mix (Q4_K base; V/FFN-down Q6_K on llama.cpp's layer pick; Q8_0 where a "
+               "row is not a multiple of 256); 16-bit activations.", kquant("Q4_K_M")),
+        Recipe("q5_k_m", "GGUF Q5_K_M mix (Q5_K base, Q6_K on the protected layers); 16-bit activations.",
+               kquant("Q5_K_M")),
+        Recipe("w4-svd", "SVDQuant: smoothing, a rank-r 16-bit low-rank branch, int4/g64 residual; int4 per-token "
+               "activations (W4A4).", svdquant(u(W4)), "int4"),
+    ]
+    missing: dict[str, str] = {}
+    if have_quarot:
+        out += [
+            Recipe("int8-wa-quarot", "QuaRot rotations, int8 weights (GPTQ), int8 per-token activations.",
+                   chain(quarot(), gptq(u("int8"))), "int8"),
+            Recipe("fp8-quarot", "QuaRot rotations, fp8 e4m3 weights and per-token fp8 activations.",
+                   chain(quarot(), rtn(u("fp8_e4m3"))), "fp8_e4m3"),
+            Recipe("w4a4-quarot", "QuaRot rotations, GPTQ int4/g64 weights, int4 per-token activations.",
+                   chain(quarot(), gptq(u(W4))), "int4"),
+            Recipe("w4-quarot-svd", "QuaRot rotations, GPTQ int4/g64 weights plus a rank-r low-rank correction of "
+                   "the weight error; int4 per-token activations.", chain(quarot(), correct(gptq(u(W4)))), "int4"),
+        ]
+    else:
+        for n in ("int8-wa-quarot", "fp8-quarot", "w4a4-quarot", "w4-quarot-svd"):
+            missing[n] = "jquant.algorithms.quarot is not in this tree"
+    missing["w4a4-spinquant"] = "jquant.algorithms.spinquant is not in this tree"
+    missing["quip2"] = "jquant.algorithms.quip (E8 lattice codebooks) is not in this tree"
+    return {r.name: r for r in out}, missing
+
+
+RECIPES, MISSING = _build()
+
+
+def names() -> list[str]:
+    """Registered recipe names, in table order."""
+    return list(RECIPES)
+
+
+def get(name: str) -> Recipe:
+    """A registered recipe; a clear error for unknown or unavailable names."""
+    if name in RECIPES:
+        return RECIPES[name]
+    if name in MISSING:
+        raise KeyError(f"recipe {name!r} is not available: {MISSING[name]}")
+    raise KeyError(f"unknown recipe {name!r}; known: {names()}")
+
+
+def describe() -> str:
+    """A printable list of every recipe (and the missing ones)."""
+    w = max(len(n) for n in [*RECIPES, *MISSING])
+    lines = [f"{r.name:<{w}}  {r.doc}\n{'':<{w}}  steps: {r.transform.name}; {r.label}" for r in RECIPES.values()]
+    lines += [f"{n:<{w}}  (unavailable: {why})" for n, why in MISSING.items()]
+    return "\n".join(lines)
