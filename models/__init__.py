@@ -1,12 +1,15 @@
-"""Flax linen ports of diffusion transformers (Wan2.1, Flux, DiT) that load diffusers checkpoints.
+"""Flax linen ports of diffusion transformers (Wan2.1, Flux, DiT, HunyuanVideo, CogVideoX, Mochi-1,
+LTX-Video, LTX-2) that load diffusers checkpoints.
 
     model, params = models.load_pretrained("path/to/transformer", dtype=jnp.bfloat16)
     out = model.apply({"params": params}, *inputs)
 """
 
 from models.attention import apply_rope, attention
+from models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
 from models.dit import DiTConfig, DiTTransformer2D
 from models.flux import FluxConfig, FluxTransformer2D
+from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer3D
 from models.loading import (
     PORTS,
     CheckpointMismatchError,
@@ -19,6 +22,9 @@ from models.loading import (
     read_config,
     save_pretrained,
 )
+from models.ltx2 import LTX2Config, LTX2VideoTransformer3D
+from models.ltx_video import LTXVideoConfig, LTXVideoTransformer3D
+from models.mochi import MochiConfig, MochiTransformer3D
 from models.port import param_count
 from models.roles import ROLES
 from models.wan import WanConfig, WanTransformer3D
@@ -27,10 +33,20 @@ __all__ = [
     "PORTS",
     "ROLES",
     "CheckpointMismatchError",
+    "CogVideoXConfig",
+    "CogVideoXTransformer3D",
     "DiTConfig",
     "DiTTransformer2D",
     "FluxConfig",
     "FluxTransformer2D",
+    "HunyuanVideoConfig",
+    "HunyuanVideoTransformer3D",
+    "LTX2Config",
+    "LTX2VideoTransformer3D",
+    "LTXVideoConfig",
+    "LTXVideoTransformer3D",
+    "MochiConfig",
+    "MochiTransformer3D",
     "WanConfig",
     "WanTransformer3D",
     "apply_rope",

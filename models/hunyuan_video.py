@@ -105,7 +105,8 @@ class RefinerBlock(nn.Module):
         h = attn(LayerNorm(1e-6, affine=True, name="norm1")(x), mask=mask)
         gate_msa, gate_mlp = jnp.split(AdaGate(2 * dim, self.dtype, name="norm_out")(temb), 2, axis=-1)
         x = x + h * gate_msa[:, None]
-        ff = FeedForward(cfg.mlp_dim, dim, "linear-silu", self.dtype, name="ff")
+        # diffusers builds the refiner with its default mlp_ratio 4.0, whatever the config's mlp_ratio
+        ff = FeedForward(4 * dim, dim, "linear-silu", self.dtype, name="ff")
         return x + ff(LayerNorm(1e-6, affine=True, name="norm2")(x)) * gate_mlp[:, None]
 
 
