@@ -287,8 +287,14 @@ def codes(q: QArray) -> Array:
 
 
 def dequantize(q: QArray | Array, dtype=None) -> Array:
-    """Float array of a QArray's logical shape (plain arrays pass through)."""
+    """Float array of a QArray's logical shape.
+
+    Other weight leaves that decode themselves (``CodedArray``: codebooks, low-rank,
+    SpQR) are decoded by their own ``dequantize``; plain arrays pass through.
+    """
     if not isinstance(q, QArray):
+        if is_coded(q):
+            return q.dequantize(q.dtype if dtype is None else dtype)
         return q if dtype is None else jnp.asarray(q).astype(dtype)
     dtype = q.dtype if dtype is None else dtype
     if q.spec.fmt not in FORMATS:
@@ -344,3 +350,15 @@ def _dequantize_codec(q: QArray, dtype) -> Array:
 
 def is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
+
+
+def is_coded(x: Any) -> bool:
+    """A non-QArray weight leaf that decodes itself (see jquant.algorithms.coded)."""
+    from jquant.algorithms.coded import CodedArray
+
+    return isinstance(x, CodedArray)
+
+
+def is_quantized_leaf(x: Any) -> bool:
+    """QArray or CodedArray: a leaf that reports, checkpoints and dispatch treat as one weight."""
+    return isinstance(x, QArray) or is_coded(x)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import QSpec, parse_spec
-from jquant.qarray import QArray, quantize
+from jquant.qarray import QArray, is_quantized_leaf, quantize
 
 Rule = tuple[str, "QSpec | str | None"]
 
@@ -44,21 +44,21 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def flatten_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """(path string, leaf) pairs; QArrays count as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
+    """(path string, leaf) pairs; QArrays and CodedArrays count as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized_leaf)
     return [(path_str(p), leaf) for p, leaf in flat]
 
 
 def map_with_paths(fn, tree: Any) -> Any:
-    """Like ``jax.tree.map`` but ``fn(path_string, leaf)``; QArrays are leaves."""
+    """Like ``jax.tree.map`` but ``fn(path_string, leaf)``; QArrays and CodedArrays are leaves."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: fn(path_str(p), x), tree, is_leaf=lambda x: isinstance(x, QArray)
+        lambda p, x: fn(path_str(p), x), tree, is_leaf=is_quantized_leaf
     )
 
 
 def is_matmul_weight(path: str, leaf: Any) -> bool:
     """Default eligibility: floating, rank >= 2, not a norm/bias/embedding table."""
-    if isinstance(leaf, QArray) or not hasattr(leaf, "ndim") or leaf.ndim < 2:
+    if is_quantized_leaf(leaf) or not hasattr(leaf, "ndim") or leaf.ndim < 2:
         return False
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
         return False
@@ -120,7 +120,7 @@ class Report:
 
 
 def leaf_nbytes(x: Any) -> int:
-    if isinstance(x, QArray):
+    if is_quantized_leaf(x):
         return x.nbytes
     return int(x.size) * jnp.dtype(x.dtype).itemsize if hasattr(x, "dtype") else 0
 
@@ -153,4 +153,4 @@ def quantize_params(params: Any, rules: Sequence[Rule] | QSpec | str) -> tuple[A
 
 
 def count_quantized(tree: Any) -> int:
-    return sum(isinstance(x, QArray) for _, x in flatten_with_paths(tree))
+    return sum(is_quantized_leaf(x) for _, x in flatten_with_paths(tree))
