@@ -94,19 +94,22 @@ class AttentionPool(nn.Module):
     heads: int
     out_dim: int
     dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         d = x.shape[-1]
-        m = mask.astype(x.dtype)[..., None]
-        pooled = (x * (m / jnp.maximum(m.sum(axis=1, keepdims=True), 1))).sum(axis=1, keepdims=True)
+        if mask is None:
+            pooled = x.mean(axis=1, keepdims=True)
+            keys = None
+        else:
+            m = mask.astype(x.dtype)[..., None]
+            pooled = (x * (m / jnp.maximum(m.sum(axis=1, keepdims=True), 1))).sum(axis=1, keepdims=True)
+            keys = key_mask(jnp.concatenate([jnp.ones((x.shape[0], 1), bool), mask.astype(bool)], axis=1))
         x = jnp.concatenate([pooled, x], axis=1)
         kv = nn.Dense(2 * d, dtype=self.dtype, name="to_kv")(x)
         k, v = split_heads(kv[..., :d], self.heads), split_heads(kv[..., d:], self.heads)
         q = split_heads(nn.Dense(d, dtype=self.dtype, name="to_q")(x[:, :1]), self.heads)
-        keys = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), mask.astype(bool)], axis=1)
-        out = attention(q, k, v, key_mask(keys), implementation=self.attention_impl)
+        out = attention(q, k, v, keys)  # one query, head_dim 512: always XLA's attention
         return nn.Dense(self.out_dim, dtype=self.dtype, name="to_out")(out.reshape(x.shape[0], d))
 
 
@@ -116,14 +119,13 @@ class MochiTimeCaptionEmbed(nn.Module):
 
     config: MochiConfig
     dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, timestep: jax.Array, text: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, timestep: jax.Array, text: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         t = timestep_embedding(timestep, cfg.time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0).astype(self.dtype)
         temb = EmbedMLP(cfg.inner_dim, "silu", self.dtype, name="timestep_embedder")(t)
-        pooled = AttentionPool(8, cfg.inner_dim, self.dtype, self.attention_impl, name="pooler")(text, mask)
+        pooled = AttentionPool(8, cfg.inner_dim, self.dtype, name="pooler")(text, mask)
         caption = nn.Dense(cfg.pooled_projection_dim, dtype=self.dtype, name="caption_proj")(text)
         return temb + pooled, caption
 
@@ -139,7 +141,7 @@ class MochiBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, context: jax.Array, temb: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array
+        self, x: jax.Array, context: jax.Array, temb: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         dim, cdim, eps = cfg.inner_dim, cfg.pooled_projection_dim, 1e-6
@@ -196,7 +198,8 @@ def rope_tables(pos_frequencies: jax.Array, grid: tuple[int, int, int]) -> tuple
 
 class MochiTransformer3D(nn.Module):
     """Mochi transformer: latents [B, C, F, H, W], text [B, L, text_embed_dim], timestep [B]
-    (0..1000), text mask [B, L] (1 = token; valid tokens first, as T5 padding gives) -> [B, C_out, F, H, W]."""
+    (0..1000), text mask [B, L] (1 = token) or None (all real) -> [B, C_out, F, H, W]. Padded text
+    tokens are dropped from attention; their outputs are left-aligned then zeroed, as diffusers' gather."""
 
     config: MochiConfig
     dtype: Any = F32
@@ -208,15 +211,15 @@ class MochiTransformer3D(nn.Module):
         hidden_states: jax.Array,
         encoder_hidden_states: jax.Array,
         timestep: jax.Array,
-        encoder_attention_mask: jax.Array,
+        encoder_attention_mask: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         dtype = self.dtype
         if hidden_states.ndim != 5 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(f"Mochi: hidden_states must be [B, {cfg.in_channels}, F, H, W], got {hidden_states.shape}")
-        if encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
+        if encoder_attention_mask is not None and encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
             raise ValueError(f"Mochi: encoder_attention_mask {encoder_attention_mask.shape} must be [B, L] of the text")
-        temb, context = MochiTimeCaptionEmbed(cfg, dtype, self.attention_impl, name="time_embed")(
+        temb, context = MochiTimeCaptionEmbed(cfg, dtype, name="time_embed")(
             timestep, encoder_hidden_states.astype(dtype), encoder_attention_mask
         )
         x, grid = PatchEmbed(cfg.inner_dim, cfg.patch, dtype=dtype, name="patch_embed")(hidden_states.astype(dtype))
@@ -289,7 +292,6 @@ def dummy_inputs(cfg: MochiConfig) -> dict[str, jax.Array]:
         "hidden_states": jnp.zeros((1, cfg.in_channels, 1, p, p), F32),
         "encoder_hidden_states": jnp.zeros((1, 1, cfg.text_embed_dim), F32),
         "timestep": jnp.zeros((1,), F32),
-        "encoder_attention_mask": jnp.ones((1, 1), bool),
     }
 
 
