@@ -10,9 +10,11 @@ import jquant.nn
 from jquant.algorithms import quarot as Q
 from jquant.algorithms.hadamard import random_hadamard
 from jquant.algorithms.linear_tree import get_aux, jitted_apply, layer_statistics, relative_error, update_layer
+from jquant.algorithms import fold
 from jquant.algorithms.fold import aux_collection
 from jquant.algorithms.gptq import gptq
-from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant
+from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant, smoothquant_search
+from jquant.algorithms.svd import CorrectionConfig, lowrank_correction
 from jquant.algorithms.toy import one_layer, outlier_block, rope
 from jquant.rules import quantize_params
 
@@ -164,3 +166,23 @@ def test_quarot_on_ported_models_is_exact_in_float(name):
     run = jitted_apply(model)
     y = run({"params": params}, **inputs)
     assert relative_error(run(rotated, **inputs), y) < 1e-5
+
+
+def test_smooth_rotate_gptq_svd_compose(block):
+    """smooth -> rotate -> GPTQ -> SVD correction: exact in float until GPTQ, each step helps."""
+    blk, variables, x, c, y, run = block
+    stats = layer_statistics(blk, variables, x, c)
+    fold_map = {"to_out/kernel": "to_v/kernel"}  # o's smoothing folds into v: the V/O rotation stays exact
+    scales, _ = smoothquant_search(variables["params"], stats, W4, SmoothQuantConfig(alpha=0.5), fold_map=fold_map)
+    params, aux = fold.smooth(variables["params"], scales, fold_map)
+    smoothed = {"params": params, "jquant": fold.aux_collection(aux)}
+    rotated = Q.quarot(smoothed, None, _block_config())
+    assert "input_mul" in get_aux(rotated, "ff_down") and "hadamard" in get_aux(rotated, "ff_down")
+    assert "input_mul" not in get_aux(smoothed, "to_out")
+    assert relative_error(run(rotated, x, c), y) < 1e-5
+    rstats = layer_statistics(blk, rotated, x, c)
+    quantized = {**rotated, "params": gptq(rotated["params"], rstats, W4)}
+    corrected = lowrank_correction(rotated, quantized, rstats, CorrectionConfig(rank=16))
+    act = "int8/token"
+    e = [relative_error(run(v, x, c, act=act), y) for v in (_gptq(blk, variables, x, c), quantized, corrected)]
+    assert e[2] < e[1] < e[0], e

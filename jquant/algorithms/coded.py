@@ -6,10 +6,11 @@ registered pytree subclassing :class:`CodedArray`, with the same duck interface 
 QArray: ``shape``, ``dtype``, ``nbytes`` (real bytes, codebooks included),
 ``bits_per_weight`` and ``dequantize(dtype)`` (an XLA gather/sum/matmul decode).
 
-Execution needs one hook in the core (owned by the lead): ``jquant.qarray.dequantize``
-and ``jquant.dispatch.linear`` treat a ``CodedArray`` by decoding it to a dense kernel
-(``w.dequantize(x.dtype)``), after which the ordinary float path runs. Until then,
-:func:`decode_tree` turns every CodedArray of a tree into its dense kernel.
+Execution: ``jquant.qarray.dequantize`` and ``jquant.dispatch.linear`` decode a
+``CodedArray`` kernel to a dense one (``w.dequantize(x.dtype)``) and run the float path, and
+``jquant.rules`` treats it as one weight leaf, so models run unchanged under
+:mod:`jquant.nn`. :func:`decode_tree` materializes every CodedArray of a tree as its dense
+kernel (e.g. to run a plain ``model.apply``).
 """
 
 from __future__ import annotations
