@@ -291,17 +291,20 @@ def init_params(config: LTXVideoConfig, rng: jax.Array) -> dict[str, Any]:
     return PORT.init_params(config, rng)
 
 
-def flow_schedule_kwargs(num_steps: int, num_tokens: int) -> dict[str, Any]:
-    """`jquant.sampling.flow_match_schedule(**kwargs)` arguments of the LTX pipelines: sigmas
-    linspace(1, 1/n, n), dynamic shift mu from the video token count (base 1024 -> 0.95, max
-    4096 -> 2.05) and the scheduler's `shift_terminal=0.1` (Lightricks/LTX-Video scheduler config)."""
+def flow_schedule_kwargs(num_steps: int, num_tokens: int, shift_terminal: float | None = 0.1) -> dict[str, Any]:
+    """`jquant.sampling.flow_match_schedule(**kwargs)` arguments of the LTX and LTX-2 pipelines:
+    sigmas linspace(1, 1/n, n) and the dynamic shift mu of the video token count (0.95 at 1024
+    tokens, 2.05 at 4096), plus the scheduler config's `shift_terminal` (0.1 in
+    Lightricks/LTX-Video's; pass the checkpoint's value, None for none)."""
     m = (2.05 - 0.95) / (4096 - 1024)
-    return dict(
+    kwargs: dict[str, Any] = dict(
         sigmas=list(np.linspace(1.0, 1.0 / num_steps, num_steps)),
         use_dynamic_shifting=True,
         mu=num_tokens * m + (0.95 - m * 1024),
-        shift_terminal=0.1,
     )
+    if shift_terminal:
+        kwargs["shift_terminal"] = shift_terminal
+    return kwargs
 
 
 # Published config (Lightricks/LTX-Video transformer/config.json = the class defaults).

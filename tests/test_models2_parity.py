@@ -19,7 +19,7 @@ import pytest
 
 import models
 from jquant import sampling
-from models import cogvideox, ltx2, ltx_video, mochi
+from models import cogvideox, hunyuan_video, ltx2, ltx_video, mochi
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -304,7 +304,8 @@ def test_hunyuan_flow_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
     """HunyuanVideo pipeline: shift-7 flow matching on sigmas linspace(1, 0, n + 1)[:-1], embedded guidance."""
     torch_model, module, params = loaded("hunyuan_guidance_masked", tmp_dir)
     t_kw, _ = CASES[0].inputs(torch.Generator().manual_seed(2))
-    sigmas = list(np.linspace(1.0, 0.0, 3)[:-1])
+    sigmas = list(hunyuan_video.flow_shift_sigmas(2))
+    assert sigmas == [1.0, 0.5]
     cond_t = {k: v for k, v in t_kw.items() if k not in ("hidden_states", "timestep")}
     with torch.no_grad():
         ref = flow_loop(
@@ -392,8 +393,8 @@ def test_ltx2_audio_video_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
     """LTX-2 pipeline without guidance: video and audio stepped with the same sigmas (packed into one array)."""
     torch_model, module, params = loaded("ltx2_base", tmp_dir)
     t_kw, j_kw = CASES[9].inputs(torch.Generator().manual_seed(2))
-    kw = ltx_video.flow_schedule_kwargs(2, t_kw["hidden_states"].shape[1])
-    kw.pop("shift_terminal")
+    kw = ltx_video.flow_schedule_kwargs(2, t_kw["hidden_states"].shape[1], shift_terminal=None)
+    assert "shift_terminal" not in kw
     sched_kw = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096)
     video_s, audio_s = (diffusers.FlowMatchEulerDiscreteScheduler(**sched_kw) for _ in range(2))
     video_s.set_timesteps(sigmas=kw["sigmas"], mu=kw["mu"])
