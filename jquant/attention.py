@@ -51,6 +51,7 @@ class AttentionPolicy:
     pv_format: str = "bf16"
     smooth_k: bool = True
     hadamard: bool = True
+    k_scales: str = "token"
     block_k: int = 128
     layers: str = ".*"
     roles: tuple[str, ...] | None = None
@@ -95,6 +96,7 @@ def quantized_attention(
     pv_format: str = "bf16",
     smooth_k: bool = True,
     hadamard: bool = True,
+    k_scales: str = "token",
     block_k: int = 128,
     layers: str = ".*",
     roles: tuple[str, ...] | None = None,
@@ -108,7 +110,7 @@ def quantized_attention(
     if not isinstance(enabled, bool):
         enabled = jnp.asarray(enabled)  # numpy, concrete or traced: one bool scalar array
     policy = AttentionPolicy(enabled=enabled, qk_format=qk_format, pv_format=pv_format, smooth_k=smooth_k,
-                             hadamard=hadamard, block_k=block_k, layers=layers,
+                             hadamard=hadamard, k_scales=k_scales, block_k=block_k, layers=layers,
                              roles=None if roles is None else tuple(roles), min_kv_tokens=min_kv_tokens)
     _stack().append(policy)
     try:
@@ -186,7 +188,8 @@ def selects(policy: AttentionPolicy, module_path: str | None, q: jax.Array, k: j
 
 def _quantized(policy: AttentionPolicy, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     out = _kernel.quant_attention(q, k, v, qk_format=policy.qk_format, pv_format=policy.pv_format,
-                                  block_k=policy.block_k, smooth_k=policy.smooth_k, hadamard=policy.hadamard)
+                                  block_k=policy.block_k, smooth_k=policy.smooth_k, hadamard=policy.hadamard,
+                                  k_scales=policy.k_scales)
     return out.astype(q.dtype)
 
 

@@ -74,14 +74,21 @@ class AttentionConfig:
   magic-number trick (``"magic"``: add the bits of 1.5 * 2^23, reinterpret as f32; exact
   for |x| < 2^22, and int8 dot products over <= 128 channels stay below 2^21), which costs
   one integer add and folds the offset into the scaling FMA.
+
+  ``k_scales``: ``"token"`` streams one K scale per key beside each K tile and applies it as
+  a column scale (the Q row scale then rides in the ``exp2`` argument's FMA, so the score
+  arithmetic costs what the per-block form does); ``"block"`` reads one scalar per tile.
   """
 
   block_q: int = 64
   block_k: int = 128
   stages: int = 2
   int_to_float: str = "magic"
+  k_scales: str = "token"
 
   def __post_init__(self):
+    if self.k_scales not in ref.K_SCALES:
+      raise ValueError(f"AttentionConfig: k_scales must be one of {ref.K_SCALES}, got {self.k_scales!r}")
     if self.int_to_float not in INT_TO_FLOAT:
       raise ValueError(f"AttentionConfig: int_to_float must be one of {INT_TO_FLOAT}, got {self.int_to_float!r}")
     if self.block_q != 64:
@@ -124,7 +131,8 @@ def attention_pallas(
   ``q8`` [B, Tq, H, D] and ``k8`` [B, Tk, H, D] 8-bit codes (Tq a multiple of
   ``2 * block_q``, Tk of ``block_k``); ``vv`` bf16 [B, Tk, H, D] or e4m3 [B, H, D, Tk];
   ``qrow`` f32 [B, H, 2, Tq] (row 0: Q scale * sm_scale * log2 e, row 1: padding-key
-  count); ``ks`` f32 [B, H, R, 32] K block scales (block j at [j // 32, j % 32]);
+  count); ``ks`` f32 K scales: [B, H, Tk] per token (``config.k_scales == "token"``) or
+  [B, H, R, 32] per block (block j at [j // 32, j % 32]);
   ``vs`` f32 [B, H, D] (V scale / 448 for fp8, unused for bf16). Returns bf16 [B, Tq, H, D].
   """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
@@ -138,7 +146,8 @@ def attention_pallas(
   acc_qk_dtype = jnp.int32 if int_qk else jnp.float32
   num_kv_steps = tk // block_kv
   max_concurrent_steps = min(config.stages, num_kv_steps)
-  ks_rows = ks.shape[2]
+  token_scales = config.k_scales == "token"
+  ks_rows = 0 if token_scales else ks.shape[2]
   compute_wgs = 2
   num_q_tiles = tq // (compute_wgs * block_q)
   out_dtype = jnp.bfloat16
@@ -152,7 +161,7 @@ def attention_pallas(
     wg_idx = lax.axis_index("wg")
     smem, bars, consumed, schedule_barrier = scoped
     q_smem2, o_smem2, k_smem, v_smem, p_smem2, qrow_smem2, ks_smem2, vs_smem2 = smem
-    k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers = bars
+    k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers, kt_barriers = bars
     k_consumed_barriers, v_consumed_barriers = consumed
 
     def perform_schedule_barrier():
@@ -171,7 +180,6 @@ def attention_pallas(
       q_smem = q_smem2.at[wg_idx]
       o_smem = o_smem2.at[wg_idx]
       qrow_smem = qrow_smem2.at[wg_idx]
-      ks_smem = ks_smem2.at[wg_idx]
       q_seq_base = q_tile * (compute_wgs * block_q) + wg_idx * block_q
 
       if causal:
@@ -184,11 +192,13 @@ def attention_pallas(
       plgpu.copy_gmem_to_smem(
           qrow_ref.at[batch, head, :, pl.ds(q_seq_base, block_q)], qrow_smem,
           qrow_barriers.at[wg_idx])
-      plgpu.copy_gmem_to_smem(ks_ref.at[batch, head], ks_smem, ks_barriers.at[wg_idx])
+      if not token_scales:
+        plgpu.copy_gmem_to_smem(ks_ref.at[batch, head], ks_smem2.at[wg_idx], ks_barriers.at[wg_idx])
       if pv_fp8:
         plgpu.copy_gmem_to_smem(vs_ref.at[batch, head], vs_smem2.at[wg_idx], vs_barriers.at[wg_idx])
       plgpu.barrier_wait(qrow_barriers.at[wg_idx])
-      plgpu.barrier_wait(ks_barriers.at[wg_idx])
+      if not token_scales:
+        plgpu.barrier_wait(ks_barriers.at[wg_idx])
       q_scale = plgpu.load(qrow_smem.at[0], (), layout=row_layout)
       pad_count = plgpu.load(qrow_smem.at[1], (), layout=row_layout)
       plgpu.barrier_wait(q_barriers.at[wg_idx])
@@ -213,27 +223,38 @@ def attention_pallas(
           return acc_ref[...]
 
         qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+        shape = qk.shape
+        if token_scales:
+          # x = codes . codes * k_scale (per column); the score is x * q_scale (per row).
+          plgpu.barrier_wait(kt_barriers.at[slot])
+          scale = plgpu.load(ks_smem2.at[slot], (), layout=col_layout)
+          dim = 1
+        else:
+          scale = q_scale * ks_smem2[wg_idx, lax.div(kv_step, 32), lax.rem(kv_step, 32)]
+          dim = 0
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-        k_scale = ks_smem[lax.div(kv_step, 32), lax.rem(kv_step, 32)]
-        row_scale = q_scale * k_scale
         if int_qk and config.int_to_float == "magic":
           shifted = lax.bitcast_convert_type(qk + jnp.int32(_MAGIC_BITS), jnp.float32)
-          s = (shifted * lax.broadcast_in_dim(row_scale, qk.shape, [0])
-               + lax.broadcast_in_dim(row_scale * -_MAGIC_VALUE, qk.shape, [0]))
+          x = (shifted * lax.broadcast_in_dim(scale, shape, [dim])
+               + lax.broadcast_in_dim(scale * -_MAGIC_VALUE, shape, [dim]))
         else:
-          s = qk.astype(jnp.float32) * lax.broadcast_in_dim(row_scale, qk.shape, [0])
+          x = qk.astype(jnp.float32) * lax.broadcast_in_dim(scale, shape, [dim])
 
         if causal_step:
-          q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-          kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+          q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+          kv_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
           mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
-          s = jnp.where(mask, s, -jnp.inf)
+          x = jnp.where(mask, x, -jnp.inf)
 
-        # Scores are already in log2 units (log2 e is folded into the Q scale).
-        m_ij = jnp.maximum(m_i, s.max(axis=1))
+        # Scores are in log2 units (log2 e is folded into the Q scale).
+        if token_scales:  # Q scale > 0, so max(x * q) = max(x) * q
+          m_ij = jnp.maximum(m_i, x.max(axis=1) * q_scale)
+          p = jnp.exp2(x * lax.broadcast_in_dim(q_scale, shape, [0]) - lax.broadcast_in_dim(m_ij, shape, [0]))
+        else:
+          m_ij = jnp.maximum(m_i, x.max(axis=1))
+          p = jnp.exp2(x - lax.broadcast_in_dim(m_ij, shape, [0]))
         alpha = jnp.exp2(m_i - m_ij)
         m_i = m_ij
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_ij, s.shape, [0]))
         acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i *= alpha
         # The optimization barrier cannot carry 2-element 8-bit register vectors, so
@@ -312,8 +333,14 @@ def attention_pallas(
           return v_ref.at[batch, head, :, pl.ds(step * block_kv, block_kv)]
         return v_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
 
+      def load_k(step, slot):
+        plgpu.copy_gmem_to_smem(k_src(step), k_smem.at[slot], k_barriers.at[slot])
+        if token_scales:
+          plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, pl.ds(step * block_kv, block_kv)],
+                                  ks_smem2.at[slot], kt_barriers.at[slot])
+
       for i in range(max_concurrent_steps):
-        plgpu.copy_gmem_to_smem(k_src(i), k_smem.at[i], k_barriers.at[i])
+        load_k(i, i)
         plgpu.copy_gmem_to_smem(v_src(i), v_smem.at[i], v_barriers.at[i])
 
       @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
@@ -321,7 +348,7 @@ def attention_pallas(
         tma_step = kv_step + max_concurrent_steps
         tma_slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
         plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
-        plgpu.copy_gmem_to_smem(k_src(tma_step), k_smem.at[tma_slot], k_barriers.at[tma_slot])
+        load_k(tma_step, tma_slot)
         plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
         plgpu.copy_gmem_to_smem(v_src(tma_step), v_smem.at[tma_slot], v_barriers.at[tma_slot])
 
@@ -342,12 +369,16 @@ def attention_pallas(
                              transforms=_swizzle_transforms(head_dim * 2, 2))
       p_scratch = vs_scratch = None
     qrow_scratch = plgpu.SMEM((compute_wgs, 2, block_q), jnp.float32)
-    ks_scratch = plgpu.SMEM((compute_wgs, ks_rows, 32), jnp.float32)
+    if token_scales:  # a ring beside the K tiles
+      ks_scratch = plgpu.SMEM((max_concurrent_steps, block_kv), jnp.float32)
+    else:  # every block scale of the (batch, head), one copy per compute warpgroup
+      ks_scratch = plgpu.SMEM((compute_wgs, ks_rows, 32), jnp.float32)
     smem = (q_scratch, o_scratch, k_scratch, v_scratch, p_scratch, qrow_scratch, ks_scratch, vs_scratch)
     per_wg = lambda: plgpu.Barrier(num_barriers=compute_wgs)
     bars = (plgpu.Barrier(num_barriers=max_concurrent_steps),
             plgpu.Barrier(num_barriers=max_concurrent_steps),
-            per_wg(), per_wg(), per_wg(), per_wg())
+            per_wg(), per_wg(), per_wg(), per_wg(),
+            plgpu.Barrier(num_barriers=max_concurrent_steps))
     consumed = (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2
     pl.run_scoped(
         lambda *args: kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, args),
@@ -376,7 +407,8 @@ def prepare_kernel_operands(q, k, v, *, causal, kv_lengths, qk_format, pv_format
   b, tq, h, d = q.shape
   tk = k.shape[1]
   prep = ref.prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                     block_k=config.block_k, smooth_k=smooth_k, hadamard=hadamard, smooth_v=smooth_v)
+                     block_k=config.block_k, smooth_k=smooth_k, hadamard=hadamard, smooth_v=smooth_v,
+                     k_scales=config.k_scales)
   tq_p = _common.round_up(tq, 2 * config.block_q)
   tk_p = _common.round_up(tk, config.block_k)
   q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
@@ -389,9 +421,11 @@ def prepare_kernel_operands(q, k, v, *, causal, kv_lengths, qk_format, pv_format
     pad_keys = (tk_p - lengths).astype(jnp.float32)
   qrow = jnp.stack([jnp.transpose(q_scale, (0, 2, 1)),
                     jnp.broadcast_to(pad_keys[:, None, None], (b, h, tq_p))], axis=2)
-  nkb = tk_p // config.block_k
-  rows = _common.cdiv(nkb, 32)
-  ks = _common.pad_axis(prep.k_scale, 2, rows * 32, value=1.0).reshape(b, h, rows, 32)
+  if config.k_scales == "token":
+    ks = _common.pad_axis(prep.k_scale, 2, tk_p, value=1.0)  # [B, H, Tk]
+  else:
+    rows = _common.cdiv(tk_p // config.block_k, 32)
+    ks = _common.pad_axis(prep.k_scale, 2, rows * 32, value=1.0).reshape(b, h, rows, 32)
   if pv_format == "fp8_e4m3":
     vv = jnp.transpose(_common.pad_axis(prep.v, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
     vs = prep.v_scale / ref.P_SCALE
@@ -409,7 +443,7 @@ def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config
   if (qk_format, pv_format) not in KERNEL_FORMATS:
     return False
   tk = k.shape[1]
-  if _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
+  if config.k_scales == "block" and _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
     return False
   if causal and not CAUSAL_ON_KERNEL:
     return False
@@ -438,21 +472,24 @@ def quant_attention(
     stages: int = 2,
     int_to_float: str = "magic",
     smooth_v: bool = True,
+    k_scales: str = "token",
 ) -> jax.Array:
   """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
   Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` and
-  ``int_to_float`` tune the kernel (see :class:`AttentionConfig`).
+  ``int_to_float`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as the reference.
   """
   ref.check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                   block_q=block_q, block_k=block_k)
-  config = AttentionConfig(block_q=block_q, block_k=block_k, stages=stages, int_to_float=int_to_float)
+                   block_q=block_q, block_k=block_k, k_scales=k_scales)
+  config = AttentionConfig(block_q=block_q, block_k=block_k, stages=stages, int_to_float=int_to_float,
+                           k_scales=k_scales)
   scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
   if not supports(q, k, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
                   smooth_k=smooth_k, config=config):
     return quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
                                      pv_format=pv_format, block_q=block_q, block_k=block_k,
-                                     smooth_k=smooth_k, hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v)
+                                     smooth_k=smooth_k, hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v,
+                                     k_scales=k_scales)
   operands, v_mean = prepare_kernel_operands(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
                                              pv_format=pv_format, config=config, smooth_k=smooth_k,
                                              hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v)

@@ -44,10 +44,11 @@ from pallas_kernels import attention_ref as ar  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
-VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-bk64|-bk256][-s3]"
+VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-bk64|-bk256][-s3]"
                 " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
-                " add; bkN: key tile; sN: pipeline stages)")
-DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-fp8", "total-int8-fp8")
+                " add; kblock: one K scale per key tile instead of per key; bkN: key tile; sN: pipeline stages)")
+DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-bf16-kblock", "kernel-int8-fp8",
+                    "kernel-int8-fp8-bk256", "total-int8-bf16", "total-int8-fp8")
 XLA_MAX_SCORE_BYTES = 8 << 30  # bf16 scores of one call; larger shapes skip the XLA row
 HEAD_DIM = 128
 ASSUMED_TFLOPS = 500.0  # only to pick iteration counts
@@ -69,6 +70,8 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
       options["int_to_float"] = extra
     elif re.fullmatch(r"bk(64|128|256)", extra):
       options["block_k"] = int(extra[2:])
+    elif extra == "kblock":
+      options["k_scales"] = "block"
     elif re.fullmatch(r"s[2-6]", extra):
       options["stages"] = int(extra[1:])
     else:
@@ -88,13 +91,14 @@ def variant_fn(variant: str, block_k: int):
   if kind == "total":
     def total(q, k, v):
       return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k,
-                                stages=config.stages, int_to_float=config.int_to_float)
+                                stages=config.stages, int_to_float=config.int_to_float, k_scales=config.k_scales)
     return total, lambda q, k, v: (q, k, v)
   on_kernel = pa.supports(jnp.zeros((1, 1, 1, HEAD_DIM)), jnp.zeros((1, 1, 1, HEAD_DIM)), causal=False,
                           kv_lengths=None, qk_format=qk, pv_format=pv, smooth_k=True, config=config)
   if not on_kernel:
     def reference(q, k, v):
-      return ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k)
+      return ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k,
+                                          k_scales=config.k_scales)
     return reference, lambda q, k, v: (q, k, v)
   scale = 1.0 / HEAD_DIM**0.5
 

@@ -39,6 +39,15 @@ def test_reference_close_to_exact(qk, pv, d):
     assert ar.relative_l2(out, ar.exact_attention(q, k, v)) <= TOLERANCE[(qk, pv)]
 
 
+def test_per_token_key_scales_beat_block_scales_after_smoothing():
+    q, k, v = _inputs(13, tq=128, tk=512, h=1, d=64)
+    k = k * jnp.linspace(0.1, 3.0, 512)[None, :, None, None]  # keys of very different norms
+    exact = ar.exact_attention(q, k, v)
+    token = ar.relative_l2(ar.quant_attention_reference(q, k, v, k_scales="token"), exact)
+    block = ar.relative_l2(ar.quant_attention_reference(q, k, v, k_scales="block"), exact)
+    assert token < 0.8 * block
+
+
 def test_hadamard_rescues_outlier_channels():
     q, k, v = _inputs(1, tq=128, tk=256, h=1, d=128, kind="realistic")
     exact = ar.exact_attention(q, k, v)
@@ -86,8 +95,8 @@ def test_causal_mask_hides_the_future():
 
 @pytest.mark.parametrize("pv", ["bf16", "fp8_e4m3"])
 def test_padding_mask_equals_truncation(pv):
-    q, k, v = _inputs(4, b=2, tq=70, tk=300)
-    lengths = jnp.array([300, 129])
+    q, k, v = _inputs(4, b=2, tq=40, tk=200)
+    lengths = jnp.array([200, 129])
     garbage = k.at[1, 129:].set(1e3), v.at[1, 129:].set(-1e3)
     out = ar.quant_attention_reference(q, *garbage, kv_lengths=lengths, pv_format=pv)
     short = ar.quant_attention_reference(q[1:], k[1:, :129], v[1:, :129], pv_format=pv)
@@ -99,6 +108,7 @@ def test_padding_mask_equals_truncation(pv):
 @pytest.mark.parametrize("bad", [
     dict(qk_format="int4"), dict(pv_format="fp16"), dict(block_k=100), dict(block_q=32),
     dict(kv_lengths=jnp.array([0])), dict(kv_lengths=jnp.array([5, 5])), dict(causal=True, tq=3),
+    dict(k_scales="channel"),
 ])
 def test_bad_arguments_raise(bad):
     bad = dict(bad)
@@ -154,13 +164,17 @@ def _emulate_kernel(operands, block_k: int, causal: bool) -> jax.Array:
     fp8 = vv.dtype != jnp.bfloat16
     v = jnp.transpose(vv, (0, 3, 1, 2)) if fp8 else vv  # [B, Tk, H, D]
     q_scale, pad = qrow[:, :, 0], qrow[:, :, 1]  # [B, H, Tq]
+    per_token = ks.ndim == 3  # [B, H, Tk]; per block: [B, H, R, 32]
     m = jnp.full((b, h, tq), -jnp.inf)
     l = jnp.zeros((b, h, tq))
     acc = jnp.zeros((b, h, tq, d))
     for j in range(tk // block_k):
         sl = slice(j * block_k, (j + 1) * block_k)
         raw = jnp.einsum("bqhd,bkhd->bhqk", q8.astype(jnp.float32), k8[:, sl].astype(jnp.float32))
-        s = raw * (q_scale * ks.reshape(b, h, -1)[:, :, j, None])[..., None]
+        if per_token:
+            s = raw * ks[:, :, None, sl] * q_scale[..., None]
+        else:
+            s = raw * (q_scale * ks.reshape(b, h, -1)[:, :, j, None])[..., None]
         if causal:
             keep = jnp.arange(tq)[:, None] >= (j * block_k + jnp.arange(block_k))[None, :]
             s = jnp.where(keep, s, -jnp.inf)
@@ -178,40 +192,43 @@ def _emulate_kernel(operands, block_k: int, causal: bool) -> jax.Array:
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
-@pytest.mark.parametrize("pv,causal,lengths", [
-    ("fp8_e4m3", False, (300, 77)), ("bf16", False, None), ("bf16", True, None), ("fp8_e4m3", True, None),
+@pytest.mark.parametrize("pv,causal,lengths,k_scales", [
+    ("fp8_e4m3", False, (200, 77), "token"), ("bf16", True, None, "token"),
+    ("fp8_e4m3", True, None, "block"), ("bf16", False, (120, 200), "block"),
 ])
-def test_kernel_arithmetic_matches_reference(pv, causal, lengths):
-    tq = 300 if causal else 180
-    q, k, v = _inputs(9, b=2, tq=tq, tk=300, d=64)
+def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
+    tq = 200 if causal else 100
+    q, k, v = _inputs(9, b=2, tq=tq, tk=200, d=64)
     kv_lengths = None if lengths is None else jnp.array(lengths)
-    config = pa.AttentionConfig(block_k=128)
+    config = pa.AttentionConfig(block_k=128, k_scales=k_scales)
     operands, v_mean = pa.prepare_kernel_operands(
         q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format="int8", pv_format=pv, config=config,
         smooth_k=True, hadamard=False, sm_scale=1 / 8)
     q8, k8, vv, qrow, ks, vs = operands
     chex.assert_shape(q8, (2, -(-tq // 128) * 128, 2, 64))
-    chex.assert_shape(k8, (2, 384, 2, 64))
-    chex.assert_shape(ks, (2, 2, 1, 32))
-    expected_pad = 0 if causal else 384 - np.asarray(lengths or (300, 300))
+    chex.assert_shape(k8, (2, 256, 2, 64))
+    chex.assert_shape(ks, (2, 2, 256) if k_scales == "token" else (2, 2, 1, 32))
+    expected_pad = 0 if causal else 256 - np.asarray(lengths or (200, 200))
     np.testing.assert_array_equal(np.asarray(qrow[:, 0, 1, 0]), expected_pad)
     out = _emulate_kernel(operands, 128, causal)[:, :tq]
     if v_mean is not None:
         out = out + v_mean[:, None]
-    ref = ar.quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, pv_format=pv)
+    ref = ar.quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, pv_format=pv,
+                                       k_scales=k_scales)
     assert ar.relative_l2(out, ref) <= (0.005 if pv == "bf16" else 0.04)
     assert ar.relative_l2(out, ar.exact_attention(q, k, v, causal=causal, kv_lengths=kv_lengths)) <= (
         TOLERANCE[("int8", pv)])
 
 
-@pytest.mark.parametrize("pv,causal,d,int_to_float", [
-    ("fp8_e4m3", False, 128, "magic"), ("bf16", True, 64, "cvt"),
+@pytest.mark.parametrize("pv,causal,d,int_to_float,k_scales", [
+    ("fp8_e4m3", False, 128, "magic", "token"), ("bf16", True, 64, "cvt", "block"),
 ])
-def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float):
+def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales):
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     monkeypatch.setenv("JQUANT_PALLAS", "kernel")
     shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float))
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float,
+                                                    k_scales=k_scales))
     text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -236,7 +253,7 @@ class _TinyAttn(nn.Module):
 
 def _tiny_model():
     model = _TinyAttn()
-    x = jax.random.normal(jax.random.key(10), (1, 96, 32))
+    x = jax.random.normal(jax.random.key(10), (1, 64, 32))
     ctx = jax.random.normal(jax.random.key(11), (1, 7, 32))
     params = model.init(jax.random.key(12), x, ctx)
     return model, params, x, ctx
@@ -259,11 +276,11 @@ def test_policy_routes_selected_layers(monkeypatch):
     seen.clear()
     with jattn.quantized_attention(layers="self_attn", pv_format="fp8_e4m3"):
         only_self = model.apply(params, x, ctx)
-    assert seen == [("self_attn", 96)]
+    assert seen == [("self_attn", 64)]
     seen.clear()
     with jattn.quantized_attention(min_kv_tokens=8):
         model.apply(params, x, ctx)
-    assert seen == [("self_attn", 96)]
+    assert seen == [("self_attn", 64)]
     seen.clear()
     with jattn.quantized_attention(enabled=False):
         off = model.apply(params, x, ctx)
