@@ -383,11 +383,9 @@ def clip_fp16(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
 
 
-class DoubleStreamBlock(nn.Module):
-    """MM-DiT double-stream block (Flux, HunyuanVideo): separate adaLN-Zero (`norm1`,
-    `norm1_context`), FFNs (`ff`, `ff_context`) and q/k/v weights for image/video and text, one
-    joint attention `attn`. `context_first` is the softmax token order ([text, image] in Flux).
-    Returns (x, context)."""
+class _StreamBlock(nn.Module):
+    """Fields shared by the double- and single-stream blocks: attention heads and head width, the
+    MLP width, softmax token order ([text, image] when `context_first`), Flux's fp16 clipping."""
 
     heads: int
     head_dim: int
@@ -396,6 +394,13 @@ class DoubleStreamBlock(nn.Module):
     clip_fp16: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+
+
+class DoubleStreamBlock(_StreamBlock):
+    """MM-DiT double-stream block (Flux, HunyuanVideo): separate adaLN-Zero (`norm1`,
+    `norm1_context`), FFNs (`ff`, `ff_context`) and q/k/v weights for image/video and text, one
+    joint attention `attn`. `context_first` is the softmax token order ([text, image] in Flux).
+    Returns (x, context)."""
 
     @nn.compact
     def __call__(
@@ -433,18 +438,10 @@ class DoubleStreamBlock(nn.Module):
         return x, (clip_fp16(context) if self.clip_fp16 else context)
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(_StreamBlock):
     """Single-stream block (Flux, HunyuanVideo) over image/video and text tokens with shared weights:
     adaLN (`norm`, 3 chunks), attention and a GELU MLP (`proj_mlp`) in parallel, one fused
     `proj_out`. Returns (x, context)."""
-
-    heads: int
-    head_dim: int
-    mlp_dim: int
-    context_first: bool = False
-    clip_fp16: bool = False
-    dtype: Any = jnp.float32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(

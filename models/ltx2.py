@@ -25,7 +25,15 @@ import numpy as np
 
 from models.blocks import AdaLayerNormSingle, Attention, FeedForward, RMSNorm, key_mask
 from models.embeddings import EmbedMLP
-from models.ltx_video import ada_values, attention_keys, fractional_rope, modulated_output, rope_frequencies, token_timesteps
+from models.ltx_video import (
+    ada_values,
+    attention_keys,
+    block_role_rules,
+    fractional_rope,
+    modulated_output,
+    rope_frequencies,
+    token_timesteps,
+)
 from models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
 from models.roles import assign_roles
 
@@ -147,11 +155,6 @@ def rope_from_coords(
     return fractional_rope(grid, dim, freqs, heads, interleaved=cfg.rope_type == "interleaved")
 
 
-def mod_params(table: jax.Array, temb: jax.Array) -> list[jax.Array]:
-    """get_mod_params: table [n, D] + temb [B, T, n*D] -> n vectors [B, T, D]."""
-    return ada_values(table, temb)
-
-
 class LTX2Block(nn.Module):
     """One audio+video block (see the module docstring)."""
 
@@ -184,8 +187,8 @@ class LTX2Block(nn.Module):
 
         v_rows = 9 if cfg.cross_attn_mod else 6
         a_rows = 9 if cfg.audio_cross_attn_mod else 6
-        vmod = mod_params(table("scale_shift_table", v_rows, dim), inputs["temb"])
-        amod = mod_params(table("audio_scale_shift_table", a_rows, adim), inputs["temb_audio"])
+        vmod = ada_values(table("scale_shift_table", v_rows, dim), inputs["temb"])
+        amod = ada_values(table("audio_scale_shift_table", a_rows, adim), inputs["temb_audio"])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = vmod[:6]
         a_shift_msa, a_scale_msa, a_gate_msa, a_shift_mlp, a_scale_mlp, a_gate_mlp = amod[:6]
 
@@ -199,8 +202,8 @@ class LTX2Block(nn.Module):
             prompt = table("prompt_scale_shift_table", 2, dim, scaled=False)
             a_prompt = table("audio_prompt_scale_shift_table", 2, adim, scaled=False)
             if inputs["temb_prompt"] is not None:
-                shift_kv, scale_kv = mod_params(prompt, inputs["temb_prompt"])
-                a_shift_kv, a_scale_kv = mod_params(a_prompt, inputs["temb_prompt_audio"])
+                shift_kv, scale_kv = ada_values(prompt, inputs["temb_prompt"])
+                a_shift_kv, a_scale_kv = ada_values(a_prompt, inputs["temb_prompt_audio"])
             else:
                 shift_kv, scale_kv = prompt[0].astype(x.dtype), prompt[1].astype(x.dtype)
                 a_shift_kv, a_scale_kv = a_prompt[0].astype(a.dtype), a_prompt[1].astype(a.dtype)
@@ -223,10 +226,10 @@ class LTX2Block(nn.Module):
         if not inputs["isolate_modalities"]:
             nx = RMSNorm(**rms, name="audio_to_video_norm")(x)
             na = RMSNorm(**rms, name="video_to_audio_norm")(a)
-            v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = mod_params(v_ca[:4], inputs["temb_ca"])
-            (a2v_gate,) = mod_params(v_ca[4:], inputs["temb_ca_gate"])
-            a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = mod_params(a_ca[:4], inputs["temb_ca_audio"])
-            (v2a_gate,) = mod_params(a_ca[4:], inputs["temb_ca_audio_gate"])
+            v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = ada_values(v_ca[:4], inputs["temb_ca"])
+            (a2v_gate,) = ada_values(v_ca[4:], inputs["temb_ca_gate"])
+            a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = ada_values(a_ca[:4], inputs["temb_ca_audio"])
+            (v2a_gate,) = ada_values(a_ca[4:], inputs["temb_ca_audio_gate"])
             attn = Attention(**a2v_attn, name="audio_to_video_attn")
             out = attn(
                 nx * (1 + v_a2v_scale) + v_a2v_shift,
@@ -414,22 +417,16 @@ def key_map(cfg: LTX2Config) -> list[KeyEntry]:
 
 
 _BLOCK = r"transformer_blocks_\d+"
+_CROSS_MODAL = rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn"
 ROLE_RULES = (
     (r"(audio_)?proj_in|(audio_)?caption_projection/.*|[a-z_0-9]+/emb/timestep_embedder/.*", ("embedder",)),
     (r"(audio_)?time_embed/linear|(audio_)?prompt_adaln/linear|av_cross_attn_[a-z0-9_]+/linear", ("embedder", "modulation")),
-    (rf"{_BLOCK}/(audio_)?attn1/to_[qkv]", ("attn.qkv", "self_attn", "temporal")),
-    (rf"{_BLOCK}/(audio_)?attn1/to_out_0", ("attn.out", "self_attn", "temporal")),
-    (rf"{_BLOCK}/(audio_)?attn2/.*", ("cross_attn", "text_fusion")),
-    (rf"{_BLOCK}/(audio_)?attn2/to_[qkv]", ("attn.qkv",)),
-    (rf"{_BLOCK}/(audio_)?attn2/to_[kv]", ("cross_attn.kv",)),
-    (rf"{_BLOCK}/(audio_)?attn2/to_out_0", ("attn.out",)),
-    (rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn/.*", ("cross_attn", "temporal")),
-    (rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn/to_[qkv]", ("attn.qkv",)),
-    (rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn/to_[kv]", ("cross_attn.kv",)),
-    (rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn/to_out_0", ("attn.out",)),
+    *block_role_rules("(audio_)?"),
+    (rf"{_CROSS_MODAL}/.*", ("cross_attn", "temporal")),
+    (rf"{_CROSS_MODAL}/to_[qkv]", ("attn.qkv",)),
+    (rf"{_CROSS_MODAL}/to_[kv]", ("cross_attn.kv",)),
+    (rf"{_CROSS_MODAL}/to_out_0", ("attn.out",)),
     (rf"{_BLOCK}/[a-z_0-9]+/to_gate_logits", ("modulation",)),
-    (rf"{_BLOCK}/(audio_)?ff/net_0/proj", ("ffn.up",)),
-    (rf"{_BLOCK}/(audio_)?ff/net_2", ("ffn.down",)),
     (r"(audio_)?proj_out", ("final",)),
 )
 

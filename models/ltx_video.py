@@ -243,17 +243,26 @@ def key_map(cfg: LTXVideoConfig) -> list[KeyEntry]:
 
 
 _BLOCK = r"transformer_blocks_\d+"
+
+
+def block_role_rules(prefix: str = "") -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Roles inside an LTX block (also each stream of an LTX-2 block: `prefix="(audio_)?"`)."""
+    return (
+        (rf"{_BLOCK}/{prefix}attn1/to_[qkv]", ("attn.qkv", "self_attn", "temporal")),
+        (rf"{_BLOCK}/{prefix}attn1/to_out_0", ("attn.out", "self_attn", "temporal")),
+        (rf"{_BLOCK}/{prefix}attn2/.*", ("cross_attn", "text_fusion")),
+        (rf"{_BLOCK}/{prefix}attn2/to_[qkv]", ("attn.qkv",)),
+        (rf"{_BLOCK}/{prefix}attn2/to_[kv]", ("cross_attn.kv",)),
+        (rf"{_BLOCK}/{prefix}attn2/to_out_0", ("attn.out",)),
+        (rf"{_BLOCK}/{prefix}ff/net_0/proj", ("ffn.up",)),
+        (rf"{_BLOCK}/{prefix}ff/net_2", ("ffn.down",)),
+    )
+
+
 ROLE_RULES = (
     (r"proj_in|caption_projection/.*|time_embed/emb/.*", ("embedder",)),
     (r"time_embed/linear", ("embedder", "modulation")),
-    (rf"{_BLOCK}/attn1/to_[qkv]", ("attn.qkv", "self_attn", "temporal")),
-    (rf"{_BLOCK}/attn1/to_out_0", ("attn.out", "self_attn", "temporal")),
-    (rf"{_BLOCK}/attn2/.*", ("cross_attn", "text_fusion")),
-    (rf"{_BLOCK}/attn2/to_[qkv]", ("attn.qkv",)),
-    (rf"{_BLOCK}/attn2/to_[kv]", ("cross_attn.kv",)),
-    (rf"{_BLOCK}/attn2/to_out_0", ("attn.out",)),
-    (rf"{_BLOCK}/ff/net_0/proj", ("ffn.up",)),
-    (rf"{_BLOCK}/ff/net_2", ("ffn.down",)),
+    *block_role_rules(),
     (r"proj_out", ("final",)),
 )
 

@@ -94,25 +94,6 @@ def cogvideox_alphas_cumprod(
 
 def _per_step_alphas(
     num_steps: int,
-    num_train_timesteps: int,
-    timestep_spacing: TimestepSpacing,
-    steps_offset: int,
-    set_alpha_to_one: bool,
-    **alpha_kwargs: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(timesteps, alphas_cumprod, a_t, a_prev) of ``set_timesteps`` + ``step``'s lookups."""
-    ac = cogvideox_alphas_cumprod(num_train_timesteps=num_train_timesteps, **alpha_kwargs)
-    ts = ddim_timesteps(num_steps, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
-    if ts.max() >= num_train_timesteps or ts.min() < 0:
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train_timesteps}); check steps_offset={steps_offset}")
-    prev = ts - num_train_timesteps // num_steps
-    final = 1.0 if set_alpha_to_one else ac[0]
-    a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
-    return ts, ac, ac[ts].astype(np.float64), a_prev.astype(np.float64)
-
-
-def cogvideox_ddim_schedule(
-    num_steps: int,
     *,
     num_train_timesteps: int = 1000,
     beta_start: float = 0.00085,
@@ -123,22 +104,36 @@ def cogvideox_ddim_schedule(
     set_alpha_to_one: bool = True,
     steps_offset: int = 0,
     timestep_spacing: TimestepSpacing = "leading",
-) -> DDIMSchedule:
-    """``CogVideoXDDIMScheduler``'s per-step timesteps and alpha products as a :class:`DDIMSchedule`
-    for :func:`sample_ddim` (use ``prediction_type="v_prediction"``, no clipping). Defaults are the
-    scheduler class's; the checkpoints' settings are ``COGVIDEOX_{2B,5B}_SCHEDULER``."""
-    ts, _, a_t, a_prev = _per_step_alphas(
-        num_steps,
-        num_train_timesteps,
-        timestep_spacing,
-        steps_offset,
-        set_alpha_to_one,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(timesteps, alphas_cumprod, a_t, a_prev) of ``set_timesteps`` + ``step``'s lookups, for the
+    scheduler settings (keyword names and defaults of the CogVideoX scheduler classes)."""
+    ac = cogvideox_alphas_cumprod(
+        num_train_timesteps=num_train_timesteps,
         beta_start=beta_start,
         beta_end=beta_end,
         beta_schedule=beta_schedule,
         snr_shift_scale=snr_shift_scale,
         rescale_betas_zero_snr=rescale_betas_zero_snr,
     )
+    ts = ddim_timesteps(num_steps, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+    if ts.max() >= num_train_timesteps or ts.min() < 0:
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train_timesteps}); check steps_offset={steps_offset}")
+    prev = ts - num_train_timesteps // num_steps
+    final = 1.0 if set_alpha_to_one else ac[0]
+    a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
+    return ts, ac, ac[ts].astype(np.float64), a_prev.astype(np.float64)
+
+
+def cogvideox_ddim_schedule(num_steps: int, **scheduler_config: Any) -> DDIMSchedule:
+    """``CogVideoXDDIMScheduler``'s per-step timesteps and alpha products as a :class:`DDIMSchedule`
+    for :func:`sample_ddim` (use ``prediction_type="v_prediction"``, no clipping).
+
+    ``scheduler_config``: the scheduler's settings by their diffusers names (``num_train_timesteps``,
+    ``beta_start``, ``beta_end``, ``beta_schedule``, ``snr_shift_scale``, ``rescale_betas_zero_snr``,
+    ``set_alpha_to_one``, ``steps_offset``, ``timestep_spacing``), defaulting to the class's; the
+    checkpoints' settings are ``COGVIDEOX_{2B,5B}_SCHEDULER``.
+    """
+    ts, _, a_t, a_prev = _per_step_alphas(num_steps, **scheduler_config)
     return DDIMSchedule(timesteps=ts.astype(np.int32), alpha_prod_t=a_t.astype(np.float32), alpha_prod_t_prev=a_prev.astype(np.float32))
 
 
@@ -159,35 +154,14 @@ class CogVideoXDPMSchedule(NamedTuple):
     second_order: np.ndarray
 
 
-def cogvideox_dpm_schedule(
-    num_steps: int,
-    *,
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    beta_schedule: BetaSchedule = "scaled_linear",
-    snr_shift_scale: float = 3.0,
-    rescale_betas_zero_snr: bool = False,
-    set_alpha_to_one: bool = True,
-    steps_offset: int = 0,
-    timestep_spacing: TimestepSpacing = "leading",
-) -> CogVideoXDPMSchedule:
-    """``CogVideoXDPMScheduler``'s multipliers for every step, computed in float64 as diffusers does
-    (log-SNR ``lambda = log sqrt(a / (1 - a))``, ``h = lambda_prev - lambda``; a zero-SNR first step
-    gives ``h = inf``, which the multipliers take to their limits). The step's look-back alpha is the
+def cogvideox_dpm_schedule(num_steps: int, **scheduler_config: Any) -> CogVideoXDPMSchedule:
+    """``CogVideoXDPMScheduler``'s multipliers for every step (settings as in
+    :func:`cogvideox_ddim_schedule`), computed in float64 as diffusers does (log-SNR
+    ``lambda = log sqrt(a / (1 - a))``, ``h = lambda_prev - lambda``; a zero-SNR first step gives
+    ``h = inf``, which the multipliers take to their limits). The step's look-back alpha is the
     previous step's timestep, as the pipeline passes it."""
-    ts, ac, a_t, a_prev = _per_step_alphas(
-        num_steps,
-        num_train_timesteps,
-        timestep_spacing,
-        steps_offset,
-        set_alpha_to_one,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule=beta_schedule,
-        snr_shift_scale=snr_shift_scale,
-        rescale_betas_zero_snr=rescale_betas_zero_snr,
-    )
+    ts, ac, a_t, a_prev = _per_step_alphas(num_steps, **scheduler_config)
+    num_train_timesteps = ac.shape[0]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lam = np.log(np.sqrt(a_t / (1 - a_t)))
         lam_next = np.log(np.sqrt(a_prev / (1 - a_prev)))
