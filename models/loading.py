@@ -62,13 +62,15 @@ def read_config(path: str | os.PathLike) -> tuple[Port, DiffusersConfig]:
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
-    """Map every tensor key to the safetensors file holding it (single file or sharded index),
-    through the core reader `jquant.io.safetensors.weight_files`."""
+    """Map every tensor key to the safetensors file holding it: the diffusers index if present,
+    else the single diffusers weights file (other safetensors in the folder are not weights),
+    read through the core reader `jquant.io.safetensors.weight_files`."""
     from jquant.io.safetensors import weight_files  # noqa: PLC0415 (keeps `import models` free of orbax)
 
-    if not path.is_dir() or not any(path.glob("*.safetensors*")):
-        raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-    return weight_files(path)
+    for name in (INDEX_NAME, WEIGHTS_NAME):
+        if (path / name).is_file():
+            return weight_files(path / name)
+    raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
 
 
 def _check_keys(expected: set[str], present: set[str], ignore: tuple[str, ...], where: str) -> None:
