@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attn", choices=("cudnn", "xla"), default=None,
                    help="attention implementation (default: cudnn on GPU, xla elsewhere)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     args = p.parse_args(argv)
