@@ -1,4 +1,4 @@
-"""The ``jquant`` command line: ``jquant demo``, ``jquant formats``, ``jquant export-gguf``.
+"""The ``jquant`` command line: ``demo``, ``quantize``, ``eval``, ``formats``, ``export-gguf``.
 
 Each subcommand is a thin wrapper over a library function, so scripts and notebooks can
 call the same code directly.
@@ -34,9 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         from jquant.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] in (["quantize"], ["eval"]):  # the pipeline commands own their options too
+        from jquant.pipeline import cli as pipeline_cli
+
+        return (pipeline_cli.main_quantize if argv[0] == "quantize" else pipeline_cli.main_eval)(argv[1:])
     p = argparse.ArgumentParser(prog="jquant", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("demo", help="quantize the bundled video model and compare (see `jquant demo -h`)")
+    sub.add_parser("quantize", help="calibrate on the trajectory, apply a recipe, save (see `jquant quantize -h`)")
+    sub.add_parser("eval", help="fidelity of a quantized checkpoint against its float model (see `jquant eval -h`)")
     sub.add_parser("formats", help="list number formats and the spec grammar").set_defaults(fn=_formats)
     g = sub.add_parser("export-gguf", help="write a diffusers model dir as a GGUF file (k-quant mix)")
     g.add_argument("model_dir")

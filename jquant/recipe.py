@@ -9,8 +9,9 @@ format (None: weight-only) and either a static per-timestep scale table
 (:class:`~jquant.pipeline.tables.TableConfig`) or dynamic per-token scales.
 
 Building blocks (each a function returning a :class:`Transform`): :func:`rtn`,
-:func:`gptq`, :func:`awq`, :func:`smoothquant`, :func:`quarot`, :func:`svdquant`,
-:func:`correct` (low-rank correction of any quantizer), :func:`kquant`. Which layers a
+:func:`gptq`, :func:`awq`, :func:`smoothquant`, :func:`quarot`, :func:`spinquant`,
+:func:`svdquant`, :func:`correct` (low-rank correction of any quantizer), :func:`kquant`,
+:func:`quip`. Which layers a
 step quantizes, and to what, is a :class:`~jquant.pipeline.policy.Policy` (by role), so
 a recipe applies to any ported model. Compose your own::
 
@@ -18,7 +19,8 @@ a recipe applies to any ported model. Compose your own::
                   chain(quarot(), gptq(policy.uniform("int4/g64"))), act="int8")
 
 :data:`RECIPES` holds the named recipes whose methods exist in this tree
-(:func:`get`, :func:`names`); :data:`MISSING` names the ones left out and why.
+(:func:`get`, :func:`names`); :data:`MISSING` names any left out (a method not in the
+tree) and why.
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ class Context:
       width: model width (for default low-rank ranks).
       stats: ``stats(variables) -> {kernel path: LayerStats}``: trajectory statistics of
         the given variables (pooled over timestep groups and CFG branches).
+      samples: ``samples(variables, max_tokens) -> {module path: [N, K]}``: input rows of
+        every layer drawn over the trajectory (for methods that optimize on activations).
     """
 
     roles: Mapping[str, tuple[str, ...]]
     head_dim: int
     width: int
     stats: Callable[[Variables], Any]
+    samples: Callable[..., Any] | None = None
 
 
 StepFn = Callable[[Variables, Context], Variables]
@@ -135,52 +140,60 @@ def awq(policy: pol.Policy, config: Any = None) -> Transform:
 
 def smoothquant(policy: pol.Policy, alpha: float = 0.5, search: bool = True, act: str = "int8/t") -> Transform:
     """SmoothQuant: activation outliers migrated into the weights (alpha searched per layer
-    on a grid when ``search``), then RTN per the policy. Any ``input_scale`` it stores is
-    superseded by the recipe's table at run time."""
+    on a grid when ``search``), then RTN per the policy. Its single static ``input_scale``
+    is dropped: the recipe's table (or dynamic scales) decides at run time."""
     from jquant.algorithms import smoothquant as S
 
     def fn(v: Variables, ctx: Context) -> Variables:
         cfg = S.SmoothQuantConfig(alpha=alpha, search=search, act=act)
         params, aux = S.smoothquant(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg, aux=_flat_aux(v))
-        return _with(v, policy.cast(params, ctx.roles), aux)
+        aux = {m: {k: x for k, x in e.items() if k != "input_scale"} for m, e in aux.items()}  # the table decides
+        return _with(v, policy.cast(params, ctx.roles), {m: e for m, e in aux.items() if e})
 
     return Transform(f"smoothquant[{policy.name}]", fn, True)
 
 
-def _keep_regex(ctx: Context, keep: Sequence[str]) -> str | None:
-    mods = sorted(p[: -len("/kernel")] for p, r in ctx.roles.items() if set(r) & set(keep))
-    return "^(" + "|".join(re.escape(m) for m in mods) + ")$" if mods else None
-
-
-def vo_groups(paths: Sequence[str]) -> tuple:
-    """``((to_v,), (to_out_0,))`` for every attention module whose only value projection
-    is ``to_v`` and whose only output projection is ``to_out_0`` (exact head-wise V/O)."""
-    mods = set(paths)
-    out = []
-    for p in sorted(mods):
-        if p.endswith("/to_v"):
-            base = p[: -len("/to_v")]
-            if f"{base}/to_out_0" in mods and not any(f"{base}/{x}" in mods for x in ("add_v_proj", "add_k_proj", "to_add_out")):
-                out.append(((p,), (f"{base}/to_out_0",)))
-    return tuple(out)
-
-
-def quarot(seed: int = 0, keep: Sequence[str] = pol.KEEP_ROLES, heads: bool = True) -> Transform:
-    """QuaRot: head-wise V/O rotations (offline, exact) and online randomized Hadamards on
-    every linear input except the layers with a role in ``keep``. Data-free."""
+def quarot(seed: int = 0, heads: bool = True) -> Transform:
+    """QuaRot (:func:`jquant.algorithms.quarot.dit_plan`): head-wise V/O rotations (offline,
+    exact) and online randomized Hadamards on every attention/FFN input; never on the
+    modulation, embedders or the head. Data-free; exact in float."""
     from jquant.algorithms import quarot as Q
-    from jquant.algorithms.linear_tree import linear_paths
 
     def fn(v: Variables, ctx: Context) -> Variables:
-        skip = _keep_regex(ctx, keep)
-        vo = vo_groups(linear_paths(v)) if heads else ()
-        if skip is not None:
-            rx = re.compile(skip)
-            vo = tuple(g for g in vo if not any(rx.search(p) for p in (*g[0], *g[1])))
-        cfg = Q.QuaRotConfig(online=".*", skip=skip, vo_groups=vo, head_dim=ctx.head_dim, seed=seed)
-        return Q.quarot(v, None, cfg)
+        return Q.quarot(v, None, Q.dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed, heads_offline=heads))
 
     return Transform("quarot", fn)
+
+
+def spinquant(act: str = "int4/token", steps: int = 100, lr: float = 1e-3, seed: int = 0, max_tokens: int = 1024) -> Transform:
+    """SpinQuant: the head-wise V/O rotations *learned* (Cayley/optax) to minimize the
+    ``act``-quantized output error on trajectory activation samples, fused (exact), plus
+    QuaRot's online Hadamards. Weights are quantized by the next step (e.g. GPTQ)."""
+    from jquant.algorithms import quarot as Q
+    from jquant.algorithms import spinquant as S
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        if ctx.samples is None:
+            raise ValueError("spinquant needs activation samples: run it through jquant.pipeline.calibrate.quantize")
+        plan = Q.dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed)
+        cfg = S.SpinQuantConfig(w_spec=None, act=act, steps=steps, lr=lr, vo_groups=plan.vo_groups,
+                                head_dim=ctx.head_dim, online=plan.online, seed=seed, max_tokens=max_tokens)
+        return S.spinquant(v, ctx.samples(v, max_tokens), cfg)
+
+    return Transform("spinquant", fn, True)
+
+
+def quip(policy: pol.Policy, ldlq: bool = True) -> Transform:
+    """QuIP# (two-sided RHT + E8P lattice codebook, 2 bits/weight, LDLQ on trajectory
+    Hessians) on the layers the policy quantizes (the policy's specs are not used)."""
+    from jquant.algorithms import quip as Qp
+
+    def fn(v: Variables, ctx: Context) -> Variables:
+        mods = [p[: -len("/kernel")] for p, prec in policy.plan(ctx.roles).items() if prec not in (None, pol.BF16)]
+        pattern = "^(?:" + "|".join(re.escape(m) for m in mods) + ")$"
+        return Qp.quip(v, ctx.stats(v) if ldlq else None, Qp.QuIPConfig(pattern=pattern, ldlq=ldlq))
+
+    return Transform(f"quip[{policy.name}]", fn, ldlq)
 
 
 def _rank(rank: int | None, ctx: Context) -> int:
@@ -239,6 +252,8 @@ class Recipe:
       act: activation format (``"int8"``, ``"fp8_e4m3"``, ``"int4"``) or None (weight-only).
       table: static per-timestep scale table config; None quantizes activations
         dynamically per token.
+      checkpointable: False when the result holds leaves :mod:`jquant.io.checkpoint`
+        cannot store yet (codebook arrays): usable in memory, not by ``jquant quantize``.
     """
 
     name: str
@@ -246,6 +261,7 @@ class Recipe:
     transform: Transform
     act: str | None = None
     table: TableConfig | None = None
+    checkpointable: bool = True
 
     def __post_init__(self) -> None:
         if self.act is not None:
@@ -327,8 +343,18 @@ def _build() -> tuple[dict[str, Recipe], dict[str, str]]:
     else:
         for n in ("int8-wa-quarot", "fp8-quarot", "w4a4-quarot", "w4-quarot-svd"):
             missing[n] = "jquant.algorithms.quarot is not in this tree"
-    missing["w4a4-spinquant"] = "jquant.algorithms.spinquant is not in this tree"
-    missing["quip2"] = "jquant.algorithms.quip (E8 lattice codebooks) is not in this tree"
+    if have_quarot and _available("jquant.algorithms.spinquant", "spinquant", "SpinQuantConfig"):
+        out.append(Recipe("w4a4-spinquant", "SpinQuant: V/O rotations learned on trajectory activations for int4 "
+                          "activations, online Hadamards, GPTQ int4/g64 weights; int4 per-token activations.",
+                          chain(spinquant(), gptq(u(W4))), "int4"))
+    else:
+        missing["w4a4-spinquant"] = "jquant.algorithms.spinquant is not in this tree"
+    if _available("jquant.algorithms.quip", "quip", "QuIPConfig"):
+        out.append(Recipe("quip2", "QuIP#: two-sided randomized Hadamards and the E8P lattice codebook (2 bits per "
+                          "weight) with LDLQ on trajectory Hessians; 16-bit activations.", quip(u(W4)),
+                          checkpointable=False))
+    else:
+        missing["quip2"] = "jquant.algorithms.quip (E8 lattice codebooks) is not in this tree"
     return {r.name: r for r in out}, missing
 
 

@@ -76,6 +76,7 @@ class Calibrator:
         self._stats: dict[int, tuple[Variables, calib.Stats]] = {}
         self._ranges: dict[int, tuple[Variables, tj.StepRanges]] = {}
         self.seconds: dict[str, float] = {"record": 0.0, "stats": 0.0, "ranges": 0.0}
+        self.float_variables: Variables = {"params": bundle.params}  # one object: its statistics are cached
 
     @property
     def trajectories(self) -> tj.Trajectories:
@@ -115,10 +116,17 @@ class Calibrator:
             hit = self._ranges[id(variables)] = (variables, r)
         return hit[1]
 
+    def samples(self, variables: Variables, max_tokens: int = 2048) -> dict[str, Any]:
+        """Input rows of every layer over the trajectory (``trajectory.capture_samples``)."""
+        t0 = time.perf_counter()
+        out = tj.capture_samples(self.bundle.denoiser, variables, self.trajectories, max_tokens)
+        self.seconds["stats"] += time.perf_counter() - t0
+        return out
+
     def context(self) -> Context:
         cfg = self.bundle.config
         width = int(getattr(cfg, "inner_dim", 0) or cfg.num_attention_heads * cfg.attention_head_dim)
-        return Context(self.bundle.roles, self.bundle.head_dim, width, self.stats)
+        return Context(self.bundle.roles, self.bundle.head_dim, width, self.stats, self.samples)
 
 
 def quantized_layers(variables: Variables) -> list[str]:
@@ -143,9 +151,11 @@ def quantize(bundle: ModelBundle, recipe: Recipe, calibrator: Calibrator | None 
     statistics, ranges, recording).
     """
     cal = calibrator or Calibrator(bundle)
+    if cal.bundle is not bundle:
+        raise ValueError("quantize: the calibrator was built for another model bundle")
     before = dict(cal.seconds)
     t0 = time.perf_counter()
-    variables = recipe.transform({"params": bundle.params}, cal.context())
+    variables = recipe.transform(cal.float_variables, cal.context())
     t_transform = time.perf_counter() - t0
     table = None
     if recipe.act is not None and recipe.table is not None:

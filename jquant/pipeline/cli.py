@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jquant.algorithms.coded import CodedArray
 from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
 from jquant.pipeline.denoiser import ModelBundle, load_bundle
 from jquant.pipeline.runtime import QuantizedModel
@@ -40,6 +41,12 @@ def save_quantized(out: str | Path, qm: QuantizedModel, meta: dict[str, Any]) ->
     """Write ``checkpoint/`` (variables and table arrays) and ``quant.json`` into ``out``."""
     from jquant.io import checkpoint
 
+    coded = [p for p, leaf in flatten_with_paths(qm.variables) if isinstance(leaf, CodedArray)]
+    if coded:
+        raise ValueError(
+            f"{coded[0]}: {type(dict(flatten_with_paths(qm.variables))[coded[0]]).__name__} leaves cannot be saved by "
+            f"jquant.io.checkpoint (it stores QArrays); {len(coded)} such layers"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tree: dict[str, Any] = {"variables": qm.variables}
@@ -90,8 +97,8 @@ def layer_report(bundle: ModelBundle, qm: QuantizedModel) -> list[dict[str, Any]
         extra = sum(leaf_nbytes(v) for v in entries.values())
         if isinstance(leaf, QArray):
             fmt = str(leaf.spec)
-        elif hasattr(leaf, "spec"):
-            fmt = type(leaf).__name__
+        elif isinstance(leaf, CodedArray):
+            fmt = f"{type(leaf).__name__} ({leaf.bits_per_weight:.2f} bits)"
         else:
             fmt = f"float ({np.dtype(leaf.dtype).name})"
         kinds = sorted(entries)
@@ -193,6 +200,8 @@ def main_quantize(argv: list[str] | None = None) -> int:
     if not a.recipe or not a.out:
         p.error("--recipe and --out are required")
     recipe = _table_from_args(a, rc.get(a.recipe))
+    if not recipe.checkpointable:
+        p.error(f"recipe {recipe.name} produces leaves jquant.io.checkpoint cannot store yet; use it from Python")
     t0 = time.perf_counter()
     bundle = load_bundle(a.model_dir, num_steps=a.steps)
     ccfg = CalibrationConfig(a.calib_samples, a.calib_batch, a.calib_seed, steps_per_sample=a.steps_per_sample)

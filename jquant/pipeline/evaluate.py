@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms.coded import CodedArray
-from jquant.metrics import compare_videos
+from jquant.metrics import compare_videos, psnr
 from jquant.pipeline.denoiser import ModelBundle, Workload
 from jquant.pipeline.runtime import QuantizedModel, float_model, timed, tree_bytes
 from jquant.pipeline.trajectory import float_model_fn
@@ -117,6 +117,7 @@ def one_step_errors(bundle: ModelBundle, qm: QuantizedModel, ref: Reference) -> 
 def evaluate(bundle: ModelBundle, qm: QuantizedModel, ref: Reference, *, extractors: dict | None = None) -> dict[str, Any]:
     """Metrics of ``qm`` against ``ref`` (same workload). Keys: ``psnr``, ``ssim``,
     ``flicker``, ``warp_error_delta``, ``fd_pooled_pixels`` (when enough clips), ...,
+    ``psnr_clips`` (per clip, for paired comparisons),
     ``step_rmse`` (list), ``weight_bytes``, ``bits_per_weight``, ``sample_s``,
     ``compile_s``, ``videos`` (array, not serializable: pop it before json)."""
     (lat, traj), run_s, comp_s = timed(qm.sample, bundle.denoiser, ref.work, return_trajectory=True)
@@ -125,8 +126,10 @@ def evaluate(bundle: ModelBundle, qm: QuantizedModel, ref: Reference, *, extract
     if bundle.to_video(ref.latents)[1] is None:  # raw latents: shift into [0, range]
         lo = jnp.min(r)
         r, t = r - lo, t - lo
-    m = compare_videos(r, t, data_range=ref.data_range, feature_extractors=extractors)
+    win = min(11, r.shape[2], r.shape[3])
+    m = compare_videos(r, t, data_range=ref.data_range, feature_extractors=extractors, ssim_win_size=win - (1 - win % 2))
     out: dict[str, Any] = {"name": qm.name, **m, **weight_summary(qm.variables)}
+    out["psnr_clips"] = np.asarray(psnr(r, t, data_range=ref.data_range)).mean(axis=1).tolist()
     out["step_rmse"] = step_errors(ref.trajectory, traj).tolist()
     out["sample_s"], out["compile_s"] = run_s, comp_s
     out["activations"] = qm.act or "-"

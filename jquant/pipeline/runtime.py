@@ -191,6 +191,38 @@ def per_step_model_fn(den: Denoiser, models: Sequence[QuantizedModel], choice: S
     return Partial(_SwitchStep(tuple(steps)), tuple(m.variables for m in models)), data
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PerStepModel:
+    """Several :class:`QuantizedModel` s in one sampler, ``models[choice[i]]`` at step i."""
+
+    models: tuple[QuantizedModel, ...]
+    choice: tuple[int, ...]
+    name: str = ""
+
+    @property
+    def act(self) -> str:
+        return "/".join(str(m.act) for m in self.models)
+
+    @property
+    def variables(self) -> Variables:
+        """All variants' variables under ``variant_<i>`` keys (for byte counts)."""
+        return {
+            "params": {f"variant_{i}": m.params for i, m in enumerate(self.models)},
+            jnn.AUX_COLLECTION: {f"variant_{i}": m.variables.get(jnn.AUX_COLLECTION, {}) for i, m in enumerate(self.models)},
+        }
+
+    @property
+    def resident_bytes(self) -> int:
+        return resident_bytes(self.models)
+
+    def model_fn(self, den: Denoiser) -> tuple[Partial, Any]:
+        return per_step_model_fn(den, self.models, self.choice)
+
+    def sample(self, den: Denoiser, work: Workload, *, return_trajectory: bool = False):
+        fn, data = self.model_fn(den)
+        return den.sample(fn, work, step_data=data, return_trajectory=return_trajectory)
+
+
 def switch_schedule(num_steps: int, early_steps: int) -> np.ndarray:
     """``[0] * early_steps + [1] * rest``: variant 0 for the first (noisiest) steps."""
     if not 0 <= early_steps <= num_steps:

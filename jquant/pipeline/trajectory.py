@@ -13,8 +13,9 @@ trajectory is recorded first and replayed:
    * :func:`step_ranges`: per layer, per step, per branch and per video frame, the
      absolute maximum of the layer's input (cheap: what scale tables are built from);
    * :func:`layer_stats`: :class:`jquant.calib.LayerStats` (Hessian, absmax, histogram)
-     keyed by ``(timestep group, branch)`` with :func:`jquant.calib.calibrate`'s
-     ``key_fn``; :func:`jquant.calib.merge` pools them for the weight algorithms. A
+     keyed by ``(timestep group, branch)``, accumulated by :func:`jquant.calib.make_step`
+     (the step is cached per model, so trees of a structure already seen are not
+     traced again); :func:`jquant.calib.merge` pools them for the weight algorithms. A
      subset of the steps per sample (``steps_per_sample``, offset per sample so that
      together the samples cover the trajectory) keeps this pass cheap.
 
@@ -28,8 +29,9 @@ model (the statistics of each layer's *effective* input, after ``input_mul`` and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import weakref
-from typing import Any, Hashable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -184,11 +186,24 @@ def _range_fn(den: Denoiser, frames: int, tokens: int, meta: dict[str, Any]):
     return jax.jit(fn)
 
 
+# Jitted replay steps, one per (Denoiser, layout): later calls on trees of an already seen
+# structure reuse the compiled step instead of tracing the model again.
+_RANGE_FNS: "weakref.WeakKeyDictionary[Denoiser, dict]" = weakref.WeakKeyDictionary()
+_STAT_STEPS: "weakref.WeakKeyDictionary[Denoiser, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached_range_fn(den: Denoiser, frames: int, tokens: int) -> tuple[Any, dict[str, Any]]:
+    per = _RANGE_FNS.setdefault(den, {})
+    if (frames, tokens) not in per:
+        meta: dict[str, Any] = {}
+        per[(frames, tokens)] = (_range_fn(den, frames, tokens, meta), meta)
+    return per[(frames, tokens)]
+
+
 def step_ranges(den: Denoiser, variables: Variables, traj: Trajectories, *, progress: bool = False) -> StepRanges:
     """Replay every step of every recorded sample (both branches) and reduce each layer's
     input to its absmax per (step, branch, frame)."""
-    meta: dict[str, Any] = {}
-    fn = _range_fn(den, traj.frames, traj.tokens, meta)
+    fn, meta = _cached_range_fn(den, traj.frames, traj.tokens)
     acc: dict[str, np.ndarray] = {}
     it = traj.batches()
     if progress:
@@ -207,8 +222,39 @@ def step_ranges(den: Denoiser, variables: Variables, traj: Trajectories, *, prog
     if not traj.cfg:
         for a in acc.values():
             a[:, UNCOND] = a[:, COND]
-    video = frozenset(meta.get("video", ()))
-    return StepRanges(acc, dict(meta["ranks"]), video, traj.frames if video else 1, traj.timesteps)
+    video = frozenset(p for p in meta.get("video", ()) if p in acc)
+    return StepRanges(acc, {p: meta["ranks"][p] for p in acc}, video, traj.frames if video else 1, traj.timesteps)
+
+
+# --- activation samples ---------------------------------------------------------------------------
+def _capture_fn(den: Denoiser, keep: int):
+    def fn(variables: Variables, x: Array, t: Array, cond: Any) -> dict[str, Array]:
+        out: dict[str, Array] = {}
+
+        def obs(path: str, a: Array) -> None:
+            rows = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+            stride = max(1, rows.shape[0] // keep)
+            out.setdefault(path, rows[::stride][:keep])
+
+        with jnn.observe(obs):
+            den.apply(variables, x, t, cond)
+        return out
+
+    return jax.jit(fn)
+
+
+def capture_samples(den: Denoiser, variables: Variables, traj: Trajectories, max_tokens: int = 2048) -> dict[str, Array]:
+    """Input rows ``{module path: [N <= max_tokens, K]}`` of every layer, drawn evenly from
+    every step and both branches of the first recorded workload (methods that optimize on
+    activations, e.g. SpinQuant, take these)."""
+    batches = list(itertools.islice(traj.batches(), traj.num_steps * len(traj.branches)))  # the first workload
+    keep = max(1, -(-max_tokens // len(batches)))
+    fn = _capture_fn(den, keep)
+    parts: dict[str, list[Array]] = {}
+    for b in batches:
+        for path, rows in fn(variables, b["x"], b["t"], b["cond"]).items():
+            parts.setdefault(path, []).append(rows)
+    return {p: jnp.concatenate(v)[:max_tokens] for p, v in parts.items()}
 
 
 # --- full layer statistics ------------------------------------------------------------------------
@@ -233,15 +279,30 @@ def layer_stats(
 
     Pool with ``calib.merge(*result.values())`` for methods that want one set.
     """
-    batches = [{k: b[k] for k in ("x", "t", "cond", "key")} for b in traj.batches(steps_per_sample=steps_per_sample, groups=groups)]
+    config = config or calib.CalibConfig()
+    steps = _STAT_STEPS.setdefault(den, {})
+    if config not in steps:
+        steps[config] = calib.make_step(_calib_apply(den), config)
+    step = steps[config]
+    it = traj.batches(steps_per_sample=steps_per_sample, groups=groups)
+    if progress:
+        from tqdm.auto import tqdm
 
-    def key_fn(batch: dict[str, Any]) -> Hashable:
-        g, br = (int(v) for v in batch["key"])
-        return (g, br)
-
-    return calib.calibrate(
-        _calib_apply(den), variables, batches, config, key_fn=key_fn, progress=progress, desc="trajectory calibration"
-    )
+        it = tqdm(it, desc="trajectory calibration", leave=False)
+    out: dict[tuple[int, int], calib.Stats] = {}
+    template = None
+    for b in it:
+        key = (int(b["key"][0]), int(b["key"][1]))
+        batch = {k: b[k] for k in ("x", "t", "cond")}
+        if key not in out:
+            template = template if template is not None else calib.init(_calib_apply(den), variables, batch, config)
+            out[key] = jax.tree.map(jnp.zeros_like, template)
+        out[key] = step(out[key], variables, batch)
+    if not out:
+        raise ValueError("layer_stats: no calibration batches (empty trajectories)")
+    for s in out.values():
+        calib.validate(s)
+    return out
 
 
 def pooled_stats(per_key: dict[Any, calib.Stats]) -> calib.Stats:

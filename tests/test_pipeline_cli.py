@@ -1,0 +1,69 @@
+"""`jquant quantize` / `jquant eval` on a tiny random Wan directory; checkpoint round trip."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from _pipeline_util import CONFIG, tiny_bundle
+from jquant import cli
+from jquant import recipe as rc
+from jquant.pipeline import calibrate as C
+from jquant.pipeline import cli as pcli
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wan")
+    models.save_pretrained(d, CONFIG, models.init_params(CONFIG, jax.random.key(0)))
+    return d
+
+
+def test_quantize_then_eval(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc_ = cli.main(["quantize", str(model_dir), "--recipe", "int8-wa-smooth", "--out", str(out), "--steps", "2",
+                    "--calib-samples", "2", "--calib-batch", "2", "--table", "variance", "--groups", "2", "--per-branch"])
+    assert rc_ == 0
+    assert {p.name for p in out.iterdir()} >= {"checkpoint", "quant.json", "report.md", "report.json"}
+    meta = json.loads((out / "quant.json").read_text())
+    assert meta["act"] == "int8/t" and meta["num_steps"] == 2 and meta["table"]["config"]["per_branch"]
+    rep = json.loads((out / "report.json").read_text())
+    rows = {r["layer"]: r for r in rep["layers"]}
+    assert rows["blocks_0/ffn/net_2"]["format"] == "int8/c" and "input_mul" in rows["blocks_0/ffn/net_2"]["aux"]
+    assert rows["blocks_0/ffn/net_2"]["bytes"] < rows["blocks_0/ffn/net_2"]["bytes_float"] / 3
+    assert rows["proj_out"]["format"].startswith("float") and rows["proj_out"]["activations"] == "-"
+    assert set(rep["meta"]["info"]["seconds"]) >= {"calibration_stats", "calibration_record", "table_ranges", "save"}
+    md = (out / "report.md").read_text()
+    assert "| blocks_0/attn1/to_q | attn.qkv, self_attn, temporal | int8/c |" in md and "Scale table" in md
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--clips", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8-wa-smooth" in printed and "error after each denoising step" in printed
+    res = json.loads((out / "eval.json").read_text())
+    assert 10 < res["psnr"] < 80 and len(res["step_rmse"]) == 2 and res["labels"] == [0]
+
+
+def test_checkpoint_round_trip_samples_identically(tmp_path):
+    b = tiny_bundle()
+    cal = C.Calibrator(b, C.CalibrationConfig(num_samples=1, batch=1))
+    qm = C.quantize(b, rc.get("fp8-wa"), cal)
+    pcli.save_quantized(tmp_path, qm, {"info": qm.info})
+    back, meta = pcli.load_quantized(tmp_path)
+    assert back.act == qm.act and back.name == "fp8-wa" and meta["table"]["act"] == "fp8_e4m3/t"
+    np.testing.assert_array_equal(back.table.groups, qm.table.groups)
+    work = b.workload(1, 0)
+    np.testing.assert_array_equal(back.sample(b.denoiser, work), qm.sample(b.denoiser, work))
+    with pytest.raises(FileNotFoundError, match="not a `jquant quantize` output"):
+        pcli.load_quantized(tmp_path / "nope")
+
+
+def test_cli_lists_and_refuses(model_dir, tmp_path, capsys):
+    assert cli.main(["quantize", str(model_dir), "--list"]) == 0
+    assert "int8-wa-smooth" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", str(model_dir), "--recipe", "quip2", "--out", str(tmp_path)])
+    assert "cannot store" in capsys.readouterr().err
+    with pytest.raises(KeyError, match="unknown recipe"):
+        cli.main(["quantize", str(model_dir), "--recipe", "w3", "--out", str(tmp_path)])
