@@ -1,122 +1,41 @@
-"""`jquant demo`: quantize the bundled tiny video model and compare formats on the same noise.
+"""`jquant demo`: the bundled tiny video model through a set of quantization recipes.
 
 Loads `models/assets/tiny_wan` (a small Wan2.1-architecture model trained on moving digits by
 `scripts/train_tiny.py`), samples one clip per digit class with the jitted flow-match Euler
-sampler and classifier-free guidance, once per format row:
+sampler and classifier-free guidance in full precision, then quantizes it with each recipe of
+`jquant.recipe` (calibrating on the denoising trajectory: several seeds and classes, every
+step, both CFG branches) and samples again on the same noise and classes.
 
-* ``fp32``: the full-precision reference;
-* ``W8A8``: round-to-nearest int8 weights (one scale per output channel) and dynamic per-token
-  int8 activations;
-* ``W4A16``: round-to-nearest int4 weights in groups of 64 along the input axis, float activations.
+Default recipes (fast on a 2-core CPU; ``--recipes all`` runs every registered one):
 
-Layers whose roles (`models.layer_roles`) are ``embedder``, ``modulation`` or ``final`` stay in
-float: they are a small share of the bytes and feed every token (patch/timestep/text embedders,
-the adaLN projection, the output head). Each row reports weight bytes (all params), PSNR and SSIM
-of its clips against the fp32 clips, the classifier accuracy of its clips (the fraction whose
-predicted digit is the conditioned one; see docs/tiny_model.md) and the sampling time. The clips
-are written side by side as a PNG grid and an animated GIF.
+* ``int8-wa-smooth``: SmoothQuant, int8 weights, int8 activations with static scales from a
+  variance-aware per-timestep table;
+* ``w4a16-gptq``: GPTQ int4 weights in groups of 64 on trajectory Hessians;
+* ``q4_k_m``: the GGUF Q4_K_M mix by layer role.
 
-Rows are `DemoFormat(name, transform, act)` entries, so more recipes are one list item away.
+Embedders, the adaLN modulation and the output head stay in float in every recipe. One table
+row per recipe: bits per quantized weight, weight memory (all params and aux), PSNR and SSIM
+per frame against the fp32 clips, temporal flicker, the bundled classifier's accuracy on the
+clips (the share it names as the conditioned digit; docs/tiny_model.md) and the sampling time
+without compilation. Written under ``--out``: ``grid.png`` and ``clips.gif`` (the clips side by
+side), ``step_error.png`` (latent error after each denoising step, per recipe) and
+``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
-import jquant.nn
-from jquant.metrics import psnr, ssim
-from jquant.qarray import QArray
-from jquant.rules import Rule, flatten_with_paths, leaf_nbytes, quantize_params
-from jquant.sampling import sample_flow_euler
-
-Params = Any
-Roles = dict[str, tuple[str, ...]]
-ParamsTransform = Callable[[Params, Roles], Params]
-
-FLOAT_ROLES: tuple[str, ...] = ("embedder", "modulation", "final")
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoFormat:
-    """One table row: `transform(params, roles) -> params` (None: the float params unchanged) and
-    the activation spec used inside `jquant.nn.quantized` (None: float activations)."""
-
-    name: str
-    transform: ParamsTransform | None = None
-    act: str | None = None
-
-
-def role_rules(roles: Roles, spec: str, keep_float: Sequence[str] = FLOAT_ROLES) -> list[Rule]:
-    """Rules for `quantize_params`: kernels having any role in `keep_float` stay float, every
-    other eligible weight gets `spec`."""
-    keep = [(f"^{re.escape(path)}$", None) for path, r in sorted(roles.items()) if set(r) & set(keep_float)]
-    return [*keep, (".*", spec)]
-
-
-def rtn(spec: str, keep_float: Sequence[str] = FLOAT_ROLES) -> ParamsTransform:
-    """Round-to-nearest weight quantization to `spec`, except layers with roles in `keep_float`."""
-
-    def transform(params: Params, roles: Roles) -> Params:
-        return quantize_params(params, role_rules(roles, spec, keep_float))[0]
-
-    return transform
-
-
-DEFAULT_FORMATS: tuple[DemoFormat, ...] = (
-    DemoFormat("fp32"),
-    DemoFormat("W8A8 int8/token", rtn("int8"), "int8/token"),
-    DemoFormat("W4A16 int4/g64", rtn("int4/g64"), None),
-)
-
-
-def weight_bytes(params: Params) -> int:
-    """Bytes of every leaf (QArrays counted packed, with their scales)."""
-    return sum(leaf_nbytes(leaf) for _, leaf in flatten_with_paths(params))
-
-
-def _has_qarray(params: Params) -> bool:
-    return any(isinstance(leaf, QArray) for _, leaf in flatten_with_paths(params))
-
-
-def _velocity(model: Any, act: str | None, quantized: bool, params: Params, x: jax.Array, t: jax.Array,
-              cond: jax.Array, _step: Any) -> jax.Array:
-    """Sampler model_fn: the Wan velocity, run through jquant.nn when anything is quantized."""
-    from models.tiny_wan import velocity
-
-    if not quantized:
-        return velocity(model, params, x, t, cond)
-    with jquant.nn.quantized(act=act):
-        return velocity(model, params, x, t, cond)
-
-
-class _CompileClock:
-    """Seconds JAX spends tracing, lowering and compiling (jax.monitoring duration events)."""
-
-    seconds = 0.0
-    _registered = False
-
-    @classmethod
-    def install(cls) -> None:
-        if not cls._registered:
-            jax.monitoring.register_event_duration_secs_listener(cls._listen)
-            cls._registered = True
-
-    @classmethod
-    def _listen(cls, event: str, duration: float, **_: Any) -> None:
-        if event.startswith("/jax/core/compile/"):
-            cls.seconds += duration
+DEFAULT_RECIPES: tuple[str, ...] = ("int8-wa-smooth", "w4a16-gptq", "q4_k_m")
 
 
 def _clip_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> list[np.ndarray]:
@@ -177,14 +96,38 @@ def write_media(out_dir: Path, rows: Sequence[np.ndarray], names: Sequence[str])
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The demo's results as a fixed-width text table."""
-    head = f"{'format':<18} {'weight bytes':>13} {'PSNR dB':>8} {'SSIM':>6} {'class acc':>9} {'sample s':>9} {'compile s':>9}"
+    head = (f"{'recipe':<16} {'bits/w':>6} {'weights MiB':>11} {'PSNR dB':>8} {'SSIM':>6} {'flicker':>8} "
+            f"{'class acc':>9} {'sample s':>9} {'compile s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['format']:<18} {r['weight_bytes']:>13,} {r['psnr']:>8.2f} {r['ssim']:>6.3f} "
-            f"{r['accuracy']:>9.2f} {r['sample_s']:>9.2f} {r['compile_s']:>9.2f}"
+            f"{r['recipe']:<16} {r['bits_per_weight']:>6.2f} {r['weight_bytes'] / 2**20:>11.3f} {r['psnr']:>8.2f} "
+            f"{r['ssim']:>6.3f} {r['flicker']:>8.4f} {r['accuracy']:>9.2f} {r['sample_s']:>9.2f} {r['compile_s']:>9.2f}"
         )
     return "\n".join(lines)
+
+
+def plot_step_errors(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """``step_error.png``: RMS latent difference to the fp32 trajectory after each step, per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["recipe"] != "fp32":
+            ax.plot(np.arange(1, len(r["step_rmse"]) + 1), r["step_rmse"], marker="o", ms=3, label=r["recipe"])
+    ax.set_yscale("log")
+    ax.set_xlabel("denoising step (1 = noisiest)")
+    ax.set_ylabel("RMS latent error vs fp32")
+    ax.set_title("error along the denoising trajectory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _finite_or_none(x: Any) -> Any:
@@ -198,106 +141,118 @@ def _finite_or_none(x: Any) -> Any:
     return x
 
 
+def resolve_recipes(names: str | Sequence[str]) -> list[str]:
+    """``"all"``, a comma-separated string or a sequence of registered recipe names."""
+    from jquant import recipe as rc
+
+    if isinstance(names, str):
+        names = rc.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    for n in names:
+        rc.get(n)  # a clear error for unknown or unavailable names
+    return list(names)
+
+
 def run_demo(
     out_dir: str = "jquant-demo",
     num_clips: int = 8,
     steps: int = 16,
     seed: int = 0,
     *,
-    formats: Sequence[DemoFormat] = DEFAULT_FORMATS,
+    recipes: str | Sequence[str] = DEFAULT_RECIPES,
     model_dir: str | None = None,
     guidance_scale: float | None = None,
+    calib_samples: int = 4,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sample `num_clips` clips (digits 0, 1, ... cycling) under every format on the same noise;
-    write grid.png, clips.gif and results.json under `out_dir`; return the results.
+    """Sample `num_clips` clips (digits 0, 1, ... cycling) in fp32 and under every recipe on the
+    same noise; write grid.png, clips.gif, step_error.png and results.json under `out_dir`.
 
-    The first format is the reference the others' PSNR/SSIM are measured against.
     `model_dir` defaults to the bundled model; `guidance_scale` to the one stored with it.
+    Calibration uses `calib_samples` samples of its own noise seed (not the evaluation's).
     """
     from tqdm.auto import tqdm
 
-    import models
+    from jquant import recipe as rc
+    from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
+    from jquant.pipeline.denoiser import tiny_wan_bundle
+    from jquant.pipeline.evaluate import evaluate, reference, weight_summary
     from models import tiny_wan as tw
 
     if num_clips < 1 or steps < 1:
         raise ValueError(f"run_demo: num_clips and steps must be >= 1, got num_clips={num_clips}, steps={steps}")
-    if not formats:
-        raise ValueError("run_demo: formats is empty")
+    names = resolve_recipes(recipes)
+    if not names:
+        raise ValueError("run_demo: recipes is empty")
     t_start = time.perf_counter()
-    _CompileClock.install()
-    bundle = tw.load_tiny(model_dir or tw.ASSET_DIR)
-    roles = models.layer_roles(bundle.config, bundle.params)
-    sampling = bundle.meta["sampling"]
-    guidance = float(sampling["guidance_scale"] if guidance_scale is None else guidance_scale)
-    labels = jnp.arange(num_clips) % tw.NUM_CLASSES
-    x_T = jax.random.normal(jax.random.key(seed), bundle.latent_shape(num_clips), jnp.float32)
-    text = bundle.text(labels)
-    uncond = bundle.null_text(num_clips)
+    bundle = tiny_wan_bundle(model_dir, num_steps=steps)
+    if guidance_scale is not None:
+        bundle = dataclasses.replace(bundle, denoiser=dataclasses.replace(bundle.denoiser, guidance_scale=float(guidance_scale)))
+    tiny = bundle.extra["tiny"]
+    work = bundle.workload(num_clips, seed)
+    labels = jnp.asarray(work.labels)
 
-    results: list[dict[str, Any]] = []
-    clips_by_format: list[np.ndarray] = []
-    for fmt in tqdm(formats, desc="formats", disable=not progress):
-        params = bundle.params if fmt.transform is None else fmt.transform(bundle.params, roles)
-        quantized = fmt.act is not None or _has_qarray(params)
-        fn = Partial(functools.partial(_velocity, bundle.model, fmt.act, quantized), params)
-        compile_before = _CompileClock.seconds
+    def accuracy(videos: np.ndarray) -> float:
+        return tw.sample_accuracy(tiny.classifier, tiny.classifier_params, jnp.asarray(videos[..., 0]), labels)
+
+    ref = reference(bundle, work)
+    ref_clips = np.asarray(ref.videos)
+    rows: list[dict[str, Any]] = [{
+        "recipe": "fp32", "activations": "-", **weight_summary({"params": bundle.params}), "psnr": float("inf"),
+        "ssim": 1.0, "flicker": 0.0, "accuracy": accuracy(ref_clips), "sample_s": ref.sample_s, "compile_s": ref.compile_s,
+        "step_rmse": [0.0] * steps,
+    }]
+    clips_by_recipe = [ref_clips[..., 0]]
+    cal = Calibrator(bundle, CalibrationConfig(num_samples=calib_samples, batch=min(4, calib_samples)))
+    for name in tqdm(names, desc="recipes", disable=not progress):
         t0 = time.perf_counter()
-        latents = sample_flow_euler(
-            fn, x_T, text, num_steps=steps, shift=float(sampling["shift"]), guidance_scale=guidance, uncond=uncond
-        )
-        clips = np.asarray(jax.block_until_ready(tw.latents_to_clips(latents)))
-        wall = time.perf_counter() - t0
-        compile_s = min(wall, _CompileClock.seconds - compile_before)
-        clips_by_format.append(clips)
-        ref, test = clips_by_format[0][..., None], clips[..., None]
-        results.append(
-            {
-                "format": fmt.name,
-                "act": fmt.act,
-                "weight_bytes": weight_bytes(params),
-                "psnr": float(np.mean(np.asarray(psnr(ref, test)))),
-                "ssim": float(np.mean(np.asarray(ssim(ref, test)))),
-                "accuracy": tw.sample_accuracy(bundle.classifier, bundle.classifier_params, jnp.asarray(clips), labels),
-                "sample_s": wall - compile_s,
-                "compile_s": compile_s,
-            }
-        )
+        qm = quantize(bundle, rc.get(name), cal)
+        quantize_s = time.perf_counter() - t0
+        r = evaluate(bundle, qm, ref)
+        videos = r.pop("videos")
+        clips_by_recipe.append(videos[..., 0])
+        rows.append({"recipe": name, "activations": rc.get(name).label, "accuracy": accuracy(videos),
+                     "quantize_s": quantize_s, **{k: v for k, v in r.items() if k not in ("name",)}})
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png, gif = write_media(out, clips_by_format, [r["format"] for r in results])
+    png, gif = write_media(out, clips_by_recipe, [r["recipe"] for r in rows])
+    plot = plot_step_errors(out / "step_error.png", rows)
     summary = {
-        "rows": results,
+        "rows": rows,
         "num_clips": num_clips,
-        "labels": np.asarray(labels).tolist(),
+        "labels": list(work.labels),
         "steps": steps,
-        "guidance_scale": guidance,
+        "guidance_scale": bundle.denoiser.guidance_scale,
         "seed": seed,
+        "calib_samples": calib_samples,
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         "png": str(png),
         "gif": str(gif),
+        "plot": str(plot),
         "total_s": time.perf_counter() - t_start,
     }
-    (out / "results.json").write_text(json.dumps(_finite_or_none(summary), indent=2) + "\n")
-    summary["table"] = format_table(results)
+    (out / "results.json").write_text(json.dumps(_finite_or_none(summary), indent=2, default=float) + "\n")
+    summary["table"] = format_table(rows)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`jquant demo [--out DIR] [--clips N] [--steps N] [--seed N]`."""
+    """`jquant demo [--out DIR] [--clips N] [--steps N] [--seed N] [--recipes a,b|all]`."""
     p = argparse.ArgumentParser(prog="jquant demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="jquant-demo", help="output folder (default: ./jquant-demo)")
-    p.add_argument("--clips", type=int, default=8, help="clips per format, one per digit class 0, 1, ...")
+    p.add_argument("--clips", type=int, default=8, help="clips per recipe, one per digit class 0, 1, ...")
     p.add_argument("--steps", type=int, default=16, help="flow-match Euler steps")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                   help="comma-separated recipe names, or 'all' (see `jquant quantize x --list`)")
     a = p.parse_args(argv)
-    res = run_demo(a.out, num_clips=a.clips, steps=a.steps, seed=a.seed)
+    res = run_demo(a.out, num_clips=a.clips, steps=a.steps, seed=a.seed, recipes=a.recipes)
     print()
     print(res["table"])
     print(
-        f"\nPSNR/SSIM against fp32 on the same noise; class acc = share of clips the bundled classifier "
-        f"names as the digit they were conditioned on ({res['num_clips']} clips, digits {res['labels']})."
+        f"\nPSNR/SSIM per frame and flicker against fp32 on the same noise; bits/w over the quantized kernels "
+        f"(scales and aux included); class acc = share of clips the bundled classifier names as the digit they were "
+        f"conditioned on ({res['num_clips']} clips, digits {res['labels']})."
     )
-    print(f"wrote {res['png']} and {res['gif']} ({res['total_s']:.0f} s in all)")
+    print(f"wrote {res['png']}, {res['gif']} and {res['plot']} ({res['total_s']:.0f} s in all)")
     return 0

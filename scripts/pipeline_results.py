@@ -217,7 +217,7 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default="tables,policies,precision,recipes")
-    p.add_argument("--clips", type=int, default=10)
+    p.add_argument("--clips", type=int, default=16)
     p.add_argument("--calib-samples", type=int, default=10)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)

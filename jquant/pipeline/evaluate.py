@@ -40,16 +40,17 @@ class Reference:
     videos: Array
     data_range: float
     sample_s: float
+    compile_s: float = 0.0
 
 
 def reference(bundle: ModelBundle, work: Workload) -> Reference:
     """Sample the float model (with its trajectory) on ``work``."""
     fm = float_model(bundle)
-    (lat, traj), run_s, _ = timed(fm.sample, bundle.denoiser, work, return_trajectory=True)
+    (lat, traj), run_s, comp_s = timed(fm.sample, bundle.denoiser, work, return_trajectory=True)
     vid, rng = bundle.to_video(lat)
     if rng is None:
         rng = float(jnp.max(vid) - jnp.min(vid)) or 1.0
-    return Reference(work, lat, traj, vid, float(rng), run_s)
+    return Reference(work, lat, traj, vid, float(rng), run_s, comp_s)
 
 
 def weight_summary(variables: dict[str, Any]) -> dict[str, float]:
