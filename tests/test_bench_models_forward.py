@@ -18,12 +18,15 @@ def test_tiny_benchmark_writes_result(tmp_path: Path, monkeypatch: pytest.Monkey
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    report = bench.main(["--tiny", "--attn", "xla", "--warmup", "0", "--runs", "1", "--out-dir", str(tmp_path)])
+    # Two of the five (each port's own parity and sampling tests cover the rest): LTX-2, the one
+    # not yet run at full size on the GPU, and HunyuanVideo.
+    report = bench.main(["--tiny", "--models", "hunyuan_video", "ltx2", "--attn", "xla", "--warmup", "0", "--runs", "1",
+                         "--out-dir", str(tmp_path)])
     files = list(tmp_path.glob("models_forward-tiny-*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
     assert saved == json.loads(json.dumps(report))
-    assert set(saved["results"]) == {"hunyuan_video", "cogvideox", "mochi", "ltx_video", "ltx2"}
+    assert set(saved["results"]) == {"hunyuan_video", "ltx2"}
     for name, r in saved["results"].items():
         config = bench.BENCHES[name].tiny_config
         assert r["param_count"] == bench.models.param_count(bench.models.param_shapes(config))
