@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from jquant.pipeline import policy as pol
 from jquant.pipeline.tables import TableConfig

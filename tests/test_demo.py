@@ -1,4 +1,4 @@
-"""`jquant demo` end to end on the bundled tiny model (few clips, few steps, two recipes)."""
+"""`jquant demo` end to end on the bundled tiny model (two clips, six steps, two recipes)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ RECIPES = ("int8-wa-smooth", "nf4")  # a static per-timestep table (W8A8) and a 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return demo.run_demo(str(out), num_clips=3, steps=4, seed=0, recipes=RECIPES, calib_samples=2, progress=False), out
+    # the settings of tests/test_pipeline_quality.py: the cached bundle's compiled samplers are shared
+    return demo.run_demo(str(out), num_clips=2, steps=6, seed=0, recipes=RECIPES, calib_samples=2, progress=False), out
 
 
 def test_demo_rows_metrics_and_files(result):
@@ -32,10 +33,10 @@ def test_demo_rows_metrics_and_files(result):
     assert w8a8["psnr"] > w4["psnr"] + 3.0 and w8a8["ssim"] > w4["ssim"]  # measured: ~29 vs ~20 dB at these settings
     assert 8.0 < w8a8["bits_per_weight"] < 9.5 and 4.0 < w4["bits_per_weight"] < 5.0
     assert fp32["weight_bytes"] > 2.5 * w8a8["weight_bytes"] and w8a8["weight_bytes"] > 1.3 * w4["weight_bytes"]
-    assert fp32["accuracy"] >= 2 / 3  # the bundled model's samples are recognisable
+    assert fp32["accuracy"] >= 1 / 2  # the bundled model's samples are recognisable
     for r in res["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["sample_s"] >= 0 and r["compile_s"] >= 0
-        assert r["recipe"] in res["table"] and len(r["step_rmse"]) == 4
+        assert r["recipe"] in res["table"] and len(r["step_rmse"]) == 6
     assert w4["step_rmse"][-1] > 0 and w4["flicker"] > w8a8["flicker"] > 0
 
     png, gif = Image.open(out / "grid.png"), Image.open(out / "clips.gif")
@@ -46,7 +47,7 @@ def test_demo_rows_metrics_and_files(result):
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"][0]["psnr"] is None  # inf -> null in JSON
     assert saved["rows"][1]["psnr"] == pytest.approx(w8a8["psnr"])
-    assert saved["labels"] == [0, 1, 2]
+    assert saved["labels"] == [0, 1]
 
 
 def test_recipe_selection():

@@ -55,6 +55,8 @@ def test_record_and_ranges_match_the_replayed_inputs(setup):
     per_frame = np.abs(a).reshape(a.shape[0], 2, 4, -1).max(axis=(0, 2, 3))
     np.testing.assert_allclose(rng.absmax["blocks_0/attn1/to_q"][1, T.COND], per_frame, rtol=1e-6)
     assert np.all(rng.absmax["blocks_0/attn2/to_k"][:, T.UNCOND] != rng.absmax["blocks_0/attn2/to_k"][:, T.COND])
+    samples = cal.samples({"params": b.params}, max_tokens=40)  # rows drawn over every step and branch
+    assert samples["blocks_0/attn1/to_q"].shape == (40, 64) and samples["condition_embedder/time_proj"].shape == (12, 64)
 
 
 def test_layer_stats_keyed_by_group_and_branch(setup):

@@ -60,7 +60,7 @@ def test_registry_lists_available_and_missing_recipes():
         pol.Policy("bad", ((("attn",), "int8"),), None)
 
 
-SAMPLED = ("int8-wa-smooth", "w4-svd", "w4a4-quarot", "q4_k_m")  # a static table, low rank, rotations, a codec
+SAMPLED = ("int8-wa-smooth", "w4a4-quarot")  # a static table; rotations with int4 activations
 
 
 @pytest.mark.parametrize("name", list(EXPECT))
@@ -101,16 +101,10 @@ def test_rotations_are_exact_in_float_and_chains_compose(env):
     assert qm.table.num_groups == 1 and set(qm.table.scales) == set(C.quantized_layers(qm.variables))
     with pytest.raises(TypeError, match="not a Transform"):
         rc.chain(rc.quarot(), "gptq")
-    # the two slow recipes' building blocks, cheaper: a few SpinQuant steps, QuIP# without LDLQ
-    spun = rc.chain(rc.spinquant(steps=3, max_tokens=64), rc.rtn(pol.uniform("int4/g64")))(cal.float_variables, cal.context())
+    # the slow SpinQuant recipe's building block, cheaper: a few optimizer steps on few rows
+    spun = rc.chain(rc.spinquant(steps=2, max_tokens=32), rc.rtn(pol.uniform("int4/g64")))(cal.float_variables, cal.context())
     assert "hadamard" in _flat_aux(spun)["blocks_0/attn1/to_q"] and isinstance(
         dict(_leaf_items(spun["params"]))["blocks_0/attn1/to_v/kernel"], QArray)
-    from jquant.algorithms.coded import CodedArray
-
-    qp = rc.quip(pol.uniform("int4/g64"), ldlq=False)(cal.float_variables, cal.context())
-    leaves = dict(_leaf_items(qp["params"]))
-    assert isinstance(leaves["blocks_0/ffn/net_2/kernel"], CodedArray) and leaves["blocks_0/ffn/net_2/kernel"].bits_per_weight < 2.1
-    assert not isinstance(leaves["proj_out/kernel"], CodedArray)
     other = C.Calibrator(tiny_bundle(num_steps=2), C.CalibrationConfig(num_samples=1, batch=1))
     with pytest.raises(ValueError, match="another model bundle"):
         C.quantize(b, mine, other)

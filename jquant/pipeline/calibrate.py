@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,8 +29,10 @@ from jquant.pipeline.denoiser import ModelBundle, Workload
 from jquant.pipeline.runtime import QuantizedModel
 from jquant.pipeline.tables import ScaleTable, TableConfig, build_table
 from jquant.qarray import QArray
-from jquant.recipe import Context, Recipe
 from jquant.rules import flatten_with_paths
+
+if TYPE_CHECKING:  # jquant.recipe imports the pipeline's policies and tables: import it lazily
+    from jquant.recipe import Context, Recipe
 
 Variables = dict[str, Any]
 
@@ -124,6 +126,8 @@ class Calibrator:
         return out
 
     def context(self) -> Context:
+        from jquant.recipe import Context
+
         cfg = self.bundle.config
         width = int(getattr(cfg, "inner_dim", 0) or cfg.num_attention_heads * cfg.attention_head_dim)
         return Context(self.bundle.roles, self.bundle.head_dim, width, self.stats, self.samples)

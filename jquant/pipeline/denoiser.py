@@ -15,6 +15,7 @@ learned sigma). :func:`load_bundle` picks one from a model directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -169,11 +170,22 @@ def _latents_as_video(latents: Array) -> tuple[Array, float | None]:
 
 
 def tiny_wan_bundle(path: str | Path | None = None, *, num_steps: int | None = None) -> ModelBundle:
-    """The bundled tiny Wan (moving digits): class conditioning, its sampling defaults, its judge."""
+    """The bundled tiny Wan (moving digits): class conditioning, its sampling defaults, its judge.
+
+    Cached per (directory, steps): the same bundle (and so the same Denoiser, which keys the
+    compiled samplers and calibration steps) comes back for the same arguments.
+    """
+    from models import tiny_wan as tw
+
+    return _tiny_wan_bundle(str(Path(path or tw.ASSET_DIR).resolve()), num_steps)
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
     import models
     from models import tiny_wan as tw
 
-    b = tw.load_tiny(path or tw.ASSET_DIR)
+    b = tw.load_tiny(path)
     s = b.meta["sampling"]
     den = Denoiser(
         b.model, _wan_apply, "flow", int(num_steps or s.get("num_steps", s.get("steps", 12))),
