@@ -28,32 +28,24 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import jquant.nn as jnn  # noqa: E402
 from jquant import calib  # noqa: E402
 from jquant.algorithms import aqlm, fold, gptq, quarot, quip, smoothquant, spinquant, svd  # noqa: E402
+from jquant.algorithms import layerwise as lw  # noqa: E402
 from jquant.algorithms.coded import CodedArray  # noqa: E402
-from jquant.algorithms.linear_tree import capture_inputs, get_aux, get_kernel, linear_paths, update_layer  # noqa: E402
+from jquant.algorithms.linear_tree import capture_inputs, get_aux, get_kernel, linear_paths  # noqa: E402
 from jquant.algorithms.synthetic import layer_problem  # noqa: E402
 from jquant.algorithms.toy import one_layer, outlier_block  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
 from jquant.rules import quantize_params  # noqa: E402
+from methods_table import Row, table  # noqa: E402  (same rows and markdown as the classical table)
 
 COMMAND = "python scripts/rotation_table.py"
 ACTS = {"W4A4": "int4/token", "W4A8": "int8/token"}
 RANKS = (8, 16, 32, 64)
 BLOCK_LINEARS = r"blocks_\d+/(attn[12]/to_(q|k|v|out_0)|ffn/net_(0/proj|2))/kernel$"
-
-
-@dataclasses.dataclass
-class Row:
-    group: str
-    method: str
-    spec: str
-    bits: float
-    err: float
-    err_heldout: float
-    extra: str = ""
 
 
 # --- a problem: a model, float variables, calibration and held-out inputs, the rules ----------------------
@@ -86,15 +78,19 @@ class Problem:
         return float(e), rel(self.run(variables, *self.heldout, act=act), self.y_held)
 
 
-def quantized_bits(variables: dict, rules_regex: str | None = None) -> float:
-    """Bits per weight of the quantized kernels: real storage + every aux array of those layers."""
+def quantized_bits(variables: dict) -> float:
+    """Bits per weight of the quantized kernels as the classical table counts them (codes at
+    their logical width, scales, zero points, codebooks), plus every aux array of those
+    layers (low-rank branch, input_mul)."""
     bits = size = 0
     for path in linear_paths(variables):
         k = get_kernel(variables, path)
         if not isinstance(k, (QArray, CodedArray)):
             continue
-        size += int(np.prod(k.shape))
-        bits += 8 * k.nbytes + sum(8 * int(np.asarray(v).nbytes) for v in get_aux(variables, path).values())
+        n = int(np.prod(k.shape))
+        size += n
+        code_bits = lw.nominal_bits_per_weight(k) * n if isinstance(k, QArray) or hasattr(k, "nominal_bits") else 8 * k.nbytes
+        bits += code_bits + sum(8 * int(np.asarray(v).nbytes) for v in get_aux(variables, path).values())
     return bits / max(size, 1)
 
 
@@ -136,8 +132,8 @@ def pipe_quarot(quant: Callable) -> Pipeline:
 
 def pipe_spinquant(quant: Callable, steps: int) -> Pipeline:
     def f(p, act):
-        cfg = spinquant.SpinQuantConfig(
-            w_spec=p.wspec, act=act, steps=steps, lr=1e-3, vo_groups=p.plan.vo_groups, head_dim=p.plan.head_dim,
+        cfg = spinquant.SpinQuantConfig(  # with GPTQ after, the loss quantizes activations only (as SpinQuant does)
+            w_spec=p.wspec if quant is _rtn else None, act=act, steps=steps, lr=1e-3, vo_groups=p.plan.vo_groups, head_dim=p.plan.head_dim,
             online=p.plan.online, skip=p.plan.skip, seed=p.plan.seed,
         )
         samples = capture_inputs(p.model, p.variables, *[jnp.concatenate(a, 0) for a in zip(*p.calib)])
@@ -170,7 +166,8 @@ def corrected(q: dict, ref: dict, p: Problem, rank: int) -> dict:
 def layer_spinquant(p: Problem, act: str, steps: int, quant: Callable) -> tuple[dict, Problem]:
     x = p.calib[0][0]
     w = get_kernel(p.variables, "layer")
-    r, _ = spinquant.learn_rotation(x, w, spinquant.SpinQuantConfig(w_spec=p.wspec, act=act, steps=steps, lr=1e-3, max_tokens=4096))
+    wspec = p.wspec if quant is _rtn else None  # with GPTQ after, the loss quantizes activations only
+    r, _ = spinquant.learn_rotation(x, w, spinquant.SpinQuantConfig(w_spec=wspec, act=act, steps=steps, lr=1e-3, max_tokens=4096))
     model, v = one_layer(jnp.matmul(r.T, w, precision=jax.lax.Precision.HIGHEST))
     rp = Problem(p.name, model, v, [(b[0] @ r,) for b in p.calib], (p.heldout[0] @ r,), p.rules, p.plan, p.wspec)
     return quant(rp, v), rp
@@ -321,17 +318,6 @@ def tiny_wan_problem(seed: int, n_batches: int, batch: int) -> Problem | None:
 
 
 # --- markdown ------------------------------------------------------------------------------------------------
-def table(rows: list[Row]) -> str:
-    out, group = [], None
-    head = "| method | spec | bits/weight | output error (calib) | output error (held-out) | notes |\n|---|---|---|---|---|---|"
-    for r in rows:
-        if r.group != group:
-            group = r.group
-            out += ["", f"**{group}**", "", head]
-        out.append(f"| {r.method} | `{r.spec}` | {r.bits:.3f} | {r.err:.2e} | {r.err_heldout:.2e} | {r.extra} |")
-    return "\n".join(out)
-
-
 def checks(rows: list[Row], sweep: list[Row], brows: list[Row]) -> list[str]:
     """The orderings the issue asks for, stated from the numbers (held-out)."""
     out = []
@@ -365,6 +351,29 @@ real quantized execution of `jquant.nn` (int4 per-channel weights, dynamic per-t
 int8 activations, online Hadamards and low-rank branches as aux ops). Bits per weight count
 real storage: codes, scales, codebooks, the bf16 low-rank branch and any `input_mul`.
 
+```python
+from jquant.algorithms import aqlm, quarot, quip, spinquant, svd
+from jquant.algorithms.linear_tree import capture_inputs
+
+plan = quarot.dit_plan(params, models.layer_roles(config, params), config.attention_head_dim)
+rotated = quarot.quarot(variables, None, plan)                           # exact float rewrite
+spun = spinquant.spinquant(variables, capture_inputs(model, variables, *batch),
+                           spinquant.SpinQuantConfig(vo_groups=plan.vo_groups, online=plan.online,
+                                                     head_dim=plan.head_dim, act="int4/token"))
+q = svd.svdquant(variables, stats, svd.SVDQuantConfig(rules="int4", rank=32))   # + lowrank aux
+q = svd.loftq(variables, stats, svd.LoftQConfig(rules="int4", rank=32, iters=5))
+c = svd.svd_llm(variables, stats, svd.SVDLLMConfig(ratio=0.5))                  # LowRankArray leaves
+q = svd.lowrank_correction(reference, quantized, stats, svd.CorrectionConfig(rank=16))
+q = quip.quip(variables, stats)                                                  # E8PArray leaves, 2 bits
+q = aqlm.aqlm(variables, stats, aqlm.AQLMConfig(num_codebooks=2, bits=8))        # AQLMArray leaves
+y = jquant.nn.apply(model, q, *batch, act="int4/token")
+```
+
+`variables` are linen variables (`{"params": ..., "jquant": aux}`); `stats` are
+`jquant.calib.calibrate`'s statistics of the tree being transformed (recalibrate after a
+rotation). QuIP#, AQLM and SVD-LLM leaves are `CodedArray`s that `jquant.nn` decodes with
+XLA ops (gather + sum, inverse RHTs, `a @ b`).
+
 Methods (all pure `(variables, stats, config) -> variables`; see docs/quarot.md):
 
 * **QuaRot** = online RHT on every attention/FFN linear input + head-wise V/O rotation,
@@ -372,6 +381,8 @@ Methods (all pure `(variables, stats, config) -> variables`; see docs/quarot.md)
 * **SpinQuant** = QuaRot with the V/O head rotation *learned* (Cayley + Adam, 150 steps,
   from the RHT). On the single layer the full input rotation is learned and counted as
   folded into the op producing x (the only place a dense learned rotation costs nothing).
+  The loss fake-quantizes weights (RTN rows) or, when GPTQ quantizes the weights
+  afterwards, activations only.
 * **SmoothQuant** = `smoothquant_search` scales at alpha 0.5 (`input_mul`), then RTN.
 * **SVDQuant** = alpha-0.5 smoothing, rank-32 bf16 branch from the SVD of the smoothed
   weight, residual RTN. **LoftQ** = 5 alternations of RTN and rank-32 SVD.

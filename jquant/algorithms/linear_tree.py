@@ -165,19 +165,34 @@ def hessian(stats: Any, path: str, *, damp: float = 0.0) -> Array:
     return h
 
 
-def layer_statistics(model: Any, variables: Variables, *inputs: Any, batches: Sequence[Any] | None = None) -> dict:
-    """:func:`jquant.calib.calibrate` of a linen ``model`` with ``variables`` (aux included)
-    on one input tuple (or a list of input tuples ``batches``): ``{kernel path: LayerStats}``."""
+@functools.lru_cache(maxsize=16)
+def _calib_step(model: Any):
     from jquant import calib
 
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    return calib.calibrate(
-        lambda p, b: model.apply({**rest, "params": p}, *b),
-        variables["params"],
-        batches if batches is not None else [inputs],
-        calib.CalibConfig(histogram=False),
-        progress=False,
-    )
+    apply_fn = lambda v, b: model.apply(v, *b)  # noqa: E731 - whole variables: aux included
+    config = calib.CalibConfig(histogram=False)
+    return apply_fn, config, calib.make_step(apply_fn, config)
+
+
+def layer_statistics(model: Any, variables: Variables, *inputs: Any, batches: Sequence[Any] | None = None) -> dict:
+    """:mod:`jquant.calib` statistics of a linen ``model`` with ``variables`` (aux included)
+    on one input tuple (or a list of input tuples ``batches``): ``{kernel path: LayerStats}``.
+
+    The jitted calibration step is cached per (hashable) module, so trees of the same
+    structure (e.g. before and after a smoothing) reuse one compilation.
+    """
+    from jquant import calib
+
+    apply_fn, config, step = _calib_step(model)
+    batches = list(batches) if batches is not None else [inputs]
+    if not batches:
+        raise ValueError("layer_statistics: no calibration batches")
+    variables = dict(variables)
+    stats = calib.init(apply_fn, variables, batches[0], config)
+    for b in batches:
+        stats = step(stats, variables, b)
+    calib.validate(stats)
+    return stats
 
 
 def capture_inputs(model: Any, variables: Variables, *inputs: Any) -> dict[str, Array]:

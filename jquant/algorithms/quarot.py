@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from jquant.algorithms.coded import CodedArray
 from jquant.algorithms.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
@@ -239,7 +240,9 @@ NEVER_ROTATED = frozenset({"modulation", "embedder", "final"})
 _V_NAMES, _O_NAMES = ("to_v", "add_v_proj"), ("to_out_0", "to_add_out")
 
 
-def dit_plan(params: Any, roles: Mapping[str, Sequence[str]], head_dim: int, *, seed: int = 0, heads_offline: bool = True) -> QuaRotConfig:
+def dit_plan(
+    params: Any, roles: Mapping[str, Sequence[str]], head_dim: int, *, seed: int = 0, heads_offline: bool = True, fold_qk: bool = False
+) -> QuaRotConfig:
     """QuaRot for a ported DiT (diffusers layer names), from its layer roles.
 
     Online RHT on every linear with an attention/FFN role (q/k/v, output projections, FFN
@@ -248,6 +251,9 @@ def dit_plan(params: Any, roles: Mapping[str, Sequence[str]], head_dim: int, *, 
     branch, Flux's text stream) with ``to_out_0`` (+ ``to_add_out``); an attention without
     its own output projection (Flux/HunyuanVideo single-stream blocks) pairs with the
     block's ``proj_out`` rows ``0:inner`` (the attention half of ``concat(attn, mlp)``).
+    ``fold_qk`` adds a Q/K rotation per attention (``to_q``/``to_k``, + ``add_q_proj``/
+    ``add_k_proj``): exact only for models without RoPE and without affine q/k norms (the
+    original DiT), see :func:`rotate_qk`.
     ``roles``: ``models.layer_roles(config, params)`` (kernel path -> roles).
     """
     mods = {k[: -len("/kernel")]: set(r) for k, r in roles.items()}
@@ -263,5 +269,19 @@ def dit_plan(params: Any, roles: Mapping[str, Sequence[str]], head_dim: int, *, 
             inner = get_kernel({"params": params}, v[0]).shape[1]
             o = ((f"{block}/proj_out", 0, inner),)
         groups.append((v, o))
+    qk = []
+    if fold_qk:
+        for attn in sorted({p.rsplit("/", 1)[0] for p in mods if p.rsplit("/", 1)[-1] == "to_q"}):
+            if any(k.startswith(f"{attn}/norm_") for k in _flat_keys(params)):
+                raise ValueError(f"dit_plan: {attn} has q/k norm parameters; folding the Q/K rotation would not be exact")
+            q = tuple(f"{attn}/{n}" for n in ("to_q", "add_q_proj") if f"{attn}/{n}" in mods)
+            k = tuple(f"{attn}/{n}" for n in ("to_k", "add_k_proj") if f"{attn}/{n}" in mods)
+            qk.append((q, k))
     pattern = "^(?:" + "|".join(re.escape(p) for p in online) + ")$" if online else "(?!)"
-    return QuaRotConfig(online=pattern, vo_groups=tuple(groups) if heads_offline else (), head_dim=head_dim, seed=seed)
+    return QuaRotConfig(
+        online=pattern, vo_groups=tuple(groups) if heads_offline else (), qk_groups=tuple(qk), head_dim=head_dim, seed=seed
+    )
+
+
+def _flat_keys(params: Any) -> list[str]:
+    return list(traverse_util.flatten_dict(dict(params), sep="/"))

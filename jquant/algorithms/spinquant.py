@@ -25,7 +25,7 @@ be folded into the op producing that layer's input).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +103,7 @@ def _blockdiag_cols(m: Array, r: Array) -> Array:
     return _mm(m.reshape(*m.shape[:-1], -1, hd), r).reshape(m.shape)
 
 
-def _term_error(term: _Term, r: Array, w_spec: QSpec, act: QSpec | None) -> tuple[Array, Array]:
+def _term_error(term: _Term, r: Array, w_spec: QSpec | None, act: QSpec | None) -> tuple[Array, Array]:
     """(squared error, reference energy) of one term under rotation ``r`` (block-diagonal)."""
     if term.side == "input":
         y_ref = _mm(term.x, term.w)
@@ -117,13 +117,14 @@ def _term_error(term: _Term, r: Array, w_spec: QSpec, act: QSpec | None) -> tupl
         w = _blockdiag_cols(term.w, r)
         y_ref = _mm(x, w)
     xq = x if act is None else ste_quant(x, act)
-    y = _mm(xq, ste_quant(w, w_spec))
+    y = _mm(xq, w if w_spec is None else ste_quant(w, w_spec))
     return jnp.sum(jnp.square(y - y_ref)), jnp.sum(jnp.square(y_ref))
 
 
-def rotation_loss(r: Array, terms: Sequence[_Term], w_spec: QSpec | str, act: QSpec | str | None) -> Array:
-    """Sum over terms of the relative quantized output error under rotation ``r``."""
-    w_spec = parse_spec(w_spec)
+def rotation_loss(r: Array, terms: Sequence[_Term], w_spec: QSpec | str | None, act: QSpec | str | None) -> Array:
+    """Mean over terms of the relative quantized output error under rotation ``r``
+    (``w_spec=None``: weights unquantized, as when GPTQ quantizes them afterwards)."""
+    w_spec = None if w_spec is None else parse_spec(w_spec)
     act = None if act is None else parse_spec(act)
     total = 0.0
     for t in terms:
@@ -141,14 +142,16 @@ def _optimizer(name: str, lr: float) -> optax.GradientTransformation:
 
 
 def optimize_rotation(
-    r0: Array, terms: Sequence[_Term], w_spec: QSpec | str, act: QSpec | str | None, *, steps: int, lr: float, optimizer: str = "adam"
+    r0: Array, terms: Sequence[_Term], w_spec: QSpec | str | None, act: QSpec | str | None, *, steps: int, lr: float, optimizer: str = "adam"
 ) -> tuple[Array, Array]:
     """Minimize :func:`rotation_loss` over ``R = r0 cayley(P)`` from ``P = 0``.
 
     Returns ``(R, losses)``, ``losses[i]`` the loss before step i and ``losses[-1]`` the final one.
     """
-    w_spec = parse_spec(w_spec)
+    w_spec = None if w_spec is None else parse_spec(w_spec)
     act = None if act is None else parse_spec(act)
+    if w_spec is None and act is None:
+        raise ValueError("optimize_rotation: nothing is quantized (w_spec and act are both None)")
     opt = _optimizer(optimizer, lr)
     r0 = jnp.asarray(r0, jnp.float32)
 
@@ -178,7 +181,9 @@ class SpinQuantConfig:
     """SpinQuant options.
 
     Attributes:
-      w_spec / act: the weight spec and activation spec (None: weight-only) of the loss.
+      w_spec / act: the weight and activation specs of the loss. ``act=None``: weight-only;
+        ``w_spec=None``: activations only (SpinQuant's setting when GPTQ quantizes the
+        weights afterwards).
       steps / lr / optimizer: the optax run ("adam" or "sgd" with momentum).
       vo_groups / head_dim: the attentions whose V/O rotation is learned (as in QuaRot).
       online / skip: layers that get QuaRot's online RHT (regexes over module paths).
@@ -186,7 +191,7 @@ class SpinQuantConfig:
       max_tokens: calibration rows used per layer (the first ones).
     """
 
-    w_spec: str = "int4"
+    w_spec: str | None = "int4"
     act: str | None = "int4/token"
     steps: int = 200
     lr: float = 1e-3

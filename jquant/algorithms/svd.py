@@ -27,7 +27,7 @@ smoothing to ``input_mul`` (see :mod:`jquant.nn`); they compose with an existing
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +46,9 @@ from jquant.algorithms.linear_tree import (
 )
 from jquant.formats import QSpec, parse_spec
 from jquant.qarray import QArray, dequantize, quantize
-from jquant.rules import Rule
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
-Rules = Sequence[Rule] | QSpec | str
 
 
 def _mm(a: Array, b: Array) -> Array:
