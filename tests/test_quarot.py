@@ -13,7 +13,7 @@ from jquant.algorithms.linear_tree import get_aux, jitted_apply, layer_statistic
 from jquant.algorithms import fold
 from jquant.algorithms.fold import aux_collection
 from jquant.algorithms.gptq import gptq
-from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant, smoothquant_search
+from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant_search
 from jquant.algorithms.svd import CorrectionConfig, lowrank_correction
 from jquant.algorithms.toy import one_layer, outlier_block, rope
 from jquant.rules import quantize_params
@@ -77,27 +77,30 @@ def test_qk_fold_needs_no_rope_online_rotation_after_rope_is_exact(block):
 
 @pytest.fixture(scope="module")
 def quantized(block):
-    """The same block quantized (int4 per channel) by each method, on the same calibration data."""
+    """The same block quantized (int4 per channel) by each method, on the same calibration
+    data: ``{method: (quantized tree, float tree in the same basis, its statistics)}``."""
     blk, variables, x, c, y, run = block
     stats = layer_statistics(blk, variables, x, c)
     rotated = Q.quarot(variables, None, _block_config())
     rstats = layer_statistics(blk, rotated, x, c)
-    params, aux = smoothquant(variables["params"], stats, W4, SmoothQuantConfig(alpha=0.5, act="int8/token"))
-    trees = {
-        "rtn": _quantize(variables),
-        "smoothquant": {"params": params, "jquant": aux_collection(aux)},
-        "gptq": {**variables, "params": gptq(variables["params"], stats, W4)},
-        "quarot_rtn": _quantize(rotated),
-        "quarot": {**rotated, "params": gptq(rotated["params"], rstats, W4)},
+    scales, _ = smoothquant_search(variables["params"], stats, W4, SmoothQuantConfig(alpha=0.5))
+    params, aux = fold.smooth(variables["params"], scales)
+    smoothed = {"params": params, "jquant": aux_collection(aux)}
+    sstats = {p: fold.smooth_stats(st, scales[p]) if p in scales else st for p, st in stats.items()}
+    return {
+        "rtn": (_quantize(variables), variables, stats),
+        "smoothquant": (_quantize(smoothed), smoothed, sstats),
+        "gptq": ({**variables, "params": gptq(variables["params"], stats, W4)}, variables, stats),
+        "quarot_rtn": (_quantize(rotated), rotated, rstats),
+        "quarot": ({**rotated, "params": gptq(rotated["params"], rstats, W4)}, rotated, rstats),
     }
-    return stats, trees
 
 
 def test_quarot_beats_rtn_and_smoothquant(block, quantized):
     """QuaRot as published (rotations + GPTQ) and with RTN, against RTN and SmoothQuant, at W4A4 and W4A8."""
     blk, variables, x, c, y, run = block
     for act in ("int4/token", "int8/token"):
-        err = {k: relative_error(run(v, x, c, act=act), y) for k, v in quantized[1].items()}
+        err = {k: relative_error(run(v[0], x, c, act=act), y) for k, v in quantized.items()}
         assert err["quarot"] < err["rtn"] and err["quarot"] < err["smoothquant"], (act, err)
         assert err["quarot_rtn"] < err["rtn"], (act, err)
 
@@ -166,7 +169,7 @@ def test_quarot_on_ported_models_is_exact_in_float(name):
 def test_smooth_rotate_gptq_svd_compose(block, quantized):
     """smooth -> rotate -> GPTQ -> SVD correction: exact in float until GPTQ, each step helps."""
     blk, variables, x, c, y, run = block
-    stats, trees = quantized
+    stats = quantized["rtn"][2]
     fold_map = {"to_out/kernel": "to_v/kernel"}  # o's smoothing folds into v: the V/O rotation stays exact
     scales, _ = smoothquant_search(variables["params"], stats, W4, SmoothQuantConfig(alpha=0.5), fold_map=fold_map)
     params, aux = fold.smooth(variables["params"], scales, fold_map)
@@ -178,5 +181,5 @@ def test_smooth_rotate_gptq_svd_compose(block, quantized):
     rstats = layer_statistics(blk, rotated, x, c)
     q = {**rotated, "params": gptq(rotated["params"], rstats, W4)}
     corrected = lowrank_correction(rotated, q, rstats, CorrectionConfig(rank=16))
-    e = [relative_error(run(v, x, c, act="int8/token"), y) for v in (trees["gptq"], q, corrected)]
+    e = [relative_error(run(v, x, c, act="int8/token"), y) for v in (quantized["gptq"][0], q, corrected)]
     assert e[2] < e[1] < e[0], e

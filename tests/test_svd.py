@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import jquant.nn
-from jquant.algorithms import svd
+from jquant.algorithms import fold, quarot, svd
+from jquant.algorithms.gptq import gptq
+from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant_search
 from jquant.algorithms.coded import LowRankArray, decode_tree
 from jquant.algorithms.linear_tree import get_aux, get_kernel, layer_statistics, relative_error, update_layer
 from jquant.algorithms.toy import one_layer, outlier_layer
@@ -129,3 +131,30 @@ def test_errors_name_the_layer(layer):
         svd.svd_lowrank(w, 0)
     with pytest.raises(ValueError, match="not in the same basis"):
         svd.lowrank_correction(rotated, q, stats)
+
+
+def test_svd_correction_lowers_every_4bit_method(layer):
+    """RTN, SmoothQuant, GPTQ, QuaRot (+RTN / +GPTQ) and SVDQuant, each + a rank-8 correction (W4A8)."""
+    x, w, model, variables, stats = layer
+    y = x @ w
+    spec = "int4"
+    scales, _ = smoothquant_search(variables["params"], stats, spec, SmoothQuantConfig(alpha=0.5))
+    params, aux = fold.smooth(variables["params"], scales)
+    smoothed = {"params": params, "jquant": fold.aux_collection(aux)}
+    rotated = quarot.quarot(variables, None, quarot.QuaRotConfig())
+    rstats = layer_statistics(model, rotated, x)
+    sq = svd.svdquant(variables, stats, svd.SVDQuantConfig(rules=spec, rank=8, lowrank_dtype="float32"))
+    mul = get_aux(sq, "layer")["input_mul"]
+    sq_ref = update_layer(variables, "layer", kernel=w / mul[:, None], aux={"input_mul": mul})
+    cases = {
+        "rtn": (_rtn(variables, stats, spec), variables, stats),
+        "smoothquant": (_rtn(smoothed, stats, spec), smoothed, layer_statistics(model, smoothed, x)),
+        "gptq": ({**variables, "params": gptq(variables["params"], stats, spec)}, variables, stats),
+        "quarot_rtn": (_rtn(rotated, rstats, spec), rotated, rstats),
+        "quarot_gptq": ({**rotated, "params": gptq(rotated["params"], rstats, spec)}, rotated, rstats),
+        "svdquant": (sq, sq_ref, layer_statistics(model, sq_ref, x)),
+    }
+    for name, (q, ref, st) in cases.items():
+        corrected = svd.lowrank_correction(ref, q, st, svd.CorrectionConfig(rank=8))
+        e0, e1 = (_err(model, v, x, y, "int8/token") for v in (q, corrected))
+        assert e1 < e0, (name, e0, e1)
