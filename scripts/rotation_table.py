@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import sys
 import time
@@ -334,6 +335,12 @@ def checks(rows: list[Row], sweep: list[Row], brows: list[Row]) -> list[str]:
     lowered = [r for r in sweep if r.spec != "r=0"]
     bad = [f"{r.group} / {r.method} / {r.spec}" for r in lowered if "NOT lower" in r.extra]
     out.append(f"- SVD correction lowers the calibration error in {len(lowered) - len(bad)} of {len(lowered)} (method, rank, act) cases" + (f"; not in: {', '.join(bad)}" if bad else ""))
+    for g in groups:  # QuaRot + SVD head to head with each part alone (RTN weights, rank 16)
+        e = {r.method: r.err_heldout for r in rows if r.group == g}
+        sw = {r.method: r.err_heldout for r in sweep if r.group == f"{g}: + SVD correction" and r.spec == "r=16"}
+        if "QuaRot + RTN" in sw and "RTN" in sw:
+            out.append(f"- {g}, QuaRot + SVD head to head (RTN weights, r=16): RTN {e['RTN']:.2e}, RTN + SVD {sw['RTN']:.2e}, "
+                       f"QuaRot {e['QuaRot + RTN']:.2e}, QuaRot + SVD {sw['QuaRot + RTN']:.2e}")
     by = {(r.method, r.spec): r.err_heldout for r in brows}
     qp = by.get(("QuIP# (E8P + LDLQ)", "2-bit E8P"))
     r3 = min(by[("RTN", "int3")], by[("RTN", "int3/g64")])
@@ -403,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "methods_rotations.md"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "error_vs_bits.png"))
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "rotation_table.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small problems and few steps")
     ap.add_argument("--no-model", action="store_true", help="skip the bundled tiny Wan")
@@ -427,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
             sweep += s3
             print(table(r3 + s3), flush=True)
     notes = checks(rows, sweep, brows)
+    meta = {"command": COMMAND + (" --quick" if args.quick else ""), "jax": jax.__version__, "platform": jax.devices()[0].platform,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0)}
+    Path(args.json).write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows + sweep + brows]}, indent=1))
     parts = ["### W4A4 and W4A8", table(rows), "", "### SVD correction against rank (memory in the notes)", table(sweep), "",
              "### Weight-only error against bits per weight", "", f"![error vs bits]({Path(args.plot).relative_to(Path(args.out).parent)})",
              table(brows)]
