@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import jquant.nn as jnn  # noqa: E402
 from jquant import calib, dispatch  # noqa: E402
@@ -445,7 +446,12 @@ def main(argv: list[str] | None = None) -> None:
         model_rows, model_note = tiny_model_rows(args.seed, args.batches, args.batch)
     print(model_note)
     text = render(synth, synth_note, model_rows, model_note, time.time() - t0)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if out.exists():  # keep the sections other scripts own (scripts/rotation_table.py: rotations)
+        from _doc_sections import keep  # noqa: PLC0415
+
+        text = keep(out.read_text(), text)
+    out.write_text(text)
     print(table(synth))
     print(table(model_rows))
     print(f"wrote {args.out}")

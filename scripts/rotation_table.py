@@ -1,4 +1,4 @@
-"""Rotations, low-rank and codebooks against RTN, SmoothQuant and GPTQ; writes docs/methods_rotations.md
+"""Rotations, low-rank and codebooks against RTN, SmoothQuant and GPTQ; writes its section of docs/methods.md
 and docs/img/error_vs_bits.png.
 
     python scripts/rotation_table.py                # synthetic layer, outlier DiT block, tiny Wan
@@ -226,7 +226,7 @@ def bits_rows(p: Problem, quick: bool) -> list[Row]:
 
     def add(method, spec, q, extra=""):
         e, e_ho = p.error(q, None)
-        rows.append(Row("weight-only error vs bits", method, spec, quantized_bits(q), e, e_ho, extra))
+        rows.append(Row(BITS_GROUP, method, spec, quantized_bits(q), e, e_ho, extra))
 
     for spec in ("int2/g64", "int3", "int3/g64", "int4", "int4/g64", "int8"):
         add("RTN", spec, _rtn(p, p.variables, spec))
@@ -318,6 +318,9 @@ def tiny_wan_problem(seed: int, n_batches: int, batch: int) -> Problem | None:
     return Problem("tiny Wan", tw.model, {"params": tw.params}, batches, held, [(BLOCK_LINEARS, "int4"), (".*", None)], plan)
 
 
+BITS_GROUP = "weight-only error vs bits"
+
+
 # --- markdown ------------------------------------------------------------------------------------------------
 def checks(rows: list[Row], sweep: list[Row], brows: list[Row]) -> list[str]:
     """The orderings the issue asks for, stated from the numbers (held-out)."""
@@ -329,8 +332,9 @@ def checks(rows: list[Row], sweep: list[Row], brows: list[Row]) -> list[str]:
         verdict = lambda ok: "yes" if ok else "**no**"  # noqa: E731
         line = f"- {g}: QuaRot {q:.2e} < RTN {e['RTN']:.2e}: {verdict(q < e['RTN'])}; < SmoothQuant {e['SmoothQuant (alpha 0.5) + RTN']:.2e}: {verdict(q < e['SmoothQuant (alpha 0.5) + RTN'])}"
         if "SpinQuant (+ GPTQ)" in e:
-            s = e["SpinQuant (+ GPTQ)"]
-            line += f"; SpinQuant {s:.2e} < QuaRot: {verdict(s < q)}"
+            s, sr, qr = e["SpinQuant (+ GPTQ)"], e["SpinQuant + RTN"], e["QuaRot + RTN"]
+            line += (f"; SpinQuant < QuaRot with RTN weights ({sr:.2e} vs {qr:.2e}): {verdict(sr < qr)}"
+                     f", with GPTQ weights ({s:.2e} vs {q:.2e}): {verdict(s < q)}")
         out.append(line)
     lowered = [r for r in sweep if r.spec != "r=0"]
     bad = [f"{r.group} / {r.method} / {r.spec}" for r in lowered if "NOT lower" in r.extra]
@@ -348,10 +352,9 @@ def checks(rows: list[Row], sweep: list[Row], brows: list[Row]) -> list[str]:
     return out
 
 
-DOC = """# Rotations, low-rank branches and codebooks: results
+DOC = """## Rotations, low-rank branches and codebooks: results
 
-Section for docs/methods.md (rows in the same format and on the same problems as the
-classical methods: the 512 x 512 `layer_problem(seed=0)` with 4096 calibration and 4096
+Rows in the same format and on the same problems as the classical methods above (the 512 x 512 `layer_problem(seed=0)` with 4096 calibration and 4096
 held-out tokens, and the bundled tiny Wan's block linears on the same calibration batches).
 Errors are squared relative output errors `||y_q - y||^2 / ||y||^2`; W4A4/W4A8 rows run the
 real quantized execution of `jquant.nn` (int4 per-channel weights, dynamic per-token int4 /
@@ -408,13 +411,24 @@ def render(parts: list[str], notes: list[str], wall: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs" / "methods_rotations.md"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "methods.md"), help="page whose 'rotations' section is written")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "error_vs_bits.png"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "rotation_table.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small problems and few steps")
     ap.add_argument("--no-model", action="store_true", help="skip the bundled tiny Wan")
+    ap.add_argument("--render", action="store_true",
+                    help="no computation: rewrite --out and --plot from the rows saved in --json")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.json).read_text())
+        every = [Row(**r) for r in saved["rows"]]
+        sweep = [r for r in every if r.group.endswith(": + SVD correction")]
+        brows = [r for r in every if r.group == BITS_GROUP]
+        rows = [r for r in every if r not in sweep and r not in brows]
+        plot(brows, Path(args.plot))
+        write_doc(args, rows, sweep, brows, checks(rows, sweep, brows), float(saved["seconds"]))
+        return
     t0 = time.time()
     k, tokens, steps = (128, 512, 40) if args.quick else (512, 4096, 150)
     layer = synthetic_problem(args.seed, k, k, tokens)
@@ -438,10 +452,18 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": COMMAND + (" --quick" if args.quick else ""), "jax": jax.__version__, "platform": jax.devices()[0].platform,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0)}
     Path(args.json).write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows + sweep + brows]}, indent=1))
+    write_doc(args, rows, sweep, brows, notes, time.time() - t0)
+
+
+def write_doc(args: argparse.Namespace, rows: list[Row], sweep: list[Row], brows: list[Row], notes: list[str],
+              wall: float) -> None:
     parts = ["### W4A4 and W4A8", table(rows), "", "### SVD correction against rank (memory in the notes)", table(sweep), "",
              "### Weight-only error against bits per weight", "", f"![error vs bits]({Path(args.plot).relative_to(Path(args.out).parent)})",
              table(brows)]
-    Path(args.out).write_text(render(parts, notes, time.time() - t0))
+    from _doc_sections import splice  # noqa: PLC0415
+
+    page = Path(args.out)
+    page.write_text(splice(page.read_text() if page.exists() else "", "rotations", render(parts, notes, wall)))
     print("\n".join(notes))
     print(f"wrote {args.out} and {args.plot}")
 
