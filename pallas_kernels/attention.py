@@ -115,6 +115,9 @@ def _compiler_params():
     return plgpu.CompilerParams()
 
 
+# jit: every call site with the same shapes and config shares one lowered kernel (a model's
+# repeated layers lower it once instead of once per layer: minutes of compile time).
+@functools.partial(jax.jit, static_argnames=("causal", "config"))
 def attention_pallas(
     q8: jax.Array,
     k8: jax.Array,

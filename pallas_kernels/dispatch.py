@@ -6,7 +6,7 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 
 * ``int8`` per-channel weights + ``int8`` activations -> ``w8a8.int8_matmul``
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
-* weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 256 ->
+* weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (only where ``weight_only.supports``
   says so: these are used by default only once checked on the GPU, see docs/kernels.md)
 

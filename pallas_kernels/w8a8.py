@@ -198,6 +198,9 @@ def store_tile(y, out_smem, out_gmem, row0, col0, epi_m: int, epi_n: int):
                       pl.ds(col0 + ej * epi_n, epi_n)])
 
 
+# jit: every call site with the same shapes and config shares one lowered kernel (a model's
+# repeated layers lower it once instead of once per layer: minutes of compile time).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "sms", "interpret"))
 def scaled_gemm_pallas(
     x: jax.Array,
     w: jax.Array,
@@ -495,6 +498,9 @@ class BlockConfig:
   epi_n: int = 32
 
 
+# jit: every call site with the same shapes and config shares one lowered kernel (a model's
+# repeated layers lower it once instead of once per layer: minutes of compile time).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "sms"))
 def block_fp8_gemm_pallas(
     x: jax.Array,
     w: jax.Array,

@@ -17,7 +17,7 @@ Layouts
 
 Paths
 -----
-* Small M (the GEMV shapes of modulation layers and text encoders, M <= 256):
+* Small M (the GEMV shapes of modulation layers and text encoders, M <= 16):
   a Mosaic GPU kernel that computes ``Y^T = W X^T``: the narrow weights are the
   wgmma A operand, loaded from shared memory into registers and converted to
   bf16 there (int4 through Mosaic's fast 4-bit upcast), while the tokens are the
@@ -46,11 +46,14 @@ from jax import lax
 from pallas_kernels import _common
 
 GROUP = 128
-SMALL_M_MAX = 256
-#: The small-M kernel lowers (tested on CPU) but has not yet passed
-#: scripts/check_kernels_gpu.py on a GPU; until it has, it only runs under
-#: ``JQUANT_PALLAS=kernel`` and the default GPU path is dequantize + XLA bf16 GEMM.
-GPU_VERIFIED = False
+#: Largest M the kernel takes. Measured on an H200 it matches or beats dequantize + XLA bf16
+#: at M <= 16 (benchmarks/kernels-wo.json); larger M were not measured, so they stay on XLA.
+SMALL_M_MAX = 16
+#: Largest M the kernel handles at all (``JQUANT_PALLAS=kernel`` takes it up to here).
+KERNEL_M_MAX = 256
+#: The small-M kernels passed scripts/check_kernels_gpu.py on an H200 (JAX 0.11.2,
+#: benchmarks/check_kernels-NVIDIA_H200.txt), so they are the default for M <= SMALL_M_MAX on Hopper.
+GPU_VERIFIED = True
 _WT = 64  # weight rows per consumer warpgroup
 
 
@@ -205,15 +208,22 @@ def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int) -> WeightOnl
   while tokens < min(m, 128):
     tokens *= 2
   tiles = _common.cdiv(n, 2 * _WT) * _common.cdiv(m, tokens)
-  want = max(1, (2 * sms) // tiles)
+  # One wave: split K so that the CTAs just fill the SMs. A second wave cost more than the
+  # extra splits gained in scripts/sweep_weight_only.py (H200: 3072x3072 at M=1 5.7 us with
+  # 96 CTAs, 7.4 us with 192), and each CTA's K loop is latency-bound, not bandwidth-bound.
+  want = max(1, sms // tiles)
   splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
   w_bytes = 2 * _WT * GROUP * bits // 8
   stage_bytes = w_bytes + tokens * GROUP * 2 + 2 * _WT * 4
   out_bytes = 2 * _WT * tokens * 4
-  stages = int(max(2, min(8, (200 * 1024 - out_bytes) // stage_bytes)))
+  # 4 stages were as fast as 8 in the sweep and leave shared memory for a second CTA per SM.
+  stages = int(max(2, min(4, (200 * 1024 - out_bytes) // stage_bytes)))
   return WeightOnlyConfig(tokens=tokens, splits=splits, stages=stages)
 
 
+# jit: every call site with the same shapes and config shares one lowered kernel (a model's
+# repeated layers lower it once instead of once per layer: minutes of compile time).
+@functools.partial(jax.jit, static_argnames=("config",))
 def weight_only_pallas(
     w: jax.Array,
     x: jax.Array,
@@ -398,11 +408,13 @@ def prepare_w4a16(w_packed: jax.Array, w_scale: jax.Array, k: int) -> W4Prepared
 
 
 def supports(x: jax.Array, group_size: int = GROUP) -> bool:
-  """True where the small-M weight-only kernel runs (Hopper, 2-D, M <= 256, group 128,
+  """True where the small-M weight-only kernel runs (Hopper, 2-D, M <= SMALL_M_MAX or, forced
+  by ``JQUANT_PALLAS=kernel``, KERNEL_M_MAX; group 128,
   and verified on the GPU or forced with ``JQUANT_PALLAS=kernel``)."""
   if not _common.on_hopper() or not _common.kernel_enabled(GPU_VERIFIED):
     return False
-  return (x.ndim == 2 and 0 < x.shape[0] <= SMALL_M_MAX and x.shape[1] > 0
+  m_max = KERNEL_M_MAX if _common.forced_mode() == "kernel" else SMALL_M_MAX
+  return (x.ndim == 2 and 0 < x.shape[0] <= m_max and x.shape[1] > 0
           and group_size == GROUP)
 
 

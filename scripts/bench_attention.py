@@ -44,9 +44,9 @@ from pallas_kernels import attention_ref as ar  # noqa: E402
 from pallas_kernels import timing  # noqa: E402
 
 SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
-VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-bk64|-bk256][-s3]"
+VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3]"
                 " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
-                " add; kblock: one K scale per key tile instead of per key; bkN: key tile; sN: pipeline stages)")
+                " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages)")
 DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-bf16-kblock", "kernel-int8-fp8",
                     "kernel-int8-fp8-bk256", "total-int8-bf16", "total-int8-fp8")
 XLA_MAX_SCORE_BYTES = 8 << 30  # bf16 scores of one call; larger shapes skip the XLA row
@@ -58,13 +58,14 @@ def device_slug(device: jax.Device) -> str:
   return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
 
 
-def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.AttentionConfig]:
-  """``kernel-int8-fp8-magic-bk256`` -> ("kernel", "int8", "fp8_e4m3", config); raises ValueError."""
+def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.AttentionConfig, bool]:
+  """``kernel-int8-fp8-magic-bk256`` -> ("kernel", "int8", "fp8_e4m3", config, hadamard); raises ValueError."""
   parts = variant.split("-")
   if len(parts) < 3 or parts[0] not in ("kernel", "total") or parts[1] not in ("int8", "fp8") \
       or parts[2] not in ("bf16", "fp8"):
     raise ValueError(f"unknown variant {variant!r}: {VARIANT_HELP}")
   options = {"block_k": block_k}
+  hadamard = False
   for extra in parts[3:]:
     if extra in ("magic", "cvt"):
       options["int_to_float"] = extra
@@ -72,13 +73,15 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
       options["block_k"] = int(extra[2:])
     elif extra == "kblock":
       options["k_scales"] = "block"
+    elif extra == "had" and parts[0] == "total":
+      hadamard = True
     elif re.fullmatch(r"s[2-6]", extra):
       options["stages"] = int(extra[1:])
     else:
       raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
   qk = "int8" if parts[1] == "int8" else "fp8_e4m3"
   pv = "bf16" if parts[2] == "bf16" else "fp8_e4m3"
-  return parts[0], qk, pv, pa.AttentionConfig(**options)
+  return parts[0], qk, pv, pa.AttentionConfig(**options), hadamard
 
 
 def variant_fn(variant: str, block_k: int):
@@ -87,11 +90,12 @@ def variant_fn(variant: str, block_k: int):
     def fn(q, k, v):
       return jax.nn.dot_product_attention(q, k, v, implementation=variant)
     return fn, lambda q, k, v: (q, k, v)
-  kind, qk, pv, config = parse_variant(variant, block_k)
+  kind, qk, pv, config, hadamard = parse_variant(variant, block_k)
   if kind == "total":
     def total(q, k, v):
       return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k,
-                                stages=config.stages, int_to_float=config.int_to_float, k_scales=config.k_scales)
+                                stages=config.stages, int_to_float=config.int_to_float, k_scales=config.k_scales,
+                                hadamard=hadamard)
     return total, lambda q, k, v: (q, k, v)
   on_kernel = pa.supports(jnp.zeros((1, 1, 1, HEAD_DIM)), jnp.zeros((1, 1, 1, HEAD_DIM)), causal=False,
                           kv_lengths=None, qk_format=qk, pv_format=pv, smooth_k=True, config=config)

@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--json", default="benchmarks/pipeline_results.json")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the other sections of --json (same settings required) and add/redo only --sections")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     bundle = tiny_wan_bundle(num_steps=a.steps)
@@ -237,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"clips": a.clips, "calib_samples": a.calib_samples, "calib_seed": ccfg.seed, "steps": a.steps,
                      "seed": a.seed, "guidance": bundle.denoiser.guidance_scale},
     }
+    if a.keep and Path(a.json).exists():
+        saved = json.loads(Path(a.json).read_text())
+        if saved.get("settings") != res["settings"]:
+            raise SystemExit(f"--keep: {a.json} was made with settings {saved.get('settings')}, not {res['settings']}")
+        kept = {k: v for k, v in saved.items() if k in ("tables", "policies", "precision", "recipes")}
+        res = {**kept, **res, "command": f"{saved['command']}; then {res['command']}"}
+        t0 -= float(saved.get("wall_s", 0.0))  # wall time of every section, the kept ones too
     fns = {"tables": section_tables, "policies": section_policies, "precision": section_precision, "recipes": section_recipes}
     for name in a.sections.split(","):
         res[name] = fns[name](bundle, cal, ref)

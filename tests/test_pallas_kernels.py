@@ -147,7 +147,13 @@ def test_weight_only_split_config():
     cfg = weight_only._pick_config(16, 3072, k_steps, 132, 4)
     assert k_steps % cfg.splits == 0 and cfg.tokens == 16 and 2 <= cfg.stages <= 8
   assert weight_only._pick_config(100, 3072, 24, 132, 8).tokens == 128
-  assert weight_only._pick_config(1, 12288, 96, 132, 4).splits >= 2
+  # One wave of CTAs (the sweep in benchmarks/weight_only_sweep-NVIDIA_H200.json): 24 column
+  # tiles of 3072 split K 4 ways (96 CTAs), 96 tiles of 12288 do not split.
+  assert weight_only._pick_config(1, 3072, 96, 132, 4).splits == 4
+  assert weight_only._pick_config(1, 12288, 96, 132, 4).splits == 1
+  for n, k_steps in ((1536, 12), (3072, 24), (5120, 40), (8960, 12)):
+    cfg = weight_only._pick_config(1, n, k_steps, 132, 4)
+    assert -(-n // 128) * cfg.splits <= max(132, -(-n // 128))
 
 
 # --------------------------------------------------------------------------
