@@ -6,6 +6,7 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 
 * ``int8`` per-channel weights + ``int8`` activations -> ``w8a8.int8_matmul``
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
+* ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul``
 * weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (only where ``weight_only.supports``
   says so: these are used by default only once checked on the GPU, see docs/kernels.md)
@@ -39,10 +40,16 @@ def _channel_scale(w: QArray):
 
 def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype):
     from jquant.dispatch import quantize_activation
-    from pallas_kernels import w8a8
+    from pallas_kernels import w4a8, w8a8
 
-    fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
     ws = _channel_scale(w)
+    if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
+        xq = quantize_activation(x2, act, act_scale)
+        if not w4a8.supports(xq.qvalue, out_dtype):
+            return None
+        xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
+        return w4a8.w4a8_matmul(xq.qvalue, xs, w.qvalue.T, ws, None, out_dtype)
+    fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
     if fmt is None or act.fmt != fmt or ws is None:
         return None
     xq = quantize_activation(x2, act, act_scale)

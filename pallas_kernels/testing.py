@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import act_quant
+from pallas_kernels import w4a8
 from pallas_kernels import w8a8
 from pallas_kernels import weight_only
 
@@ -54,6 +55,13 @@ def w8a8_int8_inputs(key, m, k, n):
   kx, kw, ks, kt, kb = jax.random.split(key, 5)
   return (_int8(kx, (m, k)), _scales(ks, (m, 1), scale=1 / 127), _int8(kw, (n, k)),
           _scales(kt, (n,), scale=1 / 127), jax.random.normal(kb, (n,), jnp.float32))
+
+
+def w4a8_inputs(key, m, k, n):
+  kx, kw, ks, kt, kb = jax.random.split(key, 5)
+  q = jax.random.randint(kw, (n, k), -8, 8, jnp.int32)
+  return (_int8(kx, (m, k)), _scales(ks, (m, 1), scale=1 / 127), weight_only.pack_int4(q),
+          _scales(kt, (n,), scale=1 / 7), jax.random.normal(kb, (n,), jnp.float32))
 
 
 def w8a8_fp8_inputs(key, m, k, n):
@@ -114,6 +122,10 @@ CASES: dict[str, KernelCase] = {
         w8a8_fp8_block_inputs, _gemm_flops,
         lambda m, k, n: m * k + n * k + 2 * m * n + 4 * m * k / 128,
         xla_baseline="fp8"),
+    "w4a8": KernelCase(
+        "w4a8", w4a8.w4a8_matmul, w4a8.w4a8_matmul_reference,
+        w4a8_inputs, _gemm_flops,
+        lambda m, k, n: m * k + n * k / 2 + 2 * m * n, xla_baseline="int8"),
     "w4a16": KernelCase(
         "w4a16", weight_only.w4a16_matmul, weight_only.w4a16_matmul_reference,
         w4a16_inputs, _gemm_flops,
@@ -139,6 +151,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
   x = inputs[0]
   if name in ("w8a8_int8", "w8a8_fp8"):
     return "kernel" if w8a8.supports(inputs[0], inputs[2]) else "reference"
+  if name == "w4a8":
+    return "kernel" if w4a8.supports(inputs[0]) else "reference"
   if name == "w8a8_fp8_block":
     return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
   if name in ("w4a16", "w8a16"):

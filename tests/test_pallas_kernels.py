@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import _common, act_quant, testing, w8a8, weight_only
+from pallas_kernels import _common, act_quant, testing, w4a8, w8a8, weight_only
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
 
@@ -108,6 +108,40 @@ def test_xla_int4_view_matches_packing():
   assert prepared.w.dtype == jnp.int4 and prepared.w.shape == (128, 256)
   np.testing.assert_array_equal(np.asarray(prepared.w[:6].astype(jnp.int32)), q)
   assert prepared.s_t.shape == (2, 128)
+
+
+@pytest.mark.parametrize("m,k,n", RAGGED + [(4, 301, 130)])
+def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
+  x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(k + n), m, k, n)
+  got = w4a8.w4a8_matmul_reference(x, xs, packed, ws, b, out_dtype=jnp.float32)
+  q = _np(weight_only.unpack_int4(packed, k))
+  assert q.min() >= -8 and q.max() <= 7
+  want = (_np(x) @ q.T) * _np(xs) * _np(ws)[None] + _np(b)[None]
+  np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_equal(w4a8.widen(packed, k), weight_only.unpack_int4(packed, k))
+  assert not w4a8.supports(x)  # no GPU here (and M < MIN_M)
+  chex.assert_trees_all_equal(w4a8.w4a8_matmul(x, xs, packed, ws, b), w4a8.w4a8_matmul_reference(x, xs, packed, ws, b))
+
+
+def test_w4a8_bad_shapes_raise_named_errors():
+  x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(0), 4, 256, 16)
+  with pytest.raises(ValueError, match=r"w_packed must be \[N, ceil\(K/2\)\]"):
+    w4a8.w4a8_matmul(x, xs, packed[:, :100], ws)
+  with pytest.raises(ValueError, match="per-channel scales"):
+    w4a8.w4a8_matmul(x, xs, packed, ws[:3])
+  with pytest.raises(ValueError, match="per-token scales"):
+    w4a8.w4a8_matmul(x, xs[:2], packed, ws)
+  with pytest.raises(ValueError, match="x_q"):
+    w4a8.w4a8_matmul(x.astype(jnp.float32), xs, packed, ws)
+
+
+def test_w4a8_lowers_to_mosaic_gpu_from_min_m(monkeypatch):
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  case = testing.CASES["w4a8"]
+  args = case.make_inputs(jax.random.key(0), w4a8.MIN_M + 6, 300, 136)
+  assert _lowers_to_mosaic(case.kernel, *args)
+  small = case.make_inputs(jax.random.key(0), 16, 300, 136)
+  assert not _lowers_to_mosaic(case.kernel, *small)  # small M stays on the reference (W4A16's job)
 
 
 @pytest.mark.parametrize("m,k,n", RAGGED + [(3, 300, 130)])
