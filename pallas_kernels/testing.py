@@ -64,6 +64,16 @@ def w4a8_inputs(key, m, k, n):
           _scales(kt, (n,), scale=1 / 7), jax.random.normal(kb, (n,), jnp.float32))
 
 
+def svdquant_r32_inputs(key, m, k, n, rank=32):
+  kx, kq, k1, k2 = jax.random.split(key, 4)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  _, xs, packed, ws, b = w4a8_inputs(kq, m, k, n)
+  x_q = jnp.clip(jnp.round(x.astype(jnp.float32) / 0.03), -127, 127).astype(jnp.int8)
+  l1 = (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16)
+  l2 = (jax.random.normal(k2, (rank, n), jnp.float32) * 0.1).astype(jnp.bfloat16)
+  return (x, x_q, xs, packed, ws, l1, l2, b)
+
+
 def w8a8_fp8_inputs(key, m, k, n):
   kx, kw, ks, kt, kb = jax.random.split(key, 5)
   return (_fp8(kx, (m, k)), _scales(ks, (m, 1)), _fp8(kw, (n, k)),
@@ -126,6 +136,10 @@ CASES: dict[str, KernelCase] = {
         "w4a8", w4a8.w4a8_matmul, w4a8.w4a8_matmul_reference,
         w4a8_inputs, _gemm_flops,
         lambda m, k, n: m * k + n * k / 2 + 2 * m * n, xla_baseline="int8"),
+    "svdquant_r32": KernelCase(
+        "svdquant_r32", w4a8.svdquant_matmul, w4a8.svdquant_matmul_reference,
+        svdquant_r32_inputs, lambda m, k, n: 2.0 * m * k * n + 2.0 * 32 * (m * k + m * n),
+        lambda m, k, n: 3 * m * k + n * k / 2 + 2 * 32 * (k + n) + 2 * m * n),
     "w4a16": KernelCase(
         "w4a16", weight_only.w4a16_matmul, weight_only.w4a16_matmul_reference,
         w4a16_inputs, _gemm_flops,
@@ -153,6 +167,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
     return "kernel" if w8a8.supports(inputs[0], inputs[2]) else "reference"
   if name == "w4a8":
     return "kernel" if w4a8.supports(inputs[0]) else "reference"
+  if name == "svdquant_r32":
+    return "kernel" if w4a8.supports(inputs[1]) else "reference"
   if name == "w8a8_fp8_block":
     return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
   if name in ("w4a16", "w8a16"):

@@ -123,6 +123,18 @@ def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
   chex.assert_trees_all_equal(w4a8.w4a8_matmul(x, xs, packed, ws, b), w4a8.w4a8_matmul_reference(x, xs, packed, ws, b))
 
 
+def test_svdquant_path_adds_the_lowrank_branch_to_the_w4a8_gemm():
+  x, x_q, xs, packed, ws, l1, l2, b = testing.svdquant_r32_inputs(jax.random.key(3), 6, 200, 72)
+  got = w4a8.svdquant_matmul(x, x_q, xs, packed, ws, l1, l2, b, out_dtype=jnp.float32)
+  base = w4a8.w4a8_matmul_reference(x_q, xs, packed, ws, b, out_dtype=jnp.float32)
+  branch = (_np(x) @ _np(l1)) @ _np(l2)
+  np.testing.assert_allclose(_np(got) - _np(base), branch, rtol=2e-2, atol=2e-2 * np.abs(branch).max())
+  chex.assert_trees_all_close(got, w4a8.svdquant_matmul_reference(x, x_q, xs, packed, ws, l1, l2, b, jnp.float32),
+                              rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"l1 must be \[K, r\]"):
+    w4a8.svdquant_matmul(x, x_q, xs, packed, ws, l1[:5], l2)
+
+
 def test_w4a8_bad_shapes_raise_named_errors():
   x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(0), 4, 256, 16)
   with pytest.raises(ValueError, match=r"w_packed must be \[N, ceil\(K/2\)\]"):
