@@ -107,11 +107,8 @@ def _with(v: Variables, params: Any, aux: Mapping[str, Mapping[str, Any]] | None
 # --- building blocks -----------------------------------------------------------------------------------
 def rtn(policy: pol.Policy) -> Transform:
     """Round-to-nearest per the policy (bf16 layers cast)."""
-    from jquant.rules import quantize_params
-
     def fn(v: Variables, ctx: Context) -> Variables:
-        params, _ = quantize_params(v["params"], policy.rules(ctx.roles))
-        return _with(v, policy.cast(params, ctx.roles))
+        return _with(v, policy.quantize(v["params"], ctx.roles))
 
     return Transform(f"rtn[{policy.name}]", fn)
 

@@ -40,7 +40,7 @@ from jax.tree_util import Partial
 
 import jquant.nn
 from jquant.attention import quantized_attention, step_schedule
-from jquant.demo import rtn
+from jquant.pipeline import policy as pol
 from jquant.metrics import compare_videos
 from jquant.sampling import sample_flow_euler
 
@@ -96,6 +96,10 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
         dict(name="W8A8 + qattn int8/bf16", weights="int8", act="int8/token", attention=bf16),
         dict(name=f"W8A8 + qattn int8/fp8, float last {float_last}", weights="int8", act="int8/token",
              attention=fp8, step_data=step_schedule(steps, float_last=float_last)),
+        dict(name="W8A8 + qattn int8/fp8, K per tile, no Hadamard", weights="int8", act="int8/token",
+             attention={**fp8, "k_scales": "block", "hadamard": False}),
+        dict(name="W8A8 + qattn int8/bf16, K per tile, no Hadamard", weights="int8", act="int8/token",
+             attention={**bf16, "k_scales": "block", "hadamard": False}),
         dict(name="fp32 + qattn int8/fp8", weights=None, act=None, attention=fp8),
         dict(name="fp32 + qattn int8/fp8, no Hadamard", weights=None, act=None, attention={**fp8, "hadamard": False}),
     ]
@@ -113,7 +117,7 @@ def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
     text, uncond = bundle.text(labels), bundle.null_text(clips)
     rows, reference = [], None
     for recipe in recipes(steps, float_last):
-        params = bundle.params if recipe["weights"] is None else rtn(recipe["weights"])(bundle.params, roles)
+        params = bundle.params if recipe["weights"] is None else pol.uniform(recipe["weights"]).quantize(bundle.params, roles)
         fn = Partial(functools.partial(velocity_fn, bundle.model, recipe["act"], recipe["attention"]), params)
         t0 = time.perf_counter()
         latents = sample_flow_euler(fn, x_T, text, num_steps=steps, shift=float(sampling["shift"]),

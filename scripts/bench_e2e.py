@@ -49,7 +49,6 @@ import models  # noqa: E402
 from jquant.attention import quantized_attention  # noqa: E402
 from jquant.pipeline import policy as pol  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
-from jquant.rules import quantize_params  # noqa: E402
 from models import wan  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
@@ -71,12 +70,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-qattn-fp8-nohad": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3", hadamard=False)),
 }
 DEFAULT_VARIANTS = ("bf16", "w8a8", "w8a8-qattn-bf16", "w8a8-qattn-fp8")
-
-
-def _rtn(spec: str, params: Any, roles: Any) -> Any:
-    """Round-to-nearest per the uniform policy (embedders, modulation and head kept in float)."""
-    policy = pol.uniform(spec)
-    return policy.cast(quantize_params(params, policy.rules(roles))[0], roles)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,7 +124,7 @@ def _memory(compiled: Any) -> dict[str, int | None]:
 
 def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: tuple, args) -> dict[str, Any]:
     spec = VARIANTS[name]
-    params = params_bf16 if spec["weights"] is None else _rtn(spec["weights"], params_bf16, roles)
+    params = params_bf16 if spec["weights"] is None else pol.uniform(spec["weights"]).quantize(params_bf16, roles)
     fn = step_fn(model, spec["act"], spec["attention"])
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()

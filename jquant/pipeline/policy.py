@@ -84,6 +84,12 @@ class Policy:
             out.append((f"^{re.escape(path)}$", None if prec in (None, BF16) else prec))
         return [*out, (".*", None)]
 
+    def quantize(self, params: Any, roles: Roles) -> Any:
+        """Round-to-nearest per the policy: each labelled kernel to its spec, :data:`BF16` layers cast."""
+        from jquant.rules import quantize_params  # pylint: disable=import-outside-toplevel
+
+        return self.cast(quantize_params(params, self.rules(roles))[0], roles)
+
     def cast(self, params: Any, roles: Roles) -> Any:
         """Cast the :data:`BF16` layers' float kernels (and biases) to bfloat16."""
         mods = {p[: -len("/kernel")] for p, prec in self.plan(roles).items() if prec == BF16}
