@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w8a8-qattn-bf16": dict(weights="int8", act="int8/token", attention=dict(pv_format="bf16")),
     "w8a8-qattn-fp8": dict(weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3")),
     "bf16-qattn-fp8": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3")),
+    "w8a8-qattn-bf16-kblock": dict(weights="int8", act="int8/token",
+                                   attention=dict(pv_format="bf16", k_scales="block", hadamard=False)),
     "w8a8-qattn-fp8-kblock": dict(weights="int8", act="int8/token",
                                   attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)),
     "bf16-qattn-fp8-kblock": dict(weights=None, act=None,
