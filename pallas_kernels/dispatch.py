@@ -8,8 +8,8 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
 * ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul``
 * weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 16 ->
-  ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (only where ``weight_only.supports``
-  says so: these are used by default only once checked on the GPU, see docs/kernels.md)
+  ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
+  checked on the GPU, see docs/kernels.md)
 
 The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is

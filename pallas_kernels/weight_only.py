@@ -47,7 +47,7 @@ from pallas_kernels import _common
 
 GROUP = 128
 #: Largest M the kernel takes. Measured on an H200 it matches or beats dequantize + XLA bf16
-#: at M <= 16 (benchmarks/kernels-wo.json); larger M were not measured, so they stay on XLA.
+#: at M <= 16 (benchmarks/kernels-weight_only-NVIDIA_H200.json); larger M were not measured, so they stay on XLA.
 SMALL_M_MAX = 16
 #: Largest M the kernel handles at all (``JQUANT_PALLAS=kernel`` takes it up to here).
 KERNEL_M_MAX = 256
