@@ -182,8 +182,9 @@ class SpinQuantConfig:
 
     Attributes:
       w_spec / act: the weight and activation specs of the loss. ``act=None``: weight-only;
-        ``w_spec=None``: activations only (SpinQuant's setting when GPTQ quantizes the
-        weights afterwards).
+        ``w_spec=None``: activations only (the paper's setting when GPTQ quantizes the
+        weights afterwards; keeping RTN weights in the loss did better before GPTQ in
+        jquant's tables, docs/methods.md).
       steps / lr / optimizer: the optax run ("adam" or "sgd" with momentum).
       vo_groups / head_dim: the attentions whose V/O rotation is learned (as in QuaRot).
       online / skip: layers that get QuaRot's online RHT (regexes over module paths).
