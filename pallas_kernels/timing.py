@@ -10,6 +10,10 @@ synchronised wall clock over the same rotation.
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +22,7 @@ import jax
 import numpy as np
 
 L2_BYTES = 50 * 2**20
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def copies_for(bytes_per_set: float, limit: int = 24, budget: float = 6e9) -> int:
@@ -67,3 +72,18 @@ def time_fn(
       "copies": len(sets),
       "method": method,
   }
+
+
+def write_rows(name: str, rows: list[dict]) -> str:
+  """Writes ``{device, jax, date, rows}`` to ``benchmarks/<name>-<device>.json`` (and ``$OUT`` when
+  set, where the GPU machine returns files); returns the benchmarks path."""
+  dev = jax.devices()[0]
+  slug = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_")
+  out = {"device": dev.device_kind, "jax": jax.__version__,
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "rows": rows}
+  paths = [os.path.join(folder, f"{name}-{slug}.json")
+           for folder in [_BENCHMARKS] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])]
+  for path in paths:
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1)
+  return paths[0]

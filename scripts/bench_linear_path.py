@@ -10,17 +10,13 @@ Wan2.1-1.3B's linear shapes at 32,760 tokens. Prints a table; writes
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
 from jquant import dispatch  # noqa: E402
 from jquant.formats import parse_spec  # noqa: E402
@@ -32,7 +28,6 @@ SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536)]  # attention projections, FF
 
 
 def main() -> int:
-  dev = jax.devices()[0]
   act = parse_spec("int8/token")
   rows = []
   print(f"{'K':>5} {'N':>5} {'bf16':>8} {'linear':>8} {'act q':>8} {'w.T':>8} {'gemm':>8}  (us)")
@@ -55,12 +50,7 @@ def main() -> int:
     rows.append(dict(m=M, k=k, n=n, xla_bf16_us=bf16, linear_us=lin, act_quant_us=aq, weight_transpose_us=tr,
                      gemm_us=gemm, speedup_vs_bf16=bf16 / lin))
     print(f"{k:>5} {n:>5} {bf16:>8.1f} {lin:>8.1f} {aq:>8.1f} {tr:>8.1f} {gemm:>8.1f}", flush=True)
-  slug = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_")
-  out = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-         "rows": rows}
-  for folder in ["benchmarks"] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
-    with open(os.path.join(folder, f"linear_path-{slug}.json"), "w") as f:
-      json.dump(out, f, indent=1)
+  timing.write_rows("linear_path", rows)
   return 0
 
 

@@ -304,9 +304,23 @@ def w8a8_rows(tree: dict, stats: dict, x: np.ndarray, x_ho: np.ndarray, w: np.nd
 BLOCK_LINEARS = r"blocks_\d+/(attn[12]/to_(q|k|v|out_0)|ffn/net_(0/proj|2))/kernel$"
 
 
+def noisy_batch(tw: Any, key: jax.Array, batch: int, branch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x_t, t, text)``: rendered digit clips noised to a random flow-match sigma in [0.05, 0.95]
+    (t = 1000 sigma), with the digits' conditioning (branch 0) or the null text (branch 1)."""
+    from models.tiny_wan import clips_to_latents, render_clips  # noqa: PLC0415
+
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    labels = jax.random.randint(k1, (batch,), 0, 10)
+    x0 = clips_to_latents(render_clips(k2, labels, tw.data))
+    sigma = jax.random.uniform(k3, (batch,), minval=0.05, maxval=0.95)
+    xt = (1 - sigma)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * jax.random.normal(k4, x0.shape)
+    text = tw.text(labels) if branch == 0 else tw.null_text(batch)
+    return xt, sigma * 1000.0, text
+
+
 def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], str]:
     try:
-        from models.tiny_wan import clips_to_latents, load_tiny, render_clips
+        from models.tiny_wan import load_tiny
     except ImportError as e:
         return [], f"skipped: the models package has no bundled tiny model ({e})"
     try:
@@ -315,14 +329,8 @@ def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], s
         return [], f"skipped: bundled tiny model not found ({e})"
     model, params = tw.model, tw.params
 
-    def make_batch(key, branch):
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        labels = jax.random.randint(k1, (batch,), 0, 10)
-        x0 = clips_to_latents(render_clips(k2, labels, tw.data))
-        sigma = jax.random.uniform(k3, (batch,), minval=0.05, maxval=0.95)
-        xt = (1 - sigma)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * jax.random.normal(k4, x0.shape)
-        text = tw.text(labels) if branch == 0 else tw.null_text(batch)
-        return branch, xt, sigma * 1000.0, text  # branch 0: conditional, 1: unconditional (CFG)
+    def make_batch(key, branch):  # branch 0: conditional, 1: unconditional (CFG)
+        return (branch, *noisy_batch(tw, key, batch, branch))
 
     keys = jax.random.split(jax.random.key(seed), n_batches + 1)
     batches = [make_batch(keys[i], i % 2) for i in range(n_batches)]

@@ -41,7 +41,7 @@ from jquant.algorithms.synthetic import layer_problem  # noqa: E402
 from jquant.algorithms.toy import one_layer, outlier_block  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
 from jquant.rules import quantize_params  # noqa: E402
-from methods_table import Row, table  # noqa: E402  (same rows and markdown as the classical table)
+from methods_table import Row, noisy_batch, table  # noqa: E402  (same rows and markdown as the classical table)
 
 COMMAND = "python scripts/rotation_table.py"
 ACTS = {"W4A4": "int4/token", "W4A8": "int8/token"}
@@ -293,21 +293,15 @@ def block_problem(seed: int, quick: bool) -> Problem:
 def tiny_wan_problem(seed: int, n_batches: int, batch: int) -> Problem | None:
     try:
         import models
-        from models.tiny_wan import clips_to_latents, load_tiny, render_clips
+        from models.tiny_wan import load_tiny
 
         tw = load_tiny()
     except Exception as e:  # noqa: BLE001 - optional section: report why and go on
         print(f"tiny Wan skipped: {type(e).__name__}: {e}")
         return None
 
-    def make_batch(key, branch):  # as scripts/methods_table.py
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        labels = jax.random.randint(k1, (batch,), 0, 10)
-        x0 = clips_to_latents(render_clips(k2, labels, tw.data))
-        sigma = jax.random.uniform(k3, (batch,), minval=0.05, maxval=0.95)
-        xt = (1 - sigma)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * jax.random.normal(k4, x0.shape)
-        text = tw.text(labels) if branch == 0 else tw.null_text(batch)
-        return xt, sigma * 1000.0, text
+    def make_batch(key, branch):
+        return noisy_batch(tw, key, batch, branch)
 
     keys = jax.random.split(jax.random.key(seed), n_batches + 1)
     batches = [make_batch(keys[i], i % 2) for i in range(n_batches)]

@@ -8,10 +8,7 @@ bf16 GEMM, same run. Prints a table; writes ``benchmarks/weight_only_sweep-<devi
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -29,7 +26,6 @@ STAGES = [2, 4, 8]
 
 def main() -> int:
   os.environ.setdefault("JQUANT_PALLAS", "kernel")
-  dev = jax.devices()[0]
   sms = _common.num_sms()
   rows = []
   print(f"{'M':>3} {'K':>6} {'N':>6} {'splits':>6} {'stages':>6} {'kernel us':>9} {'GB/s':>7} {'call us':>8} {'bf16 us':>8}")
@@ -57,12 +53,7 @@ def main() -> int:
         rows.append(dict(m=m, k=k, n=n, splits=splits, stages=stages, kernel_us=us, weight_gbs=gbs, call_us=call,
                          xla_bf16_us=bf16, default=wo._pick_config(m, prepared[0].w.shape[0], k_steps, sms, 4).__dict__))
         print(f"{m:>3} {k:>6} {n:>6} {splits:>6} {stages:>6} {us:>9.1f} {gbs:>7.0f} {call:>8.1f} {bf16:>8.1f}", flush=True)
-  slug = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_")
-  out = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-         "rows": rows}
-  for folder in ["benchmarks"] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
-    with open(os.path.join(folder, f"weight_only_sweep-{slug}.json"), "w") as f:
-      json.dump(out, f, indent=1)
+  timing.write_rows("weight_only_sweep", rows)
   return 0
 
 
