@@ -9,7 +9,9 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 * ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul``
 * weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
-  checked on the GPU, see docs/kernels.md)
+  checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
+* weight-only ``nf4``, ``fp4``, ``mxfp4``, ``nvfp4`` (blocks of 16..128), M <= 16 ->
+  ``w4_table.w4_table_matmul`` (decode in registers)
 
 The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is
@@ -62,17 +64,31 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype):
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
-    from pallas_kernels import weight_only
+    from pallas_kernels import w4_table, weight_only
 
-    if w.ndim != 2 or w.zero_point is not None or w.spec.scaling:
+    spec = w.spec
+    if w.ndim != 2 or w.zero_point is not None:
         return None
-    if w.spec.fmt == "int4" and w.spec.granularity == "group" and w.spec.group_size == weight_only.GROUP:
-        if not weight_only.supports(x2, w.spec.group_size):
+    x2 = x2.astype(jnp.bfloat16)
+    group = spec.group_size if spec.granularity == "group" else None
+    if spec.fmt in w4_table.TABLES and group is not None:
+        if not w4_table.supports(x2, group, spec.fmt):
             return None
-        return weight_only.w4a16_matmul(x2.astype(jnp.bfloat16), w.qvalue.T, decode_scale(w).T, None, out_dtype)
+        # NVFP4: the e4m3 block scales go to the kernel (exact in bf16), the fp32 tensor scale
+        # multiplies the output.
+        nv = spec.scaling == "nv"
+        scale = w.scale.astype(jnp.float32) if nv else decode_scale(w)
+        return w4_table.w4_table_matmul(x2, w.qvalue.T, scale.T, w.scale2 if nv else None, None,
+                                        out_dtype, fmt=spec.fmt, block=group)
+    if spec.scaling:
+        return None
+    if spec.fmt == "int4" and group is not None:
+        if not weight_only.supports(x2, group):
+            return None
+        return weight_only.w4a16_matmul(x2, w.qvalue.T, decode_scale(w).T, None, out_dtype, group_size=group)
     ws = _channel_scale(w)
-    if w.spec.fmt == "int8" and ws is not None and weight_only.supports(x2):
-        return weight_only.w8a16_matmul(x2.astype(jnp.bfloat16), w.qvalue.T, ws, None, out_dtype)
+    if spec.fmt == "int8" and ws is not None and weight_only.supports(x2):
+        return weight_only.w8a16_matmul(x2, w.qvalue.T, ws, None, out_dtype)
     return None
 
 

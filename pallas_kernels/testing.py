@@ -10,6 +10,7 @@ anything kernel-specific.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import act_quant
+from pallas_kernels import w4_table
 from pallas_kernels import w4a8
 from pallas_kernels import w8a8
 from pallas_kernels import weight_only
@@ -37,6 +39,9 @@ class KernelCase:
   # Maps inputs to (fn, inputs) for timing, for kernels whose weights a model
   # converts once at load time (the conversion stays out of the timed call).
   bench_form: Callable[[tuple], tuple[Callable[..., jax.Array], tuple]] | None = None
+  # K must be a multiple of this (the scale block of the codebook formats); the GPU check
+  # rounds its ragged K up to it.
+  k_multiple: int = 1
 
 
 def _int8(key, shape):
@@ -103,14 +108,47 @@ def w8a16_inputs(key, m, k, n):
   return (x, _int8(kw, (n, k)), _scales(ks, (n,), scale=0.002))
 
 
+def table_inputs(key, m, k, n, fmt="nf4", block=64, scaling=""):
+  """Random 4-bit codebook weights: uniform codes; absmax-like, e8m0 ("mx") or e4m3 ("nv")
+  block scales (NVFP4 with an fp32 tensor scale)."""
+  kx, kw, ks = jax.random.split(key, 3)
+  codes = jax.random.randint(kw, (n, k), 0, 16, jnp.int32)
+  shape = (n, _common.cdiv(k, block))
+  if scaling == "mx":
+    scales = jnp.exp2(jax.random.randint(ks, shape, -9, -5).astype(jnp.float32))
+  elif scaling == "nv":
+    scales = _scales(ks, shape, 1.0, 400.0).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+  else:
+    scales = _scales(ks, shape, scale=0.05)
+  tensor = jnp.float32(1 / 4096) if scaling == "nv" else None
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  return (x, weight_only.pack_int4(codes), scales, tensor)
+
+
+def _table_case(name, fmt, block, scaling):
+  kernel = functools.partial(w4_table.w4_table_matmul, fmt=fmt, block=block)
+  reference = functools.partial(w4_table.w4_table_matmul_reference, fmt=fmt, block=block)
+
+  def bench_form(inputs):
+    x, packed, scales, tensor = inputs
+    prepared = w4_table.prepare_w4_table(packed, scales, x.shape[1], fmt=fmt, block=block)
+    return w4_table.w4_table_matmul_prepared, (x, prepared, tensor)
+
+  return KernelCase(
+      name, kernel, reference,
+      functools.partial(table_inputs, fmt=fmt, block=block, scaling=scaling), _gemm_flops,
+      lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / block + 2 * m * n,
+      bench_form=bench_form, k_multiple=block)
+
+
 def act_quant_inputs(key, m, k, n):
   del n
   return (jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16) * 3,)
 
 
-def _w4a16_bench_form(inputs):
+def _w4a16_bench_form(inputs, group=128):
   x, packed, scales = inputs
-  prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1])
+  prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1], group)
   return weight_only.w4a16_matmul_prepared, (x, prepared)
 
 
@@ -145,10 +183,22 @@ CASES: dict[str, KernelCase] = {
         w4a16_inputs, _gemm_flops,
         lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / 128 + 2 * m * n,
         bench_form=_w4a16_bench_form),
+    # int4 with 32-wide groups: the decode-and-scale path with an identity decode.
+    "w4a16_g32": KernelCase(
+        "w4a16_g32", functools.partial(weight_only.w4a16_matmul, group_size=32),
+        functools.partial(weight_only.w4a16_matmul_reference, group_size=32),
+        functools.partial(w4a16_inputs, group=32), _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / 32 + 2 * m * n,
+        bench_form=functools.partial(_w4a16_bench_form, group=32)),
     "w8a16": KernelCase(
         "w8a16", weight_only.w8a16_matmul, weight_only.w8a16_matmul_reference,
         w8a16_inputs, _gemm_flops,
         lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n),
+    # NF4 (block 64, QLoRA's default), MXFP4 (e2m1, e8m0 scales per 32), NVFP4 (e2m1, e4m3
+    # scales per 16 and an fp32 tensor scale).
+    "nf4_w16": _table_case("nf4_w16", "nf4", 64, ""),
+    "fp4_w16": _table_case("fp4_w16", "fp4", 32, "mx"),
+    "nvfp4_w16": _table_case("nvfp4_w16", "fp4", 16, "nv"),
     "act_quant": KernelCase(
         "act_quant", act_quant.quantize_int8, act_quant.quantize_int8_reference,
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
@@ -171,10 +221,16 @@ def kernel_path(name: str, inputs: tuple) -> str:
     return "kernel" if w4a8.supports(inputs[1]) else "reference"
   if name == "w8a8_fp8_block":
     return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
-  if name in ("w4a16", "w8a16"):
+  if name in ("w4a16", "w8a16", "w4a16_g32"):
     if not _common.on_gpu():
       return "reference"
-    return "kernel" if weight_only.supports(x) else "xla-dequant"
+    group = 32 if name == "w4a16_g32" else 128
+    return "kernel" if weight_only.supports(x, group) else "xla-dequant"
+  if name in ("nf4_w16", "fp4_w16", "nvfp4_w16"):
+    if not _common.on_gpu():
+      return "reference"
+    fmt, block = {"nf4_w16": ("nf4", 64), "fp4_w16": ("fp4", 32), "nvfp4_w16": ("fp4", 16)}[name]
+    return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
   if name.startswith("act_quant"):
     return "pallas" if act_quant.supports(x) else "xla"
   raise ValueError(f"unknown kernel {name!r}")

@@ -54,6 +54,11 @@ KERNEL_M_MAX = 256
 #: The small-M kernels passed scripts/check_kernels_gpu.py on an H200 (JAX 0.11.2,
 #: benchmarks/check_kernels-NVIDIA_H200.txt), so they are the default for M <= SMALL_M_MAX on Hopper.
 GPU_VERIFIED = True
+#: The same for the NF4 / FP4 decode (pallas_kernels/w4_table.py): False until the GPU check
+#: passes, so they run only when forced with ``JQUANT_PALLAS=kernel``.
+TABLE_GPU_VERIFIED = False
+#: Scale blocks along K the codebook decode takes (one wgmma per block in a 128-wide K step).
+TABLE_BLOCKS = (16, 32, 64, 128)
 _WT = 64  # weight rows per consumer warpgroup
 
 
@@ -175,7 +180,7 @@ def w8a16_matmul_reference(
   return _finish(y, bias, out_dtype)
 
 
-def _xla_bf16(x, w_bf16, bias, out_dtype, col_scale=None):
+def xla_bf16(x, w_bf16, bias, out_dtype, col_scale=None):
   """The large-M path: XLA's bf16 GEMM on weights dequantized to bf16.
 
   The barrier keeps XLA from fusing the dequantization into the GEMM (its fused
@@ -194,16 +199,82 @@ def _xla_bf16(x, w_bf16, bias, out_dtype, col_scale=None):
 # --------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------
+# 4-bit codebooks (NF4, FP4 e2m1) decoded in registers.
+# --------------------------------------------------------------------------
+
+#: Decoders of 4-bit weights. "int": the int4 value itself. "fp4": e2m1 codes stored as the
+#: signed magnitude index q in [-7, 7]; "nf4": NF4 codes stored as q = code - 8 in [-8, 7].
+DECODES = ("int", "fp4", "nf4")
+
+
+def decode_codes(q: jax.Array, decode: str) -> jax.Array:
+  """Value of each 4-bit weight from its signed int4 value ``q`` (any float dtype).
+
+  Written with elementwise lax ops only, so the same function runs on XLA arrays and,
+  inside the Mosaic GPU kernel, on register tiles (int4 -> bf16 upcast, then this).
+  FP4 e2m1 magnitudes ``{0, .5, 1, 1.5, 2, 3, 4, 6}`` are piecewise linear in the index:
+  ``f(q) = 2q - clamp(q, -4, 4) / 2 - clamp(q, -6, 6)`` (exact in bf16). NF4 has no closed
+  form: the degree-15 polynomial through its 16 points, in float32 Horner form (16 FMAs;
+  within 2e-5 of the table, and equal to it after rounding to bf16). A cascade of 15
+  compare-and-selects was 3.5x slower in the kernel (benchmarks/notes.md).
+  """
+  if decode == "int":
+    return q
+  if decode == "fp4":
+    two, half = q.dtype.type(2), q.dtype.type(0.5)
+    c4 = lax.clamp(q.dtype.type(-4), q, q.dtype.type(4))
+    c6 = lax.clamp(q.dtype.type(-6), q, q.dtype.type(6))
+    return two * q - half * c4 - c6
+  if decode == "nf4":
+    coef = _nf4_poly()
+    u = q.astype(jnp.float32) * jnp.float32(1 / 8) + jnp.float32(1 / 16)
+    v = u * jnp.float32(coef[-1]) + jnp.float32(coef[-2])
+    for c in coef[-3::-1]:
+      v = v * u + jnp.float32(c)
+    return v.astype(q.dtype)
+  raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_poly() -> tuple[float, ...]:
+  """Monomial coefficients (increasing degree) of the NF4 interpolant in ``u = (q + .5) / 8``."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jquant.formats import NF4_TABLE  # pylint: disable=g-import-not-at-top
+  u = (np.arange(-8, 8) + 0.5) / 8
+  return tuple(float(c) for c in np.linalg.solve(np.vander(u, 16, increasing=True),
+                                                 np.asarray(NF4_TABLE, np.float64)))
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyConfig:
-  """Tokens per CTA (the wgmma N), split-K factor and pipeline depth."""
+  """Tokens per CTA (the wgmma N), split-K factor, pipeline depth, and the weight decode.
+
+  ``decode`` is one of :data:`DECODES`; for the codebooks ("fp4", "nf4") ``block`` is the
+  scale block along K (16, 32, 64 or 128), applied to the decoded bf16 weights in
+  registers before the wgmma (exact for e8m0 and e4m3 block scales).
+  """
 
   tokens: int
   splits: int
   stages: int
+  decode: str = "int"
+  block: int = GROUP
+  kstep: int = GROUP  # K per pipeline step (a multiple of 128)
 
 
-def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int) -> WeightOnlyConfig:
+def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int,
+                 decode: str = "int", block: int = GROUP,
+                 kstep: int | None = None) -> WeightOnlyConfig:
+  """Tokens, split-K and stages for ``k_steps`` 128-wide K steps; ``kstep`` K per pipeline
+  step (lowered to the largest power-of-two multiple of 128 that divides each split's K).
+
+  Default kstep (scripts/sweep_table_decode.py, H200, M=1, 3072x12288): int4 with 128-wide
+  groups 512 (13.1 us vs 14.8 at 128), everything else 256 (int8 15.7 vs 16.7; at 512 the
+  stages no longer fit and it was no faster; fp4/nf4 gain under 5%).
+  """
+  if kstep is None:
+    kstep = 4 * GROUP if (bits, decode, block) == (4, "int", GROUP) else 2 * GROUP
   tokens = 16
   while tokens < min(m, 128):
     tokens *= 2
@@ -213,12 +284,15 @@ def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int) -> WeightOnl
   # 96 CTAs, 7.4 us with 192), and each CTA's K loop is latency-bound, not bandwidth-bound.
   want = max(1, sms // tiles)
   splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
-  w_bytes = 2 * _WT * GROUP * bits // 8
-  stage_bytes = w_bytes + tokens * GROUP * 2 + 2 * _WT * 4
+  while kstep > GROUP and (k_steps // splits) % (kstep // GROUP):
+    kstep //= 2
+  w_bytes = 2 * _WT * kstep * bits // 8
+  stage_bytes = w_bytes + tokens * kstep * 2 + (kstep // block) * 2 * _WT * 4
   out_bytes = 2 * _WT * tokens * 4
   # 4 stages were as fast as 8 in the sweep and leave shared memory for a second CTA per SM.
   stages = int(max(2, min(4, (200 * 1024 - out_bytes) // stage_bytes)))
-  return WeightOnlyConfig(tokens=tokens, splits=splits, stages=stages)
+  return WeightOnlyConfig(tokens=tokens, splits=splits, stages=stages, decode=decode,
+                          block=block, kstep=kstep)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -236,7 +310,7 @@ def weight_only_pallas(
   ``w`` is ``int8[N, K]`` or ``int4[N, K]`` (N a multiple of 128, K of 128), ``x``
   is ``bf16[M, K]`` (M a multiple of ``config.tokens``) and ``s_t`` the int4 group
   scales transposed to ``f32[K/128, N]`` (None for int8, whose per-channel scale
-  is applied outside).
+  is applied outside), or for the codebooks the block scales ``f32[K/block, N]``.
   """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -250,9 +324,17 @@ def weight_only_pallas(
   n_iters, m_iters = n // cta_w, m // t
   k_steps = k // GROUP
   ks = k_steps // cfg.splits
+  sub = cfg.kstep // GROUP
+  if cfg.kstep % GROUP or ks % sub:
+    raise ValueError(f"weight_only_pallas: kstep {cfg.kstep} must be a multiple of {GROUP}"
+                     f" dividing the {ks * GROUP} K per split")
   w_swizzle = GROUP * bits // 8
   w_transforms = (plgpu.TilingTransform((8, GROUP)), plgpu.SwizzleTransform(w_swizzle))
-  x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  # The decode-and-scale path: codebooks, and int4 with scale blocks other than 128.
+  table = cfg.decode != "int" or (bits == 4 and cfg.block != GROUP)
+  blk = cfg.block if table else GROUP
+  x_tile = min(64, blk)  # B slices of one scale block must start on a tile
+  x_transforms = (plgpu.TilingTransform((8, x_tile)), plgpu.SwizzleTransform(2 * x_tile))
   out_swizzle = plgpu.find_swizzle(t * 32, "out")
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)),
                     plgpu.SwizzleTransform(out_swizzle))
@@ -271,29 +353,55 @@ def weight_only_pallas(
     wg = lax.axis_index("wg")
     k0 = si * ks
 
-    def load_a(w_smem):
+    def load_a(w_smem, j):
       # Wide smem loads in the upcast layout, a register shuffle into the wgmma
       # layout while the values are still narrow, then the convert to bf16.
-      a = plgpu.load(w_smem.at[pl.ds(wg * _WT, _WT)], (), layout=a_layout)
+      a = plgpu.load(w_smem.at[pl.ds(wg * _WT, _WT), pl.ds(j * GROUP, GROUP)], (),
+                     layout=a_layout)
       return plgpu.layout_cast(a, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
 
+    def x_t(x_smem, start, size):
+      return plgpu.transpose_ref(x_smem.at[:, pl.ds(start, size)], (1, 0))
+
+    def row_scale(s_ref, row, dtype):
+      return plgpu.load(s_ref.at[row, pl.ds(wg * _WT, _WT)], (),
+                        layout=plgpu.Layout.WGMMA.reduce(1)).astype(dtype)
+
     def body(_, w_smem, x_smem, *rest):
+      # ``sub`` 128-wide K slices per pipeline step: their loads, converts and wgmmas are
+      # independent, so they overlap, with one wgmma wait per step.
       *s_smem, acc = rest
-      a = load_a(w_smem)
-      b = plgpu.transpose_ref(x_smem, (1, 0))
+      if table:
+        # Decode, scale each K block of the weights in bf16, one wgmma per block into
+        # the same accumulator.
+        for j in range(sub):
+          a = decode_codes(load_a(w_smem, j), cfg.decode)
+          for c in range(GROUP // blk):
+            scale = row_scale(s_smem[0], j * (GROUP // blk) + c, jnp.bfloat16)
+            a_c = a if blk == GROUP else a[:, c * blk:(c + 1) * blk]
+            a_c = a_c * lax.broadcast_in_dim(scale, (_WT, blk), [0])
+            plgpu.wgmma(acc, a_c, x_t(x_smem, j * GROUP + c * blk, blk))
+        plgpu.wgmma_wait(0)
+        return acc
       if not grouped:
-        plgpu.wgmma(acc, a, b)
+        for j in range(sub):
+          plgpu.wgmma(acc, load_a(w_smem, j), x_t(x_smem, j * GROUP, GROUP))
         plgpu.wgmma_wait(0)
         return acc
 
-      def group_product(tmp_ref):
-        plgpu.wgmma(tmp_ref, a, b)
-        return tmp_ref[...]
+      # int4 with 128-wide groups: each group's product in its own fp32 accumulator,
+      # added to the running sum times the group scale (no per-weight multiply).
+      def group_products(*tmp_refs):
+        for j, tmp_ref in enumerate(tmp_refs):
+          plgpu.wgmma(tmp_ref, load_a(w_smem, j), x_t(x_smem, j * GROUP, GROUP))
+        return [tmp_ref[...] for tmp_ref in tmp_refs]
 
-      part = pl.run_scoped(group_product, plgpu.ACC((_WT, t), jnp.float32))
-      scale = plgpu.load(s_smem[0].at[0, pl.ds(wg * _WT, _WT)], (),
-                         layout=plgpu.Layout.WGMMA.reduce(1))
-      return acc + part * lax.broadcast_in_dim(scale, (_WT, t), [0])
+      parts = pl.run_scoped(group_products,
+                            *[plgpu.ACC((_WT, t), jnp.float32) for _ in range(sub)])
+      for j, part in enumerate(parts):
+        scale = row_scale(s_smem[0], j, jnp.float32)
+        acc = acc + part * lax.broadcast_in_dim(scale, (_WT, t), [0])
+      return acc
 
     def store(y):
       out_smem[wg] = y
@@ -304,7 +412,7 @@ def weight_only_pallas(
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def compute_context(eval_pipeline):
-      if grouped:
+      if grouped and not table:
         zeros = plgpu.layout_cast(
             jnp.full((_WT, t), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         store(eval_pipeline(zeros))
@@ -315,9 +423,9 @@ def weight_only_pallas(
           store(acc_ref[...])
 
     in_specs = [
-        plgpu.BlockSpec((cta_w, GROUP), lambda kk: (0, kk),
+        plgpu.BlockSpec((cta_w, cfg.kstep), lambda kk: (0, kk),
                         transforms=w_transforms, memory_space=plgpu.SMEM),
-        plgpu.BlockSpec((t, GROUP), lambda kk: (0, kk),
+        plgpu.BlockSpec((t, cfg.kstep), lambda kk: (0, kk),
                         transforms=x_transforms, memory_space=plgpu.SMEM),
     ]
     operands = [
@@ -325,17 +433,19 @@ def weight_only_pallas(
         x_gmem.at[pl.ds(mi * t, t), pl.ds(k0 * GROUP, ks * GROUP)],
     ]
     if grouped:
-      in_specs.append(plgpu.BlockSpec((1, cta_w), lambda kk: (kk, 0),
+      per_step = cfg.kstep // blk
+      in_specs.append(plgpu.BlockSpec((per_step, cta_w), lambda kk: (kk, 0),
                                       memory_space=plgpu.SMEM))
-      operands.append(s_gmem.at[pl.ds(k0, ks), pl.ds(ni * cta_w, cta_w)])
+      operands.append(s_gmem.at[pl.ds(k0 * (GROUP // blk), ks * (GROUP // blk)),
+                                pl.ds(ni * cta_w, cta_w)])
     pipeline = plgpu.emit_pipeline_warp_specialized(
         body,
-        grid=(ks,),
+        grid=(ks // sub,),
         memory_registers=40,
         in_specs=in_specs,
         wg_axis="wg",
         num_compute_wgs=2,
-        max_concurrent_steps=min(cfg.stages, ks),
+        max_concurrent_steps=min(cfg.stages, ks // sub),
         compute_context=compute_context,
     )
     pipeline(*operands)
@@ -355,11 +465,11 @@ def weight_only_pallas(
   return call(*args)
 
 
-def _small_m_gemm(w, x, s_t, n, bits, sms):
+def _small_m_gemm(w, x, s_t, n, bits, sms, decode="int", block=GROUP):
   """Pads ``x``, runs the kernel, reduces splits; returns ``f32[M, N]`` (unscaled for int8)."""
   m, k = x.shape
   kp = w.shape[1]
-  cfg = _pick_config(m, w.shape[0], kp // GROUP, sms, bits)
+  cfg = _pick_config(m, w.shape[0], kp // GROUP, sms, bits, decode, block)
   mp = _common.round_up(m, cfg.tokens)
   xp = _common.pad_axis(_common.pad_axis(x.astype(jnp.bfloat16), 1, kp), 0, mp)
   parts = weight_only_pallas(w, xp, s_t, config=cfg)
@@ -373,49 +483,61 @@ def _small_m_gemm(w, x, s_t, n, bits, sms):
 
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=["w", "s_t"],
-    meta_fields=["n", "k"])
+    meta_fields=["n", "k", "decode", "block"])
 @dataclasses.dataclass(frozen=True)
 class W4Prepared:
-  """int4 weights in the kernel layout: ``w`` ``int4[Np, Kp]``, ``s_t`` ``f32[Kp/128, Np]``."""
+  """4-bit weights in the kernel layout: ``w`` ``int4[Np, Kp]``, ``s_t`` ``f32[Kp/block, Np]``.
+
+  ``decode`` (one of :data:`DECODES`) says how an int4 value maps to a weight.
+  """
 
   w: jax.Array
   s_t: jax.Array
   n: int
   k: int
+  decode: str = "int"
+  block: int = GROUP
 
 
-def prepare_w4a16(w_packed: jax.Array, w_scale: jax.Array, k: int) -> W4Prepared:
-  """Views packed int4 weights as ``int4[N, K]`` and transposes the group-128 scales.
+def prepare_w4a16(w_packed: jax.Array, w_scale: jax.Array, k: int,
+                  group_size: int = GROUP) -> W4Prepared:
+  """Views packed int4 weights as ``int4[N, K]`` and transposes the group scales.
 
-  ``k`` is the true reduction size (``x.shape[1]``). N and K are padded to
-  multiples of 128 (zero weights contribute nothing).
+  ``k`` is the true reduction size (``x.shape[1]``); ``group_size`` 128, or another of
+  :data:`TABLE_BLOCKS` (those take the kernel's decode-and-scale path). N and K are padded
+  to multiples of 128 (padded rows and K blocks get zero scales and add nothing).
   """
   n = w_packed.shape[0]
+  if group_size not in TABLE_BLOCKS:
+    raise ValueError(f"prepare_w4a16: group_size must be one of {TABLE_BLOCKS}, got {group_size}")
   if w_packed.shape[1] != _common.cdiv(k, 2):
     raise ValueError(
         f"prepare_w4a16: w_packed must be [N, ceil(K/2)] for K={k}, got"
         f" {w_packed.shape}")
-  if w_scale.shape != (n, _common.cdiv(k, GROUP)):
+  if w_scale.shape != (n, _common.cdiv(k, group_size)):
     raise ValueError(
-        f"prepare_w4a16: w_scale must be [N, ceil(K/128)] = "
-        f"{(n, _common.cdiv(k, GROUP))}, got {w_scale.shape}")
+        f"prepare_w4a16: w_scale must be [N, ceil(K/{group_size})] = "
+        f"{(n, _common.cdiv(k, group_size))}, got {w_scale.shape}")
   np_ = _common.round_up(n, 2 * _WT)
   kp = _common.round_up(k, GROUP)
   packed = _common.pad_axis(_common.pad_axis(w_packed, 1, kp // 2), 0, np_)
   w4 = lax.bitcast_convert_type(packed, jnp.int4).reshape(np_, kp)
-  s_t = _common.pad_axis(w_scale.astype(jnp.float32), 0, np_).T
-  return W4Prepared(w=w4, s_t=s_t, n=n, k=k)
+  s_t = _common.pad_axis(_common.pad_axis(w_scale.astype(jnp.float32), 0, np_), 1,
+                         kp // group_size).T
+  return W4Prepared(w=w4, s_t=s_t, n=n, k=k, block=group_size)
 
 
-def supports(x: jax.Array, group_size: int = GROUP) -> bool:
+def supports(x: jax.Array, group_size: int = GROUP, decode: str = "int") -> bool:
   """True where the small-M weight-only kernel runs (Hopper, 2-D, M <= SMALL_M_MAX or, forced
-  by ``JQUANT_PALLAS=kernel``, KERNEL_M_MAX; group 128,
-  and verified on the GPU or forced with ``JQUANT_PALLAS=kernel``)."""
-  if not _common.on_hopper() or not _common.kernel_enabled(GPU_VERIFIED):
+  by ``JQUANT_PALLAS=kernel``, KERNEL_M_MAX; group 128 for int4, a block of
+  :data:`TABLE_BLOCKS` for the codebooks; verified on the GPU or forced with
+  ``JQUANT_PALLAS=kernel``)."""
+  verified = GPU_VERIFIED if (decode, group_size) == ("int", GROUP) else TABLE_GPU_VERIFIED
+  if not _common.on_hopper() or not _common.kernel_enabled(verified):
     return False
   m_max = KERNEL_M_MAX if _common.forced_mode() == "kernel" else SMALL_M_MAX
   return (x.ndim == 2 and 0 < x.shape[0] <= m_max and x.shape[1] > 0
-          and group_size == GROUP)
+          and group_size in TABLE_BLOCKS)
 
 
 def w4a16_matmul_prepared(
@@ -431,16 +553,18 @@ def w4a16_matmul_prepared(
         f"w4a16_matmul: x has K={x.shape[1]} but the weights were prepared for"
         f" K={prepared.k}")
   _check_bias("w4a16_matmul", bias, prepared.n)
-  if supports(x):
+  if supports(x, prepared.block, prepared.decode):
     y = _small_m_gemm(prepared.w, x, prepared.s_t, prepared.n, 4,
-                      _common.num_sms())
+                      _common.num_sms(), prepared.decode, prepared.block)
     return _finish(y, bias, out_dtype)
-  kp = prepared.w.shape[1]
-  w = prepared.w.astype(jnp.float32)
-  s = jnp.repeat(prepared.s_t.T, GROUP, axis=1)
-  w_bf16 = (w * s)[:prepared.n, :prepared.k].astype(jnp.bfloat16)
-  del kp
-  return _xla_bf16(x, w_bf16, bias, out_dtype)
+  return xla_bf16(x, dequantize_prepared(prepared), bias, out_dtype)
+
+
+def dequantize_prepared(prepared: W4Prepared) -> jax.Array:
+  """``bf16[N, K]`` weights from the kernel layout (the large-M path's one pass)."""
+  w = decode_codes(prepared.w.astype(jnp.float32), prepared.decode)
+  s = jnp.repeat(prepared.s_t.T, prepared.block, axis=1)
+  return (w * s)[:prepared.n, :prepared.k].astype(jnp.bfloat16)
 
 
 def w4a16_matmul(
@@ -466,8 +590,8 @@ def w4a16_matmul(
   if not supports(x, group_size):
     w_bf16 = dequantize_int4(w_packed, w_scale, x.shape[1], group_size,
                              jnp.bfloat16)
-    return _xla_bf16(x, w_bf16, bias, out_dtype)
-  prepared = prepare_w4a16(w_packed, w_scale, x.shape[1])
+    return xla_bf16(x, w_bf16, bias, out_dtype)
+  prepared = prepare_w4a16(w_packed, w_scale, x.shape[1], group_size)
   return w4a16_matmul_prepared(x, prepared, bias, out_dtype)
 
 
@@ -489,7 +613,7 @@ def w8a16_matmul(
   if not _common.on_hopper():
     return w8a16_matmul_reference(x, w_q, w_scale, bias, out_dtype)
   if not supports(x):
-    return _xla_bf16(x, w_q.astype(jnp.bfloat16), bias, out_dtype, w_scale)
+    return xla_bf16(x, w_q.astype(jnp.bfloat16), bias, out_dtype, w_scale)
   kp = _common.round_up(k, GROUP)
   np_ = _common.round_up(n, 2 * _WT)
   w = _common.pad_axis(_common.pad_axis(w_q, 1, kp), 0, np_)

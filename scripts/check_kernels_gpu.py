@@ -78,6 +78,7 @@ def main() -> int:
     case = testing.CASES[name]
     kernel, reference = jax.jit(case.kernel), jax.jit(case.reference)
     for i, (m, k, n) in enumerate(SHAPES):
+      k = -(-k // case.k_multiple) * case.k_multiple
       key = jax.random.key(1000 * i + 17)
       try:
         inputs = case.make_inputs(key, m, k, n)

@@ -13,7 +13,7 @@ import pytest
 import jquant
 from jquant.dispatch import linear
 from pallas_kernels import dispatch as kd
-from pallas_kernels import w8a8, weight_only
+from pallas_kernels import w4_table, w8a8, weight_only
 
 
 @pytest.fixture
@@ -21,7 +21,8 @@ def fake_gpu(monkeypatch):
     calls = []
     monkeypatch.setattr(kd, "on_gpu", lambda: True)
     monkeypatch.setattr(w8a8, "supports", lambda *a, **k: True)
-    monkeypatch.setattr(weight_only, "supports", lambda *a, **k: True)
+    # The GPU checks pass; the shape rules (scale blocks the kernel takes) still apply.
+    monkeypatch.setattr(weight_only, "supports", lambda x, group_size=128, decode="int": group_size in weight_only.TABLE_BLOCKS)
 
     def spy(name, fn):
         def wrapped(*a, **k):
@@ -33,12 +34,15 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(w8a8, "fp8_matmul", spy("fp8", w8a8.fp8_matmul_reference))
     monkeypatch.setattr(weight_only, "w4a16_matmul", spy("w4a16", weight_only.w4a16_matmul_reference))
     monkeypatch.setattr(weight_only, "w8a16_matmul", spy("w8a16", weight_only.w8a16_matmul_reference))
+    monkeypatch.setattr(w4_table, "w4_table_matmul", spy("table", w4_table.w4_table_matmul_reference))
     return calls
 
 
 @pytest.mark.parametrize(
     "wspec, act, kernel",
-    [("int8", "int8/token", "int8"), ("fp8_e4m3", "fp8_e4m3/token", "fp8"), ("int4/g128", None, "w4a16"), ("int8", None, "w8a16")],
+    [("int8", "int8/token", "int8"), ("fp8_e4m3", "fp8_e4m3/token", "fp8"), ("int4/g128", None, "w4a16"), ("int8", None, "w8a16"),
+     ("int4/g32", None, "w4a16"), ("nf4/g64", None, "table"), ("mxfp4", None, "table"), ("nvfp4", None, "table"),
+     ("fp4/g128", None, "table")],
 )
 def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
     x = jax.random.normal(jax.random.key(0), (2, 5, 256), jnp.float32)
@@ -55,7 +59,7 @@ def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
 
 def test_uncovered_formats_fall_back(fake_gpu):
     x = jnp.ones((4, 64), jnp.bfloat16)
-    for spec, act in [("uint4/g32", None), ("nf4/g64", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
+    for spec, act in [("uint4/g32", None), ("nf4/g8", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
         w = jquant.quantize(jax.random.normal(jax.random.key(2), (64, 16)), spec)
         y = linear(x, w, act=None if act is None else jquant.parse_spec(act))
         chex.assert_shape(y, (4, 16))

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels import _common, act_quant, testing, w4a8, w8a8, weight_only
+from jquant.formats import FP4_TABLE, NF4_TABLE
+from pallas_kernels import _common, act_quant, testing, w4_table, w4a8, w8a8, weight_only
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
 
@@ -202,6 +203,82 @@ def test_weight_only_split_config():
     assert -(-n // 128) * cfg.splits <= max(132, -(-n // 128))
 
 
+def test_weight_only_kstep_config():
+  # int4/g128 takes 512-wide K steps, the rest 256, each lowered until it divides a split.
+  assert weight_only._pick_config(1, 12288, 96, 132, 4).kstep == 512
+  assert weight_only._pick_config(1, 3072, 24, 132, 4).kstep == 256  # 6 steps per split
+  assert weight_only._pick_config(1, 12288, 96, 132, 8).kstep == 256
+  assert weight_only._pick_config(1, 12288, 96, 132, 4, "nf4", 64).kstep == 256
+  cfg = weight_only._pick_config(1, 1536, 3, 132, 4)
+  assert cfg.kstep == 128 and cfg.splits == 3
+  for k_steps in (1, 12, 24, 40, 70, 96):
+    for bits, decode, block in ((4, "int", 128), (8, "int", 128), (4, "fp4", 16)):
+      cfg = weight_only._pick_config(16, 3072, k_steps, 132, bits, decode, block)
+      assert (k_steps // cfg.splits) % (cfg.kstep // 128) == 0
+
+
+# --------------------------------------------------------------------------
+# NF4 / FP4 codebooks.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_codebook_decode_matches_table(fmt):
+  table = np.asarray({"nf4": NF4_TABLE, "fp4": FP4_TABLE}[fmt], np.float32)
+  q = np.array([w4_table._signed_value(c, fmt) for c in range(16)], np.float32)
+  assert q.min() >= -8 and q.max() <= 7  # int4 values
+  got32 = _np(weight_only.decode_codes(jnp.asarray(q), fmt))
+  np.testing.assert_allclose(got32, table, atol=3e-5 if fmt == "nf4" else 0)
+  # In the kernel's bf16 registers the decode equals the table rounded to bf16.
+  got16 = weight_only.decode_codes(jnp.asarray(q, jnp.bfloat16), fmt)
+  chex.assert_trees_all_equal(got16, jnp.asarray(table).astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_codebook_byte_remap_keeps_both_nibbles(fmt):
+  codes = jnp.asarray(np.random.default_rng(0).integers(0, 16, (7, 40)), jnp.int32)
+  values = jnp.asarray(w4_table._byte_lut(fmt))[weight_only.pack_int4(codes)]
+  q = weight_only.unpack_int4(values)
+  want = np.vectorize(lambda c: w4_table._signed_value(int(c), fmt))(np.asarray(codes))
+  np.testing.assert_array_equal(np.asarray(q), want)
+
+
+@settings(deadline=None, max_examples=8)
+@given(fmt=st.sampled_from(["nf4", "fp4"]), block=st.sampled_from([16, 32, 64, 128]),
+       m=st.integers(1, 20), kb=st.integers(1, 5), n=st.integers(1, 150),
+       nv=st.booleans())
+def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
+  k = block * kb
+  scaling = "nv" if nv and fmt == "fp4" else ""
+  x, packed, scales, tensor = testing.table_inputs(jax.random.key(m * n + k), m, k, n, fmt,
+                                                   block, scaling)
+  ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block,
+                                           out_dtype=jnp.float32)
+  want = _np(x) @ _np(w4_table.dequantize(packed, scales, k, fmt=fmt, block=block)).T
+  want = want * (1.0 if tensor is None else float(tensor))
+  np.testing.assert_allclose(_np(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # The kernel layout (remapped codes, padded, decoded by decode_codes) through the XLA path.
+  prepared = w4_table.prepare_w4_table(packed, scales, k, fmt=fmt, block=block)
+  chex.assert_shape(prepared.w, (-(-n // 128) * 128, -(-k // 128) * 128))
+  got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
+  err = np.linalg.norm(_np(got) - _np(ref)) / max(np.linalg.norm(_np(ref)), 1e-30)
+  assert err < 1e-2, err  # bf16 weights on the XLA path
+
+
+def test_codebook_bad_inputs_raise_named_errors():
+  x, packed, scales, _ = testing.table_inputs(jax.random.key(0), 2, 128, 8, "nf4", 64)
+  with pytest.raises(ValueError, match="fmt must be one of"):
+    w4_table.w4_table_matmul(x, packed, scales, fmt="nf5", block=64)
+  with pytest.raises(ValueError, match="block 48 must divide K=128"):
+    w4_table.w4_table_matmul(x, packed, scales, fmt="nf4", block=48)
+  with pytest.raises(ValueError, match=r"w_scale must be \[N, K/32\]"):
+    w4_table.w4_table_matmul(x, packed, scales, fmt="nf4", block=32)
+  with pytest.raises(ValueError, match="w_packed must be"):
+    w4_table.prepare_w4_table(packed[:, :10], scales, 128, fmt="fp4", block=64)
+  with pytest.raises(ValueError, match="group_size must be one of"):
+    weight_only.prepare_w4a16(packed, scales, 128, 48)
+
+
 # --------------------------------------------------------------------------
 # Activation quantizer.
 # --------------------------------------------------------------------------
@@ -289,17 +366,25 @@ def test_w8a8_padding_keeps_tma_alignment():
 
 
 def _lowers_to_mosaic(fn, *args) -> bool:
-  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-  text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  arrays = [i for i, a in enumerate(args) if a is not None]
+
+  def call(*xs):
+    full = list(args)
+    for i, v in zip(arrays, xs):
+      full[i] = v
+    return fn(*full)
+
+  shapes = [jax.ShapeDtypeStruct(args[i].shape, args[i].dtype) for i in arrays]
+  text = jax.jit(call).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   return "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("name", ["w8a8_int8", "w8a8_fp8", "w8a8_fp8_block", "w4a16",
-                                  "w8a16"])
+                                  "w8a16", "w4a16_g32", "nf4_w16", "fp4_w16", "nvfp4_w16"])
 def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
   monkeypatch.setenv(_common.FORCE_ENV, "kernel")
   case = testing.CASES[name]
-  for m, k, n in [(5, 300, 136), (130, 1000, 520)]:
+  for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256)]:
     args = case.make_inputs(jax.random.key(0), m, k, n)
     assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
 

@@ -1,0 +1,163 @@
+"""NF4 and FP4 (e2m1: plain, MXFP4, NVFP4) weight-only GEMMs: 4-bit codebook weights x bf16.
+
+Layout (jquant's QArray storage, transposed to K-major)
+-------------------------------------------------------
+* ``w_packed``: ``uint8[N, ceil(K/2)]`` table indices (``jquant.formats.NF4_TABLE`` /
+  ``FP4_TABLE``), two per byte along K, low nibble first.
+* ``w_scale``: ``f32[N, K/block]`` decoded block scales (MXFP4: ``2^e`` from e8m0, block 32;
+  NVFP4: the e4m3 scale as a float, block 16; NF4: absmax, block 64 by default).
+* ``tensor_scale``: NVFP4's fp32 per-tensor scale (None otherwise).
+
+``y = (x @ (table[code] * scale)^T) * tensor_scale + bias``.
+
+Kernel path (Hopper, small M): :func:`prepare_w4_table` rewrites the codes once, at load
+time, as signed int4 values whose decode is a few register ops
+(:func:`weight_only.decode_codes`), and the weight-only kernel multiplies each decoded K
+block by its scale in bf16 (exact for e8m0 and e4m3 scales) before the wgmma. Large M: the
+weights are decoded to bf16 once per call and XLA's bf16 GEMM runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jquant.formats import FP4_TABLE, NF4_TABLE
+from pallas_kernels import _common
+from pallas_kernels import weight_only
+
+TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
+
+
+def _signed_value(code: int, fmt: str) -> int:
+  """The int4 value the kernel decodes for table index ``code``."""
+  if fmt == "nf4":
+    return code - 8
+  mag = code & 7
+  return -mag if code & 8 else mag
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_lut(fmt: str) -> np.ndarray:
+  """Maps a packed byte of two table indices to a byte of two int4 kernel values."""
+  nib = np.array([_signed_value(c, fmt) & 0xF for c in range(16)], np.uint8)
+  b = np.arange(256)
+  return (nib[b & 0xF] | (nib[b >> 4] << 4)).astype(np.uint8)
+
+
+def _check(x, w_packed, w_scale, fmt, block, name="w4_table_matmul"):
+  if fmt not in TABLES:
+    raise ValueError(f"{name}: fmt must be one of {sorted(TABLES)}, got {fmt!r}")
+  _common.check_rank(f"{name}: x", x, 2)
+  _common.check_rank(f"{name}: w_packed", w_packed, 2)
+  _common.check_dtype(f"{name}: w_packed", w_packed, (jnp.uint8,))
+  k = x.shape[1]
+  if w_packed.shape[1] != _common.cdiv(k, 2):
+    raise ValueError(
+        f"{name}: w_packed must be [N, ceil(K/2)] = [N, {_common.cdiv(k, 2)}] for x with"
+        f" K={k}, got {w_packed.shape}")
+  if block <= 0 or k % block:
+    raise ValueError(f"{name}: block {block} must divide K={k}")
+  if w_scale.shape != (w_packed.shape[0], k // block):
+    raise ValueError(
+        f"{name}: w_scale must be [N, K/{block}] = {(w_packed.shape[0], k // block)}, got"
+        f" {w_scale.shape}")
+
+
+def dequantize(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str, block: int,
+               dtype=jnp.float32) -> jax.Array:
+  """``table[code] * scale`` as ``dtype[N, K]`` (table lookup, product in float32)."""
+  codes = weight_only.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
+  w = jnp.asarray(np.asarray(TABLES[fmt], np.float32))[codes]
+  return (w * jnp.repeat(w_scale.astype(jnp.float32), block, axis=1)).astype(dtype)
+
+
+def _finish(y, tensor_scale, bias, out_dtype):
+  if tensor_scale is not None:
+    y = y * jnp.asarray(tensor_scale, jnp.float32).reshape(())
+  if bias is not None:
+    y = y + bias.reshape(1, -1).astype(jnp.float32)
+  return y.astype(out_dtype)
+
+
+def w4_table_matmul_reference(
+    x: jax.Array,
+    w_packed: jax.Array,
+    w_scale: jax.Array,
+    tensor_scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    *,
+    fmt: str,
+    block: int,
+) -> jax.Array:
+  """Plain-JAX reference: table lookup, f32 dot at highest precision, scales, bias."""
+  _check(x, w_packed, w_scale, fmt, block)
+  w = dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block)
+  y = lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
+                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return _finish(y, tensor_scale, bias, out_dtype)
+
+
+def prepare_w4_table(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str,
+                     block: int) -> weight_only.W4Prepared:
+  """Codes -> int4 kernel values (one byte-table pass), scales transposed, N and K padded.
+
+  Padded weights are int4 zeros (NF4 decodes them to ``NF4_TABLE[8]``, not 0); they add
+  nothing because padded rows get zero scales and the kernel zero-pads x along K.
+  """
+  _check(jnp.zeros((1, k), jnp.bfloat16), w_packed, w_scale, fmt, block, "prepare_w4_table")
+  values = jnp.asarray(_byte_lut(fmt))[w_packed]
+  prepared = weight_only.prepare_w4a16(values, w_scale, k, block)
+  return dataclasses.replace(prepared, decode=fmt)
+
+
+def w4_table_matmul_prepared(
+    x: jax.Array,
+    prepared: weight_only.W4Prepared,
+    tensor_scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+  """The per-step call on weights from :func:`prepare_w4_table`."""
+  y = weight_only.w4a16_matmul_prepared(x, prepared, None, jnp.float32)
+  return _finish(y, tensor_scale, bias, out_dtype)
+
+
+def supports(x: jax.Array, block: int, fmt: str) -> bool:
+  """True where the small-M kernel runs for this format and block."""
+  return weight_only.supports(x, block, fmt)
+
+
+def w4_table_matmul(
+    x: jax.Array,
+    w_packed: jax.Array,
+    w_scale: jax.Array,
+    tensor_scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    *,
+    fmt: str,
+    block: int,
+) -> jax.Array:
+  """NF4 / FP4 weight-only GEMM ``bf16[M,K] x codes[N,K]^T -> [M,N]``.
+
+  Small M on Hopper: the Mosaic GPU kernel. Large M on a GPU: decode to bf16 and XLA's
+  bf16 GEMM. Off GPU: :func:`w4_table_matmul_reference`.
+  """
+  _check(x, w_packed, w_scale, fmt, block)
+  if not _common.on_hopper():
+    return w4_table_matmul_reference(x, w_packed, w_scale, tensor_scale, bias, out_dtype,
+                                     fmt=fmt, block=block)
+  if not supports(x, block, fmt):
+    w_bf16 = dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block,
+                        dtype=jnp.bfloat16)
+    y = weight_only.xla_bf16(x, w_bf16, None, jnp.float32)
+    return _finish(y, tensor_scale, bias, out_dtype)
+  prepared = prepare_w4_table(w_packed, w_scale, x.shape[1], fmt=fmt, block=block)
+  return w4_table_matmul_prepared(x, prepared, tensor_scale, bias, out_dtype)
