@@ -81,9 +81,17 @@ def linear(
     act: QSpec | None = None,
     act_scale: Array | None = None,
     backend: str = "auto",
+    lowrank: tuple[Array, Array] | None = None,
 ) -> Array:
-    """``x [..., K...] @ w [K..., N...]`` with the fastest applicable quantized path."""
+    """``x [..., K...] @ w [K..., N...]`` with the fastest applicable quantized path.
+
+    ``lowrank=(A [K, r], B [r, N])`` adds SVDQuant's float branch ``(x @ A) @ B``; where the
+    W4A8/W8A8 kernel runs it is fused into the GEMM's epilogue (pallas_kernels/w8a8.py).
+    """
     contract = contract or 1
+    if lowrank is not None and (contract != 1 or not isinstance(w, QArray) or w.ndim != 2):
+        y = linear(x, w, contract=contract, act=act, act_scale=act_scale, backend=backend)
+        return add_lowrank(y, x, lowrank, contract)
     out_dtype = x.dtype
     if is_coded(w):  # codebooks / low-rank / SpQR: decode with XLA ops, then the float path
         w = w.dequantize(x.dtype)
@@ -104,20 +112,29 @@ def linear(
     if b != "xla":
         from pallas_kernels import dispatch as kd
 
-        y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=b == "pallas")
-        if y is not None:
+        y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=b == "pallas", lowrank=lowrank)
+        if y is not None:  # the kernel path adds the low-rank branch itself
             return y
     if act is None:
-        return x @ dequantize(w, x.dtype)
-    xq = quantize_activation(x, act, act_scale)
-    if _int_path_ok(act.fmt, w):
-        acc_t = jnp.int32 if act.fmt in _INT8 else jnp.float32
-        acc = jax.lax.dot_general(
-            xq.qvalue, w.qvalue, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_t
-        )
-        y = acc.astype(jnp.float32) * decode_scale(xq) * _weight_scale_row(w)
-        return y.astype(out_dtype)
-    return dequantize(xq, x.dtype) @ dequantize(w, x.dtype)
+        y = x @ dequantize(w, x.dtype)
+    else:
+        xq = quantize_activation(x, act, act_scale)
+        if _int_path_ok(act.fmt, w):
+            acc_t = jnp.int32 if act.fmt in _INT8 else jnp.float32
+            acc = jax.lax.dot_general(
+                xq.qvalue, w.qvalue, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_t
+            )
+            y = (acc.astype(jnp.float32) * decode_scale(xq) * _weight_scale_row(w)).astype(out_dtype)
+        else:
+            y = dequantize(xq, x.dtype) @ dequantize(w, x.dtype)
+    return y if lowrank is None else add_lowrank(y, x, lowrank, contract)
+
+
+def add_lowrank(y: Array, x: Array, lowrank: tuple[Array, Array], contract: int = 1) -> Array:
+    """``y + (x @ A) @ B`` in x's dtype (x's last ``contract`` axes flattened)."""
+    a, b = lowrank
+    xl = x.reshape(*x.shape[: x.ndim - contract], -1)
+    return y + ((xl @ a.astype(x.dtype)) @ b.astype(x.dtype)).reshape(y.shape).astype(y.dtype)
 
 
 def _float_dot(x: Array, w: Array, contract: int) -> Array:

@@ -83,14 +83,15 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     act_scale = _aux_get(aux, "input_scale") if cfg.static else None
     if cfg.static and cfg.act is not None and act_scale is None and isinstance(kernel, QArray):
         raise KeyError(f"{path}: static activation mode but no 'input_scale' in the {AUX_COLLECTION!r} collection/aux")
+    a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
+    lowrank = None if a is None else (a, b)
     if einsum_str is not None:
         y = dispatch.einsum(einsum_str, x, kernel, act=cfg.act, act_scale=act_scale)
+        if lowrank is not None:
+            y = dispatch.add_lowrank(y, x, lowrank, contract or 1)
     else:
-        y = dispatch.linear(x, kernel, contract=contract, act=cfg.act, act_scale=act_scale, backend=cfg.backend)
-    a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
-    if a is not None:
-        xl = x.reshape(*x.shape[: x.ndim - (contract or 1)], -1)
-        y = y + ((xl @ a.astype(x.dtype)) @ b.astype(x.dtype)).reshape(y.shape)
+        y = dispatch.linear(x, kernel, contract=contract, act=cfg.act, act_scale=act_scale, backend=cfg.backend,
+                            lowrank=lowrank)
     if bias is not None:
         bias = dequantize(bias).astype(y.dtype)
         y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)

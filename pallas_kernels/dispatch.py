@@ -6,7 +6,9 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 
 * ``int8`` per-channel weights + ``int8`` activations -> ``w8a8.int8_matmul``
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
-* ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul``
+* ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> int4 widened
+  (``w4a8.widen``) + ``w8a8.int8_matmul``; with an SVDQuant branch (rank 16..64) the branch's
+  up-projection runs in the int8 GEMM's epilogue
 * weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
   checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
@@ -40,7 +42,20 @@ def _channel_scale(w: QArray):
     return decode_scale(w)[0]
 
 
-def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype):
+def _fused_lowrank(x2: jax.Array, lowrank):
+    """``(h = x @ A, B^T)`` for the int8 kernel's epilogue, or None where the rank does not fit."""
+    from pallas_kernels import w4a8
+
+    if lowrank is None or not w4a8.fused_rank(lowrank[0].shape[-1]):
+        return None
+    a, b = lowrank
+    h = jax.lax.dot_general(x2.astype(jnp.bfloat16), a.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    return h, b.T.astype(jnp.bfloat16)
+
+
+def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None):
+    """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
     from jquant.dispatch import quantize_activation
     from pallas_kernels import w4a8, w8a8
 
@@ -49,18 +64,20 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype):
         xq = quantize_activation(x2, act, act_scale)
         if not w4a8.supports(xq.qvalue, out_dtype):
             return None
-        xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
-        return w4a8.w4a8_matmul(xq.qvalue, xs, w.qvalue.T, ws, None, out_dtype)
-    fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
-    if fmt is None or act.fmt != fmt or ws is None:
-        return None
-    xq = quantize_activation(x2, act, act_scale)
-    w_q = w.qvalue.T
-    if not w8a8.supports(xq.qvalue, w_q, out_dtype):
-        return None
+        w_q, fmt = w4a8.widen(w.qvalue.T, x2.shape[1]), "int8"
+    else:
+        fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
+        if fmt is None or act.fmt != fmt or ws is None:
+            return None
+        xq = quantize_activation(x2, act, act_scale)
+        w_q = w.qvalue.T
+        if not w8a8.supports(xq.qvalue, w_q, out_dtype):
+            return None
     xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
-    fn = w8a8.int8_matmul if fmt == "int8" else w8a8.fp8_matmul
-    return fn(xq.qvalue, xs, w_q, ws, None, out_dtype)
+    if fmt == "fp8_e4m3":
+        return w8a8.fp8_matmul(xq.qvalue, xs, w_q, ws, None, out_dtype), False
+    fused = _fused_lowrank(x2, lowrank)
+    return w8a8.int8_matmul(xq.qvalue, xs, w_q, ws, None, out_dtype, lowrank=fused), fused is not None
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
@@ -92,11 +109,14 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
     return None
 
 
-def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: bool = False):
-    """Run ``x @ w`` with a Pallas kernel if one applies, else return None.
+def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: bool = False,
+              lowrank=None):
+    """Run ``x @ w`` (plus ``(x @ A) @ B`` for ``lowrank=(A, B)``) with a Pallas kernel if one
+    applies, else return None.
 
     ``force`` (``JQUANT_BACKEND=pallas``) turns "not on a GPU" into an error; shapes and
-    formats no kernel covers still fall back to XLA.
+    formats no kernel covers still fall back to XLA. The low-rank branch is fused into the int8
+    GEMM's epilogue (W8A8 and W4A8, rank 16..64); other kernels add it with XLA.
     """
     if not on_gpu():
         if force:
@@ -106,7 +126,15 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
     x2 = x.reshape(-1, x.shape[-1])
     if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
         return None  # per-token static tables: XLA path
-    y = _w8a8(x2, w, act, act_scale, out_dtype) if act is not None else _weight_only(x2, w, out_dtype)
+    if act is not None:
+        run = _w8a8(x2, w, act, act_scale, out_dtype, lowrank)
+        y, fused = (None, False) if run is None else run
+    else:
+        y, fused = _weight_only(x2, w, out_dtype), False
     if y is None:
         return None
+    if lowrank is not None and not fused:
+        from jquant.dispatch import add_lowrank
+
+        y = add_lowrank(y, x2, lowrank)
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)

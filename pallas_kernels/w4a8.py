@@ -104,10 +104,27 @@ def svdquant_matmul_reference(x, x_q, x_scale, w_packed, w_scale, l1, l2, bias=N
   return (y + _lowrank(x, l1, l2)).astype(out_dtype)
 
 
+def fused_rank(r: int) -> bool:
+  """Ranks the int8 kernel's low-rank epilogue takes (a multiple of 16, at most 64)."""
+  return r % 16 == 0 and 0 < r <= 64
+
+
 def svdquant_matmul(x, x_q, x_scale, w_packed, w_scale, l1, l2, bias=None, out_dtype=jnp.bfloat16):
-  """SVDQuant linear ``W4A8(x_q) + (x @ l1) @ l2``: the low-bit GEMM of :func:`w4a8_matmul` and
-  the rank-r bf16 branch (two XLA GEMMs beside it, a second read of ``x``; not fused into the
-  kernel), added in ``out_dtype``. The GEMM writes ``out_dtype``: an fp32 output made the kernel
-  49 us slower at 4096x3072x3072 on an H200 (116 vs 67 us), more than the branch itself."""
-  y = w4a8_matmul(x_q, x_scale, w_packed, w_scale, bias, out_dtype)
-  return y + _lowrank(x, l1, l2).astype(out_dtype)
+  """SVDQuant linear ``W4A8(x_q) + (x @ l1) @ l2``.
+
+  On Hopper (M >= MIN_M, rank 16..64): ``h = x @ l1`` is one small XLA GEMM, and the int8
+  kernel adds ``h @ l2`` in its epilogue, piece by piece before each output store, so the
+  up-projection and the sum cost no pass over the output. Elsewhere: the W4A8 GEMM plus the
+  branch in XLA, added in ``out_dtype``.
+  """
+  if l1.shape[0] != x.shape[1] or l2.shape[0] != l1.shape[1]:
+    raise ValueError(f"svdquant_matmul: l1 must be [K, r] and l2 [r, N] for x [M, K]={x.shape}, got "
+                     f"{l1.shape} and {l2.shape}")
+  if not (supports(x_q, out_dtype) and fused_rank(l1.shape[1])):
+    y = w4a8_matmul(x_q, x_scale, w_packed, w_scale, bias, out_dtype)
+    return y + _lowrank(x, l1, l2).astype(out_dtype)
+  _check(x_q, x_scale, w_packed, w_scale, bias)
+  h = lax.dot_general(x.astype(jnp.bfloat16), l1.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+                      preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  return w8a8.int8_matmul(x_q, x_scale, widen(w_packed, x_q.shape[1]), w_scale, bias, out_dtype,
+                          lowrank=(h, l2.T.astype(jnp.bfloat16)))

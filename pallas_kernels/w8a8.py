@@ -66,6 +66,7 @@ class GemmConfig:
 
 
 DEFAULT_CONFIG = GemmConfig()
+_SMEM_BYTES = 220 * 1024  # of the 227 KiB a Hopper CTA may use, leaving room for barriers and alignment
 
 
 def _pick_config(m: int, n: int) -> GemmConfig:
@@ -172,12 +173,13 @@ def _load_vector(ref, reduced_dim: int, interpret):
   return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim))
 
 
-def store_tile(y, out_smem, out_gmem, row0, col0, epi_m: int, epi_n: int):
+def store_tile(y, out_smem, out_gmem, row0, col0, epi_m: int, epi_n: int, piece=None):
   """Writes a register tile to ``out_gmem[row0:, col0:]`` through SMEM in TMA pieces.
 
   ``out_smem`` is ``[slots, epi_m, epi_n]``; pieces alternate between slots so one
   TMA store is in flight while the next piece is written. Rows or columns past
-  the array's end are dropped by the TMA unit.
+  the array's end are dropped by the TMA unit. ``piece(ei, ej, y_piece)``, when given,
+  maps each piece before it is written (the SVDQuant epilogue adds its low-rank term).
   """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -190,7 +192,8 @@ def store_tile(y, out_smem, out_gmem, row0, col0, epi_m: int, epi_n: int):
     for ej in range(count_n):
       slot = (ei * count_n + ej) % num_slots
       plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
-      out_smem[slot] = y[ei * epi_m:(ei + 1) * epi_m, ej * epi_n:(ej + 1) * epi_n]
+      y_piece = y[ei * epi_m:(ei + 1) * epi_m, ej * epi_n:(ej + 1) * epi_n]
+      out_smem[slot] = y_piece if piece is None else piece(ei, ej, y_piece)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(
           out_smem.at[slot],
@@ -206,6 +209,8 @@ def scaled_gemm_pallas(
     w: jax.Array,
     xs: jax.Array,
     wsb: jax.Array,
+    h: jax.Array | None = None,
+    l2t: jax.Array | None = None,
     *,
     out_dtype,
     config: GemmConfig,
@@ -218,6 +223,10 @@ def scaled_gemm_pallas(
   N of 64),
   ``xs`` is ``[M]`` float32 and ``wsb`` is ``[2, N]`` float32 holding the
   per-channel scale (row 0) and bias (row 1). Returns ``[M, N]`` of ``out_dtype``.
+
+  SVDQuant: with ``h = x @ L1`` (``bf16[M, r]``) and ``l2t = L2^T`` (``bf16[N, r]``, r a
+  multiple of 16 up to 64) the epilogue adds ``h @ L2`` to each output piece with one small
+  bf16 wgmma (64 x 32 x r) before it is stored: no second pass over the output.
   """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -240,8 +249,18 @@ def scaled_gemm_pallas(
   epi_n_count = cfg.tile_n // cfg.epi_n
   num_slots = min(2, epi_m_count * epi_n_count)
 
-  def kernel(x_gmem, w_gmem, xs_gmem, wsb_gmem, out_gmem,
-             out_smem, xs_smem, wsb_smem, scale_bar):
+  lowrank = h is not None
+  rank = h.shape[1] if lowrank else 0
+  if lowrank and (rank % 16 or rank > 64 or l2t is None or l2t.shape[1] != rank):
+    raise ValueError(f"scaled_gemm_pallas: h [M, r] and l2t [N, r] need one rank r, a multiple"
+                     f" of 16 up to 64; got {h.shape} and {None if l2t is None else l2t.shape}")
+  lr_transforms = _swizzled(2 * rank, 2) if lowrank else None
+
+  def kernel(*refs, out_smem, xs_smem, wsb_smem, scale_bar, h_smem=None, l2_smem=None):
+    if lowrank:
+      x_gmem, w_gmem, xs_gmem, wsb_gmem, h_gmem, l2t_gmem, out_gmem = refs
+    else:
+      x_gmem, w_gmem, xs_gmem, wsb_gmem, out_gmem = refs
 
     def get_pipeline(body, compute_context):
       return plgpu.emit_pipeline_warp_specialized(
@@ -294,6 +313,12 @@ def scaled_gemm_pallas(
           plgpu.copy_gmem_to_smem(
               wsb_gmem.at[:, pl.ds(col0, cfg.tile_n)], wsb_smem.at[wg],
               scale_bar.at[2 * wg + 1])
+          if lowrank:
+            plgpu.copy_gmem_to_smem(
+                h_gmem.at[pl.ds(row0, cfg.tile_m)], h_smem.at[wg], scale_bar.at[4 + 2 * wg])
+            plgpu.copy_gmem_to_smem(
+                l2t_gmem.at[pl.ds(col0, cfg.tile_n)], l2_smem.at[wg],
+                scale_bar.at[5 + 2 * wg])
 
           @functools.partial(
               pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), acc_dtype))
@@ -309,8 +334,25 @@ def scaled_gemm_pallas(
             y = y * lax.broadcast_in_dim(row_scale, shape, [0])
             y = y * lax.broadcast_in_dim(col_scale, shape, [1])
             y = y + lax.broadcast_in_dim(col_bias, shape, [1])
-            store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0,
-                       col0, cfg.epi_m, cfg.epi_n)
+            if not lowrank:
+              store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0,
+                         col0, cfg.epi_m, cfg.epi_n)
+              return
+            plgpu.barrier_wait(scale_bar.at[4 + 2 * wg])
+            plgpu.barrier_wait(scale_bar.at[5 + 2 * wg])
+
+            def add_lowrank(ei, ej, y_piece):
+              def product(lr_ref):
+                plgpu.wgmma(lr_ref, h_smem.at[wg, pl.ds(ei * cfg.epi_m, cfg.epi_m)],
+                            plgpu.transpose_ref(
+                                l2_smem.at[wg, pl.ds(ej * cfg.epi_n, cfg.epi_n)], (1, 0)))
+                return lr_ref[...]
+
+              lr = pl.run_scoped(product, plgpu.ACC((cfg.epi_m, cfg.epi_n), jnp.float32))
+              return (y_piece + lr).astype(out_dtype)
+
+            store_tile(y, out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n,
+                       piece=add_lowrank)
 
         def mma_body(_, a_smem, b_smem, acc_ref):
           plgpu.wgmma(
@@ -341,10 +383,14 @@ def scaled_gemm_pallas(
               transforms=out_transforms),
           xs_smem=plgpu.SMEM((2, cfg.tile_m), jnp.float32),
           wsb_smem=plgpu.SMEM((2, 2, cfg.tile_n), jnp.float32),
-          scale_bar=plgpu.Barrier(num_barriers=4),
+          scale_bar=plgpu.Barrier(num_barriers=8 if lowrank else 4),
+          **(dict(h_smem=plgpu.SMEM((2, cfg.tile_m, rank), jnp.bfloat16,
+                                    transforms=lr_transforms),
+                  l2_smem=plgpu.SMEM((2, cfg.tile_n, rank), jnp.bfloat16,
+                                     transforms=lr_transforms)) if lowrank else {}),
       ),
   )
-  return call(x, w, xs, wsb)
+  return call(x, w, xs, wsb, *((h, l2t) if lowrank else ()))
 
 
 def _prepare(x_q, x_scale, w_q, w_scale, bias, config: GemmConfig):
@@ -386,14 +432,28 @@ def supports(x_q: jax.Array, w_q: jax.Array, out_dtype=jnp.bfloat16) -> bool:
 
 
 def _scaled_matmul(name, reference, x_q, x_scale, w_q, w_scale, bias,
-                   out_dtype, config):
+                   out_dtype, config, lowrank=None):
   _check_operands(name, x_q, x_scale, w_q, w_scale, bias, (_INT8, _FP8))
   if not supports(x_q, w_q, out_dtype):
-    return reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    y = reference(x_q, x_scale, w_q, w_scale, bias, jnp.float32 if lowrank else out_dtype)
+    if lowrank is None:
+      return y
+    h, l2t = lowrank
+    return (y + lax.dot_general(h, l2t, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)).astype(out_dtype)
   cfg = config or _pick_config(x_q.shape[0], w_q.shape[0])
   x, w, xs, wsb, (m, n) = _prepare(x_q, x_scale, w_q, w_scale, bias, cfg)
+  lr = ()
+  if lowrank is not None:
+    h, l2t = lowrank
+    # The low-rank tiles take shared memory from the pipeline: keep the most stages that fit.
+    lr_bytes = 2 * (cfg.tile_m + cfg.tile_n) * h.shape[1] * 2 + 4 * cfg.epi_m * cfg.epi_n * 2
+    fit = (_SMEM_BYTES - lr_bytes) // ((cfg.cta_m + cfg.cta_n) * cfg.tile_k)
+    cfg = dataclasses.replace(cfg, stages=int(max(2, min(cfg.stages, fit))))
+    lr = (_common.pad_axis(h.astype(jnp.bfloat16), 0, xs.shape[0]),
+          _common.pad_axis(l2t.astype(jnp.bfloat16), 0, wsb.shape[1]))
   y = scaled_gemm_pallas(
-      x, w, xs, wsb, out_dtype=out_dtype, config=cfg, sms=_common.num_sms())
+      x, w, xs, wsb, *lr, out_dtype=out_dtype, config=cfg, sms=_common.num_sms())
   return y[:m, :n]
 
 
@@ -406,11 +466,15 @@ def int8_matmul(
     out_dtype=jnp.bfloat16,
     *,
     config: GemmConfig | None = None,
+    lowrank: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-  """W8A8 int8 GEMM ``[M,K] x [N,K]^T -> [M,N]``; kernel on Hopper, reference elsewhere."""
+  """W8A8 int8 GEMM ``[M,K] x [N,K]^T -> [M,N]``; kernel on Hopper, reference elsewhere.
+
+  ``lowrank=(h, l2t)`` (``[M, r]``, ``[N, r]``) adds ``h @ l2t^T`` in the epilogue (SVDQuant).
+  """
   _common.check_dtype("int8_matmul: x_q", x_q, (_INT8,))
   return _scaled_matmul("int8_matmul", int8_matmul_reference, x_q, x_scale,
-                        w_q, w_scale, bias, out_dtype, config)
+                        w_q, w_scale, bias, out_dtype, config, lowrank)
 
 
 def fp8_matmul(

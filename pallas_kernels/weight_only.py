@@ -54,12 +54,15 @@ KERNEL_M_MAX = 256
 #: The small-M kernels passed scripts/check_kernels_gpu.py on an H200 (JAX 0.11.2,
 #: benchmarks/check_kernels-NVIDIA_H200.txt), so they are the default for M <= SMALL_M_MAX on Hopper.
 GPU_VERIFIED = True
-#: The same for the NF4 / FP4 decode (pallas_kernels/w4_table.py): False until the GPU check
-#: passes, so they run only when forced with ``JQUANT_PALLAS=kernel``.
-TABLE_GPU_VERIFIED = False
+#: The same for the decode-and-scale path (NF4 / FP4 in pallas_kernels/w4_table.py, int4 with
+#: groups of 16/32/64): passed the same check. At M <= 16 it beats dequantize + XLA's bf16
+#: GEMM for every format (benchmarks/table_decode_sweep-NVIDIA_H200.json), though NF4 stays
+#: below XLA's bf16 GEMM on bf16 weights (docs/kernels.md).
+TABLE_GPU_VERIFIED = True
 #: Scale blocks along K the codebook decode takes (one wgmma per block in a 128-wide K step).
 TABLE_BLOCKS = (16, 32, 64, 128)
 _WT = 64  # weight rows per consumer warpgroup
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipeline stages and the output tile
 
 
 # --------------------------------------------------------------------------
@@ -284,13 +287,17 @@ def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int,
   # 96 CTAs, 7.4 us with 192), and each CTA's K loop is latency-bound, not bandwidth-bound.
   want = max(1, sms // tiles)
   splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
-  while kstep > GROUP and (k_steps // splits) % (kstep // GROUP):
-    kstep //= 2
-  w_bytes = 2 * _WT * kstep * bits // 8
-  stage_bytes = w_bytes + tokens * kstep * 2 + (kstep // block) * 2 * _WT * 4
   out_bytes = 2 * _WT * tokens * 4
+
+  def stage_bytes(kstep):
+    return 2 * _WT * kstep * bits // 8 + tokens * kstep * 2 + (kstep // block) * 2 * _WT * 4
+
+  # Two stages at least must fit (with 128 tokens a 512-wide step does not).
+  while kstep > GROUP and ((k_steps // splits) % (kstep // GROUP)
+                           or 2 * stage_bytes(kstep) > _SMEM_BUDGET - out_bytes):
+    kstep //= 2
   # 4 stages were as fast as 8 in the sweep and leave shared memory for a second CTA per SM.
-  stages = int(max(2, min(4, (200 * 1024 - out_bytes) // stage_bytes)))
+  stages = int(max(2, min(4, (_SMEM_BUDGET - out_bytes) // stage_bytes(kstep))))
   return WeightOnlyConfig(tokens=tokens, splits=splits, stages=stages, decode=decode,
                           block=block, kstep=kstep)
 

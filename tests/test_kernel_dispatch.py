@@ -30,7 +30,14 @@ def fake_gpu(monkeypatch):
             return fn(*a, **k)
         return wrapped
 
-    monkeypatch.setattr(w8a8, "int8_matmul", spy("int8", w8a8.int8_matmul_reference))
+    def int8_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=jnp.bfloat16, *, lowrank=None):
+        y = w8a8.int8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, jnp.float32)
+        if lowrank is not None:
+            calls.append("epilogue")
+            y = y + lowrank[0].astype(jnp.float32) @ lowrank[1].astype(jnp.float32).T
+        return y.astype(out_dtype)
+
+    monkeypatch.setattr(w8a8, "int8_matmul", spy("int8", int8_reference))
     monkeypatch.setattr(w8a8, "fp8_matmul", spy("fp8", w8a8.fp8_matmul_reference))
     monkeypatch.setattr(weight_only, "w4a16_matmul", spy("w4a16", weight_only.w4a16_matmul_reference))
     monkeypatch.setattr(weight_only, "w8a16_matmul", spy("w8a16", weight_only.w8a16_matmul_reference))
@@ -64,3 +71,18 @@ def test_uncovered_formats_fall_back(fake_gpu):
         y = linear(x, w, act=None if act is None else jquant.parse_spec(act))
         chex.assert_shape(y, (4, 16))
     assert fake_gpu == []
+
+
+@pytest.mark.parametrize("wspec, m, rank, want", [("int8", 5, 32, ["int8", "epilogue"]), ("int4", 1030, 16, ["int8", "epilogue"]),
+                                                   ("int8", 5, 8, ["int8"]), ("int4/g128", 5, 32, ["w4a16"])])
+def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, rank, want):
+    x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
+    a = jax.random.normal(jax.random.key(2), (256, rank)) / 16
+    b = jax.random.normal(jax.random.key(3), (rank, 72)) / 4
+    act = None if "/" in wspec else jquant.parse_spec("int8/token")
+    y = linear(x, w, act=act, backend="auto", lowrank=(a, b))
+    assert fake_gpu == want  # rank 8 does not fit the epilogue: the branch is added by XLA
+    y_xla = linear(x, w, act=act, backend="xla") + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+    err = float(jnp.linalg.norm((y - y_xla).astype(jnp.float32)) / jnp.linalg.norm(y_xla.astype(jnp.float32)))
+    assert err < 2e-2, err

@@ -136,6 +136,32 @@ def test_svdquant_path_adds_the_lowrank_branch_to_the_w4a8_gemm():
     w4a8.svdquant_matmul(x, x_q, xs, packed, ws, l1[:5], l2)
 
 
+def test_int8_lowrank_epilogue_reference_path():
+  # Off the GPU, int8_matmul(lowrank=(h, l2t)) is the reference plus h @ l2t^T, once rounded.
+  x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(5), 7, 256, 40)
+  h = jax.random.normal(jax.random.key(6), (7, 32), jnp.float32).astype(jnp.bfloat16)
+  l2t = jax.random.normal(jax.random.key(7), (40, 32), jnp.float32).astype(jnp.bfloat16)
+  got = w8a8.int8_matmul(x, xs, w, ws, b, jnp.float32, lowrank=(h, l2t))
+  want = _np(w8a8.int8_matmul_reference(x, xs, w, ws, b, jnp.float32)) + _np(h) @ _np(l2t).T
+  np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank,fused", [(32, True), (16, True), (64, True), (8, False), (80, False)])
+def test_svdquant_fuses_the_branch_into_the_gemm_epilogue(rank, fused, monkeypatch):
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  args = testing.svdquant_r32_inputs(jax.random.key(0), w4a8.MIN_M + 6, 320, 136, rank=rank)
+  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  text = jax.jit(w4a8.svdquant_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") > 0
+  # Fused: one GEMM custom call and one XLA dot (x @ L1); unfused ranks keep both branch dots.
+  assert text.count("stablehlo.dot_general") == (1 if fused else 2), rank
+  with pytest.raises(ValueError, match="multiple of 16 up to 64"):
+    w8a8.scaled_gemm_pallas(jnp.zeros((128, 128), jnp.int8), jnp.zeros((256, 128), jnp.int8),
+                            jnp.zeros((128,)), jnp.zeros((2, 256)), jnp.zeros((128, 24), jnp.bfloat16),
+                            jnp.zeros((256, 24), jnp.bfloat16), out_dtype=jnp.bfloat16,
+                            config=w8a8.DEFAULT_CONFIG, sms=132)
+
+
 def test_w4a8_bad_shapes_raise_named_errors():
   x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(0), 4, 256, 16)
   with pytest.raises(ValueError, match=r"w_packed must be \[N, ceil\(K/2\)\]"):
@@ -211,6 +237,7 @@ def test_weight_only_kstep_config():
   assert weight_only._pick_config(1, 12288, 96, 132, 4, "nf4", 64).kstep == 256
   cfg = weight_only._pick_config(1, 1536, 3, 132, 4)
   assert cfg.kstep == 128 and cfg.splits == 3
+  assert weight_only._pick_config(256, 3072, 24, 132, 4).kstep == 128  # 128 tokens: smem
   for k_steps in (1, 12, 24, 40, 70, 96):
     for bits, decode, block in ((4, "int", 128), (8, "int", 128), (4, "fp4", 16)):
       cfg = weight_only._pick_config(16, 3072, k_steps, 132, bits, decode, block)
@@ -384,7 +411,8 @@ def _lowers_to_mosaic(fn, *args) -> bool:
 def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
   monkeypatch.setenv(_common.FORCE_ENV, "kernel")
   case = testing.CASES[name]
-  for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256)]:
+  # (256, 3072, 3072): 128 tokens, where the widest K steps no longer fit in shared memory.
+  for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256), (256, 3072, 3072)]:
     args = case.make_inputs(jax.random.key(0), m, k, n)
     assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
 
