@@ -9,11 +9,12 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 * ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> int4 widened
   (``w4a8.widen``) + ``w8a8.int8_matmul``; with an SVDQuant branch (rank 16..64) the branch's
   up-projection runs in the int8 GEMM's epilogue
-* weight-only ``int4/g128`` (symmetric) or ``int8`` per-channel, M <= 16 ->
+* weight-only ``int4/g128`` (symmetric) or ``int8`` / ``fp8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
   checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
 * weight-only ``nf4``, ``fp4``, ``mxfp4``, ``nvfp4`` (blocks of 16..128), M <= 16 ->
-  ``w4_table.w4_table_matmul`` (decode in registers)
+  ``w4_table.w4_table_matmul`` (decode in registers); ``uint4`` groups with zero points ->
+  ``w4_table.uint4_matmul`` (the kernel once verified on a GPU, dequantize + XLA until then)
 
 The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is
@@ -84,10 +85,15 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
     from pallas_kernels import w4_table, weight_only
 
     spec = w.spec
-    if w.ndim != 2 or w.zero_point is not None:
+    if w.ndim != 2:
         return None
     x2 = x2.astype(jnp.bfloat16)
     group = spec.group_size if spec.granularity == "group" else None
+    if w.zero_point is not None:
+        if spec.fmt != "uint4" or group is None or not weight_only.supports(x2, group):
+            return None
+        return w4_table.uint4_matmul(x2, w.qvalue.T, decode_scale(w).T, w.zero_point.T, None, out_dtype,
+                                     group_size=group)
     if spec.fmt in w4_table.TABLES and group is not None:
         if not w4_table.supports(x2, group, spec.fmt):
             return None
@@ -104,7 +110,7 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
             return None
         return weight_only.w4a16_matmul(x2, w.qvalue.T, decode_scale(w).T, None, out_dtype, group_size=group)
     ws = _channel_scale(w)
-    if spec.fmt == "int8" and ws is not None and weight_only.supports(x2):
+    if spec.fmt in ("int8", "fp8_e4m3", "fp8_e5m2") and ws is not None and weight_only.supports(x2):
         return weight_only.w8a16_matmul(x2, w.qvalue.T, ws, None, out_dtype)
     return None
 

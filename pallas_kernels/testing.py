@@ -125,6 +125,22 @@ def table_inputs(key, m, k, n, fmt="nf4", block=64, scaling=""):
   return (x, weight_only.pack_int4(codes), scales, tensor)
 
 
+def uint4_inputs(key, m, k, n, group=128):
+  """Unsigned 4-bit codes with per-group scales and zero points (AWQ-style)."""
+  kx, kw, ks, kz = jax.random.split(key, 4)
+  codes = jax.random.randint(kw, (n, k), 0, 16, jnp.int32)
+  shape = (n, _common.cdiv(k, group))
+  zeros = jax.random.randint(kz, shape, 0, 16, jnp.int32).astype(jnp.uint8)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  return (x, weight_only.pack_int4(codes), _scales(ks, shape, scale=0.02), zeros)
+
+
+def _uint4_bench_form(inputs, group=128):
+  x, packed, scales, zeros = inputs
+  prepared = w4_table.prepare_uint4(packed, scales, zeros, x.shape[1], group)
+  return weight_only.w4a16_matmul_prepared, (x, prepared)
+
+
 def _table_case(name, fmt, block, scaling):
   kernel = functools.partial(w4_table.w4_table_matmul, fmt=fmt, block=block)
   reference = functools.partial(w4_table.w4_table_matmul_reference, fmt=fmt, block=block)
@@ -139,6 +155,12 @@ def _table_case(name, fmt, block, scaling):
       functools.partial(table_inputs, fmt=fmt, block=block, scaling=scaling), _gemm_flops,
       lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / block + 2 * m * n,
       bench_form=bench_form, k_multiple=block)
+
+
+def w8a16_fp8_inputs(key, m, k, n):
+  kx, kw, ks = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  return (x, _fp8(kw, (n, k)), _scales(ks, (n,), scale=0.01))
 
 
 def act_quant_inputs(key, m, k, n):
@@ -194,6 +216,16 @@ CASES: dict[str, KernelCase] = {
         "w8a16", weight_only.w8a16_matmul, weight_only.w8a16_matmul_reference,
         w8a16_inputs, _gemm_flops,
         lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n),
+    "w8a16_fp8": KernelCase(
+        "w8a16_fp8", weight_only.w8a16_matmul, weight_only.w8a16_matmul_reference,
+        w8a16_fp8_inputs, _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n),
+    "w4a16_zp": KernelCase(
+        "w4a16_zp", functools.partial(w4_table.uint4_matmul, group_size=128),
+        functools.partial(w4_table.uint4_matmul_reference, group_size=128),
+        uint4_inputs, _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k / 2 + 5 * n * k / 128 + 2 * m * n,
+        bench_form=_uint4_bench_form, k_multiple=128),
     # NF4 (block 64, QLoRA's default), MXFP4 (e2m1, e8m0 scales per 32), NVFP4 (e2m1, e4m3
     # scales per 16 and an fp32 tensor scale).
     "nf4_w16": _table_case("nf4_w16", "nf4", 64, ""),
@@ -221,11 +253,14 @@ def kernel_path(name: str, inputs: tuple) -> str:
     return "kernel" if w4a8.supports(inputs[1]) else "reference"
   if name == "w8a8_fp8_block":
     return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
-  if name in ("w4a16", "w8a16", "w4a16_g32"):
+  if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
     if not _common.on_gpu():
       return "reference"
     group = 32 if name == "w4a16_g32" else 128
-    return "kernel" if weight_only.supports(x, group) else "xla-dequant"
+    flag = {"w8a16_fp8": weight_only.FP8_W16_GPU_VERIFIED,
+            "w4a16_zp": weight_only.ZERO_POINT_GPU_VERIFIED}.get(name, True)
+    ok = weight_only.supports(x, group) and _common.kernel_enabled(flag)
+    return "kernel" if ok else "xla-dequant"
   if name in ("nf4_w16", "fp4_w16", "nvfp4_w16"):
     if not _common.on_gpu():
       return "reference"

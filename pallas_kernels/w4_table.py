@@ -1,4 +1,5 @@
-"""NF4 and FP4 (e2m1: plain, MXFP4, NVFP4) weight-only GEMMs: 4-bit codebook weights x bf16.
+"""NF4 and FP4 (e2m1: plain, MXFP4, NVFP4) weight-only GEMMs: 4-bit codebook weights x bf16;
+and uint4 with zero points, which takes the same decode-and-scale kernel path.
 
 Layout (jquant's QArray storage, transposed to K-major)
 -------------------------------------------------------
@@ -161,3 +162,51 @@ def w4_table_matmul(
     return _finish(y, tensor_scale, bias, out_dtype)
   prepared = prepare_w4_table(w_packed, w_scale, x.shape[1], fmt=fmt, block=block)
   return w4_table_matmul_prepared(x, prepared, tensor_scale, bias, out_dtype)
+
+
+# --------------------------------------------------------------------------
+# uint4 with zero points (AWQ-style asymmetric groups): the same decode-and-scale path.
+# --------------------------------------------------------------------------
+
+
+def _check_zp(x, w_packed, w_scale, w_zero, group_size):
+  _check(x, w_packed, w_scale, "fp4", group_size, "uint4_matmul")
+  if w_zero.shape != w_scale.shape:
+    raise ValueError(f"uint4_matmul: w_zero must have w_scale's shape {w_scale.shape}, got"
+                     f" {w_zero.shape}")
+
+
+def uint4_matmul_reference(x, w_packed, w_scale, w_zero, bias=None, out_dtype=jnp.bfloat16, *,
+                           group_size: int):
+  """Plain-JAX reference: ``w = (u - z) * s`` with unsigned codes ``u`` (low nibble first)."""
+  _check_zp(x, w_packed, w_scale, w_zero, group_size)
+  k = x.shape[1]
+  u = weight_only.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
+  rep = lambda a: jnp.repeat(a.astype(jnp.float32), group_size, axis=1)
+  w = (u.astype(jnp.float32) - rep(w_zero)) * rep(w_scale)
+  y = lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
+                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return _finish(y, None, bias, out_dtype)
+
+
+def prepare_uint4(w_packed, w_scale, w_zero, k: int, group_size: int) -> weight_only.W4Prepared:
+  """Unsigned codes ``u`` -> int4 ``u - 8`` (flip each nibble's top bit) plus the per-group
+  offset ``(8 - z) * s``, so that ``w = (u - 8) * s + (8 - z) * s = (u - z) * s``."""
+  _check_zp(jnp.zeros((1, k), jnp.bfloat16), w_packed, w_scale, w_zero, group_size)
+  prepared = weight_only.prepare_w4a16(w_packed ^ jnp.uint8(0x88), w_scale, k, group_size)
+  offset = (8.0 - w_zero.astype(jnp.float32)) * w_scale.astype(jnp.float32)
+  o_t = _common.pad_axis(_common.pad_axis(offset, 0, prepared.s_t.shape[1]), 1,
+                         prepared.s_t.shape[0]).T
+  return dataclasses.replace(prepared, o_t=o_t)
+
+
+def uint4_matmul(x, w_packed, w_scale, w_zero, bias=None, out_dtype=jnp.bfloat16, *,
+                 group_size: int):
+  """W4A16 with uint4 codes and per-group zero points; kernel at small M on Hopper once
+  ``weight_only.ZERO_POINT_GPU_VERIFIED`` (or forced), else decode to bf16 + XLA's GEMM."""
+  _check_zp(x, w_packed, w_scale, w_zero, group_size)
+  if not _common.on_hopper():
+    return uint4_matmul_reference(x, w_packed, w_scale, w_zero, bias, out_dtype,
+                                  group_size=group_size)
+  prepared = prepare_uint4(w_packed, w_scale, w_zero, x.shape[1], group_size)
+  return weight_only.w4a16_matmul_prepared(x, prepared, bias, out_dtype)

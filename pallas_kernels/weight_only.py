@@ -59,6 +59,15 @@ GPU_VERIFIED = True
 #: GEMM for every format (benchmarks/table_decode_sweep-NVIDIA_H200.json), though NF4 stays
 #: below XLA's bf16 GEMM on bf16 weights (docs/kernels.md).
 TABLE_GPU_VERIFIED = True
+#: 8-bit weights the W8A16 kernel takes; fp8 ones are converted to bf16 in registers like int8.
+W8_DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)
+#: fp8 weight-only (W8A16 with e4m3/e5m2 weights) lowers but has not run on a GPU yet: it stays
+#: on dequantize + XLA unless forced with ``JQUANT_PALLAS=kernel`` (check_kernels_gpu.py's
+#: ``w8a16_fp8`` case verifies it).
+FP8_W16_GPU_VERIFIED = False
+#: uint4 with zero points (the per-block offset in the decode-and-scale path) lowers but has not
+#: run on a GPU yet: dequantize + XLA unless forced (check_kernels_gpu.py's ``w4a16_zp`` case).
+ZERO_POINT_GPU_VERIFIED = False
 #: Scale blocks along K the codebook decode takes (one wgmma per block in a 128-wide K step).
 TABLE_BLOCKS = (16, 32, 64, 128)
 _WT = 64  # weight rows per consumer warpgroup
@@ -117,7 +126,7 @@ def _check_w4(x, w_packed, w_scale, group_size):
 def _check_w8(x, w_q, w_scale):
   _common.check_rank("w8a16_matmul: x", x, 2)
   _common.check_rank("w8a16_matmul: w_q", w_q, 2)
-  _common.check_dtype("w8a16_matmul: w_q", w_q, (jnp.int8,))
+  _common.check_dtype("w8a16_matmul: w_q", w_q, W8_DTYPES)
   if w_q.shape[1] != x.shape[1]:
     raise ValueError(
         f"w8a16_matmul: w_q must be [N, K] with K={x.shape[1]}, got {w_q.shape}")
@@ -268,7 +277,7 @@ class WeightOnlyConfig:
 
 def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int,
                  decode: str = "int", block: int = GROUP,
-                 kstep: int | None = None) -> WeightOnlyConfig:
+                 kstep: int | None = None, offsets: bool = False) -> WeightOnlyConfig:
   """Tokens, split-K and stages for ``k_steps`` 128-wide K steps; ``kstep`` K per pipeline
   step (lowered to the largest power-of-two multiple of 128 that divides each split's K).
 
@@ -290,7 +299,9 @@ def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int,
   out_bytes = 2 * _WT * tokens * 4
 
   def stage_bytes(kstep):
-    return 2 * _WT * kstep * bits // 8 + tokens * kstep * 2 + (kstep // block) * 2 * _WT * 4
+    tables = 2 if offsets else 1
+    return (2 * _WT * kstep * bits // 8 + tokens * kstep * 2
+            + tables * (kstep // block) * 2 * _WT * 4)
 
   # Two stages at least must fit (with 128 tokens a 512-wide step does not).
   while kstep > GROUP and ((k_steps // splits) % (kstep // GROUP)
@@ -309,6 +320,7 @@ def weight_only_pallas(
     w: jax.Array,
     x: jax.Array,
     s_t: jax.Array | None,
+    o_t: jax.Array | None = None,
     *,
     config: WeightOnlyConfig,
 ) -> jax.Array:
@@ -317,7 +329,9 @@ def weight_only_pallas(
   ``w`` is ``int8[N, K]`` or ``int4[N, K]`` (N a multiple of 128, K of 128), ``x``
   is ``bf16[M, K]`` (M a multiple of ``config.tokens``) and ``s_t`` the int4 group
   scales transposed to ``f32[K/128, N]`` (None for int8, whose per-channel scale
-  is applied outside), or for the codebooks the block scales ``f32[K/block, N]``.
+  is applied outside), or for the codebooks the block scales ``f32[K/block, N]``. ``o_t``
+  (same shape) adds a per-block offset after the scale, ``w = q * s + o``: zero points
+  (uint4 ``(u - z) * s`` stored as ``q = u - 8``, ``o = (8 - z) * s``).
   """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -325,7 +339,7 @@ def weight_only_pallas(
   cfg = config
   n, k = w.shape
   m = x.shape[0]
-  bits = jnp.iinfo(w.dtype).bits
+  bits = 4 if w.dtype == jnp.int4 else 8
   t = cfg.tokens
   cta_w = 2 * _WT
   n_iters, m_iters = n // cta_w, m // t
@@ -338,7 +352,7 @@ def weight_only_pallas(
   w_swizzle = GROUP * bits // 8
   w_transforms = (plgpu.TilingTransform((8, GROUP)), plgpu.SwizzleTransform(w_swizzle))
   # The decode-and-scale path: codebooks, and int4 with scale blocks other than 128.
-  table = cfg.decode != "int" or (bits == 4 and cfg.block != GROUP)
+  table = cfg.decode != "int" or (bits == 4 and cfg.block != GROUP) or o_t is not None
   blk = cfg.block if table else GROUP
   x_tile = min(64, blk)  # B slices of one scale block must start on a tile
   x_transforms = (plgpu.TilingTransform((8, x_tile)), plgpu.SwizzleTransform(2 * x_tile))
@@ -349,7 +363,10 @@ def weight_only_pallas(
   grouped = s_t is not None
 
   def kernel(*refs, out_smem):
-    if grouped:
+    o_gmem = None
+    if o_t is not None:
+      w_gmem, x_gmem, s_gmem, o_gmem, out_gmem = refs
+    elif grouped:
       w_gmem, x_gmem, s_gmem, out_gmem = refs
     else:
       w_gmem, x_gmem, out_gmem = refs
@@ -365,7 +382,10 @@ def weight_only_pallas(
       # layout while the values are still narrow, then the convert to bf16.
       a = plgpu.load(w_smem.at[pl.ds(wg * _WT, _WT), pl.ds(j * GROUP, GROUP)], (),
                      layout=a_layout)
-      return plgpu.layout_cast(a, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+      a = plgpu.layout_cast(a, plgpu.Layout.WGMMA)
+      if jnp.issubdtype(w.dtype, jnp.floating):  # fp8: Hopper converts it to f16 (exact), not bf16
+        a = a.astype(jnp.float16)
+      return a.astype(jnp.bfloat16)
 
     def x_t(x_smem, start, size):
       return plgpu.transpose_ref(x_smem.at[:, pl.ds(start, size)], (1, 0))
@@ -384,9 +404,13 @@ def weight_only_pallas(
         for j in range(sub):
           a = decode_codes(load_a(w_smem, j), cfg.decode)
           for c in range(GROUP // blk):
-            scale = row_scale(s_smem[0], j * (GROUP // blk) + c, jnp.bfloat16)
+            row = j * (GROUP // blk) + c
+            scale = row_scale(s_smem[0], row, jnp.bfloat16)
             a_c = a if blk == GROUP else a[:, c * blk:(c + 1) * blk]
             a_c = a_c * lax.broadcast_in_dim(scale, (_WT, blk), [0])
+            if o_gmem is not None:
+              offset = row_scale(s_smem[1], row, jnp.bfloat16)
+              a_c = a_c + lax.broadcast_in_dim(offset, (_WT, blk), [0])
             plgpu.wgmma(acc, a_c, x_t(x_smem, j * GROUP + c * blk, blk))
         plgpu.wgmma_wait(0)
         return acc
@@ -443,8 +467,11 @@ def weight_only_pallas(
       per_step = cfg.kstep // blk
       in_specs.append(plgpu.BlockSpec((per_step, cta_w), lambda kk: (kk, 0),
                                       memory_space=plgpu.SMEM))
-      operands.append(s_gmem.at[pl.ds(k0 * (GROUP // blk), ks * (GROUP // blk)),
-                                pl.ds(ni * cta_w, cta_w)])
+      for table_gmem in (s_gmem, o_gmem)[:1 + (o_gmem is not None)]:
+        if table_gmem is not s_gmem:
+          in_specs.append(in_specs[-1])
+        operands.append(table_gmem.at[pl.ds(k0 * (GROUP // blk), ks * (GROUP // blk)),
+                                      pl.ds(ni * cta_w, cta_w)])
     pipeline = plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(ks // sub,),
@@ -468,18 +495,19 @@ def weight_only_pallas(
           out_smem=plgpu.SMEM((2, _WT, t), jnp.float32, transforms=out_transforms),
       ),
   )
-  args = (w, x) + ((s_t,) if grouped else ())
+  args = (w, x) + ((s_t,) if grouped else ()) + ((o_t,) if o_t is not None else ())
   return call(*args)
 
 
-def _small_m_gemm(w, x, s_t, n, bits, sms, decode="int", block=GROUP):
+def _small_m_gemm(w, x, s_t, n, bits, sms, decode="int", block=GROUP, o_t=None):
   """Pads ``x``, runs the kernel, reduces splits; returns ``f32[M, N]`` (unscaled for int8)."""
   m, k = x.shape
   kp = w.shape[1]
-  cfg = _pick_config(m, w.shape[0], kp // GROUP, sms, bits, decode, block)
+  cfg = _pick_config(m, w.shape[0], kp // GROUP, sms, bits, decode, block,
+                     offsets=o_t is not None)
   mp = _common.round_up(m, cfg.tokens)
   xp = _common.pad_axis(_common.pad_axis(x.astype(jnp.bfloat16), 1, kp), 0, mp)
-  parts = weight_only_pallas(w, xp, s_t, config=cfg)
+  parts = weight_only_pallas(w, xp, s_t, o_t, config=cfg)
   return parts.sum(axis=0)[:n, :m].T
 
 
@@ -489,13 +517,14 @@ def _small_m_gemm(w, x, s_t, n, bits, sms, decode="int", block=GROUP):
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["w", "s_t"],
+    jax.tree_util.register_dataclass, data_fields=["w", "s_t", "o_t"],
     meta_fields=["n", "k", "decode", "block"])
 @dataclasses.dataclass(frozen=True)
 class W4Prepared:
   """4-bit weights in the kernel layout: ``w`` ``int4[Np, Kp]``, ``s_t`` ``f32[Kp/block, Np]``.
 
-  ``decode`` (one of :data:`DECODES`) says how an int4 value maps to a weight.
+  ``decode`` (one of :data:`DECODES`) says how an int4 value maps to a weight; ``o_t`` (None,
+  or like ``s_t``) is the per-block offset of zero-point formats: ``w = decode(q) * s + o``.
   """
 
   w: jax.Array
@@ -504,6 +533,7 @@ class W4Prepared:
   k: int
   decode: str = "int"
   block: int = GROUP
+  o_t: jax.Array | None = None
 
 
 def prepare_w4a16(w_packed: jax.Array, w_scale: jax.Array, k: int,
@@ -560,9 +590,10 @@ def w4a16_matmul_prepared(
         f"w4a16_matmul: x has K={x.shape[1]} but the weights were prepared for"
         f" K={prepared.k}")
   _check_bias("w4a16_matmul", bias, prepared.n)
-  if supports(x, prepared.block, prepared.decode):
+  zero_ok = prepared.o_t is None or _common.kernel_enabled(ZERO_POINT_GPU_VERIFIED)
+  if supports(x, prepared.block, prepared.decode) and zero_ok:
     y = _small_m_gemm(prepared.w, x, prepared.s_t, prepared.n, 4,
-                      _common.num_sms(), prepared.decode, prepared.block)
+                      _common.num_sms(), prepared.decode, prepared.block, prepared.o_t)
     return _finish(y, bias, out_dtype)
   return xla_bf16(x, dequantize_prepared(prepared), bias, out_dtype)
 
@@ -570,8 +601,10 @@ def w4a16_matmul_prepared(
 def dequantize_prepared(prepared: W4Prepared) -> jax.Array:
   """``bf16[N, K]`` weights from the kernel layout (the large-M path's one pass)."""
   w = decode_codes(prepared.w.astype(jnp.float32), prepared.decode)
-  s = jnp.repeat(prepared.s_t.T, prepared.block, axis=1)
-  return (w * s)[:prepared.n, :prepared.k].astype(jnp.bfloat16)
+  w = w * jnp.repeat(prepared.s_t.T, prepared.block, axis=1)
+  if prepared.o_t is not None:
+    w = w + jnp.repeat(prepared.o_t.T, prepared.block, axis=1)
+  return w[:prepared.n, :prepared.k].astype(jnp.bfloat16)
 
 
 def w4a16_matmul(
@@ -609,9 +642,9 @@ def w8a16_matmul(
     bias: jax.Array | None = None,
     out_dtype=jnp.bfloat16,
 ) -> jax.Array:
-  """W8A16 GEMM ``bf16[M,K] x int8[N,K]^T -> [M,N]`` with per-channel scales.
+  """W8A16 GEMM ``bf16[M,K] x int8/fp8[N,K]^T -> [M,N]`` with per-channel scales.
 
-  Small M on Hopper: the Mosaic GPU kernel. Large M on a GPU: int8 -> bf16 and
+  Small M on Hopper: the Mosaic GPU kernel. Large M on a GPU: 8-bit -> bf16 and
   XLA's bf16 GEMM (the scale applied to the fp32 result). Off GPU: the reference.
   """
   _check_w8(x, w_q, w_scale)
@@ -619,7 +652,8 @@ def w8a16_matmul(
   _check_bias("w8a16_matmul", bias, n)
   if not _common.on_hopper():
     return w8a16_matmul_reference(x, w_q, w_scale, bias, out_dtype)
-  if not supports(x):
+  fp8_ok = w_q.dtype == jnp.int8 or _common.kernel_enabled(FP8_W16_GPU_VERIFIED)
+  if not (supports(x) and fp8_ok):
     return xla_bf16(x, w_q.astype(jnp.bfloat16), bias, out_dtype, w_scale)
   kp = _common.round_up(k, GROUP)
   np_ = _common.round_up(n, 2 * _WT)

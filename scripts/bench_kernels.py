@@ -43,7 +43,7 @@ MS = [4096, 16, 32760, 1]
 QUICK_KN = [(3072, 3072), (1536, 1536), (3072, 12288)]
 QUICK_MS = [4096, 16]
 GEMM_KERNELS = ["w8a8_int8", "w8a8_fp8", "w8a8_fp8_block", "w4a8", "svdquant_r32", "w4a16", "w8a16",
-                "w4a16_g32", "nf4_w16", "fp4_w16", "nvfp4_w16"]
+                "w4a16_g32", "w8a16_fp8", "w4a16_zp", "nf4_w16", "fp4_w16", "nvfp4_w16"]
 
 
 def _bf16_gemm(x, w):

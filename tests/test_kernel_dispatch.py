@@ -42,6 +42,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(weight_only, "w4a16_matmul", spy("w4a16", weight_only.w4a16_matmul_reference))
     monkeypatch.setattr(weight_only, "w8a16_matmul", spy("w8a16", weight_only.w8a16_matmul_reference))
     monkeypatch.setattr(w4_table, "w4_table_matmul", spy("table", w4_table.w4_table_matmul_reference))
+    monkeypatch.setattr(w4_table, "uint4_matmul", spy("uint4", w4_table.uint4_matmul_reference))
     return calls
 
 
@@ -49,7 +50,7 @@ def fake_gpu(monkeypatch):
     "wspec, act, kernel",
     [("int8", "int8/token", "int8"), ("fp8_e4m3", "fp8_e4m3/token", "fp8"), ("int4/g128", None, "w4a16"), ("int8", None, "w8a16"),
      ("int4/g32", None, "w4a16"), ("nf4/g64", None, "table"), ("mxfp4", None, "table"), ("nvfp4", None, "table"),
-     ("fp4/g128", None, "table")],
+     ("fp4/g128", None, "table"), ("fp8_e4m3", None, "w8a16"), ("uint4/g32", None, "uint4")],
 )
 def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
     x = jax.random.normal(jax.random.key(0), (2, 5, 256), jnp.float32)
@@ -66,7 +67,7 @@ def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
 
 def test_uncovered_formats_fall_back(fake_gpu):
     x = jnp.ones((4, 64), jnp.bfloat16)
-    for spec, act in [("uint4/g32", None), ("nf4/g8", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
+    for spec, act in [("uint4/g8", None), ("uint8", None), ("nf4/g8", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
         w = jquant.quantize(jax.random.normal(jax.random.key(2), (64, 16)), spec)
         y = linear(x, w, act=None if act is None else jquant.parse_spec(act))
         chex.assert_shape(y, (4, 16))

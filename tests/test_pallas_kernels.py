@@ -193,8 +193,10 @@ def test_w4a16_reference_matches_numpy(m, k, n):
 
 
 @pytest.mark.parametrize("m,k,n", RAGGED)
-def test_w8a16_reference_matches_numpy(m, k, n):
-  x, w, s = testing.w8a16_inputs(jax.random.key(n), m, k, n)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_w8a16_reference_matches_numpy(m, k, n, fp8):
+  make = testing.w8a16_fp8_inputs if fp8 else testing.w8a16_inputs
+  x, w, s = make(jax.random.key(n), m, k, n)
   b = jnp.arange(n, dtype=jnp.float32)
   got = weight_only.w8a16_matmul_reference(x, w, s, b, out_dtype=jnp.float32)
   want = (_np(x) @ _np(w).T) * _np(s)[None] + _np(b)[None]
@@ -290,6 +292,27 @@ def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
   got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
   err = np.linalg.norm(_np(got) - _np(ref)) / max(np.linalg.norm(_np(ref)), 1e-30)
   assert err < 1e-2, err  # bf16 weights on the XLA path
+
+
+@settings(deadline=None, max_examples=6)
+@given(m=st.integers(1, 20), kb=st.integers(1, 3), n=st.integers(1, 150),
+       group=st.sampled_from([32, 128]))
+def test_uint4_zero_points_prepared_path_matches_reference(m, kb, n, group):
+  k = 128 * kb
+  x, packed, scales, zeros = testing.uint4_inputs(jax.random.key(m + n), m, k, n, group)
+  ref = w4_table.uint4_matmul_reference(x, packed, scales, zeros, out_dtype=jnp.float32,
+                                        group_size=group)
+  u = _np(weight_only.unpack_int4(packed, k)) % 16
+  rep = lambda a: np.repeat(_np(a), group, axis=1)
+  want = _np(x) @ ((u - rep(zeros)) * rep(scales)).T
+  np.testing.assert_allclose(_np(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  prepared = w4_table.prepare_uint4(packed, scales, zeros, k, group)
+  chex.assert_equal_shape([prepared.s_t, prepared.o_t])
+  got = weight_only.w4a16_matmul_prepared(x, prepared, out_dtype=jnp.float32)
+  err = np.linalg.norm(_np(got) - want) / max(np.linalg.norm(want), 1e-30)
+  assert err < 1e-2, err
+  with pytest.raises(ValueError, match="w_zero must have w_scale's shape"):
+    w4_table.uint4_matmul(x, packed, scales, jnp.concatenate([zeros, zeros], 1), group_size=group)
 
 
 def test_codebook_bad_inputs_raise_named_errors():
@@ -407,12 +430,14 @@ def _lowers_to_mosaic(fn, *args) -> bool:
 
 
 @pytest.mark.parametrize("name", ["w8a8_int8", "w8a8_fp8", "w8a8_fp8_block", "w4a16",
-                                  "w8a16", "w4a16_g32", "nf4_w16", "fp4_w16", "nvfp4_w16"])
+                                  "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp", "nf4_w16",
+                                  "fp4_w16", "nvfp4_w16"])
 def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
   monkeypatch.setenv(_common.FORCE_ENV, "kernel")
   case = testing.CASES[name]
   # (256, 3072, 3072): 128 tokens, where the widest K steps no longer fit in shared memory.
   for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256), (256, 3072, 3072)]:
+    k = -(-k // case.k_multiple) * case.k_multiple
     args = case.make_inputs(jax.random.key(0), m, k, n)
     assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
 
