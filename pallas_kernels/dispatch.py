@@ -14,7 +14,7 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
   checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
 * weight-only ``nf4``, ``fp4``, ``mxfp4``, ``nvfp4`` (blocks of 16..128), M <= 16 ->
   ``w4_table.w4_table_matmul`` (decode in registers); ``uint4`` groups with zero points ->
-  ``w4_table.uint4_matmul`` (the kernel once verified on a GPU, dequantize + XLA until then)
+  ``w4_table.uint4_matmul``
 
 The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is

@@ -202,8 +202,8 @@ def prepare_uint4(w_packed, w_scale, w_zero, k: int, group_size: int) -> weight_
 
 def uint4_matmul(x, w_packed, w_scale, w_zero, bias=None, out_dtype=jnp.bfloat16, *,
                  group_size: int):
-  """W4A16 with uint4 codes and per-group zero points; kernel at small M on Hopper once
-  ``weight_only.ZERO_POINT_GPU_VERIFIED`` (or forced), else decode to bf16 + XLA's GEMM."""
+  """W4A16 with uint4 codes and per-group zero points: the kernel at small M on Hopper, else
+  decode to bf16 + XLA's GEMM (the reference off the GPU)."""
   _check_zp(x, w_packed, w_scale, w_zero, group_size)
   if not _common.on_hopper():
     return uint4_matmul_reference(x, w_packed, w_scale, w_zero, bias, out_dtype,

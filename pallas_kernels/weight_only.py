@@ -61,13 +61,13 @@ GPU_VERIFIED = True
 TABLE_GPU_VERIFIED = True
 #: 8-bit weights the W8A16 kernel takes; fp8 ones are converted to bf16 in registers like int8.
 W8_DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)
-#: fp8 weight-only (W8A16 with e4m3/e5m2 weights) lowers but has not run on a GPU yet: it stays
-#: on dequantize + XLA unless forced with ``JQUANT_PALLAS=kernel`` (check_kernels_gpu.py's
-#: ``w8a16_fp8`` case verifies it).
-FP8_W16_GPU_VERIFIED = False
-#: uint4 with zero points (the per-block offset in the decode-and-scale path) lowers but has not
-#: run on a GPU yet: dequantize + XLA unless forced (check_kernels_gpu.py's ``w4a16_zp`` case).
-ZERO_POINT_GPU_VERIFIED = False
+#: fp8 weight-only (W8A16 with e4m3/e5m2 weights) passed check_kernels_gpu.py's ``w8a16_fp8``
+#: case on an H200 (benchmarks/check_kernels-fp8-zp-NVIDIA_H200.txt); False would keep it on
+#: dequantize + XLA unless forced with ``JQUANT_PALLAS=kernel``.
+FP8_W16_GPU_VERIFIED = True
+#: uint4 with zero points (the per-block offset in the decode-and-scale path) passed the
+#: ``w4a16_zp`` case on an H200 (same log).
+ZERO_POINT_GPU_VERIFIED = True
 #: Scale blocks along K the codebook decode takes (one wgmma per block in a 128-wide K step).
 TABLE_BLOCKS = (16, 32, 64, 128)
 _WT = 64  # weight rows per consumer warpgroup
