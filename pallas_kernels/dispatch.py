@@ -49,10 +49,7 @@ def _fused_lowrank(x2: jax.Array, lowrank):
 
     if lowrank is None or not w4a8.fused_rank(lowrank[0].shape[-1]):
         return None
-    a, b = lowrank
-    h = jax.lax.dot_general(x2.astype(jnp.bfloat16), a.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-    return h, b.T.astype(jnp.bfloat16)
+    return w4a8.lowrank_operands(x2, *lowrank)
 
 
 def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None):

@@ -54,6 +54,11 @@ def _byte_lut(fmt: str) -> np.ndarray:
 def _check(x, w_packed, w_scale, fmt, block, name="w4_table_matmul"):
   if fmt not in TABLES:
     raise ValueError(f"{name}: fmt must be one of {sorted(TABLES)}, got {fmt!r}")
+  _check_packed(x, w_packed, w_scale, block, name)
+
+
+def _check_packed(x, w_packed, w_scale, block, name):
+  """Shapes and dtypes of packed 4-bit weights with ``[N, K/block]`` scales."""
   _common.check_rank(f"{name}: x", x, 2)
   _common.check_rank(f"{name}: w_packed", w_packed, 2)
   _common.check_dtype(f"{name}: w_packed", w_packed, (jnp.uint8,))
@@ -170,7 +175,7 @@ def w4_table_matmul(
 
 
 def _check_zp(x, w_packed, w_scale, w_zero, group_size):
-  _check(x, w_packed, w_scale, "fp4", group_size, "uint4_matmul")
+  _check_packed(x, w_packed, w_scale, group_size, "uint4_matmul")
   if w_zero.shape != w_scale.shape:
     raise ValueError(f"uint4_matmul: w_zero must have w_scale's shape {w_scale.shape}, got"
                      f" {w_zero.shape}")

@@ -109,6 +109,14 @@ def fused_rank(r: int) -> bool:
   return r % 16 == 0 and 0 < r <= 64
 
 
+def lowrank_operands(x: jax.Array, l1: jax.Array, l2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(h = x @ l1, l2^T)`` in bf16 (fp32 accumulation): the int8 kernel's low-rank epilogue
+  operands (``w8a8.int8_matmul(..., lowrank=...)``)."""
+  h = lax.dot_general(x.astype(jnp.bfloat16), l1.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+                      preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  return h, l2.T.astype(jnp.bfloat16)
+
+
 def svdquant_matmul(x, x_q, x_scale, w_packed, w_scale, l1, l2, bias=None, out_dtype=jnp.bfloat16):
   """SVDQuant linear ``W4A8(x_q) + (x @ l1) @ l2``.
 
@@ -124,7 +132,5 @@ def svdquant_matmul(x, x_q, x_scale, w_packed, w_scale, l1, l2, bias=None, out_d
     y = w4a8_matmul(x_q, x_scale, w_packed, w_scale, bias, out_dtype)
     return y + _lowrank(x, l1, l2).astype(out_dtype)
   _check(x_q, x_scale, w_packed, w_scale, bias)
-  h = lax.dot_general(x.astype(jnp.bfloat16), l1.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
-                      preferred_element_type=jnp.float32).astype(jnp.bfloat16)
   return w8a8.int8_matmul(x_q, x_scale, widen(w_packed, x_q.shape[1]), w_scale, bias, out_dtype,
-                          lowrank=(h, l2.T.astype(jnp.bfloat16)))
+                          lowrank=lowrank_operands(x, l1, l2))
