@@ -26,7 +26,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jquant.formats import FP4_TABLE, NF4_TABLE
 from pallas_kernels import _common
@@ -86,9 +85,7 @@ def dequantize(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str, blo
 def _finish(y, tensor_scale, bias, out_dtype):
   if tensor_scale is not None:
     y = y * jnp.asarray(tensor_scale, jnp.float32).reshape(())
-  if bias is not None:
-    y = y + bias.reshape(1, -1).astype(jnp.float32)
-  return y.astype(out_dtype)
+  return weight_only._finish(y, bias, out_dtype)  # pylint: disable=protected-access
 
 
 def w4_table_matmul_reference(
@@ -105,9 +102,7 @@ def w4_table_matmul_reference(
   """Plain-JAX reference: table lookup, f32 dot at highest precision, scales, bias."""
   _check(x, w_packed, w_scale, fmt, block)
   w = dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block)
-  y = lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
-                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return _finish(y, tensor_scale, bias, out_dtype)
+  return _finish(weight_only.dot_nt_f32(x, w), tensor_scale, bias, out_dtype)
 
 
 def prepare_w4_table(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str,
@@ -189,9 +184,7 @@ def uint4_matmul_reference(x, w_packed, w_scale, w_zero, bias=None, out_dtype=jn
   u = weight_only.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
   rep = lambda a: jnp.repeat(a.astype(jnp.float32), group_size, axis=1)
   w = (u.astype(jnp.float32) - rep(w_zero)) * rep(w_scale)
-  y = lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
-                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return _finish(y, None, bias, out_dtype)
+  return _finish(weight_only.dot_nt_f32(x, w), None, bias, out_dtype)
 
 
 def prepare_uint4(w_packed, w_scale, w_zero, k: int, group_size: int) -> weight_only.W4Prepared:

@@ -149,6 +149,12 @@ def dequantize_int4(w_packed, w_scale, k: int, group_size: int = GROUP,
   return (q * s).astype(dtype)
 
 
+def dot_nt_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x [M, K] @ w [N, K]^T`` in float32 at highest precision (the references' GEMM)."""
+  return lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), (((1,), (1,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
 def _finish(y, bias, out_dtype):
   if bias is not None:
     y = y + bias.reshape(1, -1).astype(jnp.float32)
@@ -168,10 +174,7 @@ def w4a16_matmul_reference(
   _check_w4(x, w_packed, w_scale, group_size)
   _check_bias("w4a16_matmul", bias, w_packed.shape[0])
   w = dequantize_int4(w_packed, w_scale, x.shape[1], group_size)
-  y = lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())),
-                      precision=lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
-  return _finish(y, bias, out_dtype)
+  return _finish(dot_nt_f32(x, w), bias, out_dtype)
 
 
 def w8a16_matmul_reference(
@@ -184,11 +187,7 @@ def w8a16_matmul_reference(
   """Plain-JAX W8A16: f32 dot of x with the int8 weights, then the channel scales."""
   _check_w8(x, w_q, w_scale)
   _check_bias("w8a16_matmul", bias, w_q.shape[0])
-  y = lax.dot_general(x.astype(jnp.float32), w_q.astype(jnp.float32),
-                      (((1,), (1,)), ((), ())),
-                      precision=lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
-  y = y * w_scale.reshape(1, -1).astype(jnp.float32)
+  y = dot_nt_f32(x, w_q) * w_scale.reshape(1, -1).astype(jnp.float32)
   return _finish(y, bias, out_dtype)
 
 
