@@ -8,18 +8,25 @@ is ``[M, 1]``).
 
 Two implementations with the same result:
 
-* ``"pallas"``: one Pallas program per ``ROWS`` tokens (Triton lowering; plain
-  Pallas, so it also runs under ``interpret=True`` on the CPU). Each program reads
-  its rows in 1024-wide chunks twice, once for the absmax and once to quantize;
-  the second read comes from L2, so HBM sees one read and one write.
+* ``"pallas"``: one Pallas program per ``rows`` tokens (Triton lowering; plain Pallas, so it
+  also runs under ``interpret=True`` on the CPU). Where a padded row fits in registers
+  (K <= :data:`SINGLE_PASS_MAX`) a program loads its rows once, takes the absmax and writes the
+  codes from the same registers; wider rows go in ``CHUNK``-wide pieces twice (absmax, then
+  quantize; the second read comes from L2). On the GPU int8 rounds with one ``cvt.rni`` per
+  value (inline PTX); the interpreter builds the same round-half-even from ``floor``.
 * ``"xla"``: the same arithmetic as jnp ops, fused by XLA.
 
-``method="auto"`` picks the Pallas kernel on a GPU once it is verified there
-(:data:`GPU_VERIFIED`; see docs/kernels.md) and XLA otherwise.
+* ``"triton"``: the same single-pass program in the Triton language
+  (:mod:`pallas_kernels.triton_quant`, through jax-triton: the optional ``gpu`` extra).
+
+``method="auto"`` picks, on a GPU where the kernels are verified (:data:`GPU_VERIFIED`; see
+docs/kernels.md), the jax-triton version when it is installed (it measured 0-20% faster) and
+the Pallas kernel otherwise; XLA off the GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,13 +35,48 @@ from jax import lax
 
 from pallas_kernels import _common
 
-ROWS = 4
 CHUNK = 1024
+#: Widest row (padded to a power of two) the single-pass kernel holds in registers.
+SINGLE_PASS_MAX = 16384
 #: The Pallas quantizer matched the reference bit for bit on an H200 (codes and
 #: scales, 9 shapes incl. ragged; benchmarks/check_kernels-NVIDIA_H200.txt).
 GPU_VERIFIED = True
+#: The Triton-language version (pallas_kernels/triton_quant.py, through jax-triton) matched the
+#: reference bit for bit on an H200 and ran 0-20% faster than this Pallas kernel at the same
+#: design (benchmarks/jax_triton_eval-NVIDIA_H200.json), so ``method="auto"`` prefers it where
+#: the ``gpu`` extra is installed.
+TRITON_GPU_VERIFIED = True
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 _QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerConfig:
+  """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones."""
+
+  rows: int = 2
+  warps: int = 4
+  single_pass: bool = True
+
+
+def pick_config(k: int) -> QuantizerConfig:
+  """Single pass with 8K values per 4-warp program (16K rows: one row, 8 warps), else chunked.
+
+  Measured on an H200 (``benchmarks/act_quant_sweep-NVIDIA_H200.json``): 8K values per
+  program with 4 warps beat 16K with 8 or 16 warps and the chunked kernel at every K."""
+  width = padded_width(k)
+  if width > SINGLE_PASS_MAX:
+    return QuantizerConfig(rows=4, warps=4, single_pass=False)
+  if width > 8192:
+    return QuantizerConfig(rows=1, warps=8, single_pass=True)
+  return QuantizerConfig(rows=max(1, 8192 // width), warps=4, single_pass=True)
+
+
+def padded_width(k: int) -> int:
+  """K padded to a power of two (Triton block shapes are powers of two)."""
+  return 1 << max(0, (k - 1).bit_length())
+
+
 def _round_half_even(v: jax.Array) -> jax.Array:
   """Round to nearest, ties to even, from floor and exact f32 differences.
 
@@ -49,11 +91,23 @@ def _round_half_even(v: jax.Array) -> jax.Array:
   return f + jnp.where(up, 1.0, 0.0)
 
 
-def _to_q(v: jax.Array, fmt: str) -> jax.Array:
+def _rint(v: jax.Array, interpret: bool) -> jax.Array:
+  """Round half to even: one ``cvt.rni`` per value on the GPU, ``floor`` arithmetic elsewhere."""
+  if interpret:
+    return _round_half_even(v)
+  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+
+  (r,) = pltriton.elementwise_inline_asm(
+      "cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
+  return r
+
+
+def _to_q(v: jax.Array, fmt: str, interpret: bool = True) -> jax.Array:
   qmax = _QMAX[fmt]
   v = jnp.clip(v, -qmax, qmax)
   if fmt == "int8":
-    v = _round_half_even(v)
+    v = _rint(v, interpret)
   return v.astype(_QDTYPE[fmt])
 
 
@@ -87,55 +141,68 @@ def quantize_fp8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return _reference(x, "fp8")
 
 
-def _kernel(x_ref, q_ref, s_ref, *, m: int, k: int, fmt: str):
+def _kernel(x_ref, q_ref, s_ref, *, m: int, k: int, fmt: str, cfg: QuantizerConfig,
+            interpret: bool):
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
   i = pl.program_id(0)
-  rows = i * ROWS + jnp.arange(ROWS)
-  row_ok = rows < m
-  n_chunks = _common.cdiv(k, CHUNK)
+  rows = cfg.rows
+  row_ok = i * rows + jnp.arange(rows) < m
+  width = padded_width(k) if cfg.single_pass else CHUNK
 
   def block(c):
-    cols = c * CHUNK + jnp.arange(CHUNK)
+    cols = c * width + jnp.arange(width)
     mask = row_ok[:, None] & (cols < k)[None, :]
-    idx = (pl.ds(i * ROWS, ROWS), pl.ds(c * CHUNK, CHUNK))
+    idx = (pl.ds(i * rows, rows), pl.ds(c * width, width))
     return idx, mask
 
-  def amax_step(c, acc):
+  def load(c):
     idx, mask = block(c)
-    v = pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
-    return jnp.maximum(acc, jnp.max(jnp.abs(v), axis=1))
+    return pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
 
-  amax = lax.fori_loop(0, n_chunks, amax_step, jnp.zeros((ROWS,), jnp.float32))
-  scale = _scale_of(amax, fmt)
-  inv = 1.0 / scale
-
-  def quant_step(c, carry):
+  def store(c, v, inv):
     idx, mask = block(c)
-    v = pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
-    pltriton.store(q_ref.at[idx], _to_q(v * inv[:, None], fmt), mask=mask)
-    return carry
+    pltriton.store(q_ref.at[idx], _to_q(v * inv[:, None], fmt, interpret), mask=mask)
 
-  lax.fori_loop(0, n_chunks, quant_step, 0)
-  pltriton.store(s_ref.at[pl.ds(i * ROWS, ROWS)], scale, mask=row_ok)
+  if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
+    v = load(0)
+    scale = _scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
+    store(0, v, 1.0 / scale)
+  else:
+    n_chunks = _common.cdiv(k, CHUNK)
+    amax = lax.fori_loop(0, n_chunks, lambda c, acc: jnp.maximum(acc, jnp.max(jnp.abs(load(c)), axis=1)),
+                         jnp.zeros((rows,), jnp.float32))
+    scale = _scale_of(amax, fmt)
+    inv = 1.0 / scale
+
+    def quant_step(c, carry):
+      store(c, load(c), inv)
+      return carry
+
+    lax.fori_loop(0, n_chunks, quant_step, 0)
+  pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
 
 
-def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False):
+def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
+                    config: QuantizerConfig | None = None):
   """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked)."""
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
   _check(x)
   m, k = x.shape
+  cfg = config or pick_config(k)
+  if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
+    raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
   call = pl.pallas_call(
-      functools.partial(_kernel, m=m, k=k, fmt=fmt),
+      functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret),
       out_shape=(jax.ShapeDtypeStruct((m, k), _QDTYPE[fmt]),
                  jax.ShapeDtypeStruct((m,), jnp.float32)),
-      grid=(_common.cdiv(m, ROWS),),
+      grid=(_common.cdiv(m, cfg.rows),),
       interpret=interpret,
       compiler_params=None if interpret else pltriton.CompilerParams(
-          num_warps=4, num_stages=1),
+          num_warps=cfg.warps, num_stages=1),
   )
   q, s = call(x)
   return q, s.reshape(m, 1)
@@ -143,17 +210,34 @@ def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False):
 
 def _quantize(x, fmt, method):
   _check(x)
-  if method not in ("auto", "pallas", "xla"):
-    raise ValueError(f"quantize: method must be auto/pallas/xla, got {method!r}")
+  if method not in ("auto", "pallas", "triton", "xla"):
+    raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
   if method == "pallas":
     return quantize_pallas(x, fmt, interpret=not _common._default_device_is_gpu())  # pylint: disable=protected-access
+  if method == "triton":
+    from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
+
+    return triton_quant.quantize(x, fmt)
   if method == "auto" and supports(x):
+    if _triton_usable(x):
+      from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
+
+      return triton_quant.quantize(x, fmt)
     return quantize_pallas(x, fmt)
   return _reference(x, fmt)
 
 
+def _triton_usable(x: jax.Array) -> bool:
+  """The jax-triton quantizer (``gpu`` extra) where it is installed, verified and takes K."""
+  from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
+
+  return (TRITON_GPU_VERIFIED and triton_quant.available()
+          and padded_width(x.shape[1]) <= SINGLE_PASS_MAX)
+
+
 def quantize_int8(x: jax.Array, method: str = "auto") -> tuple[jax.Array, jax.Array]:
-  """Per-token int8 quantization ``(int8[M, K], f32[M, 1])`` in one pass over ``x``."""
+  """Per-token int8 quantization ``(int8[M, K], f32[M, 1])`` in one pass over ``x``
+  (``method``: auto / pallas / triton / xla)."""
   return _quantize(x, "int8", method)
 
 

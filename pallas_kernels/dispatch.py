@@ -6,9 +6,9 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 
 * ``int8`` per-channel weights + ``int8`` activations -> ``w8a8.int8_matmul``
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
-* ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> int4 widened
-  (``w4a8.widen``) + ``w8a8.int8_matmul``; with an SVDQuant branch (rank 16..64) the branch's
-  up-projection runs in the int8 GEMM's epilogue
+* ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul`` (int4
+  tiles widened to int8 in registers); with an SVDQuant branch (rank 16..64) the branch's
+  up-projection runs in that GEMM's epilogue
 * weight-only ``int4/g128`` (symmetric) or ``int8`` / ``fp8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
   checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
@@ -62,15 +62,17 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=No
         xq = quantize_activation(x2, act, act_scale)
         if not w4a8.supports(xq.qvalue, out_dtype):
             return None
-        w_q, fmt = w4a8.widen(w.qvalue.T, x2.shape[1]), "int8"
-    else:
-        fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
-        if fmt is None or act.fmt != fmt or ws is None:
-            return None
-        xq = quantize_activation(x2, act, act_scale)
-        w_q = w.qvalue.T
-        if not w8a8.supports(xq.qvalue, w_q, out_dtype):
-            return None
+        xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
+        fused = _fused_lowrank(x2, lowrank)
+        y = w4a8.w4a8_matmul(xq.qvalue, xs, w.qvalue.T, ws, None, out_dtype, lowrank=fused)
+        return y, fused is not None
+    fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
+    if fmt is None or act.fmt != fmt or ws is None:
+        return None
+    xq = quantize_activation(x2, act, act_scale)
+    w_q = w.qvalue.T
+    if not w8a8.supports(xq.qvalue, w_q, out_dtype):
+        return None
     xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
     if fmt == "fp8_e4m3":
         return w8a8.fp8_matmul(xq.qvalue, xs, w_q, ws, None, out_dtype), False

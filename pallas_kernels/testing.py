@@ -267,5 +267,7 @@ def kernel_path(name: str, inputs: tuple) -> str:
     fmt, block = {"nf4_w16": ("nf4", 64), "fp4_w16": ("fp4", 32), "nvfp4_w16": ("fp4", 16)}[name]
     return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
   if name.startswith("act_quant"):
-    return "pallas" if act_quant.supports(x) else "xla"
+    if not act_quant.supports(x):
+      return "xla"
+    return "triton" if act_quant._triton_usable(x) else "pallas"  # pylint: disable=protected-access
   raise ValueError(f"unknown kernel {name!r}")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 L2_BYTES = 50 * 2**20
@@ -72,6 +73,13 @@ def time_fn(
       "copies": len(sets),
       "method": method,
   }
+
+
+def copy_bandwidth(iterations: int = 10) -> float:
+  """Measured device copy bandwidth in GB/s (bytes read + written) on 1 GiB of bf16."""
+  a = [jax.random.normal(jax.random.key(i), (2**29,), jnp.bfloat16) for i in range(2)]
+  t = time_fn(lambda v: v + jnp.bfloat16(1), [(v,) for v in a], iterations=iterations)
+  return 2 * a[0].size * 2 / t["us"] / 1e3
 
 
 def write_rows(name: str, rows: list[dict]) -> str:

@@ -201,6 +201,38 @@ def store_tile(y, out_smem, out_gmem, row0, col0, epi_m: int, epi_n: int, piece=
                       pl.ds(col0 + ej * epi_n, epi_n)])
 
 
+def persistent_tiles(x_gmem, w_gmem, x_spec, w_spec, *, k_iters: int, stages: int,
+                     grid_mn: tuple[int, int], minor: int, tile_width: int, tile) -> None:
+  """The persistent, warp-specialized skeleton both 8-bit GEMMs share.
+
+  One producer warpgroup streams ``x_spec`` / ``w_spec`` K slabs through a ``stages``-deep TMA
+  pipeline for two consumer warpgroups; the CTA walks the ``grid_mn`` output tiles in snake
+  order (``plgpu.planar_snake``). ``tile(mi, ni)`` returns ``(body, compute_context, x_tile,
+  w_tile)`` for one output tile: the pipeline body, its compute context and the gmem rows of
+  x and w the tile reads.
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=40, in_specs=[x_spec, w_spec], wg_axis="wg",
+        num_compute_wgs=2, max_concurrent_steps=stages, compute_context=compute_context)
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(pl.run_scoped,
+                     allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+                     collective_axes="wg")
+  def _scope(allocs):
+    @plgpu.nd_loop((grid_mn[0] * grid_mn[1],), collective_axes="sm")
+    def _tile_loop(info):
+      (lin,) = info.index
+      mi, ni = plgpu.planar_snake(lin, grid_mn, minor, tile_width)
+      body, compute_context, x_tile, w_tile = tile(mi, ni)
+      pipeline(body, compute_context)(x_tile, w_tile, allocations=allocs)
+
+
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
 # repeated layers lower it once instead of once per layer: minutes of compile time).
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "sms", "interpret"))
@@ -262,111 +294,85 @@ def scaled_gemm_pallas(
     else:
       x_gmem, w_gmem, xs_gmem, wsb_gmem, out_gmem = refs
 
-    def get_pipeline(body, compute_context):
-      return plgpu.emit_pipeline_warp_specialized(
-          body,
-          grid=(k_iters,),
-          memory_registers=40,
-          in_specs=[
-              plgpu.BlockSpec(
-                  (cta_m, cfg.tile_k), lambda kk: (0, kk),
-                  transforms=in_transforms, memory_space=plgpu.SMEM),
-              plgpu.BlockSpec(
-                  (cta_n, cfg.tile_k), lambda kk: (0, kk),
-                  transforms=in_transforms, memory_space=plgpu.SMEM),
-          ],
-          wg_axis="wg",
-          num_compute_wgs=2,
-          max_concurrent_steps=cfg.stages,
-          compute_context=compute_context,
-      )
+    wg = lax.axis_index("wg")
 
-    ignore = lambda *_, **__: None
+    def tile(mi, ni):
+      if cfg.wg_dim == "m":
+        row0 = mi * cta_m + wg * cfg.tile_m
+        col0 = ni * cta_n
+        wg_m_slice, wg_n_slice = pl.ds(wg * cfg.tile_m, cfg.tile_m), slice(None)
+      else:
+        row0 = mi * cta_m
+        col0 = ni * cta_n + wg * cfg.tile_n
+        wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * cfg.tile_n, cfg.tile_n)
 
-    @functools.partial(
-        pl.run_scoped,
-        allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        collective_axes="wg",
-    )
-    def _scope(allocs):
-      wg = lax.axis_index("wg")
-
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _tile_loop(info):
-        (lin,) = info.index
-        mi, ni = plgpu.planar_snake(
-            lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
-        if cfg.wg_dim == "m":
-          row0 = mi * cta_m + wg * cfg.tile_m
-          col0 = ni * cta_n
-          wg_m_slice, wg_n_slice = pl.ds(wg * cfg.tile_m, cfg.tile_m), slice(None)
-        else:
-          row0 = mi * cta_m
-          col0 = ni * cta_n + wg * cfg.tile_n
-          wg_m_slice, wg_n_slice = slice(None), pl.ds(wg * cfg.tile_n, cfg.tile_n)
-
-        def compute_context(eval_pipeline):
-          # Scales travel while the main loop runs; they are waited on after it.
+      def compute_context(eval_pipeline):
+        # Scales travel while the main loop runs; they are waited on after it.
+        plgpu.copy_gmem_to_smem(
+            xs_gmem.at[pl.ds(row0, cfg.tile_m)], xs_smem.at[wg],
+            scale_bar.at[2 * wg])
+        plgpu.copy_gmem_to_smem(
+            wsb_gmem.at[:, pl.ds(col0, cfg.tile_n)], wsb_smem.at[wg],
+            scale_bar.at[2 * wg + 1])
+        if lowrank:
           plgpu.copy_gmem_to_smem(
-              xs_gmem.at[pl.ds(row0, cfg.tile_m)], xs_smem.at[wg],
-              scale_bar.at[2 * wg])
+              h_gmem.at[pl.ds(row0, cfg.tile_m)], h_smem.at[wg], scale_bar.at[4 + 2 * wg])
           plgpu.copy_gmem_to_smem(
-              wsb_gmem.at[:, pl.ds(col0, cfg.tile_n)], wsb_smem.at[wg],
-              scale_bar.at[2 * wg + 1])
-          if lowrank:
-            plgpu.copy_gmem_to_smem(
-                h_gmem.at[pl.ds(row0, cfg.tile_m)], h_smem.at[wg], scale_bar.at[4 + 2 * wg])
-            plgpu.copy_gmem_to_smem(
-                l2t_gmem.at[pl.ds(col0, cfg.tile_n)], l2_smem.at[wg],
-                scale_bar.at[5 + 2 * wg])
+              l2t_gmem.at[pl.ds(col0, cfg.tile_n)], l2_smem.at[wg],
+              scale_bar.at[5 + 2 * wg])
 
-          @functools.partial(
-              pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), acc_dtype))
-          def _acc_scope(acc_ref):
-            eval_pipeline(acc_ref)
-            plgpu.barrier_wait(scale_bar.at[2 * wg])
-            plgpu.barrier_wait(scale_bar.at[2 * wg + 1])
-            row_scale = _load_vector(xs_smem.at[wg], 1, interpret)
-            col_scale = _load_vector(wsb_smem.at[wg, 0], 0, interpret)
-            col_bias = _load_vector(wsb_smem.at[wg, 1], 0, interpret)
-            shape = (cfg.tile_m, cfg.tile_n)
-            y = acc_ref[...].astype(jnp.float32)
-            y = y * lax.broadcast_in_dim(row_scale, shape, [0])
-            y = y * lax.broadcast_in_dim(col_scale, shape, [1])
-            y = y + lax.broadcast_in_dim(col_bias, shape, [1])
-            if not lowrank:
-              store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0,
-                         col0, cfg.epi_m, cfg.epi_n)
-              return
-            plgpu.barrier_wait(scale_bar.at[4 + 2 * wg])
-            plgpu.barrier_wait(scale_bar.at[5 + 2 * wg])
+        @functools.partial(
+            pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), acc_dtype))
+        def _acc_scope(acc_ref):
+          eval_pipeline(acc_ref)
+          plgpu.barrier_wait(scale_bar.at[2 * wg])
+          plgpu.barrier_wait(scale_bar.at[2 * wg + 1])
+          row_scale = _load_vector(xs_smem.at[wg], 1, interpret)
+          col_scale = _load_vector(wsb_smem.at[wg, 0], 0, interpret)
+          col_bias = _load_vector(wsb_smem.at[wg, 1], 0, interpret)
+          shape = (cfg.tile_m, cfg.tile_n)
+          y = acc_ref[...].astype(jnp.float32)
+          y = y * lax.broadcast_in_dim(row_scale, shape, [0])
+          y = y * lax.broadcast_in_dim(col_scale, shape, [1])
+          y = y + lax.broadcast_in_dim(col_bias, shape, [1])
+          if not lowrank:
+            store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0,
+                       col0, cfg.epi_m, cfg.epi_n)
+            return
+          plgpu.barrier_wait(scale_bar.at[4 + 2 * wg])
+          plgpu.barrier_wait(scale_bar.at[5 + 2 * wg])
 
-            def add_lowrank(ei, ej, y_piece):
-              def product(lr_ref):
-                plgpu.wgmma(lr_ref, h_smem.at[wg, pl.ds(ei * cfg.epi_m, cfg.epi_m)],
-                            plgpu.transpose_ref(
-                                l2_smem.at[wg, pl.ds(ej * cfg.epi_n, cfg.epi_n)], (1, 0)))
-                return lr_ref[...]
+          def add_lowrank(ei, ej, y_piece):
+            def product(lr_ref):
+              plgpu.wgmma(lr_ref, h_smem.at[wg, pl.ds(ei * cfg.epi_m, cfg.epi_m)],
+                          plgpu.transpose_ref(
+                              l2_smem.at[wg, pl.ds(ej * cfg.epi_n, cfg.epi_n)], (1, 0)))
+              return lr_ref[...]
 
-              lr = pl.run_scoped(product, plgpu.ACC((cfg.epi_m, cfg.epi_n), jnp.float32))
-              return (y_piece + lr).astype(out_dtype)
+            lr = pl.run_scoped(product, plgpu.ACC((cfg.epi_m, cfg.epi_n), jnp.float32))
+            return (y_piece + lr).astype(out_dtype)
 
-            store_tile(y, out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n,
-                       piece=add_lowrank)
+          store_tile(y, out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n,
+                     piece=add_lowrank)
 
-        def mma_body(_, a_smem, b_smem, acc_ref):
-          plgpu.wgmma(
-              acc_ref, a_smem.at[wg_m_slice],
-              plgpu.transpose_ref(b_smem.at[wg_n_slice], (1, 0)))
-          plgpu.wgmma_wait(0)
-          return acc_ref
+      def mma_body(_, a_smem, b_smem, acc_ref):
+        plgpu.wgmma(
+            acc_ref, a_smem.at[wg_m_slice],
+            plgpu.transpose_ref(b_smem.at[wg_n_slice], (1, 0)))
+        plgpu.wgmma_wait(0)
+        return acc_ref
 
-        get_pipeline(mma_body, compute_context)(
-            x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
-            w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
-            allocations=allocs,
-        )
+      return (mma_body, compute_context, x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+              w_gmem.at[pl.ds(ni * cta_n, cta_n), :])
 
+    persistent_tiles(
+        x_gmem, w_gmem,
+        plgpu.BlockSpec((cta_m, cfg.tile_k), lambda kk: (0, kk), transforms=in_transforms,
+                        memory_space=plgpu.SMEM),
+        plgpu.BlockSpec((cta_n, cfg.tile_k), lambda kk: (0, kk), transforms=in_transforms,
+                        memory_space=plgpu.SMEM),
+        k_iters=k_iters, stages=cfg.stages, grid_mn=(m_iters, n_iters), minor=minor,
+        tile_width=cfg.grid_tile_width, tile=tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   call = plgpu.kernel(

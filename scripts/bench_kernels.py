@@ -63,14 +63,6 @@ def _sets(case, m, k, n, copies, seed):
   return [case.make_inputs(keys[i], m, k, n) for i in range(copies)]
 
 
-def copy_bandwidth(iterations: int) -> float:
-  """Measured device copy bandwidth in GB/s (bytes read + written) on 1 GiB."""
-  a = [jax.random.normal(jax.random.key(i), (2**29,), jnp.bfloat16) for i in range(2)]
-  t = timing.time_fn(lambda v: v + jnp.bfloat16(1), [(v,) for v in a],
-                     iterations=iterations)
-  return 2 * a[0].size * 2 / t["us"] / 1e3
-
-
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--quick", action="store_true")
@@ -114,7 +106,7 @@ def main() -> int:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
   start = time.time()
-  meta["copy_gbps"] = round(copy_bandwidth(args.iterations), 1)
+  meta["copy_gbps"] = round(timing.copy_bandwidth(args.iterations), 1)
   print(f"{meta['device']} jax {meta['jax']} copy bandwidth {meta['copy_gbps']} GB/s",
         flush=True)
   print(f"{'kernel':15s} {'M':>6s} {'K':>6s} {'N':>6s} {'us':>9s} {'TFLOP/s':>8s}"

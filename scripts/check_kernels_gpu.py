@@ -41,6 +41,8 @@ SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-
     (300, 1536, 8960),
     (1000, 1000, 520),
     (4096, 3072, 3072),
+    (1100, 1000, 136),  # ragged at M >= 1024, where W4A8 / SVDQuant run their kernel
+    (2051, 1536, 8960),
 ]
 
 
@@ -66,6 +68,7 @@ def _compare(out, ref, case) -> tuple[bool, str]:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--kernels", default="", help="comma list (default: all)")
+  parser.add_argument("--out", default="", help="file name in benchmarks/ (default: check_kernels-<device>.txt)")
   args = parser.parse_args()
   names = [n for n in testing.CASES if not args.kernels or n in args.kernels.split(",")]
   device = jax.devices()[0]
@@ -103,7 +106,7 @@ def main() -> int:
   for folder in (root, os.environ.get("OUT")):
     if folder:
       os.makedirs(folder, exist_ok=True)
-      with open(os.path.join(folder, f"check_kernels-{slug}.txt"), "w") as f:
+      with open(os.path.join(folder, args.out or f"check_kernels-{slug}.txt"), "w") as f:
         f.write(text)
   return 1 if failures else 0
 

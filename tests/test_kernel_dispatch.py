@@ -13,7 +13,7 @@ import pytest
 import jquant
 from jquant.dispatch import linear
 from pallas_kernels import dispatch as kd
-from pallas_kernels import w4_table, w8a8, weight_only
+from pallas_kernels import w4_table, w4a8, w8a8, weight_only
 
 
 @pytest.fixture
@@ -37,7 +37,12 @@ def fake_gpu(monkeypatch):
             y = y + lowrank[0].astype(jnp.float32) @ lowrank[1].astype(jnp.float32).T
         return y.astype(out_dtype)
 
+    def w4a8_reference(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=jnp.bfloat16, *, lowrank=None):
+        w_q = weight_only.unpack_int4(w_packed, x_q.shape[1])
+        return int8_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, lowrank=lowrank)
+
     monkeypatch.setattr(w8a8, "int8_matmul", spy("int8", int8_reference))
+    monkeypatch.setattr(w4a8, "w4a8_matmul", spy("w4a8", w4a8_reference))
     monkeypatch.setattr(w8a8, "fp8_matmul", spy("fp8", w8a8.fp8_matmul_reference))
     monkeypatch.setattr(weight_only, "w4a16_matmul", spy("w4a16", weight_only.w4a16_matmul_reference))
     monkeypatch.setattr(weight_only, "w8a16_matmul", spy("w8a16", weight_only.w8a16_matmul_reference))
@@ -74,7 +79,7 @@ def test_uncovered_formats_fall_back(fake_gpu):
     assert fake_gpu == []
 
 
-@pytest.mark.parametrize("wspec, m, rank, want", [("int8", 5, 32, ["int8", "epilogue"]), ("int4", 1030, 16, ["int8", "epilogue"]),
+@pytest.mark.parametrize("wspec, m, rank, want", [("int8", 5, 32, ["int8", "epilogue"]), ("int4", 1030, 16, ["w4a8", "epilogue"]),
                                                    ("int8", 5, 8, ["int8"]), ("int4/g128", 5, 32, ["w4a16"])])
 def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, rank, want):
     x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)

@@ -11,15 +11,18 @@ GPU custom call for ragged shapes (which catches layout/tiling errors early).
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from jquant.formats import FP4_TABLE, NF4_TABLE
-from pallas_kernels import _common, act_quant, testing, w4_table, w4a8, w8a8, weight_only
+from pallas_kernels import _common, act_quant, testing, triton_quant, w4_table, w4a8, w8a8, weight_only
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
 
@@ -119,7 +122,7 @@ def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
   assert q.min() >= -8 and q.max() <= 7
   want = (_np(x) @ q.T) * _np(xs) * _np(ws)[None] + _np(b)[None]
   np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_equal(w4a8.widen(packed, k), weight_only.unpack_int4(packed, k))
+  chex.assert_trees_all_equal(w4a8.int4_view(packed, k).astype(jnp.int8), weight_only.unpack_int4(packed, k))
   assert not w4a8.supports(x)  # no GPU here (and M < MIN_M)
   chex.assert_trees_all_equal(w4a8.w4a8_matmul(x, xs, packed, ws, b), w4a8.w4a8_matmul_reference(x, xs, packed, ws, b))
 
@@ -342,10 +345,13 @@ def test_round_half_even_matches_jnp_round():
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("m,k", [(1, 64), (6, 1100), (9, 2049)])
-def test_quantizer_kernel_interpret_matches_reference(fmt, m, k):
+@pytest.mark.parametrize("config", [None, act_quant.QuantizerConfig(4, 4, single_pass=False),
+                                    act_quant.QuantizerConfig(2, 8, single_pass=True)])
+def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
+  # Both the single-pass (row in registers) and the chunked two-pass programs, ragged M and K.
   x = (jax.random.normal(jax.random.key(m * k), (m, k)) * 3).astype(jnp.bfloat16)
   x = x.at[0].set(0.0)  # an all-zero row gets scale 1 and zeros
-  q, s = act_quant.quantize_pallas(x, fmt, interpret=True)
+  q, s = act_quant.quantize_pallas(x, fmt, interpret=True, config=config)
   qr, sr = act_quant._reference(x, fmt)
   chex.assert_trees_all_equal(q, qr)
   chex.assert_trees_all_equal(s, sr)
@@ -442,9 +448,43 @@ def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
     assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
 
 
-def test_quantizer_lowers_to_triton():
-  x = jnp.zeros((10, 3000), jnp.bfloat16)
+@pytest.mark.parametrize("m,k,n", [(1030, 320, 136), (1024, 3072, 3072), (2051, 1536, 8960), (1100, 256, 64),
+                                   (w4a8.WIDEN_MIN_M, 256, 192)])
+def test_w4a8_lowers_with_int4_tiles_in_the_kernel(m, k, n, monkeypatch):
+  # The int4 view reaches the Mosaic kernel (no XLA widening convert); from WIDEN_MIN_M tokens
+  # on, one XLA convert widens the weights for the int8 GEMM instead.
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  args = testing.w4a8_inputs(jax.random.key(0), m, k, n)
+  shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  text = jax.jit(w4a8.w4a8_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  widened = re.search(r"stablehlo\.convert .*xi4>\) -> tensor<[0-9x]+xi8>", text) is not None
+  assert widened == (m >= w4a8.WIDEN_MIN_M)
+
+
+@pytest.mark.parametrize("k", [3000, 20000])
+def test_quantizer_lowers_to_triton(k):
+  # 3000: one pass with the row in registers and cvt.rni rounding; 20000: too wide, chunked.
+  assert act_quant.pick_config(k).single_pass == (k <= act_quant.SINGLE_PASS_MAX)
+  x = jnp.zeros((10, k), jnp.bfloat16)
   text = jax.jit(lambda v: act_quant.quantize_pallas(v, "int8")).trace(
       jax.ShapeDtypeStruct(x.shape, x.dtype)).lower(
           lowering_platforms=("cuda",)).as_text()
   assert "xla.gpu.triton" in text
+  with pytest.raises(ValueError, match="too wide for the single-pass"):
+    act_quant.quantize_pallas(jnp.zeros((2, 20000), jnp.bfloat16), "int8", interpret=True,
+                              config=act_quant.QuantizerConfig(single_pass=True))
+
+
+def test_triton_language_quantizer_needs_the_gpu_extra():
+  # jax-triton is the optional 'gpu' extra (evaluated on the GPU by scripts/sweep_act_quant.py --jax-triton);
+  # without it the entry point says what to install instead of failing on a missing name.
+  if triton_quant.available():
+    pytest.skip("jax-triton is installed here")
+  with pytest.raises(ImportError, match=r"jquant\[gpu\]"):
+    triton_quant.quantize(jnp.zeros((2, 8), jnp.bfloat16), "int8")
+  with pytest.raises(ImportError, match=r"jquant\[gpu\]"):
+    act_quant.quantize_int8(jnp.zeros((2, 8), jnp.bfloat16), method="triton")
+  assert not act_quant._triton_usable(jnp.zeros((2, 8), jnp.bfloat16))
+  with pytest.raises(ValueError, match="auto/pallas/triton/xla"):
+    act_quant.quantize_fp8(jnp.zeros((2, 8), jnp.bfloat16), method="cuda")

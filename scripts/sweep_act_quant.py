@@ -1,0 +1,93 @@
+"""Activation quantizer on the GPU, variant by variant, each checked bit for bit against the
+reference first; prints microseconds and the fraction of the copy bandwidth measured in the
+same run (bytes read + written).
+
+* default: the earlier kernel (4 rows, 4 warps, two chunked passes), the single-pass kernel
+  under several (rows, warps), and XLA's fusion -> ``benchmarks/act_quant_sweep-<device>.json``.
+* ``--jax-triton``: the Triton-language quantizer (:mod:`pallas_kernels.triton_quant`, compiled
+  by Triton's own compiler through jax-triton) beside the Pallas one (same single-pass design)
+  and XLA -> ``benchmarks/jax_triton_eval-<device>.json``. jax-triton is not on the GPU image:
+  carry its wheel (``.whl/``, see the device notes) and install it to a target directory first.
+
+    PYTHONPATH=. python3 scripts/sweep_act_quant.py                         # GPU only
+    PYTHONPATH=.:/tmp/site python3 scripts/sweep_act_quant.py --jax-triton
+"""
+import argparse
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from pallas_kernels import act_quant, timing, triton_quant  # noqa: E402
+
+SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (4096, 12288), (32760, 3072)]
+TRITON_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (32760, 3072)]
+Q = act_quant.QuantizerConfig
+
+
+def config_variants(fmt: str, k: int) -> dict:
+    """The earlier chunked kernel, the default and neighbouring (rows, warps)."""
+    base = act_quant.pick_config(k)
+    cfgs = {"chunked_r4_w4": Q(4, 4, False), "default": base}
+    if base.single_pass:
+        cfgs[f"single_r{base.rows}_w4"] = Q(base.rows, 4, True)
+        cfgs[f"single_r{base.rows * 2}_w16"] = Q(base.rows * 2, 16, True)
+        if base.rows > 1:
+            cfgs[f"single_r{base.rows // 2}_w4"] = Q(base.rows // 2, 4, True)
+    return {name: (lambda x, cfg=cfg: act_quant.quantize_pallas(x, fmt, config=cfg)) for name, cfg in cfgs.items()}
+
+
+def triton_variants(fmt: str, k: int) -> dict:
+    del k
+    return {"jax_triton": lambda x: triton_quant.quantize(x, fmt),
+            "pallas": lambda x: act_quant.quantize_pallas(x, fmt)}
+
+
+def measure(shapes, variants, copy: float) -> list[dict]:
+    """Checks then times ``variants(fmt, k)`` (name -> fn) and XLA on every shape and format."""
+    rows = []
+    for fmt in ("int8", "fp8"):
+        ref = act_quant.quantize_int8_reference if fmt == "int8" else act_quant.quantize_fp8_reference
+        for m, k in shapes:
+            sets = [(jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16) * (1 + i),)
+                    for i in range(timing.copies_for(3 * m * k))]
+            want = jax.jit(ref)(*sets[0])
+            for name, fn in {**variants(fmt, k), "xla": ref}.items():
+                try:
+                    got = jax.jit(fn)(*sets[0])
+                    exact = all(np.array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+                                for a, b in zip(got, want))
+                    us = timing.time_fn(fn, sets, iterations=10)["us"] if exact else float("nan")
+                    error = None
+                except Exception as exc:  # pylint: disable=broad-except
+                    traceback.print_exc()
+                    exact, us, error = False, float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}"
+                frac = (m * k * 3 + m * 4) / us / 1e3 / copy
+                rows.append(dict(fmt=fmt, m=m, k=k, variant=name, exact=exact, us=round(us, 2),
+                                 fraction_of_copy_bw=round(frac, 3), error=error))
+                print(f"{fmt:5s} {m:6d} {k:6d} {name:16s} {'exact' if exact else 'FAIL':6s} {us:8.1f} us"
+                      f" {100 * frac:5.1f}%" + (f"  {error}" if error else ""), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jax-triton", action="store_true", help="compare with the jax-triton quantizer")
+    args = parser.parse_args()
+    if args.jax_triton and not triton_quant.available():
+        print("jax-triton / Triton not importable: nothing to compare")
+        return
+    copy = timing.copy_bandwidth()
+    print(f"{jax.devices()[0].device_kind} jax {jax.__version__} copy bandwidth {copy:.0f} GB/s")
+    if args.jax_triton:
+        timing.write_rows("jax_triton_eval", measure(TRITON_SHAPES, triton_variants, copy))
+    else:
+        timing.write_rows("act_quant_sweep", measure(SHAPES, config_variants, copy))
+
+
+if __name__ == "__main__":
+    main()
