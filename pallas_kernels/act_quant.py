@@ -1,10 +1,11 @@
 """Per-token activation quantizer: bf16 ``[M, K]`` -> int8 / fp8 e4m3 values + f32 scales.
 
-``scale[m] = max_k |x[m, k]| / QMAX`` (1 for an all-zero row), ``q = x * (1/scale)``
-rounded to nearest-even and clipped to ``[-QMAX, QMAX]`` (QMAX = 127 for int8,
-448 for e4m3), so ``q * scale`` approximates ``x``. The outputs feed
-:func:`pallas_kernels.w8a8.int8_matmul` / ``fp8_matmul`` directly (``x_scale``
-is ``[M, 1]``).
+``scale[m] = max(max_k |x[m, k]| / QMAX, 1e-12)``, ``q = x / scale`` clipped to
+``[-QMAX, QMAX]`` and rounded to nearest-even for int8 (QMAX = 127 for int8, 448 for e4m3), so
+``q * scale`` approximates ``x``. This is :func:`jquant.quantize`'s per-token rule to the bit
+(same scale floor, same division), so :mod:`jquant.dispatch` can hand its activations to this
+kernel and get the XLA path's codes. The outputs feed :func:`pallas_kernels.w8a8.int8_matmul` /
+``fp8_matmul`` directly (``x_scale`` is ``[M, 1]``).
 
 Two implementations with the same result:
 
@@ -111,8 +112,12 @@ def _to_q(v: jax.Array, fmt: str, interpret: bool = True) -> jax.Array:
   return v.astype(_QDTYPE[fmt])
 
 
+#: jquant's scale floor (``jquant.qarray.compute_scales``): an all-zero row gets it, and codes 0.
+SCALE_FLOOR = 1e-12
+
+
 def _scale_of(amax: jax.Array, fmt: str) -> jax.Array:
-  return jnp.where(amax > 0, amax / _QMAX[fmt], 1.0).astype(jnp.float32)
+  return jnp.maximum(amax / _QMAX[fmt], SCALE_FLOOR).astype(jnp.float32)
 
 
 def _check(x):
@@ -125,7 +130,7 @@ def _reference(x, fmt):
   _check(x)
   xf = x.astype(jnp.float32)
   scale = _scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
-  q = jnp.clip(xf * (1.0 / scale), -_QMAX[fmt], _QMAX[fmt])
+  q = jnp.clip(xf / scale, -_QMAX[fmt], _QMAX[fmt])
   if fmt == "int8":
     q = jnp.round(q)
   return q.astype(_QDTYPE[fmt]), scale
@@ -161,23 +166,22 @@ def _kernel(x_ref, q_ref, s_ref, *, m: int, k: int, fmt: str, cfg: QuantizerConf
     idx, mask = block(c)
     return pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
 
-  def store(c, v, inv):
+  def store(c, v, scale):
     idx, mask = block(c)
-    pltriton.store(q_ref.at[idx], _to_q(v * inv[:, None], fmt, interpret), mask=mask)
+    pltriton.store(q_ref.at[idx], _to_q(v / scale[:, None], fmt, interpret), mask=mask)
 
   if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
     v = load(0)
     scale = _scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
-    store(0, v, 1.0 / scale)
+    store(0, v, scale)
   else:
     n_chunks = _common.cdiv(k, CHUNK)
     amax = lax.fori_loop(0, n_chunks, lambda c, acc: jnp.maximum(acc, jnp.max(jnp.abs(load(c)), axis=1)),
                          jnp.zeros((rows,), jnp.float32))
     scale = _scale_of(amax, fmt)
-    inv = 1.0 / scale
 
     def quant_step(c, carry):
-      store(c, load(c), inv)
+      store(c, load(c), scale)
       return carry
 
     lax.fori_loop(0, n_chunks, quant_step, 0)

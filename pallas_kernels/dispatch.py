@@ -18,9 +18,10 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 
 The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is
-along K in both layouts, so packed bytes transpose unchanged). Activation quantization
-uses :func:`jquant.dispatch.quantize_activation`, the same function as the XLA path, so
-both paths see identical codes and scales.
+along K in both layouts, so packed bytes transpose unchanged). Dynamic per-token int8 / e4m3
+activations go through the activation quantizer kernel (:func:`quantize_tokens`), whose rule
+is :func:`jquant.quantize`'s to the bit; other activation specs use
+:func:`jquant.dispatch.quantize_activation`. Either way both paths see identical codes and scales.
 """
 
 from __future__ import annotations
@@ -52,32 +53,47 @@ def _fused_lowrank(x2: jax.Array, lowrank):
     return w4a8.lowrank_operands(x2, *lowrank)
 
 
+def quantize_tokens(x2: jax.Array, act: QSpec, act_scale) -> tuple[jax.Array, jax.Array]:
+    """``(codes [M, K], scale f32 [M, 1])`` of 2-D activations, as :func:`jquant.dispatch.quantize_activation`.
+
+    Dynamic symmetric int8 / e4m3 with fp32 scales runs the activation quantizer kernel where it
+    applies (``act_quant.supports``): one pass over ``x``, the same codes and scales as jquant's
+    rule (``act_quant``'s reference is that rule to the bit); everything else quantizes in XLA.
+    """
+    from jquant.dispatch import quantize_activation
+    from pallas_kernels import act_quant
+
+    fmt = {"int8": "int8", "fp8_e4m3": "fp8"}.get(act.fmt)
+    if (act_scale is None and fmt is not None and act.symmetric and not act.scaling
+            and act.scale_dtype == "float32" and act_quant.supports(x2)):
+        return act_quant.quantize_int8(x2) if fmt == "int8" else act_quant.quantize_fp8(x2)
+    xq = quantize_activation(x2, act, act_scale)
+    return xq.qvalue, jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1)).astype(jnp.float32)
+
+
 def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None):
     """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
-    from jquant.dispatch import quantize_activation
     from pallas_kernels import w4a8, w8a8
 
     ws = _channel_scale(w)
     if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
-        xq = quantize_activation(x2, act, act_scale)
-        if not w4a8.supports(xq.qvalue, out_dtype):
+        x_q, xs = quantize_tokens(x2, act, act_scale)
+        if not w4a8.supports(x_q, out_dtype):
             return None
-        xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
         fused = _fused_lowrank(x2, lowrank)
-        y = w4a8.w4a8_matmul(xq.qvalue, xs, w.qvalue.T, ws, None, out_dtype, lowrank=fused)
+        y = w4a8.w4a8_matmul(x_q, xs, w.qvalue.T, ws, None, out_dtype, lowrank=fused)
         return y, fused is not None
     fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
     if fmt is None or act.fmt != fmt or ws is None:
         return None
-    xq = quantize_activation(x2, act, act_scale)
     w_q = w.qvalue.T
-    if not w8a8.supports(xq.qvalue, w_q, out_dtype):
+    x_q, xs = quantize_tokens(x2, act, act_scale)
+    if not w8a8.supports(x_q, w_q, out_dtype):
         return None
-    xs = jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1))
     if fmt == "fp8_e4m3":
-        return w8a8.fp8_matmul(xq.qvalue, xs, w_q, ws, None, out_dtype), False
+        return w8a8.fp8_matmul(x_q, xs, w_q, ws, None, out_dtype), False
     fused = _fused_lowrank(x2, lowrank)
-    return w8a8.int8_matmul(xq.qvalue, xs, w_q, ws, None, out_dtype, lowrank=fused), fused is not None
+    return w8a8.int8_matmul(x_q, xs, w_q, ws, None, out_dtype, lowrank=fused), fused is not None
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):

@@ -3,9 +3,9 @@
 jax-triton (the optional ``gpu`` extra: ``pip install jquant[gpu]``) compiles a ``@triton.jit``
 kernel with Triton's own compiler and calls it from JAX. This module exists to measure whether
 that beats Pallas's Triton lowering on the one Pallas-on-Triton kernel jquant has, the
-quantizer (:mod:`pallas_kernels.act_quant`): same arithmetic (``scale = absmax / QMAX``, codes
-``clip(x * (1 / scale))`` rounded half to even by ``libdevice.rint`` for int8, converted to
-e4m3 for fp8), one program per ``rows`` tokens holding its rows in registers.
+quantizer (:mod:`pallas_kernels.act_quant`): same arithmetic (``scale = max(absmax / QMAX,
+1e-12)``, codes ``clip(x / scale)`` rounded half to even by ``libdevice.rint`` for int8,
+converted to e4m3 for fp8), one program per ``rows`` tokens holding its rows in registers.
 ``scripts/sweep_act_quant.py --jax-triton`` checks it bit for bit against the reference and times both on
 the GPU; ``act_quant`` stays the dispatched kernel (see docs/kernels.md for the numbers).
 """
@@ -34,7 +34,7 @@ if triton is not None:  # pragma: no cover - needs Triton
 
   @triton.jit
   def _quant_kernel(x_ptr, q_ptr, s_ptr, M: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ROWS: tl.constexpr, FP8: tl.constexpr):
+                    ROWS: tl.constexpr, FP8: tl.constexpr, FLOOR: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
@@ -42,8 +42,8 @@ if triton is not None:  # pragma: no cover - needs Triton
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     qmax: tl.constexpr = 448.0 if FP8 else 127.0
     amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.where(amax > 0, amax / qmax, 1.0)
-    v = x * (1.0 / scale)[:, None]
+    scale = tl.maximum(amax / qmax, FLOOR)
+    v = x / scale[:, None]
     v = tl.minimum(tl.maximum(v, -qmax), qmax)
     if FP8:
       q = v.to(tl.float8e4nv)
@@ -71,5 +71,5 @@ def quantize(x: jax.Array, fmt: str, *, rows: int | None = None, warps: int = 8)
       x, kernel=_quant_kernel,
       out_shape=[jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m,), jnp.float32)],
       grid=(_common.cdiv(m, rows),), num_warps=warps, num_stages=1,
-      M=m, K=k, BLOCK_K=width, ROWS=rows, FP8=fmt == "fp8")
+      M=m, K=k, BLOCK_K=width, ROWS=rows, FP8=fmt == "fp8", FLOOR=act_quant.SCALE_FLOOR)
   return q, s.reshape(m, 1)

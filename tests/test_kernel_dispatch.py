@@ -13,7 +13,7 @@ import pytest
 import jquant
 from jquant.dispatch import linear
 from pallas_kernels import dispatch as kd
-from pallas_kernels import w4_table, w4a8, w8a8, weight_only
+from pallas_kernels import act_quant, w4_table, w4a8, w8a8, weight_only
 
 
 @pytest.fixture
@@ -92,3 +92,28 @@ def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, ra
     y_xla = linear(x, w, act=act, backend="xla") + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
     err = float(jnp.linalg.norm((y - y_xla).astype(jnp.float32)) / jnp.linalg.norm(y_xla.astype(jnp.float32)))
     assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("wspec, act", [("int8", "int8/token"), ("fp8_e4m3", "fp8_e4m3/token"), ("int4", "int8/token")])
+def test_dynamic_token_activations_go_through_the_quantizer_kernel(fake_gpu, monkeypatch, wspec, act):
+    # Where the quantizer kernel applies, the dispatch hands it the activations; its rule is
+    # jquant.quantize's, so the codes (and the output) equal the XLA path's exactly.
+    monkeypatch.setattr(act_quant, "supports", lambda x: True)
+    monkeypatch.setattr(act_quant, "quantize_int8", lambda x: (fake_gpu.append("quant") or act_quant.quantize_int8_reference(x)))
+    monkeypatch.setattr(act_quant, "quantize_fp8", lambda x: (fake_gpu.append("quant") or act_quant.quantize_fp8_reference(x)))
+    m = 1030 if wspec == "int4" else 6
+    x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
+    a = jquant.parse_spec(act)
+    y_kernel = linear(x, w, act=a, backend="auto")
+    assert fake_gpu[0] == "quant" and len(fake_gpu) == 2, fake_gpu
+    fake_gpu.clear()
+    monkeypatch.setattr(act_quant, "supports", lambda x: False)
+    y_xla_codes = linear(x, w, act=a, backend="auto")  # same kernel, jquant's XLA quantize
+    assert fake_gpu and "quant" not in fake_gpu
+    chex.assert_trees_all_equal(y_kernel, y_xla_codes)
+    # A static scale never takes the dynamic kernel.
+    fake_gpu.clear()
+    monkeypatch.setattr(act_quant, "supports", lambda x: True)
+    linear(x, w, act=a, act_scale=jnp.float32(0.05), backend="auto")
+    assert "quant" not in fake_gpu

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import jquant
 from jquant.formats import FP4_TABLE, NF4_TABLE
 from pallas_kernels import _common, act_quant, testing, triton_quant, w4_table, w4a8, w8a8, weight_only
 
@@ -350,12 +351,26 @@ def test_round_half_even_matches_jnp_round():
 def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
   # Both the single-pass (row in registers) and the chunked two-pass programs, ragged M and K.
   x = (jax.random.normal(jax.random.key(m * k), (m, k)) * 3).astype(jnp.bfloat16)
-  x = x.at[0].set(0.0)  # an all-zero row gets scale 1 and zeros
+  x = x.at[0].set(0.0)  # an all-zero row gets the scale floor and zeros
   q, s = act_quant.quantize_pallas(x, fmt, interpret=True, config=config)
   qr, sr = act_quant._reference(x, fmt)
   chex.assert_trees_all_equal(q, qr)
   chex.assert_trees_all_equal(s, sr)
-  assert float(s[0, 0]) == 1.0 and not np.any(_np(q[0]))
+  assert float(s[0, 0]) == np.float32(act_quant.SCALE_FLOOR) and not np.any(_np(q[0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 300), spread=st.floats(1e-3, 1e3),
+                  fmt=st.sampled_from(["int8", "fp8"]))
+def test_quantizer_reference_is_jquants_per_token_rule(m, k, spread, fmt):
+  # The kernels' reference equals jquant.quantize(x, "<fmt>/token") to the bit (codes and scales),
+  # so the dispatch may hand activations to the kernel and keep the XLA path's codes.
+  x = (jax.random.normal(jax.random.key(m * 1000 + k), (m, k)) * spread).astype(jnp.bfloat16)
+  x = x.at[0].set(0.0)
+  q, s = act_quant._reference(x, fmt)
+  want = jquant.quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token", check_finite=False)
+  chex.assert_trees_all_equal(q, want.qvalue)
+  chex.assert_trees_all_equal(s, want.scale.astype(jnp.float32).reshape(m, 1))
 
 
 def test_quantizer_error_bound():
