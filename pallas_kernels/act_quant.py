@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels import _common
@@ -42,6 +44,13 @@ SINGLE_PASS_MAX = 16384
 #: The Pallas quantizer matched the reference bit for bit on an H200 (codes and
 #: scales, 9 shapes incl. ragged; benchmarks/check_kernels-NVIDIA_H200.txt).
 GPU_VERIFIED = True
+#: The fused Hadamard + quantize path is off unless forced (``JQUANT_PALLAS=kernel``) until
+#: scripts/check_kernels_gpu.py's act_quant_hadamard case passes. Its first GPU run (H200,
+#: benchmarks/check_kernels-act_quant_hadamard-NVIDIA_H200.txt) failed: a float32 256 x 256
+#: Sylvester operand overflowed shared memory (K >= 3072), and at K=1536 5.6% of codes were off
+#: by one (the float32 leading-block dot ran at reduced precision). Both are addressed since
+#: (bf16 operands, exact bf16 pieces), but that version has not run on a GPU.
+HADAMARD_GPU_VERIFIED = False
 #: The Triton-language version (pallas_kernels/triton_quant.py, through jax-triton) matched the
 #: reference bit for bit on an H200 and ran 0-20% faster than this Pallas kernel at the same
 #: design (benchmarks/jax_triton_eval-NVIDIA_H200.json), so ``method="auto"`` prefers it where
@@ -76,6 +85,49 @@ def pick_config(k: int) -> QuantizerConfig:
 def padded_width(k: int) -> int:
   """K padded to a power of two (Triton block shapes are powers of two)."""
   return 1 << max(0, (k - 1).bit_length())
+
+
+#: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
+HADAMARD_OUTER_MAX = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class HadamardLayout:
+  """How a program applies jquant's order-K Hadamard to rows in registers.
+
+  The row (zero-padded to ``outer * inner``) is viewed as ``[outer, inner]``; ``H = kron(O, S) /
+  sqrt(K)`` with ``S`` the ``inner``-order Sylvester matrix (one ``pl.dot`` on the tensor cores)
+  and ``O`` the leading factors, zero-padded to ``outer`` (a second, small ``pl.dot``).
+  """
+
+  inner: int
+  outer: int
+  o: np.ndarray  # [outer, outer] float32, +-1 and zero padding
+  s: np.ndarray  # [inner, inner] float32, +-1
+
+  @property
+  def width(self) -> int:
+    return self.outer * self.inner
+
+
+@functools.lru_cache(maxsize=64)
+def hadamard_layout(k: int) -> HadamardLayout | None:
+  """The fused layout for width ``k``, or None where the kernel does not take it (block-diagonal
+  fallback plans, an inner Sylvester factor under 16, or more than ``HADAMARD_OUTER_MAX``
+  leading blocks: Wan's 8960 and 13824 FFN widths)."""
+  from jquant.algorithms.hadamard import kron_split  # pylint: disable=g-import-not-at-top
+
+  split = kron_split(k)
+  if split is None:
+    return None
+  o, s = split
+  a, b = o.shape[0], s.shape[0]
+  outer = 1 if a == 1 else max(16, padded_width(k) // b)  # tl.dot wants >= 16 on every side
+  if outer > HADAMARD_OUTER_MAX:
+    return None
+  o_pad = np.zeros((outer, outer), np.float32)
+  o_pad[:a, :a] = o
+  return HadamardLayout(b, outer, o_pad, s.astype(np.float32))
 
 
 def _round_half_even(v: jax.Array) -> jax.Array:
@@ -126,8 +178,12 @@ def _check(x):
     raise ValueError(f"quantize: x must be floating point, got {x.dtype}")
 
 
-def _reference(x, fmt):
+def _reference(x, fmt, hadamard: bool = False):
   _check(x)
+  if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
+    from jquant.algorithms.hadamard import apply_hadamard  # pylint: disable=g-import-not-at-top
+
+    x = apply_hadamard(x, axis=-1)
   xf = x.astype(jnp.float32)
   scale = _scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
   q = jnp.clip(xf / scale, -_QMAX[fmt], _QMAX[fmt])
@@ -146,15 +202,56 @@ def quantize_fp8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return _reference(x, "fp8")
 
 
-def _kernel(x_ref, q_ref, s_ref, *, m: int, k: int, fmt: str, cfg: QuantizerConfig,
-            interpret: bool):
+def _bf16_parts(v: jax.Array, n: int) -> list[jax.Array]:
+  """``n`` bf16 pieces summing to ``v`` (three hold a float32 exactly): products with +-1
+  matrices on bf16 tensor cores stay exact whatever precision the dot would pick for float32."""
+  parts = []
+  for _ in range(n):
+    p = v.astype(jnp.bfloat16)
+    parts.append(p)
+    v = v - p.astype(jnp.float32)
+  return parts
+
+
+def _pm1_dot(v: jax.Array, m: jax.Array, pieces: int) -> jax.Array:
+  """``v @ m`` in float32 for a +-1 / 0 bf16 matrix ``m``, as ``pieces`` exact bf16 products."""
+  out = None
+  for p in _bf16_parts(v, pieces):
+    d = jnp.dot(p, m, preferred_element_type=jnp.float32)
+    out = d if out is None else out + d
+  return out
+
+
+def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.Array:
+  """``v @ H`` for ``[rows, lay.width]`` rows (zeros past ``k``), rounded to ``dtype`` like
+  jquant.nn's XLA path: the inner Sylvester product, then the leading-block mix."""
+  rows = v.shape[0]
+  # bf16 rows are one exact piece; float32 rows take three.
+  z = _pm1_dot(v.reshape(rows * lay.outer, lay.inner), h_s[...], 1 if dtype == jnp.bfloat16 else 3)
+  if lay.outer > 1:
+    z = z.reshape(rows, lay.outer, lay.inner).transpose(0, 2, 1).reshape(rows * lay.inner, lay.outer)
+    z = _pm1_dot(z, h_o[...], 3).reshape(rows, lay.inner, lay.outer).transpose(0, 2, 1)
+  y = z.reshape(rows, lay.width) * np.float32(1.0 / math.sqrt(k))
+  return y.astype(dtype).astype(jnp.float32)
+
+
+def _kernel(x_ref, *refs, m: int, k: int, fmt: str, cfg: QuantizerConfig,
+            interpret: bool, lay: HadamardLayout | None = None):
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
+  h_s = h_o = None
+  if lay is not None:
+    h_s, h_o, q_ref, s_ref = refs
+  else:
+    q_ref, s_ref = refs
   i = pl.program_id(0)
   rows = cfg.rows
   row_ok = i * rows + jnp.arange(rows) < m
-  width = padded_width(k) if cfg.single_pass else CHUNK
+  if lay is not None:
+    width = lay.width
+  else:
+    width = padded_width(k) if cfg.single_pass else CHUNK
 
   def block(c):
     cols = c * width + jnp.arange(width)
@@ -172,6 +269,8 @@ def _kernel(x_ref, q_ref, s_ref, *, m: int, k: int, fmt: str, cfg: QuantizerConf
 
   if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
     v = load(0)
+    if lay is not None:
+      v = _rotate(v, h_s, h_o, lay, k, x_ref.dtype)
     scale = _scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
     store(0, v, scale)
   else:
@@ -189,18 +288,36 @@ def _kernel(x_ref, q_ref, s_ref, *, m: int, k: int, fmt: str, cfg: QuantizerConf
 
 
 def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
-                    config: QuantizerConfig | None = None):
-  """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked)."""
+                    config: QuantizerConfig | None = None, hadamard: bool = False):
+  """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked).
+
+  ``hadamard=True`` rotates each row by jquant's order-K Hadamard (QuaRot's online transform,
+  ``apply_hadamard``) in registers before quantizing: one pass over ``x`` instead of three or
+  more. Widths :func:`hadamard_layout` rejects raise.
+  """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
   _check(x)
   m, k = x.shape
+  lay = None
+  extra = ()
+  if hadamard:
+    lay = hadamard_layout(k)
+    if lay is None:
+      raise ValueError(f"quantize: no fused Hadamard for K={k} (see act_quant.hadamard_layout)")
+    rows = 16 if lay.outer == 1 else max(1, 8192 // lay.width)
+    config = config or QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
+    # The +-1 matrices travel as bf16 (exact): a float32 256 x 256 operand alone would fill
+    # the 227 KB of shared memory Triton stages dot operands in.
+    extra = (jnp.asarray(lay.s, jnp.bfloat16), jnp.asarray(lay.o, jnp.bfloat16))
   cfg = config or pick_config(k)
   if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
     raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
+  if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
+    raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
   call = pl.pallas_call(
-      functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret),
+      functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay),
       out_shape=(jax.ShapeDtypeStruct((m, k), _QDTYPE[fmt]),
                  jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(_common.cdiv(m, cfg.rows),),
@@ -208,27 +325,31 @@ def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
       compiler_params=None if interpret else pltriton.CompilerParams(
           num_warps=cfg.warps, num_stages=1),
   )
-  q, s = call(x)
+  q, s = call(x, *extra)
   return q, s.reshape(m, 1)
 
 
-def _quantize(x, fmt, method):
+def _quantize(x, fmt, method, hadamard=False):
   _check(x)
   if method not in ("auto", "pallas", "triton", "xla"):
     raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
   if method == "pallas":
-    return quantize_pallas(x, fmt, interpret=not _common._default_device_is_gpu())  # pylint: disable=protected-access
+    return quantize_pallas(x, fmt, interpret=not _common._default_device_is_gpu(), hadamard=hadamard)  # pylint: disable=protected-access
   if method == "triton":
+    if hadamard:
+      raise ValueError("quantize: the jax-triton quantizer has no fused Hadamard; use method='pallas'")
     from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
 
     return triton_quant.quantize(x, fmt)
-  if method == "auto" and supports(x):
+  if method == "auto" and supports(x, hadamard):
+    if hadamard:
+      return quantize_pallas(x, fmt, hadamard=True)
     if _triton_usable(x):
       from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
 
       return triton_quant.quantize(x, fmt)
     return quantize_pallas(x, fmt)
-  return _reference(x, fmt)
+  return _reference(x, fmt, hadamard)
 
 
 def _triton_usable(x: jax.Array) -> bool:
@@ -239,19 +360,24 @@ def _triton_usable(x: jax.Array) -> bool:
           and padded_width(x.shape[1]) <= SINGLE_PASS_MAX)
 
 
-def quantize_int8(x: jax.Array, method: str = "auto") -> tuple[jax.Array, jax.Array]:
+def quantize_int8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-token int8 quantization ``(int8[M, K], f32[M, 1])`` in one pass over ``x``
-  (``method``: auto / pallas / triton / xla)."""
-  return _quantize(x, "int8", method)
+  (``method``: auto / pallas / triton / xla). ``hadamard=True`` quantizes ``apply_hadamard(x)``
+  (QuaRot's online rotation), fused into the same pass where :func:`hadamard_layout` takes K."""
+  return _quantize(x, "int8", method, hadamard)
 
 
-def quantize_fp8(x: jax.Array, method: str = "auto") -> tuple[jax.Array, jax.Array]:
+def quantize_fp8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-token fp8 e4m3 quantization ``(e4m3[M, K], f32[M, 1])`` in one pass over ``x``."""
-  return _quantize(x, "fp8", method)
+  return _quantize(x, "fp8", method, hadamard)
 
 
-def supports(x: jax.Array) -> bool:
-  """True where ``method="auto"`` runs the compiled Pallas quantizer: a GPU, a 2-D
-  float input, and the kernel verified there (or ``JQUANT_PALLAS=kernel``)."""
-  return (_common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED)
-          and x.ndim == 2 and x.size > 0 and jnp.issubdtype(x.dtype, jnp.floating))
+def supports(x: jax.Array, hadamard: bool = False) -> bool:
+  """True where ``method="auto"`` runs a compiled quantizer kernel: a GPU, a 2-D float input,
+  the kernel verified there (or ``JQUANT_PALLAS=kernel``); with ``hadamard``, also a width
+  :func:`hadamard_layout` takes and the fused kernel verified (:data:`HADAMARD_GPU_VERIFIED`)."""
+  ok = (_common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED)
+        and x.ndim == 2 and x.size > 0 and jnp.issubdtype(x.dtype, jnp.floating))
+  if hadamard:
+    ok = ok and _common.kernel_enabled(HADAMARD_GPU_VERIFIED) and hadamard_layout(x.shape[1]) is not None
+  return ok

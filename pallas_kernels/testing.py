@@ -42,6 +42,10 @@ class KernelCase:
   # K must be a multiple of this (the scale block of the codebook formats); the GPU check
   # rounds its ragged K up to it.
   k_multiple: int = 1
+  # Quantizers: the largest fraction of differing codes and relative scale error the GPU check
+  # accepts (exact kernels 1e-4 / 1e-6; the fused Hadamard sums in another float32 order, so a
+  # row's max may round to the neighbouring bf16: one ulp, 2^-7).
+  quant_tol: tuple[float, float] = (1e-4, 1e-6)
 
 
 def _int8(key, shape):
@@ -255,6 +259,12 @@ CASES: dict[str, KernelCase] = {
         "act_quant_fp8", act_quant.quantize_fp8, act_quant.quantize_fp8_reference,
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
         lambda m, k, n: 2 * m * k + m * k + 4 * m),
+    # QuaRot's online Hadamard fused into the quantizer, against apply_hadamard + the reference.
+    "act_quant_hadamard": KernelCase(
+        "act_quant_hadamard", functools.partial(act_quant.quantize_int8, hadamard=True),
+        functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
+        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
     # The dispatch's activation quantization (kernel where it applies) against jquant's own
     # XLA quantize: the W8A8 kernel path must see the XLA path's codes.
     "act_quant_jquant": KernelCase(
@@ -288,6 +298,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
       return "reference"
     fmt, block = {"nf4_w16": ("nf4", 64), "fp4_w16": ("fp4", 32), "nvfp4_w16": ("fp4", 16)}[name]
     return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
+  if name == "act_quant_hadamard":
+    return "pallas" if act_quant.supports(x, hadamard=True) else "xla"
   if name.startswith("act_quant"):
     if not act_quant.supports(x):
       return "xla"

@@ -53,8 +53,9 @@ def _compare(out, ref, case) -> tuple[bool, str]:
     diff = np.abs(q - qr)
     frac = float(np.mean(diff > 0))
     s_err = float(np.max(np.abs(s - sr) / np.maximum(np.abs(sr), 1e-30)))
-    ok = (np.isfinite(q).all() and np.isfinite(s).all() and frac <= 1e-4
-          and s_err <= 1e-6)
+    frac_tol, scale_tol = case.quant_tol
+    ok = (np.isfinite(q).all() and np.isfinite(s).all() and frac <= frac_tol
+          and s_err <= scale_tol)
     return ok, f"mismatch_frac={frac:.2e} max_q_diff={diff.max():.3g} scale_rel={s_err:.2e}"
   a = np.asarray(out.astype(jnp.float32))
   b = np.asarray(ref.astype(jnp.float32))

@@ -225,3 +225,15 @@ def test_bad_input_raises_clear_errors():
         had.apply_hadamard(jnp.ones((2, 8)), axis=2)
     with pytest.raises(ValueError, match="seed must be an integer"):
         had.rht_signs(8, 1.5)
+
+
+@pytest.mark.parametrize("n", [16, 64, 512, 768, 1536, 3072, 5120, 6144, 12288])
+def test_kron_split_rebuilds_the_plan_matrix(n):
+    outer, inner = had.kron_split(n)
+    assert inner.shape[0] <= 256 and (inner.shape[0] >= 16 or inner.shape[0] == n)
+    h = np.kron(outer.astype(np.float64), inner.astype(np.float64)) / np.sqrt(n)
+    np.testing.assert_allclose(h, np.asarray(had.hadamard_matrix(n)), atol=1e-6)
+
+
+def test_kron_split_refuses_fallback_plans():
+    assert had.kron_split(200) is None  # block-diagonal fallback

@@ -503,3 +503,33 @@ def test_triton_language_quantizer_needs_the_gpu_extra():
   assert not act_quant._triton_usable(jnp.zeros((2, 8), jnp.bfloat16))
   with pytest.raises(ValueError, match="auto/pallas/triton/xla"):
     act_quant.quantize_fp8(jnp.zeros((2, 8), jnp.bfloat16), method="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k", [(3, 1536), (2, 64), (5, 768), (2, 5120), (17, 512)])
+def test_fused_hadamard_quantizer_matches_rotate_then_quantize(fmt, m, k):
+  # The kernel rotates rows in registers (inner Sylvester product + leading-block mix) and must
+  # give apply_hadamard's rows rounded to bf16, then the same codes and scales.
+  x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(jnp.bfloat16)
+  q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=True)
+  qr, sr = act_quant._reference(x, fmt, hadamard=True)
+  chex.assert_trees_all_equal(q, qr)
+  chex.assert_trees_all_equal(s, sr)
+  lay = act_quant.hadamard_layout(k)
+  assert lay.width >= k and lay.width % lay.inner == 0
+  # Off the GPU, method="auto" is the reference (XLA rotation + quantize).
+  assert not act_quant.supports(x, hadamard=True)
+  chex.assert_trees_all_equal(act_quant.quantize_int8(x, hadamard=True), act_quant._reference(x, "int8", True))
+
+
+def test_fused_hadamard_refuses_what_it_cannot_map():
+  # Wan's FFN widths (two Paley factors) and fallback plans have no fused layout.
+  for k in (8960, 13824, 200):
+    assert act_quant.hadamard_layout(k) is None
+  with pytest.raises(ValueError, match="no fused Hadamard for K=8960"):
+    act_quant.quantize_pallas(jnp.zeros((2, 8960), jnp.bfloat16), "int8", interpret=True, hadamard=True)
+  with pytest.raises(ValueError, match="no fused Hadamard"):
+    act_quant.quantize_int8(jnp.zeros((2, 64), jnp.bfloat16), method="triton", hadamard=True)
+  text = jax.jit(lambda v: act_quant.quantize_pallas(v, "int8", hadamard=True)).trace(
+      jax.ShapeDtypeStruct((37, 3072), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text

@@ -44,6 +44,7 @@ __all__ = [
     "hadamard_matrix",
     "hadamard_plan",
     "inverse_rht",
+    "kron_split",
     "random_hadamard",
     "rht_signs",
 ]
@@ -292,6 +293,30 @@ def _chain_matrix(chain: tuple[HadamardFactor, ...]) -> np.ndarray:
     for f in chain:
         h = np.kron(h, _factor_matrix(f))
     return h
+
+
+def kron_split(n: int, inner_max: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(outer, inner)`` unnormalized ±1 int8 matrices with ``kron(outer, inner) * n**-0.5``
+    equal to :func:`hadamard_matrix` ``(n)``, the inner one a Sylvester matrix of order at
+    most ``inner_max`` (at least 16, or ``n``): the split a kernel uses to apply ``H`` as a
+    dense product on the row's last axis and a small mix across its leading blocks. None where
+    the plan is the block-diagonal fallback or does not end in a Sylvester factor of order >= 16
+    (n itself < 16 aside).
+    """
+    plan = hadamard_plan(n)
+    if not plan.exact:
+        return None
+    chain = plan.blocks[0]
+    last = chain[-1]
+    if last.kind != "sylvester" or (last.order < 16 and last.order != n):
+        return None
+    b = min(last.order, inner_max)
+    outer = _chain_matrix(chain[:-1]) if len(chain) > 1 else np.ones((1, 1), np.int8)
+    rest = last.order // b
+    if rest > 1:
+        outer = np.kron(outer, _factor_matrix(HadamardFactor("sylvester", rest)))
+    inner = _factor_matrix(HadamardFactor("sylvester", b))
+    return outer, inner
 
 
 def hadamard_matrix(n: int, dtype=jnp.float32) -> jax.Array:
