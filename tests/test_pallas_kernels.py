@@ -533,3 +533,12 @@ def test_fused_hadamard_refuses_what_it_cannot_map():
   text = jax.jit(lambda v: act_quant.quantize_pallas(v, "int8", hadamard=True)).trace(
       jax.ShapeDtypeStruct((37, 3072), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
   assert "xla.gpu.triton" in text
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64))
+def test_round_to_bf16_is_the_bf16_cast(values):
+  v = jnp.asarray(np.asarray(values, np.float32))
+  ties = jnp.asarray(np.array([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 0.0], np.float32))
+  for a in (v, ties):
+    chex.assert_trees_all_equal(act_quant.round_to_bf16(a), a.astype(jnp.bfloat16).astype(jnp.float32))
