@@ -82,12 +82,26 @@ def linear(
     act_scale: Array | None = None,
     backend: str = "auto",
     lowrank: tuple[Array, Array] | None = None,
+    hadamard: bool = False,
 ) -> Array:
     """``x [..., K...] @ w [K..., N...]`` with the fastest applicable quantized path.
 
     ``lowrank=(A [K, r], B [r, N])`` adds SVDQuant's float branch ``(x @ A) @ B``; where the
     W4A8/W8A8 kernel runs it is fused into the GEMM's epilogue (pallas_kernels/w8a8.py).
+    ``hadamard=True`` multiplies ``apply_hadamard(x)`` instead of ``x`` (QuaRot's online
+    rotation, weights pre-rotated): fused into the activation quantizer where that kernel takes
+    it, else rotated here in XLA (rounded to x's dtype).
     """
+    if hadamard:
+        if lowrank is None and resolve_backend(backend) != "xla":
+            from pallas_kernels import dispatch as kd
+
+            y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=False, hadamard=True)
+            if y is not None:
+                return y
+        from jquant.algorithms.hadamard import apply_hadamard
+
+        x = apply_hadamard(x, axis=-1).astype(x.dtype)
     contract = contract or 1
     if lowrank is not None and (contract != 1 or not isinstance(w, QArray) or w.ndim != 2):
         y = linear(x, w, contract=contract, act=act, act_scale=act_scale, backend=backend)

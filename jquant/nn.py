@@ -72,7 +72,13 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     mul = _aux_get(aux, "input_mul")
     if mul is not None:
         x = x * mul.astype(x.dtype)
-    if _aux_get(aux, "hadamard") is not None:
+    a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
+    lowrank = None if a is None else (a, b)
+    # The online rotation goes to the dispatch (which fuses it into the activation quantizer
+    # where it can) unless something here needs the rotated x itself.
+    defer = (_aux_get(aux, "hadamard") is not None and not _state.observers and einsum_str is None
+             and lowrank is None and (dtype is None or jnp.dtype(dtype) == x.dtype))
+    if _aux_get(aux, "hadamard") is not None and not defer:
         from jquant.algorithms.hadamard import apply_hadamard
 
         x = apply_hadamard(x, axis=-1).astype(x.dtype)
@@ -83,15 +89,13 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     act_scale = _aux_get(aux, "input_scale") if cfg.static else None
     if cfg.static and cfg.act is not None and act_scale is None and isinstance(kernel, QArray):
         raise KeyError(f"{path}: static activation mode but no 'input_scale' in the {AUX_COLLECTION!r} collection/aux")
-    a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
-    lowrank = None if a is None else (a, b)
     if einsum_str is not None:
         y = dispatch.einsum(einsum_str, x, kernel, act=cfg.act, act_scale=act_scale)
         if lowrank is not None:
             y = dispatch.add_lowrank(y, x, lowrank, contract or 1)
     else:
         y = dispatch.linear(x, kernel, contract=contract, act=cfg.act, act_scale=act_scale, backend=cfg.backend,
-                            lowrank=lowrank)
+                            lowrank=lowrank, hadamard=defer)
     if bias is not None:
         bias = dequantize(bias).astype(y.dtype)
         y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)

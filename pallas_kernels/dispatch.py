@@ -53,31 +53,45 @@ def _fused_lowrank(x2: jax.Array, lowrank):
     return w4a8.lowrank_operands(x2, *lowrank)
 
 
-def quantize_tokens(x2: jax.Array, act: QSpec, act_scale) -> tuple[jax.Array, jax.Array]:
+def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> bool:
+    """Whether the activation quantizer kernel takes these activations (with the rotation)."""
+    from pallas_kernels import act_quant
+
+    return (act_scale is None and act.fmt in ("int8", "fp8_e4m3") and act.symmetric and not act.scaling
+            and act.scale_dtype == "float32" and act_quant.supports(x2, hadamard))
+
+
+def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(codes [M, K], scale f32 [M, 1])`` of 2-D activations, as :func:`jquant.dispatch.quantize_activation`.
 
     Dynamic symmetric int8 / e4m3 with fp32 scales runs the activation quantizer kernel where it
     applies (``act_quant.supports``): one pass over ``x``, the same codes and scales as jquant's
     rule (``act_quant``'s reference is that rule to the bit); everything else quantizes in XLA.
+    ``hadamard=True`` quantizes ``apply_hadamard(x2)`` (rounded to x2's dtype, as jquant.nn does),
+    rotated inside the kernel where it takes the width.
     """
     from jquant.dispatch import quantize_activation
     from pallas_kernels import act_quant
 
-    fmt = {"int8": "int8", "fp8_e4m3": "fp8"}.get(act.fmt)
-    if (act_scale is None and fmt is not None and act.symmetric and not act.scaling
-            and act.scale_dtype == "float32" and act_quant.supports(x2)):
-        return act_quant.quantize_int8(x2) if fmt == "int8" else act_quant.quantize_fp8(x2)
+    if _fused_tokens(x2, act, act_scale, hadamard):
+        quant = act_quant.quantize_int8 if act.fmt == "int8" else act_quant.quantize_fp8
+        return quant(x2, hadamard=True) if hadamard else quant(x2)
+    if hadamard:
+        from jquant.algorithms.hadamard import apply_hadamard
+
+        x2 = apply_hadamard(x2, axis=-1).astype(x2.dtype)
+        return quantize_tokens(x2, act, act_scale)
     xq = quantize_activation(x2, act, act_scale)
     return xq.qvalue, jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1)).astype(jnp.float32)
 
 
-def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None):
+def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard=False):
     """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
     from pallas_kernels import w4a8, w8a8
 
     ws = _channel_scale(w)
     if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
-        x_q, xs = quantize_tokens(x2, act, act_scale)
+        x_q, xs = quantize_tokens(x2, act, act_scale, hadamard)
         if not w4a8.supports(x_q, out_dtype):
             return None
         fused = _fused_lowrank(x2, lowrank)
@@ -87,7 +101,7 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=No
     if fmt is None or act.fmt != fmt or ws is None:
         return None
     w_q = w.qvalue.T
-    x_q, xs = quantize_tokens(x2, act, act_scale)
+    x_q, xs = quantize_tokens(x2, act, act_scale, hadamard)
     if not w8a8.supports(x_q, w_q, out_dtype):
         return None
     if fmt == "fp8_e4m3":
@@ -131,13 +145,16 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
 
 
 def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: bool = False,
-              lowrank=None):
+              lowrank=None, hadamard: bool = False):
     """Run ``x @ w`` (plus ``(x @ A) @ B`` for ``lowrank=(A, B)``) with a Pallas kernel if one
     applies, else return None.
 
     ``force`` (``JQUANT_BACKEND=pallas``) turns "not on a GPU" into an error; shapes and
     formats no kernel covers still fall back to XLA. The low-rank branch is fused into the int8
     GEMM's epilogue (W8A8 and W4A8, rank 16..64); other kernels add it with XLA.
+    ``hadamard=True`` runs ``apply_hadamard(x) @ w`` only where the rotation fuses into the
+    activation quantizer (dynamic per-token int8/e4m3 into W8A8/W4A8, no low-rank branch), else
+    returns None for the caller to rotate.
     """
     if not on_gpu():
         if force:
@@ -147,8 +164,10 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
     x2 = x.reshape(-1, x.shape[-1])
     if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
         return None  # per-token static tables: XLA path
+    if hadamard and not (act is not None and lowrank is None and _fused_tokens(x2, act, act_scale, True)):
+        return None
     if act is not None:
-        run = _w8a8(x2, w, act, act_scale, out_dtype, lowrank)
+        run = _w8a8(x2, w, act, act_scale, out_dtype, lowrank, hadamard)
         y, fused = (None, False) if run is None else run
     else:
         y, fused = _weight_only(x2, w, out_dtype), False

@@ -98,7 +98,7 @@ def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, ra
 def test_dynamic_token_activations_go_through_the_quantizer_kernel(fake_gpu, monkeypatch, wspec, act):
     # Where the quantizer kernel applies, the dispatch hands it the activations; its rule is
     # jquant.quantize's, so the codes (and the output) equal the XLA path's exactly.
-    monkeypatch.setattr(act_quant, "supports", lambda x: True)
+    monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: True)
     monkeypatch.setattr(act_quant, "quantize_int8", lambda x: (fake_gpu.append("quant") or act_quant.quantize_int8_reference(x)))
     monkeypatch.setattr(act_quant, "quantize_fp8", lambda x: (fake_gpu.append("quant") or act_quant.quantize_fp8_reference(x)))
     m = 1030 if wspec == "int4" else 6
@@ -108,12 +108,36 @@ def test_dynamic_token_activations_go_through_the_quantizer_kernel(fake_gpu, mon
     y_kernel = linear(x, w, act=a, backend="auto")
     assert fake_gpu[0] == "quant" and len(fake_gpu) == 2, fake_gpu
     fake_gpu.clear()
-    monkeypatch.setattr(act_quant, "supports", lambda x: False)
+    monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: False)
     y_xla_codes = linear(x, w, act=a, backend="auto")  # same kernel, jquant's XLA quantize
     assert fake_gpu and "quant" not in fake_gpu
     chex.assert_trees_all_equal(y_kernel, y_xla_codes)
     # A static scale never takes the dynamic kernel.
     fake_gpu.clear()
-    monkeypatch.setattr(act_quant, "supports", lambda x: True)
+    monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: True)
     linear(x, w, act=a, act_scale=jnp.float32(0.05), backend="auto")
     assert "quant" not in fake_gpu
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, monkeypatch, fused):
+    # linear(..., hadamard=True) is linear(apply_hadamard(x), ...): the rotation runs inside the
+    # quantizer kernel where it takes the width, else in XLA before the usual paths.
+    from jquant.algorithms.hadamard import apply_hadamard
+
+    seen = []
+    monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: fused or not hadamard)
+    monkeypatch.setattr(act_quant, "quantize_int8",
+                        lambda x, hadamard=False: seen.append(hadamard) or act_quant._reference(x, "int8", hadamard))
+    x = jax.random.normal(jax.random.key(0), (6, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
+    a = jquant.parse_spec("int8/token")
+    y = linear(x, w, act=a, backend="auto", hadamard=True)
+    assert seen == [fused] and fake_gpu == ["int8"]
+    y_ref = linear(apply_hadamard(x, axis=-1).astype(x.dtype), w, act=a, backend="xla")
+    chex.assert_trees_all_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+    # With an SVDQuant branch the rotation stays in XLA (the branch needs the rotated x).
+    seen.clear()
+    lr = (jnp.zeros((256, 16)), jnp.zeros((16, 72)))
+    linear(x, w, act=a, backend="auto", hadamard=True, lowrank=lr)
+    assert seen == [False]
