@@ -115,7 +115,7 @@ def w4a8_matmul(
 
 def int4_view(w_packed: jax.Array, k: int) -> jax.Array:
   """``uint8[N, ceil(K/2)]`` packed codes as ``int4[N, K]``: XLA stores int4 two per byte, low
-  nibble first, so for even K this is a view (no pass over the weights); the int8 kernel takes
+  nibble first, so for even K this is a view (no pass over the weights); the W4A8 kernel takes
   it and widens in registers."""
   n = w_packed.shape[0]
   w4 = lax.bitcast_convert_type(w_packed, jnp.int4).reshape(n, -1)
