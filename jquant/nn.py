@@ -76,9 +76,10 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     lowrank = None if a is None else (a, b)
     # The online rotation goes to the dispatch (which fuses it into the activation quantizer
     # where it can) unless something here needs the rotated x itself.
-    defer = (_aux_get(aux, "hadamard") is not None and not _state.observers and einsum_str is None
-             and lowrank is None and (dtype is None or jnp.dtype(dtype) == x.dtype))
-    if _aux_get(aux, "hadamard") is not None and not defer:
+    rotate = _aux_get(aux, "hadamard") is not None
+    defer = (rotate and not _state.observers and einsum_str is None and lowrank is None
+             and (dtype is None or jnp.dtype(dtype) == x.dtype))
+    if rotate and not defer:
         from jquant.algorithms.hadamard import apply_hadamard
 
         x = apply_hadamard(x, axis=-1).astype(x.dtype)
