@@ -8,7 +8,8 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
 * ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul`` (int4
   tiles widened to int8 in registers); with an SVDQuant branch (rank 16..64) the branch's
-  up-projection runs in that GEMM's epilogue
+  up-projection runs in that GEMM's epilogue and its down-projection in the activation
+  quantizer's pass over ``x`` (``lowrank_quant``, power-of-two ranks)
 * weight-only ``int4/g128`` (symmetric) or ``int8`` / ``fp8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
   checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
@@ -85,28 +86,40 @@ def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False
     return xq.qvalue, jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1)).astype(jnp.float32)
 
 
+def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool, lowrank):
+    """``(codes, scales, epilogue operands or None)`` for the int8 GEMMs: with an SVDQuant branch
+    the quantizer kernel also computes ``h = x @ A`` in its pass over ``x`` where it can
+    (``lowrank_quant``), else ``h`` is its own XLA GEMM."""
+    from pallas_kernels import lowrank_quant, w4a8
+
+    if (lowrank is not None and not hadamard and w4a8.fused_rank(lowrank[0].shape[-1])
+            and _fused_tokens(x2, act, act_scale) and lowrank_quant.supports(x2, lowrank[0])):
+        x_q, xs, h = lowrank_quant.quantize_lowrank(x2, lowrank[0], "int8" if act.fmt == "int8" else "fp8")
+        return x_q, xs, (h, lowrank[1].T.astype(jnp.bfloat16))
+    x_q, xs = quantize_tokens(x2, act, act_scale, hadamard)
+    return x_q, xs, _fused_lowrank(x2, lowrank)
+
+
 def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard=False):
     """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
     from pallas_kernels import w4a8, w8a8
 
     ws = _channel_scale(w)
     if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
-        x_q, xs = quantize_tokens(x2, act, act_scale, hadamard)
+        x_q, xs, fused = _tokens_and_lowrank(x2, act, act_scale, hadamard, lowrank)
         if not w4a8.supports(x_q, out_dtype):
             return None
-        fused = _fused_lowrank(x2, lowrank)
         y = w4a8.w4a8_matmul(x_q, xs, w.qvalue.T, ws, None, out_dtype, lowrank=fused)
         return y, fused is not None
     fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
     if fmt is None or act.fmt != fmt or ws is None:
         return None
     w_q = w.qvalue.T
-    x_q, xs = quantize_tokens(x2, act, act_scale, hadamard)
+    x_q, xs, fused = _tokens_and_lowrank(x2, act, act_scale, hadamard, lowrank if fmt == "int8" else None)
     if not w8a8.supports(x_q, w_q, out_dtype):
         return None
     if fmt == "fp8_e4m3":
         return w8a8.fp8_matmul(x_q, xs, w_q, ws, None, out_dtype), False
-    fused = _fused_lowrank(x2, lowrank)
     return w8a8.int8_matmul(x_q, xs, w_q, ws, None, out_dtype, lowrank=fused), fused is not None
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import act_quant
+from pallas_kernels import lowrank_quant
 from pallas_kernels import w4_table
 from pallas_kernels import w4a8
 from pallas_kernels import w8a8
@@ -188,6 +189,13 @@ def act_quant_inputs(key, m, k, n):
   return (jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16) * 3,)
 
 
+def act_quant_lowrank_inputs(key, m, k, n, rank=32):
+  del n
+  kx, k1 = jax.random.split(key)
+  return (act_quant_inputs(kx, m, k, 0)[0],
+          (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16))
+
+
 def _w4a16_bench_form(inputs, group=128):
   x, packed, scales = inputs
   prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1], group)
@@ -265,6 +273,11 @@ CASES: dict[str, KernelCase] = {
         functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
         lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
+    # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
+    "act_quant_lowrank": KernelCase(
+        "act_quant_lowrank", lowrank_quant.quantize_lowrank, lowrank_quant.reference,
+        act_quant_lowrank_inputs, lambda m, k, n: 3.0 * m * k + 2.0 * m * k * 32,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m + 2 * m * 32 + 2 * k * 32),
     # The dispatch's activation quantization (kernel where it applies) against jquant's own
     # XLA quantize: the W8A8 kernel path must see the XLA path's codes.
     "act_quant_jquant": KernelCase(
@@ -298,6 +311,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
       return "reference"
     fmt, block = {"nf4_w16": ("nf4", 64), "fp4_w16": ("fp4", 32), "nvfp4_w16": ("fp4", 16)}[name]
     return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
+  if name == "act_quant_lowrank":
+    return "pallas" if lowrank_quant.supports(*inputs) else "xla"
   if name == "act_quant_hadamard":
     return "pallas" if act_quant.supports(x, hadamard=True) else "xla"
   if name.startswith("act_quant"):

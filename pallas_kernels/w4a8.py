@@ -147,9 +147,13 @@ def fused_rank(r: int) -> bool:
 def lowrank_operands(x: jax.Array, l1: jax.Array, l2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(h = x @ l1, l2^T)`` in bf16 (fp32 accumulation): the low-rank epilogue operands of
   ``w4a8_matmul(..., lowrank=...)`` and ``w8a8.int8_matmul(..., lowrank=...)``."""
-  h = lax.dot_general(x.astype(jnp.bfloat16), l1.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
-                      preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-  return h, l2.T.astype(jnp.bfloat16)
+  return down_projection(x, l1), l2.T.astype(jnp.bfloat16)
+
+
+def down_projection(x: jax.Array, l1: jax.Array) -> jax.Array:
+  """``h = x @ l1`` in bf16 from bf16 operands and an fp32 sum: the low-rank epilogue's ``h``."""
+  return lax.dot_general(x.astype(jnp.bfloat16), l1.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(jnp.bfloat16)
 
 
 def svdquant_matmul(x, x_q, x_scale, w_packed, w_scale, l1, l2, bias=None, out_dtype=jnp.bfloat16):

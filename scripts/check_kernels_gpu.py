@@ -47,16 +47,18 @@ SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-
 
 
 def _compare(out, ref, case) -> tuple[bool, str]:
-  if isinstance(out, tuple):  # quantizer: (values, scales)
-    q, s = (np.asarray(o.astype(jnp.float32)) for o in out)
-    qr, sr = (np.asarray(o.astype(jnp.float32)) for o in ref)
+  if isinstance(out, tuple):  # quantizer: (values, scales) or (values, scales, h = x @ L1)
+    q, s = (np.asarray(o.astype(jnp.float32)) for o in out[:2])
+    qr, sr = (np.asarray(o.astype(jnp.float32)) for o in ref[:2])
+    h_ok, h_detail = _compare(out[2], ref[2], case) if len(out) == 3 else (True, "")
     diff = np.abs(q - qr)
     frac = float(np.mean(diff > 0))
     s_err = float(np.max(np.abs(s - sr) / np.maximum(np.abs(sr), 1e-30)))
     frac_tol, scale_tol = case.quant_tol
     ok = (np.isfinite(q).all() and np.isfinite(s).all() and frac <= frac_tol
-          and s_err <= scale_tol)
-    return ok, f"mismatch_frac={frac:.2e} max_q_diff={diff.max():.3g} scale_rel={s_err:.2e}"
+          and s_err <= scale_tol and h_ok)
+    return ok, (f"mismatch_frac={frac:.2e} max_q_diff={diff.max():.3g} scale_rel={s_err:.2e}"
+                + (f" h: {h_detail}" if h_detail else ""))
   a = np.asarray(out.astype(jnp.float32))
   b = np.asarray(ref.astype(jnp.float32))
   if a.shape != b.shape:

@@ -13,7 +13,7 @@ import pytest
 import jquant
 from jquant.dispatch import linear
 from pallas_kernels import dispatch as kd
-from pallas_kernels import act_quant, w4_table, w4a8, w8a8, weight_only
+from pallas_kernels import act_quant, lowrank_quant, w4_table, w4a8, w8a8, weight_only
 
 
 @pytest.fixture
@@ -89,6 +89,29 @@ def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, ra
     act = None if "/" in wspec else jquant.parse_spec("int8/token")
     y = linear(x, w, act=act, backend="auto", lowrank=(a, b))
     assert fake_gpu == want  # rank 8 does not fit the epilogue: the branch is added by XLA
+    y_xla = linear(x, w, act=act, backend="xla") + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+    err = float(jnp.linalg.norm((y - y_xla).astype(jnp.float32)) / jnp.linalg.norm(y_xla.astype(jnp.float32)))
+    assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("wspec, m, rank, fused", [("int8", 5, 32, True), ("int4", 1030, 16, True),
+                                                    ("int4", 1030, 48, False)])
+def test_svdquant_down_projection_fuses_into_the_quantizer(fake_gpu, monkeypatch, wspec, m, rank, fused):
+    # With the quantizer kernel available, h = x @ A comes out of its pass over x (power-of-two
+    # ranks); rank 48 fits the epilogue but not the quantizer's dot, so h is an XLA GEMM.
+    monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: True)
+    monkeypatch.setattr(act_quant, "quantize_int8", lambda x: fake_gpu.append("quant") or act_quant.quantize_int8_reference(x))
+    monkeypatch.setattr(lowrank_quant, "supports", lambda x, l1: l1.shape[1] in (16, 32, 64))
+    monkeypatch.setattr(lowrank_quant, "quantize_lowrank",
+                        lambda x, l1, fmt: fake_gpu.append("quant+down") or lowrank_quant.reference(x, l1, fmt))
+    x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
+    a = jax.random.normal(jax.random.key(2), (256, rank)) / 16
+    b = jax.random.normal(jax.random.key(3), (rank, 72)) / 4
+    act = jquant.parse_spec("int8/token")
+    y = linear(x, w, act=act, backend="auto", lowrank=(a, b))
+    gemm = "w4a8" if wspec == "int4" else "int8"
+    assert fake_gpu == (["quant+down", gemm, "epilogue"] if fused else ["quant", gemm, "epilogue"]), fake_gpu
     y_xla = linear(x, w, act=act, backend="xla") + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
     err = float(jnp.linalg.norm((y - y_xla).astype(jnp.float32)) / jnp.linalg.norm(y_xla.astype(jnp.float32)))
     assert err < 2e-2, err
