@@ -182,11 +182,14 @@ def _check(x):
 
 def _reference(x, fmt, hadamard: bool = False):
   _check(x)
+  xf = x.astype(jnp.float32)
   if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
     from jquant.algorithms.hadamard import apply_hadamard  # pylint: disable=g-import-not-at-top
 
-    x = apply_hadamard(x, axis=-1)
-  xf = x.astype(jnp.float32)
+    # The rounding on the bits: XLA's GPU simplifier drops an f32 -> bf16 -> f32 round trip
+    # (excess precision), which left this reference quantizing unrounded rows on the GPU.
+    xf = apply_hadamard(xf, axis=-1)
+    xf = round_to_bf16(xf) if x.dtype == jnp.bfloat16 else xf.astype(x.dtype).astype(jnp.float32)
   scale = _scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
   q = jnp.clip(xf / scale, -_QMAX[fmt], _QMAX[fmt])
   if fmt == "int8":
