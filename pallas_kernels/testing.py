@@ -20,6 +20,7 @@ from pallas_kernels import _common
 from pallas_kernels import act_quant
 from pallas_kernels import lowrank_quant
 from pallas_kernels import w4_table
+from pallas_kernels import w4a16_gemm
 from pallas_kernels import w4a8
 from pallas_kernels import w8a8
 from pallas_kernels import weight_only
@@ -301,6 +302,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
   if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
     if not _common.on_gpu():
       return "reference"
+    if name == "w4a16" and w4a16_gemm.supports(x):
+      return "kernel-large"
     group = 32 if name == "w4a16_g32" else 128
     flag = {"w8a16_fp8": weight_only.FP8_W16_GPU_VERIFIED,
             "w4a16_zp": weight_only.ZERO_POINT_GPU_VERIFIED}.get(name, True)

@@ -594,6 +594,10 @@ def w4a16_matmul_prepared(
     y = _small_m_gemm(prepared.w, x, prepared.s_t, prepared.n, 4,
                       _common.num_sms(), prepared.decode, prepared.block, prepared.o_t)
     return _finish(y, bias, out_dtype)
+  from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
+
+  if w4a16_gemm.supports(x, prepared.block, prepared.decode, prepared.o_t is not None):
+    return w4a16_gemm.w4a16_large_m(x, prepared, bias, out_dtype)
   return xla_bf16(x, dequantize_prepared(prepared), bias, out_dtype)
 
 
@@ -617,8 +621,9 @@ def w4a16_matmul(
 ) -> jax.Array:
   """W4A16 GEMM ``bf16[M,K] x int4[N,K]^T -> [M,N]`` (symmetric, per-group scales).
 
-  Small M on Hopper: the Mosaic GPU kernel (after :func:`prepare_w4a16`). Large M
-  or other group sizes on a GPU: dequantize to bf16 and XLA's bf16 GEMM. Off GPU:
+  Small M on Hopper: the Mosaic GPU kernel (after :func:`prepare_w4a16`); large M with
+  128-wide groups: :mod:`pallas_kernels.w4a16_gemm` (dequantized in registers) where verified.
+  Otherwise on a GPU: dequantize to bf16 and XLA's bf16 GEMM. Off GPU:
   :func:`w4a16_matmul_reference`.
   """
   _check_w4(x, w_packed, w_scale, group_size)
@@ -626,7 +631,9 @@ def w4a16_matmul(
   if not _common.on_hopper():
     return w4a16_matmul_reference(x, w_packed, w_scale, bias, out_dtype,
                                   group_size=group_size)
-  if not supports(x, group_size):
+  from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
+
+  if not (supports(x, group_size) or w4a16_gemm.supports(x, group_size)):
     w_bf16 = dequantize_int4(w_packed, w_scale, x.shape[1], group_size,
                              jnp.bfloat16)
     return xla_bf16(x, w_bf16, bias, out_dtype)

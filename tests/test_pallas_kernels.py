@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 
 import jquant
 from jquant.formats import FP4_TABLE, NF4_TABLE
-from pallas_kernels import _common, act_quant, testing, triton_quant, w4_table, w4a8, w8a8, weight_only
+from pallas_kernels import _common, act_quant, testing, triton_quant, w4_table, w4a16_gemm, w4a8, w8a8, weight_only
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
 
@@ -542,3 +542,22 @@ def test_round_to_bf16_is_the_bf16_cast(values):
   ties = jnp.asarray(np.array([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 0.0], np.float32))
   for a in (v, ties):
     chex.assert_trees_all_equal(act_quant.round_to_bf16(a), a.astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("config", [w4a16_gemm.W4A16GemmConfig(), w4a16_gemm.W4A16GemmConfig(128, 128)])
+def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
+  # The large-M W4A16 kernel (int4 dequantized in registers) lowers to Mosaic GPU; the prepared
+  # path takes it from MIN_M tokens once verified or forced, and never off the GPU.
+  x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 5, 320, 136)
+  prepared = weight_only.prepare_w4a16(packed, scales, 320)
+  assert not w4a16_gemm.supports(x)
+  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setattr(_common, "on_hopper", lambda: True)
+  assert not w4a16_gemm.supports(x) and not w4a16_gemm.supports(x, 32)
+  big = jax.ShapeDtypeStruct((w4a16_gemm.MIN_M + 3, 320), jnp.bfloat16)
+  assert w4a16_gemm.supports(big) and not w4a16_gemm.supports(big, offsets=True)
+  text = jax.jit(lambda v, p: w4a16_gemm.w4a16_large_m(v, p, config=config)).trace(
+      big, prepared).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="unsupported tiling"):
+    w4a16_gemm.W4A16GemmConfig(tokens=96).check()
