@@ -119,17 +119,33 @@ def hadamard_layout(k: int) -> HadamardLayout | None:
   leading blocks: Wan's 8960 and 13824 FFN widths)."""
   from jquant.algorithms.hadamard import kron_split  # pylint: disable=g-import-not-at-top
 
-  split = kron_split(k)
-  if split is None:
+  best = None
+  for inner_max in (16, 32, 64, 128, 256):
+    split = kron_split(k, inner_max)
+    if split is None:
+      return None
+    o, s = split
+    a, b = o.shape[0], s.shape[0]
+    outer = 1 if a == 1 else max(16, padded_width(k) // b)  # tl.dot wants >= 16 on every side
+    # Fewest multiply-adds per value (inner + outer, times the zero padding), then the smaller
+    # +-1 operands: each program reads them from L2 (a 256 x 256 one made K=3072 run at 5% of
+    # the copy bandwidth on an H200).
+    cost = ((b + (outer if outer > 1 else 0)) * outer * b / k, b * b + outer * outer)
+    if outer <= HADAMARD_OUTER_MAX and (best is None or cost < best[0]):
+      best = (cost, o, s, outer)
+  if best is None:
     return None
-  o, s = split
-  a, b = o.shape[0], s.shape[0]
-  outer = 1 if a == 1 else max(16, padded_width(k) // b)  # tl.dot wants >= 16 on every side
-  if outer > HADAMARD_OUTER_MAX:
-    return None
+  _, o, s, outer = best
   o_pad = np.zeros((outer, outer), np.float32)
-  o_pad[:a, :a] = o
-  return HadamardLayout(b, outer, o_pad, s.astype(np.float32))
+  o_pad[:o.shape[0], :o.shape[0]] = o
+  return HadamardLayout(s.shape[0], outer, o_pad, s.astype(np.float32))
+
+
+def hadamard_config(lay: HadamardLayout) -> QuantizerConfig:
+  """The fused Hadamard's program: 8K values on 4 warps (16K: 8 warps); 16 rows where the whole
+  row is one Sylvester product (its ``pl.dot`` needs 16 rows)."""
+  rows = 16 if lay.outer == 1 else max(1, 8192 // lay.width)
+  return QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
 
 
 def _round_half_even(v: jax.Array) -> jax.Array:
@@ -324,8 +340,7 @@ def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
     lay = hadamard_layout(k)
     if lay is None:
       raise ValueError(f"quantize: no fused Hadamard for K={k} (see act_quant.hadamard_layout)")
-    rows = 16 if lay.outer == 1 else max(1, 8192 // lay.width)
-    config = config or QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
+    config = config or hadamard_config(lay)
     # The +-1 matrices travel as bf16 (exact): a float32 256 x 256 operand alone would fill
     # the 227 KB of shared memory Triton stages dot operands in.
     extra = (jnp.asarray(lay.s, jnp.bfloat16), jnp.asarray(lay.o, jnp.bfloat16))

@@ -274,6 +274,11 @@ CASES: dict[str, KernelCase] = {
         functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
         lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
+    "act_quant_hadamard_fp8": KernelCase(
+        "act_quant_hadamard_fp8", functools.partial(act_quant.quantize_fp8, hadamard=True),
+        functools.partial(act_quant._reference, fmt="fp8", hadamard=True),  # pylint: disable=protected-access
+        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
     # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
     "act_quant_lowrank": KernelCase(
         "act_quant_lowrank", lowrank_quant.quantize_lowrank, lowrank_quant.reference,
@@ -316,7 +321,7 @@ def kernel_path(name: str, inputs: tuple) -> str:
     return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
   if name == "act_quant_lowrank":
     return "pallas" if lowrank_quant.supports(*inputs) else "xla"
-  if name == "act_quant_hadamard":
+  if name.startswith("act_quant_hadamard"):
     return "pallas" if act_quant.supports(x, hadamard=True) else "xla"
   if name.startswith("act_quant"):
     if not act_quant.supports(x):
