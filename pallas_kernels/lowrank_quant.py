@@ -10,6 +10,9 @@ pieces: every piece updates the row absmax and adds ``piece @ L1[piece]`` (bf16 
 accumulator) to ``h``; the codes follow either from the pieces kept in registers
 (``single_pass``) or from a second, L2-served read.
 
+Measured on an H200 it is correct but slower than the two passes it fuses (see :data:`ENABLED`),
+so the dispatch uses it only when forced.
+
 The codes and scales are :mod:`pallas_kernels.act_quant`'s (jquant's per-token rule, to the
 bit); ``h`` is :func:`pallas_kernels.w4a8.lowrank_operands`' (bf16 out of an f32 sum, in another
 order). The outputs feed ``w4a8_matmul(..., lowrank=(h, l2^T))`` / ``w8a8.int8_matmul``.
@@ -27,9 +30,16 @@ from jax import lax
 from pallas_kernels import _common
 from pallas_kernels import act_quant
 
-#: Off unless forced (``JQUANT_PALLAS=kernel``) until scripts/check_kernels_gpu.py's
-#: ``act_quant_lowrank`` case passes on a GPU.
-GPU_VERIFIED = False
+#: Off unless forced (``JQUANT_PALLAS=kernel``): correct on an H200 (scripts/check_kernels_gpu.py's
+#: ``act_quant_lowrank`` case, 11 shapes, codes and scales bit-exact;
+#: benchmarks/check_kernels-hadamard-lowrank-NVIDIA_H200.txt) but slower than what it would
+#: replace, the quantizer kernel plus XLA's ``x @ L1`` (benchmarks/lowrank_quant-NVIDIA_H200.json:
+#: 4096 x 3072 best 32.2 us vs 24.8; 32760 x 3072 170.8 vs 136.8). Each 16- or 32-row program
+#: re-reads the whole ``L1`` (K x 32 bf16: 196 KB at K=3072, twice the program's own rows)
+#: and, past 2048-wide rows, reads its rows a second time for the codes; at 33-54% of the copy
+#: bandwidth the saved read of ``x`` does not pay for that. A version worth enabling needs more
+#: rows per program than registers hold (``x`` tiles in shared memory: Mosaic GPU, not Triton).
+ENABLED = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,10 +174,10 @@ def quantize_lowrank_pallas(x: jax.Array, l1: jax.Array, fmt: str = "int8", *, i
 
 
 def supports(x: jax.Array, l1: jax.Array) -> bool:
-  """True where :func:`quantize_lowrank` runs the kernel: a GPU, the kernel verified there (or
-  ``JQUANT_PALLAS=kernel``), 2-D float ``x`` and a power-of-two rank >= 16."""
+  """True where :func:`quantize_lowrank` runs the kernel: a GPU, the kernel enabled there
+  (:data:`ENABLED`, or ``JQUANT_PALLAS=kernel``), 2-D float ``x`` and a power-of-two rank >= 16."""
   r = l1.shape[-1]
-  return (_common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED) and x.ndim == 2 and x.size > 0
+  return (_common.on_gpu() and _common.kernel_enabled(ENABLED) and x.ndim == 2 and x.size > 0
           and jnp.issubdtype(x.dtype, jnp.floating) and l1.ndim == 2 and l1.shape[0] == x.shape[1]
           and r >= 16 and not r & (r - 1))
 
