@@ -44,15 +44,13 @@ SINGLE_PASS_MAX = 16384
 #: The Pallas quantizer matched the reference bit for bit on an H200 (codes and
 #: scales, 9 shapes incl. ragged; benchmarks/check_kernels-NVIDIA_H200.txt).
 GPU_VERIFIED = True
-#: The fused Hadamard + quantize path is off unless forced (``JQUANT_PALLAS=kernel``) until
-#: scripts/check_kernels_gpu.py's act_quant_hadamard case passes. Its first GPU run (H200,
-#: benchmarks/check_kernels-act_quant_hadamard-NVIDIA_H200.txt) failed: a float32 256 x 256
-#: Sylvester operand overflowed shared memory (K >= 3072), and at K=1536 5.6% of codes were off
-#: by one (the float32 leading-block dot ran at reduced precision). Both are addressed since
-#: (bf16 operands, exact bf16 pieces; the rows rounded to bf16 with integer ops, since the
-#: sub-ulp scale errors say the float round trip was folded away), but that version has not run
-#: on a GPU.
-HADAMARD_GPU_VERIFIED = False
+#: The fused Hadamard + quantize path matched the reference on an H200 (int8 and fp8, 11 shapes
+#: incl. ragged; at most 1e-6 of codes one step apart from float32 sums in another order;
+#: benchmarks/check_kernels-hadamard-w4a16large-NVIDIA_H200.txt). Its first GPU runs failed:
+#: a float32 256 x 256 Sylvester operand overflowed shared memory (now bf16, exact for +-1),
+#: and the reference itself quantized unrounded rows on the GPU (XLA drops an f32 -> bf16 ->
+#: f32 round trip; it now rounds on the bits, :func:`round_to_bf16`).
+HADAMARD_GPU_VERIFIED = True
 #: The Triton-language version (pallas_kernels/triton_quant.py, through jax-triton) matched the
 #: reference bit for bit on an H200 and ran 0-20% faster than this Pallas kernel at the same
 #: design (benchmarks/jax_triton_eval-NVIDIA_H200.json), so ``method="auto"`` prefers it where
@@ -261,9 +259,9 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
 def round_to_bf16(y: jax.Array) -> jax.Array:
   """float32 -> nearest bf16 (ties to even), kept in float32, with integer ops on the bits.
 
-  ``y.astype(bf16).astype(f32)`` means the same, but the first GPU run suggests Triton folded
-  that round trip away (sub-ulp scale differences against XLA's rounded rows); bit arithmetic
-  cannot be folded. Finite inputs only (activations)."""
+  ``y.astype(bf16).astype(f32)`` means the same, but a compiler may fold that round trip away
+  (XLA's GPU simplifier does: excess precision); bit arithmetic cannot be folded. Finite inputs
+  only (activations)."""
   bits = lax.bitcast_convert_type(y, jnp.uint32)
   bias = jnp.uint32(0x7FFF) + ((bits >> jnp.uint32(16)) & jnp.uint32(1))
   return lax.bitcast_convert_type((bits + bias) & jnp.uint32(0xFFFF0000), jnp.float32)

@@ -307,7 +307,9 @@ def kernel_path(name: str, inputs: tuple) -> str:
   if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
     if not _common.on_gpu():
       return "reference"
-    if name == "w4a16" and w4a16_gemm.supports(x):
+    if name == "w4a16" and w4a16_gemm.supports(x, n=inputs[1].shape[0]):
+      return "kernel-large"
+    if name == "w8a16" and not weight_only.supports(x) and w4a16_gemm.supports(x, n=inputs[1].shape[0], bits=8):
       return "kernel-large"
     group = 32 if name == "w4a16_g32" else 128
     flag = {"w8a16_fp8": weight_only.FP8_W16_GPU_VERIFIED,

@@ -26,11 +26,18 @@ from pallas_kernels import _common
 from pallas_kernels import w8a8
 from pallas_kernels import weight_only
 
-#: Off unless forced (``JQUANT_PALLAS=kernel``) until scripts/check_kernels_gpu.py's
-#: ``w4a16_large`` case passes on a GPU.
-GPU_VERIFIED = False
+#: int4 passed scripts/check_kernels_gpu.py's ``w4a16`` case on an H200 (path ``kernel-large``:
+#: 4096x3072x3072, ragged 1100x1000x136 and 2051x1536x8960;
+#: benchmarks/check_kernels-hadamard-w4a16large-NVIDIA_H200.txt).
+GPU_VERIFIED = True
+#: int8 weights (W8A16): off unless forced until the ``w8a16`` case passes on a GPU.
+INT8_GPU_VERIFIED = False
 #: Fewest tokens for which the weight-only dispatch runs this kernel instead of XLA.
 MIN_M = 1024
+#: Smallest weight (K x N) the dispatch gives it: at 1536 x 1536 XLA's dequantize + bf16 GEMM
+#: was faster (H200, M=4096: 39.2 vs 41.5 us; M=32760: 222 vs 292), from 1536 x 8960 and
+#: 3072 x 3072 on the kernel (benchmarks/w4a16_large-NVIDIA_H200.json).
+MIN_KN = 3072 * 3072
 _ROWS = 64  # weight rows per consumer warpgroup
 _GROUP = weight_only.GROUP
 
@@ -50,11 +57,11 @@ class W4A16GemmConfig:
       raise ValueError(f"W4A16GemmConfig: unsupported tiling {self}")
 
 
-DEFAULT = W4A16GemmConfig()
+DEFAULT = W4A16GemmConfig(tokens=256, kstep=128)  # fastest or within 3% on 7 shapes (H200)
 
 
-def _stages(cfg: W4A16GemmConfig, k_groups: int) -> int:
-  stage = cfg.tokens * cfg.kstep * 2 + 2 * _ROWS * cfg.kstep // 2
+def _stages(cfg: W4A16GemmConfig, k_groups: int, bits: int = 4) -> int:
+  stage = cfg.tokens * cfg.kstep * 2 + 2 * _ROWS * cfg.kstep * bits // 8
   fixed = 2 * 2 * cfg.epi_t * _ROWS * 2 + 2 * k_groups * _ROWS * 2
   return int(max(2, min(6, (w8a8._SMEM_BYTES - fixed) // stage)))  # pylint: disable=protected-access
 
@@ -63,7 +70,8 @@ def _stages(cfg: W4A16GemmConfig, k_groups: int) -> int:
 def w4a16_gemm_pallas(x: jax.Array, w: jax.Array, s_t: jax.Array, *, sms: int,
                       config: W4A16GemmConfig = DEFAULT) -> jax.Array:
   """``bf16[M, N]`` from ``x`` ``bf16[M, K]`` (M a multiple of ``config.tokens``, K of 128),
-  ``w`` ``int4[N, K]`` (N a multiple of 128) and ``s_t`` ``bf16[K/128, N]`` group scales."""
+  ``w`` ``int4[N, K]`` or ``int8[N, K]`` (N a multiple of 128) and ``s_t`` ``bf16[K/128, N]``
+  group scales (int8 per-channel scales repeated per group)."""
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
@@ -75,7 +83,9 @@ def w4a16_gemm_pallas(x: jax.Array, w: jax.Array, s_t: jax.Array, *, sms: int,
   k_groups = k // _GROUP
   m_iters, n_iters, k_iters = m // tokens, n // cta_rows, k // kstep
   x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  w_transforms = (plgpu.TilingTransform((8, kstep)), plgpu.SwizzleTransform(kstep // 2))
+  bits = 4 if w.dtype == jnp.int4 else 8
+  w_transforms = (plgpu.TilingTransform((8, kstep)), plgpu.SwizzleTransform(kstep * bits // 8))
+  a_layout = plgpu.Layout.WGMMA_UPCAST_4X if bits == 4 else plgpu.Layout.WGMMA_UPCAST_2X
   out_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   steps_per_group = _GROUP // kstep
 
@@ -108,7 +118,7 @@ def w4a16_gemm_pallas(x: jax.Array, w: jax.Array, s_t: jax.Array, *, sms: int,
 
       def body(idx, x_smem, w_smem, acc):
         (kk,) = idx
-        a = plgpu.load(w_smem.at[pl.ds(wg * _ROWS, _ROWS)], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+        a = plgpu.load(w_smem.at[pl.ds(wg * _ROWS, _ROWS)], (), layout=a_layout)
         a = plgpu.layout_cast(a, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
         scale = plgpu.load(s_smem.at[wg, kk // steps_per_group], (), layout=plgpu.Layout.WGMMA.reduce(1))
         a = a * lax.broadcast_in_dim(scale, (_ROWS, kstep), [0])
@@ -125,7 +135,7 @@ def w4a16_gemm_pallas(x: jax.Array, w: jax.Array, s_t: jax.Array, *, sms: int,
                         memory_space=plgpu.SMEM),
         plgpu.BlockSpec((cta_rows, kstep), lambda kk: (0, kk), transforms=w_transforms,
                         memory_space=plgpu.SMEM),
-        k_iters=k_iters, stages=_stages(cfg, k_groups), grid_mn=(m_iters, n_iters), minor=1,
+        k_iters=k_iters, stages=_stages(cfg, k_groups, bits), grid_mn=(m_iters, n_iters), minor=1,
         tile_width=8, tile=tile)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -145,17 +155,33 @@ def w4a16_gemm_pallas(x: jax.Array, w: jax.Array, s_t: jax.Array, *, sms: int,
   return call(x, w, s_t)
 
 
-def supports(x: jax.Array, block: int = _GROUP, decode: str = "int", offsets: bool = False) -> bool:
+def supports(x: jax.Array, block: int = _GROUP, decode: str = "int", offsets: bool = False,
+             n: int | None = None, bits: int = 4) -> bool:
   """Hopper, verified there (or forced), 2-D ``x`` with M >= MIN_M, int4 with 128-wide groups
-  and no offsets (zero points)."""
-  return (_common.on_hopper() and _common.kernel_enabled(GPU_VERIFIED) and x.ndim == 2
-          and x.shape[0] >= MIN_M and decode == "int" and block == _GROUP and not offsets)
+  (or ``bits=8``: int8 per channel) and no offsets (zero points); with ``n``, a weight of at
+  least ``MIN_KN`` elements (smaller ones ran faster through XLA)."""
+  verified = GPU_VERIFIED if bits == 4 else INT8_GPU_VERIFIED
+  return (_common.on_hopper() and _common.kernel_enabled(verified) and x.ndim == 2
+          and x.shape[0] >= MIN_M and decode == "int" and block == _GROUP and not offsets
+          and (n is None or x.shape[1] * n >= MIN_KN))
+
+
+def w8a16_large_m(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Array | None = None,
+                  out_dtype=jnp.bfloat16, *, config: W4A16GemmConfig | None = None) -> jax.Array:
+  """``x @ w_q^T * w_scale`` for int8 ``[N, K]`` weights with per-channel scales: the same kernel
+  (the scale applied to the widened weights in bf16, one table row per 128-wide K group)."""
+  n, k = w_q.shape
+  kp, np_ = _common.round_up(k, _GROUP), _common.round_up(n, 2 * _ROWS)
+  w = _common.pad_axis(_common.pad_axis(w_q, 1, kp), 0, np_)
+  s_t = jnp.broadcast_to(_common.pad_axis(w_scale.astype(jnp.bfloat16).reshape(1, n), 1, np_), (kp // _GROUP, np_))
+  prepared = weight_only.W4Prepared(w=w, s_t=s_t, n=n, k=k)
+  return w4a16_large_m(x, prepared, bias, out_dtype, config=config)
 
 
 def w4a16_large_m(x: jax.Array, prepared: weight_only.W4Prepared, bias: jax.Array | None = None,
                   out_dtype=jnp.bfloat16, *, config: W4A16GemmConfig | None = None) -> jax.Array:
-  """``x @ W^T`` for prepared int4 weights (:func:`weight_only.prepare_w4a16`, group 128): the
-  kernel (M padded to the token tile), then bias in XLA."""
+  """``x @ W^T`` for prepared int4 weights (:func:`weight_only.prepare_w4a16`, group 128; or
+  int8 codes with a per-group table): the kernel (M padded to the token tile), then bias in XLA."""
   cfg = config or DEFAULT
   m = x.shape[0]
   kp = prepared.w.shape[1]

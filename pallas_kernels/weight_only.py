@@ -596,7 +596,7 @@ def w4a16_matmul_prepared(
     return _finish(y, bias, out_dtype)
   from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
 
-  if w4a16_gemm.supports(x, prepared.block, prepared.decode, prepared.o_t is not None):
+  if w4a16_gemm.supports(x, prepared.block, prepared.decode, prepared.o_t is not None, prepared.n):
     return w4a16_gemm.w4a16_large_m(x, prepared, bias, out_dtype)
   return xla_bf16(x, dequantize_prepared(prepared), bias, out_dtype)
 
@@ -633,7 +633,7 @@ def w4a16_matmul(
                                   group_size=group_size)
   from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
 
-  if not (supports(x, group_size) or w4a16_gemm.supports(x, group_size)):
+  if not (supports(x, group_size) or w4a16_gemm.supports(x, group_size, n=w_packed.shape[0])):
     w_bf16 = dequantize_int4(w_packed, w_scale, x.shape[1], group_size,
                              jnp.bfloat16)
     return xla_bf16(x, w_bf16, bias, out_dtype)
@@ -650,8 +650,9 @@ def w8a16_matmul(
 ) -> jax.Array:
   """W8A16 GEMM ``bf16[M,K] x int8/fp8[N,K]^T -> [M,N]`` with per-channel scales.
 
-  Small M on Hopper: the Mosaic GPU kernel. Large M on a GPU: 8-bit -> bf16 and
-  XLA's bf16 GEMM (the scale applied to the fp32 result). Off GPU: the reference.
+  Small M on Hopper: the Mosaic GPU kernel; large M, int8: :mod:`pallas_kernels.w4a16_gemm`
+  (widened in registers) where verified. Otherwise on a GPU: 8-bit -> bf16 and XLA's bf16
+  GEMM (the scale applied to the fp32 result). Off GPU: the reference.
   """
   _check_w8(x, w_q, w_scale)
   n, k = w_q.shape
@@ -660,6 +661,10 @@ def w8a16_matmul(
     return w8a16_matmul_reference(x, w_q, w_scale, bias, out_dtype)
   fp8_ok = w_q.dtype == jnp.int8 or _common.kernel_enabled(FP8_W16_GPU_VERIFIED)
   if not (supports(x) and fp8_ok):
+    from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
+
+    if w_q.dtype == jnp.int8 and w4a16_gemm.supports(x, n=n, bits=8):
+      return w4a16_gemm.w8a16_large_m(x, w_q, w_scale, bias, out_dtype)
     return xla_bf16(x, w_q.astype(jnp.bfloat16), bias, out_dtype, w_scale)
   kp = _common.round_up(k, GROUP)
   np_ = _common.round_up(n, 2 * _WT)

@@ -556,8 +556,15 @@ def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
   assert not w4a16_gemm.supports(x) and not w4a16_gemm.supports(x, 32)
   big = jax.ShapeDtypeStruct((w4a16_gemm.MIN_M + 3, 320), jnp.bfloat16)
   assert w4a16_gemm.supports(big) and not w4a16_gemm.supports(big, offsets=True)
+  # Small weights stay on XLA's dequantize + GEMM (measured faster there).
+  assert w4a16_gemm.supports(big, n=-(-w4a16_gemm.MIN_KN // 320)) and not w4a16_gemm.supports(big, n=136)
   text = jax.jit(lambda v, p: w4a16_gemm.w4a16_large_m(v, p, config=config)).trace(
       big, prepared).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  # int8 per-channel weights (W8A16) through the same kernel.
+  _, w8, s8 = testing.w8a16_inputs(jax.random.key(1), 5, 320, 136)
+  text = jax.jit(lambda v, w, s: w4a16_gemm.w8a16_large_m(v, w, s, config=config)).trace(
+      big, w8, s8).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   with pytest.raises(ValueError, match="unsupported tiling"):
     w4a16_gemm.W4A16GemmConfig(tokens=96).check()
