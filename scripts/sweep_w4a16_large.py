@@ -30,6 +30,22 @@ CONFIGS = {"t256_k64": g.W4A16GemmConfig(256, 64), "t256_k128": g.W4A16GemmConfi
            "t128_k128": g.W4A16GemmConfig(128, 128), "t128_k64": g.W4A16GemmConfig(128, 64)}
 
 
+def _row(m, k, n, name, fn, sets, ref, bf16) -> dict:
+  """Checks ``fn`` against ``ref`` on the first set, then times it over all sets."""
+  try:
+    out = np.asarray(jax.jit(fn)(*sets[0]), np.float32)
+    rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    us = timing.time_fn(fn, sets, iterations=10)["us"] if rel < 1e-2 else float("nan")
+    error = None
+  except Exception as exc:  # pylint: disable=broad-except
+    traceback.print_exc()
+    rel, us, error = float("nan"), float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}"
+  print(f"{m:>6} {k:>6} {n:>6} {name:12s} {us:>8.1f} {bf16 / us:>7.2f}  {rel:.1e}"
+        + (f"  {error}" if error else ""), flush=True)
+  return dict(m=m, k=k, n=n, variant=name, us=us, xla_bf16_us=bf16, speedup_vs_bf16=bf16 / us,
+              rel=rel, error=error)
+
+
 def main() -> int:
   import argparse  # pylint: disable=g-import-not-at-top
 
@@ -47,38 +63,13 @@ def main() -> int:
     bf16 = timing.time_fn(lambda x, w: lax.dot_general(x, w, (((1,), (1,)), ((), ()))), xw, iterations=10)["us"]
     variants = {f"kernel_{name}": (lambda x, p, c=cfg: g.w4a16_large_m(x, p, config=c)) for name, cfg in configs.items()}
     variants["xla_dequant"] = lambda x, p: wo.xla_bf16(x, wo.dequantize_prepared(p), None, jnp.bfloat16)
-    for name, fn in variants.items():
-      try:
-        out = np.asarray(jax.jit(fn)(*prepared[0]), np.float32)
-        rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-        us = timing.time_fn(fn, prepared, iterations=10)["us"] if rel < 1e-2 else float("nan")
-        error = None
-      except Exception as exc:  # pylint: disable=broad-except
-        traceback.print_exc()
-        rel, us, error = float("nan"), float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}"
-      rows.append(dict(m=m, k=k, n=n, variant=name, us=us, xla_bf16_us=bf16, speedup_vs_bf16=bf16 / us,
-                       rel=rel, error=error))
-      print(f"{m:>6} {k:>6} {n:>6} {name:12s} {us:>8.1f} {bf16 / us:>7.2f}  {rel:.1e}"
-            + (f"  {error}" if error else ""), flush=True)
-    timing.write_rows("w4a16_large", rows)
-  for m, k, n in SHAPES:  # W8A16 int8 per channel: the same kernel vs XLA's convert + GEMM
+    rows += [_row(m, k, n, name, fn, prepared, ref, bf16) for name, fn in variants.items()]
+    # W8A16 int8 per channel: the same kernel vs XLA's convert + GEMM.
     sets = [testing.w8a16_inputs(jax.random.key(i), m, k, n) for i in range(3)]
     ref = np.asarray(wo.w8a16_matmul_reference(*sets[0]), np.float32)
-    for name, fn in {"w8_kernel": lambda x, w, s: g.w8a16_large_m(x, w, s),
-                     "w8_xla": lambda x, w, s: wo.xla_bf16(x, w.astype(jnp.bfloat16), None, jnp.bfloat16, s)}.items():
-      try:
-        out = np.asarray(jax.jit(fn)(*sets[0]), np.float32)
-        rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-        us = timing.time_fn(fn, sets, iterations=10)["us"] if rel < 1e-2 else float("nan")
-        error = None
-      except Exception as exc:  # pylint: disable=broad-except
-        traceback.print_exc()
-        rel, us, error = float("nan"), float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}"
-      bf16 = next(r["xla_bf16_us"] for r in rows if (r["m"], r["k"], r["n"]) == (m, k, n))
-      rows.append(dict(m=m, k=k, n=n, variant=name, us=us, xla_bf16_us=bf16, speedup_vs_bf16=bf16 / us,
-                       rel=rel, error=error))
-      print(f"{m:>6} {k:>6} {n:>6} {name:12s} {us:>8.1f} {bf16 / us:>7.2f}  {rel:.1e}"
-            + (f"  {error}" if error else ""), flush=True)
+    rows += [_row(m, k, n, name, fn, sets, ref, bf16) for name, fn in (
+        ("w8_kernel", lambda x, w, s: g.w8a16_large_m(x, w, s)),
+        ("w8_xla", lambda x, w, s: wo.xla_bf16(x, w.astype(jnp.bfloat16), None, jnp.bfloat16, s)))]
     timing.write_rows("w4a16_large", rows)
   return 0
 
