@@ -30,13 +30,14 @@ from pallas_kernels import weight_only
 #: 4096x3072x3072, ragged 1100x1000x136 and 2051x1536x8960;
 #: benchmarks/check_kernels-hadamard-w4a16large-NVIDIA_H200.txt).
 GPU_VERIFIED = True
-#: int8 weights (W8A16): off unless forced until the ``w8a16`` case passes on a GPU.
-INT8_GPU_VERIFIED = False
+#: int8 weights (W8A16) passed the ``w8a16`` case the same way
+#: (benchmarks/check_kernels-w16large-NVIDIA_H200.txt).
+INT8_GPU_VERIFIED = True
 #: Fewest tokens for which the weight-only dispatch runs this kernel instead of XLA.
 MIN_M = 1024
 #: Smallest weight (K x N) the dispatch gives it: at 1536 x 1536 XLA's dequantize + bf16 GEMM
-#: was faster (H200, M=4096: 39.2 vs 41.5 us; M=32760: 222 vs 292), from 1536 x 8960 and
-#: 3072 x 3072 on the kernel (benchmarks/w4a16_large-NVIDIA_H200.json).
+#: was faster (H200, M=4096: 39.4 vs 41.5 us; M=32760: 226 vs 295), from 1536 x 8960 and
+#: 3072 x 3072 on the kernel (benchmarks/w4a16_large-NVIDIA_H200.json, int8 likewise).
 MIN_KN = 3072 * 3072
 _ROWS = 64  # weight rows per consumer warpgroup
 _GROUP = weight_only.GROUP
@@ -57,7 +58,8 @@ class W4A16GemmConfig:
       raise ValueError(f"W4A16GemmConfig: unsupported tiling {self}")
 
 
-DEFAULT = W4A16GemmConfig(tokens=256, kstep=128)  # fastest or within 3% on 7 shapes (H200)
+#: Fastest or within 3% on 7 shapes (H200, benchmarks/w4a16_large-tilings-NVIDIA_H200.json).
+DEFAULT = W4A16GemmConfig(tokens=256, kstep=128)
 
 
 def _stages(cfg: W4A16GemmConfig, k_groups: int, bits: int = 4) -> int:
