@@ -365,7 +365,8 @@ def _quantize(x, fmt, method, hadamard=False):
   if method not in ("auto", "pallas", "triton", "xla"):
     raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
   if method == "pallas":
-    return quantize_pallas(x, fmt, interpret=not _common._default_device_is_gpu(), hadamard=hadamard)  # pylint: disable=protected-access
+    interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
+    return _fused_hadamard(x, fmt, interpret) if hadamard else quantize_pallas(x, fmt, interpret=interpret)
   if method == "triton":
     if hadamard:
       raise ValueError("quantize: the jax-triton quantizer has no fused Hadamard; use method='pallas'")
@@ -374,13 +375,32 @@ def _quantize(x, fmt, method, hadamard=False):
     return triton_quant.quantize(x, fmt)
   if method == "auto" and supports(x, hadamard):
     if hadamard:
-      return quantize_pallas(x, fmt, hadamard=True)
+      return _fused_hadamard(x, fmt)
     if _triton_usable(x):
       from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
 
       return triton_quant.quantize(x, fmt)
     return quantize_pallas(x, fmt)
   return _reference(x, fmt, hadamard)
+
+
+def _fused_hadamard(x: jax.Array, fmt: str, interpret: bool = False):
+  """The fused rotation + quantizer: the ``[outer, inner]`` view where K has one, else the
+  gathered multi-axis view (:mod:`pallas_kernels.hadamard_gather`, e.g. Wan's 8960)."""
+  if hadamard_layout(x.shape[1]) is not None:
+    return quantize_pallas(x, fmt, interpret=interpret, hadamard=True)
+  from pallas_kernels import hadamard_gather  # pylint: disable=g-import-not-at-top
+
+  return hadamard_gather.quantize_hadamard_gather(x, fmt, interpret=interpret)
+
+
+def _fused_hadamard_takes(k: int) -> bool:
+  """Whether a fused rotation exists for width ``k`` and is verified (or forced) on the GPU."""
+  from pallas_kernels import hadamard_gather  # pylint: disable=g-import-not-at-top
+
+  if hadamard_layout(k) is not None:
+    return _common.kernel_enabled(HADAMARD_GPU_VERIFIED)
+  return hadamard_gather.gather_layout(k) is not None and _common.kernel_enabled(hadamard_gather.GPU_VERIFIED)
 
 
 def _triton_usable(x: jax.Array) -> bool:
@@ -406,9 +426,10 @@ def quantize_fp8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) 
 def supports(x: jax.Array, hadamard: bool = False) -> bool:
   """True where ``method="auto"`` runs a compiled quantizer kernel: a GPU, a 2-D float input,
   the kernel verified there (or ``JQUANT_PALLAS=kernel``); with ``hadamard``, also a width
-  :func:`hadamard_layout` takes and the fused kernel verified (:data:`HADAMARD_GPU_VERIFIED`)."""
+  :func:`hadamard_layout` (or ``hadamard_gather.gather_layout``) takes and that fused kernel
+  verified (:data:`HADAMARD_GPU_VERIFIED`, ``hadamard_gather.GPU_VERIFIED``)."""
   ok = (_common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED)
         and x.ndim == 2 and x.size > 0 and jnp.issubdtype(x.dtype, jnp.floating))
   if hadamard:
-    ok = ok and _common.kernel_enabled(HADAMARD_GPU_VERIFIED) and hadamard_layout(x.shape[1]) is not None
+    ok = ok and _fused_hadamard_takes(x.shape[1])
   return ok

@@ -274,6 +274,13 @@ CASES: dict[str, KernelCase] = {
         functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
         lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
+    # The same on an [M, N] activation (the input of a layer whose K is this one's N): Wan's
+    # 8960-wide FFN rows take the gathered multi-axis layout (pallas_kernels.hadamard_gather).
+    "act_quant_hadamard_wide": KernelCase(
+        "act_quant_hadamard_wide", functools.partial(act_quant.quantize_int8, hadamard=True),
+        functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
+        lambda key, m, k, n: act_quant_inputs(key, m, n, 0), lambda m, k, n: 3.0 * m * n,
+        lambda m, k, n: 2 * m * n + m * n + 4 * m, quant_tol=(1e-3, 2.0**-7)),
     "act_quant_hadamard_fp8": KernelCase(
         "act_quant_hadamard_fp8", functools.partial(act_quant.quantize_fp8, hadamard=True),
         functools.partial(act_quant._reference, fmt="fp8", hadamard=True),  # pylint: disable=protected-access

@@ -29,7 +29,8 @@ from pallas_kernels import act_quant, timing, triton_quant  # noqa: E402
 
 SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (4096, 12288), (32760, 3072)]
 TRITON_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (32760, 3072)]
-HADAMARD_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (32760, 1536), (32760, 3072)]
+HADAMARD_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (32760, 1536), (32760, 3072), (4096, 8960),
+                   (32760, 8960)]
 Q = act_quant.QuantizerConfig
 
 
@@ -54,11 +55,13 @@ def triton_variants(fmt: str, k: int) -> dict:
 def hadamard_variants(fmt: str, k: int) -> dict:
     from jquant.algorithms.hadamard import apply_hadamard
 
-    rows = act_quant.hadamard_config(act_quant.hadamard_layout(k)).rows
-    return {"fused": lambda x: act_quant.quantize_pallas(x, fmt, hadamard=True),
-            f"fused_r{2 * rows}_w8": lambda x: act_quant.quantize_pallas(
-                x, fmt, hadamard=True, config=Q(2 * rows, 8)),
-            "xla_rotate+kernel": lambda x: act_quant.quantize_pallas(apply_hadamard(x, axis=-1), fmt)}
+    out = {"fused": lambda x: act_quant._fused_hadamard(x, fmt)}  # pylint: disable=protected-access
+    lay = act_quant.hadamard_layout(k)
+    if lay is not None:
+        rows = act_quant.hadamard_config(lay).rows
+        out[f"fused_r{2 * rows}_w8"] = lambda x: act_quant.quantize_pallas(x, fmt, hadamard=True, config=Q(2 * rows, 8))
+    out["xla_rotate+kernel"] = lambda x: act_quant.quantize_pallas(apply_hadamard(x, axis=-1), fmt)
+    return out
 
 
 def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]:
@@ -98,7 +101,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jax-triton", action="store_true", help="compare with the jax-triton quantizer")
     parser.add_argument("--hadamard", action="store_true", help="the fused online Hadamard")
+    parser.add_argument("--k", default="", help="only these widths (comma list)")
     args = parser.parse_args()
+    if args.k:
+        keep = {int(v) for v in args.k.split(",")}
+        global SHAPES, TRITON_SHAPES, HADAMARD_SHAPES  # pylint: disable=global-statement
+        SHAPES, TRITON_SHAPES, HADAMARD_SHAPES = ([s for s in shapes if s[1] in keep]
+                                                  for shapes in (SHAPES, TRITON_SHAPES, HADAMARD_SHAPES))
     if args.jax_triton and not triton_quant.available():
         print("jax-triton / Triton not importable: nothing to compare")
         return

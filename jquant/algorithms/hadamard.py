@@ -295,6 +295,22 @@ def _chain_matrix(chain: tuple[HadamardFactor, ...]) -> np.ndarray:
     return h
 
 
+def kron_factors(n: int) -> list[np.ndarray] | None:
+    """The unnormalized ±1 int8 factors of :func:`hadamard_matrix` ``(n)`` in Kronecker order
+    (``kron(*factors) * n**-0.5`` is the matrix), each Sylvester factor split into order-2 ones
+    so a kernel can regroup them; None for the block-diagonal fallback."""
+    plan = hadamard_plan(n)
+    if not plan.exact:
+        return None
+    out = []
+    for f in plan.blocks[0]:
+        if f.kind == "sylvester":
+            out += [_factor_matrix(HadamardFactor("sylvester", 2))] * (f.order.bit_length() - 1)
+        else:
+            out.append(_factor_matrix(f))
+    return out
+
+
 def kron_split(n: int, inner_max: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
     """``(outer, inner)`` unnormalized ±1 int8 matrices with ``kron(outer, inner) * n**-0.5``
     equal to :func:`hadamard_matrix` ``(n)``, the inner one a Sylvester matrix of order at

@@ -1,0 +1,185 @@
+"""The fused Hadamard quantizer for widths with no power-of-two row view (Wan's 8960 FFN width).
+
+:func:`pallas_kernels.act_quant.hadamard_layout` views a row as ``[outer, inner]`` with only the
+leading axis padded, which needs the order-K matrix to be ``kron(O, S)`` with ``O`` of padded
+order <= 64 and ``S`` a Sylvester matrix. K = 8960 = 20 x 28 x 16 (two Paley factors) has no
+such view: the padded leading block would be 560 -> 1024 wide. Here the row is instead gathered
+into ``[p_1, ..., p_n]`` with every axis padded to a power of two (8960 -> 32 x 32 x 16 = 16384
+lanes, the padding interior), each Kronecker group is applied along its axis as one small
+``pl.dot`` (axes cycled with transposes), and the codes are scattered back to the row's columns.
+Same rule and rounding as :mod:`pallas_kernels.act_quant` (the rows rounded to x's dtype after
+the rotation, then jquant's per-token quantizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _common
+from pallas_kernels import act_quant
+
+#: Off unless forced (``JQUANT_PALLAS=kernel``) until scripts/check_kernels_gpu.py's
+#: ``act_quant_hadamard_wide`` case passes on a GPU.
+GPU_VERIFIED = False
+#: The largest padded order of one Kronecker group (a bf16 ``[p, p]`` operand per program).
+GROUP_MAX = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherLayout:
+  """``dims`` the real orders of the Kronecker groups, ``pads`` their padded orders (powers of two,
+  >= 16), ``mats`` their +-1 matrices zero-padded to ``[p, p]``."""
+
+  dims: tuple[int, ...]
+  pads: tuple[int, ...]
+  mats: tuple[np.ndarray, ...]
+
+  @property
+  def width(self) -> int:
+    return math.prod(self.pads)
+
+
+def _pad(order: int) -> int:
+  return max(16, act_quant.padded_width(order))
+
+
+@functools.lru_cache(maxsize=64)
+def gather_layout(k: int) -> GatherLayout | None:
+  """The grouping of jquant's order-``k`` Kronecker factors with the fewest multiply-adds per
+  value (padding counted), every group padded to at most :data:`GROUP_MAX` and the padded row at
+  most ``act_quant.SINGLE_PASS_MAX`` lanes; None where there is none (or an exact plan is
+  missing)."""
+  from jquant.algorithms.hadamard import kron_factors  # pylint: disable=g-import-not-at-top
+
+  factors = kron_factors(k)
+  if not factors:
+    return None
+  best = None
+  for cuts in itertools.product((False, True), repeat=len(factors) - 1):
+    groups, cur = [], [factors[0]]
+    for f, cut in zip(factors[1:], cuts):
+      if cut:
+        groups.append(cur)
+        cur = [f]
+      else:
+        cur.append(f)
+    groups.append(cur)
+    dims = tuple(math.prod(f.shape[0] for f in g) for g in groups)
+    pads = tuple(_pad(d) for d in dims)
+    if max(pads) > GROUP_MAX or math.prod(pads) > act_quant.SINGLE_PASS_MAX:
+      continue
+    cost = (sum(pads) * math.prod(pads) / k, sum(p * p for p in pads))
+    if best is None or cost < best[0]:
+      best = (cost, groups, dims, pads)
+  if best is None:
+    return None
+  _, groups, dims, pads = best
+  mats = []
+  for g, d, p in zip(groups, dims, pads):
+    m = np.zeros((p, p), np.float32)
+    m[:d, :d] = functools.reduce(np.kron, g, np.ones((1, 1), np.int8))
+    mats.append(m)
+  return GatherLayout(dims, pads, tuple(mats))
+
+
+def columns(lay: GatherLayout) -> tuple[np.ndarray, np.ndarray]:
+  """For each of the ``width`` padded lanes (row-major over ``pads``): its column in the row and
+  whether it is a real one."""
+  col = np.zeros((lay.width,), np.int64)
+  valid = np.ones((lay.width,), bool)
+  lane = np.arange(lay.width)
+  inner_p, inner_d = 1, 1
+  for d, p in zip(reversed(lay.dims), reversed(lay.pads)):
+    idx = (lane // inner_p) % p
+    col += idx * inner_d
+    valid &= idx < d
+    inner_p, inner_d = inner_p * p, inner_d * d
+  return col, valid
+
+
+def _lane_columns(lay: GatherLayout):
+  """:func:`columns` from an iota inside the kernel (Triton takes no constant arrays)."""
+  lane = jnp.arange(lay.width, dtype=jnp.int32)
+  col = jnp.zeros((lay.width,), jnp.int32)
+  valid = jnp.ones((lay.width,), jnp.bool_)
+  inner_p, inner_d = 1, 1
+  for d, p in zip(reversed(lay.dims), reversed(lay.pads)):
+    idx = (lane // inner_p) % p
+    col = col + idx * inner_d
+    valid = valid & (idx < d)
+    inner_p, inner_d = inner_p * p, inner_d * d
+  return col, valid
+
+
+def _rotate(v, mats, lay: GatherLayout, k: int, dtype):
+  """``v @ H`` for gathered rows ``[rows, width]``: each group's product along its axis, the
+  axes cycled so the one to multiply is always last; rounded to ``dtype`` as jquant.nn does."""
+  rows, n = v.shape[0], len(lay.pads)
+  z = v.reshape(rows, *lay.pads)
+  perm = (0, n) + tuple(range(1, n))  # the last axis moves to the front of the row axes
+  for step in range(n):
+    axis = n - 1 - step
+    p = lay.pads[axis]
+    pieces = 1 if (step == 0 and dtype == jnp.bfloat16) else 3
+    shape = z.shape
+    z = act_quant._pm1_dot(z.reshape(-1, p), mats[axis][...], pieces).reshape(shape)  # pylint: disable=protected-access
+    z = z.transpose(perm)
+  y = z.reshape(rows, lay.width) * np.float32(1.0 / math.sqrt(k))
+  if dtype == jnp.bfloat16:
+    return act_quant.round_to_bf16(y)
+  return y.astype(dtype).astype(jnp.float32)
+
+
+def _kernel(x_ref, *refs, m: int, k: int, fmt: str, lay: GatherLayout, rows: int, interpret: bool):
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+
+  n = len(lay.pads)
+  mats, (q_ref, s_ref) = refs[:n], refs[n:]
+  i = pl.program_id(0)
+  row = i * rows + jnp.arange(rows, dtype=jnp.int32)
+  row_ok = row < m
+  col, valid = _lane_columns(lay)
+  mask = row_ok[:, None] & valid[None, :]
+  # Masked lanes point past the array: never touched on the GPU, dropped by the interpreter.
+  rr = jnp.broadcast_to(jnp.where(row_ok, row, m)[:, None], mask.shape)
+  cc = jnp.broadcast_to(jnp.where(valid, col, k)[None, :], mask.shape)
+  v = pltriton.load(x_ref.at[rr, cc], mask=mask, other=0.0).astype(jnp.float32)
+  v = _rotate(v, mats, lay, k, x_ref.dtype)
+  scale = act_quant._scale_of(jnp.max(jnp.abs(v), axis=1), fmt)  # pylint: disable=protected-access
+  codes = act_quant._to_q(v / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
+  pltriton.store(q_ref.at[rr, cc], codes, mask=mask)
+  pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
+
+
+def quantize_hadamard_gather(x: jax.Array, fmt: str, *, interpret: bool = False,
+                             rows: int | None = None, warps: int | None = None):
+  """``quantize(apply_hadamard(x))`` for widths :func:`gather_layout` takes: ``(codes [M, K],
+  scale f32 [M, 1])``."""
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+
+  act_quant._check(x)  # pylint: disable=protected-access
+  m, k = x.shape
+  lay = gather_layout(k)
+  if lay is None:
+    raise ValueError(f"quantize: no fused Hadamard for K={k} (see hadamard_gather.gather_layout)")
+  rows = rows or max(1, 8192 // lay.width)
+  warps = warps or (4 if lay.width <= 8192 else 8)
+  call = pl.pallas_call(
+      functools.partial(_kernel, m=m, k=k, fmt=fmt, lay=lay, rows=rows, interpret=interpret),
+      out_shape=(jax.ShapeDtypeStruct((m, k), act_quant._QDTYPE[fmt]),  # pylint: disable=protected-access
+                 jax.ShapeDtypeStruct((m,), jnp.float32)),
+      grid=(_common.cdiv(m, rows),),
+      interpret=interpret,
+      compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=1),
+  )
+  q, s = call(x, *(jnp.asarray(mat, jnp.bfloat16) for mat in lay.mats))
+  return q, s.reshape(m, 1)
