@@ -124,6 +124,8 @@ def hadamard_layout(k: int) -> HadamardLayout | None:
       return None
     o, s = split
     a, b = o.shape[0], s.shape[0]
+    if b < 16:  # tl.dot needs 16 on every side (K=8 stored wrong scales on the GPU)
+      continue
     outer = 1 if a == 1 else max(16, padded_width(k) // b)  # tl.dot wants >= 16 on every side
     # Fewest multiply-adds per value (inner + outer, times the zero padding), then the smaller
     # +-1 operands: each program reads them from L2 (a 256 x 256 one made K=3072 run at 5% of

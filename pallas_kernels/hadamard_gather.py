@@ -25,9 +25,16 @@ import numpy as np
 from pallas_kernels import _common
 from pallas_kernels import act_quant
 
-#: Off unless forced (``JQUANT_PALLAS=kernel``) until scripts/check_kernels_gpu.py's
-#: ``act_quant_hadamard_wide`` case passes on a GPU.
-GPU_VERIFIED = False
+#: Passed scripts/check_kernels_gpu.py's ``act_quant_hadamard_wide`` case on an H200 at K=8960
+#: (M=300 and 2051; benchmarks/check_kernels-hadamard_wide-NVIDIA_H200.txt). That run's one
+#: failure (K=8: scales wrong) was act_quant's [outer, inner] kernel with an inner factor under
+#: 16 (since refused there); widths under :data:`MIN_K` rotate in XLA. 1.7x faster than XLA's rotation
+#: + quantize (4096 x 8960: 477 vs 808 us; 32760 x 8960: 3724 vs 6232), so on by default, but
+#: at 7% of the copy bandwidth: ~380 tensor-core multiply-adds per value (three exact bf16
+#: pieces per float32 stage, 1.83x padding, K=16/32 dots).
+GPU_VERIFIED = True
+#: Narrowest row the gathered layout takes (activations are wider; tiny rows rotate in XLA).
+MIN_K = 256
 #: The largest padded order of one Kronecker group (a bf16 ``[p, p]`` operand per program).
 GROUP_MAX = 128
 
@@ -52,12 +59,14 @@ def _pad(order: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def gather_layout(k: int) -> GatherLayout | None:
-  """The grouping of jquant's order-``k`` Kronecker factors with the fewest multiply-adds per
-  value (padding counted), every group padded to at most :data:`GROUP_MAX` and the padded row at
-  most ``act_quant.SINGLE_PASS_MAX`` lanes; None where there is none (or an exact plan is
-  missing)."""
+  """The grouping of jquant's order-``k`` Kronecker factors into two or more groups with the
+  fewest multiply-adds per value (padding counted), every group padded to at most
+  :data:`GROUP_MAX` and the padded row at most ``act_quant.SINGLE_PASS_MAX`` lanes; None where
+  there is none (or an exact plan is missing)."""
   from jquant.algorithms.hadamard import kron_factors  # pylint: disable=g-import-not-at-top
 
+  if k < MIN_K:
+    return None
   factors = kron_factors(k)
   if not factors:
     return None
@@ -71,6 +80,8 @@ def gather_layout(k: int) -> GatherLayout | None:
       else:
         cur.append(f)
     groups.append(cur)
+    if len(groups) < 2:  # one dense group: act_quant's [outer, inner] view, or XLA
+      continue
     dims = tuple(math.prod(f.shape[0] for f in g) for g in groups)
     pads = tuple(_pad(d) for d in dims)
     if max(pads) > GROUP_MAX or math.prod(pads) > act_quant.SINGLE_PASS_MAX:
