@@ -100,26 +100,13 @@ def gather_layout(k: int) -> GatherLayout | None:
   return GatherLayout(dims, pads, tuple(mats))
 
 
-def columns(lay: GatherLayout) -> tuple[np.ndarray, np.ndarray]:
+def columns(lay: GatherLayout, xp=np):
   """For each of the ``width`` padded lanes (row-major over ``pads``): its column in the row and
-  whether it is a real one."""
-  col = np.zeros((lay.width,), np.int64)
-  valid = np.ones((lay.width,), bool)
-  lane = np.arange(lay.width)
-  inner_p, inner_d = 1, 1
-  for d, p in zip(reversed(lay.dims), reversed(lay.pads)):
-    idx = (lane // inner_p) % p
-    col += idx * inner_d
-    valid &= idx < d
-    inner_p, inner_d = inner_p * p, inner_d * d
-  return col, valid
-
-
-def _lane_columns(lay: GatherLayout):
-  """:func:`columns` from an iota inside the kernel (Triton takes no constant arrays)."""
-  lane = jnp.arange(lay.width, dtype=jnp.int32)
-  col = jnp.zeros((lay.width,), jnp.int32)
-  valid = jnp.ones((lay.width,), jnp.bool_)
+  whether it is a real one. ``xp=jnp`` builds them from an iota inside the kernel (Triton takes
+  no constant arrays)."""
+  lane = xp.arange(lay.width, dtype=xp.int32)
+  col = xp.zeros((lay.width,), xp.int32)
+  valid = xp.ones((lay.width,), bool)
   inner_p, inner_d = 1, 1
   for d, p in zip(reversed(lay.dims), reversed(lay.pads)):
     idx = (lane // inner_p) % p
@@ -157,7 +144,7 @@ def _kernel(x_ref, *refs, m: int, k: int, fmt: str, lay: GatherLayout, rows: int
   i = pl.program_id(0)
   row = i * rows + jnp.arange(rows, dtype=jnp.int32)
   row_ok = row < m
-  col, valid = _lane_columns(lay)
+  col, valid = columns(lay, jnp)
   mask = row_ok[:, None] & valid[None, :]
   # Masked lanes point past the array: never touched on the GPU, dropped by the interpreter.
   rr = jnp.broadcast_to(jnp.where(row_ok, row, m)[:, None], mask.shape)

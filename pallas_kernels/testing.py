@@ -197,6 +197,18 @@ def act_quant_lowrank_inputs(key, m, k, n, rank=32):
           (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16))
 
 
+def _hadamard_case(name: str, fmt: str, wide: bool = False) -> KernelCase:
+  """The fused rotation + quantizer on ``[M, K]`` (``[M, N]`` when ``wide``) activations."""
+  quant = act_quant.quantize_int8 if fmt == "int8" else act_quant.quantize_fp8
+  width = (lambda m, k, n: n) if wide else (lambda m, k, n: k)
+  return KernelCase(
+      name, functools.partial(quant, hadamard=True),
+      functools.partial(act_quant._reference, fmt=fmt, hadamard=True),  # pylint: disable=protected-access
+      lambda key, m, k, n: act_quant_inputs(key, m, width(m, k, n), 0),
+      lambda m, k, n: 3.0 * m * width(m, k, n), lambda m, k, n: 3 * m * width(m, k, n) + 4 * m,
+      quant_tol=(1e-3, 2.0**-7))
+
+
 def _w4a16_bench_form(inputs, group=128):
   x, packed, scales = inputs
   prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1], group)
@@ -268,24 +280,12 @@ CASES: dict[str, KernelCase] = {
         "act_quant_fp8", act_quant.quantize_fp8, act_quant.quantize_fp8_reference,
         act_quant_inputs, lambda m, k, n: 3.0 * m * k,
         lambda m, k, n: 2 * m * k + m * k + 4 * m),
-    # QuaRot's online Hadamard fused into the quantizer, against apply_hadamard + the reference.
-    "act_quant_hadamard": KernelCase(
-        "act_quant_hadamard", functools.partial(act_quant.quantize_int8, hadamard=True),
-        functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
-        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
-        lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
-    # The same on an [M, N] activation (the input of a layer whose K is this one's N): Wan's
-    # 8960-wide FFN rows take the gathered multi-axis layout (pallas_kernels.hadamard_gather).
-    "act_quant_hadamard_wide": KernelCase(
-        "act_quant_hadamard_wide", functools.partial(act_quant.quantize_int8, hadamard=True),
-        functools.partial(act_quant._reference, fmt="int8", hadamard=True),  # pylint: disable=protected-access
-        lambda key, m, k, n: act_quant_inputs(key, m, n, 0), lambda m, k, n: 3.0 * m * n,
-        lambda m, k, n: 2 * m * n + m * n + 4 * m, quant_tol=(1e-3, 2.0**-7)),
-    "act_quant_hadamard_fp8": KernelCase(
-        "act_quant_hadamard_fp8", functools.partial(act_quant.quantize_fp8, hadamard=True),
-        functools.partial(act_quant._reference, fmt="fp8", hadamard=True),  # pylint: disable=protected-access
-        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
-        lambda m, k, n: 2 * m * k + m * k + 4 * m, quant_tol=(1e-3, 2.0**-7)),
+    # QuaRot's online Hadamard fused into the quantizer, against apply_hadamard + the reference;
+    # "_wide" quantizes an [M, N] activation (the input of a layer whose K is this one's N), so
+    # Wan's 8960-wide FFN rows take the gathered layout (pallas_kernels.hadamard_gather).
+    "act_quant_hadamard": _hadamard_case("act_quant_hadamard", "int8"),
+    "act_quant_hadamard_wide": _hadamard_case("act_quant_hadamard_wide", "int8", wide=True),
+    "act_quant_hadamard_fp8": _hadamard_case("act_quant_hadamard_fp8", "fp8"),
     # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
     "act_quant_lowrank": KernelCase(
         "act_quant_lowrank", lowrank_quant.quantize_lowrank, lowrank_quant.reference,
