@@ -8,11 +8,13 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 * ``fp8_e4m3`` per-channel weights + ``fp8_e4m3`` activations -> ``w8a8.fp8_matmul``
 * ``int4`` per-channel weights + ``int8`` activations, M >= 1024 -> ``w4a8.w4a8_matmul`` (int4
   tiles widened to int8 in registers); with an SVDQuant branch (rank 16..64) the branch's
-  up-projection runs in that GEMM's epilogue and its down-projection in the activation
-  quantizer's pass over ``x`` (``lowrank_quant``, power-of-two ranks)
+  up-projection runs in that GEMM's epilogue (its down-projection is one XLA GEMM; the fused
+  ``lowrank_quant`` quantizer measured slower and runs only when forced)
 * weight-only ``int4/g128`` (symmetric) or ``int8`` / ``fp8`` per-channel, M <= 16 ->
   ``weight_only.w4a16_matmul`` / ``w8a16_matmul`` (where ``weight_only.supports`` says so;
-  checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same
+  checked on the GPU, see docs/kernels.md); ``int4`` with groups of 16/32/64 the same; int4/g128
+  and int8 per-channel at M >= 1024 with K x N >= 3072 x 3072 -> the same wrappers, which run
+  ``w4a16_gemm`` (dequantized in registers)
 * weight-only ``nf4``, ``fp4``, ``mxfp4``, ``nvfp4`` (blocks of 16..128), M <= 16 ->
   ``w4_table.w4_table_matmul`` (decode in registers); ``uint4`` groups with zero points ->
   ``w4_table.uint4_matmul``
@@ -124,7 +126,7 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=No
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
-    from pallas_kernels import w4_table, weight_only
+    from pallas_kernels import w4_table, w4a16_gemm, weight_only
 
     spec = w.spec
     if w.ndim != 2:
@@ -147,12 +149,14 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
                                         out_dtype, fmt=spec.fmt, block=group)
     if spec.scaling:
         return None
+    n = w.shape[-1]  # QArrays are (K, N)
     if spec.fmt == "int4" and group is not None:
-        if not weight_only.supports(x2, group):
+        if not (weight_only.supports(x2, group) or w4a16_gemm.supports(x2, group, n=n)):
             return None
         return weight_only.w4a16_matmul(x2, w.qvalue.T, decode_scale(w).T, None, out_dtype, group_size=group)
     ws = _channel_scale(w)
-    if spec.fmt in ("int8", "fp8_e4m3", "fp8_e5m2") and ws is not None and weight_only.supports(x2):
+    if spec.fmt in ("int8", "fp8_e4m3", "fp8_e5m2") and ws is not None and (
+            weight_only.supports(x2) or (spec.fmt == "int8" and w4a16_gemm.supports(x2, n=n, bits=8))):
         return weight_only.w8a16_matmul(x2, w.qvalue.T, ws, None, out_dtype)
     return None
 

@@ -70,6 +70,27 @@ def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
     assert err < 1e-2, err  # kernels write bf16 outputs; the f32 XLA path does not round
 
 
+@pytest.mark.parametrize("wspec, kernel", [("int4/g128", "w4a16"), ("int8", "w8a16")])
+def test_large_m_weight_only_reaches_the_large_m_kernel(fake_gpu, monkeypatch, wspec, kernel):
+    # From w4a16_gemm.MIN_M tokens the small-M kernel refuses; the dispatch still hands int4/g128
+    # and int8 weights to the weight-only wrappers, which run w4a16_gemm where it applies
+    # (weights of at least MIN_KN elements), and leaves small weights to XLA.
+    from pallas_kernels import w4a16_gemm
+
+    monkeypatch.setattr(weight_only, "supports", lambda x, group_size=128, decode="int": False)
+    monkeypatch.setattr(w4a16_gemm, "supports", lambda x, block=128, decode="int", offsets=False, n=None, bits=4:
+                        x.shape[0] >= w4a16_gemm.MIN_M and (n is None or x.shape[1] * n >= 256 * 72))
+    x = jax.random.normal(jax.random.key(0), (w4a16_gemm.MIN_M, 256), jnp.float32)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
+    y = linear(x, w, backend="auto")
+    assert fake_gpu == [kernel]
+    y_xla = linear(x, w, backend="xla")
+    assert float(jnp.linalg.norm(y - y_xla) / jnp.linalg.norm(y_xla)) < 1e-2  # bf16 tokens in the kernel
+    fake_gpu.clear()
+    linear(x[:, :128], jquant.quantize(jax.random.normal(jax.random.key(1), (128, 72)), wspec), backend="auto")
+    assert fake_gpu == []  # K x N under the threshold: XLA
+
+
 def test_uncovered_formats_fall_back(fake_gpu):
     x = jnp.ones((4, 64), jnp.bfloat16)
     for spec, act in [("uint4/g8", None), ("uint8", None), ("nf4/g8", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
