@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _common
+from pallas_kernels import w4a8
 from pallas_kernels import w8a8
 from pallas_kernels import weight_only
 
@@ -108,15 +109,9 @@ def w4a16_gemm_pallas(x: jax.Array, w: jax.Array, s_t: jax.Array, *, sms: int,
           y = acc[...]
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           for e in range(tokens // cfg.epi_t):
-            slot = e % 2
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            piece = y[:, e * cfg.epi_t:(e + 1) * cfg.epi_t].astype(jnp.bfloat16)
-            piece = plgpu.layout_cast(piece, plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.transpose_ref(out_smem.at[wg, slot], (1, 0))[...] = piece
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg, slot],
-                out_gmem.at[pl.ds(tok0 + e * cfg.epi_t, cfg.epi_t), pl.ds(row0, _ROWS)])
+            w4a8.store_transposed(y[:, e * cfg.epi_t:(e + 1) * cfg.epi_t], jnp.bfloat16,
+                                  out_smem.at[wg, e % 2],
+                                  out_gmem.at[pl.ds(tok0 + e * cfg.epi_t, cfg.epi_t), pl.ds(row0, _ROWS)])
 
       def body(idx, x_smem, w_smem, acc):
         (kk,) = idx

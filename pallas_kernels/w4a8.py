@@ -207,6 +207,19 @@ DEFAULT_W4A8 = W4A8Config()
 _TILE_K = 128  # K per pipeline step: one 128-byte swizzle line of int8 tokens
 
 
+def store_transposed(piece: jax.Array, out_dtype, slot_smem, dst_gmem) -> None:
+  """Stores a ``[rows, tokens]`` accumulator piece (``Y^T``) as ``[tokens, rows]`` of ``out_dtype``:
+  a register shuffle into the transposed wgmma layout, a write through a transposed view of one
+  of two shared-memory slots (after that slot's previous TMA store has read it) and a TMA store."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+  piece = plgpu.layout_cast(piece.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+  plgpu.transpose_ref(slot_smem, (1, 0))[...] = piece
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(slot_smem, dst_gmem)
+
+
 def _stages(cfg: W4A8Config, rank: int) -> int:
   """Pipeline stages that fit beside the output pieces (and the low-rank tiles)."""
   stage = (cfg.tokens + cfg.cta_rows // 2) * _TILE_K
@@ -317,13 +330,8 @@ def w4a8_gemm_pallas(
                 off = (e * cfg.epi_t) % lr_t
                 piece = piece + lr[:, off:off + cfg.epi_t]
               slot = (j * (tokens // cfg.epi_t) + e) % 2
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              piece = plgpu.layout_cast(piece.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-              plgpu.transpose_ref(out_smem.at[wg, slot], (1, 0))[...] = piece
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg, slot],
-                  out_gmem.at[pl.ds(tok0 + e * cfg.epi_t, cfg.epi_t), pl.ds(row0 + j * 64, 64)])
+              store_transposed(piece, out_dtype, out_smem.at[wg, slot],
+                               out_gmem.at[pl.ds(tok0 + e * cfg.epi_t, cfg.epi_t), pl.ds(row0 + j * 64, 64)])
 
       def mma_body(_, x_smem, w_smem, accs):
         x_t = plgpu.transpose_ref(x_smem, (1, 0))
