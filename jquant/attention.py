@@ -67,7 +67,7 @@ class AttentionPolicy:
         except re.error as e:
             raise ValueError(f"quantized_attention: layers={self.layers!r} is not a regex: {e}") from e
         if self.roles is not None:
-            from models.roles import ROLES  # pylint: disable=import-outside-toplevel
+            from jquant.models.roles import ROLES  # pylint: disable=import-outside-toplevel
 
             unknown = set(self.roles) - ROLES
             if isinstance(self.roles, str) or unknown:
@@ -152,7 +152,7 @@ def current_module_path() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _role_rules() -> tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]:
-    from models.loading import PORTS  # pylint: disable=import-outside-toplevel
+    from jquant.models.loading import PORTS  # pylint: disable=import-outside-toplevel
 
     rules = []
     for port in PORTS:

@@ -176,7 +176,7 @@ def run_demo(
     from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
     from jquant.pipeline.denoiser import tiny_wan_bundle
     from jquant.pipeline.evaluate import evaluate, reference, weight_summary
-    from models import tiny_wan as tw
+    from jquant.models import tiny_wan as tw
 
     if num_clips < 1 or steps < 1:
         raise ValueError(f"run_demo: num_clips and steps must be >= 1, got num_clips={num_clips}, steps={steps}")

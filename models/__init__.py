@@ -5,12 +5,12 @@ LTX-Video, LTX-2) that load diffusers checkpoints.
     out = model.apply({"params": params}, *inputs)
 """
 
-from models.attention import apply_rope, attention
-from models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
-from models.dit import DiTConfig, DiTTransformer2D
-from models.flux import FluxConfig, FluxTransformer2D
-from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer3D
-from models.loading import (
+from jquant.models.attention import apply_rope, attention
+from jquant.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
+from jquant.models.dit import DiTConfig, DiTTransformer2D
+from jquant.models.flux import FluxConfig, FluxTransformer2D
+from jquant.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer3D
+from jquant.models.loading import (
     PORTS,
     CheckpointMismatchError,
     init_params,
@@ -22,12 +22,12 @@ from models.loading import (
     read_config,
     save_pretrained,
 )
-from models.ltx2 import LTX2Config, LTX2VideoTransformer3D
-from models.ltx_video import LTXVideoConfig, LTXVideoTransformer3D
-from models.mochi import MochiConfig, MochiTransformer3D
-from models.port import param_count
-from models.roles import ROLES
-from models.wan import WanConfig, WanTransformer3D
+from jquant.models.ltx2 import LTX2Config, LTX2VideoTransformer3D
+from jquant.models.ltx_video import LTXVideoConfig, LTXVideoTransformer3D
+from jquant.models.mochi import MochiConfig, MochiTransformer3D
+from jquant.models.port import param_count
+from jquant.models.roles import ROLES
+from jquant.models.wan import WanConfig, WanTransformer3D
 
 __all__ = [
     "PORTS",

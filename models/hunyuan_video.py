@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.blocks import (
+from jquant.models.blocks import (
     AdaLayerNorm,
     Attention,
     DoubleStreamBlock,
@@ -31,9 +31,9 @@ from models.blocks import (
     single_stream_keys,
     unpatchify,
 )
-from models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables, grid_positions
-from models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from models.roles import STREAM_BLOCK_RULES, assign_roles
+from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables, grid_positions
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
+from jquant.models.roles import STREAM_BLOCK_RULES, assign_roles
 
 F32 = jnp.float32
 

@@ -20,8 +20,8 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models import cogvideox, dit, flux, hunyuan_video, ltx2, ltx_video, mochi, wan
-from models.port import DiffusersConfig, Port
+from jquant.models import cogvideox, dit, flux, hunyuan_video, ltx2, ltx_video, mochi, wan
+from jquant.models.port import DiffusersConfig, Port
 
 PORTS: tuple[Port, ...] = (wan.PORT, flux.PORT, dit.PORT, hunyuan_video.PORT, cogvideox.PORT, mochi.PORT, ltx_video.PORT, ltx2.PORT)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

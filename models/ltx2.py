@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.blocks import AdaLayerNormSingle, Attention, FeedForward, RMSNorm, key_mask
-from models.embeddings import EmbedMLP
-from models.ltx_video import (
+from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, RMSNorm, key_mask
+from jquant.models.embeddings import EmbedMLP
+from jquant.models.ltx_video import (
     ada_values,
     attention_keys,
     block_role_rules,
@@ -34,8 +34,8 @@ from models.ltx_video import (
     rope_frequencies,
     token_timesteps,
 )
-from models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from models.roles import assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
+from jquant.models.roles import assign_roles
 
 F32 = jnp.float32
 Rope = tuple[jax.Array, jax.Array]

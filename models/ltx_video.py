@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.blocks import AdaLayerNormSingle, Attention, FeedForward, LayerNorm, RMSNorm, key_mask
-from models.embeddings import EmbedMLP
-from models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from models.roles import assign_roles
+from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, LayerNorm, RMSNorm, key_mask
+from jquant.models.embeddings import EmbedMLP
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
+from jquant.models.roles import assign_roles
 
 F32 = jnp.float32
 Rope = tuple[jax.Array, jax.Array]

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import attention
-from models.blocks import AdaLayerNorm, FeedForward, JointAttention, PatchEmbed, key_mask, split_heads, unpatchify
-from models.embeddings import EmbedMLP, timestep_embedding
-from models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from models.roles import assign_roles
+from jquant.models.attention import attention
+from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, PatchEmbed, key_mask, split_heads, unpatchify
+from jquant.models.embeddings import EmbedMLP, timestep_embedding
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
+from jquant.models.roles import assign_roles
 
 F32 = jnp.float32
 

@@ -33,8 +33,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from models.loading import load_pretrained
-from models.wan import WanConfig
+from jquant.models.loading import load_pretrained
+from jquant.models.wan import WanConfig
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_wan"
 META_NAME = "tiny_wan.json"

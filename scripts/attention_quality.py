@@ -51,7 +51,7 @@ TARGET_DB = 1.0
 def bf16_attention():
     """Attention of the Wan blocks on bf16 Q, K, V with a bf16 output (scoped patch of the name
     `models.blocks` calls), the float baseline a bf16 deployment has."""
-    from models import blocks  # pylint: disable=import-outside-toplevel
+    from jquant.models import blocks  # pylint: disable=import-outside-toplevel
 
     original = blocks.attention
 
@@ -73,7 +73,7 @@ def velocity_fn(model: Any, act: str | None, attention: dict | str | None, param
     ``attention``: None (fp32), ``"bf16"`` or the `quantized_attention` arguments; ``step`` is
     the step_data row: a bool scalar switching quantized attention per step, or None.
     """
-    from models.tiny_wan import velocity  # pylint: disable=import-outside-toplevel
+    from jquant.models.tiny_wan import velocity  # pylint: disable=import-outside-toplevel
 
     with contextlib.ExitStack() as stack:
         if attention == "bf16":
@@ -106,8 +106,8 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
 
 
 def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
-    import models  # pylint: disable=import-outside-toplevel
-    from models import tiny_wan as tw  # pylint: disable=import-outside-toplevel
+    from jquant import models  # pylint: disable=import-outside-toplevel
+    from jquant.models import tiny_wan as tw  # pylint: disable=import-outside-toplevel
 
     bundle = tw.load_tiny(tw.ASSET_DIR)
     roles = models.layer_roles(bundle.config, bundle.params)

@@ -45,11 +45,11 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jquant.nn  # noqa: E402
-import models  # noqa: E402
+from jquant import models  # noqa: E402
 from jquant.attention import quantized_attention  # noqa: E402
 from jquant.pipeline import policy as pol  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
-from models import wan  # noqa: E402
+from jquant.models import wan  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
 _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD)

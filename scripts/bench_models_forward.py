@@ -44,8 +44,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-import models
-from models import cogvideox, hunyuan_video, ltx2, ltx_video, mochi
+from jquant import models
+from jquant.models import cogvideox, hunyuan_video, ltx2, ltx_video, mochi
 
 BF16 = jnp.bfloat16
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-import models
-from models import wan
+from jquant import models
+from jquant.models import wan
 
 TINY_CONFIG = wan.WanConfig(
     num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=32,

@@ -13,8 +13,8 @@ import numpy as np
 from flax import traverse_util
 
 from jquant.algorithms.kquants import CODECS, MIX_BASE, plan_kquant_mix
-from models import flux, wan
-from models.loading import port_for_config
+from jquant.models import flux, wan
+from jquant.models.loading import port_for_config
 
 MODELS = {"Wan2.1 T2V 1.3B": wan.WAN21_T2V_1_3B, "Wan2.1 T2V 14B": wan.WAN21_T2V_14B, "Flux.1-dev": flux.FLUX1_DEV}
 

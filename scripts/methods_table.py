@@ -307,7 +307,7 @@ BLOCK_LINEARS = r"blocks_\d+/(attn[12]/to_(q|k|v|out_0)|ffn/net_(0/proj|2))/kern
 def noisy_batch(tw: Any, key: jax.Array, batch: int, branch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(x_t, t, text)``: rendered digit clips noised to a random flow-match sigma in [0.05, 0.95]
     (t = 1000 sigma), with the digits' conditioning (branch 0) or the null text (branch 1)."""
-    from models.tiny_wan import clips_to_latents, render_clips  # noqa: PLC0415
+    from jquant.models.tiny_wan import clips_to_latents, render_clips  # noqa: PLC0415
 
     k1, k2, k3, k4 = jax.random.split(key, 4)
     labels = jax.random.randint(k1, (batch,), 0, 10)
@@ -320,7 +320,7 @@ def noisy_batch(tw: Any, key: jax.Array, batch: int, branch: int) -> tuple[jax.A
 
 def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], str]:
     try:
-        from models.tiny_wan import load_tiny
+        from jquant.models.tiny_wan import load_tiny
     except ImportError as e:
         return [], f"skipped: the models package has no bundled tiny model ({e})"
     try:

@@ -292,8 +292,8 @@ def block_problem(seed: int, quick: bool) -> Problem:
 
 def tiny_wan_problem(seed: int, n_batches: int, batch: int) -> Problem | None:
     try:
-        import models
-        from models.tiny_wan import load_tiny
+        from jquant import models
+        from jquant.models.tiny_wan import load_tiny
 
         tw = load_tiny()
     except Exception as e:  # noqa: BLE001 - optional section: report why and go on

@@ -41,10 +41,10 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-import models
+from jquant import models
 from jquant.sampling import sample_flow_euler
-from models import tiny_wan as tw
-from models.wan import WanConfig, WanTransformer3D
+from jquant.models import tiny_wan as tw
+from jquant.models.wan import WanConfig, WanTransformer3D
 
 TEXT_TOKENS = 4
 CHUNK = 50  # optimizer steps per jitted call

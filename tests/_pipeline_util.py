@@ -6,9 +6,9 @@ import functools
 
 import jax
 
-import models
+from jquant import models
 from jquant.pipeline import denoiser as D
-from models.wan import WanConfig
+from jquant.models.wan import WanConfig
 
 CONFIG = WanConfig(
     patch_size=(1, 4, 4), num_attention_heads=1, attention_head_dim=64, in_channels=1, out_channels=1,

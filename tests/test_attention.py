@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jquant.attention as jattn
-from models.attention import attention
+from jquant.models.attention import attention
 from pallas_kernels import attention as pa
 from pallas_kernels import attention_ref as ar
 

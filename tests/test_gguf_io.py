@@ -238,8 +238,8 @@ def test_roles_from_name() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_wan(tmp_path_factory):
-    from models.loading import param_shapes, save_pretrained
-    from models.wan import WanConfig
+    from jquant.models.loading import param_shapes, save_pretrained
+    from jquant.models.wan import WanConfig
 
     cfg = WanConfig(num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4, text_dim=256,
                     freq_dim=256, ffn_dim=512, num_layers=2)
@@ -252,8 +252,8 @@ def tiny_wan(tmp_path_factory):
 
 
 def test_export_and_load_params(tiny_wan, tmp_path: Path) -> None:
-    from models.loading import CheckpointMismatchError, port_for_config
-    from models.wan import WanConfig
+    from jquant.models.loading import CheckpointMismatchError, port_for_config
+    from jquant.models.wan import WanConfig
 
     from jquant import nn as jnn
 

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-import models
-from models import dit, flux, wan
-from models.attention import apply_rope, attention
-from models.blocks import patchify, unpatchify
-from models.roles import ROLES, assign_roles, kernel_paths
+from jquant import models
+from jquant.models import dit, flux, wan
+from jquant.models.attention import apply_rope, attention
+from jquant.models.blocks import patchify, unpatchify
+from jquant.models.roles import ROLES, assign_roles, kernel_paths
 
 TINY = {
     "wan": wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=8,

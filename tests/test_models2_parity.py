@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from jquant import models
 from jquant import sampling
-from models import cogvideox, hunyuan_video, ltx2, ltx_video, mochi
+from jquant.models import cogvideox, hunyuan_video, ltx2, ltx_video, mochi
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

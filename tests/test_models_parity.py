@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models import dit, flux, wan
+from jquant import models
+from jquant.models import dit, flux, wan
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

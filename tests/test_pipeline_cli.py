@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-import models
+from jquant import models
 from _pipeline_util import CONFIG, tiny_bundle
 from jquant import cli
 from jquant import recipe as rc

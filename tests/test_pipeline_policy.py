@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import models
+from jquant import models
 from _pipeline_util import CONFIG
 from jquant.pipeline import policy as P
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths, quantize_params
-from models.dit import DiTConfig
-from models.flux import FluxConfig
+from jquant.models.dit import DiTConfig
+from jquant.models.flux import FluxConfig
 
 FLUX = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                   pooled_projection_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6))

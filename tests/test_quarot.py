@@ -18,8 +18,8 @@ from jquant.algorithms.svd import CorrectionConfig, lowrank_correction
 from jquant.algorithms.toy import one_layer, outlier_block, rope
 from jquant.rules import quantize_params
 
-import models
-from models import dit, flux, wan
+from jquant import models
+from jquant.models import dit, flux, wan
 
 W4 = [("adaLN", None), (".*", "int4")]  # the modulation stays in float
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models
-from models import tiny_wan as tw
+from jquant import models
+from jquant.models import tiny_wan as tw
 
 ROOT = Path(__file__).resolve().parents[1]
 

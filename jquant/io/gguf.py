@@ -338,7 +338,7 @@ def _model_roles(config: Mapping[str, Any], names: Mapping[str, tuple[int, ...]]
     """Roles per diffusers tensor name: the port's role rules through its key map when the
     model class has a Flax port, else guesses from the names."""
     try:
-        from models.loading import port_for_class
+        from jquant.models.loading import port_for_class
 
         port = port_for_class(config.get("_class_name", ""))
     except (ImportError, ValueError):
@@ -453,8 +453,8 @@ def load_gguf_params(
     """
     from flax import traverse_util
 
-    from models.loading import CheckpointMismatchError, port_for_class, port_for_config, read_config
-    from models.port import DiffusersConfig
+    from jquant.models.loading import CheckpointMismatchError, port_for_class, port_for_config, read_config
+    from jquant.models.port import DiffusersConfig
 
     tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
     if config is None:

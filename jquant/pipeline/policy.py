@@ -55,7 +55,7 @@ class Policy:
     doc: str = ""
 
     def __post_init__(self) -> None:
-        from models.roles import ROLES
+        from jquant.models.roles import ROLES
 
         for roles, prec in self.entries:
             bad = sorted(set(roles) - ROLES)
