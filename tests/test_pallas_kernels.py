@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jquant
+from _bounds import assert_dot_close
 from jquant.formats import FP4_TABLE, NF4_TABLE
 from pallas_kernels import _common, act_quant, testing, triton_quant, w4_table, w4a16_gemm, w4a8, w8a8, weight_only
 
@@ -287,15 +288,14 @@ def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
                                                    block, scaling)
   ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block,
                                            out_dtype=jnp.float32)
-  want = _np(x) @ _np(w4_table.dequantize(packed, scales, k, fmt=fmt, block=block)).T
-  want = want * (1.0 if tensor is None else float(tensor))
-  np.testing.assert_allclose(_np(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  w_dq_ref = _np(w4_table.dequantize(packed, scales, k, fmt=fmt, block=block)) * (1.0 if tensor is None else float(tensor))
+  want = _np(x) @ w_dq_ref.T
+  assert_dot_close(_np(ref), want, _np(x), w_dq_ref, 1e-5, "codebook reference")
   # The kernel layout (remapped codes, padded, decoded by decode_codes) through the XLA path.
   prepared = w4_table.prepare_w4_table(packed, scales, k, fmt=fmt, block=block)
   chex.assert_shape(prepared.w, (-(-n // 128) * 128, -(-k // 128) * 128))
   got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
-  err = np.linalg.norm(_np(got) - _np(ref)) / max(np.linalg.norm(_np(ref)), 1e-30)
-  assert err < 1e-2, err  # bf16 weights on the XLA path
+  assert_dot_close(_np(got), _np(ref), _np(x), w_dq_ref, 1e-2, "bf16 weights on the XLA path")
 
 
 @settings(deadline=None, max_examples=6)
@@ -309,12 +309,11 @@ def test_uint4_zero_points_prepared_path_matches_reference(m, kb, n, group):
   u = _np(weight_only.unpack_int4(packed, k)) % 16
   rep = lambda a: np.repeat(_np(a), group, axis=1)
   want = _np(x) @ ((u - rep(zeros)) * rep(scales)).T
-  np.testing.assert_allclose(_np(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  assert_dot_close(_np(ref), want, _np(x), (u - rep(zeros)) * rep(scales), 1e-5, "uint4 reference")
   prepared = w4_table.prepare_uint4(packed, scales, zeros, k, group)
   chex.assert_equal_shape([prepared.s_t, prepared.o_t])
   got = weight_only.w4a16_matmul_prepared(x, prepared, out_dtype=jnp.float32)
-  err = np.linalg.norm(_np(got) - want) / max(np.linalg.norm(want), 1e-30)
-  assert err < 1e-2, err
+  assert_dot_close(_np(got), want, _np(x), (u - rep(zeros)) * rep(scales), 1e-2, "uint4 prepared path")
   with pytest.raises(ValueError, match="w_zero must have w_scale's shape"):
     w4_table.uint4_matmul(x, packed, scales, jnp.concatenate([zeros, zeros], 1), group_size=group)
 
