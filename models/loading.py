@@ -1,11 +1,17 @@
 """Reading and writing diffusers-layout checkpoints (config.json + safetensors) for the ports.
 
 Every tensor goes through its port's explicit key map; a checkpoint whose keys or shapes do not
-match the config fails with one error listing every problem. No network access.
+match the config fails with one error listing every problem, and a corrupt or truncated
+config.json or weights file raises :class:`CheckpointError` naming the file. No network access.
+
+:func:`save_pretrained` marks what it writes (``_jquant_writer`` in config.json, the index's
+metadata and the safetensors metadata) and replaces or deletes only files so marked, unless
+told ``overwrite=True``; each file is written to a temporary file and moved into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jquant.models import cogvideox, dit, flux, hunyuan_video, ltx2, ltx_video, mochi, wan
@@ -26,9 +31,16 @@ from jquant.models.port import DiffusersConfig, Port
 PORTS: tuple[Port, ...] = (wan.PORT, flux.PORT, dit.PORT, hunyuan_video.PORT, cogvideox.PORT, mochi.PORT, ltx_video.PORT, ltx2.PORT)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SHARD_GLOB = "diffusion_pytorch_model-*.safetensors"
+WRITER_KEY = "_jquant_writer"  # marks files save_pretrained wrote, so it may replace them
+WRITER = "jquant.models.save_pretrained"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+    """A model directory that cannot be read: corrupt or truncated config.json or weights."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """The checkpoint's tensors do not match the key map of its config."""
 
 
@@ -49,12 +61,25 @@ def port_for_config(config: DiffusersConfig) -> Port:
     raise TypeError(f"{type(config).__name__} is not the config of any port")
 
 
+def read_config_json(config_file: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in a model's config.json; a missing file raises FileNotFoundError, an
+    unparsable one :class:`CheckpointError` naming it."""
+    config_file = Path(config_file)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found (expected a diffusers model directory)")
+    try:
+        raw = json.loads(config_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: corrupt: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: corrupt: a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
 def read_config(path: str | os.PathLike) -> tuple[Port, DiffusersConfig]:
     """Parse `path/config.json` into (port, config)."""
     config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found (expected a diffusers model directory)")
-    raw = json.loads(config_file.read_text())
+    raw = read_config_json(config_file)
     if "_class_name" not in raw:
         raise ValueError(f"{config_file}: no '_class_name' key")
     port = port_for_class(raw["_class_name"])
@@ -64,12 +89,16 @@ def read_config(path: str | os.PathLike) -> tuple[Port, DiffusersConfig]:
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor key to the safetensors file holding it: the diffusers index if present,
     else the single diffusers weights file (other safetensors in the folder are not weights),
-    read through the core reader `jquant.io.safetensors.weight_files`."""
-    from jquant.io.safetensors import weight_files  # noqa: PLC0415 (keeps `import models` free of orbax)
+    read through the core reader `jquant.io.safetensors.weight_files` (which checks every
+    file's header)."""
+    from jquant.io.safetensors import SafetensorsError, weight_files  # noqa: PLC0415 (keeps `import models` free of orbax)
 
     for name in (INDEX_NAME, WEIGHTS_NAME):
         if (path / name).is_file():
-            return weight_files(path / name)
+            try:
+                return weight_files(path / name)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from e
     raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
 
 
@@ -88,8 +117,12 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
 
     The port is picked from config.json's `_class_name`. Params are cast to `dtype`, except those
     diffusers keeps in float32 (the port's `keep_fp32`); the module computes in `dtype`.
-    Apply with `model.apply({"params": params}, ...)`.
+    Apply with `model.apply({"params": params}, ...)`. A corrupt config.json, index or
+    weights file (truncated, bad header, a shard missing a tensor) raises
+    :class:`CheckpointError` naming the file before any tensor is loaded.
     """
+    from jquant.io.safetensors import SafetensorsError, get_tensor, open_safetensors  # noqa: PLC0415
+
     path = Path(path)
     port, config = read_config(path)
     entries = port.key_map(config)
@@ -107,18 +140,38 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
     flat: dict[str, jax.Array] = {}
     bad_shapes = []
     for file, file_entries in by_file.items():
-        with safe_open(file, framework="np") as f:
-            for e in file_entries:
-                array = e.to_flax(f.get_tensor(e.torch_key))
-                want = shapes[e.flax_path].shape
-                if array.shape != want:
-                    bad_shapes.append(f"{e.torch_key} -> {e.flax_path}: got {array.shape}, config needs {want}")
-                    continue
-                keep = any(re.search(p, e.flax_path) for p in port.keep_fp32)
-                flat[e.flax_path] = jnp.asarray(array, jnp.float32 if keep else dtype)
+        try:
+            with open_safetensors(file) as f:
+                for e in file_entries:
+                    array = e.to_flax(get_tensor(f, file, e.torch_key))
+                    want = shapes[e.flax_path].shape
+                    if array.shape != want:
+                        bad_shapes.append(f"{e.torch_key} -> {e.flax_path}: got {array.shape}, config needs {want}")
+                        continue
+                    keep = any(re.search(p, e.flax_path) for p in port.keep_fp32)
+                    flat[e.flax_path] = jnp.asarray(array, jnp.float32 if keep else dtype)
+        except SafetensorsError as err:
+            raise CheckpointError(str(err)) from err
     if bad_shapes:
         raise CheckpointMismatchError(f"{path}: {len(bad_shapes)} tensors have the wrong shape:\n" + "\n".join(bad_shapes))
     return port.module(config, dtype), traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _is_own_file(file: Path) -> bool:
+    """Whether `file` carries save_pretrained's marker (safetensors metadata, the index's metadata
+    or a config.json key); an unreadable file does not."""
+    from jquant.io.safetensors import SafetensorsError, read_header  # noqa: PLC0415
+
+    try:
+        if file.suffix == ".safetensors":
+            meta = read_header(file).get("__metadata__")
+        else:
+            meta = json.loads(file.read_bytes())
+            if file.name == INDEX_NAME and isinstance(meta, dict):
+                meta = meta.get("metadata")
+    except (OSError, SafetensorsError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get(WRITER_KEY) == WRITER
 
 
 def save_pretrained(
@@ -126,9 +179,21 @@ def save_pretrained(
     model_config: DiffusersConfig,
     params: dict[str, Any],
     max_shard_bytes: int | None = None,
+    *,
+    overwrite: bool = False,
 ) -> None:
     """Write `params` in diffusers layout: config.json plus one safetensors file, or shards and an
-    index when `max_shard_bytes` is set and exceeded. Tensors keep their dtypes."""
+    index when `max_shard_bytes` is set and exceeded. Tensors keep their dtypes.
+
+    `path` is a directory (created if missing; other files in it are kept). Its config.json,
+    weights and index are replaced, and stale ones deleted, only if save_pretrained wrote them
+    (they carry its `_jquant_writer` marker); any other such file raises FileExistsError naming
+    it before anything is written, unless `overwrite=True`. Every file goes to a temporary file
+    beside it and all are moved into place only once complete, so a failure while writing
+    leaves the previous files as they were and no temporary files behind.
+    """
+    from jquant.io.checkpoint import atomic_file  # noqa: PLC0415 (keeps `import models` free of orbax)
+
     path = Path(path)
     port = port_for_config(model_config)
     entries = port.key_map(model_config)
@@ -145,21 +210,43 @@ def save_pretrained(
         shards[-1][key] = array
         size += array.nbytes
 
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a directory; save_pretrained writes a model directory")
     path.mkdir(parents=True, exist_ok=True)
-    for stale in [path / WEIGHTS_NAME, path / INDEX_NAME, *path.glob("diffusion_pytorch_model-*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    metadata = {"format": "pt"}
+    candidates = (path / "config.json", path / WEIGHTS_NAME, path / INDEX_NAME, *sorted(path.glob(SHARD_GLOB)))
+    existing = [f for f in candidates if f.exists() or f.is_symlink()]
+    odd = [f.name for f in existing if f.is_symlink() or not f.is_file()]
+    if odd:
+        raise FileExistsError(f"{path}: {odd} are not regular files; save_pretrained will not replace them")
+    foreign = [f.name for f in existing if not _is_own_file(f)]
+    if foreign and not overwrite:
+        raise FileExistsError(f"{path}: holds {foreign}, not written by save_pretrained; not replacing them "
+                              "(save to another directory, or pass overwrite=True)")
+
+    metadata = {"format": "pt", WRITER_KEY: WRITER}
+    # In reverse order of commit: unwinding the stack below moves the weights into place first,
+    # then the index, then config.json.
+    config_json = json.dumps({**model_config.to_diffusers(), WRITER_KEY: WRITER}, indent=2) + "\n"
+    outputs: dict[str, Any] = {"config.json": config_json}
     if len(shards) == 1:
-        save_file(shards[0], path / WEIGHTS_NAME, metadata=metadata)
+        outputs[WEIGHTS_NAME] = shards[0]
     else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, path / name, metadata=metadata)
-            weight_map.update({key: name for key in shard})
+        names = [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
         total = sum(a.nbytes for a in tensors.values())
-        (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(model_config.to_diffusers(), indent=2) + "\n")
+        index = {"metadata": {"total_size": total, WRITER_KEY: WRITER}, "weight_map": weight_map}
+        outputs[INDEX_NAME] = json.dumps(index, indent=2)
+        outputs.update(zip(names, shards))
+    with contextlib.ExitStack() as stack:
+        for name, content in outputs.items():
+            tmp = stack.enter_context(atomic_file(path / name))
+            if isinstance(content, str):
+                tmp.write_text(content)
+            else:
+                save_file(content, tmp, metadata=metadata)
+    for stale in existing:
+        if stale.name not in outputs:
+            stale.unlink(missing_ok=True)
 
 
 def init_params(config: DiffusersConfig, rng: jax.Array) -> dict[str, Any]:

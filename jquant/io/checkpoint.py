@@ -4,22 +4,36 @@ Layout of a checkpoint directory::
 
     path/
       arrays/        orbax StandardCheckpointer output (a flat dict of numpy arrays)
-      jquant.json    tree structure: for each leaf its path, kind and QArray metadata
+      jquant.json    format marker, tree structure (each leaf's path, kind and QArray
+                     metadata) and each array's shape, dtype and CRC-32
 
 Every array is stored through a lossless bit view (8-bit floats as uint8, bfloat16 as
-uint16) so the round trip is exact whatever dtypes the storage backend supports. A save
-writes into a fresh sibling directory and swaps it in with ``os.replace`` only once
-complete, so a failed or interrupted save leaves the previous checkpoint intact.
+uint16) so the round trip is exact whatever dtypes the storage backend supports.
+
+Saving never destroys data it did not write. :func:`save` replaces only a previous jquant
+checkpoint (a directory holding nothing but ``arrays/`` and a ``jquant.json`` with the
+format marker) or an empty directory; anything else (a file, a symlink, another directory)
+raises :class:`CheckpointTargetError` and is left untouched. The new checkpoint is written
+into a fresh hidden sibling directory and swapped in by renames only once complete; on any
+failure the previous checkpoint is put back as it was and no temporary directory is left.
+:func:`restore` checks the marker, the arrays and their checksums, so a damaged checkpoint
+raises :class:`CheckpointError` naming it.
+
+:func:`atomic_file` gives the single-file writers (GGUF, safetensors) the same guarantee:
+a temporary file beside the target, fsync, ``os.replace``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import warnings
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +43,9 @@ from jquant.formats import parse_spec
 from jquant.qarray import QArray
 
 FORMAT_VERSION = 1
+FORMAT_MARKER = "jquant.io.checkpoint"  # jquant.json's "format": marks what save() may replace
+META_NAME = "jquant.json"
+ARRAYS_NAME = "arrays"
 _FIELDS = ("qvalue", "scale", "zero_point", "scale2")
 _BIT_VIEW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -102,46 +119,279 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
+class CheckpointError(ValueError):
+    """A jquant checkpoint that cannot be read: damaged metadata, missing or corrupt arrays."""
+
+
+class CheckpointTargetError(FileExistsError):
+    """A save target that is neither a previous jquant checkpoint nor an empty directory."""
+
+
+# ----------------------------------------------------------------------------- atomic writing
+
+
+def fresh_sibling(path: Path, tag: str, *, directory: bool = False) -> Path:
+    """Create a new hidden sibling of ``path`` (``.NAME.TAG-<random>``) and return it.
+
+    Made with the default mode, so the umask applies (``mkdtemp``/``mkstemp`` make it private,
+    and a file or directory renamed into place would stay private)."""
+    for _ in range(100):
+        cand = path.with_name(f".{path.name[:180]}.{tag}-{secrets.token_hex(4)}")
+        try:
+            if directory:
+                os.mkdir(cand)
+            else:
+                os.close(os.open(cand, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return cand
+    raise FileExistsError(f"{path.parent}: cannot find a free temporary name for {path.name}")
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    """Flush a file's data (or a directory's entries: best effort) to disk before a rename
+    publishes it, so a crash cannot leave a complete-looking but empty file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def check_file_target(path: Path) -> None:
+    """Refuse an output file path that is a directory or a symlink: ``os.replace`` fails on the
+    first after all the work, and on the second replaces the link, not the file it points to."""
+    if path.is_symlink():
+        raise FileExistsError(f"{path}: is a symlink; not replacing it "
+                              "(write to the file it points to, or remove the link)")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; expected the name of an output file")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Write one file atomically: yields a fresh temporary path beside ``path`` for the caller to
+    write; on success it is fsynced and moved onto ``path`` with ``os.replace``, on any exception
+    deleted. ``path`` ends with its old or its complete new contents, never a half file.
+
+    An existing regular file at ``path`` is replaced (the caller names it as its output); a
+    directory or a symlink raises before anything is written."""
+    path = Path(path).absolute()
+    check_file_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_sibling(path, "tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- save / restore
+
+_NODE_KEYS = frozenset({"__dict__", "__list__", "__qarray__", "__array__", "__none__"})
+
+
+def _is_own_meta(meta: Any) -> bool:
+    """Whether parsed jquant.json contents were written by :func:`save`: the format marker, or
+    (checkpoints from before the marker) version 1 with a tree of save()'s own node kinds."""
+    if not isinstance(meta, dict):
+        return False
+    if "format" in meta:
+        return meta["format"] == FORMAT_MARKER
+    tree = meta.get("tree")
+    return meta.get("version") == 1 and isinstance(tree, dict) and bool(_NODE_KEYS & set(tree))
+
+
+def _not_a_checkpoint(path: Path, entries: list[str]) -> str | None:
+    """Why the non-empty directory ``path`` is not a checkpoint save() may replace, or None."""
+    meta_file = path / META_NAME
+    if META_NAME not in entries or meta_file.is_symlink() or not meta_file.is_file():
+        return f"directory is not a jquant checkpoint (no {META_NAME})"
+    extra = [e for e in entries if e not in (META_NAME, ARRAYS_NAME)]
+    if extra:
+        return f"directory holds entries a jquant checkpoint does not have: {extra[:10]}"
+    arrays = path / ARRAYS_NAME
+    if arrays.is_symlink() or (arrays.exists() and not arrays.is_dir()):
+        return f"{ARRAYS_NAME} is not a directory"
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{META_NAME} is not valid JSON, so the directory is not recognisably a jquant checkpoint"
+    if not _is_own_meta(meta):
+        return f"{META_NAME} is not a jquant checkpoint's (no \"format\": \"{FORMAT_MARKER}\")"
+    return None
+
+
+def _target_state(path: Path) -> str:
+    """'new', 'empty' or 'checkpoint': what :func:`save` finds at ``path``; anything it may not
+    replace raises :class:`CheckpointTargetError` saying what it is."""
+    refuse = ("save() replaces only a previous jquant checkpoint or an empty directory; left untouched "
+              "(choose another path, or remove it yourself)")
+    if path.is_symlink():
+        raise CheckpointTargetError(f"{path}: is a symlink; {refuse}")
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        raise CheckpointTargetError(f"{path}: is a file, not a jquant checkpoint; {refuse}")
+    entries = sorted(e.name for e in path.iterdir())
+    if not entries:
+        return "empty"
+    why = _not_a_checkpoint(path, entries)
+    if why:
+        raise CheckpointTargetError(f"{path}: {why}; {refuse}")
+    return "checkpoint"
+
+
+def _array_info(a: np.ndarray) -> dict[str, Any]:
+    """Shape, dtype and CRC-32 of a stored array, checked by :func:`restore`."""
+    crc = zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return {"shape": list(a.shape), "dtype": a.dtype.name, "crc32": crc}
+
+
+def _finish_swap(path: Path, tmp: Path, backup: Path | None) -> None:
+    """save()'s cleanup, whatever happened: if the new checkpoint did not reach ``path``, put the
+    previous one back and delete the temporary directory; if it did, delete the previous one."""
+    if tmp.exists():  # the final rename did not happen
+        try:
+            if backup is not None and backup.exists():
+                if path.exists() or path.is_symlink():
+                    raise FileExistsError(f"{path} was created by something else during the save")
+                os.rename(backup, path)
+        except BaseException as e:
+            msg = (f"{path}: the save failed and the previous checkpoint could not be moved back; "
+                   f"it is intact at {backup}")
+            if isinstance(e, OSError):
+                raise CheckpointError(msg) from e
+            e.add_note(msg)  # an interrupt stays an interrupt
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif backup is not None and backup.exists():
+        try:
+            shutil.rmtree(backup)
+        except OSError as e:
+            warnings.warn(f"{path}: saved, but the previous checkpoint's copy {backup} could not be deleted: {e}",
+                          stacklevel=3)
+
+
+def _unused_sibling(path: Path, tag: str) -> Path:
+    """A hidden sibling name of ``path`` that does not exist now."""
+    while True:
+        cand = path.with_name(f".{path.name[:180]}.{tag}-{secrets.token_hex(4)}")
+        if not (cand.exists() or cand.is_symlink()):
+            return cand
+
+
 def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = True) -> Path:
-    """Save a param tree (QArray leaves allowed) to ``path`` atomically."""
+    """Save a param tree (QArray leaves allowed) to the directory ``path``, atomically.
+
+    ``path`` may be new, an empty directory or (with ``overwrite``) a previous jquant checkpoint;
+    anything else raises :class:`CheckpointTargetError` before any work and is left untouched.
+    The checkpoint is written to a hidden sibling directory and renamed into place once
+    complete; a previous checkpoint is moved aside meanwhile and deleted only after the swap,
+    or moved back if anything fails, so ``path`` ends with the old or the complete new
+    checkpoint and no temporary directory remains beside it.
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
+    if _target_state(path) == "checkpoint" and not overwrite:
         raise FileExistsError(f"checkpoint {path} exists and overwrite=False")
     arrays, skel = _encode_tree(_plain(tree))
+    meta = {"format": FORMAT_MARKER, "version": FORMAT_VERSION, "tree": skel,
+            "arrays": {k: _array_info(a) for k, a in arrays.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = fresh_sibling(path, "tmp", directory=True)
+    backup = None
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "arrays", arrays)
+            ckptr.save(tmp / ARRAYS_NAME, arrays)
             ckptr.wait_until_finished()
-        (tmp / "jquant.json").write_text(json.dumps({"version": FORMAT_VERSION, "tree": skel}))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / META_NAME).write_text(json.dumps(meta))
+        _fsync(tmp / META_NAME)
+        state = _target_state(path)  # again: something may have appeared at path meanwhile
+        if state == "checkpoint" and not overwrite:
+            raise FileExistsError(f"checkpoint {path} appeared during the save and overwrite=False")
+        if state != "new":
+            backup = _unused_sibling(path, "old")
+            os.rename(path, backup)
+        os.rename(tmp, path)
+        _fsync(path.parent, directory=True)
+    finally:
+        _finish_swap(path, tmp, backup)
     return path
 
 
+def _verify(path: Path, arrays: dict[str, np.ndarray], infos: Any) -> None:
+    """Check the restored arrays against the shapes, dtypes and CRC-32s recorded at save."""
+    where = path / ARRAYS_NAME
+    if not isinstance(infos, dict):
+        raise CheckpointError(f"{path / META_NAME}: corrupt: 'arrays' is not an object")
+    missing = sorted(set(infos) - set(arrays))
+    if missing:
+        raise CheckpointError(f"{where}: array(s) {missing[:10]} recorded in {META_NAME} are missing")
+    for key, info in infos.items():
+        a = arrays[key]
+        try:
+            want = (tuple(info["shape"]), info["dtype"], int(info["crc32"]))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path / META_NAME}: corrupt: bad record for array {key!r}") from None
+        if (a.shape, a.dtype.name) != want[:2]:
+            raise CheckpointError(f"{where}: array {key!r} is {a.dtype.name}{list(a.shape)}, {META_NAME} "
+                                  f"recorded {want[1]}{list(want[0])} (damaged checkpoint)")
+        got = _array_info(a)["crc32"]
+        if got != want[2]:
+            raise CheckpointError(f"{where}: array {key!r} is corrupt: CRC-32 {got:#010x}, {META_NAME} "
+                                  f"recorded {want[2]:#010x}")
+
+
 def restore(path: str | os.PathLike) -> Any:
-    """Restore a tree written by :func:`save` (QArrays with their metadata)."""
+    """Restore a tree written by :func:`save` (QArrays with their metadata).
+
+    A missing ``jquant.json`` raises FileNotFoundError; damaged metadata, a missing ``arrays/``,
+    unreadable (e.g. truncated) array files or arrays whose checksums differ from those recorded
+    at save raise :class:`CheckpointError` naming the checkpoint.
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    meta_file = path / "jquant.json"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a jquant checkpoint (no jquant.json)")
-    meta = json.loads(meta_file.read_text())
+    meta_file = path / META_NAME
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a jquant checkpoint (no {META_NAME})")
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: corrupt: not valid JSON ({e})") from None
+    if not _is_own_meta(meta):
+        raise CheckpointError(f"{meta_file}: not a jquant checkpoint's metadata "
+                              f"(expected \"format\": \"{FORMAT_MARKER}\")")
     if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {meta.get('version')} != {FORMAT_VERSION}")
-    with ocp.StandardCheckpointer() as ckptr:
-        arrays = ckptr.restore(path / "arrays")
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    return _decode_tree(meta["tree"], arrays)
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} != {FORMAT_VERSION}")
+    arrays_dir = path / ARRAYS_NAME
+    if not arrays_dir.is_dir():
+        raise CheckpointError(f"{path}: {ARRAYS_NAME}/ is missing (incomplete or damaged checkpoint)")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(arrays_dir)
+        arrays = {k: np.asarray(v) for k, v in restored.items()}
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(f"{arrays_dir}: cannot read the arrays (damaged or truncated file?): "
+                              f"{type(e).__name__}: {e}") from e
+    if "arrays" in meta:  # absent in checkpoints written before checksums were recorded
+        _verify(path, arrays, meta["arrays"])
+    try:
+        return _decode_tree(meta["tree"], arrays)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{meta_file}: corrupt: its tree does not match the stored arrays "
+                              f"({type(e).__name__}: {e})") from e

@@ -16,12 +16,12 @@ writer do that reversal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType as GT
 
 from jquant.algorithms.kquants import CODECS, MIX_BASE, plan_kquant_mix, roles_from_name
 from jquant.formats import parse_spec
+from jquant.io.checkpoint import atomic_file
 from jquant.qarray import QArray
 
 CONFIG_KEY = "jquant.config"  # diffusers config.json contents, as a JSON string
@@ -114,7 +115,8 @@ def save_gguf(
 
     Args:
       path: output file; written to a temporary file beside it and moved into place, so a
-        failure leaves any previous file untouched.
+        failure leaves any previous file untouched and no temporary file behind. An existing
+        file there is replaced; a directory or a symlink is refused.
       tensors: name -> QArray (codec blocks, written raw with their ggml type; the
         contraction axis is the row axis, which makes a Flax (in, out) kernel come out in
         torch (out, in) layout) or float array (F32/F16/BF16, written as given).
@@ -127,24 +129,19 @@ def save_gguf(
     if not tensors:
         raise ValueError("save_gguf: no tensors to write")
     payloads = {name: _tensor_payload(name, v) for name, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, value in metadata.items():
-            _add_metadata(writer, key, value)
-        for name, (array, ggml_type) in payloads.items():
-            writer.add_tensor(name, array, raw_dtype=ggml_type if ggml_type not in _FLOAT_TYPES else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for key, value in metadata.items():
+                _add_metadata(writer, key, value)
+            for name, (array, ggml_type) in payloads.items():
+                writer.add_tensor(name, array, raw_dtype=ggml_type if ggml_type not in _FLOAT_TYPES else None)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 
@@ -153,18 +150,20 @@ def save_gguf(
 
 class _CheckedReader(gguf.GGUFReader):
     """GGUFReader that checks tensor types and extents before building array views, so
-    unknown types and truncated files fail with the tensor's name."""
+    unknown types and truncated files fail saying what is wrong (the caller adds the path)."""
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         # The base reader slices silently past the end; a corrupt array length then loops on
         # empty reads. Refuse any read that does not fit in the file.
-        end = int(offset) + np.dtype(dtype).itemsize * int(count)
-        if int(offset) < 0 or int(count) < 0 or end > len(self.data):
-            raise GGUFError(f"header field at byte {int(offset)} runs past the end of the file ({len(self.data)} bytes)")
+        n = np.dtype(dtype).itemsize * int(count)
+        if int(offset) < 0 or int(count) < 0 or int(offset) + n > len(self.data):
+            raise GGUFError(f"truncated or corrupt header: the field at byte {int(offset)} needs {n} bytes, "
+                            f"file has {len(self.data)} bytes")
         return super()._get(offset, dtype, count, override_order)
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         size = len(self.data)
+        data_end, first_cut = start_offs, None
         for field in fields:
             _len, name_data, _n_dims, dims, raw_dtype, offset = field.parts
             name = bytes(name_data).decode("utf-8", "replace")
@@ -178,14 +177,20 @@ class _CheckedReader(gguf.GGUFReader):
             if len(dims) and int(dims[0]) % block:
                 raise GGUFError(f"tensor {name!r}: rows of {int(dims[0])} values are not whole {ggml_type.name} blocks of {block}")
             end = start_offs + int(offset[0]) + n // block * type_size
-            if end > size:
-                raise GGUFError(f"tensor {name!r}: data ends at byte {end} but the file has {size} bytes (truncated file?)")
+            data_end = max(data_end, end)
+            if end > size and first_cut is None:
+                first_cut = name
+        if first_cut is not None:
+            raise GGUFError(f"truncated: header says {data_end - start_offs} bytes of tensor data, file has "
+                            f"{max(size - start_offs, 0)} (tensor {first_cut!r} and later are cut off)")
         super()._build_tensors(start_offs, fields)
 
 
 def _open(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
+    if path.stat().st_size == 0:
+        raise GGUFError(f"{path}: truncated: empty file (0 bytes)")
     try:
         reader = _CheckedReader(path, "r")
     except GGUFError as e:
@@ -298,10 +303,11 @@ class ExportReport:
         return 8.0 * self.n_bytes / max(self.n_params, 1)
 
 
-def _open_safetensors(files: set[Path]):
-    from safetensors import safe_open
+def _open_safetensors(stack: contextlib.ExitStack, files: set[Path]) -> dict[Path, Any]:
+    """Handles of the checked safetensors reader (errors name the file), closed with ``stack``."""
+    from jquant.io.safetensors import open_safetensors
 
-    return {f: safe_open(f, framework="np") for f in files}
+    return {f: stack.enter_context(open_safetensors(f)) for f in sorted(files)}
 
 
 _F8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -310,12 +316,14 @@ _F8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 def _get_tensor(handle: Any, file: Path, name: str) -> np.ndarray:
     """A tensor from safetensors as numpy (BF16 via ml_dtypes, imported above). F8, which
     safetensors' numpy reader cannot name, is read from the file's header and byte range."""
+    from jquant.io.safetensors import get_tensor, read_header
+
     dtype = handle.get_slice(name).get_dtype()
     if dtype not in _F8:
-        return handle.get_tensor(name)
+        return get_tensor(handle, file, name)
     with open(file, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
-        info = json.loads(fh.read(n))[name]
+    info = read_header(file)[name]
     begin, end = info["data_offsets"]
     raw = np.fromfile(file, dtype=np.uint8, count=end - begin, offset=8 + n + begin)
     return raw.view(_F8[dtype]).reshape(info["shape"])
@@ -366,38 +374,43 @@ def export_gguf(
     Each tensor gets the codec :func:`jquant.algorithms.kquants.kquant_mix` picks for the
     mix ``type`` (Q4_K_M, Q5_K_M, Q6_K, Q8_0) or stays float (1-D in F32; others in
     F16/BF16). The config goes in as ``jquant.config``, the mix as ``jquant.mix``.
+    ``out_path`` is written atomically (see :func:`save_gguf`) and may not be one of the
+    model's own files; a corrupt config.json or safetensors file raises naming it.
     """
     from jquant.io.safetensors import weight_files
+    from jquant.models.loading import read_config_json
 
     if type not in MIX_BASE:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {sorted(MIX_BASE)}")
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found (expected a diffusers model directory)")
-    config = json.loads(config_file.read_text())
+    config = read_config_json(config_file)
     files = weight_files(model_dir)
-    handles = _open_safetensors(set(files.values()))
-    shapes = {n: tuple(handles[f].get_slice(n).get_shape()) for n, f in files.items()}
-    plan = plan_kquant_mix(type, shapes, _model_roles(config, shapes))
+    inputs = {config_file.resolve(), *(f.resolve() for f in files.values())}
+    if Path(out_path).resolve() in inputs:
+        raise ValueError(f"{out_path}: is one of the model's own files; export_gguf will not overwrite its input")
 
     from tqdm import tqdm
 
     tensors: dict[str, QArray | np.ndarray] = {}
     types: dict[str, str] = {}
     n_bytes = 0
-    for name in tqdm(sorted(files), desc=f"GGUF {type}", disable=not progress):
-        a = _get_tensor(handles[files[name]], files[name], name)
-        codec = plan[name]
-        if codec is not None:
-            blocks = CODECS[codec].encode(np.asarray(a, np.float32))
-            tensors[name] = codec_qarray(blocks, codec, device=False)
-            types[name] = codec.upper()
-            n_bytes += blocks.nbytes
-        else:
-            tensors[name] = stored = _float_storage(a)
-            types[name] = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(stored.dtype, "BF16")
-            n_bytes += stored.nbytes
+    with contextlib.ExitStack() as stack:
+        handles = _open_safetensors(stack, set(files.values()))
+        shapes = {n: tuple(handles[f].get_slice(n).get_shape()) for n, f in files.items()}
+        plan = plan_kquant_mix(type, shapes, _model_roles(config, shapes))
+        for name in tqdm(sorted(files), desc=f"GGUF {type}", disable=not progress):
+            a = _get_tensor(handles[files[name]], files[name], name)
+            codec = plan[name]
+            if codec is not None:
+                blocks = CODECS[codec].encode(np.asarray(a, np.float32))
+                tensors[name] = codec_qarray(blocks, codec, device=False)
+                types[name] = codec.upper()
+                n_bytes += blocks.nbytes
+            else:
+                tensors[name] = stored = _float_storage(a)
+                types[name] = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}.get(stored.dtype, "BF16")
+                n_bytes += stored.nbytes
     metadata = {
         "general.architecture": _ARCH_OF_CLASS.get(config.get("_class_name", ""), DEFAULT_ARCH),
         "general.name": model_dir.resolve().name,
@@ -460,7 +473,12 @@ def load_gguf_params(
     if config is None:
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path}: no {CONFIG_KEY!r} metadata; pass config= (a config, config.json dict or model dir)")
-        config = json.loads(metadata[CONFIG_KEY])
+        try:
+            config = json.loads(metadata[CONFIG_KEY])
+        except (TypeError, json.JSONDecodeError) as e:
+            raise GGUFError(f"{path}: corrupt: metadata {CONFIG_KEY!r} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise GGUFError(f"{path}: corrupt: metadata {CONFIG_KEY!r} is not a JSON object")
     if isinstance(config, DiffusersConfig):
         port = port_for_config(config)
     elif isinstance(config, Mapping):
