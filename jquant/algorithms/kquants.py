@@ -119,10 +119,13 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     return (b & 0x007FFFFF) - 0x00400000
 
 
+_JUST_BELOW_HALF = np.nextafter(_F32(0.5), _F32(0))
+
+
 def _roundf(v: np.ndarray) -> np.ndarray:
-    """C ``roundf``: half away from zero (``floor(v + 0.5)`` is wrong at 0.49999997)."""
-    t = np.trunc(v)
-    return np.where(np.abs(v - t) >= _F32(0.5), t + np.sign(v), t)
+    """C ``roundf`` on float32: half away from zero. ``trunc(v +- (0.5 - 2^-25))`` is exact
+    for every float32 (``floor(|v| + 0.5)`` is not: it rounds 0.49999997 up)."""
+    return np.trunc(v + np.copysign(_JUST_BELOW_HALF, v))
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
