@@ -99,7 +99,7 @@ def linear(
             y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=False, hadamard=True)
             if y is not None:
                 return y
-        from jquant.algorithms.hadamard import apply_hadamard
+        from jquant.hadamard import apply_hadamard
 
         x = apply_hadamard(x, axis=-1).astype(x.dtype)
     contract = contract or 1

@@ -12,6 +12,7 @@ from jquant.models.flux import FluxConfig, FluxTransformer2D
 from jquant.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer3D
 from jquant.models.loading import (
     PORTS,
+    CheckpointError,
     CheckpointMismatchError,
     init_params,
     layer_roles,
@@ -32,6 +33,7 @@ from jquant.models.wan import WanConfig, WanTransformer3D
 __all__ = [
     "PORTS",
     "ROLES",
+    "CheckpointError",
     "CheckpointMismatchError",
     "CogVideoXConfig",
     "CogVideoXTransformer3D",

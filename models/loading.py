@@ -26,6 +26,8 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from jquant.models import cogvideox, dit, flux, hunyuan_video, ltx2, ltx_video, mochi, wan
+from jquant.files import atomic_file
+from jquant.models.safetensors import SafetensorsError, get_tensor, open_safetensors, read_header, weight_files
 from jquant.models.port import DiffusersConfig, Port
 
 PORTS: tuple[Port, ...] = (wan.PORT, flux.PORT, dit.PORT, hunyuan_video.PORT, cogvideox.PORT, mochi.PORT, ltx_video.PORT, ltx2.PORT)
@@ -89,9 +91,8 @@ def read_config(path: str | os.PathLike) -> tuple[Port, DiffusersConfig]:
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map every tensor key to the safetensors file holding it: the diffusers index if present,
     else the single diffusers weights file (other safetensors in the folder are not weights),
-    read through the core reader `jquant.io.safetensors.weight_files` (which checks every
+    read through the core reader `jquant.models.safetensors.weight_files` (which checks every
     file's header)."""
-    from jquant.io.safetensors import SafetensorsError, weight_files  # noqa: PLC0415 (keeps `import models` free of orbax)
 
     for name in (INDEX_NAME, WEIGHTS_NAME):
         if (path / name).is_file():
@@ -121,7 +122,6 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
     weights file (truncated, bad header, a shard missing a tensor) raises
     :class:`CheckpointError` naming the file before any tensor is loaded.
     """
-    from jquant.io.safetensors import SafetensorsError, get_tensor, open_safetensors  # noqa: PLC0415
 
     path = Path(path)
     port, config = read_config(path)
@@ -160,7 +160,6 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
 def _is_own_file(file: Path) -> bool:
     """Whether `file` carries save_pretrained's marker (safetensors metadata, the index's metadata
     or a config.json key); an unreadable file does not."""
-    from jquant.io.safetensors import SafetensorsError, read_header  # noqa: PLC0415
 
     try:
         if file.suffix == ".safetensors":
@@ -192,7 +191,6 @@ def save_pretrained(
     beside it and all are moved into place only once complete, so a failure while writing
     leaves the previous files as they were and no temporary files behind.
     """
-    from jquant.io.checkpoint import atomic_file  # noqa: PLC0415 (keeps `import models` free of orbax)
 
     path = Path(path)
     port = port_for_config(model_config)

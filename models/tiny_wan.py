@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from jquant.files import atomic_file
 from jquant.models.loading import load_pretrained
 from jquant.models.wan import WanConfig
 
@@ -206,7 +207,8 @@ def sample_accuracy(classifier: DigitClassifier, params: Any, clips: jax.Array, 
 
 def _flat_save(tree: Mapping[str, Any], file: Path, metadata: dict[str, str] | None = None) -> None:
     flat = traverse_util.flatten_dict(tree, sep="/")
-    save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}, file, metadata=metadata)
+    with atomic_file(file) as tmp:
+        save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}, tmp, metadata=metadata)
 
 
 def save_classifier(path: str | os.PathLike, config: ClassifierConfig, params: Any) -> None:
@@ -215,7 +217,8 @@ def save_classifier(path: str | os.PathLike, config: ClassifierConfig, params: A
     path.mkdir(parents=True, exist_ok=True)
     _flat_save(params, path / CLASSIFIER_NAME)
     cfg = {"_class_name": "DigitClassifier", **dataclasses.asdict(config)}
-    (path / CLASSIFIER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_file(path / CLASSIFIER_CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def load_classifier(path: str | os.PathLike) -> tuple[DigitClassifier, dict[str, Any]]:
@@ -244,8 +247,8 @@ def save_conditioning(path: str | os.PathLike, class_emb: np.ndarray) -> None:
     if class_emb.ndim != 3:
         raise ValueError(f"class_emb must be [classes, tokens, text_dim], got {class_emb.shape}")
     tensors = {"class_embeddings": class_emb, "null_embedding": np.zeros(class_emb.shape[1:], np.float32)}
-    Path(path).mkdir(parents=True, exist_ok=True)
-    save_file(tensors, Path(path) / CONDITIONING_NAME)
+    with atomic_file(Path(path) / CONDITIONING_NAME) as tmp:
+        save_file(tensors, tmp)
 
 
 @dataclasses.dataclass(frozen=True)

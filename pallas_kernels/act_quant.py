@@ -115,7 +115,7 @@ def hadamard_layout(k: int) -> HadamardLayout | None:
   """The fused layout for width ``k``, or None where the kernel does not take it (block-diagonal
   fallback plans, an inner Sylvester factor under 16, or more than ``HADAMARD_OUTER_MAX``
   leading blocks: Wan's 8960 and 13824 FFN widths)."""
-  from jquant.algorithms.hadamard import kron_split  # pylint: disable=g-import-not-at-top
+  from jquant.hadamard import kron_split  # pylint: disable=g-import-not-at-top
 
   best = None
   for inner_max in (16, 32, 64, 128, 256):
@@ -200,7 +200,7 @@ def _reference(x, fmt, hadamard: bool = False):
   _check(x)
   xf = x.astype(jnp.float32)
   if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
-    from jquant.algorithms.hadamard import apply_hadamard  # pylint: disable=g-import-not-at-top
+    from jquant.hadamard import apply_hadamard  # pylint: disable=g-import-not-at-top
 
     # The rounding on the bits: XLA's GPU simplifier drops an f32 -> bf16 -> f32 round trip
     # (excess precision), which left this reference quantizing unrounded rows on the GPU.

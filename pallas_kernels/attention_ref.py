@@ -115,9 +115,9 @@ def rotate(x: jax.Array) -> jax.Array:
   (exact in bf16) and fp32 accumulation, scaled by 1/sqrt(D) after: one pass over ``x`` on the
   GPU, where XLA ran the O(D log D) butterfly as log2(D) passes (1.5 ms of 10.4 ms at 12 heads x
   32,760 tokens on an H200, benchmarks/attention-nvidia-h200.json). Other widths use
-  :func:`jquant.algorithms.hadamard.apply_hadamard`.
+  :func:`jquant.hadamard.apply_hadamard`.
   """
-  from jquant.algorithms import hadamard  # pylint: disable=g-import-not-at-top
+  from jquant import hadamard  # pylint: disable=g-import-not-at-top
 
   d = x.shape[-1]
   if d & (d - 1):

@@ -63,7 +63,7 @@ def gather_layout(k: int) -> GatherLayout | None:
   fewest multiply-adds per value (padding counted), every group padded to at most
   :data:`GROUP_MAX` and the padded row at most ``act_quant.SINGLE_PASS_MAX`` lanes; None where
   there is none (or an exact plan is missing)."""
-  from jquant.algorithms.hadamard import kron_factors  # pylint: disable=g-import-not-at-top
+  from jquant.hadamard import kron_factors  # pylint: disable=g-import-not-at-top
 
   if k < MIN_K:
     return None

@@ -53,7 +53,7 @@ def triton_variants(fmt: str, k: int) -> dict:
 
 
 def hadamard_variants(fmt: str, k: int) -> dict:
-    from jquant.algorithms.hadamard import apply_hadamard
+    from jquant.hadamard import apply_hadamard
 
     out = {"fused": lambda x: act_quant._fused_hadamard(x, fmt)}  # pylint: disable=protected-access
     lay = act_quant.hadamard_layout(k)

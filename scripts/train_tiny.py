@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = max(args.guidance, key=lambda g: (evals[f"{g:g}"]["accuracy"], -args.guidance.index(g)))
 
     out = Path(args.out)
-    models.save_pretrained(out, cfg, jax.tree_util.tree_map(np.asarray, ema))
+    models.save_pretrained(out, cfg, jax.tree_util.tree_map(np.asarray, ema), overwrite=True)
     tw.save_conditioning(out, np.asarray(class_emb))
     tw.save_classifier(out, ccfg, jax.tree_util.tree_map(np.asarray, clf_params))
     command = (

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jquant.algorithms import hadamard as had
+from jquant import hadamard as had
 
 # Every linear input width of the DiT families, with the construction the search picks.
 WIDTH_CONSTRUCTIONS = {

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant.algorithms.hadamard import hadamard_matrix, kron_factors
+from jquant.hadamard import hadamard_matrix, kron_factors
 from pallas_kernels import act_quant, hadamard_gather as hg, testing
 
 

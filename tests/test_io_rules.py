@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 import jquant
 from jquant.io import checkpoint
-from jquant.io.safetensors import load_safetensors_tree, read_safetensors
+from jquant.models.safetensors import load_safetensors_tree, read_safetensors
 from jquant.rules import count_quantized, flatten_with_paths
 
 ALL_SPECS = ["int8", "int4/g16", "uint4/g16", "int3/g16", "int2/c", "uint2/g16", "fp8_e4m3", "fp8_e5m2",

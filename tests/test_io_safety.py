@@ -1,7 +1,7 @@
 """Writers never destroy data they did not write and leave no half files; damaged files raise errors naming them.
 
 Covers jquant.io.checkpoint (save targets, the swap under failure at every step, damaged
-checkpoints), jquant.io.gguf (atomic writes, truncation), jquant.io.safetensors (truncated
+checkpoints), jquant.io.gguf (atomic writes, truncation), jquant.models.safetensors (truncated
 and inconsistent files and indexes) and jquant.models.loading (save_pretrained's marker,
 corrupt model directories). Tiny trees only.
 """
@@ -26,7 +26,7 @@ from jquant.algorithms.kquants import CODECS
 from jquant.io import checkpoint
 from jquant.io.checkpoint import CheckpointError, CheckpointTargetError
 from jquant.io.gguf import CONFIG_KEY, GGUFError, codec_qarray, export_gguf, load_gguf, load_gguf_params, save_gguf
-from jquant.io.safetensors import SafetensorsError, read_safetensors
+from jquant.models.safetensors import SafetensorsError, read_safetensors
 from jquant.models import dit
 from jquant.models.loading import INDEX_NAME, WEIGHTS_NAME, CheckpointError as ModelCheckpointError
 

@@ -8,7 +8,7 @@ import pytest
 
 import jquant.nn
 from jquant.algorithms import quarot as Q
-from jquant.algorithms.hadamard import random_hadamard
+from jquant.hadamard import random_hadamard
 from jquant.algorithms.linear_tree import get_aux, jitted_apply, layer_statistics, relative_error, update_layer
 from jquant.algorithms import fold
 from jquant.algorithms.fold import aux_collection

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from jquant.algorithms import quarot as Q
 from jquant.algorithms import spinquant as S
-from jquant.algorithms.hadamard import random_hadamard
+from jquant.hadamard import random_hadamard
 from jquant.algorithms.linear_tree import capture_inputs, jitted_apply, relative_error
 from jquant.algorithms.synthetic import layer_problem
 from jquant.algorithms.toy import outlier_block

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jquant.algorithms.coded import CodedArray
-from jquant.algorithms.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
+from jquant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
 from jquant.algorithms.linear_tree import Variables, get_aux, get_bias, get_kernel, linear_paths, update_layer
 from jquant.qarray import QArray
 

@@ -1,7 +1,7 @@
 """QuIP# (Tseng et al. 2024): RHT incoherence on both sides + the E8P lattice codebook, 2 bits/weight.
 
 **Incoherence.** ``W~ = U^T W V`` with randomized Hadamards ``U = D_K H_K``, ``V = D_N H_N``
-(:mod:`jquant.algorithms.hadamard`; signs from seeds) makes the weight entries roughly
+(:mod:`jquant.hadamard`; signs from seeds) makes the weight entries roughly
 i.i.d. Gaussian, the regime where a lattice codebook is near optimal. The Hessian follows
 the input side: ``H~ = U^T H U``.
 
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms.coded import CodedArray
-from jquant.algorithms.hadamard import apply_rht, inverse_rht
+from jquant.hadamard import apply_rht, inverse_rht
 from jquant.algorithms.linear_tree import Variables, get_kernel, hessian, match_paths, update_layer
 from jquant.qarray import QArray
 

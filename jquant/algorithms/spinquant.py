@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from jquant.algorithms import quarot as qr
-from jquant.algorithms.hadamard import apply_hadamard, random_hadamard, rht_signs
+from jquant.hadamard import apply_hadamard, random_hadamard, rht_signs
 from jquant.algorithms.linear_tree import Variables, get_kernel
 from jquant.formats import QSpec, parse_spec
 

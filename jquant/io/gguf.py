@@ -34,7 +34,8 @@ from gguf import GGMLQuantizationType as GT
 
 from jquant.algorithms.kquants import CODECS, MIX_BASE, plan_kquant_mix, roles_from_name
 from jquant.formats import parse_spec
-from jquant.io.checkpoint import atomic_file
+from jquant.files import atomic_file
+from jquant.models.safetensors import get_tensor, open_safetensors, read_header, weight_files
 from jquant.qarray import QArray
 
 CONFIG_KEY = "jquant.config"  # diffusers config.json contents, as a JSON string
@@ -305,7 +306,6 @@ class ExportReport:
 
 def _open_safetensors(stack: contextlib.ExitStack, files: set[Path]) -> dict[Path, Any]:
     """Handles of the checked safetensors reader (errors name the file), closed with ``stack``."""
-    from jquant.io.safetensors import open_safetensors
 
     return {f: stack.enter_context(open_safetensors(f)) for f in sorted(files)}
 
@@ -316,7 +316,6 @@ _F8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 def _get_tensor(handle: Any, file: Path, name: str) -> np.ndarray:
     """A tensor from safetensors as numpy (BF16 via ml_dtypes, imported above). F8, which
     safetensors' numpy reader cannot name, is read from the file's header and byte range."""
-    from jquant.io.safetensors import get_tensor, read_header
 
     dtype = handle.get_slice(name).get_dtype()
     if dtype not in _F8:
@@ -377,7 +376,6 @@ def export_gguf(
     ``out_path`` is written atomically (see :func:`save_gguf`) and may not be one of the
     model's own files; a corrupt config.json or safetensors file raises naming it.
     """
-    from jquant.io.safetensors import weight_files
     from jquant.models.loading import read_config_json
 
     if type not in MIX_BASE:
