@@ -20,6 +20,11 @@ clips (the share it names as the conditioned digit; docs/tiny_model.md) and the 
 without compilation. Written under ``--out``: ``grid.png`` and ``clips.gif`` (the clips side by
 side), ``step_error.png`` (latent error after each denoising step, per recipe) and
 ``results.json``.
+
+Progress goes to stderr: on a terminal, a bar over the models (the fp32 reference, then each
+recipe) whose status names the phase (calibrating, quantizing, sampling) with the
+calibrator's bars nested under it; elsewhere (CI logs, notebooks) one timestamped line per
+phase. ``--quick`` (2 clips, 6 steps, two recipes) finishes in about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -27,15 +32,119 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_RECIPES: tuple[str, ...] = ("int8-wa-smooth", "w4a16-gptq", "q4_k_m")
+# `--quick`: a W8A8 static-table recipe and the GGUF mix (the fastest two defaults) on 2 clips x 6 steps.
+QUICK = {"clips": 2, "steps": 6, "recipes": "int8-wa-smooth,q4_k_m", "calib_samples": 2}
+
+
+def _isatty(stream: Any) -> bool:
+    """A terminal tqdm can draw on (a pseudo-terminal of width 0, as under `script`, is not)."""
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # no file descriptor: trust isatty
+        return True
+
+
+class Status:
+    """What the demo is doing, so it never sits silent: on a terminal a tqdm bar over the
+    models (fp32 reference, then each recipe) whose postfix names the current phase; elsewhere
+    (CI logs, notebooks: no carriage-return redraws) one ``[elapsed] i/N name: phase`` line
+    per phase. ``enabled=False`` prints nothing."""
+
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled, self.total, self.i, self.name = enabled, total, 0, ""
+        self.last: tuple[str, str] = ("", "")
+        self.tty = enabled and _isatty(self.stream)
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="jquant demo", file=self.stream, position=0, leave=True, dynamic_ncols=True,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} models |{bar:12}| {elapsed}{postfix}")
+
+    def start(self, name: str) -> None:
+        """The next model (``fp32`` or a recipe name) begins."""
+        self.i, self.name = self.i + 1, name
+
+    def phase(self, what: str) -> None:
+        """The current model enters phase ``what`` (e.g. ``"sampling 8 clips"``)."""
+        if not self.enabled or (self.name, what) == self.last:
+            return
+        self.last = (self.name, what)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.name}: {what}", refresh=True)
+        else:
+            self.line(f"{self.i}/{self.total} {self.name}: {what}")
+
+    def done(self, summary: str) -> None:
+        """The current model is finished; ``summary`` is printed once, above the bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"{self.name}: {summary}", file=self.stream)
+            self.bar.update(1)
+        else:
+            self.line(f"{self.i}/{self.total} {self.name}: done, {summary}")
+
+    def line(self, text: str) -> None:
+        """One timestamped line (above the bar on a terminal)."""
+        if not self.enabled:
+            return
+        msg = f"[{time.perf_counter() - self.t0:6.1f} s] {text}"
+        if self.bar is not None:
+            self.bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str("", refresh=False)
+            self.bar.close()
+            self.bar = None
+
+
+def _status_calibrator(bundle: Any, config: Any, status: Status) -> Any:
+    """A :class:`~jquant.pipeline.calibrate.Calibrator` that names its calibration phases on
+    ``status`` (and shows its own nested bars on a terminal)."""
+    from jquant.pipeline.calibrate import Calibrator
+
+    class StatusCalibrator(Calibrator):
+        def _phase(self, what: str, fn: Any, *args: Any) -> Any:
+            if self.seconds["record"] == 0.0:  # the first call records the float trajectories
+                what = f"recording the fp32 calibration trajectories, then {what}"
+            status.phase(f"calibrating ({what})")
+            try:
+                return fn(*args)
+            finally:
+                status.phase("quantizing")
+
+        def stats_by_key(self, variables: Any) -> Any:
+            return self._phase("layer statistics", super().stats_by_key, variables)
+
+        def ranges(self, variables: Any) -> Any:
+            return self._phase("per-step activation ranges", super().ranges, variables)
+
+        def samples(self, variables: Any, max_tokens: int = 2048) -> Any:
+            return self._phase("activation samples", super().samples, variables, max_tokens)
+
+    return StatusCalibrator(bundle, config, progress=status.tty)
 
 
 def _clip_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> list[np.ndarray]:
@@ -142,13 +251,16 @@ def _finite_or_none(x: Any) -> Any:
 
 
 def resolve_recipes(names: str | Sequence[str]) -> list[str]:
-    """``"all"``, a comma-separated string or a sequence of registered recipe names."""
+    """``"all"``, a comma-separated string or a sequence of registered recipe names; an
+    unknown name raises a KeyError with a "did you mean" suggestion."""
     from jquant import recipe as rc
+    from jquant.cli import UnknownRecipeError, unknown_recipe_message
 
     if isinstance(names, str):
         names = rc.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     for n in names:
-        rc.get(n)  # a clear error for unknown or unavailable names
+        if n not in rc.RECIPES:
+            raise UnknownRecipeError(unknown_recipe_message(n, rc.names()))
     return list(names)
 
 
@@ -169,52 +281,68 @@ def run_demo(
 
     `model_dir` defaults to the bundled model; `guidance_scale` to the one stored with it.
     Calibration uses `calib_samples` samples of its own noise seed (not the evaluation's).
+    `progress` reports each model's phase on stderr (see :class:`Status`).
     """
-    from tqdm.auto import tqdm
-
     from jquant import recipe as rc
-    from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
+    from jquant.models import tiny_wan as tw
+    from jquant.pipeline.calibrate import CalibrationConfig, quantize
     from jquant.pipeline.denoiser import tiny_wan_bundle
     from jquant.pipeline.evaluate import evaluate, reference, weight_summary
-    from jquant.models import tiny_wan as tw
 
     if num_clips < 1 or steps < 1:
         raise ValueError(f"run_demo: num_clips and steps must be >= 1, got num_clips={num_clips}, steps={steps}")
     names = resolve_recipes(recipes)
     if not names:
         raise ValueError("run_demo: recipes is empty")
-    t_start = time.perf_counter()
-    bundle = tiny_wan_bundle(model_dir, num_steps=steps)
-    if guidance_scale is not None:
-        bundle = dataclasses.replace(bundle, denoiser=dataclasses.replace(bundle.denoiser, guidance_scale=float(guidance_scale)))
-    tiny = bundle.extra["tiny"]
-    work = bundle.workload(num_clips, seed)
-    labels = jnp.asarray(work.labels)
-
-    def accuracy(videos: np.ndarray) -> float:
-        return tw.sample_accuracy(tiny.classifier, tiny.classifier_params, jnp.asarray(videos[..., 0]), labels)
-
-    ref = reference(bundle, work)
-    ref_clips = np.asarray(ref.videos)
-    rows: list[dict[str, Any]] = [{
-        "recipe": "fp32", "activations": "-", **weight_summary({"params": bundle.params}), "psnr": float("inf"),
-        "ssim": 1.0, "flicker": 0.0, "accuracy": accuracy(ref_clips), "sample_s": ref.sample_s, "compile_s": ref.compile_s,
-        "step_rmse": [0.0] * steps,
-    }]
-    clips_by_recipe = [ref_clips[..., 0]]
-    cal = Calibrator(bundle, CalibrationConfig(num_samples=calib_samples, batch=min(4, calib_samples)))
-    for name in tqdm(names, desc="recipes", disable=not progress):
-        t0 = time.perf_counter()
-        qm = quantize(bundle, rc.get(name), cal)
-        quantize_s = time.perf_counter() - t0
-        r = evaluate(bundle, qm, ref)
-        videos = r.pop("videos")
-        clips_by_recipe.append(videos[..., 0])
-        rows.append({"recipe": name, "activations": rc.get(name).label, "accuracy": accuracy(videos),
-                     "quantize_s": quantize_s, **{k: v for k, v in r.items() if k not in ("name",)}})
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; --out must be a folder")
+    out.mkdir(parents=True, exist_ok=True)  # fail before the minutes of work, not after
+    t_start = time.perf_counter()
+    status = Status(1 + len(names), enabled=progress)
+    try:
+        status.start("fp32")
+        status.phase("loading the bundled model")
+        bundle = tiny_wan_bundle(model_dir, num_steps=steps)
+        if guidance_scale is not None:
+            bundle = dataclasses.replace(bundle, denoiser=dataclasses.replace(bundle.denoiser, guidance_scale=float(guidance_scale)))
+        tiny = bundle.extra["tiny"]
+        work = bundle.workload(num_clips, seed)
+        labels = jnp.asarray(work.labels)
+
+        def accuracy(videos: np.ndarray) -> float:
+            return tw.sample_accuracy(tiny.classifier, tiny.classifier_params, jnp.asarray(videos[..., 0]), labels)
+
+        clips = f"{num_clips} clip{'s' * (num_clips > 1)} x {steps} steps"
+        status.phase(f"sampling {clips} (the first call compiles)")
+        ref = reference(bundle, work)
+        ref_clips = np.asarray(ref.videos)
+        rows: list[dict[str, Any]] = [{
+            "recipe": "fp32", "activations": "-", **weight_summary({"params": bundle.params}), "psnr": float("inf"),
+            "ssim": 1.0, "flicker": 0.0, "accuracy": accuracy(ref_clips), "sample_s": ref.sample_s,
+            "compile_s": ref.compile_s, "step_rmse": [0.0] * steps,
+        }]
+        status.done(f"reference sampled in {ref.sample_s + ref.compile_s:.1f} s")
+        clips_by_recipe = [ref_clips[..., 0]]
+        cal = _status_calibrator(bundle, CalibrationConfig(num_samples=calib_samples, batch=min(4, calib_samples)), status)
+        for name in names:
+            status.start(name)
+            status.phase("quantizing")
+            t0 = time.perf_counter()
+            qm = quantize(bundle, rc.get(name), cal)
+            quantize_s = time.perf_counter() - t0
+            status.phase(f"sampling {clips} (compiles first) and scoring")
+            r = evaluate(bundle, qm, ref)
+            videos = r.pop("videos")
+            clips_by_recipe.append(videos[..., 0])
+            rows.append({"recipe": name, "activations": rc.get(name).label, "accuracy": accuracy(videos),
+                         "quantize_s": quantize_s, **{k: v for k, v in r.items() if k not in ("name",)}})
+            status.done(f"PSNR {r['psnr']:.2f} dB, {r['bits_per_weight']:.2f} bits/w (quantized in {quantize_s:.1f} s, "
+                        f"sampled in {r['sample_s'] + r['compile_s']:.1f} s)")
+        status.line(f"writing {out}/grid.png, clips.gif, step_error.png, results.json")
+    finally:
+        status.close()
+
     png, gif = write_media(out, clips_by_recipe, [r["recipe"] for r in rows])
     plot = plot_step_errors(out / "step_error.png", rows)
     summary = {
@@ -236,17 +364,47 @@ def run_demo(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`jquant demo [--out DIR] [--clips N] [--steps N] [--seed N] [--recipes a,b|all]`."""
-    p = argparse.ArgumentParser(prog="jquant demo", description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    """The options of ``jquant demo``."""
+    from jquant.cli import ArgumentParser
+
+    p = ArgumentParser(
+        prog="jquant demo",
+        description="Quantize the bundled tiny video model with several recipes, sample it on the same noise as "
+                    "the fp32 model, and compare (a table, clips side by side, error per step).",
+        epilog="The default run (8 clips, 16 steps, 3 recipes) takes 1-3 minutes on a 2-core CPU; --quick about a "
+               "minute. docs/tiny_model.md describes the model and the table.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help=f"a fast run: {QUICK['clips']} clips, {QUICK['steps']} steps, recipes {QUICK['recipes']}, "
+                        f"{QUICK['calib_samples']} calibration samples (options given explicitly still win)")
     p.add_argument("--out", default="jquant-demo", help="output folder (default: ./jquant-demo)")
-    p.add_argument("--clips", type=int, default=8, help="clips per recipe, one per digit class 0, 1, ...")
-    p.add_argument("--steps", type=int, default=16, help="flow-match Euler steps")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help="comma-separated recipe names, or 'all' (see `jquant quantize x --list`)")
+    p.add_argument("--clips", type=int, default=None, help="clips per recipe, one per digit class 0, 1, ... (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="flow-match Euler steps (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--recipes", default=None,
+                   help=f"comma-separated recipe names, or 'all' (default {','.join(DEFAULT_RECIPES)}; "
+                        "`jquant quantize --list` describes them)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration samples per recipe (default 4)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jquant demo [--quick] [--out DIR] [--clips N] [--steps N] [--seed N] [--recipes a,b|all]
+    [--calib-samples N]`."""
+    p = parser()
     a = p.parse_args(argv)
-    res = run_demo(a.out, num_clips=a.clips, steps=a.steps, seed=a.seed, recipes=a.recipes)
+    base = QUICK if a.quick else {"clips": 8, "steps": 16, "recipes": ",".join(DEFAULT_RECIPES), "calib_samples": 4}
+    opts = {k: base[k] if getattr(a, k) is None else getattr(a, k) for k in base}
+    for k in ("clips", "steps", "calib_samples"):
+        if opts[k] < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
+    resolve_recipes(opts["recipes"])  # a typo fails now, not after the fp32 reference
+    print(f"jquant demo: {opts['clips']} clips x {opts['steps']} steps, recipes {opts['recipes']}, on "
+          f"{jax.devices()[0].device_kind}; loading the bundled model, then compiling and sampling "
+          "(progress on stderr)", file=sys.stderr, flush=True)
+    res = run_demo(a.out, num_clips=opts["clips"], steps=opts["steps"], seed=a.seed, recipes=opts["recipes"],
+                   calib_samples=opts["calib_samples"])
     print()
     print(res["table"])
     print(

@@ -377,8 +377,21 @@ def get(name: str) -> Recipe:
 
 
 def describe() -> str:
-    """A printable list of every recipe (and the missing ones)."""
+    """A printable list of the recipes in three sections, so none is offered where it
+    cannot run: those ``jquant quantize`` runs and saves; those that run in memory only
+    (``jquant demo``, Python) because :mod:`jquant.io.checkpoint` cannot store their leaves;
+    and the unavailable ones (method not in this tree), each with the reason."""
     w = max(len(n) for n in [*RECIPES, *MISSING])
-    lines = [f"{r.name:<{w}}  {r.doc}\n{'':<{w}}  steps: {r.transform.name}; {r.label}" for r in RECIPES.values()]
-    lines += [f"{n:<{w}}  (unavailable: {why})" for n, why in MISSING.items()]
+
+    def row(r: Recipe) -> str:
+        return f"  {r.name:<{w}}  {r.doc}\n  {'':<{w}}  steps: {r.transform.name}; {r.label}"
+
+    savable = [r for r in RECIPES.values() if r.checkpointable]
+    memory = [r for r in RECIPES.values() if not r.checkpointable]
+    lines = ["Recipes (jquant quantize --recipe NAME, jquant demo --recipes NAME):", *map(row, savable)]
+    if memory:
+        lines += ["", "In memory only (jquant demo --recipes NAME, or Python; jquant quantize cannot save their "
+                  "codebook leaves yet):", *map(row, memory)]
+    if MISSING:
+        lines += ["", "Unavailable in this install:", *(f"  {n:<{w}}  {why}" for n, why in MISSING.items())]
     return "\n".join(lines)

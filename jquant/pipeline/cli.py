@@ -173,15 +173,18 @@ def _table_from_args(a: argparse.Namespace, recipe: Any) -> Any:
     return recipe.with_activations(table=cfg)
 
 
-def main_quantize(argv: list[str] | None = None) -> int:
-    """`jquant quantize MODEL_DIR --recipe NAME --out DIR [options]`."""
-    from jquant import recipe as rc
+def quantize_parser() -> argparse.ArgumentParser:
+    """The options of ``jquant quantize``."""
+    from jquant.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="jquant quantize", description="calibrate on the denoising trajectory, quantize, save")
-    p.add_argument("model_dir", help="diffusers model directory of a ported model (Wan, DiT)")
-    p.add_argument("--recipe", required=False, help=f"one of: {', '.join(rc.names())}")
-    p.add_argument("--out", required=False, help="output directory")
-    p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p = ArgumentParser(prog="jquant quantize", description="Calibrate on the denoising trajectory, quantize with a "
+                       "recipe, save the checkpoint and a per-layer report.",
+                       epilog="`jquant quantize --list` describes the recipes (no model folder needed).")
+    p.add_argument("model_dir", nargs="?", help="diffusers model folder of a ported model (Wan, DiT), e.g. "
+                   "models/assets/tiny_wan; for a diffusers pipeline folder, its transformer/ subfolder")
+    p.add_argument("--recipe", help=f"one of: {', '.join(savable_recipes())}")
+    p.add_argument("--out", help="output folder (created; gets checkpoint/, quant.json, report.md, report.json)")
+    p.add_argument("--list", action="store_true", help="describe the recipes and exit")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration samples (classes/prompts cycle)")
     p.add_argument("--calib-batch", type=int, default=4, help="samples per calibration sampler call")
@@ -193,20 +196,44 @@ def main_quantize(argv: list[str] | None = None) -> int:
     p.add_argument("--per-branch", action="store_true", help="separate scales per CFG branch")
     p.add_argument("--per-frame", action="store_true", help="separate scales per video frame")
     p.add_argument("--margin", type=float, default=1.0, help="headroom factor on calibrated ranges")
+    return p
+
+
+def savable_recipes() -> list[str]:
+    """Recipes whose result :mod:`jquant.io.checkpoint` can store (``jquant quantize`` runs them)."""
+    from jquant import recipe as rc
+
+    return [n for n, r in rc.RECIPES.items() if r.checkpointable]
+
+
+def main_quantize(argv: list[str] | None = None) -> int:
+    """`jquant quantize MODEL_DIR --recipe NAME --out DIR [options]`; `jquant quantize --list`."""
+    from jquant import recipe as rc
+    from jquant.cli import UsageError, check_model_dir, unknown_recipe_message
+
+    p = quantize_parser()
     a = p.parse_args(argv)
     if a.list:
         print(rc.describe())
         return 0
-    if not a.recipe or not a.out:
-        p.error("--recipe and --out are required")
+    missing = [n for n, v in (("MODEL_DIR", a.model_dir), ("--recipe", a.recipe), ("--out", a.out)) if not v]
+    if missing:
+        p.error(f"missing {', '.join(missing)}; `jquant quantize --list` lists the recipes without them")
+    if a.recipe not in rc.RECIPES:
+        raise UsageError(unknown_recipe_message(a.recipe, savable_recipes()))
     recipe = _table_from_args(a, rc.get(a.recipe))
     if not recipe.checkpointable:
-        p.error(f"recipe {recipe.name} produces leaves jquant.io.checkpoint cannot store yet; use it from Python")
+        raise UsageError(
+            f"recipe {recipe.name} produces leaves jquant.io.checkpoint cannot store yet, so `jquant quantize` cannot "
+            f"save it; run it in memory with `jquant demo --recipes {recipe.name}` or from Python "
+            "(jquant.pipeline.calibrate.quantize)"
+        )
+    model_dir = check_model_dir(a.model_dir)
     t0 = time.perf_counter()
-    bundle = load_bundle(a.model_dir, num_steps=a.steps)
+    bundle = load_bundle(model_dir, num_steps=a.steps)
     ccfg = CalibrationConfig(a.calib_samples, a.calib_batch, a.calib_seed, steps_per_sample=a.steps_per_sample)
     cal = Calibrator(bundle, ccfg, progress=True)
-    print(f"quantizing {a.model_dir} with {recipe.name}: {recipe.transform.name}; {recipe.label}")
+    print(f"quantizing {model_dir} with {recipe.name}: {recipe.transform.name}; {recipe.label}")
     qm = quantize(bundle, recipe, cal)
     from jquant.pipeline.runtime import tree_bytes
 
@@ -244,19 +271,36 @@ def format_metrics(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main_eval(argv: list[str] | None = None) -> int:
-    """`jquant eval CKPT_DIR --model MODEL_DIR [--clips N] [--seed S]`."""
-    from jquant.pipeline.evaluate import evaluate, reference
+def eval_parser() -> argparse.ArgumentParser:
+    """The options of ``jquant eval``."""
+    from jquant.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="jquant eval", description="fidelity of a quantized checkpoint against its float model")
-    p.add_argument("ckpt_dir", help="a `jquant quantize` output directory")
-    p.add_argument("--model", default=None, help="the float model directory (default: the one recorded at quantization)")
+    p = ArgumentParser(prog="jquant eval", description="Sample the float and the quantized model on the same noise "
+                       "and conditioning and report fidelity metrics (PSNR, SSIM, flicker, error per step).")
+    p.add_argument("ckpt_dir", help="a `jquant quantize` output folder")
+    p.add_argument("--model", default=None, help="the float model folder (default: the one recorded at quantization)")
     p.add_argument("--clips", type=int, default=4, help="samples (classes/prompts cycle from 0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (same noise for both models)")
     p.add_argument("--out", default=None, help="where to write eval.json (default: CKPT_DIR)")
+    return p
+
+
+def main_eval(argv: list[str] | None = None) -> int:
+    """`jquant eval CKPT_DIR [--model MODEL_DIR] [--clips N] [--seed S] [--out DIR]`."""
+    from jquant.cli import check_model_dir
+    from jquant.pipeline.evaluate import evaluate, reference
+
+    p = eval_parser()
     a = p.parse_args(argv)
+    if a.clips < 1:
+        p.error(f"--clips must be >= 1, got {a.clips}")
     qm, meta = load_quantized(a.ckpt_dir)
     model_dir = a.model or meta["model_dir"]
+    try:
+        check_model_dir(model_dir)
+    except OSError as e:
+        raise FileNotFoundError(f"{e}" + ("" if a.model else " (the model folder recorded at quantization; pass "
+                                                              "--model)")) from e
     bundle = load_bundle(model_dir, num_steps=int(meta["num_steps"]))
     if qm.table is not None and qm.table.num_steps != bundle.denoiser.num_steps:
         raise ValueError(f"the scale table has {qm.table.num_steps} steps; the sampler runs {bundle.denoiser.num_steps}")
