@@ -25,15 +25,144 @@ along K in both layouts, so packed bytes transpose unchanged). Dynamic per-token
 activations go through the activation quantizer kernel (:func:`quantize_tokens`), whose rule
 is :func:`jquant.quantize`'s to the bit; other activation specs use
 :func:`jquant.dispatch.quantize_activation`. Either way both paths see identical codes and scales.
+
+**Which path, per shape** (:func:`choose_path`; ``backend="auto"`` only: ``JQUANT_BACKEND=pallas``
+forces the kernels, ``=xla`` the XLA paths). For int8 / e4m3 W8A8 layers with dynamic per-token
+activations and for int8 / int4-g128 weight-only layers, the path is the one measured fastest
+for that (K, N) and M on the GPU (:data:`PATH_TABLE`, from ``scripts/bench_kernels.py --dispatch``,
+see the comment there); shapes the table lacks follow :data:`DEFAULT_RULE`. A W8A8 layer at small M
+can run as its weight-only product (activations left in bf16: the quantizer pass and the W8A8
+kernel's fixed cost outweigh the GEMM there), so at those M its output is the weight-only one,
+not bit-identical to the XLA W8A8 path.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 
 from jquant.formats import QSpec
-from jquant.qarray import QArray, decode_scale
+from jquant.qarray import QArray, decode_scale, dequantize
+
+
+# --------------------------------------------------------------------------
+# Which path runs a layer: measured per shape.
+# --------------------------------------------------------------------------
+
+#: Paths a layer can take. "w8a8": the activation quantizer + the W8A8 kernel; "xla_w8a8": XLA's
+#: int8 / fp8 dot on the quantized activations (jquant.dispatch's XLA path); "w16": the weight-only
+#: kernel on bf16 activations where it applies (weight_only.supports / w4a16_gemm.supports), else
+#: "xla_w16"; "xla_w16": the weights dequantized to bf16 + XLA's bf16 dot.
+PATHS = ("w8a8", "xla_w8a8", "w16", "xla_w16")
+#: Paths open to each layer kind (W8A8 layers may drop to their weight-only product).
+KIND_PATHS = {"int8/w8a8": PATHS, "fp8/w8a8": PATHS, "int8/w16": ("w16", "xla_w16"),
+              "int4g128/w16": ("w16", "xla_w16")}
+#: The M at which scripts/bench_kernels.py --dispatch measures every path.
+MEASURED_M = (1, 16, 256, 4096, 32760)
+
+#: The fastest measured path per (layer kind, K, N): ``((m_max, path), ..., (None, path))``, the
+#: first entry with ``M <= m_max`` applies. Derived by :func:`derive_table` from the rows of
+#: ``benchmarks/dispatch-NVIDIA_H200.json`` (``scripts/bench_kernels.py --dispatch``: every path
+#: checked against the reference, then timed, median of >= 10 CUPTI runs): each measured M's
+#: fastest path holds up to the geometric midpoint between it and the next measured M.
+#: tests/test_kernel_dispatch.py checks that this table is what derive_table makes of that JSON.
+#: Empty until that run exists: no H200 was lent when the rule was written (2026-12-01), so
+#: every shape follows DEFAULT_RULE.
+PATH_TABLE: dict[tuple[str, int, int], tuple[tuple[int | None, str], ...]] = {}
+
+#: For shapes PATH_TABLE lacks, per layer kind. derive_table's "default" entries replace these
+#: with the path of least worst-case slowdown over the measured shapes at each M. Until then
+#: (measured on an H200, 2026-11-26, before this rule): the W8A8 int8 kernel at M=1 took 21.8 us
+#: where XLA's bf16 dot took 6.0 us (0.27x; 3072 x 3072), the weight-only kernels at M=1 ran
+#: 0.47-1.84x bf16 and at M=16 0.94-1.63x (kernels-weight_only-NVIDIA_H200.json), and the W8A8
+#: kernel 1.41-2.16x bf16 from M=4096 (kernels-w4a8-, kernels-m32760-NVIDIA_H200.json): W8A8
+#: runs its kernel from M > 1024 (the geometric midpoint of 256 and 4096) and its weight-only
+#: product below; weight-only layers keep their kernel where it applies.
+DEFAULT_RULE: dict[str, tuple[tuple[int | None, str], ...]] = {
+    "int8/w8a8": ((1024, "w16"), (None, "w8a8")),
+    "fp8/w8a8": ((1024, "w16"), (None, "w8a8")),
+    "int8/w16": ((None, "w16"),),
+    "int4g128/w16": ((None, "w16"),),
+}
+
+
+def layer_kind(w: QArray, act: QSpec | None, act_scale=None) -> str | None:
+    """The :data:`KIND_PATHS` key of a 2-D layer, or None for formats the table does not cover."""
+    spec = w.spec
+    if w.ndim != 2 or w.zero_point is not None or spec.scaling:
+        return None
+    if act is None:
+        if spec.fmt == "int8" and spec.granularity == "channel":
+            return "int8/w16"
+        if spec.fmt == "int4" and spec.granularity == "group" and spec.group_size == 128:
+            return "int4g128/w16"
+        return None
+    if (act_scale is None and act.fmt == spec.fmt and spec.granularity == "channel" and act.symmetric
+            and not act.scaling and act.granularity in ("token", "channel")):
+        return {"int8": "int8/w8a8", "fp8_e4m3": "fp8/w8a8"}.get(spec.fmt)
+    return None
+
+
+def _lookup(entries: Iterable[tuple[int | None, str]], m: int) -> str:
+    for m_max, path in entries:
+        if m_max is None or m <= m_max:
+            return path
+    raise ValueError(f"rule {entries!r} has no entry for M={m} (the last must be (None, path))")
+
+
+def choose_path(kind: str, m: int, k: int, n: int, table=None, default=None) -> str:
+    """The path for a ``kind`` layer ``[M, K] @ [K, N]``: PATH_TABLE's measured entry for (K, N),
+    else DEFAULT_RULE's for the kind."""
+    table = PATH_TABLE if table is None else table
+    default = DEFAULT_RULE if default is None else default
+    entries = table.get((kind, k, n)) or table.get((kind, 0, 0)) or default[kind]
+    return _lookup(entries, m)
+
+
+def _bounds(ms: list[int]) -> list[int | None]:
+    """Upper M of each measured M's range: the geometric midpoint to the next (None: no bound)."""
+    return [int(math.sqrt(a * b)) for a, b in zip(ms, ms[1:])] + [None]
+
+
+def _collapse(entries: list[tuple[int | None, str]]) -> tuple[tuple[int | None, str], ...]:
+    out: list[tuple[int | None, str]] = []
+    for m_max, path in entries:
+        if out and out[-1][1] == path:
+            out[-1] = (m_max, path)
+        else:
+            out.append((m_max, path))
+    return tuple(out)
+
+
+def derive_table(rows: list[dict]) -> dict[tuple[str, int, int], tuple[tuple[int | None, str], ...]]:
+    """PATH_TABLE from ``scripts/bench_kernels.py --dispatch`` rows (``kind, m, k, n, path,
+    status, us``): per (kind, K, N) and measured M the path of least median time among those that
+    passed their check; plus a ``(kind, 0, 0)`` default per kind: at each M the path whose worst
+    ratio to the fastest over the measured shapes is least (shapes where it did not pass count as
+    infinitely slow)."""
+    best: dict[tuple[str, int, int], dict[int, dict[str, float]]] = {}
+    for r in rows:
+        if r.get("status") != "PASS" or r.get("path") not in KIND_PATHS.get(r.get("kind"), ()):
+            continue
+        best.setdefault((r["kind"], r["k"], r["n"]), {}).setdefault(r["m"], {})[r["path"]] = r["us"]
+    table = {}
+    for key, by_m in sorted(best.items()):
+        ms = sorted(by_m)
+        table[key] = _collapse([(b, min(by_m[m], key=by_m[m].get)) for m, b in zip(ms, _bounds(ms))])
+    for kind in sorted({key[0] for key in best}):
+        shapes = [by_m for key, by_m in best.items() if key[0] == kind]
+        ms = sorted({m for by_m in shapes for m in by_m})
+        entries = []
+        for m, b in zip(ms, _bounds(ms)):
+            def regret(path, m=m):
+                ratios = [by_m[m].get(path, math.inf) / min(by_m[m].values()) for by_m in shapes if m in by_m]
+                return max(ratios)
+            entries.append((b, min(KIND_PATHS[kind], key=regret)))
+        table[(kind, 0, 0)] = _collapse(entries)
+    return table
 
 
 def on_gpu() -> bool:
@@ -80,7 +209,7 @@ def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False
         quant = act_quant.quantize_int8 if act.fmt == "int8" else act_quant.quantize_fp8
         return quant(x2, hadamard=True) if hadamard else quant(x2)
     if hadamard:
-        from jquant.algorithms.hadamard import apply_hadamard
+        from jquant.hadamard import apply_hadamard
 
         x2 = apply_hadamard(x2, axis=-1).astype(x2.dtype)
         return quantize_tokens(x2, act, act_scale)
@@ -162,16 +291,20 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
 
 
 def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: bool = False,
-              lowrank=None, hadamard: bool = False):
+              lowrank=None, hadamard: bool = False, path: str | None = None):
     """Run ``x @ w`` (plus ``(x @ A) @ B`` for ``lowrank=(A, B)``) with a Pallas kernel if one
     applies, else return None.
 
-    ``force`` (``JQUANT_BACKEND=pallas``) turns "not on a GPU" into an error; shapes and
-    formats no kernel covers still fall back to XLA. The low-rank branch is fused into the int8
+    ``force`` (``JQUANT_BACKEND=pallas``) turns "not on a GPU" into an error and bypasses
+    :func:`choose_path` (the kernels run wherever they apply); shapes and formats no kernel
+    covers still fall back to XLA. Otherwise the layers :func:`layer_kind` names take the path
+    :func:`choose_path` measured fastest: their weight-only product (kernel or XLA), the XLA
+    W8A8 path (returns None) or the kernels as before. The low-rank branch is fused into the int8
     GEMM's epilogue (W8A8 and W4A8, rank 16..64); other kernels add it with XLA.
     ``hadamard=True`` runs ``apply_hadamard(x) @ w`` only where the rotation fuses into the
     activation quantizer (dynamic per-token int8/e4m3 into W8A8/W4A8, no low-rank branch), else
-    returns None for the caller to rotate.
+    returns None for the caller to rotate. ``path`` (one of :data:`PATHS`; the benchmark's) takes
+    that path instead of :func:`choose_path`'s.
     """
     if not on_gpu():
         if force:
@@ -181,8 +314,26 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
     x2 = x.reshape(-1, x.shape[-1])
     if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
         return None  # per-token static tables: XLA path
-    if hadamard and not (act is not None and lowrank is None and _fused_tokens(x2, act, act_scale, True)):
+    kind = None if force else layer_kind(w, act, act_scale)
+    if path is None and kind is not None:
+        path = choose_path(kind, x2.shape[0], *w.shape)
+    elif path is not None and path not in (KIND_PATHS.get(kind) or ()):
+        raise ValueError(f"maybe_run: path {path!r} is not one of {KIND_PATHS.get(kind)} for this layer ({kind})")
+    if hadamard and not (act is not None and lowrank is None and path in (None, "w8a8")
+                         and _fused_tokens(x2, act, act_scale, True)):
         return None
+    if path == "xla_w8a8" or (path == "xla_w16" and act is None):
+        return None  # jquant.dispatch.linear's XLA path
+    if path in ("w16", "xla_w16") and act is not None:
+        # The layer's weight-only product: bf16 activations, no quantizer pass.
+        y = _weight_only(x2, w, out_dtype) if path == "w16" else None
+        if y is None:
+            y = (x2.astype(out_dtype) @ dequantize(w, out_dtype)).astype(out_dtype)
+        if lowrank is not None:
+            from jquant.dispatch import add_lowrank
+
+            y = add_lowrank(y, x2, lowrank)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
     if act is not None:
         run = _w8a8(x2, w, act, act_scale, out_dtype, lowrank, hadamard)
         y, fused = (None, False) if run is None else run

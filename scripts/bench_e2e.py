@@ -14,13 +14,22 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
   P V in bf16 or fp8);
 * ``bf16-qattn-fp8``: quantized attention alone.
 
-For each: median wall time of the compiled step over ``--runs`` runs after ``--warmup``, compile
-time, weight bytes (QArrays counted packed) and XLA's memory analysis of the compiled step
-(argument, output and temporary bytes). Writes ``benchmarks/e2e-<device>.json`` after every
-variant (and a copy under ``$OUT`` when set).
+Before a variant is timed its output is checked against the same variant traced with every
+Pallas kernel off (``JQUANT_PALLAS=reference``: XLA's integer / dequantize paths, the quantizer's
+and quantized attention's plain-JAX references) and, where it would run cuDNN or XLA attention,
+exact attention in float32 over query chunks: the relative L2 error of the step's output must
+stay under ``--rel-tol`` (default 5e-2; measured W8A8 vs bf16 is 2.2e-2, so a kernel that
+computes something else fails) and every value must be finite. A variant that fails is a FAIL
+row (not timed), one that raises an ERROR row with the exception; the script then exits 1.
+
+For each: median and minimum wall time of the compiled step over ``--runs`` (>= 10) runs after
+``--warmup``, compile time, weight bytes (QArrays counted packed) and XLA's memory analysis of
+the compiled step (argument, output and temporary bytes). Writes ``benchmarks/e2e-<device>.json``
+(device, date, commit, JAX version, command) after every variant (and a copy under ``$OUT``
+when set).
 
     PYTHONPATH=. python3 scripts/bench_e2e.py                # GPU
-    PYTHONPATH=. python3 scripts/bench_e2e.py --tiny         # CPU smoke test (toy config)
+    PYTHONPATH=. python3 scripts/bench_e2e.py --tiny         # CPU dry run (toy config)
 """
 
 from __future__ import annotations
@@ -28,21 +37,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import importlib.util
-import json
+import math
 import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pallas_kernels import _common, timing  # noqa: E402
 
 import jquant.nn  # noqa: E402
 from jquant import models  # noqa: E402
@@ -83,11 +93,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="pixels (default 832; tiny: 48)")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=timing.MIN_RUNS, help="timed runs (at least 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rel-tol", type=float, default=5e-2, help="relative L2 error allowed against the reference step")
     p.add_argument("--deadline-s", type=float, default=150.0, help="skip variants started after this")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     args = p.parse_args(argv)
+    args.runs = max(args.runs, timing.MIN_RUNS)
     frames, height, width = (5, 32, 48) if args.tiny else (81, 480, 832)
     args.frames = args.frames or frames
     args.height = args.height or height
@@ -124,28 +136,85 @@ def _memory(compiled: Any) -> dict[str, int | None]:
     return {k: int(getattr(m, k)) for k in keys if getattr(m, k, None) is not None}
 
 
+def chunked_attention(q, k, v, mask=None, *, implementation=None, chunk: int = 1024, **_):
+    """Exact softmax attention in float32 over query chunks (the reference step's float attention:
+    the scores of a 32,760-token call at once would take tens of GB); bf16 out like cuDNN's."""
+    del implementation
+    b, tq, h, d = q.shape
+    n = -(-tq // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * chunk - tq), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, tq, k.shape[1]))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, n * chunk - tq), (0, 0)), constant_values=True)
+        mask = mask.reshape(b, h, n, chunk, k.shape[1]).transpose(2, 0, 1, 3, 4)
+
+    def one(args):
+        qc, mc = args
+        s = jnp.einsum("bqhd,bkhd->bhqk", qc.astype(jnp.float32), kf, precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
+        if mc is not None:
+            s = jnp.where(mc, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=jax.lax.Precision.HIGHEST)
+
+    out = jax.lax.map(one, (qp, mask))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :tq].astype(q.dtype)
+
+
+@contextlib.contextmanager
+def reference_mode():
+    """Traces with every Pallas kernel off and float attention exact (chunked_attention)."""
+    old = os.environ.get(_common.FORCE_ENV)
+    os.environ[_common.FORCE_ENV] = "reference"
+    try:
+        with mock.patch.object(jax.nn, "dot_product_attention", chunked_attention):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(_common.FORCE_ENV, None)
+        else:
+            os.environ[_common.FORCE_ENV] = old
+
+
+def check_step(out: jax.Array, ref: jax.Array, rel_tol: float) -> dict:
+    a, b = out.astype(jnp.float32), ref.astype(jnp.float32)
+    finite = bool(jnp.isfinite(a).all())
+    rel = float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+    ok = finite and rel <= rel_tol
+    return {"ok": ok, "rel": rel, "detail": f"rel_l2 vs reference step {rel:.2e} (<= {rel_tol:g})"
+            + ("" if finite else " NON-FINITE")}
+
+
 def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: tuple, args) -> dict[str, Any]:
     spec = VARIANTS[name]
     params = params_bf16 if spec["weights"] is None else pol.uniform(spec["weights"]).quantize(params_bf16, roles)
+    row: dict[str, Any] = {"variant": name, "weights": spec["weights"], "act": spec["act"],
+                           "attention": spec["attention"], "weight_bytes": weight_bytes(params)}
     fn = step_fn(model, spec["act"], spec["attention"])
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()
-    compile_s = time.perf_counter() - t0
+    row["compile_s"] = time.perf_counter() - t0
+    row["memory"] = _memory(compiled)
+    out = jax.block_until_ready(compiled(params, *inputs))
+    # Check before timing: the same variant with the kernels off (and exact float attention).
+    with reference_mode():
+        reference = step_fn(model, spec["act"], spec["attention"]).lower(params, *inputs).compile()
+    ref = jax.block_until_ready(reference(params, *inputs))
+    del reference
+    row["check"] = check_step(out, ref, args.rel_tol)
+    row["output"] = out
+    if not row["check"]["ok"]:
+        row["status"] = "FAIL"
+        return row
     for _ in range(args.warmup):
-        out = jax.block_until_ready(compiled(params, *inputs))
+        jax.block_until_ready(compiled(params, *inputs))
     times_ms = []
     for _ in range(args.runs):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(params, *inputs))
+        jax.block_until_ready(compiled(params, *inputs))
         times_ms.append((time.perf_counter() - t0) * 1e3)
-    if not bool(jnp.isfinite(out.astype(jnp.float32)).all()):
-        raise RuntimeError(f"{name}: the step produced non-finite values")
-    return {
-        "variant": name, "weights": spec["weights"], "act": spec["act"], "attention": spec["attention"],
-        "time_ms": statistics.median(times_ms), "times_ms": times_ms, "compile_s": compile_s,
-        "weight_bytes": weight_bytes(params), "memory": _memory(compiled),
-        "output": out,
-    }
+    row.update(status="PASS", time_ms=statistics.median(times_ms), time_ms_min=min(times_ms), times_ms=times_ms)
+    return row
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,57 +233,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               jax.random.normal(k2, (1, args.text_len, config.text_dim), jnp.bfloat16))
     result = {
         "benchmark": "e2e_step",
-        "command": " ".join(["python", "scripts/bench_e2e.py", *sys.argv[1:]]),
-        "device": device.device_kind, "platform": device.platform, "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **timing.run_metadata("scripts/bench_e2e.py", args.argv),
+        "jax_version": jax.__version__,
+        "timing": "time_ms: median, time_ms_min: minimum wall time over >= 10 runs; output checked first",
+        "rel_tol": args.rel_tol,
         "model": "tiny" if args.tiny else "Wan2.1-T2V-1.3B (synthetic weights)",
         "param_count": models.param_count(params), "float_attention": attn_impl,
         "video": {"frames": args.frames, "height": args.height, "width": args.width},
         "latent_shape": list(shape), "tokens": tokens, "text_len": args.text_len, "rows": [],
     }
-    paths = [args.out_dir / f"e2e-{'tiny-' if args.tiny else ''}{wan_forward.device_slug(device)}.json"]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / paths[0].name)
+    name = f"e2e-{'tiny-' if args.tiny else ''}{wan_forward.device_slug(device)}.json"
 
     def save() -> None:
-        for p in paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps(result, indent=1) + "\n")
+        timing.write_json(name, result, folder=str(args.out_dir))
 
     baseline, baseline_out = None, None
-    for name in args.variants:
-        row: dict[str, Any] = {"variant": name}
+    for variant in args.variants:
+        row: dict[str, Any] = {"variant": variant}
         if time.perf_counter() - start > args.deadline_s:
-            row["skipped"] = "deadline"
+            row.update(status="SKIP", skipped="deadline")
         else:
             try:
-                row = time_variant(name, model, params, roles, inputs, args)
+                row = time_variant(variant, model, params, roles, inputs, args)
                 out = row.pop("output").astype(jnp.float32)
-                if baseline is None and name == "bf16":
-                    baseline, baseline_out = row["time_ms"], out
-                if baseline is not None:
-                    row["speedup_vs_bf16"] = baseline / row["time_ms"]
+                if baseline_out is None and variant == "bf16" and row["status"] == "PASS":
+                    baseline, baseline_out = row, out
+                if baseline_out is not None:
                     row["rel_l2_vs_bf16"] = float(jnp.linalg.norm(out - baseline_out) / jnp.linalg.norm(baseline_out))
+                if baseline is not None and "time_ms" in row:
+                    row.update(bf16_time_ms=baseline["time_ms"], bf16_time_ms_min=baseline["time_ms_min"],
+                               speedup_vs_bf16=baseline["time_ms"] / row["time_ms"])
             except Exception as e:  # pylint: disable=broad-except
-                row["error"] = f"{type(e).__name__}: {e}"[:3000]
-                row["traceback"] = traceback.format_exc()[-4000:]
+                row.update(timing.error_row(e))
         result["rows"].append(row)
         save()
         if "time_ms" in row:
             extra = f"  x{row['speedup_vs_bf16']:.2f} vs bf16" if "speedup_vs_bf16" in row else ""
             temp = row["memory"].get("temp_size_in_bytes")
-            print(f"{name:18s} {row['time_ms']:9.1f} ms  weights {row['weight_bytes'] / 2**20:8.1f} MiB  temp "
-                  f"{'n/a' if temp is None else f'{temp / 2**20:.1f} MiB'}  compile {row['compile_s']:.0f} s{extra}",
-                  flush=True)
+            print(f"{variant:24s} PASS {row['time_ms']:9.1f} ms (min {row['time_ms_min']:9.1f})  weights "
+                  f"{row['weight_bytes'] / 2**20:8.1f} MiB  temp {'n/a' if temp is None else f'{temp / 2**20:.1f} MiB'}"
+                  f"  compile {row['compile_s']:.0f} s  {row['check']['detail']}{extra}", flush=True)
         else:
-            print(f"{name:18s} {row.get('skipped') or row.get('error', '')[:300]}", flush=True)
+            why = row.get("skipped") or (row.get("check") or {}).get("detail") or row.get("error", "")
+            print(f"{variant:24s} {row['status']:5s} {why[:300]}", flush=True)
+    result["failures"] = sum(r.get("status") in ("FAIL", "ERROR") for r in result["rows"])
+    save()
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; the result (``result["failures"]``: rows that FAILed or ERRORed)."""
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failures"] else 0)

@@ -9,7 +9,8 @@ P is rounded against the running maximum in the kernel, the final one in the ref
 the reference, and no more than 1.3x the reference's own error (+0.5%) from exact attention;
 the error against exact attention is also reported against the 3% target. Which path ran ("kernel" or "reference" fallback) is printed too.
 
-Writes ``benchmarks/check_attention-<device>.json`` (and a copy under ``$OUT`` when set).
+Writes ``benchmarks/check_attention-<device>.json`` (device, date, commit, JAX version, command;
+a copy under ``$OUT`` when set) and exits 1 if any case fails or errors.
 
     PYTHONPATH=. python3 scripts/check_attention_gpu.py [--quick]
 """
@@ -17,7 +18,6 @@ Writes ``benchmarks/check_attention-<device>.json`` (and a copy under ``$OUT`` w
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import attention as pa  # noqa: E402
 from pallas_kernels import attention_ref as ar  # noqa: E402
+from pallas_kernels import timing  # noqa: E402
 
 # The kernel quantizes P against the running row maximum and the reference against the
 # final one, so with fp8 P the two round differently (each about 2.5% from exact).
@@ -136,9 +137,8 @@ def main() -> int:
   device = jax.devices()[0]
   result = {
       "benchmark": "check_attention",
-      "command": " ".join(["python", "scripts/check_attention_gpu.py", *sys.argv[1:]]),
-      "device": device.device_kind, "jax_version": jax.__version__,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      **timing.run_metadata("scripts/check_attention_gpu.py"),
+      "jax_version": jax.__version__,
       "tolerance_kernel_vs_reference": KERNEL_VS_REFERENCE_TOL, "cases": [],
   }
   paths = [args.out_dir / f"check_attention-{device_slug(device)}.json"]

@@ -3,9 +3,13 @@
 
 Random inputs (fresh per shape, never zeros) on ragged shapes, including sizes
 that are not multiples of any tile; for each (kernel, M, K, N) prints PASS/FAIL
-with the relative Frobenius error and the max abs error, and which path ran
-(the Mosaic GPU kernel or a fallback). Writes the table to
-``benchmarks/check_kernels-<device>.txt`` (and ``$OUT`` when set).
+and which path ran (the Mosaic GPU kernel or a fallback). GEMMs are judged
+elementwise by ``pallas_kernels.testing.compare``: ``|y - y_ref| <= tol * (|x| @ |w|^T
++ |bias|) + ulp(bf16) * |y_ref|`` (the error over that bound is printed, with the
+relative Frobenius error for information); quantizers by the fraction of differing
+codes and the scale error. Writes the table, headed by the device, date, commit and
+JAX version, to ``benchmarks/check_kernels-<device>.txt`` (and ``$OUT`` when set);
+exits 1 if any case fails.
 
 Usage (on the GPU machine, repo root): ``PYTHONPATH=. python3 scripts/check_kernels_gpu.py``
 """
@@ -13,12 +17,9 @@ Usage (on the GPU machine, repo root): ``PYTHONPATH=. python3 scripts/check_kern
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import traceback
-
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -27,9 +28,8 @@ import jax  # noqa: E402
 if jax.devices()[0].platform == "gpu":
   # Exercise every kernel, also those whose default dispatch waits for a GPU check.
   os.environ.setdefault("JQUANT_PALLAS", "kernel")
-import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import testing  # noqa: E402
+from pallas_kernels import testing, timing  # noqa: E402
 
 SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-sized
     (1, 1536, 1536),
@@ -46,37 +46,16 @@ SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-
 ]
 
 
-def _compare(out, ref, case) -> tuple[bool, str]:
-  if isinstance(out, tuple):  # quantizer: (values, scales) or (values, scales, h = x @ L1)
-    q, s = (np.asarray(o.astype(jnp.float32)) for o in out[:2])
-    qr, sr = (np.asarray(o.astype(jnp.float32)) for o in ref[:2])
-    h_ok, h_detail = _compare(out[2], ref[2], case) if len(out) == 3 else (True, "")
-    diff = np.abs(q - qr)
-    frac = float(np.mean(diff > 0))
-    s_err = float(np.max(np.abs(s - sr) / np.maximum(np.abs(sr), 1e-30)))
-    frac_tol, scale_tol = case.quant_tol
-    ok = (np.isfinite(q).all() and np.isfinite(s).all() and frac <= frac_tol
-          and s_err <= scale_tol and h_ok)
-    return ok, (f"mismatch_frac={frac:.2e} max_q_diff={diff.max():.3g} scale_rel={s_err:.2e}"
-                + (f" h: {h_detail}" if h_detail else ""))
-  a = np.asarray(out.astype(jnp.float32))
-  b = np.asarray(ref.astype(jnp.float32))
-  if a.shape != b.shape:
-    return False, f"shape {a.shape} != reference {b.shape}"
-  rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-  ok = bool(np.isfinite(a).all()) and rel <= case.rel_tol
-  return ok, f"rel={rel:.2e} max_abs={float(np.abs(a - b).max()):.3g}"
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--kernels", default="", help="comma list (default: all)")
   parser.add_argument("--out", default="", help="file name in benchmarks/ (default: check_kernels-<device>.txt)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   names = [n for n in testing.CASES if not args.kernels or n in args.kernels.split(",")]
   device = jax.devices()[0]
+  meta = timing.run_metadata("scripts/check_kernels_gpu.py")
   header = (f"# check_kernels_gpu.py  device={device.device_kind}  jax={jax.__version__}"
-            f"  date={datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+            f"  date={meta['date']}  commit={meta['commit']}  JQUANT_PALLAS={os.environ.get('JQUANT_PALLAS', '')}")
   lines = [header]
   print(header, flush=True)
   failures = 0
@@ -90,7 +69,8 @@ def main() -> int:
         inputs = case.make_inputs(key, m, k, n)
         out = kernel(*inputs)
         ref = reference(*inputs)
-        ok, detail = _compare(out, ref, case)
+        verdict = testing.compare(case, out, ref, inputs)
+        ok, detail = verdict["ok"], verdict["detail"]
         path = testing.kernel_path(name, inputs)
       except Exception as exc:  # pylint: disable=broad-except
         ok, path = False, "error"

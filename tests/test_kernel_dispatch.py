@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from _bounds import assert_dot_close
 
 import jquant
 from jquant.dispatch import linear
@@ -16,10 +17,16 @@ from pallas_kernels import dispatch as kd
 from pallas_kernels import act_quant, lowrank_quant, w4_table, w4a8, w8a8, weight_only
 
 
+#: The per-shape rule with every covered layer on its kernel (the paths these tests check).
+KERNELS_EVERYWHERE = {kind: ((None, paths[0]),) for kind, paths in kd.KIND_PATHS.items()}
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     calls = []
     monkeypatch.setattr(kd, "on_gpu", lambda: True)
+    monkeypatch.setattr(kd, "PATH_TABLE", {})
+    monkeypatch.setattr(kd, "DEFAULT_RULE", KERNELS_EVERYWHERE)
     monkeypatch.setattr(w8a8, "supports", lambda *a, **k: True)
     # The GPU checks pass; the shape rules (scale blocks the kernel takes) still apply.
     monkeypatch.setattr(weight_only, "supports", lambda x, group_size=128, decode="int": group_size in weight_only.TABLE_BLOCKS)
@@ -167,7 +174,7 @@ def test_dynamic_token_activations_go_through_the_quantizer_kernel(fake_gpu, mon
 def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, monkeypatch, fused):
     # linear(..., hadamard=True) is linear(apply_hadamard(x), ...): the rotation runs inside the
     # quantizer kernel where it takes the width, else in XLA before the usual paths.
-    from jquant.algorithms.hadamard import apply_hadamard
+    from jquant.hadamard import apply_hadamard
 
     seen = []
     monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: fused or not hadamard)
@@ -185,3 +192,138 @@ def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, mo
     lr = (jnp.zeros((256, 16)), jnp.zeros((16, 72)))
     linear(x, w, act=a, backend="auto", hadamard=True, lowrank=lr)
     assert seen == [False]
+
+
+# --------------------------------------------------------------------------
+# The per-shape path rule (pallas_kernels.dispatch.choose_path / derive_table).
+# --------------------------------------------------------------------------
+
+
+def test_default_rule_keeps_w8a8_off_the_kernel_at_small_m():
+    table = {}
+    for m, want in [(1, "w16"), (16, "w16"), (256, "w16"), (1024, "w16"), (1025, "w8a8"), (32760, "w8a8")]:
+        assert kd.choose_path("int8/w8a8", m, 1536, 1536, table=table) == want, m
+        assert kd.choose_path("fp8/w8a8", m, 1536, 8960, table=table) == want, m
+    assert kd.choose_path("int4g128/w16", 1, 1536, 1536, table=table) == "w16"
+
+
+def test_layer_kind():
+    def kind(wspec, act=None, act_scale=None):
+        w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
+        return kd.layer_kind(w, None if act is None else jquant.parse_spec(act), act_scale)
+
+    assert kind("int8", "int8/token") == "int8/w8a8"
+    assert kind("fp8_e4m3", "fp8_e4m3/token") == "fp8/w8a8"
+    assert kind("int8") == "int8/w16"
+    assert kind("int4/g128") == "int4g128/w16"
+    assert kind("int8", "int8/token", jnp.float32(0.1)) is None  # static scales: as before
+    for wspec, act in [("int4/g32", None), ("nf4/g64", None), ("int4", "int8/token"), ("int8", "fp8_e4m3/token")]:
+        assert kind(wspec, act) is None, (wspec, act)
+
+
+def _rows(kind, k, n, times, status="PASS"):
+    return [{"kind": kind, "k": k, "n": n, "m": m, "path": path, "us": us, "status": status}
+            for m, by_path in times.items() for path, us in by_path.items()]
+
+
+def test_derive_table_picks_the_fastest_passing_path_per_m():
+    rows = _rows("int8/w8a8", 1536, 1536, {
+        1: {"w8a8": 21.8, "xla_w8a8": 12.0, "w16": 5.0, "xla_w16": 9.0},
+        16: {"w8a8": 22.0, "xla_w8a8": 12.0, "w16": 5.5, "xla_w16": 9.0},
+        256: {"w8a8": 25.0, "xla_w8a8": 20.0, "w16": 30.0, "xla_w16": 19.0},
+        4096: {"w8a8": 34.0, "xla_w8a8": 40.0, "w16": 41.0, "xla_w16": 41.0},
+        32760: {"w8a8": 176.0, "xla_w8a8": 230.0, "w16": 240.0, "xla_w16": 240.0}})
+    rows += [{"kind": "int8/w8a8", "k": 1536, "n": 1536, "m": 1, "path": "w16", "us": 0.1, "status": "FAIL"}]
+    table = kd.derive_table(rows)
+    # 1 and 16 -> w16 up to sqrt(16 * 256) = 64; 256 -> xla_w16 up to sqrt(256 * 4096) = 1024.
+    assert table[("int8/w8a8", 1536, 1536)] == ((64, "w16"), (1024, "xla_w16"), (None, "w8a8"))
+    assert table[("int8/w8a8", 0, 0)] == table[("int8/w8a8", 1536, 1536)]  # one shape: same default
+    for m, want in [(1, "w16"), (64, "w16"), (65, "xla_w16"), (1024, "xla_w16"), (1025, "w8a8")]:
+        assert kd.choose_path("int8/w8a8", m, 1536, 1536, table=table) == want
+    # Unmeasured (K, N): the kind's default entry.
+    assert kd.choose_path("int8/w8a8", 300, 4096, 1536, table=table) == "xla_w16"
+
+
+def test_derive_table_default_minimises_the_worst_slowdown():
+    rows = (_rows("int8/w16", 1536, 1536, {1: {"w16": 10.0, "xla_w16": 9.0}})
+            + _rows("int8/w16", 1536, 8960, {1: {"w16": 10.0, "xla_w16": 30.0}})
+            + _rows("int8/w16", 8960, 1536, {1: {"w16": 12.0}}))  # xla_w16 missing there: infinitely slow
+    table = kd.derive_table(rows)
+    assert table[("int8/w16", 1536, 1536)] == ((None, "xla_w16"),)
+    assert table[("int8/w16", 1536, 8960)] == ((None, "w16"),)
+    assert table[("int8/w16", 0, 0)] == ((None, "w16"),)  # worst case 1.11x, against 3x
+
+
+def test_path_table_is_what_the_benchmark_json_gives():
+    # PATH_TABLE must be derive_table of the committed measurement (and empty without one).
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dispatch-NVIDIA_H200.json"
+    if not path.exists():
+        assert kd.PATH_TABLE == {}
+        return
+    rows = json.loads(path.read_text())["rows"]
+    assert kd.PATH_TABLE == kd.derive_table([r for r in rows if r.get("section") == "paths"])
+
+
+@pytest.fixture
+def measured_rule(fake_gpu, monkeypatch):
+    """fake_gpu with a measured-looking rule: weight-only product below M=1024, W8A8 kernel above;
+    weight-only layers: kernel up to 64 tokens, XLA above."""
+    rule = {"int8/w8a8": ((64, "w16"), (1024, "xla_w16"), (None, "w8a8")),
+            "fp8/w8a8": ((1024, "xla_w8a8"), (None, "w8a8")),
+            "int8/w16": ((64, "w16"), (None, "xla_w16")), "int4g128/w16": ((None, "w16"),)}
+    monkeypatch.setattr(kd, "DEFAULT_RULE", rule)
+    return fake_gpu
+
+
+@pytest.mark.parametrize("m, want", [(10, ["w8a16"]), (300, []), (1030, ["int8"])])
+def test_w8a8_layer_takes_the_rule_path(measured_rule, m, want):
+    x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
+    a = jquant.parse_spec("int8/token")
+    y = linear(x, w, act=a, backend="auto")
+    assert measured_rule == want
+    # Below the W8A8 threshold the layer is its weight-only product (bf16 activations).
+    y_ref = linear(x, w, act=a if m > 1024 else None, backend="xla")
+    err = float(jnp.linalg.norm((y - y_ref).astype(jnp.float32)) / jnp.linalg.norm(y_ref.astype(jnp.float32)))
+    assert err < 1e-2, err
+    # JQUANT_BACKEND=pallas (force) bypasses the rule: the W8A8 kernel runs at every M.
+    measured_rule.clear()
+    linear(x, w, act=a, backend="pallas")
+    assert measured_rule == ["int8"]
+
+
+def test_xla_paths_and_weight_only_rule(measured_rule):
+    x = jax.random.normal(jax.random.key(0), (10, 256), jnp.float32).astype(jnp.bfloat16)
+    w8 = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "fp8_e4m3")
+    a8 = jquant.parse_spec("fp8_e4m3/token")
+    y = linear(x, w8, act=a8, backend="auto")  # xla_w8a8: jquant's XLA path, activations quantized
+    assert measured_rule == []
+    chex.assert_trees_all_equal(y, linear(x, w8, act=a8, backend="xla"))
+    wi = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
+    linear(x, wi, backend="auto")
+    assert measured_rule == ["w8a16"]
+    measured_rule.clear()
+    x_big = jnp.concatenate([x] * 10)  # 100 tokens: xla_w16
+    linear(x_big, wi, backend="auto")
+    assert measured_rule == []
+
+
+def test_online_hadamard_with_the_weight_only_product(measured_rule, monkeypatch):
+    # hadamard=True on a layer whose rule drops the activation quantizer: rotated in XLA, then
+    # the weight-only product of the rotated activations.
+    from jquant.hadamard import apply_hadamard
+
+    monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: True)
+    x = jax.random.normal(jax.random.key(0), (6, 256), jnp.float32).astype(jnp.bfloat16)
+    w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
+    a = jquant.parse_spec("int8/token")
+    y = linear(x, w, act=a, backend="auto", hadamard=True)
+    assert measured_rule == ["w8a16"]
+    xr = apply_hadamard(x, axis=-1).astype(x.dtype)
+    y_ref = linear(xr, w, backend="xla")
+    # Both round to bf16 (one unit in the last place each) from sums of exact products.
+    assert_dot_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), xr.astype(jnp.float32),
+                     jquant.dequantize(w, jnp.float32).T, tol=2**-7, what="weight-only product of rotated x")

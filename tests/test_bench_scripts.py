@@ -1,0 +1,141 @@
+"""The three GPU benchmarks on the CPU: --help, tiny dry runs, and a wrong kernel fails loudly.
+
+Each script checks every timed output against its reference before timing it; a kernel that
+computes something else must be a FAIL row (not a speed) and make the script exit non-zero,
+and every PASS row must carry the median and the minimum time. The scripts run in this
+process (``main(argv)``) on tiny shapes, their JSON written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import testing
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _no_out(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+
+
+def _meta_ok(meta: dict) -> None:
+    for key in ("device", "date", "commit", "jax", "command"):
+        assert meta.get(key), key
+
+
+@pytest.mark.parametrize("name", ["bench_kernels", "bench_attention", "bench_e2e"])
+def test_help(name, capsys):
+    module = _load(name)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_bench_kernels_fails_loudly_on_a_wrong_kernel(tmp_path, monkeypatch):
+    bench = _load("bench_kernels")
+    good = testing.CASES["w8a8_int8"]
+
+    def wrong(*args, **kwargs):  # 5% too large: the kind of error a bad scale makes
+        return (good.reference(*args, **kwargs).astype(jnp.float32) * 1.05).astype(jnp.bfloat16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("deliberately broken")
+
+    monkeypatch.setitem(testing.CASES, "w8a8_int8", dataclasses.replace(good, kernel=wrong))
+    monkeypatch.setitem(testing.CASES, "w8a16", dataclasses.replace(testing.CASES["w8a16"], kernel=broken))
+    out = tmp_path / "kernels.json"
+    rc = bench.main(["--tiny", "--kernels", "w8a8_int8,w4a16,w8a16", "--m", "4", "--out", str(out)])
+    assert rc == 1
+    record = json.loads(out.read_text())
+    _meta_ok(record["meta"])
+    rows = {r["kernel"]: r for r in record["rows"]}
+    assert rows["w8a8_int8"]["status"] == "FAIL" and "us" not in rows["w8a8_int8"]
+    assert rows["w8a8_int8"]["check"]["bound_ratio"] > 1
+    assert rows["w8a16"]["status"] == "ERROR" and "deliberately broken" in rows["w8a16"]["error"]
+    # W4A16 times its prepared form (W4Prepared weights): checked, timed, median and min.
+    for name in ("w4a16", "xla_bf16", "xla_int8"):
+        row = rows[name]
+        assert row["status"] == "PASS", row
+        assert row["runs"] >= 10 and 0 < row["us_min"] <= row["us"], row
+    assert rows["w4a16"]["xla_bf16_us"] > 0 and rows["w4a16"]["xla_bf16_us_min"] > 0
+    assert record["meta"]["failures"] == 2
+
+
+def test_bench_kernels_dispatch_dry_run(tmp_path):
+    bench = _load("bench_kernels")
+    out = tmp_path / "dispatch.json"
+    rc = bench.main(["--tiny", "--dispatch", "--m", "1", "--kn", "256:128", "--kernels", "int8/w8a8",
+                     "--out", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    _meta_ok(record["meta"])
+    paths = [r for r in record["rows"] if r.get("section") == "paths"]
+    assert {r["path"] for r in paths} == {"w8a8", "xla_w8a8", "w16", "xla_w16"}
+    timed = [r for r in paths if r["status"] == "PASS"]
+    assert timed and all(0 < r["us_min"] <= r["us"] and r["xla_bf16_us"] > 0 for r in timed)
+    table = {tuple(key): entries for *key, entries in record["meta"]["table"]}
+    assert ("int8/w8a8", 256, 128) in table and ("int8/w8a8", 0, 0) in table
+    assert any(r.get("section") == "verify" and r["path"] == "auto" for r in record["rows"])
+
+
+def test_bench_attention_fails_loudly_on_a_wrong_kernel(tmp_path, monkeypatch):
+    bench = _load("bench_attention")
+    variant_fn = bench.variant_fn
+
+    def wrong_variant_fn(variant, block_k):
+        fn, prepare, finish, reference, pv = variant_fn(variant, block_k)
+        if variant != "kernel-int8-bf16":
+            return fn, prepare, finish, reference, pv
+        return (lambda *a: (fn(*a).astype(jnp.float32) * 1.1).astype(jnp.bfloat16)), prepare, finish, reference, pv
+
+    monkeypatch.setattr(bench, "variant_fn", wrong_variant_fn)
+    rc = bench.main(["--tiny", "--variants", "xla,kernel-int8-bf16,total-int8-fp8", "--out-dir", str(tmp_path)])
+    assert rc == 1
+    record = json.loads(next(tmp_path.glob("attention-*-tiny.json")).read_text())
+    _meta_ok(record)
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert rows["kernel-int8-bf16"]["status"] == "FAIL" and "us" not in rows["kernel-int8-bf16"]
+    for name in ("xla", "total-int8-fp8"):
+        assert rows[name]["status"] == "PASS", rows[name]
+        assert rows[name]["runs"] >= 10 and 0 < rows[name]["us_min"] <= rows[name]["us"]
+    assert record["failures"] == 1
+
+
+@pytest.mark.slow
+def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
+    bench = _load("bench_e2e")
+    step_fn = bench.step_fn
+
+    def wrong_step_fn(model, act, attention):
+        step = step_fn(model, act, attention)
+        if act is None or os.environ.get("JQUANT_PALLAS") == "reference":
+            return step  # bf16, and every reference step, stay right
+        return jax.jit(lambda *a: step(*a) * 1.2)
+
+    monkeypatch.setattr(bench, "step_fn", wrong_step_fn)
+    result = bench.main(["--tiny", "--variants", "bf16,w8a8", "--text-len", "8", "--out-dir", str(tmp_path)])
+    assert result["failures"] == 1
+    record = json.loads(next(tmp_path.glob("e2e-tiny-*.json")).read_text())
+    _meta_ok(record)
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert rows["w8a8"]["status"] == "FAIL" and "time_ms" not in rows["w8a8"]
+    assert rows["bf16"]["status"] == "PASS" and len(rows["bf16"]["times_ms"]) >= 10
+    assert 0 < rows["bf16"]["time_ms_min"] <= rows["bf16"]["time_ms"]
