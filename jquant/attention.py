@@ -39,6 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax.linen import module as linen_module
+
+from jquant.models.attention import attention_hook
+from jquant.models.loading import PORTS
+from jquant.models.roles import ROLES
 from pallas_kernels import attention as _kernel
 
 
@@ -67,7 +72,6 @@ class AttentionPolicy:
         except re.error as e:
             raise ValueError(f"quantized_attention: layers={self.layers!r} is not a regex: {e}") from e
         if self.roles is not None:
-            from jquant.models.roles import ROLES  # pylint: disable=import-outside-toplevel
 
             unknown = set(self.roles) - ROLES
             if isinstance(self.roles, str) or unknown:
@@ -114,7 +118,8 @@ def quantized_attention(
                              roles=None if roles is None else tuple(roles), min_kv_tokens=min_kv_tokens)
     _stack().append(policy)
     try:
-        yield policy
+        with attention_hook(maybe_quantized):
+            yield policy
     finally:
         _stack().pop()
 
@@ -141,7 +146,6 @@ def step_schedule(num_steps: int, *, float_first: int = 0, float_last: int = 0) 
 
 def current_module_path() -> str | None:
     """'/'-joined scope path of the Flax linen module being called, or None outside one."""
-    from flax.linen import module as linen_module  # pylint: disable=import-outside-toplevel
 
     stack = linen_module._context.module_stack  # pylint: disable=protected-access
     module = stack[-1] if stack else None
@@ -152,7 +156,6 @@ def current_module_path() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _role_rules() -> tuple[tuple[re.Pattern[str], tuple[str, ...]], ...]:
-    from jquant.models.loading import PORTS  # pylint: disable=import-outside-toplevel
 
     rules = []
     for port in PORTS:

@@ -1,15 +1,42 @@
 """The one attention function every port calls, and rotary position embedding.
 
 Layout everywhere is [batch, tokens, heads, head_dim]. Keeping a single entry point means
-a quantized or fused attention kernel can be swapped in here without touching the ports.
+a quantized or fused attention kernel can be swapped in here without touching the ports:
+a library installs a hook for the duration of a ``with attention_hook(fn):`` block
+(``jquant.attention.quantized_attention`` does), and the ports import nothing of it.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS: tuple[str | None, ...] = (None, "xla", "cudnn")
+
+#: ``hook(q, k, v, mask, implementation) -> output or None`` (None: not handled, fall through).
+AttentionHook = Callable[[jax.Array, jax.Array, jax.Array, "jax.Array | None", "str | None"], "jax.Array | None"]
+_HOOKS = threading.local()
+
+
+def _hooks() -> list[AttentionHook]:
+    if not hasattr(_HOOKS, "stack"):
+        _HOOKS.stack = []
+    return _HOOKS.stack
+
+
+@contextlib.contextmanager
+def attention_hook(hook: AttentionHook) -> Iterator[None]:
+    """Offer every :func:`attention` call traced in this block (this thread) to ``hook`` first;
+    the innermost hook that returns an array wins."""
+    _hooks().append(hook)
+    try:
+        yield
+    finally:
+        _hooks().remove(hook)
 
 
 def attention(
@@ -30,13 +57,10 @@ def attention(
         raise ValueError(f"attention: implementation={implementation!r}, expected one of {IMPLEMENTATIONS}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: expected [B, T, H, D] inputs, got q{q.shape} k{k.shape} v{v.shape}")
-    # Inside `with jquant.attention.quantized_attention(...)` the calls that policy selects
-    # run as quantized attention (docs/attention.md); everything else is unchanged.
-    from jquant.attention import maybe_quantized
-
-    quantized = maybe_quantized(q, k, v, mask, implementation)
-    if quantized is not None:
-        return quantized
+    for hook in reversed(_hooks()):  # e.g. jquant's quantized attention (docs/attention.md)
+        out = hook(q, k, v, mask, implementation)
+        if out is not None:
+            return out
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
