@@ -75,8 +75,8 @@ PATH_TABLE: dict[tuple[str, int, int], tuple[tuple[int | None, str], ...]] = {}
 
 #: For shapes PATH_TABLE lacks, per layer kind. derive_table's "default" entries replace these
 #: with the path of least worst-case slowdown over the measured shapes at each M. Until then
-#: (measured on an H200, 2026-11-26, before this rule): the W8A8 int8 kernel at M=1 took 21.8 us
-#: where XLA's bf16 dot took 6.0 us (0.27x; 3072 x 3072), the weight-only kernels at M=1 ran
+#: (H200 numbers from before this rule): the W8A8 int8 kernel at M=1 took 21.8 us where XLA's
+#: bf16 dot took 6.0 us (0.27x; reported in the issue, no JSON row), the weight-only kernels at M=1 ran
 #: 0.47-1.84x bf16 and at M=16 0.94-1.63x (kernels-weight_only-NVIDIA_H200.json), and the W8A8
 #: kernel 1.41-2.16x bf16 from M=4096 (kernels-w4a8-, kernels-m32760-NVIDIA_H200.json): W8A8
 #: runs its kernel from M > 1024 (the geometric midpoint of 256 and 4096) and its weight-only
