@@ -76,7 +76,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 def unknown_recipe_message(name: str, known: Iterable[str]) -> str:
     """``unknown recipe 'x'; did you mean 'y'?`` (difflib), or why a registered-but-missing
     recipe is not available."""
-    from jquant import recipe as rc
+    from jquant.pipeline import recipes as rc
 
     if name in rc.MISSING:
         return f"recipe {name!r} is not available: {rc.MISSING[name]}"
@@ -87,7 +87,7 @@ def unknown_recipe_message(name: str, known: Iterable[str]) -> str:
 
 
 class UnknownRecipeError(KeyError):
-    """An unknown recipe name (a KeyError, like :func:`jquant.recipe.get`'s), printed without
+    """An unknown recipe name (a KeyError, like :func:`jquant.pipeline.recipes.get`'s), printed without
     KeyError's quotes."""
 
     def __str__(self) -> str:
@@ -164,7 +164,7 @@ def format_table() -> str:
         spec = f.parse_spec(name)
         fmt = spec.format
         if name in f.CODEC_FORMATS:
-            from jquant.algorithms.kquants import get_codec
+            from jquant.codecs import get_codec
 
             c = get_codec(name)
             kind, bits = "codec", f"{c.bits_per_weight:g}"

@@ -1,9 +1,9 @@
 """`jquant demo`: the bundled tiny video model through a set of quantization recipes.
 
-Loads `models/assets/tiny_wan` (a small Wan2.1-architecture model trained on moving digits by
+Loads `jquant/models/assets/tiny_wan` (a small Wan2.1-architecture model trained on moving digits by
 `scripts/train_tiny.py`), samples one clip per digit class with the jitted flow-match Euler
 sampler and classifier-free guidance in full precision, then quantizes it with each recipe of
-`jquant.recipe` (calibrating on the denoising trajectory: several seeds and classes, every
+`jquant.pipeline.recipes` (calibrating on the denoising trajectory: several seeds and classes, every
 step, both CFG branches) and samples again on the same noise and classes.
 
 Default recipes (fast on a 2-core CPU; ``--recipes all`` runs every registered one):
@@ -253,7 +253,7 @@ def _finite_or_none(x: Any) -> Any:
 def resolve_recipes(names: str | Sequence[str]) -> list[str]:
     """``"all"``, a comma-separated string or a sequence of registered recipe names; an
     unknown name raises a KeyError with a "did you mean" suggestion."""
-    from jquant import recipe as rc
+    from jquant.pipeline import recipes as rc
     from jquant.cli import UnknownRecipeError, unknown_recipe_message
 
     if isinstance(names, str):
@@ -283,7 +283,7 @@ def run_demo(
     Calibration uses `calib_samples` samples of its own noise seed (not the evaluation's).
     `progress` reports each model's phase on stderr (see :class:`Status`).
     """
-    from jquant import recipe as rc
+    from jquant.pipeline import recipes as rc
     from jquant.models import tiny_wan as tw
     from jquant.pipeline.calibrate import CalibrationConfig, quantize
     from jquant.pipeline.denoiser import tiny_wan_bundle

@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels import _common
+from jquant.hadamard import kron_split
+from pallas_kernels import _common, _quant, hadamard_gather, triton_quant
+from pallas_kernels._quant import (  # noqa: F401 (part of this module's API)
+    CHUNK, SCALE_FLOOR, SINGLE_PASS_MAX, QuantizerConfig, pick_config, padded_width, round_to_bf16)
 
-CHUNK = 1024
-#: Widest row (padded to a power of two) the single-pass kernel holds in registers.
-SINGLE_PASS_MAX = 16384
 #: The Pallas quantizer matched the reference bit for bit on an H200 (codes and
 #: scales, 9 shapes incl. ragged; benchmarks/check_kernels-NVIDIA_H200.txt).
 GPU_VERIFIED = True
@@ -56,35 +56,12 @@ HADAMARD_GPU_VERIFIED = True
 #: design (benchmarks/jax_triton_eval-NVIDIA_H200.json), so ``method="auto"`` prefers it where
 #: the ``gpu`` extra is installed.
 TRITON_GPU_VERIFIED = True
-_QMAX = {"int8": 127.0, "fp8": 448.0}
-_QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizerConfig:
-  """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones."""
-
-  rows: int = 2
-  warps: int = 4
-  single_pass: bool = True
 
 
-def pick_config(k: int) -> QuantizerConfig:
-  """Single pass with 8K values per 4-warp program (16K rows: one row, 8 warps), else chunked.
-
-  Measured on an H200 (``benchmarks/act_quant_sweep-NVIDIA_H200.json``): 8K values per
-  program with 4 warps beat 16K with 8 or 16 warps and the chunked kernel at every K."""
-  width = padded_width(k)
-  if width > SINGLE_PASS_MAX:
-    return QuantizerConfig(rows=4, warps=4, single_pass=False)
-  if width > 8192:
-    return QuantizerConfig(rows=1, warps=8, single_pass=True)
-  return QuantizerConfig(rows=max(1, 8192 // width), warps=4, single_pass=True)
 
 
-def padded_width(k: int) -> int:
-  """K padded to a power of two (Triton block shapes are powers of two)."""
-  return 1 << max(0, (k - 1).bit_length())
 
 
 #: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
@@ -115,7 +92,6 @@ def hadamard_layout(k: int) -> HadamardLayout | None:
   """The fused layout for width ``k``, or None where the kernel does not take it (block-diagonal
   fallback plans, an inner Sylvester factor under 16, or more than ``HADAMARD_OUTER_MAX``
   leading blocks: Wan's 8960 and 13824 FFN widths)."""
-  from jquant.hadamard import kron_split  # pylint: disable=g-import-not-at-top
 
   best = None
   for inner_max in (16, 32, 64, 128, 256):
@@ -148,99 +124,32 @@ def hadamard_config(lay: HadamardLayout) -> QuantizerConfig:
   return QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
 
 
-def _round_half_even(v: jax.Array) -> jax.Array:
-  """Round to nearest, ties to even, from floor and exact f32 differences.
-
-  Triton has no round primitive, and the usual ``(v + 1.5*2**23) - 1.5*2**23``
-  trick is folded away by XLA's simplifier (so it would not survive the CPU
-  interpreter); ``v - floor(v)`` is exact, so this matches ``jnp.round``.
-  """
-  f = jnp.floor(v)
-  d = v - f
-  odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
-  up = (d > 0.5) | ((d == 0.5) & odd)
-  return f + jnp.where(up, 1.0, 0.0)
 
 
-def _rint(v: jax.Array, interpret: bool) -> jax.Array:
-  """Round half to even: one ``cvt.rni`` per value on the GPU, ``floor`` arithmetic elsewhere."""
-  if interpret:
-    return _round_half_even(v)
-  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
-
-  (r,) = pltriton.elementwise_inline_asm(
-      "cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
-  return r
 
 
-def _to_q(v: jax.Array, fmt: str, interpret: bool = True) -> jax.Array:
-  qmax = _QMAX[fmt]
-  v = jnp.clip(v, -qmax, qmax)
-  if fmt == "int8":
-    v = _rint(v, interpret)
-  return v.astype(_QDTYPE[fmt])
 
 
-#: jquant's scale floor (``jquant.qarray.compute_scales``): an all-zero row gets it, and codes 0.
-SCALE_FLOOR = 1e-12
 
 
-def _scale_of(amax: jax.Array, fmt: str) -> jax.Array:
-  return jnp.maximum(amax / _QMAX[fmt], SCALE_FLOOR).astype(jnp.float32)
 
 
-def _check(x):
-  _common.check_rank("quantize: x", x, 2)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"quantize: x must be floating point, got {x.dtype}")
 
 
-def _reference(x, fmt, hadamard: bool = False):
-  _check(x)
-  xf = x.astype(jnp.float32)
-  if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
-    from jquant.hadamard import apply_hadamard  # pylint: disable=g-import-not-at-top
-
-    # The rounding on the bits: XLA's GPU simplifier drops an f32 -> bf16 -> f32 round trip
-    # (excess precision), which left this reference quantizing unrounded rows on the GPU.
-    xf = apply_hadamard(xf, axis=-1)
-    xf = round_to_bf16(xf) if x.dtype == jnp.bfloat16 else xf.astype(x.dtype).astype(jnp.float32)
-  scale = _scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
-  q = jnp.clip(xf / scale, -_QMAX[fmt], _QMAX[fmt])
-  if fmt == "int8":
-    q = jnp.round(q)
-  return q.astype(_QDTYPE[fmt]), scale
 
 
 def quantize_int8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Plain-JAX per-token int8 quantization: ``(int8[M, K], f32[M, 1])``."""
-  return _reference(x, "int8")
+  return _quant.reference(x, "int8")
 
 
 def quantize_fp8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Plain-JAX per-token fp8 e4m3 quantization: ``(e4m3[M, K], f32[M, 1])``."""
-  return _reference(x, "fp8")
+  return _quant.reference(x, "fp8")
 
 
-def _bf16_parts(v: jax.Array, n: int) -> list[jax.Array]:
-  """``n`` bf16 pieces summing to ``v`` (three hold a float32 exactly): products with +-1
-  matrices on bf16 tensor cores stay exact whatever precision the dot would pick for float32."""
-  parts = []
-  for _ in range(n):
-    p = v.astype(jnp.bfloat16)
-    parts.append(p)
-    v = v - p.astype(jnp.float32)
-  return parts
 
 
-def _pm1_dot(v: jax.Array, m: jax.Array, pieces: int) -> jax.Array:
-  """``v @ m`` in float32 for a +-1 / 0 bf16 matrix ``m``, as ``pieces`` exact bf16 products."""
-  out = None
-  for p in _bf16_parts(v, pieces):
-    d = jnp.dot(p, m, preferred_element_type=jnp.float32)
-    out = d if out is None else out + d
-  return out
 
 
 def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.Array:
@@ -248,25 +157,16 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
   jquant.nn's XLA path: the inner Sylvester product, then the leading-block mix."""
   rows = v.shape[0]
   # bf16 rows are one exact piece; float32 rows take three.
-  z = _pm1_dot(v.reshape(rows * lay.outer, lay.inner), h_s[...], 1 if dtype == jnp.bfloat16 else 3)
+  z = _quant.pm1_dot(v.reshape(rows * lay.outer, lay.inner), h_s[...], 1 if dtype == jnp.bfloat16 else 3)
   if lay.outer > 1:
     z = z.reshape(rows, lay.outer, lay.inner).transpose(0, 2, 1).reshape(rows * lay.inner, lay.outer)
-    z = _pm1_dot(z, h_o[...], 3).reshape(rows, lay.inner, lay.outer).transpose(0, 2, 1)
+    z = _quant.pm1_dot(z, h_o[...], 3).reshape(rows, lay.inner, lay.outer).transpose(0, 2, 1)
   y = z.reshape(rows, lay.width) * np.float32(1.0 / math.sqrt(k))
   if dtype == jnp.bfloat16:
     return round_to_bf16(y)
   return y.astype(dtype).astype(jnp.float32)
 
 
-def round_to_bf16(y: jax.Array) -> jax.Array:
-  """float32 -> nearest bf16 (ties to even), kept in float32, with integer ops on the bits.
-
-  ``y.astype(bf16).astype(f32)`` means the same, but a compiler may fold that round trip away
-  (XLA's GPU simplifier does: excess precision); bit arithmetic cannot be folded. Finite inputs
-  only (activations)."""
-  bits = lax.bitcast_convert_type(y, jnp.uint32)
-  bias = jnp.uint32(0x7FFF) + ((bits >> jnp.uint32(16)) & jnp.uint32(1))
-  return lax.bitcast_convert_type((bits + bias) & jnp.uint32(0xFFFF0000), jnp.float32)
 
 
 def _kernel(x_ref, *refs, m: int, k: int, fmt: str, cfg: QuantizerConfig,
@@ -299,19 +199,19 @@ def _kernel(x_ref, *refs, m: int, k: int, fmt: str, cfg: QuantizerConfig,
 
   def store(c, v, scale):
     idx, mask = block(c)
-    pltriton.store(q_ref.at[idx], _to_q(v / scale[:, None], fmt, interpret), mask=mask)
+    pltriton.store(q_ref.at[idx], _quant.to_q(v / scale[:, None], fmt, interpret), mask=mask)
 
   if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
     v = load(0)
     if lay is not None:
       v = _rotate(v, h_s, h_o, lay, k, x_ref.dtype)
-    scale = _scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
+    scale = _quant.scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
     store(0, v, scale)
   else:
     n_chunks = _common.cdiv(k, CHUNK)
     amax = lax.fori_loop(0, n_chunks, lambda c, acc: jnp.maximum(acc, jnp.max(jnp.abs(load(c)), axis=1)),
                          jnp.zeros((rows,), jnp.float32))
-    scale = _scale_of(amax, fmt)
+    scale = _quant.scale_of(amax, fmt)
 
     def quant_step(c, carry):
       store(c, load(c), scale)
@@ -332,7 +232,7 @@ def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-  _check(x)
+  _quant.check(x)
   m, k = x.shape
   lay = None
   extra = ()
@@ -351,7 +251,7 @@ def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
     raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
   call = pl.pallas_call(
       functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay),
-      out_shape=(jax.ShapeDtypeStruct((m, k), _QDTYPE[fmt]),
+      out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),
                  jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(_common.cdiv(m, cfg.rows),),
       interpret=interpret,
@@ -363,7 +263,7 @@ def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
 
 
 def _quantize(x, fmt, method, hadamard=False):
-  _check(x)
+  _quant.check(x)
   if method not in ("auto", "pallas", "triton", "xla"):
     raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
   if method == "pallas":
@@ -372,18 +272,16 @@ def _quantize(x, fmt, method, hadamard=False):
   if method == "triton":
     if hadamard:
       raise ValueError("quantize: the jax-triton quantizer has no fused Hadamard; use method='pallas'")
-    from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
 
     return triton_quant.quantize(x, fmt)
   if method == "auto" and supports(x, hadamard):
     if hadamard:
       return _fused_hadamard(x, fmt)
     if _triton_usable(x):
-      from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
 
       return triton_quant.quantize(x, fmt)
     return quantize_pallas(x, fmt)
-  return _reference(x, fmt, hadamard)
+  return _quant.reference(x, fmt, hadamard)
 
 
 def _fused_hadamard(x: jax.Array, fmt: str, interpret: bool = False):
@@ -391,14 +289,12 @@ def _fused_hadamard(x: jax.Array, fmt: str, interpret: bool = False):
   gathered multi-axis view (:mod:`pallas_kernels.hadamard_gather`, e.g. Wan's 8960)."""
   if hadamard_layout(x.shape[1]) is not None:
     return quantize_pallas(x, fmt, interpret=interpret, hadamard=True)
-  from pallas_kernels import hadamard_gather  # pylint: disable=g-import-not-at-top
 
   return hadamard_gather.quantize_hadamard_gather(x, fmt, interpret=interpret)
 
 
 def _fused_hadamard_takes(k: int) -> bool:
   """Whether a fused rotation exists for width ``k`` and is verified (or forced) on the GPU."""
-  from pallas_kernels import hadamard_gather  # pylint: disable=g-import-not-at-top
 
   if hadamard_layout(k) is not None:
     return _common.kernel_enabled(HADAMARD_GPU_VERIFIED)
@@ -407,7 +303,6 @@ def _fused_hadamard_takes(k: int) -> bool:
 
 def _triton_usable(x: jax.Array) -> bool:
   """The jax-triton quantizer (``gpu`` extra) where it is installed, verified and takes K."""
-  from pallas_kernels import triton_quant  # pylint: disable=g-import-not-at-top
 
   return (TRITON_GPU_VERIFIED and triton_quant.available()
           and padded_width(x.shape[1]) <= SINGLE_PASS_MAX)

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _common
-from pallas_kernels import act_quant
+from jquant.hadamard import kron_factors
+from pallas_kernels import _common, _quant
 
 #: Passed scripts/check_kernels_gpu.py's ``act_quant_hadamard_wide`` case on an H200 at K=8960
 #: (M=300 and 2051; benchmarks/check_kernels-hadamard_wide-NVIDIA_H200.txt). That run's one
@@ -54,16 +54,15 @@ class GatherLayout:
 
 
 def _pad(order: int) -> int:
-  return max(16, act_quant.padded_width(order))
+  return max(16, _quant.padded_width(order))
 
 
 @functools.lru_cache(maxsize=64)
 def gather_layout(k: int) -> GatherLayout | None:
   """The grouping of jquant's order-``k`` Kronecker factors into two or more groups with the
   fewest multiply-adds per value (padding counted), every group padded to at most
-  :data:`GROUP_MAX` and the padded row at most ``act_quant.SINGLE_PASS_MAX`` lanes; None where
+  :data:`GROUP_MAX` and the padded row at most ``_quant.SINGLE_PASS_MAX`` lanes; None where
   there is none (or an exact plan is missing)."""
-  from jquant.hadamard import kron_factors  # pylint: disable=g-import-not-at-top
 
   if k < MIN_K:
     return None
@@ -84,7 +83,7 @@ def gather_layout(k: int) -> GatherLayout | None:
       continue
     dims = tuple(math.prod(f.shape[0] for f in g) for g in groups)
     pads = tuple(_pad(d) for d in dims)
-    if max(pads) > GROUP_MAX or math.prod(pads) > act_quant.SINGLE_PASS_MAX:
+    if max(pads) > GROUP_MAX or math.prod(pads) > _quant.SINGLE_PASS_MAX:
       continue
     cost = (sum(pads) * math.prod(pads) / k, sum(p * p for p in pads))
     if best is None or cost < best[0]:
@@ -127,11 +126,11 @@ def _rotate(v, mats, lay: GatherLayout, k: int, dtype):
     p = lay.pads[axis]
     pieces = 1 if (step == 0 and dtype == jnp.bfloat16) else 3
     shape = z.shape
-    z = act_quant._pm1_dot(z.reshape(-1, p), mats[axis][...], pieces).reshape(shape)  # pylint: disable=protected-access
+    z = _quant.pm1_dot(z.reshape(-1, p), mats[axis][...], pieces).reshape(shape)  # pylint: disable=protected-access
     z = z.transpose(perm)
   y = z.reshape(rows, lay.width) * np.float32(1.0 / math.sqrt(k))
   if dtype == jnp.bfloat16:
-    return act_quant.round_to_bf16(y)
+    return _quant.round_to_bf16(y)
   return y.astype(dtype).astype(jnp.float32)
 
 
@@ -151,8 +150,8 @@ def _kernel(x_ref, *refs, m: int, k: int, fmt: str, lay: GatherLayout, rows: int
   cc = jnp.broadcast_to(jnp.where(valid, col, k)[None, :], mask.shape)
   v = pltriton.load(x_ref.at[rr, cc], mask=mask, other=0.0).astype(jnp.float32)
   v = _rotate(v, mats, lay, k, x_ref.dtype)
-  scale = act_quant._scale_of(jnp.max(jnp.abs(v), axis=1), fmt)  # pylint: disable=protected-access
-  codes = act_quant._to_q(v / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
+  scale = _quant.scale_of(jnp.max(jnp.abs(v), axis=1), fmt)  # pylint: disable=protected-access
+  codes = _quant.to_q(v / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
   pltriton.store(q_ref.at[rr, cc], codes, mask=mask)
   pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
 
@@ -164,7 +163,7 @@ def quantize_hadamard_gather(x: jax.Array, fmt: str, *, interpret: bool = False,
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-  act_quant._check(x)  # pylint: disable=protected-access
+  _quant.check(x)  # pylint: disable=protected-access
   m, k = x.shape
   lay = gather_layout(k)
   if lay is None:
@@ -173,7 +172,7 @@ def quantize_hadamard_gather(x: jax.Array, fmt: str, *, interpret: bool = False,
   warps = warps or (4 if lay.width <= 8192 else 8)
   call = pl.pallas_call(
       functools.partial(_kernel, m=m, k=k, fmt=fmt, lay=lay, rows=rows, interpret=interpret),
-      out_shape=(jax.ShapeDtypeStruct((m, k), act_quant._QDTYPE[fmt]),  # pylint: disable=protected-access
+      out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),  # pylint: disable=protected-access
                  jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(_common.cdiv(m, rows),),
       interpret=interpret,

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common
-from pallas_kernels import act_quant
+from pallas_kernels import _common, _quant, w4a8
 
 #: Off unless forced (``JQUANT_PALLAS=kernel``): correct on an H200 (scripts/check_kernels_gpu.py's
 #: ``act_quant_lowrank`` case, 11 shapes, codes and scales bit-exact;
@@ -76,7 +75,7 @@ def pick_config(k: int) -> LowrankQuantConfig:
 
 
 def _check(x: jax.Array, l1: jax.Array) -> None:
-  act_quant._check(x)  # pylint: disable=protected-access
+  _quant.check(x)  # pylint: disable=protected-access
   _common.check_rank("quantize_lowrank: l1", l1, 2)
   if l1.shape[0] != x.shape[1]:
     raise ValueError(f"quantize_lowrank: l1 must be [K, r] for x [M, K]={x.shape}, got {l1.shape}")
@@ -87,10 +86,9 @@ def _check(x: jax.Array, l1: jax.Array) -> None:
 
 def reference(x: jax.Array, l1: jax.Array, fmt: str = "int8") -> tuple[jax.Array, jax.Array, jax.Array]:
   """Plain JAX: ``(codes, scale [M, 1], h = x @ l1 in bf16)``, the kernel's signature."""
-  from pallas_kernels import w4a8  # pylint: disable=g-import-not-at-top
 
   _check(x, l1)
-  q, s = act_quant._reference(x, fmt)  # pylint: disable=protected-access
+  q, s = _quant.reference(x, fmt)  # pylint: disable=protected-access
   return q, s, w4a8.down_projection(x, l1)
 
 
@@ -122,7 +120,7 @@ def _kernel(x_ref, l1_ref, q_ref, s_ref, h_ref, *, m: int, k: int, fmt: str,
 
   def store(c, v, scale):
     mask = row_ok[:, None] & cols(c)[None, :]
-    codes = act_quant._to_q(v.astype(jnp.float32) / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
+    codes = _quant.to_q(v.astype(jnp.float32) / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
     pltriton.store(q_ref.at[pl.ds(i * rows, rows), at(c)], codes, mask=mask)
 
   amax = jnp.zeros((rows,), jnp.float32)
@@ -131,12 +129,12 @@ def _kernel(x_ref, l1_ref, q_ref, s_ref, h_ref, *, m: int, k: int, fmt: str,
     pieces = [load(c) for c in range(n_chunks)]
     for c, v in enumerate(pieces):
       amax, h = step(v, c, amax, h)
-    scale = act_quant._scale_of(amax, fmt)  # pylint: disable=protected-access
+    scale = _quant.scale_of(amax, fmt)  # pylint: disable=protected-access
     for c, v in enumerate(pieces):
       store(c, v, scale)
   else:
     amax, h = lax.fori_loop(0, n_chunks, lambda c, carry: step(load(c), c, *carry), (amax, h))
-    scale = act_quant._scale_of(amax, fmt)  # pylint: disable=protected-access
+    scale = _quant.scale_of(amax, fmt)  # pylint: disable=protected-access
 
     def quant_step(c, carry):
       store(c, load(c), scale)
@@ -162,7 +160,7 @@ def quantize_lowrank_pallas(x: jax.Array, l1: jax.Array, fmt: str = "int8", *, i
   cfg.check(k)
   call = pl.pallas_call(
       functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret),
-      out_shape=(jax.ShapeDtypeStruct((m, k), act_quant._QDTYPE[fmt]),  # pylint: disable=protected-access
+      out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),  # pylint: disable=protected-access
                  jax.ShapeDtypeStruct((m,), jnp.float32),
                  jax.ShapeDtypeStruct((m, l1.shape[1]), jnp.bfloat16)),
       grid=(_common.cdiv(m, cfg.rows),),

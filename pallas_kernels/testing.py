@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common
+from pallas_kernels import _common, _quant
 from pallas_kernels import act_quant
 from pallas_kernels import lowrank_quant
 from pallas_kernels import w4_table
@@ -220,7 +220,7 @@ def _hadamard_case(name: str, fmt: str, wide: bool = False) -> KernelCase:
   width = (lambda m, k, n: n) if wide else (lambda m, k, n: k)
   return KernelCase(
       name, functools.partial(quant, hadamard=True),
-      functools.partial(act_quant._reference, fmt=fmt, hadamard=True),  # pylint: disable=protected-access
+      functools.partial(_quant.reference, fmt=fmt, hadamard=True),  # pylint: disable=protected-access
       lambda key, m, k, n: act_quant_inputs(key, m, width(m, k, n), 0),
       lambda m, k, n: 3.0 * m * width(m, k, n), lambda m, k, n: 3 * m * width(m, k, n) + 4 * m,
       quant_tol=(1e-3, 2.0**-7))

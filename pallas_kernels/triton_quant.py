@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _common, act_quant
+from pallas_kernels import _common, _quant
 
 try:  # Only with the ``gpu`` extra on a CUDA machine.
   import jax_triton as jt
@@ -58,18 +58,18 @@ def quantize(x: jax.Array, fmt: str, *, rows: int | None = None, warps: int = 8)
   if not available():
     raise ImportError("pallas_kernels.triton_quant needs jax-triton and Triton: install the 'gpu' extra "
                       "(pip install 'jquant[gpu]') on a CUDA machine")
-  act_quant._check(x)  # pylint: disable=protected-access
+  _quant.check(x)  # pylint: disable=protected-access
   if fmt not in ("int8", "fp8"):
     raise ValueError(f"quantize: fmt must be 'int8' or 'fp8', got {fmt!r}")
   m, k = x.shape
-  width = act_quant.padded_width(k)
-  if width > act_quant.SINGLE_PASS_MAX:
-    raise ValueError(f"quantize: K={k} is wider than the single-pass kernel takes ({act_quant.SINGLE_PASS_MAX})")
-  rows = rows or act_quant.pick_config(k).rows
+  width = _quant.padded_width(k)
+  if width > _quant.SINGLE_PASS_MAX:
+    raise ValueError(f"quantize: K={k} is wider than the single-pass kernel takes ({_quant.SINGLE_PASS_MAX})")
+  rows = rows or _quant.pick_config(k).rows
   dtype = jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn
   q, s = jt.triton_call(
       x, kernel=_quant_kernel,
       out_shape=[jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m,), jnp.float32)],
       grid=(_common.cdiv(m, rows),), num_warps=warps, num_stages=1,
-      M=m, K=k, BLOCK_K=width, ROWS=rows, FP8=fmt == "fp8", FLOOR=act_quant.SCALE_FLOOR)
+      M=m, K=k, BLOCK_K=width, ROWS=rows, FP8=fmt == "fp8", FLOOR=_quant.SCALE_FLOOR)
   return q, s.reshape(m, 1)

@@ -13,7 +13,7 @@ Layout (jquant's QArray storage, transposed to K-major)
 
 Kernel path (Hopper, small M): :func:`prepare_w4_table` rewrites the codes once, at load
 time, as signed int4 values whose decode is a few register ops
-(:func:`weight_only.decode_codes`), and the weight-only kernel multiplies each decoded K
+(:func:`_weights.decode_codes`), and the weight-only kernel multiplies each decoded K
 block by its scale in bf16 (exact for e8m0 and e4m3 scales) before the wgmma. Large M: the
 weights are decoded to bf16 once per call and XLA's bf16 GEMM runs.
 """
@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.formats import FP4_TABLE, NF4_TABLE
-from pallas_kernels import _common
-from pallas_kernels import weight_only
+from pallas_kernels import _common, _weights, weight_only
 
 TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
 
@@ -77,7 +76,7 @@ def _check_packed(x, w_packed, w_scale, block, name):
 def dequantize(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str, block: int,
                dtype=jnp.float32) -> jax.Array:
   """``table[code] * scale`` as ``dtype[N, K]`` (table lookup, product in float32)."""
-  codes = weight_only.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
+  codes = _weights.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
   w = jnp.asarray(np.asarray(TABLES[fmt], np.float32))[codes]
   return (w * jnp.repeat(w_scale.astype(jnp.float32), block, axis=1)).astype(dtype)
 
@@ -85,7 +84,7 @@ def dequantize(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str, blo
 def _finish(y, tensor_scale, bias, out_dtype):
   if tensor_scale is not None:
     y = y * jnp.asarray(tensor_scale, jnp.float32).reshape(())
-  return weight_only._finish(y, bias, out_dtype)  # pylint: disable=protected-access
+  return _weights.finish(y, bias, out_dtype)  # pylint: disable=protected-access
 
 
 def w4_table_matmul_reference(
@@ -102,11 +101,11 @@ def w4_table_matmul_reference(
   """Plain-JAX reference: table lookup, f32 dot at highest precision, scales, bias."""
   _check(x, w_packed, w_scale, fmt, block)
   w = dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block)
-  return _finish(weight_only.dot_nt_f32(x, w), tensor_scale, bias, out_dtype)
+  return _finish(_weights.dot_nt_f32(x, w), tensor_scale, bias, out_dtype)
 
 
 def prepare_w4_table(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: str,
-                     block: int) -> weight_only.W4Prepared:
+                     block: int) -> _weights.W4Prepared:
   """Codes -> int4 kernel values (one byte-table pass), scales transposed, N and K padded.
 
   Padded weights are int4 zeros (NF4 decodes them to ``NF4_TABLE[8]``, not 0); they add
@@ -114,13 +113,13 @@ def prepare_w4_table(w_packed: jax.Array, w_scale: jax.Array, k: int, *, fmt: st
   """
   _check(jnp.zeros((1, k), jnp.bfloat16), w_packed, w_scale, fmt, block, "prepare_w4_table")
   values = jnp.asarray(_byte_lut(fmt))[w_packed]
-  prepared = weight_only.prepare_w4a16(values, w_scale, k, block)
+  prepared = _weights.prepare_w4a16(values, w_scale, k, block)
   return dataclasses.replace(prepared, decode=fmt)
 
 
 def w4_table_matmul_prepared(
     x: jax.Array,
-    prepared: weight_only.W4Prepared,
+    prepared: _weights.W4Prepared,
     tensor_scale: jax.Array | None = None,
     bias: jax.Array | None = None,
     out_dtype=jnp.bfloat16,
@@ -158,7 +157,7 @@ def w4_table_matmul(
   if not supports(x, block, fmt):
     w_bf16 = dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block,
                         dtype=jnp.bfloat16)
-    y = weight_only.xla_bf16(x, w_bf16, None, jnp.float32)
+    y = _weights.xla_bf16(x, w_bf16, None, jnp.float32)
     return _finish(y, tensor_scale, bias, out_dtype)
   prepared = prepare_w4_table(w_packed, w_scale, x.shape[1], fmt=fmt, block=block)
   return w4_table_matmul_prepared(x, prepared, tensor_scale, bias, out_dtype)
@@ -181,17 +180,17 @@ def uint4_matmul_reference(x, w_packed, w_scale, w_zero, bias=None, out_dtype=jn
   """Plain-JAX reference: ``w = (u - z) * s`` with unsigned codes ``u`` (low nibble first)."""
   _check_zp(x, w_packed, w_scale, w_zero, group_size)
   k = x.shape[1]
-  u = weight_only.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
+  u = _weights.unpack_int4(w_packed, k).astype(jnp.int32) & 0xF
   rep = lambda a: jnp.repeat(a.astype(jnp.float32), group_size, axis=1)
   w = (u.astype(jnp.float32) - rep(w_zero)) * rep(w_scale)
-  return _finish(weight_only.dot_nt_f32(x, w), None, bias, out_dtype)
+  return _finish(_weights.dot_nt_f32(x, w), None, bias, out_dtype)
 
 
-def prepare_uint4(w_packed, w_scale, w_zero, k: int, group_size: int) -> weight_only.W4Prepared:
+def prepare_uint4(w_packed, w_scale, w_zero, k: int, group_size: int) -> _weights.W4Prepared:
   """Unsigned codes ``u`` -> int4 ``u - 8`` (flip each nibble's top bit) plus the per-group
   offset ``(8 - z) * s``, so that ``w = (u - 8) * s + (8 - z) * s = (u - z) * s``."""
   _check_zp(jnp.zeros((1, k), jnp.bfloat16), w_packed, w_scale, w_zero, group_size)
-  prepared = weight_only.prepare_w4a16(w_packed ^ jnp.uint8(0x88), w_scale, k, group_size)
+  prepared = _weights.prepare_w4a16(w_packed ^ jnp.uint8(0x88), w_scale, k, group_size)
   offset = (8.0 - w_zero.astype(jnp.float32)) * w_scale.astype(jnp.float32)
   o_t = _common.pad_axis(_common.pad_axis(offset, 0, prepared.s_t.shape[1]), 1,
                          prepared.s_t.shape[0]).T

@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common
-from pallas_kernels import w4a8
-from pallas_kernels import w8a8
-from pallas_kernels import weight_only
+from pallas_kernels import _common, _weights, w4a8, w8a8
 
 #: int4 passed scripts/check_kernels_gpu.py's ``w4a16`` case on an H200 (path ``kernel-large``:
 #: 4096x3072x3072, ragged 1100x1000x136 and 2051x1536x8960;
@@ -41,7 +38,7 @@ MIN_M = 1024
 #: 3072 x 3072 on the kernel (benchmarks/w4a16_large-NVIDIA_H200.json, int8 likewise).
 MIN_KN = 3072 * 3072
 _ROWS = 64  # weight rows per consumer warpgroup
-_GROUP = weight_only.GROUP
+_GROUP = _weights.GROUP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +168,13 @@ def w8a16_large_m(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Ar
   kp, np_ = _common.round_up(k, _GROUP), _common.round_up(n, 2 * _ROWS)
   w = _common.pad_axis(_common.pad_axis(w_q, 1, kp), 0, np_)
   s_t = jnp.broadcast_to(_common.pad_axis(w_scale.astype(jnp.bfloat16).reshape(1, n), 1, np_), (kp // _GROUP, np_))
-  prepared = weight_only.W4Prepared(w=w, s_t=s_t, n=n, k=k)
+  prepared = _weights.W4Prepared(w=w, s_t=s_t, n=n, k=k)
   return w4a16_large_m(x, prepared, bias, out_dtype, config=config)
 
 
-def w4a16_large_m(x: jax.Array, prepared: weight_only.W4Prepared, bias: jax.Array | None = None,
+def w4a16_large_m(x: jax.Array, prepared: _weights.W4Prepared, bias: jax.Array | None = None,
                   out_dtype=jnp.bfloat16, *, config: W4A16GemmConfig | None = None) -> jax.Array:
-  """``x @ W^T`` for prepared int4 weights (:func:`weight_only.prepare_w4a16`, group 128; or
+  """``x @ W^T`` for prepared int4 weights (:func:`_weights.prepare_w4a16`, group 128; or
   int8 codes with a per-group table): the kernel (M padded to the token tile), then bias in XLA."""
   cfg = config or DEFAULT
   m = x.shape[0]

@@ -4,7 +4,7 @@ Layouts:
 
 * ``x_q``: ``[M, K]`` int8, ``x_scale``: ``[M, 1]`` (or ``[M]``) float32 per token.
 * ``w_packed``: ``[N, ceil(K/2)]`` uint8, two signed 4-bit codes per byte along K, low nibble
-  first (:func:`pallas_kernels.weight_only.pack_int4`; jquant's int4 QArrays store the same
+  first (:func:`pallas_kernels._weights.pack_int4`; jquant's int4 QArrays store the same
   bytes), ``w_scale``: ``[N]`` float32 per output channel.
 
 ``y[m, n] = (sum_k x_q[m, k] * q[n, k]) * x_scale[m] * w_scale[n] + bias[n]``, exact int32
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common, w8a8, weight_only
+from pallas_kernels import _common, _weights, w8a8
 
 #: Below this M the W4A16 kernel (bf16 tokens, no activation quantization) is the small-M path.
 MIN_M = 1024
@@ -65,7 +65,7 @@ def w4a8_matmul_reference(
 ) -> jax.Array:
   """Plain-JAX W4A8: unpack, exact int32 dot, scales, bias."""
   _check(x_q, x_scale, w_packed, w_scale, bias)
-  w_q = weight_only.unpack_int4(w_packed, x_q.shape[1])
+  w_q = _weights.unpack_int4(w_packed, x_q.shape[1])
   return w8a8.int8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
@@ -96,7 +96,7 @@ def w4a8_matmul(
     if lowrank is None:
       return w4a8_matmul_reference(x_q, x_scale, w_packed, w_scale, bias, out_dtype)
     y = w4a8_matmul_reference(x_q, x_scale, w_packed, w_scale, bias, jnp.float32)
-    return (y + weight_only.dot_nt_f32(*lowrank)).astype(out_dtype)
+    return (y + _weights.dot_nt_f32(*lowrank)).astype(out_dtype)
   cfg = config or DEFAULT_W4A8
   if x_q.shape[0] >= WIDEN_MIN_M and config is None:
     w8 = int4_view(w_packed, x_q.shape[1]).astype(jnp.int8)

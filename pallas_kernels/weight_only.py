@@ -43,9 +43,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common
+from pallas_kernels import _common, _weights, w4a16_gemm
+from pallas_kernels._weights import (  # noqa: F401 (part of this module's API)
+    DECODES, GROUP, TABLE_BLOCKS, W8_DTYPES, W4Prepared, decode_codes, dequantize_int4, dot_nt_f32, pack_int4,
+    prepare_w4a16, unpack_int4, w4a16_matmul_reference, w8a16_matmul_reference, xla_bf16)
 
-GROUP = 128
 #: Largest M the kernel takes. Measured on an H200 it matches or beats dequantize + XLA bf16
 #: at M <= 16 (benchmarks/kernels-weight_only-NVIDIA_H200.json); larger M were not measured, so they stay on XLA.
 SMALL_M_MAX = 16
@@ -59,8 +61,6 @@ GPU_VERIFIED = True
 #: GEMM for every format (benchmarks/table_decode_sweep-NVIDIA_H200.json), though NF4 stays
 #: below XLA's bf16 GEMM on bf16 weights (docs/kernels.md).
 TABLE_GPU_VERIFIED = True
-#: 8-bit weights the W8A16 kernel takes; fp8 ones are converted to bf16 in registers like int8.
-W8_DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)
 #: fp8 weight-only (W8A16 with e4m3/e5m2 weights) passed check_kernels_gpu.py's ``w8a16_fp8``
 #: case on an H200 (benchmarks/check_kernels-fp8-zp-NVIDIA_H200.txt); False would keep it on
 #: dequantize + XLA unless forced with ``JQUANT_PALLAS=kernel``.
@@ -68,9 +68,6 @@ FP8_W16_GPU_VERIFIED = True
 #: uint4 with zero points (the per-block offset in the decode-and-scale path) passed the
 #: ``w4a16_zp`` case on an H200 (same log).
 ZERO_POINT_GPU_VERIFIED = True
-#: Scale blocks along K the codebook decode takes (one wgmma per block in a 128-wide K step).
-TABLE_BLOCKS = (16, 32, 64, 128)
-_WT = 64  # weight rows per consumer warpgroup
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipeline stages and the output tile
 
 
@@ -79,27 +76,8 @@ _SMEM_BUDGET = 200 * 1024  # bytes of shared memory for the pipeline stages and 
 # --------------------------------------------------------------------------
 
 
-def pack_int4(q: jax.Array) -> jax.Array:
-  """Packs ``int[N, K]`` values in [-8, 7] into ``uint8[N, ceil(K/2)]`` (low nibble first)."""
-  _common.check_rank("pack_int4: q", q, 2)
-  q = q.astype(jnp.int32)
-  if q.shape[1] % 2:
-    q = _common.pad_axis(q, 1, q.shape[1] + 1)
-  lo = q[:, 0::2] & 0xF
-  hi = q[:, 1::2] & 0xF
-  return (lo | (hi << 4)).astype(jnp.uint8)
 
 
-def unpack_int4(packed: jax.Array, k: int | None = None) -> jax.Array:
-  """Inverse of :func:`pack_int4`: ``uint8[N, K/2] -> int8[N, K]`` in [-8, 7]."""
-  _common.check_rank("unpack_int4: packed", packed, 2)
-  _common.check_dtype("unpack_int4: packed", packed, (jnp.uint8,))
-  b = packed.astype(jnp.int32)
-  lo = b & 0xF
-  hi = (b >> 4) & 0xF
-  q = jnp.stack([lo, hi], axis=-1).reshape(packed.shape[0], -1)
-  q = jnp.where(q >= 8, q - 16, q).astype(jnp.int8)
-  return q if k is None else q[:, :k]
 
 
 # --------------------------------------------------------------------------
@@ -107,102 +85,22 @@ def unpack_int4(packed: jax.Array, k: int | None = None) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def _check_w4(x, w_packed, w_scale, group_size):
-  _common.check_rank("w4a16_matmul: x", x, 2)
-  _common.check_rank("w4a16_matmul: w_packed", w_packed, 2)
-  _common.check_dtype("w4a16_matmul: w_packed", w_packed, (jnp.uint8,))
-  k = x.shape[1]
-  if w_packed.shape[1] != _common.cdiv(k, 2):
-    raise ValueError(
-        f"w4a16_matmul: w_packed must be [N, ceil(K/2)] = [N, {_common.cdiv(k, 2)}]"
-        f" for x with K={k}, got {w_packed.shape}")
-  groups = _common.cdiv(k, group_size)
-  if w_scale.shape != (w_packed.shape[0], groups):
-    raise ValueError(
-        f"w4a16_matmul: w_scale must be [N, ceil(K/{group_size})] ="
-        f" {(w_packed.shape[0], groups)}, got {w_scale.shape}")
 
 
-def _check_w8(x, w_q, w_scale):
-  _common.check_rank("w8a16_matmul: x", x, 2)
-  _common.check_rank("w8a16_matmul: w_q", w_q, 2)
-  _common.check_dtype("w8a16_matmul: w_q", w_q, W8_DTYPES)
-  if w_q.shape[1] != x.shape[1]:
-    raise ValueError(
-        f"w8a16_matmul: w_q must be [N, K] with K={x.shape[1]}, got {w_q.shape}")
-  if w_scale.size != w_q.shape[0]:
-    raise ValueError(
-        f"w8a16_matmul: w_scale must hold {w_q.shape[0]} per-channel scales, got"
-        f" {w_scale.shape}")
 
 
-def _check_bias(name, bias, n):
-  if bias is not None and bias.size != n:
-    raise ValueError(f"{name}: bias must have {n} entries, got {bias.shape}")
 
 
-def dequantize_int4(w_packed, w_scale, k: int, group_size: int = GROUP,
-                    dtype=jnp.float32) -> jax.Array:
-  """``q * scale`` as ``dtype[N, K]`` (the product is formed in float32)."""
-  q = unpack_int4(w_packed, k).astype(jnp.float32)
-  s = jnp.repeat(w_scale.astype(jnp.float32), group_size, axis=1)[:, :k]
-  return (q * s).astype(dtype)
 
 
-def dot_nt_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-  """``x [M, K] @ w [N, K]^T`` in float32 at highest precision (the references' GEMM)."""
-  return lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), (((1,), (1,)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _finish(y, bias, out_dtype):
-  if bias is not None:
-    y = y + bias.reshape(1, -1).astype(jnp.float32)
-  return y.astype(out_dtype)
 
 
-def w4a16_matmul_reference(
-    x: jax.Array,
-    w_packed: jax.Array,
-    w_scale: jax.Array,
-    bias: jax.Array | None = None,
-    out_dtype=jnp.bfloat16,
-    *,
-    group_size: int = GROUP,
-) -> jax.Array:
-  """Plain-JAX W4A16: dequantize to f32, f32 dot (highest precision), bias."""
-  _check_w4(x, w_packed, w_scale, group_size)
-  _check_bias("w4a16_matmul", bias, w_packed.shape[0])
-  w = dequantize_int4(w_packed, w_scale, x.shape[1], group_size)
-  return _finish(dot_nt_f32(x, w), bias, out_dtype)
 
 
-def w8a16_matmul_reference(
-    x: jax.Array,
-    w_q: jax.Array,
-    w_scale: jax.Array,
-    bias: jax.Array | None = None,
-    out_dtype=jnp.bfloat16,
-) -> jax.Array:
-  """Plain-JAX W8A16: f32 dot of x with the int8 weights, then the channel scales."""
-  _check_w8(x, w_q, w_scale)
-  _check_bias("w8a16_matmul", bias, w_q.shape[0])
-  y = dot_nt_f32(x, w_q) * w_scale.reshape(1, -1).astype(jnp.float32)
-  return _finish(y, bias, out_dtype)
 
 
-def xla_bf16(x, w_bf16, bias, out_dtype, col_scale=None):
-  """The large-M path: XLA's bf16 GEMM on weights dequantized to bf16.
-
-  The barrier keeps XLA from fusing the dequantization into the GEMM (its fused
-  int8-operand GEMMs are slower than cuBLAS on a materialized bf16 weight).
-  """
-  w_bf16 = lax.optimization_barrier(w_bf16)
-  y = lax.dot_general(x.astype(jnp.bfloat16), w_bf16, (((1,), (1,)), ((), ())),
-                      preferred_element_type=jnp.float32)
-  if col_scale is not None:
-    y = y * col_scale.reshape(1, -1).astype(jnp.float32)
-  return _finish(y, bias, out_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -214,48 +112,10 @@ def xla_bf16(x, w_bf16, bias, out_dtype, col_scale=None):
 # 4-bit codebooks (NF4, FP4 e2m1) decoded in registers.
 # --------------------------------------------------------------------------
 
-#: Decoders of 4-bit weights. "int": the int4 value itself. "fp4": e2m1 codes stored as the
-#: signed magnitude index q in [-7, 7]; "nf4": NF4 codes stored as q = code - 8 in [-8, 7].
-DECODES = ("int", "fp4", "nf4")
 
 
-def decode_codes(q: jax.Array, decode: str) -> jax.Array:
-  """Value of each 4-bit weight from its signed int4 value ``q`` (any float dtype).
-
-  Written with elementwise lax ops only, so the same function runs on XLA arrays and,
-  inside the Mosaic GPU kernel, on register tiles (int4 -> bf16 upcast, then this).
-  FP4 e2m1 magnitudes ``{0, .5, 1, 1.5, 2, 3, 4, 6}`` are piecewise linear in the index:
-  ``f(q) = 2q - clamp(q, -4, 4) / 2 - clamp(q, -6, 6)`` (exact in bf16). NF4 has no closed
-  form: the degree-15 polynomial through its 16 points, in float32 Horner form (16 FMAs;
-  within 2e-5 of the table, and equal to it after rounding to bf16). A cascade of 15
-  compare-and-selects took 94 us in the kernel against the polynomial's 52 us (H200, M=1,
-  3072x12288; benchmarks/notes.md).
-  """
-  if decode == "int":
-    return q
-  if decode == "fp4":
-    two, half = q.dtype.type(2), q.dtype.type(0.5)
-    c4 = lax.clamp(q.dtype.type(-4), q, q.dtype.type(4))
-    c6 = lax.clamp(q.dtype.type(-6), q, q.dtype.type(6))
-    return two * q - half * c4 - c6
-  if decode == "nf4":
-    coef = _nf4_poly()
-    u = q.astype(jnp.float32) * jnp.float32(1 / 8) + jnp.float32(1 / 16)
-    v = u * jnp.float32(coef[-1]) + jnp.float32(coef[-2])
-    for c in coef[-3::-1]:
-      v = v * u + jnp.float32(c)
-    return v.astype(q.dtype)
-  raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _nf4_poly() -> tuple[float, ...]:
-  """Monomial coefficients (increasing degree) of the NF4 interpolant in ``u = (q + .5) / 8``."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jquant.formats import NF4_TABLE  # pylint: disable=g-import-not-at-top
-  u = (np.arange(-8, 8) + 0.5) / 8
-  return tuple(float(c) for c in np.linalg.solve(np.vander(u, 16, increasing=True),
-                                                 np.asarray(NF4_TABLE, np.float64)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,18 +150,18 @@ def _pick_config(m: int, n: int, k_steps: int, sms: int, bits: int,
   tokens = 16
   while tokens < min(m, 128):
     tokens *= 2
-  tiles = _common.cdiv(n, 2 * _WT) * _common.cdiv(m, tokens)
+  tiles = _common.cdiv(n, 2 * _weights.WT) * _common.cdiv(m, tokens)
   # One wave: split K so that the CTAs just fill the SMs. A second wave cost more than the
   # extra splits gained in scripts/sweep_weight_only.py (H200: 3072x3072 at M=1 5.7 us with
   # 96 CTAs, 7.4 us with 192), and each CTA's K loop is latency-bound, not bandwidth-bound.
   want = max(1, sms // tiles)
   splits = max(d for d in range(1, k_steps + 1) if k_steps % d == 0 and d <= want)
-  out_bytes = 2 * _WT * tokens * 4
+  out_bytes = 2 * _weights.WT * tokens * 4
 
   def stage_bytes(kstep):
     tables = 2 if offsets else 1
-    return (2 * _WT * kstep * bits // 8 + tokens * kstep * 2
-            + tables * (kstep // block) * 2 * _WT * 4)
+    return (2 * _weights.WT * kstep * bits // 8 + tokens * kstep * 2
+            + tables * (kstep // block) * 2 * _weights.WT * 4)
 
   # Two stages at least must fit (with 128 tokens a 512-wide step does not).
   while kstep > GROUP and ((k_steps // splits) % (kstep // GROUP)
@@ -341,7 +201,7 @@ def weight_only_pallas(
   m = x.shape[0]
   bits = 4 if w.dtype == jnp.int4 else 8
   t = cfg.tokens
-  cta_w = 2 * _WT
+  cta_w = 2 * _weights.WT
   n_iters, m_iters = n // cta_w, m // t
   k_steps = k // GROUP
   ks = k_steps // cfg.splits
@@ -380,7 +240,7 @@ def weight_only_pallas(
     def load_a(w_smem, j):
       # Wide smem loads in the upcast layout, a register shuffle into the wgmma
       # layout while the values are still narrow, then the convert to bf16.
-      a = plgpu.load(w_smem.at[pl.ds(wg * _WT, _WT), pl.ds(j * GROUP, GROUP)], (),
+      a = plgpu.load(w_smem.at[pl.ds(wg * _weights.WT, _weights.WT), pl.ds(j * GROUP, GROUP)], (),
                      layout=a_layout)
       a = plgpu.layout_cast(a, plgpu.Layout.WGMMA)
       if jnp.issubdtype(w.dtype, jnp.floating):  # fp8: Hopper converts it to f16 (exact), not bf16
@@ -391,7 +251,7 @@ def weight_only_pallas(
       return plgpu.transpose_ref(x_smem.at[:, pl.ds(start, size)], (1, 0))
 
     def row_scale(s_ref, row, dtype):
-      return plgpu.load(s_ref.at[row, pl.ds(wg * _WT, _WT)], (),
+      return plgpu.load(s_ref.at[row, pl.ds(wg * _weights.WT, _weights.WT)], (),
                         layout=plgpu.Layout.WGMMA.reduce(1)).astype(dtype)
 
     def body(_, w_smem, x_smem, *rest):
@@ -407,10 +267,10 @@ def weight_only_pallas(
             row = j * (GROUP // blk) + c
             scale = row_scale(s_smem[0], row, jnp.bfloat16)
             a_c = a if blk == GROUP else a[:, c * blk:(c + 1) * blk]
-            a_c = a_c * lax.broadcast_in_dim(scale, (_WT, blk), [0])
+            a_c = a_c * lax.broadcast_in_dim(scale, (_weights.WT, blk), [0])
             if o_gmem is not None:
               offset = row_scale(s_smem[1], row, jnp.bfloat16)
-              a_c = a_c + lax.broadcast_in_dim(offset, (_WT, blk), [0])
+              a_c = a_c + lax.broadcast_in_dim(offset, (_weights.WT, blk), [0])
             plgpu.wgmma(acc, a_c, x_t(x_smem, j * GROUP + c * blk, blk))
         plgpu.wgmma_wait(0)
         return acc
@@ -428,10 +288,10 @@ def weight_only_pallas(
         return [tmp_ref[...] for tmp_ref in tmp_refs]
 
       parts = pl.run_scoped(group_products,
-                            *[plgpu.ACC((_WT, t), jnp.float32) for _ in range(sub)])
+                            *[plgpu.ACC((_weights.WT, t), jnp.float32) for _ in range(sub)])
       for j, part in enumerate(parts):
         scale = row_scale(s_smem[0], j, jnp.float32)
-        acc = acc + part * lax.broadcast_in_dim(scale, (_WT, t), [0])
+        acc = acc + part * lax.broadcast_in_dim(scale, (_weights.WT, t), [0])
       return acc
 
     def store(y):
@@ -439,16 +299,16 @@ def weight_only_pallas(
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(
           out_smem.at[wg],
-          out_gmem.at[si, pl.ds(ni * cta_w + wg * _WT, _WT), pl.ds(mi * t, t)])
+          out_gmem.at[si, pl.ds(ni * cta_w + wg * _weights.WT, _weights.WT), pl.ds(mi * t, t)])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def compute_context(eval_pipeline):
       if grouped and not table:
         zeros = plgpu.layout_cast(
-            jnp.full((_WT, t), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            jnp.full((_weights.WT, t), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         store(eval_pipeline(zeros))
       else:
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((_WT, t), jnp.float32))
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((_weights.WT, t), jnp.float32))
         def _acc_scope(acc_ref):
           eval_pipeline(acc_ref)
           store(acc_ref[...])
@@ -491,7 +351,7 @@ def weight_only_pallas(
       num_threads=3,
       thread_name="wg",
       scratch_types=dict(
-          out_smem=plgpu.SMEM((2, _WT, t), jnp.float32, transforms=out_transforms),
+          out_smem=plgpu.SMEM((2, _weights.WT, t), jnp.float32, transforms=out_transforms),
       ),
   )
   args = (w, x) + ((s_t,) if grouped else ()) + ((o_t,) if o_t is not None else ())
@@ -515,52 +375,8 @@ def _small_m_gemm(w, x, s_t, n, bits, sms, decode="int", block=GROUP, o_t=None):
 # --------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["w", "s_t", "o_t"],
-    meta_fields=["n", "k", "decode", "block"])
-@dataclasses.dataclass(frozen=True)
-class W4Prepared:
-  """4-bit weights in the kernel layout: ``w`` ``int4[Np, Kp]``, ``s_t`` ``f32[Kp/block, Np]``.
-
-  ``decode`` (one of :data:`DECODES`) says how an int4 value maps to a weight; ``o_t`` (None,
-  or like ``s_t``) is the per-block offset of zero-point formats: ``w = decode(q) * s + o``.
-  """
-
-  w: jax.Array
-  s_t: jax.Array
-  n: int
-  k: int
-  decode: str = "int"
-  block: int = GROUP
-  o_t: jax.Array | None = None
 
 
-def prepare_w4a16(w_packed: jax.Array, w_scale: jax.Array, k: int,
-                  group_size: int = GROUP) -> W4Prepared:
-  """Views packed int4 weights as ``int4[N, K]`` and transposes the group scales.
-
-  ``k`` is the true reduction size (``x.shape[1]``); ``group_size`` 128, or another of
-  :data:`TABLE_BLOCKS` (those take the kernel's decode-and-scale path). N and K are padded
-  to multiples of 128 (padded rows and K blocks get zero scales and add nothing).
-  """
-  n = w_packed.shape[0]
-  if group_size not in TABLE_BLOCKS:
-    raise ValueError(f"prepare_w4a16: group_size must be one of {TABLE_BLOCKS}, got {group_size}")
-  if w_packed.shape[1] != _common.cdiv(k, 2):
-    raise ValueError(
-        f"prepare_w4a16: w_packed must be [N, ceil(K/2)] for K={k}, got"
-        f" {w_packed.shape}")
-  if w_scale.shape != (n, _common.cdiv(k, group_size)):
-    raise ValueError(
-        f"prepare_w4a16: w_scale must be [N, ceil(K/{group_size})] = "
-        f"{(n, _common.cdiv(k, group_size))}, got {w_scale.shape}")
-  np_ = _common.round_up(n, 2 * _WT)
-  kp = _common.round_up(k, GROUP)
-  packed = _common.pad_axis(_common.pad_axis(w_packed, 1, kp // 2), 0, np_)
-  w4 = lax.bitcast_convert_type(packed, jnp.int4).reshape(np_, kp)
-  s_t = _common.pad_axis(_common.pad_axis(w_scale.astype(jnp.float32), 0, np_), 1,
-                         kp // group_size).T
-  return W4Prepared(w=w4, s_t=s_t, n=n, k=k, block=group_size)
 
 
 def supports(x: jax.Array, group_size: int = GROUP, decode: str = "int") -> bool:
@@ -588,13 +404,12 @@ def w4a16_matmul_prepared(
     raise ValueError(
         f"w4a16_matmul: x has K={x.shape[1]} but the weights were prepared for"
         f" K={prepared.k}")
-  _check_bias("w4a16_matmul", bias, prepared.n)
+  _weights.check_bias("w4a16_matmul", bias, prepared.n)
   zero_ok = prepared.o_t is None or _common.kernel_enabled(ZERO_POINT_GPU_VERIFIED)
   if supports(x, prepared.block, prepared.decode) and zero_ok:
     y = _small_m_gemm(prepared.w, x, prepared.s_t, prepared.n, 4,
                       _common.num_sms(), prepared.decode, prepared.block, prepared.o_t)
-    return _finish(y, bias, out_dtype)
-  from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
+    return _weights.finish(y, bias, out_dtype)
 
   if w4a16_gemm.supports(x, prepared.block, prepared.decode, prepared.o_t is not None, prepared.n):
     return w4a16_gemm.w4a16_large_m(x, prepared, bias, out_dtype)
@@ -626,12 +441,11 @@ def w4a16_matmul(
   Otherwise on a GPU: dequantize to bf16 and XLA's bf16 GEMM. Off GPU:
   :func:`w4a16_matmul_reference`.
   """
-  _check_w4(x, w_packed, w_scale, group_size)
-  _check_bias("w4a16_matmul", bias, w_packed.shape[0])
+  _weights.check_w4(x, w_packed, w_scale, group_size)
+  _weights.check_bias("w4a16_matmul", bias, w_packed.shape[0])
   if not _common.on_hopper():
     return w4a16_matmul_reference(x, w_packed, w_scale, bias, out_dtype,
                                   group_size=group_size)
-  from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
 
   if not (supports(x, group_size) or w4a16_gemm.supports(x, group_size, n=w_packed.shape[0])):
     w_bf16 = dequantize_int4(w_packed, w_scale, x.shape[1], group_size,
@@ -654,21 +468,20 @@ def w8a16_matmul(
   (widened in registers) where verified. Otherwise on a GPU: 8-bit -> bf16 and XLA's bf16
   GEMM (the scale applied to the fp32 result). Off GPU: the reference.
   """
-  _check_w8(x, w_q, w_scale)
+  _weights.check_w8(x, w_q, w_scale)
   n, k = w_q.shape
-  _check_bias("w8a16_matmul", bias, n)
+  _weights.check_bias("w8a16_matmul", bias, n)
   if not _common.on_hopper():
     return w8a16_matmul_reference(x, w_q, w_scale, bias, out_dtype)
   fp8_ok = w_q.dtype == jnp.int8 or _common.kernel_enabled(FP8_W16_GPU_VERIFIED)
   if not (supports(x) and fp8_ok):
-    from pallas_kernels import w4a16_gemm  # pylint: disable=g-import-not-at-top
 
     if w_q.dtype == jnp.int8 and w4a16_gemm.supports(x, n=n, bits=8):
       return w4a16_gemm.w8a16_large_m(x, w_q, w_scale, bias, out_dtype)
     return xla_bf16(x, w_q.astype(jnp.bfloat16), bias, out_dtype, w_scale)
   kp = _common.round_up(k, GROUP)
-  np_ = _common.round_up(n, 2 * _WT)
+  np_ = _common.round_up(n, 2 * _weights.WT)
   w = _common.pad_axis(_common.pad_axis(w_q, 1, kp), 0, np_)
   y = _small_m_gemm(w, x, None, n, 8, _common.num_sms())
   y = y * w_scale.reshape(1, -1).astype(jnp.float32)
-  return _finish(y, bias, out_dtype)
+  return _weights.finish(y, bias, out_dtype)

@@ -12,7 +12,9 @@ import math
 import numpy as np
 from flax import traverse_util
 
-from jquant.algorithms.kquants import CODECS, MIX_BASE, plan_kquant_mix
+from jquant.codecs import CODECS
+
+from jquant.algorithms.kquants import MIX_BASE, plan_kquant_mix
 from jquant.models import flux, wan
 from jquant.models.loading import port_for_config
 

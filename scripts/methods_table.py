@@ -7,7 +7,7 @@ Every method sees the same calibration data. Weight-only methods are scored by t
 relative Hessian-weighted output error ``tr(dW^T H dW) / tr(W^T H W)`` (= ||X dW||^2 /
 ||X W||^2) on the calibration tokens and on held-out tokens of the same distribution;
 W8A8 rows by the real output error of the int8 x int8 matmul (``jquant.dispatch.linear``).
-On the bundled tiny Wan model (``models/assets/tiny_wan``, when present) the same methods
+On the bundled tiny Wan model (``jquant/models/assets/tiny_wan``, when present) the same methods
 quantize every block linear and the table adds the end-to-end relative error of the
 model's output.
 """

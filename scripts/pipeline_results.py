@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jquant import recipe as rc
+from jquant.pipeline import recipes as rc
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
 from jquant.pipeline import policy as P
@@ -168,7 +168,7 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         "",
         f"Produced by `{res['command']}` on {res['device']} ({res['date']}, {res['wall_s'] / 60:.0f} min).",
         "",
-        f"Model: `models/assets/tiny_wan` (6-layer Wan2.1, width 128, 8 frames of 32x32, {s['steps']} flow-match Euler "
+        f"Model: `jquant/models/assets/tiny_wan` (6-layer Wan2.1, width 128, 8 frames of 32x32, {s['steps']} flow-match Euler "
         f"steps, CFG {s['guidance']:g}). Evaluation: {s['clips']} clips (classes cycling from 0, noise seed {s['seed']}), "
         f"every configuration on the same noise and classes, metrics against the fp32 clips (pixels in [0, 1]; "
         f"PSNR/SSIM per frame, averaged). Calibration: {s['calib_samples']} samples (noise seed {s['calib_seed']}, "

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from pallas_kernels import act_quant, timing, triton_quant  # noqa: E402
+from pallas_kernels import act_quant, _quant, timing, triton_quant  # noqa: E402
 
 SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (4096, 12288), (32760, 3072)]
 TRITON_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (32760, 3072)]
@@ -68,7 +68,7 @@ def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]
     """Checks then times ``variants(fmt, k)`` (name -> fn) and XLA on every shape and format."""
     rows = []
     for fmt in ("int8", "fp8"):
-        ref = lambda x, fmt=fmt: act_quant._reference(x, fmt, hadamard)  # pylint: disable=protected-access
+        ref = lambda x, fmt=fmt: _quant.reference(x, fmt, hadamard)  # pylint: disable=protected-access
         for m, k in shapes:
             sets = [(jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16) * (1 + i),)
                     for i in range(timing.copies_for(3 * m * k))]

@@ -1,6 +1,6 @@
 """Train the bundled tiny Wan video model (moving digits, rectified flow) and its digit classifier.
 
-    PYTHONPATH=. python3 scripts/train_tiny.py --out models/assets/tiny_wan --steps 6000
+    PYTHONPATH=. python3 scripts/train_tiny.py --out jquant/models/assets/tiny_wan --steps 6000
     PYTHONPATH=. python3 scripts/train_tiny.py --out /tmp/tiny --quick        # CPU smoke test
 
 Everything is derived from `--seed`: the class embeddings, the initial weights, every training

@@ -22,7 +22,7 @@ from jquant import demo
 from jquant.pipeline import cli as pcli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "models" / "assets" / "tiny_wan"
+TINY = ROOT / "jquant" / "models" / "assets" / "tiny_wan"
 README_FORMATS = ("int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k "
                   "q6_k").split()
 
@@ -72,7 +72,7 @@ def test_every_subcommand_and_option_has_help(capsys):
 
 
 def test_quantize_list_needs_no_model_dir_and_separates_memory_only_recipes(capsys):
-    from jquant import recipe as rc
+    from jquant.pipeline import recipes as rc
 
     assert cli.main(["quantize", "--list"]) == 0
     out = capsys.readouterr().out

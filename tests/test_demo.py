@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import jquant.demo as demo
-from jquant import recipe as rc
+from jquant.pipeline import recipes as rc
 from jquant.models import tiny_wan as tw
 
 RECIPES = ("int8-wa-smooth", "nf4")  # a static per-timestep table (W8A8) and a 4-bit weight-only codebook

@@ -35,7 +35,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("gguf")
 
-from jquant.algorithms.kquants import CODECS  # noqa: E402
+from jquant.codecs import CODECS  # noqa: E402
 from jquant.io.gguf import export_gguf, load_gguf  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
 

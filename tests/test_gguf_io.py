@@ -16,7 +16,9 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jquant.algorithms.kquants import CODECS, kquant_mix, plan_kquant_mix, roles_from_name, use_more_bits
+from jquant.codecs import CODECS
+
+from jquant.algorithms.kquants import kquant_mix, plan_kquant_mix, roles_from_name, use_more_bits
 from jquant.io.gguf import (
     CONFIG_KEY,
     GGUFError,

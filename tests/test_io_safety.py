@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 import jquant
 from jquant import models
-from jquant.algorithms.kquants import CODECS
+from jquant.codecs import CODECS
 from jquant.io import checkpoint
 from jquant.io.checkpoint import CheckpointError, CheckpointTargetError
 from jquant.io.gguf import CONFIG_KEY, GGUFError, codec_qarray, export_gguf, load_gguf, load_gguf_params, save_gguf

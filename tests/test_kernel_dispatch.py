@@ -13,7 +13,7 @@ from _bounds import assert_dot_close
 
 import jquant
 from jquant.dispatch import linear
-from pallas_kernels import dispatch as kd
+from pallas_kernels import dispatch as kd, _quant
 from pallas_kernels import act_quant, lowrank_quant, w4_table, w4a8, w8a8, weight_only
 
 
@@ -179,7 +179,7 @@ def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, mo
     seen = []
     monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: fused or not hadamard)
     monkeypatch.setattr(act_quant, "quantize_int8",
-                        lambda x, hadamard=False: seen.append(hadamard) or act_quant._reference(x, "int8", hadamard))
+                        lambda x, hadamard=False: seen.append(hadamard) or _quant.reference(x, "int8", hadamard))
     x = jax.random.normal(jax.random.key(0), (6, 256), jnp.float32).astype(jnp.bfloat16)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
     a = jquant.parse_spec("int8/token")

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jquant.algorithms.kquants import CODECS, GGML_CODECS, get_codec
+from jquant.codecs import CODECS, GGML_CODECS, get_codec
 
 GGML = {name: T[name.upper()] for name in GGML_CODECS}
 # Relative RMS error bound on Gaussian data, per type (measured: q4_0 0.085, q4_1 0.077, q5_0 0.043,

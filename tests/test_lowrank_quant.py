@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import _common, act_quant, lowrank_quant, testing, w4a8
+from pallas_kernels import act_quant, _common, lowrank_quant, _quant, testing, w4a8
 
 CONFIGS = [
     lowrank_quant.LowrankQuantConfig(single_pass=True),
@@ -39,7 +39,7 @@ def test_interpret_matches_quantizer_and_down_projection(fmt, config, m, k, r):
   except ValueError:
     pytest.skip("does not fit in registers")
   q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, fmt, interpret=True, config=config)
-  qr, sr = act_quant._reference(x, fmt)
+  qr, sr = _quant.reference(x, fmt)
   chex.assert_trees_all_equal((q, s), (qr, sr))
   chex.assert_shape(h, (m, r))
   chex.assert_type(h, jnp.bfloat16)

@@ -87,7 +87,7 @@ def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
         check = "\nimport jquant.models, jquant.pipeline.denoiser\nprint('models at', jquant.models.__file__)\n"
         out = run("notebook setup cell (installs)", [py, "-c", cell + check], cwd=colab).stdout
         assert "installing: pip install -e" in out and f"jquant 0.1.0 from {src.resolve() / 'jquant'}" in out, out
-        assert f"models at {src.resolve() / 'models'}" in out
+        assert f"models at {src.resolve() / 'jquant' / 'models'}" in out
         out = run("notebook setup cell (rerun)", [py, "-c", cell], cwd=colab).stdout
         assert "installing" not in out and "jquant 0.1.0 from" in out
     finally:

@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 import jquant
 from _bounds import assert_dot_close
 from jquant.formats import FP4_TABLE, NF4_TABLE
-from pallas_kernels import _common, act_quant, testing, triton_quant, w4_table, w4a16_gemm, w4a8, w8a8, weight_only
+from pallas_kernels import act_quant, _common, _quant, testing, triton_quant, w4_table, w4a16_gemm, w4a8, w8a8, weight_only
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
 
@@ -340,7 +340,7 @@ def test_codebook_bad_inputs_raise_named_errors():
 def test_round_half_even_matches_jnp_round():
   v = jnp.concatenate([jnp.arange(-130, 130, 0.25, dtype=jnp.float32),
                        jnp.array([0.49999997, -0.49999997, 126.5, -126.5])])
-  chex.assert_trees_all_equal(act_quant._round_half_even(v), jnp.round(v))
+  chex.assert_trees_all_equal(_quant.round_half_even(v), jnp.round(v))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -352,7 +352,7 @@ def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
   x = (jax.random.normal(jax.random.key(m * k), (m, k)) * 3).astype(jnp.bfloat16)
   x = x.at[0].set(0.0)  # an all-zero row gets the scale floor and zeros
   q, s = act_quant.quantize_pallas(x, fmt, interpret=True, config=config)
-  qr, sr = act_quant._reference(x, fmt)
+  qr, sr = _quant.reference(x, fmt)
   chex.assert_trees_all_equal(q, qr)
   chex.assert_trees_all_equal(s, sr)
   assert float(s[0, 0]) == np.float32(act_quant.SCALE_FLOOR) and not np.any(_np(q[0]))
@@ -366,7 +366,7 @@ def test_quantizer_reference_is_jquants_per_token_rule(m, k, spread, fmt):
   # so the dispatch may hand activations to the kernel and keep the XLA path's codes.
   x = (jax.random.normal(jax.random.key(m * 1000 + k), (m, k)) * spread).astype(jnp.bfloat16)
   x = x.at[0].set(0.0)
-  q, s = act_quant._reference(x, fmt)
+  q, s = _quant.reference(x, fmt)
   want = jquant.quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token", check_finite=False)
   chex.assert_trees_all_equal(q, want.qvalue)
   chex.assert_trees_all_equal(s, want.scale.astype(jnp.float32).reshape(m, 1))
@@ -511,14 +511,14 @@ def test_fused_hadamard_quantizer_matches_rotate_then_quantize(fmt, m, k):
   # give apply_hadamard's rows rounded to bf16, then the same codes and scales.
   x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(jnp.bfloat16)
   q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=True)
-  qr, sr = act_quant._reference(x, fmt, hadamard=True)
+  qr, sr = _quant.reference(x, fmt, hadamard=True)
   chex.assert_trees_all_equal(q, qr)
   chex.assert_trees_all_equal(s, sr)
   lay = act_quant.hadamard_layout(k)
   assert lay.width >= k and lay.width % lay.inner == 0
   # Off the GPU, method="auto" is the reference (XLA rotation + quantize).
   assert not act_quant.supports(x, hadamard=True)
-  chex.assert_trees_all_equal(act_quant.quantize_int8(x, hadamard=True), act_quant._reference(x, "int8", True))
+  chex.assert_trees_all_equal(act_quant.quantize_int8(x, hadamard=True), _quant.reference(x, "int8", True))
 
 
 def test_fused_hadamard_refuses_what_it_cannot_map():

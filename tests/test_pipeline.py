@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import jquant.nn as jnn
 from _pipeline_util import tiny_bundle
-from jquant import schedule
+from jquant.pipeline import timesteps as schedule
 from jquant.dispatch import quantize_activation
 from jquant.formats import parse_spec
 from jquant.pipeline import calibrate as C

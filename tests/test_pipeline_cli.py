@@ -9,7 +9,7 @@ import pytest
 from jquant import models
 from _pipeline_util import CONFIG, tiny_bundle
 from jquant import cli
-from jquant import recipe as rc
+from jquant.pipeline import recipes as rc
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import cli as pcli
 

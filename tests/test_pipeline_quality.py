@@ -9,7 +9,7 @@ orderings asserted held for every evaluation seed tried (0, 1, 2).
 import numpy as np
 import pytest
 
-from jquant import recipe as rc
+from jquant.pipeline import recipes as rc
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
 from jquant.pipeline import policy as P

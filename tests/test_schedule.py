@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import jquant
 import jquant.nn as jnn
-from jquant import schedule
+from jquant.pipeline import timesteps as schedule
 
 
 def brute_force_best(x, g):

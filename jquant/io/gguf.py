@@ -32,7 +32,9 @@ import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
-from jquant.algorithms.kquants import CODECS, MIX_BASE, plan_kquant_mix, roles_from_name
+from jquant.codecs import CODECS
+
+from jquant.algorithms.kquants import MIX_BASE, plan_kquant_mix, roles_from_name
 from jquant.formats import parse_spec
 from jquant.files import atomic_file
 from jquant.models.safetensors import get_tensor, open_safetensors, read_header, weight_files

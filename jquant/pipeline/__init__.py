@@ -1,11 +1,11 @@
 """The diffusion pipeline: trajectory-aware calibration, per-timestep scale tables in the jitted
 sampler, per-step precision, role policies, recipes, fidelity, CLI (docs/pipeline.md).
 
-    from jquant import recipe
+    from jquant.pipeline import recipes
     from jquant.pipeline import Calibrator, quantize, tiny_wan_bundle
     from jquant.pipeline.evaluate import evaluate, reference
     bundle = tiny_wan_bundle(num_steps=12)
-    qm = quantize(bundle, recipe.get("int8-wa-smooth"), Calibrator(bundle))
+    qm = quantize(bundle, recipes.get("int8-wa-smooth"), Calibrator(bundle))
     row = evaluate(bundle, qm, reference(bundle, bundle.workload(4, seed=0)))
 
 (The submodules keep their names: ``jquant.pipeline.evaluate`` is the module.)

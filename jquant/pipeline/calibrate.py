@@ -8,7 +8,7 @@ variables it is asked about: :meth:`Calibrator.stats` gives the pooled
 ranges scale tables are built from. Results are cached per variables object, so a recipe
 that asks twice about the same tree calibrates once.
 
-:func:`quantize` runs a recipe's transform with a :class:`~jquant.recipe.Context` bound
+:func:`quantize` runs a recipe's transform with a :class:`~jquant.pipeline.recipes.Context` bound
 to the calibrator, then (static activations) calibrates the per-step ranges of the result
 and builds its scale table, and returns a :class:`~jquant.pipeline.runtime.QuantizedModel`
 with timings.
@@ -31,8 +31,8 @@ from jquant.pipeline.tables import ScaleTable, TableConfig, build_table
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths
 
-if TYPE_CHECKING:  # jquant.recipe imports the pipeline's policies and tables: import it lazily
-    from jquant.recipe import Context, Recipe
+if TYPE_CHECKING:  # jquant.pipeline.recipes imports the pipeline's policies and tables: import it lazily
+    from jquant.pipeline.recipes import Context, Recipe
 
 Variables = dict[str, Any]
 
@@ -126,7 +126,7 @@ class Calibrator:
         return out
 
     def context(self) -> Context:
-        from jquant.recipe import Context
+        from jquant.pipeline.recipes import Context
 
         cfg = self.bundle.config
         width = int(getattr(cfg, "inner_dim", 0) or cfg.num_attention_heads * cfg.attention_head_dim)

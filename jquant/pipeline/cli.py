@@ -84,7 +84,7 @@ def _json_default(o: Any) -> Any:
 # --- reports -----------------------------------------------------------------------------------------
 def layer_report(bundle: ModelBundle, qm: QuantizedModel) -> list[dict[str, Any]]:
     """One row per linear kernel: roles, format, shape, bytes before/after (with aux), aux kinds."""
-    from jquant.recipe import _flat_aux
+    from jquant.pipeline.recipes import _flat_aux
 
     before = dict(flatten_with_paths(bundle.params))
     aux = _flat_aux(qm.variables)
@@ -181,7 +181,7 @@ def quantize_parser() -> argparse.ArgumentParser:
                        "recipe, save the checkpoint and a per-layer report.",
                        epilog="`jquant quantize --list` describes the recipes (no model folder needed).")
     p.add_argument("model_dir", nargs="?", help="diffusers model folder of a ported model (Wan, DiT), e.g. "
-                   "models/assets/tiny_wan; for a diffusers pipeline folder, its transformer/ subfolder")
+                   "jquant/models/assets/tiny_wan; for a diffusers pipeline folder, its transformer/ subfolder")
     p.add_argument("--recipe", help=f"one of: {', '.join(savable_recipes())}")
     p.add_argument("--out", help="output folder (created; gets checkpoint/, quant.json, report.md, report.json)")
     p.add_argument("--list", action="store_true", help="describe the recipes and exit")
@@ -201,14 +201,14 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 def savable_recipes() -> list[str]:
     """Recipes whose result :mod:`jquant.io.checkpoint` can store (``jquant quantize`` runs them)."""
-    from jquant import recipe as rc
+    from jquant.pipeline import recipes as rc
 
     return [n for n, r in rc.RECIPES.items() if r.checkpointable]
 
 
 def main_quantize(argv: list[str] | None = None) -> int:
     """`jquant quantize MODEL_DIR --recipe NAME --out DIR [options]`; `jquant quantize --list`."""
-    from jquant import recipe as rc
+    from jquant.pipeline import recipes as rc
     from jquant.cli import UsageError, check_model_dir, unknown_recipe_message
 
     p = quantize_parser()

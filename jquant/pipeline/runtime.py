@@ -30,7 +30,7 @@ from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload
 from jquant.pipeline.tables import ScaleTable, expand
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths, leaf_nbytes
-from jquant.schedule import aux_tree
+from jquant.pipeline.timesteps import aux_tree
 
 Array = jax.Array
 Variables = dict[str, Any]

@@ -1,7 +1,7 @@
 """Static activation scale tables per timestep group (and CFG branch, and video frame).
 
 A :class:`ScaleTable` holds, for every quantized layer, static activation scales of shape
-``[G, Bn, Fn]``: ``G`` timestep groups (:mod:`jquant.schedule`: one group, uniform splits,
+``[G, Bn, Fn]``: ``G`` timestep groups (:mod:`jquant.pipeline.timesteps`: one group, uniform splits,
 or variance-aware optimal segmentation of the per-step ranges), ``Bn`` = 2 with separate
 scales for the unconditional and conditional CFG branches (else 1), ``Fn`` = frames with
 per-frame scales for layers whose input is the frame-major video token sequence (else 1).
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import schedule
+from jquant.pipeline import timesteps
 from jquant.formats import parse_spec
 from jquant.pipeline.trajectory import StepRanges
 
@@ -136,10 +136,10 @@ def group_steps(ranges: StepRanges, config: TableConfig, layers: Collection[str]
     features are the log ranges of ``layers`` (default: every observed layer)."""
     t = ranges.num_steps
     if config.grouping == "single":
-        return schedule.single_group(t)
+        return timesteps.single_group(t)
     g = min(config.groups, t)
     if config.grouping == "uniform":
-        return schedule.uniform_groups(t, g)
+        return timesteps.uniform_groups(t, g)
     feats = ranges.features()
     if layers is not None:
         names = list(ranges.absmax)
@@ -147,7 +147,7 @@ def group_steps(ranges: StepRanges, config: TableConfig, layers: Collection[str]
         if not cols:
             raise ValueError("group_steps: none of the given layers was observed during calibration")
         feats = feats[:, cols]
-    return schedule.variance_aware_groups(feats, g)
+    return timesteps.variance_aware_groups(feats, g)
 
 
 def build_table(
@@ -175,7 +175,7 @@ def build_table(
         if not (config.per_frame and p in ranges.video):
             a = a.max(axis=2, keepdims=True)
         per_step[p] = a
-    scales = schedule.scale_table(per_step, groups, spec)
+    scales = timesteps.scale_table(per_step, groups, spec)
     video = frozenset(p for p in paths if config.per_frame and p in ranges.video)
     return ScaleTable(act, groups, scales, {p: ranges.ranks[p] for p in paths}, video, ranges.frames, config)
 
