@@ -294,11 +294,16 @@ def _layer_sets(kind, m, k, n, copies, seed):
           for i in range(copies)]
 
 
-def bench_layer(rec: Recorder, section: str, kind: str, path: str, m, k, n, args, seed, bf16) -> dict:
-  row = {"section": section, "kind": kind, "path": path, "m": m, "k": k, "n": n}
+def layer_sets(kind, m, k, n, args, seed):
+  """Rotated ``(x, w)`` input sets for a ``kind`` layer (one per copy), shared by its paths."""
   wbytes = k * n * (0.5 if kind.startswith("int4") else 1)
+  return _layer_sets(kind, m, k, n, timing.copies_for(2 * m * k + wbytes + 2 * m * n, limit=args.copies), seed)
+
+
+def bench_layer(rec: Recorder, section: str, kind: str, path: str, m, k, n, args, seed, bf16, sets=None) -> dict:
+  row = {"section": section, "kind": kind, "path": path, "m": m, "k": k, "n": n}
   try:
-    sets = _layer_sets(kind, m, k, n, timing.copies_for(2 * m * k + wbytes + 2 * m * n, limit=args.copies), seed)
+    sets = sets or layer_sets(kind, m, k, n, args, seed)
     judged = path
     if path == "auto":
       judged = kd.choose_path(kind, m, k, n) if jax.default_backend() == "gpu" else (
@@ -350,8 +355,13 @@ def run_dispatch(rec: Recorder, args, deadline) -> None:
         continue
       bf16 = bf16_at(m, k, n)
       for kind in kinds:
+        try:
+          sets = layer_sets(kind, m, k, n, args, m * 7 + k * 3 + n + 1)
+        except Exception:  # pylint: disable=broad-except  (each path's row reports it)
+          sets = None
         for path in kd.KIND_PATHS[kind]:
-          bench_layer(rec, "paths", kind, path, m, k, n, args, m * 7 + k * 3 + n + 1, bf16)
+          bench_layer(rec, "paths", kind, path, m, k, n, args, m * 7 + k * 3 + n + 1, bf16, sets)
+        del sets
   table = kd.derive_table([r for r in rec.rows if r.get("section") == "paths"])
   rec.flush(table=[[*key, [list(e) for e in entries]] for key, entries in table.items()])
   print("\nPATH_TABLE = {", flush=True)
