@@ -38,7 +38,6 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax.linen import module as linen_module
 
 from jquant.models.attention import attention_hook

@@ -23,9 +23,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from jquant.formats import FORMATS, SCALE_DTYPES, QSpec, parse_spec
+from jquant.codecs import CODECS
+from jquant.coded import CodedArray
+from jquant.formats import FORMATS, SCALE_DTYPES, QSpec, np_dtype, parse_spec
 
 Array = jax.Array
 
@@ -63,8 +66,6 @@ class QArray:
         """Logical (unquantized) shape."""
         s = list(self.qvalue.shape)
         if self.spec.fmt not in FORMATS:  # codec blocks: [..., nb, bytes] with axis moved last
-            from jquant.algorithms.kquants import CODECS
-
             codec = CODECS[self.spec.fmt]
             s = s[:-2] + [s[-2] * codec.block_elems]
             last = s.pop(-1)
@@ -104,7 +105,7 @@ def pack(codes: Array, bits: int, axis: int) -> tuple[Array, int]:
     if pad:
         codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
     u = codes.astype(jnp.uint8) & jnp.uint8(2**bits - 1)
-    u = u.reshape(*u.shape[:-1], -1, per)
+    u = u.reshape(*u.shape[:-1], (n + pad) // per, per)  # explicit sizes: -1 is ambiguous when empty
     out = u[..., 0]
     for i in range(1, per):
         out = out | (u[..., i] << jnp.uint8(bits * i))
@@ -117,7 +118,7 @@ def unpack(packed: Array, bits: int, axis: int, pad: int, signed: bool) -> Array
     p = jnp.moveaxis(packed, axis, -1)
     mask = jnp.uint8(2**bits - 1)
     parts = [(p >> jnp.uint8(bits * i)) & mask for i in range(per)]
-    u = jnp.stack(parts, axis=-1).reshape(*p.shape[:-1], -1)
+    u = jnp.stack(parts, axis=-1).reshape(*p.shape[:-1], p.shape[-1] * per)
     if pad:
         u = u[..., : u.shape[-1] - pad]
     if signed:  # sign-extend from `bits`
@@ -174,36 +175,113 @@ def _check_finite(x: Array, path: str) -> None:
         raise ValueError(f"{path or 'array'}: {n} NaN/Inf value(s); refusing to quantize")
 
 
-# --- quantize / dequantize ---------------------------------------------------------------
-def compute_scales(x: Array, spec: QSpec, block: tuple[int, ...]) -> tuple[Array, Array | None, Array | None]:
-    """(scale, zero_point, scale2) for ``x`` under ``spec`` with the resolved block shape."""
+# --- scale ranges ------------------------------------------------------------------------
+#: Smallest scale jquant stores (also the activation kernels' floor, pallas_kernels.act_quant):
+#: blocks with max |x| below ``qmax * SCALE_FLOOR`` are numerically zero and quantize against it
+#: (absolute error at most ``SCALE_FLOOR / 2`` per step of the format).
+SCALE_FLOOR = 1e-12
+#: Largest |x| quantize accepts: beyond it a scale's reciprocal (XLA divides by multiplying)
+#: leaves float32's normal range, or a decoded value rounds past float32's max.
+MAX_MAGNITUDE = 2.0**124
+_SCALE_CEIL = 2.0**125
+
+
+def scale_range(scale_dtype: str) -> tuple[float, float]:
+    """(smallest, largest) scale stored in ``scale_dtype``: normal, finite, reciprocal normal."""
+    fi = jnp.finfo(SCALE_DTYPES[scale_dtype])
+    return max(SCALE_FLOOR, float(fi.tiny)), min(float(fi.max), _SCALE_CEIL)
+
+
+def _round_up_to(s: Array, dtype) -> Array:
+    """Positive finite f32 ``s`` cast to ``dtype``, rounded up (never below ``s``), so codes
+    computed against the stored scale stay within the format's range."""
+    out = s.astype(dtype)
+    if jnp.dtype(dtype).itemsize == 4:
+        return out
+    uint = {1: jnp.uint8, 2: jnp.uint16}[jnp.dtype(dtype).itemsize]
+    up = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(out, uint) + uint(1), dtype)
+    return jnp.where(out.astype(jnp.float32) < s, up, out)
+
+
+def _store_scale(s: Array, scale_dtype: str) -> Array:
+    """Clamp ideal f32 scales into the stored range of ``scale_dtype`` and round them up into it."""
+    lo, hi = scale_range(scale_dtype)
+    return _round_up_to(jnp.clip(s, lo, hi), SCALE_DTYPES[scale_dtype])
+
+
+def _ideal_scales(xf: Array, spec: QSpec, block: tuple[int, ...]) -> tuple[Array, Array | None]:
+    """Unclamped f32 per-block scale (and the asymmetric block minimum) of an int/float/table spec."""
     f = spec.format
-    xf = x.astype(jnp.float32)
-    sdt = SCALE_DTYPES[spec.scale_dtype]
-    tiny = jnp.float32(1e-12)
     if f.kind == "int" and not spec.symmetric:
         lo = jnp.minimum(_block_reduce(xf, block, jnp.min), 0.0)
         hi = jnp.maximum(_block_reduce(xf, block, jnp.max), 0.0)
-        scale = jnp.maximum((hi - lo) / f.qmax, tiny).astype(sdt)
-        zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, f.qmax).astype(jnp.uint8)
-        return scale, zero, None
-    amax = _block_reduce(jnp.abs(xf), block, jnp.max)
+        return (hi - lo) / f.qmax, lo  # inf past 3.4e38: clipped to the largest scale, or refused
+    return _block_reduce(jnp.abs(xf), block, jnp.max) / f.qmax, None
+
+
+# --- quantize / dequantize ---------------------------------------------------------------
+def compute_scales(x: Array, spec: QSpec, block: tuple[int, ...]) -> tuple[Array, Array | None, Array | None]:
+    """(scale, zero_point, scale2) for ``x`` under ``spec`` with the resolved block shape.
+
+    Scales are clamped into :func:`scale_range` of the scale dtype and rounded up into it, so
+    an all-zero block gets the floor scale and codes 0 (decodes to exact zeros), and the codes
+    of every block stay within the format's range. Out-of-range inputs saturate here (traced
+    activations); :func:`quantize` refuses them for concrete weights.
+    """
+    f = spec.format
+    xf = x.astype(jnp.float32)
     if spec.scaling == "mx":  # e8m0: 2^(floor(log2 amax) - emax(e2m1)=2), stored as biased exponent
-        e = jnp.floor(jnp.log2(jnp.maximum(amax, 2.0**-127))) - 2
-        return jnp.clip(e + 127, 0, 254).astype(jnp.uint8), None, None
+        amax = _block_reduce(jnp.abs(xf), block, jnp.max)
+        e = jnp.floor(jnp.log2(jnp.maximum(amax, 2.0**-126))) - 2
+        return jnp.clip(e + 127, 1, 254).astype(jnp.uint8), None, None  # 2^-126..2^127: normal f32
     if spec.scaling == "nv":  # e4m3 block scale relative to an fp32 tensor scale
-        s2 = jnp.maximum(jnp.max(amax) / (6.0 * 448.0), tiny)
-        bs = (amax / 6.0 / s2).astype(jnp.float8_e4m3fn)
-        bs = jnp.where(bs.astype(jnp.float32) == 0, jnp.float8_e4m3fn(2.0**-9), bs)
-        return bs, None, s2.astype(jnp.float32)
-    scale = jnp.maximum(amax / f.qmax, tiny).astype(sdt)
-    return scale, None, None
+        amax = _block_reduce(jnp.abs(xf), block, jnp.max)
+        s2 = jnp.clip(jnp.max(amax) / (6.0 * 448.0), SCALE_FLOOR, _SCALE_CEIL)
+        ratio = jnp.clip(amax / 6.0 / s2, 2.0**-9, 448.0)  # zero blocks: the smallest e4m3 step
+        return _round_up_to(ratio, jnp.float8_e4m3fn), None, s2.astype(jnp.float32)
+    ideal, lo = _ideal_scales(xf, spec, block)
+    scale = _store_scale(ideal, spec.scale_dtype)
+    if lo is None:
+        return scale, None, None
+    zero = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), 0, f.qmax).astype(jnp.uint8)
+    return scale, zero, None
+
+
+def _range_error(x: Array, spec: QSpec, block: tuple[int, ...]) -> str | None:
+    """Why concrete ``x`` cannot be quantized under ``spec`` without overflow or silent loss, or None.
+
+    Refused: magnitudes above :data:`MAX_MAGNITUDE`; scales above the scale dtype's range
+    (float16: 65504); and a tensor whose largest block needs a scale below the float16 floor
+    (6.1e-5) so far that it keeps under half its levels (under fp8's normal range for the float
+    formats). Blocks below :data:`SCALE_FLOOR` are numerically zero and always accepted.
+    """
+    xf = np.abs(np.asarray(x, np.float32))
+    amax = float(xf.max())
+    if amax > MAX_MAGNITUDE:
+        return (f"values up to {amax:.3g} exceed the largest magnitude jquant quantizes ({MAX_MAGNITUDE:.3g}: "
+                "larger scales overflow float32 on decode); rescale the tensor")
+    if spec.scaling or spec.scale_dtype == "float32" or amax == 0.0:
+        return None
+    lo, hi = scale_range(spec.scale_dtype)
+    smax = float(jnp.max(_ideal_scales(jnp.asarray(x, jnp.float32), spec, block)[0]))
+    sdt = spec.scale_dtype
+    if smax > hi:
+        return (f"values up to {amax:.3g} overflow the {sdt} scale range of {spec} (largest scale {hi:.3g}, "
+                f"this tensor needs {smax:.3g}); use s=float32")
+    if smax < lo and smax >= SCALE_FLOOR:
+        f = spec.format
+        top = f.qmax * smax / lo  # the largest code magnitude this tensor reaches at the floor scale
+        small = top < float(ml_dtypes.finfo(np_dtype(f.storage)).tiny) if f.kind == "float" else top < f.qmax / 2
+        if small:
+            return (f"values up to {amax:.3g} underflow the {sdt} scale range of {spec} (smallest normal scale "
+                    f"{lo:.3g}; codes would reach only {top:.3g} of {f.qmax:g}); use s=float32 or s=bfloat16")
+    return None
 
 
 def decode_scale(q: QArray) -> Array:
     """Per-block multiplicative scale in fp32 (decodes e8m0 / e4m3 block scales)."""
-    if q.spec.scaling == "mx":
-        return jnp.exp2(q.scale.astype(jnp.float32) - 127.0)
+    if q.spec.scaling == "mx":  # 2^(e - 127) built from its bits: exact, where exp2 may flush 2^-126
+        return jax.lax.bitcast_convert_type(q.scale.astype(jnp.uint32) << 23, jnp.float32)
     s = q.scale.astype(jnp.float32)
     if q.scale2 is not None:
         s = s * q.scale2
@@ -240,13 +318,18 @@ def quantize(
 ) -> QArray:
     """Quantize ``x`` to a QArray.
 
+    An all-zero block decodes to exact zeros; an empty ``x`` gives an empty QArray that
+    dequantizes to an empty array. Errors are ValueErrors that start with ``path``.
+
     Args:
       x: floating array (the dtype is kept as the QArray's logical dtype).
       spec: a QSpec or spec string.
       path: param path, used in error messages.
       scale: optional precomputed per-block scale (static activation scales, clipping
         searches); for asymmetric specs a zero point is still derived from the data.
-      check_finite: reject NaN/Inf in concrete (non-traced) inputs; off for activations.
+      check_finite: for concrete (non-traced) inputs, reject NaN/Inf and values whose scales
+        would overflow or underflow the scale dtype (:func:`_range_error`); off for
+        activations, which saturate into the scale range instead.
     """
     spec = parse_spec(spec)
     x = jnp.asarray(x)
@@ -255,17 +338,48 @@ def quantize(
         raise TypeError(f"{where}can only quantize floating arrays, got dtype {x.dtype}")
     if x.ndim == 0:
         raise ValueError(f"{where}cannot quantize a scalar")
-    if check_finite:
+    axis = spec.contraction_axis(x.ndim, path) - x.ndim
+    concrete = check_finite and not isinstance(x, jax.core.Tracer)
+    if concrete:
         _check_finite(x, path)
     if spec.fmt not in FORMATS:
-        return _quantize_codec(x, spec, path)
+        return _quantize_codec(x, spec, path, concrete)
     block = spec.block_shape(x.shape, path)
+    if x.size == 0:
+        return _quantize_empty(x, spec, block)
+    if concrete and scale is None and (why := _range_error(x, spec, block)):
+        raise ValueError(where + why)
     s, z, s2 = compute_scales(x, spec, block)
     if scale is not None:
-        s = jnp.broadcast_to(jnp.asarray(scale), s.shape).astype(s.dtype)
-    axis = spec.contraction_axis(x.ndim, path) - x.ndim
+        given = jnp.asarray(scale, jnp.float32)
+        if not isinstance(given, jax.core.Tracer):
+            g = np.asarray(given)
+            if not (np.isfinite(g).all() and (g > 0).all()):
+                raise ValueError(f"{where}a given scale must be positive and finite, got values in [{g.min():g}, {g.max():g}]")
+            if spec.scaling == "" and g.max() > scale_range(spec.scale_dtype)[1]:
+                raise ValueError(f"{where}a given scale of {g.max():.3g} overflows the {spec.scale_dtype} scale range of {spec}")
+        given = jnp.broadcast_to(given, s.shape)
+        s = _store_scale(given, spec.scale_dtype) if spec.scaling == "" else given.astype(s.dtype)
     q = QArray(None, s, z, s2, spec=spec, dtype=x.dtype, axis=axis)
     return from_codes(encode(x, decode_scale(q), z, spec), s, z, s2, spec, x.dtype)
+
+
+def _quantize_empty(x: Array, spec: QSpec, block: tuple[int, ...]) -> QArray:
+    """The QArray of a zero-size ``x``: empty codes, and scales with zero blocks along the empty axes."""
+    nblocks = tuple(n // b if n else 0 for n, b in zip(x.shape, block))
+    s = jnp.ones(nblocks, jnp.float32)
+    z = s2 = None
+    if spec.scaling == "mx":
+        s = jnp.full(nblocks, 127, jnp.uint8)
+    elif spec.scaling == "nv":
+        s, s2 = s.astype(jnp.float8_e4m3fn), jnp.float32(1.0)
+    else:
+        s = s.astype(SCALE_DTYPES[spec.scale_dtype])
+        if not spec.symmetric:
+            z = jnp.zeros(nblocks, jnp.uint8)
+    f = spec.format
+    codes_ = jnp.zeros(x.shape, np_dtype(f.storage) if f.kind != "table" else jnp.uint8)
+    return from_codes(codes_, s, z, s2, spec, x.dtype)
 
 
 def from_codes(codes: Array, scale: Array, zero: Array | None, scale2: Array | None, spec: QSpec, dtype) -> QArray:
@@ -297,6 +411,8 @@ def dequantize(q: QArray | Array, dtype=None) -> Array:
             return q.dequantize(q.dtype if dtype is None else dtype)
         return q if dtype is None else jnp.asarray(q).astype(dtype)
     dtype = q.dtype if dtype is None else dtype
+    if q.size == 0:  # no blocks to decode (block sizes are undefined along empty axes)
+        return jnp.zeros(q.shape, dtype)
     if q.spec.fmt not in FORMATS:
         return _dequantize_codec(q, dtype)
     return decode(codes(q), decode_scale(q), q.zero_point, q.spec, dtype)
@@ -318,31 +434,54 @@ def _ste_bwd(_, g):
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def fake_quant(x: Array, spec: QSpec | str) -> Array:
-    """Quantize-dequantize ``x`` with a straight-through (identity) gradient, for QAT."""
+def fake_quant(x: Array, spec: QSpec | str, *, path: str = "") -> Array:
+    """Quantize-dequantize ``x`` with a straight-through (identity) gradient, for QAT.
+
+    ``path`` names ``x`` in errors (concrete inputs are checked as :func:`quantize` does).
+    """
     spec = parse_spec(spec)
-    xq = jax.lax.stop_gradient(dequantize(quantize(x, spec), x.dtype))
+    xq = jax.lax.stop_gradient(dequantize(quantize(x, spec, path=path), x.dtype))
     return _ste(x, xq)
 
 
 # --- GGUF block codecs -------------------------------------------------------------------
-def _quantize_codec(x: Array, spec: QSpec, path: str) -> QArray:
-    from jquant.algorithms.kquants import CODECS
+def _quantize_codec(x: Array, spec: QSpec, path: str, check: bool = True) -> QArray:
+    """GGUF blocks of ``x``; with ``check``, refuse a tensor the codec cannot represent.
 
+    The codecs keep float16 block scales: a tensor whose values underflow them decodes to
+    (near) zeros, so the decode is checked against the codec's tensor-wide bound (a full step
+    of a ``bits``-bit grid over max |x|) and a miss is refused with the reason.
+    """
     codec = CODECS[spec.fmt]
+    where = f"{path}: " if path else ""
     a = spec.contraction_axis(x.ndim, path)
     xm = np.moveaxis(np.asarray(x, np.float32), a, -1)
-    if xm.shape[-1] % codec.block_elems:
-        raise ValueError(
-            f"{path or 'array'}: {spec.fmt} needs the contraction axis (size {xm.shape[-1]}) to be a multiple of {codec.block_elems}"
-        )
-    blocks = codec.encode(xm)
-    return QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype, axis=a - x.ndim)
+    n = codec.block_elems
+    if xm.shape[-1] % n:
+        raise ValueError(f"{where}{spec.fmt} needs the contraction axis (size {xm.shape[-1]}) to be a multiple of {n}")
+    if xm.size == 0:
+        blocks = np.zeros(xm.shape[:-1] + (xm.shape[-1] // n, codec.block_bytes), np.uint8)
+        return QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype, axis=a - x.ndim)
+    amax = float(np.abs(xm).max())
+    if check and amax > MAX_MAGNITUDE:
+        raise ValueError(f"{where}values up to {amax:.3g} exceed the largest magnitude jquant quantizes ({MAX_MAGNITUDE:.3g})")
+    try:
+        blocks = codec.encode(xm)
+    except ValueError as e:
+        raise ValueError(f"{where}{spec.fmt}: {e}") from e
+    q = QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype, axis=a - x.ndim)
+    if check and amax > 0:
+        bits = int(spec.fmt[1])  # q8_0, q4_k, q5_k, q6_k: the name carries the code width
+        err = float(np.max(np.abs(np.asarray(codec.decode(q.qvalue), np.float32) - xm)))
+        if not err <= max(2 * amax / (2**bits - 1), SCALE_FLOOR):  # below the floor: numerically zero
+            raise ValueError(
+                f"{where}{spec.fmt} cannot represent this tensor: values up to {amax:.3g} decode with error "
+                f"{err:.3g} (its float16 block scales underflow or overflow); keep it in float or use int8"
+            )
+    return q
 
 
 def _dequantize_codec(q: QArray, dtype) -> Array:
-    from jquant.algorithms.kquants import CODECS
-
     codec = CODECS[q.spec.fmt]
     y = codec.decode(q.qvalue)
     return jnp.moveaxis(y, -1, q.axis).astype(dtype)
@@ -353,12 +492,17 @@ def is_qarray(x: Any) -> bool:
 
 
 def is_coded(x: Any) -> bool:
-    """A non-QArray weight leaf that decodes itself (see jquant.algorithms.coded)."""
-    from jquant.algorithms.coded import CodedArray
-
+    """A non-QArray weight leaf that decodes itself (see jquant.coded)."""
     return isinstance(x, CodedArray)
 
 
 def is_quantized_leaf(x: Any) -> bool:
     """QArray or CodedArray: a leaf that reports, checkpoints and dispatch treat as one weight."""
     return isinstance(x, QArray) or is_coded(x)
+
+
+def dequantize_any(w: Any, dtype=jnp.float32) -> Array:
+    """Dense float kernel of a QArray, a CodedArray or a plain array."""
+    if isinstance(w, CodedArray):
+        return w.dequantize(dtype)
+    return jnp.asarray(dequantize(w, dtype), dtype)

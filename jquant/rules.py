@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import QSpec, parse_spec
-from jquant.qarray import QArray, is_quantized_leaf, quantize
+from jquant.qarray import is_quantized_leaf, quantize
 
 Rule = tuple[str, "QSpec | str | None"]
 

@@ -186,22 +186,6 @@ def w8a16_fp8_inputs(key, m, k, n):
   return (x, _fp8(kw, (n, k)), _scales(ks, (n,), scale=0.01))
 
 
-def _dispatch_tokens(x):
-  from jquant.formats import parse_spec  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import dispatch  # pylint: disable=g-import-not-at-top
-
-  return dispatch.quantize_tokens(x, parse_spec("int8/token"), None)
-
-
-def _jquant_tokens(x):
-  from jquant.dispatch import quantize_activation  # pylint: disable=g-import-not-at-top
-  from jquant.formats import parse_spec  # pylint: disable=g-import-not-at-top
-  from jquant.qarray import decode_scale  # pylint: disable=g-import-not-at-top
-
-  xq = quantize_activation(x, parse_spec("int8/token"), None)
-  return xq.qvalue, decode_scale(xq).reshape(-1, 1)
-
-
 def act_quant_inputs(key, m, k, n):
   del n
   return (jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16) * 3,)
@@ -395,12 +379,6 @@ CASES: dict[str, KernelCase] = {
         act_quant_lowrank_inputs, lambda m, k, n: 3.0 * m * k + 2.0 * m * k * 32,
         lambda m, k, n: 2 * m * k + m * k + 4 * m + 2 * m * 32 + 2 * k * 32,
         magnitude=_mag_lowrank_h, tol=8e-3),
-    # The dispatch's activation quantization (kernel where it applies) against jquant's own
-    # XLA quantize: the W8A8 kernel path must see the XLA path's codes.
-    "act_quant_jquant": KernelCase(
-        "act_quant_jquant", _dispatch_tokens, _jquant_tokens,
-        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
-        lambda m, k, n: 2 * m * k + m * k + 4 * m),
 }
 
 

@@ -40,7 +40,7 @@ from jax.tree_util import Partial
 
 import jquant.nn
 from jquant.attention import quantized_attention, step_schedule
-from jquant.pipeline import policy as pol
+from jquant import policy as pol
 from jquant.metrics import compare_videos
 from jquant.sampling import sample_flow_euler
 

@@ -57,7 +57,7 @@ from pallas_kernels import _common, timing  # noqa: E402
 import jquant.nn  # noqa: E402
 from jquant import models  # noqa: E402
 from jquant.attention import quantized_attention  # noqa: E402
-from jquant.pipeline import policy as pol  # noqa: E402
+from jquant import policy as pol  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
 from jquant.models import wan  # noqa: E402
 

@@ -47,8 +47,11 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels import act_quant  # noqa: E402
-from pallas_kernels import dispatch as kd  # noqa: E402
+from jquant.dispatch import kernels as kd  # noqa: E402
 from pallas_kernels import testing, timing  # noqa: E402
+
+#: Every kernel's check: the kernels' own and the dispatch's (its token quantizer against jquant's rule).
+CASES = {**testing.CASES, **kd.CHECK_CASES}
 
 KN = [(1536, 1536), (1536, 8960), (8960, 1536), (3072, 3072), (3072, 12288),
       (12288, 3072), (5120, 5120)]
@@ -166,7 +169,7 @@ def _with_baseline(row: dict, bf16: dict | None, flops: float | None = None, nby
 def bench_gemm(rec: Recorder, name: str, m, k, n, args, seed, bf16, xla_lowbit: dict):
   """One kernel at one shape: reference on the raw inputs, the kernel (or its bench form) checked
   against it, then timed; the XLA low-bit baseline likewise (once per shape and kind)."""
-  case = testing.CASES[name]
+  case = CASES[name]
   k = -(-k // case.k_multiple) * case.k_multiple
   row = {"kernel": name, "m": m, "k": k, "n": n}
   try:
@@ -214,7 +217,7 @@ def _exact_check(case, inputs):
 
 
 def bench_quantizer(rec: Recorder, name: str, m, k, args, seed, copy_gbps):
-  case = testing.CASES[name]
+  case = CASES[name]
   quant = act_quant.quantize_int8 if name == "act_quant" else act_quant.quantize_fp8
   for method in ("pallas", "xla"):
     row = {"kernel": f"{name}:{method}", "m": m, "k": k, "n": None}
@@ -435,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kn:
       kns = [tuple(int(v) for v in pair.split(":")) for pair in args.kn.split(",")]
     wanted = args.kernels.split(",") if args.kernels else None
-    unknown = [w for w in wanted or () if w not in testing.CASES]
+    unknown = [w for w in wanted or () if w not in CASES]
     if unknown:
       parser.error(f"--kernels: unknown {unknown}; choose from {GEMM_KERNELS + QUANTIZERS}")
     gemms = [g for g in GEMM_KERNELS if not wanted or g in wanted]

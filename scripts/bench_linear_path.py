@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from jquant import dispatch  # noqa: E402
 from jquant.formats import parse_spec  # noqa: E402
 from jquant.qarray import decode_scale, quantize  # noqa: E402
-from pallas_kernels import dispatch as kernel_dispatch  # noqa: E402
+from jquant.dispatch import kernels as kernel_dispatch  # noqa: E402
 from pallas_kernels import timing, w8a8  # noqa: E402
 
 M = int(os.environ.get("BENCH_M", 32760))

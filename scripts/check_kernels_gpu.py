@@ -29,7 +29,11 @@ if jax.devices()[0].platform == "gpu":
   # Exercise every kernel, also those whose default dispatch waits for a GPU check.
   os.environ.setdefault("JQUANT_PALLAS", "kernel")
 
+from jquant.dispatch import kernels as kd  # noqa: E402
 from pallas_kernels import testing, timing  # noqa: E402
+
+#: Every kernel's check: the kernels' own and the dispatch's (its token quantizer against jquant's rule).
+CASES = {**testing.CASES, **kd.CHECK_CASES}
 
 SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-sized
     (1, 1536, 1536),
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--kernels", default="", help="comma list (default: all)")
   parser.add_argument("--out", default="", help="file name in benchmarks/ (default: check_kernels-<device>.txt)")
   args = parser.parse_args(argv)
-  names = [n for n in testing.CASES if not args.kernels or n in args.kernels.split(",")]
+  names = [n for n in CASES if not args.kernels or n in args.kernels.split(",")]
   device = jax.devices()[0]
   meta = timing.run_metadata("scripts/check_kernels_gpu.py")
   header = (f"# check_kernels_gpu.py  device={device.device_kind}  jax={jax.__version__}"
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
   print(header, flush=True)
   failures = 0
   for name in names:
-    case = testing.CASES[name]
+    case = CASES[name]
     kernel, reference = jax.jit(case.kernel), jax.jit(case.reference)
     for i, (m, k, n) in enumerate(SHAPES):
       k = -(-k // case.k_multiple) * case.k_multiple

@@ -35,7 +35,7 @@ import jquant.nn as jnn  # noqa: E402
 from jquant import calib  # noqa: E402
 from jquant.algorithms import aqlm, fold, gptq, quarot, quip, smoothquant, spinquant, svd  # noqa: E402
 from jquant.algorithms import layerwise as lw  # noqa: E402
-from jquant.algorithms.coded import CodedArray  # noqa: E402
+from jquant.coded import CodedArray  # noqa: E402
 from jquant.algorithms.linear_tree import capture_inputs, get_aux, get_kernel, linear_paths  # noqa: E402
 from jquant.algorithms.synthetic import layer_problem  # noqa: E402
 from jquant.algorithms.toy import one_layer, outlier_block  # noqa: E402

@@ -18,8 +18,8 @@ import pytest
 import jquant
 import jquant.formats as F
 from jquant import cli
-from jquant import demo
-from jquant.pipeline import cli as pcli
+from jquant.cli import demo
+from jquant.cli import quantize as pcli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jquant" / "models" / "assets" / "tiny_wan"

@@ -9,7 +9,8 @@ import pytest
 import jquant.nn
 from jquant.algorithms import aqlm as A
 from jquant.algorithms import quip as QP
-from jquant.algorithms.coded import decode_tree, dequantize_any
+from jquant.coded import decode_tree
+from jquant.qarray import dequantize_any
 from jquant.algorithms.linear_tree import get_kernel, layer_statistics, relative_error
 from jquant.algorithms.synthetic import layer_problem
 from jquant.algorithms.toy import one_layer

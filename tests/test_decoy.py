@@ -14,7 +14,7 @@ CHECK = """
 import sys
 import jquant, jquant.models
 from jquant.models import tiny_wan
-import jquant.demo, jquant.pipeline.denoiser, jquant.pipeline.cli
+import jquant.cli.demo, jquant.pipeline.denoiser, jquant.cli.quantize
 assert jquant.models.__file__.endswith("__init__.py") and "decoy" not in jquant.models.__file__
 assert "models" not in sys.modules, sys.modules.get("models")
 from jquant import cli

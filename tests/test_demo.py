@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jquant.demo as demo
+import jquant.cli.demo as demo
 from jquant.pipeline import recipes as rc
 from jquant.models import tiny_wan as tw
 

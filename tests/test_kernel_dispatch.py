@@ -13,7 +13,8 @@ from _bounds import assert_dot_close
 
 import jquant
 from jquant.dispatch import linear
-from pallas_kernels import dispatch as kd, _quant
+from jquant.dispatch import kernels as kd
+from pallas_kernels import _quant
 from pallas_kernels import act_quant, lowrank_quant, w4_table, w4a8, w8a8, weight_only
 
 

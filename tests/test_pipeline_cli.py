@@ -11,7 +11,7 @@ from _pipeline_util import CONFIG, tiny_bundle
 from jquant import cli
 from jquant.pipeline import recipes as rc
 from jquant.pipeline import calibrate as C
-from jquant.pipeline import cli as pcli
+from jquant.cli import quantize as pcli
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from jquant import models
 from _pipeline_util import CONFIG
-from jquant.pipeline import policy as P
+from jquant import policy as P
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths, quantize_params
 from jquant.models.dit import DiTConfig

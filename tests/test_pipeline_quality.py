@@ -12,7 +12,7 @@ import pytest
 from jquant.pipeline import recipes as rc
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
-from jquant.pipeline import policy as P
+from jquant import policy as P
 from jquant.pipeline import runtime as R
 from jquant.pipeline.denoiser import tiny_wan_bundle
 from jquant.pipeline.tables import TableConfig

@@ -7,11 +7,11 @@ import pytest
 from _pipeline_util import tiny_bundle
 from jquant.pipeline import recipes as rc
 from jquant.pipeline import calibrate as C
-from jquant.pipeline import policy as pol
+from jquant import policy as pol
 from jquant.pipeline import runtime as R
 from jquant.pipeline.tables import TableConfig
 from jquant.qarray import QArray
-from jquant.pipeline.recipes import _flat_aux
+from jquant.algorithms.fold import flat_aux as _flat_aux
 
 # what a block kernel (blocks_0/ffn/net_2, K = 128) and its aux look like after each recipe
 EXPECT = {

@@ -10,7 +10,7 @@ import jquant.nn
 from jquant.algorithms import fold, quarot, svd
 from jquant.algorithms.gptq import gptq
 from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant_search
-from jquant.algorithms.coded import LowRankArray, decode_tree
+from jquant.coded import LowRankArray, decode_tree
 from jquant.algorithms.linear_tree import get_aux, get_kernel, layer_statistics, relative_error, update_layer
 from jquant.algorithms.toy import one_layer, outlier_layer
 from jquant.qarray import QArray, dequantize

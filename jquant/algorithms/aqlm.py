@@ -35,8 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.algorithms.coded import CodedArray
-from jquant.algorithms.linear_tree import Variables, get_kernel, hessian, match_paths, update_layer
+from jquant.coded import CodedArray
+from jquant.algorithms.linear_tree import (
+    Variables,
+    get_kernel,
+    hessian,
+    match_paths,
+    update_layer,
+)
 from jquant.qarray import QArray
 
 Array = jax.Array

@@ -26,10 +26,13 @@ import jax.numpy as jnp
 
 from jquant.algorithms import fold as fold_lib
 from jquant.algorithms import layerwise as lw
+from jquant.algorithms.fold import flat_aux, with_params
 from jquant.algorithms.rtn import _qdq, clip_search
 from jquant.formats import QSpec, parse_spec
+from jquant.policy import Policy
 from jquant.qarray import compute_scales
 from jquant.rules import Rule
+from jquant.transform import Context, Transform, Variables
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -156,3 +159,12 @@ def awq(
         else:
             new[p] = lw.quantize_fast(l.kernel, l.spec, path=p)
     return lw.replace(params, new), aux
+
+
+def transform(policy: Policy, config: Any = None) -> Transform:
+    """AWQ (activation-aware scaling + clipping search); ``x / s`` kept as ``input_mul``."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        params, aux = awq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config, aux=flat_aux(v))
+        return with_params(v, policy.cast(params, ctx.roles), aux)
+
+    return Transform(f"awq[{policy.name}]", fn, True)

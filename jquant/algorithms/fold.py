@@ -44,8 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms import layerwise as lw
+from jquant.nn import AUX_COLLECTION
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths
+from jquant.transform import Variables
 
 Array = jax.Array
 Aux = dict[str, dict[str, Any]]
@@ -235,4 +237,17 @@ def aux_from_collection(coll: Mapping) -> Aux:
                 walk(v, f"{prefix}/{k}" if prefix else k)
 
     walk(coll, "")
+    return out
+
+
+def flat_aux(v: Variables) -> Aux:
+    """The ``"jquant"`` aux collection of linen variables as flat ``{module_path: {name: value}}``."""
+    return aux_from_collection(v.get(AUX_COLLECTION, {}))
+
+
+def with_params(v: Variables, params: Any, aux: Aux | None = None) -> Variables:
+    """``v`` with new params (and, when given, a new aux collection built from flat ``aux``)."""
+    out = {**v, "params": params}
+    if aux is not None:
+        out[AUX_COLLECTION] = aux_collection(aux)
     return out

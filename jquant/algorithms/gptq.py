@@ -44,9 +44,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.algorithms import layerwise as lw
+from jquant.algorithms.fold import with_params
 from jquant.formats import QSpec, parse_spec
+from jquant.policy import Policy
 from jquant.qarray import QArray, compute_scales, decode, decode_scale, encode
 from jquant.rules import Rule
+from jquant.transform import Context, Transform, Variables
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -325,3 +328,12 @@ def gptq(
         h = layer.stats.hessian / jnp.maximum(layer.stats.count, 1.0)
         new[layer.path] = gptq_layer(layer.kernel, h, layer.spec, config, path=layer.path)
     return lw.replace(params, new)
+
+
+def transform(policy: Policy, config: Any = None) -> Transform:
+    """GPTQ (Hessian error feedback) per the policy, on trajectory statistics."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        params = gptq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config)
+        return with_params(v, policy.cast(params, ctx.roles))
+
+    return Transform(f"gptq[{policy.name}]", fn, True)

@@ -11,7 +11,10 @@ import math
 import re
 from typing import Mapping, Sequence
 
+from jquant.algorithms.fold import with_params
 from jquant.codecs import CODECS
+from jquant.rules import flatten_with_paths, quantize_params
+from jquant.transform import Context, Transform, Variables
 
 # ----------------------------------------------------------------------------- mixes
 
@@ -151,3 +154,15 @@ def roles_from_name(name: str) -> tuple[str, ...]:
     if out == ["cross_attn"]:
         return ()
     return tuple(out)
+
+
+def transform(mix: str) -> Transform:
+    """GGUF k-quant mix (``"Q4_K_M"``, ``"Q5_K_M"``, ``"Q6_K"``, ``"Q8_0"``) by role, as
+    llama.cpp/city96 lay it out (:func:`jquant.algorithms.kquants.kquant_mix`)."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        shapes = {p: tuple(leaf.shape) for p, leaf in flatten_with_paths(v["params"]) if p in ctx.roles}
+        plan = plan_kquant_mix(mix, shapes, ctx.roles, axis=0)
+        rules = [(f"^{re.escape(p)}$", c) for p, c in plan.items()] + [(".*", None)]
+        return with_params(v, quantize_params(v["params"], rules)[0])
+
+    return Transform(f"kquant[{mix}]", fn)

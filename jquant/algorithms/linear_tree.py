@@ -30,9 +30,9 @@ from jquant.formats import QSpec, parse_spec
 from jquant.nn import AUX_COLLECTION
 from jquant.qarray import QArray
 from jquant.rules import Rule, resolve
+from jquant.transform import Variables
 
 Array = jax.Array
-Variables = Mapping[str, Any]
 AUX_KEYS = ("input_scale", "input_mul", "hadamard", "lowrank_a", "lowrank_b")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -216,7 +216,7 @@ def jitted_apply(model: Any):
     """``run(variables, *inputs, act=None, **kw)``: :func:`jquant.nn.apply` under ``jax.jit``
     (``act`` static), with CodedArray kernels decoded first. One compile per tree structure;
     cached per (hashable) linen module."""
-    from jquant.algorithms.coded import decode_tree
+    from jquant.coded import decode_tree
     from jquant.nn import apply
 
     @functools.partial(jax.jit, static_argnames=("act",))

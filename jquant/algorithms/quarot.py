@@ -38,10 +38,18 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jquant.algorithms.coded import CodedArray
+from jquant.coded import CodedArray
+from jquant.algorithms.linear_tree import (
+    Variables,
+    get_aux,
+    get_bias,
+    get_kernel,
+    linear_paths,
+    update_layer,
+)
 from jquant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
-from jquant.algorithms.linear_tree import Variables, get_aux, get_bias, get_kernel, linear_paths, update_layer
 from jquant.qarray import QArray
+from jquant.transform import Context, Transform
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
@@ -285,3 +293,13 @@ def dit_plan(
 
 def _flat_keys(params: Any) -> list[str]:
     return list(traverse_util.flatten_dict(dict(params), sep="/"))
+
+
+def transform(seed: int = 0, heads: bool = True) -> Transform:
+    """QuaRot (:func:`jquant.algorithms.quarot.dit_plan`): head-wise V/O rotations (offline,
+    exact) and online randomized Hadamards on every attention/FFN input; never on the
+    modulation, embedders or the head. Data-free; exact in float."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        return quarot(v, None, dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed, heads_offline=heads))
+
+    return Transform("quarot", fn)

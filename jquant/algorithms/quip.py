@@ -38,16 +38,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.algorithms.coded import CodedArray
+from jquant import policy as pol
+from jquant.coded import CodedArray
+from jquant.algorithms.linear_tree import (
+    Variables,
+    get_kernel,
+    hessian,
+    match_paths,
+    update_layer,
+)
 from jquant.hadamard import apply_rht, inverse_rht
-from jquant.algorithms.linear_tree import Variables, get_kernel, hessian, match_paths, update_layer
+from jquant.policy import Policy
 from jquant.qarray import QArray
+from jquant.transform import Context, Transform
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
@@ -241,3 +251,14 @@ def quip(variables: Variables, stats: Any, config: QuIPConfig = QuIPConfig()) ->
         h = None if stats is None else hessian(stats, path)
         out = update_layer(out, path, kernel=quip_weight(w, h, config, path=path))
     return out
+
+
+def transform(policy: Policy, ldlq: bool = True) -> Transform:
+    """QuIP# (two-sided RHT + E8P lattice codebook, 2 bits/weight, LDLQ on trajectory
+    Hessians) on the layers the policy quantizes (the policy's specs are not used)."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        mods = [p[: -len("/kernel")] for p, prec in policy.plan(ctx.roles).items() if prec not in (None, pol.BF16)]
+        pattern = "^(?:" + "|".join(re.escape(m) for m in mods) + ")$"
+        return quip(v, ctx.stats(v) if ldlq else None, QuIPConfig(pattern=pattern, ldlq=ldlq))
+
+    return Transform(f"quip[{policy.name}]", fn, ldlq)

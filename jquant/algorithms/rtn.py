@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms import layerwise as lw
+from jquant.algorithms.fold import with_params
 from jquant.formats import QSpec, parse_spec
+from jquant.policy import Policy
 from jquant.qarray import QArray, compute_scales, decode, decode_scale, encode
 from jquant.rules import Rule, flatten_with_paths, resolve
+from jquant.transform import Context, Transform, Variables
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -135,3 +138,11 @@ def rtn(
         h = layer.stats.hessian / jnp.maximum(layer.stats.count, 1.0)
         new[layer.path] = rtn_layer(layer.kernel, layer.spec, h, config, path=layer.path)
     return lw.replace(params, new)
+
+
+def transform(policy: Policy) -> Transform:
+    """Round-to-nearest per the policy (bf16 layers cast)."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        return with_params(v, policy.quantize(v["params"], ctx.roles))
+
+    return Transform(f"rtn[{policy.name}]", fn)

@@ -37,10 +37,13 @@ import jax.numpy as jnp
 
 from jquant.algorithms import fold as fold_lib
 from jquant.algorithms import layerwise as lw
+from jquant.algorithms.fold import flat_aux, with_params
 from jquant.algorithms.rtn import _qdq
 from jquant.formats import QSpec, parse_spec
+from jquant.policy import Policy
 from jquant.qarray import compute_scales
 from jquant.rules import Rule
+from jquant.transform import Context, Transform, Variables
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -188,3 +191,16 @@ def smoothquant(
             entry = aux.setdefault(lw.module_path(l.path), {})
             entry["input_scale"] = static_input_scale(l.stats, scales[l.path], config.act_spec, config.percentile)
     return lw.replace(params, new), aux
+
+
+def transform(policy: Policy, alpha: float = 0.5, search: bool = True, act: str = "int8/t") -> Transform:
+    """SmoothQuant: activation outliers migrated into the weights (alpha searched per layer
+    on a grid when ``search``), then RTN per the policy. Its single static ``input_scale``
+    is dropped: the recipe's table (or dynamic scales) decides at run time."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = SmoothQuantConfig(alpha=alpha, search=search, act=act)
+        params, aux = smoothquant(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg, aux=flat_aux(v))
+        aux = {m: {k: x for k, x in e.items() if k != "input_scale"} for m, e in aux.items()}  # the table decides
+        return with_params(v, policy.cast(params, ctx.roles), {m: e for m, e in aux.items() if e})
+
+    return Transform(f"smoothquant[{policy.name}]", fn, True)

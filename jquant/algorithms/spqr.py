@@ -25,7 +25,7 @@ at 48 bits each (16-bit value + 16-bit row + 16-bit column), e.g. 3 + 0.375 + 0.
 0.48 = 4.1 bits at 1% outliers. ``nbytes`` counts the real storage (3-bit codes live in
 4-bit containers).
 
-The result is an :class:`SpQRArray` leaf, a :class:`~jquant.algorithms.coded.CodedArray`:
+The result is an :class:`SpQRArray` leaf, a :class:`~jquant.coded.CodedArray`:
 ``dequantize()`` decodes the dense codes with the decoded statistics and writes the
 outliers back (an XLA scatter). :mod:`jquant.nn` runs it with no change to the core:
 the dispatch reads a non-QArray kernel as ``w.astype(x.dtype)``, which decodes.
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.algorithms import layerwise as lw
-from jquant.algorithms.coded import CodedArray
+from jquant.coded import CodedArray
 from jquant.algorithms.gptq import blocked_sweep, inverse_cholesky
 from jquant.qarray import pack, unpack
 from jquant.rules import Rule

@@ -32,7 +32,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jquant.algorithms.coded import CodedArray, LowRankArray, dequantize_any
+from jquant.coded import CodedArray, LowRankArray
+from jquant.qarray import dequantize_any
 from jquant.algorithms.linear_tree import (
     Variables,
     get_aux,
@@ -45,7 +46,9 @@ from jquant.algorithms.linear_tree import (
     update_layer,
 )
 from jquant.formats import QSpec, parse_spec
+from jquant.policy import Policy
 from jquant.qarray import QArray, dequantize, quantize
+from jquant.transform import Context, Transform
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
@@ -357,3 +360,28 @@ def quantize_and_correct(
     """``quantize_fn(variables, stats)`` followed by :func:`lowrank_correction`: one step
     of a recipe (e.g. ``rotate -> smooth -> quantize_and_correct(gptq)``)."""
     return lowrank_correction(variables, quantize_fn(variables, stats), stats, config)
+
+
+def _rank(rank: int | None, ctx: Context) -> int:
+    return int(rank) if rank is not None else max(1, min(32, ctx.width // 8))
+
+
+def transform(policy: Policy, rank: int | None = None, alpha: float = 0.5) -> Transform:
+    """SVDQuant: smoothing, a rank-r bf16 branch (default ``min(32, width / 8)``), the
+    residual quantized per the policy."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = SVDQuantConfig(rules=policy.rules(ctx.roles), rank=_rank(rank, ctx), alpha=alpha)
+        out = svdquant(v, ctx.stats(v), cfg)
+        return {**out, "params": policy.cast(out["params"], ctx.roles)}
+
+    return Transform(f"svdquant[{policy.name}]", fn, True)
+
+
+def correct(inner: Transform, rank: int | None = None) -> Transform:
+    """``inner`` then a rank-r low-rank correction of each quantized layer's error
+    (whitened by the layer's trajectory Hessian)."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = CorrectionConfig(rank=_rank(rank, ctx))
+        return quantize_and_correct(v, ctx.stats(v), cfg, lambda vv, _st: inner(vv, ctx))
+
+    return Transform(f"{inner.name} + lowrank", fn, True)

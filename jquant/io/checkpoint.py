@@ -25,7 +25,6 @@ a temporary file beside the target, fsync, ``os.replace``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -33,7 +32,7 @@ import shutil
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -32,12 +32,16 @@ import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
-from jquant.codecs import CODECS
-
 from jquant.algorithms.kquants import MIX_BASE, plan_kquant_mix, roles_from_name
-from jquant.formats import parse_spec
+from jquant.codecs import CODECS
 from jquant.files import atomic_file
-from jquant.models.safetensors import get_tensor, open_safetensors, read_header, weight_files
+from jquant.formats import parse_spec
+from jquant.models.safetensors import (
+    get_tensor,
+    open_safetensors,
+    read_header,
+    weight_files,
+)
 from jquant.qarray import QArray
 
 CONFIG_KEY = "jquant.config"  # diffusers config.json contents, as a JSON string
@@ -466,7 +470,12 @@ def load_gguf_params(
     """
     from flax import traverse_util
 
-    from jquant.models.loading import CheckpointMismatchError, port_for_class, port_for_config, read_config
+    from jquant.models.loading import (
+        CheckpointMismatchError,
+        port_for_class,
+        port_for_config,
+        read_config,
+    )
     from jquant.models.port import DiffusersConfig
 
     tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)

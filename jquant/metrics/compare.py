@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.metrics._video import as_pair
-from jquant.metrics.frechet import FeatureExtractor, frechet_distance, pooled_pixel_features
+from jquant.metrics.frechet import (
+    FeatureExtractor,
+    frechet_distance,
+    pooled_pixel_features,
+)
 from jquant.metrics.pixel import mse, psnr, ssim
 from jquant.metrics.temporal import temporal_flicker, warp_error
 

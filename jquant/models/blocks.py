@@ -14,8 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from jquant.models.attention import apply_rope, attention
+from jquant.models.embeddings import (
+    EmbedMLP,
+    TimestepLabelEmbedding,
+    activation,
+    timestep_embedding,
+)
 from jquant.models.port import KeyEntry, linear, norm
-from jquant.models.embeddings import EmbedMLP, TimestepLabelEmbedding, activation, timestep_embedding
 
 # diffusers FeedForward activation_fn -> (activation, gated). Gated ("swiglu") projects to twice the
 # inner width and multiplies the first half by act(second half).

@@ -21,8 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, LayerNorm, modulate, patchify, unpatchify
-from jquant.models.embeddings import ACTIVATIONS, EmbedMLP, axes_rope_tables, sincos_1d, timestep_embedding
+from jquant.models.blocks import (
+    AdaLayerNorm,
+    FeedForward,
+    JointAttention,
+    LayerNorm,
+    modulate,
+    patchify,
+    unpatchify,
+)
+from jquant.models.embeddings import (
+    ACTIVATIONS,
+    EmbedMLP,
+    axes_rope_tables,
+    sincos_1d,
+    timestep_embedding,
+)
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
 from jquant.models.roles import assign_roles
 

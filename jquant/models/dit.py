@@ -13,7 +13,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import FF_ACTIVATIONS, AdaLayerNorm, Attention, FeedForward, LayerNorm, modulate, patchify, unpatchify
+from jquant.models.blocks import (
+    FF_ACTIVATIONS,
+    AdaLayerNorm,
+    Attention,
+    FeedForward,
+    LayerNorm,
+    modulate,
+    patchify,
+    unpatchify,
+)
 from jquant.models.embeddings import sincos_2d_pos_embed
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, norm
 from jquant.models.roles import assign_roles

@@ -13,7 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import AdaLayerNorm, DoubleStreamBlock, SingleStreamBlock, double_stream_keys, single_stream_keys
+from jquant.models.blocks import (
+    AdaLayerNorm,
+    DoubleStreamBlock,
+    SingleStreamBlock,
+    double_stream_keys,
+    single_stream_keys,
+)
 from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear
 from jquant.models.roles import STREAM_BLOCK_RULES, assign_roles

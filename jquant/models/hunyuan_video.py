@@ -31,7 +31,11 @@ from jquant.models.blocks import (
     single_stream_keys,
     unpatchify,
 )
-from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables, grid_positions
+from jquant.models.embeddings import (
+    CombinedTimestepTextEmbedding,
+    axes_rope_tables,
+    grid_positions,
+)
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
 from jquant.models.roles import STREAM_BLOCK_RULES, assign_roles
 

@@ -25,10 +25,25 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from jquant.models import cogvideox, dit, flux, hunyuan_video, ltx2, ltx_video, mochi, wan
 from jquant.files import atomic_file
-from jquant.models.safetensors import SafetensorsError, get_tensor, open_safetensors, read_header, weight_files
+from jquant.models import (
+    cogvideox,
+    dit,
+    flux,
+    hunyuan_video,
+    ltx2,
+    ltx_video,
+    mochi,
+    wan,
+)
 from jquant.models.port import DiffusersConfig, Port
+from jquant.models.safetensors import (
+    SafetensorsError,
+    get_tensor,
+    open_safetensors,
+    read_header,
+    weight_files,
+)
 
 PORTS: tuple[Port, ...] = (wan.PORT, flux.PORT, dit.PORT, hunyuan_video.PORT, cogvideox.PORT, mochi.PORT, ltx_video.PORT, ltx2.PORT)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, RMSNorm, key_mask
+from jquant.models.blocks import (
+    AdaLayerNormSingle,
+    Attention,
+    FeedForward,
+    RMSNorm,
+    key_mask,
+)
 from jquant.models.embeddings import EmbedMLP
 from jquant.models.ltx_video import (
     ada_values,

@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, LayerNorm, RMSNorm, key_mask
+from jquant.models.blocks import (
+    AdaLayerNormSingle,
+    Attention,
+    FeedForward,
+    LayerNorm,
+    RMSNorm,
+    key_mask,
+)
 from jquant.models.embeddings import EmbedMLP
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
 from jquant.models.roles import assign_roles

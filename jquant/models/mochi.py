@@ -19,7 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models.attention import attention
-from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, PatchEmbed, key_mask, split_heads, unpatchify
+from jquant.models.blocks import (
+    AdaLayerNorm,
+    FeedForward,
+    JointAttention,
+    PatchEmbed,
+    key_mask,
+    split_heads,
+    unpatchify,
+)
 from jquant.models.embeddings import EmbedMLP, timestep_embedding
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
 from jquant.models.roles import assign_roles

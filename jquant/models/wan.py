@@ -14,7 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import Attention, FeedForward, LayerNorm, modulate, patchify, unpatchify
+from jquant.models.blocks import (
+    Attention,
+    FeedForward,
+    LayerNorm,
+    modulate,
+    patchify,
+    unpatchify,
+)
 from jquant.models.embeddings import EmbedMLP, timestep_embedding, wan_rope_tables
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, norm
 from jquant.models.roles import assign_roles

@@ -11,11 +11,29 @@ sampler, per-step precision, role policies, recipes, fidelity, CLI (docs/pipelin
 (The submodules keep their names: ``jquant.pipeline.evaluate`` is the module.)
 """
 
-from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, make_table, quantize, quantized_layers
-from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload, load_bundle, tiny_wan_bundle
-from jquant.pipeline.policy import Policy
-from jquant.pipeline.runtime import PerStepModel, QuantizedModel, per_step_model_fn, resident_bytes, switch_schedule
+from jquant.pipeline.calibrate import (
+    CalibrationConfig,
+    Calibrator,
+    make_table,
+    quantize,
+    quantized_layers,
+)
+from jquant.pipeline.denoiser import (
+    Denoiser,
+    ModelBundle,
+    Workload,
+    load_bundle,
+    tiny_wan_bundle,
+)
+from jquant.pipeline.runtime import (
+    PerStepModel,
+    QuantizedModel,
+    per_step_model_fn,
+    resident_bytes,
+    switch_schedule,
+)
 from jquant.pipeline.tables import ScaleTable, TableConfig, build_table
+from jquant.policy import Policy
 
 __all__ = [
     "CalibrationConfig",

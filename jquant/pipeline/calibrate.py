@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jquant import calib
-from jquant.algorithms.coded import CodedArray
+from jquant.coded import CodedArray
 from jquant.pipeline import trajectory as tj
 from jquant.pipeline.denoiser import ModelBundle, Workload
 from jquant.pipeline.runtime import QuantizedModel

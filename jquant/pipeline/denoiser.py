@@ -25,7 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.sampling import ddim_schedule, flow_match_schedule, sample_ddim, sample_flow_euler
+from jquant.sampling import (
+    ddim_schedule,
+    flow_match_schedule,
+    sample_ddim,
+    sample_flow_euler,
+)
 
 Array = jax.Array
 PyTree = Any

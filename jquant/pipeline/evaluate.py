@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.algorithms.coded import CodedArray
+from jquant.coded import CodedArray
 from jquant.metrics import compare_videos, psnr
 from jquant.pipeline.denoiser import ModelBundle, Workload
 from jquant.pipeline.runtime import QuantizedModel, float_model, timed, tree_bytes

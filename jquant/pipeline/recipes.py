@@ -12,7 +12,7 @@ Building blocks (each a function returning a :class:`Transform`): :func:`rtn`,
 :func:`gptq`, :func:`awq`, :func:`smoothquant`, :func:`quarot`, :func:`spinquant`,
 :func:`svdquant`, :func:`correct` (low-rank correction of any quantizer), :func:`kquant`,
 :func:`quip`. Which layers a
-step quantizes, and to what, is a :class:`~jquant.pipeline.policy.Policy` (by role), so
+step quantizes, and to what, is a :class:`~jquant.policy.Policy` (by role), so
 a recipe applies to any ported model. Compose your own::
 
     mine = Recipe("w4a8-quarot-gptq", "QuaRot, GPTQ int4/g64, int8 per-token activations",
@@ -26,219 +26,33 @@ tree) and why.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable, Mapping
+import difflib
+from typing import Iterable
 
-from jquant.pipeline import policy as pol
+from jquant import policy as pol
+from jquant.algorithms import awq as _awq
+from jquant.algorithms import gptq as _gptq
+from jquant.algorithms import kquants as _kquants
+from jquant.algorithms import quarot as _quarot
+from jquant.algorithms import quip as _quip
+from jquant.algorithms import rtn as _rtn
+from jquant.algorithms import smoothquant as _smoothquant
+from jquant.algorithms import spinquant as _spinquant
+from jquant.algorithms import svd as _svd
 from jquant.pipeline.tables import TableConfig
+from jquant.transform import Context, Transform, chain  # noqa: F401 (the composition vocabulary)
 
-Variables = dict[str, Any]
-AUX = "jquant"
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    """What a recipe step may use besides the variables.
-
-    Attributes:
-      roles: ``{kernel path: roles}`` of the model.
-      head_dim: attention head size (head-wise rotations).
-      width: model width (for default low-rank ranks).
-      stats: ``stats(variables) -> {kernel path: LayerStats}``: trajectory statistics of
-        the given variables (pooled over timestep groups and CFG branches).
-      samples: ``samples(variables, max_tokens) -> {module path: [N, K]}``: input rows of
-        every layer drawn over the trajectory (for methods that optimize on activations).
-    """
-
-    roles: Mapping[str, tuple[str, ...]]
-    head_dim: int
-    width: int
-    stats: Callable[[Variables], Any]
-    samples: Callable[..., Any] | None = None
-
-
-StepFn = Callable[[Variables, Context], Variables]
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """One named step of a recipe: ``fn(variables, ctx) -> variables``."""
-
-    name: str
-    fn: StepFn
-    needs_stats: bool = False
-
-    def __call__(self, variables: Variables, ctx: Context) -> Variables:
-        return self.fn(variables, ctx)
-
-
-def chain(*steps: Transform) -> Transform:
-    """Run ``steps`` in order (the name lists them joined by ' -> ')."""
-    if not steps:
-        raise ValueError("chain needs at least one transform")
-    for s in steps:
-        if not isinstance(s, Transform):
-            raise TypeError(f"chain: {s!r} is not a Transform")
-
-    def fn(variables: Variables, ctx: Context) -> Variables:
-        for s in steps:
-            variables = s(variables, ctx)
-        return variables
-
-    return Transform(" -> ".join(s.name for s in steps), fn, any(s.needs_stats for s in steps))
-
-
-# --- aux helpers -----------------------------------------------------------------------------------
-def _flat_aux(v: Variables) -> dict[str, dict[str, Any]]:
-    from jquant.algorithms.fold import aux_from_collection
-
-    return aux_from_collection(v.get(AUX, {}))
-
-
-def _with(v: Variables, params: Any, aux: Mapping[str, Mapping[str, Any]] | None = None) -> Variables:
-    from jquant.algorithms.fold import aux_collection
-
-    out = {**v, "params": params}
-    if aux is not None:
-        out[AUX] = aux_collection(aux)
-    return out
-
-
-# --- building blocks -----------------------------------------------------------------------------------
-def rtn(policy: pol.Policy) -> Transform:
-    """Round-to-nearest per the policy (bf16 layers cast)."""
-    def fn(v: Variables, ctx: Context) -> Variables:
-        return _with(v, policy.quantize(v["params"], ctx.roles))
-
-    return Transform(f"rtn[{policy.name}]", fn)
-
-
-def gptq(policy: pol.Policy, config: Any = None) -> Transform:
-    """GPTQ (Hessian error feedback) per the policy, on trajectory statistics."""
-    from jquant.algorithms import gptq as G
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        params = G.gptq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config)
-        return _with(v, policy.cast(params, ctx.roles))
-
-    return Transform(f"gptq[{policy.name}]", fn, True)
-
-
-def awq(policy: pol.Policy, config: Any = None) -> Transform:
-    """AWQ (activation-aware scaling + clipping search); ``x / s`` kept as ``input_mul``."""
-    from jquant.algorithms import awq as A
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        params, aux = A.awq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config, aux=_flat_aux(v))
-        return _with(v, policy.cast(params, ctx.roles), aux)
-
-    return Transform(f"awq[{policy.name}]", fn, True)
-
-
-def smoothquant(policy: pol.Policy, alpha: float = 0.5, search: bool = True, act: str = "int8/t") -> Transform:
-    """SmoothQuant: activation outliers migrated into the weights (alpha searched per layer
-    on a grid when ``search``), then RTN per the policy. Its single static ``input_scale``
-    is dropped: the recipe's table (or dynamic scales) decides at run time."""
-    from jquant.algorithms import smoothquant as S
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        cfg = S.SmoothQuantConfig(alpha=alpha, search=search, act=act)
-        params, aux = S.smoothquant(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg, aux=_flat_aux(v))
-        aux = {m: {k: x for k, x in e.items() if k != "input_scale"} for m, e in aux.items()}  # the table decides
-        return _with(v, policy.cast(params, ctx.roles), {m: e for m, e in aux.items() if e})
-
-    return Transform(f"smoothquant[{policy.name}]", fn, True)
-
-
-def quarot(seed: int = 0, heads: bool = True) -> Transform:
-    """QuaRot (:func:`jquant.algorithms.quarot.dit_plan`): head-wise V/O rotations (offline,
-    exact) and online randomized Hadamards on every attention/FFN input; never on the
-    modulation, embedders or the head. Data-free; exact in float."""
-    from jquant.algorithms import quarot as Q
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        return Q.quarot(v, None, Q.dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed, heads_offline=heads))
-
-    return Transform("quarot", fn)
-
-
-def spinquant(act: str = "int4/token", steps: int = 100, lr: float = 1e-3, seed: int = 0, max_tokens: int = 1024,
-              w_spec: str | None = "int4") -> Transform:
-    """SpinQuant: the head-wise V/O rotations *learned* (Cayley/optax) to minimize the output
-    error with ``w_spec`` weights (RTN, fake-quantized) and ``act`` activations on trajectory
-    activation samples, fused (exact), plus QuaRot's online Hadamards. Weights are quantized by
-    the next step (e.g. GPTQ). ``w_spec=None`` is the paper's activation-only loss; with the
-    weights in the loss, GPTQ afterwards reached a lower held-out error than QuaRot + GPTQ in 5
-    of 6 cases of docs/methods.md, against 2 of 6 with the activation-only loss."""
-    from jquant.algorithms import quarot as Q
-    from jquant.algorithms import spinquant as S
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        if ctx.samples is None:
-            raise ValueError("spinquant needs activation samples: run it through jquant.pipeline.calibrate.quantize")
-        plan = Q.dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed)
-        cfg = S.SpinQuantConfig(w_spec=w_spec, act=act, steps=steps, lr=lr, vo_groups=plan.vo_groups,
-                                head_dim=ctx.head_dim, online=plan.online, seed=seed, max_tokens=max_tokens)
-        return S.spinquant(v, ctx.samples(v, max_tokens), cfg)
-
-    return Transform("spinquant", fn, True)
-
-
-def quip(policy: pol.Policy, ldlq: bool = True) -> Transform:
-    """QuIP# (two-sided RHT + E8P lattice codebook, 2 bits/weight, LDLQ on trajectory
-    Hessians) on the layers the policy quantizes (the policy's specs are not used)."""
-    from jquant.algorithms import quip as Qp
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        mods = [p[: -len("/kernel")] for p, prec in policy.plan(ctx.roles).items() if prec not in (None, pol.BF16)]
-        pattern = "^(?:" + "|".join(re.escape(m) for m in mods) + ")$"
-        return Qp.quip(v, ctx.stats(v) if ldlq else None, Qp.QuIPConfig(pattern=pattern, ldlq=ldlq))
-
-    return Transform(f"quip[{policy.name}]", fn, ldlq)
-
-
-def _rank(rank: int | None, ctx: Context) -> int:
-    return int(rank) if rank is not None else max(1, min(32, ctx.width // 8))
-
-
-def svdquant(policy: pol.Policy, rank: int | None = None, alpha: float = 0.5) -> Transform:
-    """SVDQuant: smoothing, a rank-r bf16 branch (default ``min(32, width / 8)``), the
-    residual quantized per the policy."""
-    from jquant.algorithms import svd
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        cfg = svd.SVDQuantConfig(rules=policy.rules(ctx.roles), rank=_rank(rank, ctx), alpha=alpha)
-        out = svd.svdquant(v, ctx.stats(v), cfg)
-        return {**out, "params": policy.cast(out["params"], ctx.roles)}
-
-    return Transform(f"svdquant[{policy.name}]", fn, True)
-
-
-def correct(inner: Transform, rank: int | None = None) -> Transform:
-    """``inner`` then a rank-r low-rank correction of each quantized layer's error
-    (whitened by the layer's trajectory Hessian)."""
-    from jquant.algorithms import svd
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        cfg = svd.CorrectionConfig(rank=_rank(rank, ctx))
-        return svd.quantize_and_correct(v, ctx.stats(v), cfg, lambda vv, _st: inner(vv, ctx))
-
-    return Transform(f"{inner.name} + lowrank", fn, True)
-
-
-def kquant(mix: str) -> Transform:
-    """GGUF k-quant mix (``"Q4_K_M"``, ``"Q5_K_M"``, ``"Q6_K"``, ``"Q8_0"``) by role, as
-    llama.cpp/city96 lay it out (:func:`jquant.algorithms.kquants.kquant_mix`)."""
-    from jquant.algorithms.kquants import plan_kquant_mix
-    from jquant.rules import flatten_with_paths, quantize_params
-
-    def fn(v: Variables, ctx: Context) -> Variables:
-        shapes = {p: tuple(leaf.shape) for p, leaf in flatten_with_paths(v["params"]) if p in ctx.roles}
-        plan = plan_kquant_mix(mix, shapes, ctx.roles, axis=0)
-        rules = [(f"^{re.escape(p)}$", c) for p, c in plan.items()] + [(".*", None)]
-        return _with(v, quantize_params(v["params"], rules)[0])
-
-    return Transform(f"kquant[{mix}]", fn)
+# The building blocks, each defined next to its method's math (``jquant.algorithms.<method>``).
+rtn = _rtn.transform
+gptq = _gptq.transform
+awq = _awq.transform
+smoothquant = _smoothquant.transform
+quarot = _quarot.transform
+spinquant = _spinquant.transform
+quip = _quip.transform
+svdquant = _svd.transform
+correct = _svd.correct
+kquant = _kquants.transform
 
 
 # --- recipes -----------------------------------------------------------------------------------------
@@ -395,3 +209,22 @@ def describe() -> str:
     if MISSING:
         lines += ["", "Unavailable in this install:", *(f"  {n:<{w}}  {why}" for n, why in MISSING.items())]
     return "\n".join(lines)
+
+
+def unknown_recipe_message(name: str, known: Iterable[str]) -> str:
+    """``unknown recipe 'x'; did you mean 'y'?`` (difflib), or why a registered-but-missing
+    recipe is not available."""
+    if name in MISSING:
+        return f"recipe {name!r} is not available: {MISSING[name]}"
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; known: {', '.join(known)}"
+    return f"unknown recipe {name!r}{hint} (`jquant quantize --list` describes them)"
+
+
+class UnknownRecipeError(KeyError):
+    """An unknown recipe name (a KeyError, like :func:`get`'s), printed without
+    KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -28,9 +28,9 @@ from jax.tree_util import Partial
 from jquant import nn as jnn
 from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload
 from jquant.pipeline.tables import ScaleTable, expand
+from jquant.pipeline.timesteps import aux_tree
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths, leaf_nbytes
-from jquant.pipeline.timesteps import aux_tree
 
 Array = jax.Array
 Variables = dict[str, Any]

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.pipeline import timesteps
 from jquant.formats import parse_spec
+from jquant.pipeline import timesteps
 from jquant.pipeline.trajectory import StepRanges
 
 Array = jax.Array

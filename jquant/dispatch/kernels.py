@@ -1,4 +1,4 @@
-"""Kernel selection for jquant's dispatch: which Pallas kernel (if any) runs a matmul.
+"""Kernel selection for :mod:`jquant.dispatch`: which Pallas kernel (if any) runs a matmul.
 
 ``maybe_run(x, w, act=..., act_scale=...)`` returns the kernel's output, or None when no
 kernel applies; :func:`jquant.dispatch.linear` then takes the XLA path. Kernels apply on
@@ -44,8 +44,11 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 
-from jquant.formats import QSpec
+from jquant.formats import QSpec, parse_spec
+from jquant.dispatch.xla import add_lowrank, quantize_activation
+from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, decode_scale, dequantize
+from pallas_kernels import act_quant, lowrank_quant, testing, w4_table, w4a8, w4a16_gemm, w8a8, weight_only
 
 
 # --------------------------------------------------------------------------
@@ -178,8 +181,6 @@ def _channel_scale(w: QArray):
 
 def _fused_lowrank(x2: jax.Array, lowrank):
     """``(h = x @ A, B^T)`` for the int8 kernel's epilogue, or None where the rank does not fit."""
-    from pallas_kernels import w4a8
-
     if lowrank is None or not w4a8.fused_rank(lowrank[0].shape[-1]):
         return None
     return w4a8.lowrank_operands(x2, *lowrank)
@@ -187,8 +188,6 @@ def _fused_lowrank(x2: jax.Array, lowrank):
 
 def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> bool:
     """Whether the activation quantizer kernel takes these activations (with the rotation)."""
-    from pallas_kernels import act_quant
-
     return (act_scale is None and act.fmt in ("int8", "fp8_e4m3") and act.symmetric and not act.scaling
             and act.scale_dtype == "float32" and act_quant.supports(x2, hadamard))
 
@@ -202,15 +201,10 @@ def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False
     ``hadamard=True`` quantizes ``apply_hadamard(x2)`` (rounded to x2's dtype, as jquant.nn does),
     rotated inside the kernel where it takes the width.
     """
-    from jquant.dispatch import quantize_activation
-    from pallas_kernels import act_quant
-
     if _fused_tokens(x2, act, act_scale, hadamard):
         quant = act_quant.quantize_int8 if act.fmt == "int8" else act_quant.quantize_fp8
         return quant(x2, hadamard=True) if hadamard else quant(x2)
     if hadamard:
-        from jquant.hadamard import apply_hadamard
-
         x2 = apply_hadamard(x2, axis=-1).astype(x2.dtype)
         return quantize_tokens(x2, act, act_scale)
     xq = quantize_activation(x2, act, act_scale)
@@ -221,8 +215,6 @@ def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool, lo
     """``(codes, scales, epilogue operands or None)`` for the int8 GEMMs: with an SVDQuant branch
     the quantizer kernel also computes ``h = x @ A`` in its pass over ``x`` where it can
     (``lowrank_quant``), else ``h`` is its own XLA GEMM."""
-    from pallas_kernels import lowrank_quant, w4a8
-
     if (lowrank is not None and not hadamard and w4a8.fused_rank(lowrank[0].shape[-1])
             and _fused_tokens(x2, act, act_scale) and lowrank_quant.supports(x2, lowrank[0])):
         x_q, xs, h = lowrank_quant.quantize_lowrank(x2, lowrank[0], "int8" if act.fmt == "int8" else "fp8")
@@ -233,8 +225,6 @@ def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool, lo
 
 def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard=False):
     """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
-    from pallas_kernels import w4a8, w8a8
-
     ws = _channel_scale(w)
     if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
         x_q, xs, fused = _tokens_and_lowrank(x2, act, act_scale, hadamard, lowrank)
@@ -255,8 +245,6 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=No
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
-    from pallas_kernels import w4_table, w4a16_gemm, weight_only
-
     spec = w.spec
     if w.ndim != 2:
         return None
@@ -330,8 +318,6 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
         if y is None:
             y = (x2.astype(out_dtype) @ dequantize(w, out_dtype)).astype(out_dtype)
         if lowrank is not None:
-            from jquant.dispatch import add_lowrank
-
             y = add_lowrank(y, x2, lowrank)
         return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
     if act is not None:
@@ -342,7 +328,28 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
     if y is None:
         return None
     if lowrank is not None and not fused:
-        from jquant.dispatch import add_lowrank
-
         y = add_lowrank(y, x2, lowrank)
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# The GPU check of this module's quantizer choice (scripts/check_kernels_gpu.py runs it
+# beside pallas_kernels.testing.CASES): the W8A8 kernel path must see the XLA path's codes.
+# --------------------------------------------------------------------------
+
+
+def _dispatch_tokens(x):
+  return quantize_tokens(x, parse_spec("int8/token"), None)
+
+
+def _jquant_tokens(x):
+  xq = quantize_activation(x, parse_spec("int8/token"), None)
+  return xq.qvalue, decode_scale(xq).reshape(-1, 1)
+
+
+CHECK_CASES: dict[str, testing.KernelCase] = {
+    "act_quant_jquant": testing.KernelCase(
+        "act_quant_jquant", _dispatch_tokens, _jquant_tokens,
+        testing.act_quant_inputs, lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m),
+}

@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from jquant.formats import QSpec
-from jquant.qarray import QArray, decode_scale, dequantize, is_coded, quantize
+from jquant.dispatch import kernels as kd
+from jquant.dispatch.xla import (  # noqa: F401 (part of the dispatch API)
+    _FP8, _INT8, _float_dot, _int_path_ok, _weight_scale_row, add_lowrank, quantize_activation)
+from jquant.hadamard import apply_hadamard
+from jquant.qarray import QArray, decode_scale, dequantize, is_coded
 
 Array = jax.Array
-_INT8 = ("int8",)
-_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -39,38 +41,10 @@ def resolve_backend(backend: str = "auto") -> str:
     return b
 
 
-def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray:
-    """Quantize activations [..., K]: dynamic per token, or with a static scale.
-
-    A static ``act_scale`` is either one scale (any size-1 array: per tensor) or a per-token
-    scale array broadcastable to ``x.shape[:-1] + (1,)`` (e.g. ``[B, 1, 1]``: one scale per
-    CFG branch row; ``[B, L, 1]``: one per token, as per-frame video tables expand to).
-    """
-    if act_scale is not None:
-        s = jnp.asarray(act_scale, jnp.float32)
-        if s.size == 1:
-            spec = act if act.granularity == "tensor" else QSpec(act.fmt, "tensor", symmetric=act.symmetric, axis=-1)
-            return quantize(x, spec, scale=s.reshape((1,) * x.ndim), check_finite=False)
-        want = x.shape[:-1] + (1,)
-        if s.ndim > x.ndim or not all(a in (1, b) for a, b in zip(s.shape[::-1], want[::-1])):
-            raise ValueError(f"static activation scale of shape {s.shape} does not broadcast to the per-token shape {want}")
-        spec = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1)
-        return quantize(x, spec, scale=jnp.broadcast_to(s, want), check_finite=False)
-    if act.granularity != "token":
-        act = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1, scale_dtype=act.scale_dtype)
-    return quantize(x, act, check_finite=False)
 
 
-def _weight_scale_row(w: QArray) -> Array | None:
-    """Per-output-channel scale [N] if ``w`` (2-D, (K, N)) has no scale variation along K."""
-    if w.ndim != 2 or w.zero_point is not None or w.scale.shape[0] != 1 or w.spec.scaling:
-        return None
-    return decode_scale(w)[0]
 
 
-def _int_path_ok(xq_fmt: str, w: QArray) -> bool:
-    same = (xq_fmt in _INT8 and w.spec.fmt in _INT8) or (xq_fmt in _FP8 and w.spec.fmt in _FP8)
-    return same and _weight_scale_row(w) is not None
 
 
 def linear(
@@ -94,12 +68,10 @@ def linear(
     """
     if hadamard:
         if lowrank is None and resolve_backend(backend) != "xla":
-            from pallas_kernels import dispatch as kd
 
             y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=False, hadamard=True)
             if y is not None:
                 return y
-        from jquant.hadamard import apply_hadamard
 
         x = apply_hadamard(x, axis=-1).astype(x.dtype)
     contract = contract or 1
@@ -124,7 +96,6 @@ def linear(
         return (x2 @ wf).reshape(*batch, *feat)
     b = resolve_backend(backend)
     if b != "xla":
-        from pallas_kernels import dispatch as kd
 
         y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=b == "pallas", lowrank=lowrank)
         if y is not None:  # the kernel path adds the low-rank branch itself
@@ -144,17 +115,8 @@ def linear(
     return y if lowrank is None else add_lowrank(y, x, lowrank, contract)
 
 
-def add_lowrank(y: Array, x: Array, lowrank: tuple[Array, Array], contract: int = 1) -> Array:
-    """``y + (x @ A) @ B`` in x's dtype (x's last ``contract`` axes flattened)."""
-    a, b = lowrank
-    xl = x.reshape(*x.shape[: x.ndim - contract], -1)
-    return y + ((xl @ a.astype(x.dtype)) @ b.astype(x.dtype)).reshape(y.shape).astype(y.dtype)
 
 
-def _float_dot(x: Array, w: Array, contract: int) -> Array:
-    nd = x.ndim
-    dims = ((tuple(range(nd - contract, nd)), tuple(range(contract))), ((), ()))
-    return jax.lax.dot_general(x, w, dims)
 
 
 def einsum(eq: str, x: Array, w: QArray | Array, *, act: QSpec | None = None, act_scale: Array | None = None) -> Array:

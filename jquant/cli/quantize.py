@@ -22,140 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
-from jquant.algorithms.coded import CodedArray
+from jquant.cli.common import ArgumentParser, UsageError, check_model_dir
+from jquant.pipeline.artifacts import (
+    CKPT_NAME,
+    META_NAME,
+    json_default,
+    load_quantized,
+    save_quantized,
+    write_reports,
+)
 from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
-from jquant.pipeline.denoiser import ModelBundle, load_bundle
-from jquant.pipeline.runtime import QuantizedModel
-from jquant.pipeline.tables import ScaleTable, TableConfig
-from jquant.qarray import QArray
-from jquant.rules import flatten_with_paths, leaf_nbytes
-
-META_NAME = "quant.json"
-CKPT_NAME = "checkpoint"
-
-
-# --- saving and loading ----------------------------------------------------------------------------
-def save_quantized(out: str | Path, qm: QuantizedModel, meta: dict[str, Any]) -> Path:
-    """Write ``checkpoint/`` (variables and table arrays) and ``quant.json`` into ``out``."""
-    from jquant.io import checkpoint
-
-    coded = [p for p, leaf in flatten_with_paths(qm.variables) if isinstance(leaf, CodedArray)]
-    if coded:
-        raise ValueError(
-            f"{coded[0]}: {type(dict(flatten_with_paths(qm.variables))[coded[0]]).__name__} leaves cannot be saved by "
-            f"jquant.io.checkpoint (it stores QArrays); {len(coded)} such layers"
-        )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tree: dict[str, Any] = {"variables": qm.variables}
-    full = {**meta, "name": qm.name, "act": qm.act, "table": None}
-    if qm.table is not None:
-        t = qm.table.to_tree()
-        tree["table"] = {"groups": t["groups"], "scales": t["scales"]}
-        full["table"] = t["meta"]
-    checkpoint.save(out / CKPT_NAME, tree)
-    (out / META_NAME).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
-    return out
-
-
-def load_quantized(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Inverse of :func:`save_quantized`: ``(QuantizedModel, meta)``."""
-    from jquant.io import checkpoint
-
-    path = Path(path)
-    if not (path / META_NAME).is_file():
-        raise FileNotFoundError(f"{path} is not a `jquant quantize` output (no {META_NAME})")
-    meta = json.loads((path / META_NAME).read_text())
-    tree = checkpoint.restore(path / CKPT_NAME)
-    table = ScaleTable.from_tree(tree["table"], meta["table"]) if meta.get("table") else None
-    return QuantizedModel(tree["variables"], meta["act"], table, meta.get("name", ""), meta.get("info", {})), meta
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-# --- reports -----------------------------------------------------------------------------------------
-def layer_report(bundle: ModelBundle, qm: QuantizedModel) -> list[dict[str, Any]]:
-    """One row per linear kernel: roles, format, shape, bytes before/after (with aux), aux kinds."""
-    from jquant.pipeline.recipes import _flat_aux
-
-    before = dict(flatten_with_paths(bundle.params))
-    aux = _flat_aux(qm.variables)
-    rows = []
-    for path, leaf in flatten_with_paths(qm.params):
-        if not path.endswith("/kernel"):
-            continue
-        mod = path[: -len("/kernel")]
-        entries = aux.get(mod, {})
-        extra = sum(leaf_nbytes(v) for v in entries.values())
-        if isinstance(leaf, QArray):
-            fmt = str(leaf.spec)
-        elif isinstance(leaf, CodedArray):
-            fmt = f"{type(leaf).__name__} ({leaf.bits_per_weight:.2f} bits)"
-        else:
-            fmt = f"float ({np.dtype(leaf.dtype).name})"
-        kinds = sorted(entries)
-        if "lowrank_a" in entries:
-            kinds = [k for k in kinds if k != "lowrank_b"]
-            kinds[kinds.index("lowrank_a")] = f"lowrank r={entries['lowrank_a'].shape[-1]}"
-        table = qm.table is not None and mod in qm.table.scales
-        rows.append({
-            "layer": mod,
-            "roles": list(bundle.roles.get(path, ())),
-            "format": fmt,
-            "shape": list(leaf.shape),
-            "bytes_float": leaf_nbytes(before[path]),
-            "bytes": leaf_nbytes(leaf) + extra,
-            "aux": kinds,
-            "activations": (qm.act if (table or (qm.act and isinstance(leaf, QArray) and qm.table is None)) else "-"),
-        })
-    return rows
-
-
-def write_reports(out: Path, bundle: ModelBundle, qm: QuantizedModel, meta: dict[str, Any]) -> None:
-    """``report.json`` and ``report.md`` (per-layer formats, bytes, timings)."""
-    from jquant.pipeline.evaluate import weight_summary
-
-    rows = layer_report(bundle, qm)
-    summary = weight_summary(qm.variables)
-    rep = {"meta": meta, "summary": summary, "layers": rows}
-    (out / "report.json").write_text(json.dumps(rep, indent=2, default=_json_default) + "\n")
-    lines = [
-        f"# jquant quantize: {qm.name}",
-        "",
-        f"- model: `{meta['model_dir']}` ({bundle.denoiser.name}, {bundle.denoiser.num_steps} {bundle.denoiser.sampler} steps, "
-        f"guidance {bundle.denoiser.guidance_scale:g})",
-        f"- recipe steps: {meta['info']['steps']}",
-        f"- activations: {meta['info']['activations']}",
-        f"- weight memory: {summary['weight_bytes'] / 2**20:.3f} MiB (float: {meta['float_bytes'] / 2**20:.3f} MiB); "
-        f"{summary['bits_per_weight']:.2f} bits per quantized weight; {100 * summary['quantized_fraction']:.1f}% of kernel "
-        "weights quantized",
-        f"- calibration: {meta['calibration']}",
-        f"- device: {meta['device']}",
-        "",
-        "| seconds | " + " | ".join(meta["info"]["seconds"]) + " |",
-        "|---|" + "---:|" * len(meta["info"]["seconds"]),
-        "| | " + " | ".join(f"{v:.1f}" for v in meta["info"]["seconds"].values()) + " |",
-        "",
-        "| layer | roles | format | shape | float bytes | bytes | aux | activations |",
-        "|---|---|---|---|---:|---:|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['layer']} | {', '.join(r['roles'])} | {r['format']} | {'x'.join(map(str, r['shape']))} | "
-            f"{r['bytes_float']:,} | {r['bytes']:,} | {', '.join(r['aux']) or '-'} | {r['activations']} |"
-        )
-    if qm.table is not None:
-        lines += ["", f"Scale table: {qm.table.config.describe()}; step groups {qm.table.groups.tolist()}; "
-                  f"{qm.table.nbytes:,} bytes."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+from jquant.pipeline.denoiser import load_bundle
+from jquant.pipeline.tables import TableConfig
 
 
 def _device() -> str:
@@ -175,8 +54,6 @@ def _table_from_args(a: argparse.Namespace, recipe: Any) -> Any:
 
 def quantize_parser() -> argparse.ArgumentParser:
     """The options of ``jquant quantize``."""
-    from jquant.cli import ArgumentParser
-
     p = ArgumentParser(prog="jquant quantize", description="Calibrate on the denoising trajectory, quantize with a "
                        "recipe, save the checkpoint and a per-layer report.",
                        epilog="`jquant quantize --list` describes the recipes (no model folder needed).")
@@ -209,7 +86,6 @@ def savable_recipes() -> list[str]:
 def main_quantize(argv: list[str] | None = None) -> int:
     """`jquant quantize MODEL_DIR --recipe NAME --out DIR [options]`; `jquant quantize --list`."""
     from jquant.pipeline import recipes as rc
-    from jquant.cli import UsageError, check_model_dir, unknown_recipe_message
 
     p = quantize_parser()
     a = p.parse_args(argv)
@@ -220,7 +96,7 @@ def main_quantize(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"missing {', '.join(missing)}; `jquant quantize --list` lists the recipes without them")
     if a.recipe not in rc.RECIPES:
-        raise UsageError(unknown_recipe_message(a.recipe, savable_recipes()))
+        raise UsageError(rc.unknown_recipe_message(a.recipe, savable_recipes()))
     recipe = _table_from_args(a, rc.get(a.recipe))
     if not recipe.checkpointable:
         raise UsageError(
@@ -251,7 +127,7 @@ def main_quantize(argv: list[str] | None = None) -> int:
     qm.info["seconds"]["save"] = time.perf_counter() - t1
     meta["info"] = qm.info
     (Path(a.out) / META_NAME).write_text(
-        json.dumps({**json.loads((Path(a.out) / META_NAME).read_text()), "info": qm.info}, indent=2, default=_json_default) + "\n"
+        json.dumps({**json.loads((Path(a.out) / META_NAME).read_text()), "info": qm.info}, indent=2, default=json_default) + "\n"
     )
     write_reports(Path(a.out), bundle, qm, meta)
     print(f"wrote {a.out}/{CKPT_NAME}, report.md, report.json ({time.perf_counter() - t0:.1f} s)")
@@ -273,8 +149,6 @@ def format_metrics(rows: list[dict[str, Any]]) -> str:
 
 def eval_parser() -> argparse.ArgumentParser:
     """The options of ``jquant eval``."""
-    from jquant.cli import ArgumentParser
-
     p = ArgumentParser(prog="jquant eval", description="Sample the float and the quantized model on the same noise "
                        "and conditioning and report fidelity metrics (PSNR, SSIM, flicker, error per step).")
     p.add_argument("ckpt_dir", help="a `jquant quantize` output folder")
@@ -287,7 +161,6 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def main_eval(argv: list[str] | None = None) -> int:
     """`jquant eval CKPT_DIR [--model MODEL_DIR] [--clips N] [--seed S] [--out DIR]`."""
-    from jquant.cli import check_model_dir
     from jquant.pipeline.evaluate import evaluate, reference
 
     p = eval_parser()
@@ -317,6 +190,6 @@ def main_eval(argv: list[str] | None = None) -> int:
     out = Path(a.out or a.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = {"model_dir": model_dir, "clips": a.clips, "seed": a.seed, "labels": list(work.labels), "device": _device(), **row}
-    (out / "eval.json").write_text(json.dumps(res, indent=2, default=_json_default) + "\n")
+    (out / "eval.json").write_text(json.dumps(res, indent=2, default=json_default) + "\n")
     print(f"wrote {out / 'eval.json'}")
     return 0

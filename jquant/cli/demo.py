@@ -254,13 +254,12 @@ def resolve_recipes(names: str | Sequence[str]) -> list[str]:
     """``"all"``, a comma-separated string or a sequence of registered recipe names; an
     unknown name raises a KeyError with a "did you mean" suggestion."""
     from jquant.pipeline import recipes as rc
-    from jquant.cli import UnknownRecipeError, unknown_recipe_message
 
     if isinstance(names, str):
         names = rc.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     for n in names:
         if n not in rc.RECIPES:
-            raise UnknownRecipeError(unknown_recipe_message(n, rc.names()))
+            raise rc.UnknownRecipeError(rc.unknown_recipe_message(n, rc.names()))
     return list(names)
 
 
@@ -283,8 +282,8 @@ def run_demo(
     Calibration uses `calib_samples` samples of its own noise seed (not the evaluation's).
     `progress` reports each model's phase on stderr (see :class:`Status`).
     """
-    from jquant.pipeline import recipes as rc
     from jquant.models import tiny_wan as tw
+    from jquant.pipeline import recipes as rc
     from jquant.pipeline.calibrate import CalibrationConfig, quantize
     from jquant.pipeline.denoiser import tiny_wan_bundle
     from jquant.pipeline.evaluate import evaluate, reference, weight_summary
@@ -366,7 +365,7 @@ def run_demo(
 
 def parser() -> argparse.ArgumentParser:
     """The options of ``jquant demo``."""
-    from jquant.cli import ArgumentParser
+    from jquant.cli.common import ArgumentParser
 
     p = ArgumentParser(
         prog="jquant demo",

@@ -68,15 +68,6 @@ def is_coded(x: Any) -> bool:
     return isinstance(x, CodedArray)
 
 
-def dequantize_any(w: Any, dtype=jnp.float32) -> Array:
-    """Dense float kernel of a QArray, a CodedArray or a plain array."""
-    from jquant.qarray import dequantize
-
-    if isinstance(w, CodedArray):
-        return w.dequantize(dtype)
-    return jnp.asarray(dequantize(w, dtype), dtype)
-
-
 def decode_tree(tree: Any, dtype=None) -> Any:
     """Replace every CodedArray leaf of ``tree`` by its dense kernel (QArrays untouched)."""
     return jax.tree_util.tree_map(
