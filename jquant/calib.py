@@ -46,6 +46,8 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from jquant import nn as jnn
 from jquant.rules import flatten_with_paths
@@ -309,8 +311,6 @@ def _observed_stats(apply_fn: Callable, config: CalibConfig, graphdef: Any, para
         parts[path] = combine(parts[path], s) if path in parts else s
 
     if graphdef is not None:
-        from flax import nnx
-
         model = nnx.merge(graphdef, params)
         with jnn.observe(obs, nnx_model=model):
             apply_fn(model, batch)
@@ -366,7 +366,6 @@ def make_step(apply_fn: Callable, config: CalibConfig | None = None, *, graphdef
 def _progress(it: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
-    from tqdm.auto import tqdm
 
     return tqdm(it, total=total, desc=desc, unit="batch", leave=False)
 

@@ -37,6 +37,7 @@ from flax import nnx
 
 from jquant import dispatch
 from jquant.formats import QSpec, parse_spec
+from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, dequantize
 
 AUX_COLLECTION = "jquant"
@@ -80,8 +81,6 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     defer = (rotate and not _state.observers and einsum_str is None and lowrank is None
              and (dtype is None or jnp.dtype(dtype) == x.dtype))
     if rotate and not defer:
-        from jquant.hadamard import apply_hadamard
-
         x = apply_hadamard(x, axis=-1).astype(x.dtype)
     for obs in _state.observers:
         obs(path, x)

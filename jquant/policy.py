@@ -22,7 +22,14 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 
 from jquant.formats import parse_spec
-from jquant.rules import Rule, flatten_with_paths, leaf_nbytes, map_with_paths
+from jquant.models.roles import ROLES
+from jquant.rules import (
+    Rule,
+    flatten_with_paths,
+    leaf_nbytes,
+    map_with_paths,
+    quantize_params,
+)
 
 BF16 = "bf16"
 Roles = Mapping[str, Sequence[str]]
@@ -55,8 +62,6 @@ class Policy:
     doc: str = ""
 
     def __post_init__(self) -> None:
-        from jquant.models.roles import ROLES
-
         for roles, prec in self.entries:
             bad = sorted(set(roles) - ROLES)
             if bad:
@@ -86,8 +91,6 @@ class Policy:
 
     def quantize(self, params: Any, roles: Roles) -> Any:
         """Round-to-nearest per the policy: each labelled kernel to its spec, :data:`BF16` layers cast."""
-        from jquant.rules import quantize_params  # pylint: disable=import-outside-toplevel
-
         return self.cast(quantize_params(params, self.rules(roles))[0], roles)
 
     def cast(self, params: Any, roles: Roles) -> Any:

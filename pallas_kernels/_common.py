@@ -14,24 +14,28 @@ import os
 import jax
 import jax.numpy as jnp
 
-#: Environment variable that forces a path: "reference" (never use a kernel) or
-#: "kernel" (use every kernel whenever its shape/dtype checks pass, also those not
-#: yet verified on a GPU, and even where the platform check would say no; the
-#: GPU check script and the CPU lowering tests use it). Unset or "auto": kernels
-#: verified on the GPU are used on a Hopper GPU, references elsewhere.
-FORCE_ENV = "JQUANT_PALLAS"
+#: jquant's one path switch (docs/kernels.md): ``JQUANT_BACKEND=auto|xla|pallas``. "xla": no
+#: kernel runs, every wrapper takes its plain-JAX reference and :mod:`jquant.dispatch` its XLA
+#: paths; "pallas": every kernel runs wherever its shape/dtype checks pass, also those not yet
+#: verified on a GPU and even where the platform check would say no (the GPU check script and the
+#: CPU lowering tests use it), and the dispatch skips its measured per-shape choice. Unset or
+#: "auto": kernels verified on the GPU run on a Hopper GPU where measured faster, references
+#: elsewhere.
+FORCE_ENV = "JQUANT_BACKEND"
+BACKENDS = ("auto", "xla", "pallas")
+
+
+def backend_env() -> str:
+  """``$JQUANT_BACKEND`` lower-cased ("" when unset); a ValueError names the variable otherwise."""
+  value = os.environ.get(FORCE_ENV, "").strip().lower()
+  if value and value not in BACKENDS:
+    raise ValueError(f"${FORCE_ENV} must be one of {', '.join(BACKENDS)}, got {value!r}")
+  return value
 
 
 def forced_mode() -> str | None:
-  """Returns "reference", "kernel" or None from ``$JQUANT_PALLAS``."""
-  value = os.environ.get(FORCE_ENV, "").strip().lower()
-  if value in ("", "auto"):
-    return None
-  if value not in ("reference", "kernel"):
-    raise ValueError(
-        f"${FORCE_ENV} must be 'auto', 'reference' or 'kernel', got {value!r}"
-    )
-  return value
+  """Returns "reference" (``xla``), "kernel" (``pallas``) or None from ``$JQUANT_BACKEND``."""
+  return {"xla": "reference", "pallas": "kernel"}.get(backend_env())
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,7 +62,7 @@ def _default_device_is_gpu() -> bool:
 
 
 def on_gpu() -> bool:
-  """True when the default JAX device is a GPU (and ``$JQUANT_PALLAS`` allows kernels)."""
+  """True when the default JAX device is a GPU (and ``$JQUANT_BACKEND`` allows kernels)."""
   if forced_mode() == "reference":
     return False
   return _default_device_is_gpu()
@@ -68,7 +72,7 @@ def kernel_enabled(verified_on_gpu: bool) -> bool:
   """Whether a kernel may be dispatched by default.
 
   Kernels whose GPU check (scripts/check_kernels_gpu.py) has not passed yet are
-  only used when ``$JQUANT_PALLAS=kernel`` asks for them.
+  only used when ``$JQUANT_BACKEND=pallas`` asks for them.
   """
   mode = forced_mode()
   if mode is not None:

@@ -322,7 +322,7 @@ def quantize_fp8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) 
 
 def supports(x: jax.Array, hadamard: bool = False) -> bool:
   """True where ``method="auto"`` runs a compiled quantizer kernel: a GPU, a 2-D float input,
-  the kernel verified there (or ``JQUANT_PALLAS=kernel``); with ``hadamard``, also a width
+  the kernel verified there (or ``JQUANT_BACKEND=pallas``); with ``hadamard``, also a width
   :func:`hadamard_layout` (or ``hadamard_gather.gather_layout``) takes and that fused kernel
   verified (:data:`HADAMARD_GPU_VERIFIED`, ``hadamard_gather.GPU_VERIFIED``)."""
   ok = (_common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED)

@@ -29,7 +29,7 @@ from jax import lax
 
 from pallas_kernels import _common, _quant, w4a8
 
-#: Off unless forced (``JQUANT_PALLAS=kernel``): correct on an H200 (scripts/check_kernels_gpu.py's
+#: Off unless forced (``JQUANT_BACKEND=pallas``): correct on an H200 (scripts/check_kernels_gpu.py's
 #: ``act_quant_lowrank`` case, 11 shapes, codes and scales bit-exact;
 #: benchmarks/check_kernels-hadamard-lowrank-NVIDIA_H200.txt) but slower than what it would
 #: replace, the quantizer kernel plus XLA's ``x @ L1`` (benchmarks/lowrank_quant-NVIDIA_H200.json:
@@ -173,7 +173,7 @@ def quantize_lowrank_pallas(x: jax.Array, l1: jax.Array, fmt: str = "int8", *, i
 
 def supports(x: jax.Array, l1: jax.Array) -> bool:
   """True where :func:`quantize_lowrank` runs the kernel: a GPU, the kernel enabled there
-  (:data:`ENABLED`, or ``JQUANT_PALLAS=kernel``), 2-D float ``x`` and a power-of-two rank >= 16."""
+  (:data:`ENABLED`, or ``JQUANT_BACKEND=pallas``), 2-D float ``x`` and a power-of-two rank >= 16."""
   r = l1.shape[-1]
   return (_common.on_gpu() and _common.kernel_enabled(ENABLED) and x.ndim == 2 and x.size > 0
           and jnp.issubdtype(x.dtype, jnp.floating) and l1.ndim == 2 and l1.shape[0] == x.shape[1]

@@ -51,7 +51,7 @@ from pallas_kernels._weights import (  # noqa: F401 (part of this module's API)
 #: Largest M the kernel takes. Measured on an H200 it matches or beats dequantize + XLA bf16
 #: at M <= 16 (benchmarks/kernels-weight_only-NVIDIA_H200.json); larger M were not measured, so they stay on XLA.
 SMALL_M_MAX = 16
-#: Largest M the kernel handles at all (``JQUANT_PALLAS=kernel`` takes it up to here).
+#: Largest M the kernel handles at all (``JQUANT_BACKEND=pallas`` takes it up to here).
 KERNEL_M_MAX = 256
 #: The small-M kernels passed scripts/check_kernels_gpu.py on an H200 (JAX 0.11.2,
 #: benchmarks/check_kernels-NVIDIA_H200.txt), so they are the default for M <= SMALL_M_MAX on Hopper.
@@ -63,7 +63,7 @@ GPU_VERIFIED = True
 TABLE_GPU_VERIFIED = True
 #: fp8 weight-only (W8A16 with e4m3/e5m2 weights) passed check_kernels_gpu.py's ``w8a16_fp8``
 #: case on an H200 (benchmarks/check_kernels-fp8-zp-NVIDIA_H200.txt); False would keep it on
-#: dequantize + XLA unless forced with ``JQUANT_PALLAS=kernel``.
+#: dequantize + XLA unless forced with ``JQUANT_BACKEND=pallas``.
 FP8_W16_GPU_VERIFIED = True
 #: uint4 with zero points (the per-block offset in the decode-and-scale path) passed the
 #: ``w4a16_zp`` case on an H200 (same log).
@@ -381,9 +381,9 @@ def _small_m_gemm(w, x, s_t, n, bits, sms, decode="int", block=GROUP, o_t=None):
 
 def supports(x: jax.Array, group_size: int = GROUP, decode: str = "int") -> bool:
   """True where the small-M weight-only kernel runs (Hopper, 2-D, M <= SMALL_M_MAX or, forced
-  by ``JQUANT_PALLAS=kernel``, KERNEL_M_MAX; group 128 for int4, a block of
+  by ``JQUANT_BACKEND=pallas``, KERNEL_M_MAX; group 128 for int4, a block of
   :data:`TABLE_BLOCKS` for the codebooks; verified on the GPU or forced with
-  ``JQUANT_PALLAS=kernel``)."""
+  ``JQUANT_BACKEND=pallas``)."""
   verified = GPU_VERIFIED if (decode, group_size) == ("int", GROUP) else TABLE_GPU_VERIFIED
   if not _common.on_hopper() or not _common.kernel_enabled(verified):
     return False

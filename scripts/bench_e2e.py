@@ -15,7 +15,7 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
 * ``bf16-qattn-fp8``: quantized attention alone.
 
 Before a variant is timed its output is checked against the same variant traced with every
-Pallas kernel off (``JQUANT_PALLAS=reference``: XLA's integer / dequantize paths, the quantizer's
+Pallas kernel off (``JQUANT_BACKEND=xla``: XLA's integer / dequantize paths, the quantizer's
 and quantized attention's plain-JAX references) and, where it would run cuDNN or XLA attention,
 exact attention in float32 over query chunks: the relative L2 error of the step's output must
 stay under ``--rel-tol`` (default 5e-2; measured W8A8 vs bf16 is 2.2e-2, so a kernel that

@@ -412,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
   if gpu and not args.dispatch:
     # Exercise every kernel, also those whose default dispatch waits for a GPU check (the
     # dispatch measurement runs what the dispatch runs by default).
-    os.environ.setdefault("JQUANT_PALLAS", "kernel")
+    os.environ.setdefault("JQUANT_BACKEND", "pallas")
 
   start = time.time()
   deadline = start + args.budget_s
   meta = timing.run_metadata("scripts/bench_kernels.py", sys.argv[1:] if argv is None else argv)
   meta["timing"] = ("us: median, us_min: minimum over `runs` (>= 10) CUPTI-timed runs (wall clock off GPU), "
                     "inputs rotated among `copies` sets; every timed output checked against its reference first")
-  meta["jquant_pallas"] = os.environ.get("JQUANT_PALLAS", "")
+  meta["jquant_backend"] = os.environ.get("JQUANT_BACKEND", "")
   slug = timing.device_slug()
   rec = Recorder(args.out or f"{'dispatch' if args.dispatch else 'kernels'}-{'tiny-' if args.tiny else ''}{slug}.json",
                  meta)

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 
 if jax.devices()[0].platform == "gpu":
   # Exercise every kernel, also those whose default dispatch waits for a GPU check.
-  os.environ.setdefault("JQUANT_PALLAS", "kernel")
+  os.environ.setdefault("JQUANT_BACKEND", "pallas")
 
 from jquant.dispatch import kernels as kd  # noqa: E402
 from pallas_kernels import testing, timing  # noqa: E402
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
   device = jax.devices()[0]
   meta = timing.run_metadata("scripts/check_kernels_gpu.py")
   header = (f"# check_kernels_gpu.py  device={device.device_kind}  jax={jax.__version__}"
-            f"  date={meta['date']}  commit={meta['commit']}  JQUANT_PALLAS={os.environ.get('JQUANT_PALLAS', '')}")
+            f"  date={meta['date']}  commit={meta['commit']}  JQUANT_BACKEND={os.environ.get('JQUANT_BACKEND', '')}")
   lines = [header]
   print(header, flush=True)
   failures = 0

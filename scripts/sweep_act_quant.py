@@ -114,7 +114,7 @@ def main() -> None:
     copy = timing.copy_bandwidth()
     print(f"{jax.devices()[0].device_kind} jax {jax.__version__} copy bandwidth {copy:.0f} GB/s")
     if args.hadamard:
-        os.environ["JQUANT_PALLAS"] = "kernel"
+        os.environ["JQUANT_BACKEND"] = "pallas"
         timing.write_rows("act_quant_hadamard", measure(HADAMARD_SHAPES, hadamard_variants, copy, hadamard=True))
     elif args.jax_triton:
         timing.write_rows("jax_triton_eval", measure(TRITON_SHAPES, triton_variants, copy))

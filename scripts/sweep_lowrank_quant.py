@@ -14,14 +14,14 @@ W4A8 GEMM with the up-projection in its epilogue`` (before), ``fused quantizer -
 
 Prints tables and writes ``benchmarks/lowrank_quant-<device>.json``.
 
-    JQUANT_PALLAS=kernel PYTHONPATH=. python3 scripts/sweep_lowrank_quant.py   # GPU (Hopper)
+    JQUANT_BACKEND=pallas PYTHONPATH=. python3 scripts/sweep_lowrank_quant.py   # GPU (Hopper)
 """
 import os
 import sys
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-os.environ.setdefault("JQUANT_PALLAS", "kernel")
+os.environ.setdefault("JQUANT_BACKEND", "pallas")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

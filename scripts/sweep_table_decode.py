@@ -56,7 +56,7 @@ def _inputs(key, m, k, n, decode, block):
 
 
 def main() -> int:
-  os.environ.setdefault("JQUANT_PALLAS", "kernel")
+  os.environ.setdefault("JQUANT_BACKEND", "pallas")
   sms = _common.num_sms()
   rows = []
   print(f"{'M':>3} {'K':>6} {'N':>6} {'variant':>10} {'kstep':>5} {'splits':>6} {'rel_err':>8}"

@@ -5,7 +5,7 @@ then XLA's GEMM) and XLA's bf16 GEMM on bf16 weights, same run. Every variant is
 against the reference (relative Frobenius error < 1e-2). Prints a table; writes
 ``benchmarks/w4a16_large-<device>.json``.
 
-    JQUANT_PALLAS=kernel PYTHONPATH=. python3 scripts/sweep_w4a16_large.py    # GPU (Hopper) only
+    JQUANT_BACKEND=pallas PYTHONPATH=. python3 scripts/sweep_w4a16_large.py    # GPU (Hopper) only
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-os.environ.setdefault("JQUANT_PALLAS", "kernel")
+os.environ.setdefault("JQUANT_BACKEND", "pallas")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -25,7 +25,7 @@ STAGES = [2, 4, 8]
 
 
 def main() -> int:
-  os.environ.setdefault("JQUANT_PALLAS", "kernel")
+  os.environ.setdefault("JQUANT_BACKEND", "pallas")
   sms = _common.num_sms()
   rows = []
   print(f"{'M':>3} {'K':>6} {'N':>6} {'splits':>6} {'stages':>6} {'kernel us':>9} {'GB/s':>7} {'call us':>8} {'bf16 us':>8}")

@@ -134,7 +134,7 @@ def test_kernel_wrapper_falls_back_off_gpu():
 
 
 def test_supports_rules(monkeypatch):
-    monkeypatch.setenv("JQUANT_PALLAS", "kernel")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     q, k, _ = _inputs(8, tq=100, tk=100)
     cfg = pa.AttentionConfig()
     common = dict(qk_format="int8", pv_format="bf16", config=cfg)
@@ -225,7 +225,7 @@ def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
 ])
 def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales):
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    monkeypatch.setenv("JQUANT_PALLAS", "kernel")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
     fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float,
                                                     k_scales=k_scales))

@@ -51,7 +51,8 @@ def test_help(name, capsys):
 
 def test_bench_kernels_fails_loudly_on_a_wrong_kernel(tmp_path, monkeypatch):
     bench = _load("bench_kernels")
-    good = testing.CASES["w8a8_int8"]
+    cases = getattr(bench, "CASES", testing.CASES)  # the script's registry (the kernels' and the dispatch's)
+    good = cases["w8a8_int8"]
 
     def wrong(*args, **kwargs):  # 5% too large: the kind of error a bad scale makes
         return (good.reference(*args, **kwargs).astype(jnp.float32) * 1.05).astype(jnp.bfloat16)
@@ -59,8 +60,8 @@ def test_bench_kernels_fails_loudly_on_a_wrong_kernel(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("deliberately broken")
 
-    monkeypatch.setitem(testing.CASES, "w8a8_int8", dataclasses.replace(good, kernel=wrong))
-    monkeypatch.setitem(testing.CASES, "w8a16", dataclasses.replace(testing.CASES["w8a16"], kernel=broken))
+    monkeypatch.setitem(cases, "w8a8_int8", dataclasses.replace(good, kernel=wrong))
+    monkeypatch.setitem(cases, "w8a16", dataclasses.replace(cases["w8a16"], kernel=broken))
     out = tmp_path / "kernels.json"
     rc = bench.main(["--tiny", "--kernels", "w8a8_int8,w4a16,w8a16", "--m", "4", "--out", str(out)])
     assert rc == 1
@@ -126,7 +127,7 @@ def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
 
     def wrong_step_fn(model, act, attention):
         step = step_fn(model, act, attention)
-        if act is None or os.environ.get("JQUANT_PALLAS") == "reference":
+        if act is None or os.environ.get("JQUANT_BACKEND") == "xla":
             return step  # bf16, and every reference step, stay right
         return jax.jit(lambda *a: step(*a) * 1.2)
 

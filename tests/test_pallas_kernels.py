@@ -153,7 +153,7 @@ def test_int8_lowrank_epilogue_reference_path():
 
 @pytest.mark.parametrize("rank,fused", [(32, True), (16, True), (64, True), (8, False), (80, False)])
 def test_svdquant_fuses_the_branch_into_the_gemm_epilogue(rank, fused, monkeypatch):
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   args = testing.svdquant_r32_inputs(jax.random.key(0), w4a8.MIN_M + 6, 320, 136, rank=rank)
   shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
   text = jax.jit(w4a8.svdquant_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
@@ -180,7 +180,7 @@ def test_w4a8_bad_shapes_raise_named_errors():
 
 
 def test_w4a8_lowers_to_mosaic_gpu_from_min_m(monkeypatch):
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   case = testing.CASES["w4a8"]
   args = case.make_inputs(jax.random.key(0), w4a8.MIN_M + 6, 300, 136)
   assert _lowers_to_mosaic(case.kernel, *args)
@@ -410,17 +410,17 @@ def test_cpu_dispatch_falls_back_to_references(monkeypatch):
 
 
 def test_force_env(monkeypatch):
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   assert _common.on_hopper()
-  monkeypatch.setenv(_common.FORCE_ENV, "reference")
+  monkeypatch.setenv(_common.FORCE_ENV, "xla")
   assert not _common.on_hopper() and not _common.on_gpu()
   assert not _common.kernel_enabled(True)
   monkeypatch.delenv(_common.FORCE_ENV)
   assert _common.kernel_enabled(True) and not _common.kernel_enabled(False)
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   assert _common.kernel_enabled(False)
   monkeypatch.setenv(_common.FORCE_ENV, "sometimes")
-  with pytest.raises(ValueError, match="JQUANT_PALLAS"):
+  with pytest.raises(ValueError, match="JQUANT_BACKEND"):
     _common.on_hopper()
 
 
@@ -453,7 +453,7 @@ def _lowers_to_mosaic(fn, *args) -> bool:
                                   "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp", "nf4_w16",
                                   "fp4_w16", "nvfp4_w16"])
 def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   case = testing.CASES[name]
   # (256, 3072, 3072): 128 tokens, where the widest K steps no longer fit in shared memory.
   for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256), (256, 3072, 3072)]:
@@ -467,7 +467,7 @@ def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
 def test_w4a8_lowers_with_int4_tiles_in_the_kernel(m, k, n, monkeypatch):
   # The int4 view reaches the Mosaic kernel (no XLA widening convert); from WIDEN_MIN_M tokens
   # on, one XLA convert widens the weights for the int8 GEMM instead.
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   args = testing.w4a8_inputs(jax.random.key(0), m, k, n)
   shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
   text = jax.jit(w4a8.w4a8_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
@@ -550,7 +550,7 @@ def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
   x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 5, 320, 136)
   prepared = weight_only.prepare_w4a16(packed, scales, 320)
   assert not w4a16_gemm.supports(x)
-  monkeypatch.setenv(_common.FORCE_ENV, "kernel")
+  monkeypatch.setenv(_common.FORCE_ENV, "pallas")
   monkeypatch.setattr(_common, "on_hopper", lambda: True)
   assert not w4a16_gemm.supports(x) and not w4a16_gemm.supports(x, 32)
   big = jax.ShapeDtypeStruct((w4a16_gemm.MIN_M + 3, 320), jnp.bfloat16)

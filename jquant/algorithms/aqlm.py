@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.coded import CodedArray
 from jquant.algorithms.linear_tree import (
     Variables,
     get_kernel,
@@ -43,6 +42,7 @@ from jquant.algorithms.linear_tree import (
     match_paths,
     update_layer,
 )
+from jquant.coded import CodedArray
 from jquant.qarray import QArray
 
 Array = jax.Array

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.algorithms import layerwise as lw
+from jquant.calib import LayerStats
 from jquant.nn import AUX_COLLECTION
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths
@@ -197,8 +198,6 @@ def smooth(
 def smooth_stats(stats: Any, s: Array) -> Any:
     """Statistics of x / s from those of x (the histogram is dropped: its bins no longer align;
     per-channel percentiles of x / s are ``percentile(x) / s``)."""
-    from jquant.calib import LayerStats
-
     s = jnp.asarray(s, jnp.float32)
     return LayerStats(
         count=stats.count,

@@ -317,17 +317,16 @@ def gptq(
     ``hessian`` and ``count``). Layers rules skip are returned unchanged.
     """
     config = config or GPTQConfig()
-    selected = lw.select(params, stats, rules, layers=layers, method="gptq")
-    new = {}
-    for layer in selected:
+
+    def one(layer: lw.Layer) -> QArray:
         if float(layer.stats.count) < layer.kernel.shape[0]:
             log.info(
                 "gptq: %s: Hessian from %d tokens < %d channels is rank-deficient; damping keeps it invertible",
                 layer.path, int(layer.stats.count), layer.kernel.shape[0],
             )
-        h = layer.stats.hessian / jnp.maximum(layer.stats.count, 1.0)
-        new[layer.path] = gptq_layer(layer.kernel, h, layer.spec, config, path=layer.path)
-    return lw.replace(params, new)
+        return gptq_layer(layer.kernel, lw.mean_hessian(layer), layer.spec, config, path=layer.path)
+
+    return lw.map_layers(params, stats, rules, one, layers=layers, method="gptq")
 
 
 def transform(policy: Policy, config: Any = None) -> Transform:

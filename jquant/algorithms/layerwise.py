@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +130,29 @@ def replace(params: Any, new: Mapping[str, Any]) -> Any:
     if seen != set(new):
         raise KeyError(f"paths not in the tree: {sorted(set(new) - seen)}")
     return out
+
+
+def map_layers(
+    params: Any,
+    stats: Mapping[str, Any] | None,
+    rules: Sequence[Rule] | QSpec | str,
+    layer_fn: Callable[[Layer], Any],
+    *,
+    layers: Collection[str] | None = None,
+    method: str,
+    need_stats: bool = True,
+    need_hessian: bool = True,
+) -> Any:
+    """The per-layer lift: :func:`select` the layers, ``layer_fn(layer) -> new leaf`` each,
+    :func:`replace` them, so a method only writes its per-layer math."""
+    selected = select(params, stats, rules, layers=layers, method=method, need_stats=need_stats,
+                      need_hessian=need_hessian)
+    return replace(params, {layer.path: layer_fn(layer) for layer in selected})
+
+
+def mean_hessian(layer: Layer) -> Array:
+    """The layer's calibration Hessian averaged over the tokens it saw."""
+    return layer.stats.hessian / jnp.maximum(layer.stats.count, 1.0)
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jquant import calib
+from jquant.coded import decode_tree
 from jquant.formats import QSpec, parse_spec
-from jquant.nn import AUX_COLLECTION
+from jquant.nn import AUX_COLLECTION, apply, observe
 from jquant.qarray import QArray
 from jquant.rules import Rule, resolve
 from jquant.transform import Variables
@@ -167,8 +169,6 @@ def hessian(stats: Any, path: str, *, damp: float = 0.0) -> Array:
 
 @functools.lru_cache(maxsize=16)
 def _calib_step(model: Any):
-    from jquant import calib
-
     apply_fn = lambda v, b: model.apply(v, *b)  # noqa: E731 - whole variables: aux included
     config = calib.CalibConfig(histogram=False)
     return apply_fn, config, calib.make_step(apply_fn, config)
@@ -181,8 +181,6 @@ def layer_statistics(model: Any, variables: Variables, *inputs: Any, batches: Se
     The jitted calibration step is cached per (hashable) module, so trees of the same
     structure (e.g. before and after a smoothing) reuse one compilation.
     """
-    from jquant import calib
-
     apply_fn, config, step = _calib_step(model)
     batches = list(batches) if batches is not None else [inputs]
     if not batches:
@@ -198,8 +196,6 @@ def layer_statistics(model: Any, variables: Variables, *inputs: Any, batches: Se
 def capture_inputs(model: Any, variables: Variables, *inputs: Any) -> dict[str, Array]:
     """Eager run of ``model`` recording each linear layer's effective input, flattened to
     [T, K], keyed by module path (for losses that need samples, e.g. SpinQuant's)."""
-    from jquant.nn import observe
-
     seen: dict[str, list[Array]] = {}
     with observe(lambda path, x: seen.setdefault(path, []).append(jnp.reshape(x, (-1, x.shape[-1])))):
         model.apply(variables, *inputs)
@@ -216,9 +212,6 @@ def jitted_apply(model: Any):
     """``run(variables, *inputs, act=None, **kw)``: :func:`jquant.nn.apply` under ``jax.jit``
     (``act`` static), with CodedArray kernels decoded first. One compile per tree structure;
     cached per (hashable) linen module."""
-    from jquant.coded import decode_tree
-    from jquant.nn import apply
-
     @functools.partial(jax.jit, static_argnames=("act",))
     def run(variables: Variables, *inputs: Any, act: str | None = None, **kw: Any) -> Any:
         return apply(model, decode_tree(variables), *inputs, act=act, **kw)

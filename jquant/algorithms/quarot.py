@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jquant.coded import CodedArray
 from jquant.algorithms.linear_tree import (
     Variables,
     get_aux,
@@ -47,6 +46,7 @@ from jquant.algorithms.linear_tree import (
     linear_paths,
     update_layer,
 )
+from jquant.coded import CodedArray
 from jquant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
 from jquant.qarray import QArray
 from jquant.transform import Context, Transform

@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant import policy as pol
-from jquant.coded import CodedArray
 from jquant.algorithms.linear_tree import (
     Variables,
     get_kernel,
@@ -54,6 +53,7 @@ from jquant.algorithms.linear_tree import (
     match_paths,
     update_layer,
 )
+from jquant.coded import CodedArray
 from jquant.hadamard import apply_rht, inverse_rht
 from jquant.policy import Policy
 from jquant.qarray import QArray

@@ -132,12 +132,8 @@ def rtn(
         todo = {p: resolve(p, leaf, rl) for p, leaf in flat if layers is None or p in layers}
         leaves = dict(flat)
         return lw.replace(params, {p: lw.quantize_fast(leaves[p], s, path=p) for p, s in todo.items() if s is not None})
-    sel = lw.select(params, stats, rules, layers=layers, method="rtn")
-    new = {}
-    for layer in sel:
-        h = layer.stats.hessian / jnp.maximum(layer.stats.count, 1.0)
-        new[layer.path] = rtn_layer(layer.kernel, layer.spec, h, config, path=layer.path)
-    return lw.replace(params, new)
+    return lw.map_layers(params, stats, rules, lambda layer: rtn_layer(
+        layer.kernel, layer.spec, lw.mean_hessian(layer), config, path=layer.path), layers=layers, method="rtn")
 
 
 def transform(policy: Policy) -> Transform:

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.algorithms import layerwise as lw
-from jquant.coded import CodedArray
 from jquant.algorithms.gptq import blocked_sweep, inverse_cholesky
+from jquant.coded import CodedArray
 from jquant.qarray import pack, unpack
 from jquant.rules import Rule
 
@@ -313,9 +313,8 @@ def spqr(
         rules = [(rules, spec)]
     else:
         rules = [(r, spec) if isinstance(r, str) else (r[0], None if r[1] is None else spec) for r in rules]
-    selected = lw.select(params, stats, rules, layers=layers, method="spqr")
-    new = {l.path: spqr_layer(l.kernel, l.stats.hessian_mean, config, path=l.path) for l in selected}
-    return lw.replace(params, new)
+    return lw.map_layers(params, stats, rules, lambda layer: spqr_layer(
+        layer.kernel, layer.stats.hessian_mean, config, path=layer.path), layers=layers, method="spqr")
 
 
 def bits_per_weight(tree: Any) -> dict[str, float]:

@@ -32,8 +32,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jquant.coded import CodedArray, LowRankArray
-from jquant.qarray import dequantize_any
 from jquant.algorithms.linear_tree import (
     Variables,
     get_aux,
@@ -45,9 +43,10 @@ from jquant.algorithms.linear_tree import (
     select_layers,
     update_layer,
 )
+from jquant.coded import CodedArray, LowRankArray
 from jquant.formats import QSpec, parse_spec
 from jquant.policy import Policy
-from jquant.qarray import QArray, dequantize, quantize
+from jquant.qarray import QArray, dequantize, dequantize_any, quantize
 from jquant.transform import Context, Transform
 
 Array = jax.Array

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jquant.formats as f
+from jquant.cli import quantize as pipeline_cli
 from jquant.cli.common import (
     DEBUG_FLAG,
     ArgumentParser,
@@ -26,6 +28,9 @@ from jquant.cli.common import (
     error_message,
     run_command,
 )
+from jquant.cli.demo import main as demo_main
+from jquant.codecs import get_codec
+from jquant.io.gguf import export_gguf
 
 __all__ = ["DEBUG_FLAG", "ArgumentParser", "UsageError", "check_model_dir", "error_message", "main", "run_command"]
 
@@ -34,15 +39,11 @@ __all__ = ["DEBUG_FLAG", "ArgumentParser", "UsageError", "check_model_dir", "err
 def format_table() -> str:
     """Every format of :mod:`jquant.formats` (the plain formats, the block-scaled fp4 variants
     and the GGUF block codecs) with its kind, bits and default spec."""
-    import jquant.formats as f
-
     rows = []
     for name in [*f.FORMATS, *f.FP4_SCALINGS, *f.CODEC_FORMATS]:
         spec = f.parse_spec(name)
         fmt = spec.format
         if name in f.CODEC_FORMATS:
-            from jquant.codecs import get_codec
-
             c = get_codec(name)
             kind, bits = "codec", f"{c.bits_per_weight:g}"
             note = f"GGUF block codec: {c.block_elems}-value blocks of {c.block_bytes} bytes (bits include scales)"
@@ -70,8 +71,6 @@ def format_table() -> str:
 
 
 def _formats(_: argparse.Namespace) -> int:
-    import jquant.formats as f
-
     print(f.__doc__.split("Spec strings", 1)[1].split("\n", 1)[1].rstrip())
     print()
     print(format_table())
@@ -79,8 +78,6 @@ def _formats(_: argparse.Namespace) -> int:
 
 
 def _export_gguf(a: argparse.Namespace) -> int:
-    from jquant.io.gguf import export_gguf
-
     model_dir = check_model_dir(a.model_dir)
     out = Path(a.out)
     if out.is_dir():
@@ -123,15 +120,11 @@ def _parser() -> ArgumentParser:
 def _dispatch(argv: Sequence[str]) -> Callable[[], int]:
     if argv[:1] == ["demo"]:  # the demo owns its own options
         def demo() -> int:
-            from jquant.cli.demo import main as demo_main
-
             return demo_main(list(argv[1:]))
 
         return demo
     if argv[:1] in (["quantize"], ["eval"]):  # the pipeline commands own their options too
         def pipeline() -> int:
-            from jquant.cli import quantize as pipeline_cli
-
             return (pipeline_cli.main_quantize if argv[0] == "quantize" else pipeline_cli.main_eval)(list(argv[1:]))
 
         return pipeline

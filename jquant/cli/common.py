@@ -9,11 +9,14 @@ command line) or ``JQUANT_DEBUG=1`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
+
+from safetensors import SafetensorError
 
 DEBUG_FLAG = "--debug"
 _PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}  # import name -> pip name
@@ -44,8 +47,6 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not p.is_dir():
         raise NotADirectoryError(f"{p} is a file; pass the model folder that holds config.json and the safetensors")
     if (p / "config.json").is_file():
-        import json
-
         try:
             json.loads((p / "config.json").read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -71,16 +72,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 # --- error reporting ------------------------------------------------------------------------------
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input or environment, not a bug in jquant."""
-    errs: list[type[BaseException]] = [ValueError, OSError, KeyError, ImportError, re.error]
-    try:
-        from safetensors import (
-            SafetensorError,  # a corrupt or truncated .safetensors file
-        )
-
-        errs.append(SafetensorError)
-    except ImportError:  # pragma: no cover - safetensors is a base dependency
-        pass
-    return tuple(errs)
+    return (ValueError, OSError, KeyError, ImportError, re.error, SafetensorError)  # the last: a corrupt .safetensors
 
 
 def error_message(e: BaseException) -> str:

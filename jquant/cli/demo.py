@@ -41,6 +41,16 @@ from typing import Any, Sequence, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from jquant.cli.common import ArgumentParser
+from jquant.models import tiny_wan as tw
+from jquant.pipeline import recipes as rc
+from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
+from jquant.pipeline.denoiser import tiny_wan_bundle
+from jquant.pipeline.evaluate import evaluate, reference, weight_summary
 
 DEFAULT_RECIPES: tuple[str, ...] = ("int8-wa-smooth", "w4a16-gptq", "q4_k_m")
 # `--quick`: a W8A8 static-table recipe and the GGUF mix (the fastest two defaults) on 2 clips x 6 steps.
@@ -74,8 +84,6 @@ class Status:
         self.t0 = time.perf_counter()
         self.bar = None
         if self.tty:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc="jquant demo", file=self.stream, position=0, leave=True, dynamic_ncols=True,
                             bar_format="{desc}: {n_fmt}/{total_fmt} models |{bar:12}| {elapsed}{postfix}")
 
@@ -123,8 +131,6 @@ class Status:
 def _status_calibrator(bundle: Any, config: Any, status: Status) -> Any:
     """A :class:`~jquant.pipeline.calibrate.Calibrator` that names its calibration phases on
     ``status`` (and shows its own nested bars on a terminal)."""
-    from jquant.pipeline.calibrate import Calibrator
-
     class StatusCalibrator(Calibrator):
         def _phase(self, what: str, fn: Any, *args: Any) -> Any:
             if self.seconds["record"] == 0.0:  # the first call records the float trajectories
@@ -149,8 +155,6 @@ def _status_calibrator(bundle: Any, config: Any, status: Status) -> Any:
 
 def _clip_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> list[np.ndarray]:
     """Per frame t, one uint8 image: a row per format, a column per clip (clips [N, F, H, W])."""
-    from PIL import Image, ImageDraw
-
     n, f, h, w = rows[0].shape
     label_w, gap = 150, 4
     width = label_w + n * (w * scale + gap)
@@ -172,8 +176,6 @@ def _clip_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> 
 def _filmstrips(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> np.ndarray:
     """One uint8 image: a row per clip; per format, the clip's frames left to right, formats side
     by side under a header naming them."""
-    from PIL import Image, ImageDraw
-
     n, f, h, w = rows[0].shape
     gap, head = 3 * scale, 16
     block = f * w * scale
@@ -192,8 +194,6 @@ def _filmstrips(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) ->
 def write_media(out_dir: Path, rows: Sequence[np.ndarray], names: Sequence[str]) -> tuple[Path, Path]:
     """Write `grid.png` (a row per clip: each format's frames side by side) and `clips.gif`
     (formats as rows, clips as columns, animated over the frames)."""
-    from PIL import Image
-
     frames = _clip_grid(rows, names, scale=3)
     gif = out_dir / "clips.gif"
     imgs = [Image.fromarray(fr) for fr in frames]
@@ -218,12 +218,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_step_errors(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """``step_error.png``: RMS latent difference to the fp32 trajectory after each step, per recipe."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))  # no pyplot: no global backend or figure registry touched
+    ax = fig.subplots()
     for r in rows:
         if r["recipe"] != "fp32":
             ax.plot(np.arange(1, len(r["step_rmse"]) + 1), r["step_rmse"], marker="o", ms=3, label=r["recipe"])
@@ -235,7 +231,6 @@ def plot_step_errors(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -253,8 +248,6 @@ def _finite_or_none(x: Any) -> Any:
 def resolve_recipes(names: str | Sequence[str]) -> list[str]:
     """``"all"``, a comma-separated string or a sequence of registered recipe names; an
     unknown name raises a KeyError with a "did you mean" suggestion."""
-    from jquant.pipeline import recipes as rc
-
     if isinstance(names, str):
         names = rc.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     for n in names:
@@ -282,12 +275,6 @@ def run_demo(
     Calibration uses `calib_samples` samples of its own noise seed (not the evaluation's).
     `progress` reports each model's phase on stderr (see :class:`Status`).
     """
-    from jquant.models import tiny_wan as tw
-    from jquant.pipeline import recipes as rc
-    from jquant.pipeline.calibrate import CalibrationConfig, quantize
-    from jquant.pipeline.denoiser import tiny_wan_bundle
-    from jquant.pipeline.evaluate import evaluate, reference, weight_summary
-
     if num_clips < 1 or steps < 1:
         raise ValueError(f"run_demo: num_clips and steps must be >= 1, got num_clips={num_clips}, steps={steps}")
     names = resolve_recipes(recipes)
@@ -365,8 +352,6 @@ def run_demo(
 
 def parser() -> argparse.ArgumentParser:
     """The options of ``jquant demo``."""
-    from jquant.cli.common import ArgumentParser
-
     p = ArgumentParser(
         prog="jquant demo",
         description="Quantize the bundled tiny video model with several recipes, sample it on the same noise as "

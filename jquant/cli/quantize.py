@@ -24,6 +24,7 @@ from typing import Any
 import jax
 
 from jquant.cli.common import ArgumentParser, UsageError, check_model_dir
+from jquant.pipeline import recipes as rc
 from jquant.pipeline.artifacts import (
     CKPT_NAME,
     META_NAME,
@@ -34,6 +35,8 @@ from jquant.pipeline.artifacts import (
 )
 from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
 from jquant.pipeline.denoiser import load_bundle
+from jquant.pipeline.evaluate import evaluate, reference, weight_summary
+from jquant.pipeline.runtime import tree_bytes
 from jquant.pipeline.tables import TableConfig
 
 
@@ -78,15 +81,11 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 def savable_recipes() -> list[str]:
     """Recipes whose result :mod:`jquant.io.checkpoint` can store (``jquant quantize`` runs them)."""
-    from jquant.pipeline import recipes as rc
-
     return [n for n, r in rc.RECIPES.items() if r.checkpointable]
 
 
 def main_quantize(argv: list[str] | None = None) -> int:
     """`jquant quantize MODEL_DIR --recipe NAME --out DIR [options]`; `jquant quantize --list`."""
-    from jquant.pipeline import recipes as rc
-
     p = quantize_parser()
     a = p.parse_args(argv)
     if a.list:
@@ -111,7 +110,6 @@ def main_quantize(argv: list[str] | None = None) -> int:
     cal = Calibrator(bundle, ccfg, progress=True)
     print(f"quantizing {model_dir} with {recipe.name}: {recipe.transform.name}; {recipe.label}")
     qm = quantize(bundle, recipe, cal)
-    from jquant.pipeline.runtime import tree_bytes
 
     meta = {
         "model_dir": str(Path(a.model_dir).resolve()),
@@ -161,8 +159,6 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def main_eval(argv: list[str] | None = None) -> int:
     """`jquant eval CKPT_DIR [--model MODEL_DIR] [--clips N] [--seed S] [--out DIR]`."""
-    from jquant.pipeline.evaluate import evaluate, reference
-
     p = eval_parser()
     a = p.parse_args(argv)
     if a.clips < 1:
@@ -181,7 +177,6 @@ def main_eval(argv: list[str] | None = None) -> int:
     ref = reference(bundle, work)
     row = evaluate(bundle, qm, ref)
     row.pop("videos")
-    from jquant.pipeline.evaluate import weight_summary
 
     fl = {"name": "fp32", **weight_summary({"params": bundle.params}), "psnr": float("inf"), "ssim": 1.0,
           "flicker": 0.0, "warp_error_delta": 0.0, "sample_s": ref.sample_s}

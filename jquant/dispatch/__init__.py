@@ -23,20 +23,28 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jquant.formats import QSpec
 from jquant.dispatch import kernels as kd
 from jquant.dispatch.xla import (  # noqa: F401 (part of the dispatch API)
-    _FP8, _INT8, _float_dot, _int_path_ok, _weight_scale_row, add_lowrank, quantize_activation)
+    _FP8,
+    _INT8,
+    _float_dot,
+    _int_path_ok,
+    _weight_scale_row,
+    add_lowrank,
+    quantize_activation,
+)
+from jquant.formats import QSpec
 from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, decode_scale, dequantize, is_coded
+from pallas_kernels import _common
 
 Array = jax.Array
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    env = os.environ.get("JQUANT_BACKEND", "").strip().lower()
-    b = env or backend
-    if b not in ("auto", "xla", "pallas"):
+    """``$JQUANT_BACKEND`` when set, else ``backend``: one of auto, xla, pallas."""
+    b = _common.backend_env() or backend
+    if b not in _common.BACKENDS:
         raise ValueError(f"JQUANT_BACKEND/backend must be auto, xla or pallas, got {b!r}")
     return b
 

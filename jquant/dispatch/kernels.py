@@ -44,12 +44,20 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 
-from jquant.formats import QSpec, parse_spec
 from jquant.dispatch.xla import add_lowrank, quantize_activation
+from jquant.formats import QSpec, parse_spec
 from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, decode_scale, dequantize
-from pallas_kernels import act_quant, lowrank_quant, testing, w4_table, w4a8, w4a16_gemm, w8a8, weight_only
-
+from pallas_kernels import (
+    act_quant,
+    lowrank_quant,
+    testing,
+    w4_table,
+    w4a8,
+    w4a16_gemm,
+    w8a8,
+    weight_only,
+)
 
 # --------------------------------------------------------------------------
 # Which path runs a layer: measured per shape.

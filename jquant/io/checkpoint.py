@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from jquant.files import atomic_file, check_file_target, fresh_sibling, fsync_path  # noqa: F401 (re-exported)
 from jquant.formats import parse_spec
@@ -233,8 +234,6 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = True) -> Path:
     or moved back if anything fails, so ``path`` ends with the old or the complete new
     checkpoint and no temporary directory remains beside it.
     """
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     if _target_state(path) == "checkpoint" and not overwrite:
         raise FileExistsError(f"checkpoint {path} exists and overwrite=False")
@@ -293,8 +292,6 @@ def restore(path: str | os.PathLike) -> Any:
     unreadable (e.g. truncated) array files or arrays whose checksums differ from those recorded
     at save raise :class:`CheckpointError` naming the checkpoint.
     """
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     meta_file = path / META_NAME
     if not meta_file.is_file():

@@ -30,12 +30,22 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 from gguf import GGMLQuantizationType as GT
+from tqdm import tqdm
 
 from jquant.algorithms.kquants import MIX_BASE, plan_kquant_mix, roles_from_name
 from jquant.codecs import CODECS
 from jquant.files import atomic_file
 from jquant.formats import parse_spec
+from jquant.models.loading import (
+    CheckpointMismatchError,
+    port_for_class,
+    port_for_config,
+    read_config,
+    read_config_json,
+)
+from jquant.models.port import DiffusersConfig
 from jquant.models.safetensors import (
     get_tensor,
     open_safetensors,
@@ -351,10 +361,8 @@ def _model_roles(config: Mapping[str, Any], names: Mapping[str, tuple[int, ...]]
     """Roles per diffusers tensor name: the port's role rules through its key map when the
     model class has a Flax port, else guesses from the names."""
     try:
-        from jquant.models.loading import port_for_class
-
         port = port_for_class(config.get("_class_name", ""))
-    except (ImportError, ValueError):
+    except ValueError:
         return {n: roles_from_name(n) for n in names}
     cfg = port.config_cls.from_diffusers(config)
     by_flax = port.layer_roles(port.param_shapes(cfg))
@@ -382,8 +390,6 @@ def export_gguf(
     ``out_path`` is written atomically (see :func:`save_gguf`) and may not be one of the
     model's own files; a corrupt config.json or safetensors file raises naming it.
     """
-    from jquant.models.loading import read_config_json
-
     if type not in MIX_BASE:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {sorted(MIX_BASE)}")
     model_dir = Path(model_dir)
@@ -394,7 +400,6 @@ def export_gguf(
     if Path(out_path).resolve() in inputs:
         raise ValueError(f"{out_path}: is one of the model's own files; export_gguf will not overwrite its input")
 
-    from tqdm import tqdm
 
     tensors: dict[str, QArray | np.ndarray] = {}
     types: dict[str, str] = {}
@@ -468,15 +473,6 @@ def load_gguf_params(
     cast to ``dtype`` except the port's ``keep_fp32`` ones. Missing, unexpected or
     mis-shaped tensors raise one error listing all of them.
     """
-    from flax import traverse_util
-
-    from jquant.models.loading import (
-        CheckpointMismatchError,
-        port_for_class,
-        port_for_config,
-        read_config,
-    )
-    from jquant.models.port import DiffusersConfig
 
     tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
     if config is None:

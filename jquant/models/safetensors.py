@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
@@ -65,8 +66,6 @@ def read_header(file: str | os.PathLike) -> dict[str, Any]:
 @contextlib.contextmanager
 def open_safetensors(file: str | os.PathLike) -> Iterator[Any]:
     """``safe_open(file, framework="np")`` after :func:`read_header`'s checks; errors name the file."""
-    from safetensors import SafetensorError, safe_open
-
     file = Path(file)
     read_header(file)
     try:
@@ -79,8 +78,6 @@ def open_safetensors(file: str | os.PathLike) -> Iterator[Any]:
 
 def get_tensor(handle: Any, file: str | os.PathLike, name: str) -> np.ndarray:
     """``handle.get_tensor(name)`` with errors naming the file and the tensor."""
-    from safetensors import SafetensorError
-
     try:
         return handle.get_tensor(name)
     except (SafetensorError, ValueError, TypeError, KeyError) as e:

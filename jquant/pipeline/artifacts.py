@@ -15,7 +15,9 @@ import numpy as np
 
 from jquant.algorithms.fold import flat_aux
 from jquant.coded import CodedArray
+from jquant.io import checkpoint
 from jquant.pipeline.denoiser import ModelBundle
+from jquant.pipeline.evaluate import weight_summary
 from jquant.pipeline.runtime import QuantizedModel
 from jquant.pipeline.tables import ScaleTable
 from jquant.qarray import QArray
@@ -28,8 +30,6 @@ CKPT_NAME = "checkpoint"
 # --- saving and loading ----------------------------------------------------------------------------
 def save_quantized(out: str | Path, qm: QuantizedModel, meta: dict[str, Any]) -> Path:
     """Write ``checkpoint/`` (variables and table arrays) and ``quant.json`` into ``out``."""
-    from jquant.io import checkpoint
-
     coded = [p for p, leaf in flatten_with_paths(qm.variables) if isinstance(leaf, CodedArray)]
     if coded:
         raise ValueError(
@@ -51,8 +51,6 @@ def save_quantized(out: str | Path, qm: QuantizedModel, meta: dict[str, Any]) ->
 
 def load_quantized(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
     """Inverse of :func:`save_quantized`: ``(QuantizedModel, meta)``."""
-    from jquant.io import checkpoint
-
     path = Path(path)
     if not (path / META_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a `jquant quantize` output (no {META_NAME})")
@@ -109,8 +107,6 @@ def layer_report(bundle: ModelBundle, qm: QuantizedModel) -> list[dict[str, Any]
 
 def write_reports(out: Path, bundle: ModelBundle, qm: QuantizedModel, meta: dict[str, Any]) -> None:
     """``report.json`` and ``report.md`` (per-layer formats, bytes, timings)."""
-    from jquant.pipeline.evaluate import weight_summary
-
     rows = layer_report(bundle, qm)
     summary = weight_summary(qm.variables)
     rep = {"meta": meta, "summary": summary, "layers": rows}

@@ -30,9 +30,10 @@ from jquant.pipeline.runtime import QuantizedModel
 from jquant.pipeline.tables import ScaleTable, TableConfig, build_table
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths
+from jquant.transform import Context
 
-if TYPE_CHECKING:  # jquant.pipeline.recipes imports the pipeline's policies and tables: import it lazily
-    from jquant.pipeline.recipes import Context, Recipe
+if TYPE_CHECKING:  # only for annotations: recipes builds on this module's package
+    from jquant.pipeline.recipes import Recipe
 
 Variables = dict[str, Any]
 
@@ -126,7 +127,6 @@ class Calibrator:
         return out
 
     def context(self) -> Context:
-        from jquant.pipeline.recipes import Context
 
         cfg = self.bundle.config
         width = int(getattr(cfg, "inner_dim", 0) or cfg.num_attention_heads * cfg.attention_head_dim)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import models
+from jquant.models import tiny_wan as tw
 from jquant.sampling import (
     ddim_schedule,
     flow_match_schedule,
@@ -180,16 +182,11 @@ def tiny_wan_bundle(path: str | Path | None = None, *, num_steps: int | None = N
     Cached per (directory, steps): the same bundle (and so the same Denoiser, which keys the
     compiled samplers and calibration steps) comes back for the same arguments.
     """
-    from jquant.models import tiny_wan as tw
-
     return _tiny_wan_bundle(str(Path(path or tw.ASSET_DIR).resolve()), num_steps)
 
 
 @functools.lru_cache(maxsize=4)
 def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
-    from jquant import models
-    from jquant.models import tiny_wan as tw
-
     b = tw.load_tiny(path)
     s = b.meta["sampling"]
     den = Denoiser(
@@ -218,8 +215,6 @@ def wan_bundle(
 ) -> ModelBundle:
     """Any Wan2.1 port: seeded stand-in text embeddings (no text encoder here), zeros as the
     CFG branch, latents ``[B, C, frames, size, size]``."""
-    from jquant import models
-
     pt, ph, pw = config.patch_size
     if frames % pt or size % ph or size % pw:
         raise ValueError(f"wan_bundle: frames={frames}, size={size} must be multiples of the patch {config.patch_size}")
@@ -243,8 +238,6 @@ def _dit_apply(module: nn.Module, variables: Variables, x: Array, t: Array, cond
 
 def dit_bundle(model: nn.Module, params: PyTree, config: Any, *, num_steps: int = 12, guidance_scale: float = 4.0) -> ModelBundle:
     """DiT: class labels (the null class ``num_embeds_ada_norm`` for CFG), DDIM, learned sigma."""
-    from jquant import models
-
     learned = config.out_dim == 2 * config.in_channels
     den = Denoiser(model, _dit_apply, "ddim", num_steps, guidance_scale=guidance_scale,
                    learned_sigma=learned, channel_axis=1, name="dit")
@@ -265,8 +258,6 @@ def load_bundle(model_dir: str | Path, *, num_steps: int | None = None, **kwargs
     and DiT directories get the stand-in conditioning of :func:`wan_bundle` / :func:`dit_bundle`
     (``kwargs`` go there). Other ports have no sampler wiring here and raise.
     """
-    from jquant import models
-
     path = Path(model_dir)
     if (path / "tiny_wan.json").is_file():
         return tiny_wan_bundle(path, num_steps=num_steps)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 from typing import Iterable
 
 from jquant import policy as pol
@@ -39,6 +40,7 @@ from jquant.algorithms import rtn as _rtn
 from jquant.algorithms import smoothquant as _smoothquant
 from jquant.algorithms import spinquant as _spinquant
 from jquant.algorithms import svd as _svd
+from jquant.formats import parse_spec
 from jquant.pipeline.tables import TableConfig
 from jquant.transform import Context, Transform, chain  # noqa: F401 (the composition vocabulary)
 
@@ -80,8 +82,6 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.act is not None:
-            from jquant.formats import parse_spec
-
             parse_spec(self.act)
             if "/" in self.act:
                 raise ValueError(f"Recipe.act is a bare format ('int8', 'fp8_e4m3'), got {self.act!r}")
@@ -112,8 +112,6 @@ W4 = "int4/g64"
 
 
 def _available(module: str, *names: str) -> bool:
-    import importlib
-
     try:
         m = importlib.import_module(module)
     except ImportError:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
+from tqdm.auto import tqdm
 
 from jquant import calib
 from jquant import nn as jnn
@@ -207,8 +208,6 @@ def step_ranges(den: Denoiser, variables: Variables, traj: Trajectories, *, prog
     acc: dict[str, np.ndarray] = {}
     it = traj.batches()
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc="step ranges", leave=False, total=len(traj.items) * traj.num_steps * len(traj.branches))
     for b in it:
         part = jax.device_get(fn(variables, b["x"], b["t"], b["cond"]))
@@ -286,8 +285,6 @@ def layer_stats(
     step = steps[config]
     it = traj.batches(steps_per_sample=steps_per_sample, groups=groups)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc="trajectory calibration", leave=False)
     out: dict[tuple[int, int], calib.Stats] = {}
     template = None
