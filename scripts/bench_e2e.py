@@ -163,9 +163,10 @@ def chunked_attention(q, k, v, mask=None, *, implementation=None, chunk: int = 1
 
 @contextlib.contextmanager
 def reference_mode():
-    """Traces with every Pallas kernel off and float attention exact (chunked_attention)."""
+    """Traces with every Pallas kernel off (``JQUANT_BACKEND=xla``: jquant's XLA paths, the kernels'
+    plain-JAX references) and float attention exact (chunked_attention)."""
     old = os.environ.get(_common.FORCE_ENV)
-    os.environ[_common.FORCE_ENV] = "reference"
+    os.environ[_common.FORCE_ENV] = "xla"
     try:
         with mock.patch.object(jax.nn, "dot_product_attention", chunked_attention):
             yield

@@ -373,16 +373,19 @@ def run_dispatch(rec: Recorder, args, deadline) -> None:
   print("}\n", flush=True)
   # The dispatch with the derived table, against bf16: M in VERIFY_MS on every measured shape, and
   # the Wan2.1-1.3B step shapes.
-  kd.PATH_TABLE = table
-  verify = sorted({(m, k, n) for m in ms if m in VERIFY_MS or args.tiny for k, n in kns} | set(step))
-  for m, k, n in verify:
-    if time.time() > deadline:
-      rec.emit({"section": "verify", "kind": "*", "path": "auto", "m": m, "k": k, "n": n, "status": "SKIP",
-                "reason": "budget"})
-      continue
-    bf16 = bf16_at(m, k, n)
-    for kind in kinds:
-      bench_layer(rec, "verify", kind, "auto", m, k, n, args, m * 7 + k * 3 + n + 2, bf16)
+  committed, kd.PATH_TABLE = kd.PATH_TABLE, table
+  try:
+    verify = sorted({(m, k, n) for m in ms if m in VERIFY_MS or args.tiny for k, n in kns} | set(step))
+    for m, k, n in verify:
+      if time.time() > deadline:
+        rec.emit({"section": "verify", "kind": "*", "path": "auto", "m": m, "k": k, "n": n, "status": "SKIP",
+                  "reason": "budget"})
+        continue
+      bf16 = bf16_at(m, k, n)
+      for kind in kinds:
+        bench_layer(rec, "verify", kind, "auto", m, k, n, args, m * 7 + k * 3 + n + 2, bf16)
+  finally:
+    kd.PATH_TABLE = committed
   slower = [r for r in rec.rows if r.get("section") == "verify" and r.get("speedup_vs_bf16") is not None
             and r["speedup_vs_bf16"] < 1.0]
   rec.flush(slower_than_bf16=[{k: r[k] for k in ("kind", "m", "k", "n", "path_ran", "us", "xla_bf16_us",
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.tiny:
     args.copies = min(args.copies, 2)
+  if args.dispatch and os.environ.get("JQUANT_BACKEND", "").strip().lower() not in ("", "auto"):
+    parser.error("--dispatch measures what backend='auto' runs: unset JQUANT_BACKEND")
   gpu = jax.devices()[0].platform == "gpu"
   if gpu and not args.dispatch:
     # Exercise every kernel, also those whose default dispatch waits for a GPU check (the
