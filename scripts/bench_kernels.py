@@ -11,15 +11,15 @@ it broke, never a speed, and one that raises is an ERROR row with the exception.
 median and the minimum of >= 10 CUPTI kernel-time runs, inputs rotated among enough random
 copies that L2 cannot serve them (:mod:`pallas_kernels.timing`).
 
-``--dispatch``: the measurement behind ``pallas_kernels.dispatch.PATH_TABLE`` (Task: the
+``--dispatch``: the measurement behind ``jquant.dispatch.kernels.PATH_TABLE`` (Task: the
 dispatch never makes a layer slower than bf16). For the Wan2.1-1.3B linear shapes and M in
 ``dispatch.MEASURED_M`` it checks and times every path a layer can take through
-``pallas_kernels.dispatch.maybe_run`` / ``jquant.dispatch.linear`` (W8A8 kernel, XLA W8A8, the
+``jquant.dispatch.kernels.maybe_run`` / ``jquant.dispatch.linear`` (W8A8 kernel, XLA W8A8, the
 weight-only kernel, dequantize + XLA bf16) for int8 and fp8 W8A8 and int8 and int4/g128
 weight-only layers, beside XLA's bf16 dot; derives the table (``dispatch.derive_table``),
 installs it, and times ``linear(..., backend="auto")`` at M in {1, 16, 256} and on the
 Wan2.1-1.3B step shapes against bf16 (section ``verify``). The table to paste into
-``pallas_kernels/dispatch.py`` is printed and stored under ``table``.
+``jquant/dispatch/kernels.py`` is printed and stored under ``table``.
 
 Writes ``benchmarks/kernels-<device>.json`` (``dispatch-<device>.json`` with ``--dispatch``;
 ``--out`` renames it) after every row, with the device, date, commit, JAX version and command,

@@ -196,7 +196,7 @@ def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, mo
 
 
 # --------------------------------------------------------------------------
-# The per-shape path rule (pallas_kernels.dispatch.choose_path / derive_table).
+# The per-shape path rule (jquant.dispatch.kernels.choose_path / derive_table).
 # --------------------------------------------------------------------------
 
 
