@@ -14,7 +14,6 @@ from jax import lax
 from jquant.hadamard import apply_hadamard
 from pallas_kernels import _common
 
-
 CHUNK = 1024
 
 
@@ -30,63 +29,67 @@ QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerConfig:
-  """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones."""
+    """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones."""
 
-  rows: int = 2
-  warps: int = 4
-  single_pass: bool = True
+    rows: int = 2
+    warps: int = 4
+    single_pass: bool = True
 
 
 def pick_config(k: int) -> QuantizerConfig:
-  """Single pass with 8K values per 4-warp program (16K rows: one row, 8 warps), else chunked.
+    """Single pass with 8K values per 4-warp program (16K rows: one row, 8 warps), else chunked.
 
-  Measured on an H200 (``benchmarks/act_quant_sweep-NVIDIA_H200.json``): 8K values per
-  program with 4 warps beat 16K with 8 or 16 warps and the chunked kernel at every K."""
-  width = padded_width(k)
-  if width > SINGLE_PASS_MAX:
-    return QuantizerConfig(rows=4, warps=4, single_pass=False)
-  if width > 8192:
-    return QuantizerConfig(rows=1, warps=8, single_pass=True)
-  return QuantizerConfig(rows=max(1, 8192 // width), warps=4, single_pass=True)
+    Measured on an H200 (``benchmarks/act_quant_sweep-NVIDIA_H200.json``): 8K values per
+    program with 4 warps beat 16K with 8 or 16 warps and the chunked kernel at every K."""
+    width = padded_width(k)
+    if width > SINGLE_PASS_MAX:
+        return QuantizerConfig(rows=4, warps=4, single_pass=False)
+    if width > 8192:
+        return QuantizerConfig(rows=1, warps=8, single_pass=True)
+    return QuantizerConfig(rows=max(1, 8192 // width), warps=4, single_pass=True)
 
 
 def padded_width(k: int) -> int:
-  """K padded to a power of two (Triton block shapes are powers of two)."""
-  return 1 << max(0, (k - 1).bit_length())
+    """K padded to a power of two (Triton block shapes are powers of two)."""
+    return 1 << max(0, (k - 1).bit_length())
 
 
 def round_half_even(v: jax.Array) -> jax.Array:
-  """Round to nearest, ties to even, from floor and exact f32 differences.
+    """Round to nearest, ties to even, from floor and exact f32 differences.
 
-  Triton has no round primitive, and the usual ``(v + 1.5*2**23) - 1.5*2**23``
-  trick is folded away by XLA's simplifier (so it would not survive the CPU
-  interpreter); ``v - floor(v)`` is exact, so this matches ``jnp.round``.
-  """
-  f = jnp.floor(v)
-  d = v - f
-  odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
-  up = (d > 0.5) | ((d == 0.5) & odd)
-  return f + jnp.where(up, 1.0, 0.0)
+    Triton has no round primitive, and the usual ``(v + 1.5*2**23) - 1.5*2**23``
+    trick is folded away by XLA's simplifier (so it would not survive the CPU
+    interpreter); ``v - floor(v)`` is exact, so this matches ``jnp.round``.
+    """
+    f = jnp.floor(v)
+    d = v - f
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return f + jnp.where(up, 1.0, 0.0)
 
 
 def rint(v: jax.Array, interpret: bool) -> jax.Array:
-  """Round half to even: one ``cvt.rni`` per value on the GPU, ``floor`` arithmetic elsewhere."""
-  if interpret:
-    return round_half_even(v)
-  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+    """Round half to even: one ``cvt.rni`` per value on the GPU, ``floor`` arithmetic elsewhere."""
+    if interpret:
+        return round_half_even(v)
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-  (r,) = pltriton.elementwise_inline_asm(
-      "cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
-  return r
+    (r,) = pltriton.elementwise_inline_asm(
+        "cvt.rni.f32.f32 $0, $1;",
+        args=[v],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+    )
+    return r
 
 
 def to_q(v: jax.Array, fmt: str, interpret: bool = True) -> jax.Array:
-  qmax = QMAX[fmt]
-  v = jnp.clip(v, -qmax, qmax)
-  if fmt == "int8":
-    v = rint(v, interpret)
-  return v.astype(QDTYPE[fmt])
+    qmax = QMAX[fmt]
+    v = jnp.clip(v, -qmax, qmax)
+    if fmt == "int8":
+        v = rint(v, interpret)
+    return v.astype(QDTYPE[fmt])
 
 
 #: jquant's scale floor (``jquant.qarray.compute_scales``): an all-zero row gets it, and codes 0.
@@ -94,56 +97,56 @@ SCALE_FLOOR = 1e-12
 
 
 def scale_of(amax: jax.Array, fmt: str) -> jax.Array:
-  return jnp.maximum(amax / QMAX[fmt], SCALE_FLOOR).astype(jnp.float32)
+    return jnp.maximum(amax / QMAX[fmt], SCALE_FLOOR).astype(jnp.float32)
 
 
 def check(x):
-  _common.check_rank("quantize: x", x, 2)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"quantize: x must be floating point, got {x.dtype}")
+    _common.check_rank("quantize: x", x, 2)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quantize: x must be floating point, got {x.dtype}")
 
 
 def reference(x, fmt, hadamard: bool = False):
-  check(x)
-  xf = x.astype(jnp.float32)
-  if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
-    # The rounding on the bits: XLA's GPU simplifier drops an f32 -> bf16 -> f32 round trip
-    # (excess precision), which left this reference quantizing unrounded rows on the GPU.
-    xf = apply_hadamard(xf, axis=-1)
-    xf = round_to_bf16(xf) if x.dtype == jnp.bfloat16 else xf.astype(x.dtype).astype(jnp.float32)
-  scale = scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
-  q = jnp.clip(xf / scale, -QMAX[fmt], QMAX[fmt])
-  if fmt == "int8":
-    q = jnp.round(q)
-  return q.astype(QDTYPE[fmt]), scale
+    check(x)
+    xf = x.astype(jnp.float32)
+    if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
+        # The rounding on the bits: XLA's GPU simplifier drops an f32 -> bf16 -> f32 round trip
+        # (excess precision), which left this reference quantizing unrounded rows on the GPU.
+        xf = apply_hadamard(xf, axis=-1)
+        xf = round_to_bf16(xf) if x.dtype == jnp.bfloat16 else xf.astype(x.dtype).astype(jnp.float32)
+    scale = scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
+    q = jnp.clip(xf / scale, -QMAX[fmt], QMAX[fmt])
+    if fmt == "int8":
+        q = jnp.round(q)
+    return q.astype(QDTYPE[fmt]), scale
 
 
 def bf16_parts(v: jax.Array, n: int) -> list[jax.Array]:
-  """``n`` bf16 pieces summing to ``v`` (three hold a float32 exactly): products with +-1
-  matrices on bf16 tensor cores stay exact whatever precision the dot would pick for float32."""
-  parts = []
-  for _ in range(n):
-    p = v.astype(jnp.bfloat16)
-    parts.append(p)
-    v = v - p.astype(jnp.float32)
-  return parts
+    """``n`` bf16 pieces summing to ``v`` (three hold a float32 exactly): products with +-1
+    matrices on bf16 tensor cores stay exact whatever precision the dot would pick for float32."""
+    parts = []
+    for _ in range(n):
+        p = v.astype(jnp.bfloat16)
+        parts.append(p)
+        v = v - p.astype(jnp.float32)
+    return parts
 
 
 def pm1_dot(v: jax.Array, m: jax.Array, pieces: int) -> jax.Array:
-  """``v @ m`` in float32 for a +-1 / 0 bf16 matrix ``m``, as ``pieces`` exact bf16 products."""
-  out = None
-  for p in bf16_parts(v, pieces):
-    d = jnp.dot(p, m, preferred_element_type=jnp.float32)
-    out = d if out is None else out + d
-  return out
+    """``v @ m`` in float32 for a +-1 / 0 bf16 matrix ``m``, as ``pieces`` exact bf16 products."""
+    out = None
+    for p in bf16_parts(v, pieces):
+        d = jnp.dot(p, m, preferred_element_type=jnp.float32)
+        out = d if out is None else out + d
+    return out
 
 
 def round_to_bf16(y: jax.Array) -> jax.Array:
-  """float32 -> nearest bf16 (ties to even), kept in float32, with integer ops on the bits.
+    """float32 -> nearest bf16 (ties to even), kept in float32, with integer ops on the bits.
 
-  ``y.astype(bf16).astype(f32)`` means the same, but a compiler may fold that round trip away
-  (XLA's GPU simplifier does: excess precision); bit arithmetic cannot be folded. Finite inputs
-  only (activations)."""
-  bits = lax.bitcast_convert_type(y, jnp.uint32)
-  bias = jnp.uint32(0x7FFF) + ((bits >> jnp.uint32(16)) & jnp.uint32(1))
-  return lax.bitcast_convert_type((bits + bias) & jnp.uint32(0xFFFF0000), jnp.float32)
+    ``y.astype(bf16).astype(f32)`` means the same, but a compiler may fold that round trip away
+    (XLA's GPU simplifier does: excess precision); bit arithmetic cannot be folded. Finite inputs
+    only (activations)."""
+    bits = lax.bitcast_convert_type(y, jnp.uint32)
+    bias = jnp.uint32(0x7FFF) + ((bits >> jnp.uint32(16)) & jnp.uint32(1))
+    return lax.bitcast_convert_type((bits + bias) & jnp.uint32(0xFFFF0000), jnp.float32)

@@ -39,7 +39,14 @@ from jax import lax
 from jquant.hadamard import kron_split
 from pallas_kernels import _common, _quant, hadamard_gather, triton_quant
 from pallas_kernels._quant import (  # noqa: F401 (part of this module's API)
-    CHUNK, SCALE_FLOOR, SINGLE_PASS_MAX, QuantizerConfig, pick_config, padded_width, round_to_bf16)
+    CHUNK,
+    SCALE_FLOOR,
+    SINGLE_PASS_MAX,
+    QuantizerConfig,
+    padded_width,
+    pick_config,
+    round_to_bf16,
+)
 
 #: The Pallas quantizer matched the reference bit for bit on an H200 (codes and
 #: scales, 9 shapes incl. ragged; benchmarks/check_kernels-NVIDIA_H200.txt).
@@ -58,275 +65,256 @@ HADAMARD_GPU_VERIFIED = True
 TRITON_GPU_VERIFIED = True
 
 
-
-
-
-
-
-
 #: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
 HADAMARD_OUTER_MAX = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class HadamardLayout:
-  """How a program applies jquant's order-K Hadamard to rows in registers.
+    """How a program applies jquant's order-K Hadamard to rows in registers.
 
-  The row (zero-padded to ``outer * inner``) is viewed as ``[outer, inner]``; ``H = kron(O, S) /
-  sqrt(K)`` with ``S`` the ``inner``-order Sylvester matrix (one ``pl.dot`` on the tensor cores)
-  and ``O`` the leading factors, zero-padded to ``outer`` (a second, small ``pl.dot``).
-  """
+    The row (zero-padded to ``outer * inner``) is viewed as ``[outer, inner]``; ``H = kron(O, S) /
+    sqrt(K)`` with ``S`` the ``inner``-order Sylvester matrix (one ``pl.dot`` on the tensor cores)
+    and ``O`` the leading factors, zero-padded to ``outer`` (a second, small ``pl.dot``).
+    """
 
-  inner: int
-  outer: int
-  o: np.ndarray  # [outer, outer] float32, +-1 and zero padding
-  s: np.ndarray  # [inner, inner] float32, +-1
+    inner: int
+    outer: int
+    o: np.ndarray  # [outer, outer] float32, +-1 and zero padding
+    s: np.ndarray  # [inner, inner] float32, +-1
 
-  @property
-  def width(self) -> int:
-    return self.outer * self.inner
+    @property
+    def width(self) -> int:
+        return self.outer * self.inner
 
 
 @functools.lru_cache(maxsize=64)
 def hadamard_layout(k: int) -> HadamardLayout | None:
-  """The fused layout for width ``k``, or None where the kernel does not take it (block-diagonal
-  fallback plans, an inner Sylvester factor under 16, or more than ``HADAMARD_OUTER_MAX``
-  leading blocks: Wan's 8960 and 13824 FFN widths)."""
+    """The fused layout for width ``k``, or None where the kernel does not take it (block-diagonal
+    fallback plans, an inner Sylvester factor under 16, or more than ``HADAMARD_OUTER_MAX``
+    leading blocks: Wan's 8960 and 13824 FFN widths)."""
 
-  best = None
-  for inner_max in (16, 32, 64, 128, 256):
-    split = kron_split(k, inner_max)
-    if split is None:
-      return None
-    o, s = split
-    a, b = o.shape[0], s.shape[0]
-    if b < 16:  # tl.dot needs 16 on every side (K=8 stored wrong scales on the GPU)
-      continue
-    outer = 1 if a == 1 else max(16, padded_width(k) // b)  # tl.dot wants >= 16 on every side
-    # Fewest multiply-adds per value (inner + outer, times the zero padding), then the smaller
-    # +-1 operands: each program reads them from L2 (a 256 x 256 one made K=3072 run at 5% of
-    # the copy bandwidth on an H200).
-    cost = ((b + (outer if outer > 1 else 0)) * outer * b / k, b * b + outer * outer)
-    if outer <= HADAMARD_OUTER_MAX and (best is None or cost < best[0]):
-      best = (cost, o, s, outer)
-  if best is None:
-    return None
-  _, o, s, outer = best
-  o_pad = np.zeros((outer, outer), np.float32)
-  o_pad[:o.shape[0], :o.shape[0]] = o
-  return HadamardLayout(s.shape[0], outer, o_pad, s.astype(np.float32))
+    best = None
+    for inner_max in (16, 32, 64, 128, 256):
+        split = kron_split(k, inner_max)
+        if split is None:
+            return None
+        o, s = split
+        a, b = o.shape[0], s.shape[0]
+        if b < 16:  # tl.dot needs 16 on every side (K=8 stored wrong scales on the GPU)
+            continue
+        outer = 1 if a == 1 else max(16, padded_width(k) // b)  # tl.dot wants >= 16 on every side
+        # Fewest multiply-adds per value (inner + outer, times the zero padding), then the smaller
+        # +-1 operands: each program reads them from L2 (a 256 x 256 one made K=3072 run at 5% of
+        # the copy bandwidth on an H200).
+        cost = ((b + (outer if outer > 1 else 0)) * outer * b / k, b * b + outer * outer)
+        if outer <= HADAMARD_OUTER_MAX and (best is None or cost < best[0]):
+            best = (cost, o, s, outer)
+    if best is None:
+        return None
+    _, o, s, outer = best
+    o_pad = np.zeros((outer, outer), np.float32)
+    o_pad[: o.shape[0], : o.shape[0]] = o
+    return HadamardLayout(s.shape[0], outer, o_pad, s.astype(np.float32))
 
 
 def hadamard_config(lay: HadamardLayout) -> QuantizerConfig:
-  """The fused Hadamard's program: 8K values on 4 warps (16K: 8 warps); 16 rows where the whole
-  row is one Sylvester product (its ``pl.dot`` needs 16 rows)."""
-  rows = 16 if lay.outer == 1 else max(1, 8192 // lay.width)
-  return QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    """The fused Hadamard's program: 8K values on 4 warps (16K: 8 warps); 16 rows where the whole
+    row is one Sylvester product (its ``pl.dot`` needs 16 rows)."""
+    rows = 16 if lay.outer == 1 else max(1, 8192 // lay.width)
+    return QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
 
 
 def quantize_int8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Plain-JAX per-token int8 quantization: ``(int8[M, K], f32[M, 1])``."""
-  return _quant.reference(x, "int8")
+    """Plain-JAX per-token int8 quantization: ``(int8[M, K], f32[M, 1])``."""
+    return _quant.reference(x, "int8")
 
 
 def quantize_fp8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Plain-JAX per-token fp8 e4m3 quantization: ``(e4m3[M, K], f32[M, 1])``."""
-  return _quant.reference(x, "fp8")
-
-
-
-
+    """Plain-JAX per-token fp8 e4m3 quantization: ``(e4m3[M, K], f32[M, 1])``."""
+    return _quant.reference(x, "fp8")
 
 
 def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.Array:
-  """``v @ H`` for ``[rows, lay.width]`` rows (zeros past ``k``), rounded to ``dtype`` like
-  jquant.nn's XLA path: the inner Sylvester product, then the leading-block mix."""
-  rows = v.shape[0]
-  # bf16 rows are one exact piece; float32 rows take three.
-  z = _quant.pm1_dot(v.reshape(rows * lay.outer, lay.inner), h_s[...], 1 if dtype == jnp.bfloat16 else 3)
-  if lay.outer > 1:
-    z = z.reshape(rows, lay.outer, lay.inner).transpose(0, 2, 1).reshape(rows * lay.inner, lay.outer)
-    z = _quant.pm1_dot(z, h_o[...], 3).reshape(rows, lay.inner, lay.outer).transpose(0, 2, 1)
-  y = z.reshape(rows, lay.width) * np.float32(1.0 / math.sqrt(k))
-  if dtype == jnp.bfloat16:
-    return round_to_bf16(y)
-  return y.astype(dtype).astype(jnp.float32)
+    """``v @ H`` for ``[rows, lay.width]`` rows (zeros past ``k``), rounded to ``dtype`` like
+    jquant.nn's XLA path: the inner Sylvester product, then the leading-block mix."""
+    rows = v.shape[0]
+    # bf16 rows are one exact piece; float32 rows take three.
+    z = _quant.pm1_dot(v.reshape(rows * lay.outer, lay.inner), h_s[...], 1 if dtype == jnp.bfloat16 else 3)
+    if lay.outer > 1:
+        z = z.reshape(rows, lay.outer, lay.inner).transpose(0, 2, 1).reshape(rows * lay.inner, lay.outer)
+        z = _quant.pm1_dot(z, h_o[...], 3).reshape(rows, lay.inner, lay.outer).transpose(0, 2, 1)
+    y = z.reshape(rows, lay.width) * np.float32(1.0 / math.sqrt(k))
+    if dtype == jnp.bfloat16:
+        return round_to_bf16(y)
+    return y.astype(dtype).astype(jnp.float32)
 
 
+def _kernel(
+    x_ref, *refs, m: int, k: int, fmt: str, cfg: QuantizerConfig, interpret: bool, lay: HadamardLayout | None = None
+):
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-
-def _kernel(x_ref, *refs, m: int, k: int, fmt: str, cfg: QuantizerConfig,
-            interpret: bool, lay: HadamardLayout | None = None):
-  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
-  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
-
-  h_s = h_o = None
-  if lay is not None:
-    h_s, h_o, q_ref, s_ref = refs
-  else:
-    q_ref, s_ref = refs
-  i = pl.program_id(0)
-  rows = cfg.rows
-  row_ok = i * rows + jnp.arange(rows) < m
-  if lay is not None:
-    width = lay.width
-  else:
-    width = padded_width(k) if cfg.single_pass else CHUNK
-
-  def block(c):
-    cols = c * width + jnp.arange(width)
-    mask = row_ok[:, None] & (cols < k)[None, :]
-    idx = (pl.ds(i * rows, rows), pl.ds(c * width, width))
-    return idx, mask
-
-  def load(c):
-    idx, mask = block(c)
-    return pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
-
-  def store(c, v, scale):
-    idx, mask = block(c)
-    pltriton.store(q_ref.at[idx], _quant.to_q(v / scale[:, None], fmt, interpret), mask=mask)
-
-  if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
-    v = load(0)
+    h_s = h_o = None
     if lay is not None:
-      v = _rotate(v, h_s, h_o, lay, k, x_ref.dtype)
-    scale = _quant.scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
-    store(0, v, scale)
-  else:
-    n_chunks = _common.cdiv(k, CHUNK)
-    amax = lax.fori_loop(0, n_chunks, lambda c, acc: jnp.maximum(acc, jnp.max(jnp.abs(load(c)), axis=1)),
-                         jnp.zeros((rows,), jnp.float32))
-    scale = _quant.scale_of(amax, fmt)
+        h_s, h_o, q_ref, s_ref = refs
+    else:
+        q_ref, s_ref = refs
+    i = pl.program_id(0)
+    rows = cfg.rows
+    row_ok = i * rows + jnp.arange(rows) < m
+    if lay is not None:
+        width = lay.width
+    else:
+        width = padded_width(k) if cfg.single_pass else CHUNK
 
-    def quant_step(c, carry):
-      store(c, load(c), scale)
-      return carry
+    def block(c):
+        cols = c * width + jnp.arange(width)
+        mask = row_ok[:, None] & (cols < k)[None, :]
+        idx = (pl.ds(i * rows, rows), pl.ds(c * width, width))
+        return idx, mask
 
-    lax.fori_loop(0, n_chunks, quant_step, 0)
-  pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
+    def load(c):
+        idx, mask = block(c)
+        return pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
+
+    def store(c, v, scale):
+        idx, mask = block(c)
+        pltriton.store(q_ref.at[idx], _quant.to_q(v / scale[:, None], fmt, interpret), mask=mask)
+
+    if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
+        v = load(0)
+        if lay is not None:
+            v = _rotate(v, h_s, h_o, lay, k, x_ref.dtype)
+        scale = _quant.scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
+        store(0, v, scale)
+    else:
+        n_chunks = _common.cdiv(k, CHUNK)
+        amax = lax.fori_loop(
+            0,
+            n_chunks,
+            lambda c, acc: jnp.maximum(acc, jnp.max(jnp.abs(load(c)), axis=1)),
+            jnp.zeros((rows,), jnp.float32),
+        )
+        scale = _quant.scale_of(amax, fmt)
+
+        def quant_step(c, carry):
+            store(c, load(c), scale)
+            return carry
+
+        lax.fori_loop(0, n_chunks, quant_step, 0)
+    pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
 
 
-def quantize_pallas(x: jax.Array, fmt: str, *, interpret: bool = False,
-                    config: QuantizerConfig | None = None, hadamard: bool = False):
-  """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked).
+def quantize_pallas(
+    x: jax.Array, fmt: str, *, interpret: bool = False, config: QuantizerConfig | None = None, hadamard: bool = False
+):
+    """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked).
 
-  ``hadamard=True`` rotates each row by jquant's order-K Hadamard (QuaRot's online transform,
-  ``apply_hadamard``) in registers before quantizing: one pass over ``x`` instead of three or
-  more. Widths :func:`hadamard_layout` rejects raise.
-  """
-  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
-  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+    ``hadamard=True`` rotates each row by jquant's order-K Hadamard (QuaRot's online transform,
+    ``apply_hadamard``) in registers before quantizing: one pass over ``x`` instead of three or
+    more. Widths :func:`hadamard_layout` rejects raise.
+    """
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-  _quant.check(x)
-  m, k = x.shape
-  lay = None
-  extra = ()
-  if hadamard:
-    lay = hadamard_layout(k)
-    if lay is None:
-      raise ValueError(f"quantize: no fused Hadamard for K={k} (see act_quant.hadamard_layout)")
-    config = config or hadamard_config(lay)
-    # The +-1 matrices travel as bf16 (exact): a float32 256 x 256 operand alone would fill
-    # the 227 KB of shared memory Triton stages dot operands in.
-    extra = (jnp.asarray(lay.s, jnp.bfloat16), jnp.asarray(lay.o, jnp.bfloat16))
-  cfg = config or pick_config(k)
-  if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
-    raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
-  if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
-    raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
-  call = pl.pallas_call(
-      functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay),
-      out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),
-                 jax.ShapeDtypeStruct((m,), jnp.float32)),
-      grid=(_common.cdiv(m, cfg.rows),),
-      interpret=interpret,
-      compiler_params=None if interpret else pltriton.CompilerParams(
-          num_warps=cfg.warps, num_stages=1),
-  )
-  q, s = call(x, *extra)
-  return q, s.reshape(m, 1)
+    _quant.check(x)
+    m, k = x.shape
+    lay = None
+    extra = ()
+    if hadamard:
+        lay = hadamard_layout(k)
+        if lay is None:
+            raise ValueError(f"quantize: no fused Hadamard for K={k} (see act_quant.hadamard_layout)")
+        config = config or hadamard_config(lay)
+        # The +-1 matrices travel as bf16 (exact): a float32 256 x 256 operand alone would fill
+        # the 227 KB of shared memory Triton stages dot operands in.
+        extra = (jnp.asarray(lay.s, jnp.bfloat16), jnp.asarray(lay.o, jnp.bfloat16))
+    cfg = config or pick_config(k)
+    if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
+        raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
+    if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
+        raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
+    call = pl.pallas_call(
+        functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay),
+        out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]), jax.ShapeDtypeStruct((m,), jnp.float32)),
+        grid=(_common.cdiv(m, cfg.rows),),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=cfg.warps, num_stages=1),
+    )
+    q, s = call(x, *extra)
+    return q, s.reshape(m, 1)
 
 
 def _quantize(x, fmt, method, hadamard=False):
-  _quant.check(x)
-  if method not in ("auto", "pallas", "triton", "xla"):
-    raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
-  if method == "pallas":
-    interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
-    return _fused_hadamard(x, fmt, interpret) if hadamard else quantize_pallas(x, fmt, interpret=interpret)
-  if method == "triton":
-    if hadamard:
-      raise ValueError("quantize: the jax-triton quantizer has no fused Hadamard; use method='pallas'")
+    _quant.check(x)
+    if method not in ("auto", "pallas", "triton", "xla"):
+        raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
+    if method == "pallas":
+        interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
+        return _fused_hadamard(x, fmt, interpret) if hadamard else quantize_pallas(x, fmt, interpret=interpret)
+    if method == "triton":
+        if hadamard:
+            raise ValueError("quantize: the jax-triton quantizer has no fused Hadamard; use method='pallas'")
 
-    return triton_quant.quantize(x, fmt)
-  if method == "auto" and supports(x, hadamard):
-    if hadamard:
-      return _fused_hadamard(x, fmt)
-    if _triton_usable(x):
-
-      return triton_quant.quantize(x, fmt)
-    return quantize_pallas(x, fmt)
-  return _quant.reference(x, fmt, hadamard)
+        return triton_quant.quantize(x, fmt)
+    if method == "auto" and supports(x, hadamard):
+        if hadamard:
+            return _fused_hadamard(x, fmt)
+        if _triton_usable(x):
+            return triton_quant.quantize(x, fmt)
+        return quantize_pallas(x, fmt)
+    return _quant.reference(x, fmt, hadamard)
 
 
 def _fused_hadamard(x: jax.Array, fmt: str, interpret: bool = False):
-  """The fused rotation + quantizer: the ``[outer, inner]`` view where K has one, else the
-  gathered multi-axis view (:mod:`pallas_kernels.hadamard_gather`, e.g. Wan's 8960)."""
-  if hadamard_layout(x.shape[1]) is not None:
-    return quantize_pallas(x, fmt, interpret=interpret, hadamard=True)
+    """The fused rotation + quantizer: the ``[outer, inner]`` view where K has one, else the
+    gathered multi-axis view (:mod:`pallas_kernels.hadamard_gather`, e.g. Wan's 8960)."""
+    if hadamard_layout(x.shape[1]) is not None:
+        return quantize_pallas(x, fmt, interpret=interpret, hadamard=True)
 
-  return hadamard_gather.quantize_hadamard_gather(x, fmt, interpret=interpret)
+    return hadamard_gather.quantize_hadamard_gather(x, fmt, interpret=interpret)
 
 
 def _fused_hadamard_takes(k: int) -> bool:
-  """Whether a fused rotation exists for width ``k`` and is verified (or forced) on the GPU."""
+    """Whether a fused rotation exists for width ``k`` and is verified (or forced) on the GPU."""
 
-  if hadamard_layout(k) is not None:
-    return _common.kernel_enabled(HADAMARD_GPU_VERIFIED)
-  return hadamard_gather.gather_layout(k) is not None and _common.kernel_enabled(hadamard_gather.GPU_VERIFIED)
+    if hadamard_layout(k) is not None:
+        return _common.kernel_enabled(HADAMARD_GPU_VERIFIED)
+    return hadamard_gather.gather_layout(k) is not None and _common.kernel_enabled(hadamard_gather.GPU_VERIFIED)
 
 
 def _triton_usable(x: jax.Array) -> bool:
-  """The jax-triton quantizer (``gpu`` extra) where it is installed, verified and takes K."""
+    """The jax-triton quantizer (``gpu`` extra) where it is installed, verified and takes K."""
 
-  return (TRITON_GPU_VERIFIED and triton_quant.available()
-          and padded_width(x.shape[1]) <= SINGLE_PASS_MAX)
+    return TRITON_GPU_VERIFIED and triton_quant.available() and padded_width(x.shape[1]) <= SINGLE_PASS_MAX
 
 
 def quantize_int8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Per-token int8 quantization ``(int8[M, K], f32[M, 1])`` in one pass over ``x``
-  (``method``: auto / pallas / triton / xla). ``hadamard=True`` quantizes ``apply_hadamard(x)``
-  (QuaRot's online rotation), fused into the same pass where :func:`hadamard_layout` takes K."""
-  return _quantize(x, "int8", method, hadamard)
+    """Per-token int8 quantization ``(int8[M, K], f32[M, 1])`` in one pass over ``x``
+    (``method``: auto / pallas / triton / xla). ``hadamard=True`` quantizes ``apply_hadamard(x)``
+    (QuaRot's online rotation), fused into the same pass where :func:`hadamard_layout` takes K."""
+    return _quantize(x, "int8", method, hadamard)
 
 
 def quantize_fp8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Per-token fp8 e4m3 quantization ``(e4m3[M, K], f32[M, 1])`` in one pass over ``x``."""
-  return _quantize(x, "fp8", method, hadamard)
+    """Per-token fp8 e4m3 quantization ``(e4m3[M, K], f32[M, 1])`` in one pass over ``x``."""
+    return _quantize(x, "fp8", method, hadamard)
 
 
 def supports(x: jax.Array, hadamard: bool = False) -> bool:
-  """True where ``method="auto"`` runs a compiled quantizer kernel: a GPU, a 2-D float input,
-  the kernel verified there (or ``JQUANT_BACKEND=pallas``); with ``hadamard``, also a width
-  :func:`hadamard_layout` (or ``hadamard_gather.gather_layout``) takes and that fused kernel
-  verified (:data:`HADAMARD_GPU_VERIFIED`, ``hadamard_gather.GPU_VERIFIED``)."""
-  ok = (_common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED)
-        and x.ndim == 2 and x.size > 0 and jnp.issubdtype(x.dtype, jnp.floating))
-  if hadamard:
-    ok = ok and _fused_hadamard_takes(x.shape[1])
-  return ok
+    """True where ``method="auto"`` runs a compiled quantizer kernel: a GPU, a 2-D float input,
+    the kernel verified there (or ``JQUANT_BACKEND=pallas``); with ``hadamard``, also a width
+    :func:`hadamard_layout` (or ``hadamard_gather.gather_layout``) takes and that fused kernel
+    verified (:data:`HADAMARD_GPU_VERIFIED`, ``hadamard_gather.GPU_VERIFIED``)."""
+    ok = (
+        _common.on_gpu()
+        and _common.kernel_enabled(GPU_VERIFIED)
+        and x.ndim == 2
+        and x.size > 0
+        and jnp.issubdtype(x.dtype, jnp.floating)
+    )
+    if hadamard:
+        ok = ok and _fused_hadamard_takes(x.shape[1])
+    return ok

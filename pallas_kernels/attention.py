@@ -60,59 +60,60 @@ _MAGIC_BITS = 0x4B400000  # float32 1.5 * 2^23: its unit in the last place is 1
 _MAGIC_VALUE = 12582912.0
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
-KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset(
-    (qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
+KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset((qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Tiling: each compute warpgroup owns ``block_q`` (64) query rows; ``block_k`` keys per
-  step (also the K-scale block); ``stages`` K/V tiles in flight.
+    """Tiling: each compute warpgroup owns ``block_q`` (64) query rows; ``block_k`` keys per
+    step (also the K-scale block); ``stages`` K/V tiles in flight.
 
-  ``int_to_float`` (int8 Q K^T only) turns the int32 scores into floats either with the
-  conversion instruction (``"cvt"``, quarter rate on Hopper) or exactly with the
-  magic-number trick (``"magic"``: add the bits of 1.5 * 2^23, reinterpret as f32; exact
-  for |x| < 2^22, and int8 dot products over <= 128 channels stay below 2^21), which costs
-  one integer add and folds the offset into the scaling FMA.
+    ``int_to_float`` (int8 Q K^T only) turns the int32 scores into floats either with the
+    conversion instruction (``"cvt"``, quarter rate on Hopper) or exactly with the
+    magic-number trick (``"magic"``: add the bits of 1.5 * 2^23, reinterpret as f32; exact
+    for |x| < 2^22, and int8 dot products over <= 128 channels stay below 2^21), which costs
+    one integer add and folds the offset into the scaling FMA.
 
-  ``k_scales``: ``"token"`` streams one K scale per key beside each K tile and applies it as
-  a column scale (the Q row scale then rides in the ``exp2`` argument's FMA, so the score
-  arithmetic costs what the per-block form does); ``"block"`` reads one scalar per tile.
-  """
+    ``k_scales``: ``"token"`` streams one K scale per key beside each K tile and applies it as
+    a column scale (the Q row scale then rides in the ``exp2`` argument's FMA, so the score
+    arithmetic costs what the per-block form does); ``"block"`` reads one scalar per tile.
+    """
 
-  block_q: int = 64
-  block_k: int = 128
-  stages: int = 2
-  int_to_float: str = "magic"
-  k_scales: str = "token"
+    block_q: int = 64
+    block_k: int = 128
+    stages: int = 2
+    int_to_float: str = "magic"
+    k_scales: str = "token"
 
-  def __post_init__(self):
-    if self.k_scales not in ref.K_SCALES:
-      raise ValueError(f"AttentionConfig: k_scales must be one of {ref.K_SCALES}, got {self.k_scales!r}")
-    if self.int_to_float not in INT_TO_FLOAT:
-      raise ValueError(f"AttentionConfig: int_to_float must be one of {INT_TO_FLOAT}, got {self.int_to_float!r}")
-    if self.block_q != 64:
-      raise ValueError(f"AttentionConfig: block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}")
-    if self.block_k not in (64, 128, 256):
-      raise ValueError(f"AttentionConfig: block_k must be 64, 128 or 256, got {self.block_k}")
-    if self.stages < 2:
-      raise ValueError(f"AttentionConfig: stages must be >= 2, got {self.stages}")
+    def __post_init__(self):
+        if self.k_scales not in ref.K_SCALES:
+            raise ValueError(f"AttentionConfig: k_scales must be one of {ref.K_SCALES}, got {self.k_scales!r}")
+        if self.int_to_float not in INT_TO_FLOAT:
+            raise ValueError(f"AttentionConfig: int_to_float must be one of {INT_TO_FLOAT}, got {self.int_to_float!r}")
+        if self.block_q != 64:
+            raise ValueError(
+                f"AttentionConfig: block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}"
+            )
+        if self.block_k not in (64, 128, 256):
+            raise ValueError(f"AttentionConfig: block_k must be 64, 128 or 256, got {self.block_k}")
+        if self.stages < 2:
+            raise ValueError(f"AttentionConfig: stages must be >= 2, got {self.stages}")
 
 
 def _swizzle_transforms(row_bytes: int, elem_bytes: int):
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
-  swizzle = min(128, row_bytes)
-  return (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
+    swizzle = min(128, row_bytes)
+    return (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
 
 
 def _compiler_params():
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
-  try:
-    return plgpu.CompilerParams(approx_math=True)
-  except TypeError:  # a JAX without the flag
-    return plgpu.CompilerParams()
+    try:
+        return plgpu.CompilerParams(approx_math=True)
+    except TypeError:  # a JAX without the flag
+        return plgpu.CompilerParams()
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -129,333 +130,375 @@ def attention_pallas(
     causal: bool,
     config: AttentionConfig,
 ) -> jax.Array:
-  """Runs the kernel on prepared, padded operands.
+    """Runs the kernel on prepared, padded operands.
 
-  ``q8`` [B, Tq, H, D] and ``k8`` [B, Tk, H, D] 8-bit codes (Tq a multiple of
-  ``2 * block_q``, Tk of ``block_k``); ``vv`` bf16 [B, Tk, H, D] or e4m3 [B, H, D, Tk];
-  ``qrow`` f32 [B, H, 2, Tq] (row 0: Q scale * sm_scale * log2 e, row 1: padding-key
-  count); ``ks`` f32 K scales: [B, H, Tk] per token (``config.k_scales == "token"``) or
-  [B, H, R, 32] per block (block j at [j // 32, j % 32]);
-  ``vs`` f32 [B, H, D] (V scale / 448 for fp8, unused for bf16). Returns bf16 [B, Tq, H, D].
-  """
-  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+    ``q8`` [B, Tq, H, D] and ``k8`` [B, Tk, H, D] 8-bit codes (Tq a multiple of
+    ``2 * block_q``, Tk of ``block_k``); ``vv`` bf16 [B, Tk, H, D] or e4m3 [B, H, D, Tk];
+    ``qrow`` f32 [B, H, 2, Tq] (row 0: Q scale * sm_scale * log2 e, row 1: padding-key
+    count); ``ks`` f32 K scales: [B, H, Tk] per token (``config.k_scales == "token"``) or
+    [B, H, R, 32] per block (block j at [j // 32, j % 32]);
+    ``vs`` f32 [B, H, D] (V scale / 448 for fp8, unused for bf16). Returns bf16 [B, Tq, H, D].
+    """
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
-  batch_size, tq, heads, head_dim = q8.shape
-  tk = k8.shape[1]
-  block_q, block_kv = config.block_q, config.block_k
-  pv_fp8 = vv.dtype != jnp.bfloat16
-  int_qk = q8.dtype == jnp.int8
-  acc_qk_dtype = jnp.int32 if int_qk else jnp.float32
-  num_kv_steps = tk // block_kv
-  max_concurrent_steps = min(config.stages, num_kv_steps)
-  token_scales = config.k_scales == "token"
-  ks_rows = 0 if token_scales else ks.shape[2]
-  compute_wgs = 2
-  num_q_tiles = tq // (compute_wgs * block_q)
-  out_dtype = jnp.bfloat16
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
+    batch_size, tq, heads, head_dim = q8.shape
+    tk = k8.shape[1]
+    block_q, block_kv = config.block_q, config.block_k
+    pv_fp8 = vv.dtype != jnp.bfloat16
+    int_qk = q8.dtype == jnp.int8
+    acc_qk_dtype = jnp.int32 if int_qk else jnp.float32
+    num_kv_steps = tk // block_kv
+    max_concurrent_steps = min(config.stages, num_kv_steps)
+    token_scales = config.k_scales == "token"
+    ks_rows = 0 if token_scales else ks.shape[2]
+    compute_wgs = 2
+    num_q_tiles = tq // (compute_wgs * block_q)
+    out_dtype = jnp.bfloat16
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-  def kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, scoped):
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
-    q_tile = lax.axis_index("q_seq")
-    wg_idx = lax.axis_index("wg")
-    smem, bars, consumed, schedule_barrier = scoped
-    q_smem2, o_smem2, k_smem, v_smem, p_smem2, qrow_smem2, ks_smem2, vs_smem2 = smem
-    k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers, kt_barriers = bars
-    k_consumed_barriers, v_consumed_barriers = consumed
+    def kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, scoped):
+        batch = lax.axis_index("batch")
+        head = lax.axis_index("heads")
+        q_tile = lax.axis_index("q_seq")
+        wg_idx = lax.axis_index("wg")
+        smem, bars, consumed, schedule_barrier = scoped
+        q_smem2, o_smem2, k_smem, v_smem, p_smem2, qrow_smem2, ks_smem2, vs_smem2 = smem
+        k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers, kt_barriers = bars
+        k_consumed_barriers, v_consumed_barriers = consumed
 
-    def perform_schedule_barrier():
-      plgpu.barrier_arrive(schedule_barrier)
-      plgpu.barrier_wait(schedule_barrier)
+        def perform_schedule_barrier():
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(schedule_barrier)
 
-    if causal:
-      block_q_end = (q_tile + 1) * (compute_wgs * block_q)
-      block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
-    else:
-      block_max_kv_steps = num_kv_steps
-
-    @pl.when(wg_idx < compute_wgs)
-    def _compute_wg():
-      plgpu.set_max_registers(232, action="increase")
-      q_smem = q_smem2.at[wg_idx]
-      o_smem = o_smem2.at[wg_idx]
-      qrow_smem = qrow_smem2.at[wg_idx]
-      q_seq_base = q_tile * (compute_wgs * block_q) + wg_idx * block_q
-
-      if causal:
-        kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
-      else:
-        kv_steps = block_max_kv_steps
-
-      plgpu.copy_gmem_to_smem(
-          q_ref.at[batch, pl.ds(q_seq_base, block_q), head], q_smem, q_barriers.at[wg_idx])
-      plgpu.copy_gmem_to_smem(
-          qrow_ref.at[batch, head, :, pl.ds(q_seq_base, block_q)], qrow_smem,
-          qrow_barriers.at[wg_idx])
-      if not token_scales:
-        plgpu.copy_gmem_to_smem(ks_ref.at[batch, head], ks_smem2.at[wg_idx], ks_barriers.at[wg_idx])
-      if pv_fp8:
-        plgpu.copy_gmem_to_smem(vs_ref.at[batch, head], vs_smem2.at[wg_idx], vs_barriers.at[wg_idx])
-      plgpu.barrier_wait(qrow_barriers.at[wg_idx])
-      if not token_scales:
-        plgpu.barrier_wait(ks_barriers.at[wg_idx])
-      q_scale = plgpu.load(qrow_smem.at[0], (), layout=row_layout)
-      pad_count = plgpu.load(qrow_smem.at[1], (), layout=row_layout)
-      plgpu.barrier_wait(q_barriers.at[wg_idx])
-
-      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, dtype=jnp.float32), row_layout)
-      l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), row_layout)
-      acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
-
-      @pl.when(kv_steps > 0)
-      def _():
-        plgpu.barrier_wait(k_barriers.at[0])
-
-      pl.when(wg_idx == 1)(perform_schedule_barrier)
-
-      def kv_loop(kv_step, carry, causal_step: bool = False):
-        acc, m_i, l_i = carry
-        slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
-
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          perform_schedule_barrier()
-          return acc_ref[...]
-
-        qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
-        shape = qk.shape
-        if token_scales:
-          # x = codes . codes * k_scale (per column); the score is x * q_scale (per row).
-          plgpu.barrier_wait(kt_barriers.at[slot])
-          scale = plgpu.load(ks_smem2.at[slot], (), layout=col_layout)
-          dim = 1
+        if causal:
+            block_q_end = (q_tile + 1) * (compute_wgs * block_q)
+            block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
         else:
-          scale = q_scale * ks_smem2[wg_idx, lax.div(kv_step, 32), lax.rem(kv_step, 32)]
-          dim = 0
-        plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-        if int_qk and config.int_to_float == "magic":
-          shifted = lax.bitcast_convert_type(qk + jnp.int32(_MAGIC_BITS), jnp.float32)
-          x = (shifted * lax.broadcast_in_dim(scale, shape, [dim])
-               + lax.broadcast_in_dim(scale * -_MAGIC_VALUE, shape, [dim]))
-        else:
-          x = qk.astype(jnp.float32) * lax.broadcast_in_dim(scale, shape, [dim])
+            block_max_kv_steps = num_kv_steps
 
-        if causal_step:
-          q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-          kv_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-          mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
-          x = jnp.where(mask, x, -jnp.inf)
+        @pl.when(wg_idx < compute_wgs)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem = q_smem2.at[wg_idx]
+            o_smem = o_smem2.at[wg_idx]
+            qrow_smem = qrow_smem2.at[wg_idx]
+            q_seq_base = q_tile * (compute_wgs * block_q) + wg_idx * block_q
 
-        # Scores are in log2 units (log2 e is folded into the Q scale).
-        if token_scales:  # Q scale > 0, so max(x * q) = max(x) * q
-          m_ij = jnp.maximum(m_i, x.max(axis=1) * q_scale)
-          p = jnp.exp2(x * lax.broadcast_in_dim(q_scale, shape, [0]) - lax.broadcast_in_dim(m_ij, shape, [0]))
-        else:
-          m_ij = jnp.maximum(m_i, x.max(axis=1))
-          p = jnp.exp2(x - lax.broadcast_in_dim(m_ij, shape, [0]))
-        alpha = jnp.exp2(m_i - m_ij)
-        m_i = m_ij
-        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i *= alpha
-        # The optimization barrier cannot carry 2-element 8-bit register vectors, so
-        # the fp8 cast of P happens after it.
-        p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
+            if causal:
+                kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+            else:
+                kv_steps = block_max_kv_steps
 
-        def end_softmax_barriers():
-          plgpu.barrier_arrive(schedule_barrier)
-          plgpu.barrier_wait(v_barriers.at[slot])
-          plgpu.barrier_wait(schedule_barrier)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_seq_base, block_q), head], q_smem, q_barriers.at[wg_idx])
+            plgpu.copy_gmem_to_smem(
+                qrow_ref.at[batch, head, :, pl.ds(q_seq_base, block_q)], qrow_smem, qrow_barriers.at[wg_idx]
+            )
+            if not token_scales:
+                plgpu.copy_gmem_to_smem(ks_ref.at[batch, head], ks_smem2.at[wg_idx], ks_barriers.at[wg_idx])
+            if pv_fp8:
+                plgpu.copy_gmem_to_smem(vs_ref.at[batch, head], vs_smem2.at[wg_idx], vs_barriers.at[wg_idx])
+            plgpu.barrier_wait(qrow_barriers.at[wg_idx])
+            if not token_scales:
+                plgpu.barrier_wait(ks_barriers.at[wg_idx])
+            q_scale = plgpu.load(qrow_smem.at[0], (), layout=row_layout)
+            pad_count = plgpu.load(qrow_smem.at[1], (), layout=row_layout)
+            plgpu.barrier_wait(q_barriers.at[wg_idx])
 
-        l_i += p.sum(axis=1)
-        acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
-        if pv_fp8:
-          p_op = p_op.astype(jnp.float8_e4m3fn)
-        end_softmax_barriers()
+            m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, dtype=jnp.float32), row_layout)
+            l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), row_layout)
+            acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
 
-        def compute_pv(acc_ref):
-          if pv_fp8:
-            p_smem = p_smem2.at[wg_idx]
-            p_smem[...] = p_op
+            @pl.when(kv_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_barriers.at[0])
+
+            pl.when(wg_idx == 1)(perform_schedule_barrier)
+
+            def kv_loop(kv_step, carry, causal_step: bool = False):
+                acc, m_i, l_i = carry
+                slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    perform_schedule_barrier()
+                    return acc_ref[...]
+
+                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+                shape = qk.shape
+                if token_scales:
+                    # x = codes . codes * k_scale (per column); the score is x * q_scale (per row).
+                    plgpu.barrier_wait(kt_barriers.at[slot])
+                    scale = plgpu.load(ks_smem2.at[slot], (), layout=col_layout)
+                    dim = 1
+                else:
+                    scale = q_scale * ks_smem2[wg_idx, lax.div(kv_step, 32), lax.rem(kv_step, 32)]
+                    dim = 0
+                plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+                if int_qk and config.int_to_float == "magic":
+                    shifted = lax.bitcast_convert_type(qk + jnp.int32(_MAGIC_BITS), jnp.float32)
+                    x = shifted * lax.broadcast_in_dim(scale, shape, [dim]) + lax.broadcast_in_dim(
+                        scale * -_MAGIC_VALUE, shape, [dim]
+                    )
+                else:
+                    x = qk.astype(jnp.float32) * lax.broadcast_in_dim(scale, shape, [dim])
+
+                if causal_step:
+                    q_ids = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                    kv_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                    mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
+                    x = jnp.where(mask, x, -jnp.inf)
+
+                # Scores are in log2 units (log2 e is folded into the Q scale).
+                if token_scales:  # Q scale > 0, so max(x * q) = max(x) * q
+                    m_ij = jnp.maximum(m_i, x.max(axis=1) * q_scale)
+                    p = jnp.exp2(x * lax.broadcast_in_dim(q_scale, shape, [0]) - lax.broadcast_in_dim(m_ij, shape, [0]))
+                else:
+                    m_ij = jnp.maximum(m_i, x.max(axis=1))
+                    p = jnp.exp2(x - lax.broadcast_in_dim(m_ij, shape, [0]))
+                alpha = jnp.exp2(m_i - m_ij)
+                m_i = m_ij
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i *= alpha
+                # The optimization barrier cannot carry 2-element 8-bit register vectors, so
+                # the fp8 cast of P happens after it.
+                p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
+
+                def end_softmax_barriers():
+                    plgpu.barrier_arrive(schedule_barrier)
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    plgpu.barrier_wait(schedule_barrier)
+
+                l_i += p.sum(axis=1)
+                acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+                if pv_fp8:
+                    p_op = p_op.astype(jnp.float8_e4m3fn)
+                end_softmax_barriers()
+
+                def compute_pv(acc_ref):
+                    if pv_fp8:
+                        p_smem = p_smem2.at[wg_idx]
+                        p_smem[...] = p_op
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, p_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                    else:
+                        plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
+                    wait_step = kv_step + 1
+                    wait_slot = lax.rem(wait_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+
+                    @pl.when(wait_step < kv_steps)
+                    def _wait():
+                        plgpu.barrier_wait(k_barriers.at[wait_slot])
+
+                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+                return acc, m_i, l_i
+
+            if not causal:
+                acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
+            else:
+
+                def epilogue_kv_loop(kv_step, _):
+                    slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+                    plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+                    plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+                    perform_schedule_barrier()
+                    perform_schedule_barrier()
+
+                causal_kv_loop = functools.partial(kv_loop, causal_step=True)
+                full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+                acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
+                acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps, causal_kv_loop, (acc, m_i, l_i))
+                lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
+            pl.when(wg_idx == 0)(perform_schedule_barrier)
+
+            # Each zero padding key added exactly 2^(0 - m) to l and nothing to acc.
+            l_real = l_i - pad_count * jnp.exp2(-m_i)
+            inv = 1.0 / l_real
+            out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            if pv_fp8:
+                plgpu.barrier_wait(vs_barriers.at[wg_idx])
+                v_scale = plgpu.load(vs_smem2.at[wg_idx], (), layout=col_layout)
+                out = out * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+            o_smem[...] = out.astype(out_dtype)
             plgpu.commit_smem()
-            plgpu.wgmma(acc_ref, p_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-          else:
-            plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
-          wait_step = kv_step + 1
-          wait_slot = lax.rem(wait_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])
+            plgpu.wait_smem_to_gmem(0)
 
-          @pl.when(wait_step < kv_steps)
-          def _wait():
-            plgpu.barrier_wait(k_barriers.at[wait_slot])
+        @pl.when(wg_idx == compute_wgs)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
 
-        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-        return acc, m_i, l_i
+            def k_src(step):
+                return k_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
 
-      if not causal:
-        acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
-      else:
-        def epilogue_kv_loop(kv_step, _):
-          slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
-          plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-          plgpu.barrier_arrive(v_consumed_barriers.at[slot])
-          perform_schedule_barrier()
-          perform_schedule_barrier()
+            def v_src(step):
+                if pv_fp8:
+                    return v_ref.at[batch, head, :, pl.ds(step * block_kv, block_kv)]
+                return v_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
 
-        causal_kv_loop = functools.partial(kv_loop, causal_step=True)
-        full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
-        acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
-        acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps, causal_kv_loop, (acc, m_i, l_i))
-        lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
-      pl.when(wg_idx == 0)(perform_schedule_barrier)
+            def load_k(step, slot):
+                plgpu.copy_gmem_to_smem(k_src(step), k_smem.at[slot], k_barriers.at[slot])
+                if token_scales:
+                    plgpu.copy_gmem_to_smem(
+                        ks_ref.at[batch, head, pl.ds(step * block_kv, block_kv)],
+                        ks_smem2.at[slot],
+                        kt_barriers.at[slot],
+                    )
 
-      # Each zero padding key added exactly 2^(0 - m) to l and nothing to acc.
-      l_real = l_i - pad_count * jnp.exp2(-m_i)
-      inv = 1.0 / l_real
-      out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-      if pv_fp8:
-        plgpu.barrier_wait(vs_barriers.at[wg_idx])
-        v_scale = plgpu.load(vs_smem2.at[wg_idx], (), layout=col_layout)
-        out = out * lax.broadcast_in_dim(v_scale, acc.shape, [1])
-      o_smem[...] = out.astype(out_dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), head])
-      plgpu.wait_smem_to_gmem(0)
+            for i in range(max_concurrent_steps):
+                load_k(i, i)
+                plgpu.copy_gmem_to_smem(v_src(i), v_smem.at[i], v_barriers.at[i])
 
-    @pl.when(wg_idx == compute_wgs)
-    def _memory_wg():
-      plgpu.set_max_registers(40, action="decrease")
+            @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
+            def _kv_loop(kv_step):
+                tma_step = kv_step + max_concurrent_steps
+                tma_slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+                plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
+                load_k(tma_step, tma_slot)
+                plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
+                plgpu.copy_gmem_to_smem(v_src(tma_step), v_smem.at[tma_slot], v_barriers.at[tma_slot])
 
-      def k_src(step):
-        return k_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
-
-      def v_src(step):
+    def entry(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref):
+        qk_t = _swizzle_transforms(head_dim, 1)
+        q_scratch = plgpu.SMEM((compute_wgs, block_q, head_dim), q8.dtype, transforms=qk_t)
+        k_scratch = plgpu.SMEM((max_concurrent_steps, block_kv, head_dim), k8.dtype, transforms=qk_t)
+        o_scratch = plgpu.SMEM(
+            (compute_wgs, block_q, head_dim), out_dtype, transforms=_swizzle_transforms(head_dim * 2, 2)
+        )
         if pv_fp8:
-          return v_ref.at[batch, head, :, pl.ds(step * block_kv, block_kv)]
-        return v_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
-
-      def load_k(step, slot):
-        plgpu.copy_gmem_to_smem(k_src(step), k_smem.at[slot], k_barriers.at[slot])
-        if token_scales:
-          plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, pl.ds(step * block_kv, block_kv)],
-                                  ks_smem2.at[slot], kt_barriers.at[slot])
-
-      for i in range(max_concurrent_steps):
-        load_k(i, i)
-        plgpu.copy_gmem_to_smem(v_src(i), v_smem.at[i], v_barriers.at[i])
-
-      @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
-      def _kv_loop(kv_step):
-        tma_step = kv_step + max_concurrent_steps
-        tma_slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
-        plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
-        load_k(tma_step, tma_slot)
-        plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
-        plgpu.copy_gmem_to_smem(v_src(tma_step), v_smem.at[tma_slot], v_barriers.at[tma_slot])
-
-  def entry(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref):
-    qk_t = _swizzle_transforms(head_dim, 1)
-    q_scratch = plgpu.SMEM((compute_wgs, block_q, head_dim), q8.dtype, transforms=qk_t)
-    k_scratch = plgpu.SMEM((max_concurrent_steps, block_kv, head_dim), k8.dtype, transforms=qk_t)
-    o_scratch = plgpu.SMEM((compute_wgs, block_q, head_dim), out_dtype,
-                           transforms=_swizzle_transforms(head_dim * 2, 2))
-    if pv_fp8:
-      v_scratch = plgpu.SMEM((max_concurrent_steps, head_dim, block_kv), vv.dtype,
-                             transforms=_swizzle_transforms(block_kv, 1))
-      p_scratch = plgpu.SMEM((compute_wgs, block_q, block_kv), vv.dtype,
-                             transforms=_swizzle_transforms(block_kv, 1))
-      vs_scratch = plgpu.SMEM((compute_wgs, head_dim), jnp.float32)
-    else:
-      v_scratch = plgpu.SMEM((max_concurrent_steps, block_kv, head_dim), jnp.bfloat16,
-                             transforms=_swizzle_transforms(head_dim * 2, 2))
-      p_scratch = vs_scratch = None
-    qrow_scratch = plgpu.SMEM((compute_wgs, 2, block_q), jnp.float32)
-    if token_scales:  # a ring beside the K tiles
-      ks_scratch = plgpu.SMEM((max_concurrent_steps, block_kv), jnp.float32)
-    else:  # every block scale of the (batch, head), one copy per compute warpgroup
-      ks_scratch = plgpu.SMEM((compute_wgs, ks_rows, 32), jnp.float32)
-    smem = (q_scratch, o_scratch, k_scratch, v_scratch, p_scratch, qrow_scratch, ks_scratch, vs_scratch)
-    per_wg = lambda: plgpu.Barrier(num_barriers=compute_wgs)
-    bars = (plgpu.Barrier(num_barriers=max_concurrent_steps),
+            v_scratch = plgpu.SMEM(
+                (max_concurrent_steps, head_dim, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
+            )
+            p_scratch = plgpu.SMEM(
+                (compute_wgs, block_q, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
+            )
+            vs_scratch = plgpu.SMEM((compute_wgs, head_dim), jnp.float32)
+        else:
+            v_scratch = plgpu.SMEM(
+                (max_concurrent_steps, block_kv, head_dim),
+                jnp.bfloat16,
+                transforms=_swizzle_transforms(head_dim * 2, 2),
+            )
+            p_scratch = vs_scratch = None
+        qrow_scratch = plgpu.SMEM((compute_wgs, 2, block_q), jnp.float32)
+        if token_scales:  # a ring beside the K tiles
+            ks_scratch = plgpu.SMEM((max_concurrent_steps, block_kv), jnp.float32)
+        else:  # every block scale of the (batch, head), one copy per compute warpgroup
+            ks_scratch = plgpu.SMEM((compute_wgs, ks_rows, 32), jnp.float32)
+        smem = (q_scratch, o_scratch, k_scratch, v_scratch, p_scratch, qrow_scratch, ks_scratch, vs_scratch)
+        per_wg = lambda: plgpu.Barrier(num_barriers=compute_wgs)
+        bars = (
             plgpu.Barrier(num_barriers=max_concurrent_steps),
-            per_wg(), per_wg(), per_wg(), per_wg(),
-            plgpu.Barrier(num_barriers=max_concurrent_steps))
-    consumed = (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2
-    pl.run_scoped(
-        lambda *args: kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, args),
-        smem, bars, consumed, plgpu.Barrier(num_arrivals=compute_wgs),
-        collective_axes="wg",
+            plgpu.Barrier(num_barriers=max_concurrent_steps),
+            per_wg(),
+            per_wg(),
+            per_wg(),
+            per_wg(),
+            plgpu.Barrier(num_barriers=max_concurrent_steps),
+        )
+        consumed = (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2
+        pl.run_scoped(
+            lambda *args: kernel(q_ref, k_ref, v_ref, qrow_ref, ks_ref, vs_ref, out_ref, args),
+            smem,
+            bars,
+            consumed,
+            plgpu.Barrier(num_arrivals=compute_wgs),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((batch_size, tq, heads, head_dim), out_dtype),
+        grid=(heads, num_q_tiles, batch_size),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=_compiler_params(),
+    )(q8, k8, vv, qrow, ks, vs)
+
+
+def prepare_kernel_operands(
+    q,
+    k,
+    v,
+    *,
+    causal,
+    kv_lengths,
+    qk_format,
+    pv_format,
+    config: AttentionConfig,
+    smooth_k: bool,
+    hadamard: bool,
+    sm_scale: float,
+    smooth_v: bool = True,
+):
+    """Quantizes and pads the operands into the kernel's layouts (one XLA fusion).
+
+    Returns ``(operands, v_mean)``: the six arguments of :func:`attention_pallas`, and the V
+    mean [B, H, D] to add to its output (None without V smoothing).
+    """
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    prep = ref.prepare(
+        q,
+        k,
+        v,
+        kv_lengths=kv_lengths,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        block_k=config.block_k,
+        smooth_k=smooth_k,
+        hadamard=hadamard,
+        smooth_v=smooth_v,
+        k_scales=config.k_scales,
     )
-
-  return plgpu.kernel(
-      entry,
-      out_type=jax.ShapeDtypeStruct((batch_size, tq, heads, head_dim), out_dtype),
-      grid=(heads, num_q_tiles, batch_size),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=_compiler_params(),
-  )(q8, k8, vv, qrow, ks, vs)
-
-
-def prepare_kernel_operands(q, k, v, *, causal, kv_lengths, qk_format, pv_format, config: AttentionConfig,
-                            smooth_k: bool, hadamard: bool, sm_scale: float, smooth_v: bool = True):
-  """Quantizes and pads the operands into the kernel's layouts (one XLA fusion).
-
-  Returns ``(operands, v_mean)``: the six arguments of :func:`attention_pallas`, and the V
-  mean [B, H, D] to add to its output (None without V smoothing).
-  """
-  b, tq, h, d = q.shape
-  tk = k.shape[1]
-  prep = ref.prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                     block_k=config.block_k, smooth_k=smooth_k, hadamard=hadamard, smooth_v=smooth_v,
-                     k_scales=config.k_scales)
-  tq_p = _common.round_up(tq, 2 * config.block_q)
-  tk_p = _common.round_up(tk, config.block_k)
-  q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
-  k8 = _common.pad_axis(prep.k_codes, 1, tk_p)
-  q_scale = _common.pad_axis(prep.q_scale, 1, tq_p, value=1.0) * (sm_scale * ref.LOG2E)
-  if causal:
-    pad_keys = jnp.zeros((b,), jnp.float32)  # the causal mask already hides them
-  else:
-    lengths = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
-    pad_keys = (tk_p - lengths).astype(jnp.float32)
-  qrow = jnp.stack([jnp.transpose(q_scale, (0, 2, 1)),
-                    jnp.broadcast_to(pad_keys[:, None, None], (b, h, tq_p))], axis=2)
-  if config.k_scales == "token":
-    ks = _common.pad_axis(prep.k_scale, 2, tk_p, value=1.0)  # [B, H, Tk]
-  else:
-    rows = _common.cdiv(tk_p // config.block_k, 32)
-    ks = _common.pad_axis(prep.k_scale, 2, rows * 32, value=1.0).reshape(b, h, rows, 32)
-  if pv_format == "fp8_e4m3":
-    vv = jnp.transpose(_common.pad_axis(prep.v, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
-    vs = prep.v_scale / ref.P_SCALE
-  else:
-    vv = _common.pad_axis(prep.v, 1, tk_p)
-    vs = prep.v_scale
-  return (q8, k8, vv, qrow, ks, vs), prep.v_mean
+    tq_p = _common.round_up(tq, 2 * config.block_q)
+    tk_p = _common.round_up(tk, config.block_k)
+    q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
+    k8 = _common.pad_axis(prep.k_codes, 1, tk_p)
+    q_scale = _common.pad_axis(prep.q_scale, 1, tq_p, value=1.0) * (sm_scale * ref.LOG2E)
+    if causal:
+        pad_keys = jnp.zeros((b,), jnp.float32)  # the causal mask already hides them
+    else:
+        lengths = jnp.full((b,), tk, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)
+        pad_keys = (tk_p - lengths).astype(jnp.float32)
+    qrow = jnp.stack(
+        [jnp.transpose(q_scale, (0, 2, 1)), jnp.broadcast_to(pad_keys[:, None, None], (b, h, tq_p))], axis=2
+    )
+    if config.k_scales == "token":
+        ks = _common.pad_axis(prep.k_scale, 2, tk_p, value=1.0)  # [B, H, Tk]
+    else:
+        rows = _common.cdiv(tk_p // config.block_k, 32)
+        ks = _common.pad_axis(prep.k_scale, 2, rows * 32, value=1.0).reshape(b, h, rows, 32)
+    if pv_format == "fp8_e4m3":
+        vv = jnp.transpose(_common.pad_axis(prep.v, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
+        vs = prep.v_scale / ref.P_SCALE
+    else:
+        vv = _common.pad_axis(prep.v, 1, tk_p)
+        vs = prep.v_scale
+    return (q8, k8, vv, qrow, ks, vs), prep.v_mean
 
 
 def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config: AttentionConfig) -> bool:
-  """True where the kernel applies: Hopper, known formats, few enough key blocks, and
-  padding only together with K smoothing (see the module docstring)."""
-  if not _common.on_hopper():
-    return False
-  if (qk_format, pv_format) not in KERNEL_FORMATS:
-    return False
-  tk = k.shape[1]
-  if config.k_scales == "block" and _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
-    return False
-  if causal and not CAUSAL_ON_KERNEL:
-    return False
-  if causal and kv_lengths is not None:
-    return False  # rows past a length would see zero keys; the reference masks them
-  has_padding = kv_lengths is not None or tk % config.block_k
-  if has_padding and not smooth_k and not causal:
-    return False
-  return q.shape[1] > 0 and tk > 0
+    """True where the kernel applies: Hopper, known formats, few enough key blocks, and
+    padding only together with K smoothing (see the module docstring)."""
+    if not _common.on_hopper():
+        return False
+    if (qk_format, pv_format) not in KERNEL_FORMATS:
+        return False
+    tk = k.shape[1]
+    if config.k_scales == "block" and _common.cdiv(tk, config.block_k) > MAX_KEY_BLOCKS:
+        return False
+    if causal and not CAUSAL_ON_KERNEL:
+        return False
+    if causal and kv_lengths is not None:
+        return False  # rows past a length would see zero keys; the reference masks them
+    has_padding = kv_lengths is not None or tk % config.block_k
+    if has_padding and not smooth_k and not causal:
+        return False
+    return q.shape[1] > 0 and tk > 0
 
 
 def quant_attention(
@@ -477,26 +520,68 @@ def quant_attention(
     smooth_v: bool = True,
     k_scales: str = "token",
 ) -> jax.Array:
-  """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
+    """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
-  Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` and
-  ``int_to_float`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as the reference.
-  """
-  ref.check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                   block_q=block_q, block_k=block_k, k_scales=k_scales)
-  config = AttentionConfig(block_q=block_q, block_k=block_k, stages=stages, int_to_float=int_to_float,
-                           k_scales=k_scales)
-  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-  if not supports(q, k, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                  smooth_k=smooth_k, config=config):
-    return quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
-                                     pv_format=pv_format, block_q=block_q, block_k=block_k,
-                                     smooth_k=smooth_k, hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v,
-                                     k_scales=k_scales)
-  operands, v_mean = prepare_kernel_operands(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format,
-                                             pv_format=pv_format, config=config, smooth_k=smooth_k,
-                                             hadamard=hadamard, sm_scale=scale, smooth_v=smooth_v)
-  out = attention_pallas(*operands, causal=causal, config=config)[:, :q.shape[1]]
-  if v_mean is not None:
-    out = (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
-  return out
+    Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` and
+    ``int_to_float`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as the reference.
+    """
+    ref.check_inputs(
+        q,
+        k,
+        v,
+        causal=causal,
+        kv_lengths=kv_lengths,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        block_q=block_q,
+        block_k=block_k,
+        k_scales=k_scales,
+    )
+    config = AttentionConfig(
+        block_q=block_q, block_k=block_k, stages=stages, int_to_float=int_to_float, k_scales=k_scales
+    )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if not supports(
+        q,
+        k,
+        causal=causal,
+        kv_lengths=kv_lengths,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        smooth_k=smooth_k,
+        config=config,
+    ):
+        return quant_attention_reference(
+            q,
+            k,
+            v,
+            causal=causal,
+            kv_lengths=kv_lengths,
+            qk_format=qk_format,
+            pv_format=pv_format,
+            block_q=block_q,
+            block_k=block_k,
+            smooth_k=smooth_k,
+            hadamard=hadamard,
+            sm_scale=scale,
+            smooth_v=smooth_v,
+            k_scales=k_scales,
+        )
+    operands, v_mean = prepare_kernel_operands(
+        q,
+        k,
+        v,
+        causal=causal,
+        kv_lengths=kv_lengths,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        config=config,
+        smooth_k=smooth_k,
+        hadamard=hadamard,
+        sm_scale=scale,
+        smooth_v=smooth_v,
+    )
+    out = attention_pallas(*operands, causal=causal, config=config)[:, : q.shape[1]]
+    if v_mean is not None:
+        out = (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
+    return out

@@ -63,235 +63,243 @@ def check_inputs(
     block_k: int,
     k_scales: str = "token",
 ) -> None:
-  """Raises ValueError naming the argument when the inputs do not fit the signature."""
-  name = "quant_attention"
-  for arg, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name}: {arg} must be [batch, tokens, heads, head_dim], got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name}: {arg} must be floating point, got {x.dtype}")
-  b, tq, h, d = q.shape
-  if k.shape != v.shape:
-    raise ValueError(f"{name}: k {k.shape} and v {v.shape} must have one shape")
-  if k.shape[0] != b or k.shape[2:] != (h, d):
-    raise ValueError(f"{name}: k {k.shape} must share batch, heads and head_dim with q {q.shape}")
-  if d not in HEAD_DIMS:
-    raise ValueError(f"{name}: head_dim must be one of {HEAD_DIMS}, got {d}")
-  if qk_format not in QK_FORMATS:
-    raise ValueError(f"{name}: qk_format={qk_format!r}, expected one of {QK_FORMATS}")
-  if pv_format not in PV_FORMATS:
-    raise ValueError(f"{name}: pv_format={pv_format!r}, expected one of {PV_FORMATS}")
-  if causal and tq != k.shape[1]:
-    raise ValueError(f"{name}: causal=True needs as many queries as keys, got q {tq} and k {k.shape[1]} tokens")
-  if block_q <= 0 or block_q % 64:
-    raise ValueError(f"{name}: block_q must be a positive multiple of 64, got {block_q}")
-  if block_k <= 0 or block_k % 64:
-    raise ValueError(f"{name}: block_k must be a positive multiple of 64, got {block_k}")
-  if k_scales not in K_SCALES:
-    raise ValueError(f"{name}: k_scales={k_scales!r}, expected one of {K_SCALES}")
-  if kv_lengths is not None:
-    if jnp.ndim(kv_lengths) != 1 or jnp.shape(kv_lengths)[0] != b:
-      raise ValueError(f"{name}: kv_lengths must be [batch]={b} key counts, got shape {jnp.shape(kv_lengths)}")
-    try:
-      lengths = np.asarray(kv_lengths)
-    except jax.errors.TracerArrayConversionError:
-      lengths = None  # traced: checked by the caller's data
-    if lengths is not None and ((lengths < 1).any() or (lengths > k.shape[1]).any()):
-        raise ValueError(f"{name}: kv_lengths must lie in [1, {k.shape[1]}], got {lengths.tolist()}")
+    """Raises ValueError naming the argument when the inputs do not fit the signature."""
+    name = "quant_attention"
+    for arg, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name}: {arg} must be [batch, tokens, heads, head_dim], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: {arg} must be floating point, got {x.dtype}")
+    b, tq, h, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k {k.shape} and v {v.shape} must have one shape")
+    if k.shape[0] != b or k.shape[2:] != (h, d):
+        raise ValueError(f"{name}: k {k.shape} must share batch, heads and head_dim with q {q.shape}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{name}: head_dim must be one of {HEAD_DIMS}, got {d}")
+    if qk_format not in QK_FORMATS:
+        raise ValueError(f"{name}: qk_format={qk_format!r}, expected one of {QK_FORMATS}")
+    if pv_format not in PV_FORMATS:
+        raise ValueError(f"{name}: pv_format={pv_format!r}, expected one of {PV_FORMATS}")
+    if causal and tq != k.shape[1]:
+        raise ValueError(f"{name}: causal=True needs as many queries as keys, got q {tq} and k {k.shape[1]} tokens")
+    if block_q <= 0 or block_q % 64:
+        raise ValueError(f"{name}: block_q must be a positive multiple of 64, got {block_q}")
+    if block_k <= 0 or block_k % 64:
+        raise ValueError(f"{name}: block_k must be a positive multiple of 64, got {block_k}")
+    if k_scales not in K_SCALES:
+        raise ValueError(f"{name}: k_scales={k_scales!r}, expected one of {K_SCALES}")
+    if kv_lengths is not None:
+        if jnp.ndim(kv_lengths) != 1 or jnp.shape(kv_lengths)[0] != b:
+            raise ValueError(f"{name}: kv_lengths must be [batch]={b} key counts, got shape {jnp.shape(kv_lengths)}")
+        try:
+            lengths = np.asarray(kv_lengths)
+        except jax.errors.TracerArrayConversionError:
+            lengths = None  # traced: checked by the caller's data
+        if lengths is not None and ((lengths < 1).any() or (lengths > k.shape[1]).any()):
+            raise ValueError(f"{name}: kv_lengths must lie in [1, {k.shape[1]}], got {lengths.tolist()}")
 
 
 def key_validity(batch: int, tokens: int, kv_lengths) -> jax.Array:
-  """Boolean [batch, tokens]: True where a key exists (all True without ``kv_lengths``)."""
-  pos = jnp.arange(tokens, dtype=jnp.int32)[None, :]
-  if kv_lengths is None:
-    return jnp.ones((batch, tokens), bool)
-  return pos < jnp.asarray(kv_lengths, jnp.int32)[:, None]
+    """Boolean [batch, tokens]: True where a key exists (all True without ``kv_lengths``)."""
+    pos = jnp.arange(tokens, dtype=jnp.int32)[None, :]
+    if kv_lengths is None:
+        return jnp.ones((batch, tokens), bool)
+    return pos < jnp.asarray(kv_lengths, jnp.int32)[:, None]
 
 
 def rotate(x: jax.Array) -> jax.Array:
-  """Normalized Hadamard rotation along head_dim (orthogonal: scores are unchanged); fp32 out.
+    """Normalized Hadamard rotation along head_dim (orthogonal: scores are unchanged); fp32 out.
 
-  Power-of-two head dims (64, 128) go through one dense matmul with the +-1 Sylvester matrix
-  (exact in bf16) and fp32 accumulation, scaled by 1/sqrt(D) after: one pass over ``x`` on the
-  GPU, where XLA ran the O(D log D) butterfly as log2(D) passes (1.5 ms of 10.4 ms at 12 heads x
-  32,760 tokens on an H200, benchmarks/attention-nvidia-h200.json). Other widths use
-  :func:`jquant.hadamard.apply_hadamard`.
-  """
-  from jquant import hadamard  # pylint: disable=g-import-not-at-top
+    Power-of-two head dims (64, 128) go through one dense matmul with the +-1 Sylvester matrix
+    (exact in bf16) and fp32 accumulation, scaled by 1/sqrt(D) after: one pass over ``x`` on the
+    GPU, where XLA ran the O(D log D) butterfly as log2(D) passes (1.5 ms of 10.4 ms at 12 heads x
+    32,760 tokens on an H200, benchmarks/attention-nvidia-h200.json). Other widths use
+    :func:`jquant.hadamard.apply_hadamard`.
+    """
+    from jquant import hadamard  # pylint: disable=g-import-not-at-top
 
-  d = x.shape[-1]
-  if d & (d - 1):
-    return hadamard.apply_hadamard(x.astype(jnp.float32), axis=-1)
-  signs = jnp.round(hadamard.hadamard_matrix(d, jnp.float32) * math.sqrt(d))
-  low = x.dtype in (jnp.bfloat16, jnp.float16)
-  # +-1 times a bf16/f16 value is exact and the accumulation is fp32, so the default precision is
-  # exact there (HIGHEST would send XLA to an fp32 GEMM); fp32 inputs need HIGHEST.
-  y = lax.dot_general(x if low else x.astype(jnp.float32), signs.astype(x.dtype if low else jnp.float32),
-                      (((x.ndim - 1,), (0,)), ((), ())),
-                      precision=lax.Precision.DEFAULT if low else lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)
-  return y * (1.0 / math.sqrt(d))
+    d = x.shape[-1]
+    if d & (d - 1):
+        return hadamard.apply_hadamard(x.astype(jnp.float32), axis=-1)
+    signs = jnp.round(hadamard.hadamard_matrix(d, jnp.float32) * math.sqrt(d))
+    low = x.dtype in (jnp.bfloat16, jnp.float16)
+    # +-1 times a bf16/f16 value is exact and the accumulation is fp32, so the default precision is
+    # exact there (HIGHEST would send XLA to an fp32 GEMM); fp32 inputs need HIGHEST.
+    y = lax.dot_general(
+        x if low else x.astype(jnp.float32),
+        signs.astype(x.dtype if low else jnp.float32),
+        (((x.ndim - 1,), (0,)), ((), ())),
+        precision=lax.Precision.DEFAULT if low else lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    return y * (1.0 / math.sqrt(d))
 
 
 def smooth_keys(k: jax.Array, valid: jax.Array) -> jax.Array:
-  """K minus its mean over the valid tokens of each (batch, head); invalid tokens -> 0."""
-  k = k.astype(jnp.float32)
-  w = valid[:, :, None, None].astype(jnp.float32)
-  mean = jnp.sum(k * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
-  return (k - mean) * w
+    """K minus its mean over the valid tokens of each (batch, head); invalid tokens -> 0."""
+    k = k.astype(jnp.float32)
+    w = valid[:, :, None, None].astype(jnp.float32)
+    mean = jnp.sum(k * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+    return (k - mean) * w
 
 
 def encode(x: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
-  """Codes of ``x / scale`` in ``fmt`` (int8: round to nearest, clip to ±127)."""
-  y = x / scale
-  if fmt == "int8":
-    return jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
-  return jnp.clip(y, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    """Codes of ``x / scale`` in ``fmt`` (int8: round to nearest, clip to ±127)."""
+    y = x / scale
+    if fmt == "int8":
+        return jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
+    return jnp.clip(y, -448.0, 448.0).astype(jnp.float8_e4m3fn)
 
 
 def quantize_tokens(x: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
-  """Per-token symmetric quantization of x [B, T, H, D]: codes and scales [B, T, H]."""
-  x = x.astype(jnp.float32)
-  scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _TINY) / QMAX[fmt]
-  return encode(x, scale[..., None], fmt), scale
+    """Per-token symmetric quantization of x [B, T, H, D]: codes and scales [B, T, H]."""
+    x = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), _TINY) / QMAX[fmt]
+    return encode(x, scale[..., None], fmt), scale
 
 
 def quantize_key_blocks(k: jax.Array, fmt: str, block_k: int) -> tuple[jax.Array, jax.Array]:
-  """Per-block quantization of k [B, T, H, D]: one scale per ``block_k`` tokens per head.
+    """Per-block quantization of k [B, T, H, D]: one scale per ``block_k`` tokens per head.
 
-  Blocks start at token 0. Returns codes [B, T, H, D] and scales [B, H, ceil(T / block_k)].
-  """
-  b, t, h, d = k.shape
-  nkb = -(-t // block_k)
-  kp = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nkb * block_k - t), (0, 0), (0, 0)))
-  blocks = kp.reshape(b, nkb, block_k, h, d)
-  scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(2, 4)), _TINY) / QMAX[fmt]  # [B, nkb, H]
-  codes = encode(blocks, scale[:, :, None, :, None], fmt).reshape(b, nkb * block_k, h, d)[:, :t]
-  return codes, jnp.transpose(scale, (0, 2, 1))
+    Blocks start at token 0. Returns codes [B, T, H, D] and scales [B, H, ceil(T / block_k)].
+    """
+    b, t, h, d = k.shape
+    nkb = -(-t // block_k)
+    kp = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nkb * block_k - t), (0, 0), (0, 0)))
+    blocks = kp.reshape(b, nkb, block_k, h, d)
+    scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(2, 4)), _TINY) / QMAX[fmt]  # [B, nkb, H]
+    codes = encode(blocks, scale[:, :, None, :, None], fmt).reshape(b, nkb * block_k, h, d)[:, :t]
+    return codes, jnp.transpose(scale, (0, 2, 1))
 
 
 def smooth_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """V minus its per-channel mean over the valid tokens (invalid tokens -> 0), and the mean [B, H, D]."""
-  v = v.astype(jnp.float32)
-  w = valid[:, :, None, None].astype(jnp.float32)
-  mean = jnp.sum(v * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-  return (v - mean[:, None]) * w, mean
+    """V minus its per-channel mean over the valid tokens (invalid tokens -> 0), and the mean [B, H, D]."""
+    v = v.astype(jnp.float32)
+    w = valid[:, :, None, None].astype(jnp.float32)
+    mean = jnp.sum(v * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    return (v - mean[:, None]) * w, mean
 
 
 def quantize_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """fp8 e4m3 V [B, T, H, D] with one scale per channel per head ([B, H, D]); invalid tokens -> 0."""
-  v = v.astype(jnp.float32) * valid[:, :, None, None]
-  scale = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _TINY) / QMAX["fp8_e4m3"]  # [B, H, D]
-  return encode(v, scale[:, None], "fp8_e4m3"), scale
+    """fp8 e4m3 V [B, T, H, D] with one scale per channel per head ([B, H, D]); invalid tokens -> 0."""
+    v = v.astype(jnp.float32) * valid[:, :, None, None]
+    scale = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _TINY) / QMAX["fp8_e4m3"]  # [B, H, D]
+    return encode(v, scale[:, None], "fp8_e4m3"), scale
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-  """Quantized operands shared by the reference and the kernel wrapper.
+    """Quantized operands shared by the reference and the kernel wrapper.
 
-  ``q_codes`` [B, Tq, H, D], ``q_scale`` [B, Tq, H]; ``k_codes`` [B, Tk, H, D] (zero past
-  each length), ``k_scale`` [B, H, nkb]; ``v`` [B, Tk, H, D] (fp8 codes or bf16, zero past
-  each length), ``v_scale`` [B, H, D] (ones for bf16); ``valid`` [B, Tk]; ``v_mean``
-  [B, H, D]: the mean taken out of V by ``smooth_v``, to add to the output (None without).
-  """
+    ``q_codes`` [B, Tq, H, D], ``q_scale`` [B, Tq, H]; ``k_codes`` [B, Tk, H, D] (zero past
+    each length), ``k_scale`` [B, H, nkb]; ``v`` [B, Tk, H, D] (fp8 codes or bf16, zero past
+    each length), ``v_scale`` [B, H, D] (ones for bf16); ``valid`` [B, Tk]; ``v_mean``
+    [B, H, D]: the mean taken out of V by ``smooth_v``, to add to the output (None without).
+    """
 
-  q_codes: jax.Array
-  q_scale: jax.Array
-  k_codes: jax.Array
-  k_scale: jax.Array
-  v: jax.Array
-  v_scale: jax.Array
-  valid: jax.Array
-  v_mean: jax.Array | None = None
+    q_codes: jax.Array
+    q_scale: jax.Array
+    k_codes: jax.Array
+    k_scale: jax.Array
+    v: jax.Array
+    v_scale: jax.Array
+    valid: jax.Array
+    v_mean: jax.Array | None = None
 
 
-def prepare(q, k, v, *, kv_lengths, qk_format, pv_format, block_k, smooth_k, hadamard, smooth_v=True,
-            k_scales="token") -> Prepared:
-  """Rotation, smoothing and quantization of Q, K and V (plain JAX, one fused XLA pass)."""
-  b, tk = k.shape[:2]
-  valid = key_validity(b, tk, kv_lengths)
-  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-  if hadamard:
-    qf, kf = rotate(qf), rotate(kf)
-  kf = smooth_keys(kf, valid) if smooth_k else kf * valid[:, :, None, None]
-  q_codes, q_scale = quantize_tokens(qf, qk_format)
-  if k_scales == "token":
-    k_codes, k_scale = quantize_tokens(kf, qk_format)
-    k_scale = jnp.transpose(k_scale, (0, 2, 1))  # [B, H, Tk]
-  else:
-    k_codes, k_scale = quantize_key_blocks(kf, qk_format, block_k)
-  v_mean = None
-  if pv_format == "fp8_e4m3":
-    if smooth_v:
-      v, v_mean = smooth_values(v, valid)
-    v_codes, v_scale = quantize_values(v, valid)
-  else:
-    v_codes = (v.astype(jnp.float32) * valid[:, :, None, None]).astype(jnp.bfloat16)
-    v_scale = jnp.ones((b, k.shape[2], k.shape[3]), jnp.float32)
-  return Prepared(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, valid, v_mean)
+def prepare(
+    q, k, v, *, kv_lengths, qk_format, pv_format, block_k, smooth_k, hadamard, smooth_v=True, k_scales="token"
+) -> Prepared:
+    """Rotation, smoothing and quantization of Q, K and V (plain JAX, one fused XLA pass)."""
+    b, tk = k.shape[:2]
+    valid = key_validity(b, tk, kv_lengths)
+    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+    if hadamard:
+        qf, kf = rotate(qf), rotate(kf)
+    kf = smooth_keys(kf, valid) if smooth_k else kf * valid[:, :, None, None]
+    q_codes, q_scale = quantize_tokens(qf, qk_format)
+    if k_scales == "token":
+        k_codes, k_scale = quantize_tokens(kf, qk_format)
+        k_scale = jnp.transpose(k_scale, (0, 2, 1))  # [B, H, Tk]
+    else:
+        k_codes, k_scale = quantize_key_blocks(kf, qk_format, block_k)
+    v_mean = None
+    if pv_format == "fp8_e4m3":
+        if smooth_v:
+            v, v_mean = smooth_values(v, valid)
+        v_codes, v_scale = quantize_values(v, valid)
+    else:
+        v_codes = (v.astype(jnp.float32) * valid[:, :, None, None]).astype(jnp.bfloat16)
+        v_scale = jnp.ones((b, k.shape[2], k.shape[3]), jnp.float32)
+    return Prepared(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, valid, v_mean)
 
 
 def _code_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
-  """Exact dot of codes: int8 -> int32; fp8 codes widen exactly to bf16, fp32 accumulation."""
-  if a.dtype == jnp.int8:
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
-  return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
-                         preferred_element_type=jnp.float32)
+    """Exact dot of codes: int8 -> int32; fp8 codes widen exactly to bf16, fp32 accumulation."""
+    if a.dtype == jnp.int8:
+        return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+    return lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims, preferred_element_type=jnp.float32)
 
 
 def _chunk_size(tq: int, tk: int, heads: int, batch: int, block_q: int) -> int:
-  """Query rows per step so that one step's scores stay near 2^27 floats."""
-  rows = max(block_q, (1 << 27) // max(tk * heads * batch, 1))
-  rows = max(block_q, (rows // block_q) * block_q)
-  return min(rows, -(-tq // block_q) * block_q)
+    """Query rows per step so that one step's scores stay near 2^27 floats."""
+    rows = max(block_q, (1 << 27) // max(tk * heads * batch, 1))
+    rows = max(block_q, (rows // block_q) * block_q)
+    return min(rows, -(-tq // block_q) * block_q)
 
 
-def attend_prepared(prep: Prepared, *, causal: bool, pv_format: str, sm_scale: float, block_q: int,
-                    block_k: int) -> jax.Array:
-  """Exact-softmax attention over prepared operands, in query chunks; fp32 [B, Tq, H, D].
+def attend_prepared(
+    prep: Prepared, *, causal: bool, pv_format: str, sm_scale: float, block_q: int, block_k: int
+) -> jax.Array:
+    """Exact-softmax attention over prepared operands, in query chunks; fp32 [B, Tq, H, D].
 
-  ``block_k`` is the number of keys sharing one K scale (1 for per-token scales).
-  """
-  b, tq, h, d = prep.q_codes.shape
-  tk = prep.k_codes.shape[1]
-  # block_k: keys per K scale (1: per-token scales).
-  k_tok_scale = prep.k_scale if block_k == 1 else jnp.repeat(prep.k_scale, block_k, axis=-1)[..., :tk]  # [B, H, Tk]
-  chunk = _chunk_size(tq, tk, h, b, block_q)
-  n_chunks = -(-tq // chunk)
-  pad = n_chunks * chunk - tq
-  qc = jnp.pad(prep.q_codes, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  qs = jnp.pad(prep.q_scale, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
-  qc = qc.reshape(b, n_chunks, chunk, h, d).swapaxes(0, 1)
-  qs = qs.reshape(b, n_chunks, chunk, h).swapaxes(0, 1)
-  key_pos = jnp.arange(tk, dtype=jnp.int32)
+    ``block_k`` is the number of keys sharing one K scale (1 for per-token scales).
+    """
+    b, tq, h, d = prep.q_codes.shape
+    tk = prep.k_codes.shape[1]
+    # block_k: keys per K scale (1: per-token scales).
+    k_tok_scale = prep.k_scale if block_k == 1 else jnp.repeat(prep.k_scale, block_k, axis=-1)[..., :tk]  # [B, H, Tk]
+    chunk = _chunk_size(tq, tk, h, b, block_q)
+    n_chunks = -(-tq // chunk)
+    pad = n_chunks * chunk - tq
+    qc = jnp.pad(prep.q_codes, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qs = jnp.pad(prep.q_scale, ((0, 0), (0, pad), (0, 0)), constant_values=1.0)
+    qc = qc.reshape(b, n_chunks, chunk, h, d).swapaxes(0, 1)
+    qs = qs.reshape(b, n_chunks, chunk, h).swapaxes(0, 1)
+    key_pos = jnp.arange(tk, dtype=jnp.int32)
 
-  def one(args):
-    i, q_codes, q_scale = args
-    s = _code_dot(q_codes, prep.k_codes, (((3,), (3,)), ((0, 2), (0, 2))))  # [B, H, c, Tk]
-    s = s * jnp.swapaxes(q_scale, 1, 2)[..., None] * k_tok_scale[:, :, None, :] * sm_scale
-    keep = prep.valid[:, None, None, :]
-    if causal:
-      q_pos = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
-      keep = keep & (key_pos[None, :] <= q_pos[:, None])[None, None]
-    s = jnp.where(keep, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1)  # [B, H, c]
-    if pv_format == "fp8_e4m3":
-      p_op = (p * P_SCALE).astype(jnp.float8_e4m3fn)
-      o = _code_dot(p_op, prep.v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, c, D]
-      o = o * prep.v_scale[:, :, None, :] / P_SCALE
-    else:
-      o = lax.dot_general(p.astype(jnp.bfloat16), prep.v.astype(jnp.bfloat16), (((3,), (1,)), ((0, 1), (0, 2))),
-                          preferred_element_type=jnp.float32)
-    o = o / l[..., None]
-    if prep.v_mean is not None:
-      o = o + prep.v_mean[:, :, None, :]
-    return jnp.transpose(o, (0, 2, 1, 3))  # [B, c, H, D]
+    def one(args):
+        i, q_codes, q_scale = args
+        s = _code_dot(q_codes, prep.k_codes, (((3,), (3,)), ((0, 2), (0, 2))))  # [B, H, c, Tk]
+        s = s * jnp.swapaxes(q_scale, 1, 2)[..., None] * k_tok_scale[:, :, None, :] * sm_scale
+        keep = prep.valid[:, None, None, :]
+        if causal:
+            q_pos = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            keep = keep & (key_pos[None, :] <= q_pos[:, None])[None, None]
+        s = jnp.where(keep, s, -jnp.inf)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(s - m)
+        l = jnp.sum(p, axis=-1)  # [B, H, c]
+        if pv_format == "fp8_e4m3":
+            p_op = (p * P_SCALE).astype(jnp.float8_e4m3fn)
+            o = _code_dot(p_op, prep.v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, c, D]
+            o = o * prep.v_scale[:, :, None, :] / P_SCALE
+        else:
+            o = lax.dot_general(
+                p.astype(jnp.bfloat16),
+                prep.v.astype(jnp.bfloat16),
+                (((3,), (1,)), ((0, 1), (0, 2))),
+                preferred_element_type=jnp.float32,
+            )
+        o = o / l[..., None]
+        if prep.v_mean is not None:
+            o = o + prep.v_mean[:, :, None, :]
+        return jnp.transpose(o, (0, 2, 1, 3))  # [B, c, H, D]
 
-  out = lax.map(one, (jnp.arange(n_chunks, dtype=jnp.int32), qc, qs))  # [n, B, c, H, D]
-  return out.swapaxes(0, 1).reshape(b, n_chunks * chunk, h, d)[:, :tq]
+    out = lax.map(one, (jnp.arange(n_chunks, dtype=jnp.int32), qc, qs))  # [n, B, c, H, D]
+    return out.swapaxes(0, 1).reshape(b, n_chunks * chunk, h, d)[:, :tq]
 
 
 def quant_attention_reference(
@@ -311,22 +319,49 @@ def quant_attention_reference(
     smooth_v: bool = True,
     k_scales: str = "token",
 ) -> jax.Array:
-  """Quantized attention, plain JAX (see the module docstring); bf16 [B, Tq, H, D].
+    """Quantized attention, plain JAX (see the module docstring); bf16 [B, Tq, H, D].
 
-  q [B, Tq, H, D]; k, v [B, Tk, H, D]; ``kv_lengths`` [B] int: keys at positions
-  ``>= kv_lengths[b]`` are padding (masked); ``block_q`` is the kernel's query tile (no
-  numerical effect here), ``block_k`` its key tile and the K-scale block;
-  ``sm_scale`` defaults to ``1/sqrt(head_dim)``; ``smooth_v`` applies to fp8 P V only;
-  ``k_scales`` is ``"token"`` or ``"block"`` (one K scale per ``block_k`` tokens).
-  """
-  check_inputs(q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-               block_q=block_q, block_k=block_k, k_scales=k_scales)
-  scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-  prep = prepare(q, k, v, kv_lengths=kv_lengths, qk_format=qk_format, pv_format=pv_format,
-                 block_k=block_k, smooth_k=smooth_k, hadamard=hadamard, smooth_v=smooth_v, k_scales=k_scales)
-  out = attend_prepared(prep, causal=causal, pv_format=pv_format, sm_scale=scale, block_q=block_q,
-                        block_k=block_k if k_scales == "block" else 1)
-  return out.astype(jnp.bfloat16)
+    q [B, Tq, H, D]; k, v [B, Tk, H, D]; ``kv_lengths`` [B] int: keys at positions
+    ``>= kv_lengths[b]`` are padding (masked); ``block_q`` is the kernel's query tile (no
+    numerical effect here), ``block_k`` its key tile and the K-scale block;
+    ``sm_scale`` defaults to ``1/sqrt(head_dim)``; ``smooth_v`` applies to fp8 P V only;
+    ``k_scales`` is ``"token"`` or ``"block"`` (one K scale per ``block_k`` tokens).
+    """
+    check_inputs(
+        q,
+        k,
+        v,
+        causal=causal,
+        kv_lengths=kv_lengths,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        block_q=block_q,
+        block_k=block_k,
+        k_scales=k_scales,
+    )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    prep = prepare(
+        q,
+        k,
+        v,
+        kv_lengths=kv_lengths,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        block_k=block_k,
+        smooth_k=smooth_k,
+        hadamard=hadamard,
+        smooth_v=smooth_v,
+        k_scales=k_scales,
+    )
+    out = attend_prepared(
+        prep,
+        causal=causal,
+        pv_format=pv_format,
+        sm_scale=scale,
+        block_q=block_q,
+        block_k=block_k if k_scales == "block" else 1,
+    )
+    return out.astype(jnp.bfloat16)
 
 
 def exact_attention(
@@ -338,24 +373,24 @@ def exact_attention(
     kv_lengths: jax.Array | None = None,
     sm_scale: float | None = None,
 ) -> jax.Array:
-  """fp32 softmax attention with the same masks (HIGHEST precision); fp32 [B, Tq, H, D]."""
-  d = q.shape[-1]
-  scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-  hi = lax.Precision.HIGHEST
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) * scale
-  keep = key_validity(k.shape[0], k.shape[1], kv_lengths)[:, None, None, :]
-  if causal:
-    keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-  s = jnp.where(keep, s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32), precision=hi)
+    """fp32 softmax attention with the same masks (HIGHEST precision); fp32 [B, Tq, H, D]."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    hi = lax.Precision.HIGHEST
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) * scale
+    keep = key_validity(k.shape[0], k.shape[1], kv_lengths)[:, None, None, :]
+    if causal:
+        keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+    s = jnp.where(keep, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32), precision=hi)
 
 
 def relative_l2(out: jax.Array, ref: jax.Array) -> float:
-  """||out - ref|| / ||ref|| over all elements, in float64 on the host."""
-  a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    """||out - ref|| / ||ref|| over all elements, in float64 on the host."""
+    a = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def sample_inputs(
@@ -369,22 +404,22 @@ def sample_inputs(
     kind: str = "random",
     dtype=jnp.bfloat16,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Test and benchmark inputs q, k, v.
+    """Test and benchmark inputs q, k, v.
 
-  ``random``: standard normal. ``realistic``: what trained DiTs show: four K channels per
-  head 10x, 20x, 35x and 50x larger than the rest and offset by half that (a channel bias),
-  two Q channels 4x larger, and V with a per-channel mean (std 2).
-  """
-  if kind not in ("random", "realistic"):
-    raise ValueError(f"sample_inputs: kind={kind!r}, expected 'random' or 'realistic'")
-  kq, kk, kv, kc, km = jax.random.split(key, 5)
-  q = jax.random.normal(kq, (batch, q_tokens, heads, head_dim), jnp.float32)
-  k = jax.random.normal(kk, (batch, kv_tokens, heads, head_dim), jnp.float32)
-  v = jax.random.normal(kv, (batch, kv_tokens, heads, head_dim), jnp.float32)
-  if kind == "realistic":
-    idx = jax.random.permutation(kc, head_dim)[:6]
-    factors = jnp.array([10.0, 20.0, 35.0, 50.0], jnp.float32)
-    k = k.at[..., idx[:4]].multiply(factors).at[..., idx[:4]].add(0.5 * factors)
-    q = q.at[..., idx[4:]].multiply(4.0)
-    v = v + 2.0 * jax.random.normal(km, (1, 1, heads, head_dim), jnp.float32)
-  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    ``random``: standard normal. ``realistic``: what trained DiTs show: four K channels per
+    head 10x, 20x, 35x and 50x larger than the rest and offset by half that (a channel bias),
+    two Q channels 4x larger, and V with a per-channel mean (std 2).
+    """
+    if kind not in ("random", "realistic"):
+        raise ValueError(f"sample_inputs: kind={kind!r}, expected 'random' or 'realistic'")
+    kq, kk, kv, kc, km = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (batch, q_tokens, heads, head_dim), jnp.float32)
+    k = jax.random.normal(kk, (batch, kv_tokens, heads, head_dim), jnp.float32)
+    v = jax.random.normal(kv, (batch, kv_tokens, heads, head_dim), jnp.float32)
+    if kind == "realistic":
+        idx = jax.random.permutation(kc, head_dim)[:6]
+        factors = jnp.array([10.0, 20.0, 35.0, 50.0], jnp.float32)
+        k = k.at[..., idx[:4]].multiply(factors).at[..., idx[:4]].add(0.5 * factors)
+        q = q.at[..., idx[4:]].multiply(4.0)
+        v = v + 2.0 * jax.random.normal(km, (1, 1, heads, head_dim), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)

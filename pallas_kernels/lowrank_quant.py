@@ -43,21 +43,23 @@ ENABLED = False
 
 @dataclasses.dataclass(frozen=True)
 class LowrankQuantConfig:
-  """One program's work: ``rows`` tokens (>= 16), ``warps`` warps, K in ``chunk``-wide pieces,
-  the pieces held in registers for the codes (``single_pass``) or read twice."""
+    """One program's work: ``rows`` tokens (>= 16), ``warps`` warps, K in ``chunk``-wide pieces,
+    the pieces held in registers for the codes (``single_pass``) or read twice."""
 
-  rows: int = 16
-  warps: int = 8
-  chunk: int = 512
-  single_pass: bool = False
+    rows: int = 16
+    warps: int = 8
+    chunk: int = 512
+    single_pass: bool = False
 
-  def check(self, k: int) -> None:
-    if self.rows < 16 or self.rows & (self.rows - 1) or self.chunk < 16 or self.chunk & (self.chunk - 1):
-      raise ValueError(f"LowrankQuantConfig: rows (>= 16) and chunk (>= 16) must be powers of two, got {self}")
-    held = self.rows * _common.round_up(k, self.chunk)
-    if self.single_pass and held > VALUES_PER_WARP * self.warps:
-      raise ValueError(f"LowrankQuantConfig: {self.rows} rows of K={k} do not fit in registers"
-                       f" ({held} values; at most {VALUES_PER_WARP} per warp)")
+    def check(self, k: int) -> None:
+        if self.rows < 16 or self.rows & (self.rows - 1) or self.chunk < 16 or self.chunk & (self.chunk - 1):
+            raise ValueError(f"LowrankQuantConfig: rows (>= 16) and chunk (>= 16) must be powers of two, got {self}")
+        held = self.rows * _common.round_up(k, self.chunk)
+        if self.single_pass and held > VALUES_PER_WARP * self.warps:
+            raise ValueError(
+                f"LowrankQuantConfig: {self.rows} rows of K={k} do not fit in registers"
+                f" ({held} values; at most {VALUES_PER_WARP} per warp)"
+            )
 
 
 #: Most activations per warp a single-pass program keeps in registers (bf16: 64 registers a thread).
@@ -65,124 +67,134 @@ VALUES_PER_WARP = 4096
 
 
 def pick_config(k: int) -> LowrankQuantConfig:
-  """16 rows in 512-wide pieces with 8 warps; one pass where they fit in registers."""
-  cfg = LowrankQuantConfig(single_pass=True)
-  try:
-    cfg.check(k)
-  except ValueError:
-    cfg = LowrankQuantConfig(single_pass=False)
-  return cfg
+    """16 rows in 512-wide pieces with 8 warps; one pass where they fit in registers."""
+    cfg = LowrankQuantConfig(single_pass=True)
+    try:
+        cfg.check(k)
+    except ValueError:
+        cfg = LowrankQuantConfig(single_pass=False)
+    return cfg
 
 
 def _check(x: jax.Array, l1: jax.Array) -> None:
-  _quant.check(x)  # pylint: disable=protected-access
-  _common.check_rank("quantize_lowrank: l1", l1, 2)
-  if l1.shape[0] != x.shape[1]:
-    raise ValueError(f"quantize_lowrank: l1 must be [K, r] for x [M, K]={x.shape}, got {l1.shape}")
-  r = l1.shape[1]
-  if r < 16 or r & (r - 1):
-    raise ValueError(f"quantize_lowrank: rank {r} must be a power of two >= 16 (the kernel's dot)")
+    _quant.check(x)  # pylint: disable=protected-access
+    _common.check_rank("quantize_lowrank: l1", l1, 2)
+    if l1.shape[0] != x.shape[1]:
+        raise ValueError(f"quantize_lowrank: l1 must be [K, r] for x [M, K]={x.shape}, got {l1.shape}")
+    r = l1.shape[1]
+    if r < 16 or r & (r - 1):
+        raise ValueError(f"quantize_lowrank: rank {r} must be a power of two >= 16 (the kernel's dot)")
 
 
 def reference(x: jax.Array, l1: jax.Array, fmt: str = "int8") -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Plain JAX: ``(codes, scale [M, 1], h = x @ l1 in bf16)``, the kernel's signature."""
+    """Plain JAX: ``(codes, scale [M, 1], h = x @ l1 in bf16)``, the kernel's signature."""
 
-  _check(x, l1)
-  q, s = _quant.reference(x, fmt)  # pylint: disable=protected-access
-  return q, s, w4a8.down_projection(x, l1)
-
-
-def _kernel(x_ref, l1_ref, q_ref, s_ref, h_ref, *, m: int, k: int, fmt: str,
-            cfg: LowrankQuantConfig, interpret: bool):
-  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
-  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
-
-  i = pl.program_id(0)
-  rows, chunk, r = cfg.rows, cfg.chunk, l1_ref.shape[1]
-  row_ok = i * rows + jnp.arange(rows) < m
-  n_chunks = _common.cdiv(k, chunk)
-
-  def cols(c):
-    return c * chunk + jnp.arange(chunk) < k
-
-  def at(c):  # a traced start: static slices past K (masked anyway) fail Pallas's bounds check
-    return pl.ds(c * chunk + 0 * i, chunk)
-
-  def load(c):
-    mask = row_ok[:, None] & cols(c)[None, :]
-    return pltriton.load(x_ref.at[pl.ds(i * rows, rows), at(c)], mask=mask, other=0.0)
-
-  def step(v, c, amax, h):
-    l1c = pltriton.load(l1_ref.at[at(c), :], mask=cols(c)[:, None], other=0.0)
-    amax = jnp.maximum(amax, jnp.max(jnp.abs(v.astype(jnp.float32)), axis=1))
-    h = h + jnp.dot(v.astype(jnp.bfloat16), l1c.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-    return amax, h
-
-  def store(c, v, scale):
-    mask = row_ok[:, None] & cols(c)[None, :]
-    codes = _quant.to_q(v.astype(jnp.float32) / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
-    pltriton.store(q_ref.at[pl.ds(i * rows, rows), at(c)], codes, mask=mask)
-
-  amax = jnp.zeros((rows,), jnp.float32)
-  h = jnp.zeros((rows, r), jnp.float32)
-  if cfg.single_pass:  # the pieces stay in registers (a Python loop: Triton cannot slice them)
-    pieces = [load(c) for c in range(n_chunks)]
-    for c, v in enumerate(pieces):
-      amax, h = step(v, c, amax, h)
-    scale = _quant.scale_of(amax, fmt)  # pylint: disable=protected-access
-    for c, v in enumerate(pieces):
-      store(c, v, scale)
-  else:
-    amax, h = lax.fori_loop(0, n_chunks, lambda c, carry: step(load(c), c, *carry), (amax, h))
-    scale = _quant.scale_of(amax, fmt)  # pylint: disable=protected-access
-
-    def quant_step(c, carry):
-      store(c, load(c), scale)
-      return carry
-
-    lax.fori_loop(0, n_chunks, quant_step, 0)
-  pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
-  pltriton.store(h_ref.at[pl.ds(i * rows, rows), :], h.astype(h_ref.dtype), mask=row_ok[:, None])
+    _check(x, l1)
+    q, s = _quant.reference(x, fmt)  # pylint: disable=protected-access
+    return q, s, w4a8.down_projection(x, l1)
 
 
-def quantize_lowrank_pallas(x: jax.Array, l1: jax.Array, fmt: str = "int8", *, interpret: bool = False,
-                            config: LowrankQuantConfig | None = None):
-  """The Pallas kernel (Triton lowering on the GPU, the interpreter when asked):
-  ``(codes [M, K], scale f32 [M, 1], h bf16 [M, r])``."""
-  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
-  import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+def _kernel(x_ref, l1_ref, q_ref, s_ref, h_ref, *, m: int, k: int, fmt: str, cfg: LowrankQuantConfig, interpret: bool):
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-  _check(x, l1)
-  if fmt not in ("int8", "fp8"):
-    raise ValueError(f"quantize_lowrank: fmt must be int8 or fp8, got {fmt!r}")
-  m, k = x.shape
-  cfg = config or pick_config(k)
-  cfg.check(k)
-  call = pl.pallas_call(
-      functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret),
-      out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),  # pylint: disable=protected-access
-                 jax.ShapeDtypeStruct((m,), jnp.float32),
-                 jax.ShapeDtypeStruct((m, l1.shape[1]), jnp.bfloat16)),
-      grid=(_common.cdiv(m, cfg.rows),),
-      interpret=interpret,
-      compiler_params=None if interpret else pltriton.CompilerParams(num_warps=cfg.warps, num_stages=1),
-  )
-  q, s, h = call(x, l1.astype(jnp.bfloat16))
-  return q, s.reshape(m, 1), h
+    i = pl.program_id(0)
+    rows, chunk, r = cfg.rows, cfg.chunk, l1_ref.shape[1]
+    row_ok = i * rows + jnp.arange(rows) < m
+    n_chunks = _common.cdiv(k, chunk)
+
+    def cols(c):
+        return c * chunk + jnp.arange(chunk) < k
+
+    def at(c):  # a traced start: static slices past K (masked anyway) fail Pallas's bounds check
+        return pl.ds(c * chunk + 0 * i, chunk)
+
+    def load(c):
+        mask = row_ok[:, None] & cols(c)[None, :]
+        return pltriton.load(x_ref.at[pl.ds(i * rows, rows), at(c)], mask=mask, other=0.0)
+
+    def step(v, c, amax, h):
+        l1c = pltriton.load(l1_ref.at[at(c), :], mask=cols(c)[:, None], other=0.0)
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(v.astype(jnp.float32)), axis=1))
+        h = h + jnp.dot(v.astype(jnp.bfloat16), l1c.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return amax, h
+
+    def store(c, v, scale):
+        mask = row_ok[:, None] & cols(c)[None, :]
+        codes = _quant.to_q(v.astype(jnp.float32) / scale[:, None], fmt, interpret)  # pylint: disable=protected-access
+        pltriton.store(q_ref.at[pl.ds(i * rows, rows), at(c)], codes, mask=mask)
+
+    amax = jnp.zeros((rows,), jnp.float32)
+    h = jnp.zeros((rows, r), jnp.float32)
+    if cfg.single_pass:  # the pieces stay in registers (a Python loop: Triton cannot slice them)
+        pieces = [load(c) for c in range(n_chunks)]
+        for c, v in enumerate(pieces):
+            amax, h = step(v, c, amax, h)
+        scale = _quant.scale_of(amax, fmt)  # pylint: disable=protected-access
+        for c, v in enumerate(pieces):
+            store(c, v, scale)
+    else:
+        amax, h = lax.fori_loop(0, n_chunks, lambda c, carry: step(load(c), c, *carry), (amax, h))
+        scale = _quant.scale_of(amax, fmt)  # pylint: disable=protected-access
+
+        def quant_step(c, carry):
+            store(c, load(c), scale)
+            return carry
+
+        lax.fori_loop(0, n_chunks, quant_step, 0)
+    pltriton.store(s_ref.at[pl.ds(i * rows, rows)], scale, mask=row_ok)
+    pltriton.store(h_ref.at[pl.ds(i * rows, rows), :], h.astype(h_ref.dtype), mask=row_ok[:, None])
+
+
+def quantize_lowrank_pallas(
+    x: jax.Array, l1: jax.Array, fmt: str = "int8", *, interpret: bool = False, config: LowrankQuantConfig | None = None
+):
+    """The Pallas kernel (Triton lowering on the GPU, the interpreter when asked):
+    ``(codes [M, K], scale f32 [M, 1], h bf16 [M, r])``."""
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+
+    _check(x, l1)
+    if fmt not in ("int8", "fp8"):
+        raise ValueError(f"quantize_lowrank: fmt must be int8 or fp8, got {fmt!r}")
+    m, k = x.shape
+    cfg = config or pick_config(k)
+    cfg.check(k)
+    call = pl.pallas_call(
+        functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret),
+        out_shape=(
+            jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),  # pylint: disable=protected-access
+            jax.ShapeDtypeStruct((m,), jnp.float32),
+            jax.ShapeDtypeStruct((m, l1.shape[1]), jnp.bfloat16),
+        ),
+        grid=(_common.cdiv(m, cfg.rows),),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=cfg.warps, num_stages=1),
+    )
+    q, s, h = call(x, l1.astype(jnp.bfloat16))
+    return q, s.reshape(m, 1), h
 
 
 def supports(x: jax.Array, l1: jax.Array) -> bool:
-  """True where :func:`quantize_lowrank` runs the kernel: a GPU, the kernel enabled there
-  (:data:`ENABLED`, or ``JQUANT_BACKEND=pallas``), 2-D float ``x`` and a power-of-two rank >= 16."""
-  r = l1.shape[-1]
-  return (_common.on_gpu() and _common.kernel_enabled(ENABLED) and x.ndim == 2 and x.size > 0
-          and jnp.issubdtype(x.dtype, jnp.floating) and l1.ndim == 2 and l1.shape[0] == x.shape[1]
-          and r >= 16 and not r & (r - 1))
+    """True where :func:`quantize_lowrank` runs the kernel: a GPU, the kernel enabled there
+    (:data:`ENABLED`, or ``JQUANT_BACKEND=pallas``), 2-D float ``x`` and a power-of-two rank >= 16."""
+    r = l1.shape[-1]
+    return (
+        _common.on_gpu()
+        and _common.kernel_enabled(ENABLED)
+        and x.ndim == 2
+        and x.size > 0
+        and jnp.issubdtype(x.dtype, jnp.floating)
+        and l1.ndim == 2
+        and l1.shape[0] == x.shape[1]
+        and r >= 16
+        and not r & (r - 1)
+    )
 
 
 def quantize_lowrank(x: jax.Array, l1: jax.Array, fmt: str = "int8") -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-token ``fmt`` codes and scales of ``x`` and ``h = x @ l1`` (bf16), in one pass over
-  ``x`` on the GPU (:func:`supports`), as :func:`reference` elsewhere."""
-  if supports(x, l1):
-    return quantize_lowrank_pallas(x, l1, fmt)
-  return reference(x, l1, fmt)
+    """Per-token ``fmt`` codes and scales of ``x`` and ``h = x @ l1`` (bf16), in one pass over
+    ``x`` on the GPU (:func:`supports`), as :func:`reference` elsewhere."""
+    if supports(x, l1):
+        return quantize_lowrank_pallas(x, l1, fmt)
+    return reference(x, l1, fmt)

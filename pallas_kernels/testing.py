@@ -25,199 +25,223 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common, _quant
-from pallas_kernels import act_quant
-from pallas_kernels import lowrank_quant
-from pallas_kernels import w4_table
-from pallas_kernels import w4a16_gemm
-from pallas_kernels import w4a8
-from pallas_kernels import w8a8
-from pallas_kernels import weight_only
+from pallas_kernels import _common, _quant, act_quant, lowrank_quant, w4_table, w4a8, w4a16_gemm, w8a8, weight_only
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelCase:
-  """A kernel, its reference and how to build and size its inputs."""
+    """A kernel, its reference and how to build and size its inputs."""
 
-  name: str
-  kernel: Callable[..., jax.Array]
-  reference: Callable[..., jax.Array]
-  make_inputs: Callable[[jax.Array, int, int, int], tuple]
-  flops: Callable[[int, int, int], float]
-  min_bytes: Callable[[int, int, int], float]
-  xla_baseline: str | None = None  # "int8" / "fp8": which XLA low-bit GEMM to time beside it
-  # ``magnitude(*inputs)``: ``|x| @ |w|^T + |bias|`` (f32 [M, N]) of a GEMM case, for
-  # :func:`check_dot`; for the quantizer with a low-rank output, that of ``h = x @ L1``.
-  magnitude: Callable[..., jax.Array] | None = None
-  # The dot-product bound's factor on ``magnitude`` (check_dot): 1e-3 where the kernel sums
-  # exact products in int32/fp32 (only the fp32 scale products and the fp8 wgmma's accumulator
-  # differ); 8e-3 where weights or scales are rounded to bf16 in registers (2^-9 each) and
-  # where two bf16 roundings add up (a branch added in bf16).
-  tol: float = 1e-3
-  # Maps inputs to (fn, inputs) for timing, for kernels whose weights a model
-  # converts once at load time (the conversion stays out of the timed call).
-  bench_form: Callable[[tuple], tuple[Callable[..., jax.Array], tuple]] | None = None
-  # K must be a multiple of this (the scale block of the codebook formats); the GPU check
-  # rounds its ragged K up to it.
-  k_multiple: int = 1
-  # Quantizers: the largest fraction of differing codes and relative scale error the GPU check
-  # accepts (exact kernels 1e-4 / 1e-6; the fused Hadamard sums in another float32 order, so a
-  # row's max may round to the neighbouring bf16: one ulp, 2^-7).
-  quant_tol: tuple[float, float] = (1e-4, 1e-6)
+    name: str
+    kernel: Callable[..., jax.Array]
+    reference: Callable[..., jax.Array]
+    make_inputs: Callable[[jax.Array, int, int, int], tuple]
+    flops: Callable[[int, int, int], float]
+    min_bytes: Callable[[int, int, int], float]
+    xla_baseline: str | None = None  # "int8" / "fp8": which XLA low-bit GEMM to time beside it
+    # ``magnitude(*inputs)``: ``|x| @ |w|^T + |bias|`` (f32 [M, N]) of a GEMM case, for
+    # :func:`check_dot`; for the quantizer with a low-rank output, that of ``h = x @ L1``.
+    magnitude: Callable[..., jax.Array] | None = None
+    # The dot-product bound's factor on ``magnitude`` (check_dot): 1e-3 where the kernel sums
+    # exact products in int32/fp32 (only the fp32 scale products and the fp8 wgmma's accumulator
+    # differ); 8e-3 where weights or scales are rounded to bf16 in registers (2^-9 each) and
+    # where two bf16 roundings add up (a branch added in bf16).
+    tol: float = 1e-3
+    # Maps inputs to (fn, inputs) for timing, for kernels whose weights a model
+    # converts once at load time (the conversion stays out of the timed call).
+    bench_form: Callable[[tuple], tuple[Callable[..., jax.Array], tuple]] | None = None
+    # K must be a multiple of this (the scale block of the codebook formats); the GPU check
+    # rounds its ragged K up to it.
+    k_multiple: int = 1
+    # Quantizers: the largest fraction of differing codes and relative scale error the GPU check
+    # accepts (exact kernels 1e-4 / 1e-6; the fused Hadamard sums in another float32 order, so a
+    # row's max may round to the neighbouring bf16: one ulp, 2^-7).
+    quant_tol: tuple[float, float] = (1e-4, 1e-6)
 
 
 def _int8(key, shape):
-  return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8)
+    return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8)
 
 
 def _fp8(key, shape):
-  return (jax.random.normal(key, shape, jnp.float32) * 2.0).astype(jnp.float8_e4m3fn)
+    return (jax.random.normal(key, shape, jnp.float32) * 2.0).astype(jnp.float8_e4m3fn)
 
 
 def _scales(key, shape, lo=0.5, hi=1.5, scale=1.0):
-  return jax.random.uniform(key, shape, jnp.float32, lo, hi) * scale
+    return jax.random.uniform(key, shape, jnp.float32, lo, hi) * scale
 
 
 def w8a8_int8_inputs(key, m, k, n):
-  kx, kw, ks, kt, kb = jax.random.split(key, 5)
-  return (_int8(kx, (m, k)), _scales(ks, (m, 1), scale=1 / 127), _int8(kw, (n, k)),
-          _scales(kt, (n,), scale=1 / 127), jax.random.normal(kb, (n,), jnp.float32))
+    kx, kw, ks, kt, kb = jax.random.split(key, 5)
+    return (
+        _int8(kx, (m, k)),
+        _scales(ks, (m, 1), scale=1 / 127),
+        _int8(kw, (n, k)),
+        _scales(kt, (n,), scale=1 / 127),
+        jax.random.normal(kb, (n,), jnp.float32),
+    )
 
 
 def w4a8_inputs(key, m, k, n):
-  kx, kw, ks, kt, kb = jax.random.split(key, 5)
-  q = jax.random.randint(kw, (n, k), -8, 8, jnp.int32)
-  return (_int8(kx, (m, k)), _scales(ks, (m, 1), scale=1 / 127), weight_only.pack_int4(q),
-          _scales(kt, (n,), scale=1 / 7), jax.random.normal(kb, (n,), jnp.float32))
+    kx, kw, ks, kt, kb = jax.random.split(key, 5)
+    q = jax.random.randint(kw, (n, k), -8, 8, jnp.int32)
+    return (
+        _int8(kx, (m, k)),
+        _scales(ks, (m, 1), scale=1 / 127),
+        weight_only.pack_int4(q),
+        _scales(kt, (n,), scale=1 / 7),
+        jax.random.normal(kb, (n,), jnp.float32),
+    )
 
 
 def svdquant_r32_inputs(key, m, k, n, rank=32):
-  kx, kq, k1, k2 = jax.random.split(key, 4)
-  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-  _, xs, packed, ws, b = w4a8_inputs(kq, m, k, n)
-  x_q = jnp.clip(jnp.round(x.astype(jnp.float32) / 0.03), -127, 127).astype(jnp.int8)
-  l1 = (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16)
-  l2 = (jax.random.normal(k2, (rank, n), jnp.float32) * 0.1).astype(jnp.bfloat16)
-  return (x, x_q, xs, packed, ws, l1, l2, b)
+    kx, kq, k1, k2 = jax.random.split(key, 4)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    _, xs, packed, ws, b = w4a8_inputs(kq, m, k, n)
+    x_q = jnp.clip(jnp.round(x.astype(jnp.float32) / 0.03), -127, 127).astype(jnp.int8)
+    l1 = (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16)
+    l2 = (jax.random.normal(k2, (rank, n), jnp.float32) * 0.1).astype(jnp.bfloat16)
+    return (x, x_q, xs, packed, ws, l1, l2, b)
 
 
 def w8a8_fp8_inputs(key, m, k, n):
-  kx, kw, ks, kt, kb = jax.random.split(key, 5)
-  return (_fp8(kx, (m, k)), _scales(ks, (m, 1)), _fp8(kw, (n, k)),
-          _scales(kt, (n,)), jax.random.normal(kb, (n,), jnp.float32))
+    kx, kw, ks, kt, kb = jax.random.split(key, 5)
+    return (
+        _fp8(kx, (m, k)),
+        _scales(ks, (m, 1)),
+        _fp8(kw, (n, k)),
+        _scales(kt, (n,)),
+        jax.random.normal(kb, (n,), jnp.float32),
+    )
 
 
 def w8a8_fp8_block_inputs(key, m, k, n):
-  kx, kw, ks, kt, kb = jax.random.split(key, 5)
-  kb_ = _common.cdiv(k, 128)
-  nb = _common.cdiv(n, 128)
-  return (_fp8(kx, (m, k)), _scales(ks, (m, kb_)), _fp8(kw, (n, k)),
-          _scales(kt, (nb, kb_)), jax.random.normal(kb, (n,), jnp.float32))
+    kx, kw, ks, kt, kb = jax.random.split(key, 5)
+    kb_ = _common.cdiv(k, 128)
+    nb = _common.cdiv(n, 128)
+    return (
+        _fp8(kx, (m, k)),
+        _scales(ks, (m, kb_)),
+        _fp8(kw, (n, k)),
+        _scales(kt, (nb, kb_)),
+        jax.random.normal(kb, (n,), jnp.float32),
+    )
 
 
 def w4a16_inputs(key, m, k, n, group=128):
-  kx, kw, ks = jax.random.split(key, 3)
-  q = jax.random.randint(kw, (n, k), -8, 8, jnp.int32)
-  packed = weight_only.pack_int4(q)
-  scales = _scales(ks, (n, _common.cdiv(k, group)), scale=0.02)
-  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-  return (x, packed, scales)
+    kx, kw, ks = jax.random.split(key, 3)
+    q = jax.random.randint(kw, (n, k), -8, 8, jnp.int32)
+    packed = weight_only.pack_int4(q)
+    scales = _scales(ks, (n, _common.cdiv(k, group)), scale=0.02)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    return (x, packed, scales)
 
 
 def w8a16_inputs(key, m, k, n):
-  kx, kw, ks = jax.random.split(key, 3)
-  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-  return (x, _int8(kw, (n, k)), _scales(ks, (n,), scale=0.002))
+    kx, kw, ks = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    return (x, _int8(kw, (n, k)), _scales(ks, (n,), scale=0.002))
 
 
 def table_inputs(key, m, k, n, fmt="nf4", block=64, scaling=""):
-  """Random 4-bit codebook weights: uniform codes; absmax-like, e8m0 ("mx") or e4m3 ("nv")
-  block scales (NVFP4 with an fp32 tensor scale)."""
-  kx, kw, ks = jax.random.split(key, 3)
-  codes = jax.random.randint(kw, (n, k), 0, 16, jnp.int32)
-  shape = (n, _common.cdiv(k, block))
-  if scaling == "mx":
-    scales = jnp.exp2(jax.random.randint(ks, shape, -9, -5).astype(jnp.float32))
-  elif scaling == "nv":
-    scales = _scales(ks, shape, 1.0, 400.0).astype(jnp.float8_e4m3fn).astype(jnp.float32)
-  else:
-    scales = _scales(ks, shape, scale=0.05)
-  tensor = jnp.float32(1 / 4096) if scaling == "nv" else None
-  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-  return (x, weight_only.pack_int4(codes), scales, tensor)
+    """Random 4-bit codebook weights: uniform codes; absmax-like, e8m0 ("mx") or e4m3 ("nv")
+    block scales (NVFP4 with an fp32 tensor scale)."""
+    kx, kw, ks = jax.random.split(key, 3)
+    codes = jax.random.randint(kw, (n, k), 0, 16, jnp.int32)
+    shape = (n, _common.cdiv(k, block))
+    if scaling == "mx":
+        scales = jnp.exp2(jax.random.randint(ks, shape, -9, -5).astype(jnp.float32))
+    elif scaling == "nv":
+        scales = _scales(ks, shape, 1.0, 400.0).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    else:
+        scales = _scales(ks, shape, scale=0.05)
+    tensor = jnp.float32(1 / 4096) if scaling == "nv" else None
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    return (x, weight_only.pack_int4(codes), scales, tensor)
 
 
 def uint4_inputs(key, m, k, n, group=128):
-  """Unsigned 4-bit codes with per-group scales and zero points (AWQ-style)."""
-  kx, kw, ks, kz = jax.random.split(key, 4)
-  codes = jax.random.randint(kw, (n, k), 0, 16, jnp.int32)
-  shape = (n, _common.cdiv(k, group))
-  zeros = jax.random.randint(kz, shape, 0, 16, jnp.int32).astype(jnp.uint8)
-  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-  return (x, weight_only.pack_int4(codes), _scales(ks, shape, scale=0.02), zeros)
+    """Unsigned 4-bit codes with per-group scales and zero points (AWQ-style)."""
+    kx, kw, ks, kz = jax.random.split(key, 4)
+    codes = jax.random.randint(kw, (n, k), 0, 16, jnp.int32)
+    shape = (n, _common.cdiv(k, group))
+    zeros = jax.random.randint(kz, shape, 0, 16, jnp.int32).astype(jnp.uint8)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    return (x, weight_only.pack_int4(codes), _scales(ks, shape, scale=0.02), zeros)
 
 
 def _uint4_bench_form(inputs, group=128):
-  x, packed, scales, zeros = inputs
-  prepared = w4_table.prepare_uint4(packed, scales, zeros, x.shape[1], group)
-  return weight_only.w4a16_matmul_prepared, (x, prepared)
+    x, packed, scales, zeros = inputs
+    prepared = w4_table.prepare_uint4(packed, scales, zeros, x.shape[1], group)
+    return weight_only.w4a16_matmul_prepared, (x, prepared)
 
 
 def _table_case(name, fmt, block, scaling):
-  kernel = functools.partial(w4_table.w4_table_matmul, fmt=fmt, block=block)
-  reference = functools.partial(w4_table.w4_table_matmul_reference, fmt=fmt, block=block)
+    kernel = functools.partial(w4_table.w4_table_matmul, fmt=fmt, block=block)
+    reference = functools.partial(w4_table.w4_table_matmul_reference, fmt=fmt, block=block)
 
-  def bench_form(inputs):
-    x, packed, scales, tensor = inputs
-    prepared = w4_table.prepare_w4_table(packed, scales, x.shape[1], fmt=fmt, block=block)
-    return w4_table.w4_table_matmul_prepared, (x, prepared, tensor)
+    def bench_form(inputs):
+        x, packed, scales, tensor = inputs
+        prepared = w4_table.prepare_w4_table(packed, scales, x.shape[1], fmt=fmt, block=block)
+        return w4_table.w4_table_matmul_prepared, (x, prepared, tensor)
 
-  return KernelCase(
-      name, kernel, reference,
-      functools.partial(table_inputs, fmt=fmt, block=block, scaling=scaling), _gemm_flops,
-      lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / block + 2 * m * n,
-      bench_form=bench_form, k_multiple=block,
-      magnitude=functools.partial(_mag_table, fmt=fmt, block=block), tol=8e-3)
+    return KernelCase(
+        name,
+        kernel,
+        reference,
+        functools.partial(table_inputs, fmt=fmt, block=block, scaling=scaling),
+        _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / block + 2 * m * n,
+        bench_form=bench_form,
+        k_multiple=block,
+        magnitude=functools.partial(_mag_table, fmt=fmt, block=block),
+        tol=8e-3,
+    )
 
 
 def w8a16_fp8_inputs(key, m, k, n):
-  kx, kw, ks = jax.random.split(key, 3)
-  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
-  return (x, _fp8(kw, (n, k)), _scales(ks, (n,), scale=0.01))
+    kx, kw, ks = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    return (x, _fp8(kw, (n, k)), _scales(ks, (n,), scale=0.01))
 
 
 def act_quant_inputs(key, m, k, n):
-  del n
-  return (jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16) * 3,)
+    del n
+    return (jax.random.normal(key, (m, k), jnp.float32).astype(jnp.bfloat16) * 3,)
 
 
 def act_quant_lowrank_inputs(key, m, k, n, rank=32):
-  del n
-  kx, k1 = jax.random.split(key)
-  return (act_quant_inputs(kx, m, k, 0)[0],
-          (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16))
+    del n
+    kx, k1 = jax.random.split(key)
+    return (
+        act_quant_inputs(kx, m, k, 0)[0],
+        (jax.random.normal(k1, (k, rank), jnp.float32) / k**0.5).astype(jnp.bfloat16),
+    )
 
 
 def _hadamard_case(name: str, fmt: str, wide: bool = False) -> KernelCase:
-  """The fused rotation + quantizer on ``[M, K]`` (``[M, N]`` when ``wide``) activations."""
-  quant = act_quant.quantize_int8 if fmt == "int8" else act_quant.quantize_fp8
-  width = (lambda m, k, n: n) if wide else (lambda m, k, n: k)
-  return KernelCase(
-      name, functools.partial(quant, hadamard=True),
-      functools.partial(_quant.reference, fmt=fmt, hadamard=True),  # pylint: disable=protected-access
-      lambda key, m, k, n: act_quant_inputs(key, m, width(m, k, n), 0),
-      lambda m, k, n: 3.0 * m * width(m, k, n), lambda m, k, n: 3 * m * width(m, k, n) + 4 * m,
-      quant_tol=(1e-3, 2.0**-7))
+    """The fused rotation + quantizer on ``[M, K]`` (``[M, N]`` when ``wide``) activations."""
+    quant = act_quant.quantize_int8 if fmt == "int8" else act_quant.quantize_fp8
+    width = (lambda m, k, n: n) if wide else (lambda m, k, n: k)
+    return KernelCase(
+        name,
+        functools.partial(quant, hadamard=True),
+        functools.partial(_quant.reference, fmt=fmt, hadamard=True),  # pylint: disable=protected-access
+        lambda key, m, k, n: act_quant_inputs(key, m, width(m, k, n), 0),
+        lambda m, k, n: 3.0 * m * width(m, k, n),
+        lambda m, k, n: 3 * m * width(m, k, n) + 4 * m,
+        quant_tol=(1e-3, 2.0**-7),
+    )
 
 
 def _w4a16_bench_form(inputs, group=128):
-  x, packed, scales = inputs
-  prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1], group)
-  return weight_only.w4a16_matmul_prepared, (x, prepared)
+    x, packed, scales = inputs
+    prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1], group)
+    return weight_only.w4a16_matmul_prepared, (x, prepared)
 
 
 def _gemm_flops(m, k, n):
-  return 2.0 * m * k * n
+    return 2.0 * m * k * n
 
 
 # --------------------------------------------------------------------------
@@ -226,47 +250,51 @@ def _gemm_flops(m, k, n):
 
 
 def abs_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-  """``|x| [M, K] @ |w| [N, K]^T`` in float32 at highest precision."""
-  return lax.dot_general(jnp.abs(x.astype(jnp.float32)), jnp.abs(w.astype(jnp.float32)),
-                         (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
+    """``|x| [M, K] @ |w| [N, K]^T`` in float32 at highest precision."""
+    return lax.dot_general(
+        jnp.abs(x.astype(jnp.float32)),
+        jnp.abs(w.astype(jnp.float32)),
+        (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def _plus_bias(mag, bias):
-  return mag if bias is None else mag + jnp.abs(bias.astype(jnp.float32)).reshape(1, -1)
+    return mag if bias is None else mag + jnp.abs(bias.astype(jnp.float32)).reshape(1, -1)
 
 
 def _deq_w8a8(x_q, x_scale, w_q, w_scale, bias=None, *_):
-  x = x_q.astype(jnp.float32) * x_scale.astype(jnp.float32).reshape(-1, 1)
-  return x, w_q.astype(jnp.float32) * w_scale.astype(jnp.float32).reshape(-1, 1), bias
+    x = x_q.astype(jnp.float32) * x_scale.astype(jnp.float32).reshape(-1, 1)
+    return x, w_q.astype(jnp.float32) * w_scale.astype(jnp.float32).reshape(-1, 1), bias
 
 
 def _deq_fp8_block(x_q, x_scale, w_q, w_scale, bias=None):
-  k = x_q.shape[1]
-  xs = jnp.repeat(x_scale.astype(jnp.float32), 128, axis=1)[:, :k]
-  ws = jnp.repeat(jnp.repeat(w_scale.astype(jnp.float32), 128, axis=0)[:w_q.shape[0]], 128, axis=1)[:, :k]
-  return x_q.astype(jnp.float32) * xs, w_q.astype(jnp.float32) * ws, bias
+    k = x_q.shape[1]
+    xs = jnp.repeat(x_scale.astype(jnp.float32), 128, axis=1)[:, :k]
+    ws = jnp.repeat(jnp.repeat(w_scale.astype(jnp.float32), 128, axis=0)[: w_q.shape[0]], 128, axis=1)[:, :k]
+    return x_q.astype(jnp.float32) * xs, w_q.astype(jnp.float32) * ws, bias
 
 
 def _deq_w4a8(x_q, x_scale, w_packed, w_scale, bias=None):
-  return _deq_w8a8(x_q, x_scale, weight_only.unpack_int4(w_packed, x_q.shape[1]), w_scale, bias)
+    return _deq_w8a8(x_q, x_scale, weight_only.unpack_int4(w_packed, x_q.shape[1]), w_scale, bias)
 
 
-_DEQUANTIZED = {"w8a8_int8": _deq_w8a8, "w8a8_fp8": _deq_w8a8, "w8a8_fp8_block": _deq_fp8_block,
-                "w4a8": _deq_w4a8}
+_DEQUANTIZED = {"w8a8_int8": _deq_w8a8, "w8a8_fp8": _deq_w8a8, "w8a8_fp8_block": _deq_fp8_block, "w4a8": _deq_w4a8}
 
 
 def dequantized_operands(name: str, inputs: tuple) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """``(x f32 [M, K], w f32 [N, K], bias)`` with the scales applied, for the cases with an XLA
-  low-bit baseline (``y = x @ w^T + bias``)."""
-  return _DEQUANTIZED[name](*inputs)
+    """``(x f32 [M, K], w f32 [N, K], bias)`` with the scales applied, for the cases with an XLA
+    low-bit baseline (``y = x @ w^T + bias``)."""
+    return _DEQUANTIZED[name](*inputs)
 
 
 def _mag_of(deq):
-  def magnitude(*inputs):
-    x, w, bias = deq(*inputs)
-    return _plus_bias(abs_dot(x, w), bias)
-  return magnitude
+    def magnitude(*inputs):
+        x, w, bias = deq(*inputs)
+        return _plus_bias(abs_dot(x, w), bias)
+
+    return magnitude
 
 
 _mag_w8a8 = _mag_of(_deq_w8a8)
@@ -275,98 +303,162 @@ _mag_w4a8 = _mag_of(_deq_w4a8)
 
 
 def _mag_svdquant(x, x_q, x_scale, w_packed, w_scale, l1, l2, bias=None):
-  lowrank = jnp.abs(x.astype(jnp.float32)) @ jnp.abs(l1.astype(jnp.float32)) @ jnp.abs(l2.astype(jnp.float32))
-  return _mag_w4a8(x_q, x_scale, w_packed, w_scale, bias) + lowrank
+    lowrank = jnp.abs(x.astype(jnp.float32)) @ jnp.abs(l1.astype(jnp.float32)) @ jnp.abs(l2.astype(jnp.float32))
+    return _mag_w4a8(x_q, x_scale, w_packed, w_scale, bias) + lowrank
 
 
 def _mag_w4a16(x, w_packed, w_scale, bias=None, *_, group=128):
-  return _plus_bias(abs_dot(x, weight_only.dequantize_int4(w_packed, w_scale, x.shape[1], group)), bias)
+    return _plus_bias(abs_dot(x, weight_only.dequantize_int4(w_packed, w_scale, x.shape[1], group)), bias)
 
 
 def _mag_w8a16(x, w_q, w_scale, bias=None, *_):
-  return _plus_bias(abs_dot(x, w_q) * jnp.abs(w_scale.astype(jnp.float32)).reshape(1, -1), bias)
+    return _plus_bias(abs_dot(x, w_q) * jnp.abs(w_scale.astype(jnp.float32)).reshape(1, -1), bias)
 
 
 def _mag_uint4(x, w_packed, w_scale, w_zero, bias=None, *_, group=128):
-  u = weight_only.unpack_int4(w_packed, x.shape[1]).astype(jnp.int32) & 0xF
-  rep = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=1)[:, :x.shape[1]]
-  return _plus_bias(abs_dot(x, (u.astype(jnp.float32) - rep(w_zero)) * rep(w_scale)), bias)
+    u = weight_only.unpack_int4(w_packed, x.shape[1]).astype(jnp.int32) & 0xF
+    rep = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=1)[:, : x.shape[1]]
+    return _plus_bias(abs_dot(x, (u.astype(jnp.float32) - rep(w_zero)) * rep(w_scale)), bias)
 
 
 def _mag_table(x, w_packed, w_scale, tensor_scale=None, bias=None, *_, fmt, block):
-  mag = abs_dot(x, w4_table.dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block))
-  if tensor_scale is not None:
-    mag = mag * jnp.abs(jnp.asarray(tensor_scale, jnp.float32))
-  return _plus_bias(mag, bias)
+    mag = abs_dot(x, w4_table.dequantize(w_packed, w_scale, x.shape[1], fmt=fmt, block=block))
+    if tensor_scale is not None:
+        mag = mag * jnp.abs(jnp.asarray(tensor_scale, jnp.float32))
+    return _plus_bias(mag, bias)
 
 
 def _mag_lowrank_h(x, l1):
-  return abs_dot(x, l1.T)
+    return abs_dot(x, l1.T)
 
 
 CASES: dict[str, KernelCase] = {
     "w8a8_int8": KernelCase(
-        "w8a8_int8", w8a8.int8_matmul, w8a8.int8_matmul_reference,
-        w8a8_int8_inputs, _gemm_flops,
-        lambda m, k, n: m * k + n * k + 2 * m * n, xla_baseline="int8", magnitude=_mag_w8a8),
+        "w8a8_int8",
+        w8a8.int8_matmul,
+        w8a8.int8_matmul_reference,
+        w8a8_int8_inputs,
+        _gemm_flops,
+        lambda m, k, n: m * k + n * k + 2 * m * n,
+        xla_baseline="int8",
+        magnitude=_mag_w8a8,
+    ),
     "w8a8_fp8": KernelCase(
-        "w8a8_fp8", w8a8.fp8_matmul, w8a8.fp8_matmul_reference,
-        w8a8_fp8_inputs, _gemm_flops,
-        lambda m, k, n: m * k + n * k + 2 * m * n, xla_baseline="fp8", magnitude=_mag_w8a8),
+        "w8a8_fp8",
+        w8a8.fp8_matmul,
+        w8a8.fp8_matmul_reference,
+        w8a8_fp8_inputs,
+        _gemm_flops,
+        lambda m, k, n: m * k + n * k + 2 * m * n,
+        xla_baseline="fp8",
+        magnitude=_mag_w8a8,
+    ),
     "w8a8_fp8_block": KernelCase(
-        "w8a8_fp8_block", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference,
-        w8a8_fp8_block_inputs, _gemm_flops,
+        "w8a8_fp8_block",
+        w8a8.fp8_block_matmul,
+        w8a8.fp8_block_matmul_reference,
+        w8a8_fp8_block_inputs,
+        _gemm_flops,
         lambda m, k, n: m * k + n * k + 2 * m * n + 4 * m * k / 128,
-        xla_baseline="fp8", magnitude=_mag_fp8_block),
+        xla_baseline="fp8",
+        magnitude=_mag_fp8_block,
+    ),
     "w4a8": KernelCase(
-        "w4a8", w4a8.w4a8_matmul, w4a8.w4a8_matmul_reference,
-        w4a8_inputs, _gemm_flops,
-        lambda m, k, n: m * k + n * k / 2 + 2 * m * n, xla_baseline="int8", magnitude=_mag_w4a8),
+        "w4a8",
+        w4a8.w4a8_matmul,
+        w4a8.w4a8_matmul_reference,
+        w4a8_inputs,
+        _gemm_flops,
+        lambda m, k, n: m * k + n * k / 2 + 2 * m * n,
+        xla_baseline="int8",
+        magnitude=_mag_w4a8,
+    ),
     "svdquant_r32": KernelCase(
-        "svdquant_r32", w4a8.svdquant_matmul, w4a8.svdquant_matmul_reference,
-        svdquant_r32_inputs, lambda m, k, n: 2.0 * m * k * n + 2.0 * 32 * (m * k + m * n),
+        "svdquant_r32",
+        w4a8.svdquant_matmul,
+        w4a8.svdquant_matmul_reference,
+        svdquant_r32_inputs,
+        lambda m, k, n: 2.0 * m * k * n + 2.0 * 32 * (m * k + m * n),
         lambda m, k, n: 3 * m * k + n * k / 2 + 2 * 32 * (k + n) + 2 * m * n,
-        magnitude=_mag_svdquant, tol=8e-3),
+        magnitude=_mag_svdquant,
+        tol=8e-3,
+    ),
     "w4a16": KernelCase(
-        "w4a16", weight_only.w4a16_matmul, weight_only.w4a16_matmul_reference,
-        w4a16_inputs, _gemm_flops,
+        "w4a16",
+        weight_only.w4a16_matmul,
+        weight_only.w4a16_matmul_reference,
+        w4a16_inputs,
+        _gemm_flops,
         lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / 128 + 2 * m * n,
-        bench_form=_w4a16_bench_form, magnitude=_mag_w4a16, tol=8e-3),
+        bench_form=_w4a16_bench_form,
+        magnitude=_mag_w4a16,
+        tol=8e-3,
+    ),
     # int4 with 32-wide groups: the decode-and-scale path with an identity decode.
     "w4a16_g32": KernelCase(
-        "w4a16_g32", functools.partial(weight_only.w4a16_matmul, group_size=32),
+        "w4a16_g32",
+        functools.partial(weight_only.w4a16_matmul, group_size=32),
         functools.partial(weight_only.w4a16_matmul_reference, group_size=32),
-        functools.partial(w4a16_inputs, group=32), _gemm_flops,
+        functools.partial(w4a16_inputs, group=32),
+        _gemm_flops,
         lambda m, k, n: 2 * m * k + n * k / 2 + 4 * n * k / 32 + 2 * m * n,
         bench_form=functools.partial(_w4a16_bench_form, group=32),
-        magnitude=functools.partial(_mag_w4a16, group=32), tol=8e-3),
+        magnitude=functools.partial(_mag_w4a16, group=32),
+        tol=8e-3,
+    ),
     "w8a16": KernelCase(
-        "w8a16", weight_only.w8a16_matmul, weight_only.w8a16_matmul_reference,
-        w8a16_inputs, _gemm_flops,
-        lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n, magnitude=_mag_w8a16, tol=8e-3),
+        "w8a16",
+        weight_only.w8a16_matmul,
+        weight_only.w8a16_matmul_reference,
+        w8a16_inputs,
+        _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n,
+        magnitude=_mag_w8a16,
+        tol=8e-3,
+    ),
     "w8a16_fp8": KernelCase(
-        "w8a16_fp8", weight_only.w8a16_matmul, weight_only.w8a16_matmul_reference,
-        w8a16_fp8_inputs, _gemm_flops,
-        lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n, magnitude=_mag_w8a16, tol=8e-3),
+        "w8a16_fp8",
+        weight_only.w8a16_matmul,
+        weight_only.w8a16_matmul_reference,
+        w8a16_fp8_inputs,
+        _gemm_flops,
+        lambda m, k, n: 2 * m * k + n * k + 4 * n + 2 * m * n,
+        magnitude=_mag_w8a16,
+        tol=8e-3,
+    ),
     "w4a16_zp": KernelCase(
-        "w4a16_zp", functools.partial(w4_table.uint4_matmul, group_size=128),
+        "w4a16_zp",
+        functools.partial(w4_table.uint4_matmul, group_size=128),
         functools.partial(w4_table.uint4_matmul_reference, group_size=128),
-        uint4_inputs, _gemm_flops,
+        uint4_inputs,
+        _gemm_flops,
         lambda m, k, n: 2 * m * k + n * k / 2 + 5 * n * k / 128 + 2 * m * n,
-        bench_form=_uint4_bench_form, k_multiple=128, magnitude=_mag_uint4, tol=8e-3),
+        bench_form=_uint4_bench_form,
+        k_multiple=128,
+        magnitude=_mag_uint4,
+        tol=8e-3,
+    ),
     # NF4 (block 64, QLoRA's default), MXFP4 (e2m1, e8m0 scales per 32), NVFP4 (e2m1, e4m3
     # scales per 16 and an fp32 tensor scale).
     "nf4_w16": _table_case("nf4_w16", "nf4", 64, ""),
     "fp4_w16": _table_case("fp4_w16", "fp4", 32, "mx"),
     "nvfp4_w16": _table_case("nvfp4_w16", "fp4", 16, "nv"),
     "act_quant": KernelCase(
-        "act_quant", act_quant.quantize_int8, act_quant.quantize_int8_reference,
-        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
-        lambda m, k, n: 2 * m * k + m * k + 4 * m),
+        "act_quant",
+        act_quant.quantize_int8,
+        act_quant.quantize_int8_reference,
+        act_quant_inputs,
+        lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m,
+    ),
     "act_quant_fp8": KernelCase(
-        "act_quant_fp8", act_quant.quantize_fp8, act_quant.quantize_fp8_reference,
-        act_quant_inputs, lambda m, k, n: 3.0 * m * k,
-        lambda m, k, n: 2 * m * k + m * k + 4 * m),
+        "act_quant_fp8",
+        act_quant.quantize_fp8,
+        act_quant.quantize_fp8_reference,
+        act_quant_inputs,
+        lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m,
+    ),
     # QuaRot's online Hadamard fused into the quantizer, against apply_hadamard + the reference;
     # "_wide" quantizes an [M, N] activation (the input of a layer whose K is this one's N), so
     # Wan's 8960-wide FFN rows take the gathered layout (pallas_kernels.hadamard_gather).
@@ -375,56 +467,62 @@ CASES: dict[str, KernelCase] = {
     "act_quant_hadamard_fp8": _hadamard_case("act_quant_hadamard_fp8", "fp8"),
     # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
     "act_quant_lowrank": KernelCase(
-        "act_quant_lowrank", lowrank_quant.quantize_lowrank, lowrank_quant.reference,
-        act_quant_lowrank_inputs, lambda m, k, n: 3.0 * m * k + 2.0 * m * k * 32,
+        "act_quant_lowrank",
+        lowrank_quant.quantize_lowrank,
+        lowrank_quant.reference,
+        act_quant_lowrank_inputs,
+        lambda m, k, n: 3.0 * m * k + 2.0 * m * k * 32,
         lambda m, k, n: 2 * m * k + m * k + 4 * m + 2 * m * 32 + 2 * k * 32,
-        magnitude=_mag_lowrank_h, tol=8e-3),
+        magnitude=_mag_lowrank_h,
+        tol=8e-3,
+    ),
 }
 
 
 def _rows(w) -> int:
-  """Output channels of a weight operand: ``[N, ...]`` arrays, or prepared (``W4Prepared``) weights."""
-  return w.n if isinstance(w, weight_only.W4Prepared) else w.shape[0]
+    """Output channels of a weight operand: ``[N, ...]`` arrays, or prepared (``W4Prepared``) weights."""
+    return w.n if isinstance(w, weight_only.W4Prepared) else w.shape[0]
 
 
 def kernel_path(name: str, inputs: tuple) -> str:
-  """Which implementation the public wrapper of ``name`` runs for ``inputs`` here (the raw
-  inputs of ``make_inputs``, or those of its ``bench_form``: x first, then the weights)."""
-  x = inputs[0]
-  if name in ("w8a8_int8", "w8a8_fp8"):
-    return "kernel" if w8a8.supports(inputs[0], inputs[2]) else "reference"
-  if name == "w4a8":
-    return "kernel" if w4a8.supports(inputs[0]) else "reference"
-  if name == "svdquant_r32":
-    return "kernel" if w4a8.supports(inputs[1]) else "reference"
-  if name == "w8a8_fp8_block":
-    return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
-  if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
-    if not _common.on_gpu():
-      return "reference"
-    if name == "w4a16" and w4a16_gemm.supports(x, n=_rows(inputs[1])):
-      return "kernel-large"
-    if name == "w8a16" and not weight_only.supports(x) and w4a16_gemm.supports(x, n=_rows(inputs[1]), bits=8):
-      return "kernel-large"
-    group = 32 if name == "w4a16_g32" else 128
-    flag = {"w8a16_fp8": weight_only.FP8_W16_GPU_VERIFIED,
-            "w4a16_zp": weight_only.ZERO_POINT_GPU_VERIFIED}.get(name, True)
-    ok = weight_only.supports(x, group) and _common.kernel_enabled(flag)
-    return "kernel" if ok else "xla-dequant"
-  if name in ("nf4_w16", "fp4_w16", "nvfp4_w16"):
-    if not _common.on_gpu():
-      return "reference"
-    fmt, block = {"nf4_w16": ("nf4", 64), "fp4_w16": ("fp4", 32), "nvfp4_w16": ("fp4", 16)}[name]
-    return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
-  if name == "act_quant_lowrank":
-    return "pallas" if lowrank_quant.supports(*inputs) else "xla"
-  if name.startswith("act_quant_hadamard"):
-    return "pallas" if act_quant.supports(x, hadamard=True) else "xla"
-  if name.startswith("act_quant"):
-    if not act_quant.supports(x):
-      return "xla"
-    return "triton" if act_quant._triton_usable(x) else "pallas"  # pylint: disable=protected-access
-  raise ValueError(f"unknown kernel {name!r}")
+    """Which implementation the public wrapper of ``name`` runs for ``inputs`` here (the raw
+    inputs of ``make_inputs``, or those of its ``bench_form``: x first, then the weights)."""
+    x = inputs[0]
+    if name in ("w8a8_int8", "w8a8_fp8"):
+        return "kernel" if w8a8.supports(inputs[0], inputs[2]) else "reference"
+    if name == "w4a8":
+        return "kernel" if w4a8.supports(inputs[0]) else "reference"
+    if name == "svdquant_r32":
+        return "kernel" if w4a8.supports(inputs[1]) else "reference"
+    if name == "w8a8_fp8_block":
+        return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
+    if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
+        if not _common.on_gpu():
+            return "reference"
+        if name == "w4a16" and w4a16_gemm.supports(x, n=_rows(inputs[1])):
+            return "kernel-large"
+        if name == "w8a16" and not weight_only.supports(x) and w4a16_gemm.supports(x, n=_rows(inputs[1]), bits=8):
+            return "kernel-large"
+        group = 32 if name == "w4a16_g32" else 128
+        flag = {"w8a16_fp8": weight_only.FP8_W16_GPU_VERIFIED, "w4a16_zp": weight_only.ZERO_POINT_GPU_VERIFIED}.get(
+            name, True
+        )
+        ok = weight_only.supports(x, group) and _common.kernel_enabled(flag)
+        return "kernel" if ok else "xla-dequant"
+    if name in ("nf4_w16", "fp4_w16", "nvfp4_w16"):
+        if not _common.on_gpu():
+            return "reference"
+        fmt, block = {"nf4_w16": ("nf4", 64), "fp4_w16": ("fp4", 32), "nvfp4_w16": ("fp4", 16)}[name]
+        return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
+    if name == "act_quant_lowrank":
+        return "pallas" if lowrank_quant.supports(*inputs) else "xla"
+    if name.startswith("act_quant_hadamard"):
+        return "pallas" if act_quant.supports(x, hadamard=True) else "xla"
+    if name.startswith("act_quant"):
+        if not act_quant.supports(x):
+            return "xla"
+        return "triton" if act_quant._triton_usable(x) else "pallas"  # pylint: disable=protected-access
+    raise ValueError(f"unknown kernel {name!r}")
 
 
 # --------------------------------------------------------------------------
@@ -433,81 +531,88 @@ def kernel_path(name: str, inputs: tuple) -> str:
 
 
 def out_ulp(dtype) -> float:
-  """Relative spacing of ``dtype``'s values (2^-7 for bf16): two roundings of nearly equal
-  values to ``dtype`` differ by at most this times their magnitude."""
-  dtype = jnp.dtype(dtype)
-  return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+    """Relative spacing of ``dtype``'s values (2^-7 for bf16): two roundings of nearly equal
+    values to ``dtype`` differ by at most this times their magnitude."""
+    dtype = jnp.dtype(dtype)
+    return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
 
 
 @functools.partial(jax.jit, static_argnames=("tol", "ulp"))
 def _dot_stats(out, ref, magnitude, tol, ulp):
-  a, b = out.astype(jnp.float32), ref.astype(jnp.float32)
-  err = jnp.abs(a - b)
-  bound = tol * magnitude.astype(jnp.float32) + ulp * jnp.abs(b)
-  ratio = jnp.max(jnp.where(err == 0, 0.0, err / jnp.maximum(bound, 1e-30)))
-  rel = jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)
-  return ratio, jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b)), rel, jnp.max(err)
+    a, b = out.astype(jnp.float32), ref.astype(jnp.float32)
+    err = jnp.abs(a - b)
+    bound = tol * magnitude.astype(jnp.float32) + ulp * jnp.abs(b)
+    ratio = jnp.max(jnp.where(err == 0, 0.0, err / jnp.maximum(bound, 1e-30)))
+    rel = jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)
+    return ratio, jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b)), rel, jnp.max(err)
 
 
 def check_dot(out: jax.Array, ref: jax.Array, magnitude: jax.Array, tol: float, rel_tol: float | None = None) -> dict:
-  """``|out - ref| <= tol * magnitude + ulp * |ref|`` elementwise, ``magnitude`` = ``|x| @ |w|^T
-  (+ |bias|)`` and ``ulp`` the coarser output dtype's spacing (:func:`out_ulp`).
+    """``|out - ref| <= tol * magnitude + ulp * |ref|`` elementwise, ``magnitude`` = ``|x| @ |w|^T
+    (+ |bias|)`` and ``ulp`` the coarser output dtype's spacing (:func:`out_ulp`).
 
-  Returns ``{"ok", "bound_ratio" (max of error over bound; ok means <= 1), "rel" (Frobenius, for
-  information), "max_abs", "detail"}``. Non-finite values fail. With ``rel_tol`` the Frobenius
-  error must also stay under it (attention: an average of many values, whose magnitude bound
-  alone would pass an output scaled wrong where the softmax is flat and the average cancels).
-  """
-  if tuple(out.shape) != tuple(ref.shape):
-    return {"ok": False, "detail": f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"}
-  ulp = max(out_ulp(out.dtype), out_ulp(ref.dtype))
-  ratio, finite, rel, max_abs = (float(v) for v in _dot_stats(out, ref, jnp.broadcast_to(magnitude, ref.shape),
-                                                              float(tol), ulp))
-  ok = bool(finite) and ratio <= 1.0 and (rel_tol is None or rel <= rel_tol)
-  detail = (f"err/bound={ratio:.3g} (tol {tol:g}*|x||w| + {ulp:.3g}*|ref|) rel={rel:.2e}"
-            + ("" if rel_tol is None else f" (<= {rel_tol:g})") + f" max_abs={max_abs:.3g}"
-            + ("" if finite else " NON-FINITE"))
-  return {"ok": ok, "bound_ratio": ratio, "rel": rel, "max_abs": max_abs, "detail": detail}
+    Returns ``{"ok", "bound_ratio" (max of error over bound; ok means <= 1), "rel" (Frobenius, for
+    information), "max_abs", "detail"}``. Non-finite values fail. With ``rel_tol`` the Frobenius
+    error must also stay under it (attention: an average of many values, whose magnitude bound
+    alone would pass an output scaled wrong where the softmax is flat and the average cancels).
+    """
+    if tuple(out.shape) != tuple(ref.shape):
+        return {"ok": False, "detail": f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"}
+    ulp = max(out_ulp(out.dtype), out_ulp(ref.dtype))
+    ratio, finite, rel, max_abs = (
+        float(v) for v in _dot_stats(out, ref, jnp.broadcast_to(magnitude, ref.shape), float(tol), ulp)
+    )
+    ok = bool(finite) and ratio <= 1.0 and (rel_tol is None or rel <= rel_tol)
+    detail = (
+        f"err/bound={ratio:.3g} (tol {tol:g}*|x||w| + {ulp:.3g}*|ref|) rel={rel:.2e}"
+        + ("" if rel_tol is None else f" (<= {rel_tol:g})")
+        + f" max_abs={max_abs:.3g}"
+        + ("" if finite else " NON-FINITE")
+    )
+    return {"ok": ok, "bound_ratio": ratio, "rel": rel, "max_abs": max_abs, "detail": detail}
 
 
 def check_gemm(out: jax.Array, ref: jax.Array, x: jax.Array, w_nk: jax.Array, tol: float = 1e-3) -> dict:
-  """:func:`check_dot` for ``x [M, K] @ w [N, K]^T`` (the XLA baselines)."""
-  return check_dot(out, ref, abs_dot(x, w_nk), tol)
+    """:func:`check_dot` for ``x [M, K] @ w [N, K]^T`` (the XLA baselines)."""
+    return check_dot(out, ref, abs_dot(x, w_nk), tol)
 
 
 @jax.jit
 def _quant_stats(q, s, qr, sr):
-  q, s, qr, sr = (v.astype(jnp.float32) for v in (q, s, qr, sr))
-  diff = jnp.abs(q - qr)
-  frac = jnp.mean((diff > 0).astype(jnp.float32))
-  s_err = jnp.max(jnp.abs(s - sr) / jnp.maximum(jnp.abs(sr), 1e-30))
-  finite = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(s))
-  return frac, jnp.max(diff), s_err, finite
+    q, s, qr, sr = (v.astype(jnp.float32) for v in (q, s, qr, sr))
+    diff = jnp.abs(q - qr)
+    frac = jnp.mean((diff > 0).astype(jnp.float32))
+    s_err = jnp.max(jnp.abs(s - sr) / jnp.maximum(jnp.abs(sr), 1e-30))
+    finite = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(s))
+    return frac, jnp.max(diff), s_err, finite
 
 
 def check_quantized(out: tuple, ref: tuple, quant_tol: tuple[float, float], h: dict | None = None) -> dict:
-  """Quantizer outputs ``(codes, scales)``: the fraction of differing codes and the largest
-  relative scale error against ``quant_tol``; ``h``: check_dot's verdict on a third output."""
-  q, s = out[:2]
-  qr, sr = ref[:2]
-  if q.shape != qr.shape or s.shape != sr.shape:
-    return {"ok": False, "detail": f"shapes {q.shape}, {s.shape} != reference {qr.shape}, {sr.shape}"}
-  frac, max_diff, s_err, finite = (float(v) for v in _quant_stats(q, s, qr, sr))
-  frac_tol, scale_tol = quant_tol
-  ok = bool(finite) and frac <= frac_tol and s_err <= scale_tol and (h is None or h["ok"])
-  detail = (f"mismatch_frac={frac:.2e} max_q_diff={max_diff:.3g} scale_rel={s_err:.2e}"
-            + ("" if finite else " NON-FINITE") + (f" h: {h['detail']}" if h else ""))
-  return {"ok": ok, "mismatch_frac": frac, "scale_rel": s_err, "detail": detail}
+    """Quantizer outputs ``(codes, scales)``: the fraction of differing codes and the largest
+    relative scale error against ``quant_tol``; ``h``: check_dot's verdict on a third output."""
+    q, s = out[:2]
+    qr, sr = ref[:2]
+    if q.shape != qr.shape or s.shape != sr.shape:
+        return {"ok": False, "detail": f"shapes {q.shape}, {s.shape} != reference {qr.shape}, {sr.shape}"}
+    frac, max_diff, s_err, finite = (float(v) for v in _quant_stats(q, s, qr, sr))
+    frac_tol, scale_tol = quant_tol
+    ok = bool(finite) and frac <= frac_tol and s_err <= scale_tol and (h is None or h["ok"])
+    detail = (
+        f"mismatch_frac={frac:.2e} max_q_diff={max_diff:.3g} scale_rel={s_err:.2e}"
+        + ("" if finite else " NON-FINITE")
+        + (f" h: {h['detail']}" if h else "")
+    )
+    return {"ok": ok, "mismatch_frac": frac, "scale_rel": s_err, "detail": detail}
 
 
 def compare(case: KernelCase, out, ref, inputs: tuple) -> dict:
-  """Judges ``out`` (the kernel's, or its bench form's) against ``ref`` (the reference on the
-  raw ``inputs``): quantizers by codes and scales, GEMMs by :func:`check_dot`."""
-  if isinstance(out, tuple):
-    h = None
-    if len(out) == 3:
-      h = check_dot(out[2], ref[2], case.magnitude(*inputs), case.tol)
-    return check_quantized(out, ref, case.quant_tol, h)
-  if case.magnitude is None:
-    raise ValueError(f"{case.name}: no magnitude to judge a dot product by")
-  return check_dot(out, ref, case.magnitude(*inputs), case.tol)
+    """Judges ``out`` (the kernel's, or its bench form's) against ``ref`` (the reference on the
+    raw ``inputs``): quantizers by codes and scales, GEMMs by :func:`check_dot`."""
+    if isinstance(out, tuple):
+        h = None
+        if len(out) == 3:
+            h = check_dot(out[2], ref[2], case.magnitude(*inputs), case.tol)
+        return check_quantized(out, ref, case.quant_tol, h)
+    if case.magnitude is None:
+        raise ValueError(f"{case.name}: no magnitude to judge a dot product by")
+    return check_dot(out, ref, case.magnitude(*inputs), case.tol)

@@ -37,14 +37,14 @@ _BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def copies_for(bytes_per_set: float, limit: int = 24, budget: float = 6e9) -> int:
-  """How many input sets to rotate so together they are >= 3x the L2 size."""
-  need = int(np.ceil(3 * L2_BYTES / max(bytes_per_set, 1)))
-  fit = max(1, int(budget // max(bytes_per_set, 1)))
-  return max(2, min(need, limit, fit))
+    """How many input sets to rotate so together they are >= 3x the L2 size."""
+    need = int(np.ceil(3 * L2_BYTES / max(bytes_per_set, 1)))
+    fit = max(1, int(budget // max(bytes_per_set, 1)))
+    return max(2, min(need, limit, fit))
 
 
 def _nbytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def time_fn(
@@ -54,127 +54,141 @@ def time_fn(
     iterations: int = 30,
     check: Callable[[object], dict] | None = None,
 ) -> dict:
-  """Microseconds per call of ``fn`` over ``input_sets`` (rotated): ``us`` (median), ``us_min``,
-  ``us_max`` over ``runs`` >= MIN_RUNS timed runs.
+    """Microseconds per call of ``fn`` over ``input_sets`` (rotated): ``us`` (median), ``us_min``,
+    ``us_max`` over ``runs`` >= MIN_RUNS timed runs.
 
-  With ``check``, the warm-up call's output on the first set is judged first (``check(out)`` ->
-  a dict with ``ok``; returned under ``check``); a failed check returns ``{"check": verdict}``
-  and no times."""
-  sets = list(input_sets)
-  iterations = max(int(iterations), MIN_RUNS)
+    With ``check``, the warm-up call's output on the first set is judged first (``check(out)`` ->
+    a dict with ``ok``; returned under ``check``); a failed check returns ``{"check": verdict}``
+    and no times."""
+    sets = list(input_sets)
+    iterations = max(int(iterations), MIN_RUNS)
 
-  @jax.jit
-  def run_all(all_sets):
-    return [fn(*s) for s in all_sets]
+    @jax.jit
+    def run_all(all_sets):
+        return [fn(*s) for s in all_sets]
 
-  outs = jax.block_until_ready(run_all(sets))  # compile + warm up
-  verdict = None
-  if check is not None:
-    verdict = check(outs[0])
-    if not verdict.get("ok"):
-      return {"check": verdict}
-  del outs
-  try:
-    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+    outs = jax.block_until_ready(run_all(sets))  # compile + warm up
+    verdict = None
+    if check is not None:
+        verdict = check(outs[0])
+        if not verdict.get("ok"):
+            return {"check": verdict}
+    del outs
+    try:
+        from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
 
-    _, runtimes_ms = profiler.measure(run_all, iterations=iterations)(sets)
-    if runtimes_ms is None:
-      raise RuntimeError("no kernels were launched")
-    per_call = [t * 1e3 / len(sets) for t in runtimes_ms]
-    method = "cupti"
-  except Exception:  # pylint: disable=broad-except
-    per_call = []
-    for _ in range(iterations):
-      start = time.perf_counter()
-      jax.block_until_ready(run_all(sets))
-      per_call.append((time.perf_counter() - start) * 1e6 / len(sets))
-    method = "wall"
-  return {
-      "us": statistics.median(per_call),
-      "us_min": min(per_call),
-      "us_max": max(per_call),
-      "runs": len(per_call),
-      "copies": len(sets),
-      "method": method,
-      **({} if verdict is None else {"check": verdict}),
-  }
+        _, runtimes_ms = profiler.measure(run_all, iterations=iterations)(sets)
+        if runtimes_ms is None:
+            raise RuntimeError("no kernels were launched")
+        per_call = [t * 1e3 / len(sets) for t in runtimes_ms]
+        method = "cupti"
+    except Exception:  # pylint: disable=broad-except
+        per_call = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            jax.block_until_ready(run_all(sets))
+            per_call.append((time.perf_counter() - start) * 1e6 / len(sets))
+        method = "wall"
+    return {
+        "us": statistics.median(per_call),
+        "us_min": min(per_call),
+        "us_max": max(per_call),
+        "runs": len(per_call),
+        "copies": len(sets),
+        "method": method,
+        **({} if verdict is None else {"check": verdict}),
+    }
 
 
-def check_then_time(fn: Callable, input_sets: Sequence[tuple], check: Callable[[object], dict], *,
-                    iterations: int = MIN_RUNS) -> dict:
-  """Runs ``fn`` (the warm-up call of :func:`time_fn`), judges its output on the first input set
-  with ``check(out)`` (a dict with ``ok``), and only if it passed times it.
+def check_then_time(
+    fn: Callable, input_sets: Sequence[tuple], check: Callable[[object], dict], *, iterations: int = MIN_RUNS
+) -> dict:
+    """Runs ``fn`` (the warm-up call of :func:`time_fn`), judges its output on the first input set
+    with ``check(out)`` (a dict with ``ok``), and only if it passed times it.
 
-  Returns ``{"status": "PASS" | "FAIL" | "ERROR", "check": verdict, "us", "us_min", ...}``
-  (no times unless PASS); an exception in the run, the check or the timing is an ERROR row
-  with ``error`` and ``traceback``, never a dropped row.
-  """
-  try:
-    t = time_fn(fn, input_sets, iterations=iterations, check=check)
-  except Exception as exc:  # pylint: disable=broad-except
-    return error_row(exc)
-  return {"status": "PASS" if "us" in t else "FAIL", **t}
+    Returns ``{"status": "PASS" | "FAIL" | "ERROR", "check": verdict, "us", "us_min", ...}``
+    (no times unless PASS); an exception in the run, the check or the timing is an ERROR row
+    with ``error`` and ``traceback``, never a dropped row.
+    """
+    try:
+        t = time_fn(fn, input_sets, iterations=iterations, check=check)
+    except Exception as exc:  # pylint: disable=broad-except
+        return error_row(exc)
+    return {"status": "PASS" if "us" in t else "FAIL", **t}
 
 
 def error_row(exc: BaseException) -> dict:
-  """``{"status": "ERROR", "error", "traceback"}`` for a row whose run raised."""
-  return {"status": "ERROR", "error": f"{type(exc).__name__}: {exc}"[:2000],
-          "traceback": traceback.format_exc()[-3000:]}
+    """``{"status": "ERROR", "error", "traceback"}`` for a row whose run raised."""
+    return {
+        "status": "ERROR",
+        "error": f"{type(exc).__name__}: {exc}"[:2000],
+        "traceback": traceback.format_exc()[-3000:],
+    }
 
 
 def git_commit() -> str:
-  """``git rev-parse HEAD`` of the repository (``-dirty`` with uncommitted changes to tracked
-  files); ``$JQUANT_COMMIT`` where there is no git (the GPU machine gets a copy of the working
-  tree; pass the commit in the command)."""
-  root = os.path.dirname(_BENCHMARKS)
-  try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                          check=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return head + ("-dirty" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    return os.environ.get("JQUANT_COMMIT", "unknown")
+    """``git rev-parse HEAD`` of the repository (``-dirty`` with uncommitted changes to tracked
+    files); ``$JQUANT_COMMIT`` where there is no git (the GPU machine gets a copy of the working
+    tree; pass the commit in the command)."""
+    root = os.path.dirname(_BENCHMARKS)
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("JQUANT_COMMIT", "unknown")
 
 
 def run_metadata(script: str | None = None, argv: Sequence[str] | None = None) -> dict:
-  """The record every benchmark JSON starts with: device, platform, date, commit, JAX, command."""
-  dev = jax.devices()[0]
-  script = script or os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(_BENCHMARKS))
-  argv = sys.argv[1:] if argv is None else list(argv)
-  return {"device": dev.device_kind, "platform": dev.platform,
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "commit": git_commit(), "jax": jax.__version__,
-          "command": " ".join(["python3", script, *argv])}
+    """The record every benchmark JSON starts with: device, platform, date, commit, JAX, command."""
+    dev = jax.devices()[0]
+    script = script or os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(_BENCHMARKS))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "jax": jax.__version__,
+        "command": " ".join(["python3", script, *argv]),
+    }
 
 
 def write_json(file_name: str, record: dict, folder: str | None = None) -> str:
-  """Writes ``record`` to ``<folder or benchmarks/>/<file_name>`` and a copy to ``$OUT`` when set
-  (where the GPU machine returns files); returns the first path."""
-  paths = [os.path.join(folder or _BENCHMARKS, file_name)]  # an absolute file_name stays as it is
-  if os.environ.get("OUT"):
-    paths.append(os.path.join(os.environ["OUT"], os.path.basename(file_name)))
-  for path in paths:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(record, f, indent=1, default=str)
-      f.write("\n")
-  return paths[0]
+    """Writes ``record`` to ``<folder or benchmarks/>/<file_name>`` and a copy to ``$OUT`` when set
+    (where the GPU machine returns files); returns the first path."""
+    paths = [os.path.join(folder or _BENCHMARKS, file_name)]  # an absolute file_name stays as it is
+    if os.environ.get("OUT"):
+        paths.append(os.path.join(os.environ["OUT"], os.path.basename(file_name)))
+    for path in paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+            f.write("\n")
+    return paths[0]
 
 
 def copy_bandwidth(iterations: int = 10) -> float:
-  """Measured device copy bandwidth in GB/s (bytes read + written) on 1 GiB of bf16."""
-  a = [jax.random.normal(jax.random.key(i), (2**29,), jnp.bfloat16) for i in range(2)]
-  t = time_fn(lambda v: v + jnp.bfloat16(1), [(v,) for v in a], iterations=iterations)
-  return 2 * a[0].size * 2 / t["us"] / 1e3
+    """Measured device copy bandwidth in GB/s (bytes read + written) on 1 GiB of bf16."""
+    a = [jax.random.normal(jax.random.key(i), (2**29,), jnp.bfloat16) for i in range(2)]
+    t = time_fn(lambda v: v + jnp.bfloat16(1), [(v,) for v in a], iterations=iterations)
+    return 2 * a[0].size * 2 / t["us"] / 1e3
 
 
 def write_rows(name: str, rows: list[dict]) -> str:
-  """Writes ``{device, jax, date, rows}`` to ``benchmarks/<name>-<device>.json`` (and ``$OUT`` when
-  set, where the GPU machine returns files); returns the benchmarks path."""
-  return write_json(f"{name}-{device_slug()}.json", {**run_metadata(), "rows": rows})
+    """Writes ``{device, jax, date, rows}`` to ``benchmarks/<name>-<device>.json`` (and ``$OUT`` when
+    set, where the GPU machine returns files); returns the benchmarks path."""
+    return write_json(f"{name}-{device_slug()}.json", {**run_metadata(), "rows": rows})
 
 
 def device_slug() -> str:
-  """``NVIDIA_H200``: the default device's kind for file names."""
-  return re.sub(r"[^A-Za-z0-9]+", "_", jax.devices()[0].device_kind).strip("_") or jax.devices()[0].platform
+    """``NVIDIA_H200``: the default device's kind for file names."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", jax.devices()[0].device_kind).strip("_") or jax.devices()[0].platform

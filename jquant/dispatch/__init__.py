@@ -18,7 +18,6 @@ axes of ``w`` (Flax kernel layout (in..., out...)). Paths, in order of preferenc
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +48,6 @@ def resolve_backend(backend: str = "auto") -> str:
     return b
 
 
-
-
-
-
-
-
 def linear(
     x: Array,
     w: QArray | Array,
@@ -76,7 +69,6 @@ def linear(
     """
     if hadamard:
         if lowrank is None and resolve_backend(backend) != "xla":
-
             y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=False, hadamard=True)
             if y is not None:
                 return y
@@ -104,7 +96,6 @@ def linear(
         return (x2 @ wf).reshape(*batch, *feat)
     b = resolve_backend(backend)
     if b != "xla":
-
         y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=b == "pallas", lowrank=lowrank)
         if y is not None:  # the kernel path adds the low-rank branch itself
             return y
@@ -121,10 +112,6 @@ def linear(
         else:
             y = dequantize(xq, x.dtype) @ dequantize(w, x.dtype)
     return y if lowrank is None else add_lowrank(y, x, lowrank, contract)
-
-
-
-
 
 
 def einsum(eq: str, x: Array, w: QArray | Array, *, act: QSpec | None = None, act_scale: Array | None = None) -> Array:

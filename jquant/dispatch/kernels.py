@@ -69,8 +69,7 @@ from pallas_kernels import (
 #: "xla_w16"; "xla_w16": the weights dequantized to bf16 + XLA's bf16 dot.
 PATHS = ("w8a8", "xla_w8a8", "w16", "xla_w16")
 #: Paths open to each layer kind (W8A8 layers may drop to their weight-only product).
-KIND_PATHS = {"int8/w8a8": PATHS, "fp8/w8a8": PATHS, "int8/w16": ("w16", "xla_w16"),
-              "int4g128/w16": ("w16", "xla_w16")}
+KIND_PATHS = {"int8/w8a8": PATHS, "fp8/w8a8": PATHS, "int8/w16": ("w16", "xla_w16"), "int4g128/w16": ("w16", "xla_w16")}
 #: The M at which scripts/bench_kernels.py --dispatch measures every path.
 MEASURED_M = (1, 16, 256, 4096, 32760)
 
@@ -111,8 +110,14 @@ def layer_kind(w: QArray, act: QSpec | None, act_scale=None) -> str | None:
         if spec.fmt == "int4" and spec.granularity == "group" and spec.group_size == 128:
             return "int4g128/w16"
         return None
-    if (act_scale is None and act.fmt == spec.fmt and spec.granularity == "channel" and act.symmetric
-            and not act.scaling and act.granularity in ("token", "channel")):
+    if (
+        act_scale is None
+        and act.fmt == spec.fmt
+        and spec.granularity == "channel"
+        and act.symmetric
+        and not act.scaling
+        and act.granularity in ("token", "channel")
+    ):
         return {"int8": "int8/w8a8", "fp8_e4m3": "fp8/w8a8"}.get(spec.fmt)
     return None
 
@@ -168,9 +173,11 @@ def derive_table(rows: list[dict]) -> dict[tuple[str, int, int], tuple[tuple[int
         ms = sorted({m for by_m in shapes for m in by_m})
         entries = []
         for m, b in zip(ms, _bounds(ms)):
+
             def regret(path, m=m):
                 ratios = [by_m[m].get(path, math.inf) / min(by_m[m].values()) for by_m in shapes if m in by_m]
                 return max(ratios)
+
             entries.append((b, min(KIND_PATHS[kind], key=regret)))
         table[(kind, 0, 0)] = _collapse(entries)
     return table
@@ -196,8 +203,14 @@ def _fused_lowrank(x2: jax.Array, lowrank):
 
 def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> bool:
     """Whether the activation quantizer kernel takes these activations (with the rotation)."""
-    return (act_scale is None and act.fmt in ("int8", "fp8_e4m3") and act.symmetric and not act.scaling
-            and act.scale_dtype == "float32" and act_quant.supports(x2, hadamard))
+    return (
+        act_scale is None
+        and act.fmt in ("int8", "fp8_e4m3")
+        and act.symmetric
+        and not act.scaling
+        and act.scale_dtype == "float32"
+        and act_quant.supports(x2, hadamard)
+    )
 
 
 def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -223,8 +236,13 @@ def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool, lo
     """``(codes, scales, epilogue operands or None)`` for the int8 GEMMs: with an SVDQuant branch
     the quantizer kernel also computes ``h = x @ A`` in its pass over ``x`` where it can
     (``lowrank_quant``), else ``h`` is its own XLA GEMM."""
-    if (lowrank is not None and not hadamard and w4a8.fused_rank(lowrank[0].shape[-1])
-            and _fused_tokens(x2, act, act_scale) and lowrank_quant.supports(x2, lowrank[0])):
+    if (
+        lowrank is not None
+        and not hadamard
+        and w4a8.fused_rank(lowrank[0].shape[-1])
+        and _fused_tokens(x2, act, act_scale)
+        and lowrank_quant.supports(x2, lowrank[0])
+    ):
         x_q, xs, h = lowrank_quant.quantize_lowrank(x2, lowrank[0], "int8" if act.fmt == "int8" else "fp8")
         return x_q, xs, (h, lowrank[1].T.astype(jnp.bfloat16))
     x_q, xs = quantize_tokens(x2, act, act_scale, hadamard)
@@ -261,8 +279,9 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
     if w.zero_point is not None:
         if spec.fmt != "uint4" or group is None or not weight_only.supports(x2, group):
             return None
-        return w4_table.uint4_matmul(x2, w.qvalue.T, decode_scale(w).T, w.zero_point.T, None, out_dtype,
-                                     group_size=group)
+        return w4_table.uint4_matmul(
+            x2, w.qvalue.T, decode_scale(w).T, w.zero_point.T, None, out_dtype, group_size=group
+        )
     if spec.fmt in w4_table.TABLES and group is not None:
         if not w4_table.supports(x2, group, spec.fmt):
             return None
@@ -270,8 +289,9 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
         # multiplies the output.
         nv = spec.scaling == "nv"
         scale = w.scale.astype(jnp.float32) if nv else decode_scale(w)
-        return w4_table.w4_table_matmul(x2, w.qvalue.T, scale.T, w.scale2 if nv else None, None,
-                                        out_dtype, fmt=spec.fmt, block=group)
+        return w4_table.w4_table_matmul(
+            x2, w.qvalue.T, scale.T, w.scale2 if nv else None, None, out_dtype, fmt=spec.fmt, block=group
+        )
     if spec.scaling:
         return None
     n = w.shape[-1]  # QArrays are (K, N)
@@ -280,14 +300,26 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
             return None
         return weight_only.w4a16_matmul(x2, w.qvalue.T, decode_scale(w).T, None, out_dtype, group_size=group)
     ws = _channel_scale(w)
-    if spec.fmt in ("int8", "fp8_e4m3", "fp8_e5m2") and ws is not None and (
-            weight_only.supports(x2) or (spec.fmt == "int8" and w4a16_gemm.supports(x2, n=n, bits=8))):
+    if (
+        spec.fmt in ("int8", "fp8_e4m3", "fp8_e5m2")
+        and ws is not None
+        and (weight_only.supports(x2) or (spec.fmt == "int8" and w4a16_gemm.supports(x2, n=n, bits=8)))
+    ):
         return weight_only.w8a16_matmul(x2, w.qvalue.T, ws, None, out_dtype)
     return None
 
 
-def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: bool = False,
-              lowrank=None, hadamard: bool = False, path: str | None = None):
+def maybe_run(
+    x: jax.Array,
+    w: QArray,
+    *,
+    act: QSpec | None,
+    act_scale,
+    force: bool = False,
+    lowrank=None,
+    hadamard: bool = False,
+    path: str | None = None,
+):
     """Run ``x @ w`` (plus ``(x @ A) @ B`` for ``lowrank=(A, B)``) with a Pallas kernel if one
     applies, else return None.
 
@@ -315,8 +347,9 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
         path = choose_path(kind, x2.shape[0], *w.shape)
     elif path is not None and path not in (KIND_PATHS.get(kind) or ()):
         raise ValueError(f"maybe_run: path {path!r} is not one of {KIND_PATHS.get(kind)} for this layer ({kind})")
-    if hadamard and not (act is not None and lowrank is None and path in (None, "w8a8")
-                         and _fused_tokens(x2, act, act_scale, True)):
+    if hadamard and not (
+        act is not None and lowrank is None and path in (None, "w8a8") and _fused_tokens(x2, act, act_scale, True)
+    ):
         return None
     if path == "xla_w8a8" or (path == "xla_w16" and act is None):
         return None  # jquant.dispatch.linear's XLA path
@@ -347,17 +380,21 @@ def maybe_run(x: jax.Array, w: QArray, *, act: QSpec | None, act_scale, force: b
 
 
 def _dispatch_tokens(x):
-  return quantize_tokens(x, parse_spec("int8/token"), None)
+    return quantize_tokens(x, parse_spec("int8/token"), None)
 
 
 def _jquant_tokens(x):
-  xq = quantize_activation(x, parse_spec("int8/token"), None)
-  return xq.qvalue, decode_scale(xq).reshape(-1, 1)
+    xq = quantize_activation(x, parse_spec("int8/token"), None)
+    return xq.qvalue, decode_scale(xq).reshape(-1, 1)
 
 
 CHECK_CASES: dict[str, testing.KernelCase] = {
     "act_quant_jquant": testing.KernelCase(
-        "act_quant_jquant", _dispatch_tokens, _jquant_tokens,
-        testing.act_quant_inputs, lambda m, k, n: 3.0 * m * k,
-        lambda m, k, n: 2 * m * k + m * k + 4 * m),
+        "act_quant_jquant",
+        _dispatch_tokens,
+        _jquant_tokens,
+        testing.act_quant_inputs,
+        lambda m, k, n: 3.0 * m * k,
+        lambda m, k, n: 2 * m * k + m * k + 4 * m,
+    ),
 }

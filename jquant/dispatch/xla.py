@@ -33,7 +33,9 @@ def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray
             return quantize(x, spec, scale=s.reshape((1,) * x.ndim), check_finite=False)
         want = x.shape[:-1] + (1,)
         if s.ndim > x.ndim or not all(a in (1, b) for a, b in zip(s.shape[::-1], want[::-1])):
-            raise ValueError(f"static activation scale of shape {s.shape} does not broadcast to the per-token shape {want}")
+            raise ValueError(
+                f"static activation scale of shape {s.shape} does not broadcast to the per-token shape {want}"
+            )
         spec = QSpec(act.fmt, "token", symmetric=act.symmetric, axis=-1)
         return quantize(x, spec, scale=jnp.broadcast_to(s, want), check_finite=False)
     if act.granularity != "token":
