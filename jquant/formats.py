@@ -22,6 +22,9 @@ Spec strings (used by the CLI, recipes and rules)::
             | s=DTYPE           scale dtype: float32 | bfloat16 | float16
             | axis=N            contraction axis (default 0: Flax kernels are (in, out))
 
+GGUF codecs fix their blocks and (float16) scales, and mxfp4/nvfp4 their scale encodings:
+options that would be ignored there (a granularity for a codec, ``s=`` for either) are errors.
+
 Examples: ``"int8"`` (per channel), ``"int4/g128"``, ``"uint4/g128"`` (zero points),
 ``"fp8_e4m3"``, ``"nf4/g64"``, ``"mxfp4"`` (32-element blocks, e8m0 scales), ``"nvfp4"``
 (16-element blocks, e4m3 scales and an fp32 tensor scale), ``"int8/token"``.
@@ -85,6 +88,9 @@ FORMATS: dict[str, Format] = {
 # Block-scaled fp4 variants are fp4 with fixed grouping and scale encodings.
 FP4_SCALINGS = {"mxfp4": ("mx", 32), "nvfp4": ("nv", 16)}
 CODEC_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
+# Values per GGUF block along the contraction axis: fixed by the codec, so a codec spec's only
+# granularity is groups of this size.
+CODEC_BLOCK = {"q8_0": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
 SCALE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -130,6 +136,17 @@ class QSpec:
             raise ValueError(f"{self.fmt} is asymmetric by definition (zero points); use int{self.fmt[4:]} for symmetric")
         if self.scaling and self.fmt != "fp4":
             raise ValueError("scaling 'mx'/'nv' applies only to fp4")
+        if self.scaling and self.scale_dtype != "float32":
+            raise ValueError(f"{spec_to_string(self)}: the block scales are e8m0/e4m3 by definition; s= does not apply")
+        if self.fmt in CODEC_FORMATS:  # ggml blocks fix their grouping and their (float16) scales
+            n = CODEC_BLOCK[self.fmt]
+            if self.granularity != "group" or self.group_size != n or self.scale_dtype != "float32":
+                raise ValueError(
+                    f"{self.fmt} has fixed {n}-value blocks with float16 scales; options t/c/gN/token/bRxC/s= do not "
+                    f"apply (only axis=N), got {self.granularity}"
+                    + (f" {self.group_size}" if self.granularity == "group" else "")
+                    + (f" s={self.scale_dtype}" if self.scale_dtype != "float32" else "")
+                )
 
     @property
     def format(self) -> Format:
@@ -148,8 +165,12 @@ class QSpec:
         return self.format.kind in ("int", "table") and self.format.bits < 8
 
     def block_shape(self, shape: tuple[int, ...], path: str = "") -> tuple[int, ...]:
-        """Resolve the granularity to one block size per axis of ``shape``."""
-        where = f" at {path!r}" if path else ""
+        """Resolve the granularity to one block size per axis of ``shape``.
+
+        A zero-length axis gets block size 0 along it (no blocks); every other axis must be
+        divided evenly by its block size.
+        """
+        where = f"{path}: " if path else ""
         nd = len(shape)
         if nd == 0:
             return ()
@@ -159,23 +180,23 @@ class QSpec:
             return (1,) * (nd - 1) + (shape[-1],)
         if self.granularity == "block":
             if nd < 2:
-                raise ValueError(f"2-D block scales need a tensor of rank >= 2{where}, got shape {shape}")
+                raise ValueError(f"{where}2-D block scales need a tensor of rank >= 2, got shape {shape}")
             r, c = self.block
             if shape[-2] % r or shape[-1] % c:
-                raise ValueError(f"block {r}x{c} does not divide the last two axes of shape {shape}{where}")
+                raise ValueError(f"{where}block {r}x{c} does not divide the last two axes of shape {shape}")
             return (1,) * (nd - 2) + (r, c)
         a = self.contraction_axis(nd, path)
         if self.granularity == "channel":
             return tuple(shape[i] if i == a else 1 for i in range(nd))
         g = self.group_size
         if shape[a] % g:
-            raise ValueError(f"group size {g} does not divide axis {a} (size {shape[a]}) of shape {shape}{where}")
+            raise ValueError(f"{where}group size {g} does not divide axis {a} (size {shape[a]}) of shape {shape}")
         return tuple(g if i == a else 1 for i in range(nd))
 
     def contraction_axis(self, ndim: int, path: str = "") -> int:
         a = self.axis + ndim if self.axis < 0 else self.axis
         if not 0 <= a < ndim:
-            raise ValueError(f"axis {self.axis} out of range for rank {ndim}" + (f" at {path!r}" if path else ""))
+            raise ValueError((f"{path}: " if path else "") + f"axis {self.axis} out of range for rank {ndim}")
         return a
 
     def __str__(self) -> str:
@@ -200,7 +221,7 @@ def parse_spec(spec: str | QSpec) -> QSpec:
     elif fmt.startswith("uint"):
         kw["symmetric"] = False
     elif fmt in CODEC_FORMATS:
-        kw.update(granularity="group", group_size=32 if fmt == "q8_0" else 256)
+        kw.update(granularity="group", group_size=CODEC_BLOCK[fmt])
     if fmt not in FORMATS and fmt not in CODEC_FORMATS:
         raise ValueError(f"unknown format {fmt!r} in spec {spec!r}; known: {sorted(FORMATS) + list(FP4_SCALINGS) + list(CODEC_FORMATS)}")
     for opt in opts:
