@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -125,17 +126,61 @@ def leaf_nbytes(x: Any) -> int:
     return int(x.size) * jnp.dtype(x.dtype).itemsize if hasattr(x, "dtype") else 0
 
 
-def quantize_params(params: Any, rules: Sequence[Rule] | QSpec | str) -> tuple[Any, Report]:
+class UnmatchedRuleWarning(UserWarning):
+    """A quantization rule whose pattern matches no leaf path of the tree: usually a typo."""
+
+
+def check_rules(rules: Sequence[Rule] | QSpec | str, tree: Any = None, *, strict: bool = False) -> list[Rule]:
+    """Validate a rule list; returns it with specs parsed (a single spec becomes ``[(".*", spec)]``).
+
+    Every error names the rule: a pattern that is not a compilable regex, a spec that does not
+    parse. With ``tree``, a rule whose pattern ``re.search``-matches no leaf path (leaves of
+    any kind: a rule keeping a norm in float matches even though norms are skipped anyway) is
+    reported with an :class:`UnmatchedRuleWarning`, or a ValueError under ``strict``. Rules that
+    match paths but decide nothing (a catch-all after rules that cover every layer) are fine.
+    """
+    single = isinstance(rules, (str, QSpec))
+    if single:
+        rules = [(".*", rules)]
+    out: list[Rule] = []
+    compiled: list[re.Pattern] = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))):
+            raise ValueError(f"rule {i}: expected a (regex, spec or None) pair, got {rule!r}")
+        pattern, spec = rule
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            at = f" at position {e.pos}" if e.pos is not None else ""
+            raise ValueError(f"rule {i} {pattern!r}: bad regular expression: {e.msg}{at}") from e
+        try:
+            out.append((pattern, None if spec is None else parse_spec(spec)))
+        except ValueError as e:
+            raise ValueError(f"rule {i} {pattern!r}: {e}") from e
+    if tree is not None and not single:
+        paths = [p for p, _ in flatten_with_paths(tree)]
+        missed = [c.pattern for c in compiled if not any(c.search(path) for path in paths)]
+        if missed:
+            ex = f" (e.g. {paths[0]!r})" if paths else ""
+            msg = (f"rule{'s' if len(missed) > 1 else ''} {', '.join(map(repr, missed))} "
+                   f"match{'' if len(missed) > 1 else 'es'} no leaf path of the tree's {len(paths)} leaves{ex}; a typo?")
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg, UnmatchedRuleWarning, stacklevel=3)
+    return out
+
+
+def quantize_params(
+    params: Any, rules: Sequence[Rule] | QSpec | str, *, strict: bool = False
+) -> tuple[Any, Report]:
     """Quantize every leaf a rule assigns a spec to; returns (new tree, report).
 
     ``rules`` may be a single spec (applied to every eligible leaf) or an ordered rule
-    list. Errors (NaN/Inf, indivisible groups, bad dtype) name the leaf's path.
+    list. Errors (NaN/Inf, indivisible groups, bad dtype) name the leaf's path; a bad rule
+    is named by :func:`check_rules`, which also warns (:class:`UnmatchedRuleWarning`) about
+    a rule that matches no leaf path, or raises a ValueError for it under ``strict``.
     """
-    if isinstance(rules, (str, QSpec)):
-        rules = [(".*", rules)]
-    rules = [(p, None if s is None else parse_spec(s)) for p, s in rules]
-    for p, _ in rules:
-        re.compile(p)
+    rules = check_rules(rules, params, strict=strict)
     rows: list[LeafReport] = []
 
     def one(path: str, leaf: Any) -> Any:
