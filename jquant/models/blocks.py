@@ -7,7 +7,7 @@ fused norms do in bf16). Every linear map is an `nn.Dense` so jquant can interce
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ from jquant.models.embeddings import (
     activation,
     timestep_embedding,
 )
-from jquant.models.port import KeyEntry, linear, norm
+from jquant.models.port import KeyEntry, feed_forward, linear, norm
 
 # diffusers FeedForward activation_fn -> (activation, gated). Gated ("swiglu") projects to twice the
 # inner width and multiplies the first half by act(second half).
@@ -30,6 +30,15 @@ FF_ACTIVATIONS: dict[str, tuple[str, bool]] = {
     "linear-silu": ("silu", False),
     "swiglu": ("silu", True),
 }
+
+
+class PortModule(nn.Module):
+    """Fields of a port's config-driven modules: the port's config, the compute dtype and the
+    attention backend (`attention` implementation; None = JAX's default)."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
 
 
 class LayerNorm(nn.Module):
@@ -389,8 +398,9 @@ def clip_fp16(x: jax.Array) -> jax.Array:
 
 
 class _StreamBlock(nn.Module):
-    """Fields shared by the double- and single-stream blocks: attention heads and head width, the
-    MLP width, softmax token order ([text, image] when `context_first`), Flux's fp16 clipping."""
+    """Fields and call shared by the double- and single-stream blocks: attention heads and head
+    width, the MLP width, softmax token order ([text, image] when `context_first`), Flux's fp16
+    clipping. Subclasses implement `forward`."""
 
     heads: int
     head_dim: int
@@ -399,13 +409,6 @@ class _StreamBlock(nn.Module):
     clip_fp16: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
-
-
-class DoubleStreamBlock(_StreamBlock):
-    """MM-DiT double-stream block (Flux, HunyuanVideo): separate adaLN-Zero (`norm1`,
-    `norm1_context`), FFNs (`ff`, `ff_context`) and q/k/v weights for image/video and text, one
-    joint attention `attn`. `context_first` is the softmax token order ([text, image] in Flux).
-    Returns (x, context)."""
 
     @nn.compact
     def __call__(
@@ -417,20 +420,41 @@ class DoubleStreamBlock(_StreamBlock):
         context_rope: Rope | None = None,
         context_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
+        """(x, context) after the block; one signature for both kinds, so a port stacks either."""
+
+        def attend(norm_x: jax.Array, norm_c: jax.Array, **options: Any) -> tuple[jax.Array, jax.Array]:
+            """The block's joint attention `attn` over (x, context) with the rope tables and mask."""
+            attn = JointAttention(
+                self.heads,
+                self.head_dim,
+                context_first=self.context_first,
+                dtype=self.dtype,
+                attention_impl=self.attention_impl,
+                name="attn",
+                **options,
+            )
+            return attn(norm_x, norm_c, rope, context_rope, context_mask)
+
+        return self.forward(x, context, temb, attend)
+
+    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
+        """The block's own math; `attend(norm_x, norm_c, **JointAttention options)` runs `attn`."""
+        raise NotImplementedError
+
+
+class DoubleStreamBlock(_StreamBlock):
+    """MM-DiT double-stream block (Flux, HunyuanVideo): separate adaLN-Zero (`norm1`,
+    `norm1_context`), FFNs (`ff`, `ff_context`) and q/k/v weights for image/video and text, one
+    joint attention `attn`. `context_first` is the softmax token order ([text, image] in Flux).
+    Returns (x, context)."""
+
+    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
         dim = x.shape[-1]
         norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp), _ = AdaLayerNorm(6, dtype=self.dtype, name="norm1")(x, temb)
         norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp), _ = AdaLayerNorm(
             6, dtype=self.dtype, name="norm1_context"
         )(context, temb)
-        attn = JointAttention(
-            self.heads,
-            self.head_dim,
-            context_first=self.context_first,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-            name="attn",
-        )
-        attn_x, attn_c = attn(norm_x, norm_c, rope, context_rope, context_mask)
+        attn_x, attn_c = attend(norm_x, norm_c)
 
         x = x + gate_msa[:, None] * attn_x
         h = modulate(LayerNorm(1e-6, name="norm2")(x), shift_mlp, scale_mlp)
@@ -448,33 +472,14 @@ class SingleStreamBlock(_StreamBlock):
     adaLN (`norm`, 3 chunks), attention and a GELU MLP (`proj_mlp`) in parallel, one fused
     `proj_out`. Returns (x, context)."""
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        context: jax.Array,
-        temb: jax.Array,
-        rope: Rope | None = None,
-        context_rope: Rope | None = None,
-        context_mask: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
+    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
         dim = x.shape[-1]
         n_ctx = context.shape[1]
         h = jnp.concatenate([context, x] if self.context_first else [x, context], axis=1)
         norm_h, (gate,), _ = AdaLayerNorm(3, dtype=self.dtype, name="norm")(h, temb)
         mlp = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="proj_mlp")(norm_h), approximate=True)
         norm_c, norm_x = (norm_h[:, :n_ctx], norm_h[:, n_ctx:]) if self.context_first else (norm_h[:, -n_ctx:], norm_h[:, :-n_ctx])
-        attn = JointAttention(
-            self.heads,
-            self.head_dim,
-            shared_qkv=True,
-            context_first=self.context_first,
-            output="none",
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-            name="attn",
-        )
-        attn_x, attn_c = attn(norm_x, norm_c, rope, context_rope, context_mask)
+        attn_x, attn_c = attend(norm_x, norm_c, shared_qkv=True, output="none")
         attn_out = jnp.concatenate([attn_c, attn_x] if self.context_first else [attn_x, attn_c], axis=1)
         out = nn.Dense(dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn_out, mlp], axis=-1))
         h = h + gate[:, None] * out
@@ -491,9 +496,7 @@ def double_stream_keys(f: str, t: str) -> list[KeyEntry]:
     entries += linear(f"{f}/attn/to_out_0", f"{t}.attn.to_out.0")
     for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
         entries += norm(f"{f}/attn/{n}", f"{t}.attn.{n}", bias=False)
-    for ff in ("ff", "ff_context"):
-        entries += linear(f"{f}/{ff}/net_0/proj", f"{t}.{ff}.net.0.proj") + linear(f"{f}/{ff}/net_2", f"{t}.{ff}.net.2")
-    return entries
+    return entries + feed_forward(f"{f}/ff", f"{t}.ff") + feed_forward(f"{f}/ff_context", f"{t}.ff_context")
 
 
 def single_stream_keys(f: str, t: str) -> list[KeyEntry]:

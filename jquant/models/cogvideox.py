@@ -21,24 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import (
-    AdaLayerNorm,
-    FeedForward,
-    JointAttention,
-    LayerNorm,
-    modulate,
-    patchify,
-    unpatchify,
-)
-from jquant.models.embeddings import (
-    ACTIVATIONS,
-    EmbedMLP,
-    axes_rope_tables,
-    sincos_1d,
-    timestep_embedding,
-)
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from jquant.models.roles import assign_roles
+from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, LayerNorm, PortModule, modulate, patchify, unpatchify
+from jquant.models.embeddings import ACTIVATIONS, EmbedMLP, axes_rope_tables, sincos_1d, timestep_embedding
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, attention_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.roles import ADA_OUTPUT_RULES, attn_rules, ffn_rules
 
 F32 = jnp.float32
 
@@ -89,14 +75,6 @@ class CogVideoXConfig(DiffusersConfig):
             raise ValueError("CogVideoXConfig: patch_size_t needs RoPE (diffusers' sin-cos table assumes no temporal patching)")
         if (self.inner_dim * 3 // 4) % 4 or self.attention_head_dim % 8:
             raise ValueError("CogVideoXConfig: inner_dim must be divisible by 16 and attention_head_dim by 8")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels or self.in_channels
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -162,12 +140,10 @@ class ExpertNormZero(nn.Module):
         return modulate(ln(x), shift, scale), modulate(ln(context), c_shift, c_scale), gate, c_gate
 
 
-class CogVideoXBlock(nn.Module):
+class CogVideoXBlock(PortModule):
     """Expert block: modulated [text, video] -> joint attention (shared weights) -> shared FFN."""
 
     config: CogVideoXConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -231,13 +207,11 @@ class CogVideoXPatchEmbed(nn.Module):
         return (frames, cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size)
 
 
-class CogVideoXTransformer3D(nn.Module):
+class CogVideoXTransformer3D(PortModule):
     """CogVideoX transformer: latents [B, F, C, H, W], text [B, L, text_embed_dim], timestep [B]
     (0..999), `ofs` [B] (I2V 1.5 configs with ofs_embed_dim) -> v-prediction [B, F, C_out, H, W]."""
 
     config: CogVideoXConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -281,9 +255,7 @@ def key_map(cfg: CogVideoXConfig) -> list[KeyEntry]:
     if cfg.ofs_embed_dim is not None:
         entries += mlp("ofs_embedding", "ofs_embedding")
     if cfg.patch_size_t is None:
-        entries.append(KeyEntry(f"{pe}/proj/kernel", f"{pe}.proj.weight", "patch", (d, cfg.in_channels, cfg.patch_size, cfg.patch_size)))
-        if cfg.patch_bias:
-            entries.append(KeyEntry(f"{pe}/proj/bias", f"{pe}.proj.bias"))
+        entries += patch(f"{pe}/proj", f"{pe}.proj", (d, cfg.in_channels, cfg.patch_size, cfg.patch_size), cfg.patch_bias)
     else:
         entries += linear(f"{pe}/proj", f"{pe}.proj")
     entries += linear(f"{pe}/text_proj", f"{pe}.text_proj")
@@ -295,34 +267,23 @@ def key_map(cfg: CogVideoXConfig) -> list[KeyEntry]:
         for n in ("norm1", "norm2"):
             entries += linear(f"{f}/{n}/linear", f"{t}.{n}.linear")
             entries += norm(f"{f}/{n}/norm", f"{t}.{n}.norm") if affine else []
-        for proj in ("to_q", "to_k", "to_v"):
-            entries += linear(f"{f}/attn1/{proj}", f"{t}.attn1.{proj}", bias=cfg.attention_bias)
-        entries += linear(f"{f}/attn1/to_out_0", f"{t}.attn1.to_out.0")
-        entries += norm(f"{f}/attn1/norm_q", f"{t}.attn1.norm_q") + norm(f"{f}/attn1/norm_k", f"{t}.attn1.norm_k")
-        entries += linear(f"{f}/ff/net_0/proj", f"{t}.ff.net.0.proj") + linear(f"{f}/ff/net_2", f"{t}.ff.net.2")
+        entries += attention_keys(f"{f}/attn1", f"{t}.attn1", bias=cfg.attention_bias, qk_norm="layer_norm")
+        entries += feed_forward(f"{f}/ff", f"{t}.ff")
     if affine:
         entries += norm("norm_final", "norm_final") + norm("norm_out/norm", "norm_out.norm")
-    return entries + linear("norm_out/linear", "norm_out.linear") + linear("proj_out", "proj_out")
+    return entries + ada_output_keys()
 
 
 _BLOCK = r"transformer_blocks_\d+"
+# Text and video share every projection (only the norm1/norm2 modulations are per-modality
+# "experts"), so the joint attention's projections are `text_fusion`.
 ROLE_RULES = (
     (r"time_embedding/.*|ofs_embedding/.*|patch_embed/(proj|text_proj)", ("embedder",)),
     (rf"{_BLOCK}/norm[12]/linear", ("modulation",)),
-    (rf"{_BLOCK}/attn1/to_[qkv]", ("attn.qkv", "self_attn", "text_fusion")),
-    (rf"{_BLOCK}/attn1/to_out_0", ("attn.out", "self_attn", "text_fusion")),
-    (rf"{_BLOCK}/ff/net_0/proj", ("ffn.up",)),
-    (rf"{_BLOCK}/ff/net_2", ("ffn.down",)),
-    (r"norm_out/linear", ("modulation", "final")),
-    (r"proj_out", ("final",)),
+    *attn_rules(f"{_BLOCK}/attn1", "self_attn", "text_fusion"),
+    *ffn_rules(f"{_BLOCK}/ff"),
+    *ADA_OUTPUT_RULES,
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of a CogVideoX param tree. Text and video share every
-    projection (only the norm1/norm2 modulations are per-modality "experts"), so the joint
-    attention's projections are `text_fusion`."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: CogVideoXConfig) -> dict[str, jax.Array]:
@@ -340,19 +301,9 @@ def dummy_inputs(cfg: CogVideoXConfig) -> dict[str, jax.Array]:
     return inputs
 
 
-PORT = Port(
-    class_names=("CogVideoXTransformer3DModel",),
-    config_cls=CogVideoXConfig,
-    module_cls=CogVideoXTransformer3D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: CogVideoXConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 CogVideoX params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(CogVideoXConfig, CogVideoXTransformer3D, key_map, dummy_inputs, ROLE_RULES)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 # Published configs (THUDM/CogVideoX-{2b,5b} transformer/config.json).

@@ -13,19 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import (
-    FF_ACTIVATIONS,
-    AdaLayerNorm,
-    Attention,
-    FeedForward,
-    LayerNorm,
-    modulate,
-    patchify,
-    unpatchify,
-)
+from jquant.models.blocks import FF_ACTIVATIONS, AdaLayerNorm, Attention, FeedForward, LayerNorm, PortModule, modulate, patchify, unpatchify
 from jquant.models.embeddings import sincos_2d_pos_embed
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, norm
-from jquant.models.roles import assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, attention_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.roles import attn_rules, ffn_rules
 
 F32 = jnp.float32
 
@@ -62,11 +53,8 @@ class DiTConfig(DiffusersConfig):
             raise ValueError(f"DiTConfig.activation_fn {self.activation_fn!r} not in {sorted(FF_ACTIVATIONS)}")
 
     @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
     def out_dim(self) -> int:
+        """Transformer2DModel resolves only a missing `out_channels` to `in_channels`."""
         return self.in_channels if self.out_channels is None else self.out_channels
 
 
@@ -85,14 +73,12 @@ class DiTPatchEmbed(nn.Module):
         return (tokens + pos[None]).astype(tokens.dtype), grid
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(PortModule):
     """diffusers `BasicTransformerBlock` with norm_type="ada_norm_zero" and no cross-attention.
     Returns the block output and its conditioning embedding (the model's final layer reuses
     block 0's)."""
 
     config: DiTConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, timestep: jax.Array, class_labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,13 +100,11 @@ class DiTBlock(nn.Module):
         return x, cond
 
 
-class DiTTransformer2D(nn.Module):
+class DiTTransformer2D(PortModule):
     """DiT: latents [B, C, H, W], timestep [B], class_labels [B] (int; `num_embeds_ada_norm` is the
     null class) -> [B, C_out, H, W]."""
 
     config: DiTConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, timestep: jax.Array, class_labels: jax.Array) -> jax.Array:
@@ -143,25 +127,19 @@ class DiTTransformer2D(nn.Module):
 def key_map(cfg: DiTConfig) -> list[KeyEntry]:
     """Explicit diffusers <-> Flax key map for a DiT config."""
     p, d = cfg.patch_size, cfg.inner_dim
-    entries = [
-        KeyEntry("pos_embed/proj/kernel", "pos_embed.proj.weight", "patch", (d, cfg.in_channels, p, p)),
-        KeyEntry("pos_embed/proj/bias", "pos_embed.proj.bias"),
-    ]
+    entries = patch("pos_embed/proj", "pos_embed.proj", (d, cfg.in_channels, p, p))
     for i in range(cfg.num_layers):
         f, t = f"transformer_blocks_{i}", f"transformer_blocks.{i}"
         emb_f, emb_t = f"{f}/norm1/emb", f"{t}.norm1.emb"
-        entries += linear(f"{emb_f}/timestep_embedder/linear_1", f"{emb_t}.timestep_embedder.linear_1")
-        entries += linear(f"{emb_f}/timestep_embedder/linear_2", f"{emb_t}.timestep_embedder.linear_2")
+        entries += mlp(f"{emb_f}/timestep_embedder", f"{emb_t}.timestep_embedder")
         entries.append(
             KeyEntry(f"{emb_f}/class_embedder/embedding_table/embedding", f"{emb_t}.class_embedder.embedding_table.weight")
         )
         entries += linear(f"{f}/norm1/linear", f"{t}.norm1.linear")
-        for proj in ("to_q", "to_k", "to_v"):
-            entries += linear(f"{f}/attn1/{proj}", f"{t}.attn1.{proj}", bias=cfg.attention_bias)
-        entries += linear(f"{f}/attn1/to_out_0", f"{t}.attn1.to_out.0")
+        entries += attention_keys(f"{f}/attn1", f"{t}.attn1", bias=cfg.attention_bias, qk_norm=None)
         if cfg.norm_elementwise_affine:
             entries += norm(f"{f}/norm3", f"{t}.norm3")
-        entries += linear(f"{f}/ff/net_0/proj", f"{t}.ff.net.0.proj") + linear(f"{f}/ff/net_2", f"{t}.ff.net.2")
+        entries += feed_forward(f"{f}/ff", f"{t}.ff")
     return entries + linear("proj_out_1", "proj_out_1") + linear("proj_out_2", "proj_out_2")
 
 
@@ -169,18 +147,11 @@ ROLE_RULES = (
     (r"pos_embed/proj", ("embedder",)),
     (r"transformer_blocks_\d+/norm1/emb/.*", ("embedder",)),
     (r"transformer_blocks_\d+/norm1/linear", ("modulation",)),
-    (r"transformer_blocks_\d+/attn1/to_[qkv]", ("attn.qkv", "self_attn")),
-    (r"transformer_blocks_\d+/attn1/to_out_0", ("attn.out", "self_attn")),
-    (r"transformer_blocks_\d+/ff/net_0/proj", ("ffn.up",)),
-    (r"transformer_blocks_\d+/ff/net_2", ("ffn.down",)),
+    *attn_rules(r"transformer_blocks_\d+/attn1", "self_attn"),
+    *ffn_rules(r"transformer_blocks_\d+/ff"),
     (r"proj_out_1", ("modulation", "final")),
     (r"proj_out_2", ("final",)),
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of a DiT param tree."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: DiTConfig) -> dict[str, jax.Array]:
@@ -193,19 +164,9 @@ def dummy_inputs(cfg: DiTConfig) -> dict[str, jax.Array]:
     }
 
 
-PORT = Port(
-    class_names=("DiTTransformer2DModel", "Transformer2DModel"),
-    config_cls=DiTConfig,
-    module_cls=DiTTransformer2D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: DiTConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 DiT params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(DiTConfig, DiTTransformer2D, key_map, dummy_inputs, ROLE_RULES, aliases=("Transformer2DModel",))
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 # Published config (facebook/DiT-XL-2-256 transformer/config.json; learned sigma: 8 out channels).

@@ -7,22 +7,15 @@ Inputs use diffusers' layout: packed image tokens [B, S, in_channels], text [B, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import (
-    AdaLayerNorm,
-    DoubleStreamBlock,
-    SingleStreamBlock,
-    double_stream_keys,
-    single_stream_keys,
-)
+from jquant.models.blocks import AdaLayerNorm, DoubleStreamBlock, PortModule, SingleStreamBlock, double_stream_keys, single_stream_keys
 from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear
-from jquant.models.roles import STREAM_BLOCK_RULES, assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, linear, mlp
+from jquant.models.roles import ADA_OUTPUT_RULES, STREAM_BLOCK_RULES
 
 F32 = jnp.float32
 
@@ -51,23 +44,13 @@ class FluxConfig(DiffusersConfig):
                 f"FluxConfig: sum(axes_dims_rope)={sum(self.axes_dims_rope)} != attention_head_dim={self.attention_head_dim}"
             )
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels or self.in_channels
-
-
-class FluxTransformer2D(nn.Module):
+class FluxTransformer2D(PortModule):
     """Flux transformer: packed latents [B, S, in], text [B, L, joint], pooled [B, pooled_dim],
     timestep [B] in [0, 1], img_ids [S, 3], txt_ids [L, 3], guidance [B] (guidance-distilled
     configs only) -> [B, S, patch^2 * out]."""
 
     config: FluxConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -121,25 +104,19 @@ def key_map(cfg: FluxConfig) -> list[KeyEntry]:
     embedders = ["timestep_embedder", "text_embedder"] + (["guidance_embedder"] if cfg.guidance_embeds else [])
     entries = [*linear("x_embedder", "x_embedder"), *linear("context_embedder", "context_embedder")]
     for e in embedders:
-        entries += linear(f"{tte}/{e}/linear_1", f"{tte}.{e}.linear_1") + linear(f"{tte}/{e}/linear_2", f"{tte}.{e}.linear_2")
+        entries += mlp(f"{tte}/{e}", f"{tte}.{e}")
     for i in range(cfg.num_layers):
         entries += double_stream_keys(f"transformer_blocks_{i}", f"transformer_blocks.{i}")
     for i in range(cfg.num_single_layers):
         entries += single_stream_keys(f"single_transformer_blocks_{i}", f"single_transformer_blocks.{i}")
-    return entries + linear("norm_out/linear", "norm_out.linear") + linear("proj_out", "proj_out")
+    return entries + ada_output_keys()
 
 
 ROLE_RULES = (
     (r"x_embedder|context_embedder|time_text_embed/.*", ("embedder",)),
     *STREAM_BLOCK_RULES,
-    (r"norm_out/linear", ("modulation", "final")),
-    (r"proj_out", ("final",)),
+    *ADA_OUTPUT_RULES,
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of a Flux param tree."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: FluxConfig) -> dict[str, jax.Array]:
@@ -158,19 +135,9 @@ def dummy_inputs(cfg: FluxConfig) -> dict[str, jax.Array]:
     return inputs
 
 
-PORT = Port(
-    class_names=("FluxTransformer2DModel",),
-    config_cls=FluxConfig,
-    module_cls=FluxTransformer2D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: FluxConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 Flux params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(FluxConfig, FluxTransformer2D, key_map, dummy_inputs, ROLE_RULES)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 # Published configs (black-forest-labs/FLUX.1-{dev,schnell} transformer/config.json).

@@ -26,18 +26,15 @@ from jquant.models.blocks import (
     FeedForward,
     LayerNorm,
     PatchEmbed,
+    PortModule,
     SingleStreamBlock,
     double_stream_keys,
     single_stream_keys,
     unpatchify,
 )
-from jquant.models.embeddings import (
-    CombinedTimestepTextEmbedding,
-    axes_rope_tables,
-    grid_positions,
-)
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from jquant.models.roles import STREAM_BLOCK_RULES, assign_roles
+from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables, grid_positions
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, attention_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.roles import ADA_OUTPUT_RULES, STREAM_BLOCK_RULES, attn_rules, ffn_rules
 
 F32 = jnp.float32
 
@@ -81,10 +78,6 @@ class HunyuanVideoConfig(DiffusersConfig):
             )
 
     @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
     def mlp_dim(self) -> int:
         return int(self.inner_dim * self.mlp_ratio)
 
@@ -93,13 +86,11 @@ class HunyuanVideoConfig(DiffusersConfig):
         return (self.patch_size_t, self.patch_size, self.patch_size)
 
 
-class RefinerBlock(nn.Module):
+class RefinerBlock(PortModule):
     """Token-refiner block: LayerNorm -> masked self-attention -> LayerNorm -> SiLU MLP, both residuals
     gated by `norm_out/linear(silu(temb))` (diffusers' HunyuanVideoAdaNorm)."""
 
     config: HunyuanVideoConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -125,12 +116,10 @@ class AdaGate(nn.Module):
         return nn.Dense(self.features, dtype=self.dtype, name="linear")(nn.silu(temb))
 
 
-class TokenRefiner(nn.Module):
+class TokenRefiner(PortModule):
     """diffusers' HunyuanVideoTokenRefiner: text [B, L, text_dim] -> refined text [B, L, inner]."""
 
     config: HunyuanVideoConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, text: jax.Array, timestep: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -148,12 +137,10 @@ class TokenRefiner(nn.Module):
         return RefinerBlocks(cfg, self.dtype, self.attention_impl, name="token_refiner")(x, temb, self_mask)
 
 
-class RefinerBlocks(nn.Module):
+class RefinerBlocks(PortModule):
     """diffusers' HunyuanVideoIndividualTokenRefiner: the stack `refiner_blocks_{i}`."""
 
     config: HunyuanVideoConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -167,14 +154,12 @@ def rope_tables(cfg: HunyuanVideoConfig, grid: tuple[int, int, int]) -> tuple[ja
     return axes_rope_tables(jnp.asarray(grid_positions(grid)), cfg.rope_axes_dim, cfg.rope_theta)
 
 
-class HunyuanVideoTransformer3D(nn.Module):
+class HunyuanVideoTransformer3D(PortModule):
     """HunyuanVideo transformer: latents [B, C, F, H, W], timestep [B] (0..1000), text
     [B, L, text_embed_dim] with mask [B, L] (1 = token, None = all), pooled text [B, pooled_dim],
     guidance [B] (scale * 1000, guidance-distilled configs only) -> velocity [B, C_out, F, H, W]."""
 
     config: HunyuanVideoConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -221,10 +206,7 @@ def key_map(cfg: HunyuanVideoConfig) -> list[KeyEntry]:
     """Explicit diffusers <-> Flax key map for a HunyuanVideo config."""
     d = cfg.inner_dim
     tte, ce = "time_text_embed", "context_embedder"
-    entries = [
-        KeyEntry("x_embedder/proj/kernel", "x_embedder.proj.weight", "patch", (d, cfg.in_channels, *cfg.patch)),
-        KeyEntry("x_embedder/proj/bias", "x_embedder.proj.bias"),
-    ]
+    entries = patch("x_embedder/proj", "x_embedder.proj", (d, cfg.in_channels, *cfg.patch))
     embedders = ["timestep_embedder", "text_embedder"] + (["guidance_embedder"] if cfg.guidance_embeds else [])
     for e in embedders:
         entries += mlp(f"{tte}/{e}", f"{tte}.{e}")
@@ -234,36 +216,25 @@ def key_map(cfg: HunyuanVideoConfig) -> list[KeyEntry]:
     for i in range(cfg.num_refiner_layers):
         f, t = f"{ce}/token_refiner/refiner_blocks_{i}", f"{ce}.token_refiner.refiner_blocks.{i}"
         entries += norm(f"{f}/norm1", f"{t}.norm1") + norm(f"{f}/norm2", f"{t}.norm2")
-        for proj in ("to_q", "to_k", "to_v"):
-            entries += linear(f"{f}/attn/{proj}", f"{t}.attn.{proj}")
-        entries += linear(f"{f}/attn/to_out_0", f"{t}.attn.to_out.0")
-        entries += linear(f"{f}/ff/net_0/proj", f"{t}.ff.net.0.proj") + linear(f"{f}/ff/net_2", f"{t}.ff.net.2")
+        entries += attention_keys(f"{f}/attn", f"{t}.attn", qk_norm=None) + feed_forward(f"{f}/ff", f"{t}.ff")
         entries += linear(f"{f}/norm_out/linear", f"{t}.norm_out.linear")
     for i in range(cfg.num_layers):
         entries += double_stream_keys(f"transformer_blocks_{i}", f"transformer_blocks.{i}")
     for i in range(cfg.num_single_layers):
         entries += single_stream_keys(f"single_transformer_blocks_{i}", f"single_transformer_blocks.{i}")
-    return entries + linear("norm_out/linear", "norm_out.linear") + linear("proj_out", "proj_out")
+    return entries + ada_output_keys()
 
 
 _REFINER = r"context_embedder/token_refiner/refiner_blocks_\d+"
+# Token-refiner layers are text-only self-attention: `self_attn` without `text_fusion`.
 ROLE_RULES = (
     (r"x_embedder/proj|time_text_embed/.*|context_embedder/(time_text_embed/.*|proj_in)", ("embedder",)),
-    (rf"{_REFINER}/attn/to_[qkv]", ("attn.qkv", "self_attn")),
-    (rf"{_REFINER}/attn/to_out_0", ("attn.out", "self_attn")),
-    (rf"{_REFINER}/ff/net_0/proj", ("ffn.up",)),
-    (rf"{_REFINER}/ff/net_2", ("ffn.down",)),
+    *attn_rules(f"{_REFINER}/attn", "self_attn"),
+    *ffn_rules(f"{_REFINER}/ff"),
     (rf"{_REFINER}/norm_out/linear", ("modulation",)),
     *STREAM_BLOCK_RULES,
-    (r"norm_out/linear", ("modulation", "final")),
-    (r"proj_out", ("final",)),
+    *ADA_OUTPUT_RULES,
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of a HunyuanVideo param tree (token-refiner layers are
-    text-only self-attention: `self_attn` without `text_fusion`)."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: HunyuanVideoConfig) -> dict[str, jax.Array | None]:
@@ -280,19 +251,9 @@ def dummy_inputs(cfg: HunyuanVideoConfig) -> dict[str, jax.Array | None]:
     return inputs
 
 
-PORT = Port(
-    class_names=("HunyuanVideoTransformer3DModel",),
-    config_cls=HunyuanVideoConfig,
-    module_cls=HunyuanVideoTransformer3D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: HunyuanVideoConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 HunyuanVideo params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(HunyuanVideoConfig, HunyuanVideoTransformer3D, key_map, dummy_inputs, ROLE_RULES)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 def flow_shift_sigmas(num_steps: int) -> np.ndarray:

@@ -23,25 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import (
-    AdaLayerNormSingle,
-    Attention,
-    FeedForward,
-    RMSNorm,
-    key_mask,
-)
+from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, PortModule, RMSNorm, key_mask
 from jquant.models.embeddings import EmbedMLP
 from jquant.models.ltx_video import (
     ada_values,
-    attention_keys,
-    block_role_rules,
     fractional_rope,
     modulated_output,
     rope_frequencies,
     token_timesteps,
 )
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from jquant.models.roles import assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, adaln_single, attention_keys, feed_forward, linear, mlp, norm
+from jquant.models.roles import cross_attn_block_rules
 
 F32 = jnp.float32
 Rope = tuple[jax.Array, jax.Array]
@@ -113,10 +105,6 @@ class LTX2Config(DiffusersConfig):
             raise ValueError("LTX2Config: split RoPE needs num_attention_heads == audio_num_attention_heads")
 
     @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
     def audio_inner_dim(self) -> int:
         return self.audio_num_attention_heads * self.audio_attention_head_dim
 
@@ -161,13 +149,11 @@ def rope_from_coords(
     return fractional_rope(grid, dim, freqs, heads, interleaved=cfg.rope_type == "interleaved")
 
 
-class LTX2Block(nn.Module):
+class LTX2Block(PortModule):
     """One audio+video block (see the module docstring)."""
 
     config: LTX2Config
     perturbed: bool = False
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, a: jax.Array, inputs: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
@@ -236,22 +222,15 @@ class LTX2Block(nn.Module):
             (a2v_gate,) = ada_values(v_ca[4:], inputs["temb_ca_gate"])
             a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = ada_values(a_ca[:4], inputs["temb_ca_audio"])
             (v2a_gate,) = ada_values(a_ca[4:], inputs["temb_ca_audio_gate"])
-            attn = Attention(**a2v_attn, name="audio_to_video_attn")
-            out = attn(
-                nx * (1 + v_a2v_scale) + v_a2v_shift,
-                na * (1 + a_a2v_scale) + a_a2v_shift,
-                rope=inputs["ca_video_rope"],
-                key_rope=inputs["ca_audio_rope"],
-            )
-            x_new = x + a2v_gate * out
-            attn = Attention(**audio_attn, name="video_to_audio_attn")
-            out = attn(
-                na * (1 + a_v2a_scale) + a_v2a_shift,
-                nx * (1 + v_v2a_scale) + v_v2a_shift,
-                rope=inputs["ca_audio_rope"],
-                key_rope=inputs["ca_video_rope"],
-            )
-            a = a + v2a_gate * out
+
+            def cross(name: str, attn: dict[str, Any], q: jax.Array, kv: jax.Array, q_rope: str, kv_rope: str) -> jax.Array:
+                """Cross-modal attention: queries from one stream, keys/values from the other."""
+                return Attention(**attn, name=name)(q, kv, rope=inputs[q_rope], key_rope=inputs[kv_rope])
+
+            v_q, a_kv = nx * (1 + v_a2v_scale) + v_a2v_shift, na * (1 + a_a2v_scale) + a_a2v_shift
+            a_q, v_kv = na * (1 + a_v2a_scale) + a_v2a_shift, nx * (1 + v_v2a_scale) + v_v2a_shift
+            x_new = x + a2v_gate * cross("audio_to_video_attn", a2v_attn, v_q, a_kv, "ca_video_rope", "ca_audio_rope")
+            a = a + v2a_gate * cross("video_to_audio_attn", audio_attn, a_q, v_kv, "ca_audio_rope", "ca_video_rope")
             x = x_new
 
         h = RMSNorm(**rms, name="norm3")(x) * (1 + scale_mlp) + shift_mlp
@@ -261,7 +240,7 @@ class LTX2Block(nn.Module):
         return x, a
 
 
-class LTX2VideoTransformer3D(nn.Module):
+class LTX2VideoTransformer3D(PortModule):
     """LTX-2 transformer: packed video latents [B, S, in], audio latents [B, S_a, audio_in], text
     embeddings for video and audio [B, L, caption_channels] (the pipeline's connector outputs),
     timestep [B] or [B, S] (0..1000) -> (video velocity [B, S, out], audio velocity [B, S_a, audio_out]).
@@ -274,8 +253,6 @@ class LTX2VideoTransformer3D(nn.Module):
     """
 
     config: LTX2Config
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -371,11 +348,11 @@ class LTX2VideoTransformer3D(nn.Module):
             inputs["perturb"] = pm.reshape(batch, 1, 1, 1)
         for i in range(cfg.num_layers):
             perturbed = cfg.perturbed_attn and i in stg
-            x, a = LTX2Block(cfg, perturbed, dtype, self.attention_impl, name=f"transformer_blocks_{i}")(x, a, inputs)
+            x, a = LTX2Block(cfg, dtype, self.attention_impl, perturbed=perturbed, name=f"transformer_blocks_{i}")(x, a, inputs)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim))
         a_table = self.param("audio_scale_shift_table", nn.initializers.normal(adim**-0.5), (2, adim))
-        video = nn.Dense(cfg.out_channels or cfg.in_channels, dtype=dtype, name="proj_out")(modulated_output(x, table, embedded))
+        video = nn.Dense(cfg.out_dim, dtype=dtype, name="proj_out")(modulated_output(x, table, embedded))
         audio_out = cfg.audio_out_channels or cfg.audio_in_channels
         audio = nn.Dense(audio_out, dtype=dtype, name="audio_proj_out")(modulated_output(a, a_table, a_embedded))
         return video, audio
@@ -393,7 +370,7 @@ def key_map(cfg: LTX2Config) -> list[KeyEntry]:
     if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
         adalns += ["prompt_adaln", "audio_prompt_adaln"]
     for n in adalns:
-        entries += mlp(f"{n}/emb/timestep_embedder", f"{n}.emb.timestep_embedder") + linear(f"{n}/linear", f"{n}.linear")
+        entries += adaln_single(n, n)
     for n in ("scale_shift_table", "audio_scale_shift_table"):
         entries.append(KeyEntry(n, n))
     attn = dict(bias=cfg.attention_bias, out_bias=cfg.attention_out_bias)
@@ -415,7 +392,7 @@ def key_map(cfg: LTX2Config) -> list[KeyEntry]:
         for a, gated in gates.items():
             entries += attention_keys(f"{f}/{a}", f"{t}.{a}", gated=gated, **attn)
         for ff, bias in (("ff", cfg.ff_bias), ("audio_ff", cfg.audio_ff_bias)):
-            entries += linear(f"{f}/{ff}/net_0/proj", f"{t}.{ff}.net.0.proj", bias) + linear(f"{f}/{ff}/net_2", f"{t}.{ff}.net.2", bias)
+            entries += feed_forward(f"{f}/{ff}", f"{t}.{ff}", bias)
         entries += [KeyEntry(f"{f}/{n}", f"{t}.{n}") for n in tables]
         if cfg.norm_elementwise_affine:
             entries += [e for n in norms for e in norm(f"{f}/{n}", f"{t}.{n}", bias=False)]
@@ -424,10 +401,12 @@ def key_map(cfg: LTX2Config) -> list[KeyEntry]:
 
 _BLOCK = r"transformer_blocks_\d+"
 _CROSS_MODAL = rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn"
+# The audio<->video attentions are `cross_attn` + `temporal` (they mix the modalities along time,
+# with temporal RoPE); the per-head output gates (`to_gate_logits`) are `modulation`.
 ROLE_RULES = (
     (r"(audio_)?proj_in|(audio_)?caption_projection/.*|[a-z_0-9]+/emb/timestep_embedder/.*", ("embedder",)),
     (r"(audio_)?time_embed/linear|(audio_)?prompt_adaln/linear|av_cross_attn_[a-z0-9_]+/linear", ("embedder", "modulation")),
-    *block_role_rules("(audio_)?"),
+    *cross_attn_block_rules(_BLOCK, "(audio_)?"),
     (rf"{_CROSS_MODAL}/.*", ("cross_attn", "temporal")),
     (rf"{_CROSS_MODAL}/to_[qkv]", ("attn.qkv",)),
     (rf"{_CROSS_MODAL}/to_[kv]", ("cross_attn.kv",)),
@@ -435,13 +414,6 @@ ROLE_RULES = (
     (rf"{_BLOCK}/[a-z_0-9]+/to_gate_logits", ("modulation",)),
     (r"(audio_)?proj_out", ("final",)),
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of an LTX-2 param tree. The audio<->video attentions are
-    `cross_attn` + `temporal` (they mix the modalities along time, with temporal RoPE); the
-    per-head output gates (`to_gate_logits`) are `modulation`."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: LTX2Config) -> dict[str, Any]:
@@ -463,19 +435,9 @@ def dummy_inputs(cfg: LTX2Config) -> dict[str, Any]:
     return inputs
 
 
-PORT = Port(
-    class_names=("LTX2VideoTransformer3DModel",),
-    config_cls=LTX2Config,
-    module_cls=LTX2VideoTransformer3D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: LTX2Config, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 LTX-2 params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(LTX2Config, LTX2VideoTransformer3D, key_map, dummy_inputs, ROLE_RULES)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 def pack_av(video: jax.Array, audio: jax.Array) -> jax.Array:

@@ -18,17 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import (
-    AdaLayerNormSingle,
-    Attention,
-    FeedForward,
-    LayerNorm,
-    RMSNorm,
-    key_mask,
-)
+from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, LayerNorm, PortModule, RMSNorm, key_mask
 from jquant.models.embeddings import EmbedMLP
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from jquant.models.roles import assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, adaln_single, attention_keys, feed_forward, linear, mlp, norm
+from jquant.models.roles import cross_attn_block_rules
 
 F32 = jnp.float32
 Rope = tuple[jax.Array, jax.Array]
@@ -61,14 +54,6 @@ class LTXVideoConfig(DiffusersConfig):
             raise ValueError(f"LTXVideoConfig.qk_norm={self.qk_norm!r}: diffusers only supports 'rms_norm_across_heads'")
         if self.cross_attention_dim != self.inner_dim:
             raise ValueError("LTXVideoConfig: cross_attention_dim must equal heads * head_dim (the caption projection width)")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels or self.in_channels
 
 
 def rope_frequencies(n: int, theta: float, double_precision: bool = False) -> np.ndarray:
@@ -132,12 +117,10 @@ def ada_values(table: jax.Array, temb: jax.Array) -> list[jax.Array]:
     return [values[:, :, i].astype(temb.dtype) for i in range(n)]
 
 
-class LTXVideoBlock(nn.Module):
+class LTXVideoBlock(PortModule):
     """Modulated RMSNorm -> self-attention (RoPE) -> cross-attention to text -> modulated FFN."""
 
     config: LTXVideoConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -179,7 +162,7 @@ def token_timesteps(timestep: jax.Array, batch: int) -> jax.Array:
     return timestep.reshape(-1)
 
 
-class LTXVideoTransformer3D(nn.Module):
+class LTXVideoTransformer3D(PortModule):
     """LTX-Video transformer: packed latents [B, S, in_channels], text [B, L, caption_channels],
     timestep [B] or per token [B, S] (0..1000), text mask [B, L] (1 = token) or None; the token
     grid `num_frames, height, width` (Python ints, static) with `rope_interpolation_scale`
@@ -187,8 +170,6 @@ class LTXVideoTransformer3D(nn.Module):
     -> velocity [B, S, out_channels]."""
 
     config: LTXVideoConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -225,19 +206,10 @@ class LTXVideoTransformer3D(nn.Module):
         return nn.Dense(cfg.out_dim, dtype=dtype, name="proj_out")(modulated_output(x, table, embedded))
 
 
-def attention_keys(f: str, t: str, bias: bool = True, out_bias: bool = True, gated: bool = False) -> list[KeyEntry]:
-    """Key map of an LTX / LTX-2 attention (to_q/k/v, to_out.0, across-heads q/k RMSNorm)."""
-    entries = [e for p in ("to_q", "to_k", "to_v") for e in linear(f"{f}/{p}", f"{t}.{p}", bias=bias)]
-    entries += linear(f"{f}/to_out_0", f"{t}.to_out.0", bias=out_bias)
-    entries += norm(f"{f}/norm_q", f"{t}.norm_q", bias=False) + norm(f"{f}/norm_k", f"{t}.norm_k", bias=False)
-    return entries + (linear(f"{f}/to_gate_logits", f"{t}.to_gate_logits") if gated else [])
-
-
 def key_map(cfg: LTXVideoConfig) -> list[KeyEntry]:
     """Explicit diffusers <-> Flax key map for an LTX-Video config."""
     entries = linear("proj_in", "proj_in") + [KeyEntry("scale_shift_table", "scale_shift_table")]
-    entries += mlp("time_embed/emb/timestep_embedder", "time_embed.emb.timestep_embedder") + linear("time_embed/linear", "time_embed.linear")
-    entries += mlp("caption_projection", "caption_projection")
+    entries += adaln_single("time_embed", "time_embed") + mlp("caption_projection", "caption_projection")
     for i in range(cfg.num_layers):
         f, t = f"transformer_blocks_{i}", f"transformer_blocks.{i}"
         entries.append(KeyEntry(f"{f}/scale_shift_table", f"{t}.scale_shift_table"))
@@ -245,39 +217,17 @@ def key_map(cfg: LTXVideoConfig) -> list[KeyEntry]:
             entries += attention_keys(f"{f}/{a}", f"{t}.{a}", cfg.attention_bias, cfg.attention_out_bias)
         if cfg.norm_elementwise_affine:
             entries += norm(f"{f}/norm1", f"{t}.norm1", bias=False) + norm(f"{f}/norm2", f"{t}.norm2", bias=False)
-        entries += linear(f"{f}/ff/net_0/proj", f"{t}.ff.net.0.proj") + linear(f"{f}/ff/net_2", f"{t}.ff.net.2")
+        entries += feed_forward(f"{f}/ff", f"{t}.ff")
     return entries + linear("proj_out", "proj_out")
 
 
-_BLOCK = r"transformer_blocks_\d+"
-
-
-def block_role_rules(prefix: str = "") -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Roles inside an LTX block (also each stream of an LTX-2 block: `prefix="(audio_)?"`)."""
-    return (
-        (rf"{_BLOCK}/{prefix}attn1/to_[qkv]", ("attn.qkv", "self_attn", "temporal")),
-        (rf"{_BLOCK}/{prefix}attn1/to_out_0", ("attn.out", "self_attn", "temporal")),
-        (rf"{_BLOCK}/{prefix}attn2/.*", ("cross_attn", "text_fusion")),
-        (rf"{_BLOCK}/{prefix}attn2/to_[qkv]", ("attn.qkv",)),
-        (rf"{_BLOCK}/{prefix}attn2/to_[kv]", ("cross_attn.kv",)),
-        (rf"{_BLOCK}/{prefix}attn2/to_out_0", ("attn.out",)),
-        (rf"{_BLOCK}/{prefix}ff/net_0/proj", ("ffn.up",)),
-        (rf"{_BLOCK}/{prefix}ff/net_2", ("ffn.down",)),
-    )
-
-
+# Space-time self-attention is `temporal`, as Wan's; text enters only through the cross-attention.
 ROLE_RULES = (
     (r"proj_in|caption_projection/.*|time_embed/emb/.*", ("embedder",)),
     (r"time_embed/linear", ("embedder", "modulation")),
-    *block_role_rules(),
+    *cross_attn_block_rules(r"transformer_blocks_\d+"),
     (r"proj_out", ("final",)),
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of an LTX-Video param tree (space-time self-attention is
-    `temporal`, as Wan's; text enters only through the cross-attention)."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: LTXVideoConfig) -> dict[str, Any]:
@@ -292,19 +242,9 @@ def dummy_inputs(cfg: LTXVideoConfig) -> dict[str, Any]:
     }
 
 
-PORT = Port(
-    class_names=("LTXVideoTransformer3DModel",),
-    config_cls=LTXVideoConfig,
-    module_cls=LTXVideoTransformer3D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: LTXVideoConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 LTX-Video params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(LTXVideoConfig, LTXVideoTransformer3D, key_map, dummy_inputs, ROLE_RULES)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 def flow_schedule_kwargs(num_steps: int, num_tokens: int, shift_terminal: float | None = 0.1) -> dict[str, Any]:

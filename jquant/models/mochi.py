@@ -19,18 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models.attention import attention
-from jquant.models.blocks import (
-    AdaLayerNorm,
-    FeedForward,
-    JointAttention,
-    PatchEmbed,
-    key_mask,
-    split_heads,
-    unpatchify,
-)
+from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, PatchEmbed, PortModule, key_mask, split_heads, unpatchify
 from jquant.models.embeddings import EmbedMLP, timestep_embedding
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, mlp, norm
-from jquant.models.roles import assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.roles import ADA_OUTPUT_RULES, joint_block_rules
 
 F32 = jnp.float32
 
@@ -59,14 +51,6 @@ class MochiConfig(DiffusersConfig):
             raise ValueError("MochiConfig: diffusers' Mochi only has qk_norm='rms_norm' and activation_fn='swiglu'")
         if self.text_embed_dim % 8:
             raise ValueError(f"MochiConfig.text_embed_dim={self.text_embed_dim} must split into the pooler's 8 heads")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels or self.in_channels
 
     @property
     def patch(self) -> tuple[int, int, int]:
@@ -138,14 +122,12 @@ class MochiTimeCaptionEmbed(nn.Module):
         return temb + pooled, caption
 
 
-class MochiBlock(nn.Module):
+class MochiBlock(PortModule):
     """Mochi block: scale-modulated RMSNorms, asymmetric joint attention, tanh-gated residuals,
     SwiGLU FFNs for video and (except in the last, `context_pre_only`, block) text."""
 
     config: MochiConfig
     context_pre_only: bool = False
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -204,14 +186,12 @@ def rope_tables(pos_frequencies: jax.Array, grid: tuple[int, int, int]) -> tuple
     return jnp.repeat(jnp.cos(angles), 2, axis=-1), jnp.repeat(jnp.sin(angles), 2, axis=-1)
 
 
-class MochiTransformer3D(nn.Module):
+class MochiTransformer3D(PortModule):
     """Mochi transformer: latents [B, C, F, H, W], text [B, L, text_embed_dim], timestep [B]
     (0..1000), text mask [B, L] (1 = token) or None (all real) -> [B, C_out, F, H, W]. Padded text
     tokens are dropped from attention; their outputs are left-aligned then zeroed, as diffusers' gather."""
 
     config: MochiConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -234,7 +214,8 @@ class MochiTransformer3D(nn.Module):
         freqs = self.param("pos_frequencies", nn.initializers.zeros, (3, cfg.num_attention_heads, cfg.attention_head_dim // 2))
         rope = rope_tables(freqs, grid)
         for i in range(cfg.num_layers):
-            block = MochiBlock(cfg, i == cfg.num_layers - 1, dtype, self.attention_impl, name=f"transformer_blocks_{i}")
+            last = i == cfg.num_layers - 1
+            block = MochiBlock(cfg, dtype, self.attention_impl, context_pre_only=last, name=f"transformer_blocks_{i}")
             x, context = block(x, context, temb, rope, encoder_attention_mask)
         x, _, _ = AdaLayerNorm(2, scale_first=True, dtype=dtype, name="norm_out")(x, temb)
         x = nn.Dense(cfg.patch_size**2 * cfg.out_dim, dtype=dtype, name="proj_out")(x)
@@ -246,8 +227,7 @@ def key_map(cfg: MochiConfig) -> list[KeyEntry]:
     d, p = cfg.inner_dim, cfg.patch_size
     te = "time_embed"
     entries = [
-        KeyEntry("patch_embed/proj/kernel", "patch_embed.proj.weight", "patch", (d, cfg.in_channels, p, p)),
-        KeyEntry("patch_embed/proj/bias", "patch_embed.proj.bias"),
+        *patch("patch_embed/proj", "patch_embed.proj", (d, cfg.in_channels, p, p)),
         *mlp(f"{te}/timestep_embedder", f"{te}.timestep_embedder"),
         *mlp(f"{te}/pooler", f"{te}.pooler", ("to_kv", "to_q", "to_out")),
         *linear(f"{te}/caption_proj", f"{te}.caption_proj"),
@@ -265,32 +245,22 @@ def key_map(cfg: MochiConfig) -> list[KeyEntry]:
             entries += norm(f"{f}/attn1/{n}", f"{t}.attn1.{n}", bias=False)
         entries += linear(f"{f}/attn1/to_out_0", f"{t}.attn1.to_out.0")
         for ff in ("ff",) if last else ("ff", "ff_context"):
-            entries += linear(f"{f}/{ff}/net_0/proj", f"{t}.{ff}.net.0.proj", bias=False)
-            entries += linear(f"{f}/{ff}/net_2", f"{t}.{ff}.net.2", bias=False)
+            entries += feed_forward(f"{f}/{ff}", f"{t}.{ff}", bias=False)
         if not last:
             entries += linear(f"{f}/attn1/to_add_out", f"{t}.attn1.to_add_out")
-    return entries + linear("norm_out/linear", "norm_out.linear") + linear("proj_out", "proj_out")
+    return entries + ada_output_keys()
 
 
 _BLOCK = r"transformer_blocks_\d+"
+# Every projection of the joint attention is `text_fusion` (text and video meet there); the
+# text-side ones are the `add_*` projections and `to_add_out`, which map between the text and the
+# video widths.
 ROLE_RULES = (
     (r"patch_embed/proj|time_embed/(timestep_embedder|pooler)/.*|time_embed/caption_proj", ("embedder",)),
     (rf"{_BLOCK}/norm1(_context)?/linear(_1)?", ("modulation",)),
-    (rf"{_BLOCK}/attn1/.*", ("self_attn", "text_fusion")),
-    (rf"{_BLOCK}/attn1/(to_[qkv]|add_[qkv]_proj)", ("attn.qkv",)),
-    (rf"{_BLOCK}/attn1/(to_out_0|to_add_out)", ("attn.out",)),
-    (rf"{_BLOCK}/ff(_context)?/net_0/proj", ("ffn.up",)),
-    (rf"{_BLOCK}/ff(_context)?/net_2", ("ffn.down",)),
-    (r"norm_out/linear", ("modulation", "final")),
-    (r"proj_out", ("final",)),
+    *joint_block_rules(_BLOCK, "attn1"),
+    *ADA_OUTPUT_RULES,
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of a Mochi param tree. Every projection of the joint
-    attention is `text_fusion` (text and video meet there); the text-side ones are the `add_*`
-    projections and `to_add_out`, which map between the text and the video widths."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: MochiConfig) -> dict[str, jax.Array]:
@@ -303,19 +273,9 @@ def dummy_inputs(cfg: MochiConfig) -> dict[str, jax.Array]:
     }
 
 
-PORT = Port(
-    class_names=("MochiTransformer3DModel",),
-    config_cls=MochiConfig,
-    module_cls=MochiTransformer3D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
-)
-
-
-def init_params(config: MochiConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 Mochi params for `config`."""
-    return PORT.init_params(config, rng)
+PORT = Port(MochiConfig, MochiTransformer3D, key_map, dummy_inputs, ROLE_RULES)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 def linear_quadratic_sigmas(num_steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None) -> np.ndarray:

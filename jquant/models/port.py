@@ -16,12 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant.models.roles import RoleRules, assign_roles
+
 C = TypeVar("C", bound="DiffusersConfig")
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusersConfig:
-    """Base of the port configs: fields mirror the keys of diffusers' config.json."""
+    """Base of the port configs: fields mirror the keys of diffusers' config.json. Every port's
+    config has `num_attention_heads`, `attention_head_dim`, `in_channels` and `out_channels`."""
 
     CLASS_NAME: ClassVar[str] = ""
 
@@ -44,6 +47,16 @@ class DiffusersConfig:
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
+    @property
+    def inner_dim(self) -> int:
+        """Attention width (heads * head_dim), the model width of every port."""
+        return self.num_attention_heads * self.attention_head_dim  # type: ignore[attr-defined]
+
+    @property
+    def out_dim(self) -> int:
+        """Output channels as most diffusers models resolve them: `out_channels or in_channels`."""
+        return self.out_channels or self.in_channels  # type: ignore[attr-defined]
+
 
 @dataclasses.dataclass(frozen=True)
 class KeyEntry:
@@ -59,32 +72,34 @@ class KeyEntry:
     torch_shape: tuple[int, ...] | None = None
 
     def to_flax(self, array: np.ndarray) -> np.ndarray:
-        if self.kind == "copy":
-            return array
-        if self.kind == "linear":
-            return array.T if array.ndim == 2 else array
-        if self.kind == "patch":
-            return array.reshape(array.shape[0], -1).T
-        raise ValueError(f"KeyEntry {self.torch_key}: unknown kind {self.kind!r}")
+        return self._convert(array, to_torch=False)
 
     def to_torch(self, array: np.ndarray) -> np.ndarray:
+        return self._convert(array, to_torch=True)
+
+    def _convert(self, array: np.ndarray, to_torch: bool) -> np.ndarray:
+        """One layout change both ways: "copy" and "linear" (a transpose) are their own inverses."""
         if self.kind == "copy":
             return array
         if self.kind == "linear":
             return array.T if array.ndim == 2 else array
         if self.kind == "patch":
+            if not to_torch:
+                return array.reshape(array.shape[0], -1).T
             if self.torch_shape is None or math.prod(self.torch_shape) != array.size:
                 raise ValueError(f"KeyEntry {self.torch_key}: patch kernel {array.shape} vs torch {self.torch_shape}")
             return array.T.reshape(self.torch_shape)
         raise ValueError(f"KeyEntry {self.torch_key}: unknown kind {self.kind!r}")
 
 
+def _with_bias(weight: KeyEntry, flax_prefix: str, torch_prefix: str, bias: bool) -> list[KeyEntry]:
+    """`weight`, then the layer's `bias` entry when it has one."""
+    return [weight, KeyEntry(f"{flax_prefix}/bias", f"{torch_prefix}.bias")] if bias else [weight]
+
+
 def linear(flax_prefix: str, torch_prefix: str, bias: bool = True) -> list[KeyEntry]:
     """Entries of one nn.Linear <-> nn.Dense."""
-    out = [KeyEntry(f"{flax_prefix}/kernel", f"{torch_prefix}.weight", "linear")]
-    if bias:
-        out.append(KeyEntry(f"{flax_prefix}/bias", f"{torch_prefix}.bias"))
-    return out
+    return _with_bias(KeyEntry(f"{flax_prefix}/kernel", f"{torch_prefix}.weight", "linear"), flax_prefix, torch_prefix, bias)
 
 
 def mlp(flax_prefix: str, torch_prefix: str, names: tuple[str, ...] = ("linear_1", "linear_2")) -> list[KeyEntry]:
@@ -94,29 +109,81 @@ def mlp(flax_prefix: str, torch_prefix: str, names: tuple[str, ...] = ("linear_1
 
 def norm(flax_prefix: str, torch_prefix: str, bias: bool = True) -> list[KeyEntry]:
     """Entries of an affine LayerNorm (bias=True) or RMSNorm (bias=False): weight -> scale."""
-    out = [KeyEntry(f"{flax_prefix}/scale", f"{torch_prefix}.weight")]
-    if bias:
-        out.append(KeyEntry(f"{flax_prefix}/bias", f"{torch_prefix}.bias"))
-    return out
+    return _with_bias(KeyEntry(f"{flax_prefix}/scale", f"{torch_prefix}.weight"), flax_prefix, torch_prefix, bias)
+
+
+def patch(flax_prefix: str, torch_prefix: str, torch_shape: tuple[int, ...], bias: bool = True) -> list[KeyEntry]:
+    """Entries of a strided patch Conv (weight `torch_shape`) <-> a Dense over `blocks.patchify` tokens."""
+    weight = KeyEntry(f"{flax_prefix}/kernel", f"{torch_prefix}.weight", "patch", torch_shape)
+    return _with_bias(weight, flax_prefix, torch_prefix, bias)
+
+
+def feed_forward(flax_prefix: str, torch_prefix: str, bias: bool = True) -> list[KeyEntry]:
+    """Entries of a diffusers FeedForward <-> `blocks.FeedForward`: `net.0.proj`, `net.2`."""
+    return linear(f"{flax_prefix}/net_0/proj", f"{torch_prefix}.net.0.proj", bias) + linear(
+        f"{flax_prefix}/net_2", f"{torch_prefix}.net.2", bias
+    )
+
+
+def attention_keys(
+    flax_prefix: str,
+    torch_prefix: str,
+    bias: bool = True,
+    out_bias: bool = True,
+    qk_norm: str | None = "rms_norm",
+    gated: bool = False,
+) -> list[KeyEntry]:
+    """Entries of a `blocks.Attention`: to_q/k/v (`bias`), to_out.0 (`out_bias`), then the q/k norms
+    (`qk_norm` "rms_norm": scale only, "layer_norm": scale and bias, None: none) and LTX-2's gate."""
+    f, t = flax_prefix, torch_prefix
+    out = [e for p in ("to_q", "to_k", "to_v") for e in linear(f"{f}/{p}", f"{t}.{p}", bias)]
+    out += linear(f"{f}/to_out_0", f"{t}.to_out.0", out_bias)
+    if qk_norm is not None:
+        affine = qk_norm == "layer_norm"
+        out += norm(f"{f}/norm_q", f"{t}.norm_q", affine) + norm(f"{f}/norm_k", f"{t}.norm_k", affine)
+    return out + (linear(f"{f}/to_gate_logits", f"{t}.to_gate_logits") if gated else [])
+
+
+def adaln_single(flax_prefix: str, torch_prefix: str) -> list[KeyEntry]:
+    """Entries of an `AdaLayerNormSingle`: its timestep MLP `emb.timestep_embedder`, then `linear`."""
+    return mlp(f"{flax_prefix}/emb/timestep_embedder", f"{torch_prefix}.emb.timestep_embedder") + linear(
+        f"{flax_prefix}/linear", f"{torch_prefix}.linear"
+    )
+
+
+def ada_output_keys() -> list[KeyEntry]:
+    """Entries of the adaLN-continuous output head `norm_out` (AdaLayerNorm: `linear`) + `proj_out`."""
+    return linear("norm_out/linear", "norm_out.linear") + linear("proj_out", "proj_out")
 
 
 @dataclasses.dataclass(frozen=True)
 class Port:
     """A Flax port of one diffusers model class.
 
+    role_rules: (regex, roles) rules labelling every Dense kernel (`layer_roles`, `roles.assign_roles`).
     keep_fp32: regexes (re.search over Flax paths) of params kept in float32 when loading in a
     lower precision, mirroring diffusers' `_keep_in_fp32_modules`.
     ignore_unexpected: regexes of checkpoint keys diffusers itself ignores on load.
+    aliases: other diffusers `_class_name`s the port loads (legacy class names).
     """
 
-    class_names: tuple[str, ...]
     config_cls: type[DiffusersConfig]
     module_cls: type[nn.Module]
     key_map: Callable[[Any], list[KeyEntry]]
     dummy_inputs: Callable[[Any], dict[str, jax.Array]]
-    layer_roles: Callable[[Any], dict[str, tuple[str, ...]]]
+    role_rules: RoleRules
     keep_fp32: tuple[str, ...] = ()
     ignore_unexpected: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The diffusers `_class_name`s this port loads: its config's CLASS_NAME, then `aliases`."""
+        return (self.config_cls.CLASS_NAME, *self.aliases)
+
+    def layer_roles(self, params: Any) -> dict[str, tuple[str, ...]]:
+        """Role labels of every Dense kernel of a param tree of this port."""
+        return assign_roles(params, self.role_rules)
 
     def module(self, config: DiffusersConfig, dtype: Any = jnp.float32) -> nn.Module:
         return self.module_cls(config=config, dtype=dtype)

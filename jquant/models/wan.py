@@ -14,17 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import (
-    Attention,
-    FeedForward,
-    LayerNorm,
-    modulate,
-    patchify,
-    unpatchify,
-)
+from jquant.models.blocks import Attention, FeedForward, LayerNorm, PortModule, modulate, patchify, unpatchify
 from jquant.models.embeddings import EmbedMLP, timestep_embedding, wan_rope_tables
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, linear, norm
-from jquant.models.roles import assign_roles
+from jquant.models.port import DiffusersConfig, KeyEntry, Port, attention_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.roles import cross_attn_block_rules
 
 F32 = jnp.float32
 
@@ -59,14 +52,6 @@ class WanConfig(DiffusersConfig):
             raise ValueError("WanConfig.pos_embed_seq_len (Wan FLF2V image pos-embed) is not supported by this port")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
             raise ValueError("WanConfig: image_dim and added_kv_proj_dim must be set together (I2V) or both None")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels or self.in_channels
 
 
 class WanImageEmbedding(nn.Module):
@@ -103,13 +88,11 @@ class WanConditionEmbedder(nn.Module):
         return temb, timestep_proj, text, image
 
 
-class WanBlock(nn.Module):
+class WanBlock(PortModule):
     """Self-attention (3-D RoPE) -> cross-attention to text -> FFN, modulated by the shared
     timestep projection plus this block's `scale_shift_table` (in float32, as diffusers)."""
 
     config: WanConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -147,7 +130,7 @@ class WanBlock(nn.Module):
         return (x.astype(F32) + out.astype(F32) * c_gate[:, None]).astype(x.dtype)
 
 
-class WanTransformer3D(nn.Module):
+class WanTransformer3D(PortModule):
     """Wan2.1 transformer: latents [B, C, F, H, W], timestep [B], text [B, L, text_dim]
     (and, for I2V, image features [B, L_img, image_dim]) -> prediction [B, C_out, F, H, W].
 
@@ -156,8 +139,6 @@ class WanTransformer3D(nn.Module):
     """
 
     config: WanConfig
-    dtype: Any = F32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -198,40 +179,26 @@ def key_map(cfg: WanConfig) -> list[KeyEntry]:
     """Explicit diffusers <-> Flax key map for a Wan config."""
     pt, ph, pw = cfg.patch_size
     d = cfg.inner_dim
-    entries = [
-        KeyEntry("patch_embedding/kernel", "patch_embedding.weight", "patch", (d, cfg.in_channels, pt, ph, pw)),
-        KeyEntry("patch_embedding/bias", "patch_embedding.bias"),
-        *linear("condition_embedder/time_embedder/linear_1", "condition_embedder.time_embedder.linear_1"),
-        *linear("condition_embedder/time_embedder/linear_2", "condition_embedder.time_embedder.linear_2"),
-        *linear("condition_embedder/time_proj", "condition_embedder.time_proj"),
-        *linear("condition_embedder/text_embedder/linear_1", "condition_embedder.text_embedder.linear_1"),
-        *linear("condition_embedder/text_embedder/linear_2", "condition_embedder.text_embedder.linear_2"),
-    ]
+    ce = "condition_embedder"
+    entries = patch("patch_embedding", "patch_embedding", (d, cfg.in_channels, pt, ph, pw))
+    entries += mlp(f"{ce}/time_embedder", f"{ce}.time_embedder") + linear(f"{ce}/time_proj", f"{ce}.time_proj")
+    entries += mlp(f"{ce}/text_embedder", f"{ce}.text_embedder")
     if cfg.image_dim is not None:
-        img, t_img = "condition_embedder/image_embedder", "condition_embedder.image_embedder"
-        entries += [
-            *norm(f"{img}/norm1", f"{t_img}.norm1"),
-            *linear(f"{img}/ff/net_0/proj", f"{t_img}.ff.net.0.proj"),
-            *linear(f"{img}/ff/net_2", f"{t_img}.ff.net.2"),
-            *norm(f"{img}/norm2", f"{t_img}.norm2"),
-        ]
+        img, t_img = f"{ce}/image_embedder", f"{ce}.image_embedder"
+        entries += norm(f"{img}/norm1", f"{t_img}.norm1") + feed_forward(f"{img}/ff", f"{t_img}.ff")
+        entries += norm(f"{img}/norm2", f"{t_img}.norm2")
     for i in range(cfg.num_layers):
         f, t = f"blocks_{i}", f"blocks.{i}"
         entries.append(KeyEntry(f"{f}/scale_shift_table", f"{t}.scale_shift_table"))
         for a in ("attn1", "attn2"):
-            for proj in ("to_q", "to_k", "to_v"):
-                entries += linear(f"{f}/{a}/{proj}", f"{t}.{a}.{proj}")
-            entries += linear(f"{f}/{a}/to_out_0", f"{t}.{a}.to_out.0")
-            entries += norm(f"{f}/{a}/norm_q", f"{t}.{a}.norm_q", bias=False)
-            entries += norm(f"{f}/{a}/norm_k", f"{t}.{a}.norm_k", bias=False)
+            entries += attention_keys(f"{f}/{a}", f"{t}.{a}")
         if cfg.added_kv_proj_dim is not None:
             entries += linear(f"{f}/attn2/add_k_proj", f"{t}.attn2.add_k_proj")
             entries += linear(f"{f}/attn2/add_v_proj", f"{t}.attn2.add_v_proj")
             entries += norm(f"{f}/attn2/norm_added_k", f"{t}.attn2.norm_added_k", bias=False)
         if cfg.cross_attn_norm:
             entries += norm(f"{f}/norm2", f"{t}.norm2")
-        entries += linear(f"{f}/ffn/net_0/proj", f"{t}.ffn.net.0.proj")
-        entries += linear(f"{f}/ffn/net_2", f"{t}.ffn.net.2")
+        entries += feed_forward(f"{f}/ffn", f"{t}.ffn")
     entries += linear("proj_out", "proj_out")
     entries.append(KeyEntry("scale_shift_table", "scale_shift_table"))
     return entries
@@ -241,21 +208,9 @@ ROLE_RULES = (
     (r"patch_embedding", ("embedder",)),
     (r"condition_embedder/(time_embedder|text_embedder|image_embedder)/.*", ("embedder",)),
     (r"condition_embedder/time_proj", ("embedder", "modulation")),
-    (r"blocks_\d+/attn1/to_[qkv]", ("attn.qkv", "self_attn", "temporal")),
-    (r"blocks_\d+/attn1/to_out_0", ("attn.out", "self_attn", "temporal")),
-    (r"blocks_\d+/attn2/.*", ("cross_attn", "text_fusion")),
-    (r"blocks_\d+/attn2/(to_q|to_k|to_v|add_k_proj|add_v_proj)", ("attn.qkv",)),
-    (r"blocks_\d+/attn2/(to_k|to_v|add_k_proj|add_v_proj)", ("cross_attn.kv",)),
-    (r"blocks_\d+/attn2/to_out_0", ("attn.out",)),
-    (r"blocks_\d+/ffn/net_0/proj", ("ffn.up",)),
-    (r"blocks_\d+/ffn/net_2", ("ffn.down",)),
+    *cross_attn_block_rules(r"blocks_\d+", ff="ffn"),
     (r"proj_out", ("final",)),
 )
-
-
-def layer_roles(params: Any) -> dict[str, tuple[str, ...]]:
-    """Role labels of every Dense kernel of a Wan param tree."""
-    return assign_roles(params, ROLE_RULES)
 
 
 def dummy_inputs(cfg: WanConfig) -> dict[str, jax.Array]:
@@ -273,20 +228,16 @@ def dummy_inputs(cfg: WanConfig) -> dict[str, jax.Array]:
 
 
 PORT = Port(
-    class_names=("WanTransformer3DModel",),
-    config_cls=WanConfig,
-    module_cls=WanTransformer3D,
-    key_map=key_map,
-    dummy_inputs=dummy_inputs,
-    layer_roles=layer_roles,
+    WanConfig,
+    WanTransformer3D,
+    key_map,
+    dummy_inputs,
+    ROLE_RULES,
     keep_fp32=(r"time_embedder/", r"scale_shift_table$", r"/norm[123]/"),
     ignore_unexpected=(r"norm_added_q",),
 )
-
-
-def init_params(config: WanConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 Wan params for `config`."""
-    return PORT.init_params(config, rng)
+init_params = PORT.init_params  # random float32 params for a config
+layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
 # Published configs (diffusers config.json of the Wan-AI/Wan2.1-*-Diffusers transformers).
