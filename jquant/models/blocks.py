@@ -397,6 +397,9 @@ def clip_fp16(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
 
 
+Attend = Callable[..., tuple[jax.Array, jax.Array]]  # a stream block's `attend(norm_x, norm_c, **options)`
+
+
 class _StreamBlock(nn.Module):
     """Fields and call shared by the double- and single-stream blocks: attention heads and head
     width, the MLP width, softmax token order ([text, image] when `context_first`), Flux's fp16
@@ -437,7 +440,7 @@ class _StreamBlock(nn.Module):
 
         return self.forward(x, context, temb, attend)
 
-    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
+    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Attend) -> tuple[jax.Array, jax.Array]:
         """The block's own math; `attend(norm_x, norm_c, **JointAttention options)` runs `attn`."""
         raise NotImplementedError
 
@@ -448,7 +451,7 @@ class DoubleStreamBlock(_StreamBlock):
     joint attention `attn`. `context_first` is the softmax token order ([text, image] in Flux).
     Returns (x, context)."""
 
-    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
+    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Attend) -> tuple[jax.Array, jax.Array]:
         dim = x.shape[-1]
         norm_x, (gate_msa, shift_mlp, scale_mlp, gate_mlp), _ = AdaLayerNorm(6, dtype=self.dtype, name="norm1")(x, temb)
         norm_c, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp), _ = AdaLayerNorm(
@@ -472,7 +475,7 @@ class SingleStreamBlock(_StreamBlock):
     adaLN (`norm`, 3 chunks), attention and a GELU MLP (`proj_mlp`) in parallel, one fused
     `proj_out`. Returns (x, context)."""
 
-    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Callable[..., Any]) -> tuple[jax.Array, jax.Array]:
+    def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Attend) -> tuple[jax.Array, jax.Array]:
         dim = x.shape[-1]
         n_ctx = context.shape[1]
         h = jnp.concatenate([context, x] if self.context_first else [x, context], axis=1)

@@ -21,9 +21,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, LayerNorm, PortModule, modulate, patchify, unpatchify
+from jquant.models.blocks import (
+    AdaLayerNorm,
+    FeedForward,
+    JointAttention,
+    LayerNorm,
+    PortModule,
+    modulate,
+    patchify,
+    unpatchify,
+)
 from jquant.models.embeddings import ACTIVATIONS, EmbedMLP, axes_rope_tables, sincos_1d, timestep_embedding
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, attention_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.port import (
+    DiffusersConfig,
+    KeyEntry,
+    Port,
+    ada_output_keys,
+    attention_keys,
+    feed_forward,
+    linear,
+    mlp,
+    norm,
+    patch,
+)
 from jquant.models.roles import ADA_OUTPUT_RULES, attn_rules, ffn_rules
 
 F32 = jnp.float32
@@ -255,7 +275,8 @@ def key_map(cfg: CogVideoXConfig) -> list[KeyEntry]:
     if cfg.ofs_embed_dim is not None:
         entries += mlp("ofs_embedding", "ofs_embedding")
     if cfg.patch_size_t is None:
-        entries += patch(f"{pe}/proj", f"{pe}.proj", (d, cfg.in_channels, cfg.patch_size, cfg.patch_size), cfg.patch_bias)
+        p = cfg.patch_size
+        entries += patch(f"{pe}/proj", f"{pe}.proj", (d, cfg.in_channels, p, p), cfg.patch_bias)
     else:
         entries += linear(f"{pe}/proj", f"{pe}.proj")
     entries += linear(f"{pe}/text_proj", f"{pe}.text_proj")

@@ -13,7 +13,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import FF_ACTIVATIONS, AdaLayerNorm, Attention, FeedForward, LayerNorm, PortModule, modulate, patchify, unpatchify
+from jquant.models.blocks import (
+    FF_ACTIVATIONS,
+    AdaLayerNorm,
+    Attention,
+    FeedForward,
+    LayerNorm,
+    PortModule,
+    modulate,
+    patchify,
+    unpatchify,
+)
 from jquant.models.embeddings import sincos_2d_pos_embed
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, attention_keys, feed_forward, linear, mlp, norm, patch
 from jquant.models.roles import attn_rules, ffn_rules

@@ -12,7 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import AdaLayerNorm, DoubleStreamBlock, PortModule, SingleStreamBlock, double_stream_keys, single_stream_keys
+from jquant.models.blocks import (
+    AdaLayerNorm,
+    DoubleStreamBlock,
+    PortModule,
+    SingleStreamBlock,
+    double_stream_keys,
+    single_stream_keys,
+)
 from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, linear, mlp
 from jquant.models.roles import ADA_OUTPUT_RULES, STREAM_BLOCK_RULES

@@ -33,7 +33,18 @@ from jquant.models.blocks import (
     unpatchify,
 )
 from jquant.models.embeddings import CombinedTimestepTextEmbedding, axes_rope_tables, grid_positions
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, attention_keys, feed_forward, linear, mlp, norm, patch
+from jquant.models.port import (
+    DiffusersConfig,
+    KeyEntry,
+    Port,
+    ada_output_keys,
+    attention_keys,
+    feed_forward,
+    linear,
+    mlp,
+    norm,
+    patch,
+)
 from jquant.models.roles import ADA_OUTPUT_RULES, STREAM_BLOCK_RULES, attn_rules, ffn_rules
 
 F32 = jnp.float32

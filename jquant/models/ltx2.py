@@ -32,7 +32,17 @@ from jquant.models.ltx_video import (
     rope_frequencies,
     token_timesteps,
 )
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, adaln_single, attention_keys, feed_forward, linear, mlp, norm
+from jquant.models.port import (
+    DiffusersConfig,
+    KeyEntry,
+    Port,
+    adaln_single,
+    attention_keys,
+    feed_forward,
+    linear,
+    mlp,
+    norm,
+)
 from jquant.models.roles import cross_attn_block_rules
 
 F32 = jnp.float32
@@ -223,7 +233,9 @@ class LTX2Block(PortModule):
             a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = ada_values(a_ca[:4], inputs["temb_ca_audio"])
             (v2a_gate,) = ada_values(a_ca[4:], inputs["temb_ca_audio_gate"])
 
-            def cross(name: str, attn: dict[str, Any], q: jax.Array, kv: jax.Array, q_rope: str, kv_rope: str) -> jax.Array:
+            def cross(
+                name: str, attn: dict[str, Any], q: jax.Array, kv: jax.Array, q_rope: str, kv_rope: str
+            ) -> jax.Array:
                 """Cross-modal attention: queries from one stream, keys/values from the other."""
                 return Attention(**attn, name=name)(q, kv, rope=inputs[q_rope], key_rope=inputs[kv_rope])
 
@@ -348,7 +360,8 @@ class LTX2VideoTransformer3D(PortModule):
             inputs["perturb"] = pm.reshape(batch, 1, 1, 1)
         for i in range(cfg.num_layers):
             perturbed = cfg.perturbed_attn and i in stg
-            x, a = LTX2Block(cfg, dtype, self.attention_impl, perturbed=perturbed, name=f"transformer_blocks_{i}")(x, a, inputs)
+            block = LTX2Block(cfg, dtype, self.attention_impl, perturbed=perturbed, name=f"transformer_blocks_{i}")
+            x, a = block(x, a, inputs)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim))
         a_table = self.param("audio_scale_shift_table", nn.initializers.normal(adim**-0.5), (2, adim))

@@ -20,7 +20,17 @@ import numpy as np
 
 from jquant.models.blocks import AdaLayerNormSingle, Attention, FeedForward, LayerNorm, PortModule, RMSNorm, key_mask
 from jquant.models.embeddings import EmbedMLP
-from jquant.models.port import DiffusersConfig, KeyEntry, Port, adaln_single, attention_keys, feed_forward, linear, mlp, norm
+from jquant.models.port import (
+    DiffusersConfig,
+    KeyEntry,
+    Port,
+    adaln_single,
+    attention_keys,
+    feed_forward,
+    linear,
+    mlp,
+    norm,
+)
 from jquant.models.roles import cross_attn_block_rules
 
 F32 = jnp.float32

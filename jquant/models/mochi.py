@@ -19,7 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models.attention import attention
-from jquant.models.blocks import AdaLayerNorm, FeedForward, JointAttention, PatchEmbed, PortModule, key_mask, split_heads, unpatchify
+from jquant.models.blocks import (
+    AdaLayerNorm,
+    FeedForward,
+    JointAttention,
+    PatchEmbed,
+    PortModule,
+    key_mask,
+    split_heads,
+    unpatchify,
+)
 from jquant.models.embeddings import EmbedMLP, timestep_embedding
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, ada_output_keys, feed_forward, linear, mlp, norm, patch
 from jquant.models.roles import ADA_OUTPUT_RULES, joint_block_rules

@@ -99,7 +99,8 @@ def _with_bias(weight: KeyEntry, flax_prefix: str, torch_prefix: str, bias: bool
 
 def linear(flax_prefix: str, torch_prefix: str, bias: bool = True) -> list[KeyEntry]:
     """Entries of one nn.Linear <-> nn.Dense."""
-    return _with_bias(KeyEntry(f"{flax_prefix}/kernel", f"{torch_prefix}.weight", "linear"), flax_prefix, torch_prefix, bias)
+    weight = KeyEntry(f"{flax_prefix}/kernel", f"{torch_prefix}.weight", "linear")
+    return _with_bias(weight, flax_prefix, torch_prefix, bias)
 
 
 def mlp(flax_prefix: str, torch_prefix: str, names: tuple[str, ...] = ("linear_1", "linear_2")) -> list[KeyEntry]:
