@@ -250,9 +250,12 @@ def test_derive_table_default_minimises_the_worst_slowdown():
             + _rows("int8/w16", 1536, 8960, {1: {"w16": 10.0, "xla_w16": 30.0}})
             + _rows("int8/w16", 8960, 1536, {1: {"w16": 12.0}}))  # xla_w16 missing there: infinitely slow
     table = kd.derive_table(rows)
-    assert table[("int8/w16", 1536, 1536)] == ((None, "xla_w16"),)
-    assert table[("int8/w16", 1536, 8960)] == ((None, "w16"),)
-    assert table[("int8/w16", 0, 0)] == ((None, "w16"),)  # worst case 1.11x, against 3x
+    # Only M=1 was measured: the entries reach sqrt(1 * 16) = 4, and DEFAULT_RULE decides above.
+    assert table[("int8/w16", 1536, 1536)] == ((4, "xla_w16"),)
+    assert table[("int8/w16", 1536, 8960)] == ((4, "w16"),)
+    assert table[("int8/w16", 0, 0)] == ((4, "w16"),)  # worst case 1.11x, against 3x
+    assert kd.choose_path("int8/w16", 1, 1536, 1536, table=table) == "xla_w16"
+    assert kd.choose_path("int8/w16", 4096, 1536, 1536, table=table) == kd.DEFAULT_RULE["int8/w16"][-1][1]
 
 
 def test_path_table_is_what_the_benchmark_json_gives():

@@ -73,15 +73,42 @@ KIND_PATHS = {"int8/w8a8": PATHS, "fp8/w8a8": PATHS, "int8/w16": ("w16", "xla_w1
 #: The M at which scripts/bench_kernels.py --dispatch measures every path.
 MEASURED_M = (1, 16, 256, 4096, 32760)
 
-#: The fastest measured path per (layer kind, K, N): ``((m_max, path), ..., (None, path))``, the
-#: first entry with ``M <= m_max`` applies. Derived by :func:`derive_table` from the rows of
+#: The fastest measured path per (layer kind, K, N): ``((m_max, path), ...)``, the first entry
+#: with ``M <= m_max`` applies (None: no bound); past the last entry the kind's ``(kind, 0, 0)``
+#: entry, then :data:`DEFAULT_RULE`, decide. Derived by :func:`derive_table` from the rows of
 #: ``benchmarks/dispatch-NVIDIA_H200.json`` (``scripts/bench_kernels.py --dispatch``: every path
-#: checked against the reference, then timed, median of >= 10 CUPTI runs): each measured M's
-#: fastest path holds up to the geometric midpoint between it and the next measured M.
-#: tests/test_kernel_dispatch.py checks that this table is what derive_table makes of that JSON.
-#: Empty until that run exists: no H200 was lent when the rule was written (2026-12-01), so
-#: every shape follows DEFAULT_RULE.
-PATH_TABLE: dict[tuple[str, int, int], tuple[tuple[int | None, str], ...]] = {}
+#: checked against the reference, then timed, median of >= 10 CUPTI runs; H200, 2026-12-01): each
+#: measured M's fastest path holds up to the geometric midpoint to the next measured M. That run
+#: measured M = 1 and 16 for the Wan2.1-1.3B shapes and M = 256 for 1536 x 1536 before its time
+#: budget ended, so the table speaks for M <= 64 (<= 1024 at 1536 x 1536) and DEFAULT_RULE
+#: decides above. tests/test_kernel_dispatch.py checks that this table is what derive_table makes
+#: of that JSON.
+PATH_TABLE: dict[tuple[str, int, int], tuple[tuple[int | None, str], ...]] = {
+    ("fp8/w8a8", 0, 0): ((4, "xla_w16"), (1024, "w16")),
+    ("fp8/w8a8", 256, 1536): ((64, "xla_w16"),),
+    ("fp8/w8a8", 1536, 1536): ((1024, "w16"),),
+    ("fp8/w8a8", 1536, 8960): ((64, "w16"),),
+    ("fp8/w8a8", 1536, 9216): ((64, "w16"),),
+    ("fp8/w8a8", 8960, 1536): ((4, "xla_w8a8"), (64, "w16")),
+    ("int4g128/w16", 0, 0): ((64, "w16"), (1024, "xla_w16")),
+    ("int4g128/w16", 256, 1536): ((64, "xla_w16"),),
+    ("int4g128/w16", 1536, 1536): ((64, "w16"), (1024, "xla_w16")),
+    ("int4g128/w16", 1536, 8960): ((64, "w16"),),
+    ("int4g128/w16", 1536, 9216): ((64, "w16"),),
+    ("int4g128/w16", 8960, 1536): ((64, "w16"),),
+    ("int8/w16", 0, 0): ((4, "xla_w16"), (64, "w16"), (1024, "xla_w16")),
+    ("int8/w16", 256, 1536): ((64, "xla_w16"),),
+    ("int8/w16", 1536, 1536): ((64, "w16"), (1024, "xla_w16")),
+    ("int8/w16", 1536, 8960): ((64, "w16"),),
+    ("int8/w16", 1536, 9216): ((64, "w16"),),
+    ("int8/w16", 8960, 1536): ((64, "w16"),),
+    ("int8/w8a8", 0, 0): ((4, "xla_w8a8"), (64, "w16"), (1024, "xla_w16")),
+    ("int8/w8a8", 256, 1536): ((64, "xla_w16"),),
+    ("int8/w8a8", 1536, 1536): ((64, "w16"), (1024, "xla_w16")),
+    ("int8/w8a8", 1536, 8960): ((4, "xla_w8a8"), (64, "w16")),
+    ("int8/w8a8", 1536, 9216): ((4, "xla_w8a8"), (64, "w16")),
+    ("int8/w8a8", 8960, 1536): ((64, "xla_w8a8"),),
+}
 
 #: For shapes PATH_TABLE lacks, per layer kind. derive_table's "default" entries replace these
 #: with the path of least worst-case slowdown over the measured shapes at each M. Until then
@@ -122,25 +149,37 @@ def layer_kind(w: QArray, act: QSpec | None, act_scale=None) -> str | None:
     return None
 
 
-def _lookup(entries: Iterable[tuple[int | None, str]], m: int) -> str:
+def _lookup(entries: Iterable[tuple[int | None, str]], m: int) -> str | None:
+    """The path of the first entry with ``M <= m_max`` (None: no bound), or None past the last."""
     for m_max, path in entries:
         if m_max is None or m <= m_max:
             return path
-    raise ValueError(f"rule {entries!r} has no entry for M={m} (the last must be (None, path))")
+    return None
 
 
 def choose_path(kind: str, m: int, k: int, n: int, table=None, default=None) -> str:
     """The path for a ``kind`` layer ``[M, K] @ [K, N]``: PATH_TABLE's measured entry for (K, N),
-    else DEFAULT_RULE's for the kind."""
+    else the kind's measured default entry, else DEFAULT_RULE's; a measured entry covers only the
+    M range its measurement reached (no extrapolation past the largest measured M)."""
     table = PATH_TABLE if table is None else table
     default = DEFAULT_RULE if default is None else default
-    entries = table.get((kind, k, n)) or table.get((kind, 0, 0)) or default[kind]
-    return _lookup(entries, m)
+    for entries in (table.get((kind, k, n)), table.get((kind, 0, 0))):
+        path = _lookup(entries, m) if entries else None
+        if path is not None:
+            return path
+    path = _lookup(default[kind], m)
+    if path is None:
+        raise ValueError(f"DEFAULT_RULE[{kind!r}] has no entry for M={m} (its last must be (None, path))")
+    return path
 
 
 def _bounds(ms: list[int]) -> list[int | None]:
-    """Upper M of each measured M's range: the geometric midpoint to the next (None: no bound)."""
-    return [int(math.sqrt(a * b)) for a, b in zip(ms, ms[1:])] + [None]
+    """Upper M of each measured M's range: the geometric midpoint to the next measured M; the
+    last one's reaches the midpoint to the next M of MEASURED_M the run did not reach (None when
+    it reached the largest), so a partial run says nothing about larger M."""
+    beyond = [m for m in MEASURED_M if m > ms[-1]]
+    last = int(math.sqrt(ms[-1] * beyond[0])) if beyond else None
+    return [int(math.sqrt(a * b)) for a, b in zip(ms, ms[1:])] + [last]
 
 
 def _collapse(entries: list[tuple[int | None, str]]) -> tuple[tuple[int | None, str], ...]:
