@@ -41,6 +41,8 @@ from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, dequantize
 
 AUX_COLLECTION = "jquant"
+#: The per-layer aux entries a layer may carry in that collection (the one list every module reads).
+AUX_KEYS = ("input_scale", "input_mul", "hadamard", "lowrank_a", "lowrank_b")
 Observer = Callable[[str, jax.Array], None]
 
 
@@ -108,12 +110,8 @@ def _active() -> bool:
 
 # --- linen ----------------------------------------------------------------------------------
 def _linen_aux(module: nn.Module) -> dict | None:
-    if not module.has_variable(AUX_COLLECTION, "input_scale") and not any(
-        module.has_variable(AUX_COLLECTION, k) for k in ("input_mul", "lowrank_a", "hadamard")
-    ):
-        return None
-    names = ("input_scale", "input_mul", "lowrank_a", "lowrank_b", "hadamard")
-    return {k: module.get_variable(AUX_COLLECTION, k) for k in names if module.has_variable(AUX_COLLECTION, k)}
+    aux = {k: module.get_variable(AUX_COLLECTION, k) for k in AUX_KEYS if module.has_variable(AUX_COLLECTION, k)}
+    return aux or None
 
 
 def _linen_interceptor(next_fun, args, kwargs, context):

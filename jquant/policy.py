@@ -84,10 +84,9 @@ class Policy:
     def rules(self, roles: Roles) -> list[Rule]:
         """Quantization rules: one exact-path rule per labelled kernel (:data:`BF16` and
         None layers are not quantized), and nothing else."""
-        out: list[Rule] = []
-        for path, prec in self.plan(roles).items():
-            out.append((f"^{re.escape(path)}$", None if prec in (None, BF16) else prec))
-        return [*out, (".*", None)]
+        out = [Rule(f"^{re.escape(path)}$", None if prec in (None, BF16) else parse_spec(prec))
+               for path, prec in self.plan(roles).items()]
+        return [*out, Rule(".*", None)]
 
     def quantize(self, params: Any, roles: Roles) -> Any:
         """Round-to-nearest per the policy: each labelled kernel to its spec, :data:`BF16` layers cast."""

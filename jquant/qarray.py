@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from jquant.codecs import CODECS
 from jquant.coded import CodedArray
@@ -91,8 +92,72 @@ class QArray:
     def dequantize(self, dtype=None) -> Array:
         return dequantize(self, dtype)
 
+    # --- array views (exact: codes, scales and zero points move together, nothing decodes) ---------
+    @property
+    def T(self) -> "QArray":
+        return self.transpose()
+
+    def transpose(self, axes: tuple[int, ...] | None = None) -> "QArray":
+        """The same quantized tensor with its axes permuted (reversed by default); the
+        contraction axis follows. GGUF block codes keep ggml's row layout: for them (2-D only)
+        the transpose relabels which logical axis the blocks run along."""
+        n = self.ndim
+        axes = tuple(reversed(range(n))) if axes is None else tuple(int(a) % n for a in axes)
+        if sorted(axes) != list(range(n)):
+            raise ValueError(f"transpose: axes {axes} are not a permutation of {n} axes")
+        new_axis = axes.index(self.axis % n)
+        spec = dataclasses.replace(self.spec, axis=new_axis)
+        if self.spec.fmt not in FORMATS:
+            if n != 2:
+                raise ValueError(f"transpose: {self.spec} block codes transpose only as 2-D arrays, got rank {n}")
+            return dataclasses.replace(self, spec=spec, axis=new_axis - n)
+        perm = lambda a: None if a is None else jnp.transpose(a, axes)  # noqa: E731
+        return dataclasses.replace(self, qvalue=perm(self.qvalue), scale=perm(self.scale),
+                                   zero_point=perm(self.zero_point), spec=spec, axis=new_axis - n)
+
+    def reshape(self, *shape: int) -> "QArray":
+        """Split or merge the axes other than the contraction axis, which must stay first (or
+        last) with its size; scales must be per element or shared along those axes (per
+        channel, per group, per tensor), so no block is cut."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        old, n = self.shape, self.ndim
+        if shape.count(-1) == 1:
+            known = math.prod(d for d in shape if d != -1)
+            shape = tuple(self.size // max(known, 1) if d == -1 else d for d in shape)
+        a = self.axis % n
+        if self.spec.fmt not in FORMATS or math.prod(shape) != self.size or a not in (0, n - 1) or not shape:
+            raise ValueError(f"reshape: cannot view {self.spec} {old} as {shape}: the size must match and the "
+                             "contraction axis must be first or last (GGUF block codes: dequantize first)")
+        new_a = 0 if a == 0 else len(shape) - 1
+        if shape[new_a] != old[a]:
+            raise ValueError(f"reshape: the contraction axis (size {old[a]}) must stay at the "
+                             f"{'front' if a == 0 else 'end'} of {shape}")
+        rest_old = [d for i, d in enumerate(old) if i != a]
+        rest_new = [d for i, d in enumerate(shape) if i != new_a]
+
+        def view(x: Array | None, along: int) -> Array | None:
+            if x is None or x.ndim == 0:
+                return x
+            x_rest = [d for i, d in enumerate(x.shape) if i != a]
+            if all(d == 1 for d in x_rest):
+                rest = [1] * len(rest_new)
+            elif x_rest == rest_old:
+                rest = rest_new
+            else:
+                raise ValueError(f"reshape: {self.spec}'s blocks span axes {tuple(x.shape)} of {old}; dequantize first")
+            return x.reshape(([along] + rest) if new_a == 0 else (rest + [along]))
+
+        return dataclasses.replace(self, qvalue=view(self.qvalue, self.qvalue.shape[a]),
+                                   scale=view(self.scale, self.scale.shape[a]),
+                                   zero_point=None if self.zero_point is None else view(self.zero_point, self.zero_point.shape[a]),
+                                   spec=dataclasses.replace(self.spec, axis=new_a), axis=new_a - len(shape))
+
     def __repr__(self) -> str:
         return f"QArray({self.spec}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, nbytes={self.nbytes})"
+
+
+# An nnx.Module attribute holding a QArray is data (a pytree leaf group), like an array.
+nnx.register_data_type(QArray)
 
 
 # --- packing --------------------------------------------------------------------------

@@ -1,7 +1,12 @@
-"""Rule-based quantization of a param tree.
+"""Rule-based quantization of a param tree: jquant's one rule vocabulary.
 
-A rule list is an ordered list of ``(regex, spec_or_None)``; the first regex that
-``re.search``-matches a leaf's '/'-joined path decides it (None keeps it in float).
+A rule list is an ordered list of :class:`Rule` (or ``(regex, spec_or_None)`` pairs, or one
+spec for every eligible leaf); :func:`normalize_rules` is the one place any of these becomes
+a tuple of typed, frozen Rules. The first rule whose regex ``re.search``-matches a leaf's
+'/'-joined path decides it (a None spec keeps it in float). A rule carries the *weight*
+side only: how activations are quantized (format, static table or dynamic per token) is a
+property of the run (``jquant.nn.quantized``, a recipe's ``act`` and table), not of a layer
+rule, because one model call quantizes every layer's activations the same way.
 Before the user's rules, defaults skip what is not a matmul weight: norms, biases,
 embedding tables and anything that is not a floating array of rank >= 2.
 Works on any pytree: linen variables, plain dicts, ``nnx.State``.
@@ -20,7 +25,23 @@ import jax.numpy as jnp
 from jquant.formats import QSpec, parse_spec
 from jquant.qarray import is_quantized_leaf, quantize
 
-Rule = tuple[str, "QSpec | str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Leaves whose '/'-joined path ``re.search``-matches ``pattern`` get ``spec`` (None: float).
+
+    Unpacks like the ``(pattern, spec)`` pair it replaces (``for pattern, spec in rules``)."""
+
+    pattern: str
+    spec: QSpec | None = None
+
+    def __iter__(self):
+        return iter((self.pattern, self.spec))
+
+
+#: What a rule list may be written as: Rules, ``(regex, spec or None)`` pairs, or one spec.
+RuleLike = "Rule | tuple[str | re.Pattern, QSpec | str | None]"
 
 # Leaves never quantized unless a rule names them explicitly with `force=True` semantics
 # (see `default_skip`): norms, biases, embedding tables, scalars/vectors.
@@ -67,7 +88,8 @@ def is_matmul_weight(path: str, leaf: Any) -> bool:
 
 
 def resolve(path: str, leaf: Any, rules: Iterable[Rule]) -> QSpec | None:
-    """The spec the first matching rule gives an eligible leaf, else None."""
+    """The spec the first matching rule gives an eligible leaf, else None (``rules`` as
+    :func:`normalize_rules` returns them, or pairs)."""
     if not is_matmul_weight(path, leaf):
         return None
     for pattern, spec in rules:
@@ -130,8 +152,9 @@ class UnmatchedRuleWarning(UserWarning):
     """A quantization rule whose pattern matches no leaf path of the tree: usually a typo."""
 
 
-def check_rules(rules: Sequence[Rule] | QSpec | str, tree: Any = None, *, strict: bool = False) -> list[Rule]:
-    """Validate a rule list; returns it with specs parsed (a single spec becomes ``[(".*", spec)]``).
+def normalize_rules(rules: Sequence[RuleLike] | QSpec | str, tree: Any = None, *, strict: bool = False) -> tuple[Rule, ...]:
+    """The one normaliser: any way of writing a rule list -> a tuple of :class:`Rule` with
+    parsed specs (a single spec becomes ``(Rule(".*", spec),)``).
 
     Every error names the rule: a pattern that is not a compilable regex, a spec that does not
     parse. With ``tree``, a rule whose pattern ``re.search``-matches no leaf path (leaves of
@@ -145,16 +168,19 @@ def check_rules(rules: Sequence[Rule] | QSpec | str, tree: Any = None, *, strict
     out: list[Rule] = []
     compiled: list[re.Pattern] = []
     for i, rule in enumerate(rules):
+        if isinstance(rule, Rule):
+            rule = (rule.pattern, rule.spec)
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))):
-            raise ValueError(f"rule {i}: expected a (regex, spec or None) pair, got {rule!r}")
+            raise ValueError(f"rule {i}: expected a Rule or a (regex, spec or None) pair, got {rule!r}")
         pattern, spec = rule
+        pattern = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
         try:
             compiled.append(re.compile(pattern))
         except re.error as e:
             at = f" at position {e.pos}" if e.pos is not None else ""
             raise ValueError(f"rule {i} {pattern!r}: bad regular expression: {e.msg}{at}") from e
         try:
-            out.append((pattern, None if spec is None else parse_spec(spec)))
+            out.append(Rule(pattern, None if spec is None else parse_spec(spec)))
         except ValueError as e:
             raise ValueError(f"rule {i} {pattern!r}: {e}") from e
     if tree is not None and not single:
@@ -167,20 +193,21 @@ def check_rules(rules: Sequence[Rule] | QSpec | str, tree: Any = None, *, strict
             if strict:
                 raise ValueError(msg)
             warnings.warn(msg, UnmatchedRuleWarning, stacklevel=3)
-    return out
+    return tuple(out)
+
 
 
 def quantize_params(
-    params: Any, rules: Sequence[Rule] | QSpec | str, *, strict: bool = False
+    params: Any, rules: Sequence[RuleLike] | QSpec | str, *, strict: bool = False
 ) -> tuple[Any, Report]:
     """Quantize every leaf a rule assigns a spec to; returns (new tree, report).
 
     ``rules`` may be a single spec (applied to every eligible leaf) or an ordered rule
     list. Errors (NaN/Inf, indivisible groups, bad dtype) name the leaf's path; a bad rule
-    is named by :func:`check_rules`, which also warns (:class:`UnmatchedRuleWarning`) about
+    is named by :func:`normalize_rules`, which also warns (:class:`UnmatchedRuleWarning`) about
     a rule that matches no leaf path, or raises a ValueError for it under ``strict``.
     """
-    rules = check_rules(rules, params, strict=strict)
+    rules = normalize_rules(rules, params, strict=strict)
     rows: list[LeafReport] = []
 
     def one(path: str, leaf: Any) -> Any:

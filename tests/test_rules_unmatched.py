@@ -13,7 +13,7 @@ from jquant import models
 from jquant import policy as P
 from jquant.models.dit import DiTConfig
 from jquant.models.flux import FluxConfig
-from jquant.rules import UnmatchedRuleWarning, check_rules
+from jquant.rules import UnmatchedRuleWarning, normalize_rules
 
 FLUX = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                   pooled_projection_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6))
@@ -46,7 +46,7 @@ def test_legitimately_idle_rules_do_not_warn():
         jquant.quantize_params(tree(), [("kernel", "int8"), ("norm", None), (".*", "int4/g16")])
         jquant.quantize_params(tree(), "int8")
         jquant.quantize_params({}, "int8")
-        check_rules([(re.compile("to_k"), "int8")], tree(), strict=True)
+        normalize_rules([(re.compile("to_k"), "int8")], tree(), strict=True)
 
 
 @pytest.mark.parametrize(
@@ -71,4 +71,4 @@ def test_policy_rules_on_bundled_ports_match(cfg):
     shapes = models.param_shapes(cfg)
     roles = models.layer_roles(cfg, shapes)
     for policy in [*P.POLICIES.values(), P.uniform("int8")]:
-        check_rules(policy.rules(roles), shapes, strict=True)
+        normalize_rules(policy.rules(roles), shapes, strict=True)

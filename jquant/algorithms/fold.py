@@ -45,7 +45,7 @@ import numpy as np
 
 from jquant.algorithms import layerwise as lw
 from jquant.calib import LayerStats
-from jquant.nn import AUX_COLLECTION
+from jquant.nn import AUX_COLLECTION, AUX_KEYS
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths
 from jquant.transform import Variables
@@ -225,10 +225,9 @@ def aux_collection(aux: Aux) -> dict:
 def aux_from_collection(coll: Mapping) -> Aux:
     """Inverse of :func:`aux_collection`."""
     out: Aux = {}
-    names = ("input_scale", "input_mul", "lowrank_a", "lowrank_b", "hadamard")
 
     def walk(node: Mapping, prefix: str) -> None:
-        entries = {k: v for k, v in node.items() if k in names and not isinstance(v, Mapping)}
+        entries = {k: v for k, v in node.items() if k in AUX_KEYS and not isinstance(v, Mapping)}
         if entries:
             out[prefix] = entries
         for k, v in node.items():

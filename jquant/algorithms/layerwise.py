@@ -21,7 +21,7 @@ import numpy as np
 
 from jquant.formats import QSpec, parse_spec
 from jquant.qarray import QArray, decode_scale, encode, pack, quantize
-from jquant.rules import Rule, flatten_with_paths, map_with_paths, resolve
+from jquant.rules import Rule, flatten_with_paths, map_with_paths, normalize_rules, resolve
 
 Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -46,16 +46,6 @@ def module_path(kernel_path: str) -> str:
     return kernel_path[: -len("/kernel")] if kernel_path.endswith("/kernel") else kernel_path
 
 
-def as_rules(rules: Sequence[Rule] | QSpec | str) -> list[tuple[str, QSpec | None]]:
-    if isinstance(rules, (str, QSpec)):
-        rules = [(".*", rules)]
-    out = []
-    for pattern, spec in rules:
-        re.compile(pattern)
-        out.append((pattern, None if spec is None else parse_spec(spec)))
-    return out
-
-
 def select(
     params: Any,
     stats: Mapping[str, Any] | None,
@@ -72,7 +62,7 @@ def select(
     that is not 2-D (in, out), a spec whose contraction axis is not 0, or a Hessian whose
     size does not match the kernel's input dimension.
     """
-    rules = as_rules(rules)
+    rules = normalize_rules(rules)
     flat = flatten_with_paths(params)
     if layers is not None:
         known = {p for p, _ in flat}

@@ -27,15 +27,14 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jquant import calib
-from jquant.coded import decode_tree
-from jquant.formats import QSpec, parse_spec
-from jquant.nn import AUX_COLLECTION, apply, observe
+from jquant.coded import CodedArray, decode_tree
+from jquant.formats import QSpec
+from jquant.nn import AUX_COLLECTION, AUX_KEYS, apply, observe
 from jquant.qarray import QArray
-from jquant.rules import Rule, resolve
+from jquant.rules import Rule, normalize_rules, resolve
 from jquant.transform import Variables
 
 Array = jax.Array
-AUX_KEYS = ("input_scale", "input_mul", "hadamard", "lowrank_a", "lowrank_b")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -60,6 +59,30 @@ def get_kernel(variables: Variables, path: str) -> Any:
     if key not in flat:
         raise KeyError(f"no kernel at module path {path!r} (param {key!r} missing)")
     return flat[key]
+
+
+def is_quantized(leaf: Any) -> bool:
+    """A QArray or a coded (codebook, low-rank) kernel."""
+    return isinstance(leaf, (QArray, CodedArray))
+
+
+def float_kernel(variables: Variables, path: str, what: str) -> Array:
+    """The 2-D float kernel of one layer; a clear error naming ``what`` for a quantized or
+    non-2-D one (rotations, smoothing and low-rank splits rewrite float weights only)."""
+    w = get_kernel(variables, path)
+    if is_quantized(w):
+        raise ValueError(f"{path}: {what} must run before quantization (kernel is a {type(w).__name__})")
+    if w.ndim != 2:
+        raise ValueError(f"{path}: {what} handles 2-D (K, N) kernels, got shape {w.shape}")
+    return w
+
+
+def float_paths(variables: Variables, pattern: str, method: str) -> list[str]:
+    """Module paths matching ``pattern`` whose kernel is still float; an error if none."""
+    paths = [p for p in match_paths(variables, pattern) if not is_quantized(get_kernel(variables, p))]
+    if not paths:
+        raise ValueError(f"{method}: no float kernel matches pattern {pattern!r}")
+    return paths
 
 
 def get_bias(variables: Variables, path: str) -> Array | None:
@@ -114,10 +137,7 @@ def select_layers(variables: Variables, rules: Sequence[Rule] | QSpec | str, met
     path (``'.../kernel'``). Raises if nothing is selected (a method that silently does
     nothing hides a wrong rule or an already quantized tree).
     """
-    if isinstance(rules, (str, QSpec)):
-        rule_list = [(".*", rules)]
-    else:
-        rule_list = [(p, None if s is None else parse_spec(s)) for p, s in rules]
+    rule_list = normalize_rules(rules)
     out = []
     for path in linear_paths(variables):
         kernel = get_kernel(variables, path)

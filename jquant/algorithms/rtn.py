@@ -24,7 +24,7 @@ from jquant.algorithms.fold import with_params
 from jquant.formats import QSpec, parse_spec
 from jquant.policy import Policy
 from jquant.qarray import QArray, compute_scales, decode, decode_scale, encode
-from jquant.rules import Rule, flatten_with_paths, resolve
+from jquant.rules import Rule, flatten_with_paths, normalize_rules, resolve
 from jquant.transform import Context, Transform, Variables
 
 Array = jax.Array
@@ -123,7 +123,7 @@ def rtn(
     """
     config = config or RTNConfig()
     if not config.clip_search:
-        rl = lw.as_rules(rules)
+        rl = normalize_rules(rules)
         flat = flatten_with_paths(params)
         if layers is not None:
             unknown = sorted(set(layers) - {p for p, _ in flat})
