@@ -2,8 +2,9 @@
 
 Interception, not editing: inside :func:`quantized` (or :func:`observe`), calls of
 ``flax.linen.Dense / DenseGeneral / Einsum`` are intercepted with
-``flax.linen.intercept_methods`` and calls of ``flax.nnx.Linear / LinearGeneral /
-Einsum`` by swapping their ``__call__`` for the duration of the context. The
+``flax.linen.intercept_methods``, and the ``flax.nnx.Linear / LinearGeneral / Einsum``
+layers *of the NNX model named by* ``nnx_model`` are routed by giving those instances an
+intercepting subclass for the duration of the context (no class is patched). The
 replacement reads the layer's own kernel (a QArray or a float array) and bias and routes
 the matmul through :func:`jquant.dispatch.linear`, the one place that decides how a
 quantized matmul runs (XLA path or a Pallas kernel).
@@ -176,23 +177,36 @@ def _nnx_forward(cls_call):
 
 
 _NNX_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+_NNX_INTERCEPTED: dict[type, type] = {}
+
+
+def _intercepting_class(cls: type) -> type:
+    """A subclass of an NNX linear class whose ``__call__`` runs through jquant (made once)."""
+    if cls not in _NNX_INTERCEPTED:
+        _NNX_INTERCEPTED[cls] = type(f"JQuant{cls.__name__}", (cls,), {"__call__": _nnx_forward(cls.__call__)})
+    return _NNX_INTERCEPTED[cls]
 
 
 @contextlib.contextmanager
 def _nnx_patched(model: nnx.Module | None) -> Iterator[None]:
-    originals = {cls: cls.__call__ for cls in _NNX_CLASSES}
+    """Route the linear layers *of ``model``* (and only those: no class is patched) through
+    jquant for the duration: each instance's class is swapped for an intercepting subclass and
+    swapped back on exit; their graph paths key aux data and observers."""
+    if model is None:
+        yield
+        return
     paths = dict(_state.nnx_paths)
-    if model is not None:
-        for p, node in nnx.iter_graph(model):
-            if isinstance(node, _NNX_CLASSES):
-                _state.nnx_paths[id(node)] = "/".join(str(k) for k in p)
+    swapped: list[tuple[Any, type]] = []
     try:
-        for cls, orig in originals.items():
-            cls.__call__ = _nnx_forward(orig)
+        for p, node in nnx.iter_graph(model):
+            if type(node) in _NNX_CLASSES:
+                _state.nnx_paths[id(node)] = "/".join(str(k) for k in p)
+                swapped.append((node, type(node)))
+                object.__setattr__(node, "__class__", _intercepting_class(type(node)))
         yield
     finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
+        for node, cls in swapped:
+            object.__setattr__(node, "__class__", cls)
         _state.nnx_paths = paths
 
 
@@ -208,7 +222,9 @@ def quantized(
 ) -> Iterator[QuantConfig]:
     """Run models inside this context with quantized matmuls (see module docstring).
 
-    ``nnx_model`` names the NNX model whose layer paths key ``aux`` and observers.
+    ``nnx_model`` names the NNX model whose linear layers run quantized (only that model's
+    instances are routed, for the duration of the block) and whose graph paths key ``aux``
+    and observers; NNX layers of other models are left alone.
     """
     if backend not in ("auto", "xla", "pallas"):
         raise ValueError(f"backend must be 'auto', 'xla' or 'pallas', got {backend!r}")
