@@ -32,7 +32,7 @@ def test_quickstart_notebook_executes_next_to_a_clone(tmp_path):
     text = _outputs(nb)
     assert "installing:" not in text  # jquant is installed here: nothing to do
     pkg = _imported_from(text)
-    assert (pkg / "__init__.py").is_file() and (pkg / "recipe.py").is_file()  # the package, not the clone's root
+    assert (pkg / "__init__.py").is_file() and (pkg / "rules.py").is_file()  # the package, not the clone's root
     assert "PSNR" in text and "step groups of the scale table" in text and "one-step errors" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the clips side by side and the per-step error plot

@@ -7,6 +7,7 @@ only show up on the GPU machine (as `from jquant.demo import rtn` once did in be
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -24,5 +25,8 @@ def test_script_imports(path: Path, monkeypatch) -> None:
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
     monkeypatch.setattr(sys, "argv", [str(path)])
+    env = {k: v for k, v in os.environ.items() if k.startswith("JQUANT")}
     spec.loader.exec_module(module)
+    after = {k: v for k, v in os.environ.items() if k.startswith("JQUANT")}
+    assert after == env, f"{path.name} changes jquant's environment at import: {after} (was {env})"
     assert callable(getattr(module, "main", None)) or path.name.startswith("_"), f"{path.name} has no main()"
