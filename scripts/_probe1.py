@@ -1,4 +1,8 @@
-"""One-off probe (call 1): JAX 0.11.2 API, W8A8 int8/fp8 correctness and timing."""
+"""One-off probe (call 1): JAX 0.11.2 API, W8A8 int8/fp8 correctness and timing.
+
+Run from the repository root: ``python scripts/_probe1.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/_probe1.py`` where jquant is not installed (e.g. the GPU machine).
+"""
 import os, sys, json, time, traceback, inspect, shutil, tarfile
 import numpy as np
 import jax, jax.numpy as jnp

@@ -18,7 +18,10 @@ bundled classifier's accuracy, and checks the target: quantized attention on eve
 PSNR within 1 dB of the same recipe with bf16 attention. Off Hopper quantized attention runs
 its plain-JAX reference (same quantization). Writes ``benchmarks/attention_quality.json``.
 
-    PYTHONPATH=. python3 scripts/attention_quality.py [--clips 10] [--steps 20]
+    python scripts/attention_quality.py [--clips 10] [--steps 20]
+
+Run from the repository root: ``python scripts/attention_quality.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/attention_quality.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import numpy as np
 from jax.tree_util import Partial
 
 import jquant.nn
-from jquant.attention import quantized_attention, step_schedule
 from jquant import policy as pol
+from jquant.attention import quantized_attention, step_schedule
 from jquant.metrics import compare_videos
 from jquant.sampling import sample_flow_euler
 

@@ -14,6 +14,9 @@ Per layer shape the first call (compilation included) and the median of repeated
 are recorded; the model total is the wall time of quantizing all layers in order (each
 distinct shape already compiled, as in a real run after its first block), plus its
 compile-inclusive first pass. Results go to benchmarks/gptq-<device>.json.
+
+Run from the repository root: ``python scripts/bench_gptq.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/bench_gptq.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jquant.algorithms import gptq
 
-from jquant.algorithms import gptq  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_layer(key: jax.Array, k: int, n: int, tokens_per_channel: int = 2) -> tuple[jax.Array, jax.Array]:
@@ -113,7 +115,10 @@ def bench_model(key: jax.Array, blocks: int, dim: int, ffn: int, spec: str, cfg:
         "weights": sum(k * n for _, k, n in layers),
         "total_s": round(t_total, 3),
         "first_call_per_shape_s": compile_pass,
-        "per_shape": {s: {"count": len(v), "median_s": round(statistics.median(v), 4), "sum_s": round(sum(v), 3)} for s, v in per_shape.items()},
+        "per_shape": {
+            s: {"count": len(v), "median_s": round(statistics.median(v), 4), "sum_s": round(sum(v), 3)}
+            for s, v in per_shape.items()
+        },
     }
 
 
@@ -140,10 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         layer_k, blocks, dim, ffn = 4096, 30, 1536, 8960
     print(f"device: {jax.devices()[0]}  spec {args.spec}  act_order={args.act_order}", flush=True)
     layer = bench_shape(jax.random.fold_in(key, 1), layer_k, layer_k, args.spec, cfg, args.repeats)
-    print(f"{layer_k}x{layer_k}: first {layer['first_call_s']} s, median {layer['median_s']} s "
-          f"(cholesky {layer['cholesky_s']} s, sweep {layer['sweep_s']} s)", flush=True)
+    print(
+        f"{layer_k}x{layer_k}: first {layer['first_call_s']} s, median {layer['median_s']} s "
+        f"(cholesky {layer['cholesky_s']} s, sweep {layer['sweep_s']} s)",
+        flush=True,
+    )
     model = bench_model(jax.random.fold_in(key, 2), blocks, dim, ffn, args.spec, cfg)
-    print(f"Wan-sized model ({model['layers']} linears, {model['weights']:,} weights): {model['total_s']} s", flush=True)
+    print(
+        f"Wan-sized model ({model['layers']} linears, {model['weights']:,} weights): {model['total_s']} s", flush=True
+    )
     result = {
         "benchmark": "gptq",
         "command": "python scripts/bench_gptq.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -157,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         "layer": layer,
         "model": {"name": "Wan2.1-1.3B-sized linears" if not args.tiny else "tiny Wan-like linears", **model},
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / f"gptq-{device_slug()}{'-tiny' if args.tiny else ''}.json"
+    out = (
+        Path(args.out) if args.out else ROOT / "benchmarks" / f"gptq-{device_slug()}{'-tiny' if args.tiny else ''}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -22,6 +22,9 @@ and the process's peak device memory, in benchmarks/models_forward-<device>.json
     python scripts/bench_models_forward.py                       # all five, GPU, cuDNN attention
     python scripts/bench_models_forward.py --models ltx_video mochi --attn xla
     python scripts/bench_models_forward.py --tiny                # CPU smoke test (2-layer configs)
+
+Run from the repository root: ``python scripts/bench_models_forward.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/bench_models_forward.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Writes benchmarks/wan_forward-<device>.json.
     python scripts/bench_wan_forward.py                 # GPU, cuDNN attention
     python scripts/bench_wan_forward.py --attn xla
     python scripts/bench_wan_forward.py --tiny          # CPU smoke test of the same path
+
+Run from the repository root: ``python scripts/bench_wan_forward.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/bench_wan_forward.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations

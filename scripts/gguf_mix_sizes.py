@@ -1,6 +1,9 @@
 """Size of each GGUF mix for the ported models' published configs (shapes only, no weights).
 
 Usage: python scripts/gguf_mix_sizes.py > benchmarks/gguf_mix_sizes.md
+
+Run from the repository root: ``python scripts/gguf_mix_sizes.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/gguf_mix_sizes.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import math
 import numpy as np
 from flax import traverse_util
 
-from jquant.codecs import CODECS
-
 from jquant.algorithms.kquants import MIX_BASE, plan_kquant_mix
+from jquant.codecs import CODECS
 from jquant.models import flux, wan
 from jquant.models.loading import port_for_config
 

@@ -10,6 +10,9 @@ ties, ...). Each type is quantized with ``ggml_quantize_chunk`` (imatrix NULL, i
 ``quantize_row_*_ref`` path) and decoded with ggml's ``to_float``; the fixtures hold the
 inputs, ggml's bytes, and a BLAKE2b digest of every decoded row (the full decoded floats
 would be 10x the size). ``tests/test_kquants_ggml.py`` reads only these files.
+
+Run from the repository root: ``python scripts/make_ggml_fixtures.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/make_ggml_fixtures.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations

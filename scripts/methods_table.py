@@ -3,6 +3,10 @@
     python scripts/methods_table.py                 # synthetic layer + the bundled tiny model
     python scripts/methods_table.py --no-model      # synthetic layer only
 
+Run after ``pip install -e .`` (or, where jquant is not installed, ``PYTHONPATH=. python
+scripts/methods_table.py`` from the repository root). Problems, rows and markdown are
+``jquant.algorithms.comparison``'s, shared with scripts/rotation_table.py.
+
 Every method sees the same calibration data. Weight-only methods are scored by the
 relative Hessian-weighted output error ``tr(dW^T H dW) / tr(W^T H W)`` (= ||X dW||^2 /
 ||X W||^2) on the calibration tokens and on held-out tokens of the same distribution;
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,19 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jquant.nn as jnn
+from jquant import calib, dispatch
+from jquant.algorithms import awq, fold, gptq, rtn, smoothquant, spqr
+from jquant.algorithms import layerwise as lw
+from jquant.algorithms.comparison import BLOCK_LINEARS, Row, keep, layer_data, table, tiny_wan_data
+from jquant.formats import parse_spec
+from jquant.models.tiny_wan import load_tiny
+from jquant.qarray import dequantize
+from jquant.rules import flatten_with_paths
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import jquant.nn as jnn  # noqa: E402
-from jquant import calib, dispatch  # noqa: E402
-from jquant.algorithms import awq, fold, gptq, rtn, smoothquant, spqr  # noqa: E402
-from jquant.algorithms import layerwise as lw  # noqa: E402
-from jquant.algorithms.synthetic import layer_problem  # noqa: E402
-from jquant.formats import parse_spec  # noqa: E402
-from jquant.qarray import dequantize  # noqa: E402
-from jquant.rules import flatten_with_paths  # noqa: E402
-
 COMMAND = "python scripts/methods_table.py"
 
 DOC = """# Calibration and the classical methods
@@ -204,19 +205,6 @@ activations, so the tiny-Wan W8A8 rows report the model output only.
 """
 
 
-
-
-@dataclasses.dataclass
-class Row:
-    group: str
-    method: str
-    spec: str
-    bits: float
-    err: float
-    err_heldout: float
-    extra: str = ""
-
-
 # --- method runners: (params, stats) -> (params, aux) ------------------------------------------------
 Runner = Callable[[Any, dict, Any], tuple[Any, dict]]
 
@@ -228,7 +216,10 @@ def weight_methods(spec: str) -> list[tuple[str, Runner]]:
         ("RTN + clip search", lambda p, s, r: (rtn.rtn(p, s, r, rtn.RTNConfig(clip_search=True)), {})),
         ("AWQ (scale + clip search)", lambda p, s, r: awq.awq(p, s, r)),
         ("GPTQ", lambda p, s, r: (gptq.gptq(p, s, r, g), {})),
-        ("GPTQ act-order (static groups)", lambda p, s, r: (gptq.gptq(p, s, r, dataclasses.replace(g, act_order=True)), {})),
+        (
+            "GPTQ act-order (static groups)",
+            lambda p, s, r: (gptq.gptq(p, s, r, dataclasses.replace(g, act_order=True)), {}),
+        ),
     ]
 
 
@@ -245,8 +236,7 @@ def bits_of(leaf: Any) -> float:
 
 # --- synthetic layer ---------------------------------------------------------------------------------
 def synthetic_rows(seed: int, k: int, n: int, tokens: int) -> list[Row]:
-    x_all, w = layer_problem(seed, k, n, 2 * tokens)
-    x, x_ho = x_all[:tokens], x_all[tokens:]
+    x, x_ho, w = layer_data(seed, k, n, tokens)
     cfg = calib.CalibConfig()
     st = calib.batch_stats(jnp.asarray(x), cfg)
     h, h_ho = st.hessian_mean, calib.batch_stats(jnp.asarray(x_ho), cfg).hessian_mean
@@ -256,7 +246,16 @@ def synthetic_rows(seed: int, k: int, n: int, tokens: int) -> list[Row]:
     def score(group: str, name: str, spec: str, out: Any, aux: dict) -> None:
         leaf = out["layer"]["kernel"]
         we = effective_kernel(leaf, aux.get("layer"))
-        rows.append(Row(group, name, spec, bits_of(leaf), float(lw.relative_error(w, we, h)), float(lw.relative_error(w, we, h_ho))))
+        rows.append(
+            Row(
+                group,
+                name,
+                spec,
+                bits_of(leaf),
+                float(lw.relative_error(w, we, h)),
+                float(lw.relative_error(w, we, h_ho)),
+            )
+        )
 
     for bits_label, spec in (("4-bit", "int4/g128"), ("3-bit", "int3/g128")):
         for name, fn in weight_methods(spec):
@@ -267,7 +266,9 @@ def synthetic_rows(seed: int, k: int, n: int, tokens: int) -> list[Row]:
         score(group, "GPTQ", spec, gptq.gptq(tree, stats, spec), {})
     for rate in (0.0, 0.005, 0.01):
         c = spqr.SpQRConfig(bits=3, outlier_rate=rate)
-        score(group, f"SpQR ({rate:.1%} outliers)", "3-bit, beta 16/16, 3-bit stats", spqr.spqr(tree, stats, ".*", c), {})
+        score(
+            group, f"SpQR ({rate:.1%} outliers)", "3-bit, beta 16/16, 3-bit stats", spqr.spqr(tree, stats, ".*", c), {}
+        )
     rows += w8a8_rows(tree, stats, x, x_ho, w)
     return rows
 
@@ -288,61 +289,65 @@ def w8a8_rows(tree: dict, stats: dict, x: np.ndarray, x_ho: np.ndarray, w: np.nd
         group = f"W8A8 ({mode} activations)"
         plain = lw.quantize_fast(w, "int8")
         scale = None if a.dynamic else smoothquant.static_input_scale(st, None, a)
-        rows.append(Row(group, "plain W8A8", f"int8 x {act}", 8.0 + 32 / w.shape[0], rel(x, y, plain, a, None, scale), rel(x_ho, y_ho, plain, a, None, scale)))
-        for name, c in (("SmoothQuant alpha=0.5", smoothquant.SmoothQuantConfig(act=act)), ("SmoothQuant searched alpha", smoothquant.SmoothQuantConfig(act=act, search=True))):
+        rows.append(
+            Row(
+                group,
+                "plain W8A8",
+                f"int8 x {act}",
+                8.0 + 32 / w.shape[0],
+                rel(x, y, plain, a, None, scale),
+                rel(x_ho, y_ho, plain, a, None, scale),
+            )
+        )
+        for name, c in (
+            ("SmoothQuant alpha=0.5", smoothquant.SmoothQuantConfig(act=act)),
+            ("SmoothQuant searched alpha", smoothquant.SmoothQuantConfig(act=act, search=True)),
+        ):
             out, aux = smoothquant.smoothquant(tree, stats, "int8", c)
             e = aux["layer"]
             _, alphas = smoothquant.smoothquant_search(tree, stats, "int8", c)
-            rows.append(Row(group, name, f"int8 x {act}", bits_of(out["layer"]["kernel"]),
-                            rel(x, y, out["layer"]["kernel"], a, e["input_mul"], e.get("input_scale")),
-                            rel(x_ho, y_ho, out["layer"]["kernel"], a, e["input_mul"], e.get("input_scale")),
-                            f"alpha={alphas['layer/kernel']:.2f}"))
+            rows.append(
+                Row(
+                    group,
+                    name,
+                    f"int8 x {act}",
+                    bits_of(out["layer"]["kernel"]),
+                    rel(x, y, out["layer"]["kernel"], a, e["input_mul"], e.get("input_scale")),
+                    rel(x_ho, y_ho, out["layer"]["kernel"], a, e["input_mul"], e.get("input_scale")),
+                    f"alpha={alphas['layer/kernel']:.2f}",
+                )
+            )
     return rows
 
 
 # --- the bundled tiny model ------------------------------------------------------------------------
-BLOCK_LINEARS = r"blocks_\d+/(attn[12]/to_(q|k|v|out_0)|ffn/net_(0/proj|2))/kernel$"
-
-
-def noisy_batch(tw: Any, key: jax.Array, batch: int, branch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(x_t, t, text)``: rendered digit clips noised to a random flow-match sigma in [0.05, 0.95]
-    (t = 1000 sigma), with the digits' conditioning (branch 0) or the null text (branch 1)."""
-    from jquant.models.tiny_wan import clips_to_latents, render_clips  # noqa: PLC0415
-
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    labels = jax.random.randint(k1, (batch,), 0, 10)
-    x0 = clips_to_latents(render_clips(k2, labels, tw.data))
-    sigma = jax.random.uniform(k3, (batch,), minval=0.05, maxval=0.95)
-    xt = (1 - sigma)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * jax.random.normal(k4, x0.shape)
-    text = tw.text(labels) if branch == 0 else tw.null_text(batch)
-    return xt, sigma * 1000.0, text
-
-
 def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], str]:
-    try:
-        from jquant.models.tiny_wan import load_tiny
-    except ImportError as e:
-        return [], f"skipped: the models package has no bundled tiny model ({e})"
     try:
         tw = load_tiny()
     except (FileNotFoundError, OSError) as e:
         return [], f"skipped: bundled tiny model not found ({e})"
     model, params = tw.model, tw.params
 
-    def make_batch(key, branch):  # branch 0: conditional, 1: unconditional (CFG)
-        return (branch, *noisy_batch(tw, key, batch, branch))
-
-    keys = jax.random.split(jax.random.key(seed), n_batches + 1)
-    batches = [make_batch(keys[i], i % 2) for i in range(n_batches)]
-    held = make_batch(keys[-1], 0)
+    batches, held = tiny_wan_data(tw, seed, n_batches, batch)  # (branch, x_t, t, text); branch 1: unconditional
     apply = lambda p, b: model.apply({"params": p}, b[1], b[2], b[3])  # noqa: E731
     t0 = time.time()
-    groups = calib.calibrate(apply, params, batches, calib.CalibConfig(layers=BLOCK_LINEARS), key_fn=lambda b: ("cond", "uncond")[b[0]], progress=False)
+    groups = calib.calibrate(
+        apply,
+        params,
+        batches,
+        calib.CalibConfig(layers=BLOCK_LINEARS),
+        key_fn=lambda b: ("cond", "uncond")[b[0]],
+        progress=False,
+    )
     stats = calib.merge(*groups.values())  # per-CFG-branch statistics, pooled for the methods
-    held_stats = calib.calibrate(apply, params, [held], calib.CalibConfig(layers=BLOCK_LINEARS, histogram=False), progress=False)
-    note = (f"{len(stats)} block linears of the bundled tiny Wan ({sum(np.prod(v.shape) for _, v in flatten_with_paths(params)):,} params); "
-            f"calibration: {n_batches} batches x {batch} clips (cond/uncond branches kept as separate groups, then pooled), "
-            f"held-out: {batch} clips; calibrated in {time.time() - t0:.0f} s")
+    held_stats = calib.calibrate(
+        apply, params, [held], calib.CalibConfig(layers=BLOCK_LINEARS, histogram=False), progress=False
+    )
+    note = (
+        f"{len(stats)} block linears of the bundled tiny Wan ({sum(np.prod(v.shape) for _, v in flatten_with_paths(params)):,} params); "
+        f"calibration: {n_batches} batches x {batch} clips (cond/uncond branches kept as separate groups, then pooled), "
+        f"held-out: {batch} clips; calibrated in {time.time() - t0:.0f} s"
+    )
     y_ref = apply(params, held)
 
     def e2e(out, aux, **kw):
@@ -368,7 +373,9 @@ def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], s
         for name, fn in weight_methods(spec):
             out, aux = fn(params, stats, [(BLOCK_LINEARS, spec)])
             e, e_ho, b = layer_errors(out, aux)
-            rows.append(Row(f"tiny Wan, weight-only {bits_label}", name, spec, b, e, e_ho, f"model output {e2e(out, aux):.2e}"))
+            rows.append(
+                Row(f"tiny Wan, weight-only {bits_label}", name, spec, b, e, e_ho, f"model output {e2e(out, aux):.2e}")
+            )
     group = "tiny Wan, equal bits: SpQR vs GPTQ"
     for spec in ("int3/g16/s=bfloat16", "int4/g64/s=bfloat16"):
         out = gptq.gptq(params, stats, [(BLOCK_LINEARS, spec)])
@@ -377,18 +384,56 @@ def tiny_model_rows(seed: int, n_batches: int, batch: int) -> tuple[list[Row], s
     for rate in (0.005, 0.01):
         out = spqr.spqr(params, stats, BLOCK_LINEARS, spqr.SpQRConfig(bits=3, outlier_rate=rate))
         e, e_ho, b = layer_errors(out, {})
-        rows.append(Row(group, f"SpQR ({rate:.1%} outliers)", "3-bit, beta 16/16, 3-bit stats", b, e, e_ho, f"model output {e2e(out, {}):.2e}"))
+        rows.append(
+            Row(
+                group,
+                f"SpQR ({rate:.1%} outliers)",
+                "3-bit, beta 16/16, 3-bit stats",
+                b,
+                e,
+                e_ho,
+                f"model output {e2e(out, {}):.2e}",
+            )
+        )
     for act in ("int8/t", "int8/token"):
         a = parse_spec(act)
         group = f"tiny Wan, W8A8 ({'static per-tensor' if not a.dynamic else 'dynamic per-token'} activations)"
         plain = rtn.rtn(params, None, [(BLOCK_LINEARS, "int8")])
-        aux_pl = {} if a.dynamic else {p[: -len("/kernel")]: {"input_scale": smoothquant.static_input_scale(s, None, a)} for p, s in stats.items()}
-        rows.append(Row(group, "plain W8A8", f"int8 x {act}", 8.0 + 32 / 128, float("nan"), float("nan"),
-                        f"model output {e2e(plain, aux_pl, act=act, static=not a.dynamic):.2e}"))
-        for name, c in (("SmoothQuant alpha=0.5", smoothquant.SmoothQuantConfig(act=act)), ("SmoothQuant searched alpha", smoothquant.SmoothQuantConfig(act=act, search=True))):
+        aux_pl = (
+            {}
+            if a.dynamic
+            else {
+                p[: -len("/kernel")]: {"input_scale": smoothquant.static_input_scale(s, None, a)}
+                for p, s in stats.items()
+            }
+        )
+        rows.append(
+            Row(
+                group,
+                "plain W8A8",
+                f"int8 x {act}",
+                8.0 + 32 / 128,
+                float("nan"),
+                float("nan"),
+                f"model output {e2e(plain, aux_pl, act=act, static=not a.dynamic):.2e}",
+            )
+        )
+        for name, c in (
+            ("SmoothQuant alpha=0.5", smoothquant.SmoothQuantConfig(act=act)),
+            ("SmoothQuant searched alpha", smoothquant.SmoothQuantConfig(act=act, search=True)),
+        ):
             out, aux = smoothquant.smoothquant(params, stats, [(BLOCK_LINEARS, "int8")], c)
-            rows.append(Row(group, name, f"int8 x {act}", 8.0 + 32 / 128, float("nan"), float("nan"),
-                            f"model output {e2e(out, aux, act=act, static=not a.dynamic):.2e}"))
+            rows.append(
+                Row(
+                    group,
+                    name,
+                    f"int8 x {act}",
+                    8.0 + 32 / 128,
+                    float("nan"),
+                    float("nan"),
+                    f"model output {e2e(out, aux, act=act, static=not a.dynamic):.2e}",
+                )
+            )
     return rows, note
 
 
@@ -400,19 +445,6 @@ def _leaf(tree: Any, path: str) -> Any:
 
 
 # --- markdown ------------------------------------------------------------------------------------------
-def table(rows: list[Row]) -> str:
-    out = []
-    group = None
-    head = "| method | spec | bits/weight | output error (calib) | output error (held-out) | notes |\n|---|---|---|---|---|---|"
-    for r in rows:
-        if r.group != group:
-            group = r.group
-            out += ["", f"**{group}**", "", head]
-        f = lambda v: "-" if np.isnan(v) else f"{v:.2e}"  # noqa: E731
-        out.append(f"| {r.method} | `{r.spec}` | {r.bits:.3f} | {f(r.err)} | {f(r.err_heldout)} | {r.extra} |")
-    return "\n".join(out)
-
-
 def render(synth: list[Row], synth_note: str, model_rows: list[Row], model_note: str, wall: float) -> str:
     doc = DOC
     versions = f"jax {jax.__version__}, {jax.devices()[0].platform}, Python {platform.python_version()}"
@@ -445,9 +477,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.time()
     synth = synthetic_rows(args.seed, args.k, args.n, args.tokens)
-    synth_note = (f"One {args.k} x {args.n} kernel (`jquant.algorithms.synthetic.layer_problem(seed={args.seed})`): "
-                  f"correlated activations with 4 channels 20-100x larger, heavy-tailed weights with 0.5% large entries; "
-                  f"{args.tokens} calibration tokens, {args.tokens} held-out tokens.")
+    synth_note = (
+        f"One {args.k} x {args.n} kernel (`jquant.algorithms.synthetic.layer_problem(seed={args.seed})`): "
+        f"correlated activations with 4 channels 20-100x larger, heavy-tailed weights with 0.5% large entries; "
+        f"{args.tokens} calibration tokens, {args.tokens} held-out tokens."
+    )
     if args.no_model:
         model_rows, model_note = [], "skipped (--no-model)"
     else:
@@ -456,8 +490,6 @@ def main(argv: list[str] | None = None) -> None:
     text = render(synth, synth_note, model_rows, model_note, time.time() - t0)
     out = Path(args.out)
     if out.exists():  # keep the sections other scripts own (scripts/rotation_table.py: rotations)
-        from _doc_sections import keep  # noqa: PLC0415
-
         text = keep(out.read_text(), text)
     out.write_text(text)
     print(table(synth))

@@ -5,6 +5,9 @@
 
 docs/architecture.md draws its floor diagram from this output; tests/test_floors.py checks
 that the floors hold (no upward import, no cycle).
+
+Run from the repository root: ``python scripts/module_graph.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/module_graph.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Measure the diffusion pipeline on the bundled tiny Wan and write docs/results.md.
 
-    PYTHONPATH=. python scripts/pipeline_results.py                      # everything (CPU: ~1 h)
-    PYTHONPATH=. python scripts/pipeline_results.py --sections tables --clips 4   # a quick look
+    python scripts/pipeline_results.py                      # everything (CPU: ~1 h)
+    python scripts/pipeline_results.py --sections tables --clips 4   # a quick look
 
 Sections (all on the same noise and classes, against the fp32 model):
 
@@ -16,6 +16,9 @@ Sections (all on the same noise and classes, against the fp32 model):
 Every row reports PSNR/SSIM (per frame, mean), temporal flicker, and the mean one-step
 error (relative RMS error of the guided prediction on the float trajectory, teacher
 forced: each step's quantization error without the chaotic accumulation of sampling).
+
+Run from the repository root: ``python scripts/pipeline_results.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/pipeline_results.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jquant.pipeline import recipes as rc
+from jquant import policy as P
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
-from jquant import policy as P
+from jquant.pipeline import recipes as rc
 from jquant.pipeline import runtime as R
 from jquant.pipeline.denoiser import tiny_wan_bundle
 from jquant.pipeline.tables import TableConfig

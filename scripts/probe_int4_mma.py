@@ -8,6 +8,9 @@
    kernel its compiled HLO uses), against int8 and bf16 at the same size.
 
 Prints a table; writes ``int4_probe.json`` to ``$OUT`` (or benchmarks/).
+
+Run from the repository root: ``python scripts/probe_int4_mma.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/probe_int4_mma.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import json
 import os
 import re
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 _SRC = r"""
 #define MMA_LOOP(NAME, ASM, CT)                                                 \
@@ -46,67 +47,76 @@ _OPS = {"mma_s4": 2 * 16 * 8 * 64, "mma_s8": 2 * 16 * 8 * 32, "mma_bf16": 2 * 16
 
 
 def mma_sync_rates() -> dict:
-  import cupy as cp  # pylint: disable=g-import-not-at-top
+    import cupy as cp  # pylint: disable=g-import-not-at-top
 
-  module = cp.RawModule(code=_SRC, options=("--gpu-architecture=sm_90",))
-  sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
-  blocks, threads, iters = sms * 4, 256, 4096
-  out = cp.zeros(blocks * threads, dtype=cp.int32)
-  rates = {}
-  for name, ops in _OPS.items():
-    fn = module.get_function(name)
-    fn((blocks,), (threads,), (cp.int32(iters), out))  # warm up
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    fn((blocks,), (threads,), (cp.int32(iters), out))
-    stop.record()
-    stop.synchronize()
-    ms = cp.cuda.get_elapsed_time(start, stop)
-    warps = blocks * threads // 32
-    rates[name] = warps * iters * 4 * ops / (ms * 1e-3) / 1e12
-  return rates
+    module = cp.RawModule(code=_SRC, options=("--gpu-architecture=sm_90",))
+    sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    blocks, threads, iters = sms * 4, 256, 4096
+    out = cp.zeros(blocks * threads, dtype=cp.int32)
+    rates = {}
+    for name, ops in _OPS.items():
+        fn = module.get_function(name)
+        fn((blocks,), (threads,), (cp.int32(iters), out))  # warm up
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn((blocks,), (threads,), (cp.int32(iters), out))
+        stop.record()
+        stop.synchronize()
+        ms = cp.cuda.get_elapsed_time(start, stop)
+        warps = blocks * threads // 32
+        rates[name] = warps * iters * 4 * ops / (ms * 1e-3) / 1e12
+    return rates
 
 
 def xla_int4_dot(size: int = 2048) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax import lax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from jax import lax  # pylint: disable=g-import-not-at-top
 
-  from pallas_kernels import timing  # pylint: disable=g-import-not-at-top
+    from pallas_kernels import timing  # pylint: disable=g-import-not-at-top
 
-  result = {}
-  for name, dt, acc in (("int4", jnp.int4, jnp.int32), ("int8", jnp.int8, jnp.int32),
-                        ("bf16", jnp.bfloat16, jnp.float32)):
-    keys = jax.random.split(jax.random.key(0), 4)
-    sets = [tuple(jax.random.randint(keys[2 * i + j], (size, size), -8, 8,
-                                     jnp.int32).astype(dt) for j in range(2))
-            for i in range(2)]
-    fn = lambda a, b, acc=acc: lax.dot_general(  # noqa: E731
-        a, b, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-    hlo = jax.jit(fn).lower(*sets[0]).compile().as_text()
-    kinds = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
-    t = timing.time_fn(fn, sets, iterations=5)["us"]
-    result[name] = {"us": round(t, 1), "tops": round(2 * size**3 / t / 1e6, 1),
-                    "custom_calls": kinds, "fusion": "fusion" in hlo}
-  return result
+    result = {}
+    for name, dt, acc in (
+        ("int4", jnp.int4, jnp.int32),
+        ("int8", jnp.int8, jnp.int32),
+        ("bf16", jnp.bfloat16, jnp.float32),
+    ):
+        keys = jax.random.split(jax.random.key(0), 4)
+        sets = [
+            tuple(jax.random.randint(keys[2 * i + j], (size, size), -8, 8, jnp.int32).astype(dt) for j in range(2))
+            for i in range(2)
+        ]
+        fn = lambda a, b, acc=acc: lax.dot_general(  # noqa: E731
+            a, b, (((1,), (1,)), ((), ())), preferred_element_type=acc
+        )
+        hlo = jax.jit(fn).lower(*sets[0]).compile().as_text()
+        kinds = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+        t = timing.time_fn(fn, sets, iterations=5)["us"]
+        result[name] = {
+            "us": round(t, 1),
+            "tops": round(2 * size**3 / t / 1e6, 1),
+            "custom_calls": kinds,
+            "fusion": "fusion" in hlo,
+        }
+    return result
 
 
 def main() -> int:
-  report = {}
-  try:
-    report["mma_sync_tops"] = {k: round(v, 1) for k, v in mma_sync_rates().items()}
-  except Exception as exc:  # pylint: disable=broad-except
-    report["mma_sync_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-  try:
-    report["xla_dot_2048"] = xla_int4_dot()
-  except Exception as exc:  # pylint: disable=broad-except
-    report["xla_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-  print(json.dumps(report, indent=1))
-  folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-  with open(os.path.join(folder, "int4_probe.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  return 0
+    report = {}
+    try:
+        report["mma_sync_tops"] = {k: round(v, 1) for k, v in mma_sync_rates().items()}
+    except Exception as exc:  # pylint: disable=broad-except
+        report["mma_sync_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    try:
+        report["xla_dot_2048"] = xla_int4_dot()
+    except Exception as exc:  # pylint: disable=broad-except
+        report["xla_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    print(json.dumps(report, indent=1))
+    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    with open(os.path.join(folder, "int4_probe.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -4,6 +4,9 @@
     python scripts/roofline_table.py --value attainable --ceilings measured
     python scripts/roofline_table.py --hypotheses          # which accounting prints 0.5?
     python scripts/roofline_table.py --write benchmarks/roofline_table.md
+
+Run from the repository root: ``python scripts/roofline_table.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/roofline_table.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations

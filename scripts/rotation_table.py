@@ -4,12 +4,17 @@ and docs/img/error_vs_bits.png.
     python scripts/rotation_table.py                # synthetic layer, outlier DiT block, tiny Wan
     python scripts/rotation_table.py --quick        # smaller problems, fewer steps (smoke run)
 
-Same problems and metric as scripts/methods_table.py: the 512 x 512 layer of
-``jquant.algorithms.synthetic.layer_problem(seed=0)`` with 4096 calibration and 4096
-held-out tokens, the bundled tiny Wan (every block linear, the same calibration batches),
-and the squared relative output error ``||y_q - y||^2 / ||y||^2``. W4A4 / W4A8 rows run the
-real quantized execution (``jquant.nn``: int4 per-channel weights, dynamic per-token int4 /
-int8 activations, aux ops online). Fixed seeds.
+Run after ``pip install -e .`` (or, where jquant is not installed, ``PYTHONPATH=. python
+scripts/rotation_table.py`` from the repository root).
+
+Same problems and metric as scripts/methods_table.py (``jquant.algorithms.comparison``): the
+512 x 512 layer of ``jquant.algorithms.synthetic.layer_problem(seed=0)`` with 4096 calibration
+and 4096 held-out tokens, the bundled tiny Wan (every block linear, the same calibration
+batches), and the squared relative output error ``||y_q - y||^2 / ||y||^2``. Every method is
+the library's own transforms (``jquant.algorithms.<method>.transform``, ``chain``-able) run
+with each problem's ``Context``. W4A4 / W4A8 rows run the real quantized execution
+(``jquant.nn``: int4 per-channel weights, dynamic per-token int4 / int8 activations, aux ops
+online). Fixed seeds.
 """
 
 from __future__ import annotations
@@ -18,238 +23,165 @@ import argparse
 import dataclasses
 import json
 import platform
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jquant import policy
+from jquant.algorithms import aqlm, gptq, quarot, quip, rtn, smoothquant, spinquant, svd
+from jquant.algorithms.comparison import (
+    Row,
+    ToyProblem,
+    bits_per_weight,
+    block_toy,
+    layer_toy,
+    splice,
+    table,
+    tiny_wan_toy,
+)
+from jquant.algorithms.linear_tree import get_kernel
+from jquant.algorithms.toy import one_layer
+from jquant.models.tiny_wan import load_tiny
+from jquant.transform import Transform, Variables
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import jquant.nn as jnn  # noqa: E402
-from jquant import calib  # noqa: E402
-from jquant.algorithms import aqlm, fold, gptq, quarot, quip, smoothquant, spinquant, svd  # noqa: E402
-from jquant.algorithms import layerwise as lw  # noqa: E402
-from jquant.coded import CodedArray  # noqa: E402
-from jquant.algorithms.linear_tree import capture_inputs, get_aux, get_kernel, linear_paths  # noqa: E402
-from jquant.algorithms.synthetic import layer_problem  # noqa: E402
-from jquant.algorithms.toy import one_layer, outlier_block  # noqa: E402
-from jquant.qarray import QArray  # noqa: E402
-from jquant.rules import quantize_params  # noqa: E402
-from methods_table import Row, noisy_batch, table  # noqa: E402  (same rows and markdown as the classical table)
-
 COMMAND = "python scripts/rotation_table.py"
 ACTS = {"W4A4": "int4/token", "W4A8": "int8/token"}
 RANKS = (8, 16, 32, 64)
-BLOCK_LINEARS = r"blocks_\d+/(attn[12]/to_(q|k|v|out_0)|ffn/net_(0/proj|2))/kernel$"
+W4 = policy.uniform("int4")  # int4 per channel; modulation, embedders and the head stay float
 
 
-# --- a problem: a model, float variables, calibration and held-out inputs, the rules ----------------------
-@dataclasses.dataclass
-class Problem:
-    name: str
-    model: Any
-    variables: dict
-    calib: list[tuple]  # batches of positional inputs
-    heldout: tuple
-    rules: list
-    plan: quarot.QuaRotConfig
-    wspec: str = "int4"
+# --- methods: a float rewrite (or none), then a quantizer; both the library's transforms -----------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """``chain(prepare, quantize)``, run step by step: ``prepare`` (None: nothing) rewrites the
+    float model (rotations, smoothing), and its output is the reference the SVD-correction
+    sweep corrects ``quantize``'s error against (``sweep``)."""
 
-    def __post_init__(self) -> None:
-        self.run = jax.jit(lambda v, *a, act=None: jnn.apply(self.model, v, *a, act=act), static_argnames="act")
-        self.y_calib = [self.run(self.variables, *b) for b in self.calib]
-        self.y_held = self.run(self.variables, *self.heldout)
+    quantize: Transform
+    prepare: Transform | None = None
+    sweep: bool = True
 
-    def stats(self, variables: dict) -> dict:
-        rest = {k: v for k, v in variables.items() if k != "params"}
-        apply = lambda p, b: self.model.apply({**rest, "params": p}, *b)  # noqa: E731
-        return calib.calibrate(apply, variables["params"], self.calib, calib.CalibConfig(histogram=False), progress=False)
-
-    def error(self, variables: dict, act: str | None) -> tuple[float, float]:
-        def rel(y, ref):
-            return float(jnp.sum((y - ref) ** 2) / jnp.sum(ref**2))
-
-        e = np.mean([rel(self.run(variables, *b, act=act), y) for b, y in zip(self.calib, self.y_calib)])
-        return float(e), rel(self.run(variables, *self.heldout, act=act), self.y_held)
+    def run(self, p: ToyProblem) -> tuple[Variables, Variables]:
+        """(quantized variables, float reference in the same basis)."""
+        ctx = p.context()
+        ref = p.variables if self.prepare is None else self.prepare(p.variables, ctx)
+        return self.quantize(ref, ctx), ref
 
 
-def quantized_bits(variables: dict) -> float:
-    """Bits per weight of the quantized kernels as the classical table counts them (codes at
-    their logical width, scales, zero points, codebooks), plus every aux array of those
-    layers (low-rank branch, input_mul)."""
-    bits = size = 0
-    for path in linear_paths(variables):
-        k = get_kernel(variables, path)
-        if not isinstance(k, (QArray, CodedArray)):
-            continue
-        n = int(np.prod(k.shape))
-        size += n
-        code_bits = lw.nominal_bits_per_weight(k) * n if isinstance(k, QArray) or hasattr(k, "nominal_bits") else 8 * k.nbytes
-        bits += code_bits + sum(8 * int(np.asarray(v).nbytes) for v in get_aux(variables, path).values())
-    return bits / max(size, 1)
+def w4_methods(p: ToyProblem, act: str, steps: int, single_layer: bool) -> dict[str, Method]:
+    rtn_w4, gptq_w4, rotate = rtn.transform(W4), gptq.transform(W4), quarot.transform(seed=p.seed)
+    out = {
+        "RTN": Method(rtn_w4),
+        "SmoothQuant (alpha 0.5) + RTN": Method(rtn_w4, smoothquant.smoothing(W4, alpha=0.5, act=act)),
+        "GPTQ": Method(gptq_w4),
+        "QuaRot + RTN": Method(rtn_w4, rotate),
+        "QuaRot (+ GPTQ)": Method(gptq_w4, rotate),
+    }
+    if not single_layer:  # weights (RTN) and activations in the loss, also when GPTQ follows
+        spin = spinquant.transform(act=act, steps=steps, lr=1e-3, seed=p.seed, max_tokens=2048, w_spec="int4")
+        out["SpinQuant + RTN"] = Method(rtn_w4, spin)
+        out["SpinQuant (+ GPTQ)"] = Method(gptq_w4, spin)
+    out["SVDQuant (r=32, alpha 0.5)"] = Method(svd.transform(W4, rank=32, alpha=0.5), sweep=False)
+    out["LoftQ (r=32, 5 iters)"] = Method(svd.loftq_transform(W4, rank=32, iters=5), sweep=False)
+    return out
 
 
-# --- pipelines: variables -> (quantized variables, float reference in the same basis) ---------------------
-Pipeline = Callable[[Problem, str], tuple[dict, dict]]
-
-
-def _rtn(p: Problem, v: dict, rules: Any = None) -> dict:
-    return {**v, "params": quantize_params(v["params"], rules or p.rules)[0]}
-
-
-def _gptq(p: Problem, v: dict, rules: Any = None) -> dict:
-    return {**v, "params": gptq.gptq(v["params"], p.stats(v), rules or p.rules)}
-
-
-def pipe_rtn(p, act):
-    return _rtn(p, p.variables), p.variables
-
-
-def pipe_gptq(p, act):
-    return _gptq(p, p.variables), p.variables
-
-
-def pipe_smoothquant(p, act):
-    st = p.stats(p.variables)
-    scales, _ = smoothquant.smoothquant_search(p.variables["params"], st, p.rules, smoothquant.SmoothQuantConfig(alpha=0.5, act=act))
-    params, aux = fold.smooth(p.variables["params"], scales)
-    ref = {**p.variables, "params": params, "jquant": fold.aux_collection(aux)}
-    return _rtn(p, ref), ref
-
-
-def pipe_quarot(quant: Callable) -> Pipeline:
-    def f(p, act):
-        r = quarot.quarot(p.variables, None, p.plan)
-        return quant(p, r), r
-
-    return f
-
-
-def pipe_spinquant(quant: Callable, steps: int) -> Pipeline:
-    def f(p, act):
-        cfg = spinquant.SpinQuantConfig(  # weights (RTN) and activations in the loss, also when GPTQ follows
-            w_spec=p.wspec, act=act, steps=steps, lr=1e-3, vo_groups=p.plan.vo_groups, head_dim=p.plan.head_dim,
-            online=p.plan.online, skip=p.plan.skip, seed=p.plan.seed,
-        )
-        samples = capture_inputs(p.model, p.variables, *[jnp.concatenate(a, 0) for a in zip(*p.calib)])
-        s = spinquant.spinquant(p.variables, samples, cfg)
-        return quant(p, s), s
-
-    return f
-
-
-def pipe_svdquant(rank: int) -> Pipeline:
-    def f(p, act):
-        q = svd.svdquant(p.variables, p.stats(p.variables), svd.SVDQuantConfig(rules=p.rules, rank=rank, alpha=0.5))
-        return q, None
-
-    return f
-
-
-def pipe_loftq(rank: int) -> Pipeline:
-    def f(p, act):
-        return svd.loftq(p.variables, None, svd.LoftQConfig(rules=p.rules, rank=rank, iters=5)), None
-
-    return f
-
-
-def corrected(q: dict, ref: dict, p: Problem, rank: int) -> dict:
+def corrected(q: Variables, ref: Variables, p: ToyProblem, rank: int) -> Variables:
+    """``q`` plus a rank-r correction of its error against ``ref`` (``svd.correct`` without
+    quantizing again)."""
     return svd.lowrank_correction(ref, q, p.stats(ref), svd.CorrectionConfig(rank=rank))
 
 
 # --- the single-layer problem: SpinQuant learns a full rotation, folded into x's producer -----------------------
-def layer_spinquant(p: Problem, act: str, steps: int, quant: Callable) -> tuple[dict, Problem]:
+def layer_spinquant(p: ToyProblem, act: str, steps: int, quant: Transform) -> tuple[Variables, ToyProblem]:
     x = p.calib[0][0]
     w = get_kernel(p.variables, "layer")
-    r, _ = spinquant.learn_rotation(x, w, spinquant.SpinQuantConfig(w_spec=p.wspec, act=act, steps=steps, lr=1e-3, max_tokens=4096))
+    cfg = spinquant.SpinQuantConfig(w_spec="int4", act=act, steps=steps, lr=1e-3, max_tokens=4096)
+    r, _ = spinquant.learn_rotation(x, w, cfg)
     model, v = one_layer(jnp.matmul(r.T, w, precision=jax.lax.Precision.HIGHEST))
-    rp = Problem(p.name, model, v, [(b[0] @ r,) for b in p.calib], (p.heldout[0] @ r,), p.rules, p.plan, p.wspec)
-    return quant(rp, v), rp
+    rp = ToyProblem(
+        p.name, model, v, [(b[0] @ r,) for b in p.calib], (p.heldout[0] @ r,), p.roles, p.head_dim, p.width, p.seed
+    )
+    return quant(v, rp.context()), rp
 
 
-def w4_rows(p: Problem, group: str, steps: int, single_layer: bool) -> tuple[list[Row], list[Row]]:
+def w4_rows(p: ToyProblem, group: str, steps: int, single_layer: bool) -> tuple[list[Row], list[Row]]:
     """W4A4 / W4A8 rows of every method, and the SVD-correction rank sweep."""
     rows, sweep = [], []
-    base: dict[str, Pipeline] = {
-        "RTN": pipe_rtn,
-        "SmoothQuant (alpha 0.5) + RTN": pipe_smoothquant,
-        "GPTQ": pipe_gptq,
-        "QuaRot + RTN": pipe_quarot(_rtn),
-        "QuaRot (+ GPTQ)": pipe_quarot(_gptq),
-    }
-    if not single_layer:
-        base["SpinQuant + RTN"] = pipe_spinquant(_rtn, steps)
-        base["SpinQuant (+ GPTQ)"] = pipe_spinquant(_gptq, steps)
-    extra = {"SVDQuant (r=32, alpha 0.5)": pipe_svdquant(32), "LoftQ (r=32, 5 iters)": pipe_loftq(32)}
     for tag, act in ACTS.items():
         results = {}
-        for name, pipe in {**base, **extra}.items():
+
+        def add(name: str, q: Variables, pp: ToyProblem, t0: float, note: str = "") -> None:
+            e, e_ho = pp.error(q, act)
+            note += f"{time.time() - t0:.0f} s"
+            rows.append(Row(f"{group}, {tag}", name, f"int4 x {act}", bits_per_weight(q), e, e_ho, note))
+
+        for name, method in w4_methods(p, act, steps, single_layer).items():
             t0 = time.time()
-            q, ref = pipe(p, act)
-            e, e_ho = p.error(q, act)
-            rows.append(Row(f"{group}, {tag}", name, f"{p.wspec} x {act}", quantized_bits(q), e, e_ho, f"{time.time() - t0:.0f} s"))
-            if ref is not None:
+            q, ref = method.run(p)
+            add(name, q, p, t0)
+            if method.sweep:
                 results[name] = (q, ref, p)
         if single_layer:
-            for name, quant in (("SpinQuant + RTN", _rtn), ("SpinQuant (+ GPTQ)", _gptq)):
+            for name, quant in (("SpinQuant + RTN", rtn.transform(W4)), ("SpinQuant (+ GPTQ)", gptq.transform(W4))):
                 t0 = time.time()
                 q, rp = layer_spinquant(p, act, steps, quant)
-                e, e_ho = rp.error(q, act)
-                rows.append(Row(f"{group}, {tag}", name, f"{p.wspec} x {act}", quantized_bits(q), e, e_ho,
-                                f"R folded into x's producer; {time.time() - t0:.0f} s"))
+                add(name, q, rp, t0, "R folded into x's producer; ")
                 results[name] = (q, rp.variables, rp)
+        swept = f"{group}, {tag}: + SVD correction"
         for name, (q, ref, pp) in results.items():
             e0, e0_ho = pp.error(q, act)
-            b0 = quantized_bits(q)
-            sweep.append(Row(f"{group}, {tag}: + SVD correction", name, "r=0", b0, e0, e0_ho, ""))
+            b0 = bits_per_weight(q)
+            sweep.append(Row(swept, name, "r=0", b0, e0, e0_ho, ""))
             for r in RANKS:
                 qc = corrected(q, ref, pp, r)
                 e, e_ho = pp.error(qc, act)
-                b = quantized_bits(qc)
-                sweep.append(Row(f"{group}, {tag}: + SVD correction", name, f"r={r}", b, e, e_ho,
-                                 f"+{b - b0:.3f} bits/weight; {'lower' if e < e0 else 'NOT lower'} than r=0"))
+                b = bits_per_weight(qc)
+                note = f"+{b - b0:.3f} bits/weight; {'lower' if e < e0 else 'NOT lower'} than r=0"
+                sweep.append(Row(swept, name, f"r={r}", b, e, e_ho, note))
     return rows, sweep
 
 
 # --- weight-only error against bits (the plot) ---------------------------------------------------------------
-def bits_rows(p: Problem, quick: bool) -> list[Row]:
+BITS_GROUP = "weight-only error vs bits"
+
+
+def bits_rows(p: ToyProblem, quick: bool) -> list[Row]:
     rows = []
+    ctx = p.context()
     st = p.stats(p.variables)
     k, n = get_kernel(p.variables, "layer").shape
 
     def add(method, spec, q, extra=""):
         e, e_ho = p.error(q, None)
-        rows.append(Row(BITS_GROUP, method, spec, quantized_bits(q), e, e_ho, extra))
+        rows.append(Row(BITS_GROUP, method, spec, bits_per_weight(q), e, e_ho, extra))
 
     for spec in ("int2/g64", "int3", "int3/g64", "int4", "int4/g64", "int8"):
-        add("RTN", spec, _rtn(p, p.variables, spec))
+        add("RTN", spec, rtn.transform(policy.uniform(spec))(p.variables, ctx))
     for spec in ("int2/g64", "int3/g64", "int4/g64"):
-        add("GPTQ", spec, {**p.variables, "params": gptq.gptq(p.variables["params"], st, spec)})
-    q = quip.quip(p.variables, st, quip.QuIPConfig(ldlq=False))
-    add("QuIP# (E8P, no LDLQ)", "2-bit E8P", q)
-    add("QuIP# (E8P + LDLQ)", "2-bit E8P", quip.quip(p.variables, st))
+        add("GPTQ", spec, gptq.transform(policy.uniform(spec))(p.variables, ctx))
+    # without LDLQ the Hessian still picks the scale (quip.transform(ldlq=False) would go data-free)
+    add("QuIP# (E8P, no LDLQ)", "2-bit E8P", quip.quip(p.variables, st, quip.QuIPConfig(ldlq=False)))
+    add("QuIP# (E8P + LDLQ)", "2-bit E8P", quip.transform(W4)(p.variables, ctx))
     for m, b in ((1, 8), (2, 8)) if not quick else ((2, 6),):
         cfg = aqlm.AQLMConfig(num_codebooks=m, bits=b, beam=4, iters=2 if quick else 3)
         q = aqlm.aqlm(p.variables, st, cfg)
-        leaf = get_kernel(q, "layer")
-        add("AQLM", f"{m}x{b}", q, f"codes {m * b / 8:.2f} b/w + codebooks/scales; nominal {leaf.nominal_bits() / (k * n):.3f}")
-    base = _gptq(p, p.variables, "int4/g64")
+        nominal = get_kernel(q, "layer").nominal_bits() / (k * n)
+        add("AQLM", f"{m}x{b}", q, f"codes {m * b / 8:.2f} b/w + codebooks/scales; nominal {nominal:.3f}")
+    gptq_g64 = gptq.transform(policy.uniform("int4/g64"))
     for r in (16, 64):
-        add("GPTQ int4/g64 + SVD", f"r={r}", svd.lowrank_correction(p.variables, base, st, svd.CorrectionConfig(rank=r)))
+        add("GPTQ int4/g64 + SVD", f"r={r}", svd.correct(gptq_g64, rank=r)(p.variables, ctx))
     return rows
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - only where a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = {}
@@ -275,43 +207,13 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 # --- problems ------------------------------------------------------------------------------------------------
-def synthetic_problem(seed: int, k: int, n: int, tokens: int) -> Problem:
-    x_all, w = layer_problem(seed, k, n, 2 * tokens)
-    x_all, w = jnp.asarray(x_all), jnp.asarray(w)
-    model, v = one_layer(w)
-    return Problem("layer", model, v, [(x_all[:tokens],)], (x_all[tokens:],), [(".*", "int4")], quarot.QuaRotConfig())
-
-
-def block_problem(seed: int, quick: bool) -> Problem:
-    dim, mlp, batch, tokens = (128, 256, 8, 64) if quick else (256, 1024, 16, 128)
-    blk, v, (x, c) = outlier_block(seed, dim=dim, heads=4, mlp=mlp, tokens=tokens, batch=batch, qk_norm=True)
-    h = batch // 2
-    plan = quarot.QuaRotConfig(skip="adaLN", vo_groups=((("to_v",), ("to_out",)),), head_dim=dim // 4, seed=seed)
-    return Problem("block", blk, v, [(x[:h], c[:h])], (x[h:], c[h:]), [("adaLN", None), (".*", "int4")], plan)
-
-
-def tiny_wan_problem(seed: int, n_batches: int, batch: int) -> Problem | None:
+def tiny_wan_problem(seed: int, n_batches: int, batch: int) -> ToyProblem | None:
     try:
-        from jquant import models
-        from jquant.models.tiny_wan import load_tiny
-
         tw = load_tiny()
     except Exception as e:  # noqa: BLE001 - optional section: report why and go on
         print(f"tiny Wan skipped: {type(e).__name__}: {e}")
         return None
-
-    def make_batch(key, branch):
-        return noisy_batch(tw, key, batch, branch)
-
-    keys = jax.random.split(jax.random.key(seed), n_batches + 1)
-    batches = [make_batch(keys[i], i % 2) for i in range(n_batches)]
-    held = make_batch(keys[-1], 0)
-    roles = models.layer_roles(tw.config, tw.params)
-    plan = quarot.dit_plan(tw.params, roles, tw.config.attention_head_dim, seed=seed)
-    return Problem("tiny Wan", tw.model, {"params": tw.params}, batches, held, [(BLOCK_LINEARS, "int4"), (".*", None)], plan)
-
-
-BITS_GROUP = "weight-only error vs bits"
+    return tiny_wan_toy(tw, seed, n_batches, batch)
 
 
 # --- markdown ------------------------------------------------------------------------------------------------
@@ -326,22 +228,31 @@ def checks(rows: list[Row], sweep: list[Row], brows: list[Row]) -> list[str]:
         line = f"- {g}: QuaRot {q:.2e} < RTN {e['RTN']:.2e}: {verdict(q < e['RTN'])}; < SmoothQuant {e['SmoothQuant (alpha 0.5) + RTN']:.2e}: {verdict(q < e['SmoothQuant (alpha 0.5) + RTN'])}"
         if "SpinQuant (+ GPTQ)" in e:
             s, sr, qr = e["SpinQuant (+ GPTQ)"], e["SpinQuant + RTN"], e["QuaRot + RTN"]
-            line += (f"; SpinQuant < QuaRot with RTN weights ({sr:.2e} vs {qr:.2e}): {verdict(sr < qr)}"
-                     f", with GPTQ weights ({s:.2e} vs {q:.2e}): {verdict(s < q)}")
+            line += (
+                f"; SpinQuant < QuaRot with RTN weights ({sr:.2e} vs {qr:.2e}): {verdict(sr < qr)}"
+                f", with GPTQ weights ({s:.2e} vs {q:.2e}): {verdict(s < q)}"
+            )
         out.append(line)
     lowered = [r for r in sweep if r.spec != "r=0"]
     bad = [f"{r.group} / {r.method} / {r.spec}" for r in lowered if "NOT lower" in r.extra]
-    out.append(f"- SVD correction lowers the calibration error in {len(lowered) - len(bad)} of {len(lowered)} (method, rank, act) cases" + (f"; not in: {', '.join(bad)}" if bad else ""))
+    out.append(
+        f"- SVD correction lowers the calibration error in {len(lowered) - len(bad)} of {len(lowered)} (method, rank, act) cases"
+        + (f"; not in: {', '.join(bad)}" if bad else "")
+    )
     for g in groups:  # QuaRot + SVD head to head with each part alone (RTN weights, rank 16)
         e = {r.method: r.err_heldout for r in rows if r.group == g}
         sw = {r.method: r.err_heldout for r in sweep if r.group == f"{g}: + SVD correction" and r.spec == "r=16"}
         if "QuaRot + RTN" in sw and "RTN" in sw:
-            out.append(f"- {g}, QuaRot + SVD head to head (RTN weights, r=16): RTN {e['RTN']:.2e}, RTN + SVD {sw['RTN']:.2e}, "
-                       f"QuaRot {e['QuaRot + RTN']:.2e}, QuaRot + SVD {sw['QuaRot + RTN']:.2e}")
+            out.append(
+                f"- {g}, QuaRot + SVD head to head (RTN weights, r=16): RTN {e['RTN']:.2e}, RTN + SVD {sw['RTN']:.2e}, "
+                f"QuaRot {e['QuaRot + RTN']:.2e}, QuaRot + SVD {sw['QuaRot + RTN']:.2e}"
+            )
     by = {(r.method, r.spec): r.err_heldout for r in brows}
     qp = by.get(("QuIP# (E8P + LDLQ)", "2-bit E8P"))
     r3 = min(by[("RTN", "int3")], by[("RTN", "int3/g64")])
-    out.append(f"- QuIP# 2-bit {qp:.2e} < RTN 3-bit (best of int3, int3/g64) {r3:.2e}: {'yes' if qp < r3 else '**no**'}")
+    out.append(
+        f"- QuIP# 2-bit {qp:.2e} < RTN 3-bit (best of int3, int3/g64) {r3:.2e}: {'yes' if qp < r3 else '**no**'}"
+    )
     return out
 
 
@@ -399,20 +310,30 @@ Methods (all pure `(variables, stats, config) -> variables`; see docs/quarot.md)
 
 def render(parts: list[str], notes: list[str], wall: float) -> str:
     versions = f"jax {jax.__version__}, {jax.devices()[0].platform}, Python {platform.python_version()}"
-    head = [f"Generated by `{COMMAND}` ({versions}; {wall:.0f} s).", "", "### What the numbers say (held-out)", "", *notes, ""]
+    head = [
+        f"Generated by `{COMMAND}` ({versions}; {wall:.0f} s).",
+        "",
+        "### What the numbers say (held-out)",
+        "",
+        *notes,
+        "",
+    ]
     return DOC.replace("<!-- RESULTS -->", "\n".join(head + parts) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "docs" / "methods.md"), help="page whose 'rotations' section is written")
+    ap.add_argument(
+        "--out", default=str(ROOT / "docs" / "methods.md"), help="page whose 'rotations' section is written"
+    )
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "error_vs_bits.png"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "rotation_table.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small problems and few steps")
     ap.add_argument("--no-model", action="store_true", help="skip the bundled tiny Wan")
-    ap.add_argument("--render", action="store_true",
-                    help="no computation: rewrite --out and --plot from the rows saved in --json")
+    ap.add_argument(
+        "--render", action="store_true", help="no computation: rewrite --out and --plot from the rows saved in --json"
+    )
     args = ap.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.json).read_text())
@@ -425,12 +346,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.time()
     k, tokens, steps = (128, 512, 40) if args.quick else (512, 4096, 150)
-    layer = synthetic_problem(args.seed, k, k, tokens)
+    layer = layer_toy(args.seed, k, k, tokens)
     rows, sweep = w4_rows(layer, f"{k} x {k} layer_problem(seed={args.seed})", steps, single_layer=True)
     brows = bits_rows(layer, args.quick)
     plot(brows, Path(args.plot))
     print(table(rows + sweep + brows), flush=True)
-    block = block_problem(args.seed, args.quick)
+    dim, mlp, batch, block_tokens = (128, 256, 8, 64) if args.quick else (256, 1024, 16, 128)
+    block = block_toy(args.seed, dim, mlp, batch, block_tokens)
     r2, s2 = w4_rows(block, "outlier DiT block (toy.outlier_block)", steps, single_layer=False)
     rows += r2
     sweep += s2
@@ -443,19 +365,35 @@ def main(argv: list[str] | None = None) -> None:
             sweep += s3
             print(table(r3 + s3), flush=True)
     notes = checks(rows, sweep, brows)
-    meta = {"command": COMMAND + (" --quick" if args.quick else ""), "jax": jax.__version__, "platform": jax.devices()[0].platform,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0)}
-    Path(args.json).write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows + sweep + brows]}, indent=1))
+    meta = {
+        "command": COMMAND + (" --quick" if args.quick else ""),
+        "jax": jax.__version__,
+        "platform": jax.devices()[0].platform,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": round(time.time() - t0),
+    }
+    Path(args.json).write_text(
+        json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows + sweep + brows]}, indent=1)
+    )
     write_doc(args, rows, sweep, brows, notes, time.time() - t0)
 
 
-def write_doc(args: argparse.Namespace, rows: list[Row], sweep: list[Row], brows: list[Row], notes: list[str],
-              wall: float) -> None:
-    parts = ["### W4A4 and W4A8", table(rows), "", "### SVD correction against rank (memory in the notes)", table(sweep), "",
-             "### Weight-only error against bits per weight", "", f"![error vs bits]({Path(args.plot).relative_to(Path(args.out).parent)})",
-             table(brows)]
-    from _doc_sections import splice  # noqa: PLC0415
-
+def write_doc(
+    args: argparse.Namespace, rows: list[Row], sweep: list[Row], brows: list[Row], notes: list[str], wall: float
+) -> None:
+    parts = [
+        "### W4A4 and W4A8",
+        table(rows),
+        "",
+        "### SVD correction against rank (memory in the notes)",
+        table(sweep),
+        "",
+        "### Weight-only error against bits per weight",
+        "",
+        f"![error vs bits]({Path(args.plot).relative_to(Path(args.out).parent)})",
+        table(brows),
+    ]
     page = Path(args.out)
     page.write_text(splice(page.read_text() if page.exists() else "", "rotations", render(parts, notes, wall)))
     print("\n".join(notes))

@@ -12,25 +12,26 @@ same run (bytes read + written).
   and XLA -> ``benchmarks/jax_triton_eval-<device>.json``. jax-triton is not on the GPU image:
   carry its wheel (``.whl/``, see the device notes) and install it to a target directory first.
 
-    PYTHONPATH=. python3 scripts/sweep_act_quant.py                         # GPU only
-    PYTHONPATH=.:/tmp/site python3 scripts/sweep_act_quant.py --jax-triton
+    python scripts/sweep_act_quant.py                         # GPU only
+    PYTHONPATH=.:/tmp/site python scripts/sweep_act_quant.py --jax-triton
+
+Run from the repository root: ``python scripts/sweep_act_quant.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/sweep_act_quant.py`` where jquant is not installed (e.g. the GPU machine).
 """
+
 import argparse
 import os
-import sys
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from pallas_kernels import act_quant, _quant, timing, triton_quant  # noqa: E402
+from pallas_kernels import _quant, act_quant, timing, triton_quant
 
 SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (4096, 12288), (32760, 3072)]
 TRITON_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (32760, 3072)]
-HADAMARD_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (32760, 1536), (32760, 3072), (4096, 8960),
-                   (32760, 8960)]
+HADAMARD_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (32760, 1536), (32760, 3072), (4096, 8960), (32760, 8960)]
 Q = act_quant.QuantizerConfig
 
 
@@ -48,8 +49,10 @@ def config_variants(fmt: str, k: int) -> dict:
 
 def triton_variants(fmt: str, k: int) -> dict:
     del k
-    return {"jax_triton": lambda x: triton_quant.quantize(x, fmt),
-            "pallas": lambda x: act_quant.quantize_pallas(x, fmt)}
+    return {
+        "jax_triton": lambda x: triton_quant.quantize(x, fmt),
+        "pallas": lambda x: act_quant.quantize_pallas(x, fmt),
+    }
 
 
 def hadamard_variants(fmt: str, k: int) -> dict:
@@ -70,16 +73,22 @@ def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]
     for fmt in ("int8", "fp8"):
         ref = lambda x, fmt=fmt: _quant.reference(x, fmt, hadamard)  # pylint: disable=protected-access
         for m, k in shapes:
-            sets = [(jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16) * (1 + i),)
-                    for i in range(timing.copies_for(3 * m * k))]
+            sets = [
+                (jax.random.normal(jax.random.key(i), (m, k), jnp.float32).astype(jnp.bfloat16) * (1 + i),)
+                for i in range(timing.copies_for(3 * m * k))
+            ]
             want = jax.jit(ref)(*sets[0])
             for name, fn in {**variants(fmt, k), "xla": ref}.items():
                 try:
                     got = jax.jit(fn)(*sets[0])
-                    exact = all(np.array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
-                                for a, b in zip(got, want))
+                    exact = all(
+                        np.array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+                        for a, b in zip(got, want)
+                    )
                     if hadamard and not exact:  # float32 sums in another order: allow rare neighbouring codes
-                        bits = lambda q: np.asarray(q).view(np.uint8).astype(np.int32)  # fp8: adjacent values differ by 1
+                        bits = lambda q: (
+                            np.asarray(q).view(np.uint8).astype(np.int32)
+                        )  # fp8: adjacent values differ by 1
                         d = np.abs(np.asarray(got[0], np.float32) - np.asarray(want[0], np.float32))
                         if fmt == "fp8":  # +0 / -0 differ in the bits only: count value changes
                             d = np.where(d > 0, np.abs(bits(got[0]) - bits(want[0])), 0)
@@ -90,10 +99,23 @@ def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]
                     traceback.print_exc()
                     exact, us, error = False, float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}"
                 frac = (m * k * 3 + m * 4) / us / 1e3 / copy
-                rows.append(dict(fmt=fmt, m=m, k=k, variant=name, exact=exact, us=round(us, 2),
-                                 fraction_of_copy_bw=round(frac, 3), error=error))
-                print(f"{fmt:5s} {m:6d} {k:6d} {name:16s} {'exact' if exact else 'FAIL':6s} {us:8.1f} us"
-                      f" {100 * frac:5.1f}%" + (f"  {error}" if error else ""), flush=True)
+                rows.append(
+                    dict(
+                        fmt=fmt,
+                        m=m,
+                        k=k,
+                        variant=name,
+                        exact=exact,
+                        us=round(us, 2),
+                        fraction_of_copy_bw=round(frac, 3),
+                        error=error,
+                    )
+                )
+                print(
+                    f"{fmt:5s} {m:6d} {k:6d} {name:16s} {'exact' if exact else 'FAIL':6s} {us:8.1f} us"
+                    f" {100 * frac:5.1f}%" + (f"  {error}" if error else ""),
+                    flush=True,
+                )
     return rows
 
 
@@ -106,8 +128,9 @@ def main() -> None:
     if args.k:
         keep = {int(v) for v in args.k.split(",")}
         global SHAPES, TRITON_SHAPES, HADAMARD_SHAPES  # pylint: disable=global-statement
-        SHAPES, TRITON_SHAPES, HADAMARD_SHAPES = ([s for s in shapes if s[1] in keep]
-                                                  for shapes in (SHAPES, TRITON_SHAPES, HADAMARD_SHAPES))
+        SHAPES, TRITON_SHAPES, HADAMARD_SHAPES = (
+            [s for s in shapes if s[1] in keep] for shapes in (SHAPES, TRITON_SHAPES, HADAMARD_SHAPES)
+        )
     if args.jax_triton and not triton_quant.available():
         print("jax-triton / Triton not importable: nothing to compare")
         return

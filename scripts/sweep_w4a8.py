@@ -5,20 +5,27 @@ CTA, 64-row weight blocks per warpgroup). Each variant is checked against the
 reference first. Prints a table (CUPTI microseconds, ratios over the int8 GEMM) and writes
 ``benchmarks/w4a8_sweep-<device>.json``.
 
-    PYTHONPATH=. python3 scripts/sweep_w4a8.py     # GPU (Hopper) only
+    python scripts/sweep_w4a8.py     # GPU (Hopper) only
+
+Run from the repository root: ``python scripts/sweep_w4a8.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/sweep_w4a8.py`` where jquant is not installed (e.g. the GPU machine).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from pallas_kernels import testing, timing, w4a8, w8a8  # noqa: E402
+from pallas_kernels import testing, timing, w4a8, w8a8
 
-SHAPES = [(4096, 1536, 1536), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
-          (4096, 5120, 5120), (32760, 1536, 1536), (32760, 3072, 3072)]
+SHAPES = [
+    (4096, 1536, 1536),
+    (4096, 3072, 3072),
+    (4096, 3072, 12288),
+    (4096, 12288, 3072),
+    (4096, 5120, 5120),
+    (32760, 1536, 1536),
+    (32760, 3072, 3072),
+]
 CONFIGS = {
     "t256_b1": w4a8.W4A8Config(tokens=256, blocks=1),
     "t128_b2": w4a8.W4A8Config(tokens=128, blocks=2),
@@ -36,9 +43,13 @@ def main() -> None:
         sets8 = [(x, xs, w4a8.int4_view(p, k).astype(jnp.int8), ws, b) for x, xs, p, ws, b in sets]
         want = np.asarray(w4a8.w4a8_matmul_reference(*sets[0], out_dtype=jnp.float32))
         T = lambda f, s: timing.time_fn(f, s, iterations=10)["us"]
-        fns = {"int8": (w8a8.int8_matmul, sets8),
-               "xla_widen": (lambda x, xs, p, ws, b: w8a8.int8_matmul(
-                   x, xs, w4a8.int4_view(p, k).astype(jnp.int8), ws, b), sets)}
+        fns = {
+            "int8": (w8a8.int8_matmul, sets8),
+            "xla_widen": (
+                lambda x, xs, p, ws, b: w8a8.int8_matmul(x, xs, w4a8.int4_view(p, k).astype(jnp.int8), ws, b),
+                sets,
+            ),
+        }
         for name, cfg in CONFIGS.items():
             fns[name] = (lambda x, xs, p, ws, b, cfg=cfg: w4a8.w4a8_matmul(x, xs, p, ws, b, config=cfg), sets)
         us, err = {}, {}
@@ -46,8 +57,9 @@ def main() -> None:
             got = np.asarray(jax.jit(fn)(*s[0]).astype(jnp.float32))
             err[name] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             us[name] = T(fn, s) if err[name] < 1e-2 else float("nan")
-        rows.append(dict(m=m, k=k, n=n, **{f"{c}_us": round(us[c], 2) for c in cols},
-                         **{f"{c}_rel_err": err[c] for c in cols}))
+        rows.append(
+            dict(m=m, k=k, n=n, **{f"{c}_us": round(us[c], 2) for c in cols}, **{f"{c}_rel_err": err[c] for c in cols})
+        )
         print(f"{m:>5} {k:>6} {n:>6} " + " ".join(f"{us[c]:>11.1f}" for c in cols), flush=True)
     timing.write_rows("w4a8_sweep", rows)
 

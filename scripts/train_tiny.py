@@ -1,7 +1,7 @@
 """Train the bundled tiny Wan video model (moving digits, rectified flow) and its digit classifier.
 
-    PYTHONPATH=. python3 scripts/train_tiny.py --out jquant/models/assets/tiny_wan --steps 6000
-    PYTHONPATH=. python3 scripts/train_tiny.py --out /tmp/tiny --quick        # CPU smoke test
+    python scripts/train_tiny.py --out jquant/models/assets/tiny_wan --steps 6000
+    python scripts/train_tiny.py --out /tmp/tiny --quick        # CPU smoke test
 
 Everything is derived from `--seed`: the class embeddings, the initial weights, every training
 batch (drawn on the device by `models.tiny_wan.render_clips`), label dropout, the classifier and
@@ -19,6 +19,9 @@ Recognisability: the classifier (trained here on real clips) names the digit of 
 from the EMA model (full precision, CFG, flow-match Euler); the sample accuracy is the fraction
 whose predicted digit equals the class they were conditioned on, over `--eval-per-class` clips
 of each of the 10 classes.
+
+Run from the repository root: ``python scripts/train_tiny.py`` after ``pip install -e .``, or
+``PYTHONPATH=. python scripts/train_tiny.py`` where jquant is not installed (e.g. the GPU machine).
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ import optax
 from jax.tree_util import Partial
 
 from jquant import models
-from jquant.sampling import sample_flow_euler
 from jquant.models import tiny_wan as tw
 from jquant.models.wan import WanConfig, WanTransformer3D
+from jquant.sampling import sample_flow_euler
 
 TEXT_TOKENS = 4
 CHUNK = 50  # optimizer steps per jitted call

@@ -9,12 +9,12 @@ import pytest
 import jquant.nn
 from jquant.algorithms import aqlm as A
 from jquant.algorithms import quip as QP
-from jquant.coded import decode_tree
-from jquant.qarray import dequantize_any
+from jquant.algorithms import vq
 from jquant.algorithms.linear_tree import get_kernel, layer_statistics, relative_error
 from jquant.algorithms.synthetic import layer_problem
 from jquant.algorithms.toy import one_layer
-from jquant.qarray import dequantize, quantize
+from jquant.coded import decode_tree
+from jquant.qarray import dequantize, dequantize_any, quantize
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,17 @@ def test_codebook_methods_on_a_tree():
         QP.quip_weight(jnp.ones((12, 4)))
     with pytest.raises(ValueError, match="no float kernel matches"):
         A.aqlm(variables, None, A.AQLMConfig(pattern="nothing"))
+
+
+def test_row_vector_layout_round_trips_and_takes_diagonal_blocks():
+    w = jnp.arange(24 * 5, dtype=jnp.float32).reshape(24, 5)
+    v = vq.row_vectors(w)
+    assert v.shape == (3, 5, 8)
+    np.testing.assert_array_equal(v[1, 2], w[8:16, 2])
+    np.testing.assert_array_equal(vq.from_row_vectors(v), w)
+    m = jnp.arange(24 * 24, dtype=jnp.float32).reshape(24, 24)
+    blocks = vq.diagonal_blocks(m)
+    assert blocks.shape == (3, 8, 8)
+    np.testing.assert_array_equal(blocks[2], m[16:24, 16:24])
+    with pytest.raises(ValueError, match="AQLM needs the input dimension to be a multiple of 8"):
+        A.aqlm_weight(jnp.ones((12, 4)))

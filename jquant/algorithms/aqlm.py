@@ -35,23 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.algorithms.linear_tree import (
-    Variables,
-    get_kernel,
-    hessian,
-    match_paths,
-    update_layer,
-)
-from jquant.coded import CodedArray
-from jquant.qarray import QArray
+from jquant.algorithms.linear_tree import Variables, float_paths, get_kernel, hessian, update_layer
+from jquant.algorithms.vq import DIM, RowVectorArray, check_rows, diagonal_blocks, from_row_vectors, row_vectors
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
-DIM = 8
 
 
 @jax.tree_util.register_pytree_node_class
-class AQLMArray(CodedArray):
+class AQLMArray(RowVectorArray):
     """Codes [K/8, N, M], codebooks [M, 2^B, 8], per-column scales [N]."""
 
     def __init__(self, codes: Array, codebooks: Array, scales: Array, bits: int, dtype=jnp.float32):
@@ -61,23 +53,14 @@ class AQLMArray(CodedArray):
     def tree_flatten(self):
         return (self.codes, self.codebooks, self.scales), (self.bits, jnp.dtype(self.dtype).name)
 
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.codes.shape[0] * DIM, self.codes.shape[1])
-
     def nominal_bits(self) -> float:
         """Codes at ``B`` bits each plus the codebooks and scales at their stored width."""
         codes = self.codes.size * self.bits
         return float(codes + 8 * (self.codebooks.size * self.codebooks.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize))
 
     def dequantize(self, dtype=None) -> Array:
-        k, n = self.shape
         vec = _reconstruct(self.codes.astype(jnp.int32), self.codebooks.astype(jnp.float32))  # [K/8, N, 8]
-        w = vec.transpose(0, 2, 1).reshape(k, n) * self.scales.astype(jnp.float32)[None, :]
+        w = from_row_vectors(vec) * self.scales.astype(jnp.float32)[None, :]
         return w.astype(self.dtype if dtype is None else dtype)
 
 
@@ -208,8 +191,7 @@ class AQLMConfig:
 def _block_metric(h: Array | None, k: int) -> Array:
     if h is None:
         return jnp.broadcast_to(jnp.eye(DIM), (k // DIM, DIM, DIM))
-    idx = jnp.arange(k // DIM)
-    g = h.reshape(k // DIM, DIM, k // DIM, DIM)[idx, :, idx, :]
+    g = diagonal_blocks(h)
     return g / jnp.mean(jnp.diagonal(g, axis1=1, axis2=2))
 
 
@@ -218,14 +200,13 @@ def aqlm_weight(w: Array, h: Array | None = None, config: AQLMConfig = AQLMConfi
 
     Returns the leaf and the block-metric error after the init and after each round.
     """
+    check_rows(w, path, "AQLM")
     k, n = w.shape
-    if k % DIM:
-        raise ValueError(f"{path}: AQLM needs the input dimension to be a multiple of 8, got shape {w.shape}")
     w32 = jnp.asarray(w, jnp.float32)
     if h is not None:
         h = h + config.damp * jnp.mean(jnp.diag(h)) * jnp.eye(k)
     scales = jnp.sqrt(jnp.mean(w32**2, 0)) + 1e-12
-    u = (w32 / scales).reshape(k // DIM, DIM, n).transpose(0, 2, 1)  # [nb, N, 8]
+    u = row_vectors(w32 / scales)  # [nb, N, 8]
     gblk = _block_metric(h, k)
     size, m_books = 2**config.bits, config.num_codebooks
     vecs = u.reshape(-1, DIM)
@@ -268,10 +249,7 @@ def aqlm(variables: Variables, stats: Any, config: AQLMConfig = AQLMConfig()) ->
     (``{kernel path: LayerStats}``) weights the objective by the Hessian blocks (``None``:
     plain weight error)."""
     out = dict(variables)
-    paths = [p for p in match_paths(variables, config.pattern) if not isinstance(get_kernel(variables, p), (QArray, CodedArray))]
-    if not paths:
-        raise ValueError(f"aqlm: no float kernel matches pattern {config.pattern!r}")
-    for path in paths:
+    for path in float_paths(variables, config.pattern, "aqlm"):
         h = None if stats is None else hessian(stats, path)
         leaf, _ = aqlm_weight(get_kernel(out, path), h, config, path=path)
         out = update_layer(out, path, kernel=leaf)

@@ -40,28 +40,18 @@ from flax import traverse_util
 
 from jquant.algorithms.linear_tree import (
     Variables,
+    float_kernel,
     get_aux,
     get_bias,
     get_kernel,
     linear_paths,
     update_layer,
 )
-from jquant.coded import CodedArray
 from jquant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
-from jquant.qarray import QArray
 from jquant.transform import Context, Transform
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _float_kernel(variables: Variables, path: str, what: str) -> Array:
-    w = get_kernel(variables, path)
-    if isinstance(w, (QArray, CodedArray)):
-        raise ValueError(f"{path}: {what} must run before quantization (kernel is a {type(w).__name__})")
-    if w.ndim != 2:
-        raise ValueError(f"{path}: {what} handles 2-D (K, N) kernels, got shape {w.shape}")
-    return w
 
 
 # --- online input rotation -------------------------------------------------------------------
@@ -72,7 +62,7 @@ def rotate_input(variables: Variables, path: str, seed: int | None = 0) -> dict:
     signs ``d`` (``seed``; ``None`` for a plain Hadamard) are multiplied into
     ``input_mul`` ``m``, and an existing low-rank branch ``A`` becomes ``H^T D A``.
     """
-    w = _float_kernel(variables, path, "rotate_input")
+    w = float_kernel(variables, path, "rotate_input")
     aux = get_aux(variables, path)
     if "hadamard" in aux:
         raise ValueError(f"{path}: already has an online Hadamard")
@@ -121,7 +111,7 @@ def _check_rotation(r: Array, name: str) -> Array:
 
 def _producer(variables: dict, path: str, r: Array, what: str) -> dict:
     """Rotate a producer's output columns (kernel, bias, low-rank B) by diag(r)."""
-    w = _float_kernel(variables, path, what)
+    w = float_kernel(variables, path, what)
     aux = get_aux(variables, path)
     bias = get_bias(variables, path)
     new_aux = {"lowrank_b": _rotate_out_cols(aux["lowrank_b"], r, path)} if "lowrank_b" in aux else None
@@ -159,7 +149,7 @@ def rotate_heads(
         out = _producer(out, path, r, "rotate_heads")
     for spec in o_paths:
         path, rows = _parse_consumer(spec)
-        w = _float_kernel(out, path, "rotate_heads")
+        w = float_kernel(out, path, "rotate_heads")
         if get_aux(out, path):
             raise ValueError(f"{path}: rotate_heads must run before aux ({sorted(get_aux(out, path))}) is added to the output projection")
         out = update_layer(out, path, kernel=_rotate_in_rows(w, r, rows, path))
@@ -245,7 +235,20 @@ def quarot(variables: Variables, stats: Any = None, config: QuaRotConfig = QuaRo
 # --- plans for the ported DiTs ---------------------------------------------------------------------
 ONLINE_ROLES = frozenset({"attn.qkv", "attn.out", "ffn.up", "ffn.down"})
 NEVER_ROTATED = frozenset({"modulation", "embedder", "final"})
-_V_NAMES, _O_NAMES = ("to_v", "add_v_proj"), ("to_out_0", "to_add_out")
+_V_NAMES, _O_NAMES = ("to_v", "add_v_proj"), ("to_out_0", "to_add_out", "to_out")
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _child(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _attentions(mods: Mapping[str, Any], name: str) -> list[str]:
+    """Module paths (``""`` for the root) of the attentions holding a layer ``name``."""
+    return sorted({_parent(p) for p in mods if p.rsplit("/", 1)[-1] == name})
 
 
 def dit_plan(
@@ -256,8 +259,9 @@ def dit_plan(
     Online RHT on every linear with an attention/FFN role (q/k/v, output projections, FFN
     up/down, cross-attention K/V); never on modulation, embedders or the output head.
     Head-wise V/O pairs per attention module: ``to_v`` (+ ``add_v_proj``: Wan I2V's image
-    branch, Flux's text stream) with ``to_out_0`` (+ ``to_add_out``); an attention without
-    its own output projection (Flux/HunyuanVideo single-stream blocks) pairs with the
+    branch, Flux's text stream) with ``to_out_0`` (+ ``to_add_out``; ``to_out`` where the
+    output projection is one linear, as in :mod:`jquant.algorithms.toy`'s block); an attention
+    without its own output projection (Flux/HunyuanVideo single-stream blocks) pairs with the
     block's ``proj_out`` rows ``0:inner`` (the attention half of ``concat(attn, mlp)``).
     ``fold_qk`` adds a Q/K rotation per attention (``to_q``/``to_k``, + ``add_q_proj``/
     ``add_k_proj``): exact only for models without RoPE and without affine q/k norms (the
@@ -267,23 +271,23 @@ def dit_plan(
     mods = {k[: -len("/kernel")]: set(r) for k, r in roles.items()}
     online = sorted(p for p, r in mods.items() if r & ONLINE_ROLES and not r & NEVER_ROTATED)
     groups = []
-    for attn in sorted({p.rsplit("/", 1)[0] for p in mods if p.rsplit("/", 1)[-1] == "to_v"}):
-        v = tuple(f"{attn}/{n}" for n in _V_NAMES if f"{attn}/{n}" in mods)
-        o: tuple = tuple(f"{attn}/{n}" for n in _O_NAMES if f"{attn}/{n}" in mods)
+    for attn in _attentions(mods, "to_v"):
+        v = tuple(_child(attn, n) for n in _V_NAMES if _child(attn, n) in mods)
+        o: tuple = tuple(_child(attn, n) for n in _O_NAMES if _child(attn, n) in mods)
         if not o:
-            block = attn.rsplit("/", 1)[0]
-            if f"{block}/proj_out" not in mods:
+            proj_out = _child(_parent(attn), "proj_out")
+            if proj_out not in mods:
                 raise ValueError(f"dit_plan: attention {attn!r} has no output projection (to_out_0 / block proj_out)")
             inner = get_kernel({"params": params}, v[0]).shape[1]
-            o = ((f"{block}/proj_out", 0, inner),)
+            o = ((proj_out, 0, inner),)
         groups.append((v, o))
     qk = []
     if fold_qk:
-        for attn in sorted({p.rsplit("/", 1)[0] for p in mods if p.rsplit("/", 1)[-1] == "to_q"}):
-            if any(k.startswith(f"{attn}/norm_") for k in _flat_keys(params)):
+        for attn in _attentions(mods, "to_q"):
+            if any(k.startswith(_child(attn, "norm_")) for k in _flat_keys(params)):
                 raise ValueError(f"dit_plan: {attn} has q/k norm parameters; folding the Q/K rotation would not be exact")
-            q = tuple(f"{attn}/{n}" for n in ("to_q", "add_q_proj") if f"{attn}/{n}" in mods)
-            k = tuple(f"{attn}/{n}" for n in ("to_k", "add_k_proj") if f"{attn}/{n}" in mods)
+            q = tuple(_child(attn, n) for n in ("to_q", "add_q_proj") if _child(attn, n) in mods)
+            k = tuple(_child(attn, n) for n in ("to_k", "add_k_proj") if _child(attn, n) in mods)
             qk.append((q, k))
     pattern = "^(?:" + "|".join(re.escape(p) for p in online) + ")$" if online else "(?!)"
     return QuaRotConfig(

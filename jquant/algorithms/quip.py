@@ -46,22 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant import policy as pol
-from jquant.algorithms.linear_tree import (
-    Variables,
-    get_kernel,
-    hessian,
-    match_paths,
-    update_layer,
-)
-from jquant.coded import CodedArray
+from jquant.algorithms.linear_tree import Variables, float_paths, get_kernel, hessian, update_layer
+from jquant.algorithms.vq import DIM, RowVectorArray, check_rows, diagonal_blocks, from_row_vectors, row_vectors
 from jquant.hadamard import apply_rht, inverse_rht
 from jquant.policy import Policy
-from jquant.qarray import QArray
 from jquant.transform import Context, Transform
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
-DIM = 8
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,14 +123,14 @@ def e8p_quantize(x: Array) -> Array:
 def _quantize_rows(w: Array) -> tuple[Array, Array]:
     """codes [K/8, N] and decoded values [K, N] of 8-row blocks of ``w`` (unit scale)."""
     k, n = w.shape
-    vecs = w.reshape(k // DIM, DIM, n).transpose(0, 2, 1).reshape(-1, DIM)
+    vecs = row_vectors(w).reshape(-1, DIM)
     codes = jax.lax.map(e8p_quantize, vecs.reshape(-1, min(vecs.shape[0], 4096), DIM)).reshape(-1)
-    dec = e8p_decode(codes).reshape(k // DIM, n, DIM).transpose(0, 2, 1).reshape(k, n)
+    dec = from_row_vectors(e8p_decode(codes).reshape(k // DIM, n, DIM))
     return codes.reshape(k // DIM, n), dec
 
 
 @jax.tree_util.register_pytree_node_class
-class E8PArray(CodedArray):
+class E8PArray(RowVectorArray):
     """QuIP# weight: E8P codes of the incoherent ``W~ / scale`` plus the RHT seeds."""
 
     def __init__(self, codes: Array, scale: Array, k_seed: int, n_seed: int, dtype=jnp.float32):
@@ -148,17 +140,8 @@ class E8PArray(CodedArray):
     def tree_flatten(self):
         return (self.codes, self.scale), (self.k_seed, self.n_seed, jnp.dtype(self.dtype).name)
 
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.codes.shape[0] * DIM, self.codes.shape[1])
-
     def dequantize(self, dtype=None) -> Array:
-        k, n = self.shape
-        wt = e8p_decode(self.codes).transpose(0, 2, 1).reshape(k, n) * self.scale.astype(jnp.float32)
+        wt = from_row_vectors(e8p_decode(self.codes)) * self.scale.astype(jnp.float32)
         w = inverse_rht(inverse_rht(wt, self.k_seed, axis=0), self.n_seed, axis=1)
         return w.astype(self.dtype if dtype is None else dtype)
 
@@ -172,9 +155,7 @@ def _ldl_blocks(h: Array) -> Array:
     """``L`` (unit block-lower-triangular, 8x8 blocks) of ``H = L D L^T``."""
     c = jnp.linalg.cholesky(h)
     k = h.shape[0]
-    idx = jnp.arange(k // DIM)
-    diag = c.reshape(k // DIM, DIM, k // DIM, DIM)[idx, :, idx, :]  # [nb, 8, 8]
-    inv = jnp.linalg.inv(diag)
+    inv = jnp.linalg.inv(diagonal_blocks(c))  # [nb, 8, 8]
     return jnp.einsum("iajb,jbc->iajc", c.reshape(k // DIM, DIM, k // DIM, DIM), inv).reshape(k, k)
 
 
@@ -212,9 +193,8 @@ class QuIPConfig:
 def quip_weight(w: Array, h: Array | None = None, config: QuIPConfig = QuIPConfig(), *, path: str = "layer") -> E8PArray:
     """QuIP#-quantize one kernel [K, N] (K a multiple of 8); ``h`` = ``X^T X`` for LDLQ
     and for choosing the scale by output error (else by weight error)."""
+    check_rows(w, path, "QuIP#")
     k, n = w.shape
-    if k % DIM:
-        raise ValueError(f"{path}: QuIP# needs the input dimension to be a multiple of 8, got shape {w.shape}")
     ks, ns = config.seed, config.seed + 1
     wt = incoherent(w, ks, ns)
     sigma = jnp.sqrt(jnp.mean(wt**2))
@@ -243,10 +223,7 @@ def quip(variables: Variables, stats: Any, config: QuIPConfig = QuIPConfig()) ->
     ``None`` quantizes data-free.
     """
     out = dict(variables)
-    paths = [p for p in match_paths(variables, config.pattern) if not isinstance(get_kernel(variables, p), (QArray, CodedArray))]
-    if not paths:
-        raise ValueError(f"quip: no float kernel matches pattern {config.pattern!r}")
-    for path in paths:
+    for path in float_paths(variables, config.pattern, "quip"):
         w = get_kernel(out, path)
         h = None if stats is None else hessian(stats, path)
         out = update_layer(out, path, kernel=quip_weight(w, h, config, path=path))

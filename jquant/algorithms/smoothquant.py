@@ -204,3 +204,16 @@ def transform(policy: Policy, alpha: float = 0.5, search: bool = True, act: str 
         return with_params(v, policy.cast(params, ctx.roles), {m: e for m, e in aux.items() if e})
 
     return Transform(f"smoothquant[{policy.name}]", fn, True)
+
+
+def smoothing(policy: Policy, alpha: float = 0.5, search: bool = False, act: str = "int8/t") -> Transform:
+    """SmoothQuant's smoothing alone: the float model with ``diag(s) W`` and ``x / s`` kept as
+    ``input_mul`` (exact in float), for any quantizer to follow (``chain(smoothing(p), rtn(p))``)
+    and as the reference a low-rank correction of that quantizer's error needs."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        cfg = SmoothQuantConfig(alpha=alpha, search=search, act=act)
+        scales, _ = smoothquant_search(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg)
+        params, aux = fold_lib.smooth(v["params"], scales, None, flat_aux(v))
+        return with_params(v, params, aux)
+
+    return Transform(f"smoothing[{policy.name}]", fn, True)

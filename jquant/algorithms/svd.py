@@ -34,16 +34,18 @@ import jax.numpy as jnp
 
 from jquant.algorithms.linear_tree import (
     Variables,
+    float_kernel,
     get_aux,
     get_kernel,
     hessian,
+    is_quantized,
     layer_stat,
     linear_paths,
     match_paths,
     select_layers,
     update_layer,
 )
-from jquant.coded import CodedArray, LowRankArray
+from jquant.coded import LowRankArray
 from jquant.formats import QSpec, parse_spec
 from jquant.policy import Policy
 from jquant.qarray import QArray, dequantize, dequantize_any, quantize
@@ -127,15 +129,6 @@ def lowrank_bytes(k: int, n: int, rank: int, dtype=jnp.bfloat16) -> int:
     return (k + n) * rank * jnp.dtype(dtype).itemsize
 
 
-def _float_kernel(variables: Variables, path: str, method: str) -> Array:
-    w = get_kernel(variables, path)
-    if isinstance(w, (QArray, CodedArray)):
-        raise ValueError(f"{path}: {method} needs a float kernel, found an already quantized {type(w).__name__}")
-    if w.ndim != 2:
-        raise ValueError(f"{path}: {method} handles 2-D (K, N) kernels, got shape {w.shape}")
-    return w
-
-
 def _merge_mul(aux: dict, path: str, new_mul: Array, method: str) -> Array:
     if "hadamard" in aux:
         raise ValueError(
@@ -186,7 +179,7 @@ def svdquant(variables: Variables, stats: Any, config: SVDQuantConfig = SVDQuant
     out = dict(variables)
     ldt = jnp.dtype(config.lowrank_dtype)
     for path, spec in select_layers(variables, config.rules, "svdquant"):
-        w = _float_kernel(out, path, "svdquant")
+        w = float_kernel(out, path, "svdquant")
         aux = get_aux(out, path)
         if "lowrank_a" in aux:
             raise ValueError(f"{path}: svdquant on a layer that already has a low-rank branch")
@@ -232,7 +225,7 @@ def svd_llm(variables: Variables, stats: Any, config: SVDLLMConfig) -> dict:
     if not paths:
         raise ValueError(f"svd_llm: no linear layer matches pattern {config.pattern!r}; layers: {linear_paths(variables)}")
     for path in paths:
-        w = _float_kernel(out, path, "svd_llm")
+        w = float_kernel(out, path, "svd_llm")
         k, n = w.shape
         rank = config.rank if config.rank is not None else rank_for_ratio(k, n, config.ratio)
         a, b, _ = whitened_lowrank(w, hessian(stats, path), rank, config.damp)
@@ -287,7 +280,7 @@ def loftq(variables: Variables, stats: Any, config: LoftQConfig = LoftQConfig())
     out = dict(variables)
     ldt = jnp.dtype(config.lowrank_dtype)
     for path, spec in select_layers(variables, config.rules, "loftq"):
-        w = _float_kernel(out, path, "loftq")
+        w = float_kernel(out, path, "loftq")
         if "lowrank_a" in get_aux(out, path):
             raise ValueError(f"{path}: loftq on a layer that already has a low-rank branch")
         h = hessian(stats, path) if config.whiten else None
@@ -328,10 +321,10 @@ def lowrank_correction(reference: Variables, quantized: Variables, stats: Any, c
     done = 0
     for path in match_paths(quantized, config.pattern):
         wq = get_kernel(quantized, path)
-        if not isinstance(wq, (QArray, CodedArray)):
+        if not is_quantized(wq):
             continue
         w = get_kernel(reference, path)
-        if isinstance(w, (QArray, CodedArray)):
+        if is_quantized(w):
             raise ValueError(f"{path}: the reference kernel is quantized; pass the float tree given to the quantizer")
         aq, ar = get_aux(quantized, path), get_aux(reference, path)
         _same_basis(ar, aq, path)
@@ -384,3 +377,13 @@ def correct(inner: Transform, rank: int | None = None) -> Transform:
         return quantize_and_correct(v, ctx.stats(v), cfg, lambda vv, _st: inner(vv, ctx))
 
     return Transform(f"{inner.name} + lowrank", fn, True)
+
+
+def loftq_transform(policy: Policy, rank: int | None = None, iters: int = 5) -> Transform:
+    """LoftQ: ``iters`` alternations of quantizing per the policy and a rank-r bf16 SVD of the
+    error (default rank as :func:`transform`); data-free."""
+    def fn(v: Variables, ctx: Context) -> Variables:
+        out = loftq(v, None, LoftQConfig(rules=policy.rules(ctx.roles), rank=_rank(rank, ctx), iters=iters))
+        return {**out, "params": policy.cast(out["params"], ctx.roles)}
+
+    return Transform(f"loftq[{policy.name}]", fn)

@@ -11,6 +11,8 @@
   ``ff_down``).
 * :func:`outlier_layer`: one ``(x, W)`` pair with structured outlier channels, and
   :func:`one_layer` to run it as a linen model.
+* :func:`layer_roles`: the role labels of these modules (:mod:`jquant.models.roles`), so
+  policies and the library's transforms treat them like a ported DiT's layers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jquant.models.roles import assign_roles
 
 Array = jax.Array
 
@@ -149,3 +153,20 @@ def one_layer(w: Array, bias: Array | None = None) -> tuple[OneLayer, dict]:
     """(model, variables) of :class:`OneLayer` holding kernel ``w`` [K, N] (zero bias by default)."""
     b = jnp.zeros((w.shape[1],), w.dtype) if bias is None else bias
     return OneLayer(w.shape[1]), {"params": {"layer": {"kernel": w, "bias": b}}}
+
+
+# Roles of the toy modules: the block's attention and FFN linears as a DiT's, adaLN as its
+# modulation, OneLayer's ``layer`` as a linear fed by the (normalized) stream.
+ROLE_RULES = (
+    ("adaLN", ("modulation",)),
+    ("to_[qkv]", ("attn.qkv", "self_attn")),
+    ("to_out", ("attn.out", "self_attn")),
+    ("ff_up", ("ffn.up",)),
+    ("ff_down", ("ffn.down",)),
+    ("layer", ("ffn.up",)),
+)
+
+
+def layer_roles(variables: dict) -> dict[str, tuple[str, ...]]:
+    """``{kernel path: roles}`` of a :class:`TinyDiTBlock`'s or :class:`OneLayer`'s variables."""
+    return assign_roles(variables["params"], ROLE_RULES)

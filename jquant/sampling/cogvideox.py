@@ -21,14 +21,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
 from jquant.sampling.samplers import (
     PredictionType,
-    _as_partial,
-    _check_cfg,
-    _check_step_data,
-    _predict,
+    _check_prediction_type,
+    _Guided,
+    _guided,
+    _with_trajectory,
     predicted_x0_eps,
 )
 from jquant.sampling.schedules import (
@@ -95,26 +94,16 @@ def cogvideox_alphas_cumprod(
 def _per_step_alphas(
     num_steps: int,
     *,
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    beta_schedule: BetaSchedule = "scaled_linear",
-    snr_shift_scale: float = 3.0,
-    rescale_betas_zero_snr: bool = False,
     set_alpha_to_one: bool = True,
     steps_offset: int = 0,
     timestep_spacing: TimestepSpacing = "leading",
+    **alphas: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(timesteps, alphas_cumprod, a_t, a_prev) of ``set_timesteps`` + ``step``'s lookups, for the
-    scheduler settings (keyword names and defaults of the CogVideoX scheduler classes)."""
-    ac = cogvideox_alphas_cumprod(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule=beta_schedule,
-        snr_shift_scale=snr_shift_scale,
-        rescale_betas_zero_snr=rescale_betas_zero_snr,
-    )
+    scheduler settings (keyword names and defaults of the CogVideoX scheduler classes; ``alphas``
+    are :func:`cogvideox_alphas_cumprod`'s)."""
+    ac = cogvideox_alphas_cumprod(**alphas)
+    num_train_timesteps = ac.shape[0]
     ts = ddim_timesteps(num_steps, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
     if ts.max() >= num_train_timesteps or ts.min() < 0:
         raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train_timesteps}); check steps_offset={steps_offset}")
@@ -187,11 +176,8 @@ def cogvideox_dpm_schedule(num_steps: int, **scheduler_config: Any) -> CogVideoX
 
 @functools.partial(jax.jit, static_argnames=("prediction_type", "return_trajectory", "with_step_index"))
 def _dpm_scan(
-    model_fn: Partial,
+    guided: _Guided,
     x_T: Array,
-    cond: PyTree,
-    uncond: PyTree,
-    guidance_scale: Array,
     tables: tuple[Array, ...],
     step_data: PyTree,
     noise: Array | None,
@@ -207,7 +193,7 @@ def _dpm_scan(
     def body(carry, step):
         x, x0_prev = carry
         i, (t, a_t, m1, m2, m3, m4, mn, second), sd, eps, key = step
-        pred = _predict(model_fn, x, t, cond, uncond, guidance_scale, sd, i, with_step_index)
+        pred = guided.predict(x, t, sd, i, with_step_index)
         x0, _ = predicted_x0_eps(x, pred, a_t, prediction_type)
         d = jnp.where(second > 0, m3 * x0 - m4 * x0_prev, x0)
         if eps is None:
@@ -216,9 +202,7 @@ def _dpm_scan(
         return (x_new, x0), (x_new if return_trajectory else None)
 
     (x, _), traj = jax.lax.scan(body, (x_T, jnp.zeros(x_T.shape, jnp.float32)), xs)
-    if not return_trajectory:
-        return x
-    return x, jnp.concatenate([x_T[None], traj], axis=0)
+    return _with_trajectory(x, x_T, traj, return_trajectory)
 
 
 def sample_cogvideox_dpm(
@@ -250,24 +234,19 @@ def sample_cogvideox_dpm(
         if num_steps is None:
             raise ValueError("sample_cogvideox_dpm: give num_steps or a schedule")
         schedule = cogvideox_dpm_schedule(num_steps, **COGVIDEOX_5B_SCHEDULER)
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+    _check_prediction_type(prediction_type)
     n = int(np.shape(schedule.timesteps)[0])
     if (key is None) == (noise is None):
         raise ValueError("sample_cogvideox_dpm: give exactly one of key (PRNG key) or noise ([num_steps, *x_T.shape])")
     if noise is not None and tuple(np.shape(noise)) != (n, *np.shape(x_T)):
         raise ValueError(f"noise has shape {np.shape(noise)}; expected {(n, *np.shape(x_T))}")
-    _check_step_data(step_data, n)
-    _check_cfg(cond, uncond, np.shape(x_T)[0])
+    guided = _guided(model_fn, x_T, cond, uncond, guidance_scale, step_data, n)
     tables = (jnp.asarray(schedule.timesteps, jnp.int32),) + tuple(
         jnp.asarray(getattr(schedule, f), jnp.float32) for f in CogVideoXDPMSchedule._fields[1:]
     )
     return _dpm_scan(
-        _as_partial(model_fn),
+        guided,
         jnp.asarray(x_T),
-        cond,
-        uncond,
-        jnp.asarray(guidance_scale, jnp.float32),
         tables,
         step_data,
         None if noise is None else jnp.asarray(noise),

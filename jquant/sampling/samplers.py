@@ -30,7 +30,7 @@ dtype of ``x_T``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -93,26 +93,52 @@ def _check_cfg(cond: PyTree, uncond: PyTree, batch: int) -> None:
             )
 
 
-def _predict(
-    model_fn: Partial,
-    x: Array,
-    t: Array,
+class _Guided(NamedTuple):
+    """The model and its conditioning as every sampler's scan evaluates them (a pytree: the
+    arrays are traced inputs of the jitted scan, the function is static)."""
+
+    model_fn: Partial
+    cond: PyTree
+    uncond: PyTree
+    guidance_scale: Array
+
+    def predict(self, x: Array, t: Array, step_slice: PyTree, index: Array, with_step_index: bool) -> Array:
+        """One model evaluation (both CFG branches in one batched call), returned as float32."""
+        extra = (index,) if with_step_index else ()
+        if self.uncond is None:
+            return self.model_fn(x, t, self.cond, step_slice, *extra).astype(jnp.float32)
+        x2 = jnp.concatenate([x, x], axis=0)
+        cond2 = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), self.uncond, self.cond)
+        pred = self.model_fn(x2, t, cond2, step_slice, *extra).astype(jnp.float32)
+        pred_u, pred_c = jnp.split(pred, 2, axis=0)
+        return cfg_combine(pred_u, pred_c, self.guidance_scale)
+
+
+def _guided(
+    model_fn: ModelFn,
+    x_T: Array,
     cond: PyTree,
     uncond: PyTree,
-    guidance_scale: Array,
-    step_slice: PyTree,
-    index: Array,
-    with_step_index: bool,
-) -> Array:
-    """One model evaluation (both CFG branches in one batched call), returned as float32."""
-    extra = (index,) if with_step_index else ()
-    if uncond is None:
-        return model_fn(x, t, cond, step_slice, *extra).astype(jnp.float32)
-    x2 = jnp.concatenate([x, x], axis=0)
-    cond2 = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-    pred = model_fn(x2, t, cond2, step_slice, *extra).astype(jnp.float32)
-    pred_u, pred_c = jnp.split(pred, 2, axis=0)
-    return cfg_combine(pred_u, pred_c, guidance_scale)
+    guidance_scale: float | Array,
+    step_data: PyTree,
+    num_steps: int,
+) -> _Guided:
+    """A sampler's model inputs, checked (``step_data`` rows, CFG shapes) and bundled for its scan."""
+    _check_step_data(step_data, num_steps)
+    _check_cfg(cond, uncond, np.shape(x_T)[0])
+    return _Guided(_as_partial(model_fn), cond, uncond, jnp.asarray(guidance_scale, jnp.float32))
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def _with_trajectory(x: Array, x_T: Array, traj: Array, return_trajectory: bool):
+    """``x``, or ``(x, [x_T; traj])`` when the trajectory is asked for."""
+    if not return_trajectory:
+        return x
+    return x, jnp.concatenate([x_T[None], traj], axis=0)
 
 
 def _scan_steps(update: Callable[[Array, Any], Array], x_T: Array, xs: Any, return_trajectory: bool):
@@ -123,18 +149,13 @@ def _scan_steps(update: Callable[[Array, Any], Array], x_T: Array, xs: Any, retu
         return x_new, (x_new if return_trajectory else None)
 
     x, traj = jax.lax.scan(body, x_T, xs)
-    if not return_trajectory:
-        return x
-    return x, jnp.concatenate([x_T[None], traj], axis=0)
+    return _with_trajectory(x, x_T, traj, return_trajectory)
 
 
 @functools.partial(jax.jit, static_argnames=("return_trajectory", "with_step_index"))
 def _flow_scan(
-    model_fn: Partial,
+    guided: _Guided,
     x_T: Array,
-    cond: PyTree,
-    uncond: PyTree,
-    guidance_scale: Array,
     timesteps: Array,
     sigmas: Array,
     step_data: PyTree,
@@ -147,7 +168,7 @@ def _flow_scan(
 
     def update(x, step):
         i, t, sigma, sigma_next, sd = step
-        v = _predict(model_fn, x, t, cond, uncond, guidance_scale, sd, i, with_step_index)
+        v = guided.predict(x, t, sd, i, with_step_index)
         return x.astype(jnp.float32) + (sigma_next - sigma) * v
 
     return _scan_steps(update, x_T, xs, return_trajectory)
@@ -213,14 +234,9 @@ def sample_flow_euler(
     n = int(np.shape(schedule.timesteps)[0])
     if np.shape(schedule.sigmas) != (n + 1,):
         raise ValueError(f"schedule.sigmas has shape {np.shape(schedule.sigmas)}; expected ({n + 1},)")
-    _check_step_data(step_data, n)
-    _check_cfg(cond, uncond, np.shape(x_T)[0])
     return _flow_scan(
-        _as_partial(model_fn),
+        _guided(model_fn, x_T, cond, uncond, guidance_scale, step_data, n),
         jnp.asarray(x_T),
-        cond,
-        uncond,
-        jnp.asarray(guidance_scale, jnp.float32),
         jnp.asarray(schedule.timesteps, jnp.float32),
         jnp.asarray(schedule.sigmas, jnp.float32),
         step_data,
@@ -289,11 +305,8 @@ def ddim_step(
     ),
 )
 def _ddim_scan(
-    model_fn: Partial,
+    guided: _Guided,
     x_T: Array,
-    cond: PyTree,
-    uncond: PyTree,
-    guidance_scale: Array,
     timesteps: Array,
     alpha_prod_t: Array,
     alpha_prod_t_prev: Array,
@@ -314,7 +327,7 @@ def _ddim_scan(
 
     def update(x, step):
         i, t, a_t, a_prev, sd, key = step
-        pred = _predict(model_fn, x, t, cond, uncond, guidance_scale, sd, i, with_step_index)
+        pred = guided.predict(x, t, sd, i, with_step_index)
         if learned_sigma:
             pred = learned_sigma_eps(pred, channel_axis)
         noise = None if key is None else jax.random.normal(key, x.shape, jnp.float32)
@@ -388,24 +401,17 @@ def sample_ddim(
         if num_steps is None:
             raise ValueError("sample_ddim: give num_steps or a schedule")
         schedule = ddim_schedule(num_steps)
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(
-            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}"
-        )
+    _check_prediction_type(prediction_type)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and key is None:
         raise ValueError("sample_ddim: eta > 0 needs a PRNG key (key=jax.random.key(...))")
     n = int(np.shape(schedule.timesteps)[0])
-    _check_step_data(step_data, n)
-    _check_cfg(cond, uncond, np.shape(x_T)[0])
+    guided = _guided(model_fn, x_T, cond, uncond, guidance_scale, step_data, n)
     keys = jax.random.split(key, n) if eta > 0 else None
     return _ddim_scan(
-        _as_partial(model_fn),
+        guided,
         jnp.asarray(x_T),
-        cond,
-        uncond,
-        jnp.asarray(guidance_scale, jnp.float32),
         jnp.asarray(schedule.timesteps, jnp.int32),
         jnp.asarray(schedule.alpha_prod_t, jnp.float32),
         jnp.asarray(schedule.alpha_prod_t_prev, jnp.float32),
