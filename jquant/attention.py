@@ -71,15 +71,16 @@ class AttentionPolicy:
         except re.error as e:
             raise ValueError(f"quantized_attention: layers={self.layers!r} is not a regex: {e}") from e
         if self.roles is not None:
-
             unknown = set(self.roles) - ROLES
             if isinstance(self.roles, str) or unknown:
                 raise ValueError(f"quantized_attention: roles must be a tuple of {sorted(ROLES)}, got {self.roles!r}")
         if self.min_kv_tokens < 0:
             raise ValueError(f"quantized_attention: min_kv_tokens must be >= 0, got {self.min_kv_tokens}")
         if isinstance(self.enabled, jax.Array) and (self.enabled.shape != () or self.enabled.dtype != jnp.bool_):
-            raise ValueError(f"quantized_attention: enabled must be a bool scalar, got {self.enabled.dtype}"
-                             f"{list(self.enabled.shape)}")
+            raise ValueError(
+                f"quantized_attention: enabled must be a bool scalar, got {self.enabled.dtype}"
+                f"{list(self.enabled.shape)}"
+            )
 
 
 _STATE = threading.local()
@@ -112,9 +113,18 @@ def quantized_attention(
     """
     if not isinstance(enabled, bool):
         enabled = jnp.asarray(enabled)  # numpy, concrete or traced: one bool scalar array
-    policy = AttentionPolicy(enabled=enabled, qk_format=qk_format, pv_format=pv_format, smooth_k=smooth_k,
-                             hadamard=hadamard, k_scales=k_scales, block_k=block_k, layers=layers,
-                             roles=None if roles is None else tuple(roles), min_kv_tokens=min_kv_tokens)
+    policy = AttentionPolicy(
+        enabled=enabled,
+        qk_format=qk_format,
+        pv_format=pv_format,
+        smooth_k=smooth_k,
+        hadamard=hadamard,
+        k_scales=k_scales,
+        block_k=block_k,
+        layers=layers,
+        roles=None if roles is None else tuple(roles),
+        min_kv_tokens=min_kv_tokens,
+    )
     _stack().append(policy)
     try:
         with attention_hook(maybe_quantized):
@@ -135,11 +145,13 @@ def step_schedule(num_steps: int, *, float_first: int = 0, float_last: int = 0) 
     ``float_first``/``float_last`` steps at either end stay in float attention.
     """
     if num_steps < 1 or float_first < 0 or float_last < 0 or float_first + float_last > num_steps:
-        raise ValueError(f"step_schedule: need 0 <= float_first + float_last <= num_steps, got "
-                         f"num_steps={num_steps}, float_first={float_first}, float_last={float_last}")
+        raise ValueError(
+            f"step_schedule: need 0 <= float_first + float_last <= num_steps, got "
+            f"num_steps={num_steps}, float_first={float_first}, float_last={float_last}"
+        )
     on = np.ones((num_steps,), bool)
     on[:float_first] = False
-    on[num_steps - float_last:] = False
+    on[num_steps - float_last :] = False
     return on
 
 
@@ -176,8 +188,9 @@ def layer_roles(module_path: str | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def selects(policy: AttentionPolicy, module_path: str | None, q: jax.Array, k: jax.Array,
-            mask: jax.Array | None) -> bool:
+def selects(
+    policy: AttentionPolicy, module_path: str | None, q: jax.Array, k: jax.Array, mask: jax.Array | None
+) -> bool:
     """Whether ``policy`` routes this call (static: shapes, mask, layer path and roles)."""
     if mask is not None or q.shape[-1] not in _kernel.HEAD_DIMS or k.shape[1] < policy.min_kv_tokens:
         return False
@@ -189,14 +202,23 @@ def selects(policy: AttentionPolicy, module_path: str | None, q: jax.Array, k: j
 
 
 def _quantized(policy: AttentionPolicy, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    out = _kernel.quant_attention(q, k, v, qk_format=policy.qk_format, pv_format=policy.pv_format,
-                                  block_k=policy.block_k, smooth_k=policy.smooth_k, hadamard=policy.hadamard,
-                                  k_scales=policy.k_scales)
+    out = _kernel.quant_attention(
+        q,
+        k,
+        v,
+        qk_format=policy.qk_format,
+        pv_format=policy.pv_format,
+        block_k=policy.block_k,
+        smooth_k=policy.smooth_k,
+        hadamard=policy.hadamard,
+        k_scales=policy.k_scales,
+    )
     return out.astype(q.dtype)
 
 
-def maybe_quantized(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                    implementation: str | None) -> jax.Array | None:
+def maybe_quantized(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str | None
+) -> jax.Array | None:
     """Quantized attention for this call if the active policy selects it, else None.
 
     Called by `models.attention.attention`; with a traced ``enabled`` the result is a

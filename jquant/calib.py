@@ -330,12 +330,18 @@ def _traced(fn: Callable, *args):
         ) from e
 
 
-def init(apply_fn: Callable, params: Any, example_batch: Any, config: CalibConfig | None = None, *, graphdef: Any = None) -> Stats:
+def init(
+    apply_fn: Callable, params: Any, example_batch: Any, config: CalibConfig | None = None, *, graphdef: Any = None
+) -> Stats:
     """Zero statistics for every layer the model runs (traced once with ``eval_shape``)."""
     config = config or CalibConfig()
-    shapes = _traced(jax.eval_shape, lambda p, b: _observed_stats(apply_fn, config, graphdef, p, b), params, example_batch)
+    shapes = _traced(
+        jax.eval_shape, lambda p, b: _observed_stats(apply_fn, config, graphdef, p, b), params, example_batch
+    )
     if not shapes:
-        raise ValueError("no linear layer was observed: does the model use flax Dense/Linear layers (or match config.layers)?")
+        raise ValueError(
+            "no linear layer was observed: does the model use flax Dense/Linear layers (or match config.layers)?"
+        )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -356,7 +362,9 @@ def make_step(apply_fn: Callable, config: CalibConfig | None = None, *, graphdef
         part = _observed_stats(apply_fn, config, graphdef, params, batch)
         extra = sorted(set(part) - set(stats))
         if extra:
-            raise KeyError(f"layers {extra} were not in the initial statistics; build them with calib.init on the same model")
+            raise KeyError(
+                f"layers {extra} were not in the initial statistics; build them with calib.init on the same model"
+            )
         return accumulate(stats, part)
 
     jitted = jax.jit(fn, donate_argnums=donate)
@@ -467,13 +475,17 @@ def sequential(
     if not blocks:
         raise ValueError("sequential needs at least one block")
     if not callable(batches) and iter(batches) is batches:
-        raise TypeError("sequential iterates the calibration data once per block: pass a sequence or a callable returning a fresh iterable")
+        raise TypeError(
+            "sequential iterates the calibration data once per block: pass a sequence or a callable returning a fresh iterable"
+        )
     config = config or CalibConfig()
     for i, block in enumerate(blocks):
         paths = _block_paths(params, block, i)
         cfg = dataclasses.replace(config, layers=frozenset(paths))
         data = batches() if callable(batches) else batches
-        stats = calibrate(apply_fn, params, data, cfg, graphdef=graphdef, progress=progress, desc=f"block {i + 1}/{len(blocks)}")
+        stats = calibrate(
+            apply_fn, params, data, cfg, graphdef=graphdef, progress=progress, desc=f"block {i + 1}/{len(blocks)}"
+        )
         unseen = [p for p in paths if p not in stats]
         if unseen:
             raise ValueError(f"block {i}: layers {unseen} did not run during calibration")

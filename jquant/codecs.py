@@ -74,8 +74,7 @@ def _as_blocks(x: np.ndarray, block_elems: int, name: str) -> tuple[np.ndarray, 
     n = x.shape[-1]
     if n == 0 or n % block_elems:
         raise ValueError(
-            f"{name}: last axis has {n} values, which is not a positive multiple of the "
-            f"block size {block_elems}"
+            f"{name}: last axis has {n} values, which is not a positive multiple of the block size {block_elems}"
         )
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
@@ -438,18 +437,14 @@ def _q3_k_blocks(x: np.ndarray) -> np.ndarray:
 
 def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     d, dmin, ls, lm, q = _kquant_affine(x, 15, -1.0, 0.1, 20, "encode_q4_k")
-    return np.concatenate(
-        [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_nibbles(q)], -1
-    )
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_nibbles(q)], -1)
 
 
 def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
     d, dmin, ls, lm, q = _kquant_affine(x, 31, -0.5, 0.1, 15, "encode_q5_k")
     high = (q >> 4).astype(np.uint8)  # (B, 8, 32): fifth bit of sub-block k goes to bit k
     qh = (high << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
-    return np.concatenate(
-        [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), qh, _pack_nibbles(q & 0xF)], -1
-    )
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), qh, _pack_nibbles(q & 0xF)], -1)
 
 
 def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
@@ -465,8 +460,9 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     dj = np.repeat(d.astype(f), 16) * sc.astype(f)
     L = _requant(xs, L - f(32), dj, None, -32, 31) + f(32)
     q = L.T.astype(np.uint8).reshape(nb, 2, 4, 32)  # half, quarter, lane
-    low = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
-                          (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], -1)
+    low = np.concatenate(
+        [(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4), (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], -1
+    )
     hi = q >> 4
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
     blocks = np.concatenate(
@@ -515,8 +511,7 @@ def _check_blocks(blocks: jax.Array, block_bytes: int, name: str) -> jax.Array:
     blocks = jnp.asarray(blocks)
     if blocks.dtype != jnp.uint8 or blocks.ndim < 2 or blocks.shape[-1] != block_bytes:
         raise ValueError(
-            f"{name}: expected uint8 blocks of shape (..., nb, {block_bytes}), "
-            f"got {blocks.dtype}{tuple(blocks.shape)}"
+            f"{name}: expected uint8 blocks of shape (..., nb, {block_bytes}), got {blocks.dtype}{tuple(blocks.shape)}"
         )
     return blocks
 

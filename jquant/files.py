@@ -52,8 +52,9 @@ def check_file_target(path: Path) -> None:
     """Refuse an output file path that is a directory or a symlink: ``os.replace`` fails on the
     first after all the work, and on the second replaces the link, not the file it points to."""
     if path.is_symlink():
-        raise FileExistsError(f"{path}: is a symlink; not replacing it "
-                              "(write to the file it points to, or remove the link)")
+        raise FileExistsError(
+            f"{path}: is a symlink; not replacing it (write to the file it points to, or remove the link)"
+        )
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; expected the name of an output file")
 

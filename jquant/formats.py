@@ -59,10 +59,22 @@ class Format:
 
 # QLoRA's NormalFloat-4 table (Dettmers et al. 2023), index = 4-bit code.
 NF4_TABLE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 # OCP FP4 E2M1: code = sign << 3 | magnitude code; magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
 _E2M1_MAG = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -80,8 +92,12 @@ def _int_format(bits: int, signed: bool) -> Format:
 FORMATS: dict[str, Format] = {
     **{f"int{b}": _int_format(b, True) for b in (8, 4, 3, 2)},
     **{f"uint{b}": _int_format(b, False) for b in (8, 4, 3, 2)},
-    "fp8_e4m3": Format("fp8_e4m3", "float", 8, True, float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max), storage="float8_e4m3fn"),
-    "fp8_e5m2": Format("fp8_e5m2", "float", 8, True, float(ml_dtypes.finfo(ml_dtypes.float8_e5m2).max), storage="float8_e5m2"),
+    "fp8_e4m3": Format(
+        "fp8_e4m3", "float", 8, True, float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max), storage="float8_e4m3fn"
+    ),
+    "fp8_e5m2": Format(
+        "fp8_e5m2", "float", 8, True, float(ml_dtypes.finfo(ml_dtypes.float8_e5m2).max), storage="float8_e5m2"
+    ),
     "nf4": Format("nf4", "table", 4, True, 1.0, storage="uint8", table=NF4_TABLE),
     "fp4": Format("fp4", "table", 4, True, 6.0, storage="uint8", table=FP4_TABLE),
 }
@@ -121,7 +137,9 @@ class QSpec:
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS and self.fmt not in CODEC_FORMATS:
-            raise ValueError(f"unknown format {self.fmt!r}; known: {sorted(FORMATS) + list(FP4_SCALINGS) + list(CODEC_FORMATS)}")
+            raise ValueError(
+                f"unknown format {self.fmt!r}; known: {sorted(FORMATS) + list(FP4_SCALINGS) + list(CODEC_FORMATS)}"
+            )
         if self.granularity not in ("tensor", "channel", "group", "token", "block"):
             raise ValueError(f"unknown granularity {self.granularity!r}")
         if self.granularity == "group" and not (self.group_size and self.group_size > 0):
@@ -133,7 +151,9 @@ class QSpec:
         if not self.symmetric and self.format.kind != "int":
             raise ValueError(f"format {self.fmt} has no asymmetric variant")
         if self.symmetric and self.fmt.startswith("uint"):
-            raise ValueError(f"{self.fmt} is asymmetric by definition (zero points); use int{self.fmt[4:]} for symmetric")
+            raise ValueError(
+                f"{self.fmt} is asymmetric by definition (zero points); use int{self.fmt[4:]} for symmetric"
+            )
         if self.scaling and self.fmt != "fp4":
             raise ValueError("scaling 'mx'/'nv' applies only to fp4")
         if self.scaling and self.scale_dtype != "float32":
@@ -223,7 +243,9 @@ def parse_spec(spec: str | QSpec) -> QSpec:
     elif fmt in CODEC_FORMATS:
         kw.update(granularity="group", group_size=CODEC_BLOCK[fmt])
     if fmt not in FORMATS and fmt not in CODEC_FORMATS:
-        raise ValueError(f"unknown format {fmt!r} in spec {spec!r}; known: {sorted(FORMATS) + list(FP4_SCALINGS) + list(CODEC_FORMATS)}")
+        raise ValueError(
+            f"unknown format {fmt!r} in spec {spec!r}; known: {sorted(FORMATS) + list(FP4_SCALINGS) + list(CODEC_FORMATS)}"
+        )
     for opt in opts:
         if opt in ("t", "tensor"):
             kw.update(granularity="tensor", group_size=None)

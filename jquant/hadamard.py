@@ -162,8 +162,9 @@ def _best_chain(n: int) -> tuple[float, tuple[HadamardFactor, ...]] | None:
         cost = a + rest[0]
         if best is None or cost < best[0]:
             # Dense factors first (sorted), Sylvester last, so x reshapes to (..., m, 2^k).
-            dense = sorted((factor,) + tuple(f for f in rest[1] if f.kind != "sylvester"),
-                           key=lambda f: (f.order, f.kind))
+            dense = sorted(
+                (factor,) + tuple(f for f in rest[1] if f.kind != "sylvester"), key=lambda f: (f.order, f.kind)
+            )
             syl = tuple(f for f in rest[1] if f.kind == "sylvester" and f.order > 1)
             best = (cost, tuple(dense) + syl)
     return best
@@ -399,9 +400,7 @@ def fwht(x: jax.Array, axis: int = -1, normalize: bool = True) -> jax.Array:
     return jnp.moveaxis(y, -1, axis).astype(x.dtype)
 
 
-def _apply_chain_last(
-    x: jax.Array, chain: tuple[HadamardFactor, ...], transpose: bool
-) -> jax.Array:
+def _apply_chain_last(x: jax.Array, chain: tuple[HadamardFactor, ...], transpose: bool) -> jax.Array:
     """``x @ kron(chain)`` (or its transpose) over the last axis, factor by factor."""
     order = x.shape[-1]
     lead = x.shape[:-1]

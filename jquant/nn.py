@@ -81,8 +81,13 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     # The online rotation goes to the dispatch (which fuses it into the activation quantizer
     # where it can) unless something here needs the rotated x itself.
     rotate = _aux_get(aux, "hadamard") is not None
-    defer = (rotate and not _state.observers and einsum_str is None and lowrank is None
-             and (dtype is None or jnp.dtype(dtype) == x.dtype))
+    defer = (
+        rotate
+        and not _state.observers
+        and einsum_str is None
+        and lowrank is None
+        and (dtype is None or jnp.dtype(dtype) == x.dtype)
+    )
     if rotate and not defer:
         x = apply_hadamard(x, axis=-1).astype(x.dtype)
     for obs in _state.observers:
@@ -97,8 +102,16 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
         if lowrank is not None:
             y = dispatch.add_lowrank(y, x, lowrank, contract or 1)
     else:
-        y = dispatch.linear(x, kernel, contract=contract, act=cfg.act, act_scale=act_scale, backend=cfg.backend,
-                            lowrank=lowrank, hadamard=defer)
+        y = dispatch.linear(
+            x,
+            kernel,
+            contract=contract,
+            act=cfg.act,
+            act_scale=act_scale,
+            backend=cfg.backend,
+            lowrank=lowrank,
+            hadamard=defer,
+        )
     if bias is not None:
         bias = dequantize(bias).astype(y.dtype)
         y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)

@@ -84,8 +84,10 @@ class Policy:
     def rules(self, roles: Roles) -> list[Rule]:
         """Quantization rules: one exact-path rule per labelled kernel (:data:`BF16` and
         None layers are not quantized), and nothing else."""
-        out = [Rule(f"^{re.escape(path)}$", None if prec in (None, BF16) else parse_spec(prec))
-               for path, prec in self.plan(roles).items()]
+        out = [
+            Rule(f"^{re.escape(path)}$", None if prec in (None, BF16) else parse_spec(prec))
+            for path, prec in self.plan(roles).items()
+        ]
         return [*out, Rule(".*", None)]
 
     def quantize(self, params: Any, roles: Roles) -> Any:
@@ -100,7 +102,12 @@ class Policy:
 
         def one(path: str, leaf: Any) -> Any:
             mod, _, name = path.rpartition("/")
-            if mod in mods and name in ("kernel", "bias") and hasattr(leaf, "astype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            if (
+                mod in mods
+                and name in ("kernel", "bias")
+                and hasattr(leaf, "astype")
+                and jnp.issubdtype(leaf.dtype, jnp.floating)
+            ):
                 return leaf.astype(jnp.bfloat16)
             return leaf
 
@@ -162,5 +169,5 @@ def get(name: str) -> Policy:
     if name in POLICIES:
         return POLICIES[name]
     if name.startswith("uniform-"):
-        return uniform(name[len("uniform-"):])
+        return uniform(name[len("uniform-") :])
     raise KeyError(f"unknown policy {name!r}; known: {sorted(POLICIES)} or uniform-<spec>")

@@ -112,8 +112,14 @@ class QArray:
                 raise ValueError(f"transpose: {self.spec} block codes transpose only as 2-D arrays, got rank {n}")
             return dataclasses.replace(self, spec=spec, axis=new_axis - n)
         perm = lambda a: None if a is None else jnp.transpose(a, axes)  # noqa: E731
-        return dataclasses.replace(self, qvalue=perm(self.qvalue), scale=perm(self.scale),
-                                   zero_point=perm(self.zero_point), spec=spec, axis=new_axis - n)
+        return dataclasses.replace(
+            self,
+            qvalue=perm(self.qvalue),
+            scale=perm(self.scale),
+            zero_point=perm(self.zero_point),
+            spec=spec,
+            axis=new_axis - n,
+        )
 
     def reshape(self, *shape: int) -> "QArray":
         """Split or merge the axes other than the contraction axis, which must stay first (or
@@ -126,12 +132,16 @@ class QArray:
             shape = tuple(self.size // max(known, 1) if d == -1 else d for d in shape)
         a = self.axis % n
         if self.spec.fmt not in FORMATS or math.prod(shape) != self.size or a not in (0, n - 1) or not shape:
-            raise ValueError(f"reshape: cannot view {self.spec} {old} as {shape}: the size must match and the "
-                             "contraction axis must be first or last (GGUF block codes: dequantize first)")
+            raise ValueError(
+                f"reshape: cannot view {self.spec} {old} as {shape}: the size must match and the "
+                "contraction axis must be first or last (GGUF block codes: dequantize first)"
+            )
         new_a = 0 if a == 0 else len(shape) - 1
         if shape[new_a] != old[a]:
-            raise ValueError(f"reshape: the contraction axis (size {old[a]}) must stay at the "
-                             f"{'front' if a == 0 else 'end'} of {shape}")
+            raise ValueError(
+                f"reshape: the contraction axis (size {old[a]}) must stay at the "
+                f"{'front' if a == 0 else 'end'} of {shape}"
+            )
         rest_old = [d for i, d in enumerate(old) if i != a]
         rest_new = [d for i, d in enumerate(shape) if i != new_a]
 
@@ -147,10 +157,14 @@ class QArray:
                 raise ValueError(f"reshape: {self.spec}'s blocks span axes {tuple(x.shape)} of {old}; dequantize first")
             return x.reshape(([along] + rest) if new_a == 0 else (rest + [along]))
 
-        return dataclasses.replace(self, qvalue=view(self.qvalue, self.qvalue.shape[a]),
-                                   scale=view(self.scale, self.scale.shape[a]),
-                                   zero_point=None if self.zero_point is None else view(self.zero_point, self.zero_point.shape[a]),
-                                   spec=dataclasses.replace(self.spec, axis=new_a), axis=new_a - len(shape))
+        return dataclasses.replace(
+            self,
+            qvalue=view(self.qvalue, self.qvalue.shape[a]),
+            scale=view(self.scale, self.scale.shape[a]),
+            zero_point=None if self.zero_point is None else view(self.zero_point, self.zero_point.shape[a]),
+            spec=dataclasses.replace(self.spec, axis=new_a),
+            axis=new_a - len(shape),
+        )
 
     def __repr__(self) -> str:
         return f"QArray({self.spec}, shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, nbytes={self.nbytes})"
@@ -323,23 +337,29 @@ def _range_error(x: Array, spec: QSpec, block: tuple[int, ...]) -> str | None:
     xf = np.abs(np.asarray(x, np.float32))
     amax = float(xf.max())
     if amax > MAX_MAGNITUDE:
-        return (f"values up to {amax:.3g} exceed the largest magnitude jquant quantizes ({MAX_MAGNITUDE:.3g}: "
-                "larger scales overflow float32 on decode); rescale the tensor")
+        return (
+            f"values up to {amax:.3g} exceed the largest magnitude jquant quantizes ({MAX_MAGNITUDE:.3g}: "
+            "larger scales overflow float32 on decode); rescale the tensor"
+        )
     if spec.scaling or spec.scale_dtype == "float32" or amax == 0.0:
         return None
     lo, hi = scale_range(spec.scale_dtype)
     smax = float(jnp.max(_ideal_scales(jnp.asarray(x, jnp.float32), spec, block)[0]))
     sdt = spec.scale_dtype
     if smax > hi:
-        return (f"values up to {amax:.3g} overflow the {sdt} scale range of {spec} (largest scale {hi:.3g}, "
-                f"this tensor needs {smax:.3g}); use s=float32")
+        return (
+            f"values up to {amax:.3g} overflow the {sdt} scale range of {spec} (largest scale {hi:.3g}, "
+            f"this tensor needs {smax:.3g}); use s=float32"
+        )
     if smax < lo and smax >= SCALE_FLOOR:
         f = spec.format
         top = f.qmax * smax / lo  # the largest code magnitude this tensor reaches at the floor scale
         small = top < float(ml_dtypes.finfo(np_dtype(f.storage)).tiny) if f.kind == "float" else top < f.qmax / 2
         if small:
-            return (f"values up to {amax:.3g} underflow the {sdt} scale range of {spec} (smallest normal scale "
-                    f"{lo:.3g}; codes would reach only {top:.3g} of {f.qmax:g}); use s=float32 or s=bfloat16")
+            return (
+                f"values up to {amax:.3g} underflow the {sdt} scale range of {spec} (smallest normal scale "
+                f"{lo:.3g}; codes would reach only {top:.3g} of {f.qmax:g}); use s=float32 or s=bfloat16"
+            )
     return None
 
 
@@ -420,9 +440,13 @@ def quantize(
         if not isinstance(given, jax.core.Tracer):
             g = np.asarray(given)
             if not (np.isfinite(g).all() and (g > 0).all()):
-                raise ValueError(f"{where}a given scale must be positive and finite, got values in [{g.min():g}, {g.max():g}]")
+                raise ValueError(
+                    f"{where}a given scale must be positive and finite, got values in [{g.min():g}, {g.max():g}]"
+                )
             if spec.scaling == "" and g.max() > scale_range(spec.scale_dtype)[1]:
-                raise ValueError(f"{where}a given scale of {g.max():.3g} overflows the {spec.scale_dtype} scale range of {spec}")
+                raise ValueError(
+                    f"{where}a given scale of {g.max():.3g} overflows the {spec.scale_dtype} scale range of {spec}"
+                )
         given = jnp.broadcast_to(given, s.shape)
         s = _store_scale(given, spec.scale_dtype) if spec.scaling == "" else given.astype(s.dtype)
     q = QArray(None, s, z, s2, spec=spec, dtype=x.dtype, axis=axis)
@@ -529,7 +553,9 @@ def _quantize_codec(x: Array, spec: QSpec, path: str, check: bool = True) -> QAr
         return QArray(jnp.asarray(blocks), None, spec=spec, dtype=x.dtype, axis=a - x.ndim)
     amax = float(np.abs(xm).max())
     if check and amax > MAX_MAGNITUDE:
-        raise ValueError(f"{where}values up to {amax:.3g} exceed the largest magnitude jquant quantizes ({MAX_MAGNITUDE:.3g})")
+        raise ValueError(
+            f"{where}values up to {amax:.3g} exceed the largest magnitude jquant quantizes ({MAX_MAGNITUDE:.3g})"
+        )
     try:
         blocks = codec.encode(xm)
     except ValueError as e:

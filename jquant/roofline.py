@@ -89,9 +89,7 @@ def linear_bytes(m: int, k: int, n: int, w_bits: Bits, a_bits: Bits, out_bits: B
     return k * n * bw + m * k * ba + m * n * bo
 
 
-def linear_intensity(
-    m: int, k: int, n: int, w_bits: Bits, a_bits: Bits, out_bits: Bits = 16
-) -> float:
+def linear_intensity(m: int, k: int, n: int, w_bits: Bits, a_bits: Bits, out_bits: Bits = 16) -> float:
     """Arithmetic intensity (FLOP/byte) of ``Y[M,N] = X[M,K] W[K,N]`` (handbook eq. 7).
 
     ``m`` is the number of rows of ``X``: for a DiT, the token count through the layer
@@ -104,9 +102,7 @@ def linear_intensity(
 def ridge_point(peak_flops: float, bandwidth: float) -> float:
     """Intensity (FLOP/byte) where the bandwidth roof meets the compute roof."""
     if not peak_flops > 0 or not bandwidth > 0:
-        raise ValueError(
-            f"peak_flops and bandwidth must be positive, got {peak_flops!r}, {bandwidth!r}"
-        )
+        raise ValueError(f"peak_flops and bandwidth must be positive, got {peak_flops!r}, {bandwidth!r}")
     return peak_flops / bandwidth
 
 

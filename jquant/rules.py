@@ -26,7 +26,6 @@ from jquant.formats import QSpec, parse_spec
 from jquant.qarray import is_quantized_leaf, quantize
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Leaves whose '/'-joined path ``re.search``-matches ``pattern`` get ``spec`` (None: float).
@@ -73,9 +72,7 @@ def flatten_with_paths(tree: Any) -> list[tuple[str, Any]]:
 
 def map_with_paths(fn, tree: Any) -> Any:
     """Like ``jax.tree.map`` but ``fn(path_string, leaf)``; QArrays and CodedArrays are leaves."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: fn(path_str(p), x), tree, is_leaf=is_quantized_leaf
-    )
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree, is_leaf=is_quantized_leaf)
 
 
 def is_matmul_weight(path: str, leaf: Any) -> bool:
@@ -135,7 +132,9 @@ class Report:
         for r in rows:
             lines.append(f"{r.path:<{w}}  {str(r.shape):<16} {r.spec:<14} {r.bytes_before:>12,} {r.bytes_after:>12,}")
         ratio = self.bytes_after / max(self.bytes_before, 1)
-        lines.append(f"{'total':<{w}}  {'':<16} {'':<14} {self.bytes_before:>12,} {self.bytes_after:>12,}  ({ratio:.3f}x)")
+        lines.append(
+            f"{'total':<{w}}  {'':<16} {'':<14} {self.bytes_before:>12,} {self.bytes_after:>12,}  ({ratio:.3f}x)"
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -152,7 +151,9 @@ class UnmatchedRuleWarning(UserWarning):
     """A quantization rule whose pattern matches no leaf path of the tree: usually a typo."""
 
 
-def normalize_rules(rules: Sequence[RuleLike] | QSpec | str, tree: Any = None, *, strict: bool = False) -> tuple[Rule, ...]:
+def normalize_rules(
+    rules: Sequence[RuleLike] | QSpec | str, tree: Any = None, *, strict: bool = False
+) -> tuple[Rule, ...]:
     """The one normaliser: any way of writing a rule list -> a tuple of :class:`Rule` with
     parsed specs (a single spec becomes ``(Rule(".*", spec),)``).
 
@@ -188,13 +189,14 @@ def normalize_rules(rules: Sequence[RuleLike] | QSpec | str, tree: Any = None, *
         missed = [c.pattern for c in compiled if not any(c.search(path) for path in paths)]
         if missed:
             ex = f" (e.g. {paths[0]!r})" if paths else ""
-            msg = (f"rule{'s' if len(missed) > 1 else ''} {', '.join(map(repr, missed))} "
-                   f"match{'' if len(missed) > 1 else 'es'} no leaf path of the tree's {len(paths)} leaves{ex}; a typo?")
+            msg = (
+                f"rule{'s' if len(missed) > 1 else ''} {', '.join(map(repr, missed))} "
+                f"match{'' if len(missed) > 1 else 'es'} no leaf path of the tree's {len(paths)} leaves{ex}; a typo?"
+            )
             if strict:
                 raise ValueError(msg)
             warnings.warn(msg, UnmatchedRuleWarning, stacklevel=3)
     return tuple(out)
-
 
 
 def quantize_params(

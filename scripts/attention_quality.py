@@ -69,8 +69,16 @@ def bf16_attention():
         blocks.attention = original
 
 
-def velocity_fn(model: Any, act: str | None, attention: dict | str | None, params: Any, x: jax.Array,
-                t: jax.Array, cond: jax.Array, step: Any) -> jax.Array:
+def velocity_fn(
+    model: Any,
+    act: str | None,
+    attention: dict | str | None,
+    params: Any,
+    x: jax.Array,
+    t: jax.Array,
+    cond: jax.Array,
+    step: Any,
+) -> jax.Array:
     """Sampler model_fn: the tiny Wan velocity under the recipe's linear and attention contexts.
 
     ``attention``: None (fp32), ``"bf16"`` or the `quantized_attention` arguments; ``step`` is
@@ -97,12 +105,25 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
         dict(name="W8A8 + bf16 attn", weights="int8", act="int8/token", attention="bf16"),
         dict(name="W8A8 + qattn int8/fp8", weights="int8", act="int8/token", attention=fp8),
         dict(name="W8A8 + qattn int8/bf16", weights="int8", act="int8/token", attention=bf16),
-        dict(name=f"W8A8 + qattn int8/fp8, float last {float_last}", weights="int8", act="int8/token",
-             attention=fp8, step_data=step_schedule(steps, float_last=float_last)),
-        dict(name="W8A8 + qattn int8/fp8, K per tile, no Hadamard", weights="int8", act="int8/token",
-             attention={**fp8, "k_scales": "block", "hadamard": False}),
-        dict(name="W8A8 + qattn int8/bf16, K per tile, no Hadamard", weights="int8", act="int8/token",
-             attention={**bf16, "k_scales": "block", "hadamard": False}),
+        dict(
+            name=f"W8A8 + qattn int8/fp8, float last {float_last}",
+            weights="int8",
+            act="int8/token",
+            attention=fp8,
+            step_data=step_schedule(steps, float_last=float_last),
+        ),
+        dict(
+            name="W8A8 + qattn int8/fp8, K per tile, no Hadamard",
+            weights="int8",
+            act="int8/token",
+            attention={**fp8, "k_scales": "block", "hadamard": False},
+        ),
+        dict(
+            name="W8A8 + qattn int8/bf16, K per tile, no Hadamard",
+            weights="int8",
+            act="int8/token",
+            attention={**bf16, "k_scales": "block", "hadamard": False},
+        ),
         dict(name="fp32 + qattn int8/fp8", weights=None, act=None, attention=fp8),
         dict(name="fp32 + qattn int8/fp8, no Hadamard", weights=None, act=None, attention={**fp8, "hadamard": False}),
     ]
@@ -120,28 +141,47 @@ def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
     text, uncond = bundle.text(labels), bundle.null_text(clips)
     rows, reference = [], None
     for recipe in recipes(steps, float_last):
-        params = bundle.params if recipe["weights"] is None else pol.uniform(recipe["weights"]).quantize(bundle.params, roles)
+        params = (
+            bundle.params
+            if recipe["weights"] is None
+            else pol.uniform(recipe["weights"]).quantize(bundle.params, roles)
+        )
         fn = Partial(functools.partial(velocity_fn, bundle.model, recipe["act"], recipe["attention"]), params)
         t0 = time.perf_counter()
-        latents = sample_flow_euler(fn, x_T, text, num_steps=steps, shift=float(sampling["shift"]),
-                                    guidance_scale=float(sampling["guidance_scale"]), uncond=uncond,
-                                    step_data=recipe.get("step_data"))
+        latents = sample_flow_euler(
+            fn,
+            x_T,
+            text,
+            num_steps=steps,
+            shift=float(sampling["shift"]),
+            guidance_scale=float(sampling["guidance_scale"]),
+            uncond=uncond,
+            step_data=recipe.get("step_data"),
+        )
         video = np.asarray(jax.block_until_ready(tw.latents_to_clips(latents)))[..., None]  # [B, F, H, W, 1]
         seconds = time.perf_counter() - t0
         if reference is None:
             reference = video
         metrics = compare_videos(reference, video, feature_extractors={}) if video is not reference else {}
-        rows.append({
-            "recipe": recipe["name"],
-            "attention": recipe["attention"],
-            "psnr": metrics.get("psnr"), "ssim": metrics.get("ssim"), "flicker": metrics.get("flicker"),
-            "warp_error_delta": metrics.get("warp_error_delta"),
-            "accuracy": tw.sample_accuracy(bundle.classifier, bundle.classifier_params, jnp.asarray(video[..., 0]),
-                                           labels),
-            "seconds": seconds,
-        })
-        print(f"{recipe['name']:42s} PSNR {rows[-1]['psnr'] or float('inf'):7.2f} dB  "
-              f"flicker {rows[-1]['flicker'] or 0.0:.2e}  acc {rows[-1]['accuracy']:.2f}  ({seconds:.0f} s)", flush=True)
+        rows.append(
+            {
+                "recipe": recipe["name"],
+                "attention": recipe["attention"],
+                "psnr": metrics.get("psnr"),
+                "ssim": metrics.get("ssim"),
+                "flicker": metrics.get("flicker"),
+                "warp_error_delta": metrics.get("warp_error_delta"),
+                "accuracy": tw.sample_accuracy(
+                    bundle.classifier, bundle.classifier_params, jnp.asarray(video[..., 0]), labels
+                ),
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"{recipe['name']:42s} PSNR {rows[-1]['psnr'] or float('inf'):7.2f} dB  "
+            f"flicker {rows[-1]['flicker'] or 0.0:.2e}  acc {rows[-1]['accuracy']:.2f}  ({seconds:.0f} s)",
+            flush=True,
+        )
     by_name = {r["recipe"]: r for r in rows}
     base = by_name["W8A8 + bf16 attn"]["psnr"]
     drop = base - by_name["W8A8 + qattn int8/fp8"]["psnr"]
@@ -153,7 +193,10 @@ def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "clips": clips, "steps": steps, "seed": seed, "guidance_scale": float(sampling["guidance_scale"]),
+        "clips": clips,
+        "steps": steps,
+        "seed": seed,
+        "guidance_scale": float(sampling["guidance_scale"]),
         "reference": "fp32 weights and activations, float attention, same noise",
         "rows": rows,
         "psnr_drop_db_fp8": drop,
@@ -172,14 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float-last", type=int, default=2, help="float-attention steps at the end (switch row)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks" / "attention_quality.json")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks" / "attention_quality.json"
+    )
     a = p.parse_args(argv)
     result = run(a.clips, a.steps, a.seed, a.float_last)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"PSNR drop from quantized attention against W8A8 + bf16 attention (target <= {TARGET_DB} dB): "
-          f"int8/bf16 {result['psnr_drop_db_bf16']:.2f} dB, int8/fp8 {result['psnr_drop_db_fp8']:.2f} dB, "
-          f"int8/fp8 with float last steps {result['psnr_drop_db_fp8_float_last']:.2f} dB")
+    print(
+        f"PSNR drop from quantized attention against W8A8 + bf16 attention (target <= {TARGET_DB} dB): "
+        f"int8/bf16 {result['psnr_drop_db_bf16']:.2f} dB, int8/fp8 {result['psnr_drop_db_fp8']:.2f} dB, "
+        f"int8/fp8 with float last steps {result['psnr_drop_db_fp8_float_last']:.2f} dB"
+    )
     print(f"wrote {a.out}")
     return 0
 

@@ -44,17 +44,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import _common  # noqa: E402
+from pallas_kernels import (  # noqa: E402
+    _common,  # noqa: E402
+    testing,
+    timing,
+)
 from pallas_kernels import attention as pa  # noqa: E402
 from pallas_kernels import attention_ref as ar  # noqa: E402
-from pallas_kernels import testing, timing  # noqa: E402
 
 SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
-VARIANT_HELP = ("cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3]"
-                " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
-                " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages)")
-DEFAULT_VARIANTS = ("cudnn", "xla", "kernel-int8-bf16", "kernel-int8-bf16-kblock", "kernel-int8-fp8",
-                    "kernel-int8-fp8-bk256", "total-int8-bf16", "total-int8-fp8")
+VARIANT_HELP = (
+    "cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3]"
+    " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
+    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages)"
+)
+DEFAULT_VARIANTS = (
+    "cudnn",
+    "xla",
+    "kernel-int8-bf16",
+    "kernel-int8-bf16-kblock",
+    "kernel-int8-fp8",
+    "kernel-int8-fp8-bk256",
+    "total-int8-bf16",
+    "total-int8-fp8",
+)
 XLA_MAX_SCORE_BYTES = 8 << 30  # bf16 scores of one call; larger shapes skip the XLA row
 HEAD_DIM = 128
 ASSUMED_TFLOPS = 500.0  # only to pick iteration counts
@@ -66,195 +79,251 @@ REL_TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2}
 
 
 def device_slug(device: jax.Device) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
+    return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
 
 
 def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.AttentionConfig, bool]:
-  """``kernel-int8-fp8-magic-bk256`` -> ("kernel", "int8", "fp8_e4m3", config, hadamard); raises ValueError."""
-  parts = variant.split("-")
-  if len(parts) < 3 or parts[0] not in ("kernel", "total") or parts[1] not in ("int8", "fp8") \
-      or parts[2] not in ("bf16", "fp8"):
-    raise ValueError(f"unknown variant {variant!r}: {VARIANT_HELP}")
-  options = {"block_k": block_k}
-  hadamard = False
-  for extra in parts[3:]:
-    if extra in ("magic", "cvt"):
-      options["int_to_float"] = extra
-    elif re.fullmatch(r"bk(64|128|256)", extra):
-      options["block_k"] = int(extra[2:])
-    elif extra == "kblock":
-      options["k_scales"] = "block"
-    elif extra == "had" and parts[0] == "total":
-      hadamard = True
-    elif re.fullmatch(r"s[2-6]", extra):
-      options["stages"] = int(extra[1:])
-    else:
-      raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
-  qk = "int8" if parts[1] == "int8" else "fp8_e4m3"
-  pv = "bf16" if parts[2] == "bf16" else "fp8_e4m3"
-  return parts[0], qk, pv, pa.AttentionConfig(**options), hadamard
+    """``kernel-int8-fp8-magic-bk256`` -> ("kernel", "int8", "fp8_e4m3", config, hadamard); raises ValueError."""
+    parts = variant.split("-")
+    if (
+        len(parts) < 3
+        or parts[0] not in ("kernel", "total")
+        or parts[1] not in ("int8", "fp8")
+        or parts[2] not in ("bf16", "fp8")
+    ):
+        raise ValueError(f"unknown variant {variant!r}: {VARIANT_HELP}")
+    options = {"block_k": block_k}
+    hadamard = False
+    for extra in parts[3:]:
+        if extra in ("magic", "cvt"):
+            options["int_to_float"] = extra
+        elif re.fullmatch(r"bk(64|128|256)", extra):
+            options["block_k"] = int(extra[2:])
+        elif extra == "kblock":
+            options["k_scales"] = "block"
+        elif extra == "had" and parts[0] == "total":
+            hadamard = True
+        elif re.fullmatch(r"s[2-6]", extra):
+            options["stages"] = int(extra[1:])
+        else:
+            raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
+    qk = "int8" if parts[1] == "int8" else "fp8_e4m3"
+    pv = "bf16" if parts[2] == "bf16" else "fp8_e4m3"
+    return parts[0], qk, pv, pa.AttentionConfig(**options), hadamard
 
 
 def variant_fn(variant: str, block_k: int):
-  """``(fn, prepare, finish, reference, pv)`` for a variant: ``prepare(q, k, v)`` -> ``(args, extra)``,
-  ``fn(*args)`` is what is timed, ``finish(out, extra)`` -> the attention output ``[B, Tq, H, D]``,
-  ``reference(q, k, v)`` what it is checked against (``None``: exact attention), ``pv`` the P V
-  format (the check's tolerance)."""
-  if variant in ("cudnn", "xla"):
-    def fn(q, k, v):
-      return jax.nn.dot_product_attention(q, k, v, implementation=variant)
-    return fn, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, None, "bf16"
-  kind, qk, pv, config, hadamard = parse_variant(variant, block_k)
+    """``(fn, prepare, finish, reference, pv)`` for a variant: ``prepare(q, k, v)`` -> ``(args, extra)``,
+    ``fn(*args)`` is what is timed, ``finish(out, extra)`` -> the attention output ``[B, Tq, H, D]``,
+    ``reference(q, k, v)`` what it is checked against (``None``: exact attention), ``pv`` the P V
+    format (the check's tolerance)."""
+    if variant in ("cudnn", "xla"):
 
-  def reference(q, k, v):
-    return ar.quant_attention_reference(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k,
-                                        k_scales=config.k_scales, hadamard=hadamard)
-  if kind == "total":
-    def total(q, k, v):
-      return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k,
-                                stages=config.stages, int_to_float=config.int_to_float, k_scales=config.k_scales,
-                                hadamard=hadamard)
-    return total, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv
-  on_kernel = pa.supports(jnp.zeros((1, 1, 1, HEAD_DIM)), jnp.zeros((1, 1, 1, HEAD_DIM)), causal=False,
-                          kv_lengths=None, qk_format=qk, pv_format=pv, smooth_k=True, config=config)
-  if not on_kernel:
-    return reference, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv
-  scale = 1.0 / HEAD_DIM**0.5
+        def fn(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, implementation=variant)
 
-  def prepare(q, k, v):
-    operands, v_mean = jax.jit(lambda q, k, v: pa.prepare_kernel_operands(
-        q, k, v, causal=False, kv_lengths=None, qk_format=qk, pv_format=pv, config=config, smooth_k=True,
-        hadamard=False, sm_scale=scale))(q, k, v)
-    return tuple(operands), (q.shape[1], v_mean)
+        return fn, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, None, "bf16"
+    kind, qk, pv, config, hadamard = parse_variant(variant, block_k)
 
-  def finish(out, extra):  # quant_attention's epilogue: the padded query rows off, the V mean back
-    tokens, v_mean = extra
-    out = out[:, :tokens]
-    return out if v_mean is None else (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
+    def reference(q, k, v):
+        return ar.quant_attention_reference(
+            q, k, v, qk_format=qk, pv_format=pv, block_k=config.block_k, k_scales=config.k_scales, hadamard=hadamard
+        )
 
-  def kernel(*operands):
-    return pa.attention_pallas(*operands, causal=False, config=config)
-  return kernel, prepare, finish, reference, pv
+    if kind == "total":
+
+        def total(q, k, v):
+            return pa.quant_attention(
+                q,
+                k,
+                v,
+                qk_format=qk,
+                pv_format=pv,
+                block_k=config.block_k,
+                stages=config.stages,
+                int_to_float=config.int_to_float,
+                k_scales=config.k_scales,
+                hadamard=hadamard,
+            )
+
+        return total, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv
+    on_kernel = pa.supports(
+        jnp.zeros((1, 1, 1, HEAD_DIM)),
+        jnp.zeros((1, 1, 1, HEAD_DIM)),
+        causal=False,
+        kv_lengths=None,
+        qk_format=qk,
+        pv_format=pv,
+        smooth_k=True,
+        config=config,
+    )
+    if not on_kernel:
+        return reference, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv
+    scale = 1.0 / HEAD_DIM**0.5
+
+    def prepare(q, k, v):
+        operands, v_mean = jax.jit(
+            lambda q, k, v: pa.prepare_kernel_operands(
+                q,
+                k,
+                v,
+                causal=False,
+                kv_lengths=None,
+                qk_format=qk,
+                pv_format=pv,
+                config=config,
+                smooth_k=True,
+                hadamard=False,
+                sm_scale=scale,
+            )
+        )(q, k, v)
+        return tuple(operands), (q.shape[1], v_mean)
+
+    def finish(out, extra):  # quant_attention's epilogue: the padded query rows off, the V mean back
+        tokens, v_mean = extra
+        out = out[:, :tokens]
+        return out if v_mean is None else (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
+
+    def kernel(*operands):
+        return pa.attention_pallas(*operands, causal=False, config=config)
+
+    return kernel, prepare, finish, reference, pv
 
 
 def check_fn(raw, extra, finish, reference, pv: str, check_rows: int):
-  """``check(out)`` for a variant's output on the first input set ``raw = (q, k, v)``: on
-  ``check_rows`` query rows spread over the sequence, against ``reference`` (exact attention when
-  None) within ``BOUND_TOL[pv] * (P @ |V|)`` elementwise and ``REL_TOL[pv]`` in relative L2."""
-  q, k, v = raw
-  tokens = q.shape[1]
-  rows = jnp.unique(jnp.linspace(0, tokens - 1, min(check_rows, tokens)).astype(jnp.int32))
-  q_sub = q[:, rows]
-  magnitude = jax.jit(lambda q, k, v: ar.exact_attention(q, k, jnp.abs(v)))(q_sub, k, v)
-  if reference is None:
-    ref = jax.jit(lambda q, k, v: ar.exact_attention(q, k, v))(q_sub, k, v)
-  else:
-    ref = jax.jit(reference)(q_sub, k, v)
+    """``check(out)`` for a variant's output on the first input set ``raw = (q, k, v)``: on
+    ``check_rows`` query rows spread over the sequence, against ``reference`` (exact attention when
+    None) within ``BOUND_TOL[pv] * (P @ |V|)`` elementwise and ``REL_TOL[pv]`` in relative L2."""
+    q, k, v = raw
+    tokens = q.shape[1]
+    rows = jnp.unique(jnp.linspace(0, tokens - 1, min(check_rows, tokens)).astype(jnp.int32))
+    q_sub = q[:, rows]
+    magnitude = jax.jit(lambda q, k, v: ar.exact_attention(q, k, jnp.abs(v)))(q_sub, k, v)
+    if reference is None:
+        ref = jax.jit(lambda q, k, v: ar.exact_attention(q, k, v))(q_sub, k, v)
+    else:
+        ref = jax.jit(reference)(q_sub, k, v)
 
-  def check(out):
-    got = finish(out, extra)[:, rows]
-    return testing.check_dot(got, ref, magnitude, BOUND_TOL[pv], rel_tol=REL_TOL[pv])
-  return check
+    def check(out):
+        got = finish(out, extra)[:, rows]
+        return testing.check_dot(got, ref, magnitude, BOUND_TOL[pv], rel_tol=REL_TOL[pv])
+
+    return check
 
 
 def time_variant(variant: str, heads: int, tokens: int, block_k: int, seed: int, check_rows: int) -> dict:
-  fn, prepare, finish, reference, pv = variant_fn(variant, block_k)
-  bytes_per_set = 3 * tokens * heads * HEAD_DIM * 2
-  copies = timing.copies_for(bytes_per_set, limit=4)
-  sets, first = [], None
-  for c in range(copies):
-    q, k, v = ar.sample_inputs(jax.random.key(seed + c), 1, tokens, tokens, heads, HEAD_DIM)
-    args, extra = prepare(q, k, v)
-    sets.append(tuple(args))
-    if first is None:
-      first = ((q, k, v), extra)
-  flops = 4.0 * heads * tokens * tokens * HEAD_DIM
-  est_us = flops / (ASSUMED_TFLOPS * 1e6)
-  iterations = int(max(timing.MIN_RUNS, min(20, 3e5 / max(est_us * copies, 1.0))))
-  stats = timing.check_then_time(fn, sets, check_fn(*first, finish, reference, pv, check_rows),
-                                 iterations=iterations)
-  if "us" in stats:
-    stats["tflops"] = flops / (stats["us"] * 1e6)
-  stats["iterations"] = iterations
-  stats["checked_against"] = "exact fp32 attention" if reference is None else "quant_attention_reference"
-  return stats
+    fn, prepare, finish, reference, pv = variant_fn(variant, block_k)
+    bytes_per_set = 3 * tokens * heads * HEAD_DIM * 2
+    copies = timing.copies_for(bytes_per_set, limit=4)
+    sets, first = [], None
+    for c in range(copies):
+        q, k, v = ar.sample_inputs(jax.random.key(seed + c), 1, tokens, tokens, heads, HEAD_DIM)
+        args, extra = prepare(q, k, v)
+        sets.append(tuple(args))
+        if first is None:
+            first = ((q, k, v), extra)
+    flops = 4.0 * heads * tokens * tokens * HEAD_DIM
+    est_us = flops / (ASSUMED_TFLOPS * 1e6)
+    iterations = int(max(timing.MIN_RUNS, min(20, 3e5 / max(est_us * copies, 1.0))))
+    stats = timing.check_then_time(fn, sets, check_fn(*first, finish, reference, pv, check_rows), iterations=iterations)
+    if "us" in stats:
+        stats["tflops"] = flops / (stats["us"] * 1e6)
+    stats["iterations"] = iterations
+    stats["checked_against"] = "exact fp32 attention" if reference is None else "quant_attention_reference"
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
-  parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {VARIANT_HELP}")
-  parser.add_argument("--block-k", type=int, default=128)
-  parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
-  parser.add_argument("--deadline-s", type=float, default=170.0, help="skip rows started after this")
-  parser.add_argument("--check-rows", type=int, default=128, help="query rows each output is checked on")
-  parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
-  args = parser.parse_args(argv)
-  shapes = {"2x256": (2, 256)} if args.tiny else {}
-  for name in ([] if args.tiny else args.shapes.split(",")):
-    if name not in SHAPES:
-      parser.error(f"--shapes: unknown shape {name!r}; choose from {list(SHAPES)}")
-    shapes[name] = SHAPES[name]
-  variants = args.variants.split(",")
-  for v in variants:
-    if v not in ("cudnn", "xla"):
-      try:
-        parse_variant(v, args.block_k)
-      except ValueError as e:
-        parser.error(f"--variants: {e}")
-  if jax.default_backend() != "gpu":
-    variants = [v for v in variants if v != "cudnn"]
-  start = time.perf_counter()
-  device = jax.devices()[0]
-  result = {
-      "benchmark": "attention",
-      **timing.run_metadata("scripts/bench_attention.py", sys.argv[1:] if argv is None else argv),
-      "jax_version": jax.__version__,
-      "timing": "us: median, us_min: minimum over >= 10 CUPTI-timed runs; each output checked first",
-      "head_dim": HEAD_DIM, "batch": 1, "block_k": args.block_k, "kernel_on_device": _common.on_hopper(),
-      "bound_tol": BOUND_TOL, "rel_tol": REL_TOL, "check_rows": args.check_rows,
-      "rows": [],
-  }
-  name = f"attention-{device_slug(device)}{'-tiny' if args.tiny else ''}.json"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {VARIANT_HELP}")
+    parser.add_argument("--block-k", type=int, default=128)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--deadline-s", type=float, default=170.0, help="skip rows started after this")
+    parser.add_argument("--check-rows", type=int, default=128, help="query rows each output is checked on")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
+    args = parser.parse_args(argv)
+    shapes = {"2x256": (2, 256)} if args.tiny else {}
+    for name in [] if args.tiny else args.shapes.split(","):
+        if name not in SHAPES:
+            parser.error(f"--shapes: unknown shape {name!r}; choose from {list(SHAPES)}")
+        shapes[name] = SHAPES[name]
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in ("cudnn", "xla"):
+            try:
+                parse_variant(v, args.block_k)
+            except ValueError as e:
+                parser.error(f"--variants: {e}")
+    if jax.default_backend() != "gpu":
+        variants = [v for v in variants if v != "cudnn"]
+    start = time.perf_counter()
+    device = jax.devices()[0]
+    result = {
+        "benchmark": "attention",
+        **timing.run_metadata("scripts/bench_attention.py", sys.argv[1:] if argv is None else argv),
+        "jax_version": jax.__version__,
+        "timing": "us: median, us_min: minimum over >= 10 CUPTI-timed runs; each output checked first",
+        "head_dim": HEAD_DIM,
+        "batch": 1,
+        "block_k": args.block_k,
+        "kernel_on_device": _common.on_hopper(),
+        "bound_tol": BOUND_TOL,
+        "rel_tol": REL_TOL,
+        "check_rows": args.check_rows,
+        "rows": [],
+    }
+    name = f"attention-{device_slug(device)}{'-tiny' if args.tiny else ''}.json"
 
-  def save():
-    timing.write_json(name, result, folder=str(args.out_dir))
+    def save():
+        timing.write_json(name, result, folder=str(args.out_dir))
 
-  for shape_name, (heads, tokens) in shapes.items():
-    cudnn = None
-    for variant in variants:
-      row = {"shape": shape_name, "heads": heads, "tokens": tokens, "variant": variant}
-      if time.perf_counter() - start > args.deadline_s:
-        row.update(status="SKIP", skipped="deadline")
-      elif variant == "xla" and heads * tokens * tokens * 2 > XLA_MAX_SCORE_BYTES:
-        row.update(status="SKIP", skipped="scores do not fit in memory")
-      else:
-        try:
-          row.update(time_variant(variant, heads, tokens, args.block_k, seed=len(result["rows"]),
-                                  check_rows=args.check_rows))
-        except Exception as e:  # pylint: disable=broad-except
-          row.update(timing.error_row(e))
-        if variant == "cudnn" and "us" in row:
-          cudnn = row
-        if cudnn is not None and "us" in row:
-          row.update(cudnn_us=cudnn["us"], cudnn_us_min=cudnn["us_min"], speedup_vs_cudnn=cudnn["us"] / row["us"])
-      result["rows"].append(row)
-      save()
-      if "us" in row:
-        extra = (f"  cudnn {row['cudnn_us']:11.1f} / {row['cudnn_us_min']:11.1f} us  x{row['speedup_vs_cudnn']:.2f}"
-                 if "speedup_vs_cudnn" in row else "")
-        print(f"{shape_name:9s} {variant:24s} PASS {row['us']:11.1f} us (min {row['us_min']:11.1f})"
-              f" {row['tflops']:7.1f} TFLOP/s{extra}", flush=True)
-      else:
-        why = row.get("skipped") or (row.get("check") or {}).get("detail") or row.get("error", "")
-        print(f"{shape_name:9s} {variant:24s} {row['status']:5s} {why[:300]}", flush=True)
-  bad = [r for r in result["rows"] if r.get("status") in ("FAIL", "ERROR")]
-  result["failures"] = len(bad)
-  result["elapsed_s"] = round(time.perf_counter() - start, 1)
-  save()
-  print(f"done in {time.perf_counter() - start:.0f} s: {len(bad)} failed or errored row(s)")
-  return 1 if bad else 0
+    for shape_name, (heads, tokens) in shapes.items():
+        cudnn = None
+        for variant in variants:
+            row = {"shape": shape_name, "heads": heads, "tokens": tokens, "variant": variant}
+            if time.perf_counter() - start > args.deadline_s:
+                row.update(status="SKIP", skipped="deadline")
+            elif variant == "xla" and heads * tokens * tokens * 2 > XLA_MAX_SCORE_BYTES:
+                row.update(status="SKIP", skipped="scores do not fit in memory")
+            else:
+                try:
+                    row.update(
+                        time_variant(
+                            variant, heads, tokens, args.block_k, seed=len(result["rows"]), check_rows=args.check_rows
+                        )
+                    )
+                except Exception as e:  # pylint: disable=broad-except
+                    row.update(timing.error_row(e))
+                if variant == "cudnn" and "us" in row:
+                    cudnn = row
+                if cudnn is not None and "us" in row:
+                    row.update(
+                        cudnn_us=cudnn["us"], cudnn_us_min=cudnn["us_min"], speedup_vs_cudnn=cudnn["us"] / row["us"]
+                    )
+            result["rows"].append(row)
+            save()
+            if "us" in row:
+                extra = (
+                    f"  cudnn {row['cudnn_us']:11.1f} / {row['cudnn_us_min']:11.1f} us  x{row['speedup_vs_cudnn']:.2f}"
+                    if "speedup_vs_cudnn" in row
+                    else ""
+                )
+                print(
+                    f"{shape_name:9s} {variant:24s} PASS {row['us']:11.1f} us (min {row['us_min']:11.1f})"
+                    f" {row['tflops']:7.1f} TFLOP/s{extra}",
+                    flush=True,
+                )
+            else:
+                why = row.get("skipped") or (row.get("check") or {}).get("detail") or row.get("error", "")
+                print(f"{shape_name:9s} {variant:24s} {row['status']:5s} {why[:300]}", flush=True)
+    bad = [r for r in result["rows"] if r.get("status") in ("FAIL", "ERROR")]
+    result["failures"] = len(bad)
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    save()
+    print(f"done in {time.perf_counter() - start:.0f} s: {len(bad)} failed or errored row(s)")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -52,14 +52,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import _common, timing  # noqa: E402
-
 import jquant.nn  # noqa: E402
 from jquant import models  # noqa: E402
-from jquant.attention import quantized_attention  # noqa: E402
 from jquant import policy as pol  # noqa: E402
-from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
+from jquant.attention import quantized_attention  # noqa: E402
 from jquant.models import wan  # noqa: E402
+from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
+from pallas_kernels import _common, timing  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
 _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD)
@@ -73,12 +72,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w8a8-qattn-bf16": dict(weights="int8", act="int8/token", attention=dict(pv_format="bf16")),
     "w8a8-qattn-fp8": dict(weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3")),
     "bf16-qattn-fp8": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3")),
-    "w8a8-qattn-bf16-kblock": dict(weights="int8", act="int8/token",
-                                   attention=dict(pv_format="bf16", k_scales="block", hadamard=False)),
-    "w8a8-qattn-fp8-kblock": dict(weights="int8", act="int8/token",
-                                  attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)),
-    "bf16-qattn-fp8-kblock": dict(weights=None, act=None,
-                                  attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)),
+    "w8a8-qattn-bf16-kblock": dict(
+        weights="int8", act="int8/token", attention=dict(pv_format="bf16", k_scales="block", hadamard=False)
+    ),
+    "w8a8-qattn-fp8-kblock": dict(
+        weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)
+    ),
+    "bf16-qattn-fp8-kblock": dict(
+        weights=None, act=None, attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)
+    ),
     "bf16-qattn-fp8-nohad": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3", hadamard=False)),
 }
 DEFAULT_VARIANTS = ("bf16", "w8a8", "w8a8-qattn-bf16", "w8a8-qattn-fp8")
@@ -151,7 +153,9 @@ def chunked_attention(q, k, v, mask=None, *, implementation=None, chunk: int = 1
 
     def one(args):
         qc, mc = args
-        s = jnp.einsum("bqhd,bkhd->bhqk", qc.astype(jnp.float32), kf, precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
+        s = jnp.einsum("bqhd,bkhd->bhqk", qc.astype(jnp.float32), kf, precision=jax.lax.Precision.HIGHEST) / math.sqrt(
+            d
+        )
         if mc is not None:
             s = jnp.where(mc, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
@@ -182,15 +186,23 @@ def check_step(out: jax.Array, ref: jax.Array, rel_tol: float) -> dict:
     finite = bool(jnp.isfinite(a).all())
     rel = float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
     ok = finite and rel <= rel_tol
-    return {"ok": ok, "rel": rel, "detail": f"rel_l2 vs reference step {rel:.2e} (<= {rel_tol:g})"
-            + ("" if finite else " NON-FINITE")}
+    return {
+        "ok": ok,
+        "rel": rel,
+        "detail": f"rel_l2 vs reference step {rel:.2e} (<= {rel_tol:g})" + ("" if finite else " NON-FINITE"),
+    }
 
 
 def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: tuple, args) -> dict[str, Any]:
     spec = VARIANTS[name]
     params = params_bf16 if spec["weights"] is None else pol.uniform(spec["weights"]).quantize(params_bf16, roles)
-    row: dict[str, Any] = {"variant": name, "weights": spec["weights"], "act": spec["act"],
-                           "attention": spec["attention"], "weight_bytes": weight_bytes(params)}
+    row: dict[str, Any] = {
+        "variant": name,
+        "weights": spec["weights"],
+        "act": spec["act"],
+        "attention": spec["attention"],
+        "weight_bytes": weight_bytes(params),
+    }
     fn = step_fn(model, spec["act"], spec["attention"])
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()
@@ -230,8 +242,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pt, ph, pw = config.patch_size
     tokens = (shape[2] // pt) * (shape[3] // ph) * (shape[4] // pw)
     k1, k2 = jax.random.split(jax.random.key(args.seed))
-    inputs = (jax.random.normal(k1, shape, jnp.bfloat16), jnp.array([999.0], jnp.float32),
-              jax.random.normal(k2, (1, args.text_len, config.text_dim), jnp.bfloat16))
+    inputs = (
+        jax.random.normal(k1, shape, jnp.bfloat16),
+        jnp.array([999.0], jnp.float32),
+        jax.random.normal(k2, (1, args.text_len, config.text_dim), jnp.bfloat16),
+    )
     result = {
         "benchmark": "e2e_step",
         **timing.run_metadata("scripts/bench_e2e.py", args.argv),
@@ -239,9 +254,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "timing": "time_ms: median, time_ms_min: minimum wall time over >= 10 runs; output checked first",
         "rel_tol": args.rel_tol,
         "model": "tiny" if args.tiny else "Wan2.1-T2V-1.3B (synthetic weights)",
-        "param_count": models.param_count(params), "float_attention": attn_impl,
+        "param_count": models.param_count(params),
+        "float_attention": attn_impl,
         "video": {"frames": args.frames, "height": args.height, "width": args.width},
-        "latent_shape": list(shape), "tokens": tokens, "text_len": args.text_len, "rows": [],
+        "latent_shape": list(shape),
+        "tokens": tokens,
+        "text_len": args.text_len,
+        "rows": [],
     }
     name = f"e2e-{'tiny-' if args.tiny else ''}{wan_forward.device_slug(device)}.json"
 
@@ -262,8 +281,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if baseline_out is not None:
                     row["rel_l2_vs_bf16"] = float(jnp.linalg.norm(out - baseline_out) / jnp.linalg.norm(baseline_out))
                 if baseline is not None and "time_ms" in row:
-                    row.update(bf16_time_ms=baseline["time_ms"], bf16_time_ms_min=baseline["time_ms_min"],
-                               speedup_vs_bf16=baseline["time_ms"] / row["time_ms"])
+                    row.update(
+                        bf16_time_ms=baseline["time_ms"],
+                        bf16_time_ms_min=baseline["time_ms_min"],
+                        speedup_vs_bf16=baseline["time_ms"] / row["time_ms"],
+                    )
             except Exception as e:  # pylint: disable=broad-except
                 row.update(timing.error_row(e))
         result["rows"].append(row)
@@ -271,9 +293,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "time_ms" in row:
             extra = f"  x{row['speedup_vs_bf16']:.2f} vs bf16" if "speedup_vs_bf16" in row else ""
             temp = row["memory"].get("temp_size_in_bytes")
-            print(f"{variant:24s} PASS {row['time_ms']:9.1f} ms (min {row['time_ms_min']:9.1f})  weights "
-                  f"{row['weight_bytes'] / 2**20:8.1f} MiB  temp {'n/a' if temp is None else f'{temp / 2**20:.1f} MiB'}"
-                  f"  compile {row['compile_s']:.0f} s  {row['check']['detail']}{extra}", flush=True)
+            print(
+                f"{variant:24s} PASS {row['time_ms']:9.1f} ms (min {row['time_ms_min']:9.1f})  weights "
+                f"{row['weight_bytes'] / 2**20:8.1f} MiB  temp {'n/a' if temp is None else f'{temp / 2**20:.1f} MiB'}"
+                f"  compile {row['compile_s']:.0f} s  {row['check']['detail']}{extra}",
+                flush=True,
+            )
         else:
             why = row.get("skipped") or (row.get("check") or {}).get("detail") or row.get("error", "")
             print(f"{variant:24s} {row['status']:5s} {why[:300]}", flush=True)

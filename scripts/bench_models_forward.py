@@ -82,7 +82,11 @@ def hunyuan_inputs(cfg: hunyuan_video.HunyuanVideoConfig, tiny: bool, key: jax.A
         "guidance": jnp.array([6000.0], jnp.float32),
     }
     tokens = f // cfg.patch_size_t * (h // cfg.patch_size) * (w // cfg.patch_size)
-    return arrays, {"encoder_attention_mask": None}, {"latent_shape": [1, cfg.in_channels, f, h, w], "tokens": tokens, "text_len": text}
+    return (
+        arrays,
+        {"encoder_attention_mask": None},
+        {"latent_shape": [1, cfg.in_channels, f, h, w], "tokens": tokens, "text_len": text},
+    )
 
 
 def cogvideox_inputs(cfg: cogvideox.CogVideoXConfig, tiny: bool, key: jax.Array):
@@ -106,7 +110,11 @@ def mochi_inputs(cfg: mochi.MochiConfig, tiny: bool, key: jax.Array):
         "timestep": jnp.array([500.0], jnp.float32),
     }
     tokens = f * (h // cfg.patch_size) * (w // cfg.patch_size)
-    return arrays, {"encoder_attention_mask": None}, {"latent_shape": [1, cfg.in_channels, f, h, w], "tokens": tokens, "text_len": text}
+    return (
+        arrays,
+        {"encoder_attention_mask": None},
+        {"latent_shape": [1, cfg.in_channels, f, h, w], "tokens": tokens, "text_len": text},
+    )
 
 
 def ltx_inputs(cfg: ltx_video.LTXVideoConfig, tiny: bool, key: jax.Array):
@@ -140,44 +148,81 @@ def ltx2_inputs(cfg: ltx2.LTX2Config, tiny: bool, key: jax.Array):
 TINY = dict(num_attention_heads=2, num_layers=2)
 BENCHES: dict[str, Bench] = {
     "hunyuan_video": Bench(
-        "HunyuanVideo T2V 13B", hunyuan_video.HUNYUAN_VIDEO_T2V,
-        hunyuan_video.HunyuanVideoConfig(**TINY, attention_head_dim=16, num_single_layers=1, num_refiner_layers=1,
-                                         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)),
-        "544x960, 61 frames", hunyuan_inputs,
+        "HunyuanVideo T2V 13B",
+        hunyuan_video.HUNYUAN_VIDEO_T2V,
+        hunyuan_video.HunyuanVideoConfig(
+            **TINY,
+            attention_head_dim=16,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(4, 6, 6),
+        ),
+        "544x960, 61 frames",
+        hunyuan_inputs,
     ),
     "cogvideox": Bench(
-        "CogVideoX-5B", cogvideox.COGVIDEOX_5B,
-        cogvideox.CogVideoXConfig(**TINY, attention_head_dim=16, time_embed_dim=16, text_embed_dim=16,
-                                  use_rotary_positional_embeddings=True),
-        "480x720, 49 frames", cogvideox_inputs,
+        "CogVideoX-5B",
+        cogvideox.COGVIDEOX_5B,
+        cogvideox.CogVideoXConfig(
+            **TINY, attention_head_dim=16, time_embed_dim=16, text_embed_dim=16, use_rotary_positional_embeddings=True
+        ),
+        "480x720, 49 frames",
+        cogvideox_inputs,
     ),
     "mochi": Bench(
-        "Mochi-1 preview 10B", mochi.MOCHI_1_PREVIEW,
-        mochi.MochiConfig(**TINY, attention_head_dim=16, pooled_projection_dim=16, text_embed_dim=16, time_embed_dim=16),
-        "480x848, 85 frames", mochi_inputs,
+        "Mochi-1 preview 10B",
+        mochi.MOCHI_1_PREVIEW,
+        mochi.MochiConfig(
+            **TINY, attention_head_dim=16, pooled_projection_dim=16, text_embed_dim=16, time_embed_dim=16
+        ),
+        "480x848, 85 frames",
+        mochi_inputs,
     ),
     "ltx_video": Bench(
-        "LTX-Video 2B", ltx_video.LTX_VIDEO_2B,
-        ltx_video.LTXVideoConfig(**TINY, attention_head_dim=16, cross_attention_dim=32, in_channels=8, out_channels=8,
-                                 caption_channels=16),
-        "480x704, 161 frames", ltx_inputs,
+        "LTX-Video 2B",
+        ltx_video.LTX_VIDEO_2B,
+        ltx_video.LTXVideoConfig(
+            **TINY, attention_head_dim=16, cross_attention_dim=32, in_channels=8, out_channels=8, caption_channels=16
+        ),
+        "480x704, 161 frames",
+        ltx_inputs,
     ),
     "ltx2": Bench(
-        "LTX-2 19B (audio+video)", ltx2.LTX2_19B,
-        ltx2.LTX2Config(**TINY, attention_head_dim=16, cross_attention_dim=32, in_channels=8, out_channels=8,
-                        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=8,
-                        audio_cross_attention_dim=16, caption_channels=16),
-        "512x768, 121 frames at 24 fps, with audio", ltx2_inputs,
+        "LTX-2 19B (audio+video)",
+        ltx2.LTX2_19B,
+        ltx2.LTX2Config(
+            **TINY,
+            attention_head_dim=16,
+            cross_attention_dim=32,
+            in_channels=8,
+            out_channels=8,
+            audio_in_channels=8,
+            audio_out_channels=8,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=8,
+            audio_cross_attention_dim=16,
+            caption_channels=16,
+        ),
+        "512x768, 121 frames at 24 fps, with audio",
+        ltx2_inputs,
     ),
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=sorted(BENCHES), default=list(BENCHES), help="which models (default: all)")
+    p.add_argument(
+        "--models", nargs="+", choices=sorted(BENCHES), default=list(BENCHES), help="which models (default: all)"
+    )
     p.add_argument("--tiny", action="store_true", help="2-layer toy configs and small videos (CPU smoke test)")
-    p.add_argument("--attn", choices=("cudnn", "xla"), default=None,
-                   help="attention implementation (default: cudnn on GPU, xla elsewhere)")
+    p.add_argument(
+        "--attn",
+        choices=("cudnn", "xla"),
+        default=None,
+        help="attention implementation (default: cudnn on GPU, xla elsewhere)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -37,16 +37,26 @@ from jquant import models
 from jquant.models import wan
 
 TINY_CONFIG = wan.WanConfig(
-    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
-    ffn_dim=64, num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
 )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="2-layer toy config and a small video (CPU smoke test)")
-    p.add_argument("--attn", choices=("cudnn", "xla"), default=None,
-                   help="attention implementation (default: cudnn on GPU, xla elsewhere)")
+    p.add_argument(
+        "--attn",
+        choices=("cudnn", "xla"),
+        default=None,
+        help="attention implementation (default: cudnn on GPU, xla elsewhere)",
+    )
     p.add_argument("--frames", type=int, default=None, help="video frames (default 81; tiny: 5)")
     p.add_argument("--height", type=int, default=None, help="pixels (default 480; tiny: 32)")
     p.add_argument("--width", type=int, default=None, help="pixels (default 832; tiny: 48)")

@@ -48,133 +48,267 @@ CASES = [
     ("fp8/fp8 d128", 2, 1000, 1000, 3, 128, "random", dict(qk_format="fp8_e4m3", pv_format="fp8_e4m3")),
     ("fp8/bf16 d64", 1, 777, 777, 2, 64, "random", dict(qk_format="fp8_e4m3", pv_format="bf16")),
     ("int8/fp8 d64", 1, 777, 777, 2, 64, "random", dict(qk_format="int8", pv_format="fp8_e4m3")),
-    ("int8/fp8 lengths", 3, 700, 1000, 2, 128, "random",
-     dict(qk_format="int8", pv_format="fp8_e4m3", kv_lengths=(1000, 517, 3))),
+    (
+        "int8/fp8 lengths",
+        3,
+        700,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", kv_lengths=(1000, 517, 3)),
+    ),
     ("int8/fp8 bk256", 1, 1000, 1000, 2, 128, "random", dict(qk_format="int8", pv_format="fp8_e4m3", block_k=256)),
-    ("int8/fp8 kblock lengths", 3, 700, 1000, 2, 128, "random",
-     dict(qk_format="int8", pv_format="fp8_e4m3", k_scales="block", kv_lengths=(1000, 517, 3))),
-    ("int8/bf16 kblock cvt d64", 1, 777, 777, 2, 64, "random",
-     dict(qk_format="int8", pv_format="bf16", k_scales="block", int_to_float="cvt")),
-    ("int8/bf16 bk64 stages3", 1, 1000, 1000, 2, 128, "random",
-     dict(qk_format="int8", pv_format="bf16", block_k=64, stages=3)),
-    ("int8/fp8 magic d128", 2, 1000, 1000, 3, 128, "random",
-     dict(qk_format="int8", pv_format="fp8_e4m3", int_to_float="magic")),
-    ("int8/bf16 magic d64", 1, 777, 777, 2, 64, "random",
-     dict(qk_format="int8", pv_format="bf16", int_to_float="magic")),
-    ("realistic int8/fp8 hadamard", 2, 2048, 2048, 4, 128, "realistic",
-     dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True)),
-    ("realistic int8/bf16 hadamard", 2, 2048, 2048, 4, 128, "realistic",
-     dict(qk_format="int8", pv_format="bf16", hadamard=True)),
+    (
+        "int8/fp8 kblock lengths",
+        3,
+        700,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", k_scales="block", kv_lengths=(1000, 517, 3)),
+    ),
+    (
+        "int8/bf16 kblock cvt d64",
+        1,
+        777,
+        777,
+        2,
+        64,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", int_to_float="cvt"),
+    ),
+    (
+        "int8/bf16 bk64 stages3",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", block_k=64, stages=3),
+    ),
+    (
+        "int8/fp8 magic d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", int_to_float="magic"),
+    ),
+    (
+        "int8/bf16 magic d64",
+        1,
+        777,
+        777,
+        2,
+        64,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", int_to_float="magic"),
+    ),
+    (
+        "realistic int8/fp8 hadamard",
+        2,
+        2048,
+        2048,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True),
+    ),
+    (
+        "realistic int8/bf16 hadamard",
+        2,
+        2048,
+        2048,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="bf16", hadamard=True),
+    ),
     ("realistic int8/fp8", 2, 2048, 2048, 4, 128, "realistic", dict(qk_format="int8", pv_format="fp8_e4m3")),
-    ("realistic int8/fp8 hadamard lengths", 2, 1500, 1500, 4, 128, "realistic",
-     dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True, kv_lengths=(1500, 1111))),
+    (
+        "realistic int8/fp8 hadamard lengths",
+        2,
+        1500,
+        1500,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True, kv_lengths=(1500, 1111)),
+    ),
     # Causal last: a pipeline bug there would hang rather than fail, and the rest is saved first.
-    ("int8/fp8 causal d128", 1, 1000, 1000, 2, 128, "random",
-     dict(qk_format="int8", pv_format="fp8_e4m3", causal=True)),
+    (
+        "int8/fp8 causal d128",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", causal=True),
+    ),
     ("int8/bf16 causal d64", 1, 900, 900, 2, 64, "random", dict(qk_format="int8", pv_format="bf16", causal=True)),
-    ("int8/fp8 kblock causal d128", 1, 1000, 1000, 2, 128, "random",
-     dict(qk_format="int8", pv_format="fp8_e4m3", causal=True, k_scales="block")),
-    ("realistic int8/fp8 hadamard magic causal", 1, 2048, 2048, 4, 128, "realistic",
-     dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True, int_to_float="magic", causal=True)),
+    (
+        "int8/fp8 kblock causal d128",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", causal=True, k_scales="block"),
+    ),
+    (
+        "realistic int8/fp8 hadamard magic causal",
+        1,
+        2048,
+        2048,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True, int_to_float="magic", causal=True),
+    ),
 ]
-QUICK = {"int8/bf16 d128", "int8/fp8 d128", "int8/bf16 magic d64", "int8/fp8 causal d128", "int8/bf16 causal d64",
-         "int8/fp8 lengths", "realistic int8/bf16 hadamard", "int8/fp8 kblock lengths"}
+QUICK = {
+    "int8/bf16 d128",
+    "int8/fp8 d128",
+    "int8/bf16 magic d64",
+    "int8/fp8 causal d128",
+    "int8/bf16 causal d64",
+    "int8/fp8 lengths",
+    "realistic int8/bf16 hadamard",
+    "int8/fp8 kblock lengths",
+}
 
 
 def device_slug(device: jax.Device) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
+    return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
 
 
 def run_case(seed: int, case) -> dict:
-  name, b, tq, tk, h, d, kind, options = case
-  opts = dict(options)
-  if "kv_lengths" in opts:
-    opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
-  q, k, v = ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind)
-  kernel_opts = dict(opts)
-  ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float")}
-  config = pa.AttentionConfig(block_k=opts.get("block_k", 128), stages=opts.get("stages", 2),
-                              int_to_float=opts.get("int_to_float", "magic"),
-                              k_scales=opts.get("k_scales", "token"))
-  path = "kernel" if pa.supports(
-      q, k, causal=opts.get("causal", False), kv_lengths=opts.get("kv_lengths"),
-      qk_format=opts["qk_format"], pv_format=opts["pv_format"], smooth_k=True, config=config) else "reference"
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, **kernel_opts))(q, k, v))
-  seconds = time.perf_counter() - t0
-  # The reference and exact attention run on the host CPU: XLA's GPU simplifier may fold the
-  # reference's fp8 round trips away, which would make it look more accurate than it is.
-  cpu = jax.devices("cpu")[0]
-  q_c, k_c, v_c = (jax.device_put(x, cpu) for x in (q, k, v))
-  ref_opts_c = {key: (jax.device_put(val, cpu) if key == "kv_lengths" else val) for key, val in ref_opts.items()}
-  with jax.default_device(cpu):
-    ref = jax.jit(lambda q, k, v: ar.quant_attention_reference(q, k, v, **ref_opts_c))(q_c, k_c, v_c)
-    exact = jax.jit(lambda q, k, v: ar.exact_attention(
-        q, k, v, causal=opts.get("causal", False), kv_lengths=ref_opts_c.get("kv_lengths")))(q_c, k_c, v_c)
-  finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
-  rel_kr = ar.relative_l2(out, ref)
-  rel_ke = ar.relative_l2(out, exact)
-  rel_re = ar.relative_l2(ref, exact)
-  return {
-      "case": name, "shape": [b, tq, tk, h, d], "inputs": kind,
-      "options": {key: (list(val) if isinstance(val, tuple) else val) for key, val in options.items()},
-      "path": path, "finite": finite, "kernel_vs_reference": rel_kr, "kernel_vs_exact": rel_ke,
-      "reference_vs_exact": rel_re, "compile_and_run_s": seconds,
-      "pass": (finite and rel_kr <= KERNEL_VS_REFERENCE_TOL[opts["pv_format"]]
-               and rel_ke <= 1.3 * rel_re + 5e-3),
-      "meets_3pct_target": rel_ke <= TARGET_VS_EXACT,
-  }
+    name, b, tq, tk, h, d, kind, options = case
+    opts = dict(options)
+    if "kv_lengths" in opts:
+        opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
+    q, k, v = ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind)
+    kernel_opts = dict(opts)
+    ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float")}
+    config = pa.AttentionConfig(
+        block_k=opts.get("block_k", 128),
+        stages=opts.get("stages", 2),
+        int_to_float=opts.get("int_to_float", "magic"),
+        k_scales=opts.get("k_scales", "token"),
+    )
+    path = (
+        "kernel"
+        if pa.supports(
+            q,
+            k,
+            causal=opts.get("causal", False),
+            kv_lengths=opts.get("kv_lengths"),
+            qk_format=opts["qk_format"],
+            pv_format=opts["pv_format"],
+            smooth_k=True,
+            config=config,
+        )
+        else "reference"
+    )
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, **kernel_opts))(q, k, v))
+    seconds = time.perf_counter() - t0
+    # The reference and exact attention run on the host CPU: XLA's GPU simplifier may fold the
+    # reference's fp8 round trips away, which would make it look more accurate than it is.
+    cpu = jax.devices("cpu")[0]
+    q_c, k_c, v_c = (jax.device_put(x, cpu) for x in (q, k, v))
+    ref_opts_c = {key: (jax.device_put(val, cpu) if key == "kv_lengths" else val) for key, val in ref_opts.items()}
+    with jax.default_device(cpu):
+        ref = jax.jit(lambda q, k, v: ar.quant_attention_reference(q, k, v, **ref_opts_c))(q_c, k_c, v_c)
+        exact = jax.jit(
+            lambda q, k, v: ar.exact_attention(
+                q, k, v, causal=opts.get("causal", False), kv_lengths=ref_opts_c.get("kv_lengths")
+            )
+        )(q_c, k_c, v_c)
+    finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
+    rel_kr = ar.relative_l2(out, ref)
+    rel_ke = ar.relative_l2(out, exact)
+    rel_re = ar.relative_l2(ref, exact)
+    return {
+        "case": name,
+        "shape": [b, tq, tk, h, d],
+        "inputs": kind,
+        "options": {key: (list(val) if isinstance(val, tuple) else val) for key, val in options.items()},
+        "path": path,
+        "finite": finite,
+        "kernel_vs_reference": rel_kr,
+        "kernel_vs_exact": rel_ke,
+        "reference_vs_exact": rel_re,
+        "compile_and_run_s": seconds,
+        "pass": (finite and rel_kr <= KERNEL_VS_REFERENCE_TOL[opts["pv_format"]] and rel_ke <= 1.3 * rel_re + 5e-3),
+        "meets_3pct_target": rel_ke <= TARGET_VS_EXACT,
+    }
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="only the core cases")
-  parser.add_argument("--only", default="", help="comma list of substrings: run the cases whose name has one")
-  parser.add_argument("--deadline-s", type=float, default=150.0, help="skip cases started after this")
-  parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
-  args = parser.parse_args()
-  start = time.perf_counter()
-  device = jax.devices()[0]
-  result = {
-      "benchmark": "check_attention",
-      **timing.run_metadata("scripts/check_attention_gpu.py"),
-      "jax_version": jax.__version__,
-      "tolerance_kernel_vs_reference": KERNEL_VS_REFERENCE_TOL, "cases": [],
-  }
-  paths = [args.out_dir / f"check_attention-{device_slug(device)}.json"]
-  if os.environ.get("OUT"):
-    paths.append(Path(os.environ["OUT"]) / "check_attention.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the core cases")
+    parser.add_argument("--only", default="", help="comma list of substrings: run the cases whose name has one")
+    parser.add_argument("--deadline-s", type=float, default=150.0, help="skip cases started after this")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    device = jax.devices()[0]
+    result = {
+        "benchmark": "check_attention",
+        **timing.run_metadata("scripts/check_attention_gpu.py"),
+        "jax_version": jax.__version__,
+        "tolerance_kernel_vs_reference": KERNEL_VS_REFERENCE_TOL,
+        "cases": [],
+    }
+    paths = [args.out_dir / f"check_attention-{device_slug(device)}.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "check_attention.json")
 
-  def save():
-    for p in paths:
-      p.parent.mkdir(parents=True, exist_ok=True)
-      p.write_text(json.dumps(result, indent=1))
+    def save():
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(result, indent=1))
 
-  pa.CAUSAL_ON_KERNEL = True  # exercise the causal kernel path whatever the default
-  only = [w for w in args.only.split(",") if w]
-  cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (not only or any(w in c[0] for w in only))]
-  print(f"{'case':38s} {'path':9s} {'k-vs-ref':>9s} {'k-vs-exact':>10s} {'ref-vs-exact':>12s}  status")
-  for i, case in enumerate(cases):
-    if time.perf_counter() - start > args.deadline_s:
-      result["cases"].append({"case": case[0], "skipped": "deadline"})
-      continue
-    try:
-      row = run_case(1000 + i, case)
-      status = "PASS" if row["pass"] else "FAIL"
-      print(f"{case[0]:38s} {row['path']:9s} {row['kernel_vs_reference']:9.2e} {row['kernel_vs_exact']:10.2e} "
-            f"{row['reference_vs_exact']:12.2e}  {status}", flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      row = {"case": case[0], "pass": False, "error": f"{type(e).__name__}: {e}"[:4000],
-             "traceback": traceback.format_exc()[-6000:]}
-      print(f"{case[0]:38s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-    result["cases"].append(row)
+    pa.CAUSAL_ON_KERNEL = True  # exercise the causal kernel path whatever the default
+    only = [w for w in args.only.split(",") if w]
+    cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (not only or any(w in c[0] for w in only))]
+    print(f"{'case':38s} {'path':9s} {'k-vs-ref':>9s} {'k-vs-exact':>10s} {'ref-vs-exact':>12s}  status")
+    for i, case in enumerate(cases):
+        if time.perf_counter() - start > args.deadline_s:
+            result["cases"].append({"case": case[0], "skipped": "deadline"})
+            continue
+        try:
+            row = run_case(1000 + i, case)
+            status = "PASS" if row["pass"] else "FAIL"
+            print(
+                f"{case[0]:38s} {row['path']:9s} {row['kernel_vs_reference']:9.2e} {row['kernel_vs_exact']:10.2e} "
+                f"{row['reference_vs_exact']:12.2e}  {status}",
+                flush=True,
+            )
+        except Exception as e:  # pylint: disable=broad-except
+            row = {
+                "case": case[0],
+                "pass": False,
+                "error": f"{type(e).__name__}: {e}"[:4000],
+                "traceback": traceback.format_exc()[-6000:],
+            }
+            print(f"{case[0]:38s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+        result["cases"].append(row)
+        save()
+    ran = [c for c in result["cases"] if "skipped" not in c]
+    result["all_pass"] = bool(ran) and all(c.get("pass") for c in ran)
     save()
-  ran = [c for c in result["cases"] if "skipped" not in c]
-  result["all_pass"] = bool(ran) and all(c.get("pass") for c in ran)
-  save()
-  print("ALL PASS" if result["all_pass"] else "SOME FAILED", f"({time.perf_counter() - start:.0f} s)")
-  return 0 if result["all_pass"] else 1
+    print("ALL PASS" if result["all_pass"] else "SOME FAILED", f"({time.perf_counter() - start:.0f} s)")
+    return 0 if result["all_pass"] else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

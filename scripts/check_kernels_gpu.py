@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 if jax.devices()[0].platform == "gpu":
-  # Exercise every kernel, also those whose default dispatch waits for a GPU check.
-  os.environ.setdefault("JQUANT_BACKEND", "pallas")
+    # Exercise every kernel, also those whose default dispatch waits for a GPU check.
+    os.environ.setdefault("JQUANT_BACKEND", "pallas")
 
 from jquant.dispatch import kernels as kd  # noqa: E402
 from pallas_kernels import testing, timing  # noqa: E402
@@ -51,52 +51,53 @@ SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--kernels", default="", help="comma list (default: all)")
-  parser.add_argument("--out", default="", help="file name in benchmarks/ (default: check_kernels-<device>.txt)")
-  args = parser.parse_args(argv)
-  names = [n for n in CASES if not args.kernels or n in args.kernels.split(",")]
-  device = jax.devices()[0]
-  meta = timing.run_metadata("scripts/check_kernels_gpu.py")
-  header = (f"# check_kernels_gpu.py  device={device.device_kind}  jax={jax.__version__}"
-            f"  date={meta['date']}  commit={meta['commit']}  JQUANT_BACKEND={os.environ.get('JQUANT_BACKEND', '')}")
-  lines = [header]
-  print(header, flush=True)
-  failures = 0
-  for name in names:
-    case = CASES[name]
-    kernel, reference = jax.jit(case.kernel), jax.jit(case.reference)
-    for i, (m, k, n) in enumerate(SHAPES):
-      k = -(-k // case.k_multiple) * case.k_multiple
-      key = jax.random.key(1000 * i + 17)
-      try:
-        inputs = case.make_inputs(key, m, k, n)
-        out = kernel(*inputs)
-        ref = reference(*inputs)
-        verdict = testing.compare(case, out, ref, inputs)
-        ok, detail = verdict["ok"], verdict["detail"]
-        path = testing.kernel_path(name, inputs)
-      except Exception as exc:  # pylint: disable=broad-except
-        ok, path = False, "error"
-        detail = f"{type(exc).__name__}: {str(exc)[:400]}"
-        traceback.print_exc()
-      failures += not ok
-      line = (f"{'PASS' if ok else 'FAIL'}  {name:15s} M={m:<5d} K={k:<5d} N={n:<5d}"
-              f" path={path:11s} {detail}")
-      lines.append(line)
-      print(line, flush=True)
-  lines.append(f"# {failures} failure(s)")
-  print(lines[-1])
-  slug = device.device_kind.replace(" ", "_")
-  text = "\n".join(lines) + "\n"
-  root = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-  for folder in (root, os.environ.get("OUT")):
-    if folder:
-      os.makedirs(folder, exist_ok=True)
-      with open(os.path.join(folder, args.out or f"check_kernels-{slug}.txt"), "w") as f:
-        f.write(text)
-  return 1 if failures else 0
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kernels", default="", help="comma list (default: all)")
+    parser.add_argument("--out", default="", help="file name in benchmarks/ (default: check_kernels-<device>.txt)")
+    args = parser.parse_args(argv)
+    names = [n for n in CASES if not args.kernels or n in args.kernels.split(",")]
+    device = jax.devices()[0]
+    meta = timing.run_metadata("scripts/check_kernels_gpu.py")
+    header = (
+        f"# check_kernels_gpu.py  device={device.device_kind}  jax={jax.__version__}"
+        f"  date={meta['date']}  commit={meta['commit']}  JQUANT_BACKEND={os.environ.get('JQUANT_BACKEND', '')}"
+    )
+    lines = [header]
+    print(header, flush=True)
+    failures = 0
+    for name in names:
+        case = CASES[name]
+        kernel, reference = jax.jit(case.kernel), jax.jit(case.reference)
+        for i, (m, k, n) in enumerate(SHAPES):
+            k = -(-k // case.k_multiple) * case.k_multiple
+            key = jax.random.key(1000 * i + 17)
+            try:
+                inputs = case.make_inputs(key, m, k, n)
+                out = kernel(*inputs)
+                ref = reference(*inputs)
+                verdict = testing.compare(case, out, ref, inputs)
+                ok, detail = verdict["ok"], verdict["detail"]
+                path = testing.kernel_path(name, inputs)
+            except Exception as exc:  # pylint: disable=broad-except
+                ok, path = False, "error"
+                detail = f"{type(exc).__name__}: {str(exc)[:400]}"
+                traceback.print_exc()
+            failures += not ok
+            line = f"{'PASS' if ok else 'FAIL'}  {name:15s} M={m:<5d} K={k:<5d} N={n:<5d} path={path:11s} {detail}"
+            lines.append(line)
+            print(line, flush=True)
+    lines.append(f"# {failures} failure(s)")
+    print(lines[-1])
+    slug = device.device_kind.replace(" ", "_")
+    text = "\n".join(lines) + "\n"
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    for folder in (root, os.environ.get("OUT")):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, args.out or f"check_kernels-{slug}.txt"), "w") as f:
+                f.write(text)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

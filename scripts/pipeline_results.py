@@ -59,8 +59,11 @@ def _row(bundle, qm, ref, label: str, **extra: Any) -> dict[str, Any]:
     r["one_step"] = E.one_step_errors(bundle, qm, ref).tolist()
     r["label"] = label
     r.update(extra)
-    print(f"  {label:<52} PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.3f}  flicker {r['flicker']:.4f}  "
-          f"1-step {np.mean(r['one_step']):.4f}  {r['weight_bytes'] / 2**20:.3f} MiB  ({r['sample_s']:.1f} s)", flush=True)
+    print(
+        f"  {label:<52} PSNR {r['psnr']:6.2f}  SSIM {r['ssim']:.3f}  flicker {r['flicker']:.4f}  "
+        f"1-step {np.mean(r['one_step']):.4f}  {r['weight_bytes'] / 2**20:.3f} MiB  ({r['sample_s']:.1f} s)",
+        flush=True,
+    )
     return r
 
 
@@ -116,13 +119,23 @@ def section_precision(bundle, cal, ref) -> list[dict]:
     v8 = rc.rtn(P.uniform("int8"))(cal.float_variables, ctx)
     m4 = R.QuantizedModel(v4, "int8/t", C.make_table(cal, v4, "int8", tc), "W4A8")
     m8 = R.QuantizedModel(v8, "int8/t", C.make_table(cal, v8, "int8", tc), "W8A8")
-    rows = [_row(bundle, m4, ref, "W4A8 every step", resident_bytes=R.resident_bytes([m4])),
-            _row(bundle, m8, ref, "W8A8 every step", resident_bytes=R.resident_bytes([m8]))]
+    rows = [
+        _row(bundle, m4, ref, "W4A8 every step", resident_bytes=R.resident_bytes([m4])),
+        _row(bundle, m8, ref, "W8A8 every step", resident_bytes=R.resident_bytes([m8])),
+    ]
     n = bundle.denoiser.num_steps
     for early in (n // 4, n // 2):
         sw = R.PerStepModel((m4, m8), tuple(R.switch_schedule(n, early).tolist()), f"W4A8 x{early} then W8A8")
-        rows.append(_row(bundle, sw, ref, f"W4A8 for steps 0-{early - 1}, W8A8 after",
-                         resident_bytes=sw.resident_bytes, choice=list(sw.choice)))
+        rows.append(
+            _row(
+                bundle,
+                sw,
+                ref,
+                f"W4A8 for steps 0-{early - 1}, W8A8 after",
+                resident_bytes=sw.resident_bytes,
+                choice=list(sw.choice),
+            )
+        )
     return rows
 
 
@@ -132,21 +145,34 @@ def section_recipes(bundle, cal, ref) -> list[dict]:
     for name in rc.names():
         t0 = time.perf_counter()
         qm = C.quantize(bundle, rc.get(name), cal)
-        rows.append(_row(bundle, qm, ref, name, recipe=name, seconds=time.perf_counter() - t0,
-                         activations=rc.get(name).label))
+        rows.append(
+            _row(bundle, qm, ref, name, recipe=name, seconds=time.perf_counter() - t0, activations=rc.get(name).label)
+        )
     for name in ("w4-svd", "w4-quarot-svd"):  # the W4A4 recipes with 8-bit activations instead
         if name in rc.RECIPES:
             r8 = rc.get(name).with_activations(act="int8")
             t0 = time.perf_counter()
             qm = C.quantize(bundle, r8, cal)
-            rows.append(_row(bundle, qm, ref, f"{name} (A int8 instead)", recipe=name, seconds=time.perf_counter() - t0,
-                             activations=r8.label))
+            rows.append(
+                _row(
+                    bundle,
+                    qm,
+                    ref,
+                    f"{name} (A int8 instead)",
+                    recipe=name,
+                    seconds=time.perf_counter() - t0,
+                    activations=r8.label,
+                )
+            )
     return rows
 
 
 # --- markdown -------------------------------------------------------------------------------------
 def _md_rows(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
-    out = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join("---" if c[2] == "s" else "---:" for c in cols) + "|"]
+    out = [
+        "| " + " | ".join(c[0] for c in cols) + " |",
+        "|" + "|".join("---" if c[2] == "s" else "---:" for c in cols) + "|",
+    ]
     for r in rows:
         cells = []
         for _, key, fmt in cols:
@@ -160,8 +186,12 @@ def _md_rows(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
-METRICS = [("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".3f"), ("flicker", "flicker", ".4f"),
-           ("1-step err", "one_step", ".4f")]
+METRICS = [
+    ("PSNR dB", "psnr", ".2f"),
+    ("SSIM", "ssim", ".3f"),
+    ("flicker", "flicker", ".4f"),
+    ("1-step err", "one_step", ".4f"),
+]
 
 
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
@@ -176,44 +206,84 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
         f"every configuration on the same noise and classes, metrics against the fp32 clips (pixels in [0, 1]; "
         f"PSNR/SSIM per frame, averaged). Calibration: {s['calib_samples']} samples (noise seed {s['calib_seed']}, "
         "classes cycling from 0), every step, both CFG branches, every frame. "
-        "\"1-step err\" is the relative RMS error of the guided prediction at each step of the fp32 trajectory "
+        '"1-step err" is the relative RMS error of the guided prediction at each step of the fp32 trajectory '
         "(teacher-forced), averaged over steps: each step's quantization error without the chaotic accumulation of "
         "sampling, which makes PSNR of the final clips noisy between close configurations.",
         "",
     ]
     if "tables" in res:
-        lines += ["## Per-timestep activation scale tables", "",
-                  "Static int8 activation scales (one per layer, per tensor) from one table for the whole trajectory, "
-                  "from per-timestep tables, and dynamic per-token scales for reference. Weights: W8 = int8 per channel "
-                  "(RTN), W4 = int4 in groups of 64 (GPTQ on trajectory Hessians). Groups are the step groups of the "
-                  "table (step 0 = noisiest).", ""]
-        cols = [("setting", "setting", "s"), ("activation scales", "label", "s"), *METRICS,
-                ("ΔPSNR vs one table (paired, ± s.e.)", "dpsnr", "s"), ("groups", "groups", "s")]
+        lines += [
+            "## Per-timestep activation scale tables",
+            "",
+            "Static int8 activation scales (one per layer, per tensor) from one table for the whole trajectory, "
+            "from per-timestep tables, and dynamic per-token scales for reference. Weights: W8 = int8 per channel "
+            "(RTN), W4 = int4 in groups of 64 (GPTQ on trajectory Hessians). Groups are the step groups of the "
+            "table (step 0 = noisiest).",
+            "",
+        ]
+        cols = [
+            ("setting", "setting", "s"),
+            ("activation scales", "label", "s"),
+            *METRICS,
+            ("ΔPSNR vs one table (paired, ± s.e.)", "dpsnr", "s"),
+            ("groups", "groups", "s"),
+        ]
         lines += _md_rows(res["tables"], cols) + [""]
     if "policies" in res:
-        lines += ["## Role-based mixed precision vs uniform 4-bit (weight-only)", "",
-                  "```", str(P.TEMPORAL_INT8), str(P.VIDEO_MIXED), "```", "",
-                  "Memory is every parameter (the float embedders, modulation and head are the same in every row).", ""]
-        cols = [("policy", "label", "s"), ("MiB", "weight_bytes", ".3f"), ("bits/weight (quantized)", "bits_per_weight", ".2f"),
-                *METRICS]
+        lines += [
+            "## Role-based mixed precision vs uniform 4-bit (weight-only)",
+            "",
+            "```",
+            str(P.TEMPORAL_INT8),
+            str(P.VIDEO_MIXED),
+            "```",
+            "",
+            "Memory is every parameter (the float embedders, modulation and head are the same in every row).",
+            "",
+        ]
+        cols = [
+            ("policy", "label", "s"),
+            ("MiB", "weight_bytes", ".3f"),
+            ("bits/weight (quantized)", "bits_per_weight", ".2f"),
+            *METRICS,
+        ]
         lines += _md_rows(res["policies"], cols) + [""]
     if "precision" in res:
-        lines += ["## Per-step precision in one jitted loop", "",
-                  "`jquant.pipeline.runtime.per_step_model_fn`: `lax.switch` on a per-step int in `step_data`, both "
-                  "weight sets (and both scale tables) resident. MiB = resident bytes (the shared float layers once).", ""]
+        lines += [
+            "## Per-step precision in one jitted loop",
+            "",
+            "`jquant.pipeline.runtime.per_step_model_fn`: `lax.switch` on a per-step int in `step_data`, both "
+            "weight sets (and both scale tables) resident. MiB = resident bytes (the shared float layers once).",
+            "",
+        ]
         cols = [("schedule", "label", "s"), ("MiB resident", "resident_bytes", ".3f"), *METRICS]
         lines += _md_rows(res["precision"], cols) + [""]
     if "recipes" in res:
-        lines += ["## Every recipe", "",
-                  "bits/weight counts the quantized kernels with their scales and aux (low-rank branches, multipliers); "
-                  "MiB is every parameter and aux array. Sampling time is the jitted sampler without compilation, "
-                  f"{s['clips']} clips on this CPU; quantize s includes calibration.", ""]
-        cols = [("recipe", "label", "s"), ("activations", "activations", "s"), ("bits/weight", "bits_per_weight", ".2f"),
-                ("MiB", "weight_bytes", ".3f"), *METRICS, ("sample s", "sample_s", ".1f"), ("quantize s", "seconds", ".1f")]
+        lines += [
+            "## Every recipe",
+            "",
+            "bits/weight counts the quantized kernels with their scales and aux (low-rank branches, multipliers); "
+            "MiB is every parameter and aux array. Sampling time is the jitted sampler without compilation, "
+            f"{s['clips']} clips on this CPU; quantize s includes calibration.",
+            "",
+        ]
+        cols = [
+            ("recipe", "label", "s"),
+            ("activations", "activations", "s"),
+            ("bits/weight", "bits_per_weight", ".2f"),
+            ("MiB", "weight_bytes", ".3f"),
+            *METRICS,
+            ("sample s", "sample_s", ".1f"),
+            ("quantize s", "seconds", ".1f"),
+        ]
         lines += _md_rows(res["recipes"], cols) + [""]
         if rc.MISSING:
-            lines += ["Not in the table (their methods are not in the tree): " +
-                      "; ".join(f"`{n}` ({why})" for n, why in rc.MISSING.items()) + ".", ""]
+            lines += [
+                "Not in the table (their methods are not in the tree): "
+                + "; ".join(f"`{n}` ({why})" for n, why in rc.MISSING.items())
+                + ".",
+                "",
+            ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -226,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--json", default="benchmarks/pipeline_results.json")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the other sections of --json (same settings required) and add/redo only --sections")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the other sections of --json (same settings required) and add/redo only --sections",
+    )
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     bundle = tiny_wan_bundle(num_steps=a.steps)
@@ -236,11 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     ref = E.reference(bundle, bundle.workload(a.clips, a.seed))
     d = jax.devices()[0]
     res: dict[str, Any] = {
-        "command": "PYTHONPATH=. python scripts/pipeline_results.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "PYTHONPATH=. python scripts/pipeline_results.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": f"{d.device_kind} ({jax.default_backend()}, jax {jax.__version__}, python {platform.python_version()})",
         "date": datetime.date.today().isoformat(),
-        "settings": {"clips": a.clips, "calib_samples": a.calib_samples, "calib_seed": ccfg.seed, "steps": a.steps,
-                     "seed": a.seed, "guidance": bundle.denoiser.guidance_scale},
+        "settings": {
+            "clips": a.clips,
+            "calib_samples": a.calib_samples,
+            "calib_seed": ccfg.seed,
+            "steps": a.steps,
+            "seed": a.seed,
+            "guidance": bundle.denoiser.guidance_scale,
+        },
     }
     if a.keep and Path(a.json).exists():
         saved = json.loads(Path(a.json).read_text())
@@ -249,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         kept = {k: v for k, v in saved.items() if k in ("tables", "policies", "precision", "recipes")}
         res = {**kept, **res, "command": f"{saved['command']}; then {res['command']}"}
         t0 -= float(saved.get("wall_s", 0.0))  # wall time of every section, the kept ones too
-    fns = {"tables": section_tables, "policies": section_policies, "precision": section_precision, "recipes": section_recipes}
+    fns = {
+        "tables": section_tables,
+        "policies": section_policies,
+        "precision": section_precision,
+        "recipes": section_recipes,
+    }
     for name in a.sections.split(","):
         res[name] = fns[name](bundle, cal, ref)
         res["wall_s"] = time.perf_counter() - t0

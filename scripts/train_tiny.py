@@ -58,12 +58,26 @@ def model_config(quick: bool) -> WanConfig:
     """The shipped architecture (quick: a 1-layer toy for CPU smoke tests)."""
     if quick:
         return WanConfig(
-            patch_size=(1, 4, 4), num_attention_heads=1, attention_head_dim=32, in_channels=1, out_channels=1,
-            text_dim=16, freq_dim=32, ffn_dim=64, num_layers=1,
+            patch_size=(1, 4, 4),
+            num_attention_heads=1,
+            attention_head_dim=32,
+            in_channels=1,
+            out_channels=1,
+            text_dim=16,
+            freq_dim=32,
+            ffn_dim=64,
+            num_layers=1,
         )
     return WanConfig(
-        patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=64, in_channels=1, out_channels=1,
-        text_dim=64, freq_dim=256, ffn_dim=512, num_layers=6,
+        patch_size=(1, 4, 4),
+        num_attention_heads=2,
+        attention_head_dim=64,
+        in_channels=1,
+        out_channels=1,
+        text_dim=64,
+        freq_dim=256,
+        ffn_dim=512,
+        num_layers=6,
     )
 
 
@@ -75,8 +89,15 @@ def lr_at(step: jax.Array, total: jax.Array, peak: float) -> jax.Array:
     return jnp.where(step < WARMUP, warm, peak * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * frac))))
 
 
-def flow_loss(model: WanTransformer3D, params: Any, key: jax.Array, labels: jax.Array, class_emb: jax.Array,
-              data: tw.DataConfig, drop_prob: float) -> jax.Array:
+def flow_loss(
+    model: WanTransformer3D,
+    params: Any,
+    key: jax.Array,
+    labels: jax.Array,
+    class_emb: jax.Array,
+    data: tw.DataConfig,
+    drop_prob: float,
+) -> jax.Array:
     """Rectified-flow MSE on a fresh batch of clips of `labels`."""
     k_clip, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
     x0 = tw.clips_to_latents(tw.render_clips(k_clip, labels, data))
@@ -135,8 +156,9 @@ def make_train_chunk(setup: TrainSetup, tx: optax.GradientTransformation):
     return chunk
 
 
-def train_flow(args: argparse.Namespace, cfg: WanConfig, data: tw.DataConfig, class_emb: jax.Array,
-               key: jax.Array, dtype: Any) -> dict[str, Any]:
+def train_flow(
+    args: argparse.Namespace, cfg: WanConfig, data: tw.DataConfig, class_emb: jax.Array, key: jax.Array, dtype: Any
+) -> dict[str, Any]:
     """Train the transformer; returns EMA params, losses and the schedule actually run."""
     k_init, k_data = jax.random.split(key)
     params = models.init_params(cfg, k_init)
@@ -183,8 +205,9 @@ def train_flow(args: argparse.Namespace, cfg: WanConfig, data: tw.DataConfig, cl
     }
 
 
-def eval_loss(cfg: WanConfig, params: Any, class_emb: jax.Array, data: tw.DataConfig, key: jax.Array,
-              n: int, repeats: int) -> float:
+def eval_loss(
+    cfg: WanConfig, params: Any, class_emb: jax.Array, data: tw.DataConfig, key: jax.Array, n: int, repeats: int
+) -> float:
     """Flow-matching loss (fp32, no label dropout) of `params`: mean over `repeats` batches of n
     fresh clips (fixed key)."""
     model = WanTransformer3D(cfg)
@@ -231,13 +254,25 @@ def train_classifier(args: argparse.Namespace, data: tw.DataConfig, key: jax.Arr
     return ccfg, params, acc
 
 
-def _velocity(model: WanTransformer3D, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array, _step: Any) -> jax.Array:
+def _velocity(
+    model: WanTransformer3D, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array, _step: Any
+) -> jax.Array:
     return tw.velocity(model, params, x, t, cond)
 
 
-def evaluate_samples(cfg: WanConfig, params: Any, class_emb: jax.Array, clf: Any, clf_params: Any,
-                     data: tw.DataConfig, key: jax.Array, per_class: int, num_steps: int, shift: float,
-                     guidances: Sequence[float]) -> dict[str, Any]:
+def evaluate_samples(
+    cfg: WanConfig,
+    params: Any,
+    class_emb: jax.Array,
+    clf: Any,
+    clf_params: Any,
+    data: tw.DataConfig,
+    key: jax.Array,
+    per_class: int,
+    num_steps: int,
+    shift: float,
+    guidances: Sequence[float],
+) -> dict[str, Any]:
     """Sample accuracy (and per-class accuracy) of the fp32 model at each guidance scale."""
     model = WanTransformer3D(cfg)
     labels = jnp.repeat(jnp.arange(tw.NUM_CLASSES), per_class)
@@ -246,8 +281,9 @@ def evaluate_samples(cfg: WanConfig, params: Any, class_emb: jax.Array, clf: Any
     fn = Partial(functools.partial(_velocity, model), params)
     out: dict[str, Any] = {}
     for g in guidances:
-        lat = sample_flow_euler(fn, x_T, text, num_steps=num_steps, shift=shift, guidance_scale=g,
-                                uncond=jnp.zeros_like(text))
+        lat = sample_flow_euler(
+            fn, x_T, text, num_steps=num_steps, shift=shift, guidance_scale=g, uncond=jnp.zeros_like(text)
+        )
         clips = tw.latents_to_clips(lat)
         pred = np.asarray(tw.classify(clf, clf_params, clips))
         per = [float(np.mean(pred[np.asarray(labels) == c] == c)) for c in range(tw.NUM_CLASSES)]
@@ -266,21 +302,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype of training (params and saved weights stay float32); auto: bf16 on GPU")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="compute dtype of training (params and saved weights stay float32); auto: bf16 on GPU",
+    )
     p.add_argument("--classifier-steps", type=int, default=1500)
     p.add_argument("--classifier-batch", type=int, default=128)
     p.add_argument("--eval-per-class", type=int, default=20)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--shift", type=float, default=1.0, help="flow-match schedule shift for sampling")
-    p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 1.0, 5.0],
-                   help="CFG scales to evaluate; the most accurate (first on ties) becomes the default")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=[3.0, 1.0, 5.0],
+        help="CFG scales to evaluate; the most accurate (first on ties) becomes the default",
+    )
     p.add_argument("--quick", action="store_true", help="tiny config and a few steps (CPU smoke test)")
     p.add_argument("--eval-loss-clips", type=int, default=1024, help="clips for the EMA eval loss (4 batches)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--quick" in argv:  # quick changes the defaults; explicit flags still win
-        p.set_defaults(steps=CHUNK, batch=4, classifier_steps=3, classifier_batch=8, eval_per_class=1, eval_steps=2, guidance=[3.0],
-                       eval_loss_clips=16)
+        p.set_defaults(
+            steps=CHUNK,
+            batch=4,
+            classifier_steps=3,
+            classifier_batch=8,
+            eval_per_class=1,
+            eval_steps=2,
+            guidance=[3.0],
+            eval_loss_clips=16,
+        )
     a = p.parse_args(argv)
     if a.steps < CHUNK:
         p.error(f"--steps must be >= {CHUNK}")
@@ -306,16 +359,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = train_flow(args, cfg, data, class_emb, k_flow, dtype)
     ema = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), run["ema"])
     ev_loss = eval_loss(cfg, ema, class_emb, data, k_loss, max(1, args.eval_loss_clips // 4), 4)
-    print(f"  final training loss {run['final_loss']:.4f} (mean of last {run['final_loss_window']} steps), "
-          f"EMA eval loss {ev_loss:.4f}")
+    print(
+        f"  final training loss {run['final_loss']:.4f} (mean of last {run['final_loss_window']} steps), "
+        f"EMA eval loss {ev_loss:.4f}"
+    )
 
     print("training the classifier")
     ccfg, clf_params, clf_acc = train_classifier(args, data, k_clf)
     clf = tw.DigitClassifier(ccfg)
 
     print(f"sampling {args.eval_per_class} clips per class ({args.eval_steps} Euler steps, shift {args.shift:g})")
-    evals = evaluate_samples(cfg, ema, class_emb, clf, clf_params, data, k_eval, args.eval_per_class,
-                             args.eval_steps, args.shift, args.guidance)
+    evals = evaluate_samples(
+        cfg,
+        ema,
+        class_emb,
+        clf,
+        clf_params,
+        data,
+        k_eval,
+        args.eval_per_class,
+        args.eval_steps,
+        args.shift,
+        args.guidance,
+    )
     best = max(args.guidance, key=lambda g: (evals[f"{g:g}"]["accuracy"], -args.guidance.index(g)))
 
     out = Path(args.out)
@@ -323,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tw.save_conditioning(out, np.asarray(class_emb))
     tw.save_classifier(out, ccfg, jax.tree_util.tree_map(np.asarray, clf_params))
     command = (
-        "PYTHONPATH=. python3 scripts/train_tiny.py " + ("--quick " if args.quick else "")
+        "PYTHONPATH=. python3 scripts/train_tiny.py "
+        + ("--quick " if args.quick else "")
         + f"--seed {args.seed} --steps {run['steps']} --batch {args.batch} --lr {args.lr:g} "
         f"--dtype {jnp.dtype(dtype).name} --classifier-steps {args.classifier_steps} "
         f"--classifier-batch {args.classifier_batch} "
@@ -334,30 +401,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{jax.devices()[0].device_kind} ({backend})",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-                     "optax": optax.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+        },
         "seed": args.seed,
         "quick": args.quick,
         "model_config": cfg.to_diffusers(),
         "params": n_params,
         "text_tokens": TEXT_TOKENS,
         "training": {
-            "steps": run["steps"], "batch": args.batch, "peak_lr": args.lr, "warmup": WARMUP,
-            "schedule": "linear warmup then cosine to 10%", "optimizer": "AdamW(b1=0.9, b2=0.99, wd=0.01), clip 1.0",
-            "ema_decay": 0.999, "label_dropout": args.label_dropout, "compute_dtype": jnp.dtype(dtype).name,
-            "sigma_sampling": "logit-normal(0, 1)", "wall_s": round(run["wall_s"], 1),
+            "steps": run["steps"],
+            "batch": args.batch,
+            "peak_lr": args.lr,
+            "warmup": WARMUP,
+            "schedule": "linear warmup then cosine to 10%",
+            "optimizer": "AdamW(b1=0.9, b2=0.99, wd=0.01), clip 1.0",
+            "ema_decay": 0.999,
+            "label_dropout": args.label_dropout,
+            "compute_dtype": jnp.dtype(dtype).name,
+            "sigma_sampling": "logit-normal(0, 1)",
+            "wall_s": round(run["wall_s"], 1),
             "ms_per_step": round(run["ms_per_step"], 3),
-            "first_loss": run["first_loss"], "final_loss": run["final_loss"],
-            "final_loss_window_steps": run["final_loss_window"], "eval_loss_ema_fp32": ev_loss,
+            "first_loss": run["first_loss"],
+            "final_loss": run["final_loss"],
+            "final_loss_window_steps": run["final_loss_window"],
+            "eval_loss_ema_fp32": ev_loss,
             "loss_curve_every_500_steps": run["loss_curve"],
         },
-        "classifier": {"config": dataclasses.asdict(ccfg), "steps": args.classifier_steps,
-                       "real_clip_accuracy": clf_acc},
+        "classifier": {
+            "config": dataclasses.asdict(ccfg),
+            "steps": args.classifier_steps,
+            "real_clip_accuracy": clf_acc,
+        },
         "sample_accuracy": {
             "definition": "fraction of sampled clips (fp32 EMA model, CFG, flow-match Euler) whose "
-                          "classifier prediction equals the class they were conditioned on",
-            "per_class": args.eval_per_class, "num_steps": args.eval_steps, "shift": args.shift,
-            "by_guidance": evals, "default_guidance": best, "accuracy": evals[f"{best:g}"]["accuracy"],
+            "classifier prediction equals the class they were conditioned on",
+            "per_class": args.eval_per_class,
+            "num_steps": args.eval_steps,
+            "shift": args.shift,
+            "by_guidance": evals,
+            "default_guidance": best,
+            "accuracy": evals[f"{best:g}"]["accuracy"],
         },
         "total_wall_s": round(time.perf_counter() - t_start, 1),
     }
@@ -367,16 +454,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "text_tokens": TEXT_TOKENS,
         "sampling": {"num_steps": args.eval_steps, "shift": args.shift, "guidance_scale": best},
         "training": {k: report[k] for k in ("command", "date", "device", "seed", "params")}
-        | {"final_loss": run["final_loss"], "eval_loss": ev_loss, "sample_accuracy": evals[f"{best:g}"]["accuracy"],
-           "classifier_real_accuracy": clf_acc},
+        | {
+            "final_loss": run["final_loss"],
+            "eval_loss": ev_loss,
+            "sample_accuracy": evals[f"{best:g}"]["accuracy"],
+            "classifier_real_accuracy": clf_acc,
+        },
     }
     (out / tw.META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"wrote {out} ({size / 1e6:.2f} MB); sample accuracy {report['sample_accuracy']['accuracy']:.4f} "
-          f"at guidance {best:g}; total {report['total_wall_s']} s")
+    print(
+        f"wrote {out} ({size / 1e6:.2f} MB); sample accuracy {report['sample_accuracy']['accuracy']:.4f} "
+        f"at guidance {best:g}; total {report['total_wall_s']} s"
+    )
     return 0
 
 

@@ -18,4 +18,5 @@ def assert_dot_close(got, want, x, w, tol: float, what: str = "") -> None:
     worst = np.unravel_index(np.argmax(excess), excess.shape) if excess.size else None
     assert excess.size == 0 or excess.max() <= 1e-30, (
         f"{what}: |got - want| exceeds {tol} * sum|x*w| at {worst}: "
-        f"got {got[worst]}, want {want[worst]}, bound {bound[worst]}")
+        f"got {got[worst]}, want {want[worst]}, bound {bound[worst]}"
+    )

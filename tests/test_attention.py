@@ -21,8 +21,12 @@ from pallas_kernels import attention as pa
 from pallas_kernels import attention_ref as ar
 
 # Relative L2 error against exact fp32 attention on N(0, 1) inputs (measured ~1.1%, 3.7%, 3.8%, 5%).
-TOLERANCE = {("int8", "bf16"): 0.025, ("int8", "fp8_e4m3"): 0.06, ("fp8_e4m3", "bf16"): 0.06,
-             ("fp8_e4m3", "fp8_e4m3"): 0.08}
+TOLERANCE = {
+    ("int8", "bf16"): 0.025,
+    ("int8", "fp8_e4m3"): 0.06,
+    ("fp8_e4m3", "bf16"): 0.06,
+    ("fp8_e4m3", "fp8_e4m3"): 0.08,
+}
 
 
 def _inputs(seed, b=1, tq=200, tk=200, h=2, d=64, kind="random"):
@@ -105,11 +109,19 @@ def test_padding_mask_equals_truncation(pv):
     assert ar.relative_l2(out, ar.exact_attention(q, k, v, kv_lengths=lengths)) <= TOLERANCE[("int8", pv)]
 
 
-@pytest.mark.parametrize("bad", [
-    dict(qk_format="int4"), dict(pv_format="fp16"), dict(block_k=100), dict(block_q=32),
-    dict(kv_lengths=jnp.array([0])), dict(kv_lengths=jnp.array([5, 5])), dict(causal=True, tq=3),
-    dict(k_scales="channel"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(qk_format="int4"),
+        dict(pv_format="fp16"),
+        dict(block_k=100),
+        dict(block_q=32),
+        dict(kv_lengths=jnp.array([0])),
+        dict(kv_lengths=jnp.array([5, 5])),
+        dict(causal=True, tq=3),
+        dict(k_scales="channel"),
+    ],
+)
 def test_bad_arguments_raise(bad):
     bad = dict(bad)
     q, k, v = _inputs(5, tq=bad.pop("tq", 8), tk=8, h=1)
@@ -126,11 +138,13 @@ def test_head_dim_must_be_supported():
 def test_kernel_wrapper_falls_back_off_gpu():
     q, k, v = _inputs(7, tq=100, tk=100)
     config = pa.AttentionConfig()
-    assert not pa.supports(q, k, causal=False, kv_lengths=None, qk_format="int8", pv_format="bf16", smooth_k=True,
-                           config=config)
+    assert not pa.supports(
+        q, k, causal=False, kv_lengths=None, qk_format="int8", pv_format="bf16", smooth_k=True, config=config
+    )
     out = pa.quant_attention(q, k, v, pv_format="fp8_e4m3")
-    np.testing.assert_array_equal(np.asarray(out, np.float32),
-                                  np.asarray(ar.quant_attention_reference(q, k, v, pv_format="fp8_e4m3"), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(out, np.float32), np.asarray(ar.quant_attention_reference(q, k, v, pv_format="fp8_e4m3"), np.float32)
+    )
 
 
 def test_supports_rules(monkeypatch):
@@ -182,8 +196,9 @@ def _emulate_kernel(operands, block_k: int, causal: bool) -> jax.Array:
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[..., None])
         p_op = (p * ar.P_SCALE).astype(jnp.float8_e4m3fn) if fp8 else p.astype(jnp.bfloat16)
-        acc = acc * alpha[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p_op.astype(jnp.float32),
-                                                  v[:, sl].astype(jnp.float32))
+        acc = acc * alpha[..., None] + jnp.einsum(
+            "bhqk,bkhd->bhqd", p_op.astype(jnp.float32), v[:, sl].astype(jnp.float32)
+        )
         l = l * alpha + p.sum(-1)
         m = m_new
     out = acc / (l - pad * jnp.exp2(-m))[..., None]
@@ -192,18 +207,33 @@ def _emulate_kernel(operands, block_k: int, causal: bool) -> jax.Array:
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
-@pytest.mark.parametrize("pv,causal,lengths,k_scales", [
-    ("fp8_e4m3", False, (200, 77), "token"), ("bf16", True, None, "token"),
-    ("fp8_e4m3", True, None, "block"), ("bf16", False, (120, 200), "block"),
-])
+@pytest.mark.parametrize(
+    "pv,causal,lengths,k_scales",
+    [
+        ("fp8_e4m3", False, (200, 77), "token"),
+        ("bf16", True, None, "token"),
+        ("fp8_e4m3", True, None, "block"),
+        ("bf16", False, (120, 200), "block"),
+    ],
+)
 def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
     tq = 200 if causal else 100
     q, k, v = _inputs(9, b=2, tq=tq, tk=200, d=64)
     kv_lengths = None if lengths is None else jnp.array(lengths)
     config = pa.AttentionConfig(block_k=128, k_scales=k_scales)
     operands, v_mean = pa.prepare_kernel_operands(
-        q, k, v, causal=causal, kv_lengths=kv_lengths, qk_format="int8", pv_format=pv, config=config,
-        smooth_k=True, hadamard=False, sm_scale=1 / 8)
+        q,
+        k,
+        v,
+        causal=causal,
+        kv_lengths=kv_lengths,
+        qk_format="int8",
+        pv_format=pv,
+        config=config,
+        smooth_k=True,
+        hadamard=False,
+        sm_scale=1 / 8,
+    )
     q8, k8, vv, qrow, ks, vs = operands
     chex.assert_shape(q8, (2, -(-tq // 128) * 128, 2, 64))
     chex.assert_shape(k8, (2, 256, 2, 64))
@@ -213,22 +243,30 @@ def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
     out = _emulate_kernel(operands, 128, causal)[:, :tq]
     if v_mean is not None:
         out = out + v_mean[:, None]
-    ref = ar.quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, pv_format=pv,
-                                       k_scales=k_scales)
+    ref = ar.quant_attention_reference(q, k, v, causal=causal, kv_lengths=kv_lengths, pv_format=pv, k_scales=k_scales)
     assert ar.relative_l2(out, ref) <= (0.005 if pv == "bf16" else 0.04)
-    assert ar.relative_l2(out, ar.exact_attention(q, k, v, causal=causal, kv_lengths=kv_lengths)) <= (
-        TOLERANCE[("int8", pv)])
+    assert (
+        ar.relative_l2(out, ar.exact_attention(q, k, v, causal=causal, kv_lengths=kv_lengths))
+        <= (TOLERANCE[("int8", pv)])
+    )
 
 
-@pytest.mark.parametrize("pv,causal,d,int_to_float,k_scales", [
-    ("fp8_e4m3", False, 128, "magic", "token"), ("bf16", True, 64, "cvt", "block"),
-])
+@pytest.mark.parametrize(
+    "pv,causal,d,int_to_float,k_scales",
+    [
+        ("fp8_e4m3", False, 128, "magic", "token"),
+        ("bf16", True, 64, "cvt", "block"),
+    ],
+)
 def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales):
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float,
-                                                    k_scales=k_scales))
+    fn = jax.jit(
+        lambda q, k, v: pa.quant_attention(
+            q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float, k_scales=k_scales
+        )
+    )
     text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -306,7 +344,9 @@ def test_policy_roles_follow_the_model_rules():
 
 
 def test_step_schedule():
-    np.testing.assert_array_equal(jattn.step_schedule(5, float_first=1, float_last=2), [False, True, True, False, False])
+    np.testing.assert_array_equal(
+        jattn.step_schedule(5, float_first=1, float_last=2), [False, True, True, False, False]
+    )
     with pytest.raises(ValueError, match="step_schedule"):
         jattn.step_schedule(3, float_last=4)
 

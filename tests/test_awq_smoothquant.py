@@ -48,7 +48,9 @@ RNG = np.random.default_rng(0)
 XS = jnp.asarray(RNG.standard_normal((2, 6, D)) * np.where(np.arange(D) < 2, 30.0, 1.0), jnp.float32)
 CS = jnp.asarray(RNG.standard_normal((2, D)), jnp.float32)
 PARAMS = MODEL.init(jax.random.key(0), XS, CS)["params"]
-PARAMS = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(RNG.standard_normal(p.shape), p.dtype), PARAMS)  # non-trivial norm/bias
+PARAMS = jax.tree.map(
+    lambda p: p + 0.1 * jnp.asarray(RNG.standard_normal(p.shape), p.dtype), PARAMS
+)  # non-trivial norm/bias
 
 
 def run(params, aux=None, **kw):
@@ -64,8 +66,18 @@ def block_stats():
 
 def test_folding_is_exact_for_every_target_kind():
     rng = np.random.default_rng(1)
-    s = {g: jnp.asarray(rng.uniform(0.2, 5.0, n), jnp.float32) for g, n in (("qkv", D), ("o", D), ("up", D), ("down", FF))}
-    scales = {"q/kernel": s["qkv"], "k/kernel": s["qkv"], "v/kernel": s["qkv"], "o/kernel": s["o"], "up/kernel": s["up"], "down/kernel": s["down"]}
+    s = {
+        g: jnp.asarray(rng.uniform(0.2, 5.0, n), jnp.float32)
+        for g, n in (("qkv", D), ("o", D), ("up", D), ("down", FF))
+    }
+    scales = {
+        "q/kernel": s["qkv"],
+        "k/kernel": s["qkv"],
+        "v/kernel": s["qkv"],
+        "o/kernel": s["o"],
+        "up/kernel": s["up"],
+        "down/kernel": s["down"],
+    }
     new, aux = F.smooth(PARAMS, scales, FOLD_MAP)
     assert set(aux) == {"down"}  # only the layer with no foldable producer keeps an input_mul
     assert not np.allclose(new["norm1"]["scale"], PARAMS["norm1"]["scale"])
@@ -123,7 +135,9 @@ def test_smoothquant_w8a8_beats_plain_w8a8_with_outliers(act):
     def rel(yq):
         return float(jnp.sum((yq - y) ** 2) / jnp.sum(y**2))
 
-    plain = dispatch.linear(x, quantize(W1, "int8"), act=a, act_scale=None if a.dynamic else SQ.static_input_scale(ST1, None))
+    plain = dispatch.linear(
+        x, quantize(W1, "int8"), act=a, act_scale=None if a.dynamic else SQ.static_input_scale(ST1, None)
+    )
     for cfg in (SQ.SmoothQuantConfig(act=act), SQ.SmoothQuantConfig(act=act, search=True, grid=6)):
         p, aux = SQ.smoothquant(TREE1, {"lin/kernel": ST1}, "int8", cfg)
         ent = aux["lin"]

@@ -20,8 +20,22 @@ def test_tiny_benchmark_writes_result(tmp_path: Path, monkeypatch: pytest.Monkey
     spec.loader.exec_module(bench)
     # Two of the five (each port's own parity and sampling tests cover the rest): LTX-2, the one
     # not yet run at full size on the GPU, and HunyuanVideo.
-    report = bench.main(["--tiny", "--models", "hunyuan_video", "ltx2", "--attn", "xla", "--warmup", "0", "--runs", "1",
-                         "--out-dir", str(tmp_path)])
+    report = bench.main(
+        [
+            "--tiny",
+            "--models",
+            "hunyuan_video",
+            "ltx2",
+            "--attn",
+            "xla",
+            "--warmup",
+            "0",
+            "--runs",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     files = list(tmp_path.glob("models_forward-tiny-*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())

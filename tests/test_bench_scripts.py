@@ -83,8 +83,9 @@ def test_bench_kernels_fails_loudly_on_a_wrong_kernel(tmp_path, monkeypatch):
 def test_bench_kernels_dispatch_dry_run(tmp_path):
     bench = _load("bench_kernels")
     out = tmp_path / "dispatch.json"
-    rc = bench.main(["--tiny", "--dispatch", "--m", "1", "--kn", "256:128", "--kernels", "int8/w8a8",
-                     "--out", str(out)])
+    rc = bench.main(
+        ["--tiny", "--dispatch", "--m", "1", "--kn", "256:128", "--kernels", "int8/w8a8", "--out", str(out)]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     _meta_ok(record["meta"])

@@ -14,8 +14,23 @@ def test_tiny_benchmark_writes_result(tmp_path: Path) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     ckpt = tmp_path / "ckpt"
-    result = bench.main(["--tiny", "--attn", "xla", "--warmup", "1", "--runs", "2", "--text-len", "8",
-                         "--out-dir", str(tmp_path), "--ckpt-dir", str(ckpt)])
+    result = bench.main(
+        [
+            "--tiny",
+            "--attn",
+            "xla",
+            "--warmup",
+            "1",
+            "--runs",
+            "2",
+            "--text-len",
+            "8",
+            "--out-dir",
+            str(tmp_path),
+            "--ckpt-dir",
+            str(ckpt),
+        ]
+    )
     files = list(tmp_path.glob("wan_forward-tiny-*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
@@ -35,7 +50,9 @@ def test_tiny_e2e_benchmark_runs_every_linear_and_attention_variant(tmp_path: Pa
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     variants = ["bf16", "w8a8", "w8a8-qattn-fp8-kblock"]
-    bench.main(["--tiny", "--variants", ",".join(variants), "--runs", "1", "--text-len", "8", "--out-dir", str(tmp_path)])
+    bench.main(
+        ["--tiny", "--variants", ",".join(variants), "--runs", "1", "--text-len", "8", "--out-dir", str(tmp_path)]
+    )
     files = list(tmp_path.glob("e2e-tiny-*.json"))
     assert len(files) == 1
     rows = {r["variant"]: r for r in json.loads(files[0].read_text())["rows"]}

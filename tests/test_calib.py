@@ -89,7 +89,9 @@ def test_nnx_model_calibrates_by_graph_path():
 def test_groups_are_kept_separately_and_merge_to_the_whole(stats):
     # group by batch index parity (stands in for timestep group / CFG branch)
     keyed = [(i % 2, b) for i, b in enumerate(BATCHES)]
-    groups = calib.calibrate(lambda p, kb: APPLY(p, kb[1]), PARAMS, keyed, key_fn=lambda kb: f"g{kb[0]}", progress=False)
+    groups = calib.calibrate(
+        lambda p, kb: APPLY(p, kb[1]), PARAMS, keyed, key_fn=lambda kb: f"g{kb[0]}", progress=False
+    )
     assert set(groups) == {"g0", "g1"}
     x0 = np.concatenate([np.asarray(BATCHES[i]).reshape(-1, 8) for i in (0, 2)])
     np.testing.assert_allclose(groups["g0"]["a/kernel"].hessian, x0.T @ x0, rtol=1e-5, atol=1e-4)

@@ -23,8 +23,9 @@ from jquant.cli import quantize as pcli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jquant" / "models" / "assets" / "tiny_wan"
-README_FORMATS = ("int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k "
-                  "q6_k").split()
+README_FORMATS = (
+    "int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k q6_k"
+).split()
 
 
 def one_line_error(capsys, prog: str) -> str:
@@ -39,23 +40,36 @@ def test_formats_lists_every_format_of_the_registry(capsys):
     assert cli.main(["formats"]) == 0
     out = capsys.readouterr().out
     assert "SPEC   := FORMAT" in out  # the grammar
-    listed = [ln.split()[0] for ln in out.split("default spec", 1)[1].splitlines()[1:] if ln and not ln.startswith("bits:")]
+    listed = [
+        ln.split()[0] for ln in out.split("default spec", 1)[1].splitlines()[1:] if ln and not ln.startswith("bits:")
+    ]
     registry = [*F.FORMATS, *F.FP4_SCALINGS, *F.CODEC_FORMATS]
     assert listed == registry and sorted(listed) == sorted(README_FORMATS)
-    assert re.search(r"^q4_k\s+codec\s+4\.5\s+q4_k/g256", out, re.M) and re.search(r"^nvfp4\s+table\s+4\s+nvfp4", out, re.M)
+    assert re.search(r"^q4_k\s+codec\s+4\.5\s+q4_k/g256", out, re.M) and re.search(
+        r"^nvfp4\s+table\s+4\s+nvfp4", out, re.M
+    )
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     top = cli._parser()
     subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     out = {"jquant": top, **{f"jquant {n}": p for n, p in subs.choices.items() if p.add_help}}
-    out.update({"jquant quantize": pcli.quantize_parser(), "jquant eval": pcli.eval_parser(), "jquant demo": demo.parser()})
+    out.update(
+        {"jquant quantize": pcli.quantize_parser(), "jquant eval": pcli.eval_parser(), "jquant demo": demo.parser()}
+    )
     return out
 
 
 def test_every_subcommand_and_option_has_help(capsys):
     parsers = _parsers()
-    assert set(parsers) == {"jquant", "jquant formats", "jquant export-gguf", "jquant quantize", "jquant eval", "jquant demo"}
+    assert set(parsers) == {
+        "jquant",
+        "jquant formats",
+        "jquant export-gguf",
+        "jquant quantize",
+        "jquant eval",
+        "jquant demo",
+    }
     for name, p in parsers.items():
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
@@ -103,8 +117,10 @@ def test_pipeline_folder_gets_the_transformer_hint(tmp_path, capsys):
         (pipe / sub).mkdir(parents=True)
         (pipe / sub / "config.json").write_text("{}")
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    for argv in (["quantize", str(pipe), "--recipe", "int8-w", "--out", str(tmp_path / "o")],
-                 ["export-gguf", str(pipe), str(tmp_path / "m.gguf")]):
+    for argv in (
+        ["quantize", str(pipe), "--recipe", "int8-w", "--out", str(tmp_path / "o")],
+        ["export-gguf", str(pipe), str(tmp_path / "m.gguf")],
+    ):
         assert cli.main(argv) == 2
         err = one_line_error(capsys, f"jquant {argv[0]}")
         assert "diffusers pipeline folder" in err and f"pass its transformer/ subfolder: {pipe / 'transformer'}" in err
@@ -129,7 +145,9 @@ def _broken_model(tmp_path: Path) -> Path:
     d = tmp_path / "broken"
     d.mkdir()
     shutil.copy(TINY / "config.json", d / "config.json")
-    (d / "diffusion_pytorch_model.safetensors").write_bytes((TINY / "diffusion_pytorch_model.safetensors").read_bytes()[:100])
+    (d / "diffusion_pytorch_model.safetensors").write_bytes(
+        (TINY / "diffusion_pytorch_model.safetensors").read_bytes()[:100]
+    )
     return d
 
 
@@ -152,9 +170,14 @@ def test_bad_rule_regex_names_the_rule(capsys):
 
 
 def test_error_messages_are_one_line():
-    assert cli.error_message(ValueError("3 tensors have the wrong shape:\n  a\n  b")) == \
-        "3 tensors have the wrong shape: a; b"
-    assert cli.error_message(FileNotFoundError(2, "No such file or directory", "x.json")) == "x.json: No such file or directory"
+    assert (
+        cli.error_message(ValueError("3 tensors have the wrong shape:\n  a\n  b"))
+        == "3 tensors have the wrong shape: a; b"
+    )
+    assert (
+        cli.error_message(FileNotFoundError(2, "No such file or directory", "x.json"))
+        == "x.json: No such file or directory"
+    )
     assert cli.error_message(KeyError("unknown recipe 'w3'")) == "unknown recipe 'w3'"  # no KeyError quotes
     assert cli.error_message(ValueError("")) == "ValueError"
     long = cli.error_message(ValueError("x" * 5000))
@@ -182,10 +205,12 @@ def test_bugs_say_internal_error_and_debug_shows_the_traceback(capsys, monkeypat
 
 
 def test_argparse_errors_are_one_line(capsys):
-    for argv, prog, text in ((["quantize", "--steps", "x"], "jquant quantize", "invalid int value"),
-                             ([], "jquant", "required: COMMAND"),
-                             (["frobnicate"], "jquant", "invalid choice: 'frobnicate'"),
-                             (["demo", "--clips", "0"], "jquant demo", "--clips must be >= 1")):
+    for argv, prog, text in (
+        (["quantize", "--steps", "x"], "jquant quantize", "invalid int value"),
+        ([], "jquant", "required: COMMAND"),
+        (["frobnicate"], "jquant", "invalid choice: 'frobnicate'"),
+        (["demo", "--clips", "0"], "jquant demo", "--clips must be >= 1"),
+    ):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2
@@ -196,7 +221,12 @@ def test_entry_point_exit_status_and_stderr(tmp_path):
     """The installed `jquant` script: exit status 2, one stderr line, no traceback."""
     exe = Path(sys.executable).with_name("jquant")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "jquant.cli"]
-    r = subprocess.run([*cmd, "quantize", str(tmp_path / "missing"), "--recipe", "int8-w", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [*cmd, "quantize", str(tmp_path / "missing"), "--recipe", "int8-w", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "missing: no such folder" in r.stderr and "Traceback" not in r.stderr

@@ -69,7 +69,9 @@ def test_quip_leaf_decodes_and_is_two_bits(problem, quipped):
 def test_quip_two_bits_beats_rtn_three_bits_and_ldlq_helps(problem, quipped):
     x, w, y, h = problem
     e_ldlq = relative_error(x @ quipped.dequantize(), y)
-    e_plain = relative_error(x @ QP.quip_weight(w, h, QP.QuIPConfig(ldlq=False, scales=(0.9, 1.0, 1.1))).dequantize(), y)
+    e_plain = relative_error(
+        x @ QP.quip_weight(w, h, QP.QuIPConfig(ldlq=False, scales=(0.9, 1.0, 1.1))).dequantize(), y
+    )
     e_rtn3 = min(relative_error(x @ dequantize(quantize(w, s)), y) for s in ("int3", "int3/g64"))
     assert e_ldlq < e_plain < e_rtn3, (e_ldlq, e_plain, e_rtn3)
 

@@ -101,8 +101,11 @@ def test_layer_data_splits_one_draw():
 
 
 def test_table_groups_rows_and_marks_missing_errors():
-    rows = [cmp.Row("g1", "a", "int4", 4.5, 1e-3, 2e-3), cmp.Row("g1", "b", "int8", 8.25, float("nan"), 1e-4, "x"),
-            cmp.Row("g2", "c", "int3", 3.0, 0.5, 0.25)]
+    rows = [
+        cmp.Row("g1", "a", "int4", 4.5, 1e-3, 2e-3),
+        cmp.Row("g1", "b", "int8", 8.25, float("nan"), 1e-4, "x"),
+        cmp.Row("g2", "c", "int3", 3.0, 0.5, 0.25),
+    ]
     text = cmp.table(rows)
     assert text.count("| method |") == 2 and "**g1**" in text and "**g2**" in text
     assert "| a | `int4` | 4.500 | 1.00e-03 | 2.00e-03 |  |" in text

@@ -42,12 +42,15 @@ def _env(*paths: Path) -> dict[str, str]:
 @pytest.mark.parametrize("decoy", ["models.py", "models/"])
 def test_decoy_models_on_the_path_change_nothing(tmp_path, decoy):
     path = _decoys(tmp_path)[decoy]
-    r = subprocess.run([sys.executable, "-c", CHECK], cwd=path, env=_env(path), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", CHECK], cwd=path, env=_env(path), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "OK True" in r.stdout and "jquant demo" in r.stdout  # the demo's help was printed
     # the decoy itself is importable there, so the test would notice if jquant imported it
-    r = subprocess.run([sys.executable, "-c", "import models"], cwd=path, env=_env(path), capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import models"], cwd=path, env=_env(path), capture_output=True, text=True
+    )
     assert r.returncode != 0 and "decoy" in r.stderr
 
 
@@ -55,7 +58,13 @@ def test_jquant_demo_help_script_with_decoys(tmp_path):
     d = _decoys(tmp_path)
     exe = Path(sys.executable).with_name("jquant")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "jquant.cli"]
-    r = subprocess.run([*cmd, "demo", "--help"], cwd=d["models.py"], env=_env(d["models.py"], d["models/"]),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, "demo", "--help"],
+        cwd=d["models.py"],
+        env=_env(d["models.py"], d["models/"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "--quick" in r.stdout and "decoy" not in r.stderr

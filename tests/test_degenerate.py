@@ -213,7 +213,9 @@ def test_layout_errors_name_path_and_sizes(shape, spec, needles):
         assert s in str(e.value)
 
 
-@pytest.mark.parametrize("spec", ["q4_k/g32", "q8_0/c", "q6_k/token", "q5_k/s=float16", "mxfp4/s=float16", "nvfp4/s=bfloat16"])
+@pytest.mark.parametrize(
+    "spec", ["q4_k/g32", "q8_0/c", "q6_k/token", "q5_k/s=float16", "mxfp4/s=float16", "nvfp4/s=bfloat16"]
+)
 def test_fixed_layouts_refuse_options_they_would_ignore(spec):
     with pytest.raises(ValueError):
         parse_spec(spec)
@@ -221,8 +223,10 @@ def test_fixed_layouts_refuse_options_they_would_ignore(spec):
 
 def test_scale_dtype_range_errors_are_clear():
     x = np.full((32, 16), 1e8, np.float32)
-    with pytest.raises(ValueError, match=f"^{PATH}: values up to 1e\\+08 overflow the float16 scale range of "
-                                         "int8/c/s=float16.*use s=float32"):
+    with pytest.raises(
+        ValueError,
+        match=f"^{PATH}: values up to 1e\\+08 overflow the float16 scale range of int8/c/s=float16.*use s=float32",
+    ):
         jquant.quantize(x, "int8/s=float16", path=PATH)
     with pytest.raises(ValueError, match=f"^{PATH}: values up to 1e-06 underflow the float16 scale range"):
         jquant.quantize(x * 1e-14, "int8/s=float16", path=PATH)

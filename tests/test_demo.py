@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import jquant.cli.demo as demo
-from jquant.pipeline import recipes as rc
 from jquant.models import tiny_wan as tw
+from jquant.pipeline import recipes as rc
 
 RECIPES = ("int8-wa-smooth", "nf4")  # a static per-timestep table (W8A8) and a 4-bit weight-only codebook
 
@@ -32,10 +32,16 @@ def test_demo_reports_each_phase_as_lines(result):
     """Off a terminal (CI logs) every phase of every model is one timestamped line, no bar redraws."""
     log = result[2]
     assert "\r" not in log and "\x1b" not in log
-    for text in ("1/3 fp32: loading the bundled model", "1/3 fp32: sampling 2 clips x 6 steps",
-                 "2/3 int8-wa-smooth: calibrating (recording the fp32 calibration trajectories, then layer statistics)",
-                 "2/3 int8-wa-smooth: calibrating (per-step activation ranges)", "2/3 int8-wa-smooth: done, PSNR",
-                 "3/3 nf4: quantizing", "3/3 nf4: sampling", "writing"):
+    for text in (
+        "1/3 fp32: loading the bundled model",
+        "1/3 fp32: sampling 2 clips x 6 steps",
+        "2/3 int8-wa-smooth: calibrating (recording the fp32 calibration trajectories, then layer statistics)",
+        "2/3 int8-wa-smooth: calibrating (per-step activation ranges)",
+        "2/3 int8-wa-smooth: done, PSNR",
+        "3/3 nf4: quantizing",
+        "3/3 nf4: sampling",
+        "writing",
+    ):
         assert text in log, (text, log)
     assert all(line.startswith("[") for line in log.splitlines())
 
@@ -108,8 +114,15 @@ def test_main_prints_table(tmp_path, capsys, monkeypatch):
 
     def fake_run_demo(out, num_clips, steps, seed, recipes, calib_samples):
         calls.update(out=out, num_clips=num_clips, steps=steps, seed=seed, recipes=recipes, calib_samples=calib_samples)
-        return {"table": "TABLE", "num_clips": num_clips, "labels": [0], "png": "p", "gif": "g", "plot": "s",
-                "total_s": 1.0}
+        return {
+            "table": "TABLE",
+            "num_clips": num_clips,
+            "labels": [0],
+            "png": "p",
+            "gif": "g",
+            "plot": "s",
+            "total_s": 1.0,
+        }
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     assert demo.main(["--out", str(tmp_path), "--clips", "2", "--steps", "3", "--seed", "7", "--recipes", "all"]) == 0
@@ -118,8 +131,14 @@ def test_main_prints_table(tmp_path, capsys, monkeypatch):
     assert "TABLE" in printed.out and printed.err.startswith("jquant demo: 2 clips x 3 steps")  # said before the work
     assert demo.main.__doc__ and demo.DEFAULT_RECIPES == ("int8-wa-smooth", "w4a16-gptq", "q4_k_m")
     assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
-    assert calls == {"out": str(tmp_path), "num_clips": 2, "steps": 6, "seed": 0, "recipes": "int8-wa-smooth,q4_k_m",
-                     "calib_samples": 2}
+    assert calls == {
+        "out": str(tmp_path),
+        "num_clips": 2,
+        "steps": 6,
+        "seed": 0,
+        "recipes": "int8-wa-smooth,q4_k_m",
+        "calib_samples": 2,
+    }
     assert demo.main(["--quick", "--steps", "4", "--out", str(tmp_path)]) == 0 and calls["steps"] == 4  # explicit wins
     assert demo.main(["--out", str(tmp_path)]) == 0
     assert calls["num_clips"] == 8 and calls["steps"] == 16 and calls["recipes"] == ",".join(demo.DEFAULT_RECIPES)

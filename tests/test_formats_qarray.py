@@ -14,11 +14,29 @@ import jquant
 from jquant.formats import FP4_TABLE, NF4_TABLE, parse_spec
 from jquant.qarray import codes, decode_scale, pack, unpack
 
-SPECS = ["int8", "int8/t", "int4/g16", "uint4/g16", "int3/g16", "int2/c", "uint2/g8", "uint8/c", "fp8_e4m3",
-         "fp8_e5m2", "nf4/g16", "fp4/g16", "mxfp4", "nvfp4", "int8/token", "int8/b16x8", "int4/g32/s=bfloat16"]
+SPECS = [
+    "int8",
+    "int8/t",
+    "int4/g16",
+    "uint4/g16",
+    "int3/g16",
+    "int2/c",
+    "uint2/g8",
+    "uint8/c",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "nf4/g16",
+    "fp4/g16",
+    "mxfp4",
+    "nvfp4",
+    "int8/token",
+    "int8/b16x8",
+    "int4/g32/s=bfloat16",
+]
 
-floats = hnp.arrays(np.float32, st.tuples(st.sampled_from([32, 64]), st.sampled_from([8, 24])),
-                    elements=st.floats(-100, 100, width=32))
+floats = hnp.arrays(
+    np.float32, st.tuples(st.sampled_from([32, 64]), st.sampled_from([8, 24])), elements=st.floats(-100, 100, width=32)
+)
 
 
 @pytest.mark.parametrize("s", SPECS)
@@ -66,7 +84,10 @@ def test_fp8_matches_ml_dtypes_rounding(x, s):
 
 
 @settings(max_examples=20, deadline=None)
-@given(floats, st.sampled_from([("nf4/g16", NF4_TABLE), ("fp4/g16", FP4_TABLE), ("mxfp4", FP4_TABLE), ("nvfp4", FP4_TABLE)]))
+@given(
+    floats,
+    st.sampled_from([("nf4/g16", NF4_TABLE), ("fp4/g16", FP4_TABLE), ("mxfp4", FP4_TABLE), ("nvfp4", FP4_TABLE)]),
+)
 def test_table_formats_pick_nearest_code(x, case):
     s, table = case
     x = np.concatenate([x] * 2, axis=0)  # 32-element groups for mxfp4

@@ -43,8 +43,18 @@ MIXES = ("Q4_K_M", "Q5_K_M")  # between them: Q4_K, Q5_K, Q6_K, Q8_0, F16 and F3
 BASE_REL_RMSE = {"Q4_K_M": 0.07, "Q5_K_M": 0.036, "Q6_K": 0.0175, "Q8_0": 0.0053}
 F16_DEQUANT_REL = 1e-3
 # Contraction sizes are multiples of 256 so the k-quant mixes apply (inner 256, ffn 512).
-WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4,
-           text_dim=256, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True)
+WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=128,
+    in_channels=4,
+    out_channels=4,
+    text_dim=256,
+    freq_dim=256,
+    ffn_dim=512,
+    num_layers=2,
+    cross_attn_norm=True,
+)
 
 
 def _rel(out: Any, ref: Any) -> float:

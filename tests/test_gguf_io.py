@@ -16,9 +16,8 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jquant.codecs import CODECS
-
 from jquant.algorithms.kquants import kquant_mix, plan_kquant_mix, roles_from_name, use_more_bits
+from jquant.codecs import CODECS
 from jquant.io.gguf import (
     CONFIG_KEY,
     GGUFError,
@@ -37,7 +36,9 @@ def _tensors() -> dict:
     out = {}
     for i, name in enumerate(sorted(CODECS)):
         shape = (3, 512) if i % 2 else (2, 2, 256)
-        out[f"blocks.{i}.w.weight"] = codec_qarray(CODECS[name].encode(RNG.standard_normal(shape).astype(np.float32)), name)
+        out[f"blocks.{i}.w.weight"] = codec_qarray(
+            CODECS[name].encode(RNG.standard_normal(shape).astype(np.float32)), name
+        )
     out["kernel_flax"] = quantize(jnp.asarray(RNG.standard_normal((512, 64)).astype(np.float32)), "q6_k")
     out["norm.weight"] = RNG.standard_normal(64).astype(np.float32)
     out["emb.weight"] = RNG.standard_normal((5, 7)).astype(np.float16)
@@ -47,8 +48,16 @@ def _tensors() -> dict:
 
 def test_roundtrip_is_bit_exact(tmp_path: Path) -> None:
     tensors = _tensors()
-    meta = {"general.architecture": "wan", CONFIG_KEY: {"_class_name": "X", "n": 2}, "a.int": 7, "a.neg": -3,
-            "a.float": 0.5, "a.str": "hi", "a.list": [1, 2, 3], "a.flag": True}
+    meta = {
+        "general.architecture": "wan",
+        CONFIG_KEY: {"_class_name": "X", "n": 2},
+        "a.int": 7,
+        "a.neg": -3,
+        "a.float": 0.5,
+        "a.str": "hi",
+        "a.list": [1, 2, 3],
+        "a.flag": True,
+    }
     path = save_gguf(tmp_path / "m.gguf", tensors, meta)
     got, gmeta = load_gguf(path)
     assert set(got) == set(tensors)
@@ -63,7 +72,13 @@ def test_roundtrip_is_bit_exact(tmp_path: Path) -> None:
     assert gmeta["general.architecture"] == "wan"
     assert json.loads(gmeta[CONFIG_KEY]) == {"_class_name": "X", "n": 2}
     assert (gmeta["a.int"], gmeta["a.neg"], gmeta["a.float"], gmeta["a.str"], gmeta["a.list"], gmeta["a.flag"]) == (
-        7, -3, 0.5, "hi", [1, 2, 3], True)
+        7,
+        -3,
+        0.5,
+        "hi",
+        [1, 2, 3],
+        True,
+    )
     # A Flax (in, out) kernel comes back in torch (out, in) layout, same values.
     k = got["kernel_flax"]
     assert k.shape == (64, 512)
@@ -103,8 +118,14 @@ def test_truncated_files_raise(tmp_path: Path) -> None:
 def test_corrupt_headers_raise_gguf_error_only(tmp_path: Path, edits: list[tuple[int, int]]) -> None:
     path = tmp_path / "m.gguf"
     if not path.exists():
-        save_gguf(path, {"a.weight": codec_qarray(CODECS["q4_k"].encode(np.ones((2, 256), np.float32)), "q4_k"),
-                         "b": np.ones(3, np.float32)}, {"k": "v", "n": [1, 2]})
+        save_gguf(
+            path,
+            {
+                "a.weight": codec_qarray(CODECS["q4_k"].encode(np.ones((2, 256), np.float32)), "q4_k"),
+                "b": np.ones(3, np.float32),
+            },
+            {"k": "v", "n": [1, 2]},
+        )
     data = bytearray(path.read_bytes())
     for pos, byte in edits:
         data[pos] = byte
@@ -190,7 +211,14 @@ def test_use_more_bits_matches_llama_cpp_pick() -> None:
         ("blocks.0.attn1.to_v.weight", (1536, 1536), ("attn.qkv", "self_attn"), (0, 30), "q6_k", "q6_k"),
         ("blocks.4.attn1.to_v.weight", (1536, 1536), ("attn.qkv", "self_attn"), (4, 30), "q4_k", "q5_k"),
         ("blocks.4.attn1.to_q.weight", (1536, 1536), ("attn.qkv",), (0, 30), "q4_k", "q5_k"),
-        ("blocks.5.attn2.to_v.weight", (1536, 4096), ("attn.qkv", "cross_attn", "cross_attn.kv"), (5, 30), "q6_k", "q6_k"),
+        (
+            "blocks.5.attn2.to_v.weight",
+            (1536, 4096),
+            ("attn.qkv", "cross_attn", "cross_attn.kv"),
+            (5, 30),
+            "q6_k",
+            "q6_k",
+        ),
         ("blocks.5.ffn.net.2.weight", (1536, 8960), ("ffn.down",), (5, 30), "q6_k", "q6_k"),
         ("blocks.6.ffn.net.2.weight", (1536, 8960), ("ffn.down",), (6, 30), "q4_k", "q5_k"),
         ("blocks.6.ffn.net.0.proj.weight", (8960, 1536), ("ffn.up",), (6, 30), "q4_k", "q5_k"),
@@ -215,8 +243,11 @@ def test_kquant_mix_rules(path, shape, roles, layer, q4km, q5km) -> None:
 
 
 def test_plan_counts_layers_per_stack_and_validates_name() -> None:
-    shapes = {f"{s}.{i}.ff.net.2.weight": (256, 1024) for s in ("transformer_blocks", "single_transformer_blocks")
-              for i in range(8)}
+    shapes = {
+        f"{s}.{i}.ff.net.2.weight": (256, 1024)
+        for s in ("transformer_blocks", "single_transformer_blocks")
+        for i in range(8)
+    }
     roles = {k: ("ffn.down",) for k in shapes}
     plan = plan_kquant_mix("Q4_K_M", shapes, roles)
     for s in ("transformer_blocks", "single_transformer_blocks"):
@@ -243,21 +274,29 @@ def tiny_wan(tmp_path_factory):
     from jquant.models.loading import param_shapes, save_pretrained
     from jquant.models.wan import WanConfig
 
-    cfg = WanConfig(num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4, text_dim=256,
-                    freq_dim=256, ffn_dim=512, num_layers=2)
+    cfg = WanConfig(
+        num_attention_heads=2,
+        attention_head_dim=128,
+        in_channels=4,
+        out_channels=4,
+        text_dim=256,
+        freq_dim=256,
+        ffn_dim=512,
+        num_layers=2,
+    )
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(  # random weights without compiling init; BF16 exercises that reader
-        lambda s: (rng.standard_normal(s.shape) * 0.05).astype(ml_dtypes.bfloat16), param_shapes(cfg))
+        lambda s: (rng.standard_normal(s.shape) * 0.05).astype(ml_dtypes.bfloat16), param_shapes(cfg)
+    )
     d = tmp_path_factory.mktemp("wan") / "model"
     save_pretrained(d, cfg, params)
     return cfg, params, d
 
 
 def test_export_and_load_params(tiny_wan, tmp_path: Path) -> None:
+    from jquant import nn as jnn
     from jquant.models.loading import CheckpointMismatchError, port_for_config
     from jquant.models.wan import WanConfig
-
-    from jquant import nn as jnn
 
     cfg, params, model_dir = tiny_wan
     report = export_gguf(model_dir, tmp_path / "wan.gguf", "Q4_K_M")
@@ -283,8 +322,9 @@ def test_export_and_load_params(tiny_wan, tmp_path: Path) -> None:
     inputs["encoder_hidden_states"] = jax.random.normal(jax.random.key(2), (1, 3, 256))
     inputs["timestep"] = jnp.array([500.0])
     out_q = jax.jit(lambda p, i: jnn.apply(model, {"params": p}, **i))(qparams, inputs)
-    deq = jax.tree_util.tree_map(lambda x: dequantize(x) if isinstance(x, QArray) else x, qparams,
-                                 is_leaf=lambda x: isinstance(x, QArray))
+    deq = jax.tree_util.tree_map(
+        lambda x: dequantize(x) if isinstance(x, QArray) else x, qparams, is_leaf=lambda x: isinstance(x, QArray)
+    )
     out_f = jax.jit(lambda p, i: model.apply({"params": p}, **i))(deq, inputs)
     np.testing.assert_allclose(np.asarray(out_q), np.asarray(out_f), rtol=1e-4, atol=1e-4)
 
@@ -294,8 +334,19 @@ def test_export_and_load_params(tiny_wan, tmp_path: Path) -> None:
     _, p2 = load_gguf_params(prefixed)
     np.testing.assert_array_equal(np.asarray(p2["proj_out"]["bias"]), np.asarray(qparams["proj_out"]["bias"]))
     with pytest.raises(CheckpointMismatchError, match="missing"):
-        load_gguf_params(report.path, WanConfig(num_attention_heads=2, attention_head_dim=128, in_channels=4,
-                                                out_channels=4, text_dim=256, freq_dim=256, ffn_dim=512, num_layers=3))
+        load_gguf_params(
+            report.path,
+            WanConfig(
+                num_attention_heads=2,
+                attention_head_dim=128,
+                in_channels=4,
+                out_channels=4,
+                text_dim=256,
+                freq_dim=256,
+                ffn_dim=512,
+                num_layers=3,
+            ),
+        )
     with pytest.raises(ValueError, match="unknown GGUF type"):
         export_gguf(model_dir, tmp_path / "x.gguf", "Q2_K")
 
@@ -304,17 +355,23 @@ def test_export_model_without_port_guesses_roles_and_reads_f8(tmp_path: Path) ->
     from safetensors.numpy import save_file
 
     w = RNG.standard_normal((256, 512)).astype(ml_dtypes.float8_e4m3fn)
-    save_file({"transformer_blocks.0.ff.net.2.weight": w,
-               "transformer_blocks.0.attn.to_q.weight": RNG.standard_normal((256, 256)).astype(ml_dtypes.bfloat16),
-               "transformer_blocks.0.mystery.weight": RNG.standard_normal((256, 256)).astype(np.float32),
-               "transformer_blocks.0.norm.bias": RNG.standard_normal(256).astype(np.float32)},
-              str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {
+            "transformer_blocks.0.ff.net.2.weight": w,
+            "transformer_blocks.0.attn.to_q.weight": RNG.standard_normal((256, 256)).astype(ml_dtypes.bfloat16),
+            "transformer_blocks.0.mystery.weight": RNG.standard_normal((256, 256)).astype(np.float32),
+            "transformer_blocks.0.norm.bias": RNG.standard_normal(256).astype(np.float32),
+        },
+        str(tmp_path / "diffusion_pytorch_model.safetensors"),
+    )
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "NoPortTransformer"}))
     report = export_gguf(tmp_path, tmp_path / "o.gguf", "Q5_K_M")
-    assert report.types == {"transformer_blocks.0.ff.net.2.weight": "Q6_K",  # one-block stack: use_more_bits(0, 1)
-                            "transformer_blocks.0.attn.to_q.weight": "Q5_K",
-                            "transformer_blocks.0.mystery.weight": "F16",  # unknown role stays float
-                            "transformer_blocks.0.norm.bias": "F32"}
+    assert report.types == {
+        "transformer_blocks.0.ff.net.2.weight": "Q6_K",  # one-block stack: use_more_bits(0, 1)
+        "transformer_blocks.0.attn.to_q.weight": "Q5_K",
+        "transformer_blocks.0.mystery.weight": "F16",  # unknown role stays float
+        "transformer_blocks.0.norm.bias": "F32",
+    }
     tensors, meta = load_gguf(report.path)
     assert json.loads(meta[CONFIG_KEY]) == {"_class_name": "NoPortTransformer"} and meta["jquant.mix"] == "Q5_K_M"
     y = np.asarray(dequantize(tensors["transformer_blocks.0.ff.net.2.weight"]))

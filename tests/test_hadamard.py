@@ -189,8 +189,7 @@ def test_rht_is_reproducible_pinned_and_invertible():
     assert set(np.unique(np.asarray(had.rht_signs(n, 123)))) == {-1.0, 1.0}
     chex.assert_trees_all_close(had.inverse_rht(a, seed=123), x, atol=1e-5)
     # Norm is preserved.
-    chex.assert_trees_all_close(jnp.linalg.norm(a, axis=-1), jnp.linalg.norm(x, axis=-1),
-                                rtol=1e-5)
+    chex.assert_trees_all_close(jnp.linalg.norm(a, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
 def test_random_hadamard_matches_apply_rht_and_is_orthogonal():
@@ -200,10 +199,8 @@ def test_random_hadamard_matches_apply_rht_and_is_orthogonal():
     x = jax.random.normal(jax.random.key(10), (3, 2, n), jnp.float32)
     chex.assert_trees_all_close(had.apply_rht(x, 9), _dense(x, r), atol=1e-6)
     xt = jnp.swapaxes(x, 1, 2)  # along a non-last axis
-    chex.assert_trees_all_close(had.apply_rht(xt, 9, axis=1),
-                                jnp.swapaxes(_dense(x, r), 1, 2), atol=1e-6)
-    chex.assert_trees_all_close(had.inverse_rht(had.apply_rht(xt, 9, axis=1), 9, axis=1), xt,
-                                atol=1e-6)
+    chex.assert_trees_all_close(had.apply_rht(xt, 9, axis=1), jnp.swapaxes(_dense(x, r), 1, 2), atol=1e-6)
+    chex.assert_trees_all_close(had.inverse_rht(had.apply_rht(xt, 9, axis=1), 9, axis=1), xt, atol=1e-6)
 
 
 def test_jit_and_rht_under_jit():

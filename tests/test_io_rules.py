@@ -14,8 +14,23 @@ from jquant.io import checkpoint
 from jquant.models.safetensors import load_safetensors_tree, read_safetensors
 from jquant.rules import count_quantized, flatten_with_paths
 
-ALL_SPECS = ["int8", "int4/g16", "uint4/g16", "int3/g16", "int2/c", "uint2/g16", "fp8_e4m3", "fp8_e5m2",
-             "nf4/g16", "fp4/g16", "mxfp4", "nvfp4", "int8/b16x8", "int4/g16/s=bfloat16", "uint8/c"]
+ALL_SPECS = [
+    "int8",
+    "int4/g16",
+    "uint4/g16",
+    "int3/g16",
+    "int2/c",
+    "uint2/g16",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "nf4/g16",
+    "fp4/g16",
+    "mxfp4",
+    "nvfp4",
+    "int8/b16x8",
+    "int4/g16/s=bfloat16",
+    "uint8/c",
+]
 
 
 def tree_of(x):
@@ -111,9 +126,11 @@ def test_nnx_state_checkpoint(tmp_path):
 
 def test_safetensors_single_and_sharded(tmp_path):
     rng = np.random.default_rng(0)
-    t = {"blocks.0.attn.to_q.weight": rng.normal(size=(4, 4)).astype(np.float32),
-         "blocks.0.attn.to_q.bias": rng.normal(size=(4,)).astype(np.float32),
-         "proj_out.weight": rng.normal(size=(2, 4)).astype(np.float32)}
+    t = {
+        "blocks.0.attn.to_q.weight": rng.normal(size=(4, 4)).astype(np.float32),
+        "blocks.0.attn.to_q.bias": rng.normal(size=(4,)).astype(np.float32),
+        "proj_out.weight": rng.normal(size=(2, 4)).astype(np.float32),
+    }
     save_file(t, str(tmp_path / "model.safetensors"))
     tree = load_safetensors_tree(tmp_path / "model.safetensors")
     np.testing.assert_array_equal(tree["blocks"]["0"]["attn"]["to_q"]["weight"], t["blocks.0.attn.to_q.weight"])
@@ -122,8 +139,12 @@ def test_safetensors_single_and_sharded(tmp_path):
     keys = list(t)
     save_file({k: t[k] for k in keys[:2]}, str(shard / "m-00001-of-00002.safetensors"))
     save_file({k: t[k] for k in keys[2:]}, str(shard / "m-00002-of-00002.safetensors"))
-    idx = {"metadata": {}, "weight_map": {k: ("m-00001-of-00002.safetensors" if i < 2 else "m-00002-of-00002.safetensors")
-                                          for i, k in enumerate(keys)}}
+    idx = {
+        "metadata": {},
+        "weight_map": {
+            k: ("m-00001-of-00002.safetensors" if i < 2 else "m-00002-of-00002.safetensors") for i, k in enumerate(keys)
+        },
+    }
     (shard / "m.safetensors.index.json").write_text(json.dumps(idx))
     flat = read_safetensors(shard)
     assert set(flat) == set(t)

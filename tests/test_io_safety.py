@@ -26,12 +26,20 @@ from jquant.codecs import CODECS
 from jquant.io import checkpoint
 from jquant.io.checkpoint import CheckpointError, CheckpointTargetError
 from jquant.io.gguf import CONFIG_KEY, GGUFError, codec_qarray, export_gguf, load_gguf, load_gguf_params, save_gguf
-from jquant.models.safetensors import SafetensorsError, read_safetensors
 from jquant.models import dit
-from jquant.models.loading import INDEX_NAME, WEIGHTS_NAME, CheckpointError as ModelCheckpointError
+from jquant.models.loading import INDEX_NAME, WEIGHTS_NAME
+from jquant.models.loading import CheckpointError as ModelCheckpointError
+from jquant.models.safetensors import SafetensorsError, read_safetensors
 
-DIT = dit.DiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                    sample_size=8, num_embeds_ada_norm=10)
+DIT = dit.DiTConfig(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    num_layers=1,
+    sample_size=8,
+    num_embeds_ada_norm=10,
+)
 
 
 def _umask() -> int:
@@ -91,9 +99,16 @@ def test_save_refuses_what_it_did_not_write(tmp_path: Path, saved_ckpt) -> None:
     extra = _copy_ckpt(saved, tmp_path / "ckpt_plus_user_file")  # a checkpoint the user added a file to
     (extra / "README").write_text("mine")
 
-    cases = {user_dir: "not a jquant checkpoint", user_file: "is a file", tmp_path / "link_dir": "symlink",
-             tmp_path / "link_file": "symlink", tmp_path / "link_ckpt": "symlink", foreign: "format",
-             garbled: "not valid JSON", extra: r"does not have: \['README'\]"}
+    cases = {
+        user_dir: "not a jquant checkpoint",
+        user_file: "is a file",
+        tmp_path / "link_dir": "symlink",
+        tmp_path / "link_file": "symlink",
+        tmp_path / "link_ckpt": "symlink",
+        foreign: "format",
+        garbled: "not valid JSON",
+        extra: r"does not have: \['README'\]",
+    }
     before = {p: _snapshot(p) for p in cases}
     listing = sorted(os.listdir(tmp_path))
     for path, why in cases.items():
@@ -303,10 +318,13 @@ def test_truncated_gguf_names_file_and_sizes(tmp_path: Path) -> None:
     data = path.read_bytes()
     start = gguf.GGUFReader(path).tensors[0].data_offset
     bad = tmp_path / "bad.gguf"
-    for cut, why in [(0, "truncated: empty file"), (3, r"truncated or corrupt header: .* needs 4 bytes, file has 3"),
-                     (100, "truncated or corrupt header"),
-                     (start + 100, r"truncated: header says 1488 bytes of tensor data, file has 100 \(tensor 'a"),
-                     (start + 400, r"truncated: header says 1488 bytes of tensor data, file has 400 \(tensor 'b'")]:
+    for cut, why in [
+        (0, "truncated: empty file"),
+        (3, r"truncated or corrupt header: .* needs 4 bytes, file has 3"),
+        (100, "truncated or corrupt header"),
+        (start + 100, r"truncated: header says 1488 bytes of tensor data, file has 100 \(tensor 'a"),
+        (start + 400, r"truncated: header says 1488 bytes of tensor data, file has 400 \(tensor 'b'"),
+    ]:
         bad.write_bytes(data[:cut])
         with pytest.raises(GGUFError, match=f"{bad}: {why}"):
             load_gguf(bad)
@@ -326,10 +344,12 @@ def test_damaged_safetensors_raise_naming_the_file(tmp_path: Path) -> None:
     data = good.read_bytes()
     n = int.from_bytes(data[:8], "little")
     bad = tmp_path / "bad.safetensors"
-    for blob, why in [(data[:5], "truncated: 5 bytes, too short"),
-                      (data[:40], f"truncated: header says {n} bytes of JSON header, file has 32"),
-                      (data[:-10], "truncated: header says 464 bytes of tensor data, file has 454"),
-                      (data[:8] + b"[" + data[9:], "corrupt: header is not valid JSON")]:
+    for blob, why in [
+        (data[:5], "truncated: 5 bytes, too short"),
+        (data[:40], f"truncated: header says {n} bytes of JSON header, file has 32"),
+        (data[:-10], "truncated: header says 464 bytes of tensor data, file has 454"),
+        (data[:8] + b"[" + data[9:], "corrupt: header is not valid JSON"),
+    ]:
         bad.write_bytes(blob)
         with pytest.raises(SafetensorsError, match=f"{bad}: {why}"):
             read_safetensors(bad)
@@ -369,8 +389,11 @@ def test_save_pretrained_replaces_only_its_own_files(tmp_path: Path, monkeypatch
     (theirs / "config.json").write_text(json.dumps(DIT.to_diffusers()))
     save_file({"x": np.ones(3, np.float32)}, str(theirs / WEIGHTS_NAME), metadata={"format": "pt"})
     before = _snapshot(theirs)
-    with pytest.raises(FileExistsError, match=r"holds \['config.json', 'diffusion_pytorch_model.safetensors'\], not "
-                                              r"written by save_pretrained"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"holds \['config.json', 'diffusion_pytorch_model.safetensors'\], not "
+        r"written by save_pretrained",
+    ):
         models.save_pretrained(theirs, DIT, _dit_params())
     assert _snapshot(theirs) == before
     models.save_pretrained(theirs, DIT, _dit_params(), overwrite=True)  # the explicit override

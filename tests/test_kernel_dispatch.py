@@ -12,11 +12,9 @@ import pytest
 from _bounds import assert_dot_close
 
 import jquant
-from jquant.dispatch import linear
 from jquant.dispatch import kernels as kd
-from pallas_kernels import _quant
-from pallas_kernels import act_quant, lowrank_quant, w4_table, w4a8, w8a8, weight_only
-
+from jquant.dispatch import linear
+from pallas_kernels import _quant, act_quant, lowrank_quant, w4_table, w4a8, w8a8, weight_only
 
 #: The per-shape rule with every covered layer on its kernel (the paths these tests check).
 KERNELS_EVERYWHERE = {kind: ((None, paths[0]),) for kind, paths in kd.KIND_PATHS.items()}
@@ -30,12 +28,15 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(kd, "DEFAULT_RULE", KERNELS_EVERYWHERE)
     monkeypatch.setattr(w8a8, "supports", lambda *a, **k: True)
     # The GPU checks pass; the shape rules (scale blocks the kernel takes) still apply.
-    monkeypatch.setattr(weight_only, "supports", lambda x, group_size=128, decode="int": group_size in weight_only.TABLE_BLOCKS)
+    monkeypatch.setattr(
+        weight_only, "supports", lambda x, group_size=128, decode="int": group_size in weight_only.TABLE_BLOCKS
+    )
 
     def spy(name, fn):
         def wrapped(*a, **k):
             calls.append(name)
             return fn(*a, **k)
+
         return wrapped
 
     def int8_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=jnp.bfloat16, *, lowrank=None):
@@ -61,9 +62,19 @@ def fake_gpu(monkeypatch):
 
 @pytest.mark.parametrize(
     "wspec, act, kernel",
-    [("int8", "int8/token", "int8"), ("fp8_e4m3", "fp8_e4m3/token", "fp8"), ("int4/g128", None, "w4a16"), ("int8", None, "w8a16"),
-     ("int4/g32", None, "w4a16"), ("nf4/g64", None, "table"), ("mxfp4", None, "table"), ("nvfp4", None, "table"),
-     ("fp4/g128", None, "table"), ("fp8_e4m3", None, "w8a16"), ("uint4/g32", None, "uint4")],
+    [
+        ("int8", "int8/token", "int8"),
+        ("fp8_e4m3", "fp8_e4m3/token", "fp8"),
+        ("int4/g128", None, "w4a16"),
+        ("int8", None, "w8a16"),
+        ("int4/g32", None, "w4a16"),
+        ("nf4/g64", None, "table"),
+        ("mxfp4", None, "table"),
+        ("nvfp4", None, "table"),
+        ("fp4/g128", None, "table"),
+        ("fp8_e4m3", None, "w8a16"),
+        ("uint4/g32", None, "uint4"),
+    ],
 )
 def test_kernel_path_equals_xla_path(fake_gpu, wspec, act, kernel):
     x = jax.random.normal(jax.random.key(0), (2, 5, 256), jnp.float32)
@@ -86,8 +97,13 @@ def test_large_m_weight_only_reaches_the_large_m_kernel(fake_gpu, monkeypatch, w
     from pallas_kernels import w4a16_gemm
 
     monkeypatch.setattr(weight_only, "supports", lambda x, group_size=128, decode="int": False)
-    monkeypatch.setattr(w4a16_gemm, "supports", lambda x, block=128, decode="int", offsets=False, n=None, bits=4:
-                        x.shape[0] >= w4a16_gemm.MIN_M and (n is None or x.shape[1] * n >= 256 * 72))
+    monkeypatch.setattr(
+        w4a16_gemm,
+        "supports",
+        lambda x, block=128, decode="int", offsets=False, n=None, bits=4: (
+            x.shape[0] >= w4a16_gemm.MIN_M and (n is None or x.shape[1] * n >= 256 * 72)
+        ),
+    )
     x = jax.random.normal(jax.random.key(0), (w4a16_gemm.MIN_M, 256), jnp.float32)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
     y = linear(x, w, backend="auto")
@@ -101,15 +117,28 @@ def test_large_m_weight_only_reaches_the_large_m_kernel(fake_gpu, monkeypatch, w
 
 def test_uncovered_formats_fall_back(fake_gpu):
     x = jnp.ones((4, 64), jnp.bfloat16)
-    for spec, act in [("uint4/g8", None), ("uint8", None), ("nf4/g8", None), ("int8", "fp8_e4m3/token"), ("int4/g32", "int8/token")]:
+    for spec, act in [
+        ("uint4/g8", None),
+        ("uint8", None),
+        ("nf4/g8", None),
+        ("int8", "fp8_e4m3/token"),
+        ("int4/g32", "int8/token"),
+    ]:
         w = jquant.quantize(jax.random.normal(jax.random.key(2), (64, 16)), spec)
         y = linear(x, w, act=None if act is None else jquant.parse_spec(act))
         chex.assert_shape(y, (4, 16))
     assert fake_gpu == []
 
 
-@pytest.mark.parametrize("wspec, m, rank, want", [("int8", 5, 32, ["int8", "epilogue"]), ("int4", 1030, 16, ["w4a8", "epilogue"]),
-                                                   ("int8", 5, 8, ["int8"]), ("int4/g128", 5, 32, ["w4a16"])])
+@pytest.mark.parametrize(
+    "wspec, m, rank, want",
+    [
+        ("int8", 5, 32, ["int8", "epilogue"]),
+        ("int4", 1030, 16, ["w4a8", "epilogue"]),
+        ("int8", 5, 8, ["int8"]),
+        ("int4/g128", 5, 32, ["w4a16"]),
+    ],
+)
 def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, rank, want):
     x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
@@ -123,16 +152,22 @@ def test_svdquant_branch_fused_where_the_int8_kernel_runs(fake_gpu, wspec, m, ra
     assert err < 2e-2, err
 
 
-@pytest.mark.parametrize("wspec, m, rank, fused", [("int8", 5, 32, True), ("int4", 1030, 16, True),
-                                                    ("int4", 1030, 48, False)])
+@pytest.mark.parametrize(
+    "wspec, m, rank, fused", [("int8", 5, 32, True), ("int4", 1030, 16, True), ("int4", 1030, 48, False)]
+)
 def test_svdquant_down_projection_fuses_into_the_quantizer(fake_gpu, monkeypatch, wspec, m, rank, fused):
     # With the quantizer kernel available, h = x @ A comes out of its pass over x (power-of-two
     # ranks); rank 48 fits the epilogue but not the quantizer's dot, so h is an XLA GEMM.
     monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: True)
-    monkeypatch.setattr(act_quant, "quantize_int8", lambda x: fake_gpu.append("quant") or act_quant.quantize_int8_reference(x))
+    monkeypatch.setattr(
+        act_quant, "quantize_int8", lambda x: fake_gpu.append("quant") or act_quant.quantize_int8_reference(x)
+    )
     monkeypatch.setattr(lowrank_quant, "supports", lambda x, l1: l1.shape[1] in (16, 32, 64))
-    monkeypatch.setattr(lowrank_quant, "quantize_lowrank",
-                        lambda x, l1, fmt: fake_gpu.append("quant+down") or lowrank_quant.reference(x, l1, fmt))
+    monkeypatch.setattr(
+        lowrank_quant,
+        "quantize_lowrank",
+        lambda x, l1, fmt: fake_gpu.append("quant+down") or lowrank_quant.reference(x, l1, fmt),
+    )
     x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
     a = jax.random.normal(jax.random.key(2), (256, rank)) / 16
@@ -151,8 +186,12 @@ def test_dynamic_token_activations_go_through_the_quantizer_kernel(fake_gpu, mon
     # Where the quantizer kernel applies, the dispatch hands it the activations; its rule is
     # jquant.quantize's, so the codes (and the output) equal the XLA path's exactly.
     monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: True)
-    monkeypatch.setattr(act_quant, "quantize_int8", lambda x: (fake_gpu.append("quant") or act_quant.quantize_int8_reference(x)))
-    monkeypatch.setattr(act_quant, "quantize_fp8", lambda x: (fake_gpu.append("quant") or act_quant.quantize_fp8_reference(x)))
+    monkeypatch.setattr(
+        act_quant, "quantize_int8", lambda x: fake_gpu.append("quant") or act_quant.quantize_int8_reference(x)
+    )
+    monkeypatch.setattr(
+        act_quant, "quantize_fp8", lambda x: fake_gpu.append("quant") or act_quant.quantize_fp8_reference(x)
+    )
     m = 1030 if wspec == "int4" else 6
     x = jax.random.normal(jax.random.key(0), (m, 256), jnp.float32).astype(jnp.bfloat16)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), wspec)
@@ -179,8 +218,11 @@ def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, mo
 
     seen = []
     monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: fused or not hadamard)
-    monkeypatch.setattr(act_quant, "quantize_int8",
-                        lambda x, hadamard=False: seen.append(hadamard) or _quant.reference(x, "int8", hadamard))
+    monkeypatch.setattr(
+        act_quant,
+        "quantize_int8",
+        lambda x, hadamard=False: seen.append(hadamard) or _quant.reference(x, "int8", hadamard),
+    )
     x = jax.random.normal(jax.random.key(0), (6, 256), jnp.float32).astype(jnp.bfloat16)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
     a = jquant.parse_spec("int8/token")
@@ -223,17 +265,26 @@ def test_layer_kind():
 
 
 def _rows(kind, k, n, times, status="PASS"):
-    return [{"kind": kind, "k": k, "n": n, "m": m, "path": path, "us": us, "status": status}
-            for m, by_path in times.items() for path, us in by_path.items()]
+    return [
+        {"kind": kind, "k": k, "n": n, "m": m, "path": path, "us": us, "status": status}
+        for m, by_path in times.items()
+        for path, us in by_path.items()
+    ]
 
 
 def test_derive_table_picks_the_fastest_passing_path_per_m():
-    rows = _rows("int8/w8a8", 1536, 1536, {
-        1: {"w8a8": 21.8, "xla_w8a8": 12.0, "w16": 5.0, "xla_w16": 9.0},
-        16: {"w8a8": 22.0, "xla_w8a8": 12.0, "w16": 5.5, "xla_w16": 9.0},
-        256: {"w8a8": 25.0, "xla_w8a8": 20.0, "w16": 30.0, "xla_w16": 19.0},
-        4096: {"w8a8": 34.0, "xla_w8a8": 40.0, "w16": 41.0, "xla_w16": 41.0},
-        32760: {"w8a8": 176.0, "xla_w8a8": 230.0, "w16": 240.0, "xla_w16": 240.0}})
+    rows = _rows(
+        "int8/w8a8",
+        1536,
+        1536,
+        {
+            1: {"w8a8": 21.8, "xla_w8a8": 12.0, "w16": 5.0, "xla_w16": 9.0},
+            16: {"w8a8": 22.0, "xla_w8a8": 12.0, "w16": 5.5, "xla_w16": 9.0},
+            256: {"w8a8": 25.0, "xla_w8a8": 20.0, "w16": 30.0, "xla_w16": 19.0},
+            4096: {"w8a8": 34.0, "xla_w8a8": 40.0, "w16": 41.0, "xla_w16": 41.0},
+            32760: {"w8a8": 176.0, "xla_w8a8": 230.0, "w16": 240.0, "xla_w16": 240.0},
+        },
+    )
     rows += [{"kind": "int8/w8a8", "k": 1536, "n": 1536, "m": 1, "path": "w16", "us": 0.1, "status": "FAIL"}]
     table = kd.derive_table(rows)
     # 1 and 16 -> w16 up to sqrt(16 * 256) = 64; 256 -> xla_w16 up to sqrt(256 * 4096) = 1024.
@@ -246,9 +297,11 @@ def test_derive_table_picks_the_fastest_passing_path_per_m():
 
 
 def test_derive_table_default_minimises_the_worst_slowdown():
-    rows = (_rows("int8/w16", 1536, 1536, {1: {"w16": 10.0, "xla_w16": 9.0}})
-            + _rows("int8/w16", 1536, 8960, {1: {"w16": 10.0, "xla_w16": 30.0}})
-            + _rows("int8/w16", 8960, 1536, {1: {"w16": 12.0}}))  # xla_w16 missing there: infinitely slow
+    rows = (
+        _rows("int8/w16", 1536, 1536, {1: {"w16": 10.0, "xla_w16": 9.0}})
+        + _rows("int8/w16", 1536, 8960, {1: {"w16": 10.0, "xla_w16": 30.0}})
+        + _rows("int8/w16", 8960, 1536, {1: {"w16": 12.0}})
+    )  # xla_w16 missing there: infinitely slow
     table = kd.derive_table(rows)
     # Only M=1 was measured: the entries reach sqrt(1 * 16) = 4, and DEFAULT_RULE decides above.
     assert table[("int8/w16", 1536, 1536)] == ((4, "xla_w16"),)
@@ -275,9 +328,12 @@ def test_path_table_is_what_the_benchmark_json_gives():
 def measured_rule(fake_gpu, monkeypatch):
     """fake_gpu with a measured-looking rule: weight-only product below M=1024, W8A8 kernel above;
     weight-only layers: kernel up to 64 tokens, XLA above."""
-    rule = {"int8/w8a8": ((64, "w16"), (1024, "xla_w16"), (None, "w8a8")),
-            "fp8/w8a8": ((1024, "xla_w8a8"), (None, "w8a8")),
-            "int8/w16": ((64, "w16"), (None, "xla_w16")), "int4g128/w16": ((None, "w16"),)}
+    rule = {
+        "int8/w8a8": ((64, "w16"), (1024, "xla_w16"), (None, "w8a8")),
+        "fp8/w8a8": ((1024, "xla_w8a8"), (None, "w8a8")),
+        "int8/w16": ((64, "w16"), (None, "xla_w16")),
+        "int4g128/w16": ((None, "w16"),),
+    }
     monkeypatch.setattr(kd, "DEFAULT_RULE", rule)
     return fake_gpu
 
@@ -329,5 +385,11 @@ def test_online_hadamard_with_the_weight_only_product(measured_rule, monkeypatch
     xr = apply_hadamard(x, axis=-1).astype(x.dtype)
     y_ref = linear(xr, w, backend="xla")
     # Both round to bf16 (one unit in the last place each) from sums of exact products.
-    assert_dot_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), xr.astype(jnp.float32),
-                     jquant.dequantize(w, jnp.float32).T, tol=2**-7, what="weight-only product of rotated x")
+    assert_dot_close(
+        y.astype(jnp.float32),
+        y_ref.astype(jnp.float32),
+        xr.astype(jnp.float32),
+        jquant.dequantize(w, jnp.float32).T,
+        tol=2**-7,
+        what="weight-only product of rotated x",
+    )

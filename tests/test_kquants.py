@@ -18,11 +18,31 @@ from jquant.codecs import CODECS, GGML_CODECS, get_codec
 GGML = {name: T[name.upper()] for name in GGML_CODECS}
 # Relative RMS error bound on Gaussian data, per type (measured: q4_0 0.085, q4_1 0.077, q5_0 0.043,
 # q5_1 0.038, q8_0 0.0053, q2_k 0.294, q3_k 0.150, q4_k 0.070, q5_k 0.036, q6_k 0.0175).
-REL_RMSE = {"q4_0": 0.095, "q4_1": 0.085, "q5_0": 0.047, "q5_1": 0.042, "q8_0": 0.007,
-            "q2_k": 0.32, "q3_k": 0.165, "q4_k": 0.077, "q5_k": 0.04, "q6_k": 0.02}
+REL_RMSE = {
+    "q4_0": 0.095,
+    "q4_1": 0.085,
+    "q5_0": 0.047,
+    "q5_1": 0.042,
+    "q8_0": 0.007,
+    "q2_k": 0.32,
+    "q3_k": 0.165,
+    "q4_k": 0.077,
+    "q5_k": 0.04,
+    "q6_k": 0.02,
+}
 # Quantization levels per block range: every value decodes within range * 1/levels.
-LEVELS = {"q4_0": 15, "q4_1": 15, "q5_0": 31, "q5_1": 31, "q8_0": 127, "q2_k": 3, "q3_k": 7,
-          "q4_k": 15, "q5_k": 31, "q6_k": 31}
+LEVELS = {
+    "q4_0": 15,
+    "q4_1": 15,
+    "q5_0": 31,
+    "q5_1": 31,
+    "q8_0": 127,
+    "q2_k": 3,
+    "q3_k": 7,
+    "q4_k": 15,
+    "q5_k": 31,
+    "q6_k": 31,
+}
 # Plain round-to-nearest with a min/max (or absmax) grid in the same layout: the search must beat it.
 NAIVE_LEVELS = {"q4_k": 15, "q5_k": 31}
 
@@ -113,10 +133,15 @@ def test_scale_search_beats_plain_min_max_grid(name: str) -> None:
 def test_degenerate_blocks(name: str) -> None:
     codec = GGML_CODECS[name]
     n = 512
-    rows = np.stack([
-        np.zeros(n), np.full(n, 3.0), np.full(n, -0.7), np.eye(1, n, 7)[0] * 5,
-        np.random.default_rng(0).standard_normal(n) * 1e-30,
-    ]).astype(np.float32)
+    rows = np.stack(
+        [
+            np.zeros(n),
+            np.full(n, 3.0),
+            np.full(n, -0.7),
+            np.eye(1, n, 7)[0] * 5,
+            np.random.default_rng(0).standard_normal(n) * 1e-30,
+        ]
+    ).astype(np.float32)
     y = np.asarray(codec.decode(codec.encode(rows)))
     np.testing.assert_array_equal(y[0], 0)
     np.testing.assert_allclose(y[1:4], rows[1:4], atol=2e-3)
@@ -133,9 +158,18 @@ def test_degenerate_blocks(name: str) -> None:
 
 
 def test_bits_per_weight_and_sizes() -> None:
-    expect = {"q4_0": (32, 18, 4.5), "q4_1": (32, 20, 5.0), "q5_0": (32, 22, 5.5), "q5_1": (32, 24, 6.0),
-              "q8_0": (32, 34, 8.5), "q2_k": (256, 84, 2.625), "q3_k": (256, 110, 3.4375),
-              "q4_k": (256, 144, 4.5), "q5_k": (256, 176, 5.5), "q6_k": (256, 210, 6.5625)}
+    expect = {
+        "q4_0": (32, 18, 4.5),
+        "q4_1": (32, 20, 5.0),
+        "q5_0": (32, 22, 5.5),
+        "q5_1": (32, 24, 6.0),
+        "q8_0": (32, 34, 8.5),
+        "q2_k": (256, 84, 2.625),
+        "q3_k": (256, 110, 3.4375),
+        "q4_k": (256, 144, 4.5),
+        "q5_k": (256, 176, 5.5),
+        "q6_k": (256, 210, 6.5625),
+    }
     assert sorted(expect) == sorted(GGML_CODECS)
     for name, (elems, nbytes, bpw) in expect.items():
         c = GGML_CODECS[name]

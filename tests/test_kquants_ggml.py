@@ -83,7 +83,7 @@ def test_encoder_bytes_across_chunks_and_leading_axes(name: str, inputs) -> None
     """Inputs tiled past one encode chunk, with two leading axes: still ggml's bytes."""
     x = inputs[0]
     codec = GGML_CODECS[name]
-    chunk_rows = (codecs._CHUNK_BLOCKS if codec.block_elems == codecs.QK_K else codecs._SMALL_CHUNK * 32 // 256)
+    chunk_rows = codecs._CHUNK_BLOCKS if codec.block_elems == codecs.QK_K else codecs._SMALL_CHUNK * 32 // 256
     reps = chunk_rows // len(x) + 1
     ours = codec.encode(np.broadcast_to(x, (reps,) + x.shape))
     np.testing.assert_array_equal(ours, np.broadcast_to(_ggml(name)["blocks"], (reps,) + ours.shape[1:]))

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import act_quant, _common, lowrank_quant, _quant, testing, w4a8
+from pallas_kernels import _common, _quant, lowrank_quant, testing, w4a8
 
 CONFIGS = [
     lowrank_quant.LowrankQuantConfig(single_pass=True),
@@ -23,79 +23,86 @@ CONFIGS = [
 
 
 def _inputs(m, k, r, seed=0):
-  kx, kl = jax.random.split(jax.random.key(seed))
-  x = (jax.random.normal(kx, (m, k)) * 3).astype(jnp.bfloat16)
-  return x, (jax.random.normal(kl, (k, r)) / k**0.5).astype(jnp.bfloat16)
+    kx, kl = jax.random.split(jax.random.key(seed))
+    x = (jax.random.normal(kx, (m, k)) * 3).astype(jnp.bfloat16)
+    return x, (jax.random.normal(kl, (k, r)) / k**0.5).astype(jnp.bfloat16)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"r{c.rows}c{c.chunk}{'s' if c.single_pass else 't'}")
 @pytest.mark.parametrize("m,k,r", [(37, 1000, 32), (16, 64, 16), (3, 1536, 64), (20, 200, 32)])
 def test_interpret_matches_quantizer_and_down_projection(fmt, config, m, k, r):
-  # Codes and scales are act_quant's to the bit; h is x @ L1 (bf16 of an f32 sum).
-  x, l1 = _inputs(m, k, r)
-  try:
-    config.check(k)
-  except ValueError:
-    pytest.skip("does not fit in registers")
-  q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, fmt, interpret=True, config=config)
-  qr, sr = _quant.reference(x, fmt)
-  chex.assert_trees_all_equal((q, s), (qr, sr))
-  chex.assert_shape(h, (m, r))
-  chex.assert_type(h, jnp.bfloat16)
-  chex.assert_trees_all_close(h.astype(jnp.float32), w4a8.down_projection(x, l1).astype(jnp.float32),
-                              rtol=1e-2, atol=1e-2)
+    # Codes and scales are act_quant's to the bit; h is x @ L1 (bf16 of an f32 sum).
+    x, l1 = _inputs(m, k, r)
+    try:
+        config.check(k)
+    except ValueError:
+        pytest.skip("does not fit in registers")
+    q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, fmt, interpret=True, config=config)
+    qr, sr = _quant.reference(x, fmt)
+    chex.assert_trees_all_equal((q, s), (qr, sr))
+    chex.assert_shape(h, (m, r))
+    chex.assert_type(h, jnp.bfloat16)
+    chex.assert_trees_all_close(
+        h.astype(jnp.float32), w4a8.down_projection(x, l1).astype(jnp.float32), rtol=1e-2, atol=1e-2
+    )
 
 
 @settings(max_examples=15, deadline=None)
 @given(m=st.integers(1, 40), k=st.integers(1, 700), seed=st.integers(0, 2**16))
 def test_ragged_shapes_property(m, k, seed):
-  x, l1 = _inputs(m, k, 16, seed)
-  q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, "int8", interpret=True)
-  qr, sr, hr = lowrank_quant.reference(x, l1, "int8")
-  chex.assert_trees_all_equal((q, s), (qr, sr))
-  chex.assert_trees_all_close(h.astype(jnp.float32), hr.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+    x, l1 = _inputs(m, k, 16, seed)
+    q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, "int8", interpret=True)
+    qr, sr, hr = lowrank_quant.reference(x, l1, "int8")
+    chex.assert_trees_all_equal((q, s), (qr, sr))
+    chex.assert_trees_all_close(h.astype(jnp.float32), hr.astype(jnp.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_bad_inputs_raise_named_errors():
-  x, l1 = _inputs(4, 64, 32)
-  with pytest.raises(ValueError, match=r"l1 must be \[K, r\]"):
-    lowrank_quant.quantize_lowrank(x, l1[:32])
-  with pytest.raises(ValueError, match="rank 24 must be a power of two"):
-    lowrank_quant.quantize_lowrank(x, l1[:, :24])
-  with pytest.raises(ValueError, match="floating point"):
-    lowrank_quant.quantize_lowrank(x.astype(jnp.int8), l1)
-  with pytest.raises(ValueError, match="do not fit in registers"):
-    lowrank_quant.quantize_lowrank_pallas(
-        jnp.zeros((2, 8192), jnp.bfloat16), jnp.zeros((8192, 32), jnp.bfloat16), interpret=True,
-        config=lowrank_quant.LowrankQuantConfig(single_pass=True))
-  with pytest.raises(ValueError, match="powers of two"):
-    lowrank_quant.quantize_lowrank_pallas(x, l1, interpret=True, config=lowrank_quant.LowrankQuantConfig(rows=8))
+    x, l1 = _inputs(4, 64, 32)
+    with pytest.raises(ValueError, match=r"l1 must be \[K, r\]"):
+        lowrank_quant.quantize_lowrank(x, l1[:32])
+    with pytest.raises(ValueError, match="rank 24 must be a power of two"):
+        lowrank_quant.quantize_lowrank(x, l1[:, :24])
+    with pytest.raises(ValueError, match="floating point"):
+        lowrank_quant.quantize_lowrank(x.astype(jnp.int8), l1)
+    with pytest.raises(ValueError, match="do not fit in registers"):
+        lowrank_quant.quantize_lowrank_pallas(
+            jnp.zeros((2, 8192), jnp.bfloat16),
+            jnp.zeros((8192, 32), jnp.bfloat16),
+            interpret=True,
+            config=lowrank_quant.LowrankQuantConfig(single_pass=True),
+        )
+    with pytest.raises(ValueError, match="powers of two"):
+        lowrank_quant.quantize_lowrank_pallas(x, l1, interpret=True, config=lowrank_quant.LowrankQuantConfig(rows=8))
 
 
 def test_cpu_falls_back_to_the_reference():
-  x, l1 = _inputs(5, 300, 32)
-  assert not lowrank_quant.supports(x, l1)
-  chex.assert_trees_all_equal(lowrank_quant.quantize_lowrank(x, l1), lowrank_quant.reference(x, l1))
-  assert testing.kernel_path("act_quant_lowrank", (x, l1)) == "xla"
+    x, l1 = _inputs(5, 300, 32)
+    assert not lowrank_quant.supports(x, l1)
+    chex.assert_trees_all_equal(lowrank_quant.quantize_lowrank(x, l1), lowrank_quant.reference(x, l1))
+    assert testing.kernel_path("act_quant_lowrank", (x, l1)) == "xla"
 
 
 @pytest.mark.parametrize("k", [1536, 5120, 20000])
 def test_lowers_to_triton(k):
-  # One pass with the pieces in registers up to 2048-wide rows (8 warps), two passes beyond.
-  cfg = lowrank_quant.pick_config(k)
-  assert cfg.single_pass == (k <= 2048)
-  text = jax.jit(lambda v, l: lowrank_quant.quantize_lowrank_pallas(v, l)).trace(
-      jax.ShapeDtypeStruct((40, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, 32), jnp.bfloat16)).lower(
-          lowering_platforms=("cuda",)).as_text()
-  assert "xla.gpu.triton" in text
+    # One pass with the pieces in registers up to 2048-wide rows (8 warps), two passes beyond.
+    cfg = lowrank_quant.pick_config(k)
+    assert cfg.single_pass == (k <= 2048)
+    text = (
+        jax.jit(lambda v, l: lowrank_quant.quantize_lowrank_pallas(v, l))
+        .trace(jax.ShapeDtypeStruct((40, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, 32), jnp.bfloat16))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "xla.gpu.triton" in text
 
 
 def test_kernel_case_is_registered():
-  case = testing.CASES["act_quant_lowrank"]
-  x, l1 = case.make_inputs(jax.random.key(0), 9, 130, 0)
-  chex.assert_shape((x, l1), ((9, 130), (130, 32)))
-  out, ref = case.kernel(x, l1), case.reference(x, l1)
-  assert len(out) == 3
-  np.testing.assert_array_equal(np.asarray(out[0], np.float32), np.asarray(ref[0], np.float32))
-  assert _common.cdiv(case.min_bytes(9, 130, 0), 1) > 0
+    case = testing.CASES["act_quant_lowrank"]
+    x, l1 = case.make_inputs(jax.random.key(0), 9, 130, 0)
+    chex.assert_shape((x, l1), ((9, 130), (130, 32)))
+    out, ref = case.kernel(x, l1), case.reference(x, l1)
+    assert len(out) == 3
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), np.asarray(ref[0], np.float32))
+    assert _common.cdiv(case.min_bytes(9, 130, 0), 1) > 0

@@ -232,8 +232,20 @@ def test_compare_videos_keys_values_and_hooks():
         feature_extractors={"rp": random_projection_features(8, size=8), "px": pooled_pixel_features},
         paired_metrics={"lpips": lpips_like},
     )
-    expected = {"mse", "psnr", "psnr_min", "ssim", "ssim_min", "flicker", "warp_error_ref", "warp_error_test",
-                "warp_error_delta", "fd_rp", "fd_px", "lpips"}
+    expected = {
+        "mse",
+        "psnr",
+        "psnr_min",
+        "ssim",
+        "ssim_min",
+        "flicker",
+        "warp_error_ref",
+        "warp_error_test",
+        "warp_error_delta",
+        "fd_rp",
+        "fd_px",
+        "lpips",
+    }
     assert set(out) == expected and all(type(v) is float for v in out.values())
     assert 25 < out["psnr"] < 35 and out["ssim"] < 0.99 and out["warp_error_delta"] > 0 and out["flicker"] > 0
     assert calls == [clip.shape]

@@ -23,15 +23,48 @@ from jquant.models.blocks import patchify, unpatchify
 from jquant.models.roles import ROLES, assign_roles, kernel_paths
 
 TINY = {
-    "wan": wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=8,
-                         freq_dim=16, ffn_dim=16, num_layers=2),
-    "wan_i2v": wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, text_dim=8, freq_dim=16,
-                             ffn_dim=16, num_layers=1, image_dim=6, added_kv_proj_dim=24, cross_attn_norm=False),
-    "flux": flux.FluxConfig(in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                            num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
-                            guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
-    "dit": dit.DiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                         sample_size=8, num_embeds_ada_norm=10),
+    "wan": wan.WanConfig(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=8,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=2,
+    ),
+    "wan_i2v": wan.WanConfig(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        text_dim=8,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=1,
+        image_dim=6,
+        added_kv_proj_dim=24,
+        cross_attn_norm=False,
+    ),
+    "flux": flux.FluxConfig(
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=10,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "dit": dit.DiTConfig(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        num_embeds_ada_norm=10,
+    ),
 }
 
 
@@ -118,7 +151,9 @@ def test_config_validation_and_unknown_keys() -> None:
     with pytest.raises(ValueError, match="image_dim and added_kv_proj_dim"):
         wan.WanConfig(image_dim=1280)
     with pytest.warns(UserWarning, match="num_vector_embeds"):
-        cfg = dit.DiTConfig.from_diffusers({"_class_name": "Transformer2DModel", "num_vector_embeds": None, "patch_size": 2})
+        cfg = dit.DiTConfig.from_diffusers(
+            {"_class_name": "Transformer2DModel", "num_vector_embeds": None, "patch_size": 2}
+        )
     assert cfg == dit.DiTConfig()
     round_trip = wan.WanConfig.from_diffusers(wan.WAN21_T2V_1_3B.to_diffusers())
     assert round_trip == wan.WAN21_T2V_1_3B
@@ -180,7 +215,10 @@ def test_assign_roles_rejects_gaps_and_unknown_roles() -> None:
         assign_roles(params, [("a", ("final",))])
     with pytest.raises(ValueError, match="unknown roles"):
         assign_roles(params, [("a|b", ("fnal",))])
-    assert assign_roles(params, [("a|b", ("final",)), ("b", ("embedder", "final"))])["b/kernel"] == ("final", "embedder")
+    assert assign_roles(params, [("a|b", ("final",)), ("b", ("embedder", "final"))])["b/kernel"] == (
+        "final",
+        "embedder",
+    )
 
 
 def test_attention_matches_softmax_reference() -> None:
@@ -204,8 +242,11 @@ def test_apply_rope_is_complex_rotation(t: int, half: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, t, 2, 2 * half)).astype(np.float32)
     angles = rng.uniform(-4, 4, (t, half))
-    out = apply_rope(jnp.asarray(x), jnp.asarray(np.repeat(np.cos(angles), 2, -1), jnp.float32),
-                     jnp.asarray(np.repeat(np.sin(angles), 2, -1), jnp.float32))
+    out = apply_rope(
+        jnp.asarray(x),
+        jnp.asarray(np.repeat(np.cos(angles), 2, -1), jnp.float32),
+        jnp.asarray(np.repeat(np.sin(angles), 2, -1), jnp.float32),
+    )
     z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)[None, :, None, :]
     np.testing.assert_allclose(np.asarray(out)[..., 0::2], z.real, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out)[..., 1::2], z.imag, atol=1e-5)

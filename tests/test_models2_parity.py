@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant import models
-from jquant import sampling
+from jquant import models, sampling
 from jquant.models import cogvideox, hunyuan_video, ltx2, ltx_video, mochi
 
 torch = pytest.importorskip("torch")
@@ -107,7 +106,9 @@ def cogvideox_rope(kw: dict[str, Any], frames: int, h: int, w: int) -> Any:
     gh, gw = h // p, w // p
     base_w, base_h = kw["sample_width"] // p, kw["sample_height"] // p
     if pt is None:
-        return get_3d_rotary_pos_embed(kw["attention_head_dim"], crop_region((gh, gw), base_w, base_h), (gh, gw), frames)
+        return get_3d_rotary_pos_embed(
+            kw["attention_head_dim"], crop_region((gh, gw), base_w, base_h), (gh, gw), frames
+        )
     return get_3d_rotary_pos_embed(
         kw["attention_head_dim"], None, (gh, gw), (frames + pt - 1) // pt, grid_type="slice", max_size=(base_h, base_w)
     )
@@ -186,49 +187,163 @@ def ltx2_inputs(frames: int, h: int, w: int, audio_frames: int, text_len: int, *
     return make
 
 
-HY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
-          num_refiner_layers=1, text_embed_dim=8, pooled_projection_dim=6, rope_axes_dim=(4, 6, 6))
-COG = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=12, text_embed_dim=8,
-           num_layers=2, sample_width=6, sample_height=4, sample_frames=9, patch_size=2, max_text_seq_length=5)
+HY = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    text_embed_dim=8,
+    pooled_projection_dim=6,
+    rope_axes_dim=(4, 6, 6),
+)
+COG = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=12,
+    text_embed_dim=8,
+    num_layers=2,
+    sample_width=6,
+    sample_height=4,
+    sample_frames=9,
+    patch_size=2,
+    max_text_seq_length=5,
+)
 COG_ROPE = dict(COG, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
-COG_15 = dict(COG, use_rotary_positional_embeddings=True, patch_size_t=2, ofs_embed_dim=12, patch_bias=False, sample_width=8)
-MOCHI = dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=12, in_channels=4,
-             text_embed_dim=16, time_embed_dim=8)
-LTX = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32, num_layers=2,
-           caption_channels=12)
-LTX2 = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24, audio_in_channels=6,
-            audio_out_channels=6, audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
-            num_layers=2, caption_channels=10)
-LTX2_23 = dict(LTX2, rope_type="split", gated_attn=True, audio_gated_attn=True, cross_attn_mod=True, audio_cross_attn_mod=True,
-               ff_bias=False, use_keyframes_abs_pos_embedding=True, perturbed_attn=True, norm_elementwise_affine=True,
-               rope_double_precision=False)
+COG_15 = dict(
+    COG, use_rotary_positional_embeddings=True, patch_size_t=2, ofs_embed_dim=12, patch_bias=False, sample_width=8
+)
+MOCHI = dict(
+    patch_size=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=2,
+    pooled_projection_dim=12,
+    in_channels=4,
+    text_embed_dim=16,
+    time_embed_dim=8,
+)
+LTX = dict(
+    in_channels=8,
+    out_channels=8,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    cross_attention_dim=32,
+    num_layers=2,
+    caption_channels=12,
+)
+LTX2 = dict(
+    in_channels=8,
+    out_channels=8,
+    num_attention_heads=2,
+    attention_head_dim=12,
+    cross_attention_dim=24,
+    audio_in_channels=6,
+    audio_out_channels=6,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=8,
+    audio_cross_attention_dim=16,
+    num_layers=2,
+    caption_channels=10,
+)
+LTX2_23 = dict(
+    LTX2,
+    rope_type="split",
+    gated_attn=True,
+    audio_gated_attn=True,
+    cross_attn_mod=True,
+    audio_cross_attn_mod=True,
+    ff_bias=False,
+    use_keyframes_abs_pos_embedding=True,
+    perturbed_attn=True,
+    norm_elementwise_affine=True,
+    rope_double_precision=False,
+)
 KEYFRAMES = torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0]).reshape(1, 8, 1).repeat(2, 1, 1)
 
 CASES = [
-    Case("hunyuan_guidance_masked", "HunyuanVideoTransformer3DModel", dict(HY, guidance_embeds=True),
-         hunyuan_inputs(3, 4, 6, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], True), ("double_stream", "single_stream", "text_fusion")),
-    Case("hunyuan_no_guidance_2frames", "HunyuanVideoTransformer3DModel",
-         dict(HY, guidance_embeds=False, num_layers=2, num_single_layers=0, patch_size_t=2, mlp_ratio=2.0),
-         hunyuan_inputs(4, 2, 4, None, False), ("double_stream",)),
-    Case("cogvideox_2b_sincos", "CogVideoXTransformer3DModel", COG, cogvideox_inputs(COG, 3, 4, 6, 5), ("text_fusion",)),
-    Case("cogvideox_5b_i2v_rope_learned", "CogVideoXTransformer3DModel", COG_ROPE, cogvideox_inputs(COG_ROPE, 3, 4, 6, 5)),
-    Case("cogvideox_15_patch_t_ofs", "CogVideoXTransformer3DModel", COG_15, cogvideox_inputs(COG_15, 4, 4, 6, 3, ofs=True)),
-    Case("mochi_right_padded", "MochiTransformer3DModel", MOCHI, mochi_inputs(2, 4, 6, [[1, 1, 1, 0], [1, 1, 1, 1]]),
-         ("text_fusion",)),
-    Case("mochi_3layers_patch1_gapped_mask", "MochiTransformer3DModel", dict(MOCHI, num_layers=3, out_channels=6, patch_size=1),
-         mochi_inputs(3, 2, 3, [[1, 0, 1, 0, 1], [0, 1, 1, 1, 1]])),
-    Case("ltx_pipeline_rope_scale", "LTXVideoTransformer3DModel", LTX,
-         ltx_inputs(3, 2, 3, [[1, 1, 1, 0], [1, 1, 1, 1]], (8 / 25, 32, 32), False, False), ("temporal", "cross_attn.kv")),
-    Case("ltx_coords_per_token_t_affine", "LTXVideoTransformer3DModel",
-         dict(LTX, norm_elementwise_affine=True, attention_head_dim=12, cross_attention_dim=24, out_channels=5),
-         ltx_inputs(2, 2, 2, [[1, 1, 0], [1, 1, 1]], None, True, True)),
+    Case(
+        "hunyuan_guidance_masked",
+        "HunyuanVideoTransformer3DModel",
+        dict(HY, guidance_embeds=True),
+        hunyuan_inputs(3, 4, 6, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], True),
+        ("double_stream", "single_stream", "text_fusion"),
+    ),
+    Case(
+        "hunyuan_no_guidance_2frames",
+        "HunyuanVideoTransformer3DModel",
+        dict(HY, guidance_embeds=False, num_layers=2, num_single_layers=0, patch_size_t=2, mlp_ratio=2.0),
+        hunyuan_inputs(4, 2, 4, None, False),
+        ("double_stream",),
+    ),
+    Case(
+        "cogvideox_2b_sincos", "CogVideoXTransformer3DModel", COG, cogvideox_inputs(COG, 3, 4, 6, 5), ("text_fusion",)
+    ),
+    Case(
+        "cogvideox_5b_i2v_rope_learned", "CogVideoXTransformer3DModel", COG_ROPE, cogvideox_inputs(COG_ROPE, 3, 4, 6, 5)
+    ),
+    Case(
+        "cogvideox_15_patch_t_ofs",
+        "CogVideoXTransformer3DModel",
+        COG_15,
+        cogvideox_inputs(COG_15, 4, 4, 6, 3, ofs=True),
+    ),
+    Case(
+        "mochi_right_padded",
+        "MochiTransformer3DModel",
+        MOCHI,
+        mochi_inputs(2, 4, 6, [[1, 1, 1, 0], [1, 1, 1, 1]]),
+        ("text_fusion",),
+    ),
+    Case(
+        "mochi_3layers_patch1_gapped_mask",
+        "MochiTransformer3DModel",
+        dict(MOCHI, num_layers=3, out_channels=6, patch_size=1),
+        mochi_inputs(3, 2, 3, [[1, 0, 1, 0, 1], [0, 1, 1, 1, 1]]),
+    ),
+    Case(
+        "ltx_pipeline_rope_scale",
+        "LTXVideoTransformer3DModel",
+        LTX,
+        ltx_inputs(3, 2, 3, [[1, 1, 1, 0], [1, 1, 1, 1]], (8 / 25, 32, 32), False, False),
+        ("temporal", "cross_attn.kv"),
+    ),
+    Case(
+        "ltx_coords_per_token_t_affine",
+        "LTXVideoTransformer3DModel",
+        dict(LTX, norm_elementwise_affine=True, attention_head_dim=12, cross_attention_dim=24, out_channels=5),
+        ltx_inputs(2, 2, 2, [[1, 1, 0], [1, 1, 1]], None, True, True),
+    ),
     Case("ltx2_base", "LTX2VideoTransformer3DModel", LTX2, ltx2_inputs(3, 2, 3, 5, 4), ("cross_attn", "temporal")),
-    Case("ltx2_23_split_gated_stg", "LTX2VideoTransformer3DModel", LTX2_23,
-         ltx2_inputs(2, 2, 2, 4, 3, sigma=torch.tensor([0.3, 0.9]), audio_timestep=torch.tensor([50.0, 600.0]),
-                     spatio_temporal_guidance_blocks=[1], perturbation_mask=torch.tensor([0.0, 1.0]),
-                     use_cross_timestep=True, video_keyframes_mask=KEYFRAMES), ("modulation",)),
-    Case("ltx2_isolated_fixed_prompt_mod", "LTX2VideoTransformer3DModel", dict(LTX2, cross_attn_mod=True, use_prompt_adaln_single=False),
-         ltx2_inputs(2, 2, 2, 4, 3, isolate_modalities=True)),
+    Case(
+        "ltx2_23_split_gated_stg",
+        "LTX2VideoTransformer3DModel",
+        LTX2_23,
+        ltx2_inputs(
+            2,
+            2,
+            2,
+            4,
+            3,
+            sigma=torch.tensor([0.3, 0.9]),
+            audio_timestep=torch.tensor([50.0, 600.0]),
+            spatio_temporal_guidance_blocks=[1],
+            perturbation_mask=torch.tensor([0.0, 1.0]),
+            use_cross_timestep=True,
+            video_keyframes_mask=KEYFRAMES,
+        ),
+        ("modulation",),
+    ),
+    Case(
+        "ltx2_isolated_fixed_prompt_mod",
+        "LTX2VideoTransformer3DModel",
+        dict(LTX2, cross_attn_mod=True, use_prompt_adaln_single=False),
+        ltx2_inputs(2, 2, 2, 4, 3, isolate_modalities=True),
+    ),
 ]
 
 
@@ -262,7 +377,9 @@ def test_matches_diffusers(case: Case, tmp_dir: str) -> None:
         refs = outputs(torch_model(**t_kw))
     arrays = {k: v for k, v in j_kw.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in j_kw.items() if not isinstance(v, jax.Array)}
-    out = jax.jit(lambda p, a: module.apply({"params": p}, **a, **static))(params, arrays)  # jit: ~3x less CPU than eager
+    out = jax.jit(lambda p, a: module.apply({"params": p}, **a, **static))(
+        params, arrays
+    )  # jit: ~3x less CPU than eager
     outs = out if isinstance(out, tuple) else (out,)
     for o, r in zip(outs, refs, strict=True):
         assert rel_err(o, r) <= TOL
@@ -277,7 +394,9 @@ def test_hunyuan_roles_split_double_and_single_stream(tmp_dir: str) -> None:
     roles = models.layer_roles(module.config, params)
     assert "double_stream" in roles["transformer_blocks_0/attn/add_q_proj/kernel"]
     assert "single_stream" in roles["single_transformer_blocks_0/proj_out/kernel"]
-    assert not {"double_stream", "single_stream"} & set(roles["context_embedder/token_refiner/refiner_blocks_0/attn/to_q/kernel"])
+    assert not {"double_stream", "single_stream"} & set(
+        roles["context_embedder/token_refiner/refiner_blocks_0/attn/to_q/kernel"]
+    )
 
 
 def test_mochi_fusion_projections_cross_widths(tmp_dir: str) -> None:
@@ -309,8 +428,10 @@ def test_hunyuan_flow_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
     cond_t = {k: v for k, v in t_kw.items() if k not in ("hidden_states", "timestep")}
     with torch.no_grad():
         ref = flow_loop(
-            diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0), t_kw["hidden_states"],
-            lambda x, t: torch_model(hidden_states=x, timestep=t.expand(B), **cond_t).sample, sigmas=sigmas,
+            diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+            t_kw["hidden_states"],
+            lambda x, t: torch_model(hidden_states=x, timestep=t.expand(B), **cond_t).sample,
+            sigmas=sigmas,
         )
 
     def model_fn(x, t, cond, _):
@@ -337,8 +458,13 @@ def test_cogvideox_ddim_sampler_with_cfg_matches_pipeline_loop(tmp_dir: str) -> 
 
     text_j = to_jax(text)
     ours = sampling.sample_ddim(
-        model_fn, to_jax(t_kw["hidden_states"]), text_j, uncond=0 * text_j, guidance_scale=6.0,
-        schedule=sampling.cogvideox_ddim_schedule(2, **sampling.COGVIDEOX_2B_SCHEDULER), prediction_type="v_prediction",
+        model_fn,
+        to_jax(t_kw["hidden_states"]),
+        text_j,
+        uncond=0 * text_j,
+        guidance_scale=6.0,
+        schedule=sampling.cogvideox_ddim_schedule(2, **sampling.COGVIDEOX_2B_SCHEDULER),
+        prediction_type="v_prediction",
     )
     assert rel_err(ours, x.numpy()) <= TOL
 
@@ -351,12 +477,16 @@ def test_mochi_flow_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
     cond_t = {k: t_kw[k] for k in ("encoder_hidden_states", "encoder_attention_mask")}
     with torch.no_grad():
         ref = flow_loop(
-            diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True), t_kw["hidden_states"],
-            lambda x, t: torch_model(hidden_states=x, timestep=t.expand(B), **cond_t).sample, sigmas=sigmas,
+            diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+            t_kw["hidden_states"],
+            lambda x, t: torch_model(hidden_states=x, timestep=t.expand(B), **cond_t).sample,
+            sigmas=sigmas,
         )
 
     def model_fn(x, t, cond, _):
-        return module.apply({"params": params}, x, cond["encoder_hidden_states"], jnp.full((B,), t), cond["encoder_attention_mask"])
+        return module.apply(
+            {"params": params}, x, cond["encoder_hidden_states"], jnp.full((B,), t), cond["encoder_attention_mask"]
+        )
 
     schedule = sampling.flow_match_schedule(sigmas=list(sigmas), invert_sigmas=True)
     ours = sampling.sample_flow_euler(model_fn, to_jax(t_kw["hidden_states"]), to_jax(cond_t), schedule=schedule)
@@ -370,14 +500,21 @@ def test_ltx_flow_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
     tokens = t_kw["hidden_states"].shape[1]
     kw = ltx_video.flow_schedule_kwargs(2, tokens)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096,
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
         shift_terminal=0.1,
     )
     cond_t = {k: v for k, v in t_kw.items() if k not in ("hidden_states", "timestep")}
     with torch.no_grad():
         ref = flow_loop(
-            sched, t_kw["hidden_states"], lambda x, t: torch_model(hidden_states=x, timestep=t.expand(B), **cond_t).sample,
-            sigmas=kw["sigmas"], mu=kw["mu"],
+            sched,
+            t_kw["hidden_states"],
+            lambda x, t: torch_model(hidden_states=x, timestep=t.expand(B), **cond_t).sample,
+            sigmas=kw["sigmas"],
+            mu=kw["mu"],
         )
     static = {k: j_kw[k] for k in ("num_frames", "height", "width", "rope_interpolation_scale")}
 
@@ -385,7 +522,9 @@ def test_ltx_flow_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
         return module.apply({"params": params}, x, cond["text"], jnp.full((B,), t), cond["mask"], **static)
 
     cond = {"text": j_kw["encoder_hidden_states"], "mask": j_kw["encoder_attention_mask"]}
-    ours = sampling.sample_flow_euler(model_fn, j_kw["hidden_states"], cond, schedule=sampling.flow_match_schedule(**kw))
+    ours = sampling.sample_flow_euler(
+        model_fn, j_kw["hidden_states"], cond, schedule=sampling.flow_match_schedule(**kw)
+    )
     assert rel_err(ours, ref.numpy()) <= TOL
 
 
@@ -395,7 +534,9 @@ def test_ltx2_audio_video_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
     t_kw, j_kw = CASES[9].inputs(torch.Generator().manual_seed(2))
     kw = ltx_video.flow_schedule_kwargs(2, t_kw["hidden_states"].shape[1], shift_terminal=None)
     assert "shift_terminal" not in kw
-    sched_kw = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096)
+    sched_kw = dict(
+        use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096
+    )
     video_s, audio_s = (diffusers.FlowMatchEulerDiscreteScheduler(**sched_kw) for _ in range(2))
     video_s.set_timesteps(sigmas=kw["sigmas"], mu=kw["mu"])
     audio_s.set_timesteps(sigmas=kw["sigmas"], mu=kw["mu"])
@@ -407,7 +548,11 @@ def test_ltx2_audio_video_sampler_matches_pipeline_loop(tmp_dir: str) -> None:
             x = video_s.step(out.sample, t, x).prev_sample
             a = audio_s.step(out.audio_sample, t, a).prev_sample
     v_shape, a_shape = j_kw["hidden_states"].shape[1:], j_kw["audio_hidden_states"].shape[1:]
-    cond = {k: v for k, v in j_kw.items() if isinstance(v, jax.Array) and k not in ("hidden_states", "audio_hidden_states", "timestep")}
+    cond = {
+        k: v
+        for k, v in j_kw.items()
+        if isinstance(v, jax.Array) and k not in ("hidden_states", "audio_hidden_states", "timestep")
+    }
     static = {k: v for k, v in j_kw.items() if not isinstance(v, jax.Array)}
 
     def model_fn(packed, t, c, _):
@@ -431,7 +576,9 @@ def test_cogvideox_dpm_sampler_runs_the_model(tmp_dir: str) -> None:
 
     cond = {"text": j_kw["encoder_hidden_states"], "ofs": j_kw["ofs"]}
     x_T = j_kw["hidden_states"]
-    out, traj = sampling.sample_cogvideox_dpm(model_fn, x_T, cond, num_steps=2, key=jax.random.key(0), return_trajectory=True)
+    out, traj = sampling.sample_cogvideox_dpm(
+        model_fn, x_T, cond, num_steps=2, key=jax.random.key(0), return_trajectory=True
+    )
     assert out.shape == x_T.shape and traj.shape == (3, *x_T.shape)
     assert np.all(np.isfinite(np.asarray(traj))) and not np.allclose(out, x_T)
 

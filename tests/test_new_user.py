@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_readme import README  # the README's python block, extracted as tests/test_readme.py does
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +29,14 @@ def _copy_checkout(dst: Path) -> Path:
     """The working tree's files (tracked and untracked, minus ignored), as a fresh clone would
     have them plus local edits; so the install writes nothing into the real checkout."""
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                             check=True).stdout.decode()
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
         files = [f for f in out.split("\0") if f and (ROOT / f).is_file()]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: copy without the usual clutter
-        skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", ".pytest_cache",
-                                      ".hypothesis", "jquant-demo")
+        skip = shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "*.egg-info", "build", ".pytest_cache", ".hypothesis", "jquant-demo"
+        )
         shutil.copytree(ROOT, dst, ignore=skip)
         return dst
     for f in files:
@@ -64,7 +65,10 @@ def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
 
     try:
         run("create venv", [sys.executable, "-m", "venv", venv])
-        run("pip install -c constraints.txt <checkout>", [py, "-m", "pip", "install", "-q", "-c", src / "constraints.txt", src])
+        run(
+            "pip install -c constraints.txt <checkout>",
+            [py, "-m", "pip", "install", "-q", "-c", src / "constraints.txt", src],
+        )
         assert "--quick" in run("jquant demo --help", ["jquant", "demo", "--help"]).stdout
         formats = run("jquant formats", ["jquant", "formats"]).stdout
         names = "int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k q6_k"
@@ -74,7 +78,9 @@ def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
         assert "W8A8 relative error" in run("README API example", [py, "readme_example.py"]).stdout
         demo = run("jquant demo --quick", ["jquant", "demo", "--quick", "--out", work / "demo"])
         assert "int8-wa-smooth" in demo.stdout and "PSNR" in demo.stdout and "1/3 fp32: sampling" in demo.stderr
-        assert {"grid.png", "clips.gif", "step_error.png", "results.json"} <= {p.name for p in (work / "demo").iterdir()}
+        assert {"grid.png", "clips.gif", "step_error.png", "results.json"} <= {
+            p.name for p in (work / "demo").iterdir()
+        }
 
         # The notebook's setup cell where jquant is missing: it installs the clone beside it (editable,
         # the README's way) and imports it in the same interpreter; `python -c` puts the working

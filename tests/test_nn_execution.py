@@ -4,7 +4,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -121,7 +120,9 @@ def test_nnx_block_three_modes(mode):
     aux = None
     if mode == "static":
         seen = {}
-        with jnn.observe(lambda p, a: seen.__setitem__(p, {"input_scale": jnp.max(jnp.abs(a)) / 127.0}), nnx_model=model):
+        with jnn.observe(
+            lambda p, a: seen.__setitem__(p, {"input_scale": jnp.max(jnp.abs(a)) / 127.0}), nnx_model=model
+        ):
             model(x)
         assert set(seen) == {"qkv", "o", "up", "down"}
         aux = seen
@@ -168,8 +169,10 @@ def test_aux_input_mul_and_lowrank_are_exact_in_float():
     s = jnp.linspace(0.5, 2.0, 32)
     a = jax.random.normal(jax.random.key(2), (32, 4))
     b = a.T[:, :16] * 0.1
-    v2 = {"params": {"kernel": (k - a @ b) / s[:, None], "bias": v["params"]["bias"]},
-          jnn.AUX_COLLECTION: {"input_mul": s, "lowrank_a": a / s[:, None], "lowrank_b": b}}
+    v2 = {
+        "params": {"kernel": (k - a @ b) / s[:, None], "bias": v["params"]["bias"]},
+        jnn.AUX_COLLECTION: {"input_mul": s, "lowrank_a": a / s[:, None], "lowrank_b": b},
+    }
     with jnn.quantized(None):
         y = m.apply(v2, x)
     chex.assert_trees_all_close(y, m.apply(v, x), rtol=1e-5, atol=1e-5)

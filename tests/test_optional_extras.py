@@ -17,8 +17,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Everything jquant may use only when present: the parity, gpu and test extras.
-OPTIONAL = ("torch", "diffusers", "transformers", "accelerate", "jax_triton", "triton", "scipy", "sklearn",
-            "hypothesis", "pytest", "nbclient", "nbformat", "ipykernel")
+OPTIONAL = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "jax_triton",
+    "triton",
+    "scipy",
+    "sklearn",
+    "hypothesis",
+    "pytest",
+    "nbclient",
+    "nbformat",
+    "ipykernel",
+)
 
 _PRELUDE = textwrap.dedent(f"""
     import sys
@@ -31,28 +44,40 @@ def _run(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run ``body`` after the blocking prelude, from a directory outside the repository."""
     script = tmp_path / "probe.py"
     script.write_text(_PRELUDE + textwrap.dedent(body))
-    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def _check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 def test_prelude_really_blocks(tmp_path: Path) -> None:
-    proc = _run("""
+    proc = _run(
+        """
         try:
             import torch
         except ImportError:
             print("blocked")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     _check(proc)
     assert proc.stdout.strip() == "blocked"
 
 
 @pytest.mark.slow
 def test_every_public_module_imports_without_extras(tmp_path: Path) -> None:
-    proc = _run("""
+    proc = _run(
+        """
         import importlib, pkgutil
         import jquant, jquant.models, pallas_kernels
         names = []
@@ -63,7 +88,9 @@ def test_every_public_module_imports_without_extras(tmp_path: Path) -> None:
         for name in names:
             importlib.import_module(name)
         print(len(names), "modules")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     _check(proc)
     assert int(proc.stdout.split()[-2]) > 40
 
@@ -71,7 +98,9 @@ def test_every_public_module_imports_without_extras(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_readme_example_and_cli_help_without_extras(tmp_path: Path) -> None:
     example = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
-    proc = _run(example + textwrap.dedent("""
+    proc = _run(
+        example
+        + textwrap.dedent("""
         import contextlib, io
         from jquant.cli import main
         buf = io.StringIO()
@@ -82,6 +111,8 @@ def test_readme_example_and_cli_help_without_extras(tmp_path: Path) -> None:
                 assert e.code == 0, e.code
         assert "usage" in buf.getvalue().lower()
         print("demo-help-ok")
-    """), tmp_path)
+    """),
+        tmp_path,
+    )
     _check(proc)
     assert "W8A8 relative error" in proc.stdout and "demo-help-ok" in proc.stdout

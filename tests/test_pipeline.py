@@ -5,20 +5,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _pipeline_util import tiny_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jquant.nn as jnn
-from _pipeline_util import tiny_bundle
-from jquant.pipeline import timesteps as schedule
 from jquant.dispatch import quantize_activation
 from jquant.formats import parse_spec
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import runtime as R
 from jquant.pipeline import tables as TB
+from jquant.pipeline import timesteps as schedule
 from jquant.pipeline import trajectory as T
-from jquant.qarray import dequantize
-from jquant.qarray import QArray
+from jquant.qarray import QArray, dequantize
 from jquant.rules import flatten_with_paths, leaf_nbytes, quantize_params
 
 W8 = [(r"condition_embedder|patch_embedding|proj_out", None), (".*", "int8")]
@@ -43,6 +42,7 @@ def test_record_and_ranges_match_the_replayed_inputs(setup):
     chex.assert_shape(rng.absmax["blocks_0/attn1/to_q"], (3, 2, 2))
     chex.assert_shape(rng.absmax["blocks_0/attn2/to_k"], (3, 2, 1))  # text tokens: no frames
     assert rng.ranks["condition_embedder/time_proj"] == 2 and rng.ranks["blocks_0/ffn/net_2"] == 3
+
     # brute force: step 1, conditional branch, the to_q input of every sample, per frame
     def capture(x, t, cond):
         seen = {}
@@ -56,7 +56,10 @@ def test_record_and_ranges_match_the_replayed_inputs(setup):
     np.testing.assert_allclose(rng.absmax["blocks_0/attn1/to_q"][1, T.COND], per_frame, rtol=1e-6)
     assert np.all(rng.absmax["blocks_0/attn2/to_k"][:, T.UNCOND] != rng.absmax["blocks_0/attn2/to_k"][:, T.COND])
     samples = cal.samples({"params": b.params}, max_tokens=40)  # rows drawn over every step and branch
-    assert samples["blocks_0/attn1/to_q"].shape == (40, 64) and samples["condition_embedder/time_proj"].shape == (12, 64)
+    assert samples["blocks_0/attn1/to_q"].shape == (40, 64) and samples["condition_embedder/time_proj"].shape == (
+        12,
+        64,
+    )
 
 
 def test_layer_stats_keyed_by_group_and_branch(setup):
@@ -66,7 +69,9 @@ def test_layer_stats_keyed_by_group_and_branch(setup):
     st_ = T.layer_stats(b.denoiser, {"params": b.params}, traj, groups=groups)
     assert set(st_) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     path = "blocks_0/attn1/to_q/kernel"
-    assert float(st_[(0, 1)][path].count) == 2 * float(st_[(1, 1)][path].count) == 2 * 4 * 8  # 2 steps vs 1, 4 samples x 8 tokens
+    assert (
+        float(st_[(0, 1)][path].count) == 2 * float(st_[(1, 1)][path].count) == 2 * 4 * 8
+    )  # 2 steps vs 1, 4 samples x 8 tokens
     pooled = T.pooled_stats(st_)
     assert float(pooled[path].count) == 3 * 2 * 4 * 8  # 3 steps x 2 branches x 4 samples x 8 tokens
     sub = T.layer_stats(b.denoiser, {"params": b.params}, traj, steps_per_sample=1)
@@ -84,7 +89,9 @@ def test_build_table_groupings_and_values(setup):
     single = TB.build_table(rng, "int8/t", TB.TableConfig("single"), layers)
     a = rng.absmax["blocks_0/attn1/to_q"]
     np.testing.assert_allclose(single.scales["blocks_0/attn1/to_q"], a.max().reshape(1, 1, 1) / 127, rtol=1e-6)
-    full = TB.build_table(rng, "int8/t", TB.TableConfig("uniform", 3, per_branch=True, per_frame=True, margin=1.5), layers)
+    full = TB.build_table(
+        rng, "int8/t", TB.TableConfig("uniform", 3, per_branch=True, per_frame=True, margin=1.5), layers
+    )
     np.testing.assert_allclose(full.scales["blocks_0/attn1/to_q"], a * 1.5 / 127, rtol=1e-6)
     chex.assert_shape(full.scales["blocks_0/attn2/to_k"], (3, 2, 1))
     var = TB.build_table(rng, "int8/t", TB.TableConfig("variance", 2), layers)
@@ -123,8 +130,9 @@ def test_per_token_static_scale_in_dispatch():
     got = dequantize(quantize_activation(x, act, s))
     for i in range(4):
         np.testing.assert_allclose(got[i], dequantize(quantize_activation(x[i], act, s[i, 0, 0])), rtol=1e-6)
-    np.testing.assert_allclose(dequantize(quantize_activation(x, act, jnp.full((1,), 0.1))),
-                               dequantize(quantize_activation(x, act, 0.1)))
+    np.testing.assert_allclose(
+        dequantize(quantize_activation(x, act, jnp.full((1,), 0.1))), dequantize(quantize_activation(x, act, 0.1))
+    )
     with pytest.raises(ValueError, match="does not broadcast"):
         quantize_activation(x, act, jnp.ones((4, 6, 16)))
 
@@ -139,8 +147,15 @@ def test_table_threads_through_one_compiled_sampler(setup):
     layers = C.quantized_layers(q)
     single = TB.build_table(rng, "int8/t", TB.TableConfig("single"), layers)
     full = TB.build_table(rng, "int8/t", TB.TableConfig("uniform", 3, per_branch=True, per_frame=True), layers)
-    same = TB.ScaleTable(full.act, full.groups, {p: np.broadcast_to(single.scales[p], full.scales[p].shape).copy()
-                                                 for p in full.scales}, full.ranks, full.video, full.frames, full.config)
+    same = TB.ScaleTable(
+        full.act,
+        full.groups,
+        {p: np.broadcast_to(single.scales[p], full.scales[p].shape).copy() for p in full.scales},
+        full.ranks,
+        full.video,
+        full.frames,
+        full.config,
+    )
     out_single = R.QuantizedModel(q, "int8/t", single).sample(den, work)
     traces = []
     orig = R._QuantStep.__call__
@@ -153,8 +168,15 @@ def test_table_threads_through_one_compiled_sampler(setup):
     try:
         out_same = R.QuantizedModel(q, "int8/t", same).sample(den, work)
         out_full = R.QuantizedModel(q, "int8/t", full).sample(den, work)
-        halved = TB.ScaleTable(full.act, full.groups, {p: v * 0.5 for p, v in full.scales.items()}, full.ranks,
-                               full.video, full.frames, full.config)
+        halved = TB.ScaleTable(
+            full.act,
+            full.groups,
+            {p: v * 0.5 for p, v in full.scales.items()},
+            full.ranks,
+            full.video,
+            full.frames,
+            full.config,
+        )
         out_half = R.QuantizedModel(q, "int8/t", halved).sample(den, work)
     finally:
         R._QuantStep.__call__ = orig
@@ -169,7 +191,11 @@ def test_table_threads_through_one_compiled_sampler(setup):
 def test_per_step_precision_switch(setup):
     b, cal, q = setup
     den, work = b.denoiser, b.workload(2, 0)
-    q4 = {"params": quantize_params(b.params, [(r"condition_embedder|patch_embedding|proj_out", None), (".*", "int4/g32")])[0]}
+    q4 = {
+        "params": quantize_params(
+            b.params, [(r"condition_embedder|patch_embedding|proj_out", None), (".*", "int4/g32")]
+        )[0]
+    }
     layers = C.quantized_layers(q)
     m8 = R.QuantizedModel(q, "int8/t", TB.build_table(cal.ranges(q), "int8/t", TB.TableConfig("uniform", 2), layers))
     m4 = R.QuantizedModel(q4, "int8/token")

@@ -5,13 +5,12 @@ import json
 import jax
 import numpy as np
 import pytest
-
-from jquant import models
 from _pipeline_util import CONFIG, tiny_bundle
-from jquant import cli
-from jquant.pipeline import recipes as rc
-from jquant.pipeline import calibrate as C
+
+from jquant import cli, models
 from jquant.cli import quantize as pcli
+from jquant.pipeline import calibrate as C
+from jquant.pipeline import recipes as rc
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,27 @@ def model_dir(tmp_path_factory):
 
 def test_quantize_then_eval(model_dir, tmp_path, capsys):
     out = tmp_path / "q"
-    rc_ = cli.main(["quantize", str(model_dir), "--recipe", "int8-wa-smooth", "--out", str(out), "--steps", "2",
-                    "--calib-samples", "2", "--calib-batch", "2", "--table", "variance", "--groups", "2", "--per-branch"])
+    rc_ = cli.main(
+        [
+            "quantize",
+            str(model_dir),
+            "--recipe",
+            "int8-wa-smooth",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--calib-samples",
+            "2",
+            "--calib-batch",
+            "2",
+            "--table",
+            "variance",
+            "--groups",
+            "2",
+            "--per-branch",
+        ]
+    )
     assert rc_ == 0
     assert {p.name for p in out.iterdir()} >= {"checkpoint", "quant.json", "report.md", "report.json"}
     meta = json.loads((out / "quant.json").read_text())

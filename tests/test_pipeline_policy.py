@@ -3,18 +3,28 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from _pipeline_util import CONFIG
 
 from jquant import models
-from _pipeline_util import CONFIG
 from jquant import policy as P
-from jquant.qarray import QArray
-from jquant.rules import flatten_with_paths, quantize_params
 from jquant.models.dit import DiTConfig
 from jquant.models.flux import FluxConfig
+from jquant.qarray import QArray
+from jquant.rules import flatten_with_paths, quantize_params
 
-FLUX = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                  pooled_projection_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6))
-DIT = DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=8, num_embeds_ada_norm=10)
+FLUX = FluxConfig(
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    in_channels=16,
+    axes_dims_rope=(4, 6, 6),
+)
+DIT = DiTConfig(
+    num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=8, num_embeds_ada_norm=10
+)
 
 
 def _roles(cfg):
@@ -29,7 +39,9 @@ def test_policy_plans_on_every_port():
     f = P.VIDEO_MIXED.plan(flux)
     assert f["transformer_blocks_0/attn/to_q/kernel"] == "int8"  # double stream
     assert f["single_transformer_blocks_0/proj_mlp/kernel"] == "int4/g64"
-    assert f["transformer_blocks_0/norm1/linear/kernel"] is None and f["norm_out/linear/kernel"] is None  # modulation first
+    assert (
+        f["transformer_blocks_0/norm1/linear/kernel"] is None and f["norm_out/linear/kernel"] is None
+    )  # modulation first
     d = P.TEMPORAL_INT8.plan(dit)
     assert set(d.values()) == {None, "int4/g32"}  # an image model: nothing temporal
     assert P.get("uniform-nf4/g64").default == "nf4/g64" and P.get("video-mixed") is P.VIDEO_MIXED
@@ -46,7 +58,9 @@ def test_rules_quantize_by_role_and_print():
     leaves = dict(flatten_with_paths(q))
     assert str(leaves["blocks_0/attn1/to_v/kernel"].spec) == "int8/c"
     assert str(leaves["blocks_0/attn2/to_v/kernel"].spec) == "int4/g32"
-    assert not isinstance(leaves["proj_out/kernel"], QArray) and not isinstance(leaves["blocks_0/scale_shift_table"], QArray)
+    assert not isinstance(leaves["proj_out/kernel"], QArray) and not isinstance(
+        leaves["blocks_0/scale_shift_table"], QArray
+    )
     text = str(P.TEMPORAL_INT8)
     assert "temporal, double_stream" in text and "int4/g32" in text and "float (kept)" in text
     table = P.TEMPORAL_INT8.table(roles, params)

@@ -9,10 +9,10 @@ orderings asserted held for every evaluation seed tried (0, 1, 2).
 import numpy as np
 import pytest
 
-from jquant.pipeline import recipes as rc
+from jquant import policy as P
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
-from jquant import policy as P
+from jquant.pipeline import recipes as rc
 from jquant.pipeline import runtime as R
 from jquant.pipeline.denoiser import tiny_wan_bundle
 from jquant.pipeline.tables import TableConfig

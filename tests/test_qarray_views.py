@@ -6,7 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jquant
 from jquant.formats import FORMATS

@@ -7,19 +7,18 @@ import numpy as np
 import pytest
 
 import jquant.nn
-from jquant.algorithms import quarot as Q
-from jquant.hadamard import random_hadamard
-from jquant.algorithms.linear_tree import get_aux, jitted_apply, layer_statistics, relative_error, update_layer
+from jquant import models
 from jquant.algorithms import fold
+from jquant.algorithms import quarot as Q
 from jquant.algorithms.fold import aux_collection
 from jquant.algorithms.gptq import gptq
+from jquant.algorithms.linear_tree import get_aux, jitted_apply, layer_statistics, relative_error, update_layer
 from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant_search
 from jquant.algorithms.svd import CorrectionConfig, lowrank_correction
 from jquant.algorithms.toy import one_layer, outlier_block, rope
-from jquant.rules import quantize_params
-
-from jquant import models
+from jquant.hadamard import random_hadamard
 from jquant.models import dit, flux, wan
+from jquant.rules import quantize_params
 
 W4 = [("adaLN", None), (".*", "int4")]  # the modulation stays in float
 
@@ -30,7 +29,9 @@ def _block_config(**kw):
 
 @pytest.fixture(scope="module")
 def block():
-    blk, variables, (x, c) = outlier_block(seed=0, dim=128, heads=4, mlp=256, tokens=32, batch=4, qk_norm=True, use_rope=True)
+    blk, variables, (x, c) = outlier_block(
+        seed=0, dim=128, heads=4, mlp=256, tokens=32, batch=4, qk_norm=True, use_rope=True
+    )
     run = jitted_apply(blk)
     return blk, variables, x, c, run(variables, x, c), run
 
@@ -125,24 +126,67 @@ def _ported(name):
     rng = np.random.default_rng(0)
     f32 = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
     if name == "wan":
-        cfg = wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=8,
-                            freq_dim=16, ffn_dim=32, num_layers=2)
+        cfg = wan.WanConfig(
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=8,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+        )
         inputs = dict(hidden_states=f32(1, 4, 2, 4, 4), timestep=jnp.array([500.0]), encoder_hidden_states=f32(1, 5, 8))
     elif name == "wan_i2v":
-        cfg = wan.WanConfig(num_attention_heads=2, attention_head_dim=12, in_channels=4, text_dim=8, freq_dim=16,
-                            ffn_dim=32, num_layers=1, image_dim=6, added_kv_proj_dim=24, cross_attn_norm=False)
-        inputs = dict(hidden_states=f32(1, 4, 1, 4, 4), timestep=jnp.array([500.0]),
-                      encoder_hidden_states=f32(1, 512, 8), encoder_hidden_states_image=f32(1, 3, 6))
+        cfg = wan.WanConfig(
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            text_dim=8,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=1,
+            image_dim=6,
+            added_kv_proj_dim=24,
+            cross_attn_norm=False,
+        )
+        inputs = dict(
+            hidden_states=f32(1, 4, 1, 4, 4),
+            timestep=jnp.array([500.0]),
+            encoder_hidden_states=f32(1, 512, 8),
+            encoder_hidden_states_image=f32(1, 3, 6),
+        )
     elif name == "flux":
-        cfg = flux.FluxConfig(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                              num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
-                              guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        inputs = dict(hidden_states=f32(1, 6, 8), encoder_hidden_states=f32(1, 3, 12), pooled_projections=f32(1, 10),
-                      timestep=jnp.array([0.5]), img_ids=jnp.asarray(rng.integers(0, 4, (6, 3)), jnp.float32),
-                      txt_ids=jnp.zeros((3, 3)), guidance=jnp.array([3.5]))
+        cfg = flux.FluxConfig(
+            in_channels=8,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            pooled_projection_dim=10,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        inputs = dict(
+            hidden_states=f32(1, 6, 8),
+            encoder_hidden_states=f32(1, 3, 12),
+            pooled_projections=f32(1, 10),
+            timestep=jnp.array([0.5]),
+            img_ids=jnp.asarray(rng.integers(0, 4, (6, 3)), jnp.float32),
+            txt_ids=jnp.zeros((3, 3)),
+            guidance=jnp.array([3.5]),
+        )
     else:
-        cfg = dit.DiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                            sample_size=8, num_embeds_ada_norm=10)
+        cfg = dit.DiTConfig(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            num_embeds_ada_norm=10,
+        )
         inputs = dict(hidden_states=f32(1, 4, 8, 8), timestep=jnp.array([500]), class_labels=jnp.array([3]))
     shapes = models.param_shapes(cfg)
     params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape).astype(np.float32)), shapes)

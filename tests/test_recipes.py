@@ -3,15 +3,15 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _pipeline_util import tiny_bundle
-from jquant.pipeline import recipes as rc
-from jquant.pipeline import calibrate as C
+
 from jquant import policy as pol
+from jquant.algorithms.fold import flat_aux as _flat_aux
+from jquant.pipeline import calibrate as C
+from jquant.pipeline import recipes as rc
 from jquant.pipeline import runtime as R
 from jquant.pipeline.tables import TableConfig
 from jquant.qarray import QArray
-from jquant.algorithms.fold import flat_aux as _flat_aux
 
 # what a block kernel (blocks_0/ffn/net_2, K = 128) and its aux look like after each recipe
 EXPECT = {
@@ -30,7 +30,10 @@ EXPECT = {
     "w4a4-quarot": ("int4/g64", {"hadamard", "input_mul"}),
     "w4-quarot-svd": ("int4/g64", {"hadamard", "input_mul", "lowrank_a", "lowrank_b"}),
 }
-SLOW = {"w4a4-spinquant": "spinquant -> gptq[uniform-int4/g64]", "quip2": "quip[uniform-int4/g64]"}  # tested cheaper below
+SLOW = {
+    "w4a4-spinquant": "spinquant -> gptq[uniform-int4/g64]",
+    "quip2": "quip[uniform-int4/g64]",
+}  # tested cheaper below
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +96,13 @@ def test_rotations_are_exact_in_float_and_chains_compose(env):
     rotated = rc.quarot()(cal.float_variables, cal.context())
     out = R.QuantizedModel(rotated).sample(b.denoiser, work)
     np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4)  # exact rewrite of the float model
-    mine = rc.Recipe("mine", "QuaRot then int8 RTN, static single table", rc.chain(rc.quarot(), rc.rtn(pol.uniform("int8"))),
-                     act="int8", table=TableConfig("single"))
+    mine = rc.Recipe(
+        "mine",
+        "QuaRot then int8 RTN, static single table",
+        rc.chain(rc.quarot(), rc.rtn(pol.uniform("int8"))),
+        act="int8",
+        table=TableConfig("single"),
+    )
     assert mine.transform.name == "quarot -> rtn[uniform-int8]" and not mine.transform.needs_stats
     qm = C.quantize(b, mine, cal)
     assert "hadamard" in _flat_aux(qm.variables)["blocks_0/attn1/to_q"]
@@ -102,9 +110,12 @@ def test_rotations_are_exact_in_float_and_chains_compose(env):
     with pytest.raises(TypeError, match="not a Transform"):
         rc.chain(rc.quarot(), "gptq")
     # the slow SpinQuant recipe's building block, cheaper: a few optimizer steps on few rows
-    spun = rc.chain(rc.spinquant(steps=2, max_tokens=32), rc.rtn(pol.uniform("int4/g64")))(cal.float_variables, cal.context())
+    spun = rc.chain(rc.spinquant(steps=2, max_tokens=32), rc.rtn(pol.uniform("int4/g64")))(
+        cal.float_variables, cal.context()
+    )
     assert "hadamard" in _flat_aux(spun)["blocks_0/attn1/to_q"] and isinstance(
-        dict(_leaf_items(spun["params"]))["blocks_0/attn1/to_v/kernel"], QArray)
+        dict(_leaf_items(spun["params"]))["blocks_0/attn1/to_v/kernel"], QArray
+    )
     other = C.Calibrator(tiny_bundle(num_steps=2), C.CalibrationConfig(num_samples=1, batch=1))
     with pytest.raises(ValueError, match="another model bundle"):
         C.quantize(b, mine, other)

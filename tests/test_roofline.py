@@ -83,8 +83,7 @@ def test_dit_token_counts_are_compute_bound_and_small_m_is_not():
             assert i > rl.H100_SXM.ridge(w, a), (k, n, w, a)
     for m in (1, 2, 16):
         assert rl.linear_intensity(m, 5120, 30720, "FP16", "FP16") < 16.1
-        assert rl.linear_intensity(m, 5120, 30720, "FP16", "FP16") < rl.H100_SXM.ridge(
-            "FP16", "FP16")
+        assert rl.linear_intensity(m, 5120, 30720, "FP16", "FP16") < rl.H100_SXM.ridge("FP16", "FP16")
 
 
 def test_table4_grid_shape_and_values():

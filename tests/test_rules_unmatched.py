@@ -6,24 +6,36 @@ import warnings
 
 import jax.numpy as jnp
 import pytest
+from _pipeline_util import CONFIG
 
 import jquant
-from _pipeline_util import CONFIG
 from jquant import models
 from jquant import policy as P
 from jquant.models.dit import DiTConfig
 from jquant.models.flux import FluxConfig
 from jquant.rules import UnmatchedRuleWarning, normalize_rules
 
-FLUX = FluxConfig(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                  pooled_projection_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6))
-DIT = DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=8, num_embeds_ada_norm=10)
+FLUX = FluxConfig(
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    in_channels=16,
+    axes_dims_rope=(4, 6, 6),
+)
+DIT = DiTConfig(
+    num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=8, num_embeds_ada_norm=10
+)
 
 
 def tree():
     x = jnp.ones((32, 16))
-    return {"blocks_0": {"attn": {"to_q": {"kernel": x}, "to_k": {"kernel": x}}, "norm": {"scale": jnp.ones(16)}},
-            "proj_out": {"kernel": x}}
+    return {
+        "blocks_0": {"attn": {"to_q": {"kernel": x}, "to_k": {"kernel": x}}, "norm": {"scale": jnp.ones(16)}},
+        "proj_out": {"kernel": x},
+    }
 
 
 def test_a_rule_matching_no_leaf_warns_naming_it_and_the_others_still_apply():

@@ -178,9 +178,7 @@ def _diffusers_flow_loop(cfg, x_T, cond, uncond=None, g=1.0, rows=None):
 def test_flow_sampler_matches_diffusers_loop(cfg):
     x_T, cond = _noise(), _cond()
     ref = _diffusers_flow_loop(cfg, x_T, cond)
-    x0, traj = sample_flow_euler(
-        _jax_model, x_T, cond, schedule=flow_match_schedule(**cfg), return_trajectory=True
-    )
+    x0, traj = sample_flow_euler(_jax_model, x_T, cond, schedule=flow_match_schedule(**cfg), return_trajectory=True)
     chex.assert_shape(traj, (ref.shape[0], *SHAPE))
     np.testing.assert_allclose(traj, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(x0, traj[-1])
@@ -206,12 +204,25 @@ def test_flow_sampler_cfg_matches_diffusers_loop():
     np.testing.assert_allclose(out, ref[-1], atol=1e-5, rtol=1e-5)
 
 
-def _diffusers_ddim_loop(cfg, num_steps, x_T, cond, *, prediction_type, learned_sigma=False, clip=False,
-                         eta=0.0, noises=None, uncond=None, g=1.0):
+def _diffusers_ddim_loop(
+    cfg,
+    num_steps,
+    x_T,
+    cond,
+    *,
+    prediction_type,
+    learned_sigma=False,
+    clip=False,
+    eta=0.0,
+    noises=None,
+    uncond=None,
+    g=1.0,
+):
     sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip, **cfg)
     sched.set_timesteps(num_steps)
     x = torch.from_numpy(x_T)
     for i, t in enumerate(sched.timesteps):
+
         def branch(c):
             p = _torch_model(x, t, c)
             return torch.cat([p, 7.0 + 0 * p], dim=-1) if learned_sigma else p
@@ -247,15 +258,36 @@ def test_ddim_learned_sigma_cfg_clip_and_eta_match_diffusers():
     n, key = 9, jax.random.key(3)
     keys = jax.random.split(key, n)
     noises = np.stack([np.asarray(jax.random.normal(k, SHAPE, jnp.float32)) for k in keys])
-    ref = _diffusers_ddim_loop(dict(), n, x_T, cond, prediction_type="epsilon", learned_sigma=True, clip=True,
-                               eta=0.7, noises=noises, uncond=uncond, g=4.0)
+    ref = _diffusers_ddim_loop(
+        dict(),
+        n,
+        x_T,
+        cond,
+        prediction_type="epsilon",
+        learned_sigma=True,
+        clip=True,
+        eta=0.7,
+        noises=noises,
+        uncond=uncond,
+        g=4.0,
+    )
 
     def dit_like(x, t, c, s):
         p = _jax_model(x, t, c, s)
         return jnp.concatenate([p, 7.0 + 0 * p], axis=-1)
 
-    out = sample_ddim(dit_like, x_T, cond, num_steps=n, learned_sigma=True, clip_sample=True,
-                      eta=0.7, key=key, uncond=uncond, guidance_scale=4.0)
+    out = sample_ddim(
+        dit_like,
+        x_T,
+        cond,
+        num_steps=n,
+        learned_sigma=True,
+        clip_sample=True,
+        eta=0.7,
+        key=key,
+        uncond=uncond,
+        guidance_scale=4.0,
+    )
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -284,8 +316,9 @@ def test_step_index_and_pytree_step_data():
         return 0 * x + step_slice["scale"]
 
     step_data = {"row": jnp.arange(n, dtype=jnp.float32) * 10, "scale": jnp.ones((n,), jnp.float32)}
-    out = sample_ddim(model, _noise(), None, num_steps=n, step_data=step_data, with_step_index=True,
-                      prediction_type="sample")
+    out = sample_ddim(
+        model, _noise(), None, num_steps=n, step_data=step_data, with_step_index=True, prediction_type="sample"
+    )
     jax.block_until_ready(out)
     assert seen == [(i, 10.0 * i) for i in range(n)]
     np.testing.assert_allclose(out, 1.0, atol=1e-5)  # "sample" prediction of 1 ends at x0 = 1
@@ -302,8 +335,11 @@ def test_scan_compiles_once_across_step_values():
     outs = []
     for k, shift in enumerate([1.0, 3.0, 7.0]):
         sd = {"s": jnp.full((8, 1), 0.5 + k, jnp.float32)}
-        outs.append(sample_flow_euler(model, x_T, cond, num_steps=8, shift=shift, step_data=sd,
-                                      uncond=uncond, guidance_scale=2.0 + k))
+        outs.append(
+            sample_flow_euler(
+                model, x_T, cond, num_steps=8, shift=shift, step_data=sd, uncond=uncond, guidance_scale=2.0 + k
+            )
+        )
     assert traces["n"] == 1
     assert np.abs(np.asarray(outs[0]) - np.asarray(outs[2])).max() > 1e-3
 

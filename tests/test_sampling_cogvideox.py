@@ -54,7 +54,9 @@ def test_alphas_cumprod_match_diffusers(cfg):
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-12)
     # the SNR shift is what sets CogVideoX apart from DDIMScheduler
     if cfg.get("snr_shift_scale", 3.0) != 1.0:
-        assert not np.allclose(ours[:-1], ddim_schedule(1000, beta_schedule=cfg["beta_schedule"]).alpha_prod_t[::-1][:-1])
+        assert not np.allclose(
+            ours[:-1], ddim_schedule(1000, beta_schedule=cfg["beta_schedule"]).alpha_prod_t[::-1][:-1]
+        )
 
 
 @pytest.mark.parametrize("cfg", SETTINGS, ids=IDS)

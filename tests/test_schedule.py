@@ -55,6 +55,7 @@ def test_scale_table_and_step_rows():
 
 def test_table_threaded_through_one_jitted_scan():
     """Each step's row reaches the model's static activation quantizer; one trace for all steps."""
+
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):

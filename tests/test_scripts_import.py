@@ -17,8 +17,9 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 GPU_ONLY_AT_IMPORT = {"_probe1.py"}  # a one-off H100 probe that measures at import (benchmarks/probe1-h100.log)
 
 
-@pytest.mark.parametrize("path", sorted(p for p in SCRIPTS.glob("*.py") if p.name not in GPU_ONLY_AT_IMPORT),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(p for p in SCRIPTS.glob("*.py") if p.name not in GPU_ONLY_AT_IMPORT), ids=lambda p: p.name
+)
 def test_script_imports(path: Path, monkeypatch) -> None:
     name = f"_jquant_script_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)

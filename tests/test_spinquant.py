@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from jquant.algorithms import quarot as Q
 from jquant.algorithms import spinquant as S
-from jquant.hadamard import random_hadamard
 from jquant.algorithms.linear_tree import capture_inputs, jitted_apply, relative_error
 from jquant.algorithms.synthetic import layer_problem
 from jquant.algorithms.toy import outlier_block
+from jquant.hadamard import random_hadamard
 from jquant.qarray import dequantize, quantize
 from jquant.rules import quantize_params
 
@@ -52,7 +52,9 @@ def test_learned_rotation_beats_its_rht_start_on_structured_outliers():
 
 @pytest.fixture(scope="module")
 def block():
-    blk, variables, (x, c) = outlier_block(seed=0, dim=128, heads=4, mlp=256, tokens=32, batch=4, qk_norm=True, use_rope=True)
+    blk, variables, (x, c) = outlier_block(
+        seed=0, dim=128, heads=4, mlp=256, tokens=32, batch=4, qk_norm=True, use_rope=True
+    )
     return blk, variables, x, c, capture_inputs(blk, variables, x, c)
 
 

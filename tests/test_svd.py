@@ -9,10 +9,10 @@ import pytest
 import jquant.nn
 from jquant.algorithms import fold, quarot, svd
 from jquant.algorithms.gptq import gptq
-from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant_search
-from jquant.coded import LowRankArray, decode_tree
 from jquant.algorithms.linear_tree import get_aux, get_kernel, layer_statistics, relative_error, update_layer
+from jquant.algorithms.smoothquant import SmoothQuantConfig, smoothquant_search
 from jquant.algorithms.toy import one_layer, outlier_layer
+from jquant.coded import LowRankArray, decode_tree
 from jquant.qarray import QArray, dequantize
 from jquant.rules import quantize_params
 
@@ -51,7 +51,7 @@ def test_svd_llm_truncation_error_is_the_dropped_singular_values(rank):
 
 
 def test_svdquant_split_is_exact_in_float(layer):
-    x, w, *_ , stats = layer
+    x, w, *_, stats = layer
     mul, a, b, res = svd.svdquant_split(w, stats["layer/kernel"].absmax, rank=16, alpha=0.5)
     y = jnp.matmul(x * mul, jnp.matmul(a, b, precision=HI) + res, precision=HI)
     chex.assert_trees_all_close(y, jnp.matmul(x, w, precision=HI), rtol=1e-5, atol=1e-4)
@@ -126,7 +126,9 @@ def test_errors_name_the_layer(layer):
     with pytest.raises(ValueError, match="layer: svdquant smoothing after an online Hadamard"):
         svd.svdquant(rotated, stats, svd.SVDQuantConfig(rules="int4/g32"))
     with pytest.raises(KeyError, match="absmax"):
-        svd.svdquant(variables, {"layer": {"hessian": stats["layer/kernel"].hessian}}, svd.SVDQuantConfig(rules="int4/g32"))
+        svd.svdquant(
+            variables, {"layer": {"hessian": stats["layer/kernel"].hessian}}, svd.SVDQuantConfig(rules="int4/g32")
+        )
     with pytest.raises(ValueError, match="rank must be an integer"):
         svd.svd_lowrank(w, 0)
     with pytest.raises(ValueError, match="not in the same basis"):

@@ -56,7 +56,10 @@ class AQLMArray(RowVectorArray):
     def nominal_bits(self) -> float:
         """Codes at ``B`` bits each plus the codebooks and scales at their stored width."""
         codes = self.codes.size * self.bits
-        return float(codes + 8 * (self.codebooks.size * self.codebooks.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize))
+        return float(
+            codes
+            + 8 * (self.codebooks.size * self.codebooks.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
+        )
 
     def dequantize(self, dtype=None) -> Array:
         vec = _reconstruct(self.codes.astype(jnp.int32), self.codebooks.astype(jnp.float32))  # [K/8, N, 8]
@@ -102,9 +105,17 @@ def _beam_chunk(u: Array, g: Array, codes: Array, books: Array, beam: int, sweep
         for m in range(m_books):
             r = u[:, None, :] - _reconstruct(beams, books) + books[m][beams[..., m]]  # [V, b, 8]
             gr = jnp.einsum("vab,vkb->vka", g, r, precision=_HI)
-            err = jnp.sum(r * gr, -1)[..., None] - 2 * jnp.einsum("ia,vka->vki", books[m], gr, precision=_HI) + cgc[:, m][:, None, :]
+            err = (
+                jnp.sum(r * gr, -1)[..., None]
+                - 2 * jnp.einsum("ia,vka->vki", books[m], gr, precision=_HI)
+                + cgc[:, m][:, None, :]
+            )
             err = jnp.where(jnp.isinf(errs)[..., None], jnp.inf, err).reshape(v, -1)  # [V, b * 2^B]
-            cand = jnp.broadcast_to(beams[:, :, None, :], (v, beam, size, m_books)).at[..., m].set(jnp.arange(size)[None, None, :])
+            cand = (
+                jnp.broadcast_to(beams[:, :, None, :], (v, beam, size, m_books))
+                .at[..., m]
+                .set(jnp.arange(size)[None, None, :])
+            )
             cand = cand.reshape(v, -1, m_books)
             key = jnp.sum(cand * radix, -1)
             order = jnp.argsort(key, axis=1)
@@ -195,7 +206,9 @@ def _block_metric(h: Array | None, k: int) -> Array:
     return g / jnp.mean(jnp.diagonal(g, axis1=1, axis2=2))
 
 
-def aqlm_weight(w: Array, h: Array | None = None, config: AQLMConfig = AQLMConfig(), *, path: str = "layer") -> tuple[AQLMArray, list[float]]:
+def aqlm_weight(
+    w: Array, h: Array | None = None, config: AQLMConfig = AQLMConfig(), *, path: str = "layer"
+) -> tuple[AQLMArray, list[float]]:
     """AQLM-quantize one kernel [K, N] (K a multiple of 8); ``h`` = the layer's ``X^T X``.
 
     Returns the leaf and the block-metric error after the init and after each round.
@@ -224,7 +237,10 @@ def aqlm_weight(w: Array, h: Array | None = None, config: AQLMConfig = AQLMConfi
 
     def error(cd, bk):
         d = (vecs - _reconstruct(cd, bk)).reshape(k // DIM, n, DIM) * scales[None, :, None]
-        return float(jnp.einsum("gna,gab,gnb->", d, gblk, d, precision=_HI) / jnp.einsum("gna,gab,gnb->", u * scales[None, :, None], gblk, u * scales[None, :, None], precision=_HI))
+        return float(
+            jnp.einsum("gna,gab,gnb->", d, gblk, d, precision=_HI)
+            / jnp.einsum("gna,gab,gnb->", u * scales[None, :, None], gblk, u * scales[None, :, None], precision=_HI)
+        )
 
     errors = [error(codes, books)]
     for _ in range(config.iters):

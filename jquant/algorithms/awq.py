@@ -154,7 +154,9 @@ def awq(
         if config.clip_search and l.spec.scaling != "mx":
             s = scales[p]
             h = l.stats.hessian_mean / s[:, None] / s[None, :]  # Hessian of x / s
-            sc, z, s2, _ = clip_search(l.kernel, h, l.spec, grid=config.clip_grid, min_ratio=config.clip_min_ratio, path=p)
+            sc, z, s2, _ = clip_search(
+                l.kernel, h, l.spec, grid=config.clip_grid, min_ratio=config.clip_min_ratio, path=p
+            )
             new[p] = lw.build_qarray(l.kernel, l.spec, sc, z, s2)
         else:
             new[p] = lw.quantize_fast(l.kernel, l.spec, path=p)
@@ -163,6 +165,7 @@ def awq(
 
 def transform(policy: Policy, config: Any = None) -> Transform:
     """AWQ (activation-aware scaling + clipping search); ``x / s`` kept as ``input_mul``."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         params, aux = awq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config, aux=flat_aux(v))
         return with_params(v, policy.cast(params, ctx.roles), aux)

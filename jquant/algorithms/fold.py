@@ -130,7 +130,9 @@ def _fold_into(flat: dict[str, Any], fold: Fold, s: Array, new: dict[str, Any]) 
         return False
     kind = fold.kind or {2: "linear", 1: "affine"}.get(target.ndim)
     if kind is None:
-        raise ValueError(f"fold target {fold.path!r} has rank {target.ndim}; expected a 2-D kernel or a 1-D affine vector")
+        raise ValueError(
+            f"fold target {fold.path!r} has rank {target.ndim}; expected a 2-D kernel or a 1-D affine vector"
+        )
     if fold.bias is not None and bias is None:
         raise KeyError(f"fold bias {fold.bias!r} is not a param path of the tree")
     k = s.shape[0]

@@ -115,7 +115,9 @@ def inverse_cholesky(
         if bool(ok):
             return u, d
         if d * 10 > damp_limit * (1 + 1e-9):
-            raise ValueError(f"{path}: Cholesky of the damped Hessian failed even with damping {d:g} (limit {damp_limit:g})")
+            raise ValueError(
+                f"{path}: Cholesky of the damped Hessian failed even with damping {d:g} (limit {damp_limit:g})"
+            )
         msg = f"{path}: Cholesky failed with damping {d:g} x mean(diag H); retrying with {d * 10:g}"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
@@ -151,7 +153,9 @@ def blocked_sweep(w_t: Array, u: Array, ctx: Any, quantizer: Any, *, block: int,
         def sub_body(si, c2):
             w1, c1, q1, e1, recs = c2
             j0 = si * sub
-            state, rec = quantizer.group(ctx, lax.dynamic_slice(w1, (0, j0), (n, sub)), lax.dynamic_slice(d1, (j0,), (sub,)), i1 + j0)
+            state, rec = quantizer.group(
+                ctx, lax.dynamic_slice(w1, (0, j0), (n, sub)), lax.dynamic_slice(d1, (j0,), (sub,)), i1 + j0
+            )
             recs = jax.tree.map(lambda r, v: r.at[(i1 + j0) // sub].set(v), recs, rec)
 
             def col_body(j, c3):
@@ -169,7 +173,13 @@ def blocked_sweep(w_t: Array, u: Array, ctx: Any, quantizer: Any, *, block: int,
             w1, c1, q1, e1 = lax.fori_loop(0, sub, col_body, (w1, c1, q1, e1))
             return w1, c1, q1, e1, recs
 
-        init = (w1, jnp.zeros((n, block), codes.dtype), jnp.zeros((n, block), jnp.float32), jnp.zeros((n, block), jnp.float32), recs)
+        init = (
+            w1,
+            jnp.zeros((n, block), codes.dtype),
+            jnp.zeros((n, block), jnp.float32),
+            jnp.zeros((n, block), jnp.float32),
+            recs,
+        )
         _, c1, q1, e1, recs = lax.fori_loop(0, nsub, sub_body, init)
         # lazy batch update of everything right of the block (U is upper triangular, so
         # columns left of it are untouched; the block's own columns are not read again)
@@ -269,7 +279,9 @@ def sweep_geometry(k: int, rows: int, block_size: int, grouped: bool) -> tuple[i
     return block, rows
 
 
-def gptq_layer(w: Array, hessian: Array, spec: QSpec | str, config: GPTQConfig | None = None, *, path: str = "layer") -> QArray:
+def gptq_layer(
+    w: Array, hessian: Array, spec: QSpec | str, config: GPTQConfig | None = None, *, path: str = "layer"
+) -> QArray:
     """GPTQ-quantize one kernel ``w`` [K, N] given its input Hessian [K, K] (X^T X, any scale)."""
     config = config or GPTQConfig()
     spec = parse_spec(spec)
@@ -322,7 +334,9 @@ def gptq(
         if float(layer.stats.count) < layer.kernel.shape[0]:
             log.info(
                 "gptq: %s: Hessian from %d tokens < %d channels is rank-deficient; damping keeps it invertible",
-                layer.path, int(layer.stats.count), layer.kernel.shape[0],
+                layer.path,
+                int(layer.stats.count),
+                layer.kernel.shape[0],
             )
         return gptq_layer(layer.kernel, lw.mean_hessian(layer), layer.spec, config, path=layer.path)
 
@@ -331,6 +345,7 @@ def gptq(
 
 def transform(policy: Policy, config: Any = None) -> Transform:
     """GPTQ (Hessian error feedback) per the policy, on trajectory statistics."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         params = gptq(v["params"], ctx.stats(v), policy.rules(ctx.roles), config)
         return with_params(v, policy.cast(params, ctx.roles))

@@ -118,7 +118,10 @@ def plan_kquant_mix(
             counts[loc[0]] = max(counts.get(loc[0], 0), loc[1] + 1)
     return {
         p: kquant_mix(
-            name, p, s, roles.get(p, ()),
+            name,
+            p,
+            s,
+            roles.get(p, ()),
             layer=None if where[p] is None else (where[p][1], counts[where[p][0]]),
             axis=axis,
         )
@@ -128,9 +131,12 @@ def plan_kquant_mix(
 
 # Role guesses from common diffusers tensor names, for models without a Flax port.
 _NAME_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (r"^(patch_embed\w*|pos_embed|x_embedder|t_embedder|y_embedder|time_embed\w*|condition_embedder|"
-     r"context_embedder|time_text_embed|caption_projection|adaln_single|img_in|txt_in|time_in|vector_in|"
-     r"guidance_in|proj_in|patch_embedding)\.", ("embedder",)),
+    (
+        r"^(patch_embed\w*|pos_embed|x_embedder|t_embedder|y_embedder|time_embed\w*|condition_embedder|"
+        r"context_embedder|time_text_embed|caption_projection|adaln_single|img_in|txt_in|time_in|vector_in|"
+        r"guidance_in|proj_in|patch_embedding)\.",
+        ("embedder",),
+    ),
     (r"^(proj_out|norm_out|final_layer|proj_out_\w+)\.", ("final",)),
     (r"(norm\w*\.linear|adaLN_modulation\.\d+|\w*_mod\.lin|\.modulation\.lin\w*)\.weight$", ("modulation",)),
     (r"(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|q_proj|k_proj|v_proj|qkv|to_qkv)\.weight$", ("attn.qkv",)),
@@ -159,6 +165,7 @@ def roles_from_name(name: str) -> tuple[str, ...]:
 def transform(mix: str) -> Transform:
     """GGUF k-quant mix (``"Q4_K_M"``, ``"Q5_K_M"``, ``"Q6_K"``, ``"Q8_0"``) by role, as
     llama.cpp/city96 lay it out (:func:`jquant.algorithms.kquants.kquant_mix`)."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         shapes = {p: tuple(leaf.shape) for p, leaf in flatten_with_paths(v["params"]) if p in ctx.roles}
         plan = plan_kquant_mix(mix, shapes, ctx.roles, axis=0)

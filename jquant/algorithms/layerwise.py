@@ -79,9 +79,13 @@ def select(
         if spec is None:
             continue
         if leaf.ndim != 2:
-            raise ValueError(f"{method}: {path!r} has shape {tuple(leaf.shape)}; only 2-D (in, out) kernels are supported")
+            raise ValueError(
+                f"{method}: {path!r} has shape {tuple(leaf.shape)}; only 2-D (in, out) kernels are supported"
+            )
         if spec.contraction_axis(2, path) != 0:
-            raise ValueError(f"{method}: {path!r}: spec {spec} contracts axis {spec.axis}; Flax kernels contract axis 0")
+            raise ValueError(
+                f"{method}: {path!r}: spec {spec} contracts axis {spec.axis}; Flax kernels contract axis 0"
+            )
         if spec.dynamic:
             raise ValueError(f"{method}: {path!r}: {spec} is a per-token (activation) spec, not a weight spec")
         st = None
@@ -99,7 +103,11 @@ def select(
                 )
         out.append(Layer(path, leaf, spec, st))
     if missing:
-        hint = " (pass variables['params'], not the whole variables dict)" if any(p.startswith("params/") for p in missing) else ""
+        hint = (
+            " (pass variables['params'], not the whole variables dict)"
+            if any(p.startswith("params/") for p in missing)
+            else ""
+        )
         raise KeyError(f"{method}: no calibration statistics for {missing}{hint}")
     return out
 
@@ -135,8 +143,9 @@ def map_layers(
 ) -> Any:
     """The per-layer lift: :func:`select` the layers, ``layer_fn(layer) -> new leaf`` each,
     :func:`replace` them, so a method only writes its per-layer math."""
-    selected = select(params, stats, rules, layers=layers, method=method, need_stats=need_stats,
-                      need_hessian=need_hessian)
+    selected = select(
+        params, stats, rules, layers=layers, method=method, need_stats=need_stats, need_hessian=need_hessian
+    )
     return replace(params, {layer.path: layer_fn(layer) for layer in selected})
 
 
@@ -148,7 +157,7 @@ def mean_hessian(layer: Layer) -> Array:
 # --- errors ------------------------------------------------------------------------------------
 def hessian_error(w: Array, w_hat: Array, hessian: Array) -> Array:
     """tr(dW^T H dW) for kernels [K, N]: ||X (W - W_hat)||_F^2 when H = X^T X."""
-    d = (jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32))
+    d = jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)
     return jnp.sum(d * jnp.matmul(hessian, d, precision=_HIGHEST))
 
 

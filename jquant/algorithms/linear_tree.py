@@ -44,7 +44,9 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def _check_variables(variables: Variables, where: str) -> None:
     if not isinstance(variables, Mapping) or "params" not in variables:
-        raise ValueError(f"{where}: expected linen variables {{'params': ..., 'jquant': ...}}, got {type(variables).__name__}")
+        raise ValueError(
+            f"{where}: expected linen variables {{'params': ..., 'jquant': ...}}, got {type(variables).__name__}"
+        )
 
 
 def linear_paths(variables: Variables) -> list[str]:
@@ -93,7 +95,7 @@ def get_aux(variables: Variables, path: str) -> dict[str, Any]:
     """The aux entries of one layer (empty dict if none)."""
     prefix = f"{path}/" if path else ""
     flat = _flat(variables.get(AUX_COLLECTION))
-    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and k[len(prefix):] in AUX_KEYS}
+    return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix) and k[len(prefix) :] in AUX_KEYS}
 
 
 def update_layer(
@@ -129,7 +131,9 @@ def update_layer(
     return out
 
 
-def select_layers(variables: Variables, rules: Sequence[Rule] | QSpec | str, method: str = "select_layers") -> list[tuple[str, QSpec]]:
+def select_layers(
+    variables: Variables, rules: Sequence[Rule] | QSpec | str, method: str = "select_layers"
+) -> list[tuple[str, QSpec]]:
     """(module path, spec) for every float 2-D kernel a rule assigns a spec to.
 
     ``rules`` follows :func:`jquant.rules.quantize_params`: one spec for every eligible
@@ -232,6 +236,7 @@ def jitted_apply(model: Any):
     """``run(variables, *inputs, act=None, **kw)``: :func:`jquant.nn.apply` under ``jax.jit``
     (``act`` static), with CodedArray kernels decoded first. One compile per tree structure;
     cached per (hashable) linen module."""
+
     @functools.partial(jax.jit, static_argnames=("act",))
     def run(variables: Variables, *inputs: Any, act: str | None = None, **kw: Any) -> Any:
         return apply(model, decode_tree(variables), *inputs, act=act, **kw)

@@ -151,7 +151,9 @@ def rotate_heads(
         path, rows = _parse_consumer(spec)
         w = float_kernel(out, path, "rotate_heads")
         if get_aux(out, path):
-            raise ValueError(f"{path}: rotate_heads must run before aux ({sorted(get_aux(out, path))}) is added to the output projection")
+            raise ValueError(
+                f"{path}: rotate_heads must run before aux ({sorted(get_aux(out, path))}) is added to the output projection"
+            )
         out = update_layer(out, path, kernel=_rotate_in_rows(w, r, rows, path))
     return out
 
@@ -226,7 +228,9 @@ def quarot(variables: Variables, stats: Any = None, config: QuaRotConfig = QuaRo
         out = rotate_qk(out, q_paths, k_paths, rq)
     paths = online_paths(out, config)
     if not paths and not config.vo_groups and not config.qk_groups:
-        raise ValueError(f"quarot: no layer matches online={config.online!r} (skip={config.skip!r}); layers: {linear_paths(out)}")
+        raise ValueError(
+            f"quarot: no layer matches online={config.online!r} (skip={config.skip!r}); layers: {linear_paths(out)}"
+        )
     for path in paths:
         out = rotate_input(out, path, seed)
     return out
@@ -252,7 +256,13 @@ def _attentions(mods: Mapping[str, Any], name: str) -> list[str]:
 
 
 def dit_plan(
-    params: Any, roles: Mapping[str, Sequence[str]], head_dim: int, *, seed: int = 0, heads_offline: bool = True, fold_qk: bool = False
+    params: Any,
+    roles: Mapping[str, Sequence[str]],
+    head_dim: int,
+    *,
+    seed: int = 0,
+    heads_offline: bool = True,
+    fold_qk: bool = False,
 ) -> QuaRotConfig:
     """QuaRot for a ported DiT (diffusers layer names), from its layer roles.
 
@@ -285,13 +295,19 @@ def dit_plan(
     if fold_qk:
         for attn in _attentions(mods, "to_q"):
             if any(k.startswith(_child(attn, "norm_")) for k in _flat_keys(params)):
-                raise ValueError(f"dit_plan: {attn} has q/k norm parameters; folding the Q/K rotation would not be exact")
+                raise ValueError(
+                    f"dit_plan: {attn} has q/k norm parameters; folding the Q/K rotation would not be exact"
+                )
             q = tuple(_child(attn, n) for n in ("to_q", "add_q_proj") if _child(attn, n) in mods)
             k = tuple(_child(attn, n) for n in ("to_k", "add_k_proj") if _child(attn, n) in mods)
             qk.append((q, k))
     pattern = "^(?:" + "|".join(re.escape(p) for p in online) + ")$" if online else "(?!)"
     return QuaRotConfig(
-        online=pattern, vo_groups=tuple(groups) if heads_offline else (), qk_groups=tuple(qk), head_dim=head_dim, seed=seed
+        online=pattern,
+        vo_groups=tuple(groups) if heads_offline else (),
+        qk_groups=tuple(qk),
+        head_dim=head_dim,
+        seed=seed,
     )
 
 
@@ -303,6 +319,7 @@ def transform(seed: int = 0, heads: bool = True) -> Transform:
     """QuaRot (:func:`jquant.algorithms.quarot.dit_plan`): head-wise V/O rotations (offline,
     exact) and online randomized Hadamards on every attention/FFN input; never on the
     modulation, embedders or the head. Data-free; exact in float."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         return quarot(v, None, dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed, heads_offline=heads))
 

@@ -172,7 +172,9 @@ def _ldlq(wt: Array, lmat: Array) -> tuple[Array, Array]:
         target = jax.lax.dynamic_slice_in_dim(wt, blk * DIM, DIM, axis=0) + fb
         codes = e8p_quantize(target.T)
         q = e8p_decode(codes).T
-        err = jax.lax.dynamic_update_slice_in_dim(err, jax.lax.dynamic_slice_in_dim(wt, blk * DIM, DIM, 0) - q, blk * DIM, 0)
+        err = jax.lax.dynamic_update_slice_in_dim(
+            err, jax.lax.dynamic_slice_in_dim(wt, blk * DIM, DIM, 0) - q, blk * DIM, 0
+        )
         return err, (codes, q)
 
     _, (codes, q) = jax.lax.scan(body, jnp.zeros_like(wt), jnp.arange(nb - 1, -1, -1))
@@ -190,7 +192,9 @@ class QuIPConfig:
     scales: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 
 
-def quip_weight(w: Array, h: Array | None = None, config: QuIPConfig = QuIPConfig(), *, path: str = "layer") -> E8PArray:
+def quip_weight(
+    w: Array, h: Array | None = None, config: QuIPConfig = QuIPConfig(), *, path: str = "layer"
+) -> E8PArray:
     """QuIP#-quantize one kernel [K, N] (K a multiple of 8); ``h`` = ``X^T X`` for LDLQ
     and for choosing the scale by output error (else by weight error)."""
     check_rows(w, path, "QuIP#")
@@ -233,6 +237,7 @@ def quip(variables: Variables, stats: Any, config: QuIPConfig = QuIPConfig()) ->
 def transform(policy: Policy, ldlq: bool = True) -> Transform:
     """QuIP# (two-sided RHT + E8P lattice codebook, 2 bits/weight, LDLQ on trajectory
     Hessians) on the layers the policy quantizes (the policy's specs are not used)."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         mods = [p[: -len("/kernel")] for p, prec in policy.plan(ctx.roles).items() if prec not in (None, pol.BF16)]
         pattern = "^(?:" + "|".join(re.escape(m) for m in mods) + ")$"

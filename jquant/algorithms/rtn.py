@@ -95,7 +95,9 @@ def clip_search(
     return _search(jnp.asarray(w), jnp.asarray(hessian, jnp.float32), spec, ratios)
 
 
-def rtn_layer(w: Array, spec: QSpec | str, hessian: Array | None = None, config: RTNConfig | None = None, *, path: str = "layer") -> QArray:
+def rtn_layer(
+    w: Array, spec: QSpec | str, hessian: Array | None = None, config: RTNConfig | None = None, *, path: str = "layer"
+) -> QArray:
     """RTN of one kernel; with ``config.clip_search`` the scales are clipped by the Hessian search."""
     config = config or RTNConfig()
     spec = parse_spec(spec)
@@ -132,12 +134,19 @@ def rtn(
         todo = {p: resolve(p, leaf, rl) for p, leaf in flat if layers is None or p in layers}
         leaves = dict(flat)
         return lw.replace(params, {p: lw.quantize_fast(leaves[p], s, path=p) for p, s in todo.items() if s is not None})
-    return lw.map_layers(params, stats, rules, lambda layer: rtn_layer(
-        layer.kernel, layer.spec, lw.mean_hessian(layer), config, path=layer.path), layers=layers, method="rtn")
+    return lw.map_layers(
+        params,
+        stats,
+        rules,
+        lambda layer: rtn_layer(layer.kernel, layer.spec, lw.mean_hessian(layer), config, path=layer.path),
+        layers=layers,
+        method="rtn",
+    )
 
 
 def transform(policy: Policy) -> Transform:
     """Round-to-nearest per the policy (bf16 layers cast)."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         return with_params(v, policy.quantize(v["params"], ctx.roles))
 

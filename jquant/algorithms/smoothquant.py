@@ -133,7 +133,9 @@ def smoothquant_search(
     """The smoothing scales ``{kernel_path: s}`` and the alpha chosen per layer."""
     config = config or SmoothQuantConfig()
     need_h = config.search
-    selected = {l.path: l for l in lw.select(params, stats, rules, layers=layers, method="smoothquant", need_hessian=need_h)}
+    selected = {
+        l.path: l for l in lw.select(params, stats, rules, layers=layers, method="smoothquant", need_hessian=need_h)
+    }
     qmax = _act_qmax(config.act_spec)
     scales: dict[str, Array] = {}
     alphas: dict[str, float] = {}
@@ -147,7 +149,12 @@ def smoothquant_search(
             errs = []
             for a in grid:
                 s = smooth_scales(amax, wmax, a)
-                errs.append(sum(float(_w8a8_error(l.kernel, l.stats.hessian_mean, rng, s, l.stats.count, l.spec, qmax)) for l in ls))
+                errs.append(
+                    sum(
+                        float(_w8a8_error(l.kernel, l.stats.hessian_mean, rng, s, l.stats.count, l.spec, qmax))
+                        for l in ls
+                    )
+                )
             best = float(grid[int(jnp.argmin(jnp.asarray(errs)))])
         else:
             best = config.alpha
@@ -158,7 +165,9 @@ def smoothquant_search(
     return scales, alphas
 
 
-def static_input_scale(stats: Any, s: Array | None, act: QSpec | str = "int8/t", percentile: float | None = None) -> Array:
+def static_input_scale(
+    stats: Any, s: Array | None, act: QSpec | str = "int8/t", percentile: float | None = None
+) -> Array:
     """Per-tensor static activation scale of x / s: max_j(stat_j / s_j) / qmax."""
     act = parse_spec(act)
     v = stats.absmax if percentile is None else stats.percentile(percentile)
@@ -197,6 +206,7 @@ def transform(policy: Policy, alpha: float = 0.5, search: bool = True, act: str 
     """SmoothQuant: activation outliers migrated into the weights (alpha searched per layer
     on a grid when ``search``), then RTN per the policy. Its single static ``input_scale``
     is dropped: the recipe's table (or dynamic scales) decides at run time."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         cfg = SmoothQuantConfig(alpha=alpha, search=search, act=act)
         params, aux = smoothquant(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg, aux=flat_aux(v))
@@ -210,6 +220,7 @@ def smoothing(policy: Policy, alpha: float = 0.5, search: bool = False, act: str
     """SmoothQuant's smoothing alone: the float model with ``diag(s) W`` and ``x / s`` kept as
     ``input_mul`` (exact in float), for any quantizer to follow (``chain(smoothing(p), rtn(p))``)
     and as the reference a low-rank correction of that quantizer's error needs."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         cfg = SmoothQuantConfig(alpha=alpha, search=search, act=act)
         scales, _ = smoothquant_search(v["params"], ctx.stats(v), policy.rules(ctx.roles), cfg)

@@ -143,7 +143,14 @@ def _optimizer(name: str, lr: float) -> optax.GradientTransformation:
 
 
 def optimize_rotation(
-    r0: Array, terms: Sequence[_Term], w_spec: QSpec | str | None, act: QSpec | str | None, *, steps: int, lr: float, optimizer: str = "adam"
+    r0: Array,
+    terms: Sequence[_Term],
+    w_spec: QSpec | str | None,
+    act: QSpec | str | None,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adam",
 ) -> tuple[Array, Array]:
     """Minimize :func:`rotation_loss` over ``R = r0 cayley(P)`` from ``P = 0``.
 
@@ -206,7 +213,9 @@ class SpinQuantConfig:
     max_tokens: int = 2048
 
 
-def learn_rotation(x: Array, w: Array, config: SpinQuantConfig = SpinQuantConfig(), r0: Array | None = None) -> tuple[Array, Array]:
+def learn_rotation(
+    x: Array, w: Array, config: SpinQuantConfig = SpinQuantConfig(), r0: Array | None = None
+) -> tuple[Array, Array]:
     """Learn a full input rotation of one layer ``y = x W``: ``(R [K, K], losses)``.
 
     Starts from ``r0`` (default: the RHT of ``config.seed``). Use ``x R`` and ``R^T W``
@@ -215,7 +224,9 @@ def learn_rotation(x: Array, w: Array, config: SpinQuantConfig = SpinQuantConfig
     x = jnp.asarray(x, jnp.float32).reshape(-1, w.shape[0])[: config.max_tokens]
     r0 = random_hadamard(w.shape[0], config.seed) if r0 is None else r0
     term = _Term(x, jnp.asarray(w, jnp.float32), "input")
-    return optimize_rotation(r0, [term], config.w_spec, config.act, steps=config.steps, lr=config.lr, optimizer=config.optimizer)
+    return optimize_rotation(
+        r0, [term], config.w_spec, config.act, steps=config.steps, lr=config.lr, optimizer=config.optimizer
+    )
 
 
 # --- the tree method -----------------------------------------------------------------------------------
@@ -229,7 +240,9 @@ def _samples(samples: Mapping[str, Array], path: str, max_tokens: int) -> Array:
     return jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])[:max_tokens]
 
 
-def _vo_terms(variables: Variables, samples, v_paths, o_paths, online: set[str], config: SpinQuantConfig) -> list[_Term]:
+def _vo_terms(
+    variables: Variables, samples, v_paths, o_paths, online: set[str], config: SpinQuantConfig
+) -> list[_Term]:
     terms = []
     for path in v_paths:
         x = _samples(samples, path, config.max_tokens)
@@ -245,7 +258,15 @@ def _vo_terms(variables: Variables, samples, v_paths, o_paths, online: set[str],
             raise ValueError(f"spinquant: {path}: row-sliced output projections are not supported in the loss")
         w = jnp.asarray(get_kernel(variables, path), jnp.float32)
         on = path in online
-        terms.append(_Term(_samples(samples, path, config.max_tokens), w, "input", on, rht_signs(w.shape[0], config.seed) if on else None))
+        terms.append(
+            _Term(
+                _samples(samples, path, config.max_tokens),
+                w,
+                "input",
+                on,
+                rht_signs(w.shape[0], config.seed) if on else None,
+            )
+        )
     return terms
 
 
@@ -259,17 +280,23 @@ def spinquant(variables: Variables, samples: Mapping[str, Array], config: SpinQu
     return spinquant_with_losses(variables, samples, config)[0]
 
 
-def spinquant_with_losses(variables: Variables, samples: Mapping[str, Array], config: SpinQuantConfig) -> tuple[dict, list[Array]]:
+def spinquant_with_losses(
+    variables: Variables, samples: Mapping[str, Array], config: SpinQuantConfig
+) -> tuple[dict, list[Array]]:
     """:func:`spinquant` that also returns each group's loss curve."""
     if not config.vo_groups:
-        raise ValueError("spinquant: config.vo_groups is empty; nothing to learn (use quarot for online rotations only)")
+        raise ValueError(
+            "spinquant: config.vo_groups is empty; nothing to learn (use quarot for online rotations only)"
+        )
     qcfg = qr.QuaRotConfig(online=config.online, skip=config.skip, head_dim=config.head_dim, seed=config.seed)
     online = set(qr.online_paths(variables, qcfg))
     r0 = qr.head_rotation(config.head_dim, config.seed)
     out, curves = dict(variables), []
     for v_paths, o_paths in config.vo_groups:
         terms = _vo_terms(variables, samples, v_paths, o_paths, online, config)
-        r, losses = optimize_rotation(r0, terms, config.w_spec, config.act, steps=config.steps, lr=config.lr, optimizer=config.optimizer)
+        r, losses = optimize_rotation(
+            r0, terms, config.w_spec, config.act, steps=config.steps, lr=config.lr, optimizer=config.optimizer
+        )
         out = qr.rotate_heads(out, v_paths, o_paths, r)
         curves.append(losses)
     for path in qr.online_paths(out, qcfg):
@@ -277,20 +304,36 @@ def spinquant_with_losses(variables: Variables, samples: Mapping[str, Array], co
     return out, curves
 
 
-def transform(act: str = "int4/token", steps: int = 100, lr: float = 1e-3, seed: int = 0, max_tokens: int = 1024,
-              w_spec: str | None = "int4") -> Transform:
+def transform(
+    act: str = "int4/token",
+    steps: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_tokens: int = 1024,
+    w_spec: str | None = "int4",
+) -> Transform:
     """SpinQuant: the head-wise V/O rotations *learned* (Cayley/optax) to minimize the output
     error with ``w_spec`` weights (RTN, fake-quantized) and ``act`` activations on trajectory
     activation samples, fused (exact), plus QuaRot's online Hadamards. Weights are quantized by
     the next step (e.g. GPTQ). ``w_spec=None`` is the paper's activation-only loss; with the
     weights in the loss, GPTQ afterwards reached a lower held-out error than QuaRot + GPTQ in 5
     of 6 cases of docs/methods.md, against 2 of 6 with the activation-only loss."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         if ctx.samples is None:
             raise ValueError("spinquant needs activation samples: run it through jquant.pipeline.calibrate.quantize")
         plan = qr.dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed)
-        cfg = SpinQuantConfig(w_spec=w_spec, act=act, steps=steps, lr=lr, vo_groups=plan.vo_groups,
-                                head_dim=ctx.head_dim, online=plan.online, seed=seed, max_tokens=max_tokens)
+        cfg = SpinQuantConfig(
+            w_spec=w_spec,
+            act=act,
+            steps=steps,
+            lr=lr,
+            vo_groups=plan.vo_groups,
+            head_dim=ctx.head_dim,
+            online=plan.online,
+            seed=seed,
+            max_tokens=max_tokens,
+        )
         return spinquant(v, ctx.samples(v, max_tokens), cfg)
 
     return Transform("spinquant", fn, True)

@@ -194,7 +194,18 @@ class SpQRArray(CodedArray):
 
     def tree_flatten(self):
         return (
-            (self.codes, self.s_codes, self.s_step, self.s_min, self.z_codes, self.z_step, self.z_min, self.rows, self.cols, self.values),
+            (
+                self.codes,
+                self.s_codes,
+                self.s_step,
+                self.s_min,
+                self.z_codes,
+                self.z_step,
+                self.z_min,
+                self.rows,
+                self.cols,
+                self.values,
+            ),
             self.meta,
         )
 
@@ -291,8 +302,15 @@ def spqr_layer(w: Array, hessian: Array, config: SpQRConfig | None = None, *, pa
     meta = (k, n, config.bits, beta, config.stat_bits, sg, jnp.dtype(w.dtype).name)
     return SpQRArray(
         pack(codes_t.T, _container(config.bits), 0)[0],
-        pack_stat(sc), ss, sm, pack_stat(zc), zs, zm,
-        rows.astype(idx_dt), cols.astype(idx_dt), values,
+        pack_stat(sc),
+        ss,
+        sm,
+        pack_stat(zc),
+        zs,
+        zm,
+        rows.astype(idx_dt),
+        cols.astype(idx_dt),
+        values,
         meta=meta,
     )
 
@@ -313,8 +331,14 @@ def spqr(
         rules = [(rules, spec)]
     else:
         rules = [(r, spec) if isinstance(r, str) else (r[0], None if r[1] is None else spec) for r in rules]
-    return lw.map_layers(params, stats, rules, lambda layer: spqr_layer(
-        layer.kernel, layer.stats.hessian_mean, config, path=layer.path), layers=layers, method="spqr")
+    return lw.map_layers(
+        params,
+        stats,
+        rules,
+        lambda layer: spqr_layer(layer.kernel, layer.stats.hessian_mean, config, path=layer.path),
+        layers=layers,
+        method="spqr",
+    )
 
 
 def bits_per_weight(tree: Any) -> dict[str, float]:

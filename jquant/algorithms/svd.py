@@ -223,7 +223,9 @@ def svd_llm(variables: Variables, stats: Any, config: SVDLLMConfig) -> dict:
     out = dict(variables)
     paths = match_paths(variables, config.pattern)
     if not paths:
-        raise ValueError(f"svd_llm: no linear layer matches pattern {config.pattern!r}; layers: {linear_paths(variables)}")
+        raise ValueError(
+            f"svd_llm: no linear layer matches pattern {config.pattern!r}; layers: {linear_paths(variables)}"
+        )
     for path in paths:
         w = float_kernel(out, path, "svd_llm")
         k, n = w.shape
@@ -309,7 +311,9 @@ def _same_basis(ref: dict, q: dict, path: str) -> None:
         raise ValueError(f"{path}: reference and quantized trees have different input_mul: not in the same basis")
 
 
-def lowrank_correction(reference: Variables, quantized: Variables, stats: Any, config: CorrectionConfig = CorrectionConfig()) -> dict:
+def lowrank_correction(
+    reference: Variables, quantized: Variables, stats: Any, config: CorrectionConfig = CorrectionConfig()
+) -> dict:
     """Add ``SVD_r(W_ref - dequant(Q) - existing branch)`` to every quantized layer.
 
     ``reference`` is the float tree in the same basis as ``quantized`` (what was handed to
@@ -361,6 +365,7 @@ def _rank(rank: int | None, ctx: Context) -> int:
 def transform(policy: Policy, rank: int | None = None, alpha: float = 0.5) -> Transform:
     """SVDQuant: smoothing, a rank-r bf16 branch (default ``min(32, width / 8)``), the
     residual quantized per the policy."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         cfg = SVDQuantConfig(rules=policy.rules(ctx.roles), rank=_rank(rank, ctx), alpha=alpha)
         out = svdquant(v, ctx.stats(v), cfg)
@@ -372,6 +377,7 @@ def transform(policy: Policy, rank: int | None = None, alpha: float = 0.5) -> Tr
 def correct(inner: Transform, rank: int | None = None) -> Transform:
     """``inner`` then a rank-r low-rank correction of each quantized layer's error
     (whitened by the layer's trajectory Hessian)."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         cfg = CorrectionConfig(rank=_rank(rank, ctx))
         return quantize_and_correct(v, ctx.stats(v), cfg, lambda vv, _st: inner(vv, ctx))
@@ -382,6 +388,7 @@ def correct(inner: Transform, rank: int | None = None) -> Transform:
 def loftq_transform(policy: Policy, rank: int | None = None, iters: int = 5) -> Transform:
     """LoftQ: ``iters`` alternations of quantizing per the policy and a rank-r bf16 SVD of the
     error (default rank as :func:`transform`); data-free."""
+
     def fn(v: Variables, ctx: Context) -> Variables:
         out = loftq(v, None, LoftQConfig(rules=policy.rules(ctx.roles), rank=_rank(rank, ctx), iters=iters))
         return {**out, "params": policy.cast(out["params"], ctx.roles)}

@@ -34,7 +34,9 @@ def outlier_activations(
     return x.astype(np.float32)
 
 
-def heavy_tailed_weights(seed: int, k: int, n: int, *, outlier_frac: float = 0.005, outlier_scale: float = 10.0) -> np.ndarray:
+def heavy_tailed_weights(
+    seed: int, k: int, n: int, *, outlier_frac: float = 0.005, outlier_scale: float = 10.0
+) -> np.ndarray:
     """w [K, N] ~ N(0, 1/K) with a fraction ``outlier_frac`` of entries ``outlier_scale`` x larger."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)) / np.sqrt(k)
@@ -42,7 +44,9 @@ def heavy_tailed_weights(seed: int, k: int, n: int, *, outlier_frac: float = 0.0
     return w.astype(np.float32)
 
 
-def layer_problem(seed: int, k: int, n: int, tokens: int, *, n_outliers: int = 4, weight_outliers: float = 0.005) -> tuple[np.ndarray, np.ndarray]:
+def layer_problem(
+    seed: int, k: int, n: int, tokens: int, *, n_outliers: int = 4, weight_outliers: float = 0.005
+) -> tuple[np.ndarray, np.ndarray]:
     """One layer: (activations [T, K] with outlier channels, weights [K, N])."""
     x = outlier_activations(seed, tokens, k, n_outliers=n_outliers)
     w = heavy_tailed_weights(seed + 1, k, n, outlier_frac=weight_outliers)

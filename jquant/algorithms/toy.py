@@ -105,7 +105,9 @@ def outlier_block(
         params[name] = {k: np.zeros(v.shape, np.float32) for k, v in shapes[name].items()}
         if "kernel" in shapes[name]:
             fan_in = shapes[name]["kernel"].shape[0]
-            params[name]["kernel"] = heavy_tailed(rng, shapes[name]["kernel"].shape) * np.float32(math.sqrt(0.6 / fan_in))
+            params[name]["kernel"] = heavy_tailed(rng, shapes[name]["kernel"].shape) * np.float32(
+                math.sqrt(0.6 / fan_in)
+            )
         if "bias" in shapes[name]:
             params[name]["bias"] = (0.02 * rng.standard_normal(shapes[name]["bias"].shape)).astype(np.float32)
         if "scale" in shapes[name]:

@@ -51,7 +51,8 @@ def format_table() -> str:
             scaling, group = f.FP4_SCALINGS[name]
             kind, bits = fmt.kind, str(fmt.bits)
             note = f"fp4 (e2m1) in {group}-value blocks, {'e8m0' if scaling == 'mx' else 'e4m3'} block scales" + (
-                " and an fp32 tensor scale" if scaling == "nv" else "")
+                " and an fp32 tensor scale" if scaling == "nv" else ""
+            )
         else:
             kind, bits = fmt.kind, str(fmt.bits)
             if fmt.kind == "int":
@@ -65,8 +66,10 @@ def format_table() -> str:
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     lines = [f"{head[0]:<{w[0]}}  {head[1]:<{w[1]}}  {head[2]:>{w[2]}}  {head[3]:<{w[3]}}  {head[4]}"]
     lines += [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}  {r[4]}" for r in rows]
-    lines.append("bits: per stored code before scales (int3/uint3 codes take 4-bit containers); for the GGUF "
-                 "codecs, per weight with the block scales.")
+    lines.append(
+        "bits: per stored code before scales (int3/uint3 codes take 4-bit containers); for the GGUF "
+        "codecs, per weight with the block scales."
+    )
     return "\n".join(lines)
 
 
@@ -91,39 +94,54 @@ def _export_gguf(a: argparse.Namespace) -> int:
 
 def _parser() -> ArgumentParser:
     p = ArgumentParser(
-        prog="jquant", description="Quantization for diffusion and flow-matching transformers in JAX/Flax.",
+        prog="jquant",
+        description="Quantization for diffusion and flow-matching transformers in JAX/Flax.",
         epilog=f"{DEBUG_FLAG} (anywhere on the command line) prints the full traceback of an error.",
     )
     p.add_argument(DEBUG_FLAG, action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("demo", help="quantize the bundled video model and compare (see `jquant demo -h`)", add_help=False)
-    sub.add_parser("quantize", help="calibrate on the trajectory, apply a recipe, save (see `jquant quantize -h`)",
-                   add_help=False)
-    sub.add_parser("eval", help="fidelity of a quantized checkpoint against its float model (see `jquant eval -h`)",
-                   add_help=False)
-    sub.add_parser("formats", help="list every number format and the spec grammar",
-                   description="List every number format of jquant.formats and the spec string grammar.").set_defaults(fn=_formats)
-    g = sub.add_parser(
-        "export-gguf", help="write a diffusers model folder as a GGUF file (k-quant mix)",
-        description="Quantize a diffusers model folder (config.json + safetensors) into one GGUF file, the codec "
-                    "of each tensor picked by layer role as llama.cpp's mixes do (docs/gguf.md).",
+    sub.add_parser(
+        "quantize", help="calibrate on the trajectory, apply a recipe, save (see `jquant quantize -h`)", add_help=False
     )
-    g.add_argument("model_dir", help="diffusers model folder (config.json + safetensors); for a pipeline folder, its "
-                                     "transformer/ subfolder")
+    sub.add_parser(
+        "eval", help="fidelity of a quantized checkpoint against its float model (see `jquant eval -h`)", add_help=False
+    )
+    sub.add_parser(
+        "formats",
+        help="list every number format and the spec grammar",
+        description="List every number format of jquant.formats and the spec string grammar.",
+    ).set_defaults(fn=_formats)
+    g = sub.add_parser(
+        "export-gguf",
+        help="write a diffusers model folder as a GGUF file (k-quant mix)",
+        description="Quantize a diffusers model folder (config.json + safetensors) into one GGUF file, the codec "
+        "of each tensor picked by layer role as llama.cpp's mixes do (docs/gguf.md).",
+    )
+    g.add_argument(
+        "model_dir",
+        help="diffusers model folder (config.json + safetensors); for a pipeline folder, its transformer/ subfolder",
+    )
     g.add_argument("out", help="the .gguf file to write")
-    g.add_argument("--type", default="Q4_K_M", choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"],
-                   help="the k-quant mix (default Q4_K_M: Q4_K base, Q6_K on the protected layers)")
+    g.add_argument(
+        "--type",
+        default="Q4_K_M",
+        choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"],
+        help="the k-quant mix (default Q4_K_M: Q4_K base, Q6_K on the protected layers)",
+    )
     g.set_defaults(fn=_export_gguf)
     return p
 
 
 def _dispatch(argv: Sequence[str]) -> Callable[[], int]:
     if argv[:1] == ["demo"]:  # the demo owns its own options
+
         def demo() -> int:
             return demo_main(list(argv[1:]))
 
         return demo
     if argv[:1] in (["quantize"], ["eval"]):  # the pipeline commands own their options too
+
         def pipeline() -> int:
             return (pipeline_cli.main_quantize if argv[0] == "quantize" else pipeline_cli.main_eval)(list(argv[1:]))
 

@@ -65,7 +65,11 @@ def check_model_dir(path: str | os.PathLike) -> Path:
             f"{p} is a diffusers pipeline folder (model_index.json) with no transformer/ subfolder; pass the "
             f"denoiser's subfolder (folders with a config.json: {', '.join(subs) or 'none'})"
         )
-    hint = f"; did you mean {p / subs[0]}?" if len(subs) == 1 else (f"; subfolders with a config.json: {', '.join(subs)}" if subs else "")
+    hint = (
+        f"; did you mean {p / subs[0]}?"
+        if len(subs) == 1
+        else (f"; subfolders with a config.json: {', '.join(subs)}" if subs else "")
+    )
     raise FileNotFoundError(f"{p} has no config.json (expected a diffusers model folder){hint}")
 
 
@@ -91,7 +95,12 @@ def error_message(e: BaseException) -> str:
     for ln in lines[1:]:
         msg += (" " if msg.endswith(":") else "; ") + ln
     top = (getattr(e, "name", None) or "").split(".")[0]
-    if isinstance(e, ModuleNotFoundError) and top and top not in ("jquant", "pallas_kernels") and "pip install" not in msg:
+    if (
+        isinstance(e, ModuleNotFoundError)
+        and top
+        and top not in ("jquant", "pallas_kernels")
+        and "pip install" not in msg
+    ):
         msg += f" (install it: pip install {_PIP_NAMES.get(top, top.replace('_', '-'))})"
     if len(msg) > _MAX_MESSAGE:
         msg = msg[: _MAX_MESSAGE - 1] + "… (--debug prints all)"
@@ -116,8 +125,9 @@ def run_command(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
     except Exception as e:  # a bug: say so, and how to see where
         if debug:
             raise
-        print(f"{prog}: internal error: {type(e).__name__}: {error_message(e)} (a bug in jquant; rerun with "
-              f"{DEBUG_FLAG} for the traceback and report it)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(e).__name__}: {error_message(e)} (a bug in jquant; rerun with "
+            f"{DEBUG_FLAG} for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
-
-

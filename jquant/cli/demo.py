@@ -84,8 +84,15 @@ class Status:
         self.t0 = time.perf_counter()
         self.bar = None
         if self.tty:
-            self.bar = tqdm(total=total, desc="jquant demo", file=self.stream, position=0, leave=True, dynamic_ncols=True,
-                            bar_format="{desc}: {n_fmt}/{total_fmt} models |{bar:12}| {elapsed}{postfix}")
+            self.bar = tqdm(
+                total=total,
+                desc="jquant demo",
+                file=self.stream,
+                position=0,
+                leave=True,
+                dynamic_ncols=True,
+                bar_format="{desc}: {n_fmt}/{total_fmt} models |{bar:12}| {elapsed}{postfix}",
+            )
 
     def start(self, name: str) -> None:
         """The next model (``fp32`` or a recipe name) begins."""
@@ -131,6 +138,7 @@ class Status:
 def _status_calibrator(bundle: Any, config: Any, status: Status) -> Any:
     """A :class:`~jquant.pipeline.calibrate.Calibrator` that names its calibration phases on
     ``status`` (and shows its own nested bars on a terminal)."""
+
     class StatusCalibrator(Calibrator):
         def _phase(self, what: str, fn: Any, *args: Any) -> Any:
             if self.seconds["record"] == 0.0:  # the first call records the float trajectories
@@ -167,7 +175,9 @@ def _clip_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int) -> 
             y = gap + r * (h * scale + gap)
             draw.text((4, y + h * scale // 2 - 6), name, fill=255)
             for i in range(n):
-                img = Image.fromarray(np.uint8(np.round(255 * clips[i, t]))).resize((w * scale, h * scale), Image.NEAREST)
+                img = Image.fromarray(np.uint8(np.round(255 * clips[i, t]))).resize(
+                    (w * scale, h * scale), Image.NEAREST
+                )
                 canvas.paste(img, (label_w + i * (w * scale + gap), y))
         frames.append(np.asarray(canvas))
     return frames
@@ -205,8 +215,10 @@ def write_media(out_dir: Path, rows: Sequence[np.ndarray], names: Sequence[str])
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The demo's results as a fixed-width text table."""
-    head = (f"{'recipe':<16} {'bits/w':>6} {'weights MiB':>11} {'PSNR dB':>8} {'SSIM':>6} {'flicker':>8} "
-            f"{'class acc':>9} {'sample s':>9} {'compile s':>9}")
+    head = (
+        f"{'recipe':<16} {'bits/w':>6} {'weights MiB':>11} {'PSNR dB':>8} {'SSIM':>6} {'flicker':>8} "
+        f"{'class acc':>9} {'sample s':>9} {'compile s':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -291,7 +303,9 @@ def run_demo(
         status.phase("loading the bundled model")
         bundle = tiny_wan_bundle(model_dir, num_steps=steps)
         if guidance_scale is not None:
-            bundle = dataclasses.replace(bundle, denoiser=dataclasses.replace(bundle.denoiser, guidance_scale=float(guidance_scale)))
+            bundle = dataclasses.replace(
+                bundle, denoiser=dataclasses.replace(bundle.denoiser, guidance_scale=float(guidance_scale))
+            )
         tiny = bundle.extra["tiny"]
         work = bundle.workload(num_clips, seed)
         labels = jnp.asarray(work.labels)
@@ -303,14 +317,25 @@ def run_demo(
         status.phase(f"sampling {clips} (the first call compiles)")
         ref = reference(bundle, work)
         ref_clips = np.asarray(ref.videos)
-        rows: list[dict[str, Any]] = [{
-            "recipe": "fp32", "activations": "-", **weight_summary({"params": bundle.params}), "psnr": float("inf"),
-            "ssim": 1.0, "flicker": 0.0, "accuracy": accuracy(ref_clips), "sample_s": ref.sample_s,
-            "compile_s": ref.compile_s, "step_rmse": [0.0] * steps,
-        }]
+        rows: list[dict[str, Any]] = [
+            {
+                "recipe": "fp32",
+                "activations": "-",
+                **weight_summary({"params": bundle.params}),
+                "psnr": float("inf"),
+                "ssim": 1.0,
+                "flicker": 0.0,
+                "accuracy": accuracy(ref_clips),
+                "sample_s": ref.sample_s,
+                "compile_s": ref.compile_s,
+                "step_rmse": [0.0] * steps,
+            }
+        ]
         status.done(f"reference sampled in {ref.sample_s + ref.compile_s:.1f} s")
         clips_by_recipe = [ref_clips[..., 0]]
-        cal = _status_calibrator(bundle, CalibrationConfig(num_samples=calib_samples, batch=min(4, calib_samples)), status)
+        cal = _status_calibrator(
+            bundle, CalibrationConfig(num_samples=calib_samples, batch=min(4, calib_samples)), status
+        )
         for name in names:
             status.start(name)
             status.phase("quantizing")
@@ -321,10 +346,19 @@ def run_demo(
             r = evaluate(bundle, qm, ref)
             videos = r.pop("videos")
             clips_by_recipe.append(videos[..., 0])
-            rows.append({"recipe": name, "activations": rc.get(name).label, "accuracy": accuracy(videos),
-                         "quantize_s": quantize_s, **{k: v for k, v in r.items() if k not in ("name",)}})
-            status.done(f"PSNR {r['psnr']:.2f} dB, {r['bits_per_weight']:.2f} bits/w (quantized in {quantize_s:.1f} s, "
-                        f"sampled in {r['sample_s'] + r['compile_s']:.1f} s)")
+            rows.append(
+                {
+                    "recipe": name,
+                    "activations": rc.get(name).label,
+                    "accuracy": accuracy(videos),
+                    "quantize_s": quantize_s,
+                    **{k: v for k, v in r.items() if k not in ("name",)},
+                }
+            )
+            status.done(
+                f"PSNR {r['psnr']:.2f} dB, {r['bits_per_weight']:.2f} bits/w (quantized in {quantize_s:.1f} s, "
+                f"sampled in {r['sample_s'] + r['compile_s']:.1f} s)"
+            )
         status.line(f"writing {out}/grid.png, clips.gif, step_error.png, results.json")
     finally:
         status.close()
@@ -355,20 +389,28 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="jquant demo",
         description="Quantize the bundled tiny video model with several recipes, sample it on the same noise as "
-                    "the fp32 model, and compare (a table, clips side by side, error per step).",
+        "the fp32 model, and compare (a table, clips side by side, error per step).",
         epilog="The default run (8 clips, 16 steps, 3 recipes) takes 1-3 minutes on a 2-core CPU; --quick about a "
-               "minute. docs/tiny_model.md describes the model and the table.",
+        "minute. docs/tiny_model.md describes the model and the table.",
     )
-    p.add_argument("--quick", action="store_true",
-                   help=f"a fast run: {QUICK['clips']} clips, {QUICK['steps']} steps, recipes {QUICK['recipes']}, "
-                        f"{QUICK['calib_samples']} calibration samples (options given explicitly still win)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a fast run: {QUICK['clips']} clips, {QUICK['steps']} steps, recipes {QUICK['recipes']}, "
+        f"{QUICK['calib_samples']} calibration samples (options given explicitly still win)",
+    )
     p.add_argument("--out", default="jquant-demo", help="output folder (default: ./jquant-demo)")
-    p.add_argument("--clips", type=int, default=None, help="clips per recipe, one per digit class 0, 1, ... (default 8)")
+    p.add_argument(
+        "--clips", type=int, default=None, help="clips per recipe, one per digit class 0, 1, ... (default 8)"
+    )
     p.add_argument("--steps", type=int, default=None, help="flow-match Euler steps (default 16)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--recipes", default=None,
-                   help=f"comma-separated recipe names, or 'all' (default {','.join(DEFAULT_RECIPES)}; "
-                        "`jquant quantize --list` describes them)")
+    p.add_argument(
+        "--recipes",
+        default=None,
+        help=f"comma-separated recipe names, or 'all' (default {','.join(DEFAULT_RECIPES)}; "
+        "`jquant quantize --list` describes them)",
+    )
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples per recipe (default 4)")
     return p
 
@@ -384,11 +426,21 @@ def main(argv: list[str] | None = None) -> int:
         if opts[k] < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
     resolve_recipes(opts["recipes"])  # a typo fails now, not after the fp32 reference
-    print(f"jquant demo: {opts['clips']} clips x {opts['steps']} steps, recipes {opts['recipes']}, on "
-          f"{jax.devices()[0].device_kind}; loading the bundled model, then compiling and sampling "
-          "(progress on stderr)", file=sys.stderr, flush=True)
-    res = run_demo(a.out, num_clips=opts["clips"], steps=opts["steps"], seed=a.seed, recipes=opts["recipes"],
-                   calib_samples=opts["calib_samples"])
+    print(
+        f"jquant demo: {opts['clips']} clips x {opts['steps']} steps, recipes {opts['recipes']}, on "
+        f"{jax.devices()[0].device_kind}; loading the bundled model, then compiling and sampling "
+        "(progress on stderr)",
+        file=sys.stderr,
+        flush=True,
+    )
+    res = run_demo(
+        a.out,
+        num_clips=opts["clips"],
+        steps=opts["steps"],
+        seed=a.seed,
+        recipes=opts["recipes"],
+        calib_samples=opts["calib_samples"],
+    )
     print()
     print(res["table"])
     print(

@@ -57,11 +57,18 @@ def _table_from_args(a: argparse.Namespace, recipe: Any) -> Any:
 
 def quantize_parser() -> argparse.ArgumentParser:
     """The options of ``jquant quantize``."""
-    p = ArgumentParser(prog="jquant quantize", description="Calibrate on the denoising trajectory, quantize with a "
-                       "recipe, save the checkpoint and a per-layer report.",
-                       epilog="`jquant quantize --list` describes the recipes (no model folder needed).")
-    p.add_argument("model_dir", nargs="?", help="diffusers model folder of a ported model (Wan, DiT), e.g. "
-                   "jquant/models/assets/tiny_wan; for a diffusers pipeline folder, its transformer/ subfolder")
+    p = ArgumentParser(
+        prog="jquant quantize",
+        description="Calibrate on the denoising trajectory, quantize with a "
+        "recipe, save the checkpoint and a per-layer report.",
+        epilog="`jquant quantize --list` describes the recipes (no model folder needed).",
+    )
+    p.add_argument(
+        "model_dir",
+        nargs="?",
+        help="diffusers model folder of a ported model (Wan, DiT), e.g. "
+        "jquant/models/assets/tiny_wan; for a diffusers pipeline folder, its transformer/ subfolder",
+    )
     p.add_argument("--recipe", help=f"one of: {', '.join(savable_recipes())}")
     p.add_argument("--out", help="output folder (created; gets checkpoint/, quant.json, report.md, report.json)")
     p.add_argument("--list", action="store_true", help="describe the recipes and exit")
@@ -70,8 +77,12 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batch", type=int, default=4, help="samples per calibration sampler call")
     p.add_argument("--calib-seed", type=int, default=1234, help="calibration noise seed")
     p.add_argument("--steps-per-sample", type=int, default=None, help="steps per sample for weight statistics")
-    p.add_argument("--table", default="recipe", choices=("recipe", "dynamic", "single", "uniform", "variance"),
-                   help="activation scales: the recipe's, dynamic per token, or a static table with this grouping")
+    p.add_argument(
+        "--table",
+        default="recipe",
+        choices=("recipe", "dynamic", "single", "uniform", "variance"),
+        help="activation scales: the recipe's, dynamic per token, or a static table with this grouping",
+    )
     p.add_argument("--groups", type=int, default=4, help="timestep groups of a static table")
     p.add_argument("--per-branch", action="store_true", help="separate scales per CFG branch")
     p.add_argument("--per-frame", action="store_true", help="separate scales per video frame")
@@ -125,7 +136,10 @@ def main_quantize(argv: list[str] | None = None) -> int:
     qm.info["seconds"]["save"] = time.perf_counter() - t1
     meta["info"] = qm.info
     (Path(a.out) / META_NAME).write_text(
-        json.dumps({**json.loads((Path(a.out) / META_NAME).read_text()), "info": qm.info}, indent=2, default=json_default) + "\n"
+        json.dumps(
+            {**json.loads((Path(a.out) / META_NAME).read_text()), "info": qm.info}, indent=2, default=json_default
+        )
+        + "\n"
     )
     write_reports(Path(a.out), bundle, qm, meta)
     print(f"wrote {a.out}/{CKPT_NAME}, report.md, report.json ({time.perf_counter() - t0:.1f} s)")
@@ -134,7 +148,9 @@ def main_quantize(argv: list[str] | None = None) -> int:
 
 def format_metrics(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of evaluation rows."""
-    head = f"{'model':<22} {'MiB':>7} {'bpw':>6} {'PSNR dB':>8} {'SSIM':>6} {'flicker':>8} {'warp d':>8} {'sample s':>8}"
+    head = (
+        f"{'model':<22} {'MiB':>7} {'bpw':>6} {'PSNR dB':>8} {'SSIM':>6} {'flicker':>8} {'warp d':>8} {'sample s':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -147,8 +163,11 @@ def format_metrics(rows: list[dict[str, Any]]) -> str:
 
 def eval_parser() -> argparse.ArgumentParser:
     """The options of ``jquant eval``."""
-    p = ArgumentParser(prog="jquant eval", description="Sample the float and the quantized model on the same noise "
-                       "and conditioning and report fidelity metrics (PSNR, SSIM, flicker, error per step).")
+    p = ArgumentParser(
+        prog="jquant eval",
+        description="Sample the float and the quantized model on the same noise "
+        "and conditioning and report fidelity metrics (PSNR, SSIM, flicker, error per step).",
+    )
     p.add_argument("ckpt_dir", help="a `jquant quantize` output folder")
     p.add_argument("--model", default=None, help="the float model folder (default: the one recorded at quantization)")
     p.add_argument("--clips", type=int, default=4, help="samples (classes/prompts cycle from 0)")
@@ -168,23 +187,40 @@ def main_eval(argv: list[str] | None = None) -> int:
     try:
         check_model_dir(model_dir)
     except OSError as e:
-        raise FileNotFoundError(f"{e}" + ("" if a.model else " (the model folder recorded at quantization; pass "
-                                                              "--model)")) from e
+        raise FileNotFoundError(
+            f"{e}" + ("" if a.model else " (the model folder recorded at quantization; pass --model)")
+        ) from e
     bundle = load_bundle(model_dir, num_steps=int(meta["num_steps"]))
     if qm.table is not None and qm.table.num_steps != bundle.denoiser.num_steps:
-        raise ValueError(f"the scale table has {qm.table.num_steps} steps; the sampler runs {bundle.denoiser.num_steps}")
+        raise ValueError(
+            f"the scale table has {qm.table.num_steps} steps; the sampler runs {bundle.denoiser.num_steps}"
+        )
     work = bundle.workload(a.clips, a.seed)
     ref = reference(bundle, work)
     row = evaluate(bundle, qm, ref)
     row.pop("videos")
 
-    fl = {"name": "fp32", **weight_summary({"params": bundle.params}), "psnr": float("inf"), "ssim": 1.0,
-          "flicker": 0.0, "warp_error_delta": 0.0, "sample_s": ref.sample_s}
+    fl = {
+        "name": "fp32",
+        **weight_summary({"params": bundle.params}),
+        "psnr": float("inf"),
+        "ssim": 1.0,
+        "flicker": 0.0,
+        "warp_error_delta": 0.0,
+        "sample_s": ref.sample_s,
+    }
     print(format_metrics([fl, row]))
     print("error after each denoising step (RMS latent difference): " + " ".join(f"{e:.4f}" for e in row["step_rmse"]))
     out = Path(a.out or a.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"model_dir": model_dir, "clips": a.clips, "seed": a.seed, "labels": list(work.labels), "device": _device(), **row}
+    res = {
+        "model_dir": model_dir,
+        "clips": a.clips,
+        "seed": a.seed,
+        "labels": list(work.labels),
+        "device": _device(),
+        **row,
+    }
     (out / "eval.json").write_text(json.dumps(res, indent=2, default=json_default) + "\n")
     print(f"wrote {out / 'eval.json'}")
     return 0

@@ -2,17 +2,29 @@
 
 from jquant.io.checkpoint import CheckpointError, CheckpointTargetError, restore, save
 from jquant.io.gguf import (
-           GGUFError,
-           export_gguf,
-           load_gguf,
-           load_gguf_params,
-           save_gguf,
+    GGUFError,
+    export_gguf,
+    load_gguf,
+    load_gguf_params,
+    save_gguf,
 )
 from jquant.models.safetensors import (
-           SafetensorsError,
-           load_safetensors_tree,
-           read_safetensors,
+    SafetensorsError,
+    load_safetensors_tree,
+    read_safetensors,
 )
 
-__all__ = ["CheckpointError", "CheckpointTargetError", "GGUFError", "SafetensorsError", "export_gguf", "load_gguf", "load_gguf_params", "load_safetensors_tree", "read_safetensors",
-           "restore", "save", "save_gguf"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointTargetError",
+    "GGUFError",
+    "SafetensorsError",
+    "export_gguf",
+    "load_gguf",
+    "load_gguf_params",
+    "load_safetensors_tree",
+    "read_safetensors",
+    "restore",
+    "save",
+    "save_gguf",
+]

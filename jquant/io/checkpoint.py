@@ -71,8 +71,13 @@ def _encode_tree(tree: Any) -> tuple[dict[str, np.ndarray], Any]:
 
     def enc(node: Any) -> Any:
         if isinstance(node, QArray):
-            meta = {"__qarray__": str(node.spec), "dtype": jnp.dtype(node.dtype).name, "pad": node.pad,
-                    "axis": node.axis, "fields": {}}
+            meta = {
+                "__qarray__": str(node.spec),
+                "dtype": jnp.dtype(node.dtype).name,
+                "pad": node.pad,
+                "axis": node.axis,
+                "fields": {},
+            }
             for f in _FIELDS:
                 v = getattr(node, f)
                 if v is not None:
@@ -99,8 +104,16 @@ def _decode_tree(skel: Any, arrays: dict[str, np.ndarray]) -> Any:
     if "__qarray__" in skel:
         spec = parse_spec(skel["__qarray__"])
         fields = {f: jnp.asarray(_from_storable(arrays[k], dt)) for f, (k, dt) in skel["fields"].items()}
-        return QArray(fields["qvalue"], fields.get("scale"), fields.get("zero_point"), fields.get("scale2"),
-                      spec=spec, dtype=jnp.dtype(skel["dtype"]), pad=skel["pad"], axis=skel["axis"])
+        return QArray(
+            fields["qvalue"],
+            fields.get("scale"),
+            fields.get("zero_point"),
+            fields.get("scale2"),
+            spec=spec,
+            dtype=jnp.dtype(skel["dtype"]),
+            pad=skel["pad"],
+            axis=skel["axis"],
+        )
     if "__dict__" in skel:
         return {k: _decode_tree(v, arrays) for k, v in skel["__dict__"].items()}
     if "__list__" in skel:
@@ -160,15 +173,17 @@ def _not_a_checkpoint(path: Path, entries: list[str]) -> str | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return f"{META_NAME} is not valid JSON, so the directory is not recognisably a jquant checkpoint"
     if not _is_own_meta(meta):
-        return f"{META_NAME} is not a jquant checkpoint's (no \"format\": \"{FORMAT_MARKER}\")"
+        return f'{META_NAME} is not a jquant checkpoint\'s (no "format": "{FORMAT_MARKER}")'
     return None
 
 
 def _target_state(path: Path) -> str:
     """'new', 'empty' or 'checkpoint': what :func:`save` finds at ``path``; anything it may not
     replace raises :class:`CheckpointTargetError` saying what it is."""
-    refuse = ("save() replaces only a previous jquant checkpoint or an empty directory; left untouched "
-              "(choose another path, or remove it yourself)")
+    refuse = (
+        "save() replaces only a previous jquant checkpoint or an empty directory; left untouched "
+        "(choose another path, or remove it yourself)"
+    )
     if path.is_symlink():
         raise CheckpointTargetError(f"{path}: is a symlink; {refuse}")
     if not path.exists():
@@ -200,8 +215,9 @@ def _finish_swap(path: Path, tmp: Path, backup: Path | None) -> None:
                     raise FileExistsError(f"{path} was created by something else during the save")
                 os.rename(backup, path)
         except BaseException as e:
-            msg = (f"{path}: the save failed and the previous checkpoint could not be moved back; "
-                   f"it is intact at {backup}")
+            msg = (
+                f"{path}: the save failed and the previous checkpoint could not be moved back; it is intact at {backup}"
+            )
             if isinstance(e, OSError):
                 raise CheckpointError(msg) from e
             e.add_note(msg)  # an interrupt stays an interrupt
@@ -212,8 +228,9 @@ def _finish_swap(path: Path, tmp: Path, backup: Path | None) -> None:
         try:
             shutil.rmtree(backup)
         except OSError as e:
-            warnings.warn(f"{path}: saved, but the previous checkpoint's copy {backup} could not be deleted: {e}",
-                          stacklevel=3)
+            warnings.warn(
+                f"{path}: saved, but the previous checkpoint's copy {backup} could not be deleted: {e}", stacklevel=3
+            )
 
 
 def _unused_sibling(path: Path, tag: str) -> Path:
@@ -238,8 +255,12 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = True) -> Path:
     if _target_state(path) == "checkpoint" and not overwrite:
         raise FileExistsError(f"checkpoint {path} exists and overwrite=False")
     arrays, skel = _encode_tree(_plain(tree))
-    meta = {"format": FORMAT_MARKER, "version": FORMAT_VERSION, "tree": skel,
-            "arrays": {k: _array_info(a) for k, a in arrays.items()}}
+    meta = {
+        "format": FORMAT_MARKER,
+        "version": FORMAT_VERSION,
+        "tree": skel,
+        "arrays": {k: _array_info(a) for k, a in arrays.items()},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_sibling(path, "tmp", directory=True)
     backup = None
@@ -277,12 +298,15 @@ def _verify(path: Path, arrays: dict[str, np.ndarray], infos: Any) -> None:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path / META_NAME}: corrupt: bad record for array {key!r}") from None
         if (a.shape, a.dtype.name) != want[:2]:
-            raise CheckpointError(f"{where}: array {key!r} is {a.dtype.name}{list(a.shape)}, {META_NAME} "
-                                  f"recorded {want[1]}{list(want[0])} (damaged checkpoint)")
+            raise CheckpointError(
+                f"{where}: array {key!r} is {a.dtype.name}{list(a.shape)}, {META_NAME} "
+                f"recorded {want[1]}{list(want[0])} (damaged checkpoint)"
+            )
         got = _array_info(a)["crc32"]
         if got != want[2]:
-            raise CheckpointError(f"{where}: array {key!r} is corrupt: CRC-32 {got:#010x}, {META_NAME} "
-                                  f"recorded {want[2]:#010x}")
+            raise CheckpointError(
+                f"{where}: array {key!r} is corrupt: CRC-32 {got:#010x}, {META_NAME} recorded {want[2]:#010x}"
+            )
 
 
 def restore(path: str | os.PathLike) -> Any:
@@ -301,8 +325,9 @@ def restore(path: str | os.PathLike) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_file}: corrupt: not valid JSON ({e})") from None
     if not _is_own_meta(meta):
-        raise CheckpointError(f"{meta_file}: not a jquant checkpoint's metadata "
-                              f"(expected \"format\": \"{FORMAT_MARKER}\")")
+        raise CheckpointError(
+            f'{meta_file}: not a jquant checkpoint\'s metadata (expected "format": "{FORMAT_MARKER}")'
+        )
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} != {FORMAT_VERSION}")
     arrays_dir = path / ARRAYS_NAME
@@ -313,12 +338,14 @@ def restore(path: str | os.PathLike) -> Any:
             restored = ckptr.restore(arrays_dir)
         arrays = {k: np.asarray(v) for k, v in restored.items()}
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"{arrays_dir}: cannot read the arrays (damaged or truncated file?): "
-                              f"{type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"{arrays_dir}: cannot read the arrays (damaged or truncated file?): {type(e).__name__}: {e}"
+        ) from e
     if "arrays" in meta:  # absent in checkpoints written before checksums were recorded
         _verify(path, arrays, meta["arrays"])
     try:
         return _decode_tree(meta["tree"], arrays)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{meta_file}: corrupt: its tree does not match the stored arrays "
-                              f"({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{meta_file}: corrupt: its tree does not match the stored arrays ({type(e).__name__}: {e})"
+        ) from e

@@ -60,8 +60,15 @@ ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."  # city96: tensor stored flattened 
 DEFAULT_ARCH = "jquant"
 
 _CODEC_OF_TYPE = {GT(c.ggml_type): name for name, c in CODECS.items()}
-_FLOAT_TYPES = {GT.F32: np.float32, GT.F16: np.float16, GT.F64: np.float64,
-                GT.I8: np.int8, GT.I16: np.int16, GT.I32: np.int32, GT.I64: np.int64}
+_FLOAT_TYPES = {
+    GT.F32: np.float32,
+    GT.F16: np.float16,
+    GT.F64: np.float64,
+    GT.I8: np.int8,
+    GT.I16: np.int16,
+    GT.I32: np.int32,
+    GT.I64: np.int64,
+}
 SUPPORTED_TYPES = tuple(t.name for t in (*_FLOAT_TYPES, GT.BF16, *_CODEC_OF_TYPE))
 # llama.cpp's general.file_type values of the mixes.
 _FILE_TYPE = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7}
@@ -73,7 +80,9 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be read (truncated, malformed, or holding unsupported types)."""
 
 
-def codec_qarray(blocks: np.ndarray | jax.Array, codec: str, dtype: Any = jnp.float32, *, device: bool = True) -> QArray:
+def codec_qarray(
+    blocks: np.ndarray | jax.Array, codec: str, dtype: Any = jnp.float32, *, device: bool = True
+) -> QArray:
     """A QArray over raw ggml blocks u8[..., nb, block_bytes] in torch layout: the
     contraction (row) axis is the last logical axis. ``device=False`` keeps numpy blocks
     (host memory), e.g. while assembling a file."""
@@ -89,10 +98,14 @@ def _tensor_payload(name: str, value: Any) -> tuple[np.ndarray, GT]:
     if isinstance(value, QArray):
         codec = CODECS.get(value.spec.fmt)
         if codec is None:
-            raise ValueError(f"{name!r}: QArray format {value.spec.fmt!r} has no GGUF type; GGUF holds {sorted(CODECS)}")
+            raise ValueError(
+                f"{name!r}: QArray format {value.spec.fmt!r} has no GGUF type; GGUF holds {sorted(CODECS)}"
+            )
         blocks = np.asarray(value.qvalue)
         if blocks.ndim < 2 or blocks.shape[-1] != codec.block_bytes:
-            raise ValueError(f"{name!r}: {codec.name} QArray blocks have shape {blocks.shape}, expected (..., nb, {codec.block_bytes})")
+            raise ValueError(
+                f"{name!r}: {codec.name} QArray blocks have shape {blocks.shape}, expected (..., nb, {codec.block_bytes})"
+            )
         return np.ascontiguousarray(blocks.reshape(blocks.shape[:-2] + (-1,))), GT(codec.ggml_type)
     a = np.asarray(value)
     if a.ndim == 0:
@@ -174,8 +187,10 @@ class _CheckedReader(gguf.GGUFReader):
         # empty reads. Refuse any read that does not fit in the file.
         n = np.dtype(dtype).itemsize * int(count)
         if int(offset) < 0 or int(count) < 0 or int(offset) + n > len(self.data):
-            raise GGUFError(f"truncated or corrupt header: the field at byte {int(offset)} needs {n} bytes, "
-                            f"file has {len(self.data)} bytes")
+            raise GGUFError(
+                f"truncated or corrupt header: the field at byte {int(offset)} needs {n} bytes, "
+                f"file has {len(self.data)} bytes"
+            )
         return super()._get(offset, dtype, count, override_order)
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
@@ -192,14 +207,18 @@ class _CheckedReader(gguf.GGUFReader):
             block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
             n = int(np.prod(dims.astype(np.uint64))) if len(dims) else 1
             if len(dims) and int(dims[0]) % block:
-                raise GGUFError(f"tensor {name!r}: rows of {int(dims[0])} values are not whole {ggml_type.name} blocks of {block}")
+                raise GGUFError(
+                    f"tensor {name!r}: rows of {int(dims[0])} values are not whole {ggml_type.name} blocks of {block}"
+                )
             end = start_offs + int(offset[0]) + n // block * type_size
             data_end = max(data_end, end)
             if end > size and first_cut is None:
                 first_cut = name
         if first_cut is not None:
-            raise GGUFError(f"truncated: header says {data_end - start_offs} bytes of tensor data, file has "
-                            f"{max(size - start_offs, 0)} (tensor {first_cut!r} and later are cut off)")
+            raise GGUFError(
+                f"truncated: header says {data_end - start_offs} bytes of tensor data, file has "
+                f"{max(size - start_offs, 0)} (tensor {first_cut!r} and later are cut off)"
+            )
         super()._build_tensors(start_offs, fields)
 
 
@@ -253,7 +272,9 @@ def _read_tensor(t: Any, orig_shape: tuple[int, ...] | None, dequantize_other: b
         raise AssertionError(t.tensor_type)  # filtered by load_gguf
     if orig_shape is not None:
         if math.prod(orig_shape) != values.size:
-            raise GGUFError(f"tensor {t.name!r}: {ORIG_SHAPE_PREFIX} {orig_shape} does not match its {values.size} values")
+            raise GGUFError(
+                f"tensor {t.name!r}: {ORIG_SHAPE_PREFIX} {orig_shape} does not match its {values.size} values"
+            )
         values = values.reshape(orig_shape)
     return values
 
@@ -286,7 +307,9 @@ def load_gguf(
         bad.append(f"{t.name!r} ({t.tensor_type.name})")
     if bad:
         hint = "" if dequantize_other else "; dequantize_other=True loads types the gguf package can decode as float32"
-        raise GGUFError(f"{path}: unsupported tensor type(s) for {', '.join(bad)}; jquant loads {list(SUPPORTED_TYPES)}{hint}")
+        raise GGUFError(
+            f"{path}: unsupported tensor type(s) for {', '.join(bad)}; jquant loads {list(SUPPORTED_TYPES)}{hint}"
+        )
     tensors: dict[str, QArray | np.ndarray] = {}
     for t in reader.tensors:
         field = fields.get(ORIG_SHAPE_PREFIX + t.name)
@@ -400,7 +423,6 @@ def export_gguf(
     if Path(out_path).resolve() in inputs:
         raise ValueError(f"{out_path}: is one of the model's own files; export_gguf will not overwrite its input")
 
-
     tensors: dict[str, QArray | np.ndarray] = {}
     types: dict[str, str] = {}
     n_bytes = 0
@@ -442,7 +464,7 @@ def _strip_prefix(tensors: dict[str, Any], wanted: set[str]) -> dict[str, Any]:
         return tensors
     for p in _PREFIXES:
         if any(k.startswith(p) for k in tensors):
-            return {k[len(p):] if k.startswith(p) else k: v for k, v in tensors.items()}
+            return {k[len(p) :] if k.startswith(p) else k: v for k, v in tensors.items()}
     return tensors
 
 
@@ -477,7 +499,9 @@ def load_gguf_params(
     tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
     if config is None:
         if CONFIG_KEY not in metadata:
-            raise ValueError(f"{path}: no {CONFIG_KEY!r} metadata; pass config= (a config, config.json dict or model dir)")
+            raise ValueError(
+                f"{path}: no {CONFIG_KEY!r} metadata; pass config= (a config, config.json dict or model dir)"
+            )
         try:
             config = json.loads(metadata[CONFIG_KEY])
         except (TypeError, json.JSONDecodeError) as e:
@@ -496,7 +520,9 @@ def load_gguf_params(
     shapes = traverse_util.flatten_dict(port.param_shapes(config), sep="/")
     missing = sorted(e.torch_key for e in entries if e.torch_key not in tensors)
     known = {e.torch_key for e in entries}
-    unexpected = sorted(k for k in tensors if k not in known and not any(re.search(p, k) for p in port.ignore_unexpected))
+    unexpected = sorted(
+        k for k in tensors if k not in known and not any(re.search(p, k) for p in port.ignore_unexpected)
+    )
     problems = []
     flat: dict[str, Any] = {}
     for e in entries:

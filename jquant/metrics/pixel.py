@@ -73,7 +73,12 @@ def ssim(
     if data_range <= 0:
         raise ValueError(f"data_range must be > 0, got {data_range}")
     out = _ssim_frames(
-        frames(r), frames(t), win_size=win_size, sigma=float(sigma), data_range=float(data_range),
-        k1=float(k1), k2=float(k2),
+        frames(r),
+        frames(t),
+        win_size=win_size,
+        sigma=float(sigma),
+        data_range=float(data_range),
+        k1=float(k1),
+        k2=float(k2),
     )
     return out.reshape(r.shape[:2])

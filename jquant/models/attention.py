@@ -83,7 +83,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: boo
     elif cos.ndim == 3 and cos.shape == (t, h, d):
         cos, sin = cos[None], sin[None]
     elif not (cos.ndim == 4 and cos.shape[1:] == (t, h, d) and cos.shape[0] in (1, b)):
-        raise ValueError(f"apply_rope: tables {cos.shape} do not match x{x.shape} (want [T, D], [T, H, D] or [B, T, H, D])")
+        raise ValueError(
+            f"apply_rope: tables {cos.shape} do not match x{x.shape} (want [T, D], [T, H, D] or [B, T, H, D])"
+        )
     xf = x.astype(jnp.float32)
     if interleaved:
         pairs = xf.reshape(*x.shape[:-1], -1, 2)

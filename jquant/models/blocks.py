@@ -256,7 +256,9 @@ class JointAttention(nn.Module):
         inner = self.heads * self.head_dim
 
         def project(h: jax.Array, names: tuple[str, str, str], norms: tuple[str, str], bias: bool) -> list[jax.Array]:
-            q, k, v = (split_heads(nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=n)(h), self.heads) for n in names)
+            q, k, v = (
+                split_heads(nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=n)(h), self.heads) for n in names
+            )
             if self.qk_norm == "rms_norm":
                 q, k = RMSNorm(self.eps, name=norms[0])(q), RMSNorm(self.eps, name=norms[1])(k)
             elif self.qk_norm == "layer_norm":
@@ -481,7 +483,9 @@ class SingleStreamBlock(_StreamBlock):
         h = jnp.concatenate([context, x] if self.context_first else [x, context], axis=1)
         norm_h, (gate,), _ = AdaLayerNorm(3, dtype=self.dtype, name="norm")(h, temb)
         mlp = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="proj_mlp")(norm_h), approximate=True)
-        norm_c, norm_x = (norm_h[:, :n_ctx], norm_h[:, n_ctx:]) if self.context_first else (norm_h[:, -n_ctx:], norm_h[:, :-n_ctx])
+        norm_c, norm_x = (
+            (norm_h[:, :n_ctx], norm_h[:, n_ctx:]) if self.context_first else (norm_h[:, -n_ctx:], norm_h[:, :-n_ctx])
+        )
         attn_x, attn_c = attend(norm_x, norm_c, shared_qkv=True, output="none")
         attn_out = jnp.concatenate([attn_c, attn_x] if self.context_first else [attn_x, attn_c], axis=1)
         out = nn.Dense(dim, dtype=self.dtype, name="proj_out")(jnp.concatenate([attn_out, mlp], axis=-1))
@@ -493,7 +497,9 @@ class SingleStreamBlock(_StreamBlock):
 
 def double_stream_keys(f: str, t: str) -> list[KeyEntry]:
     """Key map of a DoubleStreamBlock at Flax path `f` / diffusers prefix `t`."""
-    entries = linear(f"{f}/norm1/linear", f"{t}.norm1.linear") + linear(f"{f}/norm1_context/linear", f"{t}.norm1_context.linear")
+    entries = linear(f"{f}/norm1/linear", f"{t}.norm1.linear") + linear(
+        f"{f}/norm1_context/linear", f"{t}.norm1_context.linear"
+    )
     for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
         entries += linear(f"{f}/attn/{proj}", f"{t}.attn.{proj}")
     entries += linear(f"{f}/attn/to_out_0", f"{t}.attn.to_out.0")

@@ -88,11 +88,15 @@ class CogVideoXConfig(DiffusersConfig):
         if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
             raise ValueError("CogVideoXConfig: learned positional embeddings without RoPE do not exist in diffusers")
         if self.timestep_activation_fn not in ACTIVATIONS:
-            raise ValueError(f"CogVideoXConfig.timestep_activation_fn {self.timestep_activation_fn!r} not in {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"CogVideoXConfig.timestep_activation_fn {self.timestep_activation_fn!r} not in {sorted(ACTIVATIONS)}"
+            )
         if self.ofs_embed_dim is not None and self.ofs_embed_dim != self.time_embed_dim:
             raise ValueError("CogVideoXConfig: ofs_embed_dim must equal time_embed_dim (the embeddings are summed)")
         if self.patch_size_t is not None and not self.use_rotary_positional_embeddings:
-            raise ValueError("CogVideoXConfig: patch_size_t needs RoPE (diffusers' sin-cos table assumes no temporal patching)")
+            raise ValueError(
+                "CogVideoXConfig: patch_size_t needs RoPE (diffusers' sin-cos table assumes no temporal patching)"
+            )
         if (self.inner_dim * 3 // 4) % 4 or self.attention_head_dim % 8:
             raise ValueError("CogVideoXConfig: inner_dim must be divisible by 16 and attention_head_dim by 8")
 
@@ -206,15 +210,23 @@ class CogVideoXPatchEmbed(nn.Module):
         cfg = self.config
         text = nn.Dense(cfg.inner_dim, dtype=self.dtype, name="text_proj")(text)
         tokens, grid = patchify(latents.transpose(0, 2, 1, 3, 4), cfg.patch)
-        video = nn.Dense(cfg.inner_dim, use_bias=cfg.patch_bias or cfg.patch_size_t is not None, dtype=self.dtype, name="proj")(tokens)
+        video = nn.Dense(
+            cfg.inner_dim, use_bias=cfg.patch_bias or cfg.patch_size_t is not None, dtype=self.dtype, name="proj"
+        )(tokens)
         if cfg.use_learned_positional_embeddings:
             sample = self.sample_grid(cfg)
-            table = self.param("pos_embedding", nn.initializers.zeros, (1, cfg.max_text_seq_length + math.prod(sample), cfg.inner_dim))
+            table = self.param(
+                "pos_embedding", nn.initializers.zeros, (1, cfg.max_text_seq_length + math.prod(sample), cfg.inner_dim)
+            )
             if grid[1:] != sample[1:]:
-                raise ValueError(f"CogVideoX: learned position embeddings need the sample grid {sample[1:]}, got {grid[1:]}")
+                raise ValueError(
+                    f"CogVideoX: learned position embeddings need the sample grid {sample[1:]}, got {grid[1:]}"
+                )
             if grid == sample:
                 if text.shape[1] != cfg.max_text_seq_length:
-                    raise ValueError(f"CogVideoX: learned position embeddings need {cfg.max_text_seq_length} text tokens, got {text.shape[1]}")
+                    raise ValueError(
+                        f"CogVideoX: learned position embeddings need {cfg.max_text_seq_length} text tokens, got {text.shape[1]}"
+                    )
                 n = cfg.max_text_seq_length
                 return (text + table[:, :n].astype(text.dtype), video + table[:, n:].astype(video.dtype), grid)
         if not cfg.use_rotary_positional_embeddings or cfg.use_learned_positional_embeddings:
@@ -244,7 +256,9 @@ class CogVideoXTransformer3D(PortModule):
         cfg = self.config
         dtype = self.dtype
         if hidden_states.ndim != 5 or hidden_states.shape[2] != cfg.in_channels:
-            raise ValueError(f"CogVideoX: hidden_states must be [B, F, {cfg.in_channels}, H, W], got {hidden_states.shape}")
+            raise ValueError(
+                f"CogVideoX: hidden_states must be [B, F, {cfg.in_channels}, H, W], got {hidden_states.shape}"
+            )
         if (ofs is None) != (cfg.ofs_embed_dim is None):
             raise ValueError("CogVideoX: ofs is required exactly when the config has ofs_embed_dim")
         sinusoid = dict(flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
@@ -259,10 +273,14 @@ class CogVideoXTransformer3D(PortModule):
         )
         rope = rope_tables(cfg, grid) if cfg.use_rotary_positional_embeddings else None
         for i in range(cfg.num_layers):
-            x, context = CogVideoXBlock(cfg, dtype, self.attention_impl, name=f"transformer_blocks_{i}")(x, context, emb, rope)
+            x, context = CogVideoXBlock(cfg, dtype, self.attention_impl, name=f"transformer_blocks_{i}")(
+                x, context, emb, rope
+            )
 
         x = LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, name="norm_final")(x)
-        x, _, _ = AdaLayerNorm(2, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, dtype=dtype, name="norm_out")(x, emb)
+        x, _, _ = AdaLayerNorm(2, eps=cfg.norm_eps, affine=cfg.norm_elementwise_affine, dtype=dtype, name="norm_out")(
+            x, emb
+        )
         x = nn.Dense(math.prod(cfg.patch) * cfg.out_dim, dtype=dtype, name="proj_out")(x)
         return unpatchify(x, grid, cfg.patch, channel_major=True).transpose(0, 2, 1, 3, 4)
 

@@ -106,7 +106,11 @@ class DiTBlock(PortModule):
         x = gate_msa[:, None] * attn(h) + x
         h = LayerNorm(cfg.norm_eps, affine=cfg.norm_elementwise_affine, name="norm3")(x)
         h = modulate(h, shift_mlp, scale_mlp)
-        x = gate_mlp[:, None] * FeedForward(4 * cfg.inner_dim, cfg.inner_dim, cfg.activation_fn, self.dtype, name="ff")(h) + x
+        x = (
+            gate_mlp[:, None]
+            * FeedForward(4 * cfg.inner_dim, cfg.inner_dim, cfg.activation_fn, self.dtype, name="ff")(h)
+            + x
+        )
         return x, cond
 
 
@@ -143,7 +147,9 @@ def key_map(cfg: DiTConfig) -> list[KeyEntry]:
         emb_f, emb_t = f"{f}/norm1/emb", f"{t}.norm1.emb"
         entries += mlp(f"{emb_f}/timestep_embedder", f"{emb_t}.timestep_embedder")
         entries.append(
-            KeyEntry(f"{emb_f}/class_embedder/embedding_table/embedding", f"{emb_t}.class_embedder.embedding_table.weight")
+            KeyEntry(
+                f"{emb_f}/class_embedder/embedding_table/embedding", f"{emb_t}.class_embedder.embedding_table.weight"
+            )
         )
         entries += linear(f"{f}/norm1/linear", f"{t}.norm1.linear")
         entries += attention_keys(f"{f}/attn1", f"{t}.attn1", bias=cfg.attention_bias, qk_norm=None)

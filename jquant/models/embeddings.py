@@ -61,9 +61,7 @@ def _interleave(angles: Any, xp: Any) -> tuple[Any, Any]:
     return xp.repeat(xp.cos(angles), 2, axis=-1), xp.repeat(xp.sin(angles), 2, axis=-1)
 
 
-def wan_rope_tables(
-    head_dim: int, grid: tuple[int, int, int], theta: float = 10000.0
-) -> tuple[jax.Array, jax.Array]:
+def wan_rope_tables(head_dim: int, grid: tuple[int, int, int], theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
     """Wan's 3-D RoPE: head_dim split into (t, h, w) parts, h = w = 2*(head_dim//6),
     positions from a static (frames, height, width) token grid. Returns cos, sin [F*H*W, head_dim].
     """
@@ -81,9 +79,7 @@ def wan_rope_tables(
     return jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32)
 
 
-def axes_rope_tables(
-    ids: jax.Array, axes_dim: Sequence[int], theta: float = 10000.0
-) -> tuple[jax.Array, jax.Array]:
+def axes_rope_tables(ids: jax.Array, axes_dim: Sequence[int], theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
     """Flux's axes RoPE: ids [S, n_axes] positions, axis i uses axes_dim[i] channels.
     Returns cos, sin [S, sum(axes_dim)] in float32.
     """

@@ -107,7 +107,13 @@ class RefinerBlock(PortModule):
     def __call__(self, x: jax.Array, temb: jax.Array, mask: jax.Array | None) -> jax.Array:
         cfg = self.config
         dim = cfg.inner_dim
-        attn = Attention(cfg.num_attention_heads, cfg.attention_head_dim, dtype=self.dtype, attention_impl=self.attention_impl, name="attn")
+        attn = Attention(
+            cfg.num_attention_heads,
+            cfg.attention_head_dim,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            name="attn",
+        )
         h = attn(LayerNorm(1e-6, affine=True, name="norm1")(x), mask=mask)
         gate_msa, gate_mlp = jnp.split(AdaGate(2 * dim, self.dtype, name="norm_out")(temb), 2, axis=-1)
         x = x + h * gate_msa[:, None]
@@ -185,7 +191,9 @@ class HunyuanVideoTransformer3D(PortModule):
         cfg = self.config
         dtype = self.dtype
         if hidden_states.ndim != 5 or hidden_states.shape[1] != cfg.in_channels:
-            raise ValueError(f"HunyuanVideo: hidden_states must be [B, {cfg.in_channels}, F, H, W], got {hidden_states.shape}")
+            raise ValueError(
+                f"HunyuanVideo: hidden_states must be [B, {cfg.in_channels}, F, H, W], got {hidden_states.shape}"
+            )
         if cfg.guidance_embeds != (guidance is not None):
             raise ValueError(f"HunyuanVideo: guidance must be given exactly when guidance_embeds={cfg.guidance_embeds}")
         x, grid = PatchEmbed(cfg.inner_dim, cfg.patch, dtype=dtype, name="x_embedder")(hidden_states.astype(dtype))

@@ -45,7 +45,16 @@ from jquant.models.safetensors import (
     weight_files,
 )
 
-PORTS: tuple[Port, ...] = (wan.PORT, flux.PORT, dit.PORT, hunyuan_video.PORT, cogvideox.PORT, mochi.PORT, ltx_video.PORT, ltx2.PORT)
+PORTS: tuple[Port, ...] = (
+    wan.PORT,
+    flux.PORT,
+    dit.PORT,
+    hunyuan_video.PORT,
+    cogvideox.PORT,
+    mochi.PORT,
+    ltx_video.PORT,
+    ltx2.PORT,
+)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SHARD_GLOB = "diffusion_pytorch_model-*.safetensors"
@@ -147,7 +156,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
     shapes = traverse_util.flatten_dict(port.param_shapes(config), sep="/")
     map_paths = {e.flax_path for e in entries}
     if map_paths != set(shapes):
-        raise AssertionError(f"{port.module_cls.__name__} key map out of sync with the module: {sorted(map_paths ^ set(shapes))}")
+        raise AssertionError(
+            f"{port.module_cls.__name__} key map out of sync with the module: {sorted(map_paths ^ set(shapes))}"
+        )
 
     by_file: dict[Path, list[Any]] = {}
     for e in entries:
@@ -168,7 +179,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
         except SafetensorsError as err:
             raise CheckpointError(str(err)) from err
     if bad_shapes:
-        raise CheckpointMismatchError(f"{path}: {len(bad_shapes)} tensors have the wrong shape:\n" + "\n".join(bad_shapes))
+        raise CheckpointMismatchError(
+            f"{path}: {len(bad_shapes)} tensors have the wrong shape:\n" + "\n".join(bad_shapes)
+        )
     return port.module(config, dtype), traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -233,8 +246,10 @@ def save_pretrained(
         raise FileExistsError(f"{path}: {odd} are not regular files; save_pretrained will not replace them")
     foreign = [f.name for f in existing if not _is_own_file(f)]
     if foreign and not overwrite:
-        raise FileExistsError(f"{path}: holds {foreign}, not written by save_pretrained; not replacing them "
-                              "(save to another directory, or pass overwrite=True)")
+        raise FileExistsError(
+            f"{path}: holds {foreign}, not written by save_pretrained; not replacing them "
+            "(save to another directory, or pass overwrite=True)"
+        )
 
     metadata = {"format": "pt", WRITER_KEY: WRITER}
     # In reverse order of commit: unwinding the stack below moves the weights into place first,
@@ -275,4 +290,3 @@ def layer_roles(config: DiffusersConfig, params: dict[str, Any]) -> dict[str, tu
 def param_shapes(config: DiffusersConfig) -> dict[str, Any]:
     """Param tree of ShapeDtypeStructs for a config (no allocation)."""
     return port_for_config(config).param_shapes(config)
-

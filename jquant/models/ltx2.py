@@ -110,7 +110,9 @@ class LTX2Config(DiffusersConfig):
         if len(self.vae_scale_factors) != 3:
             raise ValueError(f"LTX2Config.vae_scale_factors must have 3 entries, got {self.vae_scale_factors}")
         if self.audio_cross_attention_dim != self.audio_inner_dim:
-            raise ValueError("LTX2Config: audio_cross_attention_dim must equal the audio attention width (its RoPE width)")
+            raise ValueError(
+                "LTX2Config: audio_cross_attention_dim must equal the audio attention width (its RoPE width)"
+            )
         if self.rope_type == "split" and self.num_attention_heads != self.audio_num_attention_heads:
             raise ValueError("LTX2Config: split RoPE needs num_attention_heads == audio_num_attention_heads")
 
@@ -145,12 +147,12 @@ def audio_coords_grid(cfg: LTX2Config, num_frames: int) -> np.ndarray:
         mel = np.maximum(mel + np.float32(cfg.causal_offset) - asf, 0)
         return mel * np.float32(cfg.audio_hop_length) / np.float32(cfg.audio_sampling_rate)
 
-    return np.stack([seconds(grid * asf), seconds((grid + np.float32(pt)) * asf)], axis=-1)[None, None].astype(np.float32)
+    return np.stack([seconds(grid * asf), seconds((grid + np.float32(pt)) * asf)], axis=-1)[None, None].astype(
+        np.float32
+    )
 
 
-def rope_from_coords(
-    cfg: LTX2Config, coords: jax.Array, dim: int, max_positions: Sequence[float], heads: int
-) -> Rope:
+def rope_from_coords(cfg: LTX2Config, coords: jax.Array, dim: int, max_positions: Sequence[float], heads: int) -> Rope:
     """LTX-2's RoPE for coordinates [B, n_axes, N, 2] (patch bounds, centre used) normalised by
     `max_positions`: per-head tables [B, N, heads, dim / heads]."""
     centre = (coords[..., 0].astype(F32) + coords[..., 1].astype(F32)) / 2.0
@@ -179,7 +181,9 @@ class LTX2Block(PortModule):
             attention_impl=self.attention_impl,
         )
         video_attn = dict(base, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, gated=cfg.gated_attn)
-        audio_attn = dict(base, heads=cfg.audio_num_attention_heads, head_dim=cfg.audio_attention_head_dim, gated=cfg.audio_gated_attn)
+        audio_attn = dict(
+            base, heads=cfg.audio_num_attention_heads, head_dim=cfg.audio_attention_head_dim, gated=cfg.audio_gated_attn
+        )
         a2v_attn = dict(audio_attn, gated=cfg.gated_attn)
         perturb = inputs["perturb"] if self.perturbed else None
 
@@ -248,7 +252,11 @@ class LTX2Block(PortModule):
         h = RMSNorm(**rms, name="norm3")(x) * (1 + scale_mlp) + shift_mlp
         x = x + FeedForward(4 * dim, dim, cfg.activation_fn, self.dtype, cfg.ff_bias, name="ff")(h) * gate_mlp
         h = RMSNorm(**rms, name="audio_norm3")(a) * (1 + a_scale_mlp) + a_shift_mlp
-        a = a + FeedForward(4 * adim, adim, cfg.activation_fn, self.dtype, cfg.audio_ff_bias, name="audio_ff")(h) * a_gate_mlp
+        a = (
+            a
+            + FeedForward(4 * adim, adim, cfg.activation_fn, self.dtype, cfg.audio_ff_bias, name="audio_ff")(h)
+            * a_gate_mlp
+        )
         return x, a
 
 
@@ -299,7 +307,9 @@ class LTX2VideoTransformer3D(PortModule):
         audio_sigma = sigma if audio_sigma is None else audio_sigma
         needs_sigma = use_cross_timestep or (cfg.prompt_modulation and cfg.use_prompt_adaln_single)
         if needs_sigma and sigma is None:
-            raise ValueError("LTX2: sigma is required with use_cross_timestep or prompt modulation (the pipeline passes the timestep)")
+            raise ValueError(
+                "LTX2: sigma is required with use_cross_timestep or prompt modulation (the pipeline passes the timestep)"
+            )
 
         if video_coords is None:
             if None in (num_frames, height, width):
@@ -314,9 +324,15 @@ class LTX2VideoTransformer3D(PortModule):
         a_heads = cfg.audio_num_attention_heads
         inputs: dict[str, Any] = {
             "video_rope": rope_from_coords(cfg, video_coords, cfg.inner_dim, video_max, cfg.num_attention_heads),
-            "audio_rope": rope_from_coords(cfg, audio_coords, cfg.audio_inner_dim, (cfg.audio_pos_embed_max_pos,), a_heads),
-            "ca_video_rope": rope_from_coords(cfg, video_coords[:, :1], cfg.audio_cross_attention_dim, cross_max, a_heads),
-            "ca_audio_rope": rope_from_coords(cfg, audio_coords[:, :1], cfg.audio_cross_attention_dim, cross_max, a_heads),
+            "audio_rope": rope_from_coords(
+                cfg, audio_coords, cfg.audio_inner_dim, (cfg.audio_pos_embed_max_pos,), a_heads
+            ),
+            "ca_video_rope": rope_from_coords(
+                cfg, video_coords[:, :1], cfg.audio_cross_attention_dim, cross_max, a_heads
+            ),
+            "ca_audio_rope": rope_from_coords(
+                cfg, audio_coords[:, :1], cfg.audio_cross_attention_dim, cross_max, a_heads
+            ),
             "mask": key_mask(encoder_attention_mask),
             "audio_mask": key_mask(audio_encoder_attention_mask),
             "isolate_modalities": isolate_modalities,
@@ -335,7 +351,9 @@ class LTX2VideoTransformer3D(PortModule):
 
         dim, adim = cfg.inner_dim, cfg.audio_inner_dim
         inputs["temb"], embedded = adaln("time_embed", dim, 9 if cfg.cross_attn_mod else 6, timestep)
-        inputs["temb_audio"], a_embedded = adaln("audio_time_embed", adim, 9 if cfg.audio_cross_attn_mod else 6, audio_timestep)
+        inputs["temb_audio"], a_embedded = adaln(
+            "audio_time_embed", adim, 9 if cfg.audio_cross_attn_mod else 6, audio_timestep
+        )
         inputs["temb_prompt"] = inputs["temb_prompt_audio"] = None
         if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
             inputs["temb_prompt"] = adaln("prompt_adaln", dim, 2, sigma)[0]
@@ -377,7 +395,9 @@ def key_map(cfg: LTX2Config) -> list[KeyEntry]:
     if cfg.use_keyframes_abs_pos_embedding:
         entries.append(KeyEntry("keyframes_abs_pos_embedding", "keyframes_abs_pos_embedding"))
     if cfg.use_prompt_embeddings:
-        entries += mlp("caption_projection", "caption_projection") + mlp("audio_caption_projection", "audio_caption_projection")
+        entries += mlp("caption_projection", "caption_projection") + mlp(
+            "audio_caption_projection", "audio_caption_projection"
+        )
     adalns = ["time_embed", "audio_time_embed", "av_cross_attn_video_scale_shift", "av_cross_attn_audio_scale_shift"]
     adalns += ["av_cross_attn_video_a2v_gate", "av_cross_attn_audio_v2a_gate"]
     if cfg.prompt_modulation and cfg.use_prompt_adaln_single:
@@ -399,7 +419,16 @@ def key_map(cfg: LTX2Config) -> list[KeyEntry]:
     tables += ["audio_a2v_cross_attn_scale_shift_table"]
     if cfg.prompt_modulation:
         tables += ["prompt_scale_shift_table", "audio_prompt_scale_shift_table"]
-    norms = ["norm1", "audio_norm1", "norm2", "audio_norm2", "audio_to_video_norm", "video_to_audio_norm", "norm3", "audio_norm3"]
+    norms = [
+        "norm1",
+        "audio_norm1",
+        "norm2",
+        "audio_norm2",
+        "audio_to_video_norm",
+        "video_to_audio_norm",
+        "norm3",
+        "audio_norm3",
+    ]
     for i in range(cfg.num_layers):
         f, t = f"transformer_blocks_{i}", f"transformer_blocks.{i}"
         for a, gated in gates.items():
@@ -418,7 +447,10 @@ _CROSS_MODAL = rf"{_BLOCK}/(audio_to_video|video_to_audio)_attn"
 # with temporal RoPE); the per-head output gates (`to_gate_logits`) are `modulation`.
 ROLE_RULES = (
     (r"(audio_)?proj_in|(audio_)?caption_projection/.*|[a-z_0-9]+/emb/timestep_embedder/.*", ("embedder",)),
-    (r"(audio_)?time_embed/linear|(audio_)?prompt_adaln/linear|av_cross_attn_[a-z0-9_]+/linear", ("embedder", "modulation")),
+    (
+        r"(audio_)?time_embed/linear|(audio_)?prompt_adaln/linear|av_cross_attn_[a-z0-9_]+/linear",
+        ("embedder", "modulation"),
+    ),
     *cross_attn_block_rules(_BLOCK, "(audio_)?"),
     (rf"{_CROSS_MODAL}/.*", ("cross_attn", "temporal")),
     (rf"{_CROSS_MODAL}/to_[qkv]", ("attn.qkv",)),
@@ -434,7 +466,9 @@ def dummy_inputs(cfg: LTX2Config) -> dict[str, Any]:
     inputs: dict[str, Any] = {
         "hidden_states": jnp.zeros((1, 1, cfg.in_channels), F32),
         "audio_hidden_states": jnp.zeros((1, 1, cfg.audio_in_channels), F32),
-        "encoder_hidden_states": jnp.zeros((1, 1, cfg.caption_channels if cfg.use_prompt_embeddings else cfg.cross_attention_dim), F32),
+        "encoder_hidden_states": jnp.zeros(
+            (1, 1, cfg.caption_channels if cfg.use_prompt_embeddings else cfg.cross_attention_dim), F32
+        ),
         "audio_encoder_hidden_states": jnp.zeros(
             (1, 1, cfg.caption_channels if cfg.use_prompt_embeddings else cfg.audio_cross_attention_dim), F32
         ),

@@ -61,9 +61,13 @@ class LTXVideoConfig(DiffusersConfig):
 
     def __post_init__(self) -> None:
         if self.qk_norm != "rms_norm_across_heads":
-            raise ValueError(f"LTXVideoConfig.qk_norm={self.qk_norm!r}: diffusers only supports 'rms_norm_across_heads'")
+            raise ValueError(
+                f"LTXVideoConfig.qk_norm={self.qk_norm!r}: diffusers only supports 'rms_norm_across_heads'"
+            )
         if self.cross_attention_dim != self.inner_dim:
-            raise ValueError("LTXVideoConfig: cross_attention_dim must equal heads * head_dim (the caption projection width)")
+            raise ValueError(
+                "LTXVideoConfig: cross_attention_dim must equal heads * head_dim (the caption projection width)"
+            )
 
 
 def rope_frequencies(n: int, theta: float, double_precision: bool = False) -> np.ndarray:
@@ -75,9 +79,7 @@ def rope_frequencies(n: int, theta: float, double_precision: bool = False) -> np
     return freqs * np.float32(math.pi) / np.float32(2.0)
 
 
-def fractional_rope(
-    grid: jax.Array, dim: int, freqs: np.ndarray, heads: int, interleaved: bool = True
-) -> Rope:
+def fractional_rope(grid: jax.Array, dim: int, freqs: np.ndarray, heads: int, interleaved: bool = True) -> Rope:
     """LTX's RoPE over the full inner width: coordinates grid [B, S, n_axes] in [0, 1]-ish units,
     angle (2 * grid - 1) * freq for every (freq, axis) pair, padded at the front with identity
     channels to `dim`, split into per-head tables [B, S, heads, dim / heads]. `interleaved=False`
@@ -116,7 +118,9 @@ def video_grid(
     if rope_interpolation_scale is not None:
         patch = (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
         for i in range(3):
-            grid[:, i] = grid[:, i] * np.float32(rope_interpolation_scale[i]) * np.float32(patch[i]) / np.float32(base[i])
+            grid[:, i] = (
+                grid[:, i] * np.float32(rope_interpolation_scale[i]) * np.float32(patch[i]) / np.float32(base[i])
+            )
     return jnp.asarray(grid)[None]
 
 
@@ -202,15 +206,23 @@ class LTXVideoTransformer3D(PortModule):
         if video_coords is None and num_frames * height * width != tokens:
             raise ValueError(f"LTXVideo: grid {num_frames}x{height}x{width} != {tokens} tokens")
         grid = video_grid(cfg, num_frames, height, width, rope_interpolation_scale, video_coords)
-        rope = fractional_rope(grid, cfg.inner_dim, rope_frequencies(cfg.inner_dim // 6, 10000.0), cfg.num_attention_heads)
+        rope = fractional_rope(
+            grid, cfg.inner_dim, rope_frequencies(cfg.inner_dim // 6, 10000.0), cfg.num_attention_heads
+        )
 
         x = nn.Dense(cfg.inner_dim, dtype=dtype, name="proj_in")(hidden_states.astype(dtype))
-        temb, embedded = AdaLayerNormSingle(cfg.inner_dim, 6, dtype, name="time_embed")(token_timesteps(timestep, batch))
+        temb, embedded = AdaLayerNormSingle(cfg.inner_dim, 6, dtype, name="time_embed")(
+            token_timesteps(timestep, batch)
+        )
         temb, embedded = temb.reshape(batch, -1, temb.shape[-1]), embedded.reshape(batch, -1, cfg.inner_dim)
-        context = EmbedMLP(cfg.inner_dim, "gelu_tanh", dtype, name="caption_projection")(encoder_hidden_states.astype(dtype))
+        context = EmbedMLP(cfg.inner_dim, "gelu_tanh", dtype, name="caption_projection")(
+            encoder_hidden_states.astype(dtype)
+        )
         mask = key_mask(encoder_attention_mask)
         for i in range(cfg.num_layers):
-            x = LTXVideoBlock(cfg, dtype, self.attention_impl, name=f"transformer_blocks_{i}")(x, context, temb, rope, mask)
+            x = LTXVideoBlock(cfg, dtype, self.attention_impl, name=f"transformer_blocks_{i}")(
+                x, context, temb, rope, mask
+            )
 
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.inner_dim**-0.5), (2, cfg.inner_dim))
         return nn.Dense(cfg.out_dim, dtype=dtype, name="proj_out")(modulated_output(x, table, embedded))

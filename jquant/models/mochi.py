@@ -124,7 +124,9 @@ class MochiTimeCaptionEmbed(nn.Module):
     @nn.compact
     def __call__(self, timestep: jax.Array, text: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        t = timestep_embedding(timestep, cfg.time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0).astype(self.dtype)
+        t = timestep_embedding(timestep, cfg.time_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0).astype(
+            self.dtype
+        )
         temb = EmbedMLP(cfg.inner_dim, "silu", self.dtype, name="timestep_embedder")(t)
         pooled = AttentionPool(8, cfg.inner_dim, self.dtype, name="pooler")(text, mask)
         caption = nn.Dense(cfg.pooled_projection_dim, dtype=self.dtype, name="caption_proj")(text)
@@ -140,7 +142,12 @@ class MochiBlock(PortModule):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, context: jax.Array, temb: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array | None
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        temb: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         dim, cdim, eps = cfg.inner_dim, cfg.pooled_projection_dim, 1e-6
@@ -149,7 +156,9 @@ class MochiBlock(PortModule):
         if self.context_pre_only:
             (c_scale,) = ScaleModulation(cdim, 1, "linear_1", self.dtype, name="norm1_context")(temb)
         else:
-            c_scale, c_gate_msa, c_scale_mlp, c_gate_mlp = ScaleModulation(cdim, 4, dtype=self.dtype, name="norm1_context")(temb)
+            c_scale, c_gate_msa, c_scale_mlp, c_gate_mlp = ScaleModulation(
+                cdim, 4, dtype=self.dtype, name="norm1_context"
+            )(temb)
         nc = modulated_rms(context, 1 + c_scale, eps)
         attn = JointAttention(
             cfg.num_attention_heads,
@@ -220,7 +229,9 @@ class MochiTransformer3D(PortModule):
             timestep, encoder_hidden_states.astype(dtype), encoder_attention_mask
         )
         x, grid = PatchEmbed(cfg.inner_dim, cfg.patch, dtype=dtype, name="patch_embed")(hidden_states.astype(dtype))
-        freqs = self.param("pos_frequencies", nn.initializers.zeros, (3, cfg.num_attention_heads, cfg.attention_head_dim // 2))
+        freqs = self.param(
+            "pos_frequencies", nn.initializers.zeros, (3, cfg.num_attention_heads, cfg.attention_head_dim // 2)
+        )
         rope = rope_tables(freqs, grid)
         for i in range(cfg.num_layers):
             last = i == cfg.num_layers - 1
@@ -287,7 +298,9 @@ init_params = PORT.init_params  # random float32 params for a config
 layer_roles = PORT.layer_roles  # role labels of every Dense kernel of a param tree
 
 
-def linear_quadratic_sigmas(num_steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None) -> np.ndarray:
+def linear_quadratic_sigmas(
+    num_steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> np.ndarray:
     """The Mochi pipeline's `linear_quadratic_schedule` (pre-inversion sigmas, one per step): linear
     to `threshold_noise` over the first half, then quadratic. Sample with
     `sample_flow_euler(..., schedule=flow_match_schedule(sigmas=..., invert_sigmas=True))`."""

@@ -53,8 +53,12 @@ def read_header(file: str | os.PathLike) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise SafetensorsError(f"{file}: corrupt: tensor {name!r} has no valid data_offsets ({info!r:.80})")
         data_end = max(data_end, offsets[1])
     have = size - 8 - n
@@ -129,8 +133,10 @@ def _index_files(index: Path) -> dict[str, Path]:
     held = {f: read_header(index.parent / f) for f in set(weight_map.values())}
     absent = sorted(f"{k!r} -> {f}" for k, f in weight_map.items() if k == "__metadata__" or k not in held[f])
     if absent:
-        raise SafetensorsError(f"{index}: maps tensors to shards that do not hold them: {absent[:10]}"
-                               + (f" and {len(absent) - 10} more" if len(absent) > 10 else ""))
+        raise SafetensorsError(
+            f"{index}: maps tensors to shards that do not hold them: {absent[:10]}"
+            + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        )
     return {k: index.parent / f for k, f in weight_map.items()}
 
 

@@ -282,7 +282,9 @@ def load_tiny(path: str | os.PathLike = ASSET_DIR, dtype: Any = jnp.float32) -> 
     path = Path(path)
     meta_file = path / META_NAME
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file} not found: {path} is not a tiny_wan directory (run scripts/train_tiny.py)")
+        raise FileNotFoundError(
+            f"{meta_file} not found: {path} is not a tiny_wan directory (run scripts/train_tiny.py)"
+        )
     meta = json.loads(meta_file.read_text())
     model, params = load_pretrained(path, dtype=dtype)
     cond = load_file(path / CONDITIONING_NAME)

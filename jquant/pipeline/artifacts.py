@@ -92,16 +92,20 @@ def layer_report(bundle: ModelBundle, qm: QuantizedModel) -> list[dict[str, Any]
             kinds = [k for k in kinds if k != "lowrank_b"]
             kinds[kinds.index("lowrank_a")] = f"lowrank r={entries['lowrank_a'].shape[-1]}"
         table = qm.table is not None and mod in qm.table.scales
-        rows.append({
-            "layer": mod,
-            "roles": list(bundle.roles.get(path, ())),
-            "format": fmt,
-            "shape": list(leaf.shape),
-            "bytes_float": leaf_nbytes(before[path]),
-            "bytes": leaf_nbytes(leaf) + extra,
-            "aux": kinds,
-            "activations": (qm.act if (table or (qm.act and isinstance(leaf, QArray) and qm.table is None)) else "-"),
-        })
+        rows.append(
+            {
+                "layer": mod,
+                "roles": list(bundle.roles.get(path, ())),
+                "format": fmt,
+                "shape": list(leaf.shape),
+                "bytes_float": leaf_nbytes(before[path]),
+                "bytes": leaf_nbytes(leaf) + extra,
+                "aux": kinds,
+                "activations": (
+                    qm.act if (table or (qm.act and isinstance(leaf, QArray) and qm.table is None)) else "-"
+                ),
+            }
+        )
     return rows
 
 
@@ -137,8 +141,9 @@ def write_reports(out: Path, bundle: ModelBundle, qm: QuantizedModel, meta: dict
             f"{r['bytes_float']:,} | {r['bytes']:,} | {', '.join(r['aux']) or '-'} | {r['activations']} |"
         )
     if qm.table is not None:
-        lines += ["", f"Scale table: {qm.table.config.describe()}; step groups {qm.table.groups.tolist()}; "
-                  f"{qm.table.nbytes:,} bytes."]
+        lines += [
+            "",
+            f"Scale table: {qm.table.config.describe()}; step groups {qm.table.groups.tolist()}; "
+            f"{qm.table.nbytes:,} bytes.",
+        ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-
-

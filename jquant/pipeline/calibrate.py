@@ -59,7 +59,9 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch < 1:
-            raise ValueError(f"CalibrationConfig: num_samples and batch must be >= 1, got {self.num_samples}, {self.batch}")
+            raise ValueError(
+                f"CalibrationConfig: num_samples and batch must be >= 1, got {self.num_samples}, {self.batch}"
+            )
 
     def workloads(self, bundle: ModelBundle) -> list[Workload]:
         out, done, j = [], 0, 0
@@ -73,7 +75,9 @@ class CalibrationConfig:
 class Calibrator:
     """Trajectory statistics of a bundle's model, recorded once and replayed per variables."""
 
-    def __init__(self, bundle: ModelBundle, config: CalibrationConfig = CalibrationConfig(), *, progress: bool = False) -> None:
+    def __init__(
+        self, bundle: ModelBundle, config: CalibrationConfig = CalibrationConfig(), *, progress: bool = False
+    ) -> None:
         self.bundle, self.config, self.progress = bundle, config, progress
         self._traj: tj.Trajectories | None = None
         self._stats: dict[int, tuple[Variables, calib.Stats]] = {}
@@ -96,8 +100,13 @@ class Calibrator:
         groups = np.minimum(np.arange(traj.num_steps) * self.config.stat_groups // traj.num_steps, traj.num_steps - 1)
         cfg = calib.CalibConfig(hessian=True, histogram=False)
         out = tj.layer_stats(
-            self.bundle.denoiser, variables, traj, groups=groups, steps_per_sample=self.config.steps_per_sample,
-            config=cfg, progress=self.progress,
+            self.bundle.denoiser,
+            variables,
+            traj,
+            groups=groups,
+            steps_per_sample=self.config.steps_per_sample,
+            config=cfg,
+            progress=self.progress,
         )
         self.seconds["stats"] += time.perf_counter() - t0
         return out

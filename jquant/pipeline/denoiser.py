@@ -93,19 +93,34 @@ class Denoiser:
     def with_steps(self, num_steps: int) -> "Denoiser":
         return dataclasses.replace(self, num_steps=num_steps)
 
-    def sample(self, model_fn: Callable, work: "Workload", *, step_data: PyTree = None, return_trajectory: bool = False):
+    def sample(
+        self, model_fn: Callable, work: "Workload", *, step_data: PyTree = None, return_trajectory: bool = False
+    ):
         """Run the jitted sampler; ``model_fn(x, t, cond, step_slice)`` (a ``Partial``)."""
         uncond = work.uncond if self.cfg else None
         if self.sampler == "flow":
             return sample_flow_euler(
-                model_fn, work.x_T, work.cond, num_steps=self.num_steps, shift=self.shift,
-                guidance_scale=self.guidance_scale, uncond=uncond, step_data=step_data,
+                model_fn,
+                work.x_T,
+                work.cond,
+                num_steps=self.num_steps,
+                shift=self.shift,
+                guidance_scale=self.guidance_scale,
+                uncond=uncond,
+                step_data=step_data,
                 return_trajectory=return_trajectory,
             )
         return sample_ddim(
-            model_fn, work.x_T, work.cond, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-            uncond=uncond, step_data=step_data, learned_sigma=self.learned_sigma,
-            channel_axis=self.channel_axis, return_trajectory=return_trajectory,
+            model_fn,
+            work.x_T,
+            work.cond,
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            uncond=uncond,
+            step_data=step_data,
+            learned_sigma=self.learned_sigma,
+            channel_axis=self.channel_axis,
+            return_trajectory=return_trajectory,
         )
 
 
@@ -190,9 +205,14 @@ def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
     b = tw.load_tiny(path)
     s = b.meta["sampling"]
     den = Denoiser(
-        b.model, _wan_apply, "flow", int(num_steps or s.get("num_steps", s.get("steps", 12))),
-        shift=float(s["shift"]), guidance_scale=float(s["guidance_scale"]),
-        frames_fn=wan_frames(tuple(b.config.patch_size)), name="tiny_wan",
+        b.model,
+        _wan_apply,
+        "flow",
+        int(num_steps or s.get("num_steps", s.get("steps", 12))),
+        shift=float(s["shift"]),
+        guidance_scale=float(s["guidance_scale"]),
+        frames_fn=wan_frames(tuple(b.config.patch_size)),
+        name="tiny_wan",
     )
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
@@ -204,22 +224,43 @@ def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
         return tw.latents_to_clips(latents)[..., None], 1.0
 
     return ModelBundle(
-        den, b.params, models.layer_roles(b.config, b.params), workload, to_video, b.config,
+        den,
+        b.params,
+        models.layer_roles(b.config, b.params),
+        workload,
+        to_video,
+        b.config,
         {"classifier": b.classifier, "classifier_params": b.classifier_params, "tiny": b},
     )
 
 
 def wan_bundle(
-    model: nn.Module, params: PyTree, config: Any, *, num_steps: int = 12, shift: float = 3.0,
-    guidance_scale: float = 5.0, frames: int = 4, size: int = 32, text_tokens: int = 16,
+    model: nn.Module,
+    params: PyTree,
+    config: Any,
+    *,
+    num_steps: int = 12,
+    shift: float = 3.0,
+    guidance_scale: float = 5.0,
+    frames: int = 4,
+    size: int = 32,
+    text_tokens: int = 16,
 ) -> ModelBundle:
     """Any Wan2.1 port: seeded stand-in text embeddings (no text encoder here), zeros as the
     CFG branch, latents ``[B, C, frames, size, size]``."""
     pt, ph, pw = config.patch_size
     if frames % pt or size % ph or size % pw:
         raise ValueError(f"wan_bundle: frames={frames}, size={size} must be multiples of the patch {config.patch_size}")
-    den = Denoiser(model, _wan_apply, "flow", num_steps, shift=shift, guidance_scale=guidance_scale,
-                   frames_fn=wan_frames(tuple(config.patch_size)), name="wan")
+    den = Denoiser(
+        model,
+        _wan_apply,
+        "flow",
+        num_steps,
+        shift=shift,
+        guidance_scale=guidance_scale,
+        frames_fn=wan_frames(tuple(config.patch_size)),
+        name="wan",
+    )
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
         k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), start))
@@ -236,11 +277,21 @@ def _dit_apply(module: nn.Module, variables: Variables, x: Array, t: Array, cond
     return module.apply(variables, x, tb, cond)
 
 
-def dit_bundle(model: nn.Module, params: PyTree, config: Any, *, num_steps: int = 12, guidance_scale: float = 4.0) -> ModelBundle:
+def dit_bundle(
+    model: nn.Module, params: PyTree, config: Any, *, num_steps: int = 12, guidance_scale: float = 4.0
+) -> ModelBundle:
     """DiT: class labels (the null class ``num_embeds_ada_norm`` for CFG), DDIM, learned sigma."""
     learned = config.out_dim == 2 * config.in_channels
-    den = Denoiser(model, _dit_apply, "ddim", num_steps, guidance_scale=guidance_scale,
-                   learned_sigma=learned, channel_axis=1, name="dit")
+    den = Denoiser(
+        model,
+        _dit_apply,
+        "ddim",
+        num_steps,
+        guidance_scale=guidance_scale,
+        learned_sigma=learned,
+        channel_axis=1,
+        name="dit",
+    )
     classes = int(config.num_embeds_ada_norm)
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
@@ -272,4 +323,3 @@ def load_bundle(model_dir: str | Path, *, num_steps: int | None = None, **kwargs
     raise ValueError(
         f"{path}: the pipeline has sampler wiring for Wan and DiT models, not {raw.get('_class_name', type(config).__name__)}"
     )
-

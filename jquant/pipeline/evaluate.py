@@ -80,12 +80,16 @@ def weight_summary(variables: dict[str, Any]) -> dict[str, float]:
 
 def step_errors(ref_traj: Array, test_traj: Array) -> np.ndarray:
     """RMS latent difference after each denoising step ``[T]``."""
-    d = (jnp.asarray(test_traj[1:], jnp.float32) - jnp.asarray(ref_traj[1:], jnp.float32)).reshape(ref_traj.shape[0] - 1, -1)
+    d = (jnp.asarray(test_traj[1:], jnp.float32) - jnp.asarray(ref_traj[1:], jnp.float32)).reshape(
+        ref_traj.shape[0] - 1, -1
+    )
     return np.asarray(jnp.sqrt(jnp.mean(d * d, axis=1)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _guided_preds(model_fn: Any, float_fn: Any, xs: Array, ts: Array, cond: Any, uncond: Any, g: Array, data: Any, *, cfg: bool):
+def _guided_preds(
+    model_fn: Any, float_fn: Any, xs: Array, ts: Array, cond: Any, uncond: Any, g: Array, data: Any, *, cfg: bool
+):
     def pred(fn: Any, x: Array, t: Array, sl: Any) -> Array:
         if not cfg:
             return fn(x, t, cond, sl).astype(jnp.float32)
@@ -111,11 +115,15 @@ def one_step_errors(bundle: ModelBundle, qm: QuantizedModel, ref: Reference) -> 
     xs = ref.trajectory[:-1]
     ts = jnp.asarray(den.timesteps())
     data = jnp.zeros((den.num_steps,)) if data is None else data
-    errs = _guided_preds(fn, ffn, xs, ts, ref.work.cond, ref.work.uncond, jnp.float32(den.guidance_scale), data, cfg=den.cfg)
+    errs = _guided_preds(
+        fn, ffn, xs, ts, ref.work.cond, ref.work.uncond, jnp.float32(den.guidance_scale), data, cfg=den.cfg
+    )
     return np.asarray(errs)
 
 
-def evaluate(bundle: ModelBundle, qm: QuantizedModel, ref: Reference, *, extractors: dict | None = None) -> dict[str, Any]:
+def evaluate(
+    bundle: ModelBundle, qm: QuantizedModel, ref: Reference, *, extractors: dict | None = None
+) -> dict[str, Any]:
     """Metrics of ``qm`` against ``ref`` (same workload). Keys: ``psnr``, ``ssim``,
     ``flicker``, ``warp_error_delta``, ``fd_pooled_pixels`` (when enough clips), ...,
     ``psnr_clips`` (per clip, for paired comparisons),
@@ -128,7 +136,9 @@ def evaluate(bundle: ModelBundle, qm: QuantizedModel, ref: Reference, *, extract
         lo = jnp.min(r)
         r, t = r - lo, t - lo
     win = min(11, r.shape[2], r.shape[3])
-    m = compare_videos(r, t, data_range=ref.data_range, feature_extractors=extractors, ssim_win_size=win - (1 - win % 2))
+    m = compare_videos(
+        r, t, data_range=ref.data_range, feature_extractors=extractors, ssim_win_size=win - (1 - win % 2)
+    )
     out: dict[str, Any] = {"name": qm.name, **m, **weight_summary(qm.variables)}
     out["psnr_clips"] = np.asarray(psnr(r, t, data_range=ref.data_range)).mean(axis=1).tolist()
     out["step_rmse"] = step_errors(ref.trajectory, traj).tolist()

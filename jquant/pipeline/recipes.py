@@ -124,48 +124,104 @@ def _build() -> tuple[dict[str, Recipe], dict[str, str]]:
     have_quarot = _available("jquant.algorithms.quarot", "quarot", "QuaRotConfig")
     out = [
         Recipe("fp8-w", "fp8 e4m3 weights (per output channel), 16-bit activations.", rtn(u("fp8_e4m3"))),
-        Recipe("fp8-wa", "fp8 e4m3 weights and activations; static activation scales from a variance-aware "
-               "per-timestep table.", rtn(u("fp8_e4m3")), "fp8_e4m3", VARIANCE_TABLE),
+        Recipe(
+            "fp8-wa",
+            "fp8 e4m3 weights and activations; static activation scales from a variance-aware per-timestep table.",
+            rtn(u("fp8_e4m3")),
+            "fp8_e4m3",
+            VARIANCE_TABLE,
+        ),
         Recipe("int8-w", "int8 weights (per output channel), 16-bit activations.", rtn(u("int8"))),
-        Recipe("int8-wa-smooth", "SmoothQuant (alpha searched per layer) then int8 weights; int8 activations with "
-               "static scales from a variance-aware per-timestep table.", smoothquant(u("int8")), "int8", VARIANCE_TABLE),
-        Recipe("w4a16-gptq", "GPTQ int4 weights in groups of 64 on trajectory Hessians; 16-bit activations.",
-               gptq(u(W4))),
-        Recipe("w4a16-awq", "AWQ (activation-aware scaling + clipping search) int4/g64 weights; 16-bit activations.",
-               awq(u(W4))),
-        Recipe("nf4", "NormalFloat-4 weights in groups of 64 (QLoRA's codebook); 16-bit activations.", rtn(u("nf4/g64"))),
-        Recipe("q4_k_m", "GGUF Q4_K_M mix (Q4_K base; V/FFN-down Q6_K on llama.cpp's layer pick; Q8_0 where a "
-               "row is not a multiple of 256); 16-bit activations.", kquant("Q4_K_M")),
-        Recipe("q5_k_m", "GGUF Q5_K_M mix (Q5_K base, Q6_K on the protected layers); 16-bit activations.",
-               kquant("Q5_K_M")),
-        Recipe("w4-svd", "SVDQuant: smoothing, a rank-r 16-bit low-rank branch, int4/g64 residual; int4 per-token "
-               "activations (W4A4).", svdquant(u(W4)), "int4"),
+        Recipe(
+            "int8-wa-smooth",
+            "SmoothQuant (alpha searched per layer) then int8 weights; int8 activations with "
+            "static scales from a variance-aware per-timestep table.",
+            smoothquant(u("int8")),
+            "int8",
+            VARIANCE_TABLE,
+        ),
+        Recipe(
+            "w4a16-gptq", "GPTQ int4 weights in groups of 64 on trajectory Hessians; 16-bit activations.", gptq(u(W4))
+        ),
+        Recipe(
+            "w4a16-awq",
+            "AWQ (activation-aware scaling + clipping search) int4/g64 weights; 16-bit activations.",
+            awq(u(W4)),
+        ),
+        Recipe(
+            "nf4", "NormalFloat-4 weights in groups of 64 (QLoRA's codebook); 16-bit activations.", rtn(u("nf4/g64"))
+        ),
+        Recipe(
+            "q4_k_m",
+            "GGUF Q4_K_M mix (Q4_K base; V/FFN-down Q6_K on llama.cpp's layer pick; Q8_0 where a "
+            "row is not a multiple of 256); 16-bit activations.",
+            kquant("Q4_K_M"),
+        ),
+        Recipe(
+            "q5_k_m", "GGUF Q5_K_M mix (Q5_K base, Q6_K on the protected layers); 16-bit activations.", kquant("Q5_K_M")
+        ),
+        Recipe(
+            "w4-svd",
+            "SVDQuant: smoothing, a rank-r 16-bit low-rank branch, int4/g64 residual; int4 per-token "
+            "activations (W4A4).",
+            svdquant(u(W4)),
+            "int4",
+        ),
     ]
     missing: dict[str, str] = {}
     if have_quarot:
         out += [
-            Recipe("int8-wa-quarot", "QuaRot rotations, int8 weights (GPTQ), int8 per-token activations.",
-                   chain(quarot(), gptq(u("int8"))), "int8"),
-            Recipe("fp8-quarot", "QuaRot rotations, fp8 e4m3 weights and per-token fp8 activations.",
-                   chain(quarot(), rtn(u("fp8_e4m3"))), "fp8_e4m3"),
-            Recipe("w4a4-quarot", "QuaRot rotations, GPTQ int4/g64 weights, int4 per-token activations.",
-                   chain(quarot(), gptq(u(W4))), "int4"),
-            Recipe("w4-quarot-svd", "QuaRot rotations, GPTQ int4/g64 weights plus a rank-r low-rank correction of "
-                   "the weight error; int4 per-token activations.", chain(quarot(), correct(gptq(u(W4)))), "int4"),
+            Recipe(
+                "int8-wa-quarot",
+                "QuaRot rotations, int8 weights (GPTQ), int8 per-token activations.",
+                chain(quarot(), gptq(u("int8"))),
+                "int8",
+            ),
+            Recipe(
+                "fp8-quarot",
+                "QuaRot rotations, fp8 e4m3 weights and per-token fp8 activations.",
+                chain(quarot(), rtn(u("fp8_e4m3"))),
+                "fp8_e4m3",
+            ),
+            Recipe(
+                "w4a4-quarot",
+                "QuaRot rotations, GPTQ int4/g64 weights, int4 per-token activations.",
+                chain(quarot(), gptq(u(W4))),
+                "int4",
+            ),
+            Recipe(
+                "w4-quarot-svd",
+                "QuaRot rotations, GPTQ int4/g64 weights plus a rank-r low-rank correction of "
+                "the weight error; int4 per-token activations.",
+                chain(quarot(), correct(gptq(u(W4)))),
+                "int4",
+            ),
         ]
     else:
         for n in ("int8-wa-quarot", "fp8-quarot", "w4a4-quarot", "w4-quarot-svd"):
             missing[n] = "jquant.algorithms.quarot is not in this tree"
     if have_quarot and _available("jquant.algorithms.spinquant", "spinquant", "SpinQuantConfig"):
-        out.append(Recipe("w4a4-spinquant", "SpinQuant: V/O rotations learned on trajectory activations for int4 "
-                          "activations, online Hadamards, GPTQ int4/g64 weights; int4 per-token activations.",
-                          chain(spinquant(), gptq(u(W4))), "int4"))
+        out.append(
+            Recipe(
+                "w4a4-spinquant",
+                "SpinQuant: V/O rotations learned on trajectory activations for int4 "
+                "activations, online Hadamards, GPTQ int4/g64 weights; int4 per-token activations.",
+                chain(spinquant(), gptq(u(W4))),
+                "int4",
+            )
+        )
     else:
         missing["w4a4-spinquant"] = "jquant.algorithms.spinquant is not in this tree"
     if _available("jquant.algorithms.quip", "quip", "QuIPConfig"):
-        out.append(Recipe("quip2", "QuIP#: two-sided randomized Hadamards and the E8P lattice codebook (2 bits per "
-                          "weight) with LDLQ on trajectory Hessians; 16-bit activations.", quip(u(W4)),
-                          checkpointable=False))
+        out.append(
+            Recipe(
+                "quip2",
+                "QuIP#: two-sided randomized Hadamards and the E8P lattice codebook (2 bits per "
+                "weight) with LDLQ on trajectory Hessians; 16-bit activations.",
+                quip(u(W4)),
+                checkpointable=False,
+            )
+        )
     else:
         missing["quip2"] = "jquant.algorithms.quip (E8 lattice codebooks) is not in this tree"
     return {r.name: r for r in out}, missing
@@ -202,8 +258,12 @@ def describe() -> str:
     memory = [r for r in RECIPES.values() if not r.checkpointable]
     lines = ["Recipes (jquant quantize --recipe NAME, jquant demo --recipes NAME):", *map(row, savable)]
     if memory:
-        lines += ["", "In memory only (jquant demo --recipes NAME, or Python; jquant quantize cannot save their "
-                  "codebook leaves yet):", *map(row, memory)]
+        lines += [
+            "",
+            "In memory only (jquant demo --recipes NAME, or Python; jquant quantize cannot save their "
+            "codebook leaves yet):",
+            *map(row, memory),
+        ]
     if MISSING:
         lines += ["", "Unavailable in this install:", *(f"  {n:<{w}}  {why}" for n, why in MISSING.items())]
     return "\n".join(lines)

@@ -208,7 +208,9 @@ class PerStepModel:
         """All variants' variables under ``variant_<i>`` keys (for byte counts)."""
         return {
             "params": {f"variant_{i}": m.params for i, m in enumerate(self.models)},
-            jnn.AUX_COLLECTION: {f"variant_{i}": m.variables.get(jnn.AUX_COLLECTION, {}) for i, m in enumerate(self.models)},
+            jnn.AUX_COLLECTION: {
+                f"variant_{i}": m.variables.get(jnn.AUX_COLLECTION, {}) for i, m in enumerate(self.models)
+            },
         }
 
     @property

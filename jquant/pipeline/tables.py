@@ -101,9 +101,9 @@ class ScaleTable:
 
     def layout(self) -> tuple:
         """Hashable static structure (what the compiled sampler depends on)."""
-        return tuple(
-            (p, self.ranks[p], p in self.video, *self.scales[p].shape[1:]) for p in sorted(self.scales)
-        ) + (self.act,)
+        return tuple((p, self.ranks[p], p in self.video, *self.scales[p].shape[1:]) for p in sorted(self.scales)) + (
+            self.act,
+        )
 
     def step_data(self) -> dict[str, Array]:
         """``{module path: [T, Bn, Fn]}``: the sampler's ``step_data`` (row i = step i)."""
@@ -116,7 +116,10 @@ class ScaleTable:
             "groups": np.asarray(self.groups, np.int32),
             "scales": {p: np.asarray(v) for p, v in self.scales.items()},
             "meta": {
-                "act": self.act, "frames": self.frames, "ranks": dict(self.ranks), "video": sorted(self.video),
+                "act": self.act,
+                "frames": self.frames,
+                "ranks": dict(self.ranks),
+                "video": sorted(self.video),
                 "config": dataclasses.asdict(self.config),
             },
         }
@@ -124,10 +127,13 @@ class ScaleTable:
     @classmethod
     def from_tree(cls, tree: Mapping[str, Any], meta: Mapping[str, Any]) -> "ScaleTable":
         return cls(
-            act=meta["act"], groups=np.asarray(tree["groups"], np.int32),
+            act=meta["act"],
+            groups=np.asarray(tree["groups"], np.int32),
             scales={p: np.asarray(v, np.float32) for p, v in tree["scales"].items()},
-            ranks={p: int(r) for p, r in meta["ranks"].items()}, video=frozenset(meta["video"]),
-            frames=int(meta["frames"]), config=TableConfig(**meta["config"]),
+            ranks={p: int(r) for p, r in meta["ranks"].items()},
+            video=frozenset(meta["video"]),
+            frames=int(meta["frames"]),
+            config=TableConfig(**meta["config"]),
         )
 
 
@@ -194,7 +200,9 @@ def expand(s: Array, rank: int, video: bool, batch: int, cfg: bool, frames: int,
             s = jnp.max(s, axis=1, keepdims=True)
         else:
             if fn != frames or tokens % fn:
-                raise ValueError(f"scale table has {fn} frame scales but the input has {frames} frames / {tokens} tokens")
+                raise ValueError(
+                    f"scale table has {fn} frame scales but the input has {frames} frames / {tokens} tokens"
+                )
             s = jnp.repeat(s, tokens // fn, axis=1)
     if s.size == 1:
         return s.reshape(())

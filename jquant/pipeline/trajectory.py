@@ -242,7 +242,9 @@ def _capture_fn(den: Denoiser, keep: int):
     return jax.jit(fn)
 
 
-def capture_samples(den: Denoiser, variables: Variables, traj: Trajectories, max_tokens: int = 2048) -> dict[str, Array]:
+def capture_samples(
+    den: Denoiser, variables: Variables, traj: Trajectories, max_tokens: int = 2048
+) -> dict[str, Array]:
     """Input rows ``{module path: [N <= max_tokens, K]}`` of every layer, drawn evenly from
     every step and both branches of the first recorded workload (methods that optimize on
     activations, e.g. SpinQuant, take these)."""

@@ -74,7 +74,9 @@ def cogvideox_alphas_cumprod(
         betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
         ac = np.cumprod(1.0 - betas)
     elif beta_schedule == "linear":
-        ac = _cumprod_f32((np.float32(1) - _torch_linspace_f32(beta_start, beta_end, num_train_timesteps)).astype(np.float32))
+        ac = _cumprod_f32(
+            (np.float32(1) - _torch_linspace_f32(beta_start, beta_end, num_train_timesteps)).astype(np.float32)
+        )
     elif beta_schedule == "squaredcos_cap_v2":
         ac = _cumprod_f32((np.float32(1) - _squaredcos_betas(num_train_timesteps)).astype(np.float32))
     else:
@@ -86,7 +88,9 @@ def cogvideox_alphas_cumprod(
         root = np.sqrt(ac)
         first, last = root[0].copy(), root[-1].copy()
         if first == last:
-            raise ValueError("rescale_betas_zero_snr needs alphas_cumprod[0] != alphas_cumprod[-1] (num_train_timesteps > 1)")
+            raise ValueError(
+                "rescale_betas_zero_snr needs alphas_cumprod[0] != alphas_cumprod[-1] (num_train_timesteps > 1)"
+            )
         ac = (((root - last) * (first / (first - last))) ** 2).astype(ac.dtype)
     return ac
 
@@ -104,9 +108,13 @@ def _per_step_alphas(
     are :func:`cogvideox_alphas_cumprod`'s)."""
     ac = cogvideox_alphas_cumprod(**alphas)
     num_train_timesteps = ac.shape[0]
-    ts = ddim_timesteps(num_steps, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+    ts = ddim_timesteps(
+        num_steps, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+    )
     if ts.max() >= num_train_timesteps or ts.min() < 0:
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train_timesteps}); check steps_offset={steps_offset}")
+        raise ValueError(
+            f"timesteps {ts.tolist()} fall outside [0, {num_train_timesteps}); check steps_offset={steps_offset}"
+        )
     prev = ts - num_train_timesteps // num_steps
     final = 1.0 if set_alpha_to_one else ac[0]
     a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
@@ -123,7 +131,9 @@ def cogvideox_ddim_schedule(num_steps: int, **scheduler_config: Any) -> DDIMSche
     checkpoints' settings are ``COGVIDEOX_{2B,5B}_SCHEDULER``.
     """
     ts, _, a_t, a_prev = _per_step_alphas(num_steps, **scheduler_config)
-    return DDIMSchedule(timesteps=ts.astype(np.int32), alpha_prod_t=a_t.astype(np.float32), alpha_prod_t_prev=a_prev.astype(np.float32))
+    return DDIMSchedule(
+        timesteps=ts.astype(np.int32), alpha_prod_t=a_t.astype(np.float32), alpha_prod_t_prev=a_prev.astype(np.float32)
+    )
 
 
 class CogVideoXDPMSchedule(NamedTuple):
@@ -167,10 +177,15 @@ def cogvideox_dpm_schedule(num_steps: int, **scheduler_config: Any) -> CogVideoX
     tables = dict(mult1=mult1, mult2=mult2, mult3=mult3, mult4=mult4, mult_noise=mult_noise)
     for name, table in tables.items():
         if not np.all(np.isfinite(table)):
-            raise ValueError(f"cogvideox_dpm_schedule: {name} is not finite ({table.tolist()}); check the noise schedule")
+            raise ValueError(
+                f"cogvideox_dpm_schedule: {name} is not finite ({table.tolist()}); check the noise schedule"
+            )
     f32 = {k: v.astype(np.float32) for k, v in tables.items()}
     return CogVideoXDPMSchedule(
-        timesteps=ts.astype(np.int32), alpha_prod_t=a_t.astype(np.float32), second_order=second.astype(np.float32), **f32
+        timesteps=ts.astype(np.int32),
+        alpha_prod_t=a_t.astype(np.float32),
+        second_order=second.astype(np.float32),
+        **f32,
     )
 
 

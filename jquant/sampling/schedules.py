@@ -242,9 +242,7 @@ def ddim_timesteps(
         ratio = n_train / num_steps
         ts = np.round(np.arange(n_train, 0, -ratio)).astype(np.int64) - 1
     else:
-        raise ValueError(
-            f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}"
-        )
+        raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
     return ts.copy()
 
 
