@@ -443,8 +443,9 @@ class _StreamBlock(nn.Module):
         return self.forward(x, context, temb, attend)
 
     def forward(self, x: jax.Array, context: jax.Array, temb: jax.Array, attend: Attend) -> tuple[jax.Array, jax.Array]:
-        """The block's own math; `attend(norm_x, norm_c, **JointAttention options)` runs `attn`."""
-        raise NotImplementedError
+        """The block's own math; `attend(norm_x, norm_c, **JointAttention options)` runs `attn`.
+        Each concrete block (DoubleStreamBlock, SingleStreamBlock) defines it."""
+        raise TypeError(f"{type(self).__name__} is a _StreamBlock without its own forward()")
 
 
 class DoubleStreamBlock(_StreamBlock):
