@@ -119,3 +119,12 @@ def test_rotations_are_exact_in_float_and_chains_compose(env):
     other = C.Calibrator(tiny_bundle(num_steps=2), C.CalibrationConfig(num_samples=1, batch=1))
     with pytest.raises(ValueError, match="another model bundle"):
         C.quantize(b, mine, other)
+
+
+def test_every_building_block_is_a_transform_factory():
+    u = pol.uniform("int4/g64")
+    for make in (rc.rtn, rc.gptq, rc.awq, rc.smoothquant, rc.smoothing, rc.svdquant, rc.loftq, rc.quip, rc.kquant):
+        step = make("Q4_K_M") if make is rc.kquant else make(u)
+        assert isinstance(step, rc.Transform) and step.name
+    assert rc.chain(rc.quarot(), rc.correct(rc.gptq(u))).name == f"quarot -> gptq[{u.name}] + lowrank"
+

@@ -11,7 +11,7 @@ format (None: weight-only) and either a static per-timestep scale table
 Building blocks (each a function returning a :class:`Transform`): :func:`rtn`,
 :func:`gptq`, :func:`awq`, :func:`smoothquant`, :func:`quarot`, :func:`spinquant`,
 :func:`svdquant`, :func:`correct` (low-rank correction of any quantizer), :func:`kquant`,
-:func:`quip`. Which layers a
+:func:`quip`, :func:`smoothing` (the float smoothing step alone), :func:`loftq`. Which layers a
 step quantizes, and to what, is a :class:`~jquant.policy.Policy` (by role), so
 a recipe applies to any ported model. Compose your own::
 
@@ -49,11 +49,13 @@ rtn = _rtn.transform
 gptq = _gptq.transform
 awq = _awq.transform
 smoothquant = _smoothquant.transform
+smoothing = _smoothquant.smoothing
 quarot = _quarot.transform
 spinquant = _spinquant.transform
 quip = _quip.transform
 svdquant = _svd.transform
 correct = _svd.correct
+loftq = _svd.loftq_transform
 kquant = _kquants.transform
 
 
