@@ -127,4 +127,3 @@ def test_every_building_block_is_a_transform_factory():
         step = make("Q4_K_M") if make is rc.kquant else make(u)
         assert isinstance(step, rc.Transform) and step.name
     assert rc.chain(rc.quarot(), rc.correct(rc.gptq(u))).name == f"quarot -> gptq[{u.name}] + lowrank"
-
