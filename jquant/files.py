@@ -12,13 +12,26 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _sibling_name(path: Path, tag: str) -> Path:
+    """A random hidden sibling name of ``path``: ``.NAME.TAG-<8 hex digits>``."""
+    return path.with_name(f".{path.name[:180]}.{tag}-{secrets.token_hex(4)}")
+
+
+def unused_sibling(path: Path, tag: str) -> Path:
+    """A hidden sibling name of ``path`` that does not exist now (a rename target)."""
+    while True:
+        cand = _sibling_name(path, tag)
+        if not (cand.exists() or cand.is_symlink()):
+            return cand
+
+
 def fresh_sibling(path: Path, tag: str, *, directory: bool = False) -> Path:
     """Create a new hidden sibling of ``path`` (``.NAME.TAG-<random>``) and return it.
 
     Made with the default mode, so the umask applies (``mkdtemp``/``mkstemp`` make it private,
     and a file or directory renamed into place would stay private)."""
     for _ in range(100):
-        cand = path.with_name(f".{path.name[:180]}.{tag}-{secrets.token_hex(4)}")
+        cand = _sibling_name(path, tag)
         try:
             if directory:
                 os.mkdir(cand)

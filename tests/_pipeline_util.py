@@ -7,6 +7,8 @@ import functools
 import jax
 
 from jquant import models
+from jquant.models.dit import DiTConfig
+from jquant.models.flux import FluxConfig
 from jquant.models.wan import WanConfig
 from jquant.pipeline import denoiser as D
 
@@ -20,6 +22,21 @@ CONFIG = WanConfig(
     freq_dim=32,
     ffn_dim=128,
     num_layers=1,
+)
+
+#: Tiny Flux and DiT configs for the policy and rule tests.
+FLUX = FluxConfig(
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    in_channels=16,
+    axes_dims_rope=(4, 6, 6),
+)
+DIT = DiTConfig(
+    num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=8, num_embeds_ada_norm=10
 )
 
 

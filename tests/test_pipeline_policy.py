@@ -3,28 +3,12 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from _pipeline_util import CONFIG
+from _pipeline_util import CONFIG, DIT, FLUX
 
 from jquant import models
 from jquant import policy as P
-from jquant.models.dit import DiTConfig
-from jquant.models.flux import FluxConfig
 from jquant.qarray import QArray
 from jquant.rules import flatten_with_paths, quantize_params
-
-FLUX = FluxConfig(
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=16,
-    in_channels=16,
-    axes_dims_rope=(4, 6, 6),
-)
-DIT = DiTConfig(
-    num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1, sample_size=8, num_embeds_ada_norm=10
-)
 
 
 def _roles(cfg):

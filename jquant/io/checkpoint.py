@@ -19,7 +19,7 @@ failure the previous checkpoint is put back as it was and no temporary directory
 :func:`restore` checks the marker, the arrays and their checksums, so a damaged checkpoint
 raises :class:`CheckpointError` naming it.
 
-:func:`atomic_file` gives the single-file writers (GGUF, safetensors) the same guarantee:
+:func:`jquant.files.atomic_file` gives the single-file writers (GGUF, safetensors) the same guarantee:
 a temporary file beside the target, fsync, ``os.replace``.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import warnings
 import zlib
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jquant.files import atomic_file, check_file_target, fresh_sibling, fsync_path  # noqa: F401 (re-exported)
+from jquant.files import fresh_sibling, fsync_path, unused_sibling
 from jquant.formats import parse_spec
 from jquant.qarray import QArray
 
@@ -233,14 +232,6 @@ def _finish_swap(path: Path, tmp: Path, backup: Path | None) -> None:
             )
 
 
-def _unused_sibling(path: Path, tag: str) -> Path:
-    """A hidden sibling name of ``path`` that does not exist now."""
-    while True:
-        cand = path.with_name(f".{path.name[:180]}.{tag}-{secrets.token_hex(4)}")
-        if not (cand.exists() or cand.is_symlink()):
-            return cand
-
-
 def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = True) -> Path:
     """Save a param tree (QArray leaves allowed) to the directory ``path``, atomically.
 
@@ -274,7 +265,7 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = True) -> Path:
         if state == "checkpoint" and not overwrite:
             raise FileExistsError(f"checkpoint {path} appeared during the save and overwrite=False")
         if state != "new":
-            backup = _unused_sibling(path, "old")
+            backup = unused_sibling(path, "old")
             os.rename(path, backup)
         os.rename(tmp, path)
         fsync_path(path.parent, directory=True)
