@@ -1,0 +1,1 @@
+"""Training with quantization: QAT, distillation, LoRA (being built: issue 22)."""
