@@ -50,6 +50,7 @@ from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, decode_scale, dequantize
 from pallas_kernels import (
     act_quant,
+    kquant_triton,
     lowrank_quant,
     testing,
     w4_table,
@@ -314,6 +315,12 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
     if w.ndim != 2:
         return None
     x2 = x2.astype(jnp.bfloat16)
+    if spec.fmt in kquant_triton.FORMATS:  # GGUF blocks, u8[N, K/block, bytes]: read in place
+        return (
+            kquant_triton.kquant_matmul(x2, w.qvalue, spec.fmt, out_dtype)
+            if kquant_triton.supports(x2, spec.fmt)
+            else None
+        )
     group = spec.group_size if spec.granularity == "group" else None
     if w.zero_point is not None:
         if spec.fmt != "uint4" or group is None or not weight_only.supports(x2, group):

@@ -1,0 +1,267 @@
+"""GGUF k-quant weights on the GPU without a float copy of the model: Triton kernels via jax-triton.
+
+A GGUF weight stays in ggml's block bytes (``u8[N, K / block_elems, block_bytes]``, the
+contraction axis last, as a codec QArray stores it). Two kernels read those bytes directly:
+
+* :func:`kquant_matmul_small_m` (M <= :data:`SMALL_M_MAX`, the GEMV shapes of modulation layers
+  and text encoders): each program decodes a ``[BN, 256]`` tile of weights in registers from
+  the block bytes (scales, mins and codes by ggml's formulas) and feeds it to ``tl.dot`` with
+  the tokens; the K loop is split over programs and the fp32 partial sums are reduced by XLA.
+  Weight bytes dominate at this M, so reading 4.5-8.5 bits per weight instead of 16 is the gain.
+* :func:`kquant_decode` (large M): one memory-bound pass that writes the layer's bf16 weights
+  (transient, one layer at a time), then XLA's bf16 GEMM. At M >= 4096 the GEMM costs
+  ``2 M`` flops per weight and the decode one read and one write, so the decode is a few per
+  cent of the step; decoding inside the GEMM's main loop would repeat it for every token tile.
+
+Formats: ``q4_k``, ``q5_k``, ``q6_k`` (256-value super-blocks) and ``q8_0`` (32-value blocks,
+decoded eight at a time). The references are :mod:`jquant.codecs`' decoders (ggml's
+``dequantize_row_*``); ``scripts/check_kernels_gpu.py --kernels kquant`` compares each kernel with
+them on the GPU. jax-triton is the optional ``gpu`` extra; without it :func:`available` is False
+and the dispatch keeps the XLA dequantize-then-dot path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jquant import codecs
+from pallas_kernels import _common
+
+try:  # Only with the ``gpu`` extra on a CUDA machine.
+    import jax_triton as jt
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    jt = triton = tl = None
+
+#: Block formats the kernels decode, with their Triton format id.
+FORMATS: dict[str, int] = {"q4_k": 0, "q5_k": 1, "q6_k": 2, "q8_0": 3}
+#: Values one decoded tile spans along K (a k-quant super-block; eight Q8_0 blocks).
+TILE = 256
+#: Largest M the fused kernel takes; larger M decode then use XLA's bf16 GEMM.
+SMALL_M_MAX = 16
+#: Passed scripts/check_kernels_gpu.py --kernels kquant on an H200; until then (False) the
+#: dispatch uses these kernels only when ``JQUANT_BACKEND=pallas`` asks for them.
+GPU_VERIFIED = False
+
+
+def available() -> bool:
+    """True when jax-triton and Triton import (the ``gpu`` extra is installed)."""
+    return jt is not None
+
+
+def tile_bytes(fmt: str) -> int:
+    """Bytes of one :data:`TILE`-value tile of ``fmt`` (one super-block, or eight Q8_0 blocks)."""
+    codec = codecs.get_codec(fmt)
+    return codec.block_bytes * (TILE // codec.block_elems)
+
+
+def _check(blocks: jax.Array, fmt: str, name: str) -> tuple[int, int]:
+    """``(N, K)`` of a ``u8[N, nb, block_bytes]`` weight; clear errors for anything else."""
+    if fmt not in FORMATS:
+        raise ValueError(f"{name}: format {fmt!r} has no kernel; supported: {sorted(FORMATS)}")
+    codec = codecs.get_codec(fmt)
+    if blocks.dtype != jnp.uint8 or blocks.ndim != 3 or blocks.shape[-1] != codec.block_bytes:
+        raise ValueError(
+            f"{name}: expected {fmt} blocks as uint8[N, K/{codec.block_elems}, {codec.block_bytes}], "
+            f"got {blocks.dtype}{list(blocks.shape)}"
+        )
+    return blocks.shape[0], blocks.shape[1] * codec.block_elems
+
+
+def decode_reference(blocks: jax.Array, fmt: str, dtype=jnp.bfloat16) -> jax.Array:
+    """Plain-JAX reference: ggml's decode of ``u8[N, nb, bytes]`` -> ``[N, K]``."""
+    n, k = _check(blocks, fmt, "decode_reference")
+    return codecs.get_codec(fmt).decode(blocks).reshape(n, k).astype(dtype)
+
+
+def matmul_reference(x: jax.Array, blocks: jax.Array, fmt: str, out_dtype=jnp.bfloat16) -> jax.Array:
+    """``x [M, K] @ decode(blocks)^T`` in fp32, rounded to ``out_dtype``."""
+    w = decode_reference(blocks, fmt, jnp.float32)
+    y = jax.lax.dot_general(x.astype(jnp.float32), w, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+
+if triton is not None:  # pragma: no cover - needs Triton
+
+    @triton.jit
+    def _f16_at(p):
+        """fp32 value of the little-endian float16 at byte pointers ``p``."""
+        lo = tl.load(p).to(tl.uint16)
+        hi = tl.load(p + 1).to(tl.uint16)
+        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _decode_tile(base, i, FMT: tl.constexpr):
+        """Values ``i`` ([1, TILE]) of the tiles starting at byte pointers ``base`` ([R, 1]), fp32."""
+        if FMT == 3:  # q8_0: eight 34-byte blocks, d (f16) then 32 int8 codes
+            blk = base + (i // 32) * 34
+            q = tl.load(blk + 2 + (i % 32)).to(tl.int8, bitcast=True).to(tl.float32)
+            return _f16_at(blk) * q
+        elif FMT == 2:  # q6_k: ql[128] qh[64] scales int8[16] d
+            half = i // 128
+            r = i % 128
+            quarter = r // 32
+            lane = r % 32
+            ql = tl.load(base + 64 * half + lane + 32 * (quarter % 2)).to(tl.int32)
+            low = tl.where(quarter < 2, ql & 0xF, ql >> 4)
+            qh = tl.load(base + 128 + 32 * half + lane).to(tl.int32)
+            q = (low | (((qh >> (2 * quarter)) & 3) << 4)) - 32
+            sc = tl.load(base + 192 + i // 16).to(tl.int8, bitcast=True).to(tl.float32)
+            return _f16_at(base + 208) * sc * q.to(tl.float32)
+        else:  # q4_k / q5_k: d, dmin, 12 bytes of 6-bit scales and mins, [qh[32]], qs[128]
+            sub = i // 32
+            t = sub % 4
+            a = tl.load(base + 4 + t).to(tl.int32)
+            b = tl.load(base + 8 + t).to(tl.int32)
+            c = tl.load(base + 12 + t).to(tl.int32)
+            sc = tl.where(sub < 4, a & 63, (c & 0xF) | ((a >> 6) << 4))
+            mn = tl.where(sub < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
+            chunk = i // 64
+            lane = i % 32
+            QS: tl.constexpr = 16 if FMT == 0 else 48
+            qs = tl.load(base + QS + 32 * chunk + lane).to(tl.int32)
+            q = tl.where((i % 64) < 32, qs & 0xF, qs >> 4)
+            if FMT == 1:
+                qh = tl.load(base + 16 + lane).to(tl.int32)
+                q = q | (((qh >> sub) & 1) << 4)
+            d = _f16_at(base)
+            dmin = _f16_at(base + 2)
+            return d * sc.to(tl.float32) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+
+    @triton.jit
+    def _decode_kernel(
+        w_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, FMT: tl.constexpr, TB: tl.constexpr
+    ):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+        i = tl.arange(0, 256)[None, :]
+        tile = tl.program_id(1)
+        row_bytes: tl.constexpr = (K // 256) * TB if FMT != 3 else (K // 32) * 34
+        base = w_ptr + rows.to(tl.int64) * row_bytes + tile * TB
+        col = tile * 256 + i
+        mask = (rows < N) & (col < K)
+        v = _decode_tile(tl.where(rows < N, base, w_ptr), tl.where(col < K, i, 0), FMT)
+        tl.store(out_ptr + rows.to(tl.int64) * K + col, v.to(tl.bfloat16), mask=mask)
+
+    @triton.jit
+    def _small_m_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        M: tl.constexpr,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        BN: tl.constexpr,
+        SPLIT: tl.constexpr,
+        FMT: tl.constexpr,
+        TB: tl.constexpr,
+    ):
+        pn = tl.program_id(0)
+        ps = tl.program_id(1)
+        rows = pn * BN + tl.arange(0, BN)[:, None]
+        i = tl.arange(0, 256)[None, :]
+        m = tl.arange(0, 16)[:, None]
+        row_bytes: tl.constexpr = (K // 256) * TB if FMT != 3 else (K // 32) * 34
+        base = w_ptr + tl.where(rows < N, rows, 0).to(tl.int64) * row_bytes
+        tiles: tl.constexpr = (K + 255) // 256
+        per: tl.constexpr = (tiles + SPLIT - 1) // SPLIT
+        acc = tl.zeros((16, BN), dtype=tl.float32)
+        for t in range(ps * per, tl.minimum(ps * per + per, tiles)):
+            col = t * 256 + i
+            w = _decode_tile(base + t * TB, tl.where(col < K, i, 0), FMT)
+            w = tl.where(col < K, w, 0.0).to(tl.bfloat16)
+            xk = tl.load(x_ptr + m * K + col, mask=(m < M) & (col < K), other=0.0).to(tl.bfloat16)
+            acc += tl.dot(xk, tl.trans(w))
+        cols = pn * BN + tl.arange(0, BN)[None, :]
+        tl.store(out_ptr + ps * 16 * N + m * N + cols, acc, mask=(m < M) & (cols < N))
+
+
+def _require() -> None:
+    if not available():
+        raise ImportError(
+            "pallas_kernels.kquant_triton needs jax-triton and Triton: install the 'gpu' extra "
+            "(pip install 'jquant[gpu]') on a CUDA machine"
+        )
+
+
+def kquant_decode(blocks: jax.Array, fmt: str, *, rows: int = 16, warps: int = 4) -> jax.Array:
+    """``u8[N, nb, bytes]`` ggml blocks -> ``bf16[N, K]`` in one pass on the GPU."""
+    _require()
+    n, k = _check(blocks, fmt, "kquant_decode")
+    return jt.triton_call(
+        blocks,
+        kernel=_decode_kernel,
+        out_shape=jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
+        grid=(_common.cdiv(n, rows), _common.cdiv(k, TILE)),
+        num_warps=warps,
+        num_stages=1,
+        N=n,
+        K=k,
+        ROWS=rows,
+        FMT=FORMATS[fmt],
+        TB=tile_bytes(fmt),
+    )
+
+
+def pick_split(n: int, k: int, bn: int, sms: int) -> int:
+    """K splits so that about two programs run per SM, at least one 256-value tile each."""
+    tiles = _common.cdiv(k, TILE)
+    programs = _common.cdiv(n, bn)
+    return max(1, min(tiles, _common.cdiv(2 * sms, programs)))
+
+
+def kquant_matmul_small_m(
+    x: jax.Array,
+    blocks: jax.Array,
+    fmt: str,
+    out_dtype=jnp.bfloat16,
+    *,
+    bn: int = 64,
+    split: int | None = None,
+    warps: int = 4,
+    stages: int = 2,
+) -> jax.Array:
+    """``x [M, K] @ decode(blocks)^T`` for M <= :data:`SMALL_M_MAX`, weights decoded in registers."""
+    _require()
+    n, k = _check(blocks, fmt, "kquant_matmul_small_m")
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"kquant_matmul_small_m: x must be [M, {k}], got {list(x.shape)}")
+    m = x.shape[0]
+    if m > SMALL_M_MAX:
+        raise ValueError(f"kquant_matmul_small_m: M={m} > {SMALL_M_MAX}; use kquant_decode + a bf16 GEMM")
+    split = split or pick_split(n, k, bn, _common.num_sms())
+    partial = jt.triton_call(
+        x.astype(jnp.bfloat16),
+        blocks,
+        kernel=_small_m_kernel,
+        out_shape=jax.ShapeDtypeStruct((split, 16, n), jnp.float32),
+        grid=(_common.cdiv(n, bn), split),
+        num_warps=warps,
+        num_stages=stages,
+        M=m,
+        N=n,
+        K=k,
+        BN=bn,
+        SPLIT=split,
+        FMT=FORMATS[fmt],
+        TB=tile_bytes(fmt),
+    )
+    return partial.sum(axis=0)[:m].astype(out_dtype)
+
+
+def kquant_matmul(x: jax.Array, blocks: jax.Array, fmt: str, out_dtype=jnp.bfloat16) -> jax.Array:
+    """``x [M, K] @ decode(blocks)^T``: the fused kernel at small M, else decode + XLA's bf16 GEMM."""
+    if x.ndim == 2 and x.shape[0] <= SMALL_M_MAX:
+        return kquant_matmul_small_m(x, blocks, fmt, out_dtype)
+    w = kquant_decode(blocks, fmt)
+    y = jax.lax.dot_general(x.astype(jnp.bfloat16), w, (((x.ndim - 1,), (1,)), ((), ())))
+    return y.astype(out_dtype)
+
+
+def supports(x: jax.Array, fmt: str) -> bool:
+    """Hopper (or any CUDA GPU Triton compiles for), jax-triton installed, verified or forced,
+    one of :data:`FORMATS`, a 2-D activation."""
+    return (
+        available() and fmt in FORMATS and _common.on_hopper() and _common.kernel_enabled(GPU_VERIFIED) and x.ndim == 2
+    )

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""GGUF k-quant GEMMs on the GPU: jquant's Triton kernels against XLA bf16 and XLA's
+dequantize-then-dot, on DiT linear shapes, in one run.
+
+For each format (Q4_K, Q5_K, Q6_K, Q8_0), shape and M: the decode kernel is first checked bit for
+bit against ``jquant.codecs``' decoder (ggml's formulas, rounded to bf16); every timed output is
+checked against the fp32 product with the decoded weights before it is timed. Weights are random
+ggml blocks (random code bytes, block scales set to a realistic range), so nothing is encoded on
+the host. Rows: ``bf16`` (XLA's GEMM on the decoded bf16 weights: the baseline), ``xla`` (decode
+with jquant.codecs in XLA, then the GEMM), ``kernel`` (pallas_kernels.kquant_triton.kquant_matmul:
+fused at M <= 16, decode kernel + GEMM above), ``dispatch`` (the same weights as a codec QArray through
+``jquant.dispatch.linear``, as a model runs them). Median and min of >= 10 runs. Writes
+``benchmarks/kquant-<device>.json``; exits 1 on any FAIL/ERROR row.
+
+    PYTHONPATH=. JQUANT_BACKEND=pallas python scripts/bench_kquant.py [--quick] [--deadline-s S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant import codecs, dispatch
+from jquant.formats import parse_spec
+from jquant.qarray import QArray
+from pallas_kernels import kquant_triton as kq
+from pallas_kernels import testing, timing
+
+SHAPES = [(1536, 1536), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]  # (K, N)
+MS = [1, 16, 4096]
+FORMATS = ["q4_k", "q5_k", "q6_k", "q8_0"]
+TOL = 1e-2  # bf16 weights and products, fp32 accumulation, against the fp32 product
+
+
+def random_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
+    """Random ggml blocks: random code bytes, every fp16 block scale in [1e-3, 4e-3)."""
+    codec = codecs.get_codec(fmt)
+    rng = np.random.default_rng(seed)
+    nb = k // codec.block_elems
+    b = rng.integers(0, 256, size=(n, nb, codec.block_bytes), dtype=np.uint8)
+    at = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,)}[fmt]
+    for off in at:
+        h = rng.uniform(1e-3, 4e-3, size=(n, nb)).astype(np.float16)
+        b[..., off : off + 2] = h.view(np.uint8).reshape(n, nb, 2)
+    return b
+
+
+def as_qarray(blocks: jax.Array, fmt: str) -> QArray:
+    """The codec QArray of a Flax kernel ``[K, N]`` whose blocks are ``u8[N, K/block, bytes]``."""
+    return QArray(blocks, None, spec=parse_spec(fmt), dtype=jnp.bfloat16, axis=-2)
+
+
+def nt(x, w):
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 4096}")
+    p.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new rows after this")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    args = p.parse_args()
+    os.environ.setdefault("JQUANT_BACKEND", "pallas")
+    if not kq.available():
+        print("jax-triton is not installed: nothing to measure", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    shapes = SHAPES[2:4] if args.quick else SHAPES
+    ms = [1, 4096] if args.quick else MS
+    rows: list[dict] = []
+    bad = 0
+    for fmt in args.formats.split(","):
+        for k, n in shapes:
+            if time.time() - t0 > args.deadline_s:
+                print(f"deadline reached before {fmt} {k}x{n}", file=sys.stderr)
+                break
+            codec = codecs.get_codec(fmt)
+            copies = timing.copies_for(n * k * codec.bits_per_weight / 8, limit=6)
+            blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(copies)]
+            ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+            try:
+                got = kq.kquant_decode(blocks[0], fmt)
+                diff = int(jnp.sum(got != ref_w.astype(jnp.bfloat16)))
+                row = {"status": "PASS" if diff == 0 else "FAIL", "mismatches": diff}
+            except Exception as exc:  # pylint: disable=broad-except
+                row = timing.error_row(exc)
+            rows.append({"fmt": fmt, "K": k, "N": n, "variant": "decode_exact", **row})
+            print(f"{fmt} K={k} N={n} decode vs ggml: {row['status']} {row.get('mismatches', row.get('error'))}")
+            bad += row["status"] != "PASS"
+            wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+            for m in ms:
+                xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(copies)]
+                ref = np.asarray(nt(xs[0].astype(jnp.float32), ref_w))
+                mag = np.asarray(nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w)))
+
+                def check(out, ref=ref, mag=mag):
+                    return testing.check_dot(out, jnp.asarray(ref), jnp.asarray(mag), TOL)
+
+                variants = {
+                    "bf16": (lambda x, w: nt(x, w), list(zip(xs, wbf))),
+                    "xla": (lambda x, b: nt(x, kq.decode_reference(b, fmt)), list(zip(xs, blocks))),
+                    "kernel": (lambda x, b: kq.kquant_matmul(x, b, fmt), list(zip(xs, blocks))),
+                    # the same through jquant.dispatch.linear, as a model's Dense layer runs it
+                    "dispatch": (lambda x, b: dispatch.linear(x, as_qarray(b, fmt)), list(zip(xs, blocks))),
+                }
+                res = {}
+                for name, (fn, sets) in variants.items():
+                    r = timing.check_then_time(fn, sets, check)
+                    res[name] = r
+                    row = {"fmt": fmt, "K": k, "N": n, "M": m, "variant": name, **r}
+                    rows.append(row)
+                    bad += r["status"] != "PASS"
+                if all(res[v]["status"] == "PASS" for v in res):
+                    us = {v: res[v]["us"] for v in res}
+                    print(
+                        f"{fmt:5} K={k:5} N={n:5} M={m:5}  bf16 {us['bf16']:8.1f}  xla {us['xla']:8.1f}  "
+                        f"kernel {us['kernel']:8.1f} us  vs bf16 {us['bf16'] / us['kernel']:.2f}x  "
+                        f"vs xla {us['xla'] / us['kernel']:.2f}x",
+                        flush=True,
+                    )
+                else:
+                    print(f"{fmt} K={k} N={n} M={m}: " + ", ".join(f"{v}={res[v]['status']}" for v in res), flush=True)
+            del blocks, wbf
+    path = timing.write_rows("kquant", rows)
+    print(f"wrote {path}; {bad} bad rows")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
