@@ -35,9 +35,18 @@ from gguf import GGMLQuantizationType as GT
 from tqdm import tqdm
 
 from jquant.algorithms.kquants import MIX_BASE, plan_kquant_mix, roles_from_name
-from jquant.codecs import CODECS
+from jquant.codecs import CODECS, GGML_CODECS
 from jquant.files import atomic_file
 from jquant.formats import parse_spec
+from jquant.io.gguf_layouts import (
+    FILE_TYPES,
+    concat_rows,
+    family_for_config,
+    float_type,
+    original_entries,
+    plan_comfy_types,
+    split_rows,
+)
 from jquant.models.loading import (
     CheckpointMismatchError,
     port_for_class,
@@ -58,6 +67,7 @@ CONFIG_KEY = "jquant.config"  # diffusers config.json contents, as a JSON string
 MIX_KEY = "jquant.mix"
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."  # city96: tensor stored flattened to (-1, 256)
 DEFAULT_ARCH = "jquant"
+LAYOUTS = ("jquant", "comfy")  # diffusers names (jquant's) | original names (ComfyUI-GGUF's)
 
 _CODEC_OF_TYPE = {GT(c.ggml_type): name for name, c in CODECS.items()}
 _FLOAT_TYPES = {
@@ -153,12 +163,18 @@ def save_gguf(
       metadata: GGUF key -> value (str, int, float, bool, list; dicts become JSON
         strings). ``general.architecture`` defaults to 'jquant'.
     """
+    if not tensors:
+        raise ValueError("save_gguf: no tensors to write")
+    return _write_gguf(path, {name: _tensor_payload(name, v) for name, v in tensors.items()}, metadata)
+
+
+def _write_gguf(
+    path: str | os.PathLike, payloads: Mapping[str, tuple[np.ndarray, GT]], metadata: Mapping[str, Any] | None
+) -> Path:
+    """Write (array, ggml type) payloads (raw blocks for block types) and metadata, atomically."""
     path = Path(path)
     metadata = dict(metadata or {})
     arch = str(metadata.pop("general.architecture", DEFAULT_ARCH))
-    if not tensors:
-        raise ValueError("save_gguf: no tensors to write")
-    payloads = {name: _tensor_payload(name, v) for name, v in tensors.items()}
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
@@ -403,18 +419,30 @@ def export_gguf(
     out_path: str | os.PathLike,
     type: str = "Q4_K_M",  # noqa: A002 - mirrors the CLI flag
     *,
+    layout: str = "jquant",
     progress: bool = False,
 ) -> ExportReport:
     """Quantize a diffusers model directory (config.json + safetensors) into a GGUF file.
 
-    Each tensor gets the codec :func:`jquant.algorithms.kquants.kquant_mix` picks for the
-    mix ``type`` (Q4_K_M, Q5_K_M, Q6_K, Q8_0) or stays float (1-D in F32; others in
-    F16/BF16). The config goes in as ``jquant.config``, the mix as ``jquant.mix``.
-    ``out_path`` is written atomically (see :func:`save_gguf`) and may not be one of the
-    model's own files; a corrupt config.json or safetensors file raises naming it.
+    ``layout='jquant'``: diffusers names; each tensor gets the codec
+    :func:`jquant.algorithms.kquants.kquant_mix` picks for the mix ``type`` (Q4_K_M, Q5_K_M,
+    Q6_K, Q8_0) or stays float (1-D in F32; others in F16/BF16); the mix goes in as ``jquant.mix``.
+
+    ``layout='comfy'``: the community layout ComfyUI-GGUF loads (Wan, Flux, HunyuanVideo,
+    LTX-Video): original names (fused tensors concatenated), ``general.architecture`` wan / flux
+    / hyvid / ltxv, and the types ComfyUI-GGUF's convert.py + patched llama-quantize give for the
+    llama.cpp file type ``type`` (any of :data:`jquant.io.gguf_layouts.FILE_TYPES`: Q2_K ...
+    Q8_0, Q4_K_M, ...), reproduced by :func:`jquant.io.gguf_layouts.plan_comfy_types`.
+
+    Both write the config as ``jquant.config``. ``out_path`` is written atomically (see
+    :func:`save_gguf`) and may not be one of the model's own files; a corrupt config.json or
+    safetensors file raises naming it.
     """
-    if type not in MIX_BASE:
-        raise ValueError(f"unknown GGUF type {type!r}; choose one of {sorted(MIX_BASE)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown GGUF layout {layout!r}; choose one of {list(LAYOUTS)}")
+    allowed = FILE_TYPES if layout == "comfy" else MIX_BASE
+    if type not in allowed:
+        raise ValueError(f"unknown GGUF type {type!r} for layout {layout!r}; choose one of {sorted(allowed)}")
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     config = read_config_json(config_file)
@@ -422,6 +450,8 @@ def export_gguf(
     inputs = {config_file.resolve(), *(f.resolve() for f in files.values())}
     if Path(out_path).resolve() in inputs:
         raise ValueError(f"{out_path}: is one of the model's own files; export_gguf will not overwrite its input")
+    if layout == "comfy":
+        return _export_comfy(model_dir, out_path, type, config, files, progress)
 
     tensors: dict[str, QArray | np.ndarray] = {}
     types: dict[str, str] = {}
@@ -453,6 +483,39 @@ def export_gguf(
     return ExportReport(out, types, sum(math.prod(s) for s in shapes.values()), n_bytes)
 
 
+def _export_comfy(
+    model_dir: Path, out_path: Any, ftype: str, config: dict[str, Any], files: Mapping[str, Path], progress: bool
+) -> ExportReport:
+    """export_gguf's community-layout path (see there)."""
+    port = port_for_class(str(config.get("_class_name", "")))
+    cfg = port.config_cls.from_diffusers(config)
+    family = family_for_config(cfg)
+    entries = original_entries(cfg)
+    needed = {p for e in entries for p in e.parts}
+    absent = sorted(needed - set(files))
+    if absent:
+        raise CheckpointMismatchError(
+            f"{model_dir}: the weights lack {len(absent)} tensors of the key map: {absent[:8]}"
+        )
+    with contextlib.ExitStack() as stack:
+        handles = _open_safetensors(stack, set(files.values()))
+        # Sorted original names: the file order, which llama-quantize's V counter follows.
+        originals = {
+            e.name: concat_rows([_get_tensor(handles[files[p]], files[p], p) for p in e.parts], e.swap_halves)
+            for e in sorted(entries, key=lambda e: e.name)
+        }
+    payloads, types = _comfy_payloads(family, originals, ftype, progress)
+    metadata = {
+        "general.architecture": family.arch,
+        "general.name": model_dir.resolve().name,
+        "general.file_type": FILE_TYPES[ftype][1],
+        CONFIG_KEY: json.dumps(config, sort_keys=True),
+    }
+    out = _write_gguf(out_path, payloads, metadata)
+    n_bytes = sum(int(a.nbytes) for a, _ in payloads.values())
+    return ExportReport(out, types, sum(int(a.size) for a in originals.values()), n_bytes)
+
+
 # ----------------------------------------------------------------------------- Flax params
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -479,24 +542,25 @@ def _to_flax(entry: Any, value: QArray | np.ndarray) -> QArray | np.ndarray:
     return entry.to_flax(np.asarray(value.dequantize(jnp.float32)))
 
 
-def load_gguf_params(
-    path: str | os.PathLike,
-    config: Any = None,
-    *,
-    dtype: Any = jnp.float32,
-    dequantize_other: bool = False,
-) -> tuple[Any, dict[str, Any]]:
-    """Load a GGUF of a ported model into (Flax module, params) with QArray leaves.
+def _to_torch(entry: Any, value: Any) -> QArray | np.ndarray:
+    """The inverse of :func:`_to_flax`: a Flax leaf in torch layout (a codec QArray keeps its
+    blocks, which already run along the torch row axis)."""
+    if not isinstance(value, QArray):
+        return entry.to_torch(np.asarray(value))
+    if value.spec.fmt not in CODECS:
+        raise ValueError(
+            f"{entry.flax_path}: QArray format {value.spec.fmt!r} has no GGUF type; GGUF holds {sorted(CODECS)}"
+        )
+    if entry.kind == "linear" and value.ndim == 2:
+        qvalue = np.asarray(value.qvalue)
+        return dataclasses.replace(value, qvalue=qvalue, spec=dataclasses.replace(value.spec, axis=-1), axis=-1)
+    if entry.kind == "copy":
+        return dataclasses.replace(value, qvalue=np.asarray(value.qvalue))
+    raise ValueError(f"{entry.flax_path}: a {entry.kind} kernel cannot be written as GGUF blocks; keep it float")
 
-    The model comes from ``config`` (a DiffusersConfig, a config.json dict, or a diffusers
-    model directory) or, when None, from the file's ``jquant.config`` metadata. Names go
-    through the port's key map (``models.port``): linear weights stay QArrays with their
-    contraction axis set to 0 (Flax (in, out) kernels, no data movement); float params are
-    cast to ``dtype`` except the port's ``keep_fp32`` ones. Missing, unexpected or
-    mis-shaped tensors raise one error listing all of them.
-    """
 
-    tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
+def _resolve_port(path: Any, config: Any, metadata: Mapping[str, Any]) -> tuple[Any, DiffusersConfig]:
+    """(port, config) from ``config`` or, when None, the file's ``jquant.config`` metadata."""
     if config is None:
         if CONFIG_KEY not in metadata:
             raise ValueError(
@@ -509,21 +573,111 @@ def load_gguf_params(
         if not isinstance(config, dict):
             raise GGUFError(f"{path}: corrupt: metadata {CONFIG_KEY!r} is not a JSON object")
     if isinstance(config, DiffusersConfig):
-        port = port_for_config(config)
-    elif isinstance(config, Mapping):
+        return port_for_config(config), config
+    if isinstance(config, Mapping):
         port = port_for_class(str(config.get("_class_name", "")))
-        config = port.config_cls.from_diffusers(config)
-    else:
-        port, config = read_config(config)
-    entries = port.key_map(config)
-    tensors = _strip_prefix(tensors, {e.torch_key for e in entries})
+        return port, port.config_cls.from_diffusers(config)
+    return read_config(config)
+
+
+def _torch_rows(config: DiffusersConfig) -> dict[str, int]:
+    """Rows (axis 0 in torch layout) of every diffusers tensor of a port config."""
+    port = port_for_config(config)
     shapes = traverse_util.flatten_dict(port.param_shapes(config), sep="/")
-    missing = sorted(e.torch_key for e in entries if e.torch_key not in tensors)
+    rows = {}
+    for e in port.key_map(config):
+        shape = tuple(shapes[e.flax_path].shape)
+        if e.kind == "patch":
+            rows[e.torch_key] = int(e.torch_shape[0])
+        elif e.kind == "linear" and len(shape) == 2:
+            rows[e.torch_key] = int(shape[1])
+        else:
+            rows[e.torch_key] = int(shape[0]) if shape else 1
+    return rows
+
+
+def is_community_layout(names: Any, config: DiffusersConfig) -> bool:
+    """Whether tensor ``names`` are in the original (ComfyUI-GGUF) layout of ``config``'s family:
+    some name exists only in the original layout (names both layouts share do not count)."""
+    try:
+        family = family_for_config(config)
+    except ValueError:
+        return False
+    diffusers = {e.torch_key for e in port_for_config(config).key_map(config)}
+    present = set(names)
+    if all(k in present for k in family.detect):
+        return True
+    return any(e.name in present and e.name not in diffusers for e in original_entries(config))
+
+
+def from_community(
+    tensors: Mapping[str, Any], config: DiffusersConfig, where: str = "GGUF"
+) -> tuple[dict[str, Any], dict[str, str], list[str], list[str]]:
+    """Original-layout tensors -> diffusers-named tensors, splitting fused ones by rows (QArrays
+    keep their blocks). Returns (tensors, {diffusers key: original name}, missing original names,
+    problems); tensors the map does not know pass through unchanged (reported as unexpected)."""
+    entries = original_entries(config)
+    rows = _torch_rows(config)
+    known = {e.name for e in entries}
+    out = {k: v for k, v in tensors.items() if k not in known}
+    origin: dict[str, str] = {}
+    missing, problems = [], []
+    for e in entries:
+        if e.name not in tensors:
+            missing.append(e.name)
+            continue
+        value = tensors[e.name]
+        sizes = [rows[p] for p in e.parts]
+        if not e.fused and not e.swap_halves:
+            out[e.parts[0]] = value
+        else:
+            try:
+                pieces = split_rows(value, sizes, e.swap_halves)
+            except ValueError as err:
+                problems.append(f"{where}: tensor {e.name!r} (shape {tuple(value.shape)}): {err} for {list(e.parts)}")
+                continue
+            out.update(zip(e.parts, pieces))
+        origin.update((p, e.name) for p in e.parts)
+    return out, origin, missing, problems
+
+
+def load_gguf_params(
+    path: str | os.PathLike,
+    config: Any = None,
+    *,
+    dtype: Any = jnp.float32,
+    dequantize_other: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Load a GGUF of a ported model into (Flax module, params) with QArray leaves.
+
+    The model comes from ``config`` (a DiffusersConfig, a config.json dict, or a diffusers
+    model directory) or, when None, from the file's ``jquant.config`` metadata. Names are
+    diffusers' (jquant's layout) or the original checkpoint's (the ComfyUI-GGUF community
+    layout of Wan, Flux, HunyuanVideo and LTX-Video, detected from the names; fused tensors
+    such as Flux's ``img_attn.qkv`` are split by rows, QArrays keeping their blocks). They go
+    through the port's key map (``models.port``): linear weights stay QArrays with their
+    contraction axis set to 0 (Flax (in, out) kernels, no data movement); float params are
+    cast to ``dtype`` except the port's ``keep_fp32`` ones, or kept as stored with
+    ``dtype=None``. Missing, unexpected or mis-shaped tensors raise one error listing all of
+    them, by the file's names.
+    """
+
+    tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
+    port, config = _resolve_port(path, config, metadata)
+    entries = port.key_map(config)
+    wanted = {e.torch_key for e in entries}
+    tensors = _strip_prefix(tensors, wanted)
+    origin: dict[str, str] = {}
+    missing_orig: list[str] = []
+    problems: list[str] = []
+    if is_community_layout(tensors, config):
+        tensors, origin, missing_orig, problems = from_community(tensors, config, str(path))
+    shapes = traverse_util.flatten_dict(port.param_shapes(config), sep="/")
+    missing = sorted(missing_orig) or sorted(e.torch_key for e in entries if e.torch_key not in tensors)
     known = {e.torch_key for e in entries}
     unexpected = sorted(
         k for k in tensors if k not in known and not any(re.search(p, k) for p in port.ignore_unexpected)
     )
-    problems = []
     flat: dict[str, Any] = {}
     for e in entries:
         if e.torch_key not in tensors:
@@ -531,12 +685,15 @@ def load_gguf_params(
         value = _to_flax(e, tensors[e.torch_key])
         want = tuple(shapes[e.flax_path].shape)
         if tuple(value.shape) != want:
-            problems.append(f"{e.torch_key} -> {e.flax_path}: got {tuple(value.shape)}, config needs {want}")
+            name = f"{origin[e.torch_key]} ({e.torch_key})" if e.torch_key in origin else e.torch_key
+            problems.append(f"{name} -> {e.flax_path}: got {tuple(value.shape)}, config needs {want}")
             continue
         keep = any(re.search(p, e.flax_path) for p in port.keep_fp32)
-        target = jnp.float32 if keep else dtype
+        target = jnp.float32 if keep or dtype is None else dtype
         if isinstance(value, QArray):
             flat[e.flax_path] = dataclasses.replace(value, dtype=jnp.dtype(target))
+        elif dtype is None:
+            flat[e.flax_path] = jnp.asarray(value)
         else:
             flat[e.flax_path] = jnp.asarray(value, target)
     if missing or unexpected or problems:
@@ -545,4 +702,79 @@ def load_gguf_params(
             f"missing ({len(missing)}): {missing}\nunexpected ({len(unexpected)}): {unexpected}\n"
             f"wrong shapes ({len(problems)}): {problems}"
         )
-    return port.module(config, dtype), traverse_util.unflatten_dict(flat, sep="/")
+    return port.module(config, dtype or jnp.float32), traverse_util.unflatten_dict(flat, sep="/")
+
+
+def params_to_tensors(params: Any, config: DiffusersConfig, *, layout: str = "jquant") -> dict[str, Any]:
+    """A Flax param tree (float or GGUF-codec QArray leaves) as torch-layout tensors named as in
+    ``layout``: 'jquant' (diffusers names) or 'comfy' (the original names, fused tensors
+    concatenated by rows: their parts must share a codec, or all be float, since fusing never
+    re-encodes). Raises naming the param path or tensor that cannot be written."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown GGUF layout {layout!r}; choose one of {list(LAYOUTS)}")
+    port = port_for_config(config)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    entries = port.key_map(config)
+    missing = sorted(e.flax_path for e in entries if e.flax_path not in flat)
+    if missing:
+        raise ValueError(f"params lack {len(missing)} {port.module_cls.__name__} entries: {missing[:8]}")
+    torch = {e.torch_key: _to_torch(e, flat[e.flax_path]) for e in entries}
+    if layout == "jquant":
+        return torch
+    out = {}
+    for e in original_entries(config):
+        try:
+            out[e.name] = concat_rows([torch[p] for p in e.parts], e.swap_halves)
+        except ValueError as err:
+            raise ValueError(f"{e.name} (from {list(e.parts)}): {err}") from None
+    return out
+
+
+def save_gguf_params(
+    path: str | os.PathLike,
+    params: Any,
+    config: DiffusersConfig,
+    *,
+    layout: str = "jquant",
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a Flax param tree of a port (QArray leaves as their raw blocks, floats as stored)
+    to a GGUF file in ``layout`` 'jquant' (diffusers names, ``jquant.config`` metadata) or
+    'comfy' (original names and ``general.architecture`` of ComfyUI-GGUF; ``jquant.config`` is
+    added too, which ComfyUI ignores). Loading it back with :func:`load_gguf_params` gives the
+    same codes; a file read from the community layout is written back tensor for tensor."""
+    tensors = params_to_tensors(params, config, layout=layout)
+    meta = {
+        "general.architecture": family_for_config(config).arch
+        if layout == "comfy"
+        else _ARCH_OF_CLASS.get(config.CLASS_NAME, DEFAULT_ARCH),
+        CONFIG_KEY: json.dumps(config.to_diffusers(), sort_keys=True),
+        **dict(metadata or {}),
+    }
+    return save_gguf(path, tensors, meta)
+
+
+def _comfy_payloads(
+    family: Any, originals: Mapping[str, np.ndarray], ftype: str, progress: bool
+) -> tuple[dict[str, tuple[np.ndarray, GT]], dict[str, str]]:
+    """Encode original-named float tensors per the community type rules (convert.py, then
+    llama-quantize with lcpp.patch): floats in their convert.py type, quantized ones encoded
+    from those values with ggml's reference quantizers (jquant.codecs)."""
+    plan = plan_comfy_types(family, {n: (a.shape, a.dtype) for n, a in originals.items()}, ftype)
+    payloads, types = {}, {}
+    for name in tqdm(originals, desc=f"GGUF {ftype} (comfy)", disable=not progress):
+        a = originals[name]
+        stage1 = float_type(family, name, a.shape, a.dtype)  # convert.py's file, which llama-quantize reads
+        values = _as_ggml_float(a, stage1)
+        t = plan[name]
+        if t in (GT.F32, GT.F16, GT.BF16):
+            payloads[name] = _tensor_payload(name, values)
+        else:
+            codec = GGML_CODECS[t.name.lower()]
+            payloads[name] = (codec.encode(np.asarray(values, np.float32)).reshape(a.shape[:-1] + (-1,)), t)
+        types[name] = t.name
+    return payloads, types
+
+
+def _as_ggml_float(a: np.ndarray, t: GT) -> np.ndarray:
+    return np.asarray(a).astype({GT.F32: np.float32, GT.F16: np.float16, GT.BF16: ml_dtypes.bfloat16}[t])
