@@ -70,6 +70,11 @@ def _check(blocks: jax.Array, fmt: str, name: str) -> tuple[int, int]:
     return blocks.shape[0], blocks.shape[1] * codec.block_elems
 
 
+def _check_tiles(k: int, name: str) -> None:
+    if k % TILE:
+        raise ValueError(f"{name}: K={k} is not a multiple of {TILE} (the kernels decode whole 256-value tiles)")
+
+
 def decode_reference(blocks: jax.Array, fmt: str, dtype=jnp.bfloat16) -> jax.Array:
     """Plain-JAX reference: ggml's decode of ``u8[N, nb, bytes]`` -> ``[N, K]``."""
     n, k = _check(blocks, fmt, "decode_reference")
@@ -86,63 +91,62 @@ def matmul_reference(x: jax.Array, blocks: jax.Array, fmt: str, out_dtype=jnp.bf
 if triton is not None:  # pragma: no cover - needs Triton
 
     @triton.jit
-    def _f16_at(p):
-        """fp32 value of the little-endian float16 at byte pointers ``p``."""
-        lo = tl.load(p).to(tl.uint16)
-        hi = tl.load(p + 1).to(tl.uint16)
-        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    def _f16(p):
+        """fp32 of the float16 at byte pointers ``p`` (every ggml block scale sits at an even offset)."""
+        return tl.load(p.to(tl.pointer_type(tl.float16))).to(tl.float32)
 
     @triton.jit
-    def _decode_tile(base, i, FMT: tl.constexpr):
-        """Values ``i`` ([1, TILE]) of the tiles starting at byte pointers ``base`` ([R, 1]), fp32."""
+    def _stack1(a, b):
+        """``[R, n]`` x2 -> ``[R, 2, n]``, ``a`` first."""
+        return tl.permute(tl.join(a, b), (0, 2, 1))
+
+    @triton.jit
+    def _decode_tile(base, R: tl.constexpr, FMT: tl.constexpr):
+        """fp32 ``[R, 256]``: the tiles starting at byte pointers ``base`` ([R, 1]), each byte loaded once."""
+        lane = tl.arange(0, 32)[None, None, :]
         if FMT == 3:  # q8_0: eight 34-byte blocks, d (f16) then 32 int8 codes
-            blk = base + (i // 32) * 34
-            q = tl.load(blk + 2 + (i % 32)).to(tl.int8, bitcast=True).to(tl.float32)
-            return _f16_at(blk) * q
+            blk = base[:, :, None] + 34 * tl.arange(0, 8)[None, :, None]
+            q = tl.load(blk + 2 + lane).to(tl.int8, bitcast=True).to(tl.float32)  # [R, 8, 32]
+            v = _f16(blk) * q
         elif FMT == 2:  # q6_k: ql[128] qh[64] scales int8[16] d
-            half = i // 128
-            r = i % 128
-            quarter = r // 32
-            lane = r % 32
-            ql = tl.load(base + 64 * half + lane + 32 * (quarter % 2)).to(tl.int32)
-            low = tl.where(quarter < 2, ql & 0xF, ql >> 4)
-            qh = tl.load(base + 128 + 32 * half + lane).to(tl.int32)
-            q = (low | (((qh >> (2 * quarter)) & 3) << 4)) - 32
-            sc = tl.load(base + 192 + i // 16).to(tl.int8, bitcast=True).to(tl.float32)
-            return _f16_at(base + 208) * sc * q.to(tl.float32)
+            ql = tl.reshape(tl.load(base + tl.arange(0, 128)[None, :]).to(tl.int32), (R, 2, 2, 32))
+            # quarter = 2 * nibble + (which 32 bytes): [R, half, nibble, parity, lane]
+            low = tl.reshape(tl.permute(tl.join(ql & 0xF, ql >> 4), (0, 1, 4, 2, 3)), (R, 2, 4, 32))
+            qh = tl.reshape(tl.load(base + 128 + tl.arange(0, 64)[None, :]).to(tl.int32), (R, 2, 1, 32))
+            shift = 2 * tl.arange(0, 4)[None, None, :, None]
+            q = (low | (((qh >> shift) & 3) << 4)) - 32
+            sc = tl.load(base + 192 + tl.arange(0, 16)[None, :]).to(tl.int8, bitcast=True).to(tl.float32)
+            d = _f16(base + 208)
+            v = tl.reshape(q.to(tl.float32), (R, 16, 16)) * (d * sc)[:, :, None]
         else:  # q4_k / q5_k: d, dmin, 12 bytes of 6-bit scales and mins, [qh[32]], qs[128]
-            sub = i // 32
-            t = sub % 4
-            a = tl.load(base + 4 + t).to(tl.int32)
-            b = tl.load(base + 8 + t).to(tl.int32)
-            c = tl.load(base + 12 + t).to(tl.int32)
-            sc = tl.where(sub < 4, a & 63, (c & 0xF) | ((a >> 6) << 4))
-            mn = tl.where(sub < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
-            chunk = i // 64
-            lane = i % 32
+            four = tl.arange(0, 4)[None, :]
+            a = tl.load(base + 4 + four).to(tl.int32)
+            b = tl.load(base + 8 + four).to(tl.int32)
+            c = tl.load(base + 12 + four).to(tl.int32)
+            sc = tl.reshape(_stack1(a & 63, (c & 0xF) | ((a >> 6) << 4)), (R, 8))  # sub-block 4 * hi + t
+            mn = tl.reshape(_stack1(b & 63, (c >> 4) | ((b >> 6) << 4)), (R, 8))
             QS: tl.constexpr = 16 if FMT == 0 else 48
-            qs = tl.load(base + QS + 32 * chunk + lane).to(tl.int32)
-            q = tl.where((i % 64) < 32, qs & 0xF, qs >> 4)
+            qs = tl.reshape(tl.load(base + QS + tl.arange(0, 128)[None, :]).to(tl.int32), (R, 4, 32))
+            # value 64 * chunk + 32 * nibble + lane: sub-block 2 * chunk + nibble
+            q = tl.reshape(tl.permute(tl.join(qs & 0xF, qs >> 4), (0, 1, 3, 2)), (R, 8, 32))
             if FMT == 1:
-                qh = tl.load(base + 16 + lane).to(tl.int32)
-                q = q | (((qh >> sub) & 1) << 4)
-            d = _f16_at(base)
-            dmin = _f16_at(base + 2)
-            return d * sc.to(tl.float32) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+                qh = tl.load(base + 16 + tl.arange(0, 32)[None, :]).to(tl.int32)[:, None, :]
+                q = q | (((qh >> tl.arange(0, 8)[None, :, None]) & 1) << 4)
+            d = _f16(base)
+            dmin = _f16(base + 2)
+            v = (d * sc.to(tl.float32))[:, :, None] * q.to(tl.float32) - (dmin * mn.to(tl.float32))[:, :, None]
+        return tl.reshape(v, (R, 256))
 
     @triton.jit
     def _decode_kernel(
         w_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, FMT: tl.constexpr, TB: tl.constexpr
     ):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-        i = tl.arange(0, 256)[None, :]
         tile = tl.program_id(1)
-        row_bytes: tl.constexpr = (K // 256) * TB if FMT != 3 else (K // 32) * 34
-        base = w_ptr + rows.to(tl.int64) * row_bytes + tile * TB
-        col = tile * 256 + i
-        mask = (rows < N) & (col < K)
-        v = _decode_tile(tl.where(rows < N, base, w_ptr), tl.where(col < K, i, 0), FMT)
-        tl.store(out_ptr + rows.to(tl.int64) * K + col, v.to(tl.bfloat16), mask=mask)
+        base = w_ptr + tl.where(rows < N, rows, 0).to(tl.int64) * ((K // 256) * TB) + tile * TB
+        v = _decode_tile(base, ROWS, FMT)
+        col = tile * 256 + tl.arange(0, 256)[None, :]
+        tl.store(out_ptr + rows.to(tl.int64) * K + col, v.to(tl.bfloat16), mask=rows < N)
 
     @triton.jit
     def _small_m_kernel(
@@ -162,16 +166,13 @@ if triton is not None:  # pragma: no cover - needs Triton
         rows = pn * BN + tl.arange(0, BN)[:, None]
         i = tl.arange(0, 256)[None, :]
         m = tl.arange(0, 16)[:, None]
-        row_bytes: tl.constexpr = (K // 256) * TB if FMT != 3 else (K // 32) * 34
-        base = w_ptr + tl.where(rows < N, rows, 0).to(tl.int64) * row_bytes
-        tiles: tl.constexpr = (K + 255) // 256
+        base = w_ptr + tl.where(rows < N, rows, 0).to(tl.int64) * ((K // 256) * TB)
+        tiles: tl.constexpr = K // 256
         per: tl.constexpr = (tiles + SPLIT - 1) // SPLIT
         acc = tl.zeros((16, BN), dtype=tl.float32)
         for t in range(ps * per, tl.minimum(ps * per + per, tiles)):
-            col = t * 256 + i
-            w = _decode_tile(base + t * TB, tl.where(col < K, i, 0), FMT)
-            w = tl.where(col < K, w, 0.0).to(tl.bfloat16)
-            xk = tl.load(x_ptr + m * K + col, mask=(m < M) & (col < K), other=0.0).to(tl.bfloat16)
+            w = _decode_tile(base + t * TB, BN, FMT).to(tl.bfloat16)
+            xk = tl.load(x_ptr + m * K + t * 256 + i, mask=m < M, other=0.0).to(tl.bfloat16)
             acc += tl.dot(xk, tl.trans(w))
         cols = pn * BN + tl.arange(0, BN)[None, :]
         tl.store(out_ptr + ps * 16 * N + m * N + cols, acc, mask=(m < M) & (cols < N))
@@ -185,10 +186,11 @@ def _require() -> None:
         )
 
 
-def kquant_decode(blocks: jax.Array, fmt: str, *, rows: int = 16, warps: int = 4) -> jax.Array:
+def kquant_decode(blocks: jax.Array, fmt: str, *, rows: int = 8, warps: int = 4) -> jax.Array:
     """``u8[N, nb, bytes]`` ggml blocks -> ``bf16[N, K]`` in one pass on the GPU."""
     _require()
     n, k = _check(blocks, fmt, "kquant_decode")
+    _check_tiles(k, "kquant_decode")
     return jt.triton_call(
         blocks,
         kernel=_decode_kernel,
@@ -225,6 +227,7 @@ def kquant_matmul_small_m(
     """``x [M, K] @ decode(blocks)^T`` for M <= :data:`SMALL_M_MAX`, weights decoded in registers."""
     _require()
     n, k = _check(blocks, fmt, "kquant_matmul_small_m")
+    _check_tiles(k, "kquant_matmul_small_m")
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"kquant_matmul_small_m: x must be [M, {k}], got {list(x.shape)}")
     m = x.shape[0]

@@ -60,11 +60,40 @@ def nt(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
 
 
+def sweep(rows: list[dict]) -> int:
+    """The small-M kernel's (bn, warps, stages) on Q4_K 5120x5120 at M = 1 and 16, checked then timed."""
+    fmt, k, n = "q4_k", 5120, 5120
+    blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
+    ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+    bad = 0
+    for m in (1, 16):
+        xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
+        ref = nt(xs[0].astype(jnp.float32), ref_w)
+        mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+        for bn in (16, 32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    fn = lambda x, b, bn=bn, w=warps, st=stages: kq.kquant_matmul_small_m(  # noqa: E731
+                        x, b, fmt, bn=bn, warps=w, stages=st
+                    )
+                    r = timing.check_then_time(fn, list(zip(xs, blocks)), lambda o: testing.check_dot(o, ref, mag, TOL))
+                    rows.append(
+                        {"fmt": fmt, "K": k, "N": n, "M": m, "variant": f"sweep bn={bn} w={warps} s={stages}", **r}
+                    )
+                    bad += r["status"] != "PASS"
+                    print(
+                        f"sweep M={m} bn={bn} warps={warps} stages={stages}: {r['status']} {r.get('us', 0):.1f} us",
+                        flush=True,
+                    )
+    return bad
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 4096}")
     p.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new rows after this")
     p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's tilings (q4_k, 5120x5120)")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
     if not kq.available():
@@ -127,6 +156,8 @@ def main() -> int:
                 else:
                     print(f"{fmt} K={k} N={n} M={m}: " + ", ".join(f"{v}={res[v]['status']}" for v in res), flush=True)
             del blocks, wbf
+    if args.sweep:
+        bad += sweep(rows)
     path = timing.write_rows("kquant", rows)
     print(f"wrote {path}; {bad} bad rows")
     return 1 if bad else 0
