@@ -7,6 +7,7 @@ must be equal for the settings the diffusers pipelines use (padding to max_lengt
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from jquant.models.tokenize import PromptTruncatedWarning, load_tokenizer
+from jquant.models.tokenize import CLIP_SPLIT, PromptTruncatedWarning, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,6 +69,30 @@ def build_tokenizer(path: Path, kind: str = "t5", padding_side: str = "right", m
         tokenizer_object=tok, model_max_length=model_max_length, padding_side=padding_side, **special
     )
     fast.save_pretrained(path)
+    return path
+
+
+def build_clip_bpe(path: Path, model_max_length: int = 20) -> Path:
+    """A tiny CLIP tokenizer as FLUX.1's `tokenizer/` ships it: vocab.json + merges.txt +
+    tokenizer_config.json (class CLIPTokenizer), no tokenizer.json; BPE trained on SENTENCES."""
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    split = pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    tok.train_from_iterator(SENTENCES + ["it's 42 degrees, isn't it?"], trainer)
+    path.mkdir(parents=True)
+    tok.model.save(str(path))
+    vocab = {**json.loads((path / "vocab.json").read_text())}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})  # the end token is the highest id
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "pad_token": "<|endoftext|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 
@@ -133,6 +158,27 @@ def test_truncation_warns_with_dropped_text(tokenizer_dirs: dict[str, Path]) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tok.encode(SENTENCES[0], 10).lengths.tolist() == [10]  # exactly fits: no warning
+
+
+def test_clip_vocab_and_merges_match_transformers(tmp_path: Path) -> None:
+    path = build_clip_bpe(tmp_path / "tokenizer")
+    assert not (path / "tokenizer.json").exists()
+    prompts = ["A  Red FOX,\trunning!", "it's 42 degrees", "café ünïcode 😀 <|endoftext|>", "", SENTENCES[1] * 3]
+    tok = load_tokenizer(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        for max_length in (5, 20):
+            batch = tok.encode(prompts, max_length)
+            ids, mask = reference(path, prompts, max_length)
+            np.testing.assert_array_equal(batch.ids, ids)
+            np.testing.assert_array_equal(batch.mask, mask)
+    assert tok.decode(tok.encode("A red fox", 20).ids[0]) == "a red fox"
+    # the same tokenizer saved by transformers (with tokenizer.json) reads the same
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "fast")
+    assert (tmp_path / "fast" / "tokenizer.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        np.testing.assert_array_equal(load_tokenizer(tmp_path / "fast").encode(prompts, 20).ids, batch.ids)
 
 
 def test_model_max_length_is_the_default(tokenizer_dirs: dict[str, Path]) -> None:

@@ -22,10 +22,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import tokenizers
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+CLIP_FILES = ("vocab.json", "merges.txt")  # a CLIP BPE tokenizer saved without tokenizer.json (FLUX.1's tokenizer/)
+CLIP_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+#: CLIP's pre-tokenizer split (special tokens, English contractions, letters, digits, other runs).
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _NO_LIMIT = 10**9  # transformers writes ~1e30 for "no model_max_length"
 
 
@@ -119,21 +124,59 @@ class Tokenizer:
         dropped = content[n_kept:] if self.truncation_side == "right" else content[: len(content) - n_kept]
         warnings.warn(
             f"{self.path}: prompt {index} has {len(full.ids)} tokens, more than max_length={max_length}; "
-            f"truncated, dropping: {self.backend.decode(dropped)!r}",
+            f"truncated, dropping: {self.decode(dropped) or '(special tokens only)'!r}",
             PromptTruncatedWarning,
             stacklevel=3,
         )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; a BPE's end-of-word suffix (CLIP's `</w>`) becomes a space, as transformers does."""
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        suffix = getattr(self.backend.model, "end_of_word_suffix", None)
+        return text.replace(suffix, " ").strip() if suffix else text
+
+
+def clip_bpe(path: Path, specials: dict[str, Any]) -> tokenizers.Tokenizer:
+    """CLIP's byte-level BPE from `vocab.json` + `merges.txt`, set up as transformers'
+    `CLIPTokenizer` sets up its `tokenizers` backend (NFC, whitespace runs to one space,
+    lowercase; CLIP's split then byte-level; `</w>` word ends; `<|startoftext|> ... <|endoftext|>`).
+    `specials`: the bos/eos/unk/pad tokens of tokenizer_config.json (CLIP's defaults otherwise)."""
+    bos = _token_content(specials.get("bos_token")) or "<|startoftext|>"
+    eos = _token_content(specials.get("eos_token")) or "<|endoftext|>"
+    unk = _token_content(specials.get("unk_token")) or "<|endoftext|>"
+    pad = _token_content(specials.get("pad_token")) or "<|endoftext|>"
+    try:
+        vocab, merges = tokenizers.models.BPE.read_file(*(str(path / f) for f in CLIP_FILES))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{path}: {CLIP_FILES} are not a readable BPE vocabulary ({e})") from e
+    bpe = tokenizers.models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=unk)
+    tok = tokenizers.Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(dict.fromkeys([unk, bos, eos, pad])))
+    ids = {t: tok.token_to_id(t) for t in (bos, eos)}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"{path}: special tokens {missing} are not in vocab.json")
+    tok.post_processor = processors.RobertaProcessing((eos, ids[eos]), (bos, ids[bos]), False, False)
+    return tok
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer in a directory (a pipeline's `tokenizer/`), from its `tokenizer.json` and
     `tokenizer_config.json` (pad token, `model_max_length`, padding/truncation sides).
 
-    A directory with only a sentencepiece model (`spiece.model`) or slow-tokenizer vocab files
-    is refused: tokenizer.json is required (transformers writes it when saving a fast tokenizer).
+    A CLIP tokenizer saved as `vocab.json` + `merges.txt` (FLUX.1's `tokenizer/`) is built from
+    those (:func:`clip_bpe`). A directory with only a sentencepiece model (`spiece.model`) is
+    refused: tokenizer.json is required (transformers writes it when saving a fast tokenizer).
     """
     path = Path(path)
     if path.is_file() and path.name == TOKENIZER_FILE:
@@ -141,18 +184,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such tokenizer directory")
     file = path / TOKENIZER_FILE
-    if not file.is_file():
-        others = sorted(p.name for p in path.iterdir() if p.suffix in (".model", ".txt", ".json"))
-        raise FileNotFoundError(
-            f"{path}: no {TOKENIZER_FILE} (found {others}); jquant reads fast tokenizers only. Write one with "
-            f"transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
-        )
-    try:
-        backend = tokenizers.Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on a bad file
-        raise ValueError(f"{file}: not a readable tokenizers file ({e})") from e
     config = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
     specials = _read_json(path / SPECIAL_TOKENS_FILE) if (path / SPECIAL_TOKENS_FILE).is_file() else {}
+    if file.is_file():
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise ValueError(f"{file}: not a readable tokenizers file ({e})") from e
+    elif config.get("tokenizer_class") in CLIP_CLASSES and all((path / f).is_file() for f in CLIP_FILES):
+        backend = clip_bpe(path, {**specials, **config})
+    else:
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".model", ".txt", ".json"))
+        raise FileNotFoundError(
+            f"{path}: no {TOKENIZER_FILE} (found {others}); jquant reads fast tokenizers only (and CLIP's "
+            f"vocab.json + merges.txt). Write one with transformers: AutoTokenizer.from_pretrained(dir)"
+            f".save_pretrained(other_dir)"
+        )
     backend.no_truncation()
     padding = backend.padding
     backend.no_padding()
