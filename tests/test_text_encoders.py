@@ -4,6 +4,7 @@ vs transformers and diffusers on tiny random models (CPU, fp32): same checkpoint
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,14 @@ def test_tokenizer_mismatch_is_refused(wan_parts: tuple[Path, Path, Any], tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_tokenizer(tokenizer, load_text_encoder(enc_dir))
+
+
+def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The self-contained example of docs/pipelines.md's text-encoder section runs as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    section = text.split("## Text encoders", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(blocks[1], "docs/pipelines.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "mask=array([[1, 1, 1, 1, 0, 0, 0, 0]]" in out and "(1, 8, 32) 0.0" in out
+    assert float(re.search(r"int8 weight-only relative error ([\d.]+)", out).group(1)) < 0.05

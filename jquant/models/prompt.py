@@ -56,22 +56,32 @@ CLIP_MAX_LENGTH = 77  # FluxPipeline's fallback when the CLIP tokenizer gives no
 EncoderConfig = t5.T5EncoderConfig | clip_text.CLIPTextConfig
 
 
+#: How a TextEncoder runs its module: `runner(module, variables, input_ids, attention_mask)`.
+Runner = Callable[..., Any]
+
+
+def _linen_apply(module: nn.Module, variables: Any, *args: Any) -> Any:
+    return module.apply(variables, *args)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
     """A loaded text encoder: Flax module, params and config; `path` is the folder it came from.
 
     Calling it runs the jitted module: T5/UMT5 return last_hidden_state [B, T, D]; CLIP returns
-    (last_hidden_state, pooler_output).
+    (last_hidden_state, pooler_output). `runner` runs the module (default: `module.apply`); for
+    quantized params pass `jquant.nn.apply`, e.g. `dataclasses.replace(te, params=q8, runner=jquant.nn.apply)`.
     """
 
     module: nn.Module
     params: dict[str, Any]
     config: EncoderConfig
     path: Path | None = None
+    runner: Runner = _linen_apply
 
     @functools.cached_property
     def _apply(self) -> Callable[..., Any]:
-        return jax.jit(lambda params, ids, mask: self.module.apply({"params": params}, ids, mask))
+        return jax.jit(lambda params, ids, mask: self.runner(self.module, {"params": params}, ids, mask))
 
     def __call__(self, input_ids: Any, attention_mask: Any = None) -> Any:
         return self._apply(self.params, jnp.asarray(input_ids, jnp.int32), attention_mask)
