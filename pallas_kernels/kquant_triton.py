@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jquant import codecs
 from pallas_kernels import _common
@@ -55,6 +56,29 @@ def tile_bytes(fmt: str) -> int:
     """Bytes of one :data:`TILE`-value tile of ``fmt`` (one super-block, or eight Q8_0 blocks)."""
     codec = codecs.get_codec(fmt)
     return codec.block_bytes * (TILE // codec.block_elems)
+
+
+#: Offsets of each format's float16 block scales (d, and dmin for the affine k-quants).
+_SCALE_OFFSETS: dict[str, tuple[int, ...]] = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,)}
+#: Largest |code x sub-scale| of each format, so a block scale d bounds a weight by d times this.
+_CODE_RANGE: dict[str, float] = {"q4_k": 63 * 15, "q5_k": 63 * 31, "q6_k": 128 * 32, "q8_0": 127}
+
+
+def random_blocks(fmt: str, n: int, k: int, seed: int, absmax: float = 0.05) -> np.ndarray:
+    """Synthetic ggml blocks for benchmarks (numpy ``u8[N, K/block, bytes]``): random code and
+    sub-scale bytes, float16 block scales drawn so that weights stay within about ``absmax``.
+    Nothing is encoded, so a 14B-parameter model's worth takes seconds."""
+    codec = codecs.get_codec(fmt)
+    if fmt not in _SCALE_OFFSETS:
+        raise ValueError(f"random_blocks: format {fmt!r} not one of {sorted(_SCALE_OFFSETS)}")
+    rng = np.random.default_rng(seed)
+    nb = k // codec.block_elems
+    b = rng.integers(0, 256, size=(n, nb, codec.block_bytes), dtype=np.uint8)
+    hi = absmax / _CODE_RANGE[fmt]
+    for off in _SCALE_OFFSETS[fmt]:
+        h = rng.uniform(0.25 * hi, hi, size=(n, nb)).astype(np.float16)
+        b[..., off : off + 2] = h.view(np.uint8).reshape(n, nb, 2)
+    return b
 
 
 def _check(blocks: jax.Array, fmt: str, name: str) -> tuple[int, int]:

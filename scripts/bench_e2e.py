@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -55,10 +56,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jquant.nn  # noqa: E402
 from jquant import models  # noqa: E402
 from jquant import policy as pol  # noqa: E402
+from jquant.algorithms import kquants  # noqa: E402
 from jquant.attention import quantized_attention  # noqa: E402
+from jquant.formats import parse_spec  # noqa: E402
 from jquant.models import wan  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
-from pallas_kernels import _common, timing  # noqa: E402
+from jquant.qarray import QArray  # noqa: E402
+from pallas_kernels import _common, kquant_triton, timing  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
 _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD)
@@ -82,7 +86,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         weights=None, act=None, attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)
     ),
     "bf16-qattn-fp8-nohad": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3", hadamard=False)),
+    # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
+    "q4_k_m": dict(weights="Q4_K_M", act=None, attention=None),
+    "q8_0": dict(weights="Q8_0", act=None, attention=None),
 }
+MODELS = {"1.3b": ("Wan2.1-T2V-1.3B", wan.WAN21_T2V_1_3B), "14b": ("Wan2.1-T2V-14B", wan.WAN21_T2V_14B)}
 DEFAULT_VARIANTS = ("bf16", "w8a8", "w8a8-qattn-bf16", "w8a8-qattn-fp8")
 
 
@@ -90,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="2-layer toy config and a small video (CPU smoke test)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument(
+        "--model", choices=sorted(MODELS), default="1.3b", help="published Wan2.1 config (synthetic weights)"
+    )
     p.add_argument("--frames", type=int, default=None, help="video frames (default 81; tiny: 5)")
     p.add_argument("--height", type=int, default=None, help="pixels (default 480; tiny: 32)")
     p.add_argument("--width", type=int, default=None, help="pixels (default 832; tiny: 48)")
@@ -113,14 +124,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def step_fn(model: Any, act: str | None, attention: dict | None):
-    """The jitted step: model.apply under the variant's linear and attention contexts."""
+def step_fn(model: Any, act: str | None, attention: dict | None, weight_only: bool = False):
+    """The jitted step: model.apply under the variant's linear and attention contexts
+    (``weight_only``: QArray weights, float activations)."""
 
     def step(params, x, t, text):
         with contextlib.ExitStack() as stack:
             if attention is not None:
                 stack.enter_context(quantized_attention(**attention))
-            if act is not None:
+            if act is not None or weight_only:
                 stack.enter_context(jquant.nn.quantized(act=act))
             return model.apply({"params": params}, x, t, text)
 
@@ -193,9 +205,31 @@ def check_step(out: jax.Array, ref: jax.Array, rel_tol: float) -> dict:
     }
 
 
+def synthetic_kquant(params: Any, roles: dict, mix: str, seed: int) -> Any:
+    """``params`` with every tensor the GGUF ``mix`` quantizes replaced by a codec QArray of random
+    ggml blocks (weights within about 0.05, like the synthetic float weights); the rest as they are."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    plan = kquants.plan_kquant_mix(mix, {p: v.shape for p, v in flat.items()}, roles, axis=0)
+    out = {}
+    for i, (path, value) in enumerate(flat.items()):
+        fmt = plan.get(path)
+        if fmt is None or value.ndim != 2:
+            out[path] = value
+            continue
+        k, n = value.shape
+        blocks = jnp.asarray(kquant_triton.random_blocks(fmt, n, k, seed + i))
+        out[path] = QArray(blocks, None, spec=parse_spec(fmt), dtype=value.dtype, axis=-2)
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
 def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: tuple, args) -> dict[str, Any]:
     spec = VARIANTS[name]
-    params = params_bf16 if spec["weights"] is None else pol.uniform(spec["weights"]).quantize(params_bf16, roles)
+    if spec["weights"] is None:
+        params = params_bf16
+    elif spec["weights"] in kquants.MIX_BASE:
+        params = synthetic_kquant(params_bf16, roles, spec["weights"], args.seed)
+    else:
+        params = pol.uniform(spec["weights"]).quantize(params_bf16, roles)
     row: dict[str, Any] = {
         "variant": name,
         "weights": spec["weights"],
@@ -203,7 +237,8 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
         "attention": spec["attention"],
         "weight_bytes": weight_bytes(params),
     }
-    fn = step_fn(model, spec["act"], spec["attention"])
+    weight_only = spec["weights"] is not None and spec["act"] is None
+    fn = step_fn(model, spec["act"], spec["attention"], weight_only)
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()
     row["compile_s"] = time.perf_counter() - t0
@@ -211,7 +246,7 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
     out = jax.block_until_ready(compiled(params, *inputs))
     # Check before timing: the same variant with the kernels off (and exact float attention).
     with reference_mode():
-        reference = step_fn(model, spec["act"], spec["attention"]).lower(params, *inputs).compile()
+        reference = step_fn(model, spec["act"], spec["attention"], weight_only).lower(params, *inputs).compile()
     ref = jax.block_until_ready(reference(params, *inputs))
     del reference
     row["check"] = check_step(out, ref, args.rel_tol)
@@ -231,7 +266,7 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    config = TINY_CONFIG if args.tiny else wan.WAN21_T2V_1_3B
+    model_name, config = ("tiny", TINY_CONFIG) if args.tiny else MODELS[args.model]
     device = jax.devices()[0]
     attn_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     start = time.perf_counter()
@@ -253,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "jax_version": jax.__version__,
         "timing": "time_ms: median, time_ms_min: minimum wall time over >= 10 runs; output checked first",
         "rel_tol": args.rel_tol,
-        "model": "tiny" if args.tiny else "Wan2.1-T2V-1.3B (synthetic weights)",
+        "model": model_name if args.tiny else f"{model_name} (synthetic weights)",
         "param_count": models.param_count(params),
         "float_attention": attn_impl,
         "video": {"frames": args.frames, "height": args.height, "width": args.width},
@@ -262,7 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "text_len": args.text_len,
         "rows": [],
     }
-    name = f"e2e-{'tiny-' if args.tiny else ''}{wan_forward.device_slug(device)}.json"
+    size = "tiny-" if args.tiny else ("" if args.model == "1.3b" else f"{args.model}-")
+    name = f"e2e-{size}{wan_forward.device_slug(device)}.json"
 
     def save() -> None:
         timing.write_json(name, result, folder=str(args.out_dir))

@@ -39,16 +39,8 @@ TOL = 1e-2  # bf16 weights and products, fp32 accumulation, against the fp32 pro
 
 
 def random_blocks(fmt: str, n: int, k: int, seed: int) -> np.ndarray:
-    """Random ggml blocks: random code bytes, every fp16 block scale in [1e-3, 4e-3)."""
-    codec = codecs.get_codec(fmt)
-    rng = np.random.default_rng(seed)
-    nb = k // codec.block_elems
-    b = rng.integers(0, 256, size=(n, nb, codec.block_bytes), dtype=np.uint8)
-    at = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q8_0": (0,)}[fmt]
-    for off in at:
-        h = rng.uniform(1e-3, 4e-3, size=(n, nb)).astype(np.float16)
-        b[..., off : off + 2] = h.view(np.uint8).reshape(n, nb, 2)
-    return b
+    """Random ggml blocks with block scales in [1e-3, 4e-3) times the format's code range."""
+    return kq.random_blocks(fmt, n, k, seed, absmax=4e-3 * kq._CODE_RANGE[fmt])  # pylint: disable=protected-access
 
 
 def as_qarray(blocks: jax.Array, fmt: str) -> QArray:
