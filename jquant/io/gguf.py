@@ -537,8 +537,8 @@ def _to_flax(entry: Any, value: QArray | np.ndarray) -> QArray | np.ndarray:
         return entry.to_flax(value)
     if entry.kind == "linear" and value.ndim == 2:  # (out, in) blocks read as an (in, out) kernel
         return dataclasses.replace(value, spec=dataclasses.replace(value.spec, axis=0), axis=-2)
-    if entry.kind == "copy":
-        return value
+    # Not a Dense kernel (a modulation table, a norm, a patch conv): the model reads it as a
+    # plain param, so it is decoded (community tools never quantize these).
     return entry.to_flax(np.asarray(value.dequantize(jnp.float32)))
 
 
