@@ -74,6 +74,10 @@ class WanVAEConfig(DiffusersConfig):
     def __post_init__(self) -> None:
         if self.is_residual or self.patch_size is not None:
             raise ValueError("WanVAEConfig: the Wan2.2 VAE (is_residual / patch_size) is not supported by this port")
+        if self.attn_scales:
+            raise ValueError(
+                "WanVAEConfig.attn_scales: attention in the encoder's down blocks is not ported (diffusers' own encoder fails on it)"
+            )
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"WanVAEConfig: temperal_downsample has {len(self.temperal_downsample)} entries, "
@@ -101,19 +105,15 @@ class WanVAEConfig(DiffusersConfig):
 
 
 def _encoder_plan(cfg: WanVAEConfig) -> tuple[list[int], list[tuple[str, int, int]]]:
-    """(dims, down layers) of the encoder: ("res", in, out), ("attn", c, c) or (resample mode, c, c)."""
+    """(dims, down layers) of the encoder: ("res", in, out) or (resample mode, c, c)."""
     dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
     plan: list[tuple[str, int, int]] = []
-    scale = 1.0
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         for _ in range(cfg.num_res_blocks):
             plan.append(("res", a, b))
-            if scale in cfg.attn_scales:
-                plan.append(("attn", b, b))
             a = b
         if i != len(cfg.dim_mult) - 1:
             plan.append(("downsample3d" if cfg.temperal_downsample[i] else "downsample2d", b, b))
-            scale /= 2.0
     return dims, plan
 
 
@@ -274,8 +274,6 @@ class WanEncoder3d(nn.Module):
             name = f"down_blocks_{n}"
             if kind == "res":
                 x = WanResidualBlock(out, self.dtype, name=name)(x)
-            elif kind == "attn":
-                x = WanAttentionBlock(self.dtype, name=name)(x)
             else:
                 x = WanResample(kind, self.dtype, name=name)(x, first)
         x = WanMidBlock(self.dtype, name="mid_block")(x)
@@ -435,7 +433,6 @@ def _jitted(cfg: WanVAEConfig, dtype: jnp.dtype) -> dict[str, Any]:
         "encode": jax.jit(lambda p, x: chunked(p, x, 1, chunk_t, "encode_chunk")),
         "decode_whole": jax.jit(lambda p, z: run(p, {}, z, True, "decode_chunk")[0]),
         "encode_whole": jax.jit(lambda p, x: run(p, {}, x, True, "encode_chunk")[0]),
-        "decode_step": jax.jit(lambda p, c, z: run(p, c, z, False, "decode_chunk")),
     }
 
 
@@ -537,21 +534,19 @@ class WanVAE:
         mean, std = self._stats(z)
         return (z - mean) / std
 
-    def decode_chunk_bytes(self, height: int, width: int, batch: int = 1) -> dict[str, int]:
-        """XLA's memory analysis of one decoder step (one latent frame -> 4 frames at `height` x
-        `width` pixels, cache in and out): bytes of arguments (weights + cache + latent frame),
-        outputs and temporaries. Compiles, runs nothing."""
+    def decode_bytes(
+        self, latent_frames: int, height: int, width: int, batch: int = 1, whole: bool = False
+    ) -> dict[str, int]:
+        """XLA's memory analysis of `decode` (or `decode_whole`) of a clip of `latent_frames`
+        latent frames at `height` x `width` output pixels: bytes of arguments (weights + latents),
+        outputs (the video) and temporaries (the working set: for the chunked decode, one
+        latent frame's activations plus the cache, whatever the clip length). Compiles, runs nothing."""
         r = self.config.spatial_ratio
         if height % r or width % r:
             raise ValueError(f"WanVAE: height and width must be multiples of {r}, got {height}x{width}")
-        z = jax.ShapeDtypeStruct((batch, 1, height // r, width // r, self.config.z_dim), jnp.dtype(self.dtype))
-        model = AutoencoderKLWan(self.config, self.dtype)
-        cache = jax.eval_shape(
-            lambda p, x: model.apply({"params": p}, x, True, method="decode_chunk", mutable=[CACHE])[1],
-            self.params,
-            z,
-        )
-        mem = self._fn("decode_step").lower(self.params, cache, z).compile().memory_analysis()
+        shape = (batch, latent_frames, height // r, width // r, self.config.z_dim)
+        z = jax.ShapeDtypeStruct(shape, jnp.dtype(self.dtype))
+        mem = self._fn("decode_whole" if whole else "decode").lower(self.params, z).compile().memory_analysis()
         return {
             "arguments": int(mem.argument_size_in_bytes),
             "outputs": int(mem.output_size_in_bytes),
