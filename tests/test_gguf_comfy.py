@@ -481,3 +481,24 @@ def jnn_quantize(w: np.ndarray) -> QArray:
     from jquant.qarray import quantize
 
     return quantize(jnp.asarray(w), "q8_0/axis=0")
+
+
+def test_cli_export_gguf_layout(tmp_path: Path, capsys) -> None:
+    from jquant.cli import main
+
+    cfg = CONFIGS["wan"]
+    d = tmp_path / "wan"
+    save_pretrained(d, cfg, port_for_config(cfg).init_params(cfg, jax.random.key(0)))
+    out = tmp_path / "wan-Q8_0.gguf"
+    assert main(["export-gguf", str(d), str(out), "--layout", "comfy", "--type", "Q8_0"]) == 0
+    assert "comfy layout" in capsys.readouterr().out
+    tensors, meta = load_gguf(out)
+    assert meta["general.architecture"] == "wan" and "blocks.0.self_attn.q.weight" in tensors
+    assert tensors["blocks.0.self_attn.q.weight"].spec.fmt == "q8_0"
+    assert tensors["blocks.0.modulation"].dtype == np.float32  # keys_hiprec
+    model, params = load_gguf_params(out)  # config from jquant.config, names from the layout
+    assert isinstance(params["blocks_0"]["attn1"]["to_q"]["kernel"], QArray)
+    # The jquant layout refuses file types only the comfy layout has.
+    assert main(["export-gguf", str(d), str(tmp_path / "x.gguf"), "--type", "Q3_K_M"]) == 2
+    assert "not a jquant-layout type" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jquant.formats as f
+from jquant.algorithms.kquants import MIX_BASE
 from jquant.cli import quantize as pipeline_cli
 from jquant.cli.common import (
     DEBUG_FLAG,
@@ -30,7 +31,8 @@ from jquant.cli.common import (
 )
 from jquant.cli.demo import main as demo_main
 from jquant.codecs import get_codec
-from jquant.io.gguf import export_gguf
+from jquant.io.gguf import LAYOUTS, export_gguf
+from jquant.io.gguf_layouts import FILE_TYPES
 
 __all__ = ["DEBUG_FLAG", "ArgumentParser", "UsageError", "check_model_dir", "error_message", "main", "run_command"]
 
@@ -87,8 +89,11 @@ def _export_gguf(a: argparse.Namespace) -> int:
         raise IsADirectoryError(f"{out} is a folder; pass the path of the .gguf file to write")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: no such folder (the output file's folder must exist)")
-    report = export_gguf(model_dir, out, type=a.type, progress=True)
-    print(f"wrote {report.path} ({report.bits_per_weight:.2f} bits per weight)")
+    mixes = sorted(FILE_TYPES) if a.layout == "comfy" else list(MIX_BASE)
+    if a.type not in mixes:
+        raise UsageError(f"--type {a.type} is not a {a.layout}-layout type; choose one of {', '.join(mixes)}")
+    report = export_gguf(model_dir, out, type=a.type, layout=a.layout, progress=True)
+    print(f"wrote {report.path} ({a.layout} layout, {report.bits_per_weight:.2f} bits per weight)")
     return 0
 
 
@@ -115,8 +120,10 @@ def _parser() -> ArgumentParser:
     g = sub.add_parser(
         "export-gguf",
         help="write a diffusers model folder as a GGUF file (k-quant mix)",
-        description="Quantize a diffusers model folder (config.json + safetensors) into one GGUF file, the codec "
-        "of each tensor picked by layer role as llama.cpp's mixes do (docs/gguf.md).",
+        description="Quantize a diffusers model folder (config.json + safetensors) into one GGUF file: in jquant's "
+        "layout (diffusers names, the codec of each tensor picked by layer role as llama.cpp's mixes do) or in the "
+        "community layout ComfyUI-GGUF loads (--layout comfy: original names, its per-tensor type rules); "
+        "docs/gguf.md.",
     )
     g.add_argument(
         "model_dir",
@@ -126,8 +133,21 @@ def _parser() -> ArgumentParser:
     g.add_argument(
         "--type",
         default="Q4_K_M",
-        choices=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"],
-        help="the k-quant mix (default Q4_K_M: Q4_K base, Q6_K on the protected layers)",
+        choices=sorted(set(list(MIX_BASE)) | set(FILE_TYPES)),
+        metavar="TYPE",
+        help="the k-quant mix (default Q4_K_M). jquant layout: "
+        + ", ".join(list(MIX_BASE))
+        + " (jquant's mixes by layer role); comfy layout: llama.cpp's file types "
+        + ", ".join(sorted(FILE_TYPES))
+        + " (ComfyUI-GGUF's per-tensor rules)",
+    )
+    g.add_argument(
+        "--layout",
+        default="jquant",
+        choices=list(LAYOUTS),
+        help="tensor names and type rules: jquant (diffusers names, any ported model) or comfy (the original "
+        "checkpoint names, fused tensors and types ComfyUI-GGUF writes and loads: Wan, Flux, HunyuanVideo, "
+        "LTX-Video); default jquant",
     )
     g.set_defaults(fn=_export_gguf)
     return p
