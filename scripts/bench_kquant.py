@@ -52,31 +52,37 @@ def nt(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
 
 
-def sweep(rows: list[dict]) -> int:
-    """The small-M kernel's (bn, warps, stages) on Q4_K 5120x5120 at M = 1 and 16, checked then timed."""
-    fmt, k, n = "q4_k", 5120, 5120
-    blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
-    ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+#: (scheme, bn, warps, stages) tilings of the small-M kernel that --sweep times.
+SWEEP = [("dequant", 64, 4, 1)] + [
+    ("blockdot", bn, w, st) for bn in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)
+]
+
+
+def sweep(rows: list[dict], formats: list[str]) -> int:
+    """The small-M kernel's schemes and tilings on 5120x5120 at M = 1 and 16, checked then timed."""
+    k = n = 5120
     bad = 0
-    for m in (1, 16):
-        xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
-        ref = nt(xs[0].astype(jnp.float32), ref_w)
-        mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
-        for bn in (16, 32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3):
-                    fn = lambda x, b, bn=bn, w=warps, st=stages: kq.kquant_matmul_small_m(  # noqa: E731
-                        x, b, fmt, bn=bn, warps=w, stages=st
-                    )
-                    r = timing.check_then_time(fn, list(zip(xs, blocks)), lambda o: testing.check_dot(o, ref, mag, TOL))
-                    rows.append(
-                        {"fmt": fmt, "K": k, "N": n, "M": m, "variant": f"sweep bn={bn} w={warps} s={stages}", **r}
-                    )
-                    bad += r["status"] != "PASS"
-                    print(
-                        f"sweep M={m} bn={bn} warps={warps} stages={stages}: {r['status']} {r.get('us', 0):.1f} us",
-                        flush=True,
-                    )
+    for fmt in formats:
+        blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
+        ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+        for m in (1, 16):
+            xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
+            ref = nt(xs[0].astype(jnp.float32), ref_w)
+            mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+            best = None
+            for scheme, bn, warps, stages in SWEEP:
+                fn = lambda x, b, bn=bn, w=warps, st=stages, sc=scheme: kq.kquant_matmul_small_m(  # noqa: E731
+                    x, b, fmt, bn=bn, warps=w, stages=st, scheme=sc
+                )
+                r = timing.check_then_time(fn, list(zip(xs, blocks)), lambda o: testing.check_dot(o, ref, mag, TOL))
+                name = f"sweep {scheme} bn={bn} w={warps} s={stages}"
+                rows.append({"fmt": fmt, "K": k, "N": n, "M": m, "variant": name, **r})
+                bad += r["status"] != "PASS"
+                if r["status"] != "PASS":
+                    print(f"{fmt} M={m} {name}: {r['status']} {r.get('error', r.get('check'))}"[:400], flush=True)
+                elif best is None or r["us"] < best[1]:
+                    best = (name, r["us"])
+            print(f"{fmt} M={m}: best {best}", flush=True)
     return bad
 
 
@@ -85,7 +91,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 4096}")
     p.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new rows after this")
     p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's tilings (q4_k, 5120x5120)")
+    p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's schemes and tilings")
+    p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
     if not kq.available():
@@ -96,7 +103,7 @@ def main() -> int:
     ms = [1, 4096] if args.quick else MS
     rows: list[dict] = []
     bad = 0
-    for fmt in args.formats.split(","):
+    for fmt in [] if args.sweep_only else args.formats.split(","):
         for k, n in shapes:
             if time.time() - t0 > args.deadline_s:
                 print(f"deadline reached before {fmt} {k}x{n}", file=sys.stderr)
@@ -148,8 +155,8 @@ def main() -> int:
                 else:
                     print(f"{fmt} K={k} N={n} M={m}: " + ", ".join(f"{v}={res[v]['status']}" for v in res), flush=True)
             del blocks, wbf
-    if args.sweep:
-        bad += sweep(rows)
+    if args.sweep or args.sweep_only:
+        bad += sweep(rows, args.formats.split(","))
     path = timing.write_rows("kquant", rows)
     print(f"wrote {path}; {bad} bad rows")
     return 1 if bad else 0
