@@ -147,8 +147,10 @@ def test_clip_text_matches_transformers(tmp_path: Path, eos: int, act: str, pref
     chex.assert_trees_all_close(pooled, hidden[np.arange(len(ids)), want_at])
 
 
-def test_bf16_load_stays_close(tmp_path: Path) -> None:
-    save_t5(tmp_path, "umt5", T5_CASES["umt5-gated-gelu"][1])
+def test_bf16_checkpoint_and_compute(tmp_path: Path) -> None:
+    """A bf16 checkpoint (as published) loads; bf16 compute stays near fp32 compute on it."""
+    save_t5(tmp_path, "umt5", T5_CASES["umt5-gated-gelu"][1]).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert load_file(tmp_path / "model.safetensors")["shared.weight"].dtype.name == "bfloat16"
     ids, mask = tokens()
     ref = load_text_encoder(tmp_path)(ids, jnp.asarray(mask))
     bf16 = load_text_encoder(tmp_path, dtype=jnp.bfloat16)
