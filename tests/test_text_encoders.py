@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 from test_tokenize import SENTENCES, build_tokenizer
 
@@ -317,3 +319,29 @@ def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "mask=array([[1, 1, 1, 1, 0, 0, 0, 0]]" in out and "(1, 8, 32) 0.0" in out
     assert float(re.search(r"int8 weight-only relative error ([\d.]+)", out).group(1)) < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("enc")
+    save_t5(root / "umt5", "umt5", T5_CASES["umt5-gated-gelu"][1])
+    save_clip(root / "clip", 7, "gelu")
+    return {name: load_text_encoder(root / name) for name in ("umt5", "clip")}
+
+
+@settings(max_examples=10)
+@given(valid=st.integers(1, 16), cut=st.integers(1, 15), seed=st.integers(0, 2**16))
+def test_masking_and_causality_properties(tiny_encoders: dict[str, Any], valid: int, cut: int, seed: int) -> None:
+    """Masked (padding) tokens do not reach UMT5's real positions; CLIP's position i does not
+    see tokens after i. Checked by changing exactly those tokens."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 60, (1, 16))
+    other = ids.copy()
+    other[:, valid:] = rng.integers(3, 60, (1, 16 - valid))
+    mask = jnp.asarray((np.arange(16) < valid)[None].astype(np.int32))
+    umt5 = tiny_encoders["umt5"]
+    chex.assert_trees_all_close(umt5(ids, mask)[:, :valid], umt5(other, mask)[:, :valid], atol=1e-6)
+    later = ids.copy()
+    later[:, cut:] = rng.integers(8, 60, (1, 16 - cut))  # no end-of-text token (7) among them
+    clip = tiny_encoders["clip"]
+    chex.assert_trees_all_close(clip(ids)[0][:, :cut], clip(later)[0][:, :cut], atol=1e-6)
