@@ -37,6 +37,7 @@ from jquant.io.gguf_layouts import (
     FAMILIES,
     detect_family,
     family_for_config,
+    infer_config,
     original_entries,
     plan_comfy_types,
     quantizable,
@@ -79,8 +80,8 @@ CONFIGS = {
         out_channels=4,
     ),
     "ltxv": LTXVideoConfig(
-        num_attention_heads=2,
-        attention_head_dim=128,
+        num_attention_heads=4,
+        attention_head_dim=64,
         cross_attention_dim=256,
         caption_channels=256,
         in_channels=32,
@@ -187,6 +188,23 @@ def test_name_map_inverts_diffusers_conversion(arch, cfg) -> None:
         assert any(n.endswith("linear1.weight") for n in fused) and any("qkv" in n for n in fused)
     else:
         assert not fused
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_infer_config_from_original_shapes(arch: str) -> None:
+    cfg = CONFIGS[arch]
+    port = port_for_config(cfg)
+    originals = params_to_tensors(port.init_params(cfg, jax.random.key(0)), cfg, layout="comfy")
+    shapes = {k: tuple(v.shape) for k, v in originals.items()}
+    assert port.config_cls.from_diffusers(infer_config(shapes, arch)) == cfg
+    assert port.config_cls.from_diffusers(infer_config(shapes)) == cfg  # detected from the names
+    with pytest.raises(ValueError, match="not a community-layout checkpoint"):
+        infer_config({"x.weight": (2, 2)})
+    width = {"wan": "patch_embedding", "flux": "img_in", "hyvid": "img_in.proj", "ltxv": "patchify_proj"}[
+        arch
+    ] + ".weight"
+    with pytest.raises(ValueError, match=f"tensor '{width}' is missing"):
+        infer_config({k: v for k, v in shapes.items() if k != width}, arch)
 
 
 # ----------------------------------------------------------------------------- type rules
@@ -352,7 +370,8 @@ def test_import_keeps_codes_runs_and_exports_back(arch: str, tmp_path: Path) -> 
     used = {t for t, _ in written.values()}
     assert set(QARRAY_TYPES) <= used and {T.F32, T.F16, T.BF16} & used
 
-    model, params = load_gguf_params(src, cfg)
+    model, params = load_gguf_params(src)  # no config in the file: read off the tensor shapes
+    assert model.config == cfg
     leaves = traverse_util.flatten_dict(params, sep="/")
     n_q = sum(isinstance(v, QArray) for v in leaves.values())
     n_block = sum(t in QARRAY_TYPES for t, _ in written.values())

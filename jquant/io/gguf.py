@@ -39,10 +39,13 @@ from jquant.codecs import CODECS, GGML_CODECS
 from jquant.files import atomic_file
 from jquant.formats import parse_spec
 from jquant.io.gguf_layouts import (
+    FAMILIES,
     FILE_TYPES,
     concat_rows,
+    detect_family,
     family_for_config,
     float_type,
+    infer_config,
     original_entries,
     plan_comfy_types,
     split_rows,
@@ -651,7 +654,9 @@ def load_gguf_params(
     """Load a GGUF of a ported model into (Flax module, params) with QArray leaves.
 
     The model comes from ``config`` (a DiffusersConfig, a config.json dict, or a diffusers
-    model directory) or, when None, from the file's ``jquant.config`` metadata. Names are
+    model directory) or, when None, from the file's ``jquant.config`` metadata, or for a
+    community file without it, from its tensor shapes (:func:`jquant.io.gguf_layouts.infer_config`,
+    which assumes the published models' head sizes). Names are
     diffusers' (jquant's layout) or the original checkpoint's (the ComfyUI-GGUF community
     layout of Wan, Flux, HunyuanVideo and LTX-Video, detected from the names; fused tensors
     such as Flux's ``img_attn.qkv`` are split by rows, QArrays keeping their blocks). They go
@@ -663,6 +668,14 @@ def load_gguf_params(
     """
 
     tensors, metadata = load_gguf(path, dequantize_other=dequantize_other)
+    if config is None and CONFIG_KEY not in metadata:
+        arch = metadata.get("general.architecture")
+        if arch in FAMILIES or detect_family(_strip_prefix(tensors, set())) is not None:
+            shapes = {k: tuple(v.shape) for k, v in _strip_prefix(tensors, set()).items()}
+            try:
+                config = infer_config(shapes, arch)
+            except ValueError as e:
+                raise CheckpointMismatchError(f"{path}: {e}") from None
     port, config = _resolve_port(path, config, metadata)
     entries = port.key_map(config)
     wanted = {e.torch_key for e in entries}

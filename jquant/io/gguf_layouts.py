@@ -310,6 +310,119 @@ def original_entries(config: DiffusersConfig) -> list[OrigEntry]:
     return out
 
 
+# ------------------------------------------------------------------ configs from shapes
+# A community file carries no config.json: the config is read off the tensor shapes, as
+# ComfyUI's model detection does. Head sizes are not in the shapes; the published models'
+# (128 for Wan, Flux and HunyuanVideo, 64 for LTX-Video) are assumed.
+
+
+def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str, suffix: str) -> int:
+    return sum(
+        1 for k in shapes if k.startswith(prefix) and k.endswith(suffix) and k[len(prefix) :].split(".")[0].isdigit()
+    )
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+    if name not in shapes:
+        raise ValueError(f"cannot infer the config: tensor {name!r} is missing")
+    return tuple(shapes[name])
+
+
+def _wan_config(s: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    dim, cin, *patch = _need(s, "patch_embedding.weight")
+    cfg = {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": patch,
+        "num_attention_heads": dim // 128,
+        "attention_head_dim": 128,
+        "in_channels": cin,
+        "out_channels": _need(s, "head.head.weight")[0] // int(np.prod(patch)),
+        "text_dim": _need(s, "text_embedding.0.weight")[1],
+        "freq_dim": _need(s, "time_embedding.0.weight")[1],
+        "ffn_dim": _need(s, "blocks.0.ffn.0.weight")[0],
+        "num_layers": _count(s, "blocks.", ".modulation"),
+        "cross_attn_norm": "blocks.0.norm3.weight" in s,
+        "qk_norm": "rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in s else None,
+    }
+    if "img_emb.proj.1.weight" in s:
+        cfg.update(image_dim=s["img_emb.proj.1.weight"][1], added_kv_proj_dim=dim)
+    return cfg
+
+
+def _flux_config(s: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    inner, cin = _need(s, "img_in.weight")
+    out = _need(s, "final_layer.linear.weight")[0]
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "in_channels": cin,
+        "out_channels": None if out == cin else out,  # diffusers' Flux configs leave it unset
+        "num_layers": _count(s, "double_blocks.", ".img_attn.proj.weight"),
+        "num_single_layers": _count(s, "single_blocks.", ".linear2.weight"),
+        "num_attention_heads": inner // 128,
+        "attention_head_dim": 128,
+        "joint_attention_dim": _need(s, "txt_in.weight")[1],
+        "pooled_projection_dim": _need(s, "vector_in.in_layer.weight")[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in s,
+    }
+
+
+def _hunyuan_config(s: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    inner, cin, pt, ph, pw = _need(s, "img_in.proj.weight")
+    return {
+        "_class_name": "HunyuanVideoTransformer3DModel",
+        "in_channels": cin,
+        "out_channels": _need(s, "final_layer.linear.weight")[0] // (pt * ph * pw),
+        "num_attention_heads": inner // 128,
+        "attention_head_dim": 128,
+        "num_layers": _count(s, "double_blocks.", ".img_attn_proj.weight"),
+        "num_single_layers": _count(s, "single_blocks.", ".linear2.weight"),
+        "num_refiner_layers": _count(s, "txt_in.individual_token_refiner.blocks.", ".self_attn_proj.weight"),
+        "mlp_ratio": _need(s, "double_blocks.0.img_mlp.fc1.weight")[0] / inner,
+        "patch_size": ph,
+        "patch_size_t": pt,
+        "guidance_embeds": "guidance_in.mlp.0.weight" in s,
+        "text_embed_dim": _need(s, "txt_in.input_embedder.weight")[1],
+        "pooled_projection_dim": _need(s, "vector_in.in_layer.weight")[1],
+    }
+
+
+def _ltx_config(s: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    inner, cin = _need(s, "patchify_proj.weight")
+    return {
+        "_class_name": "LTXVideoTransformer3DModel",
+        "in_channels": cin,
+        "out_channels": _need(s, "proj_out.weight")[0],
+        "num_attention_heads": inner // 64,
+        "attention_head_dim": 64,
+        "cross_attention_dim": _need(s, "transformer_blocks.0.attn2.to_k.weight")[1],
+        "num_layers": _count(s, "transformer_blocks.", ".scale_shift_table"),
+        "caption_channels": _need(s, "caption_projection.linear_1.weight")[1],
+        "norm_elementwise_affine": "transformer_blocks.0.norm1.weight" in s,
+        "attention_bias": "transformer_blocks.0.attn1.to_q.bias" in s,
+        "attention_out_bias": "transformer_blocks.0.attn1.to_out.0.bias" in s,
+    }
+
+
+_CONFIG_READERS: dict[str, Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]]] = {
+    "wan": _wan_config,
+    "flux": _flux_config,
+    "hyvid": _hunyuan_config,
+    "ltxv": _ltx_config,
+}
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None) -> dict[str, Any]:
+    """A diffusers config.json dict for an original-layout checkpoint, from its tensor shapes
+    (torch layout) and, when given, its ``general.architecture``; raises naming what is missing."""
+    family = FAMILIES.get(arch or "") or detect_family(shapes)
+    if family is None:
+        raise ValueError(
+            f"not a community-layout checkpoint of {sorted(FAMILIES)} (general.architecture {arch!r}, "
+            f"none of the families' key sets present); pass config="
+        )
+    return _CONFIG_READERS[family.arch](shapes)
+
+
 # ------------------------------------------------------------------ per-tensor type rules
 
 # llama.cpp file types (llama-quantize's `ftype`): (default ggml type, general.file_type).
