@@ -204,6 +204,8 @@ def test_bad_inputs_are_named(tokenizer_dirs: dict[str, Path], tmp_path: Path) -
         tok.encode(["a", 3], 8)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="max_length must be a positive int"):
         tok.encode("a", 0)
+    with pytest.raises(ValueError, match="max_length=1 is too short for prompt 0: the tokenizer adds 2 special tokens"):
+        load_tokenizer(tokenizer_dirs["clip"]).encode("a red fox", 1)  # <|startoftext|> ... <|endoftext|>
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "tokenizer.json").write_text("{not json")

@@ -79,6 +79,7 @@ class Tokenizer:
     model_max_length: int | None = None
     padding_side: str = "right"
     truncation_side: str = "right"
+    _by_length: dict[int, tokenizers.Tokenizer] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
@@ -101,21 +102,33 @@ class Tokenizer:
             max_length = self.model_max_length
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"{self.path}: max_length must be a positive int, got {max_length!r}")
-        fixed = tokenizers.Tokenizer.from_str(self.backend.to_str())
-        fixed.enable_truncation(max_length, strategy="longest_first", direction=self.truncation_side)
-        fixed.enable_padding(
-            direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad_token, length=max_length
-        )
         try:
-            encodings = fixed.encode_batch(prompts, add_special_tokens=True)
+            encodings = self._fixed_length(max_length).encode_batch(prompts, add_special_tokens=True)
         except Exception as e:  # tokenizers raises a bare Exception, e.g. max_length < special tokens
             raise ValueError(f"{self.path}: cannot encode to max_length={max_length}: {e}") from e
         for i, (prompt, enc) in enumerate(zip(prompts, encodings)):
+            if len(enc.ids) != max_length:  # tokenizers never truncates into the special tokens
+                raise ValueError(
+                    f"{self.path}: max_length={max_length} is too short for prompt {i}: the tokenizer adds "
+                    f"{sum(enc.special_tokens_mask)} special tokens to every prompt"
+                )
             if enc.overflowing:
                 self._warn_truncated(i, prompt, enc, max_length)
         ids = np.asarray([e.ids for e in encodings], np.int32).reshape(len(prompts), max_length)
         mask = np.asarray([e.attention_mask for e in encodings], np.int32).reshape(len(prompts), max_length)
         return TokenBatch(ids, mask)
+
+    def _fixed_length(self, max_length: int) -> tokenizers.Tokenizer:
+        """A copy of the backend that truncates and pads to `max_length` (cached per length:
+        a copy of a 256k-token vocabulary is not free, and `backend` stays unconfigured)."""
+        if max_length not in self._by_length:
+            fixed = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            fixed.enable_truncation(max_length, strategy="longest_first", direction=self.truncation_side)
+            fixed.enable_padding(
+                direction=self.padding_side, pad_id=self.pad_id, pad_token=self.pad_token, length=max_length
+            )
+            self._by_length[max_length] = fixed
+        return self._by_length[max_length]
 
     def _warn_truncated(self, index: int, prompt: str, kept: tokenizers.Encoding, max_length: int) -> None:
         full = self.backend.encode(prompt, add_special_tokens=True)
