@@ -5,6 +5,7 @@ pipeline directory (single and sharded safetensors) and the errors of bad direct
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,12 @@ def test_chunked_decode_memory_does_not_grow_with_the_clip(small: Any) -> None:
     short, long = vae.decode_bytes(3, 4 * r, 4 * r), vae.decode_bytes(9, 4 * r, 4 * r)
     assert long["outputs"] > 2 * short["outputs"]
     assert long["temporaries"] - short["temporaries"] < long["outputs"] - short["outputs"]
+
+
+def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The self-contained example of docs/pipelines.md's VAE section runs as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    section = text.split("\n## VAEs", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(blocks[1], "docs/pipelines.md", "exec"), {})
+    assert capsys.readouterr().out.split() == ["(1,", "3,", "5,", "8,", "12)", "True"]
