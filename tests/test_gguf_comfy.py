@@ -194,8 +194,8 @@ def test_name_map_inverts_diffusers_conversion(arch, cfg) -> None:
 def test_infer_config_from_original_shapes(arch: str) -> None:
     cfg = CONFIGS[arch]
     port = port_for_config(cfg)
-    originals = params_to_tensors(port.init_params(cfg, jax.random.key(0)), cfg, layout="comfy")
-    shapes = {k: tuple(v.shape) for k, v in originals.items()}
+    zeros = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, np.float32), port.param_shapes(cfg))
+    shapes = {k: tuple(v.shape) for k, v in params_to_tensors(zeros, cfg, layout="comfy").items()}
     assert port.config_cls.from_diffusers(infer_config(shapes, arch)) == cfg
     assert port.config_cls.from_diffusers(infer_config(shapes)) == cfg  # detected from the names
     with pytest.raises(ValueError, match="not a community-layout checkpoint"):

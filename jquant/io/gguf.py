@@ -486,28 +486,40 @@ def export_gguf(
     return ExportReport(out, types, sum(math.prod(s) for s in shapes.values()), n_bytes)
 
 
+_ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, **_F8}
+
+
 def _export_comfy(
     model_dir: Path, out_path: Any, ftype: str, config: dict[str, Any], files: Mapping[str, Path], progress: bool
 ) -> ExportReport:
-    """export_gguf's community-layout path (see there)."""
+    """export_gguf's community-layout path (see there). Types are planned from the safetensors
+    headers, then one original tensor at a time is fused, encoded and kept as its payload."""
     port = port_for_class(str(config.get("_class_name", "")))
     cfg = port.config_cls.from_diffusers(config)
     family = family_for_config(cfg)
-    entries = original_entries(cfg)
-    needed = {p for e in entries for p in e.parts}
-    absent = sorted(needed - set(files))
+    # Sorted original names: the file order, which llama-quantize's V counter follows.
+    entries = sorted(original_entries(cfg), key=lambda e: e.name)
+    absent = sorted({p for e in entries for p in e.parts} - set(files))
     if absent:
         raise CheckpointMismatchError(
             f"{model_dir}: the weights lack {len(absent)} tensors of the key map: {absent[:8]}"
         )
+    payloads: dict[str, tuple[np.ndarray, GT]] = {}
     with contextlib.ExitStack() as stack:
         handles = _open_safetensors(stack, set(files.values()))
-        # Sorted original names: the file order, which llama-quantize's V counter follows.
-        originals = {
-            e.name: concat_rows([_get_tensor(handles[files[p]], files[p], p) for p in e.parts], e.swap_halves)
-            for e in sorted(entries, key=lambda e: e.name)
-        }
-    payloads, types = _comfy_payloads(family, originals, ftype, progress)
+
+        def header(name: str) -> tuple[tuple[int, ...], Any]:
+            sl = handles[files[name]].get_slice(name)
+            return tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), np.float32)
+
+        info = {}
+        for e in entries:
+            heads = [header(p) for p in e.parts]
+            info[e.name] = ((sum(h[0][0] for h in heads), *heads[0][0][1:]), heads[0][1])
+        plan = plan_comfy_types(family, info, ftype)
+        for e in tqdm(entries, desc=f"GGUF {ftype} (comfy)", disable=not progress):
+            parts = [_get_tensor(handles[files[p]], files[p], p) for p in e.parts]
+            payloads[e.name] = _comfy_payload(family, e.name, concat_rows(parts, e.swap_halves), plan[e.name])
     metadata = {
         "general.architecture": family.arch,
         "general.name": model_dir.resolve().name,
@@ -516,7 +528,8 @@ def _export_comfy(
     }
     out = _write_gguf(out_path, payloads, metadata)
     n_bytes = sum(int(a.nbytes) for a, _ in payloads.values())
-    return ExportReport(out, types, sum(int(a.size) for a in originals.values()), n_bytes)
+    n_params = sum(math.prod(shape) for shape, _ in info.values())
+    return ExportReport(out, {n: t.name for n, t in plan.items()}, n_params, n_bytes)
 
 
 # ----------------------------------------------------------------------------- Flax params
@@ -767,26 +780,15 @@ def save_gguf_params(
     return save_gguf(path, tensors, meta)
 
 
-def _comfy_payloads(
-    family: Any, originals: Mapping[str, np.ndarray], ftype: str, progress: bool
-) -> tuple[dict[str, tuple[np.ndarray, GT]], dict[str, str]]:
-    """Encode original-named float tensors per the community type rules (convert.py, then
-    llama-quantize with lcpp.patch): floats in their convert.py type, quantized ones encoded
-    from those values with ggml's reference quantizers (jquant.codecs)."""
-    plan = plan_comfy_types(family, {n: (a.shape, a.dtype) for n, a in originals.items()}, ftype)
-    payloads, types = {}, {}
-    for name in tqdm(originals, desc=f"GGUF {ftype} (comfy)", disable=not progress):
-        a = originals[name]
-        stage1 = float_type(family, name, a.shape, a.dtype)  # convert.py's file, which llama-quantize reads
-        values = _as_ggml_float(a, stage1)
-        t = plan[name]
-        if t in (GT.F32, GT.F16, GT.BF16):
-            payloads[name] = _tensor_payload(name, values)
-        else:
-            codec = GGML_CODECS[t.name.lower()]
-            payloads[name] = (codec.encode(np.asarray(values, np.float32)).reshape(a.shape[:-1] + (-1,)), t)
-        types[name] = t.name
-    return payloads, types
+def _comfy_payload(family: Any, name: str, a: np.ndarray, t: GT) -> tuple[np.ndarray, GT]:
+    """One original-named float tensor as the community tools store it: convert.py's float type
+    first (the file llama-quantize reads), then, for a block type ``t``, ggml's reference
+    quantizer (jquant.codecs) on those values."""
+    values = _as_ggml_float(a, float_type(family, name, a.shape, a.dtype))
+    if t in (GT.F32, GT.F16, GT.BF16):  # t differs from stage 1 only for lcpp.patch's F16 fallback
+        return _tensor_payload(name, _as_ggml_float(values, t))
+    codec = GGML_CODECS[t.name.lower()]
+    return codec.encode(np.asarray(values, np.float32)).reshape(a.shape[:-1] + (-1,)), t
 
 
 def _as_ggml_float(a: np.ndarray, t: GT) -> np.ndarray:
