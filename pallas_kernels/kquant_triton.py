@@ -40,8 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 FORMATS: dict[str, int] = {"q4_k": 0, "q5_k": 1, "q6_k": 2, "q8_0": 3}
 #: Values one decoded tile spans along K (a k-quant super-block; eight Q8_0 blocks).
 TILE = 256
-#: The small-M kernel's two ways to apply block scales (see :func:`kquant_matmul_small_m`).
-SCHEMES = ("blockdot", "dequant")
 #: Largest M the fused kernel takes; larger M decode then use XLA's bf16 GEMM.
 SMALL_M_MAX = 16
 #: Passed scripts/check_kernels_gpu.py --kernels kquant on an H200; until then (False) the
@@ -164,95 +162,6 @@ if triton is not None:  # pragma: no cover - needs Triton
         return tl.reshape(v, (R, 256))
 
     @triton.jit
-    def _scale_min(base, sub):
-        """Q4_K/Q5_K 6-bit scale and min of sub-blocks ``sub`` (ggml's get_scale_min_k4), int32."""
-        t = sub % 4
-        a = tl.load(base + 4 + t).to(tl.int32)
-        b = tl.load(base + 8 + t).to(tl.int32)
-        c = tl.load(base + 12 + t).to(tl.int32)
-        sc = tl.where(sub < 4, a & 63, (c & 0xF) | ((a >> 6) << 4))
-        mn = tl.where(sub < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
-        return sc, mn
-
-    @triton.jit
-    def _blockdot_tile(x_tile, base, M: tl.constexpr, K: tl.constexpr, FMT: tl.constexpr):
-        """``[16, BN]`` fp32: tokens ``x[:, tile]`` times the tile's weights (rows at byte pointers
-        ``base``, ``[1, 1, BN]``), one batched dot per scale block on the raw integer codes (exact
-        in bf16), the block scales applied to the fp32 block sums: no per-weight float math."""
-        m = tl.arange(0, 16)[None, :, None]
-        if FMT == 3:  # q8_0
-            g = tl.arange(0, 8)[:, None, None]
-            blk = base + 34 * g  # [8, 1, BN]
-            q = tl.load(blk + 2 + tl.arange(0, 32)[None, :, None]).to(tl.int8, bitcast=True).to(tl.bfloat16)
-            xs = tl.load(x_tile + m * K + 32 * g + tl.arange(0, 32)[None, None, :], mask=m < M, other=0.0)
-            r = tl.dot(xs, q) * _f16(blk)
-        elif FMT == 2:  # q6_k: 16 groups of 16 values, int8 scale each
-            g = tl.arange(0, 16)[:, None, None]
-            lane = 16 * (g % 2) + tl.arange(0, 16)[None, :, None]
-            half = g // 8
-            quarter = (g % 8) // 2
-            ql = tl.load(base + 64 * half + lane + 32 * (quarter % 2)).to(tl.int32)
-            low = tl.where(quarter < 2, ql & 0xF, ql >> 4)
-            qh = tl.load(base + 128 + 32 * half + lane).to(tl.int32)
-            q = (low | (((qh >> (2 * quarter)) & 3) << 4)) - 32
-            xs = tl.load(x_tile + m * K + 16 * g + tl.arange(0, 16)[None, None, :], mask=m < M, other=0.0)
-            sc = tl.load(base + 192 + g).to(tl.int8, bitcast=True).to(tl.float32)
-            r = tl.dot(xs, q.to(tl.bfloat16)) * (sc * _f16(base + 208))
-        else:  # q4_k / q5_k: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles) of chunk c
-            c = tl.arange(0, 4)[:, None, None]
-            lane = tl.arange(0, 32)[None, :, None]
-            QS: tl.constexpr = 16 if FMT == 0 else 48
-            qs = tl.load(base + QS + 32 * c + lane).to(tl.int32)
-            lo = qs & 0xF
-            hi = qs >> 4
-            if FMT == 1:
-                qh = tl.load(base + 16 + lane).to(tl.int32)
-                lo = lo | (((qh >> (2 * c)) & 1) << 4)
-                hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
-            xe_ptr = x_tile + m * K + 64 * c + tl.arange(0, 32)[None, None, :]
-            xe = tl.load(xe_ptr, mask=m < M, other=0.0)
-            xo = tl.load(xe_ptr + 32, mask=m < M, other=0.0)
-            sce, mne = _scale_min(base, 2 * c)
-            sco, mno = _scale_min(base, 2 * c + 1)
-            d = _f16(base)
-            dmin = _f16(base + 2)
-            se = tl.sum(xe.to(tl.float32), axis=2, keep_dims=True)
-            so = tl.sum(xo.to(tl.float32), axis=2, keep_dims=True)
-            r = (
-                tl.dot(xe, lo.to(tl.bfloat16)) * (d * sce.to(tl.float32))
-                - se * (dmin * mne.to(tl.float32))
-                + tl.dot(xo, hi.to(tl.bfloat16)) * (d * sco.to(tl.float32))
-                - so * (dmin * mno.to(tl.float32))
-            )
-        return tl.sum(r, axis=0)
-
-    @triton.jit
-    def _blockdot_kernel(
-        x_ptr,
-        w_ptr,
-        out_ptr,
-        M: tl.constexpr,
-        N: tl.constexpr,
-        K: tl.constexpr,
-        BN: tl.constexpr,
-        SPLIT: tl.constexpr,
-        FMT: tl.constexpr,
-        TB: tl.constexpr,
-    ):
-        pn = tl.program_id(0)
-        ps = tl.program_id(1)
-        rows = pn * BN + tl.arange(0, BN)[None, None, :]
-        base = w_ptr + tl.where(rows < N, rows, 0).to(tl.int64) * ((K // 256) * TB)
-        tiles: tl.constexpr = K // 256
-        per: tl.constexpr = (tiles + SPLIT - 1) // SPLIT
-        acc = tl.zeros((16, BN), dtype=tl.float32)
-        for t in range(ps * per, tl.minimum(ps * per + per, tiles)):
-            acc += _blockdot_tile(x_ptr + t * 256, base + t * TB, M, K, FMT)
-        m = tl.arange(0, 16)[:, None]
-        cols = pn * BN + tl.arange(0, BN)[None, :]
-        tl.store(out_ptr + ps * 16 * N + m * N + cols, acc, mask=(m < M) & (cols < N))
-
-    @triton.jit
     def _decode_kernel(
         w_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, FMT: tl.constexpr, TB: tl.constexpr
     ):
@@ -337,15 +246,12 @@ def kquant_matmul_small_m(
     bn: int = 64,
     split: int | None = None,
     warps: int = 4,
-    stages: int = 2,
-    scheme: str = "blockdot",
+    stages: int = 1,
 ) -> jax.Array:
     """``x [M, K] @ decode(blocks)^T`` for M <= :data:`SMALL_M_MAX`, weights decoded in registers.
 
-    ``scheme``: ``"blockdot"`` (one dot per scale block on the integer codes, scales applied to the
-    block sums) or ``"dequant"`` (each weight decoded to bf16 with its scale, one dot per tile)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"kquant_matmul_small_m: scheme must be one of {SCHEMES}, got {scheme!r}")
+    The defaults (64 rows per program, 4 warps, 1 stage) were the fastest of the tilings
+    ``scripts/bench_kquant.py --sweep`` timed on an H200 for every format at M = 1 and 16."""
     _require()
     n, k = _check(blocks, fmt, "kquant_matmul_small_m")
     _check_tiles(k, "kquant_matmul_small_m")
@@ -358,7 +264,7 @@ def kquant_matmul_small_m(
     partial = jt.triton_call(
         x.astype(jnp.bfloat16),
         blocks,
-        kernel=_blockdot_kernel if scheme == "blockdot" else _small_m_kernel,
+        kernel=_small_m_kernel,
         out_shape=jax.ShapeDtypeStruct((split, 16, n), jnp.float32),
         grid=(_common.cdiv(n, bn), split),
         num_warps=warps,

@@ -52,14 +52,12 @@ def nt(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
 
 
-#: (scheme, bn, warps, stages) tilings of the small-M kernel that --sweep times.
-SWEEP = [("dequant", 64, 4, 1)] + [
-    ("blockdot", bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2)
-]
+#: (bn, warps, stages) tilings of the small-M kernel that --sweep times.
+SWEEP = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
 
 
 def sweep(rows: list[dict], formats: list[str]) -> int:
-    """The small-M kernel's schemes and tilings on 5120x5120 at M = 1 and 16, checked then timed."""
+    """The small-M kernel's tilings on 5120x5120 at M = 1 and 16, checked then timed."""
     k = n = 5120
     bad = 0
     for fmt in formats:
@@ -70,12 +68,12 @@ def sweep(rows: list[dict], formats: list[str]) -> int:
             ref = nt(xs[0].astype(jnp.float32), ref_w)
             mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
             best = None
-            for scheme, bn, warps, stages in SWEEP:
-                fn = lambda x, b, bn=bn, w=warps, st=stages, sc=scheme: kq.kquant_matmul_small_m(  # noqa: E731
-                    x, b, fmt, bn=bn, warps=w, stages=st, scheme=sc
+            for bn, warps, stages in SWEEP:
+                fn = lambda x, b, bn=bn, w=warps, st=stages: kq.kquant_matmul_small_m(  # noqa: E731
+                    x, b, fmt, bn=bn, warps=w, stages=st
                 )
                 r = timing.check_then_time(fn, list(zip(xs, blocks)), lambda o: testing.check_dot(o, ref, mag, TOL))
-                name = f"sweep {scheme} bn={bn} w={warps} s={stages}"
+                name = f"sweep bn={bn} w={warps} s={stages}"
                 rows.append({"fmt": fmt, "K": k, "N": n, "M": m, "variant": name, **r})
                 bad += r["status"] != "PASS"
                 if r["status"] != "PASS":
@@ -91,7 +89,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 4096}")
     p.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new rows after this")
     p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's schemes and tilings")
+    p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's tilings")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
