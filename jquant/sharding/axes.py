@@ -50,7 +50,7 @@ LogicalAxes = tuple["str | None", ...]
 MODES: dict[str, tuple[tuple[str, str], ...]] = {
     "replicated": (),
     "fsdp": (("mlp", "data"), ("heads", "data"), ("out", "data"), ("embed", "data"), ("in", "data")),
-    "tp": (("heads", "model"), ("mlp", "model")),
+    "tp": (("heads", "model"), ("mlp", "model"), ("out", "model")),
     "fsdp_tp": (("heads", "model"), ("mlp", "model"), ("embed", "data"), ("out", "data"), ("in", "data")),
 }
 
@@ -156,10 +156,10 @@ def plan_leaf(path: str, leaf: Any, axes: LogicalAxes, rules: MeshRules, mesh: M
     used: set[str] = set()
     whole: list[str] = []
     for name, mesh_axis in rules:
-        if mesh_axis is None or mesh_axis in used or mesh.shape.get(mesh_axis, 1) == 1:
-            continue
-        if mesh_axis not in mesh.shape:
+        if mesh_axis is not None and mesh_axis not in mesh.shape:
             raise ValueError(f"mesh rules: ({name!r}, {mesh_axis!r}) names an axis the mesh lacks {tuple(mesh.shape)}")
+        if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1:
+            continue
         for dim, dim_name in enumerate(axes):
             if dim_name != name or mesh_axes[dim] is not None:
                 continue
