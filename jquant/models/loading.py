@@ -127,7 +127,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
 
 
-def _check_keys(expected: set[str], present: set[str], ignore: tuple[str, ...], where: str) -> None:
+def check_keys(expected: set[str], present: set[str], ignore: tuple[str, ...], where: str) -> None:
     missing = sorted(expected - present)
     unexpected = sorted(k for k in present - expected if not any(re.search(p, k) for p in ignore))
     if missing or unexpected:
@@ -151,7 +151,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
     port, config = read_config(path)
     entries = port.key_map(config)
     files = _weight_files(path)
-    _check_keys({e.torch_key for e in entries}, set(files), port.ignore_unexpected, f"checkpoint {path}")
+    check_keys({e.torch_key for e in entries}, set(files), port.ignore_unexpected, f"checkpoint {path}")
 
     shapes = traverse_util.flatten_dict(port.param_shapes(config), sep="/")
     map_paths = {e.flax_path for e in entries}
@@ -224,7 +224,7 @@ def save_pretrained(
     port = port_for_config(model_config)
     entries = port.key_map(model_config)
     flat = traverse_util.flatten_dict(params, sep="/")
-    _check_keys({e.flax_path for e in entries}, set(flat), (), "params tree")
+    check_keys({e.flax_path for e in entries}, set(flat), (), "params tree")
     tensors = {e.torch_key: np.ascontiguousarray(e.to_torch(np.asarray(flat[e.flax_path]))) for e in entries}
 
     shards: list[dict[str, np.ndarray]] = [{}]

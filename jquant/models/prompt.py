@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jquant.models import clip_text, t5
-from jquant.models.loading import CheckpointError, CheckpointMismatchError, _check_keys, read_config_json
+from jquant.models.loading import CheckpointError, CheckpointMismatchError, check_keys, read_config_json
 from jquant.models.port import KeyEntry
 from jquant.models.roles import assign_roles
 from jquant.models.safetensors import SafetensorsError, get_tensor, open_safetensors, weight_files
@@ -164,7 +164,7 @@ def load_text_encoder(path: str | Path, dtype: Any = jnp.float32) -> TextEncoder
     module = encoder_module(config, dtype)
     files = _weight_files(path)
     entries, aliases = _key_map(config, set(files))
-    _check_keys({e.torch_key for e in entries}, set(files), aliases, f"checkpoint {path}")
+    check_keys({e.torch_key for e in entries}, set(files), aliases, f"checkpoint {path}")
     dummy = t5.dummy_inputs(config) if isinstance(config, t5.T5EncoderConfig) else clip_text.dummy_inputs(config)
     shapes = jax.eval_shape(lambda r: module.init(r, **dummy)["params"], jax.random.key(0))
     shapes = traverse_util.flatten_dict(shapes, sep="/")
