@@ -1,0 +1,370 @@
+"""Quantization-aware distillation: the float model teaches its fake-quantized copy.
+
+The teacher is the float model on its own sampled trajectories (:func:`teacher_data`:
+every step's input ``x_t`` and the float prediction of *both* CFG branches). The student
+starts at a PTQ result (:class:`~jquant.pipeline.runtime.QuantizedModel`: QArray kernels
+become :class:`~jquant.training.fakequant.FakeQuant` with LSQ scales; a static scale
+table's scales become trainable too) and is trained with optax on the per-step prediction:
+the MSE of each branch plus the MSE of the guided (CFG-combined) prediction, each
+normalised by the teacher's mean square, as in the video-DiT QAT/QAD work (e.g. ViDiT-Q,
+Q-DM). Optional feature matching adds the MSE of every transformer block's output
+(``DistillConfig.feature_weight``; the blocks are read with flax ``capture_intermediates``).
+
+:func:`distill` returns the trained model as a QuantizedModel (QArrays with the learned
+scales, the trained table) that samples in the same jitted sampler as any PTQ model, with
+the loss history and wall time. :func:`save_state` / :func:`restore_state` checkpoint the
+training state (params, optimizer state, step) through :mod:`jquant.io.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as flax_nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jquant import nn as jnn
+from jquant.io import checkpoint as ckpt
+from jquant.pipeline import trajectory as tj
+from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload
+from jquant.pipeline.runtime import QuantizedModel
+from jquant.pipeline.tables import ScaleTable, expand
+from jquant.sampling import cfg_combine
+from jquant.training.fakequant import FakeQuant, fake_quantized, from_quantized, is_fake_quant, to_quantized
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Training settings.
+
+    Attributes:
+      steps: optax steps.
+      batch: samples per step (each runs both CFG branches at one timestep).
+      lr: peak learning rate of the latent weights and float params (Adam, cosine decay).
+      scale_lr: peak learning rate of the quantizer scales (weights' and the table's).
+      guided_weight: weight of the guided-prediction MSE beside the two branch MSEs.
+      feature_weight: weight of per-block feature matching (0: off).
+      train_float: also train the float params (norms, biases, embedders, modulation).
+      seed: minibatch sampling seed.
+    """
+
+    steps: int = 200
+    batch: int = 4
+    lr: float = 2e-4
+    scale_lr: float = 1e-3
+    guided_weight: float = 1.0
+    feature_weight: float = 0.0
+    train_float: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"DistillConfig: steps and batch must be >= 1, got {self.steps}, {self.batch}")
+        if self.lr < 0 or self.scale_lr < 0:
+            raise ValueError("DistillConfig: learning rates must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DistillData:
+    """Teacher data: ``xs [T, N, ...]`` step inputs, ``ts [T]``, conditioning ``cond`` /
+    ``uncond`` ``[N, ...]``, teacher predictions ``y_cond`` / ``y_uncond`` ``[T, N, ...]``."""
+
+    xs: Array
+    ts: Array
+    cond: Array
+    uncond: Array
+    y_cond: Array
+    y_uncond: Array
+    guidance: float
+    seconds: float = 0.0
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.xs.shape[1])
+
+
+def teacher_data(bundle: ModelBundle, workloads: Sequence[Workload]) -> DistillData:
+    """Sample the float model on ``workloads`` and keep every step's input and the float
+    prediction of both CFG branches (the distillation targets)."""
+    den = bundle.denoiser
+    if not den.cfg:
+        raise ValueError("teacher_data: the bundle samples without CFG; distillation here trains both branches")
+    t0 = time.perf_counter()
+    traj = tj.record(den, bundle.params, workloads)
+    xs = jnp.concatenate([x[:-1] for _, x in traj.items], axis=1)
+    cond = jnp.concatenate([w.cond for w, _ in traj.items])
+    uncond = jnp.concatenate([w.uncond for w, _ in traj.items])
+    ts = jnp.asarray(traj.timesteps)
+
+    @jax.jit
+    def preds(x, t):
+        both = jnp.concatenate([uncond, cond])
+        return jnp.split(den.apply({"params": bundle.params}, jnp.concatenate([x, x]), t, both), 2)
+
+    yu, yc = zip(*(preds(xs[i], ts[i]) for i in range(xs.shape[0])))
+    data = DistillData(xs, ts, cond, uncond, jnp.stack(yc), jnp.stack(yu), float(den.guidance_scale))
+    return dataclasses.replace(data, seconds=time.perf_counter() - t0)
+
+
+# --- the student -------------------------------------------------------------------------------------
+def table_scales(table: ScaleTable | None) -> dict[str, Array]:
+    """A table's ``{path: [G, Bn, Fn]}`` scales as trainable arrays (empty without a table)."""
+    return {} if table is None else {p: jnp.asarray(v, jnp.float32) for p, v in table.scales.items()}
+
+
+def _step_scales(den: Denoiser, table: ScaleTable, scales: dict[str, Array], group: Array, x_shape) -> dict:
+    frames, tokens = den.frames_fn(x_shape) if den.frames_fn is not None else (1, -1)
+    return {
+        p: expand(s[group], table.ranks[p], p in table.video, x_shape[0], True, frames, tokens)
+        for p, s in scales.items()
+    }
+
+
+def student_apply(
+    den: Denoiser,
+    params: Any,
+    aux: Any,
+    x: Array,
+    t: Array,
+    both: Array,
+    act: str | None,
+    act_scales: dict[str, Array] | None = None,
+    capture: bool = False,
+):
+    """The fake-quantized model on ``[uncond; cond]`` rows (``x`` already doubled)."""
+    v = {"params": params}
+    if aux:
+        v[jnn.AUX_COLLECTION] = aux
+    with fake_quantized(act, act_scales):
+        if not capture:
+            return den.apply(v, x, t, both), None
+        return _apply_capture(den, v, x, t, both)
+
+
+_BLOCK = re.compile(r"^blocks_\d+$")
+
+
+def block_outputs(fn, *args: Any) -> tuple[Any, list[Array]]:
+    """``fn(*args)`` and the outputs of every linen submodule named ``blocks_<i>`` (the
+    transformer blocks of the ports), in call order (for feature matching)."""
+    feats: list[Array] = []
+
+    def rec(next_fun, a, kw, context):
+        out = next_fun(*a, **kw)
+        m = context.module
+        if context.method_name == "__call__" and _BLOCK.match(m.name or "") and not m.is_initializing():
+            feats.append(out[0] if isinstance(out, tuple) else out)
+        return out
+
+    with flax_nn.intercept_methods(rec):
+        out = fn(*args)
+    return out, feats
+
+
+def _apply_capture(den: Denoiser, v: dict, x: Array, t: Array, both: Array):
+    return block_outputs(den.apply, v, x, t, both)
+
+
+def _teacher_features(den: Denoiser, params: Any, x: Array, t: Array, both: Array) -> list[Array]:
+    return block_outputs(den.apply, {"params": params}, x, t, both)[1]
+
+
+def _labels(params: Any, scales: dict, train_float: bool) -> tuple[Any, dict]:
+    def one(leaf: Any) -> Any:
+        if is_fake_quant(leaf):
+            return FakeQuant("w", "scale", leaf.spec)
+        return "w" if train_float else "frozen"
+
+    return jax.tree.map(one, params, is_leaf=is_fake_quant), {p: "scale" for p in scales}
+
+
+def optimizer(config: DistillConfig, labels: Any) -> optax.GradientTransformation:
+    """Adam with cosine decay; latent weights/float params at ``lr``, scales at ``scale_lr``."""
+
+    def sched(peak: float):
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(1, config.steps // 20), config.steps, peak * 0.05)
+
+    return optax.multi_transform(
+        {
+            "w": optax.adam(sched(config.lr)),
+            "scale": optax.adam(sched(config.scale_lr)),
+            "frozen": optax.set_to_zero(),
+        },
+        labels,
+    )
+
+
+def loss_fn(
+    den: Denoiser,
+    trainable: tuple[Any, dict],
+    aux: Any,
+    act: str | None,
+    table: ScaleTable | None,
+    batch: dict[str, Array],
+    guidance: float,
+    guided_weight: float,
+    teacher_feats: list[Array] | None = None,
+    feature_weight: float = 0.0,
+) -> Array:
+    """Normalised MSE of both branches' predictions plus the guided prediction (and features)."""
+    params, scales = trainable
+    x = jnp.concatenate([batch["x"], batch["x"]])
+    both = jnp.concatenate([batch["uncond"], batch["cond"]])
+    act_scales = None if table is None else _step_scales(den, table, scales, batch["group"], x.shape)
+    capture = teacher_feats is not None and feature_weight > 0
+    pred, feats = student_apply(den, params, aux, x, batch["t"], both, act, act_scales, capture)
+    pu, pc = jnp.split(pred.astype(jnp.float32), 2)
+    yu, yc = batch["y_uncond"], batch["y_cond"]
+    norm = jnp.mean(yc**2) + jnp.mean(yu**2) + 1e-8
+    loss = (jnp.mean((pu - yu) ** 2) + jnp.mean((pc - yc) ** 2)) / norm
+    g = jnp.float32(guidance)
+    gy = cfg_combine(yu, yc, g)
+    loss = loss + guided_weight * jnp.mean((cfg_combine(pu, pc, g) - gy) ** 2) / (jnp.mean(gy**2) + 1e-8)
+    if capture:
+        fl = [jnp.mean((a - b) ** 2) / (jnp.mean(b**2) + 1e-8) for a, b in zip(feats, teacher_feats)]
+        loss = loss + feature_weight * sum(fl) / max(1, len(fl))
+    return loss
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DistillResult:
+    """The trained model (runnable QuantizedModel), the loss every step and the wall time."""
+
+    model: QuantizedModel
+    losses: np.ndarray
+    seconds: float
+    params: Any
+    scales: dict[str, Array]
+
+
+def _minibatch(data: DistillData, table: ScaleTable | None, rng: np.random.Generator, batch: int) -> dict:
+    i = int(rng.integers(data.xs.shape[0]))
+    idx = rng.choice(data.num_samples, size=min(batch, data.num_samples), replace=False)
+    return {
+        "x": data.xs[i][idx],
+        "t": data.ts[i],
+        "cond": data.cond[idx],
+        "uncond": data.uncond[idx],
+        "y_cond": data.y_cond[i][idx],
+        "y_uncond": data.y_uncond[i][idx],
+        "group": jnp.int32(0 if table is None else int(table.groups[i])),
+    }
+
+
+def distill(
+    bundle: ModelBundle,
+    start: QuantizedModel,
+    data: DistillData,
+    config: DistillConfig = DistillConfig(),
+    *,
+    name: str | None = None,
+    log_every: int = 0,
+) -> DistillResult:
+    """Train ``start`` (a PTQ model: QArray kernels, its aux, activation spec and optional
+    static table) to match the float teacher on ``data``; returns the trained QuantizedModel."""
+    den = bundle.denoiser
+    params = from_quantized(start.params)
+    if not any(is_fake_quant(x) for x in jax.tree.leaves(params, is_leaf=is_fake_quant)):
+        raise ValueError(f"distill: {start.name or 'the start model'} has no QArray kernels to train")
+    aux = start.variables.get(jnn.AUX_COLLECTION, {})
+    table = start.table
+    act = start.act if table is None else table.act
+    scales = table_scales(table)
+    labels = _labels(params, scales, config.train_float)
+    opt = optimizer(config, labels)
+    trainable = (params, scales)
+    opt_state = opt.init(trainable)
+    use_feats = config.feature_weight > 0
+
+    @jax.jit
+    def step(trainable, opt_state, batch):
+        tf = None
+        if use_feats:
+            x2 = jnp.concatenate([batch["x"], batch["x"]])
+            both = jnp.concatenate([batch["uncond"], batch["cond"]])
+            tf = _teacher_features(den, bundle.params, x2, batch["t"], both)
+        loss, grads = jax.value_and_grad(
+            lambda tr: loss_fn(
+                den, tr, aux, act, table, batch, data.guidance, config.guided_weight, tf, config.feature_weight
+            )
+        )(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    rng = np.random.default_rng(config.seed)
+    losses = []
+    t0 = time.perf_counter()
+    for k in range(config.steps):
+        trainable, opt_state, loss = step(trainable, opt_state, _minibatch(data, table, rng, config.batch))
+        losses.append(float(loss))
+        if log_every and (k % log_every == 0 or k == config.steps - 1):
+            print(f"  step {k:4d}  loss {np.mean(losses[-log_every:]):.5f}", flush=True)
+    seconds = time.perf_counter() - t0
+    params, scales = trainable
+    qparams = to_quantized(params)
+    new_table = None
+    if table is not None:
+        new_table = dataclasses.replace(table, scales={p: np.abs(np.asarray(s)) + 1e-12 for p, s in scales.items()})
+    variables = {"params": qparams, **({jnn.AUX_COLLECTION: aux} if aux else {})}
+    info = {**start.info, "distill": {**dataclasses.asdict(config), "seconds": seconds}}
+    model = QuantizedModel(variables, start.act, new_table, name or f"{start.name}+distill", info)
+    return DistillResult(model, np.asarray(losses), seconds, params, scales)
+
+
+def mean_loss(bundle: ModelBundle, model: QuantizedModel, data: DistillData, guided_weight: float = 1.0) -> float:
+    """The distillation loss of ``model`` averaged over every step and sample of ``data`` (one
+    jitted call per step): the number to compare before and after training."""
+    den = bundle.denoiser
+    params = from_quantized(model.params)
+    aux = model.variables.get(jnn.AUX_COLLECTION, {})
+    table = model.table
+    act = model.act if table is None else table.act
+    scales = table_scales(table)
+
+    @jax.jit
+    def one(batch):
+        return loss_fn(den, (params, scales), aux, act, table, batch, data.guidance, guided_weight)
+
+    out = []
+    for i in range(data.xs.shape[0]):
+        batch = {
+            "x": data.xs[i],
+            "t": data.ts[i],
+            "cond": data.cond,
+            "uncond": data.uncond,
+            "y_cond": data.y_cond[i],
+            "y_uncond": data.y_uncond[i],
+            "group": jnp.int32(0 if table is None else int(table.groups[i])),
+        }
+        out.append(float(one(batch)))
+    return float(np.mean(out))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+def save_state(path: str | Path, state: Any, step: int) -> Path:
+    """Checkpoint a training state (any pytree: params with FakeQuant leaves, optax state) and
+    its step through :func:`jquant.io.checkpoint.save` (atomic, bit exact)."""
+    return ckpt.save(path, {"leaves": list(jax.tree.leaves(state)), "step": np.int64(step)})
+
+
+def restore_state(path: str | Path, like: Any) -> tuple[Any, int]:
+    """Restore a state saved by :func:`save_state` into the structure of ``like`` (a state of
+    the same model and optimizer, e.g. freshly initialised); mismatches name the leaf."""
+    tree = ckpt.restore(path)
+    leaves, treedef = jax.tree.flatten(like)
+    got = tree["leaves"]
+    if len(got) != len(leaves):
+        raise ckpt.CheckpointError(f"{path}: checkpoint holds {len(got)} arrays, the state has {len(leaves)}")
+    for i, (a, b) in enumerate(zip(got, leaves)):
+        if np.shape(a) != np.shape(b):
+            raise ckpt.CheckpointError(f"{path}: array {i} has shape {np.shape(a)}, the state expects {np.shape(b)}")
+    return jax.tree.unflatten(treedef, got), int(tree["step"])
