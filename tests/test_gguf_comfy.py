@@ -22,11 +22,14 @@ import pytest
 import torch
 from flax import traverse_util
 from gguf import GGMLQuantizationType as T
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jquant import nn as jnn
 from jquant.codecs import CODECS, GGML_CODECS
 from jquant.io.gguf import (
     GGUFError,
+    codec_qarray,
     export_gguf,
     load_gguf,
     load_gguf_params,
@@ -35,12 +38,14 @@ from jquant.io.gguf import (
 )
 from jquant.io.gguf_layouts import (
     FAMILIES,
+    concat_rows,
     detect_family,
     family_for_config,
     infer_config,
     original_entries,
     plan_comfy_types,
     quantizable,
+    split_rows,
 )
 from jquant.models import FluxConfig, HunyuanVideoConfig, LTXVideoConfig, WanConfig
 from jquant.models.loading import CheckpointMismatchError, port_for_config, save_pretrained
@@ -205,6 +210,35 @@ def test_infer_config_from_original_shapes(arch: str) -> None:
     ] + ".weight"
     with pytest.raises(ValueError, match=f"tensor '{width}' is missing"):
         infer_config({k: v for k, v in shapes.items() if k != width}, arch)
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    swap=st.booleans(),
+    codec=st.sampled_from(sorted(CODECS)),
+    seed=st.integers(0, 2**16),
+)
+def test_split_and_fuse_are_inverse_and_keep_bytes(sizes, swap, codec, seed) -> None:
+    """Splitting a fused tensor by rows and fusing the pieces back is the identity on the bytes,
+    for QArrays (blocks) and float arrays alike; each piece holds exactly its rows' bytes."""
+    rng = np.random.default_rng(seed)
+    if swap:  # the (shift, scale) swap applies to single-part entries
+        sizes = [2 * sizes[0]]
+    c = CODECS[codec]
+    blocks = rng.integers(0, 256, (sum(sizes), 2, c.block_bytes), dtype=np.uint8)
+    for value in (codec_qarray(blocks, codec, device=False), rng.standard_normal((sum(sizes), 8)).astype(np.float32)):
+        raw = np.asarray(value.qvalue if isinstance(value, QArray) else value)
+        pieces = split_rows(value, sizes, swap)
+        ordered = np.concatenate([raw[len(raw) // 2 :], raw[: len(raw) // 2]]) if swap else raw
+        start = 0
+        for piece, n in zip(pieces, sizes):
+            got = np.asarray(piece.qvalue if isinstance(piece, QArray) else piece)
+            np.testing.assert_array_equal(got, ordered[start : start + n])
+            start += n
+        back = concat_rows(pieces, swap)
+        np.testing.assert_array_equal(np.asarray(back.qvalue if isinstance(back, QArray) else back), raw)
+    with pytest.raises(ValueError, match="do not split"):
+        split_rows(blocks, [sum(sizes) + 1])
 
 
 # ----------------------------------------------------------------------------- type rules
