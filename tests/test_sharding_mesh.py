@@ -262,3 +262,24 @@ def test_gptq_spread_equals_gptq():
     assert where["b/kernel"] == where["c/kernel"] == jax.devices()[2]
     assert spread["d"]["kernel"].qvalue.devices() == {jax.devices()[0]}
     chex.assert_trees_all_equal(jax.device_get(spread), jax.device_get(single))
+
+
+def test_bench_sharded_tiny(tmp_path):
+    """scripts/bench_sharded.py --tiny on the 8-device mesh: every mode checked, timed, written."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_sharded.py"
+    spec = importlib.util.spec_from_file_location("bench_sharded", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--tiny", "--modes", "fsdp,ulysses", "--runs", "10", "--profile-runs", "1", "--out-dir", str(tmp_path)]
+    result = bench.main(argv)
+    assert result["failures"] == 0 and result["devices"] == 8
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert [r["status"] for r in rows.values()] == ["PASS"] * 3
+    assert rows["fsdp"]["param_bytes_per_device"] < rows["unsharded"]["param_bytes_per_device"] / 4
+    assert rows["ulysses"]["check"]["ok"] and len(rows["ulysses"]["times_ms"]) == 10
+    assert "communication_share" in rows["fsdp"] and rows["fsdp"]["mesh"] == {"data": 8}
+    written = list(tmp_path.glob("sharded-tiny-w8a8-8x*.json"))
+    assert len(written) == 1 and '"commit"' in written[0].read_text()

@@ -15,13 +15,17 @@ with the tokens split over the mesh axis ``axis`` (and the batch over ``batch_ax
   running max and sum), so no device ever holds the whole sequence's keys. Float attention only
   (the quantized kernel returns no log-sum-exp to merge blocks with).
 
-Calls where the keys are not the queries' tokens (cross-attention to text) split only the
-queries: each device attends with its query block to all keys, no communication. Calls whose
+Calls where the keys are not the queries' tokens (cross-attention to text), and Ulysses calls
+whose head count does not divide by n, split only the queries: each device attends with its
+query block to all keys (gathered). On a 1-device mesh the calls still run under ``shard_map``
+(the code path a 1-GPU benchmark measures); ring attention over one device is local attention. Calls whose
 token count does not divide by n, or whose mask depends on the query or head, fall through to
 the unsharded attention (XLA's partitioner places them).
 
 Enter the context around the code that *traces* the model (inside the jitted function), as
-with ``quantized_attention``; the two compose in either order.
+with ``quantized_attention``. The innermost attention hook is asked first, so enter
+``sequence_parallel`` *inside* ``quantized_attention`` for the quantized kernel to run per shard
+(the other way round the quantized hook takes each call whole, unsharded).
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def sharded_attention(
     n = sp.n
     b, tq, h, _ = q.shape
     tk = k.shape[1]
-    if n == 1 or tq % n:
+    if tq % n:
         return None
     if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1):
         return None  # only key masks [B, 1, 1, Tk] split with the keys
@@ -151,7 +155,7 @@ def sharded_attention(
     if self_attention and sp.mode == "ulysses" and h % n == 0:
         body = functools.partial(_ulysses, sp, implementation)
         kv_spec, mask_spec = tokens, PartitionSpec(mask_bax, None, None, None)
-    elif self_attention and sp.mode == "ring":
+    elif self_attention and sp.mode == "ring" and n > 1:
         body = functools.partial(_ring, sp)
         kv_spec, mask_spec = tokens, PartitionSpec(mask_bax, None, None, sp.axis)
     else:  # queries split, every device sees all keys
