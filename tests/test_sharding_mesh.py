@@ -283,3 +283,38 @@ def test_bench_sharded_tiny(tmp_path):
     assert "communication_share" in rows["fsdp"] and rows["fsdp"]["mesh"] == {"data": 8}
     written = list(tmp_path.glob("sharded-tiny-w8a8-8x*.json"))
     assert len(written) == 1 and '"commit"' in written[0].read_text()
+
+
+@pytest.mark.parametrize("kind", ["float", "w4a16"])
+def test_sharded_sampler_equals_single_device(kind):
+    """The whole jitted sampler (scan, CFG) with weights FSDP over ``data``, the two CFG branches
+    split over ``data`` and Ulysses attention over ``seq``."""
+    from jquant.pipeline import denoiser as D
+    from jquant.pipeline import sharded
+    from jquant.pipeline.runtime import QuantizedModel
+
+    params, _ = _weights(kind)
+    bundle = D.wan_bundle(
+        WanTransformer3D(CONFIG),
+        params,
+        CONFIG,
+        num_steps=2,
+        shift=1.0,
+        guidance_scale=3.0,
+        frames=2,
+        size=8,
+        text_tokens=8,
+    )
+    den, work = bundle.denoiser, bundle.workload(2, 0)
+    model = QuantizedModel({"params": params}, None)
+    ref = np.asarray(model.sample(den, work))
+    mesh = make_mesh({"data": 2, "seq": 4})
+    fn, _, plan = sharded.sharded_model_fn(model, den, mesh, rules="fsdp", cfg_axis="data", sequence_axis="seq")
+    assert (
+        plan["blocks_0/ffn/net_2/kernel"].shards == 2
+        and fn.args[0]["params"]["proj_out"]["kernel"].sharding.mesh == mesh
+    )
+    out = sharded.sample(model, den, work, mesh, rules="fsdp", cfg_axis="data", sequence_axis="seq")
+    np.testing.assert_allclose(np.asarray(out), ref, **TIGHT)
+    with pytest.raises(ValueError, match="axis 'cfg' is not in the mesh"):
+        sharded.sharded_model_fn(model, den, mesh, cfg_axis="cfg")
