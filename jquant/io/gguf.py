@@ -9,9 +9,12 @@ writer do that reversal.
 * :func:`save_gguf` writes QArrays (Q8_0/Q4_K/Q5_K/Q6_K blocks) and float arrays.
 * :func:`load_gguf` reads our files and other tools' GGUFs of the same models
   (e.g. city96's ComfyUI-GGUF conversions, including their ``comfy.gguf.orig_shape`` reshapes).
-* :func:`export_gguf` quantizes a diffusers model directory per a mix (Q4_K_M, ...).
+* :func:`export_gguf` quantizes a diffusers model directory per a mix (Q4_K_M, ...), in
+  jquant's layout or (``layout="comfy"``) in the community layout ComfyUI-GGUF loads.
 * :func:`load_gguf_params` turns a GGUF into (Flax module, params) through the models
-  package's key map.
+  package's key map, from either layout (original names, fused tensors and the config read off
+  the shapes for community files: :mod:`jquant.io.gguf_layouts`).
+* :func:`save_gguf_params` writes a param tree back in either layout without re-encoding.
 """
 
 from __future__ import annotations
