@@ -187,7 +187,7 @@ def test_flux_pipeline_matches_diffusers(flux: tuple[Path, Any]) -> None:
             width=16,
             num_inference_steps=2,
             guidance_scale=3.5,
-            latents=torch.from_numpy(np.asarray(pack_latents(jnp.asarray(latents)))),
+            latents=torch.from_numpy(np.array(pack_latents(jnp.asarray(latents)))),
             output_type="np",
         ).images
     pipe = load_pipeline(root, **F32)
@@ -209,7 +209,7 @@ def test_flux_true_cfg_matches_diffusers(flux: tuple[Path, Any]) -> None:
             height=8,
             width=16,
             num_inference_steps=2,
-            latents=torch.from_numpy(np.asarray(pack_latents(jnp.asarray(latents)))),
+            latents=torch.from_numpy(np.array(pack_latents(jnp.asarray(latents)))),
             output_type="np",
         ).images
     out = load_pipeline(root, **F32)(
