@@ -555,3 +555,33 @@ def test_cli_export_gguf_layout(tmp_path: Path, capsys) -> None:
     assert main(["export-gguf", str(d), str(tmp_path / "x.gguf"), "--type", "Q3_K_M"]) == 2
     assert "not a jquant-layout type" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, ftype", [("hyvid", "Q5_K_M"), ("ltxv", "Q4_K_S")])
+def test_export_comfy_other_families(arch: str, ftype: str, tmp_path: Path) -> None:
+    """The comfy export of HunyuanVideo (5-D patch conv in F32, fused refiner/double/single
+    tensors) and LTX-Video from diffusers folders: types per the rules, import runs, re-export
+    identical."""
+    cfg = CONFIGS[arch]
+    port = port_for_config(cfg)
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(2)))
+    save_pretrained(tmp_path / arch, cfg, params)
+    report = export_gguf(tmp_path / arch, tmp_path / f"{arch}.gguf", ftype, layout="comfy")
+    family = FAMILIES[arch]
+    shapes = {k: (tuple(v.shape), ml_dtypes.bfloat16) for k, v in load_gguf(report.path)[0].items()}
+    assert report.types == {k: t.name for k, t in plan_comfy_types(family, shapes, ftype).items()}
+    if arch == "hyvid":
+        assert (
+            report.types["img_in.proj.weight"] == "F32"
+            and report.types["double_blocks.0.img_attn_qkv.weight"] == "Q6_K"
+        )
+    else:
+        assert report.types["transformer_blocks.0.ff.net.2.weight"] == "Q5_K"  # Q4_K_S FFN-down rule
+        assert report.types["scale_shift_table"] == "F32"
+    model, qparams = load_gguf_params(report.path, dtype=None)
+    out_q = _run(model, qparams, _inputs(cfg), quantized=True)
+    assert np.all(np.isfinite(out_q))
+    back = save_gguf_params(tmp_path / "back.gguf", qparams, cfg, layout="comfy")
+    a, b = _file_tensors(report.path), _file_tensors(back)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
