@@ -30,6 +30,7 @@ from jquant.cli.common import (
     run_command,
 )
 from jquant.cli.demo import main as demo_main
+from jquant.cli.generate import main_generate
 from jquant.codecs import get_codec
 from jquant.io.gguf import LAYOUTS, export_gguf
 from jquant.io.gguf_layouts import FILE_TYPES
@@ -113,6 +114,11 @@ def _parser() -> ArgumentParser:
         "eval", help="fidelity of a quantized checkpoint against its float model (see `jquant eval -h`)", add_help=False
     )
     sub.add_parser(
+        "generate",
+        help="a prompt to a clip or an image from a diffusers pipeline folder (see `jquant generate -h`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "formats",
         help="list every number format and the spec grammar",
         description="List every number format of jquant.formats and the spec string grammar.",
@@ -166,6 +172,8 @@ def _dispatch(argv: Sequence[str]) -> Callable[[], int]:
             return (pipeline_cli.main_quantize if argv[0] == "quantize" else pipeline_cli.main_eval)(list(argv[1:]))
 
         return pipeline
+    if argv[:1] == ["generate"]:  # generate owns its options too
+        return lambda: main_generate(list(argv[1:]))
     a = _parser().parse_args(argv)
     return lambda: a.fn(a)
 

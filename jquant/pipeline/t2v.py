@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,8 +40,18 @@ import numpy as np
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
+try:  # the `video` extra: only save_frames needs it
+    import imageio.v3 as iio
+except ImportError:  # pragma: no cover
+    iio = None
+try:
+    import imageio_ffmpeg
+except ImportError:  # pragma: no cover
+    imageio_ffmpeg = None
+
 from jquant import models
 from jquant import nn as jnn
+from jquant.files import atomic_file
 from jquant.models.autoencoder_kl import KLVAE, load_autoencoder_kl
 from jquant.models.prompt import TextEncoder, check_tokenizer, encode_flux_prompt, encode_wan_prompt, load_text_encoder
 from jquant.models.tokenize import Tokenizer, load_tokenizer
@@ -501,8 +512,6 @@ class T2VPipeline:
         ``latents``: the initial noise (Wan [B, 16, T, h, w]; Flux unpacked [B, 16, h, w]); else
         ``jax.random.normal(key(seed))``. ``tiling``: Wan's spatial VAE tiling (720p).
         """
-        import time
-
         wan = self.kind == "WanPipeline"
         frames = frames if frames is not None else (81 if wan else 1)
         height, width = height or (480 if wan else 1024), width or (832 if wan else 1024)
@@ -583,6 +592,59 @@ class T2VPipeline:
             peak = _compiled_peak(fn.func.lower(self.vae.params, z).compile())
         comps.append(ComponentMemory("vae", self.precisions.get("vae", "float"), tree_bytes(self.vae.params), peak))
         return MemoryReport(tuple(comps))
+
+
+# --- writing -------------------------------------------------------------------------------------
+VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
+
+
+def mp4_available() -> bool:
+    """Whether imageio-ffmpeg (the ``video`` extra) is installed, so ``.mp4`` can be written."""
+    return imageio_ffmpeg is not None
+
+
+def save_frames(frames: np.ndarray, out: str | Path, fps: int = 16) -> list[Path]:
+    """Write uint8 frames [F, H, W, 3]: ``.mp4`` (H.264 through imageio-ffmpeg, the ``video``
+    extra), ``.gif`` (imageio's pillow writer), ``.png`` (one frame), or a folder (no suffix, or an
+    existing folder): ``frame_00000.png`` ... Each file is written atomically; returns the paths."""
+    if iio is None:
+        raise ImportError(f"{out}: writing frames needs imageio (pip install 'jquant[video]')")
+    out = Path(out)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"save_frames: expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    if out.is_dir() or not out.suffix:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"frame_{i:05d}.png" for i in range(len(frames))]
+        for path, frame in zip(paths, frames):
+            with atomic_file(path) as tmp:
+                iio.imwrite(tmp, frame, extension=".png")
+        return paths
+    suffix = out.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{out}: unknown output type {out.suffix!r}; use .mp4, .gif, .png or a folder for PNG frames")
+    if suffix == ".png" and len(frames) != 1:
+        raise ValueError(f"{out}: {len(frames)} frames do not fit one .png; give a folder, a .gif or an .mp4")
+    if suffix == ".mp4":
+        if not mp4_available():
+            raise ImportError(
+                f"{out}: writing mp4 needs imageio-ffmpeg (pip install 'jquant[video]'); or write a .gif or a folder of PNGs"
+            )
+        with atomic_file(out) as tmp:
+            writer = imageio_ffmpeg.write_frames(
+                str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, macro_block_size=2, output_params=["-f", "mp4"]
+            )
+            writer.send(None)
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+            writer.close()
+        return [out]
+    with atomic_file(out) as tmp:
+        if suffix == ".gif":
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+        else:
+            iio.imwrite(tmp, frames[0], extension=".png")
+    return [out]
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -669,9 +731,11 @@ __all__ = [
     "flow_schedule",
     "image_ids",
     "load_pipeline",
+    "mp4_available",
     "pack_latents",
     "read_model_index",
     "read_scheduler",
     "run_sampler",
+    "save_frames",
     "unpack_latents",
 ]
