@@ -7,6 +7,7 @@ W8A8, quantized attention, GGUF mixes), one jitted forward at the given resoluti
 * ``unsharded``: the plain jitted step, params on the first device (the reference);
 * ``fsdp`` / ``tp`` / ``fsdp_tp``: params placed by ``jquant.sharding.shard_params`` on a mesh
   ``{"data": n}`` / ``{"model": n}`` / ``{"data": n/2, "model": 2}``, the batch over ``data``;
+  ``tp`` and ``fsdp_tp`` run the split linears per shard (``jquant.sharding.tensor_parallel``);
 * ``ulysses`` / ``ring``: sequence-parallel attention (``jquant.sharding.sequence_parallel``)
   on ``{"seq": n}``, params replicated.
 
@@ -49,7 +50,7 @@ import jquant.nn
 from jquant import models
 from jquant.attention import quantized_attention
 from jquant.models import wan
-from jquant.sharding import device_bytes, make_mesh, sequence_parallel, shard_params
+from jquant.sharding import device_bytes, make_mesh, sequence_parallel, shard_params, tensor_parallel
 from pallas_kernels import timing
 
 _E2E = Path(__file__).resolve().parent / "bench_e2e.py"
@@ -103,13 +104,18 @@ def mesh_for(mode: str, n: int):
     return make_mesh({"seq": n})
 
 
-def step_fn(model: Any, variant: dict, sp: tuple | None):
+def step_fn(model: Any, variant: dict, sp: tuple | None, tp: tuple | None = None):
     """The jitted step under the variant's contexts; ``sp`` = (mesh, axis, mode) adds
-    sequence-parallel attention (entered innermost, so quantized attention runs per shard)."""
+    sequence-parallel attention (entered innermost, so quantized attention runs per shard),
+    ``tp`` = (mesh, plan) tensor-parallel linears per shard (entered outside jquant.nn)."""
     weight_only = variant["weights"] is not None and variant["act"] is None
 
     def step(params, x, t, text):
         with contextlib.ExitStack() as stack:
+            if tp is not None:
+                mesh, plan = tp
+                batch_axis = "data" if "data" in mesh.shape else None
+                stack.enter_context(tensor_parallel(mesh, plan, "model", batch_axis=batch_axis))
             if variant["attention"] is not None:
                 stack.enter_context(quantized_attention(**variant["attention"]))
             if sp is not None:
@@ -166,8 +172,8 @@ def run_mode(mode: str, model: Any, variant: dict, params: Any, inputs: tuple, r
             fn = step_fn(model, variant, (mesh, "seq", mode))
             data = None
         else:
-            placed, _ = shard_params(params, mesh, mode)
-            fn = step_fn(model, variant, None)
+            placed, plan = shard_params(params, mesh, mode)
+            fn = step_fn(model, variant, None, (mesh, plan) if "model" in mesh.shape else None)
             data = "data" if "data" in mesh.shape and inputs[0].shape[0] % mesh.shape["data"] == 0 else None
         placed_inputs = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec(data))) for a in inputs)
     held = device_bytes(placed)

@@ -5,6 +5,7 @@
   quantization blocks, per-device byte accounting.
 * :mod:`jquant.sharding.attention`: sequence-parallel attention (Ulysses all-to-all, ring) as
   an attention hook that composes with ``jquant.attention.quantized_attention``.
+* :mod:`jquant.sharding.linear`: tensor-parallel linears with the quantized GEMM per shard.
 * :mod:`jquant.sharding.calib`: statistics and Hessians reduced across mesh axes.
 """
 
@@ -20,12 +21,14 @@ from jquant.sharding.axes import (
     shard_params,
     shardings,
 )
+from jquant.sharding.linear import TensorParallel, tensor_parallel
 
 __all__ = [
     "MODES",
     "SP_MODES",
     "LeafPlan",
     "SequenceParallel",
+    "TensorParallel",
     "device_bytes",
     "expected_device_bytes",
     "logical_axes",
@@ -34,4 +37,5 @@ __all__ = [
     "sequence_parallel",
     "shard_params",
     "shardings",
+    "tensor_parallel",
 ]
