@@ -25,7 +25,8 @@ diffusers = pytest.importorskip("diffusers")
 ATOL = 2e-5  # fp32 on CPU; the ports differ from torch by ~2e-6
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    # two levels (spatial 4x, temporal 2x), one resnet per level
+    # two levels (spatial 4x, temporal 2x), one resnet per level; docs/pipelines.md's example
+    # uses this config and shapes, so it reuses the compiled decode
     "small": dict(
         base_dim=8,
         z_dim=4,

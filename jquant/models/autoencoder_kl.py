@@ -28,6 +28,7 @@ from jquant.models.vae_blocks import (
     GroupNorm,
     TilePlan,
     conv_keys,
+    random_params,
     read_params,
     read_vae_config,
     single_head_attention,
@@ -342,11 +343,9 @@ class KLVAE:
         return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
 
 
-def init_autoencoder_kl(config: AutoencoderKLConfig, rng: jax.Array, dtype: Any = F32) -> KLVAE:
-    """A KLVAE with random params (the modules' initializers), for tests and memory tables."""
-    model = AutoencoderKL(config)
-    params = jax.jit(lambda r: model.init(r, *_dummy(config))["params"])(rng)
-    return KLVAE(config, jax.tree_util.tree_map(lambda a: a.astype(dtype), params), dtype)
+def init_autoencoder_kl(config: AutoencoderKLConfig, seed: int = 0, dtype: Any = F32) -> KLVAE:
+    """A KLVAE with random params (`vae_blocks.random_params`), for tests and memory tables."""
+    return KLVAE(config, random_params(param_shapes(config), seed, dtype), dtype)
 
 
 def load_autoencoder_kl(path: str | os.PathLike, dtype: Any = F32) -> KLVAE:

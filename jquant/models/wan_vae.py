@@ -32,6 +32,7 @@ from jquant.models.vae_blocks import (
     TilePlan,
     conv_keys,
     pad_spatial,
+    random_params,
     read_params,
     read_vae_config,
     single_head_attention,
@@ -554,11 +555,9 @@ class WanVAE:
         }
 
 
-def init_wan_vae(config: WanVAEConfig, rng: jax.Array, dtype: Any = F32) -> WanVAE:
-    """A WanVAE with random params (the modules' initializers), for tests and memory tables."""
-    model = AutoencoderKLWan(config)
-    params = jax.jit(lambda r: model.init(r, *_dummy(config))["params"])(rng)
-    return WanVAE(config, jax.tree_util.tree_map(lambda a: a.astype(dtype), params), dtype)
+def init_wan_vae(config: WanVAEConfig, seed: int = 0, dtype: Any = F32) -> WanVAE:
+    """A WanVAE with random params (`vae_blocks.random_params`), for tests and memory tables."""
+    return WanVAE(config, random_params(param_shapes(config), seed, dtype), dtype)
 
 
 def load_wan_vae(path: str | os.PathLike, dtype: Any = F32) -> WanVAE:
