@@ -176,7 +176,8 @@ def test_docs_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sharding.md").read_text(), re.S)
     ns: dict = {}
     exec(blocks[0], ns)  # noqa: S102  (the page's own example; it asserts its results)
-    exec(blocks[1], ns)  # noqa: S102
+    exec(blocks[1], ns)  # noqa: S102  (tensor_parallel)
+    exec(blocks[2], ns)  # noqa: S102
     args = (ns["qparams"], ns["x"], ns["t"], ns["text"])
 
     def unsharded(p, x, t, text):
