@@ -160,6 +160,16 @@ def test_tiled_encode_matches_diffusers(name: str, tmp_path_factory: Any) -> Non
         model.disable_tiling()
 
 
+def test_bf16_decode_tracks_fp32(small: Any) -> None:
+    """The pipeline's default VAE precision: bf16 params, activations and cache through the scan."""
+    _, vae, pipe = small
+    z = jax.random.normal(jax.random.key(0), (1, 4, 3, 2, 3))
+    out = load_wan_vae(pipe, dtype=jnp.bfloat16).decode(z)
+    assert out.dtype == jnp.bfloat16
+    err = float(jnp.abs(out.astype(jnp.float32) - vae.decode(z)).max())
+    assert 0 < err < 0.1, err
+
+
 def test_latent_normalization_round_trips(small: Any) -> None:
     _, vae, _ = small
     z = jax.random.normal(jax.random.key(0), (1, 4, 2, 3, 3))
