@@ -132,7 +132,18 @@ def flux(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     return root, save_flux_pipeline(root)
 
 
-def test_wan_pipeline_matches_diffusers(wan: tuple[Path, Any]) -> None:
+@pytest.fixture(scope="module")
+def wan_f32(wan: tuple[Path, Any]) -> Any:
+    """The float32 Jax pipeline (one per module: its compiled steps are reused across tests)."""
+    return load_pipeline(wan[0], **F32)
+
+
+@pytest.fixture(scope="module")
+def flux_f32(flux: tuple[Path, Any]) -> Any:
+    return load_pipeline(flux[0], **F32)
+
+
+def test_wan_pipeline_matches_diffusers(wan: tuple[Path, Any], wan_f32: Any) -> None:
     root, ref_pipe = wan
     latents = np.random.default_rng(0).standard_normal((1, 4, 3, 4, 8)).astype(np.float32)  # 5 frames, 16 x 32
     kw = dict(negative_prompt="the rain", height=16, width=32, guidance=5.0)
@@ -148,8 +159,7 @@ def test_wan_pipeline_matches_diffusers(wan: tuple[Path, Any]) -> None:
             latents=torch.from_numpy(latents),
             output_type="np",
         ).frames
-    pipe = load_pipeline(root, **F32)
-    out = pipe(SENTENCES[0], frames=5, steps=2, latents=jnp.asarray(latents), progress=False, **kw)
+    out = wan_f32(SENTENCES[0], frames=5, steps=2, latents=jnp.asarray(latents), progress=False, **kw)
     assert out.frames.shape == (1, 5, 16, 32, 3) == np.shape(ref)
     np.testing.assert_allclose(out.frames, ref, atol=ATOL)
     assert float(np.std(out.frames)) > 1e-3  # not a constant image
@@ -162,13 +172,14 @@ def test_wan_pipeline_matches_diffusers(wan: tuple[Path, Any]) -> None:
     assert "pipeline" in str(mem) and mem.peak_bytes >= mem.resident_bytes
 
 
-def test_wan_default_policy_and_recipe(wan: tuple[Path, Any]) -> None:
+@pytest.mark.slow
+def test_wan_default_policy_and_recipe(wan: tuple[Path, Any], wan_f32: Any) -> None:
     """int8 weight-only text encoder (default) and an int8 transformer stay close to float; a
     calibrated recipe (SmoothQuant + static table) calibrates on the call's own prompts."""
     root, _ = wan
     latents = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 2, 4, 4)), jnp.float32)
     kw = dict(negative_prompt="blurry", frames=3, height=16, width=16, steps=2, latents=latents, progress=False)
-    ref = load_pipeline(root, **F32)(SENTENCES[1], measure_memory=False, **kw).frames
+    ref = wan_f32(SENTENCES[1], measure_memory=False, **kw).frames
     pipe = load_pipeline(root, dtype=jnp.float32, vae_dtype=jnp.float32, recipe="int8-wa-smooth")
     assert pipe.precisions["text_encoder"] == "int8 weight-only"
     out = pipe(SENTENCES[1], measure_memory=False, **kw)
@@ -177,7 +188,7 @@ def test_wan_default_policy_and_recipe(wan: tuple[Path, Any]) -> None:
     assert 0 < err < 0.05, err
 
 
-def test_flux_pipeline_matches_diffusers(flux: tuple[Path, Any]) -> None:
+def test_flux_pipeline_matches_diffusers(flux: tuple[Path, Any], flux_f32: Any) -> None:
     root, ref_pipe = flux
     latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)  # 16 x 16 image
     with torch.no_grad():
@@ -190,15 +201,16 @@ def test_flux_pipeline_matches_diffusers(flux: tuple[Path, Any]) -> None:
             latents=torch.from_numpy(np.array(pack_latents(jnp.asarray(latents)))),
             output_type="np",
         ).images
-    pipe = load_pipeline(root, **F32)
-    out = pipe(SENTENCES[2], height=16, width=16, steps=2, guidance=3.5, latents=jnp.asarray(latents), progress=False)
+    out = flux_f32(
+        SENTENCES[2], height=16, width=16, steps=2, guidance=3.5, latents=jnp.asarray(latents), progress=False
+    )
     assert out.frames.shape == (1, 1, 16, 16, 3) and np.shape(ref) == (1, 16, 16, 3)
     np.testing.assert_allclose(out.frames[:, 0], ref, atol=ATOL)
     assert float(np.std(out.frames)) > 1e-3
     assert [c.name for c in out.memory.components] == ["text_encoder", "text_encoder_2", "transformer", "vae"]
 
 
-def test_flux_true_cfg_matches_diffusers(flux: tuple[Path, Any]) -> None:
+def test_flux_true_cfg_matches_diffusers(flux: tuple[Path, Any], flux_f32: Any) -> None:
     root, ref_pipe = flux
     latents = np.random.default_rng(3).standard_normal((1, 4, 4, 8)).astype(np.float32)  # 8 x 16
     with torch.no_grad():
@@ -212,7 +224,7 @@ def test_flux_true_cfg_matches_diffusers(flux: tuple[Path, Any]) -> None:
             latents=torch.from_numpy(np.array(pack_latents(jnp.asarray(latents)))),
             output_type="np",
         ).images
-    out = load_pipeline(root, **F32)(
+    out = flux_f32(
         SENTENCES[3],
         negative_prompt="the rain",
         true_cfg=2.0,
@@ -230,7 +242,7 @@ def test_pack_unpack_round_trip() -> None:
     z = jnp.arange(2 * 3 * 4 * 6, dtype=jnp.float32).reshape(2, 3, 4, 6)
     packed = pack_latents(z)
     assert packed.shape == (2, 6, 12)
-    ref = diffusers.FluxPipeline._pack_latents(torch.from_numpy(np.asarray(z)), 2, 3, 4, 6).numpy()
+    ref = diffusers.FluxPipeline._pack_latents(torch.from_numpy(np.array(z)), 2, 3, 4, 6).numpy()
     np.testing.assert_array_equal(packed, ref)
     np.testing.assert_array_equal(unpack_latents(packed, 4, 6), z)
 
@@ -282,22 +294,24 @@ def test_tokenizer_mismatch_is_named(wan: tuple[Path, Any], tmp_path: Path) -> N
         load_pipeline(d, **F32)
 
 
-def test_long_prompt_warns_and_bad_sizes_are_named(wan: tuple[Path, Any], flux: tuple[Path, Any]) -> None:
-    pipe = load_pipeline(flux[0], **F32)
-    with pytest.warns(PromptTruncatedWarning, match="tokenizer"):
-        out = pipe(" ".join(SENTENCES), height=8, width=8, steps=1, progress=False, measure_memory=False)
-    assert out.frames.shape == (1, 1, 8, 8, 3)
-    with pytest.raises(ValueError, match="multiples of 4"):
-        pipe("a cat", height=10, width=8, steps=1)
-    with pytest.raises(ValueError, match="frames=1"):
-        pipe("a cat", frames=5, height=8, width=8)
-    wan_pipe = load_pipeline(wan[0], **F32)
-    with pytest.raises(ValueError, match="multiples of 16 x 16"):
-        wan_pipe("a cat", frames=5, height=12, width=16)
-    with pytest.raises(ValueError, match="1 \\+ 2k frames"):
-        wan_pipe("a cat", frames=4, height=16, width=16)
-    with pytest.raises(ValueError, match="latents have shape"):
-        wan_pipe("a cat", frames=5, height=16, width=16, latents=jnp.zeros((1, 4, 2, 4, 4)))
+def test_long_prompt_warns_and_bad_sizes_are_named(wan_f32: Any, flux_f32: Any) -> None:
+    with pytest.warns(PromptTruncatedWarning, match="tokenizer"):  # CLIP takes 24 tokens here
+        cond, _ = flux_f32.encode(" ".join(SENTENCES), None, False, 3.5)
+    assert cond["pooled"].shape == (1, 32) and cond["embeds"].shape == (1, 512, 32)
+    with pytest.warns(PromptTruncatedWarning, match="tokenizer"):  # UMT5 takes 512
+        wan_f32.encode(" ".join(SENTENCES * 12), None, True, 5.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        wan_pipe("a cat", frames=1, height=16, width=16, steps=1, progress=False, measure_memory=False)
+        wan_f32.encode(SENTENCES[0], "blurry", True, 5.0)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        flux_f32("a cat", height=10, width=8, steps=1)
+    with pytest.raises(ValueError, match="frames=1"):
+        flux_f32("a cat", frames=5, height=8, width=8)
+    with pytest.raises(ValueError, match="multiples of 16 x 16"):
+        wan_f32("a cat", frames=5, height=12, width=16)
+    with pytest.raises(ValueError, match="1 \\+ 2k frames"):
+        wan_f32("a cat", frames=4, height=16, width=16)
+    with pytest.raises(ValueError, match="latents have shape"):
+        wan_f32("a cat", frames=5, height=16, width=16, latents=jnp.zeros((1, 4, 2, 4, 4)))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        wan_f32("a cat", frames=5, height=16, width=16, steps=0)
