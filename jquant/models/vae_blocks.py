@@ -60,13 +60,6 @@ def vector_key(flax_path: str, torch_key: str, torch_shape: tuple[int, ...]) -> 
     return ConvKeyEntry(flax_path, torch_key, "vector", torch_shape)
 
 
-def conv(
-    features: int, kernel: tuple[int, ...], dtype: Any, name: str, stride: tuple[int, ...] | None = None
-) -> nn.Conv:
-    """An unpadded (VALID) nn.Conv; callers pad explicitly, as the torch modules do."""
-    return nn.Conv(features, kernel, strides=stride or (1,) * len(kernel), padding="VALID", dtype=dtype, name=name)
-
-
 def pad_spatial(x: jax.Array, before: int, after: int) -> jax.Array:
     """Zero-pad the H and W axes ([..., H, W, C]) of a channel-last tensor."""
     widths = [(0, 0)] * (x.ndim - 3) + [(before, after), (before, after), (0, 0)]
