@@ -135,3 +135,26 @@ def test_qlora_finetune_lowers_the_loss_with_a_frozen_nf4_base(wan) -> None:
     base = get_kernel(qv, "blocks_0/attn1/to_q")
     assert isinstance(base, QArray)  # the base was not touched
     assert float(jnp.abs(trained["blocks_0/attn1/to_q"].b).max()) > 0
+
+
+@pytest.mark.parametrize("spec", ["q8_0", "q4_k", "nf4/g64", "int4/g64"])
+def test_runtime_lora_over_any_qarray_base(spec: str) -> None:
+    """GGUF block codecs (k-quants), NF4 and int4 bases: base + branch == dequantized base + merged adapter."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(32)(nn.gelu(nn.Dense(256)(x)))
+
+    m, x = Net(), jax.random.normal(jax.random.key(0), (3, 256))
+    params = m.init(jax.random.key(1), x)["params"]
+    qv = {"params": quantize_params(params, [(r"Dense_.*kernel", spec)])[0]}
+    ads = _adapters(qv, r"Dense_", rank=4, scale=0.3)
+    with jnn.quantized(None):
+        y = m.apply(L.apply_lora(qv, ads, 0.5), x)
+    deq = {"params": jax.tree.map(lambda z: dequantize(z) if isinstance(z, QArray) else z, qv["params"],
+                                  is_leaf=lambda z: isinstance(z, QArray))}  # fmt: skip
+    ref = m.apply(L.merge_lora(deq, ads, 0.5), x)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(y, m.apply(deq, x), atol=1e-3)  # the adapter changed the output
