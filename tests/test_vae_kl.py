@@ -11,10 +11,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jquant.models.autoencoder_kl import AutoencoderKLConfig, Tiling, key_map, load_autoencoder_kl
+from jquant.models.autoencoder_kl import AutoencoderKLConfig, Tiling, key_map, load_autoencoder_kl, param_shapes
 from jquant.models.vae_blocks import TilePlan, tiled
 
 torch = pytest.importorskip("torch")
@@ -194,3 +195,33 @@ def test_tiling_a_pointwise_map_changes_nothing(height: int, width: int, tile: i
     x = jnp.arange(height * width * 2, dtype=jnp.float32).reshape(1, height, width, 2)
     plan = TilePlan((tile, tile), (stride, stride), (tile - stride,) * 2, (stride, stride), crop=(height, width))
     np.testing.assert_allclose(tiled(lambda t: 2.0 * t + 1.0, x, plan), 2.0 * x + 1.0, rtol=1e-6)
+
+
+FLUX_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    latent_channels=16,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def test_flux_config_maps_tensor_for_tensor() -> None:
+    """FLUX.1's VAE config: every diffusers tensor (built on the meta device, no memory) has a
+    key-map entry whose layout change gives the Flax param's shape."""
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKL(**FLUX_VAE)
+    cfg = AutoencoderKLConfig.from_diffusers(FLUX_VAE)
+    shapes = flatten_dict(param_shapes(cfg), sep="/")
+    state = ref.state_dict()
+    entries = key_map(cfg)
+    assert sorted(e.torch_key for e in entries) == sorted(state)
+    for e in entries:
+        torch_shape = tuple(state[e.torch_key].shape)
+        assert e.to_flax(np.broadcast_to(np.float32(0), torch_shape)).shape == shapes[e.flax_path].shape, e.torch_key
+    assert sum(v.size for v in shapes.values()) == sum(p.numel() for p in ref.parameters())

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from jquant.models import CheckpointMismatchError
-from jquant.models.wan_vae import Tiling, WanVAEConfig, key_map, load_wan_vae
+from jquant.models.wan_vae import Tiling, WanVAEConfig, key_map, load_wan_vae, param_shapes
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -250,3 +251,19 @@ def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     exec(compile(blocks[1], "docs/pipelines.md", "exec"), {})
     assert capsys.readouterr().out.split() == ["(1,", "3,", "5,", "8,", "12)", "True"]
+
+
+def test_published_config_maps_tensor_for_tensor() -> None:
+    """Wan2.1's published VAE config: every diffusers tensor (built on the meta device, no
+    memory) has a key-map entry whose layout change gives the Flax param's shape."""
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKLWan()
+    cfg = WanVAEConfig.from_diffusers(dict(ref.config))
+    shapes = flatten_dict(param_shapes(cfg), sep="/")
+    entries = key_map(cfg)
+    state = ref.state_dict()
+    assert sorted(e.torch_key for e in entries) == sorted(state)
+    for e in entries:
+        torch_shape = tuple(state[e.torch_key].shape)
+        assert e.to_flax(np.broadcast_to(np.float32(0), torch_shape)).shape == shapes[e.flax_path].shape, e.torch_key
+    assert sum(v.size for v in shapes.values()) == sum(p.numel() for p in ref.parameters())
