@@ -12,7 +12,8 @@ Spec strings (used by the CLI, recipes and rules)::
     SPEC   := FORMAT ( "/" OPTION )*
     FORMAT := int8 | int4 | int3 | int2 | uint8 | uint4 | uint3 | uint2
             | fp8_e4m3 | fp8_e5m2 | nf4 | fp4 | mxfp4 | nvfp4
-            | q8_0 | q4_k | q5_k | q6_k                      (GGUF block codecs)
+            | q8_0 | q4_k | q5_k | q6_k | q4_0 | q4_1       (GGUF block codecs)
+            | q5_0 | q5_1 | q2_k | q3_k
     OPTION := t | tensor          per-tensor scale
             | c | channel         per output channel (reduce over the contraction axis)
             | gN                  groups of N along the contraction axis (e.g. g128)
@@ -103,10 +104,21 @@ FORMATS: dict[str, Format] = {
 }
 # Block-scaled fp4 variants are fp4 with fixed grouping and scale encodings.
 FP4_SCALINGS = {"mxfp4": ("mx", 32), "nvfp4": ("nv", 16)}
-CODEC_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
+CODEC_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k")
 # Values per GGUF block along the contraction axis: fixed by the codec, so a codec spec's only
 # granularity is groups of this size.
-CODEC_BLOCK = {"q8_0": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+CODEC_BLOCK = {
+    "q8_0": 32,
+    "q4_k": 256,
+    "q5_k": 256,
+    "q6_k": 256,
+    "q4_0": 32,
+    "q4_1": 32,
+    "q5_0": 32,
+    "q5_1": 32,
+    "q2_k": 256,
+    "q3_k": 256,
+}
 SCALE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -18,13 +18,14 @@ import pytest
 import jquant
 import jquant.formats as F
 from jquant import cli
-from jquant.cli import demo
+from jquant.cli import demo, generate
 from jquant.cli import quantize as pcli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jquant" / "models" / "assets" / "tiny_wan"
 README_FORMATS = (
-    "int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k q6_k"
+    "int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k q6_k "
+    "q4_0 q4_1 q5_0 q5_1 q2_k q3_k"
 ).split()
 
 
@@ -55,7 +56,12 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     out = {"jquant": top, **{f"jquant {n}": p for n, p in subs.choices.items() if p.add_help}}
     out.update(
-        {"jquant quantize": pcli.quantize_parser(), "jquant eval": pcli.eval_parser(), "jquant demo": demo.parser()}
+        {
+            "jquant quantize": pcli.quantize_parser(),
+            "jquant eval": pcli.eval_parser(),
+            "jquant demo": demo.parser(),
+            "jquant generate": generate.generate_parser(),
+        }
     )
     return out
 
@@ -69,12 +75,15 @@ def test_every_subcommand_and_option_has_help(capsys):
         "jquant quantize",
         "jquant eval",
         "jquant demo",
+        "jquant generate",
     }
     for name, p in parsers.items():
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
                 helps = {c.dest: c.help for c in a._choices_actions}
-                assert set(helps) == {"demo", "quantize", "eval", "formats", "export-gguf"} and all(helps.values())
+                assert set(helps) == {"demo", "quantize", "eval", "formats", "export-gguf", "generate"} and all(
+                    helps.values()
+                )
             elif not isinstance(a, argparse._HelpAction):
                 assert a.help and a.help != argparse.SUPPRESS, (name, a.dest)
         assert p.description or name == "jquant", name

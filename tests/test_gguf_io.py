@@ -152,12 +152,20 @@ def _write_q4_0(path: Path) -> np.ndarray:
 
 def test_unsupported_and_unknown_types(tmp_path: Path) -> None:
     path = tmp_path / "q4_0.gguf"
-    x = _write_q4_0(path)
-    with pytest.raises(GGUFError, match=r"'odd.weight' \(Q4_0\)"):
+    _write_q4_0(path)
+    # IQ4_NL has Q4_0's block size (18 bytes per 32 values) but no jquant codec: relabel a tensor.
+    r = gguf.GGUFReader(path, "r+")
+    r.tensors[1].field.parts[4][0] = int(T.IQ4_NL)
+    r.data.flush()
+    del r
+    with pytest.raises(GGUFError, match=r"'odd.weight' \(IQ4_NL\)"):
         load_gguf(path)
     got, _ = load_gguf(path, dequantize_other=True)
-    np.testing.assert_array_equal(got["odd.weight"], gguf.quants.dequantize(gguf.quants.quantize(x, T.Q4_0), T.Q4_0))
-    # Patch the second tensor's type id to one ggml does not define.
+    raw = gguf.GGUFReader(path).tensors[1]
+    np.testing.assert_array_equal(
+        got["odd.weight"], gguf.quants.dequantize(raw.data, T.IQ4_NL).reshape(got["odd.weight"].shape)
+    )
+    # Patch the type id to one ggml does not define.
     r = gguf.GGUFReader(path, "r+")
     r.tensors[1].field.parts[4][0] = 250
     r.data.flush()

@@ -6,7 +6,9 @@ from jquant.io.gguf import (
     export_gguf,
     load_gguf,
     load_gguf_params,
+    params_to_tensors,
     save_gguf,
+    save_gguf_params,
 )
 from jquant.models.safetensors import (
     SafetensorsError,
@@ -26,5 +28,7 @@ __all__ = [
     "read_safetensors",
     "restore",
     "save",
+    "params_to_tensors",
     "save_gguf",
+    "save_gguf_params",
 ]
