@@ -79,7 +79,7 @@ def _row(bundle, qm, ref, setting: str, method: str, cost_s: float, extra: dict 
 
 
 def _new_prompt_accuracy(bundle, qv: dict, adapters, text: jax.Array, digit: int, n: int, seed: int) -> float:
-    tiny = bundle.meta["tiny"]
+    tiny = bundle.extra["tiny"]
     x_T = jax.random.normal(jax.random.key(seed), tiny.latent_shape(n), jnp.float32)
     work = Workload(x_T, jnp.broadcast_to(text, (n, *text.shape)), tiny.null_text(n), (digit,) * n)
     v = qv if adapters is None else L.apply_lora(qv, adapters)
@@ -89,7 +89,7 @@ def _new_prompt_accuracy(bundle, qv: dict, adapters, text: jax.Array, digit: int
 
 
 def _class_accuracy(bundle, qv: dict, adapters, n: int, seed: int) -> float:
-    tiny = bundle.meta["tiny"]
+    tiny = bundle.extra["tiny"]
     work = bundle.workload(n, seed)
     v = qv if adapters is None else L.apply_lora(qv, adapters)
     lat = QuantizedModel(v, None, None, "qlora").sample(bundle.denoiser, work)
@@ -100,7 +100,7 @@ def _class_accuracy(bundle, qv: dict, adapters, n: int, seed: int) -> float:
 
 def qlora_section(bundle, a) -> dict[str, Any]:
     """NF4 base + adapters learn a new prompt drawing ``a.qlora_digit`` (classifier-measured)."""
-    tiny = bundle.meta["tiny"]
+    tiny = bundle.extra["tiny"]
     text = jnp.asarray(np.random.default_rng(99).standard_normal(tiny.class_embeddings.shape[1:]), jnp.float32)
     qv = {"params": quantize_params(bundle.params, [(r"blocks_.*kernel", "nf4/g64")])[0]}
     paths = L.select_paths(qv, r"blocks_\d+/(attn2/to_(k|v)|ffn/net_(0/proj|2))")

@@ -173,3 +173,15 @@ def test_distill_refuses_a_float_start(setup) -> None:
     bundle, _, _, data = setup
     with pytest.raises(ValueError, match="no QArray kernels"):
         D.distill(bundle, QuantizedModel({"params": bundle.params}, None, None, "fp32"), data)
+
+
+def test_tiny_wan_batches_are_clips_of_the_conditioned_digits() -> None:
+    from jquant.pipeline.denoiser import tiny_wan_bundle
+
+    b = tiny_wan_bundle(num_steps=2)
+    x0, text = Q.tiny_wan_batches(b, 6, drop_prob=0.5)(jax.random.key(3))
+    assert x0.shape == b.workload(6, 0).x_T.shape and text.shape == b.workload(6, 0).cond.shape
+    assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0 and float(x0.max()) > 0.0  # ink on a -1 background
+    null = b.extra["tiny"].null_text(6)
+    dropped = np.all(np.asarray(text) == np.asarray(null), axis=(1, 2))
+    assert 0 < dropped.sum() < 6  # some rows dropped to the null text, some kept their class text

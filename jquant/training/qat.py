@@ -31,7 +31,7 @@ Array = jax.Array
 
 def tiny_wan_batches(bundle: ModelBundle, batch: int, drop_prob: float = 0.1) -> Callable[[Array], tuple]:
     """``key -> (x0 latents, text)``: fresh clips of random digits, text dropped with ``drop_prob``."""
-    tiny = bundle.meta["tiny"]
+    tiny = bundle.extra["tiny"]
 
     def draw(key: Array) -> tuple[Array, Array]:
         k_lab, k_clip, k_drop = jax.random.split(key, 3)
