@@ -15,6 +15,7 @@ import pytest
 from test_text_encoders import T5_CASES, perturbed, save_clip, save_t5
 from test_tokenize import SENTENCES, build_tokenizer
 
+from jquant import cli
 from jquant.models.tokenize import PromptTruncatedWarning
 from jquant.pipeline.t2v import MemoryReport, PipelineError, load_pipeline, pack_latents, unpack_latents
 
@@ -315,3 +316,34 @@ def test_long_prompt_warns_and_bad_sizes_are_named(wan_f32: Any, flux_f32: Any) 
         wan_f32("a cat", frames=5, height=16, width=16, latents=jnp.zeros((1, 4, 2, 4, 4)))
     with pytest.raises(ValueError, match="steps must be >= 1"):
         wan_f32("a cat", frames=5, height=16, width=16, steps=0)
+
+
+@pytest.mark.slow
+def test_offload_and_quantized_dir(wan: tuple[Path, Any], wan_f32: Any, tmp_path: Path) -> None:
+    """Host-kept weights give the same frames and drop out of the device-resident bytes; a
+    `jquant quantize` output runs as the transformer, and one of another model is refused."""
+    root, _ = wan
+    latents = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 2, 4, 4)), jnp.float32)
+    kw = dict(negative_prompt="blurry", frames=3, height=16, width=16, steps=2, latents=latents, progress=False)
+    ref = wan_f32(SENTENCES[4], measure_memory=False, **kw)
+    host = load_pipeline(root, offload=["text_encoder", "vae", "transformer"], **F32)
+    out = host(SENTENCES[4], **kw)
+    np.testing.assert_allclose(out.frames, ref.frames, atol=1e-6)
+    assert all(c.host for c in out.memory.components) and out.memory.resident_bytes == 0
+    assert out.memory.peak_bytes == max(c.peak_bytes for c in out.memory.components)
+    with pytest.raises(ValueError, match="not a component of WanPipeline"):
+        load_pipeline(root, offload=["text_encoder_2"])
+
+    q = tmp_path / "q"
+    assert cli.main(["quantize", str(root / "transformer"), "--recipe", "int8-w", "--out", str(q)]) == 0
+    pipe = load_pipeline(root, quantized_dir=q, **F32)
+    assert pipe.params is None and pipe.precisions["transformer"].startswith("int8-w")
+    got = pipe(SENTENCES[4], measure_memory=False, **kw)
+    err = float(np.abs(got.frames - ref.frames).mean())
+    assert 0 < err < 0.05, err
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    cfg = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(json.dumps({**cfg, "num_layers": 1}))
+    with pytest.raises(PipelineError, match="quantized for another transformer"):
+        load_pipeline(other, quantized_dir=q, **F32)

@@ -62,7 +62,7 @@ from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
 from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload, wan_frames
 from jquant.pipeline.runtime import QuantizedModel, tree_bytes
 from jquant.pipeline.trajectory import float_model_fn
-from jquant.rules import quantize_params
+from jquant.rules import flatten_with_paths, quantize_params
 from jquant.sampling import FlowSchedule, cfg_combine, flow_match_schedule, flux_mu
 
 Array = jax.Array
@@ -185,6 +185,12 @@ class ComponentMemory:
     precision: str
     resident_bytes: int
     peak_bytes: int | None = None
+    host: bool = False  #: weights kept in host memory, copied to the device for this component's call only
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the weights hold on the device between calls (0 when kept on the host)."""
+        return 0 if self.host else self.resident_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,22 +201,28 @@ class MemoryReport:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(c.resident_bytes for c in self.components)
+        """Weights held on the device for the whole generation (host-kept components excluded)."""
+        return sum(c.device_bytes for c in self.components)
 
     @property
     def peak_bytes(self) -> int:
-        """Resident weights of every component plus the largest working set above its own
-        weights (components run one after the other, weights all resident)."""
-        extra = [c.peak_bytes - c.resident_bytes for c in self.components if c.peak_bytes is not None]
+        """The device-resident weights plus the largest call's working set beyond them
+        (components run one after the other; a host-kept component's weights count only in its
+        own call, where the analysis has them as arguments)."""
+        extra = [c.peak_bytes - c.device_bytes for c in self.components if c.peak_bytes is not None]
         return self.resident_bytes + max([0, *extra])
 
     def __str__(self) -> str:
         mib = 2.0**20
-        lines = [f"{'component':<16} {'precision':<22} {'resident MiB':>13} {'peak MiB':>10}"]
+        lines = [f"{'component':<16} {'precision':<22} {'weights MiB':>12} {'where':>6} {'peak MiB':>10}"]
         for c in self.components:
             peak = "-" if c.peak_bytes is None else f"{c.peak_bytes / mib:.2f}"
-            lines.append(f"{c.name:<16} {c.precision:<22} {c.resident_bytes / mib:>13.2f} {peak:>10}")
-        lines.append(f"{'pipeline':<16} {'':<22} {self.resident_bytes / mib:>13.2f} {self.peak_bytes / mib:>10.2f}")
+            where = "host" if c.host else "device"
+            lines.append(f"{c.name:<16} {c.precision:<22} {c.resident_bytes / mib:>12.2f} {where:>6} {peak:>10}")
+        lines.append(
+            f"{'pipeline':<16} {'(device-resident)':<22} {self.resident_bytes / mib:>12.2f} {'':>6} "
+            f"{self.peak_bytes / mib:>10.2f}"
+        )
         return "\n".join(lines)
 
 
@@ -343,6 +355,8 @@ class T2VPipeline:
       quantized: the transformer's QuantizedModel (recipe or ``jquant quantize`` output), or None.
       recipe: a recipe applied at the first call (calibrated on that call's prompts and shape).
       precisions: the precision label of every component, for the memory report.
+      offload: components whose weights stay in host memory (numpy) and are copied to the
+        device for their own call only (jit transfers them per call and frees them after).
     """
 
     kind: str
@@ -355,6 +369,7 @@ class T2VPipeline:
     quantized: QuantizedModel | None = None
     recipe: rc.Recipe | None = None
     precisions: dict[str, str] = dataclasses.field(default_factory=dict)
+    offload: frozenset[str] = frozenset()
     _denoisers: dict[tuple, Denoiser] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -460,7 +475,9 @@ class T2VPipeline:
         qm = quantize(
             bundle, recipe, Calibrator(bundle, CalibrationConfig(num_samples=x_T.shape[0], batch=x_T.shape[0]))
         )
-        self.quantized, self.recipe = qm, None
+        if "transformer" in self.offload:
+            qm = dataclasses.replace(qm, variables=jax.device_get(qm.variables))
+        self.quantized, self.recipe, self.params = qm, None, None
 
     def _model_fn(self, steps: int, cfg: bool) -> tuple[Partial, Any]:
         den = self.denoiser(steps, cfg)
@@ -535,10 +552,10 @@ class T2VPipeline:
             jnp.asarray(latents, jnp.float32) if latents is not None else jax.random.normal(jax.random.key(seed), shape)
         )
 
-        t0 = time.perf_counter()
         if self.recipe is not None:
+            t0 = time.perf_counter()
             self._calibrate(steps, cond, uncond, x_T, guidance if wan else true_cfg)
-        seconds["quantize"] = time.perf_counter() - t0
+            seconds["quantize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         fn, data = self._model_fn(steps, cfg)
         g = guidance if wan else true_cfg
@@ -570,10 +587,20 @@ class T2VPipeline:
                 ids = jax.ShapeDtypeStruct((batch * (2 if cfg else 1), length), jnp.int32)
                 mask = None if self.kind == "FluxPipeline" else ids
                 peak = _compiled_peak(te._apply.lower(te.params, ids, mask).compile())
-            comps.append(ComponentMemory(name, self.precisions.get(name, "float"), tree_bytes(te.params), peak))
+            comps.append(
+                ComponentMemory(
+                    name, self.precisions.get(name, "float"), tree_bytes(te.params), peak, name in self.offload
+                )
+            )
         weights = self.quantized.variables if self.quantized is not None else {"params": self.params}
         comps.append(
-            ComponentMemory("transformer", self.precisions.get("transformer", "float"), tree_bytes(weights), step_peak)
+            ComponentMemory(
+                "transformer",
+                self.precisions.get("transformer", "float"),
+                tree_bytes(weights),
+                step_peak,
+                "transformer" in self.offload,
+            )
         )
         peak = None
         if measure and isinstance(self.vae, WanVAE):
@@ -590,7 +617,11 @@ class T2VPipeline:
             )
             fn = self.vae._fn("decode")
             peak = _compiled_peak(fn.func.lower(self.vae.params, z).compile())
-        comps.append(ComponentMemory("vae", self.precisions.get("vae", "float"), tree_bytes(self.vae.params), peak))
+        comps.append(
+            ComponentMemory(
+                "vae", self.precisions.get("vae", "float"), tree_bytes(self.vae.params), peak, "vae" in self.offload
+            )
+        )
         return MemoryReport(tuple(comps))
 
 
@@ -656,6 +687,19 @@ def _text_encoder(folder: Path, dtype: Any, precision: str) -> TextEncoder:
     return dataclasses.replace(te, params=q, runner=jnn.apply)
 
 
+def check_quantized(qm: QuantizedModel, shapes: Any, where: Path, transformer: Path) -> None:
+    """Refuse a ``jquant quantize`` output made for another transformer: its param paths and
+    shapes must be the ones the pipeline's transformer config gives."""
+    want = {p: tuple(a.shape) for p, a in flatten_with_paths(shapes)}
+    have = {p: tuple(a.shape) for p, a in flatten_with_paths(qm.params)}
+    diff = sorted(p for p in want.keys() | have.keys() if want.get(p) != have.get(p))
+    if diff:
+        shown = ", ".join(f"{p}: {have.get(p, 'missing')} vs {want.get(p, 'absent')}" for p in diff[:4])
+        raise PipelineError(
+            f"{where}: quantized for another transformer than {transformer} ({len(diff)} params differ: {shown})"
+        )
+
+
 def _dtype_name(dtype: Any) -> str:
     return jnp.dtype(dtype).name
 
@@ -669,6 +713,7 @@ def load_pipeline(
     text_encoder: str = "int8",
     vae_dtype: Any = jnp.bfloat16,
     scheduler: str | None = None,
+    offload: Sequence[str] = (),
 ) -> T2VPipeline:
     """Load a diffusers ``WanPipeline`` or ``FluxPipeline`` directory.
 
@@ -684,6 +729,9 @@ def load_pipeline(
         nothing below int8, the handbook's floor for text encoders.
       vae_dtype: the VAE's dtype (bfloat16 by default).
       scheduler: ``"euler"`` to sample a UniPC-configured directory with flow-match Euler.
+      offload: components (``"text_encoder"``, ``"text_encoder_2"``, ``"vae"``, ``"transformer"``)
+        whose weights stay in host memory and are copied to the device for their call only (the
+        transformer's: for every step).
     """
     path = Path(path)
     if recipe is not None and quantized_dir is not None:
@@ -694,6 +742,11 @@ def load_pipeline(
             f"choose one of {TEXT_ENCODER_PRECISIONS}"
         )
     kind, _ = read_model_index(path)
+    names = [n for n in COMPONENTS[kind] if not n.startswith(("tokenizer", "scheduler"))]
+    bad = sorted(set(offload) - set(names))
+    if bad:
+        raise ValueError(f"offload={bad}: not a component of {kind}; choose among {names}")
+    host = frozenset(offload)
     sched = read_scheduler(path, scheduler)
     if isinstance(recipe, str):
         try:
@@ -706,20 +759,31 @@ def load_pipeline(
     for folder in folders:
         tok_folder = "tokenizer" if folder == "text_encoder" else "tokenizer_2"
         te = _text_encoder(path / folder, dtype, text_encoder)
+        if folder in host:
+            te = dataclasses.replace(te, params=jax.device_get(te.params))
         tok = load_tokenizer(path / tok_folder)
         check_tokenizer(tok, te)
         encoders[folder] = (te, tok)
-    module, params = models.load_pretrained(path / "transformer", dtype)
     vae = (load_wan_vae if kind == "WanPipeline" else load_autoencoder_kl)(path, vae_dtype)
+    if "vae" in host:
+        vae = dataclasses.replace(vae, params=jax.device_get(vae.params))
     precisions = {f: te_label for f in folders}
     precisions["vae"] = _dtype_name(vae_dtype)
-    quantized = None
-    if quantized_dir is not None:
+    quantized, params = None, None
+    if quantized_dir is not None:  # the float weights are not read
+        port, config = models.read_config(path / "transformer")
+        module = port.module(config, dtype)
         quantized, meta = load_quantized(quantized_dir)
+        check_quantized(quantized, models.param_shapes(config), Path(quantized_dir), path / "transformer")
+        if "transformer" in host:
+            quantized = dataclasses.replace(quantized, variables=jax.device_get(quantized.variables))
         precisions["transformer"] = f"{quantized.name or 'quantized'} ({meta.get('act') or 'weight-only'})"
     else:
+        module, params = models.load_pretrained(path / "transformer", dtype)
+        if "transformer" in host and recipe is None:
+            params = jax.device_get(params)
         precisions["transformer"] = recipe.name if recipe is not None else _dtype_name(dtype)
-    return T2VPipeline(kind, path, encoders, module, params, vae, sched, quantized, recipe, precisions)
+    return T2VPipeline(kind, path, encoders, module, params, vae, sched, quantized, recipe, precisions, host)
 
 
 __all__ = [
