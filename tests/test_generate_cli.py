@@ -4,6 +4,7 @@ expected frame count, the memory report printed; bad input gives one line and ex
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -40,6 +41,7 @@ def test_generate_writes_gif_mp4_and_frames(wan_dir: Path, tmp_path: Path, capsy
 
     mp4 = tmp_path / "clip.mp4"
     args = ["generate", str(wan_dir), *BASE, "--dtype", "float32", "--vae-dtype", "float32", "--text-encoder", "float"]
+    args += ["--offload", "vae"]
     assert cli.main([*args, "--out", str(mp4)]) == 0
     n, _ = t2v.imageio_ffmpeg.count_frames_and_secs(str(mp4))
     assert n == 5
@@ -72,3 +74,18 @@ def test_generate_bad_input_is_one_line(
     assert index["_class_name"] == "WanPipeline"  # untouched
     assert not list(tmp_path.iterdir())  # nothing written on errors
     assert np.all([not p.name.startswith(".") for p in wan_dir.iterdir()])
+
+
+@pytest.mark.slow
+def test_docs_example_runs(
+    wan_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The example of docs/pipelines.md's ## Generating runs as written on the tiny pipeline."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pipelines.md").read_text()
+    section = text.split("## Generating", 1)[1]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/pipelines.md", "exec"), {"pipeline_dir": str(wan_dir)})
+    out = capsys.readouterr().out
+    assert "(1, 5, 16, 32, 3) float32" in out and "int8 weight-only" in out and "(device-resident)" in out
+    assert iio.imread(tmp_path / "fox.gif", index=None).shape[:3] == (5, 16, 32)

@@ -53,6 +53,14 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vae-dtype", default="bfloat16", choices=sorted(DTYPES), help="VAE dtype (default bfloat16)")
     p.add_argument("--scheduler", choices=("euler",), default=None, help="sample a UniPC folder with flow-match Euler")
+    p.add_argument(
+        "--offload",
+        nargs="+",
+        default=(),
+        metavar="COMPONENT",
+        help="keep these components' weights in host memory, copied to the device for their call only "
+        "(text_encoder, text_encoder_2, vae, transformer)",
+    )
     p.add_argument("--fps", type=int, default=16, help="frames per second of an .mp4/.gif (default 16)")
     p.add_argument("--out", required=True, help="clip.mp4 | clip.gif | image.png | a folder for PNG frames")
     return p
@@ -79,6 +87,7 @@ def main_generate(argv: list[str] | None = None) -> int:
         text_encoder=a.text_encoder,
         vae_dtype=DTYPES[a.vae_dtype],
         scheduler=a.scheduler,
+        offload=a.offload,
     )
     result = pipe(
         a.prompt,
