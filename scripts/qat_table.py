@@ -145,6 +145,14 @@ def qlora_section(bundle, a) -> dict[str, Any]:
     return out
 
 
+def write(path: str, res: dict[str, Any], t0: float) -> None:
+    res["total_s"] = time.perf_counter() - t0
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as tmp:
+        Path(tmp).write_text(json.dumps(res, indent=1))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| setting | method | PSNR dB | SSIM | flicker | 1-step err | training s (CPU) |",
@@ -193,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "commit": commit,
         "settings": {k: v for k, v in vars(a).items() if k != "json"},
         "rows": [],
+        "complete": False,
     }
     if not a.qlora_only:
         cal = C.Calibrator(bundle, C.CalibrationConfig(num_samples=a.calib_samples, batch=5))
@@ -206,9 +215,11 @@ def main(argv: list[str] | None = None) -> None:
             label, make = SETTINGS[key]
             ptq = C.quantize(bundle, make(), cal)
             res["rows"].append(_row(bundle, ptq, ref, label, "PTQ", 0.0, {"quantize_s": ptq.info["seconds"]["total"]}))
+            write(a.json, res, t0)
             if a.qat_steps:
                 q = Q.qat(bundle, ptq, dataclasses.replace(cfg, steps=a.qat_steps), log_every=25)
                 res["rows"].append(_row(bundle, q.model, ref, label, "QAT", q.seconds, {"steps": a.qat_steps}))
+                write(a.json, res, t0)
             if a.distill_steps:
                 dz = D.distill(bundle, ptq, data, cfg, log_every=25)
                 extra = {
@@ -218,19 +229,17 @@ def main(argv: list[str] | None = None) -> None:
                     "loss_after": D.mean_loss(bundle, dz.model, data),
                 }
                 res["rows"].append(_row(bundle, dz.model, ref, label, "distillation", dz.seconds + data.seconds, extra))
+                write(a.json, res, t0)
     if a.qlora_only and Path(a.json).exists():  # add the QLoRA run to an existing table
         saved = json.loads(Path(a.json).read_text())
         res = {**saved, "command": f"{saved['command']}; then {res['command']}"}
         t0 -= saved.get("total_s", 0.0)
     if a.qlora or a.qlora_only:
         res["qlora"] = qlora_section(bundle, a)
-    res["total_s"] = time.perf_counter() - t0
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as tmp:
-        Path(tmp).write_text(json.dumps(res, indent=1))
+    res["complete"] = True
+    write(a.json, res, t0)
     print(markdown(res["rows"]))
-    print(f"wrote {out} ({res['total_s'] / 60:.1f} min)")
+    print(f"wrote {a.json} ({res['total_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":
