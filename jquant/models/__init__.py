@@ -1,12 +1,13 @@
 """Flax linen ports of diffusion transformers (Wan2.1, Flux, DiT, HunyuanVideo, CogVideoX, Mochi-1,
 LTX-Video, LTX-2) that load diffusers checkpoints, and the text encoders of their pipelines
-(UMT5/T5, CLIP text) with tokenizers.
+(UMT5/T5, CLIP text) with tokenizers, and their VAEs (AutoencoderKLWan, AutoencoderKL).
 
     model, params = models.load_pretrained("path/to/transformer", dtype=jnp.bfloat16)
     out = model.apply({"params": params}, *inputs)
 """
 
 from jquant.models.attention import apply_rope, attention
+from jquant.models.autoencoder_kl import KLVAE, AutoencoderKLConfig, load_autoencoder_kl
 from jquant.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from jquant.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3D
 from jquant.models.dit import DiTConfig, DiTTransformer2D
@@ -34,8 +35,15 @@ from jquant.models.roles import ROLES
 from jquant.models.t5 import T5Encoder, T5EncoderConfig
 from jquant.models.tokenize import PromptTruncatedWarning, Tokenizer, load_tokenizer
 from jquant.models.wan import WanConfig, WanTransformer3D
+from jquant.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae
 
 __all__ = [
+    "KLVAE",
+    "AutoencoderKLConfig",
+    "WanVAE",
+    "WanVAEConfig",
+    "load_autoencoder_kl",
+    "load_wan_vae",
     "CLIPTextConfig",
     "CLIPTextEncoder",
     "PromptTruncatedWarning",
