@@ -189,6 +189,72 @@ def test_wan_default_policy_and_recipe(wan: tuple[Path, Any], wan_f32: Any) -> N
     assert 0 < err < 0.05, err
 
 
+UNIPC = dict(  # the published Wan2.1 checkpoints' scheduler_config.json
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+    solver_order=2,
+    solver_type="bh2",
+    predict_x0=True,
+    lower_order_final=True,
+    final_sigmas_type="zero",
+    num_train_timesteps=1000,
+)
+
+
+def test_wan_unipc_matches_diffusers(wan: tuple[Path, Any], tmp_path: Path) -> None:
+    """UniPC (order 2, bh2, corrector, lower-order final step) over 4 steps, as WanPipeline."""
+    root, ref_pipe = wan
+    d = _copy(root, tmp_path / "unipc")
+    scheduler = diffusers.UniPCMultistepScheduler(**UNIPC)
+    ref = diffusers.WanPipeline(**{**ref_pipe.components, "scheduler": scheduler})
+    shutil.rmtree(d / "scheduler")
+    ref.save_pretrained(d)
+    assert json.loads((d / "model_index.json").read_text())["scheduler"][1] == "UniPCMultistepScheduler"
+    latents = np.random.default_rng(5).standard_normal((1, 4, 2, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(
+            SENTENCES[2],
+            negative_prompt="blurry",
+            height=16,
+            width=16,
+            num_frames=3,
+            num_inference_steps=4,
+            guidance_scale=4.0,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+        ).frames
+    pipe = load_pipeline(d, **F32)
+    got = pipe(
+        SENTENCES[2],
+        negative_prompt="blurry",
+        frames=3,
+        height=16,
+        width=16,
+        steps=4,
+        guidance=4.0,
+        latents=jnp.asarray(latents),
+        progress=False,
+        measure_memory=False,
+    )
+    np.testing.assert_allclose(got.frames, want, atol=ATOL)
+    euler = load_pipeline(d, scheduler="euler", **F32)
+    assert not euler.unipc and pipe.unipc
+    other = euler(
+        SENTENCES[2],
+        negative_prompt="blurry",
+        frames=3,
+        height=16,
+        width=16,
+        steps=4,
+        guidance=4.0,
+        latents=jnp.asarray(latents),
+        progress=False,
+        measure_memory=False,
+    )
+    assert float(np.abs(other.frames - want).max()) > 50 * ATOL  # Euler's path differs: the check has teeth
+
+
 def test_flux_pipeline_matches_diffusers(flux: tuple[Path, Any], flux_f32: Any) -> None:
     root, ref_pipe = flux
     latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)  # 16 x 16 image
@@ -277,11 +343,13 @@ def test_missing_and_unsupported_components(wan: tuple[Path, Any], tmp_path: Pat
         load_pipeline(d)
     u = _copy(root, tmp_path / "unipc")
     (u / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0})
+        json.dumps({"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "use_flow_sigmas": False})
     )
-    with pytest.raises(PipelineError, match="scheduler='euler'"):
+    with pytest.raises(PipelineError, match="use_flow_sigmas=False"):
         load_pipeline(u, **F32)
     assert load_pipeline(u, scheduler="euler", **F32).scheduler["shift"] == 3.0
+    with pytest.raises(PipelineError, match="scheduler='dpm'"):
+        load_pipeline(u, scheduler="dpm")
     with pytest.raises(ValueError, match="int8 weight-only at most"):
         load_pipeline(root, text_encoder="int4")
 

@@ -135,24 +135,41 @@ def read_model_index(path: str | Path) -> tuple[str, dict[str, Any]]:
     return cls, raw
 
 
+def _check_unipc(raw: dict[str, Any], file: Path) -> None:
+    """Refuse UniPC settings :class:`UniPC` does not reproduce, naming the key."""
+    want = {
+        "use_flow_sigmas": True,
+        "predict_x0": True,
+        "prediction_type": "flow_prediction",
+        "thresholding": False,
+        "use_dynamic_shifting": False,
+        "final_sigmas_type": "zero",
+        "timestep_spacing": "linspace",
+    }
+    bad = [f"{k}={raw.get(k)!r} (ported: {v!r})" for k, v in want.items() if raw.get(k, v) != v]
+    bad += [f"{k}={raw[k]!r}" for k in ("solver_p", "shift_terminal", *_UNSUPPORTED_SCHEDULER_FLAGS) if raw.get(k)]
+    if raw.get("solver_type", "bh2") not in ("bh1", "bh2"):
+        bad.append(f"solver_type={raw.get('solver_type')!r}")
+    if bad:
+        raise PipelineError(f"{file}: UniPCMultistepScheduler with {', '.join(bad)} is not ported")
+
+
 def read_scheduler(path: Path, scheduler: str | None) -> dict[str, Any]:
-    """The scheduler config, checked: FlowMatchEulerDiscreteScheduler runs as configured;
-    UniPC (the published Wan checkpoints) is not ported and is refused unless
-    ``scheduler="euler"`` asks for flow-match Euler at the config's ``flow_shift``."""
+    """The scheduler config, checked: FlowMatchEulerDiscreteScheduler and UniPCMultistepScheduler
+    (flow sigmas, the published Wan2.1 checkpoints' scheduler) run as configured;
+    ``scheduler="euler"`` samples a UniPC directory with flow-match Euler at its ``flow_shift``."""
     file = path / "scheduler" / SCHEDULER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (the scheduler component needs its config)")
     raw = json.loads(file.read_text())
     cls = raw.get("_class_name")
-    if cls == "UniPCMultistepScheduler":
-        if scheduler != "euler":
-            raise PipelineError(
-                f"{file}: UniPCMultistepScheduler is not ported to jquant's samplers; pass scheduler='euler' "
-                f"(CLI: --scheduler euler) to sample with flow-match Euler at its flow_shift={raw.get('flow_shift')}"
-            )
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": float(raw.get("flow_shift") or 1.0)}
     if scheduler not in (None, "euler"):
-        raise PipelineError(f"scheduler={scheduler!r}: only 'euler' (flow-match Euler) is available")
+        raise PipelineError(f"scheduler={scheduler!r}: give None (the directory's) or 'euler' (flow-match Euler)")
+    if cls == "UniPCMultistepScheduler":
+        if scheduler == "euler":
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": float(raw.get("flow_shift") or 1.0)}
+        _check_unipc(raw, file)
+        return raw
     bad = [k for k in _UNSUPPORTED_SCHEDULER_FLAGS if raw.get(k)]
     if bad:
         raise PipelineError(f"{file}: {', '.join(bad)} is not reproduced by jquant's flow-match sampler")
@@ -248,7 +265,107 @@ class Generation:
         return (self.frames * 255).round().astype(np.uint8)
 
 
+# --- UniPC (diffusers' UniPCMultistepScheduler with flow sigmas) -----------------------------------
+def unipc_schedule(config: dict[str, Any], steps: int) -> FlowSchedule:
+    """``UniPCMultistepScheduler.set_timesteps`` with ``use_flow_sigmas``: sigmas
+    ``linspace(1, 1/T, n + 1)[:-1]`` shifted by ``flow_shift`` (the first nudged below 1), a
+    terminal 0, and the timesteps the model sees truncated to integers, as diffusers does."""
+    n_train = int(config.get("num_train_timesteps", 1000))
+    shift = float(config.get("flow_shift", 1.0))
+    s = np.linspace(1, 1 / n_train, steps + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    if np.fabs(s[0] - 1) < 1e-6:
+        s[0] -= 1e-6
+    timesteps = (s * n_train).astype(np.int64).astype(np.float32)
+    return FlowSchedule(timesteps, np.append(s, 0.0).astype(np.float32))
+
+
+class UniPC:
+    """The host side of diffusers' UniPC (predict-x0, bh1/bh2, any ``solver_order``, corrector):
+    per step, the model's velocity -> the next sample. Coefficients are float32 scalars computed
+    as diffusers computes them; the array updates are elementwise jnp in float32."""
+
+    def __init__(self, config: dict[str, Any], sigmas: np.ndarray) -> None:
+        self.order = int(config.get("solver_order", 2))
+        self.bh2 = config.get("solver_type", "bh2") == "bh2"
+        self.lower_order_final = bool(config.get("lower_order_final", True))
+        self.disable_corrector = set(config.get("disable_corrector") or [])
+        self.sigmas = np.asarray(sigmas, np.float32)
+        self.n = len(self.sigmas) - 1
+        self.outputs: list[Array] = []
+        self.last_sample: Array | None = None
+        self.this_order = 0
+        self.lower_order_nums = 0
+
+    def _lam(self, i: int) -> np.float32:
+        sig = self.sigmas[i]
+        with np.errstate(divide="ignore"):
+            return np.log(np.float32(1) - sig) - np.log(sig)
+
+    def _coeffs(self, t: int, s0: int, hist: list[int], order: int) -> tuple[Any, ...]:
+        """(sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * B_h, rks, R, b) for target t from s0."""
+        sig_t, sig_s0 = self.sigmas[t], self.sigmas[s0]
+        alpha_t = np.float32(1) - sig_t
+        lam_s0 = self._lam(s0)
+        h = self._lam(t) - lam_s0
+        rks = [(self._lam(si) - lam_s0) / h for si in hist[: order - 1]] + [np.float32(1)]
+        hh = -h
+        h_phi_1 = np.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        b_h = np.expm1(hh) if self.bh2 else hh
+        fact, big_r, b = 1, [], []
+        for i in range(1, order + 1):
+            big_r.append(np.power(np.asarray(rks, np.float32), i - 1))
+            b.append(h_phi_k * fact / b_h)
+            fact *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = sig_t / sig_s0
+        return ratio, alpha_t * h_phi_1, alpha_t * b_h, rks, np.asarray(big_r, np.float32), np.asarray(b, np.float32)
+
+    def step(self, i: int, v: Array, x: Array) -> Array:
+        """Sample at step i + 1 from the velocity ``v`` predicted at sample ``x``, step i."""
+        m = x.astype(jnp.float32) - self.sigmas[i] * v.astype(jnp.float32)  # flow_prediction -> x0
+        if i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None:
+            order = self.this_order
+            ratio, a_phi, a_bh, rks, big_r, b = self._coeffs(i, i - 1, [i - 1 - k for k in range(1, order)], order)
+            m0 = self.outputs[-1]
+            d1s = [(self.outputs[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)]
+            rhos = np.asarray([0.5], np.float32) if order == 1 else np.linalg.solve(big_r, b).astype(np.float32)
+            corr = sum((rhos[k] * d for k, d in enumerate(d1s)), jnp.zeros_like(m0))
+            x = ratio * self.last_sample - a_phi * m0 - a_bh * (corr + rhos[-1] * (m - m0))
+        self.outputs = (self.outputs + [m])[-self.order :]
+        order = min(self.order, self.n - i) if self.lower_order_final else self.order
+        self.this_order = min(order, self.lower_order_nums + 1)
+        self.last_sample = x
+        order = self.this_order
+        ratio, a_phi, a_bh, rks, big_r, b = self._coeffs(i + 1, i, [i - k for k in range(1, order)], order)
+        m0 = self.outputs[-1]
+        x_t = ratio * x.astype(jnp.float32) - a_phi * m0
+        if order > 1:
+            d1s = [(self.outputs[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)]
+            rhos = (
+                np.asarray([0.5], np.float32)
+                if order == 2
+                else np.linalg.solve(big_r[:-1, :-1], b[:-1]).astype(np.float32)
+            )
+            x_t = x_t - a_bh * sum((rhos[k] * d for k, d in enumerate(d1s)), jnp.zeros_like(m0))
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.order)
+        return x_t.astype(x.dtype)
+
+
 # --- the per-step sampler -------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _velocity(model_fn: Partial, x: Array, t: Array, cond: Any, uncond: Any, g: Array, sd: Any, *, cfg: bool) -> Array:
+    """The guided model output at one step (both CFG branches in one batched call), float32."""
+    if cfg:
+        x2 = jnp.concatenate([x, x], axis=0)
+        c2 = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+        pred_u, pred_c = jnp.split(model_fn(x2, t, c2, sd).astype(jnp.float32), 2, axis=0)
+        return cfg_combine(pred_u, pred_c, g)
+    return model_fn(x, t, cond, sd).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _euler_step(
     model_fn: Partial,
@@ -285,17 +402,23 @@ def run_sampler(
     *,
     progress: bool = True,
     desc: str = "sampling",
+    solver: UniPC | None = None,
 ) -> tuple[Array, int | None]:
-    """Flow-match Euler over ``schedule``: a Python loop over one AOT-compiled step (a progress
-    bar per step); returns ``(x_0, peak bytes of the step)``."""
+    """Flow-match Euler over ``schedule`` (or ``solver``'s UniPC updates): a Python loop over one
+    AOT-compiled step (a progress bar per step); returns ``(x_0, peak bytes of the step)``."""
     n = int(schedule.timesteps.shape[0])
     ts = jnp.asarray(schedule.timesteps, jnp.float32)
     sig = jnp.asarray(schedule.sigmas, jnp.float32)
     g = jnp.asarray(guidance, jnp.float32)
     cfg = uncond is not None
     row = (lambda i: jax.tree_util.tree_map(lambda a: a[i], step_data)) if step_data is not None else (lambda i: None)
-    compiled = _euler_step.lower(model_fn, x_T, ts[0], sig[0], sig[1], cond, uncond, g, row(0), cfg=cfg).compile()
     x = x_T
+    if solver is not None:
+        compiled = _velocity.lower(model_fn, x_T, ts[0], cond, uncond, g, row(0), cfg=cfg).compile()
+        for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+            x = solver.step(i, compiled(model_fn, x, ts[i], cond, uncond, g, row(i)), x)
+        return jax.block_until_ready(x), _compiled_peak(compiled)
+    compiled = _euler_step.lower(model_fn, x_T, ts[0], sig[0], sig[1], cond, uncond, g, row(0), cfg=cfg).compile()
     for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
         x = compiled(model_fn, x, ts[i], sig[i], sig[i + 1], cond, uncond, g, row(i))
     return jax.block_until_ready(x), _compiled_peak(compiled)
@@ -375,6 +498,11 @@ class T2VPipeline:
     @property
     def config(self) -> Any:
         return self.transformer.config
+
+    @property
+    def unipc(self) -> bool:
+        """Whether the scheduler is UniPC (else flow-match Euler)."""
+        return self.scheduler.get("_class_name") == "UniPCMultistepScheduler"
 
     # shapes ---------------------------------------------------------------------------------------
     def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
@@ -488,6 +616,8 @@ class T2VPipeline:
     def schedule(self, steps: int, latent_shape: tuple[int, ...]) -> FlowSchedule:
         """The diffusers schedule: Wan's static shift; Flux's ``sigmas = linspace(1, 1/n, n)`` with
         ``mu`` from the packed sequence length (diffusers' ``calculate_shift``)."""
+        if self.unipc:
+            return unipc_schedule(self.scheduler, steps)
         if self.kind == "WanPipeline":
             return flow_schedule(self.scheduler, steps)
         s = self.scheduler
@@ -559,7 +689,9 @@ class T2VPipeline:
         t0 = time.perf_counter()
         fn, data = self._model_fn(steps, cfg)
         g = guidance if wan else true_cfg
-        x0, step_peak = run_sampler(fn, x_T, self.schedule(steps, shape), cond, uncond, g, data, progress=progress)
+        sched = self.schedule(steps, shape)
+        solver = UniPC(self.scheduler, sched.sigmas) if self.unipc else None
+        x0, step_peak = run_sampler(fn, x_T, sched, cond, uncond, g, data, progress=progress, solver=solver)
         seconds["sample"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -792,6 +924,7 @@ __all__ = [
     "MemoryReport",
     "PipelineError",
     "T2VPipeline",
+    "UniPC",
     "flow_schedule",
     "image_ids",
     "load_pipeline",
@@ -801,5 +934,6 @@ __all__ = [
     "read_scheduler",
     "run_sampler",
     "save_frames",
+    "unipc_schedule",
     "unpack_latents",
 ]
