@@ -542,7 +542,7 @@ class T2VPipeline:
                     _wan_apply,
                     "flow",
                     steps,
-                    shift=float(self.scheduler.get("shift", 1.0)),
+                    shift=float(self.scheduler.get("flow_shift" if self.unipc else "shift", 1.0)),
                     guidance_scale=5.0 if cfg else 1.0,
                     frames_fn=wan_frames(tuple(self.config.patch_size)),
                     name="wan",
@@ -582,7 +582,8 @@ class T2VPipeline:
 
     # the transformer ------------------------------------------------------------------------------
     def _calibrate(self, steps: int, cond: Any, uncond: Any, x_T: Array, guidance: float) -> None:
-        """Apply the pending recipe, calibrated on this call's prompts, shape and trajectory."""
+        """Apply the pending recipe, calibrated on this call's prompts, shape and trajectory (the
+        calibration records flow-match Euler's trajectory at the scheduler's shift, also for UniPC)."""
         recipe, cfg = self.recipe, uncond is not None
         assert recipe is not None
         if self.kind != "WanPipeline" and (recipe.transform.needs_stats or recipe.table is not None):
