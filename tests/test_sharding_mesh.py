@@ -92,12 +92,16 @@ def _forward(params, x, t, text, *, act=None, sp=None, quant_attn=False):
 
 
 @functools.lru_cache(maxsize=None)
+def _jitted(act: str | None, quant_attn: bool):
+    """One compiled single-device step per (activation spec, attention) pair."""
+    return jax.jit(functools.partial(_forward, act=act, quant_attn=quant_attn))
+
+
+@functools.lru_cache(maxsize=None)
 def _reference(kind: str, quant_attn: bool = False, act: bool = True):
     params, act_spec = _weights(kind)
-    act = act_spec if act else None
     _, inputs = _setup()
-    fn = jax.jit(functools.partial(_forward, act=act, quant_attn=quant_attn))
-    return np.asarray(fn(params, *inputs))
+    return np.asarray(_jitted(act_spec if act else None, quant_attn)(params, *inputs))
 
 
 def _rel(a, b) -> float:
@@ -110,7 +114,7 @@ def _sensitivity(kind: str, quant_attn: bool = False) -> float:
     what a last-bit difference upstream can legitimately do to this model."""
     params, act = _weights(kind)
     _, (x, t, text) = _setup()
-    fn = jax.jit(functools.partial(_forward, act=act, quant_attn=quant_attn))
+    fn = _jitted(act, quant_attn)
     nudge = lambda a, seed: a * (1 + 1e-6 * jax.random.normal(jax.random.key(seed), a.shape))  # noqa: E731
     return _rel(fn(params, nudge(x, 5), t, nudge(text, 6)), _reference(kind, quant_attn))
 
@@ -138,7 +142,7 @@ def test_weight_sharding_equals_single_device(mode, kind):
     _, inputs = _setup()
     mesh = make_mesh(MESHES[mode])
     placed, plan = shard_params(params, mesh, mode)
-    out = jax.jit(functools.partial(_forward, act=act))(placed, *inputs)
+    out = _jitted(act, False)(placed, *inputs)
     _assert_equal(out, _reference(kind), kind)
 
     # Per-device parameter bytes: what the plan says, read from the devices themselves.
@@ -347,3 +351,23 @@ def test_tensor_parallel_linears_per_shard(kind):
     float_out = _reference("float")
     assert _rel(out, _reference(kind)) < 1e-2
     assert _rel(out, float_out) <= 1.02 * _rel(_reference(kind), float_out)
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_sequence_parallel_key_mask_and_cross_attention(mode):
+    """A [B, 1, 1, Tk] key mask travels with the keys (ring: around the ring); cross-attention
+    (other keys than the queries' tokens) splits only the queries."""
+    from jquant.models.attention import attention
+
+    mesh = make_mesh({"data": 2, "seq": 4})
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 32, 8, 16)) for i in range(3))
+    mask = jax.random.bernoulli(jax.random.key(7), 0.7, (2, 1, 1, 32)).at[:, :, :, 0].set(True)
+    text_k, text_v = (jax.random.normal(jax.random.key(10 + i), (2, 6, 8, 16)) for i in range(2))
+
+    def run(q, k, v, mask, tk, tv):
+        with sequence_parallel(mesh, "seq", batch_axis="data", mode=mode):
+            return attention(q, k, v, mask), attention(q, tk, tv)
+
+    masked, cross = jax.jit(run)(q, k, v, mask, text_k, text_v)
+    np.testing.assert_allclose(masked, jax.nn.dot_product_attention(q, k, v, mask=mask), **TIGHT)
+    np.testing.assert_allclose(cross, jax.nn.dot_product_attention(q, text_k, text_v), **TIGHT)
