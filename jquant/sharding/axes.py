@@ -188,7 +188,7 @@ def _device_nbytes(leaf: Any, mesh_axes: Sequence[str | None], mesh: Mesh) -> in
     total = 0
     for child in leaf.tree_flatten()[0]:
         if child is not None:
-            spec = _child_spec(leaf, child, mesh_axes)
+            spec = child_spec(leaf, child, mesh_axes)
             total += child.nbytes // math.prod(mesh.shape[a] for a in spec if a is not None)
     return total
 
@@ -205,7 +205,7 @@ def plan(
     return {path: plan_leaf(path, leaf, axes[path], rules, mesh) for path, leaf in flatten_with_paths(params)}
 
 
-def _child_spec(leaf: QArray, child: jax.Array, mesh_axes: Sequence[str | None]) -> PartitionSpec:
+def child_spec(leaf: QArray, child: jax.Array, mesh_axes: Sequence[str | None]) -> PartitionSpec:
     """Partition of one array of a QArray given its logical dimensions' mesh axes."""
     if leaf.spec.fmt not in FORMATS:  # GGUF blocks [..., nb, bytes]
         spec: list[str | None] = [None] * child.ndim
@@ -223,9 +223,7 @@ def leaf_sharding(leaf: Any, leaf_plan: LeafPlan, mesh: Mesh) -> Any:
     if not isinstance(leaf, QArray):
         return NamedSharding(mesh, leaf_plan.spec)
     children, aux = leaf.tree_flatten()
-    shardings = [
-        None if c is None else NamedSharding(mesh, _child_spec(leaf, c, leaf_plan.mesh_axes)) for c in children
-    ]
+    shardings = [None if c is None else NamedSharding(mesh, child_spec(leaf, c, leaf_plan.mesh_axes)) for c in children]
     return QArray.tree_unflatten(aux, shardings)
 
 

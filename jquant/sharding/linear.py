@@ -37,7 +37,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jquant.nn import AUX_COLLECTION, AUX_KEYS
 from jquant.qarray import QArray
-from jquant.sharding.axes import LeafPlan, _child_spec
+from jquant.sharding.axes import LeafPlan, child_spec
 
 _LOCAL = threading.local()
 
@@ -67,17 +67,12 @@ def tensor_parallel(
         yield tp
 
 
-def _only(spec: PartitionSpec, axis: str) -> PartitionSpec:
-    """``spec`` with every mesh axis but ``axis`` dropped (those stay whole inside shard_map)."""
-    return PartitionSpec(*(a if a == axis else None for a in spec))
-
-
 def _kernel_specs(kernel, leaf_plan: LeafPlan, axis: str):
     axes = tuple(a if a == axis else None for a in leaf_plan.mesh_axes)
     if not isinstance(kernel, QArray):
         return PartitionSpec(*axes)
     children, aux = kernel.tree_flatten()
-    return QArray.tree_unflatten(aux, [None if c is None else _child_spec(kernel, c, axes) for c in children])
+    return QArray.tree_unflatten(aux, [None if c is None else child_spec(kernel, c, axes) for c in children])
 
 
 def _interceptor(tp: TensorParallel, next_fun, args, kwargs, context):
