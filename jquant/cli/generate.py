@@ -17,6 +17,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jquant.cli.common import ArgumentParser, UsageError
+from jquant.models.wan_vae import Tiling
 from jquant.pipeline import recipes as rc
 from jquant.pipeline.t2v import TEXT_ENCODER_PRECISIONS, load_pipeline, mp4_available, save_frames
 
@@ -61,6 +62,11 @@ def generate_parser() -> argparse.ArgumentParser:
         help="keep these components' weights in host memory, copied to the device for their call only "
         "(text_encoder, text_encoder_2, vae, transformer)",
     )
+    p.add_argument(
+        "--tiling",
+        action="store_true",
+        help="Wan: decode in overlapping 256-pixel spatial tiles (diffusers' enable_tiling defaults; for 720p)",
+    )
     p.add_argument("--fps", type=int, default=16, help="frames per second of an .mp4/.gif (default 16)")
     p.add_argument("--out", required=True, help="clip.mp4 | clip.gif | image.png | a folder for PNG frames")
     return p
@@ -99,6 +105,7 @@ def main_generate(argv: list[str] | None = None) -> int:
         guidance=a.guidance,
         true_cfg=a.true_cfg,
         seed=a.seed,
+        tiling=Tiling() if a.tiling else None,
     )
     paths = save_frames(result.uint8()[0], out, fps=a.fps)
     f, h, w = result.frames.shape[1:4]

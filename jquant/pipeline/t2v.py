@@ -661,6 +661,8 @@ class T2VPipeline:
         ``jax.random.normal(key(seed))``. ``tiling``: Wan's spatial VAE tiling (720p).
         """
         wan = self.kind == "WanPipeline"
+        if tiling is not None and not wan:
+            raise ValueError("tiling: spatial tiling is Wan's VAE option (Flux images decode whole)")
         frames = frames if frames is not None else (81 if wan else 1)
         height, width = height or (480 if wan else 1024), width or (832 if wan else 1024)
         guidance = float(guidance if guidance is not None else (5.0 if wan else 3.5))
@@ -704,20 +706,21 @@ class T2VPipeline:
             out = jnp.moveaxis(self.vae.decode(z), 1, -1)[:, None]  # [B, 1, H, W, 3]
         frames_np = np.asarray(jnp.clip(out.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
         seconds["decode"] = time.perf_counter() - t0
-        memory = self.memory(shape, step_peak if measure_memory else None, measure_memory, batch, cfg)
+        memory = self.memory(shape, step_peak if measure_memory else None, measure_memory, batch, tiling is not None)
         return Generation(frames_np, x0, memory, seconds)
 
     # memory ---------------------------------------------------------------------------------------
     def memory(
-        self, latent_shape: tuple[int, ...], step_peak: int | None, measure: bool, batch: int, cfg: bool
+        self, latent_shape: tuple[int, ...], step_peak: int | None, measure: bool, batch: int, tiled: bool = False
     ) -> MemoryReport:
-        """Resident bytes of each component's weights and (``measure``) the peak of its call."""
+        """Resident bytes of each component's weights and (``measure``) the peak of its call (the
+        VAE's: of the untiled chunked decode; with ``tiled`` it is not measured)."""
         comps = []
         for name, (te, tok) in self.encoders.items():
             peak = None
             if measure:
                 length = 512 if te.config.__class__.__name__.startswith("T5") else (tok.model_max_length or 77)
-                ids = jax.ShapeDtypeStruct((batch * (2 if cfg else 1), length), jnp.int32)
+                ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)  # one call per branch, as diffusers
                 mask = None if self.kind == "FluxPipeline" else ids
                 peak = _compiled_peak(te._apply.lower(te.params, ids, mask).compile())
             comps.append(
@@ -736,7 +739,9 @@ class T2VPipeline:
             )
         )
         peak = None
-        if measure and isinstance(self.vae, WanVAE):
+        if measure and tiled:
+            pass
+        elif measure and isinstance(self.vae, WanVAE):
             d = self.vae.decode_bytes(
                 latent_shape[2],
                 latent_shape[3] * self.vae.config.spatial_ratio,
