@@ -147,6 +147,12 @@ def test_one_device_mesh_runs_the_sharded_path():
     params = {"to_q": {"kernel": jnp.ones((8, 8))}}
     placed, plan = A.shard_params(params, A.make_mesh({"data": 1, "model": 1}, jax.devices()[:1]), "fsdp_tp")
     assert A.device_bytes(placed) == {str(jax.devices()[0]): 256} and A.expected_device_bytes(plan) == 256
+    # jit without placing first: the sharding tree mirrors QArray leaves
+    qparams = {"to_q": {"kernel": quantize(jax.random.normal(jax.random.key(0), (256, 8)), "int4/g128")}}
+    mesh2 = A.make_mesh({"data": 1, "model": 1}, jax.devices()[:1])
+    tree = A.shardings(qparams, mesh2, A.plan(qparams, mesh2, "fsdp_tp"))
+    out = jax.jit(lambda p: p["to_q"]["kernel"].dequantize(), in_shardings=(tree,))(qparams)
+    np.testing.assert_array_equal(out, qparams["to_q"]["kernel"].dequantize())
 
 
 @pytest.mark.slow
