@@ -51,7 +51,14 @@ MODES: dict[str, tuple[tuple[str, str], ...]] = {
     "replicated": (),
     "fsdp": (("mlp", "data"), ("heads", "data"), ("out", "data"), ("embed", "data"), ("in", "data")),
     "tp": (("heads", "model"), ("mlp", "model"), ("out", "model")),
-    "fsdp_tp": (("heads", "model"), ("mlp", "model"), ("embed", "data"), ("out", "data"), ("in", "data")),
+    "fsdp_tp": (
+        ("heads", "model"),
+        ("mlp", "model"),
+        ("out", "model"),
+        ("embed", "data"),
+        ("in", "data"),
+        ("out", "data"),
+    ),
 }
 
 # Path fallbacks when no layer roles are given (the ports' diffusers names).
