@@ -13,7 +13,7 @@ import pytest
 from test_t2v import save_wan_pipeline
 
 from jquant import cli
-from jquant.pipeline import t2v
+from jquant.pipeline.t2v import frames as t2v_frames
 
 pytest.importorskip("diffusers")
 
@@ -43,7 +43,7 @@ def test_generate_writes_gif_mp4_and_frames(wan_dir: Path, tmp_path: Path, capsy
     args = ["generate", str(wan_dir), *BASE, "--dtype", "float32", "--vae-dtype", "float32", "--text-encoder", "float"]
     args += ["--offload", "vae"]
     assert cli.main([*args, "--out", str(mp4)]) == 0
-    n, _ = t2v.imageio_ffmpeg.count_frames_and_secs(str(mp4))
+    n, _ = t2v_frames.imageio_ffmpeg.count_frames_and_secs(str(mp4))
     assert n == 5
 
     folder = tmp_path / "frames"
@@ -68,7 +68,7 @@ def test_generate_bad_input_is_one_line(
     assert "1 + 2k frames" in run(str(wan_dir), *PROMPT, "--frames", "4", "--height", "16", "--width", "16", *gif)
     assert "unknown output type" in run(str(wan_dir), *BASE, "--out", str(tmp_path / "a.avi"))
     assert "did you mean" in run(str(wan_dir), *BASE, "--recipe", "int8-wa-smoth", "--out", str(tmp_path / "a.gif"))
-    monkeypatch.setattr(t2v, "imageio_ffmpeg", None)
+    monkeypatch.setattr(t2v_frames, "imageio_ffmpeg", None)
     assert "jquant[video]" in run(str(wan_dir), *BASE, "--out", str(tmp_path / "a.mp4"))
     index = json.loads((wan_dir / "model_index.json").read_text())
     assert index["_class_name"] == "WanPipeline"  # untouched

@@ -1,33 +1,8 @@
-"""Text-to-video / text-to-image pipelines read from a diffusers pipeline directory.
-
-:func:`load_pipeline` reads ``model_index.json`` and its component folders and builds the
-equivalent of diffusers' ``WanPipeline`` (UMT5 + Wan transformer + AutoencoderKLWan) or
-``FluxPipeline`` (CLIP + T5 + Flux transformer + AutoencoderKL), both on the flow-matching Euler
-scheduler their ``scheduler/scheduler_config.json`` describes (static shift for Wan, dynamic
-shift ``mu`` for Flux, as diffusers computes it)::
-
-    pipe = load_pipeline("Wan2.1-T2V-1.3B-Diffusers", recipe="int8-w")
-    out = pipe("a red fox in the snow", negative_prompt="blurry", frames=81, height=480, width=832,
-               steps=50, guidance=5.0, seed=0)
-    out.frames        # [B, F, H, W, 3] float32 in [0, 1] (Flux: F = 1)
-    print(out.memory)  # resident and peak bytes per component
-
-The handbook's advice is the default policy, each part overridable: text encoders at int8
-weight-only (``text_encoder="float"`` keeps them in ``dtype``; nothing below int8 is
-accepted), the VAE in bfloat16 (``vae_dtype``), the transformer by recipe (``recipe=``, a
-name of :mod:`jquant.pipeline.recipes`, or ``quantized_dir=`` a ``jquant quantize`` output).
-
-The sampler is a Python loop over ONE jitted, ahead-of-time compiled step function (so a
-progress bar can advance per step); the transformer's weights are an argument of it, not
-constants. The prompt embeddings are all that survives the text encoders: their activations
-are freed before sampling starts.
-"""
+"""The pipeline object: prompt encoding -> the sampler with the transformer by recipe -> VAE decoding."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -38,20 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
-from tqdm.auto import tqdm
-
-try:  # the `video` extra: only save_frames needs it
-    import imageio.v3 as iio
-except ImportError:  # pragma: no cover
-    iio = None
-try:
-    import imageio_ffmpeg
-except ImportError:  # pragma: no cover
-    imageio_ffmpeg = None
 
 from jquant import models
 from jquant import nn as jnn
-from jquant.files import atomic_file
 from jquant.models.autoencoder_kl import KLVAE, load_autoencoder_kl
 from jquant.models.prompt import TextEncoder, check_tokenizer, encode_flux_prompt, encode_wan_prompt, load_text_encoder
 from jquant.models.tokenize import Tokenizer, load_tokenizer
@@ -61,367 +25,21 @@ from jquant.pipeline.artifacts import load_quantized
 from jquant.pipeline.calibrate import CalibrationConfig, Calibrator, quantize
 from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload, wan_frames
 from jquant.pipeline.runtime import QuantizedModel, tree_bytes
+from jquant.pipeline.t2v.directory import (
+    COMPONENTS,
+    TEXT_ENCODER_PRECISIONS,
+    PipelineError,
+    flow_schedule,
+    read_model_index,
+    read_scheduler,
+)
+from jquant.pipeline.t2v.memory import ComponentMemory, MemoryReport, compiled_peak
+from jquant.pipeline.t2v.solvers import UniPC, run_sampler, unipc_schedule
 from jquant.pipeline.trajectory import float_model_fn
 from jquant.rules import flatten_with_paths, quantize_params
-from jquant.sampling import FlowSchedule, cfg_combine, flow_match_schedule, flux_mu
+from jquant.sampling import FlowSchedule, flux_mu
 
 Array = jax.Array
-INDEX_NAME = "model_index.json"
-SCHEDULER_CONFIG = "scheduler_config.json"
-#: pipeline class -> {component folder: accepted classes (empty: any; tokenizers are read from their files)}
-COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "WanPipeline": {
-        "tokenizer": (),
-        "text_encoder": ("UMT5EncoderModel",),
-        "transformer": ("WanTransformer3DModel",),
-        "vae": ("AutoencoderKLWan",),
-        "scheduler": ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"),
-    },
-    "FluxPipeline": {
-        "tokenizer": (),
-        "text_encoder": ("CLIPTextModel",),
-        "tokenizer_2": (),
-        "text_encoder_2": ("T5EncoderModel",),
-        "transformer": ("FluxTransformer2DModel",),
-        "vae": ("AutoencoderKL",),
-        "scheduler": ("FlowMatchEulerDiscreteScheduler",),
-    },
-}
-#: Text-encoder precisions the policy allows: the handbook's floor is int8 weight-only.
-TEXT_ENCODER_PRECISIONS = ("int8", "float")
-#: FlowMatchEulerDiscreteScheduler options this sampler does not reproduce (refused when set).
-_UNSUPPORTED_SCHEDULER_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
-
-
-class PipelineError(ValueError):
-    """A pipeline directory jquant cannot run: a missing or unsupported component, a bad config."""
-
-
-# --- the directory --------------------------------------------------------------------------------
-def read_model_index(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """``(pipeline class, model_index.json)`` of a diffusers pipeline directory; every component
-    the class needs must be listed, of a supported class, and present as a folder."""
-    path = Path(path)
-    index = path / INDEX_NAME
-    if not index.is_file():
-        what = "no such folder" if not path.is_dir() else f"no {INDEX_NAME} (not a diffusers pipeline directory)"
-        raise FileNotFoundError(f"{path}: {what}")
-    try:
-        raw = json.loads(index.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PipelineError(f"{index}: corrupt: not valid JSON ({e})") from None
-    cls = raw.get("_class_name")
-    if cls not in COMPONENTS:
-        raise PipelineError(
-            f"{index}: _class_name {cls!r} is not a pipeline jquant runs; supported: {sorted(COMPONENTS)}"
-        )
-    for name, accepted in COMPONENTS[cls].items():
-        entry = raw.get(name)
-        if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise PipelineError(f"{index}: component {name!r} is missing ({cls} needs {', '.join(COMPONENTS[cls])})")
-        if accepted and entry[1] not in accepted:
-            raise PipelineError(
-                f"{index}: component {name!r} is a {entry[1]}; jquant's {cls} takes {', '.join(accepted)}"
-            )
-        if not (path / name).is_dir():
-            raise FileNotFoundError(f"{path / name}: component folder {name!r} listed in {INDEX_NAME} is missing")
-    if cls == "WanPipeline":
-        for key in ("transformer_2",):
-            entry = raw.get(key)
-            if entry and isinstance(entry, list) and entry[1] is not None:
-                raise PipelineError(f"{index}: {key} (Wan2.2's two-expert sampling) is not supported")
-        if raw.get("expand_timesteps"):
-            raise PipelineError(f"{index}: expand_timesteps (Wan2.2 TI2V) is not supported")
-    return cls, raw
-
-
-def _check_unipc(raw: dict[str, Any], file: Path) -> None:
-    """Refuse UniPC settings :class:`UniPC` does not reproduce, naming the key."""
-    want = {
-        "use_flow_sigmas": True,
-        "predict_x0": True,
-        "prediction_type": "flow_prediction",
-        "thresholding": False,
-        "use_dynamic_shifting": False,
-        "final_sigmas_type": "zero",
-        "timestep_spacing": "linspace",
-    }
-    bad = [f"{k}={raw.get(k)!r} (ported: {v!r})" for k, v in want.items() if raw.get(k, v) != v]
-    bad += [f"{k}={raw[k]!r}" for k in ("solver_p", "shift_terminal", *_UNSUPPORTED_SCHEDULER_FLAGS) if raw.get(k)]
-    if raw.get("solver_type", "bh2") not in ("bh1", "bh2"):
-        bad.append(f"solver_type={raw.get('solver_type')!r}")
-    if bad:
-        raise PipelineError(f"{file}: UniPCMultistepScheduler with {', '.join(bad)} is not ported")
-
-
-def read_scheduler(path: Path, scheduler: str | None) -> dict[str, Any]:
-    """The scheduler config, checked: FlowMatchEulerDiscreteScheduler and UniPCMultistepScheduler
-    (flow sigmas, the published Wan2.1 checkpoints' scheduler) run as configured;
-    ``scheduler="euler"`` samples a UniPC directory with flow-match Euler at its ``flow_shift``."""
-    file = path / "scheduler" / SCHEDULER_CONFIG
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing (the scheduler component needs its config)")
-    raw = json.loads(file.read_text())
-    cls = raw.get("_class_name")
-    if scheduler not in (None, "euler"):
-        raise PipelineError(f"scheduler={scheduler!r}: give None (the directory's) or 'euler' (flow-match Euler)")
-    if cls == "UniPCMultistepScheduler":
-        if scheduler == "euler":
-            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": float(raw.get("flow_shift") or 1.0)}
-        _check_unipc(raw, file)
-        return raw
-    bad = [k for k in _UNSUPPORTED_SCHEDULER_FLAGS if raw.get(k)]
-    if bad:
-        raise PipelineError(f"{file}: {', '.join(bad)} is not reproduced by jquant's flow-match sampler")
-    return raw
-
-
-def flow_schedule(config: dict[str, Any], steps: int, *, mu: float | None = None, sigmas: Any = None) -> FlowSchedule:
-    """``FlowMatchEulerDiscreteScheduler.set_timesteps`` for a scheduler config dict."""
-    dynamic = bool(config.get("use_dynamic_shifting", False))
-    return flow_match_schedule(
-        None if sigmas is not None else steps,
-        shift=float(config.get("shift", 1.0)),
-        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-        use_dynamic_shifting=dynamic,
-        mu=mu if dynamic else None,
-        time_shift_type=config.get("time_shift_type", "exponential"),
-        shift_terminal=config.get("shift_terminal"),
-        invert_sigmas=bool(config.get("invert_sigmas", False)),
-        sigmas=sigmas,
-    )
-
-
-# --- memory ---------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ComponentMemory:
-    """One component: the bytes its weights hold, and the peak of its largest call (XLA's memory
-    analysis of the compiled call: arguments + outputs + temporaries; None where not measured)."""
-
-    name: str
-    precision: str
-    resident_bytes: int
-    peak_bytes: int | None = None
-    host: bool = False  #: weights kept in host memory, copied to the device for this component's call only
-
-    @property
-    def device_bytes(self) -> int:
-        """Bytes the weights hold on the device between calls (0 when kept on the host)."""
-        return 0 if self.host else self.resident_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-    """Resident and peak bytes per component of one generation."""
-
-    components: tuple[ComponentMemory, ...]
-
-    @property
-    def resident_bytes(self) -> int:
-        """Weights held on the device for the whole generation (host-kept components excluded)."""
-        return sum(c.device_bytes for c in self.components)
-
-    @property
-    def peak_bytes(self) -> int:
-        """The device-resident weights plus the largest call's working set beyond them
-        (components run one after the other; a host-kept component's weights count only in its
-        own call, where the analysis has them as arguments)."""
-        extra = [c.peak_bytes - c.device_bytes for c in self.components if c.peak_bytes is not None]
-        return self.resident_bytes + max([0, *extra])
-
-    def __str__(self) -> str:
-        mib = 2.0**20
-        lines = [f"{'component':<16} {'precision':<22} {'weights MiB':>12} {'where':>6} {'peak MiB':>10}"]
-        for c in self.components:
-            peak = "-" if c.peak_bytes is None else f"{c.peak_bytes / mib:.2f}"
-            where = "host" if c.host else "device"
-            lines.append(f"{c.name:<16} {c.precision:<22} {c.resident_bytes / mib:>12.2f} {where:>6} {peak:>10}")
-        lines.append(
-            f"{'pipeline':<16} {'(device-resident)':<22} {self.resident_bytes / mib:>12.2f} {'':>6} "
-            f"{self.peak_bytes / mib:>10.2f}"
-        )
-        return "\n".join(lines)
-
-
-def _compiled_peak(compiled: Any) -> int | None:
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return None
-    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """What a pipeline call returns: frames [B, F, H, W, 3] float32 in [0, 1] (images: F = 1),
-    the final latents, the memory report and the seconds per phase."""
-
-    frames: np.ndarray
-    latents: Array
-    memory: MemoryReport
-    seconds: dict[str, float]
-
-    def uint8(self) -> np.ndarray:
-        """Frames as uint8 [B, F, H, W, 3] (diffusers' ``numpy_to_pil`` rounding)."""
-        return (self.frames * 255).round().astype(np.uint8)
-
-
-# --- UniPC (diffusers' UniPCMultistepScheduler with flow sigmas) -----------------------------------
-def unipc_schedule(config: dict[str, Any], steps: int) -> FlowSchedule:
-    """``UniPCMultistepScheduler.set_timesteps`` with ``use_flow_sigmas``: sigmas
-    ``linspace(1, 1/T, n + 1)[:-1]`` shifted by ``flow_shift`` (the first nudged below 1), a
-    terminal 0, and the timesteps the model sees truncated to integers, as diffusers does."""
-    n_train = int(config.get("num_train_timesteps", 1000))
-    shift = float(config.get("flow_shift", 1.0))
-    s = np.linspace(1, 1 / n_train, steps + 1)[:-1]
-    s = shift * s / (1 + (shift - 1) * s)
-    if np.fabs(s[0] - 1) < 1e-6:
-        s[0] -= 1e-6
-    timesteps = (s * n_train).astype(np.int64).astype(np.float32)
-    return FlowSchedule(timesteps, np.append(s, 0.0).astype(np.float32))
-
-
-class UniPC:
-    """The host side of diffusers' UniPC (predict-x0, bh1/bh2, any ``solver_order``, corrector):
-    per step, the model's velocity -> the next sample. Coefficients are float32 scalars computed
-    as diffusers computes them; the array updates are elementwise jnp in float32."""
-
-    def __init__(self, config: dict[str, Any], sigmas: np.ndarray) -> None:
-        self.order = int(config.get("solver_order", 2))
-        self.bh2 = config.get("solver_type", "bh2") == "bh2"
-        self.lower_order_final = bool(config.get("lower_order_final", True))
-        self.disable_corrector = set(config.get("disable_corrector") or [])
-        self.sigmas = np.asarray(sigmas, np.float32)
-        self.n = len(self.sigmas) - 1
-        self.outputs: list[Array] = []
-        self.last_sample: Array | None = None
-        self.this_order = 0
-        self.lower_order_nums = 0
-
-    def _lam(self, i: int) -> np.float32:
-        sig = self.sigmas[i]
-        with np.errstate(divide="ignore"):
-            return np.log(np.float32(1) - sig) - np.log(sig)
-
-    def _coeffs(self, t: int, s0: int, hist: list[int], order: int) -> tuple[Any, ...]:
-        """(sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * B_h, rks, R, b) for target t from s0."""
-        sig_t, sig_s0 = self.sigmas[t], self.sigmas[s0]
-        alpha_t = np.float32(1) - sig_t
-        lam_s0 = self._lam(s0)
-        h = self._lam(t) - lam_s0
-        rks = [(self._lam(si) - lam_s0) / h for si in hist[: order - 1]] + [np.float32(1)]
-        hh = -h
-        h_phi_1 = np.expm1(hh)
-        h_phi_k = h_phi_1 / hh - 1
-        b_h = np.expm1(hh) if self.bh2 else hh
-        fact, big_r, b = 1, [], []
-        for i in range(1, order + 1):
-            big_r.append(np.power(np.asarray(rks, np.float32), i - 1))
-            b.append(h_phi_k * fact / b_h)
-            fact *= i + 1
-            h_phi_k = h_phi_k / hh - 1 / fact
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = sig_t / sig_s0
-        return ratio, alpha_t * h_phi_1, alpha_t * b_h, rks, np.asarray(big_r, np.float32), np.asarray(b, np.float32)
-
-    def step(self, i: int, v: Array, x: Array) -> Array:
-        """Sample at step i + 1 from the velocity ``v`` predicted at sample ``x``, step i."""
-        m = x.astype(jnp.float32) - self.sigmas[i] * v.astype(jnp.float32)  # flow_prediction -> x0
-        if i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None:
-            order = self.this_order
-            ratio, a_phi, a_bh, rks, big_r, b = self._coeffs(i, i - 1, [i - 1 - k for k in range(1, order)], order)
-            m0 = self.outputs[-1]
-            d1s = [(self.outputs[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)]
-            rhos = np.asarray([0.5], np.float32) if order == 1 else np.linalg.solve(big_r, b).astype(np.float32)
-            corr = sum((rhos[k] * d for k, d in enumerate(d1s)), jnp.zeros_like(m0))
-            x = ratio * self.last_sample - a_phi * m0 - a_bh * (corr + rhos[-1] * (m - m0))
-        self.outputs = (self.outputs + [m])[-self.order :]
-        order = min(self.order, self.n - i) if self.lower_order_final else self.order
-        self.this_order = min(order, self.lower_order_nums + 1)
-        self.last_sample = x
-        order = self.this_order
-        ratio, a_phi, a_bh, rks, big_r, b = self._coeffs(i + 1, i, [i - k for k in range(1, order)], order)
-        m0 = self.outputs[-1]
-        x_t = ratio * x.astype(jnp.float32) - a_phi * m0
-        if order > 1:
-            d1s = [(self.outputs[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)]
-            rhos = (
-                np.asarray([0.5], np.float32)
-                if order == 2
-                else np.linalg.solve(big_r[:-1, :-1], b[:-1]).astype(np.float32)
-            )
-            x_t = x_t - a_bh * sum((rhos[k] * d for k, d in enumerate(d1s)), jnp.zeros_like(m0))
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.order)
-        return x_t.astype(x.dtype)
-
-
-# --- the per-step sampler -------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _velocity(model_fn: Partial, x: Array, t: Array, cond: Any, uncond: Any, g: Array, sd: Any, *, cfg: bool) -> Array:
-    """The guided model output at one step (both CFG branches in one batched call), float32."""
-    if cfg:
-        x2 = jnp.concatenate([x, x], axis=0)
-        c2 = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-        pred_u, pred_c = jnp.split(model_fn(x2, t, c2, sd).astype(jnp.float32), 2, axis=0)
-        return cfg_combine(pred_u, pred_c, g)
-    return model_fn(x, t, cond, sd).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _euler_step(
-    model_fn: Partial,
-    x: Array,
-    t: Array,
-    sigma: Array,
-    sigma_next: Array,
-    cond: Any,
-    uncond: Any,
-    g: Array,
-    sd: Any,
-    *,
-    cfg: bool,
-) -> Array:
-    """One flow-match Euler step, both CFG branches in one batched call (diffusers' order)."""
-    if cfg:
-        x2 = jnp.concatenate([x, x], axis=0)
-        c2 = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-        pred_u, pred_c = jnp.split(model_fn(x2, t, c2, sd).astype(jnp.float32), 2, axis=0)
-        v = cfg_combine(pred_u, pred_c, g)
-    else:
-        v = model_fn(x, t, cond, sd).astype(jnp.float32)
-    return (x.astype(jnp.float32) + (sigma_next - sigma) * v).astype(x.dtype)
-
-
-def run_sampler(
-    model_fn: Partial,
-    x_T: Array,
-    schedule: FlowSchedule,
-    cond: Any,
-    uncond: Any = None,
-    guidance: float = 1.0,
-    step_data: Any = None,
-    *,
-    progress: bool = True,
-    desc: str = "sampling",
-    solver: UniPC | None = None,
-) -> tuple[Array, int | None]:
-    """Flow-match Euler over ``schedule`` (or ``solver``'s UniPC updates): a Python loop over one
-    AOT-compiled step (a progress bar per step); returns ``(x_0, peak bytes of the step)``."""
-    n = int(schedule.timesteps.shape[0])
-    ts = jnp.asarray(schedule.timesteps, jnp.float32)
-    sig = jnp.asarray(schedule.sigmas, jnp.float32)
-    g = jnp.asarray(guidance, jnp.float32)
-    cfg = uncond is not None
-    row = (lambda i: jax.tree_util.tree_map(lambda a: a[i], step_data)) if step_data is not None else (lambda i: None)
-    x = x_T
-    if solver is not None:
-        compiled = _velocity.lower(model_fn, x_T, ts[0], cond, uncond, g, row(0), cfg=cfg).compile()
-        for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-            x = solver.step(i, compiled(model_fn, x, ts[i], cond, uncond, g, row(i)), x)
-        return jax.block_until_ready(x), _compiled_peak(compiled)
-    compiled = _euler_step.lower(model_fn, x_T, ts[0], sig[0], sig[1], cond, uncond, g, row(0), cfg=cfg).compile()
-    for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-        x = compiled(model_fn, x, ts[i], sig[i], sig[i + 1], cond, uncond, g, row(i))
-    return jax.block_until_ready(x), _compiled_peak(compiled)
 
 
 # --- the transformers' step functions -------------------------------------------------------------
@@ -460,6 +78,21 @@ def _flux_apply(module: nn.Module, variables: Any, x: Array, t: Array, cond: dic
     guidance = cond.get("guidance")
     out = module.apply(variables, pack_latents(x), embeds, cond["pooled"], tb, image_ids(h, w), txt_ids, guidance)
     return unpack_latents(out, h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What a pipeline call returns: frames [B, F, H, W, 3] float32 in [0, 1] (images: F = 1),
+    the final latents, the memory report and the seconds per phase."""
+
+    frames: np.ndarray
+    latents: Array
+    memory: MemoryReport
+    seconds: dict[str, float]
+
+    def uint8(self) -> np.ndarray:
+        """Frames as uint8 [B, F, H, W, 3] (diffusers' ``numpy_to_pil`` rounding)."""
+        return (self.frames * 255).round().astype(np.uint8)
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
@@ -722,7 +355,7 @@ class T2VPipeline:
                 length = 512 if te.config.__class__.__name__.startswith("T5") else (tok.model_max_length or 77)
                 ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)  # one call per branch, as diffusers
                 mask = None if self.kind == "FluxPipeline" else ids
-                peak = _compiled_peak(te._apply.lower(te.params, ids, mask).compile())
+                peak = compiled_peak(te._apply.lower(te.params, ids, mask).compile())
             comps.append(
                 ComponentMemory(
                     name, self.precisions.get(name, "float"), tree_bytes(te.params), peak, name in self.offload
@@ -754,66 +387,13 @@ class T2VPipeline:
                 (latent_shape[0], latent_shape[2], latent_shape[3], latent_shape[1]), jnp.dtype(self.vae.dtype)
             )
             fn = self.vae._fn("decode")
-            peak = _compiled_peak(fn.func.lower(self.vae.params, z).compile())
+            peak = compiled_peak(fn.func.lower(self.vae.params, z).compile())
         comps.append(
             ComponentMemory(
                 "vae", self.precisions.get("vae", "float"), tree_bytes(self.vae.params), peak, "vae" in self.offload
             )
         )
         return MemoryReport(tuple(comps))
-
-
-# --- writing -------------------------------------------------------------------------------------
-VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
-
-
-def mp4_available() -> bool:
-    """Whether imageio-ffmpeg (the ``video`` extra) is installed, so ``.mp4`` can be written."""
-    return imageio_ffmpeg is not None
-
-
-def save_frames(frames: np.ndarray, out: str | Path, fps: int = 16) -> list[Path]:
-    """Write uint8 frames [F, H, W, 3]: ``.mp4`` (H.264 through imageio-ffmpeg, the ``video``
-    extra), ``.gif`` (imageio's pillow writer), ``.png`` (one frame), or a folder (no suffix, or an
-    existing folder): ``frame_00000.png`` ... Each file is written atomically; returns the paths."""
-    if iio is None:
-        raise ImportError(f"{out}: writing frames needs imageio (pip install 'jquant[video]')")
-    out = Path(out)
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"save_frames: expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    if out.is_dir() or not out.suffix:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"frame_{i:05d}.png" for i in range(len(frames))]
-        for path, frame in zip(paths, frames):
-            with atomic_file(path) as tmp:
-                iio.imwrite(tmp, frame, extension=".png")
-        return paths
-    suffix = out.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise ValueError(f"{out}: unknown output type {out.suffix!r}; use .mp4, .gif, .png or a folder for PNG frames")
-    if suffix == ".png" and len(frames) != 1:
-        raise ValueError(f"{out}: {len(frames)} frames do not fit one .png; give a folder, a .gif or an .mp4")
-    if suffix == ".mp4":
-        if not mp4_available():
-            raise ImportError(
-                f"{out}: writing mp4 needs imageio-ffmpeg (pip install 'jquant[video]'); or write a .gif or a folder of PNGs"
-            )
-        with atomic_file(out) as tmp:
-            writer = imageio_ffmpeg.write_frames(
-                str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, macro_block_size=2, output_params=["-f", "mp4"]
-            )
-            writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
-        return [out]
-    with atomic_file(out) as tmp:
-        if suffix == ".gif":
-            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
-        else:
-            iio.imwrite(tmp, frames[0], extension=".png")
-    return [out]
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -922,24 +502,3 @@ def load_pipeline(
             params = jax.device_get(params)
         precisions["transformer"] = recipe.name if recipe is not None else _dtype_name(dtype)
     return T2VPipeline(kind, path, encoders, module, params, vae, sched, quantized, recipe, precisions, host)
-
-
-__all__ = [
-    "ComponentMemory",
-    "Generation",
-    "MemoryReport",
-    "PipelineError",
-    "T2VPipeline",
-    "UniPC",
-    "flow_schedule",
-    "image_ids",
-    "load_pipeline",
-    "mp4_available",
-    "pack_latents",
-    "read_model_index",
-    "read_scheduler",
-    "run_sampler",
-    "save_frames",
-    "unipc_schedule",
-    "unpack_latents",
-]
