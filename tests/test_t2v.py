@@ -12,12 +12,23 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_text_encoders import T5_CASES, perturbed, save_clip, save_t5
 from test_tokenize import SENTENCES, build_tokenizer
 
 from jquant import cli
 from jquant.models.tokenize import PromptTruncatedWarning
-from jquant.pipeline.t2v import MemoryReport, PipelineError, load_pipeline, pack_latents, unpack_latents
+from jquant.pipeline.t2v import (
+    MemoryReport,
+    PipelineError,
+    UniPC,
+    image_ids,
+    load_pipeline,
+    pack_latents,
+    unipc_schedule,
+    unpack_latents,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -415,3 +426,37 @@ def test_offload_and_quantized_dir(wan: tuple[Path, Any], wan_f32: Any, tmp_path
     (other / "transformer" / "config.json").write_text(json.dumps({**cfg, "num_layers": 1}))
     with pytest.raises(PipelineError, match="quantized for another transformer"):
         load_pipeline(other, quantized_dir=q, **F32)
+
+
+# --- properties -------------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(
+    steps=st.integers(1, 6),
+    shift=st.floats(1.0, 6.0),
+    seed=st.integers(0, 2**16),
+)
+def test_first_order_unipc_is_flow_euler(steps: int, shift: float, seed: int) -> None:
+    """Without the corrector, first-order UniPC in flow sigmas is exactly Euler's
+    x + (sigma_next - sigma) v (predict-x0 with alpha = 1 - sigma collapses to it)."""
+    config = {**UNIPC, "flow_shift": shift, "solver_order": 1, "disable_corrector": list(range(steps))}
+    sched = unipc_schedule(config, steps)
+    solver = UniPC(config, sched.sigmas)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+    for i in range(steps):
+        v = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+        want = x + (sched.sigmas[i + 1] - sched.sigmas[i]) * v
+        x = solver.step(i, v, x)
+        np.testing.assert_allclose(x, want, rtol=1e-4, atol=1e-4)
+    assert sched.sigmas[-1] == 0 and np.all(np.diff(sched.sigmas) < 0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 2), c=st.integers(1, 4), h=st.integers(1, 4), w=st.integers(1, 4))
+def test_pack_unpack_inverse(b: int, c: int, h: int, w: int) -> None:
+    z = np.random.default_rng(b * 1000 + c * 100 + h * 10 + w).standard_normal((b, c, 2 * h, 2 * w))
+    packed = pack_latents(z)
+    assert packed.shape == (b, h * w, 4 * c)
+    np.testing.assert_array_equal(unpack_latents(packed, 2 * h, 2 * w), z)
+    ids = np.asarray(image_ids(2 * h, 2 * w))
+    assert ids.shape == (h * w, 3) and np.all(ids[:, 0] == 0) and ids[-1, 1] == h - 1 and ids[-1, 2] == w - 1
