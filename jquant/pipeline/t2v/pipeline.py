@@ -104,8 +104,8 @@ class T2VPipeline:
       kind: ``"WanPipeline"`` or ``"FluxPipeline"``.
       path: the pipeline directory.
       encoders: ``{folder: (TextEncoder, Tokenizer)}``.
-      transformer, params: the Flax transformer and its float params (None once quantized from a
-        checkpoint).
+      transformer, params: the Flax transformer and its float params (None with a
+        ``quantized_dir``, and once a recipe has been applied).
       vae: the WanVAE or KLVAE.
       scheduler: the scheduler config dict.
       quantized: the transformer's QuantizedModel (recipe or ``jquant quantize`` output), or None.
