@@ -1,4 +1,4 @@
-"""The ``jquant`` command line: ``demo``, ``quantize``, ``eval``, ``formats``, ``export-gguf``.
+"""The ``jquant`` command line: ``demo``, ``quantize``, ``eval``, ``generate``, ``formats``, ``export-gguf``.
 
 Each subcommand is a thin wrapper over a library function, so scripts and notebooks can
 call the same code directly.
