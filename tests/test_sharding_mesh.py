@@ -234,7 +234,8 @@ def test_distributed_hessians_equal_single_device():
         chex.assert_trees_all_close(spread[path].count, single[path].count)
         # inputs are computed under another partitioning: equal up to the last float bit, so a
         # value on a histogram bin edge may land one bin over
-        np.testing.assert_allclose(spread[path].absmax, single[path].absmax, rtol=1e-5)
+        top = float(np.abs(np.asarray(single[path].absmax)).max())
+        np.testing.assert_allclose(spread[path].absmax, single[path].absmax, rtol=1e-5, atol=1e-5 * top)
         assert int(spread[path].hist.sum()) == int(single[path].hist.sum())
         assert int(np.abs(np.asarray(spread[path].hist) - np.asarray(single[path].hist)).sum()) <= 2e-3 * int(
             single[path].hist.sum()
