@@ -57,6 +57,7 @@ def _inputs(t: tiny_wan.TinyWan):
 def test_injection_preserves_the_float_model_and_plants_outliers(tiny) -> None:
     cfg = inj.OutlierConfig(fraction=0.05, scale=32.0, peak=128.0)
     params, planted = inj.inject_outliers(tiny.params, cfg)
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))  # methods may use .at[]
     x, t, text = _inputs(tiny)
     before = tiny_wan.velocity(tiny.model, tiny.params, x, t, text)
     after = tiny_wan.velocity(tiny.model, params, x, t, text)

@@ -30,6 +30,7 @@ import dataclasses
 import re
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jquant.rules import flatten_with_paths
@@ -119,7 +120,7 @@ def _scale(tree: dict, path: str, s: np.ndarray, axis: int) -> None:
     arr = np.asarray(a)
     shape = [1] * arr.ndim
     shape[axis] = -1
-    _set(tree, path, (arr.astype(np.float32) * s.reshape(shape)).astype(arr.dtype))
+    _set(tree, path, jnp.asarray((arr.astype(np.float32) * s.reshape(shape)).astype(arr.dtype)))
 
 
 def _blocks(params: dict) -> list[str]:
@@ -155,7 +156,7 @@ def inject_outliers(params: dict, config: OutlierConfig | None = None) -> tuple[
                 t = table.astype(np.float32).copy()
                 t[:, i_shift] *= s
                 t[:, i_scale] = t[:, i_scale] * s + (s - 1)
-                _set(p, f"{b}/scale_shift_table", t.astype(table.dtype))
+                _set(p, f"{b}/scale_shift_table", jnp.asarray(t.astype(table.dtype)))
                 for tgt in targets:
                     _scale(p, f"{b}/{tgt}/kernel", 1 / s, 0)
                     planted[f"{b}/{tgt}/kernel"] = s
