@@ -43,7 +43,18 @@ ALL_SPECS = [s for n in NAMES for s in _specs(n)]
 KINDS = ("zero", "zero_block", "const", "tiny", "subnormal", "huge", "near_max", "mixed_extremes", "outlier", "normal")
 
 
-GGUF_LEVELS = {"q8_0": 127, "q4_k": 63 * 15 + 63, "q5_k": 63 * 31 + 63, "q6_k": 127 * 32}
+GGUF_LEVELS = {
+    "q8_0": 127,
+    "q4_k": 63 * 15 + 63,
+    "q5_k": 63 * 31 + 63,
+    "q6_k": 127 * 32,
+    "q4_0": 8,  # d (q - 8)
+    "q5_0": 16,  # d (q - 16)
+    "q4_1": 15 + 1,  # d q + m, m a float16 of its own
+    "q5_1": 31 + 1,
+    "q2_k": 15 * 3 + 15,  # d sc q - dmin m, 4-bit sc and m
+    "q3_k": 32 * 4,  # d (sc - 32) (q - 4)
+}
 
 
 def _shape(spec) -> tuple[int, int]:
