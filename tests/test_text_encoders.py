@@ -265,7 +265,8 @@ def test_missing_and_mismatched_checkpoints_are_named(tmp_path: Path) -> None:
         load_text_encoder(tmp_path / "te")
     save_file({**tensors, key: tensors[key][:3]}, weights)
     with pytest.raises(
-        CheckpointMismatchError, match=rf"{key} -> block_1/attn/relative_attention_bias/embedding: got \(3, 4\)"
+        CheckpointMismatchError,
+        match=rf"{key} \(3, 4\) -> block_1/attn/relative_attention_bias/embedding: config needs \(8, 4\)",
     ):
         load_text_encoder(tmp_path / "te")
     weights.write_bytes(weights.read_bytes()[:-10])

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from jquant.models import (
     mochi,
     wan,
 )
-from jquant.models.port import DiffusersConfig, Port
+from jquant.models.port import DiffusersConfig, KeyEntry, Port
 from jquant.models.safetensors import (
     SafetensorsError,
     get_tensor,
@@ -137,6 +139,45 @@ def check_keys(expected: set[str], present: set[str], ignore: tuple[str, ...], w
         )
 
 
+def read_tensors(
+    where: Path,
+    files: Mapping[str, Path],
+    entries: Sequence[KeyEntry],
+    shapes: Mapping[str, Sequence[int]],
+    dtype: Any,
+    keep_fp32: Sequence[str] = (),
+) -> dict[str, jax.Array]:
+    """``{flax path: array}`` of every entry, read file by file from the safetensors ``files``
+    (``{torch key: file}``), mapped to the Flax layout and cast to ``dtype`` (float32 where a
+    ``keep_fp32`` regex matches the path). Every tensor whose shape differs from ``shapes`` is
+    listed in one :class:`CheckpointMismatchError` naming ``where``; a damaged file raises
+    :class:`CheckpointError` naming it. The one weight reader of the ports, text encoders and VAEs."""
+    by_file: dict[Path, list[KeyEntry]] = {}
+    for e in entries:
+        by_file.setdefault(files[e.torch_key], []).append(e)
+    flat: dict[str, jax.Array] = {}
+    bad = []
+    for file, file_entries in by_file.items():
+        try:
+            with open_safetensors(file) as f:
+                for e in file_entries:
+                    raw = get_tensor(f, file, e.torch_key)
+                    want = tuple(shapes[e.flax_path])
+                    array = e.to_flax(raw) if math.prod(raw.shape) == math.prod(want) else raw
+                    if tuple(array.shape) != want:
+                        bad.append(
+                            f"{file.name}: {e.torch_key} {tuple(raw.shape)} -> {e.flax_path}: config needs {want}"
+                        )
+                        continue
+                    keep = any(re.search(p, e.flax_path) for p in keep_fp32)
+                    flat[e.flax_path] = jnp.asarray(array, jnp.float32 if keep else dtype)
+        except SafetensorsError as err:
+            raise CheckpointError(str(err)) from err
+    if bad:
+        raise CheckpointMismatchError(f"{where}: {len(bad)} tensors have the wrong shape:\n" + "\n".join(bad))
+    return flat
+
+
 def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[nn.Module, dict[str, Any]]:
     """Load a diffusers model directory into (Flax module, params).
 
@@ -160,28 +201,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[
             f"{port.module_cls.__name__} key map out of sync with the module: {sorted(map_paths ^ set(shapes))}"
         )
 
-    by_file: dict[Path, list[Any]] = {}
-    for e in entries:
-        by_file.setdefault(files[e.torch_key], []).append(e)
-    flat: dict[str, jax.Array] = {}
-    bad_shapes = []
-    for file, file_entries in by_file.items():
-        try:
-            with open_safetensors(file) as f:
-                for e in file_entries:
-                    array = e.to_flax(get_tensor(f, file, e.torch_key))
-                    want = shapes[e.flax_path].shape
-                    if array.shape != want:
-                        bad_shapes.append(f"{e.torch_key} -> {e.flax_path}: got {array.shape}, config needs {want}")
-                        continue
-                    keep = any(re.search(p, e.flax_path) for p in port.keep_fp32)
-                    flat[e.flax_path] = jnp.asarray(array, jnp.float32 if keep else dtype)
-        except SafetensorsError as err:
-            raise CheckpointError(str(err)) from err
-    if bad_shapes:
-        raise CheckpointMismatchError(
-            f"{path}: {len(bad_shapes)} tensors have the wrong shape:\n" + "\n".join(bad_shapes)
-        )
+    flat = read_tensors(path, files, entries, {k: v.shape for k, v in shapes.items()}, dtype, port.keep_fp32)
     return port.module(config, dtype), traverse_util.unflatten_dict(flat, sep="/")
 
 

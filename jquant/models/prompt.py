@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jquant.models import clip_text, t5
-from jquant.models.loading import CheckpointError, CheckpointMismatchError, check_keys, read_config_json
+from jquant.models.loading import CheckpointError, check_keys, read_config_json, read_tensors
 from jquant.models.port import KeyEntry
 from jquant.models.roles import assign_roles
-from jquant.models.safetensors import SafetensorsError, get_tensor, open_safetensors, weight_files
+from jquant.models.safetensors import SafetensorsError, weight_files
 from jquant.models.tokenize import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -173,25 +173,7 @@ def load_text_encoder(path: str | Path, dtype: Any = jnp.float32) -> TextEncoder
             f"{type(module).__name__} key map out of sync: {sorted({e.flax_path for e in entries} ^ set(shapes))}"
         )
 
-    by_file: dict[Path, list[KeyEntry]] = {}
-    for e in entries:
-        by_file.setdefault(files[e.torch_key], []).append(e)
-    flat: dict[str, jax.Array] = {}
-    bad = []
-    for file, file_entries in by_file.items():
-        try:
-            with open_safetensors(file) as handle:
-                for e in file_entries:
-                    array = e.to_flax(get_tensor(handle, file, e.torch_key))
-                    want = shapes[e.flax_path].shape
-                    if array.shape != want:
-                        bad.append(f"{e.torch_key} -> {e.flax_path}: got {array.shape}, config needs {want}")
-                        continue
-                    flat[e.flax_path] = jnp.asarray(array, dtype)
-        except SafetensorsError as err:
-            raise CheckpointError(str(err)) from err
-    if bad:
-        raise CheckpointMismatchError(f"{path}: {len(bad)} tensors have the wrong shape:\n" + "\n".join(bad))
+    flat = read_tensors(path, files, entries, {k: v.shape for k, v in shapes.items()}, dtype)
     return TextEncoder(module, traverse_util.unflatten_dict(flat, sep="/"), config, path)
 
 

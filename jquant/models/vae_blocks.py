@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jquant.models.loading import CheckpointError, CheckpointMismatchError, read_config_json
+from jquant.models.loading import CheckpointError, CheckpointMismatchError, read_config_json, read_tensors
 from jquant.models.port import KeyEntry
-from jquant.models.safetensors import SafetensorsError, get_tensor, open_safetensors, weight_files
+from jquant.models.safetensors import SafetensorsError, weight_files
 
 F32 = jnp.float32
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -271,26 +271,5 @@ def read_params(
             f"{folder} does not match its config.json's key map.\n"
             f"missing keys ({len(missing)}): {missing}\nunexpected keys ({len(unexpected)}): {unexpected}"
         )
-    by_file: dict[Path, list[KeyEntry]] = {}
-    for e in entries:
-        by_file.setdefault(files[e.torch_key], []).append(e)
-    flat: dict[str, jax.Array] = {}
-    bad = []
-    for file, file_entries in by_file.items():
-        try:
-            with open_safetensors(file) as f:
-                for e in file_entries:
-                    raw = get_tensor(f, file, e.torch_key)
-                    want = tuple(flat_shapes[e.flax_path].shape)
-                    array = e.to_flax(raw) if math.prod(raw.shape) == math.prod(want) else raw
-                    if tuple(array.shape) != want:
-                        bad.append(
-                            f"{file.name}: {e.torch_key} {tuple(raw.shape)} -> {e.flax_path}: config needs {want}"
-                        )
-                        continue
-                    flat[e.flax_path] = jnp.asarray(array, dtype)
-        except SafetensorsError as err:
-            raise CheckpointError(str(err)) from err
-    if bad:
-        raise CheckpointMismatchError(f"{folder}: {len(bad)} tensors have the wrong shape:\n" + "\n".join(bad))
+    flat = read_tensors(folder, files, entries, {k: v.shape for k, v in flat_shapes.items()}, dtype)
     return traverse_util.unflatten_dict(flat, sep="/")
