@@ -58,3 +58,18 @@ def test_as_qarray_layout_is_a_flax_kernel() -> None:
     blocks = jnp.zeros((6, 2, 34 * 1), jnp.uint8)
     q = QArray(blocks, None, spec=parse_spec("q8_0"), dtype=jnp.bfloat16, axis=-2)
     assert q.shape == (64, 6)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q3_k", "q4_k"])
+def test_kernel_dispatch_leaves_block_codes_without_a_kernel_to_xla(fmt: str, monkeypatch) -> None:
+    """With the kernel path forced on (as on a Hopper GPU), GGUF types without a kernel (and with
+    activations) are handed back to XLA instead of reading a per-channel scale they do not have."""
+    from jquant.dispatch import kernels as kd
+    from pallas_kernels import _common
+
+    monkeypatch.setattr(kd, "on_gpu", lambda: True)
+    monkeypatch.setattr(_common, "on_hopper", lambda: False)  # no kernel applies, none may crash
+    w = quantize(jnp.asarray(np.random.default_rng(1).normal(size=(256, 8)), jnp.float32) * 0.05, parse_spec(fmt))
+    x = jnp.ones((3, 256), jnp.bfloat16)
+    assert kd.maybe_run(x, w, act=None, act_scale=None) is None
+    assert kd.maybe_run(x, w, act=parse_spec("int8/token"), act_scale=None) is None

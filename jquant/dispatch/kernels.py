@@ -228,8 +228,9 @@ def on_gpu() -> bool:
 
 
 def _channel_scale(w: QArray):
-    """[N] weight scale if w is 2-D, symmetric, with one scale per output channel."""
-    if w.ndim != 2 or w.zero_point is not None or w.spec.scaling or w.scale.shape[0] != 1:
+    """[N] weight scale if w is 2-D, symmetric, with one scale per output channel (None for GGUF
+    block codes, whose scales live inside their blocks)."""
+    if w.scale is None or w.ndim != 2 or w.zero_point is not None or w.spec.scaling or w.scale.shape[0] != 1:
         return None
     return decode_scale(w)[0]
 
