@@ -131,3 +131,50 @@ def markdown(rows: Sequence[Mapping[str, object]]) -> str:
         for r in rows
     )
     return head + body
+
+
+def _channels(rep: LayerOutliers, n: int = 3) -> str:
+    """``"c (xR, pP)"`` for the first ``n`` top channels (``p`` only when persistence is known)."""
+    parts = []
+    for i, (c, r) in enumerate(rep.top[:n]):
+        p = f", p{rep.persistence[i]:.2f}" if i < len(rep.persistence) else ""
+        parts.append(f"{c} (x{r:.0f}{p})" if r >= 10 else f"{c} (x{r:.1f}{p})")
+    return ", ".join(parts)
+
+
+def worst_layers(reports: Mapping[str, LayerOutliers], n: int = 8) -> list[str]:
+    """The ``n`` layers with the largest ``ratio``, largest first (ties in report order)."""
+    return sorted(reports, key=lambda p: -reports[p].ratio)[:n]
+
+
+def format_table(
+    reports: Mapping[str, LayerOutliers],
+    roles: Mapping[str, Sequence[str]] | None = None,
+    overlap: Mapping[str, float] | None = None,
+    *,
+    worst: int = 8,
+) -> str:
+    """A fixed-width printout of a report: one line per role (:func:`summarize`, with the worst
+    layer's top channels as ``channel (x ratio, p persistence)``), then the ``worst`` layers by
+    ratio with their role, kurtosis, top channels and (given ``overlap``) top-channel overlap
+    across timestep groups and CFG branches."""
+    if not reports:
+        raise ValueError("format_table: the report has no layers (did calibration see any linear layer?)")
+    rows = summarize(reports, roles)
+    head = f"{'role':<14} {'layers':>6} {'ratio med':>9} {'ratio max':>9} {'kurt med':>8}  worst layer: top channels"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['role']:<14} {r['layers']:>6} {r['median_ratio']:>9.1f} {r['max_ratio']:>9.1f} "
+            f"{r['median_kurtosis']:>8.1f}  {r['worst']}: {_channels(reports[r['worst']])}"
+        )
+    paths = worst_layers(reports, worst)
+    width = max(len(p) for p in paths)
+    head2 = f"{'layer':<{width}} {'role':<14} {'ratio':>7} {'kurt':>7} {'overlap':>7}  top channels (x ratio, p persistence)"
+    lines += ["", f"largest ratios ({len(paths)} of {len(reports)} layers):", head2, "-" * len(head2)]
+    for p in paths:
+        rep = reports[p]
+        role = ((roles or {}).get(p) or ("-",))[0]
+        ov = f"{overlap[p]:>7.2f}" if overlap is not None and p in overlap else f"{'-':>7}"
+        lines.append(f"{p:<{width}} {role:<14} {rep.ratio:>7.1f} {rep.kurtosis:>7.1f} {ov}  {_channels(rep)}")
+    return "\n".join(lines)
