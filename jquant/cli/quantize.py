@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from jquant.cli import outliers as outlier_report
 from jquant.cli.common import ArgumentParser, UsageError, check_model_dir
 from jquant.pipeline import recipes as rc
 from jquant.pipeline.artifacts import (
@@ -87,6 +88,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-branch", action="store_true", help="separate scales per CFG branch")
     p.add_argument("--per-frame", action="store_true", help="separate scales per video frame")
     p.add_argument("--margin", type=float, default=1.0, help="headroom factor on calibrated ranges")
+    p.add_argument("--outliers", action="store_true", help=outlier_report.HELP)
     return p
 
 
@@ -121,6 +123,8 @@ def main_quantize(argv: list[str] | None = None) -> int:
     cal = Calibrator(bundle, ccfg, progress=True)
     print(f"quantizing {model_dir} with {recipe.name}: {recipe.transform.name}; {recipe.label}")
     qm = quantize(bundle, recipe, cal)
+    if a.outliers:
+        outlier_report.report(cal, a.out)
 
     meta = {
         "model_dir": str(Path(a.model_dir).resolve()),
@@ -173,6 +177,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=4, help="samples (classes/prompts cycle from 0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (same noise for both models)")
     p.add_argument("--out", default=None, help="where to write eval.json (default: CKPT_DIR)")
+    p.add_argument("--outliers", action="store_true", help=outlier_report.HELP)
     return p
 
 
@@ -195,6 +200,8 @@ def main_eval(argv: list[str] | None = None) -> int:
         raise ValueError(
             f"the scale table has {qm.table.num_steps} steps; the sampler runs {bundle.denoiser.num_steps}"
         )
+    if a.outliers:
+        outlier_report.report_recorded(bundle, meta, a.out or a.ckpt_dir)
     work = bundle.workload(a.clips, a.seed)
     ref = reference(bundle, work)
     row = evaluate(bundle, qm, ref)
