@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import hypothesis.strategies as st
 import numpy as np
@@ -148,3 +149,51 @@ def test_outliers_flag_on_the_bundled_tiny_model(tmp_path, capsys) -> None:
     assert (e / ocli.PNG_NAME).stat().st_size > 10_000
     # eval replays the calibration workload recorded at quantization: the same report
     assert json.loads((e / ocli.JSON_NAME).read_text()) == json.loads((q / ocli.JSON_NAME).read_text())
+
+
+def _doc_rows(section: str) -> dict[str, list[str]]:
+    """``{first cell: other cells}`` of every markdown table row in ``section``."""
+    out = {}
+    for ln in section.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if ln.lstrip().startswith("|") and len(cells) > 1 and not set(cells[1]) <= set("-:"):
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_results_doc_quotes_the_testbed_json() -> None:
+    root = Path(__file__).resolve().parents[1]
+    res = json.loads((root / "benchmarks" / "outlier_testbed.json").read_text())
+    section = (root / "docs" / "results.md").read_text().split("## Three testbeds", 1)[1]
+    rows = _doc_rows(section)
+    methods = [r["method"] for r in res["testbeds"]["tiny"]["rows"]]
+    for m in methods:
+        cells = []
+        for bed in ("tiny", "stress"):
+            row = next((r for r in res["testbeds"][bed]["rows"] if r["method"] == m), None)
+            cells += ["not measured"] * 2 if row is None else [f"{row['psnr']:.2f}", f"{row['one_step']:.4f}"]
+        assert rows[m] == [*cells, "does not exist yet"], m
+    for bed in ("tiny", "stress"):
+        rep_ = res["testbeds"][bed]["report"]
+        assert rows[bed][1] == f"{rep_['median_ratio']:.1f}, {rep_['max_ratio']:.1f}", bed
+        assert rows[bed][2] == f"{rep_['median_top_overlap']:.2f}", bed
+
+
+def test_outliers_doc_quotes_the_probe_json() -> None:
+    root = Path(__file__).resolve().parents[1]
+    med = json.loads((root / "benchmarks" / "quarot_stress_probe.json").read_text())["median_over_planted_layers"]
+    rows = _doc_rows((root / "docs" / "outliers.md").read_text().split("quarot_stress_probe.py", 1)[1])
+    keys = {
+        "A8 per token, plain": "A8 plain",
+        "A8 per token, rotated": "A8 rotated",
+        "A8 per token, smoothed": "A8 smoothed",
+        "W8 GPTQ, rotated": "W8 GPTQ rotated",
+        "W8A8, rotated, GPTQ (the `int8-wa-quarot` layer)": "W8A8 GPTQ rotated (int8-wa-quarot)",
+        "W8A8 RTN, smoothed": "W8A8 RTN smoothed",
+    }
+    for label, key in keys.items():
+        assert rows[label] == [f"{med['tiny'][key]:.4f}", f"{med['stress'][key]:.4f}"], label
+    assert rows["token RMS / RMS of the unplanted channels"] == [f"{med[b]['energy']:.2f}" for b in ("tiny", "stress")]
+    assert rows["token absmax / RMS after the rotation"] == [
+        f"{med[b]['crest_rotated']:.2f}" for b in ("tiny", "stress")
+    ]
