@@ -11,6 +11,7 @@ sampler, per-step precision, role policies, recipes, fidelity, CLI (docs/pipelin
 (The submodules keep their names: ``jquant.pipeline.evaluate`` is the module.)
 """
 
+from jquant.pipeline.bundles import load_bundle
 from jquant.pipeline.calibrate import (
     CalibrationConfig,
     Calibrator,
@@ -22,7 +23,6 @@ from jquant.pipeline.denoiser import (
     Denoiser,
     ModelBundle,
     Workload,
-    load_bundle,
     tiny_wan_bundle,
 )
 from jquant.pipeline.runtime import (

@@ -7,16 +7,17 @@ the CFG scale, where the video frames are in the token sequence) and a :class:`W
 (the noise and conditioning of one batch of samples). :class:`ModelBundle` adds the float
 params, the layer roles and how to turn latents into videos for the metrics.
 
-Bundles exist for the Wan2.1 port (the bundled tiny model with its class conditioning, or
-any Wan directory with seeded stand-in text embeddings) and for DiT (class labels, DDIM,
-learned sigma). :func:`load_bundle` picks one from a model directory.
+This module holds the Wan2.1 bundles (the bundled tiny model with its class conditioning, or
+any Wan directory with seeded stand-in text embeddings) and DiT's (class labels, DDIM,
+learned sigma); :mod:`jquant.pipeline.bundles` adds the other ports (Flux, HunyuanVideo,
+CogVideoX, Mochi, LTX-Video, LTX-2), the prompt-encoded pipeline directories and
+:func:`~jquant.pipeline.bundles.load_bundle`, which picks one from a model directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -28,6 +29,8 @@ import numpy as np
 from jquant import models
 from jquant.models import tiny_wan as tw
 from jquant.sampling import (
+    DDIMSchedule,
+    FlowSchedule,
     ddim_schedule,
     flow_match_schedule,
     sample_ddim,
@@ -50,13 +53,19 @@ class Denoiser:
         scalar timestep the sampler passes (broadcast inside).
       sampler: ``"flow"`` (flow-match Euler) or ``"ddim"``.
       num_steps: denoising steps.
-      shift: flow-match timestep shift.
+      shift: flow-match timestep shift (unused with ``schedule_fn``).
       guidance_scale: CFG scale (1.0: no unconditional branch is run).
       learned_sigma: DDIM models whose output holds 2C channels (DiT).
       channel_axis: channel axis of the prediction (DiT latents are NCHW: 1).
       frames_fn: ``latent_shape -> (frames, video_tokens)`` when the model's token sequence
         is frame-major video tokens (per-frame scales); None for images.
       name: for reports.
+      prediction_type: what a DDIM model predicts: ``"epsilon"`` (DiT), ``"v_prediction"``
+        (CogVideoX) or ``"sample"``; flow models predict a velocity (ignored).
+      schedule_fn: ``num_steps -> FlowSchedule`` (flow) or ``DDIMSchedule`` (ddim): the model's own
+        schedule (Flux's and LTX's dynamic shift, Mochi's inverted linear-quadratic sigmas,
+        CogVideoX's SNR-shifted alphas); None: ``flow_match_schedule(n, shift)`` /
+        ``ddim_schedule(n)``.
     """
 
     module: nn.Module
@@ -69,12 +78,18 @@ class Denoiser:
     channel_axis: int = -1
     frames_fn: Callable[[tuple[int, ...]], tuple[int, int]] | None = None
     name: str = "model"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    schedule_fn: Callable[[int], FlowSchedule | DDIMSchedule] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in ("flow", "ddim"):
             raise ValueError(f"Denoiser.sampler must be 'flow' or 'ddim', got {self.sampler!r}")
         if self.num_steps < 1:
             raise ValueError(f"Denoiser.num_steps must be >= 1, got {self.num_steps}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"Denoiser.prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}"
+            )
 
     @property
     def cfg(self) -> bool:
@@ -84,11 +99,17 @@ class Denoiser:
     def apply(self, variables: Variables, x: Array, t: Array, cond: PyTree) -> Array:
         return self.apply_fn(self.module, variables, x, t, cond)
 
+    def schedule(self) -> FlowSchedule | DDIMSchedule:
+        """The sampler's schedule at ``num_steps``."""
+        if self.schedule_fn is not None:
+            return self.schedule_fn(self.num_steps)
+        if self.sampler == "flow":
+            return flow_match_schedule(self.num_steps, shift=self.shift)
+        return ddim_schedule(self.num_steps)
+
     def timesteps(self) -> np.ndarray:
         """The timesteps the sampler passes, step 0 (noisiest) first."""
-        if self.sampler == "flow":
-            return np.asarray(flow_match_schedule(self.num_steps, shift=self.shift).timesteps, np.float32)
-        return np.asarray(ddim_schedule(self.num_steps).timesteps, np.int32)
+        return np.asarray(self.schedule().timesteps, np.float32 if self.sampler == "flow" else np.int32)
 
     def with_steps(self, num_steps: int) -> "Denoiser":
         return dataclasses.replace(self, num_steps=num_steps)
@@ -98,13 +119,13 @@ class Denoiser:
     ):
         """Run the jitted sampler; ``model_fn(x, t, cond, step_slice)`` (a ``Partial``)."""
         uncond = work.uncond if self.cfg else None
+        schedule = self.schedule()
         if self.sampler == "flow":
             return sample_flow_euler(
                 model_fn,
                 work.x_T,
                 work.cond,
-                num_steps=self.num_steps,
-                shift=self.shift,
+                schedule=schedule,
                 guidance_scale=self.guidance_scale,
                 uncond=uncond,
                 step_data=step_data,
@@ -114,7 +135,8 @@ class Denoiser:
             model_fn,
             work.x_T,
             work.cond,
-            num_steps=self.num_steps,
+            schedule=schedule,
+            prediction_type=self.prediction_type,
             guidance_scale=self.guidance_scale,
             uncond=uncond,
             step_data=step_data,
@@ -184,7 +206,7 @@ def wan_frames(patch: tuple[int, int, int]) -> Callable[[tuple[int, ...]], tuple
     return fn
 
 
-def _latents_as_video(latents: Array) -> tuple[Array, float | None]:
+def latents_as_video(latents: Array) -> tuple[Array, float | None]:
     """Raw latents as videos ``[B, F, H, W, C]`` (no VAE here); the metrics take the data
     range from the reference (None)."""
     x = jnp.moveaxis(jnp.asarray(latents, jnp.float32), 1, -1)
@@ -223,6 +245,8 @@ def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
     def to_video(latents: Array) -> tuple[Array, float | None]:
         return tw.latents_to_clips(latents)[..., None], 1.0
 
+    shape = tuple(b.latent_shape(1))
+
     return ModelBundle(
         den,
         b.params,
@@ -230,8 +254,71 @@ def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
         workload,
         to_video,
         b.config,
-        {"classifier": b.classifier, "classifier_params": b.classifier_params, "tiny": b},
+        {
+            "classifier": b.classifier,
+            "classifier_params": b.classifier_params,
+            "tiny": b,
+            "calibration": calibration_info(
+                frames=shape[2], height=shape[3], width=shape[4], units="latent", den=den, text="digit classes"
+            ),
+        },
     )
+
+
+class SettingError(ValueError):
+    """A calibration setting a model cannot take; ``names`` are the settings at fault
+    (``frames``, ``height``, ``width``, ``num_steps``), for the CLI to name its flags."""
+
+    def __init__(self, message: str, names: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+def check_grid(
+    source: str, frames: int, height: int, width: int, patch: tuple[int, int, int], units: str = "latent"
+) -> None:
+    """Refuse a calibration grid the patching cannot take, naming ``source`` (the model
+    directory) and the patch: ``frames``, ``height``, ``width`` (in ``units``) must be positive
+    multiples of ``patch = (pt, ph, pw)``."""
+    pt, ph, pw = patch
+    bad = [
+        f"{name}={v} (multiple of {m})"
+        for name, v, m in (("frames", frames, pt), ("height", height, ph), ("width", width, pw))
+        if v < 1 or v % m
+    ]
+    if bad:
+        raise SettingError(
+            f"{source}: calibration grid {frames}x{height}x{width} ({units} frames x height x width) does not fit the "
+            f"patch {pt}x{ph}x{pw}: {', '.join(bad)}",
+            tuple(b.split("=")[0] for b in bad),
+        )
+
+
+def calibration_info(
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    units: str,
+    text: str,
+    den: Denoiser,
+    prompts: tuple[str, ...] = (),
+    **more: Any,
+) -> dict[str, Any]:
+    """What a bundle calibrates on, for ``jquant quantize`` to print and record
+    (``ModelBundle.extra["calibration"]``)."""
+    return {
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "units": units,
+        "conditioning": text,
+        "prompts": list(prompts),
+        "sampler": f"{den.sampler} ({den.prediction_type})" if den.sampler == "ddim" else den.sampler,
+        "steps": den.num_steps,
+        "guidance": den.guidance_scale,
+        **more,
+    }
 
 
 def wan_bundle(
@@ -244,13 +331,16 @@ def wan_bundle(
     guidance_scale: float = 5.0,
     frames: int = 4,
     size: int = 32,
+    height: int | None = None,
+    width: int | None = None,
     text_tokens: int = 16,
+    source: str = "wan",
 ) -> ModelBundle:
     """Any Wan2.1 port: seeded stand-in text embeddings (no text encoder here), zeros as the
-    CFG branch, latents ``[B, C, frames, size, size]``."""
-    pt, ph, pw = config.patch_size
-    if frames % pt or size % ph or size % pw:
-        raise ValueError(f"wan_bundle: frames={frames}, size={size} must be multiples of the patch {config.patch_size}")
+    CFG branch, latents ``[B, C, frames, height, width]`` (latent units; ``height`` and
+    ``width`` default to ``size``)."""
+    height, width = height or size, width or size
+    check_grid(source, frames, height, width, tuple(config.patch_size))
     den = Denoiser(
         model,
         _wan_apply,
@@ -264,11 +354,22 @@ def wan_bundle(
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
         k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), start))
-        x_T = jax.random.normal(k1, (n, config.in_channels, frames, size, size), jnp.float32)
+        x_T = jax.random.normal(k1, (n, config.in_channels, frames, height, width), jnp.float32)
         text = jax.random.normal(k2, (n, text_tokens, config.text_dim), jnp.float32)
         return Workload(x_T, text, jnp.zeros_like(text), tuple(range(start, start + n)))
 
-    return ModelBundle(den, params, models.layer_roles(config, params), workload, _latents_as_video, config)
+    info = calibration_info(
+        frames=frames, height=height, width=width, units="latent", den=den, text=f"stand-in ({text_tokens} tokens)"
+    )
+    return ModelBundle(
+        den,
+        params,
+        models.layer_roles(config, params),
+        workload,
+        latents_as_video,
+        config,
+        {"calibration": info},
+    )
 
 
 # --- DiT -----------------------------------------------------------------------------------------
@@ -278,9 +379,23 @@ def _dit_apply(module: nn.Module, variables: Variables, x: Array, t: Array, cond
 
 
 def dit_bundle(
-    model: nn.Module, params: PyTree, config: Any, *, num_steps: int = 12, guidance_scale: float = 4.0
+    model: nn.Module,
+    params: PyTree,
+    config: Any,
+    *,
+    num_steps: int = 12,
+    guidance_scale: float = 4.0,
+    frames: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    source: str = "dit",
 ) -> ModelBundle:
-    """DiT: class labels (the null class ``num_embeds_ada_norm`` for CFG), DDIM, learned sigma."""
+    """DiT: class labels (the null class ``num_embeds_ada_norm`` for CFG), DDIM, learned sigma;
+    latents ``[B, C, height, width]`` (latent units, default ``sample_size``; images: ``frames=1``)."""
+    if frames != 1:
+        raise SettingError(f"{source}: DiT generates images: frames must be 1, got {frames}", ("frames",))
+    height, width = height or config.sample_size, width or config.sample_size
+    check_grid(source, 1, height, width, (1, config.patch_size, config.patch_size))
     learned = config.out_dim == 2 * config.in_channels
     den = Denoiser(
         model,
@@ -296,30 +411,10 @@ def dit_bundle(
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
         labels = (start + jnp.arange(n, dtype=jnp.int32)) % classes
-        x_T = jax.random.normal(jax.random.key(seed), (n, config.in_channels, config.sample_size, config.sample_size))
+        x_T = jax.random.normal(jax.random.key(seed), (n, config.in_channels, height, width))
         return Workload(x_T, labels, jnp.full_like(labels, classes), tuple(int(v) for v in np.asarray(labels)))
 
-    return ModelBundle(den, params, models.layer_roles(config, params), workload, _latents_as_video, config)
-
-
-def load_bundle(model_dir: str | Path, *, num_steps: int | None = None, **kwargs: Any) -> ModelBundle:
-    """A :class:`ModelBundle` for a diffusers model directory of a ported model.
-
-    A directory with ``tiny_wan.json`` is the tiny Wan with its own conditioning; other Wan
-    and DiT directories get the stand-in conditioning of :func:`wan_bundle` / :func:`dit_bundle`
-    (``kwargs`` go there). Other ports have no sampler wiring here and raise.
-    """
-    path = Path(model_dir)
-    if (path / "tiny_wan.json").is_file():
-        return tiny_wan_bundle(path, num_steps=num_steps)
-    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    model, params = models.load_pretrained(path)
-    config = model.config
-    steps = {} if num_steps is None else {"num_steps": num_steps}
-    if isinstance(config, models.WanConfig):
-        return wan_bundle(model, params, config, **steps, **kwargs)
-    if isinstance(config, models.DiTConfig):
-        return dit_bundle(model, params, config, **steps, **kwargs)
-    raise ValueError(
-        f"{path}: the pipeline has sampler wiring for Wan and DiT models, not {raw.get('_class_name', type(config).__name__)}"
+    info = calibration_info(frames=1, height=height, width=width, units="latent", den=den, text="class labels")
+    return ModelBundle(
+        den, params, models.layer_roles(config, params), workload, latents_as_video, config, {"calibration": info}
     )
