@@ -127,9 +127,11 @@ def error_row(exc: BaseException) -> dict:
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the repository (``-dirty`` with uncommitted changes to tracked
-    files); ``$JQUANT_COMMIT`` where there is no git (the GPU machine gets a copy of the working
-    tree; pass the commit in the command)."""
+    """``$JQUANT_COMMIT`` when set (the GPU machine gets a copy of the working tree, whose git
+    metadata, where any, can be stale: pass the commit in the command); else ``git rev-parse
+    HEAD`` of the repository (``-dirty`` with uncommitted changes to tracked files)."""
+    if os.environ.get("JQUANT_COMMIT"):
+        return os.environ["JQUANT_COMMIT"]
     root = os.path.dirname(_BENCHMARKS)
     try:
         head = subprocess.run(

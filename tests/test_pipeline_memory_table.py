@@ -1,0 +1,96 @@
+"""scripts/pipeline_memory_table.py on the CPU: the tiny dry run, a wrong kernel is a FAIL row,
+and docs/pipelines.md quotes the GPU JSON in the repository."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location(
+        "_pipeline_memory_table", ROOT / "scripts" / "pipeline_memory_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(autouse=True)
+def _no_out(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+
+
+def _run(table, tmp_path: Path, *extra: str) -> dict:
+    argv = ["--tiny", "--models", "wan14b", "--recipes", "bf16,q4_k_m,w4-svd", "--out-dir", str(tmp_path), *extra]
+    return table.main(argv)
+
+
+def test_tiny_table(table, tmp_path):
+    result = _run(table, tmp_path, "--time", "bf16,q4_k_m")
+    assert result["failures"] == 0
+    rows = {(r["component"], r.get("recipe")): r for r in result["rows"]}
+    for key in [("text_encoder", None), ("vae", None), ("transformer", "bf16"), ("transformer", "q4_k_m")]:
+        row = rows[key]
+        assert row["status"] == "PASS" and row["check"]["ok"], row
+        assert row["runs"] >= 10 and 0 < row["time_ms_min"] <= row["time_ms"], row
+    assert rows[("transformer", "w4-svd")]["status"] == "MEMORY"
+    pipes = {p["recipe"]: p for p in result["pipelines"]}
+    assert set(pipes) == {"bf16", "q4_k_m", "w4-svd"}
+    for p in pipes.values():  # the pipeline holds more than its transformer, and peaks above what it holds
+        t = rows[("transformer", p["recipe"])]
+        assert p["resident_bytes"] > t["resident_bytes"] and p["peak_bytes"] > p["resident_bytes"]
+    assert "seconds_per_clip" in pipes["bf16"] and "seconds_per_clip" not in pipes["w4-svd"]
+    bf16 = rows[("transformer", "bf16")]
+    expected = (
+        2 * rows[("text_encoder", None)]["time_ms"] + 50 * bf16["time_ms"] + rows[("vae", None)]["time_ms"]
+    ) / 1e3
+    assert pipes["bf16"]["seconds_per_clip"] == pytest.approx(expected)
+    written = json.loads(next(tmp_path.glob("pipeline_memory-tiny-*.json")).read_text())
+    for key in ("device", "date", "commit", "jax", "command"):
+        assert written.get(key), key
+    # A second call replaces its own rows and keeps the others.
+    again = _run(table, tmp_path, "--components", "", "--recipes", "bf16", "--time", "bf16")
+    assert sum(r["component"] == "transformer" and r.get("recipe") == "bf16" for r in again["rows"]) == 1
+    assert any(r.get("recipe") == "w4-svd" for r in again["rows"])
+
+
+def test_wrong_weights_fail_the_check(table, tmp_path, monkeypatch):
+    real = table.dequantized
+
+    def off_by_ten_percent(variables):  # a decode with a wrong scale: the kind of bug the check is for
+        out = real(variables)
+        out["params"] = table.jax.tree.map(lambda w: w * 1.1 if w.ndim == 2 else w, out["params"])
+        return out
+
+    monkeypatch.setattr(table, "dequantized", off_by_ten_percent)
+    result = _run(table, tmp_path, "--components", "", "--recipes", "bf16,q4_k_m", "--time", "bf16,q4_k_m")
+    rows = {r["recipe"]: r for r in result["rows"]}
+    assert rows["q4_k_m"]["status"] == "FAIL" and "time_ms" not in rows["q4_k_m"]
+    assert rows["bf16"]["status"] == "PASS" and result["failures"] == 1
+
+
+def test_docs_quote_the_json():
+    record = json.loads((ROOT / "benchmarks" / "pipeline_memory-nvidia-h200.json").read_text())
+    text = (ROOT / "docs" / "pipelines.md").read_text()
+    section = text[text.index("### The handbook's memory table") : text.index("### `jquant generate`")]
+    assert f"commit {record['commit']}" in section
+    mib = {round(r[k] / 2**20) for r in record["rows"] for k in ("resident_bytes", "peak_bytes") if r.get(k)}
+    for n in re.findall(r"\| ([\d,]+) MiB", section):
+        assert int(n.replace(",", "")) in mib, n
+    gib = {f"{p[k] / 2**30:.2f}" for p in record["pipelines"] for k in ("resident_bytes", "peak_bytes")}
+    for g in re.findall(r"\| ([\d.]+) GiB", section):
+        assert g in gib, g
+    for p in record["pipelines"]:
+        if "seconds_per_clip" in p:
+            assert f"{p['seconds_per_clip']:.1f} s" in section
