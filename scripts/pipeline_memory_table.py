@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -64,13 +65,17 @@ import jquant.nn as jnn  # noqa: E402
 from jquant import models  # noqa: E402
 from jquant import policy as pol  # noqa: E402
 from jquant.algorithms import kquants  # noqa: E402
-from jquant.formats import parse_spec  # noqa: E402
 from jquant.models import hunyuan_video, t5, wan, wan_vae  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes  # noqa: E402
 from jquant.pipeline.t2v.memory import ComponentMemory, MemoryReport, compiled_peak  # noqa: E402
 from jquant.qarray import QArray, dequantize  # noqa: E402
 from jquant.rules import quantize_params  # noqa: E402
-from pallas_kernels import _common, kquant_triton, timing  # noqa: E402
+from pallas_kernels import _common, timing  # noqa: E402
+
+_E2E = Path(__file__).resolve().parent / "bench_e2e.py"
+_spec = importlib.util.spec_from_file_location("bench_e2e", _E2E)
+bench_e2e = importlib.util.module_from_spec(_spec)  # its synthetic_kquant: random ggml blocks under a mix
+_spec.loader.exec_module(bench_e2e)
 
 BF16 = jnp.bfloat16
 W4 = "int4/g64"
@@ -249,22 +254,6 @@ def random_tree(shapes: Any, seed: int, dtype: Any = BF16) -> Any:
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def _kquant(params: Any, roles: dict, mix: str, seed: int) -> Any:
-    """Every tensor the GGUF ``mix`` quantizes as a codec QArray of random ggml blocks."""
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    plan = kquants.plan_kquant_mix(mix, {p: v.shape for p, v in flat.items()}, roles, axis=0)
-    out = {}
-    for i, (path, value) in enumerate(flat.items()):
-        fmt = plan.get(path)
-        if fmt is None or value.ndim != 2:
-            out[path] = value
-            continue
-        k, n = value.shape
-        blocks = jnp.asarray(kquant_triton.random_blocks(fmt, n, k, seed + i))
-        out[path] = QArray(blocks, None, spec=parse_spec(fmt), dtype=value.dtype, axis=-2)
-    return flax.traverse_util.unflatten_dict(out, sep="/")
-
-
 def _lowrank_aux(params: Any, rank: int, seed: int) -> dict[str, Any]:
     """SVDQuant's per-layer aux entries (``jquant.nn.AUX_KEYS``) for every QArray kernel:
     a rank-``rank`` bf16 branch and a smoothing vector (ones)."""
@@ -288,7 +277,7 @@ def recipe_variables(name: str, params: Any, roles: dict, rank: int, seed: int) 
     if r.weights is None:
         return {"params": params}
     if r.weights in kquants.MIX_BASE:
-        return {"params": _kquant(params, roles, r.weights, seed)}
+        return {"params": bench_e2e.synthetic_kquant(params, roles, r.weights, seed)}
     q = pol.uniform(r.weights).quantize(params, roles)
     out = {"params": q}
     if r.lowrank:

@@ -59,7 +59,8 @@ from jquant.pipeline.denoiser import (
     wan_bundle,
     wan_frames,
 )
-from jquant.pipeline.t2v import image_ids, load_pipeline, pack_latents, unpack_latents
+from jquant.pipeline.t2v import load_pipeline
+from jquant.pipeline.t2v.pipeline import flux_apply
 from jquant.sampling import (
     COGVIDEOX_2B_SCHEDULER,
     COGVIDEOX_5B_SCHEDULER,
@@ -117,26 +118,6 @@ def _stand_in(text_tokens: int) -> str:
 
 
 # --- Flux ------------------------------------------------------------------------------------------
-def flux_apply(module: nn.Module, variables: Variables, x: Array, t: Array, cond: dict[str, Array]) -> Array:
-    """Flux on unpacked latents ``[B, C, h, w]``: packs, runs, unpacks (the Euler update is
-    elementwise); ``t`` is ``sigma * 1000`` as the scheduler gives it, handed over as ``t / 1000``;
-    ``cond``: ``embeds`` [B, L, joint], ``pooled`` [B, pooled], ``guidance`` [B] (distilled configs)."""
-    _, _, h, w = x.shape
-    embeds = cond["embeds"]
-    txt_ids = jnp.zeros((embeds.shape[1], 3), jnp.float32)
-    out = module.apply(
-        variables,
-        pack_latents(x),
-        embeds,
-        cond["pooled"],
-        _bt(t, x.shape[0]) / 1000,
-        image_ids(h, w),
-        txt_ids,
-        cond.get("guidance"),
-    )
-    return unpack_latents(out, h, w)
-
-
 def flux_schedule(num_steps: int, height: int, width: int, dynamic: bool):
     """FluxPipeline's schedule on ``linspace(1, 1/n, n)``: with ``dynamic`` (FLUX.1-dev) the shift
     ``mu`` of the packed token count (diffusers' defaults 0.5..1.15 over 256..4096 tokens)."""

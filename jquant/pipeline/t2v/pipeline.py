@@ -67,10 +67,12 @@ def image_ids(h: int, w: int) -> Array:
     return jnp.stack([jnp.zeros_like(ii), ii, jj], -1).reshape(-1, 3).astype(jnp.float32)
 
 
-def _flux_apply(module: nn.Module, variables: Any, x: Array, t: Array, cond: dict[str, Array]) -> Array:
+def flux_apply(module: nn.Module, variables: Any, x: Array, t: Array, cond: dict[str, Array]) -> Array:
     """Flux on unpacked latents [B, C, h, w]: packs, runs, unpacks (the Euler update is
     elementwise, so the sampler state may stay unpacked); ``t`` is ``sigma * 1000`` as diffusers'
-    scheduler gives it, handed over as ``t / 1000``."""
+    scheduler gives it, handed over as ``t / 1000``; ``cond``: ``embeds`` [B, L, joint], ``pooled``
+    [B, pooled], ``guidance`` [B] (guidance-distilled configs). The pipeline's and the quantize
+    CLI's Flux bundles both call the transformer through it."""
     _, _, h, w = x.shape
     tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32) / 1000, (x.shape[0],))
     embeds = cond["embeds"]
@@ -182,7 +184,7 @@ class T2VPipeline:
                 )
             else:
                 self._denoisers[key] = Denoiser(
-                    self.transformer, _flux_apply, "flow", steps, guidance_scale=3.5 if cfg else 1.0, name="flux"
+                    self.transformer, flux_apply, "flow", steps, guidance_scale=3.5 if cfg else 1.0, name="flux"
                 )
         return self._denoisers[key]
 
