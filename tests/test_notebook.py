@@ -34,6 +34,7 @@ def test_quickstart_notebook_executes_next_to_a_clone(tmp_path):
     pkg = _imported_from(text)
     assert (pkg / "__init__.py").is_file() and (pkg / "rules.py").is_file()  # the package, not the clone's root
     assert "PSNR" in text and "step groups of the scale table" in text and "one-step errors" in text
+    assert "no pipeline directory at" in text  # the real-checkpoint cell says why it did nothing
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the clips side by side and the per-step error plot
 
