@@ -346,3 +346,15 @@ def test_masking_and_causality_properties(tiny_encoders: dict[str, Any], valid: 
     later[:, cut:] = rng.integers(8, 60, (1, 16 - cut))  # no end-of-text token (7) among them
     clip = tiny_encoders["clip"]
     chex.assert_trees_all_close(clip(ids)[0][:, :cut], clip(later)[0][:, :cut], atol=1e-6)
+
+
+def test_call_bytes_counts_the_call(tmp_path: Path) -> None:
+    """`call_bytes`: XLA's analysis of one encoder call; its output is the hidden states, its
+    arguments the weights, the ids and (when passed) the mask."""
+    save_t5(tmp_path, "umt5", T5_CASES["umt5-gated-gelu"][1]).save_pretrained(tmp_path)
+    te = load_text_encoder(tmp_path)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(te.params))
+    with_mask, without = te.call_bytes(2, 7), te.call_bytes(2, 7, mask=False)
+    assert with_mask["outputs"] == without["outputs"] == 2 * 7 * te.config.d_model * 4
+    assert with_mask["arguments"] == weights + 2 * (2 * 7 * 4)
+    assert without["arguments"] == weights + 2 * 7 * 4

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -225,3 +226,19 @@ def test_flux_config_maps_tensor_for_tensor() -> None:
         torch_shape = tuple(state[e.torch_key].shape)
         assert e.to_flax(np.broadcast_to(np.float32(0), torch_shape)).shape == shapes[e.flax_path].shape, e.torch_key
     assert sum(v.size for v in shapes.values()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_decode_bytes_counts_the_call(case: Any) -> None:
+    """`decode_bytes`: XLA's analysis of the decode call; its output is the image, its arguments
+    hold the decoder's weights and the latents; a size the VAE cannot decode is named."""
+    _, vae, _ = case
+    r = vae.config.spatial_ratio
+    mem = vae.decode_bytes(4 * r, 2 * r, batch=2)
+    item = jnp.dtype(vae.dtype).itemsize
+    assert mem["outputs"] == 2 * (4 * r) * (2 * r) * vae.config.out_channels * item
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(vae.params))
+    latents = 2 * 4 * 2 * vae.config.latent_channels * item
+    assert latents < mem["arguments"] <= weights + latents  # the decoder's weights (XLA drops the encoder's)
+    assert mem["temporaries"] > 0
+    with pytest.raises(ValueError, match="multiples of"):
+        vae.decode_bytes(4 * r + 1, 2 * r)

@@ -294,6 +294,21 @@ class KLVAE:
     def _fn(self, name: str) -> Any:
         return functools.partial(_jitted(self.config, jnp.dtype(self.dtype))[name], self.params)
 
+    def decode_bytes(self, height: int, width: int, batch: int = 1) -> dict[str, int]:
+        """XLA's memory analysis of the untiled `decode` of a `height` x `width` image (output
+        pixels): bytes of arguments (weights + latents), outputs and temporaries. Compiles, runs nothing."""
+        r = self.config.spatial_ratio
+        if height % r or width % r:
+            raise ValueError(f"AutoencoderKL: height and width must be multiples of {r}, got {height}x{width}")
+        z = jax.ShapeDtypeStruct((batch, height // r, width // r, self.config.latent_channels), jnp.dtype(self.dtype))
+        fn = _jitted(self.config, jnp.dtype(self.dtype))["decode"]
+        mem = fn.lower(self.params, z).compile().memory_analysis()
+        return {
+            "arguments": int(mem.argument_size_in_bytes),
+            "outputs": int(mem.output_size_in_bytes),
+            "temporaries": int(mem.temp_size_in_bytes),
+        }
+
     def _sizes(self, tiling: Tiling) -> tuple[int, int]:
         sample = tiling.sample_size or self.config.tile_size
         return sample, int(sample / self.config.spatial_ratio)

@@ -86,6 +86,18 @@ class TextEncoder:
     def __call__(self, input_ids: Any, attention_mask: Any = None) -> Any:
         return self._apply(self.params, jnp.asarray(input_ids, jnp.int32), attention_mask)
 
+    def call_bytes(self, batch: int, length: int, mask: bool = True) -> dict[str, int]:
+        """XLA's memory analysis of one call on `batch` x `length` token ids (with an attention
+        mask or without, as the caller passes it): bytes of arguments (weights + ids), outputs and
+        temporaries. Compiles, runs nothing."""
+        ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+        mem = self._apply.lower(self.params, ids, ids if mask else None).compile().memory_analysis()
+        return {
+            "arguments": int(mem.argument_size_in_bytes),
+            "outputs": int(mem.output_size_in_bytes),
+            "temporaries": int(mem.temp_size_in_bytes),
+        }
+
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size

@@ -33,7 +33,7 @@ from jquant.pipeline.t2v.directory import (
     read_model_index,
     read_scheduler,
 )
-from jquant.pipeline.t2v.memory import ComponentMemory, MemoryReport, compiled_peak
+from jquant.pipeline.t2v.memory import ComponentMemory, MemoryReport
 from jquant.pipeline.t2v.solvers import UniPC, run_sampler, unipc_schedule
 from jquant.pipeline.trajectory import float_model_fn
 from jquant.rules import flatten_with_paths, quantize_params
@@ -355,9 +355,8 @@ class T2VPipeline:
             peak = None
             if measure:
                 length = 512 if te.config.__class__.__name__.startswith("T5") else (tok.model_max_length or 77)
-                ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)  # one call per branch, as diffusers
-                mask = None if self.kind == "FluxPipeline" else ids
-                peak = compiled_peak(te._apply.lower(te.params, ids, mask).compile())
+                # one call per branch, as diffusers; Flux's encoders run without a mask
+                peak = sum(te.call_bytes(batch, length, mask=self.kind != "FluxPipeline").values())
             comps.append(
                 ComponentMemory(
                     name, self.precisions.get(name, "float"), tree_bytes(te.params), peak, name in self.offload
@@ -385,11 +384,8 @@ class T2VPipeline:
             )
             peak = sum(d.values())
         elif measure:
-            z = jax.ShapeDtypeStruct(
-                (latent_shape[0], latent_shape[2], latent_shape[3], latent_shape[1]), jnp.dtype(self.vae.dtype)
-            )
-            fn = self.vae._fn("decode")
-            peak = compiled_peak(fn.func.lower(self.vae.params, z).compile())
+            r = self.vae.config.spatial_ratio
+            peak = sum(self.vae.decode_bytes(latent_shape[2] * r, latent_shape[3] * r, batch=latent_shape[0]).values())
         comps.append(
             ComponentMemory(
                 "vae", self.precisions.get("vae", "float"), tree_bytes(self.vae.params), peak, "vae" in self.offload
