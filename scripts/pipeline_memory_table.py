@@ -343,8 +343,10 @@ def encoder_row(args: argparse.Namespace) -> dict[str, Any]:
     cfg = TINY_UMT5 if args.tiny else UMT5_XXL
     module = t5.T5Encoder(cfg, BF16)
     shapes = jax.eval_shape(lambda k: module.init(k, **t5.dummy_inputs(cfg))["params"], jax.random.key(0))
+    t0 = time.perf_counter()
     params = random_tree(shapes, args.seed + 1)
-    q8, _ = quantize_params(params, [(r".*/kernel", "int8")])
+    q8 = jax.block_until_ready(quantize_params(params, [(r".*/kernel", "int8")])[0])
+    build_s = time.perf_counter() - t0
     del params
     ids = jax.random.randint(jax.random.key(args.seed), (1, args.text_len), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones_like(ids)
@@ -361,6 +363,7 @@ def encoder_row(args: argparse.Namespace) -> dict[str, Any]:
         "resident_bytes": tree_bytes(q8),
         "peak_bytes": compiled_peak(compiled),
         "tokens": args.text_len,
+        "build_s": build_s,
         "check": {
             "rel_l2_vs_dequantized_bf16": err,
             "tol": args.weight_tol,
@@ -426,7 +429,9 @@ def transformer_rows(
         module = module.clone(attention_impl="cudnn")
     shapes = models.param_shapes(model.config)
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, BF16), shapes)
-    params = random_tree(shapes, args.seed)
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(random_tree(shapes, args.seed))
+    print(f"{model.label}: synthetic bf16 weights in {time.perf_counter() - t0:.1f} s", flush=True)
     roles = models.layer_roles(model.config, params)
     batch = 2 if model.cfg else 1
     k1, k2 = jax.random.split(jax.random.key(args.seed + 3))
@@ -441,7 +446,9 @@ def transformer_rows(
             continue
         try:
             recipe = RECIPES[name]
-            variables = recipe_variables(name, params, roles, args.rank, args.seed)
+            t0 = time.perf_counter()
+            variables = jax.block_until_ready(recipe_variables(name, params, roles, args.rank, args.seed))
+            row["build_s"] = time.perf_counter() - t0
             fn = step_fn(model, module, recipe)
             t0 = time.perf_counter()
             compiled = fn.lower(variables, *inputs).compile()
