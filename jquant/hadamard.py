@@ -37,6 +37,7 @@ import numpy as np
 __all__ = [
     "HadamardFactor",
     "HadamardPlan",
+    "apply_block_hadamard",
     "apply_hadamard",
     "apply_rht",
     "fwht",
@@ -438,6 +439,25 @@ def apply_hadamard(x: jax.Array, axis: int = -1, *, transpose: bool = False) -> 
         start += order
     y = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
     return jnp.moveaxis(y, -1, axis).astype(x.dtype)
+
+
+def apply_block_hadamard(x: jax.Array, block: int | None, axis: int = -1, *, transpose: bool = False) -> jax.Array:
+    """``x @ blockdiag(H_b, ..., H_b)`` along ``axis``: independent order-``block`` Hadamards on
+    consecutive channel groups (orthogonal; the rotation one producer tile of ``block`` channels
+    can apply on its own). ``block=None`` or ``block >= n`` is :func:`apply_hadamard` over the
+    whole axis. ``block`` must divide the axis length. Same dtype rules as :func:`apply_hadamard`.
+    """
+    x = jnp.asarray(x)
+    axis = _axis(x, axis, "apply_block_hadamard")
+    n = x.shape[axis]
+    if block is None or block >= n:
+        return apply_hadamard(x, axis, transpose=transpose)
+    block = _check_order(block, "block")
+    if n % block:
+        raise ValueError(f"apply_block_hadamard: length {n} along axis {axis} is not a multiple of block {block}")
+    y = jnp.moveaxis(x, axis, -1)
+    y = apply_hadamard(y.reshape(*y.shape[:-1], n // block, block), -1, transpose=transpose)
+    return jnp.moveaxis(y.reshape(*y.shape[:-2], n), -1, axis)
 
 
 # ------------------------------------------------------- randomized Hadamard (RHT)

@@ -20,7 +20,9 @@ Per-layer auxiliary data (collection ``"jquant"`` / ``aux``), all optional:
   ``input_scale`` static activation scale; ``input_mul`` per-input-channel multiplier
   applied to x first (SmoothQuant/AWQ scales that could not be folded);
   ``lowrank_a``/``lowrank_b`` a float low-rank branch ``(x @ A) @ B`` added to the output
-  (SVDQuant); ``hadamard`` online Hadamard on x (weights pre-rotated by H^T).
+  (SVDQuant); ``hadamard`` online Hadamard on x (weights pre-rotated by H^T): a scalar
+  entry rotates over the whole input width, a 1-d entry of length ``b`` by a block-diagonal
+  Hadamard of order-``b`` blocks (:func:`hadamard_entry`, :func:`hadamard_block`).
 Observers (calibration) see every intercepted layer's input, keyed by module path.
 """
 
@@ -38,13 +40,25 @@ from flax import nnx
 
 from jquant import dispatch
 from jquant.formats import QSpec, parse_spec
-from jquant.hadamard import apply_hadamard
+from jquant.hadamard import apply_block_hadamard
 from jquant.qarray import QArray, dequantize
 
 AUX_COLLECTION = "jquant"
 #: The per-layer aux entries a layer may carry in that collection (the one list every module reads).
 AUX_KEYS = ("input_scale", "input_mul", "hadamard", "lowrank_a", "lowrank_b")
 Observer = Callable[[str, jax.Array], None]
+
+
+def hadamard_entry(block: int | None = None) -> jax.Array:
+    """The aux ``hadamard`` entry: a scalar for a full-width rotation (the format of every
+    older checkpoint), a length-``block`` vector for a block-diagonal one (shape, not value,
+    carries the block: it stays static under jit)."""
+    return jnp.ones((), jnp.int8) if block is None else jnp.ones((block,), jnp.int8)
+
+
+def hadamard_block(entry: Any) -> int | None:
+    """The block order an aux ``hadamard`` entry asks for; None for the full width."""
+    return None if jnp.ndim(entry) == 0 else int(jnp.shape(entry)[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +93,20 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
     lowrank = None if a is None else (a, b)
     # The online rotation goes to the dispatch (which fuses it into the activation quantizer
-    # where it can) unless something here needs the rotated x itself.
-    rotate = _aux_get(aux, "hadamard") is not None
+    # where it can) unless something here needs the rotated x itself; a block-diagonal one
+    # (QuaRotConfig.online_block) runs here.
+    flag = _aux_get(aux, "hadamard")
+    rotate, block = flag is not None, None if flag is None else hadamard_block(flag)
     defer = (
         rotate
+        and block is None
         and not _state.observers
         and einsum_str is None
         and lowrank is None
         and (dtype is None or jnp.dtype(dtype) == x.dtype)
     )
     if rotate and not defer:
-        x = apply_hadamard(x, axis=-1).astype(x.dtype)
+        x = apply_block_hadamard(x, block, axis=-1).astype(x.dtype)
     for obs in _state.observers:
         obs(path, x)
     if dtype is not None:

@@ -13,7 +13,10 @@ docs/quarot.md):
   (q/k/v, FFN up), and the FFN down projection (behind a GELU), get an online Hadamard on
   their input (aux ``hadamard``; optional random signs in ``input_mul`` make it an RHT),
   with the kernel pre-rotated offline, ``W' = H^T D W``. The attention output projection
-  gets the same (or only the offline head-wise rotation below).
+  gets the same (or only the offline head-wise rotation below). ``online_block=b`` makes
+  ``H`` block-diagonal (order-``b`` Hadamards on consecutive channel groups, still
+  orthogonal and exact): the rotation one producer tile of ``b`` channels can apply in its
+  epilogue, instead of a full-width pass (docs/quarot.md, "Block-diagonal online rotations").
 * **offline, head-wise V/O** (:func:`rotate_heads`): attention is linear in V per head, so
   ``W_v' = W_v diag(R, ..., R)`` and ``W_o' = diag(R, ..., R)^T W_o`` is exact for any
   orthogonal ``R`` [head_dim, head_dim] (shared by all heads, so grouped K/V heads work).
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +50,8 @@ from jquant.algorithms.linear_tree import (
     linear_paths,
     update_layer,
 )
-from jquant.hadamard import apply_hadamard, hadamard_matrix, random_hadamard, rht_signs
+from jquant.hadamard import apply_block_hadamard, hadamard_matrix, random_hadamard, rht_signs
+from jquant.nn import hadamard_entry
 from jquant.transform import Context, Transform
 
 Array = jax.Array
@@ -55,29 +59,40 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 # --- online input rotation -------------------------------------------------------------------
-def rotate_input(variables: Variables, path: str, seed: int | None = 0) -> dict:
+def rotate_input(variables: Variables, path: str, seed: int | None = 0, block: int | None = None) -> dict:
     """Online (randomized) Hadamard on one layer's input; the kernel absorbs ``(D H)^T``.
 
     The layer then computes ``((x * m * d) H) (H^T D W)``: aux ``hadamard`` is set, the
     signs ``d`` (``seed``; ``None`` for a plain Hadamard) are multiplied into
     ``input_mul`` ``m``, and an existing low-rank branch ``A`` becomes ``H^T D A``.
+    ``block``: ``H = blockdiag(H_b, ..., H_b)`` (``b`` must divide the input width); None,
+    or ``b >=`` the width, is the full-width ``H`` (aux entry in the older scalar format).
     """
     w = float_kernel(variables, path, "rotate_input")
     aux = get_aux(variables, path)
     if "hadamard" in aux:
         raise ValueError(f"{path}: already has an online Hadamard")
     k = w.shape[0]
+    block = None if block is None or block >= k else _check_block(block, f"{path}: online_block")
+    if block is not None and k % block:
+        raise ValueError(f"{path}: input width {k} is not a multiple of online_block {block}")
     d = jnp.ones((k,), jnp.float32) if seed is None else rht_signs(k, seed)
 
     def rot(m: Array) -> Array:
-        return apply_hadamard(d[:, None] * m.astype(jnp.float32), axis=0).astype(m.dtype)
+        return apply_block_hadamard(d[:, None] * m.astype(jnp.float32), block, axis=0).astype(m.dtype)
 
-    new_aux: dict[str, Any] = {"hadamard": jnp.ones((), jnp.int8)}
+    new_aux: dict[str, Any] = {"hadamard": hadamard_entry(block)}
     if seed is not None:
         new_aux["input_mul"] = d if "input_mul" not in aux else jnp.asarray(aux["input_mul"], jnp.float32) * d
     if "lowrank_a" in aux:
         new_aux["lowrank_a"] = rot(aux["lowrank_a"])
     return update_layer(variables, path, kernel=rot(w), aux=new_aux)
+
+
+def _check_block(block: Any, name: str) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2:
+        raise ValueError(f"{name} must be an integer >= 2 or None (full width), got {block!r}")
+    return block
 
 
 # --- offline head-wise rotations ---------------------------------------------------------------
@@ -195,6 +210,9 @@ class QuaRotConfig:
         :func:`rotate_qk`).
       head_dim: head size for the head-wise rotations.
       seed: seed of the random signs; ``randomized=False`` uses plain Hadamards.
+      online_block: block order of a block-diagonal online rotation (128, 256: one producer
+        tile); None rotates over the full input width. Layers narrower than the block get
+        the full width.
     """
 
     online: str = ".*"
@@ -204,6 +222,11 @@ class QuaRotConfig:
     head_dim: int = 64
     seed: int = 0
     randomized: bool = True
+    online_block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.online_block is not None:
+            _check_block(self.online_block, "QuaRotConfig.online_block")
 
 
 def online_paths(variables: Variables, config: QuaRotConfig) -> list[str]:
@@ -232,7 +255,7 @@ def quarot(variables: Variables, stats: Any = None, config: QuaRotConfig = QuaRo
             f"quarot: no layer matches online={config.online!r} (skip={config.skip!r}); layers: {linear_paths(out)}"
         )
     for path in paths:
-        out = rotate_input(out, path, seed)
+        out = rotate_input(out, path, seed, config.online_block)
     return out
 
 
@@ -263,6 +286,8 @@ def dit_plan(
     seed: int = 0,
     heads_offline: bool = True,
     fold_qk: bool = False,
+    online_block: int | None = None,
+    skip_roles: Collection[str] = (),
 ) -> QuaRotConfig:
     """QuaRot for a ported DiT (diffusers layer names), from its layer roles.
 
@@ -276,10 +301,14 @@ def dit_plan(
     ``fold_qk`` adds a Q/K rotation per attention (``to_q``/``to_k``, + ``add_q_proj``/
     ``add_k_proj``): exact only for models without RoPE and without affine q/k norms (the
     original DiT), see :func:`rotate_qk`.
+    ``online_block``: :attr:`QuaRotConfig.online_block`. ``skip_roles``: roles whose layers
+    get no online rotation (``{"ffn.down"}`` for a mixed recipe that smooths that input
+    instead).
     ``roles``: ``models.layer_roles(config, params)`` (kernel path -> roles).
     """
     mods = {k[: -len("/kernel")]: set(r) for k, r in roles.items()}
-    online = sorted(p for p, r in mods.items() if r & ONLINE_ROLES and not r & NEVER_ROTATED)
+    never = NEVER_ROTATED | set(skip_roles)
+    online = sorted(p for p, r in mods.items() if r & ONLINE_ROLES and not r & never)
     groups = []
     for attn in _attentions(mods, "to_v"):
         v = tuple(_child(attn, n) for n in _V_NAMES if _child(attn, n) in mods)
@@ -308,6 +337,7 @@ def dit_plan(
         qk_groups=tuple(qk),
         head_dim=head_dim,
         seed=seed,
+        online_block=online_block,
     )
 
 
@@ -315,12 +345,29 @@ def _flat_keys(params: Any) -> list[str]:
     return list(traverse_util.flatten_dict(dict(params), sep="/"))
 
 
-def transform(seed: int = 0, heads: bool = True) -> Transform:
+def transform(
+    seed: int = 0, heads: bool = True, online_block: int | None = None, skip_roles: Collection[str] = ()
+) -> Transform:
     """QuaRot (:func:`jquant.algorithms.quarot.dit_plan`): head-wise V/O rotations (offline,
     exact) and online randomized Hadamards on every attention/FFN input; never on the
-    modulation, embedders or the head. Data-free; exact in float."""
+    modulation, embedders or the head. ``online_block``: block-diagonal online rotations of
+    that order (None: full width); ``skip_roles``: roles left unrotated. Data-free; exact in
+    float."""
+    if online_block is not None:
+        _check_block(online_block, "quarot.transform: online_block")
+    skip = tuple(sorted(skip_roles))
 
     def fn(v: Variables, ctx: Context) -> Variables:
-        return quarot(v, None, dit_plan(v["params"], ctx.roles, ctx.head_dim, seed=seed, heads_offline=heads))
+        plan = dit_plan(
+            v["params"],
+            ctx.roles,
+            ctx.head_dim,
+            seed=seed,
+            heads_offline=heads,
+            online_block=online_block,
+            skip_roles=skip,
+        )
+        return quarot(v, None, plan)
 
-    return Transform("quarot", fn)
+    name = "quarot" + (f"[block {online_block}]" if online_block else "") + (f"[no {','.join(skip)}]" if skip else "")
+    return Transform(name, fn)
