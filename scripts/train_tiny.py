@@ -101,14 +101,20 @@ def flow_loss(
     """Rectified-flow MSE on a fresh batch of clips of `labels`."""
     k_clip, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
     x0 = tw.clips_to_latents(tw.render_clips(k_clip, labels, data))
+    drop = jax.random.bernoulli(k_drop, drop_prob, (x0.shape[0],))
+    text = jnp.where(drop[:, None, None], 0.0, class_emb[labels])
+    return flow_mse(lambda xt, t: model.apply({"params": params}, xt, t, text), x0, k_sigma, k_noise)
+
+
+def flow_mse(velocity: Any, x0: jax.Array, k_sigma: jax.Array, k_noise: jax.Array) -> jax.Array:
+    """Rectified-flow MSE of `velocity(x_sigma, sigma * 1000)` against v = noise - x0, with
+    sigma ~ logit-normal(0, 1) per sample (shared with scripts/train_outlier_model.py)."""
     b = x0.shape[0]
     sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (b,)))
     noise = jax.random.normal(k_noise, x0.shape)
-    s = sigma[:, None, None, None, None]
+    s = sigma.reshape((b,) + (1,) * (x0.ndim - 1))
     xt = (1 - s) * x0 + s * noise
-    drop = jax.random.bernoulli(k_drop, drop_prob, (b,))
-    text = jnp.where(drop[:, None, None], 0.0, class_emb[labels])
-    v = model.apply({"params": params}, xt, sigma * 1000.0, text).astype(jnp.float32)
+    v = velocity(xt, sigma * 1000.0).astype(jnp.float32)
     return jnp.mean((v - (noise - x0)) ** 2)
 
 
