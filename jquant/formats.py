@@ -18,6 +18,8 @@ Spec strings (used by the CLI, recipes and rules)::
             | c | channel         per output channel (reduce over the contraction axis)
             | gN                  groups of N along the contraction axis (e.g. g128)
             | token             dynamic per-token (activations: reduce over the last axis)
+            | tokenN            dynamic, one scale per token per N channels of the last axis
+                                (e.g. token128, DeepGEMM's fine-grained activation scales)
             | bRxC              2-D blocks of R x C over the last two axes (e.g. b128x128, b1x128)
             | sym | asym        symmetric, or asymmetric with a zero point
             | s=DTYPE           scale dtype: float32 | bfloat16 | float16
@@ -28,7 +30,8 @@ options that would be ignored there (a granularity for a codec, ``s=`` for eithe
 
 Examples: ``"int8"`` (per channel), ``"int4/g128"``, ``"uint4/g128"`` (zero points),
 ``"fp8_e4m3"``, ``"nf4/g64"``, ``"mxfp4"`` (32-element blocks, e8m0 scales), ``"nvfp4"``
-(16-element blocks, e4m3 scales and an fp32 tensor scale), ``"int8/token"``.
+(16-element blocks, e4m3 scales and an fp32 tensor scale), ``"int8/token"``,
+``"fp8_e4m3/token128"`` (a block-scaled GEMM's activations: one scale per token per 128 channels).
 """
 
 from __future__ import annotations
@@ -129,7 +132,8 @@ class QSpec:
     Attributes:
       fmt: a key of :data:`FORMATS`, or a GGUF codec name.
       granularity: how scales are shared (see module docstring).
-      group_size: elements per group along the contraction axis ("group").
+      group_size: elements per group along the contraction axis ("group"); for "token", the
+        channels of the last axis that share one scale (None: the whole row).
       block: 2-D block shape over the last two axes ("block").
       axis: contraction axis of a weight (0 for Flax (in, out) kernels).
       symmetric: False keeps a zero point per block (unsigned codes).
@@ -156,6 +160,8 @@ class QSpec:
             raise ValueError(f"unknown granularity {self.granularity!r}")
         if self.granularity == "group" and not (self.group_size and self.group_size > 0):
             raise ValueError("granularity 'group' needs a positive group_size")
+        if self.granularity == "token" and self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"granularity 'token' with channel blocks needs a positive size, got {self.group_size}")
         if self.granularity == "block" and (self.block is None or len(self.block) != 2 or min(self.block) < 1):
             raise ValueError("granularity 'block' needs block=(rows, cols) with positive sizes")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -188,7 +194,8 @@ class QSpec:
 
     @property
     def dynamic(self) -> bool:
-        """Per-token specs are computed at run time from the activation itself."""
+        """Per-token specs (one scale per token, or per token per N channels) are computed at run
+        time from the activation itself."""
         return self.granularity == "token"
 
     @property
@@ -209,7 +216,16 @@ class QSpec:
         if self.granularity == "tensor":
             return tuple(shape)
         if self.granularity == "token":
-            return (1,) * (nd - 1) + (shape[-1],)
+            g = self.group_size
+            if g is None:
+                return (1,) * (nd - 1) + (shape[-1],)
+            if shape[-1] % g:
+                raise ValueError(
+                    f"{where}{spec_to_string(self)} keeps one scale per {g} channels, but the last axis of shape "
+                    f"{shape} has {shape[-1]} (not a multiple of {g}); use per-token scales ('{self.fmt}/token') "
+                    "or keep this layer in float"
+                )
+            return (1,) * (nd - 1) + (g,)
         if self.granularity == "block":
             if nd < 2:
                 raise ValueError(f"{where}2-D block scales need a tensor of rank >= 2, got shape {shape}")
@@ -265,6 +281,8 @@ def parse_spec(spec: str | QSpec) -> QSpec:
             kw.update(granularity="channel", group_size=None)
         elif opt in ("token", "tok"):
             kw.update(granularity="token", group_size=None, axis=-1)
+        elif m := re.fullmatch(r"tok(?:en)?(\d+)", opt):
+            kw.update(granularity="token", group_size=int(m.group(1)), axis=-1)
         elif m := re.fullmatch(r"g(\d+)", opt):
             kw.update(granularity="group", group_size=int(m.group(1)))
         elif m := re.fullmatch(r"b(\d+)x(\d+)", opt):
@@ -300,7 +318,9 @@ def spec_to_string(s: QSpec) -> str:
 
 
 def _gran_str(s: QSpec) -> str:
-    return {"tensor": "t", "channel": "c", "token": "token"}.get(s.granularity) or (
+    if s.granularity == "token":
+        return "token" if s.group_size is None else f"token{s.group_size}"
+    return {"tensor": "t", "channel": "c"}.get(s.granularity) or (
         f"g{s.group_size}" if s.granularity == "group" else f"b{s.block[0]}x{s.block[1]}"
     )
 

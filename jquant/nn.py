@@ -11,7 +11,8 @@ quantized matmul runs (XLA path or a Pallas kernel).
 
 Modes:
   * weight-only (W*A16): ``act=None``.
-  * dynamic activations: ``act="int8/token"`` (or ``"fp8_e4m3/token"``).
+  * dynamic activations: ``act="int8/token"`` (or ``"fp8_e4m3/token"``); ``"int8/token128"``
+    keeps one scale per token per 128 channels (block-scaled GEMM, :func:`jquant.dispatch.block_scaled_dot`).
   * static activations: ``act="int8/t", static=True``; per-layer scales come from the
     ``"jquant"`` variable collection (linen) or the ``aux`` mapping (NNX), entry
     ``input_scale`` under the layer's module path.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
@@ -114,6 +116,9 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
     act_scale = _aux_get(aux, "input_scale") if cfg.static else None
     if cfg.static and cfg.act is not None and act_scale is None and isinstance(kernel, QArray):
         raise KeyError(f"{path}: static activation mode but no 'input_scale' in the {AUX_COLLECTION!r} collection/aux")
+    if dispatch.token_block(cfg.act) and isinstance(kernel, QArray):  # <fmt>/tokenN: the width must split
+        k = x.shape[-1] if einsum_str is not None else math.prod(x.shape[x.ndim - (contract or 1) :])
+        cfg.act.block_shape((k,), path)
     if einsum_str is not None:
         y = dispatch.einsum(einsum_str, x, kernel, act=cfg.act, act_scale=act_scale)
         if lowrank is not None:

@@ -8,6 +8,9 @@ axes of ``w`` (Flax kernel layout (in..., out...)). Paths, in order of preferenc
 2. XLA integer / fp8 path: int8 x int8 -> int32 (or fp8 x fp8 -> fp32) ``dot_general``
    with the activation's per-token scale and the weight's per-channel scale applied
    after, when both operands are 8-bit with scales constant along the contraction axis.
+   Activations with one scale per token per N channels (``<fmt>/token128``) take the
+   block-scaled form (:func:`block_scaled_dot`: one exact partial product per N-wide K block,
+   scaled in f32 and summed) when the weight's scales are constant within those K blocks.
 3. XLA dequantize-then-dot: weight dequantized to the activation dtype (weight-only), and
    for activation formats that cannot use (2) the activation is quantize-dequantized
    first (numerically the quantized model; not faster).
@@ -30,7 +33,10 @@ from jquant.dispatch.xla import (  # noqa: F401 (part of the dispatch API)
     _int_path_ok,
     _weight_scale_row,
     add_lowrank,
+    block_scaled_dot,
+    block_scaled_linear,
     quantize_activation,
+    token_block,
 )
 from jquant.formats import QSpec
 from jquant.hadamard import apply_hadamard
@@ -103,7 +109,10 @@ def linear(
         y = x @ dequantize(w, x.dtype)
     else:
         xq = quantize_activation(x, act, act_scale)
-        if _int_path_ok(act.fmt, w):
+        yb = block_scaled_linear(xq, w) if token_block(xq.spec) else None
+        if yb is not None:
+            y = yb.astype(out_dtype)
+        elif _int_path_ok(act.fmt, w) and not token_block(xq.spec):
             acc_t = jnp.int32 if act.fmt in _INT8 else jnp.float32
             acc = jax.lax.dot_general(
                 xq.qvalue, w.qvalue, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_t

@@ -21,7 +21,10 @@ a Hopper GPU to 2-D QArray weights (Flax layout (K, N)) with:
 
 The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes are
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is
-along K in both layouts, so packed bytes transpose unchanged). Dynamic per-token int8 / e4m3
+along K in both layouts, so packed bytes transpose unchanged). Fine-grained activation scales
+(``<fmt>/token128``: one per token per 128 channels) go to a kernel only as ``fp8_e4m3/token128``
+with ``fp8_e4m3/b128x128`` weights (``w8a8.fp8_block_matmul``, :func:`block_kernel`); the rest run
+:func:`jquant.dispatch.block_scaled_dot` in XLA. Dynamic per-token int8 / e4m3
 activations go through the activation quantizer kernel (:func:`quantize_tokens`), whose rule
 is :func:`jquant.quantize`'s to the bit; other activation specs use
 :func:`jquant.dispatch.quantize_activation`. Either way both paths see identical codes and scales.
@@ -44,7 +47,7 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 
-from jquant.dispatch.xla import add_lowrank, quantize_activation
+from jquant.dispatch.xla import add_lowrank, quantize_activation, token_block
 from jquant.formats import QSpec, parse_spec
 from jquant.hadamard import apply_hadamard
 from jquant.qarray import QArray, decode_scale, dequantize
@@ -145,6 +148,7 @@ def layer_kind(w: QArray, act: QSpec | None, act_scale=None) -> str | None:
         and act.symmetric
         and not act.scaling
         and act.granularity in ("token", "channel")
+        and token_block(act) is None
     ):
         return {"int8": "int8/w8a8", "fp8_e4m3": "fp8/w8a8"}.get(spec.fmt)
     return None
@@ -250,6 +254,7 @@ def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) 
         and act.symmetric
         and not act.scaling
         and act.scale_dtype == "float32"
+        and token_block(act) is None
         and act_quant.supports(x2, hadamard)
     )
 
@@ -309,6 +314,35 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=No
     if fmt == "fp8_e4m3":
         return w8a8.fp8_matmul(x_q, xs, w_q, ws, None, out_dtype), False
     return w8a8.int8_matmul(x_q, xs, w_q, ws, None, out_dtype, lowrank=fused), fused is not None
+
+
+def block_kernel(w: QArray, act: QSpec | None) -> bool:
+    """Whether a kernel takes ``<fmt>/tokenN`` activations with weight ``w``: only
+    ``fp8_e4m3/token128`` with ``fp8_e4m3/b128x128`` weights (``w8a8.fp8_block_matmul``, DeepGEMM's
+    layout). Every other fine-grained activation spec (int8 among them) runs
+    :func:`jquant.dispatch.block_scaled_dot` in XLA until a kernel exists."""
+    spec = w.spec
+    return (
+        token_block(act) == w8a8.BLOCK
+        and act.fmt == "fp8_e4m3"
+        and act.symmetric
+        and act.scale_dtype == "float32"
+        and spec.fmt == "fp8_e4m3"
+        and spec.granularity == "block"
+        and spec.block == (w8a8.BLOCK, w8a8.BLOCK)
+        and w.ndim == 2
+        and w.zero_point is None
+    )
+
+
+def _block_fp8(x2: jax.Array, w: QArray, act: QSpec, out_dtype):
+    """``fp8_e4m3/token128`` activations times ``fp8_e4m3/b128x128`` weights on the block-scaled
+    fp8 kernel, or None where it does not apply (shape, GPU)."""
+    xq = quantize_activation(x2, act, None)
+    w_q = w.qvalue.T  # [N, K]
+    if not w8a8.supports_block(xq.qvalue, w_q, out_dtype):
+        return None
+    return w8a8.fp8_block_matmul(xq.qvalue, decode_scale(xq), w_q, decode_scale(w).T, None, out_dtype)
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
@@ -389,6 +423,13 @@ def maybe_run(
     x2 = x.reshape(-1, x.shape[-1])
     if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
         return None  # per-token static tables: XLA path
+    if token_block(act) is not None:  # fine-grained activation scales: only the fp8 block-scaled GEMM
+        y = _block_fp8(x2, w, act, out_dtype) if block_kernel(w, act) and not hadamard else None
+        if y is None:
+            return None
+        if lowrank is not None:
+            y = add_lowrank(y, x2, lowrank)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
     kind = None if force else layer_kind(w, act, act_scale)
     if path is None and kind is not None:
         path = choose_path(kind, x2.shape[0], *w.shape)

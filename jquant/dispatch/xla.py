@@ -1,5 +1,6 @@
-"""The XLA side of the dispatch: activation quantization (dynamic per token or static scales),
-the int8 / fp8 ``dot_general`` with scales in the epilogue, and the SVDQuant low-rank branch.
+"""The XLA side of the dispatch: activation quantization (dynamic per token, per token per N
+channels, or static scales), the int8 / fp8 ``dot_general`` with scales in the epilogue, its
+block-scaled form (:func:`block_scaled_dot`), and the SVDQuant low-rank branch.
 
 :mod:`jquant.dispatch` decides; this module and :mod:`jquant.dispatch.kernels` execute.
 """
@@ -19,8 +20,16 @@ _INT8 = ("int8",)
 _FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 
+def token_block(act: QSpec | None) -> int | None:
+    """Channels per activation scale of a dynamic ``<fmt>/tokenN`` spec (N), else None."""
+    if act is None or act.granularity != "token":
+        return None
+    return act.group_size
+
+
 def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray:
-    """Quantize activations [..., K]: dynamic per token, or with a static scale.
+    """Quantize activations [..., K]: dynamic per token (per token per N channels for
+    ``<fmt>/tokenN``), or with a static scale.
 
     A static ``act_scale`` is either one scale (any size-1 array: per tensor) or a per-token
     scale array broadcastable to ``x.shape[:-1] + (1,)`` (e.g. ``[B, 1, 1]``: one scale per
@@ -53,6 +62,62 @@ def _weight_scale_row(w: QArray) -> Array | None:
 def _int_path_ok(xq_fmt: str, w: QArray) -> bool:
     same = (xq_fmt in _INT8 and w.spec.fmt in _INT8) or (xq_fmt in _FP8 and w.spec.fmt in _FP8)
     return same and _weight_scale_row(w) is not None
+
+
+def _weight_k_scales(w: QArray, block: int) -> Array | None:
+    """Weight scales expanded to ``[K / block, N]`` when they are constant within each ``block``
+    rows of K (per channel, groups or 2-D blocks of a multiple of ``block`` along K), else None."""
+    if w.ndim != 2 or w.zero_point is not None or w.spec.scaling or w.scale is None:
+        return None
+    k, n = w.shape
+    s = decode_scale(w)  # [K / bk, N / bn]
+    bk, bn = k // s.shape[0], n // s.shape[1]
+    if k % block or bk % block:
+        return None
+    return jnp.repeat(jnp.repeat(s, bk // block, axis=0), bn, axis=1)
+
+
+def block_scaled_dot(x_q: Array, x_scale: Array, w_q: Array, w_scale: Array, block: int = 128) -> Array:
+    """``y[m, n] = sum_b (sum_{k in b} x_q[m, k] w_q[k, n]) * x_scale[m, b] * w_scale[b, n]`` in f32.
+
+    What a block-scaled GEMM computes: ``x_q`` ``[M, K]`` codes with one scale per token per
+    ``block`` channels (``x_scale`` ``[M, K / block]``), ``w_q`` ``[K, N]`` codes with scales
+    ``w_scale`` ``[K / block, N]``. Each K block's partial product accumulates exactly in int32
+    (int8 codes) or in f32 (fp8), is scaled in f32 and added to the running f32 sum.
+    """
+    m, k = x_q.shape
+    n = w_q.shape[1]
+    if k % block or x_scale.shape != (m, k // block) or w_q.shape[0] != k or w_scale.shape != (k // block, n):
+        raise ValueError(
+            f"block_scaled_dot: x_q {x_q.shape}, x_scale {x_scale.shape}, w_q {w_q.shape}, w_scale "
+            f"{w_scale.shape} do not describe [M, K] x [K, N] with {block}-wide K blocks"
+        )
+    acc_t = jnp.int32 if x_q.dtype == jnp.int8 else jnp.float32
+    kb = k // block
+    part = jax.lax.dot_general(  # [KB, M, N]: one partial product per K block
+        x_q.reshape(m, kb, block),
+        w_q.reshape(kb, block, n),
+        (((2,), (1,)), ((1,), (0,))),
+        preferred_element_type=acc_t,
+    )
+    scaled = part.astype(jnp.float32) * x_scale.astype(jnp.float32).T[:, :, None] * w_scale[:, None, :]
+    return jnp.sum(scaled, axis=0)
+
+
+def block_scaled_linear(xq: QArray, w: QArray) -> Array | None:
+    """f32 ``x @ w`` for ``<fmt>/tokenN`` activations ``xq`` [..., K] through :func:`block_scaled_dot`,
+    or None where the formats differ (int8 with int8, fp8 with fp8) or ``w``'s scales vary
+    within N rows of K."""
+    g = token_block(xq.spec)
+    same = (xq.spec.fmt in _INT8 and w.spec.fmt in _INT8) or (xq.spec.fmt in _FP8 and w.spec.fmt in _FP8)
+    ws = _weight_k_scales(w, g) if g and same else None
+    if ws is None:
+        return None
+    k = xq.shape[-1]
+    lead = xq.shape[:-1]
+    xs = decode_scale(xq).reshape(-1, k // g)
+    y = block_scaled_dot(xq.qvalue.reshape(-1, k), xs, w.qvalue, ws, g)
+    return y.reshape(*lead, w.shape[1])
 
 
 def add_lowrank(y: Array, x: Array, lowrank: tuple[Array, Array], contract: int = 1) -> Array:
