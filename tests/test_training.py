@@ -83,6 +83,25 @@ def test_training_forward_matches_quantized_execution(act) -> None:
     assert all(np.isfinite(np.asarray(g)).all() for g in leaves) and any(np.abs(g).sum() > 0 for g in leaves)
 
 
+@pytest.mark.parametrize("block", [None, 16])
+def test_training_forward_rotates_as_the_aux_entry_says(block) -> None:
+    """A full-width or block-diagonal online Hadamard (aux ``hadamard``) is applied in training
+    exactly as jquant.nn applies it in quantized execution."""
+    m = _MLP()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 64))
+    params = m.init(jax.random.key(0), x)["params"]
+    qp = quantize_params(params, "int4/g32")[0]
+    aux = {"Dense_0": {"hadamard": jnn.hadamard_entry(block)}}
+    with jnn.quantized("int8/token", backend="xla"):
+        ref = m.apply({"params": qp, jnn.AUX_COLLECTION: aux}, x)
+    with F.fake_quantized("int8/token"):
+        out = m.apply({"params": F.from_quantized(qp), jnn.AUX_COLLECTION: aux}, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    with F.fake_quantized("int8/token"):  # the entry matters: no rotation gives another output
+        plain = m.apply({"params": F.from_quantized(qp)}, x)
+    assert float(jnp.abs(plain - out).max()) > 1e-3
+
+
 def _apply_fq(m, p, x, act):
     with F.fake_quantized(act):
         return m.apply({"params": p}, x)

@@ -36,7 +36,7 @@ import numpy as np
 
 from jquant import nn as jnn
 from jquant.formats import QSpec, parse_spec
-from jquant.hadamard import apply_hadamard
+from jquant.hadamard import apply_block_hadamard
 from jquant.qarray import QArray, decode_scale, dequantize, fake_quant, quantize
 
 Array = jax.Array
@@ -232,8 +232,8 @@ def _interceptor(next_fun, args, kwargs, context):
         x = x.astype(module.dtype)
     if "input_mul" in aux:
         x = x * aux["input_mul"].astype(x.dtype)
-    if "hadamard" in aux:
-        x = apply_hadamard(x, axis=-1).astype(x.dtype)
+    if "hadamard" in aux:  # full width or block-diagonal, as the entry says (jquant.nn.hadamard_block)
+        x = apply_block_hadamard(x, jnn.hadamard_block(aux["hadamard"]), axis=-1).astype(x.dtype)
     batch = x.shape[: x.ndim - contract]
     x2 = x.reshape(*batch, -1)
     if isinstance(kernel, FakeQuant):
