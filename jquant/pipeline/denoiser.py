@@ -7,9 +7,10 @@ the CFG scale, where the video frames are in the token sequence) and a :class:`W
 (the noise and conditioning of one batch of samples). :class:`ModelBundle` adds the float
 params, the layer roles and how to turn latents into videos for the metrics.
 
-This module holds the Wan2.1 bundles (the bundled tiny model with its class conditioning, or
-any Wan directory with seeded stand-in text embeddings) and DiT's (class labels, DDIM,
-learned sigma); :mod:`jquant.pipeline.bundles` adds the other ports (Flux, HunyuanVideo,
+This module holds the Wan2.1 bundles (the bundled tiny model with its class conditioning, the
+captioned moving-shapes model of ``scripts/train_outlier_model.py``, or any Wan directory with
+seeded stand-in text embeddings) and DiT's (class labels, DDIM, learned sigma);
+:mod:`jquant.pipeline.bundles` adds the other ports (Flux, HunyuanVideo,
 CogVideoX, Mochi, LTX-Video, LTX-2), the prompt-encoded pipeline directories and
 :func:`~jquant.pipeline.bundles.load_bundle`, which picks one from a model directory.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -27,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant import models
+from jquant.models import shapes_data as sd
+from jquant.models import shapes_model as sm
 from jquant.models import tiny_wan as tw
 from jquant.sampling import (
     DDIMSchedule,
@@ -173,7 +177,7 @@ class ModelBundle:
       to_video: latents -> ``(videos [B, T, H, W, C], data_range)`` for the metrics
         (``data_range`` None: the reference's peak-to-peak).
       config: the port's config dataclass.
-      extra: model-specific objects (the tiny model's classifier).
+      extra: model-specific objects (the tiny model's classifier; bundles without a judge have none).
     """
 
     denoiser: Denoiser
@@ -222,20 +226,44 @@ def tiny_wan_bundle(path: str | Path | None = None, *, num_steps: int | None = N
     return _tiny_wan_bundle(str(Path(path or tw.ASSET_DIR).resolve()), num_steps)
 
 
-@functools.lru_cache(maxsize=4)
-def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
-    b = tw.load_tiny(path)
-    s = b.meta["sampling"]
-    den = Denoiser(
+def _bundled_wan_denoiser(b: Any, sampling: dict[str, Any], num_steps: int | None, name: str) -> Denoiser:
+    """Flow-match Euler over a bundled Wan ``b`` (``model``, ``config``) with its sampling
+    defaults (``num_steps``, or ``steps`` in older files; ``shift``; ``guidance_scale``);
+    ``num_steps`` overrides the recorded steps."""
+    return Denoiser(
         b.model,
         _wan_apply,
         "flow",
-        int(num_steps or s.get("num_steps", s.get("steps", 12))),
-        shift=float(s["shift"]),
-        guidance_scale=float(s["guidance_scale"]),
+        int(num_steps or sampling.get("num_steps", sampling.get("steps", 12))),
+        shift=float(sampling["shift"]),
+        guidance_scale=float(sampling["guidance_scale"]),
         frames_fn=wan_frames(tuple(b.config.patch_size)),
-        name="tiny_wan",
+        name=name,
     )
+
+
+def _bundled_wan(
+    b: Any,
+    den: Denoiser,
+    workload: Callable[..., Workload],
+    to_video: Callable[[Array], tuple[Array, float | None]],
+    *,
+    units: str,
+    text: str,
+    extra: dict[str, Any],
+) -> ModelBundle:
+    """The bundle of a loaded bundled Wan ``b`` (``params``, ``config``, ``latent_shape``): its
+    layer roles and, in ``extra``, what it calibrates on (one sample's latent grid)."""
+    shape = tuple(b.latent_shape(1))
+    info = calibration_info(frames=shape[2], height=shape[3], width=shape[4], units=units, den=den, text=text)
+    roles = models.layer_roles(b.config, b.params)
+    return ModelBundle(den, b.params, roles, workload, to_video, b.config, {**extra, "calibration": info})
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
+    b = tw.load_tiny(path)
+    den = _bundled_wan_denoiser(b, b.meta["sampling"], num_steps, "tiny_wan")
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
         labels = (start + jnp.arange(n)) % tw.NUM_CLASSES
@@ -245,24 +273,67 @@ def _tiny_wan_bundle(path: str, num_steps: int | None) -> ModelBundle:
     def to_video(latents: Array) -> tuple[Array, float | None]:
         return tw.latents_to_clips(latents)[..., None], 1.0
 
-    shape = tuple(b.latent_shape(1))
+    extra = {"classifier": b.classifier, "classifier_params": b.classifier_params, "tiny": b}
+    return _bundled_wan(b, den, workload, to_video, units="latent", text="digit classes", extra=extra)
 
-    return ModelBundle(
-        den,
-        b.params,
-        models.layer_roles(b.config, b.params),
-        workload,
-        to_video,
-        b.config,
-        {
-            "classifier": b.classifier,
-            "classifier_params": b.classifier_params,
-            "tiny": b,
-            "calibration": calibration_info(
-                frames=shape[2], height=shape[3], width=shape[4], units="latent", den=den, text="digit classes"
-            ),
-        },
-    )
+
+#: Sampling defaults of a shapes model whose ``shapes_model.json`` records none (the trainer writes
+#: none): those the tiny model's trainer picked, as both train by the same rectified-flow recipe
+#: (logit-normal sigma, 10% condition dropout for CFG).
+SHAPES_SAMPLING: dict[str, float] = {"num_steps": 20, "shift": 1.0, "guidance_scale": 5.0}
+
+
+def shapes_caption_attributes(indices: np.ndarray) -> np.ndarray:
+    """Attribute tuples int32 ``[N, 4]`` of caption indices ``[N]`` (any ints, taken modulo the
+    number of attribute combinations, 288).
+
+    Index ``i`` names the combination ``k = i * stride mod 288`` (``k``: mixed radix, object
+    fastest), with ``stride = 1 + 4 + 4*6 + 4*6*3``, coprime to 288: consecutive indices step
+    every attribute at once (so a few clips already mix objects, colours, motions and
+    directions) and 288 consecutive indices visit every combination once.
+    """
+    sizes = [len(v) for _, v in sd.ATTRIBUTES]
+    total = math.prod(sizes)
+    stride = sum(math.prod(sizes[:j]) for j in range(len(sizes)))
+    assert math.gcd(stride, total) == 1, (stride, total)
+    k = (np.asarray(indices, np.int64) * stride) % total
+    return np.stack([(k // math.prod(sizes[:j])) % n for j, n in enumerate(sizes)], axis=-1).astype(np.int32)
+
+
+def shapes_caption_index(attrs: np.ndarray) -> np.ndarray:
+    """The mixed-radix combination index ``k`` (object fastest) of attribute tuples ``[N, 4]``:
+    the label identifying each caption."""
+    sizes = [len(v) for _, v in sd.ATTRIBUTES]
+    attrs = np.asarray(attrs, np.int64)
+    return sum(attrs[..., j] * math.prod(sizes[:j]) for j in range(len(sizes)))
+
+
+def shapes_bundle(path: str | Path, *, num_steps: int | None = None) -> ModelBundle:
+    """A shapes model folder (``scripts/train_outlier_model.py``, the "trained" outlier testbed):
+    caption conditioning through its UMT5 encoder, the empty caption as the CFG branch, RGB clips
+    in [0, 1] for the metrics. No judge (no classifier ships with it).
+
+    Sampling defaults come from ``shapes_model.json``'s ``"sampling"`` entry when present, else
+    :data:`SHAPES_SAMPLING`. Cached per (resolved folder, steps), as :func:`tiny_wan_bundle`.
+    """
+    return _shapes_bundle(str(Path(path).resolve()), num_steps)
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes_bundle(path: str, num_steps: int | None) -> ModelBundle:
+    b = sm.load_shapes_model(path)
+    den = _bundled_wan_denoiser(b, {**SHAPES_SAMPLING, **b.meta.get("sampling", {})}, num_steps, "shapes_wan")
+
+    def workload(n: int, seed: int, start: int = 0) -> Workload:
+        attrs = shapes_caption_attributes(np.arange(start, start + n))
+        x_T = jax.random.normal(jax.random.key(seed), b.latent_shape(n), jnp.float32)
+        labels = tuple(int(v) for v in shapes_caption_index(attrs))
+        return Workload(x_T, b.text(sd.captions(attrs)), b.null_text(n), labels)
+
+    def to_video(latents: Array) -> tuple[Array, float | None]:
+        return sd.latents_to_clips(latents), 1.0
+
+    return _bundled_wan(b, den, workload, to_video, units="pixels", text="template captions", extra={"shapes": b})
 
 
 class SettingError(ValueError):
