@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from jquant.rules import quantize_params
 from jquant.training import distill as D
 from jquant.training import lora as L
 from jquant.training import qat as Q
+from pallas_kernels.timing import git_commit
 
 SETTINGS = {
     "w4a8": ("W4A8", lambda: rc.get("w4a16-gptq").with_activations("int8", None)),
@@ -155,7 +155,7 @@ def write(path: str, res: dict[str, Any], t0: float) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| setting | method | PSNR dB | SSIM | flicker | 1-step err | training s (CPU) |",
+        "| setting | method | PSNR dB | SSIM | flicker | 1-step err | training s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--scale-lr", type=float, default=3e-6)
+    p.add_argument("--chunk", type=int, default=1, help="distillation steps per jitted call (lax.scan; 50 on a GPU)")
+    p.add_argument("--distill-seconds", type=float, default=0.0, help="cap each distillation's wall time (0: none)")
+    p.add_argument("--feature-weight", type=float, default=0.0, help="per-block feature matching weight")
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--qlora-only", action="store_true")
     p.add_argument("--qlora-digit", type=int, default=7)
@@ -190,10 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     bundle = tiny_wan_bundle(num_steps=a.steps)
     d = jax.devices()[0]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()  # honours JQUANT_COMMIT (a copied checkout's git metadata can be stale)
     res: dict[str, Any] = {
         "command": "PYTHONPATH=. python scripts/qat_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": f"{d.device_kind} ({jax.default_backend()}, jax {jax.__version__}, python {platform.python_version()})",
@@ -210,7 +210,15 @@ def main(argv: list[str] | None = None) -> None:
         data = D.teacher_data(bundle, works)
         print(f"teacher data: {data.xs.shape} in {data.seconds:.0f} s", flush=True)
         res["teacher_s"] = data.seconds
-        cfg = D.DistillConfig(steps=a.distill_steps, batch=a.batch, lr=a.lr, scale_lr=a.scale_lr)
+        cfg = D.DistillConfig(
+            steps=a.distill_steps,
+            batch=a.batch,
+            lr=a.lr,
+            scale_lr=a.scale_lr,
+            feature_weight=a.feature_weight,
+            chunk=a.chunk,
+            max_seconds=a.distill_seconds,
+        )
         for key in a.settings.split(","):
             label, make = SETTINGS[key]
             ptq = C.quantize(bundle, make(), cal)
@@ -221,9 +229,9 @@ def main(argv: list[str] | None = None) -> None:
                 res["rows"].append(_row(bundle, q.model, ref, label, "QAT", q.seconds, {"steps": a.qat_steps}))
                 write(a.json, res, t0)
             if a.distill_steps:
-                dz = D.distill(bundle, ptq, data, cfg, log_every=25)
+                dz = D.distill(bundle, ptq, data, cfg, log_every=max(25, a.chunk))
                 extra = {
-                    "steps": a.distill_steps,
+                    "steps": dz.model.info["distill"]["steps_run"],
                     "teacher_s": data.seconds,
                     "loss_before": D.mean_loss(bundle, ptq, data),
                     "loss_after": D.mean_loss(bundle, dz.model, data),

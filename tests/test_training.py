@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import chex
@@ -144,6 +145,19 @@ def test_distillation_lowers_the_loss_and_exports_qarrays(setup) -> None:
     assert res.model.act == qm.act and res.model.name.endswith("+distill")
     lat = res.model.sample(bundle.denoiser, bundle.workload(2, 0))  # runs in the jitted sampler
     assert np.isfinite(np.asarray(lat)).all()
+
+
+def test_distillation_in_scanned_chunks_equals_step_by_step_and_fits_a_time_cap(setup) -> None:
+    bundle, _, qm, data = setup
+    cfg = D.DistillConfig(steps=4, batch=2, lr=1e-4, scale_lr=1e-4)
+    one = D.distill(bundle, qm, data, cfg)
+    two = D.distill(bundle, qm, data, dataclasses.replace(cfg, chunk=2))
+    np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(two.params, one.params, rtol=1e-5, atol=1e-7)
+    capped = D.distill(bundle, qm, data, dataclasses.replace(cfg, steps=50, chunk=1, max_seconds=1e-6))
+    assert capped.losses.shape == (2,) and capped.model.info["distill"]["steps_run"] == 2
+    with pytest.raises(ValueError, match="chunk"):
+        D.DistillConfig(chunk=0)
 
 
 def test_distillation_trains_a_static_scale_table(setup) -> None:

@@ -55,6 +55,10 @@ class DistillConfig:
       feature_weight: weight of per-block feature matching (0: off).
       train_float: also train the float params (norms, biases, embedders, modulation).
       seed: minibatch sampling seed.
+      chunk: optax steps per jitted call (a ``lax.scan``; minibatches gathered on the device),
+        so a small model on a GPU is not bound by Python dispatch.
+      max_seconds: cap on the training wall time (0: none). The first two chunks are timed and
+        ``steps`` is lowered to what fits (the learning-rate schedule then spans the new total).
     """
 
     steps: int = 200
@@ -65,10 +69,16 @@ class DistillConfig:
     feature_weight: float = 0.0
     train_float: bool = True
     seed: int = 0
+    chunk: int = 1
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch < 1:
-            raise ValueError(f"DistillConfig: steps and batch must be >= 1, got {self.steps}, {self.batch}")
+        if self.steps < 1 or self.batch < 1 or self.chunk < 1:
+            raise ValueError(
+                f"DistillConfig: steps, batch and chunk must be >= 1, got {self.steps}, {self.batch}, {self.chunk}"
+            )
+        if self.max_seconds < 0:
+            raise ValueError(f"DistillConfig: max_seconds must be >= 0, got {self.max_seconds}")
         if self.lr < 0 or self.scale_lr < 0:
             raise ValueError("DistillConfig: learning rates must be >= 0")
 
@@ -246,18 +256,35 @@ class DistillResult:
     scales: dict[str, Array]
 
 
-def _minibatch(data: DistillData, table: ScaleTable | None, rng: np.random.Generator, batch: int) -> dict:
-    i = int(rng.integers(data.xs.shape[0]))
-    idx = rng.choice(data.num_samples, size=min(batch, data.num_samples), replace=False)
+def _draws(data: DistillData, rng: np.random.Generator, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` minibatch draws: a trajectory step each and ``batch`` distinct samples."""
+    b = min(batch, data.num_samples)
+    steps = np.empty(n, np.int32)
+    samples = np.empty((n, b), np.int32)
+    for k in range(n):
+        steps[k] = rng.integers(data.xs.shape[0])
+        samples[k] = rng.choice(data.num_samples, size=b, replace=False)
+    return steps, samples
+
+
+def _gather(arrays: dict[str, Array], i: Array, idx: Array) -> dict[str, Array]:
+    """The minibatch of trajectory step ``i`` and samples ``idx`` from :func:`_arrays` (traceable)."""
     return {
-        "x": data.xs[i][idx],
-        "t": data.ts[i],
-        "cond": data.cond[idx],
-        "uncond": data.uncond[idx],
-        "y_cond": data.y_cond[i][idx],
-        "y_uncond": data.y_uncond[i][idx],
-        "group": jnp.int32(0 if table is None else int(table.groups[i])),
+        "x": arrays["xs"][i][idx],
+        "t": arrays["ts"][i],
+        "cond": arrays["cond"][idx],
+        "uncond": arrays["uncond"][idx],
+        "y_cond": arrays["y_cond"][i][idx],
+        "y_uncond": arrays["y_uncond"][i][idx],
+        "group": arrays["groups"][i],
     }
+
+
+def _arrays(data: DistillData, table: ScaleTable | None) -> dict[str, Array]:
+    """The teacher data as jit arguments (not baked into the compiled step as constants)."""
+    groups = np.zeros(data.xs.shape[0], np.int32) if table is None else np.asarray(table.groups, np.int32)
+    fields = ("xs", "ts", "cond", "uncond", "y_cond", "y_uncond")
+    return {**{f: jnp.asarray(getattr(data, f)) for f in fields}, "groups": jnp.asarray(groups)}
 
 
 def distill(
@@ -284,9 +311,11 @@ def distill(
     trainable = (params, scales)
     opt_state = opt.init(trainable)
     use_feats = config.feature_weight > 0
+    arrays = _arrays(data, table)
 
-    @jax.jit
-    def step(trainable, opt_state, batch):
+    def one(opt: optax.GradientTransformation, arrs: dict[str, Array], carry, draw):
+        trainable, opt_state = carry
+        batch = _gather(arrs, *draw)
         tf = None
         if use_feats:
             x2 = jnp.concatenate([batch["x"], batch["x"]])
@@ -298,26 +327,47 @@ def distill(
             )
         )(trainable)
         updates, opt_state = opt.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        return (optax.apply_updates(trainable, updates), opt_state), loss
 
+    def compile_chunk(total: int):
+        opt = optimizer(dataclasses.replace(config, steps=total), labels)
+        return jax.jit(lambda carry, draws, arrs: jax.lax.scan(lambda c, d: one(opt, arrs, c, d), carry, draws))
+
+    total = config.steps
+    run_chunk = compile_chunk(total)
     rng = np.random.default_rng(config.seed)
-    losses = []
+    losses: list[np.ndarray] = []
+    carry = (trainable, opt_state)
     t0 = time.perf_counter()
-    for k in range(config.steps):
-        trainable, opt_state, loss = step(trainable, opt_state, _minibatch(data, table, rng, config.batch))
-        losses.append(float(loss))
-        if log_every and (k % log_every == 0 or k == config.steps - 1):
-            print(f"  step {k:4d}  loss {np.mean(losses[-log_every:]):.5f}", flush=True)
+    done, chunks, last_log, t_prev = 0, 0, 0, t0
+    while done < total:
+        n = min(config.chunk, total - done)
+        draws = tuple(jnp.asarray(a) for a in _draws(data, rng, config.batch, n))
+        carry, loss = run_chunk(carry, draws, arrays)
+        losses.append(np.asarray(loss))
+        done, chunks = done + n, chunks + 1
+        if config.max_seconds and chunks == 2 and done < total:
+            t_chunk = time.perf_counter() - t_prev
+            fit = done + int(max(0.0, config.max_seconds - (time.perf_counter() - t0)) / t_chunk * n)
+            if fit < total:
+                total = max(done, fit)
+                run_chunk = compile_chunk(total)  # the schedule spans the steps that fit
+        t_prev = time.perf_counter()
+        if log_every and (done - last_log >= log_every or done >= total):
+            print(f"  step {done:5d}/{total}  loss {np.mean(np.concatenate(losses)[-log_every:]):.5f}", flush=True)
+            last_log = done
     seconds = time.perf_counter() - t0
+    losses_all = np.concatenate(losses)
+    trainable, _ = carry
     params, scales = trainable
     qparams = to_quantized(params)
     new_table = None
     if table is not None:
         new_table = dataclasses.replace(table, scales={p: np.abs(np.asarray(s)) + 1e-12 for p, s in scales.items()})
     variables = {"params": qparams, **({jnn.AUX_COLLECTION: aux} if aux else {})}
-    info = {**start.info, "distill": {**dataclasses.asdict(config), "seconds": seconds}}
+    info = {**start.info, "distill": {**dataclasses.asdict(config), "steps_run": total, "seconds": seconds}}
     model = QuantizedModel(variables, start.act, new_table, name or f"{start.name}+distill", info)
-    return DistillResult(model, np.asarray(losses), seconds, params, scales)
+    return DistillResult(model, losses_all, seconds, params, scales)
 
 
 def mean_loss(bundle: ModelBundle, model: QuantizedModel, data: DistillData, guided_weight: float = 1.0) -> float:
