@@ -216,7 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     frames, height, width, text = (5, 32, 32, 8) if a.tiny else (81, 480, 832, 512)
     a.frames, a.height, a.width = a.frames or frames, a.height or height, a.width or width
     a.text_len = a.text_len or text
-    a.models, a.recipes, a.time = a.models.split(","), a.recipes.split(","), set(a.time.split(","))
+    a.models, a.recipes = a.models.split(","), a.recipes.split(",")
+    a.time = {r for r in a.time.split(",") if r}  # '' times nothing
     a.components = [c for c in a.components.split(",") if c]
     if set(a.components) - {"encoder", "vae"}:
         p.error(f"--components: {a.components} not within ['encoder', 'vae']")
@@ -542,6 +543,18 @@ def _key(row: dict[str, Any]) -> tuple:
     return (row["component"], row["model"], row.get("recipe") or row.get("precision"))
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` rows replace ``old`` rows of the same key, except that a row skipped for lack of
+    time never replaces a measured one (so a call cut short loses nothing)."""
+    by_key = {_key(r): r for r in old}
+    for r in new:
+        prev = by_key.get(_key(r))
+        if r.get("status") == "SKIP" and prev is not None and prev.get("status") != "SKIP":
+            continue
+        by_key[_key(r)] = r
+    return list(by_key.values())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     device = jax.devices()[0]
@@ -562,8 +575,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     new: list[dict] = []
 
     def save() -> None:
-        keys = {_key(r) for r in new}
-        result["rows"] = [r for r in old["rows"] if _key(r) not in keys] + new
+        result["rows"] = merge_rows(old["rows"], new)
         result["pipelines"] = summarize(result["rows"], args.steps)
         result["failures"] = sum(r.get("status") in ("FAIL", "ERROR") for r in new)
         timing.write_json(name, result, folder=str(args.out_dir))

@@ -94,3 +94,12 @@ def test_docs_quote_the_json():
     for p in record["pipelines"]:
         if "seconds_per_clip" in p:
             assert f"{p['seconds_per_clip']:.1f} s" in section
+
+
+def test_a_skipped_row_never_replaces_a_measured_one(table):
+    measured = {"component": "transformer", "model": "m", "recipe": "fp8-w", "status": "MEMORY", "resident_bytes": 1}
+    skipped = {"component": "transformer", "model": "m", "recipe": "fp8-w", "status": "SKIP", "skipped": "deadline"}
+    redone = {**measured, "resident_bytes": 2}
+    assert table.merge_rows([measured], [skipped]) == [measured]
+    assert table.merge_rows([skipped], [measured]) == [measured]
+    assert table.merge_rows([measured], [redone]) == [redone]
