@@ -450,6 +450,7 @@ def transformer_rows(
             t0 = time.perf_counter()
             variables = jax.block_until_ready(recipe_variables(name, params, roles, args.rank, args.seed))
             row["build_s"] = time.perf_counter() - t0
+            _phase(model, name, f"weights built in {row['build_s']:.1f} s")
             fn = step_fn(model, module, recipe)
             t0 = time.perf_counter()
             compiled = fn.lower(variables, *inputs).compile()
@@ -460,6 +461,7 @@ def transformer_rows(
                 weights=recipe.weights,
                 act=recipe.act,
             )
+            _phase(model, name, f"compiled in {row['compile_s']:.1f} s")
             if name not in args.time:
                 row["status"] = "MEMORY"
             else:
@@ -480,6 +482,7 @@ def transformer_rows(
                 if recipe.weights is not None:
                     check["ok"] = finite(out) and err <= check["tol"]
                 row["check"] = check
+                _phase(model, name, f"checked: {check}")
                 if check["ok"]:
                     row.update(status="PASS", **time_compiled(compiled, (variables, *inputs), args.runs))
                 else:
@@ -489,6 +492,11 @@ def transformer_rows(
             row.update(timing.error_row(e))
         _print_row(row)
         emit(row)
+
+
+def _phase(model: Model, recipe: str, what: str) -> None:
+    """A progress line per phase of a row, so a call cut off by its time limit shows where."""
+    print(f"  {model.label} {recipe}: {what}", flush=True)
 
 
 def _text_dim(config: Any) -> int:
