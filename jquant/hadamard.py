@@ -38,6 +38,7 @@ __all__ = [
     "HadamardFactor",
     "HadamardPlan",
     "apply_block_hadamard",
+    "online_block",
     "apply_hadamard",
     "apply_rht",
     "fwht",
@@ -458,6 +459,17 @@ def apply_block_hadamard(x: jax.Array, block: int | None, axis: int = -1, *, tra
     y = jnp.moveaxis(x, axis, -1)
     y = apply_hadamard(y.reshape(*y.shape[:-1], n // block, block), -1, transpose=transpose)
     return jnp.moveaxis(y.reshape(*y.shape[:-2], n), -1, axis)
+
+
+def online_block(rotation: bool | int) -> int | None:
+    """The block order an online-rotation flag asks for: ``True`` is the full width (None), an
+    int ``b`` the block-diagonal rotation of order ``b`` (``QuaRotConfig.online_block``). The
+    dispatch and the activation quantizer take either flag."""
+    if rotation is True:
+        return None
+    if isinstance(rotation, bool) or not isinstance(rotation, int) or rotation < 1:
+        raise ValueError(f"online rotation: expected True or a block order >= 1, got {rotation!r}")
+    return rotation
 
 
 # ------------------------------------------------------- randomized Hadamard (RHT)

@@ -94,14 +94,13 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
         x = x * mul.astype(x.dtype)
     a, b = _aux_get(aux, "lowrank_a"), _aux_get(aux, "lowrank_b")
     lowrank = None if a is None else (a, b)
-    # The online rotation goes to the dispatch (which fuses it into the activation quantizer
-    # where it can) unless something here needs the rotated x itself; a block-diagonal one
-    # (QuaRotConfig.online_block) runs here.
+    # The online rotation (full width, or block-diagonal: QuaRotConfig.online_block) goes to the
+    # dispatch, which fuses it into the activation quantizer where it can, unless something here
+    # needs the rotated x itself.
     flag = _aux_get(aux, "hadamard")
     rotate, block = flag is not None, None if flag is None else hadamard_block(flag)
     defer = (
         rotate
-        and block is None
         and not _state.observers
         and einsum_str is None
         and lowrank is None
@@ -132,7 +131,7 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
             act_scale=act_scale,
             backend=cfg.backend,
             lowrank=lowrank,
-            hadamard=defer,
+            hadamard=(block or True) if defer else False,
         )
     if bias is not None:
         bias = dequantize(bias).astype(y.dtype)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.hadamard import apply_hadamard
+from jquant.hadamard import apply_block_hadamard, online_block
 from pallas_kernels import _common
 
 CHUNK = 1024
@@ -106,13 +106,14 @@ def check(x):
         raise ValueError(f"quantize: x must be floating point, got {x.dtype}")
 
 
-def reference(x, fmt, hadamard: bool = False):
+def reference(x, fmt, hadamard: bool | int = False):
+    """jquant's per-token rule; ``hadamard`` (True: full width, int: block order) rotates first."""
     check(x)
     xf = x.astype(jnp.float32)
     if hadamard:  # jquant.nn's online rotation: x @ H in float32, rounded to x's dtype
         # The rounding on the bits: XLA's GPU simplifier drops an f32 -> bf16 -> f32 round trip
         # (excess precision), which left this reference quantizing unrounded rows on the GPU.
-        xf = apply_hadamard(xf, axis=-1)
+        xf = apply_block_hadamard(xf, online_block(hadamard), axis=-1)
         xf = round_to_bf16(xf) if x.dtype == jnp.bfloat16 else xf.astype(x.dtype).astype(jnp.float32)
     scale = scale_of(jnp.max(jnp.abs(xf), axis=1, keepdims=True), fmt)
     q = jnp.clip(xf / scale, -QMAX[fmt], QMAX[fmt])

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jquant.hadamard import kron_split
+from jquant.hadamard import kron_split, online_block
 from pallas_kernels import _common, _quant, hadamard_gather, triton_quant
 from pallas_kernels._quant import (  # noqa: F401 (part of this module's API)
     CHUNK,
@@ -64,6 +64,11 @@ HADAMARD_GPU_VERIFIED = True
 #: the ``gpu`` extra is installed.
 TRITON_GPU_VERIFIED = True
 
+
+#: The block-diagonal rotation + quantize path (``hadamard=b``, QuaRotConfig.online_block): not
+#: run on a GPU yet (checked on the CPU in interpret mode against the reference only), so the
+#: dispatch uses it only under ``JQUANT_BACKEND=pallas`` until scripts/check_kernels_gpu.py passes.
+BLOCK_HADAMARD_GPU_VERIFIED = False
 
 #: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
 HADAMARD_OUTER_MAX = 64
@@ -125,6 +130,21 @@ def hadamard_config(lay: HadamardLayout) -> QuantizerConfig:
     return QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
 
 
+@functools.lru_cache(maxsize=16)
+def block_matrix(k: int, block: int) -> np.ndarray | None:
+    """The +-1 order-``block`` matrix of a block-diagonal rotation of width ``k`` (jquant's
+    ``hadamard_matrix(block) * sqrt(block)``, one Sylvester product), or None where the kernel
+    does not take it: ``block`` not dividing ``k``, not below ``k``, or not one Sylvester factor
+    of 16..256 (a ``pl.dot`` operand on every side)."""
+    if block >= k or k % block or not 16 <= block <= 256:
+        return None
+    split = kron_split(block, block)
+    if split is None or split[0].shape != (1, 1):
+        return None
+    o, s = split
+    return (float(o[0, 0]) * s).astype(np.float32)
+
+
 def quantize_int8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Plain-JAX per-token int8 quantization: ``(int8[M, K], f32[M, 1])``."""
     return _quant.reference(x, "int8")
@@ -150,8 +170,25 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
     return y.astype(dtype).astype(jnp.float32)
 
 
+def _rotate_block(v: jax.Array, h_s, block: int, dtype) -> jax.Array:
+    """``v @ H_block`` for one ``[rows, block]`` chunk (one block of the block-diagonal
+    rotation), rounded to ``dtype`` like jquant.nn's XLA path."""
+    z = _quant.pm1_dot(v, h_s[...], 1 if dtype == jnp.bfloat16 else 3) * np.float32(1.0 / math.sqrt(block))
+    if dtype == jnp.bfloat16:
+        return round_to_bf16(z)
+    return z.astype(dtype).astype(jnp.float32)
+
+
 def _kernel(
-    x_ref, *refs, m: int, k: int, fmt: str, cfg: QuantizerConfig, interpret: bool, lay: HadamardLayout | None = None
+    x_ref,
+    *refs,
+    m: int,
+    k: int,
+    fmt: str,
+    cfg: QuantizerConfig,
+    interpret: bool,
+    lay: HadamardLayout | None = None,
+    block: int = 0,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -159,6 +196,8 @@ def _kernel(
     h_s = h_o = None
     if lay is not None:
         h_s, h_o, q_ref, s_ref = refs
+    elif block:
+        h_s, q_ref, s_ref = refs
     else:
         q_ref, s_ref = refs
     i = pl.program_id(0)
@@ -166,21 +205,24 @@ def _kernel(
     row_ok = i * rows + jnp.arange(rows) < m
     if lay is not None:
         width = lay.width
+    elif block:  # one order-`block` rotation per chunk: chunks are the rotation's blocks
+        width = block
     else:
         width = padded_width(k) if cfg.single_pass else CHUNK
 
-    def block(c):
+    def span(c):
         cols = c * width + jnp.arange(width)
         mask = row_ok[:, None] & (cols < k)[None, :]
         idx = (pl.ds(i * rows, rows), pl.ds(c * width, width))
         return idx, mask
 
     def load(c):
-        idx, mask = block(c)
-        return pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
+        idx, mask = span(c)
+        v = pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
+        return _rotate_block(v, h_s, block, x_ref.dtype) if block else v
 
     def store(c, v, scale):
-        idx, mask = block(c)
+        idx, mask = span(c)
         pltriton.store(q_ref.at[idx], _quant.to_q(v / scale[:, None], fmt, interpret), mask=mask)
 
     if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
@@ -190,7 +232,7 @@ def _kernel(
         scale = _quant.scale_of(jnp.max(jnp.abs(v), axis=1), fmt)
         store(0, v, scale)
     else:
-        n_chunks = _common.cdiv(k, CHUNK)
+        n_chunks = _common.cdiv(k, width)
         amax = lax.fori_loop(
             0,
             n_chunks,
@@ -208,13 +250,21 @@ def _kernel(
 
 
 def quantize_pallas(
-    x: jax.Array, fmt: str, *, interpret: bool = False, config: QuantizerConfig | None = None, hadamard: bool = False
+    x: jax.Array,
+    fmt: str,
+    *,
+    interpret: bool = False,
+    config: QuantizerConfig | None = None,
+    hadamard: bool | int = False,
 ):
     """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked).
 
     ``hadamard=True`` rotates each row by jquant's order-K Hadamard (QuaRot's online transform,
     ``apply_hadamard``) in registers before quantizing: one pass over ``x`` instead of three or
-    more. Widths :func:`hadamard_layout` rejects raise.
+    more. Widths :func:`hadamard_layout` rejects raise. ``hadamard=b`` (an int) applies the
+    block-diagonal rotation of order ``b`` instead (``apply_block_hadamard``): two chunked
+    passes of ``b``-wide chunks (absmax, then codes; each chunk rotated by one ``pl.dot``), so
+    any width ``b`` divides works; :func:`block_matrix` says which.
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -223,7 +273,18 @@ def quantize_pallas(
     m, k = x.shape
     lay = None
     extra = ()
-    if hadamard:
+    block = 0 if not hadamard else (online_block(hadamard) or 0)
+    if block >= k:
+        block = 0  # a block as wide as the row is the full-width rotation
+    if block:
+        mat = block_matrix(k, block)
+        if mat is None:
+            raise ValueError(f"quantize: no fused block-{block} rotation for K={k} (see act_quant.block_matrix)")
+        config = config or QuantizerConfig(rows=16, warps=4, single_pass=False)
+        if config.single_pass or config.rows < 16:
+            raise ValueError(f"quantize: the block rotation runs chunked with >= 16 rows, got {config}")
+        extra = (jnp.asarray(mat, jnp.bfloat16),)
+    elif hadamard:
         lay = hadamard_layout(k)
         if lay is None:
             raise ValueError(f"quantize: no fused Hadamard for K={k} (see act_quant.hadamard_layout)")
@@ -237,7 +298,7 @@ def quantize_pallas(
     if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
         raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
     call = pl.pallas_call(
-        functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay),
+        functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay, block=block),
         out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]), jax.ShapeDtypeStruct((m,), jnp.float32)),
         grid=(_common.cdiv(m, cfg.rows),),
         interpret=interpret,
@@ -247,13 +308,15 @@ def quantize_pallas(
     return q, s.reshape(m, 1)
 
 
-def _quantize(x, fmt, method, hadamard=False):
+def _quantize(x, fmt, method, hadamard: bool | int = False):
     _quant.check(x)
     if method not in ("auto", "pallas", "triton", "xla"):
         raise ValueError(f"quantize: method must be auto/pallas/triton/xla, got {method!r}")
     if method == "pallas":
         interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
-        return _fused_hadamard(x, fmt, interpret) if hadamard else quantize_pallas(x, fmt, interpret=interpret)
+        if hadamard:
+            return _fused_hadamard(x, fmt, interpret, hadamard)
+        return quantize_pallas(x, fmt, interpret=interpret)
     if method == "triton":
         if hadamard:
             raise ValueError("quantize: the jax-triton quantizer has no fused Hadamard; use method='pallas'")
@@ -261,25 +324,36 @@ def _quantize(x, fmt, method, hadamard=False):
         return triton_quant.quantize(x, fmt)
     if method == "auto" and supports(x, hadamard):
         if hadamard:
-            return _fused_hadamard(x, fmt)
+            return _fused_hadamard(x, fmt, hadamard=hadamard)
         if _triton_usable(x):
             return triton_quant.quantize(x, fmt)
         return quantize_pallas(x, fmt)
     return _quant.reference(x, fmt, hadamard)
 
 
-def _fused_hadamard(x: jax.Array, fmt: str, interpret: bool = False):
-    """The fused rotation + quantizer: the ``[outer, inner]`` view where K has one, else the
-    gathered multi-axis view (:mod:`pallas_kernels.hadamard_gather`, e.g. Wan's 8960)."""
+def _block(hadamard: bool | int, k: int) -> int | None:
+    """The block order of a rotation flag for width ``k`` (None: full width)."""
+    b = online_block(hadamard)
+    return None if b is None or b >= k else b
+
+
+def _fused_hadamard(x: jax.Array, fmt: str, interpret: bool = False, hadamard: bool | int = True):
+    """The fused rotation + quantizer: the block-diagonal chunks for ``hadamard=b``; for the
+    full width the ``[outer, inner]`` view where K has one, else the gathered multi-axis view
+    (:mod:`pallas_kernels.hadamard_gather`, e.g. Wan's 8960)."""
+    if _block(hadamard, x.shape[1]) is not None:
+        return quantize_pallas(x, fmt, interpret=interpret, hadamard=hadamard)
     if hadamard_layout(x.shape[1]) is not None:
         return quantize_pallas(x, fmt, interpret=interpret, hadamard=True)
 
     return hadamard_gather.quantize_hadamard_gather(x, fmt, interpret=interpret)
 
 
-def _fused_hadamard_takes(k: int) -> bool:
+def _fused_hadamard_takes(k: int, hadamard: bool | int = True) -> bool:
     """Whether a fused rotation exists for width ``k`` and is verified (or forced) on the GPU."""
-
+    b = _block(hadamard, k)
+    if b is not None:
+        return block_matrix(k, b) is not None and _common.kernel_enabled(BLOCK_HADAMARD_GPU_VERIFIED)
     if hadamard_layout(k) is not None:
         return _common.kernel_enabled(HADAMARD_GPU_VERIFIED)
     return hadamard_gather.gather_layout(k) is not None and _common.kernel_enabled(hadamard_gather.GPU_VERIFIED)
@@ -291,19 +365,20 @@ def _triton_usable(x: jax.Array) -> bool:
     return TRITON_GPU_VERIFIED and triton_quant.available() and padded_width(x.shape[1]) <= SINGLE_PASS_MAX
 
 
-def quantize_int8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
+def quantize_int8(x: jax.Array, method: str = "auto", *, hadamard: bool | int = False) -> tuple[jax.Array, jax.Array]:
     """Per-token int8 quantization ``(int8[M, K], f32[M, 1])`` in one pass over ``x``
     (``method``: auto / pallas / triton / xla). ``hadamard=True`` quantizes ``apply_hadamard(x)``
-    (QuaRot's online rotation), fused into the same pass where :func:`hadamard_layout` takes K."""
+    (QuaRot's online rotation), fused into the same pass where :func:`hadamard_layout` takes K;
+    ``hadamard=b`` the block-diagonal rotation of order ``b`` (:func:`block_matrix`)."""
     return _quantize(x, "int8", method, hadamard)
 
 
-def quantize_fp8(x: jax.Array, method: str = "auto", *, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
+def quantize_fp8(x: jax.Array, method: str = "auto", *, hadamard: bool | int = False) -> tuple[jax.Array, jax.Array]:
     """Per-token fp8 e4m3 quantization ``(e4m3[M, K], f32[M, 1])`` in one pass over ``x``."""
     return _quantize(x, "fp8", method, hadamard)
 
 
-def supports(x: jax.Array, hadamard: bool = False) -> bool:
+def supports(x: jax.Array, hadamard: bool | int = False) -> bool:
     """True where ``method="auto"`` runs a compiled quantizer kernel: a GPU, a 2-D float input,
     the kernel verified there (or ``JQUANT_BACKEND=pallas``); with ``hadamard``, also a width
     :func:`hadamard_layout` (or ``hadamard_gather.gather_layout``) takes and that fused kernel
@@ -316,5 +391,5 @@ def supports(x: jax.Array, hadamard: bool = False) -> bool:
         and jnp.issubdtype(x.dtype, jnp.floating)
     )
     if hadamard:
-        ok = ok and _fused_hadamard_takes(x.shape[1])
+        ok = ok and _fused_hadamard_takes(x.shape[1], hadamard)
     return ok

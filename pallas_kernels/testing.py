@@ -219,14 +219,20 @@ def act_quant_lowrank_inputs(key, m, k, n, rank=32):
     )
 
 
-def _hadamard_case(name: str, fmt: str, wide: bool = False) -> KernelCase:
-    """The fused rotation + quantizer on ``[M, K]`` (``[M, N]`` when ``wide``) activations."""
+#: The rotation flag of each fused rotation + quantizer case (True: full width; b: block-diagonal).
+ROTATIONS: dict[str, bool | int] = {}
+
+
+def _hadamard_case(name: str, fmt: str, wide: bool = False, rotation: bool | int = True) -> KernelCase:
+    """The fused rotation + quantizer on ``[M, K]`` (``[M, N]`` when ``wide``) activations;
+    ``rotation``: True for the full-width Hadamard, ``b`` for the block-diagonal one."""
     quant = act_quant.quantize_int8 if fmt == "int8" else act_quant.quantize_fp8
     width = (lambda m, k, n: n) if wide else (lambda m, k, n: k)
+    ROTATIONS[name] = rotation
     return KernelCase(
         name,
-        functools.partial(quant, hadamard=True),
-        functools.partial(_quant.reference, fmt=fmt, hadamard=True),  # pylint: disable=protected-access
+        functools.partial(quant, hadamard=rotation),
+        functools.partial(_quant.reference, fmt=fmt, hadamard=rotation),  # pylint: disable=protected-access
         lambda key, m, k, n: act_quant_inputs(key, m, width(m, k, n), 0),
         lambda m, k, n: 3.0 * m * width(m, k, n),
         lambda m, k, n: 3 * m * width(m, k, n) + 4 * m,
@@ -465,6 +471,10 @@ CASES: dict[str, KernelCase] = {
     "act_quant_hadamard": _hadamard_case("act_quant_hadamard", "int8"),
     "act_quant_hadamard_wide": _hadamard_case("act_quant_hadamard_wide", "int8", wide=True),
     "act_quant_hadamard_fp8": _hadamard_case("act_quant_hadamard_fp8", "fp8"),
+    # The block-diagonal rotation (QuaRotConfig.online_block = 128) fused into the quantizer.
+    "act_quant_block128": _hadamard_case("act_quant_block128", "int8", rotation=128),
+    "act_quant_block128_wide": _hadamard_case("act_quant_block128_wide", "int8", wide=True, rotation=128),
+    "act_quant_block128_fp8": _hadamard_case("act_quant_block128_fp8", "fp8", rotation=128),
     # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
     "act_quant_lowrank": KernelCase(
         "act_quant_lowrank",
@@ -516,8 +526,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
         return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
     if name == "act_quant_lowrank":
         return "pallas" if lowrank_quant.supports(*inputs) else "xla"
-    if name.startswith("act_quant_hadamard"):
-        return "pallas" if act_quant.supports(x, hadamard=True) else "xla"
+    if name in ROTATIONS:
+        return "pallas" if act_quant.supports(x, hadamard=ROTATIONS[name]) else "xla"
     if name.startswith("act_quant"):
         if not act_quant.supports(x):
             return "xla"

@@ -210,11 +210,12 @@ def test_dynamic_token_activations_go_through_the_quantizer_kernel(fake_gpu, mon
     assert "quant" not in fake_gpu
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, monkeypatch, fused):
-    # linear(..., hadamard=True) is linear(apply_hadamard(x), ...): the rotation runs inside the
-    # quantizer kernel where it takes the width, else in XLA before the usual paths.
-    from jquant.hadamard import apply_hadamard
+@pytest.mark.parametrize("fused,rotation", [(True, True), (False, True), (True, 128), (False, 64)])
+def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, monkeypatch, fused, rotation):
+    # linear(..., hadamard=True) is linear(apply_hadamard(x), ...), hadamard=b the block-diagonal
+    # rotation of order b: the rotation runs inside the quantizer kernel where it takes the width,
+    # else in XLA before the usual paths.
+    from jquant.hadamard import apply_block_hadamard, online_block
 
     seen = []
     monkeypatch.setattr(act_quant, "supports", lambda x, hadamard=False: fused or not hadamard)
@@ -226,14 +227,15 @@ def test_online_hadamard_fuses_into_the_quantizer_or_rotates_in_xla(fake_gpu, mo
     x = jax.random.normal(jax.random.key(0), (6, 256), jnp.float32).astype(jnp.bfloat16)
     w = jquant.quantize(jax.random.normal(jax.random.key(1), (256, 72)), "int8")
     a = jquant.parse_spec("int8/token")
-    y = linear(x, w, act=a, backend="auto", hadamard=True)
-    assert seen == [fused] and fake_gpu == ["int8"]
-    y_ref = linear(apply_hadamard(x, axis=-1).astype(x.dtype), w, act=a, backend="xla")
+    y = linear(x, w, act=a, backend="auto", hadamard=rotation)
+    assert seen == [rotation if fused else False] and fake_gpu == ["int8"]
+    xr = apply_block_hadamard(x, online_block(rotation), axis=-1).astype(x.dtype)
+    y_ref = linear(xr, w, act=a, backend="xla")
     chex.assert_trees_all_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=1e-2, atol=1e-2)
     # With an SVDQuant branch the rotation stays in XLA (the branch needs the rotated x).
     seen.clear()
     lr = (jnp.zeros((256, 16)), jnp.zeros((16, 72)))
-    linear(x, w, act=a, backend="auto", hadamard=True, lowrank=lr)
+    linear(x, w, act=a, backend="auto", hadamard=rotation, lowrank=lr)
     assert seen == [False]
 
 

@@ -564,6 +564,47 @@ def test_fused_hadamard_quantizer_matches_rotate_then_quantize(fmt, m, k):
     chex.assert_trees_all_equal(act_quant.quantize_int8(x, hadamard=True), _quant.reference(x, "int8", True))
 
 
+@pytest.mark.parametrize("fmt,m,k,block,dtype", [
+    ("int8", 17, 512, 128, jnp.bfloat16),
+    ("fp8", 3, 1536, 256, jnp.bfloat16),
+    ("int8", 5, 8960, 128, jnp.bfloat16),
+    ("int8", 4, 384, 128, jnp.float32),
+])  # fmt: skip
+def test_block_rotation_quantizer_matches_rotate_then_quantize(fmt, m, k, block, dtype):
+    # hadamard=b: each b-wide chunk rotated by one +-1 product (two chunked passes), giving
+    # apply_block_hadamard's rows rounded to x's dtype, then jquant's codes and scales.
+    x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(dtype)
+    q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=block)
+    qr, sr = _quant.reference(x, fmt, hadamard=block)
+    if dtype == jnp.bfloat16:  # the rows round to bf16 on both sides: bit for bit
+        chex.assert_trees_all_equal(s, sr)
+        chex.assert_trees_all_equal(q, qr)
+    else:  # float32 sums in another order: scales within rounding, codes at most a step apart, rarely
+        chex.assert_trees_all_close(s, sr, rtol=1e-6, atol=0)
+        diff = np.abs(np.asarray(q, np.float32) - np.asarray(qr, np.float32))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+    assert act_quant.block_matrix(k, block) is not None
+    assert not act_quant.supports(x, hadamard=block)  # off the GPU (and not GPU-checked yet)
+    assert not act_quant.BLOCK_HADAMARD_GPU_VERIFIED
+
+
+def test_block_rotation_quantizer_refuses_what_it_cannot_map():
+    for k, b in ((512, 96), (500, 128), (128, 128), (512, 8)):
+        assert act_quant.block_matrix(k, b) is None
+    with pytest.raises(ValueError, match="no fused block-128 rotation for K=500"):
+        act_quant.quantize_pallas(jnp.zeros((2, 500), jnp.bfloat16), "int8", interpret=True, hadamard=128)
+    with pytest.raises(ValueError, match="True or a block order"):
+        act_quant.quantize_pallas(jnp.zeros((2, 512), jnp.bfloat16), "int8", interpret=True, hadamard=-4)
+    for k in (1536, 8960):  # lowers to a Triton program for the GPU (Wan's widths)
+        text = (
+            jax.jit(lambda v: act_quant.quantize_pallas(v, "int8", hadamard=128))
+            .trace(jax.ShapeDtypeStruct((37, k), jnp.bfloat16))
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
+        assert "xla.gpu.triton" in text
+
+
 def test_fused_hadamard_refuses_what_it_cannot_map():
     # Wan's FFN widths (two Paley factors) and fallback plans have no fused layout.
     for k in (8960, 13824, 200):

@@ -39,7 +39,7 @@ from jquant.dispatch.xla import (  # noqa: F401 (part of the dispatch API)
     token_block,
 )
 from jquant.formats import QSpec
-from jquant.hadamard import apply_hadamard
+from jquant.hadamard import apply_block_hadamard, online_block
 from jquant.qarray import QArray, decode_scale, dequantize, is_coded
 from pallas_kernels import _common
 
@@ -63,7 +63,7 @@ def linear(
     act_scale: Array | None = None,
     backend: str = "auto",
     lowrank: tuple[Array, Array] | None = None,
-    hadamard: bool = False,
+    hadamard: bool | int = False,
 ) -> Array:
     """``x [..., K...] @ w [K..., N...]`` with the fastest applicable quantized path.
 
@@ -71,15 +71,16 @@ def linear(
     W4A8/W8A8 kernel runs it is fused into the GEMM's epilogue (pallas_kernels/w8a8.py).
     ``hadamard=True`` multiplies ``apply_hadamard(x)`` instead of ``x`` (QuaRot's online
     rotation, weights pre-rotated): fused into the activation quantizer where that kernel takes
-    it, else rotated here in XLA (rounded to x's dtype).
+    it, else rotated here in XLA (rounded to x's dtype). ``hadamard=b`` (an int) is the
+    block-diagonal rotation of order ``b`` (``QuaRotConfig.online_block``), the same way.
     """
     if hadamard:
         if lowrank is None and resolve_backend(backend) != "xla":
-            y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=False, hadamard=True)
+            y = kd.maybe_run(x, w, act=act, act_scale=act_scale, force=False, hadamard=hadamard)
             if y is not None:
                 return y
 
-        x = apply_hadamard(x, axis=-1).astype(x.dtype)
+        x = apply_block_hadamard(x, online_block(hadamard), axis=-1).astype(x.dtype)
     contract = contract or 1
     if lowrank is not None and (contract != 1 or not isinstance(w, QArray) or w.ndim != 2):
         y = linear(x, w, contract=contract, act=act, act_scale=act_scale, backend=backend)

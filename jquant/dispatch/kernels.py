@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from jquant.dispatch.xla import add_lowrank, quantize_activation, token_block
 from jquant.formats import QSpec, parse_spec
-from jquant.hadamard import apply_hadamard
+from jquant.hadamard import apply_block_hadamard, online_block
 from jquant.qarray import QArray, decode_scale, dequantize
 from pallas_kernels import (
     act_quant,
@@ -246,7 +246,7 @@ def _fused_lowrank(x2: jax.Array, lowrank):
     return w4a8.lowrank_operands(x2, *lowrank)
 
 
-def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> bool:
+def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool | int = False) -> bool:
     """Whether the activation quantizer kernel takes these activations (with the rotation)."""
     return (
         act_scale is None
@@ -259,26 +259,26 @@ def _fused_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) 
     )
 
 
-def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool = False) -> tuple[jax.Array, jax.Array]:
+def quantize_tokens(x2: jax.Array, act: QSpec, act_scale, hadamard: bool | int = False) -> tuple[jax.Array, jax.Array]:
     """``(codes [M, K], scale f32 [M, 1])`` of 2-D activations, as :func:`jquant.dispatch.quantize_activation`.
 
     Dynamic symmetric int8 / e4m3 with fp32 scales runs the activation quantizer kernel where it
     applies (``act_quant.supports``): one pass over ``x``, the same codes and scales as jquant's
     rule (``act_quant``'s reference is that rule to the bit); everything else quantizes in XLA.
     ``hadamard=True`` quantizes ``apply_hadamard(x2)`` (rounded to x2's dtype, as jquant.nn does),
-    rotated inside the kernel where it takes the width.
+    rotated inside the kernel where it takes the width; ``hadamard=b`` the block-diagonal one.
     """
     if _fused_tokens(x2, act, act_scale, hadamard):
         quant = act_quant.quantize_int8 if act.fmt == "int8" else act_quant.quantize_fp8
-        return quant(x2, hadamard=True) if hadamard else quant(x2)
+        return quant(x2, hadamard=hadamard) if hadamard else quant(x2)
     if hadamard:
-        x2 = apply_hadamard(x2, axis=-1).astype(x2.dtype)
+        x2 = apply_block_hadamard(x2, online_block(hadamard), axis=-1).astype(x2.dtype)
         return quantize_tokens(x2, act, act_scale)
     xq = quantize_activation(x2, act, act_scale)
     return xq.qvalue, jnp.broadcast_to(decode_scale(xq), (x2.shape[0], 1)).astype(jnp.float32)
 
 
-def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool, lowrank):
+def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool | int, lowrank):
     """``(codes, scales, epilogue operands or None)`` for the int8 GEMMs: with an SVDQuant branch
     the quantizer kernel also computes ``h = x @ A`` in its pass over ``x`` where it can
     (``lowrank_quant``), else ``h`` is its own XLA GEMM."""
@@ -295,7 +295,7 @@ def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool, lo
     return x_q, xs, _fused_lowrank(x2, lowrank)
 
 
-def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard=False):
+def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard: bool | int = False):
     """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
     ws = _channel_scale(w)
     if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
@@ -398,7 +398,7 @@ def maybe_run(
     act_scale,
     force: bool = False,
     lowrank=None,
-    hadamard: bool = False,
+    hadamard: bool | int = False,
     path: str | None = None,
 ):
     """Run ``x @ w`` (plus ``(x @ A) @ B`` for ``lowrank=(A, B)``) with a Pallas kernel if one
@@ -436,7 +436,7 @@ def maybe_run(
     elif path is not None and path not in (KIND_PATHS.get(kind) or ()):
         raise ValueError(f"maybe_run: path {path!r} is not one of {KIND_PATHS.get(kind)} for this layer ({kind})")
     if hadamard and not (
-        act is not None and lowrank is None and path in (None, "w8a8") and _fused_tokens(x2, act, act_scale, True)
+        act is not None and lowrank is None and path in (None, "w8a8") and _fused_tokens(x2, act, act_scale, hadamard)
     ):
         return None
     if path == "xla_w8a8" or (path == "xla_w16" and act is None):
