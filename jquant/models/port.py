@@ -190,14 +190,28 @@ class Port:
         return self.module_cls(config=config, dtype=dtype)
 
     def init_params(self, config: DiffusersConfig, rng: jax.Array) -> dict[str, Any]:
-        """Random float32 params (the module's own initializers), without diffusers."""
-        model = self.module(config)
-        return jax.jit(lambda r: model.init(r, **self.dummy_inputs(config))["params"])(rng)
+        """Random float32 params (the module's own initializers), without diffusers. The jitted
+        init is kept per (module class, config): another key reuses it instead of recompiling."""
+        return _jitted_init(self, config)(rng)
 
     def param_shapes(self, config: DiffusersConfig) -> dict[str, Any]:
         """Param tree of ShapeDtypeStructs, computed without allocating (jax.eval_shape)."""
         model = self.module(config)
         return jax.eval_shape(lambda r: model.init(r, **self.dummy_inputs(config))["params"], jax.random.key(0))
+
+
+_INIT_FNS: dict[tuple[type, DiffusersConfig], Callable[[jax.Array], dict[str, Any]]] = {}
+
+
+def _jitted_init(port: Port, config: DiffusersConfig) -> Callable[[jax.Array], dict[str, Any]]:
+    """`port`'s jitted init for `config`, compiled once per (module class, config); a config
+    that cannot be hashed gets a fresh one."""
+    model = port.module(config)
+    fn = jax.jit(lambda r: model.init(r, **port.dummy_inputs(config))["params"])
+    try:
+        return _INIT_FNS.setdefault((port.module_cls, config), fn)
+    except TypeError:  # an unhashable field value: nothing to key the cache on
+        return fn
 
 
 def param_count(params: Any) -> int:
