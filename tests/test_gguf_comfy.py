@@ -336,7 +336,10 @@ def write_community_file(path: Path, cfg, block_types: list[T], seed: int = 0, q
     GGUFWriter with mixed types. Returns {original name: (ggml type, raw bytes)}."""
     port = port_for_config(cfg)
     params = port.init_params(cfg, jax.random.key(seed))
-    params = jax.tree_util.tree_map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(seed + 1), x.shape), params)
+    noise = np.random.default_rng(seed + 1)  # numpy: jax.random would compile one kernel per leaf shape
+    params = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + np.float32(0.02) * noise.standard_normal(x.shape, np.float32), params
+    )
     originals = params_to_tensors(params, cfg, layout="comfy")
     family = family_for_config(cfg)
     types = _types_for(family, {n: a.shape for n, a in originals.items()}, block_types)
@@ -411,8 +414,8 @@ def test_import_keeps_codes_runs_and_exports_back(arch: str, tmp_path: Path) -> 
     n_block = sum(t in QARRAY_TYPES for t, _ in written.values())
     fused_q = [e for e in original_entries(cfg) if e.fused and written[e.name][0] in QARRAY_TYPES]
     assert n_q == n_block + sum(len(e.parts) - 1 for e in fused_q)  # one QArray per (split) tensor
+    pieces = params_to_tensors(params, cfg, layout="jquant")
     for e in fused_q:  # the pieces' blocks are the fused tensor's rows, byte for byte
-        pieces = params_to_tensors(params, cfg, layout="jquant")
         joined = b"".join(np.asarray(pieces[p].qvalue).tobytes() for p in e.parts)
         assert joined == written[e.name][1]
 
