@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Where a W8A8 linear's time goes inside a model: XLA bf16 GEMM against jquant's whole dispatch
 (`jquant.dispatch.linear` with int8 per-channel weights and dynamic int8 per-token activations,
-also with QuaRot's online Hadamard, ``hadamard=True``) and its parts (activation quantization as the dispatch runs it, i.e. the quantizer kernel, and
+also with QuaRot's online Hadamard: full width, ``hadamard=True``, and block-diagonal of order
+128, ``hadamard=128``, issue 26's candidate) and its parts (activation quantization as the dispatch runs it, i.e. the quantizer kernel, and
 as XLA runs it; the weight-code transpose; the Mosaic GEMM alone), on Wan2.1-1.3B's linear
-shapes at 32,760 tokens. Prints a table; writes
+shapes at 32,760 tokens (``BENCH_SHAPES=all``: Wan2.1-14B's too). Each rotated linear's output is
+checked against XLA's path on the rotated activations before it is timed (rel. L2 <= 2e-2); a
+wrong row is printed and the script exits 1. Prints a table; writes
 ``benchmarks/linear_path-<device>.json``.
 
     python scripts/bench_linear_path.py     # GPU (Hopper); BENCH_TAG=... names the JSON
+    JQUANT_BACKEND=pallas python scripts/bench_linear_path.py   # also the kernels not GPU-checked yet
 
 Run from the repository root: ``python scripts/bench_linear_path.py`` after ``pip install -e .``, or
 ``PYTHONPATH=. python scripts/bench_linear_path.py`` where jquant is not installed (e.g. the GPU machine).
@@ -23,20 +27,38 @@ import jax.numpy as jnp
 from jquant import dispatch
 from jquant.dispatch import kernels as kernel_dispatch
 from jquant.formats import parse_spec
+from jquant.hadamard import apply_block_hadamard, online_block
 from jquant.qarray import decode_scale, quantize
 from pallas_kernels import timing, w8a8
 
 M = int(os.environ.get("BENCH_M", 32760))
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536)]  # attention projections, FFN up, FFN down
+SHAPES_14B = [(5120, 5120), (5120, 13824), (13824, 5120)]
+BLOCK = 128  # the block-diagonal rotation's order (QuaRotConfig.online_block)
+
+
+def rotated_check(x: jax.Array, q, act, rotation: bool | int):
+    """``check`` for :func:`timing.time_fn`: the dispatch's rotated linear against XLA's path on
+    the rotated activations (rel. L2)."""
+    xr = apply_block_hadamard(x, online_block(rotation), axis=-1).astype(x.dtype)
+    ref = dispatch.linear(xr, q, act=act, backend="xla").astype(jnp.float32)
+
+    def check(out) -> dict:
+        err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        return {"ok": err <= 2e-2, "rel_l2": err}
+
+    return check
 
 
 def main() -> int:
     act = parse_spec("int8/token")
-    rows = []
+    rows, wrong = [], 0
+    shapes = SHAPES + (SHAPES_14B if os.environ.get("BENCH_SHAPES") == "all" else [])
     print(
-        f"{'K':>5} {'N':>5} {'bf16':>8} {'linear':>8} {'+hadam':>8} {'act q':>8} {'xla q':>8} {'w.T':>8} {'gemm':>8}  (us)"
+        f"{'K':>5} {'N':>5} {'bf16':>8} {'linear':>8} {'+hadam':>8} {'+blk128':>8} {'act q':>8} {'xla q':>8} "
+        f"{'w.T':>8} {'gemm':>8}  (us)"
     )
-    for k, n in SHAPES:
+    for k, n in shapes:
         sets = []
         for i in range(3):
             kx, kw = jax.random.split(jax.random.key(i))
@@ -45,11 +67,21 @@ def main() -> int:
             sets.append((x, w.astype(jnp.bfloat16), quantize(w, parse_spec("int8"))))
         bf16 = timing.time_fn(lambda x, w: x @ w, [(x, wb) for x, wb, _ in sets])["us"]
         lin = timing.time_fn(lambda x, q: dispatch.linear(x, q, act=act), [(x, q) for x, _, q in sets])["us"]
-        # QuaRot's online rotation: fused into the quantizer where act_quant.hadamard_layout takes K
-        # (1536), an XLA rotation first elsewhere (8960).
-        lin_h = timing.time_fn(
-            lambda x, q: dispatch.linear(x, q, act=act, hadamard=True), [(x, q) for x, _, q in sets]
-        )["us"]
+        # QuaRot's online rotations, each output checked first: full width (fused into the
+        # quantizer where act_quant.hadamard_layout or the gathered layout takes K) and
+        # block-diagonal of order 128 (fused where act_quant.block_matrix takes K and the
+        # kernel is enabled, else rotated in XLA first).
+        rotated = {}
+        for label, rot in (("hadamard", True), (f"block{BLOCK}", BLOCK)):
+            t = timing.time_fn(
+                lambda x, q, rot=rot: dispatch.linear(x, q, act=act, hadamard=rot),
+                [(x, q) for x, _, q in sets],
+                check=rotated_check(sets[0][0], sets[0][2], act, rot),
+            )
+            rotated[label] = t
+            if "us" not in t:
+                wrong += 1
+                print(f"  WRONG {label} K={k} N={n}: {t['check']}", flush=True)
         aq = timing.time_fn(lambda x: kernel_dispatch.quantize_tokens(x, act, None), [(x,) for x, _, _ in sets])["us"]
         aq_xla = timing.time_fn(
             lambda x: dispatch.quantize_activation(x, act, None).qvalue, [(x,) for x, _, _ in sets]
@@ -60,6 +92,7 @@ def main() -> int:
             xq = dispatch.quantize_activation(x, act, None)
             ops.append((xq.qvalue, jnp.broadcast_to(decode_scale(xq), (M, 1)), q.qvalue.T, decode_scale(q)[0]))
         gemm = timing.time_fn(lambda a, s, b, t: w8a8.int8_matmul(a, s, b, t), ops)["us"]
+        lin_h, lin_b = (rotated[key].get("us", float("nan")) for key in ("hadamard", f"block{BLOCK}"))
         rows.append(
             dict(
                 m=M,
@@ -68,20 +101,27 @@ def main() -> int:
                 xla_bf16_us=bf16,
                 linear_us=lin,
                 linear_hadamard_us=lin_h,
+                linear_hadamard_check=rotated["hadamard"].get("check"),
+                linear_block_us=lin_b,
+                linear_block_check=rotated[f"block{BLOCK}"].get("check"),
+                block=BLOCK,
+                block_fused=kernel_dispatch.act_quant.supports(sets[0][0], hadamard=BLOCK),
                 act_quant_us=aq,
                 act_quant_xla_us=aq_xla,
                 weight_transpose_us=tr,
                 gemm_us=gemm,
                 speedup_vs_bf16=bf16 / lin,
+                block_speedup_vs_bf16=bf16 / lin_b,
             )
         )
         print(
-            f"{k:>5} {n:>5} {bf16:>8.1f} {lin:>8.1f} {lin_h:>8.1f} {aq:>8.1f} {aq_xla:>8.1f} {tr:>8.1f} {gemm:>8.1f}",
+            f"{k:>5} {n:>5} {bf16:>8.1f} {lin:>8.1f} {lin_h:>8.1f} {lin_b:>8.1f} {aq:>8.1f} {aq_xla:>8.1f} "
+            f"{tr:>8.1f} {gemm:>8.1f}",
             flush=True,
         )
     tag = os.environ.get("BENCH_TAG", "")  # e.g. "jax_triton" when the gpu extra is installed
     timing.write_rows("linear_path" + (f"-{tag}" if tag else ""), rows)
-    return 0
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
