@@ -58,20 +58,22 @@ def unfused_norm_modulate(x, w, bias, shift, scale, eps, kind):
 
 
 def _inputs(b, t, kb, seed, dtype):
+    """Random inputs drawn with numpy (jax.random would compile its kernels once per shape)."""
     d = 128 * kb
-    ks = jax.random.split(jax.random.key(seed), 5)
-    x = (2.0 * jax.random.normal(ks[0], (b, t, d)) + 0.5).astype(dtype)
-    shift = 0.3 * jax.random.normal(ks[1], (b, d))
-    scale = 0.3 * jax.random.normal(ks[2], (b, d))
-    w = 1.0 + 0.1 * jax.random.normal(ks[3], (d,))
-    bias = 0.1 * jax.random.normal(ks[4], (d,))
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+    x = (2.0 * normal(b, t, d) + 0.5).astype(dtype)
+    shift, scale = 0.3 * normal(b, d), 0.3 * normal(b, d)
+    w, bias = 1.0 + 0.1 * normal(d), 0.1 * normal(d)
     return x, shift, scale, w, bias
 
 
+# Shapes from a few values (one and several tokens, one and two 128-blocks): the eager ops compile
+# once per shape, so every new shape costs seconds while the kinds, formats and dtypes cost little.
 @settings(max_examples=10, deadline=None)
 @given(
     b=st.integers(1, 2),
-    t=st.integers(1, 4),
+    t=st.sampled_from([1, 3]),
     kb=st.integers(1, 2),
     kind=st.sampled_from(["layer", "rms"]),
     fmt=st.sampled_from(["int8", "fp8"]),
@@ -100,15 +102,15 @@ def test_norm_modulate_equals_the_models_float_path():
 
 @settings(max_examples=10, deadline=None)
 @given(
-    rows=st.integers(1, 6),
-    kb=st.integers(1, 3),
+    rows=st.sampled_from([1, 5]),
+    kb=st.sampled_from([1, 3]),
     act=st.sampled_from(["gelu_tanh", "gelu", "silu"]),
     fmt=st.sampled_from(["int8", "fp8"]),
     dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
     seed=st.integers(0, 2**16),
 )
 def test_activation_quantize_within_one_step_of_unfused(rows, kb, act, fmt, dtype, seed):
-    y = (3.0 * jax.random.normal(jax.random.key(seed), (rows, 128 * kb))).astype(dtype)
+    y = jnp.asarray(3.0 * np.random.default_rng(seed).standard_normal((rows, 128 * kb), np.float32)).astype(dtype)
     codes, scales = fp.activation_quantize(y, act, fmt)
     assert codes.shape == y.shape and scales.shape == (rows, kb)
     exact = ACTIVATIONS[act](y.astype(jnp.float32))  # the model's FFN activation, then its dtype
