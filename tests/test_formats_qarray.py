@@ -83,9 +83,11 @@ def test_fp8_matches_ml_dtypes_rounding(x, s):
     np.testing.assert_array_equal(np.asarray(q.qvalue).view(np.uint8), expected.view(np.uint8))
 
 
+# One shape (the other tests draw the four): a new shape compiles each format's quantizer again,
+# and the property is about the values, which hypothesis still draws.
 @settings(max_examples=20, deadline=None)
 @given(
-    floats,
+    hnp.arrays(np.float32, (32, 24), elements=st.floats(-100, 100, width=32)),
     st.sampled_from([("nf4/g16", NF4_TABLE), ("fp4/g16", FP4_TABLE), ("mxfp4", FP4_TABLE), ("nvfp4", FP4_TABLE)]),
 )
 def test_table_formats_pick_nearest_code(x, case):
