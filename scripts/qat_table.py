@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=1, help="distillation steps per jitted call (lax.scan; 50 on a GPU)")
     p.add_argument("--distill-seconds", type=float, default=0.0, help="cap each distillation's wall time (0: none)")
     p.add_argument("--feature-weight", type=float, default=0.0, help="per-block feature matching weight")
+    p.add_argument(
+        "--rollout-every", type=int, default=0, help="distillation: student rollouts every N steps (0: teacher only)"
+    )
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--qlora-only", action="store_true")
     p.add_argument("--qlora-digit", type=int, default=7)
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             feature_weight=a.feature_weight,
             chunk=a.chunk,
             max_seconds=a.distill_seconds,
+            rollout_every=a.rollout_every,
         )
         for key in a.settings.split(","):
             label, make = SETTINGS[key]

@@ -160,6 +160,29 @@ def test_distillation_in_scanned_chunks_equals_step_by_step_and_fits_a_time_cap(
         D.DistillConfig(chunk=0)
 
 
+def test_distillation_with_student_rollouts_trains_on_the_students_own_trajectories(setup) -> None:
+    bundle, _, qm, _ = setup
+    data = D.teacher_data(bundle, [bundle.workload(2, 7), bundle.workload(2, 8, 2)])
+    assert len(data.workloads) == 2 and data.num_samples == 4
+    # The student's trajectories differ from the teacher's: labelled where the student went.
+    st = D.student_data(bundle, qm, data.workloads[1:])
+    assert st.xs.shape == (data.xs.shape[0], 2, *data.xs.shape[2:])
+    assert not np.allclose(np.asarray(st.xs[1:]), np.asarray(data.xs[1:, 2:]))
+    chex.assert_trees_all_close(st.xs[0], data.xs[0, 2:])  # same start noise
+    cfg = D.DistillConfig(steps=4, batch=4, lr=1e-4, scale_lr=1e-4)
+    plain = D.distill(bundle, qm, data, cfg)
+    roll = D.distill(bundle, qm, data, dataclasses.replace(cfg, rollout_every=2))
+    np.testing.assert_allclose(roll.losses[:2], plain.losses[:2], rtol=1e-6)  # before the first rollout
+    assert not np.allclose(roll.losses[2:], plain.losses[2:])  # after it: another training set
+    with pytest.raises(ValueError, match=">= 2 workloads"):
+        D.distill(
+            bundle,
+            qm,
+            dataclasses.replace(data, workloads=data.workloads[:1]),
+            dataclasses.replace(cfg, rollout_every=2),
+        )
+
+
 def test_distillation_trains_a_static_scale_table(setup) -> None:
     bundle, cal, _, data = setup
     recipe = rc.Recipe("w8a8", "int8 static", rc.rtn(P.uniform("int8")), "int8", rc.VARIANCE_TABLE)

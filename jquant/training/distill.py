@@ -59,6 +59,11 @@ class DistillConfig:
         so a small model on a GPU is not bound by Python dispatch.
       max_seconds: cap on the training wall time (0: none). The first two chunks are timed and
         ``steps`` is lowered to what fits (the learning-rate schedule then spans the new total).
+      rollout_every: every this many steps (0: never), the student samples the teacher data's
+        workloads with its current weights and the float model labels the inputs it visited
+        (both branches); those samples replace the second half of the training set, so the
+        student also trains where its own trajectories go (DAgger-style; the first half stays
+        the teacher's). Rounded up to whole chunks.
     """
 
     steps: int = 200
@@ -71,14 +76,18 @@ class DistillConfig:
     seed: int = 0
     chunk: int = 1
     max_seconds: float = 0.0
+    rollout_every: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.chunk < 1:
             raise ValueError(
                 f"DistillConfig: steps, batch and chunk must be >= 1, got {self.steps}, {self.batch}, {self.chunk}"
             )
-        if self.max_seconds < 0:
-            raise ValueError(f"DistillConfig: max_seconds must be >= 0, got {self.max_seconds}")
+        if self.max_seconds < 0 or self.rollout_every < 0:
+            raise ValueError(
+                f"DistillConfig: max_seconds and rollout_every must be >= 0, got {self.max_seconds}, "
+                f"{self.rollout_every}"
+            )
         if self.lr < 0 or self.scale_lr < 0:
             raise ValueError("DistillConfig: learning rates must be >= 0")
 
@@ -96,10 +105,31 @@ class DistillData:
     y_uncond: Array
     guidance: float
     seconds: float = 0.0
+    workloads: tuple[Workload, ...] = ()
 
     @property
     def num_samples(self) -> int:
         return int(self.xs.shape[1])
+
+
+def _labelled(bundle: ModelBundle, workloads: Sequence[Workload], trajectories: Sequence[Array]) -> DistillData:
+    """The float model's predictions of both CFG branches at every step input of
+    ``trajectories`` (``[T + 1, n, ...]`` each, one per workload)."""
+    den = bundle.denoiser
+    xs = jnp.concatenate([x[:-1] for x in trajectories], axis=1)
+    cond = jnp.concatenate([w.cond for w in workloads])
+    uncond = jnp.concatenate([w.uncond for w in workloads])
+    ts = jnp.asarray(den.timesteps())
+
+    @jax.jit
+    def preds(x, t):
+        both = jnp.concatenate([uncond, cond])
+        return jnp.split(den.apply({"params": bundle.params}, jnp.concatenate([x, x]), t, both), 2)
+
+    yu, yc = zip(*(preds(xs[i], ts[i]) for i in range(xs.shape[0])))
+    return DistillData(
+        xs, ts, cond, uncond, jnp.stack(yc), jnp.stack(yu), float(den.guidance_scale), workloads=tuple(workloads)
+    )
 
 
 def teacher_data(bundle: ModelBundle, workloads: Sequence[Workload]) -> DistillData:
@@ -110,18 +140,17 @@ def teacher_data(bundle: ModelBundle, workloads: Sequence[Workload]) -> DistillD
         raise ValueError("teacher_data: the bundle samples without CFG; distillation here trains both branches")
     t0 = time.perf_counter()
     traj = tj.record(den, bundle.params, workloads)
-    xs = jnp.concatenate([x[:-1] for _, x in traj.items], axis=1)
-    cond = jnp.concatenate([w.cond for w, _ in traj.items])
-    uncond = jnp.concatenate([w.uncond for w, _ in traj.items])
-    ts = jnp.asarray(traj.timesteps)
+    data = _labelled(bundle, [w for w, _ in traj.items], [x for _, x in traj.items])
+    return dataclasses.replace(data, seconds=time.perf_counter() - t0)
 
-    @jax.jit
-    def preds(x, t):
-        both = jnp.concatenate([uncond, cond])
-        return jnp.split(den.apply({"params": bundle.params}, jnp.concatenate([x, x]), t, both), 2)
 
-    yu, yc = zip(*(preds(xs[i], ts[i]) for i in range(xs.shape[0])))
-    data = DistillData(xs, ts, cond, uncond, jnp.stack(yc), jnp.stack(yu), float(den.guidance_scale))
+def student_data(bundle: ModelBundle, model: QuantizedModel, workloads: Sequence[Workload]) -> DistillData:
+    """The quantized ``model`` samples ``workloads``; the float model labels every step input
+    the student visited (both branches): training data where the student's own trajectories go."""
+    den = bundle.denoiser
+    t0 = time.perf_counter()
+    trajs = [jax.block_until_ready(model.sample(den, w, return_trajectory=True)[1]) for w in workloads]
+    data = _labelled(bundle, workloads, trajs)
     return dataclasses.replace(data, seconds=time.perf_counter() - t0)
 
 
@@ -333,6 +362,11 @@ def distill(
         opt = optimizer(dataclasses.replace(config, steps=total), labels)
         return jax.jit(lambda carry, draws, arrs: jax.lax.scan(lambda c, d: one(opt, arrs, c, d), carry, draws))
 
+    rollout = _rollout_plan(data, config)
+
+    def current_model(trainable) -> QuantizedModel:
+        return _as_model(start, aux, table, *trainable, dataclasses.asdict(config), name)
+
     total = config.steps
     run_chunk = compile_chunk(total)
     rng = np.random.default_rng(config.seed)
@@ -352,6 +386,8 @@ def distill(
             if fit < total:
                 total = max(done, fit)
                 run_chunk = compile_chunk(total)  # the schedule spans the steps that fit
+        if rollout is not None and done < total and done // config.rollout_every > (done - n) // config.rollout_every:
+            arrays = _with_student(arrays, student_data(bundle, current_model(carry[0]), rollout), table)
         t_prev = time.perf_counter()
         if log_every and (done - last_log >= log_every or done >= total):
             print(f"  step {done:5d}/{total}  loss {np.mean(np.concatenate(losses)[-log_every:]):.5f}", flush=True)
@@ -360,14 +396,44 @@ def distill(
     losses_all = np.concatenate(losses)
     trainable, _ = carry
     params, scales = trainable
-    qparams = to_quantized(params)
+    info = {**dataclasses.asdict(config), "steps_run": total, "seconds": seconds}
+    model = _as_model(start, aux, table, params, scales, info, name)
+    return DistillResult(model, losses_all, seconds, params, scales)
+
+
+def _as_model(
+    start: QuantizedModel, aux: Any, table: ScaleTable | None, params: Any, scales: dict, info: dict, name: str | None
+) -> QuantizedModel:
+    """The student as a runnable QuantizedModel: QArrays with the learned scales, the trained table."""
     new_table = None
     if table is not None:
         new_table = dataclasses.replace(table, scales={p: np.abs(np.asarray(s)) + 1e-12 for p, s in scales.items()})
-    variables = {"params": qparams, **({jnn.AUX_COLLECTION: aux} if aux else {})}
-    info = {**start.info, "distill": {**dataclasses.asdict(config), "steps_run": total, "seconds": seconds}}
-    model = QuantizedModel(variables, start.act, new_table, name or f"{start.name}+distill", info)
-    return DistillResult(model, losses_all, seconds, params, scales)
+    variables = {"params": to_quantized(params), **({jnn.AUX_COLLECTION: aux} if aux else {})}
+    return QuantizedModel(
+        variables, start.act, new_table, name or f"{start.name}+distill", {**start.info, "distill": info}
+    )
+
+
+def _rollout_plan(data: DistillData, config: DistillConfig) -> tuple[Workload, ...] | None:
+    """The workloads the student re-samples (the second half of the teacher data's), or None."""
+    if not config.rollout_every:
+        return None
+    k = len(data.workloads)
+    if k < 2:
+        raise ValueError(f"distill: rollout_every needs teacher data from >= 2 workloads (teacher_data), got {k}")
+    return data.workloads[k - k // 2 :]
+
+
+def _with_student(arrays: dict[str, Array], student: DistillData, table: ScaleTable | None) -> dict[str, Array]:
+    """``arrays`` with its last samples replaced by the student's (same shapes: no recompile)."""
+    new = _arrays(student, table)
+    n = new["cond"].shape[0]
+    out = dict(arrays)
+    for f in ("xs", "y_cond", "y_uncond"):
+        out[f] = arrays[f].at[:, -n:].set(new[f])
+    for f in ("cond", "uncond"):
+        out[f] = arrays[f].at[-n:].set(new[f])
+    return out
 
 
 def mean_loss(bundle: ModelBundle, model: QuantizedModel, data: DistillData, guided_weight: float = 1.0) -> float:
