@@ -48,8 +48,11 @@ def test_interpret_matches_quantizer_and_down_projection(fmt, config, m, k, r):
     )
 
 
+# Ragged shapes from a few values (rows: one, one past a 16-row tile, two tiles and a part; K: one
+# column, part of a 512-chunk, a chunk and a ragged tail): every new shape compiles the interpreted
+# kernel again, and hypothesis still draws the values.
 @settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 40), k=st.integers(1, 700), seed=st.integers(0, 2**16))
+@given(m=st.sampled_from([1, 17, 40]), k=st.sampled_from([1, 129, 700]), seed=st.integers(0, 2**16))
 def test_ragged_shapes_property(m, k, seed):
     x, l1 = _inputs(m, k, 16, seed)
     q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, "int8", interpret=True)
