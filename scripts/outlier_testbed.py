@@ -40,13 +40,11 @@ from jquant import policy as P
 from jquant.algorithms import outliers as inj
 from jquant.files import atomic_file
 from jquant.metrics import outliers as rep
-from jquant.models import shapes_model as sm
-from jquant.models import tiny_wan as tw
 from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
 from jquant.pipeline import recipes as rc
 from jquant.pipeline import trajectory as tj
-from jquant.pipeline.denoiser import ModelBundle, shapes_bundle, tiny_wan_bundle
+from jquant.pipeline.testbeds import DEFAULT_TRAINED_DIR, TESTBEDS, build_testbed, check_trained_dir
 from pallas_kernels.timing import run_metadata
 
 W4 = rc.W4
@@ -84,9 +82,7 @@ def report(cal: C.Calibrator, roles: dict) -> dict[str, Any]:
     }
 
 
-TESTBEDS = ("tiny", "stress", "trained")
 #: Where the trained model ships once trained (beside the tiny model's folder).
-DEFAULT_TRAINED_DIR = tw.ASSET_DIR.parent / "shapes_model"
 #: The training record of the trained model copied into its testbed entry.
 MODEL_KEYS = ("command", "commit", "date", "device", "seed", "params", "training")
 
@@ -98,25 +94,6 @@ def parse_testbeds(text: str) -> list[str]:
     if unknown or not names:
         raise SystemExit(f"--testbeds: unknown {unknown or names!r}; choose from {','.join(TESTBEDS)}")
     return [t for t in TESTBEDS if t in names]
-
-
-def check_trained_dir(path: Path) -> None:
-    """Exit naming the trained model's folder when it holds no shapes model."""
-    if not (path / sm.META_NAME).is_file():
-        raise SystemExit(
-            f"--trained-dir: {path} holds no trained shapes model ({sm.META_NAME} missing); train it with "
-            f"`python scripts/train_outlier_model.py --out {path}` or pass --trained-dir DIR"
-        )
-
-
-def build_testbed(name: str, steps: int, trained_dir: Path, stress_cfg: inj.OutlierConfig) -> ModelBundle:
-    """The bundle of one testbed at ``steps`` denoising steps."""
-    if name == "trained":
-        return shapes_bundle(trained_dir, num_steps=steps)
-    base = tiny_wan_bundle(num_steps=steps)
-    if name == "stress":
-        return dataclasses.replace(base, params=inj.inject_outliers(base.params, stress_cfg)[0])
-    return base
 
 
 def environment(argv: list[str]) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
     python scripts/pipeline_results.py                      # everything (CPU: ~1 h)
     python scripts/pipeline_results.py --sections tables --clips 4   # a quick look
+    python scripts/pipeline_results.py --testbed stress     # or trained: benchmarks/pipeline_results-<testbed>.*
+
+``--testbed`` picks one of the three testbeds of docs/results.md (``jquant.pipeline.testbeds``);
+a rerun keeps docs/results.md's hand-maintained part (from "## Three testbeds" on).
 
 Sections (all on the same noise and classes, against the fp32 model):
 
@@ -40,8 +44,8 @@ from jquant.pipeline import calibrate as C
 from jquant.pipeline import evaluate as E
 from jquant.pipeline import recipes as rc
 from jquant.pipeline import runtime as R
-from jquant.pipeline.denoiser import tiny_wan_bundle
 from jquant.pipeline.tables import TableConfig
+from jquant.pipeline.testbeds import DEFAULT_TRAINED_DIR, TESTBEDS, build_testbed
 
 TABLES = (
     ("one static table", TableConfig("single")),
@@ -196,13 +200,21 @@ METRICS = [
 
 def write_markdown(path: Path, res: dict[str, Any]) -> None:
     s = res["settings"]
+    bed = s.get("testbed", "tiny")
+    model = (
+        f"`jquant/models/assets/tiny_wan` (6-layer Wan2.1, width 128, 8 frames of 32x32, {s['steps']} flow-match Euler "
+        f"steps, CFG {s['guidance']:g})"
+        if bed == "tiny"
+        else f"the `{bed}` testbed (`jquant.pipeline.testbeds`; docs/results.md 'Three testbeds'), {s['steps']} "
+        f"flow-match Euler steps, CFG {s['guidance']:g}"
+    )
+    title = "the bundled tiny Wan" if bed == "tiny" else f"the {bed} testbed"
     lines = [
-        "# Measured results: the diffusion pipeline on the bundled tiny Wan",
+        f"# Measured results: the diffusion pipeline on {title}",
         "",
         f"Produced by `{res['command']}` on {res['device']} ({res['date']}, {res['wall_s'] / 60:.0f} min).",
         "",
-        f"Model: `jquant/models/assets/tiny_wan` (6-layer Wan2.1, width 128, 8 frames of 32x32, {s['steps']} flow-match Euler "
-        f"steps, CFG {s['guidance']:g}). Evaluation: {s['clips']} clips (classes cycling from 0, noise seed {s['seed']}), "
+        f"Model: {model}. Evaluation: {s['clips']} clips (classes cycling from 0, noise seed {s['seed']}), "
         f"every configuration on the same noise and classes, metrics against the fp32 clips (pixels in [0, 1]; "
         f"PSNR/SSIM per frame, averaged). Calibration: {s['calib_samples']} samples (noise seed {s['calib_seed']}, "
         "classes cycling from 0), every step, both CFG branches, every frame. "
@@ -284,7 +296,19 @@ def write_markdown(path: Path, res: dict[str, Any]) -> None:
                 + ".",
                 "",
             ]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + kept_tail(path))
+
+
+#: The first hand-maintained section of docs/results.md (from scripts/outlier_testbed.py's
+#: JSON): it and what follows survive a rerun of this script.
+KEEP_FROM = "## Three testbeds"
+
+
+def kept_tail(path: Path) -> str:
+    """What of ``path`` this script does not write: from :data:`KEEP_FROM` on (empty if none)."""
+    text = path.read_text() if path.is_file() else ""
+    i = text.find("\n" + KEEP_FROM)
+    return "" if i < 0 else "\n" + text[i + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,16 +318,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=10)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs/results.md")
-    p.add_argument("--json", default="benchmarks/pipeline_results.json")
+    p.add_argument(
+        "--testbed",
+        default="tiny",
+        choices=TESTBEDS,
+        help="the model (docs/results.md 'Three testbeds'); not tiny: default --out/--json under benchmarks/",
+    )
+    p.add_argument("--trained-dir", type=Path, default=DEFAULT_TRAINED_DIR, help="the trained testbed's folder")
+    p.add_argument(
+        "--out", default=None, help="default: docs/results.md (tiny), else benchmarks/pipeline_results-<testbed>.md"
+    )
+    p.add_argument("--json", default=None, help="default: benchmarks/pipeline_results[-<testbed>].json")
     p.add_argument(
         "--keep",
         action="store_true",
         help="keep the other sections of --json (same settings required) and add/redo only --sections",
     )
     a = p.parse_args(argv)
+    suffix = "" if a.testbed == "tiny" else f"-{a.testbed}"
+    a.out = a.out or ("docs/results.md" if a.testbed == "tiny" else f"benchmarks/pipeline_results{suffix}.md")
+    a.json = a.json or f"benchmarks/pipeline_results{suffix}.json"
     t0 = time.perf_counter()
-    bundle = tiny_wan_bundle(num_steps=a.steps)
+    bundle = build_testbed(a.testbed, a.steps, a.trained_dir)
     ccfg = C.CalibrationConfig(num_samples=a.calib_samples, batch=5)
     cal = C.Calibrator(bundle, ccfg)
     ref = E.reference(bundle, bundle.workload(a.clips, a.seed))
@@ -320,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": a.steps,
             "seed": a.seed,
             "guidance": bundle.denoiser.guidance_scale,
+            **({} if a.testbed == "tiny" else {"testbed": a.testbed}),
         },
     }
     if a.keep and Path(a.json).exists():

@@ -1,0 +1,37 @@
+"""scripts/pipeline_results.py: runs on any of the three testbeds, and a rerun keeps the
+hand-maintained 'Three testbeds' section of docs/results.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("_pipeline_results", ROOT / "scripts" / "pipeline_results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_stress_testbed_run_writes_its_own_files_and_keeps_the_testbeds_section(script, tmp_path) -> None:
+    out, js = tmp_path / "results.md", tmp_path / "r.json"
+    out.write_text("# old generated part\n\n## Three testbeds\n\nhand-kept table\n")
+    argv = ["--testbed", "stress", "--sections", "precision", "--clips", "2", "--calib-samples", "2"]
+    assert script.main([*argv, "--steps", "2", "--out", str(out), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["settings"]["testbed"] == "stress" and res["precision"]
+    text = out.read_text()
+    assert text.startswith("# Measured results") and text.endswith("## Three testbeds\n\nhand-kept table\n")
+    assert "old generated part" not in text and "on the stress testbed" in text
+    with pytest.raises(SystemExit):
+        script.main(["--testbed", "nope"])
