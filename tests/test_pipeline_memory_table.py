@@ -3,27 +3,21 @@ and docs/pipelines.md quotes the GPU JSON in the repository."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script, unload_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location(
-        "_pipeline_memory_table", ROOT / "scripts" / "pipeline_memory_table.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("pipeline_memory_table")
     yield module
-    sys.modules.pop(spec.name, None)
+    unload_script(module)
 
 
 @pytest.fixture(autouse=True)

@@ -3,24 +3,20 @@ hand-maintained 'Three testbeds' section of docs/results.md."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script, unload_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("_pipeline_results", ROOT / "scripts" / "pipeline_results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("pipeline_results")
     yield module
-    sys.modules.pop(spec.name, None)
+    unload_script(module)
 
 
 def test_stress_testbed_run_writes_its_own_files_and_keeps_the_testbeds_section(script, tmp_path) -> None:

@@ -6,15 +6,14 @@ evaluation, and scripts/outlier_testbed.py's trained testbed with the JSON merge
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _scripts import load_script, unload_script
 from test_train_outlier_model import _script as train_script
 
 from jquant import models
@@ -50,12 +49,9 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def testbed():
-    spec = importlib.util.spec_from_file_location("_outlier_testbed", ROOT / "scripts" / "outlier_testbed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("outlier_testbed")
     yield module
-    sys.modules.pop(spec.name, None)
+    unload_script(module)
 
 
 def test_caption_enumeration_visits_every_combination_and_varies_every_attribute() -> None:
