@@ -56,6 +56,7 @@ from jquant.models import shapes_model as sm
 from jquant.models import t5
 from jquant.models.roles import assign_roles
 from jquant.models.wan import WanBlock, WanConfig, WanTransformer3D
+from jquant.training.budget import steps_that_fit
 from pallas_kernels.timing import git_commit
 
 _spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).resolve().parent / "train_tiny.py")
@@ -358,9 +359,7 @@ def train(args: argparse.Namespace, setup: Setup, tr_cfg: WanConfig, key: jax.Ar
             raise FloatingPointError(f"training loss became non-finite at step {done} (lr={args.lr})")
         if args.max_seconds > 0 and done == 2 * chunk:
             per_step = chunk_times[-1] / chunk + report_s / max(len(reports), 1) / args.report_every
-            left = args.max_seconds - (time.perf_counter() - t0)
-            fit = done + int(left / per_step) // chunk * chunk
-            total = max(done, min(total, fit))
+            total = steps_that_fit(done, total, per_step, args.max_seconds - (time.perf_counter() - t0), chunk)
             print(
                 f"  {per_step * 1e3:.2f} ms/step (reports included) -> {total} steps fit in --max-seconds {args.max_seconds:g}"
             )

@@ -48,6 +48,7 @@ from jquant import models
 from jquant.models import tiny_wan as tw
 from jquant.models.wan import WanConfig, WanTransformer3D
 from jquant.sampling import sample_flow_euler
+from jquant.training.budget import steps_that_fit
 
 TEXT_TOKENS = 4
 CHUNK = 50  # optimizer steps per jitted call
@@ -191,9 +192,7 @@ def train_flow(
             raise FloatingPointError(f"training loss became non-finite at step {done} (lr={args.lr})")
         if args.max_seconds > 0 and done == 2 * CHUNK:
             per_step = chunk_times[-1] / CHUNK  # second chunk: compiled
-            left = args.max_seconds - (time.perf_counter() - t0)
-            fit = done + int(left / per_step) // CHUNK * CHUNK
-            total = max(done, min(total, fit))
+            total = steps_that_fit(done, total, per_step, args.max_seconds - (time.perf_counter() - t0), CHUNK)
             print(f"  {per_step * 1e3:.2f} ms/step -> {total} steps fit in --max-seconds {args.max_seconds:g}")
         if done % (CHUNK * 10) == 0 or done == total:
             print(f"  step {done:>6}/{total}  loss {np.mean(chunk_losses):.4f}  ({time.perf_counter() - t0:.0f} s)")

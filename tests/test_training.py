@@ -241,3 +241,14 @@ def test_tiny_wan_batches_are_clips_of_the_conditioned_digits() -> None:
     null = b.extra["tiny"].null_text(6)
     dropped = np.all(np.asarray(text) == np.asarray(null), axis=(1, 2))
     assert 0 < dropped.sum() < 6  # some rows dropped to the null text, some kept their class text
+
+
+def test_steps_that_fit_rounds_to_whole_chunks_within_done_and_total() -> None:
+    from jquant.training.budget import steps_that_fit
+
+    assert steps_that_fit(100, 20000, 0.01, 5.0, 50) == 100 + 500  # 500 steps fit, whole chunks
+    assert steps_that_fit(100, 20000, 0.01, 5.2, 50) == 600  # 520 fit, rounded down to 500
+    assert steps_that_fit(100, 300, 0.01, 5.0) == 300  # never above the asked total
+    assert steps_that_fit(100, 300, 0.01, -3.0) == 100  # an overspent budget keeps what ran
+    with pytest.raises(ValueError, match="per_step_s"):
+        steps_that_fit(1, 2, 0.0, 1.0)

@@ -37,6 +37,7 @@ from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload
 from jquant.pipeline.runtime import QuantizedModel
 from jquant.pipeline.tables import ScaleTable, expand
 from jquant.sampling import cfg_combine
+from jquant.training.budget import steps_that_fit
 from jquant.training.fakequant import FakeQuant, fake_quantized, from_quantized, is_fake_quant, to_quantized
 
 Array = jax.Array
@@ -381,10 +382,10 @@ def distill(
         losses.append(np.asarray(loss))
         done, chunks = done + n, chunks + 1
         if config.max_seconds and chunks == 2 and done < total:
-            t_chunk = time.perf_counter() - t_prev
-            fit = done + int(max(0.0, config.max_seconds - (time.perf_counter() - t0)) / t_chunk * n)
+            per_step = (time.perf_counter() - t_prev) / n
+            fit = steps_that_fit(done, total, per_step, config.max_seconds - (time.perf_counter() - t0))
             if fit < total:
-                total = max(done, fit)
+                total = fit
                 run_chunk = compile_chunk(total)  # the schedule spans the steps that fit
         if rollout is not None and done < total and done // config.rollout_every > (done - n) // config.rollout_every:
             arrays = _with_student(arrays, student_data(bundle, current_model(carry[0]), rollout), table)
