@@ -37,7 +37,7 @@ from jquant.pipeline.denoiser import Denoiser, ModelBundle, Workload
 from jquant.pipeline.runtime import QuantizedModel
 from jquant.pipeline.tables import ScaleTable, expand
 from jquant.sampling import cfg_combine
-from jquant.training.budget import steps_that_fit
+from jquant.training.budget import step_cost, steps_that_fit, time_is_up
 from jquant.training.fakequant import FakeQuant, fake_quantized, from_quantized, is_fake_quant, to_quantized
 
 Array = jax.Array
@@ -59,7 +59,10 @@ class DistillConfig:
       chunk: optax steps per jitted call (a ``lax.scan``; minibatches gathered on the device),
         so a small model on a GPU is not bound by Python dispatch.
       max_seconds: cap on the training wall time (0: none). The first two chunks are timed and
-        ``steps`` is lowered to what fits (the learning-rate schedule then spans the new total).
+        ``steps`` is lowered to what fits (the learning-rate schedule then spans the new total);
+        after the first rollout it is fitted again with each step's share of the rollouts. Past
+        the cap the run stops at the current chunk (after the two timed chunks, which always
+        run); ``info["distill"]`` records ``steps_run`` and ``stopped_by_budget``.
       rollout_every: every this many steps (0: never), the student samples the teacher data's
         workloads with its current weights and the float model labels the inputs it visited
         (both branches); those samples replace the second half of the training set, so the
@@ -375,29 +378,61 @@ def distill(
     carry = (trainable, opt_state)
     t0 = time.perf_counter()
     done, chunks, last_log, t_prev = 0, 0, 0, t0
+    per_step: float | None = None  # seconds a step takes (chunk 2, compiled), once timed
+    rollout_s: float | None = None  # seconds the first rollout took, once one ran
+    rollouts, rollout_seconds, stopped_by_budget = 0, 0.0, False
+
+    def out_of_time() -> bool:
+        # The hard stop behind the fit, for costs it did not foresee; the two timed chunks always run.
+        return done < total and chunks >= 2 and time_is_up(time.perf_counter() - t0, config.max_seconds)
+
     while done < total:
         n = min(config.chunk, total - done)
         draws = tuple(jnp.asarray(a) for a in _draws(data, rng, config.batch, n))
         carry, loss = run_chunk(carry, draws, arrays)
         losses.append(np.asarray(loss))
         done, chunks = done + n, chunks + 1
-        if config.max_seconds and chunks == 2 and done < total:
-            per_step = (time.perf_counter() - t_prev) / n
-            fit = steps_that_fit(done, total, per_step, config.max_seconds - (time.perf_counter() - t0))
+        refit = False
+        if config.max_seconds and chunks == 2:
+            per_step, refit = (time.perf_counter() - t_prev) / n, True
+        if rollout is not None and done < total and done // config.rollout_every > (done - n) // config.rollout_every:
+            if out_of_time():
+                stopped_by_budget = True
+                break
+            t_roll = time.perf_counter()
+            arrays = _with_student(arrays, student_data(bundle, current_model(carry[0]), rollout), table)
+            rollouts, rollout_seconds = rollouts + 1, rollout_seconds + time.perf_counter() - t_roll
+            if rollout_s is None:
+                rollout_s, refit = rollout_seconds, True
+        if refit and per_step is not None and done < total:
+            # The steps that fit at the cost of a step and its share of the rollouts (the first
+            # rollout's seconds; 0 before one ran): the schedule spans the new total.
+            cost = step_cost(per_step, rollout_s or 0.0, config.rollout_every, config.chunk)
+            fit = steps_that_fit(done, total, cost, config.max_seconds - (time.perf_counter() - t0))
             if fit < total:
                 total = fit
-                run_chunk = compile_chunk(total)  # the schedule spans the steps that fit
-        if rollout is not None and done < total and done // config.rollout_every > (done - n) // config.rollout_every:
-            arrays = _with_student(arrays, student_data(bundle, current_model(carry[0]), rollout), table)
+                run_chunk = compile_chunk(total)
+        if out_of_time():
+            stopped_by_budget = True
+            break
         t_prev = time.perf_counter()
         if log_every and (done - last_log >= log_every or done >= total):
             print(f"  step {done:5d}/{total}  loss {np.mean(np.concatenate(losses)[-log_every:]):.5f}", flush=True)
             last_log = done
     seconds = time.perf_counter() - t0
+    if log_every and stopped_by_budget:
+        print(f"  stopped at step {done}/{total}: {seconds:.1f} s reached max_seconds={config.max_seconds}", flush=True)
     losses_all = np.concatenate(losses)
     trainable, _ = carry
     params, scales = trainable
-    info = {**dataclasses.asdict(config), "steps_run": total, "seconds": seconds}
+    info = {
+        **dataclasses.asdict(config),
+        "steps_run": done,
+        "seconds": seconds,
+        "stopped_by_budget": stopped_by_budget,
+        "rollouts": rollouts,
+        "rollout_seconds": rollout_seconds,
+    }
     model = _as_model(start, aux, table, params, scales, info, name)
     return DistillResult(model, losses_all, seconds, params, scales)
 
