@@ -28,6 +28,11 @@ from jax import lax
 from pallas_kernels import _common, _quant, act_quant, lowrank_quant, w4_table, w4a8, w4a16_gemm, w8a8, weight_only
 
 
+def _any_shape(m: int, k: int, n: int) -> bool:  # pylint: disable=unused-argument
+    """The default of :attr:`KernelCase.takes`: every ``(M, K, N)``."""
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelCase:
     """A kernel, its reference and how to build and size its inputs."""
@@ -57,6 +62,10 @@ class KernelCase:
     # accepts (exact kernels 1e-4 / 1e-6; the fused Hadamard sums in another float32 order, so a
     # row's max may round to the neighbouring bf16: one ulp, 2^-7).
     quant_tol: tuple[float, float] = (1e-4, 1e-6)
+    # ``takes(M, K, N)``: whether the kernel takes that problem (K already rounded up to
+    # ``k_multiple``); the GPU check prints the others as SKIP with ``shape_rule`` (what it takes).
+    takes: Callable[[int, int, int], bool] = _any_shape
+    shape_rule: str = ""
 
 
 def _int8(key, shape):
@@ -228,6 +237,7 @@ def _hadamard_case(name: str, fmt: str, wide: bool = False, rotation: bool | int
     ``rotation``: True for the full-width Hadamard, ``b`` for the block-diagonal one."""
     quant = act_quant.quantize_int8 if fmt == "int8" else act_quant.quantize_fp8
     width = (lambda m, k, n: n) if wide else (lambda m, k, n: k)
+    block = None if rotation is True else int(rotation)  # apply_block_hadamard takes multiples of it
     ROTATIONS[name] = rotation
     return KernelCase(
         name,
@@ -237,6 +247,8 @@ def _hadamard_case(name: str, fmt: str, wide: bool = False, rotation: bool | int
         lambda m, k, n: 3.0 * m * width(m, k, n),
         lambda m, k, n: 3 * m * width(m, k, n) + 4 * m,
         quant_tol=(1e-3, 2.0**-7),
+        takes=_any_shape if block is None else (lambda m, k, n: width(m, k, n) % block == 0),
+        shape_rule="" if block is None else f"the rotated width {'N' if wide else 'K'} a multiple of the block {block}",
     )
 
 

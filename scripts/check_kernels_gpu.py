@@ -3,7 +3,9 @@
 
 Random inputs (fresh per shape, never zeros) on ragged shapes, including sizes
 that are not multiples of any tile; for each (kernel, M, K, N) prints PASS/FAIL
-and which path ran (the Mosaic GPU kernel or a fallback). GEMMs are judged
+and which path ran (the Mosaic GPU kernel or a fallback), or SKIP with the rule where the
+kernel does not take the shape (``KernelCase.takes``: e.g. a block rotation's width that the
+block does not divide); skips are not failures. GEMMs are judged
 elementwise by ``pallas_kernels.testing.compare``: ``|y - y_ref| <= tol * (|x| @ |w|^T
 + |bias|) + ulp(bf16) * |y_ref|`` (the error over that bound is printed, with the
 relative Frobenius error for information); quantizers by the fraction of differing
@@ -50,10 +52,19 @@ SHAPES = [  # (M, K, N): GEMV-sized, ragged (no dimension a tile multiple), DiT-
 ]
 
 
+def _row(status: str, name: str, m: int, k: int, n: int, path: str, detail: str) -> str:
+    """One line of the table: PASS / FAIL / SKIP, the case, its shape, the path that ran."""
+    return f"{status}  {name:15s} M={m:<5d} K={k:<5d} N={n:<5d} path={path:11s} {detail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kernels", default="", help="comma list (default: all)")
-    parser.add_argument("--out", default="", help="file name in benchmarks/ (default: check_kernels-<device>.txt)")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="file name in benchmarks/ and $OUT, or an absolute path (default: check_kernels-<device>.txt)",
+    )
     args = parser.parse_args(argv)
     names = [n for n in CASES if not args.kernels or n in args.kernels.split(",")]
     device = jax.devices()[0]
@@ -64,12 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = [header]
     print(header, flush=True)
-    failures = 0
+    failures = skipped = 0
     for name in names:
         case = CASES[name]
         kernel, reference = jax.jit(case.kernel), jax.jit(case.reference)
         for i, (m, k, n) in enumerate(SHAPES):
             k = -(-k // case.k_multiple) * case.k_multiple
+            if not case.takes(m, k, n):
+                skipped += 1
+                lines.append(_row("SKIP", name, m, k, n, "-", f"takes only {case.shape_rule}"))
+                print(lines[-1], flush=True)
+                continue
             key = jax.random.key(1000 * i + 17)
             try:
                 inputs = case.make_inputs(key, m, k, n)
@@ -83,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 detail = f"{type(exc).__name__}: {str(exc)[:400]}"
                 traceback.print_exc()
             failures += not ok
-            line = f"{'PASS' if ok else 'FAIL'}  {name:15s} M={m:<5d} K={k:<5d} N={n:<5d} path={path:11s} {detail}"
-            lines.append(line)
-            print(line, flush=True)
-    lines.append(f"# {failures} failure(s)")
+            lines.append(_row("PASS" if ok else "FAIL", name, m, k, n, path, detail))
+            print(lines[-1], flush=True)
+    lines.append(f"# {failures} failure(s), {skipped} skipped (shapes the kernel does not take)")
     print(lines[-1])
     slug = device.device_kind.replace(" ", "_")
     text = "\n".join(lines) + "\n"
