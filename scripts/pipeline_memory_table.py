@@ -606,9 +606,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = f"pipeline_memory-{'tiny-' if args.tiny else ''}{device.device_kind.lower().replace(' ', '-')}.json"
     path = args.out_dir / name
     old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    meta = timing.run_metadata("scripts/pipeline_memory_table.py", args.argv)
     result: dict[str, Any] = {
         "benchmark": "pipeline_memory",
-        **timing.run_metadata("scripts/pipeline_memory_table.py", args.argv),
+        **meta,
         "video": {"frames": args.frames, "height": args.height, "width": args.width, "text_len": args.text_len},
         "steps": args.steps,
         "timing": "time_ms: median, time_ms_min: minimum wall time over >= 10 runs; output checked first",
@@ -618,6 +619,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = (args.frames - 1) // vae_cfg.temporal_ratio + 1
     latent = (1, vae_cfg.z_dim, t, args.height // vae_cfg.spatial_ratio, args.width // vae_cfg.spatial_ratio)
     new: list[dict] = []
+    # Rows of several runs share the file: each row says which run measured it, and the runs list
+    # keeps every run's command (the top-level commit, date and command are the latest run's).
+    stamp = {"commit": meta["commit"], "date": meta["date"]}
+    result["runs"] = [*old.get("runs", []), {**stamp, "command": meta["command"]}]
+    if "commit_note" in old:
+        result["commit_note"] = old["commit_note"]
+
+    def add(row: dict[str, Any]) -> None:
+        new.append({**row, **stamp})
+        save()
 
     def save() -> None:
         result["rows"] = merge_rows(old["rows"], new)
@@ -631,13 +642,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = makers[comp]()
         except Exception as e:  # pylint: disable=broad-except
             row = {"component": comp, "model": "?", "precision": "?", **timing.error_row(e)}
-        new.append(row)
         _print_row(row)
-        save()
+        add(row)
     models_ = tiny_models() if args.tiny else MODELS
     for m in args.models:
         model = models_[m]
-        transformer_rows(model, args, latent, start, lambda row: (new.append(row), save()))
+        transformer_rows(model, args, latent, start, add)
     save()
     _print_table(result["pipelines"])
     return result
