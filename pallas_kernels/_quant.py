@@ -29,11 +29,13 @@ QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerConfig:
-    """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones."""
+    """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones;
+    ``stages``: Triton's software-pipelining depth of the chunked loops (1: none)."""
 
     rows: int = 2
     warps: int = 4
     single_pass: bool = True
+    stages: int = 1
 
 
 def pick_config(k: int) -> QuantizerConfig:

@@ -65,9 +65,15 @@ HADAMARD_GPU_VERIFIED = True
 TRITON_GPU_VERIFIED = True
 
 
-#: The block-diagonal rotation + quantize path (``hadamard=b``, QuaRotConfig.online_block): not
-#: run on a GPU yet (checked on the CPU in interpret mode against the reference only), so the
-#: dispatch uses it only under ``JQUANT_BACKEND=pallas`` until scripts/check_kernels_gpu.py passes.
+#: The block-diagonal rotation + quantize path (``hadamard=b``, QuaRotConfig.online_block). Its
+#: chunked two-pass program (16 rows, 4 warps) matched the reference on an H200 at f8e3d5f (int8
+#: and fp8, 8 shapes, at most 3e-7 of codes a step or two apart;
+#: benchmarks/check_kernels-block_hadamard-NVIDIA_H200.txt) but is slow: a W8A8 1536 -> 1536
+#: linear at 32,760 tokens took 389 us with it, 263 us with the full-width fused rotation and
+#: 175 us without rotation (linear_path-block_hadamard-NVIDIA_H200.json).
+#: The one-pass mode (``single_pass``) and the ``stages`` knob came after that check, so it stays
+#: off outside ``JQUANT_BACKEND=pallas`` until ``scripts/sweep_act_quant.py --block 128`` has
+#: checked and timed the configurations on the GPU and a default is chosen from them.
 BLOCK_HADAMARD_GPU_VERIFIED = False
 
 #: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
@@ -205,7 +211,7 @@ def _kernel(
     row_ok = i * rows + jnp.arange(rows) < m
     if lay is not None:
         width = lay.width
-    elif block:  # one order-`block` rotation per chunk: chunks are the rotation's blocks
+    elif block and not cfg.single_pass:  # one order-`block` rotation per chunk: chunks are its blocks
         width = block
     else:
         width = padded_width(k) if cfg.single_pass else CHUNK
@@ -219,7 +225,11 @@ def _kernel(
     def load(c):
         idx, mask = span(c)
         v = pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
-        return _rotate_block(v, h_s, block, x_ref.dtype) if block else v
+        if not block:
+            return v
+        # Whole rows (single pass) are their width / block chunks stacked: one dot rotates all
+        # (the zero padding past K rotates to zeros).
+        return _rotate_block(v.reshape(-1, block), h_s, block, x_ref.dtype).reshape(v.shape)
 
     def store(c, v, scale):
         idx, mask = span(c)
@@ -262,9 +272,11 @@ def quantize_pallas(
     ``hadamard=True`` rotates each row by jquant's order-K Hadamard (QuaRot's online transform,
     ``apply_hadamard``) in registers before quantizing: one pass over ``x`` instead of three or
     more. Widths :func:`hadamard_layout` rejects raise. ``hadamard=b`` (an int) applies the
-    block-diagonal rotation of order ``b`` instead (``apply_block_hadamard``): two chunked
-    passes of ``b``-wide chunks (absmax, then codes; each chunk rotated by one ``pl.dot``), so
-    any width ``b`` divides works; :func:`block_matrix` says which.
+    block-diagonal rotation of order ``b`` instead (``apply_block_hadamard``): by default two
+    chunked passes of ``b``-wide chunks (absmax, then codes; each chunk rotated by one
+    ``pl.dot``), so any width ``b`` divides works (:func:`block_matrix` says which); with a
+    ``single_pass`` config, whole rows (padded to a power of two) in one pass, their chunks
+    stacked under one ``pl.dot`` (at least 16 chunks per program).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -281,8 +293,8 @@ def quantize_pallas(
         if mat is None:
             raise ValueError(f"quantize: no fused block-{block} rotation for K={k} (see act_quant.block_matrix)")
         config = config or QuantizerConfig(rows=16, warps=4, single_pass=False)
-        if config.single_pass or config.rows < 16:
-            raise ValueError(f"quantize: the block rotation runs chunked with >= 16 rows, got {config}")
+        if config.rows * (padded_width(k) if config.single_pass else block) // block < 16:
+            raise ValueError(f"quantize: the block rotation's dot needs >= 16 chunks per program, got {config}")
         extra = (jnp.asarray(mat, jnp.bfloat16),)
     elif hadamard:
         lay = hadamard_layout(k)
@@ -302,7 +314,7 @@ def quantize_pallas(
         out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]), jax.ShapeDtypeStruct((m,), jnp.float32)),
         grid=(_common.cdiv(m, cfg.rows),),
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=cfg.warps, num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
     )
     q, s = call(x, *extra)
     return q, s.reshape(m, 1)

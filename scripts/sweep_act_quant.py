@@ -7,6 +7,11 @@ same run (bytes read + written).
 * ``--hadamard``: QuaRot's online rotation fused into the quantizer (``hadamard=True``) against
   XLA's ``apply_hadamard`` followed by the quantizer kernel, and all-XLA
   -> ``benchmarks/act_quant_hadamard-<device>.json`` (forces the fused kernel on).
+* ``--block B``: the block-diagonal rotation of order ``B`` fused into the quantizer
+  (``hadamard=B``, issue 26) under several programs (chunked: rows, warps, pipeline stages; one
+  pass over whole rows) against XLA's ``apply_block_hadamard`` followed by the plain quantizer
+  kernel, and all-XLA, at 32,760 tokens on Wan2.1's 1.3B and 14B widths
+  -> ``benchmarks/act_quant_block-<device>.json`` (forces the kernels on).
 * ``--jax-triton``: the Triton-language quantizer (:mod:`pallas_kernels.triton_quant`, compiled
   by Triton's own compiler through jax-triton) beside the Pallas one (same single-pass design)
   and XLA -> ``benchmarks/jax_triton_eval-<device>.json``. jax-triton is not on the GPU image:
@@ -32,7 +37,43 @@ from pallas_kernels import _quant, act_quant, timing, triton_quant
 SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (4096, 12288), (32760, 3072)]
 TRITON_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (4096, 8960), (32760, 3072)]
 HADAMARD_SHAPES = [(4096, 1536), (4096, 3072), (4096, 5120), (32760, 1536), (32760, 3072), (4096, 8960), (32760, 8960)]
+BLOCK_SHAPES = [(32760, 1536), (32760, 8960), (32760, 5120), (32760, 13824)]
 Q = act_quant.QuantizerConfig
+
+
+def block_configs(k: int, block: int) -> dict[str, act_quant.QuantizerConfig]:
+    """The block rotation's candidate programs for width ``k``: the GPU-checked default (chunked,
+    16 rows, 4 warps), more rows, 8 warps and 2-3 pipeline stages, and one pass over whole rows
+    (padded to a power of two) where they fit the registers (at least 16 chunks per program)."""
+    cfgs = {"chunked_r16_w4": Q(16, 4, False)}
+    for rows, warps, stages in ((16, 4, 2), (16, 4, 3), (32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3)):
+        cfgs[f"chunked_r{rows}_w{warps}_s{stages}"] = Q(rows, warps, False, stages)
+    width = _quant.padded_width(k)
+    if width <= _quant.SINGLE_PASS_MAX:
+        for rows in (1, 2, 4, 8):
+            if rows * width > 16384 or rows * width // block < 16:
+                continue
+            for warps in (4, 8) if rows * width <= 8192 else (8, 16):
+                cfgs[f"single_r{rows}_w{warps}"] = Q(rows, warps, True)
+    return cfgs
+
+
+def block_variants(block: int):
+    """``variants(fmt, k)`` for :func:`measure`: every :func:`block_configs` program and XLA's
+    rotation followed by the plain quantizer kernel."""
+    from jquant.hadamard import apply_block_hadamard
+
+    def variants(fmt: str, k: int) -> dict:
+        out = {
+            name: (lambda x, cfg=cfg: act_quant.quantize_pallas(x, fmt, hadamard=block, config=cfg))
+            for name, cfg in block_configs(k, block).items()
+        }
+        out["xla_rotate+kernel"] = lambda x: act_quant.quantize_pallas(
+            apply_block_hadamard(x, block, axis=-1).astype(x.dtype), fmt
+        )
+        return out
+
+    return variants
 
 
 def config_variants(fmt: str, k: int) -> dict:
@@ -67,10 +108,10 @@ def hadamard_variants(fmt: str, k: int) -> dict:
     return out
 
 
-def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]:
+def measure(shapes, variants, copy: float, hadamard: bool | int = False, fmts=("int8", "fp8")) -> list[dict]:
     """Checks then times ``variants(fmt, k)`` (name -> fn) and XLA on every shape and format."""
     rows = []
-    for fmt in ("int8", "fp8"):
+    for fmt in fmts:
         ref = lambda x, fmt=fmt: _quant.reference(x, fmt, hadamard)  # pylint: disable=protected-access
         for m, k in shapes:
             sets = [
@@ -93,11 +134,17 @@ def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]
                         if fmt == "fp8":  # +0 / -0 differ in the bits only: count value changes
                             d = np.where(d > 0, np.abs(bits(got[0]) - bits(want[0])), 0)
                         exact = bool((d > 0).mean() <= 1e-4 and d.max() <= 1)
-                    us = timing.time_fn(fn, sets, iterations=10)["us"] if exact else float("nan")
+                    t = timing.time_fn(fn, sets, iterations=10) if exact else {}
+                    us, us_min = t.get("us", float("nan")), t.get("us_min", float("nan"))
                     error = None
                 except Exception as exc:  # pylint: disable=broad-except
                     traceback.print_exc()
-                    exact, us, error = False, float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}"
+                    exact, us, us_min, error = (
+                        False,
+                        float("nan"),
+                        float("nan"),
+                        f"{type(exc).__name__}: {str(exc)[:300]}",
+                    )
                 frac = (m * k * 3 + m * 4) / us / 1e3 / copy
                 rows.append(
                     dict(
@@ -107,6 +154,7 @@ def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]
                         variant=name,
                         exact=exact,
                         us=round(us, 2),
+                        us_min=round(us_min, 2),
                         fraction_of_copy_bw=round(frac, 3),
                         error=error,
                     )
@@ -119,31 +167,61 @@ def measure(shapes, variants, copy: float, hadamard: bool = False) -> list[dict]
     return rows
 
 
-def main() -> None:
+def summary(rows: list[dict]) -> None:
+    """The table printed last: per format and width, the fastest checked variant, the default
+    and XLA's paths (median us)."""
+    print(f"\n{'fmt':5s} {'M':>6s} {'K':>6s} {'fastest':>24s} {'us':>8s} {'first':>8s} {'xla rot+q':>10s} {'xla':>8s}")
+    for key in dict.fromkeys((r["fmt"], r["m"], r["k"]) for r in rows):
+        group = [r for r in rows if (r["fmt"], r["m"], r["k"]) == key and r["exact"]]
+        by = {r["variant"]: r["us"] for r in group}
+        if not group:
+            print(f"{key[0]:5s} {key[1]:6d} {key[2]:6d}  no variant passed its check")
+            continue
+        best = min(group, key=lambda r: r["us"])
+        first = next(iter(by.values()))
+        print(
+            f"{key[0]:5s} {key[1]:6d} {key[2]:6d} {best['variant']:>24s} {best['us']:8.1f} {first:8.1f} "
+            f"{by.get('xla_rotate+kernel', float('nan')):10.1f} {by.get('xla', float('nan')):8.1f}"
+        )
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jax-triton", action="store_true", help="compare with the jax-triton quantizer")
     parser.add_argument("--hadamard", action="store_true", help="the fused online Hadamard")
+    parser.add_argument("--block", type=int, default=0, help="the fused block-diagonal rotation of this order")
+    parser.add_argument("--fmt", default="int8,fp8", help="formats (comma list)")
     parser.add_argument("--k", default="", help="only these widths (comma list)")
     args = parser.parse_args()
+    fmts = tuple(args.fmt.split(","))
     if args.k:
         keep = {int(v) for v in args.k.split(",")}
-        global SHAPES, TRITON_SHAPES, HADAMARD_SHAPES  # pylint: disable=global-statement
-        SHAPES, TRITON_SHAPES, HADAMARD_SHAPES = (
-            [s for s in shapes if s[1] in keep] for shapes in (SHAPES, TRITON_SHAPES, HADAMARD_SHAPES)
+        global SHAPES, TRITON_SHAPES, HADAMARD_SHAPES, BLOCK_SHAPES  # pylint: disable=global-statement
+        SHAPES, TRITON_SHAPES, HADAMARD_SHAPES, BLOCK_SHAPES = (
+            [s for s in shapes if s[1] in keep] for shapes in (SHAPES, TRITON_SHAPES, HADAMARD_SHAPES, BLOCK_SHAPES)
         )
     if args.jax_triton and not triton_quant.available():
         print("jax-triton / Triton not importable: nothing to compare")
-        return
+        return 0
     copy = timing.copy_bandwidth()
     print(f"{jax.devices()[0].device_kind} jax {jax.__version__} copy bandwidth {copy:.0f} GB/s")
-    if args.hadamard:
+    if args.block:
         os.environ["JQUANT_BACKEND"] = "pallas"
-        timing.write_rows("act_quant_hadamard", measure(HADAMARD_SHAPES, hadamard_variants, copy, hadamard=True))
+        name, rows = "act_quant_block", measure(BLOCK_SHAPES, block_variants(args.block), copy, args.block, fmts)
+    elif args.hadamard:
+        os.environ["JQUANT_BACKEND"] = "pallas"
+        name, rows = "act_quant_hadamard", measure(HADAMARD_SHAPES, hadamard_variants, copy, True, fmts)
     elif args.jax_triton:
-        timing.write_rows("jax_triton_eval", measure(TRITON_SHAPES, triton_variants, copy))
+        name, rows = "jax_triton_eval", measure(TRITON_SHAPES, triton_variants, copy, fmts=fmts)
     else:
-        timing.write_rows("act_quant_sweep", measure(SHAPES, config_variants, copy))
+        name, rows = "act_quant_sweep", measure(SHAPES, config_variants, copy, fmts=fmts)
+    timing.write_rows(name, rows)
+    summary(rows)
+    wrong = [r for r in rows if not r["exact"]]
+    for r in wrong:
+        print(f"WRONG: {r['fmt']} {r['m']}x{r['k']} {r['variant']} {r['error'] or 'codes differ from the reference'}")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

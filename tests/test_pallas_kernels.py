@@ -564,17 +564,27 @@ def test_fused_hadamard_quantizer_matches_rotate_then_quantize(fmt, m, k):
     chex.assert_trees_all_equal(act_quant.quantize_int8(x, hadamard=True), _quant.reference(x, "int8", True))
 
 
-@pytest.mark.parametrize("fmt,m,k,block,dtype", [
-    ("int8", 17, 512, 128, jnp.bfloat16),
-    ("fp8", 3, 1536, 256, jnp.bfloat16),
-    ("int8", 5, 8960, 128, jnp.bfloat16),
-    ("int8", 4, 384, 128, jnp.float32),
+_Q = act_quant.QuantizerConfig
+
+
+@pytest.mark.parametrize("fmt,m,k,block,dtype,config", [
+    ("int8", 17, 512, 128, jnp.bfloat16, None),
+    ("fp8", 3, 1536, 256, jnp.bfloat16, None),
+    ("int8", 5, 8960, 128, jnp.bfloat16, None),
+    ("int8", 4, 384, 128, jnp.float32, None),
+    ("int8", 33, 640, 128, jnp.bfloat16, _Q(rows=32, warps=8, single_pass=False, stages=3)),
+    # one pass: whole rows (padded to a power of two) as stacked chunks under one dot
+    ("int8", 17, 512, 128, jnp.bfloat16, _Q(rows=4, warps=4, single_pass=True)),
+    ("fp8", 3, 1536, 256, jnp.bfloat16, _Q(rows=2, warps=4, single_pass=True)),
+    ("int8", 5, 8960, 128, jnp.bfloat16, _Q(rows=1, warps=8, single_pass=True)),
+    ("int8", 7, 384, 128, jnp.float32, _Q(rows=4, warps=4, single_pass=True)),
 ])  # fmt: skip
-def test_block_rotation_quantizer_matches_rotate_then_quantize(fmt, m, k, block, dtype):
-    # hadamard=b: each b-wide chunk rotated by one +-1 product (two chunked passes), giving
-    # apply_block_hadamard's rows rounded to x's dtype, then jquant's codes and scales.
+def test_block_rotation_quantizer_matches_rotate_then_quantize(fmt, m, k, block, dtype, config):
+    # hadamard=b: each b-wide chunk rotated by one +-1 product (two chunked passes, or one pass
+    # over whole rows), giving apply_block_hadamard's rows rounded to x's dtype, then jquant's
+    # codes and scales.
     x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(dtype)
-    q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=block)
+    q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=block, config=config)
     qr, sr = _quant.reference(x, fmt, hadamard=block)
     if dtype == jnp.bfloat16:  # the rows round to bf16 on both sides: bit for bit
         chex.assert_trees_all_equal(s, sr)
@@ -595,9 +605,14 @@ def test_block_rotation_quantizer_refuses_what_it_cannot_map():
         act_quant.quantize_pallas(jnp.zeros((2, 500), jnp.bfloat16), "int8", interpret=True, hadamard=128)
     with pytest.raises(ValueError, match="True or a block order"):
         act_quant.quantize_pallas(jnp.zeros((2, 512), jnp.bfloat16), "int8", interpret=True, hadamard=-4)
-    for k in (1536, 8960):  # lowers to a Triton program for the GPU (Wan's widths)
+    with pytest.raises(ValueError, match=">= 16 chunks per program"):  # the dot needs 16 rows
+        act_quant.quantize_pallas(
+            jnp.zeros((2, 512), jnp.bfloat16), "int8", interpret=True, hadamard=128, config=_Q(2, 4, True)
+        )
+    single = _Q(rows=1, warps=8, single_pass=True)
+    for k, cfg in ((1536, None), (8960, None), (1536, single), (8960, single)):  # lowers to Triton (Wan's widths)
         text = (
-            jax.jit(lambda v: act_quant.quantize_pallas(v, "int8", hadamard=128))
+            jax.jit(lambda v, cfg=cfg: act_quant.quantize_pallas(v, "int8", hadamard=128, config=cfg))
             .trace(jax.ShapeDtypeStruct((37, k), jnp.bfloat16))
             .lower(lowering_platforms=("cuda",))
             .as_text()
@@ -663,3 +678,22 @@ def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
     assert "mosaic_gpu" in text
     with pytest.raises(ValueError, match="unsupported tiling"):
         w4a16_gemm.W4A16GemmConfig(tokens=96).check()
+
+
+def test_block_sweep_programs_are_valid_and_exact():
+    # Every program scripts/sweep_act_quant.py --block 128 times on the GPU is one quantize_pallas
+    # accepts at Wan's widths and gives the reference's codes (interpreter, a few rows).
+    from _scripts import load_script, unload_script
+
+    sweep = load_script("sweep_act_quant")
+    try:
+        for k in (1536, 8960):
+            cfgs = sweep.block_configs(k, 128)
+            assert "chunked_r16_w4" in cfgs and any(c.single_pass for c in cfgs.values())
+            x = (jax.random.normal(jax.random.key(k), (3, k)) * 2).astype(jnp.bfloat16)
+            want = _quant.reference(x, "int8", hadamard=128)
+            for name, cfg in cfgs.items():
+                got = act_quant.quantize_pallas(x, "int8", interpret=True, hadamard=128, config=cfg)
+                chex.assert_trees_all_equal(got, want, custom_message=name)
+    finally:
+        unload_script(sweep)
