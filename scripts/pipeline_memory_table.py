@@ -290,7 +290,9 @@ def recipe_variables(name: str, params: Any, roles: dict, rank: int, seed: int) 
         return {"params": params}
     if r.weights in kquants.MIX_BASE:
         return {"params": bench_e2e.synthetic_kquant(params, roles, r.weights, seed)}
-    q = pol.uniform(r.weights).quantize(params, roles)
+    # One jitted program for the whole tree: eager per-leaf quantization took 90-108 s for the 14B
+    # transformer's fp8 weights on an H200 (the same codes; tests/test_pipeline_memory_table.py).
+    q = jax.jit(lambda p: pol.uniform(r.weights).quantize(p, roles))(params)
     out = {"params": q}
     if r.lowrank:
         out[jnn.AUX_COLLECTION] = _lowrank_aux(q, rank, seed)

@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import chex
+import jax
 import pytest
 from _scripts import load_script, unload_script
 
@@ -97,3 +99,18 @@ def test_a_skipped_row_never_replaces_a_measured_one(table):
     assert table.merge_rows([measured], [skipped]) == [measured]
     assert table.merge_rows([skipped], [measured]) == [measured]
     assert table.merge_rows([measured], [redone]) == [redone]
+
+
+def test_recipe_weights_are_the_eager_codes(table):
+    # recipe_variables quantizes the whole tree in one jitted program: the codes and scales
+    # must be the eager per-leaf policy's, bit for bit.
+    from jquant import models as jm
+    from jquant import policy as pol
+
+    model = table.tiny_models()["wan14b"]
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, table.BF16), jm.param_shapes(model.config))
+    params = table.random_tree(shapes, 0)
+    roles = jm.layer_roles(model.config, params)
+    for name, weights in (("fp8-w", "fp8_e4m3"), ("int8-w", "int8")):
+        got = table.recipe_variables(name, params, roles, rank=4, seed=0)["params"]
+        chex.assert_trees_all_equal(got, pol.uniform(weights).quantize(params, roles))
