@@ -25,7 +25,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common, _quant, act_quant, lowrank_quant, w4_table, w4a8, w4a16_gemm, w8a8, weight_only
+from pallas_kernels import (
+    _common,
+    _quant,
+    act_quant,
+    fused_producers,
+    lowrank_quant,
+    norm_quant,
+    w4_table,
+    w4a8,
+    w4a16_gemm,
+    w8a8,
+    weight_only,
+)
 
 
 def _any_shape(m: int, k: int, n: int) -> bool:  # pylint: disable=unused-argument
@@ -249,6 +261,49 @@ def _hadamard_case(name: str, fmt: str, wide: bool = False, rotation: bool | int
         quant_tol=(1e-3, 2.0**-7),
         takes=_any_shape if block is None else (lambda m, k, n: width(m, k, n) % block == 0),
         shape_rule="" if block is None else f"the rotated width {'N' if wide else 'K'} a multiple of the block {block}",
+    )
+
+
+def norm_quant_inputs(key, m, k, n, *, affine: str, per_row: bool):
+    """``(x bf16 [M, K], norm_scale, norm_bias, shift, scale)`` for the norm + modulation +
+    quantization producer: ``affine`` "" (Wan's and Flux's adaLN norms), "w" (RMSNorm's weight)
+    or "wb"; the modulation ``[M, K]`` per row (``per_row``) or one ``[K]`` vector, float32."""
+    del n
+    kx, kw, kb, ks, kt = jax.random.split(key, 5)
+    x = (jax.random.normal(kx, (m, k), jnp.float32) * 2 + 0.5).astype(jnp.bfloat16)
+    w = 1 + 0.1 * jax.random.normal(kw, (k,), jnp.float32) if "w" in affine else None
+    b = 0.1 * jax.random.normal(kb, (k,), jnp.float32) if "b" in affine else None
+    shape = (m, k) if per_row else (k,)
+    return x, w, b, 0.3 * jax.random.normal(ks, shape, jnp.float32), 0.3 * jax.random.normal(kt, shape, jnp.float32)
+
+
+def _norm_quant_kernel(x, w, b, shift, scale, *, kind: str, fmt: str):
+    """The Pallas producer, in the interpreter off the GPU (no dispatching wrapper exists yet)."""
+    interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
+    return norm_quant.norm_modulate_quantize_pallas(x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret)
+
+
+def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool) -> KernelCase:
+    """LayerNorm / RMSNorm + adaLN modulation + per-(token, 128) quantization (norm_quant) against
+    fused_producers.norm_modulate_quantize; K whole 128-channel scale blocks."""
+
+    def min_bytes(m: int, k: int, n: int) -> float:  # x bf16, float32 vectors, codes, scales
+        modulation = 2 * 4 * (m * k if per_row else k)
+        return 2 * m * k + modulation + 4 * k * len(affine) + m * k + 4 * m * k / fused_producers.BLOCK
+
+    return KernelCase(
+        name,
+        functools.partial(_norm_quant_kernel, kind=kind, fmt=fmt),
+        functools.partial(fused_producers.norm_modulate_quantize, eps=1e-6, kind=kind, fmt=fmt),
+        functools.partial(norm_quant_inputs, affine=affine, per_row=per_row),
+        # ~12 operations per value: sums, centring, rsqrt scale, affine, modulation, absmax, division.
+        lambda m, k, n: 12.0 * m * k,
+        min_bytes,
+        # The sums and multiply-adds round in another order (norm_quant's docstring): a scale a
+        # few float32 ulp off, a code on a rounding boundary one step off.
+        quant_tol=(1e-3, 1e-6),
+        takes=lambda m, k, n: k % fused_producers.BLOCK == 0,
+        shape_rule=f"K a multiple of {fused_producers.BLOCK}",
     )
 
 
@@ -498,6 +553,11 @@ CASES: dict[str, KernelCase] = {
         magnitude=_mag_lowrank_h,
         tol=8e-3,
     ),
+    # The norm + adaLN modulation + per-(token, 128) quantization producer (issue 19): Wan's
+    # LayerNorm without affine and per-token modulation; an affine LayerNorm; an RMSNorm weight.
+    "norm_quant_layer_int8": _norm_quant_case("norm_quant_layer_int8", "layer", "int8", "", True),
+    "norm_quant_layer_fp8": _norm_quant_case("norm_quant_layer_fp8", "layer", "fp8", "wb", False),
+    "norm_quant_rms_fp8": _norm_quant_case("norm_quant_rms_fp8", "rms", "fp8", "w", True),
 }
 
 
@@ -538,6 +598,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
         return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
     if name == "act_quant_lowrank":
         return "pallas" if lowrank_quant.supports(*inputs) else "xla"
+    if name.startswith("norm_quant"):
+        return "pallas" if _common._default_device_is_gpu() else "interpret"  # pylint: disable=protected-access
     if name in ROTATIONS:
         return "pallas" if act_quant.supports(x, hadamard=ROTATIONS[name]) else "xla"
     if name.startswith("act_quant"):
