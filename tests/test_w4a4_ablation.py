@@ -1,0 +1,31 @@
+"""scripts/w4a4_ablation.py's float-activation ablation on a tiny tree (the GPU-free part that
+decides what the measurement means)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from _scripts import load_script, unload_script
+
+from jquant.pipeline.runtime import QuantizedModel
+from jquant.qarray import QArray, dequantize, quantize
+
+
+def test_float_activations_decode_only_the_chosen_group():
+    mod = load_script("w4a4_ablation")
+    try:
+        w = jax.random.normal(jax.random.key(0), (64, 32), jnp.float32)
+        q = quantize(w, "int4/g64")
+        params = {f"blocks_{i}": {"ffn": {"kernel": q}, "attn": {"kernel": q, "bias": jnp.ones(32)}} for i in range(2)}
+        qm = QuantizedModel({"params": params}, "int4/token")
+        assert mod.quantized_groups(qm) == ["blocks_*/attn/kernel", "blocks_*/ffn/kernel"]
+        out = mod.with_float_acts(qm, {"blocks_*/ffn/kernel"}).params
+        for i in range(2):
+            leaf = out[f"blocks_{i}"]["ffn"]["kernel"]
+            assert not isinstance(leaf, QArray)
+            chex.assert_trees_all_equal(leaf, dequantize(q))  # the same 4-bit values, in float
+            assert isinstance(out[f"blocks_{i}"]["attn"]["kernel"], QArray)
+        assert qm.params["blocks_0"]["ffn"]["kernel"] is q  # the input model is left as it was
+    finally:
+        unload_script(mod)
