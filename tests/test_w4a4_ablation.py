@@ -29,3 +29,19 @@ def test_float_activations_decode_only_the_chosen_group():
         assert qm.params["blocks_0"]["ffn"]["kernel"] is q  # the input model is left as it was
     finally:
         unload_script(mod)
+
+
+def test_docs_quote_the_json():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "benchmarks" / "w4a4_ablation.json").read_text())
+    text = (root / "docs" / "training.md").read_text()
+    section = text[text.index("### Where W4A4's error comes from") :]
+    assert f"commit {record['commit'][:7]}" in section
+    for r in record["granularity"]:
+        assert f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {r['one_step']:.4f} |" in section, r
+    by = {r["float_acts"]: r["one_step"] for r in record["float_groups"]}
+    for name in ("(none)", "blocks_*/ffn/net_0/proj/kernel", "blocks_*/ffn/net_2/kernel", "(all)"):
+        assert f"| {by[name]:.4f} |" in section, name
