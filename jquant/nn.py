@@ -32,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -69,6 +70,16 @@ class QuantConfig:
     static: bool = False
     backend: str = "auto"
     aux: Mapping[str, Mapping[str, Any]] | None = None
+    #: ``(compiled regex, spec or None)`` pairs: the first whose pattern ``re.search``-es a layer's
+    #: path sets that layer's activation spec (None: 16-bit activations); other layers take ``act``.
+    act_rules: tuple[tuple[re.Pattern, QSpec | None], ...] = ()
+
+    def act_for(self, path: str) -> QSpec | None:
+        """The activation spec of the layer at ``path`` (``act_rules`` first, then ``act``)."""
+        for pattern, spec in self.act_rules:
+            if pattern.search(path):
+                return spec
+        return self.act
 
 
 class _State(threading.local):
@@ -112,14 +123,15 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
         obs(path, x)
     if dtype is not None:
         x = x.astype(dtype)
+    act = cfg.act_for(path)
     act_scale = _aux_get(aux, "input_scale") if cfg.static else None
-    if cfg.static and cfg.act is not None and act_scale is None and isinstance(kernel, QArray):
+    if cfg.static and act is not None and act_scale is None and isinstance(kernel, QArray):
         raise KeyError(f"{path}: static activation mode but no 'input_scale' in the {AUX_COLLECTION!r} collection/aux")
-    if dispatch.token_block(cfg.act) and isinstance(kernel, QArray):  # <fmt>/tokenN: the width must split
+    if dispatch.token_block(act) and isinstance(kernel, QArray):  # <fmt>/tokenN: the width must split
         k = x.shape[-1] if einsum_str is not None else math.prod(x.shape[x.ndim - (contract or 1) :])
-        cfg.act.block_shape((k,), path)
+        act.block_shape((k,), path)
     if einsum_str is not None:
-        y = dispatch.einsum(einsum_str, x, kernel, act=cfg.act, act_scale=act_scale)
+        y = dispatch.einsum(einsum_str, x, kernel, act=act, act_scale=act_scale)
         if lowrank is not None:
             y = dispatch.add_lowrank(y, x, lowrank, contract or 1)
     else:
@@ -127,7 +139,7 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
             x,
             kernel,
             contract=contract,
-            act=cfg.act,
+            act=act,
             act_scale=act_scale,
             backend=cfg.backend,
             lowrank=lowrank,
@@ -253,18 +265,26 @@ def quantized(
     backend: str = "auto",
     aux: Mapping[str, Mapping[str, Any]] | None = None,
     nnx_model: nnx.Module | None = None,
+    act_rules: Sequence[tuple[str, QSpec | str | None]] = (),
 ) -> Iterator[QuantConfig]:
     """Run models inside this context with quantized matmuls (see module docstring).
 
     ``nnx_model`` names the NNX model whose linear layers run quantized (only that model's
     instances are routed, for the duration of the block) and whose graph paths key ``aux``
     and observers; NNX layers of other models are left alone.
+
+    ``act_rules``: ``(regex, spec)`` pairs giving some layers another activation spec than
+    ``act`` (a mixed policy such as int4 activations with int8 on the FFN: ``(("ffn/",
+    "int8/token"),)``); the first pattern that ``re.search``-es a layer's path wins, and a
+    ``None`` spec leaves that layer's activations in 16 bits. Dynamic specs only.
     """
     if backend not in ("auto", "xla", "pallas"):
         raise ValueError(f"backend must be 'auto', 'xla' or 'pallas', got {backend!r}")
-    cfg = QuantConfig(None if act is None else parse_spec(act), static, backend, aux)
+    cfg = QuantConfig(None if act is None else parse_spec(act), static, backend, aux, compile_act_rules(act_rules))
     if cfg.act is not None and cfg.static and cfg.act.dynamic:
         raise ValueError(f"static activation mode needs a static granularity (e.g. 'int8/t'), got {cfg.act}")
+    if cfg.static and cfg.act_rules:
+        raise ValueError("act_rules work with dynamic activations only (static scales are calibrated for `act`)")
     prev = _state.config
     _state.config = cfg
     try:
@@ -272,6 +292,25 @@ def quantized(
             yield cfg
     finally:
         _state.config = prev
+
+
+def compile_act_rules(rules: Sequence[tuple[str, QSpec | str | None]]) -> tuple[tuple[re.Pattern, QSpec | None], ...]:
+    """``act_rules`` as ``(compiled regex, parsed spec)``; a bad pattern or a static spec is a
+    ValueError naming the rule."""
+    out = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"act_rules[{i}]: expected (regex, spec or None), got {rule!r}")
+        pattern, spec = rule
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"act_rules[{i}]: bad regex {pattern!r}: {e}") from e
+        parsed = None if spec is None else parse_spec(spec)
+        if parsed is not None and not parsed.dynamic:
+            raise ValueError(f"act_rules[{i}]: {spec!r} is static; rules take dynamic specs (e.g. 'int8/token')")
+        out.append((compiled, parsed))
+    return tuple(out)
 
 
 @contextlib.contextmanager

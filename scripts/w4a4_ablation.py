@@ -9,7 +9,9 @@ per-token activations), calibrated as ``scripts/qat_table.py`` does:
   error of the guided prediction, as docs/results.md;
 * **one group's activations in float:** every layer of a group (``blocks_*/ffn/net_0/proj``,
   ...) runs its decoded 4-bit weights on float activations, the rest as in the recipe; the
-  one-step error for each group, for none and for all (all = W4A16 with the same weights).
+  one-step error for each group, for none and for all (all = W4A16 with the same weights);
+* **mixed precision:** int8 activations on some layers (``QuantizedModel.act_rules``), int4 on
+  the rest: PSNR, SSIM and one-step error.
 
     python scripts/w4a4_ablation.py            # CPU, ~15 minutes on 2 cores
     python scripts/w4a4_ablation.py --clips 4 --groups attn1/to_out_0   # a quick look
@@ -45,6 +47,12 @@ from pallas_kernels.timing import git_commit
 
 RECIPE = "w4a4-quarot"
 GRANULARITIES = ("int4/token", "int4/token64", "int4/token32")
+#: Mixed policies: (label, act_rules) with int8 per-token activations where a rule matches.
+MIXED = (
+    ("A8 on FFN up", (("ffn/net_0/", "int8/token"),)),
+    ("A8 on FFN up and down", (("ffn/", "int8/token"),)),
+    ("A8 on FFN and attention output", (("ffn/|attn1/to_out", "int8/token"),)),
+)
 
 
 def group_of(path: str) -> str:
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(a).items() if k != "json"},
         "granularity": [],
         "float_groups": [],
+        "mixed": [],
     }
     for act in GRANULARITIES:
         row = {"act": act, **measure(bundle, dataclasses.replace(base, act=act), ref, full=True)}
@@ -114,6 +123,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = {"float_acts": name, **measure(bundle, with_float_acts(base, chosen), ref, full=False)}
         res["float_groups"].append(row)
         print(f"  float activations: {name:34s} 1-step {row['one_step']:.4f}", flush=True)
+    for label, rules in MIXED:
+        qm = dataclasses.replace(base, act_rules=rules, name=f"{RECIPE}+{label}")
+        row = {"policy": label, "act_rules": [list(r) for r in rules], **measure(bundle, qm, ref, full=True)}
+        res["mixed"].append(row)
+        print(
+            f"  {label:32s} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}  1-step {row['one_step']:.4f}", flush=True
+        )
     res["total_s"] = time.perf_counter() - t0
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)

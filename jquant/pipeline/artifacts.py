@@ -40,6 +40,8 @@ def save_quantized(out: str | Path, qm: QuantizedModel, meta: dict[str, Any]) ->
     out.mkdir(parents=True, exist_ok=True)
     tree: dict[str, Any] = {"variables": qm.variables}
     full = {**meta, "name": qm.name, "act": qm.act, "table": None}
+    if qm.act_rules:
+        full["act_rules"] = [list(rule) for rule in qm.act_rules]
     if qm.table is not None:
         t = qm.table.to_tree()
         tree["table"] = {"groups": t["groups"], "scales": t["scales"]}
@@ -57,7 +59,10 @@ def load_quantized(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
     meta = json.loads((path / META_NAME).read_text())
     tree = checkpoint.restore(path / CKPT_NAME)
     table = ScaleTable.from_tree(tree["table"], meta["table"]) if meta.get("table") else None
-    return QuantizedModel(tree["variables"], meta["act"], table, meta.get("name", ""), meta.get("info", {})), meta
+    rules = tuple(tuple(rule) for rule in meta.get("act_rules", ()))
+    return QuantizedModel(
+        tree["variables"], meta["act"], table, meta.get("name", ""), meta.get("info", {}), rules
+    ), meta
 
 
 def json_default(o: Any) -> Any:

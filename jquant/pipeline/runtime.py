@@ -34,6 +34,8 @@ from jquant.rules import flatten_with_paths, leaf_nbytes
 
 Array = jax.Array
 Variables = dict[str, Any]
+#: ``(regex, dynamic activation spec or None)`` pairs (``jquant.nn.quantized``'s ``act_rules``).
+ActRules = tuple[tuple[str, str | None], ...]
 
 
 def merge_trees(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,11 +50,13 @@ class _QuantStep:
     """``(variables, x, t, cond, step_slice) -> prediction`` under jquant.nn; hashable by
     its static structure so equal structures share one compiled sampler."""
 
-    def __init__(self, den: Denoiser, act: str | None, layout: tuple | None, cfg: bool) -> None:
-        self.den, self.act, self.layout, self.cfg = den, act, layout, cfg
+    def __init__(
+        self, den: Denoiser, act: str | None, layout: tuple | None, cfg: bool, act_rules: ActRules = ()
+    ) -> None:
+        self.den, self.act, self.layout, self.cfg, self.act_rules = den, act, layout, cfg, act_rules
 
     def _key(self) -> tuple:
-        return (id(self.den), self.act, self.layout, self.cfg)
+        return (id(self.den), self.act, self.layout, self.cfg, self.act_rules)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _QuantStep) and self._key() == other._key()
@@ -72,7 +76,7 @@ class _QuantStep:
         v = {"params": variables["params"]}
         if aux:
             v[jnn.AUX_COLLECTION] = aux
-        with jnn.quantized(self.act, static=static):
+        with jnn.quantized(self.act, static=static, act_rules=self.act_rules):
             return self.den.apply(v, x, t, cond)
 
 
@@ -87,6 +91,9 @@ class QuantizedModel:
       table: static per-timestep scale table (None: dynamic activations).
       name: recipe name, for reports.
       info: free-form metadata (recipe, timings, calibration settings) for reports.
+      act_rules: ``(regex, dynamic spec or None)`` pairs giving the layers whose path matches
+        another activation spec than ``act`` (``jquant.nn.quantized``'s ``act_rules``), e.g.
+        int4 activations with int8 on the FFN; dynamic activations only (no ``table``).
     """
 
     variables: Variables
@@ -94,12 +101,17 @@ class QuantizedModel:
     table: ScaleTable | None = None
     name: str = ""
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    act_rules: ActRules = ()
 
     def __post_init__(self) -> None:
         if "params" not in self.variables:
             raise ValueError("QuantizedModel.variables must be linen variables {'params': ..., 'jquant': ...}")
         if self.table is not None and self.act is None:
             raise ValueError("QuantizedModel: a scale table needs an activation spec")
+        if self.act_rules and self.table is not None:
+            raise ValueError("QuantizedModel: act_rules need dynamic activations (this model has a scale table)")
+        object.__setattr__(self, "act_rules", tuple((str(p), None if s is None else str(s)) for p, s in self.act_rules))
+        jnn.compile_act_rules(self.act_rules)  # a bad pattern or spec fails here, not at sampling
 
     @property
     def params(self) -> Any:
@@ -114,7 +126,7 @@ class QuantizedModel:
         """``(model_fn, step_data)`` for ``den.sample`` (step_data None without a table)."""
         layout = None if self.table is None else self.table.layout()
         act = self.act if self.table is None else self.table.act
-        fn = _QuantStep(den, act, layout, den.cfg)
+        fn = _QuantStep(den, act, layout, den.cfg, self.act_rules)
         return Partial(fn, self.variables), (None if self.table is None else self.table.step_data())
 
     def sample(self, den: Denoiser, work: Workload, *, return_trajectory: bool = False):
@@ -185,7 +197,7 @@ def per_step_model_fn(den: Denoiser, models: Sequence[QuantizedModel], choice: S
     steps, tables = [], []
     for m in models:
         layout = None if m.table is None else m.table.layout()
-        steps.append(_QuantStep(den, m.act if m.table is None else m.table.act, layout, den.cfg))
+        steps.append(_QuantStep(den, m.act if m.table is None else m.table.act, layout, den.cfg, m.act_rules))
         tables.append({} if m.table is None else m.table.step_data())
     data = {"variant": jnp.asarray(choice), "tables": tuple(tables)}
     return Partial(_SwitchStep(tuple(steps)), tuple(m.variables for m in models)), data
