@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -328,3 +328,24 @@ def _gran_str(s: QSpec) -> str:
 def np_dtype(name: str) -> np.dtype:
     """numpy dtype (ml_dtypes for 8-bit floats) of a storage dtype name."""
     return np.dtype(getattr(ml_dtypes, name, name))
+
+
+def parse_rule(label: str, rule: Any) -> tuple[str, re.Pattern, QSpec | None]:
+    """One ``(regex, spec or None)`` rule: its pattern, the compiled regex and the parsed spec.
+
+    The shared grammar of weight rules (``jquant.rules.normalize_rules``) and activation rules
+    (``jquant.nn.quantized(act_rules=...)``); every error starts with ``label`` (e.g. ``"rule 2"``).
+    """
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))):
+        raise ValueError(f"{label}: expected a (regex, spec or None) pair, got {rule!r}")
+    pattern, spec = rule
+    pattern = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        at = f" at position {e.pos}" if e.pos is not None else ""
+        raise ValueError(f"{label} {pattern!r}: bad regular expression: {e.msg}{at}") from e
+    try:
+        return pattern, compiled, None if spec is None else parse_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"{label} {pattern!r}: {e}") from e

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import dispatch
-from jquant.formats import QSpec, parse_spec
+from jquant.formats import QSpec, parse_rule, parse_spec
 from jquant.hadamard import apply_block_hadamard
 from jquant.qarray import QArray, dequantize
 
@@ -295,21 +295,14 @@ def quantized(
 
 
 def compile_act_rules(rules: Sequence[tuple[str, QSpec | str | None]]) -> tuple[tuple[re.Pattern, QSpec | None], ...]:
-    """``act_rules`` as ``(compiled regex, parsed spec)``; a bad pattern or a static spec is a
-    ValueError naming the rule."""
+    """``act_rules`` as ``(compiled regex, parsed spec)`` (``jquant.formats.parse_rule``, the
+    grammar weight rules use); a bad pattern or a static spec is a ValueError naming the rule."""
     out = []
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-            raise ValueError(f"act_rules[{i}]: expected (regex, spec or None), got {rule!r}")
-        pattern, spec = rule
-        try:
-            compiled = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"act_rules[{i}]: bad regex {pattern!r}: {e}") from e
-        parsed = None if spec is None else parse_spec(spec)
-        if parsed is not None and not parsed.dynamic:
-            raise ValueError(f"act_rules[{i}]: {spec!r} is static; rules take dynamic specs (e.g. 'int8/token')")
-        out.append((compiled, parsed))
+        _, regex, spec = parse_rule(f"act_rules[{i}]", rule)
+        if spec is not None and not spec.dynamic:
+            raise ValueError(f"act_rules[{i}]: {str(spec)!r} is static; rules take dynamic specs (e.g. 'int8/token')")
+        out.append((regex, spec))
     return tuple(out)
 
 

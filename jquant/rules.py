@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jquant.formats import QSpec, parse_spec
+from jquant.formats import QSpec, parse_rule, parse_spec
 from jquant.qarray import is_quantized_leaf, quantize
 
 
@@ -171,19 +171,9 @@ def normalize_rules(
     for i, rule in enumerate(rules):
         if isinstance(rule, Rule):
             rule = (rule.pattern, rule.spec)
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))):
-            raise ValueError(f"rule {i}: expected a Rule or a (regex, spec or None) pair, got {rule!r}")
-        pattern, spec = rule
-        pattern = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as e:
-            at = f" at position {e.pos}" if e.pos is not None else ""
-            raise ValueError(f"rule {i} {pattern!r}: bad regular expression: {e.msg}{at}") from e
-        try:
-            out.append(Rule(pattern, None if spec is None else parse_spec(spec)))
-        except ValueError as e:
-            raise ValueError(f"rule {i} {pattern!r}: {e}") from e
+        pattern, regex, spec = parse_rule(f"rule {i}", rule)
+        compiled.append(regex)
+        out.append(Rule(pattern, spec))
     if tree is not None and not single:
         paths = [p for p, _ in flatten_with_paths(tree)]
         missed = [c.pattern for c in compiled if not any(c.search(path) for path in paths)]

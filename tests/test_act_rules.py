@@ -50,17 +50,17 @@ def test_the_first_matching_rule_sets_a_layers_activations(rule, second):
 
 
 def test_bad_rules_are_named():
-    with pytest.raises(ValueError, match=r"act_rules\[0\]: bad regex"):
+    with pytest.raises(ValueError, match=r"act_rules\[0\] .*: bad regular expression"):
         jnn.compile_act_rules([("ffn(", "int8/token")])
     with pytest.raises(ValueError, match=r"act_rules\[1\]: 'int8/t' is static"):
         jnn.compile_act_rules([("attn", None), ("ffn", "int8/t")])
-    with pytest.raises(ValueError, match=r"act_rules\[0\]: expected \(regex, spec or None\)"):
+    with pytest.raises(ValueError, match=r"act_rules\[0\]: expected a \(regex, spec or None\) pair"):
         jnn.compile_act_rules(["ffn"])
     with pytest.raises(ValueError, match="dynamic activations only"):
         with jnn.quantized("int8/t", static=True, act_rules=(("ffn", "int8/token"),)):
             pass
     _, q = _qparams()
-    with pytest.raises(ValueError, match=r"act_rules\[0\]: bad regex"):
+    with pytest.raises(ValueError, match=r"act_rules\[0\] .*: bad regular expression"):
         QuantizedModel({"params": q}, "int4/token", act_rules=(("[", "int8/token"),))
 
 
