@@ -45,3 +45,15 @@ def test_docs_quote_the_json():
     by = {r["float_acts"]: r["one_step"] for r in record["float_groups"]}
     for name in ("(none)", "blocks_*/ffn/net_0/proj/kernel", "blocks_*/ffn/net_2/kernel", "(all)"):
         assert f"| {by[name]:.4f} |" in section, name
+
+
+def test_docs_quote_the_mixed_policies():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "benchmarks" / "w4a4_ablation.json").read_text())
+    section = (root / "docs" / "training.md").read_text().split("**Mixed precision**")[1]
+    assert len(record["mixed"]) == 3
+    for r in record["mixed"]:
+        assert f"| {r['policy']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['one_step']:.4f} |" in section, r
