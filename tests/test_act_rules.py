@@ -71,3 +71,19 @@ def test_rules_survive_save_and_load(tmp_path):
     artifacts.save_quantized(tmp_path, qm, {})
     back, meta = artifacts.load_quantized(tmp_path)
     assert back.act_rules == qm.act_rules and meta["act_rules"] == [["ffn", "int8/token"]]
+
+
+def test_training_forward_starts_at_the_mixed_model():
+    # The fake-quant training forward with the same rules is the PTQ model's forward at step 0.
+    from jquant.training.fakequant import fake_quantized, from_quantized
+
+    x, q = _qparams()
+    rules = (("ffn", "int8/token"),)
+    with jnn.quantized("int4/token", act_rules=rules, backend="xla"):
+        want = _TwoLayers().apply({"params": q}, x)
+    with fake_quantized("int4/token", act_rules=rules):
+        got = _TwoLayers().apply({"params": from_quantized(q)}, x)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    with fake_quantized("int4/token"):  # without the rules: int4 on the FFN too
+        plain = _TwoLayers().apply({"params": from_quantized(q)}, x)
+    assert not np.allclose(plain, want, rtol=1e-5, atol=1e-5)

@@ -147,6 +147,16 @@ def test_distillation_lowers_the_loss_and_exports_qarrays(setup) -> None:
     assert np.isfinite(np.asarray(lat)).all()
 
 
+def test_distillation_trains_and_keeps_the_models_act_rules(setup) -> None:
+    # A mixed policy (here: FFN activations left in 16 bits) is part of the model being trained:
+    # the training loss sees it, and the student carries it.
+    bundle, _, qm, data = setup
+    mixed = dataclasses.replace(qm, act_rules=(("ffn/", None),))
+    assert D.mean_loss(bundle, mixed, data) != pytest.approx(D.mean_loss(bundle, qm, data), rel=1e-3)
+    res = D.distill(bundle, mixed, data, D.DistillConfig(steps=2, batch=2, lr=1e-4, scale_lr=1e-4))
+    assert res.model.act_rules == (("ffn/", None),)
+
+
 def test_distillation_in_scanned_chunks_equals_step_by_step_and_fits_a_time_cap(setup) -> None:
     bundle, _, qm, data = setup
     cfg = D.DistillConfig(steps=4, batch=2, lr=1e-4, scale_lr=1e-4)

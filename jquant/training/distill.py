@@ -182,12 +182,13 @@ def student_apply(
     act: str | None,
     act_scales: dict[str, Array] | None = None,
     capture: bool = False,
+    act_rules: tuple = (),
 ):
     """The fake-quantized model on ``[uncond; cond]`` rows (``x`` already doubled)."""
     v = {"params": params}
     if aux:
         v[jnn.AUX_COLLECTION] = aux
-    with fake_quantized(act, act_scales):
+    with fake_quantized(act, act_scales, act_rules):
         if not capture:
             return den.apply(v, x, t, both), None
         return _apply_capture(den, v, x, t, both)
@@ -257,14 +258,16 @@ def loss_fn(
     guided_weight: float,
     teacher_feats: list[Array] | None = None,
     feature_weight: float = 0.0,
+    act_rules: tuple = (),
 ) -> Array:
-    """Normalised MSE of both branches' predictions plus the guided prediction (and features)."""
+    """Normalised MSE of both branches' predictions plus the guided prediction (and features);
+    ``act_rules``: the model's per-layer activation specs (``QuantizedModel.act_rules``)."""
     params, scales = trainable
     x = jnp.concatenate([batch["x"], batch["x"]])
     both = jnp.concatenate([batch["uncond"], batch["cond"]])
     act_scales = None if table is None else _step_scales(den, table, scales, batch["group"], x.shape)
     capture = teacher_feats is not None and feature_weight > 0
-    pred, feats = student_apply(den, params, aux, x, batch["t"], both, act, act_scales, capture)
+    pred, feats = student_apply(den, params, aux, x, batch["t"], both, act, act_scales, capture, act_rules)
     pu, pc = jnp.split(pred.astype(jnp.float32), 2)
     yu, yc = batch["y_uncond"], batch["y_cond"]
     norm = jnp.mean(yc**2) + jnp.mean(yu**2) + 1e-8
@@ -356,7 +359,17 @@ def distill(
             tf = _teacher_features(den, bundle.params, x2, batch["t"], both)
         loss, grads = jax.value_and_grad(
             lambda tr: loss_fn(
-                den, tr, aux, act, table, batch, data.guidance, config.guided_weight, tf, config.feature_weight
+                den,
+                tr,
+                aux,
+                act,
+                table,
+                batch,
+                data.guidance,
+                config.guided_weight,
+                tf,
+                config.feature_weight,
+                start.act_rules,
             )
         )(trainable)
         updates, opt_state = opt.update(grads, opt_state, trainable)
@@ -446,7 +459,12 @@ def _as_model(
         new_table = dataclasses.replace(table, scales={p: np.abs(np.asarray(s)) + 1e-12 for p, s in scales.items()})
     variables = {"params": to_quantized(params), **({jnn.AUX_COLLECTION: aux} if aux else {})}
     return QuantizedModel(
-        variables, start.act, new_table, name or f"{start.name}+distill", {**start.info, "distill": info}
+        variables,
+        start.act,
+        new_table,
+        name or f"{start.name}+distill",
+        {**start.info, "distill": info},
+        start.act_rules,
     )
 
 
@@ -484,7 +502,9 @@ def mean_loss(bundle: ModelBundle, model: QuantizedModel, data: DistillData, gui
 
     @jax.jit
     def one(batch):
-        return loss_fn(den, (params, scales), aux, act, table, batch, data.guidance, guided_weight)
+        return loss_fn(
+            den, (params, scales), aux, act, table, batch, data.guidance, guided_weight, act_rules=model.act_rules
+        )
 
     out = []
     for i in range(data.xs.shape[0]):

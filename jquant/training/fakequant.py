@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -179,6 +179,9 @@ class TrainQuantConfig:
 
     act: QSpec | None = None
     act_scales: Mapping[str, Array] | None = None
+    #: ``(compiled regex, dynamic spec or None)``: layers whose path matches take that spec
+    #: (``jquant.nn.quantized``'s ``act_rules``, so training runs the model it will sample).
+    act_rules: tuple = ()
 
 
 class _State(threading.local):
@@ -190,6 +193,9 @@ _state = _State()
 
 
 def _act_fake_quant(x: Array, path: str, cfg: TrainQuantConfig) -> Array:
+    for regex, spec in cfg.act_rules:  # the first matching rule wins; its spec is dynamic
+        if regex.search(path):
+            return x if spec is None else fake_quant(x, spec)
     act = cfg.act
     if act is None:
         return x
@@ -255,10 +261,16 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 @contextlib.contextmanager
-def fake_quantized(act: QSpec | str | None = None, act_scales: Mapping[str, Array] | None = None) -> Iterator[None]:
-    """Run linen models with FakeQuant kernels differentiably (see module docstring)."""
+def fake_quantized(
+    act: QSpec | str | None = None,
+    act_scales: Mapping[str, Array] | None = None,
+    act_rules: Sequence[tuple[str, QSpec | str | None]] = (),
+) -> Iterator[None]:
+    """Run linen models with FakeQuant kernels differentiably (see module docstring);
+    ``act_rules`` as in ``jquant.nn.quantized``."""
     prev = _state.config
-    _state.config = TrainQuantConfig(None if act is None else parse_spec(act), act_scales)
+    rules = jnn.compile_act_rules(act_rules)
+    _state.config = TrainQuantConfig(None if act is None else parse_spec(act), act_scales, rules)
     try:
         with nn.intercept_methods(_interceptor):
             yield

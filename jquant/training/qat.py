@@ -76,7 +76,7 @@ def qat(
 
     def apply(p, x, t, text):
         v = {"params": p, **({jnn.AUX_COLLECTION: aux} if aux else {})}
-        with fake_quantized(start.act):
+        with fake_quantized(start.act, act_rules=start.act_rules):
             return module.apply(v, x, t, text)
 
     @jax.jit
@@ -98,5 +98,5 @@ def qat(
     seconds = time.perf_counter() - t0
     variables = {"params": to_quantized(params), **({jnn.AUX_COLLECTION: aux} if aux else {})}
     info = {**start.info, "qat": {**dataclasses.asdict(config), "seconds": seconds}}
-    model = QuantizedModel(variables, start.act, None, name or f"{start.name}+qat", info)
+    model = QuantizedModel(variables, start.act, None, name or f"{start.name}+qat", info, start.act_rules)
     return DistillResult(model, np.asarray(losses), seconds, params, {})
