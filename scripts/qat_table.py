@@ -51,9 +51,16 @@ from jquant.training import lora as L
 from jquant.training import qat as Q
 from pallas_kernels.timing import git_commit
 
+#: key -> (label, the PTQ recipe, act_rules: per-layer activation specs of the quantized model)
 SETTINGS = {
-    "w4a8": ("W4A8", lambda: rc.get("w4a16-gptq").with_activations("int8", None)),
-    "w4a4": ("W4A4 (QuaRot)", lambda: rc.get("w4a4-quarot")),
+    "w4a8": ("W4A8", lambda: rc.get("w4a16-gptq").with_activations("int8", None), ()),
+    "w4a4": ("W4A4 (QuaRot)", lambda: rc.get("w4a4-quarot"), ()),
+    # int8 activations on the FFN and the self-attention output (benchmarks/w4a4_ablation.json)
+    "w4a4-mixed": (
+        "W4A4 (QuaRot), A8 FFN + attn out",
+        lambda: rc.get("w4a4-quarot"),
+        (("ffn/|attn1/to_out", "int8/token"),),
+    ),
 }
 
 
@@ -224,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             rollout_every=a.rollout_every,
         )
         for key in a.settings.split(","):
-            label, make = SETTINGS[key]
-            ptq = C.quantize(bundle, make(), cal)
+            label, make, act_rules = SETTINGS[key]
+            ptq = dataclasses.replace(C.quantize(bundle, make(), cal), act_rules=act_rules)
             res["rows"].append(_row(bundle, ptq, ref, label, "PTQ", 0.0, {"quantize_s": ptq.info["seconds"]["total"]}))
             write(a.json, res, t0)
             if a.qat_steps:
