@@ -136,6 +136,20 @@ def hadamard_config(lay: HadamardLayout) -> QuantizerConfig:
     return QuantizerConfig(rows=rows, warps=4 if lay.width <= 8192 else 8)
 
 
+def block_config(k: int, block: int) -> QuantizerConfig:
+    """The block rotation's default program: one pass over whole rows, 8K values per 4-warp
+    program, up to 2048 wide; wider, two chunked passes of 64 rows on 8 warps, 2 stages deep.
+
+    The fastest or within 2% of it at every Wan width in ``scripts/sweep_act_quant.py --block 128``
+    on an H200 (int8, 32,760 tokens; ``benchmarks/act_quant_block-NVIDIA_H200.json``): 98.5 us at
+    K=1536, 404 at 5120, 698 at 8960 and 1071 at 13824, against 257, 877, 1519 and 2333 us for the
+    first program (16 rows, 4 warps, unpipelined)."""
+    width = padded_width(k)
+    if width <= 2048 and (8192 // width) * width // block >= 16:
+        return QuantizerConfig(rows=8192 // width, warps=4, single_pass=True)
+    return QuantizerConfig(rows=64, warps=8, single_pass=False, stages=2)
+
+
 @functools.lru_cache(maxsize=16)
 def block_matrix(k: int, block: int) -> np.ndarray | None:
     """The +-1 order-``block`` matrix of a block-diagonal rotation of width ``k`` (jquant's
@@ -292,7 +306,7 @@ def quantize_pallas(
         mat = block_matrix(k, block)
         if mat is None:
             raise ValueError(f"quantize: no fused block-{block} rotation for K={k} (see act_quant.block_matrix)")
-        config = config or QuantizerConfig(rows=16, warps=4, single_pass=False)
+        config = config or block_config(k, block)
         if config.rows * (padded_width(k) if config.single_pass else block) // block < 16:
             raise ValueError(f"quantize: the block rotation's dot needs >= 16 chunks per program, got {config}")
         extra = (jnp.asarray(mat, jnp.bfloat16),)

@@ -697,3 +697,15 @@ def test_block_sweep_programs_are_valid_and_exact():
                 chex.assert_trees_all_equal(got, want, custom_message=name)
     finally:
         unload_script(sweep)
+
+
+@pytest.mark.parametrize("k,block", [(1536, 128), (1536, 256), (512, 128), (5120, 128), (8960, 128), (13824, 128), (2048, 1024)])
+def test_block_config_is_a_program_the_rotation_can_run(k, block):
+    # The default holds >= 16 chunks per program (the rotation's dot needs 16 rows) and one pass
+    # only where the padded row fits the sweep's 8K-values-per-program design.
+    cfg = act_quant.block_config(k, block)
+    chunks = cfg.rows * (act_quant.padded_width(k) if cfg.single_pass else block) // block
+    assert chunks >= 16
+    assert cfg.single_pass == (act_quant.padded_width(k) <= 2048 and block <= 512)
+    if not cfg.single_pass:
+        assert (cfg.rows, cfg.warps, cfg.stages) == (64, 8, 2)
