@@ -66,15 +66,13 @@ TRITON_GPU_VERIFIED = True
 
 
 #: The block-diagonal rotation + quantize path (``hadamard=b``, QuaRotConfig.online_block). Its
-#: chunked two-pass program (16 rows, 4 warps) matched the reference on an H200 at f8e3d5f (int8
-#: and fp8, 8 shapes, at most 3e-7 of codes a step or two apart;
-#: benchmarks/check_kernels-block_hadamard-NVIDIA_H200.txt) but is slow: a W8A8 1536 -> 1536
-#: linear at 32,760 tokens took 389 us with it, 263 us with the full-width fused rotation and
-#: 175 us without rotation (linear_path-block_hadamard-NVIDIA_H200.json).
-#: The one-pass mode (``single_pass``) and the ``stages`` knob came after that check, so it stays
-#: off outside ``JQUANT_BACKEND=pallas`` until ``scripts/sweep_act_quant.py --block 128`` has
-#: checked and timed the configurations on the GPU and a default is chosen from them.
-BLOCK_HADAMARD_GPU_VERIFIED = False
+#: default programs (:func:`block_config`) were chosen from ``scripts/sweep_act_quant.py --block
+#: 128`` on an H200 (every program matched the reference bit for bit; cc83f7c) and passed
+#: ``scripts/check_kernels_gpu.py --kernels act_quant_block128,_wide,_fp8`` there at 8c835d3 (int8
+#: and fp8, every shape 128 divides; ``benchmarks/check_kernels-block_hadamard-NVIDIA_H200.txt``).
+#: A W8A8 linear with it: 1271 us at 8960 -> 1536 and 32,760 tokens against 4286 us with the
+#: full-width rotation and 1216 us in bf16 (``linear_path-block_hadamard-NVIDIA_H200.json``).
+BLOCK_HADAMARD_GPU_VERIFIED = True
 
 #: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
 HADAMARD_OUTER_MAX = 64

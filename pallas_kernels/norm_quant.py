@@ -24,8 +24,8 @@ single-pass activation quantizer of :mod:`pallas_kernels.act_quant` does): the n
 whole row before the first code. K must be a multiple of 128 (whole scale blocks) and at most
 :data:`pallas_kernels._quant.SINGLE_PASS_MAX` wide once padded.
 
-It stands beside its reference: no model or dispatch path calls it yet, and it has never run on
-a GPU (:data:`GPU_VERIFIED`).
+It stands beside its reference: no model or dispatch path calls it yet. Its GPU check passed
+(:data:`GPU_VERIFIED`).
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from pallas_kernels.fused_producers import BLOCK, FORMATS, NormKind
 
 Array = jax.Array
 
-#: Never run on a GPU: ``supports`` says no there unless ``JQUANT_BACKEND=pallas``, until
-#: ``scripts/check_kernels_gpu.py --kernels norm_quant_layer_int8,...`` passes on one.
-GPU_VERIFIED = False
+#: ``scripts/check_kernels_gpu.py --kernels norm_quant_layer_int8,norm_quant_layer_fp8,norm_quant_rms_fp8``
+#: passed on an H200 at cc83f7c (every shape the kernel takes; kernel unchanged since 5a593ad;
+#: ``benchmarks/check_kernels-norm_quant_block128-NVIDIA_H200.txt``), so ``supports`` says yes on Hopper.
+GPU_VERIFIED = True
 
 _NAME = "norm_modulate_quantize_pallas"
 

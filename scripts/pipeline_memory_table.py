@@ -198,6 +198,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {list(RECIPES)}")
     p.add_argument("--time", default="bf16,fp8-wa,q4_k_m", help="recipes whose step is also timed")
     p.add_argument(
+        "--check",
+        default="",
+        help="recipes whose step is checked but not timed (status CHECKED; e.g. with JQUANT_BACKEND=xla "
+        "to tell a kernel's error from the recipe's)",
+    )
+    p.add_argument(
         "--components",
         default="encoder,vae",
         help="which of encoder,vae to measure ('' for none; rows kept from the JSON)",
@@ -229,15 +235,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.text_len = a.text_len or text
     a.models, a.recipes = a.models.split(","), a.recipes.split(",")
     a.time = {r for r in a.time.split(",") if r}  # '' times nothing
+    a.check = {r for r in a.check.split(",") if r} - a.time
     a.components = [c for c in a.components.split(",") if c]
     if set(a.components) - {"encoder", "vae"}:
         p.error(f"--components: {a.components} not within ['encoder', 'vae']")
     for name in a.models:
         if name not in MODELS:
             p.error(f"--models: unknown {name!r}; choose from {list(MODELS)}")
-    for name in [*a.recipes, *a.time]:
+    for name in [*a.recipes, *a.time, *a.check]:
         if name not in RECIPES:
-            p.error(f"--recipes/--time: unknown {name!r}; choose from {list(RECIPES)}")
+            p.error(f"--recipes/--time/--check: unknown {name!r}; choose from {list(RECIPES)}")
     return a
 
 
@@ -513,7 +520,7 @@ def transformer_rows(
                 act=recipe.act,
             )
             _phase(model, name, f"compiled in {row['compile_s']:.1f} s")
-            if name not in args.time:
+            if name not in args.time and name not in args.check:
                 row["status"] = "MEMORY"
             else:
                 if recipe.weights is not None and float_step is None:
@@ -521,7 +528,9 @@ def transformer_rows(
                 check = check_step(compiled, variables, inputs, recipe, float_step, module, model, args)
                 row["check"] = check
                 _phase(model, name, f"checked: {check}")
-                if check["ok"]:
+                if check["ok"] and name not in args.time:
+                    row["status"] = "CHECKED"
+                elif check["ok"]:
                     timed = (variables, *inputs, jnp.float32(GUIDANCE))
                     row.update(status="PASS", guidance=GUIDANCE, **time_compiled(compiled, timed, args.runs))
                 else:
@@ -592,11 +601,14 @@ def _key(row: dict[str, Any]) -> tuple:
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """``new`` rows replace ``old`` rows of the same key, except that a row skipped for lack of
-    time never replaces a measured one (so a call cut short loses nothing)."""
+    time never replaces a measured one (so a call cut short loses nothing), and an untimed row
+    (MEMORY, CHECKED: a memory-only or diagnostic run) never replaces a timed one."""
     by_key = {_key(r): r for r in old}
     for r in new:
         prev = by_key.get(_key(r))
         if r.get("status") == "SKIP" and prev is not None and prev.get("status") != "SKIP":
+            continue
+        if r.get("status") in ("MEMORY", "CHECKED") and prev is not None and "time_ms" in prev:
             continue
         by_key[_key(r)] = r
     return list(by_key.values())

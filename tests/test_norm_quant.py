@@ -134,7 +134,7 @@ def test_lowers_to_triton(kind, fmt, m, k, affine, per_row):
     assert "xla.gpu.triton" in text
 
 
-def test_supports_only_a_gpu_and_the_forced_backend(monkeypatch):
+def test_supports_a_gpu_unless_xla_is_forced(monkeypatch):
     x = jnp.zeros((4, 256), jnp.bfloat16)
     monkeypatch.delenv(_common.FORCE_ENV, raising=False)
     assert not norm_quant.supports(x)  # the CPU
@@ -147,7 +147,9 @@ def test_supports_only_a_gpu_and_the_forced_backend(monkeypatch):
     assert not norm_quant.supports(jnp.zeros((2, 129 * 128), jnp.bfloat16))  # wider than one program
     assert not norm_quant.supports(jnp.zeros((2, 256), jnp.int8))
     monkeypatch.delenv(_common.FORCE_ENV)
-    assert not norm_quant.GPU_VERIFIED and not norm_quant.supports(x)  # unverified: only when forced
+    assert norm_quant.supports(x)  # GPU-checked: on by default on a GPU
+    monkeypatch.setenv(_common.FORCE_ENV, "xla")
+    assert not norm_quant.supports(x)
 
 
 def test_gpu_check_cases():

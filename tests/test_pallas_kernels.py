@@ -594,8 +594,7 @@ def test_block_rotation_quantizer_matches_rotate_then_quantize(fmt, m, k, block,
         diff = np.abs(np.asarray(q, np.float32) - np.asarray(qr, np.float32))
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
     assert act_quant.block_matrix(k, block) is not None
-    assert not act_quant.supports(x, hadamard=block)  # off the GPU (and not GPU-checked yet)
-    assert not act_quant.BLOCK_HADAMARD_GPU_VERIFIED
+    assert not act_quant.supports(x, hadamard=block)  # off the GPU
 
 
 def test_block_rotation_quantizer_refuses_what_it_cannot_map():
