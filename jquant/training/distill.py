@@ -415,6 +415,8 @@ def distill(
             t_roll = time.perf_counter()
             arrays = _with_student(arrays, student_data(bundle, current_model(carry[0]), rollout), table)
             rollouts, rollout_seconds = rollouts + 1, rollout_seconds + time.perf_counter() - t_roll
+            if log_every:
+                print(f"  rollout {rollouts} at step {done}: {time.perf_counter() - t_roll:.1f} s", flush=True)
             if rollout_s is None:
                 rollout_s, refit = rollout_seconds, True
         if refit and per_step is not None and done < total:
