@@ -25,6 +25,11 @@ Per-layer auxiliary data (collection ``"jquant"`` / ``aux``), all optional:
   entry rotates over the whole input width, a 1-d entry of length ``b`` by a block-diagonal
   Hadamard of order-``b`` blocks (:func:`hadamard_entry`, :func:`hadamard_block`).
 Observers (calibration) see every intercepted layer's input, keyed by module path.
+
+Fused producers (``producers=True``, the default): a port's ``NormModulate`` (adaLN input) call
+returns a :class:`jquant.producers.Produced`, and its consumers with ``int8/token128`` or
+``fp8_e4m3/token128`` activations take the codes of one fused norm + modulation + quantization
+pass instead of quantizing the float input each (:mod:`jquant.producers`).
 """
 
 from __future__ import annotations
@@ -44,8 +49,13 @@ from flax import nnx
 from jquant import dispatch
 from jquant.formats import QSpec, parse_rule, parse_spec
 from jquant.hadamard import apply_block_hadamard
+from jquant.models.blocks import Attention, FeedForward, LinearAct, NormModulate
+from jquant.producers import Produced
 from jquant.qarray import QArray, dequantize
 
+#: Modules that may receive a :class:`Produced`: the linear layers, and the port blocks whose
+#: input reaches only linear layers (and ``.shape``); every other module gets the float value.
+_TAKE_PRODUCED = (nn.Dense, nn.DenseGeneral, Attention, FeedForward, LinearAct)
 AUX_COLLECTION = "jquant"
 #: The per-layer aux entries a layer may carry in that collection (the one list every module reads).
 AUX_KEYS = ("input_scale", "input_mul", "hadamard", "lowrank_a", "lowrank_b")
@@ -73,6 +83,8 @@ class QuantConfig:
     #: ``(compiled regex, spec or None)`` pairs: the first whose pattern ``re.search``-es a layer's
     #: path sets that layer's activation spec (None: 16-bit activations); other layers take ``act``.
     act_rules: tuple[tuple[re.Pattern, QSpec | None], ...] = ()
+    #: ``NormModulate`` calls return :class:`Produced` for consumers to take fused codes from.
+    producers: bool = True
 
     def act_for(self, path: str) -> QSpec | None:
         """The activation spec of the layer at ``path`` (``act_rules`` first, then ``act``)."""
@@ -100,6 +112,11 @@ def _aux_get(aux: Mapping[str, Any] | None, name: str):
 def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contract=None, einsum_str=None):
     """Shared forward of every intercepted layer."""
     cfg = _state.config or QuantConfig()
+    if isinstance(x, Produced):
+        xq = _produced_codes(path, x, kernel, aux, cfg, dtype, contract, einsum_str)
+        if xq is not None:
+            return _add_bias(dispatch.linear_quantized(xq, kernel, backend=cfg.backend), bias)
+        x = x.value
     mul = _aux_get(aux, "input_mul")
     if mul is not None:
         x = x * mul.astype(x.dtype)
@@ -145,10 +162,48 @@ def _run_linear(path: str, x: jax.Array, kernel, bias, aux, *, dtype=None, contr
             lowrank=lowrank,
             hadamard=(block or True) if defer else False,
         )
-    if bias is not None:
-        bias = dequantize(bias).astype(y.dtype)
-        y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-    return y
+    return _add_bias(y, bias)
+
+
+def _add_bias(y: jax.Array, bias) -> jax.Array:
+    if bias is None:
+        return y
+    bias = dequantize(bias).astype(y.dtype)
+    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
+def _produced_codes(
+    path: str, x: Produced, kernel, aux, cfg: QuantConfig, dtype, contract, einsum_str
+) -> QArray | None:
+    """The fused producer's codes for the layer at ``path``, or None where the layer needs the
+    float input (a float kernel, aux data that acts on x, observers, static scales, another
+    activation spec or layout)."""
+    plain = (
+        isinstance(kernel, QArray)
+        and kernel.ndim == 2
+        and not aux
+        and not _state.observers
+        and not cfg.static
+        and einsum_str is None
+        and (contract or 1) == 1
+        and (dtype is None or jnp.dtype(dtype) == x.dtype)
+    )
+    return x.quantized(cfg.act_for(path)) if plain else None
+
+
+def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:
+    """A ``NormModulate`` call in a quantized run: its float value plus the producer's inputs."""
+    value = next_fun(*args, **kwargs)
+    x, shift, scale = args if len(args) == 3 else (args[0], kwargs.get("shift"), kwargs.get("scale"))
+    if x is None or shift is None or scale is None or value.ndim != 3:
+        return value
+    params = {k: module.get_variable("params", k) for k in ("scale", "bias") if module.has_variable("params", k)}
+    return Produced(value, x, shift, scale, module.eps, params.get("scale"), params.get("bias"))
+
+
+def _values(args: tuple) -> tuple:
+    """``args`` with a :class:`Produced` first argument replaced by its float value."""
+    return (args[0].value, *args[1:]) if args and isinstance(args[0], Produced) else args
 
 
 def _active() -> bool:
@@ -163,14 +218,21 @@ def _linen_aux(module: nn.Module) -> dict | None:
 
 def _linen_interceptor(next_fun, args, kwargs, context):
     module = context.module
+    if isinstance(module, NormModulate) and context.method_name == "__call__":
+        cfg = _state.config
+        if cfg is None or not cfg.producers or _state.observers or module.is_initializing():
+            return next_fun(*args, **kwargs)
+        return _produce(module, next_fun, args, kwargs)
+    if args and isinstance(args[0], Produced) and not isinstance(module, _TAKE_PRODUCED):
+        args = (args[0].value, *args[1:])  # modules that use x as an array take the float value
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
         return next_fun(*args, **kwargs)
     if not _active() or module.is_initializing() or not module.has_variable("params", "kernel"):
-        return next_fun(*args, **kwargs)
+        return next_fun(*_values(args), **kwargs)
     kernel = module.get_variable("params", "kernel")
     aux = _linen_aux(module)
     if not isinstance(kernel, QArray) and aux is None and _state.config is None and not _state.observers:
-        return next_fun(*args, **kwargs)
+        return next_fun(*_values(args), **kwargs)
     path = "/".join(module.scope.path)
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     x = args[0] if args else kwargs["inputs"]
@@ -179,6 +241,7 @@ def _linen_interceptor(next_fun, args, kwargs, context):
         return _run_linear(path, x, kernel, bias, aux, dtype=module.dtype, einsum_str=eq.replace(" ", ""))
     contract = 1
     if isinstance(module, nn.DenseGeneral):
+        x = x.value if isinstance(x, Produced) else x
         axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
         if module.batch_dims:
             raise ValueError(f"{path}: quantized DenseGeneral with batch_dims is not supported")
@@ -266,8 +329,12 @@ def quantized(
     aux: Mapping[str, Mapping[str, Any]] | None = None,
     nnx_model: nnx.Module | None = None,
     act_rules: Sequence[tuple[str, QSpec | str | None]] = (),
+    producers: bool = True,
 ) -> Iterator[QuantConfig]:
     """Run models inside this context with quantized matmuls (see module docstring).
+
+    ``producers``: let token128 consumers of a port's ``NormModulate`` take fused codes
+    (:mod:`jquant.producers`); False quantizes each consumer's float input, as before.
 
     ``nnx_model`` names the NNX model whose linear layers run quantized (only that model's
     instances are routed, for the duration of the block) and whose graph paths key ``aux``
@@ -280,7 +347,9 @@ def quantized(
     """
     if backend not in ("auto", "xla", "pallas"):
         raise ValueError(f"backend must be 'auto', 'xla' or 'pallas', got {backend!r}")
-    cfg = QuantConfig(None if act is None else parse_spec(act), static, backend, aux, compile_act_rules(act_rules))
+    cfg = QuantConfig(
+        None if act is None else parse_spec(act), static, backend, aux, compile_act_rules(act_rules), producers
+    )
     if cfg.act is not None and cfg.static and cfg.act.dynamic:
         raise ValueError(f"static activation mode needs a static granularity (e.g. 'int8/t'), got {cfg.act}")
     if cfg.static and cfg.act_rules:

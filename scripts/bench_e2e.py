@@ -13,6 +13,11 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
   (``jquant.attention.quantized_attention``: int8 Q K^T with smoothed, Hadamard-rotated K;
   P V in bf16 or fp8);
 * ``bf16-qattn-fp8``: quantized attention alone.
+* ``fp8-block-unfused`` / ``fp8-block-fused``: fp8 weights in 128 x 128 blocks and fp8 activations
+  with one scale per token per 128 channels (the block-scaled fp8 GEMM, DeepGEMM's layout);
+  ``fused`` lets each block's adaLN inputs reach Q/K/V and FFN-up as the codes of one fused norm +
+  modulation + quantization kernel (``jquant.producers``, issue 19), ``unfused`` quantizes each
+  linear's bf16 input separately; ``fp8-block-fused-qattn-bf16`` adds quantized attention.
 
 Before a variant is timed its output is checked against the same variant traced with every
 Pallas kernel off (``JQUANT_BACKEND=xla``: XLA's integer / dequantize paths, the quantizer's
@@ -69,7 +74,8 @@ _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD
 wan_forward = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(wan_forward)
 
-TINY_CONFIG = dataclasses.replace(wan_forward.TINY_CONFIG, attention_head_dim=64)
+# Widths of whole 128-channel blocks (inner 128, FFN 256), so the block-scaled variants run too.
+TINY_CONFIG = dataclasses.replace(wan_forward.TINY_CONFIG, attention_head_dim=64, ffn_dim=256)
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": dict(weights=None, act=None, attention=None),
     "w8a8": dict(weights="int8", act="int8/token", attention=None),
@@ -86,6 +92,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         weights=None, act=None, attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)
     ),
     "bf16-qattn-fp8-nohad": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3", hadamard=False)),
+    # issue 19: block-scaled fp8 GEMMs, with and without the fused norm + modulation + quantization producer
+    "fp8-block-unfused": dict(weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=None, producers=False),
+    "fp8-block-fused": dict(weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=None),
+    "fp8-block-fused-qattn-bf16": dict(
+        weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=dict(pv_format="bf16")
+    ),
     # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
     "q4_k_m": dict(weights="Q4_K_M", act=None, attention=None),
     "q8_0": dict(weights="Q8_0", act=None, attention=None),
@@ -124,16 +136,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def step_fn(model: Any, act: str | None, attention: dict | None, weight_only: bool = False):
+def step_fn(model: Any, act: str | None, attention: dict | None, weight_only: bool = False, producers: bool = True):
     """The jitted step: model.apply under the variant's linear and attention contexts
-    (``weight_only``: QArray weights, float activations)."""
+    (``weight_only``: QArray weights, float activations; ``producers``: fused producers)."""
 
     def step(params, x, t, text):
         with contextlib.ExitStack() as stack:
             if attention is not None:
                 stack.enter_context(quantized_attention(**attention))
             if act is not None or weight_only:
-                stack.enter_context(jquant.nn.quantized(act=act))
+                stack.enter_context(jquant.nn.quantized(act=act, producers=producers))
             return model.apply({"params": params}, x, t, text)
 
     return jax.jit(step)
@@ -238,7 +250,8 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
         "weight_bytes": weight_bytes(params),
     }
     weight_only = spec["weights"] is not None and spec["act"] is None
-    fn = step_fn(model, spec["act"], spec["attention"], weight_only)
+    producers = spec.get("producers", True)
+    fn = step_fn(model, spec["act"], spec["attention"], weight_only, producers)
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()
     row["compile_s"] = time.perf_counter() - t0
@@ -246,7 +259,9 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
     out = jax.block_until_ready(compiled(params, *inputs))
     # Check before timing: the same variant with the kernels off (and exact float attention).
     with reference_mode():
-        reference = step_fn(model, spec["act"], spec["attention"], weight_only).lower(params, *inputs).compile()
+        reference = (
+            step_fn(model, spec["act"], spec["attention"], weight_only, producers).lower(params, *inputs).compile()
+        )
     ref = jax.block_until_ready(reference(params, *inputs))
     del reference
     row["check"] = check_step(out, ref, args.rel_tol)

@@ -126,8 +126,8 @@ def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
     bench = _load("bench_e2e")
     step_fn = bench.step_fn
 
-    def wrong_step_fn(model, act, attention, weight_only=False):
-        step = step_fn(model, act, attention, weight_only)
+    def wrong_step_fn(model, act, attention, weight_only=False, producers=True):
+        step = step_fn(model, act, attention, weight_only, producers)
         if act is None or os.environ.get("JQUANT_BACKEND") == "xla":
             return step  # bf16, and every reference step, stay right
         return jax.jit(lambda *a: step(*a) * 1.2)

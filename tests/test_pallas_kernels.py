@@ -698,7 +698,9 @@ def test_block_sweep_programs_are_valid_and_exact():
         unload_script(sweep)
 
 
-@pytest.mark.parametrize("k,block", [(1536, 128), (1536, 256), (512, 128), (5120, 128), (8960, 128), (13824, 128), (2048, 1024)])
+@pytest.mark.parametrize(
+    "k,block", [(1536, 128), (1536, 256), (512, 128), (5120, 128), (8960, 128), (13824, 128), (2048, 1024)]
+)
 def test_block_config_is_a_program_the_rotation_can_run(k, block):
     # The default holds >= 16 chunks per program (the rotation's dot needs 16 rows) and one pass
     # only where the padded row fits the sweep's 8K-values-per-program design.

@@ -107,7 +107,19 @@ def test_a_skipped_row_never_replaces_a_measured_one(table):
 
 def test_check_only_rows(table, tmp_path):
     # --check runs a recipe's check without timing it: status CHECKED, the check kept, no times.
-    args = ["--tiny", "--models", "wan14b", "--components", "", "--recipes", "int8-w", "--time", "", "--check", "int8-w"]
+    args = [
+        "--tiny",
+        "--models",
+        "wan14b",
+        "--components",
+        "",
+        "--recipes",
+        "int8-w",
+        "--time",
+        "",
+        "--check",
+        "int8-w",
+    ]
     table.main([*args, "--out-dir", str(tmp_path)])
     (row,) = json.loads(next(tmp_path.glob("pipeline_memory-*.json")).read_text())["rows"]
     assert row["status"] == "CHECKED" and row["check"]["ok"] and "time_ms" not in row

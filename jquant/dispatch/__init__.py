@@ -124,6 +124,32 @@ def linear(
     return y if lowrank is None else add_lowrank(y, x, lowrank, contract)
 
 
+def linear_quantized(xq: QArray, w: QArray | Array, *, backend: str = "auto") -> Array:
+    """``x [..., K] @ w [K, N]`` for activations already quantized per token per N channels
+    (``<fmt>/tokenN``: a fused producer's codes, :mod:`jquant.producers`), in ``xq.dtype``.
+
+    The block-scaled kernel where one applies (fp8 with ``fp8_e4m3/b128x128`` weights on
+    Hopper), else :func:`block_scaled_linear` in XLA, else the dequantized product: the same
+    paths :func:`linear` takes for such activations after its own quantization."""
+    if not isinstance(xq, QArray) or token_block(xq.spec) is None:
+        raise ValueError(f"linear_quantized: activations must be a <fmt>/tokenN QArray, got {type(xq).__name__}")
+    if tuple(xq.shape[-1:]) != tuple(w.shape[:1]) or w.ndim != 2:
+        raise ValueError(f"linear_quantized: activation shape {xq.shape} does not match the kernel's {w.shape}")
+    if is_coded(w):
+        w = w.dequantize(xq.dtype)
+    if isinstance(w, QArray):
+        b = resolve_backend(backend)
+        if b != "xla":
+            y = kd.maybe_run_quantized(xq, w, force=b == "pallas")
+            if y is not None:
+                return y
+        yb = block_scaled_linear(xq, w)
+        if yb is not None:
+            return yb.astype(xq.dtype)
+        return dequantize(xq, xq.dtype) @ dequantize(w, xq.dtype)
+    return dequantize(xq, xq.dtype) @ w.astype(xq.dtype)
+
+
 def einsum(eq: str, x: Array, w: QArray | Array, *, act: QSpec | None = None, act_scale: Array | None = None) -> Array:
     """Einsum layers: dequantize-then-einsum; activations quantize-dequantized per token."""
     if isinstance(w, QArray) or is_coded(w):

@@ -338,7 +338,12 @@ def block_kernel(w: QArray, act: QSpec | None) -> bool:
 def _block_fp8(x2: jax.Array, w: QArray, act: QSpec, out_dtype):
     """``fp8_e4m3/token128`` activations times ``fp8_e4m3/b128x128`` weights on the block-scaled
     fp8 kernel, or None where it does not apply (shape, GPU)."""
-    xq = quantize_activation(x2, act, None)
+    return block_fp8_quantized(quantize_activation(x2, act, None), w, out_dtype)
+
+
+def block_fp8_quantized(xq: QArray, w: QArray, out_dtype):
+    """:func:`_block_fp8` for activations already quantized (``[M, K]`` codes with ``[M, K/128]``
+    scales, e.g. a fused producer's), or None where the kernel does not apply."""
     w_q = w.qvalue.T  # [N, K]
     if not w8a8.supports_block(xq.qvalue, w_q, out_dtype):
         return None
@@ -459,6 +464,23 @@ def maybe_run(
     if lowrank is not None and not fused:
         y = add_lowrank(y, x2, lowrank)
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
+
+
+def maybe_run_quantized(xq: QArray, w: QArray, *, force: bool = False):
+    """``xq @ w`` for activations already quantized per token per 128 channels (a fused
+    producer's codes) on the block-scaled fp8 kernel, or None where no kernel applies (the
+    caller's XLA path then runs)."""
+    if not on_gpu():
+        if force:
+            raise RuntimeError("JQUANT_BACKEND=pallas but the default JAX backend is not a GPU")
+        return None
+    if not block_kernel(w, xq.spec):
+        return None
+    out_dtype = xq.dtype if xq.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    k = xq.shape[-1]
+    x2 = QArray(xq.qvalue.reshape(-1, k), xq.scale.reshape(-1, k // w8a8.BLOCK), spec=xq.spec, dtype=xq.dtype, axis=-1)
+    y = block_fp8_quantized(x2, w, out_dtype)
+    return None if y is None else y.reshape(*xq.shape[:-1], y.shape[-1]).astype(xq.dtype)
 
 
 # --------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self._normalize(x)
+
+    def _normalize(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
@@ -58,6 +61,19 @@ class LayerNorm(nn.Module):
             y = y * self.param("scale", nn.initializers.ones, (dim,)).astype(jnp.float32)
             y = y + self.param("bias", nn.initializers.zeros, (dim,)).astype(jnp.float32)
         return y.astype(x.dtype)
+
+
+class NormModulate(LayerNorm):
+    """``modulate(LayerNorm(x), shift, scale)`` in float32, returned in x's dtype: the adaLN input
+    of a block's attention and FFN (params and their paths as :class:`LayerNorm`'s).
+
+    One module, so that a quantized run can hand its consumers the codes of a fused
+    norm + modulation + quantization kernel instead (``jquant.nn``; issue 19's producer);
+    float execution is exactly ``modulate(LayerNorm(x.astype(f32)), shift, scale).astype(x.dtype)``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:  # type: ignore[override]
+        return modulate(self._normalize(x.astype(jnp.float32)), shift, scale).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):

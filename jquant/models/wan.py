@@ -14,7 +14,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.blocks import Attention, FeedForward, LayerNorm, PortModule, modulate, patchify, unpatchify
+from jquant.models.blocks import (
+    Attention,
+    FeedForward,
+    LayerNorm,
+    NormModulate,
+    PortModule,
+    modulate,
+    patchify,
+    unpatchify,
+)
 from jquant.models.embeddings import EmbedMLP, timestep_embedding, wan_rope_tables
 from jquant.models.port import DiffusersConfig, KeyEntry, Port, attention_keys, feed_forward, linear, mlp, norm, patch
 from jquant.models.roles import cross_attn_block_rules
@@ -117,7 +126,7 @@ class WanBlock(PortModule):
             attention_impl=self.attention_impl,
         )
 
-        h = modulate(LayerNorm(cfg.eps, name="norm1")(x.astype(F32)), shift, scale).astype(x.dtype)
+        h = NormModulate(cfg.eps, name="norm1")(x, shift, scale)
         out = Attention(**attn, name="attn1")(h, rope=rope)
         x = (x.astype(F32) + out * gate[:, None]).astype(x.dtype)
 
@@ -125,7 +134,7 @@ class WanBlock(PortModule):
         added_kv = cfg.added_kv_proj_dim is not None
         x = x + Attention(**attn, added_kv=added_kv, name="attn2")(h, context, context_img=context_img)
 
-        h = modulate(LayerNorm(cfg.eps, name="norm3")(x.astype(F32)), c_shift, c_scale).astype(x.dtype)
+        h = NormModulate(cfg.eps, name="norm3")(x, c_shift, c_scale)
         out = FeedForward(cfg.ffn_dim, dim, "gelu-approximate", self.dtype, name="ffn")(h)
         return (x.astype(F32) + out.astype(F32) * c_gate[:, None]).astype(x.dtype)
 

@@ -36,6 +36,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from jquant.nn import AUX_COLLECTION, AUX_KEYS
+from jquant.producers import Produced
 from jquant.qarray import QArray
 from jquant.sharding.axes import LeafPlan, child_spec
 
@@ -90,6 +91,8 @@ def _interceptor(tp: TensorParallel, next_fun, args, kwargs, context):
     if leaf_plan is None or tp.axis not in leaf_plan.mesh_axes:
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
+    if isinstance(x, Produced):  # a fused producer's output: the shards take its float value
+        x = x.value
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     row = leaf_plan.mesh_axes.index(tp.axis) == 0

@@ -1,0 +1,112 @@
+"""Fused activation producers in a quantized run (issue 19): the kernel that makes an activation
+also quantizes it, so no separate quantization pass reads it again.
+
+A port marks its adaLN inputs with ``jquant.models.blocks.NormModulate`` (``modulate(norm(x),
+shift, scale)``). Inside ``jquant.nn.quantized(...)`` that module's call returns a
+:class:`Produced` instead of an array: the float value (computed as before, and dropped by XLA
+where no consumer reads it) plus what the producer needs to make codes. A quantized linear whose
+activation spec is ``int8/token128`` or ``fp8_e4m3/token128`` (one scale per token per 128
+channels: a producer sees tiles of a row, never the whole row) takes :meth:`Produced.quantized`:
+the norm, the modulation and the quantization in one pass (``pallas_kernels.norm_quant`` on the
+GPU, ``pallas_kernels.fused_producers`` elsewhere), made once and shared by every such consumer
+(a block's Q, K and V). Every other consumer takes :attr:`Produced.value`.
+
+The codes are quantized from the float32 modulated values (the kernel keeps them in registers),
+where the unfused path rounds them to the model dtype first: they match that path's codes within
+one rounding step of the format, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jquant.dispatch import token_block
+from jquant.formats import QSpec
+from jquant.qarray import QArray
+from pallas_kernels import fused_producers, norm_quant
+
+Array = jax.Array
+#: jquant activation formats -> the producers' format names.
+PRODUCER_FORMATS = {"int8": "int8", "fp8_e4m3": "fp8"}
+
+
+def takes(act: QSpec | None) -> bool:
+    """Whether a consumer with activation spec ``act`` can take a producer's codes: dynamic,
+    symmetric int8 or e4m3, one scale per token per :data:`fused_producers.BLOCK` channels."""
+    return (
+        act is not None
+        and act.fmt in PRODUCER_FORMATS
+        and act.symmetric
+        and token_block(act) == fused_producers.BLOCK
+        and not act.scaling
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class Produced:
+    """A ``NormModulate`` output in a quantized run: ``value`` (``[B, T, D]``, the float result)
+    and the inputs of the fused producer, with its codes made at most once per format."""
+
+    value: Array
+    x: Array
+    shift: Array
+    scale: Array
+    eps: float
+    norm_scale: Array | None = None
+    norm_bias: Array | None = None
+    kind: str = "layer"
+    _made: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.value.ndim
+
+    def quantized(self, act: QSpec) -> QArray | None:
+        """The activation as ``act``'s QArray made by the fused producer, or None where ``act``
+        is not one it makes (:func:`takes`) or the width is not whole 128-channel blocks."""
+        if not takes(act) or self.value.ndim != 3 or self.shape[-1] % fused_producers.BLOCK:
+            return None
+        fmt = PRODUCER_FORMATS[act.fmt]
+        if fmt not in self._made:
+            self._made[fmt] = self._produce(fmt)
+        codes, scales = self._made[fmt]
+        return QArray(codes, scales, spec=act, dtype=self.value.dtype, axis=-1)
+
+    def _produce(self, fmt: str) -> tuple[Array, Array]:
+        b, t, d = self.x.shape
+        shift, scale = _per_sample(self.shift, b, d), _per_sample(self.scale, b, d)
+        if shift is not None and scale is not None and norm_quant.supports(self.x.reshape(b * t, d)):
+            # One kernel call per sample (vmap adds a grid axis): the [B, D] modulation stays a
+            # [D] vector per call instead of a [B*T, D] array in HBM.
+            def one(xb: Array, sh: Array, sc: Array) -> tuple[Array, Array]:
+                return norm_quant.norm_modulate_quantize_pallas(
+                    xb, self.norm_scale, self.norm_bias, sh, sc, self.eps, self.kind, fmt
+                )
+
+            return jax.vmap(one)(self.x, shift, scale)
+        return fused_producers.norm_modulate_quantize(
+            self.x, self.norm_scale, self.norm_bias, self.shift, self.scale, self.eps, self.kind, fmt
+        )
+
+
+def _per_sample(v: Array, b: int, d: int) -> Array | None:
+    """A modulation vector as ``[B, D]`` float32 (one per sample), or None for other layouts
+    (per-token modulation), which the reference producer handles."""
+    v = jnp.asarray(v, jnp.float32)
+    if v.shape == (b, d):
+        return v
+    if v.shape in ((d,), (1, d)):
+        return jnp.broadcast_to(v.reshape(1, d), (b, d))
+    return None

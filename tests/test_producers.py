@@ -1,0 +1,132 @@
+"""Fused producers in a quantized run (jquant.producers, issue 19): a Wan block's adaLN inputs
+reach their token128 consumers as the codes of one norm + modulation + quantization pass."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jquant.nn as jnn
+from jquant import dispatch, models, producers
+from jquant import policy as pol
+from jquant.formats import parse_spec
+from jquant.models.wan import WanConfig
+from jquant.qarray import quantize
+from pallas_kernels import fused_producers, norm_quant
+
+CFG = WanConfig(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=64,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=256,
+    num_layers=2,
+)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    port = models.port_for_config(CFG)
+    module = port.module(CFG, jnp.bfloat16)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(CFG, jax.random.key(0)))
+    roles = models.layer_roles(CFG, params)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(k1, (2, 4, 2, 8, 8), jnp.float32)
+    text = jax.random.normal(k2, (2, 8, CFG.text_dim), jnp.bfloat16)
+    t = jnp.asarray([500.0, 500.0])
+    return module, params, roles, (x, t, text)
+
+
+def _run(wan, weights: str, act: str, **kw):
+    module, params, roles, inputs = wan
+    q = pol.uniform(weights).quantize(params, roles)
+    with jnn.quantized(act, **kw):
+        return jax.jit(lambda p, *a: module.apply({"params": p}, *a))(q, *inputs)
+
+
+def _count_productions(monkeypatch) -> list:
+    calls = []
+    real = fused_producers.norm_modulate_quantize
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused_producers, "norm_modulate_quantize", counting)
+    return calls
+
+
+@pytest.mark.parametrize("weights,act", [("int8", "int8/token128"), ("fp8_e4m3/b128x128", "fp8_e4m3/token128")])
+def test_fused_codes_match_the_unfused_run(wan, weights, act, monkeypatch):
+    calls = _count_productions(monkeypatch)
+    fused = _run(wan, weights, act)
+    # Two producers per block (self-attention and FFN inputs), each made once for all consumers.
+    assert len(calls) == 2 * CFG.num_layers
+    unfused = _run(wan, weights, act, producers=False)
+    assert len(calls) == 2 * CFG.num_layers  # the unfused run makes none
+    f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
+    assert np.isfinite(f).all()
+    # Codes from the f32 modulated values instead of their bf16 rounding: within a rounding step.
+    assert np.linalg.norm(f - u) / np.linalg.norm(u) < 2e-2
+
+
+def test_other_activation_specs_take_the_float_value(wan, monkeypatch):
+    calls = _count_productions(monkeypatch)
+    fused = _run(wan, "int8", "int8/token")  # per-token scales: no producer makes those
+    unfused = _run(wan, "int8", "int8/token", producers=False)
+    assert calls == []
+    chex.assert_trees_all_equal(fused, unfused)
+
+
+def test_float_run_is_untouched(wan):
+    module, params, _, inputs = wan
+    with jnn.quantized(None):  # no QArray anywhere: the consumers take the value
+        inside = module.apply({"params": params}, *inputs)
+    chex.assert_trees_all_equal(inside, module.apply({"params": params}, *inputs))
+
+
+def test_observers_see_arrays(wan):
+    module, params, _, inputs = wan
+    seen = {}
+    with jnn.observe(lambda path, x: seen.setdefault(path, type(x))):
+        module.apply({"params": params}, *inputs)
+    assert seen and all(issubclass(t, jax.Array) for t in seen.values())
+
+
+def test_linear_quantized_is_the_dispatch_on_its_own_codes():
+    x = jax.random.normal(jax.random.key(2), (3, 5, 256), jnp.bfloat16)
+    w = quantize(jax.random.normal(jax.random.key(3), (256, 64), jnp.float32) * 0.05, parse_spec("int8"))
+    act = parse_spec("int8/token128")
+    got = dispatch.linear_quantized(quantize(x, act, check_finite=False), w)
+    chex.assert_trees_all_equal(got, dispatch.linear(x, w, act=act))
+    with pytest.raises(ValueError, match="must be a <fmt>/tokenN QArray"):
+        dispatch.linear_quantized(quantize(x, parse_spec("int8/token"), check_finite=False), w)
+    with pytest.raises(ValueError, match="does not match the kernel"):
+        dispatch.linear_quantized(quantize(x[..., :128], act, check_finite=False), w)
+
+
+def test_takes_only_what_a_producer_makes():
+    assert producers.takes(parse_spec("int8/token128")) and producers.takes(parse_spec("fp8_e4m3/token128"))
+    for spec in ("int8/token", "int8/token64", "int4/token128", "fp8_e5m2/token128", None):
+        assert not producers.takes(None if spec is None else parse_spec(spec)), spec
+
+
+def test_the_gpu_producer_lowers_to_one_triton_kernel_per_sample(monkeypatch):
+    # On Hopper the codes come from pallas_kernels.norm_quant, one call per sample under vmap.
+    monkeypatch.setattr(norm_quant, "supports", lambda x: True)
+    b, t, d = 2, 16, 256
+    S = jax.ShapeDtypeStruct
+
+    def make(x, shift, scale):
+        p = producers.Produced(x, x, shift, scale, 1e-6)
+        return p.quantized(parse_spec("fp8_e4m3/token128")).qvalue
+
+    args = (S((b, t, d), jnp.bfloat16), S((b, d), jnp.float32), S((b, d), jnp.float32))
+    text = jax.jit(make).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
