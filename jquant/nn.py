@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jquant import dispatch
+from jquant import dispatch, producers
 from jquant.formats import QSpec, parse_rule, parse_spec
 from jquant.hadamard import apply_block_hadamard
 from jquant.models.blocks import Attention, FeedForward, LinearAct, NormModulate
@@ -85,6 +85,11 @@ class QuantConfig:
     act_rules: tuple[tuple[re.Pattern, QSpec | None], ...] = ()
     #: ``NormModulate`` calls return :class:`Produced` for consumers to take fused codes from.
     producers: bool = True
+
+    @property
+    def takes_codes(self) -> bool:
+        """Whether any layer's activation spec is one a fused producer makes (else producers idle)."""
+        return any(producers.takes(spec) for spec in (self.act, *(spec for _, spec in self.act_rules)))
 
     def act_for(self, path: str) -> QSpec | None:
         """The activation spec of the layer at ``path`` (``act_rules`` first, then ``act``)."""
@@ -220,7 +225,7 @@ def _linen_interceptor(next_fun, args, kwargs, context):
     module = context.module
     if isinstance(module, NormModulate) and context.method_name == "__call__":
         cfg = _state.config
-        if cfg is None or not cfg.producers or _state.observers or module.is_initializing():
+        if cfg is None or not cfg.producers or _state.observers or module.is_initializing() or not cfg.takes_codes:
             return next_fun(*args, **kwargs)
         return _produce(module, next_fun, args, kwargs)
     if args and isinstance(args[0], Produced) and not isinstance(module, _TAKE_PRODUCED):

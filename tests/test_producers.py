@@ -3,6 +3,8 @@ reach their token128 consumers as the codes of one norm + modulation + quantizat
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -130,3 +132,61 @@ def test_the_gpu_producer_lowers_to_one_triton_kernel_per_sample(monkeypatch):
     args = (S((b, t, d), jnp.bfloat16), S((b, d), jnp.float32), S((b, d), jnp.float32))
     text = jax.jit(make).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
+
+
+def _random_like(v, seed: int):
+    """Random float inputs where the port's dummy ones are float zeros; the rest as they are."""
+    if not isinstance(v, jax.Array) or not jnp.issubdtype(v.dtype, jnp.floating):
+        return v
+    return jax.random.normal(jax.random.key(seed), v.shape, v.dtype)
+
+
+def _port_cases():
+    from _pipeline_util import CONFIG as TINY_WAN
+    from _pipeline_util import DIT
+    from test_quantize_families import CONFIGS
+
+    return {"wan": TINY_WAN, "dit": DIT, **CONFIGS}
+
+
+@pytest.mark.parametrize("family", sorted(_port_cases()))
+def test_every_port_runs_with_producers_on(family):
+    # A token128 spec somewhere turns the producers on for the whole model: every port's
+    # NormModulate outputs must reach their consumers (or be turned back into arrays) without
+    # breaking anything. Here every layer's own spec is per-token, so all take the float value
+    # and the run equals the one without producers, bit for bit.
+    cfg = _port_cases()[family]
+    port = models.port_for_config(cfg)
+    module = port.module(cfg, jnp.float32)
+    params = port.init_params(cfg, jax.random.key(0))
+    q = pol.uniform("int8").quantize(params, models.layer_roles(cfg, params))
+    inputs = port.dummy_inputs(cfg)
+    inputs = {k: _random_like(v, i) for i, (k, v) in enumerate(inputs.items())}
+    rules = (("^no-such-layer$", "int8/token128"),)
+    outs = []
+    for on in (True, False):
+        with jnn.quantized("int8/token", act_rules=rules, producers=on) as cfg_on:
+            assert cfg_on.takes_codes
+            outs.append(module.apply({"params": q}, **inputs))
+    chex.assert_trees_all_equal(*outs)
+
+
+def test_mm_dit_ffn_inputs_are_produced(monkeypatch):
+    # Flux's double-stream blocks feed their two FFNs through NormModulate: with token128 on the
+    # FFN-up layers only, each block makes two productions (image and text streams).
+    from _pipeline_util import FLUX
+
+    cfg = dataclasses.replace(FLUX, attention_head_dim=64, axes_dims_rope=(16, 24, 24))  # width 128
+    port = models.port_for_config(cfg)
+    module = port.module(cfg, jnp.float32)
+    params = port.init_params(cfg, jax.random.key(0))
+    q = pol.uniform("int8").quantize(params, models.layer_roles(cfg, params))
+    inputs = {k: _random_like(v, i) for i, (k, v) in enumerate(port.dummy_inputs(cfg).items())}
+    rules = ((r"ff(_context)?/net_0/proj$", "int8/token128"),)
+    calls = _count_productions(monkeypatch)
+    outs = []
+    for on in (True, False):
+        with jnn.quantized("int8/token", act_rules=rules, producers=on):
+            outs.append(np.asarray(module.apply({"params": q}, **inputs)))
+    assert len(calls) == 2 * cfg.num_layers
+    assert np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]) < 1e-2  # f32 model: nearly equal

@@ -64,15 +64,21 @@ class LayerNorm(nn.Module):
 
 
 class NormModulate(LayerNorm):
-    """``modulate(LayerNorm(x), shift, scale)`` in float32, returned in x's dtype: the adaLN input
-    of a block's attention and FFN (params and their paths as :class:`LayerNorm`'s).
+    """``modulate(LayerNorm(x), shift, scale)``, returned in x's dtype: the adaLN input of a
+    block's attention or FFN (params and their paths as :class:`LayerNorm`'s). ``upcast``: norm
+    and modulation in float32 (Wan, as diffusers); False keeps x's dtype throughout (the MM-DiT
+    blocks' ``modulate(LayerNorm(x), ...)``).
 
     One module, so that a quantized run can hand its consumers the codes of a fused
     norm + modulation + quantization kernel instead (``jquant.nn``; issue 19's producer);
-    float execution is exactly ``modulate(LayerNorm(x.astype(f32)), shift, scale).astype(x.dtype)``."""
+    float execution is exactly the expression it replaces."""
+
+    upcast: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:  # type: ignore[override]
+        if not self.upcast:
+            return modulate(self._normalize(x), shift, scale)
         return modulate(self._normalize(x.astype(jnp.float32)), shift, scale).astype(x.dtype)
 
 
@@ -479,11 +485,11 @@ class DoubleStreamBlock(_StreamBlock):
         attn_x, attn_c = attend(norm_x, norm_c)
 
         x = x + gate_msa[:, None] * attn_x
-        h = modulate(LayerNorm(1e-6, name="norm2")(x), shift_mlp, scale_mlp)
+        h = NormModulate(1e-6, upcast=False, name="norm2")(x, shift_mlp, scale_mlp)
         x = x + gate_mlp[:, None] * FeedForward(self.mlp_dim, dim, "gelu-approximate", self.dtype, name="ff")(h)
 
         context = context + c_gate_msa[:, None] * attn_c
-        h = modulate(LayerNorm(1e-6, name="norm2_context")(context), c_shift_mlp, c_scale_mlp)
+        h = NormModulate(1e-6, upcast=False, name="norm2_context")(context, c_shift_mlp, c_scale_mlp)
         ff_c = FeedForward(self.mlp_dim, dim, "gelu-approximate", self.dtype, name="ff_context")(h)
         context = context + c_gate_mlp[:, None] * ff_c
         return x, (clip_fp16(context) if self.clip_fp16 else context)
