@@ -9,6 +9,7 @@ from pathlib import Path
 
 import chex
 import jax
+import numpy as np
 import pytest
 from _scripts import load_script, unload_script
 
@@ -138,3 +139,15 @@ def test_recipe_weights_are_the_eager_codes(table):
     for name, weights in (("fp8-w", "fp8_e4m3"), ("int8-w", "int8")):
         got = table.recipe_variables(name, params, roles, rank=4, seed=0)["params"]
         chex.assert_trees_all_equal(got, pol.uniform(weights).quantize(params, roles))
+
+
+def test_bf16_nudge_is_about_one_rounding_step(table):
+    # The check's rounding floor moves every matrix by at most 1/128 relative and leaves vectors.
+    jnp = table.jnp
+    v = {"params": {"w": jnp.linspace(0.5, 2.0, 64 * 32, dtype=jnp.float32).reshape(64, 32).astype(jnp.bfloat16),
+                    "b": jnp.ones((32,), jnp.bfloat16)}}  # fmt: skip
+    out = table.bf16_nudged(v, seed=0)["params"]
+    w0, w1 = np.asarray(v["params"]["w"], np.float32), np.asarray(out["w"], np.float32)
+    rel = np.abs(w1 - w0) / w0
+    assert rel.max() <= 1 / 128 + 2**-8 and (rel > 0).mean() > 0.3  # moved, by about a bf16 step
+    np.testing.assert_array_equal(np.asarray(out["b"]), np.asarray(v["params"]["b"]))
