@@ -2,11 +2,13 @@
 """Where a W8A8 linear's time goes inside a model: XLA bf16 GEMM against jquant's whole dispatch
 (`jquant.dispatch.linear` with int8 per-channel weights and dynamic int8 per-token activations,
 also with QuaRot's online Hadamard: full width, ``hadamard=True``, and block-diagonal of order
-128, ``hadamard=128``, issue 26's candidate) and its parts (activation quantization as the dispatch runs it, i.e. the quantizer kernel, and
-as XLA runs it; the weight-code transpose; the Mosaic GEMM alone), on Wan2.1-1.3B's linear
-shapes at 32,760 tokens (``BENCH_SHAPES=all``: Wan2.1-14B's too). Each rotated linear's output is
-checked against XLA's path on the rotated activations before it is timed (rel. L2 <= 2e-2); a
-wrong row is printed and the script exits 1. Prints a table; writes
+128, ``hadamard=128``, issue 26's candidate), W4A8 (int4 per-channel weights) plain and with the
+block rotation, and the parts (activation quantization as the dispatch runs it, i.e. the
+quantizer kernel, and as XLA runs it; the weight-code transpose; the Mosaic GEMM alone), on
+Wan2.1-1.3B's linear shapes at 32,760 tokens (``BENCH_SHAPES=all``: Wan2.1-14B's too). Each
+rotated linear's output is checked against XLA's path on the rotated activations, and the plain
+W4A8 one against its XLA path, before it is timed (rel. L2 <= 2e-2); a wrong row is printed and
+the script exits 1. Prints a table; writes
 ``benchmarks/linear_path-<device>.json``.
 
     python scripts/bench_linear_path.py     # GPU (Hopper); BENCH_TAG=... names the JSON
@@ -50,13 +52,24 @@ def rotated_check(x: jax.Array, q, act, rotation: bool | int):
     return check
 
 
+def plain_check(x: jax.Array, q, act):
+    """``check`` for an unrotated linear: the dispatch against its XLA path (rel. L2 <= 2e-2)."""
+    ref = dispatch.linear(x, q, act=act, backend="xla").astype(jnp.float32)
+
+    def check(out) -> dict:
+        err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        return {"ok": err <= 2e-2, "rel_l2": err}
+
+    return check
+
+
 def main() -> int:
     act = parse_spec("int8/token")
     rows, wrong = [], 0
     shapes = SHAPES + (SHAPES_14B if os.environ.get("BENCH_SHAPES") == "all" else [])
     print(
         f"{'K':>5} {'N':>5} {'bf16':>8} {'linear':>8} {'+hadam':>8} {'+blk128':>8} {'act q':>8} {'xla q':>8} "
-        f"{'w.T':>8} {'gemm':>8}  (us)"
+        f"{'w.T':>8} {'gemm':>8} {'w4a8':>8} {'w4+blk':>8}  (us)"
     )
     for k, n in shapes:
         sets = []
@@ -93,6 +106,19 @@ def main() -> int:
             ops.append((xq.qvalue, jnp.broadcast_to(decode_scale(xq), (M, 1)), q.qvalue.T, decode_scale(q)[0]))
         gemm = timing.time_fn(lambda a, s, b, t: w8a8.int8_matmul(a, s, b, t), ops)["us"]
         lin_h, lin_b = (rotated[key].get("us", float("nan")) for key in ("hadamard", f"block{BLOCK}"))
+        # W4A8 (int4 per-channel weights, the same int8 activations): plain and with the block
+        # rotation, each checked first (issue 26's second target).
+        q4 = [(x, quantize(w.astype(jnp.float32), parse_spec("int4"))) for x, w, _ in sets]
+        w4 = {}
+        for label, rot in (("w4a8", False), (f"w4a8_block{BLOCK}", BLOCK)):
+            check = rotated_check(q4[0][0], q4[0][1], act, rot) if rot else plain_check(q4[0][0], q4[0][1], act)
+            w4[label] = timing.time_fn(
+                lambda x, q, rot=rot: dispatch.linear(x, q, act=act, hadamard=rot), q4, check=check
+            )
+            if "us" not in w4[label]:
+                wrong += 1
+                print(f"  WRONG {label} K={k} N={n}: {w4[label]['check']}", flush=True)
+        w4_plain, w4_blk = (w4[key].get("us", float("nan")) for key in ("w4a8", f"w4a8_block{BLOCK}"))
         rows.append(
             dict(
                 m=M,
@@ -112,11 +138,15 @@ def main() -> int:
                 gemm_us=gemm,
                 speedup_vs_bf16=bf16 / lin,
                 block_speedup_vs_bf16=bf16 / lin_b,
+                w4a8_us=w4_plain,
+                w4a8_block_us=w4_blk,
+                w4a8_block_check=w4[f"w4a8_block{BLOCK}"].get("check"),
+                w4a8_block_speedup_vs_bf16=bf16 / w4_blk,
             )
         )
         print(
             f"{k:>5} {n:>5} {bf16:>8.1f} {lin:>8.1f} {lin_h:>8.1f} {lin_b:>8.1f} {aq:>8.1f} {aq_xla:>8.1f} "
-            f"{tr:>8.1f} {gemm:>8.1f}",
+            f"{tr:>8.1f} {gemm:>8.1f} {w4_plain:>8.1f} {w4_blk:>8.1f}",
             flush=True,
         )
     tag = os.environ.get("BENCH_TAG", "")  # e.g. "jax_triton" when the gpu extra is installed
