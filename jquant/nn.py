@@ -228,8 +228,8 @@ def _linen_interceptor(next_fun, args, kwargs, context):
         if cfg is None or not cfg.producers or _state.observers or module.is_initializing() or not cfg.takes_codes:
             return next_fun(*args, **kwargs)
         return _produce(module, next_fun, args, kwargs)
-    if args and isinstance(args[0], Produced) and not isinstance(module, _TAKE_PRODUCED):
-        args = (args[0].value, *args[1:])  # modules that use x as an array take the float value
+    if not isinstance(module, _TAKE_PRODUCED):
+        args = _values(args)  # modules that use x as an array take the float value
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
         return next_fun(*args, **kwargs)
     if not _active() or module.is_initializing() or not module.has_variable("params", "kernel"):
