@@ -17,3 +17,16 @@ def test_training_doc_quotes_the_gpu_json() -> None:
         cells = f"| {r['setting']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['flicker']:.4f} | {r['one_step']:.4f} |"
         assert cells in section, cells
         assert f"| {r['train_s']:.0f} |" in section
+
+
+def test_training_doc_quotes_the_rollout_json() -> None:
+    record = json.loads((ROOT / "benchmarks" / "qat_table-512-nvidia-h200.json").read_text())
+    text = (ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Measured: student rollouts") :]
+    assert f"commit {record['commit']}" in section and len(record["rows"]) == 4
+    for r in record["rows"]:
+        cells = (
+            f"| {r['data']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['flicker']:.4f} "
+            f"| {r['one_step']:.4f} | {r.get('steps', 0):,} | {r['train_s']:.0f} |"
+        )
+        assert cells in section, cells
