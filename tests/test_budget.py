@@ -88,11 +88,24 @@ def test_distill_fits_its_steps_to_the_budget_with_the_rollouts_cost(setup, monk
 
 def test_distill_stops_at_the_budget_when_rollouts_get_dearer(setup, monkeypatch) -> None:
     bundle, qm, data = setup
-    _virtual_rollouts(monkeypatch, data, [0.0, 60.0])  # the fit sees a free first rollout
+    _virtual_rollouts(monkeypatch, data, [0.0, 0.0, 60.0])  # the fits see two free rollouts
     cfg = D.DistillConfig(steps=1000, batch=2, chunk=1, max_seconds=150.0, rollout_every=2)
     res = D.distill(bundle, qm, data, cfg)
     info = res.model.info["distill"]
-    # Rollouts at steps 4 and 6 (120 s), the one at step 8 passes the budget: a hard stop there.
-    assert info["stopped_by_budget"] and info["steps_run"] == 8 < cfg.steps
-    assert res.losses.shape == (8,) and info["rollouts"] == 4
+    # Rollouts at steps 6, 8 and 10 (180 s): the budget is passed after the one at step 10, a
+    # hard stop there.
+    assert info["stopped_by_budget"] and info["steps_run"] == 10 < cfg.steps
+    assert res.losses.shape == (10,) and info["rollouts"] == 5
     assert cfg.max_seconds <= res.seconds <= cfg.max_seconds + 60.0  # one chunk (and its rollout) past it
+
+
+def test_distill_refits_on_the_second_rollout_when_rollouts_get_cheaper(setup, monkeypatch) -> None:
+    # The first rollout compiles the student's sampler. Fitted to it alone, this run would stop
+    # at 5 steps (as above); the second rollout's 1 s refits it to every step asked for.
+    bundle, qm, data = setup
+    _virtual_rollouts(monkeypatch, data, [100.0, 1.0])
+    cfg = D.DistillConfig(steps=60, batch=2, chunk=1, max_seconds=300.0, rollout_every=2)
+    res = D.distill(bundle, qm, data, cfg)
+    info = res.model.info["distill"]
+    assert info["steps_run"] == 60 and not info["stopped_by_budget"] and info["rollouts"] == 29
+    assert 100.0 + 28.0 <= res.seconds <= cfg.max_seconds

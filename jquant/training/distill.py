@@ -60,7 +60,8 @@ class DistillConfig:
         so a small model on a GPU is not bound by Python dispatch.
       max_seconds: cap on the training wall time (0: none). The first two chunks are timed and
         ``steps`` is lowered to what fits (the learning-rate schedule then spans the new total);
-        after the first rollout it is fitted again with each step's share of the rollouts. Past
+        after each of the first two rollouts it is fitted again, up to ``steps``, with each
+        step's share of the latest rollout's seconds (the first one's include compiling). Past
         the cap the run stops at the current chunk (after the two timed chunks, which always
         run); ``info["distill"]`` records ``steps_run`` and ``stopped_by_budget``.
       rollout_every: every this many steps (0: never), the student samples the teacher data's
@@ -392,7 +393,7 @@ def distill(
     t0 = time.perf_counter()
     done, chunks, last_log, t_prev = 0, 0, 0, t0
     per_step: float | None = None  # seconds a step takes (chunk 2, compiled), once timed
-    rollout_s: float | None = None  # seconds the first rollout took, once one ran
+    rollout_s: float | None = None  # seconds the latest of the first two rollouts took
     rollouts, rollout_seconds, stopped_by_budget = 0, 0.0, False
 
     def out_of_time() -> bool:
@@ -417,14 +418,15 @@ def distill(
             rollouts, rollout_seconds = rollouts + 1, rollout_seconds + time.perf_counter() - t_roll
             if log_every:
                 print(f"  rollout {rollouts} at step {done}: {time.perf_counter() - t_roll:.1f} s", flush=True)
-            if rollout_s is None:
-                rollout_s, refit = rollout_seconds, True
+            if rollouts <= 2:
+                # The first rollout compiles the student's sampler; the second is the steady cost.
+                rollout_s, refit = time.perf_counter() - t_roll, True
         if refit and per_step is not None and done < total:
-            # The steps that fit at the cost of a step and its share of the rollouts (the first
-            # rollout's seconds; 0 before one ran): the schedule spans the new total.
+            # The steps that fit (up to config.steps) at the cost of a step and its share of the
+            # rollouts (0 before one ran): the schedule spans the new total.
             cost = step_cost(per_step, rollout_s or 0.0, config.rollout_every, config.chunk)
-            fit = steps_that_fit(done, total, cost, config.max_seconds - (time.perf_counter() - t0))
-            if fit < total:
+            fit = steps_that_fit(done, config.steps, cost, config.max_seconds - (time.perf_counter() - t0))
+            if fit != total:
                 total = fit
                 run_chunk = compile_chunk(total)
         if out_of_time():
