@@ -136,17 +136,23 @@ def w8a8_fp8_inputs(key, m, k, n):
     )
 
 
-def w8a8_fp8_block_inputs(key, m, k, n):
+def _block_inputs(codes, key, m, k, n):
+    """Block-scaled GEMM operands: ``codes(key, shape)`` for x and w, one scale per token per
+    128-wide K slice, one per 128x128 weight block, and a bias."""
     kx, kw, ks, kt, kb = jax.random.split(key, 5)
     kb_ = _common.cdiv(k, 128)
     nb = _common.cdiv(n, 128)
     return (
-        _fp8(kx, (m, k)),
+        codes(kx, (m, k)),
         _scales(ks, (m, kb_)),
-        _fp8(kw, (n, k)),
+        codes(kw, (n, k)),
         _scales(kt, (nb, kb_)),
         jax.random.normal(kb, (n,), jnp.float32),
     )
+
+
+w8a8_fp8_block_inputs = functools.partial(_block_inputs, _fp8)
+w8a8_int8_block_inputs = functools.partial(_block_inputs, _int8)
 
 
 def w4a16_inputs(key, m, k, n, group=128):
@@ -342,7 +348,7 @@ def _deq_w8a8(x_q, x_scale, w_q, w_scale, bias=None, *_):
     return x, w_q.astype(jnp.float32) * w_scale.astype(jnp.float32).reshape(-1, 1), bias
 
 
-def _deq_fp8_block(x_q, x_scale, w_q, w_scale, bias=None):
+def _deq_block(x_q, x_scale, w_q, w_scale, bias=None):
     k = x_q.shape[1]
     xs = jnp.repeat(x_scale.astype(jnp.float32), 128, axis=1)[:, :k]
     ws = jnp.repeat(jnp.repeat(w_scale.astype(jnp.float32), 128, axis=0)[: w_q.shape[0]], 128, axis=1)[:, :k]
@@ -353,7 +359,13 @@ def _deq_w4a8(x_q, x_scale, w_packed, w_scale, bias=None):
     return _deq_w8a8(x_q, x_scale, weight_only.unpack_int4(w_packed, x_q.shape[1]), w_scale, bias)
 
 
-_DEQUANTIZED = {"w8a8_int8": _deq_w8a8, "w8a8_fp8": _deq_w8a8, "w8a8_fp8_block": _deq_fp8_block, "w4a8": _deq_w4a8}
+_DEQUANTIZED = {
+    "w8a8_int8": _deq_w8a8,
+    "w8a8_fp8": _deq_w8a8,
+    "w8a8_fp8_block": _deq_block,
+    "w8a8_int8_block": _deq_block,
+    "w4a8": _deq_w4a8,
+}
 
 
 def dequantized_operands(name: str, inputs: tuple) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -371,7 +383,7 @@ def _mag_of(deq):
 
 
 _mag_w8a8 = _mag_of(_deq_w8a8)
-_mag_fp8_block = _mag_of(_deq_fp8_block)
+_mag_block = _mag_of(_deq_block)
 _mag_w4a8 = _mag_of(_deq_w4a8)
 
 
@@ -434,7 +446,17 @@ CASES: dict[str, KernelCase] = {
         _gemm_flops,
         lambda m, k, n: m * k + n * k + 2 * m * n + 4 * m * k / 128,
         xla_baseline="fp8",
-        magnitude=_mag_fp8_block,
+        magnitude=_mag_block,
+    ),
+    "w8a8_int8_block": KernelCase(
+        "w8a8_int8_block",
+        w8a8.int8_block_matmul,
+        w8a8.int8_block_matmul_reference,
+        w8a8_int8_block_inputs,
+        _gemm_flops,
+        lambda m, k, n: m * k + n * k + 2 * m * n + 4 * m * k / 128,
+        xla_baseline="int8",
+        magnitude=_mag_block,
     ),
     "w4a8": KernelCase(
         "w4a8",
@@ -576,7 +598,7 @@ def kernel_path(name: str, inputs: tuple) -> str:
         return "kernel" if w4a8.supports(inputs[0]) else "reference"
     if name == "svdquant_r32":
         return "kernel" if w4a8.supports(inputs[1]) else "reference"
-    if name == "w8a8_fp8_block":
+    if name in ("w8a8_fp8_block", "w8a8_int8_block"):
         return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
     if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
         if not _common.on_gpu():

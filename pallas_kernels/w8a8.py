@@ -507,7 +507,7 @@ def fp8_matmul(
 
 
 # --------------------------------------------------------------------------
-# fp8 with 1x128 activation and 128x128 weight block scales (DeepGEMM-style).
+# fp8 or int8 with 1x128 activation and 128x128 weight block scales (DeepGEMM-style).
 # --------------------------------------------------------------------------
 
 BLOCK = 128
@@ -516,12 +516,11 @@ BLOCK = 128
 _WS_LANES = 32
 
 
-def _check_block_operands(x_q, x_scale, w_q, w_scale, bias):
-    name = "fp8_block_matmul"
+def _check_block_operands(x_q, x_scale, w_q, w_scale, bias, name="fp8_block_matmul", dtype=_FP8):
     _common.check_rank(f"{name}: x_q", x_q, 2)
     _common.check_rank(f"{name}: w_q", w_q, 2)
-    _common.check_dtype(f"{name}: x_q", x_q, (_FP8,))
-    _common.check_dtype(f"{name}: w_q", w_q, (_FP8,))
+    _common.check_dtype(f"{name}: x_q", x_q, (dtype,))
+    _common.check_dtype(f"{name}: w_q", w_q, (dtype,))
     m, k = x_q.shape
     n, k2 = w_q.shape
     if k != k2:
@@ -548,6 +547,23 @@ def fp8_block_matmul_reference(
 ) -> jax.Array:
     """Plain-JAX block-scaled fp8 GEMM: dequantize both operands to f32, f32 dot."""
     _check_block_operands(x_q, x_scale, w_q, w_scale, bias)
+    return _block_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def int8_block_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+    """Plain-JAX block-scaled int8 GEMM: dequantize both operands to f32, f32 dot."""
+    _check_block_operands(x_q, x_scale, w_q, w_scale, bias, "int8_block_matmul", _INT8)
+    return _block_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def _block_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> jax.Array:
     m, k = x_q.shape
     n = w_q.shape[0]
     xs = jnp.repeat(x_scale.astype(jnp.float32), BLOCK, axis=1)[:, :k]
@@ -564,7 +580,7 @@ def fp8_block_matmul_reference(
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """Tiling of the block-scaled fp8 GEMM: two consumer warpgroups of 64 rows each."""
+    """Tiling of the block-scaled GEMMs: two consumer warpgroups of 64 rows each."""
 
     stages: int = 5
     grid_minor: str = "n"
@@ -576,7 +592,7 @@ class BlockConfig:
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
 # repeated layers lower it once instead of once per layer: minutes of compile time).
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "sms"))
-def block_fp8_gemm_pallas(
+def block_gemm_pallas(
     x: jax.Array,
     w: jax.Array,
     xs_t: jax.Array,
@@ -589,11 +605,12 @@ def block_fp8_gemm_pallas(
 ) -> jax.Array:
     """Runs the block-scaled kernel on prepared operands.
 
-    ``x`` ``[M, K]`` and ``w`` ``[N, K]`` are e4m3 with K a multiple of 128, ``xs_t``
-    is the activation scales transposed to ``[K/128, M]``, ``ws_t`` the weight
-    scales transposed to ``[K/128, ceil(N/128) rounded to 32]`` and ``bias`` ``[N]``.
-    Each 128-wide K slice goes through wgmma into a fresh fp32 accumulator that is
-    then added, times ``x_scale[m] * w_scale``, to the running fp32 sum.
+    ``x`` ``[M, K]`` and ``w`` ``[N, K]`` are both e4m3 or both int8 with K a multiple
+    of 128, ``xs_t`` is the activation scales transposed to ``[K/128, M]``, ``ws_t`` the
+    weight scales transposed to ``[K/128, ceil(N/128) rounded to 32]`` and ``bias``
+    ``[N]``. Each 128-wide K slice goes through wgmma into a fresh accumulator (fp32 for
+    e4m3, exact int32 for int8) that is then added, as fp32 times ``x_scale[m] *
+    w_scale``, to the running fp32 sum.
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -610,6 +627,7 @@ def block_fp8_gemm_pallas(
     out_transforms = _swizzled(plgpu.find_swizzle(cfg.epi_n * out_bytes * 8, "out"), out_bytes)
     minor = 1 if cfg.grid_minor == "n" else 0
     num_slots = 2
+    part_dtype = jnp.int32 if x.dtype == _INT8 else jnp.float32
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_col = plgpu.Layout.WGMMA.reduce(0)
 
@@ -669,10 +687,10 @@ def block_fp8_gemm_pallas(
                         plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_smem, (1, 0)))
                         return tmp_ref[...]
 
-                    part = pl.run_scoped(block_product, plgpu.ACC((wg_m, cta_n), jnp.float32))
+                    part = pl.run_scoped(block_product, plgpu.ACC((wg_m, cta_n), part_dtype))
                     row_scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
                     scale = row_scale * ws_smem[0, n_lane]
-                    return acc + part * lax.broadcast_in_dim(scale, (wg_m, cta_n), [0])
+                    return acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, cta_n), [0])
 
                 get_pipeline(body, compute_context)(
                     x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
@@ -716,9 +734,19 @@ def _prepare_block(x_q, x_scale, w_q, w_scale, bias):
     return x, w, xs_t, ws_t, bias_v
 
 
+#: The int8 variant of the block-scaled kernel (int32 accumulator per 128-wide K slice) has not
+#: passed scripts/check_kernels_gpu.py (case ``w8a8_int8_block``) yet: only
+#: ``JQUANT_BACKEND=pallas`` runs it.
+INT8_BLOCK_GPU_VERIFIED = False
+
+
 def supports_block(x_q: jax.Array, w_q: jax.Array, out_dtype=jnp.bfloat16) -> bool:
-    """True where the block-scaled fp8 kernel applies (Hopper, e4m3, 2-D)."""
-    return supports(x_q, w_q, out_dtype) and jnp.dtype(x_q.dtype) == _FP8
+    """True where a block-scaled kernel applies (Hopper, 2-D; e4m3, or int8 once GPU-checked)."""
+    if not supports(x_q, w_q, out_dtype):
+        return False
+    if jnp.dtype(x_q.dtype) == _INT8:
+        return _common.kernel_enabled(INT8_BLOCK_GPU_VERIFIED)
+    return jnp.dtype(x_q.dtype) == _FP8
 
 
 def fp8_block_matmul(
@@ -736,11 +764,32 @@ def fp8_block_matmul(
     Kernel on Hopper, :func:`fp8_block_matmul_reference` elsewhere.
     """
     _check_block_operands(x_q, x_scale, w_q, w_scale, bias)
+    return _block_matmul(x_q, x_scale, w_q, w_scale, bias, out_dtype, config)
+
+
+def int8_block_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    out_dtype=jnp.bfloat16,
+    *,
+    config: BlockConfig | None = None,
+) -> jax.Array:
+    """Block-scaled int8 GEMM (the fp8 one's layout): ``x_scale`` ``[M, K/128]``, ``w_scale``
+    ``[N/128, K/128]``; kernel on Hopper once GPU-checked (:data:`INT8_BLOCK_GPU_VERIFIED`),
+    :func:`int8_block_matmul_reference` elsewhere."""
+    _check_block_operands(x_q, x_scale, w_q, w_scale, bias, "int8_block_matmul", _INT8)
+    return _block_matmul(x_q, x_scale, w_q, w_scale, bias, out_dtype, config)
+
+
+def _block_matmul(x_q, x_scale, w_q, w_scale, bias, out_dtype, config) -> jax.Array:
     if not supports_block(x_q, w_q, out_dtype):
-        return fp8_block_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        return _block_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     m, n = x_q.shape[0], w_q.shape[0]
     x, w, xs_t, ws_t, bias_v = _prepare_block(x_q, x_scale, w_q, w_scale, bias)
-    y = block_fp8_gemm_pallas(
+    y = block_gemm_pallas(
         x, w, xs_t, ws_t, bias_v, out_dtype=out_dtype, config=config or BlockConfig(), sms=_common.num_sms()
     )
     return y[:m, :n]

@@ -66,6 +66,7 @@ GEMM_KERNELS = [
     "w8a8_int8",
     "w8a8_fp8",
     "w8a8_fp8_block",
+    "w8a8_int8_block",
     "w4a8",
     "svdquant_r32",
     "w4a16",

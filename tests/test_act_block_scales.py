@@ -118,16 +118,18 @@ def test_linear_token128_groups_of_64_fall_back_to_the_dequantized_product():
     np.testing.assert_allclose(dispatch.linear(x, w, act=act, backend="xla"), ref, rtol=1e-5, atol=1e-4)
 
 
-def test_fp8_block_path_matches_the_fp8_block_kernels_reference():
-    """fp8 e4m3 token128 x b128x128 weights: the XLA block-scaled path and w8a8's reference agree."""
-    x = _x((16, 256))
-    w = quantize(_x((256, 256), 1, 0.05), "fp8_e4m3/b128x128")
-    act = parse_spec("fp8_e4m3/token128")
+@pytest.mark.parametrize(
+    "fmt,reference",
+    [("fp8_e4m3", w8a8.fp8_block_matmul_reference), ("int8", w8a8.int8_block_matmul_reference)],
+)
+def test_block_path_matches_the_block_kernels_reference(fmt, reference):
+    """token128 x b128x128 weights: the XLA block-scaled path and w8a8's reference agree."""
+    x = _x((16, 384))
+    w = quantize(_x((384, 256), 1, 0.05), f"{fmt}/b128x128")
+    act = parse_spec(f"{fmt}/token128")
     xq = quantize(x, act, check_finite=False)
     y = dispatch.linear(x, w, act=act, backend="xla")
-    ref = w8a8.fp8_block_matmul_reference(
-        xq.qvalue, decode_scale(xq), w.qvalue.T, decode_scale(w).T, None, out_dtype=jnp.float32
-    )
+    ref = reference(xq.qvalue, decode_scale(xq), w.qvalue.T, decode_scale(w).T, None, out_dtype=jnp.float32)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
@@ -151,18 +153,34 @@ def test_fine_grained_acts_are_no_per_token_kernel_kind():
     assert kd._fused_tokens(_x((4, 256)), parse_spec("int8/token128"), None) is False
 
 
-def test_block_kernel_only_for_fp8_token128_with_128x128_weights():
+def test_block_kernel_only_for_token128_with_128x128_weights_of_the_same_format():
     w_blk = quantize(_x((256, 256), 1, 0.05), "fp8_e4m3/b128x128")
     w_ch = quantize(_x((256, 256), 1, 0.05), "fp8_e4m3")
+    w_i8 = quantize(_x((256, 256), 1, 0.05), "int8/b128x128")
     assert kd.block_kernel(w_blk, parse_spec("fp8_e4m3/token128"))
+    assert kd.block_kernel(w_i8, parse_spec("int8/token128"))
     assert not kd.block_kernel(w_ch, parse_spec("fp8_e4m3/token128"))
     assert not kd.block_kernel(w_blk, parse_spec("fp8_e4m3/token64"))
     assert not kd.block_kernel(w_blk, parse_spec("fp8_e4m3/token"))
-    assert not kd.block_kernel(quantize(_x((256, 256), 1, 0.05), "int8/b128x128"), parse_spec("int8/token128"))
+    assert not kd.block_kernel(w_i8, parse_spec("fp8_e4m3/token128"))  # formats must agree
+    assert not kd.block_kernel(w_blk, parse_spec("int8/token128"))
+    assert not kd.block_kernel(quantize(_x((256, 256), 1, 0.05), "int8/b64x64"), parse_spec("int8/token128"))
+
+
+def test_int8_block_kernel_waits_for_its_gpu_check(monkeypatch):
+    """On a (pretend) Hopper the int8 block kernel runs only once verified or forced; fp8's runs."""
+    monkeypatch.setattr(w8a8._common, "on_hopper", lambda: True)
+    x8, w8 = jnp.zeros((256, 256), jnp.int8), jnp.zeros((128, 256), jnp.int8)
+    xf, wf = x8.astype(jnp.float8_e4m3fn), w8.astype(jnp.float8_e4m3fn)
+    monkeypatch.delenv(w8a8._common.FORCE_ENV, raising=False)
+    assert w8a8.supports_block(xf, wf) and w8a8.supports_block(x8, w8) == w8a8.INT8_BLOCK_GPU_VERIFIED
+    monkeypatch.setenv(w8a8._common.FORCE_ENV, "pallas")
+    assert w8a8.supports_block(x8, w8)
 
 
 def test_gpu_dispatch_never_hands_token128_to_a_per_token_kernel(monkeypatch):
-    """On a (pretend) GPU, int8 token128 falls back to XLA (None) and fp8 reaches only the block kernel."""
+    """On a (pretend) GPU, int8 token128 with per-channel weights falls back to XLA (None); block
+    weights reach only the block kernel of their format."""
     monkeypatch.setattr(kd, "on_gpu", lambda: True)
 
     def boom(*a, **k):
@@ -182,6 +200,15 @@ def test_gpu_dispatch_never_hands_token128_to_a_per_token_kernel(monkeypatch):
     assert y is not None and y.shape == (2048, 256) and len(calls) == 1
     x_q, x_scale, w_q, w_scale = calls[0][:4]
     assert (x_q.shape, x_scale.shape, w_q.shape, w_scale.shape) == ((2048, 256), (2048, 2), (256, 256), (2, 2))
+    # int8 token128 with int8 b128x128 weights reaches the int8 block kernel, never the fp8 one.
+    int8_calls = []
+    monkeypatch.setattr(
+        w8a8, "int8_block_matmul", lambda *a: int8_calls.append(a) or jnp.zeros((2048, 256), jnp.bfloat16)
+    )
+    wi = quantize(_x((256, 256), 1, 0.05), "int8/b128x128")
+    y = kd.maybe_run(x, wi, act=parse_spec("int8/token128"), act_scale=None)
+    assert y is not None and len(int8_calls) == 1 and len(calls) == 1
+    assert int8_calls[0][0].dtype == jnp.int8 and int8_calls[0][1].shape == (2048, 2)
 
 
 # --- through jquant.nn --------------------------------------------------------------------------------

@@ -65,10 +65,15 @@ def test_fp8_reference_matches_numpy(m, k, n):
     np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
 @pytest.mark.parametrize("m,k,n", [(5, 300, 200), (2, 100, 129)])
-def test_fp8_block_reference_matches_blockwise_sum(m, k, n):
-    x, xs, w, ws, b = testing.w8a8_fp8_block_inputs(jax.random.key(k), m, k, n)
-    got = w8a8.fp8_block_matmul_reference(x, xs, w, ws, b, out_dtype=jnp.float32)
+def test_block_reference_matches_blockwise_sum(m, k, n, fmt):
+    make, ref = {
+        "fp8": (testing.w8a8_fp8_block_inputs, w8a8.fp8_block_matmul_reference),
+        "int8": (testing.w8a8_int8_block_inputs, w8a8.int8_block_matmul_reference),
+    }[fmt]
+    x, xs, w, ws, b = make(jax.random.key(k), m, k, n)
+    got = ref(x, xs, w, ws, b, out_dtype=jnp.float32)
     xn, wn, xsn, wsn = _np(x), _np(w), _np(xs), _np(ws)
     want = np.zeros((m, n)) + _np(b)[None]
     for kb in range(xsn.shape[1]):
@@ -76,7 +81,8 @@ def test_fp8_block_reference_matches_blockwise_sum(m, k, n):
         part = xn[:, sl] @ wn[:, sl].T
         col = np.repeat(wsn[:, kb], 128)[:n]
         want += part * xsn[:, kb : kb + 1] * col[None]
-    np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
+    # f32 sums of int8 products reach 1e5: the absolute tolerance follows the largest output.
+    np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=max(1e-3, 1e-6 * np.abs(want).max()))
 
 
 def test_w8a8_bad_shapes_raise_named_errors():
@@ -94,6 +100,11 @@ def test_w8a8_bad_shapes_raise_named_errors():
     xf, xsf, wf, wsf, _ = testing.w8a8_fp8_block_inputs(jax.random.key(0), 4, 256, 8)
     with pytest.raises(ValueError, match=r"x_scale must be \[M, ceil\(K/128\)\]"):
         w8a8.fp8_block_matmul(xf, xsf[:, :1], wf, wsf)
+    xi, xsi, wi, wsi, _ = testing.w8a8_int8_block_inputs(jax.random.key(0), 4, 256, 8)
+    with pytest.raises(ValueError, match=r"int8_block_matmul: x_q .*dtype"):
+        w8a8.int8_block_matmul(xf, xsi, wi, wsi)  # e4m3 codes into the int8 kernel
+    with pytest.raises(ValueError, match=r"int8_block_matmul: w_scale must be"):
+        w8a8.int8_block_matmul(xi, xsi, wi, wsi[:, :1])
 
 
 # --------------------------------------------------------------------------
@@ -477,6 +488,7 @@ def _lowers_to_mosaic(fn, *args) -> bool:
         "w8a8_int8",
         "w8a8_fp8",
         "w8a8_fp8_block",
+        "w8a8_int8_block",
         "w4a16",
         "w8a16",
         "w4a16_g32",

@@ -23,8 +23,9 @@ The kernels take K-major weights ([N, K]); QArrays store (K, N), so the codes ar
 transposed in the jitted graph (one pass over the weight bytes per call; 4-bit packing is
 along K in both layouts, so packed bytes transpose unchanged). Fine-grained activation scales
 (``<fmt>/token128``: one per token per 128 channels) go to a kernel only as ``fp8_e4m3/token128``
-with ``fp8_e4m3/b128x128`` weights (``w8a8.fp8_block_matmul``, :func:`block_kernel`); the rest run
-:func:`jquant.dispatch.block_scaled_dot` in XLA. Dynamic per-token int8 / e4m3
+with ``fp8_e4m3/b128x128`` weights or ``int8/token128`` with ``int8/b128x128`` weights
+(``w8a8.fp8_block_matmul``, ``w8a8.int8_block_matmul``, :func:`block_kernel`; the int8 one once
+GPU-checked); the rest run :func:`jquant.dispatch.block_scaled_dot` in XLA. Dynamic per-token int8 / e4m3
 activations go through the activation quantizer kernel (:func:`quantize_tokens`), whose rule
 is :func:`jquant.quantize`'s to the bit; other activation specs use
 :func:`jquant.dispatch.quantize_activation`. Either way both paths see identical codes and scales.
@@ -318,16 +319,17 @@ def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=No
 
 def block_kernel(w: QArray, act: QSpec | None) -> bool:
     """Whether a kernel takes ``<fmt>/tokenN`` activations with weight ``w``: only
-    ``fp8_e4m3/token128`` with ``fp8_e4m3/b128x128`` weights (``w8a8.fp8_block_matmul``, DeepGEMM's
-    layout). Every other fine-grained activation spec (int8 among them) runs
-    :func:`jquant.dispatch.block_scaled_dot` in XLA until a kernel exists."""
+    ``fp8_e4m3/token128`` with ``fp8_e4m3/b128x128`` weights or ``int8/token128`` with
+    ``int8/b128x128`` weights (``w8a8.fp8_block_matmul`` / ``int8_block_matmul``, DeepGEMM's
+    layout). Every other fine-grained activation spec runs :func:`jquant.dispatch.block_scaled_dot`
+    in XLA."""
     spec = w.spec
     return (
         token_block(act) == w8a8.BLOCK
-        and act.fmt == "fp8_e4m3"
+        and act.fmt in BLOCK_FORMATS
         and act.symmetric
         and act.scale_dtype == "float32"
-        and spec.fmt == "fp8_e4m3"
+        and spec.fmt == act.fmt
         and spec.granularity == "block"
         and spec.block == (w8a8.BLOCK, w8a8.BLOCK)
         and w.ndim == 2
@@ -335,19 +337,24 @@ def block_kernel(w: QArray, act: QSpec | None) -> bool:
     )
 
 
-def _block_fp8(x2: jax.Array, w: QArray, act: QSpec, out_dtype):
-    """``fp8_e4m3/token128`` activations times ``fp8_e4m3/b128x128`` weights on the block-scaled
-    fp8 kernel, or None where it does not apply (shape, GPU)."""
-    return block_fp8_quantized(quantize_activation(x2, act, None), w, out_dtype)
+#: Activation/weight formats with a block-scaled kernel (:func:`block_kernel`).
+BLOCK_FORMATS = ("fp8_e4m3", "int8")
 
 
-def block_fp8_quantized(xq: QArray, w: QArray, out_dtype):
-    """:func:`_block_fp8` for activations already quantized (``[M, K]`` codes with ``[M, K/128]``
+def _block(x2: jax.Array, w: QArray, act: QSpec, out_dtype):
+    """``<fmt>/token128`` activations times ``<fmt>/b128x128`` weights on the block-scaled
+    kernel, or None where it does not apply (shape, GPU, an int8 kernel not yet GPU-checked)."""
+    return block_quantized(quantize_activation(x2, act, None), w, out_dtype)
+
+
+def block_quantized(xq: QArray, w: QArray, out_dtype):
+    """:func:`_block` for activations already quantized (``[M, K]`` codes with ``[M, K/128]``
     scales, e.g. a fused producer's), or None where the kernel does not apply."""
     w_q = w.qvalue.T  # [N, K]
     if not w8a8.supports_block(xq.qvalue, w_q, out_dtype):
         return None
-    return w8a8.fp8_block_matmul(xq.qvalue, decode_scale(xq), w_q, decode_scale(w).T, None, out_dtype)
+    run = w8a8.int8_block_matmul if xq.qvalue.dtype == jnp.int8 else w8a8.fp8_block_matmul
+    return run(xq.qvalue, decode_scale(xq), w_q, decode_scale(w).T, None, out_dtype)
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
@@ -429,7 +436,7 @@ def maybe_run(
     if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
         return None  # per-token static tables: XLA path
     if token_block(act) is not None:  # fine-grained activation scales: only the fp8 block-scaled GEMM
-        y = _block_fp8(x2, w, act, out_dtype) if block_kernel(w, act) and not hadamard else None
+        y = _block(x2, w, act, out_dtype) if block_kernel(w, act) and not hadamard else None
         if y is None:
             return None
         if lowrank is not None:
@@ -468,8 +475,8 @@ def maybe_run(
 
 def maybe_run_quantized(xq: QArray, w: QArray, *, force: bool = False):
     """``xq @ w`` for activations already quantized per token per 128 channels (a fused
-    producer's codes) on the block-scaled fp8 kernel, or None where no kernel applies (the
-    caller's XLA path then runs)."""
+    producer's codes) on a block-scaled kernel (fp8, or int8 once GPU-checked), or None where no
+    kernel applies (the caller's XLA path then runs)."""
     if not on_gpu():
         if force:
             raise RuntimeError("JQUANT_BACKEND=pallas but the default JAX backend is not a GPU")
@@ -479,7 +486,7 @@ def maybe_run_quantized(xq: QArray, w: QArray, *, force: bool = False):
     out_dtype = xq.dtype if xq.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
     k = xq.shape[-1]
     x2 = QArray(xq.qvalue.reshape(-1, k), xq.scale.reshape(-1, k // w8a8.BLOCK), spec=xq.spec, dtype=xq.dtype, axis=-1)
-    y = block_fp8_quantized(x2, w, out_dtype)
+    y = block_quantized(x2, w, out_dtype)
     return None if y is None else y.reshape(*xq.shape[:-1], y.shape[-1]).astype(xq.dtype)
 
 
