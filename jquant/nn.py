@@ -181,19 +181,22 @@ def _produced_codes(
     path: str, x: Produced, kernel, aux, cfg: QuantConfig, dtype, contract, einsum_str
 ) -> QArray | None:
     """The fused producer's codes for the layer at ``path``, or None where the layer needs the
-    float input (a float kernel, aux data that acts on x, observers, static scales, another
-    activation spec or layout)."""
+    float input (a float kernel, aux data that acts on x other than a block-diagonal online
+    rotation, which the producer applies itself; observers, static scales, another activation
+    spec or layout)."""
+    flag = _aux_get(aux, "hadamard")
+    block = None if flag is None else hadamard_block(flag)
     plain = (
         isinstance(kernel, QArray)
         and kernel.ndim == 2
-        and not aux
+        and (not aux or (set(aux) == {"hadamard"} and block is not None))
         and not _state.observers
         and not cfg.static
         and einsum_str is None
         and (contract or 1) == 1
         and (dtype is None or jnp.dtype(dtype) == x.dtype)
     )
-    return x.quantized(cfg.act_for(path)) if plain else None
+    return x.quantized(cfg.act_for(path), block or 0) if plain else None
 
 
 def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:

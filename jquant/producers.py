@@ -73,31 +73,36 @@ class Produced:
     def ndim(self) -> int:
         return self.value.ndim
 
-    def quantized(self, act: QSpec) -> QArray | None:
+    def quantized(self, act: QSpec, hadamard: int = 0) -> QArray | None:
         """The activation as ``act``'s QArray made by the fused producer, or None where ``act``
-        is not one it makes (:func:`takes`) or the width is not whole 128-channel blocks."""
-        if not takes(act) or self.value.ndim != 3 or self.shape[-1] % fused_producers.BLOCK:
+        is not one it makes (:func:`takes`), the width is not whole 128-channel blocks, or
+        ``hadamard`` (QuaRot's block-diagonal online rotation of that order, applied by the
+        producer before quantizing; 0: none) does not tile the width."""
+        d = self.shape[-1]
+        if not takes(act) or self.value.ndim != 3 or d % fused_producers.BLOCK:
             return None
-        fmt = PRODUCER_FORMATS[act.fmt]
-        if fmt not in self._made:
-            self._made[fmt] = self._produce(fmt)
-        codes, scales = self._made[fmt]
+        if hadamard and (hadamard < 2 or hadamard >= d or d % hadamard):
+            return None
+        key = (PRODUCER_FORMATS[act.fmt], hadamard)
+        if key not in self._made:
+            self._made[key] = self._produce(*key)
+        codes, scales = self._made[key]
         return QArray(codes, scales, spec=act, dtype=self.value.dtype, axis=-1)
 
-    def _produce(self, fmt: str) -> tuple[Array, Array]:
+    def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array]:
         b, t, d = self.x.shape
         shift, scale = _per_sample(self.shift, b, d), _per_sample(self.scale, b, d)
-        if shift is not None and scale is not None and norm_quant.supports(self.x.reshape(b * t, d)):
+        if shift is not None and scale is not None and norm_quant.supports(self.x.reshape(b * t, d), hadamard):
             # One kernel call per sample (vmap adds a grid axis): the [B, D] modulation stays a
             # [D] vector per call instead of a [B*T, D] array in HBM.
             def one(xb: Array, sh: Array, sc: Array) -> tuple[Array, Array]:
                 return norm_quant.norm_modulate_quantize_pallas(
-                    xb, self.norm_scale, self.norm_bias, sh, sc, self.eps, self.kind, fmt
+                    xb, self.norm_scale, self.norm_bias, sh, sc, self.eps, self.kind, fmt, hadamard=hadamard
                 )
 
             return jax.vmap(one)(self.x, shift, scale)
         return fused_producers.norm_modulate_quantize(
-            self.x, self.norm_scale, self.norm_bias, self.shift, self.scale, self.eps, self.kind, fmt
+            self.x, self.norm_scale, self.norm_bias, self.shift, self.scale, self.eps, self.kind, fmt, hadamard=hadamard
         )
 
 

@@ -6,9 +6,11 @@ lowrank_quant all build on this module; none of them imports another for these."
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jquant.hadamard import apply_block_hadamard, online_block
@@ -153,3 +155,13 @@ def round_to_bf16(y: jax.Array) -> jax.Array:
     bits = lax.bitcast_convert_type(y, jnp.uint32)
     bias = jnp.uint32(0x7FFF) + ((bits >> jnp.uint32(16)) & jnp.uint32(1))
     return lax.bitcast_convert_type((bits + bias) & jnp.uint32(0xFFFF0000), jnp.float32)
+
+
+def rotate_block(v: jax.Array, h_s, block: int, dtype) -> jax.Array:
+    """``v @ H_block`` inside a kernel for ``[chunks, block]`` rows (one block of QuaRot's
+    block-diagonal rotation each; ``h_s`` the +-1 Sylvester matrix), exact in float32 through
+    bf16 parts, then rounded to ``dtype`` like jquant.nn's XLA path (float32: no rounding)."""
+    z = pm1_dot(v, h_s[...], 1 if dtype == jnp.bfloat16 else 3) * np.float32(1.0 / math.sqrt(block))
+    if dtype == jnp.bfloat16:
+        return round_to_bf16(z)
+    return z.astype(dtype).astype(jnp.float32)

@@ -188,15 +188,6 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
     return y.astype(dtype).astype(jnp.float32)
 
 
-def _rotate_block(v: jax.Array, h_s, block: int, dtype) -> jax.Array:
-    """``v @ H_block`` for one ``[rows, block]`` chunk (one block of the block-diagonal
-    rotation), rounded to ``dtype`` like jquant.nn's XLA path."""
-    z = _quant.pm1_dot(v, h_s[...], 1 if dtype == jnp.bfloat16 else 3) * np.float32(1.0 / math.sqrt(block))
-    if dtype == jnp.bfloat16:
-        return round_to_bf16(z)
-    return z.astype(dtype).astype(jnp.float32)
-
-
 def _kernel(
     x_ref,
     *refs,
@@ -241,7 +232,7 @@ def _kernel(
             return v
         # Whole rows (single pass) are their width / block chunks stacked: one dot rotates all
         # (the zero padding past K rotates to zeros).
-        return _rotate_block(v.reshape(-1, block), h_s, block, x_ref.dtype).reshape(v.shape)
+        return _quant.rotate_block(v.reshape(-1, block), h_s, block, x_ref.dtype).reshape(v.shape)
 
     def store(c, v, scale):
         idx, mask = span(c)

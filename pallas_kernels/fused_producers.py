@@ -25,6 +25,7 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
+from jquant.hadamard import apply_block_hadamard
 from pallas_kernels import _quant
 
 Array = jax.Array
@@ -130,14 +131,24 @@ def norm_modulate_quantize(
     kind: NormKind = "layer",
     fmt: str = "int8",
     block: int = BLOCK,
+    hadamard: int = 0,
 ) -> tuple[Array, Array]:
-    """The QKV / FFN-up producer: :func:`norm_modulate` then :func:`quantize_blocks`.
+    """The QKV / FFN-up producer: :func:`norm_modulate`, optionally QuaRot's block-diagonal online
+    rotation of order ``hadamard`` (``jquant.hadamard.apply_block_hadamard``, in float32, before
+    any rounding), then :func:`quantize_blocks`.
 
     Returns ``(codes [..., D], scales f32 [..., D / block])`` for a block-scaled GEMM
     (``jquant.dispatch.block_scaled_dot``).
     """
     _check_fmt(fmt, block, x.shape[-1], "norm_modulate_quantize")
-    return quantize_blocks(norm_modulate(x, norm_scale, norm_bias, shift, scale, eps, kind), fmt, block)
+    y = norm_modulate(x, norm_scale, norm_bias, shift, scale, eps, kind)
+    if hadamard:
+        if hadamard < 2 or x.shape[-1] % hadamard:
+            raise ValueError(
+                f"norm_modulate_quantize: a block rotation of order {hadamard} does not tile D={x.shape[-1]}"
+            )
+        y = apply_block_hadamard(y, hadamard, axis=-1)
+    return quantize_blocks(y, fmt, block)
 
 
 def activation_quantize(y: Array, act: str = "gelu_tanh", fmt: str = "int8", block: int = BLOCK) -> tuple[Array, Array]:

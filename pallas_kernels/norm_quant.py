@@ -24,8 +24,12 @@ single-pass activation quantizer of :mod:`pallas_kernels.act_quant` does): the n
 whole row before the first code. K must be a multiple of 128 (whole scale blocks) and at most
 :data:`pallas_kernels._quant.SINGLE_PASS_MAX` wide once padded.
 
-It stands beside its reference: no model or dispatch path calls it yet. Its GPU check passed
-(:data:`GPU_VERIFIED`).
+``hadamard=b`` also applies QuaRot's block-diagonal online rotation (order ``b``, e.g. 128) to
+the float32 rows before quantizing (:func:`pallas_kernels._quant.rotate_block`, exact through
+bf16 parts), so a rotated consumer needs no separate rotation pass.
+
+``jquant.producers`` runs it for a quantized model's adaLN inputs. Its GPU check passed without
+the rotation (:data:`GPU_VERIFIED`); the rotation's has not run yet (:data:`HADAMARD_GPU_VERIFIED`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _common, _quant
+from pallas_kernels.act_quant import block_matrix
 from pallas_kernels.fused_producers import BLOCK, FORMATS, NormKind
 
 Array = jax.Array
@@ -46,6 +51,10 @@ Array = jax.Array
 #: passed on an H200 at cc83f7c (every shape the kernel takes; kernel unchanged since 5a593ad;
 #: ``benchmarks/check_kernels-norm_quant_block128-NVIDIA_H200.txt``), so ``supports`` says yes on Hopper.
 GPU_VERIFIED = True
+#: The fused block rotation (``hadamard=b``, QuaRot's online rotation in the producer) has not
+#: passed the GPU check (``norm_quant_layer_int8_had128``) yet: only ``JQUANT_BACKEND=pallas``
+#: runs it. The unrotated program is unchanged by it (the rotation is a trace-time branch).
+HADAMARD_GPU_VERIFIED = False
 
 _NAME = "norm_modulate_quantize_pallas"
 
@@ -103,6 +112,7 @@ def _kernel(
     shift_rows: bool,
     scale_rows: bool,
     interpret: bool,
+    hadamard: int = 0,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -110,6 +120,7 @@ def _kernel(
     refs = list(refs)
     w_ref = refs.pop(0) if has_weight else None
     b_ref = refs.pop(0) if has_bias else None
+    h_ref = refs.pop(-3) if hadamard else None  # the +-1 rotation matrix, after the vectors
     shift_ref, scale_ref, q_ref, s_ref = refs
     i = pl.program_id(0)
     width = _quant.padded_width(k)
@@ -138,6 +149,10 @@ def _kernel(
     if has_bias:
         y = y + load_vector(b_ref, False)
     y = y * (1 + load_vector(scale_ref, scale_rows)) + load_vector(shift_ref, shift_rows)
+    if hadamard:
+        # QuaRot's block-diagonal online rotation of the float32 rows: every hadamard-wide chunk
+        # stacked under one exact +-1 dot (bf16 parts); the zero padding past K rotates to zeros.
+        y = _quant.rotate_block(y.reshape(-1, hadamard), h_ref, hadamard, jnp.float32).reshape(rows, width)
 
     # One scale per row per 128-wide slice; padded slices (K is whole blocks) are masked out.
     blocks = width // BLOCK
@@ -161,6 +176,7 @@ def norm_modulate_quantize_pallas(
     *,
     interpret: bool = False,
     config: _quant.QuantizerConfig | None = None,
+    hadamard: int = 0,
 ) -> tuple[Array, Array]:
     """``(codes [M, K], scales f32 [M, K / 128])`` of ``(1 + scale) * norm(x) + shift``.
 
@@ -169,6 +185,8 @@ def norm_modulate_quantize_pallas(
     per row ``[M, K]`` (broadcasting a model's per-sample ``[B, K]`` over its tokens is the
     caller's job). ``config``: rows and warps per program (single pass only; default
     :func:`pallas_kernels._quant.pick_config`). ``interpret=True`` runs Pallas's interpreter (CPU).
+    ``hadamard=b``: rotate each row by QuaRot's block-diagonal rotation of order ``b`` before
+    quantizing (``b`` a Sylvester order of 16..256 dividing K, :func:`act_quant.block_matrix`).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -182,6 +200,14 @@ def norm_modulate_quantize_pallas(
     cfg = config or _quant.pick_config(k)
     if not cfg.single_pass:
         raise ValueError(f"{_NAME}: the norm needs whole rows in one program (a single-pass config), got {cfg}")
+    extra = ()
+    if hadamard:
+        mat = block_matrix(k, hadamard) if hadamard < k else None
+        if mat is None:
+            raise ValueError(f"{_NAME}: no fused block-{hadamard} rotation for K={k} (see act_quant.block_matrix)")
+        if cfg.rows * _quant.padded_width(k) // hadamard < 16:
+            raise ValueError(f"{_NAME}: the block rotation's dot needs >= 16 chunks per program, got {cfg}")
+        extra = (jnp.asarray(mat, jnp.bfloat16),)
     out_shape = (
         jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),
         jax.ShapeDtypeStruct((m, k // BLOCK), jnp.float32),
@@ -203,17 +229,22 @@ def norm_modulate_quantize_pallas(
             shift_rows=shift.ndim == 2,
             scale_rows=scale.ndim == 2,
             interpret=interpret,
+            hadamard=hadamard,
         ),
         out_shape=out_shape,
         grid=(_common.cdiv(m, cfg.rows),),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages),
     )
-    return call(x, *vectors)
+    return call(x, *vectors, *extra)
 
 
-def supports(x: Array) -> bool:
+def supports(x: Array, hadamard: int = 0) -> bool:
     """True where a caller may run the compiled kernel on ``x``: a GPU, the kernel verified there
-    (:data:`GPU_VERIFIED`, or ``JQUANT_BACKEND=pallas``), and a non-empty ``x`` it takes
-    (2-D float ``[M, K]``, K whole 128-channel blocks, a padded row that fits one program)."""
-    return _common.on_gpu() and _common.kernel_enabled(GPU_VERIFIED) and x.size > 0 and _x_problem(x) is None
+    (:data:`GPU_VERIFIED`, and :data:`HADAMARD_GPU_VERIFIED` with a rotation; or
+    ``JQUANT_BACKEND=pallas``), and a non-empty ``x`` it takes (2-D float ``[M, K]``, K whole
+    128-channel blocks, a padded row that fits one program, a rotation :func:`block_matrix` has)."""
+    if hadamard and (hadamard >= x.shape[-1] or block_matrix(x.shape[-1], hadamard) is None):
+        return False
+    verified = GPU_VERIFIED and (HADAMARD_GPU_VERIFIED or not hadamard)
+    return _common.on_gpu() and _common.kernel_enabled(verified) and x.size > 0 and _x_problem(x) is None

@@ -283,15 +283,19 @@ def norm_quant_inputs(key, m, k, n, *, affine: str, per_row: bool):
     return x, w, b, 0.3 * jax.random.normal(ks, shape, jnp.float32), 0.3 * jax.random.normal(kt, shape, jnp.float32)
 
 
-def _norm_quant_kernel(x, w, b, shift, scale, *, kind: str, fmt: str):
-    """The Pallas producer, in the interpreter off the GPU (no dispatching wrapper exists yet)."""
+def _norm_quant_kernel(x, w, b, shift, scale, *, kind: str, fmt: str, hadamard: int = 0):
+    """The Pallas producer (always the kernel: the GPU check must run it, verified or not), in the
+    interpreter off the GPU."""
     interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
-    return norm_quant.norm_modulate_quantize_pallas(x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret)
+    return norm_quant.norm_modulate_quantize_pallas(
+        x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret, hadamard=hadamard
+    )
 
 
-def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool) -> KernelCase:
-    """LayerNorm / RMSNorm + adaLN modulation + per-(token, 128) quantization (norm_quant) against
-    fused_producers.norm_modulate_quantize; K whole 128-channel scale blocks."""
+def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool, hadamard: int = 0) -> KernelCase:
+    """LayerNorm / RMSNorm + adaLN modulation (+ QuaRot's order-``hadamard`` block rotation) +
+    per-(token, 128) quantization (norm_quant) against fused_producers.norm_modulate_quantize; K
+    whole 128-channel scale blocks (and wider than the rotation)."""
 
     def min_bytes(m: int, k: int, n: int) -> float:  # x bf16, float32 vectors, codes, scales
         modulation = 2 * 4 * (m * k if per_row else k)
@@ -299,8 +303,8 @@ def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool)
 
     return KernelCase(
         name,
-        functools.partial(_norm_quant_kernel, kind=kind, fmt=fmt),
-        functools.partial(fused_producers.norm_modulate_quantize, eps=1e-6, kind=kind, fmt=fmt),
+        functools.partial(_norm_quant_kernel, kind=kind, fmt=fmt, hadamard=hadamard),
+        functools.partial(fused_producers.norm_modulate_quantize, eps=1e-6, kind=kind, fmt=fmt, hadamard=hadamard),
         functools.partial(norm_quant_inputs, affine=affine, per_row=per_row),
         # ~12 operations per value: sums, centring, rsqrt scale, affine, modulation, absmax, division.
         lambda m, k, n: 12.0 * m * k,
@@ -308,8 +312,8 @@ def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool)
         # The sums and multiply-adds round in another order (norm_quant's docstring): a scale a
         # few float32 ulp off, a code on a rounding boundary one step off.
         quant_tol=(1e-3, 1e-6),
-        takes=lambda m, k, n: k % fused_producers.BLOCK == 0,
-        shape_rule=f"K a multiple of {fused_producers.BLOCK}",
+        takes=lambda m, k, n: k % fused_producers.BLOCK == 0 and k > hadamard,
+        shape_rule=f"K a multiple of {fused_producers.BLOCK}" + (f", above {hadamard}" if hadamard else ""),
     )
 
 
@@ -580,6 +584,8 @@ CASES: dict[str, KernelCase] = {
     "norm_quant_layer_int8": _norm_quant_case("norm_quant_layer_int8", "layer", "int8", "", True),
     "norm_quant_layer_fp8": _norm_quant_case("norm_quant_layer_fp8", "layer", "fp8", "wb", False),
     "norm_quant_rms_fp8": _norm_quant_case("norm_quant_rms_fp8", "rms", "fp8", "w", True),
+    "norm_quant_layer_int8_had128": _norm_quant_case("norm_quant_layer_int8_had128", "layer", "int8", "", False, 128),
+    "norm_quant_layer_fp8_had128": _norm_quant_case("norm_quant_layer_fp8_had128", "layer", "fp8", "", False, 128),
 }
 
 

@@ -21,7 +21,7 @@ from pallas_kernels import fused_producers as fp
 
 EPS = 1e-6
 #: The reference as the GPU check runs it (jitted: one compile per shape instead of one per op).
-reference = jax.jit(fp.norm_modulate_quantize, static_argnames=("eps", "kind", "fmt"))
+reference = jax.jit(fp.norm_modulate_quantize, static_argnames=("eps", "kind", "fmt", "hadamard"))
 
 
 def _inputs(m: int, k: int, seed: int, dtype, affine: str, per_row: bool) -> tuple:
@@ -89,6 +89,52 @@ def test_matches_the_reference_on_any_shape(m, kb, rows, kind, fmt, affine, per_
     _assert_close(out, reference(*args, eps=EPS, kind=kind, fmt=fmt), fmt)
 
 
+@pytest.mark.parametrize(
+    "kind, fmt, dtype, per_row, m, k",
+    [
+        ("layer", "int8", jnp.bfloat16, False, 37, 1536),  # Wan2.1-1.3B's QKV / FFN-up input
+        ("layer", "fp8", jnp.bfloat16, True, 19, 384),
+        ("rms", "int8", jnp.float32, True, 70, 256),
+    ],
+)
+def test_block_rotation_in_the_producer_matches_rotate_then_quantize(kind, fmt, dtype, per_row, m, k):
+    # QuaRot's order-128 block rotation of the float32 modulated rows, then the per-(token, 128)
+    # codes: what the unfused path computes (up to its bf16 rounding of the rotated rows).
+    args = _inputs(m, k, 1, dtype, "wb", per_row)
+    out = norm_quant.norm_modulate_quantize_pallas(*args, EPS, kind, fmt, interpret=True, hadamard=128)
+    ref = reference(*args, eps=EPS, kind=kind, fmt=fmt, hadamard=128)
+    _assert_close(out, ref, fmt)
+    plain = reference(*args, eps=EPS, kind=kind, fmt=fmt)
+    assert np.mean(np.asarray(plain[0], np.float32) != np.asarray(ref[0], np.float32)) > 0.5  # it did rotate
+    # The rotation is orthogonal: the dequantized rows keep their norms within the rounding.
+    rows = lambda q: np.linalg.norm(np.asarray(fp.dequantize_blocks(*q)), axis=-1)  # noqa: E731
+    np.testing.assert_allclose(rows(out), rows(plain), rtol=2e-2)
+
+
+def test_block_rotation_refusals():
+    x, v = jnp.zeros((40, 384), jnp.bfloat16), jnp.zeros((384,), jnp.float32)
+    with pytest.raises(ValueError, match="no fused block-96 rotation for K=384"):
+        norm_quant.norm_modulate_quantize_pallas(x, None, None, v, v, interpret=True, hadamard=96)
+    x1, v1 = jnp.zeros((40, 128), jnp.bfloat16), jnp.zeros((128,), jnp.float32)
+    with pytest.raises(ValueError, match="no fused block-128 rotation for K=128"):
+        norm_quant.norm_modulate_quantize_pallas(x1, None, None, v1, v1, interpret=True, hadamard=128)
+    few = _quant.QuantizerConfig(rows=1)
+    with pytest.raises(ValueError, match=">= 16 chunks per program"):
+        norm_quant.norm_modulate_quantize_pallas(x, None, None, v, v, interpret=True, config=few, hadamard=128)
+    with pytest.raises(ValueError, match="block rotation of order 96 does not tile D=1024"):
+        fp.norm_modulate_quantize(jnp.zeros((2, 1024)), None, None, jnp.zeros(1024), jnp.zeros(1024), hadamard=96)
+
+
+def test_block_rotation_waits_for_its_gpu_check(monkeypatch):
+    x = jnp.zeros((4, 1536), jnp.bfloat16)
+    monkeypatch.setattr(_common, "_default_device_is_gpu", lambda: True)
+    monkeypatch.delenv(_common.FORCE_ENV, raising=False)
+    assert norm_quant.supports(x) and norm_quant.supports(x, 128) == norm_quant.HADAMARD_GPU_VERIFIED
+    assert not norm_quant.supports(x, 96) and not norm_quant.supports(jnp.zeros((4, 128), jnp.bfloat16), 128)
+    monkeypatch.setenv(_common.FORCE_ENV, "pallas")
+    assert norm_quant.supports(x, 128)
+
+
 def test_zero_rows_take_the_scale_floor_and_code_zero():
     # x and the modulation zero: LayerNorm's centred row is zero, the variance too (rsqrt(eps)).
     x, z = jnp.zeros((3, 256), jnp.bfloat16), jnp.zeros((256,), jnp.float32)
@@ -125,11 +171,14 @@ def test_refuses_what_it_does_not_take():
     "kind, fmt, m, k, affine, per_row",
     [("layer", "int8", 37, 1536, True, True), ("rms", "fp8", 5, 5120, False, False)],  # 5120: Wan-14B
 )
-def test_lowers_to_triton(kind, fmt, m, k, affine, per_row):
+@pytest.mark.parametrize("hadamard", [0, 128])
+def test_lowers_to_triton(kind, fmt, m, k, affine, per_row, hadamard):
     S = jax.ShapeDtypeStruct
     vec = S((m, k) if per_row else (k,), jnp.float32)
     w = S((k,), jnp.bfloat16) if affine else None
-    fn = lambda x, w, b, sh, sc: norm_quant.norm_modulate_quantize_pallas(x, w, b, sh, sc, EPS, kind, fmt)  # noqa: E731
+    fn = lambda x, w, b, sh, sc: norm_quant.norm_modulate_quantize_pallas(  # noqa: E731
+        x, w, b, sh, sc, EPS, kind, fmt, hadamard=hadamard
+    )
     text = jax.jit(fn).trace(S((m, k), jnp.bfloat16), w, w, vec, vec).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
 
@@ -166,3 +215,11 @@ def test_gpu_check_cases():
     assert testing.kernel_path("norm_quant_rms_fp8", inputs) == "interpret"
     wrong = (out[0], out[1] * 1.01)  # a scale 1% off fails the check
     assert not testing.compare(case, wrong, ref, inputs)["ok"]
+    # The rotated cases: the kernel rotates like the reference, and an unrotated output fails.
+    case = testing.CASES["norm_quant_layer_int8_had128"]
+    assert case.takes(16, 1536, 0) and not case.takes(16, 128, 0)
+    inputs = case.make_inputs(jax.random.key(4), 20, 384, 0)
+    out, ref = jax.jit(case.kernel)(*inputs), jax.jit(case.reference)(*inputs)
+    assert testing.compare(case, out, ref, inputs)["ok"]
+    unrotated = testing.CASES["norm_quant_layer_int8"].reference(*inputs)
+    assert not testing.compare(case, unrotated, ref, inputs)["ok"]

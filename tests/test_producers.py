@@ -121,17 +121,18 @@ def test_takes_only_what_a_producer_makes():
 
 def test_the_gpu_producer_lowers_to_one_triton_kernel_per_sample(monkeypatch):
     # On Hopper the codes come from pallas_kernels.norm_quant, one call per sample under vmap.
-    monkeypatch.setattr(norm_quant, "supports", lambda x: True)
+    monkeypatch.setattr(norm_quant, "supports", lambda x, hadamard=0: True)
     b, t, d = 2, 16, 256
     S = jax.ShapeDtypeStruct
+    for hadamard in (0, 128):  # with QuaRot's block rotation in the producer too
 
-    def make(x, shift, scale):
-        p = producers.Produced(x, x, shift, scale, 1e-6)
-        return p.quantized(parse_spec("fp8_e4m3/token128")).qvalue
+        def make(x, shift, scale, hadamard=hadamard):
+            p = producers.Produced(x, x, shift, scale, 1e-6)
+            return p.quantized(parse_spec("fp8_e4m3/token128"), hadamard).qvalue
 
-    args = (S((b, t, d), jnp.bfloat16), S((b, d), jnp.float32), S((b, d), jnp.float32))
-    text = jax.jit(make).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text
+        args = (S((b, t, d), jnp.bfloat16), S((b, d), jnp.float32), S((b, d), jnp.float32))
+        text = jax.jit(make).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
 
 
 def _random_like(v, seed: int):
@@ -190,3 +191,45 @@ def test_mm_dit_ffn_inputs_are_produced(monkeypatch):
             outs.append(np.asarray(module.apply({"params": q}, **inputs)))
     assert len(calls) == 2 * cfg.num_layers
     assert np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]) < 1e-2  # f32 model: nearly equal
+
+
+def test_block_rotation_goes_into_the_producer(monkeypatch):
+    # QuaRot's block-diagonal online rotation on the adaLN consumers (Q, K, V, FFN up): the
+    # producer rotates before quantizing, once per block input, instead of the consumers taking
+    # the float value and rotating it themselves.
+    import flax
+
+    cfg = dataclasses.replace(CFG, num_attention_heads=4)  # 256 wide: two 128-blocks
+    port = models.port_for_config(cfg)
+    module = port.module(cfg, jnp.bfloat16)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(0)))
+    q = pol.uniform("int8").quantize(params, models.layer_roles(cfg, params))
+    rotated = ("attn1/to_q/", "attn1/to_k/", "attn1/to_v/", "ffn/net_0/proj/")
+    aux = {
+        path[:-1] + ("hadamard",): jnp.ones((128,), jnp.float32)
+        for path in flax.traverse_util.flatten_dict(params)
+        if path[-1] == "kernel" and any(r in "/".join(path) + "/" for r in rotated)
+    }
+    assert len(aux) == 4 * cfg.num_layers
+    variables = {"params": q, jnn.AUX_COLLECTION: flax.traverse_util.unflatten_dict(aux)}
+    k1, k2 = jax.random.split(jax.random.key(1))
+    inputs = (
+        jax.random.normal(k1, (2, 4, 2, 8, 8), jnp.float32),
+        jnp.asarray([500.0, 500.0]),
+        jax.random.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
+    )
+    seen = []
+    real = fused_producers.norm_modulate_quantize
+    monkeypatch.setattr(
+        fused_producers, "norm_modulate_quantize", lambda *a, **k: seen.append(k.get("hadamard")) or real(*a, **k)
+    )
+
+    def run(**kw):
+        with jnn.quantized("int8/token128", **kw):
+            return np.asarray(jax.jit(lambda v, *a: module.apply(v, *a))(variables, *inputs), np.float32)
+
+    fused = run()
+    assert seen == [128] * (2 * cfg.num_layers)  # each block's two adaLN inputs, rotated in the producer
+    unfused = run(producers=False)  # the consumers rotate the bf16 value, then quantize it
+    assert len(seen) == 2 * cfg.num_layers
+    assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
