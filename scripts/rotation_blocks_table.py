@@ -54,6 +54,7 @@ JSON_NAME = "rotation_blocks.json"
 PRECISIONS = {"W8A8": ("int8", "int8/token"), "W4A8": (rc.W4, "int8/token")}
 FULL = "full width"
 MIXED = "mixed (smooth FFN down)"
+O_OFFLINE = "block 128, O offline only"
 #: The issue's targets against the full-width rotation.
 TARGET_PSNR_DB = 0.3  # bundled model: PSNR within this many dB
 TARGET_STEP_REL = 0.10  # stress mode: one-step error within this fraction
@@ -64,6 +65,9 @@ def candidates(seed: int) -> dict[str, Transform]:
     out = {FULL: quarot.transform(seed), f"{FULL} (seed {seed + 1})": quarot.transform(seed + 1)}
     for b in (256, 128, 32):
         out[f"block {b}"] = quarot.transform(seed, online_block=b)
+    # The attention output projection with only the offline head-wise V/O rotation (no pass at
+    # run time); block 128 elsewhere.
+    out[O_OFFLINE] = quarot.transform(seed, online_block=128, skip_roles=("attn.out",))
     down = P.Policy("ffn-down", ((("ffn.down",), "int8"),), None, "smoothing target only")
     out[MIXED] = chain(rc.smoothing(down, alpha=0.5), quarot.transform(seed, skip_roles=("ffn.down",)))
     return out
