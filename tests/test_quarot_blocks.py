@@ -136,9 +136,12 @@ def test_every_candidate_is_exact_in_float(tiny):
         down = get_aux(rotated, "blocks_0/ffn/net_2")
         up = get_aux(rotated, "blocks_0/ffn/net_0/proj")
         if name.startswith("block"):
-            b = int(name.split()[1])
+            b = int(name.split()[1].rstrip(","))
             assert jquant.nn.hadamard_block(down["hadamard"]) == (b if b < 512 else None), name
             assert jquant.nn.hadamard_block(up["hadamard"]) == (b if b < 128 else None), name
+            # The attention output projection: online unless the candidate keeps it offline only.
+            o = get_aux(rotated, "blocks_0/attn1/to_out_0")
+            assert ("hadamard" in o) == ("O offline" not in name), name
         elif name.startswith("mixed"):  # smoothing, no rotation, on the FFN-down input only
             assert "hadamard" not in down and "input_mul" in down and "hadamard" in up, name
         else:
