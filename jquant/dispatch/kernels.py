@@ -435,7 +435,7 @@ def maybe_run(
     x2 = x.reshape(-1, x.shape[-1])
     if act is not None and act_scale is not None and jnp.size(act_scale) != 1:
         return None  # per-token static tables: XLA path
-    if token_block(act) is not None:  # fine-grained activation scales: only the fp8 block-scaled GEMM
+    if token_block(act) is not None:  # fine-grained activation scales: only a block-scaled GEMM
         y = _block(x2, w, act, out_dtype) if block_kernel(w, act) and not hadamard else None
         if y is None:
             return None
