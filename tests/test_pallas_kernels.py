@@ -307,7 +307,7 @@ def test_codebook_byte_remap_keeps_both_nibbles(fmt):
     np.testing.assert_array_equal(np.asarray(q), want)
 
 
-@settings(deadline=None, max_examples=8)
+@settings(deadline=None, max_examples=5)
 @given(
     fmt=st.sampled_from(["nf4", "fp4"]),
     block=st.sampled_from([16, 32, 64, 128]),
@@ -394,7 +394,7 @@ def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
     assert float(s[0, 0]) == np.float32(act_quant.SCALE_FLOOR) and not np.any(_np(q[0]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(m=st.integers(1, 9), k=st.integers(1, 300), spread=st.floats(1e-3, 1e3), fmt=st.sampled_from(["int8", "fp8"]))
 def test_quantizer_reference_is_jquants_per_token_rule(m, k, spread, fmt):
     # The kernels' reference equals jquant.quantize(x, "<fmt>/token") to the bit (codes and scales),
