@@ -98,7 +98,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8-block-fused-qattn-bf16": dict(
         weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=dict(pv_format="bf16")
     ),
-    # the int8 block-scaled kernel (w8a8.int8_block_matmul; JQUANT_BACKEND=pallas until GPU-checked)
+    # the int8 block-scaled kernel (w8a8.int8_block_matmul, GPU-checked at 31c4fea)
     "int8-block-unfused": dict(weights="int8/b128x128", act="int8/token128", attention=None, producers=False),
     "int8-block-fused": dict(weights="int8/b128x128", act="int8/token128", attention=None),
     # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
