@@ -30,6 +30,7 @@ from pallas_kernels import (
     _quant,
     act_quant,
     fused_producers,
+    gemm_act_quant,
     lowrank_quant,
     norm_quant,
     w4_table,
@@ -319,6 +320,38 @@ def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool,
     )
 
 
+def gemm_act_quant_inputs(codes, key, m, k, n):
+    """Block-scaled GEMM operands (:func:`_block_inputs`) with the activation scales shrunk so
+    the pre-activation values have a standard deviation of about 2: the activation's curved
+    part (not only its linear tail) decides the codes."""
+    x, xs, w, ws, b = _block_inputs(codes, key, m, k, n)
+    y = w8a8._block_reference(x, xs, w, ws, None, jnp.float32)  # pylint: disable=protected-access
+    shrink = 2.0 / jnp.maximum(jnp.std(y), 1e-30)
+    return x, xs * shrink, w, ws, 0.5 * b
+
+
+def _gemm_act_quant_case(name: str, fmt: str) -> KernelCase:
+    """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh + per-(token, 128)
+    quantization to ``fmt``, operands in the same format, against the float32 GEMM +
+    fused_producers.activation_quantize."""
+    make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
+    return KernelCase(
+        name,
+        functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt),
+        functools.partial(gemm_act_quant.gemm_act_quant_reference, act="gelu_tanh", fmt=fmt),
+        make,
+        _gemm_flops,
+        lambda m, k, n: m * k + n * k + m * n + 4 * m * (k + n) / 128,
+        # The block GEMM's own check allows 1e-3 |x||w|; a scale is an amax of GEMM outputs, so
+        # 1e-3 relative. Codes differ where the float32 sums' other order (and fp8 wgmma's
+        # accumulator) moves a value across a rounding boundary: perturbing the reference's
+        # outputs by 1e-4 relative moves 2e-3 of them on the CPU, so at most 1e-2.
+        quant_tol=(1e-2, 1e-3),
+        takes=lambda m, k, n: n % fused_producers.BLOCK == 0,
+        shape_rule=f"N a multiple of {fused_producers.BLOCK}",
+    )
+
+
 def _w4a16_bench_form(inputs, group=128):
     x, packed, scales = inputs
     prepared = weight_only.prepare_w4a16(packed, scales, x.shape[1], group)
@@ -588,6 +621,9 @@ CASES: dict[str, KernelCase] = {
     "norm_quant_rms_fp8": _norm_quant_case("norm_quant_rms_fp8", "rms", "fp8", "w", True),
     "norm_quant_layer_int8_had128": _norm_quant_case("norm_quant_layer_int8_had128", "layer", "int8", "", False, 128),
     "norm_quant_layer_fp8_had128": _norm_quant_case("norm_quant_layer_fp8_had128", "layer", "fp8", "", False, 128),
+    # The FFN-up producer: block-scaled GEMM + activation + per-(token, 128) quantization.
+    "gemm_act_quant_int8": _gemm_act_quant_case("gemm_act_quant_int8", "int8"),
+    "gemm_act_quant_fp8": _gemm_act_quant_case("gemm_act_quant_fp8", "fp8"),
 }
 
 
@@ -628,6 +664,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
         return "kernel" if w4_table.supports(x, block, fmt) else "xla-dequant"
     if name == "act_quant_lowrank":
         return "pallas" if lowrank_quant.supports(*inputs) else "xla"
+    if name.startswith("gemm_act_quant"):
+        return "kernel" if gemm_act_quant.supports(inputs[0], inputs[2], "gelu_tanh") else "reference"
     if name.startswith("norm_quant"):
         return "pallas" if _common._default_device_is_gpu() else "interpret"  # pylint: disable=protected-access
     if name in ROTATIONS:

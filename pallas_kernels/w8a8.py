@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common
+from pallas_kernels import _common, _quant, fused_producers
 
 _INT8 = jnp.dtype(jnp.int8)
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
@@ -591,7 +591,7 @@ class BlockConfig:
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
 # repeated layers lower it once instead of once per layer: minutes of compile time).
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "sms"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "sms", "epilogue"))
 def block_gemm_pallas(
     x: jax.Array,
     w: jax.Array,
@@ -602,7 +602,8 @@ def block_gemm_pallas(
     out_dtype,
     config: BlockConfig,
     sms: int,
-) -> jax.Array:
+    epilogue: tuple[str, str] | None = None,
+):
     """Runs the block-scaled kernel on prepared operands.
 
     ``x`` ``[M, K]`` and ``w`` ``[N, K]`` are both e4m3 or both int8 with K a multiple
@@ -611,6 +612,13 @@ def block_gemm_pallas(
     ``[N]``. Each 128-wide K slice goes through wgmma into a fresh accumulator (fp32 for
     e4m3, exact int32 for int8) that is then added, as fp32 times ``x_scale[m] *
     w_scale``, to the running fp32 sum.
+
+    ``epilogue=(activation, fmt)`` (the FFN-up producer, issue 19) applies
+    ``pallas_kernels.fused_producers.ACTIVATIONS[activation]`` to the float32 tile and
+    quantizes it by the per-token rule of :mod:`pallas_kernels._quant`: each output tile is
+    128 columns, one scale block, so the CTA owns its rows' amax. Returns ``(codes [M, N]
+    in fmt's dtype, scales [ceil(N/128), M] float32)``, the scales already in the
+    ``xs_t`` layout a consuming block-scaled GEMM reads. ``out_dtype`` is then ignored.
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -622,6 +630,10 @@ def block_gemm_pallas(
     m_iters = _common.cdiv(m, cta_m)
     n_iters = _common.cdiv(n, cta_n)
     k_iters = k // BLOCK
+    if epilogue is not None:
+        act_fn = fused_producers.ACTIVATIONS[epilogue[0]]
+        out_dtype = _quant.QDTYPE[epilogue[1]]
+        qmax = _quant.QMAX[epilogue[1]]
     in_transforms = _swizzled(128, 1)
     out_bytes = jnp.dtype(out_dtype).itemsize
     out_transforms = _swizzled(plgpu.find_swizzle(cfg.epi_n * out_bytes * 8, "out"), out_bytes)
@@ -631,7 +643,10 @@ def block_gemm_pallas(
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_col = plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem, out_gmem, out_smem, bias_smem, bias_bar):
+    def kernel(
+        x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem, out_gmem, *sc_out, out_smem, bias_smem, bias_bar, sc_smem=None
+    ):
+        sc_gmem = sc_out[0] if sc_out else None
 
         def get_pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
@@ -680,7 +695,19 @@ def block_gemm_pallas(
                     plgpu.barrier_wait(bias_bar.at[wg])
                     col_bias = plgpu.load(bias_smem.at[wg], (), layout=wgmma_col)
                     y = acc + lax.broadcast_in_dim(col_bias, (wg_m, cta_n), [1])
-                    store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n)
+                    if epilogue is None:
+                        store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n)
+                        return
+                    # The FFN-up producer: activation, then _quant's per-token rule on the tile.
+                    y = act_fn(y)
+                    row_scale = jnp.maximum(jnp.max(jnp.abs(y), axis=1) / qmax, _quant.SCALE_FLOOR)
+                    q = jnp.clip(y / lax.broadcast_in_dim(row_scale, (wg_m, cta_n), [0]), -qmax, qmax)
+                    if out_dtype == _INT8:
+                        q = jnp.round(q)
+                    store_tile(q.astype(out_dtype), out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n)
+                    sc_smem.at[wg][...] = row_scale
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(sc_smem.at[wg], sc_gmem.at[ni, pl.ds(row0, wg_m)])
 
                 def body(_, a_smem, b_smem, xs_smem, ws_smem, acc):
                     def block_product(tmp_ref):
@@ -702,18 +729,23 @@ def block_gemm_pallas(
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+    scratch = dict(
+        out_smem=plgpu.SMEM((2, num_slots, cfg.epi_m, cfg.epi_n), out_dtype, transforms=out_transforms),
+        bias_smem=plgpu.SMEM((2, cta_n), jnp.float32),
+        bias_bar=plgpu.Barrier(num_barriers=2),
+    )
+    if epilogue is not None:  # scales [N tiles, M rounded to the CTA]: whole 64-row TMA pieces
+        out_type = (out_type, jax.ShapeDtypeStruct((n_iters, m_iters * cta_m), jnp.float32))
+        scratch["sc_smem"] = plgpu.SMEM((2, wg_m), jnp.float32)
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_type=out_type,
         grid=(sms,),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
-        scratch_types=dict(
-            out_smem=plgpu.SMEM((2, num_slots, cfg.epi_m, cfg.epi_n), out_dtype, transforms=out_transforms),
-            bias_smem=plgpu.SMEM((2, cta_n), jnp.float32),
-            bias_bar=plgpu.Barrier(num_barriers=2),
-        ),
+        scratch_types=scratch,
     )
     return call(x, w, xs_t, ws_t, bias)
 

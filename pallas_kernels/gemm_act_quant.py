@@ -1,0 +1,106 @@
+"""The FFN-up producer (issue 19): a block-scaled 8-bit GEMM whose epilogue applies the FFN
+activation and quantizes its own output for FFN-down, so no separate pass reads the hidden
+activation again.
+
+``gelu_tanh(x @ w^T + b)`` (or another of :data:`KERNEL_ACTIVATIONS`) with ``x`` int8 / e4m3
+codes at one scale per token per 128 channels and ``w`` in 128 x 128 blocks (the operands of
+:func:`pallas_kernels.w8a8.fp8_block_matmul` / ``int8_block_matmul``), then the per-token rule
+of :mod:`pallas_kernels._quant` on every 128-wide slice of the output row: ``(codes [M, N],
+scales [M, N / 128])``, the ``<fmt>/token128`` activation a block-scaled FFN-down consumes.
+
+On Hopper the kernel is :func:`pallas_kernels.w8a8.block_gemm_pallas` with ``epilogue=(act,
+fmt)``: each CTA's output tile is 128 columns wide, exactly one scale block, so it owns the
+amax of its rows and writes codes and scales straight from registers. Elsewhere (and until its
+GPU check passes, :data:`GPU_VERIFIED`) the reference runs: the block-scaled GEMM in float32,
+then :func:`pallas_kernels.fused_producers.activation_quantize`. Kernel and reference agree
+within one rounding step of the format on codes that sit on a rounding boundary (the float32
+sums run in another order); the GPU check's case ``gemm_act_quant_*`` bounds how many.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common, fused_producers, w8a8
+
+#: ``scripts/check_kernels_gpu.py --kernels gemm_act_quant_int8,gemm_act_quant_fp8`` has not
+#: passed on a GPU yet: only ``JQUANT_BACKEND=pallas`` runs the kernel.
+GPU_VERIFIED = False
+#: Activations the kernel's epilogue computes (their formulas lower to Mosaic GPU); the others
+#: of ``fused_producers.ACTIVATIONS`` run the reference.
+KERNEL_ACTIVATIONS = ("gelu_tanh", "relu")
+_NAME = "gemm_act_quant"
+
+
+def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str) -> None:
+    dtype = jnp.dtype(x_q.dtype)
+    if dtype not in (w8a8._INT8, w8a8._FP8):  # pylint: disable=protected-access
+        raise ValueError(f"{_NAME}: x_q must be int8 or float8_e4m3fn codes, got {x_q.dtype}")
+    w8a8._check_block_operands(x_q, x_scale, w_q, w_scale, bias, _NAME, dtype)  # pylint: disable=protected-access
+    if act not in fused_producers.ACTIVATIONS:
+        raise ValueError(f"{_NAME}: activation {act!r} not in {sorted(fused_producers.ACTIVATIONS)}")
+    if fmt not in fused_producers.FORMATS:
+        raise ValueError(f"{_NAME}: output format {fmt!r} not in {fused_producers.FORMATS}")
+    n = w_q.shape[0]
+    if n % fused_producers.BLOCK:
+        raise ValueError(
+            f"{_NAME}: N={n} output channels do not split into {fused_producers.BLOCK}-channel scale "
+            "blocks (the FFN-down input's scales); N must be a multiple of 128"
+        )
+
+
+def gemm_act_quant_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    act: str = "gelu_tanh",
+    fmt: str = "int8",
+) -> tuple[jax.Array, jax.Array]:
+    """Plain JAX: the block-scaled GEMM in float32 (bias added), then
+    :func:`fused_producers.activation_quantize`."""
+    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt)
+    y = w8a8._block_reference(x_q, x_scale, w_q, w_scale, bias, jnp.float32)  # pylint: disable=protected-access
+    return fused_producers.activation_quantize(y, act, fmt)
+
+
+def supports(x_q: jax.Array, w_q: jax.Array, act: str) -> bool:
+    """Whether the kernel runs: Hopper, a block-scaled kernel for the operands, an activation
+    of :data:`KERNEL_ACTIVATIONS`, and the GPU check passed (or ``JQUANT_BACKEND=pallas``)."""
+    return act in KERNEL_ACTIVATIONS and w8a8.supports_block(x_q, w_q) and _common.kernel_enabled(GPU_VERIFIED)
+
+
+def gemm_act_quant(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    act: str = "gelu_tanh",
+    fmt: str = "int8",
+    config: w8a8.BlockConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``act(x @ w^T + bias)`` quantized per token per 128 channels: ``(codes [M, N] int8 or
+    e4m3, scales [M, N/128] float32)``. Operands as :func:`w8a8.fp8_block_matmul`'s (int8 or
+    e4m3 alike); N a multiple of 128. Kernel on Hopper (:func:`supports`), reference elsewhere."""
+    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt)
+    if not supports(x_q, w_q, act):
+        return gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, act=act, fmt=fmt)
+    m = x_q.shape[0]
+    x, w, xs_t, ws_t, bias_v = w8a8._prepare_block(x_q, x_scale, w_q, w_scale, bias)  # pylint: disable=protected-access
+    codes, scales_t = w8a8.block_gemm_pallas(
+        x,
+        w,
+        xs_t,
+        ws_t,
+        bias_v,
+        out_dtype=jnp.bfloat16,
+        config=config or w8a8.BlockConfig(),
+        sms=_common.num_sms(),
+        epilogue=(act, fmt),
+    )
+    return codes[:m], scales_t[:, :m].T

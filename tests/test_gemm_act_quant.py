@@ -1,0 +1,92 @@
+"""The FFN-up producer (pallas_kernels.gemm_act_quant): its reference against numpy, the kernel's
+lowering to Mosaic GPU for every operand / output format, and its errors on bad input."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _common, gemm_act_quant, testing
+
+FORMATS = {"int8": testing.w8a8_int8_block_inputs, "fp8": testing.w8a8_fp8_block_inputs}
+
+
+def _numpy_reference(x, xs, w, ws, b):
+    """float64 numpy: dequantize both block-scaled operands, dot, bias, gelu (tanh form)."""
+    k = x.shape[1]
+    xf = np.asarray(x.astype(jnp.float32), np.float64) * np.repeat(np.asarray(xs, np.float64), 128, 1)[:, :k]
+    wsr = np.repeat(np.repeat(np.asarray(ws, np.float64), 128, 0)[: w.shape[0]], 128, 1)[:, :k]
+    wf = np.asarray(w.astype(jnp.float32), np.float64) * wsr
+    y = xf @ wf.T + np.asarray(b, np.float64)[None]
+    return 0.5 * y * (1 + np.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
+
+
+@pytest.mark.parametrize("operands", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_reference_matches_numpy_within_one_step(operands, fmt):
+    x, xs, w, ws, b = testing.gemm_act_quant_inputs(
+        testing._int8 if operands == "int8" else testing._fp8, jax.random.key(3), 37, 320, 256
+    )
+    codes, scales = gemm_act_quant.gemm_act_quant_reference(x, xs, w, ws, b, fmt=fmt)
+    assert codes.shape == (37, 256) and scales.shape == (37, 2) and scales.dtype == jnp.float32
+    assert codes.dtype == (jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn)
+    want = _numpy_reference(x, xs, w, ws, b).reshape(37, 2, 128)
+    want_scale = np.abs(want).max(-1) / (127.0 if fmt == "int8" else 448.0)
+    np.testing.assert_allclose(np.asarray(scales), want_scale, rtol=1e-5)
+    got = np.asarray(codes.astype(jnp.float32)).reshape(37, 2, 128) * np.asarray(scales)[..., None]
+    # Within one step of the format at each value: int8 half a step of the scale; e4m3 3 bits.
+    step = want_scale[..., None] if fmt == "int8" else np.maximum(np.abs(want) * 2.0**-3, want_scale[..., None] * 2**-6)
+    assert np.all(np.abs(got - want) <= step * 1.0001)
+    assert np.std(want) > 0.5  # the inputs reach gelu's curved part, not only its linear tail
+
+
+@pytest.mark.parametrize("operands", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k,n", [(5, 320, 256), (300, 1536, 384), (256, 3072, 3072)])
+def test_kernel_lowers_to_mosaic_gpu(operands, fmt, m, k, n, monkeypatch):
+    monkeypatch.setenv(_common.FORCE_ENV, "pallas")
+    x, xs, w, ws, b = FORMATS[operands](jax.random.key(0), m, k, n)
+
+    def call(*a):
+        return gemm_act_quant.gemm_act_quant(*a, act="gelu_tanh", fmt=fmt)
+
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, xs, w, ws, b)]
+    lowered = jax.jit(call).trace(*shapes).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    codes, scales = lowered.out_info
+    assert codes.shape == (m, n) and scales.shape == (m, n // 128)
+
+
+def test_activations_without_a_kernel_formula_run_the_reference(monkeypatch):
+    monkeypatch.setenv(_common.FORCE_ENV, "pallas")
+    x, xs, w, ws, b = testing.w8a8_int8_block_inputs(jax.random.key(1), 8, 256, 128)
+    assert not gemm_act_quant.supports(x, w, "silu")
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, xs, w, ws, b)]
+    text = (
+        jax.jit(lambda *a: gemm_act_quant.gemm_act_quant(*a, act="silu"))
+        .trace(*shapes)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "mosaic_gpu" not in text
+
+
+def test_bad_inputs_raise_named_errors():
+    x, xs, w, ws, b = testing.w8a8_int8_block_inputs(jax.random.key(0), 4, 256, 136)
+    with pytest.raises(ValueError, match=r"gemm_act_quant: N=136 .* multiple of 128"):
+        gemm_act_quant.gemm_act_quant(x, xs, w, ws, b)
+    x, xs, w, ws, b = testing.w8a8_int8_block_inputs(jax.random.key(0), 4, 256, 128)
+    with pytest.raises(ValueError, match="activation 'swish'"):
+        gemm_act_quant.gemm_act_quant(x, xs, w, ws, b, act="swish")
+    with pytest.raises(ValueError, match="output format 'int4'"):
+        gemm_act_quant.gemm_act_quant(x, xs, w, ws, b, fmt="int4")
+    with pytest.raises(ValueError, match=r"gemm_act_quant: w_q .*dtype"):
+        gemm_act_quant.gemm_act_quant(x, xs, w.astype(jnp.float8_e4m3fn), ws, b)
+    with pytest.raises(ValueError, match=r"gemm_act_quant: x_scale must be"):
+        gemm_act_quant.gemm_act_quant(x, xs[:, :1], w, ws, b)
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
+        gemm_act_quant.gemm_act_quant(x.astype(jnp.bfloat16), xs, w, ws, b)
