@@ -29,7 +29,8 @@ Observers (calibration) see every intercepted layer's input, keyed by module pat
 Fused producers (``producers=True``, the default): a port's ``NormModulate`` (adaLN input) call
 returns a :class:`jquant.producers.Produced`, and its consumers with ``int8/token128`` or
 ``fp8_e4m3/token128`` activations take the codes of one fused norm + modulation + quantization
-pass instead of quantizing the float input each (:mod:`jquant.producers`).
+pass instead of quantizing the float input each; a ``LinearAct`` (FFN-up) with block-scaled
+weights does the same for FFN-down, from its GEMM's epilogue (:mod:`jquant.producers`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from jquant import dispatch, producers
 from jquant.formats import QSpec, parse_rule, parse_spec
 from jquant.hadamard import apply_block_hadamard
 from jquant.models.blocks import Attention, FeedForward, LinearAct, NormModulate
-from jquant.producers import Produced
+from jquant.producers import ActProduced, NormProduced, Produced
 from jquant.qarray import QArray, dequantize
 
 #: Modules that may receive a :class:`Produced`: the linear layers, and the port blocks whose
@@ -206,7 +207,31 @@ def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:
     if x is None or shift is None or scale is None or value.ndim != 3:
         return value
     params = {k: module.get_variable("params", k) for k in ("scale", "bias") if module.has_variable("params", k)}
-    return Produced(value, x, shift, scale, module.eps, params.get("scale"), params.get("bias"))
+    return NormProduced(value, x, shift, scale, module.eps, params.get("scale"), params.get("bias"))
+
+
+def _produce_act(module: LinearAct, next_fun, args, kwargs, cfg: QuantConfig) -> Any:
+    """A ``LinearAct`` (FFN-up) call in a quantized run: its float value, plus the FFN-up input's
+    codes where ``proj`` is a block-scaled pair, so FFN-down can take the codes its GEMM's
+    epilogue makes (:class:`jquant.producers.ActProduced`)."""
+    value = next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs.get("x")
+    if module.gated or x is None or value.ndim != 3:
+        return value
+    variables = module.variables
+    proj = variables.get("params", {}).get("proj", {})
+    kernel, bias = proj.get("kernel"), proj.get("bias")
+    if not isinstance(kernel, QArray) or kernel.ndim != 2:
+        return value
+    path = "/".join(module.scope.path) + "/proj"
+    aux = variables.get(AUX_COLLECTION, {}).get("proj") or None
+    if isinstance(x, Produced):
+        xq = _produced_codes(path, x, kernel, aux, cfg, module.dtype, None, None)
+    else:
+        act = cfg.act_for(path)
+        plain = aux is None and producers.takes(act) and jnp.dtype(module.dtype) == x.dtype
+        xq = dispatch.quantize_activation(x, act, None) if plain else None
+    return value if xq is None else ActProduced(value, xq, kernel, bias, module.act)
 
 
 def _values(args: tuple) -> tuple:
@@ -226,10 +251,12 @@ def _linen_aux(module: nn.Module) -> dict | None:
 
 def _linen_interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if isinstance(module, NormModulate) and context.method_name == "__call__":
+    if isinstance(module, (NormModulate, LinearAct)) and context.method_name == "__call__":
         cfg = _state.config
         if cfg is None or not cfg.producers or _state.observers or module.is_initializing() or not cfg.takes_codes:
             return next_fun(*args, **kwargs)
+        if isinstance(module, LinearAct):
+            return _produce_act(module, next_fun, args, kwargs, cfg)
         return _produce(module, next_fun, args, kwargs)
     if not isinstance(module, _TAKE_PRODUCED):
         args = _values(args)  # modules that use x as an array take the float value

@@ -11,6 +11,12 @@ the norm, the modulation and the quantization in one pass (``pallas_kernels.norm
 GPU, ``pallas_kernels.fused_producers`` elsewhere), made once and shared by every such consumer
 (a block's Q, K and V). Every other consumer takes :attr:`Produced.value`.
 
+The FFN-up layer is a producer too: a port's ``LinearAct`` (``activation(proj(x))``) returns an
+:class:`ActProduced` when ``proj`` is a block-scaled pair (``<fmt>/b128x128`` weights,
+``<fmt>/token128`` activations), and an FFN-down with a token128 spec takes the codes that the
+FFN-up GEMM's epilogue wrote (``pallas_kernels.gemm_act_quant``): the hidden activation, the
+widest in the block, is never written in 16 bits nor read again to be quantized.
+
 The codes are quantized from the float32 modulated values (the kernel keeps them in registers),
 where the unfused path rounds them to the model dtype first: they match that path's codes within
 one rounding step of the format, not bit for bit.
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant.dispatch import token_block
+from jquant.dispatch.kernels import block_act_quantized
 from jquant.formats import QSpec
 from jquant.qarray import QArray
 from pallas_kernels import fused_producers, norm_quant
@@ -48,18 +55,12 @@ def takes(act: QSpec | None) -> bool:
 
 @dataclasses.dataclass(eq=False)
 class Produced:
-    """A ``NormModulate`` output in a quantized run: ``value`` (``[B, T, D]``, the float result)
-    and the inputs of the fused producer, with its codes made at most once per format."""
+    """An activation in a quantized run that its producer can also hand over as codes:
+    ``value`` (``[B, T, D]``, the float result every other consumer takes) and, per format and
+    rotation, the codes the producer makes (at most once; XLA drops what no consumer reads)."""
 
     value: Array
-    x: Array
-    shift: Array
-    scale: Array
-    eps: float
-    norm_scale: Array | None = None
-    norm_bias: Array | None = None
-    kind: str = "layer"
-    _made: dict = dataclasses.field(default_factory=dict, repr=False)
+    _made: dict = dataclasses.field(default_factory=dict, repr=False, kw_only=True)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -77,7 +78,8 @@ class Produced:
         """The activation as ``act``'s QArray made by the fused producer, or None where ``act``
         is not one it makes (:func:`takes`), the width is not whole 128-channel blocks, or
         ``hadamard`` (QuaRot's block-diagonal online rotation of that order, applied by the
-        producer before quantizing; 0: none) does not tile the width."""
+        producer before quantizing; 0: none) does not tile the width or this producer cannot
+        apply it."""
         d = self.shape[-1]
         if not takes(act) or self.value.ndim != 3 or d % fused_producers.BLOCK:
             return None
@@ -86,8 +88,28 @@ class Produced:
         key = (PRODUCER_FORMATS[act.fmt], hadamard)
         if key not in self._made:
             self._made[key] = self._produce(*key)
+        if self._made[key] is None:
+            return None
         codes, scales = self._made[key]
         return QArray(codes, scales, spec=act, dtype=self.value.dtype, axis=-1)
+
+    def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array] | None:
+        """``(codes [B, T, D], scales [B, T, D/128])`` in ``fmt``, or None where it cannot."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(eq=False)
+class NormProduced(Produced):
+    """A ``NormModulate`` output (the QKV and FFN-up input): the norm, the modulation, the
+    optional block rotation and the quantization in one pass over ``x``."""
+
+    x: Array
+    shift: Array
+    scale: Array
+    eps: float
+    norm_scale: Array | None = None
+    norm_bias: Array | None = None
+    kind: str = "layer"
 
     def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array]:
         b, t, d = self.x.shape
@@ -104,6 +126,23 @@ class Produced:
         return fused_producers.norm_modulate_quantize(
             self.x, self.norm_scale, self.norm_bias, self.shift, self.scale, self.eps, self.kind, fmt, hadamard=hadamard
         )
+
+
+@dataclasses.dataclass(eq=False)
+class ActProduced(Produced):
+    """A ``LinearAct`` output (the FFN-down input): ``activation(xq @ kernel + bias)``, made
+    by the FFN-up GEMM's epilogue (``pallas_kernels.gemm_act_quant``: the kernel on Hopper,
+    its float32 reference elsewhere) from the FFN-up input's codes ``xq``. No rotation."""
+
+    xq: QArray
+    kernel: QArray
+    bias: Array | None
+    activation: str
+
+    def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array] | None:
+        if hadamard:
+            return None
+        return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt)
 
 
 def _per_sample(v: Array, b: int, d: int) -> Array | None:

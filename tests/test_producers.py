@@ -127,7 +127,7 @@ def test_the_gpu_producer_lowers_to_one_triton_kernel_per_sample(monkeypatch):
     for hadamard in (0, 128):  # with QuaRot's block rotation in the producer too
 
         def make(x, shift, scale, hadamard=hadamard):
-            p = producers.Produced(x, x, shift, scale, 1e-6)
+            p = producers.NormProduced(x, x, shift, scale, 1e-6)
             return p.quantized(parse_spec("fp8_e4m3/token128"), hadamard).qvalue
 
         args = (S((b, t, d), jnp.bfloat16), S((b, d), jnp.float32), S((b, d), jnp.float32))
@@ -233,3 +233,57 @@ def test_block_rotation_goes_into_the_producer(monkeypatch):
     unfused = run(producers=False)  # the consumers rotate the bf16 value, then quantize it
     assert len(seen) == 2 * cfg.num_layers
     assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
+
+
+def _count_ffn_productions(monkeypatch) -> list:
+    from pallas_kernels import gemm_act_quant
+
+    calls = []
+    real = gemm_act_quant.gemm_act_quant
+
+    def counting(*a, **k):
+        calls.append((a[0].shape, a[2].shape, k.get("act"), k.get("fmt")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(gemm_act_quant, "gemm_act_quant", counting)
+    return calls
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_ffn_down_takes_the_ffn_up_epilogue_codes(wan, fmt, monkeypatch):
+    # Block-scaled weights and token128 activations: each block's FFN-up GEMM quantizes its own
+    # gelu output (one producer call per block, [B*T, dim] x [ffn_dim, dim]), FFN-down takes it.
+    calls = _count_ffn_productions(monkeypatch)
+    fused = _run(wan, f"{fmt}/b128x128", f"{fmt}/token128")
+    tokens = 2 * 2 * 4 * 4  # batch x frames x (8/2)^2 patches
+    short = "int8" if fmt == "int8" else "fp8"
+    assert calls == [((tokens, CFG.attention_head_dim * 2), (CFG.ffn_dim, 128), "gelu_tanh", short)] * CFG.num_layers
+    unfused = _run(wan, f"{fmt}/b128x128", f"{fmt}/token128", producers=False)
+    assert len(calls) == CFG.num_layers  # the unfused run makes none
+    f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
+    assert np.isfinite(f).all()
+    assert np.linalg.norm(f - u) / np.linalg.norm(u) < 2e-2
+
+
+def test_ffn_producer_needs_a_block_scaled_pair(wan, monkeypatch):
+    # Per-channel int8 weights have no block-scaled kernel: FFN-down takes the float value.
+    calls = _count_ffn_productions(monkeypatch)
+    _run(wan, "int8", "int8/token128")
+    assert calls == []
+
+
+def test_ffn_producer_codes_equal_the_reference_composition():
+    # ActProduced's codes are gemm_act_quant's on the FFN-up input codes, reshaped per token.
+    x = jax.random.normal(jax.random.key(4), (2, 7, 256), jnp.float32)
+    w = quantize(jax.random.normal(jax.random.key(5), (256, 384), jnp.float32) * 0.1, parse_spec("int8/b128x128"))
+    bias = jax.random.normal(jax.random.key(6), (384,), jnp.float32)
+    xq = quantize(x, parse_spec("int8/token128"), check_finite=False)
+    p = producers.ActProduced(x, xq, w, bias, "gelu_tanh")
+    got = p.quantized(parse_spec("int8/token128"))
+    assert got.shape == (2, 7, 384) and got.scale.shape == (2, 7, 3)
+    assert p.quantized(parse_spec("int8/token128"), 128) is None  # no rotation in this producer
+    y = dispatch.block_scaled_linear(xq, w).astype(jnp.float32) + bias
+    codes, scales = fused_producers.activation_quantize(y, "gelu_tanh", "int8")
+    diff = np.abs(np.asarray(got.qvalue, np.float32) - np.asarray(codes, np.float32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+    np.testing.assert_allclose(np.asarray(got.scale), np.asarray(scales), rtol=1e-5)

@@ -54,6 +54,8 @@ from jquant.hadamard import apply_block_hadamard, online_block
 from jquant.qarray import QArray, decode_scale, dequantize
 from pallas_kernels import (
     act_quant,
+    fused_producers,
+    gemm_act_quant,
     kquant_triton,
     lowrank_quant,
     testing,
@@ -355,6 +357,27 @@ def block_quantized(xq: QArray, w: QArray, out_dtype):
         return None
     run = w8a8.int8_block_matmul if xq.qvalue.dtype == jnp.int8 else w8a8.fp8_block_matmul
     return run(xq.qvalue, decode_scale(xq), w_q, decode_scale(w).T, None, out_dtype)
+
+
+def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: str):
+    """The FFN-up producer: ``activation(xq @ w + bias)`` quantized per token per 128 channels to
+    ``out_fmt`` (``"int8"`` / ``"fp8"``) by the block-scaled GEMM's epilogue, as ``(codes [..., N],
+    scales [..., N/128])`` (``pallas_kernels.gemm_act_quant``: the kernel on Hopper, its float32
+    reference elsewhere); None where ``xq``/``w`` are not a block-scaled pair (:func:`block_kernel`),
+    N is not whole 128-channel blocks or the activation has no producer formula."""
+    if not isinstance(w, QArray) or not block_kernel(w, xq.spec):
+        return None
+    k, n = w.shape
+    if n % w8a8.BLOCK or activation not in fused_producers.ACTIVATIONS or xq.shape[-1] != k:
+        return None
+    lead = xq.shape[:-1]
+    x_q = xq.qvalue.reshape(-1, k)
+    x_scale = decode_scale(xq).reshape(-1, k // w8a8.BLOCK)
+    b = None if bias is None else dequantize(bias).reshape(-1).astype(jnp.float32)
+    codes, scales = gemm_act_quant.gemm_act_quant(
+        x_q, x_scale, w.qvalue.T, decode_scale(w).T, b, act=activation, fmt=out_fmt
+    )
+    return codes.reshape(*lead, n), scales.reshape(*lead, n // w8a8.BLOCK)
 
 
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
