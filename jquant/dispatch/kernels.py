@@ -364,11 +364,15 @@ def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: s
     ``out_fmt`` (``"int8"`` / ``"fp8"``) by the block-scaled GEMM's epilogue, as ``(codes [..., N],
     scales [..., N/128])`` (``pallas_kernels.gemm_act_quant``: the kernel on Hopper, its float32
     reference elsewhere); None where ``xq``/``w`` are not a block-scaled pair (:func:`block_kernel`),
-    N is not whole 128-channel blocks or the activation has no producer formula."""
+    N is not whole 128-channel blocks, the activation has no producer formula, or on a GPU where
+    the kernel does not run (unverified, or not Hopper): there the unfused path is faster than a
+    float32 XLA reference."""
     if not isinstance(w, QArray) or not block_kernel(w, xq.spec):
         return None
     k, n = w.shape
     if n % w8a8.BLOCK or activation not in fused_producers.ACTIVATIONS or xq.shape[-1] != k:
+        return None
+    if on_gpu() and not gemm_act_quant.supports(xq.qvalue, w.qvalue.T, activation):
         return None
     lead = xq.shape[:-1]
     x_q = xq.qvalue.reshape(-1, k)
