@@ -132,7 +132,8 @@ class NormProduced(Produced):
 class ActProduced(Produced):
     """A ``LinearAct`` output (the FFN-down input): ``activation(xq @ kernel + bias)``, made
     by the FFN-up GEMM's epilogue (``pallas_kernels.gemm_act_quant``: the kernel on Hopper,
-    its float32 reference elsewhere) from the FFN-up input's codes ``xq``. No rotation."""
+    its float32 reference elsewhere) from the FFN-up input's codes ``xq``; with ``hadamard=128``
+    the epilogue also applies QuaRot's block rotation (FFN-down's online one, issue 26)."""
 
     xq: QArray
     kernel: QArray
@@ -140,9 +141,7 @@ class ActProduced(Produced):
     activation: str
 
     def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array] | None:
-        if hadamard:
-            return None
-        return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt)
+        return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt, hadamard)
 
 
 def _per_sample(v: Array, b: int, d: int) -> Array | None:

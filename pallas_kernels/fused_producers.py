@@ -151,10 +151,19 @@ def norm_modulate_quantize(
     return quantize_blocks(y, fmt, block)
 
 
-def activation_quantize(y: Array, act: str = "gelu_tanh", fmt: str = "int8", block: int = BLOCK) -> tuple[Array, Array]:
+def activation_quantize(
+    y: Array, act: str = "gelu_tanh", fmt: str = "int8", block: int = BLOCK, hadamard: int = 0
+) -> tuple[Array, Array]:
     """The FFN-up epilogue: ``act(y)`` in float32, quantized per token per ``block`` channels for
-    FFN-down. ``y`` is the FFN-up GEMM's output (bias added) ``[..., F]``."""
+    FFN-down. ``y`` is the FFN-up GEMM's output (bias added) ``[..., F]``. ``hadamard=b`` first
+    applies QuaRot's block-diagonal rotation of order ``b`` to the activation rounded to bf16
+    (what the unfused path rotates: the model's bf16 hidden activation), in float32."""
     if act not in ACTIVATIONS:
         raise ValueError(f"activation_quantize: activation {act!r} not in {sorted(ACTIVATIONS)}")
     _check_fmt(fmt, block, y.shape[-1], "activation_quantize")
-    return quantize_blocks(ACTIVATIONS[act](y.astype(jnp.float32)), fmt, block)
+    v = ACTIVATIONS[act](y.astype(jnp.float32))
+    if hadamard:
+        if hadamard < 2 or y.shape[-1] % hadamard:
+            raise ValueError(f"activation_quantize: a block rotation of order {hadamard} does not tile F={y.shape[-1]}")
+        v = apply_block_hadamard(_quant.round_to_bf16(v), hadamard, axis=-1)
+    return quantize_blocks(v, fmt, block)

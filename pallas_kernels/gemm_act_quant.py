@@ -22,18 +22,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _common, fused_producers, w8a8
+from pallas_kernels import _common, act_quant, fused_producers, w8a8
 
 #: ``scripts/check_kernels_gpu.py --kernels gemm_act_quant_int8,gemm_act_quant_fp8`` has not
 #: passed on a GPU yet: only ``JQUANT_BACKEND=pallas`` runs the kernel.
 GPU_VERIFIED = False
+#: The rotating epilogue (``hadamard=128``): ``gemm_act_quant_int8_had128`` not yet GPU-checked.
+HADAMARD_GPU_VERIFIED = False
 #: Activations the kernel's epilogue computes (their formulas lower to Mosaic GPU); the others
 #: of ``fused_producers.ACTIVATIONS`` run the reference.
 KERNEL_ACTIVATIONS = ("gelu_tanh", "relu")
 _NAME = "gemm_act_quant"
+#: The one block-diagonal rotation order the epilogue applies: one 128-column output tile.
+ROTATION = 128
 
 
-def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str) -> None:
+def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str, hadamard: int = 0) -> None:
     dtype = jnp.dtype(x_q.dtype)
     if dtype not in (w8a8._INT8, w8a8._FP8):  # pylint: disable=protected-access
         raise ValueError(f"{_NAME}: x_q must be int8 or float8_e4m3fn codes, got {x_q.dtype}")
@@ -48,6 +52,8 @@ def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str) -> None:
             f"{_NAME}: N={n} output channels do not split into {fused_producers.BLOCK}-channel scale "
             "blocks (the FFN-down input's scales); N must be a multiple of 128"
         )
+    if hadamard not in (0, ROTATION):
+        raise ValueError(f"{_NAME}: hadamard must be 0 or {ROTATION} (one rotation block per tile), got {hadamard}")
 
 
 def gemm_act_quant_reference(
@@ -59,18 +65,26 @@ def gemm_act_quant_reference(
     *,
     act: str = "gelu_tanh",
     fmt: str = "int8",
+    hadamard: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Plain JAX: the block-scaled GEMM in float32 (bias added), then
-    :func:`fused_producers.activation_quantize`."""
-    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt)
+    :func:`fused_producers.activation_quantize` (with the block rotation when ``hadamard``)."""
+    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt, hadamard)
     y = w8a8._block_reference(x_q, x_scale, w_q, w_scale, bias, jnp.float32)  # pylint: disable=protected-access
-    return fused_producers.activation_quantize(y, act, fmt)
+    return fused_producers.activation_quantize(y, act, fmt, hadamard=hadamard)
 
 
-def supports(x_q: jax.Array, w_q: jax.Array, act: str) -> bool:
+def supports(x_q: jax.Array, w_q: jax.Array, act: str, hadamard: int = 0) -> bool:
     """Whether the kernel runs: Hopper, a block-scaled kernel for the operands, an activation
-    of :data:`KERNEL_ACTIVATIONS`, and the GPU check passed (or ``JQUANT_BACKEND=pallas``)."""
-    return act in KERNEL_ACTIVATIONS and w8a8.supports_block(x_q, w_q) and _common.kernel_enabled(GPU_VERIFIED)
+    of :data:`KERNEL_ACTIVATIONS`, and the GPU check passed (or ``JQUANT_BACKEND=pallas``; the
+    rotation has its own flag, :data:`HADAMARD_GPU_VERIFIED`)."""
+    verified = GPU_VERIFIED and (HADAMARD_GPU_VERIFIED or not hadamard)
+    return (
+        act in KERNEL_ACTIVATIONS
+        and hadamard in (0, ROTATION)
+        and w8a8.supports_block(x_q, w_q)
+        and _common.kernel_enabled(verified)
+    )
 
 
 def gemm_act_quant(
@@ -82,24 +96,31 @@ def gemm_act_quant(
     *,
     act: str = "gelu_tanh",
     fmt: str = "int8",
+    hadamard: int = 0,
     config: w8a8.BlockConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``act(x @ w^T + bias)`` quantized per token per 128 channels: ``(codes [M, N] int8 or
     e4m3, scales [M, N/128] float32)``. Operands as :func:`w8a8.fp8_block_matmul`'s (int8 or
-    e4m3 alike); N a multiple of 128. Kernel on Hopper (:func:`supports`), reference elsewhere."""
-    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt)
-    if not supports(x_q, w_q, act):
-        return gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, act=act, fmt=fmt)
+    e4m3 alike); N a multiple of 128. ``hadamard=128`` rotates each 128-wide slice of the
+    (bf16-rounded) activation by QuaRot's block-diagonal Hadamard before quantizing, for an
+    FFN-down whose weights carry the rotation. Kernel on Hopper (:func:`supports`), reference
+    elsewhere."""
+    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt, hadamard)
+    if not supports(x_q, w_q, act, hadamard):
+        return gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, act=act, fmt=fmt, hadamard=hadamard)
     m = x_q.shape[0]
     x, w, xs_t, ws_t, bias_v = w8a8._prepare_block(x_q, x_scale, w_q, w_scale, bias)  # pylint: disable=protected-access
+    # The rotation's two 32 KiB copies of H take one pipeline stage's shared memory.
+    h = jnp.asarray(act_quant.block_matrix(2 * ROTATION, ROTATION), jnp.bfloat16) if hadamard else None
     codes, scales_t = w8a8.block_gemm_pallas(
         x,
         w,
         xs_t,
         ws_t,
         bias_v,
+        h,
         out_dtype=jnp.bfloat16,
-        config=config or w8a8.BlockConfig(),
+        config=config or w8a8.BlockConfig(stages=4 if hadamard else 5),
         sms=_common.num_sms(),
         epilogue=(act, fmt),
     )

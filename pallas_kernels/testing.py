@@ -330,15 +330,15 @@ def gemm_act_quant_inputs(codes, key, m, k, n):
     return x, xs * shrink, w, ws, 0.5 * b
 
 
-def _gemm_act_quant_case(name: str, fmt: str) -> KernelCase:
-    """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh + per-(token, 128)
-    quantization to ``fmt``, operands in the same format, against the float32 GEMM +
-    fused_producers.activation_quantize."""
+def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0) -> KernelCase:
+    """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (+ QuaRot's order-128
+    block rotation) + per-(token, 128) quantization to ``fmt``, operands in the same format,
+    against the float32 GEMM + fused_producers.activation_quantize."""
     make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
     return KernelCase(
         name,
-        functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt),
-        functools.partial(gemm_act_quant.gemm_act_quant_reference, act="gelu_tanh", fmt=fmt),
+        functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt, hadamard=hadamard),
+        functools.partial(gemm_act_quant.gemm_act_quant_reference, act="gelu_tanh", fmt=fmt, hadamard=hadamard),
         make,
         _gemm_flops,
         lambda m, k, n: m * k + n * k + m * n + 4 * m * (k + n) / 128,
@@ -624,6 +624,7 @@ CASES: dict[str, KernelCase] = {
     # The FFN-up producer: block-scaled GEMM + activation + per-(token, 128) quantization.
     "gemm_act_quant_int8": _gemm_act_quant_case("gemm_act_quant_int8", "int8"),
     "gemm_act_quant_fp8": _gemm_act_quant_case("gemm_act_quant_fp8", "fp8"),
+    "gemm_act_quant_int8_had128": _gemm_act_quant_case("gemm_act_quant_int8_had128", "int8", 128),
 }
 
 
@@ -665,7 +666,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
     if name == "act_quant_lowrank":
         return "pallas" if lowrank_quant.supports(*inputs) else "xla"
     if name.startswith("gemm_act_quant"):
-        return "kernel" if gemm_act_quant.supports(inputs[0], inputs[2], "gelu_tanh") else "reference"
+        rotation = 128 if name.endswith("had128") else 0
+        return "kernel" if gemm_act_quant.supports(inputs[0], inputs[2], "gelu_tanh", rotation) else "reference"
     if name.startswith("norm_quant"):
         return "pallas" if _common._default_device_is_gpu() else "interpret"  # pylint: disable=protected-access
     if name in ROTATIONS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -598,6 +599,7 @@ def block_gemm_pallas(
     xs_t: jax.Array,
     ws_t: jax.Array,
     bias: jax.Array,
+    h: jax.Array | None = None,
     *,
     out_dtype,
     config: BlockConfig,
@@ -619,6 +621,9 @@ def block_gemm_pallas(
     128 columns, one scale block, so the CTA owns its rows' amax. Returns ``(codes [M, N]
     in fmt's dtype, scales [ceil(N/128), M] float32)``, the scales already in the
     ``xs_t`` layout a consuming block-scaled GEMM reads. ``out_dtype`` is then ignored.
+    With ``h`` (the +-1 Sylvester matrix of order 128, bf16) the epilogue also applies QuaRot's
+    block-diagonal rotation before quantizing: the bf16-rounded activation tile times ``h``
+    through one more wgmma (exact products, float32 sums), times ``1/sqrt(128)``.
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -634,6 +639,9 @@ def block_gemm_pallas(
         act_fn = fused_producers.ACTIVATIONS[epilogue[0]]
         out_dtype = _quant.QDTYPE[epilogue[1]]
         qmax = _quant.QMAX[epilogue[1]]
+    rotate = h is not None
+    if rotate and (epilogue is None or h.shape != (cta_n, cta_n)):
+        raise ValueError(f"block_gemm_pallas: h must be [{cta_n}, {cta_n}] and needs an epilogue, got {h.shape}")
     in_transforms = _swizzled(128, 1)
     out_bytes = jnp.dtype(out_dtype).itemsize
     out_transforms = _swizzled(plgpu.find_swizzle(cfg.epi_n * out_bytes * 8, "out"), out_bytes)
@@ -643,9 +651,10 @@ def block_gemm_pallas(
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_col = plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(
-        x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem, out_gmem, *sc_out, out_smem, bias_smem, bias_bar, sc_smem=None
-    ):
+    def kernel(*refs, out_smem, bias_smem, bias_bar, sc_smem=None, h_smem=None, h_bar=None):
+        x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem = refs[:5]
+        h_gmem = refs[5] if rotate else None
+        out_gmem, *sc_out = refs[6 if rotate else 5 :]
         sc_gmem = sc_out[0] if sc_out else None
 
         def get_pipeline(body, compute_context):
@@ -678,6 +687,12 @@ def block_gemm_pallas(
         )
         def _scope(allocs):
             wg = lax.axis_index("wg")
+            if rotate:  # each consumer warpgroup's own copy of the rotation, loaded once
+
+                @pl.when(wg < 2)
+                def _load_h():
+                    plgpu.copy_gmem_to_smem(h_gmem, h_smem.at[wg], h_bar.at[wg])
+                    plgpu.barrier_wait(h_bar.at[wg])
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tile_loop(info):
@@ -700,6 +715,13 @@ def block_gemm_pallas(
                         return
                     # The FFN-up producer: activation, then _quant's per-token rule on the tile.
                     y = act_fn(y)
+                    if rotate:  # (bf16(y) @ H) / sqrt(128): the unfused path rotates the bf16 value
+
+                        def rotation(rot_ref):
+                            plgpu.wgmma(rot_ref, y.astype(jnp.bfloat16), h_smem.at[wg])
+                            return rot_ref[...]
+
+                        y = pl.run_scoped(rotation, plgpu.ACC((wg_m, cta_n), jnp.float32)) * (1.0 / math.sqrt(cta_n))
                     row_scale = jnp.maximum(jnp.max(jnp.abs(y), axis=1) / qmax, _quant.SCALE_FLOOR)
                     q = jnp.clip(y / lax.broadcast_in_dim(row_scale, (wg_m, cta_n), [0]), -qmax, qmax)
                     if out_dtype == _INT8:
@@ -738,6 +760,9 @@ def block_gemm_pallas(
     if epilogue is not None:  # scales [N tiles, M rounded to the CTA]: whole 64-row TMA pieces
         out_type = (out_type, jax.ShapeDtypeStruct((n_iters, m_iters * cta_m), jnp.float32))
         scratch["sc_smem"] = plgpu.SMEM((2, wg_m), jnp.float32)
+    if rotate:
+        scratch["h_smem"] = plgpu.SMEM((2, cta_n, cta_n), jnp.bfloat16, transforms=_swizzled(128, 2))
+        scratch["h_bar"] = plgpu.Barrier(num_barriers=2)
     call = plgpu.kernel(
         kernel,
         out_type=out_type,
@@ -747,7 +772,7 @@ def block_gemm_pallas(
         thread_name="wg",
         scratch_types=scratch,
     )
-    return call(x, w, xs_t, ws_t, bias)
+    return call(x, w, xs_t, ws_t, bias, *((h,) if rotate else ()))
 
 
 def _prepare_block(x_q, x_scale, w_q, w_scale, bias):

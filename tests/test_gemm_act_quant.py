@@ -44,15 +44,32 @@ def test_reference_matches_numpy_within_one_step(operands, fmt):
     assert np.std(want) > 0.5  # the inputs reach gelu's curved part, not only its linear tail
 
 
+def test_rotated_reference_is_the_block_hadamard_of_the_bf16_activation():
+    # hadamard=128: each 128-wide slice of bf16(gelu(y)) times the normalized Sylvester matrix.
+    from jquant.hadamard import hadamard_matrix
+
+    x, xs, w, ws, b = testing.gemm_act_quant_inputs(testing._int8, jax.random.key(5), 9, 256, 384)
+    codes, scales = gemm_act_quant.gemm_act_quant_reference(x, xs, w, ws, b, fmt="int8", hadamard=128)
+    h = np.asarray(_numpy_reference(x, xs, w, ws, b), np.float32)
+    h = np.asarray(jnp.asarray(h).astype(jnp.bfloat16).astype(jnp.float32), np.float64).reshape(9, 3, 128)
+    want = h @ np.asarray(hadamard_matrix(128), np.float64)
+    want_scale = np.abs(want).max(-1) / 127.0
+    np.testing.assert_allclose(np.asarray(scales), want_scale, rtol=2e-3)
+    got = np.asarray(codes.astype(jnp.float32)).reshape(9, 3, 128) * np.asarray(scales)[..., None]
+    assert np.all(np.abs(got - want) <= want_scale[..., None] * 0.52)
+    with pytest.raises(ValueError, match="hadamard must be 0 or 128"):
+        gemm_act_quant.gemm_act_quant(x, xs, w, ws, b, hadamard=64)
+
+
 @pytest.mark.parametrize("operands", sorted(FORMATS))
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-@pytest.mark.parametrize("m,k,n", [(5, 320, 256), (300, 1536, 384), (256, 3072, 3072)])
-def test_kernel_lowers_to_mosaic_gpu(operands, fmt, m, k, n, monkeypatch):
+@pytest.mark.parametrize("m,k,n,rotation", [(5, 320, 256, 0), (300, 1536, 384, 128), (256, 3072, 3072, 0)])
+def test_kernel_lowers_to_mosaic_gpu(operands, fmt, m, k, n, rotation, monkeypatch):
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
     x, xs, w, ws, b = FORMATS[operands](jax.random.key(0), m, k, n)
 
     def call(*a):
-        return gemm_act_quant.gemm_act_quant(*a, act="gelu_tanh", fmt=fmt)
+        return gemm_act_quant.gemm_act_quant(*a, act="gelu_tanh", fmt=fmt, hadamard=rotation)
 
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, xs, w, ws, b)]
     lowered = jax.jit(call).trace(*shapes).lower(lowering_platforms=("cuda",))

@@ -281,9 +281,13 @@ def test_ffn_producer_codes_equal_the_reference_composition():
     p = producers.ActProduced(x, xq, w, bias, "gelu_tanh")
     got = p.quantized(parse_spec("int8/token128"))
     assert got.shape == (2, 7, 384) and got.scale.shape == (2, 7, 3)
-    assert p.quantized(parse_spec("int8/token128"), 128) is None  # no rotation in this producer
+    assert p.quantized(parse_spec("int8/token128"), 64) is None  # only one tile's order rotates
     y = dispatch.block_scaled_linear(xq, w).astype(jnp.float32) + bias
-    codes, scales = fused_producers.activation_quantize(y, "gelu_tanh", "int8")
-    diff = np.abs(np.asarray(got.qvalue, np.float32) - np.asarray(codes, np.float32))
-    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
-    np.testing.assert_allclose(np.asarray(got.scale), np.asarray(scales), rtol=1e-5)
+    for rotation in (0, 128):  # plain, and with FFN-down's online block rotation
+        got = p.quantized(parse_spec("int8/token128"), rotation)
+        codes, scales = fused_producers.activation_quantize(y, "gelu_tanh", "int8", hadamard=rotation)
+        diff = np.abs(np.asarray(got.qvalue, np.float32) - np.asarray(codes, np.float32))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+        np.testing.assert_allclose(np.asarray(got.scale), np.asarray(scales), rtol=1e-5)
+    plain, rotated = p.quantized(parse_spec("int8/token128")), p.quantized(parse_spec("int8/token128"), 128)
+    assert (np.asarray(plain.qvalue) != np.asarray(rotated.qvalue)).mean() > 0.5

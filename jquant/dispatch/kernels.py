@@ -359,8 +359,10 @@ def block_quantized(xq: QArray, w: QArray, out_dtype):
     return run(xq.qvalue, decode_scale(xq), w_q, decode_scale(w).T, None, out_dtype)
 
 
-def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: str):
-    """The FFN-up producer: ``activation(xq @ w + bias)`` quantized per token per 128 channels to
+def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: str, hadamard: int = 0):
+    """The FFN-up producer: ``activation(xq @ w + bias)`` (rotated by QuaRot's order-128
+    block-diagonal Hadamard when ``hadamard=128``, for an FFN-down with pre-rotated weights)
+    quantized per token per 128 channels to
     ``out_fmt`` (``"int8"`` / ``"fp8"``) by the block-scaled GEMM's epilogue, as ``(codes [..., N],
     scales [..., N/128])`` (``pallas_kernels.gemm_act_quant``: the kernel on Hopper, its float32
     reference elsewhere); None where ``xq``/``w`` are not a block-scaled pair (:func:`block_kernel`),
@@ -372,14 +374,16 @@ def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: s
     k, n = w.shape
     if n % w8a8.BLOCK or activation not in fused_producers.ACTIVATIONS or xq.shape[-1] != k:
         return None
-    if on_gpu() and not gemm_act_quant.supports(xq.qvalue, w.qvalue.T, activation):
+    if hadamard not in (0, gemm_act_quant.ROTATION):
+        return None
+    if on_gpu() and not gemm_act_quant.supports(xq.qvalue, w.qvalue.T, activation, hadamard):
         return None
     lead = xq.shape[:-1]
     x_q = xq.qvalue.reshape(-1, k)
     x_scale = decode_scale(xq).reshape(-1, k // w8a8.BLOCK)
     b = None if bias is None else dequantize(bias).reshape(-1).astype(jnp.float32)
     codes, scales = gemm_act_quant.gemm_act_quant(
-        x_q, x_scale, w.qvalue.T, decode_scale(w).T, b, act=activation, fmt=out_fmt
+        x_q, x_scale, w.qvalue.T, decode_scale(w).T, b, act=activation, fmt=out_fmt, hadamard=hadamard
     )
     return codes.reshape(*lead, n), scales.reshape(*lead, n // w8a8.BLOCK)
 
