@@ -10,7 +10,10 @@ every variant starts from ``x`` int8 / e4m3 codes with one scale per token per 1
   quantizes it per (token, 128) (one more read and write of the widest activation), the
   block-scaled GEMM consumes it;
 * ``fused``: ``gemm_act_quant`` writes the codes and scales straight from the FFN-up GEMM's
-  registers, the block-scaled GEMM consumes them;
+  registers, the block-scaled GEMM consumes them; ``fused_rot`` the same with QuaRot's order-128
+  block rotation in the epilogue (issue 26: FFN-down's online rotation; timed with the same
+  FFN-down weights, which a QuaRot model would carry rotated, and checked against the rotated
+  reference codes times those weights);
 * ``down``: FFN-down's GEMM alone on those codes, the whole FFN-down linear once its activation is
   quantized by its producer (issue 19's per-linear target), and ``down_bf16`` its XLA bf16 GEMM.
 
@@ -89,9 +92,9 @@ def unfused(xq, xs, wu_q, wu_s, b_up, wd_q, wd_s, b_dn, fmt):
     return run(hq, hs, wd_q, wd_s, b_dn, jnp.bfloat16)
 
 
-def fused(xq, xs, wu_q, wu_s, b_up, wd_q, wd_s, b_dn, fmt):
+def fused(xq, xs, wu_q, wu_s, b_up, wd_q, wd_s, b_dn, fmt, hadamard=0):
     run = w8a8.int8_block_matmul if fmt == "int8" else w8a8.fp8_block_matmul
-    hq, hs = gemm_act_quant.gemm_act_quant(xq, xs, wu_q, wu_s, b_up, act="gelu_tanh", fmt=fmt)
+    hq, hs = gemm_act_quant.gemm_act_quant(xq, xs, wu_q, wu_s, b_up, act="gelu_tanh", fmt=fmt, hadamard=hadamard)
     return run(hq, hs, wd_q, wd_s, b_dn, jnp.bfloat16)
 
 
@@ -107,7 +110,8 @@ def main() -> int:
     rows, wrong = [], 0
     shapes = SHAPES + (SHAPES_14B if os.environ.get("BENCH_SHAPES") == "all" else [])
     print(
-        f"{'fmt':>5} {'d':>5} {'f':>6} {'bf16':>9} {'unfused':>9} {'fused':>9} {'down':>8} {'down16':>8}  (us, median)"
+        f"{'fmt':>5} {'d':>5} {'f':>6} {'bf16':>9} {'unfused':>9} {'fused':>9} {'f+rot':>9} {'down':>8} {'down16':>8}"
+        "  (us, median)"
     )
     for d, f in shapes:
         for fmt in FORMATS:
@@ -128,6 +132,8 @@ def main() -> int:
             ]
             hq_sets = [gemm_act_quant.gemm_act_quant_reference(*a[:5], act="gelu_tanh", fmt=fmt) for a in sets]
             h_ref = _dequant(*hq_sets[0]) @ wd32.T + b_dn
+            rot_codes = gemm_act_quant.gemm_act_quant_reference(*sets[0][:5], act="gelu_tanh", fmt=fmt, hadamard=128)
+            rot_ref = _dequant(*rot_codes) @ wd32.T + b_dn
             run_dn = w8a8.int8_block_matmul if fmt == "int8" else w8a8.fp8_block_matmul
             row = {"fmt": fmt, "d": d, "f": f, "m": M}
             timed = {
@@ -140,6 +146,7 @@ def main() -> int:
                 ),
                 "unfused": (lambda *a: unfused(*a, fmt), sets, h_ref),
                 "fused": (lambda *a: fused(*a, fmt), sets, h_ref),
+                "fused_rot": (lambda *a: fused(*a, fmt, hadamard=128), sets, rot_ref),
                 "down": (
                     lambda hq, hs, a: run_dn(hq, hs, a[5], a[6], a[7], jnp.bfloat16),
                     [(h[0], h[1], a) for h, a in zip(hq_sets, sets)],
@@ -164,10 +171,11 @@ def main() -> int:
             us = {k: row[k].get("us", float("nan")) for k in timed}
             row["fused_vs_bf16"] = us["bf16"] / us["fused"]
             row["fused_vs_unfused"] = us["unfused"] / us["fused"]
+            row["fused_rot_vs_bf16"] = us["bf16"] / us["fused_rot"]
             row["down_vs_bf16"] = us["down_bf16"] / us["down"]
             rows.append(row)
             print(
-                f"{fmt:>5} {d:>5} {f:>6} {us['bf16']:9.1f} {us['unfused']:9.1f} {us['fused']:9.1f} "
+                f"{fmt:>5} {d:>5} {f:>6} {us['bf16']:9.1f} {us['unfused']:9.1f} {us['fused']:9.1f} {us['fused_rot']:9.1f} "
                 f"{us['down']:8.1f} {us['down_bf16']:8.1f}"
             )
     record = {
