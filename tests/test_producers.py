@@ -291,3 +291,48 @@ def test_ffn_producer_codes_equal_the_reference_composition():
         np.testing.assert_allclose(np.asarray(got.scale), np.asarray(scales), rtol=1e-5)
     plain, rotated = p.quantized(parse_spec("int8/token128")), p.quantized(parse_spec("int8/token128"), 128)
     assert (np.asarray(plain.qvalue) != np.asarray(rotated.qvalue)).mean() > 0.5
+
+
+def test_ffn_down_rotation_goes_into_the_ffn_up_epilogue(monkeypatch):
+    # QuaRot with block-128 online rotations on FFN up and FFN down, block-scaled int8 weights:
+    # FFN-down's rotation is applied by FFN-up's epilogue (gemm_act_quant(hadamard=128)), once
+    # per block, and the run stays within a rounding step of the unfused one, where FFN-down
+    # rotates the bf16 hidden activation itself.
+    import flax
+
+    cfg = dataclasses.replace(CFG, num_attention_heads=4)  # 256 wide: FFN up's input rotates in blocks too
+    port = models.port_for_config(cfg)
+    module = port.module(cfg, jnp.bfloat16)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(0)))
+    q = pol.uniform("int8/b128x128").quantize(params, models.layer_roles(cfg, params))
+    rotated = ("ffn/net_0/proj/", "ffn/net_2/")
+    aux = {
+        path[:-1] + ("hadamard",): jnp.ones((128,), jnp.float32)
+        for path in flax.traverse_util.flatten_dict(params)
+        if path[-1] == "kernel" and any(r in "/".join(path) + "/" for r in rotated)
+    }
+    variables = {"params": q, jnn.AUX_COLLECTION: flax.traverse_util.unflatten_dict(aux)}
+    k1, k2 = jax.random.split(jax.random.key(1))
+    inputs = (
+        jax.random.normal(k1, (2, 4, 2, 8, 8), jnp.float32),
+        jnp.asarray([500.0, 500.0]),
+        jax.random.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
+    )
+    calls = _count_ffn_productions(monkeypatch)
+    from pallas_kernels import gemm_act_quant
+
+    seen = []
+    real = gemm_act_quant.gemm_act_quant
+    monkeypatch.setattr(
+        gemm_act_quant, "gemm_act_quant", lambda *a, **k: seen.append(k.get("hadamard")) or real(*a, **k)
+    )
+
+    def run(**kw):
+        with jnn.quantized("int8/token128", **kw):
+            return np.asarray(jax.jit(lambda v, *a: module.apply(v, *a))(variables, *inputs), np.float32)
+
+    fused = run()
+    assert seen == [128] * cfg.num_layers and len(calls) == cfg.num_layers
+    unfused = run(producers=False)
+    assert len(seen) == cfg.num_layers
+    assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
