@@ -25,7 +25,7 @@ runs, inputs rotated past L2 (``pallas_kernels.timing``). Writes
 ``benchmarks/ffn_producer-<device>.json``.
 
     JQUANT_BACKEND=pallas PYTHONPATH=. python3 scripts/bench_ffn_producer.py   # until gemm_act_quant is GPU-checked
-    BENCH_SHAPES=all ...   # Wan2.1-14B's FFN too
+    BENCH_SHAPES=all ...   # Wan2.1-14B's FFN too; BENCH_FORMATS=int8 for one format
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> int:
         "  (us, median)"
     )
     for d, f in shapes:
-        for fmt in FORMATS:
+        for fmt in os.environ.get("BENCH_FORMATS", ",".join(FORMATS)).split(","):
             sets = [_operands(fmt, jax.random.key(i), M, d, f) for i in range(2)]
             xq, xs, wu_q, wu_s, b_up, wd_q, wd_s, b_dn = sets[0]
             x32, wu32, wd32 = _dequant(xq, xs), _dequant(wu_q, wu_s), _dequant(wd_q, wd_s)
