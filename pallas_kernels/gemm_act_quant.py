@@ -10,8 +10,8 @@ scales [M, N / 128])``, the ``<fmt>/token128`` activation a block-scaled FFN-dow
 
 On Hopper the kernel is :func:`pallas_kernels.w8a8.block_gemm_pallas` with ``epilogue=(act,
 fmt)``: each CTA's output tile is 128 columns wide, exactly one scale block, so it owns the
-amax of its rows and writes codes and scales straight from registers. Elsewhere (and until its
-GPU check passes, :data:`GPU_VERIFIED`) the reference runs: the block-scaled GEMM in float32,
+amax of its rows and writes codes and scales straight from registers. Elsewhere (and on a GPU
+without :data:`GPU_VERIFIED`) the reference runs: the block-scaled GEMM in float32,
 then :func:`pallas_kernels.fused_producers.activation_quantize`. Kernel and reference agree
 within one rounding step of the format on codes that sit on a rounding boundary (the float32
 sums run in another order); the GPU check's case ``gemm_act_quant_*`` bounds how many.
@@ -24,11 +24,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common, act_quant, fused_producers, w8a8
 
-#: ``scripts/check_kernels_gpu.py --kernels gemm_act_quant_int8,gemm_act_quant_fp8`` has not
-#: passed on a GPU yet: only ``JQUANT_BACKEND=pallas`` runs the kernel.
-GPU_VERIFIED = False
-#: The rotating epilogue (``hadamard=128``): ``gemm_act_quant_int8_had128`` not yet GPU-checked.
-HADAMARD_GPU_VERIFIED = False
+#: ``JQUANT_BACKEND=pallas scripts/check_kernels_gpu.py --kernels gemm_act_quant_int8,gemm_act_quant_fp8``
+#: passed on an H200 at 93e0741 (``benchmarks/check_kernels-gemm_act_quant-NVIDIA_H200.txt``).
+GPU_VERIFIED = True
+#: The rotating epilogue (``hadamard=128``): ``gemm_act_quant_int8_had128`` passed at 93e0741 (same log).
+HADAMARD_GPU_VERIFIED = True
 #: Activations the kernel's epilogue computes (their formulas lower to Mosaic GPU); the others
 #: of ``fused_producers.ACTIVATIONS`` run the reference.
 KERNEL_ACTIVATIONS = ("gelu_tanh", "relu")

@@ -29,7 +29,7 @@ the float32 rows before quantizing (:func:`pallas_kernels._quant.rotate_block`, 
 bf16 parts), so a rotated consumer needs no separate rotation pass.
 
 ``jquant.producers`` runs it for a quantized model's adaLN inputs. Its GPU check passed without
-the rotation (:data:`GPU_VERIFIED`); the rotation's has not run yet (:data:`HADAMARD_GPU_VERIFIED`).
+the rotation (:data:`GPU_VERIFIED`) and with it (:data:`HADAMARD_GPU_VERIFIED`, 93e0741).
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ Array = jax.Array
 #: passed on an H200 at cc83f7c (every shape the kernel takes; kernel unchanged since 5a593ad;
 #: ``benchmarks/check_kernels-norm_quant_block128-NVIDIA_H200.txt``), so ``supports`` says yes on Hopper.
 GPU_VERIFIED = True
-#: The fused block rotation (``hadamard=b``, QuaRot's online rotation in the producer) has not
-#: passed the GPU check (``norm_quant_layer_int8_had128``) yet: only ``JQUANT_BACKEND=pallas``
-#: runs it. The unrotated program is unchanged by it (the rotation is a trace-time branch).
-HADAMARD_GPU_VERIFIED = False
+#: The fused block rotation (``hadamard=b``, QuaRot's online rotation in the producer) passed
+#: ``check_kernels_gpu.py --kernels norm_quant_layer_int8_had128,norm_quant_layer_fp8_had128`` on an
+#: H200 at 93e0741 (``benchmarks/check_kernels-norm_quant_had128-NVIDIA_H200.txt``).
+HADAMARD_GPU_VERIFIED = True
 
 _NAME = "norm_modulate_quantize_pallas"
 
