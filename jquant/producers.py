@@ -24,6 +24,7 @@ one rounding step of the format, not bit for bit.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -54,7 +55,7 @@ def takes(act: QSpec | None) -> bool:
 
 
 @dataclasses.dataclass(eq=False)
-class Produced:
+class Produced(abc.ABC):
     """An activation in a quantized run that its producer can also hand over as codes:
     ``value`` (``[B, T, D]``, the float result every other consumer takes) and, per format and
     rotation, the codes the producer makes (at most once; XLA drops what no consumer reads)."""
@@ -93,9 +94,9 @@ class Produced:
         codes, scales = self._made[key]
         return QArray(codes, scales, spec=act, dtype=self.value.dtype, axis=-1)
 
+    @abc.abstractmethod
     def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array] | None:
         """``(codes [B, T, D], scales [B, T, D/128])`` in ``fmt``, or None where it cannot."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(eq=False)
