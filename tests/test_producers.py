@@ -193,24 +193,23 @@ def test_mm_dit_ffn_inputs_are_produced(monkeypatch):
     assert np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]) < 1e-2  # f32 model: nearly equal
 
 
-def test_block_rotation_goes_into_the_producer(monkeypatch):
-    # QuaRot's block-diagonal online rotation on the adaLN consumers (Q, K, V, FFN up): the
-    # producer rotates before quantizing, once per block input, instead of the consumers taking
-    # the float value and rotating it themselves.
+def _rotated_wan(weights: str, rotated: tuple[str, ...]):
+    """A 256-wide tiny Wan (two 128-blocks per input) with ``weights`` and QuaRot's block-128
+    online rotation on the layers whose paths contain ``rotated``: (cfg, module, variables,
+    inputs)."""
     import flax
 
-    cfg = dataclasses.replace(CFG, num_attention_heads=4)  # 256 wide: two 128-blocks
+    cfg = dataclasses.replace(CFG, num_attention_heads=4)
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.bfloat16)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(0)))
-    q = pol.uniform("int8").quantize(params, models.layer_roles(cfg, params))
-    rotated = ("attn1/to_q/", "attn1/to_k/", "attn1/to_v/", "ffn/net_0/proj/")
+    q = pol.uniform(weights).quantize(params, models.layer_roles(cfg, params))
     aux = {
         path[:-1] + ("hadamard",): jnp.ones((128,), jnp.float32)
         for path in flax.traverse_util.flatten_dict(params)
         if path[-1] == "kernel" and any(r in "/".join(path) + "/" for r in rotated)
     }
-    assert len(aux) == 4 * cfg.num_layers
+    assert len(aux) == len(rotated) * cfg.num_layers
     variables = {"params": q, jnn.AUX_COLLECTION: flax.traverse_util.unflatten_dict(aux)}
     k1, k2 = jax.random.split(jax.random.key(1))
     inputs = (
@@ -218,19 +217,31 @@ def test_block_rotation_goes_into_the_producer(monkeypatch):
         jnp.asarray([500.0, 500.0]),
         jax.random.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
     )
+    return cfg, module, variables, inputs
+
+
+def _run_variables(module, variables, inputs, **kw) -> np.ndarray:
+    with jnn.quantized("int8/token128", **kw):
+        return np.asarray(jax.jit(lambda v, *a: module.apply(v, *a))(variables, *inputs), np.float32)
+
+
+def test_block_rotation_goes_into_the_producer(monkeypatch):
+    # QuaRot's block-diagonal online rotation on the adaLN consumers (Q, K, V, FFN up): the
+    # producer rotates before quantizing, once per block input, instead of the consumers taking
+    # the float value and rotating it themselves.
+    rotated = ("attn1/to_q/", "attn1/to_k/", "attn1/to_v/", "ffn/net_0/proj/")
+    cfg, module, variables, inputs = _rotated_wan("int8", rotated)
     seen = []
     real = fused_producers.norm_modulate_quantize
     monkeypatch.setattr(
         fused_producers, "norm_modulate_quantize", lambda *a, **k: seen.append(k.get("hadamard")) or real(*a, **k)
     )
 
-    def run(**kw):
-        with jnn.quantized("int8/token128", **kw):
-            return np.asarray(jax.jit(lambda v, *a: module.apply(v, *a))(variables, *inputs), np.float32)
-
-    fused = run()
+    fused = _run_variables(module, variables, inputs)
     assert seen == [128] * (2 * cfg.num_layers)  # each block's two adaLN inputs, rotated in the producer
-    unfused = run(producers=False)  # the consumers rotate the bf16 value, then quantize it
+    unfused = _run_variables(
+        module, variables, inputs, producers=False
+    )  # the consumers rotate the bf16 value, then quantize it
     assert len(seen) == 2 * cfg.num_layers
     assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
 
@@ -242,7 +253,7 @@ def _count_ffn_productions(monkeypatch) -> list:
     real = gemm_act_quant.gemm_act_quant
 
     def counting(*a, **k):
-        calls.append((a[0].shape, a[2].shape, k.get("act"), k.get("fmt")))
+        calls.append((a[0].shape, a[2].shape, k.get("act"), k.get("fmt"), k.get("hadamard")))
         return real(*a, **k)
 
     monkeypatch.setattr(gemm_act_quant, "gemm_act_quant", counting)
@@ -257,7 +268,7 @@ def test_ffn_down_takes_the_ffn_up_epilogue_codes(wan, fmt, monkeypatch):
     fused = _run(wan, f"{fmt}/b128x128", f"{fmt}/token128")
     tokens = 2 * 2 * 4 * 4  # batch x frames x (8/2)^2 patches
     short = "int8" if fmt == "int8" else "fp8"
-    assert calls == [((tokens, CFG.attention_head_dim * 2), (CFG.ffn_dim, 128), "gelu_tanh", short)] * CFG.num_layers
+    assert calls == [((tokens, CFG.attention_head_dim * 2), (CFG.ffn_dim, 128), "gelu_tanh", short, 0)] * CFG.num_layers
     unfused = _run(wan, f"{fmt}/b128x128", f"{fmt}/token128", producers=False)
     assert len(calls) == CFG.num_layers  # the unfused run makes none
     f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
@@ -298,41 +309,10 @@ def test_ffn_down_rotation_goes_into_the_ffn_up_epilogue(monkeypatch):
     # FFN-down's rotation is applied by FFN-up's epilogue (gemm_act_quant(hadamard=128)), once
     # per block, and the run stays within a rounding step of the unfused one, where FFN-down
     # rotates the bf16 hidden activation itself.
-    import flax
-
-    cfg = dataclasses.replace(CFG, num_attention_heads=4)  # 256 wide: FFN up's input rotates in blocks too
-    port = models.port_for_config(cfg)
-    module = port.module(cfg, jnp.bfloat16)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(0)))
-    q = pol.uniform("int8/b128x128").quantize(params, models.layer_roles(cfg, params))
-    rotated = ("ffn/net_0/proj/", "ffn/net_2/")
-    aux = {
-        path[:-1] + ("hadamard",): jnp.ones((128,), jnp.float32)
-        for path in flax.traverse_util.flatten_dict(params)
-        if path[-1] == "kernel" and any(r in "/".join(path) + "/" for r in rotated)
-    }
-    variables = {"params": q, jnn.AUX_COLLECTION: flax.traverse_util.unflatten_dict(aux)}
-    k1, k2 = jax.random.split(jax.random.key(1))
-    inputs = (
-        jax.random.normal(k1, (2, 4, 2, 8, 8), jnp.float32),
-        jnp.asarray([500.0, 500.0]),
-        jax.random.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
-    )
+    cfg, module, variables, inputs = _rotated_wan("int8/b128x128", ("ffn/net_0/proj/", "ffn/net_2/"))
     calls = _count_ffn_productions(monkeypatch)
-    from pallas_kernels import gemm_act_quant
-
-    seen = []
-    real = gemm_act_quant.gemm_act_quant
-    monkeypatch.setattr(
-        gemm_act_quant, "gemm_act_quant", lambda *a, **k: seen.append(k.get("hadamard")) or real(*a, **k)
-    )
-
-    def run(**kw):
-        with jnn.quantized("int8/token128", **kw):
-            return np.asarray(jax.jit(lambda v, *a: module.apply(v, *a))(variables, *inputs), np.float32)
-
-    fused = run()
-    assert seen == [128] * cfg.num_layers and len(calls) == cfg.num_layers
-    unfused = run(producers=False)
-    assert len(seen) == cfg.num_layers
+    fused = _run_variables(module, variables, inputs)
+    assert [c[-1] for c in calls] == [128] * cfg.num_layers
+    unfused = _run_variables(module, variables, inputs, producers=False)
+    assert len(calls) == cfg.num_layers
     assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2

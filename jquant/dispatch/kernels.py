@@ -376,14 +376,15 @@ def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: s
         return None
     if hadamard not in (0, gemm_act_quant.ROTATION):
         return None
-    if on_gpu() and not gemm_act_quant.supports(xq.qvalue, w.qvalue.T, activation, hadamard):
+    w_q = w.qvalue.T  # [N, K]
+    if on_gpu() and not gemm_act_quant.supports(xq.qvalue, w_q, activation, hadamard):
         return None
     lead = xq.shape[:-1]
     x_q = xq.qvalue.reshape(-1, k)
     x_scale = decode_scale(xq).reshape(-1, k // w8a8.BLOCK)
     b = None if bias is None else dequantize(bias).reshape(-1).astype(jnp.float32)
     codes, scales = gemm_act_quant.gemm_act_quant(
-        x_q, x_scale, w.qvalue.T, decode_scale(w).T, b, act=activation, fmt=out_fmt, hadamard=hadamard
+        x_q, x_scale, w_q, decode_scale(w).T, b, act=activation, fmt=out_fmt, hadamard=hadamard
     )
     return codes.reshape(*lead, n), scales.reshape(*lead, n // w8a8.BLOCK)
 
