@@ -9,8 +9,8 @@ of :mod:`pallas_kernels._quant` on every 128-wide slice of the output row: ``(co
 scales [M, N / 128])``, the ``<fmt>/token128`` activation a block-scaled FFN-down consumes.
 
 On Hopper the kernel is :func:`pallas_kernels.w8a8.block_gemm_pallas` with ``epilogue=(act,
-fmt)``: each CTA's output tile is 128 columns wide, exactly one scale block, so it owns the
-amax of its rows and writes codes and scales straight from registers. Elsewhere (and on a GPU
+fmt)``: each 128-column piece of a CTA's output tile is exactly one scale block, so the CTA owns
+the amax of its rows and writes codes and scales straight from registers. Elsewhere (and on a GPU
 without :data:`GPU_VERIFIED`) the reference runs: the block-scaled GEMM in float32,
 then :func:`pallas_kernels.fused_producers.activation_quantize`. Kernel and reference agree
 within one rounding step of the format on codes that sit on a rounding boundary (the float32
@@ -110,7 +110,6 @@ def gemm_act_quant(
         return gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, act=act, fmt=fmt, hadamard=hadamard)
     m = x_q.shape[0]
     x, w, xs_t, ws_t, bias_v = w8a8._prepare_block(x_q, x_scale, w_q, w_scale, bias)  # pylint: disable=protected-access
-    # The rotation's two 32 KiB copies of H take one pipeline stage's shared memory.
     h = jnp.asarray(act_quant.block_matrix(2 * ROTATION, ROTATION), jnp.bfloat16) if hadamard else None
     codes, scales_t = w8a8.block_gemm_pallas(
         x,
@@ -120,8 +119,8 @@ def gemm_act_quant(
         bias_v,
         h,
         out_dtype=jnp.bfloat16,
-        config=config or w8a8.BlockConfig(stages=4 if hadamard else 5),
+        config=config or w8a8.block_config(rotate=bool(hadamard)),
         sms=_common.num_sms(),
         epilogue=(act, fmt),
     )
-    return codes[:m], scales_t[:, :m].T
+    return codes[:m], scales_t[: w_q.shape[0] // fused_producers.BLOCK, :m].T

@@ -330,14 +330,16 @@ def gemm_act_quant_inputs(codes, key, m, k, n):
     return x, xs * shrink, w, ws, 0.5 * b
 
 
-def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0) -> KernelCase:
+def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None) -> KernelCase:
     """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (+ QuaRot's order-128
     block rotation) + per-(token, 128) quantization to ``fmt``, operands in the same format,
-    against the float32 GEMM + fused_producers.activation_quantize."""
+    against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` pins the tile width
+    (None: the default)."""
     make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
+    config = w8a8.block_config(cta_n, bool(hadamard)) if cta_n else None
     return KernelCase(
         name,
-        functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt, hadamard=hadamard),
+        functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt, hadamard=hadamard, config=config),
         functools.partial(gemm_act_quant.gemm_act_quant_reference, act="gelu_tanh", fmt=fmt, hadamard=hadamard),
         make,
         _gemm_flops,
@@ -403,6 +405,8 @@ _DEQUANTIZED = {
     "w8a8_fp8": _deq_w8a8,
     "w8a8_fp8_block": _deq_block,
     "w8a8_int8_block": _deq_block,
+    "w8a8_fp8_block_n256": _deq_block,
+    "w8a8_int8_block_n256": _deq_block,
     "w4a8": _deq_w4a8,
 }
 
@@ -497,6 +501,23 @@ CASES: dict[str, KernelCase] = {
         xla_baseline="int8",
         magnitude=_mag_block,
     ),
+    # The same kernels on the 128 x 256 tile (two 128-column scale blocks per CTA).
+    **{
+        f"w8a8_{fmt}_block_n256": KernelCase(
+            f"w8a8_{fmt}_block_n256",
+            functools.partial(run, config=w8a8.block_config(2 * w8a8.BLOCK)),
+            reference,
+            make,
+            _gemm_flops,
+            lambda m, k, n: m * k + n * k + 2 * m * n + 4 * m * k / 128,
+            xla_baseline=fmt,
+            magnitude=_mag_block,
+        )
+        for fmt, run, reference, make in (
+            ("fp8", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference, w8a8_fp8_block_inputs),
+            ("int8", w8a8.int8_block_matmul, w8a8.int8_block_matmul_reference, w8a8_int8_block_inputs),
+        )
+    },
     "w4a8": KernelCase(
         "w4a8",
         w4a8.w4a8_matmul,
@@ -625,6 +646,9 @@ CASES: dict[str, KernelCase] = {
     "gemm_act_quant_int8": _gemm_act_quant_case("gemm_act_quant_int8", "int8"),
     "gemm_act_quant_fp8": _gemm_act_quant_case("gemm_act_quant_fp8", "fp8"),
     "gemm_act_quant_int8_had128": _gemm_act_quant_case("gemm_act_quant_int8_had128", "int8", 128),
+    "gemm_act_quant_int8_n256": _gemm_act_quant_case("gemm_act_quant_int8_n256", "int8", cta_n=256),
+    "gemm_act_quant_fp8_n256": _gemm_act_quant_case("gemm_act_quant_fp8_n256", "fp8", cta_n=256),
+    "gemm_act_quant_int8_had128_n256": _gemm_act_quant_case("gemm_act_quant_int8_had128_n256", "int8", 128, 256),
 }
 
 
@@ -643,7 +667,7 @@ def kernel_path(name: str, inputs: tuple) -> str:
         return "kernel" if w4a8.supports(inputs[0]) else "reference"
     if name == "svdquant_r32":
         return "kernel" if w4a8.supports(inputs[1]) else "reference"
-    if name in ("w8a8_fp8_block", "w8a8_int8_block"):
+    if name.startswith(("w8a8_fp8_block", "w8a8_int8_block")):
         return "kernel" if w8a8.supports_block(inputs[0], inputs[2]) else "reference"
     if name in ("w4a16", "w8a16", "w4a16_g32", "w8a16_fp8", "w4a16_zp"):
         if not _common.on_gpu():
@@ -666,7 +690,7 @@ def kernel_path(name: str, inputs: tuple) -> str:
     if name == "act_quant_lowrank":
         return "pallas" if lowrank_quant.supports(*inputs) else "xla"
     if name.startswith("gemm_act_quant"):
-        rotation = 128 if name.endswith("had128") else 0
+        rotation = 128 if "had128" in name else 0
         return "kernel" if gemm_act_quant.supports(inputs[0], inputs[2], "gelu_tanh", rotation) else "reference"
     if name.startswith("norm_quant"):
         return "pallas" if _common._default_device_is_gpu() else "interpret"  # pylint: disable=protected-access

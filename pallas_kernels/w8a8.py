@@ -512,6 +512,8 @@ def fp8_matmul(
 # --------------------------------------------------------------------------
 
 BLOCK = 128
+#: The block-scaled kernels' default CTA width (:class:`BlockConfig`).
+BLOCK_CTA_N = 128
 # Weight scales travel per K step as 32 consecutive N blocks (128 bytes, the
 # smallest copy a warpgroup issues); the kernel picks its own block's entry.
 _WS_LANES = 32
@@ -581,13 +583,44 @@ def _block_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """Tiling of the block-scaled GEMMs: two consumer warpgroups of 64 rows each."""
+    """Tiling of the block-scaled GEMMs: two consumer warpgroups of 64 rows each.
+
+    ``cta_n`` is 128 (one weight scale block per CTA) or 256: each warpgroup then keeps two
+    64 x 128 running sums and runs each K slice's wgmma once per 128-column half into one
+    shared partial accumulator, so the CTA reads 48 KiB per K slice for twice the products of
+    the 128-wide tile's 32 KiB (the register file holds 2 sums + 1 partial, not 2 + 2).
+    """
 
     stages: int = 5
+    cta_n: int = 128
     grid_minor: str = "n"
     grid_tile_width: int = 8
     epi_m: int = 64
     epi_n: int = 32
+
+    def __post_init__(self):
+        if self.cta_n not in (BLOCK, 2 * BLOCK):
+            raise ValueError(f"BlockConfig: cta_n must be {BLOCK} or {2 * BLOCK}, got {self.cta_n}")
+
+
+#: Shared memory a Hopper CTA may allocate (227 KiB), less room for the pipeline's barriers.
+_BLOCK_SMEM_LIMIT = 227 * 1024 - 2048
+
+
+def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool) -> int:
+    """Shared memory of :func:`block_gemm_pallas`: the pipeline's stages (x and w K slices,
+    their scales), the output staging pieces, bias, scales out and the rotation copies."""
+    stage = 128 * BLOCK + cfg.cta_n * BLOCK + 4 * 128 + 4 * _WS_LANES
+    fixed = 2 * 2 * cfg.epi_m * cfg.epi_n * out_bytes + 2 * cfg.cta_n * 4 + 2 * 64 * 4
+    return cfg.stages * stage + fixed + (2 * BLOCK * BLOCK * 2 if rotate else 0)
+
+
+def block_config(cta_n: int | None = None, rotate: bool = False) -> BlockConfig:
+    """The deepest pipeline that fits shared memory for a ``cta_n``-wide tile (default
+    :data:`BLOCK_CTA_N`); ``rotate`` leaves room for the epilogue's two 32 KiB rotation copies."""
+    cta_n = cta_n or BLOCK_CTA_N
+    stages = {(BLOCK, False): 5, (BLOCK, True): 4, (2 * BLOCK, False): 4, (2 * BLOCK, True): 3}[(cta_n, rotate)]
+    return BlockConfig(stages=stages, cta_n=cta_n)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -617,9 +650,9 @@ def block_gemm_pallas(
 
     ``epilogue=(activation, fmt)`` (the FFN-up producer, issue 19) applies
     ``pallas_kernels.fused_producers.ACTIVATIONS[activation]`` to the float32 tile and
-    quantizes it by the per-token rule of :mod:`pallas_kernels._quant`: each output tile is
-    128 columns, one scale block, so the CTA owns its rows' amax. Returns ``(codes [M, N]
-    in fmt's dtype, scales [ceil(N/128), M] float32)``, the scales already in the
+    quantizes it by the per-token rule of :mod:`pallas_kernels._quant`: each 128-column piece
+    of the output tile is one scale block, so the CTA owns its rows' amax. Returns ``(codes
+    [M, N] in fmt's dtype, scales [N/128 rounded to whole CTAs, M rounded to 128] float32)``, the scales already in the
     ``xs_t`` layout a consuming block-scaled GEMM reads. ``out_dtype`` is then ignored.
     With ``h`` (the +-1 Sylvester matrix of order 128, bf16) the epilogue also applies QuaRot's
     block-diagonal rotation before quantizing: the bf16-rounded activation tile times ``h``
@@ -631,19 +664,28 @@ def block_gemm_pallas(
     cfg = config
     m, k = x.shape
     n = w.shape[0]
-    wg_m, cta_m, cta_n = 64, 128, BLOCK
+    wg_m, cta_m, cta_n = 64, 128, cfg.cta_n
+    halves = cta_n // BLOCK  # 128-column pieces per CTA: one weight scale block each
     m_iters = _common.cdiv(m, cta_m)
     n_iters = _common.cdiv(n, cta_n)
     k_iters = k // BLOCK
+    # Bias as [N/128 rounded to whole CTAs, 128]: each piece's 128 entries are one SMEM row.
+    bias = _common.pad_axis(bias.reshape(-1), 0, n_iters * cta_n).reshape(-1, BLOCK)
     if epilogue is not None:
         act_fn = fused_producers.ACTIVATIONS[epilogue[0]]
         out_dtype = _quant.QDTYPE[epilogue[1]]
         qmax = _quant.QMAX[epilogue[1]]
     rotate = h is not None
-    if rotate and (epilogue is None or h.shape != (cta_n, cta_n)):
-        raise ValueError(f"block_gemm_pallas: h must be [{cta_n}, {cta_n}] and needs an epilogue, got {h.shape}")
+    if rotate and (epilogue is None or h.shape != (BLOCK, BLOCK)):
+        raise ValueError(f"block_gemm_pallas: h must be [{BLOCK}, {BLOCK}] and needs an epilogue, got {h.shape}")
     in_transforms = _swizzled(128, 1)
     out_bytes = jnp.dtype(out_dtype).itemsize
+    smem = block_smem_bytes(cfg, out_bytes, rotate)
+    if smem > _BLOCK_SMEM_LIMIT:
+        raise ValueError(
+            f"block_gemm_pallas: {cfg} needs {smem} bytes of shared memory, more than the"
+            f" {_BLOCK_SMEM_LIMIT} a Hopper CTA has; use fewer stages (block_config picks them)"
+        )
     out_transforms = _swizzled(plgpu.find_swizzle(cfg.epi_n * out_bytes * 8, "out"), out_bytes)
     minor = 1 if cfg.grid_minor == "n" else 0
     num_slots = 2
@@ -700,18 +742,24 @@ def block_gemm_pallas(
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), minor, cfg.grid_tile_width)
                 row0 = mi * cta_m + wg * wg_m
                 col0 = ni * cta_n
-                n_group = lax.div(ni, _WS_LANES)
-                n_lane = lax.rem(ni, _WS_LANES)
+                nb0 = ni * halves  # the first 128-column block of this CTA
+                n_group = lax.div(nb0, _WS_LANES)
+                n_lane = lax.rem(nb0, _WS_LANES)  # halves <= 2 divides the 32 lanes: one group
 
                 def compute_context(eval_pipeline):
-                    plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(col0, cta_n)], bias_smem.at[wg], bias_bar.at[wg])
-                    zeros = plgpu.layout_cast(jnp.full((wg_m, cta_n), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-                    acc = eval_pipeline(zeros)
+                    plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(nb0, halves)], bias_smem.at[wg], bias_bar.at[wg])
+                    zeros = plgpu.layout_cast(jnp.full((wg_m, BLOCK), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                    accs = eval_pipeline((zeros,) * halves)
                     plgpu.barrier_wait(bias_bar.at[wg])
-                    col_bias = plgpu.load(bias_smem.at[wg], (), layout=wgmma_col)
-                    y = acc + lax.broadcast_in_dim(col_bias, (wg_m, cta_n), [1])
+                    for j, acc in enumerate(accs):
+                        col_bias = plgpu.load(bias_smem.at[wg, j], (), layout=wgmma_col)
+                        piece_epilogue(acc + lax.broadcast_in_dim(col_bias, (wg_m, BLOCK), [1]), j)
+
+                def piece_epilogue(y, j):
+                    """Stores one 64 x 128 piece (column block ``nb0 + j``), or quantizes it."""
+                    cj = col0 + j * BLOCK
                     if epilogue is None:
-                        store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n)
+                        store_tile(y.astype(out_dtype), out_smem.at[wg], out_gmem, row0, cj, cfg.epi_m, cfg.epi_n)
                         return
                     # The FFN-up producer: activation, then _quant's per-token rule on the tile.
                     y = act_fn(y)
@@ -721,25 +769,32 @@ def block_gemm_pallas(
                             plgpu.wgmma(rot_ref, y.astype(jnp.bfloat16), h_smem.at[wg])
                             return rot_ref[...]
 
-                        y = pl.run_scoped(rotation, plgpu.ACC((wg_m, cta_n), jnp.float32)) * (1.0 / math.sqrt(cta_n))
+                        y = pl.run_scoped(rotation, plgpu.ACC((wg_m, BLOCK), jnp.float32)) * (1.0 / math.sqrt(BLOCK))
                     row_scale = jnp.maximum(jnp.max(jnp.abs(y), axis=1) / qmax, _quant.SCALE_FLOOR)
-                    q = jnp.clip(y / lax.broadcast_in_dim(row_scale, (wg_m, cta_n), [0]), -qmax, qmax)
+                    q = jnp.clip(y / lax.broadcast_in_dim(row_scale, (wg_m, BLOCK), [0]), -qmax, qmax)
                     if out_dtype == _INT8:
                         q = jnp.round(q)
-                    store_tile(q.astype(out_dtype), out_smem.at[wg], out_gmem, row0, col0, cfg.epi_m, cfg.epi_n)
+                    # store_tile first waits for this warpgroup's earlier stores, the previous
+                    # piece's scales included, so one scale buffer serves every piece.
+                    store_tile(q.astype(out_dtype), out_smem.at[wg], out_gmem, row0, cj, cfg.epi_m, cfg.epi_n)
                     sc_smem.at[wg][...] = row_scale
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(sc_smem.at[wg], sc_gmem.at[ni, pl.ds(row0, wg_m)])
+                    plgpu.copy_smem_to_gmem(sc_smem.at[wg], sc_gmem.at[nb0 + j, pl.ds(row0, wg_m)])
 
-                def body(_, a_smem, b_smem, xs_smem, ws_smem, acc):
-                    def block_product(tmp_ref):
-                        plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_smem, (1, 0)))
-                        return tmp_ref[...]
-
-                    part = pl.run_scoped(block_product, plgpu.ACC((wg_m, cta_n), part_dtype))
+                def body(_, a_smem, b_smem, xs_smem, ws_smem, accs):
                     row_scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
-                    scale = row_scale * ws_smem[0, n_lane]
-                    return acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, cta_n), [0])
+                    out = []
+                    for j, acc in enumerate(accs):  # one partial accumulator, reused per half
+
+                        def block_product(tmp_ref, j=j):
+                            b_half = b_smem.at[pl.ds(j * BLOCK, BLOCK)] if halves > 1 else b_smem
+                            plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_half, (1, 0)))
+                            return tmp_ref[...]
+
+                        part = pl.run_scoped(block_product, plgpu.ACC((wg_m, BLOCK), part_dtype))
+                        scale = row_scale * ws_smem[0, n_lane + j]
+                        out.append(acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, BLOCK), [0]))
+                    return tuple(out)
 
                 get_pipeline(body, compute_context)(
                     x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
@@ -754,14 +809,14 @@ def block_gemm_pallas(
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     scratch = dict(
         out_smem=plgpu.SMEM((2, num_slots, cfg.epi_m, cfg.epi_n), out_dtype, transforms=out_transforms),
-        bias_smem=plgpu.SMEM((2, cta_n), jnp.float32),
+        bias_smem=plgpu.SMEM((2, halves, BLOCK), jnp.float32),
         bias_bar=plgpu.Barrier(num_barriers=2),
     )
     if epilogue is not None:  # scales [N tiles, M rounded to the CTA]: whole 64-row TMA pieces
-        out_type = (out_type, jax.ShapeDtypeStruct((n_iters, m_iters * cta_m), jnp.float32))
+        out_type = (out_type, jax.ShapeDtypeStruct((n_iters * halves, m_iters * cta_m), jnp.float32))
         scratch["sc_smem"] = plgpu.SMEM((2, wg_m), jnp.float32)
     if rotate:
-        scratch["h_smem"] = plgpu.SMEM((2, cta_n, cta_n), jnp.bfloat16, transforms=_swizzled(128, 2))
+        scratch["h_smem"] = plgpu.SMEM((2, BLOCK, BLOCK), jnp.bfloat16, transforms=_swizzled(128, 2))
         scratch["h_bar"] = plgpu.Barrier(num_barriers=2)
     call = plgpu.kernel(
         kernel,
@@ -847,6 +902,6 @@ def _block_matmul(x_q, x_scale, w_q, w_scale, bias, out_dtype, config) -> jax.Ar
     m, n = x_q.shape[0], w_q.shape[0]
     x, w, xs_t, ws_t, bias_v = _prepare_block(x_q, x_scale, w_q, w_scale, bias)
     y = block_gemm_pallas(
-        x, w, xs_t, ws_t, bias_v, out_dtype=out_dtype, config=config or BlockConfig(), sms=_common.num_sms()
+        x, w, xs_t, ws_t, bias_v, out_dtype=out_dtype, config=config or block_config(), sms=_common.num_sms()
     )
     return y[:m, :n]

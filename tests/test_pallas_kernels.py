@@ -489,6 +489,8 @@ def _lowers_to_mosaic(fn, *args) -> bool:
         "w8a8_fp8",
         "w8a8_fp8_block",
         "w8a8_int8_block",
+        "w8a8_fp8_block_n256",
+        "w8a8_int8_block_n256",
         "w4a16",
         "w8a16",
         "w4a16_g32",
