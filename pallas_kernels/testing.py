@@ -405,8 +405,7 @@ _DEQUANTIZED = {
     "w8a8_fp8": _deq_w8a8,
     "w8a8_fp8_block": _deq_block,
     "w8a8_int8_block": _deq_block,
-    "w8a8_fp8_block_n256": _deq_block,
-    "w8a8_int8_block_n256": _deq_block,
+    **{f"w8a8_{fmt}_block_n{width}": _deq_block for fmt in ("fp8", "int8") for width in (128, 256)},
     "w4a8": _deq_w4a8,
 }
 
@@ -501,11 +500,12 @@ CASES: dict[str, KernelCase] = {
         xla_baseline="int8",
         magnitude=_mag_block,
     ),
-    # The same kernels on the 128 x 256 tile (two 128-column scale blocks per CTA).
+    # The same kernels with the tile width pinned: 128 x 128, or 128 x 256 (two 128-column scale
+    # blocks per CTA); the unpinned cases above run the default (w8a8.BLOCK_CTA_N).
     **{
-        f"w8a8_{fmt}_block_n256": KernelCase(
-            f"w8a8_{fmt}_block_n256",
-            functools.partial(run, config=w8a8.block_config(2 * w8a8.BLOCK)),
+        f"w8a8_{fmt}_block_n{width}": KernelCase(
+            f"w8a8_{fmt}_block_n{width}",
+            functools.partial(run, config=w8a8.block_config(width)),
             reference,
             make,
             _gemm_flops,
@@ -517,6 +517,7 @@ CASES: dict[str, KernelCase] = {
             ("fp8", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference, w8a8_fp8_block_inputs),
             ("int8", w8a8.int8_block_matmul, w8a8.int8_block_matmul_reference, w8a8_int8_block_inputs),
         )
+        for width in (128, 256)
     },
     "w4a8": KernelCase(
         "w4a8",
@@ -646,8 +647,11 @@ CASES: dict[str, KernelCase] = {
     "gemm_act_quant_int8": _gemm_act_quant_case("gemm_act_quant_int8", "int8"),
     "gemm_act_quant_fp8": _gemm_act_quant_case("gemm_act_quant_fp8", "fp8"),
     "gemm_act_quant_int8_had128": _gemm_act_quant_case("gemm_act_quant_int8_had128", "int8", 128),
-    "gemm_act_quant_int8_n256": _gemm_act_quant_case("gemm_act_quant_int8_n256", "int8", cta_n=256),
-    "gemm_act_quant_fp8_n256": _gemm_act_quant_case("gemm_act_quant_fp8_n256", "fp8", cta_n=256),
+    **{
+        f"gemm_act_quant_{fmt}_n{width}": _gemm_act_quant_case(f"gemm_act_quant_{fmt}_n{width}", fmt, cta_n=width)
+        for fmt in ("int8", "fp8")
+        for width in (128, 256)
+    },
     "gemm_act_quant_int8_had128_n256": _gemm_act_quant_case("gemm_act_quant_int8_had128_n256", "int8", 128, 256),
 }
 

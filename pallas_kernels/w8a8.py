@@ -512,8 +512,10 @@ def fp8_matmul(
 # --------------------------------------------------------------------------
 
 BLOCK = 128
-#: The block-scaled kernels' default CTA width (:class:`BlockConfig`).
-BLOCK_CTA_N = 128
+#: The block-scaled kernels' default CTA width (:class:`BlockConfig`): 128 x 256 was 3-6% faster
+#: than 128 x 128 on every Wan linear at 32,760 tokens (H200, benchmarks/notes.md, eighth
+#: session); with the producer's block rotation the 128-wide tile keeps its deeper pipeline.
+BLOCK_CTA_N = 256
 # Weight scales travel per K step as 32 consecutive N blocks (128 bytes, the
 # smallest copy a warpgroup issues); the kernel picks its own block's entry.
 _WS_LANES = 32
@@ -617,8 +619,9 @@ def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool) -> int:
 
 def block_config(cta_n: int | None = None, rotate: bool = False) -> BlockConfig:
     """The deepest pipeline that fits shared memory for a ``cta_n``-wide tile (default
-    :data:`BLOCK_CTA_N`); ``rotate`` leaves room for the epilogue's two 32 KiB rotation copies."""
-    cta_n = cta_n or BLOCK_CTA_N
+    :data:`BLOCK_CTA_N`, or 128 with ``rotate``); ``rotate`` leaves room for the epilogue's two
+    32 KiB rotation copies."""
+    cta_n = cta_n or (BLOCK if rotate else BLOCK_CTA_N)
     stages = {(BLOCK, False): 5, (BLOCK, True): 4, (2 * BLOCK, False): 4, (2 * BLOCK, True): 3}[(cta_n, rotate)]
     return BlockConfig(stages=stages, cta_n=cta_n)
 

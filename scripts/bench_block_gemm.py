@@ -45,10 +45,10 @@ BF16_TOL = 8e-3  # each bf16 operand rounding is 2^-9 relative: the sum of two, 
 
 def _rows_for(fmt: str, k: int, n: int) -> dict[str, str]:
     """Row name -> kernel case of :data:`testing.CASES` for one format and shape."""
-    rows = {"token": f"w8a8_{fmt}", "n128": f"w8a8_{fmt}_block", "n256": f"w8a8_{fmt}_block_n256"}
+    rows = {"token": f"w8a8_{fmt}", "n128": f"w8a8_{fmt}_block_n128", "n256": f"w8a8_{fmt}_block_n256"}
     if fmt == "int8" and (k, n) in FFN_UP:
         rows |= {
-            "prod128": "gemm_act_quant_int8",
+            "prod128": "gemm_act_quant_int8_n128",
             "prod256": "gemm_act_quant_int8_n256",
             "prod128_rot": "gemm_act_quant_int8_had128",
             "prod256_rot": "gemm_act_quant_int8_had128_n256",
@@ -104,7 +104,10 @@ def main() -> int:
             rows.append(row)
             text = "  ".join(f"{label} {v:8.1f}" for label, v in us.items() if v)
             print(f"{fmt:>4} {k:>5}->{n:<5} {text}", flush=True)
-    record = {**timing.run_metadata(__file__), "rows": rows}
+            # Written after every shape: a run cut short by a time limit keeps what it measured.
+            record = {**timing.run_metadata(__file__), "rows": rows, "complete": False}
+            path = timing.write_json(f"block_gemm-{timing.device_slug()}.json", record)
+    record = {**timing.run_metadata(__file__), "rows": rows, "complete": True}
     path = timing.write_json(f"block_gemm-{timing.device_slug()}.json", record)
     print(f"\n{'fmt':>4} {'K->N':>12} {'bf16':>8} {'token':>8} {'n128':>8} {'n256':>8} {'n256/bf16':>9}  (us, median)")
     for r in rows:
