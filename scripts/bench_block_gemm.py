@@ -83,6 +83,11 @@ def _time_bf16(fmt: str, k: int, n: int) -> dict:
     return timing.check_then_time(fn, sets, lambda out: testing.check_dot(out, ref, magnitude, BF16_TOL))
 
 
+def _write(rows: list[dict], complete: bool) -> str:
+    record = {**timing.run_metadata(__file__), "rows": rows, "complete": complete}
+    return timing.write_json(f"block_gemm-{timing.device_slug()}.json", record)
+
+
 def main() -> int:
     which = os.environ.get("BENCH_SHAPES", "all")
     shapes = [s for key, group in SHAPES.items() if which in ("all", key) for s in group]
@@ -104,11 +109,8 @@ def main() -> int:
             rows.append(row)
             text = "  ".join(f"{label} {v:8.1f}" for label, v in us.items() if v)
             print(f"{fmt:>4} {k:>5}->{n:<5} {text}", flush=True)
-            # Written after every shape: a run cut short by a time limit keeps what it measured.
-            record = {**timing.run_metadata(__file__), "rows": rows, "complete": False}
-            path = timing.write_json(f"block_gemm-{timing.device_slug()}.json", record)
-    record = {**timing.run_metadata(__file__), "rows": rows, "complete": True}
-    path = timing.write_json(f"block_gemm-{timing.device_slug()}.json", record)
+            _write(rows, complete=False)  # a run cut short by a time limit keeps what it measured
+    path = _write(rows, complete=True)
     print(f"\n{'fmt':>4} {'K->N':>12} {'bf16':>8} {'token':>8} {'n128':>8} {'n256':>8} {'n256/bf16':>9}  (us, median)")
     for r in rows:
         get = lambda label: r.get(label, {}).get("us", float("nan"))  # noqa: E731
