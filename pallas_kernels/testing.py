@@ -330,13 +330,14 @@ def gemm_act_quant_inputs(codes, key, m, k, n):
     return x, xs * shrink, w, ws, 0.5 * b
 
 
-def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None) -> KernelCase:
+def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None, **config_kw) -> KernelCase:
     """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (+ QuaRot's order-128
     block rotation) + per-(token, 128) quantization to ``fmt``, operands in the same format,
-    against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` pins the tile width
-    (None: the default)."""
+    against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` and ``config_kw``
+    (``w8a8.block_config``'s ``overlap``, ``convert``) pin the kernel's config (None: the default)."""
     make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
-    config = w8a8.block_config(cta_n, bool(hadamard)) if cta_n else None
+    pinned = {"overlap": False, "convert": "cvt", **config_kw}  # a pinned width: the plain promotion
+    config = w8a8.block_config(cta_n, bool(hadamard), **pinned) if cta_n or config_kw else None
     return KernelCase(
         name,
         functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt, hadamard=hadamard, config=config),
@@ -500,12 +501,15 @@ CASES: dict[str, KernelCase] = {
         xla_baseline="int8",
         magnitude=_mag_block,
     ),
-    # The same kernels with the tile width pinned: 128 x 128, or 128 x 256 (two 128-column scale
-    # blocks per CTA); the unpinned cases above run the default (w8a8.BLOCK_CTA_N).
+    # The same kernels with the config pinned (w8a8.BlockConfig; the unpinned cases above run the
+    # default): "n128" / "n256" the 128 x 128 or 128 x 256 tile (two 128-column scale blocks per
+    # CTA) promoting each slice after its wgmma with the conversion instruction; "ovl" promotes
+    # slice k-1 while slice k's wgmma runs (128 x 128); "magic" converts int8 partial sums by
+    # w8a8.exact_int32_to_float32.
     **{
-        f"w8a8_{fmt}_block_n{width}": KernelCase(
-            f"w8a8_{fmt}_block_n{width}",
-            functools.partial(run, config=w8a8.block_config(width)),
+        f"w8a8_{fmt}_block_{tag}": KernelCase(
+            f"w8a8_{fmt}_block_{tag}",
+            functools.partial(run, config=w8a8.block_config(width, overlap=overlap, convert=convert)),
             reference,
             make,
             _gemm_flops,
@@ -517,7 +521,20 @@ CASES: dict[str, KernelCase] = {
             ("fp8", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference, w8a8_fp8_block_inputs),
             ("int8", w8a8.int8_block_matmul, w8a8.int8_block_matmul_reference, w8a8_int8_block_inputs),
         )
-        for width in (128, 256)
+        for tag, width, overlap, convert in (
+            ("n128", 128, False, "cvt"),
+            ("n256", 256, False, "cvt"),
+            ("ovl", 128, True, "magic" if fmt == "int8" else "cvt"),
+            *(
+                (
+                    ("ovl_cvt", 128, True, "cvt"),
+                    ("magic_n128", 128, False, "magic"),
+                    ("magic_n256", 256, False, "magic"),
+                )
+                if fmt == "int8"
+                else ()
+            ),
+        )
     },
     "w4a8": KernelCase(
         "w4a8",
@@ -653,6 +670,12 @@ CASES: dict[str, KernelCase] = {
         for width in (128, 256)
     },
     "gemm_act_quant_int8_had128_n256": _gemm_act_quant_case("gemm_act_quant_int8_had128_n256", "int8", 128, 256),
+    "gemm_act_quant_int8_ovl": _gemm_act_quant_case(
+        "gemm_act_quant_int8_ovl", "int8", 0, 128, overlap=True, convert="magic"
+    ),
+    "gemm_act_quant_int8_had128_ovl": _gemm_act_quant_case(
+        "gemm_act_quant_int8_had128_ovl", "int8", 128, 128, overlap=True, convert="magic"
+    ),
 }
 
 

@@ -516,6 +516,11 @@ BLOCK = 128
 #: than 128 x 128 on every Wan linear at 32,760 tokens (H200, benchmarks/notes.md, eighth
 #: session); with the producer's block rotation the 128-wide tile keeps its deeper pipeline.
 BLOCK_CTA_N = 256
+#: Whether the block kernels promote slice k-1 while slice k's wgmma runs (:class:`BlockConfig`),
+#: and how int8 partial sums become float32 (``"cvt"`` or ``"magic"``).
+BLOCK_OVERLAP = False
+BLOCK_CONVERT = "cvt"
+CONVERTS = ("cvt", "magic")
 # Weight scales travel per K step as 32 consecutive N blocks (128 bytes, the
 # smallest copy a warpgroup issues); the kernel picks its own block's entry.
 _WS_LANES = 32
@@ -591,6 +596,12 @@ class BlockConfig:
     64 x 128 running sums and runs each K slice's wgmma once per 128-column half into one
     shared partial accumulator, so the CTA reads 48 KiB per K slice for twice the products of
     the 128-wide tile's 32 KiB (the register file holds 2 sums + 1 partial, not 2 + 2).
+
+    ``overlap`` (128-wide tile only) issues K slice k's wgmma and promotes slice k-1's partial
+    sum while the tensor cores run it, instead of waiting and then promoting: the running sum,
+    the previous partial and its row scales travel in the pipeline's carry. ``convert`` picks how
+    an int8 slice's int32 partial becomes float32: ``"cvt"`` (the conversion instruction) or
+    ``"magic"`` (:func:`exact_int32_to_float32`: one integer add and one float subtract).
     """
 
     stages: int = 5
@@ -599,10 +610,19 @@ class BlockConfig:
     grid_tile_width: int = 8
     epi_m: int = 64
     epi_n: int = 32
+    overlap: bool = False
+    convert: str = "cvt"
 
     def __post_init__(self):
         if self.cta_n not in (BLOCK, 2 * BLOCK):
             raise ValueError(f"BlockConfig: cta_n must be {BLOCK} or {2 * BLOCK}, got {self.cta_n}")
+        if self.overlap and self.cta_n != BLOCK:
+            raise ValueError(
+                f"BlockConfig: overlap keeps two 64 x 128 partial sums per consumer and needs cta_n={BLOCK},"
+                f" got {self.cta_n}"
+            )
+        if self.convert not in CONVERTS:
+            raise ValueError(f"BlockConfig: convert must be one of {CONVERTS}, got {self.convert!r}")
 
 
 #: Shared memory a Hopper CTA may allocate (227 KiB), less room for the pipeline's barriers.
@@ -617,13 +637,36 @@ def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool) -> int:
     return cfg.stages * stage + fixed + (2 * BLOCK * BLOCK * 2 if rotate else 0)
 
 
-def block_config(cta_n: int | None = None, rotate: bool = False) -> BlockConfig:
+def block_config(
+    cta_n: int | None = None, rotate: bool = False, overlap: bool | None = None, convert: str | None = None
+) -> BlockConfig:
     """The deepest pipeline that fits shared memory for a ``cta_n``-wide tile (default
-    :data:`BLOCK_CTA_N`, or 128 with ``rotate``); ``rotate`` leaves room for the epilogue's two
-    32 KiB rotation copies."""
-    cta_n = cta_n or (BLOCK if rotate else BLOCK_CTA_N)
+    :data:`BLOCK_CTA_N`, or 128 with ``rotate`` or ``overlap``); ``rotate`` leaves room for the
+    epilogue's two 32 KiB rotation copies. ``overlap`` and ``convert`` default to
+    :data:`BLOCK_OVERLAP` and :data:`BLOCK_CONVERT`; the default overlap applies only where the
+    tile is 128 wide."""
+    if overlap is None:
+        overlap = BLOCK_OVERLAP and (cta_n or (BLOCK if rotate else BLOCK_CTA_N)) == BLOCK
+    cta_n = cta_n or (BLOCK if rotate or overlap else BLOCK_CTA_N)
     stages = {(BLOCK, False): 5, (BLOCK, True): 4, (2 * BLOCK, False): 4, (2 * BLOCK, True): 3}[(cta_n, rotate)]
-    return BlockConfig(stages=stages, cta_n=cta_n)
+    return BlockConfig(stages=stages, cta_n=cta_n, overlap=overlap, convert=convert or BLOCK_CONVERT)
+
+
+#: ``1.5 * 2**23`` and its bits: adding an int32 ``p`` with ``|p| <= 2**22`` to the bits gives
+#: the float ``1.5 * 2**23 + p`` exactly (``p`` lands in the mantissa).
+_MAGIC_F32 = 12582912.0
+_MAGIC_BITS = 0x4B400000
+
+
+def exact_int32_to_float32(p: jax.Array) -> jax.Array:
+    """``p.astype(float32)`` for ``|p| <= 2**22`` as an integer add and a float subtract.
+
+    An int8 K slice's partial sum is at most ``128 * 128 * 128 = 2**21`` in magnitude, so this
+    is exact there; the block kernels convert one partial per element per K slice, so the
+    conversion instruction's throughput matters (benchmarks/notes.md, tenth session).
+    """
+    biased = lax.bitcast_convert_type(p + jnp.int32(_MAGIC_BITS), jnp.float32)
+    return biased - jnp.float32(_MAGIC_F32)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -752,7 +795,13 @@ def block_gemm_pallas(
                 def compute_context(eval_pipeline):
                     plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(nb0, halves)], bias_smem.at[wg], bias_bar.at[wg])
                     zeros = plgpu.layout_cast(jnp.full((wg_m, BLOCK), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-                    accs = eval_pipeline((zeros,) * halves)
+                    if cfg.overlap:  # the last slice's partial is still to be promoted
+                        no_part = plgpu.layout_cast(jnp.full((wg_m, BLOCK), 0, part_dtype), plgpu.Layout.WGMMA)
+                        no_scale = plgpu.layout_cast(jnp.full((wg_m,), 0.0, jnp.float32), wgmma_row)
+                        acc, part, scale = eval_pipeline((zeros, no_part, no_scale))
+                        accs = (promote(acc, part, scale),)
+                    else:
+                        accs = eval_pipeline((zeros,) * halves)
                     plgpu.barrier_wait(bias_bar.at[wg])
                     for j, acc in enumerate(accs):
                         col_bias = plgpu.load(bias_smem.at[wg, j], (), layout=wgmma_col)
@@ -784,6 +833,12 @@ def block_gemm_pallas(
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(sc_smem.at[wg], sc_gmem.at[nb0 + j, pl.ds(row0, wg_m)])
 
+                def promote(acc, part, scale):
+                    """The running sum plus one K slice's partial times its ``[64]`` row scales."""
+                    if part.dtype == jnp.int32 and cfg.convert == "magic":
+                        part = exact_int32_to_float32(part)
+                    return acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, BLOCK), [0])
+
                 def body(_, a_smem, b_smem, xs_smem, ws_smem, accs):
                     row_scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
                     out = []
@@ -795,11 +850,24 @@ def block_gemm_pallas(
                             return tmp_ref[...]
 
                         part = pl.run_scoped(block_product, plgpu.ACC((wg_m, BLOCK), part_dtype))
-                        scale = row_scale * ws_smem[0, n_lane + j]
-                        out.append(acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, BLOCK), [0]))
+                        out.append(promote(acc, part, row_scale * ws_smem[0, n_lane + j]))
                     return tuple(out)
 
-                get_pipeline(body, compute_context)(
+                def body_overlap(_, a_smem, b_smem, xs_smem, ws_smem, carry):
+                    """Issues this slice's wgmma, promotes the previous slice's partial while it
+                    runs, then waits: the slot is free when the body returns, as without overlap."""
+                    acc, prev, prev_scale = carry
+                    scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
+                    scale = scale * ws_smem[0, n_lane]
+
+                    def block_product(tmp_ref):
+                        plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_smem, (1, 0)))
+                        return promote(acc, prev, prev_scale), tmp_ref[...]
+
+                    acc, part = pl.run_scoped(block_product, plgpu.ACC((wg_m, BLOCK), part_dtype))
+                    return acc, part, scale
+
+                get_pipeline(body_overlap if cfg.overlap else body, compute_context)(
                     x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
                     w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
                     xs_gmem.at[:, pl.ds(mi * cta_m, cta_m)],

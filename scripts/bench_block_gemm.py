@@ -9,8 +9,12 @@ one run times:
   tile without per-slice promotion): what a block-scaled GEMM could reach at best;
 * ``n128`` / ``n256``: the block-scaled GEMM (one scale per token per 128 channels, 128 x 128
   weight blocks) on the 128 x 128 and on the 128 x 256 tile (``w8a8.BlockConfig.cta_n``);
+* ``ovl``: the 128 x 128 tile promoting slice k-1 while slice k's wgmma runs
+  (``BlockConfig.overlap``; int8 partials converted by ``exact_int32_to_float32``), ``ovl_cvt``
+  the same with the conversion instruction, ``magic128`` / ``magic256`` that conversion alone;
 * for the FFN-up shapes, the FFN-up producer (``gemm_act_quant``: + gelu_tanh + per-(token, 128)
-  int8 codes) on both tiles, with and without QuaRot's block-128 rotation (``prod*`` rows).
+  int8 codes) on both tiles and with overlap, with and without QuaRot's block-128 rotation
+  (``prod*`` rows).
 
 Each output is judged against its float32 reference first (``testing.compare``: the kernels'
 GPU-check bounds; bf16 with ``BF16_TOL`` |x||w|, two bf16 roundings of the operands); a wrong or
@@ -18,7 +22,7 @@ failing row is printed and the script exits 1. CUPTI kernel time, median and min
 runs, inputs rotated past L2. Writes ``benchmarks/block_gemm-<device>.json``.
 
     PYTHONPATH=. python3 scripts/bench_block_gemm.py            # Wan2.1-1.3B and 14B linears
-    BENCH_SHAPES=1.3b BENCH_FORMATS=int8 ...                    # fewer rows
+    BENCH_SHAPES=1.3b BENCH_FORMATS=int8 BENCH_ROWS=n256,ovl ...  # fewer rows (bf16 always)
 """
 
 from __future__ import annotations
@@ -45,15 +49,26 @@ BF16_TOL = 8e-3  # each bf16 operand rounding is 2^-9 relative: the sum of two, 
 
 def _rows_for(fmt: str, k: int, n: int) -> dict[str, str]:
     """Row name -> kernel case of :data:`testing.CASES` for one format and shape."""
-    rows = {"token": f"w8a8_{fmt}", "n128": f"w8a8_{fmt}_block_n128", "n256": f"w8a8_{fmt}_block_n256"}
+    rows = {
+        "token": f"w8a8_{fmt}",
+        "n128": f"w8a8_{fmt}_block_n128",
+        "n256": f"w8a8_{fmt}_block_n256",
+        "ovl": f"w8a8_{fmt}_block_ovl",
+    }
+    if fmt == "int8":
+        rows |= {"ovl_cvt": "w8a8_int8_block_ovl_cvt", "magic128": "w8a8_int8_block_magic_n128"}
+        rows |= {"magic256": "w8a8_int8_block_magic_n256"}
     if fmt == "int8" and (k, n) in FFN_UP:
         rows |= {
             "prod128": "gemm_act_quant_int8_n128",
             "prod256": "gemm_act_quant_int8_n256",
+            "prod_ovl": "gemm_act_quant_int8_ovl",
             "prod128_rot": "gemm_act_quant_int8_had128",
             "prod256_rot": "gemm_act_quant_int8_had128_n256",
+            "prod_ovl_rot": "gemm_act_quant_int8_had128_ovl",
         }
-    return rows
+    only = os.environ.get("BENCH_ROWS")
+    return {r: c for r, c in rows.items() if not only or r in only.split(",")}
 
 
 def _time_case(name: str, k: int, n: int) -> dict:
@@ -103,7 +118,7 @@ def main() -> int:
                     wrong += 1
                     print(f"WRONG {fmt} {k}->{n} {label}: {result.get('check', result.get('error'))}", flush=True)
             us = {label: r.get("us") for label, r in row.items() if isinstance(r, dict)}
-            for label in ("token", "n128", "n256"):
+            for label in ("token", "n128", "n256", "ovl", "magic256"):
                 if us.get(label) and us.get("bf16"):
                     row[f"{label}_vs_bf16"] = us["bf16"] / us[label]
             rows.append(row)
@@ -111,13 +126,11 @@ def main() -> int:
             print(f"{fmt:>4} {k:>5}->{n:<5} {text}", flush=True)
             _write(rows, complete=False)  # a run cut short by a time limit keeps what it measured
     path = _write(rows, complete=True)
-    print(f"\n{'fmt':>4} {'K->N':>12} {'bf16':>8} {'token':>8} {'n128':>8} {'n256':>8} {'n256/bf16':>9}  (us, median)")
+    cols = ("bf16", "token", "n128", "n256", "ovl", "magic256")
+    print(f"\n{'fmt':>4} {'K->N':>12} " + " ".join(f"{c:>8}" for c in cols) + "  (us, median)")
     for r in rows:
         get = lambda label: r.get(label, {}).get("us", float("nan"))  # noqa: E731
-        print(
-            f"{r['fmt']:>4} {r['k']:>5}->{r['n']:<6} {get('bf16'):8.1f} {get('token'):8.1f} {get('n128'):8.1f}"
-            f" {get('n256'):8.1f} {r.get('n256_vs_bf16', float('nan')):9.2f}"
-        )
+        print(f"{r['fmt']:>4} {r['k']:>5}->{r['n']:<6} " + " ".join(f"{get(c):8.1f}" for c in cols))
     print(f"wrote {path}; {wrong} wrong row(s)")
     return 1 if wrong else 0
 

@@ -76,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     lines = [header]
     print(header, flush=True)
     failures = skipped = 0
+    slug = device.device_kind.replace(" ", "_")
+
+    def write(tail: list[str]) -> None:
+        """The table so far (a run cut by a time limit keeps its finished cases)."""
+        text = "\n".join(lines + tail) + "\n"
+        root = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+        for folder in (root, os.environ.get("OUT")):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, args.out or f"check_kernels-{slug}.txt"), "w") as f:
+                    f.write(text)
+
     for name in names:
         case = CASES[name]
         kernel, reference = jax.jit(case.kernel), jax.jit(case.reference)
@@ -101,16 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             failures += not ok
             lines.append(_row("PASS" if ok else "FAIL", name, m, k, n, path, detail))
             print(lines[-1], flush=True)
+        write([f"# partial: stopped after {name} ({failures} failure(s) so far)"])
     lines.append(f"# {failures} failure(s), {skipped} skipped (shapes the kernel does not take)")
     print(lines[-1])
-    slug = device.device_kind.replace(" ", "_")
-    text = "\n".join(lines) + "\n"
-    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    for folder in (root, os.environ.get("OUT")):
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, args.out or f"check_kernels-{slug}.txt"), "w") as f:
-                f.write(text)
+    write([])
     return 1 if failures else 0
 
 

@@ -29,7 +29,8 @@ def test_every_row_is_checked_and_recorded(bench, tmp_path):
     assert bench.main() == 0
     (path,) = tmp_path.glob("block_gemm-*.json")
     (row,) = json.loads(path.read_text())["rows"]
-    labels = {"bf16", "token", "n128", "n256", "prod128", "prod256", "prod128_rot", "prod256_rot"}
+    labels = {"bf16", "token", "n128", "n256", "ovl", "ovl_cvt", "magic128", "magic256"}
+    labels |= {"prod128", "prod256", "prod_ovl", "prod128_rot", "prod256_rot", "prod_ovl_rot"}
     assert labels <= set(row)
     for label in labels:
         assert row[label]["status"] == "PASS" and row[label]["check"]["ok"], label
@@ -41,3 +42,11 @@ def test_a_wrong_kernel_fails_its_row_and_the_run(bench, monkeypatch):
     broken = dataclasses.replace(case, kernel=lambda *a, **k: 1.5 * case.reference(*a).astype(jnp.float32))
     monkeypatch.setitem(testing.CASES, "w8a8_int8_block_n256", broken)
     assert bench.main() == 1
+
+
+def test_bench_rows_picks_rows(bench, monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCH_ROWS", "n256,ovl")
+    assert bench.main() == 0
+    (path,) = tmp_path.glob("block_gemm-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert {k for k, v in row.items() if isinstance(v, dict)} == {"bf16", "n256", "ovl"}

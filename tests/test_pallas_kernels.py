@@ -85,6 +85,32 @@ def test_block_reference_matches_blockwise_sum(m, k, n, fmt):
     np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=max(1e-3, 1e-6 * np.abs(want).max()))
 
 
+def test_exact_int32_to_float32_on_the_edges_of_an_int8_slice():
+    # The whole range an int8 K slice's partial sum can take (|p| <= 128^3 = 2^21), and the
+    # magic number's own limit 2^22: every value converts exactly.
+    edges = np.array([0, 1, -1, 2**21, -(2**21), 2**22 - 1, -(2**22), 127 * 127 * 128, -128 * 127 * 128], np.int32)
+    out = w8a8.exact_int32_to_float32(jnp.asarray(edges))
+    np.testing.assert_array_equal(np.asarray(out), edges.astype(np.float32))
+    assert out.dtype == jnp.float32
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_exact_int32_to_float32_matches_astype(seed):
+    p = jax.random.randint(jax.random.key(seed), (64, 128), -(2**22), 2**22 + 1, jnp.int32)
+    chex.assert_trees_all_equal(w8a8.exact_int32_to_float32(p), p.astype(jnp.float32))
+
+
+def test_block_config_overlap_and_convert_rules():
+    assert w8a8.block_config(overlap=True).cta_n == 128  # overlap picks the 128-wide tile
+    assert w8a8.block_config(overlap=True, convert="magic").convert == "magic"
+    assert w8a8.block_config().overlap == (w8a8.BLOCK_OVERLAP and w8a8.BLOCK_CTA_N == 128)
+    with pytest.raises(ValueError, match="overlap .* needs cta_n=128"):
+        w8a8.BlockConfig(cta_n=256, overlap=True)
+    with pytest.raises(ValueError, match="convert must be one of"):
+        w8a8.BlockConfig(convert="round")
+
+
 def test_w8a8_bad_shapes_raise_named_errors():
     x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 4, 64, 8)
     with pytest.raises(ValueError, match="K-major"):
@@ -491,6 +517,9 @@ def _lowers_to_mosaic(fn, *args) -> bool:
         "w8a8_int8_block",
         "w8a8_fp8_block_n128",
         "w8a8_int8_block_n128",
+        "w8a8_int8_block_ovl",
+        "w8a8_fp8_block_ovl",
+        "w8a8_int8_block_magic_n256",
         "w4a16",
         "w8a16",
         "w4a16_g32",
