@@ -133,3 +133,25 @@ def check_dtype(name: str, x: jax.Array, dtypes) -> None:
     if jnp.dtype(x.dtype) not in allowed:
         names = ", ".join(str(d) for d in allowed)
         raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
+
+
+#: ``1.5 * 2**23`` as a float32 and its bits: adding an int32 ``p`` with ``|p| <= 2**22`` to the
+#: bits gives the float ``1.5 * 2**23 + p`` exactly (``p`` lands in the mantissa, whose last place
+#: is 1 there). An int8 dot product over <= 128 channels is at most ``128**3 = 2**21``.
+MAGIC_VALUE = 12582912.0
+MAGIC_BITS = 0x4B400000
+
+
+def biased_int32_to_float32(p: jax.Array) -> jax.Array:
+    """``MAGIC_VALUE + p`` as float32 for int32 ``|p| <= 2**22``: one integer add and a bitcast.
+
+    The kernels turn int8 wgmma sums into floats this way instead of with the conversion
+    instruction; the caller removes the offset (:func:`exact_int32_to_float32`) or folds
+    ``-MAGIC_VALUE * scale`` into its scaling FMA.
+    """
+    return jax.lax.bitcast_convert_type(p + jnp.int32(MAGIC_BITS), jnp.float32)
+
+
+def exact_int32_to_float32(p: jax.Array) -> jax.Array:
+    """``p.astype(float32)`` for int32 ``|p| <= 2**22``, exactly: an integer add and a float subtract."""
+    return biased_int32_to_float32(p) - jnp.float32(MAGIC_VALUE)

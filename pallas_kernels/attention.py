@@ -56,8 +56,6 @@ MAX_KEY_BLOCKS = 4096
 #: runs it explicitly.
 CAUSAL_ON_KERNEL = True
 INT_TO_FLOAT: tuple[str, ...] = ("cvt", "magic")
-_MAGIC_BITS = 0x4B400000  # float32 1.5 * 2^23: its unit in the last place is 1
-_MAGIC_VALUE = 12582912.0
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
 KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset((qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
@@ -237,9 +235,9 @@ def attention_pallas(
                     dim = 0
                 plgpu.barrier_arrive(k_consumed_barriers.at[slot])
                 if int_qk and config.int_to_float == "magic":
-                    shifted = lax.bitcast_convert_type(qk + jnp.int32(_MAGIC_BITS), jnp.float32)
+                    shifted = _common.biased_int32_to_float32(qk)
                     x = shifted * lax.broadcast_in_dim(scale, shape, [dim]) + lax.broadcast_in_dim(
-                        scale * -_MAGIC_VALUE, shape, [dim]
+                        scale * -_common.MAGIC_VALUE, shape, [dim]
                     )
                 else:
                     x = qk.astype(jnp.float32) * lax.broadcast_in_dim(scale, shape, [dim])

@@ -505,7 +505,7 @@ CASES: dict[str, KernelCase] = {
     # default): "n128" / "n256" the 128 x 128 or 128 x 256 tile (two 128-column scale blocks per
     # CTA) promoting each slice after its wgmma with the conversion instruction; "ovl" promotes
     # slice k-1 while slice k's wgmma runs (128 x 128); "magic" converts int8 partial sums by
-    # w8a8.exact_int32_to_float32.
+    # _common.exact_int32_to_float32.
     **{
         f"w8a8_{fmt}_block_{tag}": KernelCase(
             f"w8a8_{fmt}_block_{tag}",

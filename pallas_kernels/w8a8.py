@@ -601,7 +601,7 @@ class BlockConfig:
     sum while the tensor cores run it, instead of waiting and then promoting: the running sum,
     the previous partial and its row scales travel in the pipeline's carry. ``convert`` picks how
     an int8 slice's int32 partial becomes float32: ``"cvt"`` (the conversion instruction) or
-    ``"magic"`` (:func:`exact_int32_to_float32`: one integer add and one float subtract).
+    ``"magic"`` (:func:`_common.exact_int32_to_float32`: an integer add and a float subtract).
     """
 
     stages: int = 5
@@ -650,23 +650,6 @@ def block_config(
     cta_n = cta_n or (BLOCK if rotate or overlap else BLOCK_CTA_N)
     stages = {(BLOCK, False): 5, (BLOCK, True): 4, (2 * BLOCK, False): 4, (2 * BLOCK, True): 3}[(cta_n, rotate)]
     return BlockConfig(stages=stages, cta_n=cta_n, overlap=overlap, convert=convert or BLOCK_CONVERT)
-
-
-#: ``1.5 * 2**23`` and its bits: adding an int32 ``p`` with ``|p| <= 2**22`` to the bits gives
-#: the float ``1.5 * 2**23 + p`` exactly (``p`` lands in the mantissa).
-_MAGIC_F32 = 12582912.0
-_MAGIC_BITS = 0x4B400000
-
-
-def exact_int32_to_float32(p: jax.Array) -> jax.Array:
-    """``p.astype(float32)`` for ``|p| <= 2**22`` as an integer add and a float subtract.
-
-    An int8 K slice's partial sum is at most ``128 * 128 * 128 = 2**21`` in magnitude, so this
-    is exact there; the block kernels convert one partial per element per K slice, so the
-    conversion instruction's throughput matters (benchmarks/notes.md, tenth session).
-    """
-    biased = lax.bitcast_convert_type(p + jnp.int32(_MAGIC_BITS), jnp.float32)
-    return biased - jnp.float32(_MAGIC_F32)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -836,7 +819,7 @@ def block_gemm_pallas(
                 def promote(acc, part, scale):
                     """The running sum plus one K slice's partial times its ``[64]`` row scales."""
                     if part.dtype == jnp.int32 and cfg.convert == "magic":
-                        part = exact_int32_to_float32(part)
+                        part = _common.exact_int32_to_float32(part)
                     return acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, BLOCK), [0])
 
                 def body(_, a_smem, b_smem, xs_smem, ws_smem, accs):

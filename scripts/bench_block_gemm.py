@@ -10,7 +10,7 @@ one run times:
 * ``n128`` / ``n256``: the block-scaled GEMM (one scale per token per 128 channels, 128 x 128
   weight blocks) on the 128 x 128 and on the 128 x 256 tile (``w8a8.BlockConfig.cta_n``);
 * ``ovl``: the 128 x 128 tile promoting slice k-1 while slice k's wgmma runs
-  (``BlockConfig.overlap``; int8 partials converted by ``exact_int32_to_float32``), ``ovl_cvt``
+  (``BlockConfig.overlap``; int8 partials converted by ``_common.exact_int32_to_float32``), ``ovl_cvt``
   the same with the conversion instruction, ``magic128`` / ``magic256`` that conversion alone;
 * for the FFN-up shapes, the FFN-up producer (``gemm_act_quant``: + gelu_tanh + per-(token, 128)
   int8 codes) on both tiles and with overlap, with and without QuaRot's block-128 rotation

@@ -89,7 +89,7 @@ def test_exact_int32_to_float32_on_the_edges_of_an_int8_slice():
     # The whole range an int8 K slice's partial sum can take (|p| <= 128^3 = 2^21), and the
     # magic number's own limit 2^22: every value converts exactly.
     edges = np.array([0, 1, -1, 2**21, -(2**21), 2**22 - 1, -(2**22), 127 * 127 * 128, -128 * 127 * 128], np.int32)
-    out = w8a8.exact_int32_to_float32(jnp.asarray(edges))
+    out = _common.exact_int32_to_float32(jnp.asarray(edges))
     np.testing.assert_array_equal(np.asarray(out), edges.astype(np.float32))
     assert out.dtype == jnp.float32
 
@@ -98,7 +98,7 @@ def test_exact_int32_to_float32_on_the_edges_of_an_int8_slice():
 @given(seed=st.integers(0, 2**31 - 1))
 def test_exact_int32_to_float32_matches_astype(seed):
     p = jax.random.randint(jax.random.key(seed), (64, 128), -(2**22), 2**22 + 1, jnp.int32)
-    chex.assert_trees_all_equal(w8a8.exact_int32_to_float32(p), p.astype(jnp.float32))
+    chex.assert_trees_all_equal(_common.exact_int32_to_float32(p), p.astype(jnp.float32))
 
 
 def test_block_config_overlap_and_convert_rules():
