@@ -145,13 +145,9 @@ MAGIC_BITS = 0x4B400000
 def biased_int32_to_float32(p: jax.Array) -> jax.Array:
     """``MAGIC_VALUE + p`` as float32 for int32 ``|p| <= 2**22``: one integer add and a bitcast.
 
-    The kernels turn int8 wgmma sums into floats this way instead of with the conversion
-    instruction; the caller removes the offset (:func:`exact_int32_to_float32`) or folds
-    ``-MAGIC_VALUE * scale`` into its scaling FMA.
+    The attention kernel turns int8 Q K^T sums into floats this way instead of with the
+    conversion instruction and folds ``-MAGIC_VALUE * scale`` into its scaling FMA.
+    (In the block-scaled GEMMs' promotion the extra integer add and float subtract were slower
+    than the conversion: benchmarks/notes.md, tenth session.)
     """
     return jax.lax.bitcast_convert_type(p + jnp.int32(MAGIC_BITS), jnp.float32)
-
-
-def exact_int32_to_float32(p: jax.Array) -> jax.Array:
-    """``p.astype(float32)`` for int32 ``|p| <= 2**22``, exactly: an integer add and a float subtract."""
-    return biased_int32_to_float32(p) - jnp.float32(MAGIC_VALUE)

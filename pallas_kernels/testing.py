@@ -334,9 +334,9 @@ def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | No
     """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (+ QuaRot's order-128
     block rotation) + per-(token, 128) quantization to ``fmt``, operands in the same format,
     against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` and ``config_kw``
-    (``w8a8.block_config``'s ``overlap``, ``convert``) pin the kernel's config (None: the default)."""
+    (``w8a8.block_config``'s ``pingpong``) pin the kernel's config (None: the default)."""
     make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
-    pinned = {"overlap": False, "convert": "cvt", **config_kw}  # a pinned width: the plain promotion
+    pinned = {"pingpong": False, **config_kw}  # a pinned width: the consumers in step
     config = w8a8.block_config(cta_n, bool(hadamard), **pinned) if cta_n or config_kw else None
     return KernelCase(
         name,
@@ -503,13 +503,12 @@ CASES: dict[str, KernelCase] = {
     ),
     # The same kernels with the config pinned (w8a8.BlockConfig; the unpinned cases above run the
     # default): "n128" / "n256" the 128 x 128 or 128 x 256 tile (two 128-column scale blocks per
-    # CTA) promoting each slice after its wgmma with the conversion instruction; "ovl" promotes
-    # slice k-1 while slice k's wgmma runs (128 x 128); "magic" converts int8 partial sums by
-    # _common.exact_int32_to_float32.
+    # CTA), the two consumer warpgroups in step; "pp128" / "pp256" the same tiles with the two
+    # consumers taking turns on the tensor cores (BlockConfig.pingpong).
     **{
         f"w8a8_{fmt}_block_{tag}": KernelCase(
             f"w8a8_{fmt}_block_{tag}",
-            functools.partial(run, config=w8a8.block_config(width, overlap=overlap, convert=convert)),
+            functools.partial(run, config=w8a8.block_config(width, pingpong=pingpong)),
             reference,
             make,
             _gemm_flops,
@@ -521,19 +520,11 @@ CASES: dict[str, KernelCase] = {
             ("fp8", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference, w8a8_fp8_block_inputs),
             ("int8", w8a8.int8_block_matmul, w8a8.int8_block_matmul_reference, w8a8_int8_block_inputs),
         )
-        for tag, width, overlap, convert in (
-            ("n128", 128, False, "cvt"),
-            ("n256", 256, False, "cvt"),
-            ("ovl", 128, True, "magic" if fmt == "int8" else "cvt"),
-            *(
-                (
-                    ("ovl_cvt", 128, True, "cvt"),
-                    ("magic_n128", 128, False, "magic"),
-                    ("magic_n256", 256, False, "magic"),
-                )
-                if fmt == "int8"
-                else ()
-            ),
+        for tag, width, pingpong in (
+            ("n128", 128, False),
+            ("n256", 256, False),
+            ("pp128", 128, True),
+            ("pp256", 256, True),
         )
     },
     "w4a8": KernelCase(
@@ -670,11 +661,9 @@ CASES: dict[str, KernelCase] = {
         for width in (128, 256)
     },
     "gemm_act_quant_int8_had128_n256": _gemm_act_quant_case("gemm_act_quant_int8_had128_n256", "int8", 128, 256),
-    "gemm_act_quant_int8_ovl": _gemm_act_quant_case(
-        "gemm_act_quant_int8_ovl", "int8", 0, 128, overlap=True, convert="magic"
-    ),
-    "gemm_act_quant_int8_had128_ovl": _gemm_act_quant_case(
-        "gemm_act_quant_int8_had128_ovl", "int8", 128, 128, overlap=True, convert="magic"
+    "gemm_act_quant_int8_pp256": _gemm_act_quant_case("gemm_act_quant_int8_pp256", "int8", 0, 256, pingpong=True),
+    "gemm_act_quant_int8_had128_pp": _gemm_act_quant_case(
+        "gemm_act_quant_int8_had128_pp", "int8", 128, 128, pingpong=True
     ),
 }
 

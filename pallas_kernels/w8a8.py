@@ -516,11 +516,9 @@ BLOCK = 128
 #: than 128 x 128 on every Wan linear at 32,760 tokens (H200, benchmarks/notes.md, eighth
 #: session); with the producer's block rotation the 128-wide tile keeps its deeper pipeline.
 BLOCK_CTA_N = 256
-#: Whether the block kernels promote slice k-1 while slice k's wgmma runs (:class:`BlockConfig`),
-#: and how int8 partial sums become float32 (``"cvt"`` or ``"magic"``).
-BLOCK_OVERLAP = False
-BLOCK_CONVERT = "cvt"
-CONVERTS = ("cvt", "magic")
+#: Whether the block kernels' two consumer warpgroups take turns on the tensor cores
+#: (:class:`BlockConfig`.pingpong).
+BLOCK_PINGPONG = False
 # Weight scales travel per K step as 32 consecutive N blocks (128 bytes, the
 # smallest copy a warpgroup issues); the kernel picks its own block's entry.
 _WS_LANES = 32
@@ -597,11 +595,11 @@ class BlockConfig:
     shared partial accumulator, so the CTA reads 48 KiB per K slice for twice the products of
     the 128-wide tile's 32 KiB (the register file holds 2 sums + 1 partial, not 2 + 2).
 
-    ``overlap`` (128-wide tile only) issues K slice k's wgmma and promotes slice k-1's partial
-    sum while the tensor cores run it, instead of waiting and then promoting: the running sum,
-    the previous partial and its row scales travel in the pipeline's carry. ``convert`` picks how
-    an int8 slice's int32 partial becomes float32: ``"cvt"`` (the conversion instruction) or
-    ``"magic"`` (:func:`_common.exact_int32_to_float32`: an integer add and a float subtract).
+    ``pingpong`` makes the two consumer warpgroups take turns (FlashAttention-3's schedule
+    barrier): each issues its K slice's wgmma, then meets the other at a two-arrival barrier
+    before it waits for the wgmma and promotes, and warpgroup 1 starts one meeting late. So one
+    warpgroup's wgmma runs while the other promotes, instead of both waiting, then both
+    promoting while the tensor cores idle.
     """
 
     stages: int = 5
@@ -610,19 +608,11 @@ class BlockConfig:
     grid_tile_width: int = 8
     epi_m: int = 64
     epi_n: int = 32
-    overlap: bool = False
-    convert: str = "cvt"
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.cta_n not in (BLOCK, 2 * BLOCK):
             raise ValueError(f"BlockConfig: cta_n must be {BLOCK} or {2 * BLOCK}, got {self.cta_n}")
-        if self.overlap and self.cta_n != BLOCK:
-            raise ValueError(
-                f"BlockConfig: overlap keeps two 64 x 128 partial sums per consumer and needs cta_n={BLOCK},"
-                f" got {self.cta_n}"
-            )
-        if self.convert not in CONVERTS:
-            raise ValueError(f"BlockConfig: convert must be one of {CONVERTS}, got {self.convert!r}")
 
 
 #: Shared memory a Hopper CTA may allocate (227 KiB), less room for the pipeline's barriers.
@@ -637,19 +627,13 @@ def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool) -> int:
     return cfg.stages * stage + fixed + (2 * BLOCK * BLOCK * 2 if rotate else 0)
 
 
-def block_config(
-    cta_n: int | None = None, rotate: bool = False, overlap: bool | None = None, convert: str | None = None
-) -> BlockConfig:
+def block_config(cta_n: int | None = None, rotate: bool = False, pingpong: bool | None = None) -> BlockConfig:
     """The deepest pipeline that fits shared memory for a ``cta_n``-wide tile (default
-    :data:`BLOCK_CTA_N`, or 128 with ``rotate`` or ``overlap``); ``rotate`` leaves room for the
-    epilogue's two 32 KiB rotation copies. ``overlap`` and ``convert`` default to
-    :data:`BLOCK_OVERLAP` and :data:`BLOCK_CONVERT`; the default overlap applies only where the
-    tile is 128 wide."""
-    if overlap is None:
-        overlap = BLOCK_OVERLAP and (cta_n or (BLOCK if rotate else BLOCK_CTA_N)) == BLOCK
-    cta_n = cta_n or (BLOCK if rotate or overlap else BLOCK_CTA_N)
+    :data:`BLOCK_CTA_N`, or 128 with ``rotate``); ``rotate`` leaves room for the epilogue's two
+    32 KiB rotation copies. ``pingpong`` defaults to :data:`BLOCK_PINGPONG`."""
+    cta_n = cta_n or (BLOCK if rotate else BLOCK_CTA_N)
     stages = {(BLOCK, False): 5, (BLOCK, True): 4, (2 * BLOCK, False): 4, (2 * BLOCK, True): 3}[(cta_n, rotate)]
-    return BlockConfig(stages=stages, cta_n=cta_n, overlap=overlap, convert=convert or BLOCK_CONVERT)
+    return BlockConfig(stages=stages, cta_n=cta_n, pingpong=BLOCK_PINGPONG if pingpong is None else pingpong)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -722,7 +706,7 @@ def block_gemm_pallas(
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_col = plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(*refs, out_smem, bias_smem, bias_bar, sc_smem=None, h_smem=None, h_bar=None):
+    def kernel(*refs, out_smem, bias_smem, bias_bar, sc_smem=None, h_smem=None, h_bar=None, turn_bar=None):
         x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem = refs[:5]
         h_gmem = refs[5] if rotate else None
         out_gmem, *sc_out = refs[6 if rotate else 5 :]
@@ -778,13 +762,11 @@ def block_gemm_pallas(
                 def compute_context(eval_pipeline):
                     plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(nb0, halves)], bias_smem.at[wg], bias_bar.at[wg])
                     zeros = plgpu.layout_cast(jnp.full((wg_m, BLOCK), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-                    if cfg.overlap:  # the last slice's partial is still to be promoted
-                        no_part = plgpu.layout_cast(jnp.full((wg_m, BLOCK), 0, part_dtype), plgpu.Layout.WGMMA)
-                        no_scale = plgpu.layout_cast(jnp.full((wg_m,), 0.0, jnp.float32), wgmma_row)
-                        acc, part, scale = eval_pipeline((zeros, no_part, no_scale))
-                        accs = (promote(acc, part, scale),)
-                    else:
-                        accs = eval_pipeline((zeros,) * halves)
+                    if cfg.pingpong:  # warpgroup 1 starts one turn late, warpgroup 0 ends one late
+                        pl.when(wg == 1)(take_turn)
+                    accs = eval_pipeline((zeros,) * halves)
+                    if cfg.pingpong:
+                        pl.when(wg == 0)(take_turn)
                     plgpu.barrier_wait(bias_bar.at[wg])
                     for j, acc in enumerate(accs):
                         col_bias = plgpu.load(bias_smem.at[wg, j], (), layout=wgmma_col)
@@ -816,11 +798,10 @@ def block_gemm_pallas(
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(sc_smem.at[wg], sc_gmem.at[nb0 + j, pl.ds(row0, wg_m)])
 
-                def promote(acc, part, scale):
-                    """The running sum plus one K slice's partial times its ``[64]`` row scales."""
-                    if part.dtype == jnp.int32 and cfg.convert == "magic":
-                        part = _common.exact_int32_to_float32(part)
-                    return acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, BLOCK), [0])
+                def take_turn():
+                    """Meets the other consumer warpgroup (the pingpong schedule)."""
+                    plgpu.barrier_arrive(turn_bar)
+                    plgpu.barrier_wait(turn_bar)
 
                 def body(_, a_smem, b_smem, xs_smem, ws_smem, accs):
                     row_scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
@@ -830,27 +811,16 @@ def block_gemm_pallas(
                         def block_product(tmp_ref, j=j):
                             b_half = b_smem.at[pl.ds(j * BLOCK, BLOCK)] if halves > 1 else b_smem
                             plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_half, (1, 0)))
+                            if cfg.pingpong:  # the other warpgroup's wgmma queues behind this one
+                                take_turn()
                             return tmp_ref[...]
 
                         part = pl.run_scoped(block_product, plgpu.ACC((wg_m, BLOCK), part_dtype))
-                        out.append(promote(acc, part, row_scale * ws_smem[0, n_lane + j]))
+                        scale = row_scale * ws_smem[0, n_lane + j]
+                        out.append(acc + part.astype(jnp.float32) * lax.broadcast_in_dim(scale, (wg_m, BLOCK), [0]))
                     return tuple(out)
 
-                def body_overlap(_, a_smem, b_smem, xs_smem, ws_smem, carry):
-                    """Issues this slice's wgmma, promotes the previous slice's partial while it
-                    runs, then waits: the slot is free when the body returns, as without overlap."""
-                    acc, prev, prev_scale = carry
-                    scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
-                    scale = scale * ws_smem[0, n_lane]
-
-                    def block_product(tmp_ref):
-                        plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_smem, (1, 0)))
-                        return promote(acc, prev, prev_scale), tmp_ref[...]
-
-                    acc, part = pl.run_scoped(block_product, plgpu.ACC((wg_m, BLOCK), part_dtype))
-                    return acc, part, scale
-
-                get_pipeline(body_overlap if cfg.overlap else body, compute_context)(
+                get_pipeline(body, compute_context)(
                     x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
                     w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
                     xs_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
@@ -869,6 +839,8 @@ def block_gemm_pallas(
     if epilogue is not None:  # scales [N tiles, M rounded to the CTA]: whole 64-row TMA pieces
         out_type = (out_type, jax.ShapeDtypeStruct((n_iters * halves, m_iters * cta_m), jnp.float32))
         scratch["sc_smem"] = plgpu.SMEM((2, wg_m), jnp.float32)
+    if cfg.pingpong:
+        scratch["turn_bar"] = plgpu.Barrier(num_arrivals=2)
     if rotate:
         scratch["h_smem"] = plgpu.SMEM((2, BLOCK, BLOCK), jnp.bfloat16, transforms=_swizzled(128, 2))
         scratch["h_bar"] = plgpu.Barrier(num_barriers=2)

@@ -64,12 +64,12 @@ def test_rotated_reference_is_the_block_hadamard_of_the_bf16_activation():
 @pytest.mark.parametrize("operands", sorted(FORMATS))
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize(
-    "m,k,n,rotation,overlap", [(5, 320, 256, 0, False), (300, 1536, 384, 128, True), (256, 3072, 3072, 0, True)]
+    "m,k,n,rotation,pingpong", [(5, 320, 256, 0, False), (300, 1536, 384, 128, True), (256, 3072, 3072, 0, True)]
 )
-def test_kernel_lowers_to_mosaic_gpu(operands, fmt, m, k, n, rotation, overlap, monkeypatch):
+def test_kernel_lowers_to_mosaic_gpu(operands, fmt, m, k, n, rotation, pingpong, monkeypatch):
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
     x, xs, w, ws, b = FORMATS[operands](jax.random.key(0), m, k, n)
-    config = w8a8.block_config(rotate=bool(rotation), overlap=overlap, convert="magic") if overlap else None
+    config = w8a8.block_config(rotate=bool(rotation), pingpong=pingpong)
 
     def call(*a):
         return gemm_act_quant.gemm_act_quant(*a, act="gelu_tanh", fmt=fmt, hadamard=rotation, config=config)

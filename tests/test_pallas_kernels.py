@@ -85,30 +85,29 @@ def test_block_reference_matches_blockwise_sum(m, k, n, fmt):
     np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=max(1e-3, 1e-6 * np.abs(want).max()))
 
 
-def test_exact_int32_to_float32_on_the_edges_of_an_int8_slice():
-    # The whole range an int8 K slice's partial sum can take (|p| <= 128^3 = 2^21), and the
-    # magic number's own limit 2^22: every value converts exactly.
+def test_magic_number_conversion_is_exact_on_the_edges_of_an_int8_dot():
+    # What the attention kernel's int8 Q K^T scores can be (|p| <= 128^3 = 2^21), and the magic
+    # number's own limit 2^22: the biased float minus the bias is the integer, exactly.
     edges = np.array([0, 1, -1, 2**21, -(2**21), 2**22 - 1, -(2**22), 127 * 127 * 128, -128 * 127 * 128], np.int32)
-    out = _common.exact_int32_to_float32(jnp.asarray(edges))
+    out = _common.biased_int32_to_float32(jnp.asarray(edges)) - jnp.float32(_common.MAGIC_VALUE)
     np.testing.assert_array_equal(np.asarray(out), edges.astype(np.float32))
     assert out.dtype == jnp.float32
 
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
-def test_exact_int32_to_float32_matches_astype(seed):
+def test_magic_number_conversion_matches_astype(seed):
     p = jax.random.randint(jax.random.key(seed), (64, 128), -(2**22), 2**22 + 1, jnp.int32)
-    chex.assert_trees_all_equal(_common.exact_int32_to_float32(p), p.astype(jnp.float32))
+    biased = _common.biased_int32_to_float32(p)
+    chex.assert_trees_all_equal(biased - jnp.float32(_common.MAGIC_VALUE), p.astype(jnp.float32))
 
 
-def test_block_config_overlap_and_convert_rules():
-    assert w8a8.block_config(overlap=True).cta_n == 128  # overlap picks the 128-wide tile
-    assert w8a8.block_config(overlap=True, convert="magic").convert == "magic"
-    assert w8a8.block_config().overlap == (w8a8.BLOCK_OVERLAP and w8a8.BLOCK_CTA_N == 128)
-    with pytest.raises(ValueError, match="overlap .* needs cta_n=128"):
-        w8a8.BlockConfig(cta_n=256, overlap=True)
-    with pytest.raises(ValueError, match="convert must be one of"):
-        w8a8.BlockConfig(convert="round")
+def test_block_config_pingpong_default_and_tiles():
+    assert w8a8.block_config().pingpong == w8a8.BLOCK_PINGPONG
+    assert w8a8.block_config(128, pingpong=True) == w8a8.BlockConfig(stages=5, cta_n=128, pingpong=True)
+    assert w8a8.block_config(rotate=True, pingpong=False).stages == 4
+    with pytest.raises(ValueError, match="cta_n must be 128 or 256"):
+        w8a8.BlockConfig(cta_n=192, pingpong=True)
 
 
 def test_w8a8_bad_shapes_raise_named_errors():
@@ -517,9 +516,9 @@ def _lowers_to_mosaic(fn, *args) -> bool:
         "w8a8_int8_block",
         "w8a8_fp8_block_n128",
         "w8a8_int8_block_n128",
-        "w8a8_int8_block_ovl",
-        "w8a8_fp8_block_ovl",
-        "w8a8_int8_block_magic_n256",
+        "w8a8_int8_block_pp128",
+        "w8a8_fp8_block_pp256",
+        "w8a8_int8_block_pp256",
         "w4a16",
         "w8a16",
         "w4a16_g32",
