@@ -330,14 +330,13 @@ def gemm_act_quant_inputs(codes, key, m, k, n):
     return x, xs * shrink, w, ws, 0.5 * b
 
 
-def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None, **config_kw) -> KernelCase:
+def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None) -> KernelCase:
     """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (+ QuaRot's order-128
     block rotation) + per-(token, 128) quantization to ``fmt``, operands in the same format,
-    against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` and ``config_kw``
-    (``w8a8.block_config``'s ``pingpong``) pin the kernel's config (None: the default)."""
+    against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` pins the tile width
+    (None: the default)."""
     make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
-    pinned = {"pingpong": False, **config_kw}  # a pinned width: the consumers in step
-    config = w8a8.block_config(cta_n, bool(hadamard), **pinned) if cta_n or config_kw else None
+    config = w8a8.block_config(cta_n, bool(hadamard)) if cta_n else None
     return KernelCase(
         name,
         functools.partial(gemm_act_quant.gemm_act_quant, act="gelu_tanh", fmt=fmt, hadamard=hadamard, config=config),
@@ -501,14 +500,12 @@ CASES: dict[str, KernelCase] = {
         xla_baseline="int8",
         magnitude=_mag_block,
     ),
-    # The same kernels with the config pinned (w8a8.BlockConfig; the unpinned cases above run the
-    # default): "n128" / "n256" the 128 x 128 or 128 x 256 tile (two 128-column scale blocks per
-    # CTA), the two consumer warpgroups in step; "pp128" / "pp256" the same tiles with the two
-    # consumers taking turns on the tensor cores (BlockConfig.pingpong).
+    # The same kernels with the tile width pinned: 128 x 128, or 128 x 256 (two 128-column scale
+    # blocks per CTA); the unpinned cases above run the default (w8a8.BLOCK_CTA_N).
     **{
-        f"w8a8_{fmt}_block_{tag}": KernelCase(
-            f"w8a8_{fmt}_block_{tag}",
-            functools.partial(run, config=w8a8.block_config(width, pingpong=pingpong)),
+        f"w8a8_{fmt}_block_n{width}": KernelCase(
+            f"w8a8_{fmt}_block_n{width}",
+            functools.partial(run, config=w8a8.block_config(width)),
             reference,
             make,
             _gemm_flops,
@@ -520,12 +517,7 @@ CASES: dict[str, KernelCase] = {
             ("fp8", w8a8.fp8_block_matmul, w8a8.fp8_block_matmul_reference, w8a8_fp8_block_inputs),
             ("int8", w8a8.int8_block_matmul, w8a8.int8_block_matmul_reference, w8a8_int8_block_inputs),
         )
-        for tag, width, pingpong in (
-            ("n128", 128, False),
-            ("n256", 256, False),
-            ("pp128", 128, True),
-            ("pp256", 256, True),
-        )
+        for width in (128, 256)
     },
     "w4a8": KernelCase(
         "w4a8",
@@ -661,10 +653,6 @@ CASES: dict[str, KernelCase] = {
         for width in (128, 256)
     },
     "gemm_act_quant_int8_had128_n256": _gemm_act_quant_case("gemm_act_quant_int8_had128_n256", "int8", 128, 256),
-    "gemm_act_quant_int8_pp256": _gemm_act_quant_case("gemm_act_quant_int8_pp256", "int8", 0, 256, pingpong=True),
-    "gemm_act_quant_int8_had128_pp": _gemm_act_quant_case(
-        "gemm_act_quant_int8_had128_pp", "int8", 128, 128, pingpong=True
-    ),
 }
 
 

@@ -516,9 +516,6 @@ BLOCK = 128
 #: than 128 x 128 on every Wan linear at 32,760 tokens (H200, benchmarks/notes.md, eighth
 #: session); with the producer's block rotation the 128-wide tile keeps its deeper pipeline.
 BLOCK_CTA_N = 256
-#: Whether the block kernels' two consumer warpgroups take turns on the tensor cores
-#: (:class:`BlockConfig`.pingpong).
-BLOCK_PINGPONG = False
 # Weight scales travel per K step as 32 consecutive N blocks (128 bytes, the
 # smallest copy a warpgroup issues); the kernel picks its own block's entry.
 _WS_LANES = 32
@@ -594,12 +591,6 @@ class BlockConfig:
     64 x 128 running sums and runs each K slice's wgmma once per 128-column half into one
     shared partial accumulator, so the CTA reads 48 KiB per K slice for twice the products of
     the 128-wide tile's 32 KiB (the register file holds 2 sums + 1 partial, not 2 + 2).
-
-    ``pingpong`` makes the two consumer warpgroups take turns (FlashAttention-3's schedule
-    barrier): each issues its K slice's wgmma, then meets the other at a two-arrival barrier
-    before it waits for the wgmma and promotes, and warpgroup 1 starts one meeting late. So one
-    warpgroup's wgmma runs while the other promotes, instead of both waiting, then both
-    promoting while the tensor cores idle.
     """
 
     stages: int = 5
@@ -608,7 +599,6 @@ class BlockConfig:
     grid_tile_width: int = 8
     epi_m: int = 64
     epi_n: int = 32
-    pingpong: bool = False
 
     def __post_init__(self):
         if self.cta_n not in (BLOCK, 2 * BLOCK):
@@ -627,13 +617,13 @@ def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool) -> int:
     return cfg.stages * stage + fixed + (2 * BLOCK * BLOCK * 2 if rotate else 0)
 
 
-def block_config(cta_n: int | None = None, rotate: bool = False, pingpong: bool | None = None) -> BlockConfig:
+def block_config(cta_n: int | None = None, rotate: bool = False) -> BlockConfig:
     """The deepest pipeline that fits shared memory for a ``cta_n``-wide tile (default
     :data:`BLOCK_CTA_N`, or 128 with ``rotate``); ``rotate`` leaves room for the epilogue's two
-    32 KiB rotation copies. ``pingpong`` defaults to :data:`BLOCK_PINGPONG`."""
+    32 KiB rotation copies."""
     cta_n = cta_n or (BLOCK if rotate else BLOCK_CTA_N)
     stages = {(BLOCK, False): 5, (BLOCK, True): 4, (2 * BLOCK, False): 4, (2 * BLOCK, True): 3}[(cta_n, rotate)]
-    return BlockConfig(stages=stages, cta_n=cta_n, pingpong=BLOCK_PINGPONG if pingpong is None else pingpong)
+    return BlockConfig(stages=stages, cta_n=cta_n)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -706,7 +696,7 @@ def block_gemm_pallas(
     wgmma_row = plgpu.Layout.WGMMA.reduce(1)
     wgmma_col = plgpu.Layout.WGMMA.reduce(0)
 
-    def kernel(*refs, out_smem, bias_smem, bias_bar, sc_smem=None, h_smem=None, h_bar=None, turn_bar=None):
+    def kernel(*refs, out_smem, bias_smem, bias_bar, sc_smem=None, h_smem=None, h_bar=None):
         x_gmem, w_gmem, xs_gmem, ws_gmem, bias_gmem = refs[:5]
         h_gmem = refs[5] if rotate else None
         out_gmem, *sc_out = refs[6 if rotate else 5 :]
@@ -762,11 +752,7 @@ def block_gemm_pallas(
                 def compute_context(eval_pipeline):
                     plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(nb0, halves)], bias_smem.at[wg], bias_bar.at[wg])
                     zeros = plgpu.layout_cast(jnp.full((wg_m, BLOCK), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-                    if cfg.pingpong:  # warpgroup 1 starts one turn late, warpgroup 0 ends one late
-                        pl.when(wg == 1)(take_turn)
                     accs = eval_pipeline((zeros,) * halves)
-                    if cfg.pingpong:
-                        pl.when(wg == 0)(take_turn)
                     plgpu.barrier_wait(bias_bar.at[wg])
                     for j, acc in enumerate(accs):
                         col_bias = plgpu.load(bias_smem.at[wg, j], (), layout=wgmma_col)
@@ -798,11 +784,6 @@ def block_gemm_pallas(
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(sc_smem.at[wg], sc_gmem.at[nb0 + j, pl.ds(row0, wg_m)])
 
-                def take_turn():
-                    """Meets the other consumer warpgroup (the pingpong schedule)."""
-                    plgpu.barrier_arrive(turn_bar)
-                    plgpu.barrier_wait(turn_bar)
-
                 def body(_, a_smem, b_smem, xs_smem, ws_smem, accs):
                     row_scale = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], (), layout=wgmma_row)
                     out = []
@@ -811,8 +792,6 @@ def block_gemm_pallas(
                         def block_product(tmp_ref, j=j):
                             b_half = b_smem.at[pl.ds(j * BLOCK, BLOCK)] if halves > 1 else b_smem
                             plgpu.wgmma(tmp_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_half, (1, 0)))
-                            if cfg.pingpong:  # the other warpgroup's wgmma queues behind this one
-                                take_turn()
                             return tmp_ref[...]
 
                         part = pl.run_scoped(block_product, plgpu.ACC((wg_m, BLOCK), part_dtype))
@@ -839,8 +818,6 @@ def block_gemm_pallas(
     if epilogue is not None:  # scales [N tiles, M rounded to the CTA]: whole 64-row TMA pieces
         out_type = (out_type, jax.ShapeDtypeStruct((n_iters * halves, m_iters * cta_m), jnp.float32))
         scratch["sc_smem"] = plgpu.SMEM((2, wg_m), jnp.float32)
-    if cfg.pingpong:
-        scratch["turn_bar"] = plgpu.Barrier(num_arrivals=2)
     if rotate:
         scratch["h_smem"] = plgpu.SMEM((2, BLOCK, BLOCK), jnp.bfloat16, transforms=_swizzled(128, 2))
         scratch["h_bar"] = plgpu.Barrier(num_barriers=2)

@@ -9,11 +9,8 @@ one run times:
   tile without per-slice promotion): what a block-scaled GEMM could reach at best;
 * ``n128`` / ``n256``: the block-scaled GEMM (one scale per token per 128 channels, 128 x 128
   weight blocks) on the 128 x 128 and on the 128 x 256 tile (``w8a8.BlockConfig.cta_n``);
-* ``pp128`` / ``pp256``: the same tiles with the two consumer warpgroups taking turns on the
-  tensor cores (``BlockConfig.pingpong``);
 * for the FFN-up shapes, the FFN-up producer (``gemm_act_quant``: + gelu_tanh + per-(token, 128)
-  int8 codes) on both tiles and with pingpong, with and without QuaRot's block-128 rotation
-  (``prod*`` rows).
+  int8 codes) on both tiles, with and without QuaRot's block-128 rotation (``prod*`` rows).
 
 Each output is judged against its float32 reference first (``testing.compare``: the kernels'
 GPU-check bounds; bf16 with ``BF16_TOL`` |x||w|, two bf16 roundings of the operands); a wrong or
@@ -21,7 +18,7 @@ failing row is printed and the script exits 1. CUPTI kernel time, median and min
 runs, inputs rotated past L2. Writes ``benchmarks/block_gemm-<device>.json``.
 
     PYTHONPATH=. python3 scripts/bench_block_gemm.py            # Wan2.1-1.3B and 14B linears
-    BENCH_SHAPES=1.3b BENCH_FORMATS=int8 BENCH_ROWS=n256,pp256 ...  # fewer rows (bf16 always)
+    BENCH_SHAPES=1.3b BENCH_FORMATS=int8 BENCH_ROWS=token,n256 ...  # fewer rows (bf16 always)
     BENCH_TAG=14b ...                                          # block_gemm-14b-<device>.json
 """
 
@@ -53,17 +50,13 @@ def _rows_for(fmt: str, k: int, n: int) -> dict[str, str]:
         "token": f"w8a8_{fmt}",
         "n128": f"w8a8_{fmt}_block_n128",
         "n256": f"w8a8_{fmt}_block_n256",
-        "pp128": f"w8a8_{fmt}_block_pp128",
-        "pp256": f"w8a8_{fmt}_block_pp256",
     }
     if fmt == "int8" and (k, n) in FFN_UP:
         rows |= {
             "prod128": "gemm_act_quant_int8_n128",
             "prod256": "gemm_act_quant_int8_n256",
-            "prod_pp256": "gemm_act_quant_int8_pp256",
             "prod128_rot": "gemm_act_quant_int8_had128",
             "prod256_rot": "gemm_act_quant_int8_had128_n256",
-            "prod_pp_rot": "gemm_act_quant_int8_had128_pp",
         }
     only = os.environ.get("BENCH_ROWS")
     return {r: c for r, c in rows.items() if not only or r in only.split(",")}
@@ -117,7 +110,7 @@ def main() -> int:
                     wrong += 1
                     print(f"WRONG {fmt} {k}->{n} {label}: {result.get('check', result.get('error'))}", flush=True)
             us = {label: r.get("us") for label, r in row.items() if isinstance(r, dict)}
-            for label in ("token", "n128", "n256", "pp128", "pp256"):
+            for label in ("token", "n128", "n256"):
                 if us.get(label) and us.get("bf16"):
                     row[f"{label}_vs_bf16"] = us["bf16"] / us[label]
             rows.append(row)
@@ -125,7 +118,7 @@ def main() -> int:
             print(f"{fmt:>4} {k:>5}->{n:<5} {text}", flush=True)
             _write(rows, complete=False)  # a run cut short by a time limit keeps what it measured
     path = _write(rows, complete=True)
-    cols = ("bf16", "token", "n128", "n256", "pp128", "pp256")
+    cols = ("bf16", "token", "n128", "n256")
     print(f"\n{'fmt':>4} {'K->N':>12} " + " ".join(f"{c:>8}" for c in cols) + "  (us, median)")
     for r in rows:
         get = lambda label: r.get(label, {}).get("us", float("nan"))  # noqa: E731

@@ -102,14 +102,6 @@ def test_magic_number_conversion_matches_astype(seed):
     chex.assert_trees_all_equal(biased - jnp.float32(_common.MAGIC_VALUE), p.astype(jnp.float32))
 
 
-def test_block_config_pingpong_default_and_tiles():
-    assert w8a8.block_config().pingpong == w8a8.BLOCK_PINGPONG
-    assert w8a8.block_config(128, pingpong=True) == w8a8.BlockConfig(stages=5, cta_n=128, pingpong=True)
-    assert w8a8.block_config(rotate=True, pingpong=False).stages == 4
-    with pytest.raises(ValueError, match="cta_n must be 128 or 256"):
-        w8a8.BlockConfig(cta_n=192, pingpong=True)
-
-
 def test_w8a8_bad_shapes_raise_named_errors():
     x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 4, 64, 8)
     with pytest.raises(ValueError, match="K-major"):
@@ -516,9 +508,6 @@ def _lowers_to_mosaic(fn, *args) -> bool:
         "w8a8_int8_block",
         "w8a8_fp8_block_n128",
         "w8a8_int8_block_n128",
-        "w8a8_int8_block_pp128",
-        "w8a8_fp8_block_pp256",
-        "w8a8_int8_block_pp256",
         "w4a16",
         "w8a16",
         "w4a16_g32",
