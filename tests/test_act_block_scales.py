@@ -90,6 +90,19 @@ def test_block_scaled_dot_int8_is_exact_partials_scaled(m, kb, n, seed):
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_block_scaled_dot_int8_partials_are_exact():
+    # Codes at the int8 extremes, unit scales: every block's partial is an integer up to 2^21 and
+    # the total (4 blocks) up to 2^23, so the float path must give the integer sum exactly.
+    r = np.random.default_rng(0)
+    xq = r.choice(np.array([-128, 127, -127, 1], np.int8), (5, 512))
+    wq = r.choice(np.array([-128, 127, -1], np.int8), (512, 7))
+    xq[0], wq[:, 0] = -128, -128  # y[0, 0] = 512 * 2^14 = 2^23
+    y = dispatch.block_scaled_dot(jnp.asarray(xq), jnp.ones((5, 4)), jnp.asarray(wq), jnp.ones((4, 7)))
+    want = xq.astype(np.int64) @ wq.astype(np.int64)
+    assert want[0, 0] == 2**23
+    np.testing.assert_array_equal(np.asarray(y).astype(np.int64), want)
+
+
 def test_block_scaled_dot_rejects_mismatched_scales():
     x = jnp.zeros((4, 256), jnp.int8)
     with pytest.raises(ValueError, match="128-wide K blocks"):

@@ -82,8 +82,9 @@ def block_scaled_dot(x_q: Array, x_scale: Array, w_q: Array, w_scale: Array, blo
 
     What a block-scaled GEMM computes: ``x_q`` ``[M, K]`` codes with one scale per token per
     ``block`` channels (``x_scale`` ``[M, K / block]``), ``w_q`` ``[K, N]`` codes with scales
-    ``w_scale`` ``[K / block, N]``. Each K block's partial product accumulates exactly in int32
-    (int8 codes) or in f32 (fp8), is scaled in f32 and added to the running f32 sum.
+    ``w_scale`` ``[K / block, N]``. Each K block's partial product is exact (int8 codes: as bf16
+    with f32 accumulation, exact because the codes are integers below 2^8 and a 128-wide block's
+    sum stays below 2^22; fp8: in f32), is scaled in f32 and added to the running f32 sum.
     """
     m, k = x_q.shape
     n = w_q.shape[1]
@@ -92,15 +93,16 @@ def block_scaled_dot(x_q: Array, x_scale: Array, w_q: Array, w_scale: Array, blo
             f"block_scaled_dot: x_q {x_q.shape}, x_scale {x_scale.shape}, w_q {w_q.shape}, w_scale "
             f"{w_scale.shape} do not describe [M, K] x [K, N] with {block}-wide K blocks"
         )
-    acc_t = jnp.int32 if x_q.dtype == jnp.int8 else jnp.float32
+    if x_q.dtype == jnp.int8:  # float GEMMs, as for fp8, instead of an int8 batched dot
+        x_q, w_q = x_q.astype(jnp.bfloat16), w_q.astype(jnp.bfloat16)
     kb = k // block
     part = jax.lax.dot_general(  # [KB, M, N]: one partial product per K block
         x_q.reshape(m, kb, block),
         w_q.reshape(kb, block, n),
         (((2,), (1,)), ((1,), (0,))),
-        preferred_element_type=acc_t,
+        preferred_element_type=jnp.float32,
     )
-    scaled = part.astype(jnp.float32) * x_scale.astype(jnp.float32).T[:, :, None] * w_scale[:, None, :]
+    scaled = part * x_scale.astype(jnp.float32).T[:, :, None] * w_scale[:, None, :]
     return jnp.sum(scaled, axis=0)
 
 
