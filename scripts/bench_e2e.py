@@ -239,6 +239,18 @@ def synthetic_kquant(params: Any, roles: dict, mix: str, seed: int) -> Any:
 
 def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: tuple, args) -> dict[str, Any]:
     spec = VARIANTS[name]
+    phases: dict[str, float] = {}
+    t_phase = time.perf_counter()
+
+    def phase(label: str) -> None:
+        """Records and prints how long the phase that ends now took (a variant killed by a time
+        limit shows where it was)."""
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[label] = now - t_phase
+        t_phase = now
+        print(f"  {name}: {label} {phases[label]:.1f} s", flush=True)
+
     if spec["weights"] is None:
         params = params_bf16
     elif spec["weights"] in kquants.MIX_BASE:
@@ -251,7 +263,9 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
         "act": spec["act"],
         "attention": spec["attention"],
         "weight_bytes": weight_bytes(params),
+        "phases_s": phases,
     }
+    phase("quantized weights")
     weight_only = spec["weights"] is not None and spec["act"] is None
     producers = spec.get("producers", True)
     fn = step_fn(model, spec["act"], spec["attention"], weight_only, producers)
@@ -259,14 +273,18 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
     compiled = fn.lower(params, *inputs).compile()
     row["compile_s"] = time.perf_counter() - t0
     row["memory"] = _memory(compiled)
+    phase("compiled")
     out = jax.block_until_ready(compiled(params, *inputs))
+    phase("first run")
     # Check before timing: the same variant with the kernels off (and exact float attention).
     with reference_mode():
         reference = (
             step_fn(model, spec["act"], spec["attention"], weight_only, producers).lower(params, *inputs).compile()
         )
+    phase("kernels-off reference compiled")
     ref = jax.block_until_ready(reference(params, *inputs))
     del reference
+    phase("kernels-off reference ran")
     row["check"] = check_step(out, ref, args.rel_tol)
     row["output"] = out
     if not row["check"]["ok"]:
@@ -280,6 +298,7 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
         jax.block_until_ready(compiled(params, *inputs))
         times_ms.append((time.perf_counter() - t0) * 1e3)
     row.update(status="PASS", time_ms=statistics.median(times_ms), time_ms_min=min(times_ms), times_ms=times_ms)
+    phase("timed")
     return row
 
 

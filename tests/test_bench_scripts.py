@@ -141,3 +141,14 @@ def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
     assert rows["w8a8"]["status"] == "FAIL" and "time_ms" not in rows["w8a8"]
     assert rows["bf16"]["status"] == "PASS" and len(rows["bf16"]["times_ms"]) >= 10
     assert 0 < rows["bf16"]["time_ms_min"] <= rows["bf16"]["time_ms"]
+    # Each phase's seconds, in order, so a variant cut by a time limit shows where it was.
+    assert list(rows["bf16"]["phases_s"]) == [
+        "quantized weights",
+        "compiled",
+        "first run",
+        "kernels-off reference compiled",
+        "kernels-off reference ran",
+        "timed",
+    ]
+    assert all(v >= 0 for v in rows["bf16"]["phases_s"].values())
+    assert "timed" not in rows["w8a8"]["phases_s"]  # a failed check stops before timing
