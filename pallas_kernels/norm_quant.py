@@ -55,6 +55,10 @@ GPU_VERIFIED = True
 #: ``check_kernels_gpu.py --kernels norm_quant_layer_int8_had128,norm_quant_layer_fp8_had128`` on an
 #: H200 at 93e0741 (``benchmarks/check_kernels-norm_quant_had128-NVIDIA_H200.txt``).
 HADAMARD_GPU_VERIFIED = True
+#: Per-token scales (``block=K``: one scale per row, for the per-token W8A8 GEMM; the norm sees
+#: the whole row, so it needs no finer scales) are not GPU-checked yet
+#: (``check_kernels_gpu.py --kernels norm_quant_layer_int8_token,norm_quant_rms_fp8_token``).
+TOKEN_GPU_VERIFIED = False
 
 _NAME = "norm_modulate_quantize_pallas"
 
@@ -113,6 +117,7 @@ def _kernel(
     scale_rows: bool,
     interpret: bool,
     hadamard: int = 0,
+    per_token: bool = False,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -154,6 +159,11 @@ def _kernel(
         # stacked under one exact +-1 dot (bf16 parts); the zero padding past K rotates to zeros.
         y = _quant.rotate_block(y.reshape(-1, hadamard), h_ref, hadamard, jnp.float32).reshape(rows, width)
 
+    if per_token:  # one scale per row: the padded columns are zeros, so the row's amax is K's
+        row_scale = _quant.scale_of(jnp.max(jnp.abs(y), axis=1), fmt)
+        pltriton.store(q_ref.at[tile], _quant.to_q(y / row_scale[:, None], fmt, interpret), mask=mask)
+        pltriton.store(s_ref.at[pl.ds(i * rows, rows), pl.ds(0, 1)], row_scale[:, None], mask=row_ok[:, None])
+        return
     # One scale per row per 128-wide slice; padded slices (K is whole blocks) are masked out.
     blocks = width // BLOCK
     y3 = y.reshape(rows, blocks, BLOCK)
@@ -177,8 +187,9 @@ def norm_modulate_quantize_pallas(
     interpret: bool = False,
     config: _quant.QuantizerConfig | None = None,
     hadamard: int = 0,
+    block: int = BLOCK,
 ) -> tuple[Array, Array]:
-    """``(codes [M, K], scales f32 [M, K / 128])`` of ``(1 + scale) * norm(x) + shift``.
+    """``(codes [M, K], scales f32 [M, K / block])`` of ``(1 + scale) * norm(x) + shift``.
 
     ``x``: ``[M, K]`` tokens (bf16 or f32), K a multiple of 128; ``norm_scale`` / ``norm_bias``:
     the norm's affine ``[K]`` or None; ``shift`` / ``scale``: the adaLN modulation, ``[K]`` or one
@@ -187,6 +198,7 @@ def norm_modulate_quantize_pallas(
     :func:`pallas_kernels._quant.pick_config`). ``interpret=True`` runs Pallas's interpreter (CPU).
     ``hadamard=b``: rotate each row by QuaRot's block-diagonal rotation of order ``b`` before
     quantizing (``b`` a Sylvester order of 16..256 dividing K, :func:`act_quant.block_matrix`).
+    ``block``: channels per scale, 128 or K (per token: :data:`TOKEN_GPU_VERIFIED`).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -197,6 +209,8 @@ def norm_modulate_quantize_pallas(
     _check_vector("norm_bias", norm_bias, m, k, per_row_ok=False)
     _check_vector("shift", shift, m, k, per_row_ok=True)
     _check_vector("scale", scale, m, k, per_row_ok=True)
+    if block not in (BLOCK, k):
+        raise ValueError(f"{_NAME}: block must be {BLOCK} or K={k} (one scale per token), got {block}")
     cfg = config or _quant.pick_config(k)
     if not cfg.single_pass:
         raise ValueError(f"{_NAME}: the norm needs whole rows in one program (a single-pass config), got {cfg}")
@@ -210,7 +224,7 @@ def norm_modulate_quantize_pallas(
         extra = (jnp.asarray(mat, jnp.bfloat16),)
     out_shape = (
         jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]),
-        jax.ShapeDtypeStruct((m, k // BLOCK), jnp.float32),
+        jax.ShapeDtypeStruct((m, k // block), jnp.float32),
     )
     if m == 0:
         return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shape)
@@ -230,6 +244,7 @@ def norm_modulate_quantize_pallas(
             scale_rows=scale.ndim == 2,
             interpret=interpret,
             hadamard=hadamard,
+            per_token=block != BLOCK,
         ),
         out_shape=out_shape,
         grid=(_common.cdiv(m, cfg.rows),),
@@ -239,12 +254,13 @@ def norm_modulate_quantize_pallas(
     return call(x, *vectors, *extra)
 
 
-def supports(x: Array, hadamard: int = 0) -> bool:
+def supports(x: Array, hadamard: int = 0, per_token: bool = False) -> bool:
     """True where a caller may run the compiled kernel on ``x``: a GPU, the kernel verified there
-    (:data:`GPU_VERIFIED`, and :data:`HADAMARD_GPU_VERIFIED` with a rotation; or
-    ``JQUANT_BACKEND=pallas``), and a non-empty ``x`` it takes (2-D float ``[M, K]``, K whole
-    128-channel blocks, a padded row that fits one program, a rotation :func:`block_matrix` has)."""
+    (:data:`GPU_VERIFIED`, and :data:`HADAMARD_GPU_VERIFIED` with a rotation,
+    :data:`TOKEN_GPU_VERIFIED` with per-token scales; or ``JQUANT_BACKEND=pallas``), and a
+    non-empty ``x`` it takes (2-D float ``[M, K]``, K whole 128-channel blocks, a padded row that
+    fits one program, a rotation :func:`block_matrix` has)."""
     if hadamard and (hadamard >= x.shape[-1] or block_matrix(x.shape[-1], hadamard) is None):
         return False
-    verified = GPU_VERIFIED and (HADAMARD_GPU_VERIFIED or not hadamard)
+    verified = GPU_VERIFIED and (HADAMARD_GPU_VERIFIED or not hadamard) and (TOKEN_GPU_VERIFIED or not per_token)
     return _common.on_gpu() and _common.kernel_enabled(verified) and x.size > 0 and _x_problem(x) is None

@@ -284,19 +284,30 @@ def norm_quant_inputs(key, m, k, n, *, affine: str, per_row: bool):
     return x, w, b, 0.3 * jax.random.normal(ks, shape, jnp.float32), 0.3 * jax.random.normal(kt, shape, jnp.float32)
 
 
-def _norm_quant_kernel(x, w, b, shift, scale, *, kind: str, fmt: str, hadamard: int = 0):
+def _norm_quant_kernel(x, w, b, shift, scale, *, kind: str, fmt: str, hadamard: int = 0, per_token: bool = False):
     """The Pallas producer (always the kernel: the GPU check must run it, verified or not), in the
-    interpreter off the GPU."""
+    interpreter off the GPU; ``per_token``: one scale per row."""
     interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
+    block = x.shape[-1] if per_token else fused_producers.BLOCK
     return norm_quant.norm_modulate_quantize_pallas(
-        x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret, hadamard=hadamard
+        x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret, hadamard=hadamard, block=block
     )
 
 
-def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool, hadamard: int = 0) -> KernelCase:
+def _norm_quant_reference(x, w, b, shift, scale, *, kind: str, fmt: str, hadamard: int = 0, per_token: bool = False):
+    block = x.shape[-1] if per_token else fused_producers.BLOCK
+    return fused_producers.norm_modulate_quantize(
+        x, w, b, shift, scale, eps=1e-6, kind=kind, fmt=fmt, hadamard=hadamard, block=block
+    )
+
+
+def _norm_quant_case(
+    name: str, kind: str, fmt: str, affine: str, per_row: bool, hadamard: int = 0, per_token: bool = False
+) -> KernelCase:
     """LayerNorm / RMSNorm + adaLN modulation (+ QuaRot's order-``hadamard`` block rotation) +
-    per-(token, 128) quantization (norm_quant) against fused_producers.norm_modulate_quantize; K
-    whole 128-channel scale blocks (and wider than the rotation)."""
+    per-(token, 128) quantization, or per token with ``per_token`` (norm_quant), against
+    fused_producers.norm_modulate_quantize; K whole 128-channel scale blocks (and wider than the
+    rotation)."""
 
     def min_bytes(m: int, k: int, n: int) -> float:  # x bf16, float32 vectors, codes, scales
         modulation = 2 * 4 * (m * k if per_row else k)
@@ -304,8 +315,8 @@ def _norm_quant_case(name: str, kind: str, fmt: str, affine: str, per_row: bool,
 
     return KernelCase(
         name,
-        functools.partial(_norm_quant_kernel, kind=kind, fmt=fmt, hadamard=hadamard),
-        functools.partial(fused_producers.norm_modulate_quantize, eps=1e-6, kind=kind, fmt=fmt, hadamard=hadamard),
+        functools.partial(_norm_quant_kernel, kind=kind, fmt=fmt, hadamard=hadamard, per_token=per_token),
+        functools.partial(_norm_quant_reference, kind=kind, fmt=fmt, hadamard=hadamard, per_token=per_token),
         functools.partial(norm_quant_inputs, affine=affine, per_row=per_row),
         # ~12 operations per value: sums, centring, rsqrt scale, affine, modulation, absmax, division.
         lambda m, k, n: 12.0 * m * k,
@@ -643,6 +654,15 @@ CASES: dict[str, KernelCase] = {
     "norm_quant_rms_fp8": _norm_quant_case("norm_quant_rms_fp8", "rms", "fp8", "w", True),
     "norm_quant_layer_int8_had128": _norm_quant_case("norm_quant_layer_int8_had128", "layer", "int8", "", False, 128),
     "norm_quant_layer_fp8_had128": _norm_quant_case("norm_quant_layer_fp8_had128", "layer", "fp8", "", False, 128),
+    # The same producer with one scale per token (the norm sees whole rows): for the per-token
+    # W8A8 GEMM (norm_quant.TOKEN_GPU_VERIFIED).
+    "norm_quant_layer_int8_token": _norm_quant_case(
+        "norm_quant_layer_int8_token", "layer", "int8", "", True, per_token=True
+    ),
+    "norm_quant_rms_fp8_token": _norm_quant_case("norm_quant_rms_fp8_token", "rms", "fp8", "w", False, per_token=True),
+    "norm_quant_layer_int8_had128_token": _norm_quant_case(
+        "norm_quant_layer_int8_had128_token", "layer", "int8", "", False, 128, per_token=True
+    ),
     # The FFN-up producer: block-scaled GEMM + activation + per-(token, 128) quantization.
     "gemm_act_quant_int8": _gemm_act_quant_case("gemm_act_quant_int8", "int8"),
     "gemm_act_quant_fp8": _gemm_act_quant_case("gemm_act_quant_fp8", "fp8"),

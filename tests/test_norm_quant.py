@@ -21,7 +21,7 @@ from pallas_kernels import fused_producers as fp
 
 EPS = 1e-6
 #: The reference as the GPU check runs it (jitted: one compile per shape instead of one per op).
-reference = jax.jit(fp.norm_modulate_quantize, static_argnames=("eps", "kind", "fmt", "hadamard"))
+reference = jax.jit(fp.norm_modulate_quantize, static_argnames=("eps", "kind", "fmt", "hadamard", "block"))
 
 
 def _inputs(m: int, k: int, seed: int, dtype, affine: str, per_row: bool) -> tuple:
@@ -111,6 +111,39 @@ def test_block_rotation_in_the_producer_matches_rotate_then_quantize(kind, fmt, 
     np.testing.assert_allclose(rows(out), rows(plain), rtol=2e-2)
 
 
+@pytest.mark.parametrize(
+    "kind, fmt, dtype, affine, per_row, m, k, hadamard",
+    [
+        ("layer", "int8", jnp.bfloat16, "", True, 37, 1536, 0),  # Wan's QKV input, per token
+        ("rms", "fp8", jnp.float32, "w", False, 70, 384, 0),
+        ("layer", "int8", jnp.bfloat16, "wb", False, 19, 1536, 128),  # rotated, then one scale per row
+    ],
+)
+def test_per_token_scales_match_the_reference(kind, fmt, dtype, affine, per_row, m, k, hadamard):
+    args = _inputs(m, k, 1, dtype, affine, per_row)
+    out = norm_quant.norm_modulate_quantize_pallas(*args, EPS, kind, fmt, interpret=True, hadamard=hadamard, block=k)
+    ref = reference(*args, eps=EPS, kind=kind, fmt=fmt, hadamard=hadamard, block=k)
+    assert out[0].shape == (m, k) and out[1].shape == (m, 1)
+    (q, s), (qr, sr) = out, ref
+    assert np.max(np.abs(np.asarray(s, np.float64) / np.asarray(sr, np.float64) - 1)) <= max(1e-6, hadamard * 2.0**-24)
+    assert np.mean(np.asarray(q, np.float32) != np.asarray(qr, np.float32)) < 1e-3
+    # One scale per row is the row's amax over qmax: the block scales' maximum.
+    _, blocks = reference(*args, eps=EPS, kind=kind, fmt=fmt, hadamard=hadamard)
+    np.testing.assert_allclose(np.asarray(sr)[:, 0], np.asarray(blocks).max(axis=1), rtol=1e-6)
+
+
+def test_per_token_waits_for_its_gpu_check(monkeypatch):
+    x = jnp.zeros((4, 256), jnp.bfloat16)
+    monkeypatch.setattr(norm_quant._common, "on_gpu", lambda: True)  # pylint: disable=protected-access
+    monkeypatch.delenv(norm_quant._common.FORCE_ENV, raising=False)  # pylint: disable=protected-access
+    monkeypatch.setattr(norm_quant, "TOKEN_GPU_VERIFIED", False)
+    assert norm_quant.supports(x) and not norm_quant.supports(x, per_token=True)
+    monkeypatch.setattr(norm_quant, "TOKEN_GPU_VERIFIED", True)
+    assert norm_quant.supports(x, per_token=True)
+    with pytest.raises(ValueError, match="block must be 128 or K=256"):
+        norm_quant.norm_modulate_quantize_pallas(x, None, None, x[0], x[0], block=64, interpret=True)
+
+
 def test_block_rotation_refusals():
     x, v = jnp.zeros((40, 384), jnp.bfloat16), jnp.zeros((384,), jnp.float32)
     with pytest.raises(ValueError, match="no fused block-96 rotation for K=384"):
@@ -172,12 +205,13 @@ def test_refuses_what_it_does_not_take():
     [("layer", "int8", 37, 1536, True, True), ("rms", "fp8", 5, 5120, False, False)],  # 5120: Wan-14B
 )
 @pytest.mark.parametrize("hadamard", [0, 128])
-def test_lowers_to_triton(kind, fmt, m, k, affine, per_row, hadamard):
+@pytest.mark.parametrize("per_token", [False, True])
+def test_lowers_to_triton(kind, fmt, m, k, affine, per_row, hadamard, per_token):
     S = jax.ShapeDtypeStruct
     vec = S((m, k) if per_row else (k,), jnp.float32)
     w = S((k,), jnp.bfloat16) if affine else None
     fn = lambda x, w, b, sh, sc: norm_quant.norm_modulate_quantize_pallas(  # noqa: E731
-        x, w, b, sh, sc, EPS, kind, fmt, hadamard=hadamard
+        x, w, b, sh, sc, EPS, kind, fmt, hadamard=hadamard, block=k if per_token else fp.BLOCK
     )
     text = jax.jit(fn).trace(S((m, k), jnp.bfloat16), w, w, vec, vec).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
