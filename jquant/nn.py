@@ -86,11 +86,14 @@ class QuantConfig:
     act_rules: tuple[tuple[re.Pattern, QSpec | None], ...] = ()
     #: ``NormModulate`` calls return :class:`Produced` for consumers to take fused codes from.
     producers: bool = True
+    #: Per-token consumers (``<fmt>/token``) take a norm producer's per-token codes too.
+    token_producers: bool = False
 
     @property
     def takes_codes(self) -> bool:
         """Whether any layer's activation spec is one a fused producer makes (else producers idle)."""
-        return any(producers.takes(spec) for spec in (self.act, *(spec for _, spec in self.act_rules)))
+        specs = (self.act, *(spec for _, spec in self.act_rules))
+        return any(producers.takes(spec, self.token_producers) for spec in specs)
 
     def act_for(self, path: str) -> QSpec | None:
         """The activation spec of the layer at ``path`` (``act_rules`` first, then ``act``)."""
@@ -197,7 +200,7 @@ def _produced_codes(
         and (contract or 1) == 1
         and (dtype is None or jnp.dtype(dtype) == x.dtype)
     )
-    return x.quantized(cfg.act_for(path), block or 0) if plain else None
+    return x.quantized(cfg.act_for(path), block or 0, cfg.token_producers) if plain else None
 
 
 def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:
@@ -365,11 +368,16 @@ def quantized(
     nnx_model: nnx.Module | None = None,
     act_rules: Sequence[tuple[str, QSpec | str | None]] = (),
     producers: bool = True,
+    token_producers: bool = False,
 ) -> Iterator[QuantConfig]:
     """Run models inside this context with quantized matmuls (see module docstring).
 
     ``producers``: let token128 consumers of a port's ``NormModulate`` take fused codes
     (:mod:`jquant.producers`); False quantizes each consumer's float input, as before.
+    ``token_producers``: per-token consumers (``int8/token``, ``fp8_e4m3/token``) take the norm
+    producer's codes too (one scale per token: the norm sees whole rows); they then run the
+    per-token W8A8 GEMM on them. Off by default until its producer kernel is GPU-checked
+    (``pallas_kernels.norm_quant.TOKEN_GPU_VERIFIED``).
 
     ``nnx_model`` names the NNX model whose linear layers run quantized (only that model's
     instances are routed, for the duration of the block) and whose graph paths key ``aux``
@@ -383,7 +391,13 @@ def quantized(
     if backend not in ("auto", "xla", "pallas"):
         raise ValueError(f"backend must be 'auto', 'xla' or 'pallas', got {backend!r}")
     cfg = QuantConfig(
-        None if act is None else parse_spec(act), static, backend, aux, compile_act_rules(act_rules), producers
+        None if act is None else parse_spec(act),
+        static,
+        backend,
+        aux,
+        compile_act_rules(act_rules),
+        producers,
+        token_producers,
     )
     if cfg.act is not None and cfg.static and cfg.act.dynamic:
         raise ValueError(f"static activation mode needs a static granularity (e.g. 'int8/t'), got {cfg.act}")

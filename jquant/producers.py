@@ -42,16 +42,22 @@ Array = jax.Array
 PRODUCER_FORMATS = {"int8": "int8", "fp8_e4m3": "fp8"}
 
 
-def takes(act: QSpec | None) -> bool:
+def takes(act: QSpec | None, per_token: bool = False) -> bool:
     """Whether a consumer with activation spec ``act`` can take a producer's codes: dynamic,
-    symmetric int8 or e4m3, one scale per token per :data:`fused_producers.BLOCK` channels."""
+    symmetric int8 or e4m3, one scale per token per :data:`fused_producers.BLOCK` channels, or
+    (``per_token``) one scale per token, which only a norm producer makes (it sees whole rows)."""
     return (
         act is not None
         and act.fmt in PRODUCER_FORMATS
         and act.symmetric
-        and token_block(act) == fused_producers.BLOCK
+        and (token_block(act) == fused_producers.BLOCK or (per_token and is_per_token(act)))
         and not act.scaling
     )
+
+
+def is_per_token(act: QSpec | None) -> bool:
+    """Whether ``act`` is dynamic with one scale per token (``<fmt>/token``)."""
+    return act is not None and act.granularity == "token" and token_block(act) is None
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,18 +81,18 @@ class Produced(abc.ABC):
     def ndim(self) -> int:
         return self.value.ndim
 
-    def quantized(self, act: QSpec, hadamard: int = 0) -> QArray | None:
+    def quantized(self, act: QSpec, hadamard: int = 0, per_token: bool = False) -> QArray | None:
         """The activation as ``act``'s QArray made by the fused producer, or None where ``act``
-        is not one it makes (:func:`takes`), the width is not whole 128-channel blocks, or
-        ``hadamard`` (QuaRot's block-diagonal online rotation of that order, applied by the
-        producer before quantizing; 0: none) does not tile the width or this producer cannot
-        apply it."""
+        is not one it makes (:func:`takes`; ``per_token`` admits ``<fmt>/token``), the width is
+        not whole 128-channel blocks, or ``hadamard`` (QuaRot's block-diagonal online rotation of
+        that order, applied by the producer before quantizing; 0: none) does not tile the width or
+        this producer cannot apply it."""
         d = self.shape[-1]
-        if not takes(act) or self.value.ndim != 3 or d % fused_producers.BLOCK:
+        if not takes(act, per_token) or self.value.ndim != 3 or d % fused_producers.BLOCK:
             return None
         if hadamard and (hadamard < 2 or hadamard >= d or d % hadamard):
             return None
-        key = (PRODUCER_FORMATS[act.fmt], hadamard)
+        key = (PRODUCER_FORMATS[act.fmt], hadamard, is_per_token(act))
         if key not in self._made:
             self._made[key] = self._produce(*key)
         if self._made[key] is None:
@@ -95,8 +101,9 @@ class Produced(abc.ABC):
         return QArray(codes, scales, spec=act, dtype=self.value.dtype, axis=-1)
 
     @abc.abstractmethod
-    def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array] | None:
-        """``(codes [B, T, D], scales [B, T, D/128])`` in ``fmt``, or None where it cannot."""
+    def _produce(self, fmt: str, hadamard: int, per_token: bool) -> tuple[Array, Array] | None:
+        """``(codes [B, T, D], scales [B, T, D/128])`` in ``fmt`` (``[B, T, 1]`` with
+        ``per_token``), or None where it cannot."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -112,20 +119,40 @@ class NormProduced(Produced):
     norm_bias: Array | None = None
     kind: str = "layer"
 
-    def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array]:
+    def _produce(self, fmt: str, hadamard: int, per_token: bool) -> tuple[Array, Array]:
         b, t, d = self.x.shape
+        block = d if per_token else fused_producers.BLOCK
         shift, scale = _per_sample(self.shift, b, d), _per_sample(self.scale, b, d)
-        if shift is not None and scale is not None and norm_quant.supports(self.x.reshape(b * t, d), hadamard):
+        flat = self.x.reshape(b * t, d)
+        if shift is not None and scale is not None and norm_quant.supports(flat, hadamard, per_token):
             # One kernel call per sample (vmap adds a grid axis): the [B, D] modulation stays a
             # [D] vector per call instead of a [B*T, D] array in HBM.
             def one(xb: Array, sh: Array, sc: Array) -> tuple[Array, Array]:
                 return norm_quant.norm_modulate_quantize_pallas(
-                    xb, self.norm_scale, self.norm_bias, sh, sc, self.eps, self.kind, fmt, hadamard=hadamard
+                    xb,
+                    self.norm_scale,
+                    self.norm_bias,
+                    sh,
+                    sc,
+                    self.eps,
+                    self.kind,
+                    fmt,
+                    hadamard=hadamard,
+                    block=block,
                 )
 
             return jax.vmap(one)(self.x, shift, scale)
         return fused_producers.norm_modulate_quantize(
-            self.x, self.norm_scale, self.norm_bias, self.shift, self.scale, self.eps, self.kind, fmt, hadamard=hadamard
+            self.x,
+            self.norm_scale,
+            self.norm_bias,
+            self.shift,
+            self.scale,
+            self.eps,
+            self.kind,
+            fmt,
+            block=block,
+            hadamard=hadamard,
         )
 
 
@@ -141,7 +168,9 @@ class ActProduced(Produced):
     bias: Array | None
     activation: str
 
-    def _produce(self, fmt: str, hadamard: int) -> tuple[Array, Array] | None:
+    def _produce(self, fmt: str, hadamard: int, per_token: bool) -> tuple[Array, Array] | None:
+        if per_token:  # the epilogue sees 128-column tiles of a row, never the whole row
+            return None
         return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt, hadamard)
 
 

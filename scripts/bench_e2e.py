@@ -18,6 +18,8 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
   ``fused`` lets each block's adaLN inputs reach Q/K/V and FFN-up as the codes of one fused norm +
   modulation + quantization kernel (``jquant.producers``, issue 19), ``unfused`` quantizes each
   linear's bf16 input separately; ``fp8-block-fused-qattn-bf16`` adds quantized attention.
+* ``w8a8-token-fused``: ``w8a8`` with the adaLN inputs quantized per token by the norm producer
+  (``jquant.nn.quantized(token_producers=True)``), the per-token GEMM taking its codes.
 
 Before a variant is timed its output is checked against the same variant traced with every
 Pallas kernel off (``JQUANT_BACKEND=xla``: XLA's integer / dequantize paths, the quantizer's
@@ -101,6 +103,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the int8 block-scaled kernel (w8a8.int8_block_matmul, GPU-checked at 31c4fea)
     "int8-block-unfused": dict(weights="int8/b128x128", act="int8/token128", attention=None, producers=False),
     "int8-block-fused": dict(weights="int8/b128x128", act="int8/token128", attention=None),
+    # Per-token W8A8 with the QKV / FFN-up inputs quantized by the norm producer (one scale per
+    # token: the norm sees whole rows), so those linears run the per-token GEMM on its codes.
+    "w8a8-token-fused": dict(weights="int8", act="int8/token", attention=None, producers="token"),
     # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
     "q4_k_m": dict(weights="Q4_K_M", act=None, attention=None),
     "q8_0": dict(weights="Q8_0", act=None, attention=None),
@@ -139,16 +144,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def step_fn(model: Any, act: str | None, attention: dict | None, weight_only: bool = False, producers: bool = True):
+def step_fn(
+    model: Any, act: str | None, attention: dict | None, weight_only: bool = False, producers: bool | str = True
+):
     """The jitted step: model.apply under the variant's linear and attention contexts
-    (``weight_only``: QArray weights, float activations; ``producers``: fused producers)."""
+    (``weight_only``: QArray weights, float activations; ``producers``: fused producers, and
+    ``"token"``: per-token consumers take the norm producer's codes too)."""
 
     def step(params, x, t, text):
         with contextlib.ExitStack() as stack:
             if attention is not None:
                 stack.enter_context(quantized_attention(**attention))
             if act is not None or weight_only:
-                stack.enter_context(jquant.nn.quantized(act=act, producers=producers))
+                stack.enter_context(
+                    jquant.nn.quantized(act=act, producers=bool(producers), token_producers=producers == "token")
+                )
             return model.apply({"params": params}, x, t, text)
 
     return jax.jit(step)

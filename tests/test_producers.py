@@ -80,10 +80,31 @@ def test_fused_codes_match_the_unfused_run(wan, weights, act, monkeypatch):
 
 def test_other_activation_specs_take_the_float_value(wan, monkeypatch):
     calls = _count_productions(monkeypatch)
-    fused = _run(wan, "int8", "int8/token")  # per-token scales: no producer makes those
+    fused = _run(wan, "int8", "int8/token")  # per-token scales: only with token_producers
     unfused = _run(wan, "int8", "int8/token", producers=False)
     assert calls == []
     chex.assert_trees_all_equal(fused, unfused)
+
+
+@pytest.mark.parametrize(
+    "weights,act", [("int8", "int8/token"), ("fp8_e4m3", "fp8_e4m3/token"), ("int4", "int8/token")]
+)
+def test_per_token_consumers_take_the_norm_producers_codes(wan, weights, act, monkeypatch):
+    calls = []
+    real = fused_producers.norm_modulate_quantize
+
+    def counting(*a, **k):
+        calls.append(k.get("block"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused_producers, "norm_modulate_quantize", counting)
+    fused = _run(wan, weights, act, token_producers=True)
+    # Both adaLN inputs of every block, one scale per token (block = the model width).
+    assert calls == [CFG.num_attention_heads * CFG.attention_head_dim] * (2 * CFG.num_layers)
+    unfused = _run(wan, weights, act)
+    f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
+    assert np.isfinite(f).all()
+    assert np.linalg.norm(f - u) / np.linalg.norm(u) < 2e-2  # codes within one rounding step
 
 
 def test_float_run_is_untouched(wan):
@@ -107,28 +128,74 @@ def test_linear_quantized_is_the_dispatch_on_its_own_codes():
     act = parse_spec("int8/token128")
     got = dispatch.linear_quantized(quantize(x, act, check_finite=False), w)
     chex.assert_trees_all_equal(got, dispatch.linear(x, w, act=act))
-    with pytest.raises(ValueError, match="must be a <fmt>/tokenN QArray"):
-        dispatch.linear_quantized(quantize(x, parse_spec("int8/token"), check_finite=False), w)
+    per_token = parse_spec("int8/token")
+    got = dispatch.linear_quantized(quantize(x, per_token, check_finite=False), w)
+    chex.assert_trees_all_equal(got, dispatch.linear(x, w, act=per_token))
+    with pytest.raises(ValueError, match="must be a <fmt>/token or <fmt>/tokenN QArray"):
+        dispatch.linear_quantized(quantize(x, parse_spec("int8/t"), check_finite=False), w)
     with pytest.raises(ValueError, match="does not match the kernel"):
         dispatch.linear_quantized(quantize(x[..., :128], act, check_finite=False), w)
+
+
+def test_per_token_codes_reach_the_per_token_gemm_on_a_gpu(monkeypatch):
+    """On a (pretend) GPU, per-token codes go to the per-token W8A8 / W4A8 kernel as they are
+    (no second quantization), with their [M, 1] scales and the per-channel weight scales."""
+    from jquant.dispatch import kernels as kd  # pylint: disable=import-outside-toplevel
+    from pallas_kernels import w4a8, w8a8  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(kd, "on_gpu", lambda: True)
+    monkeypatch.setattr(kd, "quantize_tokens", lambda *a, **k: pytest.fail("codes quantized again"))
+    calls = []
+
+    def fake(name):
+        def run(x_q, xs, w_q, ws, bias, out_dtype, **kw):
+            calls.append((name, x_q.dtype, xs.shape, w_q.shape, ws.shape))
+            return jnp.zeros((x_q.shape[0], w_q.shape[0]), out_dtype)
+
+        return run
+
+    monkeypatch.setattr(w8a8, "supports", lambda *a: True)
+    monkeypatch.setattr(w4a8, "supports", lambda *a: True)
+    monkeypatch.setattr(w8a8, "int8_matmul", fake("int8"))
+    monkeypatch.setattr(w8a8, "fp8_matmul", fake("fp8"))
+    monkeypatch.setattr(w4a8, "w4a8_matmul", fake("w4a8"))
+    x = jax.random.normal(jax.random.key(2), (3, 5, 256), jnp.bfloat16)
+    wf = jax.random.normal(jax.random.key(3), (256, 64), jnp.float32) * 0.05
+    for weights, act, name in (
+        ("int8", "int8/token", "int8"),
+        ("fp8_e4m3", "fp8_e4m3/token", "fp8"),
+        ("int4", "int8/token", "w4a8"),
+    ):
+        xq = quantize(x, parse_spec(act), check_finite=False)
+        y = dispatch.linear_quantized(xq, quantize(wf, parse_spec(weights)))
+        assert y.shape == (3, 5, 64) and y.dtype == x.dtype
+        packed = 128 if name == "w4a8" else 256  # int4 weights travel packed, two per byte
+        assert calls[-1] == (name, xq.qvalue.dtype, (15, 1), (64, packed), (64,)), calls[-1]
+    assert len(calls) == 3
 
 
 def test_takes_only_what_a_producer_makes():
     assert producers.takes(parse_spec("int8/token128")) and producers.takes(parse_spec("fp8_e4m3/token128"))
     for spec in ("int8/token", "int8/token64", "int4/token128", "fp8_e5m2/token128", None):
         assert not producers.takes(None if spec is None else parse_spec(spec)), spec
+    # Per-token scales only where the consumer asks for a norm producer's codes.
+    assert producers.takes(parse_spec("int8/token"), per_token=True)
+    assert producers.takes(parse_spec("fp8_e4m3/token"), per_token=True)
+    for spec in ("int8/token64", "int4/token", "int8/t"):
+        assert not producers.takes(parse_spec(spec), per_token=True), spec
 
 
 def test_the_gpu_producer_lowers_to_one_triton_kernel_per_sample(monkeypatch):
     # On Hopper the codes come from pallas_kernels.norm_quant, one call per sample under vmap.
-    monkeypatch.setattr(norm_quant, "supports", lambda x, hadamard=0: True)
+    monkeypatch.setattr(norm_quant, "supports", lambda x, hadamard=0, per_token=False: True)
     b, t, d = 2, 16, 256
     S = jax.ShapeDtypeStruct
-    for hadamard in (0, 128):  # with QuaRot's block rotation in the producer too
+    # With QuaRot's block rotation in the producer too, and with one scale per token.
+    for hadamard, spec in ((0, "fp8_e4m3/token128"), (128, "fp8_e4m3/token128"), (0, "int8/token")):
 
-        def make(x, shift, scale, hadamard=hadamard):
+        def make(x, shift, scale, hadamard=hadamard, spec=spec):
             p = producers.NormProduced(x, x, shift, scale, 1e-6)
-            return p.quantized(parse_spec("fp8_e4m3/token128"), hadamard).qvalue
+            return p.quantized(parse_spec(spec), hadamard, per_token=True).qvalue
 
         args = (S((b, t, d), jnp.bfloat16), S((b, d), jnp.float32), S((b, d), jnp.float32))
         text = jax.jit(make).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -111,28 +111,34 @@ def linear(
     else:
         xq = quantize_activation(x, act, act_scale)
         yb = block_scaled_linear(xq, w) if token_block(xq.spec) else None
-        if yb is not None:
-            y = yb.astype(out_dtype)
-        elif _int_path_ok(act.fmt, w) and not token_block(xq.spec):
-            acc_t = jnp.int32 if act.fmt in _INT8 else jnp.float32
-            acc = jax.lax.dot_general(
-                xq.qvalue, w.qvalue, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_t
-            )
-            y = (acc.astype(jnp.float32) * decode_scale(xq) * _weight_scale_row(w)).astype(out_dtype)
-        else:
-            y = dequantize(xq, x.dtype) @ dequantize(w, x.dtype)
+        y = yb.astype(out_dtype) if yb is not None else _token_scaled_linear(xq, w, out_dtype)
     return y if lowrank is None else add_lowrank(y, x, lowrank, contract)
+
+
+def _token_scaled_linear(xq: QArray, w: QArray, out_dtype) -> Array:
+    """XLA's ``xq @ w`` for per-token (or static) activation codes: the integer (or fp8) dot
+    with both scales applied after it where the formats allow, else the dequantized product."""
+    if _int_path_ok(xq.spec.fmt, w) and not token_block(xq.spec):
+        acc_t = jnp.int32 if xq.spec.fmt in _INT8 else jnp.float32
+        acc = jax.lax.dot_general(xq.qvalue, w.qvalue, (((xq.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_t)
+        return (acc.astype(jnp.float32) * decode_scale(xq) * _weight_scale_row(w)).astype(out_dtype)
+    return dequantize(xq, xq.dtype) @ dequantize(w, xq.dtype)
 
 
 def linear_quantized(xq: QArray, w: QArray | Array, *, backend: str = "auto") -> Array:
     """``x [..., K] @ w [K, N]`` for activations already quantized per token per N channels
-    (``<fmt>/tokenN``: a fused producer's codes, :mod:`jquant.producers`), in ``xq.dtype``.
+    (``<fmt>/tokenN``) or per token (``<fmt>/token``): a fused producer's codes
+    (:mod:`jquant.producers`), in ``xq.dtype``.
 
-    The block-scaled kernel where one applies (fp8 with ``fp8_e4m3/b128x128`` weights on
-    Hopper), else :func:`block_scaled_linear` in XLA, else the dequantized product: the same
-    paths :func:`linear` takes for such activations after its own quantization."""
-    if not isinstance(xq, QArray) or token_block(xq.spec) is None:
-        raise ValueError(f"linear_quantized: activations must be a <fmt>/tokenN QArray, got {type(xq).__name__}")
+    The block-scaled kernel where one applies (``<fmt>/b128x128`` weights on Hopper), else
+    :func:`block_scaled_linear` in XLA, else the dequantized product; per-token codes take the
+    per-token W8A8 / W4A8 GEMM where it applies, else XLA's integer dot: the same paths
+    :func:`linear` takes for such activations after its own quantization."""
+    per_token = isinstance(xq, QArray) and xq.spec.granularity == "token" and token_block(xq.spec) is None
+    if not isinstance(xq, QArray) or (token_block(xq.spec) is None and not per_token):
+        raise ValueError(
+            f"linear_quantized: activations must be a <fmt>/token or <fmt>/tokenN QArray, got {type(xq).__name__}"
+        )
     if tuple(xq.shape[-1:]) != tuple(w.shape[:1]) or w.ndim != 2:
         raise ValueError(f"linear_quantized: activation shape {xq.shape} does not match the kernel's {w.shape}")
     if is_coded(w):
@@ -140,9 +146,12 @@ def linear_quantized(xq: QArray, w: QArray | Array, *, backend: str = "auto") ->
     if isinstance(w, QArray):
         b = resolve_backend(backend)
         if b != "xla":
-            y = kd.maybe_run_quantized(xq, w, force=b == "pallas")
+            run = kd.maybe_run_token_quantized if per_token else kd.maybe_run_quantized
+            y = run(xq, w, force=b == "pallas")
             if y is not None:
                 return y
+        if per_token:
+            return _token_scaled_linear(xq, w, xq.dtype)
         yb = block_scaled_linear(xq, w)
         if yb is not None:
             return yb.astype(xq.dtype)

@@ -298,25 +298,43 @@ def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool | i
     return x_q, xs, _fused_lowrank(x2, lowrank)
 
 
-def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard: bool | int = False):
-    """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
-    ws = _channel_scale(w)
-    if w.spec.fmt == "int4" and act.fmt == "int8" and ws is not None:
-        x_q, xs, fused = _tokens_and_lowrank(x2, act, act_scale, hadamard, lowrank)
-        if not w4a8.supports(x_q, out_dtype):
-            return None
-        y = w4a8.w4a8_matmul(x_q, xs, w.qvalue.T, ws, None, out_dtype, lowrank=fused)
-        return y, fused is not None
-    fmt = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}.get(w.spec.fmt)
-    if fmt is None or act.fmt != fmt or ws is None:
+def _token_kernel_format(w: QArray, act_fmt: str) -> str | None:
+    """ "w4a8", "int8" or "fp8_e4m3": the per-token GEMM for per-channel weights ``w`` and
+    per-token ``act_fmt`` codes, or None where no kernel takes the pair."""
+    if _channel_scale(w) is None:
         return None
+    if w.spec.fmt == "int4" and act_fmt == "int8":
+        return "w4a8"
+    return w.spec.fmt if w.spec.fmt in ("int8", "fp8_e4m3") and act_fmt == w.spec.fmt else None
+
+
+def token_codes_matmul(x_q: jax.Array, xs: jax.Array, w: QArray, act_fmt: str, out_dtype, fused=None):
+    """The W8A8 / W4A8 GEMM on per-token codes ``x_q [M, K]`` with scales ``xs [M, 1]`` (the
+    quantizer's, or a fused producer's), plus the low-rank branch ``fused`` in its epilogue
+    (int8 and W4A8); None where no kernel applies (formats, shape, GPU)."""
+    kind = _token_kernel_format(w, act_fmt)
+    if kind is None:
+        return None
+    ws = _channel_scale(w)
+    if kind == "w4a8":
+        ok = w4a8.supports(x_q, out_dtype)
+        return w4a8.w4a8_matmul(x_q, xs, w.qvalue.T, ws, None, out_dtype, lowrank=fused) if ok else None
     w_q = w.qvalue.T
-    x_q, xs, fused = _tokens_and_lowrank(x2, act, act_scale, hadamard, lowrank if fmt == "int8" else None)
     if not w8a8.supports(x_q, w_q, out_dtype):
         return None
-    if fmt == "fp8_e4m3":
-        return w8a8.fp8_matmul(x_q, xs, w_q, ws, None, out_dtype), False
-    return w8a8.int8_matmul(x_q, xs, w_q, ws, None, out_dtype, lowrank=fused), fused is not None
+    if kind == "fp8_e4m3":
+        return w8a8.fp8_matmul(x_q, xs, w_q, ws, None, out_dtype)
+    return w8a8.int8_matmul(x_q, xs, w_q, ws, None, out_dtype, lowrank=fused)
+
+
+def _w8a8(x2: jax.Array, w: QArray, act: QSpec, act_scale, out_dtype, lowrank=None, hadamard: bool | int = False):
+    """The W8A8 / W4A8 kernels; returns ``(y, fused)`` (fused: the low-rank branch is in y) or None."""
+    kind = _token_kernel_format(w, act.fmt)
+    if kind is None:
+        return None
+    x_q, xs, fused = _tokens_and_lowrank(x2, act, act_scale, hadamard, None if kind == "fp8_e4m3" else lowrank)
+    y = token_codes_matmul(x_q, xs, w, act.fmt, out_dtype, fused)
+    return None if y is None else (y, fused is not None)
 
 
 def block_kernel(w: QArray, act: QSpec | None) -> bool:
@@ -503,6 +521,20 @@ def maybe_run(
     if lowrank is not None and not fused:
         y = add_lowrank(y, x2, lowrank)
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
+
+
+def maybe_run_token_quantized(xq: QArray, w: QArray, *, force: bool = False):
+    """``xq @ w`` for activations already quantized per token (a norm producer's codes,
+    ``<fmt>/token``) on the per-token W8A8 / W4A8 GEMM, or None where no kernel applies."""
+    if not on_gpu():
+        if force:
+            raise RuntimeError("JQUANT_BACKEND=pallas but the default JAX backend is not a GPU")
+        return None
+    out_dtype = xq.dtype if xq.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    k = xq.shape[-1]
+    x_q, xs = xq.qvalue.reshape(-1, k), decode_scale(xq).reshape(-1, 1)
+    y = token_codes_matmul(x_q, xs, w, xq.spec.fmt, out_dtype)
+    return None if y is None else y.reshape(*xq.shape[:-1], y.shape[-1]).astype(xq.dtype)
 
 
 def maybe_run_quantized(xq: QArray, w: QArray, *, force: bool = False):
