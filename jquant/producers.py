@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jquant.dispatch import token_block
+from jquant.dispatch import is_per_token, token_block
 from jquant.dispatch.kernels import block_act_quantized
 from jquant.formats import QSpec
 from jquant.qarray import QArray
@@ -53,11 +53,6 @@ def takes(act: QSpec | None, per_token: bool = False) -> bool:
         and (token_block(act) == fused_producers.BLOCK or (per_token and is_per_token(act)))
         and not act.scaling
     )
-
-
-def is_per_token(act: QSpec | None) -> bool:
-    """Whether ``act`` is dynamic with one scale per token (``<fmt>/token``)."""
-    return act is not None and act.granularity == "token" and token_block(act) is None
 
 
 @dataclasses.dataclass(eq=False)

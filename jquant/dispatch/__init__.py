@@ -35,6 +35,7 @@ from jquant.dispatch.xla import (  # noqa: F401 (part of the dispatch API)
     add_lowrank,
     block_scaled_dot,
     block_scaled_linear,
+    is_per_token,
     quantize_activation,
     token_block,
 )
@@ -134,7 +135,7 @@ def linear_quantized(xq: QArray, w: QArray | Array, *, backend: str = "auto") ->
     :func:`block_scaled_linear` in XLA, else the dequantized product; per-token codes take the
     per-token W8A8 / W4A8 GEMM where it applies, else XLA's integer dot: the same paths
     :func:`linear` takes for such activations after its own quantization."""
-    per_token = isinstance(xq, QArray) and xq.spec.granularity == "token" and token_block(xq.spec) is None
+    per_token = isinstance(xq, QArray) and is_per_token(xq.spec)
     if not isinstance(xq, QArray) or (token_block(xq.spec) is None and not per_token):
         raise ValueError(
             f"linear_quantized: activations must be a <fmt>/token or <fmt>/tokenN QArray, got {type(xq).__name__}"

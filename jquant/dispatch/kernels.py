@@ -299,8 +299,8 @@ def _tokens_and_lowrank(x2: jax.Array, act: QSpec, act_scale, hadamard: bool | i
 
 
 def _token_kernel_format(w: QArray, act_fmt: str) -> str | None:
-    """ "w4a8", "int8" or "fp8_e4m3": the per-token GEMM for per-channel weights ``w`` and
-    per-token ``act_fmt`` codes, or None where no kernel takes the pair."""
+    """Which per-token GEMM takes per-channel weights ``w`` with per-token ``act_fmt`` codes:
+    ``"w4a8"``, ``"int8"`` or ``"fp8_e4m3"``; None where no kernel takes the pair."""
     if _channel_scale(w) is None:
         return None
     if w.spec.fmt == "int4" and act_fmt == "int8":

@@ -27,6 +27,11 @@ def token_block(act: QSpec | None) -> int | None:
     return act.group_size
 
 
+def is_per_token(act: QSpec | None) -> bool:
+    """Whether ``act`` is dynamic with one scale per token (``<fmt>/token``)."""
+    return act is not None and act.granularity == "token" and token_block(act) is None
+
+
 def quantize_activation(x: Array, act: QSpec, act_scale: Array | None) -> QArray:
     """Quantize activations [..., K]: dynamic per token (per token per N channels for
     ``<fmt>/tokenN``), or with a static scale.
