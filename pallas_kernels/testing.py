@@ -288,17 +288,20 @@ def _norm_quant_kernel(x, w, b, shift, scale, *, kind: str, fmt: str, hadamard: 
     """The Pallas producer (always the kernel: the GPU check must run it, verified or not), in the
     interpreter off the GPU; ``per_token``: one scale per row."""
     interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
-    block = x.shape[-1] if per_token else fused_producers.BLOCK
     return norm_quant.norm_modulate_quantize_pallas(
-        x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret, hadamard=hadamard, block=block
+        x, w, b, shift, scale, 1e-6, kind, fmt, interpret=interpret, hadamard=hadamard, block=_scale_block(x, per_token)
     )
 
 
 def _norm_quant_reference(x, w, b, shift, scale, *, kind: str, fmt: str, hadamard: int = 0, per_token: bool = False):
-    block = x.shape[-1] if per_token else fused_producers.BLOCK
     return fused_producers.norm_modulate_quantize(
-        x, w, b, shift, scale, eps=1e-6, kind=kind, fmt=fmt, hadamard=hadamard, block=block
+        x, w, b, shift, scale, eps=1e-6, kind=kind, fmt=fmt, hadamard=hadamard, block=_scale_block(x, per_token)
     )
+
+
+def _scale_block(x, per_token: bool) -> int:
+    """Channels per scale of a norm producer case: the whole row, or 128."""
+    return x.shape[-1] if per_token else fused_producers.BLOCK
 
 
 def _norm_quant_case(
