@@ -376,8 +376,8 @@ def quantized(
     (:mod:`jquant.producers`); False quantizes each consumer's float input, as before.
     ``token_producers``: per-token consumers (``int8/token``, ``fp8_e4m3/token``) take the norm
     producer's codes too (one scale per token: the norm sees whole rows); they then run the
-    per-token W8A8 GEMM on them. Off by default until its producer kernel is GPU-checked
-    (``pallas_kernels.norm_quant.TOKEN_GPU_VERIFIED``).
+    per-token W8A8 GEMM on them. Off by default (its producer kernel passed its GPU check,
+    ``pallas_kernels.norm_quant.TOKEN_GPU_VERIFIED``; the whole step is not measured yet).
 
     ``nnx_model`` names the NNX model whose linear layers run quantized (only that model's
     instances are routed, for the duration of the block) and whose graph paths key ``aux``

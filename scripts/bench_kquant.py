@@ -29,6 +29,7 @@ import numpy as np
 from jquant import codecs, dispatch
 from jquant.formats import parse_spec
 from jquant.qarray import QArray
+from pallas_kernels import kquant_gemv as kg
 from pallas_kernels import kquant_triton as kq
 from pallas_kernels import testing, timing
 
@@ -84,6 +85,72 @@ def sweep(rows: list[dict], formats: list[str]) -> int:
     return bad
 
 
+#: (rows, warps, split) of pallas_kernels.kquant_gemv that --gemv times, per path.
+GEMV_FMA = [(16, 4, 1), (32, 4, 1), (8, 2, 1), (16, 2, 1), (32, 4, 2), (32, 4, 4), (16, 4, 4), (64, 8, 2)]
+GEMV_MMA = [(16, 4, 1), (32, 4, 1), (16, 4, 2), (32, 4, 2), (32, 4, 4), (64, 4, 2), (16, 2, 2)]
+
+
+def gemv(rows: list[dict], formats: list[str], deadline: float) -> int:
+    """The conversion-free small-M kernels (kquant_gemv) against bf16, XLA's decode-then-dot and the
+    first small-M kernel: every tiling on 5120 x 5120, the best two on 5120 x 13824; checked, then timed."""
+    bad = 0
+    t0 = time.time()
+    for fmt in formats:
+        best: dict[int, list] = {}
+        for k, n in [(5120, 5120), (5120, 13824)]:
+            blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
+            ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+            wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+            for m in (1, 2, 16):
+                if time.time() - t0 > deadline:
+                    print(f"deadline reached before {fmt} {k}x{n} M={m}", file=sys.stderr)
+                    return bad
+                xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
+                ref = nt(xs[0].astype(jnp.float32), ref_w)
+                mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+                variants = {
+                    "bf16": (lambda x, w: nt(x, w), list(zip(xs, wbf))),
+                    "xla": (lambda x, b: nt(x, kq.decode_reference(b, fmt)), list(zip(xs, blocks))),
+                    "small_m": (lambda x, b: kq.kquant_matmul_small_m(x, b, fmt), list(zip(xs, blocks))),
+                }
+                if n == k:
+                    cfgs = [(False, *c) for c in GEMV_FMA] if m <= kg.FMA_M_MAX else []
+                    cfgs += [(True, *c) for c in (GEMV_MMA[:2] if m == 1 else GEMV_MMA)]
+                else:
+                    cfgs = best.get(m, [])[:2]
+                named = {f"gemv {'mma' if c[0] else 'fma'} r={c[1]} w={c[2]} s={c[3]}": c for c in cfgs}
+                for name, (mma, r, w, sp) in named.items():
+                    variants[name] = (
+                        lambda x, b, mma=mma, r=r, w=w, sp=sp: kg.kquant_gemv(
+                            x, b, fmt, mma=mma, rows=r, warps=w, split=sp
+                        ),
+                        list(zip(xs, blocks)),
+                    )
+                res = {}
+                for name, (fn, sets) in variants.items():
+                    r = timing.check_then_time(fn, sets, lambda o: testing.check_dot(o, ref, mag, TOL))
+                    rows.append({"fmt": fmt, "K": k, "N": n, "M": m, "variant": name, **r})
+                    res[name] = r
+                    if r["status"] != "PASS":
+                        bad += 1
+                        msg = f"{fmt} {k}x{n} M={m} {name}: {r['status']} {r.get('error', r.get('check'))}"
+                        print(msg[:300], flush=True)
+                ok = {v: r["us"] for v, r in res.items() if r["status"] == "PASS"}
+                new = sorted((us, v) for v, us in ok.items() if v in named)
+                if n == k:
+                    best[m] = [named[v] for _, v in new]
+                if new and "bf16" in ok:
+                    us, v = new[0]
+                    print(
+                        f"{fmt:5} {k}x{n:5} M={m:2}  bf16 {ok['bf16']:7.1f}  xla {ok.get('xla', float('nan')):7.1f}  "
+                        f"small_m {ok.get('small_m', float('nan')):7.1f}  best gemv {us:7.1f} us ({v})  "
+                        f"vs bf16 {ok['bf16'] / us:.2f}x",
+                        flush=True,
+                    )
+            del blocks, wbf
+    return bad
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="two shapes, M in {1, 4096}")
@@ -91,12 +158,19 @@ def main() -> int:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's tilings")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    p.add_argument("--gemv", action="store_true", help="only the conversion-free small-M kernels (kquant_gemv)")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
     if not kq.available():
         print("jax-triton is not installed: nothing to measure", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.gemv:
+        rows: list[dict] = []
+        bad = gemv(rows, args.formats.split(","), args.deadline_s)
+        path = timing.write_rows("kquant_gemv", rows)
+        print(f"wrote {path}; {bad} bad rows")
+        return 1 if bad else 0
     shapes = SHAPES[2:4] if args.quick else SHAPES
     ms = [1, 4096] if args.quick else MS
     rows: list[dict] = []

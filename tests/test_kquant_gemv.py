@@ -1,0 +1,99 @@
+"""pallas_kernels.kquant_gemv off the GPU: the activation permutation, the wrapper's checks, and the
+kernels themselves run by Triton's CPU interpreter against ggml's decode (jquant.codecs).
+
+The interpreter reads ``TRITON_INTERPRET`` when a kernel is defined, so those runs happen in a
+child process (``_interpret``) that imports the module with it set; they need only Triton and
+PyTorch (the interpreter's tensors), not a GPU or jax-triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import kquant_gemv as kg
+from pallas_kernels import kquant_triton as kq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("fmt", sorted(kq.FORMATS))
+@pytest.mark.parametrize("mma", [False, True])
+def test_x_order_is_a_permutation(fmt: str, mma: bool) -> None:
+    order = kg.x_order(fmt, mma)
+    np.testing.assert_array_equal(np.sort(order), np.arange(kq.TILE))
+
+
+def test_x_order_names_the_format() -> None:
+    with pytest.raises(ValueError, match="q3_k"):
+        kg.x_order("q3_k", False)
+
+
+@pytest.mark.parametrize("fmt", sorted(kq.FORMATS))
+def test_permute_x_moves_values_by_the_order(fmt: str) -> None:
+    x = jnp.arange(2 * 512, dtype=jnp.float32).reshape(2, 512)
+    got = np.asarray(kg.permute_x(x, fmt, False))
+    order = kg.x_order(fmt, False)
+    np.testing.assert_array_equal(got[1, 256:], np.asarray(x)[1, 256 + order])
+    # the same multiset of values in each tile: nothing is lost or repeated
+    np.testing.assert_array_equal(np.sort(got.reshape(2, 2, 256), -1), np.asarray(x).reshape(2, 2, 256))
+
+
+@pytest.mark.skipif(kg.jt is not None, reason="jax-triton is installed here")
+def test_kquant_gemv_needs_the_gpu_extra() -> None:
+    blocks = jnp.zeros((4, 2, 144), jnp.uint8)
+    with pytest.raises(ImportError, match="gpu' extra"):
+        kg.kquant_gemv(jnp.zeros((1, 512), jnp.bfloat16), blocks, "q4_k")
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import numpy as np, torch, jax.numpy as jnp
+    from pallas_kernels import kquant_gemv as kg, kquant_triton as kq
+    out = []
+    for fmt, m, mma, rows, split in json.loads(sys.argv[1]):
+        n, k = 32, 1024
+        blocks = kq.random_blocks(fmt, n, k, seed=3, absmax=0.05)
+        w = np.asarray(kq.decode_reference(jnp.asarray(blocks), fmt, jnp.float32))
+        x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+        ref, mag = x @ w.T, np.abs(x) @ np.abs(w).T
+        xp = torch.tensor(np.asarray(kg.permute_x(jnp.asarray(x), fmt, mma)))
+        y = torch.zeros((split, 16, n), dtype=torch.float32)
+        kg._gemv_kernel[(n // rows, split)](
+            xp, torch.tensor(blocks), y, 15, M=m, N=n, K=k, R=rows, SPLIT=split, MMA=mma,
+            FMT=kq.FORMATS[fmt], TB=kq.tile_bytes(fmt), F16=True)
+        got = y.sum(0)[:m].numpy()
+        out.append(float(np.max(np.abs(got - ref) / (mag + 1e-12))))
+    print(json.dumps(out))
+    """
+)
+
+
+def _interpret(cases: list[tuple]) -> list[float]:
+    """Max error relative to ``|x| @ |w|`` of each case, run by Triton's interpreter in a child process."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fmt", sorted(kq.FORMATS))
+def test_kernel_matches_ggml_decode_in_the_interpreter(fmt: str) -> None:
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    # the CUDA-core path (fp32 throughout) at M = 1 and 2, split K; the tensor-core path at M = 5
+    cases = [(fmt, 1, False, 8, 1), (fmt, 2, False, 16, 2), (fmt, 5, True, 16, 2)]
+    fma1, fma2, mma = _interpret(cases)
+    assert fma1 < 1e-6 and fma2 < 1e-6, (fma1, fma2)
+    assert mma < 2e-3, mma  # fp16 operands (the interpreter's stand-in for bf16), fp32 accumulation
