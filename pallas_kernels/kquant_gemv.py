@@ -86,6 +86,16 @@ def permute_x(x: jax.Array, fmt: str, mma: bool) -> jax.Array:
     return x.reshape(m, k // kq.TILE, kq.TILE)[:, :, order].reshape(m, k)
 
 
+def kernel_x(x: jax.Array, fmt: str, mma: bool) -> jax.Array:
+    """The activation operand of :func:`_gemv_kernel`: ``x`` in :func:`x_order`, bf16, and for the
+    CUDA-core path of the 2-byte-aligned formats (Q6_K, Q8_0) flattened with one leading element,
+    which the kernel skips (``XPAD``) so that its loads have the weights' alignment."""
+    xp = permute_x(x.astype(jnp.bfloat16), fmt, mma)
+    if not mma and kq.FORMATS[fmt] >= 2:
+        xp = jnp.pad(xp.reshape(-1), (1, 0))
+    return xp
+
+
 if triton is not None:  # pragma: no cover - needs Triton
 
     @triton.jit
@@ -102,6 +112,12 @@ if triton is not None:  # pragma: no cover - needs Triton
         else:
             out = v.to(tl.bfloat16)
         return out
+
+    @triton.jit
+    def _or_mg(lo, hi, bias: tl.constexpr):
+        """``_mg(lo | hi, bias)`` where ``hi`` already carries the 2^23 bits (``| 0x4B000000``): two
+        LOP3 per value (one for the high bits with the magic, one to merge the nibble) instead of three."""
+        return (lo | hi).to(tl.float32, bitcast=True) - (8388608.0 + bias)
 
     @triton.jit
     def _h2f(h):
@@ -159,28 +175,32 @@ if triton is not None:  # pragma: no cover - needs Triton
             c2 = 2 * (off // 8)
             one = fifteen & 1
             # right shifts that put bit 8b + 2c + pn at the nibble's position + 4 in its source
-            h0 = (qh8 >> (c2 + 4)) & (one << 4)
-            h1 = (qh8 >> (c2 + 1)) & (one << 8)
-            h2 = (qh8 >> (c2 + 4)) & (one << 12)
-            h3 = (qh8 >> (c2 + 1)) & (one << 16)
-            h4 = (qh >> (c2 + 8)) & (one << 8)
-            h5 = (qh >> (c2 + 5)) & (one << 12)
-            h6 = (qh >> (c2 + 8)) & (one << 16)
-            h7 = (qh >> (c2 + 9)) & (one << 16)
-            w0, w1, w2, w3 = (w & m0) | h0, (w & m1) | h1, (w & m2) | h2, (w & m3) | h3
-            w4, w5, w6, w7 = (w12 & m1) | h4, (w12 & m2) | h5, (w12 & m3) | h6, (w16 & m3) | h7
+            h0 = ((qh8 >> (c2 + 4)) & (one << 4)) | 0x4B000000
+            h1 = ((qh8 >> (c2 + 1)) & (one << 8)) | 0x4B000000
+            h2 = ((qh8 >> (c2 + 4)) & (one << 12)) | 0x4B000000
+            h3 = ((qh8 >> (c2 + 1)) & (one << 16)) | 0x4B000000
+            h4 = ((qh >> (c2 + 8)) & (one << 8)) | 0x4B000000
+            h5 = ((qh >> (c2 + 5)) & (one << 12)) | 0x4B000000
+            h6 = ((qh >> (c2 + 8)) & (one << 16)) | 0x4B000000
+            h7 = ((qh >> (c2 + 9)) & (one << 16)) | 0x4B000000
         else:
-            w0, w1, w2, w3 = w & m0, w & m1, w & m2, w & m3
-            w4, w5, w6, w7 = w12 & m1, w12 & m2, w12 & m3, w16 & m3
+            h0 = 0x4B000000
+            h1 = h0
+            h2 = h0
+            h3 = h0
+            h4 = h0
+            h5 = h0
+            h6 = h0
+            h7 = h0
         return (
-            _mg(w0, 0.0) * A0 - M0,
-            _mg(w1, 0.0) * (A1 * 0.0625) - M1,
-            _mg(w2, 0.0) * (A0 * 0.00390625) - M0,
-            _mg(w3, 0.0) * (A1 * 0.000244140625) - M1,
-            _mg(w4, 0.0) * (A0 * 0.0625) - M0,
-            _mg(w5, 0.0) * (A1 * 0.00390625) - M1,
-            _mg(w6, 0.0) * (A0 * 0.000244140625) - M0,
-            _mg(w7, 0.0) * (A1 * 0.000244140625) - M1,
+            _or_mg(w & m0, h0, 0.0) * A0 - M0,
+            _or_mg(w & m1, h1, 0.0) * (A1 * 0.0625) - M1,
+            _or_mg(w & m2, h2, 0.0) * (A0 * 0.00390625) - M0,
+            _or_mg(w & m3, h3, 0.0) * (A1 * 0.000244140625) - M1,
+            _or_mg(w12 & m1, h4, 0.0) * (A0 * 0.0625) - M0,
+            _or_mg(w12 & m2, h5, 0.0) * (A1 * 0.00390625) - M1,
+            _or_mg(w12 & m3, h6, 0.0) * (A0 * 0.000244140625) - M0,
+            _or_mg(w16 & m3, h7, 0.0) * (A1 * 0.000244140625) - M1,
         )
 
     # ---- Q6_K: lanes (n, s, ll), rows and lh in registers: [2, 2, 2, R, 8] (u16 words) ----
@@ -199,11 +219,15 @@ if triton is not None:  # pragma: no cover - needs Triton
         d = _h2f(tl.load(p16 + 104).to(tl.int32))
         A0 = d * _mg(sc0 ^ 0x80, 128.0)
         A1 = d * _mg(sc1 ^ 0x80, 128.0)
+        # 2^23's bits go into the shifted qh word once (its bits 20-31 are free) and stay in every
+        # mask, so each value costs two LOP3: (qh & mask) and (ql & mask) | that.
         three = fifteen >> 2
-        v00 = _mg((ql & fifteen) | (qh & (three << 4)), 32.0) * A0
-        v01 = _mg((ql & (fifteen << 4)) | (qh & (three << 8)), 512.0) * (A1 * 0.0625)
-        v10 = _mg((ql & (fifteen << 8)) | (qh & (three << 12)), 8192.0) * (A0 * 0.00390625)
-        v11 = _mg((ql & (fifteen << 12)) | (qh & (three << 16)), 131072.0) * (A1 * 0.000244140625)
+        mg = (three | 0x4B000000) - three  # 2^23's bits, as a value the compiler cannot fold
+        qh = qh | mg
+        v00 = _or_mg(ql & fifteen, qh & ((three << 4) | mg), 32.0) * A0
+        v01 = _or_mg(ql & (fifteen << 4), qh & ((three << 8) | mg), 512.0) * (A1 * 0.0625)
+        v10 = _or_mg(ql & (fifteen << 8), qh & ((three << 12) | mg), 8192.0) * (A0 * 0.00390625)
+        v11 = _or_mg(ql & (fifteen << 12), qh & ((three << 16) | mg), 131072.0) * (A1 * 0.000244140625)
         return v00, v01, v10, v11
 
     # ---- Q8_0: lanes (g, h), rows in registers: [8, R, 16] (u16 words of codes) ----
@@ -251,7 +275,7 @@ if triton is not None:  # pragma: no cover - needs Triton
             r = pn * R + tl.arange(0, R)[None, :, None]
             h = tl.arange(0, 16)[None, None, :]
             base = w_ptr + tl.where(r < N, r, 0).to(tl.int64) * row_bytes
-            xo = 16 * g + h
+            xo = 16 * g + h + 0 * r
             acc0 = tl.zeros((8, R, 16), dtype=tl.float32)
         elif FMT == 2:
             n6 = tl.arange(0, 2)[:, None, None, None, None]
@@ -260,7 +284,7 @@ if triton is not None:  # pragma: no cover - needs Triton
             ll6 = tl.arange(0, 8)[None, None, None, None, :]
             r = pn * R + tl.arange(0, R)[None, None, None, :, None]
             base = w_ptr + tl.where(r < N, r, 0).to(tl.int64) * row_bytes
-            xo = 32 * n6 + 16 * s6 + 8 * lh6 + ll6
+            xo = 32 * n6 + 16 * s6 + 8 * lh6 + ll6 + 0 * r  # the words' shape: the same layout
             acc0 = tl.zeros((2, 2, 2, R, 8), dtype=tl.float32)
         else:
             off = (
@@ -304,7 +328,11 @@ if triton is not None:  # pragma: no cover - needs Triton
                 xk = tl.load(x_ptr + mm * K + t * 256 + kk, mask=mm < M, other=0.0)
                 acc_mma += tl.dot(_operand(xk, F16), tl.trans(tl.reshape(tile, (R, 256))))
             else:
-                xt = x_ptr + t * 256 + xo
+                # Q6_K / Q8_0 words are 2-byte aligned, so their loads are one element wide; the
+                # activations start one element in (XPAD) so that theirs are too, and Triton gives
+                # both the same register layout instead of moving x through shared memory.
+                XPAD: tl.constexpr = 1 if FMT >= 2 else 0
+                xt = x_ptr + XPAD + t * 256 + xo
                 for j in tl.static_range(J):
                     acc0 += v[j] * tl.load(xt + j * XS).to(tl.float32)
                     if M == 2:
@@ -364,7 +392,7 @@ def kquant_gemv(
     tiles = k // kq.TILE
     split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)
     out = jt.triton_call(
-        permute_x(x.astype(jnp.bfloat16), fmt, mma),
+        kernel_x(x, fmt, mma),
         blocks,
         np.int32(15),
         kernel=_gemv_kernel,

@@ -65,8 +65,9 @@ _CHILD = textwrap.dedent(
         blocks = kq.random_blocks(fmt, n, k, seed=3, absmax=0.05)
         w = np.asarray(kq.decode_reference(jnp.asarray(blocks), fmt, jnp.float32))
         x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+        x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # the kernels take bf16 x
         ref, mag = x @ w.T, np.abs(x) @ np.abs(w).T
-        xp = torch.tensor(np.asarray(kg.permute_x(jnp.asarray(x), fmt, mma)))
+        xp = torch.tensor(np.asarray(kg.kernel_x(jnp.asarray(x), fmt, mma).astype(jnp.float32)))
         y = torch.zeros((split, 16, n), dtype=torch.float32)
         kg._gemv_kernel[(n // rows, split)](
             xp, torch.tensor(blocks), y, 15, M=m, N=n, K=k, R=rows, SPLIT=split, MMA=mma,
