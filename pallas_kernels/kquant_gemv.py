@@ -372,12 +372,13 @@ def kquant_gemv(
     rows: int = 32,
     warps: int = 4,
     stages: int = 1,
-    split: int = 1,
+    split: int | None = None,
 ) -> jax.Array:
     """``x [M, K] @ decode(blocks)^T`` for M <= 16, GGUF blocks ``u8[N, K/block, bytes]`` read in place.
 
     ``mma`` None picks the CUDA-core path for M <= :data:`FMA_M_MAX`. ``split`` > 1 splits K over
-    programs (a divisor of K / 256 at most ``split``) and sums the fp32 partials in XLA."""
+    programs (a divisor of K / 256 at most ``split``) and sums the fp32 partials in XLA; None
+    splits until about two programs run per SM."""
     _require()
     n, k = kq._check(blocks, fmt, "kquant_gemv")  # pylint: disable=protected-access
     kq._check_tiles(k, "kquant_gemv")  # pylint: disable=protected-access
@@ -390,6 +391,8 @@ def kquant_gemv(
     if rows & (rows - 1) or rows < (16 if mma else 1):
         raise ValueError(f"kquant_gemv: rows={rows} must be a power of two (>= 16 with mma)")
     tiles = k // kq.TILE
+    if split is None:
+        split = _common.cdiv(2 * _common.num_sms(), _common.cdiv(n, rows))
     split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)
     out = jt.triton_call(
         kernel_x(x, fmt, mma),
@@ -411,3 +414,16 @@ def kquant_gemv(
     )
     y = out.sum(axis=0) if split > 1 else out[0]
     return y[:m].astype(out_dtype)
+
+
+def supports(x: jax.Array, fmt: str) -> bool:
+    """Whether the dispatch runs :func:`kquant_gemv` for ``x`` (2-D, M <= 16) on a ``fmt`` weight:
+    a Hopper GPU, jax-triton installed, and the kernel GPU-checked (or forced)."""
+    return (
+        jt is not None
+        and fmt in kq.FORMATS
+        and x.ndim == 2
+        and x.shape[0] <= MMA_M_MAX
+        and _common.on_hopper()
+        and _common.kernel_enabled(GPU_VERIFIED)
+    )

@@ -98,3 +98,34 @@ def test_kernel_matches_ggml_decode_in_the_interpreter(fmt: str) -> None:
     fma1, fma2, mma = _interpret(cases)
     assert fma1 < 1e-6 and fma2 < 1e-6, (fma1, fma2)
     assert mma < 2e-3, mma  # fp16 operands (the interpreter's stand-in for bf16), fp32 accumulation
+
+
+def test_wrapper_picks_path_split_and_operands(monkeypatch) -> None:
+    """The launch the wrapper asks jax-triton for (recorded by a stand-in, no GPU needed)."""
+    calls = []
+
+    def triton_call(*args, kernel, out_shape, grid, **kw):
+        calls.append({"args": args, "grid": grid, **kw})
+        return jnp.zeros(out_shape.shape, out_shape.dtype)
+
+    monkeypatch.setattr(kg, "jt", type("JT", (), {"triton_call": staticmethod(triton_call)}))
+    monkeypatch.setattr(kg._common, "num_sms", lambda: 132)  # pylint: disable=protected-access
+    blocks = jnp.zeros((5120, 24, 34), jnp.uint8)  # q8_0, K = 768: three 256-value tiles
+    y = kg.kquant_gemv(jnp.ones((1, 768), jnp.float32), blocks, "q8_0")
+    assert y.shape == (1, 5120) and y.dtype == jnp.bfloat16
+    c = calls[-1]
+    # 160 programs of 32 rows; about two per SM wants a split of 2, which does not divide 3 tiles
+    assert c["MMA"] is False and c["grid"] == (160, 1) and c["SPLIT"] == 1
+    assert c["args"][0].shape == (1 + 768,)  # Q8_0's CUDA-core path reads x one element in
+    blocks = jnp.zeros((5120, 32, 34), jnp.uint8)  # K = 1024: four tiles, so the split of 2 is taken
+    kg.kquant_gemv(jnp.ones((16, 1024), jnp.bfloat16), blocks, "q8_0")
+    c = calls[-1]
+    assert c["MMA"] is True and c["grid"] == (160, 2) and c["args"][0].shape == (16, 1024)
+    with pytest.raises(ValueError, match="above the CUDA-core path"):
+        kg.kquant_gemv(jnp.ones((3, 1024), jnp.bfloat16), blocks, "q8_0", mma=False)
+    with pytest.raises(ValueError, match="power of two"):
+        kg.kquant_gemv(jnp.ones((3, 1024), jnp.bfloat16), blocks, "q8_0", rows=8)
+
+
+def test_dispatch_keeps_other_paths_off_the_gpu() -> None:
+    assert not kg.supports(jnp.ones((1, 512), jnp.bfloat16), "q4_k")  # CPU: never the kernel
