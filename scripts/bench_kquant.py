@@ -86,8 +86,9 @@ def sweep(rows: list[dict], formats: list[str]) -> int:
 
 
 #: (rows, warps, split) of pallas_kernels.kquant_gemv that --gemv times, per path.
-GEMV_FMA = [(16, 4, 1), (32, 4, 1), (8, 2, 1), (16, 2, 1), (32, 4, 2), (32, 4, 4), (16, 4, 4), (64, 8, 2)]
-GEMV_MMA = [(16, 4, 1), (32, 4, 1), (16, 4, 2), (32, 4, 2), (32, 4, 4), (64, 4, 2), (16, 2, 2)]
+#: split None: the wrapper's own choice (about two programs per SM).
+GEMV_FMA = [(32, 4, None), (16, 4, None), (32, 4, 1), (16, 4, 1), (8, 2, 1), (32, 4, 4), (64, 8, 2), (16, 2, None)]
+GEMV_MMA = [(32, 4, None), (16, 4, None), (16, 4, 1), (32, 4, 1), (32, 4, 4), (64, 4, 2), (16, 2, None)]
 
 
 def gemv(rows: list[dict], formats: list[str], deadline: float) -> int:
