@@ -248,8 +248,8 @@ if triton is not None:  # pragma: no cover - needs Triton
     def _gemv_kernel(
         x_ptr,
         w_ptr,
-        out_ptr,
         fifteen,
+        out_ptr,
         M: tl.constexpr,
         N: tl.constexpr,
         K: tl.constexpr,
@@ -397,7 +397,7 @@ def kquant_gemv(
     out = jt.triton_call(
         kernel_x(x, fmt, mma),
         blocks,
-        np.int32(15),
+        15,  # a Python int: jax-triton passes it as an i32 scalar (numpy scalars become arrays)
         kernel=_gemv_kernel,
         out_shape=jax.ShapeDtypeStruct((split, 16, n), jnp.float32 if split > 1 else out_dtype),
         grid=(_common.cdiv(n, rows), split),

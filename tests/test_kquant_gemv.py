@@ -70,7 +70,7 @@ _CHILD = textwrap.dedent(
         xp = torch.tensor(np.asarray(kg.kernel_x(jnp.asarray(x), fmt, mma).astype(jnp.float32)))
         y = torch.zeros((split, 16, n), dtype=torch.float32)
         kg._gemv_kernel[(n // rows, split)](
-            xp, torch.tensor(blocks), y, 15, M=m, N=n, K=k, R=rows, SPLIT=split, MMA=mma,
+            xp, torch.tensor(blocks), 15, y, M=m, N=n, K=k, R=rows, SPLIT=split, MMA=mma,
             FMT=kq.FORMATS[fmt], TB=kq.tile_bytes(fmt), F16=True)
         got = y.sum(0)[:m].numpy()
         out.append(float(np.max(np.abs(got - ref) / (mag + 1e-12))))
@@ -117,6 +117,7 @@ def test_wrapper_picks_path_split_and_operands(monkeypatch) -> None:
     # 160 programs of 32 rows; about two per SM wants a split of 2, which does not divide 3 tiles
     assert c["MMA"] is False and c["grid"] == (160, 1) and c["SPLIT"] == 1
     assert c["args"][0].shape == (1 + 768,)  # Q8_0's CUDA-core path reads x one element in
+    assert type(c["args"][2]) is int  # a scalar kernel argument, not a 0-d array
     blocks = jnp.zeros((5120, 32, 34), jnp.uint8)  # K = 1024: four tiles, so the split of 2 is taken
     kg.kquant_gemv(jnp.ones((16, 1024), jnp.bfloat16), blocks, "q8_0")
     c = calls[-1]
