@@ -156,13 +156,24 @@ if triton is not None:  # pragma: no cover - needs Triton
         )
 
     @triton.jit
-    def _k45_decode(sb, off, fifteen, R: tl.constexpr, FMT: tl.constexpr):
-        """The 8 components (byte j // 2, nibble j % 2 of each word) of a Q4_K/Q5_K super-block at
-        int32 pointers ``sb`` [1, 1, R, 1], fp32 [4, 2, R, 4] each. ``off`` = 8 c + 4 uo + ui."""
-        ui = off % 4
-        A0, A1, M0, M1 = _k45_scales(tl.load(sb + ui), R)
+    def _k45_load(sb, off, FMT: tl.constexpr):
+        """The words each lane needs of Q4_K/Q5_K super-blocks at int32 pointers ``sb`` [1, 1, R, 1]
+        (``off`` = 8 c + 4 uo + ui): header, qs and (Q5_K) qh words, [4, 2, R, 4] each."""
         QS: tl.constexpr = 4 if FMT == 0 else 12
+        hdr = tl.load(sb + off % 4)
         w = tl.load(sb + QS + off)
+        if FMT == 1:
+            qh = tl.load(sb + 4 + (off % 8))
+        else:
+            qh = w
+        return hdr, w, qh
+
+    @triton.jit
+    def _k45_decode(raw, off, fifteen, R: tl.constexpr, FMT: tl.constexpr):
+        """The 8 components (byte j // 2, nibble j % 2 of each word) of the words :func:`_k45_load`
+        read, fp32 [4, 2, R, 4] each."""
+        hdr, w, qh = raw
+        A0, A1, M0, M1 = _k45_scales(hdr, R)
         w12 = w >> 12
         w16 = w >> 16
         m0 = fifteen
@@ -170,7 +181,6 @@ if triton is not None:  # pragma: no cover - needs Triton
         m2 = fifteen << 8
         m3 = fifteen << 12
         if FMT == 1:  # Q5_K: the fifth bit of value (c, u, byte b, nibble pn) is bit 8b + 2c + pn of qh word u
-            qh = tl.load(sb + 4 + (off % 8))
             qh8 = qh << 8
             c2 = 2 * (off // 8)
             one = fifteen & 1
@@ -206,17 +216,24 @@ if triton is not None:  # pragma: no cover - needs Triton
     # ---- Q6_K: lanes (n, s, ll), rows and lh in registers: [2, 2, 2, R, 8] (u16 words) ----
 
     @triton.jit
-    def _q6k_decode(sb, n, s, lh, ll, fifteen):
-        """The 4 components (byte, nibble) of each ql word of Q6_K super-blocks at byte pointers
-        ``sb`` [1, 1, 1, R, 1], fp32 [2, 2, 2, R, 8]: ql word 32 n + 16 s + 8 lh + ll."""
+    def _q6k_load(sb, n, s, lh, ll):
+        """The words each lane needs of Q6_K super-blocks at byte pointers ``sb`` [1, 1, 1, R, 1]:
+        ql word 32 n + 16 s + 8 lh + ll, its qh word, the two scales and d."""
         p16 = sb.to(tl.pointer_type(tl.uint16))
         ql = tl.load(p16 + 32 * n + 16 * s + 8 * lh + ll).to(tl.int32)
         qh = tl.load(p16 + 64 + 16 * n + 8 * lh + ll + 0 * s).to(tl.int32)
-        # quarter q = s + 2 nib has its two high bits at 8 byte + 2 q of qh; move them to 8 byte + 4 nib + 4
-        qh = qh << (4 - 2 * s)
         sc0 = tl.load(sb + 192 + 8 * n + 2 * s + lh).to(tl.int32)  # [2, 2, 2, R, 1]: once per row
         sc1 = tl.load(sb + 196 + 8 * n + 2 * s + lh).to(tl.int32)
-        d = _h2f(tl.load(p16 + 104).to(tl.int32))
+        d = tl.load(p16 + 104).to(tl.int32)
+        return ql, qh, sc0, sc1, d
+
+    @triton.jit
+    def _q6k_decode(raw, s, fifteen):
+        """The 4 components (byte, nibble) of each ql word :func:`_q6k_load` read, fp32 [2, 2, 2, R, 8]."""
+        ql, qh, sc0, sc1, d = raw
+        d = _h2f(d)
+        # quarter q = s + 2 nib has its two high bits at 8 byte + 2 q of qh; move them to 8 byte + 4 nib + 4
+        qh = qh << (4 - 2 * s)
         A0 = d * _mg(sc0 ^ 0x80, 128.0)
         A1 = d * _mg(sc1 ^ 0x80, 128.0)
         # 2^23's bits go into the shifted qh word once (its bits 20-31 are free) and stay in every
@@ -233,16 +250,34 @@ if triton is not None:  # pragma: no cover - needs Triton
     # ---- Q8_0: lanes (g, h), rows in registers: [8, R, 16] (u16 words of codes) ----
 
     @triton.jit
-    def _q80_decode(sb, g, h, fifteen):
-        """The 2 components (byte 0, 1 of each code word) of eight Q8_0 blocks at byte pointers
-        ``sb`` [1, R, 1], fp32 [8, R, 16]: the int8 codes times their block's d."""
+    def _q80_load(sb, g, h):
+        """Code words [8, R, 16] and block scales [8, R, 1] of eight Q8_0 blocks at byte pointers ``sb``."""
         p16 = sb.to(tl.pointer_type(tl.uint16))
         w = tl.load(p16 + 17 * g + 1 + h).to(tl.int32)
-        d = _h2f(tl.load(p16 + 17 * g).to(tl.int32))  # [8, R, 1]: once per block
+        d = tl.load(p16 + 17 * g).to(tl.int32)  # [8, R, 1]: once per block
+        return w, d
+
+    @triton.jit
+    def _q80_decode(raw, fifteen):
+        """The 2 components (byte 0, 1 of each code word) :func:`_q80_load` read, fp32 [8, R, 16]:
+        the int8 codes times their block's d."""
+        w, d = raw
+        d = _h2f(d)
         ff = fifteen * 17
         lo = _mg((w & ff) ^ 0x80, 128.0) * d
         hi = _mg((w & (ff << 8)) ^ 0x8000, 32768.0) * (d * 0.00390625)
         return lo, hi
+
+    @triton.jit
+    def _load_tile(sb, FMT: tl.constexpr, ia, ib, ic, idd, off):
+        """The raw words of the tiles at byte pointers ``sb`` each lane decodes (per format)."""
+        if FMT == 3:
+            raw = _q80_load(sb, ia, ib)
+        elif FMT == 2:
+            raw = _q6k_load(sb, ia, ib, ic, idd)
+        else:
+            raw = _k45_load(sb.to(tl.pointer_type(tl.int32)), off, FMT)
+        return raw
 
     @triton.jit
     def _gemv_kernel(
@@ -259,6 +294,7 @@ if triton is not None:  # pragma: no cover - needs Triton
         FMT: tl.constexpr,
         TB: tl.constexpr,
         F16: tl.constexpr = False,
+        PREFETCH: tl.constexpr = True,
     ):
         """``out[split, m, rows] = sum over this split's tiles of x_perm[m] . w[rows]``; the
         weights decoded by the format's ``_*_decode``, the product on the CUDA cores (fp32, M <= 2)
@@ -277,6 +313,7 @@ if triton is not None:  # pragma: no cover - needs Triton
             base = w_ptr + tl.where(r < N, r, 0).to(tl.int64) * row_bytes
             xo = 16 * g + h + 0 * r
             acc0 = tl.zeros((8, R, 16), dtype=tl.float32)
+            ia, ib, ic, idd, off = g, h, g, g, g  # the index tensors _load_tile reads (Q8_0: g, h)
         elif FMT == 2:
             n6 = tl.arange(0, 2)[:, None, None, None, None]
             s6 = tl.arange(0, 2)[None, :, None, None, None]
@@ -286,6 +323,7 @@ if triton is not None:  # pragma: no cover - needs Triton
             base = w_ptr + tl.where(r < N, r, 0).to(tl.int64) * row_bytes
             xo = 32 * n6 + 16 * s6 + 8 * lh6 + ll6 + 0 * r  # the words' shape: the same layout
             acc0 = tl.zeros((2, 2, 2, R, 8), dtype=tl.float32)
+            ia, ib, ic, idd, off = n6, s6, lh6, ll6, n6
         else:
             off = (
                 8 * tl.arange(0, 4)[:, None, None, None]
@@ -296,22 +334,30 @@ if triton is not None:  # pragma: no cover - needs Triton
             base = w_ptr + tl.where(r < N, r, 0).to(tl.int64) * row_bytes
             xo = off
             acc0 = tl.zeros((4, 2, R, 4), dtype=tl.float32)
+            ia, ib, ic, idd = off, off, off, off
         acc1 = tl.zeros_like(acc0)
+        raw = _load_tile(base + ps * per * TB, FMT, ia, ib, ic, idd, off)
         for i in range(0, per):
             t = ps * per + i
-            sb = base + t * TB
+            if PREFETCH:  # the next tile's words are asked for before this one is decoded (the
+                # last step reloads its own), so each lane has two tiles' loads in flight
+                nxt = _load_tile(base + (ps * per + tl.minimum(i + 1, per - 1)) * TB, FMT, ia, ib, ic, idd, off)
+            else:
+                raw = _load_tile(base + t * TB, FMT, ia, ib, ic, idd, off)
+                nxt = raw
             if FMT == 3:
-                v = _q80_decode(sb, g, h, fifteen)
+                v = _q80_decode(raw, fifteen)
                 J: tl.constexpr = 2
                 XS: tl.constexpr = 128
             elif FMT == 2:
-                v = _q6k_decode(sb, n6, s6, lh6, ll6, fifteen)
+                v = _q6k_decode(raw, ib, fifteen)
                 J: tl.constexpr = 4
                 XS: tl.constexpr = 64
             else:
-                v = _k45_decode(sb.to(tl.pointer_type(tl.int32)), off, fifteen, R, FMT)
+                v = _k45_decode(raw, off, fifteen, R, FMT)
                 J: tl.constexpr = 8
                 XS: tl.constexpr = 32
+            raw = nxt
             if MMA:
                 if FMT == 3:  # [8, R, 16, 2] -> [R, 8, 16, 2]
                     tile = tl.permute(tl.join(_operand(v[0], F16), _operand(v[1], F16)), (1, 0, 2, 3))
@@ -373,12 +419,13 @@ def kquant_gemv(
     warps: int = 4,
     stages: int = 1,
     split: int | None = None,
+    prefetch: bool = True,
 ) -> jax.Array:
     """``x [M, K] @ decode(blocks)^T`` for M <= 16, GGUF blocks ``u8[N, K/block, bytes]`` read in place.
 
     ``mma`` None picks the CUDA-core path for M <= :data:`FMA_M_MAX`. ``split`` > 1 splits K over
     programs (a divisor of K / 256 at most ``split``) and sums the fp32 partials in XLA; None
-    splits until about two programs run per SM."""
+    splits until about two programs run per SM. ``prefetch`` loads tile t + 1 before decoding t."""
     _require()
     n, k = kq._check(blocks, fmt, "kquant_gemv")  # pylint: disable=protected-access
     kq._check_tiles(k, "kquant_gemv")  # pylint: disable=protected-access
@@ -411,6 +458,7 @@ def kquant_gemv(
         MMA=mma,
         FMT=kq.FORMATS[fmt],
         TB=kq.tile_bytes(fmt),
+        PREFETCH=prefetch,
     )
     y = out.sum(axis=0) if split > 1 else out[0]
     return y[:m].astype(out_dtype)

@@ -91,6 +91,48 @@ GEMV_FMA = [(32, 4, None), (16, 4, None), (32, 4, 1), (16, 4, 1), (8, 2, 1), (32
 GEMV_MMA = [(32, 4, None), (16, 4, None), (16, 4, 1), (32, 4, 1), (32, 4, 4), (64, 4, 2), (16, 2, None)]
 
 
+#: --gemv-stages: (rows, warps, split, stages, prefetch) of the CUDA-core path, M = 1, 5120 x 5120.
+GEMV_STAGES = [
+    (r, w, sp, st, pf)
+    for r, w, sp in [(32, 4, 4), (16, 4, None), (8, 2, 1), (64, 4, 4), (32, 8, 2)]
+    for st, pf in [(1, False), (1, True), (3, False)]
+]
+
+
+def gemv_stages(rows: list[dict], formats: list[str]) -> int:
+    """num_stages and the register prefetch of the CUDA-core path at M = 1: checked, then timed."""
+    bad, k, n, m = 0, 5120, 5120, 1
+    for fmt in formats:
+        blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
+        ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+        xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
+        ref = nt(xs[0].astype(jnp.float32), ref_w)
+        mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+        wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+        r = timing.check_then_time(
+            lambda x, w: nt(x, w), list(zip(xs, wbf)), lambda o: testing.check_dot(o, ref, mag, TOL)
+        )
+        rows.append({"fmt": fmt, "K": k, "N": n, "M": m, "variant": "bf16", **r})
+        line = [f"{fmt} bf16 {r.get('us', float('nan')):.1f}"]
+        for rr, w, sp, st, pf in GEMV_STAGES:
+            name = f"gemv fma r={rr} w={w} s={sp} st={st} pf={int(pf)}"
+            r = timing.check_then_time(
+                lambda x, b, rr=rr, w=w, sp=sp, st=st, pf=pf: kg.kquant_gemv(
+                    x, b, fmt, mma=False, rows=rr, warps=w, split=sp, stages=st, prefetch=pf
+                ),
+                list(zip(xs, blocks)),
+                lambda o: testing.check_dot(o, ref, mag, TOL),
+            )
+            rows.append({"fmt": fmt, "K": k, "N": n, "M": m, "variant": name, **r})
+            bad += r["status"] != "PASS"
+            line.append(
+                f"{rr}/{w}/{sp}/{st}/{int(pf)}: {r['us']:.1f}" if r["status"] == "PASS" else f"{name}: {r['status']}"
+            )
+        print("  ".join(line), flush=True)
+        del blocks, wbf
+    return bad
+
+
 def gemv(rows: list[dict], formats: list[str], deadline: float) -> int:
     """The conversion-free small-M kernels (kquant_gemv) against bf16, XLA's decode-then-dot and the
     first small-M kernel: every tiling on 5120 x 5120, the best two on 5120 x 13824; checked, then timed."""
@@ -160,12 +202,19 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="also time the small-M kernel's tilings")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     p.add_argument("--gemv", action="store_true", help="only the conversion-free small-M kernels (kquant_gemv)")
+    p.add_argument("--gemv-stages", action="store_true", help="only kquant_gemv's num_stages sweep at M = 1")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
     if not kq.available():
         print("jax-triton is not installed: nothing to measure", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.gemv_stages:
+        rows = []
+        bad = gemv_stages(rows, args.formats.split(","))
+        path = timing.write_rows("kquant_gemv_stages", rows)
+        print(f"wrote {path}; {bad} bad rows")
+        return 1 if bad else 0
     if args.gemv:
         rows: list[dict] = []
         bad = gemv(rows, args.formats.split(","), args.deadline_s)
