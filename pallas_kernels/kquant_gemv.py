@@ -464,14 +464,31 @@ def kquant_gemv(
     return y[:m].astype(out_dtype)
 
 
+#: The tiling the dispatch uses per format (CUDA-core path, M <= :data:`FMA_M_MAX`): the fastest
+#: of ``bench_kquant.py --gemv`` on an H200 (``benchmarks/kquant_gemv-NVIDIA_H200.json``). Formats
+#: absent here (Q8_0: no faster than the first kernel) and larger M (the tensor-core path: slower
+#: than the first kernel at M = 16) stay on :func:`pallas_kernels.kquant_triton.kquant_matmul`.
+DISPATCH_TILING: dict[str, dict] = {
+    "q4_k": dict(rows=32, warps=4, split=4),
+    "q5_k": dict(rows=32, warps=4, split=4),
+    "q6_k": dict(rows=8, warps=2, split=1),
+}
+
+
 def supports(x: jax.Array, fmt: str) -> bool:
-    """Whether the dispatch runs :func:`kquant_gemv` for ``x`` (2-D, M <= 16) on a ``fmt`` weight:
-    a Hopper GPU, jax-triton installed, and the kernel GPU-checked (or forced)."""
+    """Whether the dispatch runs :func:`dispatch_matmul` for ``x`` on a ``fmt`` weight: a format of
+    :data:`DISPATCH_TILING`, 2-D ``x`` with M <= :data:`FMA_M_MAX`, a Hopper GPU, jax-triton
+    installed, and the kernel GPU-checked (or forced)."""
     return (
         jt is not None
-        and fmt in kq.FORMATS
+        and fmt in DISPATCH_TILING
         and x.ndim == 2
-        and x.shape[0] <= MMA_M_MAX
+        and x.shape[0] <= FMA_M_MAX
         and _common.on_hopper()
         and _common.kernel_enabled(GPU_VERIFIED)
     )
+
+
+def dispatch_matmul(x: jax.Array, blocks: jax.Array, fmt: str, out_dtype=jnp.bfloat16) -> jax.Array:
+    """:func:`kquant_gemv` on the CUDA-core path with the format's :data:`DISPATCH_TILING`."""
+    return kquant_gemv(x, blocks, fmt, out_dtype, mma=False, **DISPATCH_TILING[fmt])

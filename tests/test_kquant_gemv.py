@@ -131,3 +131,17 @@ def test_wrapper_picks_path_split_and_operands(monkeypatch) -> None:
 
 def test_dispatch_keeps_other_paths_off_the_gpu() -> None:
     assert not kg.supports(jnp.ones((1, 512), jnp.bfloat16), "q4_k")  # CPU: never the kernel
+
+
+def test_dispatch_tiling_runs_the_cuda_core_path(monkeypatch) -> None:
+    calls = []
+
+    def triton_call(*args, kernel, out_shape, grid, **kw):
+        calls.append({"grid": grid, **kw})
+        return jnp.zeros(out_shape.shape, out_shape.dtype)
+
+    monkeypatch.setattr(kg, "jt", type("JT", (), {"triton_call": staticmethod(triton_call)}))
+    blocks = jnp.zeros((64, 4, 210), jnp.uint8)  # q6_k, K = 1024
+    kg.dispatch_matmul(jnp.ones((2, 1024), jnp.bfloat16), blocks, "q6_k")
+    assert calls[-1]["MMA"] is False and calls[-1]["R"] == kg.DISPATCH_TILING["q6_k"]["rows"]
+    assert "q8_0" not in kg.DISPATCH_TILING  # no faster than the first small-M kernel on the H200
