@@ -43,8 +43,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 FMA_M_MAX = 2
 #: Largest M of the tensor-core path (``tl.dot``'s 16-row tile).
 MMA_M_MAX = 16
-#: Neither path has run on a GPU yet; False keeps the dispatch on the first small-M kernel.
-GPU_VERIFIED = False
+#: The CUDA-core path with :data:`DISPATCH_TILING` passed its H200 check on every format at M = 1
+#: and 2 on 5120 x 5120, 5120 x 13824 and 1536 x 1536, at 09d044a (``bench_kquant.py --gemv-stages``,
+#: ``benchmarks/kquant_gemv_stages-NVIDIA_H200.json``, 0 bad rows), so the dispatch runs it.
+GPU_VERIFIED = True
+#: Smallest weight (N * K) the dispatch sends here: below it (1536 x 1536) the first kernel is as
+#: fast or faster (``kquant_gemv_stages-NVIDIA_H200.json``).
+DISPATCH_MIN_WEIGHTS = 1 << 22
 
 
 def x_order(fmt: str, mma: bool) -> np.ndarray:
@@ -464,24 +469,26 @@ def kquant_gemv(
     return y[:m].astype(out_dtype)
 
 
-#: The tiling the dispatch uses per format (CUDA-core path, M <= :data:`FMA_M_MAX`): the fastest
-#: of ``bench_kquant.py --gemv`` on an H200 (``benchmarks/kquant_gemv-NVIDIA_H200.json``). Formats
-#: absent here (Q8_0: no faster than the first kernel) and larger M (the tensor-core path: slower
-#: than the first kernel at M = 16) stay on :func:`pallas_kernels.kquant_triton.kquant_matmul`.
+#: The tiling the dispatch uses per format (CUDA-core path, M <= :data:`FMA_M_MAX`, the register
+#: prefetch on): the fastest at M = 1 on 5120 x 5120 in ``bench_kquant.py --gemv-stages`` on an
+#: H200 (``benchmarks/kquant_gemv_stages-NVIDIA_H200.json``). Larger M (the tensor-core path, slower
+#: than the first kernel at M = 16) stays on :func:`pallas_kernels.kquant_triton.kquant_matmul`.
 DISPATCH_TILING: dict[str, dict] = {
     "q4_k": dict(rows=32, warps=4, split=4),
     "q5_k": dict(rows=32, warps=4, split=4),
     "q6_k": dict(rows=8, warps=2, split=1),
+    "q8_0": dict(rows=8, warps=2, split=1),
 }
 
 
-def supports(x: jax.Array, fmt: str) -> bool:
-    """Whether the dispatch runs :func:`dispatch_matmul` for ``x`` on a ``fmt`` weight: a format of
-    :data:`DISPATCH_TILING`, 2-D ``x`` with M <= :data:`FMA_M_MAX`, a Hopper GPU, jax-triton
-    installed, and the kernel GPU-checked (or forced)."""
+def supports(x: jax.Array, fmt: str, weights: int) -> bool:
+    """Whether the dispatch runs :func:`dispatch_matmul` for ``x`` on a ``fmt`` weight of ``weights``
+    values: a format of :data:`DISPATCH_TILING`, at least :data:`DISPATCH_MIN_WEIGHTS`, 2-D ``x``
+    with M <= :data:`FMA_M_MAX`, a Hopper GPU, jax-triton installed, the kernel GPU-checked (or forced)."""
     return (
         jt is not None
         and fmt in DISPATCH_TILING
+        and weights >= DISPATCH_MIN_WEIGHTS
         and x.ndim == 2
         and x.shape[0] <= FMA_M_MAX
         and _common.on_hopper()

@@ -130,7 +130,7 @@ def test_wrapper_picks_path_split_and_operands(monkeypatch) -> None:
 
 
 def test_dispatch_keeps_other_paths_off_the_gpu() -> None:
-    assert not kg.supports(jnp.ones((1, 512), jnp.bfloat16), "q4_k")  # CPU: never the kernel
+    assert not kg.supports(jnp.ones((1, 5120), jnp.bfloat16), "q4_k", 5120 * 5120)  # CPU: never the kernel
 
 
 def test_dispatch_tiling_runs_the_cuda_core_path(monkeypatch) -> None:
@@ -144,4 +144,14 @@ def test_dispatch_tiling_runs_the_cuda_core_path(monkeypatch) -> None:
     blocks = jnp.zeros((64, 4, 210), jnp.uint8)  # q6_k, K = 1024
     kg.dispatch_matmul(jnp.ones((2, 1024), jnp.bfloat16), blocks, "q6_k")
     assert calls[-1]["MMA"] is False and calls[-1]["R"] == kg.DISPATCH_TILING["q6_k"]["rows"]
-    assert "q8_0" not in kg.DISPATCH_TILING  # no faster than the first small-M kernel on the H200
+    assert set(kg.DISPATCH_TILING) == set(kq.FORMATS)
+
+
+def test_dispatch_leaves_small_weights_and_larger_m_to_the_first_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(kg, "jt", object())
+    monkeypatch.setattr(kg._common, "on_hopper", lambda: True)  # pylint: disable=protected-access
+    big = 5120 * 5120
+    assert kg.supports(jnp.ones((2, 5120), jnp.bfloat16), "q6_k", big)
+    assert not kg.supports(jnp.ones((3, 5120), jnp.bfloat16), "q6_k", big)  # M > 2: tensor cores lose
+    assert not kg.supports(jnp.ones((1, 1536), jnp.bfloat16), "q6_k", 1536 * 1536)  # below the floor
+    assert not kg.supports(jnp.ones((1, 5120), jnp.bfloat16), "q3_k", big)

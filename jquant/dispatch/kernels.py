@@ -414,7 +414,7 @@ def _weight_only(x2: jax.Array, w: QArray, out_dtype):
         return None
     x2 = x2.astype(jnp.bfloat16)
     if spec.fmt in kquant_triton.FORMATS:  # GGUF blocks, u8[N, K/block, bytes]: read in place
-        if kquant_gemv.supports(x2, spec.fmt):  # M <= 2, conversion-free decode
+        if kquant_gemv.supports(x2, spec.fmt, w.shape[0] * w.shape[1]):  # M <= 2, conversion-free decode
             return kquant_gemv.dispatch_matmul(x2, w.qvalue, spec.fmt, out_dtype)
         return (
             kquant_triton.kquant_matmul(x2, w.qvalue, spec.fmt, out_dtype)
