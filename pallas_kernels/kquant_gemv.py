@@ -1,8 +1,11 @@
 """GGUF k-quants at small M (M <= 16) on Hopper with no conversion instructions (Triton via jax-triton).
 
-Hopper issues int -> float conversions at 16 per SM per clock, an eighth of its fp32 rate; the
-first small-M kernel (:func:`pallas_kernels.kquant_triton.kquant_matmul_small_m`) spent most of its
-time in them (1.6 per weight). Here a code never goes through one:
+On Hopper a conversion from an 8/16-bit integer (I2F) and fp32 -> bf16 rounding run at about 15
+per SM per clock, an eighth of the fp32 rate (``scripts/bench_convert.py``,
+``benchmarks/convert-NVIDIA_H200.json``; int32 -> fp32, I2FP, is nearly full rate). The first small-M
+kernel (:func:`pallas_kernels.kquant_triton.kquant_matmul_small_m`) spends 1.6 conversions per weight
+and moves values between registers to put them in K order. Here a code never goes through a
+conversion:
 
 * **Magic-number decode.** A code's bits are OR-ed into the mantissa of 2^23 where its word holds
   them (``(w & mask) | 0x4B000000``, one LOP3) and one subtraction of 2^23 (plus the format's
@@ -16,8 +19,9 @@ time in them (1.6 per weight). Here a code never goes through one:
 
 Two paths: ``mma=False`` accumulates on the CUDA cores in fp32 (M <= :data:`FMA_M_MAX`, the GEMV
 shapes: modulation layers at batch 1-2), ``mma=True`` casts the decoded tile to bf16 and uses
-``tl.dot`` (M <= 16). References: :func:`pallas_kernels.kquant_triton.matmul_reference`;
-``scripts/bench_kquant.py --gemv`` checks every output before timing it.
+``tl.dot`` (M <= 16; slower than the first kernel on the H200, so not dispatched). References:
+:func:`pallas_kernels.kquant_triton.matmul_reference`; ``scripts/bench_kquant.py --gemv`` and
+``--gemv-stages`` check every output before timing it.
 """
 
 from __future__ import annotations
