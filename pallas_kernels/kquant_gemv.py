@@ -448,7 +448,7 @@ def kquant_gemv(
         raise ValueError(f"kquant_gemv: rows={rows} must be a power of two (>= 16 with mma)")
     tiles = k // kq.TILE
     if split is None:
-        split = _common.cdiv(2 * _common.num_sms(), _common.cdiv(n, rows))
+        split = kq.pick_split(n, k, rows, _common.num_sms())
     split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)
     out = jt.triton_call(
         kernel_x(x, fmt, mma),
