@@ -303,11 +303,13 @@ if triton is not None:  # pragma: no cover - needs Triton
         FMT: tl.constexpr,
         TB: tl.constexpr,
         F16: tl.constexpr = False,
-        PREFETCH: tl.constexpr = True,
+        DEPTH: tl.constexpr = 1,
     ):
         """``out[split, m, rows] = sum over this split's tiles of x_perm[m] . w[rows]``; the
         weights decoded by the format's ``_*_decode``, the product on the CUDA cores (fp32, M <= 2)
-        or with ``tl.dot`` (bf16 operands, fp32 accumulation, M <= 16)."""
+        or with ``tl.dot`` (bf16 operands, fp32 accumulation, M <= 16). ``DEPTH`` (0-4) is how many
+        tiles ahead of the one being decoded each lane has asked for: a program waits on memory once
+        per tile, so its time is about (tiles per program / DEPTH) memory latencies."""
         pn = tl.program_id(0)
         ps = tl.program_id(1)
         per: tl.constexpr = K // 256 // SPLIT
@@ -345,12 +347,19 @@ if triton is not None:  # pragma: no cover - needs Triton
             acc0 = tl.zeros((4, 2, R, 4), dtype=tl.float32)
             ia, ib, ic, idd = off, off, off, off
         acc1 = tl.zeros_like(acc0)
+        # a ring of DEPTH tiles in registers: tile i + DEPTH is asked for before tile i is decoded
+        # (the last steps reload the last tile, an L2 hit), so DEPTH + 1 tiles' loads are in flight
         raw = _load_tile(base + ps * per * TB, FMT, ia, ib, ic, idd, off)
+        if DEPTH >= 2:
+            r1 = _load_tile(base + (ps * per + tl.minimum(1, per - 1)) * TB, FMT, ia, ib, ic, idd, off)
+        if DEPTH >= 3:
+            r2 = _load_tile(base + (ps * per + tl.minimum(2, per - 1)) * TB, FMT, ia, ib, ic, idd, off)
+        if DEPTH >= 4:
+            r3 = _load_tile(base + (ps * per + tl.minimum(3, per - 1)) * TB, FMT, ia, ib, ic, idd, off)
         for i in range(0, per):
             t = ps * per + i
-            if PREFETCH:  # the next tile's words are asked for before this one is decoded (the
-                # last step reloads its own), so each lane has two tiles' loads in flight
-                nxt = _load_tile(base + (ps * per + tl.minimum(i + 1, per - 1)) * TB, FMT, ia, ib, ic, idd, off)
+            if DEPTH >= 1:
+                nxt = _load_tile(base + (ps * per + tl.minimum(i + DEPTH, per - 1)) * TB, FMT, ia, ib, ic, idd, off)
             else:
                 raw = _load_tile(base + t * TB, FMT, ia, ib, ic, idd, off)
                 nxt = raw
@@ -366,7 +375,20 @@ if triton is not None:  # pragma: no cover - needs Triton
                 v = _k45_decode(raw, off, fifteen, R, FMT)
                 J: tl.constexpr = 8
                 XS: tl.constexpr = 32
-            raw = nxt
+            if DEPTH == 2:
+                raw = r1
+                r1 = nxt
+            elif DEPTH == 3:
+                raw = r1
+                r1 = r2
+                r2 = nxt
+            elif DEPTH == 4:
+                raw = r1
+                r1 = r2
+                r2 = r3
+                r3 = nxt
+            else:
+                raw = nxt
             if MMA:
                 if FMT == 3:  # [8, R, 16, 2] -> [R, 8, 16, 2]
                     tile = tl.permute(tl.join(_operand(v[0], F16), _operand(v[1], F16)), (1, 0, 2, 3))
@@ -428,13 +450,14 @@ def kquant_gemv(
     warps: int = 4,
     stages: int = 1,
     split: int | None = None,
-    prefetch: bool = True,
+    depth: int = 1,
 ) -> jax.Array:
     """``x [M, K] @ decode(blocks)^T`` for M <= 16, GGUF blocks ``u8[N, K/block, bytes]`` read in place.
 
     ``mma`` None picks the CUDA-core path for M <= :data:`FMA_M_MAX`. ``split`` > 1 splits K over
     programs (a divisor of K / 256 at most ``split``) and sums the fp32 partials in XLA; None
-    splits until about two programs run per SM. ``prefetch`` loads tile t + 1 before decoding t."""
+    splits until about two programs run per SM. ``depth`` (0-4) is how many tiles ahead each
+    program loads."""
     _require()
     n, k = kq._check(blocks, fmt, "kquant_gemv")  # pylint: disable=protected-access
     kq._check_tiles(k, "kquant_gemv")  # pylint: disable=protected-access
@@ -446,12 +469,36 @@ def kquant_gemv(
         raise ValueError(f"kquant_gemv: M={m} is above the {'tensor' if mma else 'CUDA'}-core path's limit")
     if rows & (rows - 1) or rows < (16 if mma else 1):
         raise ValueError(f"kquant_gemv: rows={rows} must be a power of two (>= 16 with mma)")
+    if not 0 <= depth <= 4:
+        raise ValueError(f"kquant_gemv: depth={depth} must be 0-4 (tiles loaded ahead)")
     tiles = k // kq.TILE
     if split is None:
         split = kq.pick_split(n, k, rows, _common.num_sms())
     split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)
-    out = jt.triton_call(
-        kernel_x(x, fmt, mma),
+    out = launch(kernel_x(x, fmt, mma), blocks, fmt, m, mma, rows, warps, stages, split, depth, out_dtype)
+    y = out.sum(axis=0) if split > 1 else out[0]
+    return y[:m].astype(out_dtype)
+
+
+def launch(
+    xk: jax.Array,
+    blocks: jax.Array,
+    fmt: str,
+    m: int,
+    mma: bool,
+    rows: int,
+    warps: int,
+    stages: int,
+    split: int,
+    depth: int,
+    out_dtype=jnp.bfloat16,
+) -> jax.Array:
+    """The kernel alone on the operand :func:`kernel_x` made (arguments checked by
+    :func:`kquant_gemv`): ``[split, 16, N]`` partials, fp32 when ``split`` > 1. Benchmarks time it
+    to separate the kernel from the activation permutation and the split's sum."""
+    n, k = kq._check(blocks, fmt, "kquant_gemv")  # pylint: disable=protected-access
+    return jt.triton_call(
+        xk,
         blocks,
         15,  # a Python int: jax-triton passes it as an i32 scalar (numpy scalars become arrays)
         kernel=_gemv_kernel,
@@ -467,10 +514,8 @@ def kquant_gemv(
         MMA=mma,
         FMT=kq.FORMATS[fmt],
         TB=kq.tile_bytes(fmt),
-        PREFETCH=prefetch,
+        DEPTH=depth,
     )
-    y = out.sum(axis=0) if split > 1 else out[0]
-    return y[:m].astype(out_dtype)
 
 
 #: The tiling the dispatch uses per format (CUDA-core path, M <= :data:`FMA_M_MAX`, the register

@@ -117,7 +117,7 @@ def gemv_stages(rows: list[dict], formats: list[str]) -> int:
             name = f"gemv fma r={rr} w={w} s={sp} st={st} pf={int(pf)}"
             r = timing.check_then_time(
                 lambda x, b, rr=rr, w=w, sp=sp, st=st, pf=pf: kg.kquant_gemv(
-                    x, b, fmt, mma=False, rows=rr, warps=w, split=sp, stages=st, prefetch=pf
+                    x, b, fmt, mma=False, rows=rr, warps=w, split=sp, stages=st, depth=int(pf)
                 ),
                 list(zip(xs, blocks)),
                 lambda o: testing.check_dot(o, ref, mag, TOL),
@@ -128,12 +128,91 @@ def gemv_stages(rows: list[dict], formats: list[str]) -> int:
                 f"{rr}/{w}/{sp}/{st}/{int(pf)}: {r['us']:.1f}" if r["status"] == "PASS" else f"{name}: {r['status']}"
             )
             if r["status"] == "PASS" and (best is None or r["us"] < best[0]):
-                best = (r["us"], dict(rows=rr, warps=w, split=sp, stages=st, prefetch=pf))
+                best = (r["us"], dict(rows=rr, warps=w, split=sp, stages=st, depth=int(pf)))
         print("  ".join(line), flush=True)
         del blocks, wbf
         if best is not None:
             bad += gemv_confirm(rows, fmt, best[1])
         timing.write_rows("kquant_gemv_stages", rows)  # after every format: a time limit keeps what ran
+    return bad
+
+
+#: --gemv-depth: (rows, warps, split) x tiles loaded ahead, CUDA-core path, M = 1, 5120 x 5120.
+GEMV_DEPTH = [(r, w, sp, d) for r, w, sp in [(8, 2, 1), (16, 4, 1), (32, 4, 1), (8, 2, 2), (32, 4, 2), (32, 4, 4)] for d in (1, 2, 4)]
+
+
+def gemv_depth(rows: list[dict], formats: list[str], deadline: float) -> int:
+    """How many tiles each program loads ahead (``depth``) against the split, at M = 1 on 5120 x 5120;
+    the best on 5120 x 13824 at M = 1 and 2 beside bf16 and today's dispatch, and its parts timed
+    alone (the kernel on an already permuted x, the permutation, the split's sum). Checked, then timed."""
+    bad, t0 = 0, time.time()
+    for fmt in formats:
+        best = None
+        for (k, n), ms in [((5120, 5120), (1,)), ((5120, 13824), (1, 2))]:
+            blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
+            ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
+            wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+            for m in ms:
+                if time.time() - t0 > deadline:
+                    print(f"deadline reached before {fmt} {k}x{n} M={m}", file=sys.stderr)
+                    return bad
+                xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
+                ref = nt(xs[0].astype(jnp.float32), ref_w)
+                mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+                check = lambda o, ref=ref, mag=mag: testing.check_dot(o, ref, mag, TOL)  # noqa: E731
+                variants = {
+                    "bf16": (lambda x, w: nt(x, w), list(zip(xs, wbf)), check),
+                    "dispatch": (lambda x, b: kg.dispatch_matmul(x, b, fmt), list(zip(xs, blocks)), check),
+                }
+                cfgs = GEMV_DEPTH if best is None else [best]
+                for rr, w, sp, d in cfgs:
+                    variants[f"gemv r={rr} w={w} s={sp} d={d}"] = (
+                        lambda x, b, rr=rr, w=w, sp=sp, d=d: kg.kquant_gemv(
+                            x, b, fmt, mma=False, rows=rr, warps=w, split=sp, depth=d
+                        ),
+                        list(zip(xs, blocks)),
+                        check,
+                    )
+                if best is not None:  # the best one's parts, each alone
+                    rr, w, sp, d = best
+                    xks = [kg.kernel_x(x, fmt, False) for x in xs]
+                    variants["part: kernel"] = (
+                        lambda xk, b: kg.launch(xk, b, fmt, m, False, rr, w, 1, sp, d),
+                        list(zip(xks, blocks)),
+                        lambda o, check=check: check(o.sum(axis=0)[:m].astype(jnp.bfloat16)),
+                    )
+                    want = np.asarray(xks[0])
+                    variants["part: permute x"] = (
+                        lambda x: kg.kernel_x(x, fmt, False),
+                        [(x,) for x in xs],
+                        lambda o, want=want: {"ok": bool(np.array_equal(np.asarray(o), want))},
+                    )
+                    if sp > 1:
+                        parts = [jax.random.normal(jax.random.key(i), (sp, 16, n), jnp.float32) for i in range(4)]
+                        want_sum = np.asarray(parts[0]).sum(0)[:m]
+                        variants["part: split sum"] = (
+                            lambda p: p.sum(axis=0)[:m].astype(jnp.bfloat16),
+                            [(p,) for p in parts],
+                            lambda o, want_sum=want_sum: {
+                                "ok": bool(np.allclose(np.asarray(o, np.float32), want_sum, rtol=1e-2, atol=1e-2))
+                            },
+                        )
+                res = {}
+                for name, (fn, sets, chk) in variants.items():
+                    r = timing.check_then_time(fn, sets, chk)
+                    rows.append({"fmt": fmt, "K": k, "N": n, "M": m, "variant": name, **r})
+                    if r["status"] != "PASS":
+                        bad += 1
+                        print(f"{fmt} {k}x{n} M={m} {name}: {r['status']} {r.get('error', r.get('check'))}"[:300])
+                        continue
+                    res[name] = r["us"]
+                ranked = sorted((us, v) for v, us in res.items() if v.startswith("gemv"))
+                if best is None and ranked:
+                    best = cfgs[[f"gemv r={c[0]} w={c[1]} s={c[2]} d={c[3]}" for c in cfgs].index(ranked[0][1])]
+                cells = "  ".join(f"{v}: {us:.1f}" for v, us in sorted(res.items(), key=lambda kv: kv[1]))
+                print(f"{fmt} {k}x{n} M={m}  {cells}", flush=True)
+            del blocks, wbf
+        timing.write_rows("kquant_gemv_depth", rows)  # after every format: a time limit keeps what ran
     return bad
 
 
@@ -233,12 +312,19 @@ def main() -> int:
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     p.add_argument("--gemv", action="store_true", help="only the conversion-free small-M kernels (kquant_gemv)")
     p.add_argument("--gemv-stages", action="store_true", help="only kquant_gemv's num_stages sweep at M = 1")
+    p.add_argument("--gemv-depth", action="store_true", help="only kquant_gemv's load-ahead depth x split sweep")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
     if not kq.available():
         print("jax-triton is not installed: nothing to measure", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.gemv_depth:
+        rows = []
+        bad = gemv_depth(rows, args.formats.split(","), args.deadline_s)
+        path = timing.write_rows("kquant_gemv_depth", rows)
+        print(f"wrote {path}; {bad} bad rows")
+        return 1 if bad else 0
     if args.gemv_stages:
         rows = []
         bad = gemv_stages(rows, args.formats.split(","))
