@@ -74,11 +74,11 @@ def x_order(fmt: str, mma: bool) -> np.ndarray:
         n, s, lh, ll, byte, nib = np.ix_(*(np.arange(k) for k in (2, 2, 2, 8, 2, 2)))
         value = 128 * n + 32 * (s + 2 * nib) + 16 * lh + 2 * ll + byte
         word = 32 * n + 16 * s + 8 * lh + ll
-        slot = word * 4 + nib * 2 + byte if mma else (2 * byte + nib) * 64 + word
+        slot = word * 4 + nib * 2 + byte if mma else value  # the CUDA-core path reads x in its order
     elif fmt == "q8_0":
         g, h, byte = np.ix_(np.arange(8), np.arange(16), np.arange(2))
         value = 32 * g + 2 * h + byte
-        slot = value if mma else byte * 128 + 16 * g + h
+        slot = value  # both paths read x in its own order
     else:
         raise ValueError(f"x_order: format {fmt!r} has no kernel; supported: {sorted(kq.FORMATS)}")
     order = np.empty(kq.TILE, np.int32)
@@ -96,13 +96,9 @@ def permute_x(x: jax.Array, fmt: str, mma: bool) -> jax.Array:
 
 
 def kernel_x(x: jax.Array, fmt: str, mma: bool) -> jax.Array:
-    """The activation operand of :func:`_gemv_kernel`: ``x`` in :func:`x_order`, bf16, and for the
-    CUDA-core path of the 2-byte-aligned formats (Q6_K, Q8_0) flattened with one leading element,
-    which the kernel skips (``XPAD``) so that its loads have the weights' alignment."""
-    xp = permute_x(x.astype(jnp.bfloat16), fmt, mma)
-    if not mma and kq.FORMATS[fmt] >= 2:
-        xp = jnp.pad(xp.reshape(-1), (1, 0))
-    return xp
+    """The activation operand of :func:`_gemv_kernel`: ``x`` in :func:`x_order`, bf16. The
+    CUDA-core path of Q6_K and Q8_0 reads x in its own order, so there it is only cast."""
+    return permute_x(x.astype(jnp.bfloat16), fmt, mma)
 
 
 if triton is not None:  # pragma: no cover - needs Triton
@@ -127,6 +123,16 @@ if triton is not None:  # pragma: no cover - needs Triton
         """``_mg(lo | hi, bias)`` where ``hi`` already carries the 2^23 bits (``| 0x4B000000``): two
         LOP3 per value (one for the high bits with the magic, one to merge the nibble) instead of three."""
         return (lo | hi).to(tl.float32, bitcast=True) - (8388608.0 + bias)
+
+    @triton.jit
+    def _bf16_lo(w):
+        """The bf16 in the low half of int32 ``w``, as fp32 (exact: a shift)."""
+        return (w << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _bf16_hi(w):
+        """The bf16 in the high half of int32 ``w``, as fp32 (exact: a mask)."""
+        return (w & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _h2f(h):
@@ -332,7 +338,7 @@ if triton is not None:  # pragma: no cover - needs Triton
             ll6 = tl.arange(0, 8)[None, None, None, None, :]
             r = pn * R + tl.arange(0, R)[None, None, None, :, None]
             base = w_ptr + tl.where(r < N, r, 0).to(tl.int64) * row_bytes
-            xo = 32 * n6 + 16 * s6 + 8 * lh6 + ll6 + 0 * r  # the words' shape: the same layout
+            xo = 64 * n6 + 16 * s6 + 8 * lh6 + ll6 + 0 * r  # the x word (bf16 pair) of nibble 0
             acc0 = tl.zeros((2, 2, 2, R, 8), dtype=tl.float32)
             ia, ib, ic, idd, off = n6, s6, lh6, ll6, n6
         else:
@@ -405,15 +411,28 @@ if triton is not None:  # pragma: no cover - needs Triton
                 xk = tl.load(x_ptr + mm * K + t * 256 + kk, mask=mm < M, other=0.0)
                 acc_mma += tl.dot(_operand(xk, F16), tl.trans(tl.reshape(tile, (R, 256))))
             else:
-                # Q6_K / Q8_0 words are 2-byte aligned, so their loads are one element wide; the
-                # activations start one element in (XPAD) so that theirs are too, and Triton gives
-                # both the same register layout instead of moving x through shared memory.
-                XPAD: tl.constexpr = 1 if FMT >= 2 else 0
-                xt = x_ptr + XPAD + t * 256 + xo
-                for j in tl.static_range(J):
-                    acc0 += v[j] * tl.load(xt + j * XS).to(tl.float32)
-                    if M == 2:
-                        acc1 += v[j] * tl.load(xt + K + j * XS).to(tl.float32)
+                if FMT >= 2:
+                    # Q6_K / Q8_0: a lane's code word holds two K-consecutive values (bytes 0, 1),
+                    # so x is read in its own order as bf16 pairs (int32 words: the low half is
+                    # byte 0's value) at the same index. The words are 2-byte aligned, so their
+                    # loads are one element wide; the offset (fifteen - 15 = 0, unknown to the
+                    # compiler) makes x's loads one element wide too, and Triton gives both the
+                    # same register layout instead of moving x through shared memory.
+                    xt = x_ptr.to(tl.pointer_type(tl.int32)) + (fifteen - 15) + t * 128 + xo
+                    for j in tl.static_range(J // 2):  # Q6_K: j = nibble, x words 32 apart
+                        xw = tl.load(xt + 32 * j)
+                        acc0 += v[j] * _bf16_lo(xw)
+                        acc0 += v[j + J // 2] * _bf16_hi(xw)
+                        if M == 2:
+                            xw = tl.load(xt + K // 2 + 32 * j)
+                            acc1 += v[j] * _bf16_lo(xw)
+                            acc1 += v[j + J // 2] * _bf16_hi(xw)
+                else:
+                    xt = x_ptr + t * 256 + xo
+                    for j in tl.static_range(J):
+                        acc0 += v[j] * tl.load(xt + j * XS).to(tl.float32)
+                        if M == 2:
+                            acc1 += v[j] * tl.load(xt + K + j * XS).to(tl.float32)
         cols = pn * R + tl.arange(0, R)[None, :]
         if MMA:
             y = acc_mma

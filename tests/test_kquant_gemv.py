@@ -67,7 +67,11 @@ _CHILD = textwrap.dedent(
         x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
         x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # the kernels take bf16 x
         ref, mag = x @ w.T, np.abs(x) @ np.abs(w).T
-        xp = torch.tensor(np.asarray(kg.kernel_x(jnp.asarray(x), fmt, mma).astype(jnp.float32)))
+        xk = np.asarray(kg.kernel_x(jnp.asarray(x), fmt, mma))
+        if not mma and fmt in ("q6_k", "q8_0"):  # read as bf16 pairs: the bf16 bits themselves
+            xp = torch.tensor(xk.view(np.int16))
+        else:
+            xp = torch.tensor(xk.astype(np.float32))
         y = torch.zeros((split, 16, n), dtype=torch.float32)
         kg._gemv_kernel[(n // rows, split)](
             xp, torch.tensor(blocks), 15, y, M=m, N=n, K=k, R=rows, SPLIT=split, MMA=mma,
@@ -118,7 +122,7 @@ def test_wrapper_picks_path_split_and_operands(monkeypatch) -> None:
     c = calls[-1]
     # 160 programs of 32 rows; about two per SM wants a split of 2, which does not divide 3 tiles
     assert c["MMA"] is False and c["grid"] == (160, 1) and c["SPLIT"] == 1
-    assert c["args"][0].shape == (1 + 768,)  # Q8_0's CUDA-core path reads x one element in
+    assert c["args"][0].shape == (1, 768) and c["args"][0].dtype == jnp.bfloat16  # Q8_0: x as it is
     assert type(c["args"][2]) is int  # a scalar kernel argument, not a 0-d array
     blocks = jnp.zeros((5120, 32, 34), jnp.uint8)  # K = 1024: four tiles, so the split of 2 is taken
     kg.kquant_gemv(jnp.ones((16, 1024), jnp.bfloat16), blocks, "q8_0")
