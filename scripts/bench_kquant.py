@@ -138,10 +138,20 @@ def gemv_stages(rows: list[dict], formats: list[str]) -> int:
 
 
 #: --gemv-depth: (rows, warps, split) x tiles loaded ahead, CUDA-core path, M = 1, 5120 x 5120.
-GEMV_DEPTH = [(r, w, sp, d) for r, w, sp in [(8, 2, 1), (16, 4, 1), (32, 4, 1), (8, 2, 2), (32, 4, 2), (32, 4, 4)] for d in (1, 2, 4)]
+GEMV_DEPTH = [
+    (r, w, sp, d)
+    for r, w, sp in [(8, 2, 1), (16, 4, 1), (32, 4, 1), (8, 2, 2), (32, 4, 2), (32, 4, 4)]
+    for d in (1, 2, 4)
+]
 
 
-def gemv_depth(rows: list[dict], formats: list[str], deadline: float) -> int:
+def gemv_depth(
+    rows: list[dict],
+    formats: list[str],
+    deadline: float,
+    configs: list[tuple] | None = None,
+    name: str = "kquant_gemv_depth",
+) -> int:
     """How many tiles each program loads ahead (``depth``) against the split, at M = 1 on 5120 x 5120;
     the best on 5120 x 13824 at M = 1 and 2 beside bf16 and today's dispatch, and its parts timed
     alone (the kernel on an already permuted x, the permutation, the split's sum). Checked, then timed."""
@@ -164,7 +174,7 @@ def gemv_depth(rows: list[dict], formats: list[str], deadline: float) -> int:
                     "bf16": (lambda x, w: nt(x, w), list(zip(xs, wbf)), check),
                     "dispatch": (lambda x, b: kg.dispatch_matmul(x, b, fmt), list(zip(xs, blocks)), check),
                 }
-                cfgs = GEMV_DEPTH if best is None else [best]
+                cfgs = (configs or GEMV_DEPTH) if best is None else [best]
                 for rr, w, sp, d in cfgs:
                     variants[f"gemv r={rr} w={w} s={sp} d={d}"] = (
                         lambda x, b, rr=rr, w=w, sp=sp, d=d: kg.kquant_gemv(
@@ -212,7 +222,7 @@ def gemv_depth(rows: list[dict], formats: list[str], deadline: float) -> int:
                 cells = "  ".join(f"{v}: {us:.1f}" for v, us in sorted(res.items(), key=lambda kv: kv[1]))
                 print(f"{fmt} {k}x{n} M={m}  {cells}", flush=True)
             del blocks, wbf
-        timing.write_rows("kquant_gemv_depth", rows)  # after every format: a time limit keeps what ran
+        timing.write_rows(name, rows)  # after every format: a time limit keeps what ran
     return bad
 
 
@@ -313,6 +323,8 @@ def main() -> int:
     p.add_argument("--gemv", action="store_true", help="only the conversion-free small-M kernels (kquant_gemv)")
     p.add_argument("--gemv-stages", action="store_true", help="only kquant_gemv's num_stages sweep at M = 1")
     p.add_argument("--gemv-depth", action="store_true", help="only kquant_gemv's load-ahead depth x split sweep")
+    p.add_argument("--configs", default="", help="--gemv-depth's tilings: 'rows,warps,split,depth;...'")
+    p.add_argument("--tag", default="", help="--gemv-depth writes kquant_gemv_depth-TAG-<device>.json")
     args = p.parse_args()
     os.environ.setdefault("JQUANT_BACKEND", "pallas")
     if not kq.available():
@@ -321,8 +333,10 @@ def main() -> int:
     t0 = time.time()
     if args.gemv_depth:
         rows = []
-        bad = gemv_depth(rows, args.formats.split(","), args.deadline_s)
-        path = timing.write_rows("kquant_gemv_depth", rows)
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";") if c]
+        name = "kquant_gemv_depth" + (f"-{args.tag}" if args.tag else "")
+        bad = gemv_depth(rows, args.formats.split(","), args.deadline_s, configs, name)
+        path = timing.write_rows(name, rows)
         print(f"wrote {path}; {bad} bad rows")
         return 1 if bad else 0
     if args.gemv_stages:

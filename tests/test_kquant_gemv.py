@@ -128,6 +128,8 @@ def test_wrapper_picks_path_split_and_operands(monkeypatch) -> None:
     kg.kquant_gemv(jnp.ones((16, 1024), jnp.bfloat16), blocks, "q8_0")
     c = calls[-1]
     assert c["MMA"] is True and c["grid"] == (160, 2) and c["args"][0].shape == (16, 1024)
+    kg.kquant_gemv(jnp.ones((1, 1024), jnp.bfloat16), jnp.zeros((64, 4, 144), jnp.uint8), "q4_k")
+    assert calls[-1]["args"][0].dtype == jnp.float32  # Q4_K's permuted x comes in fp32
     with pytest.raises(ValueError, match="above the CUDA-core path"):
         kg.kquant_gemv(jnp.ones((3, 1024), jnp.bfloat16), blocks, "q8_0", mma=False)
     with pytest.raises(ValueError, match="power of two"):
