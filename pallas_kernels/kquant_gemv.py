@@ -493,13 +493,16 @@ def kquant_gemv(
         raise ValueError(f"kquant_gemv: rows={rows} must be a power of two (>= 16 with mma)")
     if not 0 <= depth <= 4:
         raise ValueError(f"kquant_gemv: depth={depth} must be 0-4 (tiles loaded ahead)")
-    tiles = k // kq.TILE
-    if split is None:
-        split = kq.pick_split(n, k, rows, _common.num_sms())
-    split = max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)
+    split = dividing_split(k, kq.pick_split(n, k, rows, _common.num_sms()) if split is None else split)
     out = launch(kernel_x(x, fmt, mma), blocks, fmt, m, mma, rows, warps, stages, split, depth, out_dtype)
     y = out.sum(axis=0) if split > 1 else out[0]
     return y[:m].astype(out_dtype)
+
+
+def dividing_split(k: int, split: int) -> int:
+    """The largest divisor of K's 256-value tile count that is at most ``split``: what the kernel runs."""
+    tiles = k // kq.TILE
+    return max(d for d in range(1, min(split, tiles) + 1) if tiles % d == 0)
 
 
 def launch(
@@ -519,6 +522,8 @@ def launch(
     :func:`kquant_gemv`): ``[split, 16, N]`` partials, fp32 when ``split`` > 1. Benchmarks time it
     to separate the kernel from the activation permutation and the split's sum."""
     n, k = kq._check(blocks, fmt, "kquant_gemv")  # pylint: disable=protected-access
+    if (k // kq.TILE) % split:
+        raise ValueError(f"kquant_gemv: split={split} does not divide K={k}'s {k // kq.TILE} tiles (dividing_split)")
     return jt.triton_call(
         xk,
         blocks,
