@@ -12,16 +12,18 @@ conversion:
   bias) gives ``2^p * code`` exactly; the power of two ``2^-p`` goes into the block scale. Q5_K's
   and Q6_K's high bits are shifted next to their nibble once per word and merged by a second LOP3.
 * **Values in word order.** Each lane decodes the values its words hold, in the order they hold
-  them, so no value moves between registers; the activations are permuted to match once, in XLA
-  (:func:`x_order`).
+  them, so no value moves between registers. For Q4_K and Q5_K the activations are permuted to
+  match once, in XLA (:func:`x_order`, in fp32); Q6_K's and Q8_0's code words hold two
+  K-consecutive values, so those kernels read x in its own order as bf16 pairs (one int32 load).
 * **One register layout per format.** Lanes run along a row's words (coalesced loads), rows along
   warps; every tensor of the loop has the same shape, so Triton keeps it in that layout.
 
 Two paths: ``mma=False`` accumulates on the CUDA cores in fp32 (M <= :data:`FMA_M_MAX`, the GEMV
 shapes: modulation layers at batch 1-2), ``mma=True`` casts the decoded tile to bf16 and uses
-``tl.dot`` (M <= 16; slower than the first kernel on the H200, so not dispatched). References:
-:func:`pallas_kernels.kquant_triton.matmul_reference`; ``scripts/bench_kquant.py --gemv`` and
-``--gemv-stages`` check every output before timing it.
+``tl.dot`` (M <= 16; slower than the first kernel on the H200, so not dispatched). ``depth`` sets
+how many tiles each program loads ahead (1 is the fastest measured with a split). References:
+:func:`pallas_kernels.kquant_triton.matmul_reference`; ``scripts/bench_kquant.py --gemv``,
+``--gemv-stages`` and ``--gemv-depth`` check every output before timing it.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 FMA_M_MAX = 2
 #: Largest M of the tensor-core path (``tl.dot``'s 16-row tile).
 MMA_M_MAX = 16
-#: The CUDA-core path with :data:`DISPATCH_TILING` passed its H200 check on every format at M = 1
-#: and 2 on 5120 x 5120, 5120 x 13824 and 1536 x 1536, at 09d044a (``bench_kquant.py --gemv-stages``,
-#: ``benchmarks/kquant_gemv_stages-NVIDIA_H200.json``, 0 bad rows), so the dispatch runs it.
+#: The CUDA-core path with :data:`DISPATCH_TILING` passed its H200 check on every format at M = 1 on
+#: 5120 x 5120 and at M = 1 and 2 on 5120 x 13824, kernel as it is now, at 0e51104
+#: (``bench_kquant.py --gemv-depth``, ``benchmarks/kquant_gemv_depth-x-NVIDIA_H200.json``: every
+#: ``dispatch`` and ``gemv`` row PASS), so the dispatch runs it.
 GPU_VERIFIED = True
 #: Smallest weight (N * K) the dispatch sends here: below it (1536 x 1536) the first kernel is as
 #: fast or faster (``kquant_gemv_stages-NVIDIA_H200.json``).
@@ -545,10 +548,12 @@ def launch(
     )
 
 
-#: The tiling the dispatch uses per format (CUDA-core path, M <= :data:`FMA_M_MAX`, the register
-#: prefetch on): the fastest at M = 1 on 5120 x 5120 in ``bench_kquant.py --gemv-stages`` on an
-#: H200 (``benchmarks/kquant_gemv_stages-NVIDIA_H200.json``). Larger M (the tensor-core path, slower
-#: than the first kernel at M = 16) stays on :func:`pallas_kernels.kquant_triton.kquant_matmul`.
+#: The tiling the dispatch uses per format (CUDA-core path, M <= :data:`FMA_M_MAX`, one tile loaded
+#: ahead): the fastest at M = 1 on 5120 x 5120 in ``bench_kquant.py --gemv-stages``; in
+#: ``--gemv-depth`` still the fastest on 5120 x 13824 at M = 1 and 2 and within 9% on 5120 x 5120
+#: (the tilings that win there lose up to 33% at M = 2: ``kquant_gemv_depth-x-NVIDIA_H200.json``). Larger M
+#: (the tensor-core path, slower than the first kernel at M = 16) stays on
+#: :func:`pallas_kernels.kquant_triton.kquant_matmul`.
 DISPATCH_TILING: dict[str, dict] = {
     "q4_k": dict(rows=32, warps=4, split=4),
     "q5_k": dict(rows=32, warps=4, split=4),
