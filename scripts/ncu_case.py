@@ -55,13 +55,17 @@ def run_case(name: str, m: int, k: int, n: int) -> dict:
     return testing.compare(case, out, ref, inputs)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("case")
     p.add_argument("--m", type=int, default=32760)
     p.add_argument("--k", type=int, default=1536)
     p.add_argument("--n", type=int, default=1536)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not args.case.startswith("gemv:") and args.case not in testing.CASES:
+        raise SystemExit(
+            f"ncu_case: unknown kernel case {args.case!r}; one of {sorted(testing.CASES)} or gemv:FMT:ROWS:WARPS:SPLIT:DEPTH"
+        )
     if args.case.startswith("gemv:"):
         verdict = run_gemv(args.case, args.k, args.n)
     else:
