@@ -320,8 +320,8 @@ if triton is not None:  # pragma: no cover - needs Triton
         """``out[split, m, rows] = sum over this split's tiles of x_perm[m] . w[rows]``; the
         weights decoded by the format's ``_*_decode``, the product on the CUDA cores (fp32, M <= 2)
         or with ``tl.dot`` (bf16 operands, fp32 accumulation, M <= 16). ``DEPTH`` (0-4) is how many
-        tiles ahead of the one being decoded each lane has asked for: a program waits on memory once
-        per tile, so its time is about (tiles per program / DEPTH) memory latencies."""
+        tiles ahead of the one being decoded each lane has asked for. More helps a program without a
+        split; with one, 1 is fastest on the H200 (the ring's registers cost resident warps)."""
         pn = tl.program_id(0)
         ps = tl.program_id(1)
         per: tl.constexpr = K // 256 // SPLIT

@@ -53,6 +53,21 @@ def nt(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
 
 
+def gemv_weights(fmt: str, k: int, n: int) -> tuple[list, jax.Array, list]:
+    """Four random weights (rotated past L2), the first one decoded in fp32 (the reference) and
+    each one decoded in bf16 (the baseline's operand)."""
+    blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
+    return blocks, kq.decode_reference(blocks[0], fmt, jnp.float32), [kq.decode_reference(b, fmt) for b in blocks]
+
+
+def gemv_inputs(ref_w: jax.Array, m: int, k: int, seed: int = 7) -> tuple[list, jax.Array, jax.Array]:
+    """Four bf16 activations ``[m, k]``, the first one's fp32 product with ``ref_w`` and its
+    ``|x| @ |w|`` (the magnitude check_dot's bound scales with)."""
+    xs = [jax.random.normal(jax.random.key(seed + i), (m, k), jnp.bfloat16) for i in range(4)]
+    x32 = xs[0].astype(jnp.float32)
+    return xs, nt(x32, ref_w), nt(jnp.abs(x32), jnp.abs(ref_w))
+
+
 #: (bn, warps, stages) tilings of the small-M kernel that --sweep times.
 SWEEP = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
 
@@ -101,12 +116,8 @@ def gemv_stages(rows: list[dict], formats: list[str]) -> int:
     """num_stages and the register prefetch of the CUDA-core path at M = 1: checked, then timed."""
     bad, k, n, m = 0, 5120, 5120, 1
     for fmt in formats:
-        blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
-        ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
-        xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
-        ref = nt(xs[0].astype(jnp.float32), ref_w)
-        mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
-        wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+        blocks, ref_w, wbf = gemv_weights(fmt, k, n)
+        xs, ref, mag = gemv_inputs(ref_w, m, k)
         r = timing.check_then_time(
             lambda x, w: nt(x, w), list(zip(xs, wbf)), lambda o: testing.check_dot(o, ref, mag, TOL)
         )
@@ -159,16 +170,12 @@ def gemv_depth(
     for fmt in formats:
         best = None
         for (k, n), ms in [((5120, 5120), (1,)), ((5120, 13824), (1, 2))]:
-            blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
-            ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
-            wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+            blocks, ref_w, wbf = gemv_weights(fmt, k, n)
             for m in ms:
                 if time.time() - t0 > deadline:
                     print(f"deadline reached before {fmt} {k}x{n} M={m}", file=sys.stderr)
                     return bad
-                xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
-                ref = nt(xs[0].astype(jnp.float32), ref_w)
-                mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+                xs, ref, mag = gemv_inputs(ref_w, m, k)
                 check = lambda o, ref=ref, mag=mag: testing.check_dot(o, ref, mag, TOL)  # noqa: E731
                 variants = {
                     "bf16": (lambda x, w: nt(x, w), list(zip(xs, wbf)), check),
@@ -232,13 +239,9 @@ def gemv_confirm(rows: list[dict], fmt: str, cfg: dict) -> int:
     """The best tiling at M = 1 and 2 on the other DiT shapes, against bf16 and the first small-M kernel."""
     bad = 0
     for k, n in [(5120, 13824), (1536, 1536)]:
-        blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
-        ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
-        wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+        blocks, ref_w, wbf = gemv_weights(fmt, k, n)
         for m in (1, 2):
-            xs = [jax.random.normal(jax.random.key(9 + i), (m, k), jnp.bfloat16) for i in range(4)]
-            ref = nt(xs[0].astype(jnp.float32), ref_w)
-            mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+            xs, ref, mag = gemv_inputs(ref_w, m, k, seed=9)
             res = {}
             for name, fn, sets in [
                 ("bf16", lambda x, w: nt(x, w), list(zip(xs, wbf))),
@@ -262,16 +265,12 @@ def gemv(rows: list[dict], formats: list[str], deadline: float) -> int:
     for fmt in formats:
         best: dict[int, list] = {}
         for k, n in [(5120, 5120), (5120, 13824)]:
-            blocks = [jnp.asarray(random_blocks(fmt, n, k, s)) for s in range(4)]
-            ref_w = kq.decode_reference(blocks[0], fmt, jnp.float32)
-            wbf = [kq.decode_reference(b, fmt, jnp.bfloat16) for b in blocks]
+            blocks, ref_w, wbf = gemv_weights(fmt, k, n)
             for m in (1, 2, 16):
                 if time.time() - t0 > deadline:
                     print(f"deadline reached before {fmt} {k}x{n} M={m}", file=sys.stderr)
                     return bad
-                xs = [jax.random.normal(jax.random.key(7 + i), (m, k), jnp.bfloat16) for i in range(4)]
-                ref = nt(xs[0].astype(jnp.float32), ref_w)
-                mag = nt(jnp.abs(xs[0]).astype(jnp.float32), jnp.abs(ref_w))
+                xs, ref, mag = gemv_inputs(ref_w, m, k)
                 variants = {
                     "bf16": (lambda x, w: nt(x, w), list(zip(xs, wbf))),
                     "xla": (lambda x, b: nt(x, kq.decode_reference(b, fmt)), list(zip(xs, blocks))),
