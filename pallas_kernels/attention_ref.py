@@ -364,6 +364,60 @@ def quant_attention_reference(
     return out.astype(jnp.bfloat16)
 
 
+PER_TENSOR_SCALES: tuple[str, ...] = ("amax", "unit")
+
+
+def per_tensor_fp8_scales(q: jax.Array, k: jax.Array, v: jax.Array, scales: str = "amax") -> dict[str, jax.Array]:
+    """The per-tensor FP8 attention recipe's scales (cuDNN / FA3-FP8 style), float32 scalars.
+
+    ``descale_x`` maps e4m3 codes back to values (``x ~ code * descale_x``): ``amax(|x|) / 448``
+    over the whole tensor (``"amax"``, a calibrated user) or 1 (``"unit"``, no calibration).
+    P in [0, 1] is scaled by ``scale_s`` = 448 before its cast; the output, a convex combination
+    of V's rows, is stored in e4m3 with ``descale_o = descale_v`` (``|O| <= amax(|V|)``: no overflow).
+    """
+    if scales not in PER_TENSOR_SCALES:
+        raise ValueError(f"per_tensor_fp8_scales: scales={scales!r}, expected one of {PER_TENSOR_SCALES}")
+    qmax = QMAX["fp8_e4m3"]
+
+    def descale(x):
+        if scales == "unit":
+            return jnp.float32(1.0)
+        return jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), _TINY) / qmax
+
+    d_q, d_k, d_v = descale(q), descale(k), descale(v)
+    return {"descale_q": d_q, "descale_k": d_k, "descale_v": d_v, "scale_s": jnp.float32(P_SCALE), "descale_o": d_v}
+
+
+def per_tensor_fp8_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scales: str | dict = "amax", sm_scale: float | None = None
+) -> jax.Array:
+    """Attention with cuDNN's FP8 numerics emulated: one scale per tensor, no smoothing; fp32 [B, Tq, H, D].
+
+    Q, K and V are rounded to e4m3 with one scale each (:func:`per_tensor_fp8_scales`), the
+    scores are exact products of the codes in fp32, the softmax is exact, P times 448 is rounded
+    to e4m3 for P V, and the output is rounded to e4m3 with one scale as cuDNN's FP8 forward
+    stores it. The baseline that fine-grained scales and smoothing are compared against.
+    ``scales``: a :func:`per_tensor_fp8_scales` mode, or its dict (scales taken on other tensors,
+    e.g. the whole Q when only some of its rows are attended here).
+    """
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    s = scales if isinstance(scales, dict) else per_tensor_fp8_scales(q, k, v, scales)
+    fmt = "fp8_e4m3"
+    prep = Prepared(
+        q_codes=encode(q.astype(jnp.float32), s["descale_q"], fmt),
+        q_scale=jnp.broadcast_to(s["descale_q"], (b, tq, h)),
+        k_codes=encode(k.astype(jnp.float32), s["descale_k"], fmt),
+        k_scale=jnp.broadcast_to(s["descale_k"], (b, h, tk)),
+        v=encode(v.astype(jnp.float32), s["descale_v"], fmt),
+        v_scale=jnp.broadcast_to(s["descale_v"], (b, h, d)),
+        valid=jnp.ones((b, tk), bool),
+    )
+    out = attend_prepared(prep, causal=False, pv_format=fmt, sm_scale=scale, block_q=64, block_k=1)
+    return encode(out, s["descale_o"], fmt).astype(jnp.float32) * s["descale_o"]
+
+
 def exact_attention(
     q: jax.Array,
     k: jax.Array,

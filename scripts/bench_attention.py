@@ -51,15 +51,23 @@ from pallas_kernels import (  # noqa: E402
 )
 from pallas_kernels import attention as pa  # noqa: E402
 from pallas_kernels import attention_ref as ar  # noqa: E402
+from pallas_kernels import cudnn_fp8  # noqa: E402
 
-SHAPES = {"12x8190": (12, 8190), "12x32760": (12, 32760), "24x32760": (24, 32760), "24x75000": (24, 75000)}
+SHAPES = {
+    "12x8190": (12, 8190),
+    "12x32760": (12, 32760),
+    "24x32760": (24, 32760),
+    "24x75000": (24, 75000),
+    "40x75600": (40, 75600),  # Wan2.1-14B at 720p: 1280x720, 81 frames
+}
 VARIANT_HELP = (
-    "cudnn | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3]"
+    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3]"
     " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
     " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages)"
 )
 DEFAULT_VARIANTS = (
     "cudnn",
+    "cudnn-fp8",
     "xla",
     "kernel-int8-bf16",
     "kernel-int8-bf16-kblock",
@@ -74,8 +82,9 @@ ASSUMED_TFLOPS = 500.0  # only to pick iteration counts
 # Elementwise bound factor on P @ |V| by how P is rounded for the P V product (bf16: 2^-8 per
 # probability, with room for the scores' own rounding; e4m3: 2^-4), and the relative L2 error
 # allowed: twice scripts/check_attention_gpu.py's kernel-vs-reference tolerance.
-BOUND_TOL = {"bf16": 1e-2, "fp8_e4m3": 2.0**-4}
-REL_TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2}
+BOUND_TOL = {"bf16": 1e-2, "fp8_e4m3": 2.0**-4, "fp8_out": 2.0**-3}
+REL_TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2, "fp8_out": 8e-2}
+BASELINES = ("cudnn", "cudnn-fp8", "xla")
 
 
 def device_slug(device: jax.Device) -> str:
@@ -123,6 +132,8 @@ def variant_fn(variant: str, block_k: int):
             return jax.nn.dot_product_attention(q, k, v, implementation=variant)
 
         return fn, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, None, "bf16"
+    if variant == "cudnn-fp8":
+        return _cudnn_fp8_variant()
     kind, qk, pv, config, hadamard = parse_variant(variant, block_k)
 
     def reference(q, k, v):
@@ -190,6 +201,33 @@ def variant_fn(variant: str, block_k: int):
     return kernel, prepare, finish, reference, pv
 
 
+def _cudnn_fp8_variant():
+    """cuDNN's FP8 forward on per-tensor e4m3 codes (amax scales, quantized before timing, as the
+    kernel rows are), checked against its numerics emulated in plain JAX. Its output is e4m3 too
+    (P and the output each rounded once more than jquant's), hence the ``fp8_out`` tolerance."""
+    why = cudnn_fp8.unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"cudnn-fp8: {why}")
+
+    first: dict = {}  # the first input set's scales: the one the check runs on
+
+    def prepare(q, k, v):
+        codes, scales = jax.jit(cudnn_fp8.quantize)(q, k, v)
+        first.setdefault("scales", scales)
+        return (*codes, scales), scales["descale_o"]
+
+    def fn(q8, k8, v8, scales):
+        return cudnn_fp8.cudnn_fp8_attention(q8, k8, v8, scales)
+
+    def finish(out, descale_o):
+        return out.astype(jnp.float32) * descale_o
+
+    def reference(q, k, v):  # q: the checked rows only, so the scales come from the whole tensors
+        return ar.per_tensor_fp8_attention(q, k, v, scales=first["scales"])
+
+    return fn, prepare, finish, reference, "fp8_out"
+
+
 def check_fn(raw, extra, finish, reference, pv: str, check_rows: int):
     """``check(out)`` for a variant's output on the first input set ``raw = (q, k, v)``: on
     ``check_rows`` query rows spread over the sequence, against ``reference`` (exact attention when
@@ -233,6 +271,23 @@ def time_variant(variant: str, heads: int, tokens: int, block_k: int, seed: int,
     return stats
 
 
+def speedups(row: dict, baselines: dict[str, dict | None]) -> dict:
+    """A timed row's times against each baseline timed before it in the same run: the baseline's
+    median and minimum, and the speedups median / median and min / min."""
+    out: dict = {}
+    if "us" not in row:
+        return out
+    for name, base in baselines.items():
+        if base is None:
+            continue
+        tag = name.replace("-", "_")
+        out[f"{tag}_us"] = base["us"]
+        out[f"{tag}_us_min"] = base["us_min"]
+        out[f"speedup_vs_{tag}"] = base["us"] / row["us"]
+        out[f"speedup_vs_{tag}_min"] = base["us_min"] / row["us_min"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
@@ -250,13 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         shapes[name] = SHAPES[name]
     variants = args.variants.split(",")
     for v in variants:
-        if v not in ("cudnn", "xla"):
+        if v not in BASELINES:
             try:
                 parse_variant(v, args.block_k)
             except ValueError as e:
                 parser.error(f"--variants: {e}")
     if jax.default_backend() != "gpu":
         variants = [v for v in variants if v != "cudnn"]
+    if "cudnn-fp8" in variants and cudnn_fp8.unavailable_reason() is not None:
+        print(f"cudnn-fp8 skipped: {cudnn_fp8.unavailable_reason()}", flush=True)
+        variants = [v for v in variants if v != "cudnn-fp8"]
     start = time.perf_counter()
     device = jax.devices()[0]
     result = {
@@ -279,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         timing.write_json(name, result, folder=str(args.out_dir))
 
     for shape_name, (heads, tokens) in shapes.items():
-        cudnn = None
+        baselines: dict[str, dict] = {"cudnn": None, "cudnn-fp8": None}
         for variant in variants:
             row = {"shape": shape_name, "heads": heads, "tokens": tokens, "variant": variant}
             if time.perf_counter() - start > args.deadline_s:
@@ -295,12 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 except Exception as e:  # pylint: disable=broad-except
                     row.update(timing.error_row(e))
-                if variant == "cudnn" and "us" in row:
-                    cudnn = row
-                if cudnn is not None and "us" in row:
-                    row.update(
-                        cudnn_us=cudnn["us"], cudnn_us_min=cudnn["us_min"], speedup_vs_cudnn=cudnn["us"] / row["us"]
-                    )
+                if variant == "cudnn-fp8" and "us" in row:
+                    row["cudnn_fp8_scales"] = "per tensor, amax / 448 (Q, K, V), P x 448, output e4m3"
+                if variant in baselines and "us" in row:
+                    baselines[variant] = row
+                row.update(speedups(row, baselines))
             result["rows"].append(row)
             save()
             if "us" in row:
@@ -308,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  cudnn {row['cudnn_us']:11.1f} / {row['cudnn_us_min']:11.1f} us  x{row['speedup_vs_cudnn']:.2f}"
                     if "speedup_vs_cudnn" in row
                     else ""
-                )
+                ) + (f"  vs fp8 x{row['speedup_vs_cudnn_fp8']:.2f}" if "speedup_vs_cudnn_fp8" in row else "")
                 print(
                     f"{shape_name:9s} {variant:24s} PASS {row['us']:11.1f} us (min {row['us_min']:11.1f})"
                     f" {row['tflops']:7.1f} TFLOP/s{extra}",

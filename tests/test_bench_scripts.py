@@ -152,3 +152,50 @@ def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
     ]
     assert all(v >= 0 for v in rows["bf16"]["phases_s"].values())
     assert "timed" not in rows["w8a8"]["phases_s"]  # a failed check stops before timing
+
+
+def _emulated_cudnn_fp8(q8, k8, v8, scales, *, sm_scale=None):
+    """cuDNN's FP8 forward as its emulation computes it, on the codes: a CPU stand-in."""
+    from pallas_kernels import attention_ref as ar  # pylint: disable=import-outside-toplevel
+
+    deq = [x.astype(jnp.float32) * scales[f"descale_{n}"] for n, x in zip("qkv", (q8, k8, v8))]
+    out = ar.per_tensor_fp8_attention(*deq, scales=scales, sm_scale=sm_scale)
+    return (out / scales["descale_o"]).astype(jnp.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_bench_attention_cudnn_fp8_row_is_checked(tmp_path, monkeypatch, wrong):
+    """The cuDNN FP8 baseline row (a CPU stand-in for the private cuDNN call): quantized with
+    per-tensor scales, its e4m3 output decoded and checked against the emulation; a stand-in
+    10% off fails the row; speedups against it appear on the rows after it."""
+    bench = _load("bench_attention")
+    factor = 1.1 if wrong else 1.0
+
+    def stand_in(*args, **kwargs):
+        return (_emulated_cudnn_fp8(*args, **kwargs).astype(jnp.float32) * factor).astype(jnp.float8_e4m3fn)
+
+    monkeypatch.setattr(bench.cudnn_fp8, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(bench.cudnn_fp8, "cudnn_fp8_attention", stand_in)
+    rc = bench.main(["--tiny", "--variants", "cudnn-fp8,kernel-int8-bf16", "--out-dir", str(tmp_path)])
+    record = json.loads(next(tmp_path.glob("attention-*-tiny.json")).read_text())
+    rows = {r["variant"]: r for r in record["rows"]}
+    if wrong:
+        assert rc == 1 and rows["cudnn-fp8"]["status"] == "FAIL" and "us" not in rows["cudnn-fp8"]
+        assert "speedup_vs_cudnn_fp8" not in rows["kernel-int8-bf16"]
+        return
+    assert rc == 0, rows
+    fp8 = rows["cudnn-fp8"]
+    assert fp8["status"] == "PASS" and fp8["check"]["rel"] < 8e-2
+    kernel = rows["kernel-int8-bf16"]
+    assert kernel["cudnn_fp8_us"] == fp8["us"] and kernel["cudnn_fp8_us_min"] == fp8["us_min"]
+    assert kernel["speedup_vs_cudnn_fp8"] == pytest.approx(fp8["us"] / kernel["us"])
+    assert kernel["speedup_vs_cudnn_fp8_min"] == pytest.approx(fp8["us_min"] / kernel["us_min"])
+
+
+def test_bench_attention_cudnn_fp8_skipped_where_unavailable(tmp_path, capsys):
+    bench = _load("bench_attention")
+    rc = bench.main(["--tiny", "--variants", "cudnn-fp8,xla", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    assert "cudnn-fp8 skipped: no GPU" in capsys.readouterr().out
+    record = json.loads(next(tmp_path.glob("attention-*-tiny.json")).read_text())
+    assert [r["variant"] for r in record["rows"]] == ["xla"]

@@ -22,3 +22,8 @@ def test_runs_and_checks_a_case(script, capsys):
 def test_unknown_case_is_named(script):
     with pytest.raises(SystemExit, match="unknown kernel case 'no_such'"):
         script.main(["no_such"])
+
+
+def test_runs_and_checks_an_attention_variant(script, capsys):
+    assert script.main(["attn:kernel-int8-fp8:2x256"]) == 0
+    assert "attn:kernel-int8-fp8:2x256: check PASS" in capsys.readouterr().out
