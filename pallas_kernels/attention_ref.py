@@ -41,6 +41,8 @@ QK_FORMATS: tuple[str, ...] = ("int8", "fp8_e4m3")
 K_SCALES: tuple[str, ...] = ("token", "block")
 PV_FORMATS: tuple[str, ...] = ("fp8_e4m3", "bf16")
 HEAD_DIMS: tuple[int, ...] = (64, 128)
+#: ``sample_inputs`` kinds: standard normal, DiT-like outliers, outliers with sharp softmax rows.
+INPUT_KINDS: tuple[str, ...] = ("random", "realistic", "sharp")
 CODE_DTYPES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 #: P lies in [0, 1]; it is multiplied by this before the e4m3 cast (e4m3's largest
@@ -418,6 +420,25 @@ def per_tensor_fp8_attention(
     return encode(out, s["descale_o"], fmt).astype(jnp.float32) * s["descale_o"]
 
 
+def attention_probabilities(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    causal: bool = False,
+    kv_lengths: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Exact fp32 softmax probabilities [B, H, Tq, Tk] (HIGHEST precision), masked keys 0."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    hi = lax.Precision.HIGHEST
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) * scale
+    keep = key_validity(k.shape[0], k.shape[1], kv_lengths)[:, None, None, :]
+    if causal:
+        keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+    return jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
+
+
 def exact_attention(
     q: jax.Array,
     k: jax.Array,
@@ -428,16 +449,8 @@ def exact_attention(
     sm_scale: float | None = None,
 ) -> jax.Array:
     """fp32 softmax attention with the same masks (HIGHEST precision); fp32 [B, Tq, H, D]."""
-    d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    hi = lax.Precision.HIGHEST
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=hi) * scale
-    keep = key_validity(k.shape[0], k.shape[1], kv_lengths)[:, None, None, :]
-    if causal:
-        keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-    s = jnp.where(keep, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32), precision=hi)
+    p = attention_probabilities(q, k, causal=causal, kv_lengths=kv_lengths, sm_scale=sm_scale)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
 
 
 def relative_l2(out: jax.Array, ref: jax.Array) -> float:
@@ -462,18 +475,21 @@ def sample_inputs(
 
     ``random``: standard normal. ``realistic``: what trained DiTs show: four K channels per
     head 10x, 20x, 35x and 50x larger than the rest and offset by half that (a channel bias),
-    two Q channels 4x larger, and V with a per-channel mean (std 2).
+    two Q channels 4x larger, and V with a per-channel mean (std 2). ``sharp``: ``realistic``
+    with queries 3x larger, so each softmax row concentrates on few keys.
     """
-    if kind not in ("random", "realistic"):
-        raise ValueError(f"sample_inputs: kind={kind!r}, expected 'random' or 'realistic'")
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"sample_inputs: kind={kind!r}, expected one of {INPUT_KINDS}")
     kq, kk, kv, kc, km = jax.random.split(key, 5)
     q = jax.random.normal(kq, (batch, q_tokens, heads, head_dim), jnp.float32)
     k = jax.random.normal(kk, (batch, kv_tokens, heads, head_dim), jnp.float32)
     v = jax.random.normal(kv, (batch, kv_tokens, heads, head_dim), jnp.float32)
-    if kind == "realistic":
+    if kind in ("realistic", "sharp"):
         idx = jax.random.permutation(kc, head_dim)[:6]
         factors = jnp.array([10.0, 20.0, 35.0, 50.0], jnp.float32)
         k = k.at[..., idx[:4]].multiply(factors).at[..., idx[:4]].add(0.5 * factors)
         q = q.at[..., idx[4:]].multiply(4.0)
         v = v + 2.0 * jax.random.normal(km, (1, 1, heads, head_dim), jnp.float32)
+    if kind == "sharp":
+        q = 3.0 * q
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)

@@ -34,7 +34,11 @@ def unavailable_reason() -> str | None:
         mod = _module()
     except ImportError as e:
         return f"{PRIVATE_MODULE} does not import: {e}"
-    missing = [name for name in (_FUNCTION, "fp8_params_keys", "AttentionLayout", "check_cudnn_version") if not hasattr(mod, name)]
+    missing = [
+        name
+        for name in (_FUNCTION, "fp8_params_keys", "AttentionLayout", "check_cudnn_version")
+        if not hasattr(mod, name)
+    ]
     if missing:
         return f"{PRIVATE_MODULE} lacks {missing} in JAX {jax.__version__}"
     return None

@@ -46,12 +46,12 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import (  # noqa: E402
     _common,  # noqa: E402
+    cudnn_fp8,  # noqa: E402
     testing,
     timing,
 )
 from pallas_kernels import attention as pa  # noqa: E402
 from pallas_kernels import attention_ref as ar  # noqa: E402
-from pallas_kernels import cudnn_fp8  # noqa: E402
 
 SHAPES = {
     "12x8190": (12, 8190),
