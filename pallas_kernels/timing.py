@@ -100,6 +100,44 @@ def time_fn(
     }
 
 
+def summarize_kernels(runs: Sequence[Sequence[tuple[str, float]]]) -> list[dict]:
+    """Per-kernel statistics from CUPTI's per-iteration lists of ``(kernel name, ms)``: launches of
+    one name within an iteration are summed; returns ``{"kernel", "launches", "us", "us_min"}``
+    (median and minimum over iterations), slowest first."""
+    per_name: dict[str, list[float]] = {}
+    launches: dict[str, int] = {}
+    for run in runs:
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for name, ms in run:
+            totals[name] = totals.get(name, 0.0) + ms * 1e3
+            counts[name] = counts.get(name, 0) + 1
+        for name, us in totals.items():
+            per_name.setdefault(name, []).append(us)
+            launches[name] = counts[name]
+    rows = [
+        {"kernel": name, "launches": launches[name], "us": statistics.median(t), "us_min": min(t)}
+        for name, t in per_name.items()
+    ]
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def kernel_breakdown(fn: Callable, args: tuple, *, iterations: int = MIN_RUNS) -> list[dict]:
+    """GPU time of each kernel ``jax.jit(fn)(*args)`` launches (CUPTI), :func:`summarize_kernels`'
+    rows; where each microsecond of a multi-kernel XLA function goes. Raises RuntimeError where
+    CUPTI cannot measure (no GPU)."""
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(f"kernel_breakdown: needs a GPU for CUPTI, backend is {jax.default_backend()!r}")
+    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    _, runs = profiler.measure(jitted, aggregate=False, iterations=max(int(iterations), MIN_RUNS))(*args)
+    if not runs:
+        raise RuntimeError("kernel_breakdown: no kernels were measured")
+    return summarize_kernels(runs)
+
+
 def check_then_time(
     fn: Callable, input_sets: Sequence[tuple], check: Callable[[object], dict], *, iterations: int = MIN_RUNS
 ) -> dict:

@@ -33,6 +33,7 @@ it measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -121,6 +122,42 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
     return parts[0], qk, pv, pa.AttentionConfig(**options), hadamard
 
 
+def prepare_fn(qk: str, pv: str, config: pa.AttentionConfig):
+    """``fn(q, k, v) -> (operands, v_mean)``: the kernel's operand pass (quantization, smoothing,
+    padding, V layout) as ``quant_attention`` runs it before the kernel."""
+    return functools.partial(
+        pa.prepare_kernel_operands,
+        causal=False,
+        kv_lengths=None,
+        qk_format=qk,
+        pv_format=pv,
+        config=config,
+        smooth_k=True,
+        hadamard=False,
+        sm_scale=1.0 / HEAD_DIM**0.5,
+    )
+
+
+def prep_breakdown(variant: str, heads: int, tokens: int, block_k: int) -> dict:
+    """Where a kernel variant's operand pass spends its time: each XLA kernel's CUPTI time (median
+    and minimum of >= 10 runs), and the bytes a single pass would move (Q, K, V read once, codes
+    and scales written once) with the time they take at the device's measured copy bandwidth."""
+    kind, qk, pv, config, _ = parse_variant(variant, block_k)
+    q, k, v = ar.sample_inputs(jax.random.key(0), 1, tokens, tokens, heads, HEAD_DIM)
+    kernels = timing.kernel_breakdown(prepare_fn(qk, pv, config), (q, k, v))
+    elems = tokens * heads * HEAD_DIM
+    one_pass = 3 * 2 * elems + 2 * elems + (1 if pv != "bf16" else 2) * elems + 2 * 4 * tokens * heads
+    bandwidth = timing.copy_bandwidth()
+    return {
+        "section": "prep",
+        "kernels": kernels,
+        "us": sum(r["us"] for r in kernels),
+        "one_pass_bytes": one_pass,
+        "copy_gbps": bandwidth,
+        "one_pass_us": one_pass / bandwidth / 1e3,
+    }
+
+
 def variant_fn(variant: str, block_k: int):
     """``(fn, prepare, finish, reference, pv)`` for a variant: ``prepare(q, k, v)`` -> ``(args, extra)``,
     ``fn(*args)`` is what is timed, ``finish(out, extra)`` -> the attention output ``[B, Tq, H, D]``,
@@ -170,24 +207,10 @@ def variant_fn(variant: str, block_k: int):
     )
     if not on_kernel:
         return reference, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv
-    scale = 1.0 / HEAD_DIM**0.5
+    operands_fn = prepare_fn(qk, pv, config)
 
     def prepare(q, k, v):
-        operands, v_mean = jax.jit(
-            lambda q, k, v: pa.prepare_kernel_operands(
-                q,
-                k,
-                v,
-                causal=False,
-                kv_lengths=None,
-                qk_format=qk,
-                pv_format=pv,
-                config=config,
-                smooth_k=True,
-                hadamard=False,
-                sm_scale=scale,
-            )
-        )(q, k, v)
+        operands, v_mean = jax.jit(operands_fn)(q, k, v)
         return tuple(operands), (q.shape[1], v_mean)
 
     def finish(out, extra):  # quant_attention's epilogue: the padded query rows off, the V mean back
@@ -288,6 +311,36 @@ def speedups(row: dict, baselines: dict[str, dict | None]) -> dict:
     return out
 
 
+def run_prep_breakdown(result: dict, shapes: dict, variants: list[str], args: argparse.Namespace) -> int:
+    """``--prep-breakdown``: :func:`prep_breakdown` rows for each shape and kernel variant, written to
+    ``attention-prep-<device>.json``; exits 1 if any row errored."""
+    result["benchmark"] = "attention operand pass"
+    name = f"attention-prep-{device_slug(jax.devices()[0])}.json"
+    for shape_name, (heads, tokens) in shapes.items():
+        for variant in variants:
+            row = {"shape": shape_name, "heads": heads, "tokens": tokens, "variant": variant}
+            try:
+                row.update(status="PASS", **prep_breakdown(variant, heads, tokens, args.block_k))
+            except Exception as e:  # pylint: disable=broad-except
+                row.update(timing.error_row(e))
+            result["rows"].append(row)
+            timing.write_json(name, result, folder=str(args.out_dir))
+            if row["status"] != "PASS":
+                print(f"{shape_name:9s} {variant:24s} ERROR {row['error'][:300]}", flush=True)
+                continue
+            print(
+                f"{shape_name:9s} {variant:24s} operand pass {row['us']:8.1f} us in {len(row['kernels'])} kernels;"
+                f" one pass would be {row['one_pass_us']:6.1f} us",
+                flush=True,
+            )
+            for k in row["kernels"][:8]:
+                print(f"    {k['us']:8.1f} us  x{k['launches']}  {k['kernel'][:90]}", flush=True)
+    bad = sum(r["status"] != "PASS" for r in result["rows"])
+    result["failures"] = bad
+    timing.write_json(name, result, folder=str(args.out_dir))
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
@@ -296,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--deadline-s", type=float, default=170.0, help="skip rows started after this")
     parser.add_argument("--check-rows", type=int, default=128, help="query rows each output is checked on")
+    parser.add_argument(
+        "--prep-breakdown",
+        action="store_true",
+        help="instead of timing variants, time each XLA kernel of the kernel variants' operand pass (GPU only)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     args = parser.parse_args(argv)
     shapes = {"2x256": (2, 256)} if args.tiny else {}
@@ -336,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     def save():
         timing.write_json(name, result, folder=str(args.out_dir))
 
+    if args.prep_breakdown:
+        return run_prep_breakdown(result, shapes, [v for v in variants if v.startswith("kernel-")], args)
     for shape_name, (heads, tokens) in shapes.items():
         baselines: dict[str, dict] = {"cudnn": None, "cudnn-fp8": None}
         for variant in variants:

@@ -199,3 +199,25 @@ def test_bench_attention_cudnn_fp8_skipped_where_unavailable(tmp_path, capsys):
     assert "cudnn-fp8 skipped: no GPU" in capsys.readouterr().out
     record = json.loads(next(tmp_path.glob("attention-*-tiny.json")).read_text())
     assert [r["variant"] for r in record["rows"]] == ["xla"]
+
+
+def test_bench_attention_prep_breakdown_rows(tmp_path, monkeypatch):
+    """--prep-breakdown records each kernel of the operand pass (CUPTI stubbed off the GPU) and the
+    single-pass floor; an error in one variant is an ERROR row and exit 1."""
+    bench = _load("bench_attention")
+    fake = [{"kernel": "fusion_1", "launches": 1, "us": 30.0, "us_min": 29.0}]
+
+    def breakdown(fn, args, iterations=10):
+        jax.block_until_ready(jax.jit(fn)(*args))  # the operand pass itself must run
+        return fake
+
+    monkeypatch.setattr(bench.timing, "kernel_breakdown", breakdown)
+    monkeypatch.setattr(bench.timing, "copy_bandwidth", lambda: 4000.0)
+    rc = bench.main(["--tiny", "--prep-breakdown", "--variants", "kernel-int8-fp8,xla", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    record = json.loads(next(tmp_path.glob("attention-prep-*.json")).read_text())
+    (row,) = record["rows"]
+    assert row["variant"] == "kernel-int8-fp8" and row["kernels"] == fake and row["us"] == 30.0
+    elems = 2 * 256 * 128
+    assert row["one_pass_bytes"] == 9 * elems + 8 * 256 * 2
+    assert row["one_pass_us"] == pytest.approx(row["one_pass_bytes"] / 4000.0 / 1e3)
