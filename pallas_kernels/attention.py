@@ -56,6 +56,7 @@ MAX_KEY_BLOCKS = 4096
 #: runs it explicitly.
 CAUSAL_ON_KERNEL = True
 INT_TO_FLOAT: tuple[str, ...] = ("cvt", "magic")
+SCHEDULES: tuple[str, ...] = ("pingpong", "none")
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
 KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset((qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
@@ -75,6 +76,12 @@ class AttentionConfig:
     ``k_scales``: ``"token"`` streams one K scale per key beside each K tile and applies it as
     a column scale (the Q row scale then rides in the ``exp2`` argument's FMA, so the score
     arithmetic costs what the per-block form does); ``"block"`` reads one scalar per tile.
+
+    ``overlap`` (non-causal calls): FlashAttention-3's intra-warpgroup overlap. Each step issues
+    Q K^T of tile j and P V of tile j - 1 together and runs tile j's softmax while P V is in
+    flight; the output accumulator is rescaled after P V lands. ``schedule``: ``"pingpong"``
+    makes the two compute warpgroups take turns on the tensor cores (one barrier each way per
+    step); ``"none"`` lets them run free.
     """
 
     block_q: int = 64
@@ -82,8 +89,12 @@ class AttentionConfig:
     stages: int = 2
     int_to_float: str = "magic"
     k_scales: str = "token"
+    overlap: bool = False
+    schedule: str = "pingpong"
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"AttentionConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.k_scales not in ref.K_SCALES:
             raise ValueError(f"AttentionConfig: k_scales must be one of {ref.K_SCALES}, got {self.k_scales!r}")
         if self.int_to_float not in INT_TO_FLOAT:
@@ -161,12 +172,15 @@ def attention_pallas(
         head = lax.axis_index("heads")
         q_tile = lax.axis_index("q_seq")
         wg_idx = lax.axis_index("wg")
-        smem, bars, consumed, schedule_barrier = scoped
+        smem, bars, consumed, schedule_barrier, turn_barriers = scoped
+        free_running = config.schedule == "none"
         q_smem2, o_smem2, k_smem, v_smem, p_smem2, qrow_smem2, ks_smem2, vs_smem2 = smem
         k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers, kt_barriers = bars
         k_consumed_barriers, v_consumed_barriers = consumed
 
         def perform_schedule_barrier():
+            if free_running:
+                return
             plgpu.barrier_arrive(schedule_barrier)
             plgpu.barrier_wait(schedule_barrier)
 
@@ -212,18 +226,9 @@ def attention_pallas(
             def _():
                 plgpu.barrier_wait(k_barriers.at[0])
 
-            pl.when(wg_idx == 1)(perform_schedule_barrier)
-
-            def kv_loop(kv_step, carry, causal_step: bool = False):
-                acc, m_i, l_i = carry
-                slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
-
-                def compute_qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    perform_schedule_barrier()
-                    return acc_ref[...]
-
-                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+            def scaled_scores(qk, slot, kv_step, causal_step: bool):
+                """The K-scaled scores of one tile (log2 units once the Q scale is applied);
+                releases the K slot."""
                 shape = qk.shape
                 if token_scales:
                     # x = codes . codes * k_scale (per column); the score is x * q_scale (per row).
@@ -247,7 +252,11 @@ def attention_pallas(
                     kv_ids = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
                     mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
                     x = jnp.where(mask, x, -jnp.inf)
+                return x
 
+            def probabilities(x, m_i):
+                """Online softmax of one tile: (p, alpha, new running max)."""
+                shape = x.shape
                 # Scores are in log2 units (log2 e is folded into the Q scale).
                 if token_scales:  # Q scale > 0, so max(x * q) = max(x) * q
                     m_ij = jnp.maximum(m_i, x.max(axis=1) * q_scale)
@@ -255,8 +264,20 @@ def attention_pallas(
                 else:
                     m_ij = jnp.maximum(m_i, x.max(axis=1))
                     p = jnp.exp2(x - lax.broadcast_in_dim(m_ij, shape, [0]))
-                alpha = jnp.exp2(m_i - m_ij)
-                m_i = m_ij
+                return p, jnp.exp2(m_i - m_ij), m_ij
+
+            def kv_loop(kv_step, carry, causal_step: bool = False):
+                acc, m_i, l_i = carry
+                slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    perform_schedule_barrier()
+                    return acc_ref[...]
+
+                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+                x = scaled_scores(qk, slot, kv_step, causal_step)
+                p, alpha, m_i = probabilities(x, m_i)
                 acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i *= alpha
                 # The optimization barrier cannot carry 2-element 8-bit register vectors, so
@@ -264,9 +285,11 @@ def attention_pallas(
                 p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
 
                 def end_softmax_barriers():
-                    plgpu.barrier_arrive(schedule_barrier)
+                    if not free_running:
+                        plgpu.barrier_arrive(schedule_barrier)
                     plgpu.barrier_wait(v_barriers.at[slot])
-                    plgpu.barrier_wait(schedule_barrier)
+                    if not free_running:
+                        plgpu.barrier_wait(schedule_barrier)
 
                 l_i += p.sum(axis=1)
                 acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
@@ -293,9 +316,91 @@ def attention_pallas(
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 return acc, m_i, l_i
 
-            if not causal:
+            def overlapped(o_ref):
+                """FA3's intra-warpgroup overlap (non-causal): Q K^T of tile j and P V of tile
+                j - 1 are issued together, tile j's softmax runs while P V is in flight, and the
+                output is rescaled by tile j's alpha once P V has landed. With fp8 P V, P
+                alternates between two shared-memory buffers per warpgroup."""
+                pingpong = not free_running
+
+                def take_turn(issue):  # the warpgroups alternate on the tensor cores
+                    if pingpong:
+                        plgpu.barrier_wait(turn_barriers.at[wg_idx])
+                    issue()
+                    if pingpong:
+                        plgpu.barrier_arrive(turn_barriers.at[1 - wg_idx])
+
+                def slot_of(step):
+                    return lax.rem(step, jnp.array(max_concurrent_steps, step.dtype))
+
+                def issue_pv(p_op, step):
+                    slot = slot_of(step)
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    if pv_fp8:
+                        p_buf = p_smem2.at[wg_idx * 2 + lax.rem(step, jnp.array(2, step.dtype))]
+                        plgpu.wgmma(o_ref, p_buf, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                    else:
+                        plgpu.wgmma(o_ref, p_op, v_smem.at[slot])
+
+                def softmax(qk, step, m, l):
+                    x = scaled_scores(qk, slot_of(step), step, False)
+                    p, alpha, m = probabilities(x, m)
+                    l = l * alpha + p.sum(axis=1)
+                    if pv_fp8:  # the buffer P V of step - 2 read, which has landed
+                        p_buf = p_smem2.at[wg_idx * 2 + lax.rem(step, jnp.array(2, step.dtype))]
+                        p_buf[...] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn)
+                        plgpu.commit_smem()
+                        p_op = jnp.zeros((), jnp.float32)  # P lives in shared memory
+                    else:
+                        p_op = p.astype(jnp.bfloat16)
+                    return p_op, alpha, m, l
+
+                o_ref[...] = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+                first = jnp.array(0, jnp.int32)
+
+                def first_qk(s_ref):
+                    take_turn(lambda: plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[0], (1, 0))))
+                    return s_ref[...]
+
+                qk = pl.run_scoped(first_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+                p_op, _, m, l = softmax(qk, first, m_i, l_i)
+
+                def step_fn(step, carry):
+                    m, l, p_prev = carry
+                    plgpu.barrier_wait(k_barriers.at[slot_of(step)])
+
+                    def both(s_ref):
+                        def issue():
+                            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot_of(step)], (1, 0)))
+                            issue_pv(p_prev, step - 1)
+
+                        take_turn(issue)
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # Q K^T, issued first
+
+                    qk = pl.run_scoped(both, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+                    p_op, alpha, m, l = softmax(qk, step, m, l)
+                    o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                    plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(step - 1)])
+                    o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    return m, l, p_op
+
+                m, l, p_op = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l, p_op))
+                last = jnp.array(block_max_kv_steps - 1, jnp.int32)
+                take_turn(lambda: issue_pv(p_op, last))
+                o = o_ref[...]
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
+                return o, m, l
+
+            if config.overlap and not causal:
+                if not free_running:  # warpgroup 0 takes the first turn
+                    pl.when(wg_idx == 1)(lambda: plgpu.barrier_arrive(turn_barriers.at[0]))
+                acc, m_i, l_i = pl.run_scoped(overlapped, plgpu.ACC((block_q, head_dim), jnp.float32))
+            elif not causal:
+                pl.when(wg_idx == 1)(perform_schedule_barrier)
                 acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
+                pl.when(wg_idx == 0)(perform_schedule_barrier)
             else:
+                pl.when(wg_idx == 1)(perform_schedule_barrier)
 
                 def epilogue_kv_loop(kv_step, _):
                     slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
@@ -309,7 +414,7 @@ def attention_pallas(
                 acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
                 acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps, causal_kv_loop, (acc, m_i, l_i))
                 lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
-            pl.when(wg_idx == 0)(perform_schedule_barrier)
+                pl.when(wg_idx == 0)(perform_schedule_barrier)
 
             # Each zero padding key added exactly 2^(0 - m) to l and nothing to acc.
             l_real = l_i - pad_count * jnp.exp2(-m_i)
@@ -369,8 +474,9 @@ def attention_pallas(
             v_scratch = plgpu.SMEM(
                 (max_concurrent_steps, head_dim, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
             )
+            p_buffers = compute_wgs * (2 if config.overlap and not causal else 1)
             p_scratch = plgpu.SMEM(
-                (compute_wgs, block_q, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
+                (p_buffers, block_q, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
             )
             vs_scratch = plgpu.SMEM((compute_wgs, head_dim), jnp.float32)
         else:
@@ -403,6 +509,7 @@ def attention_pallas(
             bars,
             consumed,
             plgpu.Barrier(num_arrivals=compute_wgs),
+            plgpu.Barrier(num_barriers=compute_wgs),  # the overlapped loop's turns
             collective_axes="wg",
         )
 
@@ -517,11 +624,14 @@ def quant_attention(
     int_to_float: str = "magic",
     smooth_v: bool = True,
     k_scales: str = "token",
+    overlap: bool = False,
+    schedule: str = "pingpong",
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
-    Arguments as :func:`attention_ref.quant_attention_reference`; ``stages`` and
-    ``int_to_float`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as the reference.
+    Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
+    ``overlap`` and ``schedule`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
+    the reference.
     """
     ref.check_inputs(
         q,
@@ -536,7 +646,13 @@ def quant_attention(
         k_scales=k_scales,
     )
     config = AttentionConfig(
-        block_q=block_q, block_k=block_k, stages=stages, int_to_float=int_to_float, k_scales=k_scales
+        block_q=block_q,
+        block_k=block_k,
+        stages=stages,
+        int_to_float=int_to_float,
+        k_scales=k_scales,
+        overlap=overlap,
+        schedule=schedule,
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not supports(

@@ -62,9 +62,9 @@ SHAPES = {
     "40x75600": (40, 75600),  # Wan2.1-14B at 720p: 1280x720, 81 frames
 }
 VARIANT_HELP = (
-    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3]"
+    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3][-ovl][-free]"
     " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
-    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages)"
+    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages; ovl: FA3's intra-warpgroup overlap; free: no schedule barrier between the compute warpgroups)"
 )
 DEFAULT_VARIANTS = (
     "cudnn",
@@ -115,6 +115,10 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
             hadamard = True
         elif re.fullmatch(r"s[2-6]", extra):
             options["stages"] = int(extra[1:])
+        elif extra == "ovl":
+            options["overlap"] = True
+        elif extra == "free":
+            options["schedule"] = "none"
         else:
             raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
     qk = "int8" if parts[1] == "int8" else "fp8_e4m3"
@@ -192,6 +196,8 @@ def variant_fn(variant: str, block_k: int):
                 int_to_float=config.int_to_float,
                 k_scales=config.k_scales,
                 hadamard=hadamard,
+                overlap=config.overlap,
+                schedule=config.schedule,
             )
 
         return total, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv

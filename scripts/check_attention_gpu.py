@@ -172,6 +172,36 @@ CASES = [
         "realistic",
         dict(qk_format="int8", pv_format="fp8_e4m3", hadamard=True, int_to_float="magic", causal=True),
     ),
+    ("ovl int8/bf16 d128", 2, 1000, 1000, 3, 128, "random", dict(qk_format="int8", pv_format="bf16", overlap=True)),
+    ("ovl int8/fp8 d128", 2, 1000, 1000, 3, 128, "random", dict(qk_format="int8", pv_format="fp8_e4m3", overlap=True)),
+    (
+        "ovl free int8/fp8 kblock lengths",
+        3,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(
+            qk_format="int8",
+            pv_format="fp8_e4m3",
+            k_scales="block",
+            kv_lengths=(1000, 517, 3),
+            overlap=True,
+            schedule="none",
+        ),
+    ),
+    (
+        "ovl int8/bf16 d64 bk64 realistic",
+        1,
+        777,
+        777,
+        2,
+        64,
+        "realistic",
+        dict(qk_format="int8", pv_format="bf16", block_k=64, hadamard=True, overlap=True),
+    ),
+    ("free int8/bf16 d128", 2, 1000, 1000, 3, 128, "random", dict(qk_format="int8", pv_format="bf16", schedule="none")),
 ]
 QUICK = {
     "int8/bf16 d128",
@@ -196,12 +226,14 @@ def run_case(seed: int, case) -> dict:
         opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
     q, k, v = ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind)
     kernel_opts = dict(opts)
-    ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float")}
+    ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float", "overlap", "schedule")}
     config = pa.AttentionConfig(
         block_k=opts.get("block_k", 128),
         stages=opts.get("stages", 2),
         int_to_float=opts.get("int_to_float", "magic"),
         k_scales=opts.get("k_scales", "token"),
+        overlap=opts.get("overlap", False),
+        schedule=opts.get("schedule", "pingpong"),
     )
     path = (
         "kernel"

@@ -129,6 +129,13 @@ def test_bad_arguments_raise(bad):
         ar.quant_attention_reference(q, k, v, **bad)
 
 
+def test_kernel_config_names_a_bad_schedule():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        pa.AttentionConfig(schedule="round-robin")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        pa.quant_attention(*_inputs(5, tq=8, tk=8, h=1), schedule="round-robin")
+
+
 def test_head_dim_must_be_supported():
     q, k, v = _inputs(6, d=64)
     with pytest.raises(ValueError, match="head_dim"):
@@ -252,19 +259,29 @@ def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
 
 
 @pytest.mark.parametrize(
-    "pv,causal,d,int_to_float,k_scales",
+    "pv,causal,d,int_to_float,k_scales,overlap,schedule",
     [
-        ("fp8_e4m3", False, 128, "magic", "token"),
-        ("bf16", True, 64, "cvt", "block"),
+        ("fp8_e4m3", False, 128, "magic", "token", False, "pingpong"),
+        ("bf16", True, 64, "cvt", "block", False, "pingpong"),
+        ("bf16", False, 128, "magic", "token", True, "pingpong"),
+        ("fp8_e4m3", False, 64, "magic", "block", True, "none"),
     ],
 )
-def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales):
+def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales, overlap, schedule):
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
     fn = jax.jit(
         lambda q, k, v: pa.quant_attention(
-            q, k, v, pv_format=pv, causal=causal, int_to_float=int_to_float, k_scales=k_scales
+            q,
+            k,
+            v,
+            pv_format=pv,
+            causal=causal,
+            int_to_float=int_to_float,
+            k_scales=k_scales,
+            overlap=overlap,
+            schedule=schedule,
         )
     )
     text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
