@@ -350,7 +350,7 @@ def attention_pallas(
                         p_buf = p_smem2.at[wg_idx * 2 + lax.rem(step, jnp.array(2, step.dtype))]
                         p_buf[...] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn)
                         plgpu.commit_smem()
-                        p_op = jnp.zeros((), jnp.float32)  # P lives in shared memory
+                        p_op = None  # P lives in shared memory
                     else:
                         p_op = p.astype(jnp.bfloat16)
                     return p_op, alpha, m, l
@@ -366,7 +366,8 @@ def attention_pallas(
                 p_op, _, m, l = softmax(qk, first, m_i, l_i)
 
                 def step_fn(step, carry):
-                    m, l, p_prev = carry
+                    m, l, *p_prev = carry  # P of the previous tile in registers (bf16 P V only)
+                    p_prev = p_prev[0] if p_prev else None
                     plgpu.barrier_wait(k_barriers.at[slot_of(step)])
 
                     def both(s_ref):
@@ -382,9 +383,11 @@ def attention_pallas(
                     o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                     plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(step - 1)])
                     o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
-                    return m, l, p_op
+                    return (m, l) if p_op is None else (m, l, p_op)
 
-                m, l, p_op = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l, p_op))
+                carry = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l) if p_op is None else (m, l, p_op))
+                m, l = carry[:2]
+                p_op = carry[2] if len(carry) == 3 else None
                 last = jnp.array(block_max_kv_steps - 1, jnp.int32)
                 take_turn(lambda: issue_pv(p_op, last))
                 o = o_ref[...]

@@ -145,6 +145,18 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
             attention={**fp8, "k_scales": "block", "hadamard": False},
         ),
         dict(
+            name="W8A8 + qattn int8/bf16, K per tile",
+            weights="int8",
+            act="int8/token",
+            attention={**bf16, "k_scales": "block"},
+        ),
+        dict(
+            name="W8A8 + qattn int8/fp8, K per tile",
+            weights="int8",
+            act="int8/token",
+            attention={**fp8, "k_scales": "block"},
+        ),
+        dict(
             name="W8A8 + qattn int8/bf16, K per tile, no Hadamard",
             weights="int8",
             act="int8/token",
@@ -156,7 +168,7 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
     ]
 
 
-def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
+def run(clips: int, steps: int, seed: int, float_last: int, only: tuple[str, ...] = ()) -> dict[str, Any]:
     from jquant import models  # pylint: disable=import-outside-toplevel
     from jquant.models import tiny_wan as tw  # pylint: disable=import-outside-toplevel
 
@@ -167,7 +179,9 @@ def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
     x_T = jax.random.normal(jax.random.key(seed), bundle.latent_shape(clips), jnp.float32)
     text, uncond = bundle.text(labels), bundle.null_text(clips)
     rows, reference = [], None
-    for recipe in recipes(steps, float_last):
+    kept = ("fp32", "W8A8 + bf16 attn")  # the reference and the baseline every drop is against
+    chosen = [r for r in recipes(steps, float_last) if not only or r["name"] in kept + only]
+    for recipe in chosen:
         params = (
             bundle.params
             if recipe["weights"] is None
@@ -218,11 +232,20 @@ def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
             ("bf16", "W8A8 + qattn int8/bf16"),
             ("fp8_float_last", f"W8A8 + qattn int8/fp8, float last {float_last}"),
             ("per_tensor_fp8", "W8A8 + per-tensor FP8 attn"),
+            ("bf16_k_tile", "W8A8 + qattn int8/bf16, K per tile"),
+            ("fp8_k_tile", "W8A8 + qattn int8/fp8, K per tile"),
         )
+        if name in by_name
     }
     flicker = {
         label: by_name[name]["flicker"] / base["flicker"] - 1.0
-        for label, name in (("fp8", "W8A8 + qattn int8/fp8"), ("bf16", "W8A8 + qattn int8/bf16"))
+        for label, name in (
+            ("fp8", "W8A8 + qattn int8/fp8"),
+            ("bf16", "W8A8 + qattn int8/bf16"),
+            ("bf16_k_tile", "W8A8 + qattn int8/bf16, K per tile"),
+            ("fp8_k_tile", "W8A8 + qattn int8/fp8, K per tile"),
+        )
+        if name in by_name
     }
     return {
         "benchmark": "attention_quality",
@@ -243,7 +266,7 @@ def run(clips: int, steps: int, seed: int, float_last: int) -> dict[str, Any]:
         "target_flicker": TARGET_FLICKER,
         **{
             f"meets_target_{label}": bool(drops[label] <= TARGET_DB and flicker[label] <= TARGET_FLICKER)
-            for label in ("fp8", "bf16")
+            for label in flicker
         },
     }
 
@@ -300,24 +323,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks" / "attention_quality.json"
     )
+    p.add_argument("--only", default="", help="semicolon list of recipe names to run (with fp32 and W8A8 + bf16 attn)")
+    p.add_argument("--no-operator-error", action="store_true", help="skip the operator-error table")
     p.add_argument("--op-tokens", type=int, default=1024, help="tokens of the operator-error inputs")
     p.add_argument("--op-seeds", type=int, default=3, help="input draws averaged in the operator-error table")
     a = p.parse_args(argv)
-    result = run(a.clips, a.steps, a.seed, a.float_last)
-    result["operator_error"] = operator_error(a.op_tokens, 4, 64, a.op_seeds)
-    result["operator_error_shape"] = {"batch": 1, "tokens": a.op_tokens, "heads": 4, "head_dim": 64}
-    for row in result["operator_error"]:
+    only = tuple(n.strip() for n in a.only.split(";") if n.strip())
+    names = {r["name"] for r in recipes(a.steps, a.float_last)}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        p.error(f"--only: unknown recipe(s) {unknown}; choose from {sorted(names)}")
+    result = run(a.clips, a.steps, a.seed, a.float_last, only)
+    if not a.no_operator_error:
+        result["operator_error"] = operator_error(a.op_tokens, 4, 64, a.op_seeds)
+        result["operator_error_shape"] = {"batch": 1, "tokens": a.op_tokens, "heads": 4, "head_dim": 64}
+    for row in result.get("operator_error", []):
         print(
             f"{row['inputs']:9s} {row['variant']:42s} rel L2 {row['rel_l2']:.4f}  (mean max p {row['mean_max_p']:.3f})"
         )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(
-        f"PSNR drop from quantized attention against W8A8 + bf16 attention (target <= {TARGET_DB} dB): "
-        f"int8/bf16 {result['psnr_drop_db_bf16']:.2f} dB, int8/fp8 {result['psnr_drop_db_fp8']:.2f} dB, "
-        f"int8/fp8 with float last steps {result['psnr_drop_db_fp8_float_last']:.2f} dB, "
-        f"per-tensor FP8 {result['psnr_drop_db_per_tensor_fp8']:.2f} dB"
+    drops = ", ".join(
+        f"{k[len('psnr_drop_db_') :]} {v:.2f} dB" for k, v in result.items() if k.startswith("psnr_drop_db_")
     )
+    print(f"PSNR drop against W8A8 + bf16 attention (target <= {TARGET_DB} dB): {drops}")
     print(f"wrote {a.out}")
     return 0
 
