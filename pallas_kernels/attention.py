@@ -627,14 +627,15 @@ def quant_attention(
     int_to_float: str = "magic",
     smooth_v: bool = True,
     k_scales: str = "token",
-    overlap: bool = False,
+    overlap: bool | None = None,
     schedule: str = "pingpong",
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
     ``overlap`` and ``schedule`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
-    the reference.
+    the reference. ``overlap=None`` takes the measured choice: on for bf16 P V without a causal
+    mask (3% faster on the H200), off for fp8 P V (the overlapped loop was 12% slower there).
     """
     ref.check_inputs(
         q,
@@ -648,6 +649,8 @@ def quant_attention(
         block_k=block_k,
         k_scales=k_scales,
     )
+    if overlap is None:
+        overlap = pv_format == "bf16" and not causal
     config = AttentionConfig(
         block_q=block_q,
         block_k=block_k,

@@ -9,7 +9,8 @@ size), 24 heads at 32,760 and 75,000 tokens (HunyuanVideo-class). Variants:
 * ``xla``: the same with ``implementation="xla"`` (only where the scores fit in memory);
 * ``kernel <qk>/<pv>``: the Mosaic GPU kernel alone on operands quantized beforehand;
 * ``total <qk>/<pv>``: :func:`pallas_kernels.attention.quant_attention` from bf16 inputs,
-  quantization included (what a model pays).
+  quantization included, with its default loop (overlapped for bf16 P V; what a model pays);
+* ``cudnn-fp8``: cuDNN's FP8 flash attention on per-tensor e4m3 codes (``pallas_kernels.cudnn_fp8``).
 
 Off Hopper the kernel rows time the plain-JAX reference instead (marked ``reference``).
 Every timed output is checked before it is timed (``pallas_kernels.timing.check_then_time``) on
@@ -196,7 +197,7 @@ def variant_fn(variant: str, block_k: int):
                 int_to_float=config.int_to_float,
                 k_scales=config.k_scales,
                 hadamard=hadamard,
-                overlap=config.overlap,
+                overlap=config.overlap or None,  # without -ovl: quant_attention's own choice
                 schedule=config.schedule,
             )
 
