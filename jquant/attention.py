@@ -55,7 +55,7 @@ class AttentionPolicy:
     pv_format: str = "bf16"
     smooth_k: bool = True
     hadamard: bool = True
-    k_scales: str = "token"
+    k_scales: str = "block"
     block_k: int = 128
     layers: str = ".*"
     roles: tuple[str, ...] | None = None
@@ -100,7 +100,7 @@ def quantized_attention(
     pv_format: str = "bf16",
     smooth_k: bool = True,
     hadamard: bool = True,
-    k_scales: str = "token",
+    k_scales: str = "block",
     block_k: int = 128,
     layers: str = ".*",
     roles: tuple[str, ...] | None = None,

@@ -634,8 +634,9 @@ def quant_attention(
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
     ``overlap`` and ``schedule`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
-    the reference. ``overlap=None`` takes the measured choice: on for bf16 P V without a causal
-    mask (3% faster on the H200), off for fp8 P V (the overlapped loop was 12% slower there).
+    the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
+    scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
+    with per-tile K scales).
     """
     ref.check_inputs(
         q,
@@ -650,7 +651,7 @@ def quant_attention(
         k_scales=k_scales,
     )
     if overlap is None:
-        overlap = pv_format == "bf16" and not causal
+        overlap = pv_format == "bf16" and k_scales == "token" and not causal
     config = AttentionConfig(
         block_q=block_q,
         block_k=block_k,

@@ -123,8 +123,8 @@ def velocity_fn(
 
 
 def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
-    fp8 = dict(qk_format="int8", pv_format="fp8_e4m3")
-    bf16 = dict(qk_format="int8", pv_format="bf16")
+    fp8 = dict(qk_format="int8", pv_format="fp8_e4m3", k_scales="token")
+    bf16 = dict(qk_format="int8", pv_format="bf16", k_scales="token")
     return [
         dict(name="fp32", weights=None, act=None, attention=None),
         dict(name="W8A8", weights="int8", act="int8/token", attention=None),

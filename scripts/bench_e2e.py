@@ -10,8 +10,9 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
   bf16, as in ``jquant demo``) and dynamic int8 per-token activations through
   ``jquant.nn.quantized(act="int8/token")``, attention as ``bf16``;
 * ``w8a8-qattn-bf16`` / ``w8a8-qattn-fp8``: W8A8 plus quantized attention on every layer
-  (``jquant.attention.quantized_attention``: int8 Q K^T with smoothed, Hadamard-rotated K;
-  P V in bf16 or fp8);
+  (``jquant.attention.quantized_attention``: int8 Q K^T with smoothed, Hadamard-rotated K and
+  per-token K scales; P V in bf16 or fp8); ``w8a8-qattn-default``: the policy's defaults (one K
+  scale per 128-key tile, bf16 P V);
 * ``bf16-qattn-fp8``: quantized attention alone.
 * ``fp8-block-unfused`` / ``fp8-block-fused``: fp8 weights in 128 x 128 blocks and fp8 activations
   with one scale per token per 128 channels (the block-scaled fp8 GEMM, DeepGEMM's layout);
@@ -81,9 +82,11 @@ TINY_CONFIG = dataclasses.replace(wan_forward.TINY_CONFIG, attention_head_dim=64
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": dict(weights=None, act=None, attention=None),
     "w8a8": dict(weights="int8", act="int8/token", attention=None),
-    "w8a8-qattn-bf16": dict(weights="int8", act="int8/token", attention=dict(pv_format="bf16")),
-    "w8a8-qattn-fp8": dict(weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3")),
-    "bf16-qattn-fp8": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3")),
+    "w8a8-qattn-bf16": dict(weights="int8", act="int8/token", attention=dict(pv_format="bf16", k_scales="token")),
+    # the policy's default since 2026-12-03: K per tile, with the Hadamard rotation
+    "w8a8-qattn-default": dict(weights="int8", act="int8/token", attention=dict()),
+    "w8a8-qattn-fp8": dict(weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3", k_scales="token")),
+    "bf16-qattn-fp8": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3", k_scales="token")),
     "w8a8-qattn-bf16-kblock": dict(
         weights="int8", act="int8/token", attention=dict(pv_format="bf16", k_scales="block", hadamard=False)
     ),
@@ -93,12 +96,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-qattn-fp8-kblock": dict(
         weights=None, act=None, attention=dict(pv_format="fp8_e4m3", k_scales="block", hadamard=False)
     ),
-    "bf16-qattn-fp8-nohad": dict(weights=None, act=None, attention=dict(pv_format="fp8_e4m3", hadamard=False)),
+    "bf16-qattn-fp8-nohad": dict(
+        weights=None, act=None, attention=dict(pv_format="fp8_e4m3", k_scales="token", hadamard=False)
+    ),
     # issue 19: block-scaled fp8 GEMMs, with and without the fused norm + modulation + quantization producer
     "fp8-block-unfused": dict(weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=None, producers=False),
     "fp8-block-fused": dict(weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=None),
     "fp8-block-fused-qattn-bf16": dict(
-        weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=dict(pv_format="bf16")
+        weights="fp8_e4m3/b128x128", act="fp8_e4m3/token128", attention=dict(pv_format="bf16", k_scales="token")
     ),
     # the int8 block-scaled kernel (w8a8.int8_block_matmul, GPU-checked at 31c4fea)
     "int8-block-unfused": dict(weights="int8/b128x128", act="int8/token128", attention=None, producers=False),
