@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                 dz = D.distill(bundle, ptq, data, cfg, log_every=max(25, a.chunk))
                 extra = {
                     "steps": dz.model.info["distill"]["steps_run"],
+                    "rollouts": dz.model.info["distill"]["rollouts"],
+                    "rollout_s": dz.model.info["distill"]["rollout_seconds"],
+                    "stopped_by_budget": dz.model.info["distill"]["stopped_by_budget"],
                     "teacher_s": data.seconds,
                     "loss_before": D.mean_loss(bundle, ptq, data),
                     "loss_after": D.mean_loss(bundle, dz.model, data),
