@@ -391,3 +391,36 @@ def test_per_step_switch_inside_the_jitted_sampler():
     np.testing.assert_allclose(mixed, x, rtol=1e-4, atol=1e-4)
     assert ar.relative_l2(mixed, all_on) > 1e-4 and ar.relative_l2(mixed, all_off) > 1e-4
     assert math.isfinite(float(jnp.sum(mixed)))
+
+
+@pytest.mark.parametrize(
+    "pv,k_scales,causal,expected",
+    [
+        ("bf16", "token", False, True),
+        ("fp8_e4m3", "token", False, False),
+        ("bf16", "block", False, False),
+        ("bf16", "token", True, False),
+    ],
+)
+def test_overlap_default_follows_the_measurements(monkeypatch, pv, k_scales, causal, expected):
+    """quant_attention(overlap=None) takes the overlapped loop only where the H200 runs showed it
+    faster: bf16 P V, per-token K scales, no causal mask."""
+    seen = {}
+
+    def fake_kernel(*operands, causal, config):
+        seen["config"] = config
+        q8 = operands[0]
+        return jnp.zeros(q8.shape, jnp.bfloat16)
+
+    monkeypatch.setattr(pa, "supports", lambda *a, **k: True)
+    monkeypatch.setattr(pa, "attention_pallas", fake_kernel)
+    q, k, v = _inputs(3, tq=128, tk=128)
+    pa.quant_attention(q, k, v, pv_format=pv, k_scales=k_scales, causal=causal)
+    assert seen["config"].overlap is expected
+    pa.quant_attention(q, k, v, pv_format=pv, k_scales=k_scales, causal=causal, overlap=True)
+    assert seen["config"].overlap is True
+
+
+def test_policy_default_is_k_per_tile_with_the_rotation():
+    policy = jattn.AttentionPolicy()
+    assert (policy.k_scales, policy.hadamard, policy.pv_format) == ("block", True, "bf16")
