@@ -16,7 +16,7 @@ SPECS = ["int8", "int4/g32", "uint4/g16", "nf4/g32", "fp8_e4m3", "int8/t", "mxfp
 
 
 @settings(max_examples=12)
-@given(spec=st.sampled_from(SPECS), k=st.sampled_from([32, 64]), n=st.integers(1, 9), seed=st.integers(0, 99))
+@given(spec=st.sampled_from(SPECS), k=st.sampled_from([32, 64]), n=st.sampled_from([1, 5, 9]), seed=st.integers(0, 99))
 def test_transpose_is_exact_and_round_trips(spec: str, k: int, n: int, seed: int) -> None:
     w = jax.random.normal(jax.random.key(seed), (k, n))
     q = jquant.quantize(w, spec)
