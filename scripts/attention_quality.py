@@ -321,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float-last", type=int, default=2, help="float-attention steps at the end (switch row)")
     p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks" / "attention_quality.json"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON to write (default benchmarks/attention_quality.json; with --only, attention_quality_partial.json,"
+        " so a partial run never replaces the full table)",
     )
     p.add_argument("--only", default="", help="semicolon list of recipe names to run (with fp32 and W8A8 + bf16 attn)")
     p.add_argument("--no-operator-error", action="store_true", help="skip the operator-error table")
@@ -341,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{row['inputs']:9s} {row['variant']:42s} rel L2 {row['rel_l2']:.4f}  (mean max p {row['mean_max_p']:.3f})"
         )
+    if a.out is None:
+        name = "attention_quality_partial.json" if only else "attention_quality.json"
+        a.out = Path(__file__).resolve().parents[1] / "benchmarks" / name
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     drops = ", ".join(

@@ -102,3 +102,15 @@ def test_operator_error_table(quality):
     err = {(r["inputs"], r["variant"]): r["rel_l2"] for r in rows}
     for kind in ar.INPUT_KINDS:
         assert err[(kind, "jquant int8/bf16")] < err[(kind, "per-tensor FP8 (cuDNN-style)")], kind
+
+
+def test_a_partial_quality_run_does_not_replace_the_full_table(quality, monkeypatch, tmp_path):
+    """--only writes attention_quality_partial.json unless --out names a file; bad names are refused."""
+    written = {}
+    monkeypatch.setattr(quality, "run", lambda *a, **k: {"rows": [], "psnr_drop_db_x": 0.0})
+    monkeypatch.setattr(quality.Path, "write_text", lambda self, text: written.setdefault("path", self))
+    monkeypatch.setattr(quality.Path, "mkdir", lambda self, **k: None)
+    assert quality.main(["--only", "W8A8 + qattn int8/bf16, K per tile", "--no-operator-error"]) == 0
+    assert written["path"].name == "attention_quality_partial.json"
+    with pytest.raises(SystemExit):
+        quality.main(["--only", "no such recipe", "--no-operator-error"])
