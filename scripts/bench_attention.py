@@ -63,9 +63,9 @@ SHAPES = {
     "40x75600": (40, 75600),  # Wan2.1-14B at 720p: 1280x720, 81 frames
 }
 VARIANT_HELP = (
-    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3][-ovl][-free]"
+    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3][-ovl][-free][-smax]"
     " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
-    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages; ovl: FA3's intra-warpgroup overlap; free: no schedule barrier between the compute warpgroups)"
+    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages; ovl: FA3's intra-warpgroup overlap; free: no schedule barrier between the compute warpgroups; smax: with kblock, the row max on the scaled scores instead of the raw ones)"
 )
 DEFAULT_VARIANTS = (
     "cudnn",
@@ -120,6 +120,8 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
             options["overlap"] = True
         elif extra == "free":
             options["schedule"] = "none"
+        elif extra == "smax":
+            options["raw_max"] = False
         else:
             raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
     qk = "int8" if parts[1] == "int8" else "fp8_e4m3"
@@ -199,6 +201,7 @@ def variant_fn(variant: str, block_k: int):
                 hadamard=hadamard,
                 overlap=config.overlap or None,  # without -ovl: quant_attention's own choice
                 schedule=config.schedule,
+                raw_max=config.raw_max,
             )
 
         return total, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv

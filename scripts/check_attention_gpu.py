@@ -202,6 +202,87 @@ CASES = [
         dict(qk_format="int8", pv_format="bf16", block_k=64, hadamard=True, overlap=True),
     ),
     ("free int8/bf16 d128", 2, 1000, 1000, 3, 128, "random", dict(qk_format="int8", pv_format="bf16", schedule="none")),
+    # Per-tile K scales: the max on the raw scores (raw_max, the default) and the scaled max.
+    (
+        "kblock int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block"),
+    ),
+    (
+        "kblock int8/bf16 realistic hadamard lengths",
+        2,
+        1500,
+        1500,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="bf16", hadamard=True, k_scales="block", kv_lengths=(1500, 1111)),
+    ),
+    (
+        "kblock int8/bf16 cvt d64",
+        1,
+        777,
+        777,
+        2,
+        64,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", int_to_float="cvt", block_k=64),
+    ),
+    (
+        "kblock fp8/fp8 d128",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="fp8_e4m3", pv_format="fp8_e4m3", k_scales="block"),
+    ),
+    (
+        "kblock int8/fp8 bk256 d128",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", k_scales="block", block_k=256),
+    ),
+    (
+        "kblock scaledmax int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", raw_max=False),
+    ),
+    (
+        "kblock ovl int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", overlap=True),
+    ),
+    (
+        "kblock int8/bf16 causal d64",
+        1,
+        900,
+        900,
+        2,
+        64,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", causal=True),
+    ),
 ]
 QUICK = {
     "int8/bf16 d128",
@@ -226,7 +307,9 @@ def run_case(seed: int, case) -> dict:
         opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
     q, k, v = ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind)
     kernel_opts = dict(opts)
-    ref_opts = {key: val for key, val in opts.items() if key not in ("stages", "int_to_float", "overlap", "schedule")}
+    ref_opts = {
+        key: val for key, val in opts.items() if key not in ("stages", "int_to_float", "overlap", "schedule", "raw_max")
+    }
     config = pa.AttentionConfig(
         block_k=opts.get("block_k", 128),
         stages=opts.get("stages", 2),
@@ -234,6 +317,7 @@ def run_case(seed: int, case) -> dict:
         k_scales=opts.get("k_scales", "token"),
         overlap=opts.get("overlap", False),
         schedule=opts.get("schedule", "pingpong"),
+        raw_max=opts.get("raw_max", True),
     )
     path = (
         "kernel"
