@@ -86,6 +86,10 @@ class AttentionConfig:
     ``raw_max`` (per-tile K scales): take each row's max on the unscaled scores and fold the
     row scale, the magic-number bias and the max into the one FMA that feeds ``exp2``: one
     instruction less per score, and the max no longer waits for the scaling.
+
+    ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
+    softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
+    memory and a little time). ``scripts/attention_timeline.py`` reads it.
     """
 
     block_q: int = 64
@@ -96,6 +100,7 @@ class AttentionConfig:
     overlap: bool = False
     schedule: str = "pingpong"
     raw_max: bool = True
+    profile_dir: str = ""
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -121,13 +126,22 @@ def _swizzle_transforms(row_bytes: int, elem_bytes: int):
     return (plgpu.TilingTransform((8, swizzle // elem_bytes)), plgpu.SwizzleTransform(swizzle))
 
 
-def _compiler_params():
+#: Named phases a compute warpgroup records per key step when profiled (an upper bound).
+PROFILE_RANGES_PER_STEP = 8
+
+
+def _compiler_params(profile_dir: str = "", steps: int = 0):
+    """approx_math, and with ``profile_dir`` the Mosaic GPU profiler: each warpgroup records its
+    named phases (``jax.named_scope`` in the kernel) with the SM clock, room for ``steps`` steps."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
+    profile = {}
+    if profile_dir:
+        profile = dict(profile_space=PROFILE_RANGES_PER_STEP * steps + 16, profile_dir=profile_dir)
     try:
-        return plgpu.CompilerParams(approx_math=True)
+        return plgpu.CompilerParams(approx_math=True, **profile)
     except TypeError:  # a JAX without the flag
-        return plgpu.CompilerParams()
+        return plgpu.CompilerParams(**profile)
 
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
@@ -284,17 +298,25 @@ def attention_pallas(
                 slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
 
                 def compute_qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    perform_schedule_barrier()
-                    return acc_ref[...]
+                    with jax.named_scope("qk_issue"):
+                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    with jax.named_scope("turn_wait"):
+                        perform_schedule_barrier()
+                    with jax.named_scope("qk_wait"):
+                        return acc_ref[...]
 
                 qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
-                p, alpha, m_i = tile_softmax(qk, slot, kv_step, causal_step, m_i)
-                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l_i *= alpha
-                # The optimization barrier cannot carry 2-element 8-bit register vectors, so
-                # the fp8 cast of P happens after it.
-                p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
+                with jax.named_scope("softmax"):
+                    p, alpha, m_i = tile_softmax(qk, slot, kv_step, causal_step, m_i)
+                    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i *= alpha
+                    # The optimization barrier cannot carry 2-element 8-bit register vectors, so
+                    # the fp8 cast of P happens after it.
+                    p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
+                    l_i += p.sum(axis=1)
+                    acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+                    if pv_fp8:
+                        p_op = p_op.astype(jnp.float8_e4m3fn)
 
                 def end_softmax_barriers():
                     if not free_running:
@@ -303,28 +325,28 @@ def attention_pallas(
                     if not free_running:
                         plgpu.barrier_wait(schedule_barrier)
 
-                l_i += p.sum(axis=1)
-                acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
-                if pv_fp8:
-                    p_op = p_op.astype(jnp.float8_e4m3fn)
-                end_softmax_barriers()
+                with jax.named_scope("turn_wait"):
+                    end_softmax_barriers()
 
                 def compute_pv(acc_ref):
-                    if pv_fp8:
-                        p_smem = p_smem2.at[wg_idx]
-                        p_smem[...] = p_op
-                        plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, p_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-                    else:
-                        plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
+                    with jax.named_scope("pv_issue"):
+                        if pv_fp8:
+                            p_smem = p_smem2.at[wg_idx]
+                            p_smem[...] = p_op
+                            plgpu.commit_smem()
+                            plgpu.wgmma(acc_ref, p_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                        else:
+                            plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
                     wait_step = kv_step + 1
                     wait_slot = lax.rem(wait_step, jnp.array(max_concurrent_steps, kv_step.dtype))
 
                     @pl.when(wait_step < kv_steps)
                     def _wait():
-                        plgpu.barrier_wait(k_barriers.at[wait_slot])
+                        with jax.named_scope("k_wait"):
+                            plgpu.barrier_wait(k_barriers.at[wait_slot])
 
-                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                with jax.named_scope("pv"):
+                    acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 return acc, m_i, l_i
 
@@ -379,21 +401,27 @@ def attention_pallas(
                 def step_fn(step, carry):
                     m, l, *p_prev = carry  # P of the previous tile in registers (bf16 P V only)
                     p_prev = p_prev[0] if p_prev else None
-                    plgpu.barrier_wait(k_barriers.at[slot_of(step)])
+                    with jax.named_scope("k_wait"):
+                        plgpu.barrier_wait(k_barriers.at[slot_of(step)])
 
                     def both(s_ref):
                         def issue():
                             plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot_of(step)], (1, 0)))
                             issue_pv(p_prev, step - 1)
 
-                        take_turn(issue)
-                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # Q K^T, issued first
+                        with jax.named_scope("turn_wait"):  # the issue included
+                            take_turn(issue)
+                        with jax.named_scope("qk_wait"):
+                            return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # Q K^T, issued first
 
                     qk = pl.run_scoped(both, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
-                    p_op, alpha, m, l = softmax(qk, step, m, l)
-                    o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                    with jax.named_scope("softmax"):
+                        p_op, alpha, m, l = softmax(qk, step, m, l)
+                    with jax.named_scope("pv_wait"):
+                        o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                     plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(step - 1)])
-                    o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    with jax.named_scope("rescale"):
+                        o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                     return (m, l) if p_op is None else (m, l, p_op)
 
                 carry = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l) if p_op is None else (m, l, p_op))
@@ -534,7 +562,7 @@ def attention_pallas(
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=_compiler_params(),
+        compiler_params=_compiler_params(config.profile_dir, num_kv_steps),
     )(q8, k8, vv, qrow, ks, vs)
 
 
