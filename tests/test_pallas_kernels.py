@@ -38,6 +38,10 @@ from pallas_kernels import (
 )
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
+# The property tests' inputs, one compiled program per shape: eager, each random op of a builder
+# compiles again for every new shape (~1 s an example, more than the checks themselves).
+_table_inputs = jax.jit(testing.table_inputs, static_argnums=(1, 2, 3, 4, 5, 6))
+_uint4_inputs = jax.jit(testing.uint4_inputs, static_argnums=(1, 2, 3, 4))
 
 
 def _np(x):
@@ -336,7 +340,7 @@ def test_codebook_byte_remap_keeps_both_nibbles(fmt):
 def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
     k = block * kb
     scaling = "nv" if nv and fmt == "fp4" else ""
-    x, packed, scales, tensor = testing.table_inputs(jax.random.key(m * n + k), m, k, n, fmt, block, scaling)
+    x, packed, scales, tensor = _table_inputs(jax.random.key(m * n + k), m, k, n, fmt, block, scaling)
     ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block, out_dtype=jnp.float32)
     w_dq_ref = _np(w4_table.dequantize(packed, scales, k, fmt=fmt, block=block)) * (
         1.0 if tensor is None else float(tensor)
@@ -359,7 +363,7 @@ def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
 )
 def test_uint4_zero_points_prepared_path_matches_reference(m, kb, n, group):
     k = 128 * kb
-    x, packed, scales, zeros = testing.uint4_inputs(jax.random.key(m + n), m, k, n, group)
+    x, packed, scales, zeros = _uint4_inputs(jax.random.key(m + n), m, k, n, group)
     ref = w4_table.uint4_matmul_reference(x, packed, scales, zeros, out_dtype=jnp.float32, group_size=group)
     u = _np(weight_only.unpack_int4(packed, k)) % 16
     rep = lambda a: np.repeat(_np(a), group, axis=1)
