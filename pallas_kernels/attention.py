@@ -87,6 +87,10 @@ class AttentionConfig:
     row scale, the magic-number bias and the max into the one FMA that feeds ``exp2``: one
     instruction less per score, and the max no longer waits for the scaling.
 
+    ``early_handoff`` (plain loop, ping-pong): hand the softmax turn to the other warpgroup
+    once this one's exponentials are done, so its row sums, output rescale and P conversion run
+    beside the other's softmax (the profiled step is two softmaxes back to back otherwise).
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -100,6 +104,7 @@ class AttentionConfig:
     overlap: bool = False
     schedule: str = "pingpong"
     raw_max: bool = True
+    early_handoff: bool = False
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -306,8 +311,12 @@ def attention_pallas(
                         return acc_ref[...]
 
                 qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+                early_handoff = config.early_handoff and not free_running
                 with jax.named_scope("softmax"):
                     p, alpha, m_i = tile_softmax(qk, slot, kv_step, causal_step, m_i)
+                    if early_handoff:  # the exponentials done, the other warpgroup's softmax may start
+                        p, alpha, m_i = lax.optimization_barrier((p, alpha, m_i))
+                        plgpu.barrier_arrive(schedule_barrier)
                     acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i *= alpha
                     # The optimization barrier cannot carry 2-element 8-bit register vectors, so
@@ -319,7 +328,7 @@ def attention_pallas(
                         p_op = p_op.astype(jnp.float8_e4m3fn)
 
                 def end_softmax_barriers():
-                    if not free_running:
+                    if not free_running and not early_handoff:
                         plgpu.barrier_arrive(schedule_barrier)
                     plgpu.barrier_wait(v_barriers.at[slot])
                     if not free_running:
@@ -669,11 +678,12 @@ def quant_attention(
     overlap: bool | None = None,
     schedule: str = "pingpong",
     raw_max: bool = True,
+    early_handoff: bool = False,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule`` and ``raw_max`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
+    ``overlap``, ``schedule``, ``raw_max`` and ``early_handoff`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
     with per-tile K scales).
@@ -701,6 +711,7 @@ def quant_attention(
         overlap=overlap,
         schedule=schedule,
         raw_max=raw_max,
+        early_handoff=early_handoff,
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not supports(

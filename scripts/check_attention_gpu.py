@@ -318,6 +318,7 @@ def run_case(seed: int, case) -> dict:
         overlap=opts.get("overlap", False),
         schedule=opts.get("schedule", "pingpong"),
         raw_max=opts.get("raw_max", True),
+        early_handoff=opts.get("early_handoff", False),
     )
     path = (
         "kernel"

@@ -259,16 +259,16 @@ def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
 
 
 @pytest.mark.parametrize(
-    "pv,causal,d,int_to_float,k_scales,overlap,schedule,raw_max",
+    "pv,causal,d,int_to_float,k_scales,overlap,schedule,raw_max,early",
     [
-        ("fp8_e4m3", False, 128, "magic", "token", False, "pingpong", True),
-        ("bf16", True, 64, "cvt", "block", False, "pingpong", True),
-        ("bf16", False, 128, "magic", "token", True, "pingpong", True),
-        ("fp8_e4m3", False, 64, "magic", "block", True, "none", True),
-        ("bf16", False, 128, "magic", "block", False, "pingpong", False),
+        ("fp8_e4m3", False, 128, "magic", "token", False, "pingpong", True, False),
+        ("bf16", True, 64, "cvt", "block", False, "pingpong", True, True),
+        ("bf16", False, 128, "magic", "token", True, "pingpong", True, False),
+        ("fp8_e4m3", False, 64, "magic", "block", True, "none", True, False),
+        ("bf16", False, 128, "magic", "block", False, "pingpong", False, True),
     ],
 )
-def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales, overlap, schedule, raw_max):
+def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales, overlap, schedule, raw_max, early):
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
@@ -284,6 +284,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scal
             overlap=overlap,
             schedule=schedule,
             raw_max=raw_max,
+            early_handoff=early,
         )
     )
     text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
