@@ -11,6 +11,7 @@ GPU custom call for ragged shapes (which catches layout/tiling errors early).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import chex
@@ -420,6 +421,12 @@ def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
     assert float(s[0, 0]) == np.float32(act_quant.SCALE_FLOOR) and not np.any(_np(q[0]))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one program a shape (eager: one an op)
+def _token_rows(key, m, k, spread):
+    """Bf16 rows of scale ``spread``, the first all zero (the scale floor's case)."""
+    return (jax.random.normal(key, (m, k)) * spread).astype(jnp.bfloat16).at[0].set(0.0)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     m=st.sampled_from([1, 2, 9]),  # few shapes: each new one compiles both quantizers
@@ -430,8 +437,7 @@ def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
 def test_quantizer_reference_is_jquants_per_token_rule(m, k, spread, fmt):
     # The kernels' reference equals jquant.quantize(x, "<fmt>/token") to the bit (codes and scales),
     # so the dispatch may hand activations to the kernel and keep the XLA path's codes.
-    x = (jax.random.normal(jax.random.key(m * 1000 + k), (m, k)) * spread).astype(jnp.bfloat16)
-    x = x.at[0].set(0.0)
+    x = _token_rows(jax.random.key(m * 1000 + k), m, k, spread)
     q, s = _quant.reference(x, fmt)
     want = jquant.quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token", check_finite=False)
     chex.assert_trees_all_equal(q, want.qvalue)
