@@ -57,6 +57,7 @@ MAX_KEY_BLOCKS = 4096
 CAUSAL_ON_KERNEL = True
 INT_TO_FLOAT: tuple[str, ...] = ("cvt", "magic")
 SCHEDULES: tuple[str, ...] = ("pingpong", "none")
+HANDOFFS: tuple[str, ...] = ("end", "exp", "max")
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
 KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset((qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
@@ -87,9 +88,14 @@ class AttentionConfig:
     row scale, the magic-number bias and the max into the one FMA that feeds ``exp2``: one
     instruction less per score, and the max no longer waits for the scaling.
 
-    ``early_handoff`` (plain loop, ping-pong): hand the softmax turn to the other warpgroup
-    once this one's exponentials are done, so its row sums, output rescale and P conversion run
-    beside the other's softmax (the profiled step is two softmaxes back to back otherwise).
+    ``handoff`` (plain loop, ping-pong): when a warpgroup hands the softmax turn to the other:
+    ``"end"`` after its whole softmax, ``"exp"`` once its exponentials are done (its row sums,
+    output rescale and P conversion then run beside the other's softmax), ``"max"`` once its row
+    maxima are known. The profiled step is otherwise two softmaxes back to back.
+
+    ``magic_init`` (int8 Q K^T with ``int_to_float="magic"``, plain loop): the Q K^T accumulator
+    starts at the magic number's bits instead of 0, so the tensor core adds the bias and the
+    softmax reinterprets the result without an integer add per score (the sum stays below 2^31).
 
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
@@ -104,10 +110,13 @@ class AttentionConfig:
     overlap: bool = False
     schedule: str = "pingpong"
     raw_max: bool = True
-    early_handoff: bool = False
+    handoff: str = "end"
+    magic_init: bool = True
     profile_dir: str = ""
 
     def __post_init__(self):
+        if self.handoff not in HANDOFFS:
+            raise ValueError(f"AttentionConfig: handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"AttentionConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.k_scales not in ref.K_SCALES:
@@ -245,14 +254,21 @@ def attention_pallas(
             m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, dtype=jnp.float32), row_layout)
             l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), row_layout)
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
+            magic_init = config.magic_init and int_qk and config.int_to_float == "magic"
+
+            def magic_acc():
+                bits = jnp.full((block_q, block_kv), _common.MAGIC_BITS, dtype=jnp.int32)
+                return plgpu.layout_cast(bits, plgpu.Layout.WGMMA)
 
             @pl.when(kv_steps > 0)
             def _():
                 plgpu.barrier_wait(k_barriers.at[0])
 
-            def tile_softmax(qk, slot, kv_step, causal_step: bool, m_i):
+            def tile_softmax(qk, slot, kv_step, causal_step: bool, m_i, biased: bool = False, after_max=None):
                 """Online softmax of one tile of Q K^T accumulators: (p, alpha, new running max), in
-                log2 units (log2 e is folded into the Q scale); releases the K slot."""
+                log2 units (log2 e is folded into the Q scale); releases the K slot. ``biased``: the
+                int32 accumulator already holds the magic bias; ``after_max()`` runs once the new
+                row maxima are known (per-tile K with ``raw_max`` only)."""
                 shape = qk.shape
                 magic = int_qk and config.int_to_float == "magic"
                 if token_scales:
@@ -264,8 +280,8 @@ def attention_pallas(
                     scale = q_scale * ks_smem2[wg_idx, lax.div(kv_step, 32), lax.rem(kv_step, 32)]
                     dim = 0
                 plgpu.barrier_arrive(k_consumed_barriers.at[slot])
-                if magic:
-                    raw = _common.biased_int32_to_float32(qk)  # MAGIC_VALUE + codes . codes
+                if magic:  # MAGIC_VALUE + codes . codes
+                    raw = lax.bitcast_convert_type(qk, jnp.float32) if biased else _common.biased_int32_to_float32(qk)
                     bias = scale * -_common.MAGIC_VALUE
                 else:
                     raw = qk.astype(jnp.float32) if int_qk else qk
@@ -284,6 +300,10 @@ def attention_pallas(
                     # values and fold scale, bias and max into the one FMA that feeds exp2.
                     m_tile = raw.max(axis=1) * scale + (0.0 if bias is None else bias)
                     m_ij = jnp.maximum(m_i, m_tile)
+                    if after_max is not None:
+                        m_ij = lax.optimization_barrier(m_ij)
+                        after_max()
+                        m_ij = lax.optimization_barrier(m_ij)
                     offset = -m_ij if bias is None else bias - m_ij
                     p = jnp.exp2(raw * rows(scale) + rows(offset))
                     return p, jnp.exp2(m_i - m_ij), m_ij
@@ -302,19 +322,28 @@ def attention_pallas(
                 acc, m_i, l_i = carry
                 slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
 
-                def compute_qk(acc_ref):
+                def issue_qk(acc_ref):
                     with jax.named_scope("qk_issue"):
                         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     with jax.named_scope("turn_wait"):
                         perform_schedule_barrier()
+
+                def compute_qk(acc_ref):
+                    issue_qk(acc_ref)
                     with jax.named_scope("qk_wait"):
                         return acc_ref[...]
 
-                qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
-                early_handoff = config.early_handoff and not free_running
+                if magic_init:
+                    qk = pl.run_state(issue_qk)(plgpu.ACC.init(magic_acc()))
+                else:
+                    qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+                handoff = "end" if free_running else config.handoff
+                if handoff == "max" and (token_scales or not config.raw_max):
+                    handoff = "exp"  # the scaled max is not a separate phase there
+                after_max = (lambda: plgpu.barrier_arrive(schedule_barrier)) if handoff == "max" else None
                 with jax.named_scope("softmax"):
-                    p, alpha, m_i = tile_softmax(qk, slot, kv_step, causal_step, m_i)
-                    if early_handoff:  # the exponentials done, the other warpgroup's softmax may start
+                    p, alpha, m_i = tile_softmax(qk, slot, kv_step, causal_step, m_i, magic_init, after_max)
+                    if handoff == "exp":  # the exponentials done, the other warpgroup's softmax may start
                         p, alpha, m_i = lax.optimization_barrier((p, alpha, m_i))
                         plgpu.barrier_arrive(schedule_barrier)
                     acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -328,7 +357,7 @@ def attention_pallas(
                         p_op = p_op.astype(jnp.float8_e4m3fn)
 
                 def end_softmax_barriers():
-                    if not free_running and not early_handoff:
+                    if not free_running and handoff == "end":
                         plgpu.barrier_arrive(schedule_barrier)
                     plgpu.barrier_wait(v_barriers.at[slot])
                     if not free_running:
@@ -678,12 +707,13 @@ def quant_attention(
     overlap: bool | None = None,
     schedule: str = "pingpong",
     raw_max: bool = True,
-    early_handoff: bool = False,
+    handoff: str = "end",
+    magic_init: bool = True,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max`` and ``early_handoff`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff`` and ``magic_init`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
     with per-tile K scales).
@@ -711,7 +741,8 @@ def quant_attention(
         overlap=overlap,
         schedule=schedule,
         raw_max=raw_max,
-        early_handoff=early_handoff,
+        handoff=handoff,
+        magic_init=magic_init,
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not supports(

@@ -40,6 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 EXIT_BIT = 1 << 31  # the profiler's tag bit for the end of a range
 HEADER = 3  # entries before a trace's events: start time, SM id, entries used
 COMPUTE_WGS = 2
+#: One color per phase in every plot (matplotlib names).
+PHASE_COLORS = {
+    "softmax": "tab:pink",
+    "turn_wait": "tab:gray",
+    "qk_issue": "tab:purple",
+    "qk_wait": "tab:brown",
+    "pv": "tab:green",
+    "pv_issue": "tab:red",
+    "pv_wait": "tab:olive",
+    "k_wait": "tab:orange",
+    "rescale": "tab:cyan",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +174,8 @@ def plot(blocks: list[list[list[Span]]], path: Path, title: str, block: int | No
     soft = [s for s in traces[0] if s.name == "softmax"]
     mid = len(soft) // 2
     lo, hi = soft[mid].start, soft[min(mid + steps, len(soft) - 1)].start
-    names = sorted({s.name for wg in traces[:COMPUTE_WGS] for s in wg})
-    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    names = sorted({s.name for wg in traces[:COMPUTE_WGS] for s in wg} - set(PHASE_COLORS))
+    colors = {**PHASE_COLORS, **{n: plt.cm.Set3(i % 12) for i, n in enumerate(names)}}
     fig, ax = plt.subplots(figsize=(12, 2.6))
     for row, wg in enumerate(traces[:COMPUTE_WGS]):
         for s in wg:

@@ -283,6 +283,57 @@ CASES = [
         "random",
         dict(qk_format="int8", pv_format="bf16", k_scales="block", causal=True),
     ),
+    # The softmax turn handed over early, and the int32 accumulator without the magic start.
+    (
+        "hmax kblock int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", handoff="max"),
+    ),
+    (
+        "hexp int8/bf16 realistic hadamard lengths",
+        2,
+        1500,
+        1500,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="bf16", hadamard=True, kv_lengths=(1500, 1111), handoff="exp"),
+    ),
+    (
+        "hmax kblock int8/fp8 bk256 d128",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", k_scales="block", block_k=256, handoff="max"),
+    ),
+    (
+        "hmax kblock int8/bf16 causal d64",
+        1,
+        900,
+        900,
+        2,
+        64,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", causal=True, handoff="max"),
+    ),
+    (
+        "noinit kblock int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", magic_init=False),
+    ),
 ]
 QUICK = {
     "int8/bf16 d128",
@@ -318,7 +369,8 @@ def run_case(seed: int, case) -> dict:
         overlap=opts.get("overlap", False),
         schedule=opts.get("schedule", "pingpong"),
         raw_max=opts.get("raw_max", True),
-        early_handoff=opts.get("early_handoff", False),
+        handoff=opts.get("handoff", "end"),
+        magic_init=opts.get("magic_init", True),
     )
     path = (
         "kernel"

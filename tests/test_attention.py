@@ -259,16 +259,19 @@ def test_kernel_arithmetic_matches_reference(pv, causal, lengths, k_scales):
 
 
 @pytest.mark.parametrize(
-    "pv,causal,d,int_to_float,k_scales,overlap,schedule,raw_max,early",
+    "pv,causal,d,int_to_float,k_scales,overlap,schedule,raw_max,handoff",
     [
-        ("fp8_e4m3", False, 128, "magic", "token", False, "pingpong", True, False),
-        ("bf16", True, 64, "cvt", "block", False, "pingpong", True, True),
-        ("bf16", False, 128, "magic", "token", True, "pingpong", True, False),
-        ("fp8_e4m3", False, 64, "magic", "block", True, "none", True, False),
-        ("bf16", False, 128, "magic", "block", False, "pingpong", False, True),
+        ("fp8_e4m3", False, 128, "magic", "token", False, "pingpong", True, "end"),
+        ("bf16", True, 64, "cvt", "block", False, "pingpong", True, "exp"),
+        ("bf16", False, 128, "magic", "token", True, "pingpong", True, "end"),
+        ("fp8_e4m3", False, 64, "magic", "block", True, "none", True, "end"),
+        ("bf16", False, 128, "magic", "block", False, "pingpong", False, "exp"),
+        ("bf16", True, 128, "magic", "block", False, "pingpong", True, "max"),
     ],
 )
-def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scales, overlap, schedule, raw_max, early):
+def test_kernel_lowers_for_cuda(
+    monkeypatch, pv, causal, d, int_to_float, k_scales, overlap, schedule, raw_max, handoff
+):
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     shape = jax.ShapeDtypeStruct((1, 300, 2, d), jnp.bfloat16)
@@ -284,7 +287,7 @@ def test_kernel_lowers_for_cuda(monkeypatch, pv, causal, d, int_to_float, k_scal
             overlap=overlap,
             schedule=schedule,
             raw_max=raw_max,
-            early_handoff=early,
+            handoff=handoff,
         )
     )
     text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
