@@ -97,6 +97,11 @@ class AttentionConfig:
     starts at the magic number's bits instead of 0, so the tensor core adds the bias and the
     softmax reinterprets the result without an integer add per score (the sum stays below 2^31).
 
+    ``fresh_pv`` (plain loop): P V of each tile goes into a fresh accumulator, added to the
+    running output with one FMA per value once the MMA has landed (SageAttention2's two-level
+    accumulation: the fp8 MMA's reduced-precision accumulator then spans one tile only; the
+    output rescale leaves the softmax phase, which the profile shows sets the step).
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -112,6 +117,7 @@ class AttentionConfig:
     raw_max: bool = True
     handoff: str = "end"
     magic_init: bool = True
+    fresh_pv: bool = False
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -346,13 +352,14 @@ def attention_pallas(
                     if handoff == "exp":  # the exponentials done, the other warpgroup's softmax may start
                         p, alpha, m_i = lax.optimization_barrier((p, alpha, m_i))
                         plgpu.barrier_arrive(schedule_barrier)
-                    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    if not config.fresh_pv:
+                        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i *= alpha
                     # The optimization barrier cannot carry 2-element 8-bit register vectors, so
                     # the fp8 cast of P happens after it.
                     p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
                     l_i += p.sum(axis=1)
-                    acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+                    acc, l_i, m_i, p_op, alpha = lax.optimization_barrier((acc, l_i, m_i, p_op, alpha))
                     if pv_fp8:
                         p_op = p_op.astype(jnp.float8_e4m3fn)
 
@@ -383,8 +390,19 @@ def attention_pallas(
                         with jax.named_scope("k_wait"):
                             plgpu.barrier_wait(k_barriers.at[wait_slot])
 
-                with jax.named_scope("pv"):
-                    acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                if config.fresh_pv:
+
+                    def fresh_pv(pv_ref):
+                        compute_pv(pv_ref)
+                        return pv_ref[...]
+
+                    with jax.named_scope("pv"):
+                        pv = pl.run_scoped(fresh_pv, plgpu.ACC((block_q, head_dim), jnp.float32))
+                    with jax.named_scope("rescale"):
+                        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+                else:
+                    with jax.named_scope("pv"):
+                        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 return acc, m_i, l_i
 
@@ -709,11 +727,12 @@ def quant_attention(
     raw_max: bool = True,
     handoff: str = "end",
     magic_init: bool = True,
+    fresh_pv: bool = False,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff`` and ``magic_init`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init`` and ``fresh_pv`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
     with per-tile K scales).
@@ -743,6 +762,7 @@ def quant_attention(
         raw_max=raw_max,
         handoff=handoff,
         magic_init=magic_init,
+        fresh_pv=fresh_pv,
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not supports(

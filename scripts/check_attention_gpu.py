@@ -18,6 +18,8 @@ a copy under ``$OUT`` when set) and exits 1 if any case fails or errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -325,6 +327,48 @@ CASES = [
         dict(qk_format="int8", pv_format="bf16", k_scales="block", causal=True, handoff="max"),
     ),
     (
+        "fresh kblock int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", fresh_pv=True),
+    ),
+    (
+        "fresh kblock int8/fp8 bk256 lengths",
+        2,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(
+            qk_format="int8", pv_format="fp8_e4m3", k_scales="block", block_k=256, fresh_pv=True, kv_lengths=(1000, 517)
+        ),
+    ),
+    (
+        "fresh int8/fp8 causal d128",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", causal=True, fresh_pv=True),
+    ),
+    (
+        "fresh int8/bf16 realistic hadamard",
+        2,
+        2048,
+        2048,
+        4,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="bf16", hadamard=True, fresh_pv=True),
+    ),
+    (
         "noinit kblock int8/bf16 d128",
         2,
         1000,
@@ -335,6 +379,10 @@ CASES = [
         dict(qk_format="int8", pv_format="bf16", k_scales="block", magic_init=False),
     ),
 ]
+#: Case options that tune the kernel only (the reference does not take them), and those that
+#: are AttentionConfig fields.
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(pa.AttentionConfig))
+KERNEL_ONLY = CONFIG_FIELDS - frozenset(inspect.signature(ar.quant_attention_reference).parameters)
 QUICK = {
     "int8/bf16 d128",
     "int8/fp8 d128",
@@ -358,20 +406,8 @@ def run_case(seed: int, case) -> dict:
         opts["kv_lengths"] = jnp.asarray(opts["kv_lengths"], jnp.int32)
     q, k, v = ar.sample_inputs(jax.random.key(seed), b, tq, tk, h, d, kind=kind)
     kernel_opts = dict(opts)
-    ref_opts = {
-        key: val for key, val in opts.items() if key not in ("stages", "int_to_float", "overlap", "schedule", "raw_max")
-    }
-    config = pa.AttentionConfig(
-        block_k=opts.get("block_k", 128),
-        stages=opts.get("stages", 2),
-        int_to_float=opts.get("int_to_float", "magic"),
-        k_scales=opts.get("k_scales", "token"),
-        overlap=opts.get("overlap", False),
-        schedule=opts.get("schedule", "pingpong"),
-        raw_max=opts.get("raw_max", True),
-        handoff=opts.get("handoff", "end"),
-        magic_init=opts.get("magic_init", True),
-    )
+    ref_opts = {key: val for key, val in opts.items() if key not in KERNEL_ONLY}
+    config = pa.AttentionConfig(**{key: val for key, val in opts.items() if key in CONFIG_FIELDS})
     path = (
         "kernel"
         if pa.supports(

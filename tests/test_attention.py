@@ -430,3 +430,14 @@ def test_overlap_default_follows_the_measurements(monkeypatch, pv, k_scales, cau
 def test_policy_default_is_k_per_tile_with_the_rotation():
     policy = jattn.AttentionPolicy()
     assert (policy.k_scales, policy.hadamard, policy.pv_format) == ("block", True, "bf16")
+
+
+@pytest.mark.parametrize("pv,causal,k_scales", [("bf16", False, "block"), ("fp8_e4m3", True, "token")])
+def test_fresh_pv_kernel_lowers_for_cuda(monkeypatch, pv, causal, k_scales):
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(
+        lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, k_scales=k_scales, fresh_pv=True)
+    )
+    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()

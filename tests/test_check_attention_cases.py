@@ -1,0 +1,44 @@
+"""scripts/check_attention_gpu.py's cases: every option reaches what takes it (a case that the
+kernel's wrapper or the reference rejects fails on the GPU only, after the device time is spent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "check_attention_gpu.py"
+_spec = importlib.util.spec_from_file_location("_check_attention_gpu", _PATH)
+ck = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = ck
+_spec.loader.exec_module(ck)
+
+from pallas_kernels import attention as pa  # noqa: E402
+from pallas_kernels import attention_ref as ar  # noqa: E402
+
+WRAPPER = frozenset(inspect.signature(pa.quant_attention).parameters)
+REFERENCE = frozenset(inspect.signature(ar.quant_attention_reference).parameters)
+
+
+@pytest.mark.parametrize("case", ck.CASES, ids=[c[0] for c in ck.CASES])
+def test_case_options_are_accepted(case):
+    options = case[-1]
+    assert set(options) <= WRAPPER, f"{case[0]}: quant_attention does not take {set(options) - WRAPPER}"
+    ref_keys = {k for k in options if k not in ck.KERNEL_ONLY}
+    assert ref_keys <= REFERENCE, f"{case[0]}: the reference does not take {ref_keys - REFERENCE}"
+    pa.AttentionConfig(**{k: v for k, v in options.items() if k in ck.CONFIG_FIELDS})
+
+
+def test_kernel_only_options_are_the_tuning_fields():
+    assert {"stages", "overlap", "schedule", "raw_max", "handoff", "magic_init", "fresh_pv"} <= ck.KERNEL_ONLY
+    assert not ck.KERNEL_ONLY & {"qk_format", "pv_format", "block_k", "k_scales", "causal"}
+
+
+def test_a_case_with_kernel_only_options_runs_off_the_gpu():
+    case = next(c for c in ck.CASES if c[-1].get("fresh_pv") and c[-1].get("kv_lengths"))
+    small = (case[0], 1, 256, 256, 1, case[5], case[6], {**case[-1], "kv_lengths": (200,)})
+    row = ck.run_case(0, small)
+    assert row["path"] == "reference" and row["pass"] and row["kernel_vs_reference"] == 0.0
