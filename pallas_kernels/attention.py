@@ -102,6 +102,10 @@ class AttentionConfig:
     accumulation: the fp8 MMA's reduced-precision accumulator then spans one tile only; the
     output rescale leaves the softmax phase, which the profile shows sets the step).
 
+    ``p_smem`` (bf16 P V): P goes through shared memory, so P V is a shared-memory wgmma whose
+    issue need not wait for the tensor core to take P from registers (the profile shows the
+    register-operand issue holding its warpgroup for about 290 cycles); fp8 P always does.
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -118,6 +122,7 @@ class AttentionConfig:
     handoff: str = "end"
     magic_init: bool = True
     fresh_pv: bool = False
+    p_smem: bool = False
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -194,6 +199,7 @@ def attention_pallas(
     tk = k8.shape[1]
     block_q, block_kv = config.block_q, config.block_k
     pv_fp8 = vv.dtype != jnp.bfloat16
+    p_in_smem = pv_fp8 or config.p_smem  # P V reads P from shared memory (else from registers)
     int_qk = q8.dtype == jnp.int8
     acc_qk_dtype = jnp.int32 if int_qk else jnp.float32
     num_kv_steps = tk // block_kv
@@ -261,6 +267,9 @@ def attention_pallas(
             l_i = plgpu.layout_cast(jnp.full((block_q,), 0, dtype=jnp.float32), row_layout)
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
             magic_init = config.magic_init and int_qk and config.int_to_float == "magic"
+
+            def v_operand(slot):  # P V's B operand: fp8 V is stored [D, T] (8-bit wgmma wants K-major)
+                return plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if pv_fp8 else v_smem.at[slot]
 
             def magic_acc():
                 bits = jnp.full((block_q, block_kv), _common.MAGIC_BITS, dtype=jnp.int32)
@@ -375,11 +384,11 @@ def attention_pallas(
 
                 def compute_pv(acc_ref):
                     with jax.named_scope("pv_issue"):
-                        if pv_fp8:
+                        if p_in_smem:
                             p_smem = p_smem2.at[wg_idx]
                             p_smem[...] = p_op
                             plgpu.commit_smem()
-                            plgpu.wgmma(acc_ref, p_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                            plgpu.wgmma(acc_ref, p_smem, v_operand(slot))
                         else:
                             plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
                     wait_step = kv_step + 1
@@ -426,18 +435,18 @@ def attention_pallas(
                 def issue_pv(p_op, step):
                     slot = slot_of(step)
                     plgpu.barrier_wait(v_barriers.at[slot])
-                    if pv_fp8:
+                    if p_in_smem:
                         p_buf = p_smem2.at[wg_idx * 2 + lax.rem(step, jnp.array(2, step.dtype))]
-                        plgpu.wgmma(o_ref, p_buf, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                        plgpu.wgmma(o_ref, p_buf, v_operand(slot))
                     else:
                         plgpu.wgmma(o_ref, p_op, v_smem.at[slot])
 
                 def softmax(qk, step, m, l):
                     p, alpha, m = tile_softmax(qk, slot_of(step), step, False, m)
                     l = l * alpha + p.sum(axis=1)
-                    if pv_fp8:  # the buffer P V of step - 2 read, which has landed
+                    if p_in_smem:  # the buffer P V of step - 2 read, which has landed
                         p_buf = p_smem2.at[wg_idx * 2 + lax.rem(step, jnp.array(2, step.dtype))]
-                        p_buf[...] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn)
+                        p_buf[...] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn) if pv_fp8 else p.astype(jnp.bfloat16)
                         plgpu.commit_smem()
                         p_op = None  # P lives in shared memory
                     else:
@@ -583,7 +592,13 @@ def attention_pallas(
                 jnp.bfloat16,
                 transforms=_swizzle_transforms(head_dim * 2, 2),
             )
-            p_scratch = vs_scratch = None
+            vs_scratch = None
+            p_scratch = None
+            if config.p_smem:
+                p_buffers = compute_wgs * (2 if config.overlap and not causal else 1)
+                p_scratch = plgpu.SMEM(
+                    (p_buffers, block_q, block_kv), jnp.bfloat16, transforms=_swizzle_transforms(block_kv * 2, 2)
+                )
         qrow_scratch = plgpu.SMEM((compute_wgs, 2, block_q), jnp.float32)
         if token_scales:  # a ring beside the K tiles
             ks_scratch = plgpu.SMEM((max_concurrent_steps, block_kv), jnp.float32)
@@ -728,11 +743,12 @@ def quant_attention(
     handoff: str = "end",
     magic_init: bool = True,
     fresh_pv: bool = False,
+    p_smem: bool = False,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init`` and ``fresh_pv`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv`` and ``p_smem`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
     with per-tile K scales).
@@ -763,6 +779,7 @@ def quant_attention(
         handoff=handoff,
         magic_init=magic_init,
         fresh_pv=fresh_pv,
+        p_smem=p_smem,
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not supports(

@@ -441,3 +441,16 @@ def test_fresh_pv_kernel_lowers_for_cuda(monkeypatch, pv, causal, k_scales):
         lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, k_scales=k_scales, fresh_pv=True)
     )
     assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("overlap,causal", [(False, False), (True, False), (False, True)])
+def test_bf16_p_through_shared_memory_lowers_for_cuda(monkeypatch, overlap, causal):
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(
+        lambda q, k, v: pa.quant_attention(
+            q, k, v, pv_format="bf16", k_scales="block", causal=causal, overlap=overlap, p_smem=True
+        )
+    )
+    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
