@@ -389,6 +389,16 @@ CASES = [
         dict(qk_format="int8", pv_format="bf16", k_scales="block", p_smem=True, overlap=True, kv_lengths=(1000, 517)),
     ),
     (
+        "psmem ovl free kblock int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", p_smem=True, overlap=True, schedule="none"),
+    ),
+    (
         "psmem int8/bf16 causal d64",
         1,
         900,
