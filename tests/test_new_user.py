@@ -1,7 +1,7 @@
-"""A new user's first minutes, in a fresh venv: install the checkout as the README says, then,
-from a folder outside the repository, `jquant demo --help`, `jquant formats`, the README's API
-example and `jquant demo --quick`; then the notebook's setup cell installing jquant itself
-next to a clone named `jquant` (the Colab path). pip's cache and the configured index only.
+"""A new user's first minutes, in a fresh venv: the notebook's setup cell installs the checkout
+next to it (a clone named `jquant`, the Colab path) with the README's command, editable with the
+constraints; then, from a folder outside the repository, `jquant demo --help`, `jquant formats`,
+the README's API example and `jquant demo --quick`. pip's cache and the configured index only.
 
 Slow (minutes: the install dominates); prints the time of every step.
 """
@@ -65,10 +65,22 @@ def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
 
     try:
         run("create venv", [sys.executable, "-m", "venv", venv])
-        run(
-            "pip install -c constraints.txt <checkout>",
-            [py, "-m", "pip", "install", "-q", "-c", src / "constraints.txt", src],
-        )
+        # The notebook's setup cell where jquant is missing: it installs the clone beside it the
+        # README's way (`pip install -e <checkout> -c constraints.txt`) and imports it in the same
+        # interpreter; `python -c` puts the working directory first on sys.path, as a notebook
+        # kernel does. That install then serves the command-line steps below.
+        colab = tmp_path / "colab"
+        colab.mkdir()
+        (colab / "jquant").symlink_to(src, target_is_directory=True)
+        cell = "".join(next(c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code")["source"])
+        check = "\nimport jquant.models, jquant.pipeline.denoiser\nprint('models at', jquant.models.__file__)\n"
+        out = run("notebook setup cell (installs)", [py, "-c", cell + check], cwd=colab).stdout
+        assert "installing: pip install -e" in out and "constraints.txt" in out, out
+        assert f"jquant 0.1.0 from {src.resolve() / 'jquant'}" in out, out
+        assert f"models at {src.resolve() / 'jquant' / 'models'}" in out
+        out = run("notebook setup cell (rerun)", [py, "-c", cell], cwd=colab).stdout
+        assert "installing" not in out and "jquant 0.1.0 from" in out
+
         assert "--quick" in run("jquant demo --help", ["jquant", "demo", "--help"]).stdout
         formats = run("jquant formats", ["jquant", "formats"]).stdout
         names = "int8 int4 int3 int2 uint8 uint4 uint3 uint2 fp8_e4m3 fp8_e5m2 nf4 fp4 mxfp4 nvfp4 q8_0 q4_k q5_k q6_k"
@@ -81,20 +93,5 @@ def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
         assert {"grid.png", "clips.gif", "step_error.png", "results.json"} <= {
             p.name for p in (work / "demo").iterdir()
         }
-
-        # The notebook's setup cell where jquant is missing: it installs the clone beside it (editable,
-        # the README's way) and imports it in the same interpreter; `python -c` puts the working
-        # directory first on sys.path, as a notebook kernel does.
-        run("pip uninstall jquant", [py, "-m", "pip", "uninstall", "-q", "-y", "jquant"])
-        colab = tmp_path / "colab"
-        colab.mkdir()
-        (colab / "jquant").symlink_to(src, target_is_directory=True)
-        cell = "".join(next(c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code")["source"])
-        check = "\nimport jquant.models, jquant.pipeline.denoiser\nprint('models at', jquant.models.__file__)\n"
-        out = run("notebook setup cell (installs)", [py, "-c", cell + check], cwd=colab).stdout
-        assert "installing: pip install -e" in out and f"jquant 0.1.0 from {src.resolve() / 'jquant'}" in out, out
-        assert f"models at {src.resolve() / 'jquant' / 'models'}" in out
-        out = run("notebook setup cell (rerun)", [py, "-c", cell], cwd=colab).stdout
-        assert "installing" not in out and "jquant 0.1.0 from" in out
     finally:
         print("\nnew-user timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), file=sys.stderr)
