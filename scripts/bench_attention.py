@@ -34,7 +34,9 @@ it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import inspect
 import os
 import re
 import sys
@@ -87,6 +89,7 @@ ASSUMED_TFLOPS = 500.0  # only to pick iteration counts
 BOUND_TOL = {"bf16": 1e-2, "fp8_e4m3": 2.0**-4, "fp8_out": 2.0**-3}
 REL_TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2, "fp8_out": 8e-2}
 BASELINES = ("cudnn", "cudnn-fp8", "xla")
+_WRAPPER_ARGS = frozenset(inspect.signature(pa.quant_attention).parameters)
 
 
 def device_slug(device: jax.Device) -> str:
@@ -194,27 +197,12 @@ def variant_fn(variant: str, block_k: int):
         )
 
     if kind == "total":
+        # Every AttentionConfig field quant_attention takes, so a new kernel option reaches it too.
+        tuning = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in _WRAPPER_ARGS}
+        tuning["overlap"] = config.overlap or None  # without -ovl: quant_attention's own choice
 
         def total(q, k, v):
-            return pa.quant_attention(
-                q,
-                k,
-                v,
-                qk_format=qk,
-                pv_format=pv,
-                block_k=config.block_k,
-                stages=config.stages,
-                int_to_float=config.int_to_float,
-                k_scales=config.k_scales,
-                hadamard=hadamard,
-                overlap=config.overlap or None,  # without -ovl: quant_attention's own choice
-                schedule=config.schedule,
-                raw_max=config.raw_max,
-                handoff=config.handoff,
-                magic_init=config.magic_init,
-                fresh_pv=config.fresh_pv,
-                p_smem=config.p_smem,
-            )
+            return pa.quant_attention(q, k, v, qk_format=qk, pv_format=pv, hadamard=hadamard, **tuning)
 
         return total, lambda q, k, v: ((q, k, v), None), lambda out, extra: out, reference, pv
     on_kernel = pa.supports(
