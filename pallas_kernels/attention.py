@@ -56,7 +56,9 @@ MAX_KEY_BLOCKS = 4096
 #: runs it explicitly.
 CAUSAL_ON_KERNEL = True
 INT_TO_FLOAT: tuple[str, ...] = ("cvt", "magic")
-SCHEDULES: tuple[str, ...] = ("pingpong", "none")
+SCHEDULES: tuple[str, ...] = ("pingpong", "none", "round")
+#: Compute warpgroups per CTA the kernel can run with (3: ``schedule="round"`` only).
+WARPGROUPS: tuple[int, ...] = (2, 3)
 HANDOFFS: tuple[str, ...] = ("end", "exp", "max")
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
@@ -82,7 +84,14 @@ class AttentionConfig:
     Q K^T of tile j and P V of tile j - 1 together and runs tile j's softmax while P V is in
     flight; the output accumulator is rescaled after P V lands. ``schedule``: ``"pingpong"``
     makes the two compute warpgroups take turns on the tensor cores (one barrier each way per
-    step); ``"none"`` lets them run free.
+    step); ``"none"`` lets them run free; ``"round"`` (non-causal, any ``overlap``) is the
+    round-robin loop: in its turn a warpgroup issues P V of its previous tile and Q K^T of the
+    next together, waits for both, then runs the softmax while the other warpgroups' GEMMs run.
+
+    ``warpgroups`` (2 or 3; 3 with ``schedule="round"`` only): compute warpgroups per CTA, each
+    owning ``block_q`` rows. The profile shows a step of two warpgroups is two softmaxes back to
+    back (each longer than the other's GEMMs); with three, each softmax has two other
+    warpgroups' GEMMs to hide under. Three warpgroups get 160 registers each instead of 232.
 
     ``raw_max`` (per-tile K scales): take each row's max on the unscaled scores and fold the
     row scale, the magic-number bias and the max into the one FMA that feeds ``exp2``: one
@@ -123,6 +132,7 @@ class AttentionConfig:
     magic_init: bool = True
     fresh_pv: bool = False
     p_smem: bool = False
+    warpgroups: int = 2
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -142,6 +152,13 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig: block_k must be 64, 128 or 256, got {self.block_k}")
         if self.stages < 2:
             raise ValueError(f"AttentionConfig: stages must be >= 2, got {self.stages}")
+        if self.warpgroups not in WARPGROUPS:
+            raise ValueError(f"AttentionConfig: warpgroups must be one of {WARPGROUPS}, got {self.warpgroups}")
+        if self.warpgroups == 3 and self.schedule != "round":
+            raise ValueError(
+                f"AttentionConfig: warpgroups=3 needs schedule='round' (the loop with one turn per warpgroup), "
+                f"got schedule={self.schedule!r}"
+            )
 
 
 def _swizzle_transforms(row_bytes: int, elem_bytes: int):
@@ -186,7 +203,7 @@ def attention_pallas(
     """Runs the kernel on prepared, padded operands.
 
     ``q8`` [B, Tq, H, D] and ``k8`` [B, Tk, H, D] 8-bit codes (Tq a multiple of
-    ``2 * block_q``, Tk of ``block_k``); ``vv`` bf16 [B, Tk, H, D] or e4m3 [B, H, D, Tk];
+    ``config.warpgroups * block_q``, Tk of ``block_k``); ``vv`` bf16 [B, Tk, H, D] or e4m3 [B, H, D, Tk];
     ``qrow`` f32 [B, H, 2, Tq] (row 0: Q scale * sm_scale * log2 e, row 1: padding-key
     count); ``ks`` f32 K scales: [B, H, Tk] per token (``config.k_scales == "token"``) or
     [B, H, R, 32] per block (block j at [j // 32, j % 32]);
@@ -206,7 +223,11 @@ def attention_pallas(
     max_concurrent_steps = min(config.stages, num_kv_steps)
     token_scales = config.k_scales == "token"
     ks_rows = 0 if token_scales else ks.shape[2]
-    compute_wgs = 2
+    if causal and config.schedule == "round":
+        raise ValueError("attention_pallas: schedule='round' runs non-causal calls only")
+    compute_wgs = config.warpgroups
+    round_robin = config.schedule == "round"
+    overlapped_loop = config.overlap and not causal and not round_robin
     num_q_tiles = tq // (compute_wgs * block_q)
     out_dtype = jnp.bfloat16
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -218,7 +239,7 @@ def attention_pallas(
         q_tile = lax.axis_index("q_seq")
         wg_idx = lax.axis_index("wg")
         smem, bars, consumed, schedule_barrier, turn_barriers = scoped
-        free_running = config.schedule == "none"
+        free_running = config.schedule in ("none", "round")  # "round" takes turns, not the barrier
         q_smem2, o_smem2, k_smem, v_smem, p_smem2, qrow_smem2, ks_smem2, vs_smem2 = smem
         k_barriers, v_barriers, q_barriers, qrow_barriers, ks_barriers, vs_barriers, kt_barriers = bars
         k_consumed_barriers, v_consumed_barriers = consumed
@@ -237,7 +258,7 @@ def attention_pallas(
 
         @pl.when(wg_idx < compute_wgs)
         def _compute_wg():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(232 if compute_wgs == 2 else 160, action="increase")
             q_smem = q_smem2.at[wg_idx]
             o_smem = o_smem2.at[wg_idx]
             qrow_smem = qrow_smem2.at[wg_idx]
@@ -427,7 +448,7 @@ def attention_pallas(
                         plgpu.barrier_wait(turn_barriers.at[wg_idx])
                     issue()
                     if pingpong:
-                        plgpu.barrier_arrive(turn_barriers.at[1 - wg_idx])
+                        plgpu.barrier_arrive(turn_barriers.at[1 - wg_idx])  # two warpgroups
 
                 def slot_of(step):
                     return lax.rem(step, jnp.array(max_concurrent_steps, step.dtype))
@@ -498,7 +519,97 @@ def attention_pallas(
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
                 return o, m, l
 
-            if config.overlap and not causal:
+            def round_robin_loop(o_ref):
+                """The round-robin loop (non-causal): in its turn a warpgroup issues P V of tile
+                j - 1 and Q K^T of tile j together and hands the turn on; it waits for both (so
+                neither the output accumulator nor the previous P is in flight during the
+                softmax), then rescales the output and runs tile j's softmax while the other
+                warpgroups' GEMMs run. P stays in registers (bf16) or goes through one shared-memory
+                buffer per warpgroup (``p_smem``, fp8): P V of tile j - 1 has landed before tile j's
+                P is written."""
+
+                def slot_of(step):
+                    return lax.rem(step, jnp.array(max_concurrent_steps, step.dtype))
+
+                def take_turn(issue):
+                    plgpu.barrier_wait(turn_barriers.at[wg_idx])
+                    issue()
+                    plgpu.barrier_arrive(turn_barriers.at[lax.rem(wg_idx + 1, compute_wgs)])
+
+                def issue_pv(p_op, step):
+                    slot = slot_of(step)
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    if p_in_smem:
+                        plgpu.wgmma(o_ref, p_smem2.at[wg_idx], v_operand(slot))
+                    else:
+                        plgpu.wgmma(o_ref, p_op, v_smem.at[slot])
+
+                def issue_qk(s_ref, step):
+                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot_of(step)], (1, 0)))
+
+                def scores(issue):
+                    """Runs ``issue(s_ref)`` in this warpgroup's turn; returns Q K^T once every
+                    wgmma it issued has landed. (The accumulator starts at the magic bias by a
+                    store: ``run_state`` cannot hold the turn barriers.)"""
+
+                    def body(s_ref):
+                        if magic_init:
+                            s_ref[...] = magic_acc()
+                        with jax.named_scope("turn_wait"):  # the issue included
+                            take_turn(lambda: issue(s_ref))
+                        with jax.named_scope("qk_wait"):
+                            return plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
+
+                    return pl.run_scoped(body, plgpu.ACC((block_q, block_kv), acc_qk_dtype))
+
+                def softmax(qk, step, m, l):
+                    p, alpha, m = tile_softmax(qk, slot_of(step), step, False, m, magic_init)
+                    l = l * alpha + p.sum(axis=1)
+                    if p_in_smem:
+                        p_smem2[wg_idx] = (
+                            (p * ref.P_SCALE).astype(jnp.float8_e4m3fn) if pv_fp8 else p.astype(jnp.bfloat16)
+                        )
+                        plgpu.commit_smem()
+                        return None, alpha, m, l
+                    return p.astype(jnp.bfloat16), alpha, m, l
+
+                o_ref[...] = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+                first = jnp.array(0, jnp.int32)
+                qk = scores(lambda s_ref: issue_qk(s_ref, first))
+                with jax.named_scope("softmax"):
+                    p_op, _, m, l = softmax(qk, first, m_i, l_i)
+
+                def step_fn(step, carry):
+                    m, l, *p_prev = carry  # P of the previous tile in registers (bf16 P V only)
+                    p_prev = p_prev[0] if p_prev else None
+                    with jax.named_scope("k_wait"):
+                        plgpu.barrier_wait(k_barriers.at[slot_of(step)])
+
+                    def issue(s_ref):
+                        issue_pv(p_prev, step - 1)
+                        issue_qk(s_ref, step)
+
+                    qk = scores(issue)
+                    plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(step - 1)])
+                    with jax.named_scope("softmax"):
+                        p_op, alpha, m, l = softmax(qk, step, m, l)
+                    with jax.named_scope("rescale"):
+                        o_ref[...] = o_ref[...] * lax.broadcast_in_dim(alpha, (block_q, head_dim), [0])
+                    return (m, l) if p_op is None else (m, l, p_op)
+
+                carry = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l) if p_op is None else (m, l, p_op))
+                m, l = carry[:2]
+                p_op = carry[2] if len(carry) == 3 else None
+                last = jnp.array(block_max_kv_steps - 1, jnp.int32)
+                take_turn(lambda: issue_pv(p_op, last))
+                o = o_ref[...]
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
+                return o, m, l
+
+            if round_robin:  # warpgroup 0 takes the first turn
+                pl.when(wg_idx == compute_wgs - 1)(lambda: plgpu.barrier_arrive(turn_barriers.at[0]))
+                acc, m_i, l_i = pl.run_scoped(round_robin_loop, plgpu.ACC((block_q, head_dim), jnp.float32))
+            elif overlapped_loop:
                 if not free_running:  # warpgroup 0 takes the first turn
                     pl.when(wg_idx == 1)(lambda: plgpu.barrier_arrive(turn_barriers.at[0]))
                 acc, m_i, l_i = pl.run_scoped(overlapped, plgpu.ACC((block_q, head_dim), jnp.float32))
@@ -538,7 +649,7 @@ def attention_pallas(
 
         @pl.when(wg_idx == compute_wgs)
         def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(40 if compute_wgs == 2 else 24, action="decrease")
 
             def k_src(step):
                 return k_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
@@ -581,7 +692,7 @@ def attention_pallas(
             v_scratch = plgpu.SMEM(
                 (max_concurrent_steps, head_dim, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
             )
-            p_buffers = compute_wgs * (2 if config.overlap and not causal else 1)
+            p_buffers = compute_wgs * (2 if overlapped_loop else 1)
             p_scratch = plgpu.SMEM(
                 (p_buffers, block_q, block_kv), vv.dtype, transforms=_swizzle_transforms(block_kv, 1)
             )
@@ -595,7 +706,7 @@ def attention_pallas(
             vs_scratch = None
             p_scratch = None
             if config.p_smem:
-                p_buffers = compute_wgs * (2 if config.overlap and not causal else 1)
+                p_buffers = compute_wgs * (2 if overlapped_loop else 1)
                 p_scratch = plgpu.SMEM(
                     (p_buffers, block_q, block_kv), jnp.bfloat16, transforms=_swizzle_transforms(block_kv * 2, 2)
                 )
@@ -631,7 +742,7 @@ def attention_pallas(
         out_type=jax.ShapeDtypeStruct((batch_size, tq, heads, head_dim), out_dtype),
         grid=(heads, num_q_tiles, batch_size),
         grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
+        num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=_compiler_params(config.profile_dir, num_kv_steps),
     )(q8, k8, vv, qrow, ks, vs)
@@ -672,7 +783,7 @@ def prepare_kernel_operands(
         smooth_v=smooth_v,
         k_scales=config.k_scales,
     )
-    tq_p = _common.round_up(tq, 2 * config.block_q)
+    tq_p = _common.round_up(tq, config.warpgroups * config.block_q)
     tk_p = _common.round_up(tk, config.block_k)
     q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
     k8 = _common.pad_axis(prep.k_codes, 1, tk_p)
@@ -744,11 +855,13 @@ def quant_attention(
     magic_init: bool = True,
     fresh_pv: bool = False,
     p_smem: bool = False,
+    warpgroups: int = 2,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv`` and ``p_smem`` tune the kernel (see :class:`AttentionConfig`); ``k_scales`` as
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem`` and ``warpgroups`` tune the kernel (see
+    :class:`AttentionConfig`; ``schedule="round"`` runs non-causal calls only); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
     with per-tile K scales).
@@ -780,7 +893,10 @@ def quant_attention(
         magic_init=magic_init,
         fresh_pv=fresh_pv,
         p_smem=p_smem,
+        warpgroups=warpgroups,
     )
+    if causal and schedule == "round":
+        raise ValueError("quant_attention: schedule='round' runs non-causal calls only; use 'pingpong' or 'none'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not supports(
         q,

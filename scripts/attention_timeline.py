@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 EXIT_BIT = 1 << 31  # the profiler's tag bit for the end of a range
 HEADER = 3  # entries before a trace's events: start time, SM id, entries used
-COMPUTE_WGS = 2
+COMPUTE_WGS = 2  # the default; AttentionConfig.warpgroups sets it per variant
 #: One color per phase in every plot (matplotlib names).
 PHASE_COLORS = {
     "softmax": "tab:pink",
@@ -124,17 +124,30 @@ def _overlap(a: list[Span], b: list[Span]) -> int:
     return total
 
 
-def summarize(blocks: list[list[list[Span]]], skip: int = 2, step_phase: str = "softmax") -> dict[str, Any]:
-    """Steady-state means over every CTA: cycles per step (between consecutive ``step_phase``
-    starts of a warpgroup), each phase's cycles per step, and the share of softmax time during
-    which both compute warpgroups are in their softmax."""
+def _union(spans: list[Span]) -> list[Span]:
+    """Disjoint, sorted spans covering the same cycles as ``spans``."""
+    merged: list[Span] = []
+    for s in sorted(spans, key=lambda s: s.start):
+        if merged and s.start <= merged[-1].end:
+            merged[-1] = Span(merged[-1].name, merged[-1].start, max(merged[-1].end, s.end))
+        else:
+            merged.append(s)
+    return merged
+
+
+def summarize(
+    blocks: list[list[list[Span]]], skip: int = 2, step_phase: str = "softmax", wgs: int = COMPUTE_WGS
+) -> dict[str, Any]:
+    """Steady-state means over every CTA's ``wgs`` compute warpgroups: cycles per step (between
+    consecutive ``step_phase`` starts of a warpgroup), each phase's cycles per step, and the share
+    of warpgroup 0's softmax time during which another compute warpgroup is in its softmax."""
     step_gaps: list[float] = []
     phase_sum: dict[str, float] = {}
     steps_counted = 0
     soft_total = soft_both = 0
     for traces in blocks:
         windows = []
-        for wg in traces[:COMPUTE_WGS]:
+        for wg in traces[:wgs]:
             starts = [s.start for s in wg if s.name == step_phase]
             if len(starts) <= 2 * skip + 1:
                 windows.append(None)
@@ -146,12 +159,12 @@ def summarize(blocks: list[list[list[Span]]], skip: int = 2, step_phase: str = "
             for s in wg:
                 if lo <= s.start < hi:
                     phase_sum[s.name] = phase_sum.get(s.name, 0.0) + (s.end - s.start)
-        if len(traces) >= COMPUTE_WGS and all(windows[:COMPUTE_WGS]):
-            lo = max(w[0] for w in windows[:COMPUTE_WGS])
-            hi = min(w[1] for w in windows[:COMPUTE_WGS])
-            soft = [[s for s in wg if s.name == "softmax" and lo <= s.start < hi] for wg in traces[:COMPUTE_WGS]]
+        if len(traces) >= wgs and all(windows[:wgs]):
+            lo = max(w[0] for w in windows[:wgs])
+            hi = min(w[1] for w in windows[:wgs])
+            soft = [[s for s in wg if s.name == "softmax" and lo <= s.start < hi] for wg in traces[:wgs]]
             soft_total += sum(s.end - s.start for s in soft[0])
-            soft_both += _overlap(soft[0], soft[1])
+            soft_both += _overlap(soft[0], _union([s for other in soft[1:] for s in other]))
     if not steps_counted:
         raise ValueError(f"no CTA has more than {2 * skip + 1} steps: use a longer sequence or a smaller --skip")
     return {
@@ -163,8 +176,15 @@ def summarize(blocks: list[list[list[Span]]], skip: int = 2, step_phase: str = "
     }
 
 
-def plot(blocks: list[list[list[Span]]], path: Path, title: str, block: int | None = None, steps: int = 6) -> None:
-    """A Gantt chart of both compute warpgroups of one CTA (the middle one) over ``steps`` steps."""
+def plot(
+    blocks: list[list[list[Span]]],
+    path: Path,
+    title: str,
+    block: int | None = None,
+    steps: int = 6,
+    wgs: int = COMPUTE_WGS,
+) -> None:
+    """A Gantt chart of the ``wgs`` compute warpgroups of one CTA (the middle one) over ``steps`` steps."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -174,10 +194,10 @@ def plot(blocks: list[list[list[Span]]], path: Path, title: str, block: int | No
     soft = [s for s in traces[0] if s.name == "softmax"]
     mid = len(soft) // 2
     lo, hi = soft[mid].start, soft[min(mid + steps, len(soft) - 1)].start
-    names = sorted({s.name for wg in traces[:COMPUTE_WGS] for s in wg} - set(PHASE_COLORS))
+    names = sorted({s.name for wg in traces[:wgs] for s in wg} - set(PHASE_COLORS))
     colors = {**PHASE_COLORS, **{n: plt.cm.Set3(i % 12) for i, n in enumerate(names)}}
-    fig, ax = plt.subplots(figsize=(12, 2.6))
-    for row, wg in enumerate(traces[:COMPUTE_WGS]):
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.8 * wgs))
+    for row, wg in enumerate(traces[:wgs]):
         for s in wg:
             if s.end > lo and s.start < hi:
                 nested = s.name in ("pv_issue", "k_wait")
@@ -191,7 +211,7 @@ def plot(blocks: list[list[list[Span]]], path: Path, title: str, block: int | No
     ax.legend(
         handles.values(), handles.keys(), ncol=len(handles), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25)
     )
-    ax.set_yticks([0.6, 1.6], ["warpgroup 0", "warpgroup 1"])
+    ax.set_yticks([row + 0.6 for row in range(wgs)], [f"warpgroup {row}" for row in range(wgs)])
     ax.set_xlabel("SM clock cycles")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -265,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             names = {i: n for n, i in interned.items()}
             traces_per_block = int(np.prod(block)) // 128
             spans = parse_traces(buffer, int(np.prod(grid)), traces_per_block, names)
-            row.update(summarize(spans, args.skip))
+            row.update(summarize(spans, args.skip, wgs=config.warpgroups))
             if args.plot:
                 png = args.out_dir / f"attention_timeline-{variant}.png"
-                plot(spans, png, f"{variant}, {args.shape}: two compute warpgroups of one CTA")
+                args.out_dir.mkdir(parents=True, exist_ok=True)
+                title = f"{variant}, {args.shape}: the {config.warpgroups} compute warpgroups of one CTA"
+                plot(spans, png, title, wgs=config.warpgroups)
                 row["plot"] = (
                     str(png.relative_to(args.out_dir.parent)) if png.is_relative_to(args.out_dir.parent) else str(png)
                 )
@@ -279,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     path = timing.write_json(
         f"attention_timeline-{bench.device_slug(jax.devices()[0])}.json", result, str(args.out_dir)
     )
-    print(f"\n{'variant':<34} {'cycles/step':>11} {'softmax':>8} {'both in softmax':>15}")
+    print(f"\n{'variant':<34} {'cycles/step':>11} {'softmax':>8} {'softmax overlapped':>18}")
     for row in result["rows"]:
         if "error" in row:
             print(f"{row['variant']:<34} ERROR {row['error']}")
@@ -287,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         ph = row["phase_cycles_per_step"]
         share = row["softmax_both_wgs_share"]
         print(
-            f"{row['variant']:<34} {row['cycles_per_step_median']:>11.0f} {ph.get('softmax', 0):>8.0f} {share if share is None else f'{share:.1%}':>15}"
+            f"{row['variant']:<34} {row['cycles_per_step_median']:>11.0f} {ph.get('softmax', 0):>8.0f} {share if share is None else f'{share:.1%}':>18}"
         )
     print(f"wrote {path}")
     return 1 if bad else 0

@@ -454,3 +454,43 @@ def test_bf16_p_through_shared_memory_lowers_for_cuda(monkeypatch, overlap, caus
         )
     )
     assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "pv,k_scales,warpgroups,p_smem,int_to_float",
+    [
+        ("bf16", "block", 3, False, "magic"),
+        ("bf16", "block", 3, True, "magic"),
+        ("bf16", "token", 2, False, "cvt"),
+        ("fp8_e4m3", "block", 3, False, "magic"),
+    ],
+)
+def test_round_robin_kernel_lowers_for_cuda(monkeypatch, pv, k_scales, warpgroups, p_smem, int_to_float):
+    """The round-robin loop with two or three compute warpgroups lowers (shared memory and
+    barriers sized for the warpgroup count, the token axis padded to warpgroups x 64 rows)."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(
+        lambda q, k, v: pa.quant_attention(
+            q,
+            k,
+            v,
+            pv_format=pv,
+            k_scales=k_scales,
+            schedule="round",
+            warpgroups=warpgroups,
+            p_smem=p_smem,
+            int_to_float=int_to_float,
+        )
+    )
+    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_round_robin_and_warpgroups_errors():
+    with pytest.raises(ValueError, match="warpgroups must be one of"):
+        pa.AttentionConfig(warpgroups=4)
+    with pytest.raises(ValueError, match="warpgroups=3 needs schedule='round'"):
+        pa.AttentionConfig(warpgroups=3)
+    with pytest.raises(ValueError, match="non-causal calls only"):
+        pa.quant_attention(*_inputs(5, tq=8, tk=8, h=1), causal=True, schedule="round")

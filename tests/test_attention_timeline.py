@@ -79,3 +79,24 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "t.png"
     tl.plot(blocks, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_three_warpgroups_share_counts_any_other_softmax_once():
+    """With three compute warpgroups, warpgroup 0's softmax counts as overlapped while either
+    other is in its softmax, and cycles where both others are count once."""
+    wg0 = _steps(100, 300, 200, 10)
+    wg1 = _steps(150, 300, 100, 10)  # covers wg0's cycles 50-150 of each softmax
+    wg2 = _steps(200, 300, 100, 10)  # covers 100-200: together 50-200, i.e. 150 of 200
+    blocks = tl.parse_traces(_buffer([wg0, wg1, wg2, []]), 1, 4, NAMES)
+    s = tl.summarize(blocks, skip=2, wgs=3)
+    assert s["softmax_both_wgs_share"] == pytest.approx(0.75, abs=0.02)
+    assert s["steps_counted"] == 3 * 5
+    assert tl.summarize(blocks, skip=2)["softmax_both_wgs_share"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_plot_draws_one_row_per_warpgroup(tmp_path):
+    traces = [_steps(100 + 50 * w, 300, 120, 12) for w in range(3)] + [[]]
+    blocks = tl.parse_traces(_buffer(traces), 1, 4, NAMES)
+    path = tmp_path / "t3.png"
+    tl.plot(blocks, path, "three", wgs=3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
