@@ -60,6 +60,8 @@ SCHEDULES: tuple[str, ...] = ("pingpong", "none", "round")
 #: Compute warpgroups per CTA the kernel can run with (3: ``schedule="round"`` only).
 WARPGROUPS: tuple[int, ...] = (2, 3)
 HANDOFFS: tuple[str, ...] = ("end", "exp", "max")
+#: How the softmax rounds P to bf16 for P V (see AttentionConfig.p_round).
+P_ROUNDS: tuple[str, ...] = ("cvt", "int")
 #: (qk_format, pv_format) pairs the kernel handles on the GPU. Every other pair, and every
 #: call off Hopper, runs the reference.
 KERNEL_FORMATS: frozenset[tuple[str, str]] = frozenset((qk, pv) for qk in QK_FORMATS for pv in PV_FORMATS)
@@ -115,6 +117,12 @@ class AttentionConfig:
     issue need not wait for the tensor core to take P from registers (the profile shows the
     register-operand issue holding its warpgroup for about 290 cycles); fp8 P always does.
 
+    ``p_round`` (bf16 P V): how P is rounded to bf16: ``"cvt"`` by the conversion instruction
+    (round to nearest even), ``"int"`` by integer arithmetic on the fp32 bits (add half a bf16
+    unit, keep the upper 16 bits: round to nearest, ties away from zero, exact for P in [0, 1]).
+    The conversion runs on the quarter-rate pipe the exponentials also use; the integer form
+    moves it to the full-rate integer pipe.
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -133,6 +141,7 @@ class AttentionConfig:
     fresh_pv: bool = False
     p_smem: bool = False
     warpgroups: int = 2
+    p_round: str = "cvt"
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -152,6 +161,8 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig: block_k must be 64, 128 or 256, got {self.block_k}")
         if self.stages < 2:
             raise ValueError(f"AttentionConfig: stages must be >= 2, got {self.stages}")
+        if self.p_round not in P_ROUNDS:
+            raise ValueError(f"AttentionConfig: p_round must be one of {P_ROUNDS}, got {self.p_round!r}")
         if self.warpgroups not in WARPGROUPS:
             raise ValueError(f"AttentionConfig: warpgroups must be one of {WARPGROUPS}, got {self.warpgroups}")
         if self.warpgroups == 3 and self.schedule != "round":
@@ -159,6 +170,14 @@ class AttentionConfig:
                 f"AttentionConfig: warpgroups=3 needs schedule='round' (the loop with one turn per warpgroup), "
                 f"got schedule={self.schedule!r}"
             )
+
+
+def bf16_by_bits(p: jax.Array) -> jax.Array:
+    """fp32 ``p`` in [0, 1] rounded to bf16 with integer arithmetic: add half a bf16 unit to the
+    bits and keep the upper 16 (round to nearest, ties away from zero; ``astype`` rounds ties to
+    even). No sign or overflow handling: the softmax's P is never negative and at most 1."""
+    bits = lax.bitcast_convert_type(p, jnp.int32) + 0x8000
+    return lax.bitcast_convert_type(lax.shift_right_logical(bits, 16).astype(jnp.int16), jnp.bfloat16)
 
 
 def _swizzle_transforms(row_bytes: int, elem_bytes: int):
@@ -289,6 +308,10 @@ def attention_pallas(
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
             magic_init = config.magic_init and int_qk and config.int_to_float == "magic"
 
+            def p_bf16(p):
+                """P rounded to bf16 for P V, as ``config.p_round`` says."""
+                return p.astype(jnp.bfloat16) if config.p_round == "cvt" else bf16_by_bits(p)
+
             def v_operand(slot):  # P V's B operand: fp8 V is stored [D, T] (8-bit wgmma wants K-major)
                 return plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if pv_fp8 else v_smem.at[slot]
 
@@ -387,7 +410,7 @@ def attention_pallas(
                     l_i *= alpha
                     # The optimization barrier cannot carry 2-element 8-bit register vectors, so
                     # the fp8 cast of P happens after it.
-                    p_op = p * ref.P_SCALE if pv_fp8 else p.astype(jnp.bfloat16)
+                    p_op = p * ref.P_SCALE if pv_fp8 else p_bf16(p)
                     l_i += p.sum(axis=1)
                     acc, l_i, m_i, p_op, alpha = lax.optimization_barrier((acc, l_i, m_i, p_op, alpha))
                     if pv_fp8:
@@ -467,11 +490,11 @@ def attention_pallas(
                     l = l * alpha + p.sum(axis=1)
                     if p_in_smem:  # the buffer P V of step - 2 read, which has landed
                         p_buf = p_smem2.at[wg_idx * 2 + lax.rem(step, jnp.array(2, step.dtype))]
-                        p_buf[...] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn) if pv_fp8 else p.astype(jnp.bfloat16)
+                        p_buf[...] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn) if pv_fp8 else p_bf16(p)
                         plgpu.commit_smem()
                         p_op = None  # P lives in shared memory
                     else:
-                        p_op = p.astype(jnp.bfloat16)
+                        p_op = p_bf16(p)
                     return p_op, alpha, m, l
 
                 o_ref[...] = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -566,12 +589,10 @@ def attention_pallas(
                     p, alpha, m = tile_softmax(qk, slot_of(step), step, False, m, magic_init)
                     l = l * alpha + p.sum(axis=1)
                     if p_in_smem:
-                        p_smem2[wg_idx] = (
-                            (p * ref.P_SCALE).astype(jnp.float8_e4m3fn) if pv_fp8 else p.astype(jnp.bfloat16)
-                        )
+                        p_smem2[wg_idx] = (p * ref.P_SCALE).astype(jnp.float8_e4m3fn) if pv_fp8 else p_bf16(p)
                         plgpu.commit_smem()
                         return None, alpha, m, l
-                    return p.astype(jnp.bfloat16), alpha, m, l
+                    return p_bf16(p), alpha, m, l
 
                 o_ref[...] = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
                 first = jnp.array(0, jnp.int32)
@@ -856,11 +877,12 @@ def quant_attention(
     fresh_pv: bool = False,
     p_smem: bool = False,
     warpgroups: int = 2,
+    p_round: str = "cvt",
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem`` and ``warpgroups`` tune the kernel (see
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups`` and ``p_round`` tune the kernel (see
     :class:`AttentionConfig`; ``schedule="round"`` runs non-causal calls only); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
@@ -894,6 +916,7 @@ def quant_attention(
         fresh_pv=fresh_pv,
         p_smem=p_smem,
         warpgroups=warpgroups,
+        p_round=p_round,
     )
     if causal and schedule == "round":
         raise ValueError("quant_attention: schedule='round' runs non-causal calls only; use 'pingpong' or 'none'")

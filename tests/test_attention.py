@@ -494,3 +494,38 @@ def test_round_robin_and_warpgroups_errors():
         pa.AttentionConfig(warpgroups=3)
     with pytest.raises(ValueError, match="non-causal calls only"):
         pa.quant_attention(*_inputs(5, tq=8, tk=8, h=1), causal=True, schedule="round")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**30))
+def test_bf16_by_bits_rounds_like_astype_except_ties(seed):
+    """The kernel's integer rounding of P (``p_round="int"``) equals the conversion instruction's
+    round-to-nearest-even on every value of [0, 1] but exact ties, which it rounds away from zero."""
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.random(4096, np.float32), rng.random(64, np.float32) ** 30, [0.0, 1.0]]).astype(np.float32)
+    ties = (p.view(np.uint32) & 0xFFFF) == 0x8000
+    got = np.asarray(pa.bf16_by_bits(jnp.asarray(p))).astype(np.float32)
+    want = np.asarray(jnp.asarray(p).astype(jnp.bfloat16)).astype(np.float32)
+    np.testing.assert_array_equal(got[~ties], want[~ties])
+    # never more than half a unit off (2^-133: half the subnormal spacing)
+    assert np.all(np.abs(got - p) <= np.maximum(np.abs(p) * 2.0**-8, 2.0**-134))
+    tie = np.float32(1 + 2**-8)  # exactly halfway between two bf16 values: away from zero
+    assert float(pa.bf16_by_bits(jnp.asarray([tie]))[0]) == 1 + 2**-7
+
+
+@pytest.mark.parametrize(
+    "overlap,schedule,causal",
+    [(False, "pingpong", False), (True, "pingpong", False), (False, "round", False), (False, "pingpong", True)],
+)
+def test_integer_p_rounding_lowers_for_cuda(monkeypatch, overlap, schedule, causal):
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(
+        lambda q, k, v: pa.quant_attention(
+            q, k, v, k_scales="block", overlap=overlap, schedule=schedule, causal=causal, p_round="int"
+        )
+    )
+    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="p_round must be one of"):
+        pa.AttentionConfig(p_round="trunc")
