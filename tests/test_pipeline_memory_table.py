@@ -151,3 +151,15 @@ def test_bf16_nudge_is_about_one_rounding_step(table):
     rel = np.abs(w1 - w0) / w0
     assert rel.max() <= 1 / 128 + 2**-8 and (rel > 0).mean() > 0.3  # moved, by about a bf16 step
     np.testing.assert_array_equal(np.asarray(out["b"]), np.asarray(v["params"]["b"]))
+
+
+def test_random_leaves_are_jax_random_bit_for_bit(table):
+    # The synthetic weights come from one random program per power-of-two length (35 numbers
+    # drawn as 64, then cut): a leaf's numbers must still be exactly jax.random's for its shape.
+    key, shape, f32 = jax.random.key(7), (5, 7), table.jnp.float32
+    got = table._random_shaped(key, shape, "normal", table.BF16, 0.25)
+    want = (jax.random.normal(key, shape, f32) * 0.25).astype(table.BF16)
+    assert got.shape == shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    got = table._random_shaped(key, shape, "uniform", f32, 1.0)
+    np.testing.assert_array_equal(got, jax.random.uniform(key, shape, f32, -1.0, 1.0))
