@@ -123,6 +123,11 @@ class AttentionConfig:
     The conversion runs on the quarter-rate pipe the exponentials also use; the integer form
     moves it to the full-rate integer pipe.
 
+    ``exp_poly`` (plain loop, bf16 P from registers): of each tile's ``block_k`` keys, the last
+    ``exp_poly`` (a multiple of 64: P V then runs one wgmma per piece, whose register operand's K
+    must be a multiple of 64) take their ``exp2`` from :func:`exp2_poly` on the FMA pipe instead of
+    the MUFU unit (0: none).
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -142,6 +147,7 @@ class AttentionConfig:
     p_smem: bool = False
     warpgroups: int = 2
     p_round: str = "cvt"
+    exp_poly: int = 0
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -163,6 +169,11 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig: stages must be >= 2, got {self.stages}")
         if self.p_round not in P_ROUNDS:
             raise ValueError(f"AttentionConfig: p_round must be one of {P_ROUNDS}, got {self.p_round!r}")
+        if self.exp_poly % 64 or not 0 <= self.exp_poly < self.block_k:
+            raise ValueError(
+                f"AttentionConfig: exp_poly must be a multiple of 64 in [0, block_k={self.block_k}) (a register "
+                f"wgmma operand's K granularity), got {self.exp_poly}"
+            )
         if self.warpgroups not in WARPGROUPS:
             raise ValueError(f"AttentionConfig: warpgroups must be one of {WARPGROUPS}, got {self.warpgroups}")
         if self.warpgroups == 3 and self.schedule != "round":
@@ -170,6 +181,27 @@ class AttentionConfig:
                 f"AttentionConfig: warpgroups=3 needs schedule='round' (the loop with one turn per warpgroup), "
                 f"got schedule={self.schedule!r}"
             )
+
+
+#: Coefficients of 2^f on [-0.5, 0.5] (degree 3, reweighted least squares on the relative error
+#: at Chebyshev nodes: at most 7.5e-5 relative, far under a bf16 unit of P, 2^-9).
+EXP2_POLY: tuple[float, ...] = (0.99992807, 0.69326101, 0.24261111, 0.05517153)
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding it rounds an fp32 of |x| < 2^22 to an integer
+
+
+def exp2_poly(x: jax.Array) -> jax.Array:
+    """2^x for fp32 x <= 0 on the FMA and integer pipes instead of the MUFU unit (FlashAttention-4's
+    trick): n = round(x) by the magic-number add, 2^(x - n) by a cubic, and n added to the
+    exponent bits. x is clamped at -126 (below it the result is a tiny positive number, a zero for
+    the softmax, not 2^x); positive x is not
+    handled (the softmax's arguments are <= 0)."""
+    x = jnp.maximum(x, -126.0)  # 2^(f) has exponent field 126 or 127: n >= -126 keeps it >= 0
+    t = x + _ROUND_MAGIC
+    f = x - (t - _ROUND_MAGIC)  # in [-0.5, 0.5]
+    c0, c1, c2, c3 = EXP2_POLY
+    poly = c0 + f * (c1 + f * (c2 + f * c3))
+    n_bits = lax.shift_left(lax.bitcast_convert_type(t, jnp.int32), 23)  # n << 23 (the magic's bits shift out)
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(poly, jnp.int32) + n_bits, jnp.float32)
 
 
 def bf16_by_bits(p: jax.Array) -> jax.Array:
@@ -247,6 +279,11 @@ def attention_pallas(
     compute_wgs = config.warpgroups
     round_robin = config.schedule == "round"
     overlapped_loop = config.overlap and not causal and not round_robin
+    if config.exp_poly and (vv.dtype != jnp.bfloat16 or config.p_smem or overlapped_loop or round_robin):
+        raise ValueError(
+            "attention_pallas: exp_poly runs in the plain loop with bf16 P from registers "
+            "(pv_format='bf16', p_smem=False, no overlap, schedule 'pingpong' or 'none')"
+        )
     num_q_tiles = tq // (compute_wgs * block_q)
     out_dtype = jnp.bfloat16
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -308,8 +345,22 @@ def attention_pallas(
             acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, dtype=jnp.float32), plgpu.Layout.WGMMA)
             magic_init = config.magic_init and int_qk and config.int_to_float == "magic"
 
+            def exp2_tile(x):
+                """2^x of a tile; with ``config.exp_poly`` a pair of column pieces (Mosaic GPU has no
+                concatenate, so P V then takes one wgmma per piece): MUFU for the first, the
+                polynomial for the last ``exp_poly`` columns."""
+                if not config.exp_poly:
+                    return jnp.exp2(x)
+                cut = x.shape[1] - config.exp_poly
+                return (jnp.exp2(x[:, :cut]), exp2_poly(x[:, cut:]))
+
+            def row_sum(p):
+                return sum(piece.sum(axis=1) for piece in p) if isinstance(p, tuple) else p.sum(axis=1)
+
             def p_bf16(p):
-                """P rounded to bf16 for P V, as ``config.p_round`` says."""
+                """P (or its pieces) rounded to bf16 for P V, as ``config.p_round`` says."""
+                if isinstance(p, tuple):
+                    return tuple(p_bf16(piece) for piece in p)
                 return p.astype(jnp.bfloat16) if config.p_round == "cvt" else bf16_by_bits(p)
 
             def v_operand(slot):  # P V's B operand: fp8 V is stored [D, T] (8-bit wgmma wants K-major)
@@ -364,17 +415,17 @@ def attention_pallas(
                         after_max()
                         m_ij = lax.optimization_barrier(m_ij)
                     offset = -m_ij if bias is None else bias - m_ij
-                    p = jnp.exp2(raw * rows(scale) + rows(offset))
+                    p = exp2_tile(raw * rows(scale) + rows(offset))
                     return p, jnp.exp2(m_i - m_ij), m_ij
                 x = raw * lax.broadcast_in_dim(scale, shape, [dim])
                 if bias is not None:
                     x = x + lax.broadcast_in_dim(bias, shape, [dim])
                 if token_scales:  # Q scale > 0, so max(x * q) = max(x) * q
                     m_ij = jnp.maximum(m_i, x.max(axis=1) * q_scale)
-                    p = jnp.exp2(x * rows(q_scale) - rows(m_ij))
+                    p = exp2_tile(x * rows(q_scale) - rows(m_ij))
                 else:
                     m_ij = jnp.maximum(m_i, x.max(axis=1))
-                    p = jnp.exp2(x - rows(m_ij))
+                    p = exp2_tile(x - rows(m_ij))
                 return p, jnp.exp2(m_i - m_ij), m_ij
 
             def kv_loop(kv_step, carry, causal_step: bool = False):
@@ -411,7 +462,7 @@ def attention_pallas(
                     # The optimization barrier cannot carry 2-element 8-bit register vectors, so
                     # the fp8 cast of P happens after it.
                     p_op = p * ref.P_SCALE if pv_fp8 else p_bf16(p)
-                    l_i += p.sum(axis=1)
+                    l_i += row_sum(p)
                     acc, l_i, m_i, p_op, alpha = lax.optimization_barrier((acc, l_i, m_i, p_op, alpha))
                     if pv_fp8:
                         p_op = p_op.astype(jnp.float8_e4m3fn)
@@ -433,6 +484,12 @@ def attention_pallas(
                             p_smem[...] = p_op
                             plgpu.commit_smem()
                             plgpu.wgmma(acc_ref, p_smem, v_operand(slot))
+                        elif isinstance(p_op, tuple):  # column pieces (exp_poly): one wgmma each
+                            start = 0
+                            for piece in p_op:
+                                width = piece.shape[1]
+                                plgpu.wgmma(acc_ref, piece, v_smem.at[slot, pl.ds(start, width)])
+                                start += width
                         else:
                             plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
                     wait_step = kv_step + 1
@@ -878,11 +935,12 @@ def quant_attention(
     p_smem: bool = False,
     warpgroups: int = 2,
     p_round: str = "cvt",
+    exp_poly: int = 0,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups`` and ``p_round`` tune the kernel (see
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups``, ``p_round`` and ``exp_poly`` tune the kernel (see
     :class:`AttentionConfig`; ``schedule="round"`` runs non-causal calls only); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
@@ -900,8 +958,8 @@ def quant_attention(
         block_k=block_k,
         k_scales=k_scales,
     )
-    if overlap is None:
-        overlap = pv_format == "bf16" and k_scales == "token" and not causal
+    if overlap is None:  # exp_poly runs in the plain loop only
+        overlap = pv_format == "bf16" and k_scales == "token" and not causal and not exp_poly
     config = AttentionConfig(
         block_q=block_q,
         block_k=block_k,
@@ -917,6 +975,7 @@ def quant_attention(
         p_smem=p_smem,
         warpgroups=warpgroups,
         p_round=p_round,
+        exp_poly=exp_poly,
     )
     if causal and schedule == "round":
         raise ValueError("quant_attention: schedule='round' runs non-causal calls only; use 'pingpong' or 'none'")

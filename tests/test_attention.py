@@ -529,3 +529,30 @@ def test_integer_p_rounding_lowers_for_cuda(monkeypatch, overlap, schedule, caus
     assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="p_round must be one of"):
         pa.AttentionConfig(p_round="trunc")
+
+
+def test_exp2_poly_matches_exp2_on_the_softmax_range():
+    """The FMA-pipe exponential (``exp_poly``) is within 2e-4 relative of 2^x on [-126, 0] (a bf16
+    unit of P is 2^-9) and clamps below, as the softmax needs."""
+    x = jnp.linspace(-126.0, 0.0, 200_001, dtype=jnp.float32)
+    got = np.asarray(pa.exp2_poly(x), np.float64)
+    want = np.exp2(np.asarray(x, np.float64))
+    assert np.max(np.abs(got - want) / want) < 2e-4
+    for far in (-126.5, -127.0, -1000.0):  # clamped: a tiny positive number, never NaN or negative
+        assert 0 <= float(pa.exp2_poly(jnp.float32(far))) < 2.0**-125
+
+
+@pytest.mark.parametrize("k_scales,causal", [("block", False), ("token", False), ("block", True)])
+def test_exp_poly_kernel_lowers_for_cuda(monkeypatch, k_scales, causal):
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, k_scales=k_scales, causal=causal, exp_poly=64))
+    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_exp_poly_errors_name_the_rule():
+    with pytest.raises(ValueError, match="exp_poly must be a multiple of 64"):
+        pa.AttentionConfig(exp_poly=32)
+    with pytest.raises(ValueError, match="exp_poly must be a multiple of 64"):
+        pa.AttentionConfig(exp_poly=128)
