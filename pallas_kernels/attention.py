@@ -128,6 +128,10 @@ class AttentionConfig:
     must be a multiple of 64) take their ``exp2`` from :func:`exp2_poly` on the FMA pipe instead of
     the MUFU unit (0: none).
 
+    ``max_split`` (per-tile K with ``raw_max``): take each row's max over this many column slices
+    and combine the partial maxima as a tree. ptxas builds a row max as two dependent chains of
+    16 ``FMNMX`` per row; more slices give it independent chains to interleave.
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -148,6 +152,7 @@ class AttentionConfig:
     warpgroups: int = 2
     p_round: str = "cvt"
     exp_poly: int = 0
+    max_split: int = 1
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -173,6 +178,10 @@ class AttentionConfig:
             raise ValueError(
                 f"AttentionConfig: exp_poly must be a multiple of 64 in [0, block_k={self.block_k}) (a register "
                 f"wgmma operand's K granularity), got {self.exp_poly}"
+            )
+        if self.max_split not in (1, 2, 4, 8) or self.block_k // self.max_split < 16:
+            raise ValueError(
+                f"AttentionConfig: max_split must be 1, 2, 4 or 8 with block_k / max_split >= 16, got {self.max_split}"
             )
         if self.warpgroups not in WARPGROUPS:
             raise ValueError(f"AttentionConfig: warpgroups must be one of {WARPGROUPS}, got {self.warpgroups}")
@@ -354,6 +363,16 @@ def attention_pallas(
                 cut = x.shape[1] - config.exp_poly
                 return (jnp.exp2(x[:, :cut]), exp2_poly(x[:, cut:]))
 
+            def row_max(x):
+                """Each row's max, over ``config.max_split`` column slices combined as a tree."""
+                if config.max_split == 1:
+                    return x.max(axis=1)
+                width = x.shape[1] // config.max_split
+                parts = [x[:, i * width : (i + 1) * width].max(axis=1) for i in range(config.max_split)]
+                while len(parts) > 1:
+                    parts = [jnp.maximum(a, b) for a, b in zip(parts[::2], parts[1::2])]
+                return parts[0]
+
             def row_sum(p):
                 return sum(piece.sum(axis=1) for piece in p) if isinstance(p, tuple) else p.sum(axis=1)
 
@@ -408,7 +427,7 @@ def attention_pallas(
                 if not token_scales and config.raw_max:
                     # The row scale is > 0, so the max commutes with it: take the max on the raw
                     # values and fold scale, bias and max into the one FMA that feeds exp2.
-                    m_tile = raw.max(axis=1) * scale + (0.0 if bias is None else bias)
+                    m_tile = row_max(raw) * scale + (0.0 if bias is None else bias)
                     m_ij = jnp.maximum(m_i, m_tile)
                     if after_max is not None:
                         m_ij = lax.optimization_barrier(m_ij)
@@ -936,11 +955,12 @@ def quant_attention(
     warpgroups: int = 2,
     p_round: str = "cvt",
     exp_poly: int = 0,
+    max_split: int = 1,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups``, ``p_round`` and ``exp_poly`` tune the kernel (see
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups``, ``p_round``, ``exp_poly`` and ``max_split`` tune the kernel (see
     :class:`AttentionConfig`; ``schedule="round"`` runs non-causal calls only); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
@@ -976,6 +996,7 @@ def quant_attention(
         warpgroups=warpgroups,
         p_round=p_round,
         exp_poly=exp_poly,
+        max_split=max_split,
     )
     if causal and schedule == "round":
         raise ValueError("quant_attention: schedule='round' runs non-causal calls only; use 'pingpong' or 'none'")

@@ -556,3 +556,16 @@ def test_exp_poly_errors_name_the_rule():
         pa.AttentionConfig(exp_poly=32)
     with pytest.raises(ValueError, match="exp_poly must be a multiple of 64"):
         pa.AttentionConfig(exp_poly=128)
+
+
+@pytest.mark.parametrize("max_split,pv", [(4, "bf16"), (8, "fp8_e4m3")])
+def test_split_row_max_lowers_for_cuda(monkeypatch, max_split, pv):
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, k_scales="block", pv_format=pv, max_split=max_split))
+    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="max_split must be 1, 2, 4 or 8"):
+        pa.AttentionConfig(max_split=3)
+    with pytest.raises(ValueError, match="block_k / max_split >= 16"):
+        pa.AttentionConfig(block_k=64, max_split=8)
