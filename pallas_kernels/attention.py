@@ -535,6 +535,22 @@ def attention_pallas(
                 plgpu.barrier_arrive(v_consumed_barriers.at[slot])
                 return acc, m_i, l_i
 
+            def slot_of(step):
+                return lax.rem(step, jnp.array(max_concurrent_steps, step.dtype))
+
+            def finish_steps(o_ref, step_fn, m, l, p_op, take_turn, issue_pv):
+                """The overlapped and round-robin loops' common part: ``step_fn`` over tiles
+                1 .. n - 1 (carrying m, l and P when P V takes it from registers), then the last
+                tile's P V in this warpgroup's turn; returns (output, m, l) once it has landed."""
+                carry = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l) if p_op is None else (m, l, p_op))
+                m, l = carry[:2]
+                p_op = carry[2] if len(carry) == 3 else None
+                last = jnp.array(block_max_kv_steps - 1, jnp.int32)
+                take_turn(lambda: issue_pv(p_op, last))
+                o = o_ref[...]
+                plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
+                return o, m, l
+
             def overlapped(o_ref):
                 """FA3's intra-warpgroup overlap (non-causal): Q K^T of tile j and P V of tile
                 j - 1 are issued together, tile j's softmax runs while P V is in flight, and the
@@ -548,9 +564,6 @@ def attention_pallas(
                     issue()
                     if pingpong:
                         plgpu.barrier_arrive(turn_barriers.at[1 - wg_idx])  # two warpgroups
-
-                def slot_of(step):
-                    return lax.rem(step, jnp.array(max_concurrent_steps, step.dtype))
 
                 def issue_pv(p_op, step):
                     slot = slot_of(step)
@@ -609,14 +622,7 @@ def attention_pallas(
                         o_ref[...] = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                     return (m, l) if p_op is None else (m, l, p_op)
 
-                carry = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l) if p_op is None else (m, l, p_op))
-                m, l = carry[:2]
-                p_op = carry[2] if len(carry) == 3 else None
-                last = jnp.array(block_max_kv_steps - 1, jnp.int32)
-                take_turn(lambda: issue_pv(p_op, last))
-                o = o_ref[...]
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
-                return o, m, l
+                return finish_steps(o_ref, step_fn, m, l, p_op, take_turn, issue_pv)
 
             def round_robin_loop(o_ref):
                 """The round-robin loop (non-causal): in its turn a warpgroup issues P V of tile
@@ -626,9 +632,6 @@ def attention_pallas(
                 warpgroups' GEMMs run. P stays in registers (bf16) or goes through one shared-memory
                 buffer per warpgroup (``p_smem``, fp8): P V of tile j - 1 has landed before tile j's
                 P is written."""
-
-                def slot_of(step):
-                    return lax.rem(step, jnp.array(max_concurrent_steps, step.dtype))
 
                 def take_turn(issue):
                     plgpu.barrier_wait(turn_barriers.at[wg_idx])
@@ -694,14 +697,7 @@ def attention_pallas(
                         o_ref[...] = o_ref[...] * lax.broadcast_in_dim(alpha, (block_q, head_dim), [0])
                     return (m, l) if p_op is None else (m, l, p_op)
 
-                carry = lax.fori_loop(1, block_max_kv_steps, step_fn, (m, l) if p_op is None else (m, l, p_op))
-                m, l = carry[:2]
-                p_op = carry[2] if len(carry) == 3 else None
-                last = jnp.array(block_max_kv_steps - 1, jnp.int32)
-                take_turn(lambda: issue_pv(p_op, last))
-                o = o_ref[...]
-                plgpu.barrier_arrive(v_consumed_barriers.at[slot_of(last)])
-                return o, m, l
+                return finish_steps(o_ref, step_fn, m, l, p_op, take_turn, issue_pv)
 
             if round_robin:  # warpgroup 0 takes the first turn
                 pl.when(wg_idx == compute_wgs - 1)(lambda: plgpu.barrier_arrive(turn_barriers.at[0]))
