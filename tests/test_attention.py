@@ -432,61 +432,6 @@ def test_policy_default_is_k_per_tile_with_the_rotation():
     assert (policy.k_scales, policy.hadamard, policy.pv_format) == ("block", True, "bf16")
 
 
-@pytest.mark.parametrize("pv,causal,k_scales", [("bf16", False, "block"), ("fp8_e4m3", True, "token")])
-def test_fresh_pv_kernel_lowers_for_cuda(monkeypatch, pv, causal, k_scales):
-    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
-    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    fn = jax.jit(
-        lambda q, k, v: pa.quant_attention(q, k, v, pv_format=pv, causal=causal, k_scales=k_scales, fresh_pv=True)
-    )
-    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@pytest.mark.parametrize("overlap,causal", [(False, False), (True, False), (False, True)])
-def test_bf16_p_through_shared_memory_lowers_for_cuda(monkeypatch, overlap, causal):
-    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
-    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    fn = jax.jit(
-        lambda q, k, v: pa.quant_attention(
-            q, k, v, pv_format="bf16", k_scales="block", causal=causal, overlap=overlap, p_smem=True
-        )
-    )
-    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@pytest.mark.parametrize(
-    "pv,k_scales,warpgroups,p_smem,int_to_float",
-    [
-        ("bf16", "block", 3, False, "magic"),
-        ("bf16", "block", 3, True, "magic"),
-        ("bf16", "token", 2, False, "cvt"),
-        ("fp8_e4m3", "block", 3, False, "magic"),
-    ],
-)
-def test_round_robin_kernel_lowers_for_cuda(monkeypatch, pv, k_scales, warpgroups, p_smem, int_to_float):
-    """The round-robin loop with two or three compute warpgroups lowers (shared memory and
-    barriers sized for the warpgroup count, the token axis padded to warpgroups x 64 rows)."""
-    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
-    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    fn = jax.jit(
-        lambda q, k, v: pa.quant_attention(
-            q,
-            k,
-            v,
-            pv_format=pv,
-            k_scales=k_scales,
-            schedule="round",
-            warpgroups=warpgroups,
-            p_smem=p_smem,
-            int_to_float=int_to_float,
-        )
-    )
-    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
-
-
 def test_round_robin_and_warpgroups_errors():
     with pytest.raises(ValueError, match="warpgroups must be one of"):
         pa.AttentionConfig(warpgroups=4)
@@ -513,24 +458,6 @@ def test_bf16_by_bits_rounds_like_astype_except_ties(seed):
     assert float(pa.bf16_by_bits(jnp.asarray([tie]))[0]) == 1 + 2**-7
 
 
-@pytest.mark.parametrize(
-    "overlap,schedule,causal",
-    [(False, "pingpong", False), (True, "pingpong", False), (False, "round", False), (False, "pingpong", True)],
-)
-def test_integer_p_rounding_lowers_for_cuda(monkeypatch, overlap, schedule, causal):
-    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
-    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    fn = jax.jit(
-        lambda q, k, v: pa.quant_attention(
-            q, k, v, k_scales="block", overlap=overlap, schedule=schedule, causal=causal, p_round="int"
-        )
-    )
-    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
-    with pytest.raises(ValueError, match="p_round must be one of"):
-        pa.AttentionConfig(p_round="trunc")
-
-
 def test_exp2_poly_matches_exp2_on_the_softmax_range():
     """The FMA-pipe exponential (``exp_poly``) is within 2e-4 relative of 2^x on [-126, 0] (a bf16
     unit of P is 2^-9) and clamps below, as the softmax needs."""
@@ -542,30 +469,53 @@ def test_exp2_poly_matches_exp2_on_the_softmax_range():
         assert 0 <= float(pa.exp2_poly(jnp.float32(far))) < 2.0**-125
 
 
-@pytest.mark.parametrize("k_scales,causal", [("block", False), ("token", False), ("block", True)])
-def test_exp_poly_kernel_lowers_for_cuda(monkeypatch, k_scales, causal):
+#: Kernel options measured on the GPU, each in the loops it runs in: every one must lower.
+OPTION_CASES = {
+    "fresh_pv bf16 kblock": dict(k_scales="block", fresh_pv=True),
+    "fresh_pv fp8 causal": dict(pv_format="fp8_e4m3", causal=True, fresh_pv=True),
+    "p_smem plain": dict(k_scales="block", p_smem=True),
+    "p_smem overlapped": dict(k_scales="block", overlap=True, p_smem=True),
+    "p_smem causal": dict(k_scales="block", causal=True, p_smem=True),
+    "round 3 warpgroups": dict(k_scales="block", schedule="round", warpgroups=3),
+    "round 3 warpgroups p_smem": dict(k_scales="block", schedule="round", warpgroups=3, p_smem=True),
+    "round 2 warpgroups token cvt": dict(schedule="round", int_to_float="cvt"),
+    "round 3 warpgroups fp8": dict(pv_format="fp8_e4m3", k_scales="block", schedule="round", warpgroups=3),
+    "p_round int plain": dict(k_scales="block", p_round="int"),
+    "p_round int overlapped": dict(k_scales="block", overlap=True, p_round="int"),
+    "p_round int round causal-free": dict(k_scales="block", schedule="round", p_round="int"),
+    "p_round int causal": dict(k_scales="block", causal=True, p_round="int"),
+    "exp_poly kblock": dict(k_scales="block", exp_poly=64),
+    "exp_poly token": dict(exp_poly=64),
+    "exp_poly causal": dict(k_scales="block", causal=True, exp_poly=64),
+    "max_split 4": dict(k_scales="block", max_split=4),
+    "max_split 8 fp8": dict(k_scales="block", pv_format="fp8_e4m3", max_split=8),
+}
+
+
+@pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
+def test_kernel_options_lower_for_cuda(monkeypatch, options):
+    """Each measured kernel option lowers for CUDA on the CPU (the whole Python-side Mosaic GPU
+    lowering: layouts, wgmma operand rules, shared memory and barriers sized for the config)."""
     pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
     monkeypatch.setenv("JQUANT_BACKEND", "pallas")
     shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, k_scales=k_scales, causal=causal, exp_poly=64))
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, **options))
     assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_exp_poly_errors_name_the_rule():
-    with pytest.raises(ValueError, match="exp_poly must be a multiple of 64"):
-        pa.AttentionConfig(exp_poly=32)
-    with pytest.raises(ValueError, match="exp_poly must be a multiple of 64"):
-        pa.AttentionConfig(exp_poly=128)
-
-
-@pytest.mark.parametrize("max_split,pv", [(4, "bf16"), (8, "fp8_e4m3")])
-def test_split_row_max_lowers_for_cuda(monkeypatch, max_split, pv):
-    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
-    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
-    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, k_scales="block", pv_format=pv, max_split=max_split))
-    assert "mosaic_gpu" in fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+def test_kernel_option_errors_name_the_rule(monkeypatch):
+    with pytest.raises(ValueError, match="p_round must be one of"):
+        pa.AttentionConfig(p_round="trunc")
     with pytest.raises(ValueError, match="max_split must be 1, 2, 4 or 8"):
         pa.AttentionConfig(max_split=3)
     with pytest.raises(ValueError, match="block_k / max_split >= 16"):
         pa.AttentionConfig(block_k=64, max_split=8)
+    for bad in (32, 128):
+        with pytest.raises(ValueError, match="exp_poly must be a multiple of 64"):
+            pa.AttentionConfig(exp_poly=bad)
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, k_scales="block", overlap=True, exp_poly=64))
+    with pytest.raises(ValueError, match="exp_poly runs in the plain loop"):
+        fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",))
