@@ -61,7 +61,7 @@ from pallas_kernels.timing import git_commit
 
 _spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).resolve().parent / "train_tiny.py")
 train_tiny = sys.modules.setdefault("train_tiny", importlib.util.module_from_spec(_spec))  # its dataclasses look it up
-if not hasattr(train_tiny, "flow_mse"):  # flow_mse, lr_at, _adamw, WARMUP, CHUNK
+if not hasattr(train_tiny, "flow_mse"):  # flow_mse, normal, lr_at, _adamw, WARMUP, CHUNK
     _spec.loader.exec_module(train_tiny)
 
 TEXT_LEN = 8  # 5 words + eos, padded
@@ -279,7 +279,7 @@ def make_reporter(setup: Setup, tr_config: WanConfig, key: jax.Array, clips: int
         setup,
         tr_config,
         x0,
-        jax.random.normal(k_noise, x0.shape),
+        train_tiny.normal(k_noise, x0.shape),
         sd.caption_tokens(attrs, TEXT_LEN),
         sd.null_tokens(clips, TEXT_LEN),
     )
