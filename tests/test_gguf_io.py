@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import _draws as draws
 import gguf
 import jax
 import jax.numpy as jnp
@@ -326,7 +327,7 @@ def test_export_and_load_params(tiny_wan, tmp_path: Path) -> None:
 
     # The quantized tree runs through jquant.nn and matches the model on its dequantized weights.
     inputs = port_for_config(cfg).dummy_inputs(cfg)
-    inputs["hidden_states"] = jax.random.normal(jax.random.key(1), (1, 4, 1, 4, 4))
+    inputs["hidden_states"] = draws.normal(jax.random.key(1), (1, 4, 1, 4, 4))
     inputs["encoder_hidden_states"] = jax.random.normal(jax.random.key(2), (1, 3, 256))
     inputs["timestep"] = jnp.array([500.0])
     out_q = jax.jit(lambda p, i: jnn.apply(model, {"params": p}, **i))(qparams, inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import _draws as draws
 import chex
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,8 @@ def wan():
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(CFG, jax.random.key(0)))
     roles = models.layer_roles(CFG, params)
     k1, k2 = jax.random.split(jax.random.key(1))
-    x = jax.random.normal(k1, (2, 4, 2, 8, 8), jnp.float32)
-    text = jax.random.normal(k2, (2, 8, CFG.text_dim), jnp.bfloat16)
+    x = draws.normal(k1, (2, 4, 2, 8, 8), jnp.float32)
+    text = draws.normal(k2, (2, 8, CFG.text_dim), jnp.bfloat16)
     t = jnp.asarray([500.0, 500.0])
     return module, params, roles, (x, t, text)
 
@@ -280,9 +281,9 @@ def _rotated_wan(weights: str, rotated: tuple[str, ...]):
     variables = {"params": q, jnn.AUX_COLLECTION: flax.traverse_util.unflatten_dict(aux)}
     k1, k2 = jax.random.split(jax.random.key(1))
     inputs = (
-        jax.random.normal(k1, (2, 4, 2, 8, 8), jnp.float32),
+        draws.normal(k1, (2, 4, 2, 8, 8), jnp.float32),
         jnp.asarray([500.0, 500.0]),
-        jax.random.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
+        draws.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
     )
     return cfg, module, variables, inputs
 

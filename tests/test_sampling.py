@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _draws as draws
 import chex
 import jax
 import jax.numpy as jnp
@@ -257,7 +258,7 @@ def test_ddim_learned_sigma_cfg_clip_and_eta_match_diffusers():
     x_T, cond, uncond = _noise(), _cond(1), _cond(2)
     n, key = 9, jax.random.key(3)
     keys = jax.random.split(key, n)
-    noises = np.stack([np.asarray(jax.random.normal(k, SHAPE, jnp.float32)) for k in keys])
+    noises = np.stack([np.asarray(draws.normal(k, SHAPE, jnp.float32)) for k in keys])
     ref = _diffusers_ddim_loop(
         dict(),
         n,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _draws as draws
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _mesh(**sizes: int) -> AbstractMesh:
     return AbstractMesh(tuple(sizes.values()), tuple(sizes))
+
+
+def _weights(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    """Weights for the plan tests, drawn with numpy: a plan depends on shapes only, and a jax
+    draw compiles one program per shape."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
 def test_logical_axes_from_paths_and_roles():
@@ -65,7 +72,7 @@ def test_tp_plan_is_megatron_column_then_row():
 
 
 def test_group_scales_never_split_a_group():
-    w = quantize(jax.random.normal(jax.random.key(0), (512, 64)), "int4/g128")  # 4 groups along K
+    w = quantize(_weights(0, (512, 64)), "int4/g128")  # 4 groups along K
     params = {"ffn": {"net_2": {"kernel": w}}}
     four = A.plan(params, _mesh(model=4), "tp")["ffn/net_2/kernel"]
     assert four.mesh_axes == ("model", None) and four.kept_whole == ()
@@ -79,7 +86,7 @@ def test_group_scales_never_split_a_group():
 
 
 def test_gguf_blocks_split_whole():
-    w = quantize(jax.random.normal(jax.random.key(0), (512, 32)), "q4_k")  # 2 blocks of 256 along K
+    w = quantize(_weights(0, (512, 32)), "q4_k")  # 2 blocks of 256 along K
     params = {"ffn": {"net_2": {"kernel": w}}}
     two = A.plan(params, _mesh(model=2), "tp")["ffn/net_2/kernel"]
     assert two.mesh_axes == ("model", None)
@@ -102,7 +109,7 @@ def test_plans_keep_blocks_whole(k_groups, group, n, shards, spec):
     """Any int/uint QArray, any shard count: a split dimension splits codes and scales into equal
     whole-group pieces, and the per-device bytes are what the pieces add up to."""
     k = k_groups * group
-    w = quantize(jax.random.normal(jax.random.key(k), (k, n)), spec.format(g=group))
+    w = quantize(_weights(k, (k, n)), spec.format(g=group))
     params = {"x": {"net_2": {"kernel": w}}, "y": {"to_q": {"kernel": w}}}
     for p in A.plan(params, _mesh(model=shards), "tp").values():
         q = w
@@ -140,7 +147,7 @@ def test_one_device_mesh_runs_the_sharded_path():
     from jquant.models.attention import attention
 
     mesh = A.make_mesh({"seq": 1}, jax.devices()[:1])
-    q, k, v = (jax.random.normal(jax.random.key(i), (1, 16, 2, 32)) for i in range(3))
+    q, k, v = (draws.normal(jax.random.key(i), (1, 16, 2, 32)) for i in range(3))
     with sequence_parallel(mesh, "seq"):
         out = jax.jit(attention)(q, k, v)
     np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), atol=1e-6)

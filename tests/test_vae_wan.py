@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import _draws as draws
 import chex
 import jax
 import jax.numpy as jnp
@@ -164,7 +165,7 @@ def test_tiled_encode_matches_diffusers(name: str, tmp_path_factory: Any) -> Non
 def test_bf16_decode_tracks_fp32(small: Any) -> None:
     """The pipeline's default VAE precision: bf16 params, activations and cache through the scan."""
     _, vae, pipe = small
-    z = jax.random.normal(jax.random.key(0), (1, 4, 3, 2, 3))
+    z = draws.normal(jax.random.key(0), (1, 4, 3, 2, 3))
     out = load_wan_vae(pipe, dtype=jnp.bfloat16).decode(z)
     assert out.dtype == jnp.bfloat16
     err = float(jnp.abs(out.astype(jnp.float32) - vae.decode(z)).max())
@@ -173,7 +174,7 @@ def test_bf16_decode_tracks_fp32(small: Any) -> None:
 
 def test_latent_normalization_round_trips(small: Any) -> None:
     _, vae, _ = small
-    z = jax.random.normal(jax.random.key(0), (1, 4, 2, 3, 3))
+    z = draws.normal(jax.random.key(0), (1, 4, 2, 3, 3))
     mean = np.asarray(vae.config.latents_mean).reshape(1, 4, 1, 1, 1)
     std = np.asarray(vae.config.latents_std).reshape(1, 4, 1, 1, 1)
     np.testing.assert_allclose(vae.denormalize(z), np.asarray(z) * std + mean, rtol=1e-6, atol=1e-6)
