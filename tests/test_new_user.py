@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,26 +45,10 @@ def _copy_checkout(dst: Path) -> Path:
     return dst
 
 
-def _venv_parent(tmp_path: Path) -> Path:
-    """Where the venv goes: a fresh folder in /dev/shm (memory) when it has room for pip's ~0.9 GB
-    of unpacked wheels and allows executables (pip's install took 48-51 s there against 59-64 s
-    on the disk under tmp_path), else tmp_path. Only where the files lie changes: the same venv,
-    install and commands. Removed when the test ends."""
-    shm = Path("/dev/shm")
-    try:
-        st = os.statvfs(shm)
-        if st.f_bavail * st.f_frsize > 4 * 2**30 and not st.f_flag & getattr(os, "ST_NOEXEC", 0):
-            return Path(tempfile.mkdtemp(prefix="jquant-new-user-", dir=shm))
-    except OSError:  # no /dev/shm
-        pass
-    return tmp_path
-
-
 def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
     times: dict[str, float] = {}
     src = _copy_checkout(tmp_path / "src" / "jquant")
-    venv_parent = _venv_parent(tmp_path)
-    venv = venv_parent / "venv"
+    venv = tmp_path / "venv"
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     py = bindir / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -112,5 +95,3 @@ def test_fresh_venv_install_cli_readme_demo_and_notebook_setup(tmp_path):
         }
     finally:
         print("\nnew-user timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()), file=sys.stderr)
-        if venv_parent != tmp_path:
-            shutil.rmtree(venv_parent, ignore_errors=True)
