@@ -33,28 +33,28 @@ from collections.abc import Iterator
 _BASE = "_JQUANT_TEST_JAX_CACHE_BASE"  # "pid:dir", the pid of the process that made dir
 
 
-def _use_compilation_cache() -> None:
-    """Points JAX (here and in every child process) at this run's persistent compilation cache."""
+def _compilation_cache_dir() -> str | None:
+    """This process's directory of the run's persistent compilation cache, also exported in the
+    environment so that child processes use it; None where the user chose otherwise."""
     choice = os.environ.get("JQUANT_TEST_JAX_CACHE", "")
     if choice == "off" or ("JAX_COMPILATION_CACHE_DIR" in os.environ and _BASE not in os.environ):
-        return
+        return None
     if _BASE not in os.environ:
         os.environ[_BASE] = f"{os.getpid()}:{choice or tempfile.mkdtemp(prefix='jquant-jax-cache-')}"
     path = os.path.join(os.environ[_BASE].partition(":")[2], os.environ.get("PYTEST_XDIST_WORKER", "main"))
     os.makedirs(path, exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return path
 
 
-_use_compilation_cache()  # before jax is imported: its flags read these variables once
+_CACHE_DIR = _compilation_cache_dir()  # before jax is imported: its flags read these variables once
 
 import jax  # noqa: E402
 
-if _BASE in os.environ and os.environ.get("JQUANT_TEST_JAX_CACHE") != "off":  # also if a plugin imported jax first
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update(
-        "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
-    )
+if _CACHE_DIR:  # the same again through jax.config, in case a plugin imported jax first
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
