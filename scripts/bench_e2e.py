@@ -70,7 +70,7 @@ from jquant.formats import parse_spec  # noqa: E402
 from jquant.models import wan  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
-from pallas_kernels import _common, kquant_triton, timing  # noqa: E402
+from pallas_kernels import _common, kquant_triton, timing, trace_table  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
 _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD)
@@ -111,6 +111,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Per-token W8A8 with the QKV / FFN-up inputs quantized by the norm producer (one scale per
     # token: the norm sees whole rows), so those linears run the per-token GEMM on its codes.
     "w8a8-token-fused": dict(weights="int8", act="int8/token", attention=None, producers="token"),
+    "w8a8-token-fused-qattn-default": dict(weights="int8", act="int8/token", attention=dict(), producers="token"),
+    "w8a8-token-fused-qattn-fp8-kblock": dict(
+        weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3", k_scales="block"), producers="token"
+    ),
+    # W4A8: int4 weights per output channel, int8 per-token activations (the W4A8 GEMM), fused as above
+    "w4a8-token-fused-qattn-default": dict(weights="int4", act="int8/token", attention=dict(), producers="token"),
     # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
     "q4_k_m": dict(weights="Q4_K_M", act=None, attention=None),
     "q8_0": dict(weights="Q8_0", act=None, attention=None),
@@ -136,6 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rel-tol", type=float, default=5e-2, help="relative L2 error allowed against the reference step")
     p.add_argument("--deadline-s", type=float, default=150.0, help="skip variants started after this")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, trace 2 steps and record the device time per kernel and phase (pallas_kernels.trace_table)",
+    )
     args = p.parse_args(argv)
     args.runs = max(args.runs, timing.MIN_RUNS)
     frames, height, width = (5, 32, 48) if args.tiny else (81, 480, 832)
@@ -314,6 +325,10 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
         times_ms.append((time.perf_counter() - t0) * 1e3)
     row.update(status="PASS", time_ms=statistics.median(times_ms), time_ms_min=min(times_ms), times_ms=times_ms)
     phase("timed")
+    if args.profile:
+        row["profile"] = trace_table.profile(compiled, params, *inputs, steps=2)
+        print(trace_table.format_table(row["profile"]), flush=True)
+        phase("profiled")
     return row
 
 
@@ -392,6 +407,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{variant:24s} {row['status']:5s} {why[:300]}", flush=True)
     result["failures"] = sum(r.get("status") in ("FAIL", "ERROR") for r in result["rows"])
     save()
+    profiled = [(r["variant"], r["profile"]) for r in result["rows"] if "profile" in r]
+    if profiled:
+        print("device ms per step by phase (profiler trace):\n" + trace_table.compare(profiled), flush=True)
     return result
 
 
