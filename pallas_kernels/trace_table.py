@@ -46,7 +46,11 @@ def category(name: str, hlo_op: str = "") -> str:
 def device_kernels(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The complete ('X') events on device streams: ``{"name", "hlo_op", "dur_us"}`` each."""
     events = list(events)
-    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    procs = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     threads = {
         (e["pid"], e.get("tid")): e.get("args", {}).get("name", "")
         for e in events
@@ -115,7 +119,9 @@ def read_trace(folder: str | Path) -> list[dict[str, Any]]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def profile(fn: Callable[..., Any], *args: Any, steps: int = 2, top: int = 40, log_dir: str | None = None) -> dict[str, Any]:
+def profile(
+    fn: Callable[..., Any], *args: Any, steps: int = 2, top: int = 40, log_dir: str | None = None
+) -> dict[str, Any]:
     """Runs ``fn(*args)`` ``steps`` times under the profiler (call it once before, so the trace has
     no compilation) and returns :func:`kernel_table` of the trace."""
     folder = log_dir or tempfile.mkdtemp(prefix="jquant-trace-")
@@ -130,7 +136,9 @@ def format_table(table: dict[str, Any], rows: int = 12) -> str:
     lines = [f"  device {table['device_us_per_step'] / 1e3:.1f} ms/step, {table['kernels_per_step']:.0f} kernels"]
     lines.append("  " + "  ".join(f"{c} {t / 1e3:.1f}" for c, t in table["by_category_us"].items()))
     for r in table["top"][:rows]:
-        lines.append(f"    {r['us_per_step'] / 1e3:8.2f} ms x{r['count_per_step']:<5.0f} {r['category']:11s} {r['name'][:70]}")
+        lines.append(
+            f"    {r['us_per_step'] / 1e3:8.2f} ms x{r['count_per_step']:<5.0f} {r['category']:11s} {r['name'][:70]}"
+        )
     return "\n".join(lines)
 
 
@@ -139,7 +147,9 @@ def compare(tables: Sequence[tuple[str, dict[str, Any]]]) -> str:
     cats = sorted({c for _, t in tables for c in t["by_category_us"]})
     head = f"{'variant':28s}" + "".join(f"{c:>12s}" for c in cats) + f"{'total':>10s}"
     body = [
-        f"{name:28s}" + "".join(f"{t['by_category_us'].get(c, 0.0) / 1e3:12.1f}" for c in cats) + f"{t['device_us_per_step'] / 1e3:10.1f}"
+        f"{name:28s}"
+        + "".join(f"{t['by_category_us'].get(c, 0.0) / 1e3:12.1f}" for c in cats)
+        + f"{t['device_us_per_step'] / 1e3:10.1f}"
         for name, t in tables
     ]
     return "\n".join([head, *body])

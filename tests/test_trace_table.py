@@ -21,7 +21,14 @@ def _events() -> list[dict]:
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
         {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "python"}},
     ]
-    k = lambda name, dur, hlo="", tid=7, pid=1: {"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur, "args": {"hlo_op": hlo}}
+    k = lambda name, dur, hlo="", tid=7, pid=1: {
+        "ph": "X",
+        "pid": pid,
+        "tid": tid,
+        "name": name,
+        "dur": dur,
+        "args": {"hlo_op": hlo},
+    }
     kernels = []
     for _ in range(2):  # two steps
         kernels += [
@@ -32,7 +39,11 @@ def _events() -> list[dict]:
             k("mosaic_gpu_kernel", 50.0, "w8a8_int8"),
             k("quantize_fusion", 10.0, "act_quant"),
         ]
-    noise = [k("nvjet_x", 999.0, tid=8), k("PjitFunction(step)", 5000.0, pid=2, tid=1), {"ph": "i", "pid": 1, "tid": 7, "name": "mark"}]
+    noise = [
+        k("nvjet_x", 999.0, tid=8),
+        k("PjitFunction(step)", 5000.0, pid=2, tid=1),
+        {"ph": "i", "pid": 1, "tid": 7, "name": "mark"},
+    ]
     return meta + kernels + noise
 
 
@@ -41,7 +52,9 @@ def test_kernel_table_sums_stream_kernels_per_step():
     assert table["kernels_per_step"] == 6
     assert table["device_us_per_step"] == pytest.approx(510.0)  # the 'XLA Ops' line and the host are not counted
     cats = table["by_category_us"]
-    assert cats == pytest.approx({"attention": 300.0, "gemm": 150.0, "norm": 30.0, "elementwise": 20.0, "quantize": 10.0})
+    assert cats == pytest.approx(
+        {"attention": 300.0, "gemm": 150.0, "norm": 30.0, "elementwise": 20.0, "quantize": 10.0}
+    )
     assert list(cats) == sorted(cats, key=lambda c: -cats[c])
     top = table["top"][0]
     assert top["category"] == "attention" and top["count_per_step"] == 1 and top["share"] == pytest.approx(300 / 510)
