@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jquant.nn  # noqa: E402
 from jquant import models  # noqa: E402
 from jquant import policy as pol  # noqa: E402
-from jquant.algorithms import kquants  # noqa: E402
+from jquant.algorithms import kquants, quarot  # noqa: E402
 from jquant.attention import quantized_attention  # noqa: E402
 from jquant.formats import parse_spec  # noqa: E402
 from jquant.models import wan  # noqa: E402
@@ -79,6 +79,15 @@ _spec.loader.exec_module(wan_forward)
 
 # Widths of whole 128-channel blocks (inner 128, FFN 256), so the block-scaled variants run too.
 TINY_CONFIG = dataclasses.replace(wan_forward.TINY_CONFIG, attention_head_dim=64, ffn_dim=256)
+#: issue 26's candidate: block-128 online rotations, the O projection's rotation offline only
+QUAROT_B128 = dict(online_block=128, skip_roles=("attn.out",))
+#: int8 per output channel, the FFN in 128 x 128 blocks (the block GEMM and its FFN-up producer)
+FFN_BLOCK_INT8 = pol.Policy(
+    "int8-ffn-b128x128",
+    ((pol.KEEP_ROLES, None), (("ffn.up", "ffn.down"), "int8/b128x128")),
+    "int8",
+    "int8; FFN in blocks",
+)
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": dict(weights=None, act=None, attention=None),
     "w8a8": dict(weights="int8", act="int8/token", attention=None),
@@ -117,6 +126,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
     # W4A8: int4 weights per output channel, int8 per-token activations (the W4A8 GEMM), fused as above
     "w4a8-token-fused-qattn-default": dict(weights="int4", act="int8/token", attention=dict(), producers="token"),
+    # Issue 26: QuaRot W8A8 as the recipe runs it (full-width online Hadamards) against block-128
+    # rotations with the O projection's rotation offline only (the quality-checked candidate):
+    # Q/K/V and FFN-up take the norm producer's rotated per-token codes, FFN-down a rotated
+    # quantizer pass (``-b128``) or, with the FFN in 128 x 128 weight blocks and per-(token, 128)
+    # activations, the FFN-up GEMM's epilogue codes (``-b128-ffnblock``).
+    "w8a8-quarot-full": dict(weights="int8", act="int8/token", attention=None, producers="token", quarot={}),
+    "w8a8-quarot-b128": dict(weights="int8", act="int8/token", attention=None, producers="token", quarot=QUAROT_B128),
+    "w8a8-quarot-b128-ffnblock": dict(
+        weights=FFN_BLOCK_INT8,
+        act="int8/token",
+        act_rules=(("/ffn/", "int8/token128"),),
+        attention=None,
+        producers="token",
+        quarot=QUAROT_B128,
+    ),
+    "w8a8-quarot-b128-ffnblock-qattn-default": dict(
+        weights=FFN_BLOCK_INT8,
+        act="int8/token",
+        act_rules=(("/ffn/", "int8/token128"),),
+        attention=dict(),
+        producers="token",
+        quarot=QUAROT_B128,
+    ),
     # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
     "q4_k_m": dict(weights="Q4_K_M", act=None, attention=None),
     "q8_0": dict(weights="Q8_0", act=None, attention=None),
@@ -161,23 +193,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def step_fn(
-    model: Any, act: str | None, attention: dict | None, weight_only: bool = False, producers: bool | str = True
+    model: Any,
+    act: str | None,
+    attention: dict | None,
+    weight_only: bool = False,
+    producers: bool | str = True,
+    act_rules: tuple = (),
 ):
-    """The jitted step: model.apply under the variant's linear and attention contexts
-    (``weight_only``: QArray weights, float activations; ``producers``: fused producers, and
-    ``"token"``: per-token consumers take the norm producer's codes too)."""
+    """The jitted step ``step(variables, x, t, text)``: model.apply under the variant's linear
+    and attention contexts (``weight_only``: QArray weights, float activations; ``producers``:
+    fused producers, and ``"token"``: per-token consumers take the norm producer's codes too;
+    ``act_rules``: other activation specs for some layers, ``jquant.nn.quantized``'s)."""
 
-    def step(params, x, t, text):
+    def step(variables, x, t, text):
         with contextlib.ExitStack() as stack:
             if attention is not None:
                 stack.enter_context(quantized_attention(**attention))
             if act is not None or weight_only:
                 stack.enter_context(
-                    jquant.nn.quantized(act=act, producers=bool(producers), token_producers=producers == "token")
+                    jquant.nn.quantized(
+                        act=act, producers=bool(producers), token_producers=producers == "token", act_rules=act_rules
+                    )
                 )
-            return model.apply({"params": params}, x, t, text)
+            return model.apply(variables, x, t, text)
 
     return jax.jit(step)
+
+
+def rotated(params: Any, roles: dict, head_dim: int, plan: dict) -> dict[str, Any]:
+    """The float model rewritten by QuaRot (``quarot.dit_plan(**plan)``: head-wise V/O offline,
+    online Hadamards as aux entries), rotated in float32 and cast back: ``{"params", "jquant"}``."""
+    dtypes = jax.tree_util.tree_map(lambda a: a.dtype, params)
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    out = quarot.quarot({"params": p32}, None, quarot.dit_plan(p32, roles, head_dim, **plan))
+    out["params"] = jax.tree_util.tree_map(lambda a, d: a.astype(d), out["params"], dtypes)
+    return out
 
 
 def _memory(compiled: Any) -> dict[str, int | None]:
@@ -277,24 +327,36 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
         t_phase = now
         print(f"  {name}: {label} {phases[label]:.1f} s", flush=True)
 
-    if spec["weights"] is None:
+    variables: dict[str, Any] = {}
+    if "quarot" in spec:
+        variables = rotated(params_bf16, roles, model.config.attention_head_dim, spec["quarot"])
+        params_bf16 = variables["params"]
+    weights = spec["weights"]
+    if weights is None:
         params = params_bf16
-    elif spec["weights"] in kquants.MIX_BASE:
-        params = synthetic_kquant(params_bf16, roles, spec["weights"], args.seed)
+    elif isinstance(weights, pol.Policy):
+        params = weights.quantize(params_bf16, roles)
+    elif weights in kquants.MIX_BASE:
+        params = synthetic_kquant(params_bf16, roles, weights, args.seed)
     else:
-        params = pol.uniform(spec["weights"]).quantize(params_bf16, roles)
+        params = pol.uniform(weights).quantize(params_bf16, roles)
+    variables["params"] = params
     row: dict[str, Any] = {
         "variant": name,
-        "weights": spec["weights"],
+        "weights": weights.name if isinstance(weights, pol.Policy) else weights,
         "act": spec["act"],
+        "act_rules": [list(r) for r in spec.get("act_rules", ())],
+        "quarot": spec.get("quarot"),
         "attention": spec["attention"],
-        "weight_bytes": weight_bytes(params),
+        "weight_bytes": weight_bytes(variables),
         "phases_s": phases,
     }
     phase("quantized weights")
-    weight_only = spec["weights"] is not None and spec["act"] is None
+    weight_only = weights is not None and spec["act"] is None
     producers = spec.get("producers", True)
-    fn = step_fn(model, spec["act"], spec["attention"], weight_only, producers)
+    act_rules = spec.get("act_rules", ())
+    fn = step_fn(model, spec["act"], spec["attention"], weight_only, producers, act_rules)
+    params = variables  # the step's first argument from here on
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()
     row["compile_s"] = time.perf_counter() - t0
@@ -305,7 +367,9 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
     # Check before timing: the same variant with the kernels off (and exact float attention).
     with reference_mode():
         reference = (
-            step_fn(model, spec["act"], spec["attention"], weight_only, producers).lower(params, *inputs).compile()
+            step_fn(model, spec["act"], spec["attention"], weight_only, producers, act_rules)
+            .lower(params, *inputs)
+            .compile()
         )
     phase("kernels-off reference compiled")
     ref = jax.block_until_ready(reference(params, *inputs))
