@@ -126,14 +126,16 @@ def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
     bench = _load("bench_e2e")
     step_fn = bench.step_fn
 
-    def wrong_step_fn(model, act, attention, weight_only=False, producers=True):
-        step = step_fn(model, act, attention, weight_only, producers)
+    def wrong_step_fn(model, act, attention, *rest):
+        step = step_fn(model, act, attention, *rest)
         if act is None or os.environ.get("JQUANT_BACKEND") == "xla":
             return step  # bf16, and every reference step, stay right
         return jax.jit(lambda *a: step(*a) * 1.2)
 
     monkeypatch.setattr(bench, "step_fn", wrong_step_fn)
-    result = bench.main(["--tiny", "--variants", "bf16,w8a8", "--text-len", "8", "--out-dir", str(tmp_path)])
+    result = bench.main(
+        ["--tiny", "--variants", "bf16,w8a8", "--text-len", "8", "--out-dir", str(tmp_path), "--profile"]
+    )
     assert result["failures"] == 1
     record = json.loads(next(tmp_path.glob("e2e-tiny-*.json")).read_text())
     _meta_ok(record)
@@ -149,9 +151,37 @@ def test_bench_e2e_fails_loudly_on_a_wrong_step(tmp_path, monkeypatch):
         "kernels-off reference compiled",
         "kernels-off reference ran",
         "timed",
+        "profiled",
     ]
+    assert rows["bf16"]["profile"]["steps"] == 2  # a trace table (empty on the CPU: no device streams)
     assert all(v >= 0 for v in rows["bf16"]["phases_s"].values())
     assert "timed" not in rows["w8a8"]["phases_s"]  # a failed check stops before timing
+
+
+def test_bench_e2e_quarot_variants_are_exact_rewrites():
+    """The QuaRot variants' rotated float model (full width; block 128 with the O projection's
+    rotation offline only) computes the float step within fp32 rounding before it is quantized."""
+    bench = _load("bench_e2e")
+    cfg = dataclasses.replace(bench.TINY_CONFIG, num_layers=1)
+    import jquant.nn  # pylint: disable=import-outside-toplevel
+    from jquant import models  # pylint: disable=import-outside-toplevel
+
+    params = jax.tree_util.tree_map(jnp.asarray, bench.wan_forward.synthetic_params(cfg, 0))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    roles = models.layer_roles(cfg, params)
+    model = bench.wan.PORT.module(cfg, dtype=jnp.float32).clone(attention_impl="xla")
+    shape = bench.wan_forward.latent_shape(cfg, 5, 32, 48)
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    t, text = jnp.array([500.0]), jax.random.normal(jax.random.key(1), (1, 8, cfg.text_dim))
+    ref = model.apply({"params": params}, x, t, text)
+    for plan in ({}, bench.QUAROT_B128):
+        v = bench.rotated(params, roles, cfg.attention_head_dim, plan)
+        assert "jquant" in v  # the online rotations are aux entries
+        with jquant.nn.quantized():
+            out = model.apply(v, x, t, text)
+        err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        assert err < 1e-5, (plan, err)
+    assert bench.VARIANTS["w8a8-quarot-b128-ffnblock"]["weights"].name == "int8-ffn-b128x128"
 
 
 def _emulated_cudnn_fp8(q8, k8, v8, scales, *, sm_scale=None):
