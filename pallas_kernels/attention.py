@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _common
+from pallas_kernels import _common, attn_prep
 from pallas_kernels import attention_ref as ref
 from pallas_kernels.attention_ref import (  # noqa: F401  (re-exported API)
     HEAD_DIMS,
@@ -863,6 +863,12 @@ def prepare_kernel_operands(
     """
     b, tq, h, d = q.shape
     tk = k.shape[1]
+    tq_p = _common.round_up(tq, config.warpgroups * config.block_q)
+    tk_p = _common.round_up(tk, config.block_k)
+    if attn_prep.supports(q, k, kv_lengths) and tq_p % 128 == 0:
+        return _fused_operands(
+            q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal
+        )
     prep = ref.prepare(
         q,
         k,
@@ -876,8 +882,6 @@ def prepare_kernel_operands(
         smooth_v=smooth_v,
         k_scales=config.k_scales,
     )
-    tq_p = _common.round_up(tq, config.warpgroups * config.block_q)
-    tk_p = _common.round_up(tk, config.block_k)
     q8 = _common.pad_axis(prep.q_codes, 1, tq_p)
     k8 = _common.pad_axis(prep.k_codes, 1, tk_p)
     q_scale = _common.pad_axis(prep.q_scale, 1, tq_p, value=1.0) * (sm_scale * ref.LOG2E)
@@ -901,6 +905,44 @@ def prepare_kernel_operands(
         vv = _common.pad_axis(prep.v, 1, tk_p)
         vs = prep.v_scale
     return (q8, k8, vv, qrow, ks, vs), prep.v_mean
+
+
+def _fused_operands(q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal):
+    """:func:`prepare_kernel_operands` with Q and K from :mod:`pallas_kernels.attn_prep` (one
+    pass each, codes and scales written in the kernel's padded layouts); every key valid."""
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    q8, q_scale = attn_prep.prep_tokens_pallas(q, fmt=qk_format, hadamard=hadamard, tokens_padded=tq_p)
+    per_tile = config.k_scales != "token"
+    mean = attn_prep.key_mean(k, hadamard) if smooth_k else None
+    k8, ks = attn_prep.prep_tokens_pallas(
+        k,
+        fmt=qk_format,
+        hadamard=hadamard,
+        mean=mean,
+        per_tile=per_tile,
+        tokens_padded=tk_p,
+        tile=config.block_k if per_tile else 128,
+    )
+    pad_keys = jnp.full((b,), 0.0 if causal else float(tk_p - tk), jnp.float32)
+    qrow = jnp.stack(
+        [q_scale * (sm_scale * ref.LOG2E), jnp.broadcast_to(pad_keys[:, None, None], (b, h, tq_p))], axis=2
+    )
+    if per_tile:
+        rows = _common.cdiv(tk_p // config.block_k, 32)
+        ks = _common.pad_axis(ks, 2, rows * 32, value=1.0).reshape(b, h, rows, 32)
+    valid = ref.key_validity(b, tk, None)
+    v_mean = None
+    if pv_format == "fp8_e4m3":
+        if smooth_v:
+            v, v_mean = ref.smooth_values(v, valid)
+        v_codes, v_scale = ref.quantize_values(v, valid)
+        vv = jnp.transpose(_common.pad_axis(v_codes, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
+        vs = v_scale / ref.P_SCALE
+    else:
+        vv = _common.pad_axis(v.astype(jnp.bfloat16), 1, tk_p)
+        vs = jnp.ones((b, h, d), jnp.float32)
+    return (q8, k8, vv, qrow, ks, vs), v_mean
 
 
 def supports(q, k, *, causal, kv_lengths, qk_format, pv_format, smooth_k, config: AttentionConfig) -> bool:

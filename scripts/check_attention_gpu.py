@@ -677,12 +677,54 @@ def run_case(seed: int, case) -> dict:
     }
 
 
+#: attn_prep's check: (batch, tokens, heads, head_dim, format, hadamard, smooth, per-tile K, tile)
+PREP_CASES = [
+    (1, 32760, 12, 128, "int8", True, False, False, 128),  # Wan2.1-1.3B Q
+    (1, 32760, 12, 128, "int8", True, True, True, 128),  # its K, one scale per 128-key tile
+    (1, 32760, 12, 128, "int8", True, True, False, 128),  # its K, per token
+    (1, 32760, 12, 128, "fp8_e4m3", True, True, True, 256),
+    (2, 1000, 3, 64, "int8", True, True, False, 128),
+    (2, 1000, 3, 64, "fp8_e4m3", False, False, False, 128),
+    (1, 777, 2, 128, "int8", False, True, True, 128),
+]
+
+
+def run_prep_cases() -> list[dict]:
+    """attn_prep.compare on the GPU (the compiled Triton program) for every :data:`PREP_CASES` row."""
+    from pallas_kernels import attn_prep  # pylint: disable=import-outside-toplevel
+
+    rows = []
+    for i, (b, t, h, d, fmt, had, smooth, per_tile, tile) in enumerate(PREP_CASES):
+        name = f"prep {fmt} b{b} t{t} h{h} d{d} had{int(had)} smooth{int(smooth)} {'tile' + str(tile) if per_tile else 'token'}"
+        try:
+            key = jax.random.key(2000 + i)
+            spread = jnp.linspace(0.3, 6.0, d)
+            x = (jax.random.normal(key, (b, t, h, d)) * spread + 0.5).astype(jnp.bfloat16)
+            r = attn_prep.compare(x, fmt=fmt, hadamard=had, smooth=smooth, per_tile=per_tile, tile=tile)
+            row = {"case": name, "pass": r["ok"], "path": "attn_prep", **r}
+            print(
+                f"{name:60s} differing {r['codes_differing']:.1e} steps {r['max_code_steps']:.0f} "
+                f"scale {r['scale_rel']:.1e}  {'PASS' if r['ok'] else 'FAIL'}",
+                flush=True,
+            )
+        except Exception as e:  # pylint: disable=broad-except
+            row = {"case": name, "pass": False, "error": f"{type(e).__name__}: {e}"[:4000]}
+            print(f"{name:60s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the core cases")
     parser.add_argument("--only", default="", help="comma list of substrings: run the cases whose name has one")
     parser.add_argument("--deadline-s", type=float, default=150.0, help="skip cases started after this")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
+    parser.add_argument(
+        "--prep",
+        action="store_true",
+        help="also check pallas_kernels.attn_prep (the fused Q/K pass) against its reference first (PREP_CASES)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     device = jax.devices()[0]
@@ -705,6 +747,10 @@ def main() -> int:
     pa.CAUSAL_ON_KERNEL = True  # exercise the causal kernel path whatever the default
     only = [w for w in args.only.split(",") if w]
     cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and (not only or any(w in c[0] for w in only))]
+    if args.prep:
+        for row in run_prep_cases():
+            result["cases"].append(row)
+            save()
     print(f"{'case':38s} {'path':9s} {'k-vs-ref':>9s} {'k-vs-exact':>10s} {'ref-vs-exact':>12s}  status")
     for i, case in enumerate(cases):
         if time.perf_counter() - start > args.deadline_s:

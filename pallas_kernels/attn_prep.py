@@ -1,0 +1,257 @@
+"""Q and K for the quantized attention kernel in one pass each: rotation, smoothing, codes, scales.
+
+What :func:`pallas_kernels.attention_ref.prepare` computes for Q and K, as one Pallas (Triton
+lowered) program per (batch, 128-token tile, head): load the bf16 tile, rotate it by the
+normalized Hadamard matrix of order ``head_dim`` (one bf16 dot with the +-1 Sylvester matrix:
+exact products, float32 sums), subtract K's smoothing mean (its per-(batch, head) channel mean,
+already rotated), take the tile's per-token (or, for K, per-tile) absmax and write int8 / e4m3
+codes and float32 scales straight into the padded layouts the attention kernel reads.
+
+Why: in a Wan2.1-1.3B step (32,760 tokens, 12 heads) XLA ran this preparation as a skinny
+batched dot per rotated tensor (about 350 us each, 31 ms a step), reductions and pads: about
+50 ms of a 453 ms step around a 284 ms attention kernel (``bench_e2e.py --profile``, H200,
+``benchmarks/e2e-profile-nvidia-h200.json``). One pass reads each bf16 tensor once and writes
+its codes once.
+
+Same arithmetic as the reference up to float32 summation order: the reference rotates the
+float32 values through one float32 dot and takes the mean of the rotated K; here the bf16 values
+go through a bf16 dot (the same exact products) and the mean is rotated instead (linear, so equal
+up to rounding). A code on a rounding boundary can move by one step (tests/test_attn_prep.py
+bounds it).
+
+Only calls without ``kv_lengths`` take it (every key valid, so smoothing is a plain mean); the
+caller (:func:`pallas_kernels.attention.prepare_kernel_operands`) keeps the XLA path for the
+others.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _common, _quant
+from pallas_kernels import attention_ref as ref
+
+Array = jax.Array
+
+#: Not yet run on a GPU: :func:`supports` says no unless ``JQUANT_BACKEND=pallas``.
+GPU_VERIFIED = False
+HEAD_DIMS = (64, 128)
+TILES = (64, 128, 256)
+_NAME = "attn_prep"
+_QFMT = {"int8": "int8", "fp8_e4m3": "fp8"}  # attention_ref's format names -> _quant's
+
+
+def _kernel(
+    x_ref, *refs, t: int, tile: int, d: int, fmt: str, hadamard: bool, smooth: bool, per_tile: bool, interpret: bool
+):
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+
+    refs = list(refs)
+    h_ref = refs.pop(0) if hadamard else None
+    mean_ref = refs.pop(0) if smooth else None
+    q_ref, s_ref = refs
+    b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row_ok = i * tile + jnp.arange(tile) < t
+    cols = pl.ds(h * d, d)
+    x = pltriton.load(x_ref.at[b, pl.ds(i * tile, tile), cols], mask=row_ok[:, None], other=0.0)
+    if hadamard:  # bf16 x times +-1: exact products, float32 sums (attention_ref.rotate)
+        z = jnp.dot(x.astype(jnp.bfloat16), h_ref[...], preferred_element_type=jnp.float32)
+        z = z * np.float32(1.0 / math.sqrt(d))
+    else:
+        z = x.astype(jnp.float32)
+    if smooth:
+        z = z - pltriton.load(mean_ref.at[b, h, pl.ds(0, d)])[None, :]
+    z = jnp.where(row_ok[:, None], z, 0.0)  # padded tokens: codes 0 (the kernel counts them)
+    qmax = np.float32(ref.QMAX[fmt])
+    if per_tile:
+        scale = jnp.maximum(jnp.max(jnp.abs(z)), np.float32(ref._TINY)) / qmax  # pylint: disable=protected-access
+        codes = _quant.to_q(z / scale, _QFMT[fmt], interpret)
+        pltriton.store(s_ref.at[b, h, pl.ds(i, 1)], jnp.full((1,), scale, jnp.float32))
+    else:
+        scale = jnp.maximum(jnp.max(jnp.abs(z), axis=1), np.float32(ref._TINY)) / qmax  # pylint: disable=protected-access
+        codes = _quant.to_q(z / scale[:, None], _QFMT[fmt], interpret)
+        # padded tokens: scale 1 (codes 0), as the XLA path pads its scales
+        pltriton.store(s_ref.at[b, h, pl.ds(i * tile, tile)], jnp.where(row_ok, scale, np.float32(1.0)))
+    pltriton.store(q_ref.at[b, pl.ds(i * tile, tile), cols], codes)
+
+
+def check(x: Array, fmt: str, tokens_padded: int, tile: int) -> None:
+    """Raises ValueError naming what is wrong with ``x`` [B, T, H, D] and the layout asked for."""
+    if x.ndim != 4:
+        raise ValueError(f"{_NAME}: x must be [B, T, H, D], got shape {x.shape}")
+    if x.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{_NAME}: head_dim must be one of {HEAD_DIMS}, got {x.shape[-1]}")
+    if fmt not in ref.QMAX:
+        raise ValueError(f"{_NAME}: format must be one of {sorted(ref.QMAX)}, got {fmt!r}")
+    if tile not in TILES or tokens_padded % tile or tokens_padded < x.shape[1]:
+        raise ValueError(
+            f"{_NAME}: tokens_padded={tokens_padded} must be >= T={x.shape[1]} and a multiple of the"
+            f" tile {tile} (one of {TILES})"
+        )
+
+
+def prep_tokens_pallas(
+    x: Array,
+    *,
+    fmt: str,
+    hadamard: bool,
+    mean: Array | None = None,
+    per_tile: bool = False,
+    tokens_padded: int,
+    tile: int = 128,
+    interpret: bool = False,
+) -> tuple[Array, Array]:
+    """``(codes [B, tokens_padded, H, D], scales)`` of ``x`` [B, T, H, D] (bf16).
+
+    ``hadamard``: rotate each head by the normalized Hadamard matrix first. ``mean`` [B, H, D]
+    float32 (in the rotated basis): subtracted before quantizing (K smoothing). Scales are
+    per token ``[B, H, tokens_padded]`` or, with ``per_tile``, one per ``tile`` tokens
+    ``[B, H, tokens_padded / tile]`` (the kernel's per-tile K scales, ``tile = block_k``).
+    Tokens past T get codes 0 and per-token scale 1. ``interpret=True`` runs Pallas's interpreter (CPU tests).
+    """
+    import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+
+    check(x, fmt, tokens_padded, tile)
+    b, t, h, d = x.shape
+    n_tiles = tokens_padded // tile
+    extra = []
+    if hadamard:
+        signs = np.round(np.asarray(_hadamard_signs(d)))
+        extra.append(jnp.asarray(signs, jnp.bfloat16))
+    if mean is not None:
+        if mean.shape != (b, h, d):
+            raise ValueError(f"{_NAME}: mean must be [B, H, D] = {(b, h, d)}, got {mean.shape}")
+        extra.append(mean.astype(jnp.float32))
+    s_shape = (b, h, n_tiles if per_tile else tokens_padded)
+    out_shape = (
+        jax.ShapeDtypeStruct((b, tokens_padded, h * d), ref.CODE_DTYPES[fmt]),
+        jax.ShapeDtypeStruct(s_shape, jnp.float32),
+    )
+    warps = 8 if tile * d >= 16384 else 4
+    call = pl.pallas_call(
+        functools.partial(
+            _kernel,
+            t=t,
+            tile=tile,
+            d=d,
+            fmt=fmt,
+            hadamard=hadamard,
+            smooth=mean is not None,
+            per_tile=per_tile,
+            interpret=interpret,
+        ),
+        out_shape=out_shape,
+        grid=(b, n_tiles, h),
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=1),
+    )
+    codes, scales = call(x.reshape(b, t, h * d), *extra)
+    return codes.reshape(b, tokens_padded, h, d), scales
+
+
+def _hadamard_signs(d: int) -> np.ndarray:
+    from jquant import hadamard as jh  # pylint: disable=g-import-not-at-top
+
+    with jax.ensure_compile_time_eval():  # a constant, also when traced under jit
+        return np.asarray(jh.hadamard_matrix(d, jnp.float32)) * math.sqrt(d)
+
+
+def key_mean(k: Array, hadamard: bool) -> Array:
+    """K's per-(batch, head) channel mean over all tokens [B, H, D] float32, in the rotated
+    basis when ``hadamard`` (the rotation is linear: rotating the mean rotates every token's
+    share of it)."""
+    mean = jnp.mean(k.astype(jnp.float32), axis=1)
+    return ref.rotate(mean) if hadamard else mean
+
+
+def supports(q: Array, k: Array, kv_lengths) -> bool:
+    """True where :func:`pallas_kernels.attention.prepare_kernel_operands` may use the kernel:
+    a GPU, the kernel verified (or ``JQUANT_BACKEND=pallas``), bf16 Q and K, a head dim of
+    :data:`HEAD_DIMS`, no ``kv_lengths``."""
+    return (
+        _common.on_gpu()
+        and _common.kernel_enabled(GPU_VERIFIED)
+        and kv_lengths is None
+        and q.dtype == jnp.bfloat16
+        and k.dtype == jnp.bfloat16
+        and q.shape[-1] in HEAD_DIMS
+        and q.shape[1] > 0
+        and k.shape[1] > 0
+    )
+
+
+#: Tolerances of :func:`compare`: float32 sums in another order move a code on a rounding
+#: boundary by one step and a scale by a few ulp.
+MAX_CODES_DIFFERING = 1e-3
+MAX_SCALE_REL = 1e-5
+
+
+def reference_tokens(
+    x: Array, *, fmt: str, hadamard: bool, smooth: bool, per_tile: bool, tile: int
+) -> tuple[Array, Array]:
+    """What :func:`prep_tokens_pallas` computes, by :mod:`pallas_kernels.attention_ref` (unpadded):
+    codes [B, T, H, D] and scales [B, H, T] or [B, H, ceil(T / tile)]."""
+    b, t = x.shape[:2]
+    xf = x.astype(jnp.float32)
+    if hadamard:
+        xf = ref.rotate(xf)
+    if smooth:
+        xf = ref.smooth_keys(xf, ref.key_validity(b, t, None))
+    if per_tile:
+        return ref.quantize_key_blocks(xf, fmt, tile)
+    codes, scale = ref.quantize_tokens(xf, fmt)
+    return codes, jnp.transpose(scale, (0, 2, 1))
+
+
+def compare(
+    x: Array,
+    *,
+    fmt: str,
+    hadamard: bool,
+    smooth: bool,
+    per_tile: bool,
+    tile: int = 128,
+    interpret: bool = False,
+) -> dict:
+    """The kernel against :func:`reference_tokens` on ``x``: the fraction of codes that differ,
+    the largest difference in format steps, the scales' relative error, whether padded tokens
+    are zero, and ``ok`` (within :data:`MAX_CODES_DIFFERING` / one step / :data:`MAX_SCALE_REL`)."""
+    t = x.shape[1]
+    tp = _common.round_up(t, tile)
+    mean = key_mean(x, hadamard) if smooth else None
+    codes, scales = prep_tokens_pallas(
+        x, fmt=fmt, hadamard=hadamard, mean=mean, per_tile=per_tile, tokens_padded=tp, tile=tile, interpret=interpret
+    )
+    rc, rs = reference_tokens(x, fmt=fmt, hadamard=hadamard, smooth=smooth, per_tile=per_tile, tile=tile)
+    c = np.asarray(codes[:, :t].astype(jnp.float32))
+    r = np.asarray(rc.astype(jnp.float32))
+    if fmt == "int8":
+        steps = np.abs(c - r)
+    else:  # one e4m3 step at the larger magnitude: 2^(floor(log2|v|) - 3), subnormals 2^-9
+        mag = np.maximum(np.abs(c), np.abs(r))
+        ulp = np.exp2(np.floor(np.log2(np.maximum(mag, 2.0**-6))) - 3)
+        steps = np.abs(c - r) / ulp
+    s = np.asarray(scales[..., : rs.shape[-1]])
+    rs = np.asarray(rs)
+    out = {
+        "codes_differing": float((c != r).mean()),
+        "max_code_steps": float(steps.max()) if steps.size else 0.0,
+        "scale_rel": float(np.max(np.abs(s / rs - 1.0))) if rs.size else 0.0,
+        "pad_codes_zero": bool((np.asarray(codes[:, t:].astype(jnp.float32)) == 0).all()),
+        "finite": bool(np.isfinite(s).all()),
+    }
+    out["ok"] = (
+        out["codes_differing"] <= MAX_CODES_DIFFERING
+        and out["max_code_steps"] <= 1.0 + 1e-6
+        and out["scale_rel"] <= MAX_SCALE_REL
+        and out["pad_codes_zero"]
+        and out["finite"]
+    )
+    return out
