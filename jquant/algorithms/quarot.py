@@ -39,6 +39,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from jquant.algorithms.linear_tree import (
@@ -119,7 +120,8 @@ def _check_rotation(r: Array, name: str) -> Array:
     r = jnp.asarray(r, jnp.float32)
     if r.ndim != 2 or r.shape[0] != r.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {r.shape}")
-    if not bool(jnp.allclose(r @ r.T, jnp.eye(r.shape[0]), atol=1e-4)):
+    r64 = np.asarray(r, np.float64)  # on the host in float64: a GPU's default f32 matmul (TF32) is too coarse
+    if not np.allclose(r64 @ r64.T, np.eye(r.shape[0]), atol=1e-4):
         raise ValueError(f"{name} is not orthogonal (R R^T != I)")
     return r
 
