@@ -2,8 +2,10 @@
 
 ``profile(fn, *args, steps=2)`` runs ``fn`` under ``jax.profiler.trace`` and reads the Perfetto
 trace it writes; ``kernel_table(events, steps)`` sums the device kernels' durations per kernel
-name (per step), and ``categories`` sorts them into the phases of a DiT step (attention, GEMMs,
-quantization, norms and element-wise fusions, copies). Why: a step that is slower than its
+name (per step, with :func:`pallas_kernels.timing.summarize_kernels`, the CUPTI breakdown's
+helper), and :func:`phases` sorts them into the phases of a DiT step (attention, GEMMs,
+quantization, norms and element-wise fusions, copies); ``phases`` takes
+:func:`pallas_kernels.timing.kernel_breakdown`'s rows as well. Why: a step that is slower than its
 kernels' isolated times predict (issue 19's Wan step) needs the per-kernel picture of the step
 itself, not of each kernel alone.
 
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+
+from pallas_kernels import timing
 
 #: Ordered (category, pattern) rules over ``"<kernel name> <hlo op>"`` (lower case); first match wins.
 CATEGORY_RULES: tuple[tuple[str, str], ...] = (
@@ -73,38 +77,45 @@ def device_kernels(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def kernel_table(events: Iterable[dict[str, Any]], steps: int, top: int = 40) -> dict[str, Any]:
     """Per-step device time: total, per category and the ``top`` kernels by time.
 
-    ``steps``: how many steps the trace covers (the sums are divided by it). Kernel names are
-    cut at 120 characters; ``count`` is launches per step.
+    ``steps``: how many steps the trace covers (the sums are divided by it). The per-kernel
+    sums are :func:`pallas_kernels.timing.summarize_kernels`' (the CUPTI breakdown's) over the
+    whole trace as one run; :func:`phases` adds the categories.
     """
     if steps < 1:
         raise ValueError(f"kernel_table: steps must be >= 1, got {steps}")
     kernels = device_kernels(events)
-    by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    by_cat: dict[str, float] = collections.defaultdict(float)
     hlo_of: dict[str, str] = {}
     for k in kernels:
-        name = k["name"][:120]
-        by_name[name][0] += k["dur_us"]
-        by_name[name][1] += 1
-        hlo_of.setdefault(name, k["hlo_op"][:120])
-        by_cat[category(k["name"], k["hlo_op"])] += k["dur_us"]
-    total = sum(v[0] for v in by_name.values())
-    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+        hlo_of.setdefault(k["name"], k["hlo_op"][:120])
+    rows = timing.summarize_kernels([[(k["name"], k["dur_us"] / 1e3) for k in kernels]]) if kernels else []
+    for r in rows:
+        r.update(
+            us=r["us"] / steps, us_min=r["us_min"] / steps, launches=r["launches"] / steps, hlo_op=hlo_of[r["kernel"]]
+        )
+    return {"steps": steps, "kernels_per_step": len(kernels) / steps, **phases(rows, top)}
+
+
+def phases(rows: Sequence[dict[str, Any]], top: int = 40) -> dict[str, Any]:
+    """Categories of :func:`pallas_kernels.timing.summarize_kernels`-style rows (``kernel``,
+    ``launches``, ``us``; optional ``hlo_op``): the total, the us per :func:`category`, and the
+    ``top`` rows with their category and share."""
+    total = sum(r["us"] for r in rows)
+    by_cat: dict[str, float] = collections.defaultdict(float)
+    for r in rows:
+        by_cat[category(r["kernel"], r.get("hlo_op", ""))] += r["us"]
     return {
-        "steps": steps,
-        "kernels_per_step": len(kernels) / steps,
-        "device_us_per_step": total / steps,
-        "by_category_us": {c: t / steps for c, t in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "device_us_per_step": total,
+        "by_category_us": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
         "top": [
             {
-                "name": n,
-                "hlo_op": hlo_of[n],
-                "category": category(n, hlo_of[n]),
-                "us_per_step": t / steps,
-                "count_per_step": c / steps,
-                "share": t / total if total else 0.0,
+                "name": r["kernel"][:120],
+                "hlo_op": r.get("hlo_op", ""),
+                "category": category(r["kernel"], r.get("hlo_op", "")),
+                "us_per_step": r["us"],
+                "count_per_step": r["launches"],
+                "share": r["us"] / total if total else 0.0,
             }
-            for n, (t, c) in rows
+            for r in rows[:top]
         ],
     }
 
