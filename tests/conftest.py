@@ -79,6 +79,7 @@ settings.register_profile(
     "ci",
     derandomize=True,
     database=None,
+    max_examples=40,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],

@@ -149,6 +149,22 @@ def test_every_candidate_is_exact_in_float(tiny):
             assert jquant.nn.hadamard_block(down["hadamard"]) is None, name
 
 
+@pytest.mark.parametrize("backend,block", [("cpu", None), ("gpu", Q.GPU_ONLINE_BLOCK)])
+def test_auto_block_is_128_on_a_gpu_and_full_width_elsewhere(tiny, monkeypatch, backend, block):
+    """The W8A8 QuaRot recipes' ``online_block="auto"``: resolved when the transform runs."""
+    from jquant.pipeline import recipes  # pylint: disable=import-outside-toplevel
+
+    bundle, _, _, ctx = tiny
+    monkeypatch.setattr(Q.jax, "default_backend", lambda: backend)
+    assert Q.resolve_online_block("auto") == block and Q.resolve_online_block(64) == 64
+    rotated = Q.transform(0, online_block="auto")({"params": bundle.params}, ctx)
+    down = get_aux(rotated, "blocks_0/ffn/net_2")  # 512 wide: the only input the block splits
+    assert jquant.nn.hadamard_block(down["hadamard"]) == block
+    for name in ("int8-wa-quarot", "fp8-quarot"):
+        assert recipes.get(name).transform.name.startswith("quarot[block auto] -> "), name
+    assert recipes.get("w4a4-quarot").transform.name.startswith("quarot -> ")  # int4 activations: full width
+
+
 def test_block_rotation_changes_the_quantized_model(tiny):
     """Not a no-op: a block-diagonal rotation quantizes differently from the full-width one."""
     bundle, module, inputs, ctx = tiny

@@ -347,15 +347,31 @@ def _flat_keys(params: Any) -> list[str]:
     return list(traverse_util.flatten_dict(dict(params), sep="/"))
 
 
+#: ``online_block="auto"`` on a GPU: blocks of 128, the rotation the fused producers apply (the
+#: norm producer for Q/K/V and FFN-up, the FFN-up epilogue for FFN-down) and the block quantizer
+#: otherwise. Quality: within the issue-26 targets of the full width (docs/quarot.md, "Block-diagonal
+#: online rotations"); speed: the Wan2.1-1.3B W8A8 step 600.5 -> 524.4 ms on an H200 with the O
+#: projection's rotation offline (benchmarks/e2e-quarot-nvidia-h200.json).
+GPU_ONLINE_BLOCK = 128
+
+
+def resolve_online_block(online_block: int | str | None) -> int | None:
+    """``"auto"``: :data:`GPU_ONLINE_BLOCK` where JAX's default backend is a GPU, full width
+    (None) elsewhere; an int or None as given."""
+    if online_block == "auto":
+        return GPU_ONLINE_BLOCK if jax.default_backend() == "gpu" else None
+    return online_block
+
+
 def transform(
-    seed: int = 0, heads: bool = True, online_block: int | None = None, skip_roles: Collection[str] = ()
+    seed: int = 0, heads: bool = True, online_block: int | str | None = None, skip_roles: Collection[str] = ()
 ) -> Transform:
     """QuaRot (:func:`jquant.algorithms.quarot.dit_plan`): head-wise V/O rotations (offline,
     exact) and online randomized Hadamards on every attention/FFN input; never on the
     modulation, embedders or the head. ``online_block``: block-diagonal online rotations of
-    that order (None: full width); ``skip_roles``: roles left unrotated. Data-free; exact in
-    float."""
-    if online_block is not None:
+    that order (None: full width; ``"auto"``: :func:`resolve_online_block` when the transform
+    runs, block 128 on a GPU); ``skip_roles``: roles left unrotated. Data-free; exact in float."""
+    if online_block is not None and online_block != "auto":
         _check_block(online_block, "quarot.transform: online_block")
     skip = tuple(sorted(skip_roles))
 
@@ -366,7 +382,7 @@ def transform(
             ctx.head_dim,
             seed=seed,
             heads_offline=heads,
-            online_block=online_block,
+            online_block=resolve_online_block(online_block),
             skip_roles=skip,
         )
         return quarot(v, None, plan)

@@ -175,14 +175,16 @@ def _build() -> tuple[dict[str, Recipe], dict[str, str]]:
         out += [
             Recipe(
                 "int8-wa-quarot",
-                "QuaRot rotations, int8 weights (GPTQ), int8 per-token activations.",
-                chain(quarot(), gptq(u("int8"))),
+                "QuaRot rotations (online ones in blocks of 128 on a GPU, full width elsewhere), "
+                "int8 weights (GPTQ), int8 per-token activations.",
+                chain(quarot(online_block="auto"), gptq(u("int8"))),
                 "int8",
             ),
             Recipe(
                 "fp8-quarot",
-                "QuaRot rotations, fp8 e4m3 weights and per-token fp8 activations.",
-                chain(quarot(), rtn(u("fp8_e4m3"))),
+                "QuaRot rotations (online ones in blocks of 128 on a GPU, full width elsewhere), "
+                "fp8 e4m3 weights and per-token fp8 activations.",
+                chain(quarot(online_block="auto"), rtn(u("fp8_e4m3"))),
                 "fp8_e4m3",
             ),
             Recipe(
