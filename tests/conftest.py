@@ -2,7 +2,8 @@
 
 `HYPOTHESIS_PROFILE=explore python -m pytest ...` opts into random search (more examples, a
 local example database); the default profile `ci` is derandomized (cases derive from each
-test's source) and keeps no database, so two runs of the suite test the same inputs.
+test's source), keeps no database and draws 40 examples where a test does not say how many, so
+two runs of the suite test the same inputs.
 
 After each test module, JAX's compiled programs and trace caches are dropped: a worker that
 kept every module's executables grew to 9.6 GB over the suite, and CI's 24 GiB machine
