@@ -865,7 +865,8 @@ def prepare_kernel_operands(
     tk = k.shape[1]
     tq_p = _common.round_up(tq, config.warpgroups * config.block_q)
     tk_p = _common.round_up(tk, config.block_k)
-    if attn_prep.supports(q, k, kv_lengths) and tq_p % 128 == 0:
+    fused_ok = tq_p % 128 == 0 and tk_p % 128 == 0 and config.block_k in attn_prep.TILES  # whole 128-token tiles
+    if fused_ok and attn_prep.supports(q, k, kv_lengths):
         return _fused_operands(
             q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal
         )

@@ -86,6 +86,29 @@ def test_kernel_operands_equal_the_xla_path(pv_format, k_scales, block_k):
     assert (fused_mean is None) == (plain_mean is None)
 
 
+def test_layouts_without_whole_128_token_tiles_keep_the_xla_path():
+    """64-key tiles over 300 keys pad K to 320 tokens, not whole 128-token programs: the XLA
+    pass runs instead of a refused kernel call."""
+    q, k, v = (_x(s, 1, 300, 2, 64) for s in range(3))
+    kw = dict(
+        causal=False,
+        kv_lengths=None,
+        qk_format="int8",
+        pv_format="bf16",
+        config=pa.AttentionConfig(block_k=64),
+        smooth_k=True,
+        hadamard=True,
+        sm_scale=0.1,
+    )
+
+    def refuse(*a, **k):
+        raise AssertionError("attn_prep must not run here")
+
+    with mock.patch.object(ap, "supports", lambda *a: True), mock.patch.object(ap, "prep_tokens_pallas", refuse):
+        ops, _ = pa.prepare_kernel_operands(q, k, v, **kw)
+    assert ops[1].shape == (1, 320, 2, 64)
+
+
 def test_refusals_name_the_problem():
     x = _x(0, 1, 100, 2, 128)
     with pytest.raises(ValueError, match=r"attn_prep: x must be \[B, T, H, D\]"):
