@@ -87,3 +87,12 @@ def cudnn_fp8_attention(
         cudnn_version=mod.check_cudnn_version(),
     )
     return outputs[0]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: float | None = None) -> jax.Array:
+    """cuDNN's FP8 forward on float Q, K, V [B, T, H, D]: per-tensor amax scales taken here (one
+    reduction over each tensor, part of the cost a per-tensor FP8 user pays), e4m3 codes, the
+    e4m3 output decoded back to ``q.dtype``. What a model's attention call becomes with it."""
+    codes, scales = quantize(q, k, v)
+    out = cudnn_fp8_attention(*codes, scales, sm_scale=sm_scale)
+    return (out.astype(jnp.float32) * scales["descale_o"]).astype(q.dtype)

@@ -21,6 +21,9 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
   linear's bf16 input separately; ``fp8-block-fused-qattn-bf16`` adds quantized attention.
 * ``w8a8-token-fused``: ``w8a8`` with the adaLN inputs quantized per token by the norm producer
   (``jquant.nn.quantized(token_producers=True)``), the per-token GEMM taking its codes.
+* ``bf16-cudnn-fp8`` / ``w8a8-token-fused-cudnn-fp8``: every unmasked attention call through
+  cuDNN's FP8 forward with per-tensor amax scales (``pallas_kernels.cudnn_fp8``, the fastest
+  public FP8 attention; its reference is exact float attention).
 
 Before a variant is timed its output is checked against the same variant traced with every
 Pallas kernel off (``JQUANT_BACKEND=xla``: XLA's integer / dequantize paths, the quantizer's
@@ -70,7 +73,8 @@ from jquant.formats import parse_spec  # noqa: E402
 from jquant.models import wan  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
-from pallas_kernels import _common, kquant_triton, timing, trace_table  # noqa: E402
+from jquant.models.attention import attention_hook  # noqa: E402
+from pallas_kernels import _common, cudnn_fp8, kquant_triton, timing, trace_table  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
 _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD)
@@ -149,6 +153,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         producers="token",
         quarot=QUAROT_B128,
     ),
+    # cuDNN's FP8 attention (per-tensor scales) in the step: the peer baseline for the attention kernel
+    "bf16-cudnn-fp8": dict(weights=None, act=None, attention=None, float_attention="cudnn-fp8"),
+    "w8a8-token-fused-cudnn-fp8": dict(
+        weights="int8", act="int8/token", attention=None, producers="token", float_attention="cudnn-fp8"
+    ),
     # GGUF k-quant mixes (synthetic ggml blocks, jquant.algorithms.kquants' per-tensor types), weight-only
     "q4_k_m": dict(weights="Q4_K_M", act=None, attention=None),
     "q8_0": dict(weights="Q8_0", act=None, attention=None),
@@ -199,14 +208,20 @@ def step_fn(
     weight_only: bool = False,
     producers: bool | str = True,
     act_rules: tuple = (),
+    float_attention: str | None = None,
 ):
     """The jitted step ``step(variables, x, t, text)``: model.apply under the variant's linear
     and attention contexts (``weight_only``: QArray weights, float activations; ``producers``:
     fused producers, and ``"token"``: per-token consumers take the norm producer's codes too;
-    ``act_rules``: other activation specs for some layers, ``jquant.nn.quantized``'s)."""
+    ``act_rules``: other activation specs for some layers, ``jquant.nn.quantized``'s;
+    ``float_attention="cudnn-fp8"``: :func:`cudnn_fp8_hook` on every attention call)."""
+    if float_attention not in (None, "cudnn-fp8"):
+        raise ValueError(f"step_fn: float_attention={float_attention!r}, expected None or 'cudnn-fp8'")
 
     def step(variables, x, t, text):
         with contextlib.ExitStack() as stack:
+            if float_attention == "cudnn-fp8":
+                stack.enter_context(attention_hook(cudnn_fp8_hook))
             if attention is not None:
                 stack.enter_context(quantized_attention(**attention))
             if act is not None or weight_only:
@@ -218,6 +233,15 @@ def step_fn(
             return model.apply(variables, x, t, text)
 
     return jax.jit(step)
+
+
+def cudnn_fp8_hook(q, k, v, mask, implementation):
+    """An attention hook sending unmasked calls to cuDNN's FP8 forward; None (the float path) for
+    masked ones and while the kernels are forced off (the reference step: exact float attention)."""
+    del implementation
+    if mask is not None or os.environ.get(_common.FORCE_ENV) == "xla":
+        return None
+    return cudnn_fp8.attention(q, k, v)
 
 
 def rotated(params: Any, roles: dict, head_dim: int, plan: dict) -> dict[str, Any]:
@@ -355,7 +379,11 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
     weight_only = weights is not None and spec["act"] is None
     producers = spec.get("producers", True)
     act_rules = spec.get("act_rules", ())
-    fn = step_fn(model, spec["act"], spec["attention"], weight_only, producers, act_rules)
+    float_attention = spec.get("float_attention")
+    if float_attention == "cudnn-fp8" and cudnn_fp8.unavailable_reason() is not None:
+        raise RuntimeError(f"{name}: cuDNN FP8 attention unavailable: {cudnn_fp8.unavailable_reason()}")
+    row["float_attention"] = float_attention
+    fn = step_fn(model, spec["act"], spec["attention"], weight_only, producers, act_rules, float_attention)
     params = variables  # the step's first argument from here on
     t0 = time.perf_counter()
     compiled = fn.lower(params, *inputs).compile()
@@ -367,7 +395,7 @@ def time_variant(name: str, model: Any, params_bf16: Any, roles: dict, inputs: t
     # Check before timing: the same variant with the kernels off (and exact float attention).
     with reference_mode():
         reference = (
-            step_fn(model, spec["act"], spec["attention"], weight_only, producers, act_rules)
+            step_fn(model, spec["act"], spec["attention"], weight_only, producers, act_rules, float_attention)
             .lower(params, *inputs)
             .compile()
         )

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -251,3 +252,37 @@ def test_bench_attention_prep_breakdown_rows(tmp_path, monkeypatch):
     elems = 2 * 256 * 128
     assert row["one_pass_bytes"] == 9 * elems + 8 * 256 * 2
     assert row["one_pass_us"] == pytest.approx(row["one_pass_bytes"] / 4000.0 / 1e3)
+
+
+def test_bench_e2e_cudnn_fp8_step_routes_every_unmasked_call(monkeypatch):
+    """The cuDNN FP8 step variants (a CPU stand-in for the private cuDNN call): every attention of
+    the tiny Wan step goes through per-tensor e4m3 codes, the step stays within the FP8 rounding
+    of the float step, and with the kernels forced off (the reference) the float path runs."""
+    bench = _load("bench_e2e")
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(args[0].shape)
+        return _emulated_cudnn_fp8(*args, **kwargs)
+
+    monkeypatch.setattr(bench.cudnn_fp8, "cudnn_fp8_attention", stand_in)
+    cfg = dataclasses.replace(bench.TINY_CONFIG, num_layers=2)
+    params = jax.tree_util.tree_map(jnp.asarray, bench.wan_forward.synthetic_params(cfg, 0))
+    model = bench.wan.PORT.module(cfg, dtype=jnp.bfloat16).clone(attention_impl="xla")
+    shape = bench.wan_forward.latent_shape(cfg, 5, 32, 48)
+    x = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    t, text = jnp.array([500.0]), jax.random.normal(jax.random.key(1), (1, 8, cfg.text_dim), jnp.bfloat16)
+    variables = {"params": params}
+    ref = bench.step_fn(model, None, None)(variables, x, t, text).astype(jnp.float32)
+    out = bench.step_fn(model, None, None, float_attention="cudnn-fp8")(variables, x, t, text).astype(jnp.float32)
+    assert len(calls) == 2 * cfg.num_layers  # self- and cross-attention of every block
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert 0 < err < 5e-2, err
+    calls.clear()
+    monkeypatch.setenv(bench._common.FORCE_ENV, "xla")
+    forced = bench.step_fn(model, None, None, float_attention="cudnn-fp8")(variables, x, t, text)
+    assert not calls
+    chex.assert_trees_all_close(forced.astype(jnp.float32), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="float_attention='fa3'"):
+        bench.step_fn(model, None, None, float_attention="fa3")
+    assert bench.VARIANTS["w8a8-token-fused-cudnn-fp8"]["float_attention"] == "cudnn-fp8"
