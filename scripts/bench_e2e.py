@@ -128,6 +128,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w8a8-token-fused-qattn-fp8-kblock": dict(
         weights="int8", act="int8/token", attention=dict(pv_format="fp8_e4m3", k_scales="block"), producers="token"
     ),
+    # The FFN in 128 x 128 int8 weight blocks: FFN-down takes the FFN-up GEMM's epilogue codes (GELU
+    # and per-(token, 128) quantization in its epilogue), so no activation pass is left there.
+    "w8a8-ffnblock": dict(
+        weights=FFN_BLOCK_INT8, act="int8/token", act_rules=(("/ffn/", "int8/token128"),), attention=None, producers="token"
+    ),
+    "w8a8-ffnblock-qattn-default": dict(
+        weights=FFN_BLOCK_INT8,
+        act="int8/token",
+        act_rules=(("/ffn/", "int8/token128"),),
+        attention=dict(),
+        producers="token",
+    ),
     # W4A8: int4 weights per output channel, int8 per-token activations (the W4A8 GEMM), fused as above
     "w4a8-token-fused-qattn-default": dict(weights="int4", act="int8/token", attention=dict(), producers="token"),
     # Issue 26: QuaRot W8A8 as the recipe runs it (full-width online Hadamards) against block-128
