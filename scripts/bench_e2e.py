@@ -23,7 +23,8 @@ generator), one jitted forward (= one flow-matching step without CFG) at 480x832
   (``jquant.nn.quantized(token_producers=True)``), the per-token GEMM taking its codes.
 * ``bf16-cudnn-fp8`` / ``w8a8-token-fused-cudnn-fp8``: every unmasked attention call through
   cuDNN's FP8 forward with per-tensor amax scales (``pallas_kernels.cudnn_fp8``, the fastest
-  public FP8 attention; its reference is exact float attention).
+  public FP8 attention; its reference step emulates those numerics in plain JAX, and its
+  ``rel_l2_vs_bf16`` says what they cost).
 
 Before a variant is timed its output is checked against the same variant traced with every
 Pallas kernel off (``JQUANT_BACKEND=xla``: XLA's integer / dequantize paths, the quantizer's
@@ -248,12 +249,30 @@ def step_fn(
 
 
 def cudnn_fp8_hook(q, k, v, mask, implementation):
-    """An attention hook sending unmasked calls to cuDNN's FP8 forward; None (the float path) for
-    masked ones and while the kernels are forced off (the reference step: exact float attention)."""
+    """An attention hook sending unmasked calls to cuDNN's FP8 forward (None, the float path, for
+    masked ones). While the kernels are forced off (the reference step) it computes cuDNN's
+    numerics emulated in plain JAX instead (:func:`per_tensor_fp8_reference`), so the check asks
+    whether cuDNN computed what per-tensor FP8 attention computes; what that costs against exact
+    attention is the row's ``rel_l2_vs_bf16``."""
     del implementation
-    if mask is not None or os.environ.get(_common.FORCE_ENV) == "xla":
+    if mask is not None:
         return None
+    if os.environ.get(_common.FORCE_ENV) == "xla":
+        return per_tensor_fp8_reference(q, k, v)
     return cudnn_fp8.attention(q, k, v)
+
+
+def per_tensor_fp8_reference(q, k, v, *, chunk: int = 1024) -> jax.Array:
+    """``attention_ref.per_tensor_fp8_attention`` (cuDNN's FP8 numerics) over query chunks, with
+    the scales of the whole tensors (the scores of a 32,760-token call at once would take tens of GB)."""
+    from pallas_kernels import attention_ref  # pylint: disable=import-outside-toplevel
+
+    scales = attention_ref.per_tensor_fp8_scales(q, k, v)
+    b, tq, h, d = q.shape
+    n = -(-tq // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * chunk - tq), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    out = jax.lax.map(lambda qc: attention_ref.per_tensor_fp8_attention(qc, k, v, scales=scales), qp)
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :tq].astype(q.dtype)
 
 
 def rotated(params: Any, roles: dict, head_dim: int, plan: dict) -> dict[str, Any]:

@@ -384,3 +384,32 @@ def test_ffn_down_rotation_goes_into_the_ffn_up_epilogue(monkeypatch):
     unfused = _run_variables(module, variables, inputs, producers=False)
     assert len(calls) == cfg.num_layers
     assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
+
+
+@pytest.mark.parametrize("rotation", [0, 128])
+def test_ffn_producer_reaches_the_kernel_on_hopper_with_3d_activations(rotation, monkeypatch):
+    """On a (pretend) Hopper GPU, with the kernels' own shape and verification checks left real,
+    a [B, T, K] FFN-up input reaches the epilogue kernel as its [B*T, K] operand. A check made
+    on the 3-D codes once refused every Wan step on the GPU, where FFN-down then ran GELU and a
+    quantizer pass in XLA (the CPU suite runs the reference either way and could not see it)."""
+    from jquant.dispatch import kernels as kd  # pylint: disable=import-outside-toplevel
+    from pallas_kernels import _common, gemm_act_quant  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(kd, "on_gpu", lambda: True)
+    monkeypatch.setattr(_common, "_default_device_is_gpu", lambda: True)
+    monkeypatch.setattr(_common, "_default_device_is_hopper", lambda: True)
+    calls = []
+
+    def kernel(x_q, x_scale, w_q, w_scale, bias=None, **kw):
+        calls.append((x_q.shape, w_q.shape))
+        return gemm_act_quant.gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, **kw)
+
+    monkeypatch.setattr(gemm_act_quant, "gemm_act_quant", kernel)
+    x = jax.random.normal(jax.random.key(7), (2, 9, 256), jnp.float32)
+    w = quantize(jax.random.normal(jax.random.key(8), (256, 384), jnp.float32) * 0.1, parse_spec("int8/b128x128"))
+    xq = quantize(x, parse_spec("int8/token128"), check_finite=False)
+    assert gemm_act_quant.supports(xq.qvalue.reshape(-1, 256), w.qvalue.T, "gelu_tanh", rotation)
+    out = kd.block_act_quantized(xq, w, None, "gelu_tanh", "int8", rotation)
+    assert out is not None and calls == [((18, 256), (384, 256))]
+    codes, scales = out
+    assert codes.shape == (2, 9, 384) and scales.shape == (2, 9, 3)

@@ -396,10 +396,10 @@ def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: s
     if hadamard not in (0, gemm_act_quant.ROTATION):
         return None
     w_q = w.qvalue.T  # [N, K]
-    if on_gpu() and not gemm_act_quant.supports(xq.qvalue, w_q, activation, hadamard):
-        return None
     lead = xq.shape[:-1]
-    x_q = xq.qvalue.reshape(-1, k)
+    x_q = xq.qvalue.reshape(-1, k)  # the kernel's (and supports') 2-D operand: a [B, T, K] input is one M
+    if on_gpu() and not gemm_act_quant.supports(x_q, w_q, activation, hadamard):
+        return None
     x_scale = decode_scale(xq).reshape(-1, k // w8a8.BLOCK)
     b = None if bias is None else dequantize(bias).reshape(-1).astype(jnp.float32)
     codes, scales = gemm_act_quant.gemm_act_quant(
