@@ -186,21 +186,23 @@ def _produced_codes(
 ) -> QArray | None:
     """The fused producer's codes for the layer at ``path``, or None where the layer needs the
     float input (a float kernel, aux data that acts on x other than a block-diagonal online
-    rotation, which the producer applies itself; observers, static scales, another activation
-    spec or layout)."""
+    rotation and a per-channel ``input_mul``, which the producer applies itself; observers,
+    static scales, another activation spec or layout)."""
     flag = _aux_get(aux, "hadamard")
     block = None if flag is None else hadamard_block(flag)
+    mul = _aux_get(aux, "input_mul")
     plain = (
         isinstance(kernel, QArray)
         and kernel.ndim == 2
-        and (not aux or (set(aux) == {"hadamard"} and block is not None))
+        and (not aux or (set(aux) <= {"hadamard", "input_mul"} and (flag is None or block is not None)))
+        and (mul is None or jnp.ndim(mul) == 1)
         and not _state.observers
         and not cfg.static
         and einsum_str is None
         and (contract or 1) == 1
         and (dtype is None or jnp.dtype(dtype) == x.dtype)
     )
-    return x.quantized(cfg.act_for(path), block or 0, cfg.token_producers) if plain else None
+    return x.quantized(cfg.act_for(path), block or 0, cfg.token_producers, mul) if plain else None
 
 
 def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:

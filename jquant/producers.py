@@ -76,27 +76,37 @@ class Produced(abc.ABC):
     def ndim(self) -> int:
         return self.value.ndim
 
-    def quantized(self, act: QSpec, hadamard: int = 0, per_token: bool = False) -> QArray | None:
+    def quantized(
+        self, act: QSpec, hadamard: int = 0, per_token: bool = False, mul: Array | None = None
+    ) -> QArray | None:
         """The activation as ``act``'s QArray made by the fused producer, or None where ``act``
         is not one it makes (:func:`takes`; ``per_token`` admits ``<fmt>/token``), the width is
         not whole 128-channel blocks, or ``hadamard`` (QuaRot's block-diagonal online rotation of
         that order, applied by the producer before quantizing; 0: none) does not tile the width or
-        this producer cannot apply it."""
+        this producer cannot apply it. ``mul`` ``[D]``: a per-channel multiplier applied first
+        (the consumer's ``input_mul``: QuaRot's random signs), as the unfused path does in the
+        model dtype. Codes are made once per format, rotation and multiplier array."""
         d = self.shape[-1]
         if not takes(act, per_token) or self.value.ndim != 3 or d % fused_producers.BLOCK:
             return None
         if hadamard and (hadamard < 2 or hadamard >= d or d % hadamard):
             return None
-        key = (PRODUCER_FORMATS[act.fmt], hadamard, is_per_token(act))
-        if key not in self._made:
-            self._made[key] = self._produce(*key)
-        if self._made[key] is None:
+        if mul is not None and jnp.shape(mul) != (d,):
             return None
-        codes, scales = self._made[key]
+        # Keyed by the multiplier's identity (a layer's aux array; kept alive in the value, so
+        # its id is not reused): consumers with one multiplier array share one pass.
+        key = (PRODUCER_FORMATS[act.fmt], hadamard, is_per_token(act), None if mul is None else id(mul))
+        if key not in self._made:
+            m = None if mul is None else jnp.asarray(mul).astype(self.value.dtype).astype(jnp.float32)
+            self._made[key] = (mul, self._produce(*key[:3], m))
+        made = self._made[key][1]
+        if made is None:
+            return None
+        codes, scales = made
         return QArray(codes, scales, spec=act, dtype=self.value.dtype, axis=-1)
 
     @abc.abstractmethod
-    def _produce(self, fmt: str, hadamard: int, per_token: bool) -> tuple[Array, Array] | None:
+    def _produce(self, fmt: str, hadamard: int, per_token: bool, mul: Array | None) -> tuple[Array, Array] | None:
         """``(codes [B, T, D], scales [B, T, D/128])`` in ``fmt`` (``[B, T, 1]`` with
         ``per_token``), or None where it cannot."""
 
@@ -114,10 +124,15 @@ class NormProduced(Produced):
     norm_bias: Array | None = None
     kind: str = "layer"
 
-    def _produce(self, fmt: str, hadamard: int, per_token: bool) -> tuple[Array, Array]:
+    def _produce(self, fmt: str, hadamard: int, per_token: bool, mul: Array | None) -> tuple[Array, Array]:
         b, t, d = self.x.shape
         block = d if per_token else fused_producers.BLOCK
-        shift, scale = _per_sample(self.shift, b, d), _per_sample(self.scale, b, d)
+        norm_scale, norm_bias, shift_in = self.norm_scale, self.norm_bias, self.shift
+        if mul is not None:  # ((n g + c)(1 + s) + h) m = (n (g m) + c m)(1 + s) + h m: exact for +-1
+            norm_scale = mul if norm_scale is None else jnp.asarray(norm_scale, jnp.float32) * mul
+            norm_bias = None if norm_bias is None else jnp.asarray(norm_bias, jnp.float32) * mul
+            shift_in = jnp.asarray(shift_in, jnp.float32) * mul
+        shift, scale = _per_sample(shift_in, b, d), _per_sample(self.scale, b, d)
         flat = self.x.reshape(b * t, d)
         if shift is not None and scale is not None and norm_quant.supports(flat, hadamard, per_token):
             # One kernel call per sample (vmap adds a grid axis): the [B, D] modulation stays a
@@ -125,8 +140,8 @@ class NormProduced(Produced):
             def one(xb: Array, sh: Array, sc: Array) -> tuple[Array, Array]:
                 return norm_quant.norm_modulate_quantize_pallas(
                     xb,
-                    self.norm_scale,
-                    self.norm_bias,
+                    norm_scale,
+                    norm_bias,
                     sh,
                     sc,
                     self.eps,
@@ -139,9 +154,9 @@ class NormProduced(Produced):
             return jax.vmap(one)(self.x, shift, scale)
         return fused_producers.norm_modulate_quantize(
             self.x,
-            self.norm_scale,
-            self.norm_bias,
-            self.shift,
+            norm_scale,
+            norm_bias,
+            shift_in,
             self.scale,
             self.eps,
             self.kind,
@@ -163,10 +178,10 @@ class ActProduced(Produced):
     bias: Array | None
     activation: str
 
-    def _produce(self, fmt: str, hadamard: int, per_token: bool) -> tuple[Array, Array] | None:
+    def _produce(self, fmt: str, hadamard: int, per_token: bool, mul: Array | None) -> tuple[Array, Array] | None:
         if per_token:  # the epilogue sees 128-column tiles of a row, never the whole row
             return None
-        return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt, hadamard)
+        return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt, hadamard, mul)
 
 
 def _per_sample(v: Array, b: int, d: int) -> Array | None:

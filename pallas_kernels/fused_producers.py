@@ -152,16 +152,19 @@ def norm_modulate_quantize(
 
 
 def activation_quantize(
-    y: Array, act: str = "gelu_tanh", fmt: str = "int8", block: int = BLOCK, hadamard: int = 0
+    y: Array, act: str = "gelu_tanh", fmt: str = "int8", block: int = BLOCK, hadamard: int = 0, mul: Array | None = None
 ) -> tuple[Array, Array]:
     """The FFN-up epilogue: ``act(y)`` in float32, quantized per token per ``block`` channels for
-    FFN-down. ``y`` is the FFN-up GEMM's output (bias added) ``[..., F]``. ``hadamard=b`` first
-    applies QuaRot's block-diagonal rotation of order ``b`` to the activation rounded to bf16
-    (what the unfused path rotates: the model's bf16 hidden activation), in float32."""
+    FFN-down. ``y`` is the FFN-up GEMM's output (bias added) ``[..., F]``. ``mul`` ``[F]``
+    multiplies the activation per channel first (QuaRot's random signs: FFN-down's ``input_mul``).
+    ``hadamard=b`` then applies QuaRot's block-diagonal rotation of order ``b`` to the activation
+    rounded to bf16 (what the unfused path rotates: the model's bf16 hidden activation), in float32."""
     if act not in ACTIVATIONS:
         raise ValueError(f"activation_quantize: activation {act!r} not in {sorted(ACTIVATIONS)}")
     _check_fmt(fmt, block, y.shape[-1], "activation_quantize")
     v = ACTIVATIONS[act](y.astype(jnp.float32))
+    if mul is not None:
+        v = v * jnp.asarray(mul, jnp.float32).reshape(-1)
     if hadamard:
         if hadamard < 2 or y.shape[-1] % hadamard:
             raise ValueError(f"activation_quantize: a block rotation of order {hadamard} does not tile F={y.shape[-1]}")

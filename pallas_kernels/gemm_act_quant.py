@@ -29,6 +29,9 @@ from pallas_kernels import _common, act_quant, fused_producers, w8a8
 GPU_VERIFIED = True
 #: The rotating epilogue (``hadamard=128``): ``gemm_act_quant_int8_had128`` passed at 93e0741 (same log).
 HADAMARD_GPU_VERIFIED = True
+#: The column multiplier (``mul``: QuaRot's random signs before the rotation): not yet checked on
+#: a GPU (``gemm_act_quant_int8_had128_mul``); until then only ``JQUANT_BACKEND=pallas`` runs it.
+MUL_GPU_VERIFIED = False
 #: Activations the kernel's epilogue computes (their formulas lower to Mosaic GPU); the others
 #: of ``fused_producers.ACTIVATIONS`` run the reference.
 KERNEL_ACTIVATIONS = ("gelu_tanh", "relu")
@@ -37,7 +40,7 @@ _NAME = "gemm_act_quant"
 ROTATION = 128
 
 
-def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str, hadamard: int = 0) -> None:
+def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str, hadamard: int = 0, mul=None) -> None:
     dtype = jnp.dtype(x_q.dtype)
     if dtype not in (w8a8._INT8, w8a8._FP8):  # pylint: disable=protected-access
         raise ValueError(f"{_NAME}: x_q must be int8 or float8_e4m3fn codes, got {x_q.dtype}")
@@ -54,6 +57,8 @@ def _check(x_q, x_scale, w_q, w_scale, bias, act: str, fmt: str, hadamard: int =
         )
     if hadamard not in (0, ROTATION):
         raise ValueError(f"{_NAME}: hadamard must be 0 or {ROTATION} (one rotation block per tile), got {hadamard}")
+    if mul is not None and jnp.shape(mul) != (n,):
+        raise ValueError(f"{_NAME}: mul must hold one multiplier per output channel ({n},), got {jnp.shape(mul)}")
 
 
 def gemm_act_quant_reference(
@@ -62,23 +67,26 @@ def gemm_act_quant_reference(
     w_q: jax.Array,
     w_scale: jax.Array,
     bias: jax.Array | None = None,
+    mul: jax.Array | None = None,
     *,
     act: str = "gelu_tanh",
     fmt: str = "int8",
     hadamard: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Plain JAX: the block-scaled GEMM in float32 (bias added), then
-    :func:`fused_producers.activation_quantize` (with the block rotation when ``hadamard``)."""
-    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt, hadamard)
+    :func:`fused_producers.activation_quantize` (times ``mul``, and with the block rotation when
+    ``hadamard``)."""
+    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt, hadamard, mul)
     y = w8a8._block_reference(x_q, x_scale, w_q, w_scale, bias, jnp.float32)  # pylint: disable=protected-access
-    return fused_producers.activation_quantize(y, act, fmt, hadamard=hadamard)
+    return fused_producers.activation_quantize(y, act, fmt, hadamard=hadamard, mul=mul)
 
 
-def supports(x_q: jax.Array, w_q: jax.Array, act: str, hadamard: int = 0) -> bool:
+def supports(x_q: jax.Array, w_q: jax.Array, act: str, hadamard: int = 0, mul: bool = False) -> bool:
     """Whether the kernel runs: Hopper, a block-scaled kernel for the operands, an activation
     of :data:`KERNEL_ACTIVATIONS`, and the GPU check passed (or ``JQUANT_BACKEND=pallas``; the
-    rotation has its own flag, :data:`HADAMARD_GPU_VERIFIED`)."""
-    verified = GPU_VERIFIED and (HADAMARD_GPU_VERIFIED or not hadamard)
+    rotation and the column multiplier have their own flags, :data:`HADAMARD_GPU_VERIFIED` and
+    :data:`MUL_GPU_VERIFIED`)."""
+    verified = GPU_VERIFIED and (HADAMARD_GPU_VERIFIED or not hadamard) and (MUL_GPU_VERIFIED or not mul)
     return (
         act in KERNEL_ACTIVATIONS
         and hadamard in (0, ROTATION)
@@ -93,6 +101,7 @@ def gemm_act_quant(
     w_q: jax.Array,
     w_scale: jax.Array,
     bias: jax.Array | None = None,
+    mul: jax.Array | None = None,
     *,
     act: str = "gelu_tanh",
     fmt: str = "int8",
@@ -103,11 +112,12 @@ def gemm_act_quant(
     e4m3, scales [M, N/128] float32)``. Operands as :func:`w8a8.fp8_block_matmul`'s (int8 or
     e4m3 alike); N a multiple of 128. ``hadamard=128`` rotates each 128-wide slice of the
     (bf16-rounded) activation by QuaRot's block-diagonal Hadamard before quantizing, for an
-    FFN-down whose weights carry the rotation. Kernel on Hopper (:func:`supports`), reference
-    elsewhere."""
-    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt, hadamard)
-    if not supports(x_q, w_q, act, hadamard):
-        return gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, act=act, fmt=fmt, hadamard=hadamard)
+    FFN-down whose weights carry the rotation. ``mul`` ``[N]`` multiplies the activation per
+    channel before that (QuaRot's random signs, the FFN-down's ``input_mul``). Kernel on Hopper
+    (:func:`supports`), reference elsewhere."""
+    _check(x_q, x_scale, w_q, w_scale, bias, act, fmt, hadamard, mul)
+    if not supports(x_q, w_q, act, hadamard, mul is not None):
+        return gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, mul, act=act, fmt=fmt, hadamard=hadamard)
     m = x_q.shape[0]
     x, w, xs_t, ws_t, bias_v = w8a8._prepare_block(x_q, x_scale, w_q, w_scale, bias)  # pylint: disable=protected-access
     h = jnp.asarray(act_quant.block_matrix(2 * ROTATION, ROTATION), jnp.bfloat16) if hadamard else None
@@ -118,6 +128,7 @@ def gemm_act_quant(
         ws_t,
         bias_v,
         h,
+        None if mul is None else _common.pad_axis(jnp.asarray(mul, jnp.float32).reshape(-1), 0, bias_v.shape[0]),
         out_dtype=jnp.bfloat16,
         config=config or w8a8.block_config(rotate=bool(hadamard)),
         sms=_common.num_sms(),

@@ -344,12 +344,22 @@ def gemm_act_quant_inputs(codes, key, m, k, n):
     return x, xs * shrink, w, ws, 0.5 * b
 
 
-def _gemm_act_quant_case(name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None) -> KernelCase:
-    """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (+ QuaRot's order-128
-    block rotation) + per-(token, 128) quantization to ``fmt``, operands in the same format,
-    against the float32 GEMM + fused_producers.activation_quantize; ``cta_n`` pins the tile width
-    (None: the default)."""
-    make = functools.partial(gemm_act_quant_inputs, _int8 if fmt == "int8" else _fp8)
+def gemm_act_quant_signed_inputs(codes, key, m, k, n):
+    """:func:`gemm_act_quant_inputs` plus random +-1 column multipliers (QuaRot's signs)."""
+    k1, k2 = jax.random.split(key)
+    signs = jnp.where(jax.random.bernoulli(k2, 0.5, (n,)), 1.0, -1.0).astype(jnp.float32)
+    return (*gemm_act_quant_inputs(codes, k1, m, k, n), signs)
+
+
+def _gemm_act_quant_case(
+    name: str, fmt: str, hadamard: int = 0, cta_n: int | None = None, mul: bool = False
+) -> KernelCase:
+    """The FFN-up producer (gemm_act_quant): block-scaled GEMM + gelu_tanh (times random signs
+    with ``mul``; + QuaRot's order-128 block rotation) + per-(token, 128) quantization to ``fmt``,
+    operands in the same format, against the float32 GEMM + fused_producers.activation_quantize;
+    ``cta_n`` pins the tile width (None: the default)."""
+    inputs = gemm_act_quant_signed_inputs if mul else gemm_act_quant_inputs
+    make = functools.partial(inputs, _int8 if fmt == "int8" else _fp8)
     config = w8a8.block_config(cta_n, bool(hadamard)) if cta_n else None
     return KernelCase(
         name,
@@ -676,6 +686,9 @@ CASES: dict[str, KernelCase] = {
         for width in (128, 256)
     },
     "gemm_act_quant_int8_had128_n256": _gemm_act_quant_case("gemm_act_quant_int8_had128_n256", "int8", 128, 256),
+    # QuaRot's randomized rotation: the signs (FFN-down's input_mul) in the epilogue (MUL_GPU_VERIFIED).
+    "gemm_act_quant_int8_had128_mul": _gemm_act_quant_case("gemm_act_quant_int8_had128_mul", "int8", 128, mul=True),
+    "gemm_act_quant_fp8_mul_n256": _gemm_act_quant_case("gemm_act_quant_fp8_mul_n256", "fp8", 0, 256, mul=True),
 }
 
 
@@ -717,8 +730,8 @@ def kernel_path(name: str, inputs: tuple) -> str:
     if name == "act_quant_lowrank":
         return "pallas" if lowrank_quant.supports(*inputs) else "xla"
     if name.startswith("gemm_act_quant"):
-        rotation = 128 if "had128" in name else 0
-        return "kernel" if gemm_act_quant.supports(inputs[0], inputs[2], "gelu_tanh", rotation) else "reference"
+        rotation, mul = 128 if "had128" in name else 0, len(inputs) > 5
+        return "kernel" if gemm_act_quant.supports(inputs[0], inputs[2], "gelu_tanh", rotation, mul) else "reference"
     if name.startswith("norm_quant"):
         return "pallas" if _common._default_device_is_gpu() else "interpret"  # pylint: disable=protected-access
     if name in ROTATIONS:

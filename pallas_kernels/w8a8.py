@@ -609,11 +609,12 @@ class BlockConfig:
 _BLOCK_SMEM_LIMIT = 227 * 1024 - 2048
 
 
-def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool) -> int:
+def block_smem_bytes(cfg: BlockConfig, out_bytes: int, rotate: bool, col_mul: bool = False) -> int:
     """Shared memory of :func:`block_gemm_pallas`: the pipeline's stages (x and w K slices,
-    their scales), the output staging pieces, bias, scales out and the rotation copies."""
+    their scales), the output staging pieces, bias (and the column multipliers), scales out and
+    the rotation copies."""
     stage = 128 * BLOCK + cfg.cta_n * BLOCK + 4 * 128 + 4 * _WS_LANES
-    fixed = 2 * 2 * cfg.epi_m * cfg.epi_n * out_bytes + 2 * cfg.cta_n * 4 + 2 * 64 * 4
+    fixed = 2 * 2 * cfg.epi_m * cfg.epi_n * out_bytes + 2 * cfg.cta_n * 4 * (2 if col_mul else 1) + 2 * 64 * 4
     return cfg.stages * stage + fixed + (2 * BLOCK * BLOCK * 2 if rotate else 0)
 
 
@@ -636,6 +637,7 @@ def block_gemm_pallas(
     ws_t: jax.Array,
     bias: jax.Array,
     h: jax.Array | None = None,
+    mul: jax.Array | None = None,
     *,
     out_dtype,
     config: BlockConfig,
@@ -660,6 +662,9 @@ def block_gemm_pallas(
     With ``h`` (the +-1 Sylvester matrix of order 128, bf16) the epilogue also applies QuaRot's
     block-diagonal rotation before quantizing: the bf16-rounded activation tile times ``h``
     through one more wgmma (exact products, float32 sums), times ``1/sqrt(128)``.
+    With ``mul`` (``[N]`` float32, only with an epilogue) the activation is multiplied by it per
+    column first (QuaRot's random signs of a randomized Hadamard, ``input_mul``); it travels in
+    the bias buffer (``[N/128, 2, 128]``: bias and multiplier rows), one copy per tile.
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -672,8 +677,15 @@ def block_gemm_pallas(
     m_iters = _common.cdiv(m, cta_m)
     n_iters = _common.cdiv(n, cta_n)
     k_iters = k // BLOCK
-    # Bias as [N/128 rounded to whole CTAs, 128]: each piece's 128 entries are one SMEM row.
+    # Bias as [N/128 rounded to whole CTAs, 128]: each piece's 128 entries are one SMEM row
+    # (with ``mul``: [.., 2, 128], the piece's multipliers beside its bias).
     bias = _common.pad_axis(bias.reshape(-1), 0, n_iters * cta_n).reshape(-1, BLOCK)
+    col_mul = mul is not None
+    if col_mul:
+        if epilogue is None or mul.shape != (n,):
+            raise ValueError(f"block_gemm_pallas: mul must be [{n}] and needs an epilogue, got {mul.shape}")
+        mul = _common.pad_axis(mul.astype(jnp.float32), 0, n_iters * cta_n).reshape(-1, BLOCK)
+        bias = jnp.stack([bias, mul], axis=1)
     if epilogue is not None:
         act_fn = fused_producers.ACTIVATIONS[epilogue[0]]
         out_dtype = _quant.QDTYPE[epilogue[1]]
@@ -683,7 +695,7 @@ def block_gemm_pallas(
         raise ValueError(f"block_gemm_pallas: h must be [{BLOCK}, {BLOCK}] and needs an epilogue, got {h.shape}")
     in_transforms = _swizzled(128, 1)
     out_bytes = jnp.dtype(out_dtype).itemsize
-    smem = block_smem_bytes(cfg, out_bytes, rotate)
+    smem = block_smem_bytes(cfg, out_bytes, rotate, col_mul)
     if smem > _BLOCK_SMEM_LIMIT:
         raise ValueError(
             f"block_gemm_pallas: {cfg} needs {smem} bytes of shared memory, more than the"
@@ -755,10 +767,14 @@ def block_gemm_pallas(
                     accs = eval_pipeline((zeros,) * halves)
                     plgpu.barrier_wait(bias_bar.at[wg])
                     for j, acc in enumerate(accs):
-                        col_bias = plgpu.load(bias_smem.at[wg, j], (), layout=wgmma_col)
-                        piece_epilogue(acc + lax.broadcast_in_dim(col_bias, (wg_m, BLOCK), [1]), j)
+                        if col_mul:
+                            col_bias = plgpu.load(bias_smem.at[wg, j, 0], (), layout=wgmma_col)
+                            col_m = plgpu.load(bias_smem.at[wg, j, 1], (), layout=wgmma_col)
+                        else:
+                            col_bias, col_m = plgpu.load(bias_smem.at[wg, j], (), layout=wgmma_col), None
+                        piece_epilogue(acc + lax.broadcast_in_dim(col_bias, (wg_m, BLOCK), [1]), j, col_m)
 
-                def piece_epilogue(y, j):
+                def piece_epilogue(y, j, col_m=None):
                     """Stores one 64 x 128 piece (column block ``nb0 + j``), or quantizes it."""
                     cj = col0 + j * BLOCK
                     if epilogue is None:
@@ -766,6 +782,8 @@ def block_gemm_pallas(
                         return
                     # The FFN-up producer: activation, then _quant's per-token rule on the tile.
                     y = act_fn(y)
+                    if col_m is not None:
+                        y = y * lax.broadcast_in_dim(col_m, (wg_m, BLOCK), [1])
                     if rotate:  # (bf16(y) @ H) / sqrt(128): the unfused path rotates the bf16 value
 
                         def rotation(rot_ref):
@@ -812,7 +830,7 @@ def block_gemm_pallas(
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     scratch = dict(
         out_smem=plgpu.SMEM((2, num_slots, cfg.epi_m, cfg.epi_n), out_dtype, transforms=out_transforms),
-        bias_smem=plgpu.SMEM((2, halves, BLOCK), jnp.float32),
+        bias_smem=plgpu.SMEM((2, halves, 2, BLOCK) if col_mul else (2, halves, BLOCK), jnp.float32),
         bias_bar=plgpu.Barrier(num_barriers=2),
     )
     if epilogue is not None:  # scales [N tiles, M rounded to the CTA]: whole 64-row TMA pieces
@@ -830,7 +848,7 @@ def block_gemm_pallas(
         thread_name="wg",
         scratch_types=scratch,
     )
-    return call(x, w, xs_t, ws_t, bias, *((h,) if rotate else ()))
+    return call(x, w, xs_t, ws_t, bias, *((h,) if rotate else ()))  # mul rides in bias
 
 
 def _prepare_block(x_q, x_scale, w_q, w_scale, bias):

@@ -107,3 +107,49 @@ def test_bad_inputs_raise_named_errors():
         gemm_act_quant.gemm_act_quant(x, xs[:, :1], w, ws, b)
     with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
         gemm_act_quant.gemm_act_quant(x.astype(jnp.bfloat16), xs, w, ws, b)
+
+
+def test_column_multiplier_flips_the_codes_it_signs():
+    # mul (QuaRot's +-1 signs, FFN-down's input_mul) multiplies the activation before it is
+    # quantized: without a rotation each code flips with its sign, the scales stay; with one, the
+    # reference is the block Hadamard of bf16(gelu(y) * signs).
+    from jquant.hadamard import hadamard_matrix
+
+    x, xs, w, ws, b, signs = testing.gemm_act_quant_signed_inputs(testing._int8, jax.random.key(6), 9, 256, 384)
+    assert set(np.unique(np.asarray(signs))) == {-1.0, 1.0}
+    plain = gemm_act_quant.gemm_act_quant_reference(x, xs, w, ws, b, fmt="int8")
+    signed = gemm_act_quant.gemm_act_quant_reference(x, xs, w, ws, b, signs, fmt="int8")
+    np.testing.assert_array_equal(np.asarray(signed[0]), np.asarray(plain[0]) * np.asarray(signs, np.int8))
+    np.testing.assert_array_equal(np.asarray(signed[1]), np.asarray(plain[1]))
+    codes, scales = gemm_act_quant.gemm_act_quant(x, xs, w, ws, b, signs, fmt="int8", hadamard=128)
+    h = np.asarray(_numpy_reference(x, xs, w, ws, b), np.float32) * np.asarray(signs)[None]
+    h = np.asarray(jnp.asarray(h).astype(jnp.bfloat16).astype(jnp.float32), np.float64).reshape(9, 3, 128)
+    want = h @ np.asarray(hadamard_matrix(128), np.float64)
+    want_scale = np.abs(want).max(-1) / 127.0
+    np.testing.assert_allclose(np.asarray(scales), want_scale, rtol=2e-3)
+    got = np.asarray(codes.astype(jnp.float32)).reshape(9, 3, 128) * np.asarray(scales)[..., None]
+    assert np.all(np.abs(got - want) <= want_scale[..., None] * 0.52)
+    with pytest.raises(ValueError, match=r"gemm_act_quant: mul must hold one multiplier per output channel \(384,\)"):
+        gemm_act_quant.gemm_act_quant(x, xs, w, ws, b, signs[:128])
+
+
+@pytest.mark.parametrize("rotation,cta_n", [(128, None), (0, 256), (0, 128)])
+def test_kernel_with_a_column_multiplier_lowers_to_mosaic_gpu(rotation, cta_n, monkeypatch):
+    monkeypatch.setenv(_common.FORCE_ENV, "pallas")
+    x, xs, w, ws, b, signs = testing.gemm_act_quant_signed_inputs(testing._int8, jax.random.key(0), 300, 1536, 384)
+    config = gemm_act_quant.w8a8.block_config(cta_n, bool(rotation)) if cta_n else None
+
+    def call(*a):
+        return gemm_act_quant.gemm_act_quant(*a, act="gelu_tanh", fmt="int8", hadamard=rotation, config=config)
+
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, xs, w, ws, b, signs)]
+    lowered = jax.jit(call).trace(*shapes).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    codes, scales = lowered.out_info
+    assert codes.shape == (300, 384) and scales.shape == (300, 3)
+    monkeypatch.delenv(_common.FORCE_ENV)
+    monkeypatch.setattr(_common, "on_hopper", lambda: True)
+    monkeypatch.setattr(_common, "on_gpu", lambda: True)
+    # Until its GPU check passes, a default run takes the reference for a multiplier.
+    assert gemm_act_quant.supports(x, w, "gelu_tanh", rotation)
+    assert gemm_act_quant.supports(x, w, "gelu_tanh", rotation, mul=True) == gemm_act_quant.MUL_GPU_VERIFIED

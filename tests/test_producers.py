@@ -400,9 +400,9 @@ def test_ffn_producer_reaches_the_kernel_on_hopper_with_3d_activations(rotation,
     monkeypatch.setattr(_common, "_default_device_is_hopper", lambda: True)
     calls = []
 
-    def kernel(x_q, x_scale, w_q, w_scale, bias=None, **kw):
+    def kernel(x_q, x_scale, w_q, w_scale, bias=None, mul=None, **kw):
         calls.append((x_q.shape, w_q.shape))
-        return gemm_act_quant.gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, **kw)
+        return gemm_act_quant.gemm_act_quant_reference(x_q, x_scale, w_q, w_scale, bias, mul, **kw)
 
     monkeypatch.setattr(gemm_act_quant, "gemm_act_quant", kernel)
     x = jax.random.normal(jax.random.key(7), (2, 9, 256), jnp.float32)
@@ -413,3 +413,43 @@ def test_ffn_producer_reaches_the_kernel_on_hopper_with_3d_activations(rotation,
     assert out is not None and calls == [((18, 256), (384, 256))]
     codes, scales = out
     assert codes.shape == (2, 9, 384) and scales.shape == (2, 9, 3)
+
+
+def test_quarot_random_signs_go_into_both_producers(monkeypatch):
+    # QuaRot's randomized block-128 rotations (random signs as each consumer's input_mul): the norm
+    # producer folds the signs into the norm's affine and the shift (Q, K, V and FFN-up take its
+    # codes), the FFN-up epilogue multiplies by FFN-down's signs before rotating; the run stays
+    # within a rounding step of the unfused one, where each consumer multiplies and rotates itself.
+    from jquant.algorithms import quarot  # pylint: disable=import-outside-toplevel
+
+    cfg = dataclasses.replace(CFG, num_attention_heads=4)
+    port = models.port_for_config(cfg)
+    module = port.module(cfg, jnp.bfloat16)
+    p32 = port.init_params(cfg, jax.random.key(0))
+    roles = models.layer_roles(cfg, p32)
+    plan = quarot.dit_plan(p32, roles, cfg.attention_head_dim, online_block=128, skip_roles=("attn.out",))
+    variables = quarot.quarot({"params": p32}, None, plan)
+    variables["params"] = pol.uniform("int8/b128x128").quantize(
+        jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables["params"]), roles
+    )
+    seen, ffn = [], _count_ffn_productions(monkeypatch)
+    real = fused_producers.norm_modulate_quantize
+
+    def counting(x, norm_scale, *a, **k):
+        seen.append((k.get("hadamard"), norm_scale is not None))
+        return real(x, norm_scale, *a, **k)
+
+    monkeypatch.setattr(fused_producers, "norm_modulate_quantize", counting)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    inputs = (
+        draws.normal(k1, (2, 4, 2, 8, 8), jnp.float32),
+        jnp.asarray([500.0, 500.0]),
+        draws.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
+    )
+    fused = _run_variables(module, variables, inputs)
+    # Q, K, V (one multiplier array each) and FFN-up: the signs ride in as the norm's scale.
+    assert seen == [(128, True)] * (4 * cfg.num_layers)
+    assert [c[-1] for c in ffn] == [128] * cfg.num_layers  # FFN-down's rotation in FFN-up's epilogue
+    unfused = _run_variables(module, variables, inputs, producers=False)
+    assert len(seen) == 4 * cfg.num_layers and len(ffn) == cfg.num_layers
+    assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2

@@ -378,9 +378,12 @@ def block_quantized(xq: QArray, w: QArray, out_dtype):
     return run(xq.qvalue, decode_scale(xq), w_q, decode_scale(w).T, None, out_dtype)
 
 
-def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: str, hadamard: int = 0):
-    """The FFN-up producer: ``activation(xq @ w + bias)`` (rotated by QuaRot's order-128
-    block-diagonal Hadamard when ``hadamard=128``, for an FFN-down with pre-rotated weights)
+def block_act_quantized(
+    xq: QArray, w: QArray, bias, activation: str, out_fmt: str, hadamard: int = 0, mul: jax.Array | None = None
+):
+    """The FFN-up producer: ``activation(xq @ w + bias)`` (times ``mul`` ``[N]`` per channel, then
+    rotated by QuaRot's order-128 block-diagonal Hadamard when ``hadamard=128``, for an FFN-down
+    with pre-rotated weights and those random signs as its ``input_mul``)
     quantized per token per 128 channels to
     ``out_fmt`` (``"int8"`` / ``"fp8"``) by the block-scaled GEMM's epilogue, as ``(codes [..., N],
     scales [..., N/128])`` (``pallas_kernels.gemm_act_quant``: the kernel on Hopper, its float32
@@ -398,12 +401,12 @@ def block_act_quantized(xq: QArray, w: QArray, bias, activation: str, out_fmt: s
     w_q = w.qvalue.T  # [N, K]
     lead = xq.shape[:-1]
     x_q = xq.qvalue.reshape(-1, k)  # the kernel's (and supports') 2-D operand: a [B, T, K] input is one M
-    if on_gpu() and not gemm_act_quant.supports(x_q, w_q, activation, hadamard):
+    if on_gpu() and not gemm_act_quant.supports(x_q, w_q, activation, hadamard, mul is not None):
         return None
     x_scale = decode_scale(xq).reshape(-1, k // w8a8.BLOCK)
     b = None if bias is None else dequantize(bias).reshape(-1).astype(jnp.float32)
     codes, scales = gemm_act_quant.gemm_act_quant(
-        x_q, x_scale, w_q, decode_scale(w).T, b, act=activation, fmt=out_fmt, hadamard=hadamard
+        x_q, x_scale, w_q, decode_scale(w).T, b, mul, act=activation, fmt=out_fmt, hadamard=hadamard
     )
     return codes.reshape(*lead, n), scales.reshape(*lead, n // w8a8.BLOCK)
 
