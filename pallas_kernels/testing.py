@@ -371,8 +371,12 @@ def _gemm_act_quant_case(
         # The block GEMM's own check allows 1e-3 |x||w|; a scale is an amax of GEMM outputs, so
         # 1e-3 relative. Codes differ where the float32 sums' other order (and fp8 wgmma's
         # accumulator) moves a value across a rounding boundary: perturbing the reference's
-        # outputs by 1e-4 relative moves 2e-3 of them on the CPU, so at most 1e-2.
-        quant_tol=(1e-2, 1e-3),
+        # outputs by 1e-4 relative moves 2e-3 of them on the CPU, so at most 1e-2. With the
+        # rotation the scale is an amax of rotated bf16 values: one value v_i rounded to the other
+        # bf16 neighbour moves a rotated value by ulp(v_i)/sqrt(128) <= 2^-7 |v_i|/sqrt(128), and
+        # the block's amax is at least its RMS, >= |v_i|/sqrt(128): one flip moves the scale by
+        # up to 2^-7 relative (measured on the H200: 1.01e-3, check_kernels-gemm_act_quant_mul).
+        quant_tol=(1e-2, 2.0**-7 if hadamard else 1e-3),
         takes=lambda m, k, n: n % fused_producers.BLOCK == 0,
         shape_rule=f"N a multiple of {fused_producers.BLOCK}",
     )

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pallas_kernels import _common, gemm_act_quant, testing
 
@@ -153,3 +155,24 @@ def test_kernel_with_a_column_multiplier_lowers_to_mosaic_gpu(rotation, cta_n, m
     # Until its GPU check passes, a default run takes the reference for a multiplier.
     assert gemm_act_quant.supports(x, w, "gelu_tanh", rotation)
     assert gemm_act_quant.supports(x, w, "gelu_tanh", rotation, mul=True) == gemm_act_quant.MUL_GPU_VERIFIED
+
+
+@given(seed=st.integers(0, 2**16), col=st.integers(0, 127), spread=st.floats(0.0, 6.0))
+def test_one_bf16_flip_before_the_rotation_moves_the_scale_within_the_checks_bound(seed, col, spread):
+    """The bound the rotated ``gemm_act_quant`` check cases use for their scales (testing.py): one
+    activation rounded to its other bf16 neighbour before the order-128 rotation moves the
+    block's amax after it by at most 2^-7 relative, whatever the values' spread."""
+    from jquant.hadamard import apply_block_hadamard  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(seed)
+    v = (rng.standard_normal(128) * np.exp(spread * rng.standard_normal(128))).astype(np.float32)
+    v = np.asarray(jnp.asarray(v, jnp.bfloat16).astype(jnp.float32))
+    w = v.copy()
+    w[col] = np.nextafter(jnp.asarray(v[col], jnp.bfloat16), jnp.asarray(np.inf, jnp.bfloat16)).astype(np.float32)
+
+    def amax(a):
+        return float(jnp.max(jnp.abs(apply_block_hadamard(jnp.asarray(a, jnp.float32), 128))))
+
+    bound = [c.quant_tol[1] for n, c in testing.CASES.items() if n.startswith("gemm_act_quant") and "had128" in n]
+    assert bound and set(bound) == {2.0**-7}
+    assert abs(amax(w) - amax(v)) <= 2.0**-7 * amax(v) * (1 + 1e-5)
