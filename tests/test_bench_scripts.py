@@ -8,6 +8,7 @@ process (``main(argv)``) on tiny shapes, their JSON written to a temporary folde
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import json
@@ -289,3 +290,33 @@ def test_bench_e2e_cudnn_fp8_step_routes_every_unmasked_call(monkeypatch):
     with pytest.raises(ValueError, match="float_attention='fa3'"):
         bench.step_fn(model, None, None, float_attention="fa3")
     assert bench.VARIANTS["w8a8-token-fused-cudnn-fp8"]["float_attention"] == "cudnn-fp8"
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.6])
+def test_bench_e2e_cudnn_fp8_row_is_checked_against_exact_and_emulated_steps(monkeypatch, factor):
+    """A cuDNN FP8 step row (a CPU stand-in for the private call) passes when its step is as far
+    from the exact-attention step as the emulated one is, and fails when the attention it
+    computes is off (outputs 0.6x what they should be): the check sees both references."""
+    bench = _load("bench_e2e")
+    monkeypatch.setattr(bench.cudnn_fp8, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(
+        bench.cudnn_fp8,
+        "cudnn_fp8_attention",
+        lambda *a, **k: (_emulated_cudnn_fp8(*a, **k).astype(jnp.float32) * factor).astype(jnp.float8_e4m3fn),
+    )
+    cfg = dataclasses.replace(bench.TINY_CONFIG, num_layers=2)
+    params = jax.tree_util.tree_map(jnp.asarray, bench.wan_forward.synthetic_params(cfg, 0))
+    model = bench.wan.PORT.module(cfg, dtype=jnp.bfloat16).clone(attention_impl="xla")
+    shape = bench.wan_forward.latent_shape(cfg, 5, 32, 48)
+    inputs = (
+        jax.random.normal(jax.random.key(0), shape, jnp.bfloat16),
+        jnp.array([500.0]),
+        jax.random.normal(jax.random.key(1), (1, 8, cfg.text_dim), jnp.bfloat16),
+    )
+    args = argparse.Namespace(rel_tol=5e-2, warmup=0, runs=10, profile=False, seed=0)
+    row = bench.time_variant("bf16-cudnn-fp8", model, params, {}, inputs, args)
+    check = row["check"]
+    assert 0 < check["rel_emulated"] < 0.1 and check["rel_vs_emulated"] >= 0
+    assert check["ok"] == (factor == 1.0), check["detail"]
+    assert row["status"] == ("PASS" if factor == 1.0 else "FAIL")
+    assert ("time_ms" in row) == (factor == 1.0)
