@@ -75,9 +75,9 @@ from jquant.algorithms import kquants, quarot  # noqa: E402
 from jquant.attention import quantized_attention  # noqa: E402
 from jquant.formats import parse_spec  # noqa: E402
 from jquant.models import wan  # noqa: E402
+from jquant.models.attention import attention_hook  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
-from jquant.models.attention import attention_hook  # noqa: E402
 from pallas_kernels import _common, cudnn_fp8, kquant_triton, timing, trace_table  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
@@ -135,7 +135,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The FFN in 128 x 128 int8 weight blocks: FFN-down takes the FFN-up GEMM's epilogue codes (GELU
     # and per-(token, 128) quantization in its epilogue), so no activation pass is left there.
     "w8a8-ffnblock": dict(
-        weights=FFN_BLOCK_INT8, act="int8/token", act_rules=(("/ffn/", "int8/token128"),), attention=None, producers="token"
+        weights=FFN_BLOCK_INT8,
+        act="int8/token",
+        act_rules=(("/ffn/", "int8/token128"),),
+        attention=None,
+        producers="token",
     ),
     "w8a8-ffnblock-qattn-default": dict(
         weights=FFN_BLOCK_INT8,
