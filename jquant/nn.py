@@ -206,11 +206,16 @@ def _produced_codes(
 
 
 def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:
-    """A ``NormModulate`` call in a quantized run: its float value plus the producer's inputs."""
+    """A ``NormModulate`` call in a quantized run: its float value plus the producer's inputs (a
+    norm without modulation gets zero shift and scale: ``(1 + 0) y + 0`` is ``y`` exactly)."""
     value = next_fun(*args, **kwargs)
-    x, shift, scale = args if len(args) == 3 else (args[0], kwargs.get("shift"), kwargs.get("scale"))
-    if x is None or shift is None or scale is None or value.ndim != 3:
+    x = args[0] if args else kwargs.get("x")
+    shift = args[1] if len(args) > 1 else kwargs.get("shift")
+    scale = args[2] if len(args) > 2 else kwargs.get("scale")
+    if x is None or value.ndim != 3:
         return value
+    if shift is None:  # NormModulate refuses a shift without a scale
+        shift = scale = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
     params = {k: module.get_variable("params", k) for k in ("scale", "bias") if module.has_variable("params", k)}
     return NormProduced(value, x, shift, scale, module.eps, params.get("scale"), params.get("bias"))
 

@@ -69,10 +69,11 @@ def _count_productions(monkeypatch) -> list:
 def test_fused_codes_match_the_unfused_run(wan, weights, act, monkeypatch):
     calls = _count_productions(monkeypatch)
     fused = _run(wan, weights, act)
-    # Two producers per block (self-attention and FFN inputs), each made once for all consumers.
-    assert len(calls) == 2 * CFG.num_layers
+    # Three producers per block (the self-attention, cross-attention query and FFN inputs), each
+    # made once for all its consumers.
+    assert len(calls) == 3 * CFG.num_layers
     unfused = _run(wan, weights, act, producers=False)
-    assert len(calls) == 2 * CFG.num_layers  # the unfused run makes none
+    assert len(calls) == 3 * CFG.num_layers  # the unfused run makes none
     f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
     assert np.isfinite(f).all()
     # Codes from the f32 modulated values instead of their bf16 rounding: within a rounding step.
@@ -100,8 +101,9 @@ def test_per_token_consumers_take_the_norm_producers_codes(wan, weights, act, mo
 
     monkeypatch.setattr(fused_producers, "norm_modulate_quantize", counting)
     fused = _run(wan, weights, act, token_producers=True)
-    # Both adaLN inputs of every block, one scale per token (block = the model width).
-    assert calls == [CFG.num_attention_heads * CFG.attention_head_dim] * (2 * CFG.num_layers)
+    # Both adaLN inputs and the cross-attention norm of every block, one scale per token (block =
+    # the model width).
+    assert calls == [CFG.num_attention_heads * CFG.attention_head_dim] * (3 * CFG.num_layers)
     unfused = _run(wan, weights, act)
     f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
     assert np.isfinite(f).all()
@@ -306,11 +308,13 @@ def test_block_rotation_goes_into_the_producer(monkeypatch):
     )
 
     fused = _run_variables(module, variables, inputs)
-    assert seen == [128] * (2 * cfg.num_layers)  # each block's two adaLN inputs, rotated in the producer
+    # Each block's two adaLN inputs, rotated in the producer; the cross-attention query (not
+    # rotated here) takes its norm's producer unrotated.
+    assert seen == [128, 0, 128] * cfg.num_layers
     unfused = _run_variables(
         module, variables, inputs, producers=False
     )  # the consumers rotate the bf16 value, then quantize it
-    assert len(seen) == 2 * cfg.num_layers
+    assert len(seen) == 3 * cfg.num_layers
     assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
 
 
@@ -447,9 +451,25 @@ def test_quarot_random_signs_go_into_both_producers(monkeypatch):
         draws.normal(k2, (2, 8, cfg.text_dim), jnp.bfloat16),
     )
     fused = _run_variables(module, variables, inputs)
-    # Q, K, V (one multiplier array each) and FFN-up: the signs ride in as the norm's scale.
-    assert seen == [(128, True)] * (4 * cfg.num_layers)
+    # Q, K, V, the cross-attention Q (one multiplier array each) and FFN-up: the signs ride in as
+    # the norm's scale.
+    assert seen == [(128, True)] * (5 * cfg.num_layers)
     assert [c[-1] for c in ffn] == [128] * cfg.num_layers  # FFN-down's rotation in FFN-up's epilogue
     unfused = _run_variables(module, variables, inputs, producers=False)
-    assert len(seen) == 4 * cfg.num_layers and len(ffn) == cfg.num_layers
+    assert len(seen) == 5 * cfg.num_layers and len(ffn) == cfg.num_layers
     assert np.isfinite(fused).all() and np.linalg.norm(fused - unfused) / np.linalg.norm(unfused) < 2e-2
+
+
+def test_norm_without_modulation_is_the_plain_norm():
+    # Wan's cross-attention norm is a NormModulate without shift and scale (so its query can take
+    # a producer's codes): its float value is LayerNorm's, bit for bit, params at the same paths.
+    from jquant.models import blocks  # pylint: disable=import-outside-toplevel
+
+    x = jax.random.normal(jax.random.key(4), (2, 5, 128), jnp.bfloat16)
+    norm = blocks.NormModulate(1e-6, affine=True)
+    params = norm.init(jax.random.key(5), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(6), p.shape), params)
+    plain = blocks.LayerNorm(1e-6, affine=True).apply(params, x.astype(jnp.float32)).astype(x.dtype)
+    chex.assert_trees_all_equal(norm.apply(params, x), plain)
+    with pytest.raises(ValueError, match="shift and scale go together"):
+        norm.apply(params, x, jnp.zeros((2, 128)))

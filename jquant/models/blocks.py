@@ -71,15 +71,22 @@ class NormModulate(LayerNorm):
 
     One module, so that a quantized run can hand its consumers the codes of a fused
     norm + modulation + quantization kernel instead (``jquant.nn``; issue 19's producer);
-    float execution is exactly the expression it replaces."""
+    float execution is exactly the expression it replaces. Without ``shift`` and ``scale`` it is
+    the norm alone (``LayerNorm(x)`` in x's dtype; Wan's cross-attention norm), so that norm's
+    consumer can take a producer's codes too."""
 
     upcast: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:  # type: ignore[override]
-        if not self.upcast:
-            return modulate(self._normalize(x), shift, scale)
-        return modulate(self._normalize(x.astype(jnp.float32)), shift, scale).astype(x.dtype)
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, shift: jax.Array | None = None, scale: jax.Array | None = None
+    ) -> jax.Array:
+        if (shift is None) != (scale is None):
+            raise ValueError(f"NormModulate {self.name!r}: shift and scale go together, got only one")
+        y = self._normalize(x.astype(jnp.float32) if self.upcast else x)
+        if shift is not None:
+            y = modulate(y, shift, scale)
+        return y.astype(x.dtype) if self.upcast else y
 
 
 class RMSNorm(nn.Module):

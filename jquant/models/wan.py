@@ -130,7 +130,9 @@ class WanBlock(PortModule):
         out = Attention(**attn, name="attn1")(h, rope=rope)
         x = (x.astype(F32) + out * gate[:, None]).astype(x.dtype)
 
-        h = LayerNorm(cfg.eps, affine=True, name="norm2")(x.astype(F32)).astype(x.dtype) if cfg.cross_attn_norm else x
+        # The cross-attention norm (no modulation) as a NormModulate: the same float value, and
+        # in a quantized run its Q projection takes the producer's codes.
+        h = NormModulate(cfg.eps, affine=True, name="norm2")(x) if cfg.cross_attn_norm else x
         added_kv = cfg.added_kv_proj_dim is not None
         x = x + Attention(**attn, added_kv=added_kv, name="attn2")(h, context, context_img=context_img)
 
