@@ -152,7 +152,7 @@ def test_kernel_with_a_column_multiplier_lowers_to_mosaic_gpu(rotation, cta_n, m
     monkeypatch.delenv(_common.FORCE_ENV)
     monkeypatch.setattr(_common, "on_hopper", lambda: True)
     monkeypatch.setattr(_common, "on_gpu", lambda: True)
-    # Until its GPU check passes, a default run takes the reference for a multiplier.
+    # A default run takes the kernel with a multiplier only as its GPU check says (MUL_GPU_VERIFIED).
     assert gemm_act_quant.supports(x, w, "gelu_tanh", rotation)
     assert gemm_act_quant.supports(x, w, "gelu_tanh", rotation, mul=True) == gemm_act_quant.MUL_GPU_VERIFIED
 
