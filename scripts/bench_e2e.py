@@ -79,6 +79,7 @@ from jquant.models.attention import attention_hook  # noqa: E402
 from jquant.pipeline.runtime import tree_bytes as weight_bytes  # noqa: E402
 from jquant.qarray import QArray  # noqa: E402
 from pallas_kernels import _common, cudnn_fp8, kquant_triton, timing, trace_table  # noqa: E402
+from pallas_kernels.attention_ref import relative_l2  # noqa: E402
 
 _WAN_FORWARD = Path(__file__).resolve().parent / "bench_wan_forward.py"
 _spec = importlib.util.spec_from_file_location("bench_wan_forward", _WAN_FORWARD)
@@ -353,18 +354,13 @@ LOSSY_MARGIN = 1.25
 LOSSY_SLACK = 0.01
 
 
-def _rel(a: jax.Array, b: jax.Array) -> float:
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
-
-
 def check_lossy_step(out: jax.Array, emulated: jax.Array, exact: jax.Array) -> dict:
     """The check of a step whose attention is a lossy baseline (cuDNN's per-tensor FP8): finite,
     and ``rel(out, exact) <= LOSSY_MARGIN * rel(emulated, exact) + LOSSY_SLACK``, where
     ``emulated`` is the step with those numerics in plain JAX and ``exact`` the step with exact
     float attention (both with the kernels off)."""
     finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
-    rel, emu, apart = _rel(out, exact), _rel(emulated, exact), _rel(out, emulated)
+    rel, emu, apart = relative_l2(out, exact), relative_l2(emulated, exact), relative_l2(out, emulated)
     bound = LOSSY_MARGIN * emu + LOSSY_SLACK
     return {
         "ok": finite and rel <= bound,
@@ -379,7 +375,7 @@ def check_lossy_step(out: jax.Array, emulated: jax.Array, exact: jax.Array) -> d
 def check_step(out: jax.Array, ref: jax.Array, rel_tol: float) -> dict:
     """Finite, and within ``rel_tol`` of the kernels-off step in relative L2."""
     finite = bool(jnp.isfinite(out.astype(jnp.float32)).all())
-    rel = _rel(out, ref)
+    rel = relative_l2(out, ref)
     ok = finite and rel <= rel_tol
     return {
         "ok": ok,
@@ -548,7 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if baseline_out is None and variant == "bf16" and row["status"] == "PASS":
                     baseline, baseline_out = row, out
                 if baseline_out is not None:
-                    row["rel_l2_vs_bf16"] = float(jnp.linalg.norm(out - baseline_out) / jnp.linalg.norm(baseline_out))
+                    row["rel_l2_vs_bf16"] = relative_l2(out, baseline_out)
                 if baseline is not None and "time_ms" in row:
                     row.update(
                         bf16_time_ms=baseline["time_ms"],
