@@ -28,7 +28,12 @@ import jax
 from pallas_kernels import timing
 
 #: Ordered (category, pattern) rules over ``"<kernel name> <hlo op>"`` (lower case); first match wins.
+#: A profile under XLA's command buffers names every kernel's HLO op ``command_buffer_N``, so
+#: jquant's own kernels are told apart by the names their bodies give them (:data:`JQUANT_KERNELS`).
 CATEGORY_RULES: tuple[tuple[str, str], ...] = (
+    ("attention", r"^entry_mosaic_gpu_kernel\b"),
+    ("gemm", r"^kernel_mosaic_gpu_kernel\b"),
+    ("quantize", r"^_kernel(__\d+)?\b"),
     ("attention", r"cudnn|fmha|flash|sdpa|attention|_attn|softmax"),
     ("quantize", r"quant|hadamard|amax|absmax"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|wgmma|matmul|dot|w8a8|w4a8|scaled_mm|convolution"),
@@ -36,6 +41,26 @@ CATEGORY_RULES: tuple[tuple[str, str], ...] = (
     ("copy", r"copy|transpose|memcpy|memset|concatenate|dynamic.update.slice|pad"),
     ("elementwise", r"fusion|add|multiply|select|convert"),
 )
+
+
+#: The kernel bodies behind the three name rules above, ``(module, function)``: a Mosaic GPU
+#: kernel is named ``<body>_mosaic_gpu_kernel`` and a Triton one after its function (``__N`` added
+#: per specialization). A test keeps these names in step with the modules.
+JQUANT_KERNELS: dict[str, tuple[tuple[str, str], ...]] = {
+    "attention": (("pallas_kernels.attention", "entry"),),
+    "gemm": (
+        ("pallas_kernels.w8a8", "kernel"),
+        ("pallas_kernels.w4a8", "kernel"),
+        ("pallas_kernels.w4a16_gemm", "kernel"),
+        ("pallas_kernels.weight_only", "kernel"),
+    ),
+    "quantize": (
+        ("pallas_kernels.norm_quant", "_kernel"),
+        ("pallas_kernels.attn_prep", "_kernel"),
+        ("pallas_kernels.act_quant", "_kernel"),
+        ("pallas_kernels.hadamard_gather", "_kernel"),
+    ),
+}
 
 
 def category(name: str, hlo_op: str = "") -> str:

@@ -8,7 +8,10 @@ quantizer kernel, and as XLA runs it; the weight-code transpose; the Mosaic GEMM
 Wan2.1-1.3B's linear shapes at 32,760 tokens (``BENCH_SHAPES=all``: Wan2.1-14B's too). Each
 rotated linear's output is checked against XLA's path on the rotated activations, and the plain
 W4A8 one against its XLA path, before it is timed (rel. L2 <= 2e-2); a wrong row is printed and
-the script exits 1. Prints a table; writes
+the script exits 1. Where a norm feeds the linear (K the model width: QKV, FFN-up) it also times
+the linear as a quantized step runs it, from its norm producer (LayerNorm + modulation + optional
+block-128 rotation + per-token codes in one pass, then the W8A8 / W4A8 GEMM on the codes) against
+the norm + bf16 GEMM in XLA, and the rotating producer under a few programs. Prints a table; writes
 ``benchmarks/linear_path-<device>.json``.
 
     python scripts/bench_linear_path.py     # GPU (Hopper); BENCH_TAG=... names the JSON
@@ -30,8 +33,8 @@ from jquant import dispatch
 from jquant.dispatch import kernels as kernel_dispatch
 from jquant.formats import parse_spec
 from jquant.hadamard import apply_block_hadamard, online_block
-from jquant.qarray import decode_scale, quantize
-from pallas_kernels import timing, w8a8
+from jquant.qarray import QArray, decode_scale, quantize
+from pallas_kernels import _quant, fused_producers, norm_quant, timing, w8a8
 
 M = int(os.environ.get("BENCH_M", 32760))
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536)]  # attention projections, FFN up, FFN down
@@ -50,6 +53,102 @@ def rotated_check(x: jax.Array, q, act, rotation: bool | int):
         return {"ok": err <= 2e-2, "rel_l2": err}
 
     return check
+
+
+#: Programs of the rotating norm producer timed beside its default (``_quant.pick_config``).
+PRODUCER_CONFIGS = tuple(_quant.QuantizerConfig(rows=r, warps=w) for r in (4, 8, 16) for w in (4, 8))
+
+
+def producer_linear(x, q, shift, scale, act, rotation: int, config=None):
+    """A linear fed by its norm producer, as Wan's QKV and FFN-up run in a quantized step:
+    LayerNorm + adaLN modulation (+ QuaRot's block rotation) + per-token codes in one pass
+    (``norm_quant``), then the per-token GEMM on those codes (``dispatch.linear_quantized``)."""
+    codes, scales = norm_quant.norm_modulate_quantize_pallas(
+        x, None, None, shift, scale, hadamard=rotation, block=x.shape[1], config=config
+    )
+    return dispatch.linear_quantized(QArray(codes, scales, spec=act, dtype=x.dtype, axis=-1), q)
+
+
+def norm_linear_bf16(x, w, shift, scale):
+    """Its float counterpart: the modulated LayerNorm in XLA, rounded to bf16, times bf16 weights."""
+    return fused_producers.norm_modulate(x, None, None, shift, scale).astype(x.dtype) @ w
+
+
+def producer_check(x, q, shift, scale, act, rotation: int):
+    """``check`` for a producer-fed linear: XLA's quantized linear on the modulated (and rotated)
+    activations, rel. L2 <= 2e-2 (the producer rounds from float32, the XLA path from bf16)."""
+    y = fused_producers.norm_modulate(x, None, None, shift, scale)
+    if rotation:
+        y = apply_block_hadamard(y, rotation, axis=-1)
+    ref = dispatch.linear(y.astype(x.dtype), q, act=act, backend="xla").astype(jnp.float32)
+
+    def check(out) -> dict:
+        err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        return {"ok": err <= 2e-2, "rel_l2": err}
+
+    return check
+
+
+def producer_columns(k: int, sets: list, q4: list, act) -> tuple[dict, int]:
+    """Issue 26's per-linear comparison where a norm feeds the linear (K = the model width): the
+    norm + bf16 GEMM in XLA against the producer + W8A8 / W4A8 GEMM, plain and with the block-128
+    rotation, each checked first; and the rotating producer alone under each of
+    :data:`PRODUCER_CONFIGS` (codes equal to the default program's). ``({}, 0)`` where the
+    producer kernel does not run here."""
+    if not norm_quant.supports(sets[0][0], hadamard=BLOCK, per_token=True):
+        return {}, 0
+    keys = jax.random.split(jax.random.key(100 + k), 2)
+    shift, scale = (0.1 * jax.random.normal(kk, (k,), jnp.float32) for kk in keys)
+    out: dict = {}
+    wrong = 0
+    out["norm_bf16_us"] = timing.time_fn(norm_linear_bf16, [(x, wb, shift, scale) for x, wb, _ in sets])["us"]
+    for label, weights in (("w8a8", [(x, q) for x, _, q in sets]), ("w4a8", q4)):
+        for rot in (0, BLOCK):
+            name = f"producer_{label}" + (f"_block{rot}" if rot else "")
+            t = timing.time_fn(
+                lambda x, q, rot=rot: producer_linear(x, q, shift, scale, act, rot),
+                weights,
+                check=producer_check(weights[0][0], weights[0][1], shift, scale, act, rot),
+            )
+            out[f"{name}_check"] = t.get("check")
+            if "us" not in t:
+                wrong += 1
+                print(f"  WRONG {name} K={k}: {t['check']}", flush=True)
+                continue
+            out[f"{name}_us"] = t["us"]
+            out[f"{name}_speedup_vs_norm_bf16"] = out["norm_bf16_us"] / t["us"]
+    x = sets[0][0]
+
+    def codes(config):
+        return norm_quant.norm_modulate_quantize_pallas(
+            x, None, None, shift, scale, hadamard=BLOCK, block=k, config=config
+        )
+
+    default = jax.block_until_ready(jax.jit(lambda: codes(None))())
+    configs = {}
+    for cfg in PRODUCER_CONFIGS:
+        label = f"rows{cfg.rows}_warps{cfg.warps}"
+        try:
+            same = jax.jit(lambda cfg=cfg: codes(cfg))()
+        except Exception as e:  # pylint: disable=broad-except  (a program the kernel refuses)
+            configs[label] = {"error": str(e)[:200]}
+            continue
+        if not all(bool(jnp.array_equal(a, b)) for a, b in zip(same, default)):
+            configs[label] = {"error": "codes differ from the default program's"}
+            wrong += 1
+            continue
+        configs[label] = {
+            "us": timing.time_fn(
+                lambda x, cfg=cfg: norm_quant.norm_modulate_quantize_pallas(
+                    x, None, None, shift, scale, hadamard=BLOCK, block=k, config=cfg
+                ),
+                [(x,) for x, _, _ in sets],
+            )["us"]
+        }
+    default_cfg = _quant.pick_config(k)
+    out["producer_block_default_config"] = f"rows{default_cfg.rows}_warps{default_cfg.warps}"
+    out["producer_block_configs"] = configs
+    return out, wrong
 
 
 def main() -> int:
@@ -108,6 +207,9 @@ def main() -> int:
                 wrong += 1
                 print(f"  WRONG {label} K={k} N={n}: {w4[label]['check']}", flush=True)
         w4_plain, w4_blk = (w4[key].get("us", float("nan")) for key in ("w4a8", f"w4a8_block{BLOCK}"))
+        norm_fed = k in (SHAPES[0][0], SHAPES_14B[0][0])  # the model width: QKV and FFN-up inputs
+        produced, bad = producer_columns(k, sets, q4, act) if norm_fed else ({}, 0)
+        wrong += bad
         rows.append(
             dict(
                 m=M,
@@ -131,6 +233,7 @@ def main() -> int:
                 w4a8_block_us=w4_blk,
                 w4a8_block_check=w4[f"w4a8_block{BLOCK}"].get("check"),
                 w4a8_block_speedup_vs_bf16=bf16 / w4_blk,
+                **produced,
             )
         )
         print(
@@ -138,6 +241,19 @@ def main() -> int:
             f"{tr:>8.1f} {gemm:>8.1f} {w4_plain:>8.1f} {w4_blk:>8.1f}",
             flush=True,
         )
+        if produced:
+            print(
+                f"      from the norm: norm+bf16 {produced['norm_bf16_us']:.1f}  producer + "
+                + "  ".join(
+                    f"{lab} {produced.get(f'producer_{lab}_us', float('nan')):.1f}"
+                    for lab in ("w8a8", f"w8a8_block{BLOCK}", "w4a8", f"w4a8_block{BLOCK}")
+                )
+                + "  rotating producer alone: "
+                + " ".join(
+                    f"{c} {v.get('us', float('nan')):.1f}" for c, v in produced["producer_block_configs"].items()
+                ),
+                flush=True,
+            )
     tag = os.environ.get("BENCH_TAG", "")  # e.g. "jax_triton" when the gpu extra is installed
     timing.write_rows("linear_path" + (f"-{tag}" if tag else ""), rows)
     return 1 if wrong else 0

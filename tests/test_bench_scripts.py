@@ -320,3 +320,78 @@ def test_bench_e2e_cudnn_fp8_row_is_checked_against_exact_and_emulated_steps(mon
     assert check["ok"] == (factor == 1.0), check["detail"]
     assert row["status"] == ("PASS" if factor == 1.0 else "FAIL")
     assert ("time_ms" in row) == (factor == 1.0)
+
+
+def test_attention_call_errors_tiny_rows(tmp_path):
+    """The per-call probe on the tiny Wan step (CPU): one row per attention call with every
+    implementation's error against exact attention, the float path near exact and the per-tensor
+    FP8 emulation further off; the JSON carries the run's metadata and the per-kind summary."""
+    probe = _load("attention_call_errors")
+    result = probe.main(["--tiny", "--out-dir", str(tmp_path)])
+    _meta_ok(result)
+    rows = result["rows"]
+    assert len(rows) == 2 * probe.bench_e2e.TINY_CONFIG.num_layers
+    assert [r["module"].split("/")[-1] for r in rows[:2]] == ["attn1", "attn2"]
+    for r in rows:
+        errs = r["rel_vs_exact"]
+        assert set(errs) == {"float", "fp8_emulated", "jquant_default"}
+        assert errs["float"] < 1e-2 and errs["jquant_default"] < 2e-2
+        assert errs["fp8_emulated"] > 3 * errs["float"]
+        assert r["amax"]["q"] > 0
+    assert set(result["summary"]) == {"self", "cross"}
+    assert (tmp_path / "attention_call_errors-tiny-cpu.json").exists()
+
+
+def test_attention_call_errors_compares_cudnn_with_its_emulation():
+    """With a cuDNN FP8 implementation present (a CPU stand-in: the emulation with its output
+    scaled by 1.1) the row carries cuDNN against the emulation, and the stand-in's 10% shows."""
+    probe = _load("attention_call_errors")
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, 2, 64), jnp.bfloat16) for i in range(3))
+    emulated = jax.jit(probe.bench_e2e.per_tensor_fp8_reference)
+    impls = {"fp8_emulated": emulated, "cudnn_fp8": lambda q, k, v: emulated(q, k, v) * 1.1}
+    row = probe.call_row(0, q, k, v, None, impls)
+    assert row["cudnn_fp8_vs_emulated"] == pytest.approx(0.1, rel=0.05)
+    assert row["tq"] == row["tk"] == 64 and not row["masked"]
+    masked = probe.call_row(1, q, k, v, jnp.ones((1, 1, 64, 64), bool), impls)
+    assert masked["masked"] and "rel_vs_exact" not in masked
+
+
+def _interpreted_producer(monkeypatch, bench, corrupt: bool = False):
+    """The norm producer in Pallas's interpreter as the bench's GPU kernel (``corrupt``: its codes
+    negated, a wrong kernel)."""
+    real = bench.norm_quant.norm_modulate_quantize_pallas
+
+    def interpreted(*args, **kwargs):
+        codes, scales = real(*args, interpret=True, **kwargs)
+        return (-codes if corrupt else codes), scales
+
+    monkeypatch.setattr(bench.norm_quant, "supports", lambda *a, **k: True)
+    monkeypatch.setattr(bench.norm_quant, "norm_modulate_quantize_pallas", interpreted)
+    monkeypatch.setattr(bench, "PRODUCER_CONFIGS", bench.PRODUCER_CONFIGS[-2:])  # 16 rows: >= 16 chunks at K=256
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_bench_linear_path_producer_columns(monkeypatch, corrupt):
+    """Issue 26's producer-fed linear (norm producer + GEMM on its codes) against norm + bf16: every
+    column checked before it is timed, a wrong producer caught; the producer's programs give the
+    default program's codes."""
+    monkeypatch.setenv("BENCH_M", "64")
+    bench = _load("bench_linear_path")
+    _interpreted_producer(monkeypatch, bench, corrupt)
+    k, n = 256, 128
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (bench.M, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (k, n), jnp.float32) * 0.02
+    act = bench.parse_spec("int8/token")
+    sets = [(x, w.astype(jnp.bfloat16), bench.quantize(w, bench.parse_spec("int8")))]
+    q4 = [(x, bench.quantize(w, bench.parse_spec("int4")))]
+    out, wrong = bench.producer_columns(k, sets, q4, act)
+    if corrupt:
+        assert wrong == 4 and not out["producer_w8a8_check"]["ok"] and "producer_w8a8_us" not in out
+        return
+    assert wrong == 0 and out["norm_bf16_us"] > 0
+    for label in ("w8a8", "w8a8_block128", "w4a8", "w4a8_block128"):
+        assert out[f"producer_{label}_check"]["ok"], label
+        assert out[f"producer_{label}_check"]["rel_l2"] < 2e-2
+        assert out[f"producer_{label}_speedup_vs_norm_bf16"] > 0
+    assert all("us" in c for c in out["producer_block_configs"].values()), out["producer_block_configs"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import importlib
+import inspect
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +78,11 @@ def test_kernel_table_rejects_zero_steps():
         ("triton_act_quant", "", "quantize"),
         ("copy_transpose", "", "copy"),
         ("something_unknown", "", "other"),
+        ("entry_mosaic_gpu_kernel", "command_buffer_1", "attention"),
+        ("kernel_mosaic_gpu_kernel", "command_buffer_1", "gemm"),
+        ("_kernel__6", "command_buffer_1", "quantize"),
+        ("_kernel", "command_buffer_1", "quantize"),
+        ("loop_multiply_fusion_29", "command_buffer_1", "elementwise"),
     ],
 )
 def test_category(name, hlo, expected):
@@ -97,3 +105,14 @@ def test_read_trace_and_profile_on_this_backend(tmp_path):
         assert table["kernels_per_step"] == 0 and table["top"] == []
     else:
         assert table["device_us_per_step"] > 0
+
+
+@pytest.mark.parametrize("label", sorted(trace_table.JQUANT_KERNELS))
+def test_jquant_kernel_bodies_still_have_the_names_the_rules_match(label):
+    """Under command buffers only the body's name tells jquant's kernels apart: a renamed body
+    would silently land in another phase, so each listed module must still define it."""
+    for module, body in trace_table.JQUANT_KERNELS[label]:
+        source = inspect.getsource(importlib.import_module(module))
+        assert re.search(rf"^\s*def {body}\(", source, re.M), f"{module} no longer defines {body}()"
+        mosaic = "_mosaic_gpu_kernel" if body != "_kernel" else ""
+        assert trace_table.category(f"{body}{mosaic}", "command_buffer_1") == label
