@@ -420,6 +420,41 @@ def per_tensor_fp8_attention(
     return encode(out, s["descale_o"], fmt).astype(jnp.float32) * s["descale_o"]
 
 
+#: Keys one fp8 wgmma instruction reduces (k = 32 for 8-bit operands).
+MMA_KEYS = 32
+#: Mantissa bits the modelled fp8 tensor-core accumulator keeps below the largest addend's exponent
+#: (DeepSeek-V3's report: "around 14 bits" of accumulation precision on Hopper's fp8 MMA).
+MMA_ACC_BITS = 13
+
+
+def truncating_accumulation(p: jax.Array, v: jax.Array, *, bits: int = MMA_ACC_BITS, keys: int = MMA_KEYS) -> jax.Array:
+    """``p @ v`` (``[..., Q, K] @ [K, D]``, float32 values of fp8 codes) as a model of Hopper's fp8
+    MMA accumulating one long sum in its own accumulator: every ``keys`` keys, the running sum and
+    the new products are aligned to the largest exponent among them and truncated toward zero to
+    ``bits`` bits below it, then added. A sum with a large common part (the rows of V share a
+    direction) stops taking small products, so the result shrinks; a zero-mean one barely moves.
+    A model to compare measurements with, not a bit-exact emulation. ``K`` a multiple of ``keys``."""
+    *lead, q, k = p.shape
+    if k % keys or v.shape[0] != k:
+        raise ValueError(
+            f"truncating_accumulation: K={k} (p {p.shape}, v {v.shape}) must match and be a multiple of {keys}"
+        )
+    pc = jnp.moveaxis(p.astype(jnp.float32).reshape(*lead, q, k // keys, keys), -2, 0)
+    vc = v.astype(jnp.float32).reshape(k // keys, keys, v.shape[-1])
+
+    def step(acc, chunk):
+        pk, vk = chunk
+        prod = pk[..., :, None] * vk  # [..., Q, keys, D]
+        mag = jnp.maximum(jnp.abs(acc), jnp.max(jnp.abs(prod), axis=-2))
+        _, exponent = jnp.frexp(jnp.maximum(mag, 1e-30))  # mag in [2^(e-1), 2^e): exact, unlike log2
+        grid = jnp.ldexp(jnp.ones_like(mag), exponent - 1 - bits)
+        acc = jnp.trunc(acc / grid) * grid + jnp.sum(jnp.trunc(prod / grid[..., None, :]) * grid[..., None, :], -2)
+        return acc, None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((*lead, q, v.shape[-1]), jnp.float32), (pc, vc))
+    return acc
+
+
 def attention_probabilities(
     q: jax.Array,
     k: jax.Array,

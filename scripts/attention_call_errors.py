@@ -16,6 +16,13 @@ per-call rows say which calls (self- or cross-attention, which layers) carry the
 
     python scripts/attention_call_errors.py            # GPU, Wan2.1-1.3B at 480p x 81 frames
     python scripts/attention_call_errors.py --tiny     # CPU smoke test (no cuDNN columns)
+    python scripts/attention_call_errors.py --coherence 0,0.3,1,3   # synthetic V = a c + noise
+
+``--coherence``: instead of the model, random Q and K and values sharing a direction ``c`` with
+weight ``a`` (deep layers' tokens share one); besides the implementations above it runs jquant's
+kernel with e4m3 P V and :func:`attention_ref.truncating_accumulation`'s model of an fp8 MMA that
+accumulates the whole key axis in its own truncating accumulator (on the first 64 queries of one
+head), to see which of them lose accuracy as ``a`` grows.
 
 Writes ``benchmarks/attention_call_errors-<device>.json`` (``--out-dir``); prints one line per call.
 """
@@ -36,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jquant.attention import AttentionPolicy, current_module_path  # noqa: E402
 from jquant.attention import _quantized as quantized_call  # noqa: E402
 from jquant.models.attention import attention_hook  # noqa: E402
-from pallas_kernels import cudnn_fp8, timing  # noqa: E402
+from pallas_kernels import attention_ref, cudnn_fp8, timing  # noqa: E402
 from pallas_kernels.attention_ref import relative_l2  # noqa: E402
 
 _E2E = Path(__file__).resolve().parent / "bench_e2e.py"
@@ -85,6 +92,48 @@ def call_row(index: int, q, k, v, mask, impls: dict[str, Any]) -> dict[str, Any]
     return row
 
 
+MODEL_ROWS = 64  # query rows the truncating-accumulator model runs on (one head)
+
+
+def truncating_model_error(q: jax.Array, k: jax.Array, v: jax.Array, exact: jax.Array) -> float:
+    """Relative L2 error against ``exact`` of per-tensor FP8 attention whose P V sum runs in
+    :func:`attention_ref.truncating_accumulation` (P against the row's final max, times 448, e4m3;
+    V e4m3 with one scale), on the first :data:`MODEL_ROWS` queries of head 0."""
+    sc = attention_ref.per_tensor_fp8_scales(q, k, v)
+    qf, kf, vf = (x[0, :, 0].astype(jnp.float32) for x in (q, k, v))
+    qf = attention_ref.encode(qf[:MODEL_ROWS], sc["descale_q"], "fp8_e4m3").astype(jnp.float32) * sc["descale_q"]
+    kf = attention_ref.encode(kf, sc["descale_k"], "fp8_e4m3").astype(jnp.float32) * sc["descale_k"]
+    s = (qf @ kf.T) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    p = jnp.exp(s - s.max(-1, keepdims=True))
+    pad = -p.shape[-1] % attention_ref.MMA_KEYS
+    p_codes = attention_ref.encode(jnp.pad(p, ((0, 0), (0, pad))), jnp.float32(1 / attention_ref.P_SCALE), "fp8_e4m3")
+    v_codes = attention_ref.encode(jnp.pad(vf, ((0, pad), (0, 0))), sc["descale_v"], "fp8_e4m3")
+    acc = attention_ref.truncating_accumulation(p_codes.astype(jnp.float32), v_codes.astype(jnp.float32))
+    out = acc * sc["descale_v"] / attention_ref.P_SCALE / p.sum(-1, keepdims=True)
+    return relative_l2(out, exact[0, :MODEL_ROWS, 0])
+
+
+def coherence_rows(args: argparse.Namespace, impls: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per weight ``a`` of the shared direction in V (``--coherence``)."""
+    tokens, heads = (1024, 2) if args.tiny else (32760, 12)
+    impls = dict(impls)
+    fp8_pv = AttentionPolicy(pv_format="fp8_e4m3")
+    impls["jquant_fp8_pv"] = jax.jit(lambda q, k, v: quantized_call(fp8_pv, q, k, v))
+    rows = []
+    for i, a in enumerate(args.coherence):
+        kq, kk, kv, kc = jax.random.split(jax.random.key(args.seed + i), 4)
+        q, k = (jax.random.normal(kx, (1, tokens, heads, 128), jnp.float32).astype(jnp.bfloat16) for kx in (kq, kk))
+        c = jax.random.normal(kc, (1, 1, heads, 128), jnp.float32)
+        v = (a * c + jax.random.normal(kv, (1, tokens, heads, 128), jnp.float32)).astype(jnp.bfloat16)
+        row = call_row(i, q, k, v, None, impls)
+        exact = jax.jit(bench_e2e.chunked_attention)(q.astype(jnp.float32), k, v).astype(jnp.float32)
+        row.update(coherence=a, module=None)
+        row["rel_vs_exact"]["truncating_model"] = truncating_model_error(q, k, v, exact)
+        print(f"a={a:<5g} " + " ".join(f"{n} {e:.2e}" for n, e in row["rel_vs_exact"].items()), flush=True)
+        rows.append(row)
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The step with the probing hook; the JSON-ready result."""
     model_name, config = ("tiny", bench_e2e.TINY_CONFIG) if args.tiny else bench_e2e.MODELS[args.model]
@@ -102,6 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     impls = implementations(on_gpu)
     rows: list[dict[str, Any]] = []
+    if args.coherence:
+        return save(args, model_name, (frames, height, width), impls, [], coherence_rows(args, impls))
 
     def probe(q, k, v, mask, implementation):
         del implementation
@@ -118,6 +169,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with attention_hook(probe):
         jax.block_until_ready(model.apply({"params": params}, *inputs))
+    return save(args, model_name, (frames, height, width), impls, rows, [])
+
+
+def save(args, model_name: str, video: tuple, impls: dict, rows: list, coherence: list) -> dict[str, Any]:
+    """The result with its metadata, written to ``--out-dir``."""
+    frames, height, width = video
     result = {
         "benchmark": "attention_call_errors",
         **timing.run_metadata("scripts/attention_call_errors.py", args.argv),
@@ -129,9 +186,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "summary": summarize(rows),
     }
-    name = f"attention_call_errors-{wan_forward.device_slug(jax.devices()[0])}.json"
-    if args.tiny:
-        name = name.replace("attention_call_errors-", "attention_call_errors-tiny-")
+    if coherence:
+        result["coherence_rows"] = coherence
+    kind = ("tiny-" if args.tiny else "") + ("coherence-" if coherence else "")
+    name = f"attention_call_errors-{kind}{bench_e2e.wan_forward.device_slug(jax.devices()[0])}.json"
     timing.write_json(name, result, folder=str(args.out_dir))
     return result
 
@@ -159,6 +217,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(bench_e2e.MODELS), default="1.3b")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--coherence",
+        type=lambda t: [float(a) for a in t.split(",")],
+        default=None,
+        help="comma list of weights a: synthetic calls with V = a c + noise instead of the model",
+    )
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)

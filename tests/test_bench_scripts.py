@@ -395,3 +395,33 @@ def test_bench_linear_path_producer_columns(monkeypatch, corrupt):
         assert out[f"producer_{label}_check"]["rel_l2"] < 2e-2
         assert out[f"producer_{label}_speedup_vs_norm_bf16"] > 0
     assert all("us" in c for c in out["producer_block_configs"].values()), out["producer_block_configs"]
+
+
+def test_attention_call_errors_coherence_rows(tmp_path):
+    """``--coherence``: synthetic calls with V sharing a direction; each row has every
+    implementation, jquant's e4m3 P V kernel path and the truncating-accumulator model."""
+    probe = _load("attention_call_errors")
+    result = probe.main(["--tiny", "--coherence", "0,3", "--out-dir", str(tmp_path)])
+    rows = result["coherence_rows"]
+    assert [r["coherence"] for r in rows] == [0.0, 3.0] and result["rows"] == []
+    for r in rows:
+        assert {"float", "fp8_emulated", "jquant_default", "jquant_fp8_pv", "truncating_model"} <= set(
+            r["rel_vs_exact"]
+        )
+        assert r["rel_vs_exact"]["float"] < 1e-2 and r["rel_vs_exact"]["truncating_model"] < 0.2
+    assert (tmp_path / "attention_call_errors-tiny-coherence-cpu.json").exists()
+
+
+def test_truncating_accumulation_model():
+    """The fp8 MMA accumulator model: exact where every addend fits its bits, and it loses the
+    small products of a long sum with a large common part (the sum shrinks)."""
+    ar = _load("attention_call_errors").attention_ref
+    p = jnp.ones((1, 64), jnp.float32)
+    v = jnp.ones((64, 4), jnp.float32)
+    chex.assert_trees_all_close(ar.truncating_accumulation(p, v), jnp.full((1, 4), 64.0))
+    v_big = jnp.full((4096, 1), 1.0).at[0, 0].set(2.0**20)
+    p_big = jnp.ones((1, 4096), jnp.float32)
+    out = float(ar.truncating_accumulation(p_big, v_big, bits=13)[0, 0])
+    assert out == 2.0**20  # every later 1.0 is below the 2^7 grid of a 2^20 sum: truncated away
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ar.truncating_accumulation(jnp.ones((1, 40)), jnp.ones((40, 2)))
