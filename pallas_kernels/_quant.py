@@ -157,6 +157,15 @@ def round_to_bf16(y: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type((bits + bias) & jnp.uint32(0xFFFF0000), jnp.float32)
 
 
+def rotate_rounded(v: jax.Array, h_s, block: int) -> jax.Array:
+    """float32 ``bf16(v) @ H_block / sqrt(block)`` for ``[chunks, block]`` rows: ``v`` rounded to
+    bf16 (:func:`round_to_bf16`), then one bf16 MMA with the +-1 Sylvester matrix ``h_s``, whose
+    products are exact and summed in float32. The producers' rotation: a third of the MMAs of
+    rotating the float32 rows exactly (:func:`rotate_block` with float32), and the rounding the
+    unfused path applies anyway (the model dtype before the rotation)."""
+    return pm1_dot(round_to_bf16(v), h_s[...], 1) * np.float32(1.0 / math.sqrt(block))
+
+
 def rotate_block(v: jax.Array, h_s, block: int, dtype) -> jax.Array:
     """``v @ H_block`` inside a kernel for ``[chunks, block]`` rows (one block of QuaRot's
     block-diagonal rotation each; ``h_s`` the +-1 Sylvester matrix), exact in float32 through

@@ -12,7 +12,8 @@ A producer sees one tile of a token row, not the whole row, so it keeps one scal
   quantization of its own output for FFN-down.
 
 Both compute in float32 and quantize from float32 (no rounding to the model dtype in between:
-a fused kernel keeps the modulated values in registers). Their codes decode to the unfused
+a fused kernel keeps the modulated values in registers), except that a rotation rotates the
+values rounded to bf16. Their codes decode to the unfused
 path's (the model's norm and modulation in float, then ``jquant.quantize(y, "<fmt>/token128")``)
 within one rounding step of the format. The quantizer is the per-token rule of
 :mod:`pallas_kernels._quant` (jquant's, to the bit) applied to every ``BLOCK``-wide slice of a row.
@@ -134,8 +135,9 @@ def norm_modulate_quantize(
     hadamard: int = 0,
 ) -> tuple[Array, Array]:
     """The QKV / FFN-up producer: :func:`norm_modulate`, optionally QuaRot's block-diagonal online
-    rotation of order ``hadamard`` (``jquant.hadamard.apply_block_hadamard``, in float32, before
-    any rounding), then :func:`quantize_blocks`.
+    rotation of order ``hadamard`` (``jquant.hadamard.apply_block_hadamard`` in float32 of the
+    values rounded to bf16 first, as the unfused path rounds to the model dtype and as the kernel
+    rotates with one bf16 MMA), then :func:`quantize_blocks`.
 
     Returns ``(codes [..., D], scales f32 [..., D / block])`` for a block-scaled GEMM
     (``jquant.dispatch.block_scaled_dot``).
@@ -147,7 +149,7 @@ def norm_modulate_quantize(
             raise ValueError(
                 f"norm_modulate_quantize: a block rotation of order {hadamard} does not tile D={x.shape[-1]}"
             )
-        y = apply_block_hadamard(y, hadamard, axis=-1)
+        y = apply_block_hadamard(_quant.round_to_bf16(y), hadamard, axis=-1)
     return quantize_blocks(y, fmt, block)
 
 

@@ -24,12 +24,16 @@ single-pass activation quantizer of :mod:`pallas_kernels.act_quant` does): the n
 whole row before the first code. K must be a multiple of 128 (whole scale blocks) and at most
 :data:`pallas_kernels._quant.SINGLE_PASS_MAX` wide once padded.
 
-``hadamard=b`` also applies QuaRot's block-diagonal online rotation (order ``b``, e.g. 128) to
-the float32 rows before quantizing (:func:`pallas_kernels._quant.rotate_block`, exact through
-bf16 parts), so a rotated consumer needs no separate rotation pass.
+``hadamard=b`` also applies QuaRot's block-diagonal online rotation (order ``b``, e.g. 128)
+before quantizing, so a rotated consumer needs no separate rotation pass. It rotates the rows
+rounded to bf16 (as the unfused path rounds the modulated activation to the model dtype before
+its rotation), which one bf16 MMA against the +-1 matrix rotates exactly in float32
+(:func:`pallas_kernels._quant.rotate_rounded`); rotating the float32 rows exactly took three
+such MMAs and made the rotating producer 232 us against about 86 us unrotated at 32,760 x 1536 on
+an H200 (``benchmarks/linear_path-producers-NVIDIA_H200.json``).
 
 ``jquant.producers`` runs it for a quantized model's adaLN inputs. Its GPU check passed without
-the rotation (:data:`GPU_VERIFIED`) and with it (:data:`HADAMARD_GPU_VERIFIED`, 93e0741).
+the rotation (:data:`GPU_VERIFIED`); :data:`HADAMARD_GPU_VERIFIED` covers the rotation.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ Array = jax.Array
 #: passed on an H200 at cc83f7c (every shape the kernel takes; kernel unchanged since 5a593ad;
 #: ``benchmarks/check_kernels-norm_quant_block128-NVIDIA_H200.txt``), so ``supports`` says yes on Hopper.
 GPU_VERIFIED = True
-#: The fused block rotation (``hadamard=b``, QuaRot's online rotation in the producer) passed
-#: ``check_kernels_gpu.py --kernels norm_quant_layer_int8_had128,norm_quant_layer_fp8_had128`` on an
-#: H200 at 93e0741 (``benchmarks/check_kernels-norm_quant_had128-NVIDIA_H200.txt``).
-HADAMARD_GPU_VERIFIED = True
+#: The fused block rotation (``hadamard=b``, QuaRot's online rotation in the producer). Its
+#: float32 three-part version passed ``check_kernels_gpu.py --kernels
+#: norm_quant_layer_int8_had128,norm_quant_layer_fp8_had128`` on an H200 at 93e0741
+#: (``benchmarks/check_kernels-norm_quant_had128-NVIDIA_H200.txt``); the one-part rotation of the
+#: bf16-rounded rows that replaced it is not GPU-checked yet.
+HADAMARD_GPU_VERIFIED = False
 #: Per-token scales (``block=K``: one scale per row, for the per-token W8A8 GEMM; the norm sees
 #: the whole row, so it needs no finer scales): ``check_kernels_gpu.py --kernels
 #: norm_quant_layer_int8_token,norm_quant_rms_fp8_token,norm_quant_layer_int8_had128_token`` PASS
@@ -156,9 +162,9 @@ def _kernel(
         y = y + load_vector(b_ref, False)
     y = y * (1 + load_vector(scale_ref, scale_rows)) + load_vector(shift_ref, shift_rows)
     if hadamard:
-        # QuaRot's block-diagonal online rotation of the float32 rows: every hadamard-wide chunk
-        # stacked under one exact +-1 dot (bf16 parts); the zero padding past K rotates to zeros.
-        y = _quant.rotate_block(y.reshape(-1, hadamard), h_ref, hadamard, jnp.float32).reshape(rows, width)
+        # QuaRot's block-diagonal online rotation of the bf16-rounded rows: every hadamard-wide
+        # chunk stacked under one exact +-1 dot; the zero padding past K rotates to zeros.
+        y = _quant.rotate_rounded(y.reshape(-1, hadamard), h_ref, hadamard).reshape(rows, width)
 
     if per_token:  # one scale per row: the padded columns are zeros, so the row's amax is K's
         row_scale = _quant.scale_of(jnp.max(jnp.abs(y), axis=1), fmt)

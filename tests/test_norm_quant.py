@@ -8,6 +8,7 @@ reference differs from its own jitted run): every code within one step of the fo
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,3 +258,20 @@ def test_gpu_check_cases():
     assert testing.compare(case, out, ref, inputs)["ok"]
     unrotated = testing.CASES["norm_quant_layer_int8"].reference(*inputs)
     assert not testing.compare(case, unrotated, ref, inputs)["ok"]
+
+
+def test_rotation_rotates_the_bf16_rounded_rows():
+    """The producers' rotation (``_quant.rotate_rounded``, one bf16 MMA): the float32 rotation of
+    the rows rounded to bf16, to float32 rounding, and not the exact rotation of the float32 rows
+    (which took three MMAs)."""
+    from jquant.hadamard import apply_block_hadamard
+    from pallas_kernels import _quant
+    from pallas_kernels.act_quant import block_matrix
+
+    v = jax.random.normal(jax.random.key(3), (32, 128), jnp.float32) * 3.0
+    h = jnp.asarray(block_matrix(256, 128), jnp.bfloat16)
+    out = _quant.rotate_rounded(v, h, 128)
+    rounded = apply_block_hadamard(_quant.round_to_bf16(v), 128)
+    chex.assert_trees_all_close(out, rounded, rtol=1e-6, atol=1e-6)
+    exact = apply_block_hadamard(v, 128)
+    assert float(jnp.max(jnp.abs(out - exact))) > 1e-4  # the bf16 rounding shows
