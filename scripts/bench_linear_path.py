@@ -5,7 +5,8 @@ also with QuaRot's online Hadamard: full width, ``hadamard=True``, and block-dia
 128, ``hadamard=128``, issue 26's candidate), W4A8 (int4 per-channel weights) plain and with the
 block rotation, and the parts (activation quantization as the dispatch runs it, i.e. the
 quantizer kernel, and as XLA runs it; the weight-code transpose; the Mosaic GEMM alone), on
-Wan2.1-1.3B's linear shapes at 32,760 tokens (``BENCH_SHAPES=all``: Wan2.1-14B's too). Each
+Wan2.1-1.3B's linear shapes at 32,760 tokens (``BENCH_SHAPES=all``: Wan2.1-14B's too;
+``BENCH_SHAPES=norm``: only the 1.3B linears a norm feeds). Each
 rotated linear's output is checked against XLA's path on the rotated activations, and the plain
 W4A8 one against its XLA path, before it is timed (rel. L2 <= 2e-2); a wrong row is printed and
 the script exits 1. Where a norm feeds the linear (K the model width: QKV, FFN-up) it also times
@@ -155,6 +156,8 @@ def main() -> int:
     act = parse_spec("int8/token")
     rows, wrong = [], 0
     shapes = SHAPES + (SHAPES_14B if os.environ.get("BENCH_SHAPES") == "all" else [])
+    if os.environ.get("BENCH_SHAPES") == "norm":  # only the 1.3B linears a norm feeds (QKV, FFN up)
+        shapes = [s for s in SHAPES if s[0] == SHAPES[0][0]]
     print(
         f"{'K':>5} {'N':>5} {'bf16':>8} {'linear':>8} {'+hadam':>8} {'+blk128':>8} {'act q':>8} {'xla q':>8} "
         f"{'w.T':>8} {'gemm':>8} {'w4a8':>8} {'w4+blk':>8}  (us)"
