@@ -29,8 +29,9 @@ before quantizing, so a rotated consumer needs no separate rotation pass. It rot
 rounded to bf16 (as the unfused path rounds the modulated activation to the model dtype before
 its rotation), which one bf16 MMA against the +-1 matrix rotates exactly in float32
 (:func:`pallas_kernels._quant.rotate_rounded`); rotating the float32 rows exactly took three
-such MMAs and made the rotating producer 232 us against about 86 us unrotated at 32,760 x 1536 on
-an H200 (``benchmarks/linear_path-producers-NVIDIA_H200.json``).
+such MMAs: the rotating producer took 232 us at 32,760 x 1536 on an H200 then, 141.8 us now
+(about 86 us unrotated; ``benchmarks/linear_path-producers-NVIDIA_H200.json`` and
+``linear_path-producers-rounded-NVIDIA_H200.json``).
 
 ``jquant.producers`` runs it for a quantized model's adaLN inputs. Its GPU check passed without
 the rotation (:data:`GPU_VERIFIED`); :data:`HADAMARD_GPU_VERIFIED` covers the rotation.
@@ -58,9 +59,11 @@ GPU_VERIFIED = True
 #: The fused block rotation (``hadamard=b``, QuaRot's online rotation in the producer). Its
 #: float32 three-part version passed ``check_kernels_gpu.py --kernels
 #: norm_quant_layer_int8_had128,norm_quant_layer_fp8_had128`` on an H200 at 93e0741
-#: (``benchmarks/check_kernels-norm_quant_had128-NVIDIA_H200.txt``); the one-part rotation of the
-#: bf16-rounded rows that replaced it is not GPU-checked yet.
-HADAMARD_GPU_VERIFIED = False
+#: (``benchmarks/check_kernels-norm_quant_had128-NVIDIA_H200.txt``). The one-part rotation of the
+#: bf16-rounded rows that replaced it passed the same cases plus ``norm_quant_layer_int8_had128_token``
+#: on an H200 at 2ab3f74, 0 failures (``benchmarks/check_kernels-norm_quant_rounded_had128-NVIDIA_H200.txt``;
+#: the first run at f013add failed only on the float32 scale bound: ``...-first-NVIDIA_H200.txt``).
+HADAMARD_GPU_VERIFIED = True
 #: Per-token scales (``block=K``: one scale per row, for the per-token W8A8 GEMM; the norm sees
 #: the whole row, so it needs no finer scales): ``check_kernels_gpu.py --kernels
 #: norm_quant_layer_int8_token,norm_quant_rms_fp8_token,norm_quant_layer_int8_had128_token`` PASS
