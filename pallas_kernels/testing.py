@@ -333,12 +333,10 @@ def _norm_quant_case(
         lambda m, k, n: 12.0 * m * k,
         min_bytes,
         # The sums and multiply-adds round in another order (norm_quant's docstring): a scale a
-        # few float32 ulp off, a code on a rounding boundary one step off. A rotated row's amax is
-        # a ``hadamard``-term float32 sum in the kernel's order against XLA's: its relative error
-        # The rotation rotates the rows rounded to bf16, so a value the two orders put on either
-        # side of a bf16 rounding boundary moves the rotated block's scale by up to
-        # ROTATED_BF16_SCALE_TOL (measured on the H200: 5.1e-4,
-        # check_kernels-norm_quant_rounded_had128-NVIDIA_H200.txt at f013add).
+        # few float32 ulp off, a code on a rounding boundary one step off. The rotation rotates the
+        # rows rounded to bf16, so a value the two orders put on either side of a bf16 rounding
+        # boundary moves the rotated block's scale by up to ROTATED_BF16_SCALE_TOL (measured on
+        # the H200: 5.1e-4, check_kernels-norm_quant_rounded_had128-NVIDIA_H200.txt at 2ab3f74).
         quant_tol=(1e-3, ROTATED_BF16_SCALE_TOL if hadamard else 1e-6),
         takes=lambda m, k, n: k % fused_producers.BLOCK == 0 and k > hadamard,
         shape_rule=f"K a multiple of {fused_producers.BLOCK}" + (f", above {hadamard}" if hadamard else ""),

@@ -51,12 +51,13 @@ _spec = importlib.util.spec_from_file_location("bench_e2e", _E2E)
 bench_e2e = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_e2e)
 
-#: The implementations compared with exact attention, each ``(q, k, v) -> [B, Tq, H, D]``.
+#: jquant's quantized attention as ``quantized_attention()`` runs it by default.
 DEFAULT_POLICY = AttentionPolicy()
 
 
 def implementations(on_gpu: bool) -> dict[str, Any]:
-    """Name -> jitted attention function; the cuDNN ones only where cuDNN FP8 can run."""
+    """The implementations compared with exact attention: name -> jitted ``(q, k, v) -> [B, Tq,
+    H, D]``; cuDNN FP8 only where it can run."""
     impls: dict[str, Any] = {
         "float": jax.jit(
             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if on_gpu else "xla")
@@ -69,8 +70,9 @@ def implementations(on_gpu: bool) -> dict[str, Any]:
     return impls
 
 
-def call_row(index: int, q, k, v, mask, impls: dict[str, Any]) -> dict[str, Any]:
-    """One call's shapes, amaxes and every implementation's relative L2 error against exact."""
+def call_row(index: int, q, k, v, mask, impls: dict[str, Any], exact: jax.Array | None = None) -> dict[str, Any]:
+    """One call's shapes, amaxes and every implementation's relative L2 error against exact
+    attention (``exact``, or computed here)."""
     b, tq, h, d = q.shape
     row: dict[str, Any] = {
         "call": index,
@@ -84,12 +86,19 @@ def call_row(index: int, q, k, v, mask, impls: dict[str, Any]) -> dict[str, Any]
     }
     if mask is not None:  # every implementation here is unmasked; the step's masked calls stay float
         return row
-    exact = jax.jit(bench_e2e.chunked_attention)(q.astype(jnp.float32), k, v)
+    if exact is None:
+        exact = exact_attention(q, k, v)
     outs = {name: fn(q, k, v) for name, fn in impls.items()}
     row["rel_vs_exact"] = {name: relative_l2(out, exact) for name, out in outs.items()}
     if "cudnn_fp8" in outs:
         row["cudnn_fp8_vs_emulated"] = relative_l2(outs["cudnn_fp8"], outs["fp8_emulated"])
     return row
+
+
+@jax.jit
+def exact_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Exact float32 attention over query chunks (``bench_e2e.chunked_attention``), float32 out."""
+    return bench_e2e.chunked_attention(q.astype(jnp.float32), k, v)
 
 
 MODEL_ROWS = 64  # query rows the truncating-accumulator model runs on (one head)
@@ -125,8 +134,8 @@ def coherence_rows(args: argparse.Namespace, impls: dict[str, Any]) -> list[dict
         q, k = (jax.random.normal(kx, (1, tokens, heads, 128), jnp.float32).astype(jnp.bfloat16) for kx in (kq, kk))
         c = jax.random.normal(kc, (1, 1, heads, 128), jnp.float32)
         v = (a * c + jax.random.normal(kv, (1, tokens, heads, 128), jnp.float32)).astype(jnp.bfloat16)
-        row = call_row(i, q, k, v, None, impls)
-        exact = jax.jit(bench_e2e.chunked_attention)(q.astype(jnp.float32), k, v).astype(jnp.float32)
+        exact = exact_attention(q, k, v)
+        row = call_row(i, q, k, v, None, impls, exact)
         row.update(coherence=a, module=None)
         row["rel_vs_exact"]["truncating_model"] = truncating_model_error(q, k, v, exact)
         print(f"a={a:<5g} " + " ".join(f"{n} {e:.2e}" for n, e in row["rel_vs_exact"].items()), flush=True)
