@@ -30,7 +30,8 @@ Fused producers (``producers=True``, the default): a port's ``NormModulate`` (ad
 returns a :class:`jquant.producers.Produced`, and its consumers with ``int8/token128`` or
 ``fp8_e4m3/token128`` activations take the codes of one fused norm + modulation + quantization
 pass instead of quantizing the float input each; a ``LinearAct`` (FFN-up) with block-scaled
-weights does the same for FFN-down, from its GEMM's epilogue (:mod:`jquant.producers`).
+weights does the same for FFN-down, from its GEMM's epilogue, and with per-token codes from the
+quantizer that applies its bias and activation (:mod:`jquant.producers`).
 """
 
 from __future__ import annotations
@@ -222,8 +223,9 @@ def _produce(module: NormModulate, next_fun, args, kwargs) -> Any:
 
 def _produce_act(module: LinearAct, next_fun, args, kwargs, cfg: QuantConfig) -> Any:
     """A ``LinearAct`` (FFN-up) call in a quantized run: its float value, plus the FFN-up input's
-    codes where ``proj`` is a block-scaled pair, so FFN-down can take the codes its GEMM's
-    epilogue makes (:class:`jquant.producers.ActProduced`)."""
+    codes where ``proj`` takes a producer's codes (block-scaled, or per-token with
+    ``token_producers``), so FFN-down can take the codes made from its output
+    (:class:`jquant.producers.ActProduced`)."""
     value = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs.get("x")
     if module.gated or x is None or value.ndim != 3:

@@ -15,7 +15,11 @@ The FFN-up layer is a producer too: a port's ``LinearAct`` (``activation(proj(x)
 :class:`ActProduced` when ``proj`` is a block-scaled pair (``<fmt>/b128x128`` weights,
 ``<fmt>/token128`` activations), and an FFN-down with a token128 spec takes the codes that the
 FFN-up GEMM's epilogue wrote (``pallas_kernels.gemm_act_quant``): the hidden activation, the
-widest in the block, is never written in 16 bits nor read again to be quantized.
+widest in the block, is never written in 16 bits nor read again to be quantized. In a
+per-token run (``token_producers``: the FFN-up input is the norm producer's per-token codes) an
+FFN-down with a per-token spec takes codes that the activation quantizer makes from the FFN-up
+GEMM's output, applying bias and activation as it loads it (``act_quant.quantize_act``): the
+hidden activation is written once in 16 bits and read once, with no GELU pass in between.
 
 The codes are quantized from the float32 modulated values (the kernel keeps them in registers),
 where the unfused path rounds them to the model dtype first: they match that path's codes within
@@ -31,8 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jquant.dispatch import is_per_token, token_block
-from jquant.dispatch.kernels import block_act_quantized
+from jquant.dispatch import is_per_token, linear_quantized, token_block
+from jquant.dispatch.kernels import block_act_quantized, token_act_quantized
 from jquant.formats import QSpec
 from jquant.qarray import QArray
 from pallas_kernels import fused_producers, norm_quant
@@ -171,7 +175,10 @@ class ActProduced(Produced):
     """A ``LinearAct`` output (the FFN-down input): ``activation(xq @ kernel + bias)``, made
     by the FFN-up GEMM's epilogue (``pallas_kernels.gemm_act_quant``: the kernel on Hopper,
     its float32 reference elsewhere) from the FFN-up input's codes ``xq``; with ``hadamard=128``
-    the epilogue also applies QuaRot's block rotation (FFN-down's online one, issue 26)."""
+    the epilogue also applies QuaRot's block rotation (FFN-down's online one, issue 26). With
+    per-token codes ``xq`` and a per-token FFN-down, the per-token GEMM writes the FFN-up output
+    and the activation quantizer applies bias and activation as it reads it
+    (:func:`jquant.dispatch.kernels.token_act_quantized`)."""
 
     xq: QArray
     kernel: QArray
@@ -179,9 +186,15 @@ class ActProduced(Produced):
     activation: str
 
     def _produce(self, fmt: str, hadamard: int, per_token: bool, mul: Array | None) -> tuple[Array, Array] | None:
-        if per_token:  # the epilogue sees 128-column tiles of a row, never the whole row
+        if not per_token:
+            return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt, hadamard, mul)
+        # One scale per token: the epilogue sees 128-column tiles of a row, never the whole row,
+        # so the per-token GEMM writes the FFN-up output and the quantizer applies the bias and
+        # the activation as it loads it (no GELU pass over the widest activation in between).
+        if hadamard or mul is not None or not is_per_token(self.xq.spec):
             return None
-        return block_act_quantized(self.xq, self.kernel, self.bias, self.activation, fmt, hadamard, mul)
+        y = linear_quantized(self.xq, self.kernel)
+        return token_act_quantized(y, self.bias, self.activation, fmt)
 
 
 def _per_sample(v: Array, b: int, d: int) -> Array | None:

@@ -47,6 +47,7 @@ from pallas_kernels._quant import (  # noqa: F401 (part of this module's API)
     pick_config,
     round_to_bf16,
 )
+from pallas_kernels.fused_producers import ACTIVATIONS, activation_quantize
 
 #: The Pallas quantizer matched the reference bit for bit on an H200 (codes and
 #: scales, 9 shapes incl. ragged; benchmarks/check_kernels-NVIDIA_H200.txt).
@@ -73,6 +74,14 @@ TRITON_GPU_VERIFIED = True
 #: A W8A8 linear with it: 1271 us at 8960 -> 1536 and 32,760 tokens against 4286 us with the
 #: full-width rotation and 1216 us in bf16 (``linear_path-block_hadamard-NVIDIA_H200.json``).
 BLOCK_HADAMARD_GPU_VERIFIED = True
+
+#: The bias + activation + quantize path (``quantize_act``: FFN-down's per-token codes straight
+#: from the FFN-up GEMM's bf16 output, no GELU pass in between). Not yet GPU-checked
+#: (``scripts/check_kernels_gpu.py --kernels act_quant_gelu_int8,act_quant_gelu_fp8``).
+ACT_GPU_VERIFIED = False
+#: The activations the kernel lowers (exact ``gelu`` needs ``erfc``, which Pallas' Triton
+#: lowering lacks: it stays on the reference).
+KERNEL_ACTIVATIONS = ("gelu_tanh", "silu", "relu")
 
 #: Widest leading-block mix the fused Hadamard takes (a dense [a', a'] product per row).
 HADAMARD_OUTER_MAX = 64
@@ -198,15 +207,18 @@ def _kernel(
     interpret: bool,
     lay: HadamardLayout | None = None,
     block: int = 0,
+    activation: str | None = None,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
-    h_s = h_o = None
+    h_s = h_o = bias_ref = None
     if lay is not None:
         h_s, h_o, q_ref, s_ref = refs
     elif block:
         h_s, q_ref, s_ref = refs
+    elif activation is not None:
+        bias_ref, q_ref, s_ref = refs
     else:
         q_ref, s_ref = refs
     i = pl.program_id(0)
@@ -228,6 +240,10 @@ def _kernel(
     def load(c):
         idx, mask = span(c)
         v = pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
+        if activation is not None:  # the FFN-up output's bias and activation, in float32
+            cols = c * width + jnp.arange(width)
+            b = pltriton.load(bias_ref.at[pl.ds(c * width, width)], mask=cols < k, other=0.0)
+            v = jnp.where(mask, ACTIVATIONS[activation](v + b[None, :]), 0.0)
         if not block:
             return v
         # Whole rows (single pass) are their width / block chunks stacked: one dot rotates all
@@ -269,6 +285,8 @@ def quantize_pallas(
     interpret: bool = False,
     config: QuantizerConfig | None = None,
     hadamard: bool | int = False,
+    bias: jax.Array | None = None,
+    activation: str | None = None,
 ):
     """The Pallas kernel (Triton lowering on GPU, or the interpreter when asked).
 
@@ -280,6 +298,11 @@ def quantize_pallas(
     ``pl.dot``), so any width ``b`` divides works (:func:`block_matrix` says which); with a
     ``single_pass`` config, whole rows (padded to a power of two) in one pass, their chunks
     stacked under one ``pl.dot`` (at least 16 chunks per program).
+
+    ``activation`` (one of :data:`KERNEL_ACTIVATIONS`) quantizes ``activation(x + bias)`` instead
+    (``bias`` ``[K]``, zeros when None), computed in float32 as each piece is loaded: the FFN-up
+    output of a per-token W8A8 model goes from its GEMM to FFN-down's codes without a GELU pass
+    (:func:`quantize_act`). Not with a rotation.
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -307,13 +330,25 @@ def quantize_pallas(
         # The +-1 matrices travel as bf16 (exact): a float32 256 x 256 operand alone would fill
         # the 227 KB of shared memory Triton stages dot operands in.
         extra = (jnp.asarray(lay.s, jnp.bfloat16), jnp.asarray(lay.o, jnp.bfloat16))
+    if activation is not None:
+        if hadamard or activation not in KERNEL_ACTIVATIONS:
+            raise ValueError(
+                f"quantize: activation {activation!r} needs one of {KERNEL_ACTIVATIONS} and no rotation "
+                f"(hadamard={hadamard!r})"
+            )
+        b = jnp.zeros((k,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(-1)
+        if b.shape != (k,):
+            raise ValueError(f"quantize: bias must have {k} values (one per channel), got shape {jnp.shape(bias)}")
+        extra = (b,)
     cfg = config or pick_config(k)
     if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
         raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
     if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
         raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
     call = pl.pallas_call(
-        functools.partial(_kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay, block=block),
+        functools.partial(
+            _kernel, m=m, k=k, fmt=fmt, cfg=cfg, interpret=interpret, lay=lay, block=block, activation=activation
+        ),
         out_shape=(jax.ShapeDtypeStruct((m, k), _quant.QDTYPE[fmt]), jax.ShapeDtypeStruct((m,), jnp.float32)),
         grid=(_common.cdiv(m, cfg.rows),),
         interpret=interpret,
@@ -408,3 +443,41 @@ def supports(x: jax.Array, hadamard: bool | int = False) -> bool:
     if hadamard:
         ok = ok and _fused_hadamard_takes(x.shape[1], hadamard)
     return ok
+
+
+def act_reference(y: jax.Array, bias: jax.Array | None, activation: str, fmt: str) -> tuple[jax.Array, jax.Array]:
+    """Plain-JAX :func:`quantize_act`: ``activation(y + bias)`` in float32, quantized per token
+    (``fused_producers.activation_quantize`` with one block per row): ``(codes [M, K], f32 [M, 1])``."""
+    _quant.check(y)
+    v = y.astype(jnp.float32)
+    if bias is not None:
+        v = v + jnp.asarray(bias, jnp.float32).reshape(-1)
+    codes, scales = activation_quantize(v, activation, fmt, block=y.shape[-1])
+    return codes, scales.reshape(-1, 1)
+
+
+def supports_act(y: jax.Array, activation: str) -> bool:
+    """True where :func:`quantize_act` runs the kernel: :func:`supports` (a GPU, a 2-D float
+    input) with :data:`ACT_GPU_VERIFIED` (or ``JQUANT_BACKEND=pallas``) and an activation in
+    :data:`KERNEL_ACTIVATIONS`."""
+    return supports(y) and activation in KERNEL_ACTIVATIONS and _common.kernel_enabled(ACT_GPU_VERIFIED)
+
+
+def quantize_act(
+    y: jax.Array, bias: jax.Array | None, activation: str, fmt: str, method: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token codes of ``activation(y + bias)`` (``fmt`` "int8" / "fp8"), the activation applied
+    as the quantizer loads ``y``: an FFN-up GEMM's bf16 output ``y [M, F]`` and its bias ``[F]``
+    become FFN-down's per-token codes in one pass, without XLA's GELU pass (which reads and writes
+    the widest activation of a block once more). ``method``: "auto" (the kernel where
+    :func:`supports_act`, else the reference), "pallas" (the kernel; the interpreter off the GPU)
+    or "xla" (:func:`act_reference`). The activation is taken of the float32 ``y + bias`` and not
+    rounded to bf16 first, as the unfused path does: codes match it within one rounding step."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"quantize_act: activation {activation!r} not in {sorted(ACTIVATIONS)}")
+    if method not in ("auto", "pallas", "xla"):
+        raise ValueError(f"quantize_act: method must be auto/pallas/xla, got {method!r}")
+    if method == "pallas" or (method == "auto" and supports_act(y, activation)):
+        interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
+        return quantize_pallas(y, fmt, interpret=interpret, bias=bias, activation=activation)
+    return act_reference(y, bias, activation, fmt)

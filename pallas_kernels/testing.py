@@ -271,6 +271,30 @@ def _hadamard_case(name: str, fmt: str, wide: bool = False, rotation: bool | int
     )
 
 
+def act_inputs(key, m, k, n):
+    """``(y bf16 [M, N], bias f32 [N])``: an FFN-up GEMM's output (N wide: Wan's 8960 in the
+    check's shapes) and its bias, for the bias + activation + quantize path."""
+    del k
+    ky, kb = jax.random.split(key)
+    return act_quant_inputs(ky, m, n, 0)[0], 0.5 * jax.random.normal(kb, (n,), jnp.float32)
+
+
+def _act_case(name: str, fmt: str, activation: str = "gelu_tanh") -> KernelCase:
+    """``act_quant.quantize_act``: the FFN-up output's bias + activation applied as the per-token
+    quantizer loads it (always the kernel: the GPU check runs it verified or not), against
+    ``act_quant.act_reference``. The kernel's and XLA's float32 tanh may differ in the last bits:
+    a code on a rounding boundary moves one step, a scale by a few ulps."""
+    return KernelCase(
+        name,
+        lambda y, b: act_quant.quantize_act(y, b, activation, fmt, method="pallas"),
+        lambda y, b: act_quant.act_reference(y, b, activation, fmt),
+        act_inputs,
+        lambda m, k, n: 12.0 * m * n,
+        lambda m, k, n: 3 * m * n + 4 * m + 4 * n,
+        quant_tol=(1e-3, 1e-5),
+    )
+
+
 def norm_quant_inputs(key, m, k, n, *, affine: str, per_row: bool):
     """``(x bf16 [M, K], norm_scale, norm_bias, shift, scale)`` for the norm + modulation +
     quantization producer: ``affine`` "" (Wan's and Flux's adaLN norms), "w" (RMSNorm's weight)
@@ -659,6 +683,10 @@ CASES: dict[str, KernelCase] = {
     "act_quant_block128": _hadamard_case("act_quant_block128", "int8", rotation=128),
     "act_quant_block128_wide": _hadamard_case("act_quant_block128_wide", "int8", wide=True, rotation=128),
     "act_quant_block128_fp8": _hadamard_case("act_quant_block128_fp8", "fp8", rotation=128),
+    # The FFN-up output's bias and gelu_tanh applied as the per-token quantizer loads it (FFN-down's
+    # codes in a per-token W8A8 run: act_quant.ACT_GPU_VERIFIED).
+    "act_quant_gelu_int8": _act_case("act_quant_gelu_int8", "int8"),
+    "act_quant_gelu_fp8": _act_case("act_quant_gelu_fp8", "fp8"),
     # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
     "act_quant_lowrank": KernelCase(
         "act_quant_lowrank",

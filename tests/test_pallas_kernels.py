@@ -761,3 +761,43 @@ def test_block_config_is_a_program_the_rotation_can_run(k, block):
     assert cfg.single_pass == (act_quant.padded_width(k) <= 2048 and block <= 512)
     if not cfg.single_pass:
         assert (cfg.rows, cfg.warps, cfg.stages) == (64, 8, 2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k", [(37, 1000), (5, act_quant.SINGLE_PASS_MAX + 200)])
+def test_activation_quantizer_matches_its_reference(fmt, m, k):
+    # The bias + activation + per-token quantizer in the interpreter (one pass, and two chunked
+    # passes for a row wider than the registers hold; ragged rows and columns) against the
+    # float32 reference; every kernel activation lowers to Triton for the GPU.
+    y = (jax.random.normal(jax.random.key(0), (m, k), jnp.float32) * 3).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(1), (k,), jnp.float32)
+    for activation in act_quant.KERNEL_ACTIVATIONS:
+        for b in (bias, None):
+            q, s = act_quant.quantize_act(y, b, activation, fmt, method="pallas")
+            qr, sr = act_quant.act_reference(y, b, activation, fmt)
+            stats = testing.check_quantized((q, s), (qr, sr), (1e-3, 1e-6))
+            assert stats["ok"], (activation, stats["detail"])
+    silu = act_quant.act_reference(y, None, "silu", fmt)[1]
+    assert not np.allclose(np.asarray(silu), np.asarray(act_quant.act_reference(y, None, "relu", fmt)[1]))
+    text = (
+        jax.jit(lambda v, c: act_quant.quantize_pallas(v, fmt, bias=c, activation="gelu_tanh"))
+        .trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k,), jnp.float32))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "xla.gpu.triton" in text
+
+
+def test_activation_quantizer_refuses_what_it_cannot_do():
+    y = jnp.ones((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="activation 'gelu' needs one of"):  # erfc: no Triton lowering
+        act_quant.quantize_pallas(y, "int8", interpret=True, activation="gelu")
+    with pytest.raises(ValueError, match="no rotation"):
+        act_quant.quantize_pallas(y, "int8", interpret=True, activation="silu", hadamard=128)
+    with pytest.raises(ValueError, match="bias must have 256 values"):
+        act_quant.quantize_pallas(y, "int8", interpret=True, bias=jnp.ones((128,)), activation="silu")
+    with pytest.raises(ValueError, match="not in"):
+        act_quant.quantize_act(y, None, "swish", "int8")
+    # exact gelu stays on the reference, which still computes it
+    q, s = act_quant.quantize_act(y, None, "gelu", "int8")
+    assert q.shape == (4, 256) and float(s[0, 0]) == pytest.approx(float(jax.nn.gelu(1.0, approximate=False)) / 127)

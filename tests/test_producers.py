@@ -473,3 +473,76 @@ def test_norm_without_modulation_is_the_plain_norm():
     chex.assert_trees_all_equal(norm.apply(params, x), plain)
     with pytest.raises(ValueError, match="shift and scale go together"):
         norm.apply(params, x, jnp.zeros((2, 128)))
+
+
+@pytest.mark.parametrize("weights,act", [("int8", "int8/token"), ("int4", "int8/token")])
+def test_per_token_ffn_down_takes_codes_made_from_the_ffn_up_output(wan, weights, act, monkeypatch):
+    # With per-token producers, FFN-down's codes come from the activation quantizer applied to the
+    # FFN-up GEMM's output (bias and gelu_tanh on load): once per block, [B*T, ffn_dim] wide.
+    from pallas_kernels import act_quant  # pylint: disable=import-outside-toplevel
+
+    calls = []
+    real = act_quant.quantize_act
+
+    def counting(y, bias, activation, fmt, *a, **k):
+        calls.append((y.shape, None if bias is None else bias.shape, activation, fmt))
+        return real(y, bias, activation, fmt, *a, **k)
+
+    monkeypatch.setattr(act_quant, "quantize_act", counting)
+    fused = _run(wan, weights, act, token_producers=True)
+    tokens = 2 * 2 * 4 * 4
+    assert calls == [((tokens, CFG.ffn_dim), (CFG.ffn_dim,), "gelu_tanh", "int8")] * CFG.num_layers
+    unfused = _run(wan, weights, act, producers=False)
+    assert len(calls) == CFG.num_layers  # the unfused run makes none
+    f, u = np.asarray(fused, np.float32), np.asarray(unfused, np.float32)
+    assert np.isfinite(f).all() and np.linalg.norm(f - u) / np.linalg.norm(u) < 2e-2
+
+
+def test_per_token_ffn_codes_equal_the_reference_composition():
+    # ActProduced with per-token codes: the per-token GEMM's output plus bias, then the activation
+    # and jquant's per-token rule (act_quant.act_reference), bit for bit on the CPU. A rotation or
+    # a multiplier is not this path's (None: FFN-down then takes the float value).
+    from pallas_kernels import act_quant  # pylint: disable=import-outside-toplevel
+
+    x = jax.random.normal(jax.random.key(4), (2, 7, 256), jnp.float32)
+    w = quantize(jax.random.normal(jax.random.key(5), (256, 384), jnp.float32) * 0.1, parse_spec("int8"))
+    bias = jax.random.normal(jax.random.key(6), (384,), jnp.float32)
+    spec = parse_spec("int8/token")
+    xq = quantize(x, spec, check_finite=False)
+    p = producers.ActProduced(x, xq, w, bias, "gelu_tanh")
+    got = p.quantized(spec, per_token=True)
+    assert got.shape == (2, 7, 384) and got.scale.shape == (2, 7, 1)
+    y = dispatch.linear_quantized(xq, w)
+    codes, scales = act_quant.act_reference(y.reshape(14, 384), bias, "gelu_tanh", "int8")
+    chex.assert_trees_all_equal((got.qvalue, got.scale), (codes.reshape(2, 7, 384), scales.reshape(2, 7, 1)))
+    assert p.quantized(spec, 128, per_token=True) is None
+    assert p.quantized(spec, per_token=True, mul=jnp.ones((384,))) is None
+    assert producers.ActProduced(x, xq, w, bias, "swish").quantized(spec, per_token=True) is None
+
+
+def test_per_token_ffn_producer_on_a_gpu_runs_only_a_verified_kernel(monkeypatch):
+    """On a (pretend) GPU the per-token FFN producer runs the quantizer kernel where it is
+    verified or forced, and otherwise hands FFN-down the float value (None), not a float32
+    reference."""
+    from jquant.dispatch import kernels as kd  # pylint: disable=import-outside-toplevel
+    from pallas_kernels import _common, act_quant  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(kd, "on_gpu", lambda: True)
+    monkeypatch.setattr(_common, "_default_device_is_gpu", lambda: True)
+    y = jax.random.normal(jax.random.key(9), (2, 9, 384), jnp.bfloat16)
+    bias = jnp.ones((384,), jnp.bfloat16)
+    monkeypatch.setattr(act_quant, "ACT_GPU_VERIFIED", False)
+    monkeypatch.delenv(_common.FORCE_ENV, raising=False)
+    assert kd.token_act_quantized(y, bias, "gelu_tanh", "int8") is None
+    calls = []
+
+    def kernel(y2, b, activation, fmt, method="auto"):
+        calls.append((y2.shape, b.dtype, activation, fmt))
+        return act_quant.act_reference(y2, b, activation, fmt)
+
+    monkeypatch.setattr(act_quant, "quantize_act", kernel)
+    monkeypatch.setenv(_common.FORCE_ENV, "pallas")
+    codes, scales = kd.token_act_quantized(y, bias, "gelu_tanh", "fp8")
+    assert calls == [((18, 384), jnp.float32, "gelu_tanh", "fp8")]
+    assert codes.shape == (2, 9, 384) and scales.shape == (2, 9, 1)
+    assert kd.token_act_quantized(y, bias, "gelu", "int8") is None  # exact gelu: no kernel formula

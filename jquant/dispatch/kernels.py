@@ -411,6 +411,24 @@ def block_act_quantized(
     return codes.reshape(*lead, n), scales.reshape(*lead, n // w8a8.BLOCK)
 
 
+def token_act_quantized(y: jax.Array, bias, activation: str, out_fmt: str):
+    """The per-token FFN producer: ``activation(y + bias)`` of the FFN-up GEMM's output ``y``
+    ``[..., F]``, quantized per token to ``out_fmt`` ("int8" / "fp8") by the activation
+    quantizer as it loads ``y`` (``pallas_kernels.act_quant.quantize_act``: the kernel on a GPU,
+    its float32 reference elsewhere), as ``(codes [..., F], scales [..., 1])``; None for an
+    activation without a producer formula, or on a GPU where the kernel does not run (there
+    XLA's GELU pass and the plain quantizer are faster than a float32 reference)."""
+    if activation not in fused_producers.ACTIVATIONS:
+        return None
+    lead, n = y.shape[:-1], y.shape[-1]
+    y2 = y.reshape(-1, n)
+    if on_gpu() and not act_quant.supports_act(y2, activation):
+        return None
+    b = None if bias is None else dequantize(bias).reshape(-1).astype(jnp.float32)
+    codes, scales = act_quant.quantize_act(y2, b, activation, out_fmt)
+    return codes.reshape(*lead, n), scales.reshape(*lead, 1)
+
+
 def _weight_only(x2: jax.Array, w: QArray, out_dtype):
     spec = w.spec
     if w.ndim != 2:
