@@ -197,18 +197,19 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
     return y.astype(dtype).astype(jnp.float32)
 
 
-def kernel_activation(name: str, v: jax.Array) -> jax.Array:
-    """The kernel's formula for ``ACTIVATIONS[name]``: the same function written with one ``exp``
-    (``gelu_tanh(v) = v * sigmoid(2 u)`` for ``0.5 v (1 + tanh(u))``; ``silu(v) = v * sigmoid(v)``),
-    which Triton lowers to the fast ``ex2``. ``jnp.tanh`` lowers to libdevice's ``tanhf``, a long
-    instruction sequence: with it the 8960-wide FFN-down quantizer took 828 us instead of 269
-    (H200, ``benchmarks/e2e-act-gelu-libdevice-nvidia-h200.json``). Both ends saturate without
-    NaN (``v / inf = 0``)."""
+def kernel_activation(name: str, v: jax.Array, interpret: bool = True) -> jax.Array:
+    """The kernel's formula for ``ACTIVATIONS[name]``: the same function with one base-2
+    exponential (``gelu_tanh(v) = v * sigmoid(2 u)`` for ``0.5 v (1 + tanh(u))``; ``silu(v) = v *
+    sigmoid(v)``), on the GPU one ``ex2.approx`` (:func:`_quant.exp2`). Pallas' Triton lowering
+    sends ``tanh`` and ``exp`` to libdevice's long sequences: with them the 8960-wide FFN-down
+    quantizer took 828 / 801 us instead of 269 (H200,
+    ``benchmarks/e2e-act-gelu-libdevice-nvidia-h200.json``). Both ends saturate without NaN
+    (``v / inf = 0``)."""
     if name == "gelu_tanh":
-        u = np.float32(math.sqrt(2.0 / math.pi)) * (v + np.float32(0.044715) * (v * v * v))
-        return v / (1.0 + jnp.exp(-2.0 * u))
+        u = np.float32(2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0)) * (v + np.float32(0.044715) * (v * v * v))
+        return v / (1.0 + _quant.exp2(-u, interpret))
     if name == "silu":
-        return v / (1.0 + jnp.exp(-v))
+        return v / (1.0 + _quant.exp2(np.float32(-1.0 / math.log(2.0)) * v, interpret))
     if name == "relu":
         return jnp.maximum(v, 0.0)
     raise ValueError(f"kernel_activation: {name!r} not in {KERNEL_ACTIVATIONS}")
@@ -260,7 +261,8 @@ def _kernel(
         if activation is not None:  # the FFN-up output's bias and activation, in float32
             cols = c * width + jnp.arange(width)
             b = pltriton.load(bias_ref.at[pl.ds(c * width, width)], mask=cols < k, other=0.0)
-            v = jnp.where(mask, kernel_activation(activation, v + b[None, :]), 0.0)
+            # Padded columns stay 0 (x and bias load as 0; every activation maps 0 to 0).
+            v = kernel_activation(activation, v + b[None, :], interpret)
         if not block:
             return v
         # Whole rows (single pass) are their width / block chunks stacked: one dot rotates all
