@@ -235,7 +235,7 @@ def _kernel(
         h_s, h_o, q_ref, s_ref = refs
     elif block:
         h_s, q_ref, s_ref = refs
-    elif activation is not None:
+    elif activation is not None and len(refs) == 3:
         bias_ref, q_ref, s_ref = refs
     else:
         q_ref, s_ref = refs
@@ -259,10 +259,13 @@ def _kernel(
         idx, mask = span(c)
         v = pltriton.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
         if activation is not None:  # the FFN-up output's bias and activation, in float32
-            cols = c * width + jnp.arange(width)
-            b = pltriton.load(bias_ref.at[pl.ds(c * width, width)], mask=cols < k, other=0.0)
+            if bias_ref is not None:
+                # A [1, width] block: the layout of x's rows (a 1-D load broadcast to them would
+                # be a layout conversion through shared memory in every program).
+                cols = (c * width + jnp.arange(width))[None, :]
+                v = v + pltriton.load(bias_ref.at[pl.ds(0, 1), pl.ds(c * width, width)], mask=cols < k, other=0.0)
             # Padded columns stay 0 (x and bias load as 0; every activation maps 0 to 0).
-            v = kernel_activation(activation, v + b[None, :], interpret)
+            v = kernel_activation(activation, v, interpret)
         if not block:
             return v
         # Whole rows (single pass) are their width / block chunks stacked: one dot rotates all
@@ -319,7 +322,7 @@ def quantize_pallas(
     stacked under one ``pl.dot`` (at least 16 chunks per program).
 
     ``activation`` (one of :data:`KERNEL_ACTIVATIONS`) quantizes ``activation(x + bias)`` instead
-    (``bias`` ``[K]``, zeros when None), computed in float32 as each piece is loaded: the FFN-up
+    (``bias`` ``[K]`` or None), computed in float32 as each piece is loaded: the FFN-up
     output of a per-token W8A8 model goes from its GEMM to FFN-down's codes without a GELU pass
     (:func:`quantize_act`). Not with a rotation.
     """
@@ -355,10 +358,11 @@ def quantize_pallas(
                 f"quantize: activation {activation!r} needs one of {KERNEL_ACTIVATIONS} and no rotation "
                 f"(hadamard={hadamard!r})"
             )
-        b = jnp.zeros((k,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(-1)
-        if b.shape != (k,):
-            raise ValueError(f"quantize: bias must have {k} values (one per channel), got shape {jnp.shape(bias)}")
-        extra = (b,)
+        if bias is not None:
+            b = jnp.asarray(bias, jnp.float32).reshape(1, -1)
+            if b.shape != (1, k):
+                raise ValueError(f"quantize: bias must have {k} values (one per channel), got shape {jnp.shape(bias)}")
+            extra = (b,)
     cfg = config or pick_config(k)
     if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
         raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")

@@ -816,3 +816,28 @@ def test_kernel_activation_formulas_are_the_reference_functions():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-6, err_msg=name)
     with pytest.raises(ValueError, match="not in"):
         act_quant.kernel_activation("gelu", v, interpret=True)
+
+
+def test_activation_sweep_variants_match_their_references(monkeypatch):
+    # scripts/sweep_act_quant.py --activation: every variant (programs, no bias, the baselines with
+    # their own references) is valid at Wan's FFN width and matches (interpreter, a few rows).
+    import functools  # pylint: disable=import-outside-toplevel
+
+    from _scripts import load_script, unload_script
+
+    sweep = load_script("sweep_act_quant")
+    monkeypatch.setattr(act_quant, "quantize_pallas", functools.partial(act_quant.quantize_pallas, interpret=True))
+    try:
+        x = (jax.random.normal(jax.random.key(3), (3, 8960)) * 2).astype(jnp.bfloat16)
+        want = act_quant.act_reference(x, jnp.zeros((8960,)), "gelu_tanh", "int8")
+        variants = sweep.activation_variants("gelu_tanh")("int8", 8960)
+        assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel"} <= set(variants)
+        for name, fn in variants.items():
+            fn, ref = fn if isinstance(fn, tuple) else (fn, None)
+            expected = want if ref is None else ref(x)
+            got = fn(x)
+            d = np.abs(np.asarray(got[0], np.float32) - np.asarray(expected[0], np.float32))
+            assert d.max() <= 1 and (d > 0).mean() <= 1e-3, name
+            np.testing.assert_allclose(np.asarray(got[1]), np.asarray(expected[1]), rtol=1e-6, err_msg=name)
+    finally:
+        unload_script(sweep)
