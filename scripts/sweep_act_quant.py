@@ -101,8 +101,8 @@ def activation_variants(activation: str):
         out["default_no_bias"] = lambda x: act_quant.quantize_pallas(x, fmt, activation=activation)
         out["plain_quantizer"] = (lambda x: act_quant.quantize_pallas(x, fmt), lambda x: _quant.reference(x, fmt))
 
-        def unfused(x):
-            return ACTIVATIONS[activation](x.astype(jnp.float32) + bias).astype(x.dtype)
+        def unfused(x):  # XLA's activation pass, its bf16 output kept (XLA would drop the round trip)
+            return _quant.round_to_bf16(ACTIVATIONS[activation](x.astype(jnp.float32) + bias)).astype(x.dtype)
 
         out["xla_act+kernel"] = (
             lambda x: act_quant.quantize_pallas(unfused(x), fmt),
