@@ -146,10 +146,17 @@ def hadamard_variants(fmt: str, k: int) -> dict:
 
 
 def measure(
-    shapes, variants, copy: float, hadamard: bool | int = False, fmts=("int8", "fp8"), activation: str | None = None
+    shapes,
+    variants,
+    copy: float,
+    hadamard: bool | int = False,
+    fmts=("int8", "fp8"),
+    activation: str | None = None,
+    save=None,
 ) -> list[dict]:
     """Checks then times ``variants(fmt, k)`` (name -> fn, or (fn, its own reference)) and XLA on
-    every shape and format; the reference is the activation quantizer's with ``activation``."""
+    every shape and format; the reference is the activation quantizer's with ``activation``.
+    ``save(rows)`` runs after every shape, so a time limit leaves the rows measured so far."""
     rows = []
     for fmt in fmts:
         ref = lambda x, fmt=fmt: _quant.reference(x, fmt, hadamard)  # pylint: disable=protected-access
@@ -212,6 +219,8 @@ def measure(
                     f" {100 * frac:5.1f}%" + (f"  {error}" if error else ""),
                     flush=True,
                 )
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -255,21 +264,26 @@ def main() -> int:
         return 0
     copy = timing.copy_bandwidth()
     print(f"{jax.devices()[0].device_kind} jax {jax.__version__} copy bandwidth {copy:.0f} GB/s")
+    if args.activation or args.block or args.hadamard:
+        os.environ["JQUANT_BACKEND"] = "pallas"
     if args.activation:
-        os.environ["JQUANT_BACKEND"] = "pallas"
         name = "act_quant_activation"
-        rows = measure(ACT_SHAPES, activation_variants(args.activation), copy, fmts=fmts, activation=args.activation)
-    elif args.block:
-        os.environ["JQUANT_BACKEND"] = "pallas"
-        name, rows = "act_quant_block", measure(BLOCK_SHAPES, block_variants(args.block), copy, args.block, fmts)
-    elif args.hadamard:
-        os.environ["JQUANT_BACKEND"] = "pallas"
-        name, rows = "act_quant_hadamard", measure(HADAMARD_SHAPES, hadamard_variants, copy, True, fmts)
-    elif args.jax_triton:
-        name, rows = "jax_triton_eval", measure(TRITON_SHAPES, triton_variants, copy, fmts=fmts)
     else:
-        name, rows = "act_quant_sweep", measure(SHAPES, config_variants, copy, fmts=fmts)
-    timing.write_rows(name, rows)
+        name = "act_quant_block" if args.block else "act_quant_hadamard" if args.hadamard else None
+        name = name or ("jax_triton_eval" if args.jax_triton else "act_quant_sweep")
+    save = lambda rows: timing.write_rows(name, rows)  # noqa: E731
+    if args.activation:
+        act_variants = activation_variants(args.activation)
+        rows = measure(ACT_SHAPES, act_variants, copy, fmts=fmts, activation=args.activation, save=save)
+    elif args.block:
+        rows = measure(BLOCK_SHAPES, block_variants(args.block), copy, args.block, fmts, save=save)
+    elif args.hadamard:
+        rows = measure(HADAMARD_SHAPES, hadamard_variants, copy, True, fmts, save=save)
+    elif args.jax_triton:
+        rows = measure(TRITON_SHAPES, triton_variants, copy, fmts=fmts, save=save)
+    else:
+        rows = measure(SHAPES, config_variants, copy, fmts=fmts, save=save)
+    save(rows)
     summary(rows)
     wrong = [r for r in rows if not r["exact"]]
     for r in wrong:
