@@ -128,7 +128,9 @@ def section_precision(bundle, cal, ref) -> list[dict]:
         _row(bundle, m8, ref, "W8A8 every step", resident_bytes=R.resident_bytes([m8])),
     ]
     n = bundle.denoiser.num_steps
-    for early in (n // 4, n // 2):
+    # At least one W4A8 step and one W8A8 step each (a short run has fewer switch points: at 2
+    # steps n // 4 = 0 was the W8A8 row again, printed as "steps 0--1").
+    for early in sorted({e for e in (n // 4, n // 2) if 0 < e < n}):
         sw = R.PerStepModel((m4, m8), tuple(R.switch_schedule(n, early).tolist()), f"W4A8 x{early} then W8A8")
         rows.append(
             _row(

@@ -23,6 +23,11 @@ XLA:CPU compiles with its cheap LLVM pipeline (:data:`FAST_COMPILE`; `JQUANT_TES
 for the default pipeline).
 `JQUANT_TEST_JAX_CACHE=DIR` keeps the cache in DIR across runs; `JQUANT_TEST_JAX_CACHE=off`
 turns it off; an existing `JAX_COMPILATION_CACHE_DIR` is used as it is.
+
+Under xdist (`-n 2`) a test file is one unit of work, and the heaviest files
+(:data:`HEAVY_FIRST`) are collected and handed out first: a file's module fixtures (the demo run, the
+tiny models) are built on one worker only, its programs land in one worker's cache, and no
+two-minute file starts last while the other worker idles.
 """
 
 from __future__ import annotations
@@ -87,6 +92,51 @@ settings.register_profile(
 )
 settings.register_profile("explore", derandomize=False, deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+#: Test files started first (longest first, from `--durations` on a 2-core machine): one
+#: worker takes the fresh-venv install while the other takes the 8-device child, and the many
+#: short files fill in behind them.
+HEAVY_FIRST = (
+    "test_new_user.py",
+    "test_sharding.py",
+    "test_pipeline_quality.py",
+    "test_producers.py",
+    "test_quantize_families.py",
+    "test_pallas_kernels.py",
+    "test_pipeline_results_script.py",
+    "test_demo.py",
+    "test_notebook.py",
+    "test_training.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Moves the files of :data:`HEAVY_FIRST` to the front, in that order (a stable sort: every
+    file keeps its own order, the other files theirs)."""
+    del config
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+#: Files that run as one unit of work, on one worker: the demo's fixture samples with
+#: tests/test_pipeline_quality.py's settings, so its programs come from that worker's cache.
+SHARED_UNITS = {"test_demo.py": "tiny-pipeline", "test_pipeline_quality.py": "tiny-pipeline"}
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest runs without it too
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """One test file (or :data:`SHARED_UNITS` group) per unit of work, handed out in collection
+    order (xdist would sort the units by their number of tests, which is not their duration)."""
+    from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
+
+    class _FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_UNITS.get(os.path.basename(path), path)
+
+    config.option.loadscopereorder = False
+    return _FileScheduling(config, log)
 
 
 @pytest.fixture(autouse=True, scope="module")

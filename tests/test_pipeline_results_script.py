@@ -26,6 +26,10 @@ def test_stress_testbed_run_writes_its_own_files_and_keeps_the_testbeds_section(
     assert script.main([*argv, "--steps", "2", "--out", str(out), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["settings"]["testbed"] == "stress" and res["precision"]
+    # Two steps have one switch point: W4A8 for step 0, then W8A8 (no empty "steps 0--1" row).
+    labels = [r["label"] for r in res["precision"]]
+    assert labels == ["W4A8 every step", "W8A8 every step", "W4A8 for steps 0-0, W8A8 after"], labels
+    assert res["precision"][2]["choice"] == [0, 1]
     text = out.read_text()
     assert text.startswith("# Measured results") and text.endswith("## Three testbeds\n\nhand-kept table\n")
     assert "old generated part" not in text and "on the stress testbed" in text

@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {opts[k]}")
     resolve_recipes(opts["recipes"])  # a typo fails now, not after the fp32 reference
     print(
-        f"jquant demo: {opts['clips']} clips x {opts['steps']} steps, recipes {opts['recipes']}, on "
+        f"jquant demo: {opts['clips']} clip{'s' * (opts['clips'] != 1)} x {opts['steps']} steps, recipes "
+        f"{opts['recipes']}, on "
         f"{jax.devices()[0].device_kind}; loading the bundled model, then compiling and sampling "
         "(progress on stderr)",
         file=sys.stderr,
