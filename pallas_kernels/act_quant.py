@@ -203,10 +203,10 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
 def kernel_activation(name: str, v: jax.Array, interpret: bool = True) -> jax.Array:
     """The kernel's formula for ``ACTIVATIONS[name]``: the same function with one base-2
     exponential (``gelu_tanh(v) = v * sigmoid(2 u)`` for ``0.5 v (1 + tanh(u))``; ``silu(v) = v *
-    sigmoid(v)``), on the GPU one ``ex2.approx`` (:func:`_quant.exp2`). Pallas' Triton lowering
-    sends ``tanh`` and ``exp`` to libdevice's long sequences: with them the 8960-wide FFN-down
-    quantizer took 828 / 801 us instead of 269 (H200,
-    ``benchmarks/e2e-act-gelu-libdevice-nvidia-h200.json``). Both ends saturate without NaN
+    sigmoid(v)``), on the GPU one ``ex2.approx`` (:func:`_quant.exp2`) where Pallas' Triton
+    lowering would call libdevice's longer ``tanhf`` / ``expf``. (In the step the formula did not
+    set the quantizer's time: 828 / 801 / 808 us with each of the three, until the bias's layout
+    was fixed; ``benchmarks/notes.md``, twenty-first session.) Both ends saturate without NaN
     (``v / inf = 0``)."""
     if name == "gelu_tanh":
         u = np.float32(2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0)) * (v + np.float32(0.044715) * (v * v * v))
@@ -497,8 +497,8 @@ def quantize_act(
     become FFN-down's per-token codes in one pass, without XLA's GELU pass (which reads and writes
     the widest activation of a block once more). ``method``: "auto" (the kernel where
     :func:`supports_act`, else the reference), "pallas" (the kernel; the interpreter off the GPU)
-    or "xla" (:func:`act_reference`). The activation is taken of the float32 ``y + bias`` and not
-    rounded to bf16 first, as the unfused path does: codes match it within one rounding step."""
+    or "xla" (:func:`act_reference`). Everything is float32 here, where the unfused path rounds
+    ``y + bias`` and the activation to bf16: codes match it within one rounding step."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"quantize_act: activation {activation!r} not in {sorted(ACTIVATIONS)}")
     if method not in ("auto", "pallas", "xla"):
