@@ -119,9 +119,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-#: Files that run as one unit of work, on one worker: the demo's fixture samples with
-#: tests/test_pipeline_quality.py's settings, so its programs come from that worker's cache.
-SHARED_UNITS = {"test_demo.py": "tiny-pipeline", "test_pipeline_quality.py": "tiny-pipeline"}
+#: Files that run as one unit of work, on one worker: the demo's fixture and the quickstart
+#: notebook (a kernel that uses the worker's cache directory) sample the bundled model with
+#: tests/test_pipeline_quality.py's settings, so their programs come from that worker's cache.
+SHARED_UNITS = dict.fromkeys(("test_pipeline_quality.py", "test_demo.py", "test_notebook.py"), "tiny-pipeline")
 
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest runs without it too
