@@ -563,6 +563,17 @@ def test_w4a8_lowers_with_int4_tiles_in_the_kernel(m, k, n, monkeypatch):
     assert widened == (m >= w4a8.WIDEN_MIN_M)
 
 
+@pytest.mark.parametrize("k", [1536, 5120, 8960, 13824, 20000])
+def test_act_config_runs_wide_rows_on_four_warps(k):
+    # The activation path keeps the plain quantizer's program except one-row programs (padded
+    # past 8192 lanes), which the sweep measured faster on 4 warps than on 8.
+    got, plain = act_quant.act_config(k), act_quant.pick_config(k)
+    if plain.single_pass and act_quant.padded_width(k) > 8192:
+        assert (got.rows, got.warps, got.single_pass) == (1, 4, True) and plain.warps == 8
+    else:
+        assert got == plain
+
+
 @pytest.mark.parametrize("k", [3000, 20000])
 def test_quantizer_lowers_to_triton(k):
     # 3000: one pass with the row in registers and cvt.rni rounding; 20000: too wide, chunked.
