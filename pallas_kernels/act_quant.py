@@ -78,10 +78,12 @@ BLOCK_HADAMARD_GPU_VERIFIED = True
 #: The bias + activation + quantize path (``quantize_act``: FFN-down's per-token codes straight
 #: from the FFN-up GEMM's bf16 output, no GELU pass in between) passed
 #: ``scripts/check_kernels_gpu.py --kernels act_quant_gelu_int8,act_quant_gelu_fp8`` on an H200 at
-#: a392370 (int8: at most 3.7e-7 of codes one step apart; ``benchmarks/check_kernels-act_gelu-NVIDIA_H200.txt``).
-#: At 32,760 x 8960 it takes 606.5 us against 699 for the unfused pair (XLA's GELU pass ~430 us in
-#: the step's profile + the plain quantizer 257.8 us; ``benchmarks/act_quant_activation-NVIDIA_H200.log``).
-ACT_GPU_VERIFIED = False
+#: 56ca68d with its :func:`act_config` programs (every shape; int8: at most 3.7e-7 of the codes one
+#: step apart, fp8 3.9e-4; ``benchmarks/check_kernels-act_gelu-NVIDIA_H200.txt``). At 32,760 x 8960
+#: it takes 542.4 us on 4 warps against 699 for the unfused pair (XLA's GELU pass ~430 us in the
+#: step's profile + the plain quantizer 257.8 us; ``benchmarks/act_quant_activation-NVIDIA_H200.log``);
+#: 568 us a call in the step (``benchmarks/e2e-session22-nvidia-h200.json``).
+ACT_GPU_VERIFIED = True
 #: The activations the kernel lowers (exact ``gelu`` needs ``erfc``, which Pallas' Triton
 #: lowering lacks: it stays on the reference).
 KERNEL_ACTIVATIONS = ("gelu_tanh", "silu", "relu")

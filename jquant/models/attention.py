@@ -88,8 +88,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: boo
         )
     xf = x.astype(jnp.float32)
     if interleaved:
+        # (-x[2i+1], x[2i]) as a reversal within each pair and a sign: an elementwise op XLA fuses
+        # with its producer (the Q/K norm); a stack is a concatenate, a pass of its own on the GPU.
         pairs = xf.reshape(*x.shape[:-1], -1, 2)
-        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+        rotated = (jnp.flip(pairs, axis=-1) * jnp.array([-1.0, 1.0], jnp.float32)).reshape(x.shape)
     else:
         first, second = jnp.split(xf, 2, axis=-1)
         rotated = jnp.concatenate([-second, first], axis=-1)

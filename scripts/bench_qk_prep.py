@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Wan's Q/K preparation before attention (RMSNorm across heads, then the 3-D RoPE) as XLA runs
+it on the GPU: jquant's formulation against the earlier one whose pair swap was a ``stack``.
+
+Why: a Wan2.1-1.3B step's profile (``benchmarks/e2e-session22-nvidia-h200.json``) shows about
+14 ms of XLA work around Q and K: the norm's reduction and scaling, and an
+``input_concatenate_fusion`` of 122 us per tensor (the RoPE's ``stack``, a concatenate on the
+GPU, 60 a step). :func:`jquant.models.attention.apply_rope` now swaps each pair with a reversal
+and a sign, an elementwise op XLA can fuse with the norm that produces its input.
+
+Rows (one projection output ``[1, 32,760, 1536]`` bf16, Wan2.1-1.3B's 480x832 x 81 frames):
+
+* ``stack``: the norm, then the RoPE with the ``stack`` swap (the earlier code, kept here);
+* ``jquant``: :class:`jquant.models.blocks.RMSNorm`'s arithmetic, then ``apply_rope``;
+* ``copy``: ``x + 1`` in bf16, one read and one write (the pass a perfect fusion would cost).
+
+Each row is checked against ``stack`` first (bf16 outputs: at most 1e-3 of the values may differ,
+by at most one bf16 step, where XLA contracts a multiply-add differently). CUPTI kernel time,
+median and minimum of >= 10 runs, inputs rotated past L2, and each row's kernels. Writes
+``benchmarks/qk_prep-<device>.json``; exits 1 on a wrong row.
+
+    PYTHONPATH=. python3 scripts/bench_qk_prep.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jquant.models.attention import apply_rope  # noqa: E402
+from jquant.models.embeddings import wan_rope_tables  # noqa: E402
+from pallas_kernels import timing  # noqa: E402
+
+GRID = (21, 30, 52)  # Wan2.1 at 480x832, 81 frames: 32,760 tokens
+HEADS, HEAD_DIM = 12, 128
+EPS = 1e-6
+
+
+def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``blocks.RMSNorm``'s arithmetic (float32, rounded back to x's dtype)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + EPS) * scale
+    return y.astype(x.dtype)
+
+
+def stack_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """The RoPE as jquant computed it before: the pair swap as a ``stack``."""
+    xf = x.astype(jnp.float32)
+    pairs = xf.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+
+
+def prep(rope_fn):
+    def fn(x, scale, cos, sin):
+        b, t, _ = x.shape
+        return rope_fn(rms_norm(x, scale).reshape(b, t, HEADS, HEAD_DIM), cos, sin)
+
+    return fn
+
+
+VARIANTS = {
+    "stack": prep(stack_rope),
+    "jquant": prep(apply_rope),
+    "copy": lambda x, scale, cos, sin: x + jnp.ones((), x.dtype),
+}
+
+
+def check(ref: np.ndarray):
+    def judge(out) -> dict:
+        out = np.asarray(out, np.float32).reshape(ref.shape)
+        diff = out != ref
+        frac = float(diff.mean())
+        step = np.abs(ref) * 2.0**-7 + 1e-30  # one bf16 step at ref's magnitude (upper bound)
+        worst = float((np.abs(out - ref) / step).max())
+        return {"ok": frac <= 1e-3 and worst <= 1.0, "mismatch_frac": frac, "max_steps": worst}
+
+    return judge
+
+
+def main() -> int:
+    cos, sin = wan_rope_tables(HEAD_DIM, GRID)
+    tokens = int(np.prod(GRID))
+    width = HEADS * HEAD_DIM
+    sets = []
+    copies = timing.copies_for(tokens * width * 4.0)
+    for i in range(copies):
+        kx, ks = jax.random.split(jax.random.key(i))
+        x = (jax.random.normal(kx, (1, tokens, width), jnp.float32) * 3).astype(jnp.bfloat16)
+        scale = 1 + 0.1 * jax.random.normal(ks, (width,), jnp.float32)
+        sets.append((x, scale, jnp.asarray(cos), jnp.asarray(sin)))
+    ref = np.asarray(jax.jit(VARIANTS["stack"])(*sets[0]), np.float32)
+    result = {"benchmark": "qk_prep", **timing.run_metadata("scripts/bench_qk_prep.py"), "tokens": tokens}
+    result["rows"] = []
+    failed = False
+    for name, fn in VARIANTS.items():
+        judge = (lambda out: {"ok": True}) if name == "copy" else check(ref)
+        row = {"variant": name, **timing.check_then_time(fn, sets, judge)}
+        if row["status"] == "PASS":
+            row["kernels"] = timing.kernel_breakdown(fn, sets[0])
+        failed |= row["status"] != "PASS"
+        result["rows"].append(row)
+    path = timing.write_json(f"qk_prep-{timing.device_slug()}.json", result)
+    print(f"{'variant':8s} {'status':6s} {'us':>8s} {'min':>8s}  kernels (us)")
+    for row in result["rows"]:
+        kernels = ", ".join(f"{k['kernel']} {k['us']:.0f}" for k in row.get("kernels", []))
+        print(f"{row['variant']:8s} {row['status']:6s} {row.get('us', 0):8.1f} {row.get('us_min', 0):8.1f}  {kernels}")
+    print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
