@@ -22,6 +22,18 @@ bounds it).
 Only calls without ``kv_lengths`` take it (every key valid, so smoothing is a plain mean); the
 caller (:func:`pallas_kernels.attention.prepare_kernel_operands`) keeps the XLA path for the
 others.
+
+The Q/K prologue (``norm`` / ``rope``): a layer that hands attention its raw Q/K projections with
+a :class:`jquant.models.attention.QKPrologue` (Wan's self-attention: RMSNorm across heads, then
+the interleaved RoPE; ~165 us per tensor of XLA passes, 60 tensors a step) has it applied here,
+on the tile already loaded: ``y = bf16(x * r * w)`` with the per-token inverse RMS ``r`` [B, T]
+from an XLA reduction over the whole H*D row (a tile holds one head), then
+``bf16(y * cos + (y @ P) * sin)`` with P the signed pair swap (one bf16 dot, one nonzero
+product per output: exact), then the rotation, smoothing and quantization above. The bf16
+rounding points are the layer's, so the results differ from the reference only by float32
+summation order and FMA contraction. K's smoothing mean is the mean of the prologue's K, an XLA
+reduction over K. Until :data:`PROLOGUE_GPU_VERIFIED`, the caller applies the prologue in XLA
+and runs this kernel without it (:func:`supports_prologue`).
 """
 
 from __future__ import annotations
