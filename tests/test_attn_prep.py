@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jquant.attention as jattn
-from jquant import models
-from jquant.models import blocks, wan
+from jquant.models import blocks
 from jquant.models.attention import QKPrologue, apply_rope, attention, attention_hook
 from jquant.models.blocks import RMSNorm, split_heads
 from pallas_kernels import attention as pa
@@ -231,37 +230,29 @@ def test_qk_prologue_is_the_layer_sequence_bit_for_bit(dtype):
     chex.assert_trees_all_equal(jitted, tuple(old_jitted(q_raw, k_raw)))
 
 
-def test_wan_hands_its_self_attention_a_prologue_with_the_same_output():
-    """Wan's attn1 passes the prologue (attn2, cross-attention, does not), and the model's output is
-    bit-identical to the layer applying the norm and RoPE itself."""
-    cfg = wan.WanConfig(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=8,
-        freq_dim=16,
-        ffn_dim=16,
-        num_layers=1,
-    )
-    model = wan.WanTransformer3D(cfg, dtype=jnp.bfloat16)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), models.param_shapes(cfg))
-    x = jnp.asarray(rng.standard_normal((1, 4, 3, 4, 4)), jnp.bfloat16)
-    text = jnp.asarray(rng.standard_normal((1, 5, 8)), jnp.bfloat16)
-    t = jnp.asarray([500.0], jnp.float32)
+def test_self_attention_layer_hands_over_a_prologue_with_the_same_output():
+    """blocks.Attention as Wan's attn1 (norm across heads, [T, D] RoPE tables) passes the prologue,
+    and its output is bit-identical to the layer applying the norm and RoPE itself; as attn2
+    (cross-attention) it passes none."""
+    layer = blocks.Attention(heads=2, head_dim=16, qk_norm="rms_norm_across_heads", dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (1, 12, 32)).astype(jnp.bfloat16)
+    text = jax.random.normal(jax.random.key(1), (1, 5, 32)).astype(jnp.bfloat16)
+    rope = _rope_tables(2, 12, 16)
+    params = layer.init(jax.random.key(3), x, rope=rope)
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape, a.dtype), params)
     calls = []
     real = blocks.attention
 
     def spy(*a, **kw):
-        calls.append((a[0].shape[1], a[1].shape[1], kw.get("prologue") is not None))
+        calls.append(kw.get("prologue") is not None)
         return real(*a, **kw)
 
     with mock.patch.object(blocks, "attention", spy):
-        new = model.apply({"params": params}, x, t, text)
-    assert calls == [(12, 12, True), (12, 5, False)]
+        new = layer.apply(params, x, rope=rope)
+        layer.apply(params, x, text)
+    assert calls == [True, False]
     with mock.patch.object(blocks.Attention, "_prologue_fits", lambda *a: False):
-        old = model.apply({"params": params}, x, t, text)
+        old = layer.apply(params, x, rope=rope)
     chex.assert_trees_all_equal(new, old)
 
 
@@ -289,17 +280,14 @@ def test_quantized_attention_with_a_prologue_equals_it_applied_first():
     bool and with a traced ``enabled`` (its float branch applies the prologue too)."""
     q, k, v = (_x(s, 1, 64, 2, 64) for s in range(3))
     p = _prologue(2, 64, 64)
-    qa, ka = p.apply(q, k)
-    with jattn.quantized_attention():
-        chex.assert_trees_all_equal(attention(q, k, v, prologue=p), attention(qa, ka, v))
 
     @jax.jit
-    def switched(on, q, k, v):
-        with jattn.quantized_attention(enabled=on):
+    def both(on, q, k, v):
+        with jattn.quantized_attention(enabled=True if on is None else on):
             return attention(q, k, v, prologue=p), attention(*p.apply(q, k), v)
 
-    for on in (True, False):
-        fused, first = switched(jnp.asarray(on), q, k, v)
+    for on in (None, jnp.asarray(True), jnp.asarray(False)):
+        fused, first = both(on, q, k, v)
         assert ar.relative_l2(fused, first) <= 1e-3, on
 
 
@@ -316,13 +304,22 @@ def _operand_kwargs(block_k: int = 128, k_scales: str = "block") -> dict:
     )
 
 
+_REAL_PREP = ap.prep_tokens_pallas
+
+
+def _spy_prep(calls: list, x: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """The interpreted kernel, recording whether each call applies a norm and a RoPE."""
+    calls.append((kwargs.get("norm") is not None, kwargs.get("rope") is not None))
+    return _REAL_PREP(x, **{**kwargs, "interpret": True})
+
+
 @pytest.mark.parametrize("k_scales", ["block", "token"])
 def test_kernel_operands_with_the_prologue_equal_it_applied_first(k_scales):
     """The fused pass applying the prologue (interpreted) gives the XLA path's operands for the
     prologue's q and k: codes within one step, scales within MAX_SCALE_REL, K smoothed by the
     mean of the prologue's K."""
-    q, k, v = (_x(s, 1, 130, 2, 64) for s in range(3))
-    p = _prologue(2, 64, 130)
+    q, k, v = (_x(s, 1, 100, 2, 64) for s in range(3))
+    p = _prologue(2, 64, 100)
     kw = _operand_kwargs(k_scales=k_scales)
     calls = []
     with (
@@ -342,14 +339,6 @@ def test_kernel_operands_with_the_prologue_equal_it_applied_first(k_scales):
             np.testing.assert_allclose(a32, b32, rtol=ap.MAX_SCALE_REL, atol=0, err_msg=str(i))
 
 
-_REAL_PREP = ap.prep_tokens_pallas
-
-
-def _spy_prep(calls: list, x: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array]:
-    calls.append((kwargs.get("norm") is not None, kwargs.get("rope") is not None))
-    return _REAL_PREP(x, **{**kwargs, "interpret": True})
-
-
 def test_unverified_prologue_kernel_runs_the_verified_kernel_on_xla_applied_q_and_k():
     """PROLOGUE_GPU_VERIFIED is False: the fused pass runs without norm / RoPE (applied in XLA
     first), unless JQUANT_BACKEND=pallas forces the prologue kernel."""
@@ -358,10 +347,17 @@ def test_unverified_prologue_kernel_runs_the_verified_kernel_on_xla_applied_q_an
     p = _prologue(2, 64, 128)
     for env, expected in (("auto", (False, False)), ("pallas", (True, True))):
         calls = []
+
+        def record(x, *, fmt, tokens_padded, per_tile=False, tile=128, **kw):
+            calls.append((kw.get("norm") is not None, kw.get("rope") is not None))
+            b, _, h, d = x.shape
+            scales = jnp.ones((b, h, tokens_padded // tile if per_tile else tokens_padded), jnp.float32)
+            return jnp.zeros((b, tokens_padded, h, d), ar.CODE_DTYPES[fmt]), scales
+
         with (
             mock.patch.dict("os.environ", {"JQUANT_BACKEND": env}),
             mock.patch.object(ap, "supports", lambda *a: True),
-            mock.patch.object(ap, "prep_tokens_pallas", functools.partial(_spy_prep, calls)),
+            mock.patch.object(ap, "prep_tokens_pallas", record),
         ):
             pa.prepare_kernel_operands(q, k, v, prologue=p, **_operand_kwargs())
         assert calls == [expected, expected], env
