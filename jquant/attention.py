@@ -19,7 +19,10 @@ Selection, all optional:
   :func:`step_schedule`) and enter the context inside ``model_fn`` with
   ``enabled=step_slice[...]``; both paths are compiled and ``lax.cond`` picks one per step.
 
-Calls with a mask, or a head_dim the kernel does not support, stay float.
+Calls with a mask, or a head_dim the kernel does not support, stay float. A call that brings a
+`models.attention.QKPrologue` (the layer's Q/K RMSNorm and RoPE still to apply: Wan's
+self-attention) hands it to the kernel's operand pass, which folds it into its one read of Q and
+K where it can (``pallas_kernels.attn_prep``) and applies it in XLA first otherwise.
 
     with quantized_attention(roles=("self_attn",)):
         out = model.apply(variables, x, t, text)
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import module as linen_module
 
-from jquant.models.attention import attention_hook
+from jquant.models.attention import QKPrologue, attention_hook
 from jquant.models.loading import PORTS
 from jquant.models.roles import ROLES
 from pallas_kernels import attention as _kernel
@@ -127,7 +130,7 @@ def quantized_attention(
     )
     _stack().append(policy)
     try:
-        with attention_hook(maybe_quantized):
+        with attention_hook(maybe_quantized, takes_prologue=True):
             yield policy
     finally:
         _stack().pop()
@@ -201,7 +204,9 @@ def selects(
     return policy.roles is None or bool(set(policy.roles) & set(layer_roles(module_path)))
 
 
-def _quantized(policy: AttentionPolicy, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def _quantized(
+    policy: AttentionPolicy, q: jax.Array, k: jax.Array, v: jax.Array, prologue: QKPrologue | None = None
+) -> jax.Array:
     out = _kernel.quant_attention(
         q,
         k,
@@ -212,25 +217,36 @@ def _quantized(policy: AttentionPolicy, q: jax.Array, k: jax.Array, v: jax.Array
         smooth_k=policy.smooth_k,
         hadamard=policy.hadamard,
         k_scales=policy.k_scales,
+        prologue=prologue,
     )
     return out.astype(q.dtype)
 
 
 def maybe_quantized(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    implementation: str | None,
+    *,
+    prologue: QKPrologue | None = None,
 ) -> jax.Array | None:
     """Quantized attention for this call if the active policy selects it, else None.
 
-    Called by `models.attention.attention`; with a traced ``enabled`` the result is a
-    ``lax.cond`` between the quantized and the float path.
+    Called by `models.attention.attention` (installed with ``takes_prologue=True``: with a
+    ``prologue``, q and k are the raw projections and the kernel's operand pass applies it); with
+    a traced ``enabled`` the result is a ``lax.cond`` between the quantized and the float path.
     """
     policy = active_policy()
     if policy is None or not selects(policy, current_module_path(), q, k, mask):
         return None
     if isinstance(policy.enabled, bool):
-        return _quantized(policy, q, k, v)
+        return _quantized(policy, q, k, v, prologue=prologue)
 
     def float_path(q, k, v):
+        if prologue is not None:
+            q, k = prologue.apply(q, k)
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
-    return jax.lax.cond(policy.enabled, functools.partial(_quantized, policy), float_path, q, k, v)
+    quantized = functools.partial(_quantized, policy, prologue=prologue)
+    return jax.lax.cond(policy.enabled, quantized, float_path, q, k, v)

@@ -855,20 +855,27 @@ def prepare_kernel_operands(
     hadamard: bool,
     sm_scale: float,
     smooth_v: bool = True,
+    prologue: attn_prep.Prologue | None = None,
 ):
     """Quantizes and pads the operands into the kernel's layouts (one XLA fusion).
 
     Returns ``(operands, v_mean)``: the six arguments of :func:`attention_pallas`, and the V
-    mean [B, H, D] to add to its output (None without V smoothing).
+    mean [B, H, D] to add to its output (None without V smoothing). ``prologue``: q and k are
+    raw projections; :mod:`pallas_kernels.attn_prep` applies it in its pass where it may
+    (:func:`attn_prep.supports_prologue`), XLA first otherwise.
     """
     b, tq, h, d = q.shape
     tk = k.shape[1]
     tq_p = _common.round_up(tq, config.warpgroups * config.block_q)
     tk_p = _common.round_up(tk, config.block_k)
     fused_ok = tq_p % 128 == 0 and tk_p % 128 == 0 and config.block_k in attn_prep.TILES  # whole 128-token tiles
-    if fused_ok and attn_prep.supports(q, k, kv_lengths):
+    fused = fused_ok and attn_prep.supports(q, k, kv_lengths)
+    if prologue is not None and not (fused and attn_prep.supports_prologue(prologue)):
+        q, k = prologue.apply(q, k)
+        prologue = None
+    if fused:
         return _fused_operands(
-            q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal
+            q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal, prologue
         )
     prep = ref.prepare(
         q,
@@ -908,14 +915,24 @@ def prepare_kernel_operands(
     return (q8, k8, vv, qrow, ks, vs), prep.v_mean
 
 
-def _fused_operands(q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal):
+def _fused_operands(
+    q, k, v, qk_format, pv_format, config, smooth_k, hadamard, sm_scale, smooth_v, tq_p, tk_p, causal, prologue=None
+):
     """:func:`prepare_kernel_operands` with Q and K from :mod:`pallas_kernels.attn_prep` (one
-    pass each, codes and scales written in the kernel's padded layouts); every key valid."""
+    pass each, codes and scales written in the kernel's padded layouts); every key valid. With a
+    ``prologue`` the pass applies it to the raw q and k; K's smoothing mean is the mean of the
+    prologue's K (an XLA reduction over K that writes nothing of K's size)."""
     b, tq, h, d = q.shape
     tk = k.shape[1]
-    q8, q_scale = attn_prep.prep_tokens_pallas(q, fmt=qk_format, hadamard=hadamard, tokens_padded=tq_p)
+    q_norm, q_rope = (None, None) if prologue is None else attn_prep.prologue_operands(q, prologue, "q")
+    k_norm, k_rope = (None, None) if prologue is None else attn_prep.prologue_operands(k, prologue, "k")
+    q8, q_scale = attn_prep.prep_tokens_pallas(
+        q, fmt=qk_format, hadamard=hadamard, tokens_padded=tq_p, norm=q_norm, rope=q_rope
+    )
     per_tile = config.k_scales != "token"
-    mean = attn_prep.key_mean(k, hadamard) if smooth_k else None
+    mean = None
+    if smooth_k:
+        mean = attn_prep.key_mean(k if prologue is None else prologue.apply_one(k, "k"), hadamard)
     k8, ks = attn_prep.prep_tokens_pallas(
         k,
         fmt=qk_format,
@@ -924,6 +941,8 @@ def _fused_operands(q, k, v, qk_format, pv_format, config, smooth_k, hadamard, s
         per_tile=per_tile,
         tokens_padded=tk_p,
         tile=config.block_k if per_tile else 128,
+        norm=k_norm,
+        rope=k_rope,
     )
     pad_keys = jnp.full((b,), 0.0 if causal else float(tk_p - tk), jnp.float32)
     qrow = jnp.stack(
@@ -995,9 +1014,14 @@ def quant_attention(
     p_round: str = "cvt",
     exp_poly: int = 0,
     max_split: int = 1,
+    prologue: attn_prep.Prologue | None = None,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
+    ``prologue`` (a :class:`jquant.models.attention.QKPrologue`): q and k are the raw Q/K
+    projections, and attention runs on ``prologue.apply(q, k)``; the fused operand pass
+    (:mod:`pallas_kernels.attn_prep`) applies it itself where it may, XLA applies it first
+    everywhere else (the reference, ``kv_lengths``, layouts the pass does not take).
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
     ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups``, ``p_round``, ``exp_poly`` and ``max_split`` tune the kernel (see
     :class:`AttentionConfig`; ``schedule="round"`` runs non-causal calls only); ``k_scales`` as
@@ -1017,6 +1041,8 @@ def quant_attention(
         block_k=block_k,
         k_scales=k_scales,
     )
+    if prologue is not None:
+        prologue.check(q, k)
     if overlap is None:  # exp_poly runs in the plain loop only
         overlap = pv_format == "bf16" and k_scales == "token" and not causal and not exp_poly
     config = AttentionConfig(
@@ -1050,6 +1076,8 @@ def quant_attention(
         smooth_k=smooth_k,
         config=config,
     ):
+        if prologue is not None:
+            q, k = prologue.apply(q, k)
         return quant_attention_reference(
             q,
             k,
@@ -1079,6 +1107,7 @@ def quant_attention(
         hadamard=hadamard,
         sm_scale=scale,
         smooth_v=smooth_v,
+        prologue=prologue,
     )
     out = attention_pallas(*operands, causal=causal, config=config)[:, : q.shape[1]]
     if v_mean is not None:

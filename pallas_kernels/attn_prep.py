@@ -22,12 +22,25 @@ bounds it).
 Only calls without ``kv_lengths`` take it (every key valid, so smoothing is a plain mean); the
 caller (:func:`pallas_kernels.attention.prepare_kernel_operands`) keeps the XLA path for the
 others.
+
+The Q/K prologue (``norm`` / ``rope``): a layer that hands attention its raw Q/K projections with
+a :class:`jquant.models.attention.QKPrologue` (Wan's self-attention: RMSNorm across heads, then
+the interleaved RoPE; ~165 us per tensor of XLA passes, 60 tensors a step) has it applied here,
+on the tile already loaded: ``y = bf16(x * r * w)`` with the per-token inverse RMS ``r`` [B, T]
+from an XLA reduction over the whole H*D row (a tile holds one head), then
+``bf16(y * cos + (y @ P) * sin)`` with P the signed pair swap (one bf16 dot, one nonzero
+product per output: exact), then the rotation, smoothing and quantization above. The bf16
+rounding points are the layer's, so the results differ from the reference only by float32
+summation order and FMA contraction. K's smoothing mean is the mean of the prologue's K, an XLA
+reduction over K. Until :data:`PROLOGUE_GPU_VERIFIED`, the caller applies the prologue in XLA
+and runs this kernel without it (:func:`supports_prologue`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +56,50 @@ Array = jax.Array
 #: scales within 3.6e-7; every quick attention case through it;
 #: ``benchmarks/check_attention-prep-nvidia-h200.json``).
 GPU_VERIFIED = True
+#: The Q/K prologue in the kernel (``norm`` / ``rope`` of :func:`prep_tokens_pallas`) has not run
+#: through ``JQUANT_BACKEND=pallas scripts/check_attention_gpu.py --prep`` yet: until it has, the
+#: caller applies the prologue in XLA and runs the verified kernel without it (:func:`supports_prologue`).
+PROLOGUE_GPU_VERIFIED = False
 HEAD_DIMS = (64, 128)
 TILES = (64, 128, 256)
 _NAME = "attn_prep"
 _QFMT = {"int8": "int8", "fp8_e4m3": "fp8"}  # attention_ref's format names -> _quant's
+ROLES = ("q", "k")  # which of the prologue's norm weights a tensor takes
+
+
+class Prologue(Protocol):
+    """What this module reads of a Q/K prologue: :class:`jquant.models.attention.QKPrologue`
+    (the kernels do not import the ports, so it is named by its interface here)."""
+
+    @property
+    def norm(self) -> tuple[Array, Array] | None: ...
+
+    @property
+    def rope(self) -> tuple[Array, Array] | None: ...
+
+    def check(self, q: Array, k: Array) -> None: ...
+
+    def apply(self, q: Array, k: Array) -> tuple[Array, Array]: ...
+
+    def apply_one(self, x: Array, role: str) -> Array: ...
+
+    def inverse_rms(self, x: Array) -> Array: ...
 
 
 def _kernel(
-    x_ref, *refs, t: int, tile: int, d: int, fmt: str, hadamard: bool, smooth: bool, per_tile: bool, interpret: bool
+    x_ref,
+    *refs,
+    t: int,
+    tile: int,
+    d: int,
+    fmt: str,
+    hadamard: bool,
+    smooth: bool,
+    per_tile: bool,
+    interpret: bool,
+    norm: bool = False,
+    weighted: bool = False,
+    rope: bool = False,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -58,11 +107,26 @@ def _kernel(
     refs = list(refs)
     h_ref = refs.pop(0) if hadamard else None
     mean_ref = refs.pop(0) if smooth else None
+    r_ref = refs.pop(0) if norm else None
+    w_ref = refs.pop(0) if weighted else None
+    cos_ref, sin_ref, swap_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if rope else (None, None, None)
     q_ref, s_ref = refs
     b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row_ok = i * tile + jnp.arange(tile) < t
     cols = pl.ds(h * d, d)
     x = pltriton.load(x_ref.at[b, pl.ds(i * tile, tile), cols], mask=row_ok[:, None], other=0.0)
+    if norm:  # the RMSNorm across heads: its row factor from XLA, rounded to bf16 as the layer's output
+        r = pltriton.load(r_ref.at[b, pl.ds(i * tile, tile)], mask=row_ok, other=0.0)
+        y = x.astype(jnp.float32) * r[:, None]
+        if weighted:
+            y = y * pltriton.load(w_ref.at[cols])[None, :]
+        x = y.astype(jnp.bfloat16)
+    if rope:  # interleaved RoPE; the pair swap as one bf16 dot with the signed swap matrix (exact)
+        angles = (pl.ds(i * tile, tile), pl.ds(0, d))
+        cos = pltriton.load(cos_ref.at[angles], mask=row_ok[:, None], other=0.0)
+        sin = pltriton.load(sin_ref.at[angles], mask=row_ok[:, None], other=0.0)
+        swapped = jnp.dot(x.astype(jnp.bfloat16), swap_ref[...], preferred_element_type=jnp.float32)
+        x = (x.astype(jnp.float32) * cos + swapped * sin).astype(jnp.bfloat16)
     if hadamard:  # bf16 x times +-1: exact products, float32 sums (attention_ref.rotate)
         z = jnp.dot(x.astype(jnp.bfloat16), h_ref[...], preferred_element_type=jnp.float32)
         z = z * np.float32(1.0 / math.sqrt(d))
@@ -109,14 +173,21 @@ def prep_tokens_pallas(
     tokens_padded: int,
     tile: int = 128,
     interpret: bool = False,
+    norm: tuple[Array, Array | None] | None = None,
+    rope: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
     """``(codes [B, tokens_padded, H, D], scales)`` of ``x`` [B, T, H, D] (bf16).
 
+    ``norm`` = (inverse RMS [B, T] float32 over each token's whole H*D row, weight [H*D] or
+    None) and ``rope`` = (cos, sin) [T, D] apply a Q/K prologue first, as the layer does:
+    ``y = bf16(x * r * w)``, then ``bf16(y * cos + swap(y) * sin)`` with the interleaved pair
+    swap ``(-y[2i+1], y[2i])`` (:class:`jquant.models.attention.QKPrologue`).
     ``hadamard``: rotate each head by the normalized Hadamard matrix first. ``mean`` [B, H, D]
-    float32 (in the rotated basis): subtracted before quantizing (K smoothing). Scales are
-    per token ``[B, H, tokens_padded]`` or, with ``per_tile``, one per ``tile`` tokens
-    ``[B, H, tokens_padded / tile]`` (the kernel's per-tile K scales, ``tile = block_k``).
-    Tokens past T get codes 0 and per-token scale 1. ``interpret=True`` runs Pallas's interpreter (CPU tests).
+    float32 (in the rotated basis; of the prologue's output when there is one): subtracted
+    before quantizing (K smoothing). Scales are per token ``[B, H, tokens_padded]`` or, with
+    ``per_tile``, one per ``tile`` tokens ``[B, H, tokens_padded / tile]`` (the kernel's per-tile
+    K scales, ``tile = block_k``). Tokens past T get codes 0 and per-token scale 1.
+    ``interpret=True`` runs Pallas's interpreter (CPU tests).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -132,6 +203,24 @@ def prep_tokens_pallas(
         if mean.shape != (b, h, d):
             raise ValueError(f"{_NAME}: mean must be [B, H, D] = {(b, h, d)}, got {mean.shape}")
         extra.append(mean.astype(jnp.float32))
+    if (norm is not None or rope is not None) and x.dtype != jnp.bfloat16:
+        raise ValueError(f"{_NAME}: the norm / RoPE prologue takes bf16 x (the layer's dtype), got {x.dtype}")
+    weighted = False
+    if norm is not None:
+        r, w = norm
+        if r.shape != (b, t):
+            raise ValueError(f"{_NAME}: norm's inverse RMS must be [B, T] = {(b, t)}, got {r.shape}")
+        extra.append(r.astype(jnp.float32))
+        if w is not None:
+            if w.shape != (h * d,):
+                raise ValueError(f"{_NAME}: norm weight must be [H*D] = {(h * d,)}, got {w.shape}")
+            extra.append(w.astype(jnp.float32))
+            weighted = True
+    if rope is not None:
+        cos, sin = rope
+        if cos.shape != (t, d) or sin.shape != (t, d):
+            raise ValueError(f"{_NAME}: rope tables must be [T, D] = {(t, d)}, got cos {cos.shape} sin {sin.shape}")
+        extra += [cos.astype(jnp.float32), sin.astype(jnp.float32), jnp.asarray(_pair_swap(d), jnp.bfloat16)]
     s_shape = (b, h, n_tiles if per_tile else tokens_padded)
     out_shape = (
         jax.ShapeDtypeStruct((b, tokens_padded, h * d), ref.CODE_DTYPES[fmt]),
@@ -149,6 +238,9 @@ def prep_tokens_pallas(
             smooth=mean is not None,
             per_tile=per_tile,
             interpret=interpret,
+            norm=norm is not None,
+            weighted=weighted,
+            rope=rope is not None,
         ),
         out_shape=out_shape,
         grid=(b, n_tiles, h),
@@ -164,6 +256,37 @@ def _hadamard_signs(d: int) -> np.ndarray:
 
     with jax.ensure_compile_time_eval():  # a constant, also when traced under jit
         return np.asarray(jh.hadamard_matrix(d, jnp.float32)) * math.sqrt(d)
+
+
+def _pair_swap(d: int) -> np.ndarray:
+    """The signed pair swap P [D, D]: ``(y @ P)[2i] = -y[2i+1]``, ``(y @ P)[2i+1] = y[2i]``
+    (:func:`jquant.models.attention.apply_rope`'s interleaved rotation, one +-1 per column)."""
+    p = np.zeros((d, d), np.float32)
+    even = np.arange(0, d, 2)
+    p[even + 1, even] = -1.0
+    p[even, even + 1] = 1.0
+    return p
+
+
+def prologue_operands(
+    x: Array, prologue: Prologue, role: str
+) -> tuple[tuple[Array, Array] | None, tuple[Array, Array] | None]:
+    """``(norm, rope)`` of :func:`prep_tokens_pallas` for ``x`` [B, T, H, D], q (``role="q"``) or
+    k (``"k"``): the inverse RMS over each token's row (an XLA reduction of x) and the role's
+    weight, and the RoPE tables."""
+    if role not in ROLES:
+        raise ValueError(f"{_NAME}: role must be one of {ROLES}, got {role!r}")
+    norm = None
+    if prologue.norm is not None:
+        norm = (prologue.inverse_rms(x), prologue.norm[ROLES.index(role)])
+    return norm, prologue.rope
+
+
+def supports_prologue(prologue: Prologue | None) -> bool:
+    """Whether the kernel may apply ``prologue`` itself: the prologue kernel verified on the GPU
+    (:data:`PROLOGUE_GPU_VERIFIED`) or ``JQUANT_BACKEND=pallas``. Otherwise the caller applies it
+    in XLA and runs the kernel without it."""
+    return prologue is not None and _common.kernel_enabled(PROLOGUE_GPU_VERIFIED)
 
 
 def key_mean(k: Array, hadamard: bool) -> Array:
@@ -197,11 +320,22 @@ MAX_SCALE_REL = 1e-5
 
 
 def reference_tokens(
-    x: Array, *, fmt: str, hadamard: bool, smooth: bool, per_tile: bool, tile: int
+    x: Array,
+    *,
+    fmt: str,
+    hadamard: bool,
+    smooth: bool,
+    per_tile: bool,
+    tile: int,
+    prologue: Prologue | None = None,
+    role: str = "q",
 ) -> tuple[Array, Array]:
     """What :func:`prep_tokens_pallas` computes, by :mod:`pallas_kernels.attention_ref` (unpadded):
-    codes [B, T, H, D] and scales [B, H, T] or [B, H, ceil(T / tile)]."""
+    codes [B, T, H, D] and scales [B, H, T] or [B, H, ceil(T / tile)]. ``prologue``: applied to x
+    as q or k (``role``) first, by the ports' own code (``prologue.apply_one``)."""
     b, t = x.shape[:2]
+    if prologue is not None:
+        x = prologue.apply_one(x, role)
     xf = x.astype(jnp.float32)
     if hadamard:
         xf = ref.rotate(xf)
@@ -222,17 +356,33 @@ def compare(
     per_tile: bool,
     tile: int = 128,
     interpret: bool = False,
+    prologue: Prologue | None = None,
+    role: str = "q",
 ) -> dict:
     """The kernel against :func:`reference_tokens` on ``x``: the fraction of codes that differ,
     the largest difference in format steps, the scales' relative error, whether padded tokens
-    are zero, and ``ok`` (within :data:`MAX_CODES_DIFFERING` / one step / :data:`MAX_SCALE_REL`)."""
+    are zero, and ``ok`` (within :data:`MAX_CODES_DIFFERING` / one step / :data:`MAX_SCALE_REL`).
+    ``prologue``: x is a raw projection, the kernel applies the prologue as q or k (``role``)."""
     t = x.shape[1]
     tp = _common.round_up(t, tile)
-    mean = key_mean(x, hadamard) if smooth else None
+    norm, rope = (None, None) if prologue is None else prologue_operands(x, prologue, role)
+    prepared = x if prologue is None else prologue.apply_one(x, role)
+    mean = key_mean(prepared, hadamard) if smooth else None
     codes, scales = prep_tokens_pallas(
-        x, fmt=fmt, hadamard=hadamard, mean=mean, per_tile=per_tile, tokens_padded=tp, tile=tile, interpret=interpret
+        x,
+        fmt=fmt,
+        hadamard=hadamard,
+        mean=mean,
+        per_tile=per_tile,
+        tokens_padded=tp,
+        tile=tile,
+        interpret=interpret,
+        norm=norm,
+        rope=rope,
     )
-    rc, rs = reference_tokens(x, fmt=fmt, hadamard=hadamard, smooth=smooth, per_tile=per_tile, tile=tile)
+    rc, rs = reference_tokens(
+        x, fmt=fmt, hadamard=hadamard, smooth=smooth, per_tile=per_tile, tile=tile, prologue=prologue, role=role
+    )
     c = np.asarray(codes[:, :t].astype(jnp.float32))
     r = np.asarray(rc.astype(jnp.float32))
     if fmt == "int8":

@@ -68,7 +68,9 @@ def bf16_attention():
 
     original = blocks.attention
 
-    def rounded(q, k, v, mask=None, *, implementation=None):
+    def rounded(q, k, v, mask=None, *, implementation=None, prologue=None):
+        if prologue is not None:  # the layer's Q/K norm and RoPE, before the rounding as before
+            q, k = prologue.apply(q, k)
         b16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
         return original(*b16, mask, implementation=implementation).astype(q.dtype)
 

@@ -689,28 +689,66 @@ PREP_CASES = [
 ]
 
 
+#: attn_prep with the Q/K prologue (RMSNorm across heads, interleaved RoPE) applied in the kernel:
+#: (batch, tokens, heads, head_dim, format, hadamard, smooth, per-tile K, tile, role, parts, Wan RoPE grid)
+PREP_PROLOGUE_CASES = [
+    (1, 32760, 12, 128, "int8", True, False, False, 128, "q", "norm+rope", (21, 30, 52)),  # Wan2.1-1.3B Q
+    (1, 32760, 12, 128, "int8", True, True, True, 128, "k", "norm+rope", (21, 30, 52)),  # its K, per tile
+    (1, 32760, 12, 128, "fp8_e4m3", True, True, False, 128, "k", "norm+rope", (21, 30, 52)),
+    (2, 777, 3, 64, "int8", True, True, False, 128, "k", "norm+rope", (7, 3, 37)),  # odd T, d 64
+    (1, 777, 2, 128, "fp8_e4m3", False, False, False, 128, "q", "norm", (7, 3, 37)),
+    (1, 777, 2, 128, "int8", True, True, True, 128, "k", "rope", (7, 3, 37)),
+]
+
+
+def _prep_input(i: int, b: int, t: int, h: int, d: int) -> jax.Array:
+    key = jax.random.key(2000 + i)
+    spread = jnp.linspace(0.3, 6.0, d)
+    return (jax.random.normal(key, (b, t, h, d)) * spread + 0.5).astype(jnp.bfloat16)
+
+
+def _prep_row(name: str, compare) -> dict:
+    """One attn_prep.compare row, printed; an exception becomes a failing row."""
+    try:
+        r = compare()
+        row = {"case": name, "pass": r["ok"], "path": "attn_prep", **r}
+        print(
+            f"{name:72s} differing {r['codes_differing']:.1e} steps {r['max_code_steps']:.0f} "
+            f"scale {r['scale_rel']:.1e}  {'PASS' if r['ok'] else 'FAIL'}",
+            flush=True,
+        )
+    except Exception as e:  # pylint: disable=broad-except
+        row = {"case": name, "pass": False, "error": f"{type(e).__name__}: {e}"[:4000]}
+        print(f"{name:72s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return row
+
+
 def run_prep_cases() -> list[dict]:
-    """attn_prep.compare on the GPU (the compiled Triton program) for every :data:`PREP_CASES` row."""
+    """attn_prep.compare on the GPU (the compiled Triton program) for every :data:`PREP_CASES`
+    and :data:`PREP_PROLOGUE_CASES` row (the latter with norm weights 1 + 0.1 noise and Wan's RoPE
+    tables)."""
+    from jquant.models.attention import QKPrologue  # pylint: disable=import-outside-toplevel
+    from jquant.models.embeddings import wan_rope_tables  # pylint: disable=import-outside-toplevel
     from pallas_kernels import attn_prep  # pylint: disable=import-outside-toplevel
 
     rows = []
     for i, (b, t, h, d, fmt, had, smooth, per_tile, tile) in enumerate(PREP_CASES):
-        name = f"prep {fmt} b{b} t{t} h{h} d{d} had{int(had)} smooth{int(smooth)} {'tile' + str(tile) if per_tile else 'token'}"
-        try:
-            key = jax.random.key(2000 + i)
-            spread = jnp.linspace(0.3, 6.0, d)
-            x = (jax.random.normal(key, (b, t, h, d)) * spread + 0.5).astype(jnp.bfloat16)
-            r = attn_prep.compare(x, fmt=fmt, hadamard=had, smooth=smooth, per_tile=per_tile, tile=tile)
-            row = {"case": name, "pass": r["ok"], "path": "attn_prep", **r}
-            print(
-                f"{name:60s} differing {r['codes_differing']:.1e} steps {r['max_code_steps']:.0f} "
-                f"scale {r['scale_rel']:.1e}  {'PASS' if r['ok'] else 'FAIL'}",
-                flush=True,
-            )
-        except Exception as e:  # pylint: disable=broad-except
-            row = {"case": name, "pass": False, "error": f"{type(e).__name__}: {e}"[:4000]}
-            print(f"{name:60s} ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-        rows.append(row)
+        layout = "tile" + str(tile) if per_tile else "token"
+        name = f"prep {fmt} b{b} t{t} h{h} d{d} had{int(had)} smooth{int(smooth)} {layout}"
+        x = _prep_input(i, b, t, h, d)
+        kw = dict(fmt=fmt, hadamard=had, smooth=smooth, per_tile=per_tile, tile=tile)
+        rows.append(_prep_row(name, lambda x=x, kw=kw: attn_prep.compare(x, **kw)))
+    for i, (b, t, h, d, fmt, had, smooth, per_tile, tile, role, parts, grid) in enumerate(PREP_PROLOGUE_CASES):
+        layout = "tile" + str(tile) if per_tile else "token"
+        name = f"prep {role} {parts} {fmt} b{b} t{t} h{h} d{d} had{int(had)} smooth{int(smooth)} {layout}"
+        x = _prep_input(100 + i, b, t, h, d)
+        weights = 1.0 + 0.1 * jax.random.normal(jax.random.key(3000 + i), (2, h * d))
+        prologue = QKPrologue(
+            norm=(weights[0], weights[1]) if "norm" in parts else None,
+            rope=wan_rope_tables(d, grid) if "rope" in parts else None,
+        )
+        kw = dict(fmt=fmt, hadamard=had, smooth=smooth, per_tile=per_tile, tile=tile, prologue=prologue, role=role)
+        rows.append(_prep_row(name, lambda x=x, kw=kw: attn_prep.compare(x, **kw)))
     return rows
 
 
@@ -723,7 +761,8 @@ def main() -> int:
     parser.add_argument(
         "--prep",
         action="store_true",
-        help="also check pallas_kernels.attn_prep (the fused Q/K pass) against its reference first (PREP_CASES)",
+        help="also check pallas_kernels.attn_prep (the fused Q/K pass, with and without the Q/K norm + RoPE "
+        "prologue) against its reference first (PREP_CASES, PREP_PROLOGUE_CASES)",
     )
     args = parser.parse_args()
     start = time.perf_counter()

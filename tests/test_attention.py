@@ -325,9 +325,9 @@ def test_policy_routes_selected_layers(monkeypatch):
     seen = []
     original = jattn._quantized
 
-    def spy(policy, q, k, v):
+    def spy(policy, q, k, v, **kw):
         seen.append((jattn.current_module_path(), k.shape[1]))
-        return original(policy, q, k, v)
+        return original(policy, q, k, v, **kw)
 
     monkeypatch.setattr(jattn, "_quantized", spy)
     base = model.apply(params, x, ctx)

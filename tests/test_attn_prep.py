@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from unittest import mock
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jquant.attention as jattn
+from jquant.models import blocks
+from jquant.models.attention import QKPrologue, apply_rope, attention, attention_hook
+from jquant.models.blocks import RMSNorm, split_heads
 from pallas_kernels import attention as pa
+from pallas_kernels import attention_ref as ar
 from pallas_kernels import attn_prep as ap
 
 S = jax.ShapeDtypeStruct
@@ -144,5 +150,262 @@ def test_lowers_to_triton(d, fmt, per_tile, smooth):
     if smooth:
         fn = functools.partial(lambda x, m, f: f(x, mean=m), f=fn)
         args.append(S((1, 12, d), jnp.float32))
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+
+
+# The Q/K prologue (models.attention.QKPrologue): the layer's RMSNorm across heads and RoPE, folded in.
+
+
+def _rope_tables(seed: int, t: int, d: int) -> tuple[jax.Array, jax.Array]:
+    """[T, D] float32 tables, each angle repeated over its pair (Wan's layout)."""
+    angles = jax.random.uniform(jax.random.key(seed), (t, d // 2), minval=0.0, maxval=6.3)
+    return jnp.repeat(jnp.cos(angles), 2, axis=-1), jnp.repeat(jnp.sin(angles), 2, axis=-1)
+
+
+def _prologue(h: int, d: int, t: int, norm: bool = True, rope: bool = True, seed: int = 7) -> QKPrologue:
+    """Realistic norm weights (1 + 0.1 noise) and random angles."""
+    weights = 1.0 + 0.1 * jax.random.normal(jax.random.key(seed), (2, h * d))
+    return QKPrologue(
+        norm=(weights[0], weights[1]) if norm else None, eps=1e-6, rope=_rope_tables(seed + 1, t, d) if rope else None
+    )
+
+
+@pytest.mark.parametrize(
+    "norm,rope,role,fmt,hadamard,smooth,per_tile,t,d",
+    [
+        (True, False, "q", "int8", True, False, False, 70, 64),  # norm only
+        (False, True, "k", "fp8_e4m3", False, True, True, 70, 64),  # RoPE only
+        (True, True, "q", "int8", True, False, False, 70, 64),  # Wan's Q
+        (True, True, "k", "int8", True, True, True, 70, 64),  # Wan's K, one scale per tile
+        (True, True, "k", "fp8_e4m3", True, True, False, 128, 128),  # whole tiles, per-token K
+        (True, True, "q", "fp8_e4m3", False, False, False, 100, 128),  # no rotation, no smoothing
+    ],
+)
+def test_prologue_in_the_kernel_matches_the_reference(norm, rope, role, fmt, hadamard, smooth, per_tile, t, d):
+    x = _x(3, 1, t, 2, d)
+    p = _prologue(2, d, t, norm=norm, rope=rope)
+    r = ap.compare(
+        x, fmt=fmt, hadamard=hadamard, smooth=smooth, per_tile=per_tile, tile=64, interpret=True, prologue=p, role=role
+    )
+    assert r["ok"], r
+
+
+def test_unweighted_norm_equals_unit_weights():
+    """``norm=(r, None)`` skips the weight multiply: the same codes as a weight of ones."""
+    x = _x(4, 1, 70, 2, 64)
+    r = QKPrologue(eps=1e-6).inverse_rms(x)
+    kw = dict(fmt="int8", hadamard=True, tokens_padded=128, tile=64, interpret=True)
+    plain = ap.prep_tokens_pallas(x, norm=(r, None), **kw)
+    ones = ap.prep_tokens_pallas(x, norm=(r, jnp.ones((128,), jnp.float32)), **kw)
+    chex.assert_trees_all_equal(plain, ones)
+
+
+def test_compare_catches_a_kernel_that_skips_the_rope():
+    x = _x(5, 1, 70, 2, 64)
+    real = ap.prep_tokens_pallas
+    with mock.patch.object(ap, "prep_tokens_pallas", lambda x, **kw: real(x, **{**kw, "rope": None})):
+        r = ap.compare(x, fmt="int8", hadamard=True, smooth=False, per_tile=False, tile=64, interpret=True,
+                       prologue=_prologue(2, 64, 70), role="q")  # fmt: skip
+    assert not r["ok"]
+
+
+def _old_layer_sequence(raw: jax.Array, weight: jax.Array, rope, heads: int, eps: float) -> jax.Array:
+    """What blocks.Attention computed before the prologue: RMSNorm module on the [B, T, H*D]
+    projection, split into heads, then apply_rope."""
+    normed = RMSNorm(eps).apply({"params": {"scale": weight}}, raw)
+    return apply_rope(split_heads(normed, heads), *rope, interleaved=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_qk_prologue_is_the_layer_sequence_bit_for_bit(dtype):
+    b, t, h, d = 2, 24, 3, 16
+    q_raw, k_raw = (jax.random.normal(jax.random.key(s), (b, t, h * d)).astype(dtype) for s in (1, 2))
+    p = _prologue(h, d, t)
+    want = [_old_layer_sequence(x, w, p.rope, h, p.eps) for x, w in zip((q_raw, k_raw), p.norm)]
+    got = p.apply(split_heads(q_raw, h), split_heads(k_raw, h))
+    chex.assert_trees_all_equal(got, tuple(want))
+    jitted = jax.jit(lambda q, k: p.apply(q, k))(split_heads(q_raw, h), split_heads(k_raw, h))
+    old_jitted = jax.jit(lambda q, k: [_old_layer_sequence(x, w, p.rope, h, p.eps) for x, w in zip((q, k), p.norm)])
+    chex.assert_trees_all_equal(jitted, tuple(old_jitted(q_raw, k_raw)))
+
+
+def test_self_attention_layer_hands_over_a_prologue_with_the_same_output():
+    """blocks.Attention as Wan's attn1 (norm across heads, [T, D] RoPE tables) passes the prologue,
+    and its output is bit-identical to the layer applying the norm and RoPE itself; as attn2
+    (cross-attention) it passes none."""
+    layer = blocks.Attention(heads=2, head_dim=16, qk_norm="rms_norm_across_heads", dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (1, 12, 32)).astype(jnp.bfloat16)
+    text = jax.random.normal(jax.random.key(1), (1, 5, 32)).astype(jnp.bfloat16)
+    rope = _rope_tables(2, 12, 16)
+    params = layer.init(jax.random.key(3), x, rope=rope)
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape, a.dtype), params)
+    calls = []
+    real = blocks.attention
+
+    def spy(*a, **kw):
+        calls.append(kw.get("prologue") is not None)
+        return real(*a, **kw)
+
+    with mock.patch.object(blocks, "attention", spy):
+        new = layer.apply(params, x, rope=rope)
+        layer.apply(params, x, text)
+    assert calls == [True, False]
+    with mock.patch.object(blocks.Attention, "_prologue_fits", lambda *a: False):
+        old = layer.apply(params, x, rope=rope)
+    chex.assert_trees_all_equal(new, old)
+
+
+def test_attention_applies_the_prologue_for_hooks_that_do_not_take_it():
+    q, k, v = (_x(s, 1, 40, 2, 64) for s in range(3))
+    p = _prologue(2, 64, 40)
+    qa, ka = p.apply(q, k)
+    chex.assert_trees_all_equal(attention(q, k, v, prologue=p), attention(qa, ka, v))
+    seen = {}
+
+    def plain(q, k, v, mask, implementation):
+        seen["plain"] = (q, k)
+
+    def fused(q, k, v, mask, implementation, *, prologue):
+        seen["fused"] = (q, k, prologue)
+
+    with attention_hook(plain), attention_hook(fused, takes_prologue=True):
+        attention(q, k, v, prologue=p)
+    chex.assert_trees_all_equal(seen["plain"], (qa, ka))
+    assert seen["fused"][0] is q and seen["fused"][1] is k and seen["fused"][2] is p
+
+
+def test_quantized_attention_with_a_prologue_equals_it_applied_first():
+    """Through the quantized hook (on the CPU: the reference, the prologue applied in XLA), with a
+    bool and with a traced ``enabled`` (its float branch applies the prologue too)."""
+    q, k, v = (_x(s, 1, 64, 2, 64) for s in range(3))
+    p = _prologue(2, 64, 64)
+
+    @jax.jit
+    def both(on, q, k, v):
+        with jattn.quantized_attention(enabled=True if on is None else on):
+            return attention(q, k, v, prologue=p), attention(*p.apply(q, k), v)
+
+    for on in (None, jnp.asarray(True), jnp.asarray(False)):
+        fused, first = both(on, q, k, v)
+        assert ar.relative_l2(fused, first) <= 1e-3, on
+
+
+def _operand_kwargs(block_k: int = 128, k_scales: str = "block") -> dict:
+    return dict(
+        causal=False,
+        kv_lengths=None,
+        qk_format="int8",
+        pv_format="bf16",
+        config=pa.AttentionConfig(k_scales=k_scales, block_k=block_k),
+        smooth_k=True,
+        hadamard=True,
+        sm_scale=0.1,
+    )
+
+
+_REAL_PREP = ap.prep_tokens_pallas
+
+
+def _spy_prep(calls: list, x: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """The interpreted kernel, recording whether each call applies a norm and a RoPE."""
+    calls.append((kwargs.get("norm") is not None, kwargs.get("rope") is not None))
+    return _REAL_PREP(x, **{**kwargs, "interpret": True})
+
+
+@pytest.mark.parametrize("k_scales", ["block", "token"])
+def test_kernel_operands_with_the_prologue_equal_it_applied_first(k_scales):
+    """The fused pass applying the prologue (interpreted) gives the XLA path's operands for the
+    prologue's q and k: codes within one step, scales within MAX_SCALE_REL, K smoothed by the
+    mean of the prologue's K."""
+    q, k, v = (_x(s, 1, 100, 2, 64) for s in range(3))
+    p = _prologue(2, 64, 100)
+    kw = _operand_kwargs(k_scales=k_scales)
+    calls = []
+    with (
+        mock.patch.object(ap, "supports", lambda *a: True),
+        mock.patch.object(ap, "supports_prologue", lambda prologue: True),
+        mock.patch.object(ap, "prep_tokens_pallas", functools.partial(_spy_prep, calls)),
+    ):
+        fused, _ = pa.prepare_kernel_operands(q, k, v, prologue=p, **kw)
+    assert calls == [(True, True), (True, True)]
+    plain, _ = pa.prepare_kernel_operands(*p.apply(q, k), v, **kw)  # on the CPU: the XLA path
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        assert a.shape == b.shape and a.dtype == b.dtype, i
+        a32, b32 = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+        if i < 2:
+            assert np.mean(a32 != b32) <= ap.MAX_CODES_DIFFERING and np.abs(a32 - b32).max() <= 1, i
+        else:
+            np.testing.assert_allclose(a32, b32, rtol=ap.MAX_SCALE_REL, atol=0, err_msg=str(i))
+
+
+def test_unverified_prologue_kernel_runs_the_verified_kernel_on_xla_applied_q_and_k():
+    """PROLOGUE_GPU_VERIFIED is False: the fused pass runs without norm / RoPE (applied in XLA
+    first), unless JQUANT_BACKEND=pallas forces the prologue kernel."""
+    assert not ap.PROLOGUE_GPU_VERIFIED
+    q, k, v = (_x(s, 1, 128, 2, 64) for s in range(3))
+    p = _prologue(2, 64, 128)
+    for env, expected in (("auto", (False, False)), ("pallas", (True, True))):
+        calls = []
+
+        def record(x, *, fmt, tokens_padded, per_tile=False, tile=128, **kw):
+            calls.append((kw.get("norm") is not None, kw.get("rope") is not None))
+            b, _, h, d = x.shape
+            scales = jnp.ones((b, h, tokens_padded // tile if per_tile else tokens_padded), jnp.float32)
+            return jnp.zeros((b, tokens_padded, h, d), ar.CODE_DTYPES[fmt]), scales
+
+        with (
+            mock.patch.dict("os.environ", {"JQUANT_BACKEND": env}),
+            mock.patch.object(ap, "supports", lambda *a: True),
+            mock.patch.object(ap, "prep_tokens_pallas", record),
+        ):
+            pa.prepare_kernel_operands(q, k, v, prologue=p, **_operand_kwargs())
+        assert calls == [expected, expected], env
+
+
+def test_prologue_refusals_name_the_shapes():
+    w = jnp.ones((128,))
+    cos = jnp.ones((70, 64))
+    with pytest.raises(ValueError, match=r"rope must be \(cos, sin\), each \[T, D\], got shapes \[\(70, 2, 64\)"):
+        QKPrologue(rope=(jnp.ones((70, 2, 64)), jnp.ones((70, 2, 64))))
+    with pytest.raises(ValueError, match=r"norm must be \(q weight, k weight\), each \[H\*D\], got shapes"):
+        QKPrologue(norm=(w, jnp.ones((64,))))
+    x = _x(0, 1, 70, 2, 64)
+    with pytest.raises(ValueError, match=r"rope tables \(60, 64\) do not match q\(1, 70, 2, 64\)"):
+        QKPrologue(rope=(cos[:60], cos[:60])).apply(x, x)
+    with pytest.raises(ValueError, match=r"norm weights \(64,\) do not match q\(1, 70, 2, 64\)"):
+        attention(x, x, x, prologue=QKPrologue(norm=(w[:64], w[:64])))
+    kw = dict(fmt="int8", hadamard=True, tokens_padded=128, tile=64, interpret=True)
+    with pytest.raises(ValueError, match=r"rope tables must be \[T, D\] = \(70, 64\), got cos \(60, 64\)"):
+        ap.prep_tokens_pallas(x, rope=(cos[:60], cos[:60]), **kw)
+    with pytest.raises(ValueError, match=r"inverse RMS must be \[B, T\] = \(1, 70\), got \(70,\)"):
+        ap.prep_tokens_pallas(x, norm=(jnp.ones((70,)), None), **kw)
+    with pytest.raises(ValueError, match=r"norm weight must be \[H\*D\] = \(128,\), got \(64,\)"):
+        ap.prep_tokens_pallas(x, norm=(jnp.ones((1, 70)), w[:64]), **kw)
+    with pytest.raises(ValueError, match="takes bf16 x"):
+        ap.prep_tokens_pallas(x.astype(jnp.float32), rope=(cos, cos), **kw)
+    with pytest.raises(ValueError, match="role must be one of"):
+        ap.prologue_operands(x, _prologue(2, 64, 70), "v")
+
+
+@pytest.mark.parametrize("per_tile", [False, True])
+def test_prologue_kernel_lowers_to_triton(per_tile):
+    """Wan2.1-1.3B's Q and K with the norm and RoPE."""
+    t, h, d = 32760, 12, 128
+
+    def fn(x, r, w, cos, sin, mean):
+        return ap.prep_tokens_pallas(
+            x,
+            fmt="int8",
+            hadamard=True,
+            mean=mean if per_tile else None,
+            per_tile=per_tile,
+            tokens_padded=32768,
+            norm=(r, w),
+            rope=(cos, sin),
+        )
+
+    args = [S((1, t, h, d), jnp.bfloat16), S((1, t), jnp.float32), S((h * d,), jnp.float32)]
+    args += [S((t, d), jnp.float32)] * 2 + [S((1, h, d), jnp.float32)]
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jquant.models.attention import apply_rope, attention
+from jquant.models.attention import QKPrologue, apply_rope, attention, rms_norm
 from jquant.models.embeddings import (
     EmbedMLP,
     TimestepLabelEmbedding,
@@ -91,18 +91,20 @@ class NormModulate(LayerNorm):
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis in float32 with a learned `scale` (torch.nn.RMSNorm); without
-    `affine` it has no params (diffusers' `RMSNorm(dim, eps, elementwise_affine=False)`)."""
+    `affine` it has no params (diffusers' `RMSNorm(dim, eps, elementwise_affine=False)`).
+
+    `weight(features)` returns the learned scale alone (None without `affine`): a layer that
+    hands its norm to attention as a `QKPrologue` reads it there, under the same param path."""
 
     eps: float = 1e-6
     affine: bool = True
 
-    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
-        if self.affine:
-            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],)).astype(jnp.float32)
-        return y.astype(x.dtype)
+        return rms_norm(x, self.weight(x.shape[-1]), self.eps)
+
+    @nn.compact
+    def weight(self, features: int) -> jax.Array | None:
+        return self.param("scale", nn.initializers.ones, (features,)) if self.affine else None
 
 
 class LinearAct(nn.Module):
@@ -210,13 +212,25 @@ class Attention(nn.Module):
             return RMSNorm(self.eps, name=name)(y) if self.qk_norm else y
 
         src = x if context is None else context
-        q = split_heads(qk_norm(dense("to_q")(x), "norm_q"), self.heads)
-        k = split_heads(qk_norm(dense("to_k")(src), "norm_k"), self.heads)
-        v = split_heads(dense("to_v")(src), self.heads)
-        if rope is not None:
-            q = apply_rope(q, *rope, interleaved=self.interleaved_rope)
-            k = apply_rope(k, *(rope if key_rope is None else key_rope), interleaved=self.interleaved_rope)
-        out = attention(q, k, v, mask, implementation=self.attention_impl)
+        if self._prologue_fits(context, rope, key_rope):
+            # The norm and RoPE go to attention as a prologue (the quantized path fuses them into
+            # its operand kernel; every other path applies them first: the same bits as below).
+            q, k = split_heads(dense("to_q")(x), self.heads), split_heads(dense("to_k")(src), self.heads)
+            v = split_heads(dense("to_v")(src), self.heads)
+            norm = None
+            if self.qk_norm:
+                norm = tuple(RMSNorm(self.eps, name=n).weight(q.shape[2] * q.shape[3]) for n in ("norm_q", "norm_k"))
+            out = attention(
+                q, k, v, mask, implementation=self.attention_impl, prologue=QKPrologue(norm, self.eps, rope)
+            )
+        else:
+            q = split_heads(qk_norm(dense("to_q")(x), "norm_q"), self.heads)
+            k = split_heads(qk_norm(dense("to_k")(src), "norm_k"), self.heads)
+            v = split_heads(dense("to_v")(src), self.heads)
+            if rope is not None:
+                q = apply_rope(q, *rope, interleaved=self.interleaved_rope)
+                k = apply_rope(k, *(rope if key_rope is None else key_rope), interleaved=self.interleaved_rope)
+            out = attention(q, k, v, mask, implementation=self.attention_impl)
         if perturb is not None:
             out = (v + perturb * (out - v)).astype(out.dtype)
         if self.added_kv:
@@ -229,6 +243,21 @@ class Attention(nn.Module):
             gates = 2.0 * nn.sigmoid(nn.Dense(self.heads, dtype=self.dtype, name="to_gate_logits")(x))
             out = out * gates[..., None].astype(out.dtype)
         return nn.Dense(x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(merge_heads(out))
+
+    def _prologue_fits(
+        self,
+        context: jax.Array | None,
+        rope: tuple[jax.Array, jax.Array] | None,
+        key_rope: tuple[jax.Array, jax.Array] | None,
+    ) -> bool:
+        """Whether a `QKPrologue` states this call's Q/K preparation exactly: self-attention
+        (q and k of the same tokens, used by this one attention call), the norm across heads or
+        none, interleaved RoPE with [T, D] tables (or none), and something to apply."""
+        if context is not None or self.added_kv or key_rope is not None:
+            return False
+        if rope is not None and (not self.interleaved_rope or rope[0].ndim != 2 or rope[0].shape != rope[1].shape):
+            return False
+        return bool(self.qk_norm) or rope is not None
 
 
 JOINT_OUTPUTS = ("split", "x_only", "shared", "none")
