@@ -2,7 +2,7 @@
 
 For HunyuanVideo, CogVideoX-5B, Mochi-1, LTX-Video and LTX-2 the published config gets random
 bf16 weights made on the device (`jax.eval_shape` of the module's init for the shapes, then
-`jax.random` per tensor in one jitted function: no checkpoint on disk, no full init compile),
+`jax.random` per tensor, drawn flat: no checkpoint on disk, no full init compile),
 then one jitted forward (batch 1, no CFG) runs at a native resolution and frame count of the model:
 
 | model | video | latent (C, F, H, W) | video tokens | text tokens |
@@ -35,6 +35,7 @@ import datetime
 import functools
 import gc
 import json
+import math
 import re
 import statistics
 import sys
@@ -232,19 +233,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+def _bucket(n: int) -> int:
+    """The power of two at or above ``n``: the length a tensor's random numbers are drawn at."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _normal_flat(key: jax.Array, size: int, scale: jax.Array) -> jax.Array:
+    return jax.random.normal(key, (size,), BF16) * scale
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first(flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return flat[: math.prod(shape)].reshape(shape)
+
+
 def _random_leaf(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+    """Ones, zeros, or ``jax.random.normal(key, shape, bf16) / sqrt(fan)``, bit for bit, as the first
+    numbers of a flat draw of the next power-of-two length (threefry's counter is each element's
+    flat index): one compiled random program per length, not one per tensor shape (the tiny
+    configs' shapes took most of the --tiny run's CPU compiles)."""
     if kind == "ones":
         return jnp.ones(shape, BF16)
     if kind == "zeros":
         return jnp.zeros(shape, BF16)
     fan = shape[0] if kind == "kernel" else shape[-1]
-    return jax.random.normal(key, shape, BF16) * jnp.asarray(fan**-0.5, BF16)
+    return _first(_normal_flat(key, _bucket(math.prod(shape)), jnp.asarray(fan**-0.5, BF16)), shape)
 
 
 def random_params(config: Any, key: jax.Array) -> dict[str, Any]:
     """bf16 weights with the port's shapes (`jax.eval_shape`), made on the device one tensor at a
-    time (one small compile per distinct shape): kernels ~ N(0, 1/fan_in), norm scales 1,
+    time (one random program per power-of-two length): kernels ~ N(0, 1/fan_in), norm scales 1,
     biases 0, other tables (modulation, positions) ~ N(0, 1/width)."""
 
     def make(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:

@@ -318,7 +318,7 @@ def train(args: argparse.Namespace, setup: Setup, tr_cfg: WanConfig, key: jax.Ar
     params = init_params(te_cfg, tr_cfg, k_init)
     chunk = math.gcd(train_tiny.CHUNK, args.report_every)
     tx, run = make_train_chunk(setup, chunk)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one program, not one per op and parameter shape
     ema = params
     reporter = make_reporter(setup, tr_cfg, k_cal, args.calib_clips)
     total = max(chunk, args.steps // chunk * chunk)
@@ -381,8 +381,8 @@ def train(args: argparse.Namespace, setup: Setup, tr_cfg: WanConfig, key: jax.Ar
 
 
 def to_weights(tree: Any) -> Any:
-    """Host copies of a params tree in the shipped dtype."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(jnp.asarray(x, WEIGHT_DTYPE)), tree)
+    """Host copies of a params tree in the shipped dtype (converted in one program, not one per leaf shape)."""
+    return jax.device_get(jax.jit(lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, WEIGHT_DTYPE), t))(tree))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -181,7 +181,7 @@ def train_flow(
     params = models.init_params(cfg, k_init)
     setup = TrainSetup(WanTransformer3D(cfg, dtype=dtype), data, args.batch, args.lr, args.label_dropout, 0.999)
     tx = optax.inject_hyperparams(_adamw)(learning_rate=args.lr)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one program, not one per op and parameter shape
     ema = params
     chunk = make_train_chunk(setup, tx)
     total = max(CHUNK, args.steps // CHUNK * CHUNK)
@@ -240,7 +240,7 @@ def train_classifier(args: argparse.Namespace, data: tw.DataConfig, key: jax.Arr
     params = tw.init_classifier(ccfg, k_init, data)
     steps = args.classifier_steps
     tx = optax.adamw(optax.cosine_decay_schedule(2e-3, max(steps, 1), 0.05), weight_decay=1e-4)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def step(params, opt_state, i):

@@ -175,12 +175,13 @@ def test_bench_e2e_quarot_variants_are_exact_rewrites():
     shape = bench.wan_forward.latent_shape(cfg, 5, 32, 48)
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
     t, text = jnp.array([500.0]), jax.random.normal(jax.random.key(1), (1, 8, cfg.text_dim))
-    ref = model.apply({"params": params}, x, t, text)
+    # each forward jitted (traced inside its context), not compiled op by op
+    ref = jax.jit(model.apply)({"params": params}, x, t, text)
     for plan in ({}, bench.QUAROT_B128):
         v = bench.rotated(params, roles, cfg.attention_head_dim, plan)
         assert "jquant" in v  # the online rotations are aux entries
         with jquant.nn.quantized():
-            out = model.apply(v, x, t, text)
+            out = jax.jit(model.apply)(v, x, t, text)
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
         assert err < 1e-5, (plan, err)
     assert bench.VARIANTS["w8a8-quarot-b128-ffnblock"]["weights"].name == "int8-ffn-b128x128"

@@ -22,7 +22,8 @@ def script():
 def test_stress_testbed_run_writes_its_own_files_and_keeps_the_testbeds_section(script, tmp_path) -> None:
     out, js = tmp_path / "results.md", tmp_path / "r.json"
     out.write_text("# old generated part\n\n## Three testbeds\n\nhand-kept table\n")
-    argv = ["--testbed", "stress", "--sections", "precision", "--clips", "2", "--calib-samples", "2"]
+    # one clip, one calibration sample: the rows, labels and files of a longer run, a fifth less CPU time
+    argv = ["--testbed", "stress", "--sections", "precision", "--clips", "1", "--calib-samples", "1"]
     assert script.main([*argv, "--steps", "2", "--out", str(out), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["settings"]["testbed"] == "stress" and res["precision"]

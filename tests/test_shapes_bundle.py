@@ -99,7 +99,7 @@ def test_outlier_testbed_trained_row_and_merge(shapes_dir: Path, testbed, tmp_pa
         "testbeds": {"tiny": {"report": {}, "rows": [tiny_row]}},
     }
     out.write_text(json.dumps(legacy))
-    argv = ["--testbeds", "trained", "--trained-dir", str(shapes_dir), "--clips", "2", "--calib-samples", "2"]
+    argv = ["--testbeds", "trained", "--trained-dir", str(shapes_dir), "--clips", "1", "--calib-samples", "1"]
     assert testbed.main([*argv, "--steps", "2", "--recipes", RECIPE, "--json", str(out)]) == 0
 
     res = json.loads(out.read_text())
@@ -112,7 +112,7 @@ def test_outlier_testbed_trained_row_and_merge(shapes_dir: Path, testbed, tmp_pa
     run = trained["run"]
     assert run["backend"] == jax.default_backend() and run["jax"] == jax.__version__
     assert run["commit"] and run["date"] and run["device_kind"]
-    assert run["settings"] == {"clips": 2, "calib_samples": 2, "steps": 2, "seed": 0}
+    assert run["settings"] == {"clips": 1, "calib_samples": 1, "steps": 2, "seed": 0}
     assert run["model"]["dir"] == str(shapes_dir) and run["model"]["commit"] == "fixture"
     table = testbed.markdown(res)
     assert "tiny PSNR" in table and "trained PSNR | trained 1-step" in table
