@@ -39,14 +39,18 @@ from pallas_kernels import (
 )
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
-# The property tests' inputs, one compiled program per shape: eager, each random op of a builder
-# compiles again for every new shape (~1 s an example, more than the checks themselves).
-_table_inputs = jax.jit(testing.table_inputs, static_argnums=(1, 2, 3, 4, 5, 6))
-_uint4_inputs = jax.jit(testing.uint4_inputs, static_argnums=(1, 2, 3, 4))
 
 
 def _np(x):
-    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
+    # NumPy's conversion (ml_dtypes' bf16/fp8/int4 widen exactly): a jnp cast would compile one
+    # program per new shape and dtype.
+    return np.asarray(x).astype(np.float64)
+
+
+def _input_shapes(make, m, k, n, **kw):
+    """``make(key, m, k, n)``'s outputs as ShapeDtypeStructs (None stays None): the lowering
+    tests need shapes only, and computing random inputs at their sizes compiles every random op."""
+    return jax.eval_shape(lambda key: make(key, m, k, n, **kw), jax.random.key(0))
 
 
 # --------------------------------------------------------------------------
@@ -141,13 +145,18 @@ def test_int4_nibble_layout_is_low_first_twos_complement():
     chex.assert_trees_all_equal(weight_only.unpack_int4(packed), q.astype(jnp.int8))
 
 
+# One program a shape for each direction (eager, each of their ops compiles again for every shape).
+_jit_pack_int4 = jax.jit(weight_only.pack_int4)
+_jit_unpack_int4 = jax.jit(weight_only.unpack_int4, static_argnums=1)
+
+
 @settings(max_examples=4, deadline=None)
 @given(n=st.integers(1, 5), k=st.integers(1, 37), seed=st.integers(0, 2**16))
 def test_int4_pack_roundtrip(n, k, seed):
     q = np.random.default_rng(seed).integers(-8, 8, size=(n, k))
-    packed = weight_only.pack_int4(jnp.asarray(q))
+    packed = _jit_pack_int4(jnp.asarray(q))
     assert packed.shape == (n, (k + 1) // 2) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(np.asarray(weight_only.unpack_int4(packed, k)), q)
+    np.testing.assert_array_equal(np.asarray(_jit_unpack_int4(packed, k)), q)
 
 
 def test_xla_int4_view_matches_packing():
@@ -200,7 +209,7 @@ def test_int8_lowrank_epilogue_reference_path():
 @pytest.mark.parametrize("rank,fused", [(32, True), (16, True), (64, True), (8, False), (80, False)])
 def test_svdquant_fuses_the_branch_into_the_gemm_epilogue(rank, fused, monkeypatch):
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
-    args = testing.svdquant_r32_inputs(jax.random.key(0), w4a8.MIN_M + 6, 320, 136, rank=rank)
+    args = _input_shapes(testing.svdquant_r32_inputs, w4a8.MIN_M + 6, 320, 136, rank=rank)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     text = jax.jit(w4a8.svdquant_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") > 0
@@ -235,9 +244,9 @@ def test_w4a8_bad_shapes_raise_named_errors():
 def test_w4a8_lowers_to_mosaic_gpu_from_min_m(monkeypatch):
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
     case = testing.CASES["w4a8"]
-    args = case.make_inputs(jax.random.key(0), w4a8.MIN_M + 6, 300, 136)
+    args = _input_shapes(case.make_inputs, w4a8.MIN_M + 6, 300, 136)
     assert _lowers_to_mosaic(case.kernel, *args)
-    small = case.make_inputs(jax.random.key(0), 16, 300, 136)
+    small = _input_shapes(case.make_inputs, 16, 300, 136)
     assert not _lowers_to_mosaic(case.kernel, *small)  # small M stays on the reference (W4A16's job)
 
 
@@ -329,6 +338,28 @@ def test_codebook_byte_remap_keeps_both_nibbles(fmt):
     np.testing.assert_array_equal(np.asarray(q), want)
 
 
+# One program per example (eager, each op of the paths compiled again for every new shape: ~30
+# programs an example): the random inputs, then what the test checks on them.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _codebook_case(key, m, k, n, fmt, block, scaling):
+    """Inputs, and the reference, its dequantized weights, the kernel layout and the XLA path on it."""
+    x, packed, scales, tensor = inputs = testing.table_inputs(key, m, k, n, fmt, block, scaling)
+    ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block, out_dtype=jnp.float32)
+    prepared = w4_table.prepare_w4_table(packed, scales, k, fmt=fmt, block=block)
+    got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
+    return inputs, (ref, w4_table.dequantize(packed, scales, k, fmt=fmt, block=block), prepared, got)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _uint4_case(key, m, k, n, group):
+    """Inputs, and the uint4 reference, the unpacked codes, the kernel layout and the XLA path on it."""
+    x, packed, scales, zeros = inputs = testing.uint4_inputs(key, m, k, n, group)
+    ref = w4_table.uint4_matmul_reference(x, packed, scales, zeros, out_dtype=jnp.float32, group_size=group)
+    prepared = w4_table.prepare_uint4(packed, scales, zeros, k, group)
+    got = weight_only.w4a16_matmul_prepared(x, prepared, out_dtype=jnp.float32)
+    return inputs, (ref, weight_only.unpack_int4(packed, k), prepared, got)
+
+
 @settings(deadline=None, max_examples=5)
 @given(
     fmt=st.sampled_from(["nf4", "fp4"]),
@@ -341,17 +372,14 @@ def test_codebook_byte_remap_keeps_both_nibbles(fmt):
 def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
     k = block * kb
     scaling = "nv" if nv and fmt == "fp4" else ""
-    x, packed, scales, tensor = _table_inputs(jax.random.key(m * n + k), m, k, n, fmt, block, scaling)
-    ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block, out_dtype=jnp.float32)
-    w_dq_ref = _np(w4_table.dequantize(packed, scales, k, fmt=fmt, block=block)) * (
-        1.0 if tensor is None else float(tensor)
+    (x, packed, scales, tensor), (ref, w_dq, prepared, got) = _codebook_case(
+        jax.random.key(m * n + k), m, k, n, fmt, block, scaling
     )
+    w_dq_ref = _np(w_dq) * (1.0 if tensor is None else float(tensor))
     want = _np(x) @ w_dq_ref.T
     assert_dot_close(_np(ref), want, _np(x), w_dq_ref, 1e-5, "codebook reference")
     # The kernel layout (remapped codes, padded, decoded by decode_codes) through the XLA path.
-    prepared = w4_table.prepare_w4_table(packed, scales, k, fmt=fmt, block=block)
     chex.assert_shape(prepared.w, (-(-n // 128) * 128, -(-k // 128) * 128))
-    got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
     assert_dot_close(_np(got), _np(ref), _np(x), w_dq_ref, 1e-2, "bf16 weights on the XLA path")
 
 
@@ -364,18 +392,15 @@ def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
 )
 def test_uint4_zero_points_prepared_path_matches_reference(m, kb, n, group):
     k = 128 * kb
-    x, packed, scales, zeros = _uint4_inputs(jax.random.key(m + n), m, k, n, group)
-    ref = w4_table.uint4_matmul_reference(x, packed, scales, zeros, out_dtype=jnp.float32, group_size=group)
-    u = _np(weight_only.unpack_int4(packed, k)) % 16
+    (x, packed, scales, zeros), (ref, unpacked, prepared, got) = _uint4_case(jax.random.key(m + n), m, k, n, group)
+    u = _np(unpacked) % 16
     rep = lambda a: np.repeat(_np(a), group, axis=1)
     want = _np(x) @ ((u - rep(zeros)) * rep(scales)).T
     assert_dot_close(_np(ref), want, _np(x), (u - rep(zeros)) * rep(scales), 1e-5, "uint4 reference")
-    prepared = w4_table.prepare_uint4(packed, scales, zeros, k, group)
     chex.assert_equal_shape([prepared.s_t, prepared.o_t])
-    got = weight_only.w4a16_matmul_prepared(x, prepared, out_dtype=jnp.float32)
     assert_dot_close(_np(got), want, _np(x), (u - rep(zeros)) * rep(scales), 1e-2, "uint4 prepared path")
     with pytest.raises(ValueError, match="w_zero must have w_scale's shape"):
-        w4_table.uint4_matmul(x, packed, scales, jnp.concatenate([zeros, zeros], 1), group_size=group)
+        w4_table.uint4_matmul(x, packed, scales, np.concatenate([zeros, zeros], 1), group_size=group)
 
 
 def test_codebook_bad_inputs_raise_named_errors():
@@ -427,6 +452,11 @@ def _token_rows(key, m, k, spread):
     return (jax.random.normal(key, (m, k)) * spread).astype(jnp.bfloat16).at[0].set(0.0)
 
 
+# Each rule as one program a shape (eager, each of their ops compiles again for every shape).
+_jit_reference = jax.jit(_quant.reference, static_argnums=1)
+_jit_quantize = jax.jit(functools.partial(jquant.quantize, check_finite=False), static_argnums=1)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     m=st.sampled_from([1, 2, 9]),  # few shapes: each new one compiles both quantizers
@@ -438,8 +468,8 @@ def test_quantizer_reference_is_jquants_per_token_rule(m, k, spread, fmt):
     # The kernels' reference equals jquant.quantize(x, "<fmt>/token") to the bit (codes and scales),
     # so the dispatch may hand activations to the kernel and keep the XLA path's codes.
     x = _token_rows(jax.random.key(m * 1000 + k), m, k, spread)
-    q, s = _quant.reference(x, fmt)
-    want = jquant.quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token", check_finite=False)
+    q, s = _jit_reference(x, fmt)
+    want = _jit_quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token")
     chex.assert_trees_all_equal(q, want.qvalue)
     chex.assert_trees_all_equal(s, want.scale.astype(jnp.float32).reshape(m, 1))
 
@@ -544,7 +574,7 @@ def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
     # (256, 3072, 3072): 128 tokens, where the widest K steps no longer fit in shared memory.
     for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256), (256, 3072, 3072)]:
         k = -(-k // case.k_multiple) * case.k_multiple
-        args = case.make_inputs(jax.random.key(0), m, k, n)
+        args = _input_shapes(case.make_inputs, m, k, n)
         assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
 
 
@@ -555,7 +585,7 @@ def test_w4a8_lowers_with_int4_tiles_in_the_kernel(m, k, n, monkeypatch):
     # The int4 view reaches the Mosaic kernel (no XLA widening convert); from WIDEN_MIN_M tokens
     # on, one XLA convert widens the weights for the int8 GEMM instead.
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
-    args = testing.w4a8_inputs(jax.random.key(0), m, k, n)
+    args = _input_shapes(testing.w4a8_inputs, m, k, n)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     text = jax.jit(w4a8.w4a8_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -711,8 +741,12 @@ def test_round_to_bf16_is_the_bf16_cast(values):
 def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
     # The large-M W4A16 kernel (int4 dequantized in registers) lowers to Mosaic GPU; the prepared
     # path takes it from MIN_M tokens once verified or forced, and never off the GPU.
-    x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 5, 320, 136)
-    prepared = weight_only.prepare_w4a16(packed, scales, 320)
+    x, prepared = jax.eval_shape(  # shapes only: nothing here runs
+        lambda key: (lambda x, p, s: (x, weight_only.prepare_w4a16(p, s, 320)))(
+            *testing.w4a16_inputs(key, 5, 320, 136)
+        ),
+        jax.random.key(0),
+    )
     assert not w4a16_gemm.supports(x)
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
     monkeypatch.setattr(_common, "on_hopper", lambda: True)
@@ -729,7 +763,7 @@ def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
     )
     assert "mosaic_gpu" in text
     # int8 per-channel weights (W8A16) through the same kernel.
-    _, w8, s8 = testing.w8a16_inputs(jax.random.key(1), 5, 320, 136)
+    _, w8, s8 = _input_shapes(testing.w8a16_inputs, 5, 320, 136)
     text = (
         jax.jit(lambda v, w, s: w4a16_gemm.w8a16_large_m(v, w, s, config=config))
         .trace(big, w8, s8)
