@@ -47,6 +47,23 @@ def _np(x):
     return np.asarray(x).astype(np.float64)
 
 
+@functools.cache
+def _jitted_maker(make, nargs):
+    return jax.jit(make, static_argnums=tuple(range(1, nargs)))
+
+
+def _inputs(make, seed, m, k, n, *args):
+    """``make(jax.random.key(seed), m, k, n, *args)`` as one compiled program a shape (eager,
+    each random op of a builder compiles again for every new shape)."""
+    return _jitted_maker(make, 4 + len(args))(jax.random.key(seed), m, k, n, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(seed, shape, scale, dtype):
+    """``(normal(key(seed), shape) * scale).astype(dtype)`` as one program a shape."""
+    return (jax.random.normal(jax.random.key(seed), shape) * scale).astype(dtype)
+
+
 def _input_shapes(make, m, k, n, **kw):
     """``make(key, m, k, n)``'s outputs as ShapeDtypeStructs (None stays None): the lowering
     tests need shapes only, and computing random inputs at their sizes compiles every random op."""
@@ -60,7 +77,7 @@ def _input_shapes(make, m, k, n, **kw):
 
 @pytest.mark.parametrize("m,k,n", RAGGED)
 def test_int8_reference_matches_numpy(m, k, n):
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(m), m, k, n)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, m, m, k, n)
     got = w8a8.int8_matmul_reference(x, xs, w, ws, b, out_dtype=jnp.float32)
     want = (_np(x) @ _np(w).T) * _np(xs) * _np(ws)[None] + _np(b)[None]
     np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-5)
@@ -68,7 +85,7 @@ def test_int8_reference_matches_numpy(m, k, n):
 
 @pytest.mark.parametrize("m,k,n", RAGGED)
 def test_fp8_reference_matches_numpy(m, k, n):
-    x, xs, w, ws, b = testing.w8a8_fp8_inputs(jax.random.key(m + 1), m, k, n)
+    x, xs, w, ws, b = _inputs(testing.w8a8_fp8_inputs, m + 1, m, k, n)
     got = w8a8.fp8_matmul_reference(x, xs, w, ws, None, out_dtype=jnp.float32)
     want = (_np(x) @ _np(w).T) * _np(xs) * _np(ws)[None]
     np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
@@ -112,7 +129,7 @@ def test_magic_number_conversion_matches_astype(seed):
 
 
 def test_w8a8_bad_shapes_raise_named_errors():
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 4, 64, 8)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 0, 4, 64, 8)
     with pytest.raises(ValueError, match="K-major"):
         w8a8.int8_matmul(x, xs, w.T, ws, b)
     with pytest.raises(ValueError, match="x_scale"):
@@ -123,10 +140,10 @@ def test_w8a8_bad_shapes_raise_named_errors():
         w8a8.int8_matmul(x, xs, w, ws, b[:1])
     with pytest.raises(ValueError, match="dtype"):
         w8a8.int8_matmul(x.astype(jnp.float8_e4m3fn), xs, w, ws, b)
-    xf, xsf, wf, wsf, _ = testing.w8a8_fp8_block_inputs(jax.random.key(0), 4, 256, 8)
+    xf, xsf, wf, wsf, _ = _inputs(testing.w8a8_fp8_block_inputs, 0, 4, 256, 8)
     with pytest.raises(ValueError, match=r"x_scale must be \[M, ceil\(K/128\)\]"):
         w8a8.fp8_block_matmul(xf, xsf[:, :1], wf, wsf)
-    xi, xsi, wi, wsi, _ = testing.w8a8_int8_block_inputs(jax.random.key(0), 4, 256, 8)
+    xi, xsi, wi, wsi, _ = _inputs(testing.w8a8_int8_block_inputs, 0, 4, 256, 8)
     with pytest.raises(ValueError, match=r"int8_block_matmul: x_q .*dtype"):
         w8a8.int8_block_matmul(xf, xsi, wi, wsi)  # e4m3 codes into the int8 kernel
     with pytest.raises(ValueError, match=r"int8_block_matmul: w_scale must be"):
@@ -170,7 +187,7 @@ def test_xla_int4_view_matches_packing():
 
 @pytest.mark.parametrize("m,k,n", RAGGED + [(4, 301, 130)])
 def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
-    x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(k + n), m, k, n)
+    x, xs, packed, ws, b = _inputs(testing.w4a8_inputs, k + n, m, k, n)
     got = w4a8.w4a8_matmul_reference(x, xs, packed, ws, b, out_dtype=jnp.float32)
     q = _np(weight_only.unpack_int4(packed, k))
     assert q.min() >= -8 and q.max() <= 7
@@ -184,7 +201,7 @@ def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
 
 
 def test_svdquant_path_adds_the_lowrank_branch_to_the_w4a8_gemm():
-    x, x_q, xs, packed, ws, l1, l2, b = testing.svdquant_r32_inputs(jax.random.key(3), 6, 200, 72)
+    x, x_q, xs, packed, ws, l1, l2, b = _inputs(testing.svdquant_r32_inputs, 3, 6, 200, 72)
     got = w4a8.svdquant_matmul(x, x_q, xs, packed, ws, l1, l2, b, out_dtype=jnp.float32)
     base = w4a8.w4a8_matmul_reference(x_q, xs, packed, ws, b, out_dtype=jnp.float32)
     branch = (_np(x) @ _np(l1)) @ _np(l2)
@@ -198,7 +215,7 @@ def test_svdquant_path_adds_the_lowrank_branch_to_the_w4a8_gemm():
 
 def test_int8_lowrank_epilogue_reference_path():
     # Off the GPU, int8_matmul(lowrank=(h, l2t)) is the reference plus h @ l2t^T, once rounded.
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(5), 7, 256, 40)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 5, 7, 256, 40)
     h = jax.random.normal(jax.random.key(6), (7, 32), jnp.float32).astype(jnp.bfloat16)
     l2t = jax.random.normal(jax.random.key(7), (40, 32), jnp.float32).astype(jnp.bfloat16)
     got = w8a8.int8_matmul(x, xs, w, ws, b, jnp.float32, lowrank=(h, l2t))
@@ -230,7 +247,7 @@ def test_svdquant_fuses_the_branch_into_the_gemm_epilogue(rank, fused, monkeypat
 
 
 def test_w4a8_bad_shapes_raise_named_errors():
-    x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(0), 4, 256, 16)
+    x, xs, packed, ws, b = _inputs(testing.w4a8_inputs, 0, 4, 256, 16)
     with pytest.raises(ValueError, match=r"w_packed must be \[N, ceil\(K/2\)\]"):
         w4a8.w4a8_matmul(x, xs, packed[:, :100], ws)
     with pytest.raises(ValueError, match="per-channel scales"):
@@ -252,7 +269,7 @@ def test_w4a8_lowers_to_mosaic_gpu_from_min_m(monkeypatch):
 
 @pytest.mark.parametrize("m,k,n", RAGGED + [(3, 300, 130)])
 def test_w4a16_reference_matches_numpy(m, k, n):
-    x, packed, scales = testing.w4a16_inputs(jax.random.key(k), m, k, n)
+    x, packed, scales = _inputs(testing.w4a16_inputs, k, m, k, n)
     got = weight_only.w4a16_matmul_reference(x, packed, scales, out_dtype=jnp.float32)
     q = _np(weight_only.unpack_int4(packed, k))
     w = q * np.repeat(_np(scales), 128, axis=1)[:, :k]
@@ -271,14 +288,14 @@ def test_w8a16_reference_matches_numpy(m, k, n, fp8):
 
 
 def test_weight_only_bad_shapes_raise_named_errors():
-    x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 2, 256, 8)
+    x, packed, scales = _inputs(testing.w4a16_inputs, 0, 2, 256, 8)
     with pytest.raises(ValueError, match="w_packed must be"):
         weight_only.w4a16_matmul(x, packed[:, :5], scales)
     with pytest.raises(ValueError, match="w_scale must be"):
         weight_only.w4a16_matmul(x, packed, scales[:, :1])
     with pytest.raises(ValueError, match="prepared for"):
         weight_only.w4a16_matmul_prepared(x[:, :128], weight_only.prepare_w4a16(packed, scales, 256))
-    x8, w8, s8 = testing.w8a16_inputs(jax.random.key(0), 2, 64, 8)
+    x8, w8, s8 = _inputs(testing.w8a16_inputs, 0, 2, 64, 8)
     with pytest.raises(ValueError, match="per-channel"):
         weight_only.w8a16_matmul(x8, w8, s8[:2])
 
@@ -404,7 +421,7 @@ def test_uint4_zero_points_prepared_path_matches_reference(m, kb, n, group):
 
 
 def test_codebook_bad_inputs_raise_named_errors():
-    x, packed, scales, _ = testing.table_inputs(jax.random.key(0), 2, 128, 8, "nf4", 64)
+    x, packed, scales, _ = _inputs(testing.table_inputs, 0, 2, 128, 8, "nf4", 64)
     with pytest.raises(ValueError, match="fmt must be one of"):
         w4_table.w4_table_matmul(x, packed, scales, fmt="nf5", block=64)
     with pytest.raises(ValueError, match="block 48 must divide K=128"):
@@ -437,7 +454,7 @@ def test_round_half_even_matches_jnp_round():
 )
 def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
     # Both the single-pass (row in registers) and the chunked two-pass programs, ragged M and K.
-    x = (jax.random.normal(jax.random.key(m * k), (m, k)) * 3).astype(jnp.bfloat16)
+    x = _normal(m * k, (m, k), 3, jnp.bfloat16)
     x = x.at[0].set(0.0)  # an all-zero row gets the scale floor and zeros
     q, s = act_quant.quantize_pallas(x, fmt, interpret=True, config=config)
     qr, sr = _quant.reference(x, fmt)
@@ -500,10 +517,10 @@ def test_quantizer_feeds_int8_gemm():
 
 def test_cpu_dispatch_falls_back_to_references(monkeypatch):
     monkeypatch.delenv(_common.FORCE_ENV, raising=False)
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(1), 3, 128, 16)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 1, 3, 128, 16)
     assert not w8a8.supports(x, w)
     chex.assert_trees_all_equal(w8a8.int8_matmul(x, xs, w, ws, b), w8a8.int8_matmul_reference(x, xs, w, ws, b))
-    xw, pw, sw = testing.w4a16_inputs(jax.random.key(2), 3, 256, 16)
+    xw, pw, sw = _inputs(testing.w4a16_inputs, 2, 3, 256, 16)
     assert not weight_only.supports(xw)
     chex.assert_trees_all_equal(weight_only.w4a16_matmul(xw, pw, sw), weight_only.w4a16_matmul_reference(xw, pw, sw))
     assert not act_quant.supports(xw)
@@ -526,7 +543,7 @@ def test_force_env(monkeypatch):
 
 def test_w8a8_padding_keeps_tma_alignment():
     cfg = w8a8.GemmConfig()
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 5, 200, 77)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 0, 5, 200, 77)
     xp, wp, xsp, wsb, (m, n) = w8a8._prepare(x, xs, w, ws, b, cfg)
     assert (m, n) == (5, 77)
     assert xp.shape == (128, 256) and wp.shape == (256, 256)
@@ -644,7 +661,7 @@ def test_triton_language_quantizer_needs_the_gpu_extra():
 def test_fused_hadamard_quantizer_matches_rotate_then_quantize(fmt, m, k):
     # The kernel rotates rows in registers (inner Sylvester product + leading-block mix) and must
     # give apply_hadamard's rows rounded to bf16, then the same codes and scales.
-    x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(jnp.bfloat16)
+    x = _normal(m + k, (m, k), 3, jnp.bfloat16)
     q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=True)
     qr, sr = _quant.reference(x, fmt, hadamard=True)
     chex.assert_trees_all_equal(q, qr)
@@ -675,7 +692,7 @@ def test_block_rotation_quantizer_matches_rotate_then_quantize(fmt, m, k, block,
     # hadamard=b: each b-wide chunk rotated by one +-1 product (two chunked passes, or one pass
     # over whole rows), giving apply_block_hadamard's rows rounded to x's dtype, then jquant's
     # codes and scales.
-    x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(dtype)
+    x = _normal(m + k, (m, k), 3, dtype)
     q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=block, config=config)
     qr, sr = _quant.reference(x, fmt, hadamard=block)
     if dtype == jnp.bfloat16:  # the rows round to bf16 on both sides: bit for bit
@@ -785,7 +802,7 @@ def test_block_sweep_programs_are_valid_and_exact():
         for k in (1536, 8960):
             cfgs = sweep.block_configs(k, 128)
             assert "chunked_r16_w4" in cfgs and any(c.single_pass for c in cfgs.values())
-            x = (jax.random.normal(jax.random.key(k), (3, k)) * 2).astype(jnp.bfloat16)
+            x = _normal(k, (3, k), 2, jnp.bfloat16)
             want = _quant.reference(x, "int8", hadamard=128)
             for name, cfg in cfgs.items():
                 got = act_quant.quantize_pallas(x, "int8", interpret=True, hadamard=128, config=cfg)
@@ -873,7 +890,7 @@ def test_activation_sweep_variants_match_their_references(monkeypatch):
     sweep = load_script("sweep_act_quant")
     monkeypatch.setattr(act_quant, "quantize_pallas", functools.partial(act_quant.quantize_pallas, interpret=True))
     try:
-        x = (jax.random.normal(jax.random.key(3), (3, 8960)) * 2).astype(jnp.bfloat16)
+        x = _normal(3, (3, 8960), 2, jnp.bfloat16)
         want = act_quant.act_reference(x, jnp.zeros((8960,)), "gelu_tanh", "int8")
         variants = sweep.activation_variants("gelu_tanh")("int8", 8960)
         assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel"} <= set(variants)
