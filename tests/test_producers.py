@@ -34,11 +34,25 @@ CFG = WanConfig(
 )
 
 
+def _init(cfg, dtype=jnp.float32):
+    """Random params of ``cfg``'s port drawn with NumPy, in the port's distributions (kernels
+    N(0, 1/fan_in), biases zero, norm scales one, Wan's modulation tables N(0, 1/dim)): the
+    port's own init is a jitted program of every initializer, ~4 s of compile a config."""
+    rng = np.random.default_rng(1)
+
+    def table(path, leaf):
+        if str(getattr(path[-1], "key", path[-1])) == "scale_shift_table":
+            return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * leaf.shape[-1] ** -0.5, dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(table, random_params(models.param_shapes(cfg), 0, dtype))
+
+
 @pytest.fixture(scope="module")
 def wan():
     port = models.port_for_config(CFG)
     module = port.module(CFG, jnp.bfloat16)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(CFG, jax.random.key(0)))
+    params = _init(CFG, jnp.bfloat16)
     roles = models.layer_roles(CFG, params)
     k1, k2 = jax.random.split(jax.random.key(1))
     x = draws.normal(k1, (2, 4, 2, 8, 8), jnp.float32)
@@ -213,14 +227,6 @@ def _random_like(v, seed: int):
     return jax.random.normal(jax.random.key(seed), v.shape, v.dtype)
 
 
-def _init(cfg):
-    """Random float32 params of ``cfg``'s port drawn with NumPy (kernels N(0, 1/fan_in), biases
-    zero, the rest one) for the runs below, which compare a run with itself: the port's jitted
-    init compiles every initializer (~5 s a config, more than the runs). The Wan runs above keep
-    the port's own init, which their error bounds were set on."""
-    return random_params(models.param_shapes(cfg), 0, jnp.float32)
-
-
 def _port_cases():
     from _pipeline_util import CONFIG as TINY_WAN
     from _pipeline_util import DIT
@@ -285,7 +291,7 @@ def _rotated_wan(weights: str, rotated: tuple[str, ...]):
     cfg = dataclasses.replace(CFG, num_attention_heads=4)
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.bfloat16)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(0)))
+    params = _init(cfg, jnp.bfloat16)
     q = pol.uniform(weights).quantize(params, models.layer_roles(cfg, params))
     aux = {
         path[:-1] + ("hadamard",): jnp.ones((128,), jnp.float32)
@@ -442,7 +448,7 @@ def test_quarot_random_signs_go_into_both_producers(monkeypatch):
     cfg = dataclasses.replace(CFG, num_attention_heads=4)
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.bfloat16)
-    p32 = port.init_params(cfg, jax.random.key(0))
+    p32 = _init(cfg)
     roles = models.layer_roles(cfg, p32)
     plan = quarot.dit_plan(p32, roles, cfg.attention_head_dim, online_block=128, skip_roles=("attn.out",))
     variables = quarot.quarot({"params": p32}, None, plan)
