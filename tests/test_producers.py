@@ -61,9 +61,21 @@ def wan():
     return module, params, roles, (x, t, text)
 
 
+_QUANTIZED: dict[tuple[int, str], tuple] = {}
+
+
+def _quantized(params, roles, weights: str):
+    """``params`` quantized to ``weights`` (every layer), once per params tree and spec: the runs
+    below take the same few trees many times (each an op-by-op pass over every layer)."""
+    key = (id(params), weights)
+    if key not in _QUANTIZED:  # the params are kept with their tree: their id is not reused
+        _QUANTIZED[key] = (params, pol.uniform(weights).quantize(params, roles))
+    return _QUANTIZED[key][1]
+
+
 def _run(wan, weights: str, act: str, **kw):
     module, params, roles, inputs = wan
-    q = pol.uniform(weights).quantize(params, roles)
+    q = _quantized(params, roles, weights)
     with jnn.quantized(act, **kw):
         return jax.jit(lambda p, *a: module.apply({"params": p}, *a))(q, *inputs)
 
