@@ -49,6 +49,7 @@ from jquant.io.gguf_layouts import (
 )
 from jquant.models import FluxConfig, HunyuanVideoConfig, LTXVideoConfig, WanConfig
 from jquant.models.loading import CheckpointMismatchError, port_for_config, save_pretrained
+from jquant.models.vae_blocks import random_params
 from jquant.qarray import QArray, dequantize
 
 # Tiny configs whose widths are multiples of 256, so every block type fits their rows.
@@ -331,11 +332,16 @@ def _encode(a: np.ndarray, t: T, quantizer: str) -> np.ndarray:
     return blocks.reshape(a.shape[:-1] + (-1,))
 
 
+def _init(cfg, seed: int) -> dict:
+    """Random float32 params of ``cfg``'s port drawn with NumPy (kernels N(0, 1/fan_in), biases
+    zero, the rest one): the port's jitted init compiles every initializer (~4 s a config)."""
+    return random_params(port_for_config(cfg).param_shapes(cfg), seed, jnp.float32)
+
+
 def write_community_file(path: Path, cfg, block_types: list[T], seed: int = 0, quantizer: str = "jquant") -> dict:
     """A random tiny model of ``cfg`` in the community layout, written by the gguf package's own
     GGUFWriter with mixed types. Returns {original name: (ggml type, raw bytes)}."""
-    port = port_for_config(cfg)
-    params = port.init_params(cfg, jax.random.key(seed))
+    params = _init(cfg, seed)
     noise = np.random.default_rng(seed + 1)  # numpy: jax.random would compile one kernel per leaf shape
     params = jax.tree_util.tree_map(
         lambda x: np.asarray(x) + np.float32(0.02) * noise.standard_normal(x.shape, np.float32), params
@@ -467,7 +473,7 @@ def test_export_comfy_from_diffusers_dir(tmp_path: Path) -> None:
     file ComfyUI-GGUF's reader accepts; importing it and exporting again gives identical codes."""
     cfg = CONFIGS["flux"]
     port = port_for_config(cfg)
-    params = port.init_params(cfg, jax.random.key(0))
+    params = _init(cfg, 0)
     params = jax.tree_util.tree_map(lambda x: (x + 0.02).astype(jnp.bfloat16), params)
     d = tmp_path / "flux"
     save_pretrained(d, cfg, params)
@@ -544,7 +550,7 @@ def test_cli_export_gguf_layout(tmp_path: Path, capsys) -> None:
 
     cfg = CONFIGS["wan"]
     d = tmp_path / "wan"
-    save_pretrained(d, cfg, port_for_config(cfg).init_params(cfg, jax.random.key(0)))
+    save_pretrained(d, cfg, _init(cfg, 0))
     out = tmp_path / "wan-Q8_0.gguf"
     assert main(["export-gguf", str(d), str(out), "--layout", "comfy", "--type", "Q8_0"]) == 0
     assert "comfy layout" in capsys.readouterr().out
@@ -567,8 +573,7 @@ def test_export_comfy_other_families(arch: str, ftype: str, tmp_path: Path) -> N
     tensors) and LTX-Video from diffusers folders: types per the rules, import runs, re-export
     identical."""
     cfg = CONFIGS[arch]
-    port = port_for_config(cfg)
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(2)))
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), _init(cfg, 2))
     save_pretrained(tmp_path / arch, cfg, params)
     report = export_gguf(tmp_path / arch, tmp_path / f"{arch}.gguf", ftype, layout="comfy")
     family = FAMILIES[arch]

@@ -93,15 +93,27 @@ def _interpret(cases: list[tuple]) -> list[float]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("fmt", sorted(kq.FORMATS))
-def test_kernel_matches_ggml_decode_in_the_interpreter(fmt: str) -> None:
-    pytest.importorskip("triton")
-    pytest.importorskip("torch")
+def _interpreter_cases(fmt: str) -> list[tuple]:
     # the CUDA-core path (fp32 throughout) at M = 1 and 2, split K, loading 0-4 tiles ahead of the
     # 4 (2 when split) tiles a program decodes; the tensor-core path at M = 5
     cases = [(fmt, 1, False, 8, 1, d) for d in (4, 3)]
-    cases += [(fmt, 2, False, 16, 1, 2), (fmt, 2, False, 16, 2, 0), (fmt, 5, True, 16, 2, 1)]
-    *fma, mma = _interpret(cases)
+    return cases + [(fmt, 2, False, 16, 1, 2), (fmt, 2, False, 16, 2, 0), (fmt, 5, True, 16, 2, 1)]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, list[float]]:
+    """Every format's cases in one child process (its imports of Triton, PyTorch and JAX cost
+    more than a format's kernel runs): {fmt: the errors of its cases}."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    fmts = sorted(kq.FORMATS)
+    errors = iter(_interpret([case for fmt in fmts for case in _interpreter_cases(fmt)]))
+    return {fmt: [next(errors) for _ in _interpreter_cases(fmt)] for fmt in fmts}
+
+
+@pytest.mark.parametrize("fmt", sorted(kq.FORMATS))
+def test_kernel_matches_ggml_decode_in_the_interpreter(fmt: str, interpreted: dict[str, list[float]]) -> None:
+    *fma, mma = interpreted[fmt]
     assert max(fma) < 1e-6, fma
     assert mma < 2e-3, mma  # fp16 operands (the interpreter's stand-in for bf16), fp32 accumulation
 

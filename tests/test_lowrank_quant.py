@@ -5,6 +5,8 @@ The kernel runs here under ``interpret=True`` (the GPU check, scripts/check_kern
 for CUDA.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,19 @@ CONFIGS = [
 ]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one program a shape (eager: one a random op)
 def _inputs(m, k, r, seed=0):
     kx, kl = jax.random.split(jax.random.key(seed))
     x = (jax.random.normal(kx, (m, k)) * 3).astype(jnp.bfloat16)
     return x, (jax.random.normal(kl, (k, r)) / k**0.5).astype(jnp.bfloat16)
+
+
+# The kernel (interpreted) and the references, each one program a shape: eager, each op of them
+# compiles again for every new shape.
+_kernel = jax.jit(lowrank_quant.quantize_lowrank_pallas, static_argnums=2, static_argnames=("interpret", "config"))
+_reference = jax.jit(lowrank_quant.reference, static_argnums=2)
+_quant_reference = jax.jit(_quant.reference, static_argnums=1)
+_down_projection = jax.jit(w4a8.down_projection)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -38,13 +49,13 @@ def test_interpret_matches_quantizer_and_down_projection(fmt, config, m, k, r):
         config.check(k)
     except ValueError:
         pytest.skip("does not fit in registers")
-    q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, fmt, interpret=True, config=config)
-    qr, sr = _quant.reference(x, fmt)
+    q, s, h = _kernel(x, l1, fmt, interpret=True, config=config)
+    qr, sr = _quant_reference(x, fmt)
     chex.assert_trees_all_equal((q, s), (qr, sr))
     chex.assert_shape(h, (m, r))
     chex.assert_type(h, jnp.bfloat16)
     chex.assert_trees_all_close(
-        h.astype(jnp.float32), w4a8.down_projection(x, l1).astype(jnp.float32), rtol=1e-2, atol=1e-2
+        np.asarray(h, np.float32), np.asarray(_down_projection(x, l1), np.float32), rtol=1e-2, atol=1e-2
     )
 
 
@@ -55,10 +66,10 @@ def test_interpret_matches_quantizer_and_down_projection(fmt, config, m, k, r):
 @given(m=st.sampled_from([1, 17, 40]), k=st.sampled_from([1, 129, 700]), seed=st.integers(0, 2**16))
 def test_ragged_shapes_property(m, k, seed):
     x, l1 = _inputs(m, k, 16, seed)
-    q, s, h = lowrank_quant.quantize_lowrank_pallas(x, l1, "int8", interpret=True)
-    qr, sr, hr = lowrank_quant.reference(x, l1, "int8")
+    q, s, h = _kernel(x, l1, "int8", interpret=True)
+    qr, sr, hr = _reference(x, l1, "int8")
     chex.assert_trees_all_equal((q, s), (qr, sr))
-    chex.assert_trees_all_close(h.astype(jnp.float32), hr.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+    chex.assert_trees_all_close(np.asarray(h, np.float32), np.asarray(hr, np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_bad_inputs_raise_named_errors():

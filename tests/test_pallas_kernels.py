@@ -39,14 +39,35 @@ from pallas_kernels import (
 )
 
 RAGGED = [(1, 64, 8), (33, 300, 77)]
-# The property tests' inputs, one compiled program per shape: eager, each random op of a builder
-# compiles again for every new shape (~1 s an example, more than the checks themselves).
-_table_inputs = jax.jit(testing.table_inputs, static_argnums=(1, 2, 3, 4, 5, 6))
-_uint4_inputs = jax.jit(testing.uint4_inputs, static_argnums=(1, 2, 3, 4))
 
 
 def _np(x):
-    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
+    # NumPy's conversion (ml_dtypes' bf16/fp8/int4 widen exactly): a jnp cast would compile one
+    # program per new shape and dtype.
+    return np.asarray(x).astype(np.float64)
+
+
+@functools.cache
+def _jitted_maker(make, nargs):
+    return jax.jit(make, static_argnums=tuple(range(1, nargs)))
+
+
+def _inputs(make, seed, m, k, n, *args):
+    """``make(jax.random.key(seed), m, k, n, *args)`` as one compiled program a shape (eager,
+    each random op of a builder compiles again for every new shape)."""
+    return _jitted_maker(make, 4 + len(args))(jax.random.key(seed), m, k, n, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(seed, shape, scale, dtype):
+    """``(normal(key(seed), shape) * scale).astype(dtype)`` as one program a shape."""
+    return (jax.random.normal(jax.random.key(seed), shape) * scale).astype(dtype)
+
+
+def _input_shapes(make, m, k, n, **kw):
+    """``make(key, m, k, n)``'s outputs as ShapeDtypeStructs (None stays None): the lowering
+    tests need shapes only, and computing random inputs at their sizes compiles every random op."""
+    return jax.eval_shape(lambda key: make(key, m, k, n, **kw), jax.random.key(0))
 
 
 # --------------------------------------------------------------------------
@@ -56,7 +77,7 @@ def _np(x):
 
 @pytest.mark.parametrize("m,k,n", RAGGED)
 def test_int8_reference_matches_numpy(m, k, n):
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(m), m, k, n)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, m, m, k, n)
     got = w8a8.int8_matmul_reference(x, xs, w, ws, b, out_dtype=jnp.float32)
     want = (_np(x) @ _np(w).T) * _np(xs) * _np(ws)[None] + _np(b)[None]
     np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-5)
@@ -64,7 +85,7 @@ def test_int8_reference_matches_numpy(m, k, n):
 
 @pytest.mark.parametrize("m,k,n", RAGGED)
 def test_fp8_reference_matches_numpy(m, k, n):
-    x, xs, w, ws, b = testing.w8a8_fp8_inputs(jax.random.key(m + 1), m, k, n)
+    x, xs, w, ws, b = _inputs(testing.w8a8_fp8_inputs, m + 1, m, k, n)
     got = w8a8.fp8_matmul_reference(x, xs, w, ws, None, out_dtype=jnp.float32)
     want = (_np(x) @ _np(w).T) * _np(xs) * _np(ws)[None]
     np.testing.assert_allclose(_np(got), want, rtol=1e-4, atol=1e-3)
@@ -108,7 +129,7 @@ def test_magic_number_conversion_matches_astype(seed):
 
 
 def test_w8a8_bad_shapes_raise_named_errors():
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 4, 64, 8)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 0, 4, 64, 8)
     with pytest.raises(ValueError, match="K-major"):
         w8a8.int8_matmul(x, xs, w.T, ws, b)
     with pytest.raises(ValueError, match="x_scale"):
@@ -119,10 +140,10 @@ def test_w8a8_bad_shapes_raise_named_errors():
         w8a8.int8_matmul(x, xs, w, ws, b[:1])
     with pytest.raises(ValueError, match="dtype"):
         w8a8.int8_matmul(x.astype(jnp.float8_e4m3fn), xs, w, ws, b)
-    xf, xsf, wf, wsf, _ = testing.w8a8_fp8_block_inputs(jax.random.key(0), 4, 256, 8)
+    xf, xsf, wf, wsf, _ = _inputs(testing.w8a8_fp8_block_inputs, 0, 4, 256, 8)
     with pytest.raises(ValueError, match=r"x_scale must be \[M, ceil\(K/128\)\]"):
         w8a8.fp8_block_matmul(xf, xsf[:, :1], wf, wsf)
-    xi, xsi, wi, wsi, _ = testing.w8a8_int8_block_inputs(jax.random.key(0), 4, 256, 8)
+    xi, xsi, wi, wsi, _ = _inputs(testing.w8a8_int8_block_inputs, 0, 4, 256, 8)
     with pytest.raises(ValueError, match=r"int8_block_matmul: x_q .*dtype"):
         w8a8.int8_block_matmul(xf, xsi, wi, wsi)  # e4m3 codes into the int8 kernel
     with pytest.raises(ValueError, match=r"int8_block_matmul: w_scale must be"):
@@ -141,13 +162,18 @@ def test_int4_nibble_layout_is_low_first_twos_complement():
     chex.assert_trees_all_equal(weight_only.unpack_int4(packed), q.astype(jnp.int8))
 
 
+# One program a shape for each direction (eager, each of their ops compiles again for every shape).
+_jit_pack_int4 = jax.jit(weight_only.pack_int4)
+_jit_unpack_int4 = jax.jit(weight_only.unpack_int4, static_argnums=1)
+
+
 @settings(max_examples=4, deadline=None)
 @given(n=st.integers(1, 5), k=st.integers(1, 37), seed=st.integers(0, 2**16))
 def test_int4_pack_roundtrip(n, k, seed):
     q = np.random.default_rng(seed).integers(-8, 8, size=(n, k))
-    packed = weight_only.pack_int4(jnp.asarray(q))
+    packed = _jit_pack_int4(jnp.asarray(q))
     assert packed.shape == (n, (k + 1) // 2) and packed.dtype == jnp.uint8
-    np.testing.assert_array_equal(np.asarray(weight_only.unpack_int4(packed, k)), q)
+    np.testing.assert_array_equal(np.asarray(_jit_unpack_int4(packed, k)), q)
 
 
 def test_xla_int4_view_matches_packing():
@@ -161,7 +187,7 @@ def test_xla_int4_view_matches_packing():
 
 @pytest.mark.parametrize("m,k,n", RAGGED + [(4, 301, 130)])
 def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
-    x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(k + n), m, k, n)
+    x, xs, packed, ws, b = _inputs(testing.w4a8_inputs, k + n, m, k, n)
     got = w4a8.w4a8_matmul_reference(x, xs, packed, ws, b, out_dtype=jnp.float32)
     q = _np(weight_only.unpack_int4(packed, k))
     assert q.min() >= -8 and q.max() <= 7
@@ -175,7 +201,7 @@ def test_w4a8_reference_matches_numpy_and_cpu_wrapper(m, k, n):
 
 
 def test_svdquant_path_adds_the_lowrank_branch_to_the_w4a8_gemm():
-    x, x_q, xs, packed, ws, l1, l2, b = testing.svdquant_r32_inputs(jax.random.key(3), 6, 200, 72)
+    x, x_q, xs, packed, ws, l1, l2, b = _inputs(testing.svdquant_r32_inputs, 3, 6, 200, 72)
     got = w4a8.svdquant_matmul(x, x_q, xs, packed, ws, l1, l2, b, out_dtype=jnp.float32)
     base = w4a8.w4a8_matmul_reference(x_q, xs, packed, ws, b, out_dtype=jnp.float32)
     branch = (_np(x) @ _np(l1)) @ _np(l2)
@@ -189,7 +215,7 @@ def test_svdquant_path_adds_the_lowrank_branch_to_the_w4a8_gemm():
 
 def test_int8_lowrank_epilogue_reference_path():
     # Off the GPU, int8_matmul(lowrank=(h, l2t)) is the reference plus h @ l2t^T, once rounded.
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(5), 7, 256, 40)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 5, 7, 256, 40)
     h = jax.random.normal(jax.random.key(6), (7, 32), jnp.float32).astype(jnp.bfloat16)
     l2t = jax.random.normal(jax.random.key(7), (40, 32), jnp.float32).astype(jnp.bfloat16)
     got = w8a8.int8_matmul(x, xs, w, ws, b, jnp.float32, lowrank=(h, l2t))
@@ -200,7 +226,7 @@ def test_int8_lowrank_epilogue_reference_path():
 @pytest.mark.parametrize("rank,fused", [(32, True), (16, True), (64, True), (8, False), (80, False)])
 def test_svdquant_fuses_the_branch_into_the_gemm_epilogue(rank, fused, monkeypatch):
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
-    args = testing.svdquant_r32_inputs(jax.random.key(0), w4a8.MIN_M + 6, 320, 136, rank=rank)
+    args = _input_shapes(testing.svdquant_r32_inputs, w4a8.MIN_M + 6, 320, 136, rank=rank)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     text = jax.jit(w4a8.svdquant_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") > 0
@@ -221,7 +247,7 @@ def test_svdquant_fuses_the_branch_into_the_gemm_epilogue(rank, fused, monkeypat
 
 
 def test_w4a8_bad_shapes_raise_named_errors():
-    x, xs, packed, ws, b = testing.w4a8_inputs(jax.random.key(0), 4, 256, 16)
+    x, xs, packed, ws, b = _inputs(testing.w4a8_inputs, 0, 4, 256, 16)
     with pytest.raises(ValueError, match=r"w_packed must be \[N, ceil\(K/2\)\]"):
         w4a8.w4a8_matmul(x, xs, packed[:, :100], ws)
     with pytest.raises(ValueError, match="per-channel scales"):
@@ -235,15 +261,15 @@ def test_w4a8_bad_shapes_raise_named_errors():
 def test_w4a8_lowers_to_mosaic_gpu_from_min_m(monkeypatch):
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
     case = testing.CASES["w4a8"]
-    args = case.make_inputs(jax.random.key(0), w4a8.MIN_M + 6, 300, 136)
+    args = _input_shapes(case.make_inputs, w4a8.MIN_M + 6, 300, 136)
     assert _lowers_to_mosaic(case.kernel, *args)
-    small = case.make_inputs(jax.random.key(0), 16, 300, 136)
+    small = _input_shapes(case.make_inputs, 16, 300, 136)
     assert not _lowers_to_mosaic(case.kernel, *small)  # small M stays on the reference (W4A16's job)
 
 
 @pytest.mark.parametrize("m,k,n", RAGGED + [(3, 300, 130)])
 def test_w4a16_reference_matches_numpy(m, k, n):
-    x, packed, scales = testing.w4a16_inputs(jax.random.key(k), m, k, n)
+    x, packed, scales = _inputs(testing.w4a16_inputs, k, m, k, n)
     got = weight_only.w4a16_matmul_reference(x, packed, scales, out_dtype=jnp.float32)
     q = _np(weight_only.unpack_int4(packed, k))
     w = q * np.repeat(_np(scales), 128, axis=1)[:, :k]
@@ -262,14 +288,14 @@ def test_w8a16_reference_matches_numpy(m, k, n, fp8):
 
 
 def test_weight_only_bad_shapes_raise_named_errors():
-    x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 2, 256, 8)
+    x, packed, scales = _inputs(testing.w4a16_inputs, 0, 2, 256, 8)
     with pytest.raises(ValueError, match="w_packed must be"):
         weight_only.w4a16_matmul(x, packed[:, :5], scales)
     with pytest.raises(ValueError, match="w_scale must be"):
         weight_only.w4a16_matmul(x, packed, scales[:, :1])
     with pytest.raises(ValueError, match="prepared for"):
         weight_only.w4a16_matmul_prepared(x[:, :128], weight_only.prepare_w4a16(packed, scales, 256))
-    x8, w8, s8 = testing.w8a16_inputs(jax.random.key(0), 2, 64, 8)
+    x8, w8, s8 = _inputs(testing.w8a16_inputs, 0, 2, 64, 8)
     with pytest.raises(ValueError, match="per-channel"):
         weight_only.w8a16_matmul(x8, w8, s8[:2])
 
@@ -329,6 +355,28 @@ def test_codebook_byte_remap_keeps_both_nibbles(fmt):
     np.testing.assert_array_equal(np.asarray(q), want)
 
 
+# One program per example (eager, each op of the paths compiled again for every new shape: ~30
+# programs an example): the random inputs, then what the test checks on them.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _codebook_case(key, m, k, n, fmt, block, scaling):
+    """Inputs, and the reference, its dequantized weights, the kernel layout and the XLA path on it."""
+    x, packed, scales, tensor = inputs = testing.table_inputs(key, m, k, n, fmt, block, scaling)
+    ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block, out_dtype=jnp.float32)
+    prepared = w4_table.prepare_w4_table(packed, scales, k, fmt=fmt, block=block)
+    got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
+    return inputs, (ref, w4_table.dequantize(packed, scales, k, fmt=fmt, block=block), prepared, got)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _uint4_case(key, m, k, n, group):
+    """Inputs, and the uint4 reference, the unpacked codes, the kernel layout and the XLA path on it."""
+    x, packed, scales, zeros = inputs = testing.uint4_inputs(key, m, k, n, group)
+    ref = w4_table.uint4_matmul_reference(x, packed, scales, zeros, out_dtype=jnp.float32, group_size=group)
+    prepared = w4_table.prepare_uint4(packed, scales, zeros, k, group)
+    got = weight_only.w4a16_matmul_prepared(x, prepared, out_dtype=jnp.float32)
+    return inputs, (ref, weight_only.unpack_int4(packed, k), prepared, got)
+
+
 @settings(deadline=None, max_examples=5)
 @given(
     fmt=st.sampled_from(["nf4", "fp4"]),
@@ -341,17 +389,14 @@ def test_codebook_byte_remap_keeps_both_nibbles(fmt):
 def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
     k = block * kb
     scaling = "nv" if nv and fmt == "fp4" else ""
-    x, packed, scales, tensor = _table_inputs(jax.random.key(m * n + k), m, k, n, fmt, block, scaling)
-    ref = w4_table.w4_table_matmul_reference(x, packed, scales, tensor, fmt=fmt, block=block, out_dtype=jnp.float32)
-    w_dq_ref = _np(w4_table.dequantize(packed, scales, k, fmt=fmt, block=block)) * (
-        1.0 if tensor is None else float(tensor)
+    (x, packed, scales, tensor), (ref, w_dq, prepared, got) = _codebook_case(
+        jax.random.key(m * n + k), m, k, n, fmt, block, scaling
     )
+    w_dq_ref = _np(w_dq) * (1.0 if tensor is None else float(tensor))
     want = _np(x) @ w_dq_ref.T
     assert_dot_close(_np(ref), want, _np(x), w_dq_ref, 1e-5, "codebook reference")
     # The kernel layout (remapped codes, padded, decoded by decode_codes) through the XLA path.
-    prepared = w4_table.prepare_w4_table(packed, scales, k, fmt=fmt, block=block)
     chex.assert_shape(prepared.w, (-(-n // 128) * 128, -(-k // 128) * 128))
-    got = w4_table.w4_table_matmul_prepared(x, prepared, tensor, out_dtype=jnp.float32)
     assert_dot_close(_np(got), _np(ref), _np(x), w_dq_ref, 1e-2, "bf16 weights on the XLA path")
 
 
@@ -364,22 +409,19 @@ def test_codebook_prepared_path_matches_reference(fmt, block, m, kb, n, nv):
 )
 def test_uint4_zero_points_prepared_path_matches_reference(m, kb, n, group):
     k = 128 * kb
-    x, packed, scales, zeros = _uint4_inputs(jax.random.key(m + n), m, k, n, group)
-    ref = w4_table.uint4_matmul_reference(x, packed, scales, zeros, out_dtype=jnp.float32, group_size=group)
-    u = _np(weight_only.unpack_int4(packed, k)) % 16
+    (x, packed, scales, zeros), (ref, unpacked, prepared, got) = _uint4_case(jax.random.key(m + n), m, k, n, group)
+    u = _np(unpacked) % 16
     rep = lambda a: np.repeat(_np(a), group, axis=1)
     want = _np(x) @ ((u - rep(zeros)) * rep(scales)).T
     assert_dot_close(_np(ref), want, _np(x), (u - rep(zeros)) * rep(scales), 1e-5, "uint4 reference")
-    prepared = w4_table.prepare_uint4(packed, scales, zeros, k, group)
     chex.assert_equal_shape([prepared.s_t, prepared.o_t])
-    got = weight_only.w4a16_matmul_prepared(x, prepared, out_dtype=jnp.float32)
     assert_dot_close(_np(got), want, _np(x), (u - rep(zeros)) * rep(scales), 1e-2, "uint4 prepared path")
     with pytest.raises(ValueError, match="w_zero must have w_scale's shape"):
-        w4_table.uint4_matmul(x, packed, scales, jnp.concatenate([zeros, zeros], 1), group_size=group)
+        w4_table.uint4_matmul(x, packed, scales, np.concatenate([zeros, zeros], 1), group_size=group)
 
 
 def test_codebook_bad_inputs_raise_named_errors():
-    x, packed, scales, _ = testing.table_inputs(jax.random.key(0), 2, 128, 8, "nf4", 64)
+    x, packed, scales, _ = _inputs(testing.table_inputs, 0, 2, 128, 8, "nf4", 64)
     with pytest.raises(ValueError, match="fmt must be one of"):
         w4_table.w4_table_matmul(x, packed, scales, fmt="nf5", block=64)
     with pytest.raises(ValueError, match="block 48 must divide K=128"):
@@ -412,7 +454,7 @@ def test_round_half_even_matches_jnp_round():
 )
 def test_quantizer_kernel_interpret_matches_reference(fmt, m, k, config):
     # Both the single-pass (row in registers) and the chunked two-pass programs, ragged M and K.
-    x = (jax.random.normal(jax.random.key(m * k), (m, k)) * 3).astype(jnp.bfloat16)
+    x = _normal(m * k, (m, k), 3, jnp.bfloat16)
     x = x.at[0].set(0.0)  # an all-zero row gets the scale floor and zeros
     q, s = act_quant.quantize_pallas(x, fmt, interpret=True, config=config)
     qr, sr = _quant.reference(x, fmt)
@@ -427,6 +469,11 @@ def _token_rows(key, m, k, spread):
     return (jax.random.normal(key, (m, k)) * spread).astype(jnp.bfloat16).at[0].set(0.0)
 
 
+# Each rule as one program a shape (eager, each of their ops compiles again for every shape).
+_jit_reference = jax.jit(_quant.reference, static_argnums=1)
+_jit_quantize = jax.jit(functools.partial(jquant.quantize, check_finite=False), static_argnums=1)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     m=st.sampled_from([1, 2, 9]),  # few shapes: each new one compiles both quantizers
@@ -438,8 +485,8 @@ def test_quantizer_reference_is_jquants_per_token_rule(m, k, spread, fmt):
     # The kernels' reference equals jquant.quantize(x, "<fmt>/token") to the bit (codes and scales),
     # so the dispatch may hand activations to the kernel and keep the XLA path's codes.
     x = _token_rows(jax.random.key(m * 1000 + k), m, k, spread)
-    q, s = _quant.reference(x, fmt)
-    want = jquant.quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token", check_finite=False)
+    q, s = _jit_reference(x, fmt)
+    want = _jit_quantize(x, "int8/token" if fmt == "int8" else "fp8_e4m3/token")
     chex.assert_trees_all_equal(q, want.qvalue)
     chex.assert_trees_all_equal(s, want.scale.astype(jnp.float32).reshape(m, 1))
 
@@ -470,10 +517,10 @@ def test_quantizer_feeds_int8_gemm():
 
 def test_cpu_dispatch_falls_back_to_references(monkeypatch):
     monkeypatch.delenv(_common.FORCE_ENV, raising=False)
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(1), 3, 128, 16)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 1, 3, 128, 16)
     assert not w8a8.supports(x, w)
     chex.assert_trees_all_equal(w8a8.int8_matmul(x, xs, w, ws, b), w8a8.int8_matmul_reference(x, xs, w, ws, b))
-    xw, pw, sw = testing.w4a16_inputs(jax.random.key(2), 3, 256, 16)
+    xw, pw, sw = _inputs(testing.w4a16_inputs, 2, 3, 256, 16)
     assert not weight_only.supports(xw)
     chex.assert_trees_all_equal(weight_only.w4a16_matmul(xw, pw, sw), weight_only.w4a16_matmul_reference(xw, pw, sw))
     assert not act_quant.supports(xw)
@@ -496,7 +543,7 @@ def test_force_env(monkeypatch):
 
 def test_w8a8_padding_keeps_tma_alignment():
     cfg = w8a8.GemmConfig()
-    x, xs, w, ws, b = testing.w8a8_int8_inputs(jax.random.key(0), 5, 200, 77)
+    x, xs, w, ws, b = _inputs(testing.w8a8_int8_inputs, 0, 5, 200, 77)
     xp, wp, xsp, wsb, (m, n) = w8a8._prepare(x, xs, w, ws, b, cfg)
     assert (m, n) == (5, 77)
     assert xp.shape == (128, 256) and wp.shape == (256, 256)
@@ -544,7 +591,7 @@ def test_kernels_lower_to_mosaic_gpu(name, monkeypatch):
     # (256, 3072, 3072): 128 tokens, where the widest K steps no longer fit in shared memory.
     for m, k, n in [(5, 320, 136), (130, 1024, 520), (3, 3072, 256), (256, 3072, 3072)]:
         k = -(-k // case.k_multiple) * case.k_multiple
-        args = case.make_inputs(jax.random.key(0), m, k, n)
+        args = _input_shapes(case.make_inputs, m, k, n)
         assert _lowers_to_mosaic(case.kernel, *args), (name, m, k, n)
 
 
@@ -555,7 +602,7 @@ def test_w4a8_lowers_with_int4_tiles_in_the_kernel(m, k, n, monkeypatch):
     # The int4 view reaches the Mosaic kernel (no XLA widening convert); from WIDEN_MIN_M tokens
     # on, one XLA convert widens the weights for the int8 GEMM instead.
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
-    args = testing.w4a8_inputs(jax.random.key(0), m, k, n)
+    args = _input_shapes(testing.w4a8_inputs, m, k, n)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     text = jax.jit(w4a8.w4a8_matmul).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -614,7 +661,7 @@ def test_triton_language_quantizer_needs_the_gpu_extra():
 def test_fused_hadamard_quantizer_matches_rotate_then_quantize(fmt, m, k):
     # The kernel rotates rows in registers (inner Sylvester product + leading-block mix) and must
     # give apply_hadamard's rows rounded to bf16, then the same codes and scales.
-    x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(jnp.bfloat16)
+    x = _normal(m + k, (m, k), 3, jnp.bfloat16)
     q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=True)
     qr, sr = _quant.reference(x, fmt, hadamard=True)
     chex.assert_trees_all_equal(q, qr)
@@ -645,7 +692,7 @@ def test_block_rotation_quantizer_matches_rotate_then_quantize(fmt, m, k, block,
     # hadamard=b: each b-wide chunk rotated by one +-1 product (two chunked passes, or one pass
     # over whole rows), giving apply_block_hadamard's rows rounded to x's dtype, then jquant's
     # codes and scales.
-    x = (jax.random.normal(jax.random.key(m + k), (m, k)) * 3).astype(dtype)
+    x = _normal(m + k, (m, k), 3, dtype)
     q, s = act_quant.quantize_pallas(x, fmt, interpret=True, hadamard=block, config=config)
     qr, sr = _quant.reference(x, fmt, hadamard=block)
     if dtype == jnp.bfloat16:  # the rows round to bf16 on both sides: bit for bit
@@ -711,8 +758,12 @@ def test_round_to_bf16_is_the_bf16_cast(values):
 def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
     # The large-M W4A16 kernel (int4 dequantized in registers) lowers to Mosaic GPU; the prepared
     # path takes it from MIN_M tokens once verified or forced, and never off the GPU.
-    x, packed, scales = testing.w4a16_inputs(jax.random.key(0), 5, 320, 136)
-    prepared = weight_only.prepare_w4a16(packed, scales, 320)
+    x, prepared = jax.eval_shape(  # shapes only: nothing here runs
+        lambda key: (lambda x, p, s: (x, weight_only.prepare_w4a16(p, s, 320)))(
+            *testing.w4a16_inputs(key, 5, 320, 136)
+        ),
+        jax.random.key(0),
+    )
     assert not w4a16_gemm.supports(x)
     monkeypatch.setenv(_common.FORCE_ENV, "pallas")
     monkeypatch.setattr(_common, "on_hopper", lambda: True)
@@ -729,7 +780,7 @@ def test_w4a16_large_m_kernel_lowers_and_dispatches(config, monkeypatch):
     )
     assert "mosaic_gpu" in text
     # int8 per-channel weights (W8A16) through the same kernel.
-    _, w8, s8 = testing.w8a16_inputs(jax.random.key(1), 5, 320, 136)
+    _, w8, s8 = _input_shapes(testing.w8a16_inputs, 5, 320, 136)
     text = (
         jax.jit(lambda v, w, s: w4a16_gemm.w8a16_large_m(v, w, s, config=config))
         .trace(big, w8, s8)
@@ -751,7 +802,7 @@ def test_block_sweep_programs_are_valid_and_exact():
         for k in (1536, 8960):
             cfgs = sweep.block_configs(k, 128)
             assert "chunked_r16_w4" in cfgs and any(c.single_pass for c in cfgs.values())
-            x = (jax.random.normal(jax.random.key(k), (3, k)) * 2).astype(jnp.bfloat16)
+            x = _normal(k, (3, k), 2, jnp.bfloat16)
             want = _quant.reference(x, "int8", hadamard=128)
             for name, cfg in cfgs.items():
                 got = act_quant.quantize_pallas(x, "int8", interpret=True, hadamard=128, config=cfg)
@@ -839,7 +890,7 @@ def test_activation_sweep_variants_match_their_references(monkeypatch):
     sweep = load_script("sweep_act_quant")
     monkeypatch.setattr(act_quant, "quantize_pallas", functools.partial(act_quant.quantize_pallas, interpret=True))
     try:
-        x = (jax.random.normal(jax.random.key(3), (3, 8960)) * 2).astype(jnp.bfloat16)
+        x = _normal(3, (3, 8960), 2, jnp.bfloat16)
         want = act_quant.act_reference(x, jnp.zeros((8960,)), "gelu_tanh", "int8")
         variants = sweep.activation_variants("gelu_tanh")("int8", 8960)
         assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel"} <= set(variants)

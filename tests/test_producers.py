@@ -16,6 +16,7 @@ import jquant.nn as jnn
 from jquant import dispatch, models, producers
 from jquant import policy as pol
 from jquant.formats import parse_spec
+from jquant.models.vae_blocks import random_params
 from jquant.models.wan import WanConfig
 from jquant.qarray import quantize
 from pallas_kernels import fused_producers, norm_quant
@@ -33,11 +34,25 @@ CFG = WanConfig(
 )
 
 
+def _init(cfg, dtype=jnp.float32):
+    """Random params of ``cfg``'s port drawn with NumPy, in the port's distributions (kernels
+    N(0, 1/fan_in), biases zero, norm scales one, Wan's modulation tables N(0, 1/dim)): the
+    port's own init is a jitted program of every initializer, ~4 s of compile a config."""
+    rng = np.random.default_rng(1)
+
+    def table(path, leaf):
+        if str(getattr(path[-1], "key", path[-1])) == "scale_shift_table":
+            return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * leaf.shape[-1] ** -0.5, dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(table, random_params(models.param_shapes(cfg), 0, dtype))
+
+
 @pytest.fixture(scope="module")
 def wan():
     port = models.port_for_config(CFG)
     module = port.module(CFG, jnp.bfloat16)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(CFG, jax.random.key(0)))
+    params = _init(CFG, jnp.bfloat16)
     roles = models.layer_roles(CFG, params)
     k1, k2 = jax.random.split(jax.random.key(1))
     x = draws.normal(k1, (2, 4, 2, 8, 8), jnp.float32)
@@ -46,9 +61,21 @@ def wan():
     return module, params, roles, (x, t, text)
 
 
+_QUANTIZED: dict[tuple[int, str], tuple] = {}
+
+
+def _quantized(params, roles, weights: str):
+    """``params`` quantized to ``weights`` (every layer), once per params tree and spec: the runs
+    below take the same few trees many times (each an op-by-op pass over every layer)."""
+    key = (id(params), weights)
+    if key not in _QUANTIZED:  # the params are kept with their tree: their id is not reused
+        _QUANTIZED[key] = (params, pol.uniform(weights).quantize(params, roles))
+    return _QUANTIZED[key][1]
+
+
 def _run(wan, weights: str, act: str, **kw):
     module, params, roles, inputs = wan
-    q = pol.uniform(weights).quantize(params, roles)
+    q = _quantized(params, roles, weights)
     with jnn.quantized(act, **kw):
         return jax.jit(lambda p, *a: module.apply({"params": p}, *a))(q, *inputs)
 
@@ -229,16 +256,20 @@ def test_every_port_runs_with_producers_on(family):
     cfg = _port_cases()[family]
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.float32)
-    params = port.init_params(cfg, jax.random.key(0))
+    params = _init(cfg)  # the runs with producers on and off are compared, not their values
     q = pol.uniform("int8").quantize(params, models.layer_roles(cfg, params))
     inputs = port.dummy_inputs(cfg)
     inputs = {k: _random_like(v, i) for i, (k, v) in enumerate(inputs.items())}
+    arrays = {k: v for k, v in inputs.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in inputs.items() if not isinstance(v, jax.Array)}
     rules = (("^no-such-layer$", "int8/token128"),)
     outs = []
     for on in (True, False):
         with jnn.quantized("int8/token", act_rules=rules, producers=on) as cfg_on:
             assert cfg_on.takes_codes
-            outs.append(module.apply({"params": q}, **inputs))
+            # jitted, a fresh function each run (traced under its own settings): one program
+            # instead of one per op of the model
+            outs.append(jax.jit(lambda p, a: module.apply({"params": p}, **a, **static))(q, arrays))
     chex.assert_trees_all_equal(*outs)
 
 
@@ -250,15 +281,15 @@ def test_mm_dit_ffn_inputs_are_produced(monkeypatch):
     cfg = dataclasses.replace(FLUX, attention_head_dim=64, axes_dims_rope=(16, 24, 24))  # width 128
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.float32)
-    params = port.init_params(cfg, jax.random.key(0))
+    params = _init(cfg)
     q = pol.uniform("int8").quantize(params, models.layer_roles(cfg, params))
     inputs = {k: _random_like(v, i) for i, (k, v) in enumerate(port.dummy_inputs(cfg).items())}
     rules = ((r"ff(_context)?/net_0/proj$", "int8/token128"),)
     calls = _count_productions(monkeypatch)
     outs = []
     for on in (True, False):
-        with jnn.quantized("int8/token", act_rules=rules, producers=on):
-            outs.append(np.asarray(module.apply({"params": q}, **inputs)))
+        with jnn.quantized("int8/token", act_rules=rules, producers=on):  # jitted: a fresh trace each run
+            outs.append(np.asarray(jax.jit(lambda p, i: module.apply({"params": p}, **i))(q, inputs)))
     assert len(calls) == 2 * cfg.num_layers
     assert np.linalg.norm(outs[0] - outs[1]) / np.linalg.norm(outs[1]) < 1e-2  # f32 model: nearly equal
 
@@ -272,7 +303,7 @@ def _rotated_wan(weights: str, rotated: tuple[str, ...]):
     cfg = dataclasses.replace(CFG, num_attention_heads=4)
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.bfloat16)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), port.init_params(cfg, jax.random.key(0)))
+    params = _init(cfg, jnp.bfloat16)
     q = pol.uniform(weights).quantize(params, models.layer_roles(cfg, params))
     aux = {
         path[:-1] + ("hadamard",): jnp.ones((128,), jnp.float32)
@@ -429,7 +460,7 @@ def test_quarot_random_signs_go_into_both_producers(monkeypatch):
     cfg = dataclasses.replace(CFG, num_attention_heads=4)
     port = models.port_for_config(cfg)
     module = port.module(cfg, jnp.bfloat16)
-    p32 = port.init_params(cfg, jax.random.key(0))
+    p32 = _init(cfg)
     roles = models.layer_roles(cfg, p32)
     plan = quarot.dit_plan(p32, roles, cfg.attention_head_dim, online_block=128, skip_roles=("attn.out",))
     variables = quarot.quarot({"params": p32}, None, plan)

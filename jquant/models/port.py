@@ -195,9 +195,23 @@ class Port:
         return _jitted_init(self, config)(rng)
 
     def param_shapes(self, config: DiffusersConfig) -> dict[str, Any]:
-        """Param tree of ShapeDtypeStructs, computed without allocating (jax.eval_shape)."""
-        model = self.module(config)
-        return jax.eval_shape(lambda r: model.init(r, **self.dummy_inputs(config))["params"], jax.random.key(0))
+        """Param tree of ShapeDtypeStructs, computed without allocating (jax.eval_shape). The
+        trace of the whole model's init is kept per (module class, config): loading, saving and
+        checking one model share it. Each call returns a fresh tree."""
+        key = (self.module_cls, config)
+        try:
+            shapes = _PARAM_SHAPES.get(key)
+        except TypeError:  # an unhashable field value: nothing to key the cache on
+            key, shapes = None, None
+        if shapes is None:
+            model = self.module(config)
+            shapes = jax.eval_shape(lambda r: model.init(r, **self.dummy_inputs(config))["params"], jax.random.key(0))
+            if key is not None:
+                _PARAM_SHAPES[key] = shapes
+        return jax.tree.map(lambda s: s, shapes)
+
+
+_PARAM_SHAPES: dict[tuple[type, DiffusersConfig], dict[str, Any]] = {}
 
 
 _INIT_FNS: dict[tuple[type, DiffusersConfig], Callable[[jax.Array], dict[str, Any]]] = {}

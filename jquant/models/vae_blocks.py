@@ -9,6 +9,7 @@ Layouts: the ports compute channel-last ([B, (T,) H, W, C]); torch conv weights
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -160,16 +161,35 @@ def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, plan: TilePlan) ->
 
     Mirrors diffusers: tiles start every `stride` input pixels; each tile is blended with the
     (already blended) tile above and to its left over `blend` output pixels, then cut to `keep`.
+    Cutting the tiles and gluing `fn`'s outputs are one compiled program each (per shape and
+    plan), not one per slice and blend; `fn` is called on each tile as it is.
     """
+    return _glue([[fn(tile) for tile in row] for row in _cut(x, plan)], plan)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cut(x: jax.Array, plan: TilePlan) -> list[list[jax.Array]]:
+    """The input tiles of `tiled`, row by row (the last ones in a row or column smaller)."""
     h_axis, w_axis = x.ndim - 3, x.ndim - 2
     height, width = x.shape[h_axis], x.shape[w_axis]
-    rows: list[list[jax.Array]] = []
+    rows = []
     for i in range(0, height, plan.stride[0]):
-        row = []
-        for j in range(0, width, plan.stride[1]):
-            tile = jax.lax.slice_in_dim(x, i, min(i + plan.tile[0], height), axis=h_axis)
-            row.append(fn(jax.lax.slice_in_dim(tile, j, min(j + plan.tile[1], width), axis=w_axis)))
-        rows.append(row)
+        band = jax.lax.slice_in_dim(x, i, min(i + plan.tile[0], height), axis=h_axis)
+        rows.append(
+            [
+                jax.lax.slice_in_dim(band, j, min(j + plan.tile[1], width), axis=w_axis)
+                for j in range(0, width, plan.stride[1])
+            ]
+        )
+    return rows
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _glue(rows: list[list[jax.Array]], plan: TilePlan) -> jax.Array:
+    """`tiled`'s blend of the output tiles into one array (cropped to `plan.crop`)."""
+    rows = [list(row) for row in rows]
+    ndim = rows[0][0].ndim
+    h_axis, w_axis = ndim - 3, ndim - 2
     out_rows = []
     for i, row in enumerate(rows):
         kept = []

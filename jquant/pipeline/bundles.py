@@ -33,6 +33,7 @@ prompts through its own text encoders (:func:`pipeline_bundle`; the grid in **pi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -94,6 +95,18 @@ PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
 def _keys(seed: int, start: int, n: int) -> Array:
     """``n`` keys of one workload (its seed and first sample index)."""
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), start), n)
+
+
+def _draws(seed: int, start: int, *shapes: tuple[int, ...]) -> tuple[Array, ...]:
+    """A workload's standard-normal float32 draws, the ``i``-th of ``shapes`` from the ``i``-th of
+    its :func:`_keys`, made by one compiled program (drawn one by one, each shape and each
+    key's indexing compiles a program of its own)."""
+    return _normals(_keys(seed, start, len(shapes)), shapes)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _normals(keys: Array, shapes: tuple[tuple[int, ...], ...]) -> tuple[Array, ...]:
+    return tuple(jax.random.normal(keys[i], shape, jnp.float32) for i, shape in enumerate(shapes))
 
 
 def _bt(t: Array, batch: int, dtype: Any = jnp.float32) -> Array:
@@ -160,12 +173,14 @@ def flux_bundle(
     channels = config.in_channels // 4
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
-        k = _keys(seed, start, 3)
-        x_T = jax.random.normal(k[0], (n, channels, height, width), jnp.float32)
-        cond = {
-            "embeds": jax.random.normal(k[1], (n, text_tokens, config.joint_attention_dim), jnp.float32),
-            "pooled": jax.random.normal(k[2], (n, config.pooled_projection_dim), jnp.float32),
-        }
+        x_T, embeds, pooled = _draws(
+            seed,
+            start,
+            (n, channels, height, width),
+            (n, text_tokens, config.joint_attention_dim),
+            (n, config.pooled_projection_dim),
+        )
+        cond = {"embeds": embeds, "pooled": pooled}
         uncond = jax.tree.map(jnp.zeros_like, cond)
         if config.guidance_embeds:
             cond["guidance"] = uncond["guidance"] = jnp.full((n,), guidance, jnp.float32)
@@ -219,12 +234,14 @@ def hunyuan_bundle(
     )
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
-        k = _keys(seed, start, 3)
-        x_T = jax.random.normal(k[0], (n, config.in_channels, frames, height, width), jnp.float32)
-        cond = {
-            "embeds": jax.random.normal(k[1], (n, text_tokens, config.text_embed_dim), jnp.float32),
-            "pooled": jax.random.normal(k[2], (n, config.pooled_projection_dim), jnp.float32),
-        }
+        x_T, embeds, pooled = _draws(
+            seed,
+            start,
+            (n, config.in_channels, frames, height, width),
+            (n, text_tokens, config.text_embed_dim),
+            (n, config.pooled_projection_dim),
+        )
+        cond = {"embeds": embeds, "pooled": pooled}
         uncond = jax.tree.map(jnp.zeros_like, cond)
         if config.guidance_embeds:
             cond["guidance"] = uncond["guidance"] = jnp.full((n,), guidance * 1000.0, jnp.float32)
@@ -304,9 +321,9 @@ def cogvideox_bundle(
     )
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
-        k = _keys(seed, start, 2)
-        x_T = jax.random.normal(k[0], (n, frames, config.in_channels, height, width), jnp.float32)
-        text = jax.random.normal(k[1], (n, text_tokens, config.text_embed_dim), jnp.float32)
+        x_T, text = _draws(
+            seed, start, (n, frames, config.in_channels, height, width), (n, text_tokens, config.text_embed_dim)
+        )
         return Workload(x_T, text, jnp.zeros_like(text), tuple(range(start, start + n)))
 
     def to_video(latents: Array) -> tuple[Array, float | None]:
@@ -368,9 +385,9 @@ def mochi_bundle(
     )
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
-        k = _keys(seed, start, 2)
-        x_T = jax.random.normal(k[0], (n, config.in_channels, frames, height, width), jnp.float32)
-        text = jax.random.normal(k[1], (n, text_tokens, config.text_embed_dim), jnp.float32)
+        x_T, text = _draws(
+            seed, start, (n, config.in_channels, frames, height, width), (n, text_tokens, config.text_embed_dim)
+        )
         return Workload(x_T, text, jnp.zeros_like(text), tuple(range(start, start + n)))
 
     info = calibration_info(
@@ -440,9 +457,7 @@ def ltx_video_bundle(
     )
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
-        k = _keys(seed, start, 2)
-        x_T = jax.random.normal(k[0], (n, c, frames, height, width), jnp.float32)
-        text = jax.random.normal(k[1], (n, text_tokens, config.caption_channels), jnp.float32)
+        x_T, text = _draws(seed, start, (n, c, frames, height, width), (n, text_tokens, config.caption_channels))
         return Workload(x_T, text, jnp.zeros_like(text), tuple(range(start, start + n)))
 
     info = calibration_info(
@@ -506,13 +521,10 @@ def ltx2_bundle(
     width_a = config.caption_channels if config.use_prompt_embeddings else config.audio_cross_attention_dim
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
-        k = _keys(seed, start, 4)
-        video = jax.random.normal(k[0], (n, *v_shape), jnp.float32)
-        audio = jax.random.normal(k[1], (n, *a_shape), jnp.float32)
-        cond = {
-            "embeds": jax.random.normal(k[2], (n, text_tokens, width_v), jnp.float32),
-            "audio_embeds": jax.random.normal(k[3], (n, text_tokens, width_a), jnp.float32),
-        }
+        video, audio, embeds, audio_embeds = _draws(
+            seed, start, (n, *v_shape), (n, *a_shape), (n, text_tokens, width_v), (n, text_tokens, width_a)
+        )
+        cond = {"embeds": embeds, "audio_embeds": audio_embeds}
         return Workload(
             ltx2.pack_av(video, audio), cond, jax.tree.map(jnp.zeros_like, cond), tuple(range(start, start + n))
         )
@@ -616,7 +628,7 @@ def pipeline_bundle(
 
     def workload(n: int, seed: int, start: int = 0) -> Workload:
         idx = (start + np.arange(n)) % len(prompts)
-        x_T = jax.random.normal(_keys(seed, start, 1)[0], (n, *shape[1:]), jnp.float32)
+        (x_T,) = _draws(seed, start, (n, *shape[1:]))
         take = lambda a: jnp.asarray(a)[idx]  # noqa: E731
         return Workload(x_T, jax.tree.map(take, cond), jax.tree.map(take, uncond), tuple(int(i) for i in idx))
 
