@@ -60,6 +60,12 @@ GPU_VERIFIED = True
 #: through ``JQUANT_BACKEND=pallas scripts/check_attention_gpu.py --prep`` yet: until it has, the
 #: caller applies the prologue in XLA and runs the verified kernel without it (:func:`supports_prologue`).
 PROLOGUE_GPU_VERIFIED = False
+#: With the RoPE the programs of a token tile's heads run side by side (``heads_inner``): they
+#: read the same cos / sin slice, which then comes from L2 after the first (the tables, float32
+#: [T, D] each, are 33.5 MB at Wan2.1-1.3B's 32,760 tokens: reread from DRAM once per head
+#: otherwise, four times the traffic of the input itself). Not yet timed on a GPU
+#: (``scripts/bench_qk_prep.py`` has both orders).
+ROPE_HEADS_INNER = True
 HEAD_DIMS = (64, 128)
 TILES = (64, 128, 256)
 _NAME = "attn_prep"
@@ -100,6 +106,7 @@ def _kernel(
     norm: bool = False,
     weighted: bool = False,
     rope: bool = False,
+    heads_inner: bool = False,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -111,7 +118,10 @@ def _kernel(
     w_ref = refs.pop(0) if weighted else None
     cos_ref, sin_ref, swap_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if rope else (None, None, None)
     q_ref, s_ref = refs
-    b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if heads_inner:  # grid (head, tile, batch): a tile's heads are launched side by side
+        h, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    else:  # grid (batch, tile, head)
+        b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row_ok = i * tile + jnp.arange(tile) < t
     cols = pl.ds(h * d, d)
     x = pltriton.load(x_ref.at[b, pl.ds(i * tile, tile), cols], mask=row_ok[:, None], other=0.0)
@@ -175,6 +185,7 @@ def prep_tokens_pallas(
     interpret: bool = False,
     norm: tuple[Array, Array | None] | None = None,
     rope: tuple[Array, Array] | None = None,
+    heads_inner: bool | None = None,
 ) -> tuple[Array, Array]:
     """``(codes [B, tokens_padded, H, D], scales)`` of ``x`` [B, T, H, D] (bf16).
 
@@ -187,6 +198,12 @@ def prep_tokens_pallas(
     before quantizing (K smoothing). Scales are per token ``[B, H, tokens_padded]`` or, with
     ``per_tile``, one per ``tile`` tokens ``[B, H, tokens_padded / tile]`` (the kernel's per-tile
     K scales, ``tile = block_k``). Tokens past T get codes 0 and per-token scale 1.
+    ``heads_inner``: launch the programs of one token tile's heads next to each other (grid
+    ``(H, tiles, B)``; CUDA launches the first grid axis fastest) rather than every tile of one
+    head in turn (``(B, tiles, H)``). The results are the same; what changes is what L2 holds:
+    with the RoPE, each program reads a ``[tile, D]`` float32 slice of cos and sin, four times
+    its bf16 input tile, the same slice for every head. None (default): heads inner exactly when
+    there is a RoPE (:data:`ROPE_HEADS_INNER`).
     ``interpret=True`` runs Pallas's interpreter (CPU tests).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
@@ -227,6 +244,8 @@ def prep_tokens_pallas(
         jax.ShapeDtypeStruct(s_shape, jnp.float32),
     )
     warps = 8 if tile * d >= 16384 else 4
+    if heads_inner is None:
+        heads_inner = ROPE_HEADS_INNER and rope is not None
     call = pl.pallas_call(
         functools.partial(
             _kernel,
@@ -241,9 +260,10 @@ def prep_tokens_pallas(
             norm=norm is not None,
             weighted=weighted,
             rope=rope is not None,
+            heads_inner=heads_inner,
         ),
         out_shape=out_shape,
-        grid=(b, n_tiles, h),
+        grid=(h, n_tiles, b) if heads_inner else (b, n_tiles, h),
         interpret=interpret,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=1),
     )
@@ -358,11 +378,11 @@ def compare(
     interpret: bool = False,
     prologue: Prologue | None = None,
     role: str = "q",
+    heads_inner: bool | None = None,
 ) -> dict:
-    """The kernel against :func:`reference_tokens` on ``x``: the fraction of codes that differ,
-    the largest difference in format steps, the scales' relative error, whether padded tokens
-    are zero, and ``ok`` (within :data:`MAX_CODES_DIFFERING` / one step / :data:`MAX_SCALE_REL`).
-    ``prologue``: x is a raw projection, the kernel applies the prologue as q or k (``role``)."""
+    """The kernel against :func:`reference_tokens` on ``x``: :func:`judge`'s verdict.
+    ``prologue``: x is a raw projection, the kernel applies the prologue as q or k (``role``).
+    ``heads_inner``: the kernel's launch order (:func:`prep_tokens_pallas`)."""
     t = x.shape[1]
     tp = _common.round_up(t, tile)
     norm, rope = (None, None) if prologue is None else prologue_operands(x, prologue, role)
@@ -379,20 +399,30 @@ def compare(
         interpret=interpret,
         norm=norm,
         rope=rope,
+        heads_inner=heads_inner,
     )
     rc, rs = reference_tokens(
         x, fmt=fmt, hadamard=hadamard, smooth=smooth, per_tile=per_tile, tile=tile, prologue=prologue, role=role
     )
+    return judge(codes, scales, rc, rs, fmt)
+
+
+def judge(codes: Array, scales: Array, ref_codes: Array, ref_scales: Array, fmt: str) -> dict:
+    """:func:`prep_tokens_pallas`'s padded ``(codes, scales)`` against :func:`reference_tokens`'
+    unpadded ones: the fraction of codes that differ, the largest difference in format steps,
+    the scales' relative error, whether padded tokens are zero, and ``ok`` (within
+    :data:`MAX_CODES_DIFFERING` / one step / :data:`MAX_SCALE_REL`)."""
+    t = ref_codes.shape[1]
     c = np.asarray(codes[:, :t].astype(jnp.float32))
-    r = np.asarray(rc.astype(jnp.float32))
+    r = np.asarray(ref_codes.astype(jnp.float32))
     if fmt == "int8":
         steps = np.abs(c - r)
     else:  # one e4m3 step at the larger magnitude: 2^(floor(log2|v|) - 3), subnormals 2^-9
         mag = np.maximum(np.abs(c), np.abs(r))
         ulp = np.exp2(np.floor(np.log2(np.maximum(mag, 2.0**-6))) - 3)
         steps = np.abs(c - r) / ulp
+    rs = np.asarray(ref_scales)
     s = np.asarray(scales[..., : rs.shape[-1]])
-    rs = np.asarray(rs)
     out = {
         "codes_differing": float((c != r).mean()),
         "max_code_steps": float(steps.max()) if steps.size else 0.0,

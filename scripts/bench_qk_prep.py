@@ -14,8 +14,18 @@ Rows (one projection output ``[1, 32,760, 1536]`` bf16, Wan2.1-1.3B's 480x832 x 
 * ``jquant``: :class:`jquant.models.blocks.RMSNorm`'s arithmetic, then ``apply_rope``;
 * ``copy``: ``x + 1`` in bf16, one read and one write (the pass a perfect fusion would cost).
 
-Each row is checked against ``stack`` first (bf16 outputs: at most 1e-3 of the values may differ,
-by at most one bf16 step, where XLA contracts a multiply-add differently). CUPTI kernel time,
+And the whole preparation for the quantized attention (Hadamard rotation, int8 codes; Q per
+token, K smoothed with one scale per 128-key tile), for Q and for K:
+
+* ``<q|k> xla+prep``: the norm and RoPE in XLA, then ``attn_prep``'s verified pass (today's path
+  while ``attn_prep.PROLOGUE_GPU_VERIFIED`` is False);
+* ``<q|k> prologue-inner`` / ``prologue-outer``: ``attn_prep`` applying the prologue itself, its
+  programs launched with a tile's heads side by side or each head's tiles in turn (what the
+  cos / sin tables cost depends on what L2 keeps between the heads' reads).
+
+Each bf16 row is checked against ``stack`` first (at most 1e-3 of the values may differ, by at
+most one bf16 step, where XLA contracts a multiply-add differently), each codes row against
+``attn_prep.reference_tokens`` (``attn_prep.judge``: the kernel check's tolerances). CUPTI kernel time,
 median and minimum of >= 10 runs, inputs rotated past L2, and each row's kernels. Writes
 ``benchmarks/qk_prep-<device>.json``; exits 1 on a wrong row.
 
@@ -33,9 +43,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jquant.models.attention import apply_rope  # noqa: E402
+from jquant.models.attention import QKPrologue, apply_rope  # noqa: E402
 from jquant.models.embeddings import wan_rope_tables  # noqa: E402
-from pallas_kernels import timing  # noqa: E402
+from pallas_kernels import attn_prep, timing  # noqa: E402
 
 GRID = (21, 30, 52)  # Wan2.1 at 480x832, 81 frames: 32,760 tokens
 HEADS, HEAD_DIM = 12, 128
@@ -72,6 +82,52 @@ VARIANTS = {
 }
 
 
+#: the codes rows' quantization: (role, smoothed, one scale per 128-key tile), as the step's Q and K
+ROLES = {"q": (False, False), "k": (True, True)}
+TOKENS_PADDED = 32768
+
+
+def _prologue(x: jax.Array, scale: jax.Array, cos: jax.Array, sin: jax.Array):
+    """x as [B, T, H, D] and the Q/K prologue of the norm weight ``scale`` (both roles) and the tables."""
+    b, t, _ = x.shape
+    return x.reshape(b, t, HEADS, HEAD_DIM), QKPrologue(norm=(scale, scale), eps=EPS, rope=(cos, sin))
+
+
+def quantized_prep(role: str, where: str):
+    """The quantized attention's operand pass for ``role``: the prologue in XLA first
+    (``where="xla"``) or in the kernel with heads ``"inner"`` / ``"outer"``."""
+    smooth, per_tile = ROLES[role]
+
+    def fn(x, scale, cos, sin):
+        x4, prologue = _prologue(x, scale, cos, sin)
+        prepared = prologue.apply_one(x4, role)
+        mean = attn_prep.key_mean(prepared, True) if smooth else None
+        kw = dict(fmt="int8", hadamard=True, mean=mean, per_tile=per_tile, tokens_padded=TOKENS_PADDED)
+        if where == "xla":
+            return attn_prep.prep_tokens_pallas(prepared, **kw)
+        norm, rope = attn_prep.prologue_operands(x4, prologue, role)
+        return attn_prep.prep_tokens_pallas(x4, norm=norm, rope=rope, heads_inner=where == "inner", **kw)
+
+    return fn
+
+
+QUANT_VARIANTS = {
+    f"{role} {name}": quantized_prep(role, where)
+    for role in ROLES
+    for name, where in (("xla+prep", "xla"), ("prologue-inner", "inner"), ("prologue-outer", "outer"))
+}
+
+
+def check_codes(role: str, args: tuple):
+    """A judge of a codes row: ``attn_prep.judge`` against ``reference_tokens`` on ``args``."""
+    smooth, per_tile = ROLES[role]
+    x4, prologue = _prologue(*args)
+    ref_codes, ref_scales = attn_prep.reference_tokens(
+        x4, fmt="int8", hadamard=True, smooth=smooth, per_tile=per_tile, tile=128, prologue=prologue, role=role
+    )
+    return lambda out: attn_prep.judge(*out, ref_codes, ref_scales, "int8")
+
+
 def check(ref: np.ndarray):
     def judge(out) -> dict:
         out = np.asarray(out, np.float32).reshape(ref.shape)
@@ -99,18 +155,22 @@ def main() -> int:
     result = {"benchmark": "qk_prep", **timing.run_metadata("scripts/bench_qk_prep.py"), "tokens": tokens}
     result["rows"] = []
     failed = False
-    for name, fn in VARIANTS.items():
-        judge = (lambda out: {"ok": True}) if name == "copy" else check(ref)
+    judges = {role: check_codes(role, sets[0]) for role in ROLES}
+    for name, fn in {**VARIANTS, **QUANT_VARIANTS}.items():
+        if name in QUANT_VARIANTS:
+            judge = judges[name.split()[0]]
+        else:
+            judge = (lambda out: {"ok": True}) if name == "copy" else check(ref)
         row = {"variant": name, **timing.check_then_time(fn, sets, judge)}
         if row["status"] == "PASS":
             row["kernels"] = timing.kernel_breakdown(fn, sets[0])
         failed |= row["status"] != "PASS"
         result["rows"].append(row)
     path = timing.write_json(f"qk_prep-{timing.device_slug()}.json", result)
-    print(f"{'variant':8s} {'status':6s} {'us':>8s} {'min':>8s}  kernels (us)")
+    print(f"{'variant':18s} {'status':6s} {'us':>8s} {'min':>8s}  kernels (us)")
     for row in result["rows"]:
         kernels = ", ".join(f"{k['kernel']} {k['us']:.0f}" for k in row.get("kernels", []))
-        print(f"{row['variant']:8s} {row['status']:6s} {row.get('us', 0):8.1f} {row.get('us_min', 0):8.1f}  {kernels}")
+        print(f"{row['variant']:18s} {row['status']:6s} {row.get('us', 0):8.1f} {row.get('us_min', 0):8.1f}  {kernels}")
     print(f"wrote {path}")
     return 1 if failed else 0
 

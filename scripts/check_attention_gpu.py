@@ -698,6 +698,8 @@ PREP_PROLOGUE_CASES = [
     (2, 777, 3, 64, "int8", True, True, False, 128, "k", "norm+rope", (7, 3, 37)),  # odd T, d 64
     (1, 777, 2, 128, "fp8_e4m3", False, False, False, 128, "q", "norm", (7, 3, 37)),
     (1, 777, 2, 128, "int8", True, True, True, 128, "k", "rope", (7, 3, 37)),
+    # the other launch order with the RoPE (attn_prep.ROPE_HEADS_INNER picks one), Wan's Q
+    (1, 32760, 12, 128, "int8", True, False, False, 128, "q", "norm+rope+heads_outer", (21, 30, 52)),
 ]
 
 
@@ -748,6 +750,8 @@ def run_prep_cases() -> list[dict]:
             rope=wan_rope_tables(d, grid) if "rope" in parts else None,
         )
         kw = dict(fmt=fmt, hadamard=had, smooth=smooth, per_tile=per_tile, tile=tile, prologue=prologue, role=role)
+        if "heads_outer" in parts:
+            kw["heads_inner"] = False
         rows.append(_prep_row(name, lambda x=x, kw=kw: attn_prep.compare(x, **kw)))
     return rows
 

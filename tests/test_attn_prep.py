@@ -191,6 +191,43 @@ def test_prologue_in_the_kernel_matches_the_reference(norm, rope, role, fmt, had
     assert r["ok"], r
 
 
+@pytest.mark.parametrize("with_prologue,per_tile", [(False, False), (True, False), (True, True)])
+def test_launch_orders_give_the_same_codes(with_prologue, per_tile):
+    """Heads inner or outer only reorders the programs: the same codes and scales, bit for bit
+    (batch 2, 3 heads, a partial last tile: every program id in play)."""
+    x = _x(8, 2, 70, 3, 64)
+    norm, rope = ap.prologue_operands(x, _prologue(3, 64, 70), "k") if with_prologue else (None, None)
+    kw = dict(fmt="int8", hadamard=True, tokens_padded=128, tile=64, interpret=True, per_tile=per_tile)
+    outer = ap.prep_tokens_pallas(x, norm=norm, rope=rope, heads_inner=False, **kw)
+    inner = ap.prep_tokens_pallas(x, norm=norm, rope=rope, heads_inner=True, **kw)
+    default = ap.prep_tokens_pallas(x, norm=norm, rope=rope, **kw)
+    chex.assert_trees_all_equal(outer, inner)
+    chex.assert_trees_all_equal(outer, default)
+    assert float(jnp.abs(outer[0].astype(jnp.float32)).sum()) > 0
+
+
+def test_rope_launches_heads_inner_and_the_verified_path_stays_outer():
+    """The grid the kernel is launched with: (H, tiles, B) with a RoPE, (B, tiles, H) without
+    (the GPU-checked launch, unchanged)."""
+    import jax.experimental.pallas as pl  # pylint: disable=import-outside-toplevel
+
+    grids, real = [], pl.pallas_call
+
+    def spy(*args, grid, **kw):
+        grids.append(grid)
+        return real(*args, grid=grid, **kw)
+
+    x = _x(9, 2, 70, 3, 64)
+    norm, rope = ap.prologue_operands(x, _prologue(3, 64, 70), "q")
+    kw = dict(fmt="int8", hadamard=False, tokens_padded=128, tile=64, interpret=True)
+    with mock.patch.object(pl, "pallas_call", spy):
+        ap.prep_tokens_pallas(x, **kw)
+        ap.prep_tokens_pallas(x, norm=norm, **kw)
+        ap.prep_tokens_pallas(x, norm=norm, rope=rope, **kw)
+        ap.prep_tokens_pallas(x, rope=rope, heads_inner=False, **kw)
+    assert grids == [(2, 2, 3), (2, 2, 3), (3, 2, 2), (2, 2, 3)]
+
+
 def test_unweighted_norm_equals_unit_weights():
     """``norm=(r, None)`` skips the weight multiply: the same codes as a weight of ones."""
     x = _x(4, 1, 70, 2, 64)

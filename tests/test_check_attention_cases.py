@@ -42,3 +42,26 @@ def test_a_case_with_kernel_only_options_runs_off_the_gpu():
     small = (case[0], 1, 256, 256, 1, case[5], case[6], {**case[-1], "kv_lengths": (200,)})
     row = ck.run_case(0, small)
     assert row["path"] == "reference" and row["pass"] and row["kernel_vs_reference"] == 0.0
+
+
+def test_prep_cases_run_in_the_interpreter(monkeypatch):
+    """Every PREP / PREP_PROLOGUE case's options reach attn_prep.compare and pass, shrunk to 70
+    tokens and 2 heads and run by Pallas's interpreter (the GPU runs them at full size)."""
+    from pallas_kernels import attn_prep  # pylint: disable=import-outside-toplevel
+
+    small = [(b, 70, min(h, 2), d, *rest) for b, _, h, d, *rest in ck.PREP_CASES]
+    small_pro = [(b, 70, min(h, 2), d, *rest[:-1], (1, 2, 35)) for b, _, h, d, *rest in ck.PREP_PROLOGUE_CASES]
+    monkeypatch.setattr(ck, "PREP_CASES", small)
+    monkeypatch.setattr(ck, "PREP_PROLOGUE_CASES", small_pro)
+    seen = []
+    real = attn_prep.compare
+
+    def interpreted(x, **kw):
+        seen.append(kw.get("heads_inner"))
+        return real(x, **kw, interpret=True)
+
+    monkeypatch.setattr(attn_prep, "compare", interpreted)
+    rows = ck.run_prep_cases()
+    assert len(rows) == len(small) + len(small_pro)
+    assert all(r["pass"] for r in rows), [r for r in rows if not r["pass"]]
+    assert seen.count(False) == 1  # the one case that pins the other launch order
