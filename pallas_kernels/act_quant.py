@@ -260,15 +260,22 @@ def _kernel(
     row_ok = i * rows + jnp.arange(rows) < m
     if lay is not None:
         width = lay.width
+    elif cfg.piece:  # single pass in register pieces (no rotation: quantize_pallas checks)
+        width = cfg.piece
     elif block and not cfg.single_pass:  # one order-`block` rotation per chunk: chunks are its blocks
         width = block
     else:
         width = padded_width(k) if cfg.single_pass else CHUNK
 
+    def start(c):
+        # Register pieces are static slices, and those past K (masked) fail Pallas's bounds
+        # check: their start is made a traced value.
+        return c * width + 0 * i if cfg.piece else c * width
+
     def span(c):
         cols = c * width + jnp.arange(width)
         mask = row_ok[:, None] & (cols < k)[None, :]
-        idx = (pl.ds(i * rows, rows), pl.ds(c * width, width))
+        idx = (pl.ds(i * rows, rows), pl.ds(start(c), width))
         return idx, mask
 
     def load(c):
@@ -279,7 +286,7 @@ def _kernel(
                 # A [1, width] block: the layout of x's rows (a 1-D load broadcast to them would
                 # be a layout conversion through shared memory in every program).
                 cols = (c * width + jnp.arange(width))[None, :]
-                v = v + pltriton.load(bias_ref.at[pl.ds(0, 1), pl.ds(c * width, width)], mask=cols < k, other=0.0)
+                v = v + pltriton.load(bias_ref.at[pl.ds(0, 1), pl.ds(start(c), width)], mask=cols < k, other=0.0)
             # Padded columns stay 0 (x and bias load as 0; every activation maps 0 to 0).
             v = kernel_activation(activation, v, interpret)
         if not block:
@@ -292,7 +299,13 @@ def _kernel(
         idx, mask = span(c)
         pltriton.store(q_ref.at[idx], _quant.to_q(v / scale[:, None], fmt, interpret), mask=mask)
 
-    if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
+    if cfg.piece:  # the pieces stay in registers (a Python loop: Triton cannot slice them)
+        pieces = [load(c) for c in range(_common.cdiv(k, width))]
+        amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1) for v in pieces])
+        scale = _quant.scale_of(amax, fmt)
+        for c, v in enumerate(pieces):
+            store(c, v, scale)
+    elif cfg.single_pass:  # the rows stay in registers between the absmax and the codes
         v = load(0)
         if lay is not None:
             v = _rotate(v, h_s, h_o, lay, k, x_ref.dtype)
@@ -381,8 +394,10 @@ def quantize_pallas(
             extra = (b,)
         config = config or act_config(k)
     cfg = config or pick_config(k)
-    if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
+    if cfg.single_pass and (_common.round_up(k, cfg.piece) if cfg.piece else padded_width(k)) > SINGLE_PASS_MAX:
         raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
+    if cfg.piece and (lay is not None or block):
+        raise ValueError(f"quantize: register pieces (config.piece) do not take a rotation, got {cfg}")
     if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
         raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
     call = pl.pallas_call(

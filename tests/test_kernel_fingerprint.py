@@ -44,3 +44,26 @@ def test_fingerprint_is_stable_and_sees_a_kernel_change(monkeypatch):
         kf.module_fingerprint(
             lambda q, k, v: pa.quant_attention(q, k, v, smooth_k=False), *[shape] * 3
         )  # padding without smoothing: the reference
+
+
+def test_triton_cases_lower_and_their_fingerprints_see_a_program_change():
+    """Every --triton case lowers in this tree (a distinct module each); the same call gives the
+    same fingerprint, another program of the same kernel a different one, a call without a Triton
+    kernel raises."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import act_quant
+
+    prints = kf.triton_case_fingerprints(Path(__file__).resolve().parents[1], kf.TRITON_CASES)
+    assert not [v for v in prints.values() if v.startswith("cannot lower")], prints
+    assert len(set(prints.values())) == len(kf.TRITON_CASES)
+    x = jax.ShapeDtypeStruct((64, 8960), jnp.bfloat16)
+
+    def fp(cfg=None):
+        return kf.triton_fingerprint(lambda v: act_quant.quantize_pallas(v, "int8", config=cfg), x)
+
+    assert fp() == fp() != prints["act_quant fp8 k8960"]  # the int8 codes: another module
+    assert fp(act_quant.QuantizerConfig(rows=1, warps=4, piece=2048)) != fp()
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        kf.triton_fingerprint(lambda v: v * 2, x)

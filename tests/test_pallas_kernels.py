@@ -850,6 +850,39 @@ def test_activation_quantizer_matches_its_reference(fmt, m, k):
     assert "xla.gpu.triton" in text
 
 
+@pytest.mark.parametrize("k,piece", [(1000, 256), (8960, 2048), (300, 64)])
+def test_register_pieces_give_the_one_block_codes(k, piece):
+    # A row held as ceil(K / piece) pieces is the same arithmetic on the same values as one
+    # block padded to a power of two: the plain and the activation path, bit for bit.
+    y = _normal(4, (5, k), 3, jnp.bfloat16)
+    bias = _normal(5, (k,), 1, jnp.float32)
+    one = act_quant.QuantizerConfig(rows=2, warps=4, single_pass=True)
+    pieces = act_quant.QuantizerConfig(rows=2, warps=4, single_pass=True, piece=piece)
+    for kw in ({}, {"bias": bias, "activation": "gelu_tanh"}):
+        want = act_quant.quantize_pallas(y, "int8", interpret=True, config=one, **kw)
+        got = act_quant.quantize_pallas(y, "int8", interpret=True, config=pieces, **kw)
+        chex.assert_trees_all_equal(got, want)
+    assert float(jnp.abs(got[0].astype(jnp.float32)).sum()) > 0
+
+
+def test_register_pieces_refusals():
+    with pytest.raises(ValueError, match="piece must be a power of two >= 16 with single_pass"):
+        act_quant.QuantizerConfig(piece=1000)
+    with pytest.raises(ValueError, match="piece must be"):
+        act_quant.QuantizerConfig(single_pass=False, piece=1024)
+    y = jnp.ones((4, 1024), jnp.bfloat16)
+    cfg = act_quant.QuantizerConfig(rows=16, piece=256)
+    with pytest.raises(ValueError, match="do not take a rotation"):
+        act_quant.quantize_pallas(y, "int8", interpret=True, config=cfg, hadamard=128)
+    text = (
+        jax.jit(lambda v: act_quant.quantize_pallas(v, "int8", config=cfg, activation="gelu_tanh"))
+        .trace(jax.ShapeDtypeStruct((32, 8960), jnp.bfloat16))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "xla.gpu.triton" in text
+
+
 def test_activation_quantizer_refuses_what_it_cannot_do():
     y = jnp.ones((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="activation 'gelu' needs one of"):  # erfc: no Triton lowering
@@ -893,7 +926,7 @@ def test_activation_sweep_variants_match_their_references(monkeypatch):
         x = _normal(3, (3, 8960), 2, jnp.bfloat16)
         want = act_quant.act_reference(x, jnp.zeros((8960,)), "gelu_tanh", "int8")
         variants = sweep.activation_variants("gelu_tanh")("int8", 8960)
-        assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel"} <= set(variants)
+        assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel", "pieces2048_r1_w4"} <= set(variants)
         for name, fn in variants.items():
             fn, ref = fn if isinstance(fn, tuple) else (fn, None)
             expected = want if ref is None else ref(x)
