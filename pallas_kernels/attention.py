@@ -57,6 +57,13 @@ MAX_KEY_BLOCKS = 4096
 CAUSAL_ON_KERNEL = True
 INT_TO_FLOAT: tuple[str, ...] = ("cvt", "magic")
 SCHEDULES: tuple[str, ...] = ("pingpong", "none", "round")
+#: ``quant_attention``'s ``unpadded`` default (see AttentionConfig): False until
+#: ``JQUANT_BACKEND=pallas scripts/check_attention_gpu.py --only unpadded`` passes on a GPU.
+UNPADDED_DEFAULT = False
+#: Token counts ``unpadded`` takes: Mosaic GPU's TMA copies need the global array's token axis to
+#: be a multiple of the shared-memory tile's 8 rows (Wan2.1-1.3B's 32,760 and 512 are); other
+#: calls keep the padded V and output.
+UNPADDED_MULTIPLE = 8
 #: Compute warpgroups per CTA the kernel can run with (3: ``schedule="round"`` only).
 WARPGROUPS: tuple[int, ...] = (2, 3)
 HANDOFFS: tuple[str, ...] = ("end", "exp", "max")
@@ -132,6 +139,13 @@ class AttentionConfig:
     and combine the partial maxima as a tree. ptxas builds a row max as two dependent chains of
     16 ``FMNMX`` per row; more slices give it independent chains to interleave.
 
+    ``unpadded``: V (bf16 P V) and the output keep the caller's token counts instead of the
+    padded ones. The kernel's TMA copies read zeros past the last key (what the padding held)
+    and skip the stores of rows past the last query, so XLA neither pads V nor slices the output:
+    one copy of each per call (in a Wan2.1-1.3B step's profile, ``loop_pad_fusion`` 61 us for V
+    and ``memcpy128`` 48 us for the output: 4.7 ms a step). Taken where both token counts are
+    multiples of :data:`UNPADDED_MULTIPLE`; off until GPU-checked (:data:`UNPADDED_DEFAULT`).
+
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
     memory and a little time). ``scripts/attention_timeline.py`` reads it.
@@ -153,6 +167,7 @@ class AttentionConfig:
     p_round: str = "cvt"
     exp_poly: int = 0
     max_split: int = 1
+    unpadded: bool = False
     profile_dir: str = ""
 
     def __post_init__(self):
@@ -248,7 +263,7 @@ def _compiler_params(profile_dir: str = "", steps: int = 0):
 
 # jit: every call site with the same shapes and config shares one lowered kernel (a model's
 # repeated layers lower it once instead of once per layer: minutes of compile time).
-@functools.partial(jax.jit, static_argnames=("causal", "config"))
+@functools.partial(jax.jit, static_argnames=("causal", "config", "tq_out"))
 def attention_pallas(
     q8: jax.Array,
     k8: jax.Array,
@@ -259,6 +274,7 @@ def attention_pallas(
     *,
     causal: bool,
     config: AttentionConfig,
+    tq_out: int | None = None,
 ) -> jax.Array:
     """Runs the kernel on prepared, padded operands.
 
@@ -268,6 +284,8 @@ def attention_pallas(
     count); ``ks`` f32 K scales: [B, H, Tk] per token (``config.k_scales == "token"``) or
     [B, H, R, 32] per block (block j at [j // 32, j % 32]);
     ``vs`` f32 [B, H, D] (V scale / 448 for fp8, unused for bf16). Returns bf16 [B, Tq, H, D].
+    With ``config.unpadded``, a bf16 ``vv`` may hold fewer keys than ``k8`` (the rest read as
+    zeros) and the output has ``tq_out`` rows (required, at most Tq).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -294,6 +312,14 @@ def attention_pallas(
             "(pv_format='bf16', p_smem=False, no overlap, schedule 'pingpong' or 'none')"
         )
     num_q_tiles = tq // (compute_wgs * block_q)
+    tq_rows = tq
+    if config.unpadded:
+        if tq_out is None or not 0 < tq_out <= tq or (not pv_fp8 and not 0 < vv.shape[1] <= tk):
+            raise ValueError(
+                f"attention_pallas: unpadded needs 0 < tq_out <= {tq} and a bf16 V of at most {tk} keys,"
+                f" got tq_out={tq_out}, V {vv.shape}"
+            )
+        tq_rows = tq_out
     out_dtype = jnp.bfloat16
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -832,7 +858,7 @@ def attention_pallas(
 
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct((batch_size, tq, heads, head_dim), out_dtype),
+        out_type=jax.ShapeDtypeStruct((batch_size, tq_rows, heads, head_dim), out_dtype),
         grid=(heads, num_q_tiles, batch_size),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=compute_wgs + 1,
@@ -910,7 +936,7 @@ def prepare_kernel_operands(
         vv = jnp.transpose(_common.pad_axis(prep.v, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
         vs = prep.v_scale / ref.P_SCALE
     else:
-        vv = _common.pad_axis(prep.v, 1, tk_p)
+        vv = prep.v if config.unpadded else _common.pad_axis(prep.v, 1, tk_p)
         vs = prep.v_scale
     return (q8, k8, vv, qrow, ks, vs), prep.v_mean
 
@@ -960,7 +986,8 @@ def _fused_operands(
         vv = jnp.transpose(_common.pad_axis(v_codes, 1, tk_p), (0, 2, 3, 1))  # [B, H, D, Tk]
         vs = v_scale / ref.P_SCALE
     else:
-        vv = _common.pad_axis(v.astype(jnp.bfloat16), 1, tk_p)
+        vv = v.astype(jnp.bfloat16)
+        vv = vv if config.unpadded else _common.pad_axis(vv, 1, tk_p)
         vs = jnp.ones((b, h, d), jnp.float32)
     return (q8, k8, vv, qrow, ks, vs), v_mean
 
@@ -1015,6 +1042,7 @@ def quant_attention(
     exp_poly: int = 0,
     max_split: int = 1,
     prologue: attn_prep.Prologue | None = None,
+    unpadded: bool | None = None,
 ) -> jax.Array:
     """Quantized flash attention, bf16 [B, Tq, H, D]: the kernel on Hopper, the reference elsewhere.
 
@@ -1023,7 +1051,7 @@ def quant_attention(
     (:mod:`pallas_kernels.attn_prep`) applies it itself where it may, XLA applies it first
     everywhere else (the reference, ``kv_lengths``, layouts the pass does not take).
     Arguments as :func:`attention_ref.quant_attention_reference`; ``stages``, ``int_to_float``,
-    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups``, ``p_round``, ``exp_poly`` and ``max_split`` tune the kernel (see
+    ``overlap``, ``schedule``, ``raw_max``, ``handoff``, ``magic_init``, ``fresh_pv``, ``p_smem``, ``warpgroups``, ``p_round``, ``exp_poly``, ``max_split`` and ``unpadded`` (None: :data:`UNPADDED_DEFAULT`) tune the kernel (see
     :class:`AttentionConfig`; ``schedule="round"`` runs non-causal calls only); ``k_scales`` as
     the reference. ``overlap=None`` takes the measured choice: on for bf16 P V with per-token K
     scales and no causal mask (3% faster on the H200), off otherwise (12% slower with fp8 P V, 6%
@@ -1062,7 +1090,10 @@ def quant_attention(
         p_round=p_round,
         exp_poly=exp_poly,
         max_split=max_split,
+        unpadded=UNPADDED_DEFAULT if unpadded is None else unpadded,
     )
+    if config.unpadded and (q.shape[1] % UNPADDED_MULTIPLE or k.shape[1] % UNPADDED_MULTIPLE):
+        config = dataclasses.replace(config, unpadded=False)
     if causal and schedule == "round":
         raise ValueError("quant_attention: schedule='round' runs non-causal calls only; use 'pingpong' or 'none'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -1109,7 +1140,7 @@ def quant_attention(
         smooth_v=smooth_v,
         prologue=prologue,
     )
-    out = attention_pallas(*operands, causal=causal, config=config)[:, : q.shape[1]]
+    out = attention_pallas(*operands, causal=causal, config=config, tq_out=q.shape[1])[:, : q.shape[1]]
     if v_mean is not None:
         out = (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
     return out

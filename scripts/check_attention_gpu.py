@@ -598,6 +598,49 @@ CASES = [
         "random",
         dict(qk_format="int8", pv_format="bf16", k_scales="block", magic_init=False),
     ),
+    # V and the output at the caller's token counts (AttentionConfig.unpadded): TMA's zero fill
+    # past the last key, its skipped stores past the last query (a whole 64-row tile past it at
+    # 696 queries: 768 padded). Token counts are multiples of 8 (attention.UNPADDED_MULTIPLE).
+    (
+        "unpadded int8/bf16 d128",
+        2,
+        1000,
+        1000,
+        3,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", unpadded=True),
+    ),
+    (
+        "unpadded int8/bf16 kblock hadamard (the policy's default)",
+        1,
+        1000,
+        1000,
+        2,
+        128,
+        "realistic",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", hadamard=True, unpadded=True),
+    ),
+    (
+        "unpadded int8/bf16 lengths",
+        3,
+        696,
+        1000,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", kv_lengths=(1000, 517, 3), unpadded=True),
+    ),
+    (
+        "unpadded int8/fp8 causal d64",
+        1,
+        776,
+        776,
+        2,
+        64,
+        "random",
+        dict(qk_format="int8", pv_format="fp8_e4m3", causal=True, unpadded=True),
+    ),
 ]
 #: Case options that tune the kernel only (the reference does not take them), and those that
 #: are AttentionConfig fields.

@@ -413,7 +413,7 @@ def test_overlap_default_follows_the_measurements(monkeypatch, pv, k_scales, cau
     faster: bf16 P V, per-token K scales, no causal mask."""
     seen = {}
 
-    def fake_kernel(*operands, causal, config):
+    def fake_kernel(*operands, causal, config, tq_out=None):
         seen["config"] = config
         q8 = operands[0]
         return jnp.zeros(q8.shape, jnp.bfloat16)
@@ -490,6 +490,50 @@ OPTION_CASES = {
     "max_split 4": dict(k_scales="block", max_split=4),
     "max_split 8 fp8": dict(k_scales="block", pv_format="fp8_e4m3", max_split=8),
 }
+
+UNPADDED_CASES = {
+    "kblock hadamard": dict(k_scales="block", hadamard=True),
+    "token overlapped": dict(k_scales="token", overlap=True),
+    "fp8 causal": dict(k_scales="block", pv_format="fp8_e4m3", causal=True),
+}
+
+
+def _kernel_signature(monkeypatch, t: int, **options) -> tuple[str, str]:
+    """(operand types, result types) of the Mosaic GPU custom call ``quant_attention`` lowers to."""
+    monkeypatch.setenv("JQUANT_BACKEND", "pallas")
+    shape = jax.ShapeDtypeStruct((1, t, 2, 128), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: pa.quant_attention(q, k, v, **{"k_scales": "block", **options}))
+    text = fn.trace(shape, shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+    line = next(ln for ln in text.splitlines() if "custom_call @mosaic_gpu" in ln)
+    ins, out = line.split(" : ", 1)[1].split("->")
+    return ins, out
+
+
+@pytest.mark.parametrize("options", UNPADDED_CASES.values(), ids=UNPADDED_CASES.keys())
+def test_unpadded_keeps_v_and_the_output_at_the_callers_length(monkeypatch, options):
+    """With ``unpadded`` the kernel's custom call returns [1, 296, 2, 128], not the 384 padded
+    rows (no slice after it: a copy of the whole output on the GPU) and, with bf16 P V, reads V
+    [1, 296, 2, 128] as it is (no pad before it). 300 tokens (not a multiple of 8, which TMA's
+    tiled copies need) and the default keep the padded layout."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    ins, out = _kernel_signature(monkeypatch, 296, unpadded=True, **options)
+    assert "tensor<1x296x2x128xbf16>" in out
+    assert ("tensor<1x296x2x128xbf16>" in ins) == (options.get("pv_format", "bf16") == "bf16")
+    assert "tensor<1x384x2x128xbf16>" in _kernel_signature(monkeypatch, 296, **options)[1]
+    assert "tensor<1x384x2x128xbf16>" in _kernel_signature(monkeypatch, 300, unpadded=True, **options)[1]
+
+
+def test_unpadded_defaults_off_and_checks_its_operands():
+    assert pa.UNPADDED_DEFAULT is False and pa.AttentionConfig().unpadded is False
+    q8 = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.int8)
+    v = jax.ShapeDtypeStruct((1, 200, 2, 128), jnp.bfloat16)
+    f32 = jax.ShapeDtypeStruct((1, 2, 2, 128), jnp.float32)
+    ks = jax.ShapeDtypeStruct((1, 2, 128), jnp.float32)
+    cfg = pa.AttentionConfig(unpadded=True)
+    with pytest.raises(ValueError, match="unpadded needs 0 < tq_out <= 128 and a bf16 V of at most 128 keys"):
+        jax.eval_shape(
+            lambda *a: pa.attention_pallas(*a, causal=False, config=cfg, tq_out=100), q8, q8, v, f32, ks, f32
+        )
 
 
 @pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())

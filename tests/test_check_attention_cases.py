@@ -65,3 +65,13 @@ def test_prep_cases_run_in_the_interpreter(monkeypatch):
     assert len(rows) == len(small) + len(small_pro)
     assert all(r["pass"] for r in rows), [r for r in rows if not r["pass"]]
     assert seen.count(False) == 1  # the one case that pins the other launch order
+
+
+def test_unpadded_cases_take_the_unpadded_path():
+    """The GPU check's ``unpadded`` cases have token counts the option takes (else the kernel
+    would quietly run the padded layout and the check would verify nothing new)."""
+    cases = [c for c in ck.CASES if c[-1].get("unpadded")]
+    assert len(cases) >= 3
+    for name, _b, tq, tk, *_ in cases:
+        assert tq % pa.UNPADDED_MULTIPLE == 0 and tk % pa.UNPADDED_MULTIPLE == 0, name
+    assert any(-c[2] % 128 > 64 for c in cases)  # a whole 64-row warpgroup tile past the last query
