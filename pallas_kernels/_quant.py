@@ -36,8 +36,8 @@ class QuantizerConfig:
 
     ``piece`` (single pass, no rotation): hold each row in registers as ``ceil(K / piece)``
     pieces of ``piece`` lanes (a power of two) instead of one block padded to a power of two:
-    K = 8960 then takes 10,240 lanes in 2048-wide pieces, not 16,384, so a per-value activation
-    (``quantize_act``) runs on 37% fewer padding lanes. 0: one piece."""
+    K = 8960 then takes 10,240 lanes in 2048-wide pieces, not 16,384 (1,280 padding lanes, not
+    7,424), so a per-value activation (``quantize_act``) runs on 37.5% fewer lanes. 0: one piece."""
 
     rows: int = 2
     warps: int = 4

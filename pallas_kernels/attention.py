@@ -144,7 +144,9 @@ class AttentionConfig:
     and skip the stores of rows past the last query, so XLA neither pads V nor slices the output:
     one copy of each per call (in a Wan2.1-1.3B step's profile, ``loop_pad_fusion`` 61 us for V
     and ``memcpy128`` 48 us for the output: 4.7 ms a step). Taken where both token counts are
-    multiples of :data:`UNPADDED_MULTIPLE`; off until GPU-checked (:data:`UNPADDED_DEFAULT`).
+    multiples of :data:`UNPADDED_MULTIPLE`. The field defaults to False; ``quant_attention``
+    fills it from :data:`UNPADDED_DEFAULT` (False until GPU-checked), so configs built directly
+    (``bench_attention.py``, ``attention_timeline.py``) run the padded layout.
 
     ``profile_dir``: record each warpgroup's phases (Q K^T issue and wait, the turn barriers,
     softmax, P V) with the SM clock into a trace there (the Mosaic GPU profiler; costs shared
@@ -314,10 +316,12 @@ def attention_pallas(
     num_q_tiles = tq // (compute_wgs * block_q)
     tq_rows = tq
     if config.unpadded:
-        if tq_out is None or not 0 < tq_out <= tq or (not pv_fp8 and not 0 < vv.shape[1] <= tk):
+        m = UNPADDED_MULTIPLE
+        v_ok = pv_fp8 or (0 < vv.shape[1] <= tk and vv.shape[1] % m == 0)
+        if tq_out is None or not 0 < tq_out <= tq or tq_out % m or not v_ok:
             raise ValueError(
                 f"attention_pallas: unpadded needs 0 < tq_out <= {tq} and a bf16 V of at most {tk} keys,"
-                f" got tq_out={tq_out}, V {vv.shape}"
+                f" both multiples of {m} (TMA's tiled copies), got tq_out={tq_out}, V {vv.shape}"
             )
         tq_rows = tq_out
     out_dtype = jnp.bfloat16
@@ -776,7 +780,10 @@ def attention_pallas(
             def v_src(step):
                 if pv_fp8:
                     return v_ref.at[batch, head, :, pl.ds(step * block_kv, block_kv)]
-                return v_ref.at[batch, pl.ds(step * block_kv, block_kv), head]
+                start = step * block_kv
+                if config.unpadded:  # a traced start: Pallas bounds-checks static slices against V's length
+                    start = start + 0 * batch
+                return v_ref.at[batch, pl.ds(start, block_kv), head]
 
             def load_k(step, slot):
                 plgpu.copy_gmem_to_smem(k_src(step), k_smem.at[slot], k_barriers.at[slot])
@@ -1140,7 +1147,8 @@ def quant_attention(
         smooth_v=smooth_v,
         prologue=prologue,
     )
-    out = attention_pallas(*operands, causal=causal, config=config, tq_out=q.shape[1])[:, : q.shape[1]]
+    tq_out = q.shape[1] if config.unpadded else None  # static: only where it shapes the output
+    out = attention_pallas(*operands, causal=causal, config=config, tq_out=tq_out)[:, : q.shape[1]]
     if v_mean is not None:
         out = (out.astype(jnp.float32) + v_mean[:, None]).astype(out.dtype)
     return out

@@ -631,6 +631,28 @@ CASES = [
         "random",
         dict(qk_format="int8", pv_format="bf16", kv_lengths=(1000, 517, 3), unpadded=True),
     ),
+    # a partial V tile among the first `stages` copies the memory warpgroup issues (static starts)
+    ("unpadded int8/bf16 t200", 1, 200, 200, 2, 128, "random", dict(qk_format="int8", pv_format="bf16", unpadded=True)),
+    (
+        "unpadded int8/bf16 causal kblock",
+        1,
+        776,
+        776,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", causal=True, unpadded=True),
+    ),
+    (  # Wan2.1-1.3B's cross-attention: 32,760 queries over 512 text keys (half the step's output slices)
+        "unpadded int8/bf16 kblock cross 32760x512",
+        1,
+        32760,
+        512,
+        2,
+        128,
+        "random",
+        dict(qk_format="int8", pv_format="bf16", k_scales="block", hadamard=True, unpadded=True),
+    ),
     (
         "unpadded int8/fp8 causal d64",
         1,

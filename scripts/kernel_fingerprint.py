@@ -99,6 +99,11 @@ TRITON_CASES: list[tuple[str, str, dict]] = [
     ("attn_prep k int8 tile", "attn_prep", {"fmt": "int8", "hadamard": True, "mean": True, "per_tile": True}),
     ("attn_prep q fp8", "attn_prep", {"fmt": "fp8_e4m3", "hadamard": False}),
     ("attn_prep q prologue", "attn_prep", {"fmt": "int8", "hadamard": True, "norm": True, "rope": True}),
+    (
+        "attn_prep q prologue heads outer",
+        "attn_prep",
+        {"fmt": "int8", "hadamard": True, "norm": True, "rope": True, "heads_inner": False},
+    ),
 ]
 
 

@@ -523,6 +523,15 @@ def test_unpadded_keeps_v_and_the_output_at_the_callers_length(monkeypatch, opti
     assert "tensor<1x384x2x128xbf16>" in _kernel_signature(monkeypatch, 300, unpadded=True, **options)[1]
 
 
+@pytest.mark.parametrize("t", [200, 136, 248])
+def test_unpadded_lowers_with_a_partial_v_tile_among_the_first_copies(monkeypatch, t):
+    """Two 128-key tiles with the second partial: the memory warpgroup's first `stages` V copies
+    have static starts, one past V's unpadded length (Pallas bounds-checks static slices)."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    ins, out = _kernel_signature(monkeypatch, t, unpadded=True, k_scales="token")
+    assert f"tensor<1x{t}x2x128xbf16>" in ins and f"tensor<1x{t}x2x128xbf16>" in out
+
+
 def test_unpadded_defaults_off_and_checks_its_operands():
     assert pa.UNPADDED_DEFAULT is False and pa.AttentionConfig().unpadded is False
     q8 = jax.ShapeDtypeStruct((1, 128, 2, 128), jnp.int8)
