@@ -158,51 +158,62 @@ def triton_call(kernel: str, options: dict):
     raise ValueError(f"kernel_fingerprint: unknown Triton kernel {kernel!r}")
 
 
-def triton_case_fingerprints(root: Path, cases: list) -> dict[str, str]:
-    """:func:`case_fingerprints` for :data:`TRITON_CASES` entries."""
+def _use_tree(root: Path) -> None:
+    """Puts ``root`` first on ``sys.path`` and checks that ``pallas_kernels`` comes from it."""
     sys.path.insert(0, str(root))
     import pallas_kernels  # pylint: disable=import-outside-toplevel
 
     if not Path(pallas_kernels.__file__).resolve().is_relative_to(root.resolve()):
         raise RuntimeError(f"imported {pallas_kernels.__file__}, not the tree at {root}")
+
+
+def _each_case(cases: list, fingerprint) -> dict[str, str]:
+    """``{case name: fingerprint(case) or 'cannot lower: ...'}`` (an option or value the tree
+    does not know)."""
     out = {}
-    for name, kernel, options in cases:
+    for case in cases:
         try:
-            fn, args = triton_call(kernel, options)
-            out[name] = triton_fingerprint(fn, *args)
-        except (TypeError, ValueError) as e:  # an option or value this tree does not have
-            out[name] = f"cannot lower: {str(e).splitlines()[0]}"
+            out[case[0]] = fingerprint(case)
+        except (TypeError, ValueError) as e:
+            out[case[0]] = f"cannot lower: {str(e).splitlines()[0]}"
     return out
 
 
+def triton_case_fingerprints(root: Path, cases: list) -> dict[str, str]:
+    """:func:`case_fingerprints` for :data:`TRITON_CASES` entries."""
+    _use_tree(root)
+
+    def fingerprint(case) -> str:
+        fn, args = triton_call(case[1], case[2])
+        return triton_fingerprint(fn, *args)
+
+    return _each_case(cases, fingerprint)
+
+
 def case_fingerprints(root: Path, cases: list) -> dict[str, str]:
-    """``{case name: fingerprint or 'cannot lower: ...'}`` with ``pallas_kernels`` from ``root``
-    (an option or value that tree does not know)."""
+    """``{case name: fingerprint or 'cannot lower: ...'}`` of ``check_attention_gpu`` cases with
+    ``pallas_kernels`` from ``root``."""
     os.environ["JQUANT_BACKEND"] = "pallas"
-    sys.path.insert(0, str(root))
+    _use_tree(root)
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
     from pallas_kernels import attention as pa  # pylint: disable=import-outside-toplevel
 
-    if not Path(pa.__file__).resolve().is_relative_to(root.resolve()):
-        raise RuntimeError(f"imported {pa.__file__}, not the tree at {root}")
-    out = {}
-    for name, b, tq, tk, h, d, _kind, options in cases:
+    def fingerprint(case) -> str:
+        _name, b, tq, tk, h, d, _kind, options = case
         opts = dict(options)
         lengths = opts.pop("kv_lengths", None)
         q = jax.ShapeDtypeStruct((b, tq, h, d), jnp.bfloat16)
         kv = jax.ShapeDtypeStruct((b, tk, h, d), jnp.bfloat16)
 
-        def fn(q, k, v, opts=opts, lengths=lengths):
+        def fn(q, k, v):
             kv_lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
             return pa.quant_attention(q, k, v, kv_lengths=kv_lengths, **opts)
 
-        try:
-            out[name] = module_fingerprint(fn, q, kv, kv)
-        except (TypeError, ValueError) as e:  # an option or value this tree does not have
-            out[name] = f"cannot lower: {str(e).splitlines()[0]}"
-    return out
+        return module_fingerprint(fn, q, kv, kv)
+
+    return _each_case(cases, fingerprint)
 
 
 def _fingerprints_in_process(root: Path, cases: list) -> dict[str, str]:
