@@ -4,28 +4,20 @@ device time is spent)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
+from _scripts import load_script, unload_script
 
 from jquant.models.embeddings import wan_rope_tables
 from pallas_kernels import attn_prep
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench_qk_prep.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_bench_qk_prep", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("bench_qk_prep")
     yield module
-    del sys.modules[spec.name]
+    unload_script(module)
 
 
 def _args(bench, grid: tuple[int, int, int], seed: int = 0) -> tuple:
