@@ -407,11 +407,20 @@ def compare(
     return judge(codes, scales, rc, rs, fmt)
 
 
-def judge(codes: Array, scales: Array, ref_codes: Array, ref_scales: Array, fmt: str) -> dict:
+def judge(
+    codes: Array,
+    scales: Array,
+    ref_codes: Array,
+    ref_scales: Array,
+    fmt: str,
+    *,
+    max_differing: float = MAX_CODES_DIFFERING,
+    max_scale_rel: float = MAX_SCALE_REL,
+) -> dict:
     """:func:`prep_tokens_pallas`'s padded ``(codes, scales)`` against :func:`reference_tokens`'
     unpadded ones: the fraction of codes that differ, the largest difference in format steps,
     the scales' relative error, whether padded tokens are zero, and ``ok`` (within
-    :data:`MAX_CODES_DIFFERING` / one step / :data:`MAX_SCALE_REL`)."""
+    ``max_differing`` / one step / ``max_scale_rel``)."""
     t = ref_codes.shape[1]
     c = np.asarray(codes[:, :t].astype(jnp.float32))
     r = np.asarray(ref_codes.astype(jnp.float32))
@@ -431,9 +440,9 @@ def judge(codes: Array, scales: Array, ref_codes: Array, ref_scales: Array, fmt:
         "finite": bool(np.isfinite(s).all()),
     }
     out["ok"] = (
-        out["codes_differing"] <= MAX_CODES_DIFFERING
+        out["codes_differing"] <= max_differing
         and out["max_code_steps"] <= 1.0 + 1e-6
-        and out["scale_rel"] <= MAX_SCALE_REL
+        and out["scale_rel"] <= max_scale_rel
         and out["pad_codes_zero"]
         and out["finite"]
     )

@@ -65,9 +65,9 @@ SHAPES = {
     "40x75600": (40, 75600),  # Wan2.1-14B at 720p: 1280x720, 81 frames
 }
 VARIANT_HELP = (
-    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3][-ovl][-free][-smax][-hexp|-hmax][-noinit][-fresh][-psmem][-round][-wg3][-pint][-polyN][-msN]"
+    "cudnn | cudnn-fp8 | xla | {kernel,total}-{int8,fp8}-{bf16,fp8}[-cvt][-kblock][-had][-bk64|-bk256][-s3][-ovl][-free][-smax][-hexp|-hmax][-noinit][-fresh][-psmem][-round][-wg3][-pint][-polyN][-msN][-unp|-pad]"
     " (cvt: int8 scores to float by the conversion instruction instead of the magic-number"
-    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages; ovl: FA3's intra-warpgroup overlap; free: no schedule barrier between the compute warpgroups; smax: with kblock, the row max on the scaled scores instead of the raw ones; hexp / hmax: hand the softmax turn over once the exponentials / row maxima are done; noinit: the int32 Q K^T accumulator starts at 0, not at the magic bias; fresh: each tile's P V in a fresh accumulator, added with one FMA; psmem: bf16 P through shared memory; round: the round-robin loop (each warpgroup issues P V and the next Q K^T in its turn); wg3: three compute warpgroups, with round; pint: bf16 P rounded with integer arithmetic instead of the conversion instruction; polyN: the last N keys of each tile take exp2 from the polynomial on the FMA pipe; msN: the row max over N column slices, combined as a tree)"
+    " add; kblock: one K scale per key tile instead of per key; had: Hadamard rotation of Q and K (total only); bkN: key tile; sN: pipeline stages; ovl: FA3's intra-warpgroup overlap; free: no schedule barrier between the compute warpgroups; smax: with kblock, the row max on the scaled scores instead of the raw ones; hexp / hmax: hand the softmax turn over once the exponentials / row maxima are done; noinit: the int32 Q K^T accumulator starts at 0, not at the magic bias; fresh: each tile's P V in a fresh accumulator, added with one FMA; psmem: bf16 P through shared memory; round: the round-robin loop (each warpgroup issues P V and the next Q K^T in its turn); wg3: three compute warpgroups, with round; pint: bf16 P rounded with integer arithmetic instead of the conversion instruction; polyN: the last N keys of each tile take exp2 from the polynomial on the FMA pipe; msN: the row max over N column slices, combined as a tree; unp / pad (total only): V and the output at the true token count, or padded to the query tile, whatever pa.UNPADDED_DEFAULT says)"
 )
 DEFAULT_VARIANTS = (
     "cudnn",
@@ -143,6 +143,8 @@ def parse_variant(variant: str, block_k: int) -> tuple[str, str, str, pa.Attenti
             options["exp_poly"] = int(extra[4:])
         elif re.fullmatch(r"ms(2|4|8)", extra):
             options["max_split"] = int(extra[2:])
+        elif extra in ("unp", "pad") and parts[0] == "total":
+            options["unpadded"] = extra == "unp"
         else:
             raise ValueError(f"unknown variant option {extra!r} in {variant!r}: {VARIANT_HELP}")
     qk = "int8" if parts[1] == "int8" else "fp8_e4m3"

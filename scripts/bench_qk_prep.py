@@ -111,21 +111,40 @@ def quantized_prep(role: str, where: str):
     return fn
 
 
-QUANT_VARIANTS = {
-    f"{role} {name}": quantized_prep(role, where)
+#: row name -> (role, where the prologue runs: "xla", or the kernel's launch order "inner" / "outer")
+QUANT_ROWS = {
+    f"{role} {name}": (role, where)
     for role in ROLES
     for name, where in (("xla+prep", "xla"), ("prologue-inner", "inner"), ("prologue-outer", "outer"))
 }
+QUANT_VARIANTS = {name: quantized_prep(*row) for name, row in QUANT_ROWS.items()}
 
 
-def check_codes(role: str, args: tuple):
-    """A judge of a codes row: ``attn_prep.judge`` against ``reference_tokens`` on ``args``."""
+#: The prologue rows' tolerances (codes differing by one step, scales' relative error). Jitted,
+#: XLA computes the inverse RMS the kernel is handed in its own order (a float32 ulp from the
+#: eager reference's here and there), which can move a normed value across a bf16 rounding
+#: boundary: one bf16 step of one element, at most 2^-8 of a token's scale. K's smoothing mean
+#: comes from XLA's jitted prologue, which keeps float32 between the norm and the RoPE, while the
+#: kernel and the reference round there: a shift far below a code step that moves the codes
+#: on a boundary (2.6e-3 of them at 210 tokens in the interpreter, 3.3e-4 on the H200 at 32,760).
+PROLOGUE_TOLERANCE = {"max_differing": 1e-2, "max_scale_rel": 2.0**-8}
+
+
+def check_codes(role: str, where: str, args: tuple):
+    """A judge of a codes row (:func:`attn_prep.judge` against ``attn_prep.reference_tokens``).
+    ``where="xla"``: the reference quantizes the XLA prologue's own output (jitted, as the row
+    runs it: XLA keeps the norm's float32 into the RoPE, so the eager prologue would differ in
+    every bf16 rounding), with the kernel check's tolerances; otherwise it applies the
+    prologue itself, eagerly, within :data:`PROLOGUE_TOLERANCE`."""
     smooth, per_tile = ROLES[role]
     x4, prologue = _prologue(*args)
-    ref_codes, ref_scales = attn_prep.reference_tokens(
-        x4, fmt="int8", hadamard=True, smooth=smooth, per_tile=per_tile, tile=128, prologue=prologue, role=role
-    )
-    return lambda out: attn_prep.judge(*out, ref_codes, ref_scales, "int8")
+    kw = dict(fmt="int8", hadamard=True, smooth=smooth, per_tile=per_tile, tile=128)
+    if where == "xla":
+        prepared = jax.jit(lambda x: prologue.apply_one(x, role))(x4)
+        ref_codes, ref_scales = attn_prep.reference_tokens(prepared, **kw)
+        return lambda out: attn_prep.judge(*out, ref_codes, ref_scales, "int8")
+    ref_codes, ref_scales = attn_prep.reference_tokens(x4, prologue=prologue, role=role, **kw)
+    return lambda out: attn_prep.judge(*out, ref_codes, ref_scales, "int8", **PROLOGUE_TOLERANCE)
 
 
 def check(ref: np.ndarray):
@@ -155,10 +174,9 @@ def main() -> int:
     result = {"benchmark": "qk_prep", **timing.run_metadata("scripts/bench_qk_prep.py"), "tokens": tokens}
     result["rows"] = []
     failed = False
-    judges = {role: check_codes(role, sets[0]) for role in ROLES}
     for name, fn in {**VARIANTS, **QUANT_VARIANTS}.items():
         if name in QUANT_VARIANTS:
-            judge = judges[name.split()[0]]
+            judge = check_codes(*QUANT_ROWS[name], sets[0])
         else:
             judge = (lambda out: {"ok": True}) if name == "copy" else check(ref)
         row = {"variant": name, **timing.check_then_time(fn, sets, judge)}

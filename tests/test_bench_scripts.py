@@ -426,3 +426,13 @@ def test_truncating_accumulation_model():
     assert out == 2.0**20  # every later 1.0 is below the 2^7 grid of a 2^20 sum: truncated away
     with pytest.raises(ValueError, match="multiple of 32"):
         ar.truncating_accumulation(jnp.ones((1, 40)), jnp.ones((40, 2)))
+
+
+def test_bench_attention_layout_options_set_unpadded_for_total_rows_only():
+    """-unp / -pad pin quant_attention's V / output layout (a same-run A/B of
+    pa.UNPADDED_DEFAULT); kernel rows take pre-quantized operands and have no such choice."""
+    bench = _load("bench_attention")
+    assert bench.parse_variant("total-int8-bf16-kblock-had-unp", 128)[3].unpadded is True
+    assert bench.parse_variant("total-int8-bf16-kblock-had-pad", 128)[3].unpadded is False
+    with pytest.raises(ValueError, match="unp"):
+        bench.parse_variant("kernel-int8-bf16-unp", 128)
