@@ -68,6 +68,7 @@ PROLOGUE_GPU_VERIFIED = False
 ROPE_HEADS_INNER = True
 HEAD_DIMS = (64, 128)
 TILES = (64, 128, 256)
+WARPS = (4, 8, 16)
 _NAME = "attn_prep"
 _QFMT = {"int8": "int8", "fp8_e4m3": "fp8"}  # attention_ref's format names -> _quant's
 ROLES = ("q", "k")  # which of the prologue's norm weights a tensor takes
@@ -186,6 +187,7 @@ def prep_tokens_pallas(
     norm: tuple[Array, Array | None] | None = None,
     rope: tuple[Array, Array] | None = None,
     heads_inner: bool | None = None,
+    warps: int | None = None,
 ) -> tuple[Array, Array]:
     """``(codes [B, tokens_padded, H, D], scales)`` of ``x`` [B, T, H, D] (bf16).
 
@@ -204,6 +206,8 @@ def prep_tokens_pallas(
     with the RoPE, each program reads a ``[tile, D]`` float32 slice of cos and sin, four times
     its bf16 input tile, the same slice for every head. None (default): heads inner exactly when
     there is a RoPE (:data:`ROPE_HEADS_INNER`).
+    ``warps``: the programs' warps (None: :func:`default_warps`; more warps, fewer registers per
+    thread for the prologue's float32 tiles).
     ``interpret=True`` runs Pallas's interpreter (CPU tests).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
@@ -243,7 +247,10 @@ def prep_tokens_pallas(
         jax.ShapeDtypeStruct((b, tokens_padded, h * d), ref.CODE_DTYPES[fmt]),
         jax.ShapeDtypeStruct(s_shape, jnp.float32),
     )
-    warps = 8 if tile * d >= 16384 else 4
+    if warps is None:
+        warps = default_warps(tile, d)
+    elif warps not in WARPS:
+        raise ValueError(f"{_NAME}: warps must be one of {WARPS}, got {warps}")
     if heads_inner is None:
         heads_inner = ROPE_HEADS_INNER and rope is not None
     call = pl.pallas_call(
@@ -269,6 +276,11 @@ def prep_tokens_pallas(
     )
     codes, scales = call(x.reshape(b, t, h * d), *extra)
     return codes.reshape(b, tokens_padded, h, d), scales
+
+
+def default_warps(tile: int, d: int) -> int:
+    """The programs' warps: 8 for a tile of >= 16,384 elements (128 tokens x 128), else 4."""
+    return 8 if tile * d >= 16384 else 4
 
 
 def _hadamard_signs(d: int) -> np.ndarray:

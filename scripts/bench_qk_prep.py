@@ -21,7 +21,9 @@ token, K smoothed with one scale per 128-key tile), for Q and for K:
   while ``attn_prep.PROLOGUE_GPU_VERIFIED`` is False);
 * ``<q|k> prologue-inner`` / ``prologue-outer``: ``attn_prep`` applying the prologue itself, its
   programs launched with a tile's heads side by side or each head's tiles in turn (what the
-  cos / sin tables cost depends on what L2 keeps between the heads' reads).
+  cos / sin tables cost depends on what L2 keeps between the heads' reads);
+* ``<q|k> prologue-inner-w16`` / ``q prologue-inner-t64``: the same with 16 warps, or Q in
+  64-token tiles (fewer float32 registers per thread: :data:`TUNED_ROWS`).
 
 Each bf16 row is checked against ``stack`` first (at most 1e-3 of the values may differ, by at
 most one bf16 step, where XLA contracts a multiply-add differently), each codes row against
@@ -93,9 +95,10 @@ def _prologue(x: jax.Array, scale: jax.Array, cos: jax.Array, sin: jax.Array):
     return x.reshape(b, t, HEADS, HEAD_DIM), QKPrologue(norm=(scale, scale), eps=EPS, rope=(cos, sin))
 
 
-def quantized_prep(role: str, where: str):
+def quantized_prep(role: str, where: str, **tuning):
     """The quantized attention's operand pass for ``role``: the prologue in XLA first
-    (``where="xla"``) or in the kernel with heads ``"inner"`` / ``"outer"``."""
+    (``where="xla"``) or in the kernel with heads ``"inner"`` / ``"outer"``; ``tuning``: more
+    keywords of the kernel (``warps``, ``tile``)."""
     smooth, per_tile = ROLES[role]
 
     def fn(x, scale, cos, sin):
@@ -106,7 +109,7 @@ def quantized_prep(role: str, where: str):
         if where == "xla":
             return attn_prep.prep_tokens_pallas(prepared, **kw)
         norm, rope = attn_prep.prologue_operands(x4, prologue, role)
-        return attn_prep.prep_tokens_pallas(x4, norm=norm, rope=rope, heads_inner=where == "inner", **kw)
+        return attn_prep.prep_tokens_pallas(x4, norm=norm, rope=rope, heads_inner=where == "inner", **kw, **tuning)
 
     return fn
 
@@ -117,7 +120,17 @@ QUANT_ROWS = {
     for role in ROLES
     for name, where in (("xla+prep", "xla"), ("prologue-inner", "inner"), ("prologue-outer", "outer"))
 }
-QUANT_VARIANTS = {name: quantized_prep(*row) for name, row in QUANT_ROWS.items()}
+#: more programs of the prologue kernel: row name -> (role, launch order, kernel keywords). With the
+#: prologue a 128 x 128 program holds x, cos, sin and the swapped and rotated tiles in float32
+#: (64 registers per thread each at 8 warps): 16 warps, or Q in 64-token tiles, halve that.
+TUNED_ROWS = {
+    "q prologue-inner-w16": ("q", "inner", {"warps": 16}),
+    "k prologue-inner-w16": ("k", "inner", {"warps": 16}),
+    "q prologue-inner-t64": ("q", "inner", {"tile": 64}),
+}
+QUANT_VARIANTS = {name: quantized_prep(*row) for name, row in QUANT_ROWS.items()} | {
+    name: quantized_prep(role, where, **tuning) for name, (role, where, tuning) in TUNED_ROWS.items()
+}
 
 
 #: The prologue rows' tolerances (codes differing by one step, scales' relative error). Jitted,
@@ -176,7 +189,7 @@ def main() -> int:
     failed = False
     for name, fn in {**VARIANTS, **QUANT_VARIANTS}.items():
         if name in QUANT_VARIANTS:
-            judge = check_codes(*QUANT_ROWS[name], sets[0])
+            judge = check_codes(*(QUANT_ROWS.get(name) or TUNED_ROWS[name][:2]), sets[0])
         else:
             judge = (lambda out: {"ok": True}) if name == "copy" else check(ref)
         row = {"variant": name, **timing.check_then_time(fn, sets, judge)}

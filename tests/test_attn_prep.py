@@ -129,6 +129,8 @@ def test_refusals_name_the_problem():
         ap.prep_tokens_pallas(x, fmt="int8", hadamard=True, tokens_padded=192)
     with pytest.raises(ValueError, match=r"mean must be \[B, H, D\]"):
         ap.prep_tokens_pallas(x, fmt="int8", hadamard=True, tokens_padded=128, mean=jnp.zeros((1, 2, 64)))
+    with pytest.raises(ValueError, match=r"warps must be one of \(4, 8, 16\), got 32"):
+        ap.prep_tokens_pallas(x, fmt="int8", hadamard=True, tokens_padded=128, warps=32)
 
 
 def test_not_taken_on_the_cpu_or_with_lengths():
@@ -426,8 +428,9 @@ def test_prologue_refusals_name_the_shapes():
 
 
 @pytest.mark.parametrize("per_tile", [False, True])
-def test_prologue_kernel_lowers_to_triton(per_tile):
-    """Wan2.1-1.3B's Q and K with the norm and RoPE."""
+@pytest.mark.parametrize("warps", [None, 16])
+def test_prologue_kernel_lowers_to_triton(per_tile, warps):
+    """Wan2.1-1.3B's Q and K with the norm and RoPE (the default warps and bench_qk_prep's 16)."""
     t, h, d = 32760, 12, 128
 
     def fn(x, r, w, cos, sin, mean):
@@ -440,6 +443,7 @@ def test_prologue_kernel_lowers_to_triton(per_tile):
             tokens_padded=32768,
             norm=(r, w),
             rope=(cos, sin),
+            warps=warps,
         )
 
     args = [S((1, t, h, d), jnp.bfloat16), S((1, t), jnp.float32), S((h * d,), jnp.float32)]
