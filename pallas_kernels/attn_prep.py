@@ -32,8 +32,8 @@ from an XLA reduction over the whole H*D row (a tile holds one head), then
 product per output: exact), then the rotation, smoothing and quantization above. The bf16
 rounding points are the layer's, so the results differ from the reference only by float32
 summation order and FMA contraction. K's smoothing mean is the mean of the prologue's K, an XLA
-reduction over K. Until :data:`PROLOGUE_GPU_VERIFIED`, the caller applies the prologue in XLA
-and runs this kernel without it (:func:`supports_prologue`).
+reduction over K. Unless :data:`PROLOGUE_DEFAULT` (or ``JQUANT_BACKEND=pallas``), the caller
+applies the prologue in XLA and runs this kernel without it (:func:`supports_prologue`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,17 @@ Array = jax.Array
 #: scales within 3.6e-7; every quick attention case through it;
 #: ``benchmarks/check_attention-prep-nvidia-h200.json``).
 GPU_VERIFIED = True
-#: The Q/K prologue in the kernel (``norm`` / ``rope`` of :func:`prep_tokens_pallas`) has not run
-#: through ``JQUANT_BACKEND=pallas scripts/check_attention_gpu.py --prep`` yet: until it has, the
-#: caller applies the prologue in XLA and runs the verified kernel without it (:func:`supports_prologue`).
-PROLOGUE_GPU_VERIFIED = False
+#: The Q/K prologue in the kernel (``norm`` / ``rope`` of :func:`prep_tokens_pallas`) passed
+#: ``JQUANT_BACKEND=pallas scripts/check_attention_gpu.py --prep`` on an H200 at 92dba37 (all
+#: PREP_PROLOGUE_CASES incl. Wan2.1-1.3B's Q and K and both launch orders, at most 1.2e-6 of the
+#: codes one step apart, scales within 4.8e-7;
+#: ``benchmarks/check_attention-prologue-unpadded-nvidia-h200.json``).
+PROLOGUE_GPU_VERIFIED = True
+#: Whether a step applies the prologue in the kernel by default (:func:`supports_prologue`). Not
+#: yet: in the Wan2.1-1.3B step at 92dba37 the two prologue passes took 344 us a call against the
+#: plain pass's 96 us, more than the XLA norm and RoPE passes they replace
+#: (``benchmarks/e2e-prologue-unpadded-nvidia-h200.json``, ``benchmarks/notes.md``).
+PROLOGUE_DEFAULT = False
 #: With the RoPE the programs of a token tile's heads run side by side (``heads_inner``): they
 #: read the same cos / sin slice, which then comes from L2 after the first (the tables, float32
 #: [T, D] each, are 33.5 MB at Wan2.1-1.3B's 32,760 tokens: reread from DRAM once per head
@@ -315,10 +322,10 @@ def prologue_operands(
 
 
 def supports_prologue(prologue: Prologue | None) -> bool:
-    """Whether the kernel may apply ``prologue`` itself: the prologue kernel verified on the GPU
-    (:data:`PROLOGUE_GPU_VERIFIED`) or ``JQUANT_BACKEND=pallas``. Otherwise the caller applies it
-    in XLA and runs the kernel without it."""
-    return prologue is not None and _common.kernel_enabled(PROLOGUE_GPU_VERIFIED)
+    """Whether the kernel applies ``prologue`` itself: the prologue kernel verified on the GPU
+    (:data:`PROLOGUE_GPU_VERIFIED`) and the faster of the two (:data:`PROLOGUE_DEFAULT`), or
+    ``JQUANT_BACKEND=pallas``. Otherwise the caller applies it in XLA and runs the kernel without it."""
+    return prologue is not None and _common.kernel_enabled(PROLOGUE_GPU_VERIFIED and PROLOGUE_DEFAULT)
 
 
 def key_mean(k: Array, hadamard: bool) -> Array:
