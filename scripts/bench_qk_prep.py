@@ -18,7 +18,7 @@ And the whole preparation for the quantized attention (Hadamard rotation, int8 c
 token, K smoothed with one scale per 128-key tile), for Q and for K:
 
 * ``<q|k> xla+prep``: the norm and RoPE in XLA, then ``attn_prep``'s verified pass (today's path
-  while ``attn_prep.PROLOGUE_GPU_VERIFIED`` is False);
+  while ``attn_prep.PROLOGUE_DEFAULT`` is False);
 * ``<q|k> prologue-inner`` / ``prologue-outer``: ``attn_prep`` applying the prologue itself, its
   programs launched with a tile's heads side by side or each head's tiles in turn (what the
   cos / sin tables cost depends on what L2 keeps between the heads' reads);
