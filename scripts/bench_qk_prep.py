@@ -23,7 +23,7 @@ token, K smoothed with one scale per 128-key tile), for Q and for K:
   programs launched with a tile's heads side by side or each head's tiles in turn (what the
   cos / sin tables cost depends on what L2 keeps between the heads' reads);
 * ``<q|k> prologue-inner-w16`` / ``q prologue-inner-t64``: the same with 16 warps, or Q in
-  64-token tiles (fewer float32 registers per thread: :data:`TUNED_ROWS`).
+  64-token tiles (fewer float32 registers per thread: :data:`QUANT_ROWS`).
 
 Each bf16 row is checked against ``stack`` first (at most 1e-3 of the values may differ, by at
 most one bf16 step, where XLA contracts a multiply-add differently), each codes row against
@@ -114,23 +114,20 @@ def quantized_prep(role: str, where: str, **tuning):
     return fn
 
 
-#: row name -> (role, where the prologue runs: "xla", or the kernel's launch order "inner" / "outer")
+#: row name -> (role, where the prologue runs: "xla", or the kernel's launch order "inner" /
+#: "outer", more keywords of the kernel). The tuned programs: with the prologue a 128 x 128
+#: program holds x, cos, sin and the swapped and rotated tiles in float32 (64 registers per
+#: thread each at 8 warps); 16 warps, or Q in 64-token tiles, halve that.
 QUANT_ROWS = {
-    f"{role} {name}": (role, where)
+    f"{role} {name}": (role, where, {})
     for role in ROLES
     for name, where in (("xla+prep", "xla"), ("prologue-inner", "inner"), ("prologue-outer", "outer"))
-}
-#: more programs of the prologue kernel: row name -> (role, launch order, kernel keywords). With the
-#: prologue a 128 x 128 program holds x, cos, sin and the swapped and rotated tiles in float32
-#: (64 registers per thread each at 8 warps): 16 warps, or Q in 64-token tiles, halve that.
-TUNED_ROWS = {
+} | {
     "q prologue-inner-w16": ("q", "inner", {"warps": 16}),
     "k prologue-inner-w16": ("k", "inner", {"warps": 16}),
     "q prologue-inner-t64": ("q", "inner", {"tile": 64}),
 }
-QUANT_VARIANTS = {name: quantized_prep(*row) for name, row in QUANT_ROWS.items()} | {
-    name: quantized_prep(role, where, **tuning) for name, (role, where, tuning) in TUNED_ROWS.items()
-}
+QUANT_VARIANTS = {name: quantized_prep(role, where, **tuning) for name, (role, where, tuning) in QUANT_ROWS.items()}
 
 
 #: The prologue rows' tolerances (codes differing by one step, scales' relative error). Jitted,
@@ -189,7 +186,7 @@ def main() -> int:
     failed = False
     for name, fn in {**VARIANTS, **QUANT_VARIANTS}.items():
         if name in QUANT_VARIANTS:
-            judge = check_codes(*(QUANT_ROWS.get(name) or TUNED_ROWS[name][:2]), sets[0])
+            judge = check_codes(*QUANT_ROWS[name][:2], sets[0])
         else:
             judge = (lambda out: {"ok": True}) if name == "copy" else check(ref)
         row = {"variant": name, **timing.check_then_time(fn, sets, judge)}
