@@ -213,8 +213,8 @@ def prep_tokens_pallas(
     with the RoPE, each program reads a ``[tile, D]`` float32 slice of cos and sin, four times
     its bf16 input tile, the same slice for every head. None (default): heads inner exactly when
     there is a RoPE (:data:`ROPE_HEADS_INNER`).
-    ``warps``: the programs' warps (None: :func:`default_warps`; more warps, fewer registers per
-    thread for the prologue's float32 tiles).
+    ``warps``: the programs' warps (None: 8 for a tile of >= 16,384 elements, else 4; more
+    warps, fewer registers per thread for the prologue's float32 tiles).
     ``interpret=True`` runs Pallas's interpreter (CPU tests).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
@@ -255,7 +255,7 @@ def prep_tokens_pallas(
         jax.ShapeDtypeStruct(s_shape, jnp.float32),
     )
     if warps is None:
-        warps = default_warps(tile, d)
+        warps = 8 if tile * d >= 16384 else 4
     elif warps not in WARPS:
         raise ValueError(f"{_NAME}: warps must be one of {WARPS}, got {warps}")
     if heads_inner is None:
@@ -283,11 +283,6 @@ def prep_tokens_pallas(
     )
     codes, scales = call(x.reshape(b, t, h * d), *extra)
     return codes.reshape(b, tokens_padded, h, d), scales
-
-
-def default_warps(tile: int, d: int) -> int:
-    """The programs' warps: 8 for a tile of >= 16,384 elements (128 tokens x 128), else 4."""
-    return 8 if tile * d >= 16384 else 4
 
 
 def _hadamard_signs(d: int) -> np.ndarray:

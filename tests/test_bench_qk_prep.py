@@ -59,16 +59,3 @@ def test_codes_judge_catches_a_prologue_left_out(bench, monkeypatch):
     )
     args = _args(bench, (2, 3, 35), seed=1)
     assert not bench.check_codes("q", "inner", args)(bench.QUANT_VARIANTS["q prologue-inner"](*args))["ok"]
-
-
-def test_xla_row_is_judged_on_the_jitted_prologue(bench, monkeypatch):
-    """The xla+prep row's reference quantizes what the jitted XLA prologue hands the kernel; with
-    an eager prologue in its place the kernel pass would be judged on other bf16 roundings."""
-    monkeypatch.setattr(bench, "HEADS", 2)
-    monkeypatch.setattr(bench, "TOKENS_PADDED", 256)
-    real = attn_prep.prep_tokens_pallas
-    monkeypatch.setattr(attn_prep, "prep_tokens_pallas", lambda x, **kw: real(x, **kw, interpret=True))
-    args = _args(bench, (2, 3, 35), seed=2)
-    out = jax.jit(bench.QUANT_VARIANTS["k xla+prep"])(*args)
-    verdict = bench.check_codes("k", "xla", args)(out)
-    assert verdict["ok"] and verdict["max_code_steps"] <= 1, verdict
