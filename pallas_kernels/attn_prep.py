@@ -26,12 +26,14 @@ others.
 The Q/K prologue (``norm`` / ``rope``): a layer that hands attention its raw Q/K projections with
 a :class:`jquant.models.attention.QKPrologue` (Wan's self-attention: RMSNorm across heads, then
 the interleaved RoPE; ~165 us per tensor of XLA passes, 60 tensors a step) has it applied here,
-on the tile already loaded: ``y = bf16(x * r * w)`` with the per-token inverse RMS ``r`` [B, T]
-from an XLA reduction over the whole H*D row (a tile holds one head), then
-``bf16(y * cos + (y @ P) * sin)`` with P the signed pair swap (one bf16 dot, one nonzero
-product per output: exact), then the rotation, smoothing and quantization above. The bf16
-rounding points are the layer's, so the results differ from the reference only by float32
-summation order and FMA contraction. K's smoothing mean is the mean of the prologue's K, an XLA
+on the tile already loaded. The tile is taken apart into its channel pairs, two ``[tile, D/2]``
+halves in registers (a reshape and an unstack: no data moves), then ``y = bf16(x * r * w)`` with
+the per-token inverse RMS ``r`` [B, T] from an XLA reduction over the whole H*D row (a tile
+holds one head) and the weight's evens and odds, then the interleaved RoPE with one angle a pair,
+``(e, o) -> bf16(e cos - o sin, o cos + e sin)`` (the tables' even columns: :func:`apply_rope`'s
+tables repeat each angle over its pair), then the pairs are joined and rotated, smoothed and
+quantized as above. The bf16 rounding points are the layer's, so the results differ from the
+reference only by float32 summation order and FMA contraction. K's smoothing mean is the mean of the prologue's K, an XLA
 reduction over K. Unless :data:`PROLOGUE_DEFAULT` (or ``JQUANT_BACKEND=pallas``), the caller
 applies the prologue in XLA and runs this kernel without it (:func:`supports_prologue`).
 """
@@ -56,16 +58,17 @@ Array = jax.Array
 #: scales within 3.6e-7; every quick attention case through it;
 #: ``benchmarks/check_attention-prep-nvidia-h200.json``).
 GPU_VERIFIED = True
-#: The Q/K prologue in the kernel (``norm`` / ``rope`` of :func:`prep_tokens_pallas`) passed
-#: ``JQUANT_BACKEND=pallas scripts/check_attention_gpu.py --prep`` on an H200 at 92dba37 (all
-#: PREP_PROLOGUE_CASES incl. Wan2.1-1.3B's Q and K and both launch orders, at most 1.2e-6 of the
-#: codes one step apart, scales within 4.8e-7;
-#: ``benchmarks/check_attention-prologue-unpadded-nvidia-h200.json``).
-PROLOGUE_GPU_VERIFIED = True
-#: Whether a step applies the prologue in the kernel by default (:func:`supports_prologue`). Not
-#: yet: in the Wan2.1-1.3B step at 92dba37 the two prologue passes took 344 us a call against the
-#: plain pass's 96 us, more than the XLA norm and RoPE passes they replace
-#: (``benchmarks/e2e-prologue-unpadded-nvidia-h200.json``, ``benchmarks/notes.md``).
+#: The Q/K prologue in the kernel (``norm`` / ``rope`` of :func:`prep_tokens_pallas`). Its first
+#: program (the pair swap as a bf16 dot with the signed swap matrix) passed ``check_attention_gpu.py
+#: --prep`` on an H200 at 92dba37 but ran at 344 us a call in the step, against 96 us for the plain
+#: pass: compiled for sm_90a it holds 255 registers and spills 292 bytes a thread
+#: (``scripts/triton_resources.py``). The program now takes the pairs apart in registers instead
+#: (185 registers, no spills) and has not run on a GPU.
+PROLOGUE_GPU_VERIFIED = False
+#: Whether a step applies the prologue in the kernel by default (:func:`supports_prologue`), once
+#: verified. Not yet: with the first program the step was no faster (the two passes cost what the
+#: XLA norm and RoPE passes they replace did; ``benchmarks/e2e-prologue-unpadded-nvidia-h200.json``,
+#: ``benchmarks/notes.md``); the program without spills is to be timed first.
 PROLOGUE_DEFAULT = False
 #: With the RoPE the programs of a token tile's heads run side by side (``heads_inner``): they
 #: read the same cos / sin slice, which then comes from L2 after the first (the tables, float32
@@ -115,6 +118,7 @@ def _kernel(
     weighted: bool = False,
     rope: bool = False,
     heads_inner: bool = False,
+    heads: int = 1,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -124,7 +128,7 @@ def _kernel(
     mean_ref = refs.pop(0) if smooth else None
     r_ref = refs.pop(0) if norm else None
     w_ref = refs.pop(0) if weighted else None
-    cos_ref, sin_ref, swap_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if rope else (None, None, None)
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
     q_ref, s_ref = refs
     if heads_inner:  # grid (head, tile, batch): a tile's heads are launched side by side
         h, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -133,18 +137,29 @@ def _kernel(
     row_ok = i * tile + jnp.arange(tile) < t
     cols = pl.ds(h * d, d)
     x = pltriton.load(x_ref.at[b, pl.ds(i * tile, tile), cols], mask=row_ok[:, None], other=0.0)
+    if rope:  # each channel pair (2i, 2i+1) as two [tile, D/2] halves, in registers
+        x_even, x_odd = jnp.unstack(x.reshape(tile, d // 2, 2), axis=-1)
     if norm:  # the RMSNorm across heads: its row factor from XLA, rounded to bf16 as the layer's output
-        r = pltriton.load(r_ref.at[b, pl.ds(i * tile, tile)], mask=row_ok, other=0.0)
-        y = x.astype(jnp.float32) * r[:, None]
-        if weighted:
-            y = y * pltriton.load(w_ref.at[cols])[None, :]
-        x = y.astype(jnp.bfloat16)
-    if rope:  # interleaved RoPE; the pair swap as one bf16 dot with the signed swap matrix (exact)
-        angles = (pl.ds(i * tile, tile), pl.ds(0, d))
+        r = pltriton.load(r_ref.at[b, pl.ds(i * tile, tile)], mask=row_ok, other=0.0)[:, None]
+        if rope:
+            n_half = heads * (d // 2)  # the evens' count, H*D/2
+            w_even = pltriton.load(w_ref.at[pl.ds(h * (d // 2), d // 2)])[None, :] if weighted else 1.0
+            w_odd = pltriton.load(w_ref.at[pl.ds(n_half + h * (d // 2), d // 2)])[None, :] if weighted else 1.0
+            x_even = (x_even.astype(jnp.float32) * r * w_even).astype(jnp.bfloat16)
+            x_odd = (x_odd.astype(jnp.float32) * r * w_odd).astype(jnp.bfloat16)
+        else:
+            y = x.astype(jnp.float32) * r
+            if weighted:
+                y = y * pltriton.load(w_ref.at[cols])[None, :]
+            x = y.astype(jnp.bfloat16)
+    if rope:  # interleaved RoPE, one angle a pair: (e, o) -> (e cos - o sin, o cos + e sin)
+        angles = (pl.ds(i * tile, tile), pl.ds(0, d // 2))
         cos = pltriton.load(cos_ref.at[angles], mask=row_ok[:, None], other=0.0)
         sin = pltriton.load(sin_ref.at[angles], mask=row_ok[:, None], other=0.0)
-        swapped = jnp.dot(x.astype(jnp.bfloat16), swap_ref[...], preferred_element_type=jnp.float32)
-        x = (x.astype(jnp.float32) * cos + swapped * sin).astype(jnp.bfloat16)
+        e, o = x_even.astype(jnp.float32), x_odd.astype(jnp.float32)
+        x_even = (e * cos + -o * sin).astype(jnp.bfloat16)
+        x_odd = (o * cos + e * sin).astype(jnp.bfloat16)
+        x = jnp.stack([x_even, x_odd], axis=-1).reshape(tile, d)
     if hadamard:  # bf16 x times +-1: exact products, float32 sums (attention_ref.rotate)
         z = jnp.dot(x.astype(jnp.bfloat16), h_ref[...], preferred_element_type=jnp.float32)
         z = z * np.float32(1.0 / math.sqrt(d))
@@ -242,13 +257,16 @@ def prep_tokens_pallas(
         if w is not None:
             if w.shape != (h * d,):
                 raise ValueError(f"{_NAME}: norm weight must be [H*D] = {(h * d,)}, got {w.shape}")
-            extra.append(w.astype(jnp.float32))
+            w = w.astype(jnp.float32)
+            # with the RoPE the kernel takes each pair's channels apart: the evens, then the odds
+            extra.append(jnp.concatenate([w[0::2], w[1::2]]) if rope is not None else w)
             weighted = True
     if rope is not None:
         cos, sin = rope
         if cos.shape != (t, d) or sin.shape != (t, d):
             raise ValueError(f"{_NAME}: rope tables must be [T, D] = {(t, d)}, got cos {cos.shape} sin {sin.shape}")
-        extra += [cos.astype(jnp.float32), sin.astype(jnp.float32), jnp.asarray(_pair_swap(d), jnp.bfloat16)]
+        # one angle a pair (apply_rope's tables repeat each over its pair): the even columns
+        extra += [cos[:, 0::2].astype(jnp.float32), sin[:, 0::2].astype(jnp.float32)]
     s_shape = (b, h, n_tiles if per_tile else tokens_padded)
     out_shape = (
         jax.ShapeDtypeStruct((b, tokens_padded, h * d), ref.CODE_DTYPES[fmt]),
@@ -275,6 +293,7 @@ def prep_tokens_pallas(
             weighted=weighted,
             rope=rope is not None,
             heads_inner=heads_inner,
+            heads=h,
         ),
         out_shape=out_shape,
         grid=(h, n_tiles, b) if heads_inner else (b, n_tiles, h),
@@ -290,16 +309,6 @@ def _hadamard_signs(d: int) -> np.ndarray:
 
     with jax.ensure_compile_time_eval():  # a constant, also when traced under jit
         return np.asarray(jh.hadamard_matrix(d, jnp.float32)) * math.sqrt(d)
-
-
-def _pair_swap(d: int) -> np.ndarray:
-    """The signed pair swap P [D, D]: ``(y @ P)[2i] = -y[2i+1]``, ``(y @ P)[2i+1] = y[2i]``
-    (:func:`jquant.models.attention.apply_rope`'s interleaved rotation, one +-1 per column)."""
-    p = np.zeros((d, d), np.float32)
-    even = np.arange(0, d, 2)
-    p[even + 1, even] = -1.0
-    p[even, even + 1] = 1.0
-    return p
 
 
 def prologue_operands(

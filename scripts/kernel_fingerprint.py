@@ -119,6 +119,8 @@ def triton_call(kernel: str, options: dict):
     opts = dict(options)
     if kernel == "act_quant":
         k, fmt, bias = opts.pop("k"), opts.pop("fmt"), opts.pop("bias", False)
+        if "config" in opts:  # a program other than the default, as QuantizerConfig's fields
+            opts["config"] = act_quant.QuantizerConfig(**opts["config"])
         args = [S((64, k), jnp.bfloat16)] + ([S((k,), jnp.float32)] if bias else [])
         return (lambda x, b=None: act_quant.quantize_pallas(x, fmt, bias=b, **opts)), args
     if kernel == "norm_quant":

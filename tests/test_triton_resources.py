@@ -1,0 +1,55 @@
+"""scripts/triton_resources.py: Triton kernels compiled for sm_90a on the CPU, their registers and spills.
+
+Needs the ``triton`` wheel (the ``test`` extra on Linux), whose bundled ptxas assembles the PTX.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import triton_resources as tr  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not Path(tr._bundled("ptxas")).exists(), reason="the triton wheel has no ptxas")
+
+
+def test_the_prologue_programs_do_not_spill_and_the_table_says_so(tmp_path, capsys):
+    """The Q/K prologue's programs (the step's, once verified) fit in registers: the guard against
+    a rewrite that spills again (the first program held 255 registers and spilled 292 bytes)."""
+    out = tmp_path / "resources.json"
+    assert tr.main(["--only", "attn_prep q prologue,attn_prep k prologue", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("none") and data["triton"] and data["commit"]
+    rows = {r["case"]: r for r in data["rows"]}
+    assert {"attn_prep q prologue", "attn_prep k prologue"} <= set(rows)
+    for row in rows.values():
+        (kernel,) = row["kernels"]
+        assert kernel["spill_stores"] == kernel["spill_loads"] == kernel["local"] == 0, row
+        assert 0 < kernel["registers"] <= 255 and kernel["sass"] > 100, row
+        default_warps = 8 if row["options"].get("tile", 128) * 128 >= 16384 else 4  # prep_tokens_pallas's
+        assert kernel["warps"] == row["options"].get("warps", default_warps)
+    assert "attn_prep q prologue" in capsys.readouterr().out
+
+
+def test_a_spilling_no_spill_case_and_a_failed_one_fail_the_run():
+    ok = {"case": "attn_prep q prologue", "kernels": [{"spill_stores": 0, "spill_loads": 0}]}
+    spills = {"case": "attn_prep q prologue", "kernels": [{"spill_stores": 8, "spill_loads": 8}]}
+    sweep = {"case": "attn_prep q prologue w16", "kernels": [{"spill_stores": 8, "spill_loads": 8}]}
+    assert [tr.verdict(r) for r in (ok, spills, sweep)] == ["ok", "SPILLS", "ok"]
+    assert tr.verdict({"case": "x", "error": "ValueError: no"}) == "ERROR"
+
+
+def test_a_case_that_cannot_lower_is_an_error_row_not_a_crash():
+    row = tr.measure(("bad", "attn_prep", {"fmt": "int8", "hadamard": True, "warps": 3}))
+    assert "warps must be one of" in row["error"] and tr.verdict(row) == "ERROR"
+
+
+def test_an_unknown_only_filter_is_refused():
+    with pytest.raises(SystemExit):
+        tr.main(["--only", "no such case"])
