@@ -34,20 +34,18 @@ class QuantizerConfig:
     """One program's work: ``rows`` tokens, ``warps`` warps, one pass or two chunked ones;
     ``stages``: Triton's software-pipelining depth of the chunked loops (1: none).
 
-    ``piece`` (single pass, no rotation): hold each row in registers as ``ceil(K / piece)``
-    pieces of ``piece`` lanes (a power of two) instead of one block padded to a power of two:
-    K = 8960 then takes 10,240 lanes in 2048-wide pieces, not 16,384 (1,280 padding lanes, not
-    7,424), so a per-value activation (``quantize_act``) runs on 37.5% fewer lanes. 0: one piece."""
+    ``approx`` (the bias + activation path of act_quant): the activation's division
+    ``v / (1 + 2^-u)`` as one ``div.approx.ftz``, its ``ex2.approx`` flushing subnormals (1 plus
+    a subnormal is 1 either way), and each code as ``v * (1 / scale)`` rounded and converted by
+    one ``cvt.rni.s32`` where the exact program divides, rounds, and converts with saturation:
+    fewer instructions a value (SASS for sm_90a, ``scripts/triton_resources.py``) in a program
+    that issues about 31 a value. Codes within one step of the exact program's."""
 
     rows: int = 2
     warps: int = 4
     single_pass: bool = True
     stages: int = 1
-    piece: int = 0
-
-    def __post_init__(self):
-        if self.piece and (self.piece < 16 or self.piece & (self.piece - 1) or not self.single_pass):
-            raise ValueError(f"QuantizerConfig: piece must be a power of two >= 16 with single_pass, got {self}")
+    approx: bool = False
 
 
 def pick_config(k: int) -> QuantizerConfig:
@@ -86,34 +84,50 @@ def rint(v: jax.Array, interpret: bool) -> jax.Array:
     """Round half to even: one ``cvt.rni`` per value on the GPU, ``floor`` arithmetic elsewhere."""
     if interpret:
         return round_half_even(v)
+    return _ptx("cvt.rni.f32.f32", jnp.float32, v)
+
+
+def _ptx(op: str, result_dtype, *args: jax.Array) -> jax.Array:
+    """One PTX instruction ``op $0, $1[, $2]`` per value (float32 operands)."""
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
 
+    operands = ", ".join(f"${i}" for i in range(len(args) + 1))
     (r,) = pltriton.elementwise_inline_asm(
-        "cvt.rni.f32.f32 $0, $1;",
-        args=[v],
-        constraints="=r,r",
+        f"{op} {operands};",
+        args=list(args),
+        constraints=",".join(["=r"] + ["r"] * len(args)),
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, result_dtype)],
     )
     return r
 
 
-def exp2(v: jax.Array, interpret: bool) -> jax.Array:
+def exp2(v: jax.Array, interpret: bool, ftz: bool = False) -> jax.Array:
     """``2 ** v`` in float32: one ``ex2.approx`` per value on the GPU (relative error about 2^-22;
     Pallas' lowering of ``jnp.exp2`` calls libdevice's accurate sequence instead), ``jnp.exp2``
-    elsewhere."""
+    elsewhere. ``ftz``: subnormal results are 0, which saves ptxas's three-instruction rescaling
+    of arguments below -126."""
     if interpret:
         return jnp.exp2(v)
-    import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
+    return _ptx("ex2.approx.ftz.f32" if ftz else "ex2.approx.f32", jnp.float32, v)
 
-    (r,) = pltriton.elementwise_inline_asm(
-        "ex2.approx.f32 $0, $1;",
-        args=[v],
-        constraints="=r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)],
-    )
-    return r
+
+def div_approx(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+    """``a / b`` in float32 by ``div.approx.ftz`` on the GPU (a reciprocal and a multiply, about
+    2 ulp; ``a / b`` is IEEE division, a longer sequence), ``a / b`` elsewhere."""
+    if interpret:
+        return a / b
+    return _ptx("div.approx.ftz.f32", jnp.float32, a, b)
+
+
+def to_int8_rounded(v: jax.Array, interpret: bool) -> jax.Array:
+    """int8 codes of float32 ``v`` already within [-127, 127] up to rounding: clipped, rounded
+    half to even and converted by one ``cvt.rni.s32`` (:func:`to_q`'s int8 path rounds, then
+    converts with saturation: three more instructions a value)."""
+    v = jnp.clip(v, -QMAX["int8"], QMAX["int8"])
+    if interpret:
+        return round_half_even(v).astype(jnp.int8)
+    return _ptx("cvt.rni.s32.f32", jnp.int32, v).astype(jnp.int8)
 
 
 def to_q(v: jax.Array, fmt: str, interpret: bool = True) -> jax.Array:

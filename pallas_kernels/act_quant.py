@@ -84,6 +84,11 @@ BLOCK_HADAMARD_GPU_VERIFIED = True
 #: step's profile + the plain quantizer 257.8 us; ``benchmarks/act_quant_activation-NVIDIA_H200.log``);
 #: 568 us a call in the step (``benchmarks/e2e-session22-nvidia-h200.json``).
 ACT_GPU_VERIFIED = True
+#: The approximate program of that path (``QuantizerConfig.approx``: 1,536 SASS instructions a
+#: program against 2,496 at K = 8960, sm_90a, ``scripts/triton_resources.py``), which
+#: :func:`act_config` picks once it passes ``check_kernels_gpu.py --kernels
+#: act_quant_gelu_int8_approx,act_quant_gelu_fp8_approx``. Not yet run on a GPU.
+ACT_APPROX_GPU_VERIFIED = False
 #: The activations the kernel lowers (exact ``gelu`` needs ``erfc``, which Pallas' Triton
 #: lowering lacks: it stays on the reference).
 KERNEL_ACTIVATIONS = ("gelu_tanh", "silu", "relu")
@@ -167,11 +172,12 @@ def act_config(k: int) -> QuantizerConfig:
     """The bias + activation path's program: :func:`pick_config`, except rows padded past 8192
     lanes run on 4 warps, not 8 (one row a program either way). Measured on an H200
     (``benchmarks/act_quant_activation-NVIDIA_H200.log``, GELU-tanh with bias, 32,760 tokens):
-    542.4 against 606.5 us at 8960 wide, 855.6 against 939.9 us at 13,824."""
+    542.4 against 606.5 us at 8960 wide, 855.6 against 939.9 us at 13,824. The approximate
+    arithmetic (``approx``) once :data:`ACT_APPROX_GPU_VERIFIED`."""
     cfg = pick_config(k)
     if cfg.single_pass and padded_width(k) > 8192:
-        return QuantizerConfig(rows=1, warps=4, single_pass=True)
-    return cfg
+        cfg = QuantizerConfig(rows=1, warps=4, single_pass=True)
+    return dataclasses.replace(cfg, approx=ACT_APPROX_GPU_VERIFIED)
 
 
 def block_matrix(k: int, block: int) -> np.ndarray | None:
@@ -213,19 +219,25 @@ def _rotate(v: jax.Array, h_s, h_o, lay: HadamardLayout, k: int, dtype) -> jax.A
     return y.astype(dtype).astype(jnp.float32)
 
 
-def kernel_activation(name: str, v: jax.Array, interpret: bool = True) -> jax.Array:
+def kernel_activation(name: str, v: jax.Array, interpret: bool = True, approx: bool = False) -> jax.Array:
     """The kernel's formula for ``ACTIVATIONS[name]``: the same function with one base-2
     exponential (``gelu_tanh(v) = v * sigmoid(2 u)`` for ``0.5 v (1 + tanh(u))``; ``silu(v) = v *
     sigmoid(v)``), on the GPU one ``ex2.approx`` (:func:`_quant.exp2`) where Pallas' Triton
     lowering would call libdevice's longer ``tanhf`` / ``expf``. (In the step the formula did not
     set the quantizer's time: 828 / 801 / 808 us with each of the three, until the bias's layout
     was fixed; ``benchmarks/notes.md``, twenty-first session.) Both ends saturate without NaN
-    (``v / inf = 0``)."""
+    (``v / inf = 0``). ``approx`` (``QuantizerConfig.approx``): the division and the exponential
+    in their approximate, subnormal-flushing forms."""
+
+    def sigmoid_times(v, t):  # v / (1 + 2^t)
+        e = _quant.exp2(t, interpret, ftz=approx)
+        return _quant.div_approx(v, 1.0 + e, interpret) if approx else v / (1.0 + e)
+
     if name == "gelu_tanh":
         u = np.float32(2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0)) * (v + np.float32(0.044715) * (v * v * v))
-        return v / (1.0 + _quant.exp2(-u, interpret))
+        return sigmoid_times(v, -u)
     if name == "silu":
-        return v / (1.0 + _quant.exp2(np.float32(-1.0 / math.log(2.0)) * v, interpret))
+        return sigmoid_times(v, np.float32(-1.0 / math.log(2.0)) * v)
     if name == "relu":
         return jnp.maximum(v, 0.0)
     raise ValueError(f"kernel_activation: {name!r} not in {KERNEL_ACTIVATIONS}")
@@ -260,22 +272,15 @@ def _kernel(
     row_ok = i * rows + jnp.arange(rows) < m
     if lay is not None:
         width = lay.width
-    elif cfg.piece:  # single pass in register pieces (no rotation: quantize_pallas checks)
-        width = cfg.piece
     elif block and not cfg.single_pass:  # one order-`block` rotation per chunk: chunks are its blocks
         width = block
     else:
         width = padded_width(k) if cfg.single_pass else CHUNK
 
-    def start(c):
-        # Register pieces are static slices, and those past K (masked) fail Pallas's bounds
-        # check: their start is made a traced value.
-        return c * width + 0 * i if cfg.piece else c * width
-
     def span(c):
         cols = c * width + jnp.arange(width)
         mask = row_ok[:, None] & (cols < k)[None, :]
-        idx = (pl.ds(i * rows, rows), pl.ds(start(c), width))
+        idx = (pl.ds(i * rows, rows), pl.ds(c * width, width))
         return idx, mask
 
     def load(c):
@@ -286,9 +291,9 @@ def _kernel(
                 # A [1, width] block: the layout of x's rows (a 1-D load broadcast to them would
                 # be a layout conversion through shared memory in every program).
                 cols = (c * width + jnp.arange(width))[None, :]
-                v = v + pltriton.load(bias_ref.at[pl.ds(0, 1), pl.ds(start(c), width)], mask=cols < k, other=0.0)
+                v = v + pltriton.load(bias_ref.at[pl.ds(0, 1), pl.ds(c * width, width)], mask=cols < k, other=0.0)
             # Padded columns stay 0 (x and bias load as 0; every activation maps 0 to 0).
-            v = kernel_activation(activation, v, interpret)
+            v = kernel_activation(activation, v, interpret, approx=cfg.approx)
         if not block:
             return v
         # Whole rows (single pass) are their width / block chunks stacked: one dot rotates all
@@ -297,15 +302,14 @@ def _kernel(
 
     def store(c, v, scale):
         idx, mask = span(c)
-        pltriton.store(q_ref.at[idx], _quant.to_q(v / scale[:, None], fmt, interpret), mask=mask)
+        if cfg.approx:  # one reciprocal a row, a multiply a value
+            v = v * (1.0 / scale)[:, None]
+            codes = _quant.to_int8_rounded(v, interpret) if fmt == "int8" else _quant.to_q(v, fmt, interpret)
+        else:
+            codes = _quant.to_q(v / scale[:, None], fmt, interpret)
+        pltriton.store(q_ref.at[idx], codes, mask=mask)
 
-    if cfg.piece:  # the pieces stay in registers (a Python loop: Triton cannot slice them)
-        pieces = [load(c) for c in range(_common.cdiv(k, width))]
-        amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1) for v in pieces])
-        scale = _quant.scale_of(amax, fmt)
-        for c, v in enumerate(pieces):
-            store(c, v, scale)
-    elif cfg.single_pass:  # the rows stay in registers between the absmax and the codes
+    if cfg.single_pass:  # the rows stay in registers between the absmax and the codes
         v = load(0)
         if lay is not None:
             v = _rotate(v, h_s, h_o, lay, k, x_ref.dtype)
@@ -394,10 +398,10 @@ def quantize_pallas(
             extra = (b,)
         config = config or act_config(k)
     cfg = config or pick_config(k)
-    if cfg.single_pass and (_common.round_up(k, cfg.piece) if cfg.piece else padded_width(k)) > SINGLE_PASS_MAX:
+    if cfg.single_pass and padded_width(k) > SINGLE_PASS_MAX:
         raise ValueError(f"quantize: K={k} is too wide for the single-pass kernel (at most {SINGLE_PASS_MAX})")
-    if cfg.piece and (lay is not None or block):
-        raise ValueError(f"quantize: register pieces (config.piece) do not take a rotation, got {cfg}")
+    if cfg.approx and activation is None:
+        raise ValueError(f"quantize: config.approx is for the activation path (activation=...), got {cfg}")
     if lay is not None and (not cfg.single_pass or cfg.rows * lay.outer < 16):
         raise ValueError(f"quantize: the fused Hadamard needs one pass and rows * {lay.outer} >= 16, got {cfg}")
     call = pl.pallas_call(

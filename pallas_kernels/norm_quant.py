@@ -222,10 +222,8 @@ def norm_modulate_quantize_pallas(
     if block not in (BLOCK, k):
         raise ValueError(f"{_NAME}: block must be {BLOCK} or K={k} (one scale per token), got {block}")
     cfg = config or _quant.pick_config(k)
-    if not cfg.single_pass or cfg.piece:
-        raise ValueError(
-            f"{_NAME}: the norm needs whole rows in one program (a single-pass config, one piece), got {cfg}"
-        )
+    if not cfg.single_pass or cfg.approx:
+        raise ValueError(f"{_NAME}: the norm needs whole rows in one program (a single-pass config, exact), got {cfg}")
     extra = ()
     if hadamard:
         mat = block_matrix(k, hadamard) if hadamard < k else None

@@ -279,14 +279,23 @@ def act_inputs(key, m, k, n):
     return act_quant_inputs(ky, m, n, 0)[0], 0.5 * jax.random.normal(kb, (n,), jnp.float32)
 
 
-def _act_case(name: str, fmt: str, activation: str = "gelu_tanh") -> KernelCase:
+def _act_case(name: str, fmt: str, activation: str = "gelu_tanh", approx: bool = False) -> KernelCase:
     """``act_quant.quantize_act``: the FFN-up output's bias + activation applied as the per-token
     quantizer loads it (always the kernel: the GPU check runs it verified or not), against
     ``act_quant.act_reference``. The kernel's and XLA's float32 tanh may differ in the last bits:
-    a code on a rounding boundary moves one step, a scale by a few ulps."""
+    a code on a rounding boundary moves one step, a scale by a few ulps. ``approx``: the
+    default program with ``QuantizerConfig.approx`` (its approximate division and scaling)."""
+
+    def kernel(y, b):
+        if not approx:
+            return act_quant.quantize_act(y, b, activation, fmt, method="pallas")
+        cfg = dataclasses.replace(act_quant.act_config(y.shape[1]), approx=True)
+        interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
+        return act_quant.quantize_pallas(y, fmt, interpret=interpret, config=cfg, bias=b, activation=activation)
+
     return KernelCase(
         name,
-        lambda y, b: act_quant.quantize_act(y, b, activation, fmt, method="pallas"),
+        kernel,
         lambda y, b: act_quant.act_reference(y, b, activation, fmt),
         act_inputs,
         lambda m, k, n: 12.0 * m * n,
@@ -687,6 +696,9 @@ CASES: dict[str, KernelCase] = {
     # codes in a per-token W8A8 run: act_quant.ACT_GPU_VERIFIED).
     "act_quant_gelu_int8": _act_case("act_quant_gelu_int8", "int8"),
     "act_quant_gelu_fp8": _act_case("act_quant_gelu_fp8", "fp8"),
+    # The same with QuantizerConfig.approx (act_quant.ACT_APPROX_GPU_VERIFIED).
+    "act_quant_gelu_int8_approx": _act_case("act_quant_gelu_int8_approx", "int8", approx=True),
+    "act_quant_gelu_fp8_approx": _act_case("act_quant_gelu_fp8_approx", "fp8", approx=True),
     # SVDQuant's down-projection h = x @ L1 fused into the quantizer: (codes, scales, h).
     "act_quant_lowrank": KernelCase(
         "act_quant_lowrank",

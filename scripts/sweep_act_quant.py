@@ -14,7 +14,7 @@ same run (bytes read + written).
   -> ``benchmarks/act_quant_block-<device>.json`` (forces the kernels on).
 * ``--activation gelu_tanh``: the FFN-up output's bias and activation applied as the quantizer
   loads it (``act_quant.quantize_act``) under several programs (one pass, chunked, one pass in
-  register pieces: ``QuantizerConfig.piece``), beside the same kernel without
+  approximate arithmetic: ``QuantizerConfig.approx``), beside the same kernel without
   the bias, the plain quantizer on the same input, and XLA's activation followed by the plain
   quantizer kernel (the unfused path), at 32,760 tokens on Wan's FFN widths
   -> ``benchmarks/act_quant_activation-<device>.json`` (forces the kernels on).
@@ -95,10 +95,9 @@ def activation_variants(activation: str):
         cfgs = {"default": None, "single_r1_w16": Q(1, 16, True), "single_r1_w4": Q(1, 4, True)}
         for rows, warps, stages in ((4, 4, 1), (16, 4, 2), (32, 8, 2), (64, 8, 2)):
             cfgs[f"chunked_r{rows}_w{warps}_s{stages}"] = Q(rows, warps, False, stages)
-        # One pass in register pieces: the activation on ceil(K / piece) * piece lanes, not the
-        # power of two above K (8960: 10,240 or 9,216 lanes instead of 16,384).
-        for rows, warps, piece in ((1, 4, 2048), (1, 4, 1024), (1, 8, 1024), (2, 8, 2048), (2, 8, 1024)):
-            cfgs[f"pieces{piece}_r{rows}_w{warps}"] = Q(rows, warps, True, piece=piece)
+        # The approximate arithmetic (QuantizerConfig.approx: fewer instructions a value).
+        for rows, warps in ((1, 4), (1, 8), (2, 8)):
+            cfgs[f"approx_r{rows}_w{warps}"] = Q(rows, warps, True, approx=True)
         out = {
             name: (lambda x, cfg=cfg: act_quant.quantize_pallas(x, fmt, config=cfg, bias=bias, activation=activation))
             for name, cfg in cfgs.items()

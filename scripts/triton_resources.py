@@ -59,17 +59,17 @@ VARIANT_CASES: list[tuple[str, str, dict]] = [
     ),
     *(
         (
-            f"act_quant gelu bias k8960 pieces{piece} w{warps}",
+            f"act_quant gelu bias k{k} {fmt} approx",
             "act_quant",
             {
-                "k": 8960,
-                "fmt": "int8",
+                "k": k,
+                "fmt": fmt,
                 "activation": "gelu_tanh",
                 "bias": True,
-                "config": {"rows": 1, "warps": warps, "single_pass": True, "piece": piece},
+                "config": {"rows": 1, "warps": 4, "single_pass": True, "approx": True},
             },
         )
-        for piece, warps in ((2048, 4), (1024, 4), (2048, 8))
+        for k, fmt in ((8960, "int8"), (8960, "fp8"), (13824, "int8"))
     ),
 ]
 #: Cases that must not spill (the programs a step runs by default, or is meant to).

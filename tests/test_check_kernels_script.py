@@ -57,3 +57,14 @@ def test_check_prints_untaken_shapes_as_skips_and_counts_only_failures(script, m
     rows = out.read_text().splitlines()[1:]
     assert [r.split()[0] for r in rows[:-1]] == ["FAIL", "SKIP"]  # the taken shape fails, the other skips
     assert rows[-1].startswith("# 1 failure(s), 1 skipped") and rc == 1
+
+
+def test_the_approximate_activation_cases_pass_their_check_in_the_interpreter(script, monkeypatch, tmp_path) -> None:
+    # What the GPU check of QuantizerConfig.approx compares, on the CPU: the approximate program
+    # against act_reference within the case's tolerances (a ragged and a Wan-wide activation).
+    monkeypatch.setattr(script, "SHAPES", [(5, 64, 1000), (3, 64, 8960)])
+    out = tmp_path / "check.txt"
+    rc = script.main(["--kernels", "act_quant_gelu_int8_approx,act_quant_gelu_fp8_approx", "--out", str(out)])
+    rows = out.read_text().splitlines()[1:]
+    assert [r.split()[0] for r in rows[:-1]] == ["PASS"] * 4, rows
+    assert rows[-1].startswith("# 0 failure(s)") and rc == 0

@@ -64,6 +64,6 @@ def test_triton_cases_lower_and_their_fingerprints_see_a_program_change():
         return kf.triton_fingerprint(lambda v: act_quant.quantize_pallas(v, "int8", config=cfg), x)
 
     assert fp() == fp() != prints["act_quant fp8 k8960"]  # the int8 codes: another module
-    assert fp(act_quant.QuantizerConfig(rows=1, warps=4, piece=2048)) != fp()
+    assert fp(act_quant.QuantizerConfig(rows=2, warps=8)) != fp()
     with pytest.raises(ValueError, match="no Triton kernel"):
         kf.triton_fingerprint(lambda v: v * 2, x)

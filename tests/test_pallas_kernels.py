@@ -11,6 +11,7 @@ GPU custom call for ragged shapes (which catches layout/tiling errors early).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -29,6 +30,7 @@ from pallas_kernels import (
     _common,
     _quant,
     act_quant,
+    norm_quant,
     testing,
     triton_quant,
     w4_table,
@@ -850,37 +852,58 @@ def test_activation_quantizer_matches_its_reference(fmt, m, k):
     assert "xla.gpu.triton" in text
 
 
-@pytest.mark.parametrize("k,piece", [(1000, 256), (8960, 2048), (300, 64)])
-def test_register_pieces_give_the_one_block_codes(k, piece):
-    # A row held as ceil(K / piece) pieces is the same arithmetic on the same values as one
-    # block padded to a power of two: the plain and the activation path, bit for bit.
-    y = _normal(4, (5, k), 3, jnp.bfloat16)
+@pytest.mark.parametrize(
+    "fmt,activation,k", [("int8", "gelu_tanh", 1000), ("fp8", "gelu_tanh", 8960), ("int8", "silu", 300)]
+)
+def test_the_approximate_program_is_within_one_step_of_the_exact_one(fmt, activation, k):
+    # QuantizerConfig.approx scales each code by the row's reciprocal (and rounds it by one
+    # conversion): the same scales, codes one step apart where v / s and v * (1 / s) fall on two
+    # sides of a rounding boundary. (Its PTX division and exponential run only on the GPU.)
+    y = _normal(4, (9, k), 3, jnp.bfloat16)
     bias = _normal(5, (k,), 1, jnp.float32)
-    one = act_quant.QuantizerConfig(rows=2, warps=4, single_pass=True)
-    pieces = act_quant.QuantizerConfig(rows=2, warps=4, single_pass=True, piece=piece)
-    for kw in ({}, {"bias": bias, "activation": "gelu_tanh"}):
-        want = act_quant.quantize_pallas(y, "int8", interpret=True, config=one, **kw)
-        got = act_quant.quantize_pallas(y, "int8", interpret=True, config=pieces, **kw)
-        chex.assert_trees_all_equal(got, want)
-    assert float(jnp.abs(got[0].astype(jnp.float32)).sum()) > 0
+    exact = act_quant.QuantizerConfig(rows=2, warps=4, single_pass=True)
+    kw = dict(interpret=True, bias=bias, activation=activation)
+    want = act_quant.quantize_pallas(y, fmt, config=exact, **kw)
+    got = act_quant.quantize_pallas(y, fmt, config=dataclasses.replace(exact, approx=True), **kw)
+    chex.assert_trees_all_equal(got[1], want[1])
+    c, w = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+    step = 1.0 if fmt == "int8" else np.exp2(np.floor(np.log2(np.maximum(np.abs(w), 2.0**-6))) - 3)
+    assert (np.abs(c - w) <= step).all() and (c != w).mean() <= 1e-3
+    assert float(np.abs(c).sum()) > 0
 
 
-def test_register_pieces_refusals():
-    with pytest.raises(ValueError, match="piece must be a power of two >= 16 with single_pass"):
-        act_quant.QuantizerConfig(piece=1000)
-    with pytest.raises(ValueError, match="piece must be"):
-        act_quant.QuantizerConfig(single_pass=False, piece=1024)
+def test_the_approximate_program_lowers_to_its_ptx_and_is_refused_elsewhere():
+    cfg = act_quant.QuantizerConfig(rows=1, warps=4, approx=True)
     y = jnp.ones((4, 1024), jnp.bfloat16)
-    cfg = act_quant.QuantizerConfig(rows=16, piece=256)
-    with pytest.raises(ValueError, match="do not take a rotation"):
-        act_quant.quantize_pallas(y, "int8", interpret=True, config=cfg, hadamard=128)
-    text = (
-        jax.jit(lambda v: act_quant.quantize_pallas(v, "int8", config=cfg, activation="gelu_tanh"))
-        .trace(jax.ShapeDtypeStruct((32, 8960), jnp.bfloat16))
-        .lower(lowering_platforms=("cuda",))
-        .as_text()
-    )
-    assert "xla.gpu.triton" in text
+    with pytest.raises(ValueError, match="approx is for the activation path"):
+        act_quant.quantize_pallas(y, "int8", interpret=True, config=cfg)
+    with pytest.raises(ValueError, match="single-pass config, exact"):
+        norm_quant.norm_modulate_quantize_pallas(
+            y, None, None, jnp.zeros((1024,)), jnp.zeros((1024,)), 1e-6, fmt="int8", interpret=True, config=cfg
+        )
+    texts = []
+    from jax._src.pallas.triton import pallas_call_registration as reg  # pylint: disable=import-outside-toplevel
+
+    original = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = original(*a, **k)
+        texts.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    reg.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        for approx in (False, True):
+            c = dataclasses.replace(cfg, approx=approx)
+            jax.jit(lambda v, c=c: act_quant.quantize_pallas(v, "int8", config=c, activation="gelu_tanh")).trace(
+                jax.ShapeDtypeStruct((32, 8960), jnp.bfloat16)
+            ).lower(lowering_platforms=("cuda",))
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = original
+    exact, approx = texts
+    for op in ("div.approx.ftz.f32", "ex2.approx.ftz.f32", "cvt.rni.s32.f32"):
+        assert op in approx and op not in exact, op
+    assert "ex2.approx.f32" in exact and "cvt.rni.f32.f32" in exact
 
 
 def test_activation_quantizer_refuses_what_it_cannot_do():
@@ -926,7 +949,7 @@ def test_activation_sweep_variants_match_their_references(monkeypatch):
         x = _normal(3, (3, 8960), 2, jnp.bfloat16)
         want = act_quant.act_reference(x, jnp.zeros((8960,)), "gelu_tanh", "int8")
         variants = sweep.activation_variants("gelu_tanh")("int8", 8960)
-        assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel", "pieces2048_r1_w4"} <= set(variants)
+        assert {"default", "default_no_bias", "plain_quantizer", "xla_act+kernel", "approx_r1_w4"} <= set(variants)
         for name, fn in variants.items():
             fn, ref = fn if isinstance(fn, tuple) else (fn, None)
             expected = want if ref is None else ref(x)
