@@ -22,9 +22,9 @@ token, K smoothed with one scale per 128-key tile), for Q and for K:
 * ``<q|k> prologue-inner`` / ``prologue-outer``: ``attn_prep`` applying the prologue itself, its
   programs launched with a tile's heads side by side or each head's tiles in turn (what the
   cos / sin tables cost depends on what L2 keeps between the heads' reads);
-* ``<q|k> prologue-inner-w16`` / ``q prologue-inner-t64``: the same with 16 warps, or Q in
-  64-token tiles on 4 (:data:`QUANT_ROWS`; compiled for sm_90a here, ``scripts/triton_resources.py``,
-  the default program holds 185 registers, these 128 and 177, none spills).
+* ``<q|k> prologue-inner-w16``, ``q prologue-inner-t64[-w8]``, ``q xla+prep-t64-w8``,
+  ``q xla+prep-t256-w16``: other programs of the same passes, 16 warps, Q in 64- or 256-token tiles
+  (registers per thread and programs an SM: :data:`QUANT_ROWS`).
 
 Each bf16 row is checked against ``stack`` first (at most 1e-3 of the values may differ, by at
 most one bf16 step, where XLA contracts a multiply-add differently), each codes row against
@@ -108,7 +108,7 @@ def quantized_prep(role: str, where: str, **tuning):
         mean = attn_prep.key_mean(prepared, True) if smooth else None
         kw = dict(fmt="int8", hadamard=True, mean=mean, per_tile=per_tile, tokens_padded=TOKENS_PADDED)
         if where == "xla":
-            return attn_prep.prep_tokens_pallas(prepared, **kw)
+            return attn_prep.prep_tokens_pallas(prepared, **kw, **tuning)
         norm, rope = attn_prep.prologue_operands(x4, prologue, role)
         return attn_prep.prep_tokens_pallas(x4, norm=norm, rope=rope, heads_inner=where == "inner", **kw, **tuning)
 
@@ -116,17 +116,22 @@ def quantized_prep(role: str, where: str, **tuning):
 
 
 #: row name -> (role, where the prologue runs: "xla", or the kernel's launch order "inner" /
-#: "outer", more keywords of the kernel). The tuned programs: with the prologue a 128 x 128
-#: program holds x, cos, sin and the swapped and rotated tiles in float32 (64 registers per
-#: thread each at 8 warps); 16 warps, or Q in 64-token tiles, halve that.
+#: "outer", more keywords of the kernel). The tuned programs, compiled for sm_90a here
+#: (``scripts/triton_resources.py``): the default 128 x 128 program of 8 warps holds 114
+#: registers without the prologue (two programs an SM by registers) and 185 with it; Q in 64-token
+#: tiles on 8 warps, 80 (three an SM); 16 warps, 128 (the prologue) or 114 (256-token tiles). K's
+#: tile is the attention's key block (one scale per tile), so only its warps vary.
 QUANT_ROWS = {
     f"{role} {name}": (role, where, {})
     for role in ROLES
     for name, where in (("xla+prep", "xla"), ("prologue-inner", "inner"), ("prologue-outer", "outer"))
 } | {
+    "q xla+prep-t64-w8": ("q", "xla", {"tile": 64, "warps": 8}),
+    "q xla+prep-t256-w16": ("q", "xla", {"tile": 256, "warps": 16}),
     "q prologue-inner-w16": ("q", "inner", {"warps": 16}),
     "k prologue-inner-w16": ("k", "inner", {"warps": 16}),
     "q prologue-inner-t64": ("q", "inner", {"tile": 64}),
+    "q prologue-inner-t64-w8": ("q", "inner", {"tile": 64, "warps": 8}),
 }
 QUANT_VARIANTS = {name: quantized_prep(role, where, **tuning) for name, (role, where, tuning) in QUANT_ROWS.items()}
 

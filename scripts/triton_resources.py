@@ -185,7 +185,7 @@ def _versions() -> dict:
         "device": f"none: compiled on the CPU for {ARCH}",
         "jax": jax.__version__,
         "triton": triton.__version__,
-        "ptxas": ptxas.splitlines()[-1] if ptxas else "",
+        "ptxas": next((line for line in ptxas.splitlines() if "release" in line), ptxas),
         "commit": os.environ.get("JQUANT_COMMIT", commit),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
