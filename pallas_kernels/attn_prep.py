@@ -71,9 +71,9 @@ PROLOGUE_GPU_VERIFIED = False
 #: ``benchmarks/notes.md``); the program without spills is to be timed first.
 PROLOGUE_DEFAULT = False
 #: With the RoPE the programs of a token tile's heads run side by side (``heads_inner``): they
-#: read the same cos / sin slice, which then comes from L2 after the first (the tables, float32
-#: [T, D] each, are 33.5 MB at Wan2.1-1.3B's 32,760 tokens: reread from DRAM once per head
-#: otherwise, four times the traffic of the input itself). Not yet timed on a GPU
+#: read the same cos / sin slice, which then comes from L2 after the first (the tables' even
+#: columns, float32 [T, D/2] each, are 16.8 MB at Wan2.1-1.3B's 32,760 tokens: reread from DRAM
+#: once per head otherwise, twice the traffic of the input itself). Not yet timed on a GPU
 #: (``scripts/bench_qk_prep.py`` has both orders).
 ROPE_HEADS_INNER = True
 HEAD_DIMS = (64, 128)
@@ -225,8 +225,8 @@ def prep_tokens_pallas(
     ``heads_inner``: launch the programs of one token tile's heads next to each other (grid
     ``(H, tiles, B)``; CUDA launches the first grid axis fastest) rather than every tile of one
     head in turn (``(B, tiles, H)``). The results are the same; what changes is what L2 holds:
-    with the RoPE, each program reads a ``[tile, D]`` float32 slice of cos and sin, four times
-    its bf16 input tile, the same slice for every head. None (default): heads inner exactly when
+    with the RoPE, each program reads a ``[tile, D/2]`` float32 slice of cos and sin (the tables'
+    even columns), twice its bf16 input tile, the same slice for every head. None (default): heads inner exactly when
     there is a RoPE (:data:`ROPE_HEADS_INNER`).
     ``warps``: the programs' warps (None: 8 for a tile of >= 16,384 elements, else 4; more
     warps, fewer registers per thread for the prologue's float32 tiles).
