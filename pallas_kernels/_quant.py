@@ -36,8 +36,8 @@ class QuantizerConfig:
 
     ``approx`` (the bias + activation path of act_quant): the activation's division
     ``v / (1 + 2^-u)`` as one ``div.approx.ftz``, its ``ex2.approx`` flushing subnormals (1 plus
-    a subnormal is 1 either way), and each code as ``v * (1 / scale)`` rounded and converted by
-    one ``cvt.rni.s32`` where the exact program divides, rounds, and converts with saturation:
+    a subnormal is 1 either way), and each code as ``v * (1 / scale)`` by one saturating
+    conversion (:func:`to_q_saturating`) where the exact program divides, clamps, rounds and converts:
     fewer instructions a value (SASS for sm_90a, ``scripts/triton_resources.py``) in a program
     that issues about 31 a value. Codes within one step of the exact program's."""
 
@@ -120,14 +120,18 @@ def div_approx(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
     return _ptx("div.approx.ftz.f32", jnp.float32, a, b)
 
 
-def to_int8_rounded(v: jax.Array, interpret: bool) -> jax.Array:
-    """int8 codes of float32 ``v`` already within [-127, 127] up to rounding: clipped, rounded
-    half to even and converted by one ``cvt.rni.s32`` (:func:`to_q`'s int8 path rounds, then
-    converts with saturation: three more instructions a value)."""
-    v = jnp.clip(v, -QMAX["int8"], QMAX["int8"])
+def to_q_saturating(v: jax.Array, fmt: str, interpret: bool) -> jax.Array:
+    """Codes of float32 ``v`` already within ``[-QMAX, QMAX]`` up to rounding (``v * (1 / scale)``
+    with ``scale = absmax / QMAX``: at most QMAX (1 + 2^-22)) by one saturating conversion: int8
+    by ``cvt.rni.sat.s8`` (round half to even; the saturation never reaches -128), e4m3 by
+    Triton's conversion, which saturates to +-448 itself. :func:`to_q` clamps first (two more
+    instructions a value, and for int8 a round and Triton's clamping conversion: four). The
+    interpreter takes :func:`to_q`: the same codes."""
     if interpret:
-        return round_half_even(v).astype(jnp.int8)
-    return _ptx("cvt.rni.s32.f32", jnp.int32, v).astype(jnp.int8)
+        return to_q(v, fmt, interpret)
+    if fmt == "int8":
+        return _ptx("cvt.rni.sat.s8.f32", jnp.int32, v).astype(jnp.int8)
+    return v.astype(QDTYPE[fmt])
 
 
 def to_q(v: jax.Array, fmt: str, interpret: bool = True) -> jax.Array:

@@ -84,7 +84,7 @@ BLOCK_HADAMARD_GPU_VERIFIED = True
 #: step's profile + the plain quantizer 257.8 us; ``benchmarks/act_quant_activation-NVIDIA_H200.log``);
 #: 568 us a call in the step (``benchmarks/e2e-session22-nvidia-h200.json``).
 ACT_GPU_VERIFIED = True
-#: The approximate program of that path (``QuantizerConfig.approx``: 1,536 SASS instructions a
+#: The approximate program of that path (``QuantizerConfig.approx``: 1,376 SASS instructions a
 #: program against 2,496 at K = 8960, sm_90a, ``scripts/triton_resources.py``), which
 #: :func:`act_config` picks once it passes ``check_kernels_gpu.py --kernels
 #: act_quant_gelu_int8_approx,act_quant_gelu_fp8_approx``. Not yet run on a GPU.
@@ -303,8 +303,7 @@ def _kernel(
     def store(c, v, scale):
         idx, mask = span(c)
         if cfg.approx:  # one reciprocal a row, a multiply a value
-            v = v * (1.0 / scale)[:, None]
-            codes = _quant.to_int8_rounded(v, interpret) if fmt == "int8" else _quant.to_q(v, fmt, interpret)
+            codes = _quant.to_q_saturating(v * (1.0 / scale)[:, None], fmt, interpret)
         else:
             codes = _quant.to_q(v / scale[:, None], fmt, interpret)
         pltriton.store(q_ref.at[idx], codes, mask=mask)

@@ -91,6 +91,17 @@ TRITON_CASES: list[tuple[str, str, dict]] = [
     ("act_quant int8 k20000 chunked", "act_quant", {"k": 20000, "fmt": "int8"}),
     ("act_quant gelu bias k8960", "act_quant", {"k": 8960, "fmt": "int8", "activation": "gelu_tanh", "bias": True}),
     ("act_quant gelu k13824", "act_quant", {"k": 13824, "fmt": "fp8", "activation": "gelu_tanh"}),
+    (
+        "act_quant gelu bias k8960 approx",
+        "act_quant",
+        {
+            "k": 8960,
+            "fmt": "int8",
+            "activation": "gelu_tanh",
+            "bias": True,
+            "config": {"rows": 1, "warps": 4, "single_pass": True, "approx": True},
+        },
+    ),
     ("act_quant hadamard k1536", "act_quant", {"k": 1536, "fmt": "int8", "hadamard": True}),
     ("act_quant block128 k8960", "act_quant", {"k": 8960, "fmt": "int8", "hadamard": 128}),
     ("norm_quant rms token k1536", "norm_quant", {"k": 1536, "kind": "rms", "block": 1536}),

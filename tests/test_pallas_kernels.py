@@ -901,7 +901,7 @@ def test_the_approximate_program_lowers_to_its_ptx_and_is_refused_elsewhere():
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = original
     exact, approx = texts
-    for op in ("div.approx.ftz.f32", "ex2.approx.ftz.f32", "cvt.rni.s32.f32"):
+    for op in ("div.approx.ftz.f32", "ex2.approx.ftz.f32", "cvt.rni.sat.s8.f32"):
         assert op in approx and op not in exact, op
     assert "ex2.approx.f32" in exact and "cvt.rni.f32.f32" in exact
 
