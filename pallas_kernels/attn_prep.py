@@ -47,6 +47,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels import _common, _quant
 from pallas_kernels import attention_ref as ref
@@ -119,6 +120,7 @@ def _kernel(
     rope: bool = False,
     heads_inner: bool = False,
     heads: int = 1,
+    tiles: int = 1,
 ):
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
     import jax.experimental.pallas.triton as pltriton  # pylint: disable=g-import-not-at-top
@@ -131,54 +133,65 @@ def _kernel(
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
     q_ref, s_ref = refs
     if heads_inner:  # grid (head, tile, batch): a tile's heads are launched side by side
-        h, i, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        h, p, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     else:  # grid (batch, tile, head)
-        b, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row_ok = i * tile + jnp.arange(tile) < t
-    cols = pl.ds(h * d, d)
-    x = pltriton.load(x_ref.at[b, pl.ds(i * tile, tile), cols], mask=row_ok[:, None], other=0.0)
-    if rope:  # each channel pair (2i, 2i+1) as two [tile, D/2] halves, in registers
-        x_even, x_odd = jnp.unstack(x.reshape(tile, d // 2, 2), axis=-1)
-    if norm:  # the RMSNorm across heads: its row factor from XLA, rounded to bf16 as the layer's output
-        r = pltriton.load(r_ref.at[b, pl.ds(i * tile, tile)], mask=row_ok, other=0.0)[:, None]
-        if rope:
-            n_half = heads * (d // 2)  # the evens' count, H*D/2
-            w_even = pltriton.load(w_ref.at[pl.ds(h * (d // 2), d // 2)])[None, :] if weighted else 1.0
-            w_odd = pltriton.load(w_ref.at[pl.ds(n_half + h * (d // 2), d // 2)])[None, :] if weighted else 1.0
-            x_even = (x_even.astype(jnp.float32) * r * w_even).astype(jnp.bfloat16)
-            x_odd = (x_odd.astype(jnp.float32) * r * w_odd).astype(jnp.bfloat16)
+        b, p, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # With several tiles a program (a loop Triton can software-pipeline), the +-1 matrix is read once.
+    hmat = h_ref[...] if hadamard and tiles > 1 else None
+
+    def one_tile(i):
+        row_ok = i * tile + jnp.arange(tile) < t
+        cols = pl.ds(h * d, d)
+        x = pltriton.load(x_ref.at[b, pl.ds(i * tile, tile), cols], mask=row_ok[:, None], other=0.0)
+        if rope:  # each channel pair (2i, 2i+1) as two [tile, D/2] halves, in registers
+            x_even, x_odd = jnp.unstack(x.reshape(tile, d // 2, 2), axis=-1)
+        if norm:  # the RMSNorm across heads: its row factor from XLA, rounded to bf16 as the layer's output
+            r = pltriton.load(r_ref.at[b, pl.ds(i * tile, tile)], mask=row_ok, other=0.0)[:, None]
+            if rope:
+                n_half = heads * (d // 2)  # the evens' count, H*D/2
+                w_even = pltriton.load(w_ref.at[pl.ds(h * (d // 2), d // 2)])[None, :] if weighted else 1.0
+                w_odd = pltriton.load(w_ref.at[pl.ds(n_half + h * (d // 2), d // 2)])[None, :] if weighted else 1.0
+                x_even = (x_even.astype(jnp.float32) * r * w_even).astype(jnp.bfloat16)
+                x_odd = (x_odd.astype(jnp.float32) * r * w_odd).astype(jnp.bfloat16)
+            else:
+                y = x.astype(jnp.float32) * r
+                if weighted:
+                    y = y * pltriton.load(w_ref.at[cols])[None, :]
+                x = y.astype(jnp.bfloat16)
+        if rope:  # interleaved RoPE, one angle a pair: (e, o) -> (e cos - o sin, o cos + e sin)
+            angles = (pl.ds(i * tile, tile), pl.ds(0, d // 2))
+            cos = pltriton.load(cos_ref.at[angles], mask=row_ok[:, None], other=0.0)
+            sin = pltriton.load(sin_ref.at[angles], mask=row_ok[:, None], other=0.0)
+            e, o = x_even.astype(jnp.float32), x_odd.astype(jnp.float32)
+            x_even = (e * cos + -o * sin).astype(jnp.bfloat16)
+            x_odd = (o * cos + e * sin).astype(jnp.bfloat16)
+            x = jnp.stack([x_even, x_odd], axis=-1).reshape(tile, d)
+        if hadamard:  # bf16 x times +-1: exact products, float32 sums (attention_ref.rotate)
+            z = jnp.dot(
+                x.astype(jnp.bfloat16), (h_ref[...] if hmat is None else hmat), preferred_element_type=jnp.float32
+            )
+            z = z * np.float32(1.0 / math.sqrt(d))
         else:
-            y = x.astype(jnp.float32) * r
-            if weighted:
-                y = y * pltriton.load(w_ref.at[cols])[None, :]
-            x = y.astype(jnp.bfloat16)
-    if rope:  # interleaved RoPE, one angle a pair: (e, o) -> (e cos - o sin, o cos + e sin)
-        angles = (pl.ds(i * tile, tile), pl.ds(0, d // 2))
-        cos = pltriton.load(cos_ref.at[angles], mask=row_ok[:, None], other=0.0)
-        sin = pltriton.load(sin_ref.at[angles], mask=row_ok[:, None], other=0.0)
-        e, o = x_even.astype(jnp.float32), x_odd.astype(jnp.float32)
-        x_even = (e * cos + -o * sin).astype(jnp.bfloat16)
-        x_odd = (o * cos + e * sin).astype(jnp.bfloat16)
-        x = jnp.stack([x_even, x_odd], axis=-1).reshape(tile, d)
-    if hadamard:  # bf16 x times +-1: exact products, float32 sums (attention_ref.rotate)
-        z = jnp.dot(x.astype(jnp.bfloat16), h_ref[...], preferred_element_type=jnp.float32)
-        z = z * np.float32(1.0 / math.sqrt(d))
+            z = x.astype(jnp.float32)
+        if smooth:
+            z = z - pltriton.load(mean_ref.at[b, h, pl.ds(0, d)])[None, :]
+        z = jnp.where(row_ok[:, None], z, 0.0)  # padded tokens: codes 0 (the kernel counts them)
+        qmax = np.float32(ref.QMAX[fmt])
+        if per_tile:
+            scale = jnp.maximum(jnp.max(jnp.abs(z)), np.float32(ref._TINY)) / qmax  # pylint: disable=protected-access
+            codes = _quant.to_q(z / scale, _QFMT[fmt], interpret)
+            pltriton.store(s_ref.at[b, h, pl.ds(i, 1)], jnp.full((1,), scale, jnp.float32))
+        else:
+            scale = jnp.maximum(jnp.max(jnp.abs(z), axis=1), np.float32(ref._TINY)) / qmax  # pylint: disable=protected-access
+            codes = _quant.to_q(z / scale[:, None], _QFMT[fmt], interpret)
+            # padded tokens: scale 1 (codes 0), as the XLA path pads its scales
+            pltriton.store(s_ref.at[b, h, pl.ds(i * tile, tile)], jnp.where(row_ok, scale, np.float32(1.0)))
+        pltriton.store(q_ref.at[b, pl.ds(i * tile, tile), cols], codes)
+
+    if tiles == 1:
+        one_tile(p)
     else:
-        z = x.astype(jnp.float32)
-    if smooth:
-        z = z - pltriton.load(mean_ref.at[b, h, pl.ds(0, d)])[None, :]
-    z = jnp.where(row_ok[:, None], z, 0.0)  # padded tokens: codes 0 (the kernel counts them)
-    qmax = np.float32(ref.QMAX[fmt])
-    if per_tile:
-        scale = jnp.maximum(jnp.max(jnp.abs(z)), np.float32(ref._TINY)) / qmax  # pylint: disable=protected-access
-        codes = _quant.to_q(z / scale, _QFMT[fmt], interpret)
-        pltriton.store(s_ref.at[b, h, pl.ds(i, 1)], jnp.full((1,), scale, jnp.float32))
-    else:
-        scale = jnp.maximum(jnp.max(jnp.abs(z), axis=1), np.float32(ref._TINY)) / qmax  # pylint: disable=protected-access
-        codes = _quant.to_q(z / scale[:, None], _QFMT[fmt], interpret)
-        # padded tokens: scale 1 (codes 0), as the XLA path pads its scales
-        pltriton.store(s_ref.at[b, h, pl.ds(i * tile, tile)], jnp.where(row_ok, scale, np.float32(1.0)))
-    pltriton.store(q_ref.at[b, pl.ds(i * tile, tile), cols], codes)
+        lax.fori_loop(0, tiles, lambda j, c: (one_tile(p * tiles + j), c)[1], 0)
 
 
 def check(x: Array, fmt: str, tokens_padded: int, tile: int) -> None:
@@ -210,6 +223,8 @@ def prep_tokens_pallas(
     rope: tuple[Array, Array] | None = None,
     heads_inner: bool | None = None,
     warps: int | None = None,
+    tiles_per_program: int = 1,
+    stages: int = 1,
 ) -> tuple[Array, Array]:
     """``(codes [B, tokens_padded, H, D], scales)`` of ``x`` [B, T, H, D] (bf16).
 
@@ -230,6 +245,10 @@ def prep_tokens_pallas(
     there is a RoPE (:data:`ROPE_HEADS_INNER`).
     ``warps``: the programs' warps (None: 8 for a tile of >= 16,384 elements, else 4; more
     warps, fewer registers per thread for the prologue's float32 tiles).
+    ``tiles_per_program`` (dividing ``tokens_padded / tile``): each program loops over that many
+    consecutive tiles of its head, reading the +-1 matrix once, and with ``stages`` > 1 Triton
+    prefetches the next tile's loads during this one's arithmetic (the one-tile program reads the
+    matrix, 32 KB from L2, beside every 32 KB tile and overlaps nothing within a program).
     ``interpret=True`` runs Pallas's interpreter (CPU tests).
     """
     import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
@@ -278,6 +297,12 @@ def prep_tokens_pallas(
         raise ValueError(f"{_NAME}: warps must be one of {WARPS}, got {warps}")
     if heads_inner is None:
         heads_inner = ROPE_HEADS_INNER and rope is not None
+    if tiles_per_program < 1 or n_tiles % tiles_per_program or stages < 1:
+        raise ValueError(
+            f"{_NAME}: tiles_per_program={tiles_per_program} must divide the {n_tiles} tiles and stages={stages}"
+            " be >= 1"
+        )
+    n_programs = n_tiles // tiles_per_program
     call = pl.pallas_call(
         functools.partial(
             _kernel,
@@ -294,11 +319,12 @@ def prep_tokens_pallas(
             rope=rope is not None,
             heads_inner=heads_inner,
             heads=h,
+            tiles=tiles_per_program,
         ),
         out_shape=out_shape,
-        grid=(h, n_tiles, b) if heads_inner else (b, n_tiles, h),
+        grid=(h, n_programs, b) if heads_inner else (b, n_programs, h),
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=warps, num_stages=stages),
     )
     codes, scales = call(x.reshape(b, t, h * d), *extra)
     return codes.reshape(b, tokens_padded, h, d), scales

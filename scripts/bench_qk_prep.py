@@ -23,8 +23,10 @@ token, K smoothed with one scale per 128-key tile), for Q and for K:
   programs launched with a tile's heads side by side or each head's tiles in turn (what the
   cos / sin tables cost depends on what L2 keeps between the heads' reads);
 * ``<q|k> prologue-inner-w16``, ``q prologue-inner-t64[-w8]``, ``q xla+prep-t64-w8``,
-  ``q xla+prep-t256-w16``: other programs of the same passes, 16 warps, Q in 64- or 256-token tiles
-  (registers per thread and programs an SM: :data:`QUANT_ROWS`).
+  ``q xla+prep-t256-w16``, ``<q|k> xla+prep-tpp4-s2``, ``q xla+prep-tpp8-s3``,
+  ``<q|k> prologue-inner-tpp4-s2``: other programs of
+  the same passes, 16 warps, Q in 64- or 256-token tiles, several tiles a program with their loads
+  pipelined (registers per thread and programs an SM: :data:`QUANT_ROWS`).
 
 Each bf16 row is checked against ``stack`` first (at most 1e-3 of the values may differ, by at
 most one bf16 step, where XLA contracts a multiply-add differently), each codes row against
@@ -120,7 +122,10 @@ def quantized_prep(role: str, where: str, **tuning):
 #: (``scripts/triton_resources.py``): the default 128 x 128 program of 8 warps holds 114
 #: registers without the prologue (two programs an SM by registers) and 185 with it; Q in 64-token
 #: tiles on 8 warps, 80 (three an SM); 16 warps, 128 (the prologue) or 114 (256-token tiles). K's
-#: tile is the attention's key block (one scale per tile), so only its warps vary.
+#: tile is the attention's key block (one scale per tile), so only its warps vary. ``tpp``: tiles
+#: a program loops over, the +-1 matrix read once and (``s`` stages > 1) the next tile's loads
+#: issued as asynchronous copies during this one's arithmetic (92-95 registers, 112 KB of shared
+#: memory at two stages; with the prologue 209 and 145 KB, one program an SM).
 QUANT_ROWS = {
     f"{role} {name}": (role, where, {})
     for role in ROLES
@@ -128,6 +133,11 @@ QUANT_ROWS = {
 } | {
     "q xla+prep-t64-w8": ("q", "xla", {"tile": 64, "warps": 8}),
     "q xla+prep-t256-w16": ("q", "xla", {"tile": 256, "warps": 16}),
+    "q xla+prep-tpp4-s2": ("q", "xla", {"tiles_per_program": 4, "stages": 2}),
+    "k xla+prep-tpp4-s2": ("k", "xla", {"tiles_per_program": 4, "stages": 2}),
+    "q xla+prep-tpp8-s3": ("q", "xla", {"tiles_per_program": 8, "stages": 3}),
+    "q prologue-inner-tpp4-s2": ("q", "inner", {"tiles_per_program": 4, "stages": 2}),
+    "k prologue-inner-tpp4-s2": ("k", "inner", {"tiles_per_program": 4, "stages": 2}),
     "q prologue-inner-w16": ("q", "inner", {"warps": 16}),
     "k prologue-inner-w16": ("k", "inner", {"warps": 16}),
     "q prologue-inner-t64": ("q", "inner", {"tile": 64}),

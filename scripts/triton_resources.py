@@ -57,6 +57,12 @@ VARIANT_CASES: list[tuple[str, str, dict]] = [
         "attn_prep",
         {"fmt": "int8", "hadamard": True, "norm": True, "rope": True, "tile": 64},
     ),
+    ("attn_prep q int8 tpp4 s2", "attn_prep", {"fmt": "int8", "hadamard": True, "tiles_per_program": 4, "stages": 2}),
+    (
+        "attn_prep k int8 tile tpp4 s2",
+        "attn_prep",
+        {"fmt": "int8", "hadamard": True, "mean": True, "per_tile": True, "tiles_per_program": 4, "stages": 2},
+    ),
     *(
         (
             f"act_quant gelu bias k{k} {fmt} approx",

@@ -193,6 +193,25 @@ def test_prologue_in_the_kernel_matches_the_reference(norm, rope, role, fmt, had
     assert r["ok"], r
 
 
+@pytest.mark.parametrize(
+    "with_prologue,per_tile,heads_inner", [(False, False, False), (False, True, True), (True, True, None)]
+)
+def test_several_tiles_a_program_give_the_same_codes(with_prologue, per_tile, heads_inner):
+    """A program looping over 2 or 4 tiles of its head (the +-1 matrix read once) computes what
+    one program a tile does, bit for bit: a partial last tile, batch 2, both launch orders."""
+    x = _x(9, 2, 230, 2, 64)
+    norm, rope = ap.prologue_operands(x, _prologue(2, 64, 230), "k") if with_prologue else (None, None)
+    mean = ap.key_mean(x, True) if per_tile else None
+    kw = dict(fmt="int8", hadamard=True, tokens_padded=256, tile=64, interpret=True, per_tile=per_tile, mean=mean)
+    kw.update(norm=norm, rope=rope, heads_inner=heads_inner)
+    one = ap.prep_tokens_pallas(x, **kw)
+    for tiles in (2, 4):
+        chex.assert_trees_all_equal(ap.prep_tokens_pallas(x, tiles_per_program=tiles, stages=2, **kw), one)
+    assert float(jnp.abs(one[0].astype(jnp.float32)).sum()) > 0
+    with pytest.raises(ValueError, match="tiles_per_program=3 must divide the 4 tiles"):
+        ap.prep_tokens_pallas(x, tiles_per_program=3, **kw)
+
+
 @pytest.mark.parametrize("with_prologue,per_tile", [(False, False), (True, False), (True, True)])
 def test_launch_orders_give_the_same_codes(with_prologue, per_tile):
     """Heads inner or outer only reorders the programs: the same codes and scales, bit for bit

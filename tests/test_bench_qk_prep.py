@@ -30,7 +30,7 @@ def _args(bench, grid: tuple[int, int, int], seed: int = 0) -> tuple:
 
 def test_codes_rows_pass_their_judges_in_the_interpreter(bench, monkeypatch):
     monkeypatch.setattr(bench, "HEADS", 2)
-    monkeypatch.setattr(bench, "TOKENS_PADDED", 256)
+    monkeypatch.setattr(bench, "TOKENS_PADDED", 1024)  # 8 tiles of 128: every row's tiles a program divide
     real = attn_prep.prep_tokens_pallas
     orders = []
 
