@@ -128,6 +128,14 @@ def _bundled(tool: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
 
 
+#: The ptxas that assembles the PTX (``--ptxas``; default: the one the triton wheel bundles).
+PTXAS: list[str] = []
+
+
+def ptxas() -> str:
+    return PTXAS[0] if PTXAS else _bundled("ptxas")
+
+
 def compile_module(text: str, warps: int, stages: int, workdir: Path) -> dict:
     """Registers, spills, shared memory and SASS counts of one Triton module on sm_90a."""
     import triton  # pylint: disable=import-outside-toplevel
@@ -141,7 +149,7 @@ def compile_module(text: str, warps: int, stages: int, workdir: Path) -> dict:
     ptx = workdir / "kernel.ptx"
     ptx.write_text(compiled.asm["ptx"])
     info = subprocess.run(
-        [_bundled("ptxas"), f"-arch={ARCH}", "-v", str(ptx), "-o", str(workdir / "kernel.cubin")],
+        [ptxas(), f"-arch={ARCH}", "-v", str(ptx), "-o", str(workdir / "kernel.cubin")],
         capture_output=True,
         text=True,
         check=True,
@@ -194,13 +202,13 @@ def _versions() -> dict:
     import jax  # pylint: disable=import-outside-toplevel
     import triton  # pylint: disable=import-outside-toplevel
 
-    ptxas = subprocess.run([_bundled("ptxas"), "--version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([ptxas(), "--version"], capture_output=True, text=True).stdout.strip()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {
         "device": f"none: compiled on the CPU for {ARCH}",
         "jax": jax.__version__,
         "triton": triton.__version__,
-        "ptxas": next((line for line in ptxas.splitlines() if "release" in line), ptxas),
+        "ptxas": next((line for line in version.splitlines() if "release" in line), version),
         "commit": os.environ.get("JQUANT_COMMIT", commit),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -210,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="comma-separated substrings of case names")
     p.add_argument("--json", type=Path, help="write the rows and versions here")
+    p.add_argument("--ptxas", default="", help="assemble with this ptxas (e.g. a CUDA 13 one) instead of the wheel's")
     args = p.parse_args(argv)
+    PTXAS[:] = [args.ptxas] if args.ptxas else []
     keys = [k for k in args.only.split(",") if k]
     cases = [c for c in kf.TRITON_CASES + VARIANT_CASES if not keys or any(k in c[0] for k in keys)]
     if not cases:
