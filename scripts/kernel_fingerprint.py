@@ -59,9 +59,9 @@ def module_fingerprint(fn, *args) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
-def triton_fingerprint(fn, *args) -> str:
-    """sha256 of the Triton module(s) that lowering ``jax.jit(fn)`` for CUDA builds (Pallas on
-    Triton), printed without debug locations."""
+def triton_modules(fn, *args) -> list[str]:
+    """The Triton module(s) that lowering ``jax.jit(fn)`` for CUDA builds (Pallas on Triton), in
+    lowering order, printed without debug locations."""
     import jax  # pylint: disable=import-outside-toplevel
     from jax._src.pallas.triton import pallas_call_registration as reg  # pylint: disable=import-outside-toplevel
 
@@ -78,6 +78,13 @@ def triton_fingerprint(fn, *args) -> str:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = original
+    return texts
+
+
+def triton_fingerprint(fn, *args) -> str:
+    """sha256 of the Triton module(s) that lowering ``jax.jit(fn)`` for CUDA builds (Pallas on
+    Triton), printed without debug locations."""
+    texts = triton_modules(fn, *args)
     if not texts:
         raise ValueError("no Triton kernel was lowered")
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]

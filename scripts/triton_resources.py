@@ -94,29 +94,22 @@ ARCH = "sm_90a"
 
 def lower(kernel: str, options: dict) -> list[tuple[str, int, int]]:
     """``[(Triton module text, num_warps, num_stages)]`` of every pallas_call a case lowers to."""
-    import jax  # pylint: disable=import-outside-toplevel
     import jax.experimental.pallas as pl  # pylint: disable=import-outside-toplevel
-    from jax._src.pallas.triton import pallas_call_registration as reg  # pylint: disable=import-outside-toplevel
 
-    modules, params = [], []
-    original_lower, original_call = reg.lowering.lower_jaxpr_to_triton_module, pl.pallas_call
-
-    def capture_module(*a, **k):
-        result = original_lower(*a, **k)
-        modules.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
+    params = []
+    original_call = pl.pallas_call
 
     def capture_call(*a, **k):
         cp = k.get("compiler_params")
         params.append((getattr(cp, "num_warps", None) or 4, getattr(cp, "num_stages", None) or 3))
         return original_call(*a, **k)
 
-    reg.lowering.lower_jaxpr_to_triton_module, pl.pallas_call = capture_module, capture_call
+    fn, args = kf.triton_call(kernel, options)
+    pl.pallas_call = capture_call
     try:
-        fn, args = kf.triton_call(kernel, options)
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        modules = kf.triton_modules(fn, *args)
     finally:
-        reg.lowering.lower_jaxpr_to_triton_module, pl.pallas_call = original_lower, original_call
+        pl.pallas_call = original_call
     if len(modules) != len(params):
         raise RuntimeError(f"{len(modules)} Triton modules but {len(params)} pallas_calls")
     return [(m, w, s) for m, (w, s) in zip(modules, params)]

@@ -881,25 +881,23 @@ def test_the_approximate_program_lowers_to_its_ptx_and_is_refused_elsewhere():
         norm_quant.norm_modulate_quantize_pallas(
             y, None, None, jnp.zeros((1024,)), jnp.zeros((1024,)), 1e-6, fmt="int8", interpret=True, config=cfg
         )
-    texts = []
-    from jax._src.pallas.triton import pallas_call_registration as reg  # pylint: disable=import-outside-toplevel
+    from _scripts import load_script, unload_script  # pylint: disable=import-outside-toplevel
 
-    original = reg.lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **k):
-        result = original(*a, **k)
-        texts.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    reg.lowering.lower_jaxpr_to_triton_module = capture
+    kf = load_script("kernel_fingerprint")
     try:
-        for approx in (False, True):
-            c = dataclasses.replace(cfg, approx=approx)
-            jax.jit(lambda v, c=c: act_quant.quantize_pallas(v, "int8", config=c, activation="gelu_tanh")).trace(
-                jax.ShapeDtypeStruct((32, 8960), jnp.bfloat16)
-            ).lower(lowering_platforms=("cuda",))
+        texts = [
+            "\n".join(
+                kf.triton_modules(
+                    lambda v, c=dataclasses.replace(cfg, approx=approx): act_quant.quantize_pallas(
+                        v, "int8", config=c, activation="gelu_tanh"
+                    ),
+                    jax.ShapeDtypeStruct((32, 8960), jnp.bfloat16),
+                )
+            )
+            for approx in (False, True)
+        ]
     finally:
-        reg.lowering.lower_jaxpr_to_triton_module = original
+        unload_script(kf)
     exact, approx = texts
     for op in ("div.approx.ftz.f32", "ex2.approx.ftz.f32", "cvt.rni.sat.s8.f32"):
         assert op in approx and op not in exact, op
