@@ -4,8 +4,9 @@
 Each case is lowered by this machine's JAX for CUDA (the Python-side Pallas -> Triton lowering
 runs on the CPU), the Triton module is compiled for sm_90a by the ``triton`` package installed
 here, and the PTX is assembled by the ptxas that wheel bundles, with ``-v``: registers per
-thread, spill stores and loads, stack. The cubin's SASS gives the instruction count and how many
-are local-memory accesses (spills) or block barriers.
+thread, spill stores and loads, stack; with the shared memory, how many programs an SM holds.
+The cubin's SASS gives the instruction count and how many are local-memory accesses (spills) or
+block barriers.
 
 Why: a kernel that spills runs at a fraction of the copy bandwidth, and whether one does is
 known before any device time is spent. The Q/K prologue of the attention operand pass took
@@ -90,6 +91,20 @@ NO_SPILL = (
     "attn_prep k prologue",
 )
 ARCH = "sm_90a"
+#: An H100 / H200 SM: registers, shared memory (bytes; 1 KB of it reserved per CTA), threads, CTAs.
+SM_REGISTERS, SM_SHARED, SM_THREADS, SM_CTAS, CTA_RESERVED = 65536, 233472, 2048, 32, 1024
+
+
+def ctas_per_sm(registers: int, warps: int, shared: int) -> int:
+    """How many programs an SM holds at once: registers (allocated per warp, a thread's rounded up
+    to a multiple of 8), shared memory, threads and the CTA limit, whichever binds first."""
+    per_warp = -(-registers // 8) * 8 * 32
+    return min(
+        SM_REGISTERS // (per_warp * warps),
+        SM_SHARED // (shared + CTA_RESERVED),
+        SM_THREADS // (32 * warps),
+        SM_CTAS,
+    )
 
 
 def lower(kernel: str, options: dict) -> list[tuple[str, int, int]]:
@@ -164,6 +179,7 @@ def compile_module(text: str, warps: int, stages: int, workdir: Path) -> dict:
         "spill_loads": number(r"(\d+) bytes spill loads"),
         "stack": number(r"(\d+) bytes stack frame"),
         "shared": int(compiled.metadata.shared),
+        "ctas_per_sm": ctas_per_sm(number(r"Used (\d+) registers"), warps, int(compiled.metadata.shared)),
         "sass": len(ops),
         "local": sum(op.startswith(("LDL", "STL")) for op in ops),
         "barriers": sum(op.startswith("BAR") for op in ops),
@@ -219,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         p.error(f"no case matches --only {args.only!r}")
     rows = [measure(c) for c in cases]
-    print(f"{'case':<38} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'sass':>6} {'local':>5}  verdict")
+    print(
+        f"{'case':<38} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'cta/sm':>6} {'sass':>6} {'local':>5}  verdict"
+    )
     for row in rows:
         v = verdict(row)
         if "error" in row:
@@ -228,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             spill = k["spill_stores"] + k["spill_loads"]
             print(
                 f"{row['case']:<38} {k['warps']:>5} {k['registers']:>5} {spill:>6} {k['shared']:>7}"
-                f" {k['sass']:>6} {k['local']:>5}  {v}"
+                f" {k['ctas_per_sm']:>6} {k['sass']:>6} {k['local']:>5}  {v}"
             )
     if args.json:
         args.json.write_text(json.dumps({**_versions(), "rows": rows}, indent=1) + "\n")

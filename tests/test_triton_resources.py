@@ -43,6 +43,14 @@ def test_the_step_programs_do_not_spill_and_the_table_says_so(tmp_path, capsys):
     assert "attn_prep q prologue" in capsys.readouterr().out
 
 
+def test_programs_an_sm_holds_are_bound_by_what_runs_out_first():
+    assert tr.ctas_per_sm(114, 8, 65536) == 2  # the operand pass: registers (2 x 29,696 of 65,536)
+    assert tr.ctas_per_sm(92, 8, 114688) == 2  # two pipeline stages: shared memory
+    assert tr.ctas_per_sm(32, 4, 32) == 16  # threads (2,048 / 128)
+    assert tr.ctas_per_sm(16, 1, 0) == 32  # the CTA limit
+    assert tr.ctas_per_sm(121, 8, 0) == 2  # 121 registers are allocated as 128
+
+
 def test_a_spilling_no_spill_case_and_a_failed_one_fail_the_run():
     ok = {"case": "attn_prep q prologue", "kernels": [{"spill_stores": 0, "spill_loads": 0}]}
     spills = {"case": "attn_prep q prologue", "kernels": [{"spill_stores": 8, "spill_loads": 8}]}
