@@ -84,7 +84,7 @@ BLOCK_HADAMARD_GPU_VERIFIED = True
 #: step's profile + the plain quantizer 257.8 us; ``benchmarks/act_quant_activation-NVIDIA_H200.log``);
 #: 568 us a call in the step (``benchmarks/e2e-session22-nvidia-h200.json``).
 ACT_GPU_VERIFIED = True
-#: The approximate program of that path (``QuantizerConfig.approx``: 1,376 SASS instructions a
+#: The approximate program of that path (``QuantizerConfig.approx``: 1,296 SASS instructions a
 #: program against 2,496 at K = 8960, sm_90a, ``scripts/triton_resources.py``), which
 #: :func:`act_config` picks once it passes ``check_kernels_gpu.py --kernels
 #: act_quant_gelu_int8_approx,act_quant_gelu_fp8_approx``. Not yet run on a GPU.
@@ -227,14 +227,17 @@ def kernel_activation(name: str, v: jax.Array, interpret: bool = True, approx: b
     set the quantizer's time: 828 / 801 / 808 us with each of the three, until the bias's layout
     was fixed; ``benchmarks/notes.md``, twenty-first session.) Both ends saturate without NaN
     (``v / inf = 0``). ``approx`` (``QuantizerConfig.approx``): the division and the exponential
-    in their approximate, subnormal-flushing forms."""
+    in their approximate, subnormal-flushing forms, GELU's cubic in Horner form."""
 
     def sigmoid_times(v, t):  # v / (1 + 2^t)
         e = _quant.exp2(t, interpret, ftz=approx)
         return _quant.div_approx(v, 1.0 + e, interpret) if approx else v / (1.0 + e)
 
     if name == "gelu_tanh":
-        u = np.float32(2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0)) * (v + np.float32(0.044715) * (v * v * v))
+        c = 2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0)
+        if approx:  # -u = v (-c - 0.044715 c v^2): a multiply, a multiply-add, a multiply
+            return sigmoid_times(v, v * (np.float32(-c) + np.float32(-c * 0.044715) * (v * v)))
+        u = np.float32(c) * (v + np.float32(0.044715) * (v * v * v))
         return sigmoid_times(v, -u)
     if name == "silu":
         return sigmoid_times(v, np.float32(-1.0 / math.log(2.0)) * v)

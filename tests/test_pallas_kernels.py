@@ -919,7 +919,8 @@ def test_activation_quantizer_refuses_what_it_cannot_do():
     assert q.shape == (4, 256) and float(s[0, 0]) == pytest.approx(float(jax.nn.gelu(1.0, approximate=False)) / 127)
 
 
-def test_kernel_activation_formulas_are_the_reference_functions():
+@pytest.mark.parametrize("approx", [False, True])
+def test_kernel_activation_formulas_are_the_reference_functions(approx):
     # The one-exp formulas the quantizer kernel uses equal ACTIVATIONS' to float32 rounding over
     # the whole range, and saturate without NaN at both ends. In gelu's negative tail (v < -5)
     # the tanh form cancels to 0 where the exp form keeps values under 1e-6: an absolute bound.
@@ -927,7 +928,7 @@ def test_kernel_activation_formulas_are_the_reference_functions():
 
     v = jnp.concatenate([jnp.linspace(-30.0, 30.0, 20001), jnp.asarray([-3e38, -1e6, -90.0, 0.0, 90.0, 1e6, 3e38])])
     for name in act_quant.KERNEL_ACTIVATIONS:
-        got, want = act_quant.kernel_activation(name, v, interpret=True), ACTIVATIONS[name](v)
+        got, want = act_quant.kernel_activation(name, v, interpret=True, approx=approx), ACTIVATIONS[name](v)
         assert np.isfinite(np.asarray(got)).all(), name
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-6, err_msg=name)
     with pytest.raises(ValueError, match="not in"):
