@@ -33,9 +33,10 @@ holds one head) and the weight's evens and odds, then the interleaved RoPE with 
 ``(e, o) -> bf16(e cos - o sin, o cos + e sin)`` (the tables' even columns: :func:`apply_rope`'s
 tables repeat each angle over its pair), then the pairs are joined and rotated, smoothed and
 quantized as above. The bf16 rounding points are the layer's, so the results differ from the
-reference only by float32 summation order and FMA contraction. K's smoothing mean is the mean of the prologue's K, an XLA
-reduction over K. Unless :data:`PROLOGUE_DEFAULT` (or ``JQUANT_BACKEND=pallas``), the caller
-applies the prologue in XLA and runs this kernel without it (:func:`supports_prologue`).
+reference only by float32 summation order and FMA contraction. K's smoothing mean is the mean
+of the prologue's K, an XLA reduction over K. Unless :data:`PROLOGUE_DEFAULT` (or
+``JQUANT_BACKEND=pallas``), the caller applies the prologue in XLA and runs this kernel without
+it (:func:`supports_prologue`).
 """
 
 from __future__ import annotations
@@ -229,7 +230,9 @@ def prep_tokens_pallas(
     """``(codes [B, tokens_padded, H, D], scales)`` of ``x`` [B, T, H, D] (bf16).
 
     ``norm`` = (inverse RMS [B, T] float32 over each token's whole H*D row, weight [H*D] or
-    None) and ``rope`` = (cos, sin) [T, D] apply a Q/K prologue first, as the layer does:
+    None) and ``rope`` = (cos, sin) [T, D], each angle repeated over its pair as
+    :func:`jquant.models.attention.apply_rope` takes them (the kernel reads the even columns),
+    apply a Q/K prologue first, as the layer does:
     ``y = bf16(x * r * w)``, then ``bf16(y * cos + swap(y) * sin)`` with the interleaved pair
     swap ``(-y[2i+1], y[2i])`` (:class:`jquant.models.attention.QKPrologue`).
     ``hadamard``: rotate each head by the normalized Hadamard matrix first. ``mean`` [B, H, D]
