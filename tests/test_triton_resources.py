@@ -16,7 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import triton_resources as tr  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not Path(tr._bundled("ptxas")).exists(), reason="the triton wheel has no ptxas")
+pytestmark = pytest.mark.skipif(
+    not all(Path(tr._bundled(tool)).exists() for tool in ("ptxas", "cuobjdump")),
+    reason="the triton wheel has no ptxas / cuobjdump",
+)
 
 
 def test_the_step_programs_do_not_spill_and_the_table_says_so(tmp_path, capsys):
