@@ -15,12 +15,13 @@ session); this script showed that program at 255 registers with 292 bytes spille
 rewrite at 185 and none.
 
 The numbers model the device, they are not the device's: there, XLA compiles the same module
-with the Triton it bundles and its own ptxas, whose choices can differ by a few registers.
+with the Triton it bundles and its own ptxas, whose choices can differ (CUDA 13.0's ptxas,
+``--ptxas``, gave this one's counts for every case).
 
     python3 scripts/triton_resources.py                         # every case, a table
     python3 scripts/triton_resources.py --only prologue --json benchmarks/triton_resources.json
 
-Exits 1 if a case fails to lower or compile, or a case marked ``no_spill`` spills.
+Exits 1 if a case fails to lower or compile, or a :data:`NO_SPILL` case spills.
 """
 
 from __future__ import annotations
