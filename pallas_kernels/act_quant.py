@@ -525,7 +525,12 @@ def supports_act(y: jax.Array, activation: str) -> bool:
 
 
 def quantize_act(
-    y: jax.Array, bias: jax.Array | None, activation: str, fmt: str, method: str = "auto"
+    y: jax.Array,
+    bias: jax.Array | None,
+    activation: str,
+    fmt: str,
+    method: str = "auto",
+    config: QuantizerConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token codes of ``activation(y + bias)`` (``fmt`` "int8" / "fp8"), the activation applied
     as the quantizer loads ``y``: an FFN-up GEMM's bf16 output ``y [M, F]`` and its bias ``[F]``
@@ -533,12 +538,13 @@ def quantize_act(
     the widest activation of a block once more). ``method``: "auto" (the kernel where
     :func:`supports_act`, else the reference), "pallas" (the kernel; the interpreter off the GPU)
     or "xla" (:func:`act_reference`). Everything is float32 here, where the unfused path rounds
-    ``y + bias`` and the activation to bf16: codes match it within one rounding step."""
+    ``y + bias`` and the activation to bf16: codes match it within one rounding step. ``config``:
+    the kernel's program (None: :func:`act_config`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"quantize_act: activation {activation!r} not in {sorted(ACTIVATIONS)}")
     if method not in ("auto", "pallas", "xla"):
         raise ValueError(f"quantize_act: method must be auto/pallas/xla, got {method!r}")
     if method == "pallas" or (method == "auto" and supports_act(y, activation)):
         interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
-        return quantize_pallas(y, fmt, interpret=interpret, bias=bias, activation=activation)
+        return quantize_pallas(y, fmt, interpret=interpret, config=config, bias=bias, activation=activation)
     return act_reference(y, bias, activation, fmt)

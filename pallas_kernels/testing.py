@@ -287,11 +287,8 @@ def _act_case(name: str, fmt: str, activation: str = "gelu_tanh", approx: bool =
     default program with ``QuantizerConfig.approx`` (its approximate division and scaling)."""
 
     def kernel(y, b):
-        if not approx:
-            return act_quant.quantize_act(y, b, activation, fmt, method="pallas")
-        cfg = dataclasses.replace(act_quant.act_config(y.shape[1]), approx=True)
-        interpret = not _common._default_device_is_gpu()  # pylint: disable=protected-access
-        return act_quant.quantize_pallas(y, fmt, interpret=interpret, config=cfg, bias=b, activation=activation)
+        cfg = dataclasses.replace(act_quant.act_config(y.shape[1]), approx=True) if approx else None
+        return act_quant.quantize_act(y, b, activation, fmt, method="pallas", config=cfg)
 
     return KernelCase(
         name,
