@@ -145,6 +145,35 @@ def phases(rows: Sequence[dict[str, Any]], top: int = 40) -> dict[str, Any]:
     }
 
 
+def recategorize(table: dict[str, Any]) -> dict[str, Any]:
+    """A stored :func:`kernel_table` with its phases re-sorted by today's :data:`CATEGORY_RULES`.
+
+    Why: tables written before a rule existed (e.g. the command-buffer profiles of issue 19's
+    twentieth session, where jquant's kernels all landed in ``"other"``) can be read again without
+    the GPU. Only the ``top`` rows are stored, so the device time they do not cover stays under
+    ``"other"``; ``unsorted_us`` says how much that is.
+    """
+    top = table.get("top")
+    if not top:
+        raise ValueError("recategorize: the table has no 'top' rows to sort")
+    rows = [
+        {"kernel": r["name"], "hlo_op": r.get("hlo_op", ""), "us": r["us_per_step"], "launches": r["count_per_step"]}
+        for r in top
+    ]
+    out = {**table, **phases(rows, top=len(rows))}
+    rest = table["device_us_per_step"] - out["device_us_per_step"]
+    if rest < -1e-6 * table["device_us_per_step"]:
+        raise ValueError(f"recategorize: the top rows sum to more than the table's total ({-rest:.1f} us over)")
+    if rest > 0:
+        cats = dict(out["by_category_us"])
+        cats["other"] = cats.get("other", 0.0) + rest
+        out["by_category_us"] = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+    total = table["device_us_per_step"]
+    for r in out["top"]:
+        r["share"] = r["us_per_step"] / total if total else 0.0
+    return {**out, "device_us_per_step": total, "unsorted_us": max(rest, 0.0)}
+
+
 def read_trace(folder: str | Path) -> list[dict[str, Any]]:
     """The events of the newest ``*.trace.json.gz`` under ``folder`` (a ``jax.profiler`` log dir)."""
     paths = sorted(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)

@@ -116,3 +116,24 @@ def test_jquant_kernel_bodies_still_have_the_names_the_rules_match(label):
         assert re.search(rf"^\s*def {body}\(", source, re.M), f"{module} no longer defines {body}()"
         mosaic = "_mosaic_gpu_kernel" if body != "_kernel" else ""
         assert trace_table.category(f"{body}{mosaic}", "command_buffer_1") == label
+
+
+def test_recategorize_resorts_stored_rows_and_keeps_the_unlisted_rest():
+    table = trace_table.kernel_table(_events(), steps=2, top=3)
+    stored = {**table, "by_category_us": {"other": table["device_us_per_step"]}}
+    for r in stored["top"]:
+        r["category"] = "other"
+    again = trace_table.recategorize(stored)
+    assert again["device_us_per_step"] == pytest.approx(510.0)
+    assert again["unsorted_us"] == pytest.approx(510.0 - 450.0)  # the three largest are stored
+    assert again["by_category_us"] == pytest.approx({"attention": 300.0, "gemm": 150.0, "other": 60.0})
+    assert [r["category"] for r in again["top"]] == ["attention", "gemm", "gemm"]
+    assert sum(again["by_category_us"].values()) == pytest.approx(510.0)
+
+
+def test_recategorize_rejects_tables_without_rows_or_with_rows_over_the_total():
+    with pytest.raises(ValueError, match="no 'top' rows"):
+        trace_table.recategorize({"device_us_per_step": 1.0, "top": []})
+    table = trace_table.kernel_table(_events(), steps=2)
+    with pytest.raises(ValueError, match="sum to more than the table's total"):
+        trace_table.recategorize({**table, "device_us_per_step": 100.0})
