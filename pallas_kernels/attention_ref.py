@@ -24,6 +24,10 @@ exact softmax instead of the kernel's online one:
    the normalized P sums to 1), so the rounding errors of P and V scale with V's
    variation around its mean instead of its magnitude.
 
+Models that no kernel runs, for comparisons: :func:`per_tensor_fp8_attention` (cuDNN's FP8
+numerics), :func:`truncating_accumulation` (an fp8 MMA's accumulator) and
+:func:`integer_pv_attention` (P V on 8-bit integers, ``STUDY_PV_FORMATS``).
+
 Layout everywhere: ``[batch, tokens, heads, head_dim]``.
 """
 
@@ -48,6 +52,13 @@ QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 #: P lies in [0, 1]; it is multiplied by this before the e4m3 cast (e4m3's largest
 #: finite value), and the product P V is divided by it again.
 P_SCALE = 448.0
+#: Not a kernel format: :func:`integer_pv_attention`'s P V (P as unsigned bytes, V as int8), an
+#: emulation that :func:`prepare` and :func:`attend_prepared` accept for studies only.
+STUDY_PV_FORMATS: tuple[str, ...] = ("int8",)
+#: :func:`integer_pv_attention`'s P in [0, 1] is multiplied by one of these and rounded: 255 for an
+#: unsigned byte (or a signed one offset by -128, corrected with V's column sums), 127 for a
+#: signed byte as it is (Mosaic GPU's wgmma takes s8 only).
+P_LEVELS: tuple[int, ...] = (255, 127)
 LOG2E = math.log2(math.e)
 _TINY = 1e-30
 
@@ -183,11 +194,12 @@ def smooth_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]
     return (v - mean[:, None]) * w, mean
 
 
-def quantize_values(v: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fp8 e4m3 V [B, T, H, D] with one scale per channel per head ([B, H, D]); invalid tokens -> 0."""
+def quantize_values(v: jax.Array, valid: jax.Array, fmt: str = "fp8_e4m3") -> tuple[jax.Array, jax.Array]:
+    """V [B, T, H, D] in ``fmt`` (fp8 e4m3, or int8 for the study emulation) with one scale per
+    channel per head ([B, H, D]); invalid tokens -> 0."""
     v = v.astype(jnp.float32) * valid[:, :, None, None]
-    scale = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _TINY) / QMAX["fp8_e4m3"]  # [B, H, D]
-    return encode(v, scale[:, None], "fp8_e4m3"), scale
+    scale = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _TINY) / QMAX[fmt]  # [B, H, D]
+    return encode(v, scale[:, None], fmt), scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +239,10 @@ def prepare(
     else:
         k_codes, k_scale = quantize_key_blocks(kf, qk_format, block_k)
     v_mean = None
-    if pv_format == "fp8_e4m3":
+    if pv_format in ("fp8_e4m3", *STUDY_PV_FORMATS):
         if smooth_v:
             v, v_mean = smooth_values(v, valid)
-        v_codes, v_scale = quantize_values(v, valid)
+        v_codes, v_scale = quantize_values(v, valid, pv_format)
     else:
         v_codes = (v.astype(jnp.float32) * valid[:, :, None, None]).astype(jnp.bfloat16)
         v_scale = jnp.ones((b, k.shape[2], k.shape[3]), jnp.float32)
@@ -252,12 +264,15 @@ def _chunk_size(tq: int, tk: int, heads: int, batch: int, block_q: int) -> int:
 
 
 def attend_prepared(
-    prep: Prepared, *, causal: bool, pv_format: str, sm_scale: float, block_q: int, block_k: int
+    prep: Prepared, *, causal: bool, pv_format: str, sm_scale: float, block_q: int, block_k: int, p_levels: int = 255
 ) -> jax.Array:
     """Exact-softmax attention over prepared operands, in query chunks; fp32 [B, Tq, H, D].
 
-    ``block_k`` is the number of keys sharing one K scale (1 for per-token scales).
+    ``block_k`` is the number of keys sharing one K scale (1 for per-token scales);
+    ``p_levels``: P's integer scale for the study format ``pv_format="int8"`` (:data:`P_LEVELS`).
     """
+    if pv_format == "int8" and p_levels not in P_LEVELS:
+        raise ValueError(f"attend_prepared: p_levels={p_levels}, expected one of {P_LEVELS}")
     b, tq, h, d = prep.q_codes.shape
     tk = prep.k_codes.shape[1]
     # block_k: keys per K scale (1: per-token scales).
@@ -288,6 +303,12 @@ def attend_prepared(
             p_op = (p * P_SCALE).astype(jnp.float8_e4m3fn)
             o = _code_dot(p_op, prep.v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, H, c, D]
             o = o * prep.v_scale[:, :, None, :] / P_SCALE
+        elif pv_format == "int8":  # the study emulation: bytes times int8, exact in int32
+            p_op = jnp.round(p * p_levels).astype(jnp.int32)
+            o = lax.dot_general(
+                p_op, prep.v.astype(jnp.int32), (((3,), (1,)), ((0, 1), (0, 2))), preferred_element_type=jnp.int32
+            ).astype(jnp.float32)
+            o = o * prep.v_scale[:, :, None, :] / p_levels
         else:
             o = lax.dot_general(
                 p.astype(jnp.bfloat16),
@@ -418,6 +439,64 @@ def per_tensor_fp8_attention(
     )
     out = attend_prepared(prep, causal=False, pv_format=fmt, sm_scale=scale, block_q=64, block_k=1)
     return encode(out, s["descale_o"], fmt).astype(jnp.float32) * s["descale_o"]
+
+
+def integer_pv_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_k: int = 128,
+    hadamard: bool = True,
+    k_scales: str = "block",
+    sm_scale: float | None = None,
+    p_levels: int = 255,
+) -> jax.Array:
+    """A study, not a kernel: the policy default's int8 Q K^T, then P V on 8-bit integers; bf16 out.
+
+    P in [0, 1] (exact softmax, as :func:`quant_attention_reference`) times ``p_levels`` (255 or
+    127, :data:`P_LEVELS`) rounded to an integer, V smoothed by its channel mean and rounded to
+    int8 with one scale per channel per head, their product exact in int32: what wgmma's 8-bit
+    integer path would compute, at fp8's tensor rate. Why: fp8 P V's loss is V's e4m3 rounding (about 3% of each value, carried
+    unaveraged into the output where a row attends to few keys); int8 rounds V to 1/254 of its
+    channel's range instead. ``scripts/attention_quality.py`` measures it against the kernel's
+    formats. No kernel computes it, so the policy does not offer it.
+    """
+    check_inputs(
+        q,
+        k,
+        v,
+        causal=False,
+        kv_lengths=None,
+        qk_format="int8",
+        pv_format="bf16",
+        block_q=64,
+        block_k=block_k,
+        k_scales=k_scales,
+    )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    prep = prepare(
+        q,
+        k,
+        v,
+        kv_lengths=None,
+        qk_format="int8",
+        pv_format="int8",
+        block_k=block_k,
+        smooth_k=True,
+        hadamard=hadamard,
+        k_scales=k_scales,
+    )
+    out = attend_prepared(
+        prep,
+        causal=False,
+        pv_format="int8",
+        sm_scale=scale,
+        block_q=64,
+        block_k=block_k if k_scales == "block" else 1,
+        p_levels=p_levels,
+    )
+    return out.astype(jnp.bfloat16)
 
 
 #: Keys one fp8 wgmma instruction reduces (k = 32 for 8-bit operands).

@@ -95,6 +95,33 @@ def per_tensor_fp8_attention():
         yield
 
 
+@contextlib.contextmanager
+def integer_pv_attention(p_levels: int = 255):
+    """Every unmasked attention call on :func:`pallas_kernels.attention_ref.integer_pv_attention`:
+    the policy default's int8 Q K^T (Hadamard, K per tile) with P V on 8-bit integer codes (P
+    times ``p_levels``), a study emulation no kernel runs yet (masked calls stay float)."""
+    from jquant.models.attention import attention_hook  # pylint: disable=import-outside-toplevel
+    from pallas_kernels import attention_ref as ar  # pylint: disable=import-outside-toplevel
+
+    def hook(q, k, v, mask, implementation):
+        del implementation
+        return None if mask is not None else ar.integer_pv_attention(q, k, v, p_levels=p_levels).astype(q.dtype)
+
+    with attention_hook(hook):
+        yield
+
+
+#: Attention recipes given by name rather than as `quantized_attention` arguments.
+NAMED_ATTENTION = {
+    "bf16": bf16_attention,
+    "per_tensor_fp8": per_tensor_fp8_attention,
+    "integer_pv": integer_pv_attention,
+    "integer_pv_127": functools.partial(integer_pv_attention, 127),
+}
+INTEGER_PV = "W8A8 + int8 Q K^T / P x 255, int8 V (emulated), K per tile"
+INTEGER_PV_127 = "W8A8 + int8 Q K^T / P x 127, int8 V (emulated), K per tile"
+
+
 def velocity_fn(
     model: Any,
     act: str | None,
@@ -107,16 +134,14 @@ def velocity_fn(
 ) -> jax.Array:
     """Sampler model_fn: the tiny Wan velocity under the recipe's linear and attention contexts.
 
-    ``attention``: None (fp32), ``"bf16"``, ``"per_tensor_fp8"`` or the `quantized_attention` arguments; ``step`` is
-    the step_data row: a bool scalar switching quantized attention per step, or None.
+    ``attention``: None (fp32), a :data:`NAMED_ATTENTION` name or the `quantized_attention` arguments;
+    ``step`` is the step_data row: a bool scalar switching quantized attention per step, or None.
     """
     from jquant.models.tiny_wan import velocity  # pylint: disable=import-outside-toplevel
 
     with contextlib.ExitStack() as stack:
-        if attention == "bf16":
-            stack.enter_context(bf16_attention())
-        elif attention == "per_tensor_fp8":
-            stack.enter_context(per_tensor_fp8_attention())
+        if isinstance(attention, str):
+            stack.enter_context(NAMED_ATTENTION[attention]())
         elif attention is not None:
             stack.enter_context(quantized_attention(True if step is None else step, **attention))
         if act is not None:
@@ -165,6 +190,8 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
             attention={**bf16, "k_scales": "block", "hadamard": False},
         ),
         dict(name="W8A8 + per-tensor FP8 attn", weights="int8", act="int8/token", attention="per_tensor_fp8"),
+        dict(name=INTEGER_PV, weights="int8", act="int8/token", attention="integer_pv"),
+        dict(name=INTEGER_PV_127, weights="int8", act="int8/token", attention="integer_pv_127"),
         dict(name="fp32 + qattn int8/fp8", weights=None, act=None, attention=fp8),
         dict(name="fp32 + qattn int8/fp8, no Hadamard", weights=None, act=None, attention={**fp8, "hadamard": False}),
     ]
@@ -236,6 +263,8 @@ def run(clips: int, steps: int, seed: int, float_last: int, only: tuple[str, ...
             ("per_tensor_fp8", "W8A8 + per-tensor FP8 attn"),
             ("bf16_k_tile", "W8A8 + qattn int8/bf16, K per tile"),
             ("fp8_k_tile", "W8A8 + qattn int8/fp8, K per tile"),
+            ("integer_pv_k_tile", INTEGER_PV),
+            ("integer_pv_127_k_tile", INTEGER_PV_127),
         )
         if name in by_name
     }
@@ -246,6 +275,8 @@ def run(clips: int, steps: int, seed: int, float_last: int, only: tuple[str, ...
             ("bf16", "W8A8 + qattn int8/bf16"),
             ("bf16_k_tile", "W8A8 + qattn int8/bf16, K per tile"),
             ("fp8_k_tile", "W8A8 + qattn int8/fp8, K per tile"),
+            ("integer_pv_k_tile", INTEGER_PV),
+            ("integer_pv_127_k_tile", INTEGER_PV_127),
         )
         if name in by_name
     }
@@ -287,6 +318,12 @@ def operator_variants() -> dict[str, Any]:
                 name = f"jquant {qk.split('_')[0]}/{pv.split('_')[0]}{'' if had else ', no Hadamard'}"
                 variants[name] = jq(qk_format=qk, pv_format=pv, hadamard=had)
     variants["jquant int8/fp8, K per tile, no Hadamard"] = jq(pv_format="fp8_e4m3", k_scales="block", hadamard=False)
+    variants["jquant int8/bf16, K per tile (the default)"] = jq(pv_format="bf16", k_scales="block", hadamard=True)
+    variants["jquant int8/fp8, K per tile"] = jq(pv_format="fp8_e4m3", k_scales="block", hadamard=True)
+    variants["int8 Q K^T / P x 255, int8 V, K per tile (emulated)"] = ar.integer_pv_attention
+    variants["int8 Q K^T / P x 127, int8 V, K per tile (emulated)"] = functools.partial(
+        ar.integer_pv_attention, p_levels=127
+    )
     return variants
 
 
