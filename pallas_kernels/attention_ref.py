@@ -52,7 +52,7 @@ QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 #: P lies in [0, 1]; it is multiplied by this before the e4m3 cast (e4m3's largest
 #: finite value), and the product P V is divided by it again.
 P_SCALE = 448.0
-#: Not a kernel format: :func:`integer_pv_attention`'s P V (P as unsigned bytes, V as int8), an
+#: Not a kernel format: :func:`integer_pv_attention`'s P V (P and V as 8-bit integers), an
 #: emulation that :func:`prepare` and :func:`attend_prepared` accept for studies only.
 STUDY_PV_FORMATS: tuple[str, ...] = ("int8",)
 #: :func:`integer_pv_attention`'s P in [0, 1] is multiplied by one of these and rounded: 255 for an
@@ -457,9 +457,9 @@ def integer_pv_attention(
     P in [0, 1] (exact softmax, as :func:`quant_attention_reference`) times ``p_levels`` (255 or
     127, :data:`P_LEVELS`) rounded to an integer, V smoothed by its channel mean and rounded to
     int8 with one scale per channel per head, their product exact in int32: what wgmma's 8-bit
-    integer path would compute, at fp8's tensor rate. Why: fp8 P V's loss is V's e4m3 rounding (about 3% of each value, carried
-    unaveraged into the output where a row attends to few keys); int8 rounds V to 1/254 of its
-    channel's range instead. ``scripts/attention_quality.py`` measures it against the kernel's
+    integer path would compute, at fp8's tensor rate. Why: fp8 P V's loss is V's e4m3 rounding
+    (about 3% of each value, carried unaveraged into the output where a row attends to few keys);
+    int8 rounds V to 1/254 of its channel's range instead. ``scripts/attention_quality.py`` measures it against the kernel's
     formats. No kernel computes it, so the policy does not offer it.
     """
     check_inputs(

@@ -15,7 +15,10 @@ under several recipes and compares each with the fp32 model with float attention
 * ``W8A8 + per-tensor FP8 attn``: cuDNN's FP8 attention numerics emulated
   (:func:`pallas_kernels.attention_ref.per_tensor_fp8_attention`: one amax scale per tensor and
   call for Q, K and V, P x 448 in e4m3, e4m3 output), the public fast path that jquant's
-  fine-grained scales are compared against.
+  fine-grained scales are compared against;
+* ``W8A8 + int8 Q K^T / P x 255 (or 127), int8 V (emulated)``: the default's int8 Q K^T with P V
+  on 8-bit integer codes (:func:`pallas_kernels.attention_ref.integer_pv_attention`), a study of
+  a P V format no kernel runs yet.
 
 A second table, ``operator_error``, gives the attention output's relative L2 error against exact
 fp32 attention on synthetic inputs: standard normal, ``realistic`` (massive K channels with a
