@@ -31,6 +31,7 @@ PSNR within 0.5 dB of the same recipe with bf16 attention, and flicker within 5%
 its plain-JAX reference (same quantization). Writes ``benchmarks/attention_quality.json``.
 
     python scripts/attention_quality.py [--clips 10] [--steps 20]
+    python scripts/attention_quality.py --operator-only --op-tokens 16384 --op-heads 1 --out X.json
 
 Run from the repository root: ``python scripts/attention_quality.py`` after ``pip install -e .``, or
 ``PYTHONPATH=. python scripts/attention_quality.py`` where jquant is not installed (e.g. the GPU machine).
@@ -200,6 +201,17 @@ def recipes(steps: int, float_last: int) -> list[dict[str, Any]]:
     ]
 
 
+def header() -> dict[str, str]:
+    """The JSON's provenance: benchmark, command, device, JAX version, date."""
+    return {
+        "benchmark": "attention_quality",
+        "command": " ".join(["python", "scripts/attention_quality.py", *sys.argv[1:]]),
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def run(clips: int, steps: int, seed: int, float_last: int, only: tuple[str, ...] = ()) -> dict[str, Any]:
     from jquant import models  # pylint: disable=import-outside-toplevel
     from jquant.models import tiny_wan as tw  # pylint: disable=import-outside-toplevel
@@ -284,11 +296,7 @@ def run(clips: int, steps: int, seed: int, float_last: int, only: tuple[str, ...
         if name in by_name
     }
     return {
-        "benchmark": "attention_quality",
-        "command": " ".join(["python", "scripts/attention_quality.py", *sys.argv[1:]]),
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **header(),
         "clips": clips,
         "steps": steps,
         "seed": seed,
@@ -373,16 +381,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-operator-error", action="store_true", help="skip the operator-error table")
     p.add_argument("--op-tokens", type=int, default=1024, help="tokens of the operator-error inputs")
     p.add_argument("--op-seeds", type=int, default=3, help="input draws averaged in the operator-error table")
+    p.add_argument("--op-heads", type=int, default=4, help="heads of the operator-error inputs")
+    p.add_argument("--op-variants", default="", help="semicolon list of operator-error variants (default: all)")
+    p.add_argument(
+        "--operator-only", action="store_true", help="only the operator-error table (no sampling; needs --out)"
+    )
     a = p.parse_args(argv)
     only = tuple(n.strip() for n in a.only.split(";") if n.strip())
     names = {r["name"] for r in recipes(a.steps, a.float_last)}
     unknown = [n for n in only if n not in names]
     if unknown:
         p.error(f"--only: unknown recipe(s) {unknown}; choose from {sorted(names)}")
-    result = run(a.clips, a.steps, a.seed, a.float_last, only)
+    variants = operator_variants()
+    chosen = [n.strip() for n in a.op_variants.split(";") if n.strip()]
+    missing = [n for n in chosen if n not in variants]
+    if missing:
+        p.error(f"--op-variants: unknown variant(s) {missing}; choose from {sorted(variants)}")
+    if a.operator_only and (a.no_operator_error or a.out is None):
+        p.error("--operator-only needs the operator-error table and an --out file (it must not replace the full table)")
+    if chosen:
+        variants = {n: variants[n] for n in chosen}
+    if a.operator_only:
+        result = header()
+    else:
+        result = run(a.clips, a.steps, a.seed, a.float_last, only)
     if not a.no_operator_error:
-        result["operator_error"] = operator_error(a.op_tokens, 4, 64, a.op_seeds)
-        result["operator_error_shape"] = {"batch": 1, "tokens": a.op_tokens, "heads": 4, "head_dim": 64}
+        result["operator_error"] = operator_error(a.op_tokens, a.op_heads, 64, a.op_seeds, variants)
+        result["operator_error_shape"] = {"batch": 1, "tokens": a.op_tokens, "heads": a.op_heads, "head_dim": 64}
     for row in result.get("operator_error", []):
         print(
             f"{row['inputs']:9s} {row['variant']:42s} rel L2 {row['rel_l2']:.4f}  (mean max p {row['mean_max_p']:.3f})"
@@ -395,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     drops = ", ".join(
         f"{k[len('psnr_drop_db_') :]} {v:.2f} dB" for k, v in result.items() if k.startswith("psnr_drop_db_")
     )
-    print(f"PSNR drop against W8A8 + bf16 attention (target <= {TARGET_DB} dB): {drops}")
+    if drops:
+        print(f"PSNR drop against W8A8 + bf16 attention (target <= {TARGET_DB} dB): {drops}")
     print(f"wrote {a.out}")
     return 0
 

@@ -3,6 +3,8 @@ the stress inputs and operator-error table that compare it with jquant's fine-gr
 
 from __future__ import annotations
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -114,3 +116,17 @@ def test_a_partial_quality_run_does_not_replace_the_full_table(quality, monkeypa
     assert written["path"].name == "attention_quality_partial.json"
     with pytest.raises(SystemExit):
         quality.main(["--only", "no such recipe", "--no-operator-error"])
+
+
+def test_operator_only_runs_the_chosen_variants_and_refuses_bad_requests(quality, tmp_path):
+    out = tmp_path / "op.json"
+    chosen = "jquant int8/bf16, K per tile (the default);int8 Q K^T / P x 255, int8 V, K per tile (emulated)"
+    args = ["--operator-only", "--op-tokens", "128", "--op-heads", "1", "--op-seeds", "1"]
+    assert quality.main([*args, "--op-variants", chosen, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert "rows" not in record and record["operator_error_shape"]["tokens"] == 128
+    assert {r["variant"] for r in record["operator_error"]} == set(chosen.split(";"))
+    with pytest.raises(SystemExit):
+        quality.main([*args])  # no --out: it must not replace the full table
+    with pytest.raises(SystemExit):
+        quality.main([*args, "--op-variants", "no such variant", "--out", str(out)])
