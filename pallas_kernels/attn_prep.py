@@ -65,12 +65,17 @@ GPU_VERIFIED = True
 #: --prep`` on an H200 at 92dba37 but ran at 344 us a call in the step, against 96 us for the plain
 #: pass: compiled for sm_90a it holds 255 registers and spills 292 bytes a thread
 #: (``scripts/triton_resources.py``). The program now takes the pairs apart in registers instead
-#: (185 registers, no spills) and has not run on a GPU.
-PROLOGUE_GPU_VERIFIED = False
+#: (185 registers, no spills): ``check_attention_gpu.py --prep`` passed on an H200 at 0a17808 (the
+#: 14 operand-pass cases: at most 1.2e-6 of the codes one step apart, scales within 4.8e-7;
+#: ``benchmarks/check_attention-prologue-pairs-nvidia-h200.json``).
+PROLOGUE_GPU_VERIFIED = True
 #: Whether a step applies the prologue in the kernel by default (:func:`supports_prologue`), once
 #: verified. Not yet: with the first program the step was no faster (the two passes cost what the
 #: XLA norm and RoPE passes they replace did; ``benchmarks/e2e-prologue-unpadded-nvidia-h200.json``,
-#: ``benchmarks/notes.md``); the program without spills is to be timed first.
+#: ``benchmarks/notes.md``). The program without spills (``bench_qk_prep.py``, H200, 0a17808,
+#: ``benchmarks/qk_prep-pairs-NVIDIA_H200.json``) takes 173-214 us a call for Q (the whole Q row
+#: 215-257 us) and is slower than XLA's norm and RoPE plus the plain pass for K (326-350 against
+#: 264-285 us), so it stays off.
 PROLOGUE_DEFAULT = False
 #: With the RoPE the programs of a token tile's heads run side by side (``heads_inner``): they
 #: read the same cos / sin slice, which then comes from L2 after the first (the tables' even
