@@ -91,6 +91,10 @@ ACT_GPU_VERIFIED = True
 #: shape; int8 at most 3.7e-7 of the codes one step apart, as the exact program; fp8 at most 3.9e-4
 #: one e4m3 step apart; scales as the exact program's; ``benchmarks/check_kernels-act_gelu_approx-NVIDIA_H200.txt``).
 ACT_APPROX_GPU_VERIFIED = True
+#: Whether :func:`act_config` takes the approximate program: not until it is timed (the sweep's
+#: ``approx_*`` rows and the step, ``benchmarks/notes.md``); fewer instructions alone did not make
+#: the attention prologue faster.
+ACT_APPROX_DEFAULT = False
 #: The activations the kernel lowers (exact ``gelu`` needs ``erfc``, which Pallas' Triton
 #: lowering lacks: it stays on the reference).
 KERNEL_ACTIVATIONS = ("gelu_tanh", "silu", "relu")
@@ -175,11 +179,11 @@ def act_config(k: int) -> QuantizerConfig:
     lanes run on 4 warps, not 8 (one row a program either way). Measured on an H200
     (``benchmarks/act_quant_activation-NVIDIA_H200.log``, GELU-tanh with bias, 32,760 tokens):
     542.4 against 606.5 us at 8960 wide, 855.6 against 939.9 us at 13,824. The approximate
-    arithmetic (``approx``) once :data:`ACT_APPROX_GPU_VERIFIED`."""
+    arithmetic (``approx``) once :data:`ACT_APPROX_GPU_VERIFIED` and :data:`ACT_APPROX_DEFAULT`."""
     cfg = pick_config(k)
     if cfg.single_pass and padded_width(k) > 8192:
         cfg = QuantizerConfig(rows=1, warps=4, single_pass=True)
-    return dataclasses.replace(cfg, approx=ACT_APPROX_GPU_VERIFIED)
+    return dataclasses.replace(cfg, approx=ACT_APPROX_GPU_VERIFIED and ACT_APPROX_DEFAULT)
 
 
 def block_matrix(k: int, block: int) -> np.ndarray | None:

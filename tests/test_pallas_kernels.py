@@ -616,9 +616,9 @@ def test_w4a8_lowers_with_int4_tiles_in_the_kernel(m, k, n, monkeypatch):
 def test_act_config_runs_wide_rows_on_four_warps(k):
     # The activation path keeps the plain quantizer's program except one-row programs (padded
     # past 8192 lanes), which the sweep measured faster on 4 warps than on 8, and takes the
-    # approximate arithmetic once it passed its GPU check.
+    # approximate arithmetic once it passed its GPU check and is made the default.
     got, plain = act_quant.act_config(k), act_quant.pick_config(k)
-    assert got.approx == act_quant.ACT_APPROX_GPU_VERIFIED and not plain.approx
+    assert got.approx == (act_quant.ACT_APPROX_GPU_VERIFIED and act_quant.ACT_APPROX_DEFAULT) and not plain.approx
     got = dataclasses.replace(got, approx=False)
     if plain.single_pass and act_quant.padded_width(k) > 8192:
         assert (got.rows, got.warps, got.single_pass) == (1, 4, True) and plain.warps == 8
