@@ -462,7 +462,7 @@ def integer_pv_attention(
     int8 rounds V to 1/254 of its channel's range instead. ``scripts/attention_quality.py`` measures it against the kernel's
     formats. No kernel computes it, so the policy does not offer it.
     """
-    check_inputs(
+    check_inputs(  # the shapes and tiles as the policy default checks them (P V's format is the study's)
         q,
         k,
         v,
